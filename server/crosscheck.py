@@ -1,0 +1,227 @@
+"""Cross-check a site's egress log against the coordinator's audit log, in both directions.
+
+Why: each log alone only shows what its own writer claims. Matching them shows that
+(1) every submission the coordinator attributes to a site is one the site really sent (a
+coordinator-only entry means a forged or altered submission, or a site that lost its log), and
+(2) every training reply the site sent was accounted for by the coordinator, accepted or
+rejected (a site-only line means a reply the coordinator received — or an intermediary
+intercepted — without recording it).
+
+What is matched: the coordinator's ``submission.accepted`` / ``submission.rejected`` events whose
+``site`` is the site, against the site's egress lines whose ``message_type`` is in
+``message_types`` (default ``("train",)``, the enrolment reply). Each egress line is used at most
+once, in log order. An event's match keys are its own fields, completed from a *companion*
+event of the same site with the same ``record_id`` that carries ``record_digests`` (the
+ServerApp logs ``enroll.received`` next to the registry's ``submission.accepted``):
+
+- ``run_id``: if both sides have one they must be equal; ``nonce`` likewise (egress:
+  ``extra["nonce"]``);
+- with ``record_digests`` ({record name: ``common.digests.record_digest``}): every named record
+  must appear in the egress line with the same ``sha256`` (strongest, covers every byte sent);
+- else with ``blob_sha256``: it must equal the egress ``extra["blob_sha256"]``, and
+  ``z_sha256`` must equal ``extra["z_sha256"]`` when both are present;
+- a rejection that records no data hash (no digests, no blob) claims nothing was received: it
+  matches an egress line *without records* (a refused/failed reply) of the same run, and if
+  there is none (site offline, timeout) it is listed as ``unverifiable`` — informational, not
+  a mismatch. An *accepted* event that cannot be matched is always a mismatch.
+
+Because matching is by equality of keys, taking the first compatible line is optimal. The audit
+log is verified too: a cross-check against a tampered audit log is never "OK".
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from client.egress import read_egress
+from server.audit import EV_SUBMISSION_ACCEPTED, EV_SUBMISSION_REJECTED, read_entries, verify
+
+
+@dataclass
+class CrossCheckReport:
+    """Result of ``cross_check``; ``ok`` only when everything matched and both logs are sound."""
+
+    site_id: str
+    matched: list[dict[str, Any]] = field(default_factory=list)
+    coordinator_only: list[dict[str, Any]] = field(default_factory=list)
+    site_only: list[dict[str, Any]] = field(default_factory=list)
+    unverifiable: list[dict[str, Any]] = field(default_factory=list)
+    audit_problems: list[str] = field(default_factory=list)
+    egress_unreadable_lines: list[int] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        problems = (self.coordinator_only, self.site_only, self.audit_problems, self.egress_unreadable_lines)
+        return not any(problems)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+    def format(self) -> str:
+        """Human-readable text (what ``rpe audit cross-check`` prints)."""
+        return str(self)
+
+    def __str__(self) -> str:
+        out = [
+            f"cross-check for site {self.site_id}: {'OK' if self.ok else 'MISMATCH'} "
+            f"({len(self.matched)} matched, {len(self.coordinator_only)} coordinator-only, "
+            f"{len(self.site_only)} site-only)"
+        ]
+        out += [f"  audit log problem: {p}" for p in self.audit_problems]
+        if self.egress_unreadable_lines:
+            out.append(f"  egress log lines unreadable: {self.egress_unreadable_lines}")
+        for c in self.coordinator_only:
+            out.append(f"  coordinator recorded seq {c['seq']} ({c['event']}) that is not in the site's log: "
+                       f"{c['detail']}")
+        for s in self.site_only:
+            out.append(f"  site sent egress line {s['line']} ({s['message_type']}, run {s['run_id']}) "
+                       f"that the coordinator did not record: {s['detail']}")
+        for u in self.unverifiable:
+            out.append(f"  note: coordinator seq {u['seq']} rejected nothing the site logged "
+                       f"(reason: {u['reason']}); nothing to match")
+        return "\n".join(out)
+
+
+def _egress_digests(entry: dict[str, Any]) -> dict[str, str]:
+    return {r.get("name"): r.get("sha256") for r in entry.get("records", []) if isinstance(r, dict)}
+
+
+def _take_companion(event: dict[str, Any], companions: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """The first unused companion (same record id) logged after the event, else any unused one.
+
+    A resubmitted identical adapter has one record id but several submissions, each with its
+    own companion (own nonce, run id): pairing them in log order keeps each with its own."""
+    pool = companions.get(event.get("record_id"), []) if event.get("record_id") is not None else []
+    seq = event.get("seq") if isinstance(event.get("seq"), int) else -1
+    for i, comp in enumerate(pool):
+        if isinstance(comp.get("seq"), int) and comp["seq"] > seq:
+            return pool.pop(i)
+    return pool.pop(0) if pool else {}
+
+
+def _keys(event: dict[str, Any], comp: dict[str, Any]) -> dict[str, Any]:
+    """The match keys of a submission event, completed from its companion event (may be {})."""
+
+    def pick(name: str) -> Any:
+        value = event.get(name)
+        return value if value is not None else comp.get(name)
+
+    digests = pick("record_digests")
+    return {
+        "digests": digests if isinstance(digests, dict) and digests else None,
+        "blob": pick("blob_sha256"),
+        "z": pick("z_sha256"),
+        "run_id": pick("run_id"),
+        "nonce": pick("nonce"),
+        "rejected": event.get("event") == EV_SUBMISSION_REJECTED,
+    }
+
+
+def _claims_data(k: dict[str, Any]) -> bool:
+    return bool(k["digests"] or k["blob"])
+
+
+def _compatible(k: dict[str, Any], egress: dict[str, Any]) -> bool:
+    extra = egress.get("extra") or {}
+    e_run = egress.get("run_id")
+    if k["run_id"] is not None and e_run is not None and str(k["run_id"]) != str(e_run):
+        return False
+    if k["nonce"] is not None and extra.get("nonce") is not None and k["nonce"] != extra["nonce"]:
+        return False
+    if k["digests"]:
+        sent = _egress_digests(egress)
+        return all(sent.get(name) == d for name, d in k["digests"].items())
+    if k["blob"]:
+        if extra.get("blob_sha256") != k["blob"]:
+            return False
+        return k["z"] is None or extra.get("z_sha256") is None or extra["z_sha256"] == k["z"]
+    # a rejection with no data hash: only a reply that carried no records, of the same run
+    return k["rejected"] and not egress.get("records") and k["run_id"] is not None and e_run is not None
+
+
+def _explain(k: dict[str, Any], candidates: list[tuple[int, dict[str, Any]]]) -> str:
+    """Why a coordinator entry found no egress line: name the closest line and what differs."""
+    if not candidates:
+        return "the site's egress log has no unmatched reply of this message type"
+    if not _claims_data(k):
+        return "the entry has neither record_digests nor blob_sha256, and no data-less reply matches its run"
+    run = k["run_id"]
+    same_run = [c for c in candidates if run is not None and str(c[1].get("run_id")) == str(run)]
+    if run is not None and not same_run:
+        return f"no unmatched egress line for run {run!r}"
+    pool = same_run or candidates
+    if k["digests"]:
+        def agree(c: tuple[int, dict[str, Any]]) -> int:
+            sent = _egress_digests(c[1])
+            return sum(sent.get(n) == d for n, d in k["digests"].items())
+
+        line, best = max(pool, key=agree)
+        sent = _egress_digests(best)
+        diffs = [
+            f"{n}: coordinator {str(d)[:12]} vs site {str(sent.get(n))[:12] if n in sent else 'absent'}"
+            for n, d in sorted(k["digests"].items())
+            if sent.get(n) != d
+        ]
+        extra_nonce = (best.get("extra") or {}).get("nonce")
+        if not diffs and k["nonce"] is not None and extra_nonce not in (None, k["nonce"]):
+            diffs = [f"nonce: coordinator {k['nonce']} vs site {extra_nonce}"]
+        return f"closest egress line {line} differs in " + "; ".join(diffs)
+    line, best = pool[0]
+    extra = best.get("extra") or {}
+    return (
+        f"blob {str(k['blob'])[:12]} / z {str(k['z'])[:12]} not found; "
+        f"e.g. egress line {line} has blob {str(extra.get('blob_sha256'))[:12]}"
+    )
+
+
+def cross_check(
+    egress_path: str | os.PathLike[str],
+    audit_path: str | os.PathLike[str],
+    site_id: str,
+    message_types: tuple[str, ...] = ("train",),
+) -> CrossCheckReport:
+    """Match the site's egress log with the coordinator's submission events for ``site_id``."""
+    rep = CrossCheckReport(site_id=site_id)
+    rep.audit_problems = [str(p) for p in verify(audit_path)]
+    egress_entries, rep.egress_unreadable_lines = read_egress(egress_path)
+    pending = [(n, e) for n, e in egress_entries if e.get("message_type") in message_types]
+    site_events = [e for _, e in read_entries(audit_path) if e.get("site") == site_id]
+    submission_events = (EV_SUBMISSION_ACCEPTED, EV_SUBMISSION_REJECTED)
+    submissions = [e for e in site_events if e.get("event") in submission_events]
+    companions: dict[str, list[dict[str, Any]]] = {}
+    for e in site_events:
+        if (e.get("event") not in submission_events and e.get("record_id") is not None
+                and isinstance(e.get("record_digests"), dict)):
+            companions.setdefault(e["record_id"], []).append(e)
+    for audit in submissions:
+        k = _keys(audit, _take_companion(audit, companions))
+        hit = next((i for i, (_, eg) in enumerate(pending) if _compatible(k, eg)), None)
+        summary = {
+            "seq": audit.get("seq"),
+            "event": audit.get("event"),
+            "run_id": k["run_id"],
+            "record_id": audit.get("record_id"),
+            "blob_sha256": k["blob"],
+        }
+        if hit is None:
+            target = rep.unverifiable if k["rejected"] and not _claims_data(k) else rep.coordinator_only
+            target.append({**summary, "reason": audit.get("reason"), "detail": _explain(k, pending)})
+            continue
+        line, eg = pending.pop(hit)
+        how = "record_digests" if k["digests"] else ("blob_sha256" if k["blob"] else "run_id (no data)")
+        rep.matched.append({**summary, "egress_line": line, "egress_ts": eg.get("ts"), "matched_on": how})
+    for line, eg in pending:
+        rep.site_only.append(
+            {
+                "line": line,
+                "ts": eg.get("ts"),
+                "message_type": eg.get("message_type"),
+                "run_id": eg.get("run_id"),
+                "outcome": (eg.get("extra") or {}).get("outcome"),
+                "records": _egress_digests(eg),
+                "detail": "no submission.accepted/rejected event for this site matches this reply",
+            }
+        )
+    return rep

@@ -1,0 +1,431 @@
+"""The federation end to end.
+
+1. On a real Flower deployment: one SuperLink and four SuperNodes on 127.0.0.1, with TLS and
+   SuperNode authentication, running this repository's ServerApp and ClientApp. Sites a, b, c hold
+   small real report datasets; site d's node config points at a corrupt dataset. The module runs
+   ``enroll`` once, then ``compose`` for site a, then checks egress logs, a probe that asks the
+   sites for things outside the vocabulary, and a compose while site c is offline. Every process
+   is started by ``deploy.launch`` and stopped by PID in the fixture's ``finally``.
+2. In-process (``LocalGrid``: the real ServerApp ``main`` and the real ClientApp handlers, no
+   network): the ``evaluate`` mode with its tables and plots, and the server's handling of a site
+   that answers with more than it may.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from common import wire
+from deploy import launch
+
+REPO = Path(__file__).resolve().parents[1]
+SITES = {"a": "ct-head", "b": "mr-head", "c": "ct-abdomen"}
+RUN_TIMEOUT = 240.0
+
+
+# -- helpers ----------------------------------------------------------------------------------
+def make_site_data(root: Path, n: int = 14, n_eval: int = 2) -> dict[str, Path]:
+    from common.data import report_groups, split, write_jsonl
+
+    groups = report_groups()
+    out = {}
+    for site, group in SITES.items():
+        train, held = split(groups[group][:n], n_eval, seed=0)
+        write_jsonl(root / site / "train.jsonl", train)
+        write_jsonl(root / site / "eval.jsonl", held)
+        out[site] = root / site
+    return out
+
+
+def _env(flwr_home: Path) -> dict[str, str]:
+    return launch.process_env(flwr_home)
+
+
+def flwr_run(fed: dict, app: Path, config: dict, timeout: float = RUN_TIMEOUT) -> dict:
+    """``flwr run <app> rpe --format json --run-config <toml>``, then poll ``flwr ls`` until it ends."""
+    import tomli_w
+
+    cfg_file = fed["tmp"] / f"run-{time.monotonic_ns()}.toml"
+    cfg_file.write_text(tomli_w.dumps(config))
+    res = subprocess.run([launch._bin("flwr"), "run", str(app), launch.FEDERATION, "--format", "json",
+                          "--run-config", str(cfg_file)], capture_output=True, text=True,
+                         env=_env(fed["flwr_home"]), timeout=120)
+    out = json.loads(res.stdout[res.stdout.find("{"):])
+    assert out.get("success"), out
+    run_id = out["run-id"]
+    report_path = fed["registry"] / "runs" / f"{run_id}-{config['mode']}.json"
+    deadline = time.monotonic() + timeout
+    last_ls = 0.0
+    status = "?"
+    while True:
+        # `flwr ls` is a whole CLI process (1-2 s of CPU): ask it rarely, and as soon as the
+        # ServerApp has written its report (it does so last, also when it fails)
+        if report_path.exists() or time.monotonic() - last_ls > 15.0:
+            last_ls = time.monotonic()
+            ls = launch.flwr_cli(["ls", launch.FEDERATION, "--run-id", run_id], fed["flwr_home"])
+            status = ls["runs"][0]["status"] if ls.get("runs") else "?"
+            if status.startswith("finished"):
+                break
+        assert time.monotonic() < deadline, f"run {run_id} still {status} after {timeout:.0f} s"
+        time.sleep(0.5)
+    report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    return {"run_id": run_id, "status": status, "report": report}
+
+
+def base_config(fed: dict, **over) -> dict:
+    cfg = {"registry-dir": str(fed["registry"]), "base-model": str(fed["model"]), "chroma": "off",
+           "steps": 3, "lora-r": 4, "lora-alpha": 8.0, "batch-size": 4, "max-length": 128,
+           "require-signatures": True, "timeout-train": 150.0, "timeout-query": 60.0, "max-eval": 2}
+    cfg.update(over)
+    return cfg
+
+
+def live_pids(state: dict) -> list[int]:
+    procs = [state["superlink"], *state["sites"].values()] if state.get("superlink") else []
+    return [p["pid"] for p in procs if launch.is_alive(p["pid"], p["start_time"])]
+
+
+# -- the deployment ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
+    tmp = tmp_path_factory.mktemp("federation")
+    data = make_site_data(tmp / "data")
+    specs = [launch.SiteSpec(site, str(path), str(tiny_model_dir), threads=1) for site, path in data.items()]
+    corrupt = tmp / "data" / "d.jsonl"
+    corrupt.write_text('{"prompt": "Findings: normal.", "target": "Normal.", "group": "ct-head"}\n{"prompt": \n')
+    specs.append(launch.SiteSpec("d", str(corrupt), str(tiny_model_dir), threads=1))
+    workdir = tmp / "deploy"
+    registry = tmp / "registry"
+    t0 = time.monotonic()
+    state: dict = {}
+    try:
+        state = launch.up(workdir, specs, port=launch.free_port(), timeout=90.0)
+        print(f"deployment up in {time.monotonic() - t0:.1f} s", file=sys.stderr)
+        yield {"tmp": tmp, "workdir": workdir, "registry": registry, "model": tiny_model_dir,
+               "flwr_home": Path(state["flwr_home"]), "state": state,
+               "site_dirs": {s.site: Path(s.site_dir) for s in specs}}
+    finally:
+        launch.down(workdir, timeout=15.0)
+        state = launch.load_state(workdir)
+        leftover = live_pids(state)
+        assert not leftover, f"processes still running after down: {leftover}"
+
+
+@pytest.fixture(scope="module")
+def enrolled(fed):
+    t0 = time.monotonic()
+    run = flwr_run(fed, REPO, base_config(fed, mode="enroll"))
+    print(f"enroll run {time.monotonic() - t0:.1f} s", file=sys.stderr)
+    return run
+
+
+@pytest.fixture(scope="module")
+def composed(fed, enrolled):
+    t0 = time.monotonic()
+    run = flwr_run(fed, REPO, base_config(fed, mode="compose", target="a", strategy="sim", k=2))
+    print(f"compose run {time.monotonic() - t0:.1f} s", file=sys.stderr)
+    return run
+
+
+# -- tests ------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_deployment_uses_tls_and_supernode_auth(fed):
+    cmd = " ".join(fed["state"]["superlink"]["cmd"])
+    assert "--enable-supernode-auth" in cmd and "--ssl-certfile" in cmd and "--insecure" not in cmd
+    assert "127.0.0.1" in fed["state"]["superlink"]["address"]
+    for proc in fed["state"]["sites"].values():
+        assert "--auth-supernode-private-key" in proc["cmd"] and "--root-certificates" in proc["cmd"]
+    status = launch.status(fed["workdir"])
+    assert sorted(n["site"] for n in status["nodes"].values()) == ["a", "b", "c", "d"]
+
+
+@pytest.mark.slow
+def test_enroll_stores_three_adapters_and_reports_the_failing_site(fed, enrolled):
+    from server.registry import Registry
+
+    assert enrolled["status"] == "finished:completed", enrolled
+    results = enrolled["report"]["enroll"]
+    assert {s: r["status"] for s, r in results.items()} == {"a": "accepted", "b": "accepted", "c": "accepted",
+                                                            "d": "error"}
+    assert "DatasetFormatError" in results["d"]["reason"]
+    assert all(results[s]["signed"] for s in SITES)
+    reg = Registry(fed["registry"], read_only=True)
+    try:
+        records = reg.list()
+        assert sorted(r.meta.site for r in records) == ["a", "b", "c"]
+    finally:
+        reg.close()
+    assert "\"site\":\"d\"" not in (fed["registry"] / "records.jsonl").read_text()
+
+
+@pytest.mark.slow
+def test_compose_delivers_an_adapter_stock_peft_loads(fed, composed):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    assert composed["status"] == "finished:completed", composed
+    res = composed["report"]["compose"]["a"]
+    assert res["status"] == "delivered", res
+    assert "a" not in res["sites"] and len(res["sites"]) == 2
+    assert abs(sum(res["weights"]) - 1.0) < 1e-6
+    assert res["evaluated"] and 0.0 <= res["metrics"]["rouge_l"] <= 1.0 and res["metrics"]["n"] == 2
+    adapter_dir = fed["site_dirs"]["a"] / "adapters" / res["adapter_name"]
+    base = AutoModelForCausalLM.from_pretrained(str(fed["model"]))
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([[1, 2, 3]]))
+    assert torch.isfinite(out.logits).all()
+
+
+@pytest.mark.slow
+def test_every_reply_a_site_sent_holds_only_allowed_records(fed, composed):
+    seen_types = set()
+    for site in SITES:
+        lines = [json.loads(x) for x in (fed["site_dirs"][site] / "egress.jsonl").read_text().splitlines()]
+        assert lines, f"site {site} logged nothing"
+        for line in lines:
+            mtype = line["message_type"]
+            seen_types.add(mtype)
+            records = {r["name"]: r for r in line["records"]}
+            if line["extra"]["outcome"] != "ok":
+                assert records == {}, line
+                continue
+            assert mtype in wire.ALLOWED_REPLY_KEYS
+            assert set(records) == set(wire.ALLOWED_REPLY_KEYS[mtype]), line
+            if mtype == wire.ENROLL:
+                meta = {item["key"]: item.get("value") for item in records["meta"]["items"]}
+                assert set(meta) == set(wire.ENROLL_META_KEYS)
+                lora = wire.parse_lora_config(meta["lora_config"])
+                expected = {}
+                for name, spec in lora["modules"].items():
+                    a_key, b_key = wire.peft_keys(name)
+                    expected[a_key] = [spec["r"], spec["shape"][1]]
+                    expected[b_key] = [spec["shape"][0], spec["r"]]
+                got = {i["key"]: i["shape"] for i in records["adapter"]["items"]}
+                assert got == expected
+                assert all(i["dtype"] == "float32" for i in records["adapter"]["items"])
+            if mtype in (wire.ENROLL, wire.EMBED):
+                items = records["embedding"]["items"]
+                assert len(items) == 1 and items[0]["key"] == "z" and len(items[0]["shape"]) == 1
+            if mtype == wire.APPLY:
+                assert records["metrics"]["kind"] == "metrics"
+    assert {wire.WHOAMI, wire.ENROLL} <= seen_types
+    assert wire.EMBED in seen_types and wire.APPLY in seen_types
+
+
+PROBE_SERVER = '''
+"""Test-only ServerApp: asks every site for things outside the vocabulary."""
+import json
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+app = ServerApp()
+PROBES = [
+    ("query.raw_data", {"config": ConfigRecord({"nonce": "p1"})}),
+    ("train", {"config": ConfigRecord({"nonce": "p2", "task": "report-text", "send": "raw data"})}),
+    ("query.embed", {"config": ConfigRecord({"nonce": "p3"}), "include": ConfigRecord({"examples": True})}),
+]
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    msgs = [Message(RecordDict(c), dst_node_id=node, message_type=t)
+            for node in grid.get_node_ids() for t, c in PROBES]
+    out = []
+    for reply in grid.send_and_receive(msgs, timeout=120):
+        out.append({"node": reply.metadata.src_node_id, "type": reply.metadata.message_type,
+                    "error": reply.has_error(), "code": reply.error.code if reply.has_error() else None,
+                    "records": [] if reply.has_error() else list(reply.content.keys())})
+    Path(str(context.run_config["out"])).write_text(json.dumps(out))
+'''
+
+
+@pytest.mark.slow
+def test_sites_refuse_requests_outside_the_vocabulary(fed, composed):
+    app = fed["tmp"] / "probeapp"
+    for pkg in ("common", "client"):
+        shutil.copytree(REPO / pkg, app / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    (app / "probe_server.py").write_text(PROBE_SERVER)
+    pyproject = (REPO / "pyproject.toml").read_text()
+    pyproject = pyproject.replace('serverapp = "server.app:app"', 'serverapp = "probe_server:app"')
+    pyproject = pyproject.replace('\n[tool.flwr.app.config]\n', '\n[tool.flwr.app.config]\nout = ""\n', 1)
+    pyproject = pyproject.replace('packages = ["common", "server", "client", "deploy"]',
+                                  'packages = ["common", "client"]')
+    (app / "pyproject.toml").write_text(pyproject)
+    out = fed["tmp"] / "probe.json"
+    before = {s: (fed["site_dirs"][s] / "egress.jsonl").read_text().count("\n") for s in SITES}
+    run = flwr_run(fed, app, {"mode": "whoami", "out": str(out)}, timeout=150)
+    assert run["status"] == "finished:completed"
+    replies = json.loads(out.read_text())
+    assert len(replies) == 3 * 4
+    assert all(r["error"] and r["code"] == wire.ERROR_REFUSED and r["records"] == [] for r in replies), replies
+    for site in SITES:
+        lines = (fed["site_dirs"][site] / "egress.jsonl").read_text().splitlines()[before[site]:]
+        assert len(lines) == 3
+        for line in map(json.loads, lines):
+            assert line["extra"]["outcome"] == "refused" and line["records"] == []
+
+
+@pytest.mark.slow
+def test_offline_site_does_not_stop_compose_and_its_adapter_still_takes_part(fed, composed):
+    assert launch.stop_site(fed["workdir"], "c") in ("stopped", "killed")
+    run = flwr_run(fed, REPO, base_config(fed, mode="compose", target="b,c", strategy="avg", k=2))
+    assert run["status"] == "finished:completed", run
+    res = run["report"]["compose"]
+    assert "c" not in run["report"]["online"]
+    assert res["b"]["status"] == "delivered", res["b"]
+    assert sorted(res["b"]["sites"]) == ["a", "c"]  # c's stored adapter takes part although c is offline
+    assert res["c"]["status"] == "failed" and "offline" in res["c"]["reason"]
+    assert (fed["site_dirs"]["b"] / "adapters" / res["b"]["adapter_name"] / "adapter_config.json").exists()
+
+
+@pytest.mark.slow
+def test_down_stops_every_process(fed):
+    state = launch.load_state(fed["workdir"])
+    family = [pid for p in [state["superlink"], *state["sites"].values()]
+              for pid, _ in launch.descendants(p["pid"])]
+    launch.down(fed["workdir"], timeout=15.0)
+    assert live_pids(state) == []
+    assert [pid for pid in family if launch.proc_start_time(pid) is not None] == []
+    if sys.platform.startswith("linux"):
+        assert not any(os.path.exists(f"/proc/{p['pid']}") and launch.proc_start_time(p["pid"]) == p["start_time"]
+                       for p in [state["superlink"], *state["sites"].values()])
+
+
+# -- in-process: the real ServerApp main and ClientApp handlers, no network -------------------
+class LocalGrid:
+    """A Grid that delivers each message straight to the site's ClientApp, in this process."""
+
+    def __init__(self, contexts: dict, run_id: int, offline: tuple[int, ...] = ()) -> None:
+        from types import SimpleNamespace
+
+        self.contexts, self.offline = contexts, set(offline)
+        self.run = SimpleNamespace(run_id=run_id)
+        self.replies: dict = {}
+        self.sent: list = []
+
+    def get_node_ids(self):
+        return [n for n in self.contexts if n not in self.offline]
+
+    def push_messages(self, messages):
+        import uuid
+
+        from flwr.app import Error, Message
+
+        from client.app import app as client_app
+
+        ids = []
+        for msg in messages:
+            mid = uuid.uuid4().hex
+            msg.metadata.__dict__["_message_id"] = mid
+            node = msg.metadata.dst_node_id
+            self.sent.append(msg)
+            if node in self.offline:
+                self.replies[mid] = Message(Error(5, "Node Unavailable"), reply_to=msg)
+            else:
+                ctx = self.contexts[node]
+                self.replies[mid] = client_app(msg, ctx)
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, ids):
+        return [self.replies.pop(i) for i in list(ids) if i in self.replies]
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
+    import torch
+    from flwr.app import Context, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    threads = torch.get_num_threads()
+    tmp = tmp_path_factory.mktemp("local")
+    data = make_site_data(tmp / "data", n=12, n_eval=2)
+    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    nodes = {}
+    for i, (site, path) in enumerate(sorted(data.items()), start=101):
+        nc = {"site-id": site, "data-path": str(path), "model-path": str(tiny_model_dir),
+              "site-dir": str(tmp / "sites" / site), "threads": 1}
+        nodes[i] = Context(run_id=1, node_id=i, node_config=nc, state=RecordDict(), run_config={})
+    yield {"tmp": tmp, "nodes": nodes, "registry": tmp / "registry", "model": tiny_model_dir}
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
+    torch.set_num_threads(threads)
+
+
+def run_local(local: dict, run_id: int, offline: tuple[int, ...] = (), **config) -> tuple[dict, LocalGrid]:
+    from flwr.app import Context, RecordDict
+
+    from server.app import main
+
+    rc = {"registry-dir": str(local["registry"]), "base-model": str(local["model"]), "chroma": "off",
+          "steps": 2, "lora-r": 4, "lora-alpha": 8.0, "max-length": 128, "max-eval": 2, **config}
+    for ctx in local["nodes"].values():
+        ctx.run_config = rc
+    grid = LocalGrid(local["nodes"], run_id, offline)
+    main(grid, Context(run_id=run_id, node_id=1, node_config={}, state=RecordDict(), run_config=rc))
+    report = json.loads((local["registry"] / "runs" / f"{run_id}-{rc['mode']}.json").read_text())
+    return report, grid
+
+
+@pytest.mark.slow
+def test_local_evaluate_writes_leave_one_site_out_tables_and_plots(local):
+    report, _ = run_local(local, 11, mode="enroll")
+    assert {s: r["status"] for s, r in report["enroll"].items()} == dict.fromkeys(SITES, "accepted")
+    report, grid = run_local(local, 12, mode="evaluate", k=2, **{"eval-strategies": "sim,lin"})
+    assert report["status"] == "completed", report.get("error")
+    ev = report["evaluate"]
+    methods = {(r["target"], r["method"]) for r in ev["rows"]}
+    for site in SITES:
+        for method in ("base", "sim", "lin", "nearest", "avg", "own"):
+            assert (site, method) in methods, (site, method, ev["problems"])
+    for row in ev["rows"]:
+        if row["method"] not in ("base", "own"):
+            assert row["target"] not in row["sources"]  # leave-one-site-out
+    out = {k: Path(v) for k, v in ev["outputs"].items()}
+    assert {"csv", "markdown", "weights_plot", "distance_plot", "score_plot"} <= set(out)
+    assert all(p.exists() and p.stat().st_size > 0 for p in out.values())
+    assert "| **mean** |" in out["markdown"].read_text()
+    applies = [m for m in grid.sent if m.metadata.message_type == wire.APPLY]
+    assert all(not m.content["config"]["store"] for m in applies)  # evaluation arms are not stored at sites
+
+
+def test_local_compose_rejects_nothing_and_delivers(local):
+    if not (local["registry"] / "registry.json").exists():
+        run_local(local, 21, mode="enroll")
+    report, grid = run_local(local, 22, offline=(103,), mode="compose", target="a,c", strategy="lin", k=2)
+    assert report["compose"]["a"]["status"] == "delivered"
+    assert sorted(report["compose"]["a"]["sites"]) == ["b", "c"]
+    assert report["compose"]["c"]["status"] == "failed" and "offline" in report["compose"]["c"]["reason"]
+
+
+def test_local_enroll_rejects_a_reply_with_extra_records(local, monkeypatch):
+    from flwr.app import ConfigRecord
+
+    import client.app as client_app
+
+    original = client_app._enroll
+
+    def leaky(req, site, context):
+        content = original(req, site, context)
+        content["raw_reports"] = ConfigRecord({"text": "Findings: ..."})
+        return content
+
+    monkeypatch.setitem(client_app.HANDLERS, wire.ENROLL, leaky)
+    before = (local["registry"] / "records.jsonl").read_text() if (local["registry"] / "records.jsonl").exists() else ""
+    report, _ = run_local(local, 31, mode="enroll", sites="b", seed=7)
+    res = report["enroll"]["b"]
+    assert res["status"] == "error" and "refused" in res["reason"] and "raw_reports" in res["reason"]
+    after = (local["registry"] / "records.jsonl").read_text()
+    assert after == before
