@@ -21,12 +21,14 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-_T0 = time.perf_counter()
+T0_ENV = "RPE_BENCH_T0"
+# the suite's start (wall clock), shared with worker subprocesses through the environment
+_T0 = float(os.environ.setdefault(T0_ENV, repr(time.time())))
 
 
 def log(msg: str) -> None:
     """Progress line on stdout with the time since the suite started."""
-    print(f"[bench {time.perf_counter() - _T0:7.1f}s] {msg}", flush=True)
+    print(f"[bench {time.time() - _T0:7.1f}s] {msg}", flush=True)
 
 
 def now() -> float:
@@ -72,6 +74,18 @@ def dir_bytes(path: str | os.PathLike[str]) -> int:
         for name in files:
             try:
                 total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def dir_alloc_bytes(path: str | os.PathLike[str]) -> int:
+    """Bytes actually allocated on disk (st_blocks × 512) for all regular files under ``path``."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
             except OSError:
                 pass
     return total

@@ -203,22 +203,17 @@ def _signing_key(site: Site) -> Any:
 
 # -- handlers -----------------------------------------------------------------------------------
 def _whoami(req: wire.Request, site: Site, context: Context) -> RecordDict:
+    """Counts only. Deliberately cheap (no torch import, no model): it runs at the start of every run."""
     try:
         data = load_site_data(site.data_path)
         ok = True
     except (OSError, DatasetFormatError, SiteError):
         data, ok = SiteData([], [], []), False
-    try:
-        from common.models import fingerprint
-
-        fp = fingerprint(site.model_path)
-    except Exception:  # noqa: BLE001 - whoami reports what it can; enrolment will say what is wrong
-        fp = ""
     info = {
         "schema": wire.WIRE_SCHEMA, "site": site.site, "tasks": json.dumps(["report-text"]),
         "groups": json.dumps(data.groups[:8]), "n_examples": len(data.all), "n_labeled": len(data.train),
         "n_unlabeled": len(data.unlabeled), "n_eval": len(data.eval), "data_ok": ok,
-        "base_fingerprint": fp, "nonce": req.config["nonce"],
+        "nonce": req.config["nonce"],
         "signer": _key_id(site),
     }
     return wire.build_whoami_reply(info)
@@ -402,7 +397,7 @@ def serve(message: Message, context: Context) -> Message:
     site: Site | None = None
     try:
         site = site_from_context(context)
-        req = wire.parse_request(mtype, message.content)
+        req = wire.parse_request(mtype, message.content if message.has_content() else RecordDict())
     except (WireError, SiteError) as exc:
         reply = _error_reply(message, wire.ERROR_REFUSED, f"refused: {exc}")
         _egress(site, message, reply, "refused", str(exc))
@@ -419,13 +414,16 @@ def serve(message: Message, context: Context) -> Message:
         _egress(site, message, reply, "refused", str(exc))
         return reply
     except Exception as exc:  # noqa: BLE001 - any failure becomes an error reply, never data
-        reason = f"{type(exc).__name__}: {exc}"
+        # only the exception type and the first line of its message (capped) leave the site; the
+        # traceback stays in the SuperNode's log
+        first = (str(exc).splitlines() or [""])[0]
+        reason = f"{type(exc).__name__}: {first[:300]}"
         print(f"[rpe site {site.site}] {mtype} failed:\n{traceback.format_exc()}", flush=True)
-        reply = _error_reply(message, wire.ERROR_FAILED, reason[:2000])
+        reply = _error_reply(message, wire.ERROR_FAILED, reason)
         _egress(site, message, reply, "failed", reason)
         return reply
     reply = Message(content, reply_to=message)
-    _egress(site, message, reply, "ok")
+    _egress(site, message, reply, "ok")  # logged and fsynced before it is sent: a failed write sends nothing
     return reply
 
 

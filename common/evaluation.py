@@ -122,8 +122,11 @@ def applied_delta(model: torch.nn.Module, adapter: LoraAdapter | None, weight: f
     try:
         with torch.no_grad():
             for target, delta in plan:
-                target.weight.add_(delta.to(dtype=target.weight.dtype, device=target.weight.device),
-                                   alpha=float(weight))
+                w = target.weight
+                if w.dtype == torch.float32:
+                    w.add_(delta.to(device=w.device), alpha=float(weight))
+                else:  # bf16/fp16 base: add in float32 and round once, not delta then sum
+                    w.copy_(w.float().add_(delta.to(device=w.device), alpha=float(weight)).to(w.dtype))
         yield model
     finally:
         with torch.no_grad():

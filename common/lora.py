@@ -501,7 +501,10 @@ def _adapter_from_meta(meta_json: str, tensors: Mapping[str, torch.Tensor], wher
             A, B = tensors[peft_key(name, "A")], tensors[peft_key(name, "B")]
         except KeyError as exc:
             raise LoraFormatError(f"{where}: module {name} is missing tensor {exc.args[0]}") from exc
-        module = LoraModule(A, B, info["scale"])
+        try:
+            module = LoraModule(A, B, info["scale"])
+        except LoraFormatError as exc:
+            raise LoraFormatError(f"{where}: module {name}: {exc}") from exc
         if module.rank != info["rank"]:
             raise LoraFormatError(
                 f"{where}: module {name} has rank {module.rank} but the metadata says {info['rank']}"
@@ -684,6 +687,24 @@ def _truncate(B: torch.Tensor, A: torch.Tensor, rank: int) -> tuple[torch.Tensor
     return torch.ormqr(a_B, tau_B, left), torch.ormqr(a_A, tau_A, right).mT
 
 
+def _check_max_rank(max_rank: object) -> int:
+    """``max_rank`` as an int >= 1: an int / np.integer (not bool) or a finite integral float.
+
+    Checked before any ``int()`` call, so NaN, Inf, bools and strings raise LoraFormatError (not a
+    bare ValueError / OverflowError / TypeError).
+    """
+    ok = False
+    if isinstance(max_rank, (bool, np.bool_)):
+        pass
+    elif isinstance(max_rank, (int, np.integer)):
+        ok = max_rank >= 1
+    elif isinstance(max_rank, (float, np.floating)):
+        ok = math.isfinite(max_rank) and float(max_rank).is_integer() and max_rank >= 1
+    if not ok:
+        raise LoraFormatError(f"max_rank must be a positive integer or None, got {max_rank!r}")
+    return int(max_rank)
+
+
 def compose(adapters: Sequence[LoraAdapter], weights: Sequence[float] | np.ndarray | torch.Tensor,
             max_rank: int | None = None, dtype: torch.dtype | None = None) -> LoraAdapter:
     """The weighted sum ``Σ w_i s_i B_i A_i`` of LoRA adapters, per module, as one LoRA (scale 1).
@@ -711,8 +732,8 @@ def compose(adapters: Sequence[LoraAdapter], weights: Sequence[float] | np.ndarr
         raise LoraFormatError(
             f"compose weights must be finite; weight(s) at index {bad} are {[w[i] for i in bad]}"
         )
-    if max_rank is not None and (isinstance(max_rank, bool) or int(max_rank) != max_rank or max_rank < 1):
-        raise LoraFormatError(f"max_rank must be a positive integer or None, got {max_rank!r}")
+    if max_rank is not None:
+        max_rank = _check_max_rank(max_rank)
 
     if dtype is None:
         dtype = adapters[0].dtype

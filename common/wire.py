@@ -108,8 +108,7 @@ REQUEST_REQUIRED: dict[str, frozenset[str]] = {
 # -- reply key sets -------------------------------------------------------------------------------
 WHOAMI_KEYS: dict[str, tuple[type, ...]] = {
     "schema": _STR, "site": _STR, "tasks": _STR, "groups": _STR, "n_examples": _INT, "n_labeled": _INT,
-    "n_unlabeled": _INT, "n_eval": _INT, "data_ok": _BOOL, "base_fingerprint": _STR, "signer": _STR,
-    "nonce": _STR,
+    "n_unlabeled": _INT, "n_eval": _INT, "data_ok": _BOOL, "signer": _STR, "nonce": _STR,
 }
 ENROLL_META_KEYS: dict[str, tuple[type, ...]] = {
     "schema": _STR, "site": _STR, "task": _STR, "modality": _STR, "group": _STR,

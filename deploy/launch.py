@@ -250,6 +250,48 @@ def flwr_cli(args: list[str], flwr_home: Path, timeout: float = 60.0) -> dict[st
     return out
 
 
+def run_app(flwr_home: Path, app: Path, config: dict[str, Any], registry: Path, timeout: float,
+            federation: str = FEDERATION, poll_s: float = 15.0) -> dict[str, Any]:
+    """``flwr run <app> <federation> --run-config <toml>``, then wait until the run has finished.
+
+    Returns ``{"run_id", "status", "report"}`` where ``report`` is the ServerApp's
+    ``<registry>/runs/<run-id>-<mode>.json`` (it writes it last, also when the run fails).
+    ``flwr ls`` is a whole CLI process (1-2 s of CPU): it is asked rarely, and as soon as the
+    report exists. Raises ``LaunchError`` if the run cannot be submitted or outlives ``timeout``.
+    """
+    import tomli_w
+
+    cfg_file = Path(flwr_home) / f"run-{time.monotonic_ns()}.toml"
+    cfg_file.write_text(tomli_w.dumps(config))
+    res = subprocess.run([_bin("flwr"), "run", str(app), federation, "--format", "json", "--run-config",
+                          str(cfg_file)], capture_output=True, text=True, env=process_env(Path(flwr_home)),
+                         timeout=120)
+    start = res.stdout.find("{")
+    try:
+        out = json.loads(res.stdout[start:]) if start >= 0 else {}
+    except json.JSONDecodeError:
+        out = {}
+    if not out.get("success"):
+        raise LaunchError(f"flwr run failed (rc={res.returncode}): {res.stdout}{res.stderr}")
+    run_id = out["run-id"]
+    report_path = Path(registry) / "runs" / f"{run_id}-{config['mode']}.json"
+    deadline = time.monotonic() + timeout
+    last_ls = 0.0
+    status = "?"
+    while True:
+        if report_path.exists() or time.monotonic() - last_ls > poll_s:
+            last_ls = time.monotonic()
+            ls = flwr_cli(["ls", federation, "--run-id", run_id], Path(flwr_home))
+            status = ls["runs"][0]["status"] if ls.get("runs") else "?"
+            if status.startswith("finished"):
+                break
+        if time.monotonic() > deadline:
+            raise LaunchError(f"run {run_id} still {status} after {timeout:.0f} s")
+        time.sleep(0.5)
+    report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    return {"run_id": run_id, "status": status, "report": report}
+
+
 def register_site(flwr_home: Path, public_key: Path, site: str, federation: str = FEDERATION) -> int | None:
     """``flwr supernode register``; returns the node id, or None if the key was registered before."""
     out = flwr_cli(["supernode", "register", str(public_key), federation, "--name", f"site-{site}"], flwr_home)
@@ -402,7 +444,7 @@ def wait_online(workdir: Path, sites: list[str], timeout: float = 60.0) -> dict[
             return {s: int(nid) for s, nid in wanted.items() if nid is not None}
         if time.monotonic() > deadline:
             raise LaunchError(f"sites {pending} not online after {timeout:.0f} s (status: {status})")
-        time.sleep(1.0)
+        time.sleep(2.0)  # each `flwr supernode ls` is a CLI process: poll gently
 
 
 def signing_keys(workdir: Path, sites: list[SiteSpec]) -> Path:
@@ -586,7 +628,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(status(args.workdir), indent=2))
             print(f"\nexport FLWR_HOME={state['flwr_home']}\nflwr run . {state['federation']} --stream")
         elif args.command == "superlink":
-            state = start_superlink(args.workdir, args.host, args.port, args.tls_host, [], args.registry)
+            state = start_superlink(args.workdir, args.host, args.port, args.tls_host, [], args.registry,
+                                    allowlist=Path(args.workdir) / "allowlist.json")
             print(f"SuperLink PID {state['superlink']['pid']} on {args.host}:{args.port}; "
                   f"CA for the sites: {state['ca_cert']}\nexport FLWR_HOME={state['flwr_home']}")
         elif args.command == "register":

@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1 ANONYMIZED_TELEMETRY=False
 .venv/bin/ruff check .
+export PATH="$PWD/.venv/bin:$PATH"
 .venv/bin/python -m pytest -q "$@"

@@ -334,10 +334,12 @@ def run_enroll(grid: Grid, s: Settings, registry: Any, sites: dict[str, SiteInfo
             continue
         content = rep.message.content  # type: ignore[union-attr]
         digests = None
+        hashes: dict[str, Any] = {}
         try:
             digests = record_digests({name: content[name] for name in content.keys()})
             payload = wire.parse_enroll_reply(content)
             meta = payload.meta
+            hashes = {"blob_sha256": meta["blob_sha256"], "z_sha256": z_sha256(payload.z)}
             if meta["site"] != site:
                 raise WireError(f"reply claims site {meta['site']!r} but came from {site!r}", "meta", "site")
             if meta["nonce"] != nonce:
@@ -352,9 +354,10 @@ def run_enroll(grid: Grid, s: Settings, registry: Any, sites: dict[str, SiteInfo
         except (WireError, RegistryError, signing.SigningError, ValueError) as exc:
             reason = f"{type(exc).__name__}: {exc}"
             results[site] = {"status": "rejected", "reason": reason}
-            if not isinstance(exc, RegistryError):  # the registry logs its own rejections
-                registry.audit.append("submission.rejected", site=site, reason=reason[:1000], run_id=run_id,
-                                      nonce=nonce, record_digests=digests)
+            # (the registry logs its own rejections too, but without what the site sent: this entry
+            # carries the record digests the site's egress log can be cross-checked against)
+            registry.audit.append("submission.rejected", site=site, reason=reason[:1000], run_id=run_id,
+                                  nonce=nonce, record_digests=digests, **hashes)
             continue
         registry.audit.append("enroll.received", site=site, record_id=record.id, run_id=run_id, nonce=nonce,
                               record_digests=digests, z_sha256=z_sha256(payload.z), signer=meta["signer"],

@@ -54,7 +54,10 @@ def _pick_base(registry: Registry, base: str | None, task: str | None) -> str | 
     """Adapters of different base models must never be mixed: choose the base to retrieve from."""
     if base is not None:
         if base not in registry.bases:
-            raise CompositionError(f"base {base} is not known to registry {registry.path}")
+            raise CompositionError(
+                f"base {base} is not known to registry {registry.path} (known: "
+                f"{', '.join(sorted(registry.bases))}); pass one of them or omit base"
+            )
         return base
     in_use = sorted(registry.distinct("base", task=task))
     if len(in_use) > 1:

@@ -43,8 +43,9 @@ On-disk layout (``REG`` = the registry directory)::
 
 Record ids are ``"<site>:<task>:<16 hex>"`` where the hex is a hash over (site, task, blob
 sha256, z sha256): re-submitting the same adapter and z from the same site for the same task
-gives the same id and writes nothing (idempotent); the same content with *different* metadata is
-rejected (``DuplicateRecordError``) rather than silently dropped.
+gives the same id and writes nothing (idempotent; ``extra`` may differ, the first one is kept);
+the same content with different core metadata (modality, counts, privacy, ...) is rejected
+(``DuplicateRecordError``) rather than silently dropped.
 
 ``remove(id)`` appends a tombstone and deletes the id from Chroma. The blob is **kept**: past
 compositions in the audit log name adapter hashes, and an auditor must be able to re-check them.
@@ -103,11 +104,15 @@ HNSW_CONFIG = {"space": "l2", "max_neighbors": 48, "ef_construction": 400, "ef_s
 CHROMA_BATCH = 5000  # Chroma's max batch is 5461
 #: safetensors dtype tag -> accepted adapter dtype
 ALLOWED_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-DEFAULT_LIMITS: dict[str, int] = {
+DEFAULT_LIMITS: dict[str, float] = {
     "max_rank": 256,
     "max_blob_bytes": 256 * 1024 * 1024,
     "max_modules": 4096,
     "max_meta_bytes": 64 * 1024,
+    # finite but absurd values: a ΔW that would swamp every composition it enters, a z whose
+    # squared norm would overflow float32 arithmetic (and can never be a sensible neighbour)
+    "max_delta_norm": 1e4,
+    "max_z_norm": 1e6,
 }
 #: brute force when (eligible records × dim) is at most this many elements (≈ 20,000 × 4096)
 BRUTE_FORCE_BUDGET = 20_000 * 4096
@@ -178,6 +183,10 @@ class RankError(ValidationError):
 
 class NonFiniteError(ValidationError):
     """NaN or Inf in the adapter factors, their scale, or z."""
+
+
+class NormError(ValidationError):
+    """A finite but absurd ‖ΔW‖ or ‖z‖ (above the registry's max_delta_norm / max_z_norm)."""
 
 
 class DtypeError(ValidationError):
@@ -440,6 +449,13 @@ def _check_json_value(name: str, value: Any, site: str) -> Any:
         ) from exc
 
 
+def _core_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The metadata that must match for a re-submission to count as the same one. ``extra`` is
+    left out on purpose: it carries per-run values (signatures over a nonce, timings) that differ
+    on an honest re-submission; ``created_at`` is the registry's own."""
+    return {k: v for k, v in meta.items() if k not in ("created_at", "extra")}
+
+
 def _parse_safetensors_header(blob: bytes) -> dict[str, Any]:
     """The safetensors JSON header (tensor dtypes/shapes), read without loading any tensor."""
     if len(blob) < 8:
@@ -591,7 +607,7 @@ class Registry:
         for k, v in (limits or {}).items():
             if k not in DEFAULT_LIMITS:
                 raise RegistryError(f"unknown limit {k!r}; known: {sorted(DEFAULT_LIMITS)}")
-            lim[k] = int(v)
+            lim[k] = float(v) if isinstance(DEFAULT_LIMITS[k], float) else int(v)
         chroma_cfg: dict[str, Any] = {"mode": "embedded", "collection": collection}
         if chroma_host is not None:
             chroma_cfg = {"mode": "http", "host": chroma_host, "port": int(chroma_port),
@@ -939,7 +955,7 @@ class Registry:
         return self.config["bases"]
 
     @property
-    def limits(self) -> dict[str, int]:
+    def limits(self) -> dict[str, float]:
         return {**DEFAULT_LIMITS, **self.config.get("limits", {})}
 
     def check_z(self, z: Any, who: str = "the query") -> np.ndarray:
@@ -971,6 +987,13 @@ class Registry:
             raise NonFiniteError(
                 f"{who} sent z with {bad.size} non-finite value(s) (NaN/Inf after the cast to float32) at "
                 f"index {bad[:5].tolist()}; recompute the embedding"
+            )
+        norm = float(np.linalg.norm(z32.astype(np.float64)))
+        cap = float(self.limits["max_z_norm"])
+        if norm > cap:
+            raise NormError(
+                f"{who} sent z with norm {norm:.3g}, above the registry's cap {cap:.3g} (limits.max_z_norm); "
+                "check the embedding pipeline (layer, pooling, dtype)"
             )
         return np.ascontiguousarray(z32)
 
@@ -1024,7 +1047,12 @@ class Registry:
                     "lower the "
                     "rank or the number of target modules"
                 )
-            header = _parse_safetensors_header(blob)
+            try:
+                header = _parse_safetensors_header(blob)
+            except AdapterFormatError as exc:
+                raise AdapterFormatError(
+                    f"site {site!r}: {exc}; send exactly common.lora.adapter_to_bytes(adapter)"
+                ) from None
             for key, info in header.items():
                 if key == "__metadata__":
                     continue
@@ -1036,7 +1064,11 @@ class Registry:
             try:
                 parsed = adapter_from_bytes(blob)
             except LoraFormatError as exc:
-                raise AdapterFormatError(f"site {site!r}: {exc}") from exc
+                raise AdapterFormatError(
+                    f"site {site!r}: {exc}; the registry accepts only common.lora.adapter_to_bytes(adapter) "
+                    "(a PEFT directory: load it with common.lora.load_peft_adapter first; resend if the blob "
+                    "was cut in transit)"
+                ) from exc
             self._check_modules(parsed, site, base)
             try:
                 canonical = adapter_to_bytes(parsed)
@@ -1127,6 +1159,16 @@ class Registry:
                         f"site {site!r}: module {name} lora_{label} has {nbad} non-finite value(s) "
                         f"({'/'.join(kinds)}); the training diverged — retrain (lower lr) before submitting"
                     )
+            # ‖s·B·A‖_F² = s²·trace((BᵀB)(AAᵀ)): two r×r products, never the dense out×in update
+            A64, B64 = m.A.to(torch.float64), m.B.to(torch.float64)
+            norm = abs(m.scale) * math.sqrt(max(float(torch.trace((B64.T @ B64) @ (A64 @ A64.T))), 0.0))
+            cap = float(lim["max_delta_norm"])
+            if not norm <= cap:
+                raise NormError(
+                    f"site {site!r}: module {name} has ‖scale·B·A‖_F = {norm:.3g}, above the registry's cap "
+                    f"{cap:.3g} (limits.max_delta_norm); the training diverged or the factors were scaled — "
+                    "retrain before submitting"
+                )
 
     def _prepare(self, adapter: Any, z: Any, meta: AdapterMeta | Mapping[str, Any],
                  expected_sha256: str | None) -> _Prepared:
@@ -1166,10 +1208,11 @@ class Registry:
         rid = f"{site}:{m['task']}:{key}"
         return _Prepared(rid, z32, m, blob, sha, z_sha)
 
-    def _reject(self, exc: ValidationError, meta: Any, item: int | None = None) -> None:
+    def _reject(self, exc: ValidationError, meta: Any, item: int | None = None,
+                extra: Mapping[str, Any] | None = None) -> None:
         site = getattr(meta, "site", None) if not isinstance(meta, Mapping) else meta.get("site")
-        fields_: dict[str, Any] = {"site": site if isinstance(site, str) else None, "reason": str(exc),
-                                   "error": type(exc).__name__}
+        fields_: dict[str, Any] = {**(extra or {}), "site": site if isinstance(site, str) else None,
+                                   "reason": str(exc), "error": type(exc).__name__}
         if item is not None:
             fields_["item"] = item
         self.audit.append("submission.rejected", **fields_)
@@ -1249,8 +1292,7 @@ class Registry:
         row = self._row.get(p.id)
         if row is None or not self._live[row]:
             return None
-        old = {k: v for k, v in self._meta[row].items() if k not in ("created_at",)}
-        new = {k: v for k, v in p.meta.items() if k not in ("created_at",)}
+        old, new = _core_meta(self._meta[row]), _core_meta(p.meta)
         if old != new:
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise DuplicateRecordError(
@@ -1261,14 +1303,17 @@ class Registry:
         return self._record(row)
 
     def add(self, adapter: Any, z: Any, meta: AdapterMeta | Mapping[str, Any],
-            expected_sha256: str | None = None) -> Record:
+            expected_sha256: str | None = None, audit_fields: Mapping[str, Any] | None = None) -> Record:
         """Validate and store one adapter (a ``LoraAdapter`` or its canonical bytes) with its z.
 
         Everything is checked before anything is written; a rejection raises a ``ValidationError``
         subclass, appends one ``submission.rejected`` audit line and changes nothing else.
         Re-submitting the same (site, task, adapter, z) returns the existing record.
+        ``audit_fields`` (e.g. run_id, nonce, record_digests) are added to that audit entry, so a
+        caller that knows what arrived on the wire needs no second entry of its own.
         """
-        return self._add_batch([(adapter, z, meta, expected_sha256)], index=True, single=True)[0]
+        return self._add_batch([(adapter, z, meta, expected_sha256)], index=True, single=True,
+                               audit_fields=audit_fields)[0]
 
     def add_many(self, items: Iterable[Sequence[Any]], *, index: bool = True) -> list[Record]:
         """Bulk insert ``(adapter, z, meta[, expected_sha256])`` items: all validated first (one bad
@@ -1277,7 +1322,9 @@ class Registry:
         exact via numpy) until ``sync_index()`` or the next open reconciles it."""
         return self._add_batch(items, index=index, single=False)
 
-    def _add_batch(self, items: Iterable[Sequence[Any]], index: bool, single: bool) -> list[Record]:
+    def _add_batch(self, items: Iterable[Sequence[Any]], index: bool, single: bool,
+                   audit_fields: Mapping[str, Any] | None = None) -> list[Record]:
+        extra = dict(audit_fields or {})
         self._require_writable()
         with self._mutex:
             self._refresh()
@@ -1295,15 +1342,14 @@ class Registry:
                     existing = self._existing(p)
                     if existing is None and p.id in seen:
                         q = prepared[seen[p.id]]
-                        if {k: v for k, v in q.meta.items() if k != "created_at"} != \
-                                {k: v for k, v in p.meta.items() if k != "created_at"}:
+                        if _core_meta(q.meta) != _core_meta(p.meta):
                             raise DuplicateRecordError(
                                 f"item {i} repeats record {p.id} of item {seen[p.id]} with different "
                                 "metadata")
                 except ValidationError as exc:
                     if not single:
                         exc.args = (f"item {i}: {exc}",) + exc.args[1:]
-                    self._reject(exc, meta, None if single else i)
+                    self._reject(exc, meta, None if single else i, extra)
                     raise
                 if existing is not None:
                     results.append(("old", self._row[p.id]))
@@ -1326,15 +1372,16 @@ class Registry:
                 if kind == "new" and ref not in announced:
                     announced.add(ref)
                     p = prepared[ref]
-                    self.audit.append("submission.accepted", site=p.meta["site"], record_id=p.id,
-                                      blob_sha256=p.sha, bytes=len(p.blob), z_sha256=p.z_sha,
-                                      task=p.meta["task"], base_fingerprint=p.meta["base_fingerprint"])
+                    self.audit.append("submission.accepted", **{
+                        **extra, "site": p.meta["site"], "record_id": p.id, "blob_sha256": p.sha,
+                        "bytes": len(p.blob), "z_sha256": p.z_sha, "task": p.meta["task"],
+                        "base_fingerprint": p.meta["base_fingerprint"]})
                 else:
                     r = self._record(ref if kind == "old" else rows[ref])
-                    self.audit.append("submission.accepted", site=r.meta.site, record_id=r.id,
-                                      blob_sha256=r.blob_sha256, bytes=r.bytes, z_sha256=r.z_sha256,
-                                      task=r.meta.task, base_fingerprint=r.meta.base_fingerprint,
-                                      duplicate=True)
+                    self.audit.append("submission.accepted", **{
+                        **extra, "site": r.meta.site, "record_id": r.id, "blob_sha256": r.blob_sha256,
+                        "bytes": r.bytes, "z_sha256": r.z_sha256, "task": r.meta.task,
+                        "base_fingerprint": r.meta.base_fingerprint, "duplicate": True})
             return out
 
     def _audit_bulk(self, prepared: list[_Prepared], rows: list[int], n_items: int) -> None:
@@ -1536,9 +1583,14 @@ class Registry:
                 given = (("task", task), ("modality", modality), ("base", base),
                          ("exclude_site", exclude_site))
                 filt = ", ".join(f"{n}={v!r}" for n, v in given if v is not None)
+                absent = []
+                for key, value in (("task", task), ("modality", modality), ("base", base)):
+                    if value is not None and value not in self.distinct(key):
+                        present = ", ".join(sorted(self.distinct(key))) or "none"
+                        absent.append(f"no record has {key}={value!r} ({key}s present: {present})")
                 raise NotEnoughRecordsError(
                     f"asked for k={k} nearest adapters but only {n_elig} record(s) match"
-                    + (f" ({filt})" if filt else "") + "; lower k or widen the filters"
+                    + (f" ({filt})" if filt else "") + "; " + "; ".join(absent + ["lower k or widen the filters"])
                 )
             if method == "auto":
                 use_index = (n_elig * self.embedding_dim > BRUTE_FORCE_BUDGET and self._index_misses <= 0)

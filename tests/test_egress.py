@@ -217,9 +217,41 @@ def test_cross_check_flags_tampered_audit_log(tmp_path):
 
 
 def test_cross_check_as_the_server_app_logs_it(tmp_path):
-    """The ServerApp's real pattern: the registry logs submission.accepted (blob, z, no run id),
-    the app logs a companion enroll.received with the record digests; refused replies and
-    offline sites produce rejections without data hashes."""
+    """The ServerApp's pattern: one entry per submission, written by the registry with the app's
+    ``audit_fields`` (run id, nonce, record digests) on it, accepted or rejected; a reply refused
+    by the site and an offline site produce rejections without data hashes."""
+    audit, egress = AuditLog(tmp_path / "audit.jsonl"), EgressLog(tmp_path / "egress.jsonl")
+    ok, bad = _reply(0), _reply(1)
+    egress.record("train", ok, run_id="7", extra={"outcome": "ok", "nonce": "n1"})
+    audit.append("submission.accepted", site="s1", record_id="s1:t:abc", blob_sha256="cd" * 32, bytes=512,
+                 z_sha256=z_sha256(ok["z"]["z"]), task="t", run_id="7", nonce="n1", message_type="train",
+                 record_digests=record_digests(ok))
+    # run 8: the registry refused the reply (its one rejection entry carries what arrived)
+    egress.record("train", bad, run_id="8", extra={"outcome": "ok", "nonce": "n2"})
+    audit.append("submission.rejected", site="s1", reason="site 's1' sent 20 values, the registry holds 16",
+                 error="EmbeddingDimensionError", run_id="8", nonce="n2", record_digests=record_digests(bad),
+                 blob_sha256="ef" * 32, z_sha256=z_sha256(bad["z"]["z"]))
+    # run 9: the site refused (no records); run 10: the site was offline
+    egress.record("train", {}, run_id="9", extra={"outcome": "refused", "reason": "no data for task"})
+    audit.append("submission.rejected", site="s1", reason="refused: no data for task", run_id="9", nonce="n3")
+    audit.append("submission.rejected", site="s1", reason="offline", run_id="10")
+    rep = cross_check(egress.path, audit.path, "s1")
+    assert rep.ok, str(rep)
+    assert [(m["seq"], m["egress_line"], m["matched_on"]) for m in rep.matched] == [
+        (1, 1, "record_digests"), (2, 2, "record_digests"), (3, 3, "run_id (no data)"),
+    ]
+    assert [u["seq"] for u in rep.unverifiable] == [4]
+    # the entry's own nonce is checked: a different nonce on the site's side fails
+    egress2 = EgressLog(tmp_path / "egress2.jsonl")
+    egress2.record("train", ok, run_id="7", extra={"outcome": "ok", "nonce": "other"})
+    rep2 = cross_check(egress2.path, audit.path, "s1")
+    assert 1 in [c["seq"] for c in rep2.coordinator_only]
+    assert "nonce: coordinator n1 vs site other" in str(rep2)
+
+
+def test_cross_check_with_legacy_companion_events(tmp_path):
+    """Older ServerApp logs: the registry logged submission.accepted (blob, z, no run id) and the
+    app a companion enroll.received with the record digests; these still cross-check."""
     audit, egress = AuditLog(tmp_path / "audit.jsonl"), EgressLog(tmp_path / "egress.jsonl")
     reply = _reply(0)
     extra = {"outcome": "ok", "nonce": "n1", "blob_sha256": "cd" * 32}

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -50,34 +49,8 @@ def _env(flwr_home: Path) -> dict[str, str]:
 
 
 def flwr_run(fed: dict, app: Path, config: dict, timeout: float = RUN_TIMEOUT) -> dict:
-    """``flwr run <app> rpe --format json --run-config <toml>``, then poll ``flwr ls`` until it ends."""
-    import tomli_w
-
-    cfg_file = fed["tmp"] / f"run-{time.monotonic_ns()}.toml"
-    cfg_file.write_text(tomli_w.dumps(config))
-    res = subprocess.run([launch._bin("flwr"), "run", str(app), launch.FEDERATION, "--format", "json",
-                          "--run-config", str(cfg_file)], capture_output=True, text=True,
-                         env=_env(fed["flwr_home"]), timeout=120)
-    out = json.loads(res.stdout[res.stdout.find("{"):])
-    assert out.get("success"), out
-    run_id = out["run-id"]
-    report_path = fed["registry"] / "runs" / f"{run_id}-{config['mode']}.json"
-    deadline = time.monotonic() + timeout
-    last_ls = 0.0
-    status = "?"
-    while True:
-        # `flwr ls` is a whole CLI process (1-2 s of CPU): ask it rarely, and as soon as the
-        # ServerApp has written its report (it does so last, also when it fails)
-        if report_path.exists() or time.monotonic() - last_ls > 15.0:
-            last_ls = time.monotonic()
-            ls = launch.flwr_cli(["ls", launch.FEDERATION, "--run-id", run_id], fed["flwr_home"])
-            status = ls["runs"][0]["status"] if ls.get("runs") else "?"
-            if status.startswith("finished"):
-                break
-        assert time.monotonic() < deadline, f"run {run_id} still {status} after {timeout:.0f} s"
-        time.sleep(0.5)
-    report = json.loads(report_path.read_text()) if report_path.exists() else {}
-    return {"run_id": run_id, "status": status, "report": report}
+    """Submit a run and wait for it (``deploy.launch.run_app``); the submission itself must succeed."""
+    return launch.run_app(fed["flwr_home"], app, config, fed["registry"], timeout)
 
 
 def base_config(fed: dict, **over) -> dict:
@@ -222,6 +195,16 @@ def test_every_reply_a_site_sent_holds_only_allowed_records(fed, composed):
     assert wire.EMBED in seen_types and wire.APPLY in seen_types
 
 
+@pytest.mark.slow
+def test_site_egress_logs_cross_check_with_the_coordinator_audit_log(fed, composed):
+    from server.crosscheck import cross_check
+
+    for site in [*SITES, "d"]:
+        rep = cross_check(fed["site_dirs"][site] / "egress.jsonl", fed["registry"] / "audit.jsonl", site)
+        assert rep.ok, str(rep)
+        assert len(rep.matched) == 1, str(rep)
+
+
 PROBE_SERVER = '''
 """Test-only ServerApp: asks every site for things outside the vocabulary."""
 import json
@@ -307,10 +290,10 @@ def test_down_stops_every_process(fed):
 class LocalGrid:
     """A Grid that delivers each message straight to the site's ClientApp, in this process."""
 
-    def __init__(self, contexts: dict, run_id: int, offline: tuple[int, ...] = ()) -> None:
+    def __init__(self, contexts: dict, run_id: int, offline: tuple[int, ...] = (), tamper=None) -> None:
         from types import SimpleNamespace
 
-        self.contexts, self.offline = contexts, set(offline)
+        self.contexts, self.offline, self.tamper = contexts, set(offline), tamper
         self.run = SimpleNamespace(run_id=run_id)
         self.replies: dict = {}
         self.sent: list = []
@@ -334,8 +317,8 @@ class LocalGrid:
             if node in self.offline:
                 self.replies[mid] = Message(Error(5, "Node Unavailable"), reply_to=msg)
             else:
-                ctx = self.contexts[node]
-                self.replies[mid] = client_app(msg, ctx)
+                reply = client_app(msg, self.contexts[node])
+                self.replies[mid] = self.tamper(reply) if self.tamper else reply
             ids.append(mid)
         return ids
 
@@ -364,7 +347,8 @@ def local(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
     torch.set_num_threads(threads)
 
 
-def run_local(local: dict, run_id: int, offline: tuple[int, ...] = (), **config) -> tuple[dict, LocalGrid]:
+def run_local(local: dict, run_id: int, offline: tuple[int, ...] = (), tamper=None,
+              **config) -> tuple[dict, LocalGrid]:
     from flwr.app import Context, RecordDict
 
     from server.app import main
@@ -373,7 +357,7 @@ def run_local(local: dict, run_id: int, offline: tuple[int, ...] = (), **config)
           "steps": 2, "lora-r": 4, "lora-alpha": 8.0, "max-length": 128, "max-eval": 2, **config}
     for ctx in local["nodes"].values():
         ctx.run_config = rc
-    grid = LocalGrid(local["nodes"], run_id, offline)
+    grid = LocalGrid(local["nodes"], run_id, offline, tamper)
     main(grid, Context(run_id=run_id, node_id=1, node_config={}, state=RecordDict(), run_config=rc))
     report = json.loads((local["registry"] / "runs" / f"{run_id}-{rc['mode']}.json").read_text())
     return report, grid
@@ -429,3 +413,100 @@ def test_local_enroll_rejects_a_reply_with_extra_records(local, monkeypatch):
     assert res["status"] == "error" and "refused" in res["reason"] and "raw_reports" in res["reason"]
     after = (local["registry"] / "records.jsonl").read_text()
     assert after == before
+
+
+# -- deploy helpers (fast) --------------------------------------------------------------------
+def test_tls_material_chains_to_the_ca_and_auth_keys_are_p384_openssh(tmp_path):
+    import stat
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+    from deploy import tls
+
+    bundle = tls.generate(tmp_path, ["a", "b"], ["coord.example.org", "10.0.0.5"])
+    ca = x509.load_pem_x509_certificate(bundle.ca_cert.read_bytes())
+    cert = x509.load_pem_x509_certificate(bundle.server_cert.read_bytes())
+    cert.verify_directly_issued_by(ca)
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {"localhost", "coord.example.org"} <= set(san.get_values_for_type(x509.DNSName))
+    assert {"127.0.0.1", "10.0.0.5"} <= {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
+    for site, keys in bundle.sites.items():
+        priv = load_ssh_private_key(keys.private_key.read_bytes(), password=None)
+        pub = load_ssh_public_key(keys.public_key.read_bytes())
+        assert isinstance(priv, ec.EllipticCurvePrivateKey) and priv.curve.name == "secp384r1"
+        assert pub.public_numbers() == priv.public_key().public_numbers()
+        assert stat.S_IMODE(keys.private_key.stat().st_mode) == 0o600, site
+    again = tls.generate(tmp_path, ["a", "b"])  # re-running keeps CA and site keys
+    assert again.ca_cert.read_bytes() == bundle.ca_cert.read_bytes()
+    assert again.sites["a"].private_key.read_bytes() == bundle.sites["a"].private_key.read_bytes()
+    with pytest.raises(tls.TlsError):
+        tls.check_site_id("../etc")
+
+
+def test_stop_process_terminates_the_process_and_its_children(tmp_path):
+    script = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); " \
+             "time.sleep(60)"
+    proc = launch._spawn([sys.executable, "-c", script], tmp_path / "p.log", dict(os.environ), tmp_path)
+    deadline = time.monotonic() + 10
+    while not launch.descendants(proc["pid"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    children = launch.descendants(proc["pid"])
+    assert children
+    assert launch.stop_process(proc["pid"], proc["start_time"], timeout=5) == "stopped"
+    assert not launch.is_alive(proc["pid"], proc["start_time"])
+    assert all(not launch.is_alive(pid, start) for pid, start in children)
+    assert launch.stop_process(proc["pid"], proc["start_time"]) == "not running"
+
+
+def test_local_coordinator_rejects_a_tampered_reply_and_keeps_the_registry(local):
+    from flwr.app import ConfigRecord
+
+    if not (local["registry"] / "registry.json").exists():
+        run_local(local, 41, mode="enroll")
+
+    def tamper(reply):
+        if reply.metadata.message_type == wire.ENROLL and reply.has_content():
+            reply.content["raw_reports"] = ConfigRecord({"text": "Findings: ..."})
+        return reply
+
+    before = (local["registry"] / "records.jsonl").read_text()
+    report, _ = run_local(local, 42, tamper=tamper, mode="enroll", sites="c", seed=11)
+    res = report["enroll"]["c"]
+    assert res["status"] == "rejected" and "raw_reports" in res["reason"]
+    assert (local["registry"] / "records.jsonl").read_text() == before
+    audit = [json.loads(x) for x in (local["registry"] / "audit.jsonl").read_text().splitlines()]
+    assert audit[-1]["event"] == "submission.rejected" and audit[-1]["site"] == "c"
+    assert "raw_reports" in audit[-1]["record_digests"]
+
+
+def test_app_bundle_stays_under_flowers_limit_and_carries_no_weights():
+    import io
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.common.constant import FAB_MAX_SIZE
+
+    fab = build_fab_from_disk(REPO)
+    names = [i.filename for i in zipfile.ZipFile(io.BytesIO(fab)).infolist()]
+    assert len(fab) < FAB_MAX_SIZE, f"app bundle is {len(fab):,} bytes; add fab-include to [tool.flwr.app]"
+    assert not [n for n in names if n.endswith((".safetensors", ".bin", ".gguf", ".pt", ".npz"))]
+    assert {"client/app.py", "server/app.py", "common/wire.py"} <= set(names)
+
+
+def test_site_z_privacy_clips_then_adds_seeded_noise(tmp_path):
+    import numpy as np
+
+    from client.app import Site, _privatize_z
+
+    z = np.full(16, 3.0, np.float32)
+    site = Site("a", tmp_path, "m", tmp_path, policy={"z-clip": 1.0, "z-noise-sigma": 0.1})
+    z1, info = _privatize_z(z, site, seed=3)
+    z2, _ = _privatize_z(z, site, seed=3)
+    assert info == {"z_clip": 1.0, "z_noise_sigma": 0.1}
+    np.testing.assert_array_equal(z1, z2)
+    assert abs(np.linalg.norm(z1) - 1.0) < 1.0 and z1.dtype == np.float32
+    same, none = _privatize_z(z, Site("a", tmp_path, "m", tmp_path), seed=3)
+    np.testing.assert_array_equal(same, z)
+    assert none == {}

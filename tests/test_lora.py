@@ -527,6 +527,13 @@ def test_compose_errors():
         compose(adapters, [0.5, float("inf"), 0.5])
     with pytest.raises(LoraFormatError, match="max_rank"):
         compose(adapters, RWEIGHTS, max_rank=0)
+    for bad in (float("nan"), float("inf"), -float("inf"), True, 2.5, np.float64("nan"), "3", -1):
+        with pytest.raises(LoraFormatError, match="max_rank must be a positive integer or None"):
+            compose(adapters, RWEIGHTS, max_rank=bad)
+    want = compose(adapters, RWEIGHTS, max_rank=3)
+    for same in (3.0, np.int64(3), np.float32(3)):  # integral values of other numeric types are accepted
+        got = compose(adapters, RWEIGHTS, max_rank=same)
+        assert got.ranks == want.ranks
     with pytest.raises(LoraFormatError, match="at least one"):
         compose([], [])
     other = LoraAdapter({"m.q": LoraModule(torch.randn(2, 17), torch.randn(24, 2))})
@@ -536,6 +543,23 @@ def test_compose_errors():
         LoraModule(torch.randn(3, 4), torch.randn(4, 2))
     with pytest.raises(LoraFormatError, match="finite"):
         LoraModule(torch.randn(3, 4), torch.randn(4, 3), float("nan"))
+
+
+def test_decoded_module_errors_name_the_module():
+    blob = adapter_to_bytes(LoraAdapter({"m.q": LoraModule(torch.randn(3, 4), torch.randn(4, 3))}))
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    lora = json.loads(header["__metadata__"]["rpe_lora"])
+    lora["modules"]["m.q"]["scale"] = float("inf")
+    header["__metadata__"]["rpe_lora"] = json.dumps(lora)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-(8 + len(raw)) % 8)
+    with pytest.raises(LoraFormatError, match=r"^adapter blob: module m\.q: LoRA scale must be finite"):
+        adapter_from_bytes(len(raw).to_bytes(8, "little") + raw + blob[8 + n:])
+    arrays, config = adapter_to_arrays(LoraAdapter({"m.q": LoraModule(torch.randn(3, 4), torch.randn(4, 3))}))
+    arrays[peft_key("m.q", "B")] = np.zeros((4, 2), np.float32)
+    with pytest.raises(LoraFormatError, match=r"^adapter arrays: module m\.q: LoRA rank mismatch"):
+        adapter_from_arrays(arrays, config)
 
 
 def test_real_dora_adapter_is_rejected(tiny_model_dir, tmp_path):

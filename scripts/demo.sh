@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Set everything up, then run the embedded default main job: a real local Flower federation of four
+# hospital sites (real reports, SmolLM2-135M, embedded Chroma) that enrols every site and runs the
+# leave-one-site-out evaluation. Extra arguments go to `python -m deploy.demo` (see --help).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export HF_HUB_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1 ANONYMIZED_TELEMETRY=False
+export PATH="$PWD/.venv/bin:$PATH"   # the SuperLink starts flower-superexec by name
+exec .venv/bin/python -m deploy.demo "$@"

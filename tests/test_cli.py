@@ -1,0 +1,98 @@
+"""The ``rpe`` command line: every command has --help, and the registry → embed → compose path works."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common.cli import build_parser, main
+from common.data import Example, write_jsonl
+from common.lora import LoraAdapter, LoraModule, load_peft_adapter, save_peft_adapter
+
+COMMANDS = [
+    [], ["registry"], ["registry", "init"], ["registry", "add"], ["registry", "ls"], ["registry", "show"],
+    ["registry", "rm"], ["embed"], ["compose"], ["keygen"], ["audit"], ["audit", "verify"], ["audit", "report"],
+    ["audit", "cross-check"], ["experiment"],
+]
+
+
+@pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "rpe")
+def test_every_command_explains_itself(cmd, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args([*cmd, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: rpe" in out and len(out.splitlines()) > 3
+
+
+def test_console_script_starts_without_heavy_imports():
+    res = subprocess.run([sys.executable, "-c", "import sys; from common.cli import main; "
+                          "main(['--help'])" ], capture_output=True, text=True)
+    assert res.returncode == 0 and "registry" in res.stdout
+
+
+def _adapter(model_dir: Path, seed: int) -> LoraAdapter:
+    g = torch.Generator().manual_seed(seed)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    h = cfg["hidden_size"]
+    mods = {f"model.layers.{i}.self_attn.q_proj": LoraModule(torch.randn(4, h, generator=g) * 0.01,
+                                                          torch.randn(h, 4, generator=g) * 0.01, 2.0)
+            for i in range(cfg["num_hidden_layers"])}
+    return LoraAdapter(mods)
+
+
+def test_registry_embed_compose_round_trip(tmp_path, tiny_model_dir, capsys):
+    reg = tmp_path / "reg"
+    main(["registry", "init", "--registry", str(reg), "--base", str(tiny_model_dir)])
+    for i, site in enumerate(["a", "b", "c"]):
+        peft_dir = save_peft_adapter(_adapter(tiny_model_dir, i), tmp_path / f"peft-{site}")
+        z = np.random.default_rng(i).normal(size=64).astype(np.float32)
+        np.save(tmp_path / f"z-{site}.npy", z)
+        main(["registry", "add", "--registry", str(reg), "--adapter", str(peft_dir), "--embedding",
+              str(tmp_path / f"z-{site}.npy"), "--site", site, "--task", "report-text", "--samples", "10"])
+    capsys.readouterr()
+    main(["registry", "ls", "--registry", str(reg), "--json"])
+    listed = json.loads(capsys.readouterr().out)
+    assert sorted(r["meta"]["site"] for r in listed) == ["a", "b", "c"]
+
+    data = tmp_path / "site.jsonl"
+    write_jsonl(data, [Example(prompt=f"Findings: small nodule number {i}.", target=None, group="ct-head",
+                               uid=str(i)) for i in range(3)])
+    main(["embed", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "zt.npy"),
+          "--quiet", "--json"])
+    emb = json.loads(capsys.readouterr().out)
+    assert emb["dim"] == 64 and emb["examples"] == 3 and emb["tokens"] > 0
+
+    out = tmp_path / "composed"
+    main(["compose", "--registry", str(reg), "--embedding", str(tmp_path / "zt.npy"), "--strategy", "lin-l1",
+          "--k", "2", "--exclude-site", "a", "--out", str(out), "--json"])
+    res = json.loads(capsys.readouterr().out)
+    assert len(res["retrieved"]) == 2 and all(not r["id"].startswith("a:") for r in res["retrieved"])
+    assert abs(sum(r["weight"] for r in res["retrieved"]) - 1.0) < 1e-9
+    composed = load_peft_adapter(out)
+    assert set(composed.modules) == set(_adapter(tiny_model_dir, 0).modules)
+
+    main(["audit", "verify", "--log", str(reg / "audit.jsonl")])
+    assert "OK" in capsys.readouterr().out
+
+
+def test_bad_input_exits_2_with_a_message_and_no_traceback(tmp_path, tiny_model_dir, capsys):
+    reg = tmp_path / "reg"
+    main(["registry", "init", "--registry", str(reg), "--base", str(tiny_model_dir)])
+    np.save(tmp_path / "z.npy", np.zeros(7, dtype=np.float32))
+    with pytest.raises(SystemExit) as exit_:
+        main(["compose", "--registry", str(reg), "--embedding", str(tmp_path / "z.npy"), "--out", str(tmp_path / "o")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "rpe: error:" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as exit_:
+        main(["compose", "--registry", str(tmp_path / "nope"), "--embedding", str(tmp_path / "z.npy"),
+              "--out", str(tmp_path / "o")])
+    assert exit_.value.code == 2
+    assert "rpe: error:" in capsys.readouterr().err
