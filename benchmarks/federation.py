@@ -30,7 +30,7 @@ from benchmarks.util import Goal, Section, fmt, log, mib, now, ratio, table
 
 GROUPS = ["ct-head", "mr-head", "ct-abdomen", "ct-thorax", "mr-spine", "xray-chest"]
 QUICK = {"sites": 3, "train_examples": 12, "steps": 4, "batch_size": 4, "max_length": 128}
-FULL = {"sites": 4, "train_examples": 24, "steps": 10, "batch_size": 4, "max_length": 192}
+FULL = {"sites": 4, "train_examples": 24, "steps": 8, "batch_size": 4, "max_length": 192}
 
 
 class SerdeGrid:

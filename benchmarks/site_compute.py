@@ -26,8 +26,9 @@ import torch
 
 from benchmarks.util import Goal, Section, fmt, log, median, now, ratio, table
 
-QUICK = {"embed_examples": 96, "embed_reps": 2, "train_examples": 64, "train_steps": 10, "train_reps": 1}
-FULL = {"embed_examples": 320, "embed_reps": 3, "train_examples": 200, "train_steps": 24, "train_reps": 2}
+# repetitions alternate the order (A B, B A, ...) so a drift in machine load hits both sides alike
+QUICK = {"embed_examples": 96, "embed_reps": 2, "train_examples": 64, "train_steps": 8, "train_reps": 2}
+FULL = {"embed_examples": 192, "embed_reps": 2, "train_examples": 160, "train_steps": 16, "train_reps": 2}
 EMBED_MAX_LENGTH, EMBED_BATCH_TOKENS = 256, 4096
 TRAIN = {"r": 8, "alpha": 16.0, "targets": ("q_proj", "v_proj"), "dropout": 0.0, "batch_size": 4,
          "max_length": 192, "lr": 1e-3, "max_grad_norm": 1.0}
@@ -87,15 +88,17 @@ def bench_embedding(model: Any, tok: Any, texts: list[str], reps: int) -> dict[s
     bare_forward(model, tok, texts[:8], 8, EMBED_MAX_LENGTH)
     ours, base = [], []
     n_ours = n_base = 0
-    for _ in range(reps):
-        t = now()
-        r = mean_embedding(model, tok, texts, max_length=EMBED_MAX_LENGTH, batch_tokens=EMBED_BATCH_TOKENS,
-                           progress=False)
-        ours.append(now() - t)
-        n_ours = r.n_tokens
-        t = now()
-        n_base = bare_forward(model, tok, texts, batch_size, EMBED_MAX_LENGTH)
-        base.append(now() - t)
+    for rep in range(reps):
+        for which in (("ours", "base") if rep % 2 == 0 else ("base", "ours")):
+            t = now()
+            if which == "ours":
+                r = mean_embedding(model, tok, texts, max_length=EMBED_MAX_LENGTH, batch_tokens=EMBED_BATCH_TOKENS,
+                                   progress=False)
+                ours.append(now() - t)
+                n_ours = r.n_tokens
+            else:
+                n_base = bare_forward(model, tok, texts, batch_size, EMBED_MAX_LENGTH)
+                base.append(now() - t)
     out = {"n_texts": len(texts), "n_tokens": n_ours, "n_tokens_baseline": n_base, "batches": n_batches,
            "baseline_batch_size": batch_size, "padded_tokens_ours": padded_ours, "padded_tokens_baseline": padded_base,
            "ours_s": median(ours), "baseline_s": median(base)}
@@ -130,7 +133,7 @@ def run_trainer(model: Any, tok: Any, exs: list[Any], steps: int) -> dict[str, A
     from common.tasks import IGNORE_INDEX, TextReportTask
 
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    counted = {"tokens": 0, "batches": 0}
+    batch_tokens: list[int] = []  # the dataloader may collate one batch ahead: count only trained ones
 
     def collate(features: list[dict]) -> dict[str, torch.Tensor]:
         width = max(len(f["input_ids"]) for f in features)
@@ -142,8 +145,7 @@ def run_trainer(model: Any, tok: Any, exs: list[Any], steps: int) -> dict[str, A
             ids[row, :n] = torch.tensor(f["input_ids"])
             labels[row, :n] = torch.tensor(f["labels"])
             mask[row, :n] = 1
-        counted["tokens"] += int(mask.sum())
-        counted["batches"] += 1
+        batch_tokens.append(int(mask.sum()))
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
     t = now()
@@ -166,7 +168,8 @@ def run_trainer(model: Any, tok: Any, exs: list[Any], steps: int) -> dict[str, A
     wall = now() - t
     peft_model.unload()
     return {"wall_s": wall, "loop_s": float(out.metrics.get("train_runtime", float("nan"))),
-            "tokens": counted["tokens"], "batches": counted["batches"], "final_loss": float(out.training_loss)}
+            "tokens": sum(batch_tokens[:steps]), "batches_collated": len(batch_tokens),
+            "final_loss": float(out.training_loss)}
 
 
 def bench_training(exs: list[Any], steps: int, reps: int) -> dict[str, Any]:
@@ -176,10 +179,13 @@ def bench_training(exs: list[Any], steps: int, reps: int) -> dict[str, Any]:
     model_b, _ = load_base_model("smollm2-135m-instruct")
     ours, base = [], []
     for rep in range(reps):
-        log(f"site: train_lora ({steps} steps), rep {rep + 1}/{reps}")
-        ours.append(run_ours_training(model_a, tok, exs, steps))
-        log(f"site: transformers Trainer + PEFT ({steps} steps), rep {rep + 1}/{reps}")
-        base.append(run_trainer(model_b, tok, exs, steps))
+        for which in (("ours", "base") if rep % 2 == 0 else ("base", "ours")):
+            if which == "ours":
+                log(f"site: train_lora ({steps} steps), rep {rep + 1}/{reps}")
+                ours.append(run_ours_training(model_a, tok, exs, steps))
+            else:
+                log(f"site: transformers Trainer + PEFT ({steps} steps), rep {rep + 1}/{reps}")
+                base.append(run_trainer(model_b, tok, exs, steps))
     res: dict[str, Any] = {"steps": steps, "n_examples": len(exs), **{f"cfg_{k}": v for k, v in TRAIN.items()}}
     for label, runs in (("ours", ours), ("trainer", base)):
         res[f"{label}_tokens"] = runs[0]["tokens"]
@@ -221,7 +227,7 @@ def run(quick: bool, workdir: Path) -> Section:
         f"{EMBED_MAX_LENGTH}); ours: `mean_embedding(batch_tokens={EMBED_BATCH_TOKENS})` = {emb['batches']} "
         f"length-bucketed batches; baseline: bare `model.model(...)` loop in input order with batch size "
         f"{emb['baseline_batch_size']} (same number of forward calls), padded to each batch's longest. Median of "
-        f"{cfg['embed_reps']} interleaved runs.",
+        f"{cfg['embed_reps']} runs, alternating order (AB, BA, ...).",
         "",
     )
     sec.add(*table(["", "tokens", "padded tokens computed", "seconds", "tokens/s"], [
@@ -235,8 +241,8 @@ def run(quick: bool, workdir: Path) -> Section:
         f"**LoRA training**: r={TRAIN['r']}, α={TRAIN['alpha']:g}, targets {', '.join(TRAIN['targets'])}, batch "
         f"{TRAIN['batch_size']}, max_length {TRAIN['max_length']}, lr {TRAIN['lr']:g} (linear warm-up 10 % + decay), "
         f"clip {TRAIN['max_grad_norm']:g}, {tr['steps']} steps on {tr['n_examples']} labelled reports; medians "
-        f"of {cfg['train_reps']} run(s) each. End to end = feature building + LoRA injection + loop (+ Trainer "
-        "construction); loop = `stats['seconds']` / `train_runtime`.",
+        f"of {cfg['train_reps']} run(s) each, alternating order. End to end = feature building + LoRA injection + "
+        "loop (+ Trainer construction); loop = `stats['seconds']` / `train_runtime`.",
         "",
     )
     sec.add(*table(["", "tokens (non-pad)", "end-to-end s", "tokens/s end to end", "loop s", "tokens/s loop",

@@ -78,10 +78,10 @@ class TextReportTask:
         return tokenizer.decode(ids[:max_tokens], skip_special_tokens=True).strip()
 
     def _chat(self, findings: str, group: str, tokenizer: Any) -> str:
-        messages = [
-            {"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": f"Findings: {findings}\n{INSTRUCTIONS[group_kind(group)]}"},
-        ]
+        user = f"Findings: {findings}\n{INSTRUCTIONS[group_kind(group)]}"
+        if not getattr(tokenizer, "chat_template", None):  # a base (non-chat) model: plain text
+            return f"{SYSTEM_PROMPT}\n{user}\nAnswer: "
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def build_prompt(self, example: Example, tokenizer: Any, max_findings_tokens: int | None = None) -> str:
@@ -93,9 +93,9 @@ class TextReportTask:
     def training_features(self, tokenizer: Any, examples: Sequence[Example], max_length: int) -> list[dict]:
         """Token ids of prompt + target + eos, with labels only on target + eos.
 
-        If an example does not fit in ``max_length`` its findings are shortened further (never the
-        chat template, never the target below ``max_target_tokens``), so the model always learns
-        to answer the same prompt shape it sees at inference.
+        If an example does not fit in ``max_length`` its findings are shortened further (the chat
+        template and the target, already capped at ``max_target_tokens``, are never cut), so the
+        model always learns to answer the same prompt shape it sees at inference.
         """
         eos = tokenizer.eos_token_id
         if eos is None:

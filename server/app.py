@@ -167,32 +167,87 @@ def make_nonce() -> str:
     return _make()
 
 
-def exchange(grid: Grid, requests: list[tuple[str, int, str, RecordDict, str]], timeout: float) -> dict[str, Reply]:
-    """Push ``(site, node id, message type, content, nonce)`` requests; collect replies until ``timeout``.
+def exchange(grid: Grid, requests: list[tuple[str, int, str, RecordDict, str]], timeout: float,
+             max_in_flight: int = 2, max_resends: int = 2, poll_s: float = 2.0) -> dict[str, Reply]:
+    """Push ``(key, node id, message type, content, nonce)`` requests; collect replies until ``timeout``.
 
     Replies are matched to requests by message id (an error reply from the SuperLink carries the
     SuperLink's node id, not the site's). Messages live only ``timeout`` + 60 s at the SuperLink, so
     a request that timed out is not executed hours later.
+
+    Why not push everything at once: a SuperNode handles one message at a time anyway, and under
+    load Flower 1.41's SuperLink can answer a SuperNode's pull with "database is locked" after it
+    has already handed the message out, and that message is then lost (seen with 28 adapters in
+    flight on two cores). So at most ``max_in_flight`` messages per site are outstanding, and a
+    message is re-sent (at most ``max_resends`` times) when it is provably lost: the site answered
+    a message sent *after* it, or the site went quiet for much longer than its other answers took.
+    Duplicates are harmless: the first reply wins, and every request carries its own nonce.
     """
+    out = {key: Reply(key, None, nonce) for key, _, _, _, nonce in requests}
     if not requests:
-        return {}
-    msgs = [Message(content, dst_node_id=node, message_type=mtype, ttl=timeout + 60.0)
-            for _, node, mtype, content, _ in requests]
-    ids = list(grid.push_messages(msgs))
-    by_id: dict[str, int] = {mid: i for i, mid in enumerate(ids) if mid}
-    out = {site: Reply(site, None, nonce) for site, _, _, _, nonce in requests}
-    pending = set(by_id)
+        return out
+    queues: dict[int, list[int]] = {}
+    for i, (_, node, _, _, _) in enumerate(requests):
+        queues.setdefault(node, []).append(i)
+    in_flight: dict[str, int] = {}  # message id -> request index
+    push_seq: dict[int, int] = {}
+    sent_at: dict[int, float] = {}
+    resends: dict[int, int] = {}
+    done: set[int] = set()
+    last_reply: dict[int, float] = {}
+    took: dict[int, list[float]] = {}
+    counter = iter(range(1 << 62))
     deadline = time.monotonic() + timeout
-    while pending:
-        for reply in grid.pull_messages(list(pending)):
-            mid = reply.metadata.reply_to_message_id
-            if mid in pending:
-                pending.discard(mid)
-                site = requests[by_id[mid]][0]
-                out[site].message = reply
-        if not pending or time.monotonic() >= deadline:
-            break
-        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+    def push(indices: list[int]) -> None:
+        msgs = [Message(requests[i][3], dst_node_id=requests[i][1], message_type=requests[i][2], ttl=timeout + 60.0)
+                for i in indices]
+        for i, mid in zip(indices, grid.push_messages(msgs)):
+            if mid:
+                in_flight[mid] = i
+                push_seq[i] = next(counter)
+                sent_at[i] = time.monotonic()
+
+    def fill() -> None:
+        batch = []
+        for node, queue in queues.items():
+            active = sum(1 for i in in_flight.values() if requests[i][1] == node)
+            while queue and active < max_in_flight:
+                batch.append(queue.pop(0))
+                active += 1
+        if batch:
+            push(batch)
+
+    fill()
+    while (in_flight or any(queues.values())) and time.monotonic() < deadline:
+        for reply in grid.pull_messages(list(in_flight)):
+            i = in_flight.pop(reply.metadata.reply_to_message_id, None)
+            if i is None or i in done:
+                continue
+            done.add(i)
+            out[requests[i][0]].message = reply
+            node, now = requests[i][1], time.monotonic()
+            took.setdefault(node, []).append(now - max(sent_at[i], last_reply.get(node, 0.0)))
+            last_reply[node] = now
+        for mid in [m for m, i in in_flight.items() if i in done]:
+            del in_flight[mid]
+        now = time.monotonic()
+        lost = []
+        for mid, i in in_flight.items():
+            node = requests[i][1]
+            overtaken = any(requests[j][1] == node and push_seq[j] > push_seq[i] for j in done)
+            quiet = node in took and now - max(sent_at[i], last_reply[node]) > max(120.0, 5 * max(took[node]))
+            if (overtaken or quiet) and resends.get(i, 0) < max_resends:
+                lost.append(mid)
+        for mid in lost:
+            i = in_flight.pop(mid)
+            resends[i] = resends.get(i, 0) + 1
+            log(f"message for {requests[i][0]!r} was lost between the SuperLink and the site; re-sending "
+                f"({resends[i]}/{max_resends})")
+            push([i])
+        fill()
+        if in_flight or any(queues.values()):
+            time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
     return out
 
 
@@ -305,7 +360,7 @@ def run_enroll(grid: Grid, s: Settings, registry: Any, sites: dict[str, SiteInfo
                report: dict[str, Any]) -> None:
     from common import signing
     from common.digests import record_digests, z_sha256
-    from server.registry import RegistryError
+    from server.registry import RegistryError, ValidationError
 
     chosen = s.sites or sorted(sites)
     results: dict[str, dict[str, Any]] = {}
@@ -333,13 +388,19 @@ def run_enroll(grid: Grid, s: Settings, registry: Any, sites: dict[str, SiteInfo
                                   nonce=nonce)
             continue
         content = rep.message.content  # type: ignore[union-attr]
-        digests = None
-        hashes: dict[str, Any] = {}
+        # What arrived on the wire, for the ONE audit entry of this submission: the registry's own
+        # submission.accepted / submission.rejected entry (``audit_fields``), or the app's rejection
+        # entry when the reply never reached the registry. server/crosscheck.py matches it against
+        # the site's egress line by record_digests, run_id and nonce.
+        fields: dict[str, Any] = {"run_id": run_id, "nonce": nonce, "message_type": wire.ENROLL,
+                                  "record_digests": None}
+        at_registry = False
         try:
-            digests = record_digests({name: content[name] for name in content.keys()})
+            fields["record_digests"] = record_digests({name: content[name] for name in content.keys()})
             payload = wire.parse_enroll_reply(content)
             meta = payload.meta
-            hashes = {"blob_sha256": meta["blob_sha256"], "z_sha256": z_sha256(payload.z)}
+            fields.update(blob_sha256=meta["blob_sha256"], z_sha256=z_sha256(payload.z),
+                          signer=meta["signer"] or None, signature=meta["signature"] or None)
             if meta["site"] != site:
                 raise WireError(f"reply claims site {meta['site']!r} but came from {site!r}", "meta", "site")
             if meta["nonce"] != nonce:
@@ -350,18 +411,15 @@ def run_enroll(grid: Grid, s: Settings, registry: Any, sites: dict[str, SiteInfo
             elif s.require_signatures:
                 raise signing.SignatureError("unsigned submission, and this coordinator requires signatures")
             adapter = wire.adapter_from_wire(payload.arrays, payload.lora_config, meta["base_fingerprint"])
-            record = registry.add(adapter, payload.z, _registry_meta(payload), expected_sha256=meta["blob_sha256"])
+            at_registry = True
+            record = registry.add(adapter, payload.z, _registry_meta(payload), expected_sha256=meta["blob_sha256"],
+                                  audit_fields=fields)
         except (WireError, RegistryError, signing.SigningError, ValueError) as exc:
             reason = f"{type(exc).__name__}: {exc}"
             results[site] = {"status": "rejected", "reason": reason}
-            # (the registry logs its own rejections too, but without what the site sent: this entry
-            # carries the record digests the site's egress log can be cross-checked against)
-            registry.audit.append("submission.rejected", site=site, reason=reason[:1000], run_id=run_id,
-                                  nonce=nonce, record_digests=digests, **hashes)
+            if not (at_registry and isinstance(exc, ValidationError)):  # else the registry logged it, with fields
+                registry.audit.append("submission.rejected", site=site, reason=reason[:1000], **fields)
             continue
-        registry.audit.append("enroll.received", site=site, record_id=record.id, run_id=run_id, nonce=nonce,
-                              record_digests=digests, z_sha256=z_sha256(payload.z), signer=meta["signer"],
-                              signature=meta["signature"] or None)
         results[site] = {"status": "accepted", "record_id": record.id, "blob_sha256": record.blob_sha256,
                          "signed": bool(meta["signature"]), "sample_count": meta["sample_count"],
                          "train_stats": payload.train_stats}

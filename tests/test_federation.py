@@ -245,6 +245,9 @@ def test_sites_refuse_requests_outside_the_vocabulary(fed, composed):
     pyproject = pyproject.replace('\n[tool.flwr.app.config]\n', '\n[tool.flwr.app.config]\nout = ""\n', 1)
     pyproject = pyproject.replace('packages = ["common", "server", "client", "deploy"]',
                                   'packages = ["common", "client"]')
+    # the bundle holds only what fab-include names: the probe server instead of server/
+    assert '"server/**/*.py"' in pyproject
+    pyproject = pyproject.replace('"server/**/*.py"', '"probe_server.py"')
     (app / "pyproject.toml").write_text(pyproject)
     out = fed["tmp"] / "probe.json"
     before = {s: (fed["site_dirs"][s] / "egress.jsonl").read_text().count("\n") for s in SITES}
@@ -312,6 +315,7 @@ class LocalGrid:
         for msg in messages:
             mid = uuid.uuid4().hex
             msg.metadata.__dict__["_message_id"] = mid
+            msg.metadata.__dict__["_run_id"] = self.run.run_id  # as the SuperLink stamps it
             node = msg.metadata.dst_node_id
             self.sent.append(msg)
             if node in self.offline:
@@ -356,7 +360,7 @@ def run_local(local: dict, run_id: int, offline: tuple[int, ...] = (), tamper=No
     rc = {"registry-dir": str(local["registry"]), "base-model": str(local["model"]), "chroma": "off",
           "steps": 2, "lora-r": 4, "lora-alpha": 8.0, "max-length": 128, "max-eval": 2, **config}
     for ctx in local["nodes"].values():
-        ctx.run_config = rc
+        ctx.run_config, ctx.run_id = rc, run_id
     grid = LocalGrid(local["nodes"], run_id, offline, tamper)
     main(grid, Context(run_id=run_id, node_id=1, node_config={}, state=RecordDict(), run_config=rc))
     report = json.loads((local["registry"] / "runs" / f"{run_id}-{rc['mode']}.json").read_text())
@@ -413,6 +417,30 @@ def test_local_enroll_rejects_a_reply_with_extra_records(local, monkeypatch):
     assert res["status"] == "error" and "refused" in res["reason"] and "raw_reports" in res["reason"]
     after = (local["registry"] / "records.jsonl").read_text()
     assert after == before
+
+
+def test_local_enroll_logs_one_audit_entry_per_submission_that_cross_checks(local):
+    """Each enrolment reply leaves exactly one submission entry (the registry's, with the app's run
+    id, nonce and record digests on it), and the sites' egress logs cross-check against it."""
+    from server.crosscheck import cross_check
+
+    if not (local["registry"] / "registry.json").exists():
+        run_local(local, 33, mode="enroll")
+    report, _ = run_local(local, 34, mode="enroll", sites="a,b", seed=5)
+    assert {s: r["status"] for s, r in report["enroll"].items()} == {"a": "accepted", "b": "accepted"}
+    audit_path = local["registry"] / "audit.jsonl"
+    entries = [json.loads(x) for x in audit_path.read_text().splitlines()]
+    mine = [e for e in entries if e.get("run_id") == "34"]
+    assert sorted((e["event"], e["site"]) for e in mine) == [("submission.accepted", "a"),
+                                                             ("submission.accepted", "b")]
+    for e in mine:
+        assert e["record_id"] == report["enroll"][e["site"]]["record_id"] and e["nonce"]
+        assert set(e["record_digests"]) == {"adapter", "embedding", "meta"}
+    assert not any(e["event"] == "enroll.received" for e in entries)
+    for site in ("a", "b"):
+        rep = cross_check(local["tmp"] / "sites" / site / "egress.jsonl", audit_path, site)
+        assert rep.ok, str(rep)
+        assert any(m["run_id"] == "34" and m["matched_on"] == "record_digests" for m in rep.matched)
 
 
 # -- deploy helpers (fast) --------------------------------------------------------------------

@@ -1044,8 +1044,12 @@ def test_enrolment_harness_accepts_a_valid_signed_reply(world: World, monkeypatc
         assert res["status"] == "accepted" and res["signed"] and len(reg) == world.n_records + 1
         z = c.embed(lambda n: c.embed_reply(n))
         assert z.shape == (DIM,)
-        events = [e["event"] for e in audit_entries(copy)]
-        assert events[-3:] == ["submission.accepted", "enroll.received", QUERY]
+        entries = audit_entries(copy)
+        assert [e["event"] for e in entries[-2:]] == ["submission.accepted", QUERY]
+        accepted = entries[-2]  # the registry's one entry, with what the app saw on the wire
+        assert accepted["run_id"] == RUN_ID and accepted["record_id"] == res["record_id"]
+        assert set(accepted["record_digests"]) == {"adapter", "embedding", "meta"} and accepted["nonce"]
+        assert accepted["signer"] and accepted["signature"]
 
 
 def test_registry_is_consistent_after_every_case(world: World):
