@@ -455,10 +455,12 @@ def _report(sec: Section, cfg: dict[str, Any], results: list[dict[str, Any]]) ->
         dk = r["disk"]
         n, nb = r["n"], r["n_blob"]
         per_blob, per_blob_alloc = dk["blobs"] / nb, dk.get("blobs_alloc", 0) / nb
-        distinct = (dk["records"] + dk["chroma"] + dk["audit"]) / n + per_blob_alloc
-        rows.append([n, r["dim"], f"{dk['records'] / n:,.0f}", f"{dk['chroma'] / n:,.0f}" if dk["chroma"] else "—",
+        indexed = bool(r.get("t_index"))
+        chroma = dk["chroma"] if indexed else 0
+        distinct = (dk["records"] + chroma + dk["audit"]) / n + per_blob_alloc
+        rows.append([n, r["dim"], f"{dk['records'] / n:,.0f}", f"{chroma / n:,.0f}" if indexed else "no index",
                      f"{r['chroma_alone_disk'] / n:,.0f}" if r.get("chroma_alone_disk") else "—",
-                     f"{per_blob:,.0f} / {per_blob_alloc:,.0f}", f"{distinct:,.0f}",
+                     f"{per_blob:,.0f} / {per_blob_alloc:,.0f}", f"{distinct:,.0f}" + ("" if indexed else " + index"),
                      f"{r['rss_per_record']:,.0f}", fmt(r["t_open_records"]) + " s"])
     sec.add(*table(["N", "dim", "records.jsonl /record", "chroma/ /record", "Chroma alone /record",
                     "blob (apparent / allocated)", "disk per distinct adapter", "RSS /record",
