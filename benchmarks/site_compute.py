@@ -130,21 +130,14 @@ def run_trainer(model: Any, tok: Any, exs: list[Any], steps: int) -> dict[str, A
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments
 
-    from common.tasks import IGNORE_INDEX, TextReportTask
+    from common.tasks import TextReportTask
+    from common.training import collate as collate_features
 
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     batch_tokens: list[int] = []  # the dataloader may collate one batch ahead: count only trained ones
 
     def collate(features: list[dict]) -> dict[str, torch.Tensor]:
-        width = max(len(f["input_ids"]) for f in features)
-        ids = torch.full((len(features), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(features), width), dtype=torch.long)
-        for row, f in enumerate(features):
-            n = len(f["input_ids"])
-            ids[row, :n] = torch.tensor(f["input_ids"])
-            labels[row, :n] = torch.tensor(f["labels"])
-            mask[row, :n] = 1
+        ids, labels, mask = collate_features(features, pad_id)
         batch_tokens.append(int(mask.sum()))
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 

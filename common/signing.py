@@ -54,6 +54,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from common.digests import canonical_json, is_sha256_hex, z_bytes
+from common.durable import fsync_dir
 
 DOMAIN_TAG = b"rpe-submission-v1"
 SITE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -91,12 +92,7 @@ def _check_site_id(site_id: str) -> str:
     return site_id
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+_fsync_dir = fsync_dir
 
 
 # --------------------------------------------------------------------------------------------

@@ -86,7 +86,8 @@ def _batches(lengths: Sequence[int], batch_size: int, rng: random.Random,
     return batches
 
 
-def _collate(features: Sequence[dict], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def collate(features: Sequence[dict], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad ``{input_ids, labels}`` features into (ids, labels with -100 on padding, attention mask)."""
     width = max(len(f["input_ids"]) for f in features)
     ids = torch.full((len(features), width), pad_id, dtype=torch.long)
     labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
@@ -212,7 +213,7 @@ def train_lora(
                         queue = _batches(lengths, batch_size, rng)
                         epochs += 1
                     batch = queue.pop()
-                    ids, labels, mask = _collate([features[i] for i in batch], pad_id)
+                    ids, labels, mask = collate([features[i] for i in batch], pad_id)
                     loss, n_target = causal_lm_target_loss(model, ids, labels, mask)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -282,7 +283,7 @@ def _dp_step(model: Any, params: list[torch.nn.Parameter], features: Sequence[di
     losses: list[float] = []
     n_target = 0
     for i in batch:
-        ids, labels, mask = _collate([features[i]], pad_id)
+        ids, labels, mask = collate([features[i]], pad_id)
         loss, n = causal_lm_target_loss(model, ids, labels, mask)
         grads = torch.autograd.grad(loss, params)
         norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))

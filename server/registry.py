@@ -84,6 +84,8 @@ from typing import Any
 
 import numpy as np
 
+from common.durable import fsync_dir
+
 try:  # chromadb depends on orjson; 3x faster than json when opening a large records.jsonl
     from orjson import loads as _loads
 except ImportError:  # pragma: no cover
@@ -350,12 +352,7 @@ def _canonical(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+_fsync_dir = fsync_dir
 
 
 def _fsync_path(path: str | Path) -> None:

@@ -16,8 +16,8 @@ from common.training import (
     DPConfig,
     LoraSpec,
     _batches,
-    _collate,
     causal_lm_target_loss,
+    collate,
     train_lora,
 )
 
@@ -33,7 +33,7 @@ def tiny(tiny_model_dir):
 
 def data_loss(model, tok, examples=EXAMPLES) -> float:
     feats = TASK.training_features(tok, examples, 192)
-    ids, labels, mask = _collate(feats, tok.pad_token_id)
+    ids, labels, mask = collate(feats, tok.pad_token_id)
     with torch.no_grad():
         loss, _ = causal_lm_target_loss(model, ids, labels, mask)
     return float(loss)
@@ -42,7 +42,7 @@ def data_loss(model, tok, examples=EXAMPLES) -> float:
 def test_target_loss_equals_transformers_loss(tiny) -> None:
     model, tok = tiny
     feats = TASK.training_features(tok, EXAMPLES[:3], 192)
-    ids, labels, mask = _collate(feats, tok.pad_token_id)
+    ids, labels, mask = collate(feats, tok.pad_token_id)
     assert (labels[mask == 0] == IGNORE_INDEX).all()
     with torch.no_grad():
         ours, n = causal_lm_target_loss(model, ids, labels, mask)
