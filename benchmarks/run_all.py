@@ -1,4 +1,4 @@
-"""Run every benchmark and write ``benchmarks/RESULTS.md`` (and ``results.json`` beside it).
+"""Run every benchmark and write ``benchmarks/RESULTS.md`` (and ``RESULTS.json`` beside it).
 
     .venv/bin/python -m benchmarks.run_all            # full sizes (see benchmarks/README.md)
     .venv/bin/python -m benchmarks.run_all --quick    # smaller sizes, well under 20 min on 2 cores
