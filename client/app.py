@@ -18,7 +18,9 @@ Configuration comes from the SuperNode's ``--node-config`` (deployment): ``site-
 ``data-path`` (a JSONL file, or a directory with ``train.jsonl`` / ``eval.jsonl`` /
 ``unlabeled.jsonl``), ``model-path`` (base model directory or ``smollm2-135m-instruct``),
 ``site-dir`` (adapters, egress log, signing key); optional ``dp-noise-multiplier``,
-``dp-max-grad-norm``, ``dp-delta``, ``z-noise-sigma``, ``z-clip`` (the site's own privacy policy)
+``dp-max-grad-norm``, ``dp-delta`` (DP-SGD for the adapter), ``z-clip`` with ``z-noise-multiplier``
+or ``z-epsilon``, ``z-delta`` (the Gaussian mechanism on z, ``common.privacy``) - the site's own
+privacy policy, off by default, reported with the ε spent in every release's ``privacy`` metadata -
 and ``threads`` (torch CPU threads; on a shared or small machine 1 avoids oversubscription, which
 made generation ~50x slower on a loaded 2-core host). In simulation
 the node config holds only ``partition-id``: the run config's ``sim-sites``,
@@ -107,8 +109,7 @@ def site_from_context(context: Context) -> Site:
         raise SiteError("node config has neither 'site-id' (deployment) nor 'partition-id' (simulation)")
     if not wire._SITE_RE.match(site):
         raise SiteError(f"site id {site!r} is not a plain identifier")
-    policy = {k: float(policy_src[k]) for k in ("dp-noise-multiplier", "dp-max-grad-norm", "dp-delta",
-                                                 "z-noise-sigma", "z-clip") if k in policy_src}
+    policy = _privacy_policy(policy_src)
     threads = int(nc.get("threads", 0) or rc.get("sim-threads", 0) or 0)
     return Site(site, Path(str(data)).expanduser(), model, site_dir.expanduser().resolve(), policy, threads)
 
@@ -165,21 +166,38 @@ def _load_model(site: Site) -> tuple[Any, Any, str]:
     return model, tok, fingerprint(site.model_path)
 
 
-def _privatize_z(z: np.ndarray, site: Site, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
-    """The site's optional Gaussian mechanism on z: clip to ``z-clip`` (L2), add N(0, sigma^2)."""
-    sigma = site.policy.get("z-noise-sigma", 0.0)
-    clip = site.policy.get("z-clip", 0.0)
-    info: dict[str, Any] = {}
-    z = z.astype(np.float64)
-    if clip > 0:
-        norm = float(np.linalg.norm(z))
-        z = z * min(1.0, clip / norm) if norm > 0 else z
-        info["z_clip"] = clip
-    if sigma > 0:
-        rng = np.random.default_rng(seed)
-        z = z + rng.normal(0.0, sigma, size=z.shape)
-        info["z_noise_sigma"] = sigma
-    return z.astype(np.float32), info
+def _privacy_policy(src: Any) -> dict[str, float]:
+    """The site's privacy keys from its node config, checked (a bad policy stops the site early)."""
+    from common.privacy import POLICY_KEYS, PrivacyConfigError, ZMechanism
+
+    policy: dict[str, float] = {}
+    for k in (*POLICY_KEYS, "z-noise-sigma"):
+        if k in src:
+            try:
+                policy[k] = float(src[k])
+            except (TypeError, ValueError):
+                raise SiteError(f"node config {k!r} must be a number; got {src[k]!r}") from None
+    try:
+        ZMechanism.from_policy(policy)
+    except PrivacyConfigError as exc:
+        raise SiteError(str(exc)) from None
+    return policy
+
+
+def _site_embedding(model: Any, tok: Any, texts: list[str], site: Site, layer: int) -> tuple[Any, np.ndarray, Any]:
+    """z as it leaves the site: (EmbeddingResult, z, ZMechanism or None). With the site's Gaussian
+    mechanism on, each report's token sum is clipped and noise from OS entropy is added."""
+    from common.embedding import mean_embedding
+    from common.privacy import ZMechanism
+
+    mech = ZMechanism.from_policy(site.policy)
+    emb = mean_embedding(model, tok, texts, layer=layer, clip_norm=mech.clip if mech else None)
+    if mech is None:
+        return emb, emb.z, None
+    print(f"[{site.site}] z: Gaussian mechanism, clip {mech.clip:g} ({emb.n_clipped}/{emb.n_examples} "
+          f"reports clipped), noise multiplier {mech.noise_multiplier:.3f}, epsilon {mech.epsilon:.3f} "
+          f"at delta {mech.delta:g}", flush=True)
+    return emb, mech.apply(emb.z, emb.n_tokens), mech
 
 
 def _key_id(site: Site) -> str:
@@ -220,8 +238,8 @@ def _whoami(req: wire.Request, site: Site, context: Context) -> RecordDict:
 
 
 def _enroll(req: wire.Request, site: Site, context: Context) -> RecordDict:
-    from common.embedding import mean_embedding
     from common.lora import adapter_to_bytes, save_peft_adapter
+    from common.privacy import release_record
     from common.training import DPConfig, LoraSpec, train_lora
 
     cfg = req.config
@@ -244,16 +262,12 @@ def _enroll(req: wire.Request, site: Site, context: Context) -> RecordDict:
     adapter, stats = train_lora(model, tok, train, task, spec, steps=steps, lr=lr, batch_size=batch_size,
                                 max_length=max_length, seed=seed, progress=True, dp=dp, base_model=fp)
     adapter = wire.wire_normalized(adapter, base_model=fp)
-    emb = mean_embedding(model, tok, task.embedding_texts(train), layer=int(cfg.get("embed_layer", -1)))
-    z, z_privacy = _privatize_z(emb.z, site, seed)
+    emb, z, z_mech = _site_embedding(model, tok, task.embedding_texts(train), site, int(cfg.get("embed_layer", -1)))
     arrays, lora_config = wire.adapter_to_wire(adapter)
     blob = adapter_to_bytes(adapter)
     save_peft_adapter(adapter, site.adapters_dir / f"own-{task.name}", str(site.model_path))
     group = Counter(e.group for e in train).most_common(1)[0][0]
-    privacy: dict[str, Any] = {"dp_sgd": dp is not None, **z_privacy}
-    if dp is not None:
-        privacy.update(epsilon=stats.get("epsilon"), delta=dp.delta, noise_multiplier=dp.noise_multiplier,
-                       max_grad_norm=dp.max_grad_norm)
+    privacy = release_record(stats if dp is not None else None, z_mech, adapter_sent=True)
     train_stats = {"steps": stats.get("steps", steps), "lr": lr, "batch_size": batch_size,
                    "max_length": max_length, "seed": seed, "loss_first": stats.get("first_loss"),
                    "loss_last": stats.get("final_loss"), "seconds": round(float(stats.get("seconds", 0.0)), 3),
@@ -288,7 +302,7 @@ def _sign(meta: dict[str, Any], site: Site, z: np.ndarray, run_id: str) -> None:
 
 
 def _embed(req: wire.Request, site: Site, context: Context) -> RecordDict:
-    from common.embedding import mean_embedding
+    from common.privacy import release_record
 
     cfg = req.config
     task = _task(cfg.get("task", "report-text"))
@@ -297,12 +311,12 @@ def _embed(req: wire.Request, site: Site, context: Context) -> RecordDict:
     # the unlabeled view: findings only, whatever labels the site may hold
     texts = task.embedding_texts([Example(e.prompt, None, e.group, e.uid) for e in examples])
     model, tok, fp = _load_model(site)
-    emb = mean_embedding(model, tok, texts, layer=int(cfg.get("embed_layer", -1)))
-    z, z_privacy = _privatize_z(emb.z, site, seed=0)
+    emb, z, z_mech = _site_embedding(model, tok, texts, site, int(cfg.get("embed_layer", -1)))
     meta = {
         "schema": wire.WIRE_SCHEMA, "site": site.site, "task": task.name, "base_fingerprint": fp,
         "sample_count": emb.n_examples, "token_count": int(emb.n_tokens),
-        "embedding_spec": wire.canonical_json(emb.spec()), "privacy": wire.canonical_json(z_privacy),
+        "embedding_spec": wire.canonical_json(emb.spec()),
+        "privacy": wire.canonical_json(release_record(None, z_mech, adapter_sent=False)),
         "nonce": cfg["nonce"],
     }
     return wire.build_embed_reply(z, meta)

@@ -55,10 +55,21 @@ def _load_z(path: str) -> Any:
     return z
 
 
-def _open_registry(path: str) -> Any:
+_BLOB_KEY_HELP = ("AES-256-GCM key file of an encrypted registry (`rpe blob-key new FILE`; default: "
+                  "$RPE_BLOB_KEY_FILE, else $RPE_BLOB_KEY); needed to add or read adapters, not to list")
+
+
+def _blob_key(args: argparse.Namespace) -> Any:
+    """The key named by --blob-key-file, else the environment's (None: none configured)."""
+    from common.blobcrypt import load_blob_key
+
+    return load_blob_key(getattr(args, "blob_key_file", None) or None)
+
+
+def _open_registry(args: argparse.Namespace) -> Any:
     from server.registry import Registry
 
-    return Registry(path)
+    return Registry(args.registry, blob_key=_blob_key(args))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,17 +90,30 @@ def cmd_registry_init(args: argparse.Namespace) -> None:
     reg = Registry.init(
         args.registry, base_fingerprint=fingerprint(model_dir), module_shapes=linear_module_shapes(model),
         embedding_dim=dim, representation=representation, chroma_host=args.chroma_host,
-        chroma_port=args.chroma_port, base_name=str(args.base),
+        chroma_port=args.chroma_port, base_name=str(args.base), blob_key=_blob_key(args),
     )
-    print(f"registry {args.registry}: base {fingerprint(model_dir)[:19]}…, z dim {dim} ({representation})")
+    enc = reg.blob_encryption
+    print(f"registry {args.registry}: base {fingerprint(model_dir)[:19]}…, z dim {dim} ({representation})"
+          + (f", blobs encrypted ({enc['alg']}, key {enc['key_id']})" if enc else ""))
     reg.close()
+
+
+def cmd_blob_key_new(args: argparse.Namespace) -> None:
+    from common.blobcrypt import KEY_FILE_ENV, new_key_file
+
+    key = new_key_file(args.file)
+    print(f"wrote blob key {key.key_id} to {args.file} (mode 0600; keep a backup: blobs encrypted with it are "
+          "unreadable without it)")
+    print(f"use it: rpe registry init --registry DIR --blob-key-file {args.file}; then pass --blob-key-file "
+          f"{args.file} (or set {KEY_FILE_ENV}={args.file}) to every rpe command on that registry, and run config "
+          f"blob-key-file=\"{args.file}\" for the ServerApp")
 
 
 def cmd_registry_add(args: argparse.Namespace) -> None:
     from common.lora import load_peft_adapter
     from server.registry import AdapterMeta
 
-    reg = _open_registry(args.registry)
+    reg = _open_registry(args)
     try:
         adapter = load_peft_adapter(args.adapter)
         z = _load_z(args.embedding)
@@ -103,7 +127,7 @@ def cmd_registry_add(args: argparse.Namespace) -> None:
 
 
 def cmd_registry_ls(args: argparse.Namespace) -> None:
-    reg = _open_registry(args.registry)
+    reg = _open_registry(args)
     try:
         records = reg.list(task=args.task, modality=args.modality, site=args.site)
     finally:
@@ -118,7 +142,7 @@ def cmd_registry_ls(args: argparse.Namespace) -> None:
 
 
 def cmd_registry_show(args: argparse.Namespace) -> None:
-    reg = _open_registry(args.registry)
+    reg = _open_registry(args)
     try:
         rec = reg.get(args.id)
     finally:
@@ -127,7 +151,7 @@ def cmd_registry_show(args: argparse.Namespace) -> None:
 
 
 def cmd_registry_rm(args: argparse.Namespace) -> None:
-    reg = _open_registry(args.registry)
+    reg = _open_registry(args)
     try:
         rec = reg.remove(args.id, reason=args.reason)
     finally:
@@ -190,7 +214,7 @@ def cmd_compose(args: argparse.Namespace) -> None:
         params["lam1"] = args.lam1
     if args.lam2 is not None:
         params["lam2"] = args.lam2
-    reg = _open_registry(args.registry)
+    reg = _open_registry(args)
     try:
         res = compose_for_target(
             reg, z, strategy=args.strategy, k=args.k, exclude_site=args.exclude_site, task=args.task,
@@ -277,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--layer", type=int, default=-1, help="hidden layer for hidden-mean (default -1: last)")
     r.add_argument("--chroma-host", help="use a `chroma run` server at this host instead of embedded Chroma")
     r.add_argument("--chroma-port", type=int, help="port of the Chroma server")
+    r.add_argument("--blob-key-file", help="encrypt every adapter blob at rest with this AES-256-GCM key file "
+                   "(`rpe blob-key new FILE`; default: $RPE_BLOB_KEY_FILE, else $RPE_BLOB_KEY; none: plaintext "
+                   "blobs). Fixed for the registry's life; z and metadata stay unencrypted")
     r.set_defaults(func=cmd_registry_init)
 
     r = rsub.add_parser("add", help="add a PEFT adapter directory with its embedding",
@@ -290,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--samples", type=int, required=True, help="number of training examples")
     r.add_argument("--base-fingerprint", help="defaults to the registry's (first) base")
     r.add_argument("--json", action="store_true")
+    r.add_argument("--blob-key-file", help=_BLOB_KEY_HELP)
     r.set_defaults(func=cmd_registry_add)
 
     r = rsub.add_parser("ls", help="list records", description="List live records, optionally filtered.")
@@ -298,19 +326,35 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--modality")
     r.add_argument("--site")
     r.add_argument("--json", action="store_true")
+    r.add_argument("--blob-key-file", help=_BLOB_KEY_HELP)
     r.set_defaults(func=cmd_registry_ls)
 
     r = rsub.add_parser("show", help="show one record", description="Print one record as JSON.")
     r.add_argument("--registry", required=True)
     r.add_argument("id")
     r.add_argument("--z", action="store_true", help="include the embedding vector")
+    r.add_argument("--blob-key-file", help=_BLOB_KEY_HELP)
     r.set_defaults(func=cmd_registry_show)
 
     r = rsub.add_parser("rm", help="remove a record", description="Tombstone a record (its blob is kept).")
     r.add_argument("--registry", required=True)
     r.add_argument("id")
     r.add_argument("--reason", help="recorded in the audit log")
+    r.add_argument("--blob-key-file", help=_BLOB_KEY_HELP)
     r.set_defaults(func=cmd_registry_rm)
+
+    b = sub.add_parser("blob-key", help="create the key that encrypts a registry's adapter blobs at rest",
+                       description="AES-256-GCM encryption of adapter blobs at rest (optional). Create a key "
+                                   "file, then `rpe registry init --blob-key-file FILE`; every later command "
+                                   "that stores or reads adapters needs --blob-key-file FILE or "
+                                   "$RPE_BLOB_KEY_FILE (or the key itself in $RPE_BLOB_KEY). z, metadata and "
+                                   "the audit log are not encrypted; there is no key rotation.")
+    bsub = b.add_subparsers(dest="blob_key_command", required=True, metavar="ACTION")
+    r = bsub.add_parser("new", help="write a fresh random key (64 hex digits, mode 0600) and print its id",
+                        description="Write 32 random bytes as 64 hex digits to FILE with mode 0600. Refuses to "
+                                    "overwrite FILE. Keep a backup: an encrypted registry is unreadable without it.")
+    r.add_argument("file", metavar="FILE", help="key file to create")
+    r.set_defaults(func=cmd_blob_key_new)
 
     e = sub.add_parser("embed", help="compute a dataset's mean embedding z (site side)",
                        description="Mean of a hidden layer of the frozen base model over all non-padding "
@@ -339,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target", default="cli", help="name recorded in the audit log")
     c.add_argument("--out", required=True, help="output PEFT adapter directory")
     c.add_argument("--json", action="store_true")
+    c.add_argument("--blob-key-file", help=_BLOB_KEY_HELP)
     c.set_defaults(func=cmd_compose)
 
     k = sub.add_parser("keygen", help="create a site's Ed25519 signing key pair",
@@ -372,6 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", default="runs/experiment", help="output directory")
     x.add_argument("--groups", nargs="*", help="report groups (default: the four largest distinct ones)")
     x.set_defaults(func=cmd_experiment)
+
+    from common.privacy_cli import add_commands as add_privacy_commands
+
+    add_privacy_commands(sub)
     return p
 
 

@@ -45,6 +45,14 @@ class EmbeddingResult:
     n_examples: int
     layer: int | None  # absolute hidden_states index (-1 is stored as num_hidden_layers); None for MiniLM
     representation: str  # "hidden-mean" or "minilm"
+    clip_norm: float | None = None  # per-example L2 bound on the token sums (``common.privacy``)
+    n_clipped: int = 0  # examples whose token sum was scaled down (stays at the site: not sent)
+    #: [n_examples, hidden] float64 token sum of each (non-empty) example before clipping, when asked for
+    example_sums: np.ndarray | None = None
+
+    @property
+    def example_norms(self) -> np.ndarray | None:
+        return None if self.example_sums is None else np.linalg.norm(self.example_sums, axis=1)
 
     @property
     def dim(self) -> int:
@@ -156,8 +164,16 @@ def mean_embedding(
     max_length: int = 256,
     batch_tokens: int = 1024,
     progress: bool = True,
+    clip_norm: float | None = None,
+    return_sums: bool = False,
 ) -> EmbeddingResult:
     """Masked mean of ``hidden_states[layer]`` over all non-padding tokens of all texts.
+
+    ``clip_norm`` (the Gaussian mechanism on z, ``common.privacy.ZMechanism``): each example's
+    sum of token vectors is scaled to L2 norm at most ``clip_norm`` before the division by the
+    total token count, so one report moves the sum by at most ``clip_norm``. When no example
+    reaches the bound, z is the ordinary z. ``return_sums`` keeps every example's token sum (rows in
+    the order of the non-empty texts; to choose the bound: ``rpe privacy z-norms``).
 
     Batching changes a float32 z by ~1e-7. A bfloat16 model is ~3x faster on CPUs with
     AVX512-BF16; its z then depends on batching at ~1e-4 relative and differs from the float32 z
@@ -184,7 +200,12 @@ def mean_embedding(
     layer_idx = layer % n_states
     backbone = model.base_model  # the transformer without the LM head: no vocabulary projection
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if clip_norm is not None and not (np.isfinite(clip_norm) and clip_norm > 0):
+        raise ValueError(f"clip_norm must be a positive finite number; got {clip_norm!r}")
+    per_example = clip_norm is not None or return_sums
     total = torch.zeros(int(model.config.hidden_size), dtype=torch.float64)
+    example_sums = np.zeros((len(keep), int(model.config.hidden_size)), dtype=np.float64) if return_sums else None
+    n_clipped = 0
     n_tokens = sum(len(ids) for ids in keep)
     was_training = model.training
     model.eval()
@@ -198,7 +219,18 @@ def mean_embedding(
                     input_ids[row, : len(keep[i])] = torch.tensor(keep[i])
                     mask[row, : len(keep[i])] = 1
                 hidden = _hidden_at(backbone, input_ids, mask, layer_idx, n_states)
-                total += hidden[mask.bool()].to(torch.float64).sum(dim=0)
+                if per_example:
+                    sums = (hidden.to(torch.float64) * mask[..., None]).sum(dim=1)  # [batch, hidden]
+                    norm = sums.norm(dim=1)
+                    if example_sums is not None:
+                        example_sums[batch] = sums.numpy()
+                    if clip_norm is not None:
+                        factor = torch.clamp(clip_norm / torch.clamp(norm, min=1e-300), max=1.0)
+                        n_clipped += int((factor < 1.0).sum())
+                        sums = sums * factor[:, None]
+                    total += sums.sum(dim=0)
+                else:
+                    total += hidden[mask.bool()].to(torch.float64).sum(dim=0)
                 bar.update(int(mask.sum()))
     finally:
         model.train(was_training)
@@ -206,7 +238,8 @@ def mean_embedding(
     if not np.all(np.isfinite(z)):
         raise FloatingPointError("the site embedding has non-finite values; the model produced NaN/inf")
     return EmbeddingResult(z=z, n_tokens=n_tokens, n_examples=len(keep), layer=layer_idx,
-                           representation=HIDDEN_MEAN)
+                           representation=HIDDEN_MEAN, clip_norm=clip_norm, n_clipped=n_clipped,
+                           example_sums=example_sums)
 
 
 def minilm_path() -> str:

@@ -12,8 +12,11 @@ The loop is a plain torch loop, kept small on purpose (two CPU cores):
   on report data that is ~10% of the positions, which saves a large share of the compute;
 * batches are length-bucketed (shuffle, sort within chunks, shuffle the batches), so right padding
   wastes little, and padding never changes the real tokens' states under causal attention;
-* everything random (LoRA init, batch order, DP noise) comes from ``seed`` inside a forked RNG,
-  so the same seed gives the same adapter and the caller's RNG state is not disturbed.
+* everything random (LoRA init, batch order) comes from ``seed`` inside a forked RNG, so the same
+  seed gives the same adapter and the caller's RNG state is not disturbed. DP-SGD's noise and
+  Poisson sampling are the exception: they come from OS entropy (``secrets``), because the seed is
+  sent with the adapter and a known seed would let the coordinator subtract the noise. Only
+  ``DPConfig(reproducible=True)`` (tests, benchmarks) draws them from ``seed``.
 
 Optional DP-SGD (``dp=DPConfig(...)``): Poisson-sampled batches (each example joins a step with
 probability batch_size / n), per-example gradients clipped to ``max_grad_norm``, Gaussian noise
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import math
 import random
+import secrets
 import sys
 import time
 import warnings
@@ -70,6 +74,8 @@ class DPConfig:
     noise_multiplier: float
     max_grad_norm: float = 1.0
     delta: float = 1e-5
+    #: draw noise and sampling from ``seed`` instead of OS entropy: NOT private, for tests only
+    reproducible: bool = False
 
 
 def _batches(lengths: Sequence[int], batch_size: int, rng: random.Random,
@@ -189,6 +195,10 @@ def train_lora(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         rng = random.Random(seed)
+        dp_rng, noise_gen = rng, None
+        if dp is not None and not dp.reproducible:
+            dp_rng = random.SystemRandom()
+            noise_gen = torch.Generator().manual_seed(secrets.randbits(63))
         with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5; harmless
             warnings.simplefilter("ignore", FutureWarning)
             peft_model = get_peft_model(model, config)
@@ -222,7 +232,7 @@ def train_lora(
                     loss_value = float(loss.detach())
                 else:
                     batch, loss_value, n_target = _dp_step(model, params, features, pad_id,
-                                                           batch_size, dp, rng)
+                                                           batch_size, dp, dp_rng, noise_gen)
                 optimizer.step()
                 scheduler.step()
                 tokens_seen += sum(lengths[i] for i in batch)
@@ -271,7 +281,8 @@ def train_lora(
 
 
 def _dp_step(model: Any, params: list[torch.nn.Parameter], features: Sequence[dict], pad_id: int,
-             batch_size: int, dp: DPConfig, rng: random.Random) -> tuple[list[int], float, int]:
+             batch_size: int, dp: DPConfig, rng: random.Random,
+             noise_gen: torch.Generator | None = None) -> tuple[list[int], float, int]:
     """One DP-SGD step's gradient: Poisson batch, per-example clip, Gaussian noise, mean.
 
     Per-example gradients come from one backward per example (no padding, exact clipping); with
@@ -294,7 +305,8 @@ def _dp_step(model: Any, params: list[torch.nn.Parameter], features: Sequence[di
         n_target += n
     expected = q * len(features)
     for p, acc in zip(params, summed, strict=True):
-        noise = torch.randn(acc.shape, dtype=acc.dtype) * (dp.noise_multiplier * dp.max_grad_norm)
+        noise = torch.randn(acc.shape, dtype=acc.dtype, generator=noise_gen) * (dp.noise_multiplier
+                                                                                * dp.max_grad_norm)
         p.grad = (acc + noise) / expected
     return batch, (sum(losses) / len(losses) if losses else float("nan")), n_target
 
@@ -310,4 +322,6 @@ def _dp_epsilon(dp: DPConfig, sample_rate: float, steps: int) -> dict[str, float
         "dp_noise_multiplier": dp.noise_multiplier,
         "dp_max_grad_norm": dp.max_grad_norm,
         "dp_sample_rate": sample_rate,
+        "dp_steps": steps,
+        "dp_secure_rng": not dp.reproducible,
     }

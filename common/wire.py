@@ -124,8 +124,10 @@ RECEIPT_KEYS: dict[str, tuple[type, ...]] = {
     "schema": _STR, "site": _STR, "name": _STR, "blob_sha256": _STR, "evaluated": _BOOL, "nonce": _STR,
 }
 #: keys inside the JSON-valued meta fields
-PRIVACY_KEYS = frozenset({"dp_sgd", "epsilon", "delta", "max_grad_norm", "noise_multiplier",
-                          "z_noise_sigma", "z_clip"})
+#: ``common.privacy.release_record``: DP-SGD's parameters and ε, the z mechanism's, and the total
+PRIVACY_KEYS = frozenset({"dp_sgd", "epsilon", "delta", "max_grad_norm", "noise_multiplier", "sample_rate",
+                          "steps", "z_mechanism", "z_clip", "z_noise_multiplier", "z_epsilon", "z_delta",
+                          "epsilon_total", "delta_total"})
 TRAIN_STATS_KEYS = frozenset({"steps", "lr", "batch_size", "max_length", "seed", "loss_first", "loss_last",
                               "seconds", "n_train"})
 EMBEDDING_SPEC_KEYS = frozenset({"representation", "layer", "dim"})

@@ -26,7 +26,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,13 +52,36 @@ class SiteSpec:
     site_dir: str = ""
     port: int = 0
     threads: int = 0
+    #: the site's privacy policy, node-config keys of ``common.privacy.POLICY_KEYS`` (off when empty)
+    privacy: dict[str, float] = field(default_factory=dict)
 
     def node_config(self) -> dict[str, Any]:
         out: dict[str, Any] = {"site-id": self.site, "data-path": self.data_path, "model-path": self.model_path,
                                "site-dir": self.site_dir}
         if self.threads:
             out["threads"] = self.threads
+        out.update({k: float(v) for k, v in self.privacy.items()})
         return out
+
+
+def _privacy_args(items: list[str]) -> dict[str, float]:
+    """``--privacy KEY=VALUE`` flags as a checked policy (the same check the ClientApp makes)."""
+    from common.privacy import POLICY_KEYS, PrivacyConfigError, ZMechanism
+
+    policy: dict[str, float] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in POLICY_KEYS:
+            raise LaunchError(f"--privacy {item!r}: expected KEY=VALUE with KEY one of {list(POLICY_KEYS)}")
+        try:
+            policy[key] = float(value)
+        except ValueError:
+            raise LaunchError(f"--privacy {item!r}: {value!r} is not a number") from None
+    try:
+        ZMechanism.from_policy(policy)
+    except PrivacyConfigError as exc:
+        raise LaunchError(f"--privacy: {exc}") from None
+    return policy
 
 
 # -- processes ------------------------------------------------------------------------------------
@@ -504,8 +527,10 @@ def restart_site(workdir: Path, site: str) -> dict[str, Any]:
     if is_alive(proc["pid"], proc["start_time"]):
         return proc
     nc = proc["node_config"]
+    from common.privacy import POLICY_KEYS
+
     spec = SiteSpec(site, nc["data-path"], nc.get("model-path", ""), nc.get("site-dir", ""), proc["port"],
-                    int(nc.get("threads", 0)))
+                    int(nc.get("threads", 0)), {k: float(nc[k]) for k in POLICY_KEYS if k in nc})
     return start_supernode(workdir, spec, state["superlink"]["address"], Path(state["ca_cert"]),
                            Path(proc["private_key"]))
 
@@ -605,6 +630,10 @@ def main(argv: list[str] | None = None) -> int:
     p_node.add_argument("--site-dir", default="", help="adapters, egress log (default WORKDIR/sites/ID)")
     p_node.add_argument("--port", type=int, default=DEFAULT_SUPERNODE_PORT, help="local ClientApp port")
     p_node.add_argument("--threads", type=int, default=0, help="torch threads per ClientApp")
+    p_node.add_argument("--privacy", action="append", default=[], metavar="KEY=VALUE",
+                        help="the site's privacy policy, repeatable: dp-noise-multiplier, dp-max-grad-norm, "
+                             "dp-delta (DP-SGD for the adapter); z-clip with z-noise-multiplier or z-epsilon, "
+                             "z-delta (Gaussian mechanism on z). Off by default; see README 'Privacy'")
 
     for name, text in (("down", "stop every process recorded in the workdir"),
                        ("status", "show recorded processes and node status")):
@@ -649,7 +678,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"allow-list {allow.path}: {allow.sites()}")
         elif args.command == "supernode":
             spec = SiteSpec(args.site_id, str(Path(args.data_path).resolve()), args.model_path, args.site_dir,
-                            args.port, args.threads)
+                            args.port, args.threads, _privacy_args(args.privacy))
             proc = start_supernode(args.workdir, spec, args.superlink, args.root_certificates, args.auth_key)
             keys = Path(spec.site_dir) / "keys"
             if not (keys / f"{spec.site}.key").exists():

@@ -19,6 +19,12 @@ Nothing is kept in memory between runs: the registry directory (``registry-dir``
 ``$RPE_REGISTRY``) holds the records, blobs, audit log, allow-list and nonce ledger; each run
 writes its report to ``<registry>/runs/<run id>-<mode>.json``. Site ids are discovered every run
 with ``query.whoami`` (Flower node ids are random per registration).
+
+``blob-key-file``: path (on the coordinator) of the AES-256-GCM key that encrypts adapter blobs at
+rest (``rpe blob-key new FILE``; mode 0600); "" = ``$RPE_BLOB_KEY_FILE`` / ``$RPE_BLOB_KEY`` of the
+SuperLink, or none. A registry created by a run with a key stores every blob encrypted; an
+encrypted registry refuses enroll/compose/evaluate runs without its key, and any key is refused
+for a registry created without one (``common/blobcrypt.py``, ``server/registry.py``).
 """
 
 from __future__ import annotations
@@ -92,6 +98,7 @@ class Settings:
     eval_strategies: list[str] = field(default_factory=lambda: ["sim", "lin", "lin-l1"])
     require_signatures: bool = False
     allowlist: str = ""
+    blob_key_file: str = ""
     timeout_train: float = 1800.0
     timeout_query: float = 300.0
 
@@ -115,6 +122,7 @@ class Settings:
             evaluate=bool(get("evaluate", True)), max_eval=int(get("max-eval", 0)),
             eval_strategies=_list(get("eval-strategies", "sim,lin,lin-l1")),
             require_signatures=bool(get("require-signatures", False)), allowlist=str(get("allowlist", "")),
+            blob_key_file=str(get("blob-key-file", "")),
             timeout_train=float(get("timeout-train", 1800.0)), timeout_query=float(get("timeout-query", 300.0)),
         )
         if s.mode not in MODES:
@@ -297,7 +305,23 @@ def discover(grid: Grid, timeout: float, report: dict[str, Any]) -> dict[str, Si
 
 # -- registry ---------------------------------------------------------------------------------
 def open_registry(s: Settings) -> Any:
-    """Open ``registry-dir``; create it from ``base-model`` (on the coordinator) if it does not exist."""
+    """Open ``registry-dir``; create it from ``base-model`` (on the coordinator) if it does not exist.
+
+    The blob key (``blob-key-file``, else the environment) is loaded first, so a bad key fails the
+    run before any site is asked to train; so does a missing key for an encrypted registry."""
+    from common.blobcrypt import load_blob_key
+
+    reg = _open_or_create(s, load_blob_key(s.blob_key_file or None))
+    if not reg.has_blob_key and s.mode != "whoami":
+        reg.close()
+        raise ValueError(
+            f"registry {reg.path} stores adapter blobs encrypted (key {reg.blob_encryption['key_id']}) and this "
+            f"{s.mode} run has no key: set run config 'blob-key-file', or $RPE_BLOB_KEY_FILE on the SuperLink"
+        )
+    return reg
+
+
+def _open_or_create(s: Settings, blob_key: Any) -> Any:
     from server.registry import Registry
 
     path = Path(s.registry_dir).expanduser()
@@ -308,7 +332,7 @@ def open_registry(s: Settings) -> Any:
         host, port = s.chroma.rsplit(":", 1)
         chroma = (host, int(port))
     if (path / "registry.json").is_file():
-        return Registry(path, chroma=chroma)
+        return Registry(path, chroma=chroma, blob_key=blob_key)
     if not s.base_model:
         raise ValueError(f"{path} holds no registry yet: create it with `rpe registry init`, or set run config "
                          "'base-model' to the base model directory so the first run creates it")
@@ -324,10 +348,10 @@ def open_registry(s: Settings) -> Any:
     if isinstance(chroma, tuple):
         kwargs = {"chroma_host": chroma[0], "chroma_port": chroma[1]}
     reg = Registry.init(path, base_fingerprint=fingerprint(model_dir), module_shapes=shapes, embedding_dim=hidden,
-                        base_name=str(model_dir), exist_ok=True, **kwargs)
+                        base_name=str(model_dir), exist_ok=True, blob_key=blob_key, **kwargs)
     if chroma == "off":
         reg.close()
-        reg = Registry(path, chroma="off")
+        reg = Registry(path, chroma="off", blob_key=blob_key)
     return reg
 
 
@@ -475,6 +499,7 @@ def embed_sites(grid: Grid, s: Settings, registry: Any, sites: dict[str, SiteInf
             problems[t] = f"invalid embedding reply: {exc}"
             continue
         registry.audit.append("query.embedding", site=t, target=t, z_sha256=z_sha256(z), run_id=run_id,
+                              privacy=json.loads(meta["privacy"]) or "none",
                               record_digests=record_digests({n: content[n] for n in content.keys()}))
         out[t] = z
     return out
@@ -541,10 +566,13 @@ def run_compose(grid: Grid, s: Settings, registry: Any, sites: dict[str, SiteInf
     zs = embed_sites(grid, s, registry, sites, targets, run_id, problems)
     results: dict[str, dict[str, Any]] = {t: {"status": "failed", "reason": p} for t, p in problems.items()}
     requests = []
-    out_root = registry.path / "compositions" / run_id
+    # With blob encryption on, composed adapters (a weighted sum of stored ones; with k=1 a copy of
+    # one) are delivered but not kept in clear at the coordinator; the audit log holds their hashes.
+    out_root = None if registry.blob_encryption else registry.path / "compositions" / run_id
     for t, z in zs.items():
         try:
-            summary = compose_one(s, registry, t, z, s.strategy, out_root / t, exclude_own=not s.include_own)
+            summary = compose_one(s, registry, t, z, s.strategy, out_root / t if out_root else None,
+                                  exclude_own=not s.include_own)
         except Exception as exc:  # noqa: BLE001 - one target's failure must not stop the others
             results[t] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
             continue

@@ -391,7 +391,8 @@ def verify(path: str | os.PathLike[str], anchor: dict[str, Any] | None = None) -
 # --------------------------------------------------------------------------------------------
 # report
 
-_SUBMISSION_KEYS = ("record_id", "blob_sha256", "z_sha256", "bytes", "reason", "run_id")
+_SUBMISSION_KEYS = ("record_id", "blob_sha256", "z_sha256", "bytes", "reason", "run_id", "privacy",
+                    "blob_encryption")
 
 
 def _blank_site() -> dict[str, Any]:
@@ -412,6 +413,7 @@ def report(path: str | os.PathLike[str]) -> dict[str, Any]:
     sites: dict[str, dict[str, Any]] = {}
     compositions: list[dict[str, Any]] = []
     queries: dict[str, int] = {}
+    query_privacy: dict[str, list[Any]] = {}
     registry = {"added": 0, "removed": 0}
     n = 0
     for _, e in read_entries(path):
@@ -440,6 +442,7 @@ def report(path: str | os.PathLike[str]) -> dict[str, Any]:
         elif ev == EV_QUERY_EMBEDDING:
             site = str(e.get("site"))
             queries[site] = queries.get(site, 0) + 1
+            query_privacy.setdefault(site, []).append(e.get("privacy"))
         elif ev == EV_REGISTRY_ADD:
             registry["added"] += 1
         elif ev == EV_REGISTRY_REMOVE:
@@ -457,7 +460,25 @@ def report(path: str | os.PathLike[str]) -> dict[str, Any]:
         "compositions": compositions,
         "registry": registry,
         "queries": queries,
+        "query_privacy": query_privacy,
     }
+
+
+def privacy_text(privacy: Any) -> str:
+    """One phrase for a release's privacy record (``common.privacy.release_record``)."""
+    if not isinstance(privacy, dict):
+        return "privacy not recorded" if privacy is None else f"privacy {privacy}"
+    parts = []
+    if privacy.get("dp_sgd"):
+        parts.append(f"DP-SGD ε={privacy.get('epsilon', float('nan')):.3g}")
+    if privacy.get("z_mechanism"):
+        parts.append(f"z Gaussian ε={privacy.get('z_epsilon', float('nan')):.3g}")
+    if not parts:
+        return "not private"
+    total = privacy.get("epsilon_total")
+    tail = f"; total ε={total:.3g} at δ={privacy.get('delta_total')}" if isinstance(total, (int, float)) else \
+        "; part of it not private"
+    return ", ".join(parts) + tail
 
 
 def format_report(rep: dict[str, Any]) -> str:
@@ -477,7 +498,10 @@ def format_report(rep: dict[str, Any]) -> str:
         )
         for sub in s["submissions"]:
             accepted = sub["status"] == "accepted"
-            detail = f"record {sub['record_id']}" if accepted else f"reason: {sub['reason']}"
+            detail = f"record {sub['record_id']}; {privacy_text(sub.get('privacy'))}" if accepted else \
+                f"reason: {sub['reason']}"
+            if accepted and sub.get("blob_encryption"):
+                detail += f"; stored {sub['blob_encryption'].get('alg')} key {sub['blob_encryption'].get('key_id')}"
             out.append(f"  seq {sub['seq']} {sub['status']}: blob {sub['blob_sha256']} ({detail})")
     for c in rep["compositions"]:
         out.append(f"composition seq {c['seq']} for {c['target']} ({c['strategy']}) -> {c['output_sha256']}")
@@ -487,6 +511,9 @@ def format_report(rep: dict[str, Any]) -> str:
             out.append(f"  {rid}: weight {w:+.4f}, distance {dist:.4g}, blob {h}")
     if rep["queries"]:
         out.append("embedding queries: " + ", ".join(f"{k}: {v}" for k, v in sorted(rep["queries"].items())))
+        for site, items in sorted(rep.get("query_privacy", {}).items()):
+            kinds = sorted({privacy_text(p) for p in items})
+            out.append(f"  {site}: {'; '.join(kinds)}")
     out.append(f"registry: {rep['registry']['added']} added, {rep['registry']['removed']} removed")
     return "\n".join(out)
 

@@ -22,6 +22,21 @@ the registry keeps its own source of truth and treats Chroma as a rebuildable ac
 - ``audit.jsonl`` (``server.audit.AuditLog``) gets every accepted or rejected submission, removal
   and composition.
 
+Blob encryption at rest (optional, ``common/blobcrypt.py``): a registry created with a blob key
+(``Registry.init(..., blob_key=...)``, ``rpe registry init --blob-key-file FILE``) records
+``"blob_encryption": {"alg": "AES-256-GCM", "key_id": ...}`` in registry.json and stores every blob
+as AES-256-GCM ciphertext bound to its name. Names, record ``bytes`` and every hash stay those of
+the *plaintext* canonical adapter, so ids, idempotency, the audit trail and signatures do not
+change. Only the adapter bytes are encrypted: z (needed in memory for every retrieval), the
+metadata, registry.json and the audit log are not. Opening, listing, queries, ``remove``, ``gc``
+and ``verify()`` work without the key; storing (``add``/``add_many``) and reading adapter bytes
+(``load_blob``/``load_adapter``, composition, ``verify(full=True)``) raise ``BlobKeyError``
+without it. The key comes from the ``blob_key`` argument, else ``$RPE_BLOB_KEY_FILE`` /
+``$RPE_BLOB_KEY``; a key whose id differs from registry.json's, or any key for a registry created
+without encryption, is refused at open (never silently ignored). Each add record line and
+``submission.accepted`` / ``registry.bulk_add`` audit entry carries ``blob_encryption``. There is
+no key rotation: the key of a registry is fixed at ``init``.
+
 Queries are *exact* top-k by squared L2, and never depend on Chroma for correctness: every z is
 held in an in-memory float32 matrix loaded from the records. Small searches are a numpy brute
 force (one BLAS matrix-vector product, then an exact float64 re-check of every row that rounding
@@ -32,11 +47,14 @@ lower bound does not exclude it is checked exactly, so the answer always equals 
 On-disk layout (``REG`` = the registry directory)::
 
     REG/registry.json        config: format, representation, embedding dim, bases with module
-                             shapes, size limits, Chroma location (rewritten atomically)
+                             shapes, size limits, Chroma location, blob_encryption if any
+                             (rewritten atomically)
     REG/records.jsonl        {"op": "add", "id", "blob_sha256", "bytes", "z_b64", "z_sha256",
-                             "meta", "ts"} / {"op": "remove", "id", "reason", "ts"}; z is
-                             base64 of little-endian float32 (exact, 4/3 of binary size)
-    REG/blobs/sha256/ab/<64 hex>   adapter blobs (content-addressed, never rewritten)
+                             "meta", "ts"[, "blob_encryption"]} / {"op": "remove", "id",
+                             "reason", "ts"}; z is base64 of little-endian float32 (exact, 4/3
+                             of binary size)
+    REG/blobs/sha256/ab/<64 hex>   adapter blobs (content-addressed by the plaintext's sha256,
+                             never rewritten; AES-GCM ciphertext in an encrypted registry)
     REG/chroma/              Chroma PersistentClient directory (cache; may be deleted)
     REG/audit.jsonl          hash-chained audit log
     REG/.lock                flock held by the one process that writes this registry
@@ -84,6 +102,8 @@ from typing import Any
 
 import numpy as np
 
+from common import blobcrypt
+from common.blobcrypt import BlobKey
 from common.durable import fsync_dir
 
 try:  # chromadb depends on orjson; 3x faster than json when opening a large records.jsonl
@@ -160,7 +180,11 @@ class RecordNotFoundError(RegistryError, LookupError):
 
 
 class BlobCorruptError(RegistryError):
-    """A stored blob is missing or its bytes no longer hash to its name."""
+    """A stored blob is missing or its bytes no longer hash to its name (or fail decryption)."""
+
+
+class BlobKeyError(RegistryError, blobcrypt.BlobKeyError):
+    """The blob key is missing, malformed, or not the one the registry's blobs are encrypted with."""
 
 
 class ValidationError(RegistryError, ValueError):
@@ -393,6 +417,14 @@ def _atomic_write(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def _env_blob_key() -> BlobKey | None:
+    """The blob key from ``$RPE_BLOB_KEY_FILE`` / ``$RPE_BLOB_KEY`` (None if neither is set)."""
+    try:
+        return blobcrypt.load_blob_key()
+    except blobcrypt.BlobKeyError as exc:
+        raise BlobKeyError(str(exc)) from None
+
+
 def _normalize_sha(value: Any, what: str) -> str:
     if not isinstance(value, str):
         raise BlobHashMismatchError(f"{what} must be a sha256 hex string; got {type(value).__name__}")
@@ -536,11 +568,14 @@ class Registry:
     e.g. for ``rpe registry ls`` while the server runs. ``chroma`` overrides the configured
     index: ``"off"`` (no Chroma), ``"embedded"``, or ``(host, port)`` of a ``chroma run``
     server. ``sync_index=False`` skips reconciling Chroma on open (it stays unused until
-    ``sync_index()``), for a quick open of a very large registry.
+    ``sync_index()``), for a quick open of a very large registry. ``blob_key`` is the key of a
+    registry whose blobs are encrypted (default: ``$RPE_BLOB_KEY_FILE`` / ``$RPE_BLOB_KEY``, see
+    ``common.blobcrypt.load_blob_key``); only storing and reading adapter bytes need it.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False,
-                 chroma: str | tuple[str, int] | None = None, sync_index: bool = True) -> None:
+                 chroma: str | tuple[str, int] | None = None, sync_index: bool = True,
+                 blob_key: BlobKey | None = None) -> None:
         self.path = Path(path).expanduser().resolve()
         cfg_path = self.path / CONFIG_NAME
         if not cfg_path.is_file():
@@ -557,7 +592,7 @@ class Registry:
             self._lock = _PathLock.acquire(self.path)
             self._mutex = self._lock.mutex
         try:
-            self._open(chroma, sync_index)
+            self._open(chroma, sync_index, blob_key)
         except BaseException:
             self.close()
             raise
@@ -570,19 +605,22 @@ class Registry:
              representation: str = "hidden-mean", chroma_host: str | None = None,
              chroma_port: int | None = None, base_name: str | None = None,
              limits: Mapping[str, int] | None = None, collection: str = COLLECTION,
-             exist_ok: bool = False) -> Registry:
+             exist_ok: bool = False, blob_key: BlobKey | None = None) -> Registry:
         """Create a registry directory and open it.
 
         ``module_shapes`` is ``{module name: (out, in)}`` of the base model (``common.models.
         linear_module_shapes``), so adapters are validated without loading the model.
         ``base_name`` is what composed PEFT directories record as ``base_model_name_or_path``.
         ``exist_ok=True`` opens an existing registry whose representation and dim match.
+        ``blob_key`` (default: ``$RPE_BLOB_KEY_FILE`` / ``$RPE_BLOB_KEY``, if set) makes every blob
+        stored AES-256-GCM encrypted with that key, for the registry's whole life.
         """
         root = Path(path).expanduser().resolve()
+        blob_key = blob_key if blob_key is not None else _env_blob_key()
         if (root / CONFIG_NAME).is_file():
             if not exist_ok:
                 raise RegistryExistsError(f"{root} already holds a registry; open it with Registry(path)")
-            reg = cls(root)
+            reg = cls(root, blob_key=blob_key)
             if reg.embedding_dim != embedding_dim or reg.representation != representation:
                 reg.close()
                 raise RegistryExistsError(
@@ -619,6 +657,8 @@ class Registry:
             "limits": lim,
             "chroma": chroma_cfg,
         }
+        if blob_key is not None:
+            config["blob_encryption"] = blob_key.describe()
         (root / BLOBS_DIR / "sha256").mkdir(parents=True, exist_ok=True)
         records = root / RECORDS_NAME
         with open(records, "ab") as fh:
@@ -627,7 +667,7 @@ class Registry:
         _fsync_dir(root)
         if root.parent.exists():
             _fsync_dir(root.parent)
-        return cls(root)
+        return cls(root, blob_key=blob_key)
 
     @staticmethod
     def _empty_or_interrupted_init(root: Path) -> bool:
@@ -683,7 +723,7 @@ class Registry:
 
     # ---- opening ----------------------------------------------------------------------------
 
-    def _open(self, chroma: str | tuple[str, int] | None, sync_index: bool) -> None:
+    def _open(self, chroma: str | tuple[str, int] | None, sync_index: bool, blob_key: BlobKey | None) -> None:
         from server.audit import AuditLog
 
         try:
@@ -697,6 +737,7 @@ class Registry:
             )
         self.embedding_dim: int = int(self.config["embedding_dim"])
         self.representation: str = str(self.config["representation"])
+        self._setup_blob_key(blob_key)
         self.audit = AuditLog(self.path / AUDIT_NAME)
         d = self.embedding_dim
         self._n = 0
@@ -739,6 +780,57 @@ class Registry:
             self._chroma_spec["collection"] = self.config.get("chroma", {}).get("collection", COLLECTION)
             if sync_index:
                 self.sync_index()
+
+    def _setup_blob_key(self, blob_key: BlobKey | None) -> None:
+        """Match the given (or environment) key against registry.json's ``blob_encryption``."""
+        enc = self.config.get("blob_encryption")
+        key = blob_key if blob_key is not None else _env_blob_key()
+        #: ``{"alg", "key_id"}`` when the registry's blobs are encrypted, else None
+        self.blob_encryption: dict[str, str] | None = None if enc is None else dict(enc)
+        self._blob_key: BlobKey | None = None
+        if enc is None:
+            if key is not None:
+                raise BlobKeyError(
+                    f"registry {self.path} stores adapter blobs unencrypted, but a blob key was given ({key.source}); "
+                    "refusing to ignore it. Create an encrypted registry with `rpe registry init --blob-key-file "
+                    f"FILE` (Registry.init(..., blob_key=...)), or open this one without a key (unset "
+                    f"${blobcrypt.KEY_FILE_ENV} / ${blobcrypt.KEY_ENV})"
+                )
+            return
+        if not isinstance(enc, dict) or enc.get("alg") != blobcrypt.ALG or not isinstance(enc.get("key_id"), str):
+            raise RegistryCorruptError(
+                f"{self.path / CONFIG_NAME}: blob_encryption {enc!r} is not {{'alg': {blobcrypt.ALG!r}, 'key_id': "
+                "...}}; this version cannot read such blobs"
+            )
+        if key is not None and key.key_id != enc["key_id"]:
+            raise BlobKeyError(
+                f"registry {self.path} blobs are encrypted with key {enc['key_id']}, but the key from {key.source} "
+                f"is key {key.key_id}; give the key file the registry was created with"
+            )
+        self._blob_key = key
+
+    @property
+    def has_blob_key(self) -> bool:
+        """True when adapter bytes can be stored and read: blobs unencrypted, or the key is loaded."""
+        return self.blob_encryption is None or self._blob_key is not None
+
+    def _require_blob_key(self, what: str) -> BlobKey | None:
+        """The key for an encrypted registry (None for a plain one); ``BlobKeyError`` if it is missing."""
+        if self.blob_encryption is None:
+            return None
+        if self._blob_key is None:
+            raise BlobKeyError(
+                f"registry {self.path} stores adapter blobs encrypted ({self.blob_encryption['alg']}, key "
+                f"{self.blob_encryption['key_id']}); {what} needs that key: set ${blobcrypt.KEY_FILE_ENV} to the "
+                f"key file (or ${blobcrypt.KEY_ENV} to the key), pass --blob-key-file FILE to `rpe`, set run "
+                "config blob-key-file, or open with Registry(path, blob_key=common.blobcrypt.load_blob_key(FILE)). "
+                "Listing, queries and removal work without it"
+            )
+        return self._blob_key
+
+    def _encryption_fields(self) -> dict[str, Any]:
+        """``{"blob_encryption": {...}}`` for record lines and audit entries of an encrypted registry."""
+        return {} if self.blob_encryption is None else {"blob_encryption": dict(self.blob_encryption)}
 
     def _remove_stale_temps(self) -> None:
         """Temp files can only be leftovers of a crashed writer: we hold the writer lock."""
@@ -1219,14 +1311,29 @@ class Registry:
     def _blob_path(self, sha: str) -> Path:
         return self.path / BLOBS_DIR / "sha256" / sha[:2] / sha
 
+    def _stored_size(self, nbytes: int) -> int:
+        """Size on disk of a blob of ``nbytes`` plaintext bytes."""
+        return nbytes if self.blob_encryption is None else blobcrypt.encrypted_size(nbytes)
+
+    def _plaintext(self, sha: str, data: bytes) -> bytes:
+        """The adapter bytes of a stored blob (decrypted in an encrypted registry; raises
+        ``blobcrypt.BlobKeyError`` / ``BlobAuthError``). The caller still checks the sha256."""
+        key = self._require_blob_key("reading adapter bytes")
+        return data if key is None else blobcrypt.decrypt(key, data, sha)
+
     def _blob_ok(self, sha: str, nbytes: int) -> bool:
         p = self._blob_path(sha)
         try:
-            if p.stat().st_size != nbytes:
+            if p.stat().st_size != self._stored_size(nbytes):
                 return False
-        except FileNotFoundError:
+            data = self._plaintext(sha, p.read_bytes())
+        except (FileNotFoundError, blobcrypt.BlobAuthError):
             return False
-        return _sha256(p.read_bytes()) == sha
+        except BlobKeyError:
+            raise
+        except blobcrypt.BlobKeyError:  # encrypted with another key: rewrite it with ours
+            return False
+        return _sha256(data) == sha
 
     def _write_blobs(self, blobs: Mapping[str, bytes]) -> None:
         """Durably store new blobs: temp file in the final directory -> fsync -> os.replace ->
@@ -1237,9 +1344,12 @@ class Registry:
         is the difference between ~6 ms and a fraction of a millisecond per adapter."""
         if not blobs:
             return
+        key = self._require_blob_key("storing adapters")
         pending: list[tuple[str, Path]] = []
         try:
             for sha, blob in blobs.items():
+                if key is not None:
+                    blob = blobcrypt.encrypt(key, blob, sha)
                 final = self._blob_path(sha)
                 final.parent.mkdir(parents=True, exist_ok=True)
                 fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + sha[:12] + "-", dir=final.parent)
@@ -1282,7 +1392,7 @@ class Registry:
     def _line(self, p: _Prepared) -> str:
         return _canonical({"op": "add", "id": p.id, "blob_sha256": p.sha, "bytes": len(p.blob),
                            "z_b64": _z_b64(p.z), "z_sha256": p.z_sha, "meta": p.meta,
-                           "ts": p.meta["created_at"]})
+                           "ts": p.meta["created_at"], **self._encryption_fields()})
 
     def _existing(self, p: _Prepared) -> Record | None:
         """The live record with p's id if it is the same submission; raise if the metadata differs."""
@@ -1323,6 +1433,8 @@ class Registry:
                    audit_fields: Mapping[str, Any] | None = None) -> list[Record]:
         extra = dict(audit_fields or {})
         self._require_writable()
+        self._require_blob_key("storing adapters")
+        enc = self._encryption_fields()
         with self._mutex:
             self._refresh()
             prepared: list[_Prepared] = []
@@ -1372,13 +1484,15 @@ class Registry:
                     self.audit.append("submission.accepted", **{
                         **extra, "site": p.meta["site"], "record_id": p.id, "blob_sha256": p.sha,
                         "bytes": len(p.blob), "z_sha256": p.z_sha, "task": p.meta["task"],
-                        "base_fingerprint": p.meta["base_fingerprint"]})
+                        "base_fingerprint": p.meta["base_fingerprint"], "privacy": p.meta.get("privacy"),
+                        **enc})
                 else:
                     r = self._record(ref if kind == "old" else rows[ref])
                     self.audit.append("submission.accepted", **{
                         **extra, "site": r.meta.site, "record_id": r.id, "blob_sha256": r.blob_sha256,
                         "bytes": r.bytes, "z_sha256": r.z_sha256, "task": r.meta.task,
-                        "base_fingerprint": r.meta.base_fingerprint, "duplicate": True})
+                        "base_fingerprint": r.meta.base_fingerprint, "privacy": r.meta.privacy,
+                        "duplicate": True, **enc})
             return out
 
     def _audit_bulk(self, prepared: list[_Prepared], rows: list[int], n_items: int) -> None:
@@ -1390,7 +1504,7 @@ class Registry:
             "registry.bulk_add", count=len(prepared), duplicates=n_items - len(prepared),
             records_sha256=_sha256(_canonical(triples).encode()),
             first_id=prepared[0].id if prepared else None, last_id=prepared[-1].id if prepared else None,
-            sites=sorted({p.meta["site"] for p in prepared}),
+            sites=sorted({p.meta["site"] for p in prepared}), **self._encryption_fields(),
         )
 
     def _commit(self, prepared: list[_Prepared], index: bool) -> list[int]:
@@ -1469,21 +1583,32 @@ class Registry:
             return self._record(row)
 
     def blob_path(self, record_id: str) -> Path:
-        """Where the record's adapter bytes live (read-only: never modify a blob)."""
+        """Where the record's adapter bytes live (read-only: never modify a blob). In an encrypted
+        registry the file holds ciphertext; ``load_blob`` gives the adapter bytes."""
         return self._blob_path(self.get(record_id).blob_sha256)
 
     def load_blob(self, record_id: str) -> bytes:
-        """The adapter's canonical bytes, re-verified against their sha256."""
+        """The adapter's canonical bytes (decrypted if the registry encrypts blobs), re-verified
+        against their sha256."""
         rec = self.get(record_id)
+        self._require_blob_key(f"loading the adapter of record {record_id}")
         p = self._blob_path(rec.blob_sha256)
         try:
-            data = p.read_bytes()
+            data = self._plaintext(rec.blob_sha256, p.read_bytes())
         except FileNotFoundError:
             raise BlobCorruptError(
                 f"blob {rec.blob_sha256} of record {record_id} is missing from {p.parent}; restore it from a "
                 "backup "
                 "or remove the record and have the site resubmit"
             ) from None
+        except blobcrypt.BlobAuthError as exc:
+            raise BlobCorruptError(
+                f"blob of record {record_id} at {p}: {exc}; restore it from a backup or have the site resubmit"
+            ) from None
+        except BlobKeyError:
+            raise
+        except blobcrypt.BlobKeyError as exc:
+            raise BlobKeyError(f"record {record_id} ({p}): {exc}") from None
         got = _sha256(data)
         if got != rec.blob_sha256:
             raise BlobCorruptError(
@@ -1955,8 +2080,11 @@ class Registry:
 
     def verify(self, full: bool = False) -> builtins.list[str]:
         """Problems found: missing or wrong-size blobs of live records (``full``: re-hash every
-        blob), orphan blobs, and Chroma disagreement. Empty list = consistent."""
+        blob, decrypting it first in an encrypted registry, which needs the key), orphan blobs,
+        and Chroma disagreement. Empty list = consistent."""
         problems: builtins.list[str] = []
+        if full:
+            self._require_blob_key("verify(full=True)")
         with self._mutex:
             self._refresh()
             referenced: set[str] = set()
@@ -1968,11 +2096,17 @@ class Registry:
                 p = self._blob_path(sha)
                 if not p.exists():
                     problems.append(f"record {self._ids[r]}: blob {sha} is missing")
-                elif p.stat().st_size != nbytes:
+                elif p.stat().st_size != self._stored_size(nbytes):
                     problems.append(f"record {self._ids[r]}: blob {sha} has {p.stat().st_size} bytes, "
-                                    f"expected {nbytes}")
-                elif full and _sha256(p.read_bytes()) != sha:
-                    problems.append(f"record {self._ids[r]}: blob {sha} content does not match its hash")
+                                    f"expected {self._stored_size(nbytes)}")
+                elif full:
+                    try:
+                        ok = _sha256(self._plaintext(sha, p.read_bytes())) == sha
+                    except blobcrypt.BlobKeyError as exc:
+                        problems.append(f"record {self._ids[r]}: blob {sha} cannot be decrypted: {exc}")
+                        continue
+                    if not ok:
+                        problems.append(f"record {self._ids[r]}: blob {sha} content does not match its hash")
             for p in self._all_blobs():
                 if p.name not in referenced:
                     problems.append(f"orphan blob {p.name} (no record; left by an interrupted add — gc() "
@@ -2009,7 +2143,8 @@ class Registry:
             by = {key: self.distinct(key) for key in ("site", "task", "modality", "base")}
             return {"records": self._n_live, "removed": self._n - self._n_live,
                     "embedding_dim": self.embedding_dim, "representation": self.representation,
-                    "bases": sorted(self.bases), "by": by, "index_ready": self.index_ready}
+                    "bases": sorted(self.bases), "by": by, "index_ready": self.index_ready,
+                    "blob_encryption": self.blob_encryption}
 
     # ---- lifetime ---------------------------------------------------------------------------
 

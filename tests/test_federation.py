@@ -14,11 +14,13 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -26,6 +28,8 @@ from common import wire
 from deploy import launch
 
 REPO = Path(__file__).resolve().parents[1]
+#: a site's privacy policy in node config: DP-SGD for the adapter, the Gaussian mechanism on z
+PRIVATE_POLICY = {"dp-noise-multiplier": 1.0, "dp-max-grad-norm": 1.0, "z-clip": 2.0, "z-epsilon": 4.0}
 SITES = {"a": "ct-head", "b": "mr-head", "c": "ct-abdomen"}
 RUN_TIMEOUT = 240.0
 
@@ -71,7 +75,8 @@ def live_pids(state: dict) -> list[int]:
 def fed(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
     tmp = tmp_path_factory.mktemp("federation")
     data = make_site_data(tmp / "data")
-    specs = [launch.SiteSpec(site, str(path), str(tiny_model_dir), threads=1) for site, path in data.items()]
+    specs = [launch.SiteSpec(site, str(path), str(tiny_model_dir), threads=1,
+                             privacy=PRIVATE_POLICY if site == "b" else {}) for site, path in data.items()]
     corrupt = tmp / "data" / "d.jsonl"
     corrupt.write_text('{"prompt": "Findings: normal.", "target": "Normal.", "group": "ct-head"}\n{"prompt": \n')
     specs.append(launch.SiteSpec("d", str(corrupt), str(tiny_model_dir), threads=1))
@@ -137,6 +142,16 @@ def test_enroll_stores_three_adapters_and_reports_the_failing_site(fed, enrolled
     finally:
         reg.close()
     assert "\"site\":\"d\"" not in (fed["registry"] / "records.jsonl").read_text()
+
+
+@pytest.mark.slow
+def test_privacy_policy_in_a_supernodes_node_config_reaches_registry_and_audit(fed, enrolled):
+    """Site b's SuperNode was started with PRIVATE_POLICY in its node config; sites a and c with none."""
+    results = enrolled["report"]["enroll"]
+    check_private_release(*privacy_of(fed["registry"], results["b"]["record_id"]))
+    for site in ("a", "c"):
+        privacy, entry = privacy_of(fed["registry"], results[site]["record_id"])
+        assert privacy == {"dp_sgd": False} and entry["privacy"] == privacy
 
 
 @pytest.mark.slow
@@ -523,18 +538,87 @@ def test_app_bundle_stays_under_flowers_limit_and_carries_no_weights():
     assert {"client/app.py", "server/app.py", "common/wire.py"} <= set(names)
 
 
-def test_site_z_privacy_clips_then_adds_seeded_noise(tmp_path):
-    import numpy as np
+def privacy_of(registry: Path, record_id: str) -> tuple[dict, dict]:
+    """(the registry record's privacy metadata, the audit log's submission.accepted entry) of a record."""
+    records = [json.loads(x) for x in (registry / "records.jsonl").read_text().splitlines()]
+    record = next(r for r in records if r.get("id") == record_id)
+    entries = [json.loads(x) for x in (registry / "audit.jsonl").read_text().splitlines()]
+    accepted = [e for e in entries if e["event"] == "submission.accepted" and e.get("record_id") == record_id]
+    assert accepted, f"no submission.accepted audit entry for {record_id}"
+    return record["meta"]["privacy"], accepted[-1]
 
-    from client.app import Site, _privatize_z
 
-    z = np.full(16, 3.0, np.float32)
-    site = Site("a", tmp_path, "m", tmp_path, policy={"z-clip": 1.0, "z-noise-sigma": 0.1})
-    z1, info = _privatize_z(z, site, seed=3)
-    z2, _ = _privatize_z(z, site, seed=3)
-    assert info == {"z_clip": 1.0, "z_noise_sigma": 0.1}
-    np.testing.assert_array_equal(z1, z2)
-    assert abs(np.linalg.norm(z1) - 1.0) < 1.0 and z1.dtype == np.float32
-    same, none = _privatize_z(z, Site("a", tmp_path, "m", tmp_path), seed=3)
-    np.testing.assert_array_equal(same, z)
-    assert none == {}
+def check_private_release(privacy: dict, audit_entry: dict) -> None:
+    """DP-SGD and the z mechanism are both on, with the settings the site's node config asked for."""
+    assert privacy["dp_sgd"] is True and privacy["noise_multiplier"] == 1.0 and privacy["steps"] > 0
+    assert privacy["z_mechanism"] == "gaussian" and privacy["z_clip"] == 2.0
+    assert privacy["z_epsilon"] == pytest.approx(4.0, rel=1e-6)
+    assert privacy["epsilon_total"] > max(privacy["epsilon"], privacy["z_epsilon"])
+    assert audit_entry["privacy"] == privacy
+
+
+def test_local_privacy_settings_travel_from_node_config_to_registry_audit_and_egress(local):
+    """Site c's node config asks for DP-SGD and the Gaussian mechanism on z: the ε it spent is in the
+    registry record, the audit entry and its own egress log; an embedding query reports its own ε."""
+    from common.privacy import read_egress, spent_from_egress
+
+    ctx = local["nodes"][103]
+    assert ctx.node_config["site-id"] == "c"
+    saved = dict(ctx.node_config)
+    ctx.node_config.update(PRIVATE_POLICY)
+    try:
+        report, _ = run_local(local, 41, mode="enroll")
+        rid = report["enroll"]["c"]["record_id"]
+        check_private_release(*privacy_of(local["registry"], rid))
+        run_local(local, 42, mode="compose", target="c", strategy="sim", k=2)
+    finally:
+        ctx.node_config.clear()
+        ctx.node_config.update(saved)
+    entries = [json.loads(x) for x in (local["registry"] / "audit.jsonl").read_text().splitlines()]
+    query = [e for e in entries if e["event"] == "query.embedding" and e.get("run_id") == "42"]
+    assert query and query[0]["privacy"]["z_mechanism"] == "gaussian"
+    assert query[0]["privacy"]["epsilon_total"] == pytest.approx(4.0, rel=1e-6)
+    from server.audit import format_report, report
+
+    text = format_report(report(local["registry"] / "audit.jsonl"))
+    assert f"record {rid}; DP-SGD ε=" in text and "z Gaussian ε=4; total ε=" in text
+    assert "  c: " in text and "not private" in text  # a and b sent plain z and adapters
+    lines = read_egress(local["tmp"] / "sites" / "c" / "egress.jsonl")
+    spent = spent_from_egress([x for x in lines if x.get("run_id") in ("41", "42")])
+    # the delivered adapter's scores on c's held-out reports are data-derived and not noised: said, not hidden
+    assert [r["what"] for r in spent.releases] == ["adapter+z", "z", "metrics"]
+    assert spent.epsilon == math.inf and spent.non_private[0].endswith("(metrics on held-out data)")
+    noised = spent_from_egress([x for x in lines if x.get("run_id") in ("41", "42")
+                                and x["message_type"] != wire.APPLY])
+    assert not noised.non_private and math.isfinite(noised.epsilon) and noised.epsilon > 4.0
+
+
+def test_local_encrypted_registry_keeps_no_adapter_in_clear_at_the_coordinator(local, tmp_path):
+    """Run config blob-key-file: enrolled blobs are AES-GCM ciphertext, and a compose run delivers the
+    composed adapter without leaving a clear copy under the registry."""
+    from common.blobcrypt import is_encrypted, new_key_file
+
+    key = tmp_path / "blob.key"
+    new_key_file(key)
+    enc = {**local, "registry": tmp_path / "registry"}
+    report, _ = run_local(enc, 51, mode="enroll", **{"blob-key-file": str(key)})
+    assert {s: r["status"] for s, r in report["enroll"].items()} == dict.fromkeys(SITES, "accepted")
+    blobs = [p for p in (enc["registry"] / "blobs").rglob("*") if p.is_file()]
+    assert len(blobs) == 3 and all(is_encrypted(p.read_bytes()) for p in blobs)
+    report, _ = run_local(enc, 52, mode="compose", target="a", strategy="sim", k=2, **{"blob-key-file": str(key)})
+    assert report["compose"]["a"]["status"] == "delivered"
+    assert not (enc["registry"] / "compositions").exists()
+    with pytest.raises(ValueError, match="has no key: set run config 'blob-key-file'"):
+        run_local(enc, 53, mode="compose", target="a", strategy="sim", k=2)
+
+
+def test_site_refuses_an_inconsistent_privacy_policy(tmp_path):
+    from client.app import SiteError, site_from_context
+
+    ctx = SimpleNamespace(node_config={"site-id": "a", "data-path": str(tmp_path), "z-clip": 3.0}, run_config={})
+    with pytest.raises(SiteError, match="protects nothing"):
+        site_from_context(ctx)
+    ctx.node_config.update({"z-clip": 3.0, "z-epsilon": 2.0, "dp-noise-multiplier": 1.0})
+    assert site_from_context(ctx).policy["z-epsilon"] == 2.0
+    with pytest.raises(launch.LaunchError, match="KEY=VALUE"):
+        launch._privacy_args(["z-epsilon"])

@@ -124,9 +124,21 @@ def test_length_bucketing_covers_every_example_once() -> None:
 
 def test_dp_sgd_reports_epsilon(tiny) -> None:
     model, tok = tiny
-    dp = DPConfig(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5)
+    dp = DPConfig(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5, reproducible=True)
     adapter, stats = train_lora(model, tok, EXAMPLES, TASK, steps=4, lr=1e-2, dp=dp, progress=False)
     assert 0 < stats["dp_epsilon"] < float("inf") and stats["dp_sample_rate"] == pytest.approx(0.5)
+    assert stats["dp_steps"] == 4 and stats["dp_secure_rng"] is False
     again, _ = train_lora(model, tok, EXAMPLES, TASK, steps=4, lr=1e-2, dp=dp, progress=False)
     name = next(iter(adapter.modules))
-    assert torch.equal(adapter.modules[name].B, again.modules[name].B)  # seeded noise
+    assert torch.equal(adapter.modules[name].B, again.modules[name].B)  # reproducible=True: seeded noise
+
+
+def test_dp_sgd_noise_is_not_derived_from_the_seed(tiny) -> None:
+    """The seed travels with the adapter (train_stats); private noise must not be recomputable from it."""
+    model, tok = tiny
+    dp = DPConfig(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5)
+    one, stats = train_lora(model, tok, EXAMPLES, TASK, steps=2, lr=1e-2, dp=dp, progress=False, seed=7)
+    two, _ = train_lora(model, tok, EXAMPLES, TASK, steps=2, lr=1e-2, dp=dp, progress=False, seed=7)
+    name = next(iter(one.modules))
+    assert stats["dp_secure_rng"] is True
+    assert not torch.equal(one.modules[name].B, two.modules[name].B)
