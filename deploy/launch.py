@@ -64,13 +64,18 @@ class SiteSpec:
         return out
 
 
-def _privacy_args(items: list[str]) -> dict[str, float]:
-    """``--privacy KEY=VALUE`` flags as a checked policy (the same check the ClientApp makes)."""
+def _privacy_args(items: list[str], site: str | None = None) -> dict[str, float]:
+    """``--privacy [SITE:]KEY=VALUE`` flags as a checked policy (the same check the ClientApp makes);
+    with ``site``, items prefixed with another site are skipped."""
     from common.privacy import POLICY_KEYS, PrivacyConfigError, ZMechanism
 
     policy: dict[str, float] = {}
     for item in items:
         key, sep, value = item.partition("=")
+        if ":" in key and site is not None:
+            owner, key = key.split(":", 1)
+            if owner != site:
+                continue
         if not sep or key not in POLICY_KEYS:
             raise LaunchError(f"--privacy {item!r}: expected KEY=VALUE with KEY one of {list(POLICY_KEYS)}")
         try:
@@ -601,6 +606,9 @@ def main(argv: list[str] | None = None) -> int:
     p_up.add_argument("--tls-host", action="append", default=[], help="extra SAN for the SuperLink certificate")
     p_up.add_argument("--registry", help="registry directory, exported to the ServerApp as RPE_REGISTRY")
     p_up.add_argument("--threads", type=int, default=0, help="torch threads per ClientApp (node config 'threads')")
+    p_up.add_argument("--privacy", action="append", default=[], metavar="[SITE:]KEY=VALUE",
+                      help="privacy policy for every site, or for SITE only (repeatable); keys as for `supernode "
+                           "--privacy`, e.g. --privacy b:z-epsilon=4 --privacy b:z-clip=2000")
     p_up.add_argument("--no-sign", action="store_true",
                       help="do not create Ed25519 submission keys / the allow-list ($RPE_ALLOWLIST)")
 
@@ -652,6 +660,7 @@ def main(argv: list[str] | None = None) -> int:
             for i, spec in enumerate(specs):
                 spec.port = args.supernode_port + i
                 spec.threads = args.threads
+                spec.privacy = _privacy_args(args.privacy, spec.site)
             state = up(args.workdir, specs, args.host, args.port, args.registry, args.tls_host,
                        sign=not args.no_sign)
             print(json.dumps(status(args.workdir), indent=2))

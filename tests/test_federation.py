@@ -622,3 +622,8 @@ def test_site_refuses_an_inconsistent_privacy_policy(tmp_path):
     assert site_from_context(ctx).policy["z-epsilon"] == 2.0
     with pytest.raises(launch.LaunchError, match="KEY=VALUE"):
         launch._privacy_args(["z-epsilon"])
+    flags = ["dp-noise-multiplier=1", "b:z-clip=2000", "b:z-epsilon=4"]
+    assert launch._privacy_args(flags, "a") == {"dp-noise-multiplier": 1.0}
+    assert launch._privacy_args(flags, "b") == {"dp-noise-multiplier": 1.0, "z-clip": 2000.0, "z-epsilon": 4.0}
+    with pytest.raises(launch.LaunchError, match="protects nothing"):
+        launch._privacy_args(["b:z-clip=2000"], "b")
