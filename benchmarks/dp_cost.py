@@ -28,6 +28,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--n-train", type=int, default=64, help="at most this many training reports per group")
     p.add_argument("--n-eval", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=4, help="expected batch size (DP: Poisson rate = this / n)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     model, tok = load_base_model("smollm2-135m-instruct")
@@ -37,12 +38,13 @@ def main() -> None:
     for g in args.groups:
         train, held = split(groups[g], args.n_eval, seed=0)
         train = train[: args.n_train]
-        out = {"group": g, "n_train": len(train), "base": evaluate_task(model, tok, task, held)["rouge_l"], "dp": []}
+        base = evaluate_task(model, tok, task, held)["rouge_l"]
+        out = {"group": g, "n_train": len(train), "batch_size": args.batch_size, "base": base, "dp": []}
         arms: list[DPConfig | None] = [None, *(DPConfig(s, args.clip) for s in args.noise)]
         for dp in arms:
             t0 = time.perf_counter()
             adapter, stats = train_lora(model, tok, train, task, LoraSpec(), steps=args.steps, lr=2e-3,
-                                        batch_size=4, max_length=192, seed=0, dp=dp, progress=False)
+                                        batch_size=args.batch_size, max_length=192, seed=0, dp=dp, progress=False)
             score = evaluate_task(model, tok, task, held, adapter=adapter)["rouge_l"]
             seconds = time.perf_counter() - t0
             if dp is None:
@@ -52,15 +54,15 @@ def main() -> None:
                                   "sample_rate": stats["dp_sample_rate"], "seconds": seconds})
         rows.append(out)
         print(json.dumps(out), flush=True)
-    print(f"\n| group | reports | base | non-private LoRA | DP-SGD LoRA (C={args.clip:g}): ROUGE-L at ε (δ=1e-5) |"
-          " ROUGE-L cost | train+eval s (non-private / DP) |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"\n| group | reports | batch | base | non-private LoRA | DP-SGD LoRA (C={args.clip:g}): ROUGE-L at ε "
+          "(δ=1e-5) | ROUGE-L cost | train+eval s (non-private / DP) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         dp = "; ".join(f"{d['rouge_l']:.3f} at ε={d['epsilon']:.2f} (σ={d['noise']:g})" for d in r["dp"])
         cost = "; ".join(f"{r['non_private'] - d['rouge_l']:+.3f}" for d in r["dp"])
         secs = " / ".join(f"{d['seconds']:.0f}" for d in r["dp"])
-        print(f"| {r['group']} | {r['n_train']} | {r['base']:.3f} | {r['non_private']:.3f} | {dp} | {cost} | "
-              f"{r['non_private_s']:.0f} / {secs} |")
+        print(f"| {r['group']} | {r['n_train']} | {r['batch_size']} | {r['base']:.3f} | {r['non_private']:.3f} | "
+              f"{dp} | {cost} | {r['non_private_s']:.0f} / {secs} |")
     if args.out:
         args.out.write_text(json.dumps({"rows": rows, "clip": args.clip, "steps": args.steps}, indent=1))
 

@@ -19,8 +19,10 @@ Configuration comes from the SuperNode's ``--node-config`` (deployment): ``site-
 ``unlabeled.jsonl``), ``model-path`` (base model directory or ``smollm2-135m-instruct``),
 ``site-dir`` (adapters, egress log, signing key); optional ``dp-noise-multiplier``,
 ``dp-max-grad-norm``, ``dp-delta`` (DP-SGD for the adapter), ``z-clip`` with ``z-noise-multiplier``
-or ``z-epsilon``, ``z-delta`` (the Gaussian mechanism on z, ``common.privacy``) - the site's own
-privacy policy, off by default, reported with the ε spent in every release's ``privacy`` metadata -
+or ``z-epsilon``, ``z-delta`` (the Gaussian mechanism on z, ``common.privacy``), ``privacy-budget``
+(the total ε the site will ever release; non-private releases and held-out metrics are then
+refused) - the site's own privacy policy, off by default, reported with the ε spent in every
+release's ``privacy`` metadata. A repeated embedding query gets the noisy z already released -
 and ``threads`` (torch CPU threads; on a shared or small machine 1 avoids oversubscription, which
 made generation ~50x slower on a loaded 2-core host). In simulation
 the node config holds only ``partition-id``: the run config's ``sim-sites``,
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import time
 import traceback
@@ -239,7 +242,7 @@ def _whoami(req: wire.Request, site: Site, context: Context) -> RecordDict:
 
 def _enroll(req: wire.Request, site: Site, context: Context) -> RecordDict:
     from common.lora import adapter_to_bytes, save_peft_adapter
-    from common.privacy import release_record
+    from common.privacy import ZMechanism, dp_sgd_stats, release_record
     from common.training import DPConfig, LoraSpec, train_lora
 
     cfg = req.config
@@ -259,6 +262,12 @@ def _enroll(req: wire.Request, site: Site, context: Context) -> RecordDict:
                       delta=site.policy.get("dp-delta", 1e-5))
     steps, lr, seed = int(cfg.get("steps", 40)), float(cfg.get("lr", 1e-3)), int(cfg.get("seed", 0))
     batch_size, max_length = int(cfg.get("batch_size", 4)), int(cfg.get("max_length", 192))
+    if dp is not None:  # the ε of this release is known before training: refuse early, not after an hour
+        planned = dp_sgd_stats(dp.noise_multiplier, dp.max_grad_norm, dp.delta, min(1.0, batch_size / len(train)),
+                               steps)
+        _check_budget(site, release_record(planned, ZMechanism.from_policy(site.policy), adapter_sent=True), True)
+    else:
+        _check_budget(site, release_record(None, ZMechanism.from_policy(site.policy), adapter_sent=True), True)
     adapter, stats = train_lora(model, tok, train, task, spec, steps=steps, lr=lr, batch_size=batch_size,
                                 max_length=max_length, seed=seed, progress=True, dp=dp, base_model=fp)
     adapter = wire.wire_normalized(adapter, base_model=fp)
@@ -302,7 +311,7 @@ def _sign(meta: dict[str, Any], site: Site, z: np.ndarray, run_id: str) -> None:
 
 
 def _embed(req: wire.Request, site: Site, context: Context) -> RecordDict:
-    from common.privacy import release_record
+    from common.privacy import ZMechanism, release_record
 
     cfg = req.config
     task = _task(cfg.get("task", "report-text"))
@@ -310,16 +319,71 @@ def _embed(req: wire.Request, site: Site, context: Context) -> RecordDict:
     examples = data.all[: cfg["max_examples"]] if cfg.get("max_examples") else data.all
     # the unlabeled view: findings only, whatever labels the site may hold
     texts = task.embedding_texts([Example(e.prompt, None, e.group, e.uid) for e in examples])
-    model, tok, fp = _load_model(site)
-    emb, z, z_mech = _site_embedding(model, tok, texts, site, int(cfg.get("embed_layer", -1)))
+    layer = int(cfg.get("embed_layer", -1))
+    mech = ZMechanism.from_policy(site.policy)
+    cached = _cached_z(site, texts, layer, mech) if mech is not None else None
+    if cached is not None:  # the same noisy z again: repeated queries cannot average the noise away
+        z, info = cached
+        privacy = release_record(None, mech, adapter_sent=False, z_repeat=True)
+        print(f"[{site.site}] z: re-sending the noisy z already released for this data (no new privacy cost)",
+              flush=True)
+    else:
+        _check_budget(site, release_record(None, mech, adapter_sent=False), False)
+        model, tok, fp = _load_model(site)
+        emb, z, mech = _site_embedding(model, tok, texts, site, layer)
+        info = {"base_fingerprint": fp, "sample_count": emb.n_examples, "token_count": int(emb.n_tokens),
+                "embedding_spec": emb.spec()}
+        privacy = release_record(None, mech, adapter_sent=False)
+        if mech is not None:
+            _store_z(site, texts, layer, mech, z, info)
     meta = {
-        "schema": wire.WIRE_SCHEMA, "site": site.site, "task": task.name, "base_fingerprint": fp,
-        "sample_count": emb.n_examples, "token_count": int(emb.n_tokens),
-        "embedding_spec": wire.canonical_json(emb.spec()),
-        "privacy": wire.canonical_json(release_record(None, z_mech, adapter_sent=False)),
+        "schema": wire.WIRE_SCHEMA, "site": site.site, "task": task.name, "base_fingerprint": info["base_fingerprint"],
+        "sample_count": info["sample_count"], "token_count": info["token_count"],
+        "embedding_spec": wire.canonical_json(info["embedding_spec"]), "privacy": wire.canonical_json(privacy),
         "nonce": cfg["nonce"],
     }
     return wire.build_embed_reply(z, meta)
+
+
+def _check_budget(site: Site, record: dict[str, Any], adapter_sent: bool) -> None:
+    """Refuse (before anything is computed or sent) a release beyond the site's ``privacy-budget``."""
+    budget = site.policy.get("privacy-budget", 0.0)
+    if not budget:
+        return
+    from common.privacy import PrivacyBudgetError, check_budget, read_egress
+
+    past = read_egress(site.egress_path) if site.egress_path.exists() else []
+    try:
+        total = check_budget(budget, past, record, adapter_sent)
+    except PrivacyBudgetError as exc:
+        raise SiteError(str(exc)) from None
+    print(f"[{site.site}] privacy budget: ε {total:.3f} of {budget:g} after this release", flush=True)
+
+
+def _z_cache_path(site: Site, texts: list[str], layer: int, mech: Any) -> Path:
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(hashlib.sha256(t.encode()).digest())
+    key = wire.canonical_json({"texts": h.hexdigest(), "model": str(site.model_path), "layer": layer,
+                               "clip": mech.clip, "sigma": mech.noise_multiplier, "delta": mech.delta})
+    return site.site_dir / "privacy" / f"z-{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+
+
+def _cached_z(site: Site, texts: list[str], layer: int, mech: Any) -> tuple[np.ndarray, dict[str, Any]] | None:
+    """The noisy z this site already released for exactly these texts and this mechanism, if any."""
+    path = _z_cache_path(site, texts, layer, mech)
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    return np.asarray(saved["z"], dtype=np.float32), saved["info"]
+
+
+def _store_z(site: Site, texts: list[str], layer: int, mech: Any, z: np.ndarray, info: dict[str, Any]) -> None:
+    path = _z_cache_path(site, texts, layer, mech)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"z": [float(x) for x in z], "info": info}))
+    os.replace(tmp, path)
 
 
 def _apply(req: wire.Request, site: Site, context: Context) -> RecordDict:
@@ -346,7 +410,8 @@ def _apply(req: wire.Request, site: Site, context: Context) -> RecordDict:
         (out / "rpe-provenance.json").write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
     metrics: dict[str, float] = {}
     data = load_site_data(site.data_path)
-    evaluated = bool(cfg.get("evaluate", True)) and bool(data.eval)
+    # held-out scores are data-derived and not noised: a site with a privacy budget never sends them
+    evaluated = bool(cfg.get("evaluate", True)) and bool(data.eval) and not site.policy.get("privacy-budget")
     if evaluated:
         from common.evaluation import evaluate_task
 

@@ -17,10 +17,11 @@ Two things a site may release about its private reports are protected here or in
 Accounting. One z release alone is reported with the *analytic* Gaussian mechanism (Balle &
 Wang, ICML 2018, Theorem 8), which is exact: the smallest ε with
 ``Φ(1/(2σ) − εσ) − e^ε Φ(−1/(2σ) − εσ) ≤ δ``. Several releases of the same data (an enrolment
-sends a DP-SGD adapter *and* z; every embedding query sends another z) compose; they are
-accounted together with Rényi DP (Opacus' RDP accountant, add/remove-one adjacency, the same
-one DP-SGD uses), which is what ``epsilon_total`` reports and what ``spent_from_egress`` adds up
-over a site's whole egress log.
+sends a DP-SGD adapter *and* z; every embedding query sends another z) compose
+(``composed_epsilon``): z releases alone exactly, as one Gaussian mechanism; together with DP-SGD
+through Rényi DP (Opacus' RDP accountant, add/remove-one adjacency, the one DP-SGD uses). That is
+what ``epsilon_total`` reports, what ``spent_from_egress`` adds up over a site's whole egress log
+and what ``privacy-budget`` caps.
 
 Not covered, and said so in the README: the example and token counts sent with z
 (``sample_count``, ``token_count``) are exact; the noise comes from numpy's PCG64 seeded from OS
@@ -32,7 +33,7 @@ from __future__ import annotations
 import json
 import math
 import secrets
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,11 +43,15 @@ import numpy as np
 DEFAULT_DELTA = 1e-5
 #: the node-config keys of a site's privacy policy (all optional, all off by default)
 POLICY_KEYS = ("dp-noise-multiplier", "dp-max-grad-norm", "dp-delta",
-               "z-clip", "z-noise-multiplier", "z-epsilon", "z-delta")
+               "z-clip", "z-noise-multiplier", "z-epsilon", "z-delta", "privacy-budget")
 
 
 class PrivacyConfigError(ValueError):
     """A site's privacy settings are inconsistent or out of range."""
+
+
+class PrivacyBudgetError(PrivacyConfigError):
+    """A release would take the site past its ``privacy-budget`` (or is not private while one is set)."""
 
 
 # -- the analytic Gaussian mechanism -------------------------------------------------------------
@@ -112,15 +117,31 @@ Mechanism = tuple[float, float, int]
 
 
 def composed_epsilon(mechanisms: Sequence[Mechanism], delta: float = DEFAULT_DELTA) -> float:
-    """ε of running every mechanism on the same data (RDP composition, Opacus' accountant)."""
+    """ε of running every mechanism on the same data.
+
+    Releases without subsampling (every z) compose exactly: n Gaussian releases with noise
+    multipliers σ_i are one Gaussian release with σ = (Σ 1/σ_i²)^(-1/2) (Dong, Roth & Su 2019,
+    Gaussian differential privacy), whose ε is exact. Anything with DP-SGD's subsampling goes through
+    Rényi DP (Opacus' RDP accountant, the one DP-SGD uses).
+    """
     from opacus.accountants import RDPAccountant
 
     _check_delta(delta)
     if not mechanisms:
         return 0.0
+    if all(q >= 1.0 for _, q, _ in mechanisms):
+        return gaussian_epsilon(sum(n / s**2 for s, _, n in mechanisms) ** -0.5, delta)
     accountant = RDPAccountant()
     accountant.history = [(float(s), float(q), int(n)) for s, q, n in mechanisms]
     return float(accountant.get_epsilon(delta=delta))
+
+
+def dp_sgd_stats(noise_multiplier: float, max_grad_norm: float, delta: float, sample_rate: float,
+                 steps: int) -> dict[str, Any]:
+    """DP-SGD's accounting (the ``dp_*`` stats of ``train_lora``), known before training starts."""
+    return {"dp_epsilon": composed_epsilon([(noise_multiplier, sample_rate, steps)], delta), "dp_delta": delta,
+            "dp_noise_multiplier": noise_multiplier, "dp_max_grad_norm": max_grad_norm,
+            "dp_sample_rate": sample_rate, "dp_steps": steps}
 
 
 # -- the mechanism on z ------------------------------------------------------------------------------
@@ -191,12 +212,13 @@ class ZMechanism:
 
 
 def release_record(dp_stats: Mapping[str, Any] | None, z_mech: ZMechanism | None,
-                   adapter_sent: bool) -> dict[str, Any]:
+                   adapter_sent: bool, z_repeat: bool = False) -> dict[str, Any]:
     """The ``privacy`` metadata of one release: what protected the adapter and z, and the ε spent.
 
     ``epsilon``/``delta`` are DP-SGD's (from ``train_lora``'s stats); ``z_epsilon``/``z_delta``
     the z mechanism's alone; ``epsilon_total`` (at ``delta_total``) covers the whole release and is
     present only when every part of it is private (a non-private adapter or z has no finite ε).
+    ``z_repeat``: z is a noisy z this site already released (re-sent, so it costs nothing new).
     """
     out: dict[str, Any] = {"dp_sgd": dp_stats is not None}
     if dp_stats is not None:
@@ -205,6 +227,8 @@ def release_record(dp_stats: Mapping[str, Any] | None, z_mech: ZMechanism | None
                    sample_rate=dp_stats["dp_sample_rate"], steps=int(dp_stats["dp_steps"]))
     if z_mech is not None:
         out.update(z_mech.record())
+        if z_repeat:
+            out["z_repeat"] = True
     return with_total(out, adapter_sent)
 
 
@@ -217,7 +241,7 @@ def with_total(record: dict[str, Any], adapter_sent: bool) -> dict[str, Any]:
     if len(mechs) == 1 and not adapter_sent:
         total = float(record["z_epsilon"])
     else:
-        total = composed_epsilon(mechs, delta)
+        total = composed_epsilon(mechs, delta)  # 0 for a repeated z
     return {**record, "epsilon_total": total, "delta_total": delta}
 
 
@@ -230,7 +254,8 @@ def mechanisms_of(record: Mapping[str, Any], adapter_sent: bool) -> list[Mechani
         mechs.append((float(record["noise_multiplier"]), float(record["sample_rate"]), int(record["steps"])))
     if record.get("z_mechanism") != "gaussian":
         return None
-    mechs.append((float(record["z_noise_multiplier"]), 1.0, 1))
+    if not record.get("z_repeat"):  # a repeat re-sends an earlier noisy z: post-processing, no new cost
+        mechs.append((float(record["z_noise_multiplier"]), 1.0, 1))
     return mechs
 
 
@@ -265,20 +290,16 @@ def _meta_of(line: Mapping[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def spent_from_egress(lines: Iterable[Mapping[str, Any]], delta: float = DEFAULT_DELTA) -> Spent:
-    """Compose every data-derived release in a site's egress log (adapters and z vectors).
+def _releases(lines: Iterable[Mapping[str, Any]]) -> Iterator[tuple[dict[str, Any], list[Mechanism] | None]]:
+    """Each data-derived release in an egress log: (summary, its mechanisms or None if not private).
 
     Metric replies (scores of a delivered adapter on the site's held-out data) are data-derived
-    too and are never noised: each one makes the total infinite, and is named.
+    too and are never noised, so they count as not private.
     """
-    _check_delta(delta)
-    releases: list[dict[str, Any]] = []
-    mechs: list[Mechanism] = []
-    non_private: list[str] = []
     for line in lines:
         names = {r.get("name") for r in line.get("records", [])}
         kind = line.get("message_type", "?")
-        where = f"{line.get('ts', '?')} {kind}"
+        base = {"ts": line.get("ts"), "message_type": kind}
         if "embedding" in names:
             meta = _meta_of(line) or {}
             try:
@@ -286,20 +307,55 @@ def spent_from_egress(lines: Iterable[Mapping[str, Any]], delta: float = DEFAULT
             except (TypeError, ValueError):
                 record = {}
             adapter = "adapter" in names
-            got = mechanisms_of(record, adapter)
-            eps = None
-            if got is None:
-                non_private.append(where)
-            else:
-                mechs.extend(got)
-                eps = with_total(record, adapter).get("epsilon_total")
-            releases.append({"ts": line.get("ts"), "message_type": kind,
-                             "what": "adapter+z" if adapter else "z", "epsilon": eps})
-        elif "metrics" in names:
-            non_private.append(where + " (metrics on held-out data)")
-            releases.append({"ts": line.get("ts"), "message_type": kind, "what": "metrics", "epsilon": None})
+            mechs = mechanisms_of(record, adapter)
+            eps = None if mechs is None else with_total(record, adapter).get("epsilon_total")
+            yield {**base, "what": "adapter+z" if adapter else "z", "epsilon": eps}, mechs
+        elif any(r.get("name") == "metrics" and r.get("items") for r in line.get("records", [])):
+            yield {**base, "what": "metrics", "epsilon": None}, None
+
+
+def spent_from_egress(lines: Iterable[Mapping[str, Any]], delta: float = DEFAULT_DELTA) -> Spent:
+    """Compose every data-derived release in a site's egress log (adapters, z vectors, metrics)."""
+    _check_delta(delta)
+    releases: list[dict[str, Any]] = []
+    mechs: list[Mechanism] = []
+    non_private: list[str] = []
+    for summary, got in _releases(lines):
+        releases.append(summary)
+        if got is None:
+            where = f"{summary['ts']} {summary['message_type']}"
+            non_private.append(where + (" (metrics on held-out data)" if summary["what"] == "metrics" else ""))
+        else:
+            mechs.extend(got)
     eps_total = math.inf if non_private else composed_epsilon(mechs, delta)
     return Spent(releases, eps_total, delta, non_private)
+
+
+def check_budget(budget: float, past: Iterable[Mapping[str, Any]], record: Mapping[str, Any],
+                 adapter_sent: bool) -> float:
+    """The site's ε after this release, composed with every *private* release already in its egress
+    log; raise ``PrivacyBudgetError`` if that exceeds ``budget`` or if this release is not private.
+
+    Non-private releases made before the budget was set are not counted here (their ε is
+    unbounded; ``rpe privacy spent`` reports them).
+    """
+    mechs = mechanisms_of(record, adapter_sent)
+    if mechs is None:
+        what = "the adapter is not trained with DP-SGD" if adapter_sent and not record.get("dp_sgd") else \
+            "z is sent without the Gaussian mechanism"
+        raise PrivacyBudgetError(
+            f"node config privacy-budget is set but this release would not be differentially private ({what}); "
+            "set dp-noise-multiplier and z-clip with z-epsilon or z-noise-multiplier")
+    delta = float(record.get("delta_total") or DEFAULT_DELTA)
+    before = [m for _, got in _releases(past) if got is not None for m in got]
+    spent_before = composed_epsilon(before, delta)
+    after = composed_epsilon(before + mechs, delta)
+    if after > budget:
+        raise PrivacyBudgetError(
+            f"privacy budget exhausted: this release would bring the site to ε = {after:.3f} at δ = {delta:g} "
+            f"(spent so far {spent_before:.3f}, budget {budget:g}); nothing was sent. Raise privacy-budget in "
+            "the node config only if the site's privacy officer agrees")
+    return after
 
 
 def read_egress(path: str | Path) -> list[dict[str, Any]]:

@@ -311,17 +311,8 @@ def _dp_step(model: Any, params: list[torch.nn.Parameter], features: Sequence[di
     return batch, (sum(losses) / len(losses) if losses else float("nan")), n_target
 
 
-def _dp_epsilon(dp: DPConfig, sample_rate: float, steps: int) -> dict[str, float]:
-    from opacus.accountants import RDPAccountant
+def _dp_epsilon(dp: DPConfig, sample_rate: float, steps: int) -> dict[str, Any]:
+    from common.privacy import dp_sgd_stats
 
-    accountant = RDPAccountant()
-    accountant.history = [(dp.noise_multiplier, sample_rate, steps)]
-    return {
-        "dp_epsilon": float(accountant.get_epsilon(delta=dp.delta)),
-        "dp_delta": dp.delta,
-        "dp_noise_multiplier": dp.noise_multiplier,
-        "dp_max_grad_norm": dp.max_grad_norm,
-        "dp_sample_rate": sample_rate,
-        "dp_steps": steps,
-        "dp_secure_rng": not dp.reproducible,
-    }
+    stats = dp_sgd_stats(dp.noise_multiplier, dp.max_grad_norm, dp.delta, sample_rate, steps)
+    return {**stats, "dp_secure_rng": not dp.reproducible}

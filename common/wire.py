@@ -127,7 +127,7 @@ RECEIPT_KEYS: dict[str, tuple[type, ...]] = {
 #: ``common.privacy.release_record``: DP-SGD's parameters and ε, the z mechanism's, and the total
 PRIVACY_KEYS = frozenset({"dp_sgd", "epsilon", "delta", "max_grad_norm", "noise_multiplier", "sample_rate",
                           "steps", "z_mechanism", "z_clip", "z_noise_multiplier", "z_epsilon", "z_delta",
-                          "epsilon_total", "delta_total"})
+                          "epsilon_total", "delta_total", "z_repeat"})
 TRAIN_STATS_KEYS = frozenset({"steps", "lr", "batch_size", "max_length", "seed", "loss_first", "loss_last",
                               "seconds", "n_train"})
 EMBEDDING_SPEC_KEYS = frozenset({"representation", "layer", "dim"})

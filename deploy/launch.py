@@ -641,7 +641,8 @@ def main(argv: list[str] | None = None) -> int:
     p_node.add_argument("--privacy", action="append", default=[], metavar="KEY=VALUE",
                         help="the site's privacy policy, repeatable: dp-noise-multiplier, dp-max-grad-norm, "
                              "dp-delta (DP-SGD for the adapter); z-clip with z-noise-multiplier or z-epsilon, "
-                             "z-delta (Gaussian mechanism on z). Off by default; see README 'Privacy'")
+                             "z-delta (Gaussian mechanism on z); privacy-budget (total ε). Off by default; see README "
+                             "'Privacy options'")
 
     for name, text in (("down", "stop every process recorded in the workdir"),
                        ("status", "show recorded processes and node status")):

@@ -593,6 +593,42 @@ def test_local_privacy_settings_travel_from_node_config_to_registry_audit_and_eg
     assert not noised.non_private and math.isfinite(noised.epsilon) and noised.epsilon > 4.0
 
 
+def test_local_privacy_budget_caps_what_a_site_releases(local, tmp_path):
+    """privacy-budget 9 at site c: enrolment (ε 6.6) and one z (total 8.1) go out; a repeated embedding
+    query gets the same noisy z at no cost; held-out metrics are withheld; a second enrolment
+    (total 10.6) is refused before training, and nothing of it reaches the registry."""
+    from common.privacy import read_egress, spent_from_egress
+
+    ctx = local["nodes"][103]
+    saved = dict(ctx.node_config)
+    ctx.node_config.update({**PRIVATE_POLICY, "privacy-budget": 9.0, "site-dir": str(tmp_path / "site-c")})
+    fresh = {**local, "registry": tmp_path / "registry"}
+    try:
+        report, _ = run_local(fresh, 61, mode="enroll")
+        assert report["enroll"]["c"]["status"] == "accepted"
+        first, _ = run_local(fresh, 62, mode="compose", target="c", strategy="sim", k=2)
+        again, _ = run_local(fresh, 63, mode="compose", target="c", strategy="sim", k=2)
+        refused, _ = run_local(fresh, 64, mode="enroll", sites="c", seed=9)
+    finally:
+        ctx.node_config.clear()
+        ctx.node_config.update(saved)
+    for rep in (first, again):
+        assert rep["compose"]["c"]["status"] == "delivered" and rep["compose"]["c"]["evaluated"] is False
+        assert rep["compose"]["c"]["metrics"] == {}
+    entries = [json.loads(x) for x in (fresh["registry"] / "audit.jsonl").read_text().splitlines()]
+    queries = [e for e in entries if e["event"] == "query.embedding" and e["site"] == "c"]
+    assert [q["run_id"] for q in queries] == ["62", "63"] and queries[0]["z_sha256"] == queries[1]["z_sha256"]
+    assert queries[1]["privacy"]["z_repeat"] is True and queries[1]["privacy"]["epsilon_total"] == 0.0
+    res = refused["enroll"]["c"]
+    assert res["status"] == "error" and "privacy budget exhausted" in res["reason"]
+    records = [json.loads(x) for x in (fresh["registry"] / "records.jsonl").read_text().splitlines()]
+    assert sum(r["meta"]["site"] == "c" for r in records) == 1
+    lines = read_egress(tmp_path / "site-c" / "egress.jsonl")
+    assert lines[-1]["message_type"] == wire.ENROLL and lines[-1]["records"] == []
+    spent = spent_from_egress(lines)
+    assert not spent.non_private and 8.0 < spent.epsilon <= 9.0
+
+
 def test_local_encrypted_registry_keeps_no_adapter_in_clear_at_the_coordinator(local, tmp_path):
     """Run config blob-key-file: enrolled blobs are AES-GCM ciphertext, and a compose run delivers the
     composed adapter without leaving a clear copy under the registry."""

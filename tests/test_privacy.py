@@ -75,6 +75,9 @@ def test_composition_grows_with_releases():
     two = composed_epsilon([(1.0, 1.0, 1), (1.0, 1.0, 1)])
     with_sgd = composed_epsilon([(1.0, 0.1, 40), (1.0, 1.0, 1)])
     assert one < two < 2 * one and with_sgd > one
+    # Gaussian releases without subsampling compose exactly (GDP): two at σ are one at σ/√2
+    assert two == pytest.approx(gaussian_epsilon(1.0 / math.sqrt(2.0)))
+    assert composed_epsilon([(2.0, 1.0, 1), (1.0, 1.0, 3)]) == pytest.approx(gaussian_epsilon((3.25) ** -0.5))
     assert composed_epsilon([]) == 0.0
 
 
@@ -166,7 +169,10 @@ def test_spent_from_egress_composes_every_release():
                                                             (2.0, 1.0, 1)]))
     assert len(spent.releases) == 3 and not spent.non_private and "total: ε =" in spent.summary()
     leaky = spent_from_egress([*lines, _egress_line("train", {"dp_sgd": False}, ("adapter", "embedding", "meta")),
-                               {"ts": "t2", "message_type": "train.apply", "records": [{"name": "metrics"}]}])
+                               {"ts": "t2", "message_type": "train.apply",
+                                "records": [{"name": "metrics", "items": [{"key": "rouge_l", "value": 0.2}]}]},
+                               {"ts": "t3", "message_type": "train.apply",
+                                "records": [{"name": "metrics", "items": []}]}])
     assert leaky.epsilon == math.inf and len(leaky.non_private) == 2 and "ε = ∞" in leaky.summary()
 
 
@@ -197,3 +203,22 @@ def test_cli_plans_calibrates_and_accounts(tmp_path, tiny_model_dir, capsys):
     with pytest.raises(SystemExit):
         main(["privacy", "spent", "--egress", str(tmp_path / "missing.jsonl")])
     assert "a site writes it at <site-dir>/egress.jsonl" in capsys.readouterr().err
+
+
+def test_budget_counts_private_releases_and_refuses_what_would_exceed_it():
+    from common.privacy import PrivacyBudgetError, check_budget
+
+    mech = ZMechanism(clip=10.0, noise_multiplier=calibrate_gaussian(2.0))
+    z_release = release_record(None, mech, adapter_sent=False)
+    past = [_egress_line("query.embed", z_release, ("embedding", "meta")),
+            _egress_line("train", {"dp_sgd": False}, ("adapter", "embedding", "meta"))]  # before the budget
+    two = check_budget(10.0, past, z_release, adapter_sent=False)
+    assert two == pytest.approx(composed_epsilon([(mech.noise_multiplier, 1.0, 1)] * 2))
+    assert check_budget(2.0, past, release_record(None, mech, False, z_repeat=True), False) == pytest.approx(2.0,
+                                                                                                           rel=0.2)
+    with pytest.raises(PrivacyBudgetError, match=r"exhausted: this release would bring the site to ε = \d"):
+        check_budget(two - 0.01, past, z_release, adapter_sent=False)
+    with pytest.raises(PrivacyBudgetError, match="would not be differentially private .the adapter"):
+        check_budget(100.0, [], release_record(None, mech, adapter_sent=True), adapter_sent=True)
+    with pytest.raises(PrivacyBudgetError, match="z is sent without the Gaussian mechanism"):
+        check_budget(100.0, [], release_record(None, None, adapter_sent=False), adapter_sent=False)
