@@ -22,8 +22,8 @@ Configuration comes from the SuperNode's ``--node-config`` (deployment): ``site-
 or ``z-epsilon``, ``z-delta`` (the Gaussian mechanism on z, ``common.privacy``), ``privacy-budget``
 (the total ε the site will ever release; non-private releases and held-out metrics are then
 refused) - the site's own privacy policy, off by default, reported with the ε spent in every
-release's ``privacy`` metadata. A repeated embedding query gets the noisy z already released -
-and ``threads`` (torch CPU threads; on a shared or small machine 1 avoids oversubscription, which
+release's ``privacy`` metadata; a repeated embedding query gets the noisy z already released.
+Also ``threads`` (torch CPU threads; on a shared or small machine 1 avoids oversubscription, which
 made generation ~50x slower on a loaded 2-core host). In simulation
 the node config holds only ``partition-id``: the run config's ``sim-sites``,
 ``sim-data-root``, ``sim-model-path`` and ``sim-site-root`` map it to a site.
