@@ -238,11 +238,7 @@ def with_total(record: dict[str, Any], adapter_sent: bool) -> dict[str, Any]:
     if mechs is None:
         return record
     delta = max([float(record.get("delta", 0.0) or 0.0), float(record.get("z_delta", 0.0) or 0.0)])
-    if len(mechs) == 1 and not adapter_sent:
-        total = float(record["z_epsilon"])
-    else:
-        total = composed_epsilon(mechs, delta)  # 0 for a repeated z
-    return {**record, "epsilon_total": total, "delta_total": delta}
+    return {**record, "epsilon_total": composed_epsilon(mechs, delta), "delta_total": delta}  # 0: a repeated z
 
 
 def mechanisms_of(record: Mapping[str, Any], adapter_sent: bool) -> list[Mechanism] | None:

@@ -567,15 +567,15 @@ def test_local_privacy_settings_travel_from_node_config_to_registry_audit_and_eg
     saved = dict(ctx.node_config)
     ctx.node_config.update(PRIVATE_POLICY)
     try:
-        report, _ = run_local(local, 41, mode="enroll")
+        report, _ = run_local(local, 45, mode="enroll")
         rid = report["enroll"]["c"]["record_id"]
         check_private_release(*privacy_of(local["registry"], rid))
-        run_local(local, 42, mode="compose", target="c", strategy="sim", k=2)
+        run_local(local, 46, mode="compose", target="c", strategy="sim", k=2)
     finally:
         ctx.node_config.clear()
         ctx.node_config.update(saved)
     entries = [json.loads(x) for x in (local["registry"] / "audit.jsonl").read_text().splitlines()]
-    query = [e for e in entries if e["event"] == "query.embedding" and e.get("run_id") == "42"]
+    query = [e for e in entries if e["event"] == "query.embedding" and e.get("run_id") == "46"]
     assert query and query[0]["privacy"]["z_mechanism"] == "gaussian"
     assert query[0]["privacy"]["epsilon_total"] == pytest.approx(4.0, rel=1e-6)
     from server.audit import format_report, report
@@ -584,11 +584,11 @@ def test_local_privacy_settings_travel_from_node_config_to_registry_audit_and_eg
     assert f"record {rid}; DP-SGD ε=" in text and "z Gaussian ε=4; total ε=" in text
     assert "  c: " in text and "not private" in text  # a and b sent plain z and adapters
     lines = read_egress(local["tmp"] / "sites" / "c" / "egress.jsonl")
-    spent = spent_from_egress([x for x in lines if x.get("run_id") in ("41", "42")])
+    spent = spent_from_egress([x for x in lines if x.get("run_id") in ("45", "46")])
     # the delivered adapter's scores on c's held-out reports are data-derived and not noised: said, not hidden
     assert [r["what"] for r in spent.releases] == ["adapter+z", "z", "metrics"]
     assert spent.epsilon == math.inf and spent.non_private[0].endswith("(metrics on held-out data)")
-    noised = spent_from_egress([x for x in lines if x.get("run_id") in ("41", "42")
+    noised = spent_from_egress([x for x in lines if x.get("run_id") in ("45", "46")
                                 and x["message_type"] != wire.APPLY])
     assert not noised.non_private and math.isfinite(noised.epsilon) and noised.epsilon > 4.0
 
