@@ -29,6 +29,9 @@ def main() -> None:
     p.add_argument("--n-train", type=int, default=64, help="at most this many training reports per group")
     p.add_argument("--n-eval", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=4, help="expected batch size (DP: Poisson rate = this / n)")
+    p.add_argument("--lr", type=float, default=2e-3, help="learning rate of the non-private arm (and DP, by default)")
+    p.add_argument("--dp-lr", type=float, default=None, help="learning rate of the DP arms (default: --lr)")
+    p.add_argument("--no-non-private", action="store_true", help="skip the non-private arm (already measured)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     model, tok = load_base_model("smollm2-135m-instruct")
@@ -40,10 +43,14 @@ def main() -> None:
         train = train[: args.n_train]
         base = evaluate_task(model, tok, task, held)["rouge_l"]
         out = {"group": g, "n_train": len(train), "batch_size": args.batch_size, "base": base, "dp": []}
-        arms: list[DPConfig | None] = [None, *(DPConfig(s, args.clip) for s in args.noise)]
+        arms: list[DPConfig | None] = [] if args.no_non_private else [None]
+        arms += [DPConfig(s, args.clip) for s in args.noise]
+        out.update({"non_private": float("nan"), "non_private_s": float("nan"), "lr": args.lr,
+                    "dp_lr": args.dp_lr or args.lr})
         for dp in arms:
             t0 = time.perf_counter()
-            adapter, stats = train_lora(model, tok, train, task, LoraSpec(), steps=args.steps, lr=2e-3,
+            lr = args.lr if dp is None else (args.dp_lr or args.lr)
+            adapter, stats = train_lora(model, tok, train, task, LoraSpec(), steps=args.steps, lr=lr,
                                         batch_size=args.batch_size, max_length=192, seed=0, dp=dp, progress=False)
             score = evaluate_task(model, tok, task, held, adapter=adapter)["rouge_l"]
             seconds = time.perf_counter() - t0
