@@ -181,16 +181,36 @@ def cmd_embed(args: argparse.Namespace) -> None:
         from common.embedding import mean_embedding
         from common.models import load_base_model
 
+        mech = _z_mechanism(args)
         model, tok = load_base_model(args.model)
         res = mean_embedding(model, tok, texts, layer=args.layer, max_length=args.max_length,
-                             progress=not args.quiet)
+                             progress=not args.quiet, clip_norm=mech.clip if mech else None)
+    z = res.z if mech is None else mech.apply(res.z, res.n_tokens)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out, res.z.astype(np.float32))
+    np.save(out, z.astype(np.float32))
     summary = {"out": str(out), "dim": int(res.z.shape[0]), "examples": res.n_examples, "tokens": res.n_tokens,
                "representation": res.representation, "layer": res.layer}
+    if mech is not None:
+        summary["privacy"] = mech.record()
     print(json.dumps(summary) if args.json else
           f"wrote {out}: z of dim {summary['dim']} over {res.n_examples} examples / {res.n_tokens} tokens")
+
+
+def _z_mechanism(args: argparse.Namespace) -> Any:
+    """The Gaussian mechanism asked for on the command line (``--z-clip`` with a noise level), or None."""
+    from common.privacy import PrivacyConfigError, ZMechanism
+
+    policy = {k: v for k, v in (("z-clip", args.z_clip), ("z-noise-multiplier", args.z_noise_multiplier),
+                                ("z-epsilon", args.z_epsilon), ("z-delta", args.z_delta)) if v is not None}
+    if policy and args.representation != "hidden-mean":
+        raise CliError("the Gaussian mechanism on z is implemented for --representation hidden-mean only")
+    try:
+        return ZMechanism.from_policy(policy)
+    except PrivacyConfigError as exc:
+        import re
+
+        raise CliError(re.sub(r"'(z-[a-z-]+)'", r"--\1", str(exc).replace("node config ", ""))) from None
 
 
 def cmd_keygen(args: argparse.Namespace) -> None:
@@ -367,6 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-length", type=int, default=256, help="tokens per example (longer are truncated)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.add_argument("--json", action="store_true")
+    e.add_argument("--z-clip", type=float, help="Gaussian mechanism: L2 bound on each report's token sum "
+                   "(`rpe privacy z-norms` helps choose it); needs --z-epsilon or --z-noise-multiplier")
+    e.add_argument("--z-epsilon", type=float, help="target ε of this z (σ is calibrated)")
+    e.add_argument("--z-noise-multiplier", type=float, help="noise std / z-clip (instead of --z-epsilon)")
+    e.add_argument("--z-delta", type=float, help="δ (default 1e-5)")
     e.set_defaults(func=cmd_embed)
 
     c = sub.add_parser("compose", help="retrieve, weigh and compose adapters for a target embedding",

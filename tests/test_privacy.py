@@ -189,6 +189,17 @@ def test_cli_plans_calibrates_and_accounts(tmp_path, tiny_model_dir, capsys):
     out = capsys.readouterr().out
     assert "6 reports" in out and "p50=" in out and "keep them at the site" in out
 
+    plain, private = tmp_path / "z.npy", tmp_path / "z-private.npy"
+    main(["embed", "--data", str(data), "--model", str(tiny_model_dir), "--out", str(plain), "--quiet"])
+    main(["embed", "--data", str(data), "--model", str(tiny_model_dir), "--out", str(private), "--quiet", "--json",
+          "--z-clip", "1e6", "--z-epsilon", "8"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["privacy"]["z_epsilon"] == pytest.approx(8.0, rel=1e-6)
+    assert not np.array_equal(np.load(plain), np.load(private))  # a clip above every norm: only the noise differs
+    with pytest.raises(SystemExit):
+        main(["embed", "--data", str(data), "--model", str(tiny_model_dir), "--out", str(private), "--z-clip", "5"])
+    assert "sets --z-clip without noise, which protects nothing: add --z-noise-multiplier" in capsys.readouterr().err
+
     mech = ZMechanism(clip=10.0, noise_multiplier=2.0)
     log = tmp_path / "egress.jsonl"
     log.write_text(json.dumps(_egress_line("query.embed", release_record(None, mech, False), ("embedding", "meta")))
