@@ -262,12 +262,10 @@ def _enroll(req: wire.Request, site: Site, context: Context) -> RecordDict:
                       delta=site.policy.get("dp-delta", 1e-5))
     steps, lr, seed = int(cfg.get("steps", 40)), float(cfg.get("lr", 1e-3)), int(cfg.get("seed", 0))
     batch_size, max_length = int(cfg.get("batch_size", 4)), int(cfg.get("max_length", 192))
-    if dp is not None:  # the ε of this release is known before training: refuse early, not after an hour
-        planned = dp_sgd_stats(dp.noise_multiplier, dp.max_grad_norm, dp.delta, min(1.0, batch_size / len(train)),
-                               steps)
-        _check_budget(site, release_record(planned, ZMechanism.from_policy(site.policy), adapter_sent=True), True)
-    else:
-        _check_budget(site, release_record(None, ZMechanism.from_policy(site.policy), adapter_sent=True), True)
+    # the ε of this release is known before training: a budget refuses it early, not after an hour
+    planned = None if dp is None else dp_sgd_stats(dp.noise_multiplier, dp.max_grad_norm, dp.delta,
+                                                   min(1.0, batch_size / len(train)), steps)
+    _check_budget(site, release_record(planned, ZMechanism.from_policy(site.policy), adapter_sent=True), True)
     adapter, stats = train_lora(model, tok, train, task, spec, steps=steps, lr=lr, batch_size=batch_size,
                                 max_length=max_length, seed=seed, progress=True, dp=dp, base_model=fp)
     adapter = wire.wire_normalized(adapter, base_model=fp)
