@@ -370,17 +370,24 @@ def _z_cache_path(site: Site, texts: list[str], layer: int, mech: Any) -> Path:
 def _cached_z(site: Site, texts: list[str], layer: int, mech: Any) -> tuple[np.ndarray, dict[str, Any]] | None:
     """The noisy z this site already released for exactly these texts and this mechanism, if any."""
     path = _z_cache_path(site, texts, layer, mech)
-    if not path.exists():
+    try:
+        saved = json.loads(path.read_text())
+        return np.asarray(saved["z"], dtype=np.float32), saved["info"]
+    except FileNotFoundError:
         return None
-    saved = json.loads(path.read_text())
-    return np.asarray(saved["z"], dtype=np.float32), saved["info"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # torn by a crash: a fresh z is a new, counted release
+        print(f"[{site.site}] ignoring unreadable z cache {path} ({exc})", flush=True)
+        return None
 
 
 def _store_z(site: Site, texts: list[str], layer: int, mech: Any, z: np.ndarray, info: dict[str, Any]) -> None:
     path = _z_cache_path(site, texts, layer, mech)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"z": [float(x) for x in z], "info": info}))
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(json.dumps({"z": [float(x) for x in z], "info": info}))
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
