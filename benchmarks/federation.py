@@ -46,9 +46,18 @@ class SerdeGrid:
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
 
-    def push_messages(self, messages: Any) -> list[str]:
+    @staticmethod
+    def _round_trip(message: Any) -> tuple[bytes, Any]:
+        """The message's protobuf bytes and the message parsed back from them (one network hop)."""
         from flwr.common import serde
         from flwr.proto.message_pb2 import Message as ProtoMessage
+
+        data = serde.message_to_proto(message).SerializeToString()
+        proto = ProtoMessage()
+        proto.ParseFromString(data)
+        return data, serde.message_from_proto(proto)
+
+    def push_messages(self, messages: Any) -> list[str]:
         from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
         from client.app import app as client_app
@@ -58,17 +67,11 @@ class SerdeGrid:
             mid = uuid.uuid4().hex
             msg.metadata.__dict__["_message_id"] = mid
             t0 = now()
-            req_bytes = serde.message_to_proto(msg).SerializeToString()
-            proto = ProtoMessage()
-            proto.ParseFromString(req_bytes)
-            delivered = serde.message_from_proto(proto)
+            req_bytes, delivered = self._round_trip(msg)
             t1 = now()
             reply = client_app(delivered, self.contexts[msg.metadata.dst_node_id])
             t2 = now()
-            reply_bytes = serde.message_to_proto(reply).SerializeToString()
-            proto = ProtoMessage()
-            proto.ParseFromString(reply_bytes)
-            back = serde.message_from_proto(proto)
+            reply_bytes, back = self._round_trip(reply)
             t3 = now()
             transport = None
             if reply.has_content():

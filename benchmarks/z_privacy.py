@@ -34,10 +34,8 @@ def _embed_sums(model: object, tok: object, texts: list[str]) -> tuple[np.ndarra
     from common.embedding import mean_embedding
 
     emb = mean_embedding(model, tok, texts, return_sums=True, progress=False)
-    counts = np.array([len(tok(t, add_special_tokens=False, truncation=True, max_length=256)["input_ids"])
-                       for t in texts])
-    assert emb.example_sums is not None and len(counts) == len(emb.example_sums)
-    return emb.example_sums, counts
+    assert emb.example_sums is not None and emb.example_tokens is not None and len(emb.example_sums) == len(texts)
+    return emb.example_sums, emb.example_tokens
 
 
 def _clipped_mean(sums: np.ndarray, counts: np.ndarray, clip: float | None) -> tuple[np.ndarray, int]:

@@ -171,20 +171,12 @@ def _load_model(site: Site) -> tuple[Any, Any, str]:
 
 def _privacy_policy(src: Any) -> dict[str, float]:
     """The site's privacy keys from its node config, checked (a bad policy stops the site early)."""
-    from common.privacy import POLICY_KEYS, PrivacyConfigError, ZMechanism
+    from common.privacy import PrivacyConfigError, check_policy
 
-    policy: dict[str, float] = {}
-    for k in (*POLICY_KEYS, "z-noise-sigma"):
-        if k in src:
-            try:
-                policy[k] = float(src[k])
-            except (TypeError, ValueError):
-                raise SiteError(f"node config {k!r} must be a number; got {src[k]!r}") from None
     try:
-        ZMechanism.from_policy(policy)
+        return check_policy(src)
     except PrivacyConfigError as exc:
         raise SiteError(str(exc)) from None
-    return policy
 
 
 def _site_embedding(model: Any, tok: Any, texts: list[str], site: Site, layer: int) -> tuple[Any, np.ndarray, Any]:
@@ -319,7 +311,8 @@ def _embed(req: wire.Request, site: Site, context: Context) -> RecordDict:
     texts = task.embedding_texts([Example(e.prompt, None, e.group, e.uid) for e in examples])
     layer = int(cfg.get("embed_layer", -1))
     mech = ZMechanism.from_policy(site.policy)
-    cached = _cached_z(site, texts, layer, mech) if mech is not None else None
+    cache = _z_cache_path(site, texts, layer, mech) if mech is not None else None
+    cached = _cached_z(site, cache) if cache is not None else None
     if cached is not None:  # the same noisy z again: repeated queries cannot average the noise away
         z, info = cached
         privacy = release_record(None, mech, adapter_sent=False, z_repeat=True)
@@ -332,8 +325,8 @@ def _embed(req: wire.Request, site: Site, context: Context) -> RecordDict:
         info = {"base_fingerprint": fp, "sample_count": emb.n_examples, "token_count": int(emb.n_tokens),
                 "embedding_spec": emb.spec()}
         privacy = release_record(None, mech, adapter_sent=False)
-        if mech is not None:
-            _store_z(site, texts, layer, mech, z, info)
+        if cache is not None:
+            _store_z(cache, z, info)
     meta = {
         "schema": wire.WIRE_SCHEMA, "site": site.site, "task": task.name, "base_fingerprint": info["base_fingerprint"],
         "sample_count": info["sample_count"], "token_count": info["token_count"],
@@ -359,6 +352,7 @@ def _check_budget(site: Site, record: dict[str, Any], adapter_sent: bool) -> Non
 
 
 def _z_cache_path(site: Site, texts: list[str], layer: int, mech: Any) -> Path:
+    """Where the noisy z released for exactly these texts, model, layer and mechanism is kept."""
     h = hashlib.sha256()
     for t in texts:
         h.update(hashlib.sha256(t.encode()).digest())
@@ -367,9 +361,8 @@ def _z_cache_path(site: Site, texts: list[str], layer: int, mech: Any) -> Path:
     return site.site_dir / "privacy" / f"z-{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
 
 
-def _cached_z(site: Site, texts: list[str], layer: int, mech: Any) -> tuple[np.ndarray, dict[str, Any]] | None:
+def _cached_z(site: Site, path: Path) -> tuple[np.ndarray, dict[str, Any]] | None:
     """The noisy z this site already released for exactly these texts and this mechanism, if any."""
-    path = _z_cache_path(site, texts, layer, mech)
     try:
         saved = json.loads(path.read_text())
         return np.asarray(saved["z"], dtype=np.float32), saved["info"]
@@ -380,8 +373,7 @@ def _cached_z(site: Site, texts: list[str], layer: int, mech: Any) -> tuple[np.n
         return None
 
 
-def _store_z(site: Site, texts: list[str], layer: int, mech: Any, z: np.ndarray, info: dict[str, Any]) -> None:
-    path = _z_cache_path(site, texts, layer, mech)
+def _store_z(path: Path, z: np.ndarray, info: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:

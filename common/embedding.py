@@ -49,6 +49,8 @@ class EmbeddingResult:
     n_clipped: int = 0  # examples whose token sum was scaled down (stays at the site: not sent)
     #: [n_examples, hidden] float64 token sum of each (non-empty) example before clipping, when asked for
     example_sums: np.ndarray | None = None
+    #: [n_examples] token count of each (non-empty) example, with ``example_sums``
+    example_tokens: np.ndarray | None = None
 
     @property
     def example_norms(self) -> np.ndarray | None:
@@ -239,7 +241,8 @@ def mean_embedding(
         raise FloatingPointError("the site embedding has non-finite values; the model produced NaN/inf")
     return EmbeddingResult(z=z, n_tokens=n_tokens, n_examples=len(keep), layer=layer_idx,
                            representation=HIDDEN_MEAN, clip_norm=clip_norm, n_clipped=n_clipped,
-                           example_sums=example_sums)
+                           example_sums=example_sums,
+                           example_tokens=np.array([len(ids) for ids in keep]) if return_sums else None)
 
 
 def minilm_path() -> str:

@@ -54,6 +54,23 @@ class PrivacyBudgetError(PrivacyConfigError):
     """A release would take the site past its ``privacy-budget`` (or is not private while one is set)."""
 
 
+def check_policy(src: Mapping[str, Any]) -> dict[str, float]:
+    """The privacy keys of a node config (others ignored) as numbers, checked for consistency.
+
+    The one check for a site's policy: the ClientApp applies it to its node config and
+    ``deploy.launch`` to ``--privacy`` flags before starting a SuperNode.
+    """
+    policy: dict[str, float] = {}
+    for k in (*POLICY_KEYS, "z-noise-sigma"):  # the legacy key only to refuse it with the fix
+        if k in src:
+            try:
+                policy[k] = float(src[k])
+            except (TypeError, ValueError):
+                raise PrivacyConfigError(f"node config {k!r} must be a number; got {src[k]!r}") from None
+    ZMechanism.from_policy(policy)
+    return policy
+
+
 # -- the analytic Gaussian mechanism -------------------------------------------------------------
 def _log_ndtr(x: float) -> float:
     from scipy.special import log_ndtr

@@ -67,7 +67,7 @@ class SiteSpec:
 def _privacy_args(items: list[str], site: str | None = None) -> dict[str, float]:
     """``--privacy [SITE:]KEY=VALUE`` flags as a checked policy (the same check the ClientApp makes);
     with ``site``, items prefixed with another site are skipped."""
-    from common.privacy import POLICY_KEYS, PrivacyConfigError, ZMechanism
+    from common.privacy import POLICY_KEYS, PrivacyConfigError, check_policy
 
     policy: dict[str, float] = {}
     for item in items:
@@ -83,10 +83,9 @@ def _privacy_args(items: list[str], site: str | None = None) -> dict[str, float]
         except ValueError:
             raise LaunchError(f"--privacy {item!r}: {value!r} is not a number") from None
     try:
-        ZMechanism.from_policy(policy)
+        return check_policy(policy)
     except PrivacyConfigError as exc:
         raise LaunchError(f"--privacy: {exc}") from None
-    return policy
 
 
 # -- processes ------------------------------------------------------------------------------------

@@ -103,6 +103,7 @@ def test_loose_clip_leaves_z_unchanged_and_tight_clip_bounds_each_report(tiny):
     norms = probe.example_norms
     assert norms is not None and len(norms) == len(TEXTS)
     np.testing.assert_allclose(probe.example_sums.sum(axis=0) / probe.n_tokens, plain.z, rtol=1e-5, atol=1e-6)
+    assert probe.example_tokens is not None and int(probe.example_tokens.sum()) == probe.n_tokens
     loose = mean_embedding(model, tok, TEXTS, progress=False, clip_norm=float(norms.max()) * 1.01)
     np.testing.assert_allclose(loose.z, plain.z, rtol=1e-5, atol=1e-6)
     assert loose.n_clipped == 0
