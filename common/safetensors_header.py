@@ -1,0 +1,86 @@
+"""The one safetensors header parser: read and check the JSON header without loading a tensor.
+
+Why hardened: the coordinator reads headers of bytes sent by sites it does not fully trust. A
+header length of 2⁶³, a header that is not JSON, offsets that overlap, leave gaps or run past
+the end of the buffer must be refused with a typed error *before* anything allocates or slices
+by those numbers. Format (https://github.com/huggingface/safetensors): 8 bytes little-endian
+header length N, N bytes of JSON ``{name: {"dtype", "shape", "data_offsets": [begin, end]},
+"__metadata__": {str: str}}``, then the tensor data; offsets are relative to the data start.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+#: bytes per element of the dtypes safetensors defines
+DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+               "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+class SafetensorsHeaderError(ValueError):
+    """The bytes are not a well-formed safetensors file (the message says which part is wrong)."""
+
+
+def parse_header(data: bytes) -> dict[str, Any]:
+    """The header of the safetensors bytes ``data``, checked against the buffer.
+
+    Raises ``SafetensorsHeaderError`` for: fewer than 8 bytes; a header length over
+    ``MAX_HEADER_BYTES`` or past the end; non-UTF-8 / non-JSON / non-object header; an entry
+    without a string dtype, an integer shape or two integer data_offsets; offsets that are out of
+    range, do not match dtype × shape, overlap, or leave bytes no tensor covers.
+    """
+    if len(data) < 8:
+        raise SafetensorsHeaderError(f"{len(data)} bytes is too short for safetensors (8-byte header length)")
+    n = int.from_bytes(bytes(data[:8]), "little")
+    if n > MAX_HEADER_BYTES or n > len(data) - 8:
+        raise SafetensorsHeaderError(
+            f"header length {n} is oversized or runs past the end of the {len(data)}-byte buffer (truncated?)")
+    try:
+        header = json.loads(bytes(data[8:8 + n]))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise SafetensorsHeaderError(f"unreadable header ({exc})") from exc
+    if not isinstance(header, dict):
+        raise SafetensorsHeaderError("header is not a JSON object")
+    body = len(data) - 8 - n
+    spans: list[tuple[int, int, str]] = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                raise SafetensorsHeaderError("__metadata__ must be a JSON object of strings")
+            continue
+        if not isinstance(info, dict):
+            raise SafetensorsHeaderError(f"tensor {name!r}: entry is not a JSON object")
+        dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str):
+            raise SafetensorsHeaderError(f"tensor {name!r}: dtype missing or not a string")
+        if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                                                  for s in shape):
+            raise SafetensorsHeaderError(f"tensor {name!r}: shape must be a list of non-negative integers")
+        if (not isinstance(offs, list) or len(offs) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)):
+            raise SafetensorsHeaderError(f"tensor {name!r}: data_offsets must be two integers")
+        begin, end = offs
+        if not 0 <= begin <= end <= body:
+            raise SafetensorsHeaderError(
+                f"tensor {name!r}: data_offsets {offs} are out of range of the {body}-byte data section")
+        if dtype in DTYPE_SIZES:
+            count = 1
+            for s in shape:
+                count *= s
+            if end - begin != count * DTYPE_SIZES[dtype]:
+                raise SafetensorsHeaderError(
+                    f"tensor {name!r}: {end - begin} bytes do not hold {dtype} of shape {shape}")
+        spans.append((begin, end, name))
+    spans.sort()
+    pos = 0
+    for begin, end, name in spans:
+        if begin < pos:
+            raise SafetensorsHeaderError(f"tensor {name!r}: data_offsets overlap the previous tensor")
+        if begin > pos:
+            raise SafetensorsHeaderError(f"tensor {name!r}: {begin - pos} byte gap before its data")
+        pos = end
+    if pos != body:
+        raise SafetensorsHeaderError(f"{body - pos} trailing byte(s) after the last tensor")
+    return header

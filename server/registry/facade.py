@@ -1,0 +1,396 @@
+"""``Registry``: the coordinator's LoRA registry, a facade over its parts (see ``__init__.py``).
+
+Every write follows one story: validate everything (``validation``), store new blobs
+(``blobstore``), append the record lines (``recordlog``), update the in-memory columns
+(``columns``), mirror into Chroma (``chroma_index``), write one audit line (``server.audit``).
+Every read answers from the columns; queries are exact (``search``) whatever Chroma says.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import os
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from server.audit import AuditLog
+from server.registry import config as cfg
+from server.registry.blobcrypt import BlobKey
+from server.registry.blobstore import BlobStore, env_blob_key
+from server.registry.chroma_index import ChromaIndex
+from server.registry.columns import KEYS, Columns
+from server.registry.errors import NotEnoughRecordsError, QueryError, ReadOnlyError, RegistryError, RegistryExistsError
+from server.registry.lock import PathLock
+from server.registry.recordlog import RecordLog, remove_line
+from server.registry.records import AdapterMeta, Hit, Record
+from server.registry.search import METHODS, Searcher, where_clause
+from server.registry.validation import check_z
+from server.registry.writer import Writer
+
+
+class Registry:
+    """A LoRA registry directory (layout and guarantees: ``server/registry/__init__.py``).
+
+    ``Registry(path)`` opens an existing registry for writing (one process at a time);
+    ``read_only=True`` opens without the lock and without Chroma (brute-force queries only),
+    e.g. for ``rpe registry ls`` while the server runs. ``chroma`` overrides the configured
+    index: ``"off"``, ``"embedded"``, or ``(host, port)`` of a ``chroma run`` server.
+    ``sync_index=False`` skips reconciling Chroma on open (unused until ``sync_index()``).
+    ``blob_key`` is the key of a registry whose blobs are encrypted (default:
+    ``$RPE_BLOB_KEY_FILE`` / ``$RPE_BLOB_KEY``); only storing and reading adapter bytes need it.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False,
+                 chroma: str | tuple[str, int] | None = None, sync_index: bool = True,
+                 blob_key: BlobKey | None = None) -> None:
+        self.path = Path(path).expanduser().resolve()
+        self.config: dict[str, Any] = cfg.read_config(self.path)
+        self.read_only = read_only
+        self._lock: PathLock | None = None
+        self._closed = False
+        self._mutex: threading.RLock = threading.RLock()
+        if not read_only:
+            self._lock = PathLock.acquire(self.path)
+            self._mutex = self._lock.mutex
+        try:
+            self._open(chroma, sync_index, blob_key)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, chroma: str | tuple[str, int] | None, sync_index: bool, blob_key: BlobKey | None) -> None:
+        self.embedding_dim: int = int(self.config["embedding_dim"])
+        self.representation: str = str(self.config["representation"])
+        self._blobs = BlobStore(self.path, self.config.get("blob_encryption"), blob_key)
+        self.blob_encryption = self._blobs.encryption
+        self.audit = AuditLog(self.path / cfg.AUDIT_NAME)
+        self._cols = Columns(self.embedding_dim, str(self.path / cfg.RECORDS_NAME))
+        self._search = Searcher(self._cols, lambda q, want, where: self._chroma_candidates(q, want, where))
+        self._log = RecordLog(self.path / cfg.RECORDS_NAME, self._cols)
+        self._index: ChromaIndex | None = None
+        self._writer = Writer(self._cols, self._log, self._blobs, self.audit, lambda: self._index)
+        if not self.read_only:
+            self._blobs.remove_stale_temps()
+        self._log.load(self.read_only, lambda n, at, sha: self.audit.append(
+            "registry.recover", file=cfg.RECORDS_NAME, truncated_bytes=n, at_offset=at, sha256=sha))
+        spec = cfg.chroma_spec(self.config, chroma, self.read_only)
+        if spec is not None:
+            self._index = ChromaIndex(spec, self.path / cfg.CHROMA_DIR, self.config["registry_id"],
+                                      self.embedding_dim)
+            if sync_index:
+                self.sync_index()
+
+    # ---- creation ---------------------------------------------------------------------------
+
+    @classmethod
+    def init(cls, path: str | os.PathLike[str], *, base_fingerprint: str,
+             module_shapes: Mapping[str, Sequence[int]], embedding_dim: int,
+             representation: str = "hidden-mean", chroma_host: str | None = None,
+             chroma_port: int | None = None, base_name: str | None = None,
+             limits: Mapping[str, int] | None = None, collection: str = cfg.COLLECTION,
+             exist_ok: bool = False, blob_key: BlobKey | None = None) -> Registry:
+        """Create a registry directory and open it.
+
+        ``module_shapes`` is ``{module name: (out, in)}`` of the base model (``common.models.
+        linear_module_shapes``), so adapters are validated without loading the model.
+        ``base_name`` is what composed PEFT directories record as ``base_model_name_or_path``.
+        ``exist_ok=True`` opens an existing registry whose representation and dim match.
+        ``blob_key`` (default: ``$RPE_BLOB_KEY_FILE`` / ``$RPE_BLOB_KEY``, if set) makes every blob
+        stored AES-256-GCM encrypted with that key, for the registry's whole life.
+        """
+        root = Path(path).expanduser().resolve()
+        blob_key = blob_key if blob_key is not None else env_blob_key()
+        if (root / cfg.CONFIG_NAME).is_file():
+            if not exist_ok:
+                raise RegistryExistsError(f"{root} already holds a registry; open it with Registry(path)")
+            reg = cls(root, blob_key=blob_key)
+            if reg.embedding_dim != embedding_dim or reg.representation != representation:
+                reg.close()
+                raise RegistryExistsError(
+                    f"{root} holds a {reg.embedding_dim}-d {reg.representation!r} registry, not "
+                    f"{embedding_dim}-d {representation!r}; use another directory"
+                )
+            if base_fingerprint not in reg.bases:
+                reg.add_base(base_fingerprint, module_shapes, name=base_name)
+            return reg
+        if root.exists() and not cfg.empty_or_interrupted_init(root):
+            raise RegistryExistsError(f"{root} exists and is not empty; choose a new directory for the registry")
+        config = cfg.new_config(
+            base_fingerprint=base_fingerprint, module_shapes=module_shapes, embedding_dim=embedding_dim,
+            representation=representation, chroma_host=chroma_host, chroma_port=chroma_port, base_name=base_name,
+            limits=limits, collection=collection, blob_encryption=None if blob_key is None else blob_key.describe())
+        cfg.create(root, config)
+        return cls(root, blob_key=blob_key)
+
+    def add_base(self, fingerprint: str, module_shapes: Mapping[str, Sequence[int]],
+                 name: str | None = None) -> None:
+        """Accept adapters for another base model (same fingerprint twice with the same shapes is a no-op)."""
+        self._require_writable()
+        if not isinstance(fingerprint, str) or not fingerprint:
+            raise RegistryError("base fingerprint must be a non-empty string")
+        entry = cfg.base_entry(module_shapes, name)
+        with self._mutex:
+            old = self.config["bases"].get(fingerprint)
+            if old is not None:
+                if old["modules"] != entry["modules"]:
+                    raise RegistryError(f"base {fingerprint} is already registered with different module shapes; "
+                                        "a fingerprint names one model")
+                return
+            config = {**self.config, "bases": {**self.config["bases"], fingerprint: entry}}
+            cfg.write_config(self.path, config)
+            self.config = config
+            self.audit.append("registry.add_base", base_fingerprint=fingerprint, name=name,
+                              n_modules=len(entry["modules"]))
+
+    # ---- properties -------------------------------------------------------------------------
+
+    @property
+    def bases(self) -> dict[str, dict[str, Any]]:
+        """``{fingerprint: {"name", "modules": {module: [out, in]}, "added_at"}}``."""
+        return self.config["bases"]
+
+    @property
+    def limits(self) -> dict[str, float]:
+        """Size and sanity caps (registry.json over ``DEFAULT_LIMITS``)."""
+        return {**cfg.DEFAULT_LIMITS, **self.config.get("limits", {})}
+
+    @property
+    def has_blob_key(self) -> bool:
+        """True when adapter bytes can be stored and read: blobs unencrypted, or the key is loaded."""
+        return self._blobs.has_key
+
+    @property
+    def index_ready(self) -> bool:
+        """True when Chroma holds exactly the live records (the index query path may use it)."""
+        return self._index is not None and self._index.ready
+
+    @property
+    def index_error(self) -> str | None:
+        """Why the Chroma index is unavailable, if it failed to rebuild."""
+        return None if self._index is None else self._index.error
+
+    def check_z(self, z: Any, who: str = "the query") -> np.ndarray:
+        """``z`` as a contiguous float32 vector of the registry's dimension, or a typed error
+        (``EmbeddingDimensionError`` / ``NonFiniteError`` / ``NormError``) whose message names ``who``."""
+        return check_z(z, who, self.embedding_dim, self.representation, self.limits["max_z_norm"])
+
+    def _require_writable(self) -> None:
+        if self._closed:
+            raise RegistryError(f"registry {self.path} is closed")
+        if self.read_only:
+            raise ReadOnlyError(f"registry {self.path} was opened read-only; open it with Registry(path) to write")
+
+    # ---- writing ----------------------------------------------------------------------------
+
+    def add(self, adapter: Any, z: Any, meta: AdapterMeta | Mapping[str, Any],
+            expected_sha256: str | None = None, audit_fields: Mapping[str, Any] | None = None) -> Record:
+        """Validate and store one adapter (a ``LoraAdapter`` or its canonical bytes) with its z.
+
+        Everything is checked before anything is written; a rejection raises a ``ValidationError``
+        subclass, appends one ``submission.rejected`` audit line and changes nothing else.
+        Re-submitting the same (site, task, adapter, z) returns the existing record.
+        ``audit_fields`` (e.g. run_id, nonce, record_digests) are added to that audit entry.
+        """
+        return self._add_batch([(adapter, z, meta, expected_sha256)], index=True, single=True,
+                               extra=dict(audit_fields or {}))[0]
+
+    def add_many(self, items: Iterable[Sequence[Any]], *, index: bool = True) -> list[Record]:
+        """Bulk insert ``(adapter, z, meta[, expected_sha256])`` items: all validated first (one bad
+        item rejects the batch, naming its index), blobs fsynced, then one records append + fsync,
+        then Chroma upserts in batches of ≤ 5000. ``index=False`` leaves Chroma stale (queries stay
+        exact via numpy) until ``sync_index()`` or the next open reconciles it."""
+        return self._add_batch(items, index=index, single=False, extra={})
+
+    def _add_batch(self, items: Iterable[Sequence[Any]], index: bool, single: bool,
+                   extra: dict[str, Any]) -> list[Record]:
+        self._require_writable()
+        self._blobs.require_key("storing adapters")
+        rules = {"bases": self.bases, "limits": self.limits, "dim": self.embedding_dim,
+                 "representation": self.representation}
+        with self._mutex:
+            self._log.refresh()
+            return self._writer.add_batch(items, index, single, extra, rules)
+
+    def remove(self, record_id: str, reason: str | None = None) -> Record:
+        """Tombstone a record (it disappears from list/query/get) and delete it from Chroma.
+
+        The blob stays (audited compositions reference it); ``gc()`` deletes unreferenced blobs."""
+        self._require_writable()
+        with self._mutex:
+            rec = self._fresh().record(self._cols.live_row(record_id, str(self.path)))
+            self._log.append([remove_line(record_id, reason)])
+            self._cols.apply_remove(record_id)
+            if self._index is not None:
+                self._index.delete([record_id])
+            self.audit.append("registry.remove", record_id=record_id, site=rec.meta.site,
+                              blob_sha256=rec.blob_sha256, reason=reason)
+            return rec
+
+    # ---- reading ----------------------------------------------------------------------------
+
+    def _fresh(self) -> Columns:
+        """The columns, after picking up lines another writer object appended (caller holds the mutex)."""
+        self._log.refresh()
+        return self._cols
+
+    def __len__(self) -> int:
+        with self._mutex:
+            return self._fresh().n_live
+
+    def __contains__(self, record_id: object) -> bool:
+        with self._mutex:
+            return self._fresh().has(record_id)
+
+    def get(self, record_id: str) -> Record:
+        """The live record ``record_id`` (``RecordNotFoundError`` if unknown or removed)."""
+        with self._mutex:
+            return self._fresh().record(self._cols.live_row(record_id, str(self.path)))
+
+    def blob_path(self, record_id: str) -> Path:
+        """Where the record's adapter bytes live (read-only: never modify a blob). In an encrypted
+        registry the file holds ciphertext; ``load_blob`` gives the adapter bytes."""
+        return self._blobs.path(self.get(record_id).blob_sha256)
+
+    def load_blob(self, record_id: str) -> bytes:
+        """The adapter's canonical bytes (decrypted if the registry encrypts blobs), re-verified
+        against their sha256."""
+        return self._blobs.load(self.get(record_id).blob_sha256, record_id)
+
+    def load_adapter(self, record_id: str) -> Any:
+        """The record's ``LoraAdapter`` (bytes re-verified against the stored sha256 first)."""
+        from common.lora import adapter_from_bytes
+
+        return adapter_from_bytes(self.load_blob(record_id))
+
+    def list(self, task: str | None = None, modality: str | None = None, base: str | None = None,
+             site: str | None = None) -> builtins.list[Record]:
+        """Live records matching every given filter, in insertion order."""
+        with self._mutex:
+            mask = self._fresh().mask(task=task, modality=modality, base=base, site=site)
+            return [self._cols.record(int(r)) for r in np.flatnonzero(mask)]
+
+    def ids(self) -> builtins.list[str]:
+        """Ids of all live records, in insertion order."""
+        with self._mutex:
+            return [self._cols.ids[int(r)] for r in self._fresh().live_rows()]
+
+    def embeddings(self, ids: Sequence[str]) -> np.ndarray:
+        """The z of the given records as a float32 ``[len(ids), dim]`` matrix."""
+        with self._mutex:
+            rows = [self._fresh().live_row(rid, str(self.path)) for rid in ids]
+            return self._cols.Z[np.asarray(rows, dtype=np.int64)].copy()
+
+    def distinct(self, key: str, task: str | None = None, modality: str | None = None,
+                 base: str | None = None, site: str | None = None) -> dict[str, int]:
+        """``{value: live record count}`` of ``key`` (site, task, modality or base) among the records
+        matching the filters — cheap (no Record objects), for the composer and dashboards."""
+        if key not in KEYS:
+            raise QueryError(f"key must be one of {sorted(KEYS)}; got {key!r}")
+        with self._mutex:
+            return self._cols.distinct(key, self._fresh().mask(task=task, modality=modality, base=base, site=site))
+
+    def query(self, z: Any, k: int, task: str | None = None, modality: str | None = None,
+              base: str | None = None, exclude_site: str | None = None,
+              method: str = "auto") -> builtins.list[Hit]:
+        """The exact k nearest live records to ``z`` by squared L2 (ties: earlier record first).
+
+        ``method``: ``"auto"`` (brute force when eligible × dim ≤ BRUTE_FORCE_BUDGET, else the
+        certified Chroma path), ``"brute"``, ``"index"`` (Chroma candidates + exact certification;
+        same answer), or ``"approx"`` (Chroma candidates re-ranked exactly but *not* certified:
+        faster on huge registries, may miss true neighbours that HNSW misses).
+        """
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise QueryError(f"k must be a positive integer; got {k!r}")
+        if method not in METHODS:
+            raise QueryError(f"method must be auto, brute, index or approx; got {method!r}")
+        q = self.check_z(z, "the query")
+        with self._mutex:
+            elig = self._fresh().mask(task=task, modality=modality, base=base, exclude_site=exclude_site)
+            n_elig = int(elig.sum())
+            if k > n_elig:
+                filters = {"task": task, "modality": modality, "base": base, "exclude_site": exclude_site}
+                raise NotEnoughRecordsError(self._cols.shortfall(int(k), n_elig, filters))
+            rows, dist = self._search.search(q, elig, int(k), method, where_clause(task, modality, base, exclude_site))
+            return [Hit(self._cols.record(int(r)), float(d)) for r, d in zip(rows, dist, strict=True)]
+
+    # ---- the Chroma index -------------------------------------------------------------------
+
+    def _chroma_candidates(self, q: np.ndarray, want: int, where: dict[str, Any] | None) -> np.ndarray:
+        ids = [] if self._index is None else self._index.candidates(q, want, where)
+        return np.asarray([self._cols.row[i] for i in ids if i in self._cols.row], dtype=np.int64)
+
+    def sync_index(self, rebuild: bool = False) -> None:
+        """Reconcile Chroma with the records (or rebuild it from them). Never affects the records."""
+        self._require_writable()
+        if self._index is None:
+            return
+        with self._mutex:
+            reason = self._index.sync(self._fresh(), rebuild)
+            if reason is not None:
+                self.audit.append("registry.reindex", reason=reason[:500], records=self._cols.n_live)
+
+    # ---- maintenance ------------------------------------------------------------------------
+
+    def verify(self, full: bool = False) -> builtins.list[str]:
+        """Problems found: missing or wrong-size blobs of live records (``full``: re-hash every
+        blob, decrypting it first in an encrypted registry, which needs the key), orphan blobs,
+        and Chroma disagreement. Empty list = consistent."""
+        if full:
+            self._blobs.require_key("verify(full=True)")
+        with self._mutex:
+            c = self._fresh()
+            live = [(c.ids[r], *c.blob[r][:2]) for r in c.live_rows()]
+            problems = self._blobs.problems(live, {c.blob[r][0] for r in range(c.n)}, full)
+            return problems + ([] if self._index is None else self._index.problems(c.n_live))
+
+    def gc(self, dry_run: bool = False) -> builtins.list[str]:
+        """Delete blobs referenced by no *live* record (orphans and removed records' blobs);
+        returns their hashes. Run it only when audited compositions no longer need re-checking."""
+        self._require_writable()
+        with self._mutex:
+            gone = self._blobs.unreferenced({self._cols.blob[r][0] for r in self._fresh().live_rows()})
+            if not dry_run and gone:
+                self._blobs.delete(gone)
+                self.audit.append("registry.gc", blobs=[p.name for p in gone])
+            return [p.name for p in gone]
+
+    def stats(self) -> dict[str, Any]:
+        """Counts for operators and the dashboard."""
+        with self._mutex:
+            by = {key: self.distinct(key) for key in KEYS}
+            return {"records": self._fresh().n_live, "removed": self._cols.n - self._cols.n_live,
+                    "embedding_dim": self.embedding_dim, "representation": self.representation,
+                    "bases": sorted(self.bases), "by": by, "index_ready": self.index_ready,
+                    "blob_encryption": self.blob_encryption}
+
+    # ---- lifetime ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release Chroma and the writer lock (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        if getattr(self, "_index", None) is not None:
+            with contextlib.suppress(Exception):
+                self._index.disconnect()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def __repr__(self) -> str:
+        return f"Registry({str(self.path)!r}, records={self._cols.n_live}, dim={self.embedding_dim})"
