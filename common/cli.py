@@ -61,7 +61,7 @@ _BLOB_KEY_HELP = ("AES-256-GCM key file of an encrypted registry (`rpe blob-key 
 
 def _blob_key(args: argparse.Namespace) -> Any:
     """The key named by --blob-key-file, else the environment's (None: none configured)."""
-    from common.blobcrypt import load_blob_key
+    from server.registry.blobcrypt import load_blob_key
 
     return load_blob_key(getattr(args, "blob_key_file", None) or None)
 
@@ -99,7 +99,7 @@ def cmd_registry_init(args: argparse.Namespace) -> None:
 
 
 def cmd_blob_key_new(args: argparse.Namespace) -> None:
-    from common.blobcrypt import KEY_FILE_ENV, new_key_file
+    from server.registry.blobcrypt import KEY_FILE_ENV, new_key_file
 
     key = new_key_file(args.file)
     print(f"wrote blob key {key.key_id} to {args.file} (mode 0600; keep a backup: blobs encrypted with it are "

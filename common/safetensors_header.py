@@ -20,7 +20,15 @@ DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
 
 
 class SafetensorsHeaderError(ValueError):
-    """The bytes are not a well-formed safetensors file (the message says which part is wrong)."""
+    """The bytes are not a well-formed safetensors file (the message says which part is wrong).
+
+    ``kind`` classifies it for callers that word their own message: ``short`` (under 8 bytes),
+    ``length`` (header length oversized or past the end), ``json`` (not UTF-8 JSON), ``object``
+    (JSON but not an object), ``layout`` (entries, offsets or sizes wrong)."""
+
+    def __init__(self, message: str, kind: str = "layout") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 def parse_header(data: bytes) -> dict[str, Any]:
@@ -29,20 +37,23 @@ def parse_header(data: bytes) -> dict[str, Any]:
     Raises ``SafetensorsHeaderError`` for: fewer than 8 bytes; a header length over
     ``MAX_HEADER_BYTES`` or past the end; non-UTF-8 / non-JSON / non-object header; an entry
     without a string dtype, an integer shape or two integer data_offsets; offsets that are out of
-    range, do not match dtype × shape, overlap, or leave bytes no tensor covers.
+    range, overlap, or leave bytes no tensor covers. Whether each tensor's bytes match its dtype
+    × shape is ``check_sizes`` (separate, so a caller can refuse a dtype by name first).
     """
     if len(data) < 8:
-        raise SafetensorsHeaderError(f"{len(data)} bytes is too short for safetensors (8-byte header length)")
+        raise SafetensorsHeaderError(f"{len(data)} bytes is too short for safetensors (8-byte header length)",
+                                     "short")
     n = int.from_bytes(bytes(data[:8]), "little")
     if n > MAX_HEADER_BYTES or n > len(data) - 8:
         raise SafetensorsHeaderError(
-            f"header length {n} is oversized or runs past the end of the {len(data)}-byte buffer (truncated?)")
+            f"header length {n} is oversized or runs past the end of the {len(data)}-byte buffer (truncated?)",
+            "length")
     try:
         header = json.loads(bytes(data[8:8 + n]))
     except (UnicodeDecodeError, ValueError) as exc:
-        raise SafetensorsHeaderError(f"unreadable header ({exc})") from exc
+        raise SafetensorsHeaderError(f"unreadable header ({exc})", "json") from exc
     if not isinstance(header, dict):
-        raise SafetensorsHeaderError("header is not a JSON object")
+        raise SafetensorsHeaderError("header is not a JSON object", "object")
     body = len(data) - 8 - n
     spans: list[tuple[int, int, str]] = []
     for name, info in header.items():
@@ -65,13 +76,6 @@ def parse_header(data: bytes) -> dict[str, Any]:
         if not 0 <= begin <= end <= body:
             raise SafetensorsHeaderError(
                 f"tensor {name!r}: data_offsets {offs} are out of range of the {body}-byte data section")
-        if dtype in DTYPE_SIZES:
-            count = 1
-            for s in shape:
-                count *= s
-            if end - begin != count * DTYPE_SIZES[dtype]:
-                raise SafetensorsHeaderError(
-                    f"tensor {name!r}: {end - begin} bytes do not hold {dtype} of shape {shape}")
         spans.append((begin, end, name))
     spans.sort()
     pos = 0
@@ -84,3 +88,17 @@ def parse_header(data: bytes) -> dict[str, Any]:
     if pos != body:
         raise SafetensorsHeaderError(f"{body - pos} trailing byte(s) after the last tensor")
     return header
+
+
+def check_sizes(header: dict[str, Any]) -> None:
+    """Every tensor's byte span holds exactly dtype × shape (``SafetensorsHeaderError`` if not)."""
+    for name, info in header.items():
+        if name == "__metadata__" or info["dtype"] not in DTYPE_SIZES:
+            continue
+        count = 1
+        for s in info["shape"]:
+            count *= s
+        begin, end = info["data_offsets"]
+        if end - begin != count * DTYPE_SIZES[info["dtype"]]:
+            raise SafetensorsHeaderError(
+                f"tensor {name!r}: {end - begin} bytes do not hold {info['dtype']} of shape {info['shape']}")

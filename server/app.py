@@ -309,7 +309,7 @@ def open_registry(s: Settings) -> Any:
 
     The blob key (``blob-key-file``, else the environment) is loaded first, so a bad key fails the
     run before any site is asked to train; so does a missing key for an encrypted registry."""
-    from common.blobcrypt import load_blob_key
+    from server.registry.blobcrypt import load_blob_key
 
     reg = _open_or_create(s, load_blob_key(s.blob_key_file or None))
     if not reg.has_blob_key and s.mode != "whoami":

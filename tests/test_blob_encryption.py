@@ -19,8 +19,8 @@ import pytest
 from test_cli import _adapter as tiny_adapter
 from test_registry import DIM, audit_lines, make_adapter, make_meta, new_registry, state
 
-from common import blobcrypt
-from common.blobcrypt import BlobAuthError, BlobKey, load_blob_key, new_key_file
+from server.registry import blobcrypt
+from server.registry.blobcrypt import BlobAuthError, BlobKey, load_blob_key, new_key_file
 from common.cli import build_parser, main
 from common.lora import adapter_to_bytes, save_peft_adapter
 from server.audit import verify as audit_verify
@@ -283,7 +283,7 @@ def test_crash_after_encrypted_blob_then_retry(enc, key_file):
     blob = adapter_to_bytes(make_adapter(11))
     with Registry(root, blob_key=key, chroma="off") as r2:
         assert r2.ids() == [r.id for r in recs]
-        orphan = r2._blob_path(hashlib.sha256(blob).hexdigest())
+        orphan = r2._blobs.path(hashlib.sha256(blob).hexdigest())
         assert orphan.read_bytes().startswith(blobcrypt.MAGIC) and _header(blob) not in orphan.read_bytes()
         assert [p for p in r2.verify(full=True) if p.startswith("orphan blob")]
         snap = state(root)["blobs"]

@@ -632,7 +632,7 @@ def test_local_privacy_budget_caps_what_a_site_releases(local, tmp_path):
 def test_local_encrypted_registry_keeps_no_adapter_in_clear_at_the_coordinator(local, tmp_path):
     """Run config blob-key-file: enrolled blobs are AES-GCM ciphertext, and a compose run delivers the
     composed adapter without leaving a clear copy under the registry."""
-    from common.blobcrypt import is_encrypted, new_key_file
+    from server.registry.blobcrypt import is_encrypted, new_key_file
 
     key = tmp_path / "blob.key"
     new_key_file(key)

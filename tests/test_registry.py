@@ -191,9 +191,9 @@ def test_high_dim_index_path_exact(tmp_path, kind):
                 hits = reg.query(q, 10, method=method)
                 assert [h.record.id for h in hits] == [ids[o] for o in order]
                 np.testing.assert_allclose([h.distance for h in hits], dist, rtol=1e-12)
-        assert reg._proj is not None and bool(reg._proj.get("weak")) == (kind == "isotropic")
+        assert reg._search.proj is not None and bool(reg._search.proj.get("weak")) == (kind == "isotropic")
         if kind == "clustered":
-            assert reg._index_misses == 0, "the certified path fell back to a full scan"
+            assert reg._search.index_misses == 0, "the certified path fell back to a full scan"
 
 
 def test_query_errors(filled):
@@ -246,7 +246,7 @@ def test_reopen_gives_same_answers(tmp_path):
     with Registry(root) as again:
         assert len(again) == 29 and again.ids() == ids_before and removed not in again
         assert [(h.record.id, h.distance) for h in again.query(q, 7, exclude_site="a")] == before
-        assert again.index_ready and again._col.count() == 29
+        assert again.index_ready and again._index.collection.count() == 29
         adapter = again.load_adapter(ids_before[0])
         assert adapter_to_bytes(adapter) == adapter_to_bytes(make_adapter(0))
         assert again.verify(full=True) == []
@@ -443,7 +443,7 @@ def test_chroma_deleted_or_corrupted_is_rebuilt(tmp_path):
 
     def check() -> None:
         with Registry(root) as reg:
-            assert reg.index_ready and reg._col.count() == 200
+            assert reg.index_ready and reg._index.collection.count() == 200
             for method in ("index", "brute"):
                 order, _ = brute_force(Z, q, 9)
                 assert [h.record.id for h in reg.query(q, 9, method=method)] == [ids[o] for o in order]
@@ -457,8 +457,8 @@ def test_chroma_deleted_or_corrupted_is_rebuilt(tmp_path):
     check()
     # a stale index: vectors missing and a foreign id present
     with Registry(root) as reg:
-        reg._col.delete(ids=ids[:30])
-        reg._col.upsert(ids=["ghost"], embeddings=[np.zeros(DIM, dtype=np.float32)],
+        reg._index.collection.delete(ids=ids[:30])
+        reg._index.collection.upsert(ids=["ghost"], embeddings=[np.zeros(DIM, dtype=np.float32)],
                         metadatas=[{"site": "x"}])
     check()
     assert any(e["event"] == "registry.reindex" for e in audit_lines(root))
@@ -581,14 +581,14 @@ def test_http_chroma_server(tmp_path):
         with new_registry(root, chroma_host="127.0.0.1", chroma_port=port) as reg:
             recs = reg.add_many([(make_adapter(i % 5), Z[i], make_meta(i)) for i in range(150)])
             ids = [r.id for r in recs]
-            assert not (root / "chroma").exists() and reg._col.count() == 150
+            assert not (root / "chroma").exists() and reg._index.collection.count() == 150
         with Registry(root) as reg:  # reopens against the server, reconciles
             assert reg.index_ready
             q = Z[4] + 0.01
             order, _ = brute_force(Z, q, 6)
             assert [h.record.id for h in reg.query(q, 6, method="index")] == [ids[o] for o in order]
             reg.remove(ids[order[0]])
-            assert reg._col.count() == 149
+            assert reg._index.collection.count() == 149
     finally:
         proc.terminate()
         try:

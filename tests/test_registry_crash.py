@@ -108,7 +108,7 @@ def check_consistent(root: Path, expected: list[str]) -> int:
         lines = [json.loads(x) for x in (root / "records.jsonl").read_text().splitlines()]
         adds = [e["id"] for e in lines if e["op"] == "add"]
         assert len(adds) == len(set(adds)) == len(ids), "duplicate or extra record lines"
-        assert reg.index_ready and reg._col.count() == len(ids), "Chroma not reconciled with the records"
+        assert reg.index_ready and reg._index.collection.count() == len(ids), "Chroma not reconciled with the records"
         accepted = {e["record_id"] for e in map(json.loads, (root / "audit.jsonl").read_text().splitlines())
                     if e["event"] == "submission.accepted"}
         assert accepted <= set(ids), "audit claims an acceptance that is not in the registry"

@@ -5,7 +5,8 @@ depends on it for correctness: on open the collection is reconciled with the rec
 upserted, extra ids deleted, a sample of vectors compared, a probe query run), and anything odd
 means a rebuild from the records. Every failure here is logged and turns the index off for
 queries (``fresh = False``); the records stay the source of truth. Only Chroma's public client
-API is used (``PersistentClient`` / ``HttpClient``, ``close``, collection calls).
+API is used (``PersistentClient`` / ``HttpClient``, ``close``, collection calls), except
+where a rebuild must drop the System a failed client left cached (``_drop_cached_system``).
 """
 
 from __future__ import annotations
@@ -83,6 +84,23 @@ class ChromaIndex:
         if client is not None and hasattr(client, "close"):
             with contextlib.suppress(Exception):
                 client.close()
+
+    def _drop_cached_system(self) -> None:
+        """Forget Chroma's in-process System for our directory, so the next client opens fresh files.
+
+        ``client.close()`` (public) releases it when our client was the last user, but a client
+        whose constructor failed on corrupt files leaves the System cached, and a new client would
+        reuse its broken state. Chroma has no public per-path release (``clear_system_cache``
+        drops every registry's System), so this one step uses its class tables, by identifier.
+        """
+        from chromadb.api.shared_system_client import SharedSystemClient
+
+        key = str(self.chroma_dir)
+        system = SharedSystemClient._identifier_to_system.pop(key, None)
+        SharedSystemClient._identifier_to_refcount.pop(key, None)
+        if system is not None:
+            with contextlib.suppress(Exception):
+                system.stop()
 
     # ---- writes (each failure only makes the index stale) -----------------------------------
 
@@ -215,6 +233,7 @@ class ChromaIndex:
         """Drop the collection (embedded: its whole directory) and fill it again from the live rows."""
         self.disconnect()
         if self.spec["mode"] == "embedded":
+            self._drop_cached_system()
             shutil.rmtree(self.chroma_dir, ignore_errors=True)
         else:
             client = self._client()

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from common.digests import canonical_json, sha256_hex, z_sha256
-from common.safetensors_header import SafetensorsHeaderError, parse_header
+from common.safetensors_header import SafetensorsHeaderError, check_sizes, parse_header
 from server.registry.errors import (
     AdapterFormatError,
     BlobHashMismatchError,
@@ -170,6 +170,25 @@ def check_meta(meta: AdapterMeta | Mapping[str, Any], limits: Mapping[str, float
     return out
 
 
+_HEADER_PROBLEM = {
+    "short": "adapter blob is too short to be safetensors",
+    "length": "adapter blob has a truncated or oversized safetensors header",
+    "json": "adapter blob has an unreadable safetensors header",
+    "object": "adapter blob's safetensors header is not a JSON object",
+    "layout": "adapter blob is not valid safetensors",
+}
+
+
+_LAYOUT_HINT = ("the registry accepts only common.lora.adapter_to_bytes(adapter) (a PEFT directory: load it with "
+                "common.lora.load_peft_adapter first; resend if the blob was cut in transit)")
+
+
+def _format_error(site: str, exc: SafetensorsHeaderError) -> AdapterFormatError:
+    what = _HEADER_PROBLEM.get(exc.kind, _HEADER_PROBLEM["layout"])
+    hint = _LAYOUT_HINT if exc.kind == "layout" else "send exactly common.lora.adapter_to_bytes(adapter)"
+    return AdapterFormatError(f"site {site!r}: {what} ({exc}); {hint}")
+
+
 def check_adapter(adapter: Any, site: str, base: str, shapes: Mapping[str, Any],
                   limits: Mapping[str, float]) -> tuple[bytes, int]:
     """Validate an adapter (LoraAdapter or canonical bytes) against ``base``; returns (blob, max rank)."""
@@ -188,10 +207,7 @@ def check_adapter(adapter: Any, site: str, base: str, shapes: Mapping[str, Any],
         try:
             header = parse_header(blob)
         except SafetensorsHeaderError as exc:
-            raise AdapterFormatError(
-                f"site {site!r}: adapter blob is not safetensors ({exc}); send exactly "
-                "common.lora.adapter_to_bytes(adapter)"
-            ) from None
+            raise _format_error(site, exc) from None
         for key, info in header.items():
             if key == "__metadata__":
                 continue
@@ -200,6 +216,10 @@ def check_adapter(adapter: Any, site: str, base: str, shapes: Mapping[str, Any],
                 raise DtypeError(
                     f"site {site!r}: tensor {key} has dtype {tag}; accepted: float32, bfloat16, float16"
                 )
+        try:
+            check_sizes(header)
+        except SafetensorsHeaderError as exc:
+            raise _format_error(site, exc) from None
         try:
             parsed = adapter_from_bytes(blob)
         except LoraFormatError as exc:
