@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from common.egress import read_egress as read_egress_lines
+
 DEFAULT_DELTA = 1e-5
 #: the node-config keys of a site's privacy policy (all optional, all off by default)
 POLICY_KEYS = ("dp-noise-multiplier", "dp-max-grad-norm", "dp-delta",
@@ -372,15 +374,9 @@ def check_budget(budget: float, past: Iterable[Mapping[str, Any]], record: Mappi
 
 
 def read_egress(path: str | Path) -> list[dict[str, Any]]:
-    """The lines of a site's egress log (``client/egress.py``)."""
-    out = []
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"egress log {path} does not exist; a site writes it at <site-dir>/egress.jsonl")
-    with open(path, encoding="utf-8") as fh:
-        for n, raw in enumerate(fh, 1):
-            if raw.strip():
-                try:
-                    out.append(json.loads(raw))
-                except ValueError as exc:
-                    raise ValueError(f"{path}:{n} is not a JSON line ({exc}); is this an rpe egress log?") from exc
-    return out
+    """The lines of a site's egress log, for budget accounting: ``common.egress.read_egress``, but
+    any unreadable line is an error (spending must never be under-counted)."""
+    entries, bad = read_egress_lines(path)
+    if bad:
+        raise ValueError(f"{path}:{bad[0]} is not an egress line; is this an rpe egress log?")
+    return [entry for _, entry in entries]

@@ -18,33 +18,23 @@ length followed by its bytes:
 
 Length prefixes make the encoding injective (no two field lists give the same bytes).
 
-Freshness, kept deliberately simple:
-- a *nonce* is ``"<unix seconds>.<32 hex random>"`` (``make_nonce``). ``check_nonce_fresh``
-  rejects nonces older than ``max_age_s`` or too far in the future, so the ``NonceLedger`` of
-  seen (site, nonce) pairs only has to be consulted, never trusted forever;
-- a *run id* names the round the coordinator asked for; ``check_run_id`` rejects submissions
-  for runs the coordinator is not currently running (a stale reply from an old round).
-``authenticate_submission`` runs all checks in the safe order (signature before nonce, so an
-attacker cannot burn a site's nonces with unsigned junk).
+What only the coordinator needs — the allow-list, nonces and their freshness, the replay
+ledger and ``authenticate_submission`` — lives in ``server/allowlist.py``; this module is what
+both sides share (keys, the digest, sign and verify, the error types).
 
 Files: ``generate_keypair`` writes ``<site>.key`` (PKCS#8 PEM, mode 0600) and ``<site>.pub``
-(SubjectPublicKeyInfo PEM). The coordinator's ``AllowList`` is a JSON file ``{site_id: PEM}``.
+(SubjectPublicKeyInfo PEM).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import fcntl
-import json
 import os
 import re
-import secrets
 import stat
-import tempfile
-import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +48,6 @@ from common.durable import fsync_dir
 
 DOMAIN_TAG = b"rpe-submission-v1"
 SITE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-NONCE_RE = re.compile(r"^(\d{1,12})\.([0-9a-f]{32})$")
-DEFAULT_MAX_AGE_S = 24 * 3600.0
-DEFAULT_MAX_SKEW_S = 300.0
 
 
 class SigningError(Exception):
@@ -83,7 +70,7 @@ class StaleSubmissionError(SigningError):
     """The nonce is too old (or from the future), or the run id is not a current run."""
 
 
-def _check_site_id(site_id: str) -> str:
+def check_site_id(site_id: str) -> str:
     if not isinstance(site_id, str) or not SITE_ID_RE.match(site_id):
         raise ValueError(
             f"site id {site_id!r} is invalid: use 1-64 characters from A-Z a-z 0-9 . _ - "
@@ -91,8 +78,6 @@ def _check_site_id(site_id: str) -> str:
         )
     return site_id
 
-
-_fsync_dir = fsync_dir
 
 
 # --------------------------------------------------------------------------------------------
@@ -106,7 +91,7 @@ def generate_keypair(directory: str | os.PathLike[str], site_id: str) -> tuple[P
     would lock it out of the allow-list, or worse, let someone swap it. The private key is
     created with ``O_EXCL`` and mode 0600 from the start, never world-readable even briefly.
     """
-    _check_site_id(site_id)
+    check_site_id(site_id)
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     priv_path, pub_path = d / f"{site_id}.key", d / f"{site_id}.pub"
@@ -130,7 +115,7 @@ def generate_keypair(directory: str | os.PathLike[str], site_id: str) -> tuple[P
         os.fsync(fd)
     finally:
         os.close(fd)
-    _fsync_dir(d)
+    fsync_dir(d)
     return priv_path, pub_path
 
 
@@ -253,222 +238,3 @@ def verify_submission(
         raise SignatureError(
             "signature does not verify: wrong key, or the blob hash, z, metadata, run id or nonce changed"
         ) from exc
-
-
-# --------------------------------------------------------------------------------------------
-# allow-list
-
-
-class AllowList:
-    """The coordinator's JSON file ``{site_id: public key PEM}``: who may submit.
-
-    Re-read on every lookup, so an operator's edit (or ``rpe keygen`` on another shell) takes
-    effect without a restart; written atomically (temp file + rename + fsync).
-    """
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-
-    def _load(self) -> dict[str, str]:
-        if not self.path.exists():
-            return {}
-        try:
-            data = json.loads(self.path.read_text())
-        except json.JSONDecodeError as exc:
-            raise SigningError(f"allow-list {self.path} is not valid JSON: {exc}") from exc
-        if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
-            raise SigningError(f"allow-list {self.path} must be a JSON object of site id -> PEM string")
-        return data
-
-    def _save(self, data: dict[str, str]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".allowlist-")
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(data, fh, indent=2, sort_keys=True)
-                fh.write("\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(self.path.parent)
-
-    def add(self, site_id: str, pub_pem: str | bytes, replace: bool = False) -> None:
-        """Allow ``site_id`` with this key. Re-adding the same key is a no-op; a *different* key
-        needs ``replace=True`` (key rotation must be deliberate)."""
-        _check_site_id(site_id)
-        key = public_key_from_pem(pub_pem)
-        pem = public_key_pem(key)
-        data = self._load()
-        old = data.get(site_id)
-        if old is not None and old != pem and not replace:
-            raise SigningError(
-                f"site {site_id!r} is already allowed with another key "
-                f"({key_fingerprint(public_key_from_pem(old))[:16]}…); pass replace=True to rotate it"
-            )
-        data[site_id] = pem
-        self._save(data)
-
-    def remove(self, site_id: str) -> None:
-        """Revoke a site; raises ``UnknownSiteError`` if it was not allowed."""
-        data = self._load()
-        if site_id not in data:
-            raise UnknownSiteError(f"site {site_id!r} is not on the allow-list {self.path}")
-        del data[site_id]
-        self._save(data)
-
-    def get(self, site_id: str) -> Ed25519PublicKey:
-        """The site's public key; ``UnknownSiteError`` if the site is not allowed."""
-        data = self._load()
-        if site_id not in data:
-            known = ", ".join(sorted(data)) or "none"
-            msg = f"site {site_id!r} is not on the allow-list {self.path} (allowed: {known})"
-            raise UnknownSiteError(msg)
-        return public_key_from_pem(data[site_id])
-
-    def sites(self) -> list[str]:
-        """Allowed site ids, sorted."""
-        return sorted(self._load())
-
-    def __contains__(self, site_id: object) -> bool:
-        return site_id in self._load()
-
-
-# --------------------------------------------------------------------------------------------
-# freshness
-
-
-def make_nonce(now: float | None = None) -> str:
-    """``"<unix seconds>.<32 random hex>"``: unique (128 random bits) and datable."""
-    ts = int(time.time() if now is None else now)
-    return f"{ts}.{secrets.token_hex(16)}"
-
-
-def nonce_timestamp(nonce: str) -> int:
-    """The unix time inside a nonce made by ``make_nonce``; ``StaleSubmissionError`` if malformed."""
-    m = NONCE_RE.match(nonce) if isinstance(nonce, str) else None
-    if m is None:
-        raise StaleSubmissionError(f"nonce {nonce!r} is not of the form '<unix seconds>.<32 hex>'")
-    return int(m.group(1))
-
-
-def check_nonce_fresh(
-    nonce: str,
-    max_age_s: float = DEFAULT_MAX_AGE_S,
-    now: float | None = None,
-    max_skew_s: float = DEFAULT_MAX_SKEW_S,
-) -> None:
-    """Reject a nonce older than ``max_age_s`` or more than ``max_skew_s`` in the future."""
-    ts = nonce_timestamp(nonce)
-    t = time.time() if now is None else now
-    if ts < t - max_age_s:
-        raise StaleSubmissionError(f"nonce is {t - ts:.0f} s old; the limit is {max_age_s:.0f} s")
-    if ts > t + max_skew_s:
-        raise StaleSubmissionError(f"nonce is {ts - t:.0f} s in the future; check the site's clock")
-
-
-def check_run_id(run_id: str, allowed_run_ids: Iterable[str]) -> None:
-    """Reject a submission for a run the coordinator is not running now (a stale or foreign reply)."""
-    allowed = set(allowed_run_ids)
-    if run_id not in allowed:
-        raise StaleSubmissionError(
-            f"run id {run_id!r} is not a current run (current: {', '.join(sorted(allowed)) or 'none'})"
-        )
-
-
-class NonceLedger:
-    """Durable record of every (site, nonce) pair accepted, to refuse replays.
-
-    A JSON-lines file, appended with an exclusive ``flock`` and fsynced before ``check_and_record``
-    returns, so a nonce is never accepted twice, even by two coordinator processes or across a
-    crash. Under the lock it first reads what other processes appended since its last look.
-    A torn final line (crash mid-append) is terminated and ignored: that nonce was never
-    confirmed as recorded, so its submission was never accepted either.
-    """
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._seen: set[tuple[str, str]] = set()
-        self._offset = 0
-        if not self.path.exists():
-            self.path.touch()
-            _fsync_dir(self.path.parent)
-
-    def _catch_up(self, fh: Any) -> None:
-        fh.seek(self._offset)
-        data = fh.read()
-        complete = data.rfind(b"\n") + 1
-        for raw in data[:complete].splitlines():
-            try:
-                rec = json.loads(raw)
-                self._seen.add((rec["site"], rec["nonce"]))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue  # a terminated torn line
-        self._offset += complete
-
-    def seen(self, site_id: str, nonce: str) -> bool:
-        """True if this site already used this nonce (reads the file, shared lock)."""
-        with open(self.path, "rb") as fh:
-            fcntl.flock(fh, fcntl.LOCK_SH)
-            try:
-                self._catch_up(fh)
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
-        return (site_id, nonce) in self._seen
-
-    def check_and_record(self, site_id: str, nonce: str) -> None:
-        """Record (site, nonce) durably; ``ReplayError`` if it was recorded before."""
-        if not isinstance(nonce, str) or not nonce:
-            raise ReplayError("nonce must be a non-empty string")
-        with open(self.path, "a+b") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                self._catch_up(fh)
-                if (site_id, nonce) in self._seen:
-                    msg = f"nonce {nonce!r} was already used by site {site_id!r}: replayed submission"
-                    raise ReplayError(msg)
-                size = fh.seek(0, os.SEEK_END)
-                prefix = b""
-                if size > self._offset:  # torn tail: terminate it so our line starts clean
-                    prefix = b"\n"
-                rec = canonical_json({"site": site_id, "nonce": nonce, "ts": time.time()})
-                line = prefix + (rec + "\n").encode("ascii")
-                fh.write(line)
-                fh.flush()
-                os.fsync(fh.fileno())
-                self._offset = size + len(line)
-                self._seen.add((site_id, nonce))
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def authenticate_submission(
-    allowlist: AllowList,
-    ledger: NonceLedger,
-    site_id: str,
-    signature: str,
-    blob_sha256: str,
-    z: np.ndarray,
-    metadata: Mapping[str, Any],
-    run_id: str,
-    nonce: str,
-    allowed_run_ids: Iterable[str] | None = None,
-    max_age_s: float | None = DEFAULT_MAX_AGE_S,
-) -> None:
-    """All coordinator-side checks for one submission, in the order that is safe.
-
-    1. the site is allowed (``UnknownSiteError``); 2. the signature verifies (``SignatureError``);
-    3. the run id is current, if ``allowed_run_ids`` is given, and the nonce is fresh, if
-    ``max_age_s`` is not None (``StaleSubmissionError``); 4. only then is the nonce recorded
-    (``ReplayError`` on reuse) — recording last means unauthenticated junk cannot burn nonces.
-    """
-    key = allowlist.get(site_id)
-    verify_submission(key, signature, blob_sha256, z, metadata, run_id, nonce)
-    if allowed_run_ids is not None:
-        check_run_id(run_id, allowed_run_ids)
-    if max_age_s is not None:
-        check_nonce_fresh(nonce, max_age_s=max_age_s)
-    ledger.check_and_record(site_id, nonce)

@@ -477,7 +477,8 @@ def wait_online(workdir: Path, sites: list[str], timeout: float = 60.0) -> dict[
 def signing_keys(workdir: Path, sites: list[SiteSpec]) -> Path:
     """Each site's Ed25519 submission key in ``<site-dir>/keys/`` (kept if present) and the
     coordinator's allow-list ``<workdir>/allowlist.json`` of their public keys."""
-    from common.signing import AllowList, generate_keypair
+    from common.signing import generate_keypair
+    from server.allowlist import AllowList
 
     allow = AllowList(Path(workdir) / "allowlist.json")
     for spec in sites:
@@ -678,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
             if keys:
                 print(json.dumps(register_sites(args.workdir, keys), indent=2))
             if args.signing_key:
-                from common.signing import AllowList
+                from server.allowlist import AllowList
 
                 allow = AllowList(Path(args.workdir) / "allowlist.json")
                 for item in args.signing_key:

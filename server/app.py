@@ -170,7 +170,7 @@ class Reply:
 
 
 def make_nonce() -> str:
-    from common.signing import make_nonce as _make
+    from server.allowlist import make_nonce as _make
 
     return _make()
 
@@ -370,7 +370,7 @@ def _linear_shapes(model_dir: Path) -> dict[str, tuple[int, int]]:
 
 def _security(s: Settings, registry: Any) -> tuple[Any, Any]:
     """The site allow-list (``allowlist`` / $RPE_ALLOWLIST / <registry>/allowlist.json) and nonce ledger."""
-    from common.signing import AllowList, NonceLedger
+    from server.allowlist import AllowList, NonceLedger
 
     return AllowList(s.allowlist), NonceLedger(registry.path / "nonces.jsonl")
 
@@ -382,8 +382,8 @@ def _signed_fields(meta: Mapping[str, Any]) -> dict[str, Any]:
 # -- enroll -----------------------------------------------------------------------------------
 def run_enroll(grid: Grid, s: Settings, registry: Any, sites: dict[str, SiteInfo], run_id: str,
                report: dict[str, Any]) -> None:
-    from common import signing
     from common.digests import record_digests, z_sha256
+    from server import allowlist as signing  # AllowList/ledger checks + the signing error types
     from server.registry import RegistryError, ValidationError
 
     chosen = s.sites or sorted(sites)

@@ -38,17 +38,17 @@ lowercase sha256 hex; see ``common/digests.py`` for ``z_sha256`` and ``record_di
 
 Other event names are accepted unchecked, so new events need no change here.
 
-Durability and concurrency: each ``append`` takes an exclusive ``fcntl.flock`` on the file,
-reads the current last entry (so several processes can share one log and the chain stays
-linear), writes one line with a single ``write``, then flushes and fsyncs; creating the file
-also fsyncs its directory. A final line without a newline (a crash mid-write) or a last entry
+Durability and concurrency (``common.durable.JsonlLog``): each ``append`` takes an exclusive
+``flock`` on the file, reads the current last entry (so several processes can share one log and
+the chain stays linear), writes one line with a single ``write``, then flushes and fsyncs (a
+failed write is truncated back); creating the file also fsyncs its directory. A final line
+without a newline (a crash mid-write) or a last entry
 that fails its own hash stops further appends with ``AuditLogCorruptError`` instead of silently
 chaining onto damage; the operator runs ``verify`` and repairs by hand.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 from collections.abc import Iterator
@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from common.digests import canonical_json, is_sha256_hex, sha256_hex
+from common.durable import JsonlLog, TornTailError
 
 GENESIS = "0" * 64
 RESERVED_KEYS = frozenset({"seq", "ts", "event", "prev", "hash"})
@@ -146,30 +147,20 @@ def _check_fields(event: str, fields: dict[str, Any]) -> None:
             raise ValueError(f"composition lists must have equal lengths; got {lengths}")
 
 
-def _read_tail(fh: Any) -> bytes | None:
-    """The last line of a binary file (without its newline), or None for an empty file.
+def _read_tail(log: JsonlLog, fh: Any) -> bytes | None:
+    """The last line of the log (without its newline), or None for an empty log.
 
-    Raises AuditLogCorruptError if the file does not end with a newline (torn final write).
+    Raises AuditLogCorruptError if the file does not end with a newline (torn final write): the
+    audit log never repairs itself, because cutting a line of evidence is the operator's call.
     """
-    size = fh.seek(0, os.SEEK_END)
-    if size == 0:
-        return None
-    fh.seek(size - 1)
-    if fh.read(1) != b"\n":
+    try:
+        return log.last_line(fh)
+    except TornTailError:
         raise AuditLogCorruptError(
             f"{fh.name}: the last line has no newline — an append was interrupted (torn write). "
             f"Run `rpe audit verify {fh.name}`, then remove or repair the partial last line by hand; "
             "nothing more is appended until then"
-        )
-    pos, buf = size - 1, b""  # buf holds bytes [pos, size - 1): everything but the final newline
-    while pos > 0:
-        step = min(8192, pos)
-        pos -= step
-        fh.seek(pos)
-        buf = fh.read(step) + buf
-        if b"\n" in buf:
-            break
-    return buf.rsplit(b"\n", 1)[-1]
+        ) from None
 
 
 class AuditLog:
@@ -181,28 +172,13 @@ class AuditLog:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not self.path.exists():
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            dfd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        with open(self.path, "rb") as fh:
-            fcntl.flock(fh, fcntl.LOCK_SH)
-            try:
-                self._last(fh)
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        self.log = JsonlLog(self.path)
+        with self.log.locked(shared=True) as fh:
+            self._last(fh)
 
     def _last(self, fh: Any) -> tuple[int, str]:
         """(seq, line hash) of the last entry, or (0, GENESIS) for an empty log."""
-        raw = _read_tail(fh)
+        raw = _read_tail(self.log, fh)
         if raw is None:
             return 0, GENESIS
         hint = f"Run `rpe audit verify {self.path}` and repair the log before appending"
@@ -227,25 +203,17 @@ class AuditLog:
         round-trip). Durable on return: the line is fsynced.
         """
         _check_fields(event, fields)
-        with open(self.path, "a+b") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
+        with self.log.locked() as fh:
+            seq, prev = self._last(fh)
+            entry: dict[str, Any] = {**fields, "seq": seq + 1, "ts": _now(), "event": event, "prev": prev}
             try:
-                seq, prev = self._last(fh)
-                entry: dict[str, Any] = {**fields, "seq": seq + 1, "ts": _now(), "event": event, "prev": prev}
-                try:
-                    entry = json.loads(canonical_json(entry))  # normalise numpy values, tuples
-                except ValueError as exc:
-                    raise ValueError(f"audit fields must be JSON without NaN/inf: {exc}") from exc
-                except TypeError as exc:
-                    raise ValueError(f"audit fields must be JSON-serialisable: {exc}") from exc
-                entry["hash"] = entry_hash(entry)
-                line = (canonical_json(entry) + "\n").encode("ascii")
-                fh.seek(0, os.SEEK_END)
-                fh.write(line)
-                fh.flush()
-                os.fsync(fh.fileno())
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+                entry = json.loads(canonical_json(entry))  # normalise numpy values, tuples
+            except ValueError as exc:
+                raise ValueError(f"audit fields must be JSON without NaN/inf: {exc}") from exc
+            except TypeError as exc:
+                raise ValueError(f"audit fields must be JSON-serialisable: {exc}") from exc
+            entry["hash"] = entry_hash(entry)
+            self.log.append([canonical_json(entry).encode("ascii")], fh=fh)
         return entry
 
 
@@ -275,8 +243,9 @@ def head(path: str | os.PathLike[str]) -> dict[str, Any]:
     Keep it outside the coordinator (e-mail it to the sites, print it in a report) and pass it
     to ``verify(path, anchor=...)`` later: that also detects truncation and tail rewrites.
     """
-    with open(path, "rb") as fh:
-        raw = _read_tail(fh)
+    log = JsonlLog(path, create=False)
+    with log.locked(shared=True) as fh:
+        raw = _read_tail(log, fh)
     if raw is None:
         return {"seq": 0, "line_sha256": GENESIS}
     entry = json.loads(raw)

@@ -38,7 +38,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from client.egress import read_egress
+from common.egress import read_egress
 from server.audit import EV_SUBMISSION_ACCEPTED, EV_SUBMISSION_REJECTED, read_entries, verify
 
 

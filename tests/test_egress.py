@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from client.egress import MAX_LOGGED_STR, EgressLog, read_egress
+from client.egress import EgressLog
 from common.digests import array_sha256, record_digest, record_digests, z_sha256
+from common.egress import MAX_LOGGED_STR, read_egress
 from server.audit import AuditLog
 from server.crosscheck import cross_check
 

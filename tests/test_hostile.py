@@ -64,8 +64,6 @@ from common.lora import (  # noqa: E402
     save_peft_adapter,
 )
 from common.signing import (  # noqa: E402
-    AllowList,
-    NonceLedger,
     ReplayError,
     SignatureError,
     StaleSubmissionError,
@@ -73,6 +71,8 @@ from common.signing import (  # noqa: E402
 )
 from common.strategies import STRATEGIES  # noqa: E402
 from common.wire import WireError  # noqa: E402
+from server import allowlist  # noqa: E402
+from server.allowlist import AllowList, NonceLedger  # noqa: E402
 from server.audit import verify as verify_audit  # noqa: E402
 from server.composer import CompositionError, compose_for_target  # noqa: E402
 from server.registry import (  # noqa: E402
@@ -318,7 +318,7 @@ class Ctx:
 
         self._flower_task()
         self._spy(wire, "parse_enroll_reply")
-        self._spy(signing, "authenticate_submission")
+        self._spy(allowlist, "authenticate_submission")
         self._spy(self.reg, "add")
         grid = FakeGrid(lambda msg: build(msg.content["config"]["nonce"]))
         report: dict[str, Any] = {}
@@ -509,28 +509,28 @@ def _lora_config_extra_field(c: Ctx) -> Any:
 
 
 def _replayed_reply(c: Ctx) -> Any:
-    old = signing.make_nonce(time.time() - 60)
+    old = allowlist.make_nonce(time.time() - 60)
     return c.enroll(lambda nonce: c.reply(old, sign_as="a"))
 
 
 def _replayed_nonce(c: Ctx) -> Any:
     ledger = NonceLedger(c.tmp / "ledger.jsonl")
-    nonce = signing.make_nonce()
+    nonce = allowlist.make_nonce()
     _, z, meta = c.enroll_parts(nonce)
     c.sign(meta, z, "a")
     signed = {k: v for k, v in meta.items() if k not in ("signer", "signature")}
     args = (AllowList(c.world.allowlist), ledger, "a", meta["signature"], meta["blob_sha256"], z, signed, RUN_ID,
             nonce)
-    signing.authenticate_submission(*args)  # the genuine submission
-    signing.authenticate_submission(*args)  # the same bytes again
+    allowlist.authenticate_submission(*args)  # the genuine submission
+    allowlist.authenticate_submission(*args)  # the same bytes again
 
 
 def _stale_nonce(c: Ctx) -> Any:
-    nonce = signing.make_nonce(time.time() - 3 * 24 * 3600)
+    nonce = allowlist.make_nonce(time.time() - 3 * 24 * 3600)
     _, z, meta = c.enroll_parts(nonce)
     c.sign(meta, z, "a")
     signed = {k: v for k, v in meta.items() if k not in ("signer", "signature")}
-    signing.authenticate_submission(AllowList(c.world.allowlist), NonceLedger(c.tmp / "ledger.jsonl"), "a",
+    allowlist.authenticate_submission(AllowList(c.world.allowlist), NonceLedger(c.tmp / "ledger.jsonl"), "a",
                                     meta["signature"], meta["blob_sha256"], z, signed, RUN_ID, nonce)
 
 
@@ -543,7 +543,7 @@ def _empty_dataset_enroll(c: Ctx) -> Any:
     from client.app import Site, _enroll
 
     site = Site("a", c.jsonl(""), "unused-model", c.tmp / "site-a")
-    return _enroll(wire.Request(wire.ENROLL, {"nonce": signing.make_nonce(), "task": "report-text"}), site, None)
+    return _enroll(wire.Request(wire.ENROLL, {"nonce": allowlist.make_nonce(), "task": "report-text"}), site, None)
 
 
 def _bulk_one_bad(c: Ctx) -> Any:

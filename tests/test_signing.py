@@ -10,23 +10,25 @@ import numpy as np
 import pytest
 
 from common.signing import (
-    AllowList,
-    NonceLedger,
     ReplayError,
     SignatureError,
     SigningError,
     StaleSubmissionError,
     UnknownSiteError,
-    authenticate_submission,
-    check_nonce_fresh,
-    check_run_id,
     generate_keypair,
     load_private_key,
     load_public_key,
-    make_nonce,
     sign_submission,
     submission_digest,
     verify_submission,
+)
+from server.allowlist import (
+    AllowList,
+    NonceLedger,
+    authenticate_submission,
+    check_nonce_fresh,
+    check_run_id,
+    make_nonce,
 )
 
 
