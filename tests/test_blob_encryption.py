@@ -1,4 +1,4 @@
-"""Optional AES-256-GCM encryption of adapter blobs at rest (``common/blobcrypt.py`` + the registry).
+"""Optional AES-256-GCM encryption of adapter blobs at rest (``server/registry/blobcrypt.py`` + the registry).
 
 Synthetic adapters against a synthetic base, as in test_registry.py (whose helpers are reused); one
 crash case in a subprocess, and the CLI on the tiny model."""
@@ -19,8 +19,6 @@ import pytest
 from test_cli import _adapter as tiny_adapter
 from test_registry import DIM, audit_lines, make_adapter, make_meta, new_registry, state
 
-from server.registry import blobcrypt
-from server.registry.blobcrypt import BlobAuthError, BlobKey, load_blob_key, new_key_file
 from common.cli import build_parser, main
 from common.lora import adapter_to_bytes, save_peft_adapter
 from server.audit import verify as audit_verify
@@ -30,7 +28,9 @@ from server.registry import (
     EmbeddingDimensionError,
     Registry,
     RegistryError,
+    blobcrypt,
 )
+from server.registry.blobcrypt import BlobAuthError, BlobKey, load_blob_key, new_key_file
 
 ROOT = Path(__file__).resolve().parent.parent
 PRIVACY = {"dp_sgd": True, "epsilon": 8.0, "delta": 1e-5}

@@ -6,7 +6,7 @@ are useless without the key, which the operator keeps elsewhere (a secrets mount
 
 What is *not* encrypted: the embeddings z and the metadata in ``records.jsonl`` (the registry
 needs z in memory for every retrieval and the metadata for filtering), ``registry.json`` and the
-audit log. See ``server/registry.py`` for how the registry uses this module.
+audit log. See ``server/registry/blobstore.py`` for how the registry uses this module.
 
 Key: 32 random bytes, written as 64 hex digits (``new_key_file``, ``rpe blob-key new FILE``) or
 given as standard base64 of 32 bytes (``openssl rand -base64 32``). ``load_blob_key`` takes, in
