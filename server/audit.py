@@ -42,9 +42,9 @@ Durability and concurrency (``common.durable.JsonlLog``): each ``append`` takes 
 ``flock`` on the file, reads the current last entry (so several processes can share one log and
 the chain stays linear), writes one line with a single ``write``, then flushes and fsyncs (a
 failed write is truncated back); creating the file also fsyncs its directory. A final line
-without a newline (a crash mid-write) or a last entry
-that fails its own hash stops further appends with ``AuditLogCorruptError`` instead of silently
-chaining onto damage; the operator runs ``verify`` and repairs by hand.
+without a newline (a crash mid-write) or a last entry that fails its own hash stops further
+appends with ``AuditLogCorruptError`` instead of silently chaining onto damage; the operator
+runs ``verify`` and repairs by hand (unlike records.jsonl, evidence is never cut automatically).
 """
 
 from __future__ import annotations
