@@ -321,6 +321,7 @@ class Registry:
     # ---- the Chroma index -------------------------------------------------------------------
 
     def _chroma_candidates(self, q: np.ndarray, want: int, where: dict[str, Any] | None) -> np.ndarray:
+        """Rows Chroma proposes for ``q`` (a method, so a test can make them deliberately wrong)."""
         ids = [] if self._index is None else self._index.candidates(q, want, where)
         return np.asarray([self._cols.row[i] for i in ids if i in self._cols.row], dtype=np.int64)
 
