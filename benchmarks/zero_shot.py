@@ -8,8 +8,8 @@ realistic federations from the real report groups and measures them.
 Federations. Six report groups (xray-chest from IU X-ray; ct-thorax, ct-abdomen, ct-head, mr-head,
 mr-spine from MedPix). Every group is split once into a *reference pool* (training data of the
 library's sites) and a *target pool* (data of the target sites: unlabeled query reports, held-out
-evaluation reports, and the training set of the target's own supervised LoRA), so a target's
-evaluation reports never reach any adapter in the library. One group (`far_group`, mr-spine) is
+evaluation reports; the own supervised LoRA is trained on the query reports with their labels), so
+a target's evaluation reports never reach any adapter. One group (`far_group`, mr-spine) is
 kept out of every reference site: a target made of it is far from every site. The library is one
 ordered list of sites; the library of size N is its first N sites, so one trained LoRA serves every
 N. Its first sites are "one report group per site" (the paper's setting); the others are hospitals
@@ -84,8 +84,7 @@ class Profile:
     single_size: int  # training reports of a one-group site
     n_query: int  # unlabeled target reports the target's z is computed from
     n_eval: int  # held-out reports per target (capped by the target pool)
-    n_own: int  # training reports of the target's own LoRA
-    target_fraction: float = 0.4  # share of each MedPix group kept for targets
+    target_fraction: float = 0.5  # share of each MedPix group kept for targets
     steps: int = 40
     lr: float = 2e-3
     batch_size: int = 4
@@ -108,17 +107,17 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     # Pipeline check for the tests: a tiny model, a handful of reports, a few seconds.
     "smoke": Profile(library_sizes=(3, 5), k_default=2, k_values=(1, 2, 5), n_affine=1, n_far=1, n_single=0,
-                     site_sizes=(4, 6), single_size=4, n_query=4, n_eval=4, n_own=4, steps=2, batch_size=2,
+                     site_sizes=(4, 6), single_size=4, n_query=4, n_eval=4, steps=2, batch_size=2,
                      max_length=96, loso_refs=2, loso_examples=2, fewshot=2, fewshot_evals=6, bootstrap=200,
                      max_new_tokens=4, mid_layer=True, minilm=False, bertscore=False),
     # The 2-core profile (about 45 minutes on an idle machine).
     "reduced": Profile(library_sizes=(4, 8, 16, 32), k_default=3, k_values=(1, 2, 3, 4, 8, 16, 32), n_affine=2,
-                       n_far=1, n_single=1, site_sizes=(24, 64), single_size=40, n_query=24, n_eval=50, n_own=40,
+                       n_far=1, n_single=1, site_sizes=(24, 64), single_size=40, n_query=22, n_eval=50,
                        steps=20, batch_size=4, max_length=160, max_new_tokens=24, fewshot_evals=30,
                        full_arms_sizes=(32,)),
     # For a GPU machine.
     "full": Profile(library_sizes=(4, 8, 16, 32, 64), k_default=4, k_values=(1, 2, 4, 8, 16, 32, 64), n_affine=4,
-                    n_far=2, n_single=2, site_sizes=(32, 160), single_size=80, n_query=40, n_eval=80, n_own=80,
+                    n_far=2, n_single=2, site_sizes=(32, 160), single_size=80, n_query=40, n_eval=80,
                     steps=150, batch_size=8, max_length=256, fewshot_evals=80, full_arms_sizes=(16, 64)),
 }
 
@@ -143,7 +142,7 @@ class Site:
     name: str
     kind: str  # single | mixture (library); affine | far | single (targets)
     mixture: dict[str, float]
-    train: list[Any] = field(default_factory=list)  # library: training reports; target: own-LoRA set
+    train: list[Any] = field(default_factory=list)  # library: training reports; target: own-LoRA set (= query)
     query: list[Any] = field(default_factory=list)  # targets: unlabeled reports for z
     eval: list[Any] = field(default_factory=list)  # targets: held-out reports
 
@@ -223,7 +222,7 @@ def build_targets(tgt_pool: dict[str, list[Any]], library: Sequence[Site], p: Pr
         t = Site(name, name.split("-")[1], mix)
         t.eval = _draw(tgt_pool, mix, p.n_eval, rng, taken)
         t.query = _draw(tgt_pool, mix, p.n_query, rng, taken)
-        t.train = _draw(tgt_pool, mix, p.n_own, rng, taken)
+        t.train = list(t.query)  # the own (supervised) LoRA learns from the query reports with their labels
         targets.append(t)
     return targets
 
@@ -476,7 +475,7 @@ def run(profile: str, model_spec: str, out_dir: Path, seed: int = 0, cache: Path
     all_groups = report_groups(min_size=1)
     groups = {g: all_groups[g] for g in GROUPS if g in all_groups}
     ref_pool, tgt_pool = split_pools(groups, p.target_fraction, seed,
-                                     min_target=max(4, min(20, p.n_eval + p.n_query + p.n_own)))
+                                     min_target=max(4, min(20, p.n_eval + p.n_query)))
     n_max = max(p.library_sizes)
     library = build_library(ref_pool, p, n_max, seed)
     targets = build_targets(tgt_pool, library, p, seed)
