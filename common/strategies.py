@@ -31,6 +31,10 @@ import numpy as np
 Strategy = Callable[..., np.ndarray]
 
 LAM2_DEFAULT_FACTOR = 0.1
+# Bound on ‖w‖₁ for ``lin`` and ``lin-l1``. Σw = 1 makes ‖w‖₁ = 1 + 2·(total negative weight), so
+# 3.0 lets at most one unit of negative weight cancel. Without a bound, a site that submits a z near-duplicating
+# another's gets weights like +674 / −673 and an update hundreds of times an honest one (issue 10).
+MAX_L1_DEFAULT = 3.0
 _NULL_RTOL = 1e-10  # eigenvalues below this fraction of the largest count as exact zeros
 _KKT_RTOL = 1e-11  # optimality tolerance of the active-set solver (dimensionless, see lin_l1)
 
@@ -158,8 +162,14 @@ def _null_basis_of_ones(k: int) -> np.ndarray:
     return Q[:, 1:]
 
 
-def lin(z_target: Any, Z: Any) -> np.ndarray:
-    """Affine reconstruction weights  w = argmin_{Σ_i w_i = 1} ‖z_t − Σ_i w_i z_i‖²  (w_i may be < 0).
+def lin(z_target: Any, Z: Any, max_l1: float = MAX_L1_DEFAULT) -> np.ndarray:
+    """Affine reconstruction weights  w = argmin_{Σ_i w_i = 1, ‖w‖₁ ≤ B} ‖z_t − Σ_i w_i z_i‖²  (w_i may be < 0).
+
+    ``max_l1`` = B bounds how much the weights may cancel (default ``MAX_L1_DEFAULT``; ``inf``
+    disables it). When the unconstrained minimiser satisfies the bound it is returned as below;
+    otherwise the constrained problem is solved exactly through its Lagrangian: the solution is
+    ``lin_l1`` at the smallest λ2 whose solution meets the bound (‖w(λ2)‖₁ is non-increasing in λ2),
+    found by bisection (``_bounded``).
 
     Solved exactly by eliminating the constraint: w = 1/k + N c with N an orthonormal basis of
     {Σc = 0}, so the problem becomes the unconstrained least squares ‖(Z − z_t)ᵀ N c + (Z − z_t)ᵀ 1/k‖²
@@ -172,6 +182,14 @@ def lin(z_target: Any, Z: Any) -> np.ndarray:
     values below numpy's default cutoff (machine epsilon × max(k, d) × largest) count as zero.
     """
     z, R = _validate(z_target, Z)
+    bound = _check_max_l1(max_l1)
+    w = _lin_unbounded(z, R)
+    if np.abs(w).sum() <= bound:
+        return w
+    return _bounded(z, R, 0.0, bound)
+
+
+def _lin_unbounded(z: np.ndarray, R: np.ndarray) -> np.ndarray:
     k = R.shape[0]
     if k == 1:
         return np.ones(1)
@@ -182,12 +200,59 @@ def lin(z_target: Any, Z: Any) -> np.ndarray:
     return w0 + N @ c
 
 
+def _check_max_l1(value: Any) -> float:
+    try:
+        bound = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"max_l1 must be a number >= 1 (Σw = 1 forces ‖w‖₁ >= 1) or inf; got {value!r}") from None
+    if not bound >= 1.0:  # also rejects NaN
+        raise ValueError(f"max_l1 must be >= 1 (Σw = 1 forces ‖w‖₁ >= 1) or inf; got {value!r}")
+    return bound
+
+
+def _bounded(z: np.ndarray, R: np.ndarray, lam_lo: float, bound: float) -> np.ndarray:
+    """``lin_l1`` at the smallest λ2 ≥ lam_lo with ‖w‖₁ ≤ bound (bisection on the monotone path).
+
+    As λ2 → ∞ the solution tends to the convex-hull projection (‖w‖₁ = 1), so an upper end
+    always exists for bound > 1; for bound = 1 the largest λ2 tried is used and the tiny
+    remaining negative mass (≤ 1e-9 relative) is the solver's round-off.
+    """
+    D = R - z
+    s = distance_scale(np.einsum("ij,ij->i", D, D))
+    G = (D @ D.T) / s
+    start = int(np.argmin(np.einsum("ij,ij->i", D, D)))
+
+    def solve(lam: float) -> np.ndarray:
+        return _lin_l1_active_set(G, lam / s, start) if lam > 0 else _lin_unbounded(z, R)
+
+    lo, hi = lam_lo, max(lam_lo, s) * 2.0
+    w_hi = solve(hi)
+    for _ in range(80):
+        if np.abs(w_hi).sum() <= bound + 1e-12:
+            break
+        lo, hi = hi, hi * 4.0
+        w_hi = solve(hi)
+    for _ in range(60):  # bisection: keep hi feasible
+        if hi - lo <= 1e-9 * hi:
+            break
+        mid = 0.5 * (lo + hi)
+        w_mid = solve(mid)
+        if np.abs(w_mid).sum() <= bound + 1e-12:
+            hi, w_hi = mid, w_mid
+        else:
+            lo = mid
+    return w_hi
+
+
 def _default_lam2(d2: np.ndarray) -> float:
     return LAM2_DEFAULT_FACTOR * distance_scale(d2)
 
 
-def lin_l1(z_target: Any, Z: Any, lam2: float | None = None) -> np.ndarray:
+def lin_l1(z_target: Any, Z: Any, lam2: float | None = None, max_l1: float = MAX_L1_DEFAULT) -> np.ndarray:
     """Sparse affine reconstruction  w = argmin_{Σw=1} ‖z_t − Σ_i w_i z_i‖² + λ2‖w‖₁.
+
+    ``max_l1`` bounds ‖w‖₁ as for ``lin``: if the solution at λ2 exceeds it, λ2 is raised to the
+    smallest value whose solution meets the bound.
 
     Since Σw = 1 forces ‖w‖₁ ≥ 1 with equality exactly when w ≥ 0, λ2 mainly prices negative
     weights: λ2 = 0 is ``lin`` (delegated to it, including its minimum-norm choice), and as
@@ -208,17 +273,21 @@ def lin_l1(z_target: Any, Z: Any, lam2: float | None = None) -> np.ndarray:
     the next zero crossing, and the returned minimiser is one of several with equal objective.
     """
     z, R = _validate(z_target, Z)
+    bound = _check_max_l1(max_l1)
     k = R.shape[0]
     D = R - z
     d2 = np.einsum("ij,ij->i", D, D)
     lam = _default_lam2(d2) if lam2 is None else _check_lambda("lam2", lam2, allow_zero=True, allow_inf=False)
     if lam == 0.0:
-        return lin(z, R)
+        return lin(z, R, max_l1=bound)
     if k == 1:
         return np.ones(1)
     s = distance_scale(d2)
     G = (D @ D.T) / s  # work in units of the distance scale: O(1) numbers whatever the embedding
-    return _lin_l1_active_set(G, lam / s, start=int(np.argmin(d2)))
+    w = _lin_l1_active_set(G, lam / s, start=int(np.argmin(d2)))
+    if np.abs(w).sum() <= bound:
+        return w
+    return _bounded(z, R, lam, bound)
 
 
 def _objective(G: np.ndarray, lam: float, w: np.ndarray) -> float:

@@ -197,3 +197,59 @@ def test_bad_lambdas():
             lin_l1(z, Z, lam2=bad)
     with pytest.raises(ValueError, match="w must be a vector of length k = 6"):
         lin_l1_kkt_residual(z, Z, np.ones(3) / 3, 0.1)
+
+
+# -- the ‖w‖₁ bound (issue 10: one site must not steer a composition) -------------------------------
+
+
+def _near_duplicate_attack():
+    """Site b submits a z that nearly duplicates site a's: unbounded lin answers +674 / −673-like weights."""
+    rng = np.random.default_rng(7)
+    Z = rng.normal(size=(3, 32))
+    Z[1] = Z[0] + 1e-3 * rng.normal(size=32)
+    z = 0.5 * Z[0] + 0.5 * Z[2] + 0.3 * rng.normal(size=32)
+    return z, Z
+
+
+def test_unbounded_lin_on_a_near_duplicate_z_explodes_and_the_default_bound_stops_it():
+    from common.strategies import MAX_L1_DEFAULT
+
+    z, Z = _near_duplicate_attack()
+    free = lin(z, Z, max_l1=float("inf"))
+    assert np.abs(free).sum() > 50  # the attack works without the bound
+    for fn in (lin, lin_l1):
+        w = fn(z, Z)
+        assert abs(w.sum() - 1.0) < 1e-9
+        assert np.abs(w).sum() <= MAX_L1_DEFAULT + 1e-9
+
+
+def test_bounded_lin_is_the_constrained_optimum():
+    """No feasible w (Σw = 1, ‖w‖₁ ≤ B) reconstructs z_t better than the bounded solution."""
+    z, Z = _near_duplicate_attack()
+    B = 1.5
+    w = lin(z, Z, max_l1=B)
+    assert np.abs(w).sum() <= B + 1e-9
+    best = float(np.sum((w @ Z - z) ** 2))
+    rng = np.random.default_rng(0)
+    for _ in range(3000):
+        c = rng.normal(size=3)
+        c = c - c.mean() + 1.0 / 3  # Σc = 1
+        if np.abs(c).sum() > B:
+            continue
+        assert float(np.sum((c @ Z - z) ** 2)) >= best - 1e-9
+
+
+def test_bound_inactive_leaves_weights_unchanged():
+    rng = np.random.default_rng(3)
+    Z = rng.normal(size=(5, 16))
+    planted = np.array([0.9, -0.4, 0.7, -0.5, 0.3])  # ‖w‖₁ = 2.8 ≤ 3
+    assert np.allclose(lin(planted @ Z, Z), lin(planted @ Z, Z, max_l1=float("inf")), atol=1e-12)
+
+
+@pytest.mark.parametrize("bad", [0.5, float("nan"), "two", -1])
+def test_max_l1_below_one_or_not_a_number_is_refused(bad):
+    z, Z = _near_duplicate_attack()
+    with pytest.raises(ValueError, match="max_l1"):
+        lin(z, Z, max_l1=bad)
+    with pytest.raises(ValueError, match="max_l1"):
+        compute_weights("lin-l1", z, Z, max_l1=bad)

@@ -1,0 +1,92 @@
+"""The zero-shot evidence recipe (benchmarks/zero_shot.py): federations without leakage, honest statistics."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks import zero_shot as zs
+from common.data import report_groups
+
+
+@pytest.fixture(scope="module")
+def federation():
+    p = zs.PROFILES["reduced"]
+    groups = {g: exs for g, exs in report_groups(min_size=1).items() if g in zs.GROUPS}
+    ref, tgt = zs.split_pools(groups, p.target_fraction, seed=0)
+    library = zs.build_library(ref, p, max(p.library_sizes), seed=0)
+    targets = zs.build_targets(tgt, library, p, seed=0)
+    return p, ref, tgt, library, targets
+
+
+def test_target_reports_never_reach_a_library_adapter(federation):
+    _, ref, tgt, library, targets = federation
+    library_uids = {e.uid for s in library for e in s.train}
+    for t in targets:
+        for role in (t.eval, t.query, t.train):
+            assert not library_uids & {e.uid for e in role}, t.name
+        # query, eval and the own-LoRA set of one target are disjoint
+        assert not {e.uid for e in t.eval} & {e.uid for e in t.query}
+        assert not {e.uid for e in t.eval} & {e.uid for e in t.train}
+        assert len(t.train) >= 20  # the supervised reference has data to learn from
+    for g in ref:
+        assert not {e.uid for e in ref[g]} & {e.uid for e in tgt[g]}
+
+
+def test_library_has_single_group_sites_first_then_mixtures_and_no_far_group(federation):
+    p, _, _, library, targets = federation
+    assert len(library) == max(p.library_sizes)
+    assert [s.kind for s in library[:4]] == ["single"] * 4
+    assert {s.kind for s in library[5:]} == {"mixture"}
+    assert all(e.group != zs.FAR_GROUP for s in library for e in s.train)
+    sizes = {len(s.train) for s in library if s.kind == "mixture"}
+    assert len(sizes) > 3  # hospitals of different sizes
+    far = [t for t in targets if t.kind == "far"]
+    assert far and all(e.group == zs.FAR_GROUP for t in far for e in t.eval)
+    assert all(len(t.eval) == p.n_eval for t in targets)
+
+
+def test_affine_target_is_the_midpoint_of_two_library_sites(federation):
+    _, _, _, library, targets = federation
+    for t in (t for t in targets if t.kind == "affine"):
+        best = min(zs.mixture_distance(t.mixture, {g: 0.5 * a.mixture.get(g, 0) + 0.5 * b.mixture.get(g, 0)
+                                                   for g in zs.GROUPS})
+                   for i, a in enumerate(library[:4]) for b in library[i + 1:4])
+        assert best < 1e-9
+
+
+def test_bootstrap_interval_covers_the_mean_and_shrinks_with_n():
+    rng = np.random.default_rng(0)
+    small, large = rng.normal(0.3, 0.1, 20), rng.normal(0.3, 0.1, 2000)
+    lo_s, hi_s = zs.bootstrap_ci(small, 2000)
+    lo_l, hi_l = zs.bootstrap_ci(large, 2000)
+    assert lo_s < small.mean() < hi_s and lo_l < large.mean() < hi_l
+    assert hi_l - lo_l < (hi_s - lo_s) / 3
+
+
+def test_paired_test_detects_a_real_difference_and_not_noise():
+    rng = np.random.default_rng(1)
+    base = rng.uniform(0, 1, 60)
+    better = base + 0.05 + rng.normal(0, 0.01, 60)
+    same = base + rng.normal(0, 0.01, 60)
+    t = zs.paired_test(better, base, 2000)
+    assert t["p"] < 0.01 and t["lo"] > 0 and abs(t["diff"] - 0.05) < 0.01
+    assert zs.paired_test(same, base, 2000)["p"] > 0.01
+
+
+def test_smoke_profile_runs_end_to_end_and_reruns_from_the_cache(tiny_model_dir, tmp_path):
+    out = zs.run("smoke", str(tiny_model_dir), tmp_path / "out", cache=tmp_path / "cache")
+    arms = {r["arm"] for r in out["results"]}
+    assert {"base", "own", "avg-all", "nearest", "sim", "lin", "lin-l1", "sim-loso", "lin-l1-loso", "fewshot",
+            "sim[z=mid]"} <= arms
+    fewshot = [r for r in out["results"] if r["arm"] == "fewshot"]
+    assert fewshot and not any(r["zero_shot"] for r in fewshot)
+    assert out["cache"]["lora_trained"] > 0
+    report = (tmp_path / "out" / "ZERO_SHOT.md").read_text()
+    assert "score_vs_n.png" in report and (tmp_path / "out" / "weights.png").exists()
+    again = zs.run("smoke", str(tiny_model_dir), tmp_path / "out2", cache=tmp_path / "cache")
+    assert again["cache"]["lora_trained"] == 0 and again["cache"]["gen_computed"] == 0
+    same = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
+    assert [r["rouge_l"] for r in same] == [r["rouge_l"] for r in again["results"]]
