@@ -21,8 +21,8 @@ from test_registry import DIM, audit_lines, make_adapter, make_meta, new_registr
 
 from common import blobcrypt
 from common.blobcrypt import BlobAuthError, BlobKey, load_blob_key, new_key_file
-from common.cli import build_parser, main
 from common.lora import adapter_to_bytes, save_peft_adapter
+from deploy.cli import build_parser, main
 from server.audit import verify as audit_verify
 from server.registry import (
     BlobCorruptError,

@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from common.cli import build_parser, main
 from common.data import Example, write_jsonl
 from common.lora import LoraAdapter, LoraModule, load_peft_adapter, save_peft_adapter
+from deploy.cli import build_parser, main
 
 COMMANDS = [
     [], ["registry"], ["registry", "init"], ["registry", "add"], ["registry", "ls"], ["registry", "show"],
     ["registry", "rm"], ["embed"], ["compose"], ["keygen"], ["audit"], ["audit", "verify"], ["audit", "report"],
-    ["audit", "cross-check"], ["experiment"],
+    ["audit", "cross-check"], ["experiment"], ["blob-key"], ["blob-key", "new"], ["privacy"],
+    ["privacy", "epsilon"], ["privacy", "z-norms"], ["privacy", "spent"],
 ]
 
 
@@ -31,10 +32,38 @@ def test_every_command_explains_itself(cmd, capsys):
     assert "usage: rpe" in out and len(out.splitlines()) > 3
 
 
+HEAVY = ("torch", "transformers", "chromadb", "flwr", "peft")
+
+
 def test_console_script_starts_without_heavy_imports():
-    res = subprocess.run([sys.executable, "-c", "import sys; from common.cli import main; "
-                          "main(['--help'])" ], capture_output=True, text=True)
+    code = ("import sys; from deploy.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            f"print('HEAVY=' + ','.join(m for m in {HEAVY!r} if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and "registry" in res.stdout
+    assert "HEAVY=\n" in res.stdout, f"`rpe --help` imported {res.stdout.rsplit('HEAVY=', 1)[-1].strip()}"
+
+
+def test_console_script_entry_point_is_the_composition_root():
+    import tomllib
+
+    scripts = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["rpe"] == "deploy.cli:main"
+
+
+def test_embed_with_minilm_writes_a_384_d_z(tmp_path, capsys):
+    """Regression: ``--representation minilm`` crashed with UnboundLocalError (``mech`` set in one branch)."""
+    data = tmp_path / "site.jsonl"
+    write_jsonl(data, [Example(prompt=f"Findings: small nodule number {i}.", target=None, group="ct-head",
+                               uid=str(i)) for i in range(3)])
+    main(["embed", "--representation", "minilm", "--data", str(data), "--out", str(tmp_path / "z.npy"),
+          "--quiet", "--json"])
+    emb = json.loads(capsys.readouterr().out)
+    assert emb["dim"] == 384 and emb["examples"] == 3 and emb["representation"] == "minilm"
+    assert np.load(tmp_path / "z.npy").shape == (384,)
+    with pytest.raises(SystemExit) as exit_:  # noise on a MiniLM z is refused, as before
+        main(["embed", "--representation", "minilm", "--data", str(data), "--out", str(tmp_path / "z2.npy"),
+              "--z-clip", "1", "--z-epsilon", "4"])
+    assert exit_.value.code == 2 and "hidden-mean only" in capsys.readouterr().err
 
 
 def _adapter(model_dir: Path, seed: int) -> LoraAdapter:
