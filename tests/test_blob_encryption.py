@@ -272,6 +272,7 @@ reg.add(make_adapter(11), np.full(DIM, 5.0), make_meta(3))
 """
 
 
+@pytest.mark.integration
 def test_crash_after_encrypted_blob_then_retry(enc, key_file):
     reg, root, key, blobs, recs = enc
     reg.close()

@@ -35,6 +35,7 @@ def test_every_command_explains_itself(cmd, capsys):
 HEAVY = ("torch", "transformers", "chromadb", "flwr", "peft")
 
 
+@pytest.mark.integration
 def test_console_script_starts_without_heavy_imports():
     code = ("import sys; from deploy.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
             f"print('HEAVY=' + ','.join(m for m in {HEAVY!r} if m in sys.modules))")

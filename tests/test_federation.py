@@ -115,6 +115,7 @@ def composed(fed, enrolled):
 
 # -- tests ------------------------------------------------------------------------------------
 @pytest.mark.slow
+@pytest.mark.integration
 def test_deployment_uses_tls_and_supernode_auth(fed):
     cmd = " ".join(fed["state"]["superlink"]["cmd"])
     assert "--enable-supernode-auth" in cmd and "--ssl-certfile" in cmd and "--insecure" not in cmd
@@ -126,6 +127,7 @@ def test_deployment_uses_tls_and_supernode_auth(fed):
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_enroll_stores_three_adapters_and_reports_the_failing_site(fed, enrolled):
     from server.registry import Registry
 
@@ -145,6 +147,7 @@ def test_enroll_stores_three_adapters_and_reports_the_failing_site(fed, enrolled
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_privacy_policy_in_a_supernodes_node_config_reaches_registry_and_audit(fed, enrolled):
     """Site b's SuperNode was started with PRIVATE_POLICY in its node config; sites a and c with none."""
     results = enrolled["report"]["enroll"]
@@ -155,6 +158,7 @@ def test_privacy_policy_in_a_supernodes_node_config_reaches_registry_and_audit(f
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_compose_delivers_an_adapter_stock_peft_loads(fed, composed):
     import torch
     from peft import PeftModel
@@ -175,6 +179,7 @@ def test_compose_delivers_an_adapter_stock_peft_loads(fed, composed):
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_every_reply_a_site_sent_holds_only_allowed_records(fed, composed):
     seen_types = set()
     for site in SITES:
@@ -211,6 +216,7 @@ def test_every_reply_a_site_sent_holds_only_allowed_records(fed, composed):
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_site_egress_logs_cross_check_with_the_coordinator_audit_log(fed, composed):
     from server.crosscheck import cross_check
 
@@ -250,6 +256,7 @@ def main(grid: Grid, context: Context) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_sites_refuse_requests_outside_the_vocabulary(fed, composed):
     app = fed["tmp"] / "probeapp"
     for pkg in ("common", "client"):
@@ -279,6 +286,7 @@ def test_sites_refuse_requests_outside_the_vocabulary(fed, composed):
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_offline_site_does_not_stop_compose_and_its_adapter_still_takes_part(fed, composed):
     assert launch.stop_site(fed["workdir"], "c") in ("stopped", "killed")
     run = flwr_run(fed, REPO, base_config(fed, mode="compose", target="b,c", strategy="avg", k=2))
@@ -292,6 +300,7 @@ def test_offline_site_does_not_stop_compose_and_its_adapter_still_takes_part(fed
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_down_stops_every_process(fed):
     state = launch.load_state(fed["workdir"])
     family = [pid for p in [state["superlink"], *state["sites"].values()]
@@ -488,6 +497,7 @@ def test_tls_material_chains_to_the_ca_and_auth_keys_are_p384_openssh(tmp_path):
         tls.check_site_id("../etc")
 
 
+@pytest.mark.integration
 def test_stop_process_terminates_the_process_and_its_children(tmp_path):
     script = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); " \
              "time.sleep(60)"

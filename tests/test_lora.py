@@ -385,6 +385,7 @@ def test_bytes_mixed_dtypes_and_metadata():
     assert json.loads(meta["rpe_lora"])["modules"]["x.proj"] == {"rank": 2, "scale": 0.1}
 
 
+@pytest.mark.integration
 def test_bytes_identical_across_processes():
     ns: dict = {}
     exec(_BYTES_SNIPPET.replace("print(", "digest = ("), ns)  # the same code, in this process
