@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_cli import _adapter as tiny_adapter
+from support import tiny_adapter
 from test_registry import DIM, audit_lines, make_adapter, make_meta, new_registry, state
 
 from common import blobcrypt

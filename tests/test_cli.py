@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from support import tiny_adapter
 
 from common.data import Example, write_jsonl
-from common.lora import LoraAdapter, LoraModule, load_peft_adapter, save_peft_adapter
+from common.lora import load_peft_adapter, save_peft_adapter
 from deploy.cli import build_parser, main
 
 COMMANDS = [
@@ -67,21 +67,11 @@ def test_embed_with_minilm_writes_a_384_d_z(tmp_path, capsys):
     assert exit_.value.code == 2 and "hidden-mean only" in capsys.readouterr().err
 
 
-def _adapter(model_dir: Path, seed: int) -> LoraAdapter:
-    g = torch.Generator().manual_seed(seed)
-    cfg = json.loads((model_dir / "config.json").read_text())
-    h = cfg["hidden_size"]
-    mods = {f"model.layers.{i}.self_attn.q_proj": LoraModule(torch.randn(4, h, generator=g) * 0.01,
-                                                          torch.randn(h, 4, generator=g) * 0.01, 2.0)
-            for i in range(cfg["num_hidden_layers"])}
-    return LoraAdapter(mods)
-
-
 def test_registry_embed_compose_round_trip(tmp_path, tiny_model_dir, capsys):
     reg = tmp_path / "reg"
     main(["registry", "init", "--registry", str(reg), "--base", str(tiny_model_dir)])
     for i, site in enumerate(["a", "b", "c"]):
-        peft_dir = save_peft_adapter(_adapter(tiny_model_dir, i), tmp_path / f"peft-{site}")
+        peft_dir = save_peft_adapter(tiny_adapter(tiny_model_dir, i), tmp_path / f"peft-{site}")
         z = np.random.default_rng(i).normal(size=64).astype(np.float32)
         np.save(tmp_path / f"z-{site}.npy", z)
         main(["registry", "add", "--registry", str(reg), "--adapter", str(peft_dir), "--embedding",
@@ -106,7 +96,7 @@ def test_registry_embed_compose_round_trip(tmp_path, tiny_model_dir, capsys):
     assert len(res["retrieved"]) == 2 and all(not r["id"].startswith("a:") for r in res["retrieved"])
     assert abs(sum(r["weight"] for r in res["retrieved"]) - 1.0) < 1e-9
     composed = load_peft_adapter(out)
-    assert set(composed.modules) == set(_adapter(tiny_model_dir, 0).modules)
+    assert set(composed.modules) == set(tiny_adapter(tiny_model_dir, 0).modules)
 
     main(["audit", "verify", "--log", str(reg / "audit.jsonl")])
     assert "OK" in capsys.readouterr().out

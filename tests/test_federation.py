@@ -23,6 +23,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from support import LocalGrid
 
 from common import wire
 from deploy import launch
@@ -314,46 +315,6 @@ def test_down_stops_every_process(fed):
 
 
 # -- in-process: the real ServerApp main and ClientApp handlers, no network -------------------
-class LocalGrid:
-    """A Grid that delivers each message straight to the site's ClientApp, in this process."""
-
-    def __init__(self, contexts: dict, run_id: int, offline: tuple[int, ...] = (), tamper=None) -> None:
-        from types import SimpleNamespace
-
-        self.contexts, self.offline, self.tamper = contexts, set(offline), tamper
-        self.run = SimpleNamespace(run_id=run_id)
-        self.replies: dict = {}
-        self.sent: list = []
-
-    def get_node_ids(self):
-        return [n for n in self.contexts if n not in self.offline]
-
-    def push_messages(self, messages):
-        import uuid
-
-        from flwr.app import Error, Message
-
-        from client.app import app as client_app
-
-        ids = []
-        for msg in messages:
-            mid = uuid.uuid4().hex
-            msg.metadata.__dict__["_message_id"] = mid
-            msg.metadata.__dict__["_run_id"] = self.run.run_id  # as the SuperLink stamps it
-            node = msg.metadata.dst_node_id
-            self.sent.append(msg)
-            if node in self.offline:
-                self.replies[mid] = Message(Error(5, "Node Unavailable"), reply_to=msg)
-            else:
-                reply = client_app(msg, self.contexts[node])
-                self.replies[mid] = self.tamper(reply) if self.tamper else reply
-            ids.append(mid)
-        return ids
-
-    def pull_messages(self, ids):
-        return [self.replies.pop(i) for i in list(ids) if i in self.replies]
-
-
 @pytest.fixture(scope="module")
 def local(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
     import torch
