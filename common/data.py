@@ -1,11 +1,17 @@
-"""Real radiology report data, parsed at run time from the unmodified source files in ``data/``.
+"""Real radiology report data, parsed at run time from the unmodified source files in the data root.
 
-Two public collections feed the experiments (see each folder's SOURCE.md for origin and licence):
+The data sets are third-party and may not be committed to this repository, so they are read from a
+*data root* outside the checkout: ``$RPE_DATA_DIR``, else ``../shared/data`` beside the checkout
+(``data_root``). Each set is a folder there (``dataset_dir("iu-xray")``) with a SOURCE.md giving its
+origin and licence; a missing set fails at once with :class:`DatasetMissingError`, naming the folder
+expected, the environment variable and where the data comes from.
 
-* **IU X-ray** (``data/iu-xray/indiana_reports.csv``): chest radiograph reports. One group,
+Two public collections feed the experiments:
+
+* **IU X-ray** (``<data root>/iu-xray/indiana_reports.csv``): chest radiograph reports. One group,
   ``xray-chest``; prompt = *findings*, target = *impression*. "XXXX" de-identification
   placeholders are kept as they are (they are part of the real distribution a site would see).
-* **MedPix 2.0** (``data/medpix2/Case_topic.json`` + ``Descriptions.json``): teaching cases; prompt
+* **MedPix 2.0** (``<data root>/medpix2/Case_topic.json`` + ``Descriptions.json``): teaching cases; prompt
   = case *Findings*, target = *Case Diagnosis* (a short diagnosis, not an impression paragraph).
 
 MedPix grouping rule (documented here because every experiment depends on it):
@@ -41,7 +47,27 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 DATA_DIR_ENV = "RPE_DATA_DIR"
-DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+#: the checkout: the parent of the directory holding ``common/``
+REPO_ROOT = Path(__file__).resolve().parent.parent
+#: the data root when ``$RPE_DATA_DIR`` is not set: ``shared/data`` beside the checkout
+DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
+
+#: where each data set comes from (its SOURCE.md origin, shortened), quoted when the set is missing
+DATASET_ORIGINS: dict[str, str] = {
+    "iu-xray": "Indiana University chest X-ray reports (Open-i, U.S. National Library of Medicine), copied "
+               "unmodified from GitHub SaadSubhaniTheProgrammerVersion/Textual-Report-Generation-from-Chest-"
+               "X-rays-Indiana-Dataset (commit 6b316b7c); files indiana_reports.csv, indiana_projections.csv",
+    "medpix2": "MedPix 2.0 case reports (Siragusa et al., arXiv 2407.02994), copied unmodified from GitHub "
+               "CHILab1/MedPix-2.0 (commit d3bc4315, folder MedPix-2-0/); files Case_topic.json, Descriptions.json",
+    "prostate-multisite": "multi-site prostate MRI (BIDMC, BMC, HK, I2CVB, RUNMC, UCL), copied unmodified from "
+                          "GitHub MQinghe/UST-RUN",
+    "fundus-multidomain": "multi-domain fundus images (DoFE, Wang et al., IEEE TMI 2020; Domain1-4), copied "
+                          "unmodified from GitHub MQinghe/UST-RUN, folder data/Fundus",
+    "totalsegmentator-test": "TotalSegmentator test volumes, GitHub wasserth/TotalSegmentator, folder "
+                             "tests/reference_files/ (commit 0e65a448)",
+}
+#: the sets the report experiments and the demo read
+REPORT_DATASETS = ("iu-xray", "medpix2")
 
 IU_XRAY_GROUP = "xray-chest"
 MEDPIX_REGIONS: dict[str, str] = {
@@ -77,12 +103,50 @@ class Example:
         return self.target is not None
 
 
-def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
-    """The data folder: the argument, else ``$RPE_DATA_DIR``, else the repository's ``data/``."""
-    if data_dir is not None:
-        return Path(data_dir).expanduser()
+class DatasetMissingError(FileNotFoundError):
+    """A data set (or one of its files) is not in the data root: says where it was expected and where to get it."""
+
+    def __init__(self, name: str, expected: Path, origin: str | None = None) -> None:
+        self.name, self.expected, self.origin = name, expected, origin
+        source = origin or "see the SOURCE.md that comes with the set"
+        env = os.environ.get(DATA_DIR_ENV)
+        root = f"${DATA_DIR_ENV}={env}" if env else f"${DATA_DIR_ENV} is not set, so the default {DEFAULT_DATA_DIR}"
+        super().__init__(
+            f"data set {name!r} not found: expected {expected} (data root: {root}). Put the set's folder "
+            f"there unmodified, or set {DATA_DIR_ENV} to a folder holding {name}/. Source: {source}"
+        )
+
+
+def data_root() -> Path:
+    """The folder holding every data set: ``$RPE_DATA_DIR``, else ``../shared/data`` beside the checkout.
+
+    Relative paths in ``$RPE_DATA_DIR`` are taken from the current directory; the default is resolved
+    from the repository root (not the current directory), so every entry point finds the same data.
+    """
     env = os.environ.get(DATA_DIR_ENV)
     return Path(env).expanduser() if env else DEFAULT_DATA_DIR
+
+
+def dataset_dir(name: str, files: Sequence[str] = (), data_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The folder of data set ``name`` in the data root (or in ``data_dir``), checked to exist.
+
+    ``files`` (relative to the set's folder) must exist too. Raises :class:`DatasetMissingError`
+    naming the folder expected, ``$RPE_DATA_DIR`` and the set's origin; fails before any work starts.
+    """
+    root = resolve_data_dir(data_dir)
+    folder = root / name
+    origin = DATASET_ORIGINS.get(name)
+    if not folder.is_dir():
+        raise DatasetMissingError(name, folder, origin)
+    for rel in files:
+        if not (folder / rel).exists():
+            raise DatasetMissingError(name, folder / rel, origin)
+    return folder
+
+
+def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The data root to use: the argument if given, else :func:`data_root`."""
+    return Path(data_dir).expanduser() if data_dir is not None else data_root()
 
 
 def _clean(text: str | None) -> str:
@@ -90,18 +154,9 @@ def _clean(text: str | None) -> str:
     return " ".join((text or "").split())
 
 
-def _require(path: Path) -> Path:
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path} is missing: expected the unmodified source file there "
-            f"(set {DATA_DIR_ENV} to a folder holding iu-xray/ and medpix2/)"
-        )
-    return path
-
-
 def load_iu_xray(data_dir: str | os.PathLike[str] | None = None) -> list[Example]:
     """Every IU X-ray report with both findings and impression (3,331), group ``xray-chest``."""
-    path = _require(resolve_data_dir(data_dir) / "iu-xray" / "indiana_reports.csv")
+    path = dataset_dir("iu-xray", ["indiana_reports.csv"], data_dir) / "indiana_reports.csv"
     out: list[Example] = []
     with open(path, newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
@@ -139,8 +194,8 @@ def load_medpix(
     """
     if mixed not in MIXED_RULES:
         raise ValueError(f"mixed must be one of {MIXED_RULES}, not {mixed!r}")
-    root = resolve_data_dir(data_dir) / "medpix2"
-    cases_path, desc_path = _require(root / "Case_topic.json"), _require(root / "Descriptions.json")
+    root = dataset_dir("medpix2", ["Case_topic.json", "Descriptions.json"], data_dir)
+    cases_path, desc_path = root / "Case_topic.json", root / "Descriptions.json"
     cases = json.loads(cases_path.read_text(encoding="utf-8"))
     descriptions = json.loads(desc_path.read_text(encoding="utf-8"))
     if not isinstance(cases, list) or not isinstance(descriptions, list):

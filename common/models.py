@@ -192,22 +192,3 @@ def linear_module_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
         if isinstance(mod, torch.nn.Linear) and name != "lm_head"
     }
 
-
-def make_tiny_llama(out_dir: str | os.PathLike[str], seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
-    """A tiny random Llama with the real SmolLM2 tokenizer, for fast tests (seconds, ~3 M params)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    out = Path(out_dir)
-    if (out / "model.safetensors").exists():
-        return out
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=49152, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, max_position_embeddings=512,
-        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-    )
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(out)
-    for name in TOKENIZER_FILES:
-        shutil.copy2(SMOLLM2_TOKENIZER_DIR / name, out / name)
-    return out

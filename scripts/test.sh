@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Run the whole test suite (lint + unit + integration). CI calls exactly this.
+# Run the whole test suite (lint + layer contracts + unit + integration). CI calls exactly this.
+# The fast loop while editing: .venv/bin/python -m pytest -q -m "not integration"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1 ANONYMIZED_TELEMETRY=False
 .venv/bin/ruff check .
+# layer rules ([tool.importlinter] in pyproject.toml): a forbidden import, even a lazy one, fails CI
+PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" .venv/bin/lint-imports --no-cache
 export PATH="$PWD/.venv/bin:$PATH"
 .venv/bin/python -m pytest -q "$@"

@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from common.models import make_tiny_llama
+from support import make_tiny_llama
 
 
 @pytest.fixture(scope="session")

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_cli import _adapter as tiny_adapter
+from support import tiny_adapter
 from test_registry import DIM, audit_lines, make_adapter, make_meta, new_registry, state
 
-from common.cli import build_parser, main
 from common.lora import adapter_to_bytes, save_peft_adapter
+from deploy.cli import build_parser, main
 from server.audit import verify as audit_verify
 from server.registry import (
     BlobCorruptError,
@@ -272,6 +272,7 @@ reg.add(make_adapter(11), np.full(DIM, 5.0), make_meta(3))
 """
 
 
+@pytest.mark.integration
 def test_crash_after_encrypted_blob_then_retry(enc, key_file):
     reg, root, key, blobs, recs = enc
     reg.close()

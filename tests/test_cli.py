@@ -9,16 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from support import tiny_adapter
 
-from common.cli import build_parser, main
 from common.data import Example, write_jsonl
-from common.lora import LoraAdapter, LoraModule, load_peft_adapter, save_peft_adapter
+from common.lora import load_peft_adapter, save_peft_adapter
+from deploy.cli import build_parser, main
 
 COMMANDS = [
     [], ["registry"], ["registry", "init"], ["registry", "add"], ["registry", "ls"], ["registry", "show"],
     ["registry", "rm"], ["embed"], ["compose"], ["keygen"], ["audit"], ["audit", "verify"], ["audit", "report"],
-    ["audit", "cross-check"], ["experiment"],
+    ["audit", "cross-check"], ["experiment"], ["blob-key"], ["blob-key", "new"], ["privacy"],
+    ["privacy", "epsilon"], ["privacy", "z-norms"], ["privacy", "spent"],
 ]
 
 
@@ -31,27 +32,46 @@ def test_every_command_explains_itself(cmd, capsys):
     assert "usage: rpe" in out and len(out.splitlines()) > 3
 
 
+HEAVY = ("torch", "transformers", "chromadb", "flwr", "peft")
+
+
+@pytest.mark.integration
 def test_console_script_starts_without_heavy_imports():
-    res = subprocess.run([sys.executable, "-c", "import sys; from common.cli import main; "
-                          "main(['--help'])" ], capture_output=True, text=True)
+    code = ("import sys; from deploy.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            f"print('HEAVY=' + ','.join(m for m in {HEAVY!r} if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and "registry" in res.stdout
+    assert "HEAVY=\n" in res.stdout, f"`rpe --help` imported {res.stdout.rsplit('HEAVY=', 1)[-1].strip()}"
 
 
-def _adapter(model_dir: Path, seed: int) -> LoraAdapter:
-    g = torch.Generator().manual_seed(seed)
-    cfg = json.loads((model_dir / "config.json").read_text())
-    h = cfg["hidden_size"]
-    mods = {f"model.layers.{i}.self_attn.q_proj": LoraModule(torch.randn(4, h, generator=g) * 0.01,
-                                                          torch.randn(h, 4, generator=g) * 0.01, 2.0)
-            for i in range(cfg["num_hidden_layers"])}
-    return LoraAdapter(mods)
+def test_console_script_entry_point_is_the_composition_root():
+    import tomllib
+
+    scripts = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["rpe"] == "deploy.cli:main"
+
+
+def test_embed_with_minilm_writes_a_384_d_z(tmp_path, capsys):
+    """Regression: ``--representation minilm`` crashed with UnboundLocalError (``mech`` set in one branch)."""
+    data = tmp_path / "site.jsonl"
+    write_jsonl(data, [Example(prompt=f"Findings: small nodule number {i}.", target=None, group="ct-head",
+                               uid=str(i)) for i in range(3)])
+    main(["embed", "--representation", "minilm", "--data", str(data), "--out", str(tmp_path / "z.npy"),
+          "--quiet", "--json"])
+    emb = json.loads(capsys.readouterr().out)
+    assert emb["dim"] == 384 and emb["examples"] == 3 and emb["representation"] == "minilm"
+    assert np.load(tmp_path / "z.npy").shape == (384,)
+    with pytest.raises(SystemExit) as exit_:  # noise on a MiniLM z is refused, as before
+        main(["embed", "--representation", "minilm", "--data", str(data), "--out", str(tmp_path / "z2.npy"),
+              "--z-clip", "1", "--z-epsilon", "4"])
+    assert exit_.value.code == 2 and "hidden-mean only" in capsys.readouterr().err
 
 
 def test_registry_embed_compose_round_trip(tmp_path, tiny_model_dir, capsys):
     reg = tmp_path / "reg"
     main(["registry", "init", "--registry", str(reg), "--base", str(tiny_model_dir)])
     for i, site in enumerate(["a", "b", "c"]):
-        peft_dir = save_peft_adapter(_adapter(tiny_model_dir, i), tmp_path / f"peft-{site}")
+        peft_dir = save_peft_adapter(tiny_adapter(tiny_model_dir, i), tmp_path / f"peft-{site}")
         z = np.random.default_rng(i).normal(size=64).astype(np.float32)
         np.save(tmp_path / f"z-{site}.npy", z)
         main(["registry", "add", "--registry", str(reg), "--adapter", str(peft_dir), "--embedding",
@@ -76,7 +96,7 @@ def test_registry_embed_compose_round_trip(tmp_path, tiny_model_dir, capsys):
     assert len(res["retrieved"]) == 2 and all(not r["id"].startswith("a:") for r in res["retrieved"])
     assert abs(sum(r["weight"] for r in res["retrieved"]) - 1.0) < 1e-9
     composed = load_peft_adapter(out)
-    assert set(composed.modules) == set(_adapter(tiny_model_dir, 0).modules)
+    assert set(composed.modules) == set(tiny_adapter(tiny_model_dir, 0).modules)
 
     main(["audit", "verify", "--log", str(reg / "audit.jsonl")])
     assert "OK" in capsys.readouterr().out

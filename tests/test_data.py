@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import time
 
 import pytest
 
 from common.data import (
+    DATA_DIR_ENV,
+    DEFAULT_DATA_DIR,
+    REPO_ROOT,
     DatasetFormatError,
+    DatasetMissingError,
     Example,
+    data_root,
+    dataset_dir,
     load_iu_xray,
     load_medpix,
     read_jsonl,
@@ -57,6 +66,49 @@ def test_data_dir_override(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("RPE_DATA_DIR", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="RPE_DATA_DIR"):
         load_iu_xray()
+
+
+def test_data_root_is_the_env_var_else_shared_data_beside_the_checkout(tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)
+    assert (REPO_ROOT / "common" / "data.py").is_file() and DEFAULT_DATA_DIR == REPO_ROOT.parent / "shared" / "data"
+    assert data_root() == REPO_ROOT.parent / "shared" / "data"
+    monkeypatch.chdir(tmp_path)  # the default does not depend on the current directory
+    assert data_root() == REPO_ROOT.parent / "shared" / "data"
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "elsewhere"))
+    assert data_root() == tmp_path / "elsewhere"
+
+
+def test_the_tree_holds_no_third_party_data() -> None:
+    assert not (REPO_ROOT / "data" / "iu-xray").exists() and not (REPO_ROOT / "data" / "medpix2").exists()
+
+
+def test_a_missing_set_names_the_folder_the_variable_and_the_source(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path))
+    with pytest.raises(DatasetMissingError) as err:
+        load_medpix()
+    msg = str(err.value)
+    assert str(tmp_path / "medpix2") in msg and DATA_DIR_ENV in msg and "CHILab1/MedPix-2.0" in msg
+    assert err.value.expected == tmp_path / "medpix2" and isinstance(err.value, FileNotFoundError)
+    (tmp_path / "iu-xray").mkdir()  # the folder is there but its file is not
+    with pytest.raises(DatasetMissingError, match="indiana_reports.csv") as err:
+        load_iu_xray()
+    assert "Open-i" in str(err.value)
+    (tmp_path / "prostate-multisite").mkdir()
+    assert dataset_dir("prostate-multisite") == tmp_path / "prostate-multisite"
+    with pytest.raises(DatasetMissingError, match="SOURCE.md"):  # an unknown set still says where to look
+        dataset_dir("no-such-set")
+
+
+@pytest.mark.integration
+def test_demo_without_a_data_root_stops_within_seconds_with_the_message(tmp_path) -> None:
+    env = {**os.environ, DATA_DIR_ENV: str(tmp_path / "empty")}
+    t0 = time.monotonic()
+    res = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "demo.sh")], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert time.monotonic() - t0 < 20
+    assert res.returncode == 2
+    assert f"expected {tmp_path / 'empty' / 'iu-xray'}" in res.stderr and DATA_DIR_ENV in res.stderr
+    assert "Open-i" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_split_deterministic_and_disjoint(groups: dict[str, list[Example]]) -> None:

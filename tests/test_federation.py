@@ -23,6 +23,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from support import LocalGrid
 
 from common import wire
 from deploy import launch
@@ -115,6 +116,7 @@ def composed(fed, enrolled):
 
 # -- tests ------------------------------------------------------------------------------------
 @pytest.mark.slow
+@pytest.mark.integration
 def test_deployment_uses_tls_and_supernode_auth(fed):
     cmd = " ".join(fed["state"]["superlink"]["cmd"])
     assert "--enable-supernode-auth" in cmd and "--ssl-certfile" in cmd and "--insecure" not in cmd
@@ -126,6 +128,7 @@ def test_deployment_uses_tls_and_supernode_auth(fed):
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_enroll_stores_three_adapters_and_reports_the_failing_site(fed, enrolled):
     from server.registry import Registry
 
@@ -145,6 +148,7 @@ def test_enroll_stores_three_adapters_and_reports_the_failing_site(fed, enrolled
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_privacy_policy_in_a_supernodes_node_config_reaches_registry_and_audit(fed, enrolled):
     """Site b's SuperNode was started with PRIVATE_POLICY in its node config; sites a and c with none."""
     results = enrolled["report"]["enroll"]
@@ -155,6 +159,7 @@ def test_privacy_policy_in_a_supernodes_node_config_reaches_registry_and_audit(f
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_compose_delivers_an_adapter_stock_peft_loads(fed, composed):
     import torch
     from peft import PeftModel
@@ -175,6 +180,7 @@ def test_compose_delivers_an_adapter_stock_peft_loads(fed, composed):
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_every_reply_a_site_sent_holds_only_allowed_records(fed, composed):
     seen_types = set()
     for site in SITES:
@@ -211,6 +217,7 @@ def test_every_reply_a_site_sent_holds_only_allowed_records(fed, composed):
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_site_egress_logs_cross_check_with_the_coordinator_audit_log(fed, composed):
     from server.crosscheck import cross_check
 
@@ -250,6 +257,7 @@ def main(grid: Grid, context: Context) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_sites_refuse_requests_outside_the_vocabulary(fed, composed):
     app = fed["tmp"] / "probeapp"
     for pkg in ("common", "client"):
@@ -279,6 +287,7 @@ def test_sites_refuse_requests_outside_the_vocabulary(fed, composed):
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_offline_site_does_not_stop_compose_and_its_adapter_still_takes_part(fed, composed):
     assert launch.stop_site(fed["workdir"], "c") in ("stopped", "killed")
     run = flwr_run(fed, REPO, base_config(fed, mode="compose", target="b,c", strategy="avg", k=2))
@@ -292,6 +301,7 @@ def test_offline_site_does_not_stop_compose_and_its_adapter_still_takes_part(fed
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_down_stops_every_process(fed):
     state = launch.load_state(fed["workdir"])
     family = [pid for p in [state["superlink"], *state["sites"].values()]
@@ -305,46 +315,6 @@ def test_down_stops_every_process(fed):
 
 
 # -- in-process: the real ServerApp main and ClientApp handlers, no network -------------------
-class LocalGrid:
-    """A Grid that delivers each message straight to the site's ClientApp, in this process."""
-
-    def __init__(self, contexts: dict, run_id: int, offline: tuple[int, ...] = (), tamper=None) -> None:
-        from types import SimpleNamespace
-
-        self.contexts, self.offline, self.tamper = contexts, set(offline), tamper
-        self.run = SimpleNamespace(run_id=run_id)
-        self.replies: dict = {}
-        self.sent: list = []
-
-    def get_node_ids(self):
-        return [n for n in self.contexts if n not in self.offline]
-
-    def push_messages(self, messages):
-        import uuid
-
-        from flwr.app import Error, Message
-
-        from client.app import app as client_app
-
-        ids = []
-        for msg in messages:
-            mid = uuid.uuid4().hex
-            msg.metadata.__dict__["_message_id"] = mid
-            msg.metadata.__dict__["_run_id"] = self.run.run_id  # as the SuperLink stamps it
-            node = msg.metadata.dst_node_id
-            self.sent.append(msg)
-            if node in self.offline:
-                self.replies[mid] = Message(Error(5, "Node Unavailable"), reply_to=msg)
-            else:
-                reply = client_app(msg, self.contexts[node])
-                self.replies[mid] = self.tamper(reply) if self.tamper else reply
-            ids.append(mid)
-        return ids
-
-    def pull_messages(self, ids):
-        return [self.replies.pop(i) for i in list(ids) if i in self.replies]
-
-
 @pytest.fixture(scope="module")
 def local(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
     import torch
@@ -488,6 +458,7 @@ def test_tls_material_chains_to_the_ca_and_auth_keys_are_p384_openssh(tmp_path):
         tls.check_site_id("../etc")
 
 
+@pytest.mark.integration
 def test_stop_process_terminates_the_process_and_its_children(tmp_path):
     script = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); " \
              "time.sleep(60)"

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from support import make_tiny_llama
 
 import common.lora as lora
 from common.lora import (
@@ -32,7 +33,7 @@ from common.lora import (
     save_peft_adapter,
     truncation_error,
 )
-from common.models import PROJECT_ROOT, load_tokenizer, make_tiny_llama
+from common.models import PROJECT_ROOT, load_tokenizer
 
 TEXTS = [
     "Chest X-ray: no acute cardiopulmonary abnormality.",
@@ -385,6 +386,7 @@ def test_bytes_mixed_dtypes_and_metadata():
     assert json.loads(meta["rpe_lora"])["modules"]["x.proj"] == {"rank": 2, "scale": 0.1}
 
 
+@pytest.mark.integration
 def test_bytes_identical_across_processes():
     ns: dict = {}
     exec(_BYTES_SNIPPET.replace("print(", "digest = ("), ns)  # the same code, in this process

@@ -173,8 +173,8 @@ def test_spent_from_egress_composes_every_release():
 
 
 def test_cli_plans_calibrates_and_accounts(tmp_path, tiny_model_dir, capsys):
-    from common.cli import main
     from common.data import report_groups, write_jsonl
+    from deploy.cli import main
 
     main(["privacy", "epsilon", "--epsilon", "4"])
     assert "noise multiplier 1.081" in capsys.readouterr().out

@@ -519,6 +519,7 @@ def test_init_after_interrupted_init(tmp_path):
         new_registry(other)
 
 
+@pytest.mark.integration
 def test_open_errors_and_locking(tmp_path):
     with pytest.raises(NotARegistryError, match="Registry.init"):
         Registry(tmp_path)
@@ -555,6 +556,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_http_chroma_server(tmp_path):
     chroma_bin = Path(sys.executable).parent / "chroma"
     if not chroma_bin.exists():

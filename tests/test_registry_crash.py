@@ -21,6 +21,8 @@ import pytest
 
 from server.registry import Registry
 
+pytestmark = pytest.mark.integration  # real worker processes, SIGKILLed
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import _registry_crash_worker as W  # noqa: E402

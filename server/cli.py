@@ -1,43 +1,19 @@
-"""``rpe``: the command line of the RPE federation (registry, embeddings, composition, audit).
+"""``rpe`` sub-commands of the coordinator: registry, blob-key, compose, audit, experiment.
 
-Site-side commands (``embed``, ``keygen``) and coordinator-side commands (``registry``,
-``compose``, ``audit``) share one entry point; heavy modules are imported inside each command so
-that ``rpe --help`` is instant and a site never imports the coordinator's code.
+``register(subparsers)`` adds them to the top-level parser that ``deploy.cli`` builds. Heavy modules
+(torch, the registry, Chroma) are imported inside each command so that ``rpe --help`` stays instant;
+every lazy import stays inside ``server`` or ``common`` (the layer rule, checked by import-linter).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
-
-
-class CliError(Exception):
-    """A user error: printed as one line, exit status 2."""
-
-
-def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
-    if not rows:
-        print("(none)")
-        return
-    cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
-    print("  ".join("-" * w for w in widths))
-    for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "" if value is None else str(value)
+from common.cli_base import CliError, print_table
 
 
 def _load_z(path: str) -> Any:
@@ -138,7 +114,7 @@ def cmd_registry_ls(args: argparse.Namespace) -> None:
     rows = [{"id": r.id, "site": r.meta.site, "task": r.meta.task, "modality": r.meta.modality,
              "rank": r.meta.rank, "samples": r.meta.sample_count, "bytes": r.bytes,
              "created": r.meta.created_at} for r in records]
-    _print_table(rows, ["id", "site", "task", "modality", "rank", "samples", "bytes", "created"])
+    print_table(rows, ["id", "site", "task", "modality", "rank", "samples", "bytes", "created"])
 
 
 def cmd_registry_show(args: argparse.Namespace) -> None:
@@ -157,67 +133,6 @@ def cmd_registry_rm(args: argparse.Namespace) -> None:
     finally:
         reg.close()
     print(f"removed {rec.id} (blob {rec.blob_sha256[:12]}… kept for the audit trail; `gc` deletes it)")
-
-
-# ---------------------------------------------------------------------------------------------
-# site side
-# ---------------------------------------------------------------------------------------------
-
-
-def cmd_embed(args: argparse.Namespace) -> None:
-    import numpy as np
-
-    from common.data import read_jsonl
-    from common.tasks import TextReportTask
-
-    examples = read_jsonl(args.data)
-    task = TextReportTask()
-    texts = task.embedding_texts(examples)
-    if args.representation == "minilm":
-        from common.embedding import sentence_embedding
-
-        res = sentence_embedding(texts, progress=not args.quiet)
-    else:
-        from common.embedding import mean_embedding
-        from common.models import load_base_model
-
-        mech = _z_mechanism(args)
-        model, tok = load_base_model(args.model)
-        res = mean_embedding(model, tok, texts, layer=args.layer, max_length=args.max_length,
-                             progress=not args.quiet, clip_norm=mech.clip if mech else None)
-    z = res.z if mech is None else mech.apply(res.z, res.n_tokens)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out, z.astype(np.float32))
-    summary = {"out": str(out), "dim": int(res.z.shape[0]), "examples": res.n_examples, "tokens": res.n_tokens,
-               "representation": res.representation, "layer": res.layer}
-    if mech is not None:
-        summary["privacy"] = mech.record()
-    print(json.dumps(summary) if args.json else
-          f"wrote {out}: z of dim {summary['dim']} over {res.n_examples} examples / {res.n_tokens} tokens")
-
-
-def _z_mechanism(args: argparse.Namespace) -> Any:
-    """The Gaussian mechanism asked for on the command line (``--z-clip`` with a noise level), or None."""
-    from common.privacy import PrivacyConfigError, ZMechanism
-
-    policy = {k: v for k, v in (("z-clip", args.z_clip), ("z-noise-multiplier", args.z_noise_multiplier),
-                                ("z-epsilon", args.z_epsilon), ("z-delta", args.z_delta)) if v is not None}
-    if policy and args.representation != "hidden-mean":
-        raise CliError("the Gaussian mechanism on z is implemented for --representation hidden-mean only")
-    try:
-        return ZMechanism.from_policy(policy)
-    except PrivacyConfigError as exc:
-        import re
-
-        raise CliError(re.sub(r"'(z-[a-z-]+)'", r"--\1", str(exc).replace("node config ", ""))) from None
-
-
-def cmd_keygen(args: argparse.Namespace) -> None:
-    from common.signing import generate_keypair
-
-    priv, pub = generate_keypair(args.out, args.site)
-    print(f"private key {priv} (keep it at the site)\npublic key  {pub} (give it to the coordinator)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,7 +163,7 @@ def cmd_compose(args: argparse.Namespace) -> None:
         print(json.dumps({"strategy": args.strategy, "retrieved": rows, "out": str(res.out_dir),
                           "output_sha256": res.output_sha256}, indent=2))
         return
-    _print_table(rows, ["id", "distance", "weight"])
+    print_table(rows, ["id", "distance", "weight"])
     print(f"composed adapter written to {res.out_dir} (sha256 {res.output_sha256[:16]}…)")
 
 
@@ -299,14 +214,8 @@ def cmd_experiment(args: argparse.Namespace) -> None:
     experiment_main(profile=args.profile, out_dir=args.out, groups=args.groups)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="rpe",
-        description="Retrieval-based parameter ensembles: store site LoRAs with their data embeddings, "
-                    "and compose the nearest ones for a new site without training.",
-    )
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def register(sub: Any) -> None:
+    """Add the coordinator's commands to the top-level ``rpe`` subparsers."""
     reg = sub.add_parser("registry", help="create, fill and inspect a LoRA registry",
                          description="The coordinator's LoRA registry (records + blobs + Chroma index).")
     rsub = reg.add_subparsers(dest="registry_command", required=True, metavar="ACTION")
@@ -376,24 +285,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("file", metavar="FILE", help="key file to create")
     r.set_defaults(func=cmd_blob_key_new)
 
-    e = sub.add_parser("embed", help="compute a dataset's mean embedding z (site side)",
-                       description="Mean of a hidden layer of the frozen base model over all non-padding "
-                                   "tokens of a dataset (JSONL with 'prompt' fields; labels are not needed).")
-    e.add_argument("--data", required=True, help="JSONL dataset file")
-    e.add_argument("--out", required=True, help="where to write z (.npy)")
-    e.add_argument("--model", default="smollm2-135m-instruct", help="base model directory or name")
-    e.add_argument("--representation", choices=["hidden-mean", "minilm"], default="hidden-mean")
-    e.add_argument("--layer", type=int, default=-1)
-    e.add_argument("--max-length", type=int, default=256, help="tokens per example (longer are truncated)")
-    e.add_argument("--quiet", action="store_true", help="no progress bar")
-    e.add_argument("--json", action="store_true")
-    e.add_argument("--z-clip", type=float, help="Gaussian mechanism: L2 bound on each report's token sum "
-                   "(`rpe privacy z-norms` helps choose it); needs --z-epsilon or --z-noise-multiplier")
-    e.add_argument("--z-epsilon", type=float, help="target ε of this z (σ is calibrated)")
-    e.add_argument("--z-noise-multiplier", type=float, help="noise std / z-clip (instead of --z-epsilon)")
-    e.add_argument("--z-delta", type=float, help="δ (default 1e-5)")
-    e.set_defaults(func=cmd_embed)
-
     c = sub.add_parser("compose", help="retrieve, weigh and compose adapters for a target embedding",
                        description="θ = θ0 + Σ w_i δθ_i over the k nearest adapters; writes a PEFT adapter dir.")
     c.add_argument("--registry", required=True)
@@ -410,12 +301,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true")
     c.add_argument("--blob-key-file", help=_BLOB_KEY_HELP)
     c.set_defaults(func=cmd_compose)
-
-    k = sub.add_parser("keygen", help="create a site's Ed25519 signing key pair",
-                       description="Writes SITE.key (private, mode 0600) and SITE.pub into --out.")
-    k.add_argument("--site", required=True)
-    k.add_argument("--out", required=True, help="directory for the key files")
-    k.set_defaults(func=cmd_keygen)
 
     a = sub.add_parser("audit", help="verify and summarise audit logs",
                        description="Offline checks an auditor can run without trusting the coordinator.")
@@ -442,32 +327,3 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", default="runs/experiment", help="output directory")
     x.add_argument("--groups", nargs="*", help="report groups (default: the four largest distinct ones)")
     x.set_defaults(func=cmd_experiment)
-
-    from common.privacy_cli import add_commands as add_privacy_commands
-
-    add_privacy_commands(sub)
-    return p
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``rpe`` console script."""
-    args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except CliError as exc:
-        print(f"rpe: error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except (ValueError, LookupError, OSError) as exc:  # typed library errors carry their own advice
-        print(f"rpe: error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except Exception as exc:
-        from server.registry import RegistryError
-
-        if isinstance(exc, RegistryError):
-            print(f"rpe: error: {type(exc).__name__}: {exc}", file=sys.stderr)
-            sys.exit(2)
-        raise
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,193 @@
+"""``rpe`` sub-commands of a site: embed, keygen, privacy.
+
+``register(subparsers)`` adds them to the top-level parser that ``deploy.cli`` builds. They run at a
+hospital, so they import only ``client`` and ``common`` (never the coordinator's code), and heavy
+modules only inside each command so that ``rpe --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from common.cli_base import CliError
+
+PRIVACY_DESCRIPTION = (
+    "``rpe privacy``: plan, calibrate and account a site's differential privacy (``common.privacy``).\n"
+    """
+    rpe privacy epsilon --noise-multiplier 1.0            # ε of one Gaussian release of z
+    rpe privacy epsilon --epsilon 4                       # the noise multiplier that gives ε = 4
+    rpe privacy epsilon --noise-multiplier 1 --sample-rate 0.06 --steps 40   # DP-SGD's ε
+    rpe privacy z-norms --data site/train.jsonl           # choose z-clip from the site's own data
+    rpe privacy spent --egress site/egress.jsonl          # ε spent over everything that left the site
+"""
+)
+
+
+def cmd_embed(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from common.data import read_jsonl
+    from common.tasks import TextReportTask
+
+    examples = read_jsonl(args.data)
+    task = TextReportTask()
+    texts = task.embedding_texts(examples)
+    mech = _z_mechanism(args)  # before the branch: None for minilm (it refuses noise options there)
+    if args.representation == "minilm":
+        from common.embedding import sentence_embedding
+
+        res = sentence_embedding(texts, progress=not args.quiet)
+    else:
+        from common.embedding import mean_embedding
+        from common.models import load_base_model
+
+        model, tok = load_base_model(args.model)
+        res = mean_embedding(model, tok, texts, layer=args.layer, max_length=args.max_length,
+                             progress=not args.quiet, clip_norm=mech.clip if mech else None)
+    z = res.z if mech is None else mech.apply(res.z, res.n_tokens)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, z.astype(np.float32))
+    summary = {"out": str(out), "dim": int(res.z.shape[0]), "examples": res.n_examples, "tokens": res.n_tokens,
+               "representation": res.representation, "layer": res.layer}
+    if mech is not None:
+        summary["privacy"] = mech.record()
+    print(json.dumps(summary) if args.json else
+          f"wrote {out}: z of dim {summary['dim']} over {res.n_examples} examples / {res.n_tokens} tokens")
+
+
+def _z_mechanism(args: argparse.Namespace) -> Any:
+    """The Gaussian mechanism asked for on the command line (``--z-clip`` with a noise level), or None."""
+    from common.privacy import PrivacyConfigError, ZMechanism
+
+    policy = {k: v for k, v in (("z-clip", args.z_clip), ("z-noise-multiplier", args.z_noise_multiplier),
+                                ("z-epsilon", args.z_epsilon), ("z-delta", args.z_delta)) if v is not None}
+    if policy and args.representation != "hidden-mean":
+        raise CliError("the Gaussian mechanism on z is implemented for --representation hidden-mean only")
+    try:
+        return ZMechanism.from_policy(policy)
+    except PrivacyConfigError as exc:
+        import re
+
+        raise CliError(re.sub(r"'(z-[a-z-]+)'", r"--\1", str(exc).replace("node config ", ""))) from None
+
+
+def cmd_keygen(args: argparse.Namespace) -> None:
+    from common.signing import generate_keypair
+
+    priv, pub = generate_keypair(args.out, args.site)
+    print(f"private key {priv} (keep it at the site)\npublic key  {pub} (give it to the coordinator)")
+
+
+def cmd_epsilon(args: argparse.Namespace) -> None:
+    from common.privacy import calibrate_gaussian, composed_epsilon, gaussian_epsilon
+
+    if (args.noise_multiplier is None) == (args.epsilon is None):
+        raise CliError("rpe privacy epsilon: give exactly one of --noise-multiplier or --epsilon")
+    if args.epsilon is not None:
+        sigma = calibrate_gaussian(args.epsilon, args.delta)
+        print(f"noise multiplier {sigma:.4f} makes one Gaussian release (ε={args.epsilon:g}, δ={args.delta:g})-DP; "
+              f"node config: z-epsilon = {args.epsilon:g} (or z-noise-multiplier = {sigma:.4f})")
+        return
+    if args.steps > 1 or args.sample_rate < 1.0:
+        eps = composed_epsilon([(args.noise_multiplier, args.sample_rate, args.steps)], args.delta)
+        how = f"{args.steps} steps at sample rate {args.sample_rate:g} (RDP accountant)"
+    else:
+        eps = gaussian_epsilon(args.noise_multiplier, args.delta)
+        how = "one release (analytic Gaussian mechanism)"
+    print(f"ε = {eps:.4f} at δ = {args.delta:g} for noise multiplier {args.noise_multiplier:g}, {how}")
+
+
+def cmd_z_norms(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from client.app import load_site_data
+    from common.embedding import mean_embedding
+    from common.models import load_base_model
+    from common.tasks import TextReportTask
+
+    data = load_site_data(args.data)
+    texts = TextReportTask().embedding_texts(data.all)
+    model, tok = load_base_model(args.model)
+    emb = mean_embedding(model, tok, texts, layer=args.layer, return_sums=True)
+    norms = emb.example_norms if emb.example_norms is not None else np.zeros(0)
+    qs = {q: float(np.percentile(norms, q)) for q in (10, 50, 90, 99, 100)}
+    print(f"{len(norms)} reports, {emb.n_tokens} tokens; L2 norm of each report's token sum at layer {emb.layer}:")
+    print("  " + "  ".join(f"p{q}={v:,.1f}" for q, v in qs.items()))
+    print(f"z-clip at the median ({qs[50]:,.1f}) scales half the reports down and keeps noise small; at p90 "
+          f"({qs[90]:,.1f}) z is nearly the non-private z but the noise is {qs[90] / max(qs[50], 1e-12):.1f}x "
+          "larger. The noise on z has std z-noise-multiplier x z-clip / total tokens per dimension.")
+    print("These numbers describe private data: keep them at the site.")
+
+
+def cmd_spent(args: argparse.Namespace) -> None:
+    from common.privacy import read_egress, spent_from_egress
+
+    spent = spent_from_egress(read_egress(args.egress), args.delta)
+    if args.json:
+        print(json.dumps({"epsilon": None if math.isinf(spent.epsilon) else spent.epsilon, "delta": spent.delta,
+                          "releases": spent.releases, "non_private": spent.non_private}, indent=1))
+    else:
+        print(spent.summary())
+
+
+def register(sub: Any) -> None:
+    """Add the site's commands to the top-level ``rpe`` subparsers."""
+    e = sub.add_parser("embed", help="compute a dataset's mean embedding z (site side)",
+                       description="Mean of a hidden layer of the frozen base model over all non-padding "
+                                   "tokens of a dataset (JSONL with 'prompt' fields; labels are not needed).")
+    e.add_argument("--data", required=True, help="JSONL dataset file")
+    e.add_argument("--out", required=True, help="where to write z (.npy)")
+    e.add_argument("--model", default="smollm2-135m-instruct", help="base model directory or name")
+    e.add_argument("--representation", choices=["hidden-mean", "minilm"], default="hidden-mean")
+    e.add_argument("--layer", type=int, default=-1)
+    e.add_argument("--max-length", type=int, default=256, help="tokens per example (longer are truncated)")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.add_argument("--json", action="store_true")
+    e.add_argument("--z-clip", type=float, help="Gaussian mechanism: L2 bound on each report's token sum "
+                   "(`rpe privacy z-norms` helps choose it); needs --z-epsilon or --z-noise-multiplier")
+    e.add_argument("--z-epsilon", type=float, help="target ε of this z (σ is calibrated)")
+    e.add_argument("--z-noise-multiplier", type=float, help="noise std / z-clip (instead of --z-epsilon)")
+    e.add_argument("--z-delta", type=float, help="δ (default 1e-5)")
+    e.set_defaults(func=cmd_embed)
+
+    k = sub.add_parser("keygen", help="create a site's Ed25519 signing key pair",
+                       description="Writes SITE.key (private, mode 0600) and SITE.pub into --out.")
+    k.add_argument("--site", required=True)
+    k.add_argument("--out", required=True, help="directory for the key files")
+    k.set_defaults(func=cmd_keygen)
+
+    p = sub.add_parser("privacy", help="differential privacy: calibrate noise, choose z-clip, account ε spent",
+                       description=PRIVACY_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    psub = p.add_subparsers(dest="privacy_command", required=True)
+
+    e = psub.add_parser("epsilon", help="ε for a noise multiplier, or the noise multiplier for a target ε")
+    e.add_argument("--noise-multiplier", type=float, help="noise std / sensitivity (σ)")
+    e.add_argument("--epsilon", type=float, help="target ε for one release: prints the σ that achieves it")
+    e.add_argument("--delta", type=float, default=1e-5, help="δ (default 1e-5; keep it below 1/number of reports)")
+    e.add_argument("--sample-rate", type=float, default=1.0, help="DP-SGD: batch size / number of reports")
+    e.add_argument("--steps", type=int, default=1, help="DP-SGD: training steps")
+    e.set_defaults(func=cmd_epsilon)
+
+    z = psub.add_parser("z-norms", help="distribution of per-report token-sum norms, to choose node config z-clip")
+    z.add_argument("--data", required=True, type=_path, help="the site's JSONL file or data directory")
+    z.add_argument("--model", default="smollm2-135m-instruct", help="base model directory or name")
+    z.add_argument("--layer", type=int, default=-1, help="hidden-state layer of z (default -1, as enrolment)")
+    z.set_defaults(func=cmd_z_norms)
+
+    s = psub.add_parser("spent", help="ε spent over every release in a site's egress log (RDP composition)")
+    s.add_argument("--egress", required=True, help="the site's egress.jsonl")
+    s.add_argument("--delta", type=float, default=1e-5, help="δ of the total (default 1e-5)")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_spent)
+
+
+def _path(value: str) -> Any:
+    p = Path(value).expanduser()
+    if not p.exists():
+        raise argparse.ArgumentTypeError(f"{p} does not exist")
+    return p

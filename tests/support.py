@@ -1,0 +1,111 @@
+"""Shared test fakes and factories (one place, so every test builds the same things the same way).
+
+* ``make_tiny_llama``: a tiny random Llama with the real SmolLM2 tokenizer (seconds to build).
+* ``tiny_adapter``: a random LoRA adapter on every q_proj of a model directory.
+* ``write_site_data``: one site's real report data (train/eval JSONL) per report group.
+* ``LocalGrid``: an in-process Flower ``Grid`` that hands each message straight to the real ClientApp.
+
+Imported by test modules as ``from support import ...`` (pytest puts ``tests/`` on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from common.lora import LoraAdapter, LoraModule
+from common.models import SMOLLM2_TOKENIZER_DIR, TOKENIZER_FILES
+
+
+def make_tiny_llama(out_dir: str | os.PathLike[str], seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
+    """A tiny random Llama with the real SmolLM2 tokenizer, for fast tests (seconds, ~3 M params)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = Path(out_dir)
+    if (out / "model.safetensors").exists():
+        return out
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=49152, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, max_position_embeddings=512,
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        shutil.copy2(SMOLLM2_TOKENIZER_DIR / name, out / name)
+    return out
+
+
+def tiny_adapter(model_dir: Path, seed: int, rank: int = 4, scale: float = 2.0) -> LoraAdapter:
+    """A small random LoRA adapter on every layer's q_proj of the model in ``model_dir``."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    h = cfg["hidden_size"]
+    mods = {f"model.layers.{i}.self_attn.q_proj": LoraModule(torch.randn(rank, h, generator=g) * 0.01,
+                                                          torch.randn(h, rank, generator=g) * 0.01, scale)
+            for i in range(cfg["num_hidden_layers"])}
+    return LoraAdapter(mods)
+
+
+def write_site_data(root: Path, sites: dict[str, str], n: int = 14, n_eval: int = 2) -> dict[str, Path]:
+    """``root/<site>/{train,eval}.jsonl`` from the first ``n`` real reports of each site's group."""
+    from common.data import report_groups, split, write_jsonl
+
+    groups = report_groups()
+    out = {}
+    for site, group in sites.items():
+        train, held = split(groups[group][:n], n_eval, seed=0)
+        write_jsonl(root / site / "train.jsonl", train)
+        write_jsonl(root / site / "eval.jsonl", held)
+        out[site] = root / site
+    return out
+
+
+class LocalGrid:
+    """A Grid that delivers each message straight to the site's ClientApp, in this process.
+
+    ``contexts`` maps node id to the site's Flower ``Context``; messages to a node in ``offline``
+    get Flower's "Node Unavailable" error; ``tamper(reply)`` may rewrite each reply (a hostile site).
+    ``sent`` keeps every message pushed, for assertions on what the coordinator asked.
+    """
+
+    def __init__(self, contexts: dict, run_id: int, offline: tuple[int, ...] = (), tamper: Any = None) -> None:
+        self.contexts, self.offline, self.tamper = contexts, set(offline), tamper
+        self.run = SimpleNamespace(run_id=run_id)
+        self.replies: dict = {}
+        self.sent: list = []
+
+    def get_node_ids(self) -> list[int]:
+        return [n for n in self.contexts if n not in self.offline]
+
+    def push_messages(self, messages: Any) -> list[str]:
+        import uuid
+
+        from flwr.app import Error, Message
+
+        from client.app import app as client_app
+
+        ids = []
+        for msg in messages:
+            mid = uuid.uuid4().hex
+            msg.metadata.__dict__["_message_id"] = mid
+            msg.metadata.__dict__["_run_id"] = self.run.run_id  # as the SuperLink stamps it
+            node = msg.metadata.dst_node_id
+            self.sent.append(msg)
+            if node in self.offline:
+                self.replies[mid] = Message(Error(5, "Node Unavailable"), reply_to=msg)
+            else:
+                reply = client_app(msg, self.contexts[node])
+                self.replies[mid] = self.tamper(reply) if self.tamper else reply
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, ids: Any) -> list:
+        return [self.replies.pop(i) for i in list(ids) if i in self.replies]

@@ -1,0 +1,148 @@
+"""Simulation mode: ``flwr run . local`` with a local simulation federation of two partitions.
+
+In simulation a node's config holds only ``partition-id``, so the run config maps partitions to
+sites (``sim-sites``, ``sim-data-root``, ``sim-model-path``, ``sim-site-root``). The test runs
+``enroll`` then ``compose`` with the tiny model and checks that the registry holds one record per
+site and that the composition was delivered. ``flwr run`` in simulation leaves a SuperLink and a
+SuperExec (and the simulation backend's workers) running: every process started with this test's
+``FLWR_HOME`` is found through its environment and stopped by PID.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from support import write_site_data
+
+from deploy import launch
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[1]
+SITES = {"a": "ct-head", "b": "mr-head"}
+RUN_TIMEOUT = 420.0
+
+
+def processes_with_env(marker: str) -> list[tuple[int, int]]:
+    """(pid, start time) of every live process whose environment holds ``marker`` (not this one)."""
+    found = []
+    needle = marker.encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            env = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        start = launch.proc_start_time(int(entry.name))
+        if needle in env.split(b"\0") and start is not None:
+            found.append((int(entry.name), start))
+    return found
+
+
+def sim_env(flwr_home: Path, ports: tuple[int, int]) -> dict[str, str]:
+    """Flower's environment with this test's FLWR_HOME and its own local-SuperLink ports (no clash with others)."""
+    return launch.process_env(flwr_home, {"FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(ports[0]),
+                                          "FLWR_LOCAL_CONTROL_API_PORT": str(ports[1])})
+
+
+def start_local_superlink(flwr_home: Path, ports: tuple[int, int], timeout: float = 150.0) -> subprocess.Popen:
+    """The simulation SuperLink ``flwr run . local`` would start, started here with a longer wait.
+
+    flwr gives it 15 s to answer, too short on a busy two-core machine; started as flwr would start
+    it (same flags, same ports), ``flwr run`` finds it up and uses it, and its PID is known here.
+    """
+    runtime = flwr_home / "local-superlink"
+    runtime.mkdir(parents=True, exist_ok=True)
+    cmd = [str(Path(sys.executable).parent / "flower-superlink"), "--insecure", "--simulation", "--isolation",
+           "subprocess", "--control-api-address", f"127.0.0.1:{ports[1]}", "--host", "127.0.0.1", "--port",
+           str(ports[0]), "--database", str(runtime / "state.db")]
+    with open(runtime / "superlink.log", "ab") as log:
+        proc = subprocess.Popen(cmd, cwd=flwr_home, env=sim_env(flwr_home, ports), stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"local SuperLink exited with {proc.returncode}: "
+                                 f"{(runtime / 'superlink.log').read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/health", timeout=2):
+                return proc
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"local SuperLink not ready within {timeout:.0f} s")
+
+
+def flwr_run_local(flwr_home: Path, ports: tuple[int, int], config: dict,
+                   num_supernodes: int) -> subprocess.CompletedProcess:
+    import tomli_w
+
+    cfg_file = flwr_home / f"run-{config['mode']}.toml"
+    cfg_file.write_text(tomli_w.dumps(config))
+    cmd = [str(Path(sys.executable).parent / "flwr"), "run", str(REPO), "local", "--stream",
+           "--federation-config", f"num-supernodes={num_supernodes}", "--run-config", str(cfg_file)]
+    return subprocess.run(cmd, cwd=REPO, env=sim_env(flwr_home, ports), capture_output=True, text=True,
+                          timeout=RUN_TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def simulation(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
+    tmp = tmp_path_factory.mktemp("simulation")
+    data = write_site_data(tmp / "data", SITES, n=10, n_eval=2)
+    flwr_home = tmp / "flwr-home"
+    flwr_home.mkdir()
+    (flwr_home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
+    registry = tmp / "registry"
+    base = {"registry-dir": str(registry), "base-model": str(tiny_model_dir), "chroma": "off",
+            "steps": 2, "lora-r": 4, "lora-alpha": 8.0, "batch-size": 4, "max-length": 96, "max-eval": 2,
+            "timeout-train": 300.0, "timeout-query": 120.0, "sim-sites": ",".join(SITES),
+            "sim-data-root": str(next(iter(data.values())).parent), "sim-model-path": str(tiny_model_dir),
+            "sim-site-root": str(tmp / "sites"), "sim-threads": 1}
+    runs = {}
+    try:
+        ports = (launch.free_port(), launch.free_port())
+        while ports[1] == ports[0]:
+            ports = (ports[0], launch.free_port())
+        start_local_superlink(flwr_home, ports)
+        for mode, extra in (("enroll", {}), ("compose", {"target": "a", "strategy": "avg", "k": 1})):
+            t0 = time.monotonic()
+            res = flwr_run_local(flwr_home, ports, {**base, "mode": mode, **extra}, num_supernodes=len(SITES))
+            print(f"simulation {mode}: {time.monotonic() - t0:.1f} s", file=sys.stderr)
+            runs[mode] = res
+        yield {"registry": registry, "runs": runs, "tmp": tmp, "flwr_home": flwr_home}
+    finally:
+        leftover = processes_with_env(f"FLWR_HOME={flwr_home}")
+        for pid, start in leftover:
+            launch.stop_process(pid, start, timeout=10.0)
+        still = [pid for pid, start in leftover if launch.is_alive(pid, start)]
+        assert not still, f"simulation processes still running: {still}"
+
+
+def _report(registry: Path, mode: str) -> dict:
+    reports = sorted((registry / "runs").glob(f"*-{mode}.json"), key=lambda p: p.stat().st_mtime)
+    assert reports, f"no {mode} report under {registry / 'runs'}"
+    return json.loads(reports[-1].read_text())
+
+
+def test_simulation_enroll_stores_one_record_per_partition(simulation):
+    res = simulation["runs"]["enroll"]
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    report = _report(simulation["registry"], "enroll")
+    assert {s: r["status"] for s, r in report["enroll"].items()} == dict.fromkeys(SITES, "accepted")
+    records = [json.loads(x) for x in (simulation["registry"] / "records.jsonl").read_text().splitlines() if x]
+    assert sorted({r["meta"]["site"] for r in records if "meta" in r}) == sorted(SITES)
+
+
+def test_simulation_compose_delivers_to_the_target_partition(simulation):
+    res = simulation["runs"]["compose"]
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    report = _report(simulation["registry"], "compose")
+    assert report["compose"]["a"]["status"] == "delivered"
+    assert report["compose"]["a"]["sites"] == ["b"]
