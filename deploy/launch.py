@@ -54,12 +54,16 @@ class SiteSpec:
     threads: int = 0
     #: the site's privacy policy, node-config keys of ``common.privacy.POLICY_KEYS`` (off when empty)
     privacy: dict[str, float] = field(default_factory=dict)
+    #: SHA-256 of the app bundle(s) the site approved (comma-separated); checked by client/pin.py
+    app_sha256: str = ""
 
     def node_config(self) -> dict[str, Any]:
         out: dict[str, Any] = {"site-id": self.site, "data-path": self.data_path, "model-path": self.model_path,
                                "site-dir": self.site_dir}
         if self.threads:
             out["threads"] = self.threads
+        if self.app_sha256:
+            out["app-sha256"] = self.app_sha256
         out.update({k: float(v) for k, v in self.privacy.items()})
         return out
 
@@ -315,9 +319,14 @@ def write_flwr_config(flwr_home: Path, name: str, address: str, root_certificate
     return path
 
 
+#: Prepended to every ``flwr`` CLI command, e.g. ``["ip", "netns", "exec", "coord"]`` to act as an
+#: operator inside another network namespace (the multi-host tests).
+CLI_PREFIX: list[str] = []
+
+
 def flwr_cli(args: list[str], flwr_home: Path, timeout: float = 60.0) -> dict[str, Any]:
     """Run ``flwr <args> --format json``; return the parsed JSON (``flwr`` exits 0 even on failure)."""
-    cmd = [_bin("flwr"), *args, "--format", "json"]
+    cmd = [*CLI_PREFIX, _bin("flwr"), *args, "--format", "json"]
     res = subprocess.run(cmd, capture_output=True, text=True, env=process_env(flwr_home), timeout=timeout)
     text = res.stdout.strip()
     start = text.find("{")
@@ -343,7 +352,7 @@ def run_app(flwr_home: Path, app: Path, config: dict[str, Any], registry: Path, 
 
     cfg_file = Path(flwr_home) / f"run-{time.monotonic_ns()}.toml"
     cfg_file.write_text(tomli_w.dumps(config))
-    res = subprocess.run([_bin("flwr"), "run", str(app), federation, "--format", "json", "--run-config",
+    res = subprocess.run([*CLI_PREFIX, _bin("flwr"), "run", str(app), federation, "--format", "json", "--run-config",
                           str(cfg_file)], capture_output=True, text=True, env=process_env(Path(flwr_home)),
                          timeout=120)
     start = res.stdout.find("{")
@@ -543,13 +552,23 @@ def start_supernode(workdir: Path, spec: SiteSpec, superlink: str, root_cert: Pa
     port = spec.port or free_port()
     spec.port = port
     home = flwr_home or site_dir / "flwr-home"
+    from client.pin import install_wrapper, parse_pins
+
+    try:
+        parse_pins(spec.app_sha256)
+    except ValueError as exc:
+        raise LaunchError(f"site {spec.site!r}: {exc}") from None
+    # the site's own flwr-clientapp (checks the app bundle against app-sha256) comes first on PATH
+    wrapper_dir = install_wrapper(site_dir / "bin", sys.executable, str(Path(__file__).resolve().parents[1])).parent
+    env = process_env(home)
+    env["PATH"] = f"{wrapper_dir}{os.pathsep}{env['PATH']}"
     cmd = [
         _bin("flower-supernode"), "--superlink", superlink,
         "--root-certificates", str(Path(root_cert).resolve()),
         "--auth-supernode-private-key", str(Path(private_key).resolve()),
         "--node-config", str(node_config_file), "--port", str(port),
     ]
-    proc = _spawn(cmd, workdir / "logs" / f"supernode-{spec.site}.log", process_env(home), site_dir)
+    proc = _spawn(cmd, workdir / "logs" / f"supernode-{spec.site}.log", env, site_dir)
     proc.update(site=spec.site, port=port, node_config=spec.node_config(), private_key=str(private_key))
     state = load_state(workdir)
     state.setdefault("sites", {})[spec.site] = proc
@@ -646,7 +665,8 @@ def restart_site(workdir: Path, site: str) -> dict[str, Any]:
     from common.privacy import POLICY_KEYS
 
     spec = SiteSpec(site, nc["data-path"], nc.get("model-path", ""), nc.get("site-dir", ""), proc["port"],
-                    int(nc.get("threads", 0)), {k: float(nc[k]) for k in POLICY_KEYS if k in nc})
+                    int(nc.get("threads", 0)), {k: float(nc[k]) for k in POLICY_KEYS if k in nc},
+                    str(nc.get("app-sha256", "")))
     return start_supernode(workdir, spec, state["superlink"]["address"], Path(state["ca_cert"]),
                            Path(proc["private_key"]))
 
@@ -740,6 +760,7 @@ def main(argv: list[str] | None = None) -> int:
                       help="nginx in front of the SuperLink (default: on unless --host is loopback)")
     p_up.add_argument("--site-network", action="append", default=[], metavar="CIDR",
                       help="with --proxy: networks allowed to use the Fleet API (default: any)")
+    p_up.add_argument("--app-sha256", default="", help="pin every site to this app bundle (see `supernode`)")
     p_up.add_argument("--no-sign", action="store_true",
                       help="do not create Ed25519 submission keys / the allow-list ($RPE_ALLOWLIST)")
 
@@ -777,6 +798,9 @@ def main(argv: list[str] | None = None) -> int:
     p_node.add_argument("--site-dir", default="", help="adapters, egress log (default WORKDIR/sites/ID)")
     p_node.add_argument("--port", type=int, default=DEFAULT_SUPERNODE_PORT, help="local ClientApp port")
     p_node.add_argument("--threads", type=int, default=0, help="torch threads per ClientApp")
+    p_node.add_argument("--app-sha256", default="",
+                        help="SHA-256 of the app bundle this site approved (`python -m client.pin hash APP`); "
+                             "runs of any other code are refused before it is installed")
     p_node.add_argument("--privacy", action="append", default=[], metavar="KEY=VALUE",
                         help="the site's privacy policy, repeatable: dp-noise-multiplier, dp-max-grad-norm, "
                              "dp-delta (DP-SGD for the adapter); z-clip with z-noise-multiplier or z-epsilon, "
@@ -807,6 +831,7 @@ def main(argv: list[str] | None = None) -> int:
                 spec.port = args.supernode_port + i
                 spec.threads = args.threads
                 spec.privacy = _privacy_args(args.privacy, spec.site)
+                spec.app_sha256 = args.app_sha256
             state = up(args.workdir, specs, args.host, args.port, args.registry, args.tls_host,
                        sign=not args.no_sign, proxy=args.proxy, site_networks=args.site_network)
             print(json.dumps(status(args.workdir), indent=2))
@@ -835,7 +860,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"allow-list {allow.path}: {allow.sites()}")
         elif args.command == "supernode":
             spec = SiteSpec(args.site_id, str(Path(args.data_path).resolve()), args.model_path, args.site_dir,
-                            args.port, args.threads, _privacy_args(args.privacy))
+                            args.port, args.threads, _privacy_args(args.privacy), args.app_sha256)
             proc = start_supernode(args.workdir, spec, args.superlink, args.root_certificates, args.auth_key)
             keys = Path(spec.site_dir) / "keys"
             if not (keys / f"{spec.site}.key").exists():
