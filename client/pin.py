@@ -91,8 +91,19 @@ def _install_guard() -> None:
 
     def guarded(client: Any) -> Any:
         message, context, run, fab = original(client)
-        check_fab(fab.content, dict(context.node_config), run.run_id, getattr(run, "fab_id", ""),
-                  message.metadata.message_type)
+        try:
+            check_fab(fab.content, dict(context.node_config), run.run_id, getattr(run, "fab_id", ""),
+                      message.metadata.message_type)
+        except AppNotApproved as exc:
+            # flwr pushes its error reply only once it holds the context, which it never gets when
+            # this raises: answer here, else the SuperNode waits for this task and stalls
+            from flwr.app import Error, Message
+
+            from common.wire import ERROR_REFUSED
+
+            rc.push_message(client, Message(Error(code=ERROR_REFUSED, reason=f"refused: {exc}"), reply_to=message),
+                            context)
+            raise
         return message, context, run, fab
 
     rc.pull_task_input = guarded

@@ -105,7 +105,8 @@ def hosts(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
 
     tmp = tmp_path_factory.mktemp("multihost")
     topo = netns.Topology().create()
-    procs: list[subprocess.Popen] = []
+    procs: dict[str, subprocess.Popen] = {}
+    launchers: dict[str, tuple[list[str], Path]] = {}
     saved_prefix = list(launch.CLI_PREFIX)
     try:
         coord, registry = tmp / "coord", tmp / "registry"
@@ -117,9 +118,9 @@ def hosts(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
             cmd += ["--tls-host", topo.coord_addr[host]]
         cmd += ["--site-network", topo.nets["site-a"], "--site-network", topo.nets["site-b"]]
         t0 = time.monotonic()
-        procs.append(_start(cmd, link_log))
+        procs["coord"] = _start(cmd, link_log)
         _wait(lambda: "SuperLink PID" in (link_log.read_text() if link_log.exists() else ""), 120,
-              "the coordinator did not come up", procs[-1], link_log)
+              "the coordinator did not come up", procs["coord"], link_log)
         state = launch.load_state(coord)
         launch.CLI_PREFIX[:] = topo.prefix("coord")  # the operator works on the coordinator host
         pin = fab_sha256(REPO)
@@ -138,23 +139,25 @@ def hosts(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
         for site, sdir in site_dirs.items():
             host = f"site-{site}"
             log = tmp / f"{host}-launch.log"
-            procs.append(_start([
+            launchers[site] = ([
                 *topo.prefix(host), sys.executable, "-m", "deploy.launch", "supernode", "--attach",
                 "--workdir", str(sdir), "--superlink", f"{topo.coord_addr[host]}:{PORT}",
                 "--root-certificates", str(sdir / "ca.crt"), "--auth-key", str(keys[site].private_key),
                 "--site-id", site, "--data-path", str(data[site]), "--model-path", str(tiny_model_dir),
-                "--site-dir", str(sdir / "site"), "--port", "9094", "--threads", "1", "--app-sha256", pin], log))
+                "--site-dir", str(sdir / "site"), "--port", "9094", "--threads", "1", "--app-sha256", pin], log)
+            procs[site] = _start(*launchers[site])
             pub = sdir / "site" / "keys" / f"{site}.pub"
-            _wait(pub.exists, 60, f"site {site} did not start", procs[-1], log)
+            _wait(pub.exists, 60, f"site {site} did not start", procs[site], log)
             allow.add(site, pub.read_text())
         launch.wait_online(coord, list(SITES), timeout=120)
         print(f"multi-host deployment up in {time.monotonic() - t0:.1f} s", file=sys.stderr)
         yield {"topo": topo, "coord": coord, "registry": registry, "model": tiny_model_dir, "state": state,
                "flwr_home": Path(state["flwr_home"]), "site_dirs": {s: d / "site" for s, d in site_dirs.items()},
-               "keys": keys, "tmp": tmp, "pin": pin}
+               "keys": keys, "tmp": tmp, "pin": pin, "procs": procs, "launchers": launchers,
+               "site_workdirs": site_dirs}
     finally:
         launch.CLI_PREFIX[:] = saved_prefix
-        for proc in reversed(procs):
+        for proc in reversed(list(procs.values())):
             _stop(proc)
         topo.remove()
 
@@ -298,3 +301,63 @@ def test_enroll_and_compose_across_hosts(hosts, enrolled):
         assert sorted(r.meta.site for r in reg.list()) == ["a", "b"]
     finally:
         reg.close()
+
+
+# -- faults ----------------------------------------------------------------------------------------
+def _records(registry: Path) -> list[dict]:
+    path = registry / "records.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_a_site_killed_mid_training_and_a_lossy_link(hosts, enrolled):
+    """5 % of TCP packets into site b are dropped (nftables in its namespace) and site a's SuperNode
+    is SIGKILLed while it trains, then restarted: the run completes, each site's outcome is named,
+    and the registry gains exactly one record per accepted site, none twice."""
+    import threading
+
+    topo = hosts["topo"]
+    topo.drop_percent("site-b", 5)
+    before = _records(hosts["registry"])
+    log_a = hosts["site_workdirs"]["a"] / "logs" / "supernode-a.log"
+    seen = log_a.read_text().count("Receiving: train message")
+    out: dict = {}
+
+    def submit() -> None:
+        try:
+            out["run"] = launch.run_app(hosts["flwr_home"], REPO, base_config(hosts, mode="enroll",
+                                        **{"timeout-train": 90.0}), hosts["registry"], RUN_TIMEOUT)
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            out["error"] = exc
+
+    worker = threading.Thread(target=submit, daemon=True)
+    worker.start()
+    _wait(lambda: log_a.read_text().count("Receiving: train message") > seen, 180, "site a never got training")
+    node = launch.load_state(hosts["site_workdirs"]["a"])["sites"]["a"]
+    os.killpg(node["pid"], signal.SIGKILL)  # the site host's SuperNode and its ClientApp die
+    _stop(hosts["procs"]["a"])
+    hosts["procs"]["a"] = _start(*hosts["launchers"]["a"])
+    worker.join(RUN_TIMEOUT + 60)
+    assert "error" not in out, out.get("error")
+    run = out["run"]
+    assert run["status"] == "finished:completed", run
+    results = run["report"]["enroll"]
+    assert set(results) | set(run["report"].get("discovery_problems", {})) >= {"b"}
+    assert results["b"]["status"] == "accepted", results
+    if "a" in results and results["a"]["status"] != "accepted":
+        assert results["a"].get("reason"), results["a"]
+    from server.registry import Registry
+
+    reg = Registry(hosts["registry"], read_only=True)
+    try:
+        live = reg.list()
+    finally:
+        reg.close()
+    ids = [r.id for r in live]
+    assert len(ids) == len(set(ids)), f"a record is listed twice: {ids}"
+    for site, res in results.items():
+        if res["status"] == "accepted":
+            assert ids.count(res["record_id"]) == 1, (site, res, ids)
+    for rec in before:  # nothing earlier lost, unless replaced by the same site's new enrolment
+        assert rec["id"] in ids or results.get(rec["meta"]["site"], {}).get("status") == "accepted", rec["id"]
+    raw = _records(hosts["registry"])
+    assert raw[:len(before)] == before  # the append-only log kept every earlier line
