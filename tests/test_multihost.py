@@ -29,7 +29,7 @@ SITES = {"a": "ct-head", "b": "mr-head"}
 PORT = 9093
 RUN_TIMEOUT = 240.0
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 
 def _env() -> dict[str, str]:
@@ -361,3 +361,46 @@ def test_a_site_killed_mid_training_and_a_lossy_link(hosts, enrolled):
         assert rec["id"] in ids or results.get(rec["meta"]["site"], {}).get("status") == "accepted", rec["id"]
     raw = _records(hosts["registry"])
     assert raw[:len(before)] == before  # the append-only log kept every earlier line
+
+
+# -- without namespaces: the route table and the pin check itself ------------------------------------
+def test_the_proxy_forwards_exactly_flwrs_fleet_routes_and_nginx_accepts_the_config(tmp_path):
+    from flwr.superlink.routers.fleet.router import router as fleet_router
+
+    from deploy import proxy
+
+    flwr_routes = sorted(r.path.removeprefix(proxy.FLEET_PREFIX) for r in fleet_router.routes)
+    assert sorted(proxy.FLEET_ROUTES) == flwr_routes, "flwr's Fleet API changed: review deploy/proxy.py"
+    bundle = tls.generate(tmp_path / "certs", [])
+    spec = proxy.ProxySpec(tmp_path / "proxy", "0.0.0.0", 9093, 10093, bundle.server_cert, bundle.server_key,
+                           bundle.ca_cert, ["10.231.1.0/24"])
+    text = proxy.render_config(spec)
+    assert "location /v1/runtime" not in text and "location = /v1/fleet/pull-messages" in text
+    assert "10.231.1.0/24 1;" in text and "default 0;" in text
+    with pytest.raises(proxy.ProxyConfigError):
+        proxy.check_networks(["10.231.1.0/33"])
+    if shutil.which("nginx") or Path("/usr/sbin/nginx").exists():
+        conf = proxy.write_config(spec)
+        res = subprocess.run([launch.nginx_binary(), "-t", "-q", "-p", str(spec.prefix), "-c", str(conf), "-e",
+                              str(spec.prefix / "logs" / "error.log")], capture_output=True, text=True, timeout=30)
+        assert res.returncode == 0, res.stderr
+
+
+def test_pin_check_refuses_other_code_and_logs_it(tmp_path):
+    import hashlib
+
+    from client.pin import AppNotApproved, check_fab
+
+    good, bad = b"reviewed bundle", b"something else"
+    pin = hashlib.sha256(good).hexdigest()
+    cfg = {"site-dir": str(tmp_path), "app-sha256": pin}
+    assert check_fab(good, cfg, 7) == pin
+    with pytest.raises(AppNotApproved, match="app-not-approved"):
+        check_fab(bad, cfg, 8, "evil/app", "train")
+    with pytest.raises(AppNotApproved, match="64 hex digits"):
+        check_fab(good, {"site-dir": str(tmp_path), "app-sha256": "abc"}, 9)
+    assert check_fab(bad, {"site-dir": str(tmp_path)}, 10)  # no pin: the site chose to run anything
+    lines = [json.loads(x) for x in (tmp_path / "egress.jsonl").read_text().splitlines()]
+    assert [(x["run_id"], x["message_type"], x["extra"]["outcome"]) for x in lines] == [
+        ("8", "train", "refused"), ("9", "unknown", "refused")]
+    assert lines[0]["extra"]["fab_sha256"] == hashlib.sha256(bad).hexdigest() and lines[0]["extra"]["pinned"] == [pin]
