@@ -404,3 +404,28 @@ def test_pin_check_refuses_other_code_and_logs_it(tmp_path):
     assert [(x["run_id"], x["message_type"], x["extra"]["outcome"]) for x in lines] == [
         ("8", "train", "refused"), ("9", "unknown", "refused")]
     assert lines[0]["extra"]["fab_sha256"] == hashlib.sha256(bad).hexdigest() and lines[0]["extra"]["pinned"] == [pin]
+
+
+def test_200ms_latency_on_one_link(hosts):
+    """Site b reaches the coordinator through a proxy that delays every chunk by 200 ms each way."""
+    topo, tmp = hosts["topo"], hosts["tmp"]
+    cmd = [*topo.prefix("site-b"), sys.executable, str(REPO / "tests" / "delay_proxy.py"), "--listen",
+           "127.0.0.1:9193", "--target", f"{topo.coord_addr['site-b']}:{PORT}", "--delay", "0.2"]
+    delay = _start(cmd, tmp / "delay-proxy.log")
+    hosts["procs"]["delay"] = delay
+    t0 = time.monotonic()
+    res = subprocess.run([*topo.prefix("site-b"), "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                          "--retry", "5", "--retry-connrefused", "--resolve", "localhost:9193:127.0.0.1",
+                          "--cacert", hosts["state"]["ca_cert"], "https://127.0.0.1:9193/health"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.stdout == "200" and time.monotonic() - t0 >= 0.4, (res.stdout, time.monotonic() - t0)
+    _stop(hosts["procs"]["b"])
+    cmd_b, log_b = hosts["launchers"]["b"]
+    i = cmd_b.index("--superlink")
+    hosts["procs"]["b"] = _start([*cmd_b[:i + 1], "127.0.0.1:9193", *cmd_b[i + 2:]], log_b)
+    launch.wait_online(hosts["coord"], list(SITES), timeout=120)
+    run = launch.run_app(hosts["flwr_home"], REPO, base_config(hosts, mode="whoami"), hosts["registry"], 180)
+    assert run["status"] == "finished:completed", run
+    for site in SITES:
+        assert any(x["run_id"] == str(run["run_id"]) and x["message_type"] == "query.whoami"
+                   and x["extra"]["outcome"] == "ok" for x in _egress(hosts, site)), site
