@@ -54,12 +54,16 @@ class SiteSpec:
     threads: int = 0
     #: the site's privacy policy, node-config keys of ``common.privacy.POLICY_KEYS`` (off when empty)
     privacy: dict[str, float] = field(default_factory=dict)
+    #: SHA-256 of the app bundle(s) the site approved (comma-separated); checked by client/pin.py
+    app_sha256: str = ""
 
     def node_config(self) -> dict[str, Any]:
         out: dict[str, Any] = {"site-id": self.site, "data-path": self.data_path, "model-path": self.model_path,
                                "site-dir": self.site_dir}
         if self.threads:
             out["threads"] = self.threads
+        if self.app_sha256:
+            out["app-sha256"] = self.app_sha256
         out.update({k: float(v) for k, v in self.privacy.items()})
         return out
 
@@ -164,6 +168,19 @@ def _signal(pid: int, sig: int) -> None:
         pass
 
 
+def _signal_group(pgid: int, sig: int, members: list[tuple[int, int]]) -> None:
+    """Signal process group ``pgid`` (the session we started) only while one of the verified
+    ``members`` still belongs to it: a process group id cannot be reused while it has members, so
+    this never reaches an unrelated group."""
+    for child, start in members:
+        try:
+            if is_alive(child, start) and os.getpgid(child) == pgid:
+                os.killpg(pgid, sig)
+                return
+        except (ProcessLookupError, PermissionError):
+            continue
+
+
 def _wait_gone(procs: list[tuple[int, int]], timeout: float) -> list[tuple[int, int]]:
     deadline = time.monotonic() + timeout
     alive = [p for p in procs if is_alive(*p)]
@@ -189,6 +206,7 @@ def stop_process(pid: int, start_time: int | None, timeout: float = 15.0) -> str
         result = "killed"
         _wait_gone([me], 5.0)
     leftovers = [p for p in family if is_alive(*p)]
+    _signal_group(pid, signal.SIGTERM, leftovers)
     for child, _ in leftovers:
         _signal(child, signal.SIGTERM)
     for child, _ in _wait_gone(leftovers, 5.0):
@@ -197,19 +215,58 @@ def stop_process(pid: int, start_time: int | None, timeout: float = 15.0) -> str
     return result
 
 
+#: Processes started by this module get PR_SET_PDEATHSIG (see :func:`tie_to_parent`) unless this is
+#: False: the ``python -m deploy.launch up|superlink|supernode`` CLI turns it off (its servers must
+#: outlive the short CLI process; ``--attach`` keeps it on), library callers and tests keep it on.
+TIE_TO_PARENT = True
+_PR_SET_PDEATHSIG = 1
+
+
+def tie_to_parent(sig: int = signal.SIGTERM) -> Any:
+    """A ``preexec_fn`` that asks the kernel to send ``sig`` to the child when its parent dies.
+
+    Why: a test run killed with SIGKILL (or a crashed launcher) cannot run any clean-up, so without
+    this a SuperLink, SuperNode, Chroma or nginx would keep running and holding ports. The
+    death signal fires when the *thread* that forked exits, so spawn from a long-lived thread (the
+    main thread). If the parent already died between fork and ``prctl``, the child kills itself.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    parent = os.getpid()
+
+    def preexec() -> None:
+        if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+            os._exit(126)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), sig)
+
+    return preexec
+
+
+def popen_tied(cmd: list[str], tie: bool | None = None, **kwargs: Any) -> subprocess.Popen[bytes]:
+    """``subprocess.Popen`` in a new session (own process group, so it is stopped by process group)
+    and, when ``tie`` (default :data:`TIE_TO_PARENT`), with a parent-death signal. Tests use this for
+    any server they start themselves."""
+    kwargs.setdefault("start_new_session", True)
+    if TIE_TO_PARENT if tie is None else tie:
+        kwargs["preexec_fn"] = tie_to_parent()
+    return subprocess.Popen(cmd, **kwargs)
+
+
 def _spawn(cmd: list[str], log: Path, env: dict[str, str], cwd: Path) -> dict[str, Any]:
     log.parent.mkdir(parents=True, exist_ok=True)
     cwd.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, cwd=cwd, start_new_session=True)
+        proc = popen_tied(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=cwd)
     start = None
     for _ in range(50):
         start = proc_start_time(proc.pid)
         if start is not None:
             break
         time.sleep(0.01)
-    return {"pid": proc.pid, "start_time": start, "cmd": cmd, "log": str(log), "cwd": str(cwd)}
+    return {"pid": proc.pid, "pgid": proc.pid, "start_time": start, "cmd": cmd, "log": str(log), "cwd": str(cwd),
+            "tied": TIE_TO_PARENT}
 
 
 def wait_port(host: str, port: int, timeout: float, proc: dict[str, Any] | None = None) -> None:
@@ -262,9 +319,14 @@ def write_flwr_config(flwr_home: Path, name: str, address: str, root_certificate
     return path
 
 
+#: Prepended to every ``flwr`` CLI command, e.g. ``["ip", "netns", "exec", "coord"]`` to act as an
+#: operator inside another network namespace (the multi-host tests).
+CLI_PREFIX: list[str] = []
+
+
 def flwr_cli(args: list[str], flwr_home: Path, timeout: float = 60.0) -> dict[str, Any]:
     """Run ``flwr <args> --format json``; return the parsed JSON (``flwr`` exits 0 even on failure)."""
-    cmd = [_bin("flwr"), *args, "--format", "json"]
+    cmd = [*CLI_PREFIX, _bin("flwr"), *args, "--format", "json"]
     res = subprocess.run(cmd, capture_output=True, text=True, env=process_env(flwr_home), timeout=timeout)
     text = res.stdout.strip()
     start = text.find("{")
@@ -290,7 +352,7 @@ def run_app(flwr_home: Path, app: Path, config: dict[str, Any], registry: Path, 
 
     cfg_file = Path(flwr_home) / f"run-{time.monotonic_ns()}.toml"
     cfg_file.write_text(tomli_w.dumps(config))
-    res = subprocess.run([_bin("flwr"), "run", str(app), federation, "--format", "json", "--run-config",
+    res = subprocess.run([*CLI_PREFIX, _bin("flwr"), "run", str(app), federation, "--format", "json", "--run-config",
                           str(cfg_file)], capture_output=True, text=True, env=process_env(Path(flwr_home)),
                          timeout=120)
     start = res.stdout.find("{")
@@ -358,8 +420,15 @@ def save_state(workdir: Path, state: dict[str, Any]) -> None:
 def start_superlink(workdir: Path, host: str = "127.0.0.1", port: int = DEFAULT_SUPERLINK_PORT,
                     tls_hosts: list[str] | None = None, sites: list[str] | None = None,
                     registry: str | None = None, federation: str = FEDERATION,
-                    timeout: float = 60.0, allowlist: Path | None = None) -> dict[str, Any]:
-    """Certificates (reused if present), the SuperLink with TLS + SuperNode auth, and config.toml."""
+                    timeout: float = 60.0, allowlist: Path | None = None, proxy: bool = False,
+                    site_networks: list[str] | None = None, inner_port: int | None = None,
+                    operator_ca: Path | None = None) -> dict[str, Any]:
+    """Certificates (reused if present), the SuperLink with TLS + SuperNode auth, and config.toml.
+
+    With ``proxy`` the SuperLink listens on 127.0.0.1:``inner_port`` (default ``port`` + 1000) only
+    and nginx (:func:`start_proxy`) is the public ``host:port``: sites (``site_networks``) reach the
+    Fleet API, only loopback or an operator-CA client certificate reaches the Control API.
+    """
     workdir = Path(workdir).resolve()
     state = load_state(workdir)
     if state.get("superlink") and is_alive(state["superlink"]["pid"], state["superlink"]["start_time"]):
@@ -375,16 +444,23 @@ def start_superlink(workdir: Path, host: str = "127.0.0.1", port: int = DEFAULT_
         "--ssl-ca-certfile", str(bundle.ca_cert), "--ssl-certfile", str(bundle.server_cert),
         "--ssl-keyfile", str(bundle.server_key),
         "--enable-supernode-auth", "--disable-runtime-dependency-installation",
-        "--database", str(workdir / "superlink.db"), "--host", host, "--port", str(port),
+        "--database", str(workdir / "superlink.db"),
     ]
+    link_host, link_port = host, port
+    if proxy:
+        link_host, link_port = "127.0.0.1", inner_port or port + 1000
+    cmd += ["--host", link_host, "--port", str(link_port)]
     proc = _spawn(cmd, workdir / "logs" / "superlink.log", process_env(flwr_home, extra), workdir)
     connect_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    proc.update(address=f"{connect_host}:{port}", host=host, port=port)
+    proc.update(address=f"{connect_host}:{port}", host=link_host, port=link_port)
     state.update(superlink=proc, flwr_home=str(flwr_home), certs=str(certs), federation=federation,
-                 ca_cert=str(bundle.ca_cert))
+                 ca_cert=str(bundle.ca_cert), proxy=None)
     save_state(workdir, state)
     try:
-        wait_port(connect_host, port, timeout, proc)
+        wait_port("127.0.0.1" if link_host in ("0.0.0.0", "::") else link_host, link_port, timeout, proc)
+        if proxy:
+            state["proxy"] = start_proxy(workdir, host, port, link_port, bundle, site_networks, operator_ca)
+            save_state(workdir, state)
         write_flwr_config(flwr_home, federation, proc["address"], bundle.ca_cert)
         deadline = time.monotonic() + timeout
         while True:  # the port opens before the Control API answers
@@ -396,9 +472,49 @@ def start_superlink(workdir: Path, host: str = "127.0.0.1", port: int = DEFAULT_
                     raise
                 time.sleep(0.5)
     except BaseException:
+        if state.get("proxy"):
+            stop_process(state["proxy"]["pid"], state["proxy"]["start_time"])
         stop_process(proc["pid"], proc["start_time"])
         raise
     return state
+
+
+def nginx_binary() -> str:
+    """Debian's nginx (``apt-get install nginx``); its default site config is never used."""
+    import shutil
+
+    found = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    if not found:
+        raise LaunchError("the reverse proxy needs nginx: apt-get install nginx (or pass --no-proxy on one machine)")
+    return found
+
+
+def start_proxy(workdir: Path, listen_host: str, listen_port: int, upstream_port: int, bundle: tls.TlsBundle,
+                site_networks: list[str] | None = None, operator_ca: Path | None = None,
+                timeout: float = 30.0) -> dict[str, Any]:
+    """nginx in front of the SuperLink (see deploy/proxy.py for what it forwards from where),
+    with its own prefix directory ``<workdir>/proxy`` and config, started and stopped by PID."""
+    from deploy import proxy
+
+    spec = proxy.ProxySpec(Path(workdir) / "proxy", listen_host, listen_port, upstream_port, bundle.server_cert,
+                           bundle.server_key, bundle.ca_cert, list(site_networks or []), operator_ca)
+    conf = proxy.write_config(spec)
+    prefix = str(spec.prefix.resolve())
+    check = subprocess.run([nginx_binary(), "-t", "-q", "-p", prefix, "-c", str(conf), "-e",
+                            f"{prefix}/logs/error.log"], capture_output=True, text=True, timeout=30)
+    if check.returncode != 0:
+        raise LaunchError(f"nginx rejected {conf}: {check.stderr.strip()}")
+    cmd = [nginx_binary(), "-p", prefix, "-c", str(conf), "-e", f"{prefix}/logs/error.log"]
+    proc = _spawn(cmd, Path(workdir) / "logs" / "proxy.log", dict(os.environ), Path(workdir))
+    connect_host = "127.0.0.1" if listen_host in ("0.0.0.0", "::") else listen_host
+    proc.update(host=listen_host, port=listen_port, upstream_port=upstream_port, config=str(conf),
+                site_networks=spec.site_networks, operator_ca=str(operator_ca) if operator_ca else None)
+    try:
+        wait_port(connect_host, listen_port, timeout, proc)
+    except BaseException:
+        stop_process(proc["pid"], proc["start_time"])
+        raise
+    return proc
 
 
 def register_sites(workdir: Path, public_keys: dict[str, Path]) -> dict[str, int | None]:
@@ -436,13 +552,23 @@ def start_supernode(workdir: Path, spec: SiteSpec, superlink: str, root_cert: Pa
     port = spec.port or free_port()
     spec.port = port
     home = flwr_home or site_dir / "flwr-home"
+    from client.pin import install_wrapper, parse_pins
+
+    try:
+        parse_pins(spec.app_sha256)
+    except ValueError as exc:
+        raise LaunchError(f"site {spec.site!r}: {exc}") from None
+    # the site's own flwr-clientapp (checks the app bundle against app-sha256) comes first on PATH
+    wrapper_dir = install_wrapper(site_dir / "bin", sys.executable, str(Path(__file__).resolve().parents[1])).parent
+    env = process_env(home)
+    env["PATH"] = f"{wrapper_dir}{os.pathsep}{env['PATH']}"
     cmd = [
         _bin("flower-supernode"), "--superlink", superlink,
         "--root-certificates", str(Path(root_cert).resolve()),
         "--auth-supernode-private-key", str(Path(private_key).resolve()),
         "--node-config", str(node_config_file), "--port", str(port),
     ]
-    proc = _spawn(cmd, workdir / "logs" / f"supernode-{spec.site}.log", process_env(home), site_dir)
+    proc = _spawn(cmd, workdir / "logs" / f"supernode-{spec.site}.log", env, site_dir)
     proc.update(site=spec.site, port=port, node_config=spec.node_config(), private_key=str(private_key))
     state = load_state(workdir)
     state.setdefault("sites", {})[spec.site] = proc
@@ -491,8 +617,11 @@ def signing_keys(workdir: Path, sites: list[SiteSpec]) -> Path:
 
 def up(workdir: Path, sites: list[SiteSpec], host: str = "127.0.0.1", port: int = DEFAULT_SUPERLINK_PORT,
        registry: str | None = None, tls_hosts: list[str] | None = None, timeout: float = 90.0,
-       sign: bool = True) -> dict[str, Any]:
+       sign: bool = True, proxy: bool | None = None, site_networks: list[str] | None = None
+       ) -> dict[str, Any]:
     """Everything on one machine: SuperLink, key registration, one SuperNode per site, all online.
+
+    ``proxy`` (default: on unless ``host`` is loopback) puts nginx in front of the SuperLink.
 
     With ``sign`` (default) every site also gets an Ed25519 key for signing its submissions, and
     the SuperLink's ServerApp finds their allow-list through ``$RPE_ALLOWLIST``.
@@ -501,8 +630,10 @@ def up(workdir: Path, sites: list[SiteSpec], host: str = "127.0.0.1", port: int 
     for spec in sites:
         spec.site_dir = str(Path(spec.site_dir or workdir / "sites" / spec.site).resolve())
     allowlist = signing_keys(workdir, sites) if sign else None
+    if proxy is None:
+        proxy = host not in ("127.0.0.1", "localhost", "::1")
     state = start_superlink(workdir, host, port, tls_hosts, [s.site for s in sites], registry, timeout=timeout,
-                            allowlist=allowlist)
+                            allowlist=allowlist, proxy=proxy, site_networks=site_networks)
     try:
         certs = Path(state["certs"])
         register_sites(workdir, {s.site: certs / f"{s.site}_auth.pub" for s in sites})
@@ -535,7 +666,8 @@ def restart_site(workdir: Path, site: str) -> dict[str, Any]:
     from common.privacy import POLICY_KEYS
 
     spec = SiteSpec(site, nc["data-path"], nc.get("model-path", ""), nc.get("site-dir", ""), proc["port"],
-                    int(nc.get("threads", 0)), {k: float(nc[k]) for k in POLICY_KEYS if k in nc})
+                    int(nc.get("threads", 0)), {k: float(nc[k]) for k in POLICY_KEYS if k in nc},
+                    str(nc.get("app-sha256", "")))
     return start_supernode(workdir, spec, state["superlink"]["address"], Path(state["ca_cert"]),
                            Path(proc["private_key"]))
 
@@ -546,6 +678,8 @@ def down(workdir: Path, timeout: float = 15.0) -> dict[str, str]:
     result: dict[str, str] = {}
     for site, proc in state.get("sites", {}).items():
         result[f"supernode-{site}"] = stop_process(proc["pid"], proc["start_time"], timeout)
+    if state.get("proxy"):
+        result["proxy"] = stop_process(state["proxy"]["pid"], state["proxy"]["start_time"], timeout)
     if state.get("superlink"):
         result["superlink"] = stop_process(state["superlink"]["pid"], state["superlink"]["start_time"], timeout)
     return result
@@ -584,6 +718,20 @@ def _parse_site(text: str, model_path: str) -> SiteSpec:
     return SiteSpec(tls.check_site_id(site), str(Path(data).expanduser().resolve()), model_path)
 
 
+def _wait_for_signal(workdir: Path) -> None:
+    """``--attach``: block until SIGINT/SIGTERM, then stop everything of ``workdir``."""
+    stop = {"now": False}
+
+    def handler(signum: int, frame: Any) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    while not stop["now"]:
+        time.sleep(0.5)
+    down(workdir)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deploy.launch", description=__doc__.split("\n\n")[0],
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:]),
@@ -609,6 +757,11 @@ def main(argv: list[str] | None = None) -> int:
     p_up.add_argument("--privacy", action="append", default=[], metavar="[SITE:]KEY=VALUE",
                       help="privacy policy for every site, or for SITE only (repeatable); keys as for `supernode "
                            "--privacy`, e.g. --privacy b:z-epsilon=4 --privacy b:z-clip=2000")
+    p_up.add_argument("--proxy", action=argparse.BooleanOptionalAction, default=None,
+                      help="nginx in front of the SuperLink (default: on unless --host is loopback)")
+    p_up.add_argument("--site-network", action="append", default=[], metavar="CIDR",
+                      help="with --proxy: networks allowed to use the Fleet API (default: any)")
+    p_up.add_argument("--app-sha256", default="", help="pin every site to this app bundle (see `supernode`)")
     p_up.add_argument("--no-sign", action="store_true",
                       help="do not create Ed25519 submission keys / the allow-list ($RPE_ALLOWLIST)")
 
@@ -619,6 +772,14 @@ def main(argv: list[str] | None = None) -> int:
     p_link.add_argument("--tls-host", action="append", default=[],
                         help="DNS name / IP the sites use to reach this host (certificate SAN)")
     p_link.add_argument("--registry", help="registry directory, exported to the ServerApp as RPE_REGISTRY")
+    p_link.add_argument("--no-proxy", action="store_true",
+                        help="expose the SuperLink itself (its Control API is open to anyone who reaches it!)")
+    p_link.add_argument("--inner-port", type=int, default=None,
+                        help="loopback port of the SuperLink behind the proxy (default --port + 1000)")
+    p_link.add_argument("--site-network", action="append", default=[], metavar="CIDR",
+                        help="network the sites connect from (repeatable); only these reach the Fleet API")
+    p_link.add_argument("--operator-ca", type=Path, default=None,
+                        help="CA whose client certificates may use the Control API from off the host")
 
     p_reg = sub.add_parser("register", help="register SuperNode auth keys and allow submission-signing keys")
     workdir_arg(p_reg)
@@ -638,6 +799,9 @@ def main(argv: list[str] | None = None) -> int:
     p_node.add_argument("--site-dir", default="", help="adapters, egress log (default WORKDIR/sites/ID)")
     p_node.add_argument("--port", type=int, default=DEFAULT_SUPERNODE_PORT, help="local ClientApp port")
     p_node.add_argument("--threads", type=int, default=0, help="torch threads per ClientApp")
+    p_node.add_argument("--app-sha256", default="",
+                        help="SHA-256 of the app bundle this site approved (`python -m client.pin hash APP`); "
+                             "runs of any other code are refused before it is installed")
     p_node.add_argument("--privacy", action="append", default=[], metavar="KEY=VALUE",
                         help="the site's privacy policy, repeatable: dp-noise-multiplier, dp-max-grad-norm, "
                              "dp-delta (DP-SGD for the adapter); z-clip with z-noise-multiplier or z-epsilon, "
@@ -654,7 +818,13 @@ def main(argv: list[str] | None = None) -> int:
     workdir_arg(p_start)
     p_start.add_argument("site")
 
+    for p in (p_up, p_link, p_node):
+        p.add_argument("--attach", action="store_true",
+                       help="stay in the foreground; the servers get SIGTERM when this process dies or gets "
+                            "Ctrl-C (default: they keep running until `down`)")
     args = parser.parse_args(argv)
+    global TIE_TO_PARENT
+    TIE_TO_PARENT = bool(getattr(args, "attach", False))
     try:
         if args.command == "up":
             specs = [_parse_site(s, args.model_path) for s in args.site]
@@ -662,13 +832,16 @@ def main(argv: list[str] | None = None) -> int:
                 spec.port = args.supernode_port + i
                 spec.threads = args.threads
                 spec.privacy = _privacy_args(args.privacy, spec.site)
+                spec.app_sha256 = args.app_sha256
             state = up(args.workdir, specs, args.host, args.port, args.registry, args.tls_host,
-                       sign=not args.no_sign)
+                       sign=not args.no_sign, proxy=args.proxy, site_networks=args.site_network)
             print(json.dumps(status(args.workdir), indent=2))
             print(f"\nexport FLWR_HOME={state['flwr_home']}\nflwr run . {state['federation']} --stream")
         elif args.command == "superlink":
             state = start_superlink(args.workdir, args.host, args.port, args.tls_host, [], args.registry,
-                                    allowlist=Path(args.workdir) / "allowlist.json")
+                                    allowlist=Path(args.workdir) / "allowlist.json", proxy=not args.no_proxy,
+                                    site_networks=args.site_network, inner_port=args.inner_port,
+                                    operator_ca=args.operator_ca)
             print(f"SuperLink PID {state['superlink']['pid']} on {args.host}:{args.port}; "
                   f"CA for the sites: {state['ca_cert']}\nexport FLWR_HOME={state['flwr_home']}")
         elif args.command == "register":
@@ -688,7 +861,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"allow-list {allow.path}: {allow.sites()}")
         elif args.command == "supernode":
             spec = SiteSpec(args.site_id, str(Path(args.data_path).resolve()), args.model_path, args.site_dir,
-                            args.port, args.threads, _privacy_args(args.privacy))
+                            args.port, args.threads, _privacy_args(args.privacy), args.app_sha256)
             proc = start_supernode(args.workdir, spec, args.superlink, args.root_certificates, args.auth_key)
             keys = Path(spec.site_dir) / "keys"
             if not (keys / f"{spec.site}.key").exists():
@@ -705,6 +878,8 @@ def main(argv: list[str] | None = None) -> int:
             print(stop_site(args.workdir, args.site))
         elif args.command == "start-site":
             print(f"PID {restart_site(args.workdir, args.site)['pid']}")
+        if getattr(args, "attach", False):
+            _wait_for_signal(args.workdir)
     except (LaunchError, FileExistsError, tls.TlsError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -1,0 +1,79 @@
+"""Servers started through deploy.launch die with their parent, even when it gets SIGKILL.
+
+The parent here is a pytest-like Python process that starts a real SuperLink behind the real nginx
+proxy through ``deploy.launch.start_superlink`` and is then killed with SIGKILL (no clean-up code
+can run); PR_SET_PDEATHSIG must take the SuperLink, nginx and everything they spawned with it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from deploy.launch import descendants, free_port, is_alive, proc_start_time
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CHILD = """
+import json, sys, time
+from pathlib import Path
+from deploy import launch
+state = launch.start_superlink(Path(sys.argv[1]), port=int(sys.argv[2]), proxy=sys.argv[3] == "1",
+                               timeout=120)
+print(json.dumps({"ok": True}), flush=True)
+time.sleep(600)
+"""
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def test_servers_die_with_a_sigkilled_parent(tmp_path: Path) -> None:
+    proxy = shutil.which("nginx") is not None or Path("/usr/sbin/nginx").exists()
+    port = free_port()
+    parent = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path), str(port), "1" if proxy else "0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                              start_new_session=True)
+    try:
+        line = parent.stdout.readline() if parent.stdout else ""
+        assert line.strip(), f"the launcher failed: {parent.stderr.read() if parent.stderr else ''}"
+        state = json.loads((tmp_path / "launch-state.json").read_text())
+        servers = [(state["superlink"]["pid"], state["superlink"]["start_time"])]
+        if proxy:
+            assert state["proxy"] is not None
+            servers.append((state["proxy"]["pid"], state["proxy"]["start_time"]))
+        family = [p for pid, _ in servers for p in descendants(pid)]
+        everyone = servers + family
+        assert all(is_alive(*p) for p in servers)
+        # each server leads its own process group (stopped by group, never by name)
+        for pid, _ in servers:
+            assert os.getpgid(pid) == pid
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(10)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(is_alive(*p) for p in everyone):
+            time.sleep(0.2)
+        left = [p for p in everyone if is_alive(*p)]
+        assert not left, f"still running after the parent's SIGKILL: {left}"
+    finally:
+        if parent.poll() is None:
+            os.kill(parent.pid, signal.SIGKILL)
+            parent.wait(10)
+        # nothing of ours may survive a failed assertion either
+        for key in ("superlink", "proxy"):
+            try:
+                proc = json.loads((tmp_path / "launch-state.json").read_text()).get(key)
+            except (OSError, ValueError):
+                proc = None
+            if proc and proc_start_time(proc["pid"]) == proc["start_time"]:
+                os.killpg(proc["pid"], signal.SIGKILL)
