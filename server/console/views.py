@@ -52,9 +52,7 @@ def epsilon_of(privacy: Any) -> float | None:
     total = privacy.get("epsilon_total")
     if isinstance(total, (int, float)) and not isinstance(total, bool):
         return float(total)
-    if privacy.get("dp_sgd") or privacy.get("z_mechanism"):
-        return math.inf  # part of the release was not private
-    return math.inf
+    return math.inf  # no total: some part of the release was not private
 
 
 def records(reg: Registry, site: str | None = None, task: str | None = None, text: str | None = None,
@@ -193,7 +191,7 @@ def recorded_privacy(reg: Registry, audit_path: Path) -> list[dict[str, Any]]:
 
     def row(site: str) -> dict[str, Any]:
         return out.setdefault(site, {"site": site, "adapters": 0, "queries": 0, "releases": [], "max_epsilon": 0.0,
-                                     "non_private": 0})
+                                     "non_private": 0, "unrecorded": 0})
 
     for r in reg.list():
         eps = epsilon_of(r.meta.privacy)
@@ -209,7 +207,8 @@ def recorded_privacy(reg: Registry, audit_path: Path) -> list[dict[str, Any]]:
                 s["releases"].append({"what": "embedding query", "ts": None, "epsilon": epsilon_of(p)})
     for s in out.values():
         eps = [r["epsilon"] for r in s["releases"]]
-        s["non_private"] = sum(1 for e in eps if e is None or math.isinf(e))
+        s["non_private"] = sum(1 for e in eps if e is not None and math.isinf(e))
+        s["unrecorded"] = sum(1 for e in eps if e is None)
         finite = [e for e in eps if e is not None and not math.isinf(e)]
         s["max_epsilon"] = max(finite) if finite else None
     return [out[k] for k in sorted(out)]
