@@ -446,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     from common.privacy_cli import add_commands as add_privacy_commands
 
     add_privacy_commands(sub)
+    [__import__(m, fromlist=['register']).register(sub) for m in ('server.console.cli', 'client.use', 'client.export')]  # noqa: B018
     return p
 
 
