@@ -35,15 +35,19 @@ def _run(argv: list[str]) -> None:
     args.func(args)
 
 
-@pytest.fixture(scope="module")
-def mixed_adapter_dir(tiny_model_dir, tmp_path_factory):
-    """A composed-looking adapter: three modules, ranks 3/5/12, scales 2.0/0.7/1.3 (so rank and alpha patterns)."""
+def _mixed(tiny_model_dir, out, amp: float):
     g = torch.Generator().manual_seed(3)
     spec = {"model.layers.0.self_attn.q_proj": (64, 64, 3, 2.0), "model.layers.1.self_attn.v_proj": (32, 64, 5, 0.7),
             "model.layers.1.mlp.up_proj": (128, 64, 12, 1.3)}
-    adapter = LoraAdapter({n: LoraModule(0.05 * torch.randn(r, i, generator=g), 0.05 * torch.randn(o, r, generator=g),
+    adapter = LoraAdapter({n: LoraModule(amp * torch.randn(r, i, generator=g), amp * torch.randn(o, r, generator=g),
                                          s) for n, (o, i, r, s) in spec.items()}, base_model=str(tiny_model_dir))
-    return save_peft_adapter(adapter, tmp_path_factory.mktemp("mixed") / "composed", str(tiny_model_dir))
+    return save_peft_adapter(adapter, out, str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def mixed_adapter_dir(tiny_model_dir, tmp_path_factory):
+    """A composed-looking adapter: three modules, ranks 3/5/12, scales 2.0/0.7/1.3 (so rank and alpha patterns)."""
+    return _mixed(tiny_model_dir, tmp_path_factory.mktemp("mixed") / "composed", 0.05)
 
 
 def _logits(model_dir, adapter_dir, ids):
@@ -103,12 +107,13 @@ def test_export_refuses_to_overwrite_its_input(mixed_adapter_dir):
         export_vllm(mixed_adapter_dir, mixed_adapter_dir)
 
 
-def test_generate_matches_stock_peft(tiny_model_dir, mixed_adapter_dir, tmp_path, capsys):
+def test_generate_matches_stock_peft(tiny_model_dir, tmp_path, capsys):
+    adapter_dir = _mixed(tiny_model_dir, tmp_path / "strong", 1.0)  # large enough to change the greedy tokens
     examples = [Example(prompt=f"Heart size normal. Finding number {i}.", target="No acute disease." if i else None,
                         group="xray-chest", uid=f"r{i}") for i in range(3)]
     data = write_jsonl(tmp_path / "new.jsonl", examples)
     out = tmp_path / "pred.jsonl"
-    _run(["generate", "--adapter", str(mixed_adapter_dir), "--data", str(data), "--out", str(out),
+    _run(["generate", "--adapter", str(adapter_dir), "--data", str(data), "--out", str(out),
           "--model", str(tiny_model_dir), "--batch-size", "2", "--max-new-tokens", "6", "--quiet"])
     assert "wrote 3 predictions" in capsys.readouterr().out
     rows = [json.loads(x) for x in out.read_text().splitlines()]
@@ -121,11 +126,13 @@ def test_generate_matches_stock_peft(tiny_model_dir, mixed_adapter_dir, tmp_path
     from common.models import load_tokenizer
 
     tok = load_tokenizer(tiny_model_dir)
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)),
-                                           str(mixed_adapter_dir))
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
     prompts = [TextReportTask().build_prompt(ex, tok) for ex in examples]
-    assert any(r["prediction"] for r in rows)
+    without = generate(base, tok, prompts, 6, batch_size=3)
+    peft_model = PeftModel.from_pretrained(base, str(adapter_dir))
+    assert all(r["prediction"] for r in rows)
     assert [r["prediction"] for r in rows] == generate(peft_model, tok, prompts, 6, batch_size=3)
+    assert [r["prediction"] for r in rows] != without  # the adapter was applied
 
 
 def test_generate_bad_input_is_a_clear_error(tmp_path):
