@@ -55,7 +55,7 @@ def pca_map_svg(coords: np.ndarray, labels: Sequence[str], explained: np.ndarray
     ax.set_ylabel(f"PC2 ({100 * explained[1]:.1f} % of variance)")
     ax.set_title(f"z of {len(labels)} record(s), coloured by {colour_by}")
     if groups:
-        ax.legend(fontsize=8, loc="best", title=colour_by)
+        ax.legend(fontsize=8, title=colour_by, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     ax.grid(alpha=0.3)
     return _svg(fig)
 
