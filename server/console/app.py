@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+import numpy as np
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
@@ -277,9 +278,7 @@ class Console:
         return self.error(request, 404, f"no page {request.url.path!r}; use the links above")
 
 
-def _empty(dim: int) -> Any:
-    import numpy as np
-
+def _empty(dim: int) -> np.ndarray:
     return np.zeros((0, dim), dtype=np.float32)
 
 
