@@ -22,7 +22,10 @@ os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
 #: modules with ``register(subparsers) -> None``, in the order their commands appear in ``rpe --help``
 REGISTRARS = (
     "server.cli",
+    "server.console.cli",
     "client.cli",
+    "client.use",
+    "client.export",
 )
 
 

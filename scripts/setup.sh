@@ -17,5 +17,10 @@ if [ ! -f "$stamp" ] || [ requirements.txt -nt "$stamp" ] || [ pyproject.toml -n
   .venv/bin/python -c "import torch, transformers, peft, chromadb, flwr" || { echo "[setup] dependency install failed" >&2; exit 1; }
   touch "$stamp"
 fi
+# the console's browser tests drive Debian's chromium (tests/test_console.py skips where none can be installed)
+if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "[setup] installing chromium (browser tests)"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 || echo "[setup] chromium install failed; browser tests will skip" >&2
+fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1 ANONYMIZED_TELEMETRY=False
 .venv/bin/python -c "from common.models import ensure_smollm2; print('[setup] base model:', ensure_smollm2())"

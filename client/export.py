@@ -1,0 +1,146 @@
+"""``rpe export --for vllm``: rewrite a PEFT LoRA so vLLM can serve it, with the same ΔW.
+
+vLLM serves a plain PEFT LoRA only with one rank and one alpha for every module (older versions
+ignore ``rank_pattern``), a rank from ``VLLM_RANKS`` up to the server's ``--max-lora-rank``, and
+without ``use_rslora``, DoRA, ``lora_bias`` or ``modules_to_save`` (shared/FACTS.md). A composed
+adapter has none of that by nature (its rank is the sum of the sources' ranks, per module), so:
+
+- every module's rank r_i is zero-padded to R = the smallest allowed rank ≥ max r_i: A gets
+  R − r_i zero rows, B gets R − r_i zero columns, so B A is unchanged;
+- every module's scale s_i is folded into B (B' = s_i B) and the file says ``lora_alpha = R``,
+  so vLLM's (and PEFT's) scale alpha / R = 1 and 1 · B' A = s_i B A: ΔW is unchanged exactly;
+- the config names no ``rank_pattern``/``alpha_pattern`` and sets ``use_rslora``, ``use_dora``,
+  ``lora_bias`` false and ``modules_to_save`` null.
+
+A rank above 512 cannot be served: re-compress first (``rpe compose --max-rank 512``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+class ExportError(ValueError):
+    """The adapter cannot be exported as asked (rank too large, unreadable input)."""
+
+
+def vllm_rank(max_rank: int) -> int:
+    """The smallest rank vLLM accepts that holds ``max_rank``."""
+    for r in VLLM_RANKS:
+        if r >= max_rank:
+            return r
+    raise ExportError(f"the adapter has rank {max_rank}; vLLM serves at most {VLLM_RANKS[-1]}. Re-compress it "
+                      f"first (`rpe compose ... --max-rank {VLLM_RANKS[-1]}`, the best rank-r approximation)")
+
+
+def to_uniform(adapter: Any, rank: int) -> Any:
+    """The same ΔW as ``adapter`` with every module at ``rank`` and scale 1 (zero padding, scale folded into B)."""
+    import torch
+
+    from common.lora import LoraAdapter, LoraModule
+
+    out = {}
+    for name, m in adapter.modules.items():
+        r = m.rank
+        A = torch.zeros((rank, m.A.shape[1]), dtype=m.A.dtype)
+        B = torch.zeros((m.B.shape[0], rank), dtype=m.B.dtype)
+        A[:r] = m.A
+        B[:, :r] = (m.B.double() * float(m.scale)).to(m.B.dtype)
+        out[name] = LoraModule(A, B, 1.0)
+    return LoraAdapter(out, base_model=adapter.base_model)
+
+
+def vllm_problems(config: Mapping[str, Any], tensors: Mapping[str, Any]) -> list[str]:
+    """Every way an adapter directory's config and tensors break vLLM's LoRA rules (empty: servable)."""
+    problems = []
+    r = config.get("r")
+    if r not in VLLM_RANKS:
+        problems.append(f"r={r!r} is not one of {VLLM_RANKS}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if config.get(key):
+            problems.append(f"{key} is set (per-module ranks or alphas)")
+    for key in ("use_rslora", "use_dora", "lora_bias"):
+        if config.get(key):
+            problems.append(f"{key} is true")
+    if config.get("modules_to_save"):
+        problems.append("modules_to_save is set")
+    if config.get("peft_type", "LORA") != "LORA":
+        problems.append(f"peft_type is {config.get('peft_type')!r}, not LORA")
+    for key, t in tensors.items():
+        shape = tuple(t.shape)
+        if ".lora_A." in key and shape[0] != r:
+            problems.append(f"{key} has rank {shape[0]}, the config says r={r}")
+        elif ".lora_B." in key and shape[1] != r:
+            problems.append(f"{key} has rank {shape[1]}, the config says r={r}")
+        elif ".lora_A." not in key and ".lora_B." not in key:
+            problems.append(f"{key} is not a lora_A/lora_B tensor")
+    return problems
+
+
+def check_dir(path: str | os.PathLike[str]) -> list[str]:
+    """``vllm_problems`` of a PEFT adapter directory."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    return vllm_problems(json.loads((p / "adapter_config.json").read_text()),
+                         load_file(str(p / "adapter_model.safetensors")))
+
+
+def export_vllm(adapter_dir: str | os.PathLike[str], out: str | os.PathLike[str]) -> dict[str, Any]:
+    """Write the vLLM-servable form of ``adapter_dir`` to ``out``; returns what was done."""
+    from common.lora import load_peft_adapter, save_peft_adapter
+
+    src = Path(adapter_dir)
+    if not (src / "adapter_config.json").is_file():
+        raise ExportError(f"{src} is not a PEFT adapter directory (no adapter_config.json)")
+    if Path(out).resolve() == src.resolve():
+        raise ExportError("--out must differ from --adapter (the received adapter is kept as it is)")
+    adapter = load_peft_adapter(src)
+    src_cfg = json.loads((src / "adapter_config.json").read_text())
+    ranks = adapter.ranks
+    rank = vllm_rank(max(ranks.values()))
+    target = save_peft_adapter(to_uniform(adapter, rank), out, src_cfg.get("base_model_name_or_path"))
+    cfg_path = target / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    for key in ("rank_pattern", "alpha_pattern"):
+        cfg.pop(key, None)
+    tmp = cfg_path.with_name(".adapter_config.json.tmp")
+    tmp.write_text(json.dumps(cfg, indent=2) + "\n")
+    os.replace(tmp, cfg_path)
+    problems = check_dir(target)
+    if problems:  # pragma: no cover - to_uniform guarantees the rules; this guards future edits
+        raise ExportError(f"exported adapter still breaks vLLM's rules: {problems}")
+    padded = sum((rank - r) * sum(adapter.modules[n].shape) for n, r in ranks.items())
+    return {"out": str(target), "rank": rank, "lora_alpha": cfg["lora_alpha"],
+            "source_ranks": sorted(set(ranks.values())), "modules": len(ranks), "padded_parameters": padded}
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    s = export_vllm(args.adapter, args.out)
+    if args.json:
+        print(json.dumps(s))
+        return
+    print(f"wrote {s['out']}: {s['modules']} modules at rank {s['rank']} (source ranks {s['source_ranks']}, "
+          f"zero-padded), lora_alpha {s['lora_alpha']}, same ΔW")
+    print(f"serve: vllm serve <base model> --enable-lora --max-lora-rank {s['rank']} --lora-modules site={s['out']}")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``export`` to the ``rpe`` sub-commands."""
+    e = subparsers.add_parser(
+        "export", help="rewrite an adapter for a serving engine (vLLM: uniform rank and alpha, same ΔW)",
+        description="Zero-pad every module to one rank vLLM accepts (8, 16, 32, 64, 128, 256, 320, 512), fold "
+                    "each module's scale into B with lora_alpha = rank, and drop rank/alpha patterns; ΔW is "
+                    "unchanged.")
+    e.add_argument("--for", dest="engine", required=True, choices=["vllm"], help="serving engine")
+    e.add_argument("--adapter", required=True, help="PEFT adapter directory (e.g. a composed adapter)")
+    e.add_argument("--out", required=True, help="directory to write")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_export)

@@ -1,0 +1,309 @@
+"""The console's web application (Starlette + Jinja2): read-only pages over one registry directory.
+
+Why Starlette and server-side SVG: the console must run on a coordinator with no internet and be
+auditable by reading it; Starlette (already installed with Flower) routes and parses uploads,
+Jinja2 escapes every value, and matplotlib draws charts as SVG, so no JavaScript is shipped.
+
+Read-only by construction: the registry is opened with ``Registry(path, read_only=True)`` (no
+lock, no Chroma, no writes); uploaded egress logs are parsed in memory (the cross-check reads a
+private temporary copy outside the registry) and what they show lives only in this process.
+Access: ``create_app(..., token=...)`` requires the token on every request — header
+``Authorization: Bearer <token>`` or ``X-RPE-Token``, or the ``rpe_console`` cookie, which a
+visit to any page with ``?token=<token>`` sets (HttpOnly, SameSite=Strict, Secure under TLS)
+before redirecting to the same page without it. ``server/console/cli.py`` decides when a token
+and TLS are required.
+"""
+
+from __future__ import annotations
+
+import hmac
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import numpy as np
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from starlette.requests import Request
+from starlette.responses import FileResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+
+from server.console import charts, views
+from server.console.views import ConsoleInputError
+from server.crosscheck import cross_check
+from server.registry import AUDIT_NAME, Registry
+
+HERE = Path(__file__).resolve().parent
+MAX_UPLOAD_BYTES = 8 * 1024 * 1024  # an egress log line is ~1-3 kB: 8 MiB is thousands of replies
+COOKIE = "rpe_console"
+MAX_REMEMBERED_UPLOADS = 64
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; "
+                               "script-src 'none'; frame-ancestors 'none'; form-action 'self'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    """Numbers as the pages show them (the browser test parses the same text)."""
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        if math.isinf(value):
+            return "∞"
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+class TokenMiddleware(BaseHTTPMiddleware):
+    """Refuse every request without the access token (constant-time comparison)."""
+
+    def __init__(self, app: Any, token: str, secure_cookie: bool) -> None:
+        super().__init__(app)
+        self.token = token
+        self.secure_cookie = secure_cookie
+
+    def _ok(self, value: str | None) -> bool:
+        return bool(value) and hmac.compare_digest(value.encode(), self.token.encode())
+
+    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        given = request.query_params.get("token")
+        if given is not None:
+            if not self._ok(given):
+                return _plain(401, "wrong access token; ask the coordinator operator for the console's token")
+            rest = [(k, v) for k, v in request.query_params.multi_items() if k != "token"]
+            resp = RedirectResponse(request.url.path + (f"?{urlencode(rest)}" if rest else ""), status_code=303)
+            resp.set_cookie(COOKIE, self.token, httponly=True, samesite="strict", secure=self.secure_cookie)
+            return resp
+        auth = request.headers.get("authorization", "")
+        header = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-rpe-token")
+        if not (self._ok(header) or self._ok(request.cookies.get(COOKIE))):
+            return _plain(401, "this console needs its access token: open it once with ?token=<token> (printed "
+                          "by `rpe console` and stored in its token file), or send Authorization: Bearer <token>")
+        return await call_next(request)
+
+
+def _plain(status: int, message: str) -> Response:
+    return Response(message + "\n", status_code=status, media_type="text/plain; charset=utf-8",
+                    headers=SECURITY_HEADERS)
+
+
+class Console:
+    """The state of one console: the read-only registry, its audit log path, and uploaded summaries."""
+
+    def __init__(self, registry_dir: str | os.PathLike[str], blob_key: Any = None) -> None:
+        self.registry = Registry(registry_dir, read_only=True, blob_key=blob_key)
+        self.root = self.registry.path
+        self.audit_path = self.root / AUDIT_NAME
+        self.uploads: dict[str, dict[str, Any]] = {}  # site -> spent summary of its uploaded egress log
+        self.templates = Jinja2Templates(directory=HERE / "templates")
+        self.templates.env.filters["fmt"] = _fmt
+
+    # -- helpers --------------------------------------------------------------------------------
+    def page(self, request: Request, name: str, status: int = 200, **context: Any) -> Response:
+        context.setdefault("nav", name.split(".")[0])
+        context["registry_path"] = str(self.root)
+        return self.templates.TemplateResponse(request, name, context, status_code=status, headers=SECURITY_HEADERS)
+
+    def error(self, request: Request, status: int, message: str, back: str = "/") -> Response:
+        return self.page(request, "error.html", status=status, message=message, back=back, nav="")
+
+    async def upload(self, request: Request) -> tuple[bytes, str, dict[str, str]]:
+        """The one uploaded file (capped) and the other form fields; ConsoleInputError on anything else."""
+        length = request.headers.get("content-length")
+        if length is None or not length.isdigit():
+            raise ConsoleInputError("the upload has no Content-Length; send it as a normal form upload")
+        if int(length) > MAX_UPLOAD_BYTES + 64 * 1024:
+            raise ConsoleInputError(f"the upload is {int(length):,} bytes; the console accepts egress logs up to "
+                                    f"{MAX_UPLOAD_BYTES:,} bytes (check offline: rpe audit cross-check / rpe "
+                                    "privacy spent)")
+        try:
+            form = await request.form(max_files=1, max_fields=4, max_part_size=64 * 1024)
+        except Exception as exc:  # noqa: BLE001 - multipart parser errors are the client's fault
+            raise ConsoleInputError(f"the upload is not a valid form ({type(exc).__name__}: {exc})") from None
+        file = form.get("egress")
+        if file is None or isinstance(file, str):
+            raise ConsoleInputError("choose an egress log file (the site's <site-dir>/egress.jsonl) to upload")
+        data = await file.read(MAX_UPLOAD_BYTES + 1)
+        if len(data) > MAX_UPLOAD_BYTES:
+            raise ConsoleInputError(f"{file.filename}: larger than {MAX_UPLOAD_BYTES:,} bytes; not accepted")
+        fields = {k: v for k, v in form.items() if isinstance(v, str)}
+        return data, file.filename or "upload", fields
+
+    # -- pages ----------------------------------------------------------------------------------
+    async def overview(self, request: Request) -> Response:
+        return self.page(request, "overview.html", stats=self.registry.stats(),
+                         sites=views.sites(self.registry, self.audit_path), disk=views.disk_bytes(self.root),
+                         audit=views.audit_status(self.audit_path), bases=self.registry.bases)
+
+    async def registry_page(self, request: Request) -> Response:
+        q = request.query_params
+        sort, desc = q.get("sort", "created"), q.get("order") == "desc"
+        try:
+            rows = views.records(self.registry, site=q.get("site"), task=q.get("task"), text=q.get("q"),
+                                 sort=sort, descending=desc)
+        except ConsoleInputError as exc:
+            return self.error(request, 400, str(exc), "/registry")
+        colour = q.get("colour", "site")
+        if colour not in ("site", "task"):
+            return self.error(request, 400, f"the map can be coloured by site or task, not {colour!r}", "/registry")
+        filters = {k: q.get(k, "") for k in ("site", "task", "q")}
+        return self.page(request, "registry.html", rows=rows, total=len(self.registry), sort=sort, desc=desc,
+                         colour=colour, filters=filters, sites=sorted(self.registry.distinct("site")),
+                         tasks=sorted(self.registry.distinct("task")), query=urlencode(
+                             {k: v for k, v in {**filters, "colour": colour}.items() if v}))
+
+    async def registry_map(self, request: Request) -> Response:
+        q = request.query_params
+        colour = q.get("colour", "site")
+        if colour not in ("site", "task"):
+            return _plain(400, f"colour must be site or task, not {colour!r}")
+        recs = self.registry.list(site=q.get("site") or None, task=q.get("task") or None)
+        if q.get("q"):
+            recs = [r for r in recs if q["q"].lower() in r.id.lower()]
+        coords, explained = charts.pca_2d(self.registry.embeddings([r.id for r in recs]) if recs else
+                                          _empty(self.registry.embedding_dim))
+        labels = [r.meta.site if colour == "site" else r.meta.task for r in recs]
+        svg = charts.pca_map_svg(coords, labels, explained, colour)
+        return Response(svg, media_type="image/svg+xml", headers=SECURITY_HEADERS)
+
+    async def record_page(self, request: Request) -> Response:
+        rid = request.path_params["record_id"]
+        try:
+            detail = views.record_detail(self.registry, rid)
+        except ConsoleInputError as exc:
+            return self.error(request, 404, str(exc), "/registry")
+        used = [c for c in views.compositions(self.audit_path) if rid in c["retrieved"]]
+        return self.page(request, "record.html", rec=detail, used=used, nav="registry")
+
+    async def compositions_page(self, request: Request) -> Response:
+        return self.page(request, "compositions.html", comps=views.compositions(self.audit_path))
+
+    def _composition(self, request: Request) -> dict[str, Any]:
+        return views.composition(self.audit_path, int(request.path_params["seq"]))
+
+    async def composition_page(self, request: Request) -> Response:
+        try:
+            c = self._composition(request)
+        except ConsoleInputError as exc:
+            return self.error(request, 404, str(exc), "/compositions")
+        known = set(self.registry.ids())
+        rows = [{"id": i, "distance": d, "weight": w, "sha": h, "live": i in known}
+                for i, d, w, h in zip(c["retrieved"], c["distances"], c["weights"], c["adapter_sha256"])]
+        return self.page(request, "composition.html", c=c, rows=rows, nav="compositions",
+                         weight_sum=sum(float(w) for w in c["weights"]))
+
+    async def composition_chart(self, request: Request) -> Response:
+        try:
+            c = self._composition(request)
+        except ConsoleInputError as exc:
+            return _plain(404, str(exc))
+        svg = charts.weights_svg(c["retrieved"], c["weights"], f"{c['strategy']} weights for {c['target']}")
+        return Response(svg, media_type="image/svg+xml", headers=SECURITY_HEADERS)
+
+    async def audit_page(self, request: Request, check: dict[str, Any] | None = None, status: int = 200,
+                         upload_error: str | None = None) -> Response:
+        return self.page(request, "audit.html", status=status, audit=views.audit_status(self.audit_path),
+                         rep=views.audit_report(self.audit_path), check=check, upload_error=upload_error,
+                         sites=[s["site"] for s in views.sites(self.registry, self.audit_path)],
+                         max_upload=MAX_UPLOAD_BYTES)
+
+    async def audit_get(self, request: Request) -> Response:
+        return await self.audit_page(request)
+
+    async def cross_check_post(self, request: Request) -> Response:
+        try:
+            data, name, fields = await self.upload(request)
+            site = fields.get("site", "").strip()
+            if not site:
+                raise ConsoleInputError("say which site the egress log belongs to")
+            views.parse_egress(data, name)
+            with tempfile.TemporaryDirectory(prefix="rpe-console-") as tmp:
+                path = Path(tmp) / "egress.jsonl"
+                path.write_bytes(data)
+                rep = cross_check(path, self.audit_path, site)
+        except ConsoleInputError as exc:
+            return await self.audit_page(request, status=400, upload_error=str(exc))
+        return await self.audit_page(request, check={"site": site, "file": name, "ok": rep.ok, "text": rep.format(),
+                                                     **rep.to_dict()})
+
+    async def privacy_page(self, request: Request, status: int = 200, upload_error: str | None = None) -> Response:
+        return self.page(request, "privacy.html", status=status, recorded=views.recorded_privacy(
+            self.registry, self.audit_path), uploads=self.uploads, upload_error=upload_error,
+            max_upload=MAX_UPLOAD_BYTES)
+
+    async def privacy_get(self, request: Request) -> Response:
+        return await self.privacy_page(request)
+
+    async def privacy_post(self, request: Request) -> Response:
+        try:
+            data, name, fields = await self.upload(request)
+            site = fields.get("site", "").strip()
+            if not site:
+                raise ConsoleInputError("say which site the egress log belongs to")
+            summary = views.spent(views.parse_egress(data, name))
+        except ConsoleInputError as exc:
+            return await self.privacy_page(request, status=400, upload_error=str(exc))
+        if site not in self.uploads and len(self.uploads) >= MAX_REMEMBERED_UPLOADS:
+            self.uploads.pop(next(iter(self.uploads)))
+        self.uploads[site] = {**summary, "file": name}
+        return await self.privacy_page(request)
+
+    async def evaluations_page(self, request: Request) -> Response:
+        return self.page(request, "evaluations.html", runs=views.evaluation_runs(self.root))
+
+    async def evaluation_page(self, request: Request) -> Response:
+        try:
+            ev = views.evaluation(self.root, request.path_params["run_id"])
+        except ConsoleInputError as exc:
+            return self.error(request, 404, str(exc), "/evaluations")
+        return self.page(request, "evaluation.html", ev=ev, nav="evaluations")
+
+    async def evaluation_file(self, request: Request) -> Response:
+        try:
+            path = views.evaluation_file(self.root, request.path_params["run_id"], request.path_params["name"])
+        except ConsoleInputError as exc:
+            return _plain(404, str(exc))
+        return FileResponse(path, headers=SECURITY_HEADERS)
+
+    async def not_found(self, request: Request, exc: Exception) -> Response:
+        return self.error(request, 404, f"no page {request.url.path!r}; use the links above")
+
+
+def _empty(dim: int) -> np.ndarray:
+    return np.zeros((0, dim), dtype=np.float32)
+
+
+def create_app(registry_dir: str | os.PathLike[str], token: str | None = None, secure_cookie: bool = False,
+               blob_key: Any = None) -> Starlette:
+    """The console for ``registry_dir``; with ``token``, every request must carry it (see the module doc)."""
+    c = Console(registry_dir, blob_key=blob_key)
+    routes = [
+        Route("/", c.overview),
+        Route("/registry", c.registry_page),
+        Route("/registry/map.svg", c.registry_map),
+        Route("/registry/record/{record_id:path}", c.record_page),
+        Route("/compositions", c.compositions_page),
+        Route("/compositions/{seq:int}", c.composition_page),
+        Route("/compositions/{seq:int}/weights.svg", c.composition_chart),
+        Route("/audit", c.audit_get),
+        Route("/audit/cross-check", c.cross_check_post, methods=["POST"]),
+        Route("/privacy", c.privacy_get),
+        Route("/privacy/egress", c.privacy_post, methods=["POST"]),
+        Route("/evaluations", c.evaluations_page),
+        Route("/evaluations/{run_id}", c.evaluation_page),
+        Route("/evaluations/{run_id}/files/{name}", c.evaluation_file),
+        Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
+    ]
+    middleware = [Middleware(TokenMiddleware, token=token, secure_cookie=secure_cookie)] if token else []
+    app = Starlette(routes=routes, middleware=middleware, exception_handlers={404: c.not_found})
+    app.state.console = c
+    return app
