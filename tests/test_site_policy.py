@@ -1,10 +1,10 @@
-"""The site's release policy (client/release.py): the request never decides what leaves the site."""
+"""The site's release policy (client/policy.py): the request never decides what leaves the site."""
 
 from __future__ import annotations
 
 import pytest
 
-from client.release import ReleasePolicy, ReleasePolicyError, ReleaseRefused
+from client.policy import ReleasePolicy, ReleasePolicyError, ReleaseRefused
 
 
 def test_defaults_release_only_the_last_layer_over_the_whole_set():
