@@ -22,9 +22,12 @@ Profiles: ``quick`` (default; fits two CPU cores) and ``full`` (more data and st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +56,37 @@ PROFILES = {
 
 def _log(msg: str) -> None:
     print(f"[demo] {msg}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def relay_progress(log_path: Path, prefix: str = "[rpe] ", poll_s: float = 1.0) -> Iterator[None]:
+    """Print the ServerApp's own lines (``[rpe] ...``: progress, per-result lines, time left) from
+    the SuperLink's log while a run is in flight, so the demo is never silent for minutes."""
+    stop = threading.Event()
+
+    def follow() -> None:
+        offset = log_path.stat().st_size if log_path.exists() else 0
+        while True:
+            if log_path.exists():
+                with open(log_path, "rb") as fh:
+                    fh.seek(offset)
+                    chunk = fh.read()
+                whole = chunk[: chunk.rfind(b"\n") + 1]
+                offset += len(whole)
+                for line in whole.decode("utf-8", "replace").splitlines():
+                    at = line.find(prefix)
+                    if at >= 0:
+                        _log("  " + line[at + len(prefix):])
+            if stop.wait(poll_s):
+                return
+
+    thread = threading.Thread(target=follow, name="relay-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
 
 
 def prepare_sites(root: Path, profile: DemoProfile, sites: dict[str, str], seed: int = 0) -> dict[str, Path]:
@@ -98,15 +132,18 @@ def run_demo(workdir: Path, profile: DemoProfile, model: str = "smollm2-135m-ins
     try:
         t0 = time.perf_counter()
         _log(f"enroll: each site trains a LoRA ({profile.steps} steps) and sends adapter + z + metadata")
-        enroll = launch.run_app(flwr_home, REPO, {**common, "mode": "enroll"}, registry, timeout=3600)
+        server_log = Path(state["superlink"]["log"])
+        with relay_progress(server_log):
+            enroll = launch.run_app(flwr_home, REPO, {**common, "mode": "enroll"}, registry, timeout=3600)
         timings["enroll_s"] = time.perf_counter() - t0
         outcome = enroll["report"].get("enroll", {})
         for site, res in sorted(outcome.items()):
             _log(f"  {site}: {res.get('status')} {res.get('record_id', res.get('reason', ''))}")
         t0 = time.perf_counter()
         _log("evaluate: leave-one-site-out, every strategy + base + own LoRA, scored at the sites")
-        evaluate = launch.run_app(flwr_home, REPO, {**common, "mode": "evaluate",
-                                                    "eval-strategies": "sim,lin,lin-l1"}, registry, timeout=3600)
+        with relay_progress(server_log):
+            evaluate = launch.run_app(flwr_home, REPO, {**common, "mode": "evaluate",
+                                                        "eval-strategies": "sim,lin,lin-l1"}, registry, timeout=3600)
         timings["evaluate_s"] = time.perf_counter() - t0
     finally:
         launch.down(workdir / "deploy")
