@@ -523,14 +523,20 @@ class EnrollPayload:
     train_stats: dict[str, Any] = field(default_factory=dict)
 
 
-def build_enroll_reply(arrays: Mapping[str, np.ndarray], z: np.ndarray, meta: Mapping[str, Any]) -> RecordDict:
-    """The three records of an enrolment reply, validated exactly as the coordinator will."""
+def build_enroll_reply(arrays: Mapping[str, np.ndarray], z: np.ndarray, meta: Mapping[str, Any],
+                       check: bool = True) -> RecordDict:
+    """The three records of an enrolment reply, validated exactly as the coordinator will.
+
+    ``check=False`` skips that validation for a caller that validates the reply itself right
+    after (the ClientApp's gate, ``check_reply``), so the site decodes the adapter once, not twice.
+    """
     content = RecordDict({
         "adapter": adapter_record(arrays),
         "embedding": embedding_record(z),
         "meta": ConfigRecord(dict(meta)),
     })
-    parse_enroll_reply(content)
+    if check:
+        parse_enroll_reply(content)
     return content
 
 

@@ -530,6 +530,17 @@ def test_a_site_failure_is_typed(monkeypatch):
     assert str(failure) == f"failed (code {wire.ERROR_FAILED}): OSError: disk"
 
 
+def test_a_site_runs_only_the_task_families_it_declares(tmp_path):
+    from client.site import Site, SiteError, site_task
+
+    site = Site("a", tmp_path, "unused-model", tmp_path / "site-a")
+    assert site_task(site, "report-text").name == "report-text"
+    with pytest.raises(SiteError, match="unknown task 'segmentation'"):
+        site_task(site, "segmentation")
+    with pytest.raises(SiteError, match="unknown task 'report-text'"):
+        site_task(Site("a", tmp_path, "m", tmp_path, tasks=()), "report-text")
+
+
 # -- deploy helpers (fast) --------------------------------------------------------------------
 def test_tls_material_chains_to_the_ca_and_auth_keys_are_p384_openssh(tmp_path):
     import stat
