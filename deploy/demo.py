@@ -59,24 +59,23 @@ def _log(msg: str) -> None:
 
 
 @contextlib.contextmanager
-def relay_progress(log_path: Path, prefix: str = "[rpe] ", poll_s: float = 1.0) -> Iterator[None]:
-    """Print the ServerApp's own lines (``[rpe] ...``: progress, per-result lines, time left) from
-    the SuperLink's log while a run is in flight, so the demo is never silent for minutes."""
+def relay_progress(runs_dir: Path, prefix: str = "[rpe] ", poll_s: float = 1.0) -> Iterator[None]:
+    """Print the ServerApp's lines (progress, one line per result, time left) while a run is in
+    flight, from the run logs it writes (``<registry>/runs/<run id>-<mode>.log``), so the demo is
+    never silent for minutes."""
     stop = threading.Event()
+    offsets = {p: p.stat().st_size for p in runs_dir.glob("*.log")} if runs_dir.is_dir() else {}
 
     def follow() -> None:
-        offset = log_path.stat().st_size if log_path.exists() else 0
         while True:
-            if log_path.exists():
-                with open(log_path, "rb") as fh:
-                    fh.seek(offset)
+            for path in sorted(runs_dir.glob("*.log")) if runs_dir.is_dir() else []:
+                with open(path, "rb") as fh:
+                    fh.seek(offsets.get(path, 0))
                     chunk = fh.read()
                 whole = chunk[: chunk.rfind(b"\n") + 1]
-                offset += len(whole)
+                offsets[path] = offsets.get(path, 0) + len(whole)
                 for line in whole.decode("utf-8", "replace").splitlines():
-                    at = line.find(prefix)
-                    if at >= 0:
-                        _log("  " + line[at + len(prefix):])
+                    _log("  " + line.removeprefix(prefix))
             if stop.wait(poll_s):
                 return
 
@@ -132,8 +131,7 @@ def run_demo(workdir: Path, profile: DemoProfile, model: str = "smollm2-135m-ins
     try:
         t0 = time.perf_counter()
         _log(f"enroll: each site trains a LoRA ({profile.steps} steps) and sends adapter + z + metadata")
-        server_log = Path(state["superlink"]["log"])
-        with relay_progress(server_log):
+        with relay_progress(registry / "runs"):
             enroll = launch.run_app(flwr_home, REPO, {**common, "mode": "enroll"}, registry, timeout=3600)
         timings["enroll_s"] = time.perf_counter() - t0
         outcome = enroll["report"].get("enroll", {})
@@ -141,7 +139,7 @@ def run_demo(workdir: Path, profile: DemoProfile, model: str = "smollm2-135m-ins
             _log(f"  {site}: {res.get('status')} {res.get('record_id', res.get('reason', ''))}")
         t0 = time.perf_counter()
         _log("evaluate: leave-one-site-out, every strategy + base + own LoRA, scored at the sites")
-        with relay_progress(server_log):
+        with relay_progress(registry / "runs"):
             evaluate = launch.run_app(flwr_home, REPO, {**common, "mode": "evaluate",
                                                         "eval-strategies": "sim,lin,lin-l1"}, registry, timeout=3600)
         timings["evaluate_s"] = time.perf_counter() - t0

@@ -28,7 +28,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from server.bootstrap import open_registry
-from server.messaging import SiteFailure, SiteInfo, discover, exchange, log
+from server.messaging import SiteFailure, SiteInfo, discover, exchange, log, run_log
 from server.modes.compose import embed_sites, run_compose
 from server.modes.enroll import run_enroll
 from server.modes.evaluate import run_evaluate
@@ -58,15 +58,17 @@ def main(grid: Grid, context: Context) -> None:
         report["timings"] = timings
         t0 = time.monotonic()
         registry = open_registry(s)
+        # from here on every line is also in <registry>/runs/<run id>-<mode>.log (deploy/demo.py follows it)
         try:
-            timings["open_registry"] = round(time.monotonic() - t0, 3)
-            t0 = time.monotonic()
-            sites = discover(grid, s.timeout_query, report)
-            timings["discover"] = round(time.monotonic() - t0, 3)
-            if s.mode in HANDLERS:
+            with run_log(registry.path / "runs" / f"{run_id}-{s.mode}.log"):
+                timings["open_registry"] = round(time.monotonic() - t0, 3)
                 t0 = time.monotonic()
-                HANDLERS[s.mode](grid, s, registry, sites, run_id, report)
-                timings[s.mode] = round(time.monotonic() - t0, 3)
+                sites = discover(grid, s.timeout_query, report)
+                timings["discover"] = round(time.monotonic() - t0, 3)
+                if s.mode in HANDLERS:
+                    t0 = time.monotonic()
+                    HANDLERS[s.mode](grid, s, registry, sites, run_id, report)
+                    timings[s.mode] = round(time.monotonic() - t0, 3)
         finally:
             registry.close()
         report["status"] = "completed"

@@ -8,10 +8,12 @@ matches strings.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, TextIO
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
@@ -23,9 +25,29 @@ from common.wire import WireError
 ERROR_NODE_UNAVAILABLE = 5
 
 
+_RUN_LOGS: list[TextIO] = []
+
+
 def log(msg: str) -> None:
-    """ServerApp output goes to the SuperLink's log and to ``flwr log`` / ``--stream``."""
-    print(f"[rpe] {msg}", flush=True)
+    """ServerApp output: ``flwr log`` / ``flwr run --stream`` show it, and the run's own log file
+    (:func:`run_log`), which ``deploy/demo.py`` follows while the run is in flight."""
+    line = f"[rpe] {msg}"
+    print(line, flush=True)
+    for fh in _RUN_LOGS:
+        fh.write(line + "\n")
+        fh.flush()
+
+
+@contextlib.contextmanager
+def run_log(path: Path) -> Iterator[None]:
+    """Also append every :func:`log` line to ``path`` (``<registry>/runs/<run id>-<mode>.log``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as fh:
+        _RUN_LOGS.append(fh)
+        try:
+            yield
+        finally:
+            _RUN_LOGS.remove(fh)
 
 
 def make_nonce() -> str:

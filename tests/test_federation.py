@@ -408,6 +408,8 @@ def test_local_evaluate_writes_leave_one_site_out_tables_and_plots(local, capsys
     assert lines[-1].startswith(f"[rpe] evaluate [{len(applies)}/{len(applies)}]")
     assert all("target " in x and ", arm " in x and "left" in x for x in lines)
     assert any("ROUGE-L" in x for x in lines)
+    run_log = (local["registry"] / "runs" / "12-evaluate.log").read_text().splitlines()  # what deploy/demo.py relays
+    assert [x for x in run_log if x.startswith("[rpe] evaluate [")] == lines
 
 
 def test_local_compose_rejects_nothing_and_delivers(local):
