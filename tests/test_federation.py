@@ -532,6 +532,20 @@ def test_a_site_failure_is_typed(monkeypatch):
     assert str(failure) == f"failed (code {wire.ERROR_FAILED}): OSError: disk"
 
 
+def test_demo_relays_the_run_log_while_a_run_is_in_flight(tmp_path, capsys):
+    from deploy.demo import relay_progress
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "1-enroll.log").write_text("[rpe] an earlier run\n")
+    with relay_progress(runs, poll_s=0.05):
+        (runs / "2-evaluate.log").write_text("[rpe] evaluate [1/4] target a, arm sim: ROUGE-L 0.2 (1 s)\n[rpe] half")
+        time.sleep(0.5)
+    err = capsys.readouterr().err
+    assert "[demo]   evaluate [1/4] target a, arm sim: ROUGE-L 0.2 (1 s)" in err
+    assert "earlier run" not in err and "half" not in err  # only new, whole lines
+
+
 def test_a_site_runs_only_the_task_families_it_declares(tmp_path):
     from client.site import Site, SiteError, site_task
 
