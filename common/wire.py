@@ -48,7 +48,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from common.digests import record_digest
+from common.digests import (
+    canonical_json,  # noqa: F401 - the one canonical JSON; callers use wire.canonical_json
+    record_digest,
+)
 
 if TYPE_CHECKING:
     from common.lora import LoraAdapter
@@ -157,11 +160,6 @@ class WireError(ValueError):
 
 
 # -- small helpers --------------------------------------------------------------------------------
-def canonical_json(value: Any) -> str:
-    """Deterministic JSON (sorted keys, no spaces): what gets hashed and signed."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
-
-
 def _load_json(text: str, record: str, key: str) -> Any:
     try:
         return json.loads(text)
@@ -330,6 +328,36 @@ def wire_normalized(adapter: LoraAdapter, base_model: str | None = None) -> Lora
     return adapter_from_wire(arrays, cfg, adapter.base_model if base_model is None else base_model)
 
 
+@dataclass(frozen=True)
+class WireAdapter:
+    """An adapter in its one wire form, made once: the float32 factors (``arrays``, what the
+    ArrayRecord carries), the wire LoRA config, the canonical bytes (``blob``, what the registry
+    stores) and their sha256 (what every log names)."""
+
+    adapter: LoraAdapter
+    arrays: dict[str, np.ndarray]
+    lora_config: dict[str, Any]
+    blob: bytes
+    sha256: str
+
+
+def encode_adapter(adapter: LoraAdapter, base_model: str | None = None) -> WireAdapter:
+    """Put an adapter in wire form once (float32, scale = alpha / r) and hash its canonical bytes once."""
+    from common.lora import adapter_to_bytes
+
+    arrays, cfg = adapter_to_wire(adapter)
+    normalized = adapter_from_wire(arrays, cfg, adapter.base_model if base_model is None else base_model)
+    blob = adapter_to_bytes(normalized)
+    return WireAdapter(normalized, arrays, cfg, blob, hashlib.sha256(blob).hexdigest())
+
+
+def adapter_sha256(adapter: LoraAdapter) -> str:
+    """sha256 of the canonical bytes of an adapter already in wire form (``wire_normalized``)."""
+    from common.lora import adapter_to_bytes
+
+    return hashlib.sha256(adapter_to_bytes(adapter)).hexdigest()
+
+
 def adapter_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     """ArrayRecord of PEFT-keyed float32 factors (sorted keys, deterministic)."""
     return ArrayRecord({k: _to_array(np.asarray(arrays[k], dtype=np.float32)) for k in sorted(arrays)})
@@ -495,14 +523,20 @@ class EnrollPayload:
     train_stats: dict[str, Any] = field(default_factory=dict)
 
 
-def build_enroll_reply(arrays: Mapping[str, np.ndarray], z: np.ndarray, meta: Mapping[str, Any]) -> RecordDict:
-    """The three records of an enrolment reply, validated exactly as the coordinator will."""
+def build_enroll_reply(arrays: Mapping[str, np.ndarray], z: np.ndarray, meta: Mapping[str, Any],
+                       check: bool = True) -> RecordDict:
+    """The three records of an enrolment reply, validated exactly as the coordinator will.
+
+    ``check=False`` skips that validation for a caller that validates the reply itself right
+    after (the ClientApp's gate, ``check_reply``), so the site decodes the adapter once, not twice.
+    """
     content = RecordDict({
         "adapter": adapter_record(arrays),
         "embedding": embedding_record(z),
         "meta": ConfigRecord(dict(meta)),
     })
-    parse_enroll_reply(content)
+    if check:
+        parse_enroll_reply(content)
     return content
 
 

@@ -22,9 +22,12 @@ Profiles: ``quick`` (default; fits two CPU cores) and ``full`` (more data and st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +56,36 @@ PROFILES = {
 
 def _log(msg: str) -> None:
     print(f"[demo] {msg}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def relay_progress(runs_dir: Path, prefix: str = "[rpe] ", poll_s: float = 1.0) -> Iterator[None]:
+    """Print the ServerApp's lines (progress, one line per result, time left) while a run is in
+    flight, from the run logs it writes (``<registry>/runs/<run id>-<mode>.log``), so the demo is
+    never silent for minutes."""
+    stop = threading.Event()
+    offsets = {p: p.stat().st_size for p in runs_dir.glob("*.log")} if runs_dir.is_dir() else {}
+
+    def follow() -> None:
+        while True:
+            for path in sorted(runs_dir.glob("*.log")) if runs_dir.is_dir() else []:
+                with open(path, "rb") as fh:
+                    fh.seek(offsets.get(path, 0))
+                    chunk = fh.read()
+                whole = chunk[: chunk.rfind(b"\n") + 1]
+                offsets[path] = offsets.get(path, 0) + len(whole)
+                for line in whole.decode("utf-8", "replace").splitlines():
+                    _log("  " + line.removeprefix(prefix))
+            if stop.wait(poll_s):
+                return
+
+    thread = threading.Thread(target=follow, name="relay-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
 
 
 def prepare_sites(root: Path, profile: DemoProfile, sites: dict[str, str], seed: int = 0) -> dict[str, Path]:
@@ -98,15 +131,17 @@ def run_demo(workdir: Path, profile: DemoProfile, model: str = "smollm2-135m-ins
     try:
         t0 = time.perf_counter()
         _log(f"enroll: each site trains a LoRA ({profile.steps} steps) and sends adapter + z + metadata")
-        enroll = launch.run_app(flwr_home, REPO, {**common, "mode": "enroll"}, registry, timeout=3600)
+        with relay_progress(registry / "runs"):
+            enroll = launch.run_app(flwr_home, REPO, {**common, "mode": "enroll"}, registry, timeout=3600)
         timings["enroll_s"] = time.perf_counter() - t0
         outcome = enroll["report"].get("enroll", {})
         for site, res in sorted(outcome.items()):
             _log(f"  {site}: {res.get('status')} {res.get('record_id', res.get('reason', ''))}")
         t0 = time.perf_counter()
         _log("evaluate: leave-one-site-out, every strategy + base + own LoRA, scored at the sites")
-        evaluate = launch.run_app(flwr_home, REPO, {**common, "mode": "evaluate",
-                                                    "eval-strategies": "sim,lin,lin-l1"}, registry, timeout=3600)
+        with relay_progress(registry / "runs"):
+            evaluate = launch.run_app(flwr_home, REPO, {**common, "mode": "evaluate",
+                                                        "eval-strategies": "sim,lin,lin-l1"}, registry, timeout=3600)
         timings["evaluate_s"] = time.perf_counter() - t0
     finally:
         launch.down(workdir / "deploy")

@@ -74,7 +74,7 @@ def compose_for_target(registry: Registry, z_target: Any, *, strategy: str = "si
                        target: str = "?", base: str | None = None, modality: str | None = None,
                        lam1: float | None = None, lam2: float | None = None,
                        base_model_name_or_path: str | None = None,
-                       audit_query: bool = True) -> CompositionResult:
+                       audit_query: bool = True, wire_form: bool = False) -> CompositionResult:
     """Compose the adapter for one target embedding; optionally write it as a PEFT directory.
 
     ``strategy`` is a name from ``common.strategies.STRATEGIES`` (``sim``, ``lin``, ``lin-l1``,
@@ -83,7 +83,10 @@ def compose_for_target(registry: Registry, z_target: Any, *, strategy: str = "si
     ``out_dir`` receives ``adapter_config.json`` + ``adapter_model.safetensors`` whose
     ``base_model_name_or_path`` is ``base_model_name_or_path``, else the base's registered name.
     ``audit_query=False`` skips the ``query.embedding`` entry when the caller already logged the
-    embedding it received. Raises ``NotEnoughRecordsError`` when fewer than k adapters match.
+    embedding it received. ``wire_form=True`` (the ServerApp) puts the result in its wire form
+    (``common.wire.encode_adapter``: float32, the retrieved adapters' base) *before* it is hashed,
+    so the hash in the ``composition`` entry is the one the site receives and logs.
+    Raises ``NotEnoughRecordsError`` when fewer than k adapters match.
     """
     from common.lora import adapter_to_bytes, compose, save_peft_adapter
     from common.strategies import compute_weights
@@ -108,8 +111,14 @@ def compose_for_target(registry: Registry, z_target: Any, *, strategy: str = "si
     used = [i for i, w in enumerate(weights) if w != 0.0]
     adapters = [registry.load_adapter(hits[i].record.id) for i in used]
     composed = compose(adapters, [float(weights[i]) for i in used], max_rank=max_rank)
-    output_sha = hashlib.sha256(adapter_to_bytes(composed)).hexdigest()
     base_fp = hits[0].record.meta.base_fingerprint
+    if wire_form:
+        from common.wire import encode_adapter
+
+        encoded = encode_adapter(composed, base_model=base_fp)
+        composed, output_sha = encoded.adapter, encoded.sha256
+    else:
+        output_sha = hashlib.sha256(adapter_to_bytes(composed)).hexdigest()
     written: Path | None = None
     if out_dir is not None:
         name = base_model_name_or_path or registry.bases.get(base_fp, {}).get("name") or composed.base_model

@@ -117,3 +117,28 @@ def test_max_rank_and_errors(reg):
     reg.add_base("sha256:other", {"x": (2, 2)})
     with pytest.raises(CompositionError, match="not known"):
         compose_for_target(reg, z, base="sha256:nope", k=2)
+
+
+def test_a_composition_from_bf16_sources_has_one_hash_in_wire_form(tmp_path):
+    """The ServerApp composes in wire form: the hash in the composition entry is the hash the site
+    computes from what it receives (before, bf16 sources gave two different hashes)."""
+    from common import wire
+
+    rng = np.random.default_rng(1)
+    registry = Registry.init(tmp_path / "reg", base_fingerprint=BASE, module_shapes=SHAPES, embedding_dim=DIM,
+                             base_name="/models/tiny-base")
+    try:
+        for i in range(3):
+            registry.add(adapter(i).to(torch.bfloat16), rng.standard_normal(DIM),
+                         AdapterMeta(site=f"b{i}", task="xray", modality="xray", base_fingerprint=BASE, sample_count=5))
+        z = rng.standard_normal(DIM)
+        plain = compose_for_target(registry, z, strategy="sim", k=3, task="xray", target="t")
+        res = compose_for_target(registry, z, strategy="sim", k=3, task="xray", target="t", wire_form=True)
+        arrays, cfg = wire.adapter_to_wire(res.adapter)  # what travels
+        at_site = wire.adapter_from_wire(arrays, cfg, base_model=BASE)  # what the site rebuilds
+        assert wire.adapter_sha256(at_site) == res.output_sha256 == wire.encode_adapter(plain.adapter, BASE).sha256
+        assert plain.output_sha256 != res.output_sha256  # the library form (bf16) is a different object
+        entries = [json.loads(x) for x in (registry.path / "audit.jsonl").read_text().splitlines()]
+        assert [e["output_sha256"] for e in entries if e["event"] == "composition"][-1] == res.output_sha256
+    finally:
+        registry.close()

@@ -353,7 +353,7 @@ def run_local(local: dict, run_id: int, offline: tuple[int, ...] = (), tamper=No
 
 
 @pytest.mark.slow
-def test_local_evaluate_writes_leave_one_site_out_tables_and_plots(local):
+def test_local_evaluate_writes_leave_one_site_out_tables_and_plots(local, capsys):
     report, _ = run_local(local, 11, mode="enroll")
     assert {s: r["status"] for s, r in report["enroll"].items()} == dict.fromkeys(SITES, "accepted")
     report, grid = run_local(local, 12, mode="evaluate", k=2, **{"eval-strategies": "sim,lin"})
@@ -372,6 +372,14 @@ def test_local_evaluate_writes_leave_one_site_out_tables_and_plots(local):
     assert "| **mean** |" in out["markdown"].read_text()
     applies = [m for m in grid.sent if m.metadata.message_type == wire.APPLY]
     assert all(not m.content["config"]["store"] for m in applies)  # evaluation arms are not stored at sites
+    # progress: one line per (target, arm) as each result arrives, each with the time left
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[rpe] evaluate [")]
+    assert len(lines) == len(applies)
+    assert lines[-1].startswith(f"[rpe] evaluate [{len(applies)}/{len(applies)}]")
+    assert all("target " in x and ", arm " in x and "left" in x for x in lines)
+    assert any("ROUGE-L" in x for x in lines)
+    run_log = (local["registry"] / "runs" / "12-evaluate.log").read_text().splitlines()  # what deploy/demo.py relays
+    assert [x for x in run_log if x.startswith("[rpe] evaluate [")] == lines
 
 
 def test_local_compose_rejects_nothing_and_delivers(local):
@@ -381,6 +389,16 @@ def test_local_compose_rejects_nothing_and_delivers(local):
     assert report["compose"]["a"]["status"] == "delivered"
     assert sorted(report["compose"]["a"]["sites"]) == ["b", "c"]
     assert report["compose"]["c"]["status"] == "failed" and "offline" in report["compose"]["c"]["reason"]
+    # one hash names the composed adapter: the composition entry, the delivery, the site's receipt and egress
+    sha = report["compose"]["a"]["blob_sha256"]
+    assert report["compose"]["a"]["output_sha256"] == sha
+    audit = [json.loads(x) for x in (local["registry"] / "audit.jsonl").read_text().splitlines()]
+    mine = [e for e in audit if e.get("target") == "a" and e["event"] in ("composition", "composition.delivered")]
+    assert [e["output_sha256"] for e in mine][-2:] == [sha, sha]
+    egress = [json.loads(x) for x in (local["tmp"] / "sites" / "a" / "egress.jsonl").read_text().splitlines()]
+    assert egress[-1]["extra"]["blob_sha256"] == sha
+    apply_cfg = next(m for m in grid.sent if m.metadata.message_type == wire.APPLY).content["config"]
+    assert apply_cfg["blob_sha256"] == sha
 
 
 def test_local_enroll_rejects_a_reply_with_extra_records(local, monkeypatch):
@@ -400,6 +418,7 @@ def test_local_enroll_rejects_a_reply_with_extra_records(local, monkeypatch):
     report, _ = run_local(local, 31, mode="enroll", sites="b", seed=7)
     res = report["enroll"]["b"]
     assert res["status"] == "error" and "refused" in res["reason"] and "raw_reports" in res["reason"]
+    assert res["kind"] == "refused" and res["code"] == wire.ERROR_REFUSED  # typed, not only a string
     after = (local["registry"] / "records.jsonl").read_text()
     assert after == before
 
@@ -426,6 +445,86 @@ def test_local_enroll_logs_one_audit_entry_per_submission_that_cross_checks(loca
         rep = cross_check(local["tmp"] / "sites" / site / "egress.jsonl", audit_path, site)
         assert rep.ok, str(rep)
         assert any(m["run_id"] == "34" and m["matched_on"] == "record_digests" for m in rep.matched)
+
+
+# -- settings and progress (fast) -------------------------------------------------------------
+def test_settings_defaults_are_the_pyproject_run_config():
+    """One place for defaults: every [tool.flwr.app.config] key is a Settings field with that default."""
+    import tomllib
+
+    from server.settings import SITE_ONLY_KEYS, Settings
+
+    table = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert {k: v for k, v in table.items() if k not in SITE_ONLY_KEYS} == Settings.defaults()
+    s = Settings.from_run_config({**table, "registry-dir": "/r"}, env={})
+    assert s == Settings(registry_dir="/r", allowlist="/r/allowlist.json")
+    parsed = Settings.from_run_config({"registry-dir": "/r", "sites": "a, b", "k": 5, "mode": "compose"}, env={})
+    assert parsed.sites == ("a", "b") and parsed.k == 5 and parsed.strategy_params("sim") == {}
+    from server.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="mode='train'"):
+        Settings.from_run_config({"registry-dir": "/r", "mode": "train"}, env={})
+    with pytest.raises(SettingsError, match="no registry"):
+        Settings.from_run_config({}, env={})
+
+
+def test_progress_says_what_arrived_and_how_long_is_left():
+    from server.reporting import Progress
+
+    now = [0.0]
+    lines: list[str] = []
+    p = Progress("evaluate", 4, heartbeat_s=30.0, clock=lambda: now[0], emit=lines.append)
+    now[0] = 10.0
+    p.waiting()  # quiet for less than the heartbeat: nothing
+    now[0] = 40.0
+    p.waiting()
+    assert lines == ["evaluate: waiting for the sites, 0/4 results in (40 s elapsed, estimating time left)"]
+    now[0] = 60.0
+    p.result("target a, arm sim", "ROUGE-L 0.2000")
+    assert lines[-1] == "evaluate [1/4] target a, arm sim: ROUGE-L 0.2000 (60 s elapsed, about 3.0 min left)"
+    assert p.eta() == 180.0
+
+
+def test_a_site_failure_is_typed(monkeypatch):
+    from flwr.app import Error, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from server.messaging import Reply, SiteFailure
+
+    for name in ("_run_id", "_node_id", "_task_id"):  # Flower messages need a task identity
+        monkeypatch.setattr(TaskIdentity, name, 1)
+
+    assert Reply("a", None, "n").failure == SiteFailure("timeout", "no reply in time (site offline or too slow)")
+    msg = Message(RecordDict(), dst_node_id=1, message_type=wire.WHOAMI)
+    err = Message(Error(code=wire.ERROR_FAILED, reason="OSError: disk"), reply_to=msg)
+    failure = Reply("a", err, "n").failure
+    assert (failure.kind, failure.code) == ("failed", wire.ERROR_FAILED)
+    assert str(failure) == f"failed (code {wire.ERROR_FAILED}): OSError: disk"
+
+
+def test_demo_relays_the_run_log_while_a_run_is_in_flight(tmp_path, capsys):
+    from deploy.demo import relay_progress
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "1-enroll.log").write_text("[rpe] an earlier run\n")
+    with relay_progress(runs, poll_s=0.05):
+        (runs / "2-evaluate.log").write_text("[rpe] evaluate [1/4] target a, arm sim: ROUGE-L 0.2 (1 s)\n[rpe] half")
+        time.sleep(0.5)
+    err = capsys.readouterr().err
+    assert "[demo]   evaluate [1/4] target a, arm sim: ROUGE-L 0.2 (1 s)" in err
+    assert "earlier run" not in err and "half" not in err  # only new, whole lines
+
+
+def test_a_site_runs_only_the_task_families_it_declares(tmp_path):
+    from client.site import Site, SiteError, site_task
+
+    site = Site("a", tmp_path, "unused-model", tmp_path / "site-a")
+    assert site_task(site, "report-text").name == "report-text"
+    with pytest.raises(SiteError, match="unknown task 'segmentation'"):
+        site_task(site, "segmentation")
+    with pytest.raises(SiteError, match="unknown task 'report-text'"):
+        site_task(Site("a", tmp_path, "m", tmp_path, tasks=()), "report-text")
 
 
 # -- deploy helpers (fast) --------------------------------------------------------------------

@@ -209,3 +209,21 @@ def test_every_message_type_has_an_allow_list_and_describe_never_shows_tensor_va
     emb = next(d for d in desc if d["record"] == "embedding")
     assert emb["tensors"] == [{"key": "z", "dtype": "float32", "shape": [16], "bytes": 64}]
     assert emb["digest"] == wire.record_digest(content["embedding"])
+
+
+def test_encode_adapter_makes_the_one_form_the_coordinator_rebuilds_and_hashes():
+    """The site encodes once: the arrays it sends, the config it describes them with, and the hash
+    of the bytes the coordinator will rebuild and store all come from one call."""
+    enc = wire.encode_adapter(make_adapter(scale=1 / 3).to(torch.bfloat16), base_model="sha256:" + "0" * 64)
+    content = wire.build_enroll_reply(enc.arrays, np.zeros(16, np.float32), enroll_meta(enc.lora_config, enc.sha256))
+    payload = wire.parse_enroll_reply(content)
+    rebuilt = wire.adapter_from_wire(payload.arrays, payload.lora_config, payload.meta["base_fingerprint"])
+    assert adapter_to_bytes(rebuilt) == enc.blob
+    assert hashlib.sha256(enc.blob).hexdigest() == enc.sha256 == wire.adapter_sha256(enc.adapter)
+    assert all(m.A.dtype == torch.float32 for m in enc.adapter.modules.values())
+
+
+def test_wire_canonical_json_is_the_digests_one():
+    from common import digests
+
+    assert wire.canonical_json is digests.canonical_json

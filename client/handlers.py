@@ -1,0 +1,296 @@
+"""The four handlers, one per message type of the fixed vocabulary (``common/wire.py``):
+
+- ``query.whoami``: site id, tasks, example counts (no data);
+- ``train`` (enrol): fine-tune a LoRA on the local labeled data, compute z over the same data and
+  reply with exactly the adapter, z and the metadata record;
+- ``query.embed``: z over the local *unlabeled* view of the data (findings only);
+- ``train.apply``: store a composed adapter as a PEFT directory under ``<site-dir>/adapters/<name>/``
+  and, if the site holds labeled evaluation data, reply with metrics only.
+
+Each handler takes a validated request and returns the reply content; ``client/app.py`` checks
+the reply against the vocabulary and logs it before it leaves. The adapter leaves in one form:
+``common.wire.encode_adapter`` makes its wire arrays and canonical bytes once and hashes them
+once; the site keeps that same adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import Context, RecordDict
+
+from client.release import cached_z, check_budget, say, site_embedding, store_z, z_cache_path
+from client.site import (
+    Site,
+    SiteData,
+    SiteError,
+    key_id,
+    load_model,
+    load_site_data,
+    signing_key,
+    site_task,
+    split_list,
+)
+from common import wire
+from common.data import DatasetFormatError, Example
+from common.wire import WireError
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+# -- query.whoami --------------------------------------------------------------------------------
+def whoami(req: wire.Request, site: Site, context: Context) -> RecordDict:
+    """Counts only. Deliberately cheap (no torch import, no model): it runs at the start of every run."""
+    try:
+        data, ok = load_site_data(site.data_path), True
+    except (OSError, DatasetFormatError, SiteError):
+        data, ok = SiteData([], [], []), False
+    info = {
+        "schema": wire.WIRE_SCHEMA, "site": site.site, "tasks": json.dumps(list(site.tasks)),
+        "groups": json.dumps(data.groups[:8]), "n_examples": len(data.all), "n_labeled": len(data.train),
+        "n_unlabeled": len(data.unlabeled), "n_eval": len(data.eval), "data_ok": ok,
+        "nonce": req.config["nonce"], "signer": key_id(site),
+    }
+    return wire.build_whoami_reply(info)
+
+
+# -- train (enrol) -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainPlan:
+    """What the request and the site's policy ask of training (``common.training``)."""
+
+    spec: Any  # LoraSpec
+    dp: Any  # DPConfig | None
+    steps: int
+    lr: float
+    batch_size: int
+    max_length: int
+    seed: int
+    embed_layer: int
+
+
+def enroll(req: wire.Request, site: Site, context: Context) -> RecordDict:
+    """Train, embed, encode once, keep a copy, describe, sign, reply."""
+    cfg = req.config
+    task = site_task(site, cfg["task"])
+    train = training_examples(site, cfg)
+    plan = train_plan(cfg, site)
+    refuse_over_budget(site, plan, len(train))
+    model, tok, fp = load_model(site)
+    adapter, stats = train_adapter(model, tok, train, task, plan, fp)
+    encoded = wire.encode_adapter(adapter, base_model=fp)  # the one form: sent, hashed, stored, kept
+    emb, z, z_mech = site_embedding(model, tok, task.embedding_texts(train), site, plan.embed_layer)
+    keep_own_copy(site, task.name, encoded)
+    meta = enroll_meta(site, task.name, train, fp, emb, encoded, release_privacy(plan, stats, z_mech),
+                       train_stats(plan, stats, len(train)), cfg["nonce"])
+    sign(meta, site, z, str(context.run_id))
+    return wire.build_enroll_reply(encoded.arrays, z, meta, check=False)  # the gate checks it once
+
+
+def training_examples(site: Site, cfg: dict[str, Any]) -> list[Example]:
+    """The labeled examples to train on (``max_examples`` caps them); none is an error."""
+    data = load_site_data(site.data_path)
+    train = data.train[: cfg["max_examples"]] if cfg.get("max_examples") else data.train
+    if not train:
+        raise SiteError(f"site {site.site!r} has no labeled training examples in {site.data_path}")
+    return train
+
+
+def train_plan(cfg: dict[str, Any], site: Site) -> TrainPlan:
+    """The LoRA spec and hyper-parameters of the request; DP-SGD when the site's policy asks for it."""
+    from common.training import DPConfig, LoraSpec
+
+    spec = LoraSpec(r=int(cfg.get("lora_r", 8)), alpha=float(cfg.get("lora_alpha", 16.0)),
+                    target_modules=tuple(split_list(cfg.get("lora_targets", "q_proj,v_proj"))),
+                    dropout=float(cfg.get("lora_dropout", 0.0)))
+    dp = None
+    if site.policy.get("dp-noise-multiplier", 0.0) > 0:
+        dp = DPConfig(noise_multiplier=site.policy["dp-noise-multiplier"],
+                      max_grad_norm=site.policy.get("dp-max-grad-norm", 1.0),
+                      delta=site.policy.get("dp-delta", 1e-5))
+    return TrainPlan(spec, dp, int(cfg.get("steps", 40)), float(cfg.get("lr", 1e-3)), int(cfg.get("batch_size", 4)),
+                     int(cfg.get("max_length", 192)), int(cfg.get("seed", 0)), int(cfg.get("embed_layer", -1)))
+
+
+def refuse_over_budget(site: Site, plan: TrainPlan, n_train: int) -> None:
+    """The ε of this release is known before training: a budget refuses it early, not after an hour."""
+    from common.privacy import ZMechanism, dp_sgd_stats, release_record
+
+    dp = plan.dp
+    planned = None if dp is None else dp_sgd_stats(dp.noise_multiplier, dp.max_grad_norm, dp.delta,
+                                                   min(1.0, plan.batch_size / n_train), plan.steps)
+    check_budget(site, release_record(planned, ZMechanism.from_policy(site.policy), adapter_sent=True), True)
+
+
+def train_adapter(model: Any, tok: Any, train: list[Example], task: Any, plan: TrainPlan,
+                  fp: str) -> tuple[Any, dict[str, Any]]:
+    """(LoraAdapter, training statistics) of ``common.training.train_lora``."""
+    from common.training import train_lora
+
+    return train_lora(model, tok, train, task, plan.spec, steps=plan.steps, lr=plan.lr, batch_size=plan.batch_size,
+                      max_length=plan.max_length, seed=plan.seed, progress=True, dp=plan.dp, base_model=fp)
+
+
+def keep_own_copy(site: Site, task_name: str, encoded: wire.WireAdapter) -> None:
+    """The site keeps the adapter it sends, as a PEFT directory (``adapters/own-<task>``)."""
+    from common.lora import save_peft_adapter
+
+    save_peft_adapter(encoded.adapter, site.adapters_dir / f"own-{task_name}", str(site.model_path))
+
+
+def release_privacy(plan: TrainPlan, stats: dict[str, Any], z_mech: Any) -> dict[str, Any]:
+    from common.privacy import release_record
+
+    return release_record(stats if plan.dp is not None else None, z_mech, adapter_sent=True)
+
+
+def train_stats(plan: TrainPlan, stats: dict[str, Any], n_train: int) -> dict[str, Any]:
+    out = {"steps": stats.get("steps", plan.steps), "lr": plan.lr, "batch_size": plan.batch_size,
+           "max_length": plan.max_length, "seed": plan.seed, "loss_first": stats.get("first_loss"),
+           "loss_last": stats.get("final_loss"), "seconds": round(float(stats.get("seconds", 0.0)), 3),
+           "n_train": n_train}
+    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in out.items()}
+
+
+def enroll_meta(site: Site, task_name: str, train: list[Example], fp: str, emb: Any, encoded: wire.WireAdapter,
+                privacy: dict[str, Any], stats: dict[str, Any], nonce: str) -> dict[str, Any]:
+    """The enrolment ``meta`` record (exactly ``wire.ENROLL_META_KEYS``); unsigned."""
+    group = Counter(e.group for e in train).most_common(1)[0][0]
+    return {
+        "schema": wire.WIRE_SCHEMA, "site": site.site, "task": task_name, "modality": group.split("-", 1)[0],
+        "group": group, "base_fingerprint": fp, "sample_count": len(train), "token_count": int(emb.n_tokens),
+        "lora_config": wire.canonical_json(encoded.lora_config), "blob_sha256": encoded.sha256,
+        "embedding_spec": wire.canonical_json(emb.spec()), "privacy": wire.canonical_json(privacy),
+        "train_stats": wire.canonical_json(stats), "nonce": nonce,
+        "created_at": time.time(), "signer": "", "signature": "",
+    }
+
+
+def sign(meta: dict[str, Any], site: Site, z: np.ndarray, run_id: str) -> None:
+    """Fill ``signer`` / ``signature`` when the site has a signing key: the signature covers the blob
+    hash, z, every other metadata field, the run id and the coordinator's nonce."""
+    key = signing_key(site)
+    if key is None:
+        return
+    from common import signing
+
+    signed = {k: v for k, v in meta.items() if k not in ("signer", "signature")}
+    meta["signer"] = signing.key_fingerprint(key.public_key())
+    meta["signature"] = signing.sign_submission(key, meta["blob_sha256"], z, signed, run_id, meta["nonce"])
+
+
+# -- query.embed ---------------------------------------------------------------------------------
+def embed(req: wire.Request, site: Site, context: Context) -> RecordDict:
+    """z over the unlabeled view: findings only, whatever labels the site may hold."""
+    from common.privacy import ZMechanism, release_record
+
+    cfg = req.config
+    task = site_task(site, cfg.get("task", "report-text"))
+    data = load_site_data(site.data_path)
+    examples = data.all[: cfg["max_examples"]] if cfg.get("max_examples") else data.all
+    texts = task.embedding_texts([Example(e.prompt, None, e.group, e.uid) for e in examples])
+    layer = int(cfg.get("embed_layer", -1))
+    mech = ZMechanism.from_policy(site.policy)
+    cache = z_cache_path(site, texts, layer, mech) if mech is not None else None
+    cached = cached_z(site, cache) if cache is not None else None
+    if cached is not None:  # the same noisy z again: repeated queries cannot average the noise away
+        z, info = cached
+        privacy = release_record(None, mech, adapter_sent=False, z_repeat=True)
+        say(site, "z: re-sending the noisy z already released for this data (no new privacy cost)")
+    else:
+        check_budget(site, release_record(None, mech, adapter_sent=False), False)
+        model, tok, fp = load_model(site)
+        emb, z, mech = site_embedding(model, tok, texts, site, layer)
+        info = {"base_fingerprint": fp, "sample_count": emb.n_examples, "token_count": int(emb.n_tokens),
+                "embedding_spec": emb.spec()}
+        privacy = release_record(None, mech, adapter_sent=False)
+        if cache is not None:
+            store_z(cache, z, info)
+    meta = {
+        "schema": wire.WIRE_SCHEMA, "site": site.site, "task": task.name, "base_fingerprint": info["base_fingerprint"],
+        "sample_count": info["sample_count"], "token_count": info["token_count"],
+        "embedding_spec": wire.canonical_json(info["embedding_spec"]), "privacy": wire.canonical_json(privacy),
+        "nonce": cfg["nonce"],
+    }
+    return wire.build_embed_reply(z, meta)
+
+
+# -- train.apply ---------------------------------------------------------------------------------
+def apply(req: wire.Request, site: Site, context: Context) -> RecordDict:
+    """Check and rebuild the adapter, keep it (unless ``store`` is off), score it, send a receipt."""
+    cfg = req.config
+    if not _NAME_RE.match(cfg["name"]):
+        raise WireError("adapter name must be a plain file name", "config", "name")
+    adapter, sha = received_adapter(req, site)
+    if cfg.get("store", True):
+        store_received(site, cfg, adapter)
+    metrics, evaluated = score(site, cfg, adapter)
+    receipt = {"schema": wire.WIRE_SCHEMA, "site": site.site, "name": cfg["name"], "blob_sha256": sha,
+               "evaluated": evaluated, "nonce": cfg["nonce"]}
+    return wire.build_apply_reply(metrics, receipt)
+
+
+def received_adapter(req: wire.Request, site: Site) -> tuple[Any, str]:
+    """The adapter as sent (for this site's base), and its hash checked against the request's."""
+    from common.models import fingerprint
+
+    cfg = req.config
+    fp = fingerprint(site.model_path)
+    if cfg["base_fingerprint"] != fp:
+        raise SiteError(f"the composed adapter is for base model {cfg['base_fingerprint']}, this site runs {fp}")
+    assert req.adapter is not None and req.lora_config is not None
+    adapter = wire.adapter_from_wire(req.adapter, req.lora_config, base_model=fp)
+    got = wire.adapter_sha256(adapter)
+    if got != cfg["blob_sha256"]:
+        raise WireError(f"adapter hashes to {got}, the request says {cfg['blob_sha256']}", "adapter")
+    return adapter, got
+
+
+def store_received(site: Site, cfg: dict[str, Any], adapter: Any) -> None:
+    """``adapters/<name>/``: a PEFT directory plus ``rpe-provenance.json`` (sources, weights, hash)."""
+    from common.lora import save_peft_adapter
+    from common.models import resolve_model_dir
+
+    out = save_peft_adapter(adapter, site.adapters_dir / cfg["name"], str(resolve_model_dir(site.model_path)))
+    provenance = {k: cfg.get(k) for k in ("strategy", "sources", "weights", "blob_sha256", "task")}
+    provenance["received_at"] = time.time()
+    (out / "rpe-provenance.json").write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+
+
+def score(site: Site, cfg: dict[str, Any], adapter: Any) -> tuple[dict[str, float], bool]:
+    """Held-out metrics (and the base model's with ``with_base``), or none.
+
+    Held-out scores are data-derived and not noised: a site with a privacy budget never sends them.
+    """
+    data = load_site_data(site.data_path)
+    if not (cfg.get("evaluate", True) and data.eval and not site.policy.get("privacy-budget")):
+        return {}, False
+    from common.evaluation import evaluate_task
+
+    task = site_task(site, cfg.get("task", "report-text"))
+    held = data.eval[: cfg["max_eval"]] if cfg.get("max_eval") else data.eval
+    model, tok, _ = load_model(site)
+    metrics = numeric(evaluate_task(model, tok, task, held, adapter=adapter))
+    if cfg.get("with_base"):
+        base = evaluate_task(model, tok, task, held, adapter=None)
+        metrics.update({f"base_{k}": v for k, v in numeric(base).items()})
+    return metrics, True
+
+
+def numeric(result: dict[str, Any]) -> dict[str, float]:
+    """Only the scalar scores of an evaluation: predictions and references never leave the site."""
+    return {k: float(v) for k, v in result.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+            and wire.METRIC_NAME_RE.match(k)}
+
+
+HANDLERS: dict[str, Callable[[wire.Request, Site, Context], RecordDict]] = {
+    wire.WHOAMI: whoami, wire.ENROLL: enroll, wire.EMBED: embed, wire.APPLY: apply,
+}

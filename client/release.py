@@ -1,0 +1,84 @@
+"""What the site's privacy policy does to a release: the Gaussian mechanism on z, the privacy
+budget checked before anything is computed, and the cache that re-sends the *same* noisy z for
+the same data (repeated queries cannot average the noise away)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from client.site import Site, SiteError
+from common import wire
+
+
+def say(site: Site, msg: str) -> None:
+    """Site output goes to the SuperNode's log (never to the coordinator)."""
+    print(f"[{site.site}] {msg}", flush=True)
+
+
+def site_embedding(model: Any, tok: Any, texts: list[str], site: Site, layer: int) -> tuple[Any, np.ndarray, Any]:
+    """z as it leaves the site: (EmbeddingResult, z, ZMechanism or None). With the site's Gaussian
+    mechanism on, each report's token sum is clipped and noise from OS entropy is added."""
+    from common.embedding import mean_embedding
+    from common.privacy import ZMechanism
+
+    mech = ZMechanism.from_policy(site.policy)
+    emb = mean_embedding(model, tok, texts, layer=layer, clip_norm=mech.clip if mech else None)
+    if mech is None:
+        return emb, emb.z, None
+    say(site, f"z: Gaussian mechanism, clip {mech.clip:g} ({emb.n_clipped}/{emb.n_examples} reports clipped), "
+              f"noise multiplier {mech.noise_multiplier:.3f}, epsilon {mech.epsilon:.3f} at delta {mech.delta:g}")
+    return emb, mech.apply(emb.z, emb.n_tokens), mech
+
+
+def check_budget(site: Site, record: dict[str, Any], adapter_sent: bool) -> None:
+    """Refuse (before anything is computed or sent) a release beyond the site's ``privacy-budget``."""
+    budget = site.policy.get("privacy-budget", 0.0)
+    if not budget:
+        return
+    from common.privacy import PrivacyBudgetError, check_budget, read_egress
+
+    past = read_egress(site.egress_path) if site.egress_path.exists() else []
+    try:
+        total = check_budget(budget, past, record, adapter_sent)
+    except PrivacyBudgetError as exc:
+        raise SiteError(str(exc)) from None
+    say(site, f"privacy budget: ε {total:.3f} of {budget:g} after this release")
+
+
+def z_cache_path(site: Site, texts: list[str], layer: int, mech: Any) -> Path:
+    """Where the noisy z released for exactly these texts, model, layer and mechanism is kept."""
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(hashlib.sha256(t.encode()).digest())
+    key = wire.canonical_json({"texts": h.hexdigest(), "model": str(site.model_path), "layer": layer,
+                               "clip": mech.clip, "sigma": mech.noise_multiplier, "delta": mech.delta})
+    return site.site_dir / "privacy" / f"z-{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+
+
+def cached_z(site: Site, path: Path) -> tuple[np.ndarray, dict[str, Any]] | None:
+    """The noisy z this site already released for exactly these texts and this mechanism, if any."""
+    try:
+        saved = json.loads(path.read_text())
+        return np.asarray(saved["z"], dtype=np.float32), saved["info"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # torn by a crash: a fresh z is a new, counted release
+        say(site, f"ignoring unreadable z cache {path} ({exc})")
+        return None
+
+
+def store_z(path: Path, z: np.ndarray, info: dict[str, Any]) -> None:
+    """Keep a released noisy z durably (fsynced, then renamed into place)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(json.dumps({"z": [float(x) for x in z], "info": info}))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,176 @@
+"""Who and where this site is: its settings (from the SuperNode's node config, or the run config in
+simulation), its data, its task family, its base model and its signing key.
+
+Configuration comes from the SuperNode's ``--node-config`` (deployment): ``site-id``,
+``data-path`` (a JSONL file, or a directory with ``train.jsonl`` / ``eval.jsonl`` /
+``unlabeled.jsonl``), ``model-path`` (base model directory or ``smollm2-135m-instruct``),
+``site-dir`` (adapters, egress log, signing key); optional ``dp-noise-multiplier``,
+``dp-max-grad-norm``, ``dp-delta`` (DP-SGD for the adapter), ``z-clip`` with ``z-noise-multiplier``
+or ``z-epsilon``, ``z-delta`` (the Gaussian mechanism on z, ``common.privacy``), ``privacy-budget``
+(the total ε the site will ever release; non-private releases and held-out metrics are then
+refused) - the site's own privacy policy, off by default. Also ``threads`` (torch CPU threads; on a
+shared or small machine 1 avoids oversubscription, which made generation ~50x slower on a loaded
+2-core host). In simulation the node config holds only ``partition-id``: the run config's
+``sim-sites``, ``sim-data-root``, ``sim-model-path`` and ``sim-site-root`` map it to a site.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context
+
+from common import wire
+from common.data import Example, read_jsonl
+
+TRAIN_FILE, EVAL_FILE, UNLABELED_FILE = "train.jsonl", "eval.jsonl", "unlabeled.jsonl"
+EGRESS_FILE = "egress.jsonl"
+DEFAULT_MODEL = "smollm2-135m-instruct"
+#: the task families this ClientApp can run (the ONE place a site's task is chosen: :func:`site_task`)
+DEFAULT_TASKS = ("report-text",)
+
+
+class SiteError(RuntimeError):
+    """The site cannot do what was asked (bad node config, missing data, mismatched base model)."""
+
+
+@dataclass
+class Site:
+    """Where this site's things are (from the node config, or the run config in simulation)."""
+
+    site: str
+    data_path: Path
+    model_path: str
+    site_dir: Path
+    policy: dict[str, float] = field(default_factory=dict)
+    threads: int = 0
+    tasks: tuple[str, ...] = DEFAULT_TASKS
+
+    @property
+    def egress_path(self) -> Path:
+        return self.site_dir / EGRESS_FILE
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.site_dir / "adapters"
+
+    @property
+    def key_path(self) -> Path:
+        return self.site_dir / "keys" / f"{self.site}.key"
+
+
+def split_list(value: Any) -> list[str]:
+    return [s.strip() for s in str(value or "").split(",") if s.strip()]
+
+
+def site_from_context(context: Context) -> Site:
+    """Resolve the site from ``node_config`` (deployment) or ``partition-id`` + run config (simulation)."""
+    nc, rc = context.node_config, context.run_config
+    if "site-id" in nc:
+        site = str(nc["site-id"])
+        data = nc.get("data-path")
+        if not data:
+            raise SiteError(f"site {site!r}: node config has no 'data-path' (a JSONL file or directory)")
+        model = str(nc.get("model-path") or DEFAULT_MODEL)
+        site_dir = Path(str(nc.get("site-dir") or Path.cwd() / f"rpe-site-{site}"))
+        policy_src: Any = nc
+    elif "partition-id" in nc:
+        sites = split_list(rc.get("sim-sites"))
+        pid = int(nc["partition-id"])
+        if pid >= len(sites):
+            raise SiteError(f"simulation partition {pid} has no site: run config sim-sites lists {sites}")
+        site = sites[pid]
+        root = Path(str(rc.get("sim-data-root") or "."))
+        data = root / f"{site}.jsonl" if (root / f"{site}.jsonl").exists() else root / site
+        model = str(rc.get("sim-model-path") or DEFAULT_MODEL)
+        site_dir = Path(str(rc.get("sim-site-root") or Path.cwd() / "rpe-sites")) / site
+        policy_src = {}
+    else:
+        raise SiteError("node config has neither 'site-id' (deployment) nor 'partition-id' (simulation)")
+    if not wire._SITE_RE.match(site):
+        raise SiteError(f"site id {site!r} is not a plain identifier")
+    policy = privacy_policy(policy_src)
+    threads = int(nc.get("threads", 0) or rc.get("sim-threads", 0) or 0)
+    return Site(site, Path(str(data)).expanduser(), model, site_dir.expanduser().resolve(), policy, threads)
+
+
+def privacy_policy(src: Any) -> dict[str, float]:
+    """The site's privacy keys from its node config, checked (a bad policy stops the site early)."""
+    from common.privacy import PrivacyConfigError, check_policy
+
+    try:
+        return check_policy(src)
+    except PrivacyConfigError as exc:
+        raise SiteError(str(exc)) from None
+
+
+def site_task(site: Site, name: str) -> Any:
+    """The task object for a request's task name, if this site runs that family (``common/tasks.py``)."""
+    from common.tasks import TextReportTask
+
+    known = {"report-text": TextReportTask}
+    if name not in known or name not in site.tasks:
+        raise SiteError(f"unknown task {name!r}; this site can train {sorted(set(site.tasks) & set(known))}")
+    return known[name]()
+
+
+@dataclass
+class SiteData:
+    """The site's examples: labeled training data, labeled held-out data, unlabeled data."""
+
+    train: list[Example]
+    eval: list[Example]
+    unlabeled: list[Example]
+
+    @property
+    def all(self) -> list[Example]:
+        return [*self.train, *self.eval, *self.unlabeled]
+
+    @property
+    def groups(self) -> list[str]:
+        return [g for g, _ in Counter(e.group for e in self.all).most_common()]
+
+
+def load_site_data(path: Path) -> SiteData:
+    """A JSONL file (labeled lines train, unlabeled lines are unlabeled) or a directory of them."""
+    if path.is_dir():
+        files = {name: path / name for name in (TRAIN_FILE, EVAL_FILE, UNLABELED_FILE)}
+        if not any(f.exists() for f in files.values()):
+            raise SiteError(f"{path}: expected {TRAIN_FILE}, {EVAL_FILE} and/or {UNLABELED_FILE}")
+        rows = {name: read_jsonl(f) if f.exists() else [] for name, f in files.items()}
+        train = [e for e in rows[TRAIN_FILE] if e.labeled]
+        held = [e for e in rows[EVAL_FILE] if e.labeled]
+        unlabeled = [e for rs in rows.values() for e in rs if not e.labeled]
+        return SiteData(train, held, unlabeled)
+    rows = read_jsonl(path)
+    return SiteData([e for e in rows if e.labeled], [], [e for e in rows if not e.labeled])
+
+
+def load_model(site: Site) -> tuple[Any, Any, str]:
+    """(model, tokenizer, base fingerprint) of the site's base model."""
+    from common.models import fingerprint, load_base_model
+
+    model, tok = load_base_model(site.model_path)
+    return model, tok, fingerprint(site.model_path)
+
+
+def signing_key(site: Site) -> Any:
+    """The site's Ed25519 key ``<site-dir>/keys/<site>.key`` (``common.signing``), or None."""
+    if not site.key_path.exists():
+        return None
+    from common.signing import load_private_key
+
+    return load_private_key(site.key_path)
+
+
+def key_id(site: Site) -> str:
+    """Fingerprint of the site's public key ("" without a key)."""
+    key = signing_key(site)
+    if key is None:
+        return ""
+    from common.signing import key_fingerprint
+
+    return key_fingerprint(key.public_key())

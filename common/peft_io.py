@@ -1,0 +1,317 @@
+"""PEFT adapter directories <-> ``common.lora.LoraAdapter`` (read and write, no base model).
+
+Split from ``common/lora.py``: this file changes when PEFT's on-disk format does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from common.lora import (
+    _BASE_MODIFYING_INITS,
+    _SUFFIX_A,
+    _SUFFIX_B,
+    CONFIG_NAME,
+    PEFT_PREFIX,
+    WEIGHTS_NAME,
+    LoraAdapter,
+    LoraFormatError,
+    LoraModule,
+    peft_key,
+)
+
+# --------------------------------------------------------------------------------------------
+# PEFT directories
+# --------------------------------------------------------------------------------------------
+
+def _peft_pattern_key(pattern_keys: Iterable[str], name: str) -> str:
+    """PEFT 0.21's ``get_pattern_key``: the first key that regex-matches a dot-suffix of ``name``."""
+    for key in pattern_keys:
+        try:
+            if re.match(rf"(.*\.)?({key})$", name):
+                return key
+        except re.error as exc:
+            raise LoraFormatError(
+                f"rank_pattern/alpha_pattern key {key!r} is not a valid regex: {exc}"
+            ) from exc
+    return name
+
+
+def _peft_rank_alpha(config: Mapping, name: str) -> tuple[int, float]:
+    """The (r, lora_alpha) PEFT assigns to module ``name`` under ``config``."""
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    r = rank_pattern.get(_peft_pattern_key(rank_pattern, name), config.get("r", 8))
+    alpha = alpha_pattern.get(_peft_pattern_key(alpha_pattern, name), config.get("lora_alpha", 8))
+    return int(r), alpha
+
+
+def _check_plain_lora_config(config: Mapping, where: str) -> None:
+    def bad(problem: str, fix: str) -> LoraFormatError:
+        return LoraFormatError(f"{where}: {problem}; {fix}")
+
+    peft_type = config.get("peft_type", "LORA")
+    if str(peft_type).upper() != "LORA":
+        raise bad(f"peft_type is {peft_type!r}, not LORA", "only plain LoRA adapters can be composed")
+    if config.get("use_dora"):
+        raise bad("use_dora is true (DoRA adds a magnitude vector that does not compose linearly)",
+                  "retrain with use_dora=False")
+    if config.get("modules_to_save"):
+        raise bad(f"modules_to_save={config['modules_to_save']!r} stores full copies of modules",
+                  "retrain without modules_to_save (only LoRA factors can be composed)")
+    if config.get("bias", "none") != "none":
+        raise bad(f"bias={config['bias']!r} trains bias vectors", "retrain with bias='none'")
+    if config.get("lora_bias"):
+        raise bad("lora_bias is true (a bias on lora_B)", "retrain with lora_bias=False")
+    if config.get("fan_in_fan_out"):
+        raise bad("fan_in_fan_out is true (Conv1D-style transposed weights)",
+                  "use a model with nn.Linear layers and fan_in_fan_out=False")
+    if config.get("target_parameters"):
+        raise bad("target_parameters is set (LoRA on raw nn.Parameters)", "target nn.Linear modules instead")
+    if config.get("trainable_token_indices"):
+        raise bad("trainable_token_indices is set (trainable embedding rows)",
+                  "retrain without trainable_token_indices")
+    if config.get("layer_replication"):
+        raise bad("layer_replication is set (changes the model's layer structure)",
+                  "retrain without layer_replication")
+    variants = ("alora_invocation_tokens", "use_bdlora", "arrow_config", "kasa_config", "monteclora_config",
+                "velora_config")
+    for variant in variants:
+        if config.get(variant):
+            raise bad(f"{variant} is set (a LoRA variant, not a plain LoRA)", "retrain as a plain LoRA")
+    if config.get("use_qalora"):
+        raise bad("use_qalora is true (a LoRA variant, not a plain LoRA)", "retrain as a plain LoRA")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str):
+        if init == "mica":
+            raise bad("init_lora_weights='mica' is a LoRA variant", "retrain as a plain LoRA")
+        if init.startswith(_BASE_MODIFYING_INITS):
+            raise bad(f"init_lora_weights={init!r} also rewrote the base weights, so the factors are not a "
+                      "delta on the original base model",
+                      "re-save with save_pretrained(..., path_initial_model_for_weight_conversion=...)")
+
+
+def load_peft_adapter(path: str | os.PathLike[str]) -> LoraAdapter:
+    """Read a stock PEFT LoRA directory (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+    Per-module rank and alpha follow PEFT's own ``rank_pattern`` / ``alpha_pattern`` matching; the
+    scale is ``alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``). Tensors keep their stored
+    dtype. Anything that is not a plain LoRA on linear layers raises :class:`LoraFormatError`.
+    """
+    from safetensors.torch import load_file
+
+    directory = Path(path)
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file():
+        raise LoraFormatError(
+            f"{directory}: no {CONFIG_NAME}; expected a directory written by PEFT save_pretrained"
+        )
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise LoraFormatError(f"{config_path}: not valid JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise LoraFormatError(f"{config_path}: expected a JSON object")
+    _check_plain_lora_config(config, str(directory))
+
+    weights_path = directory / WEIGHTS_NAME
+    if not weights_path.is_file():
+        extra = " (found a pickled adapter_model.bin: re-save with safe_serialization=True)" if (
+            directory / "adapter_model.bin").exists() else ""
+        raise LoraFormatError(f"{directory}: no {WEIGHTS_NAME}{extra}")
+    tensors = load_file(str(weights_path))
+
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        if "lora_magnitude_vector" in key:
+            raise LoraFormatError(
+                f"{directory}: tensor {key} is a DoRA magnitude vector; retrain with use_dora=False"
+            )
+        if "lora_embedding_" in key:
+            raise LoraFormatError(f"{directory}: tensor {key} is an embedding LoRA; only nn.Linear LoRA is "
+                                  "supported (drop embedding layers from target_modules)")
+        if "modules_to_save" in key or "trainable_tokens" in key:
+            raise LoraFormatError(
+                f"{directory}: tensor {key} is a fully trained module copy, not a LoRA factor; "
+                "retrain without modules_to_save / trainable tokens"
+            )
+        if not key.startswith(PEFT_PREFIX):
+            raise LoraFormatError(f"{directory}: tensor key {key!r} does not start with {PEFT_PREFIX!r}; "
+                                  "expected keys as written by PeftModel.save_pretrained")
+        if key.endswith(_SUFFIX_A):
+            name, factor = key[len(PEFT_PREFIX):-len(_SUFFIX_A)], "A"
+        elif key.endswith(_SUFFIX_B):
+            name, factor = key[len(PEFT_PREFIX):-len(_SUFFIX_B)], "B"
+        else:
+            raise LoraFormatError(f"{directory}: unexpected tensor {key!r} (shape {tuple(tensor.shape)}); "
+                                  "a plain LoRA holds only lora_A.weight / lora_B.weight")
+        factors.setdefault(name, {})[factor] = tensor
+    if not factors:
+        raise LoraFormatError(f"{directory}: {WEIGHTS_NAME} holds no LoRA factors")
+
+    use_rslora = bool(config.get("use_rslora", False))
+    modules: dict[str, LoraModule] = {}
+    for name in sorted(factors):
+        pair = factors[name]
+        for f in ("A", "B"):
+            if f not in pair:
+                raise LoraFormatError(
+                    f"{directory}: module {name} has no lora_{f}.weight; the file is incomplete "
+                    "(re-save the adapter)"
+                )
+        A, B = pair["A"], pair["B"]
+        if A.ndim != 2 or B.ndim != 2:
+            raise LoraFormatError(
+                f"{directory}: module {name} has A {tuple(A.shape)} and B {tuple(B.shape)}; "
+                "only nn.Linear LoRA (2-D factors) is supported"
+            )
+        if A.shape[0] != B.shape[1]:
+            raise LoraFormatError(
+                f"{directory}: module {name}: lora_A {tuple(A.shape)} has rank {A.shape[0]} "
+                f"but lora_B {tuple(B.shape)} has rank {B.shape[1]}; the file is corrupt"
+            )
+        r, alpha = _peft_rank_alpha(config, name)
+        if A.shape[0] != r:
+            raise LoraFormatError(f"{directory}: module {name} has rank {A.shape[0]} in the tensors but "
+                                  f"{CONFIG_NAME} (r / rank_pattern) gives it rank {r}; fix the config")
+        scale = alpha / math.sqrt(r) if use_rslora else alpha / r
+        modules[name] = LoraModule(A, B, scale)
+    base = config.get("base_model_name_or_path")
+    return LoraAdapter(modules, str(base) if base else None)
+
+
+def _peft_alpha_and_B(module: LoraModule) -> tuple[float | int, torch.Tensor]:
+    """(lora_alpha, B) such that PEFT's ``alpha / r`` reproduces the scale; else fold it into B."""
+    r, s = module.rank, module.scale
+    if s > 0:
+        alpha = s * r
+        if alpha.is_integer() and abs(alpha) < 2**53:
+            alpha = int(alpha)
+        if alpha / r == s:
+            return alpha, module.B
+    folded = (module.B.float() * s).to(module.B.dtype) if module.B.dtype != torch.float64 else module.B * s
+    return r, folded
+
+
+def _pattern_order(keys: Iterable[str]) -> list[str]:
+    # PEFT takes the first matching key: longest first means a module's own key wins over any
+    # shorter key that merely matches a dot-suffix of its name.
+    return sorted(keys, key=lambda k: (-len(k), k))
+
+
+def _patterns_resolve(names: Sequence[str], r0: int, a0: float, rank_pattern: dict, alpha_pattern: dict,
+                      want: Mapping[str, tuple[int, float]]) -> bool:
+    config = {"r": r0, "lora_alpha": a0, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}
+    return all(_peft_rank_alpha(config, n) == want[n] for n in names)
+
+
+def _peft_patterns(want: Mapping[str, tuple[int, float]]) -> tuple[int, float, dict, dict]:
+    """Default (r, alpha) plus rank_pattern / alpha_pattern giving every module exactly its own values.
+
+    First try literal module names for the modules that differ from the default (readable). PEFT
+    treats keys as regexes (``.`` matches any character, matched at a dot boundary), so the result
+    is checked with PEFT's own matching rule; if any module would resolve wrongly, every module
+    gets an escaped (``re.escape``) key, longest first, which can only match its own name.
+    """
+    names = list(want)
+    (r0, a0), _ = min(Counter(want.values()).items(), key=lambda kv: (-kv[1], kv[0]))
+    rank_pattern = {n: want[n][0] for n in _pattern_order(n for n in names if want[n][0] != r0)}
+    alpha_pattern = {n: want[n][1] for n in _pattern_order(n for n in names if want[n][1] != a0)}
+    if _patterns_resolve(names, r0, a0, rank_pattern, alpha_pattern, want):
+        return r0, a0, rank_pattern, alpha_pattern
+    rank_pattern = {re.escape(n): want[n][0] for n in _pattern_order(names)}
+    alpha_pattern = {re.escape(n): want[n][1] for n in _pattern_order(names)}
+    if not _patterns_resolve(names, r0, a0, rank_pattern, alpha_pattern, want):  # pragma: no cover
+        raise LoraFormatError("could not express the per-module ranks as a PEFT rank_pattern")
+    return r0, a0, rank_pattern, alpha_pattern
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def save_peft_adapter(adapter: LoraAdapter, path: str | os.PathLike[str],
+                      base_model_name_or_path: str | None = None) -> Path:
+    """Write a standard PEFT LoRA directory that ``peft.PeftModel.from_pretrained`` loads.
+
+    ``target_modules`` lists the exact module names; each module keeps its own rank and scale via
+    ``rank_pattern`` / ``alpha_pattern`` (``lora_alpha = scale · r``; a scale PEFT cannot
+    reproduce exactly, or a non-positive one, is folded into B with ``lora_alpha = r``). The files
+    are written to a temporary directory and renamed into place (or, when ``path`` already exists,
+    each file is replaced atomically). Returns the directory.
+    """
+    from safetensors.torch import save_file
+
+    if not adapter.modules:
+        raise LoraFormatError("cannot save an adapter with no modules")
+    target = Path(path)
+    names = sorted(adapter.modules)
+    want: dict[str, tuple[int, float]] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for name in names:
+        module = adapter.modules[name]
+        alpha, B = _peft_alpha_and_B(module)
+        want[name] = (module.rank, alpha)
+        tensors[peft_key(name, "A")] = module.A.contiguous()
+        tensors[peft_key(name, "B")] = B.contiguous()
+    r0, a0, rank_pattern, alpha_pattern = _peft_patterns(want)
+    base = base_model_name_or_path if base_model_name_or_path is not None else adapter.base_model
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base,
+        "r": r0,
+        "lora_alpha": a0,
+        "target_modules": names,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "lora_bias": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "inference_mode": True,
+        "revision": None,
+    }
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"{target} exists and is not a directory")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        cpu = {k: v.cpu() for k, v in tensors.items()}
+        save_file(cpu, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            _fsync_file(tmp / name)
+        os.chmod(tmp, 0o755)
+        renamed = False
+        if not target.exists():
+            try:
+                os.rename(tmp, target)
+                renamed = True
+            except OSError:
+                renamed = False  # someone created it meanwhile: fall back to per-file replacement
+        if not renamed:
+            for name in (WEIGHTS_NAME, CONFIG_NAME):  # config last: it names what the weights hold
+                os.replace(tmp / name, target / name)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,0 +1,261 @@
+"""How the ServerApp talks to sites: the resend protocol (:func:`exchange`) and site discovery.
+
+Every mode builds its requests as :class:`Request` s, hands them to :func:`exchange` and gets one
+:class:`Reply` per request back; a reply that is not a usable answer carries a typed
+:class:`SiteFailure` (a kind and the Flower error code) that the modes report, so nothing downstream
+matches strings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+from common import wire
+from common.wire import WireError
+
+#: Flower's error code for a node that is not connected
+ERROR_NODE_UNAVAILABLE = 5
+
+
+_RUN_LOGS: list[TextIO] = []
+
+
+def log(msg: str) -> None:
+    """ServerApp output: ``flwr log`` / ``flwr run --stream`` show it, and the run's own log file
+    (:func:`run_log`), which ``deploy/demo.py`` follows while the run is in flight."""
+    line = f"[rpe] {msg}"
+    print(line, flush=True)
+    for fh in _RUN_LOGS:
+        fh.write(line + "\n")
+        fh.flush()
+
+
+@contextlib.contextmanager
+def run_log(path: Path) -> Iterator[None]:
+    """Also append every :func:`log` line to ``path`` (``<registry>/runs/<run id>-<mode>.log``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as fh:
+        _RUN_LOGS.append(fh)
+        try:
+            yield
+        finally:
+            _RUN_LOGS.remove(fh)
+
+
+def make_nonce() -> str:
+    from server.allowlist import make_nonce as _make
+
+    return _make()
+
+
+@dataclass(frozen=True)
+class SiteFailure:
+    """Why a site's answer is not usable. ``kind``: timeout | refused | failed | offline | error |
+    invalid (answered, but not what the vocabulary allows) | rejected (valid, but refused here)."""
+
+    kind: str
+    reason: str
+    code: int | None = None
+
+    def __str__(self) -> str:
+        if self.kind == "timeout":
+            return "timeout: no reply in time (site offline or too slow)"
+        if self.code is not None:
+            return f"{self.kind} (code {self.code}): {self.reason}"
+        return self.reason
+
+
+_ERROR_KINDS = {wire.ERROR_REFUSED: "refused", wire.ERROR_FAILED: "failed", ERROR_NODE_UNAVAILABLE: "offline"}
+
+
+@dataclass(frozen=True)
+class Request:
+    """One message to one site: ``key`` names it in the results (a site id, or ``target|arm``)."""
+
+    key: str
+    node_id: int
+    message_type: str
+    content: RecordDict
+    nonce: str
+
+
+@dataclass
+class Reply:
+    """What came back from one site for one request (``message`` None: no answer in time)."""
+
+    site: str
+    message: Message | None
+    nonce: str
+
+    @property
+    def ok(self) -> bool:
+        return self.message is not None and not self.message.has_error()
+
+    @property
+    def failure(self) -> SiteFailure | None:
+        """None when the site answered with content; else the typed reason."""
+        if self.message is None:
+            return SiteFailure("timeout", "no reply in time (site offline or too slow)")
+        if self.message.has_error():
+            err = self.message.error
+            return SiteFailure(_ERROR_KINDS.get(err.code, "error"), err.reason, err.code)
+        return None
+
+    @property
+    def problem(self) -> str:
+        failure = self.failure
+        return "" if failure is None else str(failure)
+
+    @property
+    def content(self) -> RecordDict:
+        assert self.message is not None
+        return self.message.content
+
+
+def request(key: str, node_id: int, message_type: str, config: dict[str, Any],
+            adapter: Any = None) -> Request:
+    """A validated request with a fresh nonce put into its config."""
+    nonce = make_nonce()
+    content = wire.build_request(message_type, {"nonce": nonce, **config}, adapter)
+    return Request(key, node_id, message_type, content, nonce)
+
+
+def exchange(grid: Grid, requests: list[Request], timeout: float, max_in_flight: int = 2, max_resends: int = 2,
+             poll_s: float = 2.0, on_reply: Callable[[Request, Reply], None] | None = None,
+             on_wait: Callable[[], None] | None = None) -> dict[str, Reply]:
+    """Push the requests; collect replies until ``timeout``; ``on_reply`` sees each as it arrives and
+    ``on_wait`` is called before every pause (progress lines, ``server/reporting.py``).
+
+    Replies are matched to requests by message id (an error reply from the SuperLink carries the
+    SuperLink's node id, not the site's). Messages live only ``timeout`` + 60 s at the SuperLink, so
+    a request that timed out is not executed hours later.
+
+    Why not push everything at once: a SuperNode handles one message at a time anyway, and under
+    load Flower 1.41's SuperLink can answer a SuperNode's pull with "database is locked" after it
+    has already handed the message out, and that message is then lost (seen with 28 adapters in
+    flight on two cores). So at most ``max_in_flight`` messages per site are outstanding, and a
+    message is re-sent (at most ``max_resends`` times) when it is provably lost: the site answered
+    a message sent *after* it, or the site went quiet for much longer than its other answers took.
+    Duplicates are harmless: the first reply wins, and every request carries its own nonce.
+    """
+    out = {r.key: Reply(r.key, None, r.nonce) for r in requests}
+    if not requests:
+        return out
+    queues: dict[int, list[int]] = {}
+    for i, r in enumerate(requests):
+        queues.setdefault(r.node_id, []).append(i)
+    in_flight: dict[str, int] = {}  # message id -> request index
+    push_seq: dict[int, int] = {}
+    sent_at: dict[int, float] = {}
+    resends: dict[int, int] = {}
+    done: set[int] = set()
+    last_reply: dict[int, float] = {}
+    took: dict[int, list[float]] = {}
+    counter = iter(range(1 << 62))
+    deadline = time.monotonic() + timeout
+
+    def push(indices: list[int]) -> None:
+        msgs = [Message(requests[i].content, dst_node_id=requests[i].node_id, message_type=requests[i].message_type,
+                        ttl=timeout + 60.0) for i in indices]
+        for i, mid in zip(indices, grid.push_messages(msgs)):
+            if mid:
+                in_flight[mid] = i
+                push_seq[i] = next(counter)
+                sent_at[i] = time.monotonic()
+
+    def fill() -> None:
+        batch = []
+        for node, queue in queues.items():
+            active = sum(1 for i in in_flight.values() if requests[i].node_id == node)
+            while queue and active < max_in_flight:
+                batch.append(queue.pop(0))
+                active += 1
+        if batch:
+            push(batch)
+
+    fill()
+    while (in_flight or any(queues.values())) and time.monotonic() < deadline:
+        for message in grid.pull_messages(list(in_flight)):
+            i = in_flight.pop(message.metadata.reply_to_message_id, None)
+            if i is None or i in done:
+                continue
+            done.add(i)
+            reply = out[requests[i].key]
+            reply.message = message
+            node, now = requests[i].node_id, time.monotonic()
+            took.setdefault(node, []).append(now - max(sent_at[i], last_reply.get(node, 0.0)))
+            last_reply[node] = now
+            if on_reply is not None:
+                on_reply(requests[i], reply)
+        for mid in [m for m, i in in_flight.items() if i in done]:
+            del in_flight[mid]
+        now = time.monotonic()
+        lost = []
+        for mid, i in in_flight.items():
+            node = requests[i].node_id
+            overtaken = any(requests[j].node_id == node and push_seq[j] > push_seq[i] for j in done)
+            quiet = node in took and now - max(sent_at[i], last_reply[node]) > max(120.0, 5 * max(took[node]))
+            if (overtaken or quiet) and resends.get(i, 0) < max_resends:
+                lost.append(mid)
+        for mid in lost:
+            i = in_flight.pop(mid)
+            resends[i] = resends.get(i, 0) + 1
+            log(f"message for {requests[i].key!r} was lost between the SuperLink and the site; re-sending "
+                f"({resends[i]}/{max_resends})")
+            push([i])
+        fill()
+        if in_flight or any(queues.values()):
+            if on_wait is not None:
+                on_wait()
+            time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+    return out
+
+
+@dataclass
+class SiteInfo:
+    """An online site: its id, its Flower node id this run, and what its whoami said."""
+
+    site: str
+    node_id: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def discover(grid: Grid, timeout: float, report: dict[str, Any]) -> dict[str, SiteInfo]:
+    """Ask every online node who it is; ignore (and report) nodes that refuse or claim a taken id."""
+    requests = [request(str(node), node, wire.WHOAMI, {}) for node in sorted(grid.get_node_ids())]
+    replies = exchange(grid, requests, timeout)
+    sites: dict[str, SiteInfo] = {}
+    problems: dict[str, str] = {}
+    for req in requests:
+        rep, where = replies[req.key], f"node {req.node_id}"
+        if not rep.ok:
+            problems[where] = rep.problem
+            continue
+        try:
+            info = wire.parse_whoami_reply(rep.content)
+        except WireError as exc:
+            problems[where] = f"invalid whoami reply: {exc}"
+            continue
+        if info["nonce"] != req.nonce:
+            problems[where] = "whoami reply answers another request (nonce mismatch)"
+            continue
+        if info["site"] in sites:
+            problems[where] = f"site id {info['site']!r} is already used by node {sites[info['site']].node_id}"
+            continue
+        sites[info["site"]] = SiteInfo(info["site"], req.node_id, info)
+    report["online"] = {s: {"node_id": str(i.node_id), "n_examples": i.info["n_examples"],
+                            "n_labeled": i.info["n_labeled"], "n_eval": i.info["n_eval"],
+                            "data_ok": i.info["data_ok"], "groups": i.info["groups"]}
+                        for s, i in sorted(sites.items())}
+    if problems:
+        report["discovery_problems"] = problems
+    log(f"online sites: {sorted(sites)}" + (f"; problems: {problems}" if problems else ""))
+    return sites

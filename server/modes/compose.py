@@ -1,0 +1,155 @@
+"""``mode=compose``: for each ``target`` site, ``query.embed`` -> retrieve the ``k`` nearest adapters
+(never the target's own unless ``include-own``) -> weights (``strategy``) -> exact composition ->
+``train.apply`` -> metrics. Stored adapters of offline sites take part all the same.
+
+The composed adapter is put in its wire form once (float32 factors, scale = alpha / r) and hashed
+once: that one sha256 names it in the ``composition`` audit entry, in the request, in the site's
+receipt and egress log, and in ``composition.delivered``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import RecordDict
+from flwr.serverapp import Grid
+
+from common import wire
+from common.wire import WireError
+from server.messaging import Request, SiteInfo, exchange, log, request
+from server.modes.enroll import failed
+from server.reporting import Progress
+from server.settings import Settings
+
+
+def embed_sites(grid: Grid, s: Settings, registry: Any, sites: dict[str, SiteInfo], targets: Sequence[str],
+                run_id: str, problems: dict[str, str]) -> dict[str, np.ndarray]:
+    """``query.embed`` every target that is online; z per site (problems reported, not raised)."""
+    from common.digests import record_digests, z_sha256
+
+    requests = []
+    for t in targets:
+        if t not in sites:
+            problems[t] = "target site is offline: it cannot send its embedding or receive an adapter"
+            continue
+        requests.append(request(t, sites[t].node_id, wire.EMBED, {"task": s.task, "embed_layer": s.embed_layer}))
+    progress = Progress("embed", len(requests))
+    replies = exchange(grid, requests, s.timeout_query, on_wait=progress.waiting,
+                       on_reply=lambda req, rep: progress.result(req.key, "z received" if rep.ok else rep.problem))
+    out: dict[str, np.ndarray] = {}
+    for req in requests:
+        t, rep = req.key, replies[req.key]
+        if not rep.ok:
+            problems[t] = rep.problem
+            continue
+        try:
+            z, meta = wire.parse_embed_reply(rep.content)
+            if meta["site"] != t or meta["nonce"] != req.nonce:
+                raise WireError("embedding reply does not answer this request (site or nonce mismatch)", "meta")
+            if meta["embedding_spec"]["dim"] != registry.embedding_dim:
+                raise WireError(f"site sent {z.shape[0]} values, the registry holds {registry.embedding_dim}",
+                                "embedding", "z")
+        except WireError as exc:
+            problems[t] = f"invalid embedding reply: {exc}"
+            continue
+        registry.audit.append("query.embedding", site=t, target=t, z_sha256=z_sha256(z), run_id=run_id,
+                              privacy=json.loads(meta["privacy"]) or "none",
+                              record_digests=record_digests({n: rep.content[n] for n in rep.content.keys()}))
+        out[t] = z
+    return out
+
+
+def compose_one(s: Settings, registry: Any, target: str, z: np.ndarray, strategy: str, out_dir: Path | None,
+                exclude_own: bool = True) -> dict[str, Any]:
+    """Retrieve, weigh and compose for one target (``server/composer.py``); returns a summary whose
+    ``adapter`` is already in wire form and whose ``output_sha256`` is its one hash.
+
+    ``k`` is capped at the number of eligible adapters, so a small federation still composes.
+    """
+    from server.composer import compose_for_target
+
+    exclude = target if exclude_own else None
+    n_eligible = len([r for r in registry.list(task=s.task) if r.meta.site != exclude])
+    if n_eligible == 0:
+        raise ValueError(f"no stored adapter for task {s.task!r} to compose for {target!r}")
+    result = compose_for_target(registry, z, strategy=strategy, k=min(s.k, n_eligible), exclude_site=exclude,
+                                task=s.task, max_rank=s.max_rank or None, strategy_params=s.strategy_params(strategy),
+                                out_dir=out_dir, target=target, audit_query=False, wire_form=True)
+    return {"adapter": result.adapter, "ids": list(result.ids), "sites": list(result.sites),
+            "weights": [float(w) for w in result.weights], "distances": [float(d) for d in result.distances],
+            "out_dir": str(result.out_dir or ""), "output_sha256": result.output_sha256}
+
+
+def apply_request(s: Settings, key: str, node_id: int, adapter: Any, sha256: str, name: str, strategy: str,
+                  summary: Mapping[str, Any], evaluate: bool, store: bool = True,
+                  with_base: bool = False) -> Request:
+    """The ``train.apply`` request for an adapter in wire form whose canonical bytes hash to ``sha256``."""
+    arrays, lora_config = wire.adapter_to_wire(adapter)
+    config: dict[str, Any] = {
+        "task": s.task, "name": name, "lora_config": wire.canonical_json(lora_config),
+        "blob_sha256": sha256, "base_fingerprint": adapter.base_model or "", "strategy": strategy,
+        "sources": json.dumps(summary.get("ids", [])), "weights": json.dumps(summary.get("weights", [])),
+        "evaluate": evaluate, "store": store, "with_base": with_base,
+    }
+    if s.max_eval:
+        config["max_eval"] = s.max_eval
+    return request(key, node_id, wire.APPLY, config, arrays)
+
+
+def parse_receipt(content: RecordDict, req: Request, sha256: str) -> tuple[dict[str, float], dict[str, Any]]:
+    """(metrics, receipt) of a ``train.apply`` reply that answers ``req`` for the adapter ``sha256``."""
+    metrics, receipt = wire.parse_apply_reply(content)
+    if receipt["nonce"] != req.nonce or receipt["blob_sha256"] != sha256:
+        raise WireError("receipt does not match the adapter sent", "receipt")
+    return metrics, receipt
+
+
+def run_compose(grid: Grid, s: Settings, registry: Any, sites: dict[str, SiteInfo], run_id: str,
+                report: dict[str, Any]) -> None:
+    """Compose and deliver for every ``target``; ``report["compose"][target]`` says what happened."""
+    if not s.targets:
+        raise ValueError("mode=compose needs run config 'target' (one or more site ids, comma-separated)")
+    problems: dict[str, str] = {}
+    zs = embed_sites(grid, s, registry, sites, s.targets, run_id, problems)
+    results: dict[str, dict[str, Any]] = {t: {"status": "failed", "reason": p} for t, p in problems.items()}
+    requests = []
+    # With blob encryption on, composed adapters (a weighted sum of stored ones; with k=1 a copy of
+    # one) are delivered but not kept in clear at the coordinator; the audit log holds their hashes.
+    out_root = None if registry.blob_encryption else registry.path / "compositions" / run_id
+    for t, z in zs.items():
+        try:
+            summary = compose_one(s, registry, t, z, s.strategy, out_root / t if out_root else None,
+                                  exclude_own=not s.include_own)
+        except Exception as exc:  # noqa: BLE001 - one target's failure must not stop the others
+            results[t] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}", "error": type(exc).__name__}
+            continue
+        name = f"rpe-{s.strategy}-k{len(summary['ids'])}-run{run_id}"
+        sha = summary["output_sha256"]
+        requests.append(apply_request(s, t, sites[t].node_id, summary.pop("adapter"), sha, name, s.strategy,
+                                      summary, s.evaluate))
+        results[t] = {"status": "composed", "adapter_name": name, "strategy": s.strategy, "blob_sha256": sha,
+                      **summary}
+    progress = Progress("apply", len(requests))
+    replies = exchange(grid, requests, s.timeout_train, on_wait=progress.waiting,
+                       on_reply=lambda req, rep: progress.result(req.key, "receipt" if rep.ok else rep.problem))
+    for req in requests:
+        t, rep, res = req.key, replies[req.key], results[req.key]
+        if rep.failure is not None:
+            res.update(failed("undelivered", rep.failure))
+            continue
+        try:
+            metrics, receipt = parse_receipt(rep.content, req, res["blob_sha256"])
+        except WireError as exc:
+            res.update(status="undelivered", reason=f"invalid apply reply: {exc}", kind="invalid")
+            continue
+        res.update(status="delivered", metrics=metrics, evaluated=receipt["evaluated"])
+        registry.audit.append("composition.delivered", target=t, site=t, run_id=run_id, name=res["adapter_name"],
+                              output_sha256=res["blob_sha256"], metrics=metrics)
+    report["compose"] = results
+    for t, res in sorted(results.items()):
+        extra = res.get("reason") or f"sources {res.get('sites')} weights {np.round(res.get('weights', []), 3)}"
+        log(f"compose {t}: {res['status']} ({extra})")

@@ -1,0 +1,131 @@
+"""The run config of one ServerApp run, parsed once into a frozen, typed :class:`Settings`.
+
+Every run-config key lives in ``pyproject.toml``'s ``[tool.flwr.app.config]`` (Flower refuses a
+``--run-config`` key that is not there, and fills in the defaults from there). The field defaults
+below mirror that table one to one; ``tests/test_federation.py`` asserts that they match, so a
+default is changed in the pyproject and here, nowhere else. Keys the ServerApp does not read
+(``sim-*``: they configure the simulated sites) are listed in :data:`SITE_ONLY_KEYS`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+MODES = ("enroll", "compose", "evaluate", "whoami")
+REGISTRY_ENV = "RPE_REGISTRY"
+ALLOWLIST_ENV = "RPE_ALLOWLIST"
+#: run-config keys read by the simulated sites (``client/site.py``), not by the ServerApp
+SITE_ONLY_KEYS = frozenset({"sim-sites", "sim-data-root", "sim-model-path", "sim-site-root", "sim-threads"})
+
+
+class SettingsError(ValueError):
+    """The run config cannot describe a run (unknown mode, no registry, a value of the wrong type)."""
+
+
+def _csv(value: Any) -> tuple[str, ...]:
+    return tuple(s.strip() for s in str(value or "").split(",") if s.strip())
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
+def _key(name: str, parse: Callable[[Any], Any], default: Any) -> Any:
+    """A field read from run-config key ``name`` with ``parse``; ``default`` as in the pyproject."""
+    return field(default=default, metadata={"key": name, "parse": parse})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One run's settings (run-config key in each field's metadata; defaults = the pyproject's)."""
+
+    mode: str = _key("mode", str, "enroll")
+    registry_dir: str = _key("registry-dir", str, "")
+    base_model: str = _key("base-model", str, "")
+    chroma: str = _key("chroma", str, "embedded")
+    sites: tuple[str, ...] = _key("sites", _csv, ())
+    task: str = _key("task", str, "report-text")
+    steps: int = _key("steps", int, 40)
+    lr: float = _key("lr", float, 1e-3)
+    batch_size: int = _key("batch-size", int, 4)
+    max_length: int = _key("max-length", int, 192)
+    seed: int = _key("seed", int, 0)
+    lora_r: int = _key("lora-r", int, 8)
+    lora_alpha: float = _key("lora-alpha", float, 16.0)
+    lora_targets: str = _key("lora-targets", str, "q_proj,v_proj")
+    lora_dropout: float = _key("lora-dropout", float, 0.0)
+    embed_layer: int = _key("embed-layer", int, -1)
+    max_examples: int = _key("max-examples", int, 0)
+    require_signatures: bool = _key("require-signatures", _bool, False)
+    allowlist: str = _key("allowlist", str, "")
+    blob_key_file: str = _key("blob-key-file", str, "")
+    targets: tuple[str, ...] = _key("target", _csv, ())
+    strategy: str = _key("strategy", str, "sim")
+    k: int = _key("k", int, 3)
+    include_own: bool = _key("include-own", _bool, False)
+    max_rank: int = _key("max-rank", int, 0)
+    lam1: float = _key("lam1", float, 0.0)
+    lam2: float = _key("lam2", float, 0.0)
+    evaluate: bool = _key("evaluate", _bool, True)
+    max_eval: int = _key("max-eval", int, 0)
+    eval_strategies: tuple[str, ...] = _key("eval-strategies", _csv, ("sim", "lin", "lin-l1"))
+    timeout_train: float = _key("timeout-train", float, 1800.0)
+    timeout_query: float = _key("timeout-query", float, 300.0)
+
+    def __post_init__(self) -> None:
+        # tuples, whatever a caller passed (tests build Settings(sites=["a"]) directly)
+        for name in ("sites", "targets", "eval_strategies"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple):
+                object.__setattr__(self, name, tuple(value))
+
+    @classmethod
+    def from_run_config(cls, rc: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Settings:
+        """Parse the run config (missing keys take the defaults); fill the registry and allow-list
+        from the SuperLink's environment when the run config leaves them empty."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            key = f.metadata["key"]
+            raw = rc.get(key)
+            if raw is None:
+                continue
+            try:
+                values[f.name] = f.metadata["parse"](raw)
+            except (TypeError, ValueError) as exc:
+                raise SettingsError(f"run config {key}={raw!r}: {exc}") from None
+        s = cls(**values)
+        if s.mode not in MODES:
+            raise SettingsError(f"run config mode={s.mode!r}; expected one of {MODES}")
+        registry_dir = s.registry_dir or env.get(REGISTRY_ENV, "")
+        if not registry_dir:
+            raise SettingsError(f"no registry: set run config 'registry-dir' or ${REGISTRY_ENV} on the SuperLink")
+        allowlist = s.allowlist or env.get(ALLOWLIST_ENV, "") or str(Path(registry_dir) / "allowlist.json")
+        return replace(s, registry_dir=registry_dir, allowlist=allowlist)
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """``{run-config key: default}`` in the pyproject's spelling (lists as comma-separated text)."""
+        out: dict[str, Any] = {}
+        for f in fields(cls):
+            out[f.metadata["key"]] = ",".join(f.default) if isinstance(f.default, tuple) else f.default
+        return out
+
+    def as_report(self) -> dict[str, Any]:
+        """The settings as the run report records them (field names, lists as lists)."""
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
+
+    def strategy_params(self, strategy: str) -> dict[str, float]:
+        """Only the parameter the strategy takes, and only when set (0 = the strategy's default)."""
+        key = strategy.replace("_", "-")
+        if key == "sim" and self.lam1:
+            return {"lam1": self.lam1}
+        if key == "lin-l1" and self.lam2:
+            return {"lam2": self.lam2}
+        return {}
