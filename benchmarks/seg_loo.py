@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from common import sam
-from common.lora import compose
+from common.lora import compose, load_peft_adapter, save_peft_adapter
 from common.seg_data import load_sites
 from common.segmentation import PromptSpec, SegLoraSpec, SegmentationTask
 from common.strategies import compute_weights
@@ -39,8 +39,12 @@ def _log(msg: str, t0: float) -> None:
 
 def run(dataset: str, model_spec: str = sam.LITEMEDSAM, steps: int = 20, lr: float = 2e-3, copies: int = 1,
         prompt: PromptSpec | None = None, rank: int = 4, seed: int = 0, cache: Path | None = None,
-        model: Any = None) -> dict[str, Any]:
-    """Run the experiment; returns ``{"dice": {target: {column: DICE}}, "weights": ..., ...}``."""
+        model: Any = None, workdir: Path | None = None, only: str | None = None) -> dict[str, Any]:
+    """Run the experiment; returns ``{"dice": {target: {column: DICE}}, "weights": ..., ...}``.
+
+    With ``workdir`` each site's adapter (PEFT directory), z and training stats are stored there and
+    reused, so sites can be prepared by separate processes (``only=SITE`` prepares one and returns).
+    """
     t0 = time.perf_counter()
     model = model if model is not None else sam.load_sam(model_spec)
     task = SegmentationTask(spec=SegLoraSpec(rank=rank, prompt=prompt or PromptSpec()), augment_copies=copies,
@@ -48,10 +52,24 @@ def run(dataset: str, model_spec: str = sam.LITEMEDSAM, steps: int = 20, lr: flo
     sites = load_sites(dataset)
     adapters, zs, train_stats = {}, {}, {}
     for s in sites:
+        if only is not None and s.name != only:
+            continue
+        done = workdir / s.name if workdir is not None else None
+        if done is not None and (done / "stats.json").is_file():
+            zs[s.name] = np.load(done / "z.npy")
+            adapters[s.name] = load_peft_adapter(done / "adapter")
+            train_stats[s.name] = json.loads((done / "stats.json").read_text())
+            continue
         zs[s.name] = task.site_embedding(model, s.all_images, site=s.name).z.astype(np.float64)
         adapters[s.name], train_stats[s.name] = task.train_adapter(model, s, steps=steps, lr=lr, seed=seed)
+        if done is not None:
+            save_peft_adapter(adapters[s.name], done / "adapter", base_model_name_or_path=adapters[s.name].base_model)
+            np.save(done / "z.npy", zs[s.name])
+            (done / "stats.json").write_text(json.dumps(train_stats[s.name]))
         _log(f"{s.name}: LoRA trained ({train_stats[s.name]['loss_first']:.3f} -> "
              f"{train_stats[s.name]['loss_last']:.3f}), z computed", t0)
+    if only is not None:
+        return {"prepared": only, "wall_s": time.perf_counter() - t0}
     table: dict[str, dict[str, float]] = {}
     weights: dict[str, dict[str, dict[str, float]]] = {}
     for target in sites:
@@ -128,9 +146,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", default="center", choices=["none", "center", "jitter"])
     p.add_argument("--jitter", type=float, default=0.25)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", type=Path, default=None, help="store/reuse per-site adapters, z and stats here")
+    p.add_argument("--only", default=None, help="with --workdir: prepare this one site and stop")
     p.add_argument("--out", type=Path, default=None, help="output stem (default benchmarks/SEG_LOO_<dataset>)")
     a = p.parse_args(argv)
-    result = run(a.dataset, a.model, a.steps, a.lr, a.copies, PromptSpec(a.prompt, jitter=a.jitter), seed=a.seed)
+    result = run(a.dataset, a.model, a.steps, a.lr, a.copies, PromptSpec(a.prompt, jitter=a.jitter), seed=a.seed,
+                 workdir=a.workdir, only=a.only)
+    if a.only is not None:
+        return 0
     stem = a.out or OUT_DIR / f"SEG_LOO_{a.dataset.replace(':', '_').replace('-', '_')}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     md = markdown(result)
