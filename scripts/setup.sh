@@ -10,17 +10,25 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.rpe-installed
-if [ ! -f "$stamp" ] || [ requirements.txt -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ requirements.txt -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements-nodeps.txt -nt "$stamp" ]; then
   echo "[setup] installing dependencies (first run: a few minutes)"
   .venv/bin/pip install --quiet --disable-pip-version-check -r requirements.txt 2>&1 | grep -v "is ignored: it is neither" || true
+  .venv/bin/pip install --quiet --disable-pip-version-check --no-deps -r requirements-nodeps.txt
   .venv/bin/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 | grep -v "is ignored: it is neither" || true
   .venv/bin/python -c "import torch, transformers, peft, chromadb, flwr" || { echo "[setup] dependency install failed" >&2; exit 1; }
   touch "$stamp"
 fi
-# the console's browser tests drive Debian's chromium (tests/test_console.py skips where none can be installed)
-if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  echo "[setup] installing chromium (browser tests)"
-  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 || echo "[setup] chromium install failed; browser tests will skip" >&2
+# Debian programs the integration tests drive: chromium (console browser tests), nginx (the proxy in
+# front of the SuperLink), nftables (packet loss in the multi-host tests); each test skips with the
+# reason where its program cannot be installed
+need=""
+[ -x /usr/bin/chromium ] || need="$need chromium"
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need="$need nginx"
+command -v nft >/dev/null || [ -x /usr/sbin/nft ] || need="$need nftables"
+if [ -n "$need" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "[setup] installing$need (integration tests)"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $need; } >/dev/null 2>&1 \
+    || echo "[setup] installing$need failed; the tests that need them will skip" >&2
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1 ANONYMIZED_TELEMETRY=False
 .venv/bin/python -c "from common.models import ensure_smollm2; print('[setup] base model:', ensure_smollm2())"

@@ -1,0 +1,264 @@
+"""Multi-site segmentation data: real prostate MRI and fundus sites, augmentation, virtual scanners.
+
+Data is read at run time from the data root (``$RPE_DATA_DIR``, else ``../shared/data`` beside the
+checkout) and never copied into the repository. Each site has a ``train`` and a ``test`` split of
+(image, binary mask) pairs; images stay uint8 as on disk.
+
+- ``prostate-multisite``: six sites, grey 384x384 T2 slices; masks are inverted on disk
+  (0 = prostate). Pairs are matched by file name, which drops the I2CVB/train off-by-one
+  (images 00_01..03, masks 00_00..02: only 00_01 and 00_02 are used).
+- ``fundus-multidomain``: four cameras, RGB 800x800 ROIs; optic disc = mask < 250, cup = mask < 64.
+
+:func:`augment` makes training copies within a site (flips, small rotations and scales, intensity
+jitter); test slices are never augmented. :func:`make_virtual_site` applies a seeded scanner
+profile (bias field, gamma and contrast, Rician noise, resolution loss, histogram matching to
+another real site) to a site's slices; the result is marked ``simulated`` and carries its profile.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROSTATE = "prostate-multisite"
+FUNDUS = "fundus-multidomain"
+PROSTATE_SITES = ("RUNMC", "BMC", "I2CVB", "UCL", "BIDMC", "HK")
+FUNDUS_SITES = ("Domain1", "Domain2", "Domain3", "Domain4")
+FUNDUS_THRESHOLDS = {"disc": 250, "cup": 64}
+
+
+class DataRootError(FileNotFoundError):
+    """The data root or a dataset folder in it is missing."""
+
+
+def data_root() -> Path:
+    """``$RPE_DATA_DIR`` if set, else ``../shared/data`` beside the checkout.
+
+    Same semantics as ``common.data.data_root`` (kept separate until the two are merged).
+    """
+    env = os.environ.get("RPE_DATA_DIR")
+    root = Path(env).expanduser() if env else PROJECT_ROOT.parent / "shared" / "data"
+    if not root.is_dir():
+        raise DataRootError(f"data root {root} does not exist; set RPE_DATA_DIR to the folder that holds "
+                            f"{PROSTATE}/ and {FUNDUS}/ (e.g. /work/shared/data)")
+    return root
+
+
+@dataclass
+class SegSite:
+    """One site's slices: ``images`` uint8 (H, W) or (H, W, 3), ``masks`` bool (H, W), per split."""
+
+    name: str
+    dataset: str
+    train_images: list[np.ndarray]
+    train_masks: list[np.ndarray]
+    test_images: list[np.ndarray]
+    test_masks: list[np.ndarray]
+    simulated: bool = False
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def all_images(self) -> list[np.ndarray]:
+        """Every image of the site (unlabelled use only: z needs no masks)."""
+        return [*self.train_images, *self.test_images]
+
+
+def _read_png(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.array(im)
+
+
+def _pairs(image_dir: Path, mask_dir: Path) -> list[tuple[Path, Path]]:
+    if not image_dir.is_dir() or not mask_dir.is_dir():
+        raise DataRootError(f"expected {image_dir} and {mask_dir}; is the data root right?")
+    names = sorted({p.name for p in image_dir.glob("*.png")} & {p.name for p in mask_dir.glob("*.png")})
+    if not names:
+        raise DataRootError(f"no name-matched image/mask pairs in {image_dir} and {mask_dir}")
+    return [(image_dir / n, mask_dir / n) for n in names]
+
+
+def load_prostate_site(site: str, root: Path | None = None) -> SegSite:
+    """A prostate site; masks are inverted on disk (0 = prostate), pairs matched by name."""
+    if site not in PROSTATE_SITES:
+        raise KeyError(f"unknown prostate site {site!r}; sites: {', '.join(PROSTATE_SITES)}")
+    base = (root or data_root()) / PROSTATE / site
+    splits = {}
+    for split in ("train", "test"):
+        pairs = _pairs(base / split / "image", base / split / "mask")
+        imgs = [_read_png(i) for i, _ in pairs]
+        masks = [_read_png(m) < 128 for _, m in pairs]
+        splits[split] = ([i if i.ndim == 2 else i[..., 0] for i in imgs], [m if m.ndim == 2 else m[..., 0]
+                                                                          for m in masks])
+    return SegSite(site, PROSTATE, *splits["train"], *splits["test"])
+
+
+def load_fundus_site(domain: str, structure: str = "disc", root: Path | None = None) -> SegSite:
+    """A fundus domain; ``structure`` 'disc' (mask < 250) or 'cup' (mask < 64)."""
+    if domain not in FUNDUS_SITES:
+        raise KeyError(f"unknown fundus domain {domain!r}; domains: {', '.join(FUNDUS_SITES)}")
+    if structure not in FUNDUS_THRESHOLDS:
+        raise KeyError(f"unknown fundus structure {structure!r}; use 'disc' or 'cup'")
+    base = (root or data_root()) / FUNDUS / domain
+    splits = {}
+    for split in ("train", "test"):
+        pairs = _pairs(base / split / "ROIs" / "image", base / split / "ROIs" / "mask")
+        imgs = [_read_png(i)[..., :3] for i, _ in pairs]
+        masks = [_read_png(m) for _, m in pairs]
+        masks = [(m if m.ndim == 2 else m[..., 0]) < FUNDUS_THRESHOLDS[structure] for m in masks]
+        splits[split] = (imgs, masks)
+    return SegSite(domain, f"{FUNDUS}:{structure}", *splits["train"], *splits["test"])
+
+
+def load_sites(dataset: str, root: Path | None = None) -> list[SegSite]:
+    """All real sites of ``prostate-multisite`` or ``fundus-multidomain[:disc|:cup]``."""
+    if dataset == PROSTATE:
+        return [load_prostate_site(s, root) for s in PROSTATE_SITES]
+    name, _, structure = dataset.partition(":")
+    if name == FUNDUS:
+        return [load_fundus_site(d, structure or "disc", root) for d in FUNDUS_SITES]
+    raise KeyError(f"unknown segmentation dataset {dataset!r}; use {PROSTATE!r} or {FUNDUS!r}[:disc|:cup]")
+
+
+# --------------------------------------------------------------------------------------------
+# Augmentation within a site (training only)
+# --------------------------------------------------------------------------------------------
+
+def _affine(arr: np.ndarray, angle_deg: float, scale: float, order: int) -> np.ndarray:
+    from scipy.ndimage import affine_transform
+
+    h, w = arr.shape[:2]
+    a = np.deg2rad(angle_deg)
+    rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]) / scale
+    centre = np.array([(h - 1) / 2, (w - 1) / 2])
+    offset = centre - rot @ centre
+    if arr.ndim == 2:
+        return affine_transform(arr, rot, offset=offset, order=order, mode="nearest")
+    return np.stack([affine_transform(arr[..., c], rot, offset=offset, order=order, mode="nearest")
+                     for c in range(arr.shape[2])], axis=-1)
+
+
+def augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, max_angle: float = 10.0,
+            scale_range: tuple[float, float] = (0.9, 1.1), gamma_range: tuple[float, float] = (0.8, 1.25),
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """One random training copy: horizontal flip (p=0.5), rotation, scale, gamma and contrast jitter."""
+    img = image.astype(np.float32)
+    msk = mask.astype(np.float32)
+    if rng.random() < 0.5:
+        img, msk = img[:, ::-1], msk[:, ::-1]
+    angle, scale = rng.uniform(-max_angle, max_angle), rng.uniform(*scale_range)
+    img, msk = _affine(np.ascontiguousarray(img), angle, scale, 1), _affine(np.ascontiguousarray(msk), angle, scale, 0)
+    gamma, contrast = rng.uniform(*gamma_range), rng.uniform(0.9, 1.1)
+    img = 255.0 * (np.clip(img, 0, 255) / 255.0) ** gamma
+    img = np.clip((img - img.mean()) * contrast + img.mean(), 0, 255)
+    return img.astype(np.uint8), msk > 0.5
+
+
+def augmented_train(site: SegSite, copies: int, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The site's training pairs plus ``copies`` augmented copies of each (test slices untouched)."""
+    rng = np.random.default_rng(seed)
+    images, masks = list(site.train_images), list(site.train_masks)
+    for _ in range(copies):
+        for img, msk in zip(site.train_images, site.train_masks, strict=True):
+            a, b = augment(img, msk, rng)
+            images.append(a)
+            masks.append(b)
+    return images, masks
+
+
+# --------------------------------------------------------------------------------------------
+# Virtual scanner sites (simulated)
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ScannerProfile:
+    """Parameters of a simulated scanner; saved as JSON beside every result that uses it."""
+
+    seed: int
+    bias_strength: float  # peak relative gain change of the smooth bias field
+    bias_cycles: float  # spatial frequency of the bias field (periods across the image)
+    gamma: float
+    contrast: float
+    rician_sigma: float  # noise std in 8-bit units, Rician (magnitude of complex Gaussian)
+    downsample: float  # resolution loss factor (1 = none)
+    match_site: str | None  # real site whose intensity histogram the result is matched to
+    simulated: bool = True
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+def random_profile(seed: int, match_sites: tuple[str, ...] = ()) -> ScannerProfile:
+    """A seeded random scanner profile (histogram matching to one of ``match_sites`` if given)."""
+    rng = np.random.default_rng(seed)
+    return ScannerProfile(
+        seed=seed, bias_strength=float(rng.uniform(0.1, 0.4)), bias_cycles=float(rng.uniform(0.3, 1.0)),
+        gamma=float(rng.uniform(0.6, 1.6)), contrast=float(rng.uniform(0.7, 1.3)),
+        rician_sigma=float(rng.uniform(0.0, 8.0)), downsample=float(rng.choice([1.0, 1.5, 2.0, 3.0])),
+        match_site=str(rng.choice(match_sites)) if match_sites else None)
+
+
+def _hist_match(img: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    src_vals, src_idx, src_counts = np.unique(img.ravel(), return_inverse=True, return_counts=True)
+    ref_vals, ref_counts = np.unique(ref.ravel(), return_counts=True)
+    src_q = np.cumsum(src_counts) / img.size
+    ref_q = np.cumsum(ref_counts) / ref.size
+    return np.interp(src_q, ref_q, ref_vals)[src_idx].reshape(img.shape)
+
+
+def apply_profile(image: np.ndarray, profile: ScannerProfile, reference: list[np.ndarray] | None = None
+                  ) -> np.ndarray:
+    """``image`` as the simulated scanner would show it (deterministic given the profile)."""
+    from scipy.ndimage import zoom
+
+    rng = np.random.default_rng(profile.seed)
+    img = image.astype(np.float64)
+    h, w = img.shape[:2]
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    phase = rng.uniform(0, 2 * np.pi, size=2)
+    field_ = 1.0 + profile.bias_strength * np.sin(2 * np.pi * profile.bias_cycles * yy + phase[0]) * \
+        np.cos(2 * np.pi * profile.bias_cycles * xx + phase[1])
+    img = img * (field_ if img.ndim == 2 else field_[..., None])
+    img = 255.0 * (np.clip(img, 0, 255) / 255.0) ** profile.gamma
+    img = np.clip((img - img.mean()) * profile.contrast + img.mean(), 0, 255)
+    if profile.downsample > 1.0:
+        f = 1.0 / profile.downsample
+        factors = (f, f) if img.ndim == 2 else (f, f, 1)
+        small = zoom(img, factors, order=1)
+        back = (h / small.shape[0], w / small.shape[1]) + (() if img.ndim == 2 else (1,))
+        img = zoom(small, back, order=1)[:h, :w]
+    if profile.rician_sigma > 0:
+        n1, n2 = rng.normal(0, profile.rician_sigma, img.shape), rng.normal(0, profile.rician_sigma, img.shape)
+        img = np.sqrt((img + n1) ** 2 + n2 ** 2)
+    if reference:
+        ref = np.concatenate([r.astype(np.float64).ravel() for r in reference])
+        img = _hist_match(np.clip(img, 0, 255).round(), ref)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def make_virtual_site(source: SegSite, profile: ScannerProfile, name: str,
+                      reference: SegSite | None = None) -> SegSite:
+    """A simulated site: ``source``'s slices (masks unchanged) through the scanner ``profile``."""
+    ref = reference.all_images if reference is not None else None
+
+    def tf(images: list[np.ndarray]) -> list[np.ndarray]:
+        return [apply_profile(im, profile, ref) for im in images]
+
+    meta = {"profile": asdict(profile), "source_site": source.name}
+    return SegSite(name, source.dataset, tf(source.train_images), list(source.train_masks), tf(source.test_images),
+                   list(source.test_masks), simulated=True, meta=meta)
+
+
+def save_profile(profile: ScannerProfile, path: str | os.PathLike[str]) -> Path:
+    """Write the profile's JSON (parameters + ``simulated: true``)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(asdict(profile), indent=2, sort_keys=True) + "\n")
+    return out
