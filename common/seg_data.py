@@ -25,7 +25,9 @@ from typing import Any
 
 import numpy as np
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+from common.data import data_root as _common_data_root
+from common.data import dataset_dir
+
 PROSTATE = "prostate-multisite"
 FUNDUS = "fundus-multidomain"
 PROSTATE_SITES = ("RUNMC", "BMC", "I2CVB", "UCL", "BIDMC", "HK")
@@ -38,15 +40,11 @@ class DataRootError(FileNotFoundError):
 
 
 def data_root() -> Path:
-    """``$RPE_DATA_DIR`` if set, else ``../shared/data`` beside the checkout.
-
-    Same semantics as ``common.data.data_root`` (kept separate until the two are merged).
-    """
-    env = os.environ.get("RPE_DATA_DIR")
-    root = Path(env).expanduser() if env else PROJECT_ROOT.parent / "shared" / "data"
+    """The data root (``common.data.data_root``: ``$RPE_DATA_DIR``, else ``../shared/data`` beside the checkout)."""
+    root = _common_data_root()
     if not root.is_dir():
         raise DataRootError(f"data root {root} does not exist; set RPE_DATA_DIR to the folder that holds "
-                            f"{PROSTATE}/ and {FUNDUS}/ (e.g. /work/shared/data)")
+                            f"{PROSTATE}/ and {FUNDUS}/ (they come unmodified from GitHub MQinghe/UST-RUN)")
     return root
 
 
@@ -89,7 +87,7 @@ def load_prostate_site(site: str, root: Path | None = None) -> SegSite:
     """A prostate site; masks are inverted on disk (0 = prostate), pairs matched by name."""
     if site not in PROSTATE_SITES:
         raise KeyError(f"unknown prostate site {site!r}; sites: {', '.join(PROSTATE_SITES)}")
-    base = (root or data_root()) / PROSTATE / site
+    base = (root / PROSTATE if root else dataset_dir(PROSTATE)) / site
     splits = {}
     for split in ("train", "test"):
         pairs = _pairs(base / split / "image", base / split / "mask")
@@ -106,7 +104,7 @@ def load_fundus_site(domain: str, structure: str = "disc", root: Path | None = N
         raise KeyError(f"unknown fundus domain {domain!r}; domains: {', '.join(FUNDUS_SITES)}")
     if structure not in FUNDUS_THRESHOLDS:
         raise KeyError(f"unknown fundus structure {structure!r}; use 'disc' or 'cup'")
-    base = (root or data_root()) / FUNDUS / domain
+    base = (root / FUNDUS if root else dataset_dir(FUNDUS)) / domain
     splits = {}
     for split in ("train", "test"):
         pairs = _pairs(base / split / "ROIs" / "image", base / split / "ROIs" / "mask")
