@@ -69,6 +69,40 @@ def test_adversarial_ties_are_broken_by_lower_row_like_brute_force() -> None:
             assert np.array_equal(dist, ref_d)
 
 
+@pytest.mark.parametrize("scale,offset", [(1e-3, 0.0), (1e3, 0.0), (1.0, 100.0), (0.01, -5.0)])
+def test_exact_at_extreme_scales_and_offsets(scale: float, offset: float) -> None:
+    """Large offsets make the int8 and projection bounds loose (little pruning) but never wrong."""
+    rng = np.random.default_rng(int(scale * 1000) % 97)
+    n, d = 3000, 40
+    Z = (clustered(n, d, 9) * scale + offset).astype(np.float32)
+    ix = ExactTopK(d, proj_dim=8)
+    ix.add(Z)
+    ix.fit_projection(Z)
+    for _ in range(8):
+        q = (Z[rng.integers(n)] + scale * 0.01 * rng.standard_normal(d)).astype(np.float32)
+        rows, dist = ix.search(q, 8, Z)
+        ref_rows, ref_d = brute(Z, q, 8)
+        assert rows.tolist() == ref_rows.tolist() and np.array_equal(dist, ref_d)
+
+
+@pytest.mark.parametrize("d", [24, 576])
+def test_every_row_lies_within_its_bounds(d: int) -> None:
+    """The proof's premise, checked row by row: L_i <= D_i <= U_i for both passes."""
+    n = 2000
+    Z = clustered(n, d, 11)
+    ix = ExactTopK(d, proj_dim=8)
+    ix.add(Z)
+    ix.fit_projection(Z)
+    rng = np.random.default_rng(12)
+    for q in (Z[5], rng.standard_normal(d).astype(np.float32), Z[7] + 1e-3):
+        D = exact_sq_l2(Z, np.arange(n), q)
+        assert (ix._pass_a(q, np.ones(n, bool)) <= D).all()
+        lb, ub = ix._pass_b(q, None)
+        assert (lb <= D).all() and (D <= ub).all()
+        lb2, ub2 = ix._pass_b(q, np.arange(0, n, 3))
+        assert np.array_equal(lb2, lb[::3]) and np.array_equal(ub2, ub[::3])
+
+
 def test_mask_and_exclude_restrict_the_answer_exactly() -> None:
     n, d = 4000, 48
     Z = clustered(n, d, 5)

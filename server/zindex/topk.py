@@ -269,12 +269,17 @@ class ExactTopK:
             self.stats["pass_b_rows"] += int(cand.size)
             tau = min(tau, float(np.partition(ub, k - 1)[k - 1]))
             cand = cand[lb <= tau]
-        rows = np.union1d(cand, seeds)
-        self.stats["exact_rows"] += int(rows.size)
-        return self._final(Z, rows, q, k)
+        rest = np.setdiff1d(cand, seeds, assume_unique=True)
+        self.stats["exact_rows"] += int(rest.size + seeds.size)
+        return self._final(Z, np.concatenate([seeds, rest]), q, k, seed_d)
 
-    def _final(self, Z: np.ndarray, rows: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        d = exact_sq_l2(Z, rows, q)
+    def _final(self, Z: np.ndarray, rows: np.ndarray, q: np.ndarray, k: int,
+               known: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Exact distances (the first ``len(known)`` rows already computed), then the (D, row) order."""
+        nk = 0 if known is None else known.shape[0]
+        d = exact_sq_l2(Z, rows[nk:], q)
+        if nk:
+            d = np.concatenate([known, d])
         order = np.lexsort((rows, d))[:k]
         return rows[order], d[order]
 
