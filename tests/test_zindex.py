@@ -154,6 +154,9 @@ def test_column_reopen_keeps_rows_and_dimension(tmp_path) -> None:
         assert col.verify() == []
         import hashlib
         assert col.row_sha256(7) == hashlib.sha256(Z[7].astype("<f4").tobytes()).hexdigest()
+        old = col.matrix()
+        col.append(Z[:1])  # a view taken before an append stays readable
+        assert np.array_equal(old, Z) and len(col.matrix()) == 51
     with pytest.raises(ColumnDimensionError, match="16-d"):
         ZColumn(tmp_path / "z.f32", dim=32)
 

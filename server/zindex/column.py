@@ -194,7 +194,10 @@ class ZColumn:
     def _map(self) -> None:
         if self._mm is not None:
             self._view = None
-            self._mm.close()
+            try:
+                self._mm.close()
+            except BufferError:  # a caller still holds an older matrix() view: it stays valid, unmapped on release
+                pass
             self._mm = None
         length = HEADER_BYTES + self._count * self.row_bytes
         self._mm = mmap.mmap(self._fh.fileno(), length, access=mmap.ACCESS_READ)
