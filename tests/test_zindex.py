@@ -1,0 +1,227 @@
+"""server/zindex: the z column file (crash safety, damage detection, reopen) and exact top-k."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import numpy as np
+import pytest
+
+from server.zindex import ColumnCorruptError, ColumnDimensionError, ExactTopK, TopKError, ZColumn, exact_sq_l2
+from server.zindex.column import HEADER_BYTES
+
+
+def brute(Z: np.ndarray, q: np.ndarray, k: int, elig: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    rows = np.arange(Z.shape[0]) if elig is None else np.flatnonzero(elig)
+    d = exact_sq_l2(Z, rows, q)
+    o = np.lexsort((rows, d))[:k]
+    return rows[o], d[o]
+
+
+def clustered(n: int, d: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    C = rng.standard_normal((8, d)).astype(np.float32)
+    Z = C[rng.integers(0, 8, n)] + 0.2 * rng.standard_normal((n, d)).astype(np.float32)
+    Z[: n // 5] = rng.standard_normal((n // 5, d))
+    return Z.astype(np.float32)
+
+
+# ---- exact top-k ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["random", "clustered"])
+def test_search_equals_brute_force_on_random_and_clustered_data(kind: str) -> None:
+    n, d = 5000, 96
+    Z = np.random.default_rng(1).standard_normal((n, d)).astype(np.float32) if kind == "random" else \
+        clustered(n, d, 2)
+    ix = ExactTopK(d, proj_dim=16)
+    for s in range(0, n, 700):
+        ix.add(Z[s:s + 700])
+    ix.fit_projection(Z)
+    rng = np.random.default_rng(3)
+    for i in range(30):
+        q = Z[rng.integers(n)] + 0.05 * rng.standard_normal(d).astype(np.float32) if i % 2 else \
+            rng.standard_normal(d).astype(np.float32)
+        for k in (1, 8, 33):
+            rows, dist = ix.search(q, k, Z)
+            ref_rows, ref_d = brute(Z, q, k)
+            assert rows.tolist() == ref_rows.tolist()
+            assert np.array_equal(dist, ref_d)
+
+
+def test_adversarial_ties_are_broken_by_lower_row_like_brute_force() -> None:
+    d = 64
+    rng = np.random.default_rng(4)
+    base = rng.standard_normal(d).astype(np.float32)
+    # many exact duplicates, sign flips (same distance to q = 0) and permutations of one vector
+    Z = np.concatenate([np.tile(base, (300, 1)), -np.tile(base, (300, 1)),
+                        np.stack([rng.permutation(base) for _ in range(300)]),
+                        rng.standard_normal((1500, d)).astype(np.float32) * 3]).astype(np.float32)
+    Z = Z[rng.permutation(Z.shape[0])]
+    ix = ExactTopK(d, proj_dim=8)
+    ix.add(Z)
+    ix.fit_projection(Z)
+    for q in (np.zeros(d, np.float32), base, -base, base * 0.5):
+        for k in (1, 8, 50, 400):
+            rows, dist = ix.search(q, k, Z)
+            ref_rows, ref_d = brute(Z, q, k)
+            assert rows.tolist() == ref_rows.tolist()
+            assert np.array_equal(dist, ref_d)
+
+
+@pytest.mark.parametrize("scale,offset", [(1e-3, 0.0), (1e3, 0.0), (1.0, 100.0), (0.01, -5.0)])
+def test_exact_at_extreme_scales_and_offsets(scale: float, offset: float) -> None:
+    """Large offsets make the int8 and projection bounds loose (little pruning) but never wrong."""
+    rng = np.random.default_rng(int(scale * 1000) % 97)
+    n, d = 3000, 40
+    Z = (clustered(n, d, 9) * scale + offset).astype(np.float32)
+    ix = ExactTopK(d, proj_dim=8)
+    ix.add(Z)
+    ix.fit_projection(Z)
+    for _ in range(8):
+        q = (Z[rng.integers(n)] + scale * 0.01 * rng.standard_normal(d)).astype(np.float32)
+        rows, dist = ix.search(q, 8, Z)
+        ref_rows, ref_d = brute(Z, q, 8)
+        assert rows.tolist() == ref_rows.tolist() and np.array_equal(dist, ref_d)
+
+
+@pytest.mark.parametrize("d", [24, 576])
+def test_every_row_lies_within_its_bounds(d: int) -> None:
+    """The proof's premise, checked row by row: L_i <= D_i <= U_i for both passes."""
+    n = 2000
+    Z = clustered(n, d, 11)
+    ix = ExactTopK(d, proj_dim=8)
+    ix.add(Z)
+    ix.fit_projection(Z)
+    rng = np.random.default_rng(12)
+    for q in (Z[5], rng.standard_normal(d).astype(np.float32), Z[7] + 1e-3):
+        D = exact_sq_l2(Z, np.arange(n), q)
+        assert (ix._pass_a(q, np.ones(n, bool)) <= D).all()
+        lb, ub = ix._pass_b(q, None)
+        assert (lb <= D).all() and (D <= ub).all()
+        lb2, ub2 = ix._pass_b(q, np.arange(0, n, 3))
+        assert np.array_equal(lb2, lb[::3]) and np.array_equal(ub2, ub[::3])
+
+
+def test_mask_and_exclude_restrict_the_answer_exactly() -> None:
+    n, d = 4000, 48
+    Z = clustered(n, d, 5)
+    ix = ExactTopK(d, proj_dim=8)
+    ix.add(Z)
+    rng = np.random.default_rng(6)
+    mask = rng.random(n) < 0.3
+    excl = rng.choice(n, 200, replace=False)
+    for _ in range(10):
+        q = Z[rng.integers(n)]
+        elig = mask.copy()
+        elig[excl] = False
+        rows, _ = ix.search(q, 8, Z, mask=mask, exclude=excl.tolist())
+        assert rows.tolist() == brute(Z, q, 8, elig)[0].tolist()
+        assert mask[rows].all() and not np.isin(rows, excl).any()
+
+
+def test_search_rejects_bad_requests_with_the_reason() -> None:
+    Z = np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32)
+    ix = ExactTopK(4)
+    ix.add(Z)
+    with pytest.raises(TopKError, match="only 2 row"):
+        ix.search(Z[0], 3, Z, mask=np.arange(10) < 2)
+    with pytest.raises(TopKError, match="5 values"):
+        ix.search(np.zeros(5), 1, Z)
+
+
+def test_index_state_round_trip_gives_the_same_answers() -> None:
+    Z = clustered(3000, 32, 7)
+    ix = ExactTopK(32, proj_dim=8)
+    ix.add(Z)
+    ix.fit_projection(Z)
+    ix2 = ExactTopK.from_state(ix.state())
+    for q in Z[:5]:
+        assert ix.search(q, 8, Z)[0].tolist() == ix2.search(q, 8, Z)[0].tolist()
+
+
+# ---- column file ---------------------------------------------------------------------------------
+
+def test_column_reopen_keeps_rows_and_dimension(tmp_path) -> None:
+    Z = np.random.default_rng(0).standard_normal((50, 16)).astype(np.float32)
+    col = ZColumn.create(tmp_path / "z.f32", 16)
+    assert list(col.append(Z[:20])) == list(range(20))
+    col.append(Z[20:])
+    col.close()
+    with ZColumn(tmp_path / "z.f32", dim=16) as col:
+        assert len(col) == 50 and np.array_equal(col.matrix(), Z)
+        assert np.array_equal(col.rows([3, 40]), Z[[3, 40]])
+        assert col.verify() == []
+        import hashlib
+        assert col.row_sha256(7) == hashlib.sha256(Z[7].astype("<f4").tobytes()).hexdigest()
+        old = col.matrix()
+        col.append(Z[:1])  # a view taken before an append stays readable
+        assert np.array_equal(old, Z) and len(col.matrix()) == 51
+    with pytest.raises(ColumnDimensionError, match="16-d"):
+        ZColumn(tmp_path / "z.f32", dim=32)
+
+
+def test_column_torn_tail_past_the_published_count_is_truncated(tmp_path) -> None:
+    path = tmp_path / "z.f32"
+    Z = np.ones((10, 8), np.float32)
+    with ZColumn.create(path, 8) as col:
+        col.append(Z)
+    # a crash after writing rows but before publishing the count: rows past the count
+    with open(path, "ab") as fh:
+        fh.write(np.full((3, 8), 2, np.float32).tobytes() + b"\x01\x02")
+    with open(str(path) + ".crc", "ab") as fh:
+        fh.write(b"\x00" * 12)
+    with ZColumn(path) as col:
+        assert len(col) == 10 and col.recovered_rows == 4
+        col.append(np.full((1, 8), 5, np.float32))
+    assert os.path.getsize(path) == HEADER_BYTES + 11 * 32
+    with ZColumn(path) as col:
+        assert len(col) == 11 and col.matrix()[10, 0] == 5 and col.verify() == []
+
+
+def test_column_torn_header_slot_falls_back_to_the_other_slot(tmp_path) -> None:
+    path = tmp_path / "z.f32"
+    with ZColumn.create(path, 4) as col:
+        col.append(np.ones((2, 4), np.float32))
+        col.append(np.ones((3, 4), np.float32))
+        slot = col._slot
+    with open(path, "rb+") as fh:  # the newest slot torn mid-write: the previous count survives
+        fh.seek(slot * 512 + 10)
+        fh.write(b"\xff\xff")
+    with ZColumn(path) as col:
+        assert len(col) == 2 and col.recovered_rows == 3
+
+
+def test_column_flipped_bit_is_detected_and_the_row_named(tmp_path) -> None:
+    path = tmp_path / "z.f32"
+    Z = np.random.default_rng(1).standard_normal((500, 8)).astype(np.float32)
+    with ZColumn.create(path, 8) as col:
+        col.append(Z)
+    with open(path, "rb+") as fh:  # row 17, far from the tail (not caught by the open-time check)
+        fh.seek(HEADER_BYTES + 17 * 32 + 5)
+        b = fh.read(1)
+        fh.seek(-1, os.SEEK_CUR)
+        fh.write(bytes([b[0] ^ 0x10]))
+    with ZColumn(path) as col:
+        assert col.verify(raise_on_error=False) == [17]
+        with pytest.raises(ColumnCorruptError, match="rows 17") as ei:
+            col.verify()
+        assert ei.value.bad_rows == [17]
+        with pytest.raises(ColumnCorruptError):
+            col.rows([16, 17])
+        assert np.array_equal(col.rows([16]), Z[[16]])
+
+
+def test_column_damage_in_the_tail_or_lost_rows_fails_the_open(tmp_path) -> None:
+    path = tmp_path / "z.f32"
+    with ZColumn.create(path, 8) as col:
+        col.append(np.ones((5, 8), np.float32))
+    with open(path, "rb+") as fh:
+        fh.seek(HEADER_BYTES + 4 * 32)
+        fh.write(struct.pack("<f", 3.0))
+    with pytest.raises(ColumnCorruptError, match="crc32"):
+        ZColumn(path)
+    with open(path, "rb+") as fh:
+        fh.truncate(HEADER_BYTES + 2 * 32)
+    with pytest.raises(ColumnCorruptError, match="publishes 5 rows"):
+        ZColumn(path)
