@@ -217,6 +217,35 @@ class AuditLog:
         return entry
 
 
+def repair_torn_audit(path: str | os.PathLike[str]) -> tuple[int, int, str] | None:
+    """Cut a torn last line (no newline: a crash or full disk mid-append) of the audit log at ``path``.
+
+    Returns (bytes cut, offset, sha256 of the cut bytes) for the ``registry.repair`` entry the
+    caller appends, or None when the log ends cleanly. Only the registry's writer calls this on
+    open: the fragment is never a committed entry (``append`` returns after the fsync of a whole
+    line, and a failed append cuts itself back), so nothing that was reported is lost.
+    """
+    p = Path(path)
+    if not p.exists():
+        return None
+    log = JsonlLog(p, create=False)
+    with log.locked() as fh:
+        size = fh.seek(0, os.SEEK_END)
+        if size == 0:
+            return None
+        fh.seek(max(0, size - (1 << 20)))
+        tail = fh.read()
+        if tail.endswith(b"\n"):
+            return None
+        cut = len(tail) - (tail.rfind(b"\n") + 1)
+        if cut == len(tail) and size > len(tail):
+            raise AuditLogCorruptError(f"{p}: the last line is over 1 MiB without a newline; repair it by hand")
+        fh.seek(size - cut)
+        frag = fh.read()
+        log.repair(size - cut, fh)
+    return cut, size - cut, sha256_hex(frag)
+
+
 # --------------------------------------------------------------------------------------------
 # reading and verification
 

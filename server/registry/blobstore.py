@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -226,6 +227,17 @@ class BlobStore:
             log.warning("registry %s: removing stale temp file %s (left by a crashed writer)", self.root, p)
             with contextlib.suppress(OSError):
                 p.unlink()
+
+    def drop_unreferenced_of(self, dropped: bytes, records: Path) -> None:
+        """Delete the blobs named by rolled-back record lines ``dropped`` that no remaining line of
+        ``records`` names (they were written for an add that never completed)."""
+        names = set(re.findall(rb'"blob_sha256":"([0-9a-f]{64})"', dropped))
+        if not names:
+            return
+        kept = set(re.findall(rb'"blob_sha256":"([0-9a-f]{64})"', records.read_bytes()))
+        for sha in names - kept:
+            with contextlib.suppress(OSError):
+                self.path(sha.decode()).unlink()
 
     def unreferenced(self, keep: set[str]) -> list[Path]:
         """Stored blobs whose name is not in ``keep`` (what ``gc`` deletes)."""

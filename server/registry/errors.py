@@ -29,6 +29,19 @@ class RegistryCorruptError(RegistryError):
     """The durable files are damaged in a way the registry must not guess about."""
 
 
+class RegistryStorageError(RegistryError, OSError):
+    """A write failed (disk full, I/O error); nothing was stored and the registry is as before.
+
+    ``stage`` names the write point: "adapter blob", "record line", "audit entry", "registry.json"."""
+
+    def __init__(self, message: str, stage: str = "") -> None:
+        super().__init__(message)
+        self.stage = stage
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 class ReadOnlyError(RegistryError):
     """A write was attempted on a registry opened with ``read_only=True``."""
 

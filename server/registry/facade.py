@@ -18,7 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from server.audit import AuditLog
+from common.digests import sha256_hex
+from server.audit import AuditLog, repair_torn_audit
+from server.registry import binding
 from server.registry import config as cfg
 from server.registry.blobcrypt import BlobKey
 from server.registry.blobstore import BlobStore, env_blob_key
@@ -30,7 +32,7 @@ from server.registry.recordlog import RecordLog, remove_line
 from server.registry.records import AdapterMeta, Hit, Record
 from server.registry.search import METHODS, Searcher, where_clause
 from server.registry.validation import check_z
-from server.registry.writer import Writer
+from server.registry.writer import Writer, span_fields, storage_error
 
 
 class Registry:
@@ -68,7 +70,12 @@ class Registry:
         self.representation: str = str(self.config["representation"])
         self._blobs = BlobStore(self.path, self.config.get("blob_encryption"), blob_key)
         self.blob_encryption = self._blobs.encryption
+        torn_audit = None if self.read_only else repair_torn_audit(self.path / cfg.AUDIT_NAME)
         self.audit = AuditLog(self.path / cfg.AUDIT_NAME)
+        if torn_audit is not None:
+            self.audit.append("registry.repair", file=cfg.AUDIT_NAME, truncated_bytes=torn_audit[0],
+                              at_offset=torn_audit[1], sha256=torn_audit[2],
+                              reason="torn last audit line (crash or full disk mid-append)")
         self._cols = Columns(self.embedding_dim, str(self.path / cfg.RECORDS_NAME))
         self._search = Searcher(self._cols, lambda q, want, where: self._chroma_candidates(q, want, where))
         self._log = RecordLog(self.path / cfg.RECORDS_NAME, self._cols)
@@ -76,6 +83,8 @@ class Registry:
         self._writer = Writer(self._cols, self._log, self._blobs, self.audit, lambda: self._index)
         if not self.read_only:
             self._blobs.remove_stale_temps()
+        if not self.read_only:
+            self._rollback_unaudited()
         self._log.load(self.read_only, lambda n, at, sha: self.audit.append(
             "registry.recover", file=cfg.RECORDS_NAME, truncated_bytes=n, at_offset=at, sha256=sha))
         spec = cfg.chroma_spec(self.config, chroma, self.read_only)
@@ -84,6 +93,25 @@ class Registry:
                                       self.embedding_dim)
             if sync_index:
                 self.sync_index()
+
+    def _rollback_unaudited(self) -> None:
+        """Cut record lines whose audit entry was never written (they were never reported stored)."""
+        records = self.path / cfg.RECORDS_NAME
+        tail = binding.unaudited_tail(records, self.path / cfg.AUDIT_NAME)
+        if tail is None:
+            return
+        end, size = tail
+        with open(records, "rb") as fh:
+            fh.seek(end)
+            data = fh.read(size - end)
+        if b"\n" not in data:
+            return  # only a torn fragment: RecordLog.load cuts it (audit event registry.recover)
+        dropped = binding.dropped_ids(data)
+        self._log.log.repair(end)
+        self._blobs.drop_unreferenced_of(data, records)
+        self.audit.append("registry.repair", file=cfg.RECORDS_NAME, truncated_bytes=size - end, at_offset=end,
+                          sha256=sha256_hex(data), dropped=dropped,
+                          reason="record lines without their audit entry (the add never completed)")
 
     # ---- creation ---------------------------------------------------------------------------
 
@@ -223,12 +251,23 @@ class Registry:
         self._require_writable()
         with self._mutex:
             rec = self._fresh().record(self._cols.live_row(record_id, str(self.path)))
-            self._log.append([remove_line(record_id, reason)])
+            line = remove_line(record_id, reason)
+            try:
+                start, end, data = self._log.append([line])
+            except OSError as exc:
+                raise storage_error(exc, "record line", self.path) from exc
+            try:
+                self.audit.append("registry.remove", record_id=record_id, site=rec.meta.site,
+                                  blob_sha256=rec.blob_sha256, reason=reason, **span_fields(start, end, data),
+                                  line_sha256=sha256_hex(line.encode("utf-8")))
+            except BaseException as exc:
+                self._log.rollback(start, 1)
+                if isinstance(exc, OSError):
+                    raise storage_error(exc, "audit entry", self.path) from exc
+                raise
             self._cols.apply_remove(record_id)
             if self._index is not None:
                 self._index.delete([record_id])
-            self.audit.append("registry.remove", record_id=record_id, site=rec.meta.site,
-                              blob_sha256=rec.blob_sha256, reason=reason)
             return rec
 
     # ---- reading ----------------------------------------------------------------------------
@@ -340,13 +379,15 @@ class Registry:
     def verify(self, full: bool = False) -> builtins.list[str]:
         """Problems found: missing or wrong-size blobs of live records (``full``: re-hash every
         blob, decrypting it first in an encrypted registry, which needs the key), orphan blobs,
-        and Chroma disagreement. Empty list = consistent."""
+        record lines that differ from what the audit log bound (``binding.check_binding``: edited,
+        deleted, re-pointed, added), and Chroma disagreement. Empty list = consistent."""
         if full:
             self._blobs.require_key("verify(full=True)")
         with self._mutex:
             c = self._fresh()
             live = [(c.ids[r], *c.blob[r][:2]) for r in c.live_rows()]
             problems = self._blobs.problems(live, {c.blob[r][0] for r in range(c.n)}, full)
+            problems += binding.check_binding(self.path / cfg.RECORDS_NAME, self.path / cfg.AUDIT_NAME)
             return problems + ([] if self._index is None else self._index.problems(c.n_live))
 
     def gc(self, dry_run: bool = False) -> builtins.list[str]:
