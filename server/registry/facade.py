@@ -170,10 +170,17 @@ class Registry:
                                         "a fingerprint names one model")
                 return
             config = {**self.config, "bases": {**self.config["bases"], fingerprint: entry}}
-            cfg.write_config(self.path, config)
+            try:
+                cfg.write_config(self.path, config)
+            except OSError as exc:
+                raise storage_error(exc, "registry.json", self.path) from exc
+            try:
+                self.audit.append("registry.add_base", base_fingerprint=fingerprint, name=name,
+                                  n_modules=len(entry["modules"]))
+            except OSError as exc:
+                cfg.write_config(self.path, self.config)  # back to the old file: no space needed to shrink
+                raise storage_error(exc, "audit entry", self.path) from exc
             self.config = config
-            self.audit.append("registry.add_base", base_fingerprint=fingerprint, name=name,
-                              n_modules=len(entry["modules"]))
 
     # ---- properties -------------------------------------------------------------------------
 
