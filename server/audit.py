@@ -43,8 +43,11 @@ Durability and concurrency (``common.durable.JsonlLog``): each ``append`` takes 
 the chain stays linear), writes one line with a single ``write``, then flushes and fsyncs (a
 failed write is truncated back); creating the file also fsyncs its directory. A final line
 without a newline (a crash mid-write) or a last entry that fails its own hash stops further
-appends with ``AuditLogCorruptError`` instead of silently chaining onto damage; the operator
-runs ``verify`` and repairs by hand (unlike records.jsonl, evidence is never cut automatically).
+appends with ``AuditLogCorruptError`` instead of silently chaining onto damage. The one automatic
+repair: the registry's writer, on open, cuts a torn final fragment (never a committed entry:
+``append`` returns only after a whole line is fsynced, and a failed append cuts itself back) and
+records the cut in a ``registry.repair`` entry (``repair_torn_audit``). A damaged *complete*
+entry is left for the operator, who runs ``verify`` and repairs by hand.
 """
 
 from __future__ import annotations
@@ -244,6 +247,22 @@ def repair_torn_audit(path: str | os.PathLike[str]) -> tuple[int, int, str] | No
         frag = fh.read()
         log.repair(size - cut, fh)
     return cut, size - cut, sha256_hex(frag)
+
+
+def receipt(private_key: Any, entry: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """A coordinator-signed ``receipt`` statement of the audit head right after ``entry`` was appended.
+
+    The body names the entry (``seq``, ``line_sha256``: what ``head`` and ``verify(anchor=...)``
+    use), the ``record_id``, ``site`` and ``run_id`` it accepted, plus ``fields`` (e.g.
+    ``registry_id``). The site keeps it in its egress log; ``server.crosscheck`` later shows a
+    coordinator log that was truncated before, or rewritten at, that entry
+    (``common.statements.check_receipts``).
+    """
+    from common.statements import sign_statement
+
+    body = {"seq": int(entry["seq"]), "line_sha256": line_hash(entry), "record_id": entry.get("record_id"),
+            "site": entry.get("site"), "run_id": entry.get("run_id"), **fields}
+    return sign_statement(private_key, "receipt", body)
 
 
 # --------------------------------------------------------------------------------------------

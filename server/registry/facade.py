@@ -19,14 +19,22 @@ from typing import Any
 import numpy as np
 
 from common.digests import sha256_hex
-from server.audit import AuditLog, repair_torn_audit
-from server.registry import binding
+from server.audit import AuditLog, read_entries, repair_torn_audit
+from server.audit import receipt as audit_receipt
+from server.registry import binding, coordkey
 from server.registry import config as cfg
 from server.registry.blobcrypt import BlobKey
 from server.registry.blobstore import BlobStore, env_blob_key
 from server.registry.chroma_index import ChromaIndex
 from server.registry.columns import KEYS, Columns
-from server.registry.errors import NotEnoughRecordsError, QueryError, ReadOnlyError, RegistryError, RegistryExistsError
+from server.registry.errors import (
+    NotEnoughRecordsError,
+    QueryError,
+    ReadOnlyError,
+    RecordNotFoundError,
+    RegistryError,
+    RegistryExistsError,
+)
 from server.registry.lock import PathLock
 from server.registry.recordlog import RecordLog, remove_line
 from server.registry.records import AdapterMeta, Hit, Record
@@ -83,6 +91,7 @@ class Registry:
         self._writer = Writer(self._cols, self._log, self._blobs, self.audit, lambda: self._index)
         if not self.read_only:
             self._blobs.remove_stale_temps()
+            coordkey.ensure_key(self.path)
         if not self.read_only:
             self._rollback_unaudited()
         self._log.load(self.read_only, lambda n, at, sha: self.audit.append(
@@ -276,6 +285,29 @@ class Registry:
             if self._index is not None:
                 self._index.delete([record_id])
             return rec
+
+    def receipt(self, record_id: str, run_id: str | None = None) -> dict[str, Any]:
+        """The coordinator-signed receipt of the audit head after ``record_id``'s accepted submission.
+
+        ``run_id`` (optional) must match the entry's run. The ServerApp puts it in the enrol
+        reply's ack; the site keeps it in its egress log (``extra["receipt"]``), so a truncated or
+        rewritten coordinator log shows in ``rpe audit cross-check``."""
+        self._require_writable()
+        with self._mutex:
+            entry = self._writer.last_accepted
+            if entry is None or entry.get("record_id") != record_id:
+                entry = next((e for _, e in reversed(list(read_entries(self.audit.path)))
+                              if e.get("event") == "submission.accepted" and e.get("record_id") == record_id), None)
+            if entry is None:
+                raise RecordNotFoundError(f"no accepted submission of record {record_id!r} in {self.audit.path}")
+            if run_id is not None and entry.get("run_id") not in (None, run_id):
+                raise RegistryError(f"record {record_id} was accepted in run {entry.get('run_id')!r}, not {run_id!r}")
+            return audit_receipt(coordkey.load_key(self.path), entry, registry_id=self.config["registry_id"])
+
+    @property
+    def coordinator_public_key_path(self) -> Path:
+        """The coordinator's exported public key (copy it to the sites)."""
+        return coordkey.key_paths(self.path)[1]
 
     # ---- reading ----------------------------------------------------------------------------
 

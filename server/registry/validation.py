@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from common.digests import canonical_json, sha256_hex, z_sha256
+from common.safeio import UnsafeInputError, check_name
 from common.safetensors_header import SafetensorsHeaderError, check_sizes, parse_header
 from server.registry.errors import (
     AdapterFormatError,
@@ -67,6 +68,15 @@ def _check_text(name: str, value: Any, site: str) -> None:
         )
     if any(ord(c) < 32 or ord(c) == 127 for c in value):
         raise MetadataError(f"site {site!r}: metadata field {name!r} contains control characters")
+
+
+def _check_name(name: str, value: str, site: str) -> str:
+    """A name that ends up in record ids and audit reports: NFC-normalised (so "é" and "e\u0301" are one
+    site), no control, bidi-override or zero-width characters (``common.safeio.check_name``)."""
+    try:
+        return check_name(value, f"metadata field {name!r}", max_length=_TEXT_MAX)
+    except UnsafeInputError as exc:
+        raise MetadataError(f"site {site!r}: {exc}") from None
 
 
 def _check_count(name: str, value: Any, site: str, minimum: int) -> None:
@@ -139,6 +149,7 @@ def check_meta(meta: AdapterMeta | Mapping[str, Any], limits: Mapping[str, float
     _check_text("site", m.site, site)
     for name in ("task", "modality", "base_fingerprint"):
         _check_text(name, getattr(m, name), site)
+    names = {name: _check_name(name, getattr(m, name), site) for name in ("site", "task", "modality")}
     _check_count("sample_count", m.sample_count, site, 1)
     if m.token_count is not None:
         _check_count("token_count", m.token_count, site, 0)
@@ -154,7 +165,7 @@ def check_meta(meta: AdapterMeta | Mapping[str, Any], limits: Mapping[str, float
             f"site {site!r}: metadata field 'extra' must be a dict; got {type(m.extra).__name__}"
         )
     out = {
-        "site": m.site, "task": m.task, "modality": m.modality, "base_fingerprint": m.base_fingerprint,
+        **names, "base_fingerprint": m.base_fingerprint,
         "sample_count": int(m.sample_count),
         "token_count": None if m.token_count is None else int(m.token_count),
         "rank": None, "privacy": _check_json_value("privacy", m.privacy, site), "created_at": None,

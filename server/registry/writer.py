@@ -62,6 +62,8 @@ class Writer:
         self.blobs = blobs
         self.audit = audit
         self.index = index
+        #: the last ``submission.accepted`` entry written (what ``Registry.receipt`` signs)
+        self.last_accepted: dict[str, Any] | None = None
 
     def add_batch(self, items: Iterable[Sequence[Any]], index: bool, single: bool, extra: dict[str, Any],
                   rules: Mapping[str, Any]) -> list[Record]:
@@ -88,7 +90,7 @@ class Writer:
             def audit_single(fields: dict[str, Any]) -> None:
                 p = prepared[0] if kind == "new" else None
                 rec = rec_of() if rec_of is not None else None
-                self.audit.append("submission.accepted", **{
+                self.last_accepted = self.audit.append("submission.accepted", **{
                     **extra, "site": p.meta["site"] if p else rec.meta.site, "record_id": p.id if p else rec.id,
                     "blob_sha256": p.sha if p else rec.blob_sha256, "bytes": len(p.blob) if p else rec.bytes,
                     "z_sha256": p.z_sha if p else rec.z_sha256, "task": p.meta["task"] if p else rec.meta.task,
