@@ -93,6 +93,7 @@ class Settings:
     max_rank: int = 0
     lam1: float = 0.0
     lam2: float = 0.0
+    max_l1: float = 0.0
     evaluate: bool = True
     max_eval: int = 0
     eval_strategies: list[str] = field(default_factory=lambda: ["sim", "lin", "lin-l1"])
@@ -119,7 +120,7 @@ class Settings:
             max_examples=int(get("max-examples", 0)), targets=_list(get("target", "")),
             strategy=str(get("strategy", "sim")), k=int(get("k", 3)), include_own=bool(get("include-own", False)),
             max_rank=int(get("max-rank", 0)), lam1=float(get("lam1", 0.0)), lam2=float(get("lam2", 0.0)),
-            evaluate=bool(get("evaluate", True)), max_eval=int(get("max-eval", 0)),
+            max_l1=float(get("max-l1", 0.0)), evaluate=bool(get("evaluate", True)), max_eval=int(get("max-eval", 0)),
             eval_strategies=_list(get("eval-strategies", "sim,lin,lin-l1")),
             require_signatures=bool(get("require-signatures", False)), allowlist=str(get("allowlist", "")),
             blob_key_file=str(get("blob-key-file", "")),
@@ -141,7 +142,9 @@ class Settings:
         if key == "sim":
             return {"lam1": self.lam1 or None}
         if key == "lin-l1":
-            return {"lam2": self.lam2 or None}
+            return {"lam2": self.lam2 or None, "max_l1": self.max_l1 or None}
+        if key == "lin":
+            return {"max_l1": self.max_l1 or None}
         return {}
 
 

@@ -35,6 +35,11 @@ DEFAULT_LIMITS: dict[str, float] = {
     # squared norm would overflow float32 arithmetic (and can never be a sensible neighbour)
     "max_delta_norm": 1e4,
     "max_z_norm": 1e6,
+    # relative bound (server/bounds.py): an adapter's per-module and total ‖ΔW‖ may be at most this
+    # factor × the median of the registry's adapters of the same base and task, once there are
+    # update_norm_min_reference of them; the composed adapter is checked against the same bound
+    "update_norm_factor": 10.0,
+    "update_norm_min_reference": 3,
 }
 
 __all__ = ["AUDIT_NAME", "BLOBS_DIR", "CHROMA_DIR", "COLLECTION", "CONFIG_NAME", "DEFAULT_LIMITS", "LOCK_NAME",

@@ -86,6 +86,11 @@ class NormError(ValidationError):
     """A finite but absurd ‖ΔW‖ or ‖z‖ (above the registry's max_delta_norm / max_z_norm)."""
 
 
+class UpdateNormBoundError(NormError):
+    """An adapter's ‖ΔW‖ is far above the registry's own adapters of that base and task (one site
+    must not steer every composition); the message names the site, the module and the bound."""
+
+
 class DtypeError(ValidationError):
     """Adapter tensors must be float32, bfloat16 or float16."""
 

@@ -21,6 +21,7 @@ import numpy as np
 from common.digests import sha256_hex
 from server.audit import AuditLog, read_entries, repair_torn_audit
 from server.audit import receipt as audit_receipt
+from server.bounds import NormBound
 from server.registry import binding, coordkey
 from server.registry import config as cfg
 from server.registry.blobcrypt import BlobKey
@@ -39,8 +40,11 @@ from server.registry.lock import PathLock
 from server.registry.recordlog import RecordLog, remove_line
 from server.registry.records import AdapterMeta, Hit, Record
 from server.registry.search import METHODS, Searcher, where_clause
-from server.registry.validation import check_z
+from server.registry.validation import NORMS_KEY, check_z
 from server.registry.writer import Writer, span_fields, storage_error
+
+#: at most this many of the latest adapters of a (base, task) form the norm reference
+NORM_REFERENCE_MAX = 1000
 
 
 class Registry:
@@ -88,7 +92,7 @@ class Registry:
         self._search = Searcher(self._cols, lambda q, want, where: self._chroma_candidates(q, want, where))
         self._log = RecordLog(self.path / cfg.RECORDS_NAME, self._cols)
         self._index: ChromaIndex | None = None
-        self._writer = Writer(self._cols, self._log, self._blobs, self.audit, lambda: self._index)
+        self._writer = Writer(self._cols, self._log, self._blobs, self.audit, lambda: self._index, self.norm_bound)
         if not self.read_only:
             self._blobs.remove_stale_temps()
             coordkey.ensure_key(self.path)
@@ -285,6 +289,18 @@ class Registry:
             if self._index is not None:
                 self._index.delete([record_id])
             return rec
+
+    def norm_bound(self, base: str, task: str | None) -> NormBound | None:
+        """The update-norm bound of (base, task): ``update_norm_factor`` × the median per-module and
+        total ‖ΔW‖ of the live adapters stored for it (the latest ``NORM_REFERENCE_MAX``), or None
+        while fewer than ``update_norm_min_reference`` exist. Used at ``add`` and for compositions."""
+        with self._mutex:
+            rows = np.flatnonzero(self._fresh().mask(task=task, base=base))[-NORM_REFERENCE_MAX:]
+            refs = [n for n in (self._cols.meta[int(r)].get(NORMS_KEY) for r in rows)
+                    if isinstance(n, dict)]
+        lim = self.limits
+        return NormBound.from_reference(refs, factor=float(lim["update_norm_factor"]),
+                                        min_reference=int(lim["update_norm_min_reference"]))
 
     def receipt(self, record_id: str, run_id: str | None = None) -> dict[str, Any]:
         """The coordinator-signed receipt of the audit head after ``record_id``'s accepted submission.

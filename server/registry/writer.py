@@ -26,15 +26,22 @@ import numpy as np
 
 from common.digests import canonical_json, sha256_hex
 from server.audit import AuditLog
+from server.bounds import NormBound, NormBoundError
 from server.registry.blobstore import BlobStore
 from server.registry.chroma_index import ChromaIndex
 from server.registry.columns import Columns
 from server.registry.config import now
 from server.registry.crashpoints import crash_point
-from server.registry.errors import DuplicateRecordError, RegistryError, RegistryStorageError, ValidationError
+from server.registry.errors import (
+    DuplicateRecordError,
+    RegistryError,
+    RegistryStorageError,
+    UpdateNormBoundError,
+    ValidationError,
+)
 from server.registry.recordlog import RecordLog, add_line
 from server.registry.records import Prepared, Record
-from server.registry.validation import check_same, core_meta, prepare
+from server.registry.validation import NORMS_KEY, check_same, core_meta, prepare
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +63,15 @@ class Writer:
     """Writes batches into the registry's parts (the caller holds the registry's mutex)."""
 
     def __init__(self, cols: Columns, log: RecordLog, blobs: BlobStore, audit: AuditLog,
-                 index: Callable[[], ChromaIndex | None]) -> None:
+                 index: Callable[[], ChromaIndex | None],
+                 norm_bound: Callable[[str, str], NormBound | None] | None = None) -> None:
         self.cols = cols
         self.log = log
         self.blobs = blobs
         self.audit = audit
         self.index = index
+        self.norm_bound = norm_bound
+        self._bounds: dict[tuple[str, str], NormBound | None] = {}  # per batch: (base, task) -> bound
         #: the last ``submission.accepted`` entry written (what ``Registry.receipt`` signs)
         self.last_accepted: dict[str, Any] | None = None
 
@@ -70,6 +80,7 @@ class Writer:
         """Validate and store ``(adapter, z, meta[, expected_sha256])`` items (``rules``: bases,
         limits, dim, representation); ``single``: one ``add`` with its own audit line."""
         prepared: list[Prepared] = []
+        self._bounds = {}
         seen: dict[str, int] = {}
         results: list[tuple[str, int]] = []  # ("new", index into prepared) | ("old", row)
         for i, item in enumerate(items):
@@ -122,8 +133,10 @@ class Writer:
             p = prepare(item[0], item[1], meta, item[3] if len(item) == 4 else None, **rules)
             row = self.cols.row.get(p.id)
             if row is not None and self.cols.live[row]:
-                check_same(self.cols.meta[row], p)
-            elif p.id in seen and core_meta(prepared[seen[p.id]].meta) != core_meta(p.meta):
+                check_same(self.cols.meta[row], p)  # a live record was bounded when it was added
+                return p
+            self._check_bound(p)
+            if p.id in seen and core_meta(prepared[seen[p.id]].meta) != core_meta(p.meta):
                 raise DuplicateRecordError(
                     f"item {i} repeats record {p.id} of item {seen[p.id]} with different metadata")
             return p
@@ -135,6 +148,21 @@ class Writer:
                 **extra, "site": site if isinstance(site, str) else None, "reason": str(exc),
                 "error": type(exc).__name__, **({} if single else {"item": i})})
             raise
+
+    def _check_bound(self, p: Prepared) -> None:
+        """Refuse an update far larger than the registry's adapters of the same base and task."""
+        if self.norm_bound is None:
+            return
+        key = (p.meta["base_fingerprint"], p.meta["task"])
+        if key not in self._bounds:
+            self._bounds[key] = self.norm_bound(*key)
+        bound = self._bounds[key]
+        if bound is None:
+            return
+        try:
+            bound.check(p.meta[NORMS_KEY], f"site {p.meta['site']!r} (task {p.meta['task']!r})")
+        except NormBoundError as exc:
+            raise UpdateNormBoundError(str(exc)) from None
 
     def _audit_bulk(self, prepared: list[Prepared], n_items: int, fields: dict[str, Any]) -> None:
         """One audit line per ``add_many`` call (an fsynced line per record would dominate a bulk
