@@ -257,3 +257,20 @@ def test_coordinator_files_private_and_fifo_blob_refused(tmp_path):
         os.mkfifo(blob)
         with pytest.raises(BlobCorruptError, match="FIFO"):
             reg.load_blob(ids[0])
+
+
+@pytest.mark.parametrize("damage", ["nested-config", "fifo-records", "fifo-config"])
+def test_malformed_registry_files_give_a_typed_error_fast(tmp_path, damage):
+    import time
+
+    root, _ = make(tmp_path, 1)
+    if damage == "nested-config":
+        (root / "registry.json").write_text("[" * 100_000 + "]" * 100_000)
+    else:
+        name = "records.jsonl" if damage == "fifo-records" else "registry.json"
+        (root / name).unlink()
+        os.mkfifo(root / name)
+    t0 = time.monotonic()
+    out = rpe("registry", "ls", "--registry", str(root))
+    assert out.returncode == 2 and out.stderr.startswith("rpe: error:"), out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and time.monotonic() - t0 < 60

@@ -6,6 +6,7 @@ Also the on-disk names of everything in a registry directory, so no other part s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
@@ -158,6 +159,20 @@ def chroma_spec(config: Mapping[str, Any], chroma: str | tuple[str, int] | None,
     if spec is not None:
         spec["collection"] = config.get("chroma", {}).get("collection", COLLECTION)
     return spec
+
+
+def make_private(root: Path) -> None:
+    """Tighten a registry made before issue 10 item 7: directories 0700, its own files 0600 (blobs
+    0400). Best effort: a file owned by someone else keeps its mode (and ``verify`` does not care)."""
+    for d in (root, root / BLOBS_DIR, root / CHROMA_DIR, root / "keys"):
+        if d.is_dir():
+            with contextlib.suppress(OSError):
+                os.chmod(d, 0o700)
+    for name in (CONFIG_NAME, RECORDS_NAME, AUDIT_NAME):
+        p = root / name
+        if p.is_file():
+            with contextlib.suppress(OSError):
+                os.chmod(p, 0o600)
 
 
 def create(root: Path, config: Mapping[str, Any]) -> None:

@@ -96,6 +96,7 @@ class Registry:
         if not self.read_only:
             self._blobs.remove_stale_temps()
             coordkey.ensure_key(self.path)
+            cfg.make_private(self.path)
         if not self.read_only:
             self._rollback_unaudited()
         self._log.load(self.read_only, lambda n, at, sha: self.audit.append(
