@@ -90,7 +90,8 @@ for rnd in range(3):
         if success:
             ok += 1
             if not base_try:
-                acc = [e for _, e in audit_mod.read_entries(root / "audit.jsonl") if e["event"] == "submission.accepted"]
+                acc = [e for _, e in audit_mod.read_entries(root / "audit.jsonl")
+                       if e["event"] == "submission.accepted"]
                 assert acc[-1]["record_id"] == rec.id, "the add returned without its audit entry"
                 want = ids0 + [rec.id]
             else:

@@ -161,8 +161,10 @@ class RecordLog:
                 lineno = self.line_count + data[:pos].count(b"\n") + 1
                 raise RegistryCorruptError(
                     f"{self.path}: line {lineno} (byte {base_offset + pos}) is not a valid record ({exc}) but "
-                    "later lines are; the file was damaged outside the registry. Move the bad line out by hand "
-                    "(one record per line) after taking a copy, then reopen"
+                    "later lines are; the file was damaged outside the registry (the registry itself never leaves a "
+                    "torn line before a good one). Take a copy, then move out only that damaged line — every "
+                    "other line is a stored record, keep them all — and run `rpe audit verify`, which names any "
+                    "audited record that is then missing"
                 ) from exc
             if entry["op"] == "add":
                 adds.append((entry, zb))
