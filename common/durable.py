@@ -75,6 +75,15 @@ def complete_end(data: bytes) -> int:
     return data.rfind(b"\n") + 1
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until every byte is written (a short write on a nearly full disk is not an error
+    by itself; the next write raises ENOSPC)."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
 class JsonlLog:
     """An append-only JSON-lines file at ``path`` (created, with its directory, if missing).
 
@@ -85,7 +94,7 @@ class JsonlLog:
     damaged line means) is the caller's business: this class only guarantees whole lines.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, mode: int = 0o644, create: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, mode: int = 0o600, create: bool = True) -> None:
         self.path = Path(path)
         if create and not self.path.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -118,21 +127,23 @@ class JsonlLog:
         if fh is None:
             with self.locked() as own:
                 return self.append(lines, fh=own, midway=midway)
-        start = fh.seek(0, os.SEEK_END)
+        fh.flush()  # nothing of ours may sit in the buffer: the bytes below go straight to the fd
+        fd = fh.fileno()
+        start = os.lseek(fd, 0, os.SEEK_END)
         try:
             if midway is not None and len(data) > 2:
-                fh.write(data[: len(data) // 2])
-                fh.flush()
+                _write_all(fd, data[: len(data) // 2])
                 midway()
-                fh.write(data[len(data) // 2:])
+                _write_all(fd, data[len(data) // 2:])
             else:
-                fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+                _write_all(fd, data)
+            os.fsync(fd)
         except BaseException:
+            # ftruncate on the descriptor, never fh.truncate: a buffered truncate flushes first and
+            # a flush that fails again (ENOSPC) would skip the truncate and leave a torn line
             with contextlib.suppress(OSError):
-                fh.truncate(start)
-                os.fsync(fh.fileno())
+                os.ftruncate(fd, start)
+                os.fsync(fd)
             raise
         return start, start + len(data)
 
@@ -179,7 +190,7 @@ class JsonlLog:
         size = fh.seek(0, os.SEEK_END)
         if size <= good_end:
             return 0
-        fh.truncate(good_end)
         fh.flush()
+        os.ftruncate(fh.fileno(), good_end)
         os.fsync(fh.fileno())
         return size - good_end

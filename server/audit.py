@@ -43,8 +43,11 @@ Durability and concurrency (``common.durable.JsonlLog``): each ``append`` takes 
 the chain stays linear), writes one line with a single ``write``, then flushes and fsyncs (a
 failed write is truncated back); creating the file also fsyncs its directory. A final line
 without a newline (a crash mid-write) or a last entry that fails its own hash stops further
-appends with ``AuditLogCorruptError`` instead of silently chaining onto damage; the operator
-runs ``verify`` and repairs by hand (unlike records.jsonl, evidence is never cut automatically).
+appends with ``AuditLogCorruptError`` instead of silently chaining onto damage. The one automatic
+repair: the registry's writer, on open, cuts a torn final fragment (never a committed entry:
+``append`` returns only after a whole line is fsynced, and a failed append cuts itself back) and
+records the cut in a ``registry.repair`` entry (``repair_torn_audit``). A damaged *complete*
+entry is left for the operator, who runs ``verify`` and repairs by hand.
 """
 
 from __future__ import annotations
@@ -215,6 +218,51 @@ class AuditLog:
             entry["hash"] = entry_hash(entry)
             self.log.append([canonical_json(entry).encode("ascii")], fh=fh)
         return entry
+
+
+def repair_torn_audit(path: str | os.PathLike[str]) -> tuple[int, int, str] | None:
+    """Cut a torn last line (no newline: a crash or full disk mid-append) of the audit log at ``path``.
+
+    Returns (bytes cut, offset, sha256 of the cut bytes) for the ``registry.repair`` entry the
+    caller appends, or None when the log ends cleanly. Only the registry's writer calls this on
+    open: the fragment is never a committed entry (``append`` returns after the fsync of a whole
+    line, and a failed append cuts itself back), so nothing that was reported is lost.
+    """
+    p = Path(path)
+    if not p.exists():
+        return None
+    log = JsonlLog(p, create=False)
+    with log.locked() as fh:
+        size = fh.seek(0, os.SEEK_END)
+        if size == 0:
+            return None
+        fh.seek(max(0, size - (1 << 20)))
+        tail = fh.read()
+        if tail.endswith(b"\n"):
+            return None
+        cut = len(tail) - (tail.rfind(b"\n") + 1)
+        if cut == len(tail) and size > len(tail):
+            raise AuditLogCorruptError(f"{p}: the last line is over 1 MiB without a newline; repair it by hand")
+        fh.seek(size - cut)
+        frag = fh.read()
+        log.repair(size - cut, fh)
+    return cut, size - cut, sha256_hex(frag)
+
+
+def receipt(private_key: Any, entry: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """A coordinator-signed ``receipt`` statement of the audit head right after ``entry`` was appended.
+
+    The body names the entry (``seq``, ``line_sha256``: what ``head`` and ``verify(anchor=...)``
+    use), the ``record_id``, ``site`` and ``run_id`` it accepted, plus ``fields`` (e.g.
+    ``registry_id``). The site keeps it in its egress log; ``server.crosscheck`` later shows a
+    coordinator log that was truncated before, or rewritten at, that entry
+    (``common.statements.check_receipts``).
+    """
+    from common.statements import sign_statement
+
+    body = {"seq": int(entry["seq"]), "line_sha256": line_hash(entry), "record_id": entry.get("record_id"),
+            "site": entry.get("site"), "run_id": entry.get("run_id"), **fields}
+    return sign_statement(private_key, "receipt", body)
 
 
 # --------------------------------------------------------------------------------------------

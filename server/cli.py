@@ -149,6 +149,10 @@ def cmd_compose(args: argparse.Namespace) -> None:
         params["lam1"] = args.lam1
     if args.lam2 is not None:
         params["lam2"] = args.lam2
+    if args.max_l1 is not None:
+        if args.strategy not in ("lin", "lin-l1"):
+            raise ValueError(f"--max-l1 bounds the weights of lin and lin-l1, not {args.strategy!r}")
+        params["max_l1"] = args.max_l1
     reg = _open_registry(args)
     try:
         res = compose_for_target(
@@ -174,17 +178,46 @@ def cmd_compose(args: argparse.Namespace) -> None:
 
 def cmd_audit_verify(args: argparse.Namespace) -> None:
     from server.audit import problems_as_dicts, verify
+    from server.registry.binding import check_binding
 
-    problems = verify(args.log)
+    anchor = _parse_anchor(args.anchor) if args.anchor else None
+    problems = verify(args.log, anchor=anchor)
+    reg_dir = Path(args.registry) if args.registry else Path(args.log).parent
+    records = reg_dir / "records.jsonl"
+    binding = check_binding(records, args.log) if records.is_file() else []
     if args.json:
-        print(json.dumps({"ok": not problems, "problems": problems_as_dicts(problems)}, indent=2))
-    elif not problems:
-        print(f"{args.log}: OK, hash chain intact")
+        print(json.dumps({"ok": not problems and not binding, "problems": problems_as_dicts(problems),
+                          "records": binding}, indent=2))
+    elif not problems and not binding:
+        what = f" and every record of {records} bound to it" if records.is_file() else ""
+        print(f"{args.log}: OK, hash chain intact{what}" + (f", anchor seq {anchor['seq']} found" if anchor else ""))
     else:
         for p in problems:
             print(f"{args.log}: {p}")
-    if problems:
+        for b in binding:
+            print(f"{records}: {b}")
+    if problems or binding:
         sys.exit(1)
+
+
+def _parse_anchor(text: str) -> dict[str, Any]:
+    """``SEQ:HASH`` or a JSON file holding ``{"seq", "line_sha256"}`` (what ``head`` or a receipt gives)."""
+    from common.safeio import loads_json, read_regular_file
+
+    if ":" in text and not Path(text).exists():
+        seq, _, digest = text.partition(":")
+        data: Any = {"seq": seq, "line_sha256": digest}
+    else:
+        data = loads_json(read_regular_file(text, 1 << 20, what="anchor file"), f"anchor file {text}")
+        if isinstance(data, dict) and isinstance(data.get("body"), dict):
+            data = data["body"]  # a receipt statement
+    try:
+        seq, digest = int(data["seq"]), str(data["line_sha256"]).lower()
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"--anchor {text!r}: expected SEQ:SHA256 or a JSON file with seq and line_sha256") from None
+    if seq < 0 or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise ValueError(f"--anchor {text!r}: seq must be >= 0 and the hash 64 hex digits")
+    return {"seq": seq, "line_sha256": digest}
 
 
 def cmd_audit_report(args: argparse.Namespace) -> None:
@@ -197,7 +230,7 @@ def cmd_audit_report(args: argparse.Namespace) -> None:
 def cmd_audit_cross_check(args: argparse.Namespace) -> None:
     from server.crosscheck import cross_check
 
-    result = cross_check(args.egress, args.audit, args.site)
+    result = cross_check(args.egress, args.audit, args.site, coordinator_key=args.coordinator_key)
     print(result.format() if hasattr(result, "format") else result)
     if not getattr(result, "ok", True):
         sys.exit(1)
@@ -295,6 +328,8 @@ def register(sub: Any) -> None:
     c.add_argument("--task", help="only retrieve adapters of this task")
     c.add_argument("--max-rank", type=int, help="re-compress to the best rank-R approximation")
     c.add_argument("--lam1", type=float, help="sim temperature (default: median squared distance)")
+    c.add_argument("--max-l1", type=float, help="lin / lin-l1: bound on ‖w‖₁, how far the weights may cancel "
+                                               "(default 3; inf = unbounded)")
     c.add_argument("--lam2", type=float, help="lin-l1 L1 strength (default: relative to the distances)")
     c.add_argument("--target", default="cli", help="name recorded in the audit log")
     c.add_argument("--out", required=True, help="output PEFT adapter directory")
@@ -307,6 +342,10 @@ def register(sub: Any) -> None:
     asub = a.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
     v = asub.add_parser("verify", help="check the hash chain; exit 1 and say where if broken")
     v.add_argument("--log", required=True, help="the coordinator's audit.jsonl")
+    v.add_argument("--registry", help="registry directory whose records.jsonl is checked against the log "
+                                      "(default: the log's directory, when it holds records.jsonl)")
+    v.add_argument("--anchor", help="a known head, SEQ:LINE_SHA256 or a JSON file (audit head, or a receipt): "
+                                    "also detects a truncated or rewritten tail")
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_audit_verify)
     v = asub.add_parser("report", help="what was received per site and used per composition")
@@ -317,6 +356,9 @@ def register(sub: Any) -> None:
     v.add_argument("--egress", required=True, help="the site's egress.jsonl")
     v.add_argument("--audit", required=True, help="the coordinator's audit.jsonl")
     v.add_argument("--site", required=True, help="the site id the coordinator knows it by")
+    v.add_argument("--coordinator-key", help="the coordinator's public key (PEM) the site holds, to check the "
+                                             "receipts in its egress log (default: keys/coordinator.pub next to "
+                                             "the audit log)")
     v.set_defaults(func=cmd_audit_cross_check)
 
     x = sub.add_parser("experiment", help="library-level leave-one-group-out experiment on real data",

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from common.strategies import MAX_L1_DEFAULT
+from server.bounds import NormBoundError, adapter_norms
 from server.registry import Hit, QueryError, Registry
 
 
@@ -68,6 +70,25 @@ def _pick_base(registry: Registry, base: str | None, task: str | None) -> str | 
     return None
 
 
+class CompositionNormError(CompositionError):
+    """The composed adapter is far larger than the registry's own adapters: refused before delivery."""
+
+
+def _check_composed(registry: Registry, composed: Any, base: str, task: str | None, strategy: str,
+                    target: str) -> dict[str, float]:
+    """Check the composed update against the same bound as a single adapter (``server.bounds``);
+    returns its norms. A composition can exceed it only through weights that cancel (``lin``) or
+    a stored adapter that slipped in before the bound existed: either way it is not delivered."""
+    norms = adapter_norms(composed)
+    bound = registry.norm_bound(base, task)
+    if bound is not None:
+        try:
+            bound.check(norms, f"the {strategy!r} composition for target {target!r}")
+        except NormBoundError as exc:
+            raise CompositionNormError(f"{exc} (nothing was delivered; try strategy sim, or a lower max-l1)") from None
+    return norms
+
+
 def compose_for_target(registry: Registry, z_target: Any, *, strategy: str = "sim", k: int = 4,
                        exclude_site: str | None = None, task: str | None = None, max_rank: int | None = None,
                        strategy_params: Mapping[str, Any] | None = None, out_dir: str | Path | None = None,
@@ -78,8 +99,12 @@ def compose_for_target(registry: Registry, z_target: Any, *, strategy: str = "si
     """Compose the adapter for one target embedding; optionally write it as a PEFT directory.
 
     ``strategy`` is a name from ``common.strategies.STRATEGIES`` (``sim``, ``lin``, ``lin-l1``,
-    ``avg``, ``nearest``); its parameters come from ``strategy_params`` or the ``lam1``/``lam2``
-    shortcuts. ``exclude_site`` keeps a site's own adapter out (leave-one-site-out).
+    ``avg``, ``nearest``); its parameters come from ``strategy_params`` (e.g. ``{"max_l1": 3}``,
+    the ‖w‖₁ bound of ``lin`` / ``lin-l1``, default ``MAX_L1_DEFAULT``) or the ``lam1``/``lam2``
+    shortcuts. The composed adapter is checked against the registry's update-norm bound for the
+    base and task before it is written or returned (``CompositionNormError`` names the strategy,
+    target and bound); the composition audit entry records ``max_l1``, ‖w‖₁ and the update norm.
+    ``exclude_site`` keeps a site's own adapter out (leave-one-site-out).
     ``out_dir`` receives ``adapter_config.json`` + ``adapter_model.safetensors`` whose
     ``base_model_name_or_path`` is ``base_model_name_or_path``, else the base's registered name.
     ``audit_query=False`` skips the ``query.embedding`` entry when the caller already logged the
@@ -112,6 +137,7 @@ def compose_for_target(registry: Registry, z_target: Any, *, strategy: str = "si
     adapters = [registry.load_adapter(hits[i].record.id) for i in used]
     composed = compose(adapters, [float(weights[i]) for i in used], max_rank=max_rank)
     base_fp = hits[0].record.meta.base_fingerprint
+    composed_norms = _check_composed(registry, composed, base_fp, task, strategy, target)
     if wire_form:
         from common.wire import encode_adapter
 
@@ -134,5 +160,7 @@ def compose_for_target(registry: Registry, z_target: Any, *, strategy: str = "si
         distances=result.distances, weights=result.weights, adapter_sha256=result.adapter_sha256,
         output_sha256=output_sha, z_sha256=z_sha, k=int(k), max_rank=max_rank, task=task,
         exclude_site=exclude_site, base_fingerprint=base_fp, out_dir=str(written) if written else None,
+        max_l1=params.get("max_l1", MAX_L1_DEFAULT) if strategy in ("lin", "lin-l1") else None,
+        weights_l1=float(np.abs(weights).sum()), update_norm=composed_norms.get("__total__"),
     )
     return result

@@ -30,16 +30,26 @@ same site with the same ``record_id`` that carries ``record_digests``:
 
 Because matching is by equality of keys, taking the first compatible line is optimal. The audit
 log is verified too: a cross-check against a tampered audit log is never "OK".
+
+Receipts (the outside witness, issue 10 item 5): every coordinator-signed ``receipt`` statement
+found in the site's egress log (``extra["receipt"]``, ``extra["ack"]["receipt"]`` or a top-level
+``receipt``) is checked against the coordinator key (``coordinator_key``: the public key the site
+holds; default the registry's exported ``keys/coordinator.pub`` next to the audit log) and then
+against the audit log (``common.statements.check_receipts``): a receipt past the log's end means
+the log was truncated, one whose entry differs means it was rewritten.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from common.egress import read_egress
-from server.audit import EV_SUBMISSION_ACCEPTED, EV_SUBMISSION_REJECTED, read_entries, verify
+from common.signing import load_public_key
+from common.statements import StatementError, check_receipts, verify_statement
+from server.audit import EV_SUBMISSION_ACCEPTED, EV_SUBMISSION_REJECTED, line_hash, read_entries, verify
 
 
 @dataclass
@@ -53,10 +63,13 @@ class CrossCheckReport:
     unverifiable: list[dict[str, Any]] = field(default_factory=list)
     audit_problems: list[str] = field(default_factory=list)
     egress_unreadable_lines: list[int] = field(default_factory=list)
+    receipts_checked: int = 0
+    receipt_problems: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        problems = (self.coordinator_only, self.site_only, self.audit_problems, self.egress_unreadable_lines)
+        problems = (self.coordinator_only, self.site_only, self.audit_problems, self.egress_unreadable_lines,
+                    self.receipt_problems)
         return not any(problems)
 
     def to_dict(self) -> dict[str, Any]:
@@ -73,6 +86,9 @@ class CrossCheckReport:
             f"{len(self.site_only)} site-only)"
         ]
         out += [f"  audit log problem: {p}" for p in self.audit_problems]
+        if self.receipts_checked or self.receipt_problems:
+            out.append(f"  receipts: {self.receipts_checked} checked")
+        out += [f"  receipt problem: {p}" for p in self.receipt_problems]
         if self.egress_unreadable_lines:
             out.append(f"  egress log lines unreadable: {self.egress_unreadable_lines}")
         for c in self.coordinator_only:
@@ -85,6 +101,38 @@ class CrossCheckReport:
             out.append(f"  note: coordinator seq {u['seq']} rejected nothing the site logged "
                        f"(reason: {u['reason']}); nothing to match")
         return "\n".join(out)
+
+
+def _receipts_in(entry: dict[str, Any]) -> list[Any]:
+    extra = entry.get("extra") if isinstance(entry.get("extra"), dict) else {}
+    ack = extra.get("ack") if isinstance(extra.get("ack"), dict) else {}
+    return [r for r in (extra.get("receipt"), ack.get("receipt"), entry.get("receipt")) if r is not None]
+
+
+def check_egress_receipts(egress_entries: list[tuple[int, dict[str, Any]]], audit_path: str | os.PathLike[str],
+                          coordinator_key: Any) -> tuple[int, list[str]]:
+    """(receipts found, problems): each receipt's signature, then the log against all of them."""
+    problems: list[str] = []
+    bodies: list[dict[str, Any]] = []
+    found = 0
+    for line, entry in egress_entries:
+        for statement in _receipts_in(entry):
+            found += 1
+            if coordinator_key is None:
+                problems.append(f"egress line {line}: a receipt, but no coordinator public key to check it with "
+                                "(pass --coordinator-key)")
+                continue
+            try:
+                bodies.append(verify_statement(coordinator_key, statement, "receipt"))
+            except StatementError as exc:
+                problems.append(f"egress line {line}: {exc}")
+    problems += check_receipts(bodies, read_entries(audit_path), line_hash)
+    return found, problems
+
+
+def _default_key(audit_path: str | os.PathLike[str]) -> Any:
+    pub = Path(audit_path).parent / "keys" / "coordinator.pub"
+    return load_public_key(pub) if pub.is_file() else None
 
 
 def _egress_digests(entry: dict[str, Any]) -> dict[str, str]:
@@ -184,11 +232,17 @@ def cross_check(
     audit_path: str | os.PathLike[str],
     site_id: str,
     message_types: tuple[str, ...] = ("train",),
+    coordinator_key: Any = None,
 ) -> CrossCheckReport:
-    """Match the site's egress log with the coordinator's submission events for ``site_id``."""
+    """Match the site's egress log with the coordinator's submission events for ``site_id``, and
+    check every receipt the site kept (``coordinator_key``: an ``Ed25519PublicKey`` or a PEM path)."""
     rep = CrossCheckReport(site_id=site_id)
     rep.audit_problems = [str(p) for p in verify(audit_path)]
     egress_entries, rep.egress_unreadable_lines = read_egress(egress_path)
+    if isinstance(coordinator_key, (str, os.PathLike)):
+        coordinator_key = load_public_key(coordinator_key)
+    key = coordinator_key if coordinator_key is not None else _default_key(audit_path)
+    rep.receipts_checked, rep.receipt_problems = check_egress_receipts(egress_entries, audit_path, key)
     pending = [(n, e) for n, e in egress_entries if e.get("message_type") in message_types]
     site_events = [e for _, e in read_entries(audit_path) if e.get("site") == site_id]
     submission_events = (EV_SUBMISSION_ACCEPTED, EV_SUBMISSION_REJECTED)

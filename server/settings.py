@@ -72,6 +72,7 @@ class Settings:
     max_rank: int = _key("max-rank", int, 0)
     lam1: float = _key("lam1", float, 0.0)
     lam2: float = _key("lam2", float, 0.0)
+    max_l1: float = _key("max-l1", float, 0.0)
     evaluate: bool = _key("evaluate", _bool, True)
     max_eval: int = _key("max-eval", int, 0)
     eval_strategies: tuple[str, ...] = _key("eval-strategies", _csv, ("sim", "lin", "lin-l1"))
@@ -126,6 +127,9 @@ class Settings:
         key = strategy.replace("_", "-")
         if key == "sim" and self.lam1:
             return {"lam1": self.lam1}
+        params: dict[str, float] = {}
         if key == "lin-l1" and self.lam2:
-            return {"lam2": self.lam2}
-        return {}
+            params["lam2"] = self.lam2
+        if key in ("lin", "lin-l1") and self.max_l1:
+            params["max_l1"] = self.max_l1
+        return params

@@ -95,6 +95,7 @@ from server.registry import (  # noqa: E402
     UnknownBaseError,
     UnknownModuleError,
 )
+from server.registry.errors import UpdateNormBoundError  # noqa: E402
 
 DOC = ROOT / "docs" / "HOSTILE_INPUTS.md"
 DUMP_ENV = "RPE_HOSTILE_DUMP"
@@ -637,6 +638,10 @@ CASES: list[Case] = [
     Case("absurd-adapter-norm", "finite but absurd factors (B x 1e15: ||ΔW||_F ~ 1e15)",
          lambda c: c.add(scaled(make_adapter(6), 1e15)), NormError,
          "above the registry's cap 1e+04 (limits.max_delta_norm)", R, hint=f"module {Q0} has ‖scale·B·A‖_F ="),
+    Case("steering-adapter-norm", "adapter 200x an honest one (||ΔW|| ~ 400, under the absolute cap 1e4) "
+         "to take over every composition",
+         lambda c: c.add(scaled(make_adapter(8), 200.0)), UpdateNormBoundError,
+         "more than 10 × the median of the 3 adapters of this base and task", R, hint="site 'e' (task 'xray-chest')"),
     Case("absurd-z-norm", "finite but absurd z (every value 1e30)",
          lambda c: c.add(z=np.full(DIM, 1e30, np.float32)), NormError,
          "sent z with norm 4e+30, above the registry's cap 1e+06 (limits.max_z_norm)", R,
@@ -727,6 +732,12 @@ CASES: list[Case] = [
          R, hint="resubmit the identical metadata, or remove"),
     Case("bulk-one-bad-item", "add_many: item 1 has a 15-value z", _bulk_one_bad, EmbeddingDimensionError,
          "item 1: site 'f' sent 15 values", R),
+    Case("bidi-override-site", "site name `e\u202egnp.exe` (right-to-left override: reads as `eexe.png`)",
+         lambda c: c.add(meta=make_meta(site="e\u202egnp.exe")), MetadataError,
+         "holds the invisible or control character U+202E", R),
+    Case("zero-width-task", "task `xray\u200b-chest` (zero-width space: looks like `xray-chest`)",
+         lambda c: c.add(meta=make_meta(task="xray\u200b-chest")), MetadataError,
+         "holds the invisible or control character U+200B", R),
     # -- queries and composition --------------------------------------------------------------------
     Case("k-above-registry", "query k=5 on a 4-record registry", lambda c: c.reg.query(make_z(2), 5),
          NotEnoughRecordsError, "asked for k=5 nearest adapters but only 4 record(s) match",
@@ -756,6 +767,9 @@ CASES: list[Case] = [
          EmbeddingDimensionError, "the target 'e' sent 8 values, the registry holds 16"),
     Case("unknown-strategy", "strategy `softmax`", lambda c: c.compose(strategy="softmax"), ValueError,
          "unknown weighting strategy 'softmax'; valid strategies: " + ", ".join(sorted(STRATEGIES)), (QUERY,)),
+    Case("lin-max-l1-below-one", "lin with max_l1=0.5 (Σw = 1 forces ‖w‖₁ >= 1)",
+         lambda c: c.compose(strategy="lin", strategy_params={"max_l1": 0.5}), ValueError,
+         "max_l1 must be >= 1", (QUERY,)),
     Case("lam1-nan", "sim with lam1=NaN", lambda c: c.compose(lam1=float("nan")), ValueError,
          "lam1 must be > 0 (inf allowed); got nan", (QUERY,)),
     Case("lam1-negative", "sim with lam1=-1", lambda c: c.compose(lam1=-1.0), ValueError,

@@ -22,6 +22,30 @@ the registry keeps its own source of truth and treats Chroma as a rebuildable ac
 - ``audit.jsonl`` (``server.audit.AuditLog``) gets every accepted or rejected submission, removal
   and composition.
 
+One commit, bound into the chain (issue 10 items 4–5, ``binding.py``): the record lines of an
+``add`` / ``add_many`` / ``remove`` and their audit entry are one commit — a record is live iff its
+audit entry exists. The entry carries ``records_span`` ([start, end) of the appended bytes),
+``records_span_sha256`` and, for one line, ``line_sha256``. If the audit append fails (ENOSPC) the
+lines are cut back and the new blobs deleted before ``RegistryStorageError`` (naming the write
+point) is raised; after a crash in between, reopening cuts the unaudited lines and writes a
+``registry.repair`` entry naming them (they were never reported stored). A torn audit tail is cut
+on reopen too, with a ``registry.repair`` entry. ``verify()`` and ``rpe audit verify`` check every
+record line against its entry and name an edited, deleted, re-pointed or added record. Every
+append is all-or-nothing for readers (``common.durable.JsonlLog`` writes with ``os.write`` and
+``ftruncate``-s back on failure).
+
+Receipts (``keys/coordinator.key``, Ed25519, 0600, created on the first writable open;
+``keys/coordinator.pub`` is the export for sites): ``Registry.receipt(record_id)`` signs the audit
+head after an accepted submission (``server.audit.receipt``); the site keeps it in its egress log
+and ``rpe audit cross-check`` detects a truncated or rewritten coordinator log from it.
+
+Update-norm bound (item 6, ``server/bounds.py``): every record's per-module ‖ΔW‖ is computed at add
+and stored in its line's ``meta.update_norms`` (not part of ``AdapterMeta``); an adapter above
+``update_norm_factor`` (10) × the median of the live adapters of the same base and task (once
+``update_norm_min_reference`` = 3 exist) is refused with ``UpdateNormBoundError`` naming the site
+and the bound; ``Registry.norm_bound(base, task)`` is what the composer checks the composed
+adapter against. Files are private: directories 0700, files 0600, blobs 0400.
+
 Blob encryption at rest (optional, ``server/registry/blobcrypt.py``): a registry created with a blob key
 (``Registry.init(..., blob_key=...)``, ``rpe registry init --blob-key-file FILE``) records
 ``"blob_encryption": {"alg": "AES-256-GCM", "key_id": ...}`` in registry.json and stores every blob
@@ -56,7 +80,8 @@ On-disk layout (``REG`` = the registry directory)::
     REG/blobs/sha256/ab/<64 hex>   adapter blobs (content-addressed by the plaintext's sha256,
                              never rewritten; AES-GCM ciphertext in an encrypted registry)
     REG/chroma/              Chroma PersistentClient directory (cache; may be deleted)
-    REG/audit.jsonl          hash-chained audit log
+    REG/audit.jsonl          hash-chained audit log (binds records.jsonl, see above)
+    REG/keys/coordinator.key / .pub   the coordinator's receipt-signing key pair
     REG/.lock                flock held by the one process that writes this registry
 
 Record ids are ``"<site>:<task>:<16 hex>"`` where the hex is a hash over (site, task, blob
@@ -82,7 +107,9 @@ The parts (each has one reason to change; ``Registry`` in ``facade.py`` ties the
 - ``columns.py`` — the in-memory z matrix, metadata codes and filter masks.
 - ``search.py`` — exact top-k and the PCA certificate (pure array code).
 - ``chroma_index.py`` — the Chroma mirror (cache, reconciled or rebuilt).
-- ``writer.py`` — the write path of a batch: validate, blobs, records, columns, index, audit.
+- ``writer.py`` — the write path of a batch: validate, blobs, records + audit (one commit), columns, index.
+- ``binding.py`` — records.jsonl against the audit entries that bind it (rollback, verify).
+- ``coordkey.py`` — the coordinator's Ed25519 key for receipts.
 """
 
 from server.registry.blobcrypt import BlobKey
@@ -121,9 +148,11 @@ from server.registry.errors import (
     RegistryError,
     RegistryExistsError,
     RegistryLockedError,
+    RegistryStorageError,
     ShapeMismatchError,
     UnknownBaseError,
     UnknownModuleError,
+    UpdateNormBoundError,
     ValidationError,
 )
 from server.registry.facade import Registry
@@ -139,6 +168,6 @@ __all__ = [
     "DtypeError", "DuplicateRecordError", "EmbeddingDimensionError", "Hit", "MetadataError", "NonFiniteError",
     "NormError", "NotARegistryError", "NotEnoughRecordsError", "PayloadTooLargeError", "QueryError", "RankError",
     "ReadOnlyError", "Record", "RecordNotFoundError", "Registry", "RegistryCorruptError", "RegistryError",
-    "RegistryExistsError", "RegistryLockedError", "ShapeMismatchError", "UnknownBaseError", "UnknownModuleError",
-    "ValidationError",
+    "RegistryExistsError", "RegistryLockedError", "RegistryStorageError", "ShapeMismatchError", "UnknownBaseError",
+    "UnknownModuleError", "UpdateNormBoundError", "ValidationError",
 ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +23,7 @@ from typing import Any
 
 from common.digests import sha256_hex
 from common.durable import TMP_PREFIX, fsync_dir, fsync_file
+from common.safeio import UnsafeInputError, read_regular_file
 from server.registry import blobcrypt
 from server.registry.blobcrypt import BlobKey
 from server.registry.config import BLOBS_DIR, CONFIG_NAME
@@ -30,6 +32,9 @@ from server.registry.errors import BlobCorruptError, BlobKeyError, RegistryCorru
 
 log = logging.getLogger(__name__)
 
+#: no blob file is read past this size (the registry's own blob cap is far lower)
+MAX_BLOB_FILE = 1 << 32
+
 
 def env_blob_key() -> BlobKey | None:
     """The blob key from ``$RPE_BLOB_KEY_FILE`` / ``$RPE_BLOB_KEY`` (None if neither is set)."""
@@ -37,6 +42,18 @@ def env_blob_key() -> BlobKey | None:
         return blobcrypt.load_blob_key()
     except blobcrypt.BlobKeyError as exc:
         raise BlobKeyError(str(exc)) from None
+
+
+def _read_blob(p: Path) -> bytes:
+    """A blob's bytes through ``common.safeio.read_regular_file``: a FIFO or device put in a blob's
+    place is refused at once (``BlobCorruptError``) instead of blocking the coordinator forever."""
+    try:
+        return read_regular_file(p, MAX_BLOB_FILE, what="adapter blob")
+    except UnsafeInputError as exc:
+        if not p.exists() and not p.is_symlink():
+            raise FileNotFoundError(str(p)) from None
+        raise BlobCorruptError(f"{exc}; restore the blob from a backup, or remove the record and have the site "
+                               "resubmit") from None
 
 
 def _parallel(fn: Callable[[Any], None], items: Sequence[Any]) -> None:
@@ -129,7 +146,7 @@ class BlobStore:
         try:
             if p.stat().st_size != self.stored_size(nbytes):
                 return False
-            data = self.plaintext(sha, p.read_bytes())
+            data = self.plaintext(sha, _read_blob(p))
         except (FileNotFoundError, blobcrypt.BlobAuthError):
             return False
         except BlobKeyError:
@@ -143,7 +160,7 @@ class BlobStore:
         self.require_key(f"loading the adapter of record {record_id}")
         p = self.path(sha)
         try:
-            data = self.plaintext(sha, p.read_bytes())
+            data = self.plaintext(sha, _read_blob(p))
         except FileNotFoundError:
             raise BlobCorruptError(
                 f"blob {sha} of record {record_id} is missing from {p.parent}; restore it from a backup "
@@ -193,10 +210,10 @@ class BlobStore:
                 if key is not None:
                     blob = blobcrypt.encrypt(key, blob, sha)
                 final = self.path(sha)
-                final.parent.mkdir(parents=True, exist_ok=True)
+                final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
                 fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + sha[:12] + "-", dir=final.parent)
                 pending.append((tmp, final))
-                os.fchmod(fd, 0o444)  # blobs are never rewritten in place
+                os.fchmod(fd, 0o400)  # blobs are never rewritten in place, and private
                 with os.fdopen(fd, "wb") as fh:
                     half = len(blob) // 2
                     fh.write(blob[:half])
@@ -227,6 +244,17 @@ class BlobStore:
             with contextlib.suppress(OSError):
                 p.unlink()
 
+    def drop_unreferenced_of(self, dropped: bytes, records: Path) -> None:
+        """Delete the blobs named by rolled-back record lines ``dropped`` that no remaining line of
+        ``records`` names (they were written for an add that never completed)."""
+        names = set(re.findall(rb'"blob_sha256":"([0-9a-f]{64})"', dropped))
+        if not names:
+            return
+        kept = set(re.findall(rb'"blob_sha256":"([0-9a-f]{64})"', records.read_bytes()))
+        for sha in names - kept:
+            with contextlib.suppress(OSError):
+                self.path(sha.decode()).unlink()
+
     def unreferenced(self, keep: set[str]) -> list[Path]:
         """Stored blobs whose name is not in ``keep`` (what ``gc`` deletes)."""
         return [p for p in self.all() if p.name not in keep]
@@ -253,9 +281,12 @@ class BlobStore:
                            f"expected {self.stored_size(nbytes)}")
             elif full:
                 try:
-                    ok = sha256_hex(self.plaintext(sha, p.read_bytes())) == sha
+                    ok = sha256_hex(self.plaintext(sha, _read_blob(p))) == sha
                 except blobcrypt.BlobKeyError as exc:
                     out.append(f"record {rid}: blob {sha} cannot be decrypted: {exc}")
+                    continue
+                except BlobCorruptError as exc:
+                    out.append(f"record {rid}: blob {sha} cannot be read: {exc}")
                     continue
                 if not ok:
                     out.append(f"record {rid}: blob {sha} content does not match its hash")

@@ -126,6 +126,7 @@ class Columns:
     def record(self, row: int) -> Record:
         """The ``Record`` of a row (copies: callers cannot change the columns through it)."""
         meta = dict(self.meta[row])
+        meta.pop("update_norms", None)  # the registry's own measurement, not part of what the site said
         meta["extra"] = dict(meta.get("extra") or {})
         sha, nbytes, zsha = self.blob[row]
         return Record(self.ids[row], self.Z[row].copy(), AdapterMeta(**meta), sha, nbytes, zsha)

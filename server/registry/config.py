@@ -6,6 +6,7 @@ Also the on-disk names of everything in a registry directory, so no other part s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from common.durable import TMP_PREFIX, atomic_write, fsync_dir
+from common.safeio import UnsafeInputError, loads_json, read_regular_file
 from server.registry.errors import NotARegistryError, RegistryCorruptError, RegistryError
 from server.registry.lock import LOCK_NAME
 
@@ -34,6 +36,11 @@ DEFAULT_LIMITS: dict[str, float] = {
     # squared norm would overflow float32 arithmetic (and can never be a sensible neighbour)
     "max_delta_norm": 1e4,
     "max_z_norm": 1e6,
+    # relative bound (server/bounds.py): an adapter's per-module and total ‖ΔW‖ may be at most this
+    # factor × the median of the registry's adapters of the same base and task, once there are
+    # update_norm_min_reference of them; the composed adapter is checked against the same bound
+    "update_norm_factor": 10.0,
+    "update_norm_min_reference": 3,
 }
 
 __all__ = ["AUDIT_NAME", "BLOBS_DIR", "CHROMA_DIR", "COLLECTION", "CONFIG_NAME", "DEFAULT_LIMITS", "LOCK_NAME",
@@ -91,8 +98,8 @@ def new_config(*, base_fingerprint: str, module_shapes: Mapping[str, Sequence[in
 
 
 def write_config(root: Path, config: Mapping[str, Any]) -> None:
-    """Replace registry.json atomically (0644 like the other registry files)."""
-    atomic_write(root / CONFIG_NAME, (json.dumps(config, indent=1, sort_keys=True) + "\n").encode(), mode=0o644)
+    """Replace registry.json atomically (0600 like every coordinator file: issue 10 item 7)."""
+    atomic_write(root / CONFIG_NAME, (json.dumps(config, indent=1, sort_keys=True) + "\n").encode(), mode=0o600)
 
 
 def read_config(root: Path) -> dict[str, Any]:
@@ -104,9 +111,16 @@ def read_config(root: Path) -> dict[str, Any]:
             "Registry.init(path, base_fingerprint=..., module_shapes=..., embedding_dim=...)"
         )
     try:
-        config: dict[str, Any] = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise RegistryCorruptError(f"{path} is unreadable ({exc})") from exc
+        config: dict[str, Any] = loads_json(read_regular_file(path, 16 << 20, what="registry config"), str(path))
+    except UnsafeInputError as exc:
+        raise RegistryCorruptError(f"{path} is unreadable ({exc}); restore it from a backup") from None
+    if not isinstance(config, dict):
+        raise RegistryCorruptError(f"{path} is not a JSON object; restore it from a backup")
+    for name in (RECORDS_NAME, AUDIT_NAME):
+        other = root / name
+        if other.exists() and not other.is_file():
+            raise RegistryCorruptError(f"{other} is not a regular file (a FIFO, device or directory was put in "
+                                       "its place); restore it from a backup")
     if config.get("format") != REGISTRY_FORMAT:
         raise NotARegistryError(f"{path} has format {config.get('format')!r}, expected {REGISTRY_FORMAT!r}")
     return config
@@ -147,12 +161,33 @@ def chroma_spec(config: Mapping[str, Any], chroma: str | tuple[str, int] | None,
     return spec
 
 
+def make_private(root: Path) -> None:
+    """Tighten a registry made before issue 10 item 7: directories 0700, its own files 0600 (blobs
+    0400). Best effort: a file owned by someone else keeps its mode (and ``verify`` does not care)."""
+    for d in (root, root / BLOBS_DIR, root / CHROMA_DIR, root / "keys"):
+        if d.is_dir():
+            with contextlib.suppress(OSError):
+                os.chmod(d, 0o700)
+    for name in (CONFIG_NAME, RECORDS_NAME, AUDIT_NAME):
+        p = root / name
+        if p.is_file():
+            with contextlib.suppress(OSError):
+                os.chmod(p, 0o600)
+
+
 def create(root: Path, config: Mapping[str, Any]) -> None:
     """Lay out a new registry directory; registry.json is written last, since its presence is what
     makes the directory a registry (an ``init`` that crashed earlier leaves a re-usable directory)."""
-    (root / BLOBS_DIR / "sha256").mkdir(parents=True, exist_ok=True)
-    with open(root / RECORDS_NAME, "ab") as fh:
-        os.fsync(fh.fileno())
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for d in (root, root / BLOBS_DIR, root / BLOBS_DIR / "sha256"):
+        d.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(d, 0o700)  # private: the coordinator's files are nobody else's business
+    fd = os.open(root / RECORDS_NAME, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     write_config(root, config)
     fsync_dir(root)
     if root.parent.exists():

@@ -29,6 +29,19 @@ class RegistryCorruptError(RegistryError):
     """The durable files are damaged in a way the registry must not guess about."""
 
 
+class RegistryStorageError(RegistryError, OSError):
+    """A write failed (disk full, I/O error); nothing was stored and the registry is as before.
+
+    ``stage`` names the write point: "adapter blob", "record line", "audit entry", "registry.json"."""
+
+    def __init__(self, message: str, stage: str = "") -> None:
+        super().__init__(message)
+        self.stage = stage
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 class ReadOnlyError(RegistryError):
     """A write was attempted on a registry opened with ``read_only=True``."""
 
@@ -71,6 +84,11 @@ class NonFiniteError(ValidationError):
 
 class NormError(ValidationError):
     """A finite but absurd ‖ΔW‖ or ‖z‖ (above the registry's max_delta_norm / max_z_norm)."""
+
+
+class UpdateNormBoundError(NormError):
+    """An adapter's ‖ΔW‖ is far above the registry's own adapters of that base and task (one site
+    must not steer every composition); the message names the site, the module and the bound."""
 
 
 class DtypeError(ValidationError):

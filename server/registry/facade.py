@@ -18,19 +18,33 @@ from typing import Any
 
 import numpy as np
 
-from server.audit import AuditLog
+from common.digests import sha256_hex
+from server.audit import AuditLog, read_entries, repair_torn_audit
+from server.audit import receipt as audit_receipt
+from server.bounds import NormBound
+from server.registry import binding, coordkey
 from server.registry import config as cfg
 from server.registry.blobcrypt import BlobKey
 from server.registry.blobstore import BlobStore, env_blob_key
 from server.registry.chroma_index import ChromaIndex
 from server.registry.columns import KEYS, Columns
-from server.registry.errors import NotEnoughRecordsError, QueryError, ReadOnlyError, RegistryError, RegistryExistsError
+from server.registry.errors import (
+    NotEnoughRecordsError,
+    QueryError,
+    ReadOnlyError,
+    RecordNotFoundError,
+    RegistryError,
+    RegistryExistsError,
+)
 from server.registry.lock import PathLock
 from server.registry.recordlog import RecordLog, remove_line
 from server.registry.records import AdapterMeta, Hit, Record
 from server.registry.search import METHODS, Searcher, where_clause
-from server.registry.validation import check_z
-from server.registry.writer import Writer
+from server.registry.validation import NORMS_KEY, check_z
+from server.registry.writer import Writer, span_fields, storage_error
+
+#: at most this many of the latest adapters of a (base, task) form the norm reference
+NORM_REFERENCE_MAX = 1000
 
 
 class Registry:
@@ -68,14 +82,23 @@ class Registry:
         self.representation: str = str(self.config["representation"])
         self._blobs = BlobStore(self.path, self.config.get("blob_encryption"), blob_key)
         self.blob_encryption = self._blobs.encryption
+        torn_audit = None if self.read_only else repair_torn_audit(self.path / cfg.AUDIT_NAME)
         self.audit = AuditLog(self.path / cfg.AUDIT_NAME)
+        if torn_audit is not None:
+            self.audit.append("registry.repair", file=cfg.AUDIT_NAME, truncated_bytes=torn_audit[0],
+                              at_offset=torn_audit[1], sha256=torn_audit[2],
+                              reason="torn last audit line (crash or full disk mid-append)")
         self._cols = Columns(self.embedding_dim, str(self.path / cfg.RECORDS_NAME))
         self._search = Searcher(self._cols, lambda q, want, where: self._chroma_candidates(q, want, where))
         self._log = RecordLog(self.path / cfg.RECORDS_NAME, self._cols)
         self._index: ChromaIndex | None = None
-        self._writer = Writer(self._cols, self._log, self._blobs, self.audit, lambda: self._index)
+        self._writer = Writer(self._cols, self._log, self._blobs, self.audit, lambda: self._index, self.norm_bound)
         if not self.read_only:
             self._blobs.remove_stale_temps()
+            coordkey.ensure_key(self.path)
+            cfg.make_private(self.path)
+        if not self.read_only:
+            self._rollback_unaudited()
         self._log.load(self.read_only, lambda n, at, sha: self.audit.append(
             "registry.recover", file=cfg.RECORDS_NAME, truncated_bytes=n, at_offset=at, sha256=sha))
         spec = cfg.chroma_spec(self.config, chroma, self.read_only)
@@ -84,6 +107,25 @@ class Registry:
                                       self.embedding_dim)
             if sync_index:
                 self.sync_index()
+
+    def _rollback_unaudited(self) -> None:
+        """Cut record lines whose audit entry was never written (they were never reported stored)."""
+        records = self.path / cfg.RECORDS_NAME
+        tail = binding.unaudited_tail(records, self.path / cfg.AUDIT_NAME)
+        if tail is None:
+            return
+        end, size = tail
+        with open(records, "rb") as fh:
+            fh.seek(end)
+            data = fh.read(size - end)
+        if b"\n" not in data:
+            return  # only a torn fragment: RecordLog.load cuts it (audit event registry.recover)
+        dropped = binding.dropped_ids(data)
+        self._log.log.repair(end)
+        self._blobs.drop_unreferenced_of(data, records)
+        self.audit.append("registry.repair", file=cfg.RECORDS_NAME, truncated_bytes=size - end, at_offset=end,
+                          sha256=sha256_hex(data), dropped=dropped,
+                          reason="record lines without their audit entry (the add never completed)")
 
     # ---- creation ---------------------------------------------------------------------------
 
@@ -142,10 +184,17 @@ class Registry:
                                         "a fingerprint names one model")
                 return
             config = {**self.config, "bases": {**self.config["bases"], fingerprint: entry}}
-            cfg.write_config(self.path, config)
+            try:
+                cfg.write_config(self.path, config)
+            except OSError as exc:
+                raise storage_error(exc, "registry.json", self.path) from exc
+            try:
+                self.audit.append("registry.add_base", base_fingerprint=fingerprint, name=name,
+                                  n_modules=len(entry["modules"]))
+            except OSError as exc:
+                cfg.write_config(self.path, self.config)  # back to the old file: no space needed to shrink
+                raise storage_error(exc, "audit entry", self.path) from exc
             self.config = config
-            self.audit.append("registry.add_base", base_fingerprint=fingerprint, name=name,
-                              n_modules=len(entry["modules"]))
 
     # ---- properties -------------------------------------------------------------------------
 
@@ -223,13 +272,59 @@ class Registry:
         self._require_writable()
         with self._mutex:
             rec = self._fresh().record(self._cols.live_row(record_id, str(self.path)))
-            self._log.append([remove_line(record_id, reason)])
+            line = remove_line(record_id, reason)
+            try:
+                start, end, data = self._log.append([line])
+            except OSError as exc:
+                raise storage_error(exc, "record line", self.path) from exc
+            try:
+                self.audit.append("registry.remove", record_id=record_id, site=rec.meta.site,
+                                  blob_sha256=rec.blob_sha256, reason=reason, **span_fields(start, end, data),
+                                  line_sha256=sha256_hex(line.encode("utf-8")))
+            except BaseException as exc:
+                self._log.rollback(start, 1)
+                if isinstance(exc, OSError):
+                    raise storage_error(exc, "audit entry", self.path) from exc
+                raise
             self._cols.apply_remove(record_id)
             if self._index is not None:
                 self._index.delete([record_id])
-            self.audit.append("registry.remove", record_id=record_id, site=rec.meta.site,
-                              blob_sha256=rec.blob_sha256, reason=reason)
             return rec
+
+    def norm_bound(self, base: str, task: str | None) -> NormBound | None:
+        """The update-norm bound of (base, task): ``update_norm_factor`` × the median per-module and
+        total ‖ΔW‖ of the live adapters stored for it (the latest ``NORM_REFERENCE_MAX``), or None
+        while fewer than ``update_norm_min_reference`` exist. Used at ``add`` and for compositions."""
+        with self._mutex:
+            rows = np.flatnonzero(self._fresh().mask(task=task, base=base))[-NORM_REFERENCE_MAX:]
+            refs = [n for n in (self._cols.meta[int(r)].get(NORMS_KEY) for r in rows)
+                    if isinstance(n, dict)]
+        lim = self.limits
+        return NormBound.from_reference(refs, factor=float(lim["update_norm_factor"]),
+                                        min_reference=int(lim["update_norm_min_reference"]))
+
+    def receipt(self, record_id: str, run_id: str | None = None) -> dict[str, Any]:
+        """The coordinator-signed receipt of the audit head after ``record_id``'s accepted submission.
+
+        ``run_id`` (optional) must match the entry's run. The ServerApp puts it in the enrol
+        reply's ack; the site keeps it in its egress log (``extra["receipt"]``), so a truncated or
+        rewritten coordinator log shows in ``rpe audit cross-check``."""
+        self._require_writable()
+        with self._mutex:
+            entry = self._writer.last_accepted
+            if entry is None or entry.get("record_id") != record_id:
+                entry = next((e for _, e in reversed(list(read_entries(self.audit.path)))
+                              if e.get("event") == "submission.accepted" and e.get("record_id") == record_id), None)
+            if entry is None:
+                raise RecordNotFoundError(f"no accepted submission of record {record_id!r} in {self.audit.path}")
+            if run_id is not None and entry.get("run_id") not in (None, run_id):
+                raise RegistryError(f"record {record_id} was accepted in run {entry.get('run_id')!r}, not {run_id!r}")
+            return audit_receipt(coordkey.load_key(self.path), entry, registry_id=self.config["registry_id"])
+
+    @property
+    def coordinator_public_key_path(self) -> Path:
+        """The coordinator's exported public key (copy it to the sites)."""
+        return coordkey.key_paths(self.path)[1]
 
     # ---- reading ----------------------------------------------------------------------------
 
@@ -340,13 +435,15 @@ class Registry:
     def verify(self, full: bool = False) -> builtins.list[str]:
         """Problems found: missing or wrong-size blobs of live records (``full``: re-hash every
         blob, decrypting it first in an encrypted registry, which needs the key), orphan blobs,
-        and Chroma disagreement. Empty list = consistent."""
+        record lines that differ from what the audit log bound (``binding.check_binding``: edited,
+        deleted, re-pointed, added), and Chroma disagreement. Empty list = consistent."""
         if full:
             self._blobs.require_key("verify(full=True)")
         with self._mutex:
             c = self._fresh()
             live = [(c.ids[r], *c.blob[r][:2]) for r in c.live_rows()]
             problems = self._blobs.problems(live, {c.blob[r][0] for r in range(c.n)}, full)
+            problems += binding.check_binding(self.path / cfg.RECORDS_NAME, self.path / cfg.AUDIT_NAME)
             return problems + ([] if self._index is None else self._index.problems(c.n_live))
 
     def gc(self, dry_run: bool = False) -> builtins.list[str]:

@@ -113,12 +113,21 @@ class RecordLog:
             data = fh.read(size - self.offset)
         self.offset += self._parse_lines(data, self.offset, final=False)
 
-    def append(self, lines: Sequence[str]) -> None:
-        """Append lines durably (the ``mid_record`` crash point splits the write when armed)."""
+    def append(self, lines: Sequence[str]) -> tuple[int, int, bytes]:
+        """Append lines durably; returns (start, end, the bytes written). The ``mid_record`` crash
+        point splits the write when armed. The caller applies the lines to the columns itself,
+        once the matching audit entry is written."""
         midway = (lambda: crash_point("mid_record")) if armed() else None
-        _, end = self.log.append(lines, midway=midway)
+        start, end = self.log.append(lines, midway=midway)
         self.offset = end
         self.line_count += len(lines)
+        return start, end, b"".join(ln.encode("utf-8") + b"\n" for ln in lines)
+
+    def rollback(self, start: int, n_lines: int) -> None:
+        """Cut the lines just appended at ``start`` (their audit entry could not be written)."""
+        self.log.repair(start)
+        self.offset = start
+        self.line_count -= n_lines
 
     def _parse_lines(self, data: bytes, base_offset: int, final: bool) -> int:
         """Apply every complete line of ``data``; returns the byte count consumed.
@@ -152,8 +161,10 @@ class RecordLog:
                 lineno = self.line_count + data[:pos].count(b"\n") + 1
                 raise RegistryCorruptError(
                     f"{self.path}: line {lineno} (byte {base_offset + pos}) is not a valid record ({exc}) but "
-                    "later lines are; the file was damaged outside the registry. Move the bad line out by hand "
-                    "(one record per line) after taking a copy, then reopen"
+                    "later lines are; the file was damaged outside the registry (the registry itself never leaves a "
+                    "torn line before a good one). Take a copy, then move out only that damaged line — every "
+                    "other line is a stored record, keep them all — and run `rpe audit verify`, which names any "
+                    "audited record that is then missing"
                 ) from exc
             if entry["op"] == "add":
                 adds.append((entry, zb))

@@ -15,7 +15,9 @@ from typing import Any
 import numpy as np
 
 from common.digests import canonical_json, sha256_hex, z_sha256
+from common.safeio import UnsafeInputError, check_name
 from common.safetensors_header import SafetensorsHeaderError, check_sizes, parse_header
+from server.bounds import adapter_norms
 from server.registry.errors import (
     AdapterFormatError,
     BlobHashMismatchError,
@@ -37,6 +39,9 @@ from server.registry.records import AdapterMeta, Prepared
 ALLOWED_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 _ID_HASH_LEN = 16
 _TEXT_MAX = 128
+#: the key of a record's update norms in its stored metadata (computed by the registry, never taken
+#: from the site; kept out of ``AdapterMeta``, which is what the site said)
+NORMS_KEY = "update_norms"
 
 
 def normalize_sha(value: Any, what: str) -> str:
@@ -67,6 +72,15 @@ def _check_text(name: str, value: Any, site: str) -> None:
         )
     if any(ord(c) < 32 or ord(c) == 127 for c in value):
         raise MetadataError(f"site {site!r}: metadata field {name!r} contains control characters")
+
+
+def _check_name(name: str, value: str, site: str) -> str:
+    """A name that ends up in record ids and audit reports: NFC-normalised (so "é" and "e\u0301" are one
+    site), no control, bidi-override or zero-width characters (``common.safeio.check_name``)."""
+    try:
+        return check_name(value, f"metadata field {name!r}", max_length=_TEXT_MAX)
+    except UnsafeInputError as exc:
+        raise MetadataError(f"site {site!r}: {exc}") from None
 
 
 def _check_count(name: str, value: Any, site: str, minimum: int) -> None:
@@ -139,6 +153,7 @@ def check_meta(meta: AdapterMeta | Mapping[str, Any], limits: Mapping[str, float
     _check_text("site", m.site, site)
     for name in ("task", "modality", "base_fingerprint"):
         _check_text(name, getattr(m, name), site)
+    names = {name: _check_name(name, getattr(m, name), site) for name in ("site", "task", "modality")}
     _check_count("sample_count", m.sample_count, site, 1)
     if m.token_count is not None:
         _check_count("token_count", m.token_count, site, 0)
@@ -154,7 +169,7 @@ def check_meta(meta: AdapterMeta | Mapping[str, Any], limits: Mapping[str, float
             f"site {site!r}: metadata field 'extra' must be a dict; got {type(m.extra).__name__}"
         )
     out = {
-        "site": m.site, "task": m.task, "modality": m.modality, "base_fingerprint": m.base_fingerprint,
+        **names, "base_fingerprint": m.base_fingerprint,
         "sample_count": int(m.sample_count),
         "token_count": None if m.token_count is None else int(m.token_count),
         "rank": None, "privacy": _check_json_value("privacy", m.privacy, site), "created_at": None,
@@ -191,7 +206,8 @@ def _format_error(site: str, exc: SafetensorsHeaderError) -> AdapterFormatError:
 
 def check_adapter(adapter: Any, site: str, base: str, shapes: Mapping[str, Any],
                   limits: Mapping[str, float]) -> tuple[bytes, int]:
-    """Validate an adapter (LoraAdapter or canonical bytes) against ``base``; returns (blob, max rank)."""
+    """Validate an adapter (LoraAdapter or canonical bytes) against ``base``; returns (blob, max rank,
+    the parsed ``LoraAdapter``)."""
     from common.lora import LoraAdapter, LoraFormatError, adapter_from_bytes, adapter_to_bytes
 
     lim = limits
@@ -238,7 +254,7 @@ def check_adapter(adapter: Any, site: str, base: str, shapes: Mapping[str, Any],
                 f"site {site!r}: adapter blob is not in canonical form; encode it with "
                 "common.lora.adapter_to_bytes (its sha256 is the adapter's id)"
             )
-        return blob, max(m.rank for m in parsed.modules.values())
+        return blob, max(m.rank for m in parsed.modules.values()), parsed
     if not isinstance(adapter, LoraAdapter):
         raise AdapterFormatError(
             f"site {site!r}: adapter must be a common.lora.LoraAdapter or its canonical bytes; got "
@@ -268,7 +284,7 @@ def check_adapter(adapter: Any, site: str, base: str, shapes: Mapping[str, Any],
             "the rank "
             "or the number of target modules"
         )
-    return blob, max(m.rank for m in adapter.modules.values())
+    return blob, max(m.rank for m in adapter.modules.values()), adapter
 
 
 def check_modules(adapter: Any, site: str, base: str, shapes: Mapping[str, Any],
@@ -356,7 +372,7 @@ def prepare(adapter: Any, z: Any, meta: AdapterMeta | Mapping[str, Any], expecte
                 "adapter was "
                 "altered or truncated in transit — resend it"
             )
-    blob, rank = check_adapter(adapter, site, m["base_fingerprint"], bases[m["base_fingerprint"]]["modules"],
+    blob, rank, parsed = check_adapter(adapter, site, m["base_fingerprint"], bases[m["base_fingerprint"]]["modules"],
                                limits)
     sha = sha256_hex(blob)
     if expected is not None and sha != expected:
@@ -366,6 +382,9 @@ def prepare(adapter: Any, z: Any, meta: AdapterMeta | Mapping[str, Any], expecte
             "altered in transit, or the site hashed something other than common.lora.adapter_to_bytes"
         )
     m["rank"] = rank
+    # per-module ‖ΔW‖, computed here (never taken from the site): what the relative bound of
+    # server/bounds.py compares against, for this record and every later one
+    m[NORMS_KEY] = {k: float(f"{v:.6g}") for k, v in adapter_norms(parsed).items()}
     z_sha = z_sha256(z32)
     key = sha256_hex(canonical_json([site, m["task"], sha, z_sha]).encode())[:_ID_HASH_LEN]
     rid = f"{site}:{m['task']}:{key}"

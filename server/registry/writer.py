@@ -2,14 +2,23 @@
 
 Order (each step durable before the next): every item validated (``validation.prepare``; one bad
 item rejects the batch and writes one ``submission.rejected`` line), new blobs written and
-fsynced (``BlobStore.write``), one append of the record lines (``RecordLog.append``), the rows
-put into the columns, the Chroma mirror updated, then one audit line (``submission.accepted``
-per ``add``, ``registry.bulk_add`` per ``add_many``). Re-submissions of a live record are
-idempotent and return it.
+fsynced (``BlobStore.write``), one append of the record lines (``RecordLog.append``), then one
+audit line (``submission.accepted`` per ``add``, ``registry.bulk_add`` per ``add_many``) that
+names the exact bytes appended (``records_span`` = [start, end) of records.jsonl and their
+sha256, plus ``line_sha256`` for a single add). The record lines and their audit line are ONE
+commit: a record is live iff its audit entry exists. If the audit append fails (ENOSPC), the
+record lines are cut back and the new blobs deleted before the typed ``RegistryStorageError``
+is raised; if the process dies in between, reopening rolls the unaudited lines back
+(``binding.rollback_unaudited``). Only after the commit are the rows put into the columns and
+the Chroma mirror updated (a failing mirror only marks the index stale: queries stay exact).
+Re-submissions of a live record are idempotent and return it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -17,33 +26,61 @@ import numpy as np
 
 from common.digests import canonical_json, sha256_hex
 from server.audit import AuditLog
+from server.bounds import NormBound, NormBoundError
 from server.registry.blobstore import BlobStore
 from server.registry.chroma_index import ChromaIndex
 from server.registry.columns import Columns
 from server.registry.config import now
 from server.registry.crashpoints import crash_point
-from server.registry.errors import DuplicateRecordError, RegistryError, ValidationError
+from server.registry.errors import (
+    DuplicateRecordError,
+    RegistryError,
+    RegistryStorageError,
+    UpdateNormBoundError,
+    ValidationError,
+)
 from server.registry.recordlog import RecordLog, add_line
 from server.registry.records import Prepared, Record
-from server.registry.validation import check_same, core_meta, prepare
+from server.registry.validation import NORMS_KEY, check_same, core_meta, prepare
+
+log = logging.getLogger(__name__)
+
+
+def storage_error(exc: OSError, stage: str, root: Any) -> RegistryStorageError:
+    """The typed error of a failed write: what was being written, why, and that nothing was stored."""
+    why = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else f"{exc.strerror or exc}"
+    return RegistryStorageError(
+        f"registry {root}: writing the {stage} failed ({why}); nothing was stored and the registry is as "
+        "before — free space (or fix the filesystem) and resubmit", stage=stage)
+
+
+def span_fields(start: int, end: int, data: bytes) -> dict[str, Any]:
+    """The audit fields that bind appended record bytes ``data`` at [start, end) into the chain."""
+    return {"records_span": [start, end], "records_span_sha256": sha256_hex(data)}
 
 
 class Writer:
     """Writes batches into the registry's parts (the caller holds the registry's mutex)."""
 
     def __init__(self, cols: Columns, log: RecordLog, blobs: BlobStore, audit: AuditLog,
-                 index: Callable[[], ChromaIndex | None]) -> None:
+                 index: Callable[[], ChromaIndex | None],
+                 norm_bound: Callable[[str, str], NormBound | None] | None = None) -> None:
         self.cols = cols
         self.log = log
         self.blobs = blobs
         self.audit = audit
         self.index = index
+        self.norm_bound = norm_bound
+        self._bounds: dict[tuple[str, str], NormBound | None] = {}  # per batch: (base, task) -> bound
+        #: the last ``submission.accepted`` entry written (what ``Registry.receipt`` signs)
+        self.last_accepted: dict[str, Any] | None = None
 
     def add_batch(self, items: Iterable[Sequence[Any]], index: bool, single: bool, extra: dict[str, Any],
                   rules: Mapping[str, Any]) -> list[Record]:
         """Validate and store ``(adapter, z, meta[, expected_sha256])`` items (``rules``: bases,
         limits, dim, representation); ``single``: one ``add`` with its own audit line."""
         prepared: list[Prepared] = []
+        self._bounds = {}
         seen: dict[str, int] = {}
         results: list[tuple[str, int]] = []  # ("new", index into prepared) | ("old", row)
         for i, item in enumerate(items):
@@ -57,18 +94,34 @@ class Writer:
                 seen[p.id] = len(prepared)
                 results.append(("new", len(prepared)))
                 prepared.append(p)
-        rows = self._commit(prepared, index) if prepared else []
-        out = [self.cols.record(rows[ref] if kind == "new" else ref) for kind, ref in results]
-        if not single:
-            self._audit_bulk(prepared, len(results))
-            return out
-        (kind, _), rec = results[0], out[0]
-        self.audit.append("submission.accepted", **{
-            **extra, "site": rec.meta.site, "record_id": rec.id, "blob_sha256": rec.blob_sha256,
-            "bytes": rec.bytes, "z_sha256": rec.z_sha256, "task": rec.meta.task,
-            "base_fingerprint": rec.meta.base_fingerprint, "privacy": rec.meta.privacy,
-            **({"duplicate": True} if kind == "old" else {}), **self.blobs.encryption_fields()})
-        return out
+        if single:
+            kind = results[0][0]
+            rec_of = (lambda: self.cols.record(results[0][1])) if kind == "old" else None
+
+            def audit_single(fields: dict[str, Any]) -> None:
+                p = prepared[0] if kind == "new" else None
+                rec = rec_of() if rec_of is not None else None
+                self.last_accepted = self.audit.append("submission.accepted", **{
+                    **extra, "site": p.meta["site"] if p else rec.meta.site, "record_id": p.id if p else rec.id,
+                    "blob_sha256": p.sha if p else rec.blob_sha256, "bytes": len(p.blob) if p else rec.bytes,
+                    "z_sha256": p.z_sha if p else rec.z_sha256, "task": p.meta["task"] if p else rec.meta.task,
+                    "base_fingerprint": p.meta["base_fingerprint"] if p else rec.meta.base_fingerprint,
+                    "privacy": p.meta["privacy"] if p else rec.meta.privacy,
+                    **({"duplicate": True} if kind == "old" else {}), **fields, **self.blobs.encryption_fields()})
+            audit = audit_single
+        else:
+            def audit_bulk(fields: dict[str, Any]) -> None:
+                self._audit_bulk(prepared, len(results), fields)
+            audit = audit_bulk
+        if prepared:
+            rows = self._commit(prepared, index, audit)
+        else:
+            try:
+                audit({})
+            except OSError as exc:
+                raise storage_error(exc, "audit entry", self.blobs.root) from exc
+            rows = []
+        return [self.cols.record(rows[ref] if kind == "new" else ref) for kind, ref in results]
 
     def _validate_item(self, i: int, item: tuple[Any, ...], single: bool, extra: dict[str, Any],
                        prepared: list[Prepared], seen: dict[str, int], rules: Mapping[str, Any]) -> Prepared:
@@ -80,8 +133,10 @@ class Writer:
             p = prepare(item[0], item[1], meta, item[3] if len(item) == 4 else None, **rules)
             row = self.cols.row.get(p.id)
             if row is not None and self.cols.live[row]:
-                check_same(self.cols.meta[row], p)
-            elif p.id in seen and core_meta(prepared[seen[p.id]].meta) != core_meta(p.meta):
+                check_same(self.cols.meta[row], p)  # a live record was bounded when it was added
+                return p
+            self._check_bound(p)
+            if p.id in seen and core_meta(prepared[seen[p.id]].meta) != core_meta(p.meta):
                 raise DuplicateRecordError(
                     f"item {i} repeats record {p.id} of item {seen[p.id]} with different metadata")
             return p
@@ -94,7 +149,22 @@ class Writer:
                 "error": type(exc).__name__, **({} if single else {"item": i})})
             raise
 
-    def _audit_bulk(self, prepared: list[Prepared], n_items: int) -> None:
+    def _check_bound(self, p: Prepared) -> None:
+        """Refuse an update far larger than the registry's adapters of the same base and task."""
+        if self.norm_bound is None:
+            return
+        key = (p.meta["base_fingerprint"], p.meta["task"])
+        if key not in self._bounds:
+            self._bounds[key] = self.norm_bound(*key)
+        bound = self._bounds[key]
+        if bound is None:
+            return
+        try:
+            bound.check(p.meta[NORMS_KEY], f"site {p.meta['site']!r} (task {p.meta['task']!r})")
+        except NormBoundError as exc:
+            raise UpdateNormBoundError(str(exc)) from None
+
+    def _audit_bulk(self, prepared: list[Prepared], n_items: int, fields: dict[str, Any]) -> None:
         """One audit line per ``add_many`` call (an fsynced line per record would dominate a bulk
         load): the count and a digest of the new (id, blob, z) triples, recomputable from
         records.jsonl, pin exactly what was added."""
@@ -103,27 +173,55 @@ class Writer:
             "registry.bulk_add", count=len(prepared), duplicates=n_items - len(prepared),
             records_sha256=sha256_hex(canonical_json(triples).encode()),
             first_id=prepared[0].id if prepared else None, last_id=prepared[-1].id if prepared else None,
-            sites=sorted({p.meta["site"] for p in prepared}), **self.blobs.encryption_fields())
+            sites=sorted({p.meta["site"] for p in prepared}), **fields, **self.blobs.encryption_fields())
 
-    def _commit(self, prepared: list[Prepared], index: bool) -> list[int]:
+    def _commit(self, prepared: list[Prepared], index: bool, audit: Callable[[dict[str, Any]], None]) -> list[int]:
+        """Blobs, record lines, audit line — all or nothing — then columns and the Chroma mirror."""
         ts = now()
         new_blobs: dict[str, bytes] = {}
         for p in prepared:
             p.meta["created_at"] = ts
             if p.sha not in new_blobs and not self.blobs.is_intact(p.sha, len(p.blob)):
                 new_blobs[p.sha] = p.blob
-        self.blobs.write(new_blobs)
+        root = self.blobs.root
+        try:
+            self.blobs.write(new_blobs)
+        except OSError as exc:
+            self._drop_blobs(new_blobs)
+            raise storage_error(exc, "adapter blob", root) from exc
         if new_blobs:
             crash_point("after_blob")
-        self.log.append([add_line(p, self.blobs.encryption_fields()) for p in prepared])
+        lines = [add_line(p, self.blobs.encryption_fields()) for p in prepared]
+        try:
+            start, end, data = self.log.append(lines)
+        except OSError as exc:
+            self._drop_blobs(new_blobs)
+            raise storage_error(exc, "record line", root) from exc
         crash_point("after_record")
+        fields = span_fields(start, end, data)
+        if len(lines) == 1:
+            fields["line_sha256"] = sha256_hex(lines[0].encode("utf-8"))
+        try:
+            audit(fields)
+        except BaseException as exc:
+            self.log.rollback(start, len(lines))
+            self._drop_blobs(new_blobs)
+            if isinstance(exc, OSError):
+                raise storage_error(exc, "audit entry", root) from exc
+            raise
         rows = self.cols.apply_adds([(p.id, p.meta, p.sha, len(p.blob), p.z_sha) for p in prepared],
                                      np.stack([p.z for p in prepared]))
         chroma = self.index()
         if index:
             if chroma is not None:
-                chroma.upsert(rows, self.cols.rows_view)
+                chroma.upsert(rows, self.cols.rows_view)  # a failure only marks the index stale
             crash_point("after_index")
         elif chroma is not None:
             chroma.fresh = False
         return rows
+
+    def _drop_blobs(self, new_blobs: Mapping[str, bytes]) -> None:
+        """Delete the blobs this failed commit wrote (no record names them: they were new)."""
+        for sha in new_blobs:
+            with contextlib.suppress(OSError):
+                self.blobs.path(sha).unlink()
