@@ -58,7 +58,7 @@ def make(tmp_path: Path, n: int = 3) -> tuple[Path, list[str]]:
 
 def rpe(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "common.cli", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "deploy.cli", *args], capture_output=True, text=True, env=env,
                           timeout=120)
 
 
