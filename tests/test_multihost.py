@@ -143,7 +143,7 @@ def hosts(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
             shutil.copy(state["ca_cert"], sdir / "ca.crt")
             site_dirs[site] = sdir
         launch.register_sites(coord, {s: k.public_key for s, k in keys.items()})
-        from common.signing import AllowList
+        from server.allowlist import AllowList
 
         allow = AllowList(coord / "allowlist.json")
         # site b's link: 200 ms per chunk and direction (tests/delay_proxy.py inside site b's host)
@@ -519,3 +519,61 @@ def test_pin_check_refuses_other_code_and_logs_it(tmp_path):
     assert lines[0]["extra"]["fab_sha256"] == hashlib.sha256(bad).hexdigest() and lines[0]["extra"]["pinned"] == [pin]
 
 
+
+
+def test_operator_certificates_are_client_certificates_of_their_own_ca(tmp_path):
+    """``deploy.tls --operator``: a client certificate (EKU clientAuth) from a CA separate from the
+    federation CA, accepted by a standard TLS server that requires client certificates of that CA
+    (what nginx's ``--operator-ca`` check does) and refused by one that trusts only the federation CA."""
+    import socket
+    import ssl
+    import threading
+
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    assert tls.main(["--out", str(tmp_path / "op"), "--operator", "alice"]) == 0
+    cert, key = tmp_path / "op" / "operator-alice.crt", tmp_path / "op" / "operator-alice.key"
+    op_ca = tmp_path / "op" / tls.OPERATOR_CA_CERT
+    for private in (key, tmp_path / "op" / tls.OPERATOR_CA_KEY):
+        assert private.stat().st_mode & 0o777 == 0o600, private
+    parsed = x509.load_pem_x509_certificate(cert.read_bytes())
+    assert list(parsed.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [
+        ExtendedKeyUsageOID.CLIENT_AUTH]
+    parsed.verify_directly_issued_by(x509.load_pem_x509_certificate(op_ca.read_bytes()))
+    fed = tls.generate(tmp_path / "fed", [])
+
+    def handshake(trusted: Path) -> bool:
+        server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server.load_cert_chain(fed.server_cert, fed.server_key)
+        server.verify_mode = ssl.CERT_REQUIRED
+        server.load_verify_locations(trusted)
+        client = ssl.create_default_context(cafile=str(fed.ca_cert))
+        client.load_cert_chain(cert, key)
+        with socket.socket() as lsock:
+            lsock.bind(("127.0.0.1", 0))
+            lsock.listen(1)
+            result: dict = {}
+
+            def serve() -> None:
+                conn, _ = lsock.accept()
+                try:
+                    with server.wrap_socket(conn, server_side=True) as tconn:
+                        result["peer"] = tconn.getpeercert()
+                        tconn.sendall(b"ok")
+                except (ssl.SSLError, OSError) as exc:
+                    result["error"] = exc
+
+            thread = threading.Thread(target=serve, daemon=True)
+            thread.start()
+            try:
+                with socket.create_connection(lsock.getsockname(), timeout=10) as sock:
+                    with client.wrap_socket(sock, server_hostname="localhost") as tsock:
+                        tsock.recv(2)
+            except (ssl.SSLError, OSError):
+                pass
+            thread.join(10)
+        return "peer" in result
+
+    assert handshake(op_ca)
+    assert not handshake(fed.ca_cert)  # the public federation CA does not vouch for operators
