@@ -346,8 +346,8 @@ def run_app(flwr_home: Path, app: Path, config: dict[str, Any], registry: Path, 
     Returns ``{"run_id", "status", "details", "report"}``: ``status`` / ``details`` as ``flwr ls``
     says (e.g. ``finished:failed`` / "No heartbeat received from the task" when the SuperLink was
     restarted under the run), ``report`` the ServerApp's ``<registry>/runs/<run-id>-<mode>.json``
-    (rewritten as the run goes and at its end, also when it fails; a ServerApp killed with its
-    SuperLink leaves its last version, ``"status": "running"``).
+    (written when the ServerApp ends, also when it fails; one stopped with its SuperLink writes
+    ``"status": "running"`` and the phases it finished under ``timings``).
     ``flwr ls`` is a whole CLI process (1-2 s of CPU): it is asked rarely, and as soon as the
     report exists. Raises ``LaunchError`` if the run cannot be submitted or outlives ``timeout``.
     """

@@ -332,7 +332,7 @@ def test_enroll_and_compose_across_hosts(hosts, enrolled):
     assert all(results[s]["signed"] for s in SITES)
     t0 = time.monotonic()
     composed = launch.run_app(hosts["flwr_home"], REPO,
-                              base_config(hosts, mode="compose", target="a", strategy="sim", k=1),
+                              base_config(hosts, mode="compose", target="a", strategy="sim", k=1, evaluate=False),
                               hosts["registry"], RUN_TIMEOUT)
     print(f"multi-host compose {time.monotonic() - t0:.1f} s", file=sys.stderr)
     assert composed["status"] == "finished:completed", composed
@@ -398,10 +398,16 @@ def test_a_site_killed_mid_training_and_a_lossy_link(hosts, enrolled):
         node = launch.load_state(hosts["site_workdirs"]["a"])["sites"]["a"]
         os.killpg(node["pid"], signal.SIGKILL)  # the site host's SuperNode and its ClientApp die
         _stop(hosts["procs"]["a"])
+        # The SuperLink refuses to activate a node it still counts online (HTTP 412, ApiError 2004,
+        # and the new SuperNode exits): restart only once the dead node missed its heartbeats.
+        node_a = launch.load_state(hosts["coord"])["registered"]["a"]
+        _wait(lambda: time.sleep(3) or launch.supernode_status(hosts["flwr_home"]).get(node_a) != "online", 180,
+              "the SuperLink still counts the killed SuperNode online")
         hosts["procs"]["a"] = _start(*hosts["launchers"]["a"])
         worker.join(RUN_TIMEOUT + 60)
     finally:
         topo.clear_drop("site-b")
+    launch.wait_online(hosts["coord"], list(SITES), timeout=120)  # the restarted site is back
     assert "error" not in out, out.get("error")
     run = out["run"]
     assert run["status"] == "finished:completed", run
@@ -436,6 +442,7 @@ def test_the_superlink_restarted_mid_enrolment(hosts, enrolled):
     verifies), and the registrations survive: both sites are back online under the same node ids."""
     import threading
 
+    launch.wait_online(hosts["coord"], list(SITES), timeout=120)
     before = _records(hosts["registry"])
     audit = hosts["registry"] / "audit.jsonl"
     audit_before = audit.read_bytes() if audit.exists() else b""
