@@ -343,8 +343,11 @@ def run_app(flwr_home: Path, app: Path, config: dict[str, Any], registry: Path, 
             federation: str = FEDERATION, poll_s: float = 15.0) -> dict[str, Any]:
     """``flwr run <app> <federation> --run-config <toml>``, then wait until the run has finished.
 
-    Returns ``{"run_id", "status", "report"}`` where ``report`` is the ServerApp's
-    ``<registry>/runs/<run-id>-<mode>.json`` (it writes it last, also when the run fails).
+    Returns ``{"run_id", "status", "details", "report"}``: ``status`` / ``details`` as ``flwr ls``
+    says (e.g. ``finished:failed`` / "No heartbeat received from the task" when the SuperLink was
+    restarted under the run), ``report`` the ServerApp's ``<registry>/runs/<run-id>-<mode>.json``
+    (written when the ServerApp ends, also when it fails; one stopped with its SuperLink writes
+    ``"status": "running"`` and the phases it finished under ``timings``).
     ``flwr ls`` is a whole CLI process (1-2 s of CPU): it is asked rarely, and as soon as the
     report exists. Raises ``LaunchError`` if the run cannot be submitted or outlives ``timeout``.
     """
@@ -366,19 +369,23 @@ def run_app(flwr_home: Path, app: Path, config: dict[str, Any], registry: Path, 
     report_path = Path(registry) / "runs" / f"{run_id}-{config['mode']}.json"
     deadline = time.monotonic() + timeout
     last_ls = 0.0
-    status = "?"
+    status, details = "?", ""
     while True:
         if report_path.exists() or time.monotonic() - last_ls > poll_s:
             last_ls = time.monotonic()
-            ls = flwr_cli(["ls", federation, "--run-id", run_id], Path(flwr_home))
+            try:
+                ls = flwr_cli(["ls", federation, "--run-id", run_id], Path(flwr_home))
+            except LaunchError:  # the SuperLink is restarting: ask again at the next poll
+                ls = {}
             status = ls["runs"][0]["status"] if ls.get("runs") else "?"
+            details = str(ls["runs"][0].get("status-details", "")) if ls.get("runs") else ""
             if status.startswith("finished"):
                 break
         if time.monotonic() > deadline:
             raise LaunchError(f"run {run_id} still {status} after {timeout:.0f} s")
         time.sleep(0.5)
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
-    return {"run_id": run_id, "status": status, "report": report}
+    return {"run_id": run_id, "status": status, "details": details, "report": report}
 
 
 def register_site(flwr_home: Path, public_key: Path, site: str, federation: str = FEDERATION) -> int | None:

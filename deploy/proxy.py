@@ -10,8 +10,9 @@ one public port. It forwards:
 - the Fleet routes (:data:`FLEET_ROUTES`, exact paths, taken from ``flwr/superlink/routers/fleet``)
   only from the site networks (``--site-network`` CIDRs; loopback always);
 - ``/v1/control/*`` only from loopback or from a client that presents a certificate issued by the
-  operator CA (``ssl_verify_client optional``; the ``flwr`` CLI cannot present one, so a remote
-  operator uses an SSH tunnel to the coordinator's loopback);
+  operator CA (``ssl_verify_client optional``; ``python -m deploy.tls --out DIR --operator NAME``
+  issues both; the ``flwr`` CLI cannot present one, so a remote operator using it goes through an
+  SSH tunnel to the coordinator's loopback);
 - nothing else: ``/v1/runtime/*`` (ServerApp/SuperExec), ``/docs``, ``/openapi.json`` answer 404,
   and a request target with ``%``, ``..``, ``//`` or a query string answers 400 before any matching,
   so no encoding trick can make nginx and the SuperLink disagree about the path.

@@ -16,6 +16,7 @@ site key silently would lock that site out of a SuperLink that registered the ol
 Usage::
 
     python -m deploy.tls --out certs --host coordinator.example.org --site a --site b
+    python -m deploy.tls --out opcerts --operator alice   # Control API client certificate (see the proxy)
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
 SERVER_CERT = "server.pem"
 SERVER_KEY = "server.key"
+OPERATOR_CA_CERT = "operator-ca.crt"
+OPERATOR_CA_KEY = "operator-ca.key"
 DEFAULT_HOSTS = ("127.0.0.1", "localhost")
 _SITE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
@@ -118,7 +121,7 @@ def _san_entries(hosts: list[str]) -> list[x509.GeneralName]:
 
 
 def make_ca(out_dir: Path, common_name: str = "RPE federation CA", days: int = 3650,
-            force: bool = False) -> tuple[Path, Path]:
+            force: bool = False, cert_name: str = CA_CERT, key_name: str = CA_KEY) -> tuple[Path, Path]:
     """Create a self-signed CA (EC P-384); return (ca.crt, ca.key)."""
     key = ec.generate_private_key(ec.SECP384R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
@@ -141,7 +144,7 @@ def make_ca(out_dir: Path, common_name: str = "RPE federation CA", days: int = 3
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA384())
     )
-    ca_key, ca_cert = out_dir / CA_KEY, out_dir / CA_CERT
+    ca_key, ca_cert = Path(out_dir) / key_name, Path(out_dir) / cert_name
     _write_private(ca_key, _pem_key(key), force)
     _write_public(ca_cert, cert.public_bytes(serialization.Encoding.PEM))
     return ca_cert, ca_key
@@ -178,6 +181,63 @@ def make_server_cert(out_dir: Path, ca_cert: Path, ca_key: Path, hosts: list[str
     _write_private(server_key, _pem_key(key), force)
     _write_public(server_cert, cert.public_bytes(serialization.Encoding.PEM))
     return server_cert, server_key
+
+
+def make_operator_ca(out_dir: Path, days: int = 3650, force: bool = False) -> tuple[Path, Path]:
+    """A CA of its own for operator client certificates (``operator-ca.crt`` / ``operator-ca.key``).
+
+    Why separate from the federation CA: ``ca.crt`` is public (every site gets it) and signs the
+    SuperLink's server certificate; the proxy's ``--operator-ca`` must admit only certificates the
+    operator issued for the Control API, so nothing the federation CA ever signed may pass.
+    """
+    out = Path(out_dir)
+    cert, key = out / OPERATOR_CA_CERT, out / OPERATOR_CA_KEY
+    if cert.exists() and key.exists() and not force:
+        return cert, key
+    return make_ca(out, "RPE federation operator CA", days, True, OPERATOR_CA_CERT, OPERATOR_CA_KEY)
+
+
+def make_operator_cert(out_dir: Path, name: str, ca_cert: Path, ca_key: Path, days: int = 365,
+                       force: bool = False) -> tuple[Path, Path]:
+    """Issue a TLS *client* certificate (EC P-256, EKU clientAuth) for operator ``name``.
+
+    Writes ``operator-<name>.crt`` and ``operator-<name>.key`` (0600). The proxy forwards the
+    Control API to a non-loopback client only when it presents a certificate that chains to the
+    ``--operator-ca`` it was started with; a short validity (one year by default) limits a lost key.
+    """
+    check_site_id(name)
+    ca = x509.load_pem_x509_certificate(Path(ca_cert).read_bytes())
+    signer = serialization.load_pem_private_key(Path(ca_key).read_bytes(), password=None)
+    if not isinstance(signer, ec.EllipticCurvePrivateKey):
+        raise TlsError(f"{ca_key} is not an EC private key")
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"operator {name}")]))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(
+            x509.KeyUsage(digital_signature=True, key_cert_sign=False, crl_sign=False, content_commitment=False,
+                          key_encipherment=False, data_encipherment=False, key_agreement=False,
+                          encipher_only=False, decipher_only=False),
+            critical=True,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()), critical=False
+        )
+        .sign(signer, hashes.SHA384())
+    )
+    out = Path(out_dir)
+    cert_path, key_path = out / f"operator-{name}.crt", out / f"operator-{name}.key"
+    _write_private(key_path, _pem_key(key), force)
+    _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    return cert_path, key_path
 
 
 def make_supernode_keys(out_dir: Path, site: str, force: bool = False) -> SiteKeys:
@@ -233,9 +293,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", action="append", default=[],
                         help="extra SAN for the SuperLink certificate (DNS name or IP); repeatable")
     parser.add_argument("--site", action="append", default=[], help="site id to create an auth key pair for")
+    parser.add_argument("--operator", action="append", default=[],
+                        help="issue a Control API client certificate for this operator (signed by "
+                             "operator-ca.crt in --out, created if missing; give the proxy --operator-ca "
+                             "OUT/operator-ca.crt); repeatable. With only --operator, nothing else is made")
     parser.add_argument("--force", action="store_true", help="replace an existing CA and site keys")
     args = parser.parse_args(argv)
+    if args.operator and not (args.site or args.host):
+        ca_cert, ca_key = make_operator_ca(args.out)
+        for name in args.operator:
+            cert, key = make_operator_cert(args.out, name, ca_cert, ca_key, force=args.force)
+            print(f"operator {name:<8} {cert} (key {key}); proxy: --operator-ca {ca_cert}")
+        return 0
     bundle = generate(args.out, args.site, args.host, force=args.force)
+    if args.operator:
+        ca_cert, ca_key = make_operator_ca(args.out)
+        for name in args.operator:
+            cert, key = make_operator_cert(args.out, name, ca_cert, ca_key, force=args.force)
+            print(f"operator {name:<8} {cert} (key {key}); proxy: --operator-ca {ca_cert}")
     print(f"CA:                {bundle.ca_cert}")
     print(f"SuperLink cert:    {bundle.server_cert} (key {bundle.server_key})")
     for keys in bundle.sites.values():

@@ -9,6 +9,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import socket
+import struct
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close with a TCP RST, as the coordinator's own host does when nothing listens: a clean close
+    after accepting would look like a TLS failure to the SuperNode (flwr 1.41 then exits for good
+    instead of retrying), which no real link produces."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+    writer.transport.abort()
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float) -> None:
@@ -21,9 +36,9 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, dela
             writer.write(data)
             await writer.drain()
     except (ConnectionError, asyncio.IncompleteReadError):
-        pass
-    finally:
-        writer.close()
+        _reset(writer)  # pass a reset on as a reset
+        return
+    writer.close()
 
 
 async def _serve(listen: tuple[str, int], target: tuple[str, int], delay: float) -> None:
@@ -31,7 +46,7 @@ async def _serve(listen: tuple[str, int], target: tuple[str, int], delay: float)
         try:
             up_reader, up_writer = await asyncio.open_connection(*target)
         except OSError:
-            writer.close()
+            _reset(writer)  # nothing listens upstream: refuse as the upstream host would
             return
         await asyncio.gather(_pipe(reader, up_writer, delay), _pipe(up_reader, writer, delay))
 

@@ -92,6 +92,11 @@ class Topology:
             if res.returncode != 0:
                 raise OSError(f"nft {' '.join(rule)}: {res.stderr.strip()}")
 
+    def clear_drop(self, host: str) -> None:
+        """Remove the packet-loss table of :meth:`drop_percent` (absent: nothing to do)."""
+        subprocess.run(["ip", "netns", "exec", self.ns[host], "nft", "delete", "table", "inet", "rpeloss"],
+                       capture_output=True, text=True, timeout=30)
+
     def remove(self) -> None:
         """Delete every namespace of this topology (their veth ends go with them)."""
         for name in self.ns.values():

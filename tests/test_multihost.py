@@ -27,6 +27,9 @@ from tests import netns
 REPO = Path(__file__).resolve().parents[1]
 SITES = {"a": "ct-head", "b": "mr-head"}
 PORT = 9093
+DELAY_PORT = 9193
+#: how long a run waits for a killed site's training reply (b, which is not killed, needs ~20 s)
+KILLED_TRAIN_TIMEOUT = 60.0
 RUN_TIMEOUT = 240.0
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -96,6 +99,9 @@ def _flwr(topo: netns.Topology, host: str, home: Path, args: list[str], timeout:
 
 @pytest.fixture(scope="module")
 def hosts(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
+    """One topology and one enrolment-ready deployment for the whole module (start-up is the slow
+    part). Site b reaches the coordinator through a 200 ms delaying proxy from the start, so every
+    run of the module also crosses a slow link."""
     reason = netns.unavailable()
     if reason:
         pytest.skip(reason)
@@ -111,12 +117,16 @@ def hosts(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
     try:
         coord, registry = tmp / "coord", tmp / "registry"
         coord.mkdir()
+        op_ca, op_key = tls.make_operator_ca(tmp / "operator")
+        operator = tls.make_operator_cert(tmp / "operator", "alice", op_ca, op_key)
         link_log = tmp / "coord-launch.log"
         cmd = [*topo.prefix("coord"), sys.executable, "-m", "deploy.launch", "superlink", "--attach",
-               "--workdir", str(coord), "--host", "0.0.0.0", "--port", str(PORT), "--registry", str(registry)]
+               "--workdir", str(coord), "--host", "0.0.0.0", "--port", str(PORT), "--registry", str(registry),
+               "--operator-ca", str(op_ca)]
         for host in netns.PEERS:
             cmd += ["--tls-host", topo.coord_addr[host]]
         cmd += ["--site-network", topo.nets["site-a"], "--site-network", topo.nets["site-b"]]
+        launchers["coord"] = (cmd, link_log)
         t0 = time.monotonic()
         procs["coord"] = _start(cmd, link_log)
         _wait(lambda: "SuperLink PID" in (link_log.read_text() if link_log.exists() else ""), 120,
@@ -133,28 +143,35 @@ def hosts(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
             shutil.copy(state["ca_cert"], sdir / "ca.crt")
             site_dirs[site] = sdir
         launch.register_sites(coord, {s: k.public_key for s, k in keys.items()})
-        from common.signing import AllowList
+        from server.allowlist import AllowList
 
         allow = AllowList(coord / "allowlist.json")
+        # site b's link: 200 ms per chunk and direction (tests/delay_proxy.py inside site b's host)
+        target = f"{topo.coord_addr['site-b']}:{PORT}"
+        procs["delay"] = _start([*topo.prefix("site-b"), sys.executable, str(REPO / "tests" / "delay_proxy.py"),
+                                 "--listen", f"127.0.0.1:{DELAY_PORT}", "--target", target, "--delay", "0.2"],
+                                tmp / "delay-proxy.log")
+        dial = {"a": f"{topo.coord_addr['site-a']}:{PORT}", "b": f"127.0.0.1:{DELAY_PORT}"}
         for site, sdir in site_dirs.items():
             host = f"site-{site}"
             log = tmp / f"{host}-launch.log"
             launchers[site] = ([
                 *topo.prefix(host), sys.executable, "-m", "deploy.launch", "supernode", "--attach",
-                "--workdir", str(sdir), "--superlink", f"{topo.coord_addr[host]}:{PORT}",
+                "--workdir", str(sdir), "--superlink", dial[site],
                 "--root-certificates", str(sdir / "ca.crt"), "--auth-key", str(keys[site].private_key),
                 "--site-id", site, "--data-path", str(data[site]), "--model-path", str(tiny_model_dir),
                 "--site-dir", str(sdir / "site"), "--port", "9094", "--threads", "1", "--app-sha256", pin], log)
             procs[site] = _start(*launchers[site])
+        for site, sdir in site_dirs.items():
             pub = sdir / "site" / "keys" / f"{site}.pub"
-            _wait(pub.exists, 60, f"site {site} did not start", procs[site], log)
+            _wait(pub.exists, 60, f"site {site} did not start", procs[site], launchers[site][1])
             allow.add(site, pub.read_text())
         launch.wait_online(coord, list(SITES), timeout=120)
         print(f"multi-host deployment up in {time.monotonic() - t0:.1f} s", file=sys.stderr)
         yield {"topo": topo, "coord": coord, "registry": registry, "model": tiny_model_dir, "state": state,
                "flwr_home": Path(state["flwr_home"]), "site_dirs": {s: d / "site" for s, d in site_dirs.items()},
                "keys": keys, "tmp": tmp, "pin": pin, "procs": procs, "launchers": launchers,
-               "site_workdirs": site_dirs}
+               "site_workdirs": site_dirs, "operator": operator, "operator_ca": op_ca}
     finally:
         launch.CLI_PREFIX[:] = saved_prefix
         for proc in reversed(list(procs.values())):
@@ -176,10 +193,16 @@ def _outsider_home(h: dict) -> Path:
     return home
 
 
-def _curl(h: dict, host: str, path: str) -> int:
+def _curl(h: dict, host: str, path: str, cert: tuple[Path, Path] | None = None, protobuf: bool = False) -> int:
+    """HTTP status of a POST to the coordinator from ``host`` (0: no answer, e.g. a TLS failure);
+    ``protobuf``: an empty protobuf body, a valid request for list-style routes."""
     url = f"https://{h['topo'].coord_addr[host]}:{PORT}{path}"
+    extra = ["--cert", str(cert[0]), "--key", str(cert[1])] if cert else []
+    if protobuf:
+        extra += ["-H", "Content-Type: application/protobuf", "-H", "Accept: application/protobuf",
+                  "--data-binary", "@/dev/null"]
     res = subprocess.run([*h["topo"].prefix(host), "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
-                          "--cacert", h["state"]["ca_cert"], "-X", "POST", "--path-as-is", url],
+                          "--cacert", h["state"]["ca_cert"], *extra, "-X", "POST", "--path-as-is", url],
                          capture_output=True, text=True, timeout=30)
     return int(res.stdout or 0)
 
@@ -200,6 +223,25 @@ def test_outsider_can_neither_register_nor_run(hosts):
     assert _curl(hosts, "outsider", "/v1/fleet/pull-messages") == 403
     assert _curl(hosts, "outsider", "/v1/runtime/pull-app-inputs") == 404
     assert _curl(hosts, "outsider", "/docs") == 404
+
+
+def test_an_operator_client_certificate_opens_the_control_api_from_off_the_host(hosts):
+    """``--operator-ca``: from the outsider's host, the Control API answers a request that presents
+    a certificate of the operator CA (the SuperLink itself replies: 200 with an empty run list
+    request), and no other one: none (403), one of another CA or of the public federation CA (400,
+    nginx refuses the handshake's certificate). The certificate opens nothing else."""
+    coord_certs = hosts["coord"] / "certs"
+    other_ca, other_key = tls.make_ca(hosts["tmp"] / "other-ca")
+    foreign = tls.make_operator_cert(hosts["tmp"] / "other-ca", "mallory", other_ca, other_key)
+    federation = tls.make_operator_cert(hosts["tmp"] / "fed-signed", "eve", coord_certs / tls.CA_CERT,
+                                        coord_certs / tls.CA_KEY)  # what a stolen coordinator CA key could sign
+    op = hosts["operator"]
+    assert _curl(hosts, "outsider", "/v1/control/list-runs", protobuf=True) == 403
+    assert _curl(hosts, "outsider", "/v1/control/list-runs", op, protobuf=True) == 200
+    assert _curl(hosts, "outsider", "/v1/control/list-runs", foreign, protobuf=True) in (0, 400, 403)
+    assert _curl(hosts, "outsider", "/v1/control/list-runs", federation, protobuf=True) in (0, 400, 403)
+    assert _curl(hosts, "outsider", "/v1/fleet/pull-messages", op) == 403  # not a site network
+    assert _curl(hosts, "outsider", "/v1/runtime/pull-app-inputs", op) == 404
 
 
 def test_a_site_host_reaches_the_fleet_api_but_not_the_control_api(hosts):
@@ -259,7 +301,8 @@ def test_a_modified_app_is_refused_at_pinned_sites_before_any_handler(hosts):
     marker = hosts["tmp"] / "handler-ran"
     with open(app / "client" / "app.py", "a") as fh:  # what an attacker ships: any code at all
         fh.write(f"\nopen({str(marker)!r}, 'w').write('ran')\n")
-    run = launch.run_app(hosts["flwr_home"], app, base_config(hosts, mode="whoami"), hosts["registry"], 180)
+    run = launch.run_app(hosts["flwr_home"], app, base_config(hosts, mode="whoami", **{"timeout-query": 30.0}),
+                         hosts["registry"], 180)
     assert not marker.exists(), "the modified ClientApp was imported at a pinned site"
     for site in SITES:
         lines = [x for x in _egress(hosts, site) if x["run_id"] == str(run["run_id"])]
@@ -289,7 +332,7 @@ def test_enroll_and_compose_across_hosts(hosts, enrolled):
     assert all(results[s]["signed"] for s in SITES)
     t0 = time.monotonic()
     composed = launch.run_app(hosts["flwr_home"], REPO,
-                              base_config(hosts, mode="compose", target="a", strategy="sim", k=1),
+                              base_config(hosts, mode="compose", target="a", strategy="sim", k=1, evaluate=False),
                               hosts["registry"], RUN_TIMEOUT)
     print(f"multi-host compose {time.monotonic() - t0:.1f} s", file=sys.stderr)
     assert composed["status"] == "finished:completed", composed
@@ -301,6 +344,25 @@ def test_enroll_and_compose_across_hosts(hosts, enrolled):
         assert sorted(r.meta.site for r in reg.list()) == ["a", "b"]
     finally:
         reg.close()
+
+
+def test_200ms_latency_on_one_link(hosts, enrolled):
+    """Site b reaches the coordinator through a proxy that delays every chunk by 200 ms each way (from
+    the module's start): the link is slow, and the enrolment run over it completed with b's whoami
+    and enrolment answered."""
+    topo = hosts["topo"]
+    t0 = time.monotonic()
+    res = subprocess.run([*topo.prefix("site-b"), "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                          "--retry", "5", "--retry-connrefused", "--resolve", f"localhost:{DELAY_PORT}:127.0.0.1",
+                          "--cacert", hosts["state"]["ca_cert"], f"https://127.0.0.1:{DELAY_PORT}/health"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.stdout == "200" and time.monotonic() - t0 >= 0.4, (res.stdout, time.monotonic() - t0)
+    run = enrolled
+    assert run["status"] == "finished:completed", run
+    for site in SITES:
+        assert any(x["run_id"] == str(run["run_id"]) and x["message_type"] == "query.whoami"
+                   and x["extra"]["outcome"] == "ok" for x in _egress(hosts, site)), site
+    assert run["report"]["enroll"]["b"]["status"] == "accepted"
 
 
 # -- faults ----------------------------------------------------------------------------------------
@@ -325,18 +387,27 @@ def test_a_site_killed_mid_training_and_a_lossy_link(hosts, enrolled):
     def submit() -> None:
         try:
             out["run"] = launch.run_app(hosts["flwr_home"], REPO, base_config(hosts, mode="enroll",
-                                        **{"timeout-train": 90.0}), hosts["registry"], RUN_TIMEOUT)
+                                        **{"timeout-train": KILLED_TRAIN_TIMEOUT}), hosts["registry"], RUN_TIMEOUT)
         except Exception as exc:  # noqa: BLE001 - reported by the assertion below
             out["error"] = exc
 
     worker = threading.Thread(target=submit, daemon=True)
     worker.start()
-    _wait(lambda: log_a.read_text().count("Receiving: train message") > seen, 180, "site a never got training")
-    node = launch.load_state(hosts["site_workdirs"]["a"])["sites"]["a"]
-    os.killpg(node["pid"], signal.SIGKILL)  # the site host's SuperNode and its ClientApp die
-    _stop(hosts["procs"]["a"])
-    hosts["procs"]["a"] = _start(*hosts["launchers"]["a"])
-    worker.join(RUN_TIMEOUT + 60)
+    try:
+        _wait(lambda: log_a.read_text().count("Receiving: train message") > seen, 180, "site a never got training")
+        node = launch.load_state(hosts["site_workdirs"]["a"])["sites"]["a"]
+        os.killpg(node["pid"], signal.SIGKILL)  # the site host's SuperNode and its ClientApp die
+        _stop(hosts["procs"]["a"])
+        # The SuperLink refuses to activate a node it still counts online (HTTP 412, ApiError 2004,
+        # and the new SuperNode exits): restart only once the dead node missed its heartbeats.
+        node_a = launch.load_state(hosts["coord"])["registered"]["a"]
+        _wait(lambda: time.sleep(3) or launch.supernode_status(hosts["flwr_home"]).get(node_a) != "online", 180,
+              "the SuperLink still counts the killed SuperNode online")
+        hosts["procs"]["a"] = _start(*hosts["launchers"]["a"])
+        worker.join(RUN_TIMEOUT + 60)
+    finally:
+        topo.clear_drop("site-b")
+    launch.wait_online(hosts["coord"], list(SITES), timeout=120)  # the restarted site is back
     assert "error" not in out, out.get("error")
     run = out["run"]
     assert run["status"] == "finished:completed", run
@@ -361,6 +432,55 @@ def test_a_site_killed_mid_training_and_a_lossy_link(hosts, enrolled):
         assert rec["id"] in ids or results.get(rec["meta"]["site"], {}).get("status") == "accepted", rec["id"]
     raw = _records(hosts["registry"])
     assert raw[:len(before)] == before  # the append-only log kept every earlier line
+
+
+def test_the_superlink_restarted_mid_enrolment(hosts, enrolled):
+    """The coordinator's SuperLink (and its proxy) is restarted with the same ``--database`` while
+    site a trains: the ServerApp dies with its SuperLink, and the run is reported failed exactly
+    (``flwr ls``: ``finished:failed``, "No heartbeat received from the task"; the run report names
+    the phase it reached); nothing reaches the registry (records and audit chain unchanged, the chain
+    verifies), and the registrations survive: both sites are back online under the same node ids."""
+    import threading
+
+    launch.wait_online(hosts["coord"], list(SITES), timeout=120)
+    before = _records(hosts["registry"])
+    audit = hosts["registry"] / "audit.jsonl"
+    audit_before = audit.read_bytes() if audit.exists() else b""
+    nodes_before = launch.supernode_status(hosts["flwr_home"])
+    log_a = hosts["site_workdirs"]["a"] / "logs" / "supernode-a.log"
+    seen = log_a.read_text().count("Receiving: train message")
+    out: dict = {}
+
+    def submit() -> None:
+        try:
+            out["run"] = launch.run_app(hosts["flwr_home"], REPO, base_config(hosts, mode="enroll"),
+                                        hosts["registry"], RUN_TIMEOUT)
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            out["error"] = exc
+
+    worker = threading.Thread(target=submit, daemon=True)
+    worker.start()
+    _wait(lambda: log_a.read_text().count("Receiving: train message") > seen, 180, "site a never got training")
+    cmd, log = hosts["launchers"]["coord"]
+    starts = log.read_text().count("SuperLink PID")
+    _stop(hosts["procs"]["coord"])  # `down`: nginx, the SuperLink and its SuperExec / ServerApp
+    hosts["procs"]["coord"] = _start(cmd, log)
+    _wait(lambda: log.read_text().count("SuperLink PID") > starts, 120, "the SuperLink did not come back",
+          hosts["procs"]["coord"], log)
+    worker.join(RUN_TIMEOUT + 60)
+    assert "error" not in out, out.get("error")
+    run = out["run"]
+    assert run["status"] == "finished:failed", run
+    assert "heartbeat" in run["details"].lower(), run["details"]
+    accepted = [s for s, r in run["report"].get("enroll", {}).items() if r.get("status") == "accepted"]
+    assert run["report"].get("status") != "completed" and not accepted, run["report"]
+    assert _records(hosts["registry"]) == before  # nothing lost, nothing half-stored, nothing twice
+    assert (audit.read_bytes() if audit.exists() else b"") == audit_before
+    res = subprocess.run([launch._bin("rpe"), "audit", "verify", "--log", str(audit)], capture_output=True,
+                         text=True, timeout=120, env=_env())
+    assert res.returncode == 0, res.stdout + res.stderr
+    launch.wait_online(hosts["coord"], list(SITES), timeout=120)
+    assert launch.supernode_status(hosts["flwr_home"]) == nodes_before  # same node ids, online
 
 
 # -- without namespaces: the route table and the pin check itself ------------------------------------
@@ -406,26 +526,61 @@ def test_pin_check_refuses_other_code_and_logs_it(tmp_path):
     assert lines[0]["extra"]["fab_sha256"] == hashlib.sha256(bad).hexdigest() and lines[0]["extra"]["pinned"] == [pin]
 
 
-def test_200ms_latency_on_one_link(hosts):
-    """Site b reaches the coordinator through a proxy that delays every chunk by 200 ms each way."""
-    topo, tmp = hosts["topo"], hosts["tmp"]
-    cmd = [*topo.prefix("site-b"), sys.executable, str(REPO / "tests" / "delay_proxy.py"), "--listen",
-           "127.0.0.1:9193", "--target", f"{topo.coord_addr['site-b']}:{PORT}", "--delay", "0.2"]
-    delay = _start(cmd, tmp / "delay-proxy.log")
-    hosts["procs"]["delay"] = delay
-    t0 = time.monotonic()
-    res = subprocess.run([*topo.prefix("site-b"), "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
-                          "--retry", "5", "--retry-connrefused", "--resolve", "localhost:9193:127.0.0.1",
-                          "--cacert", hosts["state"]["ca_cert"], "https://127.0.0.1:9193/health"],
-                         capture_output=True, text=True, timeout=60)
-    assert res.stdout == "200" and time.monotonic() - t0 >= 0.4, (res.stdout, time.monotonic() - t0)
-    _stop(hosts["procs"]["b"])
-    cmd_b, log_b = hosts["launchers"]["b"]
-    i = cmd_b.index("--superlink")
-    hosts["procs"]["b"] = _start([*cmd_b[:i + 1], "127.0.0.1:9193", *cmd_b[i + 2:]], log_b)
-    launch.wait_online(hosts["coord"], list(SITES), timeout=120)
-    run = launch.run_app(hosts["flwr_home"], REPO, base_config(hosts, mode="whoami"), hosts["registry"], 180)
-    assert run["status"] == "finished:completed", run
-    for site in SITES:
-        assert any(x["run_id"] == str(run["run_id"]) and x["message_type"] == "query.whoami"
-                   and x["extra"]["outcome"] == "ok" for x in _egress(hosts, site)), site
+
+
+def test_operator_certificates_are_client_certificates_of_their_own_ca(tmp_path):
+    """``deploy.tls --operator``: a client certificate (EKU clientAuth) from a CA separate from the
+    federation CA, accepted by a standard TLS server that requires client certificates of that CA
+    (what nginx's ``--operator-ca`` check does) and refused by one that trusts only the federation CA."""
+    import socket
+    import ssl
+    import threading
+
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    assert tls.main(["--out", str(tmp_path / "op"), "--operator", "alice"]) == 0
+    cert, key = tmp_path / "op" / "operator-alice.crt", tmp_path / "op" / "operator-alice.key"
+    op_ca = tmp_path / "op" / tls.OPERATOR_CA_CERT
+    for private in (key, tmp_path / "op" / tls.OPERATOR_CA_KEY):
+        assert private.stat().st_mode & 0o777 == 0o600, private
+    parsed = x509.load_pem_x509_certificate(cert.read_bytes())
+    assert list(parsed.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [
+        ExtendedKeyUsageOID.CLIENT_AUTH]
+    parsed.verify_directly_issued_by(x509.load_pem_x509_certificate(op_ca.read_bytes()))
+    fed = tls.generate(tmp_path / "fed", [])
+
+    def handshake(trusted: Path) -> bool:
+        server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server.load_cert_chain(fed.server_cert, fed.server_key)
+        server.verify_mode = ssl.CERT_REQUIRED
+        server.load_verify_locations(trusted)
+        client = ssl.create_default_context(cafile=str(fed.ca_cert))
+        client.load_cert_chain(cert, key)
+        with socket.socket() as lsock:
+            lsock.bind(("127.0.0.1", 0))
+            lsock.listen(1)
+            result: dict = {}
+
+            def serve() -> None:
+                conn, _ = lsock.accept()
+                try:
+                    with server.wrap_socket(conn, server_side=True) as tconn:
+                        result["peer"] = tconn.getpeercert()
+                        tconn.sendall(b"ok")
+                except (ssl.SSLError, OSError) as exc:
+                    result["error"] = exc
+
+            thread = threading.Thread(target=serve, daemon=True)
+            thread.start()
+            try:
+                with socket.create_connection(lsock.getsockname(), timeout=10) as sock:
+                    with client.wrap_socket(sock, server_hostname="localhost") as tsock:
+                        tsock.recv(2)
+            except (ssl.SSLError, OSError):
+                pass
+            thread.join(10)
+        return "peer" in result
+
+    assert handshake(op_ca)
+    assert not handshake(fed.ca_cert)  # the public federation CA does not vouch for operators
