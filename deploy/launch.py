@@ -624,12 +624,12 @@ def signing_keys(workdir: Path, sites: list[SiteSpec]) -> Path:
 
 
 def coordinator_public_key(registry: str | os.PathLike[str]) -> Path:
-    """The coordinator's signing key for deliveries (made on first use in the registry directory,
-    ``server/coordkey.py``); returns the public key file the sites pin as ``coordinator-key``."""
-    from server.coordkey import load_or_create, public_key_path
+    """The public key file the sites pin as ``coordinator-key``: ``<registry>/coordinator.pub``.
+    The ServerApp makes the key on its first delivery (``server/coordkey.py``), after the registry
+    exists; a site reads the file when a delivery arrives. On another machine, copy it to the site."""
+    from server.coordkey import public_key_path
 
-    load_or_create(registry)
-    return public_key_path(registry)
+    return public_key_path(Path(registry).resolve())
 
 
 def up(workdir: Path, sites: list[SiteSpec], host: str = "127.0.0.1", port: int = DEFAULT_SUPERLINK_PORT,

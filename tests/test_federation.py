@@ -26,13 +26,18 @@ import pytest
 from support import LocalGrid
 
 from common import wire
+from common.signing import generate_keypair
 from deploy import launch
+from server.allowlist import AllowList
 
 REPO = Path(__file__).resolve().parents[1]
 #: a site's privacy policy in node config: DP-SGD for the adapter, the Gaussian mechanism on z
 PRIVATE_POLICY = {"dp-noise-multiplier": 1.0, "dp-max-grad-norm": 1.0, "z-clip": 2.0, "z-epsilon": 4.0}
 SITES = {"a": "ct-head", "b": "mr-head", "c": "ct-abdomen"}
 RUN_TIMEOUT = 240.0
+#: the tiny test sites hold 2 held-out reports: their node config allows metrics over that few
+#: (the safe default, client/policy.py, is 10); z still needs the whole set of >= 10 examples
+LOCAL_RELEASE = {"metrics-min-reports": 1}
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -76,7 +81,7 @@ def live_pids(state: dict) -> list[int]:
 def fed(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
     tmp = tmp_path_factory.mktemp("federation")
     data = make_site_data(tmp / "data")
-    specs = [launch.SiteSpec(site, str(path), str(tiny_model_dir), threads=1,
+    specs = [launch.SiteSpec(site, str(path), str(tiny_model_dir), threads=1, release=dict(LOCAL_RELEASE),
                              privacy=PRIVATE_POLICY if site == "b" else {}) for site, path in data.items()]
     corrupt = tmp / "data" / "d.jsonl"
     corrupt.write_text('{"prompt": "Findings: normal.", "target": "Normal.", "group": "ct-head"}\n{"prompt": \n')
@@ -86,7 +91,7 @@ def fed(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
     t0 = time.monotonic()
     state: dict = {}
     try:
-        state = launch.up(workdir, specs, port=launch.free_port(), timeout=90.0)
+        state = launch.up(workdir, specs, port=launch.free_port(), timeout=90.0, registry=str(registry))
         print(f"deployment up in {time.monotonic() - t0:.1f} s", file=sys.stderr)
         yield {"tmp": tmp, "workdir": workdir, "registry": registry, "model": tiny_model_dir,
                "flwr_home": Path(state["flwr_home"]), "state": state,
@@ -327,11 +332,16 @@ def local(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
     old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
     nodes = {}
+    registry = tmp / "registry"
+    allow = AllowList(tmp / "allowlist.json")
     for i, (site, path) in enumerate(sorted(data.items()), start=101):
         nc = {"site-id": site, "data-path": str(path), "model-path": str(tiny_model_dir),
-              "site-dir": str(tmp / "sites" / site), "threads": 1}
+              "site-dir": str(tmp / "sites" / site), "threads": 1, **LOCAL_RELEASE,
+              "coordinator-key": str(registry / "coordinator.pub")}
+        _, pub = generate_keypair(tmp / "sites" / site / "keys", site)
+        allow.add(site, pub.read_text())
         nodes[i] = Context(run_id=1, node_id=i, node_config=nc, state=RecordDict(), run_config={})
-    yield {"tmp": tmp, "nodes": nodes, "registry": tmp / "registry", "model": tiny_model_dir}
+    yield {"tmp": tmp, "nodes": nodes, "registry": registry, "model": tiny_model_dir, "allowlist": allow.path}
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
     torch.set_num_threads(threads)
 
@@ -343,9 +353,12 @@ def run_local(local: dict, run_id: int, offline: tuple[int, ...] = (), tamper=No
     from server.app import main
 
     rc = {"registry-dir": str(local["registry"]), "base-model": str(local["model"]), "chroma": "off",
-          "steps": 2, "lora-r": 4, "lora-alpha": 8.0, "max-length": 128, "max-eval": 2, **config}
+          "steps": 2, "lora-r": 4, "lora-alpha": 8.0, "max-length": 128, "max-eval": 2,
+          "allowlist": str(local["allowlist"]), **config}
     for ctx in local["nodes"].values():
         ctx.run_config, ctx.run_id = rc, run_id
+        # every site pins the key of the coordinator (registry) this test talks to
+        ctx.node_config["coordinator-key"] = str(local["registry"] / "coordinator.pub")
     grid = LocalGrid(local["nodes"], run_id, offline, tamper)
     main(grid, Context(run_id=run_id, node_id=1, node_config={}, state=RecordDict(), run_config=rc))
     report = json.loads((local["registry"] / "runs" / f"{run_id}-{rc['mode']}.json").read_text())
@@ -434,7 +447,8 @@ def test_local_enroll_logs_one_audit_entry_per_submission_that_cross_checks(loca
     assert {s: r["status"] for s, r in report["enroll"].items()} == {"a": "accepted", "b": "accepted"}
     audit_path = local["registry"] / "audit.jsonl"
     entries = [json.loads(x) for x in audit_path.read_text().splitlines()]
-    mine = [e for e in entries if e.get("run_id") == "34"]
+    # (each run also audits the identity each site proved at discovery: identity.verified)
+    mine = [e for e in entries if e.get("run_id") == "34" and not e["event"].startswith("identity.")]
     assert sorted((e["event"], e["site"]) for e in mine) == [("submission.accepted", "a"),
                                                              ("submission.accepted", "b")]
     for e in mine:
@@ -672,6 +686,7 @@ def test_local_privacy_budget_caps_what_a_site_releases(local, tmp_path):
     ctx = local["nodes"][103]
     saved = dict(ctx.node_config)
     ctx.node_config.update({**PRIVATE_POLICY, "privacy-budget": 9.0, "site-dir": str(tmp_path / "site-c")})
+    shutil.copytree(Path(saved["site-dir"]) / "keys", tmp_path / "site-c" / "keys")  # the same site, same key
     fresh = {**local, "registry": tmp_path / "registry"}
     try:
         report, _ = run_local(fresh, 61, mode="enroll")
