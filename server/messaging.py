@@ -219,6 +219,18 @@ def exchange(grid: Grid, requests: list[Request], timeout: float, max_in_flight:
     return out
 
 
+def audit_reply(audit: Any, event: str, req: Request, rep: Reply, run_id: str, site: str, **fields: Any) -> None:
+    """One audit entry for one site reply (or its absence), with what ``rpe audit cross-check``
+    matches it on: run id, nonce, message type and, when the reply carried records, their digests."""
+    from common.digests import record_digests
+
+    digests = None
+    if rep.message is not None and rep.message.has_content():
+        digests = record_digests({n: rep.content[n] for n in rep.content.keys()})
+    audit.append(event, site=site, run_id=run_id, nonce=req.nonce, message_type=req.message_type,
+                 record_digests=digests, **fields)
+
+
 @dataclass
 class SiteInfo:
     """An online site bound to its node for this run: its id, its Flower node id, what its whoami

@@ -227,9 +227,14 @@ def test_site_egress_logs_cross_check_with_the_coordinator_audit_log(fed, compos
     from server.crosscheck import cross_check
 
     for site in [*SITES, "d"]:
-        rep = cross_check(fed["site_dirs"][site] / "egress.jsonl", fed["registry"] / "audit.jsonl", site)
+        rep = cross_check(fed["site_dirs"][site] / "egress.jsonl", fed["registry"] / "audit.jsonl", site,
+                          ("train",))
         assert rep.ok, str(rep)
         assert len(rep.matched) == 1, str(rep)
+        # and every message type a site answered (whoami, train, query.embed, train.apply)
+        full = cross_check(fed["site_dirs"][site] / "egress.jsonl", fed["registry"] / "audit.jsonl", site)
+        assert not full.coordinator_only, str(full)
+        assert {m["message_type"] for m in full.matched} >= {wire.WHOAMI, wire.ENROLL}, str(full)
 
 
 PROBE_SERVER = '''
@@ -456,7 +461,7 @@ def test_local_enroll_logs_one_audit_entry_per_submission_that_cross_checks(loca
         assert set(e["record_digests"]) == {"adapter", "embedding", "meta"}
     assert not any(e["event"] == "enroll.received" for e in entries)
     for site in ("a", "b"):
-        rep = cross_check(local["tmp"] / "sites" / site / "egress.jsonl", audit_path, site)
+        rep = cross_check(local["tmp"] / "sites" / site / "egress.jsonl", audit_path, site, ("train",))
         assert rep.ok, str(rep)
         assert any(m["run_id"] == "34" and m["matched_on"] == "record_digests" for m in rep.matched)
 
@@ -923,3 +928,29 @@ def test_local_a_failed_egress_write_sends_nothing_and_costs_no_budget(local, tm
     assert [x["run_id"] for x in lines] == ["82", "83"]  # the failed reply left no line and nothing else
     spent = spent_from_egress(lines)
     assert not spent.non_private and 3.9 < spent.epsilon <= 6.0
+
+
+def test_local_cross_check_covers_every_message_type_a_site_answered(local, tmp_path):
+    """A fresh registry, enrol + compose for a: a's egress log (whoami, train, query.embed,
+    train.apply) and the coordinator's audit log match line for line; a forged delivery entry in a
+    copy of the audit log would be coordinator-only."""
+    from server.crosscheck import cross_check
+
+    ctx = local["nodes"][101]
+    saved = dict(ctx.node_config)
+    site_dir = tmp_path / "site-a"
+    shutil.copytree(Path(saved["site-dir"]) / "keys", site_dir / "keys")
+    ctx.node_config["site-dir"] = str(site_dir)
+    fresh = {**local, "registry": tmp_path / "registry"}
+    try:
+        run_local(fresh, 91, mode="enroll")
+        report, _ = run_local(fresh, 92, mode="compose", target="a", strategy="sim", k=2)
+    finally:
+        ctx.node_config.clear()
+        ctx.node_config.update(saved)
+    assert report["compose"]["a"]["status"] == "delivered"
+    rep = cross_check(site_dir / "egress.jsonl", fresh["registry"] / "audit.jsonl", "a")
+    assert rep.ok, str(rep)
+    assert sorted(m["message_type"] for m in rep.matched) == sorted(
+        [wire.WHOAMI, wire.ENROLL, wire.WHOAMI, wire.EMBED, wire.APPLY]), str(rep)
+    assert all(m["matched_on"] == "record_digests" for m in rep.matched), str(rep)

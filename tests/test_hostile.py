@@ -968,7 +968,8 @@ CASES: list[Case] = [
     Case("compose-unknown-target", "compose for target `ghost` (not online / unknown)",
          lambda c: c.run_compose("ghost"), Reported, "target site is offline"),
     Case("embed-extra-meta-key", "query.embed reply with an extra `age` key",
-         lambda c: c.embed(lambda n: c.embed_reply(n, age=63)), WireError, "unknown key(s) ['age']"),
+         lambda c: c.embed(lambda n: c.embed_reply(n, age=63)), WireError, "unknown key(s) ['age']",
+         ("query.failed",)),
     # -- signatures and freshness (common/signing.py) ------------------------------------------------
     Case("replayed-nonce", "a genuine signed submission authenticated twice", _replayed_nonce, ReplayError,
          "was already used by site 'a': replayed submission"),
@@ -1253,7 +1254,8 @@ def render(rows: list[dict[str, Any]], summary: str) -> str:
         "`audit.jsonl` gained exactly the documented entries (**audit** column: `rejected` = one",
         "`submission.rejected` entry naming the reason, `query` = the `query.embedding` entry a composition",
         "writes before it weighs and composes, `identity` = one `identity.refused` entry naming the node and",
-        "the claim, `-` = nothing) with its hash chain intact.",
+        "the claim, `query-failed` = one `query.failed` entry for an unusable z reply, `-` = nothing) with",
+        "its hash chain intact.",
         "",
         "The messages below are copied from a real run (`.venv/bin/python tests/test_hostile.py` regenerates",
         f"this file). {summary}",
@@ -1267,7 +1269,8 @@ def render(rows: list[dict[str, Any]], summary: str) -> str:
     ]
     for i, case in enumerate(CASES, start=1):
         r = by_id.get(case.id, {})
-        audit = " + ".join({REJECTED: "rejected", IDENTITY: "identity"}.get(e, "query") for e in case.audit) or "-"
+        names = {REJECTED: "rejected", IDENTITY: "identity", "query.failed": "query-failed"}
+        audit = " + ".join(names.get(e, "query") for e in case.audit) or "-"
         err = r.get("error", "?")
         if case.gap and err == case.error.__name__:
             err = f"**GAP** {err} (message)"

@@ -21,7 +21,7 @@ from flwr.serverapp import Grid
 from common import wire
 from common.wire import WireError
 from server.coordkey import load_or_create
-from server.messaging import Request, SiteInfo, exchange, log, request
+from server.messaging import Request, SiteInfo, audit_reply, exchange, log, request
 from server.modes.enroll import failed
 from server.reporting import Progress
 from server.settings import Settings
@@ -46,6 +46,7 @@ def embed_sites(grid: Grid, s: Settings, registry: Any, sites: dict[str, SiteInf
         t, rep = req.key, replies[req.key]
         if not rep.ok:
             problems[t] = rep.problem
+            audit_reply(registry.audit, "query.failed", req, rep, run_id, t, reason=rep.problem[:1000])
             continue
         try:
             z, meta = wire.parse_embed_reply(rep.content)
@@ -56,9 +57,11 @@ def embed_sites(grid: Grid, s: Settings, registry: Any, sites: dict[str, SiteInf
                                 "embedding", "z")
         except WireError as exc:
             problems[t] = f"invalid embedding reply: {exc}"
+            audit_reply(registry.audit, "query.failed", req, rep, run_id, t, reason=problems[t][:1000])
             continue
         registry.audit.append("query.embedding", site=t, target=t, z_sha256=z_sha256(z), run_id=run_id,
-                              privacy=json.loads(meta["privacy"]) or "none",
+                              privacy=json.loads(meta["privacy"]) or "none", nonce=req.nonce,
+                              message_type=wire.EMBED,
                               record_digests=record_digests({n: rep.content[n] for n in rep.content.keys()}))
         out[t] = z
     return out
@@ -157,15 +160,19 @@ def run_compose(grid: Grid, s: Settings, registry: Any, sites: dict[str, SiteInf
         t, rep, res = req.key, replies[req.key], results[req.key]
         if rep.failure is not None:
             res.update(failed("undelivered", rep.failure))
+            audit_reply(registry.audit, "composition.undelivered", req, rep, run_id, t, target=t,
+                        name=res["adapter_name"], output_sha256=res["blob_sha256"], reason=res["reason"][:1000])
             continue
         try:
             metrics, receipt = parse_receipt(rep.content, req, res["blob_sha256"])
         except WireError as exc:
             res.update(status="undelivered", reason=f"invalid apply reply: {exc}", kind="invalid")
+            audit_reply(registry.audit, "composition.undelivered", req, rep, run_id, t, target=t,
+                        name=res["adapter_name"], output_sha256=res["blob_sha256"], reason=res["reason"][:1000])
             continue
         res.update(status="delivered", metrics=metrics, evaluated=receipt["evaluated"])
-        registry.audit.append("composition.delivered", target=t, site=t, run_id=run_id, name=res["adapter_name"],
-                              output_sha256=res["blob_sha256"], metrics=metrics)
+        audit_reply(registry.audit, "composition.delivered", req, rep, run_id, t, target=t, name=res["adapter_name"],
+                    output_sha256=res["blob_sha256"], metrics=metrics)
     report["compose"] = results
     for t, res in sorted(results.items()):
         extra = res.get("reason") or f"sources {res.get('sites')} weights {np.round(res.get('weights', []), 3)}"

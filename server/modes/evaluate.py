@@ -17,7 +17,7 @@ from flwr.serverapp import Grid
 from common import wire
 from common.wire import WireError
 from server.coordkey import load_or_create
-from server.messaging import Reply, Request, SiteInfo, exchange, log
+from server.messaging import Reply, Request, SiteInfo, audit_reply, exchange, log
 from server.modes.compose import apply_request, compose_one, embed_sites, parse_receipt
 from server.reporting import Progress, evaluation_row, write_evaluation
 from server.settings import Settings
@@ -81,14 +81,22 @@ def run_evaluate(grid: Grid, s: Settings, registry: Any, sites: dict[str, SiteIn
     base_scores: dict[str, dict[str, float]] = {}
     for req in requests:
         rep, info = replies[req.key], meta_by_key[req.key]
+        where = {"target": info["target"], "name": f"eval-{run_id}-{info['method']}",
+                 "output_sha256": info["output_sha256"]}
         if not rep.ok:
             problems[req.key] = rep.problem
+            audit_reply(registry.audit, "composition.undelivered", req, rep, run_id, info["target"], **where,
+                        reason=rep.problem[:1000])
             continue
         try:
             metrics, receipt = parse_receipt(rep.content, req, info["output_sha256"])
         except WireError as exc:
             problems[req.key] = f"invalid apply reply: {exc}"
+            audit_reply(registry.audit, "composition.undelivered", req, rep, run_id, info["target"], **where,
+                        reason=problems[req.key][:1000])
             continue
+        audit_reply(registry.audit, "composition.delivered", req, rep, run_id, info["target"], **where,
+                    metrics=metrics, stored=False)
         if not receipt["evaluated"]:
             problems[req.key] = "site did not evaluate (no held-out data)"
             continue
