@@ -14,8 +14,8 @@ whose ``site`` is the site, against the site's egress lines of the same message 
 type in ``message_types`` (default: all four a site answers; ``("train",)``: enrolment only).
 Each egress line is used at most once, in log order. An event's match keys are its own fields:
 the ServerApp passes run_id, nonce and ``record_digests`` to ``Registry.add(...,
-audit_fields=...)``, so the registry's one accepted/rejected entry per submission carries them (and the app's own rejection entry, for a
-reply the registry never saw, does too). In logs written by older ServerApps, which put them on a
+audit_fields=...)``, so the registry's one accepted/rejected entry per submission carries them
+(and the app's own rejection entry, for a reply the registry never saw, does too). In logs written by older ServerApps, which put them on a
 separate ``enroll.received`` entry, the keys are completed from such a *companion* event of the
 same site with the same ``record_id`` that carries ``record_digests``:
 
