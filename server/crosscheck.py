@@ -17,7 +17,8 @@ the ServerApp passes run_id, nonce and ``record_digests`` to ``Registry.add(...,
 audit_fields=...)``, so the registry's one accepted/rejected entry per submission carries them
 (and the app's own rejection entry, for a reply the registry never saw, does too). In logs
 written by older ServerApps, which put them on a separate ``enroll.received`` entry, the keys
-are completed from such a *companion* event of the same site with the same ``record_id`` that carries ``record_digests``:
+are completed from such a *companion* event of the same site with the same ``record_id`` that
+carries ``record_digests``:
 
 - ``run_id``: if both sides have one they must be equal; ``nonce`` likewise (egress:
   ``extra["nonce"]``);
