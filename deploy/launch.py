@@ -824,6 +824,9 @@ def main(argv: list[str] | None = None) -> int:
     p_node.add_argument("--coordinator-key", default="",
                         help="the coordinator's public key (<registry>/coordinator.pub): the site installs only "
                              "train.apply deliveries signed with it")
+    p_node.add_argument("--release", action="append", default=[], metavar="KEY=VALUE",
+                        help="the site's release policy, repeatable: z-min-examples, z-layers, metrics-min-reports "
+                             "(client/policy.py; safe defaults when absent)")
     p_node.add_argument("--privacy", action="append", default=[], metavar="KEY=VALUE",
                         help="the site's privacy policy, repeatable: dp-noise-multiplier, dp-max-grad-norm, "
                              "dp-delta (DP-SGD for the adapter); z-clip with z-noise-multiplier or z-epsilon, "
@@ -886,7 +889,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "supernode":
             spec = SiteSpec(args.site_id, str(Path(args.data_path).resolve()), args.model_path, args.site_dir,
                             args.port, args.threads, _privacy_args(args.privacy), args.app_sha256,
-                            str(Path(args.coordinator_key).resolve()) if args.coordinator_key else "")
+                            str(Path(args.coordinator_key).resolve()) if args.coordinator_key else "",
+                            dict(item.split("=", 1) for item in args.release))
             proc = start_supernode(args.workdir, spec, args.superlink, args.root_certificates, args.auth_key)
             keys = Path(spec.site_dir) / "keys"
             if not (keys / f"{spec.site}.key").exists():
