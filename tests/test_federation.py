@@ -154,6 +154,27 @@ def test_enroll_stores_three_adapters_and_reports_the_failing_site(fed, enrolled
 
 @pytest.mark.slow
 @pytest.mark.integration
+def test_real_sites_prove_their_identity_and_install_only_a_signed_delivery(fed, composed):
+    """On real SuperNodes: every site answered whoami with a statement its allow-listed key signed
+    (bound to its node), and site a installed the composed adapter after checking the coordinator's
+    delivery signature against the coordinator.pub its node config pins."""
+    from common.privacy import read_egress
+
+    assert composed["status"] == "finished:completed", composed
+    online = composed["report"]["online"]
+    assert all(online[s]["verified"] for s in SITES) and online["a"]["node_id"] != online["b"]["node_id"]
+    assert (fed["registry"] / "coordinator.pub").exists()
+    assert oct((fed["registry"] / "coordinator.key").stat().st_mode & 0o777) == "0o600"
+    state_nc = fed["state"]["sites"]["a"]["node_config"]
+    assert state_nc["coordinator-key"] == str((fed["registry"] / "coordinator.pub").resolve())
+    res = composed["report"]["compose"]["a"]
+    assert res["status"] == "delivered"
+    applied = [x for x in read_egress(fed["site_dirs"]["a"] / "egress.jsonl") if x["message_type"] == wire.APPLY]
+    assert applied and applied[-1]["extra"]["outcome"] == "ok"
+
+
+@pytest.mark.slow
+@pytest.mark.integration
 def test_privacy_policy_in_a_supernodes_node_config_reaches_registry_and_audit(fed, enrolled):
     """Site b's SuperNode was started with PRIVATE_POLICY in its node config; sites a and c with none."""
     results = enrolled["report"]["enroll"]
