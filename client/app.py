@@ -4,7 +4,9 @@ Every message passes one gate (:func:`serve`): the request is checked against th
 first (``wire.parse_request``), its handler runs (``client/handlers.py``), and the reply is
 checked last (``wire.check_reply``): a request for anything else - an unknown message type, an
 extra record, an unknown config key - is refused with an error reply and nothing else leaves the
-site. Every reply, refusals included, appends one line to the site's egress log before it is sent.
+site. Every reply, refusals included, appends one line to the site's egress log (fsynced) before it is
+sent; if that write fails nothing of the reply is sent and nothing of the release is kept (``_send``).
+Refusals by the site's release policy carry their code (``refused [subset-refused]: ...``).
 The site's settings (node config, data, privacy policy): ``client/site.py``.
 """
 

@@ -1,11 +1,17 @@
 """The four handlers, one per message type of the fixed vocabulary (``common/wire.py``):
 
-- ``query.whoami``: site id, tasks, example counts (no data);
+- ``query.whoami``: site id, tasks, example counts (no data), and an identity statement signed
+  with the site's key over the coordinator's challenge, the run and the node;
 - ``train`` (enrol): fine-tune a LoRA on the local labeled data, compute z over the same data and
   reply with exactly the adapter, z and the metadata record;
 - ``query.embed``: z over the local *unlabeled* view of the data (findings only);
-- ``train.apply``: store a composed adapter as a PEFT directory under ``<site-dir>/adapters/<name>/``
-  and, if the site holds labeled evaluation data, reply with metrics only.
+- ``train.apply``: check the coordinator's delivery signature (pinned key), store the composed
+  adapter as a NEW PEFT directory ``<site-dir>/adapters/<name>/`` (never over an existing one) and,
+  if the site holds enough labeled evaluation data, reply with metrics only.
+
+What z and metrics leave is the site's release policy (``client/policy.py``): z only over the whole
+data set of at least ``z-min-examples``, from a ``z-layers`` layer; metrics over at least
+``metrics-min-reports``. The request cannot widen it.
 
 Each handler takes a validated request and returns the reply content; ``client/app.py`` checks
 the reply against the vocabulary and logs it before it leaves. The adapter leaves in one form:

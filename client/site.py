@@ -8,10 +8,15 @@ Configuration comes from the SuperNode's ``--node-config`` (deployment): ``site-
 ``dp-max-grad-norm``, ``dp-delta`` (DP-SGD for the adapter), ``z-clip`` with ``z-noise-multiplier``
 or ``z-epsilon``, ``z-delta`` (the Gaussian mechanism on z, ``common.privacy``), ``privacy-budget``
 (the total ε the site will ever release; non-private releases and held-out metrics are then
-refused) - the site's own privacy policy, off by default. Also ``threads`` (torch CPU threads; on a
+refused) - the site's own privacy policy, off by default. The release policy
+(``client/policy.py``, safe defaults): ``z-min-examples`` (10), ``z-layers`` ("-1"),
+``metrics-min-reports`` (10). ``coordinator-key``: the coordinator's public key (PEM file,
+``<registry>/coordinator.pub``); without it the site installs no delivery. Also ``threads`` (torch CPU threads; on a
 shared or small machine 1 avoids oversubscription, which made generation ~50x slower on a loaded
 2-core host). In simulation the node config holds only ``partition-id``: the run config's
-``sim-sites``, ``sim-data-root``, ``sim-model-path`` and ``sim-site-root`` map it to a site.
+``sim-sites``, ``sim-data-root``, ``sim-model-path`` and ``sim-site-root`` map it to a site
+(and ``sim-coordinator-key``, ``sim-z-min-examples``, ``sim-z-layers``, ``sim-metrics-min-reports``
+stand in for the node-config keys above).
 """
 
 from __future__ import annotations
