@@ -4,7 +4,9 @@ Every message passes one gate (:func:`serve`): the request is checked against th
 first (``wire.parse_request``), its handler runs (``client/handlers.py``), and the reply is
 checked last (``wire.check_reply``): a request for anything else - an unknown message type, an
 extra record, an unknown config key - is refused with an error reply and nothing else leaves the
-site. Every reply, refusals included, appends one line to the site's egress log before it is sent.
+site. Every reply, refusals included, appends one line to the site's egress log (fsynced) before it is
+sent; if that write fails nothing of the reply is sent and nothing of the release is kept (``_send``).
+Refusals by the site's release policy carry their code (``refused [subset-refused]: ...``).
 The site's settings (node config, data, privacy policy): ``client/site.py``.
 """
 
@@ -21,6 +23,7 @@ from client.handlers import apply as _apply
 from client.handlers import embed as _embed
 from client.handlers import enroll as _enroll
 from client.handlers import whoami as _whoami
+from client.policy import ReleaseRefused
 from client.site import Site, SiteData, SiteError, load_site_data, site_from_context
 from common import wire
 from common.wire import WireError
@@ -59,6 +62,26 @@ def _error_reply(message: Message, code: int, reason: str) -> Message:
     return Message(Error(code=code, reason=reason), reply_to=message)
 
 
+def _send(site: Site | None, message: Message, reply: Message, outcome: str, reason: str = "") -> Message:
+    """The reply, once its egress line is written and fsynced; if that write fails, an error reply
+    that carries nothing (no records, no reason from the handler) and nothing of the release is kept.
+
+    Why so strict: a reply whose line is missing is a release the site's privacy budget never
+    counts (a site with budget 1.2 once released ε ≈ 1.47 that way)."""
+    try:
+        _egress(site, message, reply, outcome, reason)
+    except Exception as exc:  # noqa: BLE001 - whatever broke the write, the content must not leave
+        if site is not None:
+            site.after_logged.clear()
+        print(f"[rpe site] egress log write failed, reply withheld: {type(exc).__name__}: {exc}", flush=True)
+        return _error_reply(message, wire.ERROR_FAILED, "the site could not write its egress log; nothing was sent")
+    if site is not None:
+        for done in site.after_logged:
+            done()
+        site.after_logged.clear()
+    return reply
+
+
 def serve(message: Message, context: Context) -> Message:
     """Validate the request, run its handler, validate the reply, log it, send it."""
     mtype = message.metadata.message_type
@@ -67,9 +90,7 @@ def serve(message: Message, context: Context) -> Message:
         site = site_from_context(context)
         req = wire.parse_request(mtype, message.content if message.has_content() else RecordDict())
     except (WireError, SiteError) as exc:
-        reply = _error_reply(message, wire.ERROR_REFUSED, f"refused: {exc}")
-        _egress(site, message, reply, "refused", str(exc))
-        return reply
+        return _send(site, message, _error_reply(message, wire.ERROR_REFUSED, f"refused: {exc}"), "refused", str(exc))
     try:
         if site.threads > 0:
             import torch
@@ -78,21 +99,22 @@ def serve(message: Message, context: Context) -> Message:
         content = HANDLERS[mtype](req, site, context)
         wire.check_reply(mtype, content)  # the last gate before anything leaves the site
     except WireError as exc:
-        reply = _error_reply(message, wire.ERROR_REFUSED, f"refused: {exc}")
-        _egress(site, message, reply, "refused", str(exc))
-        return reply
+        site.after_logged.clear()
+        return _send(site, message, _error_reply(message, wire.ERROR_REFUSED, f"refused: {exc}"), "refused", str(exc))
+    except ReleaseRefused as exc:  # the site's own policy: typed, with its code
+        site.after_logged.clear()
+        reason = f"refused [{exc.code}]: {exc.reason}"
+        return _send(site, message, _error_reply(message, wire.ERROR_REFUSED, reason), "refused", reason)
     except Exception as exc:  # noqa: BLE001 - any failure becomes an error reply, never data
         # only the exception type and the first line of its message (capped) leave the site; the
         # traceback stays in the SuperNode's log
+        site.after_logged.clear()
         first = (str(exc).splitlines() or [""])[0]
         reason = f"{type(exc).__name__}: {first[:300]}"
         print(f"[rpe site {site.site}] {mtype} failed:\n{traceback.format_exc()}", flush=True)
-        reply = _error_reply(message, wire.ERROR_FAILED, reason)
-        _egress(site, message, reply, "failed", reason)
-        return reply
-    reply = Message(content, reply_to=message)
-    _egress(site, message, reply, "ok")  # logged and fsynced before it is sent: a failed write sends nothing
-    return reply
+        return _send(site, message, _error_reply(message, wire.ERROR_FAILED, reason), "failed", reason)
+    # logged and fsynced before it is sent: a failed write sends nothing
+    return _send(site, message, Message(content, reply_to=message), "ok")
 
 
 class SiteClientApp(ClientApp):

@@ -1,11 +1,17 @@
 """The four handlers, one per message type of the fixed vocabulary (``common/wire.py``):
 
-- ``query.whoami``: site id, tasks, example counts (no data);
+- ``query.whoami``: site id, tasks, example counts (no data), and an identity statement signed
+  with the site's key over the coordinator's challenge, the run and the node;
 - ``train`` (enrol): fine-tune a LoRA on the local labeled data, compute z over the same data and
   reply with exactly the adapter, z and the metadata record;
 - ``query.embed``: z over the local *unlabeled* view of the data (findings only);
-- ``train.apply``: store a composed adapter as a PEFT directory under ``<site-dir>/adapters/<name>/``
-  and, if the site holds labeled evaluation data, reply with metrics only.
+- ``train.apply``: check the coordinator's delivery signature (pinned key), store the composed
+  adapter as a NEW PEFT directory ``<site-dir>/adapters/<name>/`` (never over an existing one) and,
+  if the site holds enough labeled evaluation data, reply with metrics only.
+
+What z and metrics leave is the site's release policy (``client/policy.py``): z only over the whole
+data set of at least ``z-min-examples``, from a ``z-layers`` layer; metrics over at least
+``metrics-min-reports``. The request cannot widen it.
 
 Each handler takes a validated request and returns the reply content; ``client/app.py`` checks
 the reply against the vocabulary and logs it before it leaves. The adapter leaves in one form:
@@ -26,7 +32,8 @@ from typing import Any
 import numpy as np
 from flwr.app import Context, RecordDict
 
-from client.release import cached_z, check_budget, say, site_embedding, store_z, z_cache_path
+from client.policy import ReleaseRefused
+from client.release import ZRelease, allowed_layer, check_budget, release_z, say
 from client.site import (
     Site,
     SiteData,
@@ -42,6 +49,7 @@ from common import wire
 from common.data import DatasetFormatError, Example
 from common.wire import WireError
 
+OWN_PREFIX = "own-"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -57,8 +65,25 @@ def whoami(req: wire.Request, site: Site, context: Context) -> RecordDict:
         "groups": json.dumps(data.groups[:8]), "n_examples": len(data.all), "n_labeled": len(data.train),
         "n_unlabeled": len(data.unlabeled), "n_eval": len(data.eval), "data_ok": ok,
         "nonce": req.config["nonce"], "signer": key_id(site),
+        "identity": identity_statement(site, req.config.get("challenge", ""), str(context.run_id), context.node_id),
     }
     return wire.build_whoami_reply(info)
+
+
+def identity_statement(site: Site, challenge: str, run_id: str, node_id: Any) -> str:
+    """The signed answer to the coordinator's challenge: "I am site S, answering run R, challenge C,
+    as node N" (canonical JSON; "" when the site has no key or the request carries no challenge).
+
+    Only the holder of the allow-listed key can produce it, so a node that merely *says* it is S is
+    refused at discovery and never gets a message meant for S."""
+    key = signing_key(site)
+    if key is None or not challenge:
+        return ""
+    from common.statements import sign_statement
+
+    body = {"site": site.site, "run_id": run_id, "challenge": challenge,
+            "node_id": str(node_id) if node_id is not None else ""}
+    return wire.canonical_json(sign_statement(key, "identity", body))
 
 
 # -- train (enrol) -------------------------------------------------------------------------------
@@ -86,21 +111,26 @@ def enroll(req: wire.Request, site: Site, context: Context) -> RecordDict:
     model, tok, fp = load_model(site)
     adapter, stats = train_adapter(model, tok, train, task, plan, fp)
     encoded = wire.encode_adapter(adapter, base_model=fp)  # the one form: sent, hashed, stored, kept
-    emb, z, z_mech = site_embedding(model, tok, task.embedding_texts(train), site, plan.embed_layer)
+    # the enrolment z is cached like the query z: a second enrolment re-sends the same noisy z
+    rel = release_z(site, task.embedding_texts(train), plan.embed_layer, lambda: (model, tok, fp),
+                    adapter_sent=True, check=False)
+    z = rel.z
     keep_own_copy(site, task.name, encoded)
-    meta = enroll_meta(site, task.name, train, fp, emb, encoded, release_privacy(plan, stats, z_mech),
+    meta = enroll_meta(site, task.name, train, fp, rel.info, encoded, release_privacy(plan, stats, rel),
                        train_stats(plan, stats, len(train)), cfg["nonce"])
     sign(meta, site, z, str(context.run_id))
     return wire.build_enroll_reply(encoded.arrays, z, meta, check=False)  # the gate checks it once
 
 
 def training_examples(site: Site, cfg: dict[str, Any]) -> list[Example]:
-    """The labeled examples to train on (``max_examples`` caps them); none is an error."""
+    """The labeled examples to train on: always all of them (the z sent with the adapter is pooled
+    over the same set, and the site releases z only over its whole set of at least
+    ``z-min-examples``: ``client/policy.py``); a smaller ``max_examples`` is refused."""
     data = load_site_data(site.data_path)
-    train = data.train[: cfg["max_examples"]] if cfg.get("max_examples") else data.train
-    if not train:
+    if not data.train:
         raise SiteError(f"site {site.site!r} has no labeled training examples in {site.data_path}")
-    return train
+    site.release.embedding_examples(len(data.train), int(cfg.get("max_examples", 0)))
+    return data.train
 
 
 def train_plan(cfg: dict[str, Any], site: Site) -> TrainPlan:
@@ -116,7 +146,8 @@ def train_plan(cfg: dict[str, Any], site: Site) -> TrainPlan:
                       max_grad_norm=site.policy.get("dp-max-grad-norm", 1.0),
                       delta=site.policy.get("dp-delta", 1e-5))
     return TrainPlan(spec, dp, int(cfg.get("steps", 40)), float(cfg.get("lr", 1e-3)), int(cfg.get("batch_size", 4)),
-                     int(cfg.get("max_length", 192)), int(cfg.get("seed", 0)), int(cfg.get("embed_layer", -1)))
+                     int(cfg.get("max_length", 192)), int(cfg.get("seed", 0)),
+                     allowed_layer(site, cfg.get("embed_layer", -1)))
 
 
 def refuse_over_budget(site: Site, plan: TrainPlan, n_train: int) -> None:
@@ -145,10 +176,10 @@ def keep_own_copy(site: Site, task_name: str, encoded: wire.WireAdapter) -> None
     save_peft_adapter(encoded.adapter, site.adapters_dir / f"own-{task_name}", str(site.model_path))
 
 
-def release_privacy(plan: TrainPlan, stats: dict[str, Any], z_mech: Any) -> dict[str, Any]:
+def release_privacy(plan: TrainPlan, stats: dict[str, Any], rel: ZRelease) -> dict[str, Any]:
     from common.privacy import release_record
 
-    return release_record(stats if plan.dp is not None else None, z_mech, adapter_sent=True)
+    return release_record(stats if plan.dp is not None else None, rel.mech, adapter_sent=True, z_repeat=rel.repeat)
 
 
 def train_stats(plan: TrainPlan, stats: dict[str, Any], n_train: int) -> dict[str, Any]:
@@ -159,15 +190,16 @@ def train_stats(plan: TrainPlan, stats: dict[str, Any], n_train: int) -> dict[st
     return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in out.items()}
 
 
-def enroll_meta(site: Site, task_name: str, train: list[Example], fp: str, emb: Any, encoded: wire.WireAdapter,
-                privacy: dict[str, Any], stats: dict[str, Any], nonce: str) -> dict[str, Any]:
+def enroll_meta(site: Site, task_name: str, train: list[Example], fp: str, emb: dict[str, Any],
+                encoded: wire.WireAdapter, privacy: dict[str, Any], stats: dict[str, Any],
+                nonce: str) -> dict[str, Any]:
     """The enrolment ``meta`` record (exactly ``wire.ENROLL_META_KEYS``); unsigned."""
     group = Counter(e.group for e in train).most_common(1)[0][0]
     return {
         "schema": wire.WIRE_SCHEMA, "site": site.site, "task": task_name, "modality": group.split("-", 1)[0],
-        "group": group, "base_fingerprint": fp, "sample_count": len(train), "token_count": int(emb.n_tokens),
+        "group": group, "base_fingerprint": fp, "sample_count": len(train), "token_count": int(emb["token_count"]),
         "lora_config": wire.canonical_json(encoded.lora_config), "blob_sha256": encoded.sha256,
-        "embedding_spec": wire.canonical_json(emb.spec()), "privacy": wire.canonical_json(privacy),
+        "embedding_spec": wire.canonical_json(emb["embedding_spec"]), "privacy": wire.canonical_json(privacy),
         "train_stats": wire.canonical_json(stats), "nonce": nonce,
         "created_at": time.time(), "signer": "", "signature": "",
     }
@@ -188,46 +220,36 @@ def sign(meta: dict[str, Any], site: Site, z: np.ndarray, run_id: str) -> None:
 
 # -- query.embed ---------------------------------------------------------------------------------
 def embed(req: wire.Request, site: Site, context: Context) -> RecordDict:
-    """z over the unlabeled view: findings only, whatever labels the site may hold."""
-    from common.privacy import ZMechanism, release_record
+    """z over the unlabeled view (findings only, whatever labels the site may hold), always over the
+    site's whole data set and only from an allowed layer (``client/policy.py``)."""
+    from common.privacy import release_record
 
     cfg = req.config
     task = site_task(site, cfg.get("task", "report-text"))
     data = load_site_data(site.data_path)
-    examples = data.all[: cfg["max_examples"]] if cfg.get("max_examples") else data.all
-    texts = task.embedding_texts([Example(e.prompt, None, e.group, e.uid) for e in examples])
-    layer = int(cfg.get("embed_layer", -1))
-    mech = ZMechanism.from_policy(site.policy)
-    cache = z_cache_path(site, texts, layer, mech) if mech is not None else None
-    cached = cached_z(site, cache) if cache is not None else None
-    if cached is not None:  # the same noisy z again: repeated queries cannot average the noise away
-        z, info = cached
-        privacy = release_record(None, mech, adapter_sent=False, z_repeat=True)
-        say(site, "z: re-sending the noisy z already released for this data (no new privacy cost)")
-    else:
-        check_budget(site, release_record(None, mech, adapter_sent=False), False)
-        model, tok, fp = load_model(site)
-        emb, z, mech = site_embedding(model, tok, texts, site, layer)
-        info = {"base_fingerprint": fp, "sample_count": emb.n_examples, "token_count": int(emb.n_tokens),
-                "embedding_spec": emb.spec()}
-        privacy = release_record(None, mech, adapter_sent=False)
-        if cache is not None:
-            store_z(cache, z, info)
+    site.release.embedding_examples(len(data.all), int(cfg.get("max_examples", 0)))
+    layer = allowed_layer(site, cfg.get("embed_layer", -1))
+    texts = task.embedding_texts([Example(e.prompt, None, e.group, e.uid) for e in data.all])
+    rel = release_z(site, texts, layer, lambda: load_model(site))
+    privacy = release_record(None, rel.mech, adapter_sent=False, z_repeat=rel.repeat)
+    info = rel.info
     meta = {
         "schema": wire.WIRE_SCHEMA, "site": site.site, "task": task.name, "base_fingerprint": info["base_fingerprint"],
         "sample_count": info["sample_count"], "token_count": info["token_count"],
         "embedding_spec": wire.canonical_json(info["embedding_spec"]), "privacy": wire.canonical_json(privacy),
         "nonce": cfg["nonce"],
     }
-    return wire.build_embed_reply(z, meta)
+    return wire.build_embed_reply(rel.z, meta)
 
 
 # -- train.apply ---------------------------------------------------------------------------------
 def apply(req: wire.Request, site: Site, context: Context) -> RecordDict:
     """Check and rebuild the adapter, keep it (unless ``store`` is off), score it, send a receipt."""
     cfg = req.config
-    if not _NAME_RE.match(cfg["name"]):
-        raise WireError("adapter name must be a plain file name", "config", "name")
+    if not _NAME_RE.match(cfg["name"]) or cfg["name"].startswith(OWN_PREFIX):
+        raise WireError(f"adapter name must be a plain file name not starting with {OWN_PREFIX!r} (the site's own "
+                        "adapters)", "config", "name")
+    check_delivery(site, cfg, str(context.run_id))
     adapter, sha = received_adapter(req, site)
     if cfg.get("store", True):
         store_received(site, cfg, adapter)
@@ -235,6 +257,35 @@ def apply(req: wire.Request, site: Site, context: Context) -> RecordDict:
     receipt = {"schema": wire.WIRE_SCHEMA, "site": site.site, "name": cfg["name"], "blob_sha256": sha,
                "evaluated": evaluated, "nonce": cfg["nonce"]}
     return wire.build_apply_reply(metrics, receipt)
+
+
+class DeliveryRefused(ReleaseRefused):
+    """A ``train.apply`` this site will not install: unsigned, signed by another key, or for
+    another site, run, adapter or request; or its name is taken."""
+
+
+def check_delivery(site: Site, cfg: dict[str, Any], run_id: str) -> None:
+    """The coordinator's ``delivery`` statement must verify against the key this site pinned
+    (node config ``coordinator-key``) and name exactly this adapter, this site, run and request."""
+    from common.signing import SigningError, load_public_key
+    from common.statements import StatementError, verify_statement
+
+    if site.coordinator_key is None:
+        raise DeliveryRefused("no-coordinator-key", "this site has no coordinator key pinned (node config "
+                              "'coordinator-key' = the coordinator's coordinator.pub); it installs only "
+                              "deliveries signed by its coordinator")
+    if not cfg.get("delivery"):
+        raise DeliveryRefused("unsigned-delivery", "the delivery carries no coordinator signature; refused")
+    try:
+        pub = load_public_key(site.coordinator_key)
+    except (OSError, SigningError) as exc:
+        raise SiteError(f"the pinned coordinator key {site.coordinator_key} is unusable: {exc}") from None
+    expect = {"blob_sha256": cfg["blob_sha256"], "target": site.site, "run_id": run_id, "name": cfg["name"],
+              "nonce": cfg["nonce"]}
+    try:
+        verify_statement(pub, json.loads(cfg["delivery"]), "delivery", expect=expect)
+    except (ValueError, StatementError) as exc:
+        raise DeliveryRefused("bad-delivery", f"the delivery statement does not hold: {exc}") from None
 
 
 def received_adapter(req: wire.Request, site: Site) -> tuple[Any, str]:
@@ -254,14 +305,33 @@ def received_adapter(req: wire.Request, site: Site) -> tuple[Any, str]:
 
 
 def store_received(site: Site, cfg: dict[str, Any], adapter: Any) -> None:
-    """``adapters/<name>/``: a PEFT directory plus ``rpe-provenance.json`` (sources, weights, hash)."""
+    """``adapters/<name>/``, a NEW directory: a PEFT directory plus ``rpe-provenance.json`` (sources,
+    weights, hash), written to a temporary directory and renamed into place. An existing name is
+    refused (a delivery can never overwrite the site's own or an earlier adapter), except the same
+    adapter again (a re-sent message)."""
+    import os
+    import shutil
+
     from common.lora import save_peft_adapter
     from common.models import resolve_model_dir
 
-    out = save_peft_adapter(adapter, site.adapters_dir / cfg["name"], str(resolve_model_dir(site.model_path)))
+    final = site.adapters_dir / cfg["name"]
+    if final.exists() or final.is_symlink():
+        try:
+            same = json.loads((final / "rpe-provenance.json").read_text()).get("blob_sha256") == cfg["blob_sha256"]
+        except (OSError, ValueError, AttributeError):
+            same = False
+        if same:
+            return
+        raise DeliveryRefused("name-taken", f"an adapter named {cfg['name']!r} already exists at this site; "
+                              "a delivery never replaces one")
+    tmp = site.adapters_dir / f".incoming-{cfg['name']}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    out = save_peft_adapter(adapter, tmp, str(resolve_model_dir(site.model_path)))
     provenance = {k: cfg.get(k) for k in ("strategy", "sources", "weights", "blob_sha256", "task")}
     provenance["received_at"] = time.time()
     (out / "rpe-provenance.json").write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+    os.rename(out, final)
 
 
 def score(site: Site, cfg: dict[str, Any], adapter: Any) -> tuple[dict[str, float], bool]:
@@ -276,6 +346,11 @@ def score(site: Site, cfg: dict[str, Any], adapter: Any) -> tuple[dict[str, floa
 
     task = site_task(site, cfg.get("task", "report-text"))
     held = data.eval[: cfg["max_eval"]] if cfg.get("max_eval") else data.eval
+    try:
+        site.release.metrics(len(held))
+    except ReleaseRefused as exc:  # the adapter is still installed; only the scores stay here
+        say(site, f"metrics withheld: {exc.reason}")
+        return {}, False
     model, tok, _ = load_model(site)
     metrics = numeric(evaluate_task(model, tok, task, held, adapter=adapter))
     if cfg.get("with_base"):

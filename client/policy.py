@@ -44,8 +44,11 @@ def _int(cfg: Mapping[str, Any], key: str, default: int, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ReleasePolicyError(f"node config {key}={value!r}: expected an integer >= {minimum}")
     try:
-        number = int(str(value).strip())
-    except ValueError:
+        as_float = float(str(value).strip())  # TOML / launch may spell 10 as 10.0
+        number = int(as_float)
+        if number != as_float:
+            raise ValueError(value)
+    except (ValueError, OverflowError):
         raise ReleasePolicyError(f"node config {key}={value!r}: expected an integer >= {minimum}") from None
     if number < minimum:
         raise ReleasePolicyError(f"node config {key}={number}: must be >= {minimum}")

@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +53,66 @@ def check_budget(site: Site, record: dict[str, Any], adapter_sent: bool) -> None
     say(site, f"privacy budget: ε {total:.3f} of {budget:g} after this release")
 
 
+def n_hidden_states(site: Site) -> int:
+    """How many hidden states the site's base model has (layers + the embedding layer), from its
+    config alone, so a request's layer is checked before any model is loaded."""
+    from common.models import resolve_model_dir
+
+    try:
+        cfg = json.loads((Path(resolve_model_dir(site.model_path)) / "config.json").read_text())
+        return int(cfg.get("num_hidden_layers") or cfg["text_config"]["num_hidden_layers"]) + 1
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SiteError(f"cannot read the layer count of base model {site.model_path}: {exc}") from None
+
+
+def allowed_layer(site: Site, requested: int) -> int:
+    """The request's layer in ONE spelling, if the site's ``z-layers`` allow it (``ReleaseRefused``
+    otherwise): ``-1`` and ``n - 1`` are the same layer, so they share one cache key and one
+    ``embedding_spec``. The last layer is spelt ``-1`` (what every registry holds), any other
+    layer by its index from 0."""
+    n = n_hidden_states(site)
+    layer = site.release.embedding_layer(requested, n)
+    return -1 if layer == n - 1 else layer
+
+
+@dataclass
+class ZRelease:
+    """One z as it leaves the site, and what the reply says about it."""
+
+    z: np.ndarray
+    info: dict[str, Any]  # base_fingerprint, sample_count, token_count, embedding_spec
+    mech: Any  # ZMechanism or None
+    repeat: bool  # the same noisy z this site already released (no new privacy cost)
+
+
+def release_z(site: Site, texts: list[str], layer: int, load: Callable[[], tuple[Any, Any, str]],
+              adapter_sent: bool = False, check: bool = True) -> ZRelease:
+    """z over ``texts`` at the (normalised) ``layer``: the cached noisy z when this site already
+    released one for exactly this data, layer and mechanism; else a fresh one, after the budget
+    check (``check``). A fresh noisy z is cached only once its reply's egress line is on disk
+    (``site.after_logged``, run by ``client/app.py``), so a reply that never left costs nothing
+    and a z that did leave is never re-sent as "already released" without having been logged."""
+    from common.privacy import ZMechanism, release_record
+
+    mech = ZMechanism.from_policy(site.policy)
+    cache = z_cache_path(site, texts, layer, mech) if mech is not None else None
+    cached = cached_z(site, cache) if cache is not None else None
+    if cached is not None:
+        say(site, "z: re-sending the noisy z already released for this data (no new privacy cost)")
+        return ZRelease(cached[0], cached[1], mech, True)
+    if check:
+        check_budget(site, release_record(None, mech, adapter_sent=adapter_sent), adapter_sent)
+    model, tok, fp = load()
+    emb, z, mech = site_embedding(model, tok, texts, site, layer)
+    info = {"base_fingerprint": fp, "sample_count": emb.n_examples, "token_count": int(emb.n_tokens),
+            "embedding_spec": emb.spec()}
+    if cache is not None:
+        site.after_logged.append(lambda: store_z(cache, z, info))
+    return ZRelease(z, info, mech, False)
+
+
 def z_cache_path(site: Site, texts: list[str], layer: int, mech: Any) -> Path:
-    """Where the noisy z released for exactly these texts, model, layer and mechanism is kept."""
+    """Where the noisy z released for exactly these texts, model, normalised layer and mechanism is kept."""
     h = hashlib.sha256()
     for t in texts:
         h.update(hashlib.sha256(t.encode()).digest())

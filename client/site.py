@@ -8,10 +8,15 @@ Configuration comes from the SuperNode's ``--node-config`` (deployment): ``site-
 ``dp-max-grad-norm``, ``dp-delta`` (DP-SGD for the adapter), ``z-clip`` with ``z-noise-multiplier``
 or ``z-epsilon``, ``z-delta`` (the Gaussian mechanism on z, ``common.privacy``), ``privacy-budget``
 (the total ε the site will ever release; non-private releases and held-out metrics are then
-refused) - the site's own privacy policy, off by default. Also ``threads`` (torch CPU threads; on a
+refused) - the site's own privacy policy, off by default. The release policy
+(``client/policy.py``, safe defaults): ``z-min-examples`` (10), ``z-layers`` ("-1"),
+``metrics-min-reports`` (10). ``coordinator-key``: the coordinator's public key (PEM file,
+``<registry>/coordinator.pub``); without it the site installs no delivery. Also ``threads`` (torch CPU threads; on a
 shared or small machine 1 avoids oversubscription, which made generation ~50x slower on a loaded
 2-core host). In simulation the node config holds only ``partition-id``: the run config's
-``sim-sites``, ``sim-data-root``, ``sim-model-path`` and ``sim-site-root`` map it to a site.
+``sim-sites``, ``sim-data-root``, ``sim-model-path`` and ``sim-site-root`` map it to a site
+(and ``sim-coordinator-key``, ``sim-z-min-examples``, ``sim-z-layers``, ``sim-metrics-min-reports``
+stand in for the node-config keys above).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any
 
 from flwr.app import Context
 
+from client.policy import ReleasePolicy, ReleasePolicyError
 from common import wire
 from common.data import Example, read_jsonl
 
@@ -48,6 +54,12 @@ class Site:
     policy: dict[str, float] = field(default_factory=dict)
     threads: int = 0
     tasks: tuple[str, ...] = DEFAULT_TASKS
+    #: what the site releases (``client/policy.py``; node config z-min-examples, z-layers, metrics-min-reports)
+    release: ReleasePolicy = field(default_factory=ReleasePolicy)
+    #: the coordinator's public key (PEM file) this site pinned: it installs only deliveries it signed
+    coordinator_key: Path | None = None
+    #: work done only once the reply's egress line is on disk (e.g. caching a released z)
+    after_logged: list[Any] = field(default_factory=list)
 
     @property
     def egress_path(self) -> Path:
@@ -55,6 +67,8 @@ class Site:
 
     @property
     def adapters_dir(self) -> Path:
+        """``own-<task>`` (the site's own adapters) and one new directory per delivered adapter; a
+        delivery never writes into an existing directory (``client/handlers.py``)."""
         return self.site_dir / "adapters"
 
     @property
@@ -77,6 +91,7 @@ def site_from_context(context: Context) -> Site:
         model = str(nc.get("model-path") or DEFAULT_MODEL)
         site_dir = Path(str(nc.get("site-dir") or Path.cwd() / f"rpe-site-{site}"))
         policy_src: Any = nc
+        pinned = nc.get("coordinator-key")
     elif "partition-id" in nc:
         sites = split_list(rc.get("sim-sites"))
         pid = int(nc["partition-id"])
@@ -88,13 +103,32 @@ def site_from_context(context: Context) -> Site:
         model = str(rc.get("sim-model-path") or DEFAULT_MODEL)
         site_dir = Path(str(rc.get("sim-site-root") or Path.cwd() / "rpe-sites")) / site
         policy_src = {}
+        # simulation runs the whole federation in one trusted process: the run config names the pin
+        pinned = rc.get("sim-coordinator-key")
     else:
         raise SiteError("node config has neither 'site-id' (deployment) nor 'partition-id' (simulation)")
     if not wire._SITE_RE.match(site):
         raise SiteError(f"site id {site!r} is not a plain identifier")
     policy = privacy_policy(policy_src)
     threads = int(nc.get("threads", 0) or rc.get("sim-threads", 0) or 0)
-    return Site(site, Path(str(data)).expanduser(), model, site_dir.expanduser().resolve(), policy, threads)
+    try:
+        release = ReleasePolicy.from_node_config(nc if "site-id" in nc else sim_release_config(rc))
+    except ReleasePolicyError as exc:
+        raise SiteError(str(exc)) from None
+    coord = Path(str(pinned)).expanduser() if pinned else None
+    return Site(site, Path(str(data)).expanduser(), model, site_dir.expanduser().resolve(), policy, threads,
+                release=release, coordinator_key=coord)
+
+
+def sim_release_config(rc: Any) -> dict[str, Any]:
+    """The release-policy keys of a simulated site: ``sim-z-min-examples``, ``sim-z-layers`` and
+    ``sim-metrics-min-reports`` of the run config (0 or "" = the safe default)."""
+    out = {}
+    for key in ("z-min-examples", "z-layers", "metrics-min-reports"):
+        value = rc.get(f"sim-{key}")
+        if value not in (None, "", 0):
+            out[key] = value
+    return out
 
 
 def privacy_policy(src: Any) -> dict[str, float]:

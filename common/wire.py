@@ -88,7 +88,7 @@ _NUM = (int, float)
 _STR = (str,)
 _BOOL = (bool,)
 REQUEST_CONFIG_KEYS: dict[str, dict[str, tuple[type, ...]]] = {
-    WHOAMI: {"nonce": _STR},
+    WHOAMI: {"nonce": _STR, "challenge": _STR},
     ENROLL: {
         "nonce": _STR, "task": _STR, "steps": _INT, "lr": _NUM, "batch_size": _INT, "max_length": _INT,
         "seed": _INT, "lora_r": _INT, "lora_alpha": _NUM, "lora_targets": _STR, "lora_dropout": _NUM,
@@ -98,7 +98,7 @@ REQUEST_CONFIG_KEYS: dict[str, dict[str, tuple[type, ...]]] = {
     APPLY: {
         "nonce": _STR, "task": _STR, "name": _STR, "lora_config": _STR, "blob_sha256": _STR,
         "base_fingerprint": _STR, "strategy": _STR, "sources": _STR, "weights": _STR,
-        "evaluate": _BOOL, "max_eval": _INT, "store": _BOOL, "with_base": _BOOL,
+        "evaluate": _BOOL, "max_eval": _INT, "store": _BOOL, "with_base": _BOOL, "delivery": _STR,
     },
 }
 REQUEST_REQUIRED: dict[str, frozenset[str]] = {
@@ -112,6 +112,8 @@ REQUEST_REQUIRED: dict[str, frozenset[str]] = {
 WHOAMI_KEYS: dict[str, tuple[type, ...]] = {
     "schema": _STR, "site": _STR, "tasks": _STR, "groups": _STR, "n_examples": _INT, "n_labeled": _INT,
     "n_unlabeled": _INT, "n_eval": _INT, "data_ok": _BOOL, "signer": _STR, "nonce": _STR,
+    # a signed ``identity`` statement (``common/statements.py``) as canonical JSON; "" = the site has no key
+    "identity": _STR,
 }
 ENROLL_META_KEYS: dict[str, tuple[type, ...]] = {
     "schema": _STR, "site": _STR, "task": _STR, "modality": _STR, "group": _STR,

@@ -56,6 +56,11 @@ class SiteSpec:
     privacy: dict[str, float] = field(default_factory=dict)
     #: SHA-256 of the app bundle(s) the site approved (comma-separated); checked by client/pin.py
     app_sha256: str = ""
+    #: the coordinator public key (PEM file) the site pins: it installs only deliveries signed with it
+    coordinator_key: str = ""
+    #: the site's release policy, node-config keys of ``client/policy.py`` (z-min-examples, z-layers,
+    #: metrics-min-reports; the site's safe defaults when empty)
+    release: dict[str, Any] = field(default_factory=dict)
 
     def node_config(self) -> dict[str, Any]:
         out: dict[str, Any] = {"site-id": self.site, "data-path": self.data_path, "model-path": self.model_path,
@@ -64,7 +69,10 @@ class SiteSpec:
             out["threads"] = self.threads
         if self.app_sha256:
             out["app-sha256"] = self.app_sha256
+        if self.coordinator_key:
+            out["coordinator-key"] = self.coordinator_key
         out.update({k: float(v) for k, v in self.privacy.items()})
+        out.update(self.release)
         return out
 
 
@@ -622,6 +630,15 @@ def signing_keys(workdir: Path, sites: list[SiteSpec]) -> Path:
     return allow.path
 
 
+def coordinator_public_key(registry: str | os.PathLike[str]) -> Path:
+    """The public key file the sites pin as ``coordinator-key``: ``<registry>/coordinator.pub``.
+    The ServerApp makes the key on its first delivery (``server/coordkey.py``), after the registry
+    exists; a site reads the file when a delivery arrives. On another machine, copy it to the site."""
+    from server.coordkey import public_key_path
+
+    return public_key_path(Path(registry).resolve())
+
+
 def up(workdir: Path, sites: list[SiteSpec], host: str = "127.0.0.1", port: int = DEFAULT_SUPERLINK_PORT,
        registry: str | None = None, tls_hosts: list[str] | None = None, timeout: float = 90.0,
        sign: bool = True, proxy: bool | None = None, site_networks: list[str] | None = None
@@ -634,8 +651,10 @@ def up(workdir: Path, sites: list[SiteSpec], host: str = "127.0.0.1", port: int 
     the SuperLink's ServerApp finds their allow-list through ``$RPE_ALLOWLIST``.
     """
     workdir = Path(workdir).resolve()
+    pinned = str(coordinator_public_key(registry)) if registry else ""
     for spec in sites:
         spec.site_dir = str(Path(spec.site_dir or workdir / "sites" / spec.site).resolve())
+        spec.coordinator_key = spec.coordinator_key or pinned
     allowlist = signing_keys(workdir, sites) if sign else None
     if proxy is None:
         proxy = host not in ("127.0.0.1", "localhost", "::1")
@@ -809,6 +828,12 @@ def main(argv: list[str] | None = None) -> int:
     p_node.add_argument("--app-sha256", default="",
                         help="SHA-256 of the app bundle this site approved (`python -m client.pin hash APP`); "
                              "runs of any other code are refused before it is installed")
+    p_node.add_argument("--coordinator-key", default="",
+                        help="the coordinator's public key (<registry>/coordinator.pub): the site installs only "
+                             "train.apply deliveries signed with it")
+    p_node.add_argument("--release", action="append", default=[], metavar="KEY=VALUE",
+                        help="the site's release policy, repeatable: z-min-examples, z-layers, metrics-min-reports "
+                             "(client/policy.py; safe defaults when absent)")
     p_node.add_argument("--privacy", action="append", default=[], metavar="KEY=VALUE",
                         help="the site's privacy policy, repeatable: dp-noise-multiplier, dp-max-grad-norm, "
                              "dp-delta (DP-SGD for the adapter); z-clip with z-noise-multiplier or z-epsilon, "
@@ -851,6 +876,8 @@ def main(argv: list[str] | None = None) -> int:
                                     operator_ca=args.operator_ca)
             print(f"SuperLink PID {state['superlink']['pid']} on {args.host}:{args.port}; "
                   f"CA for the sites: {state['ca_cert']}\nexport FLWR_HOME={state['flwr_home']}")
+            if args.registry:
+                print(f"coordinator key for the sites (--coordinator-key): {coordinator_public_key(args.registry)}")
         elif args.command == "register":
             keys = {}
             for item in args.keys:
@@ -868,7 +895,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"allow-list {allow.path}: {allow.sites()}")
         elif args.command == "supernode":
             spec = SiteSpec(args.site_id, str(Path(args.data_path).resolve()), args.model_path, args.site_dir,
-                            args.port, args.threads, _privacy_args(args.privacy), args.app_sha256)
+                            args.port, args.threads, _privacy_args(args.privacy), args.app_sha256,
+                            str(Path(args.coordinator_key).resolve()) if args.coordinator_key else "",
+                            dict(item.split("=", 1) for item in args.release))
             proc = start_supernode(args.workdir, spec, args.superlink, args.root_certificates, args.auth_key)
             keys = Path(spec.site_dir) / "keys"
             if not (keys / f"{spec.site}.key").exists():

@@ -27,16 +27,24 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from server.allowlist import AllowList
 from server.bootstrap import open_registry
-from server.messaging import SiteFailure, SiteInfo, discover, exchange, log, run_log
+from server.messaging import IdentityRefused, SiteFailure, SiteInfo, discover, exchange, log, run_log
 from server.modes.compose import embed_sites, run_compose
 from server.modes.enroll import run_enroll
 from server.modes.evaluate import run_evaluate
 from server.reporting import write_evaluation, write_report
 from server.settings import MODES, REGISTRY_ENV, Settings
 
-__all__ = ["MODES", "Settings", "SiteFailure", "SiteInfo", "app", "discover", "embed_sites", "exchange", "main",
-           "open_registry", "run_compose", "run_enroll", "run_evaluate", "write_evaluation", "write_report"]
+__all__ = ["MODES", "IdentityRefused", "Settings", "SiteFailure", "SiteInfo", "app", "discover", "embed_sites",
+           "exchange", "main", "open_registry", "run_compose", "run_enroll", "run_evaluate", "write_evaluation",
+           "write_report"]
+
+
+def allow_list(s: Settings) -> AllowList:
+    """The site allow-list of this run (a missing file allows no one)."""
+    return AllowList(s.allowlist)
+
 
 HANDLERS = {"enroll": run_enroll, "compose": run_compose, "evaluate": run_evaluate}
 
@@ -63,7 +71,8 @@ def main(grid: Grid, context: Context) -> None:
             with run_log(registry.path / "runs" / f"{run_id}-{s.mode}.log"):
                 timings["open_registry"] = round(time.monotonic() - t0, 3)
                 t0 = time.monotonic()
-                sites = discover(grid, s.timeout_query, report)
+                sites = discover(grid, s.timeout_query, report, run_id, allow_list(s), s.require_signatures,
+                                 registry.audit)
                 timings["discover"] = round(time.monotonic() - t0, 3)
                 if s.mode in HANDLERS:
                     t0 = time.monotonic()

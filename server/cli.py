@@ -357,7 +357,7 @@ def register(sub: Any) -> None:
     v.add_argument("--audit", required=True, help="the coordinator's audit.jsonl")
     v.add_argument("--site", required=True, help="the site id the coordinator knows it by")
     v.add_argument("--coordinator-key", help="the coordinator's public key (PEM) the site holds, to check the "
-                                             "receipts in its egress log (default: keys/coordinator.pub next to "
+                                             "receipts in its egress log (default: coordinator.pub next to "
                                              "the audit log)")
     v.set_defaults(func=cmd_audit_cross_check)
 

@@ -7,15 +7,18 @@ coordinator-only entry means a forged or altered submission, or a site that lost
 rejected (a site-only line means a reply the coordinator received — or an intermediary
 intercepted — without recording it).
 
-What is matched: the coordinator's ``submission.accepted`` / ``submission.rejected`` events whose
-``site`` is the site, against the site's egress lines whose ``message_type`` is in
-``message_types`` (default ``("train",)``, the enrolment reply). Each egress line is used at most
-once, in log order. An event's match keys are its own fields: the ServerApp passes run_id, nonce
-and ``record_digests`` to ``Registry.add(..., audit_fields=...)``, so the registry's one
-accepted/rejected entry per submission carries them (and the app's own rejection entry, for a
-reply the registry never saw, does too). In logs written by older ServerApps, which put them on a
-separate ``enroll.received`` entry, the keys are completed from such a *companion* event of the
-same site with the same ``record_id`` that carries ``record_digests``:
+What is matched: the coordinator's audit events for site replies (:data:`REPLY_EVENTS`: the
+``identity.*`` entries of discovery, ``submission.accepted`` / ``submission.rejected``,
+``query.embedding`` / ``query.failed``, ``composition.delivered`` / ``composition.undelivered``)
+whose ``site`` is the site, against the site's egress lines of the same message type, for every
+type in ``message_types`` (default: all four a site answers; ``("train",)``: enrolment only).
+Each egress line is used at most once, in log order. An event's match keys are its own fields:
+the ServerApp passes run_id, nonce and ``record_digests`` to ``Registry.add(...,
+audit_fields=...)``, so the registry's one accepted/rejected entry per submission carries them
+(and the app's own rejection entry, for a reply the registry never saw, does too). In logs
+written by older ServerApps, which put them on a separate ``enroll.received`` entry, the keys
+are completed from such a *companion* event of the same site with the same ``record_id`` that
+carries ``record_digests``:
 
 - ``run_id``: if both sides have one they must be equal; ``nonce`` likewise (egress:
   ``extra["nonce"]``);
@@ -34,7 +37,7 @@ log is verified too: a cross-check against a tampered audit log is never "OK".
 Receipts (the outside witness, issue 10 item 5): every coordinator-signed ``receipt`` statement
 found in the site's egress log (``extra["receipt"]``, ``extra["ack"]["receipt"]`` or a top-level
 ``receipt``) is checked against the coordinator key (``coordinator_key``: the public key the site
-holds; default the registry's exported ``keys/coordinator.pub`` next to the audit log) and then
+holds; default the registry's exported ``coordinator.pub`` next to the audit log) and then
 against the audit log (``common.statements.check_receipts``): a receipt past the log's end means
 the log was truncated, one whose entry differs means it was rewritten.
 """
@@ -50,6 +53,20 @@ from common.egress import read_egress
 from common.signing import load_public_key
 from common.statements import StatementError, check_receipts, verify_statement
 from server.audit import EV_SUBMISSION_ACCEPTED, EV_SUBMISSION_REJECTED, line_hash, read_entries, verify
+
+#: every message type a site answers (``common/wire.py``); the default scope of a cross-check
+ALL_MESSAGE_TYPES = ("query.whoami", "train", "query.embed", "train.apply")
+#: the coordinator's audit event(s) for one site reply, per message type (an event that carries its
+#: own ``message_type`` field is taken at its word)
+REPLY_EVENTS: dict[str, str] = {
+    EV_SUBMISSION_ACCEPTED: "train", EV_SUBMISSION_REJECTED: "train",
+    "identity.verified": "query.whoami", "identity.unverified": "query.whoami", "identity.refused": "query.whoami",
+    "query.embedding": "query.embed", "query.failed": "query.embed",
+    "composition.delivered": "train.apply", "composition.undelivered": "train.apply",
+}
+#: events that say the reply was not usable: they may match a reply without records, and when the
+#: site's log has none (offline, timeout) they are ``unverifiable``, not a mismatch
+REFUSAL_EVENTS = frozenset({EV_SUBMISSION_REJECTED, "identity.refused", "query.failed", "composition.undelivered"})
 
 
 @dataclass
@@ -131,7 +148,7 @@ def check_egress_receipts(egress_entries: list[tuple[int, dict[str, Any]]], audi
 
 
 def _default_key(audit_path: str | os.PathLike[str]) -> Any:
-    pub = Path(audit_path).parent / "keys" / "coordinator.pub"
+    pub = Path(audit_path).parent / "coordinator.pub"
     return load_public_key(pub) if pub.is_file() else None
 
 
@@ -166,7 +183,7 @@ def _keys(event: dict[str, Any], comp: dict[str, Any]) -> dict[str, Any]:
         "z": pick("z_sha256"),
         "run_id": pick("run_id"),
         "nonce": pick("nonce"),
-        "rejected": event.get("event") == EV_SUBMISSION_REJECTED,
+        "rejected": event.get("event") in REFUSAL_EVENTS,
     }
 
 
@@ -227,15 +244,24 @@ def _explain(k: dict[str, Any], candidates: list[tuple[int, dict[str, Any]]]) ->
     )
 
 
+def _event_type(event: dict[str, Any]) -> str | None:
+    if event.get("event") not in REPLY_EVENTS:
+        return None
+    mtype = event.get("message_type")
+    return mtype if isinstance(mtype, str) else REPLY_EVENTS[event["event"]]
+
+
 def cross_check(
     egress_path: str | os.PathLike[str],
     audit_path: str | os.PathLike[str],
     site_id: str,
-    message_types: tuple[str, ...] = ("train",),
+    message_types: tuple[str, ...] = ALL_MESSAGE_TYPES,
     coordinator_key: Any = None,
 ) -> CrossCheckReport:
-    """Match the site's egress log with the coordinator's submission events for ``site_id``, and
-    check every receipt the site kept (``coordinator_key``: an ``Ed25519PublicKey`` or a PEM path)."""
+    """Match the site's egress log with the coordinator's reply events for ``site_id``: every
+    message type a site answers by default (identity at whoami, enrolment, z, deliveries); pass
+    ``message_types=("train",)`` for enrolment only. Every receipt the site kept is checked against
+    the log too (``coordinator_key``: an ``Ed25519PublicKey`` or a PEM path)."""
     rep = CrossCheckReport(site_id=site_id)
     rep.audit_problems = [str(p) for p in verify(audit_path)]
     egress_entries, rep.egress_unreadable_lines = read_egress(egress_path)
@@ -246,25 +272,30 @@ def cross_check(
     pending = [(n, e) for n, e in egress_entries if e.get("message_type") in message_types]
     site_events = [e for _, e in read_entries(audit_path) if e.get("site") == site_id]
     submission_events = (EV_SUBMISSION_ACCEPTED, EV_SUBMISSION_REJECTED)
-    submissions = [e for e in site_events if e.get("event") in submission_events]
+    replies = [e for e in site_events if _event_type(e) in message_types]
     companions: dict[str, list[dict[str, Any]]] = {}
     for e in site_events:
         if (e.get("event") not in submission_events and e.get("record_id") is not None
                 and isinstance(e.get("record_digests"), dict)):
             companions.setdefault(e["record_id"], []).append(e)
-    for audit in submissions:
-        k = _keys(audit, _take_companion(audit, companions))
-        hit = next((i for i, (_, eg) in enumerate(pending) if _compatible(k, eg)), None)
+    for audit in replies:
+        mtype = _event_type(audit)
+        comp = _take_companion(audit, companions) if audit.get("event") in submission_events else {}
+        k = _keys(audit, comp)
+        same_type = [(i, eg) for i, (_, eg) in enumerate(pending) if eg.get("message_type") == mtype]
+        hit = next((i for i, eg in same_type if _compatible(k, eg)), None)
         summary = {
             "seq": audit.get("seq"),
             "event": audit.get("event"),
+            "message_type": mtype,
             "run_id": k["run_id"],
             "record_id": audit.get("record_id"),
             "blob_sha256": k["blob"],
         }
         if hit is None:
             target = rep.unverifiable if k["rejected"] and not _claims_data(k) else rep.coordinator_only
-            target.append({**summary, "reason": audit.get("reason"), "detail": _explain(k, pending)})
+            target.append({**summary, "reason": audit.get("reason"),
+                           "detail": _explain(k, [pending[i] for i, _ in same_type])})
             continue
         line, eg = pending.pop(hit)
         how = "record_digests" if k["digests"] else ("blob_sha256" if k["blob"] else "run_id (no data)")
@@ -278,7 +309,7 @@ def cross_check(
                 "run_id": eg.get("run_id"),
                 "outcome": (eg.get("extra") or {}).get("outcome"),
                 "records": _egress_digests(eg),
-                "detail": "no submission.accepted/rejected event for this site matches this reply",
+                "detail": "no coordinator audit event for this site matches this reply",
             }
         )
     return rep

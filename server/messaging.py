@@ -121,9 +121,9 @@ class Reply:
 
 
 def request(key: str, node_id: int, message_type: str, config: dict[str, Any],
-            adapter: Any = None) -> Request:
-    """A validated request with a fresh nonce put into its config."""
-    nonce = make_nonce()
+            adapter: Any = None, nonce: str = "") -> Request:
+    """A validated request with a fresh nonce (or ``nonce``, made by the caller) put into its config."""
+    nonce = nonce or make_nonce()
     content = wire.build_request(message_type, {"nonce": nonce, **config}, adapter)
     return Request(key, node_id, message_type, content, nonce)
 
@@ -219,41 +219,133 @@ def exchange(grid: Grid, requests: list[Request], timeout: float, max_in_flight:
     return out
 
 
+def audit_reply(audit: Any, event: str, req: Request, rep: Reply, run_id: str, site: str, **fields: Any) -> None:
+    """One audit entry for one site reply (or its absence), with what ``rpe audit cross-check``
+    matches it on: run id, nonce, message type and, when the reply carried records, their digests."""
+    from common.digests import record_digests
+
+    digests = None
+    if rep.message is not None and rep.message.has_content():
+        digests = record_digests({n: rep.content[n] for n in rep.content.keys()})
+    audit.append(event, site=site, run_id=run_id, nonce=req.nonce, message_type=req.message_type,
+                 record_digests=digests, **fields)
+
+
 @dataclass
 class SiteInfo:
-    """An online site: its id, its Flower node id this run, and what its whoami said."""
+    """An online site bound to its node for this run: its id, its Flower node id, what its whoami
+    said, and whether the claim was proved with the site's allow-listed key (``verified``)."""
 
     site: str
     node_id: int
     info: dict[str, Any] = field(default_factory=dict)
+    verified: bool = False
 
 
-def discover(grid: Grid, timeout: float, report: dict[str, Any]) -> dict[str, SiteInfo]:
-    """Ask every online node who it is; ignore (and report) nodes that refuse or claim a taken id."""
-    requests = [request(str(node), node, wire.WHOAMI, {}) for node in sorted(grid.get_node_ids())]
+class IdentityRefused(Exception):
+    """A node's claim to be a site does not hold (unsigned where signatures are required, signed
+    by another key, for another run or challenge, or for another node)."""
+
+
+def verify_identity(info: dict[str, Any], node_id: int, run_id: str, challenge: str, allow: Any,
+                    require: bool) -> bool:
+    """True if the whoami's identity statement proves the claimed site; False if it is unsigned and
+    unsigned claims are allowed here; :class:`IdentityRefused` otherwise."""
+    import json
+
+    from common.signing import SigningError
+    from common.statements import StatementError, verify_statement
+
+    site, raw = info["site"], info.get("identity", "")
+    if not raw:
+        if require:
+            raise IdentityRefused(f"node {node_id} claims site {site!r} without a signed identity statement, "
+                                  "and this coordinator requires signatures (give the site its key, "
+                                  "or run with require-signatures=false)")
+        return False
+    if allow is None or site not in allow:
+        raise IdentityRefused(f"node {node_id} claims site {site!r}, which is not on the allow-list "
+                              "(rpe allowlist add)")
+    try:
+        statement = json.loads(raw)
+        body = verify_statement(allow.get(site), statement, "identity",
+                                expect={"site": site, "run_id": run_id, "challenge": challenge})
+    except (ValueError, StatementError, SigningError) as exc:
+        raise IdentityRefused(f"node {node_id} claims site {site!r}: {exc}") from None
+    if body.get("node_id") not in ("", str(node_id)):
+        raise IdentityRefused(f"node {node_id} claims site {site!r} with a statement made by node "
+                              f"{body.get('node_id')} (relayed or replayed)")
+    return True
+
+
+def discover(grid: Grid, timeout: float, report: dict[str, Any], run_id: str = "", allow: Any = None,
+             require_signatures: bool = False, audit: Any = None) -> dict[str, SiteInfo]:
+    """Ask every online node who it is and bind each proved site id to its node for this run.
+
+    Each ``query.whoami`` carries a fresh challenge; the site answers with an identity statement
+    signed by its allow-listed key (``client/handlers.py``). A node whose claim does not verify, or
+    that claims a site another node claims too, is refused, reported and (with ``audit``) audited
+    as ``identity.refused``; nothing for that site goes to it. Two nodes that both prove the same
+    site (a copied key) are both refused: there is no telling which is the site.
+    """
+    import secrets
+
+    from common.digests import record_digests
+
+    requests = [request(str(node), node, wire.WHOAMI, {"challenge": secrets.token_hex(32)})
+                for node in sorted(grid.get_node_ids())]
+    challenges = {r.key: r.content["config"]["challenge"] for r in requests}
     replies = exchange(grid, requests, timeout)
-    sites: dict[str, SiteInfo] = {}
+    claims: dict[str, list[SiteInfo]] = {}
     problems: dict[str, str] = {}
+    digests: dict[int, dict[str, str]] = {}
+
+    def refuse(where: str, node: int, site: str | None, reason: str, nonce: str) -> None:
+        problems[where] = reason
+        if audit is not None:
+            audit.append("identity.refused", site=site, node_id=str(node), reason=reason[:1000], run_id=run_id,
+                         nonce=nonce, message_type=wire.WHOAMI, record_digests=digests.get(node))
+
     for req in requests:
         rep, where = replies[req.key], f"node {req.node_id}"
         if not rep.ok:
             problems[where] = rep.problem
             continue
+        digests[req.node_id] = record_digests({n: rep.content[n] for n in rep.content.keys()})
         try:
             info = wire.parse_whoami_reply(rep.content)
         except WireError as exc:
-            problems[where] = f"invalid whoami reply: {exc}"
+            refuse(where, req.node_id, None, f"invalid whoami reply: {exc}", req.nonce)
             continue
         if info["nonce"] != req.nonce:
-            problems[where] = "whoami reply answers another request (nonce mismatch)"
+            refuse(where, req.node_id, info["site"], "whoami reply answers another request (nonce mismatch)",
+                   req.nonce)
             continue
-        if info["site"] in sites:
-            problems[where] = f"site id {info['site']!r} is already used by node {sites[info['site']].node_id}"
+        try:
+            verified = verify_identity(info, req.node_id, run_id, challenges[req.key], allow, require_signatures)
+        except IdentityRefused as exc:
+            refuse(where, req.node_id, info["site"], str(exc), req.nonce)
             continue
-        sites[info["site"]] = SiteInfo(info["site"], req.node_id, info)
+        claims.setdefault(info["site"], []).append(SiteInfo(info["site"], req.node_id, info, verified))
+    sites: dict[str, SiteInfo] = {}
+    for site, cands in claims.items():
+        proved = [c for c in cands if c.verified]
+        keep = proved[0] if len(proved) == 1 else cands[0] if len(cands) == 1 else None
+        for c in cands:
+            if c is keep:
+                continue
+            other = keep.node_id if keep is not None else [x.node_id for x in cands if x is not c]
+            refuse(f"node {c.node_id}", c.node_id, site, f"node {c.node_id} claims site {site!r}, which node(s) "
+                   f"{other} also claim; the claim is refused", c.info["nonce"])
+        if keep is not None:
+            sites[site] = keep
+            if audit is not None:
+                audit.append("identity.verified" if keep.verified else "identity.unverified", site=site,
+                             node_id=str(keep.node_id), run_id=run_id, nonce=keep.info["nonce"],
+                             message_type=wire.WHOAMI, record_digests=digests.get(keep.node_id))
     report["online"] = {s: {"node_id": str(i.node_id), "n_examples": i.info["n_examples"],
                             "n_labeled": i.info["n_labeled"], "n_eval": i.info["n_eval"],
-                            "data_ok": i.info["data_ok"], "groups": i.info["groups"]}
+                            "data_ok": i.info["data_ok"], "groups": i.info["groups"], "verified": i.verified}
                         for s, i in sorted(sites.items())}
     if problems:
         report["discovery_problems"] = problems

@@ -19,7 +19,8 @@ MODES = ("enroll", "compose", "evaluate", "whoami")
 REGISTRY_ENV = "RPE_REGISTRY"
 ALLOWLIST_ENV = "RPE_ALLOWLIST"
 #: run-config keys read by the simulated sites (``client/site.py``), not by the ServerApp
-SITE_ONLY_KEYS = frozenset({"sim-sites", "sim-data-root", "sim-model-path", "sim-site-root", "sim-threads"})
+SITE_ONLY_KEYS = frozenset({"sim-sites", "sim-data-root", "sim-model-path", "sim-site-root", "sim-threads",
+                            "sim-coordinator-key", "sim-z-min-examples", "sim-z-layers", "sim-metrics-min-reports"})
 
 
 class SettingsError(ValueError):
@@ -62,7 +63,7 @@ class Settings:
     lora_dropout: float = _key("lora-dropout", float, 0.0)
     embed_layer: int = _key("embed-layer", int, -1)
     max_examples: int = _key("max-examples", int, 0)
-    require_signatures: bool = _key("require-signatures", _bool, False)
+    require_signatures: bool = _key("require-signatures", _bool, True)
     allowlist: str = _key("allowlist", str, "")
     blob_key_file: str = _key("blob-key-file", str, "")
     targets: tuple[str, ...] = _key("target", _csv, ())

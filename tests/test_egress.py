@@ -13,6 +13,8 @@ from common.egress import MAX_LOGGED_STR, read_egress
 from server.audit import AuditLog
 from server.crosscheck import cross_check
 
+ENROLMENT = ("train",)  # these tests pin down the enrolment matching
+
 
 def _adapter_record(seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
@@ -157,7 +159,7 @@ def test_cross_check_all_matched(tmp_path):
     egress.record("query.embed", {"z": {"z": np.zeros(4, np.float32)}})  # not a submission
     audit.append("submission.accepted", site="s2", record_id="x", blob_sha256="ee" * 32, bytes=1,
                  z_sha256="ee" * 32)  # another site's submission is not ours to match
-    rep = cross_check(egress.path, audit.path, "s1")
+    rep = cross_check(egress.path, audit.path, "s1", ENROLMENT)
     assert rep.ok, str(rep)
     assert [(m["seq"], m["egress_line"]) for m in rep.matched] == [(1, 1), (2, 2), (3, 3)]
     assert "OK (3 matched" in str(rep)
@@ -174,7 +176,7 @@ def test_cross_check_coordinator_only_entry(tmp_path):
     audit.append("submission.accepted", site="s1", record_id="rec-2", blob_sha256="cd" * 32, bytes=512,
                  z_sha256=z_sha256(received["z"]["z"]), run_id="run-2",
                  record_digests=record_digests(received))
-    rep = cross_check(egress.path, audit.path, "s1")
+    rep = cross_check(egress.path, audit.path, "s1", ENROLMENT)
     assert not rep.ok
     assert [c["seq"] for c in rep.coordinator_only] == [2]
     assert "closest egress line 2 differs in metadata: coordinator" in rep.coordinator_only[0]["detail"]
@@ -187,7 +189,7 @@ def test_cross_check_site_only_line(tmp_path):
     audit, egress = AuditLog(tmp_path / "audit.jsonl"), EgressLog(tmp_path / "egress.jsonl")
     _submit(audit, egress, "s1", _reply(0), "run-1")
     egress.record("train", _reply(1), run_id="run-2")
-    rep = cross_check(egress.path, audit.path, "s1")
+    rep = cross_check(egress.path, audit.path, "s1", ENROLMENT)
     assert not rep.ok and rep.coordinator_only == []
     (only,) = rep.site_only
     assert only["line"] == 2 and only["run_id"] == "run-2"
@@ -201,7 +203,7 @@ def test_cross_check_run_id_must_agree(tmp_path):
     egress.record("train", reply, run_id="run-1")
     audit.append("submission.accepted", site="s1", record_id="r", blob_sha256="cd" * 32, bytes=1,
                  z_sha256="00" * 32, run_id="run-9", record_digests=record_digests(reply))
-    rep = cross_check(egress.path, audit.path, "s1")
+    rep = cross_check(egress.path, audit.path, "s1", ENROLMENT)
     assert "no unmatched egress line for run 'run-9'" in rep.coordinator_only[0]["detail"]
     assert len(rep.site_only) == 1
 
@@ -209,11 +211,11 @@ def test_cross_check_run_id_must_agree(tmp_path):
 def test_cross_check_flags_tampered_audit_log(tmp_path):
     audit, egress = AuditLog(tmp_path / "audit.jsonl"), EgressLog(tmp_path / "egress.jsonl")
     _submit(audit, egress, "s1", _reply(0), "run-1")
-    assert cross_check(egress.path, audit.path, "s1").ok
+    assert cross_check(egress.path, audit.path, "s1", ENROLMENT).ok
     lines = audit.path.read_text().splitlines()
     lines[0] = lines[0].replace('"bytes":512', '"bytes":513')
     audit.path.write_text("\n".join(lines) + "\n")
-    rep = cross_check(egress.path, audit.path, "s1")
+    rep = cross_check(egress.path, audit.path, "s1", ENROLMENT)
     assert any("bad_hash" in p for p in rep.audit_problems) and not rep.ok
 
 
@@ -236,7 +238,7 @@ def test_cross_check_as_the_server_app_logs_it(tmp_path):
     egress.record("train", {}, run_id="9", extra={"outcome": "refused", "reason": "no data for task"})
     audit.append("submission.rejected", site="s1", reason="refused: no data for task", run_id="9", nonce="n3")
     audit.append("submission.rejected", site="s1", reason="offline", run_id="10")
-    rep = cross_check(egress.path, audit.path, "s1")
+    rep = cross_check(egress.path, audit.path, "s1", ENROLMENT)
     assert rep.ok, str(rep)
     assert [(m["seq"], m["egress_line"], m["matched_on"]) for m in rep.matched] == [
         (1, 1, "record_digests"), (2, 2, "record_digests"), (3, 3, "run_id (no data)"),
@@ -245,7 +247,7 @@ def test_cross_check_as_the_server_app_logs_it(tmp_path):
     # the entry's own nonce is checked: a different nonce on the site's side fails
     egress2 = EgressLog(tmp_path / "egress2.jsonl")
     egress2.record("train", ok, run_id="7", extra={"outcome": "ok", "nonce": "other"})
-    rep2 = cross_check(egress2.path, audit.path, "s1")
+    rep2 = cross_check(egress2.path, audit.path, "s1", ENROLMENT)
     assert 1 in [c["seq"] for c in rep2.coordinator_only]
     assert "nonce: coordinator n1 vs site other" in str(rep2)
 
@@ -266,7 +268,7 @@ def test_cross_check_with_legacy_companion_events(tmp_path):
     audit.append("submission.rejected", site="s1", reason="refused: no data for task", run_id="8", nonce="n2")
     # run 9: the site was offline, nothing was sent or received
     audit.append("submission.rejected", site="s1", reason="offline", run_id="9")
-    rep = cross_check(egress.path, audit.path, "s1")
+    rep = cross_check(egress.path, audit.path, "s1", ENROLMENT)
     assert rep.ok, str(rep)
     assert [(m["seq"], m["egress_line"], m["matched_on"]) for m in rep.matched] == [
         (1, 1, "record_digests"), (3, 2, "run_id (no data)"),
@@ -275,7 +277,7 @@ def test_cross_check_with_legacy_companion_events(tmp_path):
     # the companion's digests are really checked: a different nonce on the site's side fails
     egress2 = EgressLog(tmp_path / "egress2.jsonl")
     egress2.record("train", reply, run_id="7", extra={"outcome": "ok", "nonce": "other"})
-    rep2 = cross_check(egress2.path, audit.path, "s1")
+    rep2 = cross_check(egress2.path, audit.path, "s1", ENROLMENT)
     assert [c["seq"] for c in rep2.coordinator_only] == [1]
     assert "nonce: coordinator n1 vs site other" in rep2.coordinator_only[0]["detail"]
 
@@ -286,7 +288,7 @@ def test_rejection_without_digests_of_a_data_reply_is_a_mismatch(tmp_path):
     audit, egress = AuditLog(tmp_path / "audit.jsonl"), EgressLog(tmp_path / "egress.jsonl")
     egress.record("train", _reply(0), run_id="7")
     audit.append("submission.rejected", site="s1", reason="BaseModelMismatchError: ...")
-    rep = cross_check(egress.path, audit.path, "s1")
+    rep = cross_check(egress.path, audit.path, "s1", ENROLMENT)
     assert not rep.ok and [s["line"] for s in rep.site_only] == [1]
     assert "neither record_digests nor blob_sha256" in rep.unverifiable[0]["detail"]
 
@@ -302,6 +304,6 @@ def test_resubmitted_identical_adapter_pairs_each_companion_in_order(tmp_path):
                      bytes=512, z_sha256=z_sha256(reply["z"]["z"]), duplicate=run == "8")
         audit.append("enroll.received", site="s1", record_id="s1:t:same", run_id=run, nonce=nonce,
                      record_digests=record_digests(reply))
-    rep = cross_check(egress.path, audit.path, "s1")
+    rep = cross_check(egress.path, audit.path, "s1", ENROLMENT)
     assert rep.ok, str(rep)
     assert [(m["seq"], m["egress_line"]) for m in rep.matched] == [(1, 1), (3, 2)]

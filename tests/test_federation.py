@@ -26,13 +26,18 @@ import pytest
 from support import LocalGrid
 
 from common import wire
+from common.signing import generate_keypair
 from deploy import launch
+from server.allowlist import AllowList
 
 REPO = Path(__file__).resolve().parents[1]
 #: a site's privacy policy in node config: DP-SGD for the adapter, the Gaussian mechanism on z
 PRIVATE_POLICY = {"dp-noise-multiplier": 1.0, "dp-max-grad-norm": 1.0, "z-clip": 2.0, "z-epsilon": 4.0}
 SITES = {"a": "ct-head", "b": "mr-head", "c": "ct-abdomen"}
 RUN_TIMEOUT = 240.0
+#: the tiny test sites hold 2 held-out reports: their node config allows metrics over that few
+#: (the safe default, client/policy.py, is 10); z still needs the whole set of >= 10 examples
+LOCAL_RELEASE = {"metrics-min-reports": 1}
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -76,7 +81,7 @@ def live_pids(state: dict) -> list[int]:
 def fed(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
     tmp = tmp_path_factory.mktemp("federation")
     data = make_site_data(tmp / "data")
-    specs = [launch.SiteSpec(site, str(path), str(tiny_model_dir), threads=1,
+    specs = [launch.SiteSpec(site, str(path), str(tiny_model_dir), threads=1, release=dict(LOCAL_RELEASE),
                              privacy=PRIVATE_POLICY if site == "b" else {}) for site, path in data.items()]
     corrupt = tmp / "data" / "d.jsonl"
     corrupt.write_text('{"prompt": "Findings: normal.", "target": "Normal.", "group": "ct-head"}\n{"prompt": \n')
@@ -86,7 +91,7 @@ def fed(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
     t0 = time.monotonic()
     state: dict = {}
     try:
-        state = launch.up(workdir, specs, port=launch.free_port(), timeout=90.0)
+        state = launch.up(workdir, specs, port=launch.free_port(), timeout=90.0, registry=str(registry))
         print(f"deployment up in {time.monotonic() - t0:.1f} s", file=sys.stderr)
         yield {"tmp": tmp, "workdir": workdir, "registry": registry, "model": tiny_model_dir,
                "flwr_home": Path(state["flwr_home"]), "state": state,
@@ -145,6 +150,27 @@ def test_enroll_stores_three_adapters_and_reports_the_failing_site(fed, enrolled
     finally:
         reg.close()
     assert "\"site\":\"d\"" not in (fed["registry"] / "records.jsonl").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_real_sites_prove_their_identity_and_install_only_a_signed_delivery(fed, composed):
+    """On real SuperNodes: every site answered whoami with a statement its allow-listed key signed
+    (bound to its node), and site a installed the composed adapter after checking the coordinator's
+    delivery signature against the coordinator.pub its node config pins."""
+    from common.privacy import read_egress
+
+    assert composed["status"] == "finished:completed", composed
+    online = composed["report"]["online"]
+    assert all(online[s]["verified"] for s in SITES) and online["a"]["node_id"] != online["b"]["node_id"]
+    assert (fed["registry"] / "coordinator.pub").exists()
+    assert oct((fed["registry"] / "coordinator.key").stat().st_mode & 0o777) == "0o600"
+    state_nc = fed["state"]["sites"]["a"]["node_config"]
+    assert state_nc["coordinator-key"] == str((fed["registry"] / "coordinator.pub").resolve())
+    res = composed["report"]["compose"]["a"]
+    assert res["status"] == "delivered"
+    applied = [x for x in read_egress(fed["site_dirs"]["a"] / "egress.jsonl") if x["message_type"] == wire.APPLY]
+    assert applied and applied[-1]["extra"]["outcome"] == "ok"
 
 
 @pytest.mark.slow
@@ -222,9 +248,14 @@ def test_site_egress_logs_cross_check_with_the_coordinator_audit_log(fed, compos
     from server.crosscheck import cross_check
 
     for site in [*SITES, "d"]:
-        rep = cross_check(fed["site_dirs"][site] / "egress.jsonl", fed["registry"] / "audit.jsonl", site)
+        rep = cross_check(fed["site_dirs"][site] / "egress.jsonl", fed["registry"] / "audit.jsonl", site,
+                          ("train",))
         assert rep.ok, str(rep)
         assert len(rep.matched) == 1, str(rep)
+        # and every message type a site answered (whoami, train, query.embed, train.apply)
+        full = cross_check(fed["site_dirs"][site] / "egress.jsonl", fed["registry"] / "audit.jsonl", site)
+        assert not full.coordinator_only, str(full)
+        assert {m["message_type"] for m in full.matched} >= {wire.WHOAMI, wire.ENROLL}, str(full)
 
 
 PROBE_SERVER = '''
@@ -327,11 +358,16 @@ def local(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
     old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
     nodes = {}
+    registry = tmp / "registry"
+    allow = AllowList(tmp / "allowlist.json")
     for i, (site, path) in enumerate(sorted(data.items()), start=101):
         nc = {"site-id": site, "data-path": str(path), "model-path": str(tiny_model_dir),
-              "site-dir": str(tmp / "sites" / site), "threads": 1}
+              "site-dir": str(tmp / "sites" / site), "threads": 1, **LOCAL_RELEASE,
+              "coordinator-key": str(registry / "coordinator.pub")}
+        _, pub = generate_keypair(tmp / "sites" / site / "keys", site)
+        allow.add(site, pub.read_text())
         nodes[i] = Context(run_id=1, node_id=i, node_config=nc, state=RecordDict(), run_config={})
-    yield {"tmp": tmp, "nodes": nodes, "registry": tmp / "registry", "model": tiny_model_dir}
+    yield {"tmp": tmp, "nodes": nodes, "registry": registry, "model": tiny_model_dir, "allowlist": allow.path}
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
     torch.set_num_threads(threads)
 
@@ -343,9 +379,12 @@ def run_local(local: dict, run_id: int, offline: tuple[int, ...] = (), tamper=No
     from server.app import main
 
     rc = {"registry-dir": str(local["registry"]), "base-model": str(local["model"]), "chroma": "off",
-          "steps": 2, "lora-r": 4, "lora-alpha": 8.0, "max-length": 128, "max-eval": 2, **config}
+          "steps": 2, "lora-r": 4, "lora-alpha": 8.0, "max-length": 128, "max-eval": 2,
+          "allowlist": str(local["allowlist"]), **config}
     for ctx in local["nodes"].values():
         ctx.run_config, ctx.run_id = rc, run_id
+        # every site pins the key of the coordinator (registry) this test talks to
+        ctx.node_config["coordinator-key"] = str(local["registry"] / "coordinator.pub")
     grid = LocalGrid(local["nodes"], run_id, offline, tamper)
     main(grid, Context(run_id=run_id, node_id=1, node_config={}, state=RecordDict(), run_config=rc))
     report = json.loads((local["registry"] / "runs" / f"{run_id}-{rc['mode']}.json").read_text())
@@ -434,7 +473,8 @@ def test_local_enroll_logs_one_audit_entry_per_submission_that_cross_checks(loca
     assert {s: r["status"] for s, r in report["enroll"].items()} == {"a": "accepted", "b": "accepted"}
     audit_path = local["registry"] / "audit.jsonl"
     entries = [json.loads(x) for x in audit_path.read_text().splitlines()]
-    mine = [e for e in entries if e.get("run_id") == "34"]
+    # (each run also audits the identity each site proved at discovery: identity.verified)
+    mine = [e for e in entries if e.get("run_id") == "34" and not e["event"].startswith("identity.")]
     assert sorted((e["event"], e["site"]) for e in mine) == [("submission.accepted", "a"),
                                                              ("submission.accepted", "b")]
     for e in mine:
@@ -442,7 +482,7 @@ def test_local_enroll_logs_one_audit_entry_per_submission_that_cross_checks(loca
         assert set(e["record_digests"]) == {"adapter", "embedding", "meta"}
     assert not any(e["event"] == "enroll.received" for e in entries)
     for site in ("a", "b"):
-        rep = cross_check(local["tmp"] / "sites" / site / "egress.jsonl", audit_path, site)
+        rep = cross_check(local["tmp"] / "sites" / site / "egress.jsonl", audit_path, site, ("train",))
         assert rep.ok, str(rep)
         assert any(m["run_id"] == "34" and m["matched_on"] == "record_digests" for m in rep.matched)
 
@@ -672,6 +712,7 @@ def test_local_privacy_budget_caps_what_a_site_releases(local, tmp_path):
     ctx = local["nodes"][103]
     saved = dict(ctx.node_config)
     ctx.node_config.update({**PRIVATE_POLICY, "privacy-budget": 9.0, "site-dir": str(tmp_path / "site-c")})
+    shutil.copytree(Path(saved["site-dir"]) / "keys", tmp_path / "site-c" / "keys")  # the same site, same key
     fresh = {**local, "registry": tmp_path / "registry"}
     try:
         report, _ = run_local(fresh, 61, mode="enroll")
@@ -733,3 +774,204 @@ def test_site_refuses_an_inconsistent_privacy_policy(tmp_path):
     assert launch._privacy_args(flags, "b") == {"dp-noise-multiplier": 1.0, "z-clip": 2000.0, "z-epsilon": 4.0}
     with pytest.raises(launch.LaunchError, match="protects nothing"):
         launch._privacy_args(["b:z-clip=2000"], "b")
+
+
+# -- identity, signed deliveries, the site's release policy (issue 10 items 2 and 3) ------------
+def _impostor(local: dict, node: int, site: str, key: bool) -> None:
+    """A node whose node config says it is ``site`` (its own site dir; with ``key``, a key of its own
+    that is not on the allow-list)."""
+    from flwr.app import Context, RecordDict
+
+    real = next(c for c in local["nodes"].values() if c.node_config["site-id"] == site)
+    sdir = local["tmp"] / f"impostor-{node}"
+    if key and not (sdir / "keys" / f"{site}.key").exists():
+        generate_keypair(sdir / "keys", site)
+    nc = {**real.node_config, "site-dir": str(sdir)}
+    local["nodes"][node] = Context(run_id=1, node_id=node, node_config=nc, state=RecordDict(), run_config={})
+
+
+def test_local_impostor_nodes_are_refused_and_get_nothing_meant_for_the_site(local):
+    """Nodes 98 (its own key) and 99 (no key) both say they are site c, and answer before c's node
+    103: neither verifies, both are refused and audited, and every message for c goes to node 103."""
+    if not (local["registry"] / "registry.json").exists():
+        run_local(local, 70, mode="enroll")
+    _impostor(local, 98, "c", key=True)
+    _impostor(local, 99, "c", key=False)
+    try:
+        report, grid = run_local(local, 71, mode="compose", target="c", strategy="sim", k=2)
+    finally:
+        del local["nodes"][98], local["nodes"][99]
+    assert report["online"]["c"]["node_id"] == "103" and report["online"]["c"]["verified"] is True
+    problems = report["discovery_problems"]
+    assert "signed by key" in problems["node 98"] and "without a signed identity statement" in problems["node 99"]
+    assert report["compose"]["c"]["status"] == "delivered"
+    to_impostors = {m.metadata.message_type for m in grid.sent if m.metadata.dst_node_id in (98, 99)}
+    assert to_impostors == {wire.WHOAMI}
+    assert {m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type != wire.WHOAMI} == {103}
+    entries = [json.loads(x) for x in (local["registry"] / "audit.jsonl").read_text().splitlines()]
+    refused = [e for e in entries if e["event"] == "identity.refused" and e["run_id"] == "71"]
+    assert sorted(e["node_id"] for e in refused) == ["98", "99"] and all(e["site"] == "c" for e in refused)
+
+
+def test_local_a_replayed_identity_statement_is_refused(local):
+    """Node 97 replays site a's genuine identity statement, taken from a's own egress log of an
+    earlier run (another challenge, another run, another node): refused."""
+    from common.privacy import read_egress
+
+    if not (local["registry"] / "registry.json").exists():
+        run_local(local, 72, mode="enroll")
+    lines = read_egress(local["tmp"] / "sites" / "a" / "egress.jsonl")
+    captured = next(x for x in reversed(lines) if x["message_type"] == wire.WHOAMI)
+    record = next(r for r in captured["records"] if r["name"] == "whoami")
+    statement = next(i["value"] for i in record["items"] if i["key"] == "identity")
+    assert json.loads(statement)["kind"] == "identity"
+    _impostor(local, 97, "a", key=False)
+
+    def replay(reply):
+        if reply.metadata.src_node_id == 97 and reply.has_content() and "whoami" in reply.content:
+            reply.content["whoami"]["identity"] = statement
+        return reply
+
+    try:
+        report, grid = run_local(local, 73, mode="whoami", tamper=replay)
+    finally:
+        del local["nodes"][97]
+    assert report["online"]["a"]["node_id"] == "101"
+    assert "node 97 claims site 'a'" in report["discovery_problems"]["node 97"]
+
+
+def test_local_site_refuses_a_delivery_not_signed_by_its_pinned_coordinator(local, tmp_path):
+    """Site a pins another coordinator key: the compose reaches it, it refuses to install (typed,
+    egress line 'refused'), and no adapter directory appears."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from common.privacy import read_egress
+    from common.signing import public_key_pem
+
+    if not (local["registry"] / "registry.json").exists():
+        run_local(local, 74, mode="enroll")
+    other = tmp_path / "other.pub"
+    other.write_text(public_key_pem(Ed25519PrivateKey.generate().public_key()))
+    ctx = local["nodes"][101]
+    rc_pin = str(other)
+    # run_local pins every node to the test's registry key; this node config keeps the other key
+    saved = dict(ctx.node_config)
+
+    class Pinned(dict):
+        def __setitem__(self, key, value):
+            super().__setitem__(key, rc_pin if key == "coordinator-key" else value)
+
+    ctx.node_config = Pinned(saved)
+    try:
+        report, _ = run_local(local, 75, mode="compose", target="a", strategy="sim", k=2)
+    finally:
+        ctx.node_config = saved
+    res = report["compose"]["a"]
+    assert res["status"] == "undelivered" and res["kind"] == "refused" and "bad-delivery" in res["reason"]
+    assert not (local["tmp"] / "sites" / "a" / "adapters" / res["adapter_name"]).exists()
+    last = read_egress(local["tmp"] / "sites" / "a" / "egress.jsonl")[-1]
+    assert last["message_type"] == wire.APPLY and last["extra"]["outcome"] == "refused" and last["records"] == []
+
+
+def _push(local: dict, node: int, mtype: str, config: dict, run_id: int = 80):
+    """One request straight to one site's real ClientApp; its reply."""
+    from server.messaging import request
+
+    grid = LocalGrid(local["nodes"], run_id)
+    for ctx in local["nodes"].values():
+        ctx.run_id = run_id
+    req = request("x", node, mtype, config)
+    from flwr.app import Message
+
+    mid = grid.push_messages([Message(req.content, dst_node_id=node, message_type=mtype)])[0]
+    return grid.pull_messages([mid])[0]
+
+
+def test_local_site_refuses_a_subset_or_layer_0_z_and_sends_nothing(local):
+    """The site, not the request, decides what z leaves: a z over 3 of its reports, or from layer 0,
+    is refused with a typed code and no records."""
+    sub = _push(local, 101, wire.EMBED, {"task": "report-text", "max_examples": 3})
+    assert sub.has_error() and sub.error.code == wire.ERROR_REFUSED and "[subset-refused]" in sub.error.reason
+    low = _push(local, 101, wire.EMBED, {"task": "report-text", "embed_layer": 0})
+    assert low.has_error() and "[layer-not-allowed]" in low.error.reason
+    whole = _push(local, 101, wire.EMBED, {"task": "report-text", "embed_layer": -1})
+    assert not whole.has_error() and "embedding" in whole.content
+
+
+def test_local_metrics_over_too_few_reports_stay_at_the_site(local):
+    """metrics-min-reports 5 at site a, 2 held-out reports: the adapter is delivered, its scores are not."""
+    if not (local["registry"] / "registry.json").exists():
+        run_local(local, 76, mode="enroll")
+    nc = local["nodes"][101].node_config
+    nc["metrics-min-reports"] = 5
+    try:
+        report, _ = run_local(local, 77, mode="compose", target="a", strategy="sim", k=2)
+    finally:
+        nc.update(LOCAL_RELEASE)
+    res = report["compose"]["a"]
+    assert res["status"] == "delivered" and res["metrics"] == {} and res["evaluated"] is False
+
+
+def test_local_a_failed_egress_write_sends_nothing_and_costs_no_budget(local, tmp_path, monkeypatch):
+    """Site c with privacy-budget 6 (one noisy z costs 4): the egress write of the first z reply fails
+    (a full disk): the reply carries nothing and the z is not cached as released. The next query
+    releases a z (counted) and the one after re-sends it; the budget is never exceeded."""
+    from client import egress as egress_mod
+    from common.privacy import read_egress, spent_from_egress
+
+    ctx = local["nodes"][103]
+    saved = dict(ctx.node_config)
+    site_dir = tmp_path / "site-c"
+    shutil.copytree(Path(saved["site-dir"]) / "keys", site_dir / "keys")
+    ctx.node_config.update({"z-clip": 2.0, "z-epsilon": 4.0, "privacy-budget": 6.0, "site-dir": str(site_dir)})
+    real = egress_mod.EgressLog.record
+    fail = {"left": 1}
+
+    def full_disk(self, *args, **kwargs):
+        if fail["left"]:
+            fail["left"] -= 1
+            raise OSError(28, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(egress_mod.EgressLog, "record", full_disk)
+    try:
+        first = _push(local, 103, wire.EMBED, {"task": "report-text"}, run_id=81)
+        second = _push(local, 103, wire.EMBED, {"task": "report-text"}, run_id=82)
+        third = _push(local, 103, wire.EMBED, {"task": "report-text"}, run_id=83)
+    finally:
+        ctx.node_config.clear()
+        ctx.node_config.update(saved)
+    assert first.has_error() and not first.has_content() and "egress log" in first.error.reason
+    assert not second.has_error() and not third.has_error()
+    z2, z3 = (r.content["embedding"]["z"].numpy() for r in (second, third))
+    assert (z2 == z3).all()  # the cached z, re-sent
+    lines = read_egress(site_dir / "egress.jsonl")
+    assert [x["run_id"] for x in lines] == ["82", "83"]  # the failed reply left no line and nothing else
+    spent = spent_from_egress(lines)
+    assert not spent.non_private and 3.9 < spent.epsilon <= 6.0
+
+
+def test_local_cross_check_covers_every_message_type_a_site_answered(local, tmp_path):
+    """A fresh registry, enrol + compose for a: a's egress log (whoami, train, query.embed,
+    train.apply) and the coordinator's audit log match line for line; a forged delivery entry in a
+    copy of the audit log would be coordinator-only."""
+    from server.crosscheck import cross_check
+
+    ctx = local["nodes"][101]
+    saved = dict(ctx.node_config)
+    site_dir = tmp_path / "site-a"
+    shutil.copytree(Path(saved["site-dir"]) / "keys", site_dir / "keys")
+    ctx.node_config["site-dir"] = str(site_dir)
+    fresh = {**local, "registry": tmp_path / "registry"}
+    try:
+        run_local(fresh, 91, mode="enroll")
+        report, _ = run_local(fresh, 92, mode="compose", target="a", strategy="sim", k=2)
+    finally:
+        ctx.node_config.clear()
+        ctx.node_config.update(saved)
+    assert report["compose"]["a"]["status"] == "delivered"
+    rep = cross_check(site_dir / "egress.jsonl", fresh["registry"] / "audit.jsonl", "a")
+    assert rep.ok, str(rep)
+    assert sorted(m["message_type"] for m in rep.matched) == sorted(
+        [wire.WHOAMI, wire.ENROLL, wire.WHOAMI, wire.EMBED, wire.APPLY]), str(rep)
+    assert all(m["matched_on"] == "record_digests" for m in rep.matched), str(rep)

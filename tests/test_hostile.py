@@ -51,6 +51,8 @@ if str(ROOT) not in sys.path:  # when run as a script (doc generation)
     sys.path.insert(0, str(ROOT))
 
 from client.app import SiteError  # noqa: E402
+from client.handlers import DeliveryRefused  # noqa: E402
+from client.policy import ReleaseRefused  # noqa: E402
 from common import signing, wire  # noqa: E402
 from common.data import DatasetFormatError, read_jsonl  # noqa: E402
 from common.embedding import EmptyDatasetError, mean_embedding  # noqa: E402
@@ -75,6 +77,7 @@ from server import allowlist  # noqa: E402
 from server.allowlist import AllowList, NonceLedger  # noqa: E402
 from server.audit import verify as verify_audit  # noqa: E402
 from server.composer import CompositionError, compose_for_target  # noqa: E402
+from server.messaging import IdentityRefused  # noqa: E402
 from server.registry import (  # noqa: E402
     AdapterFormatError,
     AdapterMeta,
@@ -112,6 +115,7 @@ LIMITS = {"max_rank": 16, "max_blob_bytes": 12_000, "max_modules": 4, "max_meta_
 DURABLE = ("records.jsonl", "blobs", "chroma", "registry.json", "nonces.jsonl")
 REJECTED = "submission.rejected"
 QUERY = "query.embedding"
+IDENTITY = "identity.refused"
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,6 +309,8 @@ class Ctx:
     def settings(self, **kw: Any) -> Any:
         from server.app import Settings
 
+        # the enrolment rows send unsigned replies unless they test signing (require-signatures is on by default)
+        kw.setdefault("require_signatures", False)
         return Settings(registry_dir=str(self.root), allowlist=str(self.world.allowlist), chroma="off", **kw)
 
     def sites(self, *names: str) -> dict[str, Any]:
@@ -545,6 +551,136 @@ def _empty_dataset_enroll(c: Ctx) -> Any:
 
     site = Site("a", c.jsonl(""), "unused-model", c.tmp / "site-a")
     return _enroll(wire.Request(wire.ENROLL, {"nonce": allowlist.make_nonce(), "task": "report-text"}), site, None)
+
+# -- identity, delivery and release policy (issue 10 items 2 and 3) ---------------------------
+def _whoami_reply(nonce: str, site: str = "a", identity: str = "") -> Any:
+    return wire.build_whoami_reply({
+        "schema": wire.WIRE_SCHEMA, "site": site, "tasks": '["report-text"]', "groups": '["xray-chest"]',
+        "n_examples": 12, "n_labeled": 12, "n_unlabeled": 0, "n_eval": 0, "data_ok": True, "signer": "",
+        "nonce": nonce, "identity": identity})
+
+
+def _identity(c: Ctx, key_site: str, challenge: str, run_id: str = RUN_ID, node: int = 7, site: str = "a") -> str:
+    from common.statements import sign_statement
+
+    key = signing.load_private_key(c.world.keys[key_site])
+    body = {"site": site, "run_id": run_id, "challenge": challenge, "node_id": str(node)}
+    return wire.canonical_json(sign_statement(key, "identity", body))
+
+
+def _discover(c: Ctx, identity: Callable[[str], str]) -> Any:
+    """Run the coordinator's real discovery against one node (7) whose whoami claims site a."""
+    from server import messaging
+
+    class OneNode(FakeGrid):
+        def get_node_ids(self) -> list[int]:
+            return [7]
+
+    c._flower_task()
+    c._spy(messaging, "verify_identity")
+    grid = OneNode(lambda msg: _whoami_reply(msg.content["config"]["nonce"], "a",
+                                              identity(msg.content["config"]["challenge"])))
+    report: dict[str, Any] = {}
+    sites = messaging.discover(grid, 5.0, report, RUN_ID, AllowList(c.world.allowlist), True, c.reg.audit)
+    if "a" in sites:
+        return sites["a"]
+    reason = report["discovery_problems"]["node 7"]
+    raise Reported("refused", reason, "server/messaging.py:discover", c._cause(reason))
+
+
+def _impostor_node(c: Ctx) -> Any:
+    return _discover(c, lambda ch: _identity(c, "b", ch))  # site a's id, b's key
+
+
+def _unsigned_claim(c: Ctx) -> Any:
+    return _discover(c, lambda ch: "")
+
+
+def _replayed_identity(c: Ctx) -> Any:
+    captured = _identity(c, "a", "a-challenge-of-an-earlier-run", run_id=RUN_ID)  # genuine, recorded earlier
+    return _discover(c, lambda ch: captured)
+
+
+def _site(c: Ctx, n_train: int = 12, n_eval: int = 0, pin: bool = True) -> Any:
+    """A site with ``n_train`` + ``n_eval`` reports, a 3-state model config and (``pin``) a pinned coordinator key."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from client.app import Site
+
+    rows = [{"prompt": f"Findings: case {i}.", "target": "Impression: normal.", "group": "xray-chest"}
+            for i in range(n_train + n_eval)]
+    data = c.tmp / "site-data"
+    data.mkdir(exist_ok=True)
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:n_train]))
+    (data / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[n_train:]))
+    model = c.tmp / "model"
+    model.mkdir(exist_ok=True)
+    (model / "config.json").write_text(json.dumps({"num_hidden_layers": 2}))
+    pub = None
+    if pin:
+        pub = c.tmp / "coordinator.pub"
+        pub.write_text(signing.public_key_pem(Ed25519PrivateKey.generate().public_key()))
+    return Site("a", data, str(model), c.tmp / "site-a", coordinator_key=pub)
+
+
+def _apply_request(**over: Any) -> Any:
+    cfg = {"nonce": allowlist.make_nonce(), "task": "report-text", "name": "rpe-sim-k2-run7",
+           "lora_config": "{}", "blob_sha256": "0" * 64, "base_fingerprint": BASE, **over}
+    return wire.Request(wire.APPLY, cfg)
+
+
+def _unsigned_delivery(c: Ctx) -> Any:
+    from types import SimpleNamespace
+
+    from client.handlers import apply
+
+    return apply(_apply_request(), _site(c), SimpleNamespace(run_id=RUN_ID))
+
+
+def _foreign_delivery(c: Ctx) -> Any:
+    from types import SimpleNamespace
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from client.handlers import apply
+    from server.modes.compose import delivery_statement
+
+    req = _apply_request()
+    cfg = req.config
+    cfg["delivery"] = delivery_statement(Ed25519PrivateKey.generate(), cfg["blob_sha256"], "a", RUN_ID,
+                                         cfg["name"], cfg["nonce"])
+    return apply(req, _site(c), SimpleNamespace(run_id=RUN_ID))
+
+
+def _overwrite_own(c: Ctx) -> Any:
+    from types import SimpleNamespace
+
+    from client.handlers import apply
+
+    return apply(_apply_request(name="own-report-text"), _site(c), SimpleNamespace(run_id=RUN_ID))
+
+
+def _embed_request(c: Ctx, **over: Any) -> Any:
+    from types import SimpleNamespace
+
+    from client.handlers import embed
+
+    req = wire.Request(wire.EMBED, {"nonce": allowlist.make_nonce(), "task": "report-text", **over})
+    return embed(req, _site(c), SimpleNamespace(run_id=RUN_ID))
+
+
+def _metrics_few_reports(c: Ctx) -> Any:
+    from client import handlers
+    from client.policy import ReleasePolicy
+
+    c._spy(ReleasePolicy, "metrics")
+    metrics, evaluated = handlers.score(_site(c, n_eval=3), {"evaluate": True, "max_eval": 1, "task": "report-text"},
+                                        None)
+    if metrics or evaluated:
+        return metrics
+    cause = c.captured[-1] if c.captured else None
+    raise Reported("withheld", f"metrics withheld: {cause}", "client/handlers.py:score", cause)
+
 
 
 def _bulk_one_bad(c: Ctx) -> Any:
@@ -846,7 +982,8 @@ CASES: list[Case] = [
     Case("compose-unknown-target", "compose for target `ghost` (not online / unknown)",
          lambda c: c.run_compose("ghost"), Reported, "target site is offline"),
     Case("embed-extra-meta-key", "query.embed reply with an extra `age` key",
-         lambda c: c.embed(lambda n: c.embed_reply(n, age=63)), WireError, "unknown key(s) ['age']"),
+         lambda c: c.embed(lambda n: c.embed_reply(n, age=63)), WireError, "unknown key(s) ['age']",
+         ("query.failed",)),
     # -- signatures and freshness (common/signing.py) ------------------------------------------------
     Case("replayed-nonce", "a genuine signed submission authenticated twice", _replayed_nonce, ReplayError,
          "was already used by site 'a': replayed submission"),
@@ -878,6 +1015,28 @@ CASES: list[Case] = [
          "cannot compute a site embedding: the dataset has no examples", hint="check the path"),
     Case("empty-dataset-enroll", "empty dataset file -> enrolment request at the site", _empty_dataset_enroll,
          SiteError, "has no labeled training examples"),
+    # -- identity: a node must prove the site it claims (server/messaging.py discover) -----------
+    Case("impostor-node", "node 7's whoami claims site `a` with an identity statement signed by `b`'s key",
+         _impostor_node, IdentityRefused, "signed by key", (IDENTITY,), audit_match="claims site 'a'"),
+    Case("unsigned-identity", "node 7's whoami claims site `a` with no identity statement (signatures required)",
+         _unsigned_claim, IdentityRefused, "without a signed identity statement", (IDENTITY,),
+         hint="give the site its key"),
+    Case("replayed-identity", "node 7 replays site `a`'s genuine identity statement from an earlier challenge",
+         _replayed_identity, IdentityRefused, "expected", (IDENTITY,), audit_match="claims site 'a'"),
+    # -- deliveries: a site installs only what its coordinator signed (client/handlers.py apply) ------
+    Case("unsigned-delivery", "`train.apply` without a coordinator `delivery` statement", _unsigned_delivery,
+         DeliveryRefused, "carries no coordinator signature"),
+    Case("foreign-delivery", "`train.apply` whose delivery statement is signed by another key", _foreign_delivery,
+         DeliveryRefused, "does not hold: the delivery statement is signed by key"),
+    Case("delivery-overwrites-own", "`train.apply` named `own-report-text` (the site's own adapter)",
+         _overwrite_own, WireError, "not starting with 'own-'"),
+    # -- the site's release policy (client/policy.py via client/handlers.py) ---------------------------
+    Case("subset-z", "`query.embed` with `max_examples=3` (a z over 3 of 12 reports)",
+         lambda c: _embed_request(c, max_examples=3), ReleaseRefused, "releases z only over its whole eligible"),
+    Case("layer-0-z", "`query.embed` with `embed_layer=0` (the token-embedding layer)",
+         lambda c: _embed_request(c, embed_layer=0), ReleaseRefused, "is not in this site's z-layers"),
+    Case("metrics-few-reports", "`train.apply` asking metrics over `max_eval=1` held-out report",
+         _metrics_few_reports, ReleaseRefused, "releases metrics only over at least 10"),
 ]
 
 
@@ -1039,6 +1198,8 @@ def test_hostile_input_is_refused_and_changes_nothing(case: Case, ctx: Ctx):
                 assert entry["error"] == name and message.endswith(entry["reason"]), entry
             else:  # written by server/app.py: the reported reason, cut at 1000 characters
                 assert message.startswith(entry["reason"]) or entry["reason"] == case.audit_match, entry
+        if entry["event"] == IDENTITY:
+            assert (case.audit_match or case.match) in entry["reason"] and entry["node_id"] == "7", entry
         if entry["event"] == QUERY:
             assert entry["site"] == "e" and len(entry["z_sha256"]) == 64, entry
     assert verify_audit(ctx.root / "audit.jsonl") == []
@@ -1106,7 +1267,9 @@ def render(rows: list[dict[str, Any]], summary: str) -> str:
         "`registry.json` and `nonces.jsonl` are byte-for-byte unchanged (and the live ids and z too), and that",
         "`audit.jsonl` gained exactly the documented entries (**audit** column: `rejected` = one",
         "`submission.rejected` entry naming the reason, `query` = the `query.embedding` entry a composition",
-        "writes before it weighs and composes, `-` = nothing) with its hash chain intact.",
+        "writes before it weighs and composes, `identity` = one `identity.refused` entry naming the node and",
+        "the claim, `query-failed` = one `query.failed` entry for an unusable z reply, `-` = nothing) with",
+        "its hash chain intact.",
         "",
         "The messages below are copied from a real run (`.venv/bin/python tests/test_hostile.py` regenerates",
         f"this file). {summary}",
@@ -1120,7 +1283,8 @@ def render(rows: list[dict[str, Any]], summary: str) -> str:
     ]
     for i, case in enumerate(CASES, start=1):
         r = by_id.get(case.id, {})
-        audit = " + ".join("rejected" if e == REJECTED else "query" for e in case.audit) or "-"
+        names = {REJECTED: "rejected", IDENTITY: "identity", "query.failed": "query-failed"}
+        audit = " + ".join(names.get(e, "query") for e in case.audit) or "-"
         err = r.get("error", "?")
         if case.gap and err == case.error.__name__:
             err = f"**GAP** {err} (message)"

@@ -160,7 +160,9 @@ def hosts(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
                 "--workdir", str(sdir), "--superlink", dial[site],
                 "--root-certificates", str(sdir / "ca.crt"), "--auth-key", str(keys[site].private_key),
                 "--site-id", site, "--data-path", str(data[site]), "--model-path", str(tiny_model_dir),
-                "--site-dir", str(sdir / "site"), "--port", "9094", "--threads", "1", "--app-sha256", pin], log)
+                "--site-dir", str(sdir / "site"), "--port", "9094", "--threads", "1", "--app-sha256", pin,
+                "--coordinator-key", str(registry / "coordinator.pub"), "--release", "z-min-examples=8",
+                "--release", "metrics-min-reports=1"], log)
             procs[site] = _start(*launchers[site])
         for site, sdir in site_dirs.items():
             pub = sdir / "site" / "keys" / f"{site}.pub"

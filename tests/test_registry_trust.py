@@ -169,8 +169,8 @@ def test_receipts_witness_a_truncated_or_rewritten_coordinator_log(tmp_path):
                         "total_bytes": 0, "records": [],
                         "extra": {"receipt": r, "blob_sha256": rec.blob_sha256, "z_sha256": rec.z_sha256}})
     egress.write_text("".join(json.dumps(e) + "\n" for e in out))
-    keyfile = root / "keys" / "coordinator.pub"
-    assert stat.S_IMODE((root / "keys" / "coordinator.key").stat().st_mode) == 0o600
+    keyfile = root / "coordinator.pub"
+    assert stat.S_IMODE((root / "coordinator.key").stat().st_mode) == 0o600
     rep = cross_check(egress, root / "audit.jsonl", "s0", coordinator_key=keyfile)
     assert rep.receipts_checked == 3 and rep.receipt_problems == [] and rep.ok, str(rep)
     raw = (root / "audit.jsonl").read_bytes().splitlines(True)
@@ -246,9 +246,9 @@ def test_names_are_nfc_normalised(tmp_path):
 
 def test_coordinator_files_private_and_fifo_blob_refused(tmp_path):
     root, ids = make(tmp_path, 1)
-    for p in [root, root / "blobs", root / "keys"]:
+    for p in [root, root / "blobs"]:
         assert stat.S_IMODE(p.stat().st_mode) == 0o700, p
-    for p in [root / "records.jsonl", root / "audit.jsonl", root / "registry.json", root / "keys" / "coordinator.key"]:
+    for p in [root / "records.jsonl", root / "audit.jsonl", root / "registry.json", root / "coordinator.key"]:
         assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
     with Registry(root, chroma="off") as reg:
         blob = reg.blob_path(ids[0])

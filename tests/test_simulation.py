@@ -104,7 +104,11 @@ def simulation(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
             "steps": 2, "lora-r": 4, "lora-alpha": 8.0, "batch-size": 4, "max-length": 96, "max-eval": 2,
             "timeout-train": 300.0, "timeout-query": 120.0, "sim-sites": ",".join(SITES),
             "sim-data-root": str(next(iter(data.values())).parent), "sim-model-path": str(tiny_model_dir),
-            "sim-site-root": str(tmp / "sites"), "sim-threads": 1}
+            "sim-site-root": str(tmp / "sites"), "sim-threads": 1,
+            # simulated sites hold no signing keys; they pin the coordinator key of this registry and
+            # release z over their 8 training reports and metrics over their 2 held-out ones
+            "require-signatures": False, "sim-coordinator-key": str(registry / "coordinator.pub"),
+            "sim-z-min-examples": 8, "sim-metrics-min-reports": 1}
     runs = {}
     try:
         ports = (launch.free_port(), launch.free_port())

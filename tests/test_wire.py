@@ -192,7 +192,7 @@ def test_apply_request_round_trip_and_reply():
 def test_whoami_reply_carries_counts_only():
     info = {"schema": wire.WIRE_SCHEMA, "site": "a", "tasks": '["report-text"]', "groups": '["ct-head"]',
             "n_examples": 12, "n_labeled": 10, "n_unlabeled": 2, "n_eval": 4, "data_ok": True,
-            "signer": "", "nonce": "n"}
+            "signer": "", "nonce": "n", "identity": ""}
     parsed = wire.parse_whoami_reply(wire.build_whoami_reply(info))
     assert parsed["tasks"] == ["report-text"]
     with pytest.raises(WireError):

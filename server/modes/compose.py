@@ -20,7 +20,8 @@ from flwr.serverapp import Grid
 
 from common import wire
 from common.wire import WireError
-from server.messaging import Request, SiteInfo, exchange, log, request
+from server.coordkey import load_or_create
+from server.messaging import Request, SiteInfo, audit_reply, exchange, log, request
 from server.modes.enroll import failed
 from server.reporting import Progress
 from server.settings import Settings
@@ -45,6 +46,7 @@ def embed_sites(grid: Grid, s: Settings, registry: Any, sites: dict[str, SiteInf
         t, rep = req.key, replies[req.key]
         if not rep.ok:
             problems[t] = rep.problem
+            audit_reply(registry.audit, "query.failed", req, rep, run_id, t, reason=rep.problem[:1000])
             continue
         try:
             z, meta = wire.parse_embed_reply(rep.content)
@@ -55,9 +57,11 @@ def embed_sites(grid: Grid, s: Settings, registry: Any, sites: dict[str, SiteInf
                                 "embedding", "z")
         except WireError as exc:
             problems[t] = f"invalid embedding reply: {exc}"
+            audit_reply(registry.audit, "query.failed", req, rep, run_id, t, reason=problems[t][:1000])
             continue
         registry.audit.append("query.embedding", site=t, target=t, z_sha256=z_sha256(z), run_id=run_id,
-                              privacy=json.loads(meta["privacy"]) or "none",
+                              privacy=json.loads(meta["privacy"]) or "none", nonce=req.nonce,
+                              message_type=wire.EMBED,
                               record_digests=record_digests({n: rep.content[n] for n in rep.content.keys()}))
         out[t] = z
     return out
@@ -84,11 +88,24 @@ def compose_one(s: Settings, registry: Any, target: str, z: np.ndarray, strategy
             "out_dir": str(result.out_dir or ""), "output_sha256": result.output_sha256}
 
 
+def delivery_statement(coord_key: Any, sha256: str, target: str, run_id: str, name: str, nonce: str) -> str:
+    """The coordinator's signed ``delivery`` statement (canonical JSON) for one ``train.apply``: the
+    site installs the adapter only if this verifies against the coordinator key it pinned."""
+    from common.statements import sign_statement
+
+    body = {"blob_sha256": sha256, "target": target, "run_id": run_id, "name": name, "nonce": nonce}
+    return wire.canonical_json(sign_statement(coord_key, "delivery", body))
+
+
 def apply_request(s: Settings, key: str, node_id: int, adapter: Any, sha256: str, name: str, strategy: str,
                   summary: Mapping[str, Any], evaluate: bool, store: bool = True,
-                  with_base: bool = False) -> Request:
-    """The ``train.apply`` request for an adapter in wire form whose canonical bytes hash to ``sha256``."""
+                  with_base: bool = False, target: str = "", run_id: str = "", coord_key: Any = None) -> Request:
+    """The ``train.apply`` request for an adapter in wire form whose canonical bytes hash to ``sha256``,
+    signed for ``target`` in ``run_id`` with the coordinator key (``server/coordkey.py``)."""
+    from server.messaging import make_nonce
+
     arrays, lora_config = wire.adapter_to_wire(adapter)
+    nonce = make_nonce()
     config: dict[str, Any] = {
         "task": s.task, "name": name, "lora_config": wire.canonical_json(lora_config),
         "blob_sha256": sha256, "base_fingerprint": adapter.base_model or "", "strategy": strategy,
@@ -97,7 +114,9 @@ def apply_request(s: Settings, key: str, node_id: int, adapter: Any, sha256: str
     }
     if s.max_eval:
         config["max_eval"] = s.max_eval
-    return request(key, node_id, wire.APPLY, config, arrays)
+    if coord_key is not None:
+        config["delivery"] = delivery_statement(coord_key, sha256, target or key, run_id, name, nonce)
+    return request(key, node_id, wire.APPLY, config, arrays, nonce=nonce)
 
 
 def parse_receipt(content: RecordDict, req: Request, sha256: str) -> tuple[dict[str, float], dict[str, Any]]:
@@ -130,7 +149,8 @@ def run_compose(grid: Grid, s: Settings, registry: Any, sites: dict[str, SiteInf
         name = f"rpe-{s.strategy}-k{len(summary['ids'])}-run{run_id}"
         sha = summary["output_sha256"]
         requests.append(apply_request(s, t, sites[t].node_id, summary.pop("adapter"), sha, name, s.strategy,
-                                      summary, s.evaluate))
+                                      summary, s.evaluate, target=t, run_id=run_id,
+                                      coord_key=load_or_create(registry.path)))
         results[t] = {"status": "composed", "adapter_name": name, "strategy": s.strategy, "blob_sha256": sha,
                       **summary}
     progress = Progress("apply", len(requests))
@@ -140,15 +160,19 @@ def run_compose(grid: Grid, s: Settings, registry: Any, sites: dict[str, SiteInf
         t, rep, res = req.key, replies[req.key], results[req.key]
         if rep.failure is not None:
             res.update(failed("undelivered", rep.failure))
+            audit_reply(registry.audit, "composition.undelivered", req, rep, run_id, t, target=t,
+                        name=res["adapter_name"], output_sha256=res["blob_sha256"], reason=res["reason"][:1000])
             continue
         try:
             metrics, receipt = parse_receipt(rep.content, req, res["blob_sha256"])
         except WireError as exc:
             res.update(status="undelivered", reason=f"invalid apply reply: {exc}", kind="invalid")
+            audit_reply(registry.audit, "composition.undelivered", req, rep, run_id, t, target=t,
+                        name=res["adapter_name"], output_sha256=res["blob_sha256"], reason=res["reason"][:1000])
             continue
         res.update(status="delivered", metrics=metrics, evaluated=receipt["evaluated"])
-        registry.audit.append("composition.delivered", target=t, site=t, run_id=run_id, name=res["adapter_name"],
-                              output_sha256=res["blob_sha256"], metrics=metrics)
+        audit_reply(registry.audit, "composition.delivered", req, rep, run_id, t, target=t, name=res["adapter_name"],
+                    output_sha256=res["blob_sha256"], metrics=metrics)
     report["compose"] = results
     for t, res in sorted(results.items()):
         extra = res.get("reason") or f"sources {res.get('sites')} weights {np.round(res.get('weights', []), 3)}"

@@ -16,7 +16,8 @@ from flwr.serverapp import Grid
 
 from common import wire
 from common.wire import WireError
-from server.messaging import Reply, Request, SiteInfo, exchange, log
+from server.coordkey import load_or_create
+from server.messaging import Reply, Request, SiteInfo, audit_reply, exchange, log
 from server.modes.compose import apply_request, compose_one, embed_sites, parse_receipt
 from server.reporting import Progress, evaluation_row, write_evaluation
 from server.settings import Settings
@@ -49,6 +50,7 @@ def run_evaluate(grid: Grid, s: Settings, registry: Any, sites: dict[str, SiteIn
             problems[t] = "offline" if t not in sites else "no held-out evaluation data"
     zs = embed_sites(grid, s, registry, sites, targets, run_id, problems)
     methods = arms(s)
+    coord_key = load_or_create(registry.path)
     requests: list[Request] = []
     meta_by_key: dict[str, dict[str, Any]] = {}
     for t, z in zs.items():
@@ -63,7 +65,8 @@ def run_evaluate(grid: Grid, s: Settings, registry: Any, sites: dict[str, SiteIn
                 continue
             adapter, sha = summary.pop("adapter"), summary["output_sha256"]
             requests.append(apply_request(s, key, sites[t].node_id, adapter, sha, f"eval-{run_id}-{method}", method,
-                                          summary, evaluate=True, store=False, with_base=first))
+                                          summary, evaluate=True, store=False, with_base=first, target=t,
+                                          run_id=run_id, coord_key=coord_key))
             first = False
             meta_by_key[key] = {"target": t, "method": method, **summary}
     log(f"evaluating {len(requests)} (target, arm) pairs over {len(zs)} targets")
@@ -78,14 +81,22 @@ def run_evaluate(grid: Grid, s: Settings, registry: Any, sites: dict[str, SiteIn
     base_scores: dict[str, dict[str, float]] = {}
     for req in requests:
         rep, info = replies[req.key], meta_by_key[req.key]
+        where = {"target": info["target"], "name": f"eval-{run_id}-{info['method']}",
+                 "output_sha256": info["output_sha256"]}
         if not rep.ok:
             problems[req.key] = rep.problem
+            audit_reply(registry.audit, "composition.undelivered", req, rep, run_id, info["target"], **where,
+                        reason=rep.problem[:1000])
             continue
         try:
             metrics, receipt = parse_receipt(rep.content, req, info["output_sha256"])
         except WireError as exc:
             problems[req.key] = f"invalid apply reply: {exc}"
+            audit_reply(registry.audit, "composition.undelivered", req, rep, run_id, info["target"], **where,
+                        reason=problems[req.key][:1000])
             continue
+        audit_reply(registry.audit, "composition.delivered", req, rep, run_id, info["target"], **where,
+                    metrics=metrics, stored=False)
         if not receipt["evaluated"]:
             problems[req.key] = "site did not evaluate (no held-out data)"
             continue

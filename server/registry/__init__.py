@@ -35,7 +35,7 @@ append is all-or-nothing for readers (``common.durable.JsonlLog`` writes with ``
 ``ftruncate``-s back on failure).
 
 Receipts (``keys/coordinator.key``, Ed25519, 0600, created on the first writable open;
-``keys/coordinator.pub`` is the export for sites): ``Registry.receipt(record_id)`` signs the audit
+``coordinator.pub`` is the export for sites): ``Registry.receipt(record_id)`` signs the audit
 head after an accepted submission (``server.audit.receipt``); the site keeps it in its egress log
 and ``rpe audit cross-check`` detects a truncated or rewritten coordinator log from it.
 

@@ -164,11 +164,11 @@ def chroma_spec(config: Mapping[str, Any], chroma: str | tuple[str, int] | None,
 def make_private(root: Path) -> None:
     """Tighten a registry made before issue 10 item 7: directories 0700, its own files 0600 (blobs
     0400). Best effort: a file owned by someone else keeps its mode (and ``verify`` does not care)."""
-    for d in (root, root / BLOBS_DIR, root / CHROMA_DIR, root / "keys"):
+    for d in (root, root / BLOBS_DIR, root / CHROMA_DIR):
         if d.is_dir():
             with contextlib.suppress(OSError):
                 os.chmod(d, 0o700)
-    for name in (CONFIG_NAME, RECORDS_NAME, AUDIT_NAME):
+    for name in (CONFIG_NAME, RECORDS_NAME, AUDIT_NAME, "coordinator.key"):
         p = root / name
         if p.is_file():
             with contextlib.suppress(OSError):

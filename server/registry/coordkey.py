@@ -1,8 +1,8 @@
-"""The coordinator's Ed25519 key, ``REG/keys/coordinator.key`` (0600, directory 0700), and its export.
+"""The coordinator's Ed25519 key, ``REG/coordinator.key`` (0600, in the 0700 registry), and its export.
 
 Why: the audit chain has no secret, so a coordinator (or anyone with its disk) can rewrite or cut
 its tail. A receipt signed with this key, kept by the site, is an outside witness of the head the
-coordinator once had (``server.audit.receipt``). The public key ``keys/coordinator.pub`` is what
+coordinator once had (``server.audit.receipt``). The public key ``coordinator.pub`` is what
 sites (and ``rpe audit cross-check --coordinator-key``) check receipts and deliveries with; copy
 it to each site once, out of band.
 """
@@ -15,14 +15,12 @@ from typing import Any
 
 from common.signing import generate_keypair, load_private_key, load_public_key
 
-KEYS_DIR = "keys"
 KEY_NAME = "coordinator"
 
 
 def key_paths(root: Path) -> tuple[Path, Path]:
-    """(private, public) key paths of the registry at ``root``."""
-    d = root / KEYS_DIR
-    return d / f"{KEY_NAME}.key", d / f"{KEY_NAME}.pub"
+    """(private, public) key paths of the registry at ``root``: one key signs receipts and deliveries."""
+    return root / f"{KEY_NAME}.key", root / f"{KEY_NAME}.pub"
 
 
 def ensure_key(root: Path) -> None:
