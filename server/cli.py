@@ -158,6 +158,7 @@ def cmd_compose(args: argparse.Namespace) -> None:
         res = compose_for_target(
             reg, z, strategy=args.strategy, k=args.k, exclude_site=args.exclude_site, task=args.task,
             max_rank=args.max_rank, strategy_params=params or None, out_dir=args.out, target=args.target,
+            force=args.force,
         )
     finally:
         reg.close()
@@ -332,7 +333,9 @@ def register(sub: Any) -> None:
                                                "(default 3; inf = unbounded)")
     c.add_argument("--lam2", type=float, help="lin-l1 L1 strength (default: relative to the distances)")
     c.add_argument("--target", default="cli", help="name recorded in the audit log")
-    c.add_argument("--out", required=True, help="output PEFT adapter directory")
+    c.add_argument("--out", required=True, help="output PEFT adapter directory (written whole, then swapped in)")
+    c.add_argument("--force", action="store_true", help="replace a non-empty --out that is not an earlier "
+                                                        "composition (default: refuse, so no adapter is lost)")
     c.add_argument("--json", action="store_true")
     c.add_argument("--blob-key-file", help=_BLOB_KEY_HELP)
     c.set_defaults(func=cmd_compose)

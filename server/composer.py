@@ -95,7 +95,8 @@ def compose_for_target(registry: Registry, z_target: Any, *, strategy: str = "si
                        target: str = "?", base: str | None = None, modality: str | None = None,
                        lam1: float | None = None, lam2: float | None = None,
                        base_model_name_or_path: str | None = None,
-                       audit_query: bool = True, wire_form: bool = False) -> CompositionResult:
+                       audit_query: bool = True, wire_form: bool = False,
+                       force: bool = False) -> CompositionResult:
     """Compose the adapter for one target embedding; optionally write it as a PEFT directory.
 
     ``strategy`` is a name from ``common.strategies.STRATEGIES`` (``sim``, ``lin``, ``lin-l1``,
@@ -106,7 +107,9 @@ def compose_for_target(registry: Registry, z_target: Any, *, strategy: str = "si
     target and bound); the composition audit entry records ``max_l1``, ‖w‖₁ and the update norm.
     ``exclude_site`` keeps a site's own adapter out (leave-one-site-out).
     ``out_dir`` receives ``adapter_config.json`` + ``adapter_model.safetensors`` whose
-    ``base_model_name_or_path`` is ``base_model_name_or_path``, else the base's registered name.
+    ``base_model_name_or_path`` is ``base_model_name_or_path``, else the base's registered name;
+    it is written whole into a temporary directory and swapped into place, and a non-empty
+    ``out_dir`` that is not an earlier composition is refused (``OutputDirError``) unless ``force``.
     ``audit_query=False`` skips the ``query.embedding`` entry when the caller already logged the
     embedding it received. ``wire_form=True`` (the ServerApp) puts the result in its wire form
     (``common.wire.encode_adapter``: float32, the retrieved adapters' base) *before* it is hashed,
@@ -114,8 +117,11 @@ def compose_for_target(registry: Registry, z_target: Any, *, strategy: str = "si
     Raises ``NotEnoughRecordsError`` when fewer than k adapters match.
     """
     from common.lora import adapter_to_bytes, compose, save_peft_adapter
+    from common.outdir import check_replaceable, output_dir
     from common.strategies import compute_weights
 
+    if out_dir is not None:
+        check_replaceable(Path(out_dir).absolute(), "composition", force)  # refuse before any work or audit
     params: dict[str, Any] = dict(strategy_params or {})
     for name, value in (("lam1", lam1), ("lam2", lam2)):
         if value is not None:
@@ -146,9 +152,11 @@ def compose_for_target(registry: Registry, z_target: Any, *, strategy: str = "si
     else:
         output_sha = hashlib.sha256(adapter_to_bytes(composed)).hexdigest()
     written: Path | None = None
-    if out_dir is not None:
+    if out_dir is not None:  # whole or not at all: a temp dir swapped in; never over a foreign directory
         name = base_model_name_or_path or registry.bases.get(base_fp, {}).get("name") or composed.base_model
-        written = Path(save_peft_adapter(composed, out_dir, name))
+        with output_dir(out_dir, "composition", force=force) as tmp:
+            save_peft_adapter(composed, tmp, name)
+        written = Path(out_dir).absolute()
     result = CompositionResult(
         ids=[h.record.id for h in hits], distances=[float(h.distance) for h in hits],
         weights=[float(w) for w in weights], adapter=composed, output_sha256=output_sha, out_dir=written,

@@ -116,3 +116,31 @@ def test_bad_input_exits_2_with_a_message_and_no_traceback(tmp_path, tiny_model_
               "--out", str(tmp_path / "o")])
     assert exit_.value.code == 2
     assert "rpe: error:" in capsys.readouterr().err
+
+
+def test_compose_out_never_overwrites_a_foreign_directory(tmp_path, tiny_model_dir, capsys):
+    """Issue 10 item 8: `rpe compose --out` once overwrote a source adapter; now it refuses unless --force,
+    replaces only an earlier composition, and changes nothing (no audit entry) when it refuses."""
+    reg = tmp_path / "reg"
+    main(["registry", "init", "--registry", str(reg), "--base", str(tiny_model_dir)])
+    for i, site in enumerate(["a", "b"]):
+        peft_dir = save_peft_adapter(tiny_adapter(tiny_model_dir, i), tmp_path / f"peft-{site}")
+        np.save(tmp_path / f"z-{site}.npy", np.random.default_rng(i).normal(size=64).astype(np.float32))
+        main(["registry", "add", "--registry", str(reg), "--adapter", str(peft_dir), "--embedding",
+              str(tmp_path / f"z-{site}.npy"), "--site", site, "--task", "report-text", "--samples", "10"])
+    z = str(tmp_path / "z-a.npy")
+    source = tmp_path / "peft-a"
+    before = {p.name: p.read_bytes() for p in source.iterdir()}
+    audit_before = (reg / "audit.jsonl").read_bytes()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["compose", "--registry", str(reg), "--embedding", z, "--k", "2", "--out", str(source)])
+    assert exit_.value.code == 2 and "--force" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in source.iterdir()} == before
+    assert (reg / "audit.jsonl").read_bytes() == audit_before
+    out = tmp_path / "composed"
+    for _ in range(2):  # an earlier composition is replaced whole
+        main(["compose", "--registry", str(reg), "--embedding", z, "--k", "2", "--out", str(out), "--json"])
+    assert load_peft_adapter(out).modules and not [p for p in tmp_path.iterdir() if p.name.startswith(".composed")]
+    main(["compose", "--registry", str(reg), "--embedding", z, "--k", "2", "--out", str(source), "--force"])
+    assert load_peft_adapter(source).modules
