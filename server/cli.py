@@ -17,18 +17,21 @@ from common.cli_base import CliError, print_table
 
 
 def _load_z(path: str) -> Any:
-    import numpy as np
+    """One z vector from a ``.npy`` file, its header checked before any data is read (bounded size,
+    numeric dtype, a vector), so a forged header or a FIFO is a clear error, never a hang."""
+    from common.safeio import UnsafeInputError, load_npy_vector
 
     p = Path(path)
     if not p.exists():
         raise CliError(f"embedding file {p} does not exist; create one with `rpe embed --out {p}`")
     try:
-        z = np.load(p, allow_pickle=False)
-    except ValueError as exc:
-        raise CliError(f"{p} is not a .npy array ({exc}); write it with numpy.save or `rpe embed`") from exc
-    if z.ndim != 1:
-        raise CliError(f"{p} holds an array of shape {z.shape}; expected one vector (1-D)")
-    return z
+        return load_npy_vector(p, max_values=MAX_Z_VALUES)
+    except UnsafeInputError as exc:
+        raise CliError(f"{exc}; write one vector with numpy.save or `rpe embed`") from None
+
+
+#: the largest z a command reads (far above any hidden size; a forged .npy header claims more)
+MAX_Z_VALUES = 1 << 20
 
 
 _BLOB_KEY_HELP = ("AES-256-GCM key file of an encrypted registry (`rpe blob-key new FILE`; default: "

@@ -144,3 +144,22 @@ def test_compose_out_never_overwrites_a_foreign_directory(tmp_path, tiny_model_d
     assert load_peft_adapter(out).modules and not [p for p in tmp_path.iterdir() if p.name.startswith(".composed")]
     main(["compose", "--registry", str(reg), "--embedding", z, "--k", "2", "--out", str(source), "--force"])
     assert load_peft_adapter(source).modules
+
+
+def test_forged_npy_header_and_fifo_embedding_are_clear_errors_in_bounded_time(tmp_path, tiny_model_dir, capsys):
+    import io
+    import os
+
+    reg = tmp_path / "reg"
+    main(["registry", "init", "--registry", str(reg), "--base", str(tiny_model_dir)])
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": (1 << 40,)})
+    forged = tmp_path / "forged.npy"
+    forged.write_bytes(buf.getvalue() + b"\0" * 64)
+    fifo = tmp_path / "fifo.npy"
+    os.mkfifo(fifo)
+    for bad, says in ((forged, "1099511627776 values"), (fifo, "FIFO")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["compose", "--registry", str(reg), "--embedding", str(bad), "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and "rpe: error:" in err and says in err
