@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from common.durable import fsync_dir
+
 MARKER = ".rpe-output.json"
 
 
@@ -33,19 +35,7 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        fd = os.open(dirpath, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(Path(dirpath))
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -100,17 +90,17 @@ def output_dir(out: str | os.PathLike[str], kind: str, force: bool = False) -> I
         if out.exists():
             check_replaceable(out, kind, force)  # unchanged since we started?
             if _exchange(tmp, out):  # one atomic step: out is the new directory, tmp the old one
-                _fsync_dir(out.parent)
+                fsync_dir(out.parent)
                 shutil.rmtree(tmp, ignore_errors=True)
                 return
             old = out.parent / f".{out.name}.old-{tag}"
             os.replace(out, old)  # fallback: a crash here leaves the old content under .old-*
             os.replace(tmp, out)
-            _fsync_dir(out.parent)
+            fsync_dir(out.parent)
             shutil.rmtree(old, ignore_errors=True)
             return
         os.replace(tmp, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
