@@ -9,4 +9,4 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1 ANONYMIZED_TELEMETRY
 # layer rules ([tool.importlinter] in pyproject.toml): a forbidden import, even a lazy one, fails CI
 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" .venv/bin/lint-imports --no-cache
 export PATH="$PWD/.venv/bin:$PATH"
-.venv/bin/python -m pytest -q "$@"
+.venv/bin/python -m pytest -q --durations=25 "$@"
