@@ -75,15 +75,34 @@ def identity_statement(site: Site, challenge: str, run_id: str, node_id: Any) ->
     as node N" (canonical JSON; "" when the site has no key or the request carries no challenge).
 
     Only the holder of the allow-listed key can produce it, so a node that merely *says* it is S is
-    refused at discovery and never gets a message meant for S."""
+    refused at discovery and never gets a message meant for S.
+
+    With a SuperNode key in the node config (``supernode-key``), the body also names that key's
+    fingerprint and the statement carries ``node_signature``: the same digest signed with the
+    SuperNode key, which binds the site id to the key the SuperLink authenticates the node by
+    (``common.nodekey``)."""
     key = signing_key(site)
     if key is None or not challenge:
         return ""
-    from common.statements import sign_statement
+    from common.statements import sign_statement, statement_digest
 
     body = {"site": site.site, "run_id": run_id, "challenge": challenge,
             "node_id": str(node_id) if node_id is not None else ""}
-    return wire.canonical_json(sign_statement(key, "identity", body))
+    node_key = None
+    if site.supernode_key is not None:
+        from common.nodekey import NodeKeyError, load_node_private_key, node_key_fingerprint
+
+        try:
+            node_key = load_node_private_key(site.supernode_key)
+        except NodeKeyError as exc:
+            raise SiteError(f"node config supernode-key: {exc}") from None
+        body["supernode_key"] = node_key_fingerprint(node_key.public_key())
+    statement = sign_statement(key, "identity", body)
+    if node_key is not None:
+        from common.nodekey import node_sign
+
+        statement["node_signature"] = node_sign(node_key, statement_digest("identity", body))
+    return wire.canonical_json(statement)
 
 
 # -- train (enrol) -------------------------------------------------------------------------------

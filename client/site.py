@@ -58,6 +58,9 @@ class Site:
     release: ReleasePolicy = field(default_factory=ReleasePolicy)
     #: the coordinator's public key (PEM file) this site pinned: it installs only deliveries it signed
     coordinator_key: Path | None = None
+    #: the SuperNode's own auth private key (node config ``supernode-key``): the site also signs its
+    #: identity with it, so the coordinator can bind the site id to its registered SuperNode key
+    supernode_key: Path | None = None
     #: work done only once the reply's egress line is on disk (e.g. caching a released z)
     after_logged: list[Any] = field(default_factory=list)
 
@@ -116,8 +119,10 @@ def site_from_context(context: Context) -> Site:
     except ReleasePolicyError as exc:
         raise SiteError(str(exc)) from None
     coord = Path(str(pinned)).expanduser() if pinned else None
+    node_key = nc.get("supernode-key") if "site-id" in nc else None
     return Site(site, Path(str(data)).expanduser(), model, site_dir.expanduser().resolve(), policy, threads,
-                release=release, coordinator_key=coord)
+                release=release, coordinator_key=coord,
+                supernode_key=Path(str(node_key)).expanduser() if node_key else None)
 
 
 def sim_release_config(rc: Any) -> dict[str, Any]:

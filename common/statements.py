@@ -40,6 +40,11 @@ class StatementError(ValueError):
     """A statement is malformed, of the wrong kind, signed by another key, or altered."""
 
 
+def statement_digest(kind: str, body: Mapping[str, Any]) -> bytes:
+    """What a statement's signature covers (also what a site's SuperNode key signs: ``common.nodekey``)."""
+    return _digest(kind, body)
+
+
 def _digest(kind: str, body: Mapping[str, Any]) -> bytes:
     h = hashes.Hash(hashes.SHA256())
     for part in (DOMAIN_TAG, kind.encode("ascii"), canonical_json(dict(body)).encode("ascii")):

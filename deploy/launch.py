@@ -532,11 +532,19 @@ def start_proxy(workdir: Path, listen_host: str, listen_port: int, upstream_port
     return proc
 
 
-def register_sites(workdir: Path, public_keys: dict[str, Path]) -> dict[str, int | None]:
+def register_sites(workdir: Path, public_keys: dict[str, Path], record: Path | None = None) -> dict[str, int | None]:
     """Register each site's public key with the SuperLink of this workdir (in parallel: each
-    ``flwr`` call is a CLI process of its own)."""
+    ``flwr`` call is a CLI process of its own). With ``record`` (the coordinator's allow-list
+    file), the keys are also written to the coordinator's own record of site -> SuperNode key
+    beside it (``server.allowlist.NodeKeys``), which discovery binds every site id to."""
     from concurrent.futures import ThreadPoolExecutor
 
+    if record is not None:
+        from server.allowlist import AllowList
+
+        node_keys = AllowList(record).node_keys
+        for site, key in public_keys.items():
+            node_keys.add(tls.check_site_id(site), Path(key).read_text(), replace=True)
     state = load_state(workdir)
     flwr_home = Path(state["flwr_home"])
     federation = state.get("federation", FEDERATION)
@@ -563,7 +571,9 @@ def start_supernode(workdir: Path, spec: SiteSpec, superlink: str, root_cert: Pa
     spec.site_dir = str(site_dir)
     site_dir.mkdir(parents=True, exist_ok=True)
     node_config_file = site_dir / "node-config.toml"
-    node_config_file.write_text(tomli_w.dumps(spec.node_config()))
+    # the ClientApp signs its identity with the SuperNode's own key too (client/handlers.py)
+    node_config = {**spec.node_config(), "supernode-key": str(Path(private_key).resolve())}
+    node_config_file.write_text(tomli_w.dumps(node_config))
     port = spec.port or free_port()
     spec.port = port
     home = flwr_home or site_dir / "flwr-home"
@@ -584,7 +594,7 @@ def start_supernode(workdir: Path, spec: SiteSpec, superlink: str, root_cert: Pa
         "--node-config", str(node_config_file), "--port", str(port),
     ]
     proc = _spawn(cmd, workdir / "logs" / f"supernode-{spec.site}.log", env, site_dir)
-    proc.update(site=spec.site, port=port, node_config=spec.node_config(), private_key=str(private_key))
+    proc.update(site=spec.site, port=port, node_config=node_config, private_key=str(private_key))
     state = load_state(workdir)
     state.setdefault("sites", {})[spec.site] = proc
     save_state(workdir, state)
@@ -662,7 +672,8 @@ def up(workdir: Path, sites: list[SiteSpec], host: str = "127.0.0.1", port: int 
                             allowlist=allowlist, proxy=proxy, site_networks=site_networks)
     try:
         certs = Path(state["certs"])
-        register_sites(workdir, {s.site: certs / f"{s.site}_auth.pub" for s in sites})
+        register_sites(workdir, {s.site: certs / f"{s.site}_auth.pub" for s in sites},
+                       record=allowlist)
         for spec in sites:
             start_supernode(workdir, spec, state["superlink"]["address"], certs / tls.CA_CERT,
                             certs / f"{spec.site}_auth")
@@ -884,7 +895,8 @@ def main(argv: list[str] | None = None) -> int:
                 site, _, path = item.partition("=")
                 keys[tls.check_site_id(site)] = Path(path)
             if keys:
-                print(json.dumps(register_sites(args.workdir, keys), indent=2))
+                print(json.dumps(register_sites(args.workdir, keys, record=Path(args.workdir) / "allowlist.json"),
+                                 indent=2))
             if args.signing_key:
                 from server.allowlist import AllowList
 

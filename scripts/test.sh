@@ -9,4 +9,6 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1 ANONYMIZED_TELEMETRY
 # layer rules ([tool.importlinter] in pyproject.toml): a forbidden import, even a lazy one, fails CI
 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" .venv/bin/lint-imports --no-cache
 export PATH="$PWD/.venv/bin:$PATH"
-.venv/bin/python -m pytest -q --durations=25 "$@"
+# test files run on 3 workers (-n 3, one file per worker): the integration tests mostly wait on real
+# processes and the network, so this halves the wall time on the 2-core CI machine
+.venv/bin/python -m pytest -q -n 3 --dist loadfile --durations=25 "$@"

@@ -43,7 +43,8 @@ from common.signing import (
     verify_submission,
 )
 
-__all__ = ["DEFAULT_MAX_AGE_S", "DEFAULT_MAX_SKEW_S", "NONCE_RE", "AllowList", "NonceLedger", "ReplayError",
+__all__ = ["DEFAULT_MAX_AGE_S", "DEFAULT_MAX_SKEW_S", "NODE_KEYS_FILE", "NONCE_RE", "AllowList", "NodeKeys",
+           "NonceLedger", "ReplayError",
            "SignatureError", "SigningError", "StaleSubmissionError", "UnknownSiteError", "authenticate_submission",
            "check_nonce_fresh", "check_run_id", "make_nonce", "nonce_timestamp"]
 
@@ -119,6 +120,64 @@ class AllowList:
 
     def __contains__(self, site_id: object) -> bool:
         return site_id in self._load()
+
+    @property
+    def node_keys(self) -> NodeKeys:
+        """The coordinator's record of each site's SuperNode key, beside this file."""
+        return NodeKeys(self.path.with_name(NODE_KEYS_FILE))
+
+
+NODE_KEYS_FILE = "supernode-keys.json"
+
+
+class NodeKeys:
+    """The coordinator's JSON file ``{site_id: SuperNode public key (OpenSSH line)}``.
+
+    Written when a site's SuperNode key is registered with the SuperLink (``deploy/launch.py``
+    ``up`` / ``register``), re-read on every lookup. Once it names any site, discovery binds every
+    site id to its recorded key: a whoami not signed with the SuperNode key recorded for the
+    claimed site is refused (``server.messaging.verify_identity``).
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def _load(self) -> dict[str, str]:
+        if not self.path.exists():
+            return {}
+        try:
+            data = json.loads(self.path.read_text())
+        except json.JSONDecodeError as exc:
+            raise SigningError(f"SuperNode key record {self.path} is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+            raise SigningError(f"SuperNode key record {self.path} must be a JSON object of site id -> OpenSSH key")
+        return data
+
+    def add(self, site_id: str, public_text: str | bytes, replace: bool = False) -> None:
+        """Record ``site_id``'s SuperNode public key; a different key for a recorded site needs ``replace``."""
+        from common.nodekey import NodeKeyError, node_public_key, node_public_text
+
+        check_site_id(site_id)
+        try:
+            line = node_public_text(node_public_key(public_text))
+        except NodeKeyError as exc:
+            raise SigningError(f"SuperNode key for site {site_id!r}: {exc}") from None
+        data = self._load()
+        if data.get(site_id) not in (None, line) and not replace:
+            raise SigningError(f"site {site_id!r} already has another SuperNode key recorded in {self.path}; "
+                               "pass replace=True to rotate it")
+        data[site_id] = line
+        atomic_write(self.path, json.dumps(data, indent=2, sort_keys=True) + "\n", mode=0o644)
+
+    def get(self, site_id: str) -> Any:
+        """The recorded EC public key of ``site_id``, or None."""
+        from common.nodekey import node_public_key
+
+        line = self._load().get(site_id)
+        return node_public_key(line) if line is not None else None
+
+    def sites(self) -> list[str]:
+        return sorted(self._load())
 
 
 # --------------------------------------------------------------------------------------------

@@ -250,7 +250,8 @@ class IdentityRefused(Exception):
 def verify_identity(info: dict[str, Any], node_id: int, run_id: str, challenge: str, allow: Any,
                     require: bool) -> bool:
     """True if the whoami's identity statement proves the claimed site; False if it is unsigned and
-    unsigned claims are allowed here; :class:`IdentityRefused` otherwise."""
+    unsigned claims are allowed here; :class:`IdentityRefused` otherwise. Sets ``info["node_bound"]``
+    when the proof includes the site's recorded SuperNode key (:func:`check_node_binding`)."""
     import json
 
     from common.signing import SigningError
@@ -268,6 +269,7 @@ def verify_identity(info: dict[str, Any], node_id: int, run_id: str, challenge: 
                               "(rpe allowlist add)")
     try:
         statement = json.loads(raw)
+        node_sig = statement.pop("node_signature", None) if isinstance(statement, dict) else None
         body = verify_statement(allow.get(site), statement, "identity",
                                 expect={"site": site, "run_id": run_id, "challenge": challenge})
     except (ValueError, StatementError, SigningError) as exc:
@@ -275,6 +277,39 @@ def verify_identity(info: dict[str, Any], node_id: int, run_id: str, challenge: 
     if body.get("node_id") not in ("", str(node_id)):
         raise IdentityRefused(f"node {node_id} claims site {site!r} with a statement made by node "
                               f"{body.get('node_id')} (relayed or replayed)")
+    info["node_bound"] = check_node_binding(allow, site, node_id, body, node_sig)
+    return True
+
+
+def check_node_binding(allow: Any, site: str, node_id: int, body: dict[str, Any], node_sig: Any) -> bool:
+    """True when ``site``'s identity is bound to its recorded SuperNode key (``server.allowlist.NodeKeys``);
+    False when the coordinator records no SuperNode keys at all; :class:`IdentityRefused` otherwise.
+
+    Once any SuperNode key is recorded, every claimed site must have one, the statement must be
+    made by node ``node_id`` (the node the reply came from) and name that key, and its
+    ``node_signature`` must verify with it: only the holder of the SuperNode key the SuperLink
+    authenticates the site's node by can be bound to the site.
+    """
+    from common.nodekey import NodeKeyError, node_key_fingerprint, node_verify
+    from common.statements import statement_digest
+
+    records = getattr(allow, "node_keys", None)
+    if records is None or not records.sites():
+        return False
+    key = records.get(site)
+    if key is None:
+        raise IdentityRefused(f"node {node_id} claims site {site!r}, for which no SuperNode key is recorded "
+                              f"in {records.path} (register the site's SITE_auth.pub: python -m deploy.launch "
+                              "register)")
+    if body.get("node_id") != str(node_id):
+        raise IdentityRefused(f"node {node_id} claims site {site!r} with a statement that names no node")
+    if body.get("supernode_key") != node_key_fingerprint(key):
+        raise IdentityRefused(f"node {node_id} claims site {site!r} but does not present the SuperNode key "
+                              f"recorded for it ({node_key_fingerprint(key)[:16]}…)")
+    try:
+        node_verify(key, statement_digest("identity", body), node_sig)
+    except NodeKeyError as exc:
+        raise IdentityRefused(f"node {node_id} claims site {site!r}: {exc}") from None
     return True
 
 
@@ -341,11 +376,13 @@ def discover(grid: Grid, timeout: float, report: dict[str, Any], run_id: str = "
             sites[site] = keep
             if audit is not None:
                 audit.append("identity.verified" if keep.verified else "identity.unverified", site=site,
-                             node_id=str(keep.node_id), run_id=run_id, nonce=keep.info["nonce"],
+                             node_id=str(keep.node_id), node_bound=bool(keep.info.get("node_bound")),
+                             run_id=run_id, nonce=keep.info["nonce"],
                              message_type=wire.WHOAMI, record_digests=digests.get(keep.node_id))
     report["online"] = {s: {"node_id": str(i.node_id), "n_examples": i.info["n_examples"],
                             "n_labeled": i.info["n_labeled"], "n_eval": i.info["n_eval"],
-                            "data_ok": i.info["data_ok"], "groups": i.info["groups"], "verified": i.verified}
+                            "data_ok": i.info["data_ok"], "groups": i.info["groups"], "verified": i.verified,
+                            "node_bound": bool(i.info.get("node_bound"))}
                         for s, i in sorted(sites.items())}
     if problems:
         report["discovery_problems"] = problems

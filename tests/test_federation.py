@@ -27,7 +27,7 @@ from support import LocalGrid
 
 from common import wire
 from common.signing import generate_keypair
-from deploy import launch
+from deploy import launch, tls
 from server.allowlist import AllowList
 
 REPO = Path(__file__).resolve().parents[1]
@@ -163,6 +163,9 @@ def test_real_sites_prove_their_identity_and_install_only_a_signed_delivery(fed,
     assert composed["status"] == "finished:completed", composed
     online = composed["report"]["online"]
     assert all(online[s]["verified"] for s in SITES) and online["a"]["node_id"] != online["b"]["node_id"]
+    # each site id is bound to the SuperNode key registered for it (the coordinator's own record)
+    assert all(online[s]["node_bound"] for s in SITES), online
+    assert sorted(json.loads((fed["workdir"] / "supernode-keys.json").read_text())) == sorted([*SITES, "d"])
     assert (fed["registry"] / "coordinator.pub").exists()
     assert oct((fed["registry"] / "coordinator.key").stat().st_mode & 0o777) == "0o600"
     state_nc = fed["state"]["sites"]["a"]["node_config"]
@@ -366,6 +369,10 @@ def local(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
               "coordinator-key": str(registry / "coordinator.pub")}
         _, pub = generate_keypair(tmp / "sites" / site / "keys", site)
         allow.add(site, pub.read_text())
+        # the site's SuperNode key, recorded by the coordinator as it would be at registration
+        node_key = tls.make_supernode_keys(tmp / "supernode-keys" / site, site)
+        allow.node_keys.add(site, node_key.public_key.read_text())
+        nc["supernode-key"] = str(node_key.private_key)
         nodes[i] = Context(run_id=1, node_id=i, node_config=nc, state=RecordDict(), run_config={})
     yield {"tmp": tmp, "nodes": nodes, "registry": registry, "model": tiny_model_dir, "allowlist": allow.path}
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
@@ -786,7 +793,10 @@ def _impostor(local: dict, node: int, site: str, key: bool) -> None:
     sdir = local["tmp"] / f"impostor-{node}"
     if key and not (sdir / "keys" / f"{site}.key").exists():
         generate_keypair(sdir / "keys", site)
-    nc = {**real.node_config, "site-dir": str(sdir)}
+    if not (sdir / "supernode" / f"{site}_auth").exists():  # its own SuperNode key, not the site's
+        (sdir / "supernode").mkdir(parents=True, exist_ok=True)
+        tls.make_supernode_keys(sdir / "supernode", site)
+    nc = {**real.node_config, "site-dir": str(sdir), "supernode-key": str(sdir / "supernode" / f"{site}_auth")}
     local["nodes"][node] = Context(run_id=1, node_id=node, node_config=nc, state=RecordDict(), run_config={})
 
 
@@ -811,6 +821,41 @@ def test_local_impostor_nodes_are_refused_and_get_nothing_meant_for_the_site(loc
     entries = [json.loads(x) for x in (local["registry"] / "audit.jsonl").read_text().splitlines()]
     refused = [e for e in entries if e["event"] == "identity.refused" and e["run_id"] == "71"]
     assert sorted(e["node_id"] for e in refused) == ["98", "99"] and all(e["site"] == "c" for e in refused)
+
+
+def test_local_a_copied_signing_key_without_the_sites_supernode_key_is_refused(local):
+    """Node 96 holds a copy of site c's Ed25519 signing key (so its identity statement verifies) but
+    its own SuperNode key, not the one the coordinator recorded for c: the claim is refused, and
+    every message for c goes to c's node 103, which is bound to its recorded SuperNode key. Site b's
+    genuine reply with its node signature stripped is refused too."""
+    if not (local["registry"] / "registry.json").exists():
+        run_local(local, 74, mode="enroll")
+    _impostor(local, 96, "c", key=False)
+    keys = local["tmp"] / "impostor-96" / "keys"
+    keys.mkdir(parents=True, exist_ok=True)
+    for name in ("c.key", "c.pub"):
+        shutil.copy(local["tmp"] / "sites" / "c" / "keys" / name, keys / name)
+    os.chmod(keys / "c.key", 0o600)
+
+    def strip(reply):
+        if reply.metadata.src_node_id == 102 and reply.has_content() and "whoami" in reply.content:
+            statement = json.loads(reply.content["whoami"]["identity"])
+            statement.pop("node_signature")
+            reply.content["whoami"]["identity"] = wire.canonical_json(statement)
+        return reply
+
+    try:
+        report, grid = run_local(local, 75, mode="compose", target="c", strategy="sim", k=2, tamper=strip)
+    finally:
+        del local["nodes"][96]
+    problems = report["discovery_problems"]
+    assert "does not present the SuperNode key recorded for it" in problems["node 96"], problems
+    assert "node signature is missing" in problems["node 102"], problems
+    assert report["online"]["c"] == {**report["online"]["c"], "node_id": "103", "verified": True, "node_bound": True}
+    assert report["online"]["a"]["node_bound"] is True and "b" not in report["online"]
+    assert {m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type != wire.WHOAMI} <= {101, 103}
+    entries = [json.loads(x) for x in (local["registry"] / "audit.jsonl").read_text().splitlines()]
+    assert {e["node_id"] for e in entries if e["event"] == "identity.refused" and e["run_id"] == "75"} == {"96", "102"}
 
 
 def test_local_a_replayed_identity_statement_is_refused(local):

@@ -142,7 +142,7 @@ def hosts(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
             keys[site] = tls.make_supernode_keys(sdir / "certs", site)
             shutil.copy(state["ca_cert"], sdir / "ca.crt")
             site_dirs[site] = sdir
-        launch.register_sites(coord, {s: k.public_key for s, k in keys.items()})
+        launch.register_sites(coord, {s: k.public_key for s, k in keys.items()}, record=coord / "allowlist.json")
         from server.allowlist import AllowList
 
         allow = AllowList(coord / "allowlist.json")
@@ -332,6 +332,8 @@ def test_enroll_and_compose_across_hosts(hosts, enrolled):
     results = enrolled["report"]["enroll"]
     assert {s: r["status"] for s, r in results.items()} == {"a": "accepted", "b": "accepted"}, results
     assert all(results[s]["signed"] for s in SITES)
+    # each site id bound to the SuperNode key `register` recorded for it on the coordinator host
+    assert all(enrolled["report"]["online"][s]["node_bound"] for s in SITES), enrolled["report"]["online"]
     t0 = time.monotonic()
     composed = launch.run_app(hosts["flwr_home"], REPO,
                               base_config(hosts, mode="compose", target="a", strategy="sim", k=1, evaluate=False),
