@@ -11,7 +11,6 @@ import pytest
 from support import make_tiny_llama
 
 
-
 def pytest_configure(config: pytest.Config) -> None:
     """A worker of `pytest -n` (scripts/test.sh) dies with the pytest that started it, even when that
     one is SIGKILLed: the servers a test starts are tied to the worker (PR_SET_PDEATHSIG, own
