@@ -30,7 +30,9 @@ def test_target_reports_never_reach_a_library_adapter(federation):
         # query, eval and the own-LoRA set of one target are disjoint
         assert not {e.uid for e in t.eval} & {e.uid for e in t.query}
         assert not {e.uid for e in t.eval} & {e.uid for e in t.train}
-        assert len(t.train) >= 20  # the supervised reference has data to learn from
+        # the supervised reference has data to learn from: 22 query reports with their labels, 15 for the
+        # reduced profile's ct-thorax/ct-head midpoint, whose two groups' target pools run short
+        assert len(t.train) >= 15
     for g in ref:
         assert not {e.uid for e in ref[g]} & {e.uid for e in tgt[g]}
 
