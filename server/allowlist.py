@@ -57,12 +57,12 @@ DEFAULT_MAX_SKEW_S = 300.0
 # allow-list
 
 
-class AllowList:
-    """The coordinator's JSON file ``{site_id: public key PEM}``: who may submit.
+class _SiteKeyFile:
+    """A JSON file ``{site_id: key text}``, re-read on every lookup and written atomically (the
+    allow-list and the SuperNode key record share it)."""
 
-    Re-read on every lookup, so an operator's edit (or ``rpe keygen`` on another shell) takes
-    effect without a restart; written atomically (temp file + rename + fsync).
-    """
+    WHAT = "site key file"
+    VALUE = "key text"
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -73,13 +73,31 @@ class AllowList:
         try:
             data = json.loads(self.path.read_text())
         except json.JSONDecodeError as exc:
-            raise SigningError(f"allow-list {self.path} is not valid JSON: {exc}") from exc
+            raise SigningError(f"{self.WHAT} {self.path} is not valid JSON: {exc}") from exc
         if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
-            raise SigningError(f"allow-list {self.path} must be a JSON object of site id -> PEM string")
+            raise SigningError(f"{self.WHAT} {self.path} must be a JSON object of site id -> {self.VALUE}")
         return data
 
     def _save(self, data: dict[str, str]) -> None:
         atomic_write(self.path, json.dumps(data, indent=2, sort_keys=True) + "\n", mode=0o644)
+
+    def sites(self) -> list[str]:
+        """The site ids in the file, sorted."""
+        return sorted(self._load())
+
+    def __contains__(self, site_id: object) -> bool:
+        return site_id in self._load()
+
+
+class AllowList(_SiteKeyFile):
+    """The coordinator's JSON file ``{site_id: public key PEM}``: who may submit.
+
+    Re-read on every lookup, so an operator's edit (or ``rpe keygen`` on another shell) takes
+    effect without a restart; written atomically (temp file + rename + fsync).
+    """
+
+    WHAT = "allow-list"
+    VALUE = "PEM string"
 
     def add(self, site_id: str, pub_pem: str | bytes, replace: bool = False) -> None:
         """Allow ``site_id`` with this key. Re-adding the same key is a no-op; a *different* key
@@ -114,13 +132,6 @@ class AllowList:
             raise UnknownSiteError(msg)
         return public_key_from_pem(data[site_id])
 
-    def sites(self) -> list[str]:
-        """Allowed site ids, sorted."""
-        return sorted(self._load())
-
-    def __contains__(self, site_id: object) -> bool:
-        return site_id in self._load()
-
     @property
     def node_keys(self) -> NodeKeys:
         """The coordinator's record of each site's SuperNode key, beside this file."""
@@ -130,7 +141,7 @@ class AllowList:
 NODE_KEYS_FILE = "supernode-keys.json"
 
 
-class NodeKeys:
+class NodeKeys(_SiteKeyFile):
     """The coordinator's JSON file ``{site_id: SuperNode public key (OpenSSH line)}``.
 
     Written when a site's SuperNode key is registered with the SuperLink (``deploy/launch.py``
@@ -139,19 +150,8 @@ class NodeKeys:
     claimed site is refused (``server.messaging.verify_identity``).
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-
-    def _load(self) -> dict[str, str]:
-        if not self.path.exists():
-            return {}
-        try:
-            data = json.loads(self.path.read_text())
-        except json.JSONDecodeError as exc:
-            raise SigningError(f"SuperNode key record {self.path} is not valid JSON: {exc}") from exc
-        if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
-            raise SigningError(f"SuperNode key record {self.path} must be a JSON object of site id -> OpenSSH key")
-        return data
+    WHAT = "SuperNode key record"
+    VALUE = "OpenSSH key"
 
     def add(self, site_id: str, public_text: str | bytes, replace: bool = False) -> None:
         """Record ``site_id``'s SuperNode public key; a different key for a recorded site needs ``replace``."""
@@ -167,7 +167,7 @@ class NodeKeys:
             raise SigningError(f"site {site_id!r} already has another SuperNode key recorded in {self.path}; "
                                "pass replace=True to rotate it")
         data[site_id] = line
-        atomic_write(self.path, json.dumps(data, indent=2, sort_keys=True) + "\n", mode=0o644)
+        self._save(data)
 
     def get(self, site_id: str) -> Any:
         """The recorded EC public key of ``site_id``, or None."""
@@ -176,8 +176,6 @@ class NodeKeys:
         line = self._load().get(site_id)
         return node_public_key(line) if line is not None else None
 
-    def sites(self) -> list[str]:
-        return sorted(self._load())
 
 
 # --------------------------------------------------------------------------------------------
