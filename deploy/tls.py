@@ -150,33 +150,42 @@ def make_ca(out_dir: Path, common_name: str = "RPE federation CA", days: int = 3
     return ca_cert, ca_key
 
 
-def make_server_cert(out_dir: Path, ca_cert: Path, ca_key: Path, hosts: list[str] | None = None,
-                     days: int = 825, force: bool = False) -> tuple[Path, Path]:
-    """Issue the SuperLink's TLS certificate (EC P-256) for 127.0.0.1, localhost and ``hosts``."""
-    ca = x509.load_pem_x509_certificate(ca_cert.read_bytes())
-    signer = serialization.load_pem_private_key(ca_key.read_bytes(), password=None)
+def _issue_leaf(ca_cert: Path, ca_key: Path, common_name: str, days: int,
+                extensions: list[tuple[x509.ExtensionType, bool]]
+                ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A new EC P-256 key and its certificate signed by the CA: ``extensions`` as (extension, critical),
+    then the authority key identifier; valid from five minutes ago for ``days``."""
+    ca = x509.load_pem_x509_certificate(Path(ca_cert).read_bytes())
+    signer = serialization.load_pem_private_key(Path(ca_key).read_bytes(), password=None)
     if not isinstance(signer, ec.EllipticCurvePrivateKey):
         raise TlsError(f"{ca_key} is not an EC private key")
-    sans = _san_entries(list(hosts or []))
     key = ec.generate_private_key(ec.SECP256R1())
-    first = sans[0].value
     now = dt.datetime.now(dt.timezone.utc)
-    cert = (
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"superlink {first}")]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
         .issuer_name(ca.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()), critical=False
-        )
-        .sign(signer, hashes.SHA384())
     )
+    for ext, critical in extensions:
+        builder = builder.add_extension(ext, critical=critical)
+    builder = builder.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()),
+                                    critical=False)
+    return key, builder.sign(signer, hashes.SHA384())
+
+
+def make_server_cert(out_dir: Path, ca_cert: Path, ca_key: Path, hosts: list[str] | None = None,
+                     days: int = 825, force: bool = False) -> tuple[Path, Path]:
+    """Issue the SuperLink's TLS certificate (EC P-256) for 127.0.0.1, localhost and ``hosts``."""
+    sans = _san_entries(list(hosts or []))
+    key, cert = _issue_leaf(ca_cert, ca_key, f"superlink {sans[0].value}", days, [
+        (x509.SubjectAlternativeName(sans), False),
+        (x509.BasicConstraints(ca=False, path_length=None), True),
+        (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False),
+    ])
     server_key, server_cert = out_dir / SERVER_KEY, out_dir / SERVER_CERT
     _write_private(server_key, _pem_key(key), force)
     _write_public(server_cert, cert.public_bytes(serialization.Encoding.PEM))
@@ -206,33 +215,13 @@ def make_operator_cert(out_dir: Path, name: str, ca_cert: Path, ca_key: Path, da
     ``--operator-ca`` it was started with; a short validity (one year by default) limits a lost key.
     """
     check_site_id(name)
-    ca = x509.load_pem_x509_certificate(Path(ca_cert).read_bytes())
-    signer = serialization.load_pem_private_key(Path(ca_key).read_bytes(), password=None)
-    if not isinstance(signer, ec.EllipticCurvePrivateKey):
-        raise TlsError(f"{ca_key} is not an EC private key")
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"operator {name}")]))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(
-            x509.KeyUsage(digital_signature=True, key_cert_sign=False, crl_sign=False, content_commitment=False,
-                          key_encipherment=False, data_encipherment=False, key_agreement=False,
-                          encipher_only=False, decipher_only=False),
-            critical=True,
-        )
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()), critical=False
-        )
-        .sign(signer, hashes.SHA384())
-    )
+    key, cert = _issue_leaf(ca_cert, ca_key, f"operator {name}", days, [
+        (x509.BasicConstraints(ca=False, path_length=None), True),
+        (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False),
+        (x509.KeyUsage(digital_signature=True, key_cert_sign=False, crl_sign=False, content_commitment=False,
+                       key_encipherment=False, data_encipherment=False, key_agreement=False,
+                       encipher_only=False, decipher_only=False), True),
+    ])
     out = Path(out_dir)
     cert_path, key_path = out / f"operator-{name}.crt", out / f"operator-{name}.key"
     _write_private(key_path, _pem_key(key), force)
