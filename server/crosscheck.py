@@ -61,6 +61,7 @@ ALL_MESSAGE_TYPES = ("query.whoami", "train", "query.embed", "train.apply")
 REPLY_EVENTS: dict[str, str] = {
     EV_SUBMISSION_ACCEPTED: "train", EV_SUBMISSION_REJECTED: "train",
     "identity.verified": "query.whoami", "identity.unverified": "query.whoami", "identity.refused": "query.whoami",
+    "probe.answered": "query.whoami",
     "query.embedding": "query.embed", "query.failed": "query.embed",
     "composition.delivered": "train.apply", "composition.undelivered": "train.apply",
 }

@@ -130,7 +130,8 @@ def request(key: str, node_id: int, message_type: str, config: dict[str, Any],
 
 def exchange(grid: Grid, requests: list[Request], timeout: float, max_in_flight: int = 2, max_resends: int = 2,
              poll_s: float = 2.0, on_reply: Callable[[Request, Reply], None] | None = None,
-             on_wait: Callable[[], None] | None = None) -> dict[str, Reply]:
+             on_wait: Callable[[], None] | None = None, probe_after: float = 45.0, audit: Any = None,
+             run_id: str = "") -> dict[str, Reply]:
     """Push the requests; collect replies until ``timeout``; ``on_reply`` sees each as it arrives and
     ``on_wait`` is called before every pause (progress lines, ``server/reporting.py``).
 
@@ -143,8 +144,15 @@ def exchange(grid: Grid, requests: list[Request], timeout: float, max_in_flight:
     has already handed the message out, and that message is then lost (seen with 28 adapters in
     flight on two cores). So at most ``max_in_flight`` messages per site are outstanding, and a
     message is re-sent (at most ``max_resends`` times) when it is provably lost: the site answered
-    a message sent *after* it, or the site went quiet for much longer than its other answers took.
-    Duplicates are harmless: the first reply wins, and every request carries its own nonce.
+    a message sent *after* it. A SuperNode takes its messages one at a time, oldest first, so a
+    site that has been quiet for ``probe_after`` seconds (or twice its longest answer so far, if
+    longer) gets a probe, a cheap ``query.whoami`` pushed behind what it holds: a busy site answers
+    the probe only after its real work, while a site whose message (or reply) was lost answers the
+    probe first, and the lost message is re-sent at once instead of after a long silence. A probe
+    that itself goes unanswered is replaced after the same interval. With ``audit``, every answered
+    probe is audited (``probe.answered``), so that ``rpe audit cross-check`` finds the site's reply
+    on the coordinator's side too. Duplicates are harmless: the first reply wins, and every request
+    carries its own nonce.
     """
     out = {r.key: Reply(r.key, None, r.nonce) for r in requests}
     if not requests:
@@ -161,6 +169,7 @@ def exchange(grid: Grid, requests: list[Request], timeout: float, max_in_flight:
     took: dict[int, list[float]] = {}
     counter = iter(range(1 << 62))
     deadline = time.monotonic() + timeout
+    probes: dict[str, tuple[Request, int, float]] = {}  # message id -> (probe, push seq, sent at)
 
     def push(indices: list[int]) -> None:
         msgs = [Message(requests[i].content, dst_node_id=requests[i].node_id, message_type=requests[i].message_type,
@@ -170,6 +179,20 @@ def exchange(grid: Grid, requests: list[Request], timeout: float, max_in_flight:
                 in_flight[mid] = i
                 push_seq[i] = next(counter)
                 sent_at[i] = time.monotonic()
+
+    def probe(node: int) -> None:
+        import secrets
+
+        ask = request(f"probe:{node}", node, wire.WHOAMI, {"challenge": secrets.token_hex(32)})
+        msg = Message(ask.content, dst_node_id=node, message_type=ask.message_type, ttl=timeout + 60.0)
+        for mid in grid.push_messages([msg]):
+            if mid:
+                probes[mid] = (ask, next(counter), time.monotonic())
+
+    def lost_before(node: int, seq: int) -> list[str]:
+        """In-flight messages of ``node`` pushed before ``seq``: the site answered something newer."""
+        return [m for m, i in in_flight.items() if requests[i].node_id == node and push_seq[i] < seq
+                and resends.get(i, 0) < max_resends]
 
     def fill() -> None:
         batch = []
@@ -183,7 +206,16 @@ def exchange(grid: Grid, requests: list[Request], timeout: float, max_in_flight:
 
     fill()
     while (in_flight or any(queues.values())) and time.monotonic() < deadline:
-        for message in grid.pull_messages(list(in_flight)):
+        lost: list[str] = []
+        for message in grid.pull_messages([*in_flight, *probes]):
+            answered = probes.pop(message.metadata.reply_to_message_id, None)
+            if answered is not None:
+                ask, seq, _ = answered
+                last_reply[ask.node_id] = time.monotonic()
+                lost += [m for m in lost_before(ask.node_id, seq) if m not in lost]
+                if audit is not None:
+                    _audit_probe(audit, ask, Reply(ask.key, message, ask.nonce), run_id)
+                continue
             i = in_flight.pop(message.metadata.reply_to_message_id, None)
             if i is None or i in done:
                 continue
@@ -198,15 +230,25 @@ def exchange(grid: Grid, requests: list[Request], timeout: float, max_in_flight:
         for mid in [m for m, i in in_flight.items() if i in done]:
             del in_flight[mid]
         now = time.monotonic()
-        lost = []
         for mid, i in in_flight.items():
             node = requests[i].node_id
             overtaken = any(requests[j].node_id == node and push_seq[j] > push_seq[i] for j in done)
-            quiet = node in took and now - max(sent_at[i], last_reply[node]) > max(120.0, 5 * max(took[node]))
-            if (overtaken or quiet) and resends.get(i, 0) < max_resends:
+            if overtaken and resends.get(i, 0) < max_resends and mid not in lost:
                 lost.append(mid)
+        waiting: dict[int, float] = {}
+        for mid, i in in_flight.items():
+            if mid not in lost:
+                node = requests[i].node_id
+                waiting[node] = min(waiting.get(node, now), sent_at[i])
+        for node, since in waiting.items():
+            patience = max(probe_after, 2 * max(took.get(node, [0.0])))
+            mine = [sent for ask, _, sent in probes.values() if ask.node_id == node]
+            if now - max(since, last_reply.get(node, 0.0), *mine) > patience:
+                probe(node)
         for mid in lost:
-            i = in_flight.pop(mid)
+            i = in_flight.pop(mid, None)
+            if i is None or i in done:
+                continue
             resends[i] = resends.get(i, 0) + 1
             log(f"message for {requests[i].key!r} was lost between the SuperLink and the site; re-sending "
                 f"({resends[i]}/{max_resends})")
@@ -219,7 +261,19 @@ def exchange(grid: Grid, requests: list[Request], timeout: float, max_in_flight:
     return out
 
 
-def audit_reply(audit: Any, event: str, req: Request, rep: Reply, run_id: str, site: str, **fields: Any) -> None:
+def _audit_probe(audit: Any, ask: Request, rep: Reply, run_id: str) -> None:
+    """``probe.answered`` for a liveness probe's reply, under the site the reply names (if any)."""
+    site = None
+    if rep.ok:
+        try:
+            site = wire.parse_whoami_reply(rep.content)["site"]
+        except WireError:
+            site = None
+    audit_reply(audit, "probe.answered", ask, rep, run_id, site, node_id=str(ask.node_id))
+
+
+def audit_reply(audit: Any, event: str, req: Request, rep: Reply, run_id: str, site: str | None,
+                **fields: Any) -> None:
     """One audit entry for one site reply (or its absence), with what ``rpe audit cross-check``
     matches it on: run id, nonce, message type and, when the reply carried records, their digests."""
     from common.digests import record_digests
@@ -330,7 +384,7 @@ def discover(grid: Grid, timeout: float, report: dict[str, Any], run_id: str = "
     requests = [request(str(node), node, wire.WHOAMI, {"challenge": secrets.token_hex(32)})
                 for node in sorted(grid.get_node_ids())]
     challenges = {r.key: r.content["config"]["challenge"] for r in requests}
-    replies = exchange(grid, requests, timeout)
+    replies = exchange(grid, requests, timeout, audit=audit, run_id=run_id)
     claims: dict[str, list[SiteInfo]] = {}
     problems: dict[str, str] = {}
     digests: dict[int, dict[str, str]] = {}

@@ -39,7 +39,7 @@ def embed_sites(grid: Grid, s: Settings, registry: Any, sites: dict[str, SiteInf
             continue
         requests.append(request(t, sites[t].node_id, wire.EMBED, {"task": s.task, "embed_layer": s.embed_layer}))
     progress = Progress("embed", len(requests))
-    replies = exchange(grid, requests, s.timeout_query, on_wait=progress.waiting,
+    replies = exchange(grid, requests, s.timeout_query, on_wait=progress.waiting, audit=registry.audit, run_id=run_id,
                        on_reply=lambda req, rep: progress.result(req.key, "z received" if rep.ok else rep.problem))
     out: dict[str, np.ndarray] = {}
     for req in requests:
@@ -154,7 +154,7 @@ def run_compose(grid: Grid, s: Settings, registry: Any, sites: dict[str, SiteInf
         results[t] = {"status": "composed", "adapter_name": name, "strategy": s.strategy, "blob_sha256": sha,
                       **summary}
     progress = Progress("apply", len(requests))
-    replies = exchange(grid, requests, s.timeout_train, on_wait=progress.waiting,
+    replies = exchange(grid, requests, s.timeout_train, on_wait=progress.waiting, audit=registry.audit, run_id=run_id,
                        on_reply=lambda req, rep: progress.result(req.key, "receipt" if rep.ok else rep.problem))
     for req in requests:
         t, rep, res = req.key, replies[req.key], results[req.key]

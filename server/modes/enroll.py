@@ -62,7 +62,7 @@ def run_enroll(grid: Grid, s: Settings, registry: Any, sites: dict[str, SiteInfo
         requests.append(request(site, sites[site].node_id, wire.ENROLL, train_config(s)))
     log(f"enrolling {[r.key for r in requests]} (task {s.task}, {s.steps} steps)")
     progress = Progress("enroll", len(requests), heartbeat_s=60.0)
-    replies = exchange(grid, requests, s.timeout_train, on_wait=progress.waiting,
+    replies = exchange(grid, requests, s.timeout_train, on_wait=progress.waiting, audit=registry.audit, run_id=run_id,
                        on_reply=lambda req, rep: progress.result(req.key, "reply" if rep.ok else rep.problem))
     allow, ledger = _security(s, registry)
     for req in requests:

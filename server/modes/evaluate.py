@@ -76,7 +76,8 @@ def run_evaluate(grid: Grid, s: Settings, registry: Any, sites: dict[str, SiteIn
         target, method = req.key.split("|", 1)
         progress.result(f"target {target}, arm {method}", _score(rep))
 
-    replies = exchange(grid, requests, s.timeout_train, on_reply=on_reply, on_wait=progress.waiting)
+    replies = exchange(grid, requests, s.timeout_train, on_reply=on_reply, on_wait=progress.waiting,
+                       audit=registry.audit, run_id=run_id)
     rows: list[dict[str, Any]] = []
     base_scores: dict[str, dict[str, float]] = {}
     for req in requests:
