@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Context, RecordDict
 
+from client import seg_handlers as seg
 from client.policy import ReleaseRefused
 from client.release import ZRelease, allowed_layer, check_budget, release_z, say
 from client.site import (
@@ -55,19 +56,25 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 # -- query.whoami --------------------------------------------------------------------------------
 def whoami(req: wire.Request, site: Site, context: Context) -> RecordDict:
-    """Counts only. Deliberately cheap (no torch import, no model): it runs at the start of every run."""
-    try:
-        data, ok = load_site_data(site.data_path), True
-    except (OSError, DatasetFormatError, SiteError):
-        data, ok = SiteData([], [], []), False
+    """Counts only (a segmentation-only site counts its slices) and the signed identity statement.
+    Deliberately cheap (no torch import, no model): it runs at the start of every run."""
+    counts = seg.counts(site) if seg.is_segmentation(site) and "report-text" not in site.tasks else report_counts(site)
     info = {
-        "schema": wire.WIRE_SCHEMA, "site": site.site, "tasks": json.dumps(list(site.tasks)),
-        "groups": json.dumps(data.groups[:8]), "n_examples": len(data.all), "n_labeled": len(data.train),
-        "n_unlabeled": len(data.unlabeled), "n_eval": len(data.eval), "data_ok": ok,
+        "schema": wire.WIRE_SCHEMA, "site": site.site, "tasks": json.dumps(list(site.tasks)), **counts,
         "nonce": req.config["nonce"], "signer": key_id(site),
         "identity": identity_statement(site, req.config.get("challenge", ""), str(context.run_id), context.node_id),
     }
     return wire.build_whoami_reply(info)
+
+
+def report_counts(site: Site) -> dict[str, Any]:
+    """The whoami counts of a report site: groups, examples, labelled, unlabelled, held-out."""
+    try:
+        data, ok = load_site_data(site.data_path), True
+    except (OSError, DatasetFormatError, SiteError):
+        data, ok = SiteData([], [], []), False
+    return {"groups": json.dumps(data.groups[:8]), "n_examples": len(data.all), "n_labeled": len(data.train),
+            "n_unlabeled": len(data.unlabeled), "n_eval": len(data.eval), "data_ok": ok}
 
 
 def identity_statement(site: Site, challenge: str, run_id: str, node_id: Any) -> str:
@@ -123,6 +130,8 @@ class TrainPlan:
 def enroll(req: wire.Request, site: Site, context: Context) -> RecordDict:
     """Train, embed, encode once, keep a copy, describe, sign, reply."""
     cfg = req.config
+    if seg.is_segmentation(site, cfg["task"]):
+        return seg.enroll(req, site, context)
     task = site_task(site, cfg["task"])
     train = training_examples(site, cfg)
     plan = train_plan(cfg, site)
@@ -244,6 +253,8 @@ def embed(req: wire.Request, site: Site, context: Context) -> RecordDict:
     from common.privacy import release_record
 
     cfg = req.config
+    if seg.is_segmentation(site, cfg.get("task")):
+        return seg.embed(req, site, context)
     task = site_task(site, cfg.get("task", "report-text"))
     data = load_site_data(site.data_path)
     site.release.embedding_examples(len(data.all), int(cfg.get("max_examples", 0)))
@@ -269,6 +280,8 @@ def apply(req: wire.Request, site: Site, context: Context) -> RecordDict:
         raise WireError(f"adapter name must be a plain file name not starting with {OWN_PREFIX!r} (the site's own "
                         "adapters)", "config", "name")
     check_delivery(site, cfg, str(context.run_id))
+    if seg.is_segmentation(site, cfg.get("task")):
+        return seg.apply(req, site, context)
     adapter, sha = received_adapter(req, site)
     if cfg.get("store", True):
         store_received(site, cfg, adapter)
@@ -323,16 +336,16 @@ def received_adapter(req: wire.Request, site: Site) -> tuple[Any, str]:
     return adapter, got
 
 
-def store_received(site: Site, cfg: dict[str, Any], adapter: Any) -> None:
+def store_received(site: Site, cfg: dict[str, Any], adapter: Any, base_path: str | None = None) -> None:
     """``adapters/<name>/``, a NEW directory: a PEFT directory plus ``rpe-provenance.json`` (sources,
     weights, hash), written to a temporary directory and renamed into place. An existing name is
     refused (a delivery can never overwrite the site's own or an earlier adapter), except the same
-    adapter again (a re-sent message)."""
+    adapter again (a re-sent message). ``base_path``: what the PEFT config names as base (default:
+    the site's language model directory)."""
     import os
     import shutil
 
     from common.lora import save_peft_adapter
-    from common.models import resolve_model_dir
 
     final = site.adapters_dir / cfg["name"]
     if final.exists() or final.is_symlink():
@@ -346,7 +359,11 @@ def store_received(site: Site, cfg: dict[str, Any], adapter: Any) -> None:
                               "a delivery never replaces one")
     tmp = site.adapters_dir / f".incoming-{cfg['name']}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    out = save_peft_adapter(adapter, tmp, str(resolve_model_dir(site.model_path)))
+    if base_path is None:
+        from common.models import resolve_model_dir
+
+        base_path = str(resolve_model_dir(site.model_path))
+    out = save_peft_adapter(adapter, tmp, base_path)
     provenance = {k: cfg.get(k) for k in ("strategy", "sources", "weights", "blob_sha256", "task")}
     provenance["received_at"] = time.time()
     (out / "rpe-provenance.json").write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")

@@ -13,7 +13,9 @@ refused) - the site's own privacy policy, off by default. The release policy
 ``metrics-min-reports`` (10). ``coordinator-key``: the coordinator's public key (PEM file,
 ``<registry>/coordinator.pub``); without it the site installs no delivery. Also ``threads`` (torch CPU threads; on a
 shared or small machine 1 avoids oversubscription, which made generation ~50x slower on a loaded
-2-core host). In simulation the node config holds only ``partition-id``: the run config's
+2-core host). ``task`` (comma-separated families, default ``report-text``; ``segmentation`` with
+``seg-dataset`` / ``seg-site`` / ``seg-copies``: ``client/seg_handlers.py``). In simulation the node
+config holds only ``partition-id``: the run config's
 ``sim-sites``, ``sim-data-root``, ``sim-model-path`` and ``sim-site-root`` map it to a site
 (and ``sim-coordinator-key``, ``sim-z-min-examples``, ``sim-z-layers``, ``sim-metrics-min-reports``
 stand in for the node-config keys above).
@@ -37,6 +39,8 @@ EGRESS_FILE = "egress.jsonl"
 DEFAULT_MODEL = "smollm2-135m-instruct"
 #: the task families this ClientApp can run (the ONE place a site's task is chosen: :func:`site_task`)
 DEFAULT_TASKS = ("report-text",)
+#: node-config keys of a segmentation site (``client/seg_handlers.py``)
+SEG_KEYS = ("seg-dataset", "seg-site", "seg-copies")
 
 
 class SiteError(RuntimeError):
@@ -63,6 +67,8 @@ class Site:
     supernode_key: Path | None = None
     #: work done only once the reply's egress line is on disk (e.g. caching a released z)
     after_logged: list[Any] = field(default_factory=list)
+    #: segmentation sites: ``seg-dataset``, ``seg-site``, ``seg-copies`` from the node config
+    seg: dict[str, str] = field(default_factory=dict)
 
     @property
     def egress_path(self) -> Path:
@@ -120,8 +126,10 @@ def site_from_context(context: Context) -> Site:
         raise SiteError(str(exc)) from None
     coord = Path(str(pinned)).expanduser() if pinned else None
     node_key = nc.get("supernode-key") if "site-id" in nc else None
+    tasks = tuple(split_list(nc.get("task"))) or DEFAULT_TASKS
+    seg = {k: str(nc[k]) for k in SEG_KEYS if k in nc}
     return Site(site, Path(str(data)).expanduser(), model, site_dir.expanduser().resolve(), policy, threads,
-                release=release, coordinator_key=coord,
+                tasks, seg=seg, release=release, coordinator_key=coord,
                 supernode_key=Path(str(node_key)).expanduser() if node_key else None)
 
 
@@ -148,9 +156,10 @@ def privacy_policy(src: Any) -> dict[str, float]:
 
 def site_task(site: Site, name: str) -> Any:
     """The task object for a request's task name, if this site runs that family (``common/tasks.py``)."""
+    from common.segmentation import SegmentationTask
     from common.tasks import TextReportTask
 
-    known = {"report-text": TextReportTask}
+    known: dict[str, Any] = {"report-text": TextReportTask, "segmentation": SegmentationTask}
     if name not in known or name not in site.tasks:
         raise SiteError(f"unknown task {name!r}; this site can train {sorted(set(site.tasks) & set(known))}")
     return known[name]()

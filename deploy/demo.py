@@ -14,15 +14,24 @@ What it does, end to end (``python -m deploy.demo``, or ``scripts/demo.sh`` whic
    sites' adapters with every strategy, sends the composed adapter to the site, and the site
    scores it (ROUGE-L) on its held-out reports and replies with metrics only; the base model and
    the site's own LoRA are the references.
-5. Prints the results table, where its files are, and stops every process by PID.
+5. The same federation also holds the six real prostate MRI sites (RUNMC, BMC, I2CVB, UCL, BIDMC,
+   HK; ``prostate-multisite`` from the data root) as segmentation sites on LiteMedSAM: they enrol
+   (LoRA on the mask decoder + z = encoder spatial mean + metadata) into the registry's
+   segmentation family and run the same leave-one-site-out evaluation, scored by DICE.
+   ``--families report`` or ``--families segmentation`` runs only one family.
+6. Prints the results tables (with the weights each target received), where the files and plots
+   are, the wall time per phase, and stops every process by PID.
 
 Profiles: ``quick`` (default; fits two CPU cores) and ``full`` (more data and steps; for a GPU).
+Torch threads per site: the cores this process may use (``os.sched_getaffinity``) divided by the
+number of sites that compute at the same time (every site of a family works in parallel).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shutil
 import sys
 import threading
@@ -36,6 +45,13 @@ from deploy import launch
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_SITES = {"xray": "xray-chest", "ct-abdomen": "ct-abdomen", "ct-head": "ct-head", "mr-head": "mr-head"}
+SEG_DATASET = "prostate-multisite"
+SEG_SITES = ("RUNMC", "BMC", "I2CVB", "UCL", "BIDMC", "HK")
+FAMILIES = ("report", "segmentation")
+#: each prostate site holds only 5-6 slices (3 train + 2-3 test), fewer than the release policy's
+#: safe defaults (z over >= 10 examples, metrics over >= 10 held-out items): each site's node config
+#: loosens them for itself, explicitly, as a hospital would have to (``client/policy.py``)
+SEG_RELEASE = {"z-min-examples": 5, "metrics-min-reports": 2}
 
 
 @dataclass(frozen=True)
@@ -45,13 +61,27 @@ class DemoProfile:
     steps: int
     batch_size: int
     max_length: int
-    threads: int
+    threads: int  # 0: chosen from the cores available (:func:`auto_threads`)
+    seg_steps: int = 12
+    seg_copies: int = 1
+    seg_k: int = 5
 
 
 PROFILES = {
-    "quick": DemoProfile(n_train=48, n_eval=12, steps=30, batch_size=4, max_length=160, threads=1),
-    "full": DemoProfile(n_train=400, n_eval=50, steps=300, batch_size=8, max_length=256, threads=0),
+    "quick": DemoProfile(n_train=48, n_eval=12, steps=30, batch_size=4, max_length=160, threads=0),
+    "full": DemoProfile(n_train=400, n_eval=50, steps=300, batch_size=8, max_length=256, threads=0, seg_steps=60,
+                        seg_copies=3),
 }
+
+
+def auto_threads(concurrent: int) -> int:
+    """Torch threads for one site: the cores this process may run on, shared by the sites that
+    compute at once (more threads than cores made a training step 3 s -> 38 s here)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, concurrent))
 
 
 def _log(msg: str) -> None:
@@ -104,12 +134,26 @@ def prepare_sites(root: Path, profile: DemoProfile, sites: dict[str, str], seed:
     return out
 
 
+def seg_specs(profile: DemoProfile, sam_model: str, threads: int) -> list[launch.SiteSpec]:
+    """One SuperNode per prostate site; its node config names the data set and site it holds."""
+    from common.seg_data import data_root
+
+    return [launch.SiteSpec(site, str(data_root()), sam_model, threads=threads, release=dict(SEG_RELEASE),
+                            extra={"task": "segmentation", "seg-dataset": SEG_DATASET, "seg-site": site,
+                                   "seg-copies": profile.seg_copies}) for site in SEG_SITES]
+
+
+def _evaluation(run: dict[str, Any]) -> dict[str, Any]:
+    return run["report"].get("evaluate", {}) if run else {}
+
+
 def run_demo(workdir: Path, profile: DemoProfile, model: str = "smollm2-135m-instruct",
-             sites: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run enrol + evaluate on a fresh local deployment; returns timings and the output paths."""
+             sites: dict[str, str] | None = None, families: tuple[str, ...] = FAMILIES,
+             sam_model: str = "litemedsam") -> dict[str, Any]:
+    """Run enrol + evaluate for each family on a fresh local deployment; returns timings and outputs."""
     from common.models import resolve_model_dir
 
-    sites = sites or DEFAULT_SITES
+    sites = sites or DEFAULT_SITES if "report" in families else {}
     workdir = workdir.resolve()
     if workdir.exists():
         launch.down(workdir)  # a previous demo that was interrupted
@@ -118,37 +162,58 @@ def run_demo(workdir: Path, profile: DemoProfile, model: str = "smollm2-135m-ins
     model_dir = str(resolve_model_dir(model))
     data = prepare_sites(workdir / "data", profile, sites)
     registry = workdir / "registry"
-    specs = [launch.SiteSpec(site, str(path), model_dir, threads=profile.threads) for site, path in data.items()]
+    widest = max(len(sites), len(SEG_SITES) if "segmentation" in families else 0)
+    threads = profile.threads or auto_threads(widest)
+    _log(f"torch threads per site: {threads} ({len(os.sched_getaffinity(0))} cores available, up to {widest} "
+         "sites computing at once)")
+    specs = [launch.SiteSpec(site, str(path), model_dir, threads=threads) for site, path in data.items()]
+    if "segmentation" in families:
+        specs += seg_specs(profile, sam_model, threads)
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
     _log(f"starting a SuperLink and {len(specs)} SuperNodes on 127.0.0.1 (TLS + node auth)")
     state = launch.up(workdir / "deploy", specs, port=launch.free_port(), registry=str(registry))
     flwr_home = Path(state["flwr_home"])
     timings["deploy_up_s"] = time.perf_counter() - t_all
-    common = {"registry-dir": str(registry), "base-model": model_dir, "steps": profile.steps,
-              "batch-size": profile.batch_size, "max-length": profile.max_length, "require-signatures": True,
-              "timeout-train": 3600.0, "timeout-query": 900.0}
+    common = {"registry-dir": str(registry), "require-signatures": True, "timeout-train": 3600.0,
+              "timeout-query": 900.0, "eval-strategies": "sim,lin,lin-l1"}
+    configs = {
+        "report": {**common, "base-model": model_dir, "steps": profile.steps, "batch-size": profile.batch_size,
+                   "max-length": profile.max_length, "sites": ",".join(sites)},
+        "segmentation": {**common, "base-model": sam_model, "task": "segmentation", "steps": profile.seg_steps,
+                         "batch-size": 2, "lora-r": 4, "lora-alpha": 8.0, "lr": 2e-3, "k": profile.seg_k,
+                         "sites": ",".join(SEG_SITES)},
+    }
+    evaluations: dict[str, dict[str, Any]] = {}
     try:
-        t0 = time.perf_counter()
-        _log(f"enroll: each site trains a LoRA ({profile.steps} steps) and sends adapter + z + metadata")
-        with relay_progress(registry / "runs"):
-            enroll = launch.run_app(flwr_home, REPO, {**common, "mode": "enroll"}, registry, timeout=3600)
-        timings["enroll_s"] = time.perf_counter() - t0
-        outcome = enroll["report"].get("enroll", {})
-        for site, res in sorted(outcome.items()):
-            _log(f"  {site}: {res.get('status')} {res.get('record_id', res.get('reason', ''))}")
-        t0 = time.perf_counter()
-        _log("evaluate: leave-one-site-out, every strategy + base + own LoRA, scored at the sites")
-        with relay_progress(registry / "runs"):
-            evaluate = launch.run_app(flwr_home, REPO, {**common, "mode": "evaluate",
-                                                        "eval-strategies": "sim,lin,lin-l1"}, registry, timeout=3600)
-        timings["evaluate_s"] = time.perf_counter() - t0
+        for family in families:  # enrol every family first: the report registry must exist before the others
+            t0 = time.perf_counter()
+            _log(f"enroll [{family}]: each site trains a LoRA ({configs[family]['steps']} steps) and sends adapter "
+                 "+ z + metadata")
+            with relay_progress(registry / "runs"):
+                enroll = launch.run_app(flwr_home, REPO, {**configs[family], "mode": "enroll"}, registry,
+                                        timeout=3600)
+            timings[f"enroll_{family}_s"] = time.perf_counter() - t0
+            for site, res in sorted(enroll["report"].get("enroll", {}).items()):
+                _log(f"  {site}: {res.get('status')} {res.get('record_id', res.get('reason', ''))}")
+        for family in families:
+            t0 = time.perf_counter()
+            _log(f"evaluate [{family}]: leave-one-site-out, every strategy + base + own LoRA, scored at the sites")
+            config = {k: v for k, v in configs[family].items() if k != "sites"}
+            with relay_progress(registry / "runs"):
+                evaluations[family] = _evaluation(launch.run_app(flwr_home, REPO, {**config, "mode": "evaluate"},
+                                                                 registry, timeout=3600))
+            timings[f"evaluate_{family}_s"] = time.perf_counter() - t0
     finally:
         launch.down(workdir / "deploy")
     timings["total_s"] = time.perf_counter() - t_all
-    outputs = evaluate["report"].get("evaluate", {}).get("outputs", {})
-    problems = evaluate["report"].get("evaluate", {}).get("problems", {})
-    return {"timings": timings, "outputs": outputs, "problems": problems, "registry": str(registry),
+    for phase in ("enroll", "evaluate"):
+        timings[f"{phase}_s"] = sum(v for k, v in timings.items() if k.startswith(f"{phase}_") and k != f"{phase}_s")
+    first = evaluations.get("report") or next(iter(evaluations.values()), {})
+    return {"timings": timings, "outputs": first.get("outputs", {}), "problems": first.get("problems", {}),
+            "families": {f: {"outputs": e.get("outputs", {}), "problems": e.get("problems", {})}
+                         for f, e in evaluations.items()},
+            "registry": str(registry), "threads": threads,
             "sites": {s: str(p) for s, p in data.items()}, "egress": {
                 s.site: str(Path(s.site_dir) / "egress.jsonl") for s in specs}}
 
@@ -161,17 +226,29 @@ def main(argv: list[str] | None = None) -> int:
                         help="everything the run writes (default runs/demo; replaced on each run)")
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="base model directory or name")
+    parser.add_argument("--sam-model", default="litemedsam", help="SAM-style base model of the segmentation sites")
+    parser.add_argument("--families", default=",".join(FAMILIES),
+                        help="task families in the federation, comma-separated (default: report,segmentation)")
     args = parser.parse_args(argv)
-    result = run_demo(args.workdir, PROFILES[args.profile], args.model)
-    md = result["outputs"].get("markdown")
-    if md and Path(md).exists():
-        print(Path(md).read_text())
-    for key, problem in sorted(result["problems"].items()):
-        print(f"problem: {key}: {problem}")
+    families = tuple(f.strip() for f in args.families.split(",") if f.strip())
+    unknown = set(families) - set(FAMILIES)
+    if unknown or not families:
+        parser.error(f"--families: unknown {sorted(unknown)}; choose from {', '.join(FAMILIES)}")
+    result = run_demo(args.workdir, PROFILES[args.profile], args.model, families=families, sam_model=args.sam_model)
+    for family, res in result["families"].items():
+        md = res["outputs"].get("markdown")
+        print(f"\n## {family} sites\n")
+        if md and Path(md).exists():
+            print(Path(md).read_text())
+            print("plots: " + ", ".join(v for k, v in sorted(res["outputs"].items()) if k.endswith("_plot")))
+        for key, problem in sorted(res["problems"].items()):
+            print(f"problem: {key}: {problem}")
     t = result["timings"]
-    print(f"\nwall time {t['total_s'] / 60:.1f} min (deployment {t['deploy_up_s']:.0f} s, "
-          f"enroll {t['enroll_s'] / 60:.1f} min, evaluate {t['evaluate_s'] / 60:.1f} min)")
-    print(f"registry + audit log: {result['registry']}; results: {Path(md).parent if md else '-'}")
+    phases = ", ".join(f"{k[:-2].replace('_', ' ')} {v / 60:.1f} min" for k, v in t.items()
+                       if k.startswith(("enroll_", "evaluate_")) and k not in ("enroll_s", "evaluate_s"))
+    print(f"\nwall time {t['total_s'] / 60:.1f} min (deployment {t['deploy_up_s']:.0f} s, {phases}; "
+          f"{result['threads']} torch thread(s) per site)")
+    print(f"registry + audit log: {result['registry']} (segmentation family: {result['registry']}/segmentation)")
     print("egress logs: " + ", ".join(result["egress"].values()))
     return 0
 

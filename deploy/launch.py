@@ -61,6 +61,8 @@ class SiteSpec:
     #: the site's release policy, node-config keys of ``client/policy.py`` (z-min-examples, z-layers,
     #: metrics-min-reports; the site's safe defaults when empty)
     release: dict[str, Any] = field(default_factory=dict)
+    #: further node-config keys, e.g. a segmentation site's ``task``, ``seg-dataset``, ``seg-site``
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def node_config(self) -> dict[str, Any]:
         out: dict[str, Any] = {"site-id": self.site, "data-path": self.data_path, "model-path": self.model_path,
@@ -73,6 +75,7 @@ class SiteSpec:
             out["coordinator-key"] = self.coordinator_key
         out.update({k: float(v) for k, v in self.privacy.items()})
         out.update(self.release)
+        out.update(self.extra)
         return out
 
 

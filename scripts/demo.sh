@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Set everything up, then run the embedded default main job: a real local Flower federation of four
-# hospital sites (real reports, SmolLM2-135M, embedded Chroma) that enrols every site and runs the
-# leave-one-site-out evaluation. Extra arguments go to `python -m deploy.demo` (see --help).
+# Set everything up, then run the embedded default main job: ONE real local Flower federation of four
+# report sites (real reports, SmolLM2-135M) and six prostate MRI segmentation sites (real slices,
+# LiteMedSAM), embedded Chroma, that enrols every site and runs the leave-one-site-out evaluation of
+# each family (ROUGE-L, DICE). `--families report` or `--families segmentation` runs one family.
+# Extra arguments go to `python -m deploy.demo` (see --help).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # the data sets come from the data root ($RPE_DATA_DIR, else ../shared/data): stop at once if one is missing
@@ -9,7 +11,7 @@ PY=${PYTHON:-python3}; [ -x .venv/bin/python ] && PY=.venv/bin/python
 "$PY" -c 'import sys
 from common.data import REPORT_DATASETS, DatasetMissingError, dataset_dir
 try:
-    [dataset_dir(name) for name in REPORT_DATASETS]
+    [dataset_dir(name) for name in (*REPORT_DATASETS, "prostate-multisite")]
 except DatasetMissingError as exc:
     sys.exit(f"[demo] {exc}")' || exit 2
 bash scripts/setup.sh

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 from flwr.app import Context
@@ -68,7 +69,7 @@ def main(grid: Grid, context: Context) -> None:
         registry = open_registry(s)
         # from here on every line is also in <registry>/runs/<run id>-<mode>.log (deploy/demo.py follows it)
         try:
-            with run_log(registry.path / "runs" / f"{run_id}-{s.mode}.log"):
+            with run_log(Path(s.registry_dir).expanduser() / "runs" / f"{run_id}-{s.mode}.log"):
                 timings["open_registry"] = round(time.monotonic() - t0, 3)
                 t0 = time.monotonic()
                 sites = discover(grid, s.timeout_query, report, run_id, allow_list(s), s.require_signatures,

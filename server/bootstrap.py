@@ -30,10 +30,21 @@ def open_registry(s: Settings) -> Any:
     return reg
 
 
+#: task families whose z is not the report family's: each keeps its own registry (own z dim and
+#: representation, own index) under ``<registry-dir>/<family>/``, so a query can never mix them
+SEPARATE_FAMILIES = ("segmentation",)
+
+
+def family_registry_dir(s: Settings) -> Path:
+    """The registry directory of the run's task family (``registry-dir`` for reports)."""
+    root = Path(s.registry_dir).expanduser()
+    return root / s.task if s.task in SEPARATE_FAMILIES else root
+
+
 def _open_or_create(s: Settings, blob_key: Any) -> Any:
     from server.registry import Registry
 
-    path = Path(s.registry_dir).expanduser()
+    path = family_registry_dir(s)
     chroma: Any = None
     if s.chroma == "off":
         chroma = "off"
@@ -45,6 +56,8 @@ def _open_or_create(s: Settings, blob_key: Any) -> Any:
     if not s.base_model:
         raise ValueError(f"{path} holds no registry yet: create it with `rpe registry init`, or set run config "
                          "'base-model' to the base model directory so the first run creates it")
+    if s.task == "segmentation":
+        return _create_sam_registry(s, path, chroma, blob_key)
     from transformers import AutoConfig
 
     from common.models import fingerprint, resolve_model_dir
@@ -58,6 +71,48 @@ def _open_or_create(s: Settings, blob_key: Any) -> Any:
         kwargs = {"chroma_host": chroma[0], "chroma_port": chroma[1]}
     reg = Registry.init(path, base_fingerprint=fingerprint(model_dir), module_shapes=shapes, embedding_dim=hidden,
                         base_name=str(model_dir), exist_ok=True, blob_key=blob_key, **kwargs)
+    if chroma == "off":
+        reg.close()
+        reg = Registry(path, chroma="off", blob_key=blob_key)
+    return reg
+
+
+def share_coordinator_key(root: Path, family_dir: Path) -> None:
+    """A family's registry signs receipts and deliveries with the coordinator's ONE key (the root
+    registry's ``coordinator.key``, the ``coordinator.pub`` every site pins): the key pair its init
+    made is replaced by links to the root's (before it signed anything)."""
+    import os
+
+    from server.registry import coordkey
+
+    coordkey.ensure_key(root)
+    for src, dst in zip(coordkey.key_paths(root), coordkey.key_paths(family_dir), strict=True):
+        if dst.is_symlink():
+            continue
+        link = dst.with_name(dst.name + ".link")
+        link.unlink(missing_ok=True)
+        os.symlink(os.path.relpath(src, family_dir), link)
+        os.replace(link, dst)
+
+
+def _create_sam_registry(s: Settings, path: Path, chroma: Any, blob_key: Any) -> Any:
+    """A registry for SAM adapters: the base's linear shapes, z = the encoder's channel count."""
+    from common import sam
+    from common.models import linear_module_shapes
+    from common.segmentation import REPRESENTATION
+    from server.registry import Registry
+
+    model = sam.load_sam(s.base_model)
+    shapes = linear_module_shapes(model)
+    dim = int(model.rpe_config["embed_dim"])
+    log(f"creating registry {path} for SAM base {s.base_model} ({len(shapes)} linear modules, z dim {dim})")
+    kwargs: dict[str, Any] = {}
+    if isinstance(chroma, tuple):
+        kwargs = {"chroma_host": chroma[0], "chroma_port": chroma[1]}
+    reg = Registry.init(path, base_fingerprint=sam.model_fingerprint(model), module_shapes=shapes,
+                        embedding_dim=dim, representation=REPRESENTATION, base_name=str(s.base_model),
+                        exist_ok=True, blob_key=blob_key, **kwargs)
+    share_coordinator_key(Path(s.registry_dir).expanduser(), path)
     if chroma == "off":
         reg.close()
         reg = Registry(path, chroma="off", blob_key=blob_key)

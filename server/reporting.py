@@ -72,9 +72,17 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+#: the score of each task family, in the order a reply's metrics are searched for it
+SCORE_METRICS = ("rouge_l", "dice")
+SCORE_TITLES = {"rouge_l": "ROUGE-L F1", "dice": "DICE"}
+
+
 def evaluation_row(info: Mapping[str, Any], metrics: Mapping[str, float]) -> dict[str, Any]:
-    """One (target, method) row of the evaluation table."""
+    """One (target, method) row of the evaluation table; ``score`` is the family's metric
+    (ROUGE-L for reports, DICE for segmentation) and ``metric`` its name."""
+    metric = next((m for m in SCORE_METRICS if m in metrics), "rouge_l")
     return {"target": info["target"], "method": info["method"], "rouge_l": metrics.get("rouge_l"),
+            "metric": metric, "score": metrics.get(metric),
             "n": int(metrics.get("n", 0)), "sources": list(info.get("sites", [])),
             "weights": [round(float(w), 6) for w in info.get("weights", [])],
             "distances": [float(d) for d in info.get("distances", [])],
@@ -86,17 +94,18 @@ def write_evaluation(out_dir: Path, rows: list[dict[str, Any]], registry: Any,
     """results.csv, results.md and three plots (weights, site distances, score vs distance)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / "results.csv"
+    metric = next((r["metric"] for r in rows if r.get("metric")), "rouge_l")
     with open(csv_path, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["target", "method", "rouge_l", "n", "sources", "weights", "min_distance"])
+        writer.writerow(["target", "method", metric, "n", "sources", "weights", "min_distance"])
         for r in rows:
-            writer.writerow([r["target"], r["method"], "" if r["rouge_l"] is None else f"{r['rouge_l']:.4f}", r["n"],
+            writer.writerow([r["target"], r["method"], "" if r["score"] is None else f"{r['score']:.4f}", r["n"],
                              ";".join(r["sources"]), ";".join(f"{w:.4f}" for w in r["weights"]),
                              f"{min(r['distances']):.6g}" if r["distances"] else ""])
     targets = sorted({r["target"] for r in rows})
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    table = {(r["target"], r["method"]): r["rouge_l"] for r in rows}
-    lines = ["# Leave-one-site-out evaluation (ROUGE-L F1)", "",
+    table = {(r["target"], r["method"]): r["score"] for r in rows}
+    lines = [f"# Leave-one-site-out evaluation ({SCORE_TITLES.get(metric, metric)})", "",
              "| target | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
     for t in targets:
         cells = [f"{table[(t, m)]:.4f}" if table.get((t, m)) is not None else "-" for m in methods]
@@ -108,6 +117,7 @@ def write_evaluation(out_dir: Path, rows: list[dict[str, Any]], registry: Any,
     lines.append("| **mean** | " + " | ".join(means) + " |")
     lines += ["", "`own` is the target site's own LoRA (supervised reference, not zero-shot); `base` the base "
               "model without adapter; all other columns compose adapters of the *other* sites only.", ""]
+    lines += weights_lines(rows)
     md_path = out_dir / "results.md"
     md_path.write_text("\n".join(lines) + "\n")
     out = {"csv": str(csv_path), "markdown": str(md_path)}
@@ -116,6 +126,18 @@ def write_evaluation(out_dir: Path, rows: list[dict[str, Any]], registry: Any,
     except Exception as exc:  # noqa: BLE001 - plots are a convenience; the tables are the result
         log(f"plots failed: {type(exc).__name__}: {exc}")
     return out
+
+
+def weights_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The weights each target received, per composed arm (the paper's Table 4), as Markdown."""
+    composed = [r for r in rows if r["weights"] and r["method"] not in ("own", "base")]
+    if not composed:
+        return []
+    out = ["## Weights per target", "", "| target | arm | weights (source: w) |", "|---|---|---|"]
+    for r in composed:
+        pairs = ", ".join(f"{s}: {w:+.3f}" for s, w in zip(r["sources"], r["weights"], strict=False))
+        out.append(f"| {r['target']} | {r['method']} | {pairs} |")
+    return [*out, ""]
 
 
 def _plots(out_dir: Path, rows: list[dict[str, Any]], registry: Any, zs: Mapping[str, np.ndarray]) -> dict[str, str]:
@@ -164,15 +186,15 @@ def _plots(out_dir: Path, rows: list[dict[str, Any]], registry: Any, zs: Mapping
         fig.savefig(out_dir / "site_distances.png", dpi=120)
         plt.close(fig)
         out["distance_plot"] = str(out_dir / "site_distances.png")
-    scored = [r for r in rows if r["distances"] and r["rouge_l"] is not None]
+    scored = [r for r in rows if r["distances"] and r["score"] is not None]
     if scored:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for method in dict.fromkeys(r["method"] for r in scored):
             sub = [r for r in scored if r["method"] == method]
             ax.scatter([float(np.dot(r["weights"], r["distances"])) if r["weights"] else min(r["distances"])
-                        for r in sub], [r["rouge_l"] for r in sub], label=method)
+                        for r in sub], [r["score"] for r in sub], label=method)
         ax.set_xlabel("weighted squared distance of the sources to the target")
-        ax.set_ylabel("ROUGE-L")
+        ax.set_ylabel(SCORE_TITLES.get(scored[0]["metric"], scored[0]["metric"]))
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out_dir / "score_vs_distance.png", dpi=120)

@@ -19,7 +19,7 @@ from common.wire import WireError
 from server.coordkey import load_or_create
 from server.messaging import Reply, Request, SiteInfo, audit_reply, exchange, log
 from server.modes.compose import apply_request, compose_one, embed_sites, parse_receipt
-from server.reporting import Progress, evaluation_row, write_evaluation
+from server.reporting import SCORE_METRICS, SCORE_TITLES, Progress, evaluation_row, write_evaluation
 from server.settings import Settings
 
 
@@ -101,7 +101,7 @@ def run_evaluate(grid: Grid, s: Settings, registry: Any, sites: dict[str, SiteIn
         if not receipt["evaluated"]:
             problems[req.key] = "site did not evaluate (no held-out data)"
             continue
-        if "base_rouge_l" in metrics:
+        if any(f"base_{m}" in metrics for m in SCORE_METRICS):
             base_scores[info["target"]] = {k[5:]: v for k, v in metrics.items() if k.startswith("base_")}
         rows.append(evaluation_row(info, {k: v for k, v in metrics.items() if not k.startswith("base_")}))
     for t, metrics in base_scores.items():
@@ -125,8 +125,10 @@ def _score(rep: Reply) -> str:
         return f"invalid reply ({exc})"
     if not receipt["evaluated"]:
         return "not evaluated (no held-out data)"
-    score = metrics.get("rouge_l")
-    text = "no score" if score is None else f"ROUGE-L {score:.4f}"
-    if "base_rouge_l" in metrics:
-        text += f" (base model {metrics['base_rouge_l']:.4f})"
+    metric = next((m for m in SCORE_METRICS if m in metrics), None)
+    if metric is None:
+        return "no score"
+    text = f"{SCORE_TITLES[metric]} {metrics[metric]:.4f}"
+    if f"base_{metric}" in metrics:
+        text += f" (base model {metrics[f'base_{metric}']:.4f})"
     return text

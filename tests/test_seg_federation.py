@@ -1,0 +1,218 @@
+"""Segmentation sites in the federation, beside report sites, with the same message vocabulary.
+
+1. In-process (``LocalGrid``: the real ServerApp ``main`` and the real ClientApp handlers): two
+   report sites (tiny Llama) and two prostate sites (tiny random SAM, real slices) enrol into one
+   registry directory; a segmentation evaluate and a report query never see each other's
+   adapters (each representation has its own registry, each base its own fingerprint filter).
+2. On a real Flower deployment (TLS, SuperNode auth, signed submissions): one segmentation site and
+   two report sites; enrolment of both families and a composition for the segmentation target,
+   delivered and scored (DICE) at the site.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from support import LocalGrid
+
+from common import sam
+from common.signing import generate_keypair
+from deploy import launch, tls
+from server.allowlist import AllowList
+
+REPO = Path(__file__).resolve().parents[1]
+REPORT_SITES = {"a": "ct-head", "b": "mr-head"}
+SEG_SITES = ("RUNMC", "BMC")
+#: each prostate site holds 6 slices (3 train + 3 test): it loosens its release policy for them
+SEG_RELEASE = {"z-min-examples": 5, "metrics-min-reports": 2}
+REPORT_RELEASE = {"metrics-min-reports": 1}
+
+
+def make_report_data(root: Path, n: int = 14, n_eval: int = 2) -> dict[str, Path]:
+    from common.data import report_groups, split, write_jsonl
+
+    groups = report_groups()
+    out = {}
+    for site, group in REPORT_SITES.items():
+        train, held = split(groups[group][:n], n_eval, seed=0)
+        write_jsonl(root / site / "train.jsonl", train)
+        write_jsonl(root / site / "eval.jsonl", held)
+        out[site] = root / site
+    return out
+
+
+def seg_node_config(site: str) -> dict:
+    from common.seg_data import PROSTATE, data_root
+
+    return {"task": "segmentation", "seg-dataset": PROSTATE, "seg-site": site, "data-path": str(data_root())}
+
+
+@pytest.fixture(scope="module")
+def tiny_sam_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return Path(sam.make_tiny_sam(tmp_path_factory.mktemp("tiny-sam") / "sam", seed=0))
+
+
+def seg_config(registry: Path, model: Path, **over) -> dict:
+    cfg = {"registry-dir": str(registry), "base-model": str(model), "chroma": "off", "task": "segmentation",
+           "steps": 3, "lora-r": 2, "lora-alpha": 4.0, "batch-size": 2, "lr": 2e-3}
+    cfg.update(over)
+    return cfg
+
+
+# -- in-process -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def local(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_sam_dir: Path):
+    import torch
+    from flwr.app import Context, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    threads = torch.get_num_threads()
+    tmp = tmp_path_factory.mktemp("seg-local")
+    data = make_report_data(tmp / "data")
+    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    nodes = {}
+    registry = tmp / "registry"
+    allow = AllowList(tmp / "allowlist.json")
+
+    def enrol_keys(site: str, nc: dict) -> dict:
+        """The site's signing key on the allow-list and its SuperNode key on record, as ``launch.up`` does."""
+        _, pub = generate_keypair(tmp / "sites" / site / "keys", site)
+        allow.add(site, pub.read_text())
+        node_key = tls.make_supernode_keys(tmp / "supernode-keys" / site, site)
+        allow.node_keys.add(site, node_key.public_key.read_text())
+        return {**nc, "supernode-key": str(node_key.private_key), "coordinator-key": str(registry / "coordinator.pub")}
+
+    for i, (site, path) in enumerate(sorted(data.items()), start=101):
+        nc = {"site-id": site, "data-path": str(path), "model-path": str(tiny_model_dir),
+              "site-dir": str(tmp / "sites" / site), "threads": 1, **REPORT_RELEASE}
+        nodes[i] = Context(run_id=1, node_id=i, node_config=enrol_keys(site, nc), state=RecordDict(), run_config={})
+    for i, site in enumerate(SEG_SITES, start=201):
+        nc = {"site-id": site, "model-path": str(tiny_sam_dir), "site-dir": str(tmp / "sites" / site), "threads": 1,
+              **seg_node_config(site), **SEG_RELEASE}
+        nodes[i] = Context(run_id=1, node_id=i, node_config=enrol_keys(site, nc), state=RecordDict(), run_config={})
+    yield {"tmp": tmp, "nodes": nodes, "registry": registry, "model": tiny_model_dir, "sam": tiny_sam_dir,
+           "allowlist": allow.path}
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
+    torch.set_num_threads(threads)
+
+
+def run_local(local: dict, run_id: int, rc: dict) -> dict:
+    from flwr.app import Context, RecordDict
+
+    from server.app import main
+
+    rc = {"allowlist": str(local["allowlist"]), **rc}
+    for ctx in local["nodes"].values():
+        ctx.run_config, ctx.run_id = rc, run_id
+    main(LocalGrid(local["nodes"], run_id), Context(run_id=run_id, node_id=1, node_config={}, state=RecordDict(),
+                                                    run_config=rc))
+    return json.loads((Path(rc["registry-dir"]) / "runs" / f"{run_id}-{rc['mode']}.json").read_text())
+
+
+@pytest.mark.slow
+def test_local_both_families_enrol_into_one_registry_dir_and_never_mix(local):
+    from server.registry import Registry
+
+    reg_dir = local["registry"]
+    report_rc = {"registry-dir": str(reg_dir), "base-model": str(local["model"]), "chroma": "off", "steps": 2,
+                 "lora-r": 4, "lora-alpha": 8.0, "max-length": 128, "max-eval": 2, "sites": "a,b"}
+    report = run_local(local, 21, {**report_rc, "mode": "enroll"})
+    assert {s: r["status"] for s, r in report["enroll"].items()} == {"a": "accepted", "b": "accepted"}
+    # a report site asked for segmentation refuses; a segmentation site asked for reports refuses
+    report = run_local(local, 22, seg_config(reg_dir, local["sam"], mode="enroll", sites="a,RUNMC,BMC"))
+    status = {s: r["status"] for s, r in report["enroll"].items()}
+    assert status == {"a": "error", "RUNMC": "accepted", "BMC": "accepted"}, report["enroll"]
+    assert "unknown task 'segmentation'" in report["enroll"]["a"]["reason"]
+
+    with Registry(reg_dir, chroma="off") as reports, Registry(reg_dir / "segmentation", chroma="off") as segs:
+        assert sorted(r.meta.site for r in reports.list()) == ["a", "b"]
+        assert sorted(r.meta.site for r in segs.list()) == sorted(SEG_SITES)
+        assert segs.representation == "sam-encoder-mean" and segs.embedding_dim == 32  # tiny SAM: 32 channels
+        assert reports.embedding_dim != segs.embedding_dim
+        assert {r.meta.base_fingerprint for r in segs.list()} == {sam.fingerprint(local["sam"])}
+        assert not {r.meta.base_fingerprint for r in reports.list()} & {r.meta.base_fingerprint for r in segs.list()}
+        assert all(r.meta.extra["embedding_spec"]["representation"] == "sam-encoder-mean" for r in segs.list())
+
+    report = run_local(local, 23, seg_config(reg_dir, local["sam"], mode="evaluate", k=1,
+                                             **{"eval-strategies": "sim"}))
+    assert report["status"] == "completed", report.get("error")
+    rows = report["evaluate"]["rows"]
+    assert {r["target"] for r in rows} == set(SEG_SITES), report["evaluate"]["problems"]
+    methods = {r["method"] for r in rows if r["target"] == "RUNMC"}
+    assert methods == {"base", "sim", "nearest", "avg", "own"}
+    for r in rows:
+        assert r["metric"] == "dice" and 0.0 <= r["score"] <= 1.0
+        assert set(r["sources"]) <= set(SEG_SITES)  # never a report adapter
+        if r["method"] not in ("own", "base"):
+            assert r["target"] not in r["sources"]
+    md = Path(report["evaluate"]["outputs"]["markdown"]).read_text()
+    assert "(DICE)" in md and "## Weights per target" in md
+
+
+# -- a real deployment ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_sam_dir: Path):
+    tmp = tmp_path_factory.mktemp("seg-federation")
+    data = make_report_data(tmp / "data")
+    specs = [launch.SiteSpec(site, str(path), str(tiny_model_dir), threads=1) for site, path in data.items()]
+    nc = seg_node_config("RUNMC")
+    specs.append(launch.SiteSpec("RUNMC", nc.pop("data-path"), str(tiny_sam_dir), threads=1, extra=nc,
+                                 release=dict(SEG_RELEASE)))
+    for spec in specs[:2]:
+        spec.release = dict(REPORT_RELEASE)
+    workdir = tmp / "deploy"
+    t0 = time.monotonic()
+    try:
+        state = launch.up(workdir, specs, port=launch.free_port(), timeout=90.0, registry=str(tmp / "registry"))
+        print(f"deployment up in {time.monotonic() - t0:.1f} s", file=sys.stderr)
+        yield {"tmp": tmp, "registry": tmp / "registry", "model": tiny_model_dir, "sam": tiny_sam_dir,
+               "flwr_home": Path(state["flwr_home"]), "site_dirs": {s.site: Path(s.site_dir) for s in specs}}
+    finally:
+        launch.down(workdir, timeout=15.0)
+        state = launch.load_state(workdir)
+        procs = [state["superlink"], *state["sites"].values()] if state.get("superlink") else []
+        assert not [p["pid"] for p in procs if launch.is_alive(p["pid"], p["start_time"])]
+
+
+def flwr_run(fed: dict, config: dict) -> dict:
+    return launch.run_app(fed["flwr_home"], REPO, config, fed["registry"], 240.0)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_segmentation_site_enrols_and_receives_a_scored_composition_on_real_supernodes(fed):
+    from server.registry import Registry
+
+    common = {"chroma": "off", "require-signatures": True, "timeout-train": 180.0, "timeout-query": 90.0}
+    t0 = time.monotonic()
+    run = flwr_run(fed, {"registry-dir": str(fed["registry"]), "base-model": str(fed["model"]), "mode": "enroll",
+                         "sites": "a,b", "steps": 2, "lora-r": 4, "lora-alpha": 8.0, "max-length": 128, **common})
+    assert run["status"] == "finished:completed", run
+    assert {s: r["status"] for s, r in run["report"]["enroll"].items()} == {"a": "accepted", "b": "accepted"}
+    run = flwr_run(fed, {**seg_config(fed["registry"], fed["sam"], mode="enroll", sites="RUNMC"), **common})
+    assert run["status"] == "finished:completed", run
+    res = run["report"]["enroll"]["RUNMC"]
+    assert res["status"] == "accepted" and res["signed"], res
+    print(f"enrolment of both families {time.monotonic() - t0:.1f} s", file=sys.stderr)
+
+    t0 = time.monotonic()
+    run = flwr_run(fed, {**seg_config(fed["registry"], fed["sam"], mode="compose", target="RUNMC", k=1,
+                                      **{"include-own": True, "strategy": "sim"}), **common})
+    print(f"segmentation compose {time.monotonic() - t0:.1f} s", file=sys.stderr)
+    assert run["status"] == "finished:completed", run
+    out = run["report"]["compose"]["RUNMC"]
+    assert out["status"] == "delivered" and out["evaluated"], out
+    assert out["sites"] == ["RUNMC"] and 0.0 <= out["metrics"]["dice"] <= 1.0
+    delivered = fed["site_dirs"]["RUNMC"] / "adapters" / out["adapter_name"]
+    assert (delivered / "adapter_config.json").is_file()
+    provenance = json.loads((delivered / "rpe-provenance.json").read_text())
+    assert provenance["blob_sha256"] == out["blob_sha256"] and provenance["task"] == "segmentation"
+    with Registry(fed["registry"] / "segmentation", chroma="off") as segs:
+        assert [r.meta.site for r in segs.list()] == ["RUNMC"]
+    egress = [json.loads(line) for line in (fed["site_dirs"]["RUNMC"] / "egress.jsonl").read_text().splitlines()]
+    assert {e["message_type"] for e in egress} >= {"query.whoami", "train", "query.embed", "train.apply"}
