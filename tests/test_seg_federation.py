@@ -154,6 +154,40 @@ def test_local_both_families_enrol_into_one_registry_dir_and_never_mix(local):
     assert "(DICE)" in md and "## Weights per target" in md
 
 
+def _push(local: dict, node: int, mtype: str, config: dict, run_id: int = 80):
+    """One request straight to one site's real ClientApp; its reply."""
+    from flwr.app import Message
+
+    from server.messaging import request
+
+    for ctx in local["nodes"].values():
+        ctx.run_id, ctx.run_config = run_id, {}
+    grid = LocalGrid(local["nodes"], run_id)
+    req = request("x", node, mtype, config)
+    mid = grid.push_messages([Message(req.content, dst_node_id=node, message_type=mtype)])[0]
+    return grid.pull_messages([mid])[0]
+
+
+def test_local_a_segmentation_site_keeps_its_release_policy_and_proves_its_identity(local):
+    """The report family's trust rules hold for segmentation sites: z only over all of its slices
+    and only the encoder's output, and an identity statement signed with both keys (deliveries go
+    through the same signature check in ``client/handlers.apply``, used by the evaluate above)."""
+    from common import wire
+
+    sub = _push(local, 201, wire.EMBED, {"task": "segmentation", "max_examples": 2})
+    assert sub.has_error() and sub.error.code == wire.ERROR_REFUSED and "[subset-refused]" in sub.error.reason
+    low = _push(local, 201, wire.EMBED, {"task": "segmentation", "embed_layer": 0})
+    assert low.has_error() and "[layer-not-allowed]" in low.error.reason
+    whole = _push(local, 201, wire.EMBED, {"task": "segmentation"})
+    assert not whole.has_error() and "embedding" in whole.content
+    who = _push(local, 201, wire.WHOAMI, {"challenge": "c" * 64})
+    info = wire.parse_whoami_reply(who.content)
+    assert info["n_labeled"] == 3 and info["n_examples"] >= 5
+    statement = json.loads(info["identity"])
+    assert statement["body"]["site"] == "RUNMC" and statement["body"]["supernode_key"]
+    assert statement["node_signature"]
+
+
 # -- a real deployment ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_sam_dir: Path):
