@@ -151,3 +151,9 @@ def embed(message: Message, context: Context) -> Message:
 def apply(message: Message, context: Context) -> Message:
     """Store a composed adapter; reply with metrics only."""
     return serve(message, context)
+
+
+@app.train("evaluate")
+def evaluate(message: Message, context: Context) -> Message:
+    """Score every arm of one leave-one-site-out target (``client/arms.py``); metrics only."""
+    return serve(message, context)

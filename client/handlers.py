@@ -402,6 +402,13 @@ def numeric(result: dict[str, Any]) -> dict[str, float]:
             and wire.METRIC_NAME_RE.match(k)}
 
 
+def evaluate(req: wire.Request, site: Site, context: Context) -> RecordDict:
+    """``train.evaluate``: every arm of one leave-one-site-out target, scored with one model load."""
+    from client.arms import evaluate_arms
+
+    return evaluate_arms(req, site, context)
+
+
 HANDLERS: dict[str, Callable[[wire.Request, Site, Context], RecordDict]] = {
-    wire.WHOAMI: whoami, wire.ENROLL: enroll, wire.EMBED: embed, wire.APPLY: apply,
+    wire.WHOAMI: whoami, wire.ENROLL: enroll, wire.EMBED: embed, wire.APPLY: apply, wire.EVALUATE: evaluate,
 }

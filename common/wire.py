@@ -473,10 +473,14 @@ class Request:
     config: dict[str, Any]
     adapter: dict[str, np.ndarray] | None = None
     lora_config: dict[str, Any] | None = None
+    #: ``train.evaluate``: one ``(arm description, adapter factors)`` per arm
+    arms: list[tuple[dict[str, Any], dict[str, np.ndarray]]] | None = None
 
 
 def parse_request(message_type: str, content: RecordDict) -> Request:
     """Site side: refuse unknown message types, records or config keys (the site sends nothing then)."""
+    if message_type == EVALUATE:
+        return parse_evaluate_request(content)
     if message_type not in MESSAGE_TYPES:
         raise WireError(f"unknown message type {message_type!r}; this site answers only {list(MESSAGE_TYPES)}")
     check_records(content, ALLOWED_REQUEST_RECORDS[message_type], f"a {message_type} request")
@@ -657,3 +661,27 @@ def describe(content: RecordDict) -> list[dict[str, Any]]:
         entry["digest"] = record_digest(rec)
         out.append(entry)
     return out
+
+
+
+# -- train.evaluate (every arm of one target in one message): common/wire_arms.py, registered here --
+from common.wire_arms import (  # noqa: E402, F401 - needs the helpers above; its names are this vocabulary's
+    ARM_KEYS,
+    EVALUATE,
+    MAX_ARMS,
+    MAX_EVALUATE_METRICS,
+    arms_digest,
+    build_evaluate_reply,
+    build_evaluate_request,
+    parse_evaluate_reply,
+    parse_evaluate_request,
+)
+
+MESSAGE_TYPES = (*MESSAGE_TYPES, EVALUATE)
+REQUEST_CONFIG_KEYS[EVALUATE] = {"nonce": _STR, "task": _STR, "arms": _STR, "max_eval": _INT, "with_base": _BOOL,
+                               "delivery": _STR}
+REQUEST_REQUIRED[EVALUATE] = frozenset({"nonce", "arms"})
+ALLOWED_REPLY_KEYS[EVALUATE] = {"metrics": "metric", "receipt": "config"}
+#: plus exactly one ``adapter-<i>`` ArrayRecord per arm the config describes (``wire_arms._arm_records``)
+ALLOWED_REQUEST_RECORDS[EVALUATE] = {"config": "config"}
+_PARSERS[EVALUATE] = parse_evaluate_reply

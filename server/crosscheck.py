@@ -55,7 +55,7 @@ from common.statements import StatementError, check_receipts, verify_statement
 from server.audit import EV_SUBMISSION_ACCEPTED, EV_SUBMISSION_REJECTED, line_hash, read_entries, verify
 
 #: every message type a site answers (``common/wire.py``); the default scope of a cross-check
-ALL_MESSAGE_TYPES = ("query.whoami", "train", "query.embed", "train.apply")
+ALL_MESSAGE_TYPES = ("query.whoami", "train", "query.embed", "train.apply", "train.evaluate")
 #: the coordinator's audit event(s) for one site reply, per message type (an event that carries its
 #: own ``message_type`` field is taken at its word)
 REPLY_EVENTS: dict[str, str] = {

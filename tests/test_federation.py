@@ -418,10 +418,14 @@ def test_local_evaluate_writes_leave_one_site_out_tables_and_plots(local, capsys
     assert "| **mean** |" in out["markdown"].read_text()
     applies = [m for m in grid.sent if m.metadata.message_type == wire.APPLY]
     assert all(not m.content["config"]["store"] for m in applies)  # evaluation arms are not stored at sites
+    # one train.evaluate message per target carries every arm (the site loads its model once)
+    evaluates = [m for m in grid.sent if m.metadata.message_type == wire.EVALUATE]
+    assert not applies and len(evaluates) == len(SITES)
+    n_arms = sum(len(json.loads(m.content["config"]["arms"])) for m in evaluates)
     # progress: one line per (target, arm) as each result arrives, each with the time left
     lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[rpe] evaluate [")]
-    assert len(lines) == len(applies)
-    assert lines[-1].startswith(f"[rpe] evaluate [{len(applies)}/{len(applies)}]")
+    assert len(lines) == n_arms
+    assert lines[-1].startswith(f"[rpe] evaluate [{n_arms}/{n_arms}]")
     assert all("target " in x and ", arm " in x and "left" in x for x in lines)
     assert any("ROUGE-L" in x for x in lines)
     run_log = (local["registry"] / "runs" / "12-evaluate.log").read_text().splitlines()  # what deploy/demo.py relays
@@ -918,6 +922,67 @@ def test_local_site_refuses_a_delivery_not_signed_by_its_pinned_coordinator(loca
     assert last["message_type"] == wire.APPLY and last["extra"]["outcome"] == "refused" and last["records"] == []
 
 
+def test_local_site_evaluates_only_arms_its_coordinator_signed(local, tmp_path):
+    """``train.evaluate`` is signed like a delivery: a site pinning another key refuses it (typed,
+    audited as undelivered with its message type), and a request whose arms differ from the signed
+    digest is refused before any model is loaded."""
+    import json as _json
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from common.privacy import read_egress
+    from common.signing import public_key_pem
+    from server.audit import read_entries
+    from server.coordkey import load_or_create
+    from server.modes.evaluate import evaluate_request
+    from server.settings import Settings
+
+    if not (local["registry"] / "registry.json").exists():
+        run_local(local, 74, mode="enroll")
+    other = tmp_path / "other.pub"
+    other.write_text(public_key_pem(Ed25519PrivateKey.generate().public_key()))
+    ctx = local["nodes"][101]
+    saved = dict(ctx.node_config)
+
+    class Pinned(dict):
+        def __setitem__(self, key, value):
+            super().__setitem__(key, str(other) if key == "coordinator-key" else value)
+
+    ctx.node_config = Pinned(saved)
+    try:
+        report, _ = run_local(local, 76, mode="evaluate", target="a", **{"eval-strategies": "sim"})
+    finally:
+        ctx.node_config = saved
+    assert "bad-delivery" in report["evaluate"]["problems"]["a"], report["evaluate"]["problems"]
+    last = read_egress(local["tmp"] / "sites" / "a" / "egress.jsonl")[-1]
+    assert last["message_type"] == wire.EVALUATE and last["extra"]["outcome"] == "refused" and last["records"] == []
+    undelivered = [e for _, e in read_entries(local["registry"] / "audit.jsonl")
+                   if e["event"] == "composition.undelivered" and e.get("run_id") == "76"]
+    assert undelivered and undelivered[-1]["message_type"] == wire.EVALUATE
+
+    # a genuine signature over two arms, sent with the arms' hashes swapped: refused
+    from server.registry import Registry
+
+    with Registry(local["registry"], chroma="off") as reg:
+        recs = [r for r in reg.list() if r.meta.site in ("b", "c")][:2]
+        batch = [({"arm": f"x{i}", "blob_sha256": wire.adapter_sha256(a)}, a) for i, a in enumerate(
+            wire.wire_normalized(reg.load_adapter(r.id), base_model=r.meta.base_fingerprint) for r in recs)]
+        key = load_or_create(reg.path)
+    s = Settings.from_run_config({"registry-dir": str(local["registry"])})
+    req = evaluate_request(s, "a", 101, batch, "77", key)
+    arms = _json.loads(req.content["config"]["arms"])
+    arms[0]["blob_sha256"], arms[1]["blob_sha256"] = arms[1]["blob_sha256"], arms[0]["blob_sha256"]
+    forged = RecordDict({**{k: req.content[k] for k in req.content.keys()},
+                         "config": ConfigRecord({**dict(req.content["config"]), "arms": wire.canonical_json(arms)})})
+    for c in local["nodes"].values():
+        c.run_id = 77
+    grid = LocalGrid(local["nodes"], 77)
+    mid = grid.push_messages([Message(forged, dst_node_id=101, message_type=wire.EVALUATE)])[0]
+    rep = grid.pull_messages([mid])[0]
+    assert rep.has_error() and "bad-delivery" in rep.error.reason
+
+
 def _push(local: dict, node: int, mtype: str, config: dict, run_id: int = 80):
     """One request straight to one site's real ClientApp; its reply."""
     from server.messaging import request
@@ -997,9 +1062,8 @@ def test_local_a_failed_egress_write_sends_nothing_and_costs_no_budget(local, tm
 
 
 def test_local_cross_check_covers_every_message_type_a_site_answered(local, tmp_path):
-    """A fresh registry, enrol + compose for a: a's egress log (whoami, train, query.embed,
-    train.apply) and the coordinator's audit log match line for line; a forged delivery entry in a
-    copy of the audit log would be coordinator-only."""
+    """A fresh registry, enrol + compose + evaluate for a: a's egress log (whoami, train,
+    query.embed, train.apply, train.evaluate) and the coordinator's audit log match line for line."""
     from server.crosscheck import cross_check
 
     ctx = local["nodes"][101]
@@ -1011,12 +1075,15 @@ def test_local_cross_check_covers_every_message_type_a_site_answered(local, tmp_
     try:
         run_local(fresh, 91, mode="enroll")
         report, _ = run_local(fresh, 92, mode="compose", target="a", strategy="sim", k=2)
+        evaluated, _ = run_local(fresh, 93, mode="evaluate", target="a", **{"eval-strategies": "sim"})
     finally:
         ctx.node_config.clear()
         ctx.node_config.update(saved)
     assert report["compose"]["a"]["status"] == "delivered"
     rep = cross_check(site_dir / "egress.jsonl", fresh["registry"] / "audit.jsonl", "a")
     assert rep.ok, str(rep)
+    assert {r["method"] for r in evaluated["evaluate"]["rows"]} >= {"base", "sim", "own"}, evaluated["evaluate"]
     assert sorted(m["message_type"] for m in rep.matched) == sorted(
-        [wire.WHOAMI, wire.ENROLL, wire.WHOAMI, wire.EMBED, wire.APPLY]), str(rep)
+        [wire.WHOAMI, wire.ENROLL, wire.WHOAMI, wire.EMBED, wire.APPLY, wire.WHOAMI, wire.EMBED, wire.EVALUATE]
+    ), str(rep)
     assert all(m["matched_on"] == "record_digests" for m in rep.matched), str(rep)

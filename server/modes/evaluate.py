@@ -1,8 +1,12 @@
 """``mode=evaluate``: leave-one-site-out over every enrolled site with held-out data.
 
-For each target: its z (``query.embed``), then one ``train.apply`` per arm - every strategy in
-``eval-strategies``, the baselines ``nearest`` and ``avg`` (composed from the *other* sites only),
-and the site's own LoRA (the supervised reference); the first arm also scores the base model.
+For each target: its z (``query.embed``), then ONE ``train.evaluate`` carrying every arm - every
+strategy in ``eval-strategies``, the baselines ``nearest`` and ``avg`` (composed from the *other*
+sites only), and the site's own LoRA (the supervised reference) - and asking for the base model's
+score too, so the site loads its model once per target (``client/arms.py``). The message is signed
+like a delivery (a ``delivery`` statement over :func:`common.wire.arms_digest` of the arms'
+hashes, name ``evaluate``); the site checks it against its pinned coordinator key, and every reply
+(or its absence) is audited (``composition.delivered`` / ``composition.undelivered``).
 Results: CSV + Markdown + plots under ``<registry>/evaluations/<run id>/`` (``server/reporting.py``),
 and one progress line per (target, arm) as each score arrives, with the time left.
 """
@@ -17,8 +21,8 @@ from flwr.serverapp import Grid
 from common import wire
 from common.wire import WireError
 from server.coordkey import load_or_create
-from server.messaging import Reply, Request, SiteInfo, audit_reply, exchange, log
-from server.modes.compose import apply_request, compose_one, embed_sites, parse_receipt
+from server.messaging import Reply, Request, SiteInfo, audit_reply, exchange, log, make_nonce
+from server.modes.compose import compose_one, delivery_statement, embed_sites
 from server.reporting import SCORE_METRICS, SCORE_TITLES, Progress, evaluation_row, write_evaluation
 from server.settings import Settings
 
@@ -52,61 +56,62 @@ def run_evaluate(grid: Grid, s: Settings, registry: Any, sites: dict[str, SiteIn
     methods = arms(s)
     coord_key = load_or_create(registry.path)
     requests: list[Request] = []
-    meta_by_key: dict[str, dict[str, Any]] = {}
+    arms_of: dict[str, list[dict[str, Any]]] = {}  # target -> the summaries of its arms, in request order
     for t, z in zs.items():
-        first = True
+        batch: list[tuple[dict[str, Any], Any]] = []
         for method in [*methods, "own"]:
-            key = f"{t}|{method}"
             try:
                 summary = (own_summary(s, registry, t, z) if method == "own"
                            else compose_one(s, registry, t, z, method, None))
             except Exception as exc:  # noqa: BLE001 - report and go on with the other arms
-                problems[key] = f"{type(exc).__name__}: {exc}"
+                problems[f"{t}|{method}"] = f"{type(exc).__name__}: {exc}"
                 continue
-            adapter, sha = summary.pop("adapter"), summary["output_sha256"]
-            requests.append(apply_request(s, key, sites[t].node_id, adapter, sha, f"eval-{run_id}-{method}", method,
-                                          summary, evaluate=True, store=False, with_base=first, target=t,
-                                          run_id=run_id, coord_key=coord_key))
-            first = False
-            meta_by_key[key] = {"target": t, "method": method, **summary}
-    log(f"evaluating {len(requests)} (target, arm) pairs over {len(zs)} targets")
-    progress = Progress("evaluate", len(requests))
+            adapter = summary.pop("adapter")
+            batch.append(({"arm": method, "blob_sha256": summary["output_sha256"]}, adapter))
+            arms_of.setdefault(t, []).append({"target": t, "method": method, **summary})
+        if batch:
+            requests.append(evaluate_request(s, t, sites[t].node_id, batch, run_id, coord_key))
+    n_arms = sum(len(v) for v in arms_of.values())
+    log(f"evaluating {n_arms} (target, arm) pairs over {len(zs)} targets, one message per target")
+    progress = Progress("evaluate", n_arms)
 
     def on_reply(req: Request, rep: Reply) -> None:
-        target, method = req.key.split("|", 1)
-        progress.result(f"target {target}, arm {method}", _score(rep))
+        for i, info in enumerate(arms_of[req.key]):
+            progress.result(f"target {req.key}, arm {info['method']}", _score(rep, i))
 
     replies = exchange(grid, requests, s.timeout_train, on_reply=on_reply, on_wait=progress.waiting,
                        audit=registry.audit, run_id=run_id)
     rows: list[dict[str, Any]] = []
-    base_scores: dict[str, dict[str, float]] = {}
     for req in requests:
-        rep, info = replies[req.key], meta_by_key[req.key]
-        where = {"target": info["target"], "name": f"eval-{run_id}-{info['method']}",
-                 "output_sha256": info["output_sha256"]}
+        t, rep, infos = req.key, replies[req.key], arms_of[req.key]
+        digest = wire.arms_digest([info["output_sha256"] for info in infos])
+        where = {"target": t, "name": "evaluate", "output_sha256": digest,
+                 "arms": [{"arm": i["method"], "output_sha256": i["output_sha256"]} for i in infos]}
         if not rep.ok:
-            problems[req.key] = rep.problem
-            audit_reply(registry.audit, "composition.undelivered", req, rep, run_id, info["target"], **where,
+            problems[t] = rep.problem
+            audit_reply(registry.audit, "composition.undelivered", req, rep, run_id, t, **where,
                         reason=rep.problem[:1000])
             continue
         try:
-            metrics, receipt = parse_receipt(rep.content, req, info["output_sha256"])
+            metrics, receipt = wire.parse_evaluate_reply(rep.content)
+            if receipt["nonce"] != req.nonce or receipt["blob_sha256"] != digest:
+                raise WireError("receipt does not match the adapters sent", "receipt")
         except WireError as exc:
-            problems[req.key] = f"invalid apply reply: {exc}"
-            audit_reply(registry.audit, "composition.undelivered", req, rep, run_id, info["target"], **where,
-                        reason=problems[req.key][:1000])
+            problems[t] = f"invalid evaluate reply: {exc}"
+            audit_reply(registry.audit, "composition.undelivered", req, rep, run_id, t, **where,
+                        reason=problems[t][:1000])
             continue
-        audit_reply(registry.audit, "composition.delivered", req, rep, run_id, info["target"], **where,
-                    metrics=metrics, stored=False)
+        audit_reply(registry.audit, "composition.delivered", req, rep, run_id, t, **where, metrics=metrics,
+                    stored=False)
         if not receipt["evaluated"]:
-            problems[req.key] = "site did not evaluate (no held-out data)"
+            problems[t] = "site did not evaluate (no held-out data, or its policy withholds the metrics)"
             continue
-        if any(f"base_{m}" in metrics for m in SCORE_METRICS):
-            base_scores[info["target"]] = {k[5:]: v for k, v in metrics.items() if k.startswith("base_")}
-        rows.append(evaluation_row(info, {k: v for k, v in metrics.items() if not k.startswith("base_")}))
-    for t, metrics in base_scores.items():
-        rows.append(evaluation_row({"target": t, "method": "base", "ids": [], "sites": [], "weights": [],
-                                    "distances": []}, metrics))
+        for i, info in enumerate(infos):
+            rows.append(evaluation_row(info, _arm_metrics(metrics, f"a{i}_")))
+        base = _arm_metrics(metrics, "base_")
+        if base:
+            rows.append(evaluation_row({"target": t, "method": "base", "ids": [], "sites": [], "weights": [],
+                                        "distances": []}, base))
     order = {m: i for i, m in enumerate(["base", *methods, "own"])}
     rows.sort(key=lambda r: (r["target"], order.get(r["method"], 99)))
     out_root = registry.path / "evaluations" / run_id
@@ -115,20 +120,39 @@ def run_evaluate(grid: Grid, s: Settings, registry: Any, sites: dict[str, SiteIn
     log(f"evaluation: {len(rows)} results, {len(problems)} problems; written to {out_root}")
 
 
-def _score(rep: Reply) -> str:
-    """What a progress line says about one reply (the score, or why there is none)."""
+def evaluate_request(s: Settings, target: str, node_id: int, batch: list[tuple[dict[str, Any], Any]],
+                     run_id: str, coord_key: Any) -> Request:
+    """The ``train.evaluate`` for one target: every arm, the base score, and the coordinator's
+    signed ``delivery`` statement over the arms' digest (the site evaluates only what it signed)."""
+    nonce = make_nonce()
+    digest = wire.arms_digest([str(info["blob_sha256"]) for info, _ in batch])
+    config: dict[str, Any] = {"nonce": nonce, "task": s.task, "with_base": True,
+                              "delivery": delivery_statement(coord_key, digest, target, run_id, "evaluate", nonce)}
+    if s.max_eval:
+        config["max_eval"] = s.max_eval
+    content = wire.build_evaluate_request(config, batch)
+    return Request(target, node_id, wire.EVALUATE, content, nonce)
+
+
+def _arm_metrics(metrics: dict[str, float], prefix: str) -> dict[str, float]:
+    return {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}
+
+
+def _score(rep: Reply, i: int) -> str:
+    """What a progress line says about arm ``i`` of one reply (the score, or why there is none)."""
     if not rep.ok:
         return rep.problem
     try:
-        metrics, receipt = wire.parse_apply_reply(rep.content)
+        metrics, receipt = wire.parse_evaluate_reply(rep.content)
     except WireError as exc:
         return f"invalid reply ({exc})"
     if not receipt["evaluated"]:
-        return "not evaluated (no held-out data)"
-    metric = next((m for m in SCORE_METRICS if m in metrics), None)
+        return "not evaluated (no held-out data, or the site withholds the metrics)"
+    arm = _arm_metrics(metrics, f"a{i}_")
+    metric = next((m for m in SCORE_METRICS if m in arm), None)
     if metric is None:
         return "no score"
-    text = f"{SCORE_TITLES[metric]} {metrics[metric]:.4f}"
+    text = f"{SCORE_TITLES[metric]} {arm[metric]:.4f}"
     if f"base_{metric}" in metrics:
         text += f" (base model {metrics[f'base_{metric}']:.4f})"
     return text
