@@ -93,6 +93,8 @@ def write_evaluation(out_dir: Path, rows: list[dict[str, Any]], registry: Any,
                      zs: Mapping[str, np.ndarray]) -> dict[str, str]:
     """results.csv, results.md and three plots (weights, site distances, score vs distance)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    # rows made before the score column (ROUGE-L only) read as report-family rows
+    rows = [{**r, "metric": r.get("metric") or "rouge_l", "score": r.get("score", r.get("rouge_l"))} for r in rows]
     csv_path = out_dir / "results.csv"
     metric = next((r["metric"] for r in rows if r.get("metric")), "rouge_l")
     with open(csv_path, "w", newline="") as fh:
