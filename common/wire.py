@@ -14,6 +14,7 @@ message type         request (coordinator -> site)              reply (site -> c
 ``train``            ``config`` (task, steps, LoRA spec, ...)   ``adapter``, ``embedding``, ``meta``
 ``query.embed``      ``config``                                 ``embedding``, ``meta``
 ``train.apply``      ``adapter``, ``config``                    ``metrics``, ``receipt``
+``train.evaluate``   ``config`` (arms), ``adapter-<i>`` per arm  ``metrics`` (``a<i>_*``, ``base_*``), ``receipt``
 ===================  =========================================  ===========================================
 
 Records:

@@ -652,6 +652,40 @@ def _foreign_delivery(c: Ctx) -> Any:
     return apply(req, _site(c), SimpleNamespace(run_id=RUN_ID))
 
 
+def _evaluate_request(hashes: list[str], **over: Any) -> Any:
+    cfg = {"nonce": allowlist.make_nonce(), "task": "report-text", "with_base": True, **over}
+    arms = [({"arm": f"arm{i}", "blob_sha256": h, "base_fingerprint": BASE, "lora_config": {}}, {})
+            for i, h in enumerate(hashes)]
+    return wire.Request(wire.EVALUATE, cfg, arms=arms)
+
+
+def _unsigned_evaluate(c: Ctx) -> Any:
+    from types import SimpleNamespace
+
+    from client.arms import evaluate_arms
+
+    return evaluate_arms(_evaluate_request(["1" * 64, "2" * 64]), _site(c), SimpleNamespace(run_id=RUN_ID))
+
+
+def _swapped_evaluate(c: Ctx) -> Any:
+    """The pinned coordinator really signed arms (h1, h2); the request carries (h2, h1)."""
+    from types import SimpleNamespace
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from client.arms import evaluate_arms
+    from server.modes.compose import delivery_statement
+
+    key = Ed25519PrivateKey.generate()
+    site = _site(c)
+    site.coordinator_key.write_text(signing.public_key_pem(key.public_key()))
+    h1, h2 = "1" * 64, "2" * 64
+    req = _evaluate_request([h2, h1])
+    req.config["delivery"] = delivery_statement(key, wire.arms_digest([h1, h2]), "a", RUN_ID, "evaluate",
+                                                req.config["nonce"])
+    return evaluate_arms(req, site, SimpleNamespace(run_id=RUN_ID))
+
+
 def _overwrite_own(c: Ctx) -> Any:
     from types import SimpleNamespace
 
@@ -1030,6 +1064,10 @@ CASES: list[Case] = [
          DeliveryRefused, "does not hold: the delivery statement is signed by key"),
     Case("delivery-overwrites-own", "`train.apply` named `own-report-text` (the site's own adapter)",
          _overwrite_own, WireError, "not starting with 'own-'"),
+    Case("unsigned-evaluate", "`train.evaluate` without a coordinator `delivery` statement", _unsigned_evaluate,
+         DeliveryRefused, "carries no coordinator signature"),
+    Case("swapped-evaluate-arms", "`train.evaluate` whose arms differ from the ones its coordinator signed",
+         _swapped_evaluate, DeliveryRefused, "does not hold"),
     # -- the site's release policy (client/policy.py via client/handlers.py) ---------------------------
     Case("subset-z", "`query.embed` with `max_examples=3` (a z over 3 of 12 reports)",
          lambda c: _embed_request(c, max_examples=3), ReleaseRefused, "releases z only over its whole eligible"),

@@ -174,3 +174,53 @@ def test_site_status_from_the_sites_own_files(tiny_model_dir, mixed_adapter_dir,
     assert "b:t:1 (+0.700)" in text
     with pytest.raises(use_mod.SiteCommandError, match="does not exist"):
         site_status(tmp_path / "nowhere")
+
+
+def test_segment_writes_the_masks_the_sites_evaluation_scores(tmp_path, capsys):
+    """``rpe segment``: one 0/255 mask per real prostate slice at the slice's own size, equal to
+    ``common.segmentation.predict`` with the same adapter and prompt, an index, DICE against
+    reference masks, and clear errors for bad input."""
+    from PIL import Image
+
+    from common import sam
+    from common.seg_data import load_prostate_site
+    from common.segmentation import PromptSpec, predict, target_modules
+
+    base_dir = sam.make_tiny_sam(tmp_path / "sam", seed=0)
+    net = sam.load_sam(base_dir)
+    g = torch.Generator().manual_seed(5)
+    mods = {}
+    for name in target_modules(net, ("decoder",))[:4]:
+        lin = dict(net.named_modules())[name]
+        mods[name] = LoraModule(0.5 * torch.randn(2, lin.in_features, generator=g),
+                                0.5 * torch.randn(lin.out_features, 2, generator=g), 2.0)
+    adapter = LoraAdapter(mods, base_model=str(base_dir))
+    adir = save_peft_adapter(adapter, tmp_path / "adapters" / "composed", str(base_dir))
+    site = load_prostate_site("RUNMC")
+    images_dir, masks_dir = tmp_path / "images", tmp_path / "truth"
+    images_dir.mkdir()
+    masks_dir.mkdir()
+    for i, (im, m) in enumerate(zip(site.test_images[:2], site.test_masks[:2], strict=True)):
+        Image.fromarray(im).save(images_dir / f"s{i}.png")
+        Image.fromarray(m.astype(np.uint8) * 255).save(masks_dir / f"s{i}.png")
+    out = tmp_path / "masks"
+    _run(["segment", "--adapter", str(adir), "--images", str(images_dir), "--out", str(out),
+          "--masks", str(masks_dir), "--quiet"])
+    assert "wrote 2 masks" in capsys.readouterr().out
+    rows = [json.loads(x) for x in (out / "masks.jsonl").read_text().splitlines()]
+    assert [r["mask"] for r in rows] == ["s0_mask.png", "s1_mask.png"] and all("dice" in r for r in rows)
+    reloaded = load_peft_adapter(adir)
+    changed = False
+    for i, im in enumerate(site.test_images[:2]):
+        got = np.array(Image.open(out / f"s{i}_mask.png")) > 0
+        assert got.shape == im.shape[:2]
+        assert (got == predict(net, reloaded, [im], None, PromptSpec())[0]).all()
+        changed |= bool((got != predict(net, None, [im], None, PromptSpec())[0]).any())
+    assert changed  # the adapter was applied
+    with pytest.raises(use_mod.SiteCommandError, match="not a PEFT adapter directory"):
+        use_mod.segment_files(tmp_path / "nowhere", [str(images_dir)], tmp_path / "o")
+    with pytest.raises(use_mod.SiteCommandError, match="does not exist"):
+        use_mod.segment_files(adir, [str(tmp_path / "no-such.png")], tmp_path / "o")
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(use_mod.SiteCommandError, match="not a readable image"):
+        use_mod.segment_files(adir, [str(tmp_path / "bad.png")], tmp_path / "o")

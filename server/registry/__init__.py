@@ -109,6 +109,8 @@ The parts (each has one reason to change; ``Registry`` in ``facade.py`` ties the
 - ``chroma_index.py`` — the Chroma mirror (cache, reconciled or rebuilt).
 - ``writer.py`` — the write path of a batch: validate, blobs, records + audit (one commit), columns, index.
 - ``binding.py`` — records.jsonl against the audit entries that bind it (rollback, verify).
+- ``maintenance.py`` — the writes that are not submissions: init, another base, removal, receipt,
+  the repair of unaudited record lines; and the update-norm bound.
 - ``coordkey.py`` — the coordinator's Ed25519 key for receipts.
 """
 

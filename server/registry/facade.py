@@ -18,33 +18,26 @@ from typing import Any
 
 import numpy as np
 
-from common.digests import sha256_hex
-from server.audit import AuditLog, read_entries, repair_torn_audit
-from server.audit import receipt as audit_receipt
+from server.audit import AuditLog, repair_torn_audit
 from server.bounds import NormBound
-from server.registry import binding, coordkey
+from server.registry import binding, coordkey, maintenance
 from server.registry import config as cfg
 from server.registry.blobcrypt import BlobKey
-from server.registry.blobstore import BlobStore, env_blob_key
+from server.registry.blobstore import BlobStore
 from server.registry.chroma_index import ChromaIndex
 from server.registry.columns import KEYS, Columns
 from server.registry.errors import (
     NotEnoughRecordsError,
     QueryError,
     ReadOnlyError,
-    RecordNotFoundError,
     RegistryError,
-    RegistryExistsError,
 )
 from server.registry.lock import PathLock
-from server.registry.recordlog import RecordLog, remove_line
+from server.registry.recordlog import RecordLog
 from server.registry.records import AdapterMeta, Hit, Record
 from server.registry.search import METHODS, Searcher, where_clause
-from server.registry.validation import NORMS_KEY, check_z
-from server.registry.writer import Writer, span_fields, storage_error
-
-#: at most this many of the latest adapters of a (base, task) form the norm reference
-NORM_REFERENCE_MAX = 1000
+from server.registry.validation import check_z
+from server.registry.writer import Writer
 
 
 class Registry:
@@ -98,7 +91,7 @@ class Registry:
             coordkey.ensure_key(self.path)
             cfg.make_private(self.path)
         if not self.read_only:
-            self._rollback_unaudited()
+            maintenance.rollback_unaudited(self)
         self._log.load(self.read_only, lambda n, at, sha: self.audit.append(
             "registry.recover", file=cfg.RECORDS_NAME, truncated_bytes=n, at_offset=at, sha256=sha))
         spec = cfg.chroma_spec(self.config, chroma, self.read_only)
@@ -107,25 +100,6 @@ class Registry:
                                       self.embedding_dim)
             if sync_index:
                 self.sync_index()
-
-    def _rollback_unaudited(self) -> None:
-        """Cut record lines whose audit entry was never written (they were never reported stored)."""
-        records = self.path / cfg.RECORDS_NAME
-        tail = binding.unaudited_tail(records, self.path / cfg.AUDIT_NAME)
-        if tail is None:
-            return
-        end, size = tail
-        with open(records, "rb") as fh:
-            fh.seek(end)
-            data = fh.read(size - end)
-        if b"\n" not in data:
-            return  # only a torn fragment: RecordLog.load cuts it (audit event registry.recover)
-        dropped = binding.dropped_ids(data)
-        self._log.log.repair(end)
-        self._blobs.drop_unreferenced_of(data, records)
-        self.audit.append("registry.repair", file=cfg.RECORDS_NAME, truncated_bytes=size - end, at_offset=end,
-                          sha256=sha256_hex(data), dropped=dropped,
-                          reason="record lines without their audit entry (the add never completed)")
 
     # ---- creation ---------------------------------------------------------------------------
 
@@ -145,56 +119,16 @@ class Registry:
         ``blob_key`` (default: ``$RPE_BLOB_KEY_FILE`` / ``$RPE_BLOB_KEY``, if set) makes every blob
         stored AES-256-GCM encrypted with that key, for the registry's whole life.
         """
-        root = Path(path).expanduser().resolve()
-        blob_key = blob_key if blob_key is not None else env_blob_key()
-        if (root / cfg.CONFIG_NAME).is_file():
-            if not exist_ok:
-                raise RegistryExistsError(f"{root} already holds a registry; open it with Registry(path)")
-            reg = cls(root, blob_key=blob_key)
-            if reg.embedding_dim != embedding_dim or reg.representation != representation:
-                reg.close()
-                raise RegistryExistsError(
-                    f"{root} holds a {reg.embedding_dim}-d {reg.representation!r} registry, not "
-                    f"{embedding_dim}-d {representation!r}; use another directory"
-                )
-            if base_fingerprint not in reg.bases:
-                reg.add_base(base_fingerprint, module_shapes, name=base_name)
-            return reg
-        if root.exists() and not cfg.empty_or_interrupted_init(root):
-            raise RegistryExistsError(f"{root} exists and is not empty; choose a new directory for the registry")
-        config = cfg.new_config(
-            base_fingerprint=base_fingerprint, module_shapes=module_shapes, embedding_dim=embedding_dim,
+        return maintenance.init_registry(
+            cls, path, base_fingerprint=base_fingerprint, module_shapes=module_shapes, embedding_dim=embedding_dim,
             representation=representation, chroma_host=chroma_host, chroma_port=chroma_port, base_name=base_name,
-            limits=limits, collection=collection, blob_encryption=None if blob_key is None else blob_key.describe())
-        cfg.create(root, config)
-        return cls(root, blob_key=blob_key)
+            limits=limits, collection=collection, exist_ok=exist_ok, blob_key=blob_key)
 
     def add_base(self, fingerprint: str, module_shapes: Mapping[str, Sequence[int]],
                  name: str | None = None) -> None:
         """Accept adapters for another base model (same fingerprint twice with the same shapes is a no-op)."""
         self._require_writable()
-        if not isinstance(fingerprint, str) or not fingerprint:
-            raise RegistryError("base fingerprint must be a non-empty string")
-        entry = cfg.base_entry(module_shapes, name)
-        with self._mutex:
-            old = self.config["bases"].get(fingerprint)
-            if old is not None:
-                if old["modules"] != entry["modules"]:
-                    raise RegistryError(f"base {fingerprint} is already registered with different module shapes; "
-                                        "a fingerprint names one model")
-                return
-            config = {**self.config, "bases": {**self.config["bases"], fingerprint: entry}}
-            try:
-                cfg.write_config(self.path, config)
-            except OSError as exc:
-                raise storage_error(exc, "registry.json", self.path) from exc
-            try:
-                self.audit.append("registry.add_base", base_fingerprint=fingerprint, name=name,
-                                  n_modules=len(entry["modules"]))
-            except OSError as exc:
-                cfg.write_config(self.path, self.config)  # back to the old file: no space needed to shrink
-                raise storage_error(exc, "audit entry", self.path) from exc
-            self.config = config
+        maintenance.add_base(self, fingerprint, module_shapes, name)
 
     # ---- properties -------------------------------------------------------------------------
 
@@ -270,38 +204,13 @@ class Registry:
 
         The blob stays (audited compositions reference it); ``gc()`` deletes unreferenced blobs."""
         self._require_writable()
-        with self._mutex:
-            rec = self._fresh().record(self._cols.live_row(record_id, str(self.path)))
-            line = remove_line(record_id, reason)
-            try:
-                start, end, data = self._log.append([line])
-            except OSError as exc:
-                raise storage_error(exc, "record line", self.path) from exc
-            try:
-                self.audit.append("registry.remove", record_id=record_id, site=rec.meta.site,
-                                  blob_sha256=rec.blob_sha256, reason=reason, **span_fields(start, end, data),
-                                  line_sha256=sha256_hex(line.encode("utf-8")))
-            except BaseException as exc:
-                self._log.rollback(start, 1)
-                if isinstance(exc, OSError):
-                    raise storage_error(exc, "audit entry", self.path) from exc
-                raise
-            self._cols.apply_remove(record_id)
-            if self._index is not None:
-                self._index.delete([record_id])
-            return rec
+        return maintenance.remove(self, record_id, reason)
 
     def norm_bound(self, base: str, task: str | None) -> NormBound | None:
         """The update-norm bound of (base, task): ``update_norm_factor`` × the median per-module and
         total ‖ΔW‖ of the live adapters stored for it (the latest ``NORM_REFERENCE_MAX``), or None
         while fewer than ``update_norm_min_reference`` exist. Used at ``add`` and for compositions."""
-        with self._mutex:
-            rows = np.flatnonzero(self._fresh().mask(task=task, base=base))[-NORM_REFERENCE_MAX:]
-            refs = [n for n in (self._cols.meta[int(r)].get(NORMS_KEY) for r in rows)
-                    if isinstance(n, dict)]
-        lim = self.limits
-        return NormBound.from_reference(refs, factor=float(lim["update_norm_factor"]),
-                                        min_reference=int(lim["update_norm_min_reference"]))
+        return maintenance.norm_bound(self, base, task)
 
     def receipt(self, record_id: str, run_id: str | None = None) -> dict[str, Any]:
         """The coordinator-signed receipt of the audit head after ``record_id``'s accepted submission.
@@ -310,16 +219,7 @@ class Registry:
         reply's ack; the site keeps it in its egress log (``extra["receipt"]``), so a truncated or
         rewritten coordinator log shows in ``rpe audit cross-check``."""
         self._require_writable()
-        with self._mutex:
-            entry = self._writer.last_accepted
-            if entry is None or entry.get("record_id") != record_id:
-                entry = next((e for _, e in reversed(list(read_entries(self.audit.path)))
-                              if e.get("event") == "submission.accepted" and e.get("record_id") == record_id), None)
-            if entry is None:
-                raise RecordNotFoundError(f"no accepted submission of record {record_id!r} in {self.audit.path}")
-            if run_id is not None and entry.get("run_id") not in (None, run_id):
-                raise RegistryError(f"record {record_id} was accepted in run {entry.get('run_id')!r}, not {run_id!r}")
-            return audit_receipt(coordkey.load_key(self.path), entry, registry_id=self.config["registry_id"])
+        return maintenance.receipt(self, record_id, run_id)
 
     @property
     def coordinator_public_key_path(self) -> Path:
