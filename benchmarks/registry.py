@@ -12,11 +12,12 @@ the next. Per configuration:
   ``sync_index()`` builds the Chroma HNSW index from the records. Baseline: Chroma alone
   (``collection.add`` of the same vectors into a fresh collection with the registry's HNSW
   settings) where that fits the time budget;
-* queries (top-8, exact squared L2): ``Registry.query`` (``auto``, which brute-forces up to
-  20,000×4096 elements and otherwise uses Chroma candidates + certification) and
+* queries (top-8, exact squared L2): ``Registry.query`` (``auto``: ``server.zindex.ExactTopK``
+  over the z column, exact; before issue 14 a numpy brute force / Chroma certification) and
   ``method="index"`` (always the Chroma path), each embedded and through a ``chroma run`` server;
   baselines numpy brute force (one float32 GEMV + argpartition) and raw Chroma HNSW;
-* recall@8 against an exact float64 brute force; disk bytes per record; RSS growth per record.
+* recall@8 against an exact float64 brute force; disk bytes per record; RSS growth per record;
+* then ``benchmarks.registry_goals`` (issue 14 goals 2–4 with their same-run baselines).
 """
 
 from __future__ import annotations
@@ -266,6 +267,8 @@ def worker(n: int, d: int, cfg: dict[str, Any], workdir: Path) -> dict[str, Any]
     parts = {"records": (regdir / "records.jsonl").stat().st_size, "blobs": dir_bytes(regdir / "blobs"),
              "chroma": dir_bytes(regdir / "chroma") if (regdir / "chroma").exists() else 0,
              "audit": (regdir / "audit.jsonl").stat().st_size if (regdir / "audit.jsonl").exists() else 0}
+    parts["zcolumn"] = sum((regdir / f).stat().st_size for f in ("z.f32", "z.f32.crc") if (regdir / f).exists())
+    parts["zindex"] = (regdir / "zindex.npz").stat().st_size if (regdir / "zindex.npz").exists() else 0
     parts["total"] = dir_bytes(regdir)
     parts["blobs_alloc"] = dir_alloc_bytes(regdir / "blobs")
     parts["total_alloc"] = dir_alloc_bytes(regdir)
@@ -372,6 +375,16 @@ def run(quick: bool, workdir: Path) -> Section:
             results.append(r)
     sec.data["configs"] = results
     _report(sec, cfg, results)
+    from benchmarks import registry_goals  # issue 14 goals 2-4 (z column, ExactTopK, deferred Chroma)
+
+    log("registry: issue 14 goals (subprocess)")
+    try:
+        goals = registry_goals.run(quick, workdir)
+    except Exception as exc:  # noqa: BLE001 - report the failure in the section, keep the rest
+        sec.add(f"Issue 14 goals 2–4 not measured: {exc}")
+    else:
+        sec.data["goals"] = goals
+        registry_goals.report(sec, goals)
     return sec
 
 

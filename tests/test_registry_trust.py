@@ -7,7 +7,6 @@ tmpfs are in tests/test_registry_fullfs.py.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import stat
@@ -26,7 +25,7 @@ from server.composer import CompositionNormError, compose_for_target
 from server.crosscheck import cross_check
 from server.registry import AdapterMeta, MetadataError, Registry
 from server.registry.binding import check_binding
-from server.registry.errors import BlobCorruptError, UpdateNormBoundError
+from server.registry.errors import BlobCorruptError, RegistryCorruptError, UpdateNormBoundError
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = "sha256:" + "3c" * 32
@@ -109,10 +108,13 @@ def test_torn_audit_tail_is_repaired_by_reopening(tmp_path):
 def test_verify_names_edited_deleted_repointed_and_added_records(tmp_path, tamper):
     root, ids = make(tmp_path, 3)
     entries = lines(root)
-    if tamper == "z":
-        zz = np.frombuffer(base64.b64decode(entries[1]["z_b64"]), "<f4").copy()
-        zz[0] += 1.0
-        entries[1]["z_b64"] = base64.b64encode(zz.tobytes()).decode()
+    if tamper == "z":  # z lives in the z column (z.f32): the bytes of the record's row change
+        with open(root / "z.f32", "r+b") as fh:
+            fh.seek(4096 + entries[1]["row"] * 4 * DIM)
+            zz = np.frombuffer(fh.read(4 * DIM), "<f4").copy()
+            zz[0] += 1.0
+            fh.seek(4096 + entries[1]["row"] * 4 * DIM)
+            fh.write(zz.tobytes())
         want = [f"record {ids[1]}", "z changed"]
     elif tamper == "blob":
         entries[1]["blob_sha256"] = entries[0]["blob_sha256"]
@@ -130,8 +132,12 @@ def test_verify_names_edited_deleted_repointed_and_added_records(tmp_path, tampe
     write_lines(root, entries)
     problems = check_binding(root / "records.jsonl", root / "audit.jsonl")
     assert any(all(w in p for w in want) for p in problems), problems
-    with Registry(root, read_only=True) as reg:
-        assert any(all(w in p for w in want) for p in reg.verify())
+    if tamper == "z":  # the row's crc32 no longer matches either: the registry refuses to open on it
+        with pytest.raises(RegistryCorruptError, match="z column"):
+            Registry(root, read_only=True)
+    else:
+        with Registry(root, read_only=True) as reg:
+            assert any(all(w in p for w in want) for p in reg.verify())
     out = rpe("audit", "verify", "--log", str(root / "audit.jsonl"))
     assert out.returncode == 1 and want[1] in out.stdout, out.stdout + out.stderr
 

@@ -73,10 +73,14 @@ On-disk layout (``REG`` = the registry directory)::
     REG/registry.json        config: format, representation, embedding dim, bases with module
                              shapes, size limits, Chroma location, blob_encryption if any
                              (rewritten atomically)
-    REG/records.jsonl        {"op": "add", "id", "blob_sha256", "bytes", "z_b64", "z_sha256",
+    REG/records.jsonl        {"op": "add", "id", "blob_sha256", "bytes", "row", "z_sha256",
                              "meta", "ts"[, "blob_encryption"]} / {"op": "remove", "id",
-                             "reason", "ts"}; z is base64 of little-endian float32 (exact, 4/3
-                             of binary size)
+                             "reason", "ts"}; ``row`` is the z's row in z.f32 (older registries
+                             kept "z_b64", base64 float32: migrated on the first writable open)
+    REG/z.f32, z.f32.crc     the z column: append-only float32 rows, memory-mapped on open, a
+                             crc32 per row (server/zindex/column.py); written before the record
+                             line naming the row; each z used is re-hashed against z_sha256
+    REG/zindex.npz           ExactTopK's derived search state (a cache bound to the column)
     REG/blobs/sha256/ab/<64 hex>   adapter blobs (content-addressed by the plaintext's sha256,
                              never rewritten; AES-GCM ciphertext in an encrypted registry)
     REG/chroma/              Chroma PersistentClient directory (cache; may be deleted)

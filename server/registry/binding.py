@@ -17,6 +17,13 @@ newline). Two uses:
 
 Logs written before this binding existed carry no spans; their lines are not judged (the first
 audited span marks where the binding starts).
+
+Moving z out of records.jsonl into the z column (``facade.Registry._migrate``) rewrites every line.
+It happens only after the old lines checked out against their audit entries, and its
+``registry.migrate`` entry binds the whole rewritten file (``records_span`` = [0, size), its
+sha256, count and first/last ids, like a bulk add); the binding restarts there. The entry is
+written before the rewritten file is renamed into place, so a crash in between leaves an entry
+whose bytes are not (yet) the file's: it is ignored and the next open migrates again.
 """
 
 from __future__ import annotations
@@ -30,14 +37,15 @@ from typing import Any
 
 from common.digests import sha256_hex
 
-RECORD_EVENTS = ("submission.accepted", "registry.bulk_add", "registry.remove")
+RECORD_EVENTS = ("submission.accepted", "registry.bulk_add", "registry.remove", "registry.migrate")
+MIGRATE = "registry.migrate"
 
 
 def _writes_records(entry: dict[str, Any]) -> bool:
     ev = entry.get("event")
     if ev == "submission.accepted":
         return not entry.get("duplicate")
-    if ev == "registry.bulk_add":
+    if ev in ("registry.bulk_add", MIGRATE):
         return bool(entry.get("count"))
     return ev == "registry.remove"
 
@@ -64,9 +72,19 @@ def _reverse_lines(path: Path, chunk: int = 1 << 20) -> Iterator[bytes]:
             yield rest
 
 
-def last_bound_end(audit_path: Path) -> int | None:
+def _migrated_file_is(records_path: Path | None, entry: dict[str, Any]) -> bool:
+    """Whether records.jsonl starts with exactly the bytes a ``registry.migrate`` entry bound."""
+    span = entry.get("records_span")
+    if records_path is None or not records_path.exists() or not isinstance(span, list) or len(span) != 2:
+        return False
+    with open(records_path, "rb") as fh:
+        return sha256_hex(fh.read(int(span[1]))) == entry.get("records_span_sha256")
+
+
+def last_bound_end(audit_path: Path, records_path: Path | None = None) -> int | None:
     """End offset of the last audited records span; 0 when no entry wrote records; None for a log
-    whose last record-writing entry predates the binding (nothing can be judged)."""
+    whose last record-writing entry predates the binding (nothing can be judged). A migrate entry
+    whose rewritten file never replaced records.jsonl (a crash in between) does not count."""
     if not audit_path.exists():
         return 0
     for raw in _reverse_lines(audit_path):
@@ -75,6 +93,8 @@ def last_bound_end(audit_path: Path) -> int | None:
         except (ValueError, UnicodeDecodeError):
             return None  # damage: audit verify reports it; never cut records on a guess
         if not isinstance(entry, dict) or not _writes_records(entry):
+            continue
+        if entry.get("event") == MIGRATE and not _migrated_file_is(records_path, entry):
             continue
         span = entry.get("records_span")
         if isinstance(span, list) and len(span) == 2 and all(isinstance(v, int) for v in span):
@@ -85,7 +105,7 @@ def last_bound_end(audit_path: Path) -> int | None:
 
 def unaudited_tail(records_path: Path, audit_path: Path) -> tuple[int, int] | None:
     """(audited end, file size) when records.jsonl holds bytes past the last audited span."""
-    end = last_bound_end(audit_path)
+    end = last_bound_end(audit_path, records_path)
     if end is None or not records_path.exists():
         return None
     size = records_path.stat().st_size
@@ -116,8 +136,8 @@ def _what_changed(audit: dict[str, Any], line: dict[str, Any]) -> str:
     if line.get("blob_sha256") != audit.get("blob_sha256"):
         return (f"re-pointed: its blob pointer is {str(line.get('blob_sha256'))[:16]}…, the audit entry recorded "
                 f"{str(audit.get('blob_sha256'))[:16]}…")
-    if audit.get("z_sha256") is not None and (_z_sha(line) != audit["z_sha256"]
-                                              or line.get("z_sha256") != audit["z_sha256"]):
+    inline_z_changed = "z_b64" in line and _z_sha(line) != audit.get("z_sha256")  # z in the line (pre-column)
+    if audit.get("z_sha256") is not None and (inline_z_changed or line.get("z_sha256") != audit["z_sha256"]):
         return "z changed: its embedding no longer hashes to the z_sha256 the audit entry recorded"
     return "edited: its bytes differ from the line the audit entry recorded (metadata or timestamps)"
 
@@ -159,6 +179,12 @@ def check_binding(records_path: str | os.PathLike[str], audit_path: str | os.Pat
                 continue
             if not isinstance(e, dict) or not _writes_records(e) or not isinstance(e.get("records_span"), list):
                 continue
+            if e.get("event") == MIGRATE:
+                if sha256_hex(data[:int(e["records_span"][1])]) != e.get("records_span_sha256"):
+                    continue  # its rewritten file never replaced records.jsonl
+                covered.clear()  # every line was rewritten: the binding restarts at this entry
+                problems.clear()
+                first_bound = None
             start, end = e["records_span"]
             first_bound = start if first_bound is None else min(first_bound, start)
             seq = e.get("seq")
@@ -194,6 +220,7 @@ def check_binding(records_path: str | os.PathLike[str], audit_path: str | os.Pat
                                 f"the lines were edited, deleted or re-pointed ({where})")
                 if first:
                     covered.update(range(first[0], min(first[0] + n, len(lines))))
+    problems += _column_problems(records_path, parsed)
     if first_bound is None:
         return problems
     for i, (off, _) in enumerate(lines):
@@ -202,4 +229,32 @@ def check_binding(records_path: str | os.PathLike[str], audit_path: str | os.Pat
             problems.append(f"record {rid} (records.jsonl line {i + 1}, {parsed[i].get('op', '?')}): added outside "
                             "the registry — no audit entry recorded it")
     return problems
+
+
+def _column_problems(records_path: Path, parsed: list[dict[str, Any]]) -> list[str]:
+    """Add lines that name a z column row whose bytes no longer hash to the line's ``z_sha256``
+    (the line itself, and so that hash, is bound by its audit entry: a z edited in ``z.f32`` shows here)."""
+    named = [(i, e) for i, e in enumerate(parsed) if e.get("op") == "add" and isinstance(e.get("row"), int)]
+    if not named:
+        return []
+    from server.zindex import ColumnError, ZColumn
+
+    zpath = records_path.with_name("z.f32")
+    try:
+        col = ZColumn(zpath, read_only=True, check=False)
+    except (OSError, ColumnError) as exc:
+        return [f"the z column {zpath} cannot be read ({exc}); {len(named)} records name rows in it"]
+    out = []
+    try:
+        for i, e in named:
+            row = int(e["row"])
+            if row >= len(col):
+                out.append(f"record {e.get('id')} (records.jsonl line {i + 1}): its z row {row} is past the end of "
+                           f"the z column ({len(col)} rows)")
+            elif col.row_sha256(row) != e.get("z_sha256"):
+                out.append(f"record {e.get('id')} (records.jsonl line {i + 1}): z changed: its row {row} in the z "
+                           "column does not match its z_sha256 (the hash its audit entry recorded)")
+    finally:
+        col.close()
+    return out
 

@@ -1,16 +1,21 @@
-"""The registry's in-memory columns: every z in one float32 matrix, metadata as integer codes.
+"""The registry's in-memory columns: metadata as integer codes, z as rows of the z column file.
 
 Why columns: a query must filter by task/modality/base/site and rank thousands of z without
-building a Python object per record, so each record is a *row*: ``Z[row]`` (float32), ``n2[row]``
-(its squared norm), ``live[row]``, one int32 code per filterable field, and the stored metadata.
-Rows are appended as records.jsonl is replayed and reused when a removed id is added again.
-Masks (``mask``) and counts (``distinct``) are numpy operations over the codes.
+building a Python object per record, so each record is a *row*: ``live[row]``, one int32 code per
+filterable field, the stored metadata, and ``zrow[row]``, the row of its z in the memory-mapped
+``ZColumn`` (``server/zindex/column.py``: nothing is parsed or copied on open). Rows are appended
+as records.jsonl is replayed and reused when a removed id is added again (its new z is a new
+column row: the column is append-only). ``Z`` / ``n2`` (z and its squared norm by record row)
+are derived on demand for the legacy search paths. Masks (``mask``) and counts (``distinct``) are
+numpy operations over the codes. A z handed out (``record``, ``z_rows``) is checked against the
+record's ``z_sha256`` first, so a column edited outside the registry is caught when it is used.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -21,19 +26,74 @@ from server.registry.records import AdapterMeta, Record
 KEYS = {"site": "site", "task": "task", "modality": "modality", "base": "base_fingerprint"}
 
 
+class ZSource(Protocol):
+    """What the columns need of a z store (``ZColumn``, or ``MemColumn`` for an old-format registry
+    opened read-only)."""
+
+    dim: int
+
+    def __len__(self) -> int: ...
+
+    def matrix(self) -> np.ndarray: ...
+
+    def append(self, block: np.ndarray) -> range: ...
+
+    def refresh(self) -> int: ...
+
+
+class MemColumn:
+    """An in-memory, append-only z store with ``ZColumn``'s reading interface: holds the z of a
+    registry whose records.jsonl still carries z as base64 (format before the column file), while
+    it is read (read-only) or migrated."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self._Z = np.zeros((0, dim), dtype=np.float32)
+        self._n = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    def matrix(self) -> np.ndarray:
+        """The (count, dim) float32 rows (a view)."""
+        return self._Z[: self._n]
+
+    def append(self, block: np.ndarray) -> range:
+        """Append rows; returns their indices."""
+        arr = np.asarray(block, dtype=np.float32).reshape(-1, self.dim)
+        need = self._n + arr.shape[0]
+        if need > self._Z.shape[0]:
+            Z = np.zeros((max(need, 2 * self._Z.shape[0], 64), self.dim), dtype=np.float32)
+            Z[: self._n] = self._Z[: self._n]
+            self._Z = Z
+        self._Z[self._n:need] = arr
+        start, self._n = self._n, need
+        return range(start, need)
+
+    def refresh(self) -> int:
+        """Nothing to re-read (in memory)."""
+        return self._n
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
 class Columns:
     """Rows of records for an embedding dimension ``dim``; ``source`` names the log in errors.
 
     ``on_rows(rows)`` (optional) is told which rows got a new z, e.g. to keep a projection current.
+    ``zcol`` is the z store whose rows ``zrow`` points into.
     """
 
-    def __init__(self, dim: int, source: str) -> None:
+    def __init__(self, dim: int, source: str, zcol: ZSource | None = None) -> None:
         self.dim = dim
         self.source = source
+        self.zcol: ZSource = zcol if zcol is not None else MemColumn(dim)
         self.n = 0
         self.n_live = 0
-        self.Z = np.zeros((0, dim), dtype=np.float32)
-        self.n2 = np.zeros(0, dtype=np.float64)
+        self.version = 0  # bumped whenever a row gets a new z (invalidates the derived Z / n2)
+        self._derived: dict[str, Any] = {}
+        self.zrow = np.zeros(0, dtype=np.int64)
         self.live = np.zeros(0, dtype=bool)
         self.codes: dict[str, np.ndarray] = {k: np.zeros(0, dtype=np.int32) for k in KEYS}
         self.vocab: dict[str, dict[str, int]] = {k: {} for k in KEYS}
@@ -46,7 +106,7 @@ class Columns:
     def ensure_capacity(self, extra: int) -> None:
         """Room for ``extra`` more rows (capacity doubles, so appends stay amortised O(1))."""
         need = self.n + extra
-        cap = self.Z.shape[0]
+        cap = self.live.shape[0]
         if need <= cap:
             return
         new_cap = max(need, cap * 2, 64)
@@ -56,8 +116,7 @@ class Columns:
             out[: self.n] = a[: self.n]
             return out
 
-        self.Z = grow(self.Z)
-        self.n2 = grow(self.n2)
+        self.zrow = grow(self.zrow)
         self.live = grow(self.live)
         for k in self.codes:
             self.codes[k] = grow(self.codes[k])
@@ -69,11 +128,32 @@ class Columns:
             c = vocab[value] = len(vocab)
         return c
 
-    def apply_adds(self, items: Sequence[tuple[str, dict[str, Any], str, int, str]], Z: np.ndarray) -> list[int]:
-        """Put records ``(id, meta, blob sha, bytes, z sha)`` with their z into rows; returns the rows."""
+    def append_z(self, Z: np.ndarray) -> np.ndarray:
+        """Append z rows to the column (durably, for a ``ZColumn``); returns their column rows."""
+        r = self.zcol.append(np.ascontiguousarray(Z, dtype=np.float32).reshape(-1, self.dim))
+        return np.arange(r.start, r.stop, dtype=np.int64)
+
+    def apply_adds(self, items: Sequence[tuple[str, dict[str, Any], str, int, str]],
+                   zrows: Sequence[int] | np.ndarray) -> list[int]:
+        """Put records ``(id, meta, blob sha, bytes, z sha)`` whose z are column rows ``zrows`` into
+        rows; returns the rows. A column row past the column's end is corruption (the column is
+        written and fsynced before the record line that names it)."""
+        zr_all = np.asarray(zrows, dtype=np.int64).reshape(-1)
+        if zr_all.size and int(zr_all.max()) >= len(self.zcol):
+            self.zcol.refresh()  # another writer may have appended since we mapped it
+            if int(zr_all.max()) >= len(self.zcol):
+                raise RegistryCorruptError(
+                    f"{self.source}: a record names z row {int(zr_all.max())} but the z column holds "
+                    f"{len(self.zcol)} rows: the column file was truncated or replaced outside the registry; "
+                    "restore it (z.f32 and z.f32.crc) from the backup taken with records.jsonl")
+        if zr_all.size and int(zr_all.min()) < 0:
+            raise RegistryCorruptError(f"{self.source}: a record names a negative z row")
         self.ensure_capacity(len(items))
+        new_ids = [it[0] for it in items]
+        if len(set(new_ids)) == len(new_ids) and not any(rid in self.row for rid in new_ids):
+            return self._append_new(items, zr_all)  # the replay's common case, without a per-row loop
         rows: list[int] = []
-        for (rid, meta, sha, nbytes, zsha), z in zip(items, Z, strict=True):
+        for (rid, meta, sha, nbytes, zsha), zr in zip(items, zr_all, strict=True):
             row = self.row.get(rid)
             if row is None:
                 row = self.n
@@ -87,19 +167,105 @@ class Columns:
                     raise RegistryCorruptError(f"{self.source}: record {rid} is added twice")
                 self.meta[row] = meta
                 self.blob[row] = (sha, nbytes, zsha)
-            self.Z[row] = z
+            self.zrow[row] = zr
             self.live[row] = True
             self.n_live += 1
             for key, mkey in KEYS.items():
                 self.codes[key][row] = self._code(key, meta[mkey])
             rows.append(row)
         if rows:
-            r = np.asarray(rows)
-            zr = self.Z[r]
-            self.n2[r] = np.einsum("ij,ij->i", zr, zr)  # float32 sum: its error is in search's bound
+            self.version += 1
             if self.on_rows is not None:
-                self.on_rows(r)
+                self.on_rows(np.asarray(rows))
         return rows
+
+    def _append_new(self, items: Sequence[tuple[str, dict[str, Any], str, int, str]], zr: np.ndarray) -> list[int]:
+        """``apply_adds`` for ids not seen before: rows appended in bulk (opening a large registry)."""
+        m, start = len(items), self.n
+        if len(zr) != m:
+            raise RegistryCorruptError(f"{self.source}: {m} records but {len(zr)} z rows")
+        rows = range(start, start + m)
+        self.ids.extend(it[0] for it in items)
+        self.meta.extend(it[1] for it in items)
+        self.blob.extend((it[2], it[3], it[4]) for it in items)
+        self.row.update(zip(self.ids[start:], rows, strict=True))
+        self.zrow[start:start + m] = zr
+        self.live[start:start + m] = True
+        for key, mkey in KEYS.items():
+            vocab = self.vocab[key]
+            codes = []
+            for it in items:
+                value = it[1][mkey]
+                c = vocab.get(value)
+                if c is None:
+                    c = vocab[value] = len(vocab)
+                codes.append(c)
+            self.codes[key][start:start + m] = codes
+        self.n += m
+        self.n_live += m
+        self.version += 1
+        out = list(rows)
+        if self.on_rows is not None:
+            self.on_rows(np.asarray(out))
+        return out
+
+    # ---- z by record row (derived, cached per version) ----------------------------------------
+
+    def _cached(self, name: str, make: Callable[[], Any]) -> Any:
+        key = (self.version, self.n, len(self.zcol))
+        hit = self._derived.get(name)
+        if hit is None or hit[0] != key:
+            hit = self._derived[name] = (key, make())
+        return hit[1]
+
+    @property
+    def Z(self) -> np.ndarray:  # noqa: N802 - the matrix's conventional name
+        """z of every record row (n × dim float32): a view of the column when the rows are
+        contiguous there (the usual case), else a gathered copy (after re-adds or a crash's orphan
+        rows). Not verified: for the search paths, which verify what they return."""
+        def make() -> np.ndarray:
+            zr = self.zrow[: self.n]
+            M = self.zcol.matrix()
+            if self.n and int(zr[-1]) - int(zr[0]) == self.n - 1 and bool(np.all(np.diff(zr) == 1)):
+                return M[int(zr[0]): int(zr[0]) + self.n]
+            return M[zr] if self.n else np.zeros((0, self.dim), dtype=np.float32)
+        return self._cached("Z", make)
+
+    @property
+    def n2(self) -> np.ndarray:
+        """Squared norms (float32 sums, as float64) of ``Z``'s rows; their error is in search's bound."""
+        def make() -> np.ndarray:
+            Z = self.Z
+            out = np.empty(self.n, dtype=np.float64)
+            step = max(1, (1 << 22) // self.dim)
+            for s in range(0, self.n, step):
+                out[s:s + step] = np.einsum("ij,ij->i", Z[s:s + step], Z[s:s + step])
+            return out
+        return self._cached("n2", make)
+
+    def z_of_zrows(self) -> np.ndarray:
+        """``inv[column row] = record row`` for the rows holding a record's current z, else −1."""
+        def make() -> np.ndarray:
+            inv = np.full(len(self.zcol), -1, dtype=np.int64)
+            inv[self.zrow[: self.n]] = np.arange(self.n)
+            return inv
+        return self._cached("inv", make)
+
+    def zrow_monotone(self) -> bool:
+        """True when record rows and their column rows are in the same order (ties agree)."""
+        return bool(self._cached("mono", lambda: bool(np.all(np.diff(self.zrow[: self.n]) > 0))))
+
+    def z_rows(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """A verified copy of the z of record ``rows``: each checked against its ``z_sha256``."""
+        r = np.asarray(rows, dtype=np.int64).reshape(-1)
+        Z = np.array(self.zcol.matrix()[self.zrow[r]], dtype="<f4")
+        for i, row in enumerate(r):
+            if hashlib.sha256(Z[i].tobytes()).hexdigest() != self.blob[int(row)][2]:
+                raise RegistryCorruptError(
+                    f"{self.source}: the z of record {self.ids[int(row)]} (z column row {int(self.zrow[row])}) no "
+                    "longer matches its z_sha256: the z column was modified outside the registry; restore "
+                    "z.f32 from a backup (`Registry.verify(full=True)` lists every damaged record)")
+        return Z
 
     def apply_remove(self, rid: str) -> None:
         """Mark record ``rid`` removed (its row stays, for a later re-add)."""
@@ -129,7 +295,7 @@ class Columns:
         meta.pop("update_norms", None)  # the registry's own measurement, not part of what the site said
         meta["extra"] = dict(meta.get("extra") or {})
         sha, nbytes, zsha = self.blob[row]
-        return Record(self.ids[row], self.Z[row].copy(), AdapterMeta(**meta), sha, nbytes, zsha)
+        return Record(self.ids[row], self.z_rows([row])[0], AdapterMeta(**meta), sha, nbytes, zsha)
 
     def live_rows(self) -> np.ndarray:
         """Rows of live records, in insertion order."""
@@ -174,7 +340,7 @@ class Columns:
 
     def rows_view(self, rows: np.ndarray) -> tuple[list[str], np.ndarray, list[dict[str, Any]]]:
         """(ids, z, index metadata) of ``rows``: what the Chroma mirror stores."""
-        return [self.ids[r] for r in rows], self.Z[rows], [self.index_metadata(int(r)) for r in rows]
+        return [self.ids[r] for r in rows], self.z_rows(rows), [self.index_metadata(int(r)) for r in rows]
 
     def index_metadata(self, row: int) -> dict[str, Any]:
         """The flat metadata the Chroma mirror stores next to a row's vector (for ``where`` filters)."""

@@ -26,6 +26,8 @@ RECORDS_NAME = "records.jsonl"
 BLOBS_DIR = "blobs"
 CHROMA_DIR = "chroma"
 AUDIT_NAME = "audit.jsonl"
+ZCOLUMN_NAME = "z.f32"  # the z column (server/zindex/column.py); its checksums are z.f32.crc
+ZINDEX_NAME = "zindex.npz"  # ExactTopK's derived state (a cache: deleting it costs a rebuild)
 COLLECTION = "lora_l2"
 DEFAULT_LIMITS: dict[str, float] = {
     "max_rank": 256,
@@ -44,7 +46,7 @@ DEFAULT_LIMITS: dict[str, float] = {
 }
 
 __all__ = ["AUDIT_NAME", "BLOBS_DIR", "CHROMA_DIR", "COLLECTION", "CONFIG_NAME", "DEFAULT_LIMITS", "LOCK_NAME",
-           "RECORDS_NAME", "REGISTRY_FORMAT", "TMP_PREFIX"]
+           "RECORDS_NAME", "REGISTRY_FORMAT", "TMP_PREFIX", "ZCOLUMN_NAME", "ZINDEX_NAME"]
 
 
 def now() -> str:

@@ -3,7 +3,8 @@
 When ``RPE_CRASH_AT`` names a point (``point`` or ``point@N`` for the N-th time it is reached;
 several comma-separated), the process kills itself there; it is inert otherwise. Points:
 ``mid_blob`` (half the temp blob written), ``after_blob_tmp`` (temp blob fsynced, not renamed),
-``after_blob`` (blob in place, record not yet written), ``mid_record`` (half a record line
+``after_blob`` (blob in place, z not yet in the column), ``after_column`` (z rows
+published in the column, record not yet written), ``mid_record`` (half a record line
 written), ``after_record`` (record durable, Chroma not updated), ``after_index`` (Chroma
 updated, audit line not written). ``tests/test_registry_crash.py`` uses them.
 """

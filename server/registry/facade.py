@@ -1,9 +1,11 @@
 """``Registry``: the coordinator's LoRA registry, a facade over its parts (see ``__init__.py``).
 
-Every write follows one story: validate everything (``validation``), store new blobs
-(``blobstore``), append the record lines (``recordlog``), update the in-memory columns
-(``columns``), mirror into Chroma (``chroma_index``), write one audit line (``server.audit``).
-Every read answers from the columns; queries are exact (``search``) whatever Chroma says.
+A write: validate (``validation``), new blobs (``blobstore``), z rows (``server.zindex.ZColumn``),
+record lines + one audit line as one commit (``writer``), then columns and the Chroma mirror. A
+read answers from the columns; queries are exact (``search``) whatever Chroma says. Opening
+(``loading``) maps the z column and replays the metadata; Chroma is reconciled on open only up to
+``EAGER_SYNC_RECORDS`` records, else on first need; an old base64 registry migrates on the first
+writable open.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ import numpy as np
 
 from server.audit import AuditLog, repair_torn_audit
 from server.bounds import NormBound
-from server.registry import binding, coordkey, maintenance
 from server.registry import config as cfg
+from server.registry import coordkey, loading, maintenance
 from server.registry.blobcrypt import BlobKey
 from server.registry.blobstore import BlobStore
 from server.registry.chroma_index import ChromaIndex
@@ -33,11 +35,15 @@ from server.registry.errors import (
     RegistryError,
 )
 from server.registry.lock import PathLock
-from server.registry.recordlog import RecordLog
 from server.registry.records import AdapterMeta, Hit, Record
-from server.registry.search import METHODS, Searcher, where_clause
+from server.registry.search import METHODS, where_clause
 from server.registry.validation import check_z
-from server.registry.writer import Writer
+
+#: ``add_many`` batches up to this size are mirrored into Chroma at once (small registries only)
+EAGER_MIRROR_BATCH = 1000
+#: live records up to which the Chroma mirror is reconciled on open and by ``add_many``; above it
+#: the mirror waits until something needs it, so opening stays fast (a rebuild costs ~ms per record)
+EAGER_SYNC_RECORDS = 2_000
 
 
 class Registry:
@@ -81,24 +87,20 @@ class Registry:
             self.audit.append("registry.repair", file=cfg.AUDIT_NAME, truncated_bytes=torn_audit[0],
                               at_offset=torn_audit[1], sha256=torn_audit[2],
                               reason="torn last audit line (crash or full disk mid-append)")
-        self._cols = Columns(self.embedding_dim, str(self.path / cfg.RECORDS_NAME))
-        self._search = Searcher(self._cols, lambda q, want, where: self._chroma_candidates(q, want, where))
-        self._log = RecordLog(self.path / cfg.RECORDS_NAME, self._cols)
         self._index: ChromaIndex | None = None
-        self._writer = Writer(self._cols, self._log, self._blobs, self.audit, lambda: self._index, self.norm_bound)
+        self._index_pending = False
+        self._lazy_sync = sync_index
         if not self.read_only:
             self._blobs.remove_stale_temps()
             coordkey.ensure_key(self.path)
             cfg.make_private(self.path)
-        if not self.read_only:
-            maintenance.rollback_unaudited(self)
-        self._log.load(self.read_only, lambda n, at, sha: self.audit.append(
-            "registry.recover", file=cfg.RECORDS_NAME, truncated_bytes=n, at_offset=at, sha256=sha))
+        loading.load_records(self)
         spec = cfg.chroma_spec(self.config, chroma, self.read_only)
         if spec is not None:
             self._index = ChromaIndex(spec, self.path / cfg.CHROMA_DIR, self.config["registry_id"],
                                       self.embedding_dim)
-            if sync_index:
+            self._index_pending = sync_index
+            if sync_index and self._cols.n_live <= EAGER_SYNC_RECORDS:
                 self.sync_index()
 
     # ---- creation ---------------------------------------------------------------------------
@@ -149,8 +151,15 @@ class Registry:
 
     @property
     def index_ready(self) -> bool:
-        """True when Chroma holds exactly the live records (the index query path may use it)."""
+        """True when Chroma holds exactly the live records (the index query path may use it);
+        a deferred mirror is reconciled first."""
+        self._ensure_index()
         return self._index is not None and self._index.ready
+
+    def _ensure_index(self) -> None:
+        """Reconcile a Chroma mirror that was deferred (large registry, or ``add_many``)."""
+        if self._index is not None and self._index_pending and not self._closed and not self.read_only:
+            self.sync_index()
 
     @property
     def index_error(self) -> str | None:
@@ -184,10 +193,19 @@ class Registry:
 
     def add_many(self, items: Iterable[Sequence[Any]], *, index: bool = True) -> list[Record]:
         """Bulk insert ``(adapter, z, meta[, expected_sha256])`` items: all validated first (one bad
-        item rejects the batch, naming its index), blobs fsynced, then one records append + fsync,
-        then Chroma upserts in batches of ≤ 5000. ``index=False`` leaves Chroma stale (queries stay
-        exact via numpy) until ``sync_index()`` or the next open reconciles it."""
-        return self._add_batch(items, index=index, single=False, extra={})
+        item rejects the batch, naming its index), blobs fsynced, then one z column append + fsync,
+        then one records append + fsync. The Chroma mirror (its HNSW build was the bulk-insert
+        bottleneck, and exact queries do not need it) is upserted at once only for a small batch
+        (≤ ``EAGER_MIRROR_BATCH`` items) into a small registry (≤ ``EAGER_SYNC_RECORDS`` records)
+        whose mirror is already connected; otherwise, or with ``index=False``, it is reconciled when
+        next needed (``index_ready``, an ``index``/``approx`` query, ``verify``, ``sync_index()``)."""
+        items = list(items)
+        eager = (index and self._index is not None and self._index.ready and len(items) <= EAGER_MIRROR_BATCH
+                 and self._cols.n_live + len(items) <= EAGER_SYNC_RECORDS)
+        out = self._add_batch(items, index=eager, single=False, extra={})
+        if self._index is not None and not eager:
+            self._index_pending = self._lazy_sync
+        return out
 
     def _add_batch(self, items: Iterable[Sequence[Any]], index: bool, single: bool,
                    extra: dict[str, Any]) -> list[Record]:
@@ -278,7 +296,7 @@ class Registry:
         """The z of the given records as a float32 ``[len(ids), dim]`` matrix."""
         with self._mutex:
             rows = [self._fresh().live_row(rid, str(self.path)) for rid in ids]
-            return self._cols.Z[np.asarray(rows, dtype=np.int64)].copy()
+            return self._cols.z_rows(np.asarray(rows, dtype=np.int64))
 
     def distinct(self, key: str, task: str | None = None, modality: str | None = None,
                  base: str | None = None, site: str | None = None) -> dict[str, int]:
@@ -294,8 +312,8 @@ class Registry:
               method: str = "auto") -> builtins.list[Hit]:
         """The exact k nearest live records to ``z`` by squared L2 (ties: earlier record first).
 
-        ``method``: ``"auto"`` (brute force when eligible × dim ≤ BRUTE_FORCE_BUDGET, else the
-        certified Chroma path), ``"brute"``, ``"index"`` (Chroma candidates + exact certification;
+        ``method``: ``"auto"`` (``server.zindex.ExactTopK``: PCA and int8 bounds, exact float64
+        re-rank; no Chroma), ``"brute"``, ``"index"`` (Chroma candidates + exact certification;
         same answer), or ``"approx"`` (Chroma candidates re-ranked exactly but *not* certified:
         faster on huge registries, may miss true neighbours that HNSW misses).
         """
@@ -305,6 +323,8 @@ class Registry:
             raise QueryError(f"method must be auto, brute, index or approx; got {method!r}")
         q = self.check_z(z, "the query")
         with self._mutex:
+            if method in ("index", "approx"):
+                self._ensure_index()
             elig = self._fresh().mask(task=task, modality=modality, base=base, exclude_site=exclude_site)
             n_elig = int(elig.sum())
             if k > n_elig:
@@ -326,6 +346,7 @@ class Registry:
         if self._index is None:
             return
         with self._mutex:
+            self._index_pending = False
             reason = self._index.sync(self._fresh(), rebuild)
             if reason is not None:
                 self.audit.append("registry.reindex", reason=reason[:500], records=self._cols.n_live)
@@ -337,25 +358,13 @@ class Registry:
         blob, decrypting it first in an encrypted registry, which needs the key), orphan blobs,
         record lines that differ from what the audit log bound (``binding.check_binding``: edited,
         deleted, re-pointed, added), and Chroma disagreement. Empty list = consistent."""
-        if full:
-            self._blobs.require_key("verify(full=True)")
-        with self._mutex:
-            c = self._fresh()
-            live = [(c.ids[r], *c.blob[r][:2]) for r in c.live_rows()]
-            problems = self._blobs.problems(live, {c.blob[r][0] for r in range(c.n)}, full)
-            problems += binding.check_binding(self.path / cfg.RECORDS_NAME, self.path / cfg.AUDIT_NAME)
-            return problems + ([] if self._index is None else self._index.problems(c.n_live))
+        return maintenance.verify(self, full)
 
     def gc(self, dry_run: bool = False) -> builtins.list[str]:
         """Delete blobs referenced by no *live* record (orphans and removed records' blobs);
         returns their hashes. Run it only when audited compositions no longer need re-checking."""
         self._require_writable()
-        with self._mutex:
-            gone = self._blobs.unreferenced({self._cols.blob[r][0] for r in self._fresh().live_rows()})
-            if not dry_run and gone:
-                self._blobs.delete(gone)
-                self.audit.append("registry.gc", blobs=[p.name for p in gone])
-            return [p.name for p in gone]
+        return maintenance.gc(self, dry_run)
 
     def stats(self) -> dict[str, Any]:
         """Counts for operators and the dashboard."""
@@ -373,12 +382,7 @@ class Registry:
         if self._closed:
             return
         self._closed = True
-        if getattr(self, "_index", None) is not None:
-            with contextlib.suppress(Exception):
-                self._index.disconnect()
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+        loading.close_parts(self)
 
     def __enter__(self) -> Registry:
         return self

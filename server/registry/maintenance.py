@@ -70,6 +70,11 @@ def rollback_unaudited(reg: Registry) -> None:
         return
     end, size = tail
     with open(records, "rb") as fh:
+        if end > 0:
+            fh.seek(end - 1)
+            if fh.read(1) != b"\n":
+                return  # `end` is no line boundary: bytes before it changed (an edit, not an unfinished add);
+                # cutting would destroy good records; ``verify`` reports the edit (``binding.check_binding``)
         fh.seek(end)
         data = fh.read(size - end)
     if b"\n" not in data:
@@ -160,3 +165,26 @@ def norm_bound(reg: Registry, base: str, task: str | None) -> NormBound | None:
     lim = reg.limits
     return NormBound.from_reference(refs, factor=float(lim["update_norm_factor"]),
                                     min_reference=int(lim["update_norm_min_reference"]))
+
+
+def verify(reg: Registry, full: bool) -> list[str]:
+    """``Registry.verify``: blobs, the records binding (z column included) and the Chroma mirror."""
+    if full:
+        reg._blobs.require_key("verify(full=True)")
+    with reg._mutex:
+        reg._ensure_index()
+        c = reg._fresh()
+        live = [(c.ids[r], *c.blob[r][:2]) for r in c.live_rows()]
+        problems = reg._blobs.problems(live, {c.blob[r][0] for r in range(c.n)}, full)
+        problems += binding.check_binding(reg.path / cfg.RECORDS_NAME, reg.path / cfg.AUDIT_NAME)
+        return problems + ([] if reg._index is None else reg._index.problems(c.n_live))
+
+
+def gc(reg: Registry, dry_run: bool) -> list[str]:
+    """``Registry.gc``: delete (or list) blobs no live record references, audited."""
+    with reg._mutex:
+        gone = reg._blobs.unreferenced({reg._cols.blob[r][0] for r in reg._fresh().live_rows()})
+        if not dry_run and gone:
+            reg._blobs.delete(gone)
+            reg.audit.append("registry.gc", blobs=[p.name for p in gone])
+        return [p.name for p in gone]

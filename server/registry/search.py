@@ -8,18 +8,31 @@ projection gives a lower bound ‖Pᵀ(x−q)‖² ≤ ‖x−q‖² on every di
 bound does not exclude it is checked exactly, so the answer always equals brute force. The
 index is only asked for candidates (``candidates(q, want, where) -> rows``); a wrong or empty
 answer costs time, never correctness.
+
+``auto`` (the default) asks ``server.zindex.ExactTopK`` instead: PCA and int8 bounds over the
+z column rows prune, an exact float64 re-rank decides, so it returns the brute force answer
+(ties by record row) without a Chroma index. Its state is derived from the column, caught up on
+the first query after rows were appended (the write path only appends to the column) and
+persisted beside it (``zindex.npz``, bound to the column's row count and checksums) so a reopen
+does not rebuild it.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from server.registry.columns import Columns
+from server.zindex import ExactTopK
 
-#: brute force when (eligible records × dim) is at most this many elements (≈ 20,000 × 4096)
+log = logging.getLogger(__name__)
+
+#: kept for callers that import it (the old brute-force / index switch point; ``auto`` now uses ExactTopK)
 BRUTE_FORCE_BUDGET = 20_000 * 4096
 CANDIDATE_FACTOR = 8
 _LB_DIM = 64
@@ -52,26 +65,101 @@ class Searcher:
     ``auto`` queries skip the index path).
     """
 
-    def __init__(self, cols: Columns, candidates: Candidates) -> None:
+    def __init__(self, cols: Columns, candidates: Candidates, state_path: Path | None = None) -> None:
         self.cols = cols
         self.candidates = candidates
         self.proj: dict[str, Any] | None = None
         self.index_misses = 0
+        self.state_path = state_path  # where ExactTopK's state persists (None: never saved)
+        self.topk: ExactTopK | None = None
+        self.dirty = False
         cols.on_rows = self.project_rows
+
+    # ---- ExactTopK over the z column (the ``auto`` path) ------------------------------------
+
+    def _column_digest(self, n: int) -> str:
+        digest = getattr(self.cols.zcol, "crc_digest", None)
+        return "" if digest is None else str(digest(n))
+
+    def _load_state(self) -> ExactTopK | None:
+        """The persisted index, if it belongs to this column (row count and crc digest agree)."""
+        p = self.state_path
+        if p is None or not p.exists():
+            return None
+        try:
+            with np.load(p, allow_pickle=False) as f:
+                n = int(f["col_n"])
+                if n > len(self.cols.zcol) or str(f["col_digest"]) != self._column_digest(n):
+                    log.warning("%s does not match the z column; rebuilding the search index", p)
+                    return None
+                st = {k: f[k] for k in f.files if k not in ("col_n", "col_digest")}
+            return ExactTopK.from_state(st)
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("%s is unreadable (%s); rebuilding the search index", p, exc)
+            return None
+
+    def save_state(self) -> None:
+        """Persist ExactTopK's state atomically (when it changed since it was loaded)."""
+        ix, p = self.topk, self.state_path
+        if ix is None or p is None or not self.dirty:
+            return
+        tmp = p.with_name(p.name + ".tmp")
+        with open(tmp, "wb") as fh:
+            np.savez(fh, col_n=np.asarray(ix.n), col_digest=np.asarray(self._column_digest(ix.n)), **ix.state())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, p)
+        self.dirty = False
+
+    def ensure_topk(self) -> ExactTopK:
+        """ExactTopK holding every column row (loaded, or built, then caught up with appends)."""
+        col = self.cols.zcol
+        if self.topk is None:
+            self.topk = self._load_state() or ExactTopK(self.cols.dim)
+            self.dirty = self.topk.n == 0
+        ix, n = self.topk, len(col)
+        if ix.n > n:  # cannot happen with an append-only column: rebuild rather than trust it
+            self.topk = ix = ExactTopK(self.cols.dim)
+        if ix.n < n:
+            M = col.matrix()
+            step = 16384
+            for s in range(ix.n, n, step):
+                ix.add(M[s:min(n, s + step)])
+            self.dirty = True
+        return ix
+
+    def fast(self, q: np.ndarray, elig: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k by ExactTopK over the column rows of the eligible records, in record-row tie
+        order (when re-adds made column order differ from record order, a tie at the k-th place
+        falls back to ``brute``)."""
+        ix = self.ensure_topk()
+        had_proj = ix._P is not None  # noqa: SLF001
+        cols = self.cols
+        zmask = np.zeros(ix.n, dtype=bool)
+        live = np.flatnonzero(elig)
+        zmask[cols.zrow[live]] = True
+        mono = cols.zrow_monotone()
+        kk = k if mono else min(k + 1, live.size)
+        zr, dist = ix.search(q, kk, cols.zcol.matrix(), mask=zmask)
+        if (ix._P is not None) != had_proj:  # noqa: SLF001 - a projection was fitted: worth persisting
+            self.dirty = True
+        rows = cols.z_of_zrows()[zr]
+        if not mono:
+            if kk > k and dist[k] == dist[k - 1]:
+                return self.brute(q, elig, k)
+            order = np.lexsort((rows, dist))[:k]
+            rows, dist = rows[order], dist[order]
+        return rows, dist
 
     def search(self, q: np.ndarray, elig: np.ndarray, k: int, method: str,
                where: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray]:
         """(rows, squared distances) of the k nearest eligible rows, ties broken by row order.
 
-        ``method``: ``auto`` (brute force when eligible × dim ≤ BRUTE_FORCE_BUDGET, else ``index``),
-        ``brute``, ``index`` (candidates + certification: same answer) or ``approx`` (candidates
-        re-ranked exactly, not certified)."""
-        n_elig = int(elig.sum())
+        ``method``: ``auto`` (``ExactTopK``: bounds + exact re-rank), ``brute``, ``index``
+        (candidates + certification: same answer) or ``approx`` (candidates re-ranked exactly, not
+        certified)."""
         if method == "auto":
-            use_index = n_elig * self.cols.dim > BRUTE_FORCE_BUDGET and self.index_misses <= 0
-            if not use_index and self.index_misses > 0:
-                self.index_misses -= 1
-            method = "index" if use_index else "brute"
+            return self.fast(q, elig, k)
         if method == "brute":
             return self.brute(q, elig, k)
         return self.certified(q, elig, k, certify=(method == "index"), where=where)
@@ -155,7 +243,7 @@ class Searcher:
         q, _ = np.linalg.qr(np.vstack(rows).T)  # orthonormal columns, leading ones span the PCA subspace
         basis = q.T[:m]
         P = np.ascontiguousarray(basis.T)  # d × m, orthonormal columns
-        cap = self.cols.Z.shape[0]
+        cap = self.cols.n
         self.proj = {"mu": mu, "P": P, "Y": np.zeros((cap, m)), "yn": np.zeros(cap), "n": self.cols.n,
                       "explained": explained}
         self.project_rows(np.arange(self.cols.n))
@@ -165,7 +253,7 @@ class Searcher:
         pr = self.proj
         if pr is None or "Y" not in pr:
             return
-        cap = self.cols.Z.shape[0]
+        cap = max(self.cols.live.shape[0], int(rows.max()) + 1 if rows.size else 0)
         if pr["Y"].shape[0] < cap:  # the columns grew: grow the projected copy with them
             Y, yn = np.zeros((cap, pr["Y"].shape[1])), np.zeros(cap)
             Y[: pr["Y"].shape[0]], yn[: pr["yn"].shape[0]] = pr["Y"], pr["yn"]

@@ -2,16 +2,19 @@
 
 Order (each step durable before the next): every item validated (``validation.prepare``; one bad
 item rejects the batch and writes one ``submission.rejected`` line), new blobs written and
-fsynced (``BlobStore.write``), one append of the record lines (``RecordLog.append``), then one
-audit line (``submission.accepted`` per ``add``, ``registry.bulk_add`` per ``add_many``) that
-names the exact bytes appended (``records_span`` = [start, end) of records.jsonl and their
-sha256, plus ``line_sha256`` for a single add). The record lines and their audit line are ONE
-commit: a record is live iff its audit entry exists. If the audit append fails (ENOSPC), the
-record lines are cut back and the new blobs deleted before the typed ``RegistryStorageError``
-is raised; if the process dies in between, reopening rolls the unaudited lines back
-(``binding.rollback_unaudited``). Only after the commit are the rows put into the columns and
-the Chroma mirror updated (a failing mirror only marks the index stale: queries stay exact).
-Re-submissions of a live record are idempotent and return it.
+fsynced (``BlobStore.write``), the z rows appended to the z column (``Columns.append_z``:
+``ZColumn.append``, fsynced, its row count published last), one append of the record lines
+(``RecordLog.append``; each add line names its column row and z_sha256), then one audit line
+(``submission.accepted`` per ``add``, ``registry.bulk_add`` per ``add_many``) that names the
+exact bytes appended (``records_span`` = [start, end) of records.jsonl and their sha256, plus
+``line_sha256`` for a single add). The record lines and their audit line are ONE commit: a record
+is live iff its audit entry exists. If the audit append fails (ENOSPC), the record lines are cut
+back and the new blobs deleted before the typed ``RegistryStorageError`` is raised; if the process
+dies in between, reopening rolls the unaudited lines back (``binding.rollback_unaudited``). The z
+rows of a rolled-back add stay in the column as orphans that no record names (never read; the next
+add appends after them). Only after the commit are the rows put into the columns and the Chroma
+mirror updated (a failing mirror only marks the index stale: queries stay exact). Re-submissions
+of a live record are idempotent and return it.
 """
 
 from __future__ import annotations
@@ -191,7 +194,15 @@ class Writer:
             raise storage_error(exc, "adapter blob", root) from exc
         if new_blobs:
             crash_point("after_blob")
-        lines = [add_line(p, self.blobs.encryption_fields()) for p in prepared]
+        # z column before the record lines that name its rows (a crash or ENOSPC after it leaves orphan rows)
+        try:
+            zrows = self.cols.append_z(np.stack([p.z for p in prepared]))
+        except OSError as exc:
+            self._drop_blobs(new_blobs)
+            raise storage_error(exc, "z column", root) from exc
+        crash_point("after_column")
+        enc = self.blobs.encryption_fields()
+        lines = [add_line(p, enc, int(r)) for p, r in zip(prepared, zrows, strict=True)]
         try:
             start, end, data = self.log.append(lines)
         except OSError as exc:
@@ -209,8 +220,7 @@ class Writer:
             if isinstance(exc, OSError):
                 raise storage_error(exc, "audit entry", root) from exc
             raise
-        rows = self.cols.apply_adds([(p.id, p.meta, p.sha, len(p.blob), p.z_sha) for p in prepared],
-                                     np.stack([p.z for p in prepared]))
+        rows = self.cols.apply_adds([(p.id, p.meta, p.sha, len(p.blob), p.z_sha) for p in prepared], zrows)
         chroma = self.index()
         if index:
             if chroma is not None:

@@ -37,6 +37,19 @@ from pathlib import Path
 
 import numpy as np
 
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """All of ``data`` at ``offset``, or ``OSError``: a short write (a full disk gives one before it
+    gives ENOSPC) is retried for the rest and becomes ENOSPC when nothing more goes in."""
+    import errno
+
+    done = 0
+    while done < len(data):
+        n = os.pwrite(fd, data[done:], offset + done)
+        if n <= 0:
+            raise OSError(errno.ENOSPC, "no space left for the z column", None)
+        done += n
+
 MAGIC = b"RPEZCOL\x01"
 VERSION = 1
 HEADER_BYTES = 4096
@@ -102,7 +115,10 @@ class ZColumn:
     published count as of open or the last ``refresh()``.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False, dim: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False, dim: int | None = None,
+                 check: bool = True) -> None:
+        """``check=False`` skips the crc check of the last rows on open (an auditor reading a
+        possibly damaged column row by row, ``server/registry/binding.py``)."""
         self.path = Path(path)
         self.crc_path = self.path.with_name(self.path.name + ".crc")
         self.read_only = read_only
@@ -120,7 +136,8 @@ class ZColumn:
         self._recover_tail()
         self._crc = self._read_crcs()
         self._map()
-        self.check_tail()
+        if check:
+            self.check_tail()
 
     # ---- creation / open ----------------------------------------------------------------------
 
@@ -253,6 +270,12 @@ class ZColumn:
                 raise ColumnCorruptError(self._bad_message(bad), bad.tolist())
         return out
 
+    def crc_digest(self, count: int | None = None) -> str:
+        """sha256 of the first ``count`` rows' crc32 values: binds derived state (a search index) to
+        exactly these rows without reading them."""
+        n = self._count if count is None else min(count, self._count)
+        return hashlib.sha256(self._crc[:n].tobytes()).hexdigest()
+
     def row_sha256(self, index: int) -> str:
         """sha256 hex of row ``index``'s float32 little-endian bytes (what the record log keeps)."""
         return hashlib.sha256(self.rows([index], verify=False).tobytes()).hexdigest()
@@ -301,8 +324,8 @@ class ZColumn:
         if n == 0:
             return range(start, start)
         crcs = _crc_rows(arr)
-        os.pwrite(self._fh.fileno(), memoryview(arr).cast("B"), HEADER_BYTES + start * self.row_bytes)
-        os.pwrite(self._crc_fh.fileno(), crcs.tobytes(), 4 * start)
+        _pwrite_all(self._fh.fileno(), memoryview(arr).cast("B"), HEADER_BYTES + start * self.row_bytes)
+        _pwrite_all(self._crc_fh.fileno(), memoryview(crcs.tobytes()), 4 * start)
         os.fsync(self._fh.fileno())
         os.fsync(self._crc_fh.fileno())
         self._publish(start + n)
@@ -313,6 +336,6 @@ class ZColumn:
     def _publish(self, count: int) -> None:
         slot = 1 - self._slot
         seq = self._seq + 1
-        os.pwrite(self._fh.fileno(), _pack_slot(self.dim, count, seq), slot * SLOT_BYTES)
+        _pwrite_all(self._fh.fileno(), memoryview(_pack_slot(self.dim, count, seq)), slot * SLOT_BYTES)
         os.fsync(self._fh.fileno())
         self._count, self._seq, self._slot = count, seq, slot
