@@ -381,9 +381,12 @@ def run_app(flwr_home: Path, app: Path, config: dict[str, Any], registry: Path, 
     deadline = time.monotonic() + timeout
     last_ls = 0.0
     status, details = "?", ""
+    workdir = Path(flwr_home).parent
     while True:
         if report_path.exists() or time.monotonic() - last_ls > poll_s:
             last_ls = time.monotonic()
+            if (workdir / STATE_FILE).exists():
+                ensure_superexec(workdir)
             try:
                 ls = flwr_cli(["ls", federation, "--run-id", run_id], Path(flwr_home))
             except LaunchError:  # the SuperLink is restarting: ask again at the next poll
@@ -489,12 +492,73 @@ def start_superlink(workdir: Path, host: str = "127.0.0.1", port: int = DEFAULT_
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
+        state["superexec_argv"] = _superexec_argv(proc["pid"], timeout=15.0)
+        save_state(workdir, state)
     except BaseException:
         if state.get("proxy"):
             stop_process(state["proxy"]["pid"], state["proxy"]["start_time"])
         stop_process(proc["pid"], proc["start_time"])
         raise
     return state
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def _live_superexec(superlink_pid: int) -> bool:
+    """A live ``flower-superexec`` serving this SuperLink: its child, or one ``ensure_superexec``
+    restarted (not a child, but watching the same ``--parent-pid``)."""
+    if any(any(a.endswith("flower-superexec") for a in _cmdline(pid)) for pid, _ in descendants(superlink_pid)):
+        return True
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and proc_start_time(int(entry.name)) is not None:
+            argv = _cmdline(int(entry.name))
+            if any(a.endswith("flower-superexec") for a in argv) and "--parent-pid" in argv and \
+                    argv[argv.index("--parent-pid") + 1:][:1] == [str(superlink_pid)]:
+                return True
+    return False
+
+
+def _superexec_argv(superlink_pid: int, timeout: float) -> list[str]:
+    """The command line of the SuperExec the SuperLink started for its ServerApps ([] if none showed)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for pid, _ in descendants(superlink_pid):
+            argv = _cmdline(pid)
+            if any(a.endswith("flower-superexec") for a in argv):
+                return argv
+        time.sleep(0.2)
+    return []
+
+
+def ensure_superexec(workdir: Path) -> bool:
+    """Restart the SuperLink's SuperExec if it died; True if it was restarted.
+
+    Why: in flwr 1.41 the SuperExec that launches ServerApps has no error handling around its
+    ``AcquireTask`` poll; one HTTP 500 from the SuperLink (sqlite "database is locked" under load,
+    seen in the main job with 10 SuperNodes on 2 cores) kills it, the SuperLink never starts it
+    again, and every later run stays ``pending`` forever. The restarted one has the same command
+    line (its ``--parent-pid`` is the SuperLink's, so it still dies with it)."""
+    state = load_state(workdir)
+    link, argv = state.get("superlink"), state.get("superexec_argv")
+    if not link or not argv or not is_alive(link["pid"], link["start_time"]) or _live_superexec(link["pid"]):
+        return False
+    log_path = Path(workdir) / "logs" / "superexec-restarted.log"
+    try:  # the SuperLink's own environment (e.g. $RPE_ALLOWLIST, $RPE_REGISTRY): what the first one inherited
+        raw = Path(f"/proc/{link['pid']}/environ").read_bytes()
+        env = dict(item.decode().split("=", 1) for item in raw.split(b"\0") if b"=" in item)
+    except OSError:
+        env = process_env(Path(state["flwr_home"]))
+    with open(log_path, "ab") as log:
+        subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
+                         stdin=subprocess.DEVNULL, start_new_session=True, cwd=workdir)
+    print(f"[launch] the SuperLink's SuperExec had exited (flwr 1.41 dies on one HTTP 500 from the SuperLink); "
+          f"restarted it (log: {log_path})", file=sys.stderr, flush=True)
+    return True
 
 
 def nginx_binary() -> str:

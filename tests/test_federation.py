@@ -323,9 +323,24 @@ def test_sites_refuse_requests_outside_the_vocabulary(fed, composed):
 @pytest.mark.slow
 @pytest.mark.integration
 def test_offline_site_does_not_stop_compose_and_its_adapter_still_takes_part(fed, composed):
+    """Site c is down, and so is the SuperLink's SuperExec (flwr 1.41 loses it to one HTTP 500 under
+    load; ``launch.run_app`` restarts it with the SuperLink's environment): the run still completes."""
+    import signal
+
     assert launch.stop_site(fed["workdir"], "c") in ("stopped", "killed")
+    link = launch.load_state(fed["workdir"])["superlink"]
+    execs = [pid for pid, _ in launch.descendants(link["pid"])
+             if any(a.endswith("flower-superexec") for a in launch._cmdline(pid))]
+    assert execs, "no SuperExec under the SuperLink"
+    for pid in execs:
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while launch._live_superexec(link["pid"]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not launch._live_superexec(link["pid"])
     run = flwr_run(fed, REPO, base_config(fed, mode="compose", target="b,c", strategy="avg", k=2))
     assert run["status"] == "finished:completed", run
+    assert launch._live_superexec(link["pid"])  # restarted by run_app
     res = run["report"]["compose"]
     assert "c" not in run["report"]["online"]
     assert res["b"]["status"] == "delivered", res["b"]
