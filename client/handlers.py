@@ -320,12 +320,14 @@ def check_delivery(site: Site, cfg: dict[str, Any], run_id: str) -> None:
         raise DeliveryRefused("bad-delivery", f"the delivery statement does not hold: {exc}") from None
 
 
-def received_adapter(req: wire.Request, site: Site) -> tuple[Any, str]:
-    """The adapter as sent (for this site's base), and its hash checked against the request's."""
-    from common.models import fingerprint
-
+def received_adapter(req: wire.Request, site: Site, fp: str | None = None) -> tuple[Any, str]:
+    """The adapter as sent (for this site's base, fingerprint ``fp``; default: its language model),
+    and its hash checked against the request's."""
     cfg = req.config
-    fp = fingerprint(site.model_path)
+    if fp is None:
+        from common.models import fingerprint
+
+        fp = fingerprint(site.model_path)
     if cfg["base_fingerprint"] != fp:
         raise SiteError(f"the composed adapter is for base model {cfg['base_fingerprint']}, this site runs {fp}")
     assert req.adapter is not None and req.lora_config is not None

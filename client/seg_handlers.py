@@ -27,7 +27,6 @@ from flwr.app import Context, RecordDict
 from client.release import check_budget, say
 from client.site import Site, SiteError, split_list
 from common import wire
-from common.wire import WireError
 
 TASK = "segmentation"
 SEG_TARGETS = ("decoder", "last-stage", "neck")
@@ -192,17 +191,11 @@ def embed(req: wire.Request, site: Site, context: Context) -> RecordDict:
 def apply(req: wire.Request, site: Site, context: Context) -> RecordDict:
     """Check the adapter against this site's SAM, keep it (unless ``store`` is off), score DICE on the
     held-out slices. Name and coordinator signature were checked by ``client/handlers.apply``."""
-    from client.handlers import store_received
+    from client.handlers import received_adapter, store_received
 
     cfg = req.config
     model, fp = _model(site)
-    if cfg["base_fingerprint"] != fp:
-        raise SiteError(f"the composed adapter is for base model {cfg['base_fingerprint']}, this site runs {fp}")
-    assert req.adapter is not None and req.lora_config is not None
-    adapter = wire.adapter_from_wire(req.adapter, req.lora_config, base_model=fp)
-    sha = wire.adapter_sha256(adapter)
-    if sha != cfg["blob_sha256"]:
-        raise WireError(f"adapter hashes to {sha}, the request says {cfg['blob_sha256']}", "adapter")
+    adapter, sha = received_adapter(req, site, fp)
     if cfg.get("store", True):
         store_received(site, cfg, adapter, base_path=str(site.model_path))
     metrics: dict[str, float] = {}

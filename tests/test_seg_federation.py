@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import LocalGrid
+from support import LocalGrid, write_site_data
 
 from common import sam
 from common.signing import generate_keypair
@@ -33,16 +33,7 @@ REPORT_RELEASE = {"metrics-min-reports": 1}
 
 
 def make_report_data(root: Path, n: int = 14, n_eval: int = 2) -> dict[str, Path]:
-    from common.data import report_groups, split, write_jsonl
-
-    groups = report_groups()
-    out = {}
-    for site, group in REPORT_SITES.items():
-        train, held = split(groups[group][:n], n_eval, seed=0)
-        write_jsonl(root / site / "train.jsonl", train)
-        write_jsonl(root / site / "eval.jsonl", held)
-        out[site] = root / site
-    return out
+    return write_site_data(root, REPORT_SITES, n=n, n_eval=n_eval)
 
 
 def seg_node_config(site: str) -> dict:
