@@ -87,7 +87,7 @@ def test_exact_at_extreme_scales_and_offsets(scale: float, offset: float) -> Non
 
 @pytest.mark.parametrize("d", [24, 576])
 def test_every_row_lies_within_its_bounds(d: int) -> None:
-    """The proof's premise, checked row by row: L_i <= D_i <= U_i for both passes."""
+    """The proof's premise, checked row by row: L_i <= D_i <= U_i for all three passes."""
     n = 2000
     Z = clustered(n, d, 11)
     ix = ExactTopK(d, proj_dim=8)
@@ -101,6 +101,9 @@ def test_every_row_lies_within_its_bounds(d: int) -> None:
         assert (lb <= D).all() and (D <= ub).all()
         lb2, ub2 = ix._pass_b(q, np.arange(0, n, 3))
         assert np.array_equal(lb2, lb[::3]) and np.array_equal(ub2, ub[::3])
+        lb3, ub3 = ix._pass_c(q, np.arange(n), Z)
+        assert (lb3 <= D).all() and (D <= ub3).all()
+        assert np.median(ub3 - lb3) < np.median(ub - lb) / 50  # the float32 bounds are the tight ones
 
 
 def test_mask_and_exclude_restrict_the_answer_exactly() -> None:

@@ -8,14 +8,21 @@ for every eligible row i, an interval [L_i, U_i] that provably contains D_i = ex
   basis P (d × m, top principal directions of a sample, centred at μ), y_i = Pᵀ(z_i − μ) and
   ρ_i = ‖(I − PPᵀ)(z_i − μ)‖, Pythagoras and the reverse triangle inequality give
   ‖z_i − q‖² = ‖y_i − y_q‖² + ‖r_i − r_q‖² ≥ ‖y_i − y_q‖² + (ρ_i − ρ_q)².
-  Y is kept in float32 (a GEMV over N × m, m ≪ d). Rounding: storing y in float32 moves
-  ‖y_i − y_q‖ by ≤ u(‖y_i‖+‖y_q‖), the float32 dot by ≤ γ_m‖y_i‖‖y_q‖, ρ (from t − ‖y‖² in float64)
-  by ≤ √(ε_c t), and the float64 reference D_i differs from the real distance by ≤ 2(d+2)u₆₄(t_i+t_q),
-  t = ‖z − μ‖². All are ≤ c_A (t_i + t_q); L_i subtracts twice that (``_slack_a``).
+  Y is kept as per-row int8 codes (an integer GEMV over N × m, m ≪ d: a sixteenth of the bytes of a
+  float32 scan at m = d/4), bounded like pass B: with ŷ = s_y Q_y and e_y ≥ ‖y − ŷ‖,
+  ‖y_i − y_q‖² ≥ ‖y_i‖² + ‖y_q‖² − 2 s_i s_q (Q_i·Q_q) − 2(e_i‖y_q‖ + ‖ŷ_i‖e_q). Rounding: y, t and
+  ρ (from t − ‖y‖² in float64, off by ≤ √(ε_c t)) are float64, and the float64 reference D_i differs
+  from the real distance by ≤ 2(d+2)u₆₄(t_i+t_q), t = ‖z − μ‖². All are ≤ c_A (t_i + t_q); L_i
+  subtracts twice that (``_slack_a``, which also still covers a float32 copy of y).
 * **B — int8 bound.** ẑ_i = s_i Q_i with Q_i = round(z_i / s_i) ∈ [−127, 127]ᵈ, s_i = max|z_i|/127 (the
   query likewise). The integer dot I_i = Q_i·Q_q is exact (int32, |I| ≤ 127²d < 2³¹). Writing
   e_i = ‖z_i − ẑ_i‖, z·q − ẑ·q̂ = (z − ẑ)·q + ẑ·(q − q̂), so by Cauchy–Schwarz
   |D_i − (‖z_i‖² + ‖q‖² − 2 s_i s_q I_i)| ≤ 2(e_i‖q‖ + ‖ẑ_i‖e_q) + float64 slack (4(d+8)u₆₄(‖z_i‖²+‖q‖²)).
+* **C — float32 bound** (on the few rows A and B leave, read from the column itself): a float32 dot
+  z_i·q of length d, summed in any order, is off by ≤ γ_d Σ|z_ij q_j| ≤ γ_d‖z_i‖‖q‖ (Cauchy–Schwarz),
+  so |D_i − (‖z_i‖² + ‖q‖² − 2 fl(z_i·q))| ≤ 2γ_d‖z_i‖‖q‖ + the same float64 slack. Rows that are
+  nearly equidistant (a cluster's members, in high dimension) survive A and B; C separates them at
+  a quarter of the float64 re-rank's cost, which then only sees the near-ties.
 
 **Exactness (recall 1.0).** Let τ be any value ≥ D_(k), the k-th smallest exact distance among
 eligible rows: the k-th smallest exact distance of any k eligible rows qualifies (pass A's seeds),
@@ -25,10 +32,11 @@ every row with D_i ≤ D_(k) — the true top-k *and* every row tied with the k-
 candidates by (D_i, i) with the same ``exact_sq_l2`` therefore returns exactly the brute force
 answer, ties included. Pruning a row is only ever justified by L_i > τ ≥ D_(k).
 
-Speed: pass A costs m/d of a float32 scan and prunes almost everything when the data has
-structure (clusters, a dominant subspace — real embeddings do); on isotropic data it prunes
-nothing and is switched off for a while. Pass B reads a quarter of the bytes of a float32 scan
-through an integer GEMV (``torch._int_mm``: VNNI/AMX kernels).
+Speed: pass A reads m/(4d) of the bytes of a float32 scan and prunes almost everything when the
+data has structure (clusters, a dominant subspace — real embeddings do); on isotropic data it
+prunes nothing and is switched off for a while. Pass B reads a quarter of the bytes of a float32
+scan through an integer GEMV (``torch._int_mm``: VNNI/AMX kernels), and only runs on large
+candidate sets; pass C reads the candidates' float32 rows.
 """
 
 from __future__ import annotations
@@ -43,6 +51,9 @@ U32 = 2.0 ** -24
 U64 = 2.0 ** -53
 _EXACT_CHUNK = 1 << 22  # elements per float64 re-rank chunk (bounds temporary memory)
 _MIN_INT_MM_ROWS = 32   # below this the int8 pass is not worth a kernel call: go exact
+_MIN_PASS_B_ROWS = 1024  # below this pass B's int8 rows save little over pass C's float32 rows
+_PASS_C_CHUNK = 64       # rows per gathered float32 block of pass C
+STATE_VERSION = 2        # 2: the projection kept as int8 codes (version 1 states are rebuilt)
 
 
 class TopKError(ValueError):
@@ -94,7 +105,9 @@ class ExactTopK:
         if dim > 130_000:
             raise TopKError(f"dim {dim} would overflow the int32 accumulator of the int8 pass (max 130,000)")
         self.dim = dim
-        self.proj_dim = min(256, max(8, dim // 16)) if proj_dim is None else proj_dim
+        # pass A reads m bytes a row: 128 dimensions (a 32nd of a 4096-d float32 row) keep the
+        # benchmark's survivors as few as 256 did (benchmarks/ZINDEX.md); a multiple of 8 for the kernel
+        self.proj_dim = -(-min(128, max(8, dim // 16)) // 8) * 8 if proj_dim is None else proj_dim
         self.fit_sample = fit_sample
         self.seed = seed
         self.n = 0
@@ -106,13 +119,18 @@ class ExactTopK:
         self._rnorm = np.zeros(cap)
         self._P: np.ndarray | None = None  # d × m orthonormal (float64)
         self._mu: np.ndarray | None = None
-        self._Y = np.zeros((cap, 0), dtype=np.float32)
-        self._yn = np.zeros(cap)
+        self._Yq = torch.zeros((cap, 0), dtype=torch.int8)  # int8 codes of y = Pᵀ(z − μ)
+        self._ys = np.zeros(cap)          # their scale
+        self._ye = np.zeros(cap)          # e_y ≥ ‖y − s_y Q_y‖
+        self._yh = np.zeros(cap)          # ‖s_y Q_y‖
+        self._yn = np.zeros(cap)          # ‖y‖² (float64)
         self._t = np.zeros(cap)           # ‖z − μ‖²
         self._rho = np.zeros(cap)
+        self._aa = np.zeros(cap)          # ‖y‖² + ρ² − c_A t: pass A's per-row constant
+        self._w = np.zeros((cap, 3))      # (e_y, ‖ŷ‖, ρ): pass A's per-row error weights
         self._a_off = 0                   # queries left with pass A switched off
         self._a_ema = 0.0                 # running survivor fraction of pass A
-        self.stats: dict[str, int] = {"queries": 0, "pass_a": 0, "pass_b_rows": 0, "exact_rows": 0}
+        self.stats: dict[str, int] = {"queries": 0, "pass_a": 0, "pass_b_rows": 0, "pass_c_rows": 0, "exact_rows": 0}
 
     # ---- building ----------------------------------------------------------------------------
 
@@ -128,10 +146,15 @@ class ExactTopK:
             return out
 
         self._n2, self._scale, self._err, self._rnorm = g(self._n2), g(self._scale), g(self._err), g(self._rnorm)
-        self._Y, self._yn, self._t, self._rho = g(self._Y), g(self._yn), g(self._t), g(self._rho)
-        q8 = torch.zeros((new, self.dim), dtype=torch.int8)
-        q8[: self.n] = self._q8[: self.n]
-        self._q8 = q8
+        self._ys, self._ye, self._yh, self._yn = g(self._ys), g(self._ye), g(self._yh), g(self._yn)
+        self._t, self._rho, self._aa, self._w = g(self._t), g(self._rho), g(self._aa), g(self._w)
+
+        def gt(a: torch.Tensor) -> torch.Tensor:
+            out = torch.zeros((new, a.shape[1]), dtype=a.dtype)
+            out[: self.n] = a[: self.n]
+            return out
+
+        self._q8, self._Yq = gt(self._q8), gt(self._Yq)
 
     def add(self, block: np.ndarray) -> None:
         """Index appended rows (float32, shape (n, dim)); row numbers continue from ``self.n``."""
@@ -158,12 +181,22 @@ class ExactTopK:
         c = x64 - self._mu
         y = c @ self._P
         t = np.einsum("ij,ij->i", c, c)
-        y32 = y.astype(np.float32)
+        yn = np.einsum("ij,ij->i", y, y)
+        rho = np.sqrt(np.maximum(t - yn, 0.0))
+        Q, sc, er, yh = self._quantize_y(y, yn)
         sl = slice(at, at + x64.shape[0])
-        self._Y[sl] = y32
-        self._yn[sl] = np.einsum("ij,ij->i", y32.astype(np.float64), y32.astype(np.float64))
-        self._t[sl] = t
-        self._rho[sl] = np.sqrt(np.maximum(t - np.einsum("ij,ij->i", y, y), 0.0))
+        self._Yq[sl] = torch.from_numpy(Q)
+        self._ys[sl], self._ye[sl], self._yh[sl] = sc, er, yh
+        self._yn[sl], self._t[sl], self._rho[sl] = yn, t, rho
+        self._aa[sl] = yn + rho * rho - self._slack_a() * t
+        self._w[sl] = np.stack([er, yh, rho], axis=1)
+
+    @staticmethod
+    def _quantize_y(y: np.ndarray, yn: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """int8 codes of float64 rows y: ``quantize_int8`` bounds the error against y's float32
+        copy; ‖y − fl32(y)‖ ≤ u‖y‖ is added so e_y bounds the error against y itself."""
+        Q, sc, er, yh = quantize_int8(y)
+        return Q, sc, er + 1.01 * U32 * np.sqrt(yn), yh
 
     def fit_projection(self, Z: np.ndarray) -> None:
         """PCA basis from a sample of the rows, then project every row (any orthonormal basis gives a
@@ -187,7 +220,7 @@ class ExactTopK:
             parts.append(rng.standard_normal((m - have, self.dim)))
         Pq, _ = np.linalg.qr(np.vstack(parts).T)
         self._P, self._mu = np.ascontiguousarray(Pq[:, :m]), mu
-        self._Y = np.zeros((self._n2.shape[0], m), dtype=np.float32)
+        self._Yq = torch.zeros((self._n2.shape[0], m), dtype=torch.int8)
         step = max(1, _EXACT_CHUNK // self.dim)
         for a in range(0, n, step):
             b = min(n, a + step)
@@ -198,16 +231,22 @@ class ExactTopK:
     def state(self) -> dict[str, np.ndarray]:
         """Arrays to persist (e.g. ``np.savez``); ``from_state`` restores them without recomputing."""
         n = self.n
-        out = {"n": np.asarray(n), "dim": np.asarray(self.dim), "proj_dim": np.asarray(self.proj_dim),
+        out = {"v": np.asarray(STATE_VERSION), "n": np.asarray(n), "dim": np.asarray(self.dim),
+               "proj_dim": np.asarray(self.proj_dim),
                "n2": self._n2[:n], "q8": self._q8[:n].numpy(), "scale": self._scale[:n], "err": self._err[:n],
                "rnorm": self._rnorm[:n]}
         if self._P is not None:
-            out.update(P=self._P, mu=self._mu, Y=self._Y[:n], yn=self._yn[:n], t=self._t[:n], rho=self._rho[:n])
+            out.update(P=self._P, mu=self._mu, Yq=self._Yq[:n].numpy(), ys=self._ys[:n], ye=self._ye[:n],
+                       yh=self._yh[:n], yn=self._yn[:n], t=self._t[:n], rho=self._rho[:n])
         return out
 
     @classmethod
     def from_state(cls, st: dict[str, np.ndarray]) -> ExactTopK:
-        """Inverse of ``state`` (arrays may be memory-mapped; they are copied into growable buffers)."""
+        """Inverse of ``state`` (arrays may be memory-mapped; they are copied into growable buffers).
+        A state of another version raises ``ValueError`` (the caller rebuilds from the column)."""
+        if "v" not in st or int(st["v"]) != STATE_VERSION:
+            got = int(st["v"]) if "v" in st else 1
+            raise ValueError(f"index state version {got}, this code writes {STATE_VERSION}")
         ix = cls(int(st["dim"]), proj_dim=int(st["proj_dim"]))
         n = int(st["n"])
         ix._grow(n)
@@ -216,14 +255,18 @@ class ExactTopK:
         ix._q8[:n] = torch.from_numpy(np.ascontiguousarray(st["q8"]))
         if "P" in st:
             ix._P, ix._mu = np.asarray(st["P"]), np.asarray(st["mu"])
-            ix._Y = np.zeros((ix._n2.shape[0], ix._P.shape[1]), dtype=np.float32)
-            ix._Y[:n], ix._yn[:n], ix._t[:n], ix._rho[:n] = st["Y"], st["yn"], st["t"], st["rho"]
+            ix._Yq = torch.zeros((ix._n2.shape[0], ix._P.shape[1]), dtype=torch.int8)
+            ix._Yq[:n] = torch.from_numpy(np.ascontiguousarray(st["Yq"]))
+            ix._ys[:n], ix._ye[:n], ix._yh[:n] = st["ys"], st["ye"], st["yh"]
+            ix._yn[:n], ix._t[:n], ix._rho[:n] = st["yn"], st["t"], st["rho"]
+            ix._aa[:n] = ix._yn[:n] + ix._rho[:n] ** 2 - ix._slack_a() * ix._t[:n]
+            ix._w[:n] = np.stack([ix._ye[:n], ix._yh[:n], ix._rho[:n]], axis=1)
         return ix
 
     # ---- search ------------------------------------------------------------------------------
 
     def _slack_a(self) -> float:
-        m, d = self._Y.shape[1], self.dim
+        m, d = min(self.proj_dim, self.dim), self.dim
         gamma_m = m * U32 / (1 - m * U32)
         eps_c = 4 * (d + m + 8) * U64
         c = 4.1 * U32 * (1 + U32) + 1.01 * gamma_m * (1 + U32) ** 2 + 4 * math.sqrt(eps_c) + 2 * (d + 2) * U64
@@ -275,9 +318,14 @@ class ExactTopK:
                 self._a_off, self._a_ema = 64, 0.0  # isotropic-looking data: skip pass A for a while
         elif self._a_off > 0:
             self._a_off -= 1
-        if cand.size >= _MIN_INT_MM_ROWS and cand.size > 4 * k:
+        if cand.size >= max(_MIN_PASS_B_ROWS, 4 * k):
             lb, ub = self._pass_b(q, None if cand.size == n_elig == n else cand)
             self.stats["pass_b_rows"] += int(cand.size)
+            tau = min(tau, float(np.partition(ub, k - 1)[k - 1]))
+            cand = cand[lb <= tau]
+        if cand.size > 4 * k + 16:
+            lb, ub = self._pass_c(q, cand, Z)
+            self.stats["pass_c_rows"] += int(cand.size)
             tau = min(tau, float(np.partition(ub, k - 1)[k - 1]))
             cand = cand[lb <= tau]
         rest = np.setdiff1d(cand, seeds, assume_unique=True)
@@ -300,13 +348,17 @@ class ExactTopK:
         c = q.astype(np.float64) - self._mu
         y = c @ self._P
         tq = float(c @ c)
-        rho_q = math.sqrt(max(tq - float(y @ y), 0.0))
-        y32 = y.astype(np.float32)
-        yqn = float(np.dot(y32.astype(np.float64), y32.astype(np.float64)))
-        s = self._Y[:n] @ y32
-        lb = self._yn[:n] + yqn - 2.0 * s.astype(np.float64)
-        lb += (self._rho[:n] - rho_q) ** 2
-        lb -= self._slack_a() * (self._t[:n] + tq)
+        yqn = float(y @ y)
+        rho_q = math.sqrt(max(tq - yqn, 0.0))
+        Qq, sq, eq, _ = self._quantize_y(y.reshape(1, -1), np.asarray([yqn]))
+        dot = torch._int_mm(self._Yq[:n], torch.from_numpy(np.ascontiguousarray(Qq.reshape(-1, 1))))
+        lb = dot.numpy().reshape(-1).astype(np.float64)
+        lb *= -2.0 * float(sq[0])
+        lb *= self._ys[:n]                                   # −2 ŷ_i·ŷ_q
+        w = self._w[:n] @ np.array([math.sqrt(yqn), float(eq[0]), rho_q])  # e_i‖y_q‖ + ‖ŷ_i‖e_q + ρ_iρ_q
+        lb -= (2.0 * (1 + 1e-9)) * w
+        lb += self._aa[:n]
+        lb += yqn + rho_q * rho_q - self._slack_a() * tq
         lb[~elig] = np.inf
         return lb
 
@@ -327,4 +379,19 @@ class ExactTopK:
         approx = n2 + qn2 - 2.0 * (self._scale[sl] * float(sq[0])) * dot
         bound = 2.0 * (self._err[sl] * math.sqrt(qn2) + self._rnorm[sl] * float(eq[0])) * (1 + 1e-9)
         bound += 4 * (self.dim + 8) * U64 * (n2 + qn2) + 1e-300
+        return approx - bound, approx + bound
+
+    def _pass_c(self, q: np.ndarray, rows: np.ndarray, Z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Lower/upper bounds from a float32 dot with the stored rows themselves (``rows`` of ``Z``)."""
+        d = self.dim
+        q32 = np.asarray(q, dtype=np.float32)
+        dot = np.empty(rows.shape[0])
+        for a in range(0, rows.shape[0], _PASS_C_CHUNK):  # gathered blocks that stay in cache
+            dot[a:a + _PASS_C_CHUNK] = Z[rows[a:a + _PASS_C_CHUNK]] @ q32
+        q64 = q32.astype(np.float64)
+        qn2 = float(q64 @ q64)
+        n2 = self._n2[rows]
+        gamma = d * U32 / (1 - d * U32)
+        approx = n2 + qn2 - 2.0 * dot
+        bound = 2.0 * gamma * np.sqrt(n2 * qn2) * (1 + 1e-6) + 4 * (d + 8) * U64 * (n2 + qn2) + 1e-300
         return approx - bound, approx + bound
