@@ -10,6 +10,7 @@ import math
 import os
 import re
 import shutil
+import struct
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -236,9 +237,48 @@ def _peft_patterns(want: Mapping[str, tuple[int, float]]) -> tuple[int, float, d
     return r0, a0, rank_pattern, alpha_pattern
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as fh:
-        os.fsync(fh.fileno())
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+_IOV_MAX = 512  # buffers per writev call (Linux allows 1024)
+
+
+def _write_fsynced(path: Path, chunks: Sequence[bytes | memoryview]) -> None:
+    """Write ``chunks`` to a new file with gathered writes straight from their memory, then fsync
+    it through the same descriptor (no serialised copy of the payload, no second open)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        pending = [memoryview(c).cast("B") for c in chunks if len(c)]
+        while pending:
+            done = os.writev(fd, pending[:_IOV_MAX])
+            while done and pending:  # drop what was written; a short write resumes mid-buffer
+                if done >= len(pending[0]):
+                    done -= len(pending.pop(0))
+                else:
+                    pending[0], done = pending[0][done:], 0
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    """A safetensors file (the format ``safetensors.torch.save_file`` writes: u64 header length,
+    JSON header padded with spaces to 8 bytes, tensors back to back in header order), written from
+    the tensors' own memory and fsynced; ``safetensors``/PEFT read it like any other."""
+    header: dict[str, object] = {"__metadata__": dict(metadata)}
+    bufs: list[memoryview] = []
+    off = 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        if t.dtype not in _ST_DTYPES:
+            raise LoraFormatError(f"tensor {name!r} has dtype {t.dtype}; adapters are stored as "
+                                  f"{', '.join(str(d) for d in _ST_DTYPES)}")
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + nbytes]}
+        off += nbytes
+        if nbytes:
+            bufs.append(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    _write_fsynced(path, [struct.pack("<Q", len(head)), head, *bufs])
 
 
 def save_peft_adapter(adapter: LoraAdapter, path: str | os.PathLike[str],
@@ -251,8 +291,6 @@ def save_peft_adapter(adapter: LoraAdapter, path: str | os.PathLike[str],
     are written to a temporary directory and renamed into place (or, when ``path`` already exists,
     each file is replaced atomically). Returns the directory.
     """
-    from safetensors.torch import save_file
-
     if not adapter.modules:
         raise LoraFormatError("cannot save an adapter with no modules")
     target = Path(path)
@@ -295,11 +333,8 @@ def save_peft_adapter(adapter: LoraAdapter, path: str | os.PathLike[str],
         raise NotADirectoryError(f"{target} exists and is not a directory")
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        cpu = {k: v.cpu() for k, v in tensors.items()}
-        save_file(cpu, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
-            _fsync_file(tmp / name)
+        write_safetensors(tmp / WEIGHTS_NAME, tensors, {"format": "pt"})
+        _write_fsynced(tmp / CONFIG_NAME, [(json.dumps(config, indent=2) + "\n").encode()])
         os.chmod(tmp, 0o755)
         renamed = False
         if not target.exists():

@@ -651,3 +651,26 @@ def test_blob_is_sha256_stable_for_registry():
     digest = hashlib.sha256(adapter_to_bytes(adapter)).hexdigest()
     again = adapter_to_bytes(adapter_from_bytes(adapter_to_bytes(adapter)))
     assert digest == hashlib.sha256(again).hexdigest()
+
+
+def test_write_safetensors_round_trips_through_the_safetensors_reader(tmp_path) -> None:
+    """Our zero-copy writer produces files the stock reader loads bit for bit (every float dtype,
+    empty and non-contiguous tensors), and refuses a dtype an adapter cannot hold."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from common.peft_io import write_safetensors
+
+    g = torch.Generator().manual_seed(3)
+    ts = {"b.w": torch.randn(3, 5, generator=g), "a.x": torch.randn(7, generator=g).to(torch.bfloat16),
+          "empty": torch.zeros(0, 4), "h": torch.randn(2, 2, generator=g).half(),
+          "d": torch.randn(3, generator=g, dtype=torch.float64), "t": torch.randn(4, 6, generator=g).t()}
+    write_safetensors(tmp_path / "o.safetensors", ts, {"format": "pt"})
+    got = load_file(str(tmp_path / "o.safetensors"))
+    assert set(got) == set(ts)
+    for k, v in ts.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+    with safe_open(str(tmp_path / "o.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    with pytest.raises(LoraFormatError, match="dtype torch.int64"):
+        write_safetensors(tmp_path / "bad.safetensors", {"i": torch.arange(3)}, {})
