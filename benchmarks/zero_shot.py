@@ -68,6 +68,7 @@ import numpy as np
 GROUPS = ("xray-chest", "ct-thorax", "ct-abdomen", "ct-head", "mr-head", "mr-spine")
 FAR_GROUP = "mr-spine"
 ZERO_SHOT_ARMS = ("avg-all", "nearest", "sim", "lin", "lin-l1")
+GEN_GROUP = 6  # arms generated in one pass (common.evaluation.generate_arms): the weights are read once per step
 
 
 @dataclass(frozen=True)
@@ -346,20 +347,24 @@ class Lab:
             value, _ = causal_lm_target_loss(self.model, ids, labels, mask)
         return float(value)
 
-    def generations(self, target: Site, adapter: Any, key: Any) -> list[str]:
-        from common.evaluation import applied_delta, generate
+    def generations(self, target: Site, arms: Sequence[tuple[Any, Any]]) -> list[list[str]]:
+        """Completions of the target's held-out prompts under each (adapter, cache key) of ``arms``;
+        the arms not cached yet are generated together (``common.evaluation.generate_arms``)."""
+        from common.evaluation import generate_arms
 
-        name = _digest(self.base_fp, target.name, [e.uid for e in target.eval], key, self.p.max_new_tokens)
-        path = self.cache / "gen" / f"{name}.json"
-        if path.exists():
-            self.counts["gen_cached"] += 1
-            return json.loads(path.read_text())
-        prompts = [self.task.build_prompt(e, self.tok) for e in target.eval]
-        with applied_delta(self.model, adapter):
-            out = generate(self.model, self.tok, prompts, self.p.max_new_tokens, batch_size=8)
-        path.write_text(json.dumps(out))
-        self.counts["gen_computed"] += 1
-        return out
+        paths = [self.cache / "gen" / (_digest(self.base_fp, target.name, [e.uid for e in target.eval], key,
+                                               self.p.max_new_tokens) + ".json") for _, key in arms]
+        out: list[list[str] | None] = [json.loads(p.read_text()) if p.exists() else None for p in paths]
+        self.counts["gen_cached"] += sum(o is not None for o in out)
+        todo = [i for i, o in enumerate(out) if o is None]
+        if todo:
+            prompts = [self.task.build_prompt(e, self.tok) for e in target.eval]
+            made = generate_arms(self.model, self.tok, prompts, [arms[i][0] for i in todo], self.p.max_new_tokens)
+            for i, preds in zip(todo, made, strict=True):
+                paths[i].write_text(json.dumps(preds))
+                out[i] = preds
+            self.counts["gen_computed"] += len(todo)
+        return [o for o in out if o is not None]
 
 
 def per_report_rouge(preds: Sequence[str], refs: Sequence[str]) -> list[float]:
@@ -557,18 +562,20 @@ def run(profile: str, model_spec: str, out_dir: Path, seed: int = 0, cache: Path
             start = _weights("sim", z_t, Z["last"], chosen)
             arms.append(Arm("fewshot", n, k, False, fewshot_weights(lab, t, adapters, chosen, start),
                             info={"shots": p.fewshot, "note": "LoraHub-style, uses 5 labelled target reports"}))
-        for ai, arm in enumerate(arms):
-            adapter = _compose(adapters, arm.weights) if arm.weights else None
-            key = sorted((s, round(w, 8)) for s, w in (arm.weights or {}).items())
-            preds = lab.generations(t, adapter, key)
-            arm.rouge = per_report_rouge(preds, refs)
-            if p.bertscore:
-                arm.bert = per_report_bertscore(preds, refs)
-            elapsed = time.perf_counter() - t0
-            done = ti + (ai + 1) / len(arms)
-            left = elapsed / done * (len(targets) - done)
-            _log(f"target {ti + 1}/{len(targets)} {t.name} arm {ai + 1}/{len(arms)} {arm.name} N={arm.n} "
-                 f"k={arm.k}: ROUGE-L {np.mean(arm.rouge):.3f}; about {left:.0f} s left")
+        for a0 in range(0, len(arms), GEN_GROUP):  # a few arms generated together, then scored
+            group = arms[a0:a0 + GEN_GROUP]
+            made = lab.generations(t, [(_compose(adapters, arm.weights) if arm.weights else None,
+                                        sorted((s, round(w, 8)) for s, w in (arm.weights or {}).items()))
+                                       for arm in group])
+            for ai, (arm, preds) in enumerate(zip(group, made, strict=True), a0):
+                arm.rouge = per_report_rouge(preds, refs)
+                if p.bertscore:
+                    arm.bert = per_report_bertscore(preds, refs)
+                elapsed = time.perf_counter() - t0
+                done = ti + (ai + 1) / len(arms)
+                left = elapsed / done * (len(targets) - done)
+                _log(f"target {ti + 1}/{len(targets)} {t.name} arm {ai + 1}/{len(arms)} {arm.name} N={arm.n} "
+                     f"k={arm.k}: ROUGE-L {np.mean(arm.rouge):.3f}; about {left:.0f} s left")
         by = {(a.name, a.n, a.k): a for a in arms}
         base = by[("base", None, None)]
         for arm in arms:

@@ -26,16 +26,18 @@ from common import wire
 from common.wire import WireError
 
 
-def _scorer(site: Site, cfg: dict[str, Any]) -> tuple[str, Callable[[Any], dict[str, float]] | None]:
-    """(base fingerprint, adapter-or-None -> metrics), or None as scorer when there is nothing the
-    site may score (no held-out data, or fewer held-out items than its release policy allows)."""
+def _scorer(site: Site, cfg: dict[str, Any]) -> tuple[str, Callable[[list[Any]], list[dict[str, float]]] | None]:
+    """(base fingerprint, [adapter-or-None] -> [metrics]), or None as scorer when there is nothing
+    the site may score (no held-out data, or fewer held-out items than its release policy allows).
+    Report arms are generated together (``common.evaluation.evaluate_task_arms``: the weights are
+    read once per decoding step for all of them)."""
     from client.policy import ReleaseRefused
 
     if seg.is_segmentation(site, cfg.get("task")):
         model, fp = seg._model(site)
-        return fp, lambda adapter: seg.score(site, {"max_eval": cfg.get("max_eval", 0)}, model, adapter)
+        return fp, lambda adapters: [seg.score(site, {"max_eval": cfg.get("max_eval", 0)}, model, a) for a in adapters]
     from client.handlers import numeric
-    from common.evaluation import evaluate_task
+    from common.evaluation import evaluate_task_arms
 
     data = load_site_data(site.data_path)
     held = data.eval[: cfg["max_eval"]] if cfg.get("max_eval") else data.eval
@@ -48,7 +50,7 @@ def _scorer(site: Site, cfg: dict[str, Any]) -> tuple[str, Callable[[Any], dict[
     except ReleaseRefused as exc:
         say(site, f"metrics withheld: {exc.reason}")
         return fp, None
-    return fp, lambda adapter: numeric(evaluate_task(model, tok, task, held, adapter=adapter))
+    return fp, lambda adapters: [numeric(r) for r in evaluate_task_arms(model, tok, task, held, adapters)]
 
 
 def evaluate_arms(req: wire.Request, site: Site, context: Context) -> RecordDict:
@@ -75,10 +77,10 @@ def evaluate_arms(req: wire.Request, site: Site, context: Context) -> RecordDict
     evaluated = scorer is not None and not site.policy.get("privacy-budget")
     if evaluated:
         assert scorer is not None
-        for i, adapter in enumerate(adapters):
-            metrics.update({f"a{i}_{k}": v for k, v in scorer(adapter).items()})
-        if cfg.get("with_base"):
-            metrics.update({f"base_{k}": v for k, v in scorer(None).items()})
+        scored = scorer([*adapters, *([None] if cfg.get("with_base") else [])])
+        for i, result in enumerate(scored):
+            prefix = f"a{i}" if i < len(adapters) else "base"
+            metrics.update({f"{prefix}_{k}": v for k, v in result.items()})
         evaluated = bool(metrics)
     receipt = {"schema": wire.WIRE_SCHEMA, "site": site.site, "name": "evaluate",
                "blob_sha256": wire.arms_digest(hashes), "evaluated": evaluated, "nonce": cfg["nonce"]}

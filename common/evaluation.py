@@ -8,13 +8,19 @@ For a single adapter this is the same function as PEFT's merged model (up to flo
 
 ``generate`` is greedy, batched with left padding (so every row's next token sits in the last
 column), runs under ``torch.inference_mode`` and stops each row at the end-of-sequence token.
+
+``evaluate_task_arms`` scores many adapters ("arms") on the same examples in one pass: every
+(arm, prompt) pair is a row, the rows of one prompt share a batch (same length, so no padding),
+and forward hooks add each row's own low-rank update ``scale · (x Aᵀ) Bᵀ`` to the base linear
+outputs — PEFT's unmerged LoRA forward, per row. On a CPU, decoding a small model is bound by
+reading its weights once per step; one batch of several arms reads them once for all of them.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +32,7 @@ from common.tasks import Task, rouge_l
 if TYPE_CHECKING:
     from common.lora import LoraAdapter
 
-__all__ = ["applied_delta", "evaluate_task", "generate", "rouge_l"]
+__all__ = ["applied_delta", "evaluate_task", "evaluate_task_arms", "generate", "generate_arms", "rouge_l"]
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:
@@ -42,18 +48,27 @@ def generate(
     max_new_tokens: int,
     batch_size: int = 8,
     progress: bool = False,
+    *,
+    arms: Sequence[int] | None = None,
+    on_batch: Callable[[list[int]], Any] | None = None,
 ) -> list[str]:
     """Greedy completions of already formatted prompts (e.g. ``task.build_prompt``), in order.
 
     Prompts are tokenized without adding special tokens (the chat template already has them),
     grouped by length so a batch carries little padding, and decoded without special tokens.
+    ``arms`` (one label per prompt) orders a batch's rows by arm, and ``on_batch`` is told each
+    batch's row labels before it runs (how ``evaluate_task_arms`` routes rows to adapters).
     """
     if not prompts:
         return []
     eos = tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))
+    label = list(arms) if arms is not None else [0] * len(prompts)
+    if arms is None:
+        order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))
+    else:  # equal prompts side by side, so one prompt's arms share a batch
+        order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), encoded[i], i))
     outputs: list[str] = [""] * len(prompts)
     was_training = model.training
     model.eval()
@@ -61,6 +76,10 @@ def generate(
         with torch.inference_mode(), _progress(len(prompts), "generate", progress) as bar:
             for start in range(0, len(order), batch_size):
                 batch = order[start : start + batch_size]
+                if arms is not None:
+                    batch = sorted(batch, key=lambda i: (label[i], i))
+                if on_batch is not None:
+                    on_batch([label[i] for i in batch])
                 width = max(len(encoded[i]) for i in batch)
                 ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
                 mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -163,3 +182,100 @@ def evaluate_task(
     scores = task.score(predictions, references)
     return {**scores, "n": len(labeled), "seconds": seconds, "predictions": predictions,
             "references": references, "uids": [ex.uid for ex in labeled]}
+
+
+class _RowAdapters:
+    """Forward hooks on the adapted ``nn.Linear`` modules adding, for each row of the batch, the
+    update of that row's arm (rows of one arm are contiguous: ``generate`` orders them so)."""
+
+    def __init__(self, model: torch.nn.Module, adapters: Sequence[LoraAdapter | None]) -> None:
+        modules = dict(model.named_modules())
+        self.per_module: dict[str, list[tuple[int, torch.Tensor, torch.Tensor, float]]] = {}
+        for arm, adapter in enumerate(adapters):
+            for name, lora in (adapter.modules.items() if adapter is not None else ()):
+                target = modules.get(name)
+                if not isinstance(target, torch.nn.Linear):
+                    what = "is not a module of this model" if target is None else f"is a {type(target).__name__}"
+                    raise KeyError(f"arm {arm}: adapter module {name!r} {what}, not an nn.Linear")
+                A, B = lora.A, lora.B
+                if A.shape[1] != target.in_features or B.shape[0] != target.out_features:
+                    raise ValueError(f"arm {arm}: adapter module {name!r}: ΔW has shape {(B.shape[0], A.shape[1])}, "
+                                     f"the model's weight {tuple(target.weight.shape)}; was it trained on another "
+                                     "base model?")
+                dt, dev = target.weight.dtype, target.weight.device
+                self.per_module.setdefault(name, []).append(
+                    (arm, A.to(device=dev, dtype=dt).t().contiguous(), B.to(device=dev, dtype=dt).t().contiguous(),
+                     float(lora.scale)))
+        self.ranges: dict[int, slice] = {}
+        self.handles = [modules[name].register_forward_hook(self._hook(name)) for name in self.per_module]
+
+    def set_batch(self, arms: list[int]) -> None:
+        ranges: dict[int, slice] = {}
+        for row, arm in enumerate(arms):
+            r = ranges.get(arm)
+            if r is not None and r.stop != row:
+                raise AssertionError("rows of one arm must be contiguous in a batch")
+            ranges[arm] = slice(r.start if r is not None else row, row + 1)
+        self.ranges = ranges
+
+    def _hook(self, name: str) -> Callable[..., torch.Tensor]:
+        factors = self.per_module[name]
+
+        def hook(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
+            x = inputs[0]
+            for arm, At, Bt, scale in factors:
+                rows = self.ranges.get(arm)
+                if rows is not None:
+                    out[rows] += torch.matmul(torch.matmul(x[rows], At), Bt).mul_(scale)
+            return out
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def evaluate_task_arms(
+    model: Any,
+    tokenizer: Any,
+    task: Task,
+    examples: Sequence[Example],
+    adapters: Sequence[LoraAdapter | None],
+    max_new_tokens: int | None = None,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """``evaluate_task`` for every adapter of ``adapters`` (``None``: the base model), generated
+    together: one result dict per arm, in order. Each adapter is checked against the model before
+    anything runs; the model's weights are never modified."""
+    labeled = [ex for ex in examples if ex.target is not None]
+    if not labeled:
+        raise ValueError(f"no labeled examples to evaluate ({len(examples)} given, none with a target)")
+    if not adapters:
+        return []
+    prompts = [task.build_prompt(ex, tokenizer) for ex in labeled]
+    start = time.perf_counter()
+    per_arm = generate_arms(model, tokenizer, prompts, adapters, max_new_tokens or task.max_new_tokens,
+                            batch_size=batch_size, progress=progress)
+    seconds = (time.perf_counter() - start) / len(adapters)
+    references = [ex.target for ex in labeled]
+    return [{**task.score(preds, references), "n": len(prompts), "seconds": seconds, "predictions": preds,
+             "references": references, "uids": [ex.uid for ex in labeled]} for preds in per_arm]
+
+
+def generate_arms(model: Any, tokenizer: Any, prompts: Sequence[str], adapters: Sequence[LoraAdapter | None],
+                  max_new_tokens: int, batch_size: int = 32, progress: bool = False) -> list[list[str]]:
+    """``generate`` of ``prompts`` under each adapter of ``adapters`` (``None``: the base model),
+    all in one pass with per-row updates; one list of completions per adapter, in order."""
+    if not adapters:
+        return []
+    hooks = _RowAdapters(model, adapters)
+    try:
+        flat = generate(model, tokenizer, [p for _ in adapters for p in prompts], max_new_tokens,
+                        batch_size=batch_size, progress=progress,
+                        arms=[a for a in range(len(adapters)) for _ in prompts], on_batch=hooks.set_batch)
+    finally:
+        hooks.remove()
+    n = len(prompts)
+    return [flat[a * n:(a + 1) * n] for a in range(len(adapters))]

@@ -60,7 +60,7 @@ def run(profile: Profile, out_dir: Path, groups: list[str] | None = None, model_
     """Run the experiment; returns ``{"scores": {target: {arm: rouge_l}}, "weights": ..., ...}``."""
     from common.data import report_groups, split
     from common.embedding import mean_embedding
-    from common.evaluation import evaluate_task
+    from common.evaluation import evaluate_task_arms
     from common.models import fingerprint, linear_module_shapes, load_base_model, resolve_model_dir
     from common.tasks import TextReportTask
     from common.training import LoraSpec, train_lora
@@ -121,17 +121,17 @@ def run(profile: Profile, out_dir: Path, groups: list[str] | None = None, model_
         k = len(names) - 1
         for g in names:
             _, held_out = data[g]
-            row: dict[str, float] = {}
             _log(f"target {g}: scoring base, own LoRA and {len(STRATEGY_ARMS)} compositions "
                  f"on {len(held_out)} held-out reports")
-            row["base"] = evaluate_task(model, tok, task, held_out)["rouge_l"]
-            row["sft (own LoRA)"] = evaluate_task(model, tok, task, held_out, adapter=own[g])["rouge_l"]
+            arms: dict[str, Any] = {"base": None, "sft (own LoRA)": own[g]}
             weights[g] = {}
             for strategy in STRATEGY_ARMS:
                 res = compose_for_target(reg, z_of[g], strategy=strategy, k=k, exclude_site=g, target=g)
-                row[strategy] = evaluate_task(model, tok, task, held_out, adapter=res.adapter)["rouge_l"]
+                arms[strategy] = res.adapter
                 weights[g][strategy] = {reg.get(i).meta.site: float(w) for i, w in zip(res.ids, res.weights)}
                 distances[g] = {reg.get(i).meta.site: float(d) for i, d in zip(res.ids, res.distances)}
+            results = evaluate_task_arms(model, tok, task, held_out, list(arms.values()))  # one pass, all arms
+            row = {name: r["rouge_l"] for name, r in zip(arms, results, strict=True)}
             scores[g] = row
             _log("  " + ", ".join(f"{a} {v:.3f}" for a, v in row.items()))
         timings["compose_and_eval_s"] = time.perf_counter() - t0

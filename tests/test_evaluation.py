@@ -157,3 +157,39 @@ def test_applied_delta_on_bf16_base(tiny_model_dir) -> None:
         expected = (state[name + ".weight"].float() + adapter.modules[name].delta()).to(torch.bfloat16)
         assert torch.equal(w, expected)  # summed in float32, rounded once
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_evaluate_task_arms_equals_one_arm_at_a_time(tiny) -> None:
+    """Several adapters (and the base) generated in one pass with per-row updates give each arm
+    the predictions it gets alone with its update merged; the weights are never touched, and the
+    hooks are gone afterwards."""
+    from common.evaluation import evaluate_task_arms
+
+    model, tok = tiny
+    task = TextReportTask(max_new_tokens=6)
+    examples = [Example(f"Finding number {i} " * (1 + i % 3), f"Impression {i}", "xray-chest", str(i))
+                for i in range(7)]
+    arms = [random_adapter(model, seed=5, scale=0.5), None, random_adapter(model, seed=6, names=("o_proj",), r=2)]
+    before = logits(model)
+    together = evaluate_task_arms(model, tok, task, examples, arms, batch_size=5)
+    assert torch.equal(logits(model), before)
+    assert not any(m._forward_hooks for m in model.modules())
+    for arm, got in zip(arms, together, strict=True):
+        alone = evaluate_task(model, tok, task, examples, adapter=arm)
+        assert got["predictions"] == alone["predictions"] and got["rouge_l"] == alone["rouge_l"]
+        assert got["uids"] == alone["uids"] and got["n"] == 7
+    assert together[0]["predictions"] != together[1]["predictions"]  # the updates did act
+
+
+def test_evaluate_task_arms_checks_every_adapter_first(tiny) -> None:
+    from common.evaluation import evaluate_task_arms
+
+    model, tok = tiny
+    bad = LoraAdapter(modules={"model.layers.0.self_attn.q_proj": LoraModule(A=torch.zeros(2, 3), B=torch.zeros(3, 2))})
+    examples = [Example("Normal heart.", "No acute disease", "xray-chest", "1")]
+    with pytest.raises(ValueError, match="arm 1: adapter module 'model.layers.0.self_attn.q_proj'"):
+        evaluate_task_arms(model, tok, TextReportTask(max_new_tokens=2), examples, [None, bad])
+    nowhere = LoraAdapter(modules={"no.such": LoraModule(A=torch.zeros(2, 3), B=torch.zeros(3, 2))})
+    with pytest.raises(KeyError, match="arm 0: adapter module 'no.such' is not a module"):
+        evaluate_task_arms(model, tok, TextReportTask(max_new_tokens=2), examples, [nowhere])
+    assert not any(m._forward_hooks for m in model.modules())
