@@ -366,6 +366,9 @@ class ExactTopK:
         """Lower/upper bounds from the int8 copy, for ``rows`` (all rows when None)."""
         Qq, sq, eq, rq = quantize_int8(q.reshape(1, -1))
         qt = torch.from_numpy(np.ascontiguousarray(Qq.reshape(-1, 1)))
+        if rows is not None and rows.size > self.n // 4:  # gathering that many rows costs more than a scan
+            lb, ub = self._pass_b(q, None)
+            return lb[rows], ub[rows]
         if rows is None:
             A = self._q8[: self.n]
             sl: slice | np.ndarray = slice(0, self.n)
