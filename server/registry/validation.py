@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -59,6 +60,9 @@ def to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
+_CONTROL_CHARS = re.compile("[\x00-\x1f\x7f]")  # C0 controls and DEL (one C-level scan, not a loop per character)
+
+
 def _check_text(name: str, value: Any, site: str) -> None:
     if not isinstance(value, str):
         raise MetadataError(
@@ -70,7 +74,7 @@ def _check_text(name: str, value: Any, site: str) -> None:
             "leading/trailing "
             f"spaces; got {value[:40]!r}"
         )
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+    if _CONTROL_CHARS.search(value):
         raise MetadataError(f"site {site!r}: metadata field {name!r} contains control characters")
 
 

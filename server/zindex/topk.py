@@ -105,9 +105,10 @@ class ExactTopK:
         if dim > 130_000:
             raise TopKError(f"dim {dim} would overflow the int32 accumulator of the int8 pass (max 130,000)")
         self.dim = dim
-        # pass A reads m bytes a row: 128 dimensions (a 32nd of a 4096-d float32 row) keep the
-        # benchmark's survivors as few as 256 did (benchmarks/ZINDEX.md); a multiple of 8 for the kernel
-        self.proj_dim = -(-min(128, max(8, dim // 16)) // 8) * 8 if proj_dim is None else proj_dim
+        # pass A reads m int8 bytes a row: about d/8 dimensions, a power of two (the int8 GEMV is
+        # markedly slower just past 64: 1M x 72 took 2.2x the time of 1M x 64), at most 128 (at
+        # 4096-d the benchmark's survivors are as few as with 256; benchmarks/ZINDEX.md)
+        self.proj_dim = 1 << (min(128, max(8, dim // 8)).bit_length() - 1) if proj_dim is None else proj_dim
         self.fit_sample = fit_sample
         self.seed = seed
         self.n = 0
@@ -299,7 +300,7 @@ class ExactTopK:
             rows = np.flatnonzero(elig)
             return self._final(Z, rows, q, k)
 
-        cand = np.flatnonzero(elig)
+        cand: np.ndarray | None = None
         tau = math.inf
         seeds = np.zeros(0, dtype=np.int64)
         seed_d = np.zeros(0)
@@ -307,7 +308,7 @@ class ExactTopK:
             self.fit_projection(Z)
         if self._P is not None and self._a_off <= 0:
             self.stats["pass_a"] += 1
-            lb = self._pass_a(q, elig)
+            lb = self._pass_a(q, elig, n_elig == n)
             seeds = np.argpartition(lb, 2 * k - 1)[: 2 * k]
             seeds = seeds[elig[seeds]]
             seed_d = exact_sq_l2(Z, seeds, q)
@@ -318,6 +319,8 @@ class ExactTopK:
                 self._a_off, self._a_ema = 64, 0.0  # isotropic-looking data: skip pass A for a while
         elif self._a_off > 0:
             self._a_off -= 1
+        if cand is None:
+            cand = np.flatnonzero(elig)
         if cand.size >= max(_MIN_PASS_B_ROWS, 4 * k):
             lb, ub = self._pass_b(q, None if cand.size == n_elig == n else cand)
             self.stats["pass_b_rows"] += int(cand.size)
@@ -342,7 +345,7 @@ class ExactTopK:
         order = np.lexsort((rows, d))[:k]
         return rows[order], d[order]
 
-    def _pass_a(self, q: np.ndarray, elig: np.ndarray) -> np.ndarray:
+    def _pass_a(self, q: np.ndarray, elig: np.ndarray, all_elig: bool = False) -> np.ndarray:
         assert self._P is not None and self._mu is not None
         n = self.n
         c = q.astype(np.float64) - self._mu
@@ -352,14 +355,15 @@ class ExactTopK:
         rho_q = math.sqrt(max(tq - yqn, 0.0))
         Qq, sq, eq, _ = self._quantize_y(y.reshape(1, -1), np.asarray([yqn]))
         dot = torch._int_mm(self._Yq[:n], torch.from_numpy(np.ascontiguousarray(Qq.reshape(-1, 1))))
-        lb = dot.numpy().reshape(-1).astype(np.float64)
-        lb *= -2.0 * float(sq[0])
-        lb *= self._ys[:n]                                   # −2 ŷ_i·ŷ_q
-        w = self._w[:n] @ np.array([math.sqrt(yqn), float(eq[0]), rho_q])  # e_i‖y_q‖ + ‖ŷ_i‖e_q + ρ_iρ_q
-        lb -= (2.0 * (1 + 1e-9)) * w
+        # in place, few passes over N (at 10^6 rows each float64 pass costs ~1.5 ms)
+        lb = np.multiply(dot.numpy().reshape(-1), self._ys[:n], dtype=np.float64)
+        lb *= -2.0 * float(sq[0])                            # −2 ŷ_i·ŷ_q
         lb += self._aa[:n]
+        # e_i‖y_q‖ + ‖ŷ_i‖e_q + ρ_iρ_q, times 2 (and a hair of margin for its own rounding)
+        lb -= self._w[:n] @ ((2.0 * (1 + 1e-9)) * np.array([math.sqrt(yqn), float(eq[0]), rho_q]))
         lb += yqn + rho_q * rho_q - self._slack_a() * tq
-        lb[~elig] = np.inf
+        if not all_elig:
+            lb[~elig] = np.inf
         return lb
 
     def _pass_b(self, q: np.ndarray, rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
