@@ -593,9 +593,15 @@ def build_apply_reply(metrics: Mapping[str, float], receipt: Mapping[str, Any]) 
 
 def parse_apply_reply(content: RecordDict) -> tuple[dict[str, float], dict[str, Any]]:
     check_records(content, ALLOWED_REPLY_KEYS[APPLY], "a train.apply reply")
+    return parse_metrics_and_receipt(content, MAX_METRICS)
+
+
+def parse_metrics_and_receipt(content: RecordDict, max_metrics: int) -> tuple[dict[str, float], dict[str, Any]]:
+    """(metrics, receipt) of a reply that carries scores: at most ``max_metrics`` finite scalars
+    under short lowercase names, and a receipt with the common keys (``train.apply``, ``train.evaluate``)."""
     metrics_rec = _record(content, "metrics", "metric")
-    if len(metrics_rec) > MAX_METRICS:
-        raise WireError(f"{len(metrics_rec)} metrics exceed the limit of {MAX_METRICS}", "metrics")
+    if len(metrics_rec) > max_metrics:
+        raise WireError(f"{len(metrics_rec)} metrics exceed the limit of {max_metrics}", "metrics")
     metrics: dict[str, float] = {}
     for key, value in metrics_rec.items():
         if not METRIC_NAME_RE.match(key):

@@ -12,7 +12,6 @@ most of the evaluation's time.
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -92,19 +91,7 @@ def parse_evaluate_request(content: RecordDict) -> wire.Request:
 def parse_evaluate_reply(content: RecordDict) -> tuple[dict[str, float], dict[str, Any]]:
     """(metrics, receipt) of a ``train.evaluate`` reply: numbers only, at most ``MAX_EVALUATE_METRICS``."""
     wire.check_records(content, wire.ALLOWED_REPLY_KEYS[EVALUATE], f"a {EVALUATE} reply")
-    metrics_rec = wire._record(content, "metrics", "metric")
-    if len(metrics_rec) > MAX_EVALUATE_METRICS:
-        raise wire.WireError(f"{len(metrics_rec)} metrics exceed the limit of {MAX_EVALUATE_METRICS}", "metrics")
-    metrics: dict[str, float] = {}
-    for key, value in metrics_rec.items():
-        if not wire.METRIC_NAME_RE.match(key):
-            raise wire.WireError("metric names are short lowercase identifiers", "metrics", key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            raise wire.WireError("metrics are finite scalars", "metrics", key)
-        metrics[key] = float(value)
-    receipt = wire._check_config(dict(wire._record(content, "receipt", "config")), wire.RECEIPT_KEYS, "receipt")
-    wire._check_common(receipt, "receipt")
-    return metrics, receipt
+    return wire.parse_metrics_and_receipt(content, MAX_EVALUATE_METRICS)
 
 
 def build_evaluate_reply(metrics: Mapping[str, float], receipt: Mapping[str, Any]) -> RecordDict:
