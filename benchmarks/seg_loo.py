@@ -5,7 +5,9 @@ all its images (no labels needed). For every target site, the OTHER sites' LoRAs
 exactly (``common.lora.compose``) with weights from ``common.strategies.compute_weights`` (avg,
 nearest, sim, lin, lin-l1) on the z's, and scored by DICE on the target's test slices, next to the
 pretrained model without a LoRA and the target's own LoRA (a supervised reference the ensemble does
-not see).
+not see). Each cell also gets a bootstrap 95 % interval over the target's test slices, and each
+strategy a paired test (difference, interval, sign-flip p) against the pretrained model and
+against ``avg`` (``benchmarks.zero_shot.bootstrap_ci`` / ``paired_test``).
 
     python -m benchmarks.seg_loo --dataset prostate-multisite --steps 20
     python -m benchmarks.seg_loo --dataset fundus-multidomain:disc
@@ -22,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.zero_shot import bootstrap_ci, paired_test
 from common import sam
 from common.lora import compose, load_peft_adapter, save_peft_adapter
 from common.seg_data import load_sites
@@ -29,6 +32,7 @@ from common.segmentation import PromptSpec, SegLoraSpec, SegmentationTask
 from common.strategies import compute_weights
 
 STRATEGIES = ("avg", "nearest", "sim", "lin", "lin-l1")
+N_BOOT = 2000
 COLUMNS = ("pretrained", "own", *STRATEGIES)
 OUT_DIR = Path(__file__).resolve().parent
 
@@ -72,22 +76,31 @@ def run(dataset: str, model_spec: str = sam.LITEMEDSAM, steps: int = 20, lr: flo
         return {"prepared": only, "wall_s": time.perf_counter() - t0}
     table: dict[str, dict[str, float]] = {}
     weights: dict[str, dict[str, dict[str, float]]] = {}
+    per_image: dict[str, dict[str, list[float]]] = {}
+    ci: dict[str, dict[str, list[float]]] = {}
+    tests: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
     for target in sites:
         others = [s.name for s in sites if s.name != target.name]
         Z = np.stack([zs[n] for n in others])
-        row = {"pretrained": task.evaluate(model, None, target)["dice"],
-               "own": task.evaluate(model, adapters[target.name], target)["dice"]}
+        per = {"pretrained": task.evaluate(model, None, target)["dice_per_image"],
+               "own": task.evaluate(model, adapters[target.name], target)["dice_per_image"]}
         weights[target.name] = {}
         for strategy in STRATEGIES:
             w = compute_weights(strategy, zs[target.name], Z)
             weights[target.name][strategy] = {n: float(x) for n, x in zip(others, w, strict=True)}
-            row[strategy] = task.evaluate(model, compose([adapters[n] for n in others], w), target)["dice"]
+            per[strategy] = task.evaluate(model, compose([adapters[n] for n in others], w), target)["dice_per_image"]
+        row = {c: float(np.mean(v)) for c, v in per.items()}
+        per_image[target.name] = per
+        ci[target.name] = {c: list(bootstrap_ci(v, N_BOOT)) for c, v in per.items()}
+        tests[target.name] = {s: {"vs_pretrained": paired_test(per[s], per["pretrained"], N_BOOT),
+                                  "vs_avg": paired_test(per[s], per["avg"], N_BOOT)} for s in STRATEGIES}
         table[target.name] = row
         _log(f"{target.name}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()), t0)
     mean = {c: float(np.mean([table[t][c] for t in table])) for c in COLUMNS}
     return {"dataset": dataset, "model": model_spec, "fingerprint": sam.model_fingerprint(model), "steps": steps,
             "lr": lr, "augment_copies": copies, "rank": rank, "prompt": task.spec.prompt.__dict__, "seed": seed,
-            "dice": table, "mean": mean, "weights": weights, "train": train_stats,
+            "dice": table, "mean": mean, "dice_ci": ci, "tests": tests, "dice_per_image": per_image,
+            "weights": weights, "train": train_stats,
             "simulated_sites": [s.name for s in sites if s.simulated], "wall_s": time.perf_counter() - t0}
 
 
@@ -103,6 +116,19 @@ def markdown(result: dict[str, Any]) -> str:
         cells = [f"**{row[c]:.3f}**" if c in STRATEGIES and row[c] == best else f"{row[c]:.3f}" for c in COLUMNS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("| mean | " + " | ".join(f"{result['mean'][c]:.3f}" for c in COLUMNS) + " |")
+    if result.get("dice_ci"):
+        lines += ["", "With uncertainty: mean DICE [bootstrap 95 % interval over the target's test slices]; "
+                  "each strategy's paired difference to the pretrained model and to `avg` over the same "
+                  "slices, * = sign-flip permutation p < 0.05.", "",
+                  "| target | column | DICE | vs pretrained | vs avg |", "|---|---|---|---|---|"]
+        for t, row in result["dice"].items():
+            n = len(result["dice_per_image"][t]["pretrained"])
+            for c in COLUMNS:
+                lo, hi = result["dice_ci"][t][c]
+                test = result["tests"][t].get(c, {})
+                cells = [_diff(test.get("vs_pretrained")), _diff(test.get("vs_avg")) if c != "avg" else "–"]
+                lines.append(f"| {t} ({n} slices) | {c} | {row[c]:.3f} [{lo:.3f}, {hi:.3f}] | "
+                             + " | ".join(cells) + " |")
     lines += ["", "Weights per target (rows: strategy; columns: source site):", ""]
     for t, per in result["weights"].items():
         sources = list(next(iter(per.values())))
@@ -110,6 +136,12 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [f"| {s} | " + " | ".join(f"{w[n]:+.2f}" for n in sources) + " |" for s, w in per.items()]
         lines.append("")
     return "\n".join(lines)
+
+
+def _diff(t: dict[str, float] | None) -> str:
+    if not t:
+        return "–"
+    return f"{t['diff']:+.3f} [{t['lo']:+.3f}, {t['hi']:+.3f}]" + ("*" if t["p"] < 0.05 else "")
 
 
 def plot(result: dict[str, Any], path: Path) -> Path:

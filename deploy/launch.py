@@ -387,6 +387,7 @@ def run_app(flwr_home: Path, app: Path, config: dict[str, Any], registry: Path, 
             last_ls = time.monotonic()
             if (workdir / STATE_FILE).exists():
                 ensure_superexec(workdir)
+                ensure_supernodes(workdir)
             try:
                 ls = flwr_cli(["ls", federation, "--run-id", run_id], Path(flwr_home))
             except LaunchError:  # the SuperLink is restarting: ask again at the next poll
@@ -757,7 +758,32 @@ def stop_site(workdir: Path, site: str, timeout: float = 15.0) -> str:
     proc = state.get("sites", {}).get(site)
     if proc is None:
         raise LaunchError(f"no SuperNode for site {site!r} in {workdir}")
+    proc["stopped"] = True  # on purpose: ensure_supernodes leaves it down
+    save_state(workdir, state)
     return stop_process(proc["pid"], proc["start_time"], timeout)
+
+
+def ensure_supernodes(workdir: Path) -> list[str]:
+    """Restart every SuperNode of this workdir that died without being stopped; returns their sites.
+
+    Why: a flwr 1.41 SuperNode exits ("terminated gracefully") on one HTTP 500 from the SuperLink's
+    ``pull-messages`` (sqlite "database is locked" under load): in the main job, nine of ten
+    SuperNodes went this way during evaluation and their sites showed as offline. The restarted
+    SuperNode has the same key, node config and port, so the SuperLink sees the same node again."""
+    state = load_state(workdir)
+    link = state.get("superlink")
+    if not link or not is_alive(link["pid"], link["start_time"]):
+        return []
+    restarted = []
+    for site, proc in state.get("sites", {}).items():
+        if proc.get("stopped") or is_alive(proc["pid"], proc["start_time"]):
+            continue
+        restart_site(workdir, site)
+        restarted.append(site)
+    if restarted:
+        print(f"[launch] SuperNode(s) of {', '.join(restarted)} had exited without being stopped (flwr 1.41 "
+              "exits on one HTTP 500 from the SuperLink); restarted them", file=sys.stderr, flush=True)
+    return restarted
 
 
 def restart_site(workdir: Path, site: str) -> dict[str, Any]:

@@ -324,10 +324,17 @@ def test_sites_refuse_requests_outside_the_vocabulary(fed, composed):
 @pytest.mark.integration
 def test_offline_site_does_not_stop_compose_and_its_adapter_still_takes_part(fed, composed):
     """Site c is down, and so is the SuperLink's SuperExec (flwr 1.41 loses it to one HTTP 500 under
-    load; ``launch.run_app`` restarts it with the SuperLink's environment): the run still completes."""
+    load; ``launch.run_app`` restarts it with the SuperLink's environment): the run still completes.
+    Site a's SuperNode died unasked (flwr 1.41 SuperNodes exit on one HTTP 500 too): run_app starts
+    it again, while c, stopped on purpose, stays down."""
     import signal
 
     assert launch.stop_site(fed["workdir"], "c") in ("stopped", "killed")
+    dead_a = launch.load_state(fed["workdir"])["sites"]["a"]
+    os.kill(dead_a["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while launch.is_alive(dead_a["pid"], dead_a["start_time"]) and time.monotonic() < deadline:
+        time.sleep(0.2)
     link = launch.load_state(fed["workdir"])["superlink"]
     execs = [pid for pid, _ in launch.descendants(link["pid"])
              if any(a.endswith("flower-superexec") for a in launch._cmdline(pid))]
@@ -341,6 +348,9 @@ def test_offline_site_does_not_stop_compose_and_its_adapter_still_takes_part(fed
     run = flwr_run(fed, REPO, base_config(fed, mode="compose", target="b,c", strategy="avg", k=2))
     assert run["status"] == "finished:completed", run
     assert launch._live_superexec(link["pid"])  # restarted by run_app
+    sites = launch.load_state(fed["workdir"])["sites"]
+    assert sites["a"]["pid"] != dead_a["pid"] and launch.is_alive(sites["a"]["pid"], sites["a"]["start_time"])
+    assert sites["c"].get("stopped") and not launch.is_alive(sites["c"]["pid"], sites["c"]["start_time"])
     res = run["report"]["compose"]
     assert "c" not in run["report"]["online"]
     assert res["b"]["status"] == "delivered", res["b"]

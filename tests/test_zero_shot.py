@@ -92,3 +92,30 @@ def test_smoke_profile_runs_end_to_end_and_reruns_from_the_cache(tiny_model_dir,
     assert again["cache"]["lora_trained"] == 0 and again["cache"]["gen_computed"] == 0
     same = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
     assert [r["rouge_l"] for r in same] == [r["rouge_l"] for r in again["results"]]
+
+
+def test_seg_loo_table_carries_intervals_and_paired_tests() -> None:
+    """The segmentation recipe reports each DICE with its bootstrap interval and each strategy's
+    paired difference to the pretrained model and to avg (stars only where p < 0.05)."""
+    from benchmarks import seg_loo
+
+    rng = np.random.default_rng(0)
+    pre = list(rng.uniform(0.1, 0.3, 30))
+    per = {"pretrained": pre, "own": [x + 0.5 for x in pre], "avg": [x + 0.3 for x in pre],
+           "nearest": [x + rng.normal(0, 0.05) for x in pre], "sim": [x + 0.31 for x in pre],
+           "lin": [x + 0.3 for x in pre], "lin-l1": [x + 0.3 for x in pre]}
+    tests = {s: {"vs_pretrained": zs.paired_test(per[s], pre, 500), "vs_avg": zs.paired_test(per[s], per["avg"], 500)}
+             for s in seg_loo.STRATEGIES}
+    result = {"dataset": "toy", "model": "m", "prompt": {"mode": "center"}, "steps": 1, "wall_s": 1.0,
+              "simulated_sites": [], "dice": {"A": {c: float(np.mean(v)) for c, v in per.items()}},
+              "mean": {c: float(np.mean(v)) for c, v in per.items()},
+              "dice_ci": {"A": {c: list(zs.bootstrap_ci(v, 500)) for c, v in per.items()}},
+              "dice_per_image": {"A": per}, "tests": {"A": tests},
+              "weights": {"A": {s: {"B": 1.0} for s in seg_loo.STRATEGIES}}}
+    md = seg_loo.markdown(result)
+    assert "| A (30 slices) | sim | " in md
+    sim_row = next(line for line in md.splitlines() if line.startswith("| A (30 slices) | sim |"))
+    assert sim_row.count("*") == 2  # +0.31 over pretrained and +0.01 over avg on every slice
+    nearest_row = next(line for line in md.splitlines() if line.startswith("| A (30 slices) | nearest |"))
+    assert "*" not in nearest_row.split("|")[4]  # noise around pretrained: no star
+    assert "| A (30 slices) | avg | " in md and md.count("| A (30 slices) |") == len(seg_loo.COLUMNS)
