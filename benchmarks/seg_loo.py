@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.zero_shot import bootstrap_ci, paired_test
+from benchmarks.zero_shot import bootstrap_ci, diff_cell, paired_test
 from common import sam
 from common.lora import compose, load_peft_adapter, save_peft_adapter
 from common.seg_data import load_sites
@@ -126,7 +126,7 @@ def markdown(result: dict[str, Any]) -> str:
             for c in COLUMNS:
                 lo, hi = result["dice_ci"][t][c]
                 test = result["tests"][t].get(c, {})
-                cells = [_diff(test.get("vs_pretrained")), _diff(test.get("vs_avg")) if c != "avg" else "–"]
+                cells = [diff_cell(test.get("vs_pretrained")), diff_cell(test.get("vs_avg")) if c != "avg" else "–"]
                 lines.append(f"| {t} ({n} slices) | {c} | {row[c]:.3f} [{lo:.3f}, {hi:.3f}] | "
                              + " | ".join(cells) + " |")
     lines += ["", "Weights per target (rows: strategy; columns: source site):", ""]
@@ -136,12 +136,6 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [f"| {s} | " + " | ".join(f"{w[n]:+.2f}" for n in sources) + " |" for s, w in per.items()]
         lines.append("")
     return "\n".join(lines)
-
-
-def _diff(t: dict[str, float] | None) -> str:
-    if not t:
-        return "–"
-    return f"{t['diff']:+.3f} [{t['lo']:+.3f}, {t['hi']:+.3f}]" + ("*" if t["p"] < 0.05 else "")
 
 
 def plot(result: dict[str, Any], path: Path) -> Path:

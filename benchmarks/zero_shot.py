@@ -618,7 +618,8 @@ def _ci(row: dict[str, Any], key: str = "rouge_l") -> str:
     return f"{row[key]:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
-def _diff(t: dict[str, Any] | None) -> str:
+def diff_cell(t: dict[str, Any] | None) -> str:
+    """A ``paired_test`` result as a table cell: difference [interval], * when p < 0.05."""
     if not t:
         return "–"
     star = "*" if t["p"] < 0.05 else ""
@@ -650,7 +651,8 @@ def write_report(out: dict[str, Any], out_dir: Path) -> None:
             if r["arm"] == "sim" and r["k"] != k_def:
                 continue
             bert = _ci(r, "bertscore") if "bertscore" in r else "–"
-            md.append(f"| {t} | {r['arm']} | {_ci(r)} | {_diff(r['vs_base'])} | {_diff(r.get('vs_avg'))} | {bert} |")
+            md.append(f"| {t} | {r['arm']} | {_ci(r)} | {diff_cell(r['vs_base'])} | "
+                      f"{diff_cell(r.get('vs_avg'))} | {bert} |")
     md += ["", "## Score vs library size N (k = k_default; avg-all uses all N)", "",
            "| target | arm | " + " | ".join(f"N={n}" for n in out["settings"]["library_sizes"]) + " |",
            "|---|---|" + "---|" * len(out["settings"]["library_sizes"])]
