@@ -122,13 +122,10 @@ class ExactTopK:
         self._mu: np.ndarray | None = None
         self._Yq = torch.zeros((cap, 0), dtype=torch.int8)  # int8 codes of y = Pᵀ(z − μ)
         self._ys = np.zeros(cap)          # their scale
-        self._ye = np.zeros(cap)          # e_y ≥ ‖y − s_y Q_y‖
-        self._yh = np.zeros(cap)          # ‖s_y Q_y‖
         self._yn = np.zeros(cap)          # ‖y‖² (float64)
         self._t = np.zeros(cap)           # ‖z − μ‖²
-        self._rho = np.zeros(cap)
         self._aa = np.zeros(cap)          # ‖y‖² + ρ² − c_A t: pass A's per-row constant
-        self._w = np.zeros((cap, 3))      # (e_y, ‖ŷ‖, ρ): pass A's per-row error weights
+        self._w = np.zeros((cap, 3))      # (e_y ≥ ‖y − s_y Q_y‖, ‖s_y Q_y‖, ρ): pass A's error weights
         self._a_off = 0                   # queries left with pass A switched off
         self._a_ema = 0.0                 # running survivor fraction of pass A
         self.stats: dict[str, int] = {"queries": 0, "pass_a": 0, "pass_b_rows": 0, "pass_c_rows": 0, "exact_rows": 0}
@@ -147,8 +144,7 @@ class ExactTopK:
             return out
 
         self._n2, self._scale, self._err, self._rnorm = g(self._n2), g(self._scale), g(self._err), g(self._rnorm)
-        self._ys, self._ye, self._yh, self._yn = g(self._ys), g(self._ye), g(self._yh), g(self._yn)
-        self._t, self._rho, self._aa, self._w = g(self._t), g(self._rho), g(self._aa), g(self._w)
+        self._ys, self._yn, self._t, self._aa, self._w = g(self._ys), g(self._yn), g(self._t), g(self._aa), g(self._w)
 
         def gt(a: torch.Tensor) -> torch.Tensor:
             out = torch.zeros((new, a.shape[1]), dtype=a.dtype)
@@ -187,8 +183,7 @@ class ExactTopK:
         Q, sc, er, yh = self._quantize_y(y, yn)
         sl = slice(at, at + x64.shape[0])
         self._Yq[sl] = torch.from_numpy(Q)
-        self._ys[sl], self._ye[sl], self._yh[sl] = sc, er, yh
-        self._yn[sl], self._t[sl], self._rho[sl] = yn, t, rho
+        self._ys[sl], self._yn[sl], self._t[sl] = sc, yn, t
         self._aa[sl] = yn + rho * rho - self._slack_a() * t
         self._w[sl] = np.stack([er, yh, rho], axis=1)
 
@@ -237,8 +232,9 @@ class ExactTopK:
                "n2": self._n2[:n], "q8": self._q8[:n].numpy(), "scale": self._scale[:n], "err": self._err[:n],
                "rnorm": self._rnorm[:n]}
         if self._P is not None:
-            out.update(P=self._P, mu=self._mu, Yq=self._Yq[:n].numpy(), ys=self._ys[:n], ye=self._ye[:n],
-                       yh=self._yh[:n], yn=self._yn[:n], t=self._t[:n], rho=self._rho[:n])
+            w = self._w[:n]
+            out.update(P=self._P, mu=self._mu, Yq=self._Yq[:n].numpy(), ys=self._ys[:n], ye=w[:, 0],
+                       yh=w[:, 1], yn=self._yn[:n], t=self._t[:n], rho=w[:, 2])
         return out
 
     @classmethod
@@ -258,10 +254,9 @@ class ExactTopK:
             ix._P, ix._mu = np.asarray(st["P"]), np.asarray(st["mu"])
             ix._Yq = torch.zeros((ix._n2.shape[0], ix._P.shape[1]), dtype=torch.int8)
             ix._Yq[:n] = torch.from_numpy(np.ascontiguousarray(st["Yq"]))
-            ix._ys[:n], ix._ye[:n], ix._yh[:n] = st["ys"], st["ye"], st["yh"]
-            ix._yn[:n], ix._t[:n], ix._rho[:n] = st["yn"], st["t"], st["rho"]
-            ix._aa[:n] = ix._yn[:n] + ix._rho[:n] ** 2 - ix._slack_a() * ix._t[:n]
-            ix._w[:n] = np.stack([ix._ye[:n], ix._yh[:n], ix._rho[:n]], axis=1)
+            ix._ys[:n], ix._yn[:n], ix._t[:n] = st["ys"], st["yn"], st["t"]
+            ix._w[:n] = np.stack([st["ye"], st["yh"], st["rho"]], axis=1)
+            ix._aa[:n] = ix._yn[:n] + ix._w[:n, 2] ** 2 - ix._slack_a() * ix._t[:n]
         return ix
 
     # ---- search ------------------------------------------------------------------------------
