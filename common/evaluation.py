@@ -103,6 +103,24 @@ def generate(
     return outputs
 
 
+def _adapted_linear(modules: dict[str, torch.nn.Module], name: str, shape: tuple[int, ...],
+                    where: str = "") -> torch.nn.Linear:
+    """The model's ``nn.Linear`` an adapter module ``name`` with update shape ``shape`` (out, in)
+    applies to; a missing module, another module type or another shape is an error that says so
+    (``where`` prefixes the message, e.g. which arm)."""
+    target = modules.get(name)
+    if target is None:
+        sample = ", ".join(n for n, m in modules.items() if isinstance(m, torch.nn.Linear))[:200]
+        raise KeyError(f"{where}adapter module {name!r} is not a module of this model "
+                       f"(linear modules: {sample}...)")
+    if not isinstance(target, torch.nn.Linear):
+        raise TypeError(f"{where}adapter module {name!r} is a {type(target).__name__}, not an nn.Linear")
+    if tuple(shape) != tuple(target.weight.shape):
+        raise ValueError(f"{where}adapter module {name!r}: ΔW has shape {tuple(shape)}, the model's "
+                         f"weight {tuple(target.weight.shape)}; was it trained on another base model?")
+    return target
+
+
 def _delta(module: Any) -> torch.Tensor:
     """``scale * B @ A`` of a ``common.lora.LoraModule``."""
     if hasattr(module, "delta"):
@@ -125,18 +143,8 @@ def applied_delta(model: torch.nn.Module, adapter: LoraAdapter | None, weight: f
     modules = dict(model.named_modules())
     plan: list[tuple[torch.nn.Linear, torch.Tensor]] = []
     for name, lora in adapter.modules.items():
-        target = modules.get(name)
-        if target is None:
-            sample = ", ".join(n for n, m in modules.items() if isinstance(m, torch.nn.Linear))[:200]
-            raise KeyError(f"adapter module {name!r} is not a module of this model "
-                           f"(linear modules: {sample}...)")
-        if not isinstance(target, torch.nn.Linear):
-            raise TypeError(f"adapter module {name!r} is a {type(target).__name__}, not an nn.Linear")
         delta = _delta(lora)
-        if tuple(delta.shape) != tuple(target.weight.shape):
-            raise ValueError(f"adapter module {name!r}: ΔW has shape {tuple(delta.shape)}, the model's "
-                             f"weight {tuple(target.weight.shape)}; was it trained on another base model?")
-        plan.append((target, delta))
+        plan.append((_adapted_linear(modules, name, tuple(delta.shape)), delta))
     saved = [(target, target.weight.detach().clone()) for target, _ in plan]
     try:
         with torch.no_grad():
@@ -169,19 +177,26 @@ def evaluate_task(
     Returns ``{"rouge_l", "n", "seconds", "predictions", "references", "uids"}``, plus any other
     metric the task's ``score`` reports.
     """
-    labeled = [ex for ex in examples if ex.target is not None]
-    if not labeled:
-        raise ValueError(f"no labeled examples to evaluate ({len(examples)} given, none with a target)")
+    labeled = _labeled(examples)
     prompts = [task.build_prompt(ex, tokenizer) for ex in labeled]
     start = time.perf_counter()
     with applied_delta(model, adapter, weight):
         predictions = generate(model, tokenizer, prompts, max_new_tokens or task.max_new_tokens,
                                batch_size=batch_size, progress=progress)
-    seconds = time.perf_counter() - start
+    return _scored(task, labeled, predictions, time.perf_counter() - start)
+
+
+def _labeled(examples: Sequence[Example]) -> list[Example]:
+    labeled = [ex for ex in examples if ex.target is not None]
+    if not labeled:
+        raise ValueError(f"no labeled examples to evaluate ({len(examples)} given, none with a target)")
+    return labeled
+
+
+def _scored(task: Task, labeled: Sequence[Example], predictions: list[str], seconds: float) -> dict[str, Any]:
     references = [ex.target for ex in labeled]
-    scores = task.score(predictions, references)
-    return {**scores, "n": len(labeled), "seconds": seconds, "predictions": predictions,
-            "references": references, "uids": [ex.uid for ex in labeled]}
+    return {**task.score(predictions, references), "n": len(labeled), "seconds": seconds,
+            "predictions": predictions, "references": references, "uids": [ex.uid for ex in labeled]}
 
 
 class _RowAdapters:
@@ -193,15 +208,8 @@ class _RowAdapters:
         self.per_module: dict[str, list[tuple[int, torch.Tensor, torch.Tensor, float]]] = {}
         for arm, adapter in enumerate(adapters):
             for name, lora in (adapter.modules.items() if adapter is not None else ()):
-                target = modules.get(name)
-                if not isinstance(target, torch.nn.Linear):
-                    what = "is not a module of this model" if target is None else f"is a {type(target).__name__}"
-                    raise KeyError(f"arm {arm}: adapter module {name!r} {what}, not an nn.Linear")
                 A, B = lora.A, lora.B
-                if A.shape[1] != target.in_features or B.shape[0] != target.out_features:
-                    raise ValueError(f"arm {arm}: adapter module {name!r}: ΔW has shape {(B.shape[0], A.shape[1])}, "
-                                     f"the model's weight {tuple(target.weight.shape)}; was it trained on another "
-                                     "base model?")
+                target = _adapted_linear(modules, name, (B.shape[0], A.shape[1]), f"arm {arm}: ")
                 dt, dev = target.weight.dtype, target.weight.device
                 self.per_module.setdefault(name, []).append(
                     (arm, A.to(device=dev, dtype=dt).t().contiguous(), B.to(device=dev, dtype=dt).t().contiguous(),
@@ -249,9 +257,7 @@ def evaluate_task_arms(
     """``evaluate_task`` for every adapter of ``adapters`` (``None``: the base model), generated
     together: one result dict per arm, in order. Each adapter is checked against the model before
     anything runs; the model's weights are never modified."""
-    labeled = [ex for ex in examples if ex.target is not None]
-    if not labeled:
-        raise ValueError(f"no labeled examples to evaluate ({len(examples)} given, none with a target)")
+    labeled = _labeled(examples)
     if not adapters:
         return []
     prompts = [task.build_prompt(ex, tokenizer) for ex in labeled]
@@ -259,9 +265,7 @@ def evaluate_task_arms(
     per_arm = generate_arms(model, tokenizer, prompts, adapters, max_new_tokens or task.max_new_tokens,
                             batch_size=batch_size, progress=progress)
     seconds = (time.perf_counter() - start) / len(adapters)
-    references = [ex.target for ex in labeled]
-    return [{**task.score(preds, references), "n": len(prompts), "seconds": seconds, "predictions": preds,
-             "references": references, "uids": [ex.uid for ex in labeled]} for preds in per_arm]
+    return [_scored(task, labeled, preds, seconds) for preds in per_arm]
 
 
 def generate_arms(model: Any, tokenizer: Any, prompts: Sequence[str], adapters: Sequence[LoraAdapter | None],
