@@ -55,10 +55,27 @@ def make(tmp_path: Path, n: int = 3) -> tuple[Path, list[str]]:
     return root, ids
 
 
-def rpe(*args: str) -> subprocess.CompletedProcess:
+def rpe_process(*args: str) -> subprocess.CompletedProcess:
+    """The ``rpe`` CLI as its own process (each start costs the torch import: seconds on a busy CI box)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "deploy.cli", *args], capture_output=True, text=True, env=env,
                           timeout=120)
+
+
+def rpe(*args: str) -> subprocess.CompletedProcess:
+    """The same entry point (``deploy.cli.main``) in this process: exit status, stdout and stderr as a process's."""
+    import contextlib
+    import io
+
+    from deploy.cli import main
+
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(list(args))
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return subprocess.CompletedProcess(["rpe", *args], code, out.getvalue(), err.getvalue())
 
 
 def lines(root: Path) -> list[dict]:
@@ -144,7 +161,7 @@ def test_verify_names_edited_deleted_repointed_and_added_records(tmp_path, tampe
 
 def test_clean_registry_verifies_and_anchor_detects_truncation(tmp_path):
     root, _ = make(tmp_path, 3)
-    out = rpe("audit", "verify", "--log", str(root / "audit.jsonl"))
+    out = rpe_process("audit", "verify", "--log", str(root / "audit.jsonl"))
     assert out.returncode == 0 and "every record" in out.stdout, out.stdout + out.stderr
     head = audit_mod.head(root / "audit.jsonl")
     anchor = f"{head['seq']}:{head['line_sha256']}"
@@ -277,6 +294,6 @@ def test_malformed_registry_files_give_a_typed_error_fast(tmp_path, damage):
         (root / name).unlink()
         os.mkfifo(root / name)
     t0 = time.monotonic()
-    out = rpe("registry", "ls", "--registry", str(root))
+    out = rpe_process("registry", "ls", "--registry", str(root))
     assert out.returncode == 2 and out.stderr.startswith("rpe: error:"), out.stderr[-2000:]
     assert "Traceback" not in out.stderr and time.monotonic() - t0 < 60
