@@ -58,6 +58,7 @@ def worker(n: int, d: int, n_queries: int, chroma_n: int, workdir: Path, baselin
     from chromadb.config import Settings
 
     from server.registry import COLLECTION, HNSW_CONFIG, Registry
+    from server.registry.snapshot import SNAP_NAME
 
     res: dict[str, Any] = {"n": n, "dim": d, "queries": n_queries, "load_start": os.getloadavg()}
     root = workdir / f"goals-{n}-{d}"
@@ -137,6 +138,15 @@ def worker(n: int, d: int, n_queries: int, chroma_n: int, workdir: Path, baselin
         t_c.append(now() - t)
         r_c.append(np.array([int(i) for i in got]))
     res["chroma"] = {**_stats(t_c), "recall": recall(r_c, truth_sub)}
+    # the same reopen replaying all of records.jsonl (the columns snapshot moved aside)
+    snap = root / "reg" / SNAP_NAME
+    if snap.exists():
+        snap.rename(snap.with_suffix(".hold"))
+        t = now()
+        with Registry(root / "reg", read_only=True):
+            res["t_reopen_replay"] = now() - t
+        snap.with_suffix(".hold").rename(snap)
+        wlog(f"reopen replaying records.jsonl (no snapshot) {res['t_reopen_replay'] * 1000:.0f} ms")
     reg.close()
     del col, client
 
@@ -163,8 +173,13 @@ def report(sec: Section, r: dict[str, Any]) -> None:
     rows = [
         ["2. reopen ≤ 1 s", f"{r['t_reopen'] * 1000:,.0f} ms (first query after it: "
          f"{r['t_reopen_first_query'] * 1000:,.0f} ms)",
-         f"base64 JSONL reopen {r['t_reopen_b64']:.1f} s" if "t_reopen_b64" in r else "not run",
-         ratio(r["t_reopen_b64"] / r["t_reopen"]) if "t_reopen_b64" in r else "—"],
+         "; ".join(x for x in (
+             f"full replay of records.jsonl (no snapshot) {r['t_reopen_replay'] * 1000:,.0f} ms"
+             if "t_reopen_replay" in r else "",
+             f"base64 JSONL reopen {r['t_reopen_b64']:.1f} s" if "t_reopen_b64" in r else "") if x) or "not run",
+         ", ".join(x for x in (
+             ratio(r["t_reopen_replay"] / r["t_reopen"]) + " vs replay" if "t_reopen_replay" in r else "",
+             ratio(r["t_reopen_b64"] / r["t_reopen"]) + " vs base64" if "t_reopen_b64" in r else "") if x) or "—"],
         ["3. exact top-8 p50 ≤ 10 ms, recall 1.0", f"{r['ours']['p50_ms']:.1f} ms (p99 {r['ours']['p99_ms']:.1f}), "
          f"recall {r['ours']['recall']:.3f}", f"numpy fp32 {r['numpy']['p50_ms']:.1f} ms (recall "
          f"{r['numpy']['recall']:.3f}); Chroma HNSW {r['chroma']['p50_ms']:.1f} ms "
@@ -178,7 +193,8 @@ def report(sec: Section, r: dict[str, Any]) -> None:
 
     sec.add(*table(["goal", "ours", "baseline (same run)", "ratio"], rows))
     sec.goals.append(Goal(f"registry reopen at {size} ≤ 1 s", "≤ 1 s", f"{r['t_reopen']:.2f} s",
-                          r["t_reopen"] <= 1.0, "z memory-mapped from z.f32; records.jsonl holds metadata only"))
+                          r["t_reopen"] <= 1.0, "columns snapshot (columns.snap) + replay of the lines after it; "
+                          "z memory-mapped from z.f32"))
     sec.goals.append(Goal(f"exact top-8 p50 at {size} ≤ 10 ms", "≤ 10 ms", f"{r['ours']['p50_ms']:.1f} ms",
                           r["ours"]["p50_ms"] <= 10.0 and r["ours"]["recall"] == 1.0,
                           f"numpy {r['numpy']['p50_ms']:.1f} ms in the same run"))

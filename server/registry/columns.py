@@ -78,6 +78,33 @@ class MemColumn:
         """Nothing to release."""
 
 
+_LAZY: Any = object()  # a row restored from the columns snapshot whose line is not parsed yet
+
+
+class LazyRows(list):  # type: ignore[type-arg]
+    """``Columns.meta`` / ``.blob``: a list whose snapshot-restored entries are read from their
+    records.jsonl line on first use (``fill(row)`` sets both lists' entries)."""
+
+    __slots__ = ("fill",)
+
+    def __init__(self, items: Any = (), fill: Callable[[int], None] | None = None) -> None:
+        super().__init__(items)
+        self.fill = fill
+
+    def __getitem__(self, i: Any) -> Any:
+        v = list.__getitem__(self, i)
+        if v is _LAZY:
+            assert self.fill is not None
+            self.fill(int(i))
+            v = list.__getitem__(self, i)
+        elif isinstance(i, slice) and any(x is _LAZY for x in v):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return v
+
+    def __iter__(self) -> Any:
+        return (self[i] for i in range(len(self)))
+
+
 class Columns:
     """Rows of records for an embedding dimension ``dim``; ``source`` names the log in errors.
 
@@ -99,9 +126,48 @@ class Columns:
         self.vocab: dict[str, dict[str, int]] = {k: {} for k in KEYS}
         self.ids: list[str] = []
         self.row: dict[str, int] = {}
-        self.meta: list[dict[str, Any]] = []
-        self.blob: list[tuple[str, int, str]] = []  # (sha, bytes, z_sha)
+        self.meta: list[dict[str, Any]] = LazyRows()
+        self.blob: list[tuple[str, int, str]] = LazyRows()  # (sha, bytes, z_sha)
         self.on_rows: Callable[[np.ndarray], None] | None = None
+        #: records.jsonl offset of each row's current add line (-1: not known; for the snapshot)
+        self.line_off = np.zeros(0, dtype=np.int64)
+        self._read_line: Callable[[int], bytes] = lambda off: b""
+
+    def restore(self, ids: list[str], zrow: np.ndarray, live: np.ndarray, codes: dict[str, np.ndarray],
+                vocab: dict[str, dict[str, int]], line_off: np.ndarray, read_line: Callable[[int], bytes]) -> None:
+        """Take the state a replay of records.jsonl up to a snapshot's end would build (an empty
+        ``Columns`` only; ``server.registry.snapshot``). Each row's metadata and blob fields are
+        read from its add line (``read_line(offset)``) on first use, and the line must name the row's id."""
+        n = len(ids)
+        self.ensure_capacity(n)
+        self.ids = ids
+        self.row = dict(zip(ids, range(n), strict=True))
+        self.zrow[:n], self.live[:n] = zrow, live
+        for k in KEYS:
+            self.codes[k][:n] = codes[k]
+        self.vocab = vocab
+        self.n, self.n_live = n, int(np.count_nonzero(live))
+        self.line_off[:n] = line_off
+        self._read_line = read_line
+        self.meta = LazyRows([_LAZY] * n, self._fill)
+        self.blob = LazyRows([_LAZY] * n, self._fill)
+        self.version += 1
+
+    def _fill(self, row: int) -> None:
+        from orjson import loads
+
+        off = int(self.line_off[row])
+        try:
+            e = loads(self._read_line(off))
+            ok = e["op"] == "add" and e["id"] == self.ids[row]
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if not ok:
+            raise RegistryCorruptError(
+                f"{self.source}: the line at byte {off} is not the add line of record {self.ids[row]}, as the "
+                "columns snapshot says: delete columns.snap (a cache) and reopen the registry")
+        list.__setitem__(self.meta, row, e["meta"])
+        list.__setitem__(self.blob, row, (e["blob_sha256"], int(e["bytes"]), e["z_sha256"]))
 
     def ensure_capacity(self, extra: int) -> None:
         """Room for ``extra`` more rows (capacity doubles, so appends stay amortised O(1))."""
@@ -118,6 +184,7 @@ class Columns:
 
         self.zrow = grow(self.zrow)
         self.live = grow(self.live)
+        self.line_off = grow(self.line_off)
         for k in self.codes:
             self.codes[k] = grow(self.codes[k])
 
@@ -134,11 +201,15 @@ class Columns:
         return np.arange(r.start, r.stop, dtype=np.int64)
 
     def apply_adds(self, items: Sequence[tuple[str, dict[str, Any], str, int, str]],
-                   zrows: Sequence[int] | np.ndarray) -> list[int]:
+                   zrows: Sequence[int] | np.ndarray, line_offs: Sequence[int] | np.ndarray | None = None
+                   ) -> list[int]:
         """Put records ``(id, meta, blob sha, bytes, z sha)`` whose z are column rows ``zrows`` into
-        rows; returns the rows. A column row past the column's end is corruption (the column is
-        written and fsynced before the record line that names it)."""
+        rows (their add lines at records.jsonl offsets ``line_offs``, if known); returns the rows. A
+        column row past the column's end is corruption (the column is written and fsynced before
+        the record line that names it)."""
         zr_all = np.asarray(zrows, dtype=np.int64).reshape(-1)
+        offs = (np.full(zr_all.size, -1, dtype=np.int64) if line_offs is None
+                else np.asarray(line_offs, dtype=np.int64).reshape(-1))
         if zr_all.size and int(zr_all.max()) >= len(self.zcol):
             self.zcol.refresh()  # another writer may have appended since we mapped it
             if int(zr_all.max()) >= len(self.zcol):
@@ -151,9 +222,9 @@ class Columns:
         self.ensure_capacity(len(items))
         new_ids = [it[0] for it in items]
         if len(set(new_ids)) == len(new_ids) and not any(rid in self.row for rid in new_ids):
-            return self._append_new(items, zr_all)  # the replay's common case, without a per-row loop
+            return self._append_new(items, zr_all, offs)  # the replay's common case, without a per-row loop
         rows: list[int] = []
-        for (rid, meta, sha, nbytes, zsha), zr in zip(items, zr_all, strict=True):
+        for (rid, meta, sha, nbytes, zsha), zr, off in zip(items, zr_all, offs, strict=True):
             row = self.row.get(rid)
             if row is None:
                 row = self.n
@@ -168,6 +239,7 @@ class Columns:
                 self.meta[row] = meta
                 self.blob[row] = (sha, nbytes, zsha)
             self.zrow[row] = zr
+            self.line_off[row] = off
             self.live[row] = True
             self.n_live += 1
             for key, mkey in KEYS.items():
@@ -179,7 +251,8 @@ class Columns:
                 self.on_rows(np.asarray(rows))
         return rows
 
-    def _append_new(self, items: Sequence[tuple[str, dict[str, Any], str, int, str]], zr: np.ndarray) -> list[int]:
+    def _append_new(self, items: Sequence[tuple[str, dict[str, Any], str, int, str]], zr: np.ndarray,
+                    offs: np.ndarray) -> list[int]:
         """``apply_adds`` for ids not seen before: rows appended in bulk (opening a large registry)."""
         m, start = len(items), self.n
         if len(zr) != m:
@@ -190,6 +263,7 @@ class Columns:
         self.blob.extend((it[2], it[3], it[4]) for it in items)
         self.row.update(zip(self.ids[start:], rows, strict=True))
         self.zrow[start:start + m] = zr
+        self.line_off[start:start + m] = offs
         self.live[start:start + m] = True
         for key, mkey in KEYS.items():
             vocab = self.vocab[key]

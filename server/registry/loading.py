@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from common.digests import sha256_hex
 from common.durable import fsync_dir
-from server.registry import binding, maintenance
+from server.registry import binding, maintenance, snapshot
 from server.registry import config as cfg
 from server.registry.columns import Columns, MemColumn
 from server.registry.errors import RegistryCorruptError
@@ -65,6 +65,8 @@ def load_records(reg: Registry) -> None:
     reg._writer = Writer(reg._cols, reg._log, reg._blobs, reg.audit, lambda: reg._index, reg.norm_bound)
     if not reg.read_only:
         maintenance.rollback_unaudited(reg)
+    if isinstance(zcol, ZColumn):  # the old format's lines carry z themselves: always replayed
+        snapshot.load(reg.path / snapshot.SNAP_NAME, reg._log, reg._cols)
     reg._log.load(reg.read_only, lambda n, at, sha: reg.audit.append(
         "registry.recover", file=cfg.RECORDS_NAME, truncated_bytes=n, at_offset=at, sha256=sha))
     if fmt == "b64" and not reg.read_only:
@@ -118,6 +120,11 @@ def close_parts(reg: Registry) -> None:
             reg._search.save_state()
         except OSError as exc:  # a cache: losing it costs a rebuild on the next query, not data
             log.warning("could not persist the search index of %s (%s)", reg.path, exc)
+    if getattr(reg, "_log", None) is not None and not reg.read_only and isinstance(reg._zcol, ZColumn):
+        try:
+            snapshot.write(reg.path / snapshot.SNAP_NAME, reg._cols, reg._log)
+        except OSError as exc:  # a cache: losing it costs a full replay on the next open, not data
+            log.warning("could not write the columns snapshot of %s (%s)", reg.path, exc)
     if getattr(reg, "_zcol", None) is not None:
         with contextlib.suppress(Exception):
             reg._zcol.close()

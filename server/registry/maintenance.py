@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from common.digests import sha256_hex
 from server.audit import read_entries
 from server.audit import receipt as audit_receipt
-from server.registry import binding, coordkey
+from server.registry import binding, coordkey, snapshot
 from server.registry import config as cfg
 from server.registry.blobcrypt import BlobKey
 from server.registry.blobstore import env_blob_key
@@ -174,8 +174,10 @@ def verify(reg: Registry, full: bool) -> list[str]:
     with reg._mutex:
         reg._ensure_index()
         c = reg._fresh()
+        snap_problems, replayed = snapshot.problems(reg.path / snapshot.SNAP_NAME, reg._log)
+        c = replayed if replayed is not None else c  # check records.jsonl itself, not the cache
         live = [(c.ids[r], *c.blob[r][:2]) for r in c.live_rows()]
-        problems = reg._blobs.problems(live, {c.blob[r][0] for r in range(c.n)}, full)
+        problems = snap_problems + reg._blobs.problems(live, {c.blob[r][0] for r in range(c.n)}, full)
         problems += binding.check_binding(reg.path / cfg.RECORDS_NAME, reg.path / cfg.AUDIT_NAME)
         return problems + ([] if reg._index is None else reg._index.problems(c.n_live))
 

@@ -101,9 +101,11 @@ class RecordLog:
         self.log = JsonlLog(path, create=False)
         self.offset = 0
         self.line_count = 0
+        self.snap_end = 0  # records.jsonl bytes the columns snapshot covers (``server.registry.snapshot``)
 
     def load(self, read_only: bool, on_torn: Callable[[int, int, str], None]) -> None:
-        """Replay the whole file; a torn last line is truncated and ``on_torn(bytes, offset, sha)`` told."""
+        """Replay the file from ``offset`` (0, or the end of a restored snapshot); a torn last line
+        is truncated and ``on_torn(bytes, offset, sha)`` told."""
         path = self.path
         if not path.exists():
             if read_only:
@@ -112,11 +114,11 @@ class RecordLog:
                 f"{path} is missing: the registry's source of truth is gone; restore it from a backup"
             )
         size = path.stat().st_size
-        good = 0
+        good = self.offset
         gc_was = gc.isenabled()
         gc.disable()  # ~10^5 fresh dicts would trigger repeated full collections for nothing
         try:
-            good, buf = self._load_chunks(path, size)
+            good, buf = self._load_chunks(path, size, good)
         finally:
             if gc_was:
                 gc.enable()
@@ -130,14 +132,15 @@ class RecordLog:
                 on_torn(len(buf), good, sha256_hex(buf))
         self.offset = good
 
-    def _load_chunks(self, path: Path, size: int) -> tuple[int, bytes]:
-        """Parse the whole file in chunks: (bytes applied, the unparsed tail)."""
-        good = 0
+    def _load_chunks(self, path: Path, size: int, start: int) -> tuple[int, bytes]:
+        """Parse the file from ``start`` in chunks: (end of what was applied, the unparsed tail)."""
+        good = start
         with open(path, "rb") as fh:
+            fh.seek(start)
             first = fh.readline()
-            if first and size > (1 << 20):  # pre-size the matrix instead of doubling a huge one
-                self.cols.ensure_capacity(int(size / max(len(first), 1) * 1.1) + 16)
-            fh.seek(0)
+            if first and size - start > (1 << 20):  # pre-size the matrix instead of doubling a huge one
+                self.cols.ensure_capacity(int((size - start) / max(len(first), 1) * 1.1) + 16)
+            fh.seek(start)
             buf = b""
             while True:
                 chunk = fh.read(_LOAD_CHUNK)
@@ -186,13 +189,13 @@ class RecordLog:
         (no newline after it, or unparseable) is a torn append and is left unconsumed; a bad line
         followed by anything else is corruption and raises.
         """
-        fast = self._parse_fast(data)
+        fast = self._parse_fast(data, base_offset)
         if fast >= 0:
             return fast
         dim = self.cols.dim
         pos = 0
         n = len(data)
-        adds: list[tuple[dict[str, Any], bytes | int]] = []
+        adds: list[tuple[dict[str, Any], bytes | int, int]] = []
         while pos < n:
             nl = data.find(b"\n", pos)
             if nl < 0:
@@ -223,7 +226,7 @@ class RecordLog:
                     "audited record that is then missing"
                 ) from exc
             if entry["op"] == "add":
-                adds.append((entry, zb))
+                adds.append((entry, zb, base_offset + pos))
             else:
                 self._flush_adds(adds)
                 adds = []
@@ -233,7 +236,7 @@ class RecordLog:
         self.line_count += data[:pos].count(b"\n")
         return pos
 
-    def _parse_fast(self, data: bytes) -> int:
+    def _parse_fast(self, data: bytes, base_offset: int) -> int:
         """Every complete line of ``data`` parsed in one ``loads`` call (one JSON array), when they
         are all well-formed column-format lines; -1 otherwise (the line-by-line path then finds and
         names the bad line). Why: a call per line dominated opening a 100,000-record registry."""
@@ -247,7 +250,7 @@ class RecordLog:
             return -1
         if len(entries) != body.count(b"\n") + 1:
             return -1  # a line held more than one value (or none): let the careful path judge it
-        adds: list[tuple[dict[str, Any], bytes | int]] = []
+        adds: list[tuple[dict[str, Any], int]] = []
         try:
             for entry in entries:
                 op = entry["op"]
@@ -262,32 +265,35 @@ class RecordLog:
                     return -1
         except (KeyError, TypeError):
             return -1
-        batch: list[tuple[dict[str, Any], bytes | int]] = []
-        for entry, r in adds:
+        starts = (base_offset + np.concatenate(
+            ([0], np.flatnonzero(np.frombuffer(body, dtype=np.uint8) == 10) + 1))).tolist()
+        batch: list[tuple[dict[str, Any], bytes | int, int]] = []
+        for (entry, r), at in zip(adds, starts, strict=True):
             if r == -1:
                 self._flush_adds(batch)
                 batch = []
                 self.cols.apply_remove(entry["id"])
             else:
-                batch.append((entry, r))
+                batch.append((entry, r, at))
         self._flush_adds(batch)
         self.line_count += len(entries)
         return end
 
-    def _flush_adds(self, adds: list[tuple[dict[str, Any], bytes | int]]) -> None:
+    def _flush_adds(self, adds: list[tuple[dict[str, Any], bytes | int, int]]) -> None:
         if not adds:
             return
         if isinstance(adds[0][1], bytes):  # old format: z in the line, into the columns' z store
-            Z = np.frombuffer(b"".join(zb for _, zb in adds if isinstance(zb, bytes)),
+            Z = np.frombuffer(b"".join(zb for _, zb, _ in adds if isinstance(zb, bytes)),
                               dtype="<f4").reshape(-1, self.cols.dim)
             if Z.shape[0] != len(adds):
                 raise RegistryCorruptError(f"{self.path}: lines with and without z_b64 are mixed; the log was "
                                            "edited outside the registry")
             zrows: Any = self.cols.append_z(Z)
         else:
-            zrows = [zb for _, zb in adds]
+            zrows = [zb for _, zb, _ in adds]
             if not all(isinstance(r, int) for r in zrows):
                 raise RegistryCorruptError(f"{self.path}: lines with and without z_b64 are mixed; the log was "
                                            "edited outside the registry")
         self.cols.apply_adds(
-            [(e["id"], e["meta"], e["blob_sha256"], int(e["bytes"]), e["z_sha256"]) for e, _ in adds], zrows)
+            [(e["id"], e["meta"], e["blob_sha256"], int(e["bytes"]), e["z_sha256"]) for e, _, _ in adds], zrows,
+            [at for _, _, at in adds])

@@ -23,12 +23,14 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from server.registry.columns import Columns
-from server.zindex import ExactTopK
+
+if TYPE_CHECKING:
+    from server.zindex import ExactTopK
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,8 @@ class Searcher:
                     log.warning("%s does not match the z column; rebuilding the search index", p)
                     return None
                 st = {k: f[k] for k in f.files if k not in ("col_n", "col_digest")}
+            from server.zindex import ExactTopK
+
             return ExactTopK.from_state(st)
         except (OSError, ValueError, KeyError) as exc:
             log.warning("%s is unreadable (%s); rebuilding the search index", p, exc)
@@ -113,6 +117,8 @@ class Searcher:
 
     def ensure_topk(self) -> ExactTopK:
         """ExactTopK holding every column row (loaded, or built, then caught up with appends)."""
+        from server.zindex import ExactTopK
+
         col = self.cols.zcol
         if self.topk is None:
             self.topk = self._load_state() or ExactTopK(self.cols.dim)

@@ -220,7 +220,8 @@ class Writer:
             if isinstance(exc, OSError):
                 raise storage_error(exc, "audit entry", root) from exc
             raise
-        rows = self.cols.apply_adds([(p.id, p.meta, p.sha, len(p.blob), p.z_sha) for p in prepared], zrows)
+        offs = start + np.concatenate(([0], np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10)[:-1] + 1))
+        rows = self.cols.apply_adds([(p.id, p.meta, p.sha, len(p.blob), p.z_sha) for p in prepared], zrows, offs)
         chroma = self.index()
         if index:
             if chroma is not None:
