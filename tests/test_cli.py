@@ -163,3 +163,23 @@ def test_forged_npy_header_and_fifo_embedding_are_clear_errors_in_bounded_time(t
             main(["compose", "--registry", str(reg), "--embedding", str(bad), "--out", str(tmp_path / "o")])
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and "rpe: error:" in err and says in err
+
+
+@pytest.mark.integration
+def test_auditor_commands_do_not_import_torch(tmp_path: Path) -> None:
+    """`rpe audit verify`, and `rpe registry ls` open a registry without torch (seconds of
+    import on a small machine for tools that never touch a tensor)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_registry import new_registry
+
+    root = tmp_path / "reg"
+    new_registry(root).close()
+    probe = ("import sys; from deploy.cli import main\n"
+             f"for argv in (['audit', 'verify', '--log', {str(root / 'audit.jsonl')!r}, '--registry', {str(root)!r}],"
+             f" ['registry', 'ls', '--registry', {str(root)!r}]):\n"
+             "    try:\n        main(argv)\n    except SystemExit as e:\n        assert not e.code, e.code\n"
+             "print('torch loaded' if 'torch' in sys.modules else 'no torch')\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("no torch"), out.stdout

@@ -5,8 +5,26 @@
 which an exact float64 re-rank then decides — the same answer as brute force, ties included.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from server.zindex.column import ColumnCorruptError, ColumnDimensionError, ColumnError, ZColumn
-from server.zindex.topk import ExactTopK, TopKError, exact_sq_l2
+
+if TYPE_CHECKING:
+    from server.zindex.topk import ExactTopK, TopKError, exact_sq_l2
 
 __all__ = ["ColumnCorruptError", "ColumnDimensionError", "ColumnError", "ExactTopK", "TopKError", "ZColumn",
            "exact_sq_l2"]
+
+_TOPK = ("ExactTopK", "TopKError", "exact_sq_l2")
+
+
+def __getattr__(name: str) -> Any:
+    """``ExactTopK`` & co. on first use: they need torch (its int8 GEMV), which takes seconds to
+    import, and opening a registry to list or verify it never searches."""
+    if name in _TOPK:
+        from server.zindex import topk
+
+        return getattr(topk, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
