@@ -119,3 +119,32 @@ def test_seg_loo_table_carries_intervals_and_paired_tests() -> None:
     nearest_row = next(line for line in md.splitlines() if line.startswith("| A (30 slices) | nearest |"))
     assert "*" not in nearest_row.split("|")[4]  # noise around pretrained: no star
     assert "| A (30 slices) | avg | " in md and md.count("| A (30 slices) |") == len(seg_loo.COLUMNS)
+
+
+def test_seg_loo_pools_by_lineage_and_keeps_virtual_sites_out_of_their_source() -> None:
+    """Virtual scanner sites carry their source as lineage (a target never sees its own lineage);
+    pooled intervals and tests treat a lineage as the independent unit (exact sign-flip p)."""
+    from benchmarks import seg_loo
+    from common.seg_data import SegSite
+
+    rng = np.random.default_rng(0)
+
+    def site(name: str) -> SegSite:
+        imgs = [rng.integers(0, 255, (32, 32), dtype=np.uint8) for _ in range(2)]
+        masks = [np.zeros((32, 32), dtype=bool) for _ in range(2)]
+        return SegSite(name, "toy", imgs, masks, imgs, masks)
+
+    real = [site("A"), site("B"), site("C")]
+    virt = seg_loo.virtual_sites(real, 4, seed=0)
+    assert [seg_loo.lineage(v) for v in virt] == ["A", "B", "C", "A"] and all(v.simulated for v in virt)
+    assert all(v.meta["profile"]["match_site"] != seg_loo.lineage(v) for v in virt)
+    assert [v.name for v in virt] == [v.name for v in seg_loo.virtual_sites(real, 4, seed=0)]  # seeded
+    per = {t: {"pretrained": [0.2, 0.3], "own": [0.8, 0.9], **{s: [0.6, 0.7] for s in seg_loo.STRATEGIES}}
+           for t in ("A", "vA", "B")}
+    two = seg_loo.pooled(per, {"A": "A", "vA": "A", "B": "B"}, seg_loo.COLUMNS, n_boot=200)
+    assert (two["targets"], two["lineages"], two["slices"]) == (3, 2, 6)
+    cell = two["columns"]["sim"]["vs_pretrained"]
+    assert cell["diff"] == pytest.approx(0.4) and cell["p"] == 1.0 / 2  # 2 lineages: p >= 1/2, never a star
+    many = seg_loo.pooled({f"T{i}": per["A"] for i in range(6)}, {f"T{i}": f"T{i}" for i in range(6)},
+                          seg_loo.COLUMNS, n_boot=200)
+    assert many["columns"]["sim"]["vs_pretrained"]["p"] == pytest.approx(2 / 64)
