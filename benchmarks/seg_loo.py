@@ -337,9 +337,17 @@ def plot_scaling(result: dict[str, Any], path: Path) -> Path:
     ax.set_xticks(xs, [str(x) for x in xs])
     ax.minorticks_off()
     ax.set_xlabel("library size N (sites)")
-    ax.set_ylabel("pooled DICE")
+    return _save(fig, ax, "pooled DICE", f"DICE vs N: {result['dataset']} (+{len(result['simulated_sites'])} "
+                 "virtual sites)", path)
+
+
+def _save(fig: Any, ax: Any, ylabel: str, title: str, path: Path) -> Path:
+    """Label a DICE axis (0..1), add the legend, write ``path`` and close the figure."""
+    import matplotlib.pyplot as plt
+
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 1)
-    ax.set_title(f"DICE vs N: {result['dataset']} (+{len(result['simulated_sites'])} virtual sites)")
+    ax.set_title(title)
     ax.legend(ncol=4, fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -361,14 +369,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     for i, c in enumerate(COLUMNS):
         ax.bar(x + i * width, [result["dice"][t][c] for t in targets], width, label=c)
     ax.set_xticks(x + width * (len(COLUMNS) - 1) / 2, targets)
-    ax.set_ylabel("DICE")
-    ax.set_ylim(0, 1)
-    ax.set_title(f"Leave-one-site-out: {result['dataset']}")
-    ax.legend(ncol=4, fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, "DICE", f"Leave-one-site-out: {result['dataset']}", path)
 
 
 def main(argv: list[str] | None = None) -> int:

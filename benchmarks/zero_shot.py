@@ -43,8 +43,9 @@ each z by (base fingerprint, text set, representation), each set of generations 
 exact composed weights). Rerunning, or running a larger profile after a smaller one, only computes
 what is new.
 
-Run: ``python -m benchmarks.zero_shot --profile reduced`` (the 2-core profile), ``--profile full``
-(for a GPU machine), ``--profile smoke --model DIR`` (seconds, a pipeline check used by the tests).
+Run: ``python -m benchmarks.zero_shot --profile reduced`` (the 2-core profile), ``--profile full
+--device auto`` (for a GPU machine: the model, its training, z and generation on CUDA), ``--profile
+smoke --model DIR`` (seconds, a pipeline check used by the tests).
 Outputs: ``<out>/results.json`` and ``<out>/ZERO_SHOT.md`` with the tables and the plots beside it.
 """
 
@@ -278,13 +279,15 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
 class Lab:
     """The model, the task and the content-addressed cache of LoRAs, z vectors and generations."""
 
-    def __init__(self, model_spec: str, p: Profile, cache: Path) -> None:
-        from common.models import fingerprint, load_base_model, resolve_model_dir
+    def __init__(self, model_spec: str, p: Profile, cache: Path, device: str | None = None) -> None:
+        from common.models import fingerprint, load_base_model, pick_device, resolve_model_dir
         from common.tasks import TextReportTask
 
         self.p = p
         self.model_dir = resolve_model_dir(model_spec)
         self.model, self.tok = load_base_model(self.model_dir)
+        self.device = pick_device(device)
+        self.model.to(self.device)  # training, z and generation follow the model; results come back to the CPU
         self.base_fp = fingerprint(self.model_dir)
         self.task = TextReportTask(max_new_tokens=p.max_new_tokens)
         self.cache = cache
@@ -374,15 +377,22 @@ def per_report_rouge(preds: Sequence[str], refs: Sequence[str]) -> list[float]:
     return [float(sc.score(r, p)["rougeL"].fmeasure) for p, r in zip(preds, refs)]
 
 
+_BERT_SCORER: dict[str, Any] = {}
+
+
 def per_report_bertscore(preds: Sequence[str], refs: Sequence[str]) -> list[float]:
-    """BERTScore F1 with the offline MiniLM encoder (layer 4 of 6), no baseline rescaling."""
-    from bert_score import score
+    """BERTScore F1 with the offline MiniLM encoder (layer 4 of 6), no baseline rescaling. The
+    scorer (and its encoder) is loaded once per process, not once per arm."""
+    from bert_score import BERTScorer
 
     from common.embedding import minilm_path
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = minilm_path()
+    if path not in _BERT_SCORER:
+        _BERT_SCORER[path] = BERTScorer(model_type=path, num_layers=4, batch_size=32)
     cands = [p if p.strip() else "." for p in preds]  # BERTScore is undefined on an empty string
-    _, _, f1 = score(cands, list(refs), model_type=minilm_path(), num_layers=4, verbose=False, batch_size=32)
+    _, _, f1 = _BERT_SCORER[path].score(cands, list(refs), verbose=False)
     return [float(v) for v in f1]
 
 
@@ -469,7 +479,7 @@ def fewshot_weights(lab: Lab, target: Site, adapters: dict[str, Any], chosen: Se
 
 
 def run(profile: str, model_spec: str, out_dir: Path, seed: int = 0, cache: Path | None = None,
-        max_targets: int = 0) -> dict[str, Any]:
+        max_targets: int = 0, device: str | None = None) -> dict[str, Any]:
     """Build the federations, train / embed (cached), evaluate every arm, write results.json + ZERO_SHOT.md.
 
     ``max_targets`` (0 = all) evaluates only the first targets: a partial report, said so in it."""
@@ -485,7 +495,8 @@ def run(profile: str, model_spec: str, out_dir: Path, seed: int = 0, cache: Path
     t_start = time.perf_counter()
     cache = cache or Path(os.environ.get("RPE_CACHE_DIR", Path.home() / ".cache" / "rpe")) / "zero_shot"
     out_dir.mkdir(parents=True, exist_ok=True)
-    lab = Lab(model_spec, p, cache)
+    lab = Lab(model_spec, p, cache, device)
+    _log(f"model on {lab.device}")
     all_groups = report_groups(min_size=1)
     groups = {g: all_groups[g] for g in GROUPS if g in all_groups}
     ref_pool, tgt_pool = split_pools(groups, p.target_fraction, seed,
@@ -598,6 +609,7 @@ def run(profile: str, model_spec: str, out_dir: Path, seed: int = 0, cache: Path
     out = {"profile": profile, "settings": asdict(p), "model": str(lab.model_dir), "base_fingerprint": lab.base_fp,
            "library": [s.describe() for s in library], "targets": [t.describe() for t in targets],
            "lambda_loso": loso, "results": results, "retrieval": retrieval, "cache": lab.counts,
+           "device": str(lab.device),
            "timings": {"train_and_embed_s": t_train, "evaluate_s": t_eval, "total_s": time.perf_counter() - t_start},
            "command": f"python -m benchmarks.zero_shot --profile {profile}"
                       + (f" --max-targets {max_targets}" if max_targets else ""),
@@ -794,9 +806,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-targets", type=int, default=0,
                     help="evaluate only the first N targets (a partial report; 0 = all)")
+    ap.add_argument("--device", default=None,
+                    help="cpu, cuda, cuda:N or auto (CUDA when available); default $RPE_DEVICE, else cpu. "
+                         "LoRAs, z and generations are cached by content, never by device")
     args = ap.parse_args(argv)
     out = args.out or Path(__file__).resolve().parent / "zero_shot" / args.profile
-    run(args.profile, args.model, out, seed=args.seed, cache=args.cache, max_targets=args.max_targets)
+    try:
+        from common.models import pick_device
+
+        pick_device(args.device)
+    except ValueError as exc:
+        ap.error(str(exc))
+    run(args.profile, args.model, out, seed=args.seed, cache=args.cache, max_targets=args.max_targets,
+        device=args.device)
     return 0
 
 

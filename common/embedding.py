@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.models import model_device
+
 MINILM = "minilm"
 HIDDEN_MEAN = "hidden-mean"
 
@@ -209,6 +211,7 @@ def mean_embedding(
     example_sums = np.zeros((len(keep), int(model.config.hidden_size)), dtype=np.float64) if return_sums else None
     n_clipped = 0
     n_tokens = sum(len(ids) for ids in keep)
+    dev = model_device(model)
     was_training = model.training
     model.eval()
     try:
@@ -220,9 +223,9 @@ def mean_embedding(
                 for row, i in enumerate(batch):
                     input_ids[row, : len(keep[i])] = torch.tensor(keep[i])
                     mask[row, : len(keep[i])] = 1
-                hidden = _hidden_at(backbone, input_ids, mask, layer_idx, n_states)
+                hidden = _hidden_at(backbone, input_ids.to(dev), mask.to(dev), layer_idx, n_states)
                 if per_example:
-                    sums = (hidden.to(torch.float64) * mask[..., None]).sum(dim=1)  # [batch, hidden]
+                    sums = (hidden.to(torch.float64) * mask.to(dev)[..., None]).sum(dim=1).cpu()  # [batch, hidden]
                     norm = sums.norm(dim=1)
                     if example_sums is not None:
                         example_sums[batch] = sums.numpy()
@@ -232,7 +235,7 @@ def mean_embedding(
                         sums = sums * factor[:, None]
                     total += sums.sum(dim=0)
                 else:
-                    total += hidden[mask.bool()].to(torch.float64).sum(dim=0)
+                    total += hidden[mask.to(dev).bool()].to(torch.float64).sum(dim=0).cpu()
                 bar.update(int(mask.sum()))
     finally:
         model.train(was_training)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from common.data import Example
+from common.models import model_device
 from common.tasks import Task, rouge_l
 
 if TYPE_CHECKING:
@@ -70,6 +71,7 @@ def generate(
     else:  # equal prompts side by side, so one prompt's arms share a batch
         order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), encoded[i], i))
     outputs: list[str] = [""] * len(prompts)
+    dev = model_device(model)
     was_training = model.training
     model.eval()
     try:
@@ -88,10 +90,10 @@ def generate(
                     ids[row, width - n :] = torch.tensor(encoded[i])
                     mask[row, width - n :] = 1
                 out = model.generate(
-                    input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                    num_beams=1, eos_token_id=eos, pad_token_id=pad_id, temperature=None, top_p=None,
-                    top_k=None,
-                )
+                    input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
+                    do_sample=False, num_beams=1, eos_token_id=eos, pad_token_id=pad_id, temperature=None,
+                    top_p=None, top_k=None,
+                ).cpu()
                 for row, i in enumerate(batch):
                     new = out[row, width:].tolist()
                     if eos in new:

@@ -184,6 +184,29 @@ def fingerprint(spec: str | os.PathLike[str]) -> str:
     return value
 
 
+def pick_device(name: str | None = None) -> torch.device:
+    """The torch device to run a model on: ``name`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``, or
+    ``"auto"`` = CUDA when available, else CPU), else ``$RPE_DEVICE``, else the CPU."""
+    name = name or os.environ.get("RPE_DEVICE") or "cpu"
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"device {name!r} is not a torch device ({exc}); use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but this torch build sees no CUDA device; use cpu or auto")
+    return dev
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where ``model``'s weights live: the training, embedding and generation loops move their
+    inputs there and bring their results back to the CPU."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
 def linear_module_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
     """``{module name: (out_features, in_features)}`` of every nn.Linear a LoRA may target."""
     return {

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from common.data import Example
+from common.models import model_device
 from common.tasks import IGNORE_INDEX, Task, TextReportTask
 
 if TYPE_CHECKING:
@@ -187,6 +188,7 @@ def train_lora(
         return max(0.0, (steps - step) / max(1, steps - warmup))
 
     grad_flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    dev = model_device(model)
     was_training = model.training
     if hasattr(model, "peft_config"):
         raise ValueError("the model already carries PEFT adapters; pass the plain base model")
@@ -223,7 +225,7 @@ def train_lora(
                         queue = _batches(lengths, batch_size, rng)
                         epochs += 1
                     batch = queue.pop()
-                    ids, labels, mask = collate([features[i] for i in batch], pad_id)
+                    ids, labels, mask = (t.to(dev) for t in collate([features[i] for i in batch], pad_id))
                     loss, n_target = causal_lm_target_loss(model, ids, labels, mask)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -244,8 +246,8 @@ def train_lora(
             seconds = time.perf_counter() - start
             modules = {
                 name: LoraModule(
-                    A=layer.lora_A[ADAPTER_NAME].weight.detach().clone().contiguous(),
-                    B=layer.lora_B[ADAPTER_NAME].weight.detach().clone().contiguous(),
+                    A=layer.lora_A[ADAPTER_NAME].weight.detach().cpu().clone().contiguous(),
+                    B=layer.lora_B[ADAPTER_NAME].weight.detach().cpu().clone().contiguous(),
                     scale=float(layer.scaling[ADAPTER_NAME]),
                 )
                 for name, layer in sorted(layers.items())
@@ -291,10 +293,11 @@ def _dp_step(model: Any, params: list[torch.nn.Parameter], features: Sequence[di
     q = min(1.0, batch_size / len(features))
     batch = [i for i in range(len(features)) if rng.random() < q]
     summed = [torch.zeros_like(p) for p in params]
+    acc_dev = params[0].device if params else torch.device("cpu")
     losses: list[float] = []
     n_target = 0
     for i in batch:
-        ids, labels, mask = collate([features[i]], pad_id)
+        ids, labels, mask = (t.to(acc_dev) for t in collate([features[i]], pad_id))
         loss, n = causal_lm_target_loss(model, ids, labels, mask)
         grads = torch.autograd.grad(loss, params)
         norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
@@ -305,8 +308,8 @@ def _dp_step(model: Any, params: list[torch.nn.Parameter], features: Sequence[di
         n_target += n
     expected = q * len(features)
     for p, acc in zip(params, summed, strict=True):
-        noise = torch.randn(acc.shape, dtype=acc.dtype, generator=noise_gen) * (dp.noise_multiplier
-                                                                                * dp.max_grad_norm)
+        noise = torch.randn(acc.shape, dtype=acc.dtype, generator=noise_gen).to(acc.device) * (
+            dp.noise_multiplier * dp.max_grad_norm)  # drawn on the CPU: the same noise on any device
         p.grad = (acc + noise) / expected
     return batch, (sum(losses) / len(losses) if losses else float("nan")), n_target
 

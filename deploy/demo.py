@@ -144,7 +144,24 @@ def seg_specs(profile: DemoProfile, sam_model: str, threads: int) -> list[launch
 
 
 def _evaluation(run: dict[str, Any]) -> dict[str, Any]:
-    return run["report"].get("evaluate", {}) if run else {}
+    """The evaluation a run reported, with the run's own end state (``run_status``/``run_details``)."""
+    out = dict(run["report"].get("evaluate", {})) if run else {}
+    out["run_status"], out["run_details"] = (run.get("status", "?"), run.get("details", "")) if run else ("?", "")
+    return out
+
+
+def failures(result: dict[str, Any]) -> list[str]:
+    """Why a demo result is not a complete main job (empty when it is): a family whose evaluation
+    run did not complete or produced no table, and every problem a family reported."""
+    out = []
+    for family, res in result["families"].items():
+        status = res.get("run_status", "finished:completed")
+        if status != "finished:completed":
+            out.append(f"{family}: the evaluation run ended {status!r} ({res.get('run_details') or 'no details'})")
+        elif not res["outputs"].get("markdown"):
+            out.append(f"{family}: the evaluation produced no results")
+        out += [f"{family}: {key}: {problem}" for key, problem in sorted(res["problems"].items())]
+    return out
 
 
 def run_demo(workdir: Path, profile: DemoProfile, model: str = "smollm2-135m-instruct",
@@ -211,7 +228,8 @@ def run_demo(workdir: Path, profile: DemoProfile, model: str = "smollm2-135m-ins
         timings[f"{phase}_s"] = sum(v for k, v in timings.items() if k.startswith(f"{phase}_") and k != f"{phase}_s")
     first = evaluations.get("report") or next(iter(evaluations.values()), {})
     return {"timings": timings, "outputs": first.get("outputs", {}), "problems": first.get("problems", {}),
-            "families": {f: {"outputs": e.get("outputs", {}), "problems": e.get("problems", {})}
+            "families": {f: {"outputs": e.get("outputs", {}), "problems": e.get("problems", {}),
+                             "run_status": e.get("run_status", "?"), "run_details": e.get("run_details", "")}
                          for f, e in evaluations.items()},
             "registry": str(registry), "threads": threads,
             "sites": {s: str(p) for s, p in data.items()}, "egress": {
@@ -250,6 +268,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{result['threads']} torch thread(s) per site)")
     print(f"registry + audit log: {result['registry']} (segmentation family: {result['registry']}/segmentation)")
     print("egress logs: " + ", ".join(result["egress"].values()))
+    failed = failures(result)
+    if failed:
+        print("\nThe main job did NOT complete:\n" + "\n".join(f"  - {x}" for x in failed)
+              + f"\nLogs: {args.workdir.resolve()}/deploy/logs/ and {result['registry']}/runs/; run it again "
+              "(every run starts from a fresh deployment).", file=sys.stderr)
+        return 1
     return 0
 
 

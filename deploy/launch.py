@@ -255,21 +255,32 @@ def tie_to_parent(sig: int = signal.SIGTERM) -> Any:
     return preexec
 
 
-def popen_tied(cmd: list[str], tie: bool | None = None, **kwargs: Any) -> subprocess.Popen[bytes]:
+#: niceness of a SuperNode (and of the ClientApps it starts, which inherit it): see ``start_site``
+SITE_NICE = 10
+
+
+def popen_tied(cmd: list[str], tie: bool | None = None, nice: int = 0, **kwargs: Any) -> subprocess.Popen[bytes]:
     """``subprocess.Popen`` in a new session (own process group, so it is stopped by process group)
-    and, when ``tie`` (default :data:`TIE_TO_PARENT`), with a parent-death signal. Tests use this for
-    any server they start themselves."""
+    and, when ``tie`` (default :data:`TIE_TO_PARENT`), with a parent-death signal; ``nice`` > 0
+    lowers its CPU priority. Tests use this for any server they start themselves."""
     kwargs.setdefault("start_new_session", True)
-    if TIE_TO_PARENT if tie is None else tie:
-        kwargs["preexec_fn"] = tie_to_parent()
+    tied = tie_to_parent() if (TIE_TO_PARENT if tie is None else tie) else None
+    if tied is not None or nice:
+        def preexec() -> None:
+            if tied is not None:
+                tied()
+            if nice:
+                os.nice(nice)
+        kwargs["preexec_fn"] = preexec
     return subprocess.Popen(cmd, **kwargs)
 
 
-def _spawn(cmd: list[str], log: Path, env: dict[str, str], cwd: Path) -> dict[str, Any]:
+def _spawn(cmd: list[str], log: Path, env: dict[str, str], cwd: Path, nice: int = 0) -> dict[str, Any]:
     log.parent.mkdir(parents=True, exist_ok=True)
     cwd.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as fh:
-        proc = popen_tied(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=cwd)
+        proc = popen_tied(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=cwd,
+                          nice=nice)
     start = None
     for _ in range(50):
         start = proc_start_time(proc.pid)
@@ -661,7 +672,10 @@ def start_supernode(workdir: Path, spec: SiteSpec, superlink: str, root_cert: Pa
         "--auth-supernode-private-key", str(Path(private_key).resolve()),
         "--node-config", str(node_config_file), "--port", str(port),
     ]
-    proc = _spawn(cmd, workdir / "logs" / f"supernode-{spec.site}.log", env, site_dir)
+    # Site compute runs below the control plane: on a small machine shared by the SuperLink and many
+    # SuperNodes, training at equal priority starved the SuperLink until its sqlite state timed out
+    # ("database is locked" after 5 s), and flwr 1.41's SuperNodes and SuperExec exit on that HTTP 500.
+    proc = _spawn(cmd, workdir / "logs" / f"supernode-{spec.site}.log", env, site_dir, nice=SITE_NICE)
     proc.update(site=spec.site, port=port, node_config=node_config, private_key=str(private_key))
     state = load_state(workdir)
     state.setdefault("sites", {})[spec.site] = proc

@@ -592,6 +592,23 @@ def test_demo_relays_the_run_log_while_a_run_is_in_flight(tmp_path, capsys):
     assert "earlier run" not in err and "half" not in err  # only new, whole lines
 
 
+def test_demo_fails_loudly_when_an_evaluation_did_not_complete() -> None:
+    """The main job once printed empty tables and exited 0 after its ServerApp died under load:
+    a family whose evaluation run failed or produced nothing, or any reported problem, is a failure."""
+    from deploy.demo import _evaluation, failures
+
+    ok = {"outputs": {"markdown": "/x/results.md"}, "problems": {}, "run_status": "finished:completed"}
+    assert failures({"families": {"report": ok}}) == []
+    died = _evaluation({"status": "finished:failed", "details": "No heartbeat received from the task",
+                        "report": {"status": "running"}})
+    got = failures({"families": {"report": {**ok, **died, "outputs": {}}}})
+    assert got == ["report: the evaluation run ended 'finished:failed' (No heartbeat received from the task)"]
+    offline = {**ok, "problems": {"BMC": "offline"}}
+    assert failures({"families": {"segmentation": offline}}) == ["segmentation: BMC: offline"]
+    empty = {**ok, "outputs": {}}
+    assert failures({"families": {"report": empty}}) == ["report: the evaluation produced no results"]
+
+
 def test_a_site_runs_only_the_task_families_it_declares(tmp_path):
     from client.site import Site, SiteError, site_task
 

@@ -77,3 +77,21 @@ def test_servers_die_with_a_sigkilled_parent(tmp_path: Path) -> None:
                 proc = None
             if proc and proc_start_time(proc["pid"]) == proc["start_time"]:
                 os.killpg(proc["pid"], signal.SIGKILL)
+
+
+def test_site_processes_run_below_the_control_plane() -> None:
+    """SuperNodes (and the ClientApps they start, which inherit it) get a lower CPU priority than
+    the SuperLink: training at equal priority on a small machine starved the SuperLink until its
+    sqlite state reported "database is locked" and flwr's processes exited."""
+    from deploy import launch
+
+    assert launch.SITE_NICE > 0
+    base = os.nice(0)
+    child = launch.popen_tied([sys.executable, "-c", "import os, subprocess, sys; print(os.nice(0)); "
+                               "print(subprocess.run([sys.executable, '-c', 'import os; print(os.nice(0))'], "
+                               "capture_output=True, text=True).stdout.strip())"],
+                              nice=launch.SITE_NICE, stdout=subprocess.PIPE, text=True)
+    out, _ = child.communicate(timeout=60)
+    assert [int(x) for x in out.split()] == [base + launch.SITE_NICE] * 2
+    plain = launch.popen_tied([sys.executable, "-c", "import os; print(os.nice(0))"], stdout=subprocess.PIPE, text=True)
+    assert int(plain.communicate(timeout=60)[0]) == base

@@ -142,3 +142,26 @@ def test_dp_sgd_noise_is_not_derived_from_the_seed(tiny) -> None:
     name = next(iter(one.modules))
     assert stats["dp_secure_rng"] is True
     assert not torch.equal(one.modules[name].B, two.modules[name].B)
+
+
+def test_pick_device_and_inputs_follow_the_model(monkeypatch: pytest.MonkeyPatch, tiny_model_dir) -> None:
+    """``pick_device``: explicit name, else $RPE_DEVICE, else the CPU; ``auto`` is CUDA only where
+    torch sees one; a CUDA request without CUDA is a clear error. The loops read the device from
+    the model (``model_device``), so a model moved there is trained and read with its inputs."""
+    import torch
+
+    from common.models import load_base_model, model_device, pick_device
+
+    monkeypatch.delenv("RPE_DEVICE", raising=False)
+    assert pick_device() == torch.device("cpu")
+    monkeypatch.setenv("RPE_DEVICE", "cpu")
+    assert pick_device() == torch.device("cpu")
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="not a torch device"):
+        pick_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            pick_device("cuda")
+    model, _ = load_base_model(tiny_model_dir)
+    assert model_device(model) == torch.device("cpu")
+    assert model_device(torch.nn.Module()) == torch.device("cpu")
