@@ -151,14 +151,21 @@ def _evaluation(run: dict[str, Any]) -> dict[str, Any]:
 
 
 def failures(result: dict[str, Any]) -> list[str]:
-    """Why a demo result is not a complete main job (empty when it is): a family whose evaluation
-    run did not complete or produced no table, and every problem a family reported."""
+    """Why a demo result is not a complete main job (empty when it is): an enrolment or evaluation
+    run that did not complete, a site that was not enrolled, an evaluation without results, and
+    every problem a family reported."""
     out = []
+    for family, enr in result.get("enrolments", {}).items():
+        if enr.get("run_status") != "finished:completed" or enr.get("report_status") != "completed":
+            out.append(f"{family}: the enrolment run ended {enr.get('run_status')!r} "
+                       f"({enr.get('run_details') or 'the ServerApp stopped before it finished'})")
+        out += [f"{family}: site {site} was not enrolled ({status})"
+                for site, status in sorted(enr.get("sites", {}).items()) if status != "accepted"]
     for family, res in result["families"].items():
         status = res.get("run_status", "finished:completed")
         if status != "finished:completed":
             out.append(f"{family}: the evaluation run ended {status!r} ({res.get('run_details') or 'no details'})")
-        elif not res["outputs"].get("markdown"):
+        elif not res["outputs"].get("markdown") or not res.get("rows", 1):
             out.append(f"{family}: the evaluation produced no results")
         out += [f"{family}: {key}: {problem}" for key, problem in sorted(res["problems"].items())]
     return out
@@ -202,6 +209,7 @@ def run_demo(workdir: Path, profile: DemoProfile, model: str = "smollm2-135m-ins
                          "sites": ",".join(SEG_SITES)},
     }
     evaluations: dict[str, dict[str, Any]] = {}
+    enrolments: dict[str, dict[str, Any]] = {}
     try:
         for family in families:  # enrol every family first: the report registry must exist before the others
             t0 = time.perf_counter()
@@ -211,8 +219,14 @@ def run_demo(workdir: Path, profile: DemoProfile, model: str = "smollm2-135m-ins
                 enroll = launch.run_app(flwr_home, REPO, {**configs[family], "mode": "enroll"}, registry,
                                         timeout=3600)
             timings[f"enroll_{family}_s"] = time.perf_counter() - t0
-            for site, res in sorted(enroll["report"].get("enroll", {}).items()):
+            got = enroll["report"].get("enroll", {})
+            for site, res in sorted(got.items()):
                 _log(f"  {site}: {res.get('status')} {res.get('record_id', res.get('reason', ''))}")
+            enrolments[family] = {
+                "run_status": enroll.get("status"), "run_details": enroll.get("details", ""),
+                "report_status": enroll["report"].get("status"),
+                "sites": {site: str(got.get(site, {}).get("status", "no reply"))
+                          for site in configs[family]["sites"].split(",") if site}}
         for family in families:
             t0 = time.perf_counter()
             _log(f"evaluate [{family}]: leave-one-site-out, every strategy + base + own LoRA, scored at the sites")
@@ -229,8 +243,10 @@ def run_demo(workdir: Path, profile: DemoProfile, model: str = "smollm2-135m-ins
     first = evaluations.get("report") or next(iter(evaluations.values()), {})
     return {"timings": timings, "outputs": first.get("outputs", {}), "problems": first.get("problems", {}),
             "families": {f: {"outputs": e.get("outputs", {}), "problems": e.get("problems", {}),
-                             "run_status": e.get("run_status", "?"), "run_details": e.get("run_details", "")}
+                             "run_status": e.get("run_status", "?"), "run_details": e.get("run_details", ""),
+                             "rows": len(e.get("rows", []))}
                          for f, e in evaluations.items()},
+            "enrolments": enrolments,
             "registry": str(registry), "threads": threads,
             "sites": {s: str(p) for s, p in data.items()}, "egress": {
                 s.site: str(Path(s.site_dir) / "egress.jsonl") for s in specs}}

@@ -473,7 +473,7 @@ def start_superlink(workdir: Path, host: str = "127.0.0.1", port: int = DEFAULT_
     if allowlist is not None:
         extra["RPE_ALLOWLIST"] = str(Path(allowlist).resolve())
     cmd = [
-        _bin("flower-superlink"),
+        sys.executable, "-m", "deploy.superlink_main",  # flower-superlink, waiting longer for sqlite's lock
         "--ssl-ca-certfile", str(bundle.ca_cert), "--ssl-certfile", str(bundle.server_cert),
         "--ssl-keyfile", str(bundle.server_key),
         "--enable-supernode-auth", "--disable-runtime-dependency-installation",

@@ -607,6 +607,12 @@ def test_demo_fails_loudly_when_an_evaluation_did_not_complete() -> None:
     assert failures({"families": {"segmentation": offline}}) == ["segmentation: BMC: offline"]
     empty = {**ok, "outputs": {}}
     assert failures({"families": {"report": empty}}) == ["report: the evaluation produced no results"]
+    assert failures({"families": {"report": {**ok, "rows": 0}}}) == ["report: the evaluation produced no results"]
+    enrol = {"report": {"run_status": "finished:completed", "report_status": "running",
+                        "sites": {"xray": "accepted", "ct-head": "no reply"}}}
+    assert failures({"families": {}, "enrolments": enrol}) == [
+        "report: the enrolment run ended 'finished:completed' (the ServerApp stopped before it finished)",
+        "report: site ct-head was not enrolled (no reply)"]
 
 
 def test_a_site_runs_only_the_task_families_it_declares(tmp_path):

@@ -95,3 +95,24 @@ def test_site_processes_run_below_the_control_plane() -> None:
     assert [int(x) for x in out.split()] == [base + launch.SITE_NICE] * 2
     plain = launch.popen_tied([sys.executable, "-c", "import os; print(os.nice(0))"], stdout=subprocess.PIPE, text=True)
     assert int(plain.communicate(timeout=60)[0]) == base
+
+
+def test_superlink_waits_longer_for_sqlite_locks(tmp_path: Path) -> None:
+    """The SuperLink launcher raises flwr's sqlite busy timeout (5 s, after which a request fails
+    with "database is locked" and flwr's SuperNodes and SuperExec exit) on every connection."""
+    import sqlite3
+
+    from flwr.supercore import sql_mixin
+
+    from deploy import launch, superlink_main
+
+    saved = sql_mixin.SQLITE_PRAGMAS
+    try:
+        superlink_main.patch_busy_timeout()
+        conn = sqlite3.connect(tmp_path / "state.db")
+        sql_mixin._set_sqlite_pragmas(conn, None)
+        assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == superlink_main.BUSY_TIMEOUT_MS
+        conn.close()
+    finally:
+        sql_mixin.SQLITE_PRAGMAS = saved
+    assert "deploy.superlink_main" in Path(launch.__file__).read_text()
