@@ -20,6 +20,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from server.registry.errors import RecordNotFoundError, RegistryCorruptError
+
+try:  # chromadb depends on orjson (as in recordlog.py); json reads the same lines
+    from orjson import loads as _loads
+except ImportError:  # pragma: no cover
+    from json import loads as _loads
 from server.registry.records import AdapterMeta, Record
 
 #: filterable key -> metadata field
@@ -154,11 +159,9 @@ class Columns:
         self.version += 1
 
     def _fill(self, row: int) -> None:
-        from orjson import loads
-
         off = int(self.line_off[row])
         try:
-            e = loads(self._read_line(off))
+            e = _loads(self._read_line(off))
             ok = e["op"] == "add" and e["id"] == self.ids[row]
         except (ValueError, KeyError, TypeError):
             ok = False
