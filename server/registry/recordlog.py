@@ -87,6 +87,11 @@ def migrate_lines(src: Path, dst: Path) -> int:
     return n
 
 
+def line_starts(data: bytes, base: int) -> np.ndarray:
+    """File offsets of the lines of ``data`` (whole lines, each ending in a newline) read at ``base``."""
+    return base + np.concatenate(([0], np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10)[:-1] + 1))
+
+
 def remove_line(record_id: str, reason: str | None) -> str:
     """The tombstone line of a removal."""
     return canonical_json({"op": "remove", "id": record_id, "reason": reason, "ts": now()})
@@ -265,8 +270,7 @@ class RecordLog:
                     return -1
         except (KeyError, TypeError):
             return -1
-        starts = (base_offset + np.concatenate(
-            ([0], np.flatnonzero(np.frombuffer(body, dtype=np.uint8) == 10) + 1))).tolist()
+        starts = line_starts(data[:end], base_offset).tolist()
         batch: list[tuple[dict[str, Any], bytes | int, int]] = []
         for (entry, r), at in zip(adds, starts, strict=True):
             if r == -1:

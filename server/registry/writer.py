@@ -42,7 +42,7 @@ from server.registry.errors import (
     UpdateNormBoundError,
     ValidationError,
 )
-from server.registry.recordlog import RecordLog, add_line
+from server.registry.recordlog import RecordLog, add_line, line_starts
 from server.registry.records import Prepared, Record
 from server.registry.validation import NORMS_KEY, check_same, core_meta, prepare
 
@@ -220,7 +220,7 @@ class Writer:
             if isinstance(exc, OSError):
                 raise storage_error(exc, "audit entry", root) from exc
             raise
-        offs = start + np.concatenate(([0], np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10)[:-1] + 1))
+        offs = line_starts(data, start)
         rows = self.cols.apply_adds([(p.id, p.meta, p.sha, len(p.blob), p.z_sha) for p in prepared], zrows, offs)
         chroma = self.index()
         if index:
