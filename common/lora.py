@@ -37,6 +37,7 @@ __all__ = [
     "adapter_from_bytes",
     "adapter_to_arrays",
     "adapter_to_bytes",
+    "canonical_head",
     "compose",
     "delta_dict",
     "load_peft_adapter",
@@ -229,6 +230,19 @@ def adapter_to_bytes(adapter: LoraAdapter) -> bytes:
     ``__metadata__`` order is not stable across processes when it has more than one entry. Stock
     safetensors readers (``safetensors.torch.load``) read the blob.
     """
+    head, buffers = _canonical_layout(adapter)
+    return b"".join([head, *buffers])
+
+
+def canonical_head(adapter: LoraAdapter) -> bytes:
+    """The first bytes of :func:`adapter_to_bytes` (length + JSON header), without copying a tensor.
+
+    A blob whose tensors were read from it with its own header is canonical exactly when its head
+    equals this: the header fixes every tensor's offset, and the data bytes are those tensors'."""
+    return _canonical_layout(adapter)[0]
+
+
+def _canonical_layout(adapter: LoraAdapter) -> tuple[bytes, list[np.ndarray]]:
     if sys.byteorder != "little":  # pragma: no cover
         raise RuntimeError("adapter_to_bytes assumes a little-endian host")
     entries: list[tuple[str, torch.Tensor]] = []
@@ -250,7 +264,7 @@ def adapter_to_bytes(adapter: LoraAdapter) -> bytes:
     header["__metadata__"] = {"format": "pt", "rpe_format": FORMAT_TAG, "rpe_lora": _lora_meta(adapter)}
     raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     raw += b" " * (-(8 + len(raw)) % 8)
-    return b"".join([len(raw).to_bytes(8, "little"), raw, *buffers])
+    return len(raw).to_bytes(8, "little") + raw, buffers
 
 
 def _read_safetensors_metadata(data: bytes) -> dict:

@@ -195,6 +195,23 @@ def _respaced(blob: bytes) -> bytes:
     return len(raw).to_bytes(8, "little") + raw + blob[8 + n:]
 
 
+def _reordered(blob: bytes) -> bytes:
+    """The same tensors and metadata, compact sorted JSON as ours, but the data in reverse order."""
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    data = blob[8 + n:]
+    names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+    parts, off = [], 0
+    for k in reversed(names):
+        b, e = header[k]["data_offsets"]
+        parts.append(data[b:e])
+        header[k]["data_offsets"] = [off, off + e - b]
+        off += e - b
+    raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % 8)
+    return len(raw).to_bytes(8, "little") + raw + b"".join(parts)
+
+
 def with_value(a: LoraAdapter, name: str, factor: str, index: tuple[int, int], value: float) -> LoraAdapter:
     getattr(a.modules[name], factor)[index] = value
     return a
@@ -848,6 +865,9 @@ CASES: list[Case] = [
          lambda c: c.add(stock_safetensors()), AdapterFormatError,
          "adapter blob has rpe_format None, expected 'rpe-lora-v1'", R,
          hint="a PEFT directory: load it with common.lora.load_peft_adapter first"),
+    Case("non-canonical-layout", "valid safetensors, canonical JSON, tensors stored in another order",
+         lambda c: c.add(_reordered(adapter_to_bytes(make_adapter(8)))), AdapterFormatError,
+         "not in canonical form", R),
     Case("non-canonical-blob", "valid safetensors with a re-formatted (spaced) header", lambda c: c.add(
         _respaced(adapter_to_bytes(make_adapter(8)))), AdapterFormatError, "not in canonical form", R,
          hint="encode it with common.lora.adapter_to_bytes"),

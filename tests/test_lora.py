@@ -238,8 +238,11 @@ def test_compose_exact_is_weighted_sum_of_deltas():
         assert m.rank == sum(spec.get(name, 0) for spec in RANKS)
         assert m.A.dtype == m.B.dtype == torch.float32
         torch.testing.assert_close(m.delta(torch.float64), want[name], rtol=1e-5, atol=1e-5)
-    # A is the row stack of the A_i: adapter 0's rows come first, untouched.
-    torch.testing.assert_close(composed.modules["m.q"].A[:3], adapters[0].modules["m.q"].A, rtol=0, atol=0)
+    # B is the B_i side by side, untouched; the coefficients w_i s_i sit on A's row blocks (as in
+    # PEFT's add_weighted_adapter(cat)).
+    q0 = adapters[0].modules["m.q"]
+    torch.testing.assert_close(composed.modules["m.q"].B[:, :3], q0.B, rtol=0, atol=0)
+    torch.testing.assert_close(composed.modules["m.q"].A[:3], q0.A * (RWEIGHTS[0] * q0.scale), rtol=0, atol=0)
     # the sum of deltas also equals delta_dict of the parts
     parts = [delta_dict(a) for a in adapters]
     sq = sum(w * p["m.q"] for w, p in zip(RWEIGHTS, parts, strict=True))

@@ -228,6 +228,13 @@ def test_oversized_update_refused_relative_to_the_registry(tmp_path):
         norms = reg._cols.meta[reg._cols.row[ok.id]]["update_norms"]
         assert norms["__total__"] > 0 and set(SHAPES) <= set(norms)
         assert "update_norms" not in ok.meta.to_dict()
+        # computed once, by the validation, and equal to the bound module's own definition
+        from server.bounds import adapter_norms
+
+        want = adapter_norms(adapter(51, scale=2.0))
+        assert set(norms) == set(want)
+        for name, value in want.items():
+            assert norms[name] == pytest.approx(value, rel=1e-5)
         # another task has no reference yet: only the absolute cap applies
         reg.add(adapter(52, scale=500.0), z(52), meta("other", task="t2"))
 

@@ -18,7 +18,6 @@ import numpy as np
 from common.digests import canonical_json, sha256_hex, z_sha256
 from common.safeio import UnsafeInputError, check_name
 from common.safetensors_header import SafetensorsHeaderError, check_sizes, parse_header
-from server.bounds import adapter_norms
 from server.registry.errors import (
     AdapterFormatError,
     BlobHashMismatchError,
@@ -209,10 +208,10 @@ def _format_error(site: str, exc: SafetensorsHeaderError) -> AdapterFormatError:
 
 
 def check_adapter(adapter: Any, site: str, base: str, shapes: Mapping[str, Any],
-                  limits: Mapping[str, float]) -> tuple[bytes, int]:
+                  limits: Mapping[str, float]) -> tuple[bytes, int, Any, dict[str, float]]:
     """Validate an adapter (LoraAdapter or canonical bytes) against ``base``; returns (blob, max rank,
-    the parsed ``LoraAdapter``)."""
-    from common.lora import LoraAdapter, LoraFormatError, adapter_from_bytes, adapter_to_bytes
+    the parsed ``LoraAdapter``, its update norms as ``check_modules`` gives them)."""
+    from common.lora import LoraAdapter, LoraFormatError, adapter_from_bytes, adapter_to_bytes, canonical_head
 
     lim = limits
     max_bytes = lim["max_blob_bytes"]
@@ -248,17 +247,20 @@ def check_adapter(adapter: Any, site: str, base: str, shapes: Mapping[str, Any],
                 "(a PEFT directory: load it with common.lora.load_peft_adapter first; resend if the blob "
                 "was cut in transit)"
             ) from exc
-        check_modules(parsed, site, base, shapes, limits)
+        norms = check_modules(parsed, site, base, shapes, limits)
+        # canonical iff the head is: the tensors were read from this blob by its own header, so
+        # the data bytes re-encode to themselves (re-encoding whole was 12 % of an insert, issue 14)
         try:
-            canonical = adapter_to_bytes(parsed)
+            head = canonical_head(parsed)
         except (LoraFormatError, KeyError) as exc:
             raise AdapterFormatError(f"site {site!r}: adapter cannot be re-encoded ({exc})") from exc
-        if canonical != blob:
+        if len(head) + sum(m.A.nbytes + m.B.nbytes for m in parsed.modules.values()) != len(blob) \
+                or blob[:len(head)] != head:
             raise AdapterFormatError(
                 f"site {site!r}: adapter blob is not in canonical form; encode it with "
                 "common.lora.adapter_to_bytes (its sha256 is the adapter's id)"
             )
-        return blob, max(m.rank for m in parsed.modules.values()), parsed
+        return blob, max(m.rank for m in parsed.modules.values()), parsed, norms
     if not isinstance(adapter, LoraAdapter):
         raise AdapterFormatError(
             f"site {site!r}: adapter must be a common.lora.LoraAdapter or its canonical bytes; got "
@@ -280,7 +282,7 @@ def check_adapter(adapter: Any, site: str, base: str, shapes: Mapping[str, Any],
             f"site {site!r}: adapter tensors are {est} bytes, the registry cap is {max_bytes}; lower the "
             "rank or the number of target modules"
         )
-    check_modules(adapter, site, base, shapes, limits)
+    norms = check_modules(adapter, site, base, shapes, limits)
     blob = adapter_to_bytes(adapter)
     if len(blob) > max_bytes:
         raise PayloadTooLargeError(
@@ -288,15 +290,19 @@ def check_adapter(adapter: Any, site: str, base: str, shapes: Mapping[str, Any],
             "the rank "
             "or the number of target modules"
         )
-    return blob, max(m.rank for m in adapter.modules.values()), adapter
+    return blob, max(m.rank for m in adapter.modules.values()), adapter, norms
 
 
 def check_modules(adapter: Any, site: str, base: str, shapes: Mapping[str, Any],
-                  limits: Mapping[str, float]) -> None:
-    """Every module exists in the base, fits its shape, has a sane rank, finite factors and ‖ΔW‖."""
+                  limits: Mapping[str, float]) -> dict[str, float]:
+    """Every module exists in the base, fits its shape, has a sane rank, finite factors and ‖ΔW‖.
+
+    Returns the per-module update norms ``‖scale·B·A‖_F`` plus ``"__total__"`` (what
+    ``server.bounds.adapter_norms`` computes; computed once here for the insert path)."""
     import torch
 
     lim = limits
+    norms: dict[str, float] = {}
     if not adapter.modules:
         raise AdapterFormatError(f"site {site!r}: adapter has no modules")
     if len(adapter.modules) > lim["max_modules"]:
@@ -327,22 +333,16 @@ def check_modules(adapter: Any, site: str, base: str, shapes: Mapping[str, Any],
             )
         if not math.isfinite(m.scale):
             raise NonFiniteError(f"site {site!r}: module {name} has a non-finite scale {m.scale}")
-        for label, t in (("A", m.A), ("B", m.B)):
-            finite = torch.isfinite(t)
-            if not bool(finite.all()):
-                nbad = int((~finite).sum())
-                kinds = []
-                if bool(torch.isnan(t).any()):
-                    kinds.append("NaN")
-                if bool(torch.isinf(t).any()):
-                    kinds.append("Inf")
-                raise NonFiniteError(
-                    f"site {site!r}: module {name} lora_{label} has {nbad} non-finite value(s) "
-                    f"({'/'.join(kinds)}); the training diverged — retrain (lower lr) before submitting"
-                )
-        # ‖s·B·A‖_F² = s²·trace((BᵀB)(AAᵀ)): two r×r products, never the dense out×in update
+        # ‖s·B·A‖_F² = s²·trace((BᵀB)(AAᵀ)): two r×r products, never the dense out×in update. It is
+        # also the finiteness check: a NaN/Inf entry makes a diagonal of AAᵀ or BᵀB non-finite and so
+        # the trace (float64 squares of float32/16 values cannot overflow), so the element-wise scan
+        # runs only to word the error (it was 15 % of an insert, issue 14).
         A64, B64 = m.A.to(torch.float64), m.B.to(torch.float64)
-        norm = abs(m.scale) * math.sqrt(max(float(torch.trace((B64.T @ B64) @ (A64 @ A64.T))), 0.0))
+        trace = float(torch.trace((B64.T @ B64) @ (A64 @ A64.T)))
+        if not math.isfinite(trace):
+            _raise_non_finite(site, name, m)
+        norm = abs(m.scale) * math.sqrt(max(trace, 0.0))
+        norms[name] = norm
         cap = float(lim["max_delta_norm"])
         if not norm <= cap:
             raise NormError(
@@ -350,6 +350,24 @@ def check_modules(adapter: Any, site: str, base: str, shapes: Mapping[str, Any],
                 f"{cap:.3g} (limits.max_delta_norm); the training diverged or the factors were scaled — "
                 "retrain before submitting"
             )
+    norms["__total__"] = math.sqrt(sum(v * v for v in norms.values()))
+    return norms
+
+
+def _raise_non_finite(site: str, name: str, m: Any) -> None:
+    import torch
+
+    for label, t in (("A", m.A), ("B", m.B)):
+        finite = torch.isfinite(t)
+        if not bool(finite.all()):
+            nbad = int((~finite).sum())
+            kinds = [k for k, f in (("NaN", torch.isnan), ("Inf", torch.isinf)) if bool(f(t).any())]
+            raise NonFiniteError(
+                f"site {site!r}: module {name} lora_{label} has {nbad} non-finite value(s) "
+                f"({'/'.join(kinds)}); the training diverged — retrain (lower lr) before submitting"
+            )
+    raise NonFiniteError(f"site {site!r}: module {name}: ‖scale·B·A‖_F overflows float64; the factors are "
+                         "far too large — retrain before submitting")
 
 
 def prepare(adapter: Any, z: Any, meta: AdapterMeta | Mapping[str, Any], expected_sha256: str | None, *,
@@ -376,7 +394,7 @@ def prepare(adapter: Any, z: Any, meta: AdapterMeta | Mapping[str, Any], expecte
                 "adapter was "
                 "altered or truncated in transit — resend it"
             )
-    blob, rank, parsed = check_adapter(adapter, site, m["base_fingerprint"], bases[m["base_fingerprint"]]["modules"],
+    blob, rank, _, norms = check_adapter(adapter, site, m["base_fingerprint"], bases[m["base_fingerprint"]]["modules"],
                                limits)
     sha = sha256_hex(blob)
     if expected is not None and sha != expected:
@@ -388,7 +406,7 @@ def prepare(adapter: Any, z: Any, meta: AdapterMeta | Mapping[str, Any], expecte
     m["rank"] = rank
     # per-module ‖ΔW‖, computed here (never taken from the site): what the relative bound of
     # server/bounds.py compares against, for this record and every later one
-    m[NORMS_KEY] = {k: float(f"{v:.6g}") for k, v in adapter_norms(parsed).items()}
+    m[NORMS_KEY] = {k: float(f"{v:.6g}") for k, v in norms.items()}
     z_sha = z_sha256(z32)
     key = sha256_hex(canonical_json([site, m["task"], sha, z_sha]).encode())[:_ID_HASH_LEN]
     rid = f"{site}:{m['task']}:{key}"
