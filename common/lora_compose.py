@@ -24,12 +24,15 @@ from common.lora import (
 # --------------------------------------------------------------------------------------------
 
 def _work_dtype(parts: Sequence[tuple[LoraModule, float]], factor: str, dtype: torch.dtype) -> torch.dtype:
-    """The dtype to stack in: the output's, or an input's when that one is more precise."""
+    """The dtype to stack in: the output's, an input's when that one is more precise, fp32 for fp16 with bf16
+    (so the product is rounded once, as before the coefficients moved to A)."""
     work = dtype
     for m, _ in parts:
         src = getattr(m, factor).dtype
         if _PRECISION[src] > _PRECISION[work]:
             work = src
+        elif src != work and _PRECISION[src] == _PRECISION[work]:  # fp16 <-> bf16: meet in fp32
+            work = torch.promote_types(src, work)
     return work
 
 
