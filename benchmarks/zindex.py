@@ -143,7 +143,7 @@ def worker(n: int, d: int, queries: int, do_reopen: bool, chroma_n: int, work: P
     extra = Z[: min(n, 2000)]
     p2 = ExactTopK(d)  # the same basis, fitted: measures add() with the projection on
     p2._P, p2._mu = ix._P, ix._mu
-    p2._Yq = torch.zeros((0, ix.proj_dim), dtype=torch.int8)
+    p2._Yq = ExactTopK._y_blocks(ix.proj_dim, 0)
     t = time.perf_counter()
     p2.add(extra)
     res["insert_index_fitted_per_s"] = extra.shape[0] / (time.perf_counter() - t)

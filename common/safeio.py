@@ -10,6 +10,7 @@ was expected.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -181,9 +182,16 @@ def check_name(value: Any, what: str, max_length: int = MAX_NAME_LENGTH) -> str:
     Returns the normalised name. Two names that look the same ("e" + combining acute vs "é") are the
     same name after normalisation, and a name cannot hide text direction overrides (U+202E) or
     invisible characters (U+200B) that would make an audit report read differently from what it holds.
+    Accepted names are remembered (a bulk insert repeats a few site and task names thousands of
+    times); a refused one is checked, and refused, every time.
     """
     if not isinstance(value, str):
         raise UnsafeInputError(f"{what} must be a string; got {type(value).__name__}")
+    return _checked_name(value, what, max_length)
+
+
+@functools.lru_cache(maxsize=4096)
+def _checked_name(value: str, what: str, max_length: int) -> str:
     name = unicodedata.normalize("NFC", value)
     if not name.strip():
         raise UnsafeInputError(f"{what} must not be empty")

@@ -30,6 +30,14 @@ import _registry_crash_worker as W  # noqa: E402
 N = 24
 
 
+def _signal(pid: int, sig: int) -> None:
+    """Signal a crash child that may already have exited (and been reaped by the fork server)."""
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
 class Worker:
     """The fork-server helper; children are killed by pid, the server itself by pid in close()."""
 
@@ -61,13 +69,15 @@ class Worker:
             timeout = 60.0 if deadline is None or killed else max(0.0, deadline - time.monotonic())
             ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
             if not ready and deadline is not None and not killed:
-                os.kill(pid, signal.SIGKILL)
+                # the child may have finished (and been reaped by the fork server) just before its
+                # deadline: then its 'exit' line is on the way and there is nothing left to kill
+                _signal(pid, signal.SIGKILL)
                 killed = True
                 continue
             if not ready:
-                os.kill(pid, signal.SIGUSR1)  # faulthandler: stacks to stderr, then give up
+                _signal(pid, signal.SIGUSR1)  # faulthandler: stacks to stderr, then give up
                 time.sleep(1)
-                os.kill(pid, signal.SIGKILL)
+                _signal(pid, signal.SIGKILL)
                 pytest.fail(f"crash child {pid} hung (crash_at={crash_at}, kill_after={kill_after})")
             out = self.proc.stdout.readline().strip()
             if out.startswith("ready ") and kill_after is not None:

@@ -182,9 +182,14 @@ class Writer:
         """Blobs, record lines, audit line — all or nothing — then columns and the Chroma mirror."""
         ts = now()
         new_blobs: dict[str, bytes] = {}
+        intact: set[str] = set()  # a blob many items of the batch share is read back once
         for p in prepared:
             p.meta["created_at"] = ts
-            if p.sha not in new_blobs and not self.blobs.is_intact(p.sha, len(p.blob)):
+            if p.sha in new_blobs or p.sha in intact:
+                continue
+            if self.blobs.is_intact(p.sha, len(p.blob)):
+                intact.add(p.sha)
+            else:
                 new_blobs[p.sha] = p.blob
         root = self.blobs.root
         try:
