@@ -176,3 +176,20 @@ def test_sigkill_mid_write_leaves_the_old_output_whole(tmp_path):
             proc.kill()
     assert (out / "adapter_config.json").read_text() == "old config"
     assert (out / "adapter_model.safetensors").read_bytes() == b"old weights"
+
+
+def test_check_name_remembers_accepted_names_only() -> None:
+    """Accepted names are cached (bulk inserts repeat them); a refused one is refused every time,
+    and the cache never merges names that normalise differently or checks of another field."""
+    for _ in range(3):
+        assert check_name("e\u0301cole", "site") == "\u00e9cole"
+        assert check_name("\u00e9cole", "site") == "\u00e9cole"
+        with pytest.raises(UnsafeInputError, match="U\\+202E"):
+            check_name("site\u202e", "site")
+        with pytest.raises(UnsafeInputError, match="must be a string"):
+            check_name(["site"], "site")
+    with pytest.raises(UnsafeInputError, match="limit is 3"):
+        check_name("abcd", "task", max_length=3)
+    assert check_name("abcd", "task") == "abcd"
+    with pytest.raises(UnsafeInputError, match="^task "):
+        check_name("a\u200bb", "task")
