@@ -48,10 +48,14 @@ def _scaled_rows(parts: Sequence[tuple[LoraModule, float]], dtype: torch.dtype) 
     if len(parts) == 1:
         src = parts[0][0].A
         return torch.mul(src if src.dtype == work else src.to(work), parts[0][1]).to(dtype)
-    out = torch.cat([m.A.to(work) for m, _ in parts], dim=0)
+    out = torch.empty((sum(m.rank for m, _ in parts), parts[0][0].A.shape[1]), dtype=work)
     row = 0
     for m, c in parts:
-        out[row:row + m.rank].mul_(c)
+        block = out[row:row + m.rank]
+        if m.A.dtype == work:
+            torch.mul(m.A, c, out=block)  # one pass: read A_i, write c_i A_i in place
+        else:  # widen first, so the product is formed in ``work`` and rounded once
+            block.copy_(m.A).mul_(c)
         row += m.rank
     return out.to(dtype)
 
