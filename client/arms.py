@@ -21,7 +21,7 @@ from flwr.app import Context, RecordDict
 
 from client import seg_handlers as seg
 from client.release import say
-from client.site import Site, SiteError, load_model, load_site_data, site_task
+from client.site import Site, SiteError, load_model, load_site_data, site_task, to_compute_dtype
 from common import wire
 from common.wire import WireError
 
@@ -45,6 +45,7 @@ def _scorer(site: Site, cfg: dict[str, Any]) -> tuple[str, Callable[[list[Any]],
     model, tok, fp = load_model(site)
     if not held:
         return fp, None
+    to_compute_dtype(site, model)
     try:
         site.release.metrics(len(held))
     except ReleaseRefused as exc:

@@ -45,6 +45,7 @@ from client.site import (
     signing_key,
     site_task,
     split_list,
+    to_compute_dtype,
 )
 from common import wire
 from common.data import DatasetFormatError, Example
@@ -137,15 +138,17 @@ def enroll(req: wire.Request, site: Site, context: Context) -> RecordDict:
     plan = train_plan(cfg, site)
     refuse_over_budget(site, plan, len(train))
     model, tok, fp = load_model(site)
-    adapter, stats = train_adapter(model, tok, train, task, plan, fp)
-    encoded = wire.encode_adapter(adapter, base_model=fp)  # the one form: sent, hashed, stored, kept
-    # the enrolment z is cached like the query z: a second enrolment re-sends the same noisy z
+    # z first, from the float32 weights: it must not depend on the site's compute dtype. The
+    # enrolment z is cached like the query z: a second enrolment re-sends the same noisy z
     rel = release_z(site, task.embedding_texts(train), plan.embed_layer, lambda: (model, tok, fp),
                     adapter_sent=True, check=False)
     z = rel.z
+    dtype = to_compute_dtype(site, model)
+    adapter, stats = train_adapter(model, tok, train, task, plan, fp)
+    encoded = wire.encode_adapter(adapter, base_model=fp)  # the one form: sent, hashed, stored, kept
     keep_own_copy(site, task.name, encoded)
     meta = enroll_meta(site, task.name, train, fp, rel.info, encoded, release_privacy(plan, stats, rel),
-                       train_stats(plan, stats, len(train)), cfg["nonce"])
+                       train_stats(plan, stats, len(train), dtype), cfg["nonce"])
     sign(meta, site, z, str(context.run_id))
     return wire.build_enroll_reply(encoded.arrays, z, meta, check=False)  # the gate checks it once
 
@@ -210,11 +213,12 @@ def release_privacy(plan: TrainPlan, stats: dict[str, Any], rel: ZRelease) -> di
     return release_record(stats if plan.dp is not None else None, rel.mech, adapter_sent=True, z_repeat=rel.repeat)
 
 
-def train_stats(plan: TrainPlan, stats: dict[str, Any], n_train: int) -> dict[str, Any]:
+def train_stats(plan: TrainPlan, stats: dict[str, Any], n_train: int, compute_dtype: str = "float32"
+                ) -> dict[str, Any]:
     out = {"steps": stats.get("steps", plan.steps), "lr": plan.lr, "batch_size": plan.batch_size,
            "max_length": plan.max_length, "seed": plan.seed, "loss_first": stats.get("first_loss"),
            "loss_last": stats.get("final_loss"), "seconds": round(float(stats.get("seconds", 0.0)), 3),
-           "n_train": n_train}
+           "n_train": n_train, "compute_dtype": compute_dtype}
     return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in out.items()}
 
 
@@ -390,6 +394,7 @@ def score(site: Site, cfg: dict[str, Any], adapter: Any) -> tuple[dict[str, floa
         say(site, f"metrics withheld: {exc.reason}")
         return {}, False
     model, tok, _ = load_model(site)
+    to_compute_dtype(site, model)
     metrics = numeric(evaluate_task(model, tok, task, held, adapter=adapter))
     if cfg.get("with_base"):
         base = evaluate_task(model, tok, task, held, adapter=None)

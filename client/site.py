@@ -10,7 +10,9 @@ or ``z-epsilon``, ``z-delta`` (the Gaussian mechanism on z, ``common.privacy``),
 (the total ε the site will ever release; non-private releases and held-out metrics are then
 refused) - the site's own privacy policy, off by default. The release policy
 (``client/policy.py``, safe defaults): ``z-min-examples`` (10), ``z-layers`` ("-1"),
-``metrics-min-reports`` (10). ``coordinator-key``: the coordinator's public key (PEM file,
+``metrics-min-reports`` (10). ``compute-dtype`` (auto, float32, bfloat16: what the site trains and
+generates in; auto = bfloat16 on hardware that has it; z is always float32). ``coordinator-key``:
+the coordinator's public key (PEM file,
 ``<registry>/coordinator.pub``); without it the site installs no delivery. Also ``threads`` (torch CPU threads; on a
 shared or small machine 1 avoids oversubscription, which made generation ~50x slower on a loaded
 2-core host). ``task`` (comma-separated families, default ``report-text``; ``segmentation`` with
@@ -69,6 +71,9 @@ class Site:
     after_logged: list[Any] = field(default_factory=list)
     #: segmentation sites: ``seg-dataset``, ``seg-site``, ``seg-copies`` from the node config
     seg: dict[str, str] = field(default_factory=dict)
+    #: the dtype the site trains and generates in (node config ``compute-dtype``: auto, float32,
+    #: bfloat16; ``common.models.compute_dtype``); z is always float32
+    compute_dtype: str = "auto"
 
     @property
     def egress_path(self) -> Path:
@@ -128,9 +133,13 @@ def site_from_context(context: Context) -> Site:
     node_key = nc.get("supernode-key") if "site-id" in nc else None
     tasks = tuple(split_list(nc.get("task"))) or DEFAULT_TASKS
     seg = {k: str(nc[k]) for k in SEG_KEYS if k in nc}
+    dtype = str(nc.get("compute-dtype") or rc.get("sim-compute-dtype") or "auto")
+    if dtype not in wire.COMPUTE_DTYPES:
+        raise SiteError(f"site {site!r}: compute-dtype {dtype!r} is not one of {', '.join(wire.COMPUTE_DTYPES)} "
+                        "(auto: bfloat16 where the CPU/GPU has it in hardware, else float32)")
     return Site(site, Path(str(data)).expanduser(), model, site_dir.expanduser().resolve(), policy, threads,
                 tasks, seg=seg, release=release, coordinator_key=coord,
-                supernode_key=Path(str(node_key)).expanduser() if node_key else None)
+                supernode_key=Path(str(node_key)).expanduser() if node_key else None, compute_dtype=dtype)
 
 
 def sim_release_config(rc: Any) -> dict[str, Any]:
@@ -203,6 +212,18 @@ def load_model(site: Site) -> tuple[Any, Any, str]:
 
     model, tok = load_base_model(site.model_path)
     return model, tok, fingerprint(site.model_path)
+
+
+def to_compute_dtype(site: Site, model: Any) -> str:
+    """Cast ``model`` (in place) to the dtype this site trains and generates in, and name it.
+
+    Call it only after every z of the request is computed: z is always taken from the float32
+    weights (``common.models.compute_dtype`` says why), and a bf16 cast cannot be undone."""
+    from common.models import cast_parameters, compute_dtype, model_device
+
+    dtype = compute_dtype(site.compute_dtype, model_device(model))
+    cast_parameters(model, dtype)
+    return str(dtype).removeprefix("torch.")
 
 
 def signing_key(site: Site) -> Any:

@@ -1135,3 +1135,38 @@ def test_local_cross_check_covers_every_message_type_a_site_answered(local, tmp_
         [wire.WHOAMI, wire.ENROLL, wire.WHOAMI, wire.EMBED, wire.APPLY, wire.WHOAMI, wire.EMBED, wire.EVALUATE]
     ), str(rep)
     assert all(m["matched_on"] == "record_digests" for m in rep.matched), str(rep)
+
+
+def test_local_site_trains_in_its_compute_dtype_but_sends_the_float32_z(local):
+    """``compute-dtype = bfloat16``: the adapter is trained on bf16 weights and its metadata says so,
+    while z is the one the float32 weights give (the same bytes as a float32 site's), so registries
+    stay comparable whatever hardware a site has."""
+    import numpy as np
+
+    nc = local["nodes"][101].node_config
+    replies = {}
+    try:
+        for dtype in ("float32", "bfloat16"):
+            nc["compute-dtype"] = dtype
+            rep = _push(local, 101, wire.ENROLL, {"task": "report-text", "steps": 1, "lora_r": 2,
+                                                  "lora_alpha": 4.0, "max_length": 64})
+            assert not rep.has_error(), rep.error.reason if rep.has_error() else ""
+            replies[dtype] = rep
+    finally:
+        nc.pop("compute-dtype", None)
+    stats = {d: json.loads(r.content["meta"]["train_stats"]) for d, r in replies.items()}
+    assert stats["float32"]["compute_dtype"] == "float32" and stats["bfloat16"]["compute_dtype"] == "bfloat16"
+    z = {d: r.content["embedding"]["z"].numpy() for d, r in replies.items()}
+    assert np.array_equal(z["float32"], z["bfloat16"])
+    a = {d: r.content["adapter"] for d, r in replies.items()}
+    assert any(not np.array_equal(a["float32"][k].numpy(), a["bfloat16"][k].numpy()) for k in a["float32"].keys())
+
+
+def test_site_refuses_an_unknown_compute_dtype(tmp_path):
+    from flwr.app import Context, RecordDict
+
+    from client.site import SiteError, site_from_context
+
+    nc = {"site-id": "a", "data-path": str(tmp_path), "compute-dtype": "float16"}
+    with pytest.raises(SiteError, match="compute-dtype 'float16' is not one of auto, float32, bfloat16"):
+        site_from_context(Context(run_id=1, node_id=1, node_config=nc, state=RecordDict(), run_config={}))
