@@ -19,9 +19,14 @@ message type         request (coordinator -> site)              reply (site -> c
 
 Records:
 
-- ``adapter``: ArrayRecord of the LoRA factors with PEFT key names
-  (``base_model.model.<module>.lora_A.weight`` of shape ``[r, in]`` and ``...lora_B.weight`` of
-  shape ``[out, r]``), float32, finite, exactly the modules listed in the LoRA config.
+- ``adapter``: ArrayRecord with exactly one 1-D float32 array ``lora_factors``: every LoRA factor
+  of the LoRA config, finite, flattened (row-major) and joined in the sorted order of their PEFT
+  key names (``base_model.model.<module>.lora_A.weight`` of shape ``[r, in]``, then
+  ``...lora_B.weight`` of shape ``[out, r]``, module by module). The LoRA config alone fixes the
+  layout, so the vector has exactly Σ r·(in + out) values. Why one array and not one per factor:
+  Flower 1.41 moves every array as its own objects through the SuperLink's sqlite state, each with
+  several round trips; a 30-layer q/v adapter was ~240 objects, and a ``train.evaluate`` with six
+  arms kept the SuperLink CPU-bound for a minute on the local main job.
 - ``embedding``: ArrayRecord with exactly one 1-D float32 array ``z``.
 - ``meta``: ConfigRecord with exactly the keys of ``ENROLL_META_KEYS`` (enrolment) or
   ``EMBED_META_KEYS`` (embedding query); nested values (LoRA config, privacy settings, training
@@ -57,7 +62,7 @@ from common.digests import (
 if TYPE_CHECKING:
     from common.lora import LoraAdapter
 
-WIRE_SCHEMA = "rpe-wire/1"
+WIRE_SCHEMA = "rpe-wire/2"  # 2: the adapter travels as one packed array (lora_factors)
 
 WHOAMI = "query.whoami"
 ENROLL = "train"
@@ -135,7 +140,11 @@ PRIVACY_KEYS = frozenset({"dp_sgd", "epsilon", "delta", "max_grad_norm", "noise_
                           "steps", "z_mechanism", "z_clip", "z_noise_multiplier", "z_epsilon", "z_delta",
                           "epsilon_total", "delta_total", "z_repeat"})
 TRAIN_STATS_KEYS = frozenset({"steps", "lr", "batch_size", "max_length", "seed", "loss_first", "loss_last",
-                              "seconds", "n_train"})
+                              "seconds", "n_train", "compute_dtype"})
+#: the dtypes a site may train in (``train_stats.compute_dtype``; ``common.models.compute_dtype``)
+TRAIN_DTYPES = ("float32", "bfloat16")
+#: what a site's node config ``compute-dtype`` may name (``auto``: the hardware decides)
+COMPUTE_DTYPES = ("auto", *TRAIN_DTYPES)
 EMBEDDING_SPEC_KEYS = frozenset({"representation", "layer", "dim"})
 #: metric names a site may return after applying an adapter (numbers only, never text)
 METRIC_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,40}$")
@@ -225,7 +234,7 @@ def _to_array(x: np.ndarray) -> Array:
     return Array.from_numpy_ndarray(np.ascontiguousarray(x))
 
 
-def _numpy(arr: Array, record: str, key: str) -> np.ndarray:
+def _numpy(arr: Array, record: str, key: str, finite: bool = True) -> np.ndarray:
     if arr.stype != "numpy.ndarray":
         raise WireError(f"array serialisation {arr.stype!r} is not numpy.ndarray", record, key)
     if arr.dtype != "float32":
@@ -237,7 +246,7 @@ def _numpy(arr: Array, record: str, key: str) -> np.ndarray:
     if value.dtype != np.float32 or list(value.shape) != list(arr.shape):
         raise WireError(f"decoded array {value.dtype}{list(value.shape)} does not match its header "
                         f"{arr.dtype}{list(arr.shape)}", record, key)
-    if not np.all(np.isfinite(value)):
+    if finite and not np.all(np.isfinite(value)):
         raise WireError("contains NaN or inf", record, key)
     return value
 
@@ -361,38 +370,53 @@ def adapter_sha256(adapter: LoraAdapter) -> str:
     return hashlib.sha256(adapter_to_bytes(adapter)).hexdigest()
 
 
-def adapter_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
-    """ArrayRecord of PEFT-keyed float32 factors (sorted keys, deterministic)."""
-    return ArrayRecord({k: _to_array(np.asarray(arrays[k], dtype=np.float32)) for k in sorted(arrays)})
+#: the one array of an ``adapter`` record (the module docstring says why one)
+PACKED_KEY = "lora_factors"
 
 
-def parse_adapter(rec: ArrayRecord, lora_config: Mapping[str, Any], record: str = "adapter",
-                  max_bytes: int = MAX_ADAPTER_BYTES) -> dict[str, np.ndarray]:
-    """Exactly the A/B factors of every module in ``lora_config``, with matching shapes."""
-    modules = lora_config["modules"]
+def factor_layout(lora_config: Mapping[str, Any]) -> list[tuple[str, tuple[int, int]]]:
+    """(PEFT key, shape) of every factor of a LoRA config, in packing order (sorted keys)."""
     expected: dict[str, tuple[int, int]] = {}
-    for name, spec in modules.items():
+    for name, spec in lora_config["modules"].items():
         a_key, b_key = peft_keys(name)
         out_f, in_f = spec["shape"]
         expected[a_key] = (spec["r"], in_f)
         expected[b_key] = (out_f, spec["r"])
-    keys = set(rec.keys())
-    extra = sorted(keys - set(expected))
-    if extra:
-        raise WireError("tensor not described by the LoRA config (or not a PEFT LoRA key)", record, extra[0])
-    missing = sorted(set(expected) - keys)
-    if missing:
-        raise WireError("tensor missing for a module of the LoRA config", record, missing[0])
-    total = sum(len(arr.data) for arr in rec.values())
-    if total > max_bytes:
-        raise WireError(f"{total} bytes exceed the limit of {max_bytes}", record)
+    return sorted(expected.items())
+
+
+def adapter_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """The ``adapter`` record of PEFT-keyed factors: ONE float32 vector, the factors flattened and
+    joined in sorted key order (the order :func:`factor_layout` gives for their LoRA config)."""
+    parts = [np.asarray(arrays[k], dtype=np.float32).ravel() for k in sorted(arrays)]
+    return ArrayRecord({PACKED_KEY: _to_array(np.concatenate(parts) if parts else np.zeros(0, np.float32))})
+
+
+def parse_adapter(rec: ArrayRecord, lora_config: Mapping[str, Any], record: str = "adapter",
+                  max_bytes: int = MAX_ADAPTER_BYTES) -> dict[str, np.ndarray]:
+    """Exactly the A/B factors of every module in ``lora_config`` (views into the one packed vector),
+    each finite, with the shapes the config gives."""
+    layout = factor_layout(lora_config)
+    keys = sorted(rec.keys())
+    if keys != [PACKED_KEY]:
+        raise WireError(f"expected exactly one array {PACKED_KEY!r} (every factor of the LoRA config, flattened "
+                        f"and joined in sorted key order), got {keys[:4]}{' ...' if len(keys) > 4 else ''}", record)
+    arr = rec[PACKED_KEY]
+    want = sum(rows * cols for _, (rows, cols) in layout)
+    if max(want * 4, len(arr.data)) > max_bytes:
+        raise WireError(f"{max(want * 4, len(arr.data))} bytes exceed the limit of {max_bytes}", record, PACKED_KEY)
+    if list(arr.shape) != [want]:
+        raise WireError(f"shape {list(arr.shape)} does not match the LoRA config: {len(layout)} factors of "
+                        f"{want} values in all", record, PACKED_KEY)
+    flat = _numpy(arr, record, PACKED_KEY, finite=False)
     out: dict[str, np.ndarray] = {}
-    for key in sorted(expected):
-        arr = rec[key]
-        if tuple(arr.shape) != expected[key]:
-            raise WireError(f"shape {list(arr.shape)} does not match the LoRA config {list(expected[key])}",
-                            record, key)
-        out[key] = _numpy(arr, record, key)
+    start = 0
+    for key, (rows, cols) in layout:
+        part = flat[start:start + rows * cols].reshape(rows, cols)
+        start += rows * cols
+        if not np.all(np.isfinite(part)):
+            raise WireError(f"contains NaN or inf (factor {key})", record, PACKED_KEY)
+        out[key] = part
     return out
 
 
@@ -558,6 +582,8 @@ def parse_enroll_reply(content: RecordDict, max_adapter_bytes: int = MAX_ADAPTER
     spec = _parse_json_object(meta["embedding_spec"], EMBEDDING_SPEC_KEYS, "meta", "embedding_spec", exact=True)
     privacy = _parse_json_object(meta["privacy"], PRIVACY_KEYS, "meta", "privacy")
     stats = _parse_json_object(meta["train_stats"], TRAIN_STATS_KEYS, "meta", "train_stats")
+    if stats.get("compute_dtype", "float32") not in TRAIN_DTYPES:
+        raise WireError(f"compute_dtype must be one of {list(TRAIN_DTYPES)}", "meta", "train_stats")
     if not isinstance(spec["dim"], int):
         raise WireError("embedding_spec.dim must be an integer", "meta", "embedding_spec")
     arrays = parse_adapter(_record(content, "adapter", "array"), lora_config, max_bytes=max_adapter_bytes)

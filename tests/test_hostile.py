@@ -406,14 +406,14 @@ class Ctx:
     @staticmethod
     def content(arrays: dict[str, np.ndarray], z: np.ndarray, meta: dict[str, Any], raw: bool = False,
                 **extra_records: Any) -> Any:
-        """The reply RecordDict; ``raw`` keeps the arrays' dtype (no float32 cast)."""
+        """The reply RecordDict; ``raw`` packs the arrays in their own dtype (no float32 cast)."""
         from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
         def arr(x: np.ndarray) -> Any:
             return Array.from_numpy_ndarray(np.ascontiguousarray(x))
 
-        adapter = (ArrayRecord({k: arr(v) for k, v in sorted(arrays.items())}) if raw
-                   else wire.adapter_record(arrays))
+        adapter = (ArrayRecord({wire.PACKED_KEY: arr(np.concatenate([arrays[k].ravel() for k in sorted(arrays)]))})
+                   if raw else wire.adapter_record(arrays))
         return RecordDict({"adapter": adapter, "embedding": ArrayRecord({"z": arr(z)}), "meta": ConfigRecord(meta),
                            **extra_records})
 
@@ -477,6 +477,17 @@ def _extra_tensor(c: Ctx) -> Any:
         arrays, z, meta = c.enroll_parts(nonce)
         arrays["base_model.model.lm_head.weight"] = np.zeros((4, 4), np.float32)
         return c.content(arrays, z, meta)
+    return c.enroll(build)
+
+
+def _per_factor_arrays(c: Ctx) -> Any:
+    from flwr.app import Array, ArrayRecord
+
+    def build(nonce: str) -> Any:
+        arrays, z, meta = c.enroll_parts(nonce)
+        content = c.content(arrays, z, meta)
+        content["adapter"] = ArrayRecord({k: Array.from_numpy_ndarray(v) for k, v in sorted(arrays.items())})
+        return content
     return c.enroll(build)
 
 
@@ -995,11 +1006,13 @@ CASES: list[Case] = [
          lambda c: c.enroll(lambda n: c.reply(n, schema="rpe-wire/0")), WireError, "schema 'rpe-wire/0' is not", R),
     Case("wire-lora-config-field", "lora_config with an extra `use_dora` field", _lora_config_extra_field,
          WireError, "expected an object with exactly 'peft_type' and 'modules'", R),
-    Case("wire-extra-tensor", "adapter record with an extra `lm_head.weight` array", _extra_tensor, WireError,
-         "tensor not described by the LoRA config", R),
-    Case("wire-tensor-shape", "adapter array B[32,3] where the LoRA config says r=4", _wrong_array_shape,
-         WireError, "shape [32, 3] does not match the LoRA config [32, 4]", R),
-    Case("wire-float64", "adapter arrays in float64", _float64_arrays, WireError, "dtype float64 is not float32", R),
+    Case("wire-extra-tensor", "adapter vector with an extra `lm_head.weight` packed in", _extra_tensor, WireError,
+         "does not match the LoRA config", R),
+    Case("wire-per-factor-arrays", "adapter record with one array per factor (wire schema 1)", _per_factor_arrays,
+         WireError, "expected exactly one array 'lora_factors'", R),
+    Case("wire-tensor-shape", "adapter vector with B[32,3] packed where the LoRA config says r=4", _wrong_array_shape,
+         WireError, "does not match the LoRA config", R),
+    Case("wire-float64", "adapter vector in float64", _float64_arrays, WireError, "dtype float64 is not float32", R),
     Case("wire-nan", "NaN in an adapter array", _nan_array, WireError, "contains NaN or inf", R),
     Case("wire-z-vs-spec", "z of 18 values, embedding_spec says dim 16", _z_vs_spec, WireError,
          "18 values, but the embedding spec says dim=16", R),

@@ -91,43 +91,68 @@ def test_meta_with_an_unknown_or_missing_key_is_refused():
     assert err.value.key == "token_count"
 
 
+def _factors(content: RecordDict) -> dict[str, np.ndarray]:
+    """The enrol reply's factors by PEFT key (copies, free to edit)."""
+    cfg = wire.parse_lora_config(content["meta"]["lora_config"])
+    return {k: v.copy() for k, v in wire.parse_adapter(content["adapter"], cfg).items()}
+
+
+def test_the_adapter_travels_as_one_packed_vector_the_lora_config_lays_out():
+    """One array, not one per factor: Flower moves every array through the SuperLink as objects of
+    their own, and per-factor records made each adapter hundreds of them."""
+    content, adapter, _ = enroll_content()
+    rec = content["adapter"]
+    assert list(rec.keys()) == [wire.PACKED_KEY]
+    cfg = wire.parse_lora_config(content["meta"]["lora_config"])
+    layout = wire.factor_layout(cfg)
+    assert [k for k, _ in layout] == sorted(k for k, _ in layout)
+    assert tuple(rec[wire.PACKED_KEY].shape) == (sum(r * c for _, (r, c) in layout),)
+    arrays, _ = wire.adapter_to_wire(adapter)
+    flat = rec[wire.PACKED_KEY].numpy()
+    np.testing.assert_array_equal(flat, np.concatenate([arrays[k].ravel() for k, _ in layout]))
+    for key, arr in _factors(content).items():
+        np.testing.assert_array_equal(arr, arrays[key])
+
+
 def test_adapter_shapes_must_match_the_lora_config():
     content, _, _ = enroll_content()
-    rec = content["adapter"]
+    arrays = _factors(content)
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
-    arrays = {k: v.numpy() for k, v in rec.items()}
     arrays[key] = np.zeros((5, 64), np.float32)  # rank 5, config says 4
     content["adapter"] = wire.adapter_record(arrays)
     with pytest.raises(WireError, match="does not match the LoRA config") as err:
         wire.parse_enroll_reply(content)
-    assert err.value.key == key
+    assert (err.value.record, err.value.key) == ("adapter", wire.PACKED_KEY)
 
 
 def test_adapter_tensors_outside_the_config_or_missing_are_refused():
     content, _, _ = enroll_content()
-    arrays = {k: v.numpy() for k, v in content["adapter"].items()}
+    arrays = _factors(content)
     arrays["base_model.model.model.embed_tokens.weight"] = np.zeros((4, 4), np.float32)
     content["adapter"] = wire.adapter_record(arrays)
-    with pytest.raises(WireError, match="not described"):
+    with pytest.raises(WireError, match="does not match the LoRA config"):
         wire.parse_enroll_reply(content)
     del arrays["base_model.model.model.embed_tokens.weight"]
     arrays.pop("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight")
     content["adapter"] = wire.adapter_record(arrays)
-    with pytest.raises(WireError, match="missing"):
+    with pytest.raises(WireError, match="does not match the LoRA config"):
+        wire.parse_enroll_reply(content)
+    # one array per factor (wire schema 1) is not this vocabulary
+    content["adapter"] = ArrayRecord({k: wire._to_array(v) for k, v in _factors(enroll_content()[0]).items()})
+    with pytest.raises(WireError, match="exactly one array 'lora_factors'"):
         wire.parse_enroll_reply(content)
 
 
 def test_non_finite_or_non_float32_tensors_are_refused():
     content, _, _ = enroll_content()
-    arrays = {k: v.numpy() for k, v in content["adapter"].items()}
-    key = sorted(arrays)[0]
-    arrays[key] = arrays[key].copy()
+    arrays = _factors(content)
+    key = sorted(arrays)[-1]
     arrays[key][0, 0] = np.nan
     content["adapter"] = wire.adapter_record(arrays)
-    with pytest.raises(WireError, match="NaN"):
+    with pytest.raises(WireError, match=f"NaN or inf \\(factor {key}\\)"):
         wire.parse_enroll_reply(content)
-    arrays[key] = np.zeros(arrays[key].shape, np.float64)
-    content["adapter"] = ArrayRecord({k: wire._to_array(v) for k, v in arrays.items()})
+    flat = wire.adapter_record(_factors(enroll_content()[0]))[wire.PACKED_KEY].numpy()
+    content["adapter"] = ArrayRecord({wire.PACKED_KEY: wire._to_array(flat.astype(np.float64))})
     with pytest.raises(WireError, match="float32"):
         wire.parse_enroll_reply(content)
 
