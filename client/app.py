@@ -92,7 +92,7 @@ def serve(message: Message, context: Context) -> Message:
     except (WireError, SiteError) as exc:
         return _send(site, message, _error_reply(message, wire.ERROR_REFUSED, f"refused: {exc}"), "refused", str(exc))
     try:
-        if site.threads > 0:
+        if site.threads > 0 and mtype != wire.WHOAMI:  # a whoami (every run, every site) never loads torch
             import torch
 
             torch.set_num_threads(site.threads)

@@ -118,6 +118,9 @@ def process_env(flwr_home: Path, extra: dict[str, str] | None = None) -> dict[st
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["FLWR_HOME"] = str(flwr_home)
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    # the SuperExec of the SuperLink and of each SuperNode polls for work to launch (flwr's default
+    # every 1 s): every run and every message a site answers waits half of that on average
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", str(SUPEREXEC_POLL_S))
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.update(extra or {})
     return env
@@ -257,6 +260,8 @@ def tie_to_parent(sig: int = signal.SIGTERM) -> Any:
 
 #: niceness of a SuperNode (and of the ClientApps it starts, which inherit it): see ``start_site``
 SITE_NICE = 10
+#: seconds between a SuperExec's polls for a ServerApp/ClientApp to launch (flwr's default: 1.0)
+SUPEREXEC_POLL_S = 0.5
 
 
 def popen_tied(cmd: list[str], tie: bool | None = None, nice: int = 0, **kwargs: Any) -> subprocess.Popen[bytes]:
@@ -362,7 +367,7 @@ def flwr_cli(args: list[str], flwr_home: Path, timeout: float = 60.0) -> dict[st
 
 
 def run_app(flwr_home: Path, app: Path, config: dict[str, Any], registry: Path, timeout: float,
-            federation: str = FEDERATION, poll_s: float = 15.0) -> dict[str, Any]:
+            federation: str = FEDERATION, poll_s: float = 60.0) -> dict[str, Any]:
     """``flwr run <app> <federation> --run-config <toml>``, then wait until the run has finished.
 
     Returns ``{"run_id", "status", "details", "report"}``: ``status`` / ``details`` as ``flwr ls``
@@ -370,8 +375,9 @@ def run_app(flwr_home: Path, app: Path, config: dict[str, Any], registry: Path, 
     restarted under the run), ``report`` the ServerApp's ``<registry>/runs/<run-id>-<mode>.json``
     (written when the ServerApp ends, also when it fails; one stopped with its SuperLink writes
     ``"status": "running"`` and the phases it finished under ``timings``).
-    ``flwr ls`` is a whole CLI process (1-2 s of CPU): it is asked rarely, and as soon as the
-    report exists. Raises ``LaunchError`` if the run cannot be submitted or outlives ``timeout``.
+    ``flwr ls`` is a whole CLI process (1-2 s of CPU): it is asked every ``poll_s`` and as soon as
+    the report exists; SuperNodes and SuperExec that died are restarted (a PID check) every few
+    seconds. Raises ``LaunchError`` if the run cannot be submitted or outlives ``timeout``.
     """
     import tomli_w
 
@@ -393,12 +399,14 @@ def run_app(flwr_home: Path, app: Path, config: dict[str, Any], registry: Path, 
     last_ls = 0.0
     status, details = "?", ""
     workdir = Path(flwr_home).parent
+    last_check = 0.0
     while True:
+        if (workdir / STATE_FILE).exists() and time.monotonic() - last_check > 5.0:
+            last_check = time.monotonic()
+            ensure_superexec(workdir)
+            ensure_supernodes(workdir)
         if report_path.exists() or time.monotonic() - last_ls > poll_s:
             last_ls = time.monotonic()
-            if (workdir / STATE_FILE).exists():
-                ensure_superexec(workdir)
-                ensure_supernodes(workdir)
             try:
                 ls = flwr_cli(["ls", federation, "--run-id", run_id], Path(flwr_home))
             except LaunchError:  # the SuperLink is restarting: ask again at the next poll
@@ -667,7 +675,8 @@ def start_supernode(workdir: Path, spec: SiteSpec, superlink: str, root_cert: Pa
     env = process_env(home)
     env["PATH"] = f"{wrapper_dir}{os.pathsep}{env['PATH']}"
     cmd = [
-        _bin("flower-supernode"), "--superlink", superlink,
+        sys.executable, "-m", "deploy.supernode_main",  # flower-supernode, polling every 1 s when idle, not 3 s
+        "--superlink", superlink,
         "--root-certificates", str(Path(root_cert).resolve()),
         "--auth-supernode-private-key", str(Path(private_key).resolve()),
         "--node-config", str(node_config_file), "--port", str(port),
@@ -806,14 +815,24 @@ def restart_site(workdir: Path, site: str) -> dict[str, Any]:
     proc = state["sites"][site]
     if is_alive(proc["pid"], proc["start_time"]):
         return proc
-    nc = proc["node_config"]
+    return start_supernode(workdir, spec_from_node_config(site, proc["node_config"], proc["port"]),
+                           state["superlink"]["address"], Path(state["ca_cert"]), Path(proc["private_key"]))
+
+
+#: node-config keys that are :class:`SiteSpec` fields of their own (the rest go to ``extra``)
+_SPEC_KEYS = frozenset({"site-id", "data-path", "model-path", "site-dir", "threads", "app-sha256", "coordinator-key",
+                        "supernode-key"})
+
+
+def spec_from_node_config(site: str, nc: dict[str, Any], port: int = 0) -> SiteSpec:
+    """The :class:`SiteSpec` whose ``node_config()`` is ``nc`` again: every key kept (release policy,
+    privacy policy, task family, compute dtype...), so a restarted SuperNode is the same site."""
     from common.privacy import POLICY_KEYS
 
-    spec = SiteSpec(site, nc["data-path"], nc.get("model-path", ""), nc.get("site-dir", ""), proc["port"],
+    return SiteSpec(site, nc["data-path"], nc.get("model-path", ""), nc.get("site-dir", ""), port,
                     int(nc.get("threads", 0)), {k: float(nc[k]) for k in POLICY_KEYS if k in nc},
-                    str(nc.get("app-sha256", "")))
-    return start_supernode(workdir, spec, state["superlink"]["address"], Path(state["ca_cert"]),
-                           Path(proc["private_key"]))
+                    str(nc.get("app-sha256", "")), str(nc.get("coordinator-key", "")),
+                    extra={k: v for k, v in nc.items() if k not in _SPEC_KEYS and k not in POLICY_KEYS})
 
 
 def down(workdir: Path, timeout: float = 15.0) -> dict[str, str]:

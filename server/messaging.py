@@ -128,6 +128,13 @@ def request(key: str, node_id: int, message_type: str, config: dict[str, Any],
     return Request(key, node_id, message_type, content, nonce)
 
 
+#: the first pause between two pulls for replies; each pull that brings nothing makes the next pause
+#: POLL_GROWTH times longer, up to ``exchange``'s ``poll_s``: a quick answer (a whoami, a z) is seen
+#: within a fraction of a second, a long training is asked about every ``poll_s``
+FIRST_POLL_S = 0.25
+POLL_GROWTH = 1.5
+
+
 def exchange(grid: Grid, requests: list[Request], timeout: float, max_in_flight: int = 2, max_resends: int = 2,
              poll_s: float = 2.0, on_reply: Callable[[Request, Reply], None] | None = None,
              on_wait: Callable[[], None] | None = None, probe_after: float = 45.0, audit: Any = None,
@@ -135,7 +142,8 @@ def exchange(grid: Grid, requests: list[Request], timeout: float, max_in_flight:
     """Push the requests; collect replies until ``timeout``; ``on_reply`` sees each as it arrives and
     ``on_wait`` is called before every pause (progress lines, ``server/reporting.py``).
 
-    Replies are matched to requests by message id (an error reply from the SuperLink carries the
+    The pause between two pulls starts at :data:`FIRST_POLL_S` and grows while nothing arrives, up
+    to ``poll_s``. Replies are matched to requests by message id (an error reply from the SuperLink carries the
     SuperLink's node id, not the site's). Messages live only ``timeout`` + 60 s at the SuperLink, so
     a request that timed out is not executed hours later.
 
@@ -205,9 +213,12 @@ def exchange(grid: Grid, requests: list[Request], timeout: float, max_in_flight:
             push(batch)
 
     fill()
+    quiet = 0  # pulls in a row that brought nothing: the pause grows from FIRST_POLL_S up to poll_s
     while (in_flight or any(queues.values())) and time.monotonic() < deadline:
         lost: list[str] = []
-        for message in grid.pull_messages([*in_flight, *probes]):
+        pulled = list(grid.pull_messages([*in_flight, *probes]))
+        quiet = 0 if pulled else quiet + 1
+        for message in pulled:
             answered = probes.pop(message.metadata.reply_to_message_id, None)
             if answered is not None:
                 ask, seq, _ = answered
@@ -257,7 +268,8 @@ def exchange(grid: Grid, requests: list[Request], timeout: float, max_in_flight:
         if in_flight or any(queues.values()):
             if on_wait is not None:
                 on_wait()
-            time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+            pause = min(poll_s, FIRST_POLL_S * POLL_GROWTH ** quiet)
+            time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
     return out
 
 

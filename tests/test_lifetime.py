@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from deploy.launch import descendants, free_port, is_alive, proc_start_time
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,3 +118,72 @@ def test_superlink_waits_longer_for_sqlite_locks(tmp_path: Path) -> None:
     finally:
         sql_mixin.SQLITE_PRAGMAS = saved
     assert "deploy.superlink_main" in Path(launch.__file__).read_text()
+
+
+def test_idle_supernode_asks_for_work_every_second_not_every_three(monkeypatch) -> None:
+    """The SuperNode launcher shortens flwr's fixed 3 s idle pause (every message a site answers
+    waited 1.5 s on average for it) and leaves every other pause of the loop alone."""
+    from flwr.supernode import start_client_internal as sci
+
+    from deploy import launch, supernode_main
+
+    slept: list[float] = []
+    monkeypatch.setattr(supernode_main.time, "sleep", slept.append)
+    saved = sci.time
+    try:
+        supernode_main.patch_idle_poll(1.0)
+        sci.time.sleep(3)
+        sci.time.sleep(0.5)  # the reply wait of _push_messages
+        assert sci.time.monotonic() > 0  # the rest of `time` is still there
+    finally:
+        sci.time = saved
+    assert slept == [1.0, 0.5]
+    assert "deploy.supernode_main" in Path(launch.__file__).read_text()
+    assert launch.process_env(Path("/tmp/x"))["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == str(launch.SUPEREXEC_POLL_S)
+
+
+def test_a_restarted_supernode_is_the_same_site(tmp_path: Path) -> None:
+    """``restart_site`` rebuilds the site's spec from the node config it was started with: every key
+    (release policy, privacy policy, task family, compute dtype, pinned coordinator key) survives,
+    so a restarted segmentation site does not come back as a report site."""
+    from deploy.launch import SiteSpec, spec_from_node_config
+
+    spec = SiteSpec("HK", str(tmp_path), "litemedsam", str(tmp_path / "s"), 0, 1, {"z-clip": 2.0, "z-epsilon": 4.0},
+                    "ab" * 32, str(tmp_path / "coordinator.pub"), release={"z-min-examples": 5},
+                    extra={"task": "segmentation", "seg-dataset": "prostate-multisite", "seg-site": "HK",
+                           "compute-dtype": "float32"})
+    nc = {**spec.node_config(), "supernode-key": str(tmp_path / "HK_auth")}
+    again = spec_from_node_config("HK", nc, port=9100)
+    assert {**again.node_config(), "supernode-key": str(tmp_path / "HK_auth")} == nc
+    assert again.port == 9100
+
+
+@pytest.mark.integration
+def test_the_site_clientapp_loads_neither_the_supernode_nor_torch_for_a_whoami(tmp_path: Path) -> None:
+    """Every message a site answers starts a fresh ClientApp process. The site's ``flwr-clientapp``
+    takes flwr's entry point without ``flwr.supernode.cli``'s ``__init__`` (which imports the whole
+    SuperNode: its SQL object store, alembic, gRPC servers), and a whoami, the first message of every
+    run, imports no torch: both were seconds of CPU per site per run on the main job."""
+    code = """
+import sys, json
+from flwr.app import Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from client.pin import _clientapp_entry, _install_guard
+_install_guard()
+entry = _clientapp_entry()
+from client.app import app
+from common import wire
+TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+msg = Message(wire.build_request(wire.WHOAMI, {"nonce": "n1", "challenge": "c" * 64}), dst_node_id=1,
+              message_type=wire.WHOAMI)
+msg.metadata.__dict__["_message_id"] = "m1"
+nc = {"site-id": "a", "data-path": sys.argv[1], "site-dir": sys.argv[2], "threads": 1, "compute-dtype": "auto"}
+reply = app(msg, Context(run_id=1, node_id=1, node_config=nc, state=RecordDict(), run_config={}))
+print(json.dumps({"entry": entry.__module__, "supernode": "flwr.supernode.cli.flower_supernode" in sys.modules,
+                  "torch": "torch" in sys.modules, "answered": reply.has_content()}))
+"""
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT), str(tmp_path / "site")], capture_output=True,
+                         text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got == {"entry": "flwr.supernode.cli.flwr_clientapp", "supernode": False, "torch": False, "answered": True}
