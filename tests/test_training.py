@@ -81,6 +81,42 @@ def test_base_model_unchanged(tiny) -> None:
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_cpu_training_runs_eager_attention_and_gives_the_model_back_as_it_was(tiny, monkeypatch) -> None:
+    """On a CPU the LoRA steps run eager attention (PyTorch's CPU flash-attention backward was a
+    third of a step) and the model's own implementation is back afterwards, also after a failure;
+    the loss is the same function either way."""
+    model, tok = tiny
+    assert model.config._attn_implementation == "sdpa"
+    seen = []
+    real = causal_lm_target_loss
+
+    def spy(m, *args):
+        seen.append(m.config._attn_implementation)
+        return real(m, *args)
+
+    monkeypatch.setattr("common.training.causal_lm_target_loss", spy)
+    train_lora(model, tok, EXAMPLES, TASK, steps=2, lr=1e-2, progress=False)
+    assert seen == ["eager", "eager"] and model.config._attn_implementation == "sdpa"
+
+    def boom(*args):
+        raise RuntimeError("step failed")
+
+    monkeypatch.setattr("common.training.causal_lm_target_loss", boom)
+    with pytest.raises(RuntimeError, match="step failed"):
+        train_lora(model, tok, EXAMPLES, TASK, steps=2, lr=1e-2, progress=False)
+    assert model.config._attn_implementation == "sdpa"
+    feats = TASK.training_features(tok, EXAMPLES[:3], 192)
+    ids, labels, mask = collate(feats, tok.pad_token_id)
+    with torch.no_grad():
+        sdpa, _ = real(model, ids, labels, mask)
+        model.set_attn_implementation("eager")
+        try:
+            eager, _ = real(model, ids, labels, mask)
+        finally:
+            model.set_attn_implementation("sdpa")
+    torch.testing.assert_close(eager, sdpa, atol=1e-5, rtol=1e-5)
+
+
 def test_deterministic_for_a_seed(tiny) -> None:
     model, tok = tiny
     torch.manual_seed(123)
