@@ -220,3 +220,31 @@ def test_real_litemedsam_lora_composed_from_three_sites_loads_in_stock_peft(tmp_
         want = sam.decode(S.with_adapter(model, composed), emb, boxes)
     assert (got - base).abs().max() > 1e-4  # the composed LoRA changes the logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_inference_encoder_folds_batchnorm_and_leaves_the_model_and_its_output_alone(tiny: torch.nn.Module) -> None:
+    """``sam.encode`` runs a folded, channels-last copy of the frozen encoder (1.58 -> 1.20 s per image
+    for LiteMedSAM on one core): same embeddings up to float rounding, the model itself unchanged."""
+    import copy
+
+    model = copy.deepcopy(tiny)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.image_encoder.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):  # non-trivial statistics, so folding has work to do
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.rand(2, 3, sam.IMG_SIZE, sam.IMG_SIZE, generator=g)
+    with torch.no_grad():
+        reference = model.image_encoder(x)
+    enc = sam.inference_encoder(model)
+    assert enc is not model.image_encoder
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in enc.modules())
+    torch.testing.assert_close(sam.encode(model, x), reference, rtol=1e-4, atol=1e-5)
+    assert sam.inference_encoder(model) is enc  # built once per model
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.image_encoder.modules())
