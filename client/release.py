@@ -23,14 +23,35 @@ def say(site: Site, msg: str) -> None:
     print(f"[{site.site}] {msg}", flush=True)
 
 
-def site_embedding(model: Any, tok: Any, texts: list[str], site: Site, layer: int) -> tuple[Any, np.ndarray, Any]:
+#: where a site keeps each report's token sum under its base model (``common.embedding.mean_embedding``'s
+#: cache): derived from the private reports, so it stays in the site directory like they do
+EMBEDDING_CACHE_DIR = "embedding-cache"
+
+
+def site_embedding(model: Any, tok: Any, texts: list[str], site: Site, layer: int,
+                   fingerprint: str = "") -> tuple[Any, np.ndarray, Any]:
     """z as it leaves the site: (EmbeddingResult, z, ZMechanism or None). With the site's Gaussian
-    mechanism on, each report's token sum is clipped and noise from OS entropy is added."""
-    from common.embedding import mean_embedding
+    mechanism on, each report's token sum is clipped and noise from OS entropy is added.
+
+    With the base model's ``fingerprint``, each report's float64 token sum is kept in
+    ``<site-dir>/embedding-cache/`` and not computed again: the embedding query of an evaluation
+    covers the reports the site enrolled with, plus its held-out ones. z is always taken from the
+    float32 weights (``client/site.py``), so a cached sum is one of those."""
+    from common.embedding import ExampleSumsCache, mean_embedding
     from common.privacy import ZMechanism
 
     mech = ZMechanism.from_policy(site.policy)
-    emb = mean_embedding(model, tok, texts, layer=layer, clip_norm=mech.clip if mech else None)
+    cache = None
+    if fingerprint:
+        name = hashlib.sha256(f"{fingerprint}|{site.model_path}".encode()).hexdigest()[:32]
+        cache = ExampleSumsCache(site.site_dir / EMBEDDING_CACHE_DIR / f"{name}.npz")
+    emb = mean_embedding(model, tok, texts, layer=layer, clip_norm=mech.clip if mech else None, cache=cache,
+                         cache_tag=fingerprint)
+    if cache is not None:
+        try:
+            cache.save()
+        except OSError as exc:  # a full disk costs the next query time, not this reply
+            say(site, f"could not keep the report embeddings cache ({exc})")
     if mech is None:
         return emb, emb.z, None
     say(site, f"z: Gaussian mechanism, clip {mech.clip:g} ({emb.n_clipped}/{emb.n_examples} reports clipped), "
@@ -103,7 +124,7 @@ def release_z(site: Site, texts: list[str], layer: int, load: Callable[[], tuple
     if check:
         check_budget(site, release_record(None, mech, adapter_sent=adapter_sent), adapter_sent)
     model, tok, fp = load()
-    emb, z, mech = site_embedding(model, tok, texts, site, layer)
+    emb, z, mech = site_embedding(model, tok, texts, site, layer, fp)
     info = {"base_fingerprint": fp, "sample_count": emb.n_examples, "token_count": int(emb.n_tokens),
             "embedding_spec": emb.spec()}
     if cache is not None:

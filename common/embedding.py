@@ -19,10 +19,12 @@ replaces the last entry with ``last_hidden_state``) - the representation the LM 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -170,6 +172,8 @@ def mean_embedding(
     progress: bool = True,
     clip_norm: float | None = None,
     return_sums: bool = False,
+    cache: MutableMapping[str, tuple[np.ndarray, int]] | None = None,
+    cache_tag: str = "",
 ) -> EmbeddingResult:
     """Masked mean of ``hidden_states[layer]`` over all non-padding tokens of all texts.
 
@@ -189,6 +193,12 @@ def mean_embedding(
     under causal attention leaves the real tokens' states untouched) so that padding is minimal.
     ``batch_tokens`` bounds the padded size of a batch; on two CPU cores 512-1024 is fastest
     (SmolLM2 fp32: ~650-750 tok/s, against ~450 tok/s at 4096).
+
+    ``cache`` (a mapping, e.g. ``ExampleSumsCache``) keeps each example's float64 token sum and
+    token count under the hash of ``cache_tag`` (which must name the model, e.g. its fingerprint),
+    the layer and the example's token ids: an example seen before is not run through the model
+    again. z is the same function of the sums either way (it differs from an uncached z only by
+    the batching noise above). A site's embedding query re-reads the reports it enrolled with.
     """
     if len(texts) == 0:
         raise _empty_error("the dataset has no examples")
@@ -206,17 +216,39 @@ def mean_embedding(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if clip_norm is not None and not (np.isfinite(clip_norm) and clip_norm > 0):
         raise ValueError(f"clip_norm must be a positive finite number; got {clip_norm!r}")
-    per_example = clip_norm is not None or return_sums
-    total = torch.zeros(int(model.config.hidden_size), dtype=torch.float64)
-    example_sums = np.zeros((len(keep), int(model.config.hidden_size)), dtype=np.float64) if return_sums else None
+    per_example = clip_norm is not None or return_sums or cache is not None
+    hidden_size = int(model.config.hidden_size)
+    total = torch.zeros(hidden_size, dtype=torch.float64)
+    example_sums = np.zeros((len(keep), hidden_size), dtype=np.float64) if return_sums else None
     n_clipped = 0
     n_tokens = sum(len(ids) for ids in keep)
+
+    def add(rows: list[int], sums: torch.Tensor) -> None:  # [rows, hidden] float64 token sums
+        nonlocal total, n_clipped
+        if example_sums is not None:
+            example_sums[rows] = sums.numpy()
+        if clip_norm is not None:
+            factor = torch.clamp(clip_norm / torch.clamp(sums.norm(dim=1), min=1e-300), max=1.0)
+            n_clipped += int((factor < 1.0).sum())
+            sums = sums * factor[:, None]
+        total += sums.sum(dim=0)
+
+    keys: list[str] = []
+    todo = list(range(len(keep)))
+    if cache is not None:
+        keys = [example_key(cache_tag, layer_idx, ids) for ids in keep]
+        hits = [i for i, key in enumerate(keys) if _cached_sum(cache, key, len(keep[i]), hidden_size) is not None]
+        if hits:
+            add(hits, torch.from_numpy(np.stack([cache[keys[i]][0] for i in hits])))
+        cached = set(hits)
+        todo = [i for i in range(len(keep)) if i not in cached]
     dev = model_device(model)
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), _progress(n_tokens, "embedding", progress) as bar:
-            for batch in _token_batches([len(ids) for ids in keep], batch_tokens):
+        with torch.inference_mode(), _progress(sum(len(keep[i]) for i in todo), "embedding", progress) as bar:
+            for part in _token_batches([len(keep[i]) for i in todo], batch_tokens):
+                batch = [todo[j] for j in part]
                 width = max(len(keep[i]) for i in batch)
                 input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
                 mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -226,14 +258,10 @@ def mean_embedding(
                 hidden = _hidden_at(backbone, input_ids.to(dev), mask.to(dev), layer_idx, n_states)
                 if per_example:
                     sums = (hidden.to(torch.float64) * mask.to(dev)[..., None]).sum(dim=1).cpu()  # [batch, hidden]
-                    norm = sums.norm(dim=1)
-                    if example_sums is not None:
-                        example_sums[batch] = sums.numpy()
-                    if clip_norm is not None:
-                        factor = torch.clamp(clip_norm / torch.clamp(norm, min=1e-300), max=1.0)
-                        n_clipped += int((factor < 1.0).sum())
-                        sums = sums * factor[:, None]
-                    total += sums.sum(dim=0)
+                    if cache is not None:
+                        for row, i in enumerate(batch):
+                            cache[keys[i]] = (sums[row].numpy().copy(), len(keep[i]))
+                    add(batch, sums)
                 else:
                     total += hidden[mask.to(dev).bool()].to(torch.float64).sum(dim=0).cpu()
                 bar.update(int(mask.sum()))
@@ -246,6 +274,74 @@ def mean_embedding(
                            representation=HIDDEN_MEAN, clip_norm=clip_norm, n_clipped=n_clipped,
                            example_sums=example_sums,
                            example_tokens=np.array([len(ids) for ids in keep]) if return_sums else None)
+
+
+def example_key(tag: str, layer: int, ids: Sequence[int]) -> str:
+    """The cache key of one example's token sum: model tag, absolute layer and token ids."""
+    digest = hashlib.sha256(f"{tag}|{layer}|".encode())
+    digest.update(np.asarray(ids, dtype="<i8").tobytes())
+    return digest.hexdigest()
+
+
+def _cached_sum(cache: Mapping[str, tuple[np.ndarray, int]], key: str, n_tokens: int,
+                hidden: int) -> np.ndarray | None:
+    """A cached token sum that fits (its count and width); anything else counts as a miss."""
+    hit = cache.get(key)
+    if hit is None or int(hit[1]) != n_tokens or np.shape(hit[0]) != (hidden,):
+        return None
+    return hit[0]
+
+
+class ExampleSumsCache(MutableMapping[str, tuple[np.ndarray, int]]):
+    """``mean_embedding``'s per-example cache kept in one ``.npz`` file (e.g. under a site's own
+    directory): loaded whole, written back by :meth:`save` (temporary file + rename, so a crash
+    leaves the old file or the new one). An unreadable file is an empty cache. At most
+    ``max_entries`` are kept (the most recent)."""
+
+    def __init__(self, path: str | os.PathLike[str], max_entries: int = 100_000) -> None:
+        self.path = Path(path)
+        self.max_entries = max_entries
+        self._data: dict[str, tuple[np.ndarray, int]] = {}
+        self._dirty = False
+        try:
+            with np.load(self.path, allow_pickle=False) as f:
+                for key, row, count in zip(f["keys"].tolist(), f["sums"], f["counts"].tolist(), strict=True):
+                    self._data[str(key)] = (np.array(row, dtype=np.float64), int(count))
+        except (OSError, ValueError, KeyError):
+            self._data = {}
+
+    def __getitem__(self, key: str) -> tuple[np.ndarray, int]:
+        return self._data[key]
+
+    def __setitem__(self, key: str, value: tuple[np.ndarray, int]) -> None:
+        self._data.pop(key, None)
+        self._data[key] = value
+        self._dirty = True
+
+    def __delitem__(self, key: str) -> None:
+        del self._data[key]
+        self._dirty = True
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def save(self) -> None:
+        """Write the entries back (nothing to do when none changed)."""
+        if not self._dirty or not self._data:
+            return
+        items = list(self._data.items())[-self.max_entries:]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "wb") as fh:
+            np.savez(fh, keys=np.array([k for k, _ in items]), sums=np.stack([v[0] for _, v in items]),
+                     counts=np.array([v[1] for _, v in items], dtype=np.int64))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+        self._dirty = False
 
 
 def minilm_path() -> str:

@@ -120,3 +120,38 @@ def test_sentence_embedding_minilm() -> None:
     assert got.representation == "minilm" and got.n_examples == len(TEXTS)
     other = sentence_embedding(["Normal chest radiograph."] * 3)
     assert not np.allclose(got.z, other.z)
+
+
+def test_cached_example_sums_give_the_same_z_and_skip_the_model(tiny, tmp_path) -> None:
+    """A site's embedding query re-reads the reports it enrolled with: their token sums come from the
+    cache (the model runs only on the new texts), and z, clipped or not, is the same function."""
+    from common.embedding import ExampleSumsCache
+
+    model, tok = tiny
+    calls: list[int] = []
+    hook = model.model.register_forward_hook(lambda m, args, kwargs_out: calls.append(1))
+    try:
+        cache = ExampleSumsCache(tmp_path / "sums.npz")
+        first = mean_embedding(model, tok, TEXTS[:4], progress=False, cache=cache, cache_tag="base-1")
+        assert len(cache) == 4 and calls
+        cache.save()
+        calls.clear()
+        again = ExampleSumsCache(tmp_path / "sums.npz")  # a later ClientApp process
+        assert len(again) == 4
+        both = mean_embedding(model, tok, TEXTS, progress=False, cache=again, cache_tag="base-1", batch_tokens=1 << 20)
+        assert len(calls) == 1  # one batch, with the two new texts only
+        clipped = mean_embedding(model, tok, TEXTS, progress=False, cache=again, cache_tag="base-1", clip_norm=0.5)
+        assert len(calls) == 1  # everything cached now
+        calls.clear()
+        other = mean_embedding(model, tok, TEXTS[:1], progress=False, cache=again, cache_tag="base-2")
+        assert calls, "another model (tag) must not read this model's sums"
+    finally:
+        hook.remove()
+    np.testing.assert_allclose(first.z, mean_embedding(model, tok, TEXTS[:4], progress=False).z, rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_allclose(both.z, mean_embedding(model, tok, TEXTS, progress=False).z, rtol=1e-5, atol=1e-6)
+    plain_clipped = mean_embedding(model, tok, TEXTS, progress=False, clip_norm=0.5)
+    np.testing.assert_allclose(clipped.z, plain_clipped.z, rtol=1e-5, atol=1e-6)
+    assert clipped.n_clipped == plain_clipped.n_clipped and other.n_examples == 1
+    (tmp_path / "sums.npz").write_bytes(b"torn")
+    assert len(ExampleSumsCache(tmp_path / "sums.npz")) == 0  # unreadable: an empty cache, not an error
