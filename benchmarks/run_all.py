@@ -40,7 +40,7 @@ from benchmarks.util import (  # noqa: E402
     write_json,
 )
 
-AREAS = ("compose", "registry", "site", "federation")
+AREAS = ("compose", "registry", "site", "federation", "main_job")
 HERE = Path(__file__).resolve().parent
 
 
@@ -51,6 +51,8 @@ def _run_area(name: str, quick: bool, workdir: Path) -> Section:
         from benchmarks import registry as mod
     elif name == "site":
         from benchmarks import site_compute as mod
+    elif name == "main_job":
+        from benchmarks import main_job as mod
     else:
         from benchmarks import federation as mod
     return mod.run(quick, workdir)
