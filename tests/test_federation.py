@@ -228,11 +228,8 @@ def test_every_reply_a_site_sent_holds_only_allowed_records(fed, composed):
                 meta = {item["key"]: item.get("value") for item in records["meta"]["items"]}
                 assert set(meta) == set(wire.ENROLL_META_KEYS)
                 lora = wire.parse_lora_config(meta["lora_config"])
-                expected = {}
-                for name, spec in lora["modules"].items():
-                    a_key, b_key = wire.peft_keys(name)
-                    expected[a_key] = [spec["r"], spec["shape"][1]]
-                    expected[b_key] = [spec["shape"][0], spec["r"]]
+                # one packed vector: exactly the factors the LoRA config lays out, nothing more
+                expected = {wire.PACKED_KEY: [sum(r * c for _, (r, c) in wire.factor_layout(lora))]}
                 got = {i["key"]: i["shape"] for i in records["adapter"]["items"]}
                 assert got == expected
                 assert all(i["dtype"] == "float32" for i in records["adapter"]["items"])
