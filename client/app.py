@@ -12,6 +12,8 @@ The site's settings (node config, data, privacy policy): ``client/site.py``.
 
 from __future__ import annotations
 
+import os
+import sys
 import traceback
 from typing import Any
 
@@ -82,6 +84,18 @@ def _send(site: Site | None, message: Message, reply: Message, outcome: str, rea
     return reply
 
 
+def limit_threads(n: int) -> None:
+    """At most ``n`` torch/BLAS threads in this process, without importing torch for it: a ClientApp
+    process answers one message, and a handler that never needs torch (``query.whoami``, in every run
+    at every site) must not pay its import. If torch is loaded already, its thread count is set;
+    otherwise the OpenMP/MKL variables are, which torch reads when a handler first imports it."""
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
+    else:
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = str(n)
+
+
 def serve(message: Message, context: Context) -> Message:
     """Validate the request, run its handler, validate the reply, log it, send it."""
     mtype = message.metadata.message_type
@@ -92,10 +106,8 @@ def serve(message: Message, context: Context) -> Message:
     except (WireError, SiteError) as exc:
         return _send(site, message, _error_reply(message, wire.ERROR_REFUSED, f"refused: {exc}"), "refused", str(exc))
     try:
-        if site.threads > 0 and mtype != wire.WHOAMI:  # a whoami (every run, every site) never loads torch
-            import torch
-
-            torch.set_num_threads(site.threads)
+        if site.threads > 0:
+            limit_threads(site.threads)
         content = HANDLERS[mtype](req, site, context)
         wire.check_reply(mtype, content)  # the last gate before anything leaves the site
     except WireError as exc:

@@ -179,11 +179,15 @@ msg = Message(wire.build_request(wire.WHOAMI, {"nonce": "n1", "challenge": "c" *
 msg.metadata.__dict__["_message_id"] = "m1"
 nc = {"site-id": "a", "data-path": sys.argv[1], "site-dir": sys.argv[2], "threads": 1, "compute-dtype": "auto"}
 reply = app(msg, Context(run_id=1, node_id=1, node_config=nc, state=RecordDict(), run_config={}))
-print(json.dumps({"entry": entry.__module__, "supernode": "flwr.supernode.cli.flower_supernode" in sys.modules,
-                  "torch": "torch" in sys.modules, "answered": reply.has_content()}))
+got = {"entry": entry.__module__, "supernode": "flwr.supernode.cli.flower_supernode" in sys.modules,
+       "torch": "torch" in sys.modules, "answered": reply.has_content()}
+import torch  # what a later handler would do: the site's thread limit still holds
+got["threads"] = torch.get_num_threads()
+print(json.dumps(got))
 """
     out = subprocess.run([sys.executable, "-c", code, str(ROOT), str(tmp_path / "site")], capture_output=True,
                          text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout.strip().splitlines()[-1])
-    assert got == {"entry": "flwr.supernode.cli.flwr_clientapp", "supernode": False, "torch": False, "answered": True}
+    assert got == {"entry": "flwr.supernode.cli.flwr_clientapp", "supernode": False, "torch": False, "answered": True,
+                   "threads": 1}
