@@ -237,11 +237,11 @@ def mean_embedding(
     todo = list(range(len(keep)))
     if cache is not None:
         keys = [example_key(cache_tag, layer_idx, ids) for ids in keep]
-        hits = [i for i, key in enumerate(keys) if _cached_sum(cache, key, len(keep[i]), hidden_size) is not None]
+        hits = {i: hit for i, key in enumerate(keys)
+                if (hit := _cached_sum(cache, key, len(keep[i]), hidden_size)) is not None}
         if hits:
-            add(hits, torch.from_numpy(np.stack([cache[keys[i]][0] for i in hits])))
-        cached = set(hits)
-        todo = [i for i in range(len(keep)) if i not in cached]
+            add(list(hits), torch.from_numpy(np.stack(list(hits.values()))))
+        todo = [i for i in range(len(keep)) if i not in hits]
     dev = model_device(model)
     was_training = model.training
     model.eval()
