@@ -2,13 +2,22 @@
 
 Subjects and baselines, all on the *same* adapter files and the same number of layers:
 
-* ours        ``load_peft_adapter`` × k → ``compose`` (exact rank concatenation) → ``save_peft_adapter``;
+* ours        ``common.lora.compose_peft_dirs``: the streamed composer (reads each module's factors
+              with ``pread``, computes the output in cache-sized chunks while a writer thread writes
+              the previous chunk and starts its writeback, fsyncs once at the end);
+* ours in memory  ``load_peft_adapters`` → ``compose`` (exact rank concatenation) → ``save_peft_adapter``
+              (the path the coordinator takes for adapters it holds in memory; same output bytes);
 * PEFT cat    ``PeftModel.from_pretrained`` + ``load_adapter`` × (k−1) → ``add_weighted_adapter(cat)``
               → ``save_pretrained`` on a LlamaForCausalLM with Llama-3.1-8B attention shapes (hidden
               4096, 32 heads, 8 KV heads, head_dim 128) but few layers, a 32-token vocabulary and an
               intermediate size of 16; the base model is built (uninitialised) outside the timing;
-* limit       read every input file into memory + write an output-sized file and fsync it (what
-              ``save_peft_adapter`` does), i.e. the page-cache/disk bound of the whole job;
+* I/O limit, two ways, each reading every input file into memory and writing an output-sized file
+              plus the config, both fsynced (what any composer must do):
+              - *plain*: one ``write`` of the whole output, then ``fsync``;
+              - *overlapped*: the output written in the same 1 MiB chunks as ours, each chunk's
+                writeback started as it is written (``sync_file_range``), then ``fsync``; on this VM
+                that makes the write + fsync itself up to ~1.6× faster, so ours is judged against the
+                faster of the two (the *floor*), not against a naive write it could beat;
 * ours max_rank vs PEFT svd: ``compose(max_rank=r)`` vs ``add_weighted_adapter(svd, svd_rank=r,
               svd_full_matrices=False)`` (PEFT's faster setting; same result), with the Frobenius error of
               both against the exact dense update Σ w_i s_i B_i A_i and against the optimum
@@ -16,7 +25,10 @@ Subjects and baselines, all on the *same* adapter files and the same number of l
 
 Adapters: q/k/v/o of every layer, r = 16, lora_alpha = 32, written exactly as PEFT writes them
 (``LoraConfig.save_pretrained`` + ``safetensors.torch.save_file`` with PEFT key names), fp32 and
-bf16. Weights are a fixed Dirichlet draw (they sum to 1, as the retrieval strategies' do).
+bf16. Weights are a fixed Dirichlet draw (they sum to 1, as the retrieval strategies' do). The
+contenders run interleaved, in a fresh random order every repetition and with an ``os.sync()``
+between runs: what one run leaves to the disk (writeback, the discards of the files it removed)
+would otherwise be charged to whichever runs next.
 """
 
 from __future__ import annotations
@@ -40,14 +52,15 @@ SHAPES = {  # (out, in) of the Llama-3.1-8B attention projections
     "o_proj": (HIDDEN, HEADS * HEAD_DIM),
 }
 RANK, ALPHA = 16, 32
+WARMUP = 3  # unrecorded rounds of every contender before each (dtype, k) row
 SVD_SHARED = 0.8  # share of a common component in the adapters of the max_rank / svd comparison
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 # svd_runs: the (dtype, k) pairs where PEFT svd runs (~2 min per layer on 2 cores: full dense SVDs);
 # compose(max_rank) and its errors are measured for every k of those dtypes.
-QUICK = {"ks": [2, 4, 8, 16], "dtypes": ["fp32", "bf16"], "layers": 2, "reps": 5, "peft_reps": 2,
+QUICK = {"ks": [2, 4, 8, 16], "dtypes": ["fp32", "bf16"], "layers": 2, "reps": 9, "peft_reps": 2,
          "svd_dtypes": ["fp32", "bf16"], "svd_runs": [("fp32", 16)], "svd_layers": 1}
-FULL = {"ks": [2, 4, 8, 16], "dtypes": ["fp32", "bf16"], "layers": 4, "reps": 7, "peft_reps": 3,
+FULL = {"ks": [2, 4, 8, 16], "dtypes": ["fp32", "bf16"], "layers": 4, "reps": 21, "peft_reps": 3,
         "svd_dtypes": ["fp32", "bf16"], "svd_runs": [("fp32", 4), ("fp32", 16), ("bf16", 16)], "svd_layers": 1}
 
 
@@ -124,12 +137,21 @@ def file_bytes(dirs: list[Path]) -> int:
 # the three contenders
 # --------------------------------------------------------------------------------------------
 
-def run_ours(dirs: list[Path], weights: list[float], out: Path, max_rank: int | None = None,
-             dtype: torch.dtype | None = None) -> dict[str, float]:
-    from common.lora import compose, load_peft_adapter, save_peft_adapter
+def run_stream(dirs: list[Path], weights: list[float], out: Path) -> dict[str, float]:
+    from common.lora import compose_peft_dirs
 
     t0 = now()
-    adapters = [load_peft_adapter(d) for d in dirs]
+    compose_peft_dirs(dirs, weights, out, base_model_name_or_path="bench/llama-3.1-8b-shapes")
+    return {"total": now() - t0}
+
+
+def run_ours(dirs: list[Path], weights: list[float], out: Path, max_rank: int | None = None,
+             dtype: torch.dtype | None = None) -> dict[str, float]:
+    """The in-memory path, timed per phase."""
+    from common.lora import compose, load_peft_adapters, save_peft_adapter
+
+    t0 = now()
+    adapters = load_peft_adapters(dirs)
     t1 = now()
     composed = compose(adapters, weights, max_rank=max_rank, dtype=dtype)
     t2 = now()
@@ -166,22 +188,35 @@ def run_peft(dirs: list[Path], weights: list[float], out: Path, base: torch.nn.M
     return {"load": t1 - t0, "combine": t2 - t1, "save": t3 - t2, "total": t3 - t0}
 
 
-def run_limit(dirs: list[Path], out: Path, payload: bytes, config: bytes) -> dict[str, float]:
-    """Read every input file; write ``payload`` (output-sized) + a config file, fsync both."""
-    t0 = now()
+def _read_inputs(dirs: list[Path]) -> int:
     n = 0
     for d in dirs:
         for f in ("adapter_config.json", "adapter_model.safetensors"):
             with open(d / f, "rb") as fh:
                 n += len(fh.read())
+    return n
+
+
+def run_limit(dirs: list[Path], out: Path, payload: bytes, config: bytes, overlapped: bool = False) -> dict[str, float]:
+    """Read every input file; write ``payload`` (output-sized) + a config file, fsync both.
+    ``overlapped``: write in ``CHUNK_BYTES`` chunks and start each chunk's writeback at once."""
+    from common.buffers import start_writeback
+    from common.peft_compose import FLUSH_BYTES
+
+    t0 = now()
+    _read_inputs(dirs)
     t1 = now()
     out.mkdir(parents=True, exist_ok=True)
     for name, data in (("adapter_model.safetensors", payload), ("adapter_config.json", config)):
         fd = os.open(out / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            view, pos = memoryview(data), 0
+            while pos < len(view):
+                chunk = view[pos:pos + FLUSH_BYTES] if overlapped else view[pos:]
+                n = os.write(fd, chunk)
+                if overlapped:
+                    start_writeback(fd, pos, n)
+                pos += n
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -256,42 +291,64 @@ def run(quick: bool, workdir: Path) -> Section:
         dtype = DTYPES[dname]
         log(f"compose: writing {kmax} PEFT adapters ({layers} layers, {dname})")
         dirs_all = write_peft_adapters(root / f"in-{dname}-L{layers}", kmax, layers, dtype, seed=7)
+        os.sync()  # the inputs on disk before timing: their writeback would land on whoever runs next
         for k in cfg["ks"]:
             dirs, w = dirs_all[:k], weights_for(k)
-            ours, lim, peft = [], [], []
-            for rep in range(max(reps, peft_reps)):
-                if rep < reps:
-                    out = root / f"out-ours-{dname}-{k}-{rep}"
-                    ours.append(run_ours(dirs, w, out))
-                    payload = (out / "adapter_model.safetensors").read_bytes()
-                    conf = (out / "adapter_config.json").read_bytes()
-                    out_bytes = len(payload) + len(conf)
-                    _rm(out)
-                    lout = root / f"out-limit-{dname}-{k}-{rep}"
-                    lim.append(run_limit(dirs, lout, payload, conf))
-                    del payload
-                    _rm(lout)
-                if rep < peft_reps:
-                    base = make_base(layers, dtype)
-                    pout = root / f"out-peft-{dname}-{k}-{rep}"
-                    peft.append(run_peft(dirs, w, pout, base, "cat"))
-                    out_bytes_peft = (pout / "combined" / "adapter_model.safetensors").stat().st_size
-                    del base
-                    gc.collect()
-                    _rm(pout)
+            out = root / f"out-{dname}-{k}"
+            run_stream(dirs, w, out)  # the output both limits write, and a check that both paths agree
+            payload = (out / "adapter_model.safetensors").read_bytes()
+            conf = (out / "adapter_config.json").read_bytes()
+            _rm(out)
+            run_ours(dirs, w, out)
+            if ((out / "adapter_model.safetensors").read_bytes() != payload
+                    or (out / "adapter_config.json").read_bytes() != conf):
+                raise AssertionError(f"compose_peft_dirs and the in-memory path differ ({dname}, k={k})")
+            _rm(out)
+            out_bytes = len(payload) + len(conf)
+            runs: dict[str, list[dict[str, float]]] = {"ours": [], "mem": [], "limit": [], "limit_ov": [],
+                                                       "peft_cat": []}
+            contenders = [
+                ("ours", lambda o, d=dirs, w=w: run_stream(d, w, o)),
+                ("mem", lambda o, d=dirs, w=w: run_ours(d, w, o)),
+                ("limit", lambda o, d=dirs, p=payload, c=conf: run_limit(d, o, p, c)),
+                ("limit_ov", lambda o, d=dirs, p=payload, c=conf: run_limit(d, o, p, c, overlapped=True)),
+            ]
+            rng = np.random.default_rng(k)
+            for rep in range(-WARMUP, reps):  # negative reps: warm-up rounds, not recorded
+                for i in rng.permutation(len(contenders)):  # a fresh order every repetition
+                    label, fn = contenders[i]
+                    o = root / f"out-{label}-{dname}-{k}-{rep}"
+                    result = fn(o)
+                    if rep >= 0:
+                        runs[label].append(result)
+                    _rm(o)
+                    os.sync()  # what one run leaves to the disk is not charged to the next
+            for rep in range(peft_reps):  # after ours: PEFT leaves unsynced output to write back
+                base = make_base(layers, dtype)
+                pout = root / f"out-peft-{dname}-{k}-{rep}"
+                runs["peft_cat"].append(run_peft(dirs, w, pout, base, "cat"))
+                out_bytes_peft = (pout / "combined" / "adapter_model.safetensors").stat().st_size
+                del base
+                gc.collect()
+                _rm(pout)
+            os.sync()
             row = {
                 "dtype": dname, "k": k, "layers": layers, "in_bytes": file_bytes(dirs),
                 "out_bytes": out_bytes, "out_bytes_peft": out_bytes_peft,
             }
-            for label, runs in (("ours", ours), ("limit", lim), ("peft_cat", peft)):
-                for part in ("load", "combine", "save", "total"):
-                    row[f"{label}_{part}"] = median(r[part] for r in runs)
+            for label, rs in runs.items():
+                for part in rs[0]:
+                    row[f"{label}_{part}"] = median(r[part] for r in rs)
+            row["floor_total"] = min(row["limit_total"], row["limit_ov_total"])
             row["speedup_vs_peft_cat"] = row["peft_cat_total"] / row["ours_total"]
             row["ours_over_limit"] = row["ours_total"] / row["limit_total"]
+            row["ours_over_floor"] = row["ours_total"] / row["floor_total"]
+            row["mem_over_floor"] = row["mem_total"] / row["floor_total"]
             rows_cat.append(row)
-            log(f"compose {dname} k={k}: ours {row['ours_total'] * 1000:.0f} ms, PEFT cat "
-                f"{row['peft_cat_total'] * 1000:.0f} ms ({row['speedup_vs_peft_cat']:.1f}×), limit "
-                f"{row['limit_total'] * 1000:.0f} ms (ours/limit {row['ours_over_limit']:.2f}×)")
+            log(f"compose {dname} k={k}: ours {row['ours_total'] * 1000:.1f} ms, in memory "
+                f"{row['mem_total'] * 1000:.1f} ms, PEFT cat {row['peft_cat_total'] * 1000:.0f} ms "
+                f"({row['speedup_vs_peft_cat']:.1f}×), limit plain {row['limit_total'] * 1000:.1f} ms / overlapped "
+                f"{row['limit_ov_total'] * 1000:.1f} ms (ours/floor {row['ours_over_floor']:.2f}×)")
     sec.data["cat"] = rows_cat
 
     # ---- max_rank vs PEFT svd -------------------------------------------------------------------
@@ -367,9 +424,11 @@ def _report(sec: Section, cfg: dict[str, Any], rows_cat: list[dict[str, Any]], r
     sec.add(
         f"Adapters: q/k/v/o with Llama-3.1-8B shapes (q/o 4096×4096, k/v 1024×4096), r = {RANK}, "
         f"α = {ALPHA}; {L} layers per adapter for the cat/limit runs ({per_adapter} "
-        f"per {rows_cat[0]['dtype']} adapter). Medians of {cfg['reps']} runs (ours, limit) and "
-        f"{cfg['peft_reps']} (PEFT), interleaved. Per-layer = total / {L}. Inputs are in the page cache "
-        "(written just before) for every contender alike.",
+        f"per {rows_cat[0]['dtype']} adapter). Medians of {cfg['reps']} runs (ours, in memory, both limits) and "
+        f"{cfg['peft_reps']} (PEFT), interleaved in a fresh random order each repetition, with a `sync` between "
+        f"runs. Per-layer = total / {L}. Inputs are in "
+        "the page cache (written just before) for every contender alike. Ours and ours in memory write the "
+        "same bytes (checked every row).",
         "",
         "**Exact composition (rank concatenation) vs PEFT `add_weighted_adapter(cat)` vs the I/O limit**",
         "",
@@ -377,22 +436,29 @@ def _report(sec: Section, cfg: dict[str, Any], rows_cat: list[dict[str, Any]], r
     rows = []
     for r in rows_cat:
         rows.append([r["dtype"], r["k"], mib(r["in_bytes"]), mib(r["out_bytes"]),
-                     ms(r["ours_total"] / L), ms(r["peft_cat_total"] / L), ms(r["limit_total"] / L),
-                     ratio(r["speedup_vs_peft_cat"]), ratio(r["ours_over_limit"]),
-                     ratio(r["peft_cat_total"] / r["limit_total"])])
-    sec.add(*table(["dtype", "k", "input", "output", "ours ms/layer", "PEFT cat ms/layer", "limit ms/layer",
-                    "PEFT cat / ours", "ours / limit", "PEFT cat / limit (best possible speed-up)"], rows))
-    sec.add("No implementation that reads the inputs and durably writes the output can beat the limit, so "
-            "PEFT cat / limit is the largest speed-up any composer could show against PEFT on this machine. "
-            "PEFT's `save_pretrained` does not fsync; ours does (as the limit does).", "")
+                     ms(r["ours_total"] / L), ms(r["mem_total"] / L), ms(r["peft_cat_total"] / L),
+                     ms(r["limit_total"] / L), ms(r["limit_ov_total"] / L),
+                     ratio(r["speedup_vs_peft_cat"]), ratio(r["ours_over_floor"]), ratio(r["ours_over_limit"]),
+                     ratio(r["mem_over_floor"]), ratio(r["peft_cat_total"] / r["floor_total"])])
+    sec.add(*table(["dtype", "k", "input", "output", "ours ms/layer", "ours in memory ms/layer",
+                    "PEFT cat ms/layer", "limit plain ms/layer", "limit overlapped ms/layer", "PEFT cat / ours",
+                    "ours / floor", "ours / plain limit", "in memory / floor",
+                    "PEFT cat / floor (best possible speed-up)"], rows))
+    sec.add("The floor is the faster of the two limits. No implementation that reads the inputs and durably "
+            "writes the output can beat it by much, so PEFT cat / floor is about the largest speed-up any "
+            "composer could show against PEFT on this machine. PEFT's `save_pretrained` does not fsync; ours "
+            "does (as both limits do). Ours can come out below the *plain* limit: it overlaps the write with "
+            "the device's writeback, which the plain limit does not.", "")
     sec.add("Breakdown (ms per layer, median): load · combine · save", "")
     rows = []
     for r in rows_cat:
         rows.append([r["dtype"], r["k"],
-                     " · ".join(ms(r[f"ours_{p}"] / L) for p in ("load", "combine", "save")),
+                     " · ".join(ms(r[f"mem_{p}"] / L) for p in ("load", "combine", "save")),
                      " · ".join(ms(r[f"peft_cat_{p}"] / L) for p in ("load", "combine", "save")),
-                     " · ".join(ms(r[f"limit_{p}"] / L) for p in ("load", "save"))])
-    sec.add(*table(["dtype", "k", "ours", "PEFT cat", "limit (read · write+fsync)"], rows))
+                     " · ".join(ms(r[f"limit_{p}"] / L) for p in ("load", "save")),
+                     " · ".join(ms(r[f"limit_ov_{p}"] / L) for p in ("load", "save"))])
+    sec.add(*table(["dtype", "k", "ours in memory", "PEFT cat", "limit plain (read · write+fsync)",
+                    "limit overlapped (read · write+fsync)"], rows))
 
     SL = cfg["svd_layers"]
     sec.add(
@@ -431,14 +497,14 @@ def _report(sec: Section, cfg: dict[str, Any], rows_cat: list[dict[str, Any]], r
 
     # goals
     worst_cat = min(rows_cat, key=lambda r: r["speedup_vs_peft_cat"])
-    ceil = [r["peft_cat_total"] / r["limit_total"] for r in rows_cat]
+    ceil = [r["peft_cat_total"] / r["floor_total"] for r in rows_cat]
     sec.goals.append(Goal(
         "compose ≥ 10× faster than PEFT cat (end to end)", "≥ 10×",
         f"min {ratio(worst_cat['speedup_vs_peft_cat'])} ({worst_cat['dtype']}, k={worst_cat['k']}); max "
         f"{ratio(max(r['speedup_vs_peft_cat'] for r in rows_cat))}",
         all(r["speedup_vs_peft_cat"] >= 10 for r in rows_cat),
-        f"ceiling: PEFT cat is only {ratio(min(ceil))}–{ratio(max(ceil))} the I/O limit here, and ours is "
-        f"{ratio(min(r['ours_over_limit'] for r in rows_cat))}–{ratio(max(r['ours_over_limit'] for r in rows_cat))} "
+        f"ceiling: PEFT cat is {ratio(min(ceil))}–{ratio(max(ceil))} the I/O floor here, and ours is "
+        f"{ratio(min(r['ours_over_floor'] for r in rows_cat))}–{ratio(max(r['ours_over_floor'] for r in rows_cat))} "
         "of it"))
     svd_rows = [r for r in rows_svd if "speedup_vs_peft_svd" in r]
     if svd_rows:
@@ -458,18 +524,31 @@ def _report(sec: Section, cfg: dict[str, Any], rows_cat: list[dict[str, Any]], r
             err_ok and all(r["speedup_vs_peft_svd"] >= 50 for r in svd_rows),
             ("at matched output precision; with bf16 output (half PEFT's bytes) ours/PEFT err = "
              + ", ".join(f"{r['err_ratio_ours_over_peft']:.4f}" for r in bf)) if bf else ""))
-    worst_lim = max(rows_cat, key=lambda r: r["ours_over_limit"])
+    worst_lim = max(rows_cat, key=lambda r: r["ours_over_floor"])
     sec.goals.append(Goal(
-        "compose within 2× of the I/O limit (read inputs + write/fsync output)", "≤ 2×",
-        f"max {ratio(worst_lim['ours_over_limit'])} ({worst_lim['dtype']}, k={worst_lim['k']})",
-        all(r["ours_over_limit"] <= 2 for r in rows_cat)))
-    over = [r for r in rows_cat if r["ours_over_limit"] > 1.3]
+        "compose within 2× of the I/O floor (read inputs + write/fsync output)", "≤ 2×",
+        f"max {ratio(worst_lim['ours_over_floor'])} ({worst_lim['dtype']}, k={worst_lim['k']})",
+        all(r["ours_over_floor"] <= 2 for r in rows_cat)))
+    over_plain = [r for r in rows_cat if r["ours_over_limit"] > 1.3]
+    worst_plain = max(rows_cat, key=lambda r: r["ours_over_limit"])
     sec.goals.append(Goal(
-        "compose within 1.3× of the I/O limit at every k (issue 14 goal 5)", "≤ 1.3×",
-        f"{ratio(min(r['ours_over_limit'] for r in rows_cat))} – {ratio(worst_lim['ours_over_limit'])}",
-        not over, ("over 1.3× at " + ", ".join(f"{r['dtype']} k={r['k']}" for r in over)
-                   + ": loading (fresh memory for the k inputs) and the copy into the stacked factors; "
-                   "saving is at the limit's write") if over else ""))
+        "compose within 1.3× of the I/O limit at every k (issue 14 goal 5; the plain limit the issue measured)",
+        "≤ 1.3×",
+        f"{ratio(min(r['ours_over_limit'] for r in rows_cat))} – {ratio(worst_plain['ours_over_limit'])} "
+        f"({worst_plain['dtype']}, k={worst_plain['k']})",
+        not over_plain, ("over 1.3× at " + ", ".join(f"{r['dtype']} k={r['k']}" for r in over_plain))
+        if over_plain else ""))
+    over = [r for r in rows_cat if r["ours_over_floor"] > 1.3]
+    sec.goals.append(Goal(
+        "compose within 1.3× of the floor at every k (stricter: the faster of the plain and the overlapped limit)",
+        "≤ 1.3×",
+        f"{ratio(min(r['ours_over_floor'] for r in rows_cat))} – {ratio(worst_lim['ours_over_floor'])} "
+        f"({worst_lim['dtype']}, k={worst_lim['k']})",
+        not over, ("over 1.3× at " + ", ".join(f"{r['dtype']} k={r['k']} ({ratio(r['ours_over_floor'])})"
+                                               for r in over)
+                   + ": a fixed cost per composition (checking every input's config and header, the per-module "
+                   "Python steps, ~1-2 ms) that the limit does not pay weighs most on the smallest jobs; single rows "
+                   "vary by about ±20% between runs on this VM's disk") if over else ""))
 
 
 def ms(seconds: float) -> str:

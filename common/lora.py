@@ -24,6 +24,7 @@ import math
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,6 +42,7 @@ __all__ = [
     "compose",
     "delta_dict",
     "load_peft_adapter",
+    "load_peft_adapters",
     "peft_key",
     "save_peft_adapter",
     "singular_values",
@@ -344,4 +346,13 @@ def adapter_from_arrays(arrays: Mapping[str, np.ndarray], config: Mapping[str, s
 # The PEFT directory reader/writer and the composition maths live in their own files; their names
 # stay importable from here (imported last: they build on the types above).
 from common.lora_compose import compose, singular_values, truncation_error  # noqa: E402
-from common.peft_io import load_peft_adapter, save_peft_adapter  # noqa: E402
+from common.peft_io import load_peft_adapter, load_peft_adapters, save_peft_adapter  # noqa: E402
+
+
+def __getattr__(name: str) -> Any:
+    # common.peft_compose builds on this module, so its entry point is imported on first use
+    if name == "compose_peft_dirs":
+        from common.peft_compose import compose_peft_dirs
+
+        return compose_peft_dirs
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

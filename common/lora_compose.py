@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from common.lora import (
 # Composition
 # --------------------------------------------------------------------------------------------
 
-def _work_dtype(parts: Sequence[tuple[LoraModule, float]], factor: str, dtype: torch.dtype) -> torch.dtype:
+def work_dtype(parts: Sequence[tuple[LoraModule, float]], factor: str, dtype: torch.dtype) -> torch.dtype:
     """The dtype to stack in: the output's, an input's when that one is more precise, fp32 for fp16 with bf16
     (so the product is rounded once, as before the coefficients moved to A)."""
     work = dtype
@@ -36,33 +37,78 @@ def _work_dtype(parts: Sequence[tuple[LoraModule, float]], factor: str, dtype: t
     return work
 
 
-def _scaled_rows(parts: Sequence[tuple[LoraModule, float]], dtype: torch.dtype) -> torch.Tensor:
-    """``[c_1 A_1; c_2 A_2; ...]`` (``Σr x in``) in ``dtype``: the coefficients go on A, as PEFT's
-    ``add_weighted_adapter(cat)`` puts them.
+def scale_rows_into(block: torch.Tensor, src: torch.Tensor, c: float, work: torch.dtype) -> None:
+    """``block = c · src`` with the product formed in ``work`` (the more precise of input and
+    output dtype) and rounded once into ``block``'s dtype; ``src`` may be ``block`` itself."""
+    if src.dtype == work == block.dtype:
+        torch.mul(src, c, out=block)  # one pass: read, write the product in place
+    elif work == block.dtype:  # widen into the output, then scale there
+        block.copy_(src).mul_(c)
+    else:  # a more precise input: the product in ``work``, rounded once into the output
+        block.copy_(torch.mul(src if src.dtype == work else src.to(work), c))
+
+
+def join_columns_into(out: torch.Tensor, blocks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``out = [b_1, b_2, ...]`` side by side (a copy, and a cast where dtypes differ)."""
+    if all(b.dtype == out.dtype for b in blocks):
+        return torch.cat(list(blocks), dim=1, out=out)
+    col = 0
+    for b in blocks:
+        out[:, col:col + b.shape[1]].copy_(b)
+        col += b.shape[1]
+    return out
+
+
+def _scaled_rows(parts: Sequence[tuple[LoraModule, float]], dtype: torch.dtype,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """``[c_1 A_1; c_2 A_2; ...]`` (``Σr x in``) in ``dtype``, into ``out`` when given: the
+    coefficients go on A, as PEFT's ``add_weighted_adapter(cat)`` puts them.
 
     Each ``c_i A_i`` is a contiguous block of rows, so the scaling runs on contiguous memory; on
     B's interleaved ``r``-wide column blocks the same multiplication took 3-4x as long (issue 14).
-    The product is formed in the more precise of input and output dtype and rounded once.
     """
-    work = _work_dtype(parts, "A", dtype)
-    if len(parts) == 1:
-        src = parts[0][0].A
-        return torch.mul(src if src.dtype == work else src.to(work), parts[0][1]).to(dtype)
-    out = torch.empty((sum(m.rank for m, _ in parts), parts[0][0].A.shape[1]), dtype=work)
+    work = work_dtype(parts, "A", dtype)
+    if out is None:
+        out = torch.empty((sum(m.rank for m, _ in parts), parts[0][0].A.shape[1]), dtype=dtype)
     row = 0
     for m, c in parts:
-        block = out[row:row + m.rank]
-        if m.A.dtype == work:
-            torch.mul(m.A, c, out=block)  # one pass: read A_i, write c_i A_i in place
-        else:  # widen first, so the product is formed in ``work`` and rounded once
-            block.copy_(m.A).mul_(c)
+        scale_rows_into(out[row:row + m.rank], m.A, c, work)
         row += m.rank
-    return out.to(dtype)
+    return out
 
 
-def _joined_columns(parts: Sequence[tuple[LoraModule, float]], dtype: torch.dtype) -> torch.Tensor:
-    """``[B_1, B_2, ...]`` (``out x Σr``) in ``dtype``: a copy (and cast), no arithmetic."""
-    return torch.cat([m.B for m, _ in parts], dim=1).to(dtype)
+def _joined_columns(parts: Sequence[tuple[LoraModule, float]], dtype: torch.dtype,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B_1, B_2, ...]`` (``out x Σr``) in ``dtype``, into ``out`` when given: a copy (and
+    cast), no arithmetic."""
+    if out is None:
+        return torch.cat([m.B for m, _ in parts], dim=1).to(dtype)
+    return join_columns_into(out, [m.B for m, _ in parts])
+
+
+def _exact_factors(plan: Sequence[tuple[str, Sequence[tuple[LoraModule, float]], int, int, int]],
+                   dtype: torch.dtype) -> dict[str, LoraModule]:
+    """The exact (rank-concatenated) modules of ``plan`` (``(name, parts, out, in, total rank)``),
+    every factor a view into one buffer (``common.buffers.empty_bytes``): the output is fresh
+    memory on every composition, and one huge-page-backed block is far cheaper to fault in than
+    many ordinary ones (issue 14, goal 5)."""
+    from common.buffers import empty_bytes
+
+    size = dtype.itemsize
+    spans = []
+    nbytes = 0
+    for _, _, out, inp, total in plan:
+        for count in (total * inp, out * total):  # A, then B
+            spans.append((nbytes, count))
+            nbytes += count * size + (-(count * size) % 64)
+    arena = empty_bytes(nbytes)
+    modules: dict[str, LoraModule] = {}
+    for i, (name, parts, out, inp, total) in enumerate(plan):
+        (a_off, a_n), (b_off, b_n) = spans[2 * i], spans[2 * i + 1]
+        A = arena[a_off:a_off + a_n * size].view(dtype).view(total, inp)
+        B = arena[b_off:b_off + b_n * size].view(dtype).view(out, total)
+        modules[name] = LoraModule(_scaled_rows(parts, dtype, A), _joined_columns(parts, dtype, B), 1.0)
+    return modules
 
 
 def _compute_dtype(out: int, inp: int, rank: int, dtype: torch.dtype) -> torch.dtype:
@@ -126,6 +172,64 @@ def _check_max_rank(max_rank: object) -> int:
     return int(max_rank)
 
 
+#: one retrieved adapter's module in a composition: (adapter index, module, coefficient w_i s_i)
+Part = tuple[int, LoraModule, float]
+
+
+@dataclass
+class CompositionPlan:
+    """What :func:`compose` computes, decided from the adapters' shapes alone (the factors may be
+    ``meta`` tensors): every output module in order with its parts, the output dtype and base."""
+
+    modules: list[tuple[str, list[Part], int, int, int]]  # (name, parts, out, in, total rank)
+    dtype: torch.dtype
+    base_model: str | None
+
+
+def check_weights(n_adapters: int, weights: Sequence[float] | np.ndarray | torch.Tensor) -> list[float]:
+    """``weights`` as floats, one finite weight per adapter (``LoraFormatError`` otherwise)."""
+    if isinstance(weights, torch.Tensor):
+        weights = weights.detach().cpu().tolist()
+    w = [float(x) for x in np.asarray(weights, dtype=np.float64).reshape(-1)]
+    if not n_adapters:
+        raise LoraFormatError("compose needs at least one adapter")
+    if len(w) != n_adapters:
+        raise LoraFormatError(
+            f"compose got {n_adapters} adapters but {len(w)} weights; pass one weight per adapter"
+        )
+    bad = [i for i, x in enumerate(w) if not math.isfinite(x)]
+    if bad:
+        raise LoraFormatError(
+            f"compose weights must be finite; weight(s) at index {bad} are {[w[i] for i in bad]}"
+        )
+    return w
+
+
+def plan_composition(adapters: Sequence[LoraAdapter], w: Sequence[float],
+                     dtype: torch.dtype | None = None) -> CompositionPlan:
+    """The :class:`CompositionPlan` of ``Σ w_i s_i B_i A_i`` (``w`` from :func:`check_weights`):
+    modules in first-seen order, each with the ``(i, module, w_i s_i)`` of every adapter that has
+    it; different ``(out, in)`` shapes for one module raise ``LoraFormatError``."""
+    if dtype is None:
+        dtype = adapters[0].dtype
+        for a in adapters[1:]:
+            dtype = torch.promote_types(dtype, a.dtype)
+    names = list(dict.fromkeys(n for a in adapters for n in a.modules))
+    bases = {a.base_model for a in adapters if a.base_model}
+    modules: list[tuple[str, list[Part], int, int, int]] = []
+    for name in names:
+        parts = [(i, a.modules[name], wi * a.modules[name].scale)
+                 for i, (a, wi) in enumerate(zip(adapters, w, strict=True)) if name in a.modules]
+        shapes = {m.shape for _, m, _ in parts}
+        if len(shapes) > 1:
+            detail = ", ".join(f"adapter {i}: {m.shape}" for i, m, _ in parts)
+            raise LoraFormatError(f"module {name} has different (out, in) shapes across adapters ({detail}); "
+                                  "the adapters were trained on different base models")
+        out, inp = shapes.pop()
+        modules.append((name, parts, out, inp, sum(m.rank for _, m, _ in parts)))
+    return CompositionPlan(modules, dtype, bases.pop() if len(bases) == 1 else None)
+
+
 def compose(adapters: Sequence[LoraAdapter], weights: Sequence[float] | np.ndarray | torch.Tensor,
             max_rank: int | None = None, dtype: torch.dtype | None = None) -> LoraAdapter:
     """The weighted sum ``Σ w_i s_i B_i A_i`` of LoRA adapters, per module, as one LoRA (scale 1).
@@ -138,53 +242,31 @@ def compose(adapters: Sequence[LoraAdapter], weights: Sequence[float] | np.ndarr
     ``B' = Q_B U_r √S_r``, ``A' = √S_r V_r^T Q_A^T``) computed in float32 (float64 when small)
     without forming the dense update. ``dtype`` is the output dtype (default: the inputs'
     common dtype). ``base_model`` is kept when all adapters that name one agree, else None.
+    ``common.peft_compose.compose_peft_dirs`` computes the same from PEFT directories to a PEFT
+    directory, streaming. The exact factors are views into one buffer (fresh memory is the cost
+    that matters here, and one huge-page block is the cheapest to fault in): ``.clone()`` them
+    before handing them to something that refuses shared storage (``safetensors.torch.save_file``).
     """
     adapters = list(adapters)
-    if isinstance(weights, torch.Tensor):
-        weights = weights.detach().cpu().tolist()
-    w = [float(x) for x in np.asarray(weights, dtype=np.float64).reshape(-1)]
-    if not adapters:
-        raise LoraFormatError("compose needs at least one adapter")
-    if len(w) != len(adapters):
-        raise LoraFormatError(
-            f"compose got {len(adapters)} adapters but {len(w)} weights; pass one weight per adapter"
-        )
-    bad = [i for i, x in enumerate(w) if not math.isfinite(x)]
-    if bad:
-        raise LoraFormatError(
-            f"compose weights must be finite; weight(s) at index {bad} are {[w[i] for i in bad]}"
-        )
+    w = check_weights(len(adapters), weights)
     if max_rank is not None:
         max_rank = _check_max_rank(max_rank)
-
-    if dtype is None:
-        dtype = adapters[0].dtype
-        for a in adapters[1:]:
-            dtype = torch.promote_types(dtype, a.dtype)
-    names = list(dict.fromkeys(n for a in adapters for n in a.modules))
-    bases = {a.base_model for a in adapters if a.base_model}
+    plan = plan_composition(adapters, w, dtype)
+    dtype = plan.dtype
     modules: dict[str, LoraModule] = {}
-    for name in names:
-        parts = [
-            (a.modules[name], wi * a.modules[name].scale)
-            for a, wi in zip(adapters, w, strict=True)
-            if name in a.modules
-        ]
-        shapes = {m.shape for m, _ in parts}
-        if len(shapes) > 1:
-            detail = ", ".join(f"adapter {i}: {a.modules[name].shape}" for i, a in enumerate(adapters)
-                               if name in a.modules)
-            raise LoraFormatError(f"module {name} has different (out, in) shapes across adapters ({detail}); "
-                                  "the adapters were trained on different base models")
-        out, inp = shapes.pop()
-        total = sum(m.rank for m, _ in parts)
+    exact: list[tuple[str, list[tuple[LoraModule, float]], int, int, int]] = []
+    for name, parts3, out, inp, total in plan.modules:
+        parts = [(m, c) for _, m, c in parts3]
         if max_rank is None or total <= max_rank:
-            modules[name] = LoraModule(_scaled_rows(parts, dtype), _joined_columns(parts, dtype), 1.0)
+            modules[name] = None  # type: ignore[assignment]  # filled below; keeps the module order
+            exact.append((name, parts, out, inp, total))
             continue
         cd = _compute_dtype(out, inp, total, dtype)
         B_new, A_new = _truncate(_joined_columns(parts, cd), _scaled_rows(parts, cd), int(max_rank))
         modules[name] = LoraModule(A_new.to(dtype).contiguous(), B_new.to(dtype), 1.0)
-    return LoraAdapter(modules, bases.pop() if len(bases) == 1 else None)
+    if exact:
+        modules.update(_exact_factors(exact, dtype))
+    return LoraAdapter(modules, plan.base_model)
 
 
 def singular_values(module: LoraModule) -> torch.Tensor:

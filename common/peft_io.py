@@ -13,8 +13,10 @@ import shutil
 import struct
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -109,9 +111,35 @@ def load_peft_adapter(path: str | os.PathLike[str]) -> LoraAdapter:
     scale is ``alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``). Tensors keep their stored
     dtype. Anything that is not a plain LoRA on linear layers raises :class:`LoraFormatError`.
     """
-    from safetensors.torch import load_file
+    return load_peft_adapters([path])[0]
 
-    directory = Path(path)
+
+def load_peft_adapters(paths: Sequence[str | os.PathLike[str]]) -> list[LoraAdapter]:
+    """:func:`load_peft_adapter` for several directories at once: every config is checked before
+    any weights are read, then all weight files are read into one buffer (``common.buffers``:
+    one ``readinto`` each, huge pages where the kernel offers them) and the factors are views
+    into it, so loading the k inputs of a composition costs about what reading the files does
+    (``.clone()`` a factor before giving it to something that refuses shared storage). A
+    weights file that is not valid safetensors raises :class:`LoraFormatError` naming it.
+    """
+    from common.buffers import read_files, safetensors_tensors
+    from common.safetensors_header import SafetensorsHeaderError
+
+    checked = [_checked_peft_dir(Path(p)) for p in paths]
+    buffers = read_files([weights for _, _, weights in checked])
+    adapters = []
+    for (directory, config, weights_path), buf in zip(checked, buffers, strict=True):
+        try:  # the factors are views into the file's bytes
+            _, tensors = safetensors_tensors(buf)
+        except SafetensorsHeaderError as exc:
+            raise LoraFormatError(f"{weights_path}: not a valid safetensors file ({exc}); "
+                                  "re-save the adapter") from exc
+        adapters.append(_adapter_from_peft_tensors(directory, config, tensors))
+    return adapters
+
+
+def _checked_peft_dir(directory: Path) -> tuple[Path, dict, Path]:
+    """(directory, its checked adapter config, the weights file's path) of a PEFT LoRA directory."""
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
         raise LoraFormatError(
@@ -130,9 +158,22 @@ def load_peft_adapter(path: str | os.PathLike[str]) -> LoraAdapter:
         extra = " (found a pickled adapter_model.bin: re-save with safe_serialization=True)" if (
             directory / "adapter_model.bin").exists() else ""
         raise LoraFormatError(f"{directory}: no {WEIGHTS_NAME}{extra}")
-    tensors = load_file(str(weights_path))
+    return directory, config, weights_path
 
-    factors: dict[str, dict[str, torch.Tensor]] = {}
+
+def _adapter_from_peft_tensors(directory: Path, config: dict, tensors: Mapping[str, torch.Tensor]) -> LoraAdapter:
+    """The ``LoraAdapter`` of a PEFT directory's checked config and its loaded tensors."""
+    modules, base = peft_factors(directory, config, tensors)
+    return LoraAdapter({name: LoraModule(A, B, scale) for name, (A, B, scale) in modules.items()}, base)
+
+
+def peft_factors(directory: Path, config: dict,
+                 tensors: Mapping[str, Any]) -> tuple[dict[str, tuple[Any, Any, float]], str | None]:
+    """``({module: (A, B, scale)}, base model)`` of a PEFT directory's checked config and its
+    tensors, checked: only plain LoRA factor keys, both factors of every module, 2-D float
+    factors whose ranks agree with each other and with the config. ``tensors`` may hold anything
+    with ``shape``, ``ndim`` and ``dtype`` (``common.peft_compose`` passes the header's entries)."""
+    factors: dict[str, dict[str, Any]] = {}
     for key, tensor in tensors.items():
         if "lora_magnitude_vector" in key:
             raise LoraFormatError(
@@ -161,7 +202,7 @@ def load_peft_adapter(path: str | os.PathLike[str]) -> LoraAdapter:
         raise LoraFormatError(f"{directory}: {WEIGHTS_NAME} holds no LoRA factors")
 
     use_rslora = bool(config.get("use_rslora", False))
-    modules: dict[str, LoraModule] = {}
+    modules: dict[str, tuple[Any, Any, float]] = {}
     for name in sorted(factors):
         pair = factors[name]
         for f in ("A", "B"):
@@ -185,10 +226,13 @@ def load_peft_adapter(path: str | os.PathLike[str]) -> LoraAdapter:
         if A.shape[0] != r:
             raise LoraFormatError(f"{directory}: module {name} has rank {A.shape[0]} in the tensors but "
                                   f"{CONFIG_NAME} (r / rank_pattern) gives it rank {r}; fix the config")
-        scale = alpha / math.sqrt(r) if use_rslora else alpha / r
-        modules[name] = LoraModule(A, B, scale)
+        for f, t in (("A", A), ("B", B)):
+            if t.dtype not in _ST_DTYPES:
+                raise LoraFormatError(f"{directory}: module {name}: lora_{f} has dtype {t.dtype}; LoRA factors "
+                                      f"are float ({', '.join(_ST_DTYPES.values())})")
+        modules[name] = (A, B, alpha / math.sqrt(r) if use_rslora else alpha / r)
     base = config.get("base_model_name_or_path")
-    return LoraAdapter(modules, str(base) if base else None)
+    return modules, str(base) if base else None
 
 
 def _peft_alpha_and_B(module: LoraModule) -> tuple[float | int, torch.Tensor]:
@@ -241,44 +285,123 @@ _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"
 _IOV_MAX = 512  # buffers per writev call (Linux allows 1024)
 
 
+def write_all(fd: int, chunks: Sequence[bytes | memoryview]) -> None:
+    """Write every byte of ``chunks`` to ``fd`` with gathered writes straight from their memory
+    (a short write resumes mid-buffer)."""
+    pending = [memoryview(c).cast("B") for c in chunks if len(c)]
+    while pending:
+        done = os.writev(fd, pending[:_IOV_MAX])
+        while done and pending:  # drop what was written
+            if done >= len(pending[0]):
+                done -= len(pending.pop(0))
+            else:
+                pending[0], done = pending[0][done:], 0
+
+
 def _write_fsynced(path: Path, chunks: Sequence[bytes | memoryview]) -> None:
     """Write ``chunks`` to a new file with gathered writes straight from their memory, then fsync
     it through the same descriptor (no serialised copy of the payload, no second open)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
     try:
-        pending = [memoryview(c).cast("B") for c in chunks if len(c)]
-        while pending:
-            done = os.writev(fd, pending[:_IOV_MAX])
-            while done and pending:  # drop what was written; a short write resumes mid-buffer
-                if done >= len(pending[0]):
-                    done -= len(pending.pop(0))
-                else:
-                    pending[0], done = pending[0][done:], 0
+        write_all(fd, chunks)
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
-    """A safetensors file (the format ``safetensors.torch.save_file`` writes: u64 header length,
-    JSON header padded with spaces to 8 bytes, tensors back to back in header order), written from
-    the tensors' own memory and fsynced; ``safetensors``/PEFT read it like any other."""
+def safetensors_head(specs: Sequence[tuple[str, torch.dtype, Sequence[int]]], metadata: Mapping[str, str]) -> bytes:
+    """The first bytes of a safetensors file whose tensors ``(name, dtype, shape)`` follow back to
+    back in the order given: u64 header length, then the JSON header padded with spaces to 8."""
     header: dict[str, object] = {"__metadata__": dict(metadata)}
-    bufs: list[memoryview] = []
     off = 0
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        if t.dtype not in _ST_DTYPES:
-            raise LoraFormatError(f"tensor {name!r} has dtype {t.dtype}; adapters are stored as "
+    for name, dtype, shape in specs:
+        if dtype not in _ST_DTYPES:
+            raise LoraFormatError(f"tensor {name!r} has dtype {dtype}; adapters are stored as "
                                   f"{', '.join(str(d) for d in _ST_DTYPES)}")
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + nbytes]}
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [off, off + nbytes]}
         off += nbytes
-        if nbytes:
-            bufs.append(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
-    _write_fsynced(path, [struct.pack("<Q", len(head)), head, *bufs])
+    return struct.pack("<Q", len(head)) + head
+
+
+def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    """A safetensors file (the format ``safetensors.torch.save_file`` writes: u64 header length,
+    JSON header padded with spaces to 8 bytes, tensors back to back in name order), written from
+    the tensors' own memory and fsynced; ``safetensors``/PEFT read it like any other."""
+    names = sorted(tensors)
+    flat = [tensors[n].detach().cpu().contiguous() for n in names]
+    head = safetensors_head([(n, t.dtype, t.shape) for n, t in zip(names, flat, strict=True)], metadata)
+    bufs = [memoryview(t.reshape(-1).view(torch.uint8).numpy()) for t in flat if t.numel()]
+    _write_fsynced(path, [head, *bufs])
+
+
+def peft_config(want: Mapping[str, tuple[int, float]], base_model_name_or_path: str | None) -> dict:
+    """The ``adapter_config.json`` of a plain LoRA whose modules have the ``(rank, lora_alpha)`` of
+    ``want`` (``target_modules`` in sorted order; ``rank_pattern`` / ``alpha_pattern`` as needed)."""
+    r0, a0, rank_pattern, alpha_pattern = _peft_patterns(want)
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r0,
+        "lora_alpha": a0,
+        "target_modules": sorted(want),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "lora_bias": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "inference_mode": True,
+        "revision": None,
+    }
+
+
+def peft_config_bytes(want: Mapping[str, tuple[int, float]], base_model_name_or_path: str | None) -> bytes:
+    """:func:`peft_config` as the bytes of ``adapter_config.json``."""
+    return (json.dumps(peft_config(want, base_model_name_or_path), indent=2) + "\n").encode()
+
+
+def write_peft_config(directory: Path, want: Mapping[str, tuple[int, float]],
+                      base_model_name_or_path: str | None) -> None:
+    """Write (and fsync) :func:`peft_config` as ``directory/adapter_config.json``."""
+    _write_fsynced(directory / CONFIG_NAME, [peft_config_bytes(want, base_model_name_or_path)])
+
+
+@contextmanager
+def staged_peft_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A fresh temporary directory beside ``path`` to write an adapter's files into; when the block
+    ends without an error it becomes ``path`` (renamed into place, or, when ``path`` already
+    exists, each file replaced atomically, config last); on an error it is removed."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"{target} exists and is not a directory")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)
+        renamed = False
+        if not target.exists():
+            try:
+                os.rename(tmp, target)
+                renamed = True
+            except OSError:
+                renamed = False  # someone created it meanwhile: fall back to per-file replacement
+        if not renamed:
+            for name in (WEIGHTS_NAME, CONFIG_NAME):  # config last: it names what the weights hold
+                os.replace(tmp / name, target / name)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_peft_adapter(adapter: LoraAdapter, path: str | os.PathLike[str],
@@ -303,50 +426,8 @@ def save_peft_adapter(adapter: LoraAdapter, path: str | os.PathLike[str],
         want[name] = (module.rank, alpha)
         tensors[peft_key(name, "A")] = module.A.contiguous()
         tensors[peft_key(name, "B")] = B.contiguous()
-    r0, a0, rank_pattern, alpha_pattern = _peft_patterns(want)
     base = base_model_name_or_path if base_model_name_or_path is not None else adapter.base_model
-    config = {
-        "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": base,
-        "r": r0,
-        "lora_alpha": a0,
-        "target_modules": names,
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "use_rslora": False,
-        "use_dora": False,
-        "lora_bias": False,
-        "modules_to_save": None,
-        "init_lora_weights": True,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "inference_mode": True,
-        "revision": None,
-    }
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists() and not target.is_dir():
-        raise NotADirectoryError(f"{target} exists and is not a directory")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with staged_peft_dir(target) as tmp:
         write_safetensors(tmp / WEIGHTS_NAME, tensors, {"format": "pt"})
-        _write_fsynced(tmp / CONFIG_NAME, [(json.dumps(config, indent=2) + "\n").encode()])
-        os.chmod(tmp, 0o755)
-        renamed = False
-        if not target.exists():
-            try:
-                os.rename(tmp, target)
-                renamed = True
-            except OSError:
-                renamed = False  # someone created it meanwhile: fall back to per-file replacement
-        if not renamed:
-            for name in (WEIGHTS_NAME, CONFIG_NAME):  # config last: it names what the weights hold
-                os.replace(tmp / name, target / name)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        write_peft_config(tmp, want, base)
     return target

@@ -31,8 +31,9 @@ class SafetensorsHeaderError(ValueError):
         self.kind = kind
 
 
-def parse_header(data: bytes) -> dict[str, Any]:
-    """The header of the safetensors bytes ``data``, checked against the buffer.
+def parse_header(data: bytes, size: int | None = None) -> dict[str, Any]:
+    """The header of the safetensors bytes ``data``, checked against the buffer (or, with
+    ``size``, against a file of ``size`` bytes of which ``data`` holds at least the header).
 
     Raises ``SafetensorsHeaderError`` for: fewer than 8 bytes; a header length over
     ``MAX_HEADER_BYTES`` or past the end; non-UTF-8 / non-JSON / non-object header; an entry
@@ -43,34 +44,36 @@ def parse_header(data: bytes) -> dict[str, Any]:
     if len(data) < 8:
         raise SafetensorsHeaderError(f"{len(data)} bytes is too short for safetensors (8-byte header length)",
                                      "short")
+    total = len(data) if size is None else size
     n = int.from_bytes(bytes(data[:8]), "little")
-    if n > MAX_HEADER_BYTES or n > len(data) - 8:
+    if n > MAX_HEADER_BYTES or n > total - 8:
         raise SafetensorsHeaderError(
-            f"header length {n} is oversized or runs past the end of the {len(data)}-byte buffer (truncated?)",
+            f"header length {n} is oversized or runs past the end of the {total}-byte buffer (truncated?)",
             "length")
+    if n > len(data) - 8:
+        raise ValueError(f"parse_header got {len(data)} bytes but the header needs {8 + n}; pass them all")
     try:
         header = json.loads(bytes(data[8:8 + n]))
     except (UnicodeDecodeError, ValueError) as exc:
         raise SafetensorsHeaderError(f"unreadable header ({exc})", "json") from exc
     if not isinstance(header, dict):
         raise SafetensorsHeaderError("header is not a JSON object", "object")
-    body = len(data) - 8 - n
+    body = total - 8 - n
     spans: list[tuple[int, int, str]] = []
     for name, info in header.items():
         if name == "__metadata__":
             if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
                 raise SafetensorsHeaderError("__metadata__ must be a JSON object of strings")
             continue
-        if not isinstance(info, dict):
+        # JSON gives only exact types, so ``type(x) is int`` is the cheap form of "an int, not a bool"
+        if type(info) is not dict:
             raise SafetensorsHeaderError(f"tensor {name!r}: entry is not a JSON object")
         dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if not isinstance(dtype, str):
+        if type(dtype) is not str:
             raise SafetensorsHeaderError(f"tensor {name!r}: dtype missing or not a string")
-        if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
-                                                  for s in shape):
+        if type(shape) is not list or any(type(s) is not int or s < 0 for s in shape):
             raise SafetensorsHeaderError(f"tensor {name!r}: shape must be a list of non-negative integers")
-        if (not isinstance(offs, list) or len(offs) != 2
-                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)):
+        if type(offs) is not list or len(offs) != 2 or type(offs[0]) is not int or type(offs[1]) is not int:
             raise SafetensorsHeaderError(f"tensor {name!r}: data_offsets must be two integers")
         begin, end = offs
         if not 0 <= begin <= end <= body:

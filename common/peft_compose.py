@@ -1,0 +1,477 @@
+"""Composition from PEFT directories straight to a PEFT directory, streamed.
+
+``compose_peft_dirs(dirs, weights, out)`` writes exactly the directory that
+``save_peft_adapter(compose(load_peft_adapters(dirs), weights), out)`` writes (same bytes), but
+never holds the inputs or the output in memory. Module by module (in the output's key order),
+each input's ``A`` and ``B`` are read with one ``pread`` where they lie back to back, the output's
+``c_i A_i`` rows and ``[B_1, …, B_k]`` are computed into a buffer that stays in the CPU cache,
+and the buffer is handed to a writer thread that writes it and starts its writeback
+(``sync_file_range``) while the next chunk is computed; one fsync at the end. A module too large
+for the buffers is done in row chunks. Memory is therefore about 16 MiB of buffers whatever k
+and the adapters' size, and the time is close to the I/O floor: read the inputs once, write the
+output once (issue 14, goal 5: the in-memory path pays for faulting in fresh memory for the
+inputs and the output and for moving both through DRAM once more).
+
+Everything ``load_peft_adapter`` checks is checked before a byte of output is written, by the
+same code (``common.peft_io.peft_factors``, given the header's shapes and dtypes): the configs,
+then each safetensors header against its file's size, then the factors' keys, shapes, dtypes
+and ranks. The inputs are read with ``pread``, not mapped, so a file cut short by someone else
+while it is read gives ``LoraFormatError``, never a SIGBUS. The output is written into a
+temporary directory beside ``out`` and swapped in only when complete and fsynced
+(``staged_peft_dir``); a write error (a full disk) in the writer thread reaches the caller.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import stat
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.buffers import start_writeback
+from common.lora import LoraFormatError, peft_key
+from common.lora_compose import (
+    CompositionPlan,
+    Part,
+    check_weights,
+    compose,
+    join_columns_into,
+    plan_composition,
+    scale_rows_into,
+    work_dtype,
+)
+from common.peft_io import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    _checked_peft_dir,
+    load_peft_adapters,
+    peft_config_bytes,
+    peft_factors,
+    safetensors_head,
+    save_peft_adapter,
+    staged_peft_dir,
+    write_all,
+)
+
+#: the output buffer (computed, then written) and the read buffer: together small enough to stay
+#: in the CPU's last-level cache, large enough that a module of a 7-8B model at k = 16 is one step
+CHUNK_BYTES = 4 << 20
+#: hand the output buffer to the writer thread once this much is in it (at a tensor boundary)
+FLUSH_BYTES = 1 << 20
+#: below this output size the chunks are written by the computing thread itself
+THREAD_MIN_BYTES = 8 << 20
+
+
+_pool: list[torch.Tensor] = []  # idle buffers of finished compositions, reused by the next
+_POOL_MAX = 6
+
+
+def _take_buffer(nbytes: int) -> torch.Tensor:
+    """A ``uint8`` buffer of at least ``nbytes``: an idle pooled one, else a fresh one (huge pages
+    where offered): fresh memory costs more to fault in than the arithmetic done in it."""
+    for i, buf in enumerate(_pool):
+        if buf.numel() >= nbytes:
+            try:
+                return _pool.pop(i)
+            except IndexError:  # taken by a concurrent composition meanwhile
+                break
+    from common.buffers import empty_bytes
+
+    return empty_bytes(nbytes)
+
+
+def _give_buffer(buf: torch.Tensor) -> None:
+    if len(_pool) < _POOL_MAX:
+        _pool.append(buf)
+
+
+@dataclass(frozen=True)
+class _Factor:
+    """A factor as the safetensors header describes it (what the checks and the plan need)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+@dataclass
+class _Module:
+    """A module's factors, duck-typed as ``LoraModule`` for ``plan_composition``."""
+
+    A: _Factor
+    B: _Factor
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.B.shape[0], self.A.shape[1]
+
+
+@dataclass
+class _Adapter:
+    """An adapter's modules, duck-typed as ``LoraAdapter`` for ``plan_composition``."""
+
+    modules: dict[str, _Module]
+    base_model: str | None
+
+    @property
+    def dtype(self) -> torch.dtype:  # as LoraAdapter.dtype
+        dtypes = {f.dtype for m in self.modules.values() for f in (m.A, m.B)}
+        return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+@dataclass
+class _Input:
+    """One input weights file, open for ``pread``: where each tensor's bytes start."""
+
+    path: Path
+    fd: int
+    offsets: dict[str, int]  # tensor name -> absolute byte offset of its data
+
+    def read_into(self, buf: torch.Tensor, offset: int) -> None:
+        """Fill the ``uint8`` tensor ``buf`` with the file's bytes from ``offset``."""
+        view = memoryview(buf.numpy()).cast("B")
+        done = 0
+        while done < len(view):
+            n = os.preadv(self.fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise LoraFormatError(f"{self.path} became shorter while it was read (another process "
+                                      "rewrote it?); compose again once it is complete")
+            done += n
+
+
+def _open_input(directory: Path, config: dict, weights_path: Path) -> tuple[_Input, _Adapter]:
+    """The open input and its adapter's factor shapes and dtypes, checked as ``load_peft_adapter``
+    checks a directory (the same code), reading only the safetensors header."""
+    from common.buffers import torch_dtype
+    from common.safetensors_header import MAX_HEADER_BYTES, SafetensorsHeaderError, check_sizes, parse_header
+
+    fd = os.open(weights_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise LoraFormatError(f"{weights_path} is not a regular file")
+        src = _Input(weights_path, fd, {})
+        try:
+            first = os.pread(fd, min(st.st_size, 1 << 16), 0)  # the header, in one read when it is small
+            n = int.from_bytes(first[:8], "little") if len(first) >= 8 else 0
+            if len(first) >= 8 and len(first) < 8 + n <= min(MAX_HEADER_BYTES + 8, st.st_size):
+                first += os.pread(fd, 8 + n - len(first), len(first))
+            header = parse_header(first, st.st_size)  # refuses a bad length before reading by it
+            if len(first) < 8 + n:
+                raise SafetensorsHeaderError(f"header of {n} bytes could not be read whole")
+            check_sizes(header)
+            specs = {name: _Factor(tuple(info["shape"]), torch_dtype(info["dtype"], name))
+                     for name, info in header.items() if name != "__metadata__"}
+        except SafetensorsHeaderError as exc:
+            raise LoraFormatError(f"{weights_path}: not a valid safetensors file ({exc}); "
+                                  "re-save the adapter") from exc
+        src.offsets = {name: 8 + n + info["data_offsets"][0] for name, info in header.items()
+                       if name != "__metadata__"}
+        modules, base = peft_factors(directory, config, specs)
+        return src, _Adapter({name: _Module(A, B, scale) for name, (A, B, scale) in modules.items()}, base)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+_writer: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _writer_thread() -> ThreadPoolExecutor:
+    """The one thread that writes compositions' output chunks (FIFO, so each file's chunks land
+    in order; started on first use, shared by concurrent compositions, and started afresh in a
+    forked child, which inherits the executor but not its thread)."""
+    global _writer
+    if _writer is None or _writer[0] != os.getpid():
+        _writer = (os.getpid(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="rpe-compose-writer"))
+    return _writer[1]
+
+
+def _write_chunk(fd: int, buf: torch.Tensor, nbytes: int, offset: int) -> None:
+    write_all(fd, [memoryview(buf.numpy())[:nbytes]])
+    start_writeback(fd, offset, nbytes)  # the device works while the next chunk is computed
+
+
+class _ChunkWriter:
+    """Output bytes are computed into one buffer while the writer thread writes the previous one
+    (double buffering: ``os.writev`` and torch's kernels release the GIL, so computing the next
+    chunk overlaps copying the last one into the page cache, and the device's writeback overlaps
+    both). A write error (a full disk) is raised by the next ``reserve`` or by ``close``."""
+
+    def __init__(self, fd: int, size: int, offset: int, threaded: bool = True) -> None:
+        self.fd, self.offset, self.threaded = fd, offset, threaded
+        self.buffers = [_take_buffer(size)] + ([_take_buffer(size)] if threaded else [])
+        self.free = self.buffers[1:]
+        self.pending: deque[tuple[Future[None], torch.Tensor]] = deque()
+        self.buf, self.fill = self.buffers[0], 0
+
+    def reserve(self, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        """A ``shape`` view of the next ``nbytes`` of output, to be filled before the next call."""
+        if self.fill + nbytes > self.buf.numel() or self.fill >= FLUSH_BYTES:
+            self._submit()
+            if nbytes > self.buf.numel():  # one row longer than a chunk
+                self.buf = torch.empty(nbytes, dtype=torch.uint8)
+                self.buffers.append(self.buf)
+        view = self.buf[self.fill:self.fill + nbytes]
+        self.fill += nbytes
+        return view.view(dtype).view(shape)
+
+    def _submit(self) -> None:
+        if not self.fill:
+            return
+        if not self.threaded:  # a small output: handing chunks to a thread costs more than it hides
+            _write_chunk(self.fd, self.buf, self.fill, self.offset)
+            self.offset, self.fill = self.offset + self.fill, 0
+            return
+        future = _writer_thread().submit(_write_chunk, self.fd, self.buf, self.fill, self.offset)
+        self.pending.append((future, self.buf))
+        self.offset += self.fill
+        if not self.free:  # both buffers in flight: wait for the older one
+            done, buf = self.pending.popleft()
+            done.result()
+            self.free.append(buf)
+        self.buf, self.fill = self.free.pop(), 0
+
+    def close(self) -> None:
+        """Write what is left and wait for it; raises the first write error."""
+        self._submit()
+        while self.pending:
+            self.pending.popleft()[0].result()
+
+    def release(self) -> None:
+        """Wait for anything still in flight (after an error) and pool the buffers."""
+        for future, _ in self.pending:
+            future.exception()
+        self.pending.clear()
+        while self.buffers:
+            _give_buffer(self.buffers.pop())
+
+
+class _Scratch:
+    """A reused read buffer: ``take(n)`` hands out consecutive slices until ``reset``."""
+
+    def __init__(self, size: int) -> None:
+        self.buf = _take_buffer(size)
+        self.used = 0
+
+    def reset(self, need: int) -> None:
+        if need > self.buf.numel():
+            self.buf = torch.empty(need, dtype=torch.uint8)
+        self.used = 0
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """The next ``nbytes``, starting 8-byte aligned (``reset`` with the padded total)."""
+        view = self.buf[self.used:self.used + nbytes]
+        self.used += nbytes + (-nbytes % 8)
+        return view
+
+
+def _stream_A(out: _ChunkWriter, scratch: _Scratch, inputs: Sequence[_Input], name: str,
+              parts: Sequence[Part], inp: int, dtype: torch.dtype) -> None:
+    """``[c_1 A_1; c_2 A_2; ...]`` in row chunks (the arithmetic of ``compose``'s, chunk by chunk)."""
+    work = work_dtype([(m, c) for _, m, c in parts], "A", dtype)
+    key = peft_key(name, "A")
+    for i, m, c in parts:
+        src_dtype = m.A.dtype
+        row_bytes = inp * max(dtype.itemsize, src_dtype.itemsize)
+        step = max(1, CHUNK_BYTES // max(1, row_bytes))
+        for r0 in range(0, m.rank, step):
+            rows = min(step, m.rank - r0)
+            block = out.reserve(rows * inp * dtype.itemsize, dtype, (rows, inp))
+            offset = inputs[i].offsets[key] + r0 * inp * src_dtype.itemsize
+            if src_dtype == work == dtype:  # read straight into the output, scale in place
+                inputs[i].read_into(block.view(-1).view(torch.uint8), offset)
+                scale_rows_into(block, block, c, work)
+            else:
+                scratch.reset(rows * inp * src_dtype.itemsize)
+                raw = scratch.take(rows * inp * src_dtype.itemsize)
+                inputs[i].read_into(raw, offset)
+                scale_rows_into(block, raw.view(src_dtype).view(rows, inp), c, work)
+
+
+def _stream_B(out: _ChunkWriter, scratch: _Scratch, inputs: Sequence[_Input], name: str,
+              parts: Sequence[Part], out_dim: int, total: int, dtype: torch.dtype) -> None:
+    """``[B_1, B_2, ...]`` in bands of rows: each band reads the same rows of every ``B_i``."""
+    key = peft_key(name, "B")
+    in_row = sum(m.rank * m.B.dtype.itemsize for _, m, _ in parts)
+    step = max(1, CHUNK_BYTES // max(1, total * dtype.itemsize, in_row))
+    for j0 in range(0, out_dim, step):
+        rows = min(step, out_dim - j0)
+        scratch.reset(rows * in_row + 8 * len(parts))
+        blocks = []
+        for i, m, _ in parts:
+            size = m.B.dtype.itemsize
+            raw = scratch.take(rows * m.rank * size)
+            inputs[i].read_into(raw, inputs[i].offsets[key] + j0 * m.rank * size)
+            blocks.append(raw.view(m.B.dtype).view(rows, m.rank))
+        join_columns_into(out.reserve(rows * total * dtype.itemsize, dtype, (rows, total)), blocks)
+
+
+class _ModuleReader:
+    """Every input's factors of one module, read into the shared scratch buffer with one ``pread``
+    per input where its A and B lie back to back (as PEFT and safetensors write them)."""
+
+    def __init__(self, inputs: Sequence[_Input], scratch: _Scratch) -> None:
+        self.inputs, self.scratch = inputs, scratch
+        self.name: str | None = None
+        self.views: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    @staticmethod
+    def need(parts: Sequence[Part]) -> int:
+        """Scratch bytes :meth:`read` needs for ``parts`` (with alignment padding)."""
+        return sum(m.A.dtype.itemsize * math.prod(m.A.shape) + m.B.dtype.itemsize * math.prod(m.B.shape) + 16
+                   for _, m, _ in parts)
+
+    def read(self, name: str, parts: Sequence[Part]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``[(A_i, B_i)]`` of module ``name``, in the order of ``parts`` (read once per module)."""
+        if name == self.name:
+            return self.views
+        self.name = None
+        self.scratch.reset(self.need(parts))
+        key_a, key_b = peft_key(name, "A"), peft_key(name, "B")
+        views = []
+        for i, m, _ in parts:
+            src = self.inputs[i]
+            a_off, b_off = src.offsets[key_a], src.offsets[key_b]
+            a_n = m.A.dtype.itemsize * math.prod(m.A.shape)
+            b_n = m.B.dtype.itemsize * math.prod(m.B.shape)
+            if b_off == a_off + a_n and a_n % 8 == 0:  # A then B: one read
+                raw = self.scratch.take(a_n + b_n)
+                src.read_into(raw, a_off)
+                a_raw, b_raw = raw[:a_n], raw[a_n:]
+            elif a_off == b_off + b_n and b_n % 8 == 0:  # B then A: one read
+                raw = self.scratch.take(a_n + b_n)
+                src.read_into(raw, b_off)
+                a_raw, b_raw = raw[b_n:], raw[:b_n]
+            else:
+                a_raw, b_raw = self.scratch.take(a_n), self.scratch.take(b_n)
+                src.read_into(a_raw, a_off)
+                src.read_into(b_raw, b_off)
+            views.append((a_raw.view(m.A.dtype).view(m.A.shape), b_raw.view(m.B.dtype).view(m.B.shape)))
+        self.name, self.views = name, views
+        return views
+
+
+def _output_bytes(plan: CompositionPlan) -> int:
+    return sum((inp + out_dim) * total for _, _, out_dim, inp, total in plan.modules) * plan.dtype.itemsize
+
+
+def _write_weights(path: Path, plan: CompositionPlan, inputs: Sequence[_Input], threaded: bool) -> None:
+    dtype = plan.dtype
+    jobs: dict[str, tuple[str, tuple[str, list[Part], int, int, int]]] = {}
+    for entry in plan.modules:
+        jobs[peft_key(entry[0], "A")] = ("A", entry)
+        jobs[peft_key(entry[0], "B")] = ("B", entry)
+    order = sorted(jobs)  # the order ``write_safetensors`` uses
+    specs = []
+    for key in order:
+        factor, (_, _, out_dim, inp, total) = jobs[key]
+        specs.append((key, dtype, (total, inp) if factor == "A" else (out_dim, total)))
+    head = safetensors_head(specs, {"format": "pt"})
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+    out = scratch = None
+    try:
+        write_all(fd, [head])
+        out = _ChunkWriter(fd, CHUNK_BYTES, len(head), threaded)
+        scratch = _Scratch(2 * CHUNK_BYTES)
+        reader = _ModuleReader(inputs, scratch)
+        for key in order:
+            factor, (name, parts, out_dim, inp, total) = jobs[key]
+            if reader.need(parts) > 2 * CHUNK_BYTES or max(out_dim, inp) * total * dtype.itemsize > CHUNK_BYTES:
+                reader.name = None  # a large module: in row chunks, through the same scratch
+                if factor == "A":
+                    _stream_A(out, scratch, inputs, name, parts, inp, dtype)
+                else:
+                    _stream_B(out, scratch, inputs, name, parts, out_dim, total, dtype)
+                continue
+            views = reader.read(name, parts)
+            if factor == "A":
+                block = out.reserve(total * inp * dtype.itemsize, dtype, (total, inp))
+                work = work_dtype([(m, c) for _, m, c in parts], "A", dtype)
+                row = 0
+                for (_, m, c), (A, _) in zip(parts, views, strict=True):
+                    scale_rows_into(block[row:row + m.rank], A, c, work)
+                    row += m.rank
+            else:
+                join_columns_into(out.reserve(out_dim * total * dtype.itemsize, dtype, (out_dim, total)),
+                                  [B for _, B in views])
+        out.close()
+        os.fsync(fd)
+    finally:
+        if out is not None:
+            out.release()
+        if scratch is not None:
+            _give_buffer(scratch.buf)
+        os.close(fd)
+
+
+def compose_peft_dirs(dirs: Sequence[str | os.PathLike[str]],
+                      weights: Sequence[float] | np.ndarray | torch.Tensor,
+                      out: str | os.PathLike[str], *, dtype: torch.dtype | None = None,
+                      max_rank: int | None = None, base_model_name_or_path: str | None = None) -> Path:
+    """Compose the PEFT LoRA directories ``dirs`` with ``weights`` into the PEFT directory ``out``.
+
+    The result is :func:`common.lora.compose` of the loaded adapters saved with
+    :func:`common.lora.save_peft_adapter` (byte for byte), computed without loading them: see the
+    module docstring. ``dtype`` is the output dtype (default: the inputs' common dtype);
+    ``base_model_name_or_path`` goes into the config (default: the inputs' base when they agree).
+    ``max_rank`` (best rank-r approximation) needs every factor of a module at once, so it takes
+    the in-memory path. Bad input raises ``LoraFormatError`` naming the directory and the problem,
+    before anything is written; ``out`` is replaced only by a complete, fsynced directory.
+    """
+    paths = [Path(p) for p in dirs]
+    w = check_weights(len(paths), weights)
+    if max_rank is not None:
+        adapter = compose(load_peft_adapters(paths), w, max_rank=max_rank, dtype=dtype)
+        return save_peft_adapter(adapter, out, base_model_name_or_path)
+    inputs: list[_Input] = []
+    try:
+        metas: list[_Adapter] = []
+        for checked in [_checked_peft_dir(p) for p in paths]:  # every config before any weights
+            src, meta = _open_input(*checked)
+            inputs.append(src)
+            metas.append(meta)
+        plan = plan_composition(metas, w, dtype)
+        want = {name: (total, total) for name, _, _, _, total in plan.modules}  # scale 1: alpha = r
+        base = base_model_name_or_path if base_model_name_or_path is not None else plan.base_model
+        config = peft_config_bytes(want, base)
+        # a small output is written by this thread: waking another costs more than it hides
+        threaded = _output_bytes(plan) >= THREAD_MIN_BYTES
+        with staged_peft_dir(out) as tmp:
+            cfd = os.open(tmp / CONFIG_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+            try:
+                # the config is known already: written (by the writer thread, while the weights are
+                # computed, when there is one) before the weights; its fsync after theirs finds it
+                # committed with them
+                if threaded:
+                    done = _writer_thread().submit(write_all, cfd, [config])
+                    try:
+                        _write_weights(tmp / WEIGHTS_NAME, plan, inputs, threaded)
+                    finally:
+                        done.exception()  # never leave it writing into a directory being removed
+                    done.result()
+                else:
+                    write_all(cfd, [config])  # no early writeback for a few hundred bytes: it costs more
+                    _write_weights(tmp / WEIGHTS_NAME, plan, inputs, threaded)
+                os.fsync(cfd)
+            finally:
+                os.close(cfd)
+    finally:
+        for src in inputs:
+            os.close(src.fd)
+    return Path(out)
