@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import os
 import stat
+import threading
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -70,26 +71,27 @@ THREAD_MIN_BYTES = 8 << 20
 
 
 _pool: list[torch.Tensor] = []  # idle buffers of finished compositions, reused by the next
-_POOL_MAX = 6
+_pool_lock = threading.Lock()
+_POOL_MAX = 6  # at most 6 idle buffers (about 40 MiB) stay with the process
 
 
 def _take_buffer(nbytes: int) -> torch.Tensor:
-    """A ``uint8`` buffer of at least ``nbytes``: an idle pooled one, else a fresh one (huge pages
-    where offered): fresh memory costs more to fault in than the arithmetic done in it."""
-    for i, buf in enumerate(_pool):
-        if buf.numel() >= nbytes:
-            try:
-                return _pool.pop(i)
-            except IndexError:  # taken by a concurrent composition meanwhile
-                break
+    """A ``uint8`` buffer of at least ``nbytes``: the smallest idle pooled one that fits, else a
+    fresh one (huge pages where offered): fresh memory costs more to fault in than the
+    arithmetic done in it."""
+    with _pool_lock:
+        fits = [i for i, buf in enumerate(_pool) if buf.numel() >= nbytes]
+        if fits:
+            return _pool.pop(min(fits, key=lambda i: _pool[i].numel()))
     from common.buffers import empty_bytes
 
     return empty_bytes(nbytes)
 
 
 def _give_buffer(buf: torch.Tensor) -> None:
-    if len(_pool) < _POOL_MAX:
-        _pool.append(buf)
+    with _pool_lock:
+        if len(_pool) < _POOL_MAX:
+            _pool.append(buf)
 
 
 @dataclass(frozen=True)

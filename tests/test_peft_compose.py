@@ -265,3 +265,19 @@ def test_misaligned_tensors_are_copied_not_misread():
     buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     _, tensors = safetensors_tensors(buf)
     assert torch.equal(tensors["b"], x) and tensors["a"].tolist() == [7, 9]
+
+
+def test_concurrent_compositions_share_the_writer_thread_and_buffers(peft_dirs, tmp_path, monkeypatch):
+    """Four threads composing at once (every chunk through the shared writer thread, buffers from
+    the shared pool) each write exactly the reference bytes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(pc, "THREAD_MIN_BYTES", 0)
+    monkeypatch.setattr(pc, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(pc, "FLUSH_BYTES", 1024)
+    weights = [(0.7, -0.2, 0.5), (0.1, 0.2, 0.7), (1.0, 0.0, -1.0), (0.3, 0.3, 0.4)]
+    refs = [_reference(peft_dirs, w, tmp_path / f"ref{i}") for i, w in enumerate(weights)]
+    with ThreadPoolExecutor(4) as ex:
+        outs = list(ex.map(lambda iw: compose_peft_dirs(peft_dirs, iw[1], tmp_path / f"got{iw[0]}"),
+                           enumerate(weights)))
+    assert all(_same_files(r, o) for r, o in zip(refs, outs, strict=True))
