@@ -1,4 +1,4 @@
-"""Large byte buffers that are cheap to touch for the first time; safetensors dtypes; early writeback.
+"""Large byte buffers that are cheap to touch for the first time, and early writeback.
 
 Why (issue 14, goal 5): composing adapters is a few memory passes between a read and a durable
 write, so the cost that decides whether it stays near the I/O floor is *fresh memory*. glibc
@@ -22,8 +22,6 @@ from typing import Any
 
 import torch
 
-from common.safetensors_header import SafetensorsHeaderError
-
 HUGE_PAGE = 2 * 1024 * 1024
 #: below this a buffer is an ordinary allocation (a huge page would mostly sit unused)
 HUGE_MIN_BYTES = 2 * HUGE_PAGE
@@ -45,20 +43,6 @@ def empty_bytes(nbytes: int) -> torch.Tensor:
     whole = torch.frombuffer(region, dtype=torch.uint8)
     start = -whole.data_ptr() % HUGE_PAGE  # huge pages cover 2 MiB-aligned ranges only
     return whole[start:start + nbytes]
-
-
-_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                 "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def torch_dtype(name: str, tensor: str) -> torch.dtype:
-    """The torch dtype of the safetensors dtype ``name`` (of tensor ``tensor``, for the message)."""
-    dtype = _TORCH_DTYPES.get(name)
-    if dtype is None:
-        raise SafetensorsHeaderError(f"tensor {tensor!r}: dtype {name} is not supported here "
-                                     f"(supported: {', '.join(_TORCH_DTYPES)})")
-    return dtype
 
 
 _SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of the range's dirty pages, do not wait

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,6 +129,13 @@ class LoraModule:
         return (self.B.to(dtype) @ self.A.to(dtype)).mul_(self.scale)
 
 
+def factors_dtype(modules: Iterable[Any]) -> torch.dtype:
+    """The common dtype of the ``A`` and ``B`` factors of ``modules`` (float32 when they differ);
+    anything with ``A.dtype`` and ``B.dtype`` will do (``common.peft_compose`` passes header entries)."""
+    dtypes = {t.dtype for m in modules for t in (m.A, m.B)}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
 @dataclass(eq=False)
 class LoraAdapter:
     """A LoRA adapter: ``{module name: LoraModule}`` plus the base model it was trained on."""
@@ -147,8 +154,7 @@ class LoraAdapter:
     @property
     def dtype(self) -> torch.dtype:
         """The common dtype of the factors (float32 when they differ)."""
-        dtypes = {t.dtype for m in self.modules.values() for t in (m.A, m.B)}
-        return dtypes.pop() if len(dtypes) == 1 else torch.float32
+        return factors_dtype(self.modules.values())
 
     def num_parameters(self) -> int:
         return sum(m.A.numel() + m.B.numel() for m in self.modules.values())

@@ -18,6 +18,7 @@ from common.lora import (
     LoraAdapter,
     LoraFormatError,
     LoraModule,
+    factors_dtype,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -178,8 +179,9 @@ Part = tuple[int, LoraModule, float]
 
 @dataclass
 class CompositionPlan:
-    """What :func:`compose` computes, decided from the adapters' shapes alone (the factors may be
-    ``meta`` tensors): every output module in order with its parts, the output dtype and base."""
+    """What :func:`compose` computes, decided from the factors' shapes and dtypes alone (they may
+    be header entries, as in ``common.peft_compose``): every output module in order with its
+    parts, the output dtype and base."""
 
     modules: list[tuple[str, list[Part], int, int, int]]  # (name, parts, out, in, total rank)
     dtype: torch.dtype
@@ -211,9 +213,9 @@ def plan_composition(adapters: Sequence[LoraAdapter], w: Sequence[float],
     modules in first-seen order, each with the ``(i, module, w_i s_i)`` of every adapter that has
     it; different ``(out, in)`` shapes for one module raise ``LoraFormatError``."""
     if dtype is None:
-        dtype = adapters[0].dtype
+        dtype = factors_dtype(adapters[0].modules.values())
         for a in adapters[1:]:
-            dtype = torch.promote_types(dtype, a.dtype)
+            dtype = torch.promote_types(dtype, factors_dtype(a.modules.values()))
     names = list(dict.fromkeys(n for a in adapters for n in a.modules))
     bases = {a.base_model for a in adapters if a.base_model}
     modules: list[tuple[str, list[Part], int, int, int]] = []
@@ -253,20 +255,18 @@ def compose(adapters: Sequence[LoraAdapter], weights: Sequence[float] | np.ndarr
         max_rank = _check_max_rank(max_rank)
     plan = plan_composition(adapters, w, dtype)
     dtype = plan.dtype
-    modules: dict[str, LoraModule] = {}
+    truncated: dict[str, LoraModule] = {}
     exact: list[tuple[str, list[tuple[LoraModule, float]], int, int, int]] = []
     for name, parts3, out, inp, total in plan.modules:
         parts = [(m, c) for _, m, c in parts3]
         if max_rank is None or total <= max_rank:
-            modules[name] = None  # type: ignore[assignment]  # filled below; keeps the module order
             exact.append((name, parts, out, inp, total))
             continue
         cd = _compute_dtype(out, inp, total, dtype)
         B_new, A_new = _truncate(_joined_columns(parts, cd), _scaled_rows(parts, cd), int(max_rank))
-        modules[name] = LoraModule(A_new.to(dtype).contiguous(), B_new.to(dtype), 1.0)
-    if exact:
-        modules.update(_exact_factors(exact, dtype))
-    return LoraAdapter(modules, plan.base_model)
+        truncated[name] = LoraModule(A_new.to(dtype).contiguous(), B_new.to(dtype), 1.0)
+    built = {**truncated, **(_exact_factors(exact, dtype) if exact else {})}
+    return LoraAdapter({name: built[name] for name, *_ in plan.modules}, plan.base_model)
 
 
 def singular_values(module: LoraModule) -> torch.Tensor:

@@ -130,11 +130,6 @@ class _Adapter:
     modules: dict[str, _Module]
     base_model: str | None
 
-    @property
-    def dtype(self) -> torch.dtype:  # as LoraAdapter.dtype
-        dtypes = {f.dtype for m in self.modules.values() for f in (m.A, m.B)}
-        return dtypes.pop() if len(dtypes) == 1 else torch.float32
-
 
 @dataclass
 class _Input:
@@ -156,10 +151,25 @@ class _Input:
             done += n
 
 
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                 "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _torch_dtype(name: str, tensor: str) -> torch.dtype:
+    """The torch dtype of the safetensors dtype ``name`` (of tensor ``tensor``, for the message)."""
+    from common.safetensors_header import SafetensorsHeaderError
+
+    dtype = _TORCH_DTYPES.get(name)
+    if dtype is None:
+        raise SafetensorsHeaderError(f"tensor {tensor!r}: dtype {name} is not supported here "
+                                     f"(supported: {', '.join(_TORCH_DTYPES)})")
+    return dtype
+
+
 def _open_input(directory: Path, config: dict, weights_path: Path) -> tuple[_Input, _Adapter]:
     """The open input and its adapter's factor shapes and dtypes, checked as ``load_peft_adapter``
     checks a directory (the same code), reading only the safetensors header."""
-    from common.buffers import torch_dtype
     from common.safetensors_header import MAX_HEADER_BYTES, SafetensorsHeaderError, check_sizes, parse_header
 
     fd = os.open(weights_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
@@ -167,7 +177,6 @@ def _open_input(directory: Path, config: dict, weights_path: Path) -> tuple[_Inp
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise LoraFormatError(f"{weights_path} is not a regular file")
-        src = _Input(weights_path, fd, {})
         try:
             first = os.pread(fd, min(st.st_size, 1 << 16), 0)  # the header, in one read when it is small
             n = int.from_bytes(first[:8], "little") if len(first) >= 8 else 0
@@ -177,15 +186,15 @@ def _open_input(directory: Path, config: dict, weights_path: Path) -> tuple[_Inp
             if len(first) < 8 + n:
                 raise SafetensorsHeaderError(f"header of {n} bytes could not be read whole")
             check_sizes(header)
-            specs = {name: _Factor(tuple(info["shape"]), torch_dtype(info["dtype"], name))
+            specs = {name: _Factor(tuple(info["shape"]), _torch_dtype(info["dtype"], name))
                      for name, info in header.items() if name != "__metadata__"}
         except SafetensorsHeaderError as exc:
             raise LoraFormatError(f"{weights_path}: not a valid safetensors file ({exc}); "
                                   "re-save the adapter") from exc
-        src.offsets = {name: 8 + n + info["data_offsets"][0] for name, info in header.items()
-                       if name != "__metadata__"}
+        offsets = {name: 8 + n + info["data_offsets"][0] for name, info in header.items() if name != "__metadata__"}
         modules, base = peft_factors(directory, config, specs)
-        return src, _Adapter({name: _Module(A, B, scale) for name, (A, B, scale) in modules.items()}, base)
+        adapter = _Adapter({name: _Module(A, B, scale) for name, (A, B, scale) in modules.items()}, base)
+        return _Input(weights_path, fd, offsets), adapter
     except BaseException:
         os.close(fd)
         raise
@@ -392,9 +401,11 @@ def _write_weights(path: Path, plan: CompositionPlan, inputs: Sequence[_Input], 
         out = _ChunkWriter(fd, CHUNK_BYTES, len(head), threaded)
         scratch = _Scratch(2 * CHUNK_BYTES)
         reader = _ModuleReader(inputs, scratch)
+        large = {name for name, parts, out_dim, inp, total in plan.modules  # too big for one step
+                 if reader.need(parts) > 2 * CHUNK_BYTES or max(out_dim, inp) * total * dtype.itemsize > CHUNK_BYTES}
         for key in order:
             factor, (name, parts, out_dim, inp, total) = jobs[key]
-            if reader.need(parts) > 2 * CHUNK_BYTES or max(out_dim, inp) * total * dtype.itemsize > CHUNK_BYTES:
+            if name in large:
                 reader.name = None  # a large module: in row chunks, through the same scratch
                 if factor == "A":
                     _stream_A(out, scratch, inputs, name, parts, inp, dtype)

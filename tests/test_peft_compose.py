@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import common.peft_compose as pc
-from common.buffers import empty_bytes, torch_dtype
+from common.buffers import empty_bytes
 from common.lora import (
     LoraFormatError,
     compose,
@@ -249,9 +249,9 @@ def test_buffers():
     assert empty_bytes(10).numel() == 10
     with pytest.raises(ValueError, match=">= 0"):
         empty_bytes(-1)
-    assert torch_dtype("BF16", "x") == torch.bfloat16
+    assert pc._torch_dtype("BF16", "x") == torch.bfloat16
     with pytest.raises(ValueError, match="dtype F8_E4M3 is not supported"):
-        torch_dtype("F8_E4M3", "x")
+        pc._torch_dtype("F8_E4M3", "x")
 
 
 def test_concurrent_compositions_share_the_writer_thread_and_buffers(peft_dirs, tmp_path, monkeypatch):
