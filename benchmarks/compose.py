@@ -58,22 +58,40 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 # svd_runs: the (dtype, k) pairs where PEFT svd runs (~2 min per layer on 2 cores: full dense SVDs);
 # compose(max_rank) and its errors are measured for every k of those dtypes.
-QUICK = {"ks": [2, 4, 8, 16], "dtypes": ["fp32", "bf16"], "layers": 2, "reps": 9, "peft_reps": 2,
-         "svd_dtypes": ["fp32", "bf16"], "svd_runs": [("fp32", 16)], "svd_layers": 1}
-FULL = {"ks": [2, 4, 8, 16], "dtypes": ["fp32", "bf16"], "layers": 4, "reps": 21, "peft_reps": 3,
-        "svd_dtypes": ["fp32", "bf16"], "svd_runs": [("fp32", 4), ("fp32", 16), ("bf16", 16)], "svd_layers": 1}
+QUICK = {
+    "ks": [2, 4, 8, 16],
+    "dtypes": ["fp32", "bf16"],
+    "layers": 2,
+    "reps": 9,
+    "peft_reps": 2,
+    "svd_dtypes": ["fp32", "bf16"],
+    "svd_runs": [("fp32", 16)],
+    "svd_layers": 1,
+}
+FULL = {
+    "ks": [2, 4, 8, 16],
+    "dtypes": ["fp32", "bf16"],
+    "layers": 4,
+    "reps": 21,
+    "peft_reps": 3,
+    "svd_dtypes": ["fp32", "bf16"],
+    "svd_runs": [("fp32", 4), ("fp32", 16), ("bf16", 16)],
+    "svd_layers": 1,
+}
 
 
 # --------------------------------------------------------------------------------------------
 # fixtures
 # --------------------------------------------------------------------------------------------
 
+
 def module_names(layers: int) -> list[str]:
     return [f"model.layers.{i}.self_attn.{p}" for i in range(layers) for p in SHAPES]
 
 
-def write_peft_adapters(root: Path, n: int, layers: int, dtype: torch.dtype, seed: int,
-                        shared: float = 0.0) -> list[Path]:
+def write_peft_adapters(
+    root: Path, n: int, layers: int, dtype: torch.dtype, seed: int, shared: float = 0.0
+) -> list[Path]:
     """``n`` PEFT LoRA directories (adapter_config.json + adapter_model.safetensors) as PEFT writes them.
 
     ``shared`` > 0 mixes a common component into every adapter's factors (adapters fine-tuned on
@@ -87,10 +105,14 @@ def write_peft_adapters(root: Path, n: int, layers: int, dtype: torch.dtype, see
     common: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name in module_names(layers):
         out, inp = SHAPES[name.rsplit(".", 1)[1]]
-        common[name] = (torch.randn(RANK, inp, generator=gen) / inp ** 0.5,
-                        torch.randn(out, RANK, generator=gen) * 0.02)
-    config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(SHAPES), lora_dropout=0.0,
-                        base_model_name_or_path="bench/llama-3.1-8b-shapes")
+        common[name] = (torch.randn(RANK, inp, generator=gen) / inp**0.5, torch.randn(out, RANK, generator=gen) * 0.02)
+    config = LoraConfig(
+        r=RANK,
+        lora_alpha=ALPHA,
+        target_modules=list(SHAPES),
+        lora_dropout=0.0,
+        base_model_name_or_path="bench/llama-3.1-8b-shapes",
+    )
     dirs = []
     for i in range(n):
         d = root / f"adapter-{i:02d}"
@@ -99,7 +121,7 @@ def write_peft_adapters(root: Path, n: int, layers: int, dtype: torch.dtype, see
         tensors = {}
         for name in module_names(layers):
             out, inp = SHAPES[name.rsplit(".", 1)[1]]
-            A = torch.randn(RANK, inp, generator=gen) / inp ** 0.5
+            A = torch.randn(RANK, inp, generator=gen) / inp**0.5
             B = torch.randn(out, RANK, generator=gen) * 0.02
             if shared:
                 A = shared * common[name][0] + (1 - shared) * A
@@ -115,9 +137,17 @@ def make_base(layers: int, dtype: torch.dtype) -> torch.nn.Module:
     """LlamaForCausalLM with Llama-3.1-8B attention shapes, tiny vocab/MLP, uninitialised memory."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=32, hidden_size=HIDDEN, intermediate_size=16, num_hidden_layers=layers,
-                      num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
-                      max_position_embeddings=128, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=32,
+        hidden_size=HIDDEN,
+        intermediate_size=16,
+        num_hidden_layers=layers,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        head_dim=HEAD_DIM,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     model = model.to(dtype).to_empty(device="cpu")
@@ -137,6 +167,7 @@ def file_bytes(dirs: list[Path]) -> int:
 # the three contenders
 # --------------------------------------------------------------------------------------------
 
+
 def run_stream(dirs: list[Path], weights: list[float], out: Path) -> dict[str, float]:
     from common.lora import compose_peft_dirs
 
@@ -145,8 +176,9 @@ def run_stream(dirs: list[Path], weights: list[float], out: Path) -> dict[str, f
     return {"total": now() - t0}
 
 
-def run_ours(dirs: list[Path], weights: list[float], out: Path, max_rank: int | None = None,
-             dtype: torch.dtype | None = None) -> dict[str, float]:
+def run_ours(
+    dirs: list[Path], weights: list[float], out: Path, max_rank: int | None = None, dtype: torch.dtype | None = None
+) -> dict[str, float]:
     """The in-memory path, timed per phase."""
     from common.lora import compose, load_peft_adapters, save_peft_adapter
 
@@ -160,8 +192,14 @@ def run_ours(dirs: list[Path], weights: list[float], out: Path, max_rank: int | 
     return {"load": t1 - t0, "combine": t2 - t1, "save": t3 - t2, "total": t3 - t0}
 
 
-def run_peft(dirs: list[Path], weights: list[float], out: Path, base: torch.nn.Module, combination: str,
-             svd_rank: int | None = None) -> dict[str, float]:
+def run_peft(
+    dirs: list[Path],
+    weights: list[float],
+    out: Path,
+    base: torch.nn.Module,
+    combination: str,
+    svd_rank: int | None = None,
+) -> dict[str, float]:
     import warnings
 
     from peft import PeftModel
@@ -212,7 +250,7 @@ def run_limit(dirs: list[Path], out: Path, payload: bytes, config: bytes, overla
         try:
             view, pos = memoryview(data), 0
             while pos < len(view):
-                chunk = view[pos:pos + FLUSH_BYTES] if overlapped else view[pos:]
+                chunk = view[pos : pos + FLUSH_BYTES] if overlapped else view[pos:]
                 n = os.write(fd, chunk)
                 if overlapped:
                     start_writeback(fd, pos, n)
@@ -231,6 +269,7 @@ def _rm(p: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # error of a rank-r result against the exact update
 # --------------------------------------------------------------------------------------------
+
 
 def _exact_deltas(dirs: list[Path], weights: list[float], names: list[str]) -> dict[str, torch.Tensor]:
     from common.lora import load_peft_adapter
@@ -260,8 +299,9 @@ def _errors(result_dir: Path, exact: dict[str, torch.Tensor]) -> dict[str, float
     return errs
 
 
-def _optimal_errors(dirs: list[Path], weights: list[float], exact: dict[str, torch.Tensor],
-                    rank: int) -> dict[str, float]:
+def _optimal_errors(
+    dirs: list[Path], weights: list[float], exact: dict[str, torch.Tensor], rank: int
+) -> dict[str, float]:
     from common.lora import compose, load_peft_adapter, truncation_error
 
     cat = compose([load_peft_adapter(d) for d in dirs], weights).to(torch.float64)
@@ -278,6 +318,7 @@ def _agg(errs: dict[str, float], exact: dict[str, torch.Tensor]) -> float:
 # --------------------------------------------------------------------------------------------
 # driver
 # --------------------------------------------------------------------------------------------
+
 
 def run(quick: bool, workdir: Path) -> Section:
     cfg = QUICK if quick else FULL
@@ -300,13 +341,19 @@ def run(quick: bool, workdir: Path) -> Section:
             conf = (out / "adapter_config.json").read_bytes()
             _rm(out)
             run_ours(dirs, w, out)
-            if ((out / "adapter_model.safetensors").read_bytes() != payload
-                    or (out / "adapter_config.json").read_bytes() != conf):
+            if (out / "adapter_model.safetensors").read_bytes() != payload or (
+                out / "adapter_config.json"
+            ).read_bytes() != conf:
                 raise AssertionError(f"compose_peft_dirs and the in-memory path differ ({dname}, k={k})")
             _rm(out)
             out_bytes = len(payload) + len(conf)
-            runs: dict[str, list[dict[str, float]]] = {"ours": [], "mem": [], "limit": [], "limit_ov": [],
-                                                       "peft_cat": []}
+            runs: dict[str, list[dict[str, float]]] = {
+                "ours": [],
+                "mem": [],
+                "limit": [],
+                "limit_ov": [],
+                "peft_cat": [],
+            }
             contenders = [
                 ("ours", lambda o, d=dirs, w=w: run_stream(d, w, o)),
                 ("mem", lambda o, d=dirs, w=w: run_ours(d, w, o)),
@@ -333,8 +380,12 @@ def run(quick: bool, workdir: Path) -> Section:
                 _rm(pout)
             os.sync()
             row = {
-                "dtype": dname, "k": k, "layers": layers, "in_bytes": file_bytes(dirs),
-                "out_bytes": out_bytes, "out_bytes_peft": out_bytes_peft,
+                "dtype": dname,
+                "k": k,
+                "layers": layers,
+                "in_bytes": file_bytes(dirs),
+                "out_bytes": out_bytes,
+                "out_bytes_peft": out_bytes_peft,
             }
             for label, rs in runs.items():
                 for part in rs[0]:
@@ -345,10 +396,12 @@ def run(quick: bool, workdir: Path) -> Section:
             row["ours_over_floor"] = row["ours_total"] / row["floor_total"]
             row["mem_over_floor"] = row["mem_total"] / row["floor_total"]
             rows_cat.append(row)
-            log(f"compose {dname} k={k}: ours {row['ours_total'] * 1000:.1f} ms, in memory "
+            log(
+                f"compose {dname} k={k}: ours {row['ours_total'] * 1000:.1f} ms, in memory "
                 f"{row['mem_total'] * 1000:.1f} ms, PEFT cat {row['peft_cat_total'] * 1000:.0f} ms "
                 f"({row['speedup_vs_peft_cat']:.1f}×), limit plain {row['limit_total'] * 1000:.1f} ms / overlapped "
-                f"{row['limit_ov_total'] * 1000:.1f} ms (ours/floor {row['ours_over_floor']:.2f}×)")
+                f"{row['limit_ov_total'] * 1000:.1f} ms (ours/floor {row['ours_over_floor']:.2f}×)"
+            )
     sec.data["cat"] = rows_cat
 
     # ---- max_rank vs PEFT svd -------------------------------------------------------------------
@@ -358,8 +411,9 @@ def run(quick: bool, workdir: Path) -> Section:
     svd_runs = [tuple(x) for x in cfg["svd_runs"]]
     for dname in cfg["svd_dtypes"]:
         dtype = DTYPES[dname]
-        dirs_all = write_peft_adapters(root / f"in-{dname}-L{svd_layers}", kmax, svd_layers, dtype, seed=11,
-                                       shared=SVD_SHARED)
+        dirs_all = write_peft_adapters(
+            root / f"in-{dname}-L{svd_layers}", kmax, svd_layers, dtype, seed=11, shared=SVD_SHARED
+        )
         names = module_names(svd_layers)[:4]
         for k in cfg["ks"]:
             dirs, w = dirs_all[:k], weights_for(k)
@@ -403,12 +457,22 @@ def run(quick: bool, workdir: Path) -> Section:
                 row["err_ratio_ours_over_peft"] = row["ours_err"] / row["peft_err"]
                 row["err_ratio_matched"] = row["ours_err_fp32_out"] / row["peft_err"]
                 for n in names:
-                    rows_err.append({"dtype": dname, "k": k, "module": n, "ours": ours_err[n], "peft": peft_err[n],
-                                     "optimal": opt[n]})
-                log(f"compose svd {dname} k={k}: ours {row['ours_total'] * 1000:.0f} ms vs PEFT "
+                    rows_err.append(
+                        {
+                            "dtype": dname,
+                            "k": k,
+                            "module": n,
+                            "ours": ours_err[n],
+                            "peft": peft_err[n],
+                            "optimal": opt[n],
+                        }
+                    )
+                log(
+                    f"compose svd {dname} k={k}: ours {row['ours_total'] * 1000:.0f} ms vs PEFT "
                     f"{p['total']:.1f} s ({row['speedup_vs_peft_svd']:.0f}×); rel. error ours "
                     f"{row['ours_err']:.5g} (fp32 output {row['ours_err_fp32_out']:.5g}) / PEFT {row['peft_err']:.5g} "
-                    f"/ optimal {row['opt_err']:.5g}")
+                    f"/ optimal {row['opt_err']:.5g}"
+                )
             rows_svd.append(row)
     sec.data["svd"] = rows_svd
     sec.data["svd_errors"] = rows_err
@@ -417,8 +481,13 @@ def run(quick: bool, workdir: Path) -> Section:
     return sec
 
 
-def _report(sec: Section, cfg: dict[str, Any], rows_cat: list[dict[str, Any]], rows_svd: list[dict[str, Any]],
-            rows_err: list[dict[str, Any]]) -> None:
+def _report(
+    sec: Section,
+    cfg: dict[str, Any],
+    rows_cat: list[dict[str, Any]],
+    rows_svd: list[dict[str, Any]],
+    rows_err: list[dict[str, Any]],
+) -> None:
     L = cfg["layers"]
     per_adapter = mib(rows_cat[0]["in_bytes"] / rows_cat[0]["k"])
     sec.add(
@@ -435,30 +504,79 @@ def _report(sec: Section, cfg: dict[str, Any], rows_cat: list[dict[str, Any]], r
     )
     rows = []
     for r in rows_cat:
-        rows.append([r["dtype"], r["k"], mib(r["in_bytes"]), mib(r["out_bytes"]),
-                     ms(r["ours_total"] / L), ms(r["mem_total"] / L), ms(r["peft_cat_total"] / L),
-                     ms(r["limit_total"] / L), ms(r["limit_ov_total"] / L),
-                     ratio(r["speedup_vs_peft_cat"]), ratio(r["ours_over_floor"]), ratio(r["ours_over_limit"]),
-                     ratio(r["mem_over_floor"]), ratio(r["peft_cat_total"] / r["floor_total"])])
-    sec.add(*table(["dtype", "k", "input", "output", "ours ms/layer", "ours in memory ms/layer",
-                    "PEFT cat ms/layer", "limit plain ms/layer", "limit overlapped ms/layer", "PEFT cat / ours",
-                    "ours / floor", "ours / plain limit", "in memory / floor",
-                    "PEFT cat / floor (best possible speed-up)"], rows))
-    sec.add("The floor is the faster of the two limits. No implementation that reads the inputs and durably "
-            "writes the output can beat it by much, so PEFT cat / floor is about the largest speed-up any "
-            "composer could show against PEFT on this machine. PEFT's `save_pretrained` does not fsync; ours "
-            "does (as both limits do). Ours can come out below the *plain* limit: it overlaps the write with "
-            "the device's writeback, which the plain limit does not.", "")
+        rows.append(
+            [
+                r["dtype"],
+                r["k"],
+                mib(r["in_bytes"]),
+                mib(r["out_bytes"]),
+                ms(r["ours_total"] / L),
+                ms(r["mem_total"] / L),
+                ms(r["peft_cat_total"] / L),
+                ms(r["limit_total"] / L),
+                ms(r["limit_ov_total"] / L),
+                ratio(r["speedup_vs_peft_cat"]),
+                ratio(r["ours_over_floor"]),
+                ratio(r["ours_over_limit"]),
+                ratio(r["mem_over_floor"]),
+                ratio(r["peft_cat_total"] / r["floor_total"]),
+            ]
+        )
+    sec.add(
+        *table(
+            [
+                "dtype",
+                "k",
+                "input",
+                "output",
+                "ours ms/layer",
+                "ours in memory ms/layer",
+                "PEFT cat ms/layer",
+                "limit plain ms/layer",
+                "limit overlapped ms/layer",
+                "PEFT cat / ours",
+                "ours / floor",
+                "ours / plain limit",
+                "in memory / floor",
+                "PEFT cat / floor (best possible speed-up)",
+            ],
+            rows,
+        )
+    )
+    sec.add(
+        "The floor is the faster of the two limits. No implementation that reads the inputs and durably "
+        "writes the output can beat it by much, so PEFT cat / floor is about the largest speed-up any "
+        "composer could show against PEFT on this machine. PEFT's `save_pretrained` does not fsync; ours "
+        "does (as both limits do). Ours can come out below the *plain* limit: it overlaps the write with "
+        "the device's writeback, which the plain limit does not.",
+        "",
+    )
     sec.add("Breakdown (ms per layer, median): load · combine · save", "")
     rows = []
     for r in rows_cat:
-        rows.append([r["dtype"], r["k"],
-                     " · ".join(ms(r[f"mem_{p}"] / L) for p in ("load", "combine", "save")),
-                     " · ".join(ms(r[f"peft_cat_{p}"] / L) for p in ("load", "combine", "save")),
-                     " · ".join(ms(r[f"limit_{p}"] / L) for p in ("load", "save")),
-                     " · ".join(ms(r[f"limit_ov_{p}"] / L) for p in ("load", "save"))])
-    sec.add(*table(["dtype", "k", "ours in memory", "PEFT cat", "limit plain (read · write+fsync)",
-                    "limit overlapped (read · write+fsync)"], rows))
+        rows.append(
+            [
+                r["dtype"],
+                r["k"],
+                " · ".join(ms(r[f"mem_{p}"] / L) for p in ("load", "combine", "save")),
+                " · ".join(ms(r[f"peft_cat_{p}"] / L) for p in ("load", "combine", "save")),
+                " · ".join(ms(r[f"limit_{p}"] / L) for p in ("load", "save")),
+                " · ".join(ms(r[f"limit_ov_{p}"] / L) for p in ("load", "save")),
+            ]
+        )
+    sec.add(
+        *table(
+            [
+                "dtype",
+                "k",
+                "ours in memory",
+                "PEFT cat",
+                "limit plain (read · write+fsync)",
+                "limit overlapped (read · write+fsync)",
+            ],
+            rows,
+        )
+    )
 
     SL = cfg["svd_layers"]
     sec.add(
@@ -473,82 +591,149 @@ def _report(sec: Section, cfg: dict[str, Any], rows_cat: list[dict[str, Any]], r
     )
     rows = []
     for r in rows_svd:
-        rows.append([r["dtype"], r["k"], ms(r["ours_total"] / SL),
-                     fmt(r["peft_svd_total"] / SL) + " s" if "peft_svd_total" in r else "not run",
-                     ratio(r["speedup_vs_peft_svd"]) if "speedup_vs_peft_svd" in r else "—",
-                     ratio(r["combine_speedup_vs_peft_svd"]) if "combine_speedup_vs_peft_svd" in r else "—",
-                     f"{r['ours_err']:.7g}",
-                     f"{r['ours_err_fp32_out']:.7g}" if r["dtype"] != "fp32" else "(same)",
-                     f"{r['peft_err']:.7g}" if "peft_err" in r else "—",
-                     f"{r['opt_err']:.7g}",
-                     f"{r['err_ratio_matched']:.6f}" if "err_ratio_matched" in r else "—"])
-    sec.add(*table(["dtype", "k (rank k·16 → 16)", "ours ms/layer", "PEFT svd /layer", "PEFT svd / ours (end to end)",
-                    "PEFT svd / ours (combine step)", "ours rel. err (output in input dtype)",
-                    "ours rel. err (fp32 output, as PEFT)", "PEFT rel. err", "optimal rel. err",
-                    "ours / PEFT err (matched output dtype)"], rows))
-    sec.add("PEFT's svd merge writes float32 factors even for bf16 adapters (twice the bytes); `compose` keeps "
-            "the inputs' dtype unless `dtype=` is given, so for bf16 the rounding of the rank-16 factors to bf16 "
-            "adds a little error on top of the optimum. With the same output precision the errors are equal.", "")
+        rows.append(
+            [
+                r["dtype"],
+                r["k"],
+                ms(r["ours_total"] / SL),
+                fmt(r["peft_svd_total"] / SL) + " s" if "peft_svd_total" in r else "not run",
+                ratio(r["speedup_vs_peft_svd"]) if "speedup_vs_peft_svd" in r else "—",
+                ratio(r["combine_speedup_vs_peft_svd"]) if "combine_speedup_vs_peft_svd" in r else "—",
+                f"{r['ours_err']:.7g}",
+                f"{r['ours_err_fp32_out']:.7g}" if r["dtype"] != "fp32" else "(same)",
+                f"{r['peft_err']:.7g}" if "peft_err" in r else "—",
+                f"{r['opt_err']:.7g}",
+                f"{r['err_ratio_matched']:.6f}" if "err_ratio_matched" in r else "—",
+            ]
+        )
+    sec.add(
+        *table(
+            [
+                "dtype",
+                "k (rank k·16 → 16)",
+                "ours ms/layer",
+                "PEFT svd /layer",
+                "PEFT svd / ours (end to end)",
+                "PEFT svd / ours (combine step)",
+                "ours rel. err (output in input dtype)",
+                "ours rel. err (fp32 output, as PEFT)",
+                "PEFT rel. err",
+                "optimal rel. err",
+                "ours / PEFT err (matched output dtype)",
+            ],
+            rows,
+        )
+    )
+    sec.add(
+        "PEFT's svd merge writes float32 factors even for bf16 adapters (twice the bytes); `compose` keeps "
+        "the inputs' dtype unless `dtype=` is given, so for bf16 the rounding of the rank-16 factors to bf16 "
+        "adds a little error on top of the optimum. With the same output precision the errors are equal.",
+        "",
+    )
     if rows_err:
         sec.add("Per module (relative Frobenius error):", "")
-        sec.add(*table(["dtype", "k", "module", "ours", "PEFT svd", "optimal"],
-                       [[e["dtype"], e["k"], e["module"].split(".", 3)[-1], f"{e['ours']:.7g}", f"{e['peft']:.7g}",
-                         f"{e['optimal']:.7g}"] for e in rows_err]))
+        sec.add(
+            *table(
+                ["dtype", "k", "module", "ours", "PEFT svd", "optimal"],
+                [
+                    [
+                        e["dtype"],
+                        e["k"],
+                        e["module"].split(".", 3)[-1],
+                        f"{e['ours']:.7g}",
+                        f"{e['peft']:.7g}",
+                        f"{e['optimal']:.7g}",
+                    ]
+                    for e in rows_err
+                ],
+            )
+        )
 
     # goals
     worst_cat = min(rows_cat, key=lambda r: r["speedup_vs_peft_cat"])
     ceil = [r["peft_cat_total"] / r["floor_total"] for r in rows_cat]
-    sec.goals.append(Goal(
-        "compose ≥ 10× faster than PEFT cat (end to end)", "≥ 10×",
-        f"min {ratio(worst_cat['speedup_vs_peft_cat'])} ({worst_cat['dtype']}, k={worst_cat['k']}); max "
-        f"{ratio(max(r['speedup_vs_peft_cat'] for r in rows_cat))}",
-        all(r["speedup_vs_peft_cat"] >= 10 for r in rows_cat),
-        f"ceiling: PEFT cat is {ratio(min(ceil))}–{ratio(max(ceil))} the I/O floor here, and ours is "
-        f"{ratio(min(r['ours_over_floor'] for r in rows_cat))}–{ratio(max(r['ours_over_floor'] for r in rows_cat))} "
-        "of it"))
+    sec.goals.append(
+        Goal(
+            "compose ≥ 10× faster than PEFT cat (end to end)",
+            "≥ 10×",
+            f"min {ratio(worst_cat['speedup_vs_peft_cat'])} ({worst_cat['dtype']}, k={worst_cat['k']}); max "
+            f"{ratio(max(r['speedup_vs_peft_cat'] for r in rows_cat))}",
+            all(r["speedup_vs_peft_cat"] >= 10 for r in rows_cat),
+            f"ceiling: PEFT cat is {ratio(min(ceil))}–{ratio(max(ceil))} the I/O floor here, and ours is "
+            f"{ratio(min(r['ours_over_floor'] for r in rows_cat))}–{ratio(max(r['ours_over_floor'] for r in rows_cat))} "
+            "of it",
+        )
+    )
     svd_rows = [r for r in rows_svd if "speedup_vs_peft_svd" in r]
     if svd_rows:
         worst = min(svd_rows, key=lambda r: r["speedup_vs_peft_svd"])
-        sec.goals.append(Goal(
-            "compose ≥ 100× faster than PEFT svd (end to end)", "≥ 100×",
-            f"min {ratio(worst['speedup_vs_peft_svd'])} ({worst['dtype']}, k={worst['k']})",
-            all(r["speedup_vs_peft_svd"] >= 100 for r in svd_rows)))
+        sec.goals.append(
+            Goal(
+                "compose ≥ 100× faster than PEFT svd (end to end)",
+                "≥ 100×",
+                f"min {ratio(worst['speedup_vs_peft_svd'])} ({worst['dtype']}, k={worst['k']})",
+                all(r["speedup_vs_peft_svd"] >= 100 for r in svd_rows),
+            )
+        )
         worst_c = min(svd_rows, key=lambda r: r["combine_speedup_vs_peft_svd"])
         err_ok = all(r["ours_err_fp32_out"] <= r["peft_err"] * (1 + 1e-3) + 1e-7 for r in svd_rows)
         bf = [r for r in svd_rows if r["dtype"] != "fp32"]
-        sec.goals.append(Goal(
-            "max_rank: equal error to PEFT svd at ≥ 50× the speed", "err ours ≤ err PEFT, ≥ 50×",
-            "err ours/PEFT " + ", ".join(f"{r['err_ratio_matched']:.6f}" for r in svd_rows) + "; speed "
-            f"min {ratio(worst['speedup_vs_peft_svd'])} end to end, {ratio(worst_c['combine_speedup_vs_peft_svd'])} "
-            "combine step",
-            err_ok and all(r["speedup_vs_peft_svd"] >= 50 for r in svd_rows),
-            ("at matched output precision; with bf16 output (half PEFT's bytes) ours/PEFT err = "
-             + ", ".join(f"{r['err_ratio_ours_over_peft']:.4f}" for r in bf)) if bf else ""))
+        sec.goals.append(
+            Goal(
+                "max_rank: equal error to PEFT svd at ≥ 50× the speed",
+                "err ours ≤ err PEFT, ≥ 50×",
+                "err ours/PEFT " + ", ".join(f"{r['err_ratio_matched']:.6f}" for r in svd_rows) + "; speed "
+                f"min {ratio(worst['speedup_vs_peft_svd'])} end to end, {ratio(worst_c['combine_speedup_vs_peft_svd'])} "
+                "combine step",
+                err_ok and all(r["speedup_vs_peft_svd"] >= 50 for r in svd_rows),
+                (
+                    "at matched output precision; with bf16 output (half PEFT's bytes) ours/PEFT err = "
+                    + ", ".join(f"{r['err_ratio_ours_over_peft']:.4f}" for r in bf)
+                )
+                if bf
+                else "",
+            )
+        )
     worst_lim = max(rows_cat, key=lambda r: r["ours_over_floor"])
-    sec.goals.append(Goal(
-        "compose within 2× of the I/O floor (read inputs + write/fsync output)", "≤ 2×",
-        f"max {ratio(worst_lim['ours_over_floor'])} ({worst_lim['dtype']}, k={worst_lim['k']})",
-        all(r["ours_over_floor"] <= 2 for r in rows_cat)))
+    sec.goals.append(
+        Goal(
+            "compose within 2× of the I/O floor (read inputs + write/fsync output)",
+            "≤ 2×",
+            f"max {ratio(worst_lim['ours_over_floor'])} ({worst_lim['dtype']}, k={worst_lim['k']})",
+            all(r["ours_over_floor"] <= 2 for r in rows_cat),
+        )
+    )
     over_plain = [r for r in rows_cat if r["ours_over_limit"] > 1.3]
     worst_plain = max(rows_cat, key=lambda r: r["ours_over_limit"])
-    sec.goals.append(Goal(
-        "compose within 1.3× of the I/O limit at every k (issue 14 goal 5; the plain limit the issue measured)",
-        "≤ 1.3×",
-        f"{ratio(min(r['ours_over_limit'] for r in rows_cat))} – {ratio(worst_plain['ours_over_limit'])} "
-        f"({worst_plain['dtype']}, k={worst_plain['k']})",
-        not over_plain, ("over 1.3× at " + ", ".join(f"{r['dtype']} k={r['k']}" for r in over_plain))
-        if over_plain else ""))
+    sec.goals.append(
+        Goal(
+            "compose within 1.3× of the I/O limit at every k (issue 14 goal 5; the plain limit the issue measured)",
+            "≤ 1.3×",
+            f"{ratio(min(r['ours_over_limit'] for r in rows_cat))} – {ratio(worst_plain['ours_over_limit'])} "
+            f"({worst_plain['dtype']}, k={worst_plain['k']})",
+            not over_plain,
+            ("over 1.3× at " + ", ".join(f"{r['dtype']} k={r['k']}" for r in over_plain)) if over_plain else "",
+        )
+    )
     over = [r for r in rows_cat if r["ours_over_floor"] > 1.3]
-    sec.goals.append(Goal(
-        "compose within 1.3× of the floor at every k (stricter: the faster of the plain and the overlapped limit)",
-        "≤ 1.3×",
-        f"{ratio(min(r['ours_over_floor'] for r in rows_cat))} – {ratio(worst_lim['ours_over_floor'])} "
-        f"({worst_lim['dtype']}, k={worst_lim['k']})",
-        not over, ("over 1.3× at " + ", ".join(f"{r['dtype']} k={r['k']} ({ratio(r['ours_over_floor'])})"
-                                               for r in over)
-                   + ": a fixed cost per composition (checking every input's config and header, the per-module "
-                   "Python steps, ~1-2 ms) that the limit does not pay weighs most on the smallest jobs; single rows "
-                   "vary by about ±20% between runs on this VM's disk") if over else ""))
+    sec.goals.append(
+        Goal(
+            "compose within 1.3× of the floor at every k (stricter: the faster of the plain and the overlapped limit)",
+            "≤ 1.3×",
+            f"{ratio(min(r['ours_over_floor'] for r in rows_cat))} – {ratio(worst_lim['ours_over_floor'])} "
+            f"({worst_lim['dtype']}, k={worst_lim['k']})",
+            not over,
+            (
+                "over 1.3× at "
+                + ", ".join(f"{r['dtype']} k={r['k']} ({ratio(r['ours_over_floor'])})" for r in over)
+                + ": a fixed cost per composition (checking every input's config and header, the per-module "
+                "Python steps, ~1-2 ms) that the limit does not pay weighs most on the smallest jobs; single rows "
+                "vary by about ±20% between runs on this VM's disk"
+            )
+            if over
+            else "",
+        )
+    )
 
 
 def ms(seconds: float) -> str:

@@ -48,10 +48,11 @@ def run(held: int = 48, repeat: int = 2, train_n: int = 48) -> dict[str, Any]:
     train, test = data["xray-chest"]
     speed: dict[str, dict[str, list[float]]] = {d: {"train": [], "generate": []} for d in models}
     for i in range(repeat):
-        for dt in (("float32", "bfloat16") if i % 2 == 0 else ("bfloat16", "float32")):
+        for dt in ("float32", "bfloat16") if i % 2 == 0 else ("bfloat16", "float32"):
             t = now()
-            adapter, _ = train_lora(models[dt], tok, train, task, LoraSpec(), steps=30, batch_size=4, max_length=160,
-                                    progress=False)
+            adapter, _ = train_lora(
+                models[dt], tok, train, task, LoraSpec(), steps=30, batch_size=4, max_length=160, progress=False
+            )
             speed[dt]["train"].append(now() - t)
             t = now()
             evaluate_task_arms(models[dt], tok, task, test[:12], [adapter, None] * 4)
@@ -65,10 +66,12 @@ def run(held: int = 48, repeat: int = 2, train_n: int = 48) -> dict[str, Any]:
         for dt in models:
             row[f"base_{dt}"] = evaluate_task(models[dt], tok, task, test, batch_size=16)["rouge_l"]
         for dt in models:
-            adapter, _ = train_lora(models[dt], tok, train, task, LoraSpec(), steps=30, batch_size=4, max_length=160,
-                                    progress=False)
-            row[f"own_{dt}"] = evaluate_task(models["float32"], tok, task, test, adapter=adapter,
-                                             batch_size=16)["rouge_l"]
+            adapter, _ = train_lora(
+                models[dt], tok, train, task, LoraSpec(), steps=30, batch_size=4, max_length=160, progress=False
+            )
+            row[f"own_{dt}"] = evaluate_task(models["float32"], tok, task, test, adapter=adapter, batch_size=16)[
+                "rouge_l"
+            ]
         out["quality"][g] = row
         log(f"quality {g}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()))
     return out
@@ -76,20 +79,31 @@ def run(held: int = 48, repeat: int = 2, train_n: int = 48) -> dict[str, Any]:
 
 def render(res: dict[str, Any], info: dict[str, Any], args: argparse.Namespace) -> str:
     sp = res["speed"]
-    lines = ["# bfloat16 vs float32 at a report site (`compute-dtype`)", "",
-             f"`python -m benchmarks.compute_dtype --held {args.held} --repeat {args.repeat}` on {info['date_utc']} "
-             f"({info['cpu_model']}, CPU flags {info.get('cpu_flags') or 'n/a'}, one torch thread; load "
-             f"{res['load'][0]:.2f} -> {res['load'][1]:.2f}). SmolLM2-135M-Instruct, real reports.", "",
-             "## Speed (one site: 48 training reports, 12 held-out; medians, float32 and bf16 alternating)", ""]
+    lines = [
+        "# bfloat16 vs float32 at a report site (`compute-dtype`)",
+        "",
+        f"`python -m benchmarks.compute_dtype --held {args.held} --repeat {args.repeat}` on {info['date_utc']} "
+        f"({info['cpu_model']}, CPU flags {info.get('cpu_flags') or 'n/a'}, one torch thread; load "
+        f"{res['load'][0]:.2f} -> {res['load'][1]:.2f}). SmolLM2-135M-Instruct, real reports.",
+        "",
+        "## Speed (one site: 48 training reports, 12 held-out; medians, float32 and bf16 alternating)",
+        "",
+    ]
     rows = []
-    for what, label in (("train", "LoRA training, 30 steps x 4 x <=160 tokens"),
-                        ("generate", "generation, 8 arms x 12 reports, 32 new tokens")):
+    for what, label in (
+        ("train", "LoRA training, 30 steps x 4 x <=160 tokens"),
+        ("generate", "generation, 8 arms x 12 reports, 32 new tokens"),
+    ):
         f, b = median(sp["float32"][what]), median(sp["bfloat16"][what])
         rows.append([label, f"{f:.1f} s", f"{b:.1f} s", f"{f / b:.2f}x"])
     lines += table(["", "float32", "bfloat16", "speed-up"], rows) + [""]
-    lines += [f"## Quality (ROUGE-L F1 on {args.held} held-out reports per group)", "",
-              "`base`: the base model generating in each dtype. `own`: the group's own LoRA (48 reports, 30 steps, "
-              "same seed) trained in each dtype, both generating in float32.", ""]
+    lines += [
+        f"## Quality (ROUGE-L F1 on {args.held} held-out reports per group)",
+        "",
+        "`base`: the base model generating in each dtype. `own`: the group's own LoRA (48 reports, 30 steps, "
+        "same seed) trained in each dtype, both generating in float32.",
+        "",
+    ]
     q = res["quality"]
     keys = ("base_float32", "base_bfloat16", "own_float32", "own_bfloat16")
     rows = [[g, *[f"{q[g][k]:.4f}" for k in keys]] for g in q]
@@ -99,9 +113,12 @@ def render(res: dict[str, Any], info: dict[str, Any], args: argparse.Namespace) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.compute_dtype", description=__doc__.split("\n\n")[0],
-                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.compute_dtype",
+        description=__doc__.split("\n\n")[0],
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--held", type=int, default=48, help="held-out reports per group for the quality table")
     ap.add_argument("--repeat", type=int, default=2, help="speed runs per dtype")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "COMPUTE_DTYPE.md")

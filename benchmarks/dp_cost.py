@@ -45,31 +45,55 @@ def main() -> None:
         out = {"group": g, "n_train": len(train), "batch_size": args.batch_size, "base": base, "dp": []}
         arms: list[DPConfig | None] = [] if args.no_non_private else [None]
         arms += [DPConfig(s, args.clip) for s in args.noise]
-        out.update({"non_private": float("nan"), "non_private_s": float("nan"), "lr": args.lr,
-                    "dp_lr": args.dp_lr or args.lr})
+        out.update(
+            {"non_private": float("nan"), "non_private_s": float("nan"), "lr": args.lr, "dp_lr": args.dp_lr or args.lr}
+        )
         for dp in arms:
             t0 = time.perf_counter()
             lr = args.lr if dp is None else (args.dp_lr or args.lr)
-            adapter, stats = train_lora(model, tok, train, task, LoraSpec(), steps=args.steps, lr=lr,
-                                        batch_size=args.batch_size, max_length=192, seed=0, dp=dp, progress=False)
+            adapter, stats = train_lora(
+                model,
+                tok,
+                train,
+                task,
+                LoraSpec(),
+                steps=args.steps,
+                lr=lr,
+                batch_size=args.batch_size,
+                max_length=192,
+                seed=0,
+                dp=dp,
+                progress=False,
+            )
             score = evaluate_task(model, tok, task, held, adapter=adapter)["rouge_l"]
             seconds = time.perf_counter() - t0
             if dp is None:
                 out.update({"non_private": score, "non_private_s": seconds})
             else:
-                out["dp"].append({"noise": dp.noise_multiplier, "rouge_l": score, "epsilon": stats["dp_epsilon"],
-                                  "sample_rate": stats["dp_sample_rate"], "seconds": seconds})
+                out["dp"].append(
+                    {
+                        "noise": dp.noise_multiplier,
+                        "rouge_l": score,
+                        "epsilon": stats["dp_epsilon"],
+                        "sample_rate": stats["dp_sample_rate"],
+                        "seconds": seconds,
+                    }
+                )
         rows.append(out)
         print(json.dumps(out), flush=True)
-    print(f"\n| group | reports | batch | base | non-private LoRA | DP-SGD LoRA (C={args.clip:g}): ROUGE-L at ε "
-          "(δ=1e-5) | ROUGE-L cost | train+eval s (non-private / DP) |")
+    print(
+        f"\n| group | reports | batch | base | non-private LoRA | DP-SGD LoRA (C={args.clip:g}): ROUGE-L at ε "
+        "(δ=1e-5) | ROUGE-L cost | train+eval s (non-private / DP) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         dp = "; ".join(f"{d['rouge_l']:.3f} at ε={d['epsilon']:.2f} (σ={d['noise']:g})" for d in r["dp"])
         cost = "; ".join(f"{r['non_private'] - d['rouge_l']:+.3f}" for d in r["dp"])
         secs = " / ".join(f"{d['seconds']:.0f}" for d in r["dp"])
-        print(f"| {r['group']} | {r['n_train']} | {r['batch_size']} | {r['base']:.3f} | {r['non_private']:.3f} | "
-              f"{dp} | {cost} | {r['non_private_s']:.0f} / {secs} |")
+        print(
+            f"| {r['group']} | {r['n_train']} | {r['batch_size']} | {r['base']:.3f} | {r['non_private']:.3f} | "
+            f"{dp} | {cost} | {r['non_private_s']:.0f} / {secs} |"
+        )
     if args.out:
         args.out.write_text(json.dumps({"rows": rows, "clip": args.clip, "steps": args.steps}, indent=1))
 

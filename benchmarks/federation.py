@@ -79,10 +79,19 @@ class SerdeGrid:
                     transport = sum(len(o.deflate()) for o in get_all_nested_objects(reply).values())
                 except Exception:  # noqa: BLE001 - only a figure
                     transport = None
-            self.log.append({"type": msg.metadata.message_type, "node": msg.metadata.dst_node_id,
-                             "request_bytes": len(req_bytes), "reply_bytes": len(reply_bytes),
-                             "reply_transport_bytes": transport, "handler_s": t2 - t1,
-                             "serde_s": (t1 - t0) + (t3 - t2), "ok": not reply.has_error(), "reply": reply})
+            self.log.append(
+                {
+                    "type": msg.metadata.message_type,
+                    "node": msg.metadata.dst_node_id,
+                    "request_bytes": len(req_bytes),
+                    "reply_bytes": len(reply_bytes),
+                    "reply_transport_bytes": transport,
+                    "handler_s": t2 - t1,
+                    "serde_s": (t1 - t0) + (t3 - t2),
+                    "ok": not reply.has_error(),
+                    "reply": reply,
+                }
+            )
             self.replies[mid] = back
             ids.append(mid)
         return ids
@@ -113,8 +122,13 @@ def _raw_sizes(reply: Any) -> dict[str, int]:
     adapter_bytes = sum(a.nbytes for a in payload.arrays.values())
     adapter = wire.adapter_from_wire(payload.arrays, payload.lora_config, payload.meta["base_fingerprint"])
     meta_bytes = sum(len(str(k)) + len(str(v)) for k, v in payload.meta.items())
-    return {"adapter": adapter_bytes, "z": payload.z.nbytes, "blob": len(adapter_to_bytes(adapter)),
-            "meta_chars": meta_bytes, "params": sum(a.size for a in payload.arrays.values())}
+    return {
+        "adapter": adapter_bytes,
+        "z": payload.z.nbytes,
+        "blob": len(adapter_to_bytes(adapter)),
+        "meta_chars": meta_bytes,
+        "params": sum(a.size for a in payload.arrays.values()),
+    }
 
 
 def run(quick: bool, workdir: Path) -> Section:
@@ -133,13 +147,27 @@ def run(quick: bool, workdir: Path) -> Section:
     old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
     try:
-        rc = {"mode": "enroll", "registry-dir": str(root / "registry"), "base-model": str(model_dir), "chroma": "off",
-              "steps": cfg["steps"], "batch-size": cfg["batch_size"], "max-length": cfg["max_length"], "lora-r": 8,
-              "lora-alpha": 16.0, "lora-targets": "q_proj,v_proj", "require-signatures": False}
+        rc = {
+            "mode": "enroll",
+            "registry-dir": str(root / "registry"),
+            "base-model": str(model_dir),
+            "chroma": "off",
+            "steps": cfg["steps"],
+            "batch-size": cfg["batch_size"],
+            "max-length": cfg["max_length"],
+            "lora-r": 8,
+            "lora-alpha": 16.0,
+            "lora-targets": "q_proj,v_proj",
+            "require-signatures": False,
+        }
         contexts = {}
         for i, (site, path) in enumerate(sorted(data.items()), start=101):
-            nc = {"site-id": site, "data-path": str(path), "model-path": str(model_dir),
-                  "site-dir": str(root / "sites" / site)}
+            nc = {
+                "site-id": site,
+                "data-path": str(path),
+                "model-path": str(model_dir),
+                "site-dir": str(root / "sites" / site),
+            }
             contexts[i] = Context(run_id=1, node_id=i, node_config=nc, state=RecordDict(), run_config=rc)
         grid = SerdeGrid(contexts, run_id=1)
         log(f"federation: in-process enrol run of {cfg['sites']} sites ({cfg['steps']} steps each, real SmolLM2)")
@@ -159,64 +187,121 @@ def run(quick: bool, workdir: Path) -> Section:
         raw = _raw_sizes(e["reply"])
         site = e["reply"].content["meta"]["site"]
         raw_total = raw["adapter"] + raw["z"]
-        item = {"site": site, **raw, "proto": e["reply_bytes"], "transport": e["reply_transport_bytes"],
-                "ratio_proto": e["reply_bytes"] / raw_total,
-                "ratio_transport": (e["reply_transport_bytes"] / raw_total) if e["reply_transport_bytes"] else None,
-                "ratio_blob": e["reply_bytes"] / (raw["blob"] + raw["z"]), "handler_s": e["handler_s"],
-                "serde_s": e["serde_s"], "train_s": train_s.get(site)}
+        item = {
+            "site": site,
+            **raw,
+            "proto": e["reply_bytes"],
+            "transport": e["reply_transport_bytes"],
+            "ratio_proto": e["reply_bytes"] / raw_total,
+            "ratio_transport": (e["reply_transport_bytes"] / raw_total) if e["reply_transport_bytes"] else None,
+            "ratio_blob": e["reply_bytes"] / (raw["blob"] + raw["z"]),
+            "handler_s": e["handler_s"],
+            "serde_s": e["serde_s"],
+            "train_s": train_s.get(site),
+        }
         per_site.append(item)
-        rows.append([site, f"{raw['params']:,}", mib(raw["adapter"]), f"{raw['z']:,} B", mib(e["reply_bytes"]),
-                     mib(e["reply_transport_bytes"]) if e["reply_transport_bytes"] else "n/a",
-                     f"{item['ratio_proto']:.4f}×",
-                     f"{item['ratio_transport']:.4f}×" if item["ratio_transport"] else "n/a",
-                     f"{item['ratio_blob']:.4f}×", ms_(e["serde_s"])])
+        rows.append(
+            [
+                site,
+                f"{raw['params']:,}",
+                mib(raw["adapter"]),
+                f"{raw['z']:,} B",
+                mib(e["reply_bytes"]),
+                mib(e["reply_transport_bytes"]) if e["reply_transport_bytes"] else "n/a",
+                f"{item['ratio_proto']:.4f}×",
+                f"{item['ratio_transport']:.4f}×" if item["ratio_transport"] else "n/a",
+                f"{item['ratio_blob']:.4f}×",
+                ms_(e["serde_s"]),
+            ]
+        )
     handler = sum(e["handler_s"] for e in grid.log)
     serde_s = sum(e["serde_s"] for e in grid.log)
     sum_train = sum(train_s.values())
-    sec.data = {"config": cfg, "wall_s": wall, "sum_train_s": sum_train, "handler_s": handler, "serde_s": serde_s,
-                "per_site": per_site, "statuses": {s: r.get("status") for s, r in enroll.items()},
-                "timings": report.get("timings", {}),
-                "messages": [{k: v for k, v in e.items() if k != "reply"} for e in grid.log]}
+    sec.data = {
+        "config": cfg,
+        "wall_s": wall,
+        "sum_train_s": sum_train,
+        "handler_s": handler,
+        "serde_s": serde_s,
+        "per_site": per_site,
+        "statuses": {s: r.get("status") for s, r in enroll.items()},
+        "timings": report.get("timings", {}),
+        "messages": [{k: v for k, v in e.items() if k != "reply"} for e in grid.log],
+    }
     shutil.rmtree(root, ignore_errors=True)
 
     sec.add(
         f"In-process enrolment run: the real ServerApp `main` (mode=enroll, Chroma off, unsigned) and "
         f"ClientApp handlers, {cfg['sites']} sites with {cfg['train_examples']} real reports each "
-        f"(groups {', '.join(GROUPS[:cfg['sites']])}), SmolLM2-135M, LoRA r=8 on q/v of all 30 layers, "
+        f"(groups {', '.join(GROUPS[: cfg['sites']])}), SmolLM2-135M, LoRA r=8 on q/v of all 30 layers, "
         f"{cfg['steps']} steps × batch {cfg['batch_size']}. Every request and reply takes a Flower protobuf "
         "round trip (serde) on its way; the gRPC/TLS hop through a SuperLink and the SuperNode's "
         "process-per-message start are not part of this figure. Site statuses: "
-        + ", ".join(f"{s} {r.get('status')}" for s, r in sorted(enroll.items())) + ".",
+        + ", ".join(f"{s} {r.get('status')}" for s, r in sorted(enroll.items()))
+        + ".",
         "",
         "**Bytes per enrolment reply** (raw = adapter tensors as sent, float32, + z float32; blob = the "
         "canonical safetensors blob the registry stores)",
         "",
     )
-    sec.add(*table(["site", "LoRA params", "raw adapter", "z", "Message protobuf", "Flower 1.41 transport objects",
-                    "protobuf / raw", "transport / raw", "protobuf / (blob + z)", "serde ms (req + reply)"], rows))
+    sec.add(
+        *table(
+            [
+                "site",
+                "LoRA params",
+                "raw adapter",
+                "z",
+                "Message protobuf",
+                "Flower 1.41 transport objects",
+                "protobuf / raw",
+                "transport / raw",
+                "protobuf / (blob + z)",
+                "serde ms (req + reply)",
+            ],
+            rows,
+        )
+    )
     other = wall - handler - serde_s
     sec.add(
         "**Wall time of the enrol run vs the sites' own training time**",
         "",
     )
-    sec.add(*table(["", "seconds", "share of wall"], [
-        ["whole run (`main`, discovery + enrol + registry)", fmt(wall), "100 %"],
-        ["Σ site training (`train_stats.seconds`)", fmt(sum_train), f"{100 * sum_train / wall:.1f} %"],
-        ["Σ site handlers beyond training (model load, z, save, checks)", fmt(handler - sum_train),
-         f"{100 * (handler - sum_train) / wall:.1f} %"],
-        ["Σ protobuf serde (all messages)", fmt(serde_s), f"{100 * serde_s / wall:.2f} %"],
-        ["coordinator (parse, validate, registry add, reports)", fmt(other), f"{100 * other / wall:.1f} %"],
-        ["**wall / Σ training**", ratio(wall / sum_train) if sum_train else "n/a", ""],
-    ]))
+    sec.add(
+        *table(
+            ["", "seconds", "share of wall"],
+            [
+                ["whole run (`main`, discovery + enrol + registry)", fmt(wall), "100 %"],
+                ["Σ site training (`train_stats.seconds`)", fmt(sum_train), f"{100 * sum_train / wall:.1f} %"],
+                [
+                    "Σ site handlers beyond training (model load, z, save, checks)",
+                    fmt(handler - sum_train),
+                    f"{100 * (handler - sum_train) / wall:.1f} %",
+                ],
+                ["Σ protobuf serde (all messages)", fmt(serde_s), f"{100 * serde_s / wall:.2f} %"],
+                ["coordinator (parse, validate, registry add, reports)", fmt(other), f"{100 * other / wall:.1f} %"],
+                ["**wall / Σ training**", ratio(wall / sum_train) if sum_train else "n/a", ""],
+            ],
+        )
+    )
     worst = max((p["ratio_proto"] for p in per_site), default=float("nan"))
     worst_t = max((p["ratio_transport"] or 0.0 for p in per_site), default=float("nan"))
-    sec.goals.append(Goal("bytes sent per site ≤ 1.05 × (raw adapter + z)", "≤ 1.05×",
-                          f"{worst:.4f}× (protobuf), {worst_t:.4f}× (1.41 transport objects)",
-                          bool(per_site) and worst <= 1.05 and worst_t <= 1.05))
-    sec.goals.append(Goal("enrolment wall time vs Σ local training", "report",
-                          (ratio(wall / sum_train) if sum_train else "n/a")
-                          + f" (serde {100 * serde_s / wall:.2f} % of wall)",
-                          None, "no numeric goal; in-process run without the SuperLink hop"))
+    sec.goals.append(
+        Goal(
+            "bytes sent per site ≤ 1.05 × (raw adapter + z)",
+            "≤ 1.05×",
+            f"{worst:.4f}× (protobuf), {worst_t:.4f}× (1.41 transport objects)",
+            bool(per_site) and worst <= 1.05 and worst_t <= 1.05,
+        )
+    )
+    sec.goals.append(
+        Goal(
+            "enrolment wall time vs Σ local training",
+            "report",
+            (ratio(wall / sum_train) if sum_train else "n/a") + f" (serde {100 * serde_s / wall:.2f} % of wall)",
+            None,
+            "no numeric goal; in-process run without the SuperLink hop",
+        )
+    )
     return sec
 
 

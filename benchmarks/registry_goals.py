@@ -91,8 +91,9 @@ def worker(n: int, d: int, n_queries: int, chroma_n: int, workdir: Path, baselin
 
     m = min(n, chroma_n)
     client = chromadb.PersistentClient(path=str(root / "alone"), settings=Settings(anonymized_telemetry=False))
-    col = client.get_or_create_collection(COLLECTION, embedding_function=None,
-                                          configuration={"hnsw": dict(HNSW_CONFIG)})
+    col = client.get_or_create_collection(
+        COLLECTION, embedding_function=None, configuration={"hnsw": dict(HNSW_CONFIG)}
+    )
     t = now()
     for s in range(0, m, BATCH):
         e = min(m, s + BATCH)
@@ -128,8 +129,10 @@ def worker(n: int, d: int, n_queries: int, chroma_n: int, workdir: Path, baselin
         t_np.append(now() - t)
     res["ours"] = {**_stats(t_ours), "recall": recall(r_ours, truth)}
     res["numpy"] = {**_stats(t_np), "recall": recall(r_np, truth)}
-    wlog(f"top-8 p50 ours {res['ours']['p50_ms']:.1f} ms (recall {res['ours']['recall']}), numpy "
-         f"{res['numpy']['p50_ms']:.1f} ms")
+    wlog(
+        f"top-8 p50 ours {res['ours']['p50_ms']:.1f} ms (recall {res['ours']['recall']}), numpy "
+        f"{res['numpy']['p50_ms']:.1f} ms"
+    )
     truth_sub = exact_topk(Z[:m], Q[3:], K)
     t_c, r_c = [], []
     for q in Q[3:]:
@@ -168,38 +171,80 @@ def report(sec: Section, r: dict[str, Any]) -> None:
     n, d = r["n"], r["dim"]
     size = f"{n:,} × {d}"
     load = f"load average {r['load_start'][0]:.1f} → {r['load_end'][0]:.1f}"
-    sec.add(f"**Issue 14 goals 2–4** ({size}, `python -m benchmarks.registry_goals`, {load}; one thread; "
-            f"Chroma on the first {r['chroma_n']:,} vectors):")
+    sec.add(
+        f"**Issue 14 goals 2–4** ({size}, `python -m benchmarks.registry_goals`, {load}; one thread; "
+        f"Chroma on the first {r['chroma_n']:,} vectors):"
+    )
     rows = [
-        ["2. reopen ≤ 1 s", f"{r['t_reopen'] * 1000:,.0f} ms (first query after it: "
-         f"{r['t_reopen_first_query'] * 1000:,.0f} ms)",
-         "; ".join(x for x in (
-             f"full replay of records.jsonl (no snapshot) {r['t_reopen_replay'] * 1000:,.0f} ms"
-             if "t_reopen_replay" in r else "",
-             f"base64 JSONL reopen {r['t_reopen_b64']:.1f} s" if "t_reopen_b64" in r else "") if x) or "not run",
-         ", ".join(x for x in (
-             ratio(r["t_reopen_replay"] / r["t_reopen"]) + " vs replay" if "t_reopen_replay" in r else "",
-             ratio(r["t_reopen_b64"] / r["t_reopen"]) + " vs base64" if "t_reopen_b64" in r else "") if x) or "—"],
-        ["3. exact top-8 p50 ≤ 10 ms, recall 1.0", f"{r['ours']['p50_ms']:.1f} ms (p99 {r['ours']['p99_ms']:.1f}), "
-         f"recall {r['ours']['recall']:.3f}", f"numpy fp32 {r['numpy']['p50_ms']:.1f} ms (recall "
-         f"{r['numpy']['recall']:.3f}); Chroma HNSW {r['chroma']['p50_ms']:.1f} ms "
-         f"(recall {r['chroma']['recall']:.3f})",
-         ratio(r["numpy"]["p50_ms"] / r["ours"]["p50_ms"]) + " vs numpy"],
-        ["4. insert ≥ 2,000/s", f"{r['insert_rate']:,.0f}/s (with the deferred index build: "
-         f"{r['insert_plus_index_rate']:,.0f}/s)", f"Chroma add {r['chroma_insert_rate']:,.0f}/s",
-         ratio(r["insert_rate"] / r["chroma_insert_rate"])],
+        [
+            "2. reopen ≤ 1 s",
+            f"{r['t_reopen'] * 1000:,.0f} ms (first query after it: {r['t_reopen_first_query'] * 1000:,.0f} ms)",
+            "; ".join(
+                x
+                for x in (
+                    f"full replay of records.jsonl (no snapshot) {r['t_reopen_replay'] * 1000:,.0f} ms"
+                    if "t_reopen_replay" in r
+                    else "",
+                    f"base64 JSONL reopen {r['t_reopen_b64']:.1f} s" if "t_reopen_b64" in r else "",
+                )
+                if x
+            )
+            or "not run",
+            ", ".join(
+                x
+                for x in (
+                    ratio(r["t_reopen_replay"] / r["t_reopen"]) + " vs replay" if "t_reopen_replay" in r else "",
+                    ratio(r["t_reopen_b64"] / r["t_reopen"]) + " vs base64" if "t_reopen_b64" in r else "",
+                )
+                if x
+            )
+            or "—",
+        ],
+        [
+            "3. exact top-8 p50 ≤ 10 ms, recall 1.0",
+            f"{r['ours']['p50_ms']:.1f} ms (p99 {r['ours']['p99_ms']:.1f}), recall {r['ours']['recall']:.3f}",
+            f"numpy fp32 {r['numpy']['p50_ms']:.1f} ms (recall "
+            f"{r['numpy']['recall']:.3f}); Chroma HNSW {r['chroma']['p50_ms']:.1f} ms "
+            f"(recall {r['chroma']['recall']:.3f})",
+            ratio(r["numpy"]["p50_ms"] / r["ours"]["p50_ms"]) + " vs numpy",
+        ],
+        [
+            "4. insert ≥ 2,000/s",
+            f"{r['insert_rate']:,.0f}/s (with the deferred index build: {r['insert_plus_index_rate']:,.0f}/s)",
+            f"Chroma add {r['chroma_insert_rate']:,.0f}/s",
+            ratio(r["insert_rate"] / r["chroma_insert_rate"]),
+        ],
     ]
     from benchmarks.util import table
 
     sec.add(*table(["goal", "ours", "baseline (same run)", "ratio"], rows))
-    sec.goals.append(Goal(f"registry reopen at {size} ≤ 1 s", "≤ 1 s", f"{r['t_reopen']:.2f} s",
-                          r["t_reopen"] <= 1.0, "columns snapshot (columns.snap) + replay of the lines after it; "
-                          "z memory-mapped from z.f32"))
-    sec.goals.append(Goal(f"exact top-8 p50 at {size} ≤ 10 ms", "≤ 10 ms", f"{r['ours']['p50_ms']:.1f} ms",
-                          r["ours"]["p50_ms"] <= 10.0 and r["ours"]["recall"] == 1.0,
-                          f"numpy {r['numpy']['p50_ms']:.1f} ms in the same run"))
-    sec.goals.append(Goal(f"insert at {d}-d ≥ 2,000/s", "≥ 2,000/s", f"{r['insert_rate']:,.0f}/s",
-                          r["insert_rate"] >= 2000, "Chroma mirror deferred; ExactTopK built on the first query"))
+    sec.goals.append(
+        Goal(
+            f"registry reopen at {size} ≤ 1 s",
+            "≤ 1 s",
+            f"{r['t_reopen']:.2f} s",
+            r["t_reopen"] <= 1.0,
+            "columns snapshot (columns.snap) + replay of the lines after it; z memory-mapped from z.f32",
+        )
+    )
+    sec.goals.append(
+        Goal(
+            f"exact top-8 p50 at {size} ≤ 10 ms",
+            "≤ 10 ms",
+            f"{r['ours']['p50_ms']:.1f} ms",
+            r["ours"]["p50_ms"] <= 10.0 and r["ours"]["recall"] == 1.0,
+            f"numpy {r['numpy']['p50_ms']:.1f} ms in the same run",
+        )
+    )
+    sec.goals.append(
+        Goal(
+            f"insert at {d}-d ≥ 2,000/s",
+            "≥ 2,000/s",
+            f"{r['insert_rate']:,.0f}/s",
+            r["insert_rate"] >= 2000,
+            "Chroma mirror deferred; ExactTopK built on the first query",
+        )
+    )
 
 
 def run(quick: bool, workdir: Path) -> dict[str, Any]:
@@ -210,8 +255,17 @@ def run(quick: bool, workdir: Path) -> dict[str, Any]:
 
     n = 20_000 if quick else 100_000
     out = workdir / f"registry-goals-{n}.json"
-    cmd = [sys.executable, "-m", "benchmarks.registry_goals", "--n", str(n), "--out", str(out),
-           "--workdir", str(workdir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.registry_goals",
+        "--n",
+        str(n),
+        "--out",
+        str(out),
+        "--workdir",
+        str(workdir),
+    ]
     subprocess.run(cmd, cwd=ROOT, env={**os.environ, "ANONYMIZED_TELEMETRY": "False"}, check=True)
     return json.loads(out.read_text())
 

@@ -43,8 +43,15 @@ def build(root: Path, n: int, d: int, old: Path | None) -> None:
             for j, z in enumerate(Z):
                 i = s + j
                 meta = {**_meta(i), "rank": 2, "created_at": ts, "extra": {}, "privacy": "none", "token_count": None}
-                e = {"op": "add", "id": f"{meta['site']}:report-text:{i:016x}", "blob_sha256": "ab" * 32,
-                     "bytes": 776, "z_sha256": hashlib.sha256(z.tobytes()).hexdigest(), "meta": meta, "ts": ts}
+                e = {
+                    "op": "add",
+                    "id": f"{meta['site']}:report-text:{i:016x}",
+                    "blob_sha256": "ab" * 32,
+                    "bytes": 776,
+                    "z_sha256": hashlib.sha256(z.tobytes()).hexdigest(),
+                    "meta": meta,
+                    "ts": ts,
+                }
                 out.write(canonical_json({**e, "row": i}) + "\n")
                 if old:
                     ob.write(canonical_json({**e, "z_b64": base64.b64encode(z.tobytes()).decode()}) + "\n")
@@ -68,8 +75,14 @@ def bind(root: Path, n: int, first: str, last: str) -> None:
     with open(records, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 24), b""):
             h.update(chunk)
-    AuditLog(root / "audit.jsonl").append("registry.bulk_add", count=n, first_id=first, last_id=last,
-                                          records_span=[0, records.stat().st_size], records_span_sha256=h.hexdigest())
+    AuditLog(root / "audit.jsonl").append(
+        "registry.bulk_add",
+        count=n,
+        first_id=first,
+        last_id=last,
+        records_span=[0, records.stat().st_size],
+        records_span_sha256=h.hexdigest(),
+    )
 
 
 def main() -> None:
@@ -99,8 +112,10 @@ def main() -> None:
         reg.close()
         closes.append(now() - t)
     res["t_reopen_replay"], res["t_close_first"], res["t_reopen"] = times[0], closes[0], times[1:]
-    log(f"registry_reopen: full replay {times[0]:.3f} s (close writing the snapshot {closes[0]:.3f} s); "
-        f"reopen from the snapshot {[f'{x:.3f}' for x in times[1:]]} s")
+    log(
+        f"registry_reopen: full replay {times[0]:.3f} s (close writing the snapshot {closes[0]:.3f} s); "
+        f"reopen from the snapshot {[f'{x:.3f}' for x in times[1:]]} s"
+    )
     if not a.no_baseline:
         t = now()
         reg = Registry(old, read_only=True)

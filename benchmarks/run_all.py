@@ -76,9 +76,13 @@ def _load_previous(path: Path) -> tuple[list[Section], dict]:
 
 
 def _command(args: argparse.Namespace) -> str:
-    return (".venv/bin/python -m benchmarks.run_all" + (" --quick" if args.quick else "")
-            + (f" --only {args.only}" if args.only else "") + (f" --threads {args.threads}" if args.threads else "")
-            + (" --update" if args.update else ""))
+    return (
+        ".venv/bin/python -m benchmarks.run_all"
+        + (" --quick" if args.quick else "")
+        + (f" --only {args.only}" if args.only else "")
+        + (f" --threads {args.threads}" if args.threads else "")
+        + (" --update" if args.update else "")
+    )
 
 
 def render(sections: list[Section], info: dict, args: argparse.Namespace, total_s: float, done: bool) -> str:
@@ -100,13 +104,32 @@ def render(sections: list[Section], info: dict, args: argparse.Namespace, total_
         "| | |",
         "|---|---|",
     ]
-    for key in ("date_utc", "cpu_model", "cpu_flags", "cores", "torch_threads", "ram_gib", "os", "python", "torch",
-                "peft", "transformers", "chromadb", "flwr", "numpy", "safetensors"):
+    for key in (
+        "date_utc",
+        "cpu_model",
+        "cpu_flags",
+        "cores",
+        "torch_threads",
+        "ram_gib",
+        "os",
+        "python",
+        "torch",
+        "peft",
+        "transformers",
+        "chromadb",
+        "flwr",
+        "numpy",
+        "safetensors",
+    ):
         out.append(f"| {key} | {info.get(key)} |")
     la = info.get("load_start")
     out.append(f"| load average at start (1/5/15 min) | {' / '.join(f'{x:.2f}' for x in la) if la else 'n/a'} |")
-    out += ["", "Load averages well above the core count mean other processes shared the CPU during the run: "
-            "absolute times then inflate, ratios much less so (each contender is measured in the same window).", ""]
+    out += [
+        "",
+        "Load averages well above the core count mean other processes shared the CPU during the run: "
+        "absolute times then inflate, ratios much less so (each contender is measured in the same window).",
+        "",
+    ]
 
     out += ["## Goals", "", "| area | goal | target | measured | status | note |", "|---|---|---|---|---|---|"]
     for sec in sections:
@@ -118,11 +141,19 @@ def render(sections: list[Section], info: dict, args: argparse.Namespace, total_
     for sec in sections:
         la = sec.data.get("_load", {})
         run = sec.data.get("_run", {})
-        out += [f"## {sec.title}", "",
-                f"_Area wall time {sec.seconds:.0f} s; load average (1, 5, 15 min) before: "
-                f"{la.get('before', 'n/a')}; after: {la.get('after', 'n/a')}"
-                + (f"; run {run.get('date_utc')} by `{run.get('command')}`, torch threads {run.get('threads')}"
-                   if run else "") + "._", ""]
+        out += [
+            f"## {sec.title}",
+            "",
+            f"_Area wall time {sec.seconds:.0f} s; load average (1, 5, 15 min) before: "
+            f"{la.get('before', 'n/a')}; after: {la.get('after', 'n/a')}"
+            + (
+                f"; run {run.get('date_utc')} by `{run.get('command')}`, torch threads {run.get('threads')}"
+                if run
+                else ""
+            )
+            + "._",
+            "",
+        ]
         if sec.error:
             out += ["**This area failed:**", "", "```", sec.error.strip()[-3000:], "```", ""]
         out += sec.lines
@@ -134,12 +165,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller sizes (see benchmarks/README.md)")
     ap.add_argument("--only", default="", help=f"comma-separated subset of {','.join(AREAS)}")
-    ap.add_argument("--threads", type=int, default=0,
-                    help="torch/BLAS threads (default: library defaults, i.e. one per core)")
+    ap.add_argument(
+        "--threads", type=int, default=0, help="torch/BLAS threads (default: library defaults, i.e. one per core)"
+    )
     ap.add_argument("--workdir", default="", help="scratch directory (default: a fresh temp dir, removed after)")
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"), help="Markdown output (default benchmarks/RESULTS.md)")
-    ap.add_argument("--update", action="store_true",
-                    help="keep the other areas of the existing results (its .json) and replace only those run now")
+    ap.add_argument(
+        "--update",
+        action="store_true",
+        help="keep the other areas of the existing results (its .json) and replace only those run now",
+    )
     args = ap.parse_args(argv)
     areas = [a.strip() for a in args.only.split(",") if a.strip()] or list(AREAS)
     unknown = [a for a in areas if a not in AREAS]
@@ -150,8 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     info["load_start"] = list(load_average())
     cores = info.get("cores") or 1
     if info["load_start"][0] > 0.5 * cores:
-        log(f"warning: load average {info['load_start'][0]:.1f} on {cores} cores — other processes are running; "
-            "absolute times will be inflated (ratios are measured side by side)")
+        log(
+            f"warning: load average {info['load_start'][0]:.1f} on {cores} cores — other processes are running; "
+            "absolute times will be inflated (ratios are measured side by side)"
+        )
     own_tmp = not args.workdir
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="rpe-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -180,8 +217,12 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"{name} FAILED:\n{sec.error}")
             sec.seconds = time.perf_counter() - t
             sec.data["_load"] = {"before": before, "after": ", ".join(f"{x:.2f}" for x in load_average())}
-            sec.data["_run"] = {"date_utc": info["date_utc"], "command": _command(args),
-                                "threads": info["torch_threads"], "mode": "quick" if args.quick else "full"}
+            sec.data["_run"] = {
+                "date_utc": info["date_utc"],
+                "command": _command(args),
+                "threads": info["torch_threads"],
+                "mode": "quick" if args.quick else "full",
+            }
             sections.append(sec)
             log(f"{name} done in {sec.seconds:.0f} s")
             every = merged()
@@ -190,9 +231,15 @@ def main(argv: list[str] | None = None) -> int:
         total = time.perf_counter() - t0
         every = merged()
         out.write_text(render(every, info, args, sum(s.seconds for s in every), done=len(sections) == len(areas)))
-        write_json(out.with_suffix(".json"), {"mode": "quick" if args.quick else "full", "machine": info,
-                                              "total_s": sum(s.seconds for s in every),
-                                              "sections": [s.to_json() for s in every]})
+        write_json(
+            out.with_suffix(".json"),
+            {
+                "mode": "quick" if args.quick else "full",
+                "machine": info,
+                "total_s": sum(s.seconds for s in every),
+                "sections": [s.to_json() for s in every],
+            },
+        )
         if own_tmp:
             import shutil
 

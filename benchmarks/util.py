@@ -102,6 +102,7 @@ def fresh_dir(path: Path) -> Path:
 # machine facts
 # --------------------------------------------------------------------------------------------
 
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as fh:
@@ -169,6 +170,7 @@ def machine_info() -> dict[str, Any]:
 # results
 # --------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Goal:
     """One goal of the issue: what was asked, what was measured, met or not (None: not measured)."""
@@ -214,7 +216,7 @@ def fmt(x: Any, digits: int = 3) -> str:
         if ax >= 1000:
             return f"{x:,.0f}"
         if ax >= 1e-3:
-            return f"{x:.{digits}g}" if ax < 10 ** digits else f"{x:.0f}"
+            return f"{x:.{digits}g}" if ax < 10**digits else f"{x:.0f}"
         return f"{x:.2e}"
     return str(x)
 

@@ -45,8 +45,16 @@ def _clipped_mean(sums: np.ndarray, counts: np.ndarray, clip: float | None) -> t
     return sums.sum(axis=0) / counts.sum(), int(counts.sum())
 
 
-def _accuracy(reg: np.ndarray, reg_t: np.ndarray, qry: np.ndarray, qry_t: np.ndarray, noise_std: float,
-              noise_registry: bool, draws: int, rng: np.random.Generator) -> float:
+def _accuracy(
+    reg: np.ndarray,
+    reg_t: np.ndarray,
+    qry: np.ndarray,
+    qry_t: np.ndarray,
+    noise_std: float,
+    noise_registry: bool,
+    draws: int,
+    rng: np.random.Generator,
+) -> float:
     """Mean top-1 accuracy over draws; ``noise_std`` is on the token *sum* (σ·C), divided by T per site."""
     n, d = reg.shape
     right = 0
@@ -92,7 +100,7 @@ def main() -> None:
         texts = task.embedding_texts(ex[:need])
         sums[g] = _embed_sums(model, tok, texts)
         print(f"embedded {g}: {len(texts)} reports ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-    all_norms = np.concatenate([np.linalg.norm(s[: -n_q_max], axis=1) for s, _ in sums.values()])
+    all_norms = np.concatenate([np.linalg.norm(s[:-n_q_max], axis=1) for s, _ in sums.values()])
     clips = {f"p{q:g}": float(np.percentile(all_norms, q)) for q in args.clip_percentiles}
     rng = np.random.default_rng(0)
     rows = []
@@ -101,7 +109,7 @@ def main() -> None:
             reg, reg_t, qry, qry_t = [], [], [], []
             for g in names:
                 s, c = sums[g]
-                z, t = _clipped_mean(s[: -n_q_max], c[: -n_q_max], clip)
+                z, t = _clipped_mean(s[:-n_q_max], c[:-n_q_max], clip)
                 reg.append(z)
                 reg_t.append(t)
                 z, t = _clipped_mean(s[-n_q_max:][:n_q], c[-n_q_max:][:n_q], clip)
@@ -110,28 +118,60 @@ def main() -> None:
             R, RT, Q, QT = np.array(reg), np.array(reg_t, float), np.array(qry), np.array(qry_t, float)
             if clip is None:
                 acc = _accuracy(R, RT, Q, QT, 0.0, False, 1, rng)
-                rows.append({"n_query": n_q, "clip": "none", "clip_norm": None, "epsilon": None, "sigma": 0.0,
-                             "acc_query_noised": acc, "acc_all_noised": acc})
+                rows.append(
+                    {
+                        "n_query": n_q,
+                        "clip": "none",
+                        "clip_norm": None,
+                        "epsilon": None,
+                        "sigma": 0.0,
+                        "acc_query_noised": acc,
+                        "acc_all_noised": acc,
+                    }
+                )
                 continue
             for eps in args.epsilons:
                 sigma = calibrate_gaussian(eps, args.delta)
-                rows.append({"n_query": n_q, "clip": clip_name, "clip_norm": clip, "epsilon": eps, "sigma": sigma,
-                             "acc_query_noised": _accuracy(R, RT, Q, QT, sigma * clip, False, args.draws, rng),
-                             "acc_all_noised": _accuracy(R, RT, Q, QT, sigma * clip, True, args.draws, rng)})
+                rows.append(
+                    {
+                        "n_query": n_q,
+                        "clip": clip_name,
+                        "clip_norm": clip,
+                        "epsilon": eps,
+                        "sigma": sigma,
+                        "acc_query_noised": _accuracy(R, RT, Q, QT, sigma * clip, False, args.draws, rng),
+                        "acc_all_noised": _accuracy(R, RT, Q, QT, sigma * clip, True, args.draws, rng),
+                    }
+                )
     seconds = time.perf_counter() - t0
-    print(f"Chance is {1 / len(names):.3f}. Sites: {len(names)} report groups; "
-          f"registry z from {args.n_registry} reports each; "
-          f"clip norms {', '.join(f'{k}={v:,.0f}' for k, v in clips.items())}; δ={args.delta:g}; "
-          f"{args.draws} draws; {seconds:.0f} s\n")
+    print(
+        f"Chance is {1 / len(names):.3f}. Sites: {len(names)} report groups; "
+        f"registry z from {args.n_registry} reports each; "
+        f"clip norms {', '.join(f'{k}={v:,.0f}' for k, v in clips.items())}; δ={args.delta:g}; "
+        f"{args.draws} draws; {seconds:.0f} s\n"
+    )
     print("| query reports | clip | ε | σ | top-1, query noised | top-1, all sites noised |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         eps = "non-private" if r["epsilon"] is None else f"{r['epsilon']:g}"
-        print(f"| {r['n_query']} | {r['clip']} | {eps} | {r['sigma']:.2f} | {r['acc_query_noised']:.3f} | "
-              f"{r['acc_all_noised']:.3f} |")
+        print(
+            f"| {r['n_query']} | {r['clip']} | {eps} | {r['sigma']:.2f} | {r['acc_query_noised']:.3f} | "
+            f"{r['acc_all_noised']:.3f} |"
+        )
     if args.out:
-        args.out.write_text(json.dumps({"rows": rows, "clips": clips, "seconds": seconds, "groups": names,
-                                        "n_registry": args.n_registry, "delta": args.delta}, indent=1))
+        args.out.write_text(
+            json.dumps(
+                {
+                    "rows": rows,
+                    "clips": clips,
+                    "seconds": seconds,
+                    "groups": names,
+                    "n_registry": args.n_registry,
+                    "delta": args.delta,
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

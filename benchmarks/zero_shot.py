@@ -108,19 +108,67 @@ class Profile:
 
 PROFILES: dict[str, Profile] = {
     # Pipeline check for the tests: a tiny model, a handful of reports, a few seconds.
-    "smoke": Profile(library_sizes=(3, 5), k_default=2, k_values=(1, 2, 5), n_affine=1, n_far=1, n_single=0,
-                     site_sizes=(4, 6), single_size=4, n_query=4, n_eval=4, steps=2, batch_size=2,
-                     max_length=96, loso_refs=2, loso_examples=2, fewshot=2, fewshot_evals=6, bootstrap=200,
-                     max_new_tokens=4, mid_layer=True, minilm=False, bertscore=False),
+    "smoke": Profile(
+        library_sizes=(3, 5),
+        k_default=2,
+        k_values=(1, 2, 5),
+        n_affine=1,
+        n_far=1,
+        n_single=0,
+        site_sizes=(4, 6),
+        single_size=4,
+        n_query=4,
+        n_eval=4,
+        steps=2,
+        batch_size=2,
+        max_length=96,
+        loso_refs=2,
+        loso_examples=2,
+        fewshot=2,
+        fewshot_evals=6,
+        bootstrap=200,
+        max_new_tokens=4,
+        mid_layer=True,
+        minilm=False,
+        bertscore=False,
+    ),
     # The 2-core profile (within 45 minutes on the 2-core machine; k sampled on 1, 2, 3, 8, 32).
-    "reduced": Profile(library_sizes=(4, 8, 16, 32), k_default=3, k_values=(1, 2, 3, 8, 32), n_affine=1,
-                       n_far=1, n_single=1, site_sizes=(24, 64), single_size=40, n_query=22, n_eval=50,
-                       steps=8, batch_size=4, max_length=160, max_new_tokens=20, fewshot_evals=30,
-                       full_arms_sizes=(32,)),
+    "reduced": Profile(
+        library_sizes=(4, 8, 16, 32),
+        k_default=3,
+        k_values=(1, 2, 3, 8, 32),
+        n_affine=1,
+        n_far=1,
+        n_single=1,
+        site_sizes=(24, 64),
+        single_size=40,
+        n_query=22,
+        n_eval=50,
+        steps=8,
+        batch_size=4,
+        max_length=160,
+        max_new_tokens=20,
+        fewshot_evals=30,
+        full_arms_sizes=(32,),
+    ),
     # For a GPU machine.
-    "full": Profile(library_sizes=(4, 8, 16, 32, 64), k_default=4, k_values=(1, 2, 4, 8, 16, 32, 64), n_affine=4,
-                    n_far=2, n_single=2, site_sizes=(32, 160), single_size=80, n_query=40, n_eval=80,
-                    steps=150, batch_size=8, max_length=256, fewshot_evals=80, full_arms_sizes=(16, 64)),
+    "full": Profile(
+        library_sizes=(4, 8, 16, 32, 64),
+        k_default=4,
+        k_values=(1, 2, 4, 8, 16, 32, 64),
+        n_affine=4,
+        n_far=2,
+        n_single=2,
+        site_sizes=(32, 160),
+        single_size=80,
+        n_query=40,
+        n_eval=80,
+        steps=150,
+        batch_size=8,
+        max_length=256,
+        fewshot_evals=80,
+        full_arms_sizes=(16, 64),
+    ),
 }
 
 
@@ -149,12 +197,19 @@ class Site:
     eval: list[Any] = field(default_factory=list)  # targets: held-out reports
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "mixture": {g: round(p, 3) for g, p in self.mixture.items()},
-                "n_train": len(self.train), "n_query": len(self.query), "n_eval": len(self.eval)}
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "mixture": {g: round(p, 3) for g, p in self.mixture.items()},
+            "n_train": len(self.train),
+            "n_query": len(self.query),
+            "n_eval": len(self.eval),
+        }
 
 
-def split_pools(groups: dict[str, list[Any]], target_fraction: float, seed: int,
-                min_target: int = 20) -> tuple[dict[str, list[Any]], dict[str, list[Any]]]:
+def split_pools(
+    groups: dict[str, list[Any]], target_fraction: float, seed: int, min_target: int = 20
+) -> tuple[dict[str, list[Any]], dict[str, list[Any]]]:
     """(reference pool, target pool) per group: disjoint, deterministic; the far group goes to targets only."""
     ref, tgt = {}, {}
     for g, exs in groups.items():
@@ -169,8 +224,9 @@ def split_pools(groups: dict[str, list[Any]], target_fraction: float, seed: int,
     return ref, tgt
 
 
-def _draw(pool: dict[str, list[Any]], mixture: dict[str, float], n: int, rng: random.Random,
-          taken: set[str] | None = None) -> list[Any]:
+def _draw(
+    pool: dict[str, list[Any]], mixture: dict[str, float], n: int, rng: random.Random, taken: set[str] | None = None
+) -> list[Any]:
     """``n`` reports drawn from ``pool`` by group proportions (multinomial counts), without repeats."""
     groups = [g for g, p in mixture.items() if p > 0]
     probs = np.array([mixture[g] for g in groups], dtype=np.float64)
@@ -302,15 +358,27 @@ class Lab:
         from common.training import LoraSpec, train_lora
 
         p = self.p
-        key = _digest(self.base_fp, sorted(e.uid for e in examples), p.steps, p.lr, p.batch_size, p.max_length,
-                      p.r, p.alpha)
+        key = _digest(
+            self.base_fp, sorted(e.uid for e in examples), p.steps, p.lr, p.batch_size, p.max_length, p.r, p.alpha
+        )
         path = self.cache / "lora" / key
         if (path / "adapter_model.safetensors").exists():
             self.counts["lora_cached"] += 1
             return load_peft_adapter(path)
-        adapter, _ = train_lora(self.model, self.tok, list(examples), self.task, LoraSpec(r=p.r, alpha=p.alpha),
-                                steps=p.steps, lr=p.lr, batch_size=p.batch_size, max_length=p.max_length, seed=0,
-                                progress=False, base_model=str(self.model_dir))
+        adapter, _ = train_lora(
+            self.model,
+            self.tok,
+            list(examples),
+            self.task,
+            LoraSpec(r=p.r, alpha=p.alpha),
+            steps=p.steps,
+            lr=p.lr,
+            batch_size=p.batch_size,
+            max_length=p.max_length,
+            seed=0,
+            progress=False,
+            base_model=str(self.model_dir),
+        )
         tmp = path.with_name(path.name + ".tmp")
         save_peft_adapter(adapter, tmp, str(self.model_dir))
         os.replace(tmp, path)
@@ -355,8 +423,12 @@ class Lab:
         the arms not cached yet are generated together (``common.evaluation.generate_arms``)."""
         from common.evaluation import generate_arms
 
-        paths = [self.cache / "gen" / (_digest(self.base_fp, target.name, [e.uid for e in target.eval], key,
-                                               self.p.max_new_tokens) + ".json") for _, key in arms]
+        paths = [
+            self.cache
+            / "gen"
+            / (_digest(self.base_fp, target.name, [e.uid for e in target.eval], key, self.p.max_new_tokens) + ".json")
+            for _, key in arms
+        ]
         out: list[list[str] | None] = [json.loads(p.read_text()) if p.exists() else None for p in paths]
         self.counts["gen_cached"] += sum(o is not None for o in out)
         todo = [i for i, o in enumerate(out) if o is None]
@@ -427,16 +499,24 @@ def _retrieve(z_t: np.ndarray, Z: dict[str, np.ndarray], names: Sequence[str], k
     return sorted(names, key=lambda s: (d[s], s))[:k]
 
 
-def _weights(strategy: str, z_t: np.ndarray, Z: dict[str, np.ndarray], chosen: Sequence[str],
-             **params: Any) -> dict[str, float]:
+def _weights(
+    strategy: str, z_t: np.ndarray, Z: dict[str, np.ndarray], chosen: Sequence[str], **params: Any
+) -> dict[str, float]:
     from common.strategies import compute_weights
 
     w = compute_weights(strategy, z_t, np.stack([Z[s] for s in chosen]), **params)
     return {s: float(x) for s, x in zip(chosen, w)}
 
 
-def choose_lambda_loso(lab: Lab, strategy: str, library: Sequence[Site], adapters: dict[str, Any],
-                       Z: dict[str, np.ndarray], k: int, factors: Sequence[float]) -> dict[str, Any]:
+def choose_lambda_loso(
+    lab: Lab,
+    strategy: str,
+    library: Sequence[Site],
+    adapters: dict[str, Any],
+    Z: dict[str, np.ndarray],
+    k: int,
+    factors: Sequence[float],
+) -> dict[str, Any]:
     """λ (as a multiple of each query's median squared distance) minimising the references' own loss.
 
     Each of the first ``loso_refs`` references is in turn a pseudo-target: the other sites are
@@ -461,8 +541,9 @@ def choose_lambda_loso(lab: Lab, strategy: str, library: Sequence[Site], adapter
     return {"factor": best, "loss_by_factor": {str(f): v for f, v in table.items()}}
 
 
-def fewshot_weights(lab: Lab, target: Site, adapters: dict[str, Any], chosen: Sequence[str],
-                    start: dict[str, float], l1: float = 0.05) -> dict[str, float]:
+def fewshot_weights(
+    lab: Lab, target: Site, adapters: dict[str, Any], chosen: Sequence[str], start: dict[str, float], l1: float = 0.05
+) -> dict[str, float]:
     """LoraHub-style few-shot weights (NOT zero-shot): Nelder-Mead on loss(w) + l1·‖w‖₁ over 5 labelled reports."""
     from scipy.optimize import minimize
 
@@ -473,13 +554,21 @@ def fewshot_weights(lab: Lab, target: Site, adapters: dict[str, Any], chosen: Se
         w = {s: float(v) for s, v in zip(chosen, x)}
         return lab.loss(_compose(adapters, w), shots) + l1 * float(np.abs(x).sum())
 
-    res = minimize(objective, x0, method="Nelder-Mead",
-                   options={"maxfev": lab.p.fewshot_evals, "xatol": 1e-3, "fatol": 1e-4})
+    res = minimize(
+        objective, x0, method="Nelder-Mead", options={"maxfev": lab.p.fewshot_evals, "xatol": 1e-3, "fatol": 1e-4}
+    )
     return {s: float(v) for s, v in zip(chosen, res.x)}
 
 
-def run(profile: str, model_spec: str, out_dir: Path, seed: int = 0, cache: Path | None = None,
-        max_targets: int = 0, device: str | None = None) -> dict[str, Any]:
+def run(
+    profile: str,
+    model_spec: str,
+    out_dir: Path,
+    seed: int = 0,
+    cache: Path | None = None,
+    max_targets: int = 0,
+    device: str | None = None,
+) -> dict[str, Any]:
     """Build the federations, train / embed (cached), evaluate every arm, write results.json + ZERO_SHOT.md.
 
     ``max_targets`` (0 = all) evaluates only the first targets: a partial report, said so in it."""
@@ -490,8 +579,10 @@ def run(profile: str, model_spec: str, out_dir: Path, seed: int = 0, cache: Path
         try:
             import bert_score  # noqa: F401
         except ImportError:
-            raise SystemExit("benchmarks.zero_shot: the bert-score package is missing; install it with "
-                             "`.venv/bin/pip install bert-score==0.3.13` (bash scripts/setup.sh does)") from None
+            raise SystemExit(
+                "benchmarks.zero_shot: the bert-score package is missing; install it with "
+                "`.venv/bin/pip install bert-score==0.3.13` (bash scripts/setup.sh does)"
+            ) from None
     t_start = time.perf_counter()
     cache = cache or Path(os.environ.get("RPE_CACHE_DIR", Path.home() / ".cache" / "rpe")) / "zero_shot"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -499,16 +590,17 @@ def run(profile: str, model_spec: str, out_dir: Path, seed: int = 0, cache: Path
     _log(f"model on {lab.device}")
     all_groups = report_groups(min_size=1)
     groups = {g: all_groups[g] for g in GROUPS if g in all_groups}
-    ref_pool, tgt_pool = split_pools(groups, p.target_fraction, seed,
-                                     min_target=max(4, min(20, p.n_eval + p.n_query)))
+    ref_pool, tgt_pool = split_pools(groups, p.target_fraction, seed, min_target=max(4, min(20, p.n_eval + p.n_query)))
     n_max = max(p.library_sizes)
     library = build_library(ref_pool, p, n_max, seed)
     targets = build_targets(tgt_pool, library, p, seed)
     all_targets = len(targets)
     if max_targets:
         targets = targets[:max_targets]
-    _log(f"profile {profile}: library of {n_max} sites ({sum(len(s.train) for s in library)} training reports), "
-         f"{len(targets)} targets; cache {cache}")
+    _log(
+        f"profile {profile}: library of {n_max} sites ({sum(len(s.train) for s in library)} training reports), "
+        f"{len(targets)} targets; cache {cache}"
+    )
 
     # -- train and embed ------------------------------------------------------------------------
     reps = ["last"] + (["mid"] if p.mid_layer else []) + (["minilm"] if p.minilm else [])
@@ -521,16 +613,22 @@ def run(profile: str, model_spec: str, out_dir: Path, seed: int = 0, cache: Path
         for r in reps:
             Z[r][s.name] = lab.z(s.query if s in targets else s.train, r)
         done = time.perf_counter() - t0
-        _log(f"LoRA + z {i + 1}/{len(jobs)} {s.name} ({len(s.train)} reports); "
-             f"{done:.0f} s, about {done / (i + 1) * (len(jobs) - i - 1):.0f} s left")
+        _log(
+            f"LoRA + z {i + 1}/{len(jobs)} {s.name} ({len(s.train)} reports); "
+            f"{done:.0f} s, about {done / (i + 1) * (len(jobs) - i - 1):.0f} s left"
+        )
     t_train = time.perf_counter() - t0
 
     # -- λ by leave-one-site-out on the references -----------------------------------------------
     t0 = time.perf_counter()
-    loso = {st: choose_lambda_loso(lab, st, library, adapters, Z["last"], p.k_default, (0.1, 0.3, 1.0, 3.0))
-            for st in ("sim", "lin-l1")}
-    _log(f"λ by leave-one-site-out: sim ×{loso['sim']['factor']}, lin-l1 ×{loso['lin-l1']['factor']} "
-         f"({time.perf_counter() - t0:.0f} s)")
+    loso = {
+        st: choose_lambda_loso(lab, st, library, adapters, Z["last"], p.k_default, (0.1, 0.3, 1.0, 3.0))
+        for st in ("sim", "lin-l1")
+    }
+    _log(
+        f"λ by leave-one-site-out: sim ×{loso['sim']['factor']}, lin-l1 ×{loso['lin-l1']['factor']} "
+        f"({time.perf_counter() - t0:.0f} s)"
+    )
 
     # -- arms per target ------------------------------------------------------------------------
     full_at = set(p.full_arms_sizes or (n_max,))
@@ -549,20 +647,37 @@ def run(profile: str, model_spec: str, out_dir: Path, seed: int = 0, cache: Path
             arms.append(Arm("nearest", n, 1, True, {chosen[0]: 1.0}))
             for st in ("sim", "lin", "lin-l1"):
                 arms.append(Arm(st, n, k, True, _weights(st, z_t, Z["last"], chosen)))
-            truth = sorted(names, key=lambda s: mixture_distance(t.mixture, next(x.mixture for x in library
-                                                                                   if x.name == s)))[:k]
+            truth = sorted(
+                names, key=lambda s: mixture_distance(t.mixture, next(x.mixture for x in library if x.name == s))
+            )[:k]
             dz = [float(np.sum((Z["last"][s] - z_t) ** 2)) for s in names]
             dm = [mixture_distance(t.mixture, s.mixture) for s in library[:n]]
-            retrieval.append({"target": t.name, "n": n, "k": k, "precision_at_k": len(set(chosen) & set(truth)) / k,
-                              "spearman_z_vs_mixture": spearman(dz, dm), "retrieved": chosen})
+            retrieval.append(
+                {
+                    "target": t.name,
+                    "n": n,
+                    "k": k,
+                    "precision_at_k": len(set(chosen) & set(truth)) / k,
+                    "spearman_z_vs_mixture": spearman(dz, dm),
+                    "retrieved": chosen,
+                }
+            )
             if n not in full_at:
                 continue
             d2 = np.array([np.sum((Z["last"][s] - z_t) ** 2) for s in chosen])
             scale = float(np.median(d2)) or 1.0
-            arms.append(Arm("sim-loso", n, k, True, _weights("sim", z_t, Z["last"], chosen,
-                                                             lam1=loso["sim"]["factor"] * scale)))
-            arms.append(Arm("lin-l1-loso", n, k, True, _weights("lin-l1", z_t, Z["last"], chosen,
-                                                                lam2=loso["lin-l1"]["factor"] * scale)))
+            arms.append(
+                Arm("sim-loso", n, k, True, _weights("sim", z_t, Z["last"], chosen, lam1=loso["sim"]["factor"] * scale))
+            )
+            arms.append(
+                Arm(
+                    "lin-l1-loso",
+                    n,
+                    k,
+                    True,
+                    _weights("lin-l1", z_t, Z["last"], chosen, lam2=loso["lin-l1"]["factor"] * scale),
+                )
+            )
             for r in reps[1:]:
                 ch = _retrieve(Z[r][t.name], Z[r], names, k)
                 arms.append(Arm(f"sim[z={r}]", n, k, True, _weights("sim", Z[r][t.name], Z[r], ch)))
@@ -571,13 +686,28 @@ def run(profile: str, model_spec: str, out_dir: Path, seed: int = 0, cache: Path
                     ch = _retrieve(z_t, Z["last"], names, kk)
                     arms.append(Arm("sim", n, kk, True, _weights("sim", z_t, Z["last"], ch)))
             start = _weights("sim", z_t, Z["last"], chosen)
-            arms.append(Arm("fewshot", n, k, False, fewshot_weights(lab, t, adapters, chosen, start),
-                            info={"shots": p.fewshot, "note": "LoraHub-style, uses 5 labelled target reports"}))
+            arms.append(
+                Arm(
+                    "fewshot",
+                    n,
+                    k,
+                    False,
+                    fewshot_weights(lab, t, adapters, chosen, start),
+                    info={"shots": p.fewshot, "note": "LoraHub-style, uses 5 labelled target reports"},
+                )
+            )
         for a0 in range(0, len(arms), GEN_GROUP):  # a few arms generated together, then scored
-            group = arms[a0:a0 + GEN_GROUP]
-            made = lab.generations(t, [(_compose(adapters, arm.weights) if arm.weights else None,
-                                        sorted((s, round(w, 8)) for s, w in (arm.weights or {}).items()))
-                                       for arm in group])
+            group = arms[a0 : a0 + GEN_GROUP]
+            made = lab.generations(
+                t,
+                [
+                    (
+                        _compose(adapters, arm.weights) if arm.weights else None,
+                        sorted((s, round(w, 8)) for s, w in (arm.weights or {}).items()),
+                    )
+                    for arm in group
+                ],
+            )
             for ai, (arm, preds) in enumerate(zip(group, made, strict=True), a0):
                 arm.rouge = per_report_rouge(preds, refs)
                 if p.bertscore:
@@ -585,18 +715,29 @@ def run(profile: str, model_spec: str, out_dir: Path, seed: int = 0, cache: Path
                 elapsed = time.perf_counter() - t0
                 done = ti + (ai + 1) / len(arms)
                 left = elapsed / done * (len(targets) - done)
-                _log(f"target {ti + 1}/{len(targets)} {t.name} arm {ai + 1}/{len(arms)} {arm.name} N={arm.n} "
-                     f"k={arm.k}: ROUGE-L {np.mean(arm.rouge):.3f}; about {left:.0f} s left")
+                _log(
+                    f"target {ti + 1}/{len(targets)} {t.name} arm {ai + 1}/{len(arms)} {arm.name} N={arm.n} "
+                    f"k={arm.k}: ROUGE-L {np.mean(arm.rouge):.3f}; about {left:.0f} s left"
+                )
         by = {(a.name, a.n, a.k): a for a in arms}
         base = by[("base", None, None)]
         for arm in arms:
             avg = by.get(("avg-all", arm.n, arm.n)) if arm.n else None
-            row = {"target": t.name, "target_kind": t.kind, "arm": arm.name, "n": arm.n, "k": arm.k,
-                   "zero_shot": arm.zero_shot, "weights": arm.weights if arm.name != "own" else None,
-                   "rouge_l": float(np.mean(arm.rouge)), "rouge_l_ci": bootstrap_ci(arm.rouge, p.bootstrap),
-                   "vs_base": paired_test(arm.rouge, base.rouge, p.bootstrap),
-                   "vs_avg": paired_test(arm.rouge, avg.rouge, p.bootstrap) if avg is not None else None,
-                   "n_eval": len(arm.rouge), **arm.info}
+            row = {
+                "target": t.name,
+                "target_kind": t.kind,
+                "arm": arm.name,
+                "n": arm.n,
+                "k": arm.k,
+                "zero_shot": arm.zero_shot,
+                "weights": arm.weights if arm.name != "own" else None,
+                "rouge_l": float(np.mean(arm.rouge)),
+                "rouge_l_ci": bootstrap_ci(arm.rouge, p.bootstrap),
+                "vs_base": paired_test(arm.rouge, base.rouge, p.bootstrap),
+                "vs_avg": paired_test(arm.rouge, avg.rouge, p.bootstrap) if avg is not None else None,
+                "n_eval": len(arm.rouge),
+                **arm.info,
+            }
             if arm.bert:
                 row["bertscore"] = float(np.mean(arm.bert))
                 row["bertscore_ci"] = bootstrap_ci(arm.bert, p.bootstrap)
@@ -606,14 +747,23 @@ def run(profile: str, model_spec: str, out_dir: Path, seed: int = 0, cache: Path
             results.append(row)
     t_eval = time.perf_counter() - t0
 
-    out = {"profile": profile, "settings": asdict(p), "model": str(lab.model_dir), "base_fingerprint": lab.base_fp,
-           "library": [s.describe() for s in library], "targets": [t.describe() for t in targets],
-           "lambda_loso": loso, "results": results, "retrieval": retrieval, "cache": lab.counts,
-           "device": str(lab.device),
-           "timings": {"train_and_embed_s": t_train, "evaluate_s": t_eval, "total_s": time.perf_counter() - t_start},
-           "command": f"python -m benchmarks.zero_shot --profile {profile}"
-                      + (f" --max-targets {max_targets}" if max_targets else ""),
-           "targets_evaluated": f"{len(targets)} of {all_targets}"}
+    out = {
+        "profile": profile,
+        "settings": asdict(p),
+        "model": str(lab.model_dir),
+        "base_fingerprint": lab.base_fp,
+        "library": [s.describe() for s in library],
+        "targets": [t.describe() for t in targets],
+        "lambda_loso": loso,
+        "results": results,
+        "retrieval": retrieval,
+        "cache": lab.counts,
+        "device": str(lab.device),
+        "timings": {"train_and_embed_s": t_train, "evaluate_s": t_eval, "total_s": time.perf_counter() - t_start},
+        "command": f"python -m benchmarks.zero_shot --profile {profile}"
+        + (f" --max-targets {max_targets}" if max_targets else ""),
+        "targets_evaluated": f"{len(targets)} of {all_targets}",
+    }
     (out_dir / "results.json").write_text(json.dumps(out, indent=1, default=float))
     write_report(out, out_dir)
     _log(f"done in {out['timings']['total_s'] / 60:.1f} min; {out_dir / 'ZERO_SHOT.md'}")
@@ -646,16 +796,25 @@ def write_report(out: dict[str, Any], out_dir: Path) -> None:
     full_at = max(out["settings"]["full_arms_sizes"] or [n_max])
     targets = [t["name"] for t in out["targets"]]
     tm = out["timings"]
-    md = [f"# Zero-shot retrieval vs training ({out['profile']} profile)", "",
-          f"Command: `{out['command']}`; model `{Path(out['model']).name}`; "
-          f"{len(out['library'])} library sites, {out.get('targets_evaluated', len(targets))} targets "
-          "evaluated; "
-          f"{tm['total_s'] / 60:.1f} min (training + embedding {tm['train_and_embed_s'] / 60:.1f}, "
-          f"evaluation {tm['evaluate_s'] / 60:.1f}); cache use {out['cache']}.", "",
-          "ROUGE-L F1 per held-out report; mean [bootstrap 95 % interval]; differences are paired over the "
-          "same reports, * = sign-flip permutation p < 0.05. `own` and `fewshot` are NOT zero-shot.", ""]
-    md += [f"## All arms at N = {full_at} (k = {k_def})", "",
-           "| target | arm | ROUGE-L | vs base | vs avg-all | BERTScore |", "|---|---|---|---|---|---|"]
+    md = [
+        f"# Zero-shot retrieval vs training ({out['profile']} profile)",
+        "",
+        f"Command: `{out['command']}`; model `{Path(out['model']).name}`; "
+        f"{len(out['library'])} library sites, {out.get('targets_evaluated', len(targets))} targets "
+        "evaluated; "
+        f"{tm['total_s'] / 60:.1f} min (training + embedding {tm['train_and_embed_s'] / 60:.1f}, "
+        f"evaluation {tm['evaluate_s'] / 60:.1f}); cache use {out['cache']}.",
+        "",
+        "ROUGE-L F1 per held-out report; mean [bootstrap 95 % interval]; differences are paired over the "
+        "same reports, * = sign-flip permutation p < 0.05. `own` and `fewshot` are NOT zero-shot.",
+        "",
+    ]
+    md += [
+        f"## All arms at N = {full_at} (k = {k_def})",
+        "",
+        "| target | arm | ROUGE-L | vs base | vs avg-all | BERTScore |",
+        "|---|---|---|---|---|---|",
+    ]
     for t in targets:
         for r in rows:
             if r["target"] != t or (r["n"] not in (None, full_at)) or (r["k"] not in (None, k_def, 1, full_at)):
@@ -663,38 +822,69 @@ def write_report(out: dict[str, Any], out_dir: Path) -> None:
             if r["arm"] == "sim" and r["k"] != k_def:
                 continue
             bert = _ci(r, "bertscore") if "bertscore" in r else "–"
-            md.append(f"| {t} | {r['arm']} | {_ci(r)} | {diff_cell(r['vs_base'])} | "
-                      f"{diff_cell(r.get('vs_avg'))} | {bert} |")
-    md += ["", "## Score vs library size N (k = k_default; avg-all uses all N)", "",
-           "| target | arm | " + " | ".join(f"N={n}" for n in out["settings"]["library_sizes"]) + " |",
-           "|---|---|" + "---|" * len(out["settings"]["library_sizes"])]
+            md.append(
+                f"| {t} | {r['arm']} | {_ci(r)} | {diff_cell(r['vs_base'])} | {diff_cell(r.get('vs_avg'))} | {bert} |"
+            )
+    md += [
+        "",
+        "## Score vs library size N (k = k_default; avg-all uses all N)",
+        "",
+        "| target | arm | " + " | ".join(f"N={n}" for n in out["settings"]["library_sizes"]) + " |",
+        "|---|---|" + "---|" * len(out["settings"]["library_sizes"]),
+    ]
     for t in targets:
         for arm in ZERO_SHOT_ARMS:
             cells = []
             for n in out["settings"]["library_sizes"]:
-                r = next((r for r in rows if r["target"] == t and r["arm"] == arm and r["n"] == n
-                          and (arm in ("avg-all", "nearest") or r["k"] == min(k_def, n))), None)
+                r = next(
+                    (
+                        r
+                        for r in rows
+                        if r["target"] == t
+                        and r["arm"] == arm
+                        and r["n"] == n
+                        and (arm in ("avg-all", "nearest") or r["k"] == min(k_def, n))
+                    ),
+                    None,
+                )
                 cells.append(_ci(r) if r else "–")
             md.append(f"| {t} | {arm} | " + " | ".join(cells) + " |")
-    md += ["", f"## Score vs k (sim, N = {full_at})", "", "| target | " +
-           " | ".join(f"k={k}" for k in out["settings"]["k_values"] if k <= full_at) + " |",
-           "|---|" + "---|" * len([k for k in out["settings"]["k_values"] if k <= full_at])]
+    md += [
+        "",
+        f"## Score vs k (sim, N = {full_at})",
+        "",
+        "| target | " + " | ".join(f"k={k}" for k in out["settings"]["k_values"] if k <= full_at) + " |",
+        "|---|" + "---|" * len([k for k in out["settings"]["k_values"] if k <= full_at]),
+    ]
     for t in targets:
         cells = []
         for k in (k for k in out["settings"]["k_values"] if k <= full_at):
             arm = "nearest" if k == 1 else "sim"
-            r = next((r for r in rows if r["target"] == t and r["arm"] == arm and r["n"] == full_at
-                      and r["k"] == k), None)
+            r = next(
+                (r for r in rows if r["target"] == t and r["arm"] == arm and r["n"] == full_at and r["k"] == k), None
+            )
             cells.append(_ci(r) if r else "–")
         md.append(f"| {t} | " + " | ".join(cells) + " |")
-    md += ["", "## Does retrieval find the related sites?", "",
-           "precision@k against the k sites with the closest group mixture; Spearman ρ of z distance vs mixture "
-           "distance over the library.", "", "| target | N | k | precision@k | ρ |", "|---|---|---|---|---|"]
+    md += [
+        "",
+        "## Does retrieval find the related sites?",
+        "",
+        "precision@k against the k sites with the closest group mixture; Spearman ρ of z distance vs mixture "
+        "distance over the library.",
+        "",
+        "| target | N | k | precision@k | ρ |",
+        "|---|---|---|---|---|",
+    ]
     for r in out["retrieval"]:
-        md.append(f"| {r['target']} | {r['n']} | {r['k']} | {r['precision_at_k']:.2f} | "
-                  f"{r['spearman_z_vs_mixture']:.2f} |")
-    md += ["", "λ chosen by leave-one-site-out on the references (multiple of the median squared distance): "
-           f"sim ×{out['lambda_loso']['sim']['factor']}, lin-l1 ×{out['lambda_loso']['lin-l1']['factor']}.", ""]
+        md.append(
+            f"| {r['target']} | {r['n']} | {r['k']} | {r['precision_at_k']:.2f} | {r['spearman_z_vs_mixture']:.2f} |"
+        )
+    md += [
+        "",
+        "λ chosen by leave-one-site-out on the references (multiple of the median squared distance): "
+        f"sim ×{out['lambda_loso']['sim']['factor']}, lin-l1 ×{out['lambda_loso']['lin-l1']['factor']}.",
+        "",
+    ]
     plots = make_plots(out, out_dir)
     md += [f"![{name}]({name})" for name in plots]
     (out_dir / "ZERO_SHOT.md").write_text("\n".join(md) + "\n")
@@ -724,11 +914,24 @@ def make_plots(out: dict[str, Any], out_dir: Path) -> list[str]:
         own = next(r for r in rows if r["target"] == t and r["arm"] == "own")
         ax.axhline(own["rouge_l"], color="black", ls=":", label="own (supervised)")
         for arm in ZERO_SHOT_ARMS:
-            pts = [(n, r) for n in sizes for r in rows if r["target"] == t and r["arm"] == arm and r["n"] == n
-                   and (arm in ("avg-all", "nearest") or r["k"] == min(k_def, n))]
+            pts = [
+                (n, r)
+                for n in sizes
+                for r in rows
+                if r["target"] == t
+                and r["arm"] == arm
+                and r["n"] == n
+                and (arm in ("avg-all", "nearest") or r["k"] == min(k_def, n))
+            ]
             if pts:
-                ax.errorbar([n for n, _ in pts], [r["rouge_l"] for _, r in pts],
-                            yerr=np.array([err(r) for _, r in pts]).T, marker="o", capsize=2, label=arm)
+                ax.errorbar(
+                    [n for n, _ in pts],
+                    [r["rouge_l"] for _, r in pts],
+                    yerr=np.array([err(r) for _, r in pts]).T,
+                    marker="o",
+                    capsize=2,
+                    label=arm,
+                )
         ax.set_xscale("log", base=2)
         ax.set_title(t, fontsize=9)
         ax.set_xlabel("library size N")
@@ -741,11 +944,23 @@ def make_plots(out: dict[str, Any], out_dir: Path) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for t in targets:
-        pts = sorted(((r["k"], r) for r in rows if r["target"] == t and r["n"] == full_at
-                      and (r["arm"] == "sim" or (r["arm"] == "nearest"))), key=lambda x: x[0])
+        pts = sorted(
+            (
+                (r["k"], r)
+                for r in rows
+                if r["target"] == t and r["n"] == full_at and (r["arm"] == "sim" or (r["arm"] == "nearest"))
+            ),
+            key=lambda x: x[0],
+        )
         if pts:
-            ax.errorbar([k for k, _ in pts], [r["rouge_l"] for _, r in pts],
-                        yerr=np.array([err(r) for _, r in pts]).T, marker="o", capsize=2, label=t)
+            ax.errorbar(
+                [k for k, _ in pts],
+                [r["rouge_l"] for _, r in pts],
+                yerr=np.array([err(r) for _, r in pts]).T,
+                marker="o",
+                capsize=2,
+                label=t,
+            )
     ax.set_xscale("log", base=2)
     ax.set_xlabel(f"k (sim; k=1 is nearest), N = {full_at}")
     ax.set_ylabel("ROUGE-L (95 % CI)")
@@ -760,8 +975,9 @@ def make_plots(out: dict[str, Any], out_dir: Path) -> list[str]:
     grid = np.zeros((len(targets) * len(strategies), len(lib)))
     labels = []
     for i, (t, st) in enumerate((t, st) for t in targets for st in strategies):
-        r = next((r for r in rows if r["target"] == t and r["arm"] == st and r["n"] == full_at and r["k"] == k_def),
-                 None)
+        r = next(
+            (r for r in rows if r["target"] == t and r["arm"] == st and r["n"] == full_at and r["k"] == k_def), None
+        )
         labels.append(f"{t} {st}")
         for s, w in ((r or {}).get("weights") or {}).items():
             if s in lib:
@@ -780,8 +996,11 @@ def make_plots(out: dict[str, Any], out_dir: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for t in targets:
         base = next(r for r in rows if r["target"] == t and r["arm"] == "base")["rouge_l"]
-        pts = [(r["mean_z_distance"], r["rouge_l"] - base) for r in rows
-               if r["target"] == t and r["arm"] == "nearest" and "mean_z_distance" in r]
+        pts = [
+            (r["mean_z_distance"], r["rouge_l"] - base)
+            for r in rows
+            if r["target"] == t and r["arm"] == "nearest" and "mean_z_distance" in r
+        ]
         if pts:
             ax.scatter(*zip(*pts), label=t, s=14)
     ax.axhline(0, color="grey", lw=0.5)
@@ -796,19 +1015,30 @@ def make_plots(out: dict[str, Any], out_dir: Path) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.zero_shot", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--profile", choices=sorted(PROFILES), default="reduced",
-                    help="reduced: the 2-core profile (~45 min); full: for a GPU machine; smoke: pipeline check")
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.zero_shot",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--profile",
+        choices=sorted(PROFILES),
+        default="reduced",
+        help="reduced: the 2-core profile (~45 min); full: for a GPU machine; smoke: pipeline check",
+    )
     ap.add_argument("--model", default="smollm2-135m-instruct", help="base model (name or local directory)")
     ap.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/zero_shot/<profile>)")
     ap.add_argument("--cache", type=Path, default=None, help="content cache (default $RPE_CACHE_DIR/zero_shot)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-targets", type=int, default=0,
-                    help="evaluate only the first N targets (a partial report; 0 = all)")
-    ap.add_argument("--device", default=None,
-                    help="cpu, cuda, cuda:N or auto (CUDA when available); default $RPE_DEVICE, else cpu. "
-                         "LoRAs, z and generations are cached by content, never by device")
+    ap.add_argument(
+        "--max-targets", type=int, default=0, help="evaluate only the first N targets (a partial report; 0 = all)"
+    )
+    ap.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda, cuda:N or auto (CUDA when available); default $RPE_DEVICE, else cpu. "
+        "LoRAs, z and generations are cached by content, never by device",
+    )
     args = ap.parse_args(argv)
     out = args.out or Path(__file__).resolve().parent / "zero_shot" / args.profile
     try:
@@ -817,10 +1047,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         pick_device(args.device)
     except ValueError as exc:
         ap.error(str(exc))
-    run(args.profile, args.model, out, seed=args.seed, cache=args.cache, max_targets=args.max_targets,
-        device=args.device)
+    run(
+        args.profile,
+        args.model,
+        out,
+        seed=args.seed,
+        cache=args.cache,
+        max_targets=args.max_targets,
+        device=args.device,
+    )
     return 0
-
 
 
 if __name__ == "__main__":

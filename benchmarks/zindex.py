@@ -54,8 +54,18 @@ def reopen_figures(Z: np.ndarray, work: Path) -> dict[str, Any]:
     lines = work / "records.jsonl"
     with open(lines, "w") as fh:
         for i, z in enumerate(Z):
-            fh.write(json.dumps({"op": "add", "id": f"r{i:08d}", "z_b64": base64.b64encode(z.tobytes()).decode(),
-                                 "z_sha256": "0" * 64, "meta": {"site": "s", "task": "t"}}) + "\n")
+            fh.write(
+                json.dumps(
+                    {
+                        "op": "add",
+                        "id": f"r{i:08d}",
+                        "z_b64": base64.b64encode(z.tobytes()).decode(),
+                        "z_sha256": "0" * 64,
+                        "meta": {"site": "s", "task": "t"},
+                    }
+                )
+                + "\n"
+            )
         fh.flush()
         os.fsync(fh.fileno())
     t = time.perf_counter()
@@ -90,11 +100,14 @@ def chroma_figures(Z: np.ndarray, Q: np.ndarray, work: Path) -> dict[str, Any]:
 
     n = Z.shape[0]
     client = chromadb.PersistentClient(str(work / "chroma"), settings=Settings(anonymized_telemetry=False))
-    col = client.get_or_create_collection("lora_l2", embedding_function=None, configuration={
-        "hnsw": {"space": "l2", "max_neighbors": 48, "ef_construction": 400, "ef_search": 200}})
+    col = client.get_or_create_collection(
+        "lora_l2",
+        embedding_function=None,
+        configuration={"hnsw": {"space": "l2", "max_neighbors": 48, "ef_construction": 400, "ef_search": 200}},
+    )
     t = time.perf_counter()
     for s in range(0, n, 2000):
-        col.add(ids=[str(i) for i in range(s, min(n, s + 2000))], embeddings=Z[s:s + 2000])
+        col.add(ids=[str(i) for i in range(s, min(n, s + 2000))], embeddings=Z[s : s + 2000])
     build = time.perf_counter() - t
     truth = exact_topk(Z, Q, K)
     ix = ExactTopK(Z.shape[1])
@@ -109,8 +122,15 @@ def chroma_figures(Z: np.ndarray, Q: np.ndarray, work: Path) -> dict[str, Any]:
         r, _ = ix.search(q, K, Z)
         to.append(time.perf_counter() - s)
         got_o.append(r)
-    return {"n": n, "build_per_s": n / build, "hnsw_p50_ms": _p(tc, 50), "hnsw_p95_ms": _p(tc, 95),
-            "hnsw_recall": recall(got_c, truth), "ours_p50_ms": _p(to, 50), "ours_recall": recall(got_o, truth)}
+    return {
+        "n": n,
+        "build_per_s": n / build,
+        "hnsw_p50_ms": _p(tc, 50),
+        "hnsw_p95_ms": _p(tc, 95),
+        "hnsw_recall": recall(got_c, truth),
+        "ours_p50_ms": _p(to, 50),
+        "ours_recall": recall(got_o, truth),
+    }
 
 
 def worker(n: int, d: int, queries: int, do_reopen: bool, chroma_n: int, work: Path) -> dict[str, Any]:
@@ -128,9 +148,9 @@ def worker(n: int, d: int, queries: int, do_reopen: bool, chroma_n: int, work: P
     t_col = t_ix = 0.0
     for s in range(0, n, batch):
         a = time.perf_counter()
-        col.append(Z[s:s + batch])
+        col.append(Z[s : s + batch])
         b = time.perf_counter()
-        ix.add(Z[s:s + batch])
+        ix.add(Z[s : s + batch])
         t_col += b - a
         t_ix += time.perf_counter() - b
     res["insert_column_per_s"] = n / t_col
@@ -162,8 +182,15 @@ def worker(n: int, d: int, queries: int, do_reopen: bool, chroma_n: int, work: P
         r, _ = ix.search(q, K, M)
         to.append(time.perf_counter() - s)
         go.append(r)
-    res.update(brute_p50_ms=_p(tb, 50), brute_p95_ms=_p(tb, 95), ours_p50_ms=_p(to, 50), ours_p95_ms=_p(to, 95),
-               brute_recall=recall(gb, truth), ours_recall=recall(go, truth), search_stats=dict(ix.stats))
+    res.update(
+        brute_p50_ms=_p(tb, 50),
+        brute_p95_ms=_p(tb, 95),
+        ours_p50_ms=_p(to, 50),
+        ours_p95_ms=_p(to, 95),
+        brute_recall=recall(gb, truth),
+        ours_recall=recall(go, truth),
+        search_stats=dict(ix.stats),
+    )
     res["speedup_p50"] = res["brute_p50_ms"] / res["ours_p50_ms"]
     col.close()
     del M
@@ -183,8 +210,11 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=40)
     ap.add_argument("--reopen", action="store_true")
     ap.add_argument("--chroma-n", type=int, default=0)
-    ap.add_argument("--configs", default="100000x4096:reopen:20000,1000000x576::20000",
-                    help="N x DIM[:reopen][:CHROMA_N], comma separated")
+    ap.add_argument(
+        "--configs",
+        default="100000x4096:reopen:20000,1000000x576::20000",
+        help="N x DIM[:reopen][:CHROMA_N], comma separated",
+    )
     ap.add_argument("--out", default="benchmarks/ZINDEX.json")
     ap.add_argument("--workdir", default=None)
     a = ap.parse_args()

@@ -30,8 +30,20 @@ from client.site import Site, SiteData, SiteError, load_site_data, site_from_con
 from common import wire
 from common.wire import WireError
 
-__all__ = ["HANDLERS", "Site", "SiteData", "SiteError", "_apply", "_embed", "_enroll", "_whoami", "app",
-           "load_site_data", "serve", "site_from_context"]
+__all__ = [
+    "HANDLERS",
+    "Site",
+    "SiteData",
+    "SiteError",
+    "_apply",
+    "_embed",
+    "_enroll",
+    "_whoami",
+    "app",
+    "load_site_data",
+    "serve",
+    "site_from_context",
+]
 
 
 # -- the gate every message passes -------------------------------------------------------------

@@ -70,8 +70,7 @@ def evaluate_arms(req: wire.Request, site: Site, context: Context) -> RecordDict
         adapter = wire.adapter_from_wire(arrays, arm["lora_config"], base_model=fp)
         got = wire.adapter_sha256(adapter)
         if got != arm["blob_sha256"]:
-            raise WireError(f"arm {i} adapter hashes to {got}, the request says {arm['blob_sha256']}",
-                            f"adapter-{i}")
+            raise WireError(f"arm {i} adapter hashes to {got}, the request says {arm['blob_sha256']}", f"adapter-{i}")
         adapters.append(adapter)
         hashes.append(got)
     metrics: dict[str, float] = {}
@@ -83,6 +82,12 @@ def evaluate_arms(req: wire.Request, site: Site, context: Context) -> RecordDict
             prefix = f"a{i}" if i < len(adapters) else "base"
             metrics.update({f"{prefix}_{k}": v for k, v in result.items()})
         evaluated = bool(metrics)
-    receipt = {"schema": wire.WIRE_SCHEMA, "site": site.site, "name": "evaluate",
-               "blob_sha256": wire.arms_digest(hashes), "evaluated": evaluated, "nonce": cfg["nonce"]}
+    receipt = {
+        "schema": wire.WIRE_SCHEMA,
+        "site": site.site,
+        "name": "evaluate",
+        "blob_sha256": wire.arms_digest(hashes),
+        "evaluated": evaluated,
+        "nonce": cfg["nonce"],
+    }
     return wire.build_evaluate_reply(metrics, receipt)

@@ -46,26 +46,50 @@ def cmd_embed(args: argparse.Namespace) -> None:
         from common.models import load_base_model
 
         model, tok = load_base_model(args.model)
-        res = mean_embedding(model, tok, texts, layer=args.layer, max_length=args.max_length,
-                             progress=not args.quiet, clip_norm=mech.clip if mech else None)
+        res = mean_embedding(
+            model,
+            tok,
+            texts,
+            layer=args.layer,
+            max_length=args.max_length,
+            progress=not args.quiet,
+            clip_norm=mech.clip if mech else None,
+        )
     z = res.z if mech is None else mech.apply(res.z, res.n_tokens)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, z.astype(np.float32))
-    summary = {"out": str(out), "dim": int(res.z.shape[0]), "examples": res.n_examples, "tokens": res.n_tokens,
-               "representation": res.representation, "layer": res.layer}
+    summary = {
+        "out": str(out),
+        "dim": int(res.z.shape[0]),
+        "examples": res.n_examples,
+        "tokens": res.n_tokens,
+        "representation": res.representation,
+        "layer": res.layer,
+    }
     if mech is not None:
         summary["privacy"] = mech.record()
-    print(json.dumps(summary) if args.json else
-          f"wrote {out}: z of dim {summary['dim']} over {res.n_examples} examples / {res.n_tokens} tokens")
+    print(
+        json.dumps(summary)
+        if args.json
+        else f"wrote {out}: z of dim {summary['dim']} over {res.n_examples} examples / {res.n_tokens} tokens"
+    )
 
 
 def _z_mechanism(args: argparse.Namespace) -> Any:
     """The Gaussian mechanism asked for on the command line (``--z-clip`` with a noise level), or None."""
     from common.privacy import PrivacyConfigError, ZMechanism
 
-    policy = {k: v for k, v in (("z-clip", args.z_clip), ("z-noise-multiplier", args.z_noise_multiplier),
-                                ("z-epsilon", args.z_epsilon), ("z-delta", args.z_delta)) if v is not None}
+    policy = {
+        k: v
+        for k, v in (
+            ("z-clip", args.z_clip),
+            ("z-noise-multiplier", args.z_noise_multiplier),
+            ("z-epsilon", args.z_epsilon),
+            ("z-delta", args.z_delta),
+        )
+        if v is not None
+    }
     if policy and args.representation != "hidden-mean":
         raise CliError("the Gaussian mechanism on z is implemented for --representation hidden-mean only")
     try:
@@ -90,8 +114,10 @@ def cmd_epsilon(args: argparse.Namespace) -> None:
         raise CliError("rpe privacy epsilon: give exactly one of --noise-multiplier or --epsilon")
     if args.epsilon is not None:
         sigma = calibrate_gaussian(args.epsilon, args.delta)
-        print(f"noise multiplier {sigma:.4f} makes one Gaussian release (ε={args.epsilon:g}, δ={args.delta:g})-DP; "
-              f"node config: z-epsilon = {args.epsilon:g} (or z-noise-multiplier = {sigma:.4f})")
+        print(
+            f"noise multiplier {sigma:.4f} makes one Gaussian release (ε={args.epsilon:g}, δ={args.delta:g})-DP; "
+            f"node config: z-epsilon = {args.epsilon:g} (or z-noise-multiplier = {sigma:.4f})"
+        )
         return
     if args.steps > 1 or args.sample_rate < 1.0:
         eps = composed_epsilon([(args.noise_multiplier, args.sample_rate, args.steps)], args.delta)
@@ -118,9 +144,11 @@ def cmd_z_norms(args: argparse.Namespace) -> None:
     qs = {q: float(np.percentile(norms, q)) for q in (10, 50, 90, 99, 100)}
     print(f"{len(norms)} reports, {emb.n_tokens} tokens; L2 norm of each report's token sum at layer {emb.layer}:")
     print("  " + "  ".join(f"p{q}={v:,.1f}" for q, v in qs.items()))
-    print(f"z-clip at the median ({qs[50]:,.1f}) scales half the reports down and keeps noise small; at p90 "
-          f"({qs[90]:,.1f}) z is nearly the non-private z but the noise is {qs[90] / max(qs[50], 1e-12):.1f}x "
-          "larger. The noise on z has std z-noise-multiplier x z-clip / total tokens per dimension.")
+    print(
+        f"z-clip at the median ({qs[50]:,.1f}) scales half the reports down and keeps noise small; at p90 "
+        f"({qs[90]:,.1f}) z is nearly the non-private z but the noise is {qs[90] / max(qs[50], 1e-12):.1f}x "
+        "larger. The noise on z has std z-noise-multiplier x z-clip / total tokens per dimension."
+    )
     print("These numbers describe private data: keep them at the site.")
 
 
@@ -129,17 +157,29 @@ def cmd_spent(args: argparse.Namespace) -> None:
 
     spent = spent_from_egress(read_egress(args.egress), args.delta)
     if args.json:
-        print(json.dumps({"epsilon": None if math.isinf(spent.epsilon) else spent.epsilon, "delta": spent.delta,
-                          "releases": spent.releases, "non_private": spent.non_private}, indent=1))
+        print(
+            json.dumps(
+                {
+                    "epsilon": None if math.isinf(spent.epsilon) else spent.epsilon,
+                    "delta": spent.delta,
+                    "releases": spent.releases,
+                    "non_private": spent.non_private,
+                },
+                indent=1,
+            )
+        )
     else:
         print(spent.summary())
 
 
 def register(sub: Any) -> None:
     """Add the site's commands to the top-level ``rpe`` subparsers."""
-    e = sub.add_parser("embed", help="compute a dataset's mean embedding z (site side)",
-                       description="Mean of a hidden layer of the frozen base model over all non-padding "
-                                   "tokens of a dataset (JSONL with 'prompt' fields; labels are not needed).")
+    e = sub.add_parser(
+        "embed",
+        help="compute a dataset's mean embedding z (site side)",
+        description="Mean of a hidden layer of the frozen base model over all non-padding "
+        "tokens of a dataset (JSONL with 'prompt' fields; labels are not needed).",
+    )
     e.add_argument("--data", required=True, help="JSONL dataset file")
     e.add_argument("--out", required=True, help="where to write z (.npy)")
     e.add_argument("--model", default="smollm2-135m-instruct", help="base model directory or name")
@@ -148,21 +188,32 @@ def register(sub: Any) -> None:
     e.add_argument("--max-length", type=int, default=256, help="tokens per example (longer are truncated)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.add_argument("--json", action="store_true")
-    e.add_argument("--z-clip", type=float, help="Gaussian mechanism: L2 bound on each report's token sum "
-                   "(`rpe privacy z-norms` helps choose it); needs --z-epsilon or --z-noise-multiplier")
+    e.add_argument(
+        "--z-clip",
+        type=float,
+        help="Gaussian mechanism: L2 bound on each report's token sum "
+        "(`rpe privacy z-norms` helps choose it); needs --z-epsilon or --z-noise-multiplier",
+    )
     e.add_argument("--z-epsilon", type=float, help="target ε of this z (σ is calibrated)")
     e.add_argument("--z-noise-multiplier", type=float, help="noise std / z-clip (instead of --z-epsilon)")
     e.add_argument("--z-delta", type=float, help="δ (default 1e-5)")
     e.set_defaults(func=cmd_embed)
 
-    k = sub.add_parser("keygen", help="create a site's Ed25519 signing key pair",
-                       description="Writes SITE.key (private, mode 0600) and SITE.pub into --out.")
+    k = sub.add_parser(
+        "keygen",
+        help="create a site's Ed25519 signing key pair",
+        description="Writes SITE.key (private, mode 0600) and SITE.pub into --out.",
+    )
     k.add_argument("--site", required=True)
     k.add_argument("--out", required=True, help="directory for the key files")
     k.set_defaults(func=cmd_keygen)
 
-    p = sub.add_parser("privacy", help="differential privacy: calibrate noise, choose z-clip, account ε spent",
-                       description=PRIVACY_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "privacy",
+        help="differential privacy: calibrate noise, choose z-clip, account ε spent",
+        description=PRIVACY_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     psub = p.add_subparsers(dest="privacy_command", required=True)
 
     e = psub.add_parser("epsilon", help="ε for a noise multiplier, or the noise multiplier for a target ε")

@@ -38,9 +38,7 @@ class EgressLog:
     before the reply is returned.
     """
 
-    def __init__(
-        self, path: str | os.PathLike[str], full_records: Iterable[str] = DEFAULT_FULL_RECORDS
-    ) -> None:
+    def __init__(self, path: str | os.PathLike[str], full_records: Iterable[str] = DEFAULT_FULL_RECORDS) -> None:
         self.path = Path(path)
         self.full_records = frozenset(full_records)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -69,8 +67,7 @@ class EgressLog:
             raise TypeError(f"records must be a mapping of name -> record; got {type(records).__name__}")
         kinds = dict(kinds or {})
         described = [
-            describe_record(name, rec, kinds.get(name), full=name in self.full_records)
-            for name, rec in records.items()
+            describe_record(name, rec, kinds.get(name), full=name in self.full_records) for name, rec in records.items()
         ]
         line = {
             "v": EGRESS_FORMAT_VERSION,

@@ -36,8 +36,10 @@ def vllm_rank(max_rank: int) -> int:
     for r in VLLM_RANKS:
         if r >= max_rank:
             return r
-    raise ExportError(f"the adapter has rank {max_rank}; vLLM serves at most {VLLM_RANKS[-1]}. Re-compress it "
-                      f"first (`rpe compose ... --max-rank {VLLM_RANKS[-1]}`, the best rank-r approximation)")
+    raise ExportError(
+        f"the adapter has rank {max_rank}; vLLM serves at most {VLLM_RANKS[-1]}. Re-compress it "
+        f"first (`rpe compose ... --max-rank {VLLM_RANKS[-1]}`, the best rank-r approximation)"
+    )
 
 
 def to_uniform(adapter: Any, rank: int) -> Any:
@@ -89,8 +91,9 @@ def check_dir(path: str | os.PathLike[str]) -> list[str]:
     from safetensors.torch import load_file
 
     p = Path(path)
-    return vllm_problems(json.loads((p / "adapter_config.json").read_text()),
-                         load_file(str(p / "adapter_model.safetensors")))
+    return vllm_problems(
+        json.loads((p / "adapter_config.json").read_text()), load_file(str(p / "adapter_model.safetensors"))
+    )
 
 
 def export_vllm(adapter_dir: str | os.PathLike[str], out: str | os.PathLike[str]) -> dict[str, Any]:
@@ -118,8 +121,14 @@ def export_vllm(adapter_dir: str | os.PathLike[str], out: str | os.PathLike[str]
     if problems:  # pragma: no cover - to_uniform guarantees the rules; this guards future edits
         raise ExportError(f"exported adapter still breaks vLLM's rules: {problems}")
     padded = sum((rank - r) * sum(adapter.modules[n].shape) for n, r in ranks.items())
-    return {"out": str(target), "rank": rank, "lora_alpha": cfg["lora_alpha"],
-            "source_ranks": sorted(set(ranks.values())), "modules": len(ranks), "padded_parameters": padded}
+    return {
+        "out": str(target),
+        "rank": rank,
+        "lora_alpha": cfg["lora_alpha"],
+        "source_ranks": sorted(set(ranks.values())),
+        "modules": len(ranks),
+        "padded_parameters": padded,
+    }
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -127,18 +136,22 @@ def cmd_export(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(s))
         return
-    print(f"wrote {s['out']}: {s['modules']} modules at rank {s['rank']} (source ranks {s['source_ranks']}, "
-          f"zero-padded), lora_alpha {s['lora_alpha']}, same ΔW")
+    print(
+        f"wrote {s['out']}: {s['modules']} modules at rank {s['rank']} (source ranks {s['source_ranks']}, "
+        f"zero-padded), lora_alpha {s['lora_alpha']}, same ΔW"
+    )
     print(f"serve: vllm serve <base model> --enable-lora --max-lora-rank {s['rank']} --lora-modules site={s['out']}")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``export`` to the ``rpe`` sub-commands."""
     e = subparsers.add_parser(
-        "export", help="rewrite an adapter for a serving engine (vLLM: uniform rank and alpha, same ΔW)",
+        "export",
+        help="rewrite an adapter for a serving engine (vLLM: uniform rank and alpha, same ΔW)",
         description="Zero-pad every module to one rank vLLM accepts (8, 16, 32, 64, 128, 256, 320, 512), fold "
-                    "each module's scale into B with lora_alpha = rank, and drop rank/alpha patterns; ΔW is "
-                    "unchanged.")
+        "each module's scale into B with lora_alpha = rank, and drop rank/alpha patterns; ΔW is "
+        "unchanged.",
+    )
     e.add_argument("--for", dest="engine", required=True, choices=["vllm"], help="serving engine")
     e.add_argument("--adapter", required=True, help="PEFT adapter directory (e.g. a composed adapter)")
     e.add_argument("--out", required=True, help="directory to write")

@@ -61,8 +61,12 @@ def whoami(req: wire.Request, site: Site, context: Context) -> RecordDict:
     Deliberately cheap (no torch import, no model): it runs at the start of every run."""
     counts = seg.counts(site) if seg.is_segmentation(site) and "report-text" not in site.tasks else report_counts(site)
     info = {
-        "schema": wire.WIRE_SCHEMA, "site": site.site, "tasks": json.dumps(list(site.tasks)), **counts,
-        "nonce": req.config["nonce"], "signer": key_id(site),
+        "schema": wire.WIRE_SCHEMA,
+        "site": site.site,
+        "tasks": json.dumps(list(site.tasks)),
+        **counts,
+        "nonce": req.config["nonce"],
+        "signer": key_id(site),
         "identity": identity_statement(site, req.config.get("challenge", ""), str(context.run_id), context.node_id),
     }
     return wire.build_whoami_reply(info)
@@ -74,8 +78,14 @@ def report_counts(site: Site) -> dict[str, Any]:
         data, ok = load_site_data(site.data_path), True
     except (OSError, DatasetFormatError, SiteError):
         data, ok = SiteData([], [], []), False
-    return {"groups": json.dumps(data.groups[:8]), "n_examples": len(data.all), "n_labeled": len(data.train),
-            "n_unlabeled": len(data.unlabeled), "n_eval": len(data.eval), "data_ok": ok}
+    return {
+        "groups": json.dumps(data.groups[:8]),
+        "n_examples": len(data.all),
+        "n_labeled": len(data.train),
+        "n_unlabeled": len(data.unlabeled),
+        "n_eval": len(data.eval),
+        "data_ok": ok,
+    }
 
 
 def identity_statement(site: Site, challenge: str, run_id: str, node_id: Any) -> str:
@@ -94,8 +104,12 @@ def identity_statement(site: Site, challenge: str, run_id: str, node_id: Any) ->
         return ""
     from common.statements import sign_statement, statement_digest
 
-    body = {"site": site.site, "run_id": run_id, "challenge": challenge,
-            "node_id": str(node_id) if node_id is not None else ""}
+    body = {
+        "site": site.site,
+        "run_id": run_id,
+        "challenge": challenge,
+        "node_id": str(node_id) if node_id is not None else "",
+    }
     node_key = None
     if site.supernode_key is not None:
         from common.nodekey import NodeKeyError, load_node_private_key, node_key_fingerprint
@@ -140,15 +154,25 @@ def enroll(req: wire.Request, site: Site, context: Context) -> RecordDict:
     model, tok, fp = load_model(site)
     # z first, from the float32 weights: it must not depend on the site's compute dtype. The
     # enrolment z is cached like the query z: a second enrolment re-sends the same noisy z
-    rel = release_z(site, task.embedding_texts(train), plan.embed_layer, lambda: (model, tok, fp),
-                    adapter_sent=True, check=False)
+    rel = release_z(
+        site, task.embedding_texts(train), plan.embed_layer, lambda: (model, tok, fp), adapter_sent=True, check=False
+    )
     z = rel.z
     dtype = to_compute_dtype(site, model)
     adapter, stats = train_adapter(model, tok, train, task, plan, fp)
     encoded = wire.encode_adapter(adapter, base_model=fp)  # the one form: sent, hashed, stored, kept
     keep_own_copy(site, task.name, encoded)
-    meta = enroll_meta(site, task.name, train, fp, rel.info, encoded, release_privacy(plan, stats, rel),
-                       train_stats(plan, stats, len(train), dtype), cfg["nonce"])
+    meta = enroll_meta(
+        site,
+        task.name,
+        train,
+        fp,
+        rel.info,
+        encoded,
+        release_privacy(plan, stats, rel),
+        train_stats(plan, stats, len(train), dtype),
+        cfg["nonce"],
+    )
     sign(meta, site, z, str(context.run_id))
     return wire.build_enroll_reply(encoded.arrays, z, meta, check=False)  # the gate checks it once
 
@@ -168,17 +192,29 @@ def train_plan(cfg: dict[str, Any], site: Site) -> TrainPlan:
     """The LoRA spec and hyper-parameters of the request; DP-SGD when the site's policy asks for it."""
     from common.training import DPConfig, LoraSpec
 
-    spec = LoraSpec(r=int(cfg.get("lora_r", 8)), alpha=float(cfg.get("lora_alpha", 16.0)),
-                    target_modules=tuple(split_list(cfg.get("lora_targets", "q_proj,v_proj"))),
-                    dropout=float(cfg.get("lora_dropout", 0.0)))
+    spec = LoraSpec(
+        r=int(cfg.get("lora_r", 8)),
+        alpha=float(cfg.get("lora_alpha", 16.0)),
+        target_modules=tuple(split_list(cfg.get("lora_targets", "q_proj,v_proj"))),
+        dropout=float(cfg.get("lora_dropout", 0.0)),
+    )
     dp = None
     if site.policy.get("dp-noise-multiplier", 0.0) > 0:
-        dp = DPConfig(noise_multiplier=site.policy["dp-noise-multiplier"],
-                      max_grad_norm=site.policy.get("dp-max-grad-norm", 1.0),
-                      delta=site.policy.get("dp-delta", 1e-5))
-    return TrainPlan(spec, dp, int(cfg.get("steps", 40)), float(cfg.get("lr", 1e-3)), int(cfg.get("batch_size", 4)),
-                     int(cfg.get("max_length", 192)), int(cfg.get("seed", 0)),
-                     allowed_layer(site, cfg.get("embed_layer", -1)))
+        dp = DPConfig(
+            noise_multiplier=site.policy["dp-noise-multiplier"],
+            max_grad_norm=site.policy.get("dp-max-grad-norm", 1.0),
+            delta=site.policy.get("dp-delta", 1e-5),
+        )
+    return TrainPlan(
+        spec,
+        dp,
+        int(cfg.get("steps", 40)),
+        float(cfg.get("lr", 1e-3)),
+        int(cfg.get("batch_size", 4)),
+        int(cfg.get("max_length", 192)),
+        int(cfg.get("seed", 0)),
+        allowed_layer(site, cfg.get("embed_layer", -1)),
+    )
 
 
 def refuse_over_budget(site: Site, plan: TrainPlan, n_train: int) -> None:
@@ -186,18 +222,37 @@ def refuse_over_budget(site: Site, plan: TrainPlan, n_train: int) -> None:
     from common.privacy import ZMechanism, dp_sgd_stats, release_record
 
     dp = plan.dp
-    planned = None if dp is None else dp_sgd_stats(dp.noise_multiplier, dp.max_grad_norm, dp.delta,
-                                                   min(1.0, plan.batch_size / n_train), plan.steps)
+    planned = (
+        None
+        if dp is None
+        else dp_sgd_stats(
+            dp.noise_multiplier, dp.max_grad_norm, dp.delta, min(1.0, plan.batch_size / n_train), plan.steps
+        )
+    )
     check_budget(site, release_record(planned, ZMechanism.from_policy(site.policy), adapter_sent=True), True)
 
 
-def train_adapter(model: Any, tok: Any, train: list[Example], task: Any, plan: TrainPlan,
-                  fp: str) -> tuple[Any, dict[str, Any]]:
+def train_adapter(
+    model: Any, tok: Any, train: list[Example], task: Any, plan: TrainPlan, fp: str
+) -> tuple[Any, dict[str, Any]]:
     """(LoraAdapter, training statistics) of ``common.training.train_lora``."""
     from common.training import train_lora
 
-    return train_lora(model, tok, train, task, plan.spec, steps=plan.steps, lr=plan.lr, batch_size=plan.batch_size,
-                      max_length=plan.max_length, seed=plan.seed, progress=True, dp=plan.dp, base_model=fp)
+    return train_lora(
+        model,
+        tok,
+        train,
+        task,
+        plan.spec,
+        steps=plan.steps,
+        lr=plan.lr,
+        batch_size=plan.batch_size,
+        max_length=plan.max_length,
+        seed=plan.seed,
+        progress=True,
+        dp=plan.dp,
+        base_model=fp,
+    )
 
 
 def keep_own_copy(site: Site, task_name: str, encoded: wire.WireAdapter) -> None:
@@ -213,27 +268,53 @@ def release_privacy(plan: TrainPlan, stats: dict[str, Any], rel: ZRelease) -> di
     return release_record(stats if plan.dp is not None else None, rel.mech, adapter_sent=True, z_repeat=rel.repeat)
 
 
-def train_stats(plan: TrainPlan, stats: dict[str, Any], n_train: int, compute_dtype: str = "float32"
-                ) -> dict[str, Any]:
-    out = {"steps": stats.get("steps", plan.steps), "lr": plan.lr, "batch_size": plan.batch_size,
-           "max_length": plan.max_length, "seed": plan.seed, "loss_first": stats.get("first_loss"),
-           "loss_last": stats.get("final_loss"), "seconds": round(float(stats.get("seconds", 0.0)), 3),
-           "n_train": n_train, "compute_dtype": compute_dtype}
+def train_stats(plan: TrainPlan, stats: dict[str, Any], n_train: int, compute_dtype: str = "float32") -> dict[str, Any]:
+    out = {
+        "steps": stats.get("steps", plan.steps),
+        "lr": plan.lr,
+        "batch_size": plan.batch_size,
+        "max_length": plan.max_length,
+        "seed": plan.seed,
+        "loss_first": stats.get("first_loss"),
+        "loss_last": stats.get("final_loss"),
+        "seconds": round(float(stats.get("seconds", 0.0)), 3),
+        "n_train": n_train,
+        "compute_dtype": compute_dtype,
+    }
     return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in out.items()}
 
 
-def enroll_meta(site: Site, task_name: str, train: list[Example], fp: str, emb: dict[str, Any],
-                encoded: wire.WireAdapter, privacy: dict[str, Any], stats: dict[str, Any],
-                nonce: str) -> dict[str, Any]:
+def enroll_meta(
+    site: Site,
+    task_name: str,
+    train: list[Example],
+    fp: str,
+    emb: dict[str, Any],
+    encoded: wire.WireAdapter,
+    privacy: dict[str, Any],
+    stats: dict[str, Any],
+    nonce: str,
+) -> dict[str, Any]:
     """The enrolment ``meta`` record (exactly ``wire.ENROLL_META_KEYS``); unsigned."""
     group = Counter(e.group for e in train).most_common(1)[0][0]
     return {
-        "schema": wire.WIRE_SCHEMA, "site": site.site, "task": task_name, "modality": group.split("-", 1)[0],
-        "group": group, "base_fingerprint": fp, "sample_count": len(train), "token_count": int(emb["token_count"]),
-        "lora_config": wire.canonical_json(encoded.lora_config), "blob_sha256": encoded.sha256,
-        "embedding_spec": wire.canonical_json(emb["embedding_spec"]), "privacy": wire.canonical_json(privacy),
-        "train_stats": wire.canonical_json(stats), "nonce": nonce,
-        "created_at": time.time(), "signer": "", "signature": "",
+        "schema": wire.WIRE_SCHEMA,
+        "site": site.site,
+        "task": task_name,
+        "modality": group.split("-", 1)[0],
+        "group": group,
+        "base_fingerprint": fp,
+        "sample_count": len(train),
+        "token_count": int(emb["token_count"]),
+        "lora_config": wire.canonical_json(encoded.lora_config),
+        "blob_sha256": encoded.sha256,
+        "embedding_spec": wire.canonical_json(emb["embedding_spec"]),
+        "privacy": wire.canonical_json(privacy),
+        "train_stats": wire.canonical_json(stats),
+        "nonce": nonce,
+        "created_at": time.time(),
+        "signer": "",
+        "signature": "",
     }
 
 
@@ -268,9 +349,14 @@ def embed(req: wire.Request, site: Site, context: Context) -> RecordDict:
     privacy = release_record(None, rel.mech, adapter_sent=False, z_repeat=rel.repeat)
     info = rel.info
     meta = {
-        "schema": wire.WIRE_SCHEMA, "site": site.site, "task": task.name, "base_fingerprint": info["base_fingerprint"],
-        "sample_count": info["sample_count"], "token_count": info["token_count"],
-        "embedding_spec": wire.canonical_json(info["embedding_spec"]), "privacy": wire.canonical_json(privacy),
+        "schema": wire.WIRE_SCHEMA,
+        "site": site.site,
+        "task": task.name,
+        "base_fingerprint": info["base_fingerprint"],
+        "sample_count": info["sample_count"],
+        "token_count": info["token_count"],
+        "embedding_spec": wire.canonical_json(info["embedding_spec"]),
+        "privacy": wire.canonical_json(privacy),
         "nonce": cfg["nonce"],
     }
     return wire.build_embed_reply(rel.z, meta)
@@ -281,8 +367,11 @@ def apply(req: wire.Request, site: Site, context: Context) -> RecordDict:
     """Check and rebuild the adapter, keep it (unless ``store`` is off), score it, send a receipt."""
     cfg = req.config
     if not _NAME_RE.match(cfg["name"]) or cfg["name"].startswith(OWN_PREFIX):
-        raise WireError(f"adapter name must be a plain file name not starting with {OWN_PREFIX!r} (the site's own "
-                        "adapters)", "config", "name")
+        raise WireError(
+            f"adapter name must be a plain file name not starting with {OWN_PREFIX!r} (the site's own adapters)",
+            "config",
+            "name",
+        )
     check_delivery(site, cfg, str(context.run_id))
     if seg.is_segmentation(site, cfg.get("task")):
         return seg.apply(req, site, context)
@@ -290,8 +379,14 @@ def apply(req: wire.Request, site: Site, context: Context) -> RecordDict:
     if cfg.get("store", True):
         store_received(site, cfg, adapter)
     metrics, evaluated = score(site, cfg, adapter)
-    receipt = {"schema": wire.WIRE_SCHEMA, "site": site.site, "name": cfg["name"], "blob_sha256": sha,
-               "evaluated": evaluated, "nonce": cfg["nonce"]}
+    receipt = {
+        "schema": wire.WIRE_SCHEMA,
+        "site": site.site,
+        "name": cfg["name"],
+        "blob_sha256": sha,
+        "evaluated": evaluated,
+        "nonce": cfg["nonce"],
+    }
     return wire.build_apply_reply(metrics, receipt)
 
 
@@ -307,17 +402,25 @@ def check_delivery(site: Site, cfg: dict[str, Any], run_id: str) -> None:
     from common.statements import StatementError, verify_statement
 
     if site.coordinator_key is None:
-        raise DeliveryRefused("no-coordinator-key", "this site has no coordinator key pinned (node config "
-                              "'coordinator-key' = the coordinator's coordinator.pub); it installs only "
-                              "deliveries signed by its coordinator")
+        raise DeliveryRefused(
+            "no-coordinator-key",
+            "this site has no coordinator key pinned (node config "
+            "'coordinator-key' = the coordinator's coordinator.pub); it installs only "
+            "deliveries signed by its coordinator",
+        )
     if not cfg.get("delivery"):
         raise DeliveryRefused("unsigned-delivery", "the delivery carries no coordinator signature; refused")
     try:
         pub = load_public_key(site.coordinator_key)
     except (OSError, SigningError) as exc:
         raise SiteError(f"the pinned coordinator key {site.coordinator_key} is unusable: {exc}") from None
-    expect = {"blob_sha256": cfg["blob_sha256"], "target": site.site, "run_id": run_id, "name": cfg["name"],
-              "nonce": cfg["nonce"]}
+    expect = {
+        "blob_sha256": cfg["blob_sha256"],
+        "target": site.site,
+        "run_id": run_id,
+        "name": cfg["name"],
+        "nonce": cfg["nonce"],
+    }
     try:
         verify_statement(pub, json.loads(cfg["delivery"]), "delivery", expect=expect)
     except (ValueError, StatementError) as exc:
@@ -361,8 +464,9 @@ def store_received(site: Site, cfg: dict[str, Any], adapter: Any, base_path: str
             same = False
         if same:
             return
-        raise DeliveryRefused("name-taken", f"an adapter named {cfg['name']!r} already exists at this site; "
-                              "a delivery never replaces one")
+        raise DeliveryRefused(
+            "name-taken", f"an adapter named {cfg['name']!r} already exists at this site; a delivery never replaces one"
+        )
     tmp = site.adapters_dir / f".incoming-{cfg['name']}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     if base_path is None:
@@ -404,9 +508,11 @@ def score(site: Site, cfg: dict[str, Any], adapter: Any) -> tuple[dict[str, floa
 
 def numeric(result: dict[str, Any]) -> dict[str, float]:
     """Only the scalar scores of an evaluation: predictions and references never leave the site."""
-    return {k: float(v) for k, v in result.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
-            and wire.METRIC_NAME_RE.match(k)}
+    return {
+        k: float(v)
+        for k, v in result.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) and wire.METRIC_NAME_RE.match(k)
+    }
 
 
 def evaluate(req: wire.Request, site: Site, context: Context) -> RecordDict:
@@ -417,5 +523,9 @@ def evaluate(req: wire.Request, site: Site, context: Context) -> RecordDict:
 
 
 HANDLERS: dict[str, Callable[[wire.Request, Site, Context], RecordDict]] = {
-    wire.WHOAMI: whoami, wire.ENROLL: enroll, wire.EMBED: embed, wire.APPLY: apply, wire.EVALUATE: evaluate,
+    wire.WHOAMI: whoami,
+    wire.ENROLL: enroll,
+    wire.EMBED: embed,
+    wire.APPLY: apply,
+    wire.EVALUATE: evaluate,
 }

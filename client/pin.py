@@ -53,8 +53,9 @@ def parse_pins(value: Any) -> list[str]:
     return pins
 
 
-def check_fab(content: bytes, node_config: dict[str, Any], run_id: Any = None, fab_id: str = "",
-              message_type: str = "") -> str:
+def check_fab(
+    content: bytes, node_config: dict[str, Any], run_id: Any = None, fab_id: str = "", message_type: str = ""
+) -> str:
     """Return the FAB's SHA-256 if it is pinned (or nothing is pinned); else log and raise."""
     digest = hashlib.sha256(content).hexdigest()
     try:
@@ -63,24 +64,29 @@ def check_fab(content: bytes, node_config: dict[str, Any], run_id: Any = None, f
         _log_refusal(node_config, run_id, message_type, str(exc), digest, fab_id, [])
         raise
     if pins and digest not in pins:
-        reason = (f"app-not-approved: the run's app bundle has SHA-256 {digest}, this site approved only "
-                  f"{', '.join(pins)} (node config {PIN_KEY})")
+        reason = (
+            f"app-not-approved: the run's app bundle has SHA-256 {digest}, this site approved only "
+            f"{', '.join(pins)} (node config {PIN_KEY})"
+        )
         _log_refusal(node_config, run_id, message_type, reason, digest, fab_id, pins)
         raise AppNotApproved(reason)
     return digest
 
 
-def _log_refusal(node_config: dict[str, Any], run_id: Any, message_type: str, reason: str, digest: str,
-                 fab_id: str, pins: list[str]) -> None:
+def _log_refusal(
+    node_config: dict[str, Any], run_id: Any, message_type: str, reason: str, digest: str, fab_id: str, pins: list[str]
+) -> None:
     from client.egress import EgressLog
 
     site_dir = node_config.get("site-dir")
     if not site_dir:
         return  # no egress log configured: the refusal still stands
     EgressLog(Path(str(site_dir)) / EGRESS_FILE).record(
-        message_type or "unknown", {}, run_id=None if run_id is None else str(run_id),
-        extra={"outcome": "refused", "reason": reason[:500], "fab_sha256": digest, "fab_id": fab_id,
-               "pinned": pins})
+        message_type or "unknown",
+        {},
+        run_id=None if run_id is None else str(run_id),
+        extra={"outcome": "refused", "reason": reason[:500], "fab_sha256": digest, "fab_id": fab_id, "pinned": pins},
+    )
 
 
 def _install_guard() -> None:
@@ -92,8 +98,13 @@ def _install_guard() -> None:
     def guarded(client: Any) -> Any:
         message, context, run, fab = original(client)
         try:
-            check_fab(fab.content, dict(context.node_config), run.run_id, getattr(run, "fab_id", ""),
-                      message.metadata.message_type)
+            check_fab(
+                fab.content,
+                dict(context.node_config),
+                run.run_id,
+                getattr(run, "fab_id", ""),
+                message.metadata.message_type,
+            )
         except AppNotApproved as exc:
             # flwr pushes its error reply only once it holds the context, which it never gets when
             # this raises: answer here, else the SuperNode waits for this task and stalls
@@ -101,8 +112,9 @@ def _install_guard() -> None:
 
             from common.wire import ERROR_REFUSED
 
-            rc.push_message(client, Message(Error(code=ERROR_REFUSED, reason=f"refused: {exc}"), reply_to=message),
-                            context)
+            rc.push_message(
+                client, Message(Error(code=ERROR_REFUSED, reason=f"refused: {exc}"), reply_to=message), context
+            )
             raise
         return message, context, run, fab
 
@@ -152,10 +164,12 @@ def install_wrapper(bin_dir: Path, python: str | None = None, pythonpath: str | 
     bin_dir.mkdir(parents=True, exist_ok=True)
     path = bin_dir / WRAPPER_NAME
     root = pythonpath or str(Path(__file__).resolve().parents[1])
-    text = (f"#!{python or sys.executable}\n"
-            "# site-owned: checks the app bundle against node config app-sha256 (client/pin.py)\n"
-            f"import sys\nsys.path.insert(0, {root!r})\n"
-            "from client.pin import clientapp_main\nclientapp_main()\n")
+    text = (
+        f"#!{python or sys.executable}\n"
+        "# site-owned: checks the app bundle against node config app-sha256 (client/pin.py)\n"
+        f"import sys\nsys.path.insert(0, {root!r})\n"
+        "from client.pin import clientapp_main\nclientapp_main()\n"
+    )
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text)
     tmp.chmod(stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)

@@ -69,23 +69,32 @@ class ReleasePolicy:
         try:
             layers = tuple(int(x) for x in raw.replace(";", ",").split(",") if x.strip())
         except ValueError:
-            raise ReleasePolicyError(f"node config z-layers={raw!r}: expected comma-separated layer indices, "
-                                     "e.g. '-1' or '-1,15'") from None
+            raise ReleasePolicyError(
+                f"node config z-layers={raw!r}: expected comma-separated layer indices, e.g. '-1' or '-1,15'"
+            ) from None
         if not layers:
             raise ReleasePolicyError("node config z-layers is empty; name at least one layer (e.g. '-1')")
-        return cls(min_examples=_int(cfg, "z-min-examples", DEFAULT_MIN_EXAMPLES, 1), layers=layers,
-                   min_metric_reports=_int(cfg, "metrics-min-reports", DEFAULT_MIN_METRIC_REPORTS, 1))
+        return cls(
+            min_examples=_int(cfg, "z-min-examples", DEFAULT_MIN_EXAMPLES, 1),
+            layers=layers,
+            min_metric_reports=_int(cfg, "metrics-min-reports", DEFAULT_MIN_METRIC_REPORTS, 1),
+        )
 
     def embedding_layer(self, requested: int, n_states: int) -> int:
         """The normalised layer index (0 ≤ layer < n_states) if the site allows it, else ``ReleaseRefused``."""
         if isinstance(requested, bool) or not isinstance(requested, int) or not -n_states <= requested < n_states:
-            raise ReleaseRefused("layer-out-of-range", f"embedding layer {requested!r} does not exist "
-                                 f"(the model has {n_states} hidden states)")
+            raise ReleaseRefused(
+                "layer-out-of-range",
+                f"embedding layer {requested!r} does not exist (the model has {n_states} hidden states)",
+            )
         layer = requested % n_states
         allowed = sorted({x % n_states for x in self.layers if -n_states <= x < n_states})
         if layer not in allowed:
-            raise ReleaseRefused("layer-not-allowed", f"embedding layer {requested} (= {layer}) is not in this "
-                                 f"site's z-layers {allowed}; the site releases z only from those layers")
+            raise ReleaseRefused(
+                "layer-not-allowed",
+                f"embedding layer {requested} (= {layer}) is not in this "
+                f"site's z-layers {allowed}; the site releases z only from those layers",
+            )
         return layer
 
     def embedding_examples(self, n_eligible: int, requested_max: int = 0) -> int:
@@ -93,16 +102,25 @@ class ReleasePolicy:
         if isinstance(requested_max, bool) or not isinstance(requested_max, int) or requested_max < 0:
             raise ReleaseRefused("bad-request", f"max_examples={requested_max!r} must be a non-negative integer")
         if requested_max and requested_max < n_eligible:
-            raise ReleaseRefused("subset-refused", f"a z over {requested_max} of the site's {n_eligible} examples "
-                                 "was requested; this site releases z only over its whole eligible data set")
+            raise ReleaseRefused(
+                "subset-refused",
+                f"a z over {requested_max} of the site's {n_eligible} examples "
+                "was requested; this site releases z only over its whole eligible data set",
+            )
         if n_eligible < self.min_examples:
-            raise ReleaseRefused("too-few-examples", f"the site holds {n_eligible} eligible examples; its policy "
-                                 f"releases z only over at least {self.min_examples} (z-min-examples)")
+            raise ReleaseRefused(
+                "too-few-examples",
+                f"the site holds {n_eligible} eligible examples; its policy "
+                f"releases z only over at least {self.min_examples} (z-min-examples)",
+            )
         return n_eligible
 
     def metrics(self, n_reports: int) -> None:
         """Allow held-out metrics over ``n_reports`` reports, or raise ``ReleaseRefused``."""
         if n_reports < self.min_metric_reports:
-            raise ReleaseRefused("too-few-reports", f"metrics over {n_reports} held-out reports were requested; "
-                                 f"this site releases metrics only over at least {self.min_metric_reports} "
-                                 "(metrics-min-reports)")
+            raise ReleaseRefused(
+                "too-few-reports",
+                f"metrics over {n_reports} held-out reports were requested; "
+                f"this site releases metrics only over at least {self.min_metric_reports} "
+                "(metrics-min-reports)",
+            )

@@ -28,8 +28,9 @@ def say(site: Site, msg: str) -> None:
 EMBEDDING_CACHE_DIR = "embedding-cache"
 
 
-def site_embedding(model: Any, tok: Any, texts: list[str], site: Site, layer: int,
-                   fingerprint: str = "") -> tuple[Any, np.ndarray, Any]:
+def site_embedding(
+    model: Any, tok: Any, texts: list[str], site: Site, layer: int, fingerprint: str = ""
+) -> tuple[Any, np.ndarray, Any]:
     """z as it leaves the site: (EmbeddingResult, z, ZMechanism or None). With the site's Gaussian
     mechanism on, each report's token sum is clipped and noise from OS entropy is added.
 
@@ -45,8 +46,9 @@ def site_embedding(model: Any, tok: Any, texts: list[str], site: Site, layer: in
     if fingerprint:
         name = hashlib.sha256(f"{fingerprint}|{site.model_path}".encode()).hexdigest()[:32]
         cache = ExampleSumsCache(site.site_dir / EMBEDDING_CACHE_DIR / f"{name}.npz")
-    emb = mean_embedding(model, tok, texts, layer=layer, clip_norm=mech.clip if mech else None, cache=cache,
-                         cache_tag=fingerprint)
+    emb = mean_embedding(
+        model, tok, texts, layer=layer, clip_norm=mech.clip if mech else None, cache=cache, cache_tag=fingerprint
+    )
     if cache is not None:
         try:
             cache.save()
@@ -54,8 +56,11 @@ def site_embedding(model: Any, tok: Any, texts: list[str], site: Site, layer: in
             say(site, f"could not keep the report embeddings cache ({exc})")
     if mech is None:
         return emb, emb.z, None
-    say(site, f"z: Gaussian mechanism, clip {mech.clip:g} ({emb.n_clipped}/{emb.n_examples} reports clipped), "
-              f"noise multiplier {mech.noise_multiplier:.3f}, epsilon {mech.epsilon:.3f} at delta {mech.delta:g}")
+    say(
+        site,
+        f"z: Gaussian mechanism, clip {mech.clip:g} ({emb.n_clipped}/{emb.n_examples} reports clipped), "
+        f"noise multiplier {mech.noise_multiplier:.3f}, epsilon {mech.epsilon:.3f} at delta {mech.delta:g}",
+    )
     return emb, mech.apply(emb.z, emb.n_tokens), mech
 
 
@@ -106,8 +111,14 @@ class ZRelease:
     repeat: bool  # the same noisy z this site already released (no new privacy cost)
 
 
-def release_z(site: Site, texts: list[str], layer: int, load: Callable[[], tuple[Any, Any, str]],
-              adapter_sent: bool = False, check: bool = True) -> ZRelease:
+def release_z(
+    site: Site,
+    texts: list[str],
+    layer: int,
+    load: Callable[[], tuple[Any, Any, str]],
+    adapter_sent: bool = False,
+    check: bool = True,
+) -> ZRelease:
     """z over ``texts`` at the (normalised) ``layer``: the cached noisy z when this site already
     released one for exactly this data, layer and mechanism; else a fresh one, after the budget
     check (``check``). A fresh noisy z is cached only once its reply's egress line is on disk
@@ -125,8 +136,12 @@ def release_z(site: Site, texts: list[str], layer: int, load: Callable[[], tuple
         check_budget(site, release_record(None, mech, adapter_sent=adapter_sent), adapter_sent)
     model, tok, fp = load()
     emb, z, mech = site_embedding(model, tok, texts, site, layer, fp)
-    info = {"base_fingerprint": fp, "sample_count": emb.n_examples, "token_count": int(emb.n_tokens),
-            "embedding_spec": emb.spec()}
+    info = {
+        "base_fingerprint": fp,
+        "sample_count": emb.n_examples,
+        "token_count": int(emb.n_tokens),
+        "embedding_spec": emb.spec(),
+    }
     if cache is not None:
         site.after_logged.append(lambda: store_z(cache, z, info))
     return ZRelease(z, info, mech, False)
@@ -137,8 +152,16 @@ def z_cache_path(site: Site, texts: list[str], layer: int, mech: Any) -> Path:
     h = hashlib.sha256()
     for t in texts:
         h.update(hashlib.sha256(t.encode()).digest())
-    key = wire.canonical_json({"texts": h.hexdigest(), "model": str(site.model_path), "layer": layer,
-                               "clip": mech.clip, "sigma": mech.noise_multiplier, "delta": mech.delta})
+    key = wire.canonical_json(
+        {
+            "texts": h.hexdigest(),
+            "model": str(site.model_path),
+            "layer": layer,
+            "clip": mech.clip,
+            "sigma": mech.noise_multiplier,
+            "delta": mech.delta,
+        }
+    )
     return site.site_dir / "privacy" / f"z-{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
 
 

@@ -73,14 +73,20 @@ def _task(site: Site, cfg: dict[str, Any]) -> Any:
     from common.segmentation import SegLoraSpec, SegmentationTask
 
     targets = tuple(t for t in split_list(cfg.get("lora_targets", "")) if t in SEG_TARGETS) or ("decoder",)
-    spec = SegLoraSpec(rank=int(cfg.get("lora_r", 4)), alpha=float(cfg.get("lora_alpha", 8.0)), targets=targets,
-                       batch_size=int(cfg.get("batch_size", 2)))
-    return SegmentationTask(spec=spec, augment_copies=int(_conf(site, "seg-copies", "1")),
-                            cache=site.site_dir / "seg-embeddings")
+    spec = SegLoraSpec(
+        rank=int(cfg.get("lora_r", 4)),
+        alpha=float(cfg.get("lora_alpha", 8.0)),
+        targets=targets,
+        batch_size=int(cfg.get("batch_size", 2)),
+    )
+    return SegmentationTask(
+        spec=spec, augment_copies=int(_conf(site, "seg-copies", "1")), cache=site.site_dir / "seg-embeddings"
+    )
 
 
-def _z(site: Site, task: Any, model_fp: Any, images: list[np.ndarray], adapter_sent: bool,
-       check: bool = True) -> tuple[np.ndarray, dict[str, Any], Any, bool]:
+def _z(
+    site: Site, task: Any, model_fp: Any, images: list[np.ndarray], adapter_sent: bool, check: bool = True
+) -> tuple[np.ndarray, dict[str, Any], Any, bool]:
     """(z as it leaves the site, its info, ZMechanism or None, whether it is a repeat): the site's
     Gaussian mechanism applies with one image as one privacy unit, as one report is for the report
     family; a noisy z already released for exactly these images and mechanism is re-sent as it was
@@ -102,8 +108,12 @@ def _z(site: Site, task: Any, model_fp: Any, images: list[np.ndarray], adapter_s
         check_budget(site, release_record(None, mech, adapter_sent=adapter_sent), adapter_sent)
     model, fp = model_fp()
     emb = task.site_embedding(model, images, mech.clip if mech else None, site.site)
-    info = {"base_fingerprint": fp, "sample_count": len(images), "token_count": int(emb.n_tokens),
-            "embedding_spec": emb.spec()}
+    info = {
+        "base_fingerprint": fp,
+        "sample_count": len(images),
+        "token_count": int(emb.n_tokens),
+        "embedding_spec": emb.spec(),
+    }
     if mech is None:
         return emb.z, info, None, False
     say(site, f"z: Gaussian mechanism, clip {mech.clip:g} ({emb.n_clipped}/{emb.n_examples} images clipped)")
@@ -122,8 +132,14 @@ def counts(site: Site) -> dict[str, Any]:
     except (OSError, SiteError, ValueError):
         n_train = n_test = 0
         ok, groups = False, []
-    return {"groups": json.dumps(groups), "n_examples": n_train + n_test, "n_labeled": n_train, "n_unlabeled": 0,
-            "n_eval": n_test, "data_ok": ok}
+    return {
+        "groups": json.dumps(groups),
+        "n_examples": n_train + n_test,
+        "n_labeled": n_train,
+        "n_unlabeled": 0,
+        "n_eval": n_test,
+        "data_ok": ok,
+    }
 
 
 # -- train (enrol) -------------------------------------------------------------------------------
@@ -134,8 +150,10 @@ def enroll(req: wire.Request, site: Site, context: Context) -> RecordDict:
 
     cfg = req.config
     if site.policy.get("dp-noise-multiplier", 0.0) > 0:
-        raise SiteError("DP-SGD is not implemented for the segmentation family; this site's policy asks for it, "
-                        "so it does not train (remove dp-noise-multiplier or use the report family)")
+        raise SiteError(
+            "DP-SGD is not implemented for the segmentation family; this site's policy asks for it, "
+            "so it does not train (remove dp-noise-multiplier or use the report family)"
+        )
     check_budget(site, release_record(None, ZMechanism.from_policy(site.policy), adapter_sent=True), True)
     data = seg_site(site)
     task = _task(site, cfg)
@@ -145,19 +163,36 @@ def enroll(req: wire.Request, site: Site, context: Context) -> RecordDict:
     encoded = wire.encode_adapter(adapter, base_model=fp)
     z, info, mech, _ = _z(site, task, lambda: (model, fp), data.all_images, adapter_sent=True, check=False)
     keep_own_copy(site, task.name, encoded)
-    train_stats = {"steps": steps, "lr": lr, "batch_size": task.spec.batch_size, "max_length": 0, "seed": seed,
-                   "loss_first": stats.get("loss_first"), "loss_last": stats.get("loss_last"),
-                   "seconds": round(float(stats.get("seconds", 0.0)), 3), "n_train": int(stats["n_train"])}
+    train_stats = {
+        "steps": steps,
+        "lr": lr,
+        "batch_size": task.spec.batch_size,
+        "max_length": 0,
+        "seed": seed,
+        "loss_first": stats.get("loss_first"),
+        "loss_last": stats.get("loss_last"),
+        "seconds": round(float(stats.get("seconds", 0.0)), 3),
+        "n_train": int(stats["n_train"]),
+    }
     train_stats = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in train_stats.items()}
     meta = {
-        "schema": wire.WIRE_SCHEMA, "site": site.site, "task": task.name, "modality": "mr" if "prostate" in
-        data.dataset else "fundus", "group": f"{data.dataset}-{data.name}", "base_fingerprint": fp,
-        "sample_count": len(data.train_images), "token_count": int(info["token_count"]),
-        "lora_config": wire.canonical_json(encoded.lora_config), "blob_sha256": encoded.sha256,
+        "schema": wire.WIRE_SCHEMA,
+        "site": site.site,
+        "task": task.name,
+        "modality": "mr" if "prostate" in data.dataset else "fundus",
+        "group": f"{data.dataset}-{data.name}",
+        "base_fingerprint": fp,
+        "sample_count": len(data.train_images),
+        "token_count": int(info["token_count"]),
+        "lora_config": wire.canonical_json(encoded.lora_config),
+        "blob_sha256": encoded.sha256,
         "embedding_spec": wire.canonical_json(info["embedding_spec"]),
         "privacy": wire.canonical_json(release_record(None, mech, adapter_sent=True)),
-        "train_stats": wire.canonical_json(train_stats), "nonce": cfg["nonce"], "created_at": time.time(),
-        "signer": "", "signature": "",
+        "train_stats": wire.canonical_json(train_stats),
+        "nonce": cfg["nonce"],
+        "created_at": time.time(),
+        "signer": "",
+        "signature": "",
     }
     sign(meta, site, z, str(context.run_id))
     say(site, f"segmentation LoRA: {steps} steps on {stats['n_train']} slices in {stats['seconds']:.1f} s")
@@ -173,17 +208,25 @@ def embed(req: wire.Request, site: Site, context: Context) -> RecordDict:
 
     cfg = req.config
     if int(cfg.get("embed_layer", -1)) != -1:
-        raise ReleaseRefused("layer-not-allowed", "a segmentation site's z is its frozen encoder's output "
-                             "(embed_layer -1); it releases no other layer")
+        raise ReleaseRefused(
+            "layer-not-allowed",
+            "a segmentation site's z is its frozen encoder's output (embed_layer -1); it releases no other layer",
+        )
     data = seg_site(site)
     site.release.embedding_examples(len(data.all_images), int(cfg.get("max_examples", 0)))
     task = _task(site, cfg)
     z, info, mech, repeat = _z(site, task, lambda: _model(site), data.all_images, adapter_sent=False)
-    meta = {"schema": wire.WIRE_SCHEMA, "site": site.site, "task": task.name,
-            "base_fingerprint": info["base_fingerprint"], "sample_count": info["sample_count"],
-            "token_count": info["token_count"], "embedding_spec": wire.canonical_json(info["embedding_spec"]),
-            "privacy": wire.canonical_json(release_record(None, mech, adapter_sent=False, z_repeat=repeat)),
-            "nonce": cfg["nonce"]}
+    meta = {
+        "schema": wire.WIRE_SCHEMA,
+        "site": site.site,
+        "task": task.name,
+        "base_fingerprint": info["base_fingerprint"],
+        "sample_count": info["sample_count"],
+        "token_count": info["token_count"],
+        "embedding_spec": wire.canonical_json(info["embedding_spec"]),
+        "privacy": wire.canonical_json(release_record(None, mech, adapter_sent=False, z_repeat=repeat)),
+        "nonce": cfg["nonce"],
+    }
     return wire.build_embed_reply(z, meta)
 
 
@@ -203,8 +246,14 @@ def apply(req: wire.Request, site: Site, context: Context) -> RecordDict:
     if evaluated:
         metrics = score(site, cfg, model, adapter)
         evaluated = bool(metrics)
-    receipt = {"schema": wire.WIRE_SCHEMA, "site": site.site, "name": cfg["name"], "blob_sha256": sha,
-               "evaluated": evaluated, "nonce": cfg["nonce"]}
+    receipt = {
+        "schema": wire.WIRE_SCHEMA,
+        "site": site.site,
+        "name": cfg["name"],
+        "blob_sha256": sha,
+        "evaluated": evaluated,
+        "nonce": cfg["nonce"],
+    }
     return wire.build_apply_reply(metrics, receipt)
 
 

@@ -135,11 +135,24 @@ def site_from_context(context: Context) -> Site:
     seg = {k: str(nc[k]) for k in SEG_KEYS if k in nc}
     dtype = str(nc.get("compute-dtype") or rc.get("sim-compute-dtype") or "auto")
     if dtype not in wire.COMPUTE_DTYPES:
-        raise SiteError(f"site {site!r}: compute-dtype {dtype!r} is not one of {', '.join(wire.COMPUTE_DTYPES)} "
-                        "(auto: bfloat16 where the CPU/GPU has it in hardware, else float32)")
-    return Site(site, Path(str(data)).expanduser(), model, site_dir.expanduser().resolve(), policy, threads,
-                tasks, seg=seg, release=release, coordinator_key=coord,
-                supernode_key=Path(str(node_key)).expanduser() if node_key else None, compute_dtype=dtype)
+        raise SiteError(
+            f"site {site!r}: compute-dtype {dtype!r} is not one of {', '.join(wire.COMPUTE_DTYPES)} "
+            "(auto: bfloat16 where the CPU/GPU has it in hardware, else float32)"
+        )
+    return Site(
+        site,
+        Path(str(data)).expanduser(),
+        model,
+        site_dir.expanduser().resolve(),
+        policy,
+        threads,
+        tasks,
+        seg=seg,
+        release=release,
+        coordinator_key=coord,
+        supernode_key=Path(str(node_key)).expanduser() if node_key else None,
+        compute_dtype=dtype,
+    )
 
 
 def sim_release_config(rc: Any) -> dict[str, Any]:

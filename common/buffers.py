@@ -42,7 +42,7 @@ def empty_bytes(nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8)
     whole = torch.frombuffer(region, dtype=torch.uint8)
     start = -whole.data_ptr() % HUGE_PAGE  # huge pages cover 2 MiB-aligned ranges only
-    return whole[start:start + nbytes]
+    return whole[start : start + nbytes]
 
 
 _SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of the range's dirty pages, do not wait

@@ -55,16 +55,16 @@ DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 #: where each data set comes from (its SOURCE.md origin, shortened), quoted when the set is missing
 DATASET_ORIGINS: dict[str, str] = {
     "iu-xray": "Indiana University chest X-ray reports (Open-i, U.S. National Library of Medicine), copied "
-               "unmodified from GitHub SaadSubhaniTheProgrammerVersion/Textual-Report-Generation-from-Chest-"
-               "X-rays-Indiana-Dataset (commit 6b316b7c); files indiana_reports.csv, indiana_projections.csv",
+    "unmodified from GitHub SaadSubhaniTheProgrammerVersion/Textual-Report-Generation-from-Chest-"
+    "X-rays-Indiana-Dataset (commit 6b316b7c); files indiana_reports.csv, indiana_projections.csv",
     "medpix2": "MedPix 2.0 case reports (Siragusa et al., arXiv 2407.02994), copied unmodified from GitHub "
-               "CHILab1/MedPix-2.0 (commit d3bc4315, folder MedPix-2-0/); files Case_topic.json, Descriptions.json",
+    "CHILab1/MedPix-2.0 (commit d3bc4315, folder MedPix-2-0/); files Case_topic.json, Descriptions.json",
     "prostate-multisite": "multi-site prostate MRI (BIDMC, BMC, HK, I2CVB, RUNMC, UCL), copied unmodified from "
-                          "GitHub MQinghe/UST-RUN",
+    "GitHub MQinghe/UST-RUN",
     "fundus-multidomain": "multi-domain fundus images (DoFE, Wang et al., IEEE TMI 2020; Domain1-4), copied "
-                          "unmodified from GitHub MQinghe/UST-RUN, folder data/Fundus",
+    "unmodified from GitHub MQinghe/UST-RUN, folder data/Fundus",
     "totalsegmentator-test": "TotalSegmentator test volumes, GitHub wasserth/TotalSegmentator, folder "
-                             "tests/reference_files/ (commit 0e65a448)",
+    "tests/reference_files/ (commit 0e65a448)",
 }
 #: the sets the report experiments and the demo read
 REPORT_DATASETS = ("iu-xray", "medpix2")
@@ -162,9 +162,7 @@ def load_iu_xray(data_dir: str | os.PathLike[str] | None = None) -> list[Example
         reader = csv.DictReader(fh)
         missing = {"uid", "findings", "impression"} - set(reader.fieldnames or ())
         if missing:
-            raise DatasetFormatError(
-                f"{path}: expected columns uid, findings, impression; missing {sorted(missing)}"
-            )
+            raise DatasetFormatError(f"{path}: expected columns uid, findings, impression; missing {sorted(missing)}")
         for row in reader:
             findings, impression = _clean(row["findings"]), _clean(row["impression"])
             if findings and impression:
@@ -183,9 +181,7 @@ def _medpix_modality(n_ct: int, n_mr: int, mixed: str) -> str | None:
     return "ct" if n_ct > n_mr else "mr"
 
 
-def load_medpix(
-    data_dir: str | os.PathLike[str] | None = None, mixed: str = "skip"
-) -> dict[str, list[Example]]:
+def load_medpix(data_dir: str | os.PathLike[str] | None = None, mixed: str = "skip") -> dict[str, list[Example]]:
     """MedPix cases with Findings and Case Diagnosis, grouped by ``{modality}-{region}``.
 
     See the module docstring for the grouping rule; ``mixed`` decides what happens to a case with

@@ -115,8 +115,9 @@ class JsonlLog:
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
-    def append(self, lines: Sequence[str | bytes], *, fh: IO[bytes] | None = None,
-               midway: Callable[[], None] | None = None) -> tuple[int, int]:
+    def append(
+        self, lines: Sequence[str | bytes], *, fh: IO[bytes] | None = None, midway: Callable[[], None] | None = None
+    ) -> tuple[int, int]:
         """Append ``lines`` (each without its newline) durably; returns (start, end) offsets.
 
         ``fh``: a handle from ``locked()`` the caller already holds (so it can read the tail and
@@ -134,7 +135,7 @@ class JsonlLog:
             if midway is not None and len(data) > 2:
                 _write_all(fd, data[: len(data) // 2])
                 midway()
-                _write_all(fd, data[len(data) // 2:])
+                _write_all(fd, data[len(data) // 2 :])
             else:
                 _write_all(fd, data)
             os.fsync(fd)

@@ -100,8 +100,9 @@ def _content_sha256(value: Any, desc: dict[str, Any]) -> str:
     return sha256_hex(canonical_json(desc["v"]).encode("ascii"))
 
 
-def describe_record(name: str, record: Mapping[str, Any], kind: str | None = None,
-                    full: bool = False) -> dict[str, Any]:
+def describe_record(
+    name: str, record: Mapping[str, Any], kind: str | None = None, full: bool = False
+) -> dict[str, Any]:
     """The egress-log entry of one record (see the module docstring); pure, writes nothing."""
     if not isinstance(record, Mapping):
         raise TypeError(f"record {name!r} must be a mapping of key -> value; got {type(record).__name__}")

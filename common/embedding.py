@@ -68,8 +68,9 @@ class EmbeddingResult:
         return {"representation": self.representation, "layer": self.layer, "dim": self.dim}
 
 
-def representation_spec(representation: str = HIDDEN_MEAN, layer: int | None = -1,
-                        dim: int | None = None, model: Any = None) -> dict[str, Any]:
+def representation_spec(
+    representation: str = HIDDEN_MEAN, layer: int | None = -1, dim: int | None = None, model: Any = None
+) -> dict[str, Any]:
     """The ``{representation, layer, dim}`` triple recorded in the registry config.
 
     Two z vectors are only comparable when all three agree (and, for ``hidden-mean``, the base
@@ -122,16 +123,16 @@ def _token_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]
 def _progress(total: int, desc: str, enabled: bool, unit: str = "tok") -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=not enabled, file=sys.stderr,
-                leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=not enabled, file=sys.stderr, leave=False)
 
 
 class _StopForward(Exception):
     """Raised from a forward hook once the requested layer has run: later layers are not needed."""
 
 
-def _hidden_at(backbone: Any, input_ids: torch.Tensor, mask: torch.Tensor, layer_idx: int,
-               n_states: int) -> torch.Tensor:
+def _hidden_at(
+    backbone: Any, input_ids: torch.Tensor, mask: torch.Tensor, layer_idx: int, n_states: int
+) -> torch.Tensor:
     """``hidden_states[layer_idx]`` of the backbone, running only the layers it depends on.
 
     Index 0 is the input embeddings, ``n_states - 1`` the final normed output; for an
@@ -209,8 +210,10 @@ def mean_embedding(
         raise _empty_error(f"all {len(texts)} texts are empty")
     n_states = int(model.config.num_hidden_layers) + 1
     if not -n_states <= layer < n_states:
-        raise ValueError(f"layer={layer} is out of range for a model with {n_states} hidden states "
-                         f"(0 = embeddings, -1 = final normed output)")
+        raise ValueError(
+            f"layer={layer} is out of range for a model with {n_states} hidden states "
+            f"(0 = embeddings, -1 = final normed output)"
+        )
     layer_idx = layer % n_states
     backbone = model.base_model  # the transformer without the LM head: no vocabulary projection
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -237,8 +240,11 @@ def mean_embedding(
     todo = list(range(len(keep)))
     if cache is not None:
         keys = [example_key(cache_tag, layer_idx, ids) for ids in keep]
-        hits = {i: hit for i, key in enumerate(keys)
-                if (hit := _cached_sum(cache, key, len(keep[i]), hidden_size)) is not None}
+        hits = {
+            i: hit
+            for i, key in enumerate(keys)
+            if (hit := _cached_sum(cache, key, len(keep[i]), hidden_size)) is not None
+        }
         if hits:
             add(list(hits), torch.from_numpy(np.stack(list(hits.values()))))
         todo = [i for i in range(len(keep)) if i not in hits]
@@ -270,10 +276,17 @@ def mean_embedding(
     z = (total / n_tokens).to(torch.float32).numpy()
     if not np.all(np.isfinite(z)):
         raise FloatingPointError("the site embedding has non-finite values; the model produced NaN/inf")
-    return EmbeddingResult(z=z, n_tokens=n_tokens, n_examples=len(keep), layer=layer_idx,
-                           representation=HIDDEN_MEAN, clip_norm=clip_norm, n_clipped=n_clipped,
-                           example_sums=example_sums,
-                           example_tokens=np.array([len(ids) for ids in keep]) if return_sums else None)
+    return EmbeddingResult(
+        z=z,
+        n_tokens=n_tokens,
+        n_examples=len(keep),
+        layer=layer_idx,
+        representation=HIDDEN_MEAN,
+        clip_norm=clip_norm,
+        n_clipped=n_clipped,
+        example_sums=example_sums,
+        example_tokens=np.array([len(ids) for ids in keep]) if return_sums else None,
+    )
 
 
 def example_key(tag: str, layer: int, ids: Sequence[int]) -> str:
@@ -283,8 +296,7 @@ def example_key(tag: str, layer: int, ids: Sequence[int]) -> str:
     return digest.hexdigest()
 
 
-def _cached_sum(cache: Mapping[str, tuple[np.ndarray, int]], key: str, n_tokens: int,
-                hidden: int) -> np.ndarray | None:
+def _cached_sum(cache: Mapping[str, tuple[np.ndarray, int]], key: str, n_tokens: int, hidden: int) -> np.ndarray | None:
     """A cached token sum that fits (its count and width); anything else counts as a miss."""
     hit = cache.get(key)
     if hit is None or int(hit[1]) != n_tokens or np.shape(hit[0]) != (hidden,):
@@ -332,12 +344,16 @@ class ExampleSumsCache(MutableMapping[str, tuple[np.ndarray, int]]):
         """Write the entries back (nothing to do when none changed)."""
         if not self._dirty or not self._data:
             return
-        items = list(self._data.items())[-self.max_entries:]
+        items = list(self._data.items())[-self.max_entries :]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
         with open(tmp, "wb") as fh:
-            np.savez(fh, keys=np.array([k for k, _ in items]), sums=np.stack([v[0] for _, v in items]),
-                     counts=np.array([v[1] for _, v in items], dtype=np.int64))
+            np.savez(
+                fh,
+                keys=np.array([k for k, _ in items]),
+                sums=np.stack([v[0] for _, v in items]),
+                counts=np.array([v[1] for _, v in items], dtype=np.int64),
+            )
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self.path)
@@ -376,7 +392,8 @@ def sentence_embedding(texts: Sequence[str], batch_size: int = 64, progress: boo
         what = "the dataset has no examples" if len(texts) == 0 else f"all {len(texts)} texts are empty"
         raise _empty_error(what)
     model = _load_minilm()
-    vectors = model.encode(list(clean), batch_size=batch_size, show_progress_bar=progress,
-                           convert_to_numpy=True, normalize_embeddings=True)
+    vectors = model.encode(
+        list(clean), batch_size=batch_size, show_progress_bar=progress, convert_to_numpy=True, normalize_embeddings=True
+    )
     z = vectors.astype(np.float64).mean(axis=0).astype(np.float32)
     return EmbeddingResult(z=z, n_tokens=0, n_examples=len(clean), layer=None, representation=MINILM)

@@ -90,9 +90,16 @@ def generate(
                     ids[row, width - n :] = torch.tensor(encoded[i])
                     mask[row, width - n :] = 1
                 out = model.generate(
-                    input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
-                    do_sample=False, num_beams=1, eos_token_id=eos, pad_token_id=pad_id, temperature=None,
-                    top_p=None, top_k=None,
+                    input_ids=ids.to(dev),
+                    attention_mask=mask.to(dev),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    num_beams=1,
+                    eos_token_id=eos,
+                    pad_token_id=pad_id,
+                    temperature=None,
+                    top_p=None,
+                    top_k=None,
                 ).cpu()
                 for row, i in enumerate(batch):
                     new = out[row, width:].tolist()
@@ -105,21 +112,23 @@ def generate(
     return outputs
 
 
-def _adapted_linear(modules: dict[str, torch.nn.Module], name: str, shape: tuple[int, ...],
-                    where: str = "") -> torch.nn.Linear:
+def _adapted_linear(
+    modules: dict[str, torch.nn.Module], name: str, shape: tuple[int, ...], where: str = ""
+) -> torch.nn.Linear:
     """The model's ``nn.Linear`` an adapter module ``name`` with update shape ``shape`` (out, in)
     applies to; a missing module, another module type or another shape is an error that says so
     (``where`` prefixes the message, e.g. which arm)."""
     target = modules.get(name)
     if target is None:
         sample = ", ".join(n for n, m in modules.items() if isinstance(m, torch.nn.Linear))[:200]
-        raise KeyError(f"{where}adapter module {name!r} is not a module of this model "
-                       f"(linear modules: {sample}...)")
+        raise KeyError(f"{where}adapter module {name!r} is not a module of this model (linear modules: {sample}...)")
     if not isinstance(target, torch.nn.Linear):
         raise TypeError(f"{where}adapter module {name!r} is a {type(target).__name__}, not an nn.Linear")
     if tuple(shape) != tuple(target.weight.shape):
-        raise ValueError(f"{where}adapter module {name!r}: ΔW has shape {tuple(shape)}, the model's "
-                         f"weight {tuple(target.weight.shape)}; was it trained on another base model?")
+        raise ValueError(
+            f"{where}adapter module {name!r}: ΔW has shape {tuple(shape)}, the model's "
+            f"weight {tuple(target.weight.shape)}; was it trained on another base model?"
+        )
     return target
 
 
@@ -183,8 +192,9 @@ def evaluate_task(
     prompts = [task.build_prompt(ex, tokenizer) for ex in labeled]
     start = time.perf_counter()
     with applied_delta(model, adapter, weight):
-        predictions = generate(model, tokenizer, prompts, max_new_tokens or task.max_new_tokens,
-                               batch_size=batch_size, progress=progress)
+        predictions = generate(
+            model, tokenizer, prompts, max_new_tokens or task.max_new_tokens, batch_size=batch_size, progress=progress
+        )
     return _scored(task, labeled, predictions, time.perf_counter() - start)
 
 
@@ -197,8 +207,14 @@ def _labeled(examples: Sequence[Example]) -> list[Example]:
 
 def _scored(task: Task, labeled: Sequence[Example], predictions: list[str], seconds: float) -> dict[str, Any]:
     references = [ex.target for ex in labeled]
-    return {**task.score(predictions, references), "n": len(labeled), "seconds": seconds,
-            "predictions": predictions, "references": references, "uids": [ex.uid for ex in labeled]}
+    return {
+        **task.score(predictions, references),
+        "n": len(labeled),
+        "seconds": seconds,
+        "predictions": predictions,
+        "references": references,
+        "uids": [ex.uid for ex in labeled],
+    }
 
 
 class _RowAdapters:
@@ -209,13 +225,18 @@ class _RowAdapters:
         modules = dict(model.named_modules())
         self.per_module: dict[str, list[tuple[int, torch.Tensor, torch.Tensor, float]]] = {}
         for arm, adapter in enumerate(adapters):
-            for name, lora in (adapter.modules.items() if adapter is not None else ()):
+            for name, lora in adapter.modules.items() if adapter is not None else ():
                 A, B = lora.A, lora.B
                 target = _adapted_linear(modules, name, (B.shape[0], A.shape[1]), f"arm {arm}: ")
                 dt, dev = target.weight.dtype, target.weight.device
                 self.per_module.setdefault(name, []).append(
-                    (arm, A.to(device=dev, dtype=dt).t().contiguous(), B.to(device=dev, dtype=dt).t().contiguous(),
-                     float(lora.scale)))
+                    (
+                        arm,
+                        A.to(device=dev, dtype=dt).t().contiguous(),
+                        B.to(device=dev, dtype=dt).t().contiguous(),
+                        float(lora.scale),
+                    )
+                )
         self.ranges: dict[int, slice] = {}
         self.handles = [modules[name].register_forward_hook(self._hook(name)) for name in self.per_module]
 
@@ -264,24 +285,45 @@ def evaluate_task_arms(
         return []
     prompts = [task.build_prompt(ex, tokenizer) for ex in labeled]
     start = time.perf_counter()
-    per_arm = generate_arms(model, tokenizer, prompts, adapters, max_new_tokens or task.max_new_tokens,
-                            batch_size=batch_size, progress=progress)
+    per_arm = generate_arms(
+        model,
+        tokenizer,
+        prompts,
+        adapters,
+        max_new_tokens or task.max_new_tokens,
+        batch_size=batch_size,
+        progress=progress,
+    )
     seconds = (time.perf_counter() - start) / len(adapters)
     return [_scored(task, labeled, preds, seconds) for preds in per_arm]
 
 
-def generate_arms(model: Any, tokenizer: Any, prompts: Sequence[str], adapters: Sequence[LoraAdapter | None],
-                  max_new_tokens: int, batch_size: int = 32, progress: bool = False) -> list[list[str]]:
+def generate_arms(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    adapters: Sequence[LoraAdapter | None],
+    max_new_tokens: int,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> list[list[str]]:
     """``generate`` of ``prompts`` under each adapter of ``adapters`` (``None``: the base model),
     all in one pass with per-row updates; one list of completions per adapter, in order."""
     if not adapters:
         return []
     hooks = _RowAdapters(model, adapters)
     try:
-        flat = generate(model, tokenizer, [p for _ in adapters for p in prompts], max_new_tokens,
-                        batch_size=batch_size, progress=progress,
-                        arms=[a for a in range(len(adapters)) for _ in prompts], on_batch=hooks.set_batch)
+        flat = generate(
+            model,
+            tokenizer,
+            [p for _ in adapters for p in prompts],
+            max_new_tokens,
+            batch_size=batch_size,
+            progress=progress,
+            arms=[a for a in range(len(adapters)) for _ in prompts],
+            on_batch=hooks.set_batch,
+        )
     finally:
         hooks.remove()
     n = len(prompts)
-    return [flat[a * n:(a + 1) * n] for a in range(len(adapters))]
+    return [flat[a * n : (a + 1) * n] for a in range(len(adapters))]

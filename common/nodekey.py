@@ -27,8 +27,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from common.safeio import read_regular_file
 
-__all__ = ["NodeKeyError", "load_node_private_key", "node_key_fingerprint", "node_public_key", "node_public_text",
-           "node_sign", "node_verify"]
+__all__ = [
+    "NodeKeyError",
+    "load_node_private_key",
+    "node_key_fingerprint",
+    "node_public_key",
+    "node_public_text",
+    "node_sign",
+    "node_verify",
+]
 
 MAX_KEY_BYTES = 64 * 1024
 
@@ -38,10 +45,12 @@ class NodeKeyError(ValueError):
 
 
 def _check_curve(key: object, where: str) -> None:
-    if not isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey) or \
-            not isinstance(key.curve, ec.SECP384R1):
-        raise NodeKeyError(f"{where}: a SuperNode key is EC P-384 (as `flwr supernode register` expects); "
-                           f"got {type(key).__name__}")
+    if not isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey) or not isinstance(
+        key.curve, ec.SECP384R1
+    ):
+        raise NodeKeyError(
+            f"{where}: a SuperNode key is EC P-384 (as `flwr supernode register` expects); got {type(key).__name__}"
+        )
 
 
 def load_node_private_key(path: str | os.PathLike[str]) -> ec.EllipticCurvePrivateKey:
@@ -52,8 +61,11 @@ def load_node_private_key(path: str | os.PathLike[str]) -> ec.EllipticCurvePriva
     except (OSError, ValueError) as exc:
         raise NodeKeyError(f"SuperNode key {p}: {exc}") from None
     try:
-        key = serialization.load_ssh_private_key(data, password=None) if b"OPENSSH" in data[:64] \
+        key = (
+            serialization.load_ssh_private_key(data, password=None)
+            if b"OPENSSH" in data[:64]
             else serialization.load_pem_private_key(data, password=None)
+        )
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise NodeKeyError(f"SuperNode key {p} is not an unencrypted OpenSSH or PEM private key ({exc})") from None
     _check_curve(key, str(p))
@@ -66,8 +78,11 @@ def node_public_key(text: str | bytes) -> ec.EllipticCurvePublicKey:
     data = text.encode("ascii", "replace") if isinstance(text, str) else bytes(text)
     data = data.strip()
     try:
-        key = serialization.load_pem_public_key(data) if data.startswith(b"-----") \
+        key = (
+            serialization.load_pem_public_key(data)
+            if data.startswith(b"-----")
             else serialization.load_ssh_public_key(data)
+        )
     except (ValueError, TypeError, binascii.Error, UnsupportedAlgorithm) as exc:
         raise NodeKeyError(f"not an OpenSSH or PEM public key ({exc})") from None
     _check_curve(key, "public key")
@@ -98,5 +113,4 @@ def node_verify(key: ec.EllipticCurvePublicKey, digest: bytes, signature: object
     try:
         key.verify(base64.b64decode(signature, validate=True), digest, ec.ECDSA(hashes.SHA384()))
     except (InvalidSignature, binascii.Error, ValueError):
-        raise NodeKeyError("the node signature does not verify with the SuperNode key recorded for the site") \
-            from None
+        raise NodeKeyError("the node signature does not verify with the SuperNode key recorded for the site") from None

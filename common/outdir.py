@@ -66,8 +66,10 @@ def check_replaceable(out: Path, kind: str, force: bool = False) -> None:
     except (OSError, ValueError, AttributeError):
         ours = False
     if not ours:
-        raise OutputDirError(f"{out} is not empty and is not an earlier {kind} output (no {MARKER}); "
-                             "refusing to overwrite it — choose an empty or new directory, or pass --force")
+        raise OutputDirError(
+            f"{out} is not empty and is not an earlier {kind} output (no {MARKER}); "
+            "refusing to overwrite it — choose an empty or new directory, or pass --force"
+        )
 
 
 @contextmanager

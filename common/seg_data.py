@@ -43,8 +43,10 @@ def data_root() -> Path:
     """The data root (``common.data.data_root``: ``$RPE_DATA_DIR``, else ``../shared/data`` beside the checkout)."""
     root = _common_data_root()
     if not root.is_dir():
-        raise DataRootError(f"data root {root} does not exist; set RPE_DATA_DIR to the folder that holds "
-                            f"{PROSTATE}/ and {FUNDUS}/ (they come unmodified from GitHub MQinghe/UST-RUN)")
+        raise DataRootError(
+            f"data root {root} does not exist; set RPE_DATA_DIR to the folder that holds "
+            f"{PROSTATE}/ and {FUNDUS}/ (they come unmodified from GitHub MQinghe/UST-RUN)"
+        )
     return root
 
 
@@ -93,8 +95,10 @@ def load_prostate_site(site: str, root: Path | None = None) -> SegSite:
         pairs = _pairs(base / split / "image", base / split / "mask")
         imgs = [_read_png(i) for i, _ in pairs]
         masks = [_read_png(m) < 128 for _, m in pairs]
-        splits[split] = ([i if i.ndim == 2 else i[..., 0] for i in imgs], [m if m.ndim == 2 else m[..., 0]
-                                                                          for m in masks])
+        splits[split] = (
+            [i if i.ndim == 2 else i[..., 0] for i in imgs],
+            [m if m.ndim == 2 else m[..., 0] for m in masks],
+        )
     return SegSite(site, PROSTATE, *splits["train"], *splits["test"])
 
 
@@ -129,6 +133,7 @@ def load_sites(dataset: str, root: Path | None = None) -> list[SegSite]:
 # Augmentation within a site (training only)
 # --------------------------------------------------------------------------------------------
 
+
 def _affine(arr: np.ndarray, angle_deg: float, scale: float, order: int) -> np.ndarray:
     from scipy.ndimage import affine_transform
 
@@ -139,13 +144,20 @@ def _affine(arr: np.ndarray, angle_deg: float, scale: float, order: int) -> np.n
     offset = centre - rot @ centre
     if arr.ndim == 2:
         return affine_transform(arr, rot, offset=offset, order=order, mode="nearest")
-    return np.stack([affine_transform(arr[..., c], rot, offset=offset, order=order, mode="nearest")
-                     for c in range(arr.shape[2])], axis=-1)
+    return np.stack(
+        [affine_transform(arr[..., c], rot, offset=offset, order=order, mode="nearest") for c in range(arr.shape[2])],
+        axis=-1,
+    )
 
 
-def augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, max_angle: float = 10.0,
-            scale_range: tuple[float, float] = (0.9, 1.1), gamma_range: tuple[float, float] = (0.8, 1.25),
-            ) -> tuple[np.ndarray, np.ndarray]:
+def augment(
+    image: np.ndarray,
+    mask: np.ndarray,
+    rng: np.random.Generator,
+    max_angle: float = 10.0,
+    scale_range: tuple[float, float] = (0.9, 1.1),
+    gamma_range: tuple[float, float] = (0.8, 1.25),
+) -> tuple[np.ndarray, np.ndarray]:
     """One random training copy: horizontal flip (p=0.5), rotation, scale, gamma and contrast jitter."""
     img = image.astype(np.float32)
     msk = mask.astype(np.float32)
@@ -175,6 +187,7 @@ def augmented_train(site: SegSite, copies: int, seed: int) -> tuple[list[np.ndar
 # Virtual scanner sites (simulated)
 # --------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class ScannerProfile:
     """Parameters of a simulated scanner; saved as JSON beside every result that uses it."""
@@ -197,10 +210,15 @@ def random_profile(seed: int, match_sites: tuple[str, ...] = ()) -> ScannerProfi
     """A seeded random scanner profile (histogram matching to one of ``match_sites`` if given)."""
     rng = np.random.default_rng(seed)
     return ScannerProfile(
-        seed=seed, bias_strength=float(rng.uniform(0.1, 0.4)), bias_cycles=float(rng.uniform(0.3, 1.0)),
-        gamma=float(rng.uniform(0.6, 1.6)), contrast=float(rng.uniform(0.7, 1.3)),
-        rician_sigma=float(rng.uniform(0.0, 8.0)), downsample=float(rng.choice([1.0, 1.5, 2.0, 3.0])),
-        match_site=str(rng.choice(match_sites)) if match_sites else None)
+        seed=seed,
+        bias_strength=float(rng.uniform(0.1, 0.4)),
+        bias_cycles=float(rng.uniform(0.3, 1.0)),
+        gamma=float(rng.uniform(0.6, 1.6)),
+        contrast=float(rng.uniform(0.7, 1.3)),
+        rician_sigma=float(rng.uniform(0.0, 8.0)),
+        downsample=float(rng.choice([1.0, 1.5, 2.0, 3.0])),
+        match_site=str(rng.choice(match_sites)) if match_sites else None,
+    )
 
 
 def _hist_match(img: np.ndarray, ref: np.ndarray) -> np.ndarray:
@@ -211,8 +229,7 @@ def _hist_match(img: np.ndarray, ref: np.ndarray) -> np.ndarray:
     return np.interp(src_q, ref_q, ref_vals)[src_idx].reshape(img.shape)
 
 
-def apply_profile(image: np.ndarray, profile: ScannerProfile, reference: list[np.ndarray] | None = None
-                  ) -> np.ndarray:
+def apply_profile(image: np.ndarray, profile: ScannerProfile, reference: list[np.ndarray] | None = None) -> np.ndarray:
     """``image`` as the simulated scanner would show it (deterministic given the profile)."""
     from scipy.ndimage import zoom
 
@@ -221,8 +238,9 @@ def apply_profile(image: np.ndarray, profile: ScannerProfile, reference: list[np
     h, w = img.shape[:2]
     yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
     phase = rng.uniform(0, 2 * np.pi, size=2)
-    field_ = 1.0 + profile.bias_strength * np.sin(2 * np.pi * profile.bias_cycles * yy + phase[0]) * \
-        np.cos(2 * np.pi * profile.bias_cycles * xx + phase[1])
+    field_ = 1.0 + profile.bias_strength * np.sin(2 * np.pi * profile.bias_cycles * yy + phase[0]) * np.cos(
+        2 * np.pi * profile.bias_cycles * xx + phase[1]
+    )
     img = img * (field_ if img.ndim == 2 else field_[..., None])
     img = 255.0 * (np.clip(img, 0, 255) / 255.0) ** profile.gamma
     img = np.clip((img - img.mean()) * profile.contrast + img.mean(), 0, 255)
@@ -234,15 +252,14 @@ def apply_profile(image: np.ndarray, profile: ScannerProfile, reference: list[np
         img = zoom(small, back, order=1)[:h, :w]
     if profile.rician_sigma > 0:
         n1, n2 = rng.normal(0, profile.rician_sigma, img.shape), rng.normal(0, profile.rician_sigma, img.shape)
-        img = np.sqrt((img + n1) ** 2 + n2 ** 2)
+        img = np.sqrt((img + n1) ** 2 + n2**2)
     if reference:
         ref = np.concatenate([r.astype(np.float64).ravel() for r in reference])
         img = _hist_match(np.clip(img, 0, 255).round(), ref)
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def make_virtual_site(source: SegSite, profile: ScannerProfile, name: str,
-                      reference: SegSite | None = None) -> SegSite:
+def make_virtual_site(source: SegSite, profile: ScannerProfile, name: str, reference: SegSite | None = None) -> SegSite:
     """A simulated site: ``source``'s slices (masks unchanged) through the scanner ``profile``."""
     ref = reference.all_images if reference is not None else None
 
@@ -250,8 +267,16 @@ def make_virtual_site(source: SegSite, profile: ScannerProfile, name: str,
         return [apply_profile(im, profile, ref) for im in images]
 
     meta = {"profile": asdict(profile), "source_site": source.name}
-    return SegSite(name, source.dataset, tf(source.train_images), list(source.train_masks), tf(source.test_images),
-                   list(source.test_masks), simulated=True, meta=meta)
+    return SegSite(
+        name,
+        source.dataset,
+        tf(source.train_images),
+        list(source.train_masks),
+        tf(source.test_images),
+        list(source.test_masks),
+        simulated=True,
+        meta=meta,
+    )
 
 
 def save_profile(profile: ScannerProfile, path: str | os.PathLike[str]) -> Path:

@@ -76,8 +76,12 @@ def target_modules(model: nn.Module, targets: Sequence[str] = ("decoder",)) -> l
     names: list[str] = []
     last = f"image_encoder.layers.{len(model.image_encoder.layers) - 1}."
     for name, mod in model.named_modules():
-        if "decoder" in targets and name.startswith("mask_decoder.transformer.") and name.rsplit(".", 1)[-1] in \
-                ATTN_PROJ and isinstance(mod, nn.Linear):
+        if (
+            "decoder" in targets
+            and name.startswith("mask_decoder.transformer.")
+            and name.rsplit(".", 1)[-1] in ATTN_PROJ
+            and isinstance(mod, nn.Linear)
+        ):
             names.append(name)
         elif "last-stage" in targets and name.startswith(last) and isinstance(mod, nn.Linear):
             names.append(name)
@@ -85,14 +89,14 @@ def target_modules(model: nn.Module, targets: Sequence[str] = ("decoder",)) -> l
             names.append(name)
     unknown = set(targets) - {"decoder", "last-stage", "neck"}
     if unknown or not names:
-        raise SegmentationConfigError(f"targets {list(targets)} select no modules; use 'decoder', 'last-stage', "
-                                      "'neck'")
+        raise SegmentationConfigError(f"targets {list(targets)} select no modules; use 'decoder', 'last-stage', 'neck'")
     return names
 
 
 # --------------------------------------------------------------------------------------------
 # Prompts and scores
 # --------------------------------------------------------------------------------------------
+
 
 def true_box(mask: np.ndarray) -> np.ndarray | None:
     """(x0, y0, x1, y1) in the mask's pixels, or None for an empty mask."""
@@ -102,8 +106,9 @@ def true_box(mask: np.ndarray) -> np.ndarray | None:
     return np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float64)
 
 
-def make_boxes(masks: Sequence[np.ndarray], prompt: PromptSpec, rng: np.random.Generator | None = None
-               ) -> torch.Tensor | None:
+def make_boxes(
+    masks: Sequence[np.ndarray], prompt: PromptSpec, rng: np.random.Generator | None = None
+) -> torch.Tensor | None:
     """Box prompts ``[B, 4]`` in 256-pixel model coordinates (None for mode 'none').
 
     'jitter' needs the masks (a simulated user drawing a rough box); 'center' does not.
@@ -158,14 +163,16 @@ def hd95(pred: np.ndarray, truth: np.ndarray) -> float:
 # Frozen embeddings, cached on disk by content
 # --------------------------------------------------------------------------------------------
 
+
 def _image_key(fp: str, image: np.ndarray) -> str:
     digest = hashlib.sha256(f"{_CACHE_VERSION}|{fp}|{image.dtype}|{image.shape}|".encode())
     digest.update(np.ascontiguousarray(image).tobytes())
     return digest.hexdigest()
 
 
-def embeddings(model: nn.Module, images: Sequence[np.ndarray], site: str = "_", cache: Path | None = None
-               ) -> torch.Tensor:
+def embeddings(
+    model: nn.Module, images: Sequence[np.ndarray], site: str = "_", cache: Path | None = None
+) -> torch.Tensor:
     """Frozen encoder embeddings ``[N, C, 64, 64]``, cached per site under ``cache`` (default
     ``~/.cache/rpe/seg-embeddings/<fingerprint>/<site>/<sha256 of image>.pt``)."""
     fp = sam.model_fingerprint(model)
@@ -200,6 +207,7 @@ def _needs_encoder(names: Sequence[str]) -> bool:
 # Training
 # --------------------------------------------------------------------------------------------
 
+
 def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """BCE-with-logits + soft Dice (1 - 2Σpt / (Σp + Σt)), averaged over the batch."""
     bce = F.binary_cross_entropy_with_logits(logits, target)
@@ -209,10 +217,18 @@ def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return bce + soft.mean()
 
 
-def train_adapter(model: nn.Module, images: Sequence[np.ndarray], masks: Sequence[np.ndarray],
-                  spec: SegLoraSpec | None = None, steps: int = 30, lr: float = 2e-3, seed: int = 0,
-                  site: str = "_", cache: Path | None = None, out_dir: str | Path | None = None,
-                  ) -> tuple[LoraAdapter, dict[str, Any]]:
+def train_adapter(
+    model: nn.Module,
+    images: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    spec: SegLoraSpec | None = None,
+    steps: int = 30,
+    lr: float = 2e-3,
+    seed: int = 0,
+    site: str = "_",
+    cache: Path | None = None,
+    out_dir: str | Path | None = None,
+) -> tuple[LoraAdapter, dict[str, Any]]:
     """Train a LoRA with stock PEFT on a frozen copy of ``model``; return it and training stats.
 
     ``images``/``masks`` are the site's (augmented) training pairs. The adapter is saved with
@@ -230,8 +246,9 @@ def train_adapter(model: nn.Module, images: Sequence[np.ndarray], masks: Sequenc
     work = copy.deepcopy(model)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=names, lora_dropout=0.0, bias="none",
-                        init_lora_weights=True)
+    config = LoraConfig(
+        r=spec.rank, lora_alpha=spec.alpha, target_modules=names, lora_dropout=0.0, bias="none", init_lora_weights=True
+    )
     peft_model = get_peft_model(work, config)
     inner = peft_model.base_model.model
     with_encoder = _needs_encoder(names)
@@ -260,10 +277,19 @@ def train_adapter(model: nn.Module, images: Sequence[np.ndarray], masks: Sequenc
         peft_model.save_pretrained(str(target))
         adapter = load_peft_adapter(target)
     adapter.base_model = base_fp
-    stats = {"steps": steps, "lr": lr, "seed": seed, "n_train": len(images), "loss_first": losses[0] if losses
-             else None, "loss_last": float(np.mean(losses[-5:])) if losses else None,
-             "seconds": time.perf_counter() - t0, "targets": list(spec.targets), "rank": spec.rank,
-             "prompt": spec.prompt.mode, "n_modules": len(names)}
+    stats = {
+        "steps": steps,
+        "lr": lr,
+        "seed": seed,
+        "n_train": len(images),
+        "loss_first": losses[0] if losses else None,
+        "loss_last": float(np.mean(losses[-5:])) if losses else None,
+        "seconds": time.perf_counter() - t0,
+        "targets": list(spec.targets),
+        "rank": spec.rank,
+        "prompt": spec.prompt.mode,
+        "n_modules": len(names),
+    }
     return adapter, stats
 
 
@@ -271,12 +297,19 @@ def train_adapter(model: nn.Module, images: Sequence[np.ndarray], masks: Sequenc
 # Site embedding z
 # --------------------------------------------------------------------------------------------
 
-def site_embedding(model: nn.Module, images: Sequence[np.ndarray], clip_norm: float | None = None,
-                   site: str = "_", cache: Path | None = None) -> EmbeddingResult:
+
+def site_embedding(
+    model: nn.Module,
+    images: Sequence[np.ndarray],
+    clip_norm: float | None = None,
+    site: str = "_",
+    cache: Path | None = None,
+) -> EmbeddingResult:
     """z = mean over images of the spatial mean of the frozen encoder map (per-image L2-clipped to
     ``clip_norm`` when given). ``n_tokens`` is the image count: one image is one privacy unit."""
     if not images:
         from common.embedding import EmptyDatasetError
+
         raise EmptyDatasetError(f"site {site!r} has no images to embed")
     vecs = embeddings(model, images, site, cache).mean(dim=(2, 3)).double().numpy()
     raw = vecs.copy()
@@ -289,14 +322,23 @@ def site_embedding(model: nn.Module, images: Sequence[np.ndarray], clip_norm: fl
         n_clipped = int((factor < 1.0).sum())
         vecs = vecs * factor[:, None]
     z = vecs.mean(axis=0).astype(np.float32)
-    return EmbeddingResult(z=z, n_tokens=len(images), n_examples=len(images), layer=None,
-                           representation=REPRESENTATION, clip_norm=clip_norm, n_clipped=n_clipped,
-                           example_sums=raw, example_tokens=np.ones(len(images), dtype=np.int64))
+    return EmbeddingResult(
+        z=z,
+        n_tokens=len(images),
+        n_examples=len(images),
+        layer=None,
+        representation=REPRESENTATION,
+        clip_norm=clip_norm,
+        n_clipped=n_clipped,
+        example_sums=raw,
+        example_tokens=np.ones(len(images), dtype=np.int64),
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # Evaluation
 # --------------------------------------------------------------------------------------------
+
 
 def with_adapter(model: nn.Module, adapter: LoraAdapter | None) -> nn.Module:
     """The base model with ``ΔW = Σ scale · B A`` merged in (exact; ``model`` is unchanged)."""
@@ -304,9 +346,16 @@ def with_adapter(model: nn.Module, adapter: LoraAdapter | None) -> nn.Module:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, adapter: LoraAdapter | None, images: Sequence[np.ndarray],
-            masks_for_prompt: Sequence[np.ndarray] | None, prompt: PromptSpec, site: str = "_",
-            cache: Path | None = None, seed: int = 0) -> list[np.ndarray]:
+def predict(
+    model: nn.Module,
+    adapter: LoraAdapter | None,
+    images: Sequence[np.ndarray],
+    masks_for_prompt: Sequence[np.ndarray] | None,
+    prompt: PromptSpec,
+    site: str = "_",
+    cache: Path | None = None,
+    seed: int = 0,
+) -> list[np.ndarray]:
     """Binary masks at each image's own resolution (logits > 0, bilinear upsampling)."""
     merged = with_adapter(model, adapter)
     if adapter is not None and _needs_encoder(list(adapter.modules)):
@@ -318,14 +367,22 @@ def predict(model: nn.Module, adapter: LoraAdapter | None, images: Sequence[np.n
     logits = sam.decode(merged, emb, boxes)
     out = []
     for i, im in enumerate(images):
-        up = F.interpolate(logits[i:i + 1], size=im.shape[:2], mode="bilinear", align_corners=False)
+        up = F.interpolate(logits[i : i + 1], size=im.shape[:2], mode="bilinear", align_corners=False)
         out.append((up[0, 0] > 0).numpy())
     return out
 
 
-def evaluate(model: nn.Module, adapter: LoraAdapter | None, images: Sequence[np.ndarray],
-             masks: Sequence[np.ndarray], prompt: PromptSpec | None = None, site: str = "_",
-             cache: Path | None = None, with_hd95: bool = False, seed: int = 0) -> dict[str, Any]:
+def evaluate(
+    model: nn.Module,
+    adapter: LoraAdapter | None,
+    images: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    prompt: PromptSpec | None = None,
+    site: str = "_",
+    cache: Path | None = None,
+    with_hd95: bool = False,
+    seed: int = 0,
+) -> dict[str, Any]:
     """``{"dice": site mean, "dice_per_image": [...], "n": N}`` (+ ``hd95`` when asked)."""
     prompt = prompt or PromptSpec()
     preds = predict(model, adapter, images, masks, prompt, site, cache, seed)
@@ -346,20 +403,24 @@ class SegmentationTask:
     augment_copies: int = 1
     cache: Path | None = None
 
-    def train_adapter(self, model: nn.Module, site: Any, steps: int = 30, lr: float = 2e-3, seed: int = 0
-                      ) -> tuple[LoraAdapter, dict[str, Any]]:
+    def train_adapter(
+        self, model: nn.Module, site: Any, steps: int = 30, lr: float = 2e-3, seed: int = 0
+    ) -> tuple[LoraAdapter, dict[str, Any]]:
         """Train on a :class:`common.seg_data.SegSite`'s training slices plus augmented copies."""
         from common.seg_data import augmented_train
 
         images, masks = augmented_train(site, self.augment_copies, seed)
         return train_adapter(model, images, masks, self.spec, steps, lr, seed, site.name, self.cache)
 
-    def site_embedding(self, model: nn.Module, images: Sequence[np.ndarray], clip_norm: float | None = None,
-                       site: str = "_") -> EmbeddingResult:
+    def site_embedding(
+        self, model: nn.Module, images: Sequence[np.ndarray], clip_norm: float | None = None, site: str = "_"
+    ) -> EmbeddingResult:
         return site_embedding(model, images, clip_norm, site, self.cache)
 
-    def evaluate(self, model: nn.Module, adapter: LoraAdapter | None, site: Any, with_hd95: bool = False
-                 ) -> dict[str, Any]:
+    def evaluate(
+        self, model: nn.Module, adapter: LoraAdapter | None, site: Any, with_hd95: bool = False
+    ) -> dict[str, Any]:
         """DICE on the site's test slices."""
-        return evaluate(model, adapter, site.test_images, site.test_masks, self.spec.prompt, site.name,
-                        self.cache, with_hd95)
+        return evaluate(
+            model, adapter, site.test_images, site.test_masks, self.spec.prompt, site.name, self.cache, with_hd95
+        )

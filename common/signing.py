@@ -79,7 +79,6 @@ def check_site_id(site_id: str) -> str:
     return site_id
 
 
-
 # --------------------------------------------------------------------------------------------
 # keys
 
@@ -170,9 +169,7 @@ def _field(data: bytes) -> bytes:
     return len(data).to_bytes(8, "big") + data
 
 
-def submission_digest(
-    blob_sha256: str, z: np.ndarray, metadata: Mapping[str, Any], run_id: str, nonce: str
-) -> bytes:
+def submission_digest(blob_sha256: str, z: np.ndarray, metadata: Mapping[str, Any], run_id: str, nonce: str) -> bytes:
     """The 32-byte sha256 that a site signs for one submission (encoding in the module docstring)."""
     if not is_sha256_hex(blob_sha256):
         raise ValueError(f"blob_sha256 must be 64 lowercase hex characters; got {blob_sha256!r}")

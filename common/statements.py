@@ -57,12 +57,17 @@ def sign_statement(private_key: Ed25519PrivateKey, kind: str, body: Mapping[str,
     if kind not in KINDS:
         raise ValueError(f"unknown statement kind {kind!r}; expected one of {', '.join(KINDS)}")
     sig = private_key.sign(_digest(kind, body))
-    return {"kind": kind, "body": dict(body), "key_id": key_fingerprint(private_key.public_key()),
-            "signature": base64.b64encode(sig).decode("ascii")}
+    return {
+        "kind": kind,
+        "body": dict(body),
+        "key_id": key_fingerprint(private_key.public_key()),
+        "signature": base64.b64encode(sig).decode("ascii"),
+    }
 
 
-def verify_statement(public_key: Ed25519PublicKey, statement: Any, kind: str,
-                     expect: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def verify_statement(
+    public_key: Ed25519PublicKey, statement: Any, kind: str, expect: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """The statement's body if it is a ``kind`` statement signed by ``public_key`` and matches ``expect``.
 
     ``expect`` lists body fields that must have exactly these values (e.g. the run id and the
@@ -76,8 +81,10 @@ def verify_statement(public_key: Ed25519PublicKey, statement: Any, kind: str,
     if not isinstance(body, Mapping):
         raise StatementError("the statement body is not an object")
     if statement["key_id"] != key_fingerprint(public_key):
-        raise StatementError(f"the {kind} statement is signed by key {str(statement['key_id'])[:16]}…, "
-                             f"not the expected key {key_fingerprint(public_key)[:16]}…")
+        raise StatementError(
+            f"the {kind} statement is signed by key {str(statement['key_id'])[:16]}…, "
+            f"not the expected key {key_fingerprint(public_key)[:16]}…"
+        )
     try:
         sig = base64.b64decode(statement["signature"], validate=True)
     except (binascii.Error, ValueError, TypeError):
@@ -92,8 +99,9 @@ def verify_statement(public_key: Ed25519PublicKey, statement: Any, kind: str,
     return dict(body)
 
 
-def check_receipts(receipts: Iterable[Mapping[str, Any]], entries: Iterable[tuple[int, Mapping[str, Any]]],
-                   line_hash: Any) -> list[str]:
+def check_receipts(
+    receipts: Iterable[Mapping[str, Any]], entries: Iterable[tuple[int, Mapping[str, Any]]], line_hash: Any
+) -> list[str]:
     """Problems of a coordinator audit log against the receipts a site kept (empty list = consistent).
 
     ``entries`` are ``(line number, entry)`` of the log, ``line_hash(entry)`` the hash a receipt
@@ -115,6 +123,8 @@ def check_receipts(receipts: Iterable[Mapping[str, Any]], entries: Iterable[tupl
         elif seq > last:
             problems.append(f"truncated: the site holds a receipt for audit entry {seq}, the log ends at {last}")
         elif by_seq.get(seq) != want:
-            problems.append(f"rewritten: audit entry {seq} is not the entry the coordinator signed a receipt for "
-                            f"(receipt {want[:16]}…, log {str(by_seq.get(seq))[:16]}…)")
+            problems.append(
+                f"rewritten: audit entry {seq} is not the entry the coordinator signed a receipt for "
+                f"(receipt {want[:16]}…, log {str(by_seq.get(seq))[:16]}…)"
+            )
     return problems

@@ -392,8 +392,9 @@ def _lin_l1_active_set(G: np.ndarray, lam: float, start: int) -> np.ndarray:
     return w
 
 
-def _drop_zeros(w: np.ndarray, theta: np.ndarray, support: list[int], S: np.ndarray, t: float,
-                ratios: list[tuple[float, int]]) -> None:
+def _drop_zeros(
+    w: np.ndarray, theta: np.ndarray, support: list[int], S: np.ndarray, t: float, ratios: list[tuple[float, int]]
+) -> None:
     """After a ray step, set the entries that hit zero to exactly zero and leave the support."""
     for r, j in ratios:
         if abs(r - t) <= 1e-12 * max(1.0, abs(t)):

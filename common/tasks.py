@@ -115,8 +115,10 @@ class TextReportTask:
                 overhead = len(prompt) - len(ids(self._findings(ex, tokenizer, limit)))
                 limit = max_length - len(target) - overhead
                 if limit < 1:
-                    raise ValueError(f"max_length={max_length} is too small for the prompt template and "
-                                     f"target of {ex.uid!r} ({overhead} + {len(target)} tokens)")
+                    raise ValueError(
+                        f"max_length={max_length} is too small for the prompt template and "
+                        f"target of {ex.uid!r} ({overhead} + {len(target)} tokens)"
+                    )
                 prompt = ids(self.build_prompt(ex, tokenizer, limit))
                 prompt = prompt[: max_length - len(target)]  # re-tokenisation may add a token
             features.append({"input_ids": prompt + target, "labels": [IGNORE_INDEX] * len(prompt) + target})

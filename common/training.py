@@ -80,8 +80,7 @@ class DPConfig:
     reproducible: bool = False
 
 
-def _batches(lengths: Sequence[int], batch_size: int, rng: random.Random,
-             chunk_batches: int = 16) -> list[list[int]]:
+def _batches(lengths: Sequence[int], batch_size: int, rng: random.Random, chunk_batches: int = 16) -> list[list[int]]:
     """One epoch of length-bucketed batches: random chunks, sorted by length inside each chunk."""
     order = list(range(len(lengths)))
     rng.shuffle(order)
@@ -108,8 +107,9 @@ def collate(features: Sequence[dict], pad_id: int) -> tuple[torch.Tensor, torch.
     return ids, labels, mask
 
 
-def causal_lm_target_loss(model: Any, ids: torch.Tensor, labels: torch.Tensor,
-                          mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+def causal_lm_target_loss(
+    model: Any, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, int]:
     """Mean next-token cross-entropy over the labelled positions, computing logits only there.
 
     Returns (loss, number of target tokens). Equal to transformers' own causal-LM loss, without
@@ -212,8 +212,13 @@ def train_lora(
     was_training = model.training
     if hasattr(model, "peft_config"):
         raise ValueError("the model already carries PEFT adapters; pass the plain base model")
-    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, target_modules=list(spec.target_modules),
-                        lora_dropout=spec.dropout, bias="none")
+    config = LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        target_modules=list(spec.target_modules),
+        lora_dropout=spec.dropout,
+        bias="none",
+    )
     with torch.random.fork_rng(devices=[]), training_attention(model, dev):
         torch.manual_seed(seed)
         rng = random.Random(seed)
@@ -237,8 +242,7 @@ def train_lora(
             queue: list[list[int]] = []
             epochs = 0
             start = time.perf_counter()
-            bar = tqdm(total=steps, desc="lora", unit="step", disable=not progress, file=sys.stderr,
-                       leave=False)
+            bar = tqdm(total=steps, desc="lora", unit="step", disable=not progress, file=sys.stderr, leave=False)
             for _ in range(steps):
                 if dp is None:
                     if not queue:
@@ -253,8 +257,9 @@ def train_lora(
                         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
                     loss_value = float(loss.detach())
                 else:
-                    batch, loss_value, n_target = _dp_step(model, params, features, pad_id,
-                                                           batch_size, dp, dp_rng, noise_gen)
+                    batch, loss_value, n_target = _dp_step(
+                        model, params, features, pad_id, batch_size, dp, dp_rng, noise_gen
+                    )
                 optimizer.step()
                 scheduler.step()
                 tokens_seen += sum(lengths[i] for i in batch)
@@ -302,9 +307,16 @@ def train_lora(
     return LoraAdapter(modules=modules, base_model=base_model), stats
 
 
-def _dp_step(model: Any, params: list[torch.nn.Parameter], features: Sequence[dict], pad_id: int,
-             batch_size: int, dp: DPConfig, rng: random.Random,
-             noise_gen: torch.Generator | None = None) -> tuple[list[int], float, int]:
+def _dp_step(
+    model: Any,
+    params: list[torch.nn.Parameter],
+    features: Sequence[dict],
+    pad_id: int,
+    batch_size: int,
+    dp: DPConfig,
+    rng: random.Random,
+    noise_gen: torch.Generator | None = None,
+) -> tuple[list[int], float, int]:
     """One DP-SGD step's gradient: Poisson batch, per-example clip, Gaussian noise, mean.
 
     Per-example gradients come from one backward per example (no padding, exact clipping); with
@@ -329,7 +341,8 @@ def _dp_step(model: Any, params: list[torch.nn.Parameter], features: Sequence[di
     expected = q * len(features)
     for p, acc in zip(params, summed, strict=True):
         noise = torch.randn(acc.shape, dtype=acc.dtype, generator=noise_gen).to(acc.device) * (
-            dp.noise_multiplier * dp.max_grad_norm)  # drawn on the CPU: the same noise on any device
+            dp.noise_multiplier * dp.max_grad_norm
+        )  # drawn on the CPU: the same noise on any device
         p.grad = (acc + noise) / expected
     return batch, (sum(losses) / len(losses) if losses else float("nan")), n_target
 

@@ -96,15 +96,36 @@ _BOOL = (bool,)
 REQUEST_CONFIG_KEYS: dict[str, dict[str, tuple[type, ...]]] = {
     WHOAMI: {"nonce": _STR, "challenge": _STR},
     ENROLL: {
-        "nonce": _STR, "task": _STR, "steps": _INT, "lr": _NUM, "batch_size": _INT, "max_length": _INT,
-        "seed": _INT, "lora_r": _INT, "lora_alpha": _NUM, "lora_targets": _STR, "lora_dropout": _NUM,
-        "embed_layer": _INT, "max_examples": _INT,
+        "nonce": _STR,
+        "task": _STR,
+        "steps": _INT,
+        "lr": _NUM,
+        "batch_size": _INT,
+        "max_length": _INT,
+        "seed": _INT,
+        "lora_r": _INT,
+        "lora_alpha": _NUM,
+        "lora_targets": _STR,
+        "lora_dropout": _NUM,
+        "embed_layer": _INT,
+        "max_examples": _INT,
     },
     EMBED: {"nonce": _STR, "task": _STR, "embed_layer": _INT, "max_examples": _INT},
     APPLY: {
-        "nonce": _STR, "task": _STR, "name": _STR, "lora_config": _STR, "blob_sha256": _STR,
-        "base_fingerprint": _STR, "strategy": _STR, "sources": _STR, "weights": _STR,
-        "evaluate": _BOOL, "max_eval": _INT, "store": _BOOL, "with_base": _BOOL, "delivery": _STR,
+        "nonce": _STR,
+        "task": _STR,
+        "name": _STR,
+        "lora_config": _STR,
+        "blob_sha256": _STR,
+        "base_fingerprint": _STR,
+        "strategy": _STR,
+        "sources": _STR,
+        "weights": _STR,
+        "evaluate": _BOOL,
+        "max_eval": _INT,
+        "store": _BOOL,
+        "with_base": _BOOL,
+        "delivery": _STR,
     },
 }
 REQUEST_REQUIRED: dict[str, frozenset[str]] = {
@@ -116,31 +137,93 @@ REQUEST_REQUIRED: dict[str, frozenset[str]] = {
 
 # -- reply key sets -------------------------------------------------------------------------------
 WHOAMI_KEYS: dict[str, tuple[type, ...]] = {
-    "schema": _STR, "site": _STR, "tasks": _STR, "groups": _STR, "n_examples": _INT, "n_labeled": _INT,
-    "n_unlabeled": _INT, "n_eval": _INT, "data_ok": _BOOL, "signer": _STR, "nonce": _STR,
+    "schema": _STR,
+    "site": _STR,
+    "tasks": _STR,
+    "groups": _STR,
+    "n_examples": _INT,
+    "n_labeled": _INT,
+    "n_unlabeled": _INT,
+    "n_eval": _INT,
+    "data_ok": _BOOL,
+    "signer": _STR,
+    "nonce": _STR,
     # a signed ``identity`` statement (``common/statements.py``) as canonical JSON; "" = the site has no key
     "identity": _STR,
 }
 ENROLL_META_KEYS: dict[str, tuple[type, ...]] = {
-    "schema": _STR, "site": _STR, "task": _STR, "modality": _STR, "group": _STR,
-    "base_fingerprint": _STR, "sample_count": _INT, "token_count": _INT, "lora_config": _STR,
-    "blob_sha256": _STR, "embedding_spec": _STR, "privacy": _STR, "train_stats": _STR,
-    "nonce": _STR, "created_at": _NUM, "signer": _STR, "signature": _STR,
+    "schema": _STR,
+    "site": _STR,
+    "task": _STR,
+    "modality": _STR,
+    "group": _STR,
+    "base_fingerprint": _STR,
+    "sample_count": _INT,
+    "token_count": _INT,
+    "lora_config": _STR,
+    "blob_sha256": _STR,
+    "embedding_spec": _STR,
+    "privacy": _STR,
+    "train_stats": _STR,
+    "nonce": _STR,
+    "created_at": _NUM,
+    "signer": _STR,
+    "signature": _STR,
 }
 EMBED_META_KEYS: dict[str, tuple[type, ...]] = {
-    "schema": _STR, "site": _STR, "task": _STR, "base_fingerprint": _STR, "sample_count": _INT,
-    "token_count": _INT, "embedding_spec": _STR, "privacy": _STR, "nonce": _STR,
+    "schema": _STR,
+    "site": _STR,
+    "task": _STR,
+    "base_fingerprint": _STR,
+    "sample_count": _INT,
+    "token_count": _INT,
+    "embedding_spec": _STR,
+    "privacy": _STR,
+    "nonce": _STR,
 }
 RECEIPT_KEYS: dict[str, tuple[type, ...]] = {
-    "schema": _STR, "site": _STR, "name": _STR, "blob_sha256": _STR, "evaluated": _BOOL, "nonce": _STR,
+    "schema": _STR,
+    "site": _STR,
+    "name": _STR,
+    "blob_sha256": _STR,
+    "evaluated": _BOOL,
+    "nonce": _STR,
 }
 #: keys inside the JSON-valued meta fields
 #: ``common.privacy.release_record``: DP-SGD's parameters and ε, the z mechanism's, and the total
-PRIVACY_KEYS = frozenset({"dp_sgd", "epsilon", "delta", "max_grad_norm", "noise_multiplier", "sample_rate",
-                          "steps", "z_mechanism", "z_clip", "z_noise_multiplier", "z_epsilon", "z_delta",
-                          "epsilon_total", "delta_total", "z_repeat"})
-TRAIN_STATS_KEYS = frozenset({"steps", "lr", "batch_size", "max_length", "seed", "loss_first", "loss_last",
-                              "seconds", "n_train", "compute_dtype"})
+PRIVACY_KEYS = frozenset(
+    {
+        "dp_sgd",
+        "epsilon",
+        "delta",
+        "max_grad_norm",
+        "noise_multiplier",
+        "sample_rate",
+        "steps",
+        "z_mechanism",
+        "z_clip",
+        "z_noise_multiplier",
+        "z_epsilon",
+        "z_delta",
+        "epsilon_total",
+        "delta_total",
+        "z_repeat",
+    }
+)
+TRAIN_STATS_KEYS = frozenset(
+    {
+        "steps",
+        "lr",
+        "batch_size",
+        "max_length",
+        "seed",
+        "loss_first",
+        "loss_last",
+        "seconds",
+        "n_train",
+        "compute_dtype",
+    }
+)
 #: the dtypes a site may train in (``train_stats.compute_dtype``; ``common.models.compute_dtype``)
 TRAIN_DTYPES = ("float32", "bfloat16")
 #: what a site's node config ``compute-dtype`` may name (``auto``: the hardware decides)
@@ -179,8 +262,13 @@ def _load_json(text: str, record: str, key: str) -> Any:
         raise WireError(f"expected canonical JSON ({exc.msg})", record, key) from None
 
 
-def _check_config(values: Mapping[str, Any], spec: Mapping[str, tuple[type, ...]], record: str,
-                  required: frozenset[str] | None = None, exact: bool = True) -> dict[str, Any]:
+def _check_config(
+    values: Mapping[str, Any],
+    spec: Mapping[str, tuple[type, ...]],
+    record: str,
+    required: frozenset[str] | None = None,
+    exact: bool = True,
+) -> dict[str, Any]:
     """Every key known and of the right type; ``exact`` also requires every key to be present."""
     out: dict[str, Any] = {}
     unknown = sorted(set(values) - set(spec))
@@ -195,8 +283,7 @@ def _check_config(values: Mapping[str, Any], spec: Mapping[str, tuple[type, ...]
         if isinstance(value, bool) and bool not in types:
             raise WireError(f"expected {'/'.join(t.__name__ for t in types)}, got bool", record, key)
         if not isinstance(value, types):
-            raise WireError(f"expected {'/'.join(t.__name__ for t in types)}, got {type(value).__name__}",
-                            record, key)
+            raise WireError(f"expected {'/'.join(t.__name__ for t in types)}, got {type(value).__name__}", record, key)
         if isinstance(value, str):
             limit = MAX_LORA_CONFIG_STR if key == "lora_config" else MAX_STR
             if len(value) > limit:
@@ -244,8 +331,11 @@ def _numpy(arr: Array, record: str, key: str, finite: bool = True) -> np.ndarray
     except Exception as exc:  # noqa: BLE001 - any decoding failure is a malformed message
         raise WireError(f"cannot decode array ({exc})", record, key) from None
     if value.dtype != np.float32 or list(value.shape) != list(arr.shape):
-        raise WireError(f"decoded array {value.dtype}{list(value.shape)} does not match its header "
-                        f"{arr.dtype}{list(arr.shape)}", record, key)
+        raise WireError(
+            f"decoded array {value.dtype}{list(value.shape)} does not match its header {arr.dtype}{list(arr.shape)}",
+            record,
+            key,
+        )
     if finite and not np.all(np.isfinite(value)):
         raise WireError("contains NaN or inf", record, key)
     return value
@@ -271,8 +361,11 @@ def lora_config_from_arrays(arrays: Mapping[str, np.ndarray], alphas: Mapping[st
                 raise WireError("lora_A without lora_B", "adapter", key)
             if module not in alphas:
                 raise WireError("no alpha for this module", "adapter", key)
-            modules[module] = {"r": int(value.shape[0]), "alpha": float(alphas[module]),
-                               "shape": [int(b.shape[0]), int(value.shape[1])]}
+            modules[module] = {
+                "r": int(value.shape[0]),
+                "alpha": float(alphas[module]),
+                "shape": [int(b.shape[0]), int(value.shape[1])],
+            }
     return {"peft_type": "LORA", "modules": dict(sorted(modules.items()))}
 
 
@@ -296,8 +389,11 @@ def parse_lora_config(text: str, record: str = "meta", key: str = "lora_config")
             raise WireError(f"module {name!r}: r must be a positive integer", record, key)
         if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
             raise WireError(f"module {name!r}: alpha must be a finite number", record, key)
-        if (not isinstance(shape, list) or len(shape) != 2
-                or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)):
+        if (
+            not isinstance(shape, list)
+            or len(shape) != 2
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)
+        ):
             raise WireError(f"module {name!r}: shape must be [out, in] positive integers", record, key)
         if r > min(shape):
             raise WireError(f"module {name!r}: rank {r} exceeds min(out, in) = {min(shape)}", record, key)
@@ -314,8 +410,9 @@ def adapter_to_wire(adapter: LoraAdapter) -> tuple[dict[str, np.ndarray], dict[s
     return arrays, lora_config_from_arrays(arrays, alphas)
 
 
-def adapter_from_wire(arrays: Mapping[str, np.ndarray], lora_config: Mapping[str, Any],
-                      base_model: str | None = None) -> LoraAdapter:
+def adapter_from_wire(
+    arrays: Mapping[str, np.ndarray], lora_config: Mapping[str, Any], base_model: str | None = None
+) -> LoraAdapter:
     """The adapter a validated (arrays, LoRA config) pair describes (scale = alpha / r, float32)."""
     import torch
 
@@ -324,9 +421,11 @@ def adapter_from_wire(arrays: Mapping[str, np.ndarray], lora_config: Mapping[str
     modules = {}
     for name, spec in lora_config["modules"].items():
         a_key, b_key = peft_keys(name)
-        modules[name] = LoraModule(torch.from_numpy(np.array(arrays[a_key], dtype=np.float32)),
-                                   torch.from_numpy(np.array(arrays[b_key], dtype=np.float32)),
-                                   float(spec["alpha"]) / int(spec["r"]))
+        modules[name] = LoraModule(
+            torch.from_numpy(np.array(arrays[a_key], dtype=np.float32)),
+            torch.from_numpy(np.array(arrays[b_key], dtype=np.float32)),
+            float(spec["alpha"]) / int(spec["r"]),
+        )
     return LoraAdapter(modules, base_model)
 
 
@@ -392,27 +491,34 @@ def adapter_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({PACKED_KEY: _to_array(np.concatenate(parts) if parts else np.zeros(0, np.float32))})
 
 
-def parse_adapter(rec: ArrayRecord, lora_config: Mapping[str, Any], record: str = "adapter",
-                  max_bytes: int = MAX_ADAPTER_BYTES) -> dict[str, np.ndarray]:
+def parse_adapter(
+    rec: ArrayRecord, lora_config: Mapping[str, Any], record: str = "adapter", max_bytes: int = MAX_ADAPTER_BYTES
+) -> dict[str, np.ndarray]:
     """Exactly the A/B factors of every module in ``lora_config`` (views into the one packed vector),
     each finite, with the shapes the config gives."""
     layout = factor_layout(lora_config)
     keys = sorted(rec.keys())
     if keys != [PACKED_KEY]:
-        raise WireError(f"expected exactly one array {PACKED_KEY!r} (every factor of the LoRA config, flattened "
-                        f"and joined in sorted key order), got {keys[:4]}{' ...' if len(keys) > 4 else ''}", record)
+        raise WireError(
+            f"expected exactly one array {PACKED_KEY!r} (every factor of the LoRA config, flattened "
+            f"and joined in sorted key order), got {keys[:4]}{' ...' if len(keys) > 4 else ''}",
+            record,
+        )
     arr = rec[PACKED_KEY]
     want = sum(rows * cols for _, (rows, cols) in layout)
     if max(want * 4, len(arr.data)) > max_bytes:
         raise WireError(f"{max(want * 4, len(arr.data))} bytes exceed the limit of {max_bytes}", record, PACKED_KEY)
     if list(arr.shape) != [want]:
-        raise WireError(f"shape {list(arr.shape)} does not match the LoRA config: {len(layout)} factors of "
-                        f"{want} values in all", record, PACKED_KEY)
+        raise WireError(
+            f"shape {list(arr.shape)} does not match the LoRA config: {len(layout)} factors of {want} values in all",
+            record,
+            PACKED_KEY,
+        )
     flat = _numpy(arr, record, PACKED_KEY, finite=False)
     out: dict[str, np.ndarray] = {}
     start = 0
     for key, (rows, cols) in layout:
-        part = flat[start:start + rows * cols].reshape(rows, cols)
+        part = flat[start : start + rows * cols].reshape(rows, cols)
         start += rows * cols
         if not np.all(np.isfinite(part)):
             raise WireError(f"contains NaN or inf (factor {key})", record, PACKED_KEY)
@@ -434,15 +540,17 @@ def parse_embedding(rec: ArrayRecord, dim: int | None = None, record: str = "emb
         raise WireError(f"expected exactly one array 'z', got {sorted(rec.keys())}", record)
     arr = rec["z"]
     if len(arr.shape) != 1 or not 0 < arr.shape[0] <= MAX_EMBEDDING_DIM:
-        raise WireError(f"expected a 1-D vector of 1..{MAX_EMBEDDING_DIM} values, got shape {list(arr.shape)}",
-                        record, "z")
+        raise WireError(
+            f"expected a 1-D vector of 1..{MAX_EMBEDDING_DIM} values, got shape {list(arr.shape)}", record, "z"
+        )
     if dim is not None and arr.shape[0] != dim:
         raise WireError(f"{arr.shape[0]} values, but the embedding spec says dim={dim}", record, "z")
     return _numpy(arr, record, "z")
 
 
-def _parse_json_object(text: str, allowed: frozenset[str], record: str, key: str,
-                       exact: bool = False) -> dict[str, Any]:
+def _parse_json_object(
+    text: str, allowed: frozenset[str], record: str, key: str, exact: bool = False
+) -> dict[str, Any]:
     obj = _load_json(text, record, key)
     if not isinstance(obj, dict):
         raise WireError("expected a JSON object", record, key)
@@ -471,13 +579,13 @@ def _check_common(meta: Mapping[str, Any], record: str) -> None:
 
 
 # -- requests -------------------------------------------------------------------------------------
-def build_request(message_type: str, config: Mapping[str, Any],
-                  adapter: Mapping[str, np.ndarray] | None = None) -> RecordDict:
+def build_request(
+    message_type: str, config: Mapping[str, Any], adapter: Mapping[str, np.ndarray] | None = None
+) -> RecordDict:
     """Request content for ``message_type`` (validated with the same rules the site applies)."""
     if message_type not in MESSAGE_TYPES:
         raise WireError(f"unknown message type {message_type!r}; known: {list(MESSAGE_TYPES)}")
-    _check_config(config, REQUEST_CONFIG_KEYS[message_type], "config", REQUEST_REQUIRED[message_type],
-                  exact=False)
+    _check_config(config, REQUEST_CONFIG_KEYS[message_type], "config", REQUEST_REQUIRED[message_type], exact=False)
     records: dict[str, Any] = {"config": ConfigRecord(dict(config))}
     if message_type == APPLY:
         if adapter is None:
@@ -509,8 +617,13 @@ def parse_request(message_type: str, content: RecordDict) -> Request:
     if message_type not in MESSAGE_TYPES:
         raise WireError(f"unknown message type {message_type!r}; this site answers only {list(MESSAGE_TYPES)}")
     check_records(content, ALLOWED_REQUEST_RECORDS[message_type], f"a {message_type} request")
-    config = _check_config(dict(_record(content, "config", "config")), REQUEST_CONFIG_KEYS[message_type],
-                           "config", REQUEST_REQUIRED[message_type], exact=False)
+    config = _check_config(
+        dict(_record(content, "config", "config")),
+        REQUEST_CONFIG_KEYS[message_type],
+        "config",
+        REQUEST_REQUIRED[message_type],
+        exact=False,
+    )
     req = Request(message_type, config)
     if message_type == APPLY:
         if not _SHA256_RE.match(config["blob_sha256"]):
@@ -554,18 +667,21 @@ class EnrollPayload:
     train_stats: dict[str, Any] = field(default_factory=dict)
 
 
-def build_enroll_reply(arrays: Mapping[str, np.ndarray], z: np.ndarray, meta: Mapping[str, Any],
-                       check: bool = True) -> RecordDict:
+def build_enroll_reply(
+    arrays: Mapping[str, np.ndarray], z: np.ndarray, meta: Mapping[str, Any], check: bool = True
+) -> RecordDict:
     """The three records of an enrolment reply, validated exactly as the coordinator will.
 
     ``check=False`` skips that validation for a caller that validates the reply itself right
     after (the ClientApp's gate, ``check_reply``), so the site decodes the adapter once, not twice.
     """
-    content = RecordDict({
-        "adapter": adapter_record(arrays),
-        "embedding": embedding_record(z),
-        "meta": ConfigRecord(dict(meta)),
-    })
+    content = RecordDict(
+        {
+            "adapter": adapter_record(arrays),
+            "embedding": embedding_record(z),
+            "meta": ConfigRecord(dict(meta)),
+        }
+    )
     if check:
         parse_enroll_reply(content)
     return content
@@ -611,8 +727,9 @@ def parse_embed_reply(content: RecordDict) -> tuple[np.ndarray, dict[str, Any]]:
 
 def build_apply_reply(metrics: Mapping[str, float], receipt: Mapping[str, Any]) -> RecordDict:
     """Metrics (numbers only) and a receipt naming what was stored."""
-    content = RecordDict({"metrics": MetricRecord({k: float(v) for k, v in metrics.items()}),
-                          "receipt": ConfigRecord(dict(receipt))})
+    content = RecordDict(
+        {"metrics": MetricRecord({k: float(v) for k, v in metrics.items()}), "receipt": ConfigRecord(dict(receipt))}
+    )
     parse_apply_reply(content)
     return content
 
@@ -696,7 +813,6 @@ def describe(content: RecordDict) -> list[dict[str, Any]]:
     return out
 
 
-
 # -- train.evaluate (every arm of one target in one message): common/wire_arms.py, registered here --
 from common.wire_arms import (  # noqa: E402, F401 - needs the helpers above; its names are this vocabulary's
     ARM_KEYS,
@@ -711,8 +827,14 @@ from common.wire_arms import (  # noqa: E402, F401 - needs the helpers above; it
 )
 
 MESSAGE_TYPES = (*MESSAGE_TYPES, EVALUATE)
-REQUEST_CONFIG_KEYS[EVALUATE] = {"nonce": _STR, "task": _STR, "arms": _STR, "max_eval": _INT, "with_base": _BOOL,
-                               "delivery": _STR}
+REQUEST_CONFIG_KEYS[EVALUATE] = {
+    "nonce": _STR,
+    "task": _STR,
+    "arms": _STR,
+    "max_eval": _INT,
+    "with_base": _BOOL,
+    "delivery": _STR,
+}
 REQUEST_REQUIRED[EVALUATE] = frozenset({"nonce", "arms"})
 ALLOWED_REPLY_KEYS[EVALUATE] = {"metrics": "metric", "receipt": "config"}
 #: plus exactly one ``adapter-<i>`` ArrayRecord per arm the config describes (``wire_arms._arm_records``)

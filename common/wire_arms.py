@@ -38,16 +38,21 @@ def _arm_records(n: int) -> dict[str, str]:
     return {"config": "config", **{f"adapter-{i}": "array" for i in range(n)}}
 
 
-def build_evaluate_request(config: Mapping[str, Any], arms: list[tuple[dict[str, Any], LoraAdapter]]
-                           ) -> RecordDict:
+def build_evaluate_request(config: Mapping[str, Any], arms: list[tuple[dict[str, Any], LoraAdapter]]) -> RecordDict:
     """``train.evaluate`` content: ``arms`` is ``[({"arm": name, "blob_sha256": ...}, adapter in wire form)]``."""
     if not 0 < len(arms) <= MAX_ARMS:
         raise wire.WireError(f"{len(arms)} arms; one evaluate request carries 1 to {MAX_ARMS}", "config", "arms")
     described, records = [], {}
     for i, (info, adapter) in enumerate(arms):
         arrays, lora_config = wire.adapter_to_wire(adapter)
-        described.append({"arm": str(info["arm"]), "blob_sha256": str(info["blob_sha256"]),
-                          "base_fingerprint": adapter.base_model or "", "lora_config": lora_config})
+        described.append(
+            {
+                "arm": str(info["arm"]),
+                "blob_sha256": str(info["blob_sha256"]),
+                "base_fingerprint": adapter.base_model or "",
+                "lora_config": lora_config,
+            }
+        )
         records[f"adapter-{i}"] = wire.adapter_record(arrays)
     cfg = {**config, "arms": canonical_json(described)}
     content = RecordDict({"config": ConfigRecord(cfg), **records})
@@ -59,8 +64,9 @@ def _evaluate_config(values: dict[str, Any]) -> dict[str, Any]:
     """The config of an evaluate request; ``arms`` holds one LoRA config per arm, so its length limit
     is that of ``MAX_ARMS`` LoRA configs rather than of a short text field."""
     arms = values.pop("arms", None)
-    config = wire._check_config(values, wire.REQUEST_CONFIG_KEYS[EVALUATE], "config",
-                                wire.REQUEST_REQUIRED[EVALUATE] - {"arms"}, exact=False)
+    config = wire._check_config(
+        values, wire.REQUEST_CONFIG_KEYS[EVALUATE], "config", wire.REQUEST_REQUIRED[EVALUATE] - {"arms"}, exact=False
+    )
     if not isinstance(arms, str):
         raise wire.WireError("missing, or not a string", "config", "arms")
     if len(arms) > MAX_ARMS * wire.MAX_LORA_CONFIG_STR:
@@ -95,7 +101,8 @@ def parse_evaluate_reply(content: RecordDict) -> tuple[dict[str, float], dict[st
 
 
 def build_evaluate_reply(metrics: Mapping[str, float], receipt: Mapping[str, Any]) -> RecordDict:
-    content = RecordDict({"metrics": MetricRecord({k: float(v) for k, v in metrics.items()}),
-                          "receipt": ConfigRecord(dict(receipt))})
+    content = RecordDict(
+        {"metrics": MetricRecord({k: float(v) for k, v in metrics.items()}), "receipt": ConfigRecord(dict(receipt))}
+    )
     parse_evaluate_reply(content)
     return content

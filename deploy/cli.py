@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rpe",
         description="Retrieval-based parameter ensembles: store site LoRAs with their data embeddings, "
-                    "and compose the nearest ones for a new site without training.",
+        "and compose the nearest ones for a new site without training.",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in REGISTRARS:

@@ -69,8 +69,9 @@ class DemoProfile:
 
 PROFILES = {
     "quick": DemoProfile(n_train=48, n_eval=12, steps=30, batch_size=4, max_length=160, threads=0),
-    "full": DemoProfile(n_train=400, n_eval=50, steps=300, batch_size=8, max_length=256, threads=0, seg_steps=60,
-                        seg_copies=3),
+    "full": DemoProfile(
+        n_train=400, n_eval=50, steps=300, batch_size=8, max_length=256, threads=0, seg_steps=60, seg_copies=3
+    ),
 }
 
 
@@ -138,9 +139,22 @@ def seg_specs(profile: DemoProfile, sam_model: str, threads: int) -> list[launch
     """One SuperNode per prostate site; its node config names the data set and site it holds."""
     from common.seg_data import data_root
 
-    return [launch.SiteSpec(site, str(data_root()), sam_model, threads=threads, release=dict(SEG_RELEASE),
-                            extra={"task": "segmentation", "seg-dataset": SEG_DATASET, "seg-site": site,
-                                   "seg-copies": profile.seg_copies}) for site in SEG_SITES]
+    return [
+        launch.SiteSpec(
+            site,
+            str(data_root()),
+            sam_model,
+            threads=threads,
+            release=dict(SEG_RELEASE),
+            extra={
+                "task": "segmentation",
+                "seg-dataset": SEG_DATASET,
+                "seg-site": site,
+                "seg-copies": profile.seg_copies,
+            },
+        )
+        for site in SEG_SITES
+    ]
 
 
 def _evaluation(run: dict[str, Any]) -> dict[str, Any]:
@@ -157,10 +171,15 @@ def failures(result: dict[str, Any]) -> list[str]:
     out = []
     for family, enr in result.get("enrolments", {}).items():
         if enr.get("run_status") != "finished:completed" or enr.get("report_status") != "completed":
-            out.append(f"{family}: the enrolment run ended {enr.get('run_status')!r} "
-                       f"({enr.get('run_details') or 'the ServerApp stopped before it finished'})")
-        out += [f"{family}: site {site} was not enrolled ({status})"
-                for site, status in sorted(enr.get("sites", {}).items()) if status != "accepted"]
+            out.append(
+                f"{family}: the enrolment run ended {enr.get('run_status')!r} "
+                f"({enr.get('run_details') or 'the ServerApp stopped before it finished'})"
+            )
+        out += [
+            f"{family}: site {site} was not enrolled ({status})"
+            for site, status in sorted(enr.get("sites", {}).items())
+            if status != "accepted"
+        ]
     for family, res in result["families"].items():
         status = res.get("run_status", "finished:completed")
         if status != "finished:completed":
@@ -171,9 +190,14 @@ def failures(result: dict[str, Any]) -> list[str]:
     return out
 
 
-def run_demo(workdir: Path, profile: DemoProfile, model: str = "smollm2-135m-instruct",
-             sites: dict[str, str] | None = None, families: tuple[str, ...] = FAMILIES,
-             sam_model: str = "litemedsam") -> dict[str, Any]:
+def run_demo(
+    workdir: Path,
+    profile: DemoProfile,
+    model: str = "smollm2-135m-instruct",
+    sites: dict[str, str] | None = None,
+    families: tuple[str, ...] = FAMILIES,
+    sam_model: str = "litemedsam",
+) -> dict[str, Any]:
     """Run enrol + evaluate for each family on a fresh local deployment; returns timings and outputs."""
     from common.models import resolve_model_dir
 
@@ -188,8 +212,10 @@ def run_demo(workdir: Path, profile: DemoProfile, model: str = "smollm2-135m-ins
     registry = workdir / "registry"
     widest = max(len(sites), len(SEG_SITES) if "segmentation" in families else 0)
     threads = profile.threads or auto_threads(widest)
-    _log(f"torch threads per site: {threads} ({len(os.sched_getaffinity(0))} cores available, up to {widest} "
-         "sites computing at once)")
+    _log(
+        f"torch threads per site: {threads} ({len(os.sched_getaffinity(0))} cores available, up to {widest} "
+        "sites computing at once)"
+    )
     specs = [launch.SiteSpec(site, str(path), model_dir, threads=threads) for site, path in data.items()]
     if "segmentation" in families:
         specs += seg_specs(profile, sam_model, threads)
@@ -199,41 +225,68 @@ def run_demo(workdir: Path, profile: DemoProfile, model: str = "smollm2-135m-ins
     state = launch.up(workdir / "deploy", specs, port=launch.free_port(), registry=str(registry))
     flwr_home = Path(state["flwr_home"])
     timings["deploy_up_s"] = time.perf_counter() - t_all
-    common = {"registry-dir": str(registry), "require-signatures": True, "timeout-train": 3600.0,
-              "timeout-query": 900.0, "eval-strategies": "sim,lin,lin-l1"}
+    common = {
+        "registry-dir": str(registry),
+        "require-signatures": True,
+        "timeout-train": 3600.0,
+        "timeout-query": 900.0,
+        "eval-strategies": "sim,lin,lin-l1",
+    }
     configs = {
-        "report": {**common, "base-model": model_dir, "steps": profile.steps, "batch-size": profile.batch_size,
-                   "max-length": profile.max_length, "sites": ",".join(sites)},
-        "segmentation": {**common, "base-model": sam_model, "task": "segmentation", "steps": profile.seg_steps,
-                         "batch-size": 2, "lora-r": 4, "lora-alpha": 8.0, "lr": 2e-3, "k": profile.seg_k,
-                         "sites": ",".join(SEG_SITES)},
+        "report": {
+            **common,
+            "base-model": model_dir,
+            "steps": profile.steps,
+            "batch-size": profile.batch_size,
+            "max-length": profile.max_length,
+            "sites": ",".join(sites),
+        },
+        "segmentation": {
+            **common,
+            "base-model": sam_model,
+            "task": "segmentation",
+            "steps": profile.seg_steps,
+            "batch-size": 2,
+            "lora-r": 4,
+            "lora-alpha": 8.0,
+            "lr": 2e-3,
+            "k": profile.seg_k,
+            "sites": ",".join(SEG_SITES),
+        },
     }
     evaluations: dict[str, dict[str, Any]] = {}
     enrolments: dict[str, dict[str, Any]] = {}
     try:
         for family in families:  # enrol every family first: the report registry must exist before the others
             t0 = time.perf_counter()
-            _log(f"enroll [{family}]: each site trains a LoRA ({configs[family]['steps']} steps) and sends adapter "
-                 "+ z + metadata")
+            _log(
+                f"enroll [{family}]: each site trains a LoRA ({configs[family]['steps']} steps) and sends adapter "
+                "+ z + metadata"
+            )
             with relay_progress(registry / "runs"):
-                enroll = launch.run_app(flwr_home, REPO, {**configs[family], "mode": "enroll"}, registry,
-                                        timeout=3600)
+                enroll = launch.run_app(flwr_home, REPO, {**configs[family], "mode": "enroll"}, registry, timeout=3600)
             timings[f"enroll_{family}_s"] = time.perf_counter() - t0
             got = enroll["report"].get("enroll", {})
             for site, res in sorted(got.items()):
                 _log(f"  {site}: {res.get('status')} {res.get('record_id', res.get('reason', ''))}")
             enrolments[family] = {
-                "run_status": enroll.get("status"), "run_details": enroll.get("details", ""),
+                "run_status": enroll.get("status"),
+                "run_details": enroll.get("details", ""),
                 "report_status": enroll["report"].get("status"),
-                "sites": {site: str(got.get(site, {}).get("status", "no reply"))
-                          for site in configs[family]["sites"].split(",") if site}}
+                "sites": {
+                    site: str(got.get(site, {}).get("status", "no reply"))
+                    for site in configs[family]["sites"].split(",")
+                    if site
+                },
+            }
         for family in families:
             t0 = time.perf_counter()
             _log(f"evaluate [{family}]: leave-one-site-out, every strategy + base + own LoRA, scored at the sites")
             config = {k: v for k, v in configs[family].items() if k != "sites"}
             with relay_progress(registry / "runs"):
-                evaluations[family] = _evaluation(launch.run_app(flwr_home, REPO, {**config, "mode": "evaluate"},
-                                                                 registry, timeout=3600))
+                evaluations[family] = _evaluation(
+                    launch.run_app(flwr_home, REPO, {**config, "mode": "evaluate"}, registry, timeout=3600)
+                )
             timings[f"evaluate_{family}_s"] = time.perf_counter() - t0
     finally:
         launch.down(workdir / "deploy")
@@ -241,28 +294,49 @@ def run_demo(workdir: Path, profile: DemoProfile, model: str = "smollm2-135m-ins
     for phase in ("enroll", "evaluate"):
         timings[f"{phase}_s"] = sum(v for k, v in timings.items() if k.startswith(f"{phase}_") and k != f"{phase}_s")
     first = evaluations.get("report") or next(iter(evaluations.values()), {})
-    return {"timings": timings, "outputs": first.get("outputs", {}), "problems": first.get("problems", {}),
-            "families": {f: {"outputs": e.get("outputs", {}), "problems": e.get("problems", {}),
-                             "run_status": e.get("run_status", "?"), "run_details": e.get("run_details", ""),
-                             "rows": len(e.get("rows", []))}
-                         for f, e in evaluations.items()},
-            "enrolments": enrolments,
-            "registry": str(registry), "threads": threads,
-            "sites": {s: str(p) for s, p in data.items()}, "egress": {
-                s.site: str(Path(s.site_dir) / "egress.jsonl") for s in specs}}
+    return {
+        "timings": timings,
+        "outputs": first.get("outputs", {}),
+        "problems": first.get("problems", {}),
+        "families": {
+            f: {
+                "outputs": e.get("outputs", {}),
+                "problems": e.get("problems", {}),
+                "run_status": e.get("run_status", "?"),
+                "run_details": e.get("run_details", ""),
+                "rows": len(e.get("rows", [])),
+            }
+            for f, e in evaluations.items()
+        },
+        "enrolments": enrolments,
+        "registry": str(registry),
+        "threads": threads,
+        "sites": {s: str(p) for s, p in data.items()},
+        "egress": {s.site: str(Path(s.site_dir) / "egress.jsonl") for s in specs},
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deploy.demo", description=__doc__.split("\n\n")[0],
-                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "demo",
-                        help="everything the run writes (default runs/demo; replaced on each run)")
+    parser = argparse.ArgumentParser(
+        prog="python -m deploy.demo",
+        description=__doc__.split("\n\n")[0],
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=REPO / "runs" / "demo",
+        help="everything the run writes (default runs/demo; replaced on each run)",
+    )
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="base model directory or name")
     parser.add_argument("--sam-model", default="litemedsam", help="SAM-style base model of the segmentation sites")
-    parser.add_argument("--families", default=",".join(FAMILIES),
-                        help="task families in the federation, comma-separated (default: report,segmentation)")
+    parser.add_argument(
+        "--families",
+        default=",".join(FAMILIES),
+        help="task families in the federation, comma-separated (default: report,segmentation)",
+    )
     args = parser.parse_args(argv)
     families = tuple(f.strip() for f in args.families.split(",") if f.strip())
     unknown = set(families) - set(FAMILIES)
@@ -278,17 +352,26 @@ def main(argv: list[str] | None = None) -> int:
         for key, problem in sorted(res["problems"].items()):
             print(f"problem: {key}: {problem}")
     t = result["timings"]
-    phases = ", ".join(f"{k[:-2].replace('_', ' ')} {v / 60:.1f} min" for k, v in t.items()
-                       if k.startswith(("enroll_", "evaluate_")) and k not in ("enroll_s", "evaluate_s"))
-    print(f"\nwall time {t['total_s'] / 60:.1f} min (deployment {t['deploy_up_s']:.0f} s, {phases}; "
-          f"{result['threads']} torch thread(s) per site)")
+    phases = ", ".join(
+        f"{k[:-2].replace('_', ' ')} {v / 60:.1f} min"
+        for k, v in t.items()
+        if k.startswith(("enroll_", "evaluate_")) and k not in ("enroll_s", "evaluate_s")
+    )
+    print(
+        f"\nwall time {t['total_s'] / 60:.1f} min (deployment {t['deploy_up_s']:.0f} s, {phases}; "
+        f"{result['threads']} torch thread(s) per site)"
+    )
     print(f"registry + audit log: {result['registry']} (segmentation family: {result['registry']}/segmentation)")
     print("egress logs: " + ", ".join(result["egress"].values()))
     failed = failures(result)
     if failed:
-        print("\nThe main job did NOT complete:\n" + "\n".join(f"  - {x}" for x in failed)
-              + f"\nLogs: {args.workdir.resolve()}/deploy/logs/ and {result['registry']}/runs/; run it again "
-              "(every run starts from a fresh deployment).", file=sys.stderr)
+        print(
+            "\nThe main job did NOT complete:\n"
+            + "\n".join(f"  - {x}" for x in failed)
+            + f"\nLogs: {args.workdir.resolve()}/deploy/logs/ and {result['registry']}/runs/; run it again "
+            "(every run starts from a fresh deployment).",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -65,8 +65,12 @@ class SiteSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def node_config(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"site-id": self.site, "data-path": self.data_path, "model-path": self.model_path,
-                               "site-dir": self.site_dir}
+        out: dict[str, Any] = {
+            "site-id": self.site,
+            "data-path": self.data_path,
+            "model-path": self.model_path,
+            "site-dir": self.site_dir,
+        }
         if self.threads:
             out["threads"] = self.threads
         if self.app_sha256:
@@ -132,7 +136,7 @@ def proc_start_time(pid: int) -> int | None:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
-    fields = stat[stat.rindex(")") + 2:].split()
+    fields = stat[stat.rindex(")") + 2 :].split()
     if fields[0] in ("Z", "X"):
         return None
     return int(fields[19])
@@ -162,7 +166,7 @@ def descendants(pid: int) -> list[tuple[int, int]]:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
         children.setdefault(ppid, []).append(int(entry.name))
     out: list[tuple[int, int]] = []
     todo = list(children.get(pid, []))
@@ -271,11 +275,13 @@ def popen_tied(cmd: list[str], tie: bool | None = None, nice: int = 0, **kwargs:
     kwargs.setdefault("start_new_session", True)
     tied = tie_to_parent() if (TIE_TO_PARENT if tie is None else tie) else None
     if tied is not None or nice:
+
         def preexec() -> None:
             if tied is not None:
                 tied()
             if nice:
                 os.nice(nice)
+
         kwargs["preexec_fn"] = preexec
     return subprocess.Popen(cmd, **kwargs)
 
@@ -284,16 +290,24 @@ def _spawn(cmd: list[str], log: Path, env: dict[str, str], cwd: Path, nice: int 
     log.parent.mkdir(parents=True, exist_ok=True)
     cwd.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as fh:
-        proc = popen_tied(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=cwd,
-                          nice=nice)
+        proc = popen_tied(
+            cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=cwd, nice=nice
+        )
     start = None
     for _ in range(50):
         start = proc_start_time(proc.pid)
         if start is not None:
             break
         time.sleep(0.01)
-    return {"pid": proc.pid, "pgid": proc.pid, "start_time": start, "cmd": cmd, "log": str(log), "cwd": str(cwd),
-            "tied": TIE_TO_PARENT}
+    return {
+        "pid": proc.pid,
+        "pgid": proc.pid,
+        "start_time": start,
+        "cmd": cmd,
+        "log": str(log),
+        "cwd": str(cwd),
+        "tied": TIE_TO_PARENT,
+    }
 
 
 def wait_port(host: str, port: int, timeout: float, proc: dict[str, Any] | None = None) -> None:
@@ -318,8 +332,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 # -- Flower CLI / config ----------------------------------------------------------------------------
-def write_flwr_config(flwr_home: Path, name: str, address: str, root_certificates: Path | None,
-                      make_default: bool = True) -> Path:
+def write_flwr_config(
+    flwr_home: Path, name: str, address: str, root_certificates: Path | None, make_default: bool = True
+) -> Path:
     """Add/replace ``[superlink.<name>]`` in ``$FLWR_HOME/config.toml``, keeping other entries."""
     import tomli_w
 
@@ -366,8 +381,15 @@ def flwr_cli(args: list[str], flwr_home: Path, timeout: float = 60.0) -> dict[st
     return out
 
 
-def run_app(flwr_home: Path, app: Path, config: dict[str, Any], registry: Path, timeout: float,
-            federation: str = FEDERATION, poll_s: float = 60.0) -> dict[str, Any]:
+def run_app(
+    flwr_home: Path,
+    app: Path,
+    config: dict[str, Any],
+    registry: Path,
+    timeout: float,
+    federation: str = FEDERATION,
+    poll_s: float = 60.0,
+) -> dict[str, Any]:
     """``flwr run <app> <federation> --run-config <toml>``, then wait until the run has finished.
 
     Returns ``{"run_id", "status", "details", "report"}``: ``status`` / ``details`` as ``flwr ls``
@@ -383,9 +405,13 @@ def run_app(flwr_home: Path, app: Path, config: dict[str, Any], registry: Path, 
 
     cfg_file = Path(flwr_home) / f"run-{time.monotonic_ns()}.toml"
     cfg_file.write_text(tomli_w.dumps(config))
-    res = subprocess.run([*CLI_PREFIX, _bin("flwr"), "run", str(app), federation, "--format", "json", "--run-config",
-                          str(cfg_file)], capture_output=True, text=True, env=process_env(Path(flwr_home)),
-                         timeout=120)
+    res = subprocess.run(
+        [*CLI_PREFIX, _bin("flwr"), "run", str(app), federation, "--format", "json", "--run-config", str(cfg_file)],
+        capture_output=True,
+        text=True,
+        env=process_env(Path(flwr_home)),
+        timeout=120,
+    )
     start = res.stdout.find("{")
     try:
         out = json.loads(res.stdout[start:]) if start >= 0 else {}
@@ -458,12 +484,21 @@ def save_state(workdir: Path, state: dict[str, Any]) -> None:
 
 
 # -- high-level operations --------------------------------------------------------------------------
-def start_superlink(workdir: Path, host: str = "127.0.0.1", port: int = DEFAULT_SUPERLINK_PORT,
-                    tls_hosts: list[str] | None = None, sites: list[str] | None = None,
-                    registry: str | None = None, federation: str = FEDERATION,
-                    timeout: float = 60.0, allowlist: Path | None = None, proxy: bool = False,
-                    site_networks: list[str] | None = None, inner_port: int | None = None,
-                    operator_ca: Path | None = None) -> dict[str, Any]:
+def start_superlink(
+    workdir: Path,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_SUPERLINK_PORT,
+    tls_hosts: list[str] | None = None,
+    sites: list[str] | None = None,
+    registry: str | None = None,
+    federation: str = FEDERATION,
+    timeout: float = 60.0,
+    allowlist: Path | None = None,
+    proxy: bool = False,
+    site_networks: list[str] | None = None,
+    inner_port: int | None = None,
+    operator_ca: Path | None = None,
+) -> dict[str, Any]:
     """Certificates (reused if present), the SuperLink with TLS + SuperNode auth, and config.toml.
 
     With ``proxy`` the SuperLink listens on 127.0.0.1:``inner_port`` (default ``port`` + 1000) only
@@ -481,11 +516,19 @@ def start_superlink(workdir: Path, host: str = "127.0.0.1", port: int = DEFAULT_
     if allowlist is not None:
         extra["RPE_ALLOWLIST"] = str(Path(allowlist).resolve())
     cmd = [
-        sys.executable, "-m", "deploy.superlink_main",  # flower-superlink, waiting longer for sqlite's lock
-        "--ssl-ca-certfile", str(bundle.ca_cert), "--ssl-certfile", str(bundle.server_cert),
-        "--ssl-keyfile", str(bundle.server_key),
-        "--enable-supernode-auth", "--disable-runtime-dependency-installation",
-        "--database", str(workdir / "superlink.db"),
+        sys.executable,
+        "-m",
+        "deploy.superlink_main",  # flower-superlink, waiting longer for sqlite's lock
+        "--ssl-ca-certfile",
+        str(bundle.ca_cert),
+        "--ssl-certfile",
+        str(bundle.server_cert),
+        "--ssl-keyfile",
+        str(bundle.server_key),
+        "--enable-supernode-auth",
+        "--disable-runtime-dependency-installation",
+        "--database",
+        str(workdir / "superlink.db"),
     ]
     link_host, link_port = host, port
     if proxy:
@@ -494,8 +537,14 @@ def start_superlink(workdir: Path, host: str = "127.0.0.1", port: int = DEFAULT_
     proc = _spawn(cmd, workdir / "logs" / "superlink.log", process_env(flwr_home, extra), workdir)
     connect_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     proc.update(address=f"{connect_host}:{port}", host=link_host, port=link_port)
-    state.update(superlink=proc, flwr_home=str(flwr_home), certs=str(certs), federation=federation,
-                 ca_cert=str(bundle.ca_cert), proxy=None)
+    state.update(
+        superlink=proc,
+        flwr_home=str(flwr_home),
+        certs=str(certs),
+        federation=federation,
+        ca_cert=str(bundle.ca_cert),
+        proxy=None,
+    )
     save_state(workdir, state)
     try:
         wait_port("127.0.0.1" if link_host in ("0.0.0.0", "::") else link_host, link_port, timeout, proc)
@@ -537,8 +586,11 @@ def _live_superexec(superlink_pid: int) -> bool:
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and proc_start_time(int(entry.name)) is not None:
             argv = _cmdline(int(entry.name))
-            if any(a.endswith("flower-superexec") for a in argv) and "--parent-pid" in argv and \
-                    argv[argv.index("--parent-pid") + 1:][:1] == [str(superlink_pid)]:
+            if (
+                any(a.endswith("flower-superexec") for a in argv)
+                and "--parent-pid" in argv
+                and argv[argv.index("--parent-pid") + 1 :][:1] == [str(superlink_pid)]
+            ):
                 return True
     return False
 
@@ -574,10 +626,21 @@ def ensure_superexec(workdir: Path) -> bool:
     except OSError:
         env = process_env(Path(state["flwr_home"]))
     with open(log_path, "ab") as log:
-        subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
-                         stdin=subprocess.DEVNULL, start_new_session=True, cwd=workdir)
-    print(f"[launch] the SuperLink's SuperExec had exited (flwr 1.41 dies on one HTTP 500 from the SuperLink); "
-          f"restarted it (log: {log_path})", file=sys.stderr, flush=True)
+        subprocess.Popen(
+            argv,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=workdir,
+        )
+    print(
+        f"[launch] the SuperLink's SuperExec had exited (flwr 1.41 dies on one HTTP 500 from the SuperLink); "
+        f"restarted it (log: {log_path})",
+        file=sys.stderr,
+        flush=True,
+    )
     return True
 
 
@@ -591,26 +654,52 @@ def nginx_binary() -> str:
     return found
 
 
-def start_proxy(workdir: Path, listen_host: str, listen_port: int, upstream_port: int, bundle: tls.TlsBundle,
-                site_networks: list[str] | None = None, operator_ca: Path | None = None,
-                timeout: float = 30.0) -> dict[str, Any]:
+def start_proxy(
+    workdir: Path,
+    listen_host: str,
+    listen_port: int,
+    upstream_port: int,
+    bundle: tls.TlsBundle,
+    site_networks: list[str] | None = None,
+    operator_ca: Path | None = None,
+    timeout: float = 30.0,
+) -> dict[str, Any]:
     """nginx in front of the SuperLink (see deploy/proxy.py for what it forwards from where),
     with its own prefix directory ``<workdir>/proxy`` and config, started and stopped by PID."""
     from deploy import proxy
 
-    spec = proxy.ProxySpec(Path(workdir) / "proxy", listen_host, listen_port, upstream_port, bundle.server_cert,
-                           bundle.server_key, bundle.ca_cert, list(site_networks or []), operator_ca)
+    spec = proxy.ProxySpec(
+        Path(workdir) / "proxy",
+        listen_host,
+        listen_port,
+        upstream_port,
+        bundle.server_cert,
+        bundle.server_key,
+        bundle.ca_cert,
+        list(site_networks or []),
+        operator_ca,
+    )
     conf = proxy.write_config(spec)
     prefix = str(spec.prefix.resolve())
-    check = subprocess.run([nginx_binary(), "-t", "-q", "-p", prefix, "-c", str(conf), "-e",
-                            f"{prefix}/logs/error.log"], capture_output=True, text=True, timeout=30)
+    check = subprocess.run(
+        [nginx_binary(), "-t", "-q", "-p", prefix, "-c", str(conf), "-e", f"{prefix}/logs/error.log"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     if check.returncode != 0:
         raise LaunchError(f"nginx rejected {conf}: {check.stderr.strip()}")
     cmd = [nginx_binary(), "-p", prefix, "-c", str(conf), "-e", f"{prefix}/logs/error.log"]
     proc = _spawn(cmd, Path(workdir) / "logs" / "proxy.log", dict(os.environ), Path(workdir))
     connect_host = "127.0.0.1" if listen_host in ("0.0.0.0", "::") else listen_host
-    proc.update(host=listen_host, port=listen_port, upstream_port=upstream_port, config=str(conf),
-                site_networks=spec.site_networks, operator_ca=str(operator_ca) if operator_ca else None)
+    proc.update(
+        host=listen_host,
+        port=listen_port,
+        upstream_port=upstream_port,
+        config=str(conf),
+        site_networks=spec.site_networks,
+        operator_ca=str(operator_ca) if operator_ca else None,
+    )
     try:
         wait_port(connect_host, listen_port, timeout, proc)
     except BaseException:
@@ -636,8 +725,9 @@ def register_sites(workdir: Path, public_keys: dict[str, Path], record: Path | N
     flwr_home = Path(state["flwr_home"])
     federation = state.get("federation", FEDERATION)
     with ThreadPoolExecutor(max_workers=max(1, min(8, len(public_keys)))) as pool:
-        futures = {site: pool.submit(register_site, flwr_home, key, site, federation)
-                   for site, key in public_keys.items()}
+        futures = {
+            site: pool.submit(register_site, flwr_home, key, site, federation) for site, key in public_keys.items()
+        }
         node_ids = {site: f.result() for site, f in futures.items()}
     known = state.setdefault("registered", {})
     for site, node_id in node_ids.items():
@@ -647,8 +737,9 @@ def register_sites(workdir: Path, public_keys: dict[str, Path], record: Path | N
     return {site: known.get(site) for site in public_keys}
 
 
-def start_supernode(workdir: Path, spec: SiteSpec, superlink: str, root_cert: Path, private_key: Path,
-                    flwr_home: Path | None = None) -> dict[str, Any]:
+def start_supernode(
+    workdir: Path, spec: SiteSpec, superlink: str, root_cert: Path, private_key: Path, flwr_home: Path | None = None
+) -> dict[str, Any]:
     """One SuperNode for ``spec``: own port, node config as a TOML file, cwd = the site directory."""
     import tomli_w
 
@@ -675,11 +766,19 @@ def start_supernode(workdir: Path, spec: SiteSpec, superlink: str, root_cert: Pa
     env = process_env(home)
     env["PATH"] = f"{wrapper_dir}{os.pathsep}{env['PATH']}"
     cmd = [
-        sys.executable, "-m", "deploy.supernode_main",  # flower-supernode, polling every 1 s when idle, not 3 s
-        "--superlink", superlink,
-        "--root-certificates", str(Path(root_cert).resolve()),
-        "--auth-supernode-private-key", str(Path(private_key).resolve()),
-        "--node-config", str(node_config_file), "--port", str(port),
+        sys.executable,
+        "-m",
+        "deploy.supernode_main",  # flower-supernode, polling every 1 s when idle, not 3 s
+        "--superlink",
+        superlink,
+        "--root-certificates",
+        str(Path(root_cert).resolve()),
+        "--auth-supernode-private-key",
+        str(Path(private_key).resolve()),
+        "--node-config",
+        str(node_config_file),
+        "--port",
+        str(port),
     ]
     # Site compute runs below the control plane: on a small machine shared by the SuperLink and many
     # SuperNodes, training at equal priority starved the SuperLink until its sqlite state timed out
@@ -740,10 +839,18 @@ def coordinator_public_key(registry: str | os.PathLike[str]) -> Path:
     return public_key_path(Path(registry).resolve())
 
 
-def up(workdir: Path, sites: list[SiteSpec], host: str = "127.0.0.1", port: int = DEFAULT_SUPERLINK_PORT,
-       registry: str | None = None, tls_hosts: list[str] | None = None, timeout: float = 90.0,
-       sign: bool = True, proxy: bool | None = None, site_networks: list[str] | None = None
-       ) -> dict[str, Any]:
+def up(
+    workdir: Path,
+    sites: list[SiteSpec],
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_SUPERLINK_PORT,
+    registry: str | None = None,
+    tls_hosts: list[str] | None = None,
+    timeout: float = 90.0,
+    sign: bool = True,
+    proxy: bool | None = None,
+    site_networks: list[str] | None = None,
+) -> dict[str, Any]:
     """Everything on one machine: SuperLink, key registration, one SuperNode per site, all online.
 
     ``proxy`` (default: on unless ``host`` is loopback) puts nginx in front of the SuperLink.
@@ -759,15 +866,25 @@ def up(workdir: Path, sites: list[SiteSpec], host: str = "127.0.0.1", port: int 
     allowlist = signing_keys(workdir, sites) if sign else None
     if proxy is None:
         proxy = host not in ("127.0.0.1", "localhost", "::1")
-    state = start_superlink(workdir, host, port, tls_hosts, [s.site for s in sites], registry, timeout=timeout,
-                            allowlist=allowlist, proxy=proxy, site_networks=site_networks)
+    state = start_superlink(
+        workdir,
+        host,
+        port,
+        tls_hosts,
+        [s.site for s in sites],
+        registry,
+        timeout=timeout,
+        allowlist=allowlist,
+        proxy=proxy,
+        site_networks=site_networks,
+    )
     try:
         certs = Path(state["certs"])
-        register_sites(workdir, {s.site: certs / f"{s.site}_auth.pub" for s in sites},
-                       record=allowlist)
+        register_sites(workdir, {s.site: certs / f"{s.site}_auth.pub" for s in sites}, record=allowlist)
         for spec in sites:
-            start_supernode(workdir, spec, state["superlink"]["address"], certs / tls.CA_CERT,
-                            certs / f"{spec.site}_auth")
+            start_supernode(
+                workdir, spec, state["superlink"]["address"], certs / tls.CA_CERT, certs / f"{spec.site}_auth"
+            )
         wait_online(workdir, [s.site for s in sites], timeout)
     except BaseException:
         down(workdir)
@@ -804,8 +921,12 @@ def ensure_supernodes(workdir: Path) -> list[str]:
         restart_site(workdir, site)
         restarted.append(site)
     if restarted:
-        print(f"[launch] SuperNode(s) of {', '.join(restarted)} had exited without being stopped (flwr 1.41 "
-              "exits on one HTTP 500 from the SuperLink); restarted them", file=sys.stderr, flush=True)
+        print(
+            f"[launch] SuperNode(s) of {', '.join(restarted)} had exited without being stopped (flwr 1.41 "
+            "exits on one HTTP 500 from the SuperLink); restarted them",
+            file=sys.stderr,
+            flush=True,
+        )
     return restarted
 
 
@@ -815,13 +936,19 @@ def restart_site(workdir: Path, site: str) -> dict[str, Any]:
     proc = state["sites"][site]
     if is_alive(proc["pid"], proc["start_time"]):
         return proc
-    return start_supernode(workdir, spec_from_node_config(site, proc["node_config"], proc["port"]),
-                           state["superlink"]["address"], Path(state["ca_cert"]), Path(proc["private_key"]))
+    return start_supernode(
+        workdir,
+        spec_from_node_config(site, proc["node_config"], proc["port"]),
+        state["superlink"]["address"],
+        Path(state["ca_cert"]),
+        Path(proc["private_key"]),
+    )
 
 
 #: node-config keys that are :class:`SiteSpec` fields of their own (the rest go to ``extra``)
-_SPEC_KEYS = frozenset({"site-id", "data-path", "model-path", "site-dir", "threads", "app-sha256", "coordinator-key",
-                        "supernode-key"})
+_SPEC_KEYS = frozenset(
+    {"site-id", "data-path", "model-path", "site-dir", "threads", "app-sha256", "coordinator-key", "supernode-key"}
+)
 
 
 def spec_from_node_config(site: str, nc: dict[str, Any], port: int = 0) -> SiteSpec:
@@ -829,10 +956,18 @@ def spec_from_node_config(site: str, nc: dict[str, Any], port: int = 0) -> SiteS
     privacy policy, task family, compute dtype...), so a restarted SuperNode is the same site."""
     from common.privacy import POLICY_KEYS
 
-    return SiteSpec(site, nc["data-path"], nc.get("model-path", ""), nc.get("site-dir", ""), port,
-                    int(nc.get("threads", 0)), {k: float(nc[k]) for k in POLICY_KEYS if k in nc},
-                    str(nc.get("app-sha256", "")), str(nc.get("coordinator-key", "")),
-                    extra={k: v for k, v in nc.items() if k not in _SPEC_KEYS and k not in POLICY_KEYS})
+    return SiteSpec(
+        site,
+        nc["data-path"],
+        nc.get("model-path", ""),
+        nc.get("site-dir", ""),
+        port,
+        int(nc.get("threads", 0)),
+        {k: float(nc[k]) for k in POLICY_KEYS if k in nc},
+        str(nc.get("app-sha256", "")),
+        str(nc.get("coordinator-key", "")),
+        extra={k: v for k, v in nc.items() if k not in _SPEC_KEYS and k not in POLICY_KEYS},
+    )
 
 
 def down(workdir: Path, timeout: float = 15.0) -> dict[str, str]:
@@ -854,11 +989,17 @@ def status(workdir: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"workdir": state.get("workdir"), "processes": {}, "nodes": {}}
     link = state.get("superlink")
     if link:
-        out["processes"]["superlink"] = {"pid": link["pid"], "address": link.get("address"),
-                                         "running": is_alive(link["pid"], link["start_time"])}
+        out["processes"]["superlink"] = {
+            "pid": link["pid"],
+            "address": link.get("address"),
+            "running": is_alive(link["pid"], link["start_time"]),
+        }
     for site, proc in state.get("sites", {}).items():
-        out["processes"][f"supernode-{site}"] = {"pid": proc["pid"], "port": proc["port"],
-                                                 "running": is_alive(proc["pid"], proc["start_time"])}
+        out["processes"][f"supernode-{site}"] = {
+            "pid": proc["pid"],
+            "port": proc["port"],
+            "running": is_alive(proc["pid"], proc["start_time"]),
+        }
     if link and out["processes"]["superlink"]["running"]:
         try:
             nodes = supernode_status(Path(state["flwr_home"]), state.get("federation", FEDERATION))
@@ -896,60 +1037,115 @@ def _wait_for_signal(workdir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deploy.launch", description=__doc__.split("\n\n")[0],
-                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m deploy.launch",
+        description=__doc__.split("\n\n")[0],
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def workdir_arg(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--workdir", type=Path, required=True,
-                       help="state, logs, certificates, SuperLink database and FLWR_HOME live here")
+        p.add_argument(
+            "--workdir",
+            type=Path,
+            required=True,
+            help="state, logs, certificates, SuperLink database and FLWR_HOME live here",
+        )
 
     p_up = sub.add_parser("up", help="SuperLink + one SuperNode per --site on this machine (TLS, node auth)")
     workdir_arg(p_up)
     p_up.add_argument("--site", action="append", default=[], required=True, metavar="ID=DATA_PATH")
-    p_up.add_argument("--model-path", default="smollm2-135m-instruct",
-                      help="base model directory (or the packaged name) every site loads")
+    p_up.add_argument(
+        "--model-path",
+        default="smollm2-135m-instruct",
+        help="base model directory (or the packaged name) every site loads",
+    )
     p_up.add_argument("--host", default="127.0.0.1", help="SuperLink bind address (default loopback)")
     p_up.add_argument("--port", type=int, default=DEFAULT_SUPERLINK_PORT)
-    p_up.add_argument("--supernode-port", type=int, default=DEFAULT_SUPERNODE_PORT,
-                      help="first ClientApp port; site i gets this + i")
+    p_up.add_argument(
+        "--supernode-port", type=int, default=DEFAULT_SUPERNODE_PORT, help="first ClientApp port; site i gets this + i"
+    )
     p_up.add_argument("--tls-host", action="append", default=[], help="extra SAN for the SuperLink certificate")
     p_up.add_argument("--registry", help="registry directory, exported to the ServerApp as RPE_REGISTRY")
     p_up.add_argument("--threads", type=int, default=0, help="torch threads per ClientApp (node config 'threads')")
-    p_up.add_argument("--privacy", action="append", default=[], metavar="[SITE:]KEY=VALUE",
-                      help="privacy policy for every site, or for SITE only (repeatable); keys as for `supernode "
-                           "--privacy`, e.g. --privacy b:z-epsilon=4 --privacy b:z-clip=2000")
-    p_up.add_argument("--proxy", action=argparse.BooleanOptionalAction, default=None,
-                      help="nginx in front of the SuperLink (default: on unless --host is loopback)")
-    p_up.add_argument("--site-network", action="append", default=[], metavar="CIDR",
-                      help="with --proxy: networks allowed to use the Fleet API (default: any)")
+    p_up.add_argument(
+        "--privacy",
+        action="append",
+        default=[],
+        metavar="[SITE:]KEY=VALUE",
+        help="privacy policy for every site, or for SITE only (repeatable); keys as for `supernode "
+        "--privacy`, e.g. --privacy b:z-epsilon=4 --privacy b:z-clip=2000",
+    )
+    p_up.add_argument(
+        "--proxy",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="nginx in front of the SuperLink (default: on unless --host is loopback)",
+    )
+    p_up.add_argument(
+        "--site-network",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="with --proxy: networks allowed to use the Fleet API (default: any)",
+    )
     p_up.add_argument("--app-sha256", default="", help="pin every site to this app bundle (see `supernode`)")
-    p_up.add_argument("--no-sign", action="store_true",
-                      help="do not create Ed25519 submission keys / the allow-list ($RPE_ALLOWLIST)")
+    p_up.add_argument(
+        "--no-sign", action="store_true", help="do not create Ed25519 submission keys / the allow-list ($RPE_ALLOWLIST)"
+    )
 
     p_link = sub.add_parser("superlink", help="only the SuperLink (coordinator of a multi-machine federation)")
     workdir_arg(p_link)
     p_link.add_argument("--host", default="127.0.0.1", help="bind address; 0.0.0.0 to accept remote sites")
     p_link.add_argument("--port", type=int, default=DEFAULT_SUPERLINK_PORT)
-    p_link.add_argument("--tls-host", action="append", default=[],
-                        help="DNS name / IP the sites use to reach this host (certificate SAN)")
+    p_link.add_argument(
+        "--tls-host",
+        action="append",
+        default=[],
+        help="DNS name / IP the sites use to reach this host (certificate SAN)",
+    )
     p_link.add_argument("--registry", help="registry directory, exported to the ServerApp as RPE_REGISTRY")
-    p_link.add_argument("--no-proxy", action="store_true",
-                        help="expose the SuperLink itself (its Control API is open to anyone who reaches it!)")
-    p_link.add_argument("--inner-port", type=int, default=None,
-                        help="loopback port of the SuperLink behind the proxy (default --port + 1000)")
-    p_link.add_argument("--site-network", action="append", default=[], metavar="CIDR",
-                        help="network the sites connect from (repeatable); only these reach the Fleet API")
-    p_link.add_argument("--operator-ca", type=Path, default=None,
-                        help="CA whose client certificates may use the Control API from off the host")
+    p_link.add_argument(
+        "--no-proxy",
+        action="store_true",
+        help="expose the SuperLink itself (its Control API is open to anyone who reaches it!)",
+    )
+    p_link.add_argument(
+        "--inner-port",
+        type=int,
+        default=None,
+        help="loopback port of the SuperLink behind the proxy (default --port + 1000)",
+    )
+    p_link.add_argument(
+        "--site-network",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="network the sites connect from (repeatable); only these reach the Fleet API",
+    )
+    p_link.add_argument(
+        "--operator-ca",
+        type=Path,
+        default=None,
+        help="CA whose client certificates may use the Control API from off the host",
+    )
 
     p_reg = sub.add_parser("register", help="register SuperNode auth keys and allow submission-signing keys")
     workdir_arg(p_reg)
-    p_reg.add_argument("keys", nargs="*", metavar="SITE=AUTH_PUB",
-                       help="the site's SuperNode auth public key (SITE_auth.pub, EC P-384 OpenSSH)")
-    p_reg.add_argument("--signing-key", action="append", default=[], metavar="SITE=PEM",
-                       help="the site's Ed25519 submission key (keys/SITE.pub) for <workdir>/allowlist.json")
+    p_reg.add_argument(
+        "keys",
+        nargs="*",
+        metavar="SITE=AUTH_PUB",
+        help="the site's SuperNode auth public key (SITE_auth.pub, EC P-384 OpenSSH)",
+    )
+    p_reg.add_argument(
+        "--signing-key",
+        action="append",
+        default=[],
+        metavar="SITE=PEM",
+        help="the site's Ed25519 submission key (keys/SITE.pub) for <workdir>/allowlist.json",
+    )
 
     p_node = sub.add_parser("supernode", help="only one SuperNode (run on the site's own host)")
     workdir_arg(p_node)
@@ -962,23 +1158,41 @@ def main(argv: list[str] | None = None) -> int:
     p_node.add_argument("--site-dir", default="", help="adapters, egress log (default WORKDIR/sites/ID)")
     p_node.add_argument("--port", type=int, default=DEFAULT_SUPERNODE_PORT, help="local ClientApp port")
     p_node.add_argument("--threads", type=int, default=0, help="torch threads per ClientApp")
-    p_node.add_argument("--app-sha256", default="",
-                        help="SHA-256 of the app bundle this site approved (`python -m client.pin hash APP`); "
-                             "runs of any other code are refused before it is installed")
-    p_node.add_argument("--coordinator-key", default="",
-                        help="the coordinator's public key (<registry>/coordinator.pub): the site installs only "
-                             "train.apply deliveries signed with it")
-    p_node.add_argument("--release", action="append", default=[], metavar="KEY=VALUE",
-                        help="the site's release policy, repeatable: z-min-examples, z-layers, metrics-min-reports "
-                             "(client/policy.py; safe defaults when absent)")
-    p_node.add_argument("--privacy", action="append", default=[], metavar="KEY=VALUE",
-                        help="the site's privacy policy, repeatable: dp-noise-multiplier, dp-max-grad-norm, "
-                             "dp-delta (DP-SGD for the adapter); z-clip with z-noise-multiplier or z-epsilon, "
-                             "z-delta (Gaussian mechanism on z); privacy-budget (total ε). Off by default; see README "
-                             "'Privacy options'")
+    p_node.add_argument(
+        "--app-sha256",
+        default="",
+        help="SHA-256 of the app bundle this site approved (`python -m client.pin hash APP`); "
+        "runs of any other code are refused before it is installed",
+    )
+    p_node.add_argument(
+        "--coordinator-key",
+        default="",
+        help="the coordinator's public key (<registry>/coordinator.pub): the site installs only "
+        "train.apply deliveries signed with it",
+    )
+    p_node.add_argument(
+        "--release",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="the site's release policy, repeatable: z-min-examples, z-layers, metrics-min-reports "
+        "(client/policy.py; safe defaults when absent)",
+    )
+    p_node.add_argument(
+        "--privacy",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="the site's privacy policy, repeatable: dp-noise-multiplier, dp-max-grad-norm, "
+        "dp-delta (DP-SGD for the adapter); z-clip with z-noise-multiplier or z-epsilon, "
+        "z-delta (Gaussian mechanism on z); privacy-budget (total ε). Off by default; see README "
+        "'Privacy options'",
+    )
 
-    for name, text in (("down", "stop every process recorded in the workdir"),
-                       ("status", "show recorded processes and node status")):
+    for name, text in (
+        ("down", "stop every process recorded in the workdir"),
+        ("status", "show recorded processes and node status"),
+    ):
         workdir_arg(sub.add_parser(name, help=text))
     p_stop = sub.add_parser("stop-site", help="stop one SuperNode")
     workdir_arg(p_stop)
@@ -988,9 +1202,12 @@ def main(argv: list[str] | None = None) -> int:
     p_start.add_argument("site")
 
     for p in (p_up, p_link, p_node):
-        p.add_argument("--attach", action="store_true",
-                       help="stay in the foreground; the servers get SIGTERM when this process dies or gets "
-                            "Ctrl-C (default: they keep running until `down`)")
+        p.add_argument(
+            "--attach",
+            action="store_true",
+            help="stay in the foreground; the servers get SIGTERM when this process dies or gets "
+            "Ctrl-C (default: they keep running until `down`)",
+        )
     args = parser.parse_args(argv)
     global TIE_TO_PARENT
     TIE_TO_PARENT = bool(getattr(args, "attach", False))
@@ -1002,17 +1219,37 @@ def main(argv: list[str] | None = None) -> int:
                 spec.threads = args.threads
                 spec.privacy = _privacy_args(args.privacy, spec.site)
                 spec.app_sha256 = args.app_sha256
-            state = up(args.workdir, specs, args.host, args.port, args.registry, args.tls_host,
-                       sign=not args.no_sign, proxy=args.proxy, site_networks=args.site_network)
+            state = up(
+                args.workdir,
+                specs,
+                args.host,
+                args.port,
+                args.registry,
+                args.tls_host,
+                sign=not args.no_sign,
+                proxy=args.proxy,
+                site_networks=args.site_network,
+            )
             print(json.dumps(status(args.workdir), indent=2))
             print(f"\nexport FLWR_HOME={state['flwr_home']}\nflwr run . {state['federation']} --stream")
         elif args.command == "superlink":
-            state = start_superlink(args.workdir, args.host, args.port, args.tls_host, [], args.registry,
-                                    allowlist=Path(args.workdir) / "allowlist.json", proxy=not args.no_proxy,
-                                    site_networks=args.site_network, inner_port=args.inner_port,
-                                    operator_ca=args.operator_ca)
-            print(f"SuperLink PID {state['superlink']['pid']} on {args.host}:{args.port}; "
-                  f"CA for the sites: {state['ca_cert']}\nexport FLWR_HOME={state['flwr_home']}")
+            state = start_superlink(
+                args.workdir,
+                args.host,
+                args.port,
+                args.tls_host,
+                [],
+                args.registry,
+                allowlist=Path(args.workdir) / "allowlist.json",
+                proxy=not args.no_proxy,
+                site_networks=args.site_network,
+                inner_port=args.inner_port,
+                operator_ca=args.operator_ca,
+            )
+            print(
+                f"SuperLink PID {state['superlink']['pid']} on {args.host}:{args.port}; "
+                f"CA for the sites: {state['ca_cert']}\nexport FLWR_HOME={state['flwr_home']}"
+            )
             if args.registry:
                 print(f"coordinator key for the sites (--coordinator-key): {coordinator_public_key(args.registry)}")
         elif args.command == "register":
@@ -1021,8 +1258,11 @@ def main(argv: list[str] | None = None) -> int:
                 site, _, path = item.partition("=")
                 keys[tls.check_site_id(site)] = Path(path)
             if keys:
-                print(json.dumps(register_sites(args.workdir, keys, record=Path(args.workdir) / "allowlist.json"),
-                                 indent=2))
+                print(
+                    json.dumps(
+                        register_sites(args.workdir, keys, record=Path(args.workdir) / "allowlist.json"), indent=2
+                    )
+                )
             if args.signing_key:
                 from server.allowlist import AllowList
 
@@ -1032,18 +1272,28 @@ def main(argv: list[str] | None = None) -> int:
                     allow.add(tls.check_site_id(site), Path(path).read_text())
                 print(f"allow-list {allow.path}: {allow.sites()}")
         elif args.command == "supernode":
-            spec = SiteSpec(args.site_id, str(Path(args.data_path).resolve()), args.model_path, args.site_dir,
-                            args.port, args.threads, _privacy_args(args.privacy), args.app_sha256,
-                            str(Path(args.coordinator_key).resolve()) if args.coordinator_key else "",
-                            dict(item.split("=", 1) for item in args.release))
+            spec = SiteSpec(
+                args.site_id,
+                str(Path(args.data_path).resolve()),
+                args.model_path,
+                args.site_dir,
+                args.port,
+                args.threads,
+                _privacy_args(args.privacy),
+                args.app_sha256,
+                str(Path(args.coordinator_key).resolve()) if args.coordinator_key else "",
+                dict(item.split("=", 1) for item in args.release),
+            )
             proc = start_supernode(args.workdir, spec, args.superlink, args.root_certificates, args.auth_key)
             keys = Path(spec.site_dir) / "keys"
             if not (keys / f"{spec.site}.key").exists():
                 from common.signing import generate_keypair
 
                 generate_keypair(keys, spec.site)
-            print(f"SuperNode for site {args.site_id!r}: PID {proc['pid']}, log {proc['log']}\n"
-                  f"submission-signing public key for the coordinator's allow-list: {keys / (spec.site + '.pub')}")
+            print(
+                f"SuperNode for site {args.site_id!r}: PID {proc['pid']}, log {proc['log']}\n"
+                f"submission-signing public key for the coordinator's allow-list: {keys / (spec.site + '.pub')}"
+            )
         elif args.command == "down":
             print(json.dumps(down(args.workdir), indent=2))
         elif args.command == "status":

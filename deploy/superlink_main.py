@@ -25,7 +25,8 @@ def patch_busy_timeout(ms: int = BUSY_TIMEOUT_MS) -> None:
     if not any(key == "busy_timeout" for key, _ in pragmas):
         raise RuntimeError("flwr's sqlite pragmas no longer set busy_timeout; update deploy/superlink_main.py")
     sql_mixin.SQLITE_PRAGMAS = tuple(  # read by its connect hook on every new connection
-        (key, str(ms)) if key == "busy_timeout" else (key, value) for key, value in pragmas)
+        (key, str(ms)) if key == "busy_timeout" else (key, value) for key, value in pragmas
+    )
 
 
 def main() -> int:

@@ -39,8 +39,9 @@ def patch_idle_poll(seconds: float = IDLE_POLL_S) -> None:
     from flwr.supernode import start_client_internal as sci
 
     if f"time.sleep({_FLWR_IDLE_SLEEP_S})" not in inspect.getsource(sci):
-        raise RuntimeError("flwr's SuperNode loop no longer sleeps a fixed 3 s when idle; "
-                           "update deploy/supernode_main.py")
+        raise RuntimeError(
+            "flwr's SuperNode loop no longer sleeps a fixed 3 s when idle; update deploy/supernode_main.py"
+        )
     sci.time = _PollClock(seconds)  # type: ignore[assignment]  # the module's own `import time`
 
 

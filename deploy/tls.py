@@ -120,8 +120,14 @@ def _san_entries(hosts: list[str]) -> list[x509.GeneralName]:
     return entries
 
 
-def make_ca(out_dir: Path, common_name: str = "RPE federation CA", days: int = 3650,
-            force: bool = False, cert_name: str = CA_CERT, key_name: str = CA_KEY) -> tuple[Path, Path]:
+def make_ca(
+    out_dir: Path,
+    common_name: str = "RPE federation CA",
+    days: int = 3650,
+    force: bool = False,
+    cert_name: str = CA_CERT,
+    key_name: str = CA_KEY,
+) -> tuple[Path, Path]:
     """Create a self-signed CA (EC P-384); return (ca.crt, ca.key)."""
     key = ec.generate_private_key(ec.SECP384R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
@@ -136,9 +142,17 @@ def make_ca(out_dir: Path, common_name: str = "RPE federation CA", days: int = 3
         .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
-            x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                          key_encipherment=False, data_encipherment=False, key_agreement=False,
-                          encipher_only=False, decipher_only=False),
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -150,9 +164,9 @@ def make_ca(out_dir: Path, common_name: str = "RPE federation CA", days: int = 3
     return ca_cert, ca_key
 
 
-def _issue_leaf(ca_cert: Path, ca_key: Path, common_name: str, days: int,
-                extensions: list[tuple[x509.ExtensionType, bool]]
-                ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+def _issue_leaf(
+    ca_cert: Path, ca_key: Path, common_name: str, days: int, extensions: list[tuple[x509.ExtensionType, bool]]
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     """A new EC P-256 key and its certificate signed by the CA: ``extensions`` as (extension, critical),
     then the authority key identifier; valid from five minutes ago for ``days``."""
     ca = x509.load_pem_x509_certificate(Path(ca_cert).read_bytes())
@@ -172,20 +186,28 @@ def _issue_leaf(ca_cert: Path, ca_key: Path, common_name: str, days: int,
     )
     for ext, critical in extensions:
         builder = builder.add_extension(ext, critical=critical)
-    builder = builder.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()),
-                                    critical=False)
+    builder = builder.add_extension(
+        x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()), critical=False
+    )
     return key, builder.sign(signer, hashes.SHA384())
 
 
-def make_server_cert(out_dir: Path, ca_cert: Path, ca_key: Path, hosts: list[str] | None = None,
-                     days: int = 825, force: bool = False) -> tuple[Path, Path]:
+def make_server_cert(
+    out_dir: Path, ca_cert: Path, ca_key: Path, hosts: list[str] | None = None, days: int = 825, force: bool = False
+) -> tuple[Path, Path]:
     """Issue the SuperLink's TLS certificate (EC P-256) for 127.0.0.1, localhost and ``hosts``."""
     sans = _san_entries(list(hosts or []))
-    key, cert = _issue_leaf(ca_cert, ca_key, f"superlink {sans[0].value}", days, [
-        (x509.SubjectAlternativeName(sans), False),
-        (x509.BasicConstraints(ca=False, path_length=None), True),
-        (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False),
-    ])
+    key, cert = _issue_leaf(
+        ca_cert,
+        ca_key,
+        f"superlink {sans[0].value}",
+        days,
+        [
+            (x509.SubjectAlternativeName(sans), False),
+            (x509.BasicConstraints(ca=False, path_length=None), True),
+            (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False),
+        ],
+    )
     server_key, server_cert = out_dir / SERVER_KEY, out_dir / SERVER_CERT
     _write_private(server_key, _pem_key(key), force)
     _write_public(server_cert, cert.public_bytes(serialization.Encoding.PEM))
@@ -206,8 +228,9 @@ def make_operator_ca(out_dir: Path, days: int = 3650, force: bool = False) -> tu
     return make_ca(out, "RPE federation operator CA", days, True, OPERATOR_CA_CERT, OPERATOR_CA_KEY)
 
 
-def make_operator_cert(out_dir: Path, name: str, ca_cert: Path, ca_key: Path, days: int = 365,
-                       force: bool = False) -> tuple[Path, Path]:
+def make_operator_cert(
+    out_dir: Path, name: str, ca_cert: Path, ca_key: Path, days: int = 365, force: bool = False
+) -> tuple[Path, Path]:
     """Issue a TLS *client* certificate (EC P-256, EKU clientAuth) for operator ``name``.
 
     Writes ``operator-<name>.crt`` and ``operator-<name>.key`` (0600). The proxy forwards the
@@ -215,13 +238,30 @@ def make_operator_cert(out_dir: Path, name: str, ca_cert: Path, ca_key: Path, da
     ``--operator-ca`` it was started with; a short validity (one year by default) limits a lost key.
     """
     check_site_id(name)
-    key, cert = _issue_leaf(ca_cert, ca_key, f"operator {name}", days, [
-        (x509.BasicConstraints(ca=False, path_length=None), True),
-        (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False),
-        (x509.KeyUsage(digital_signature=True, key_cert_sign=False, crl_sign=False, content_commitment=False,
-                       key_encipherment=False, data_encipherment=False, key_agreement=False,
-                       encipher_only=False, decipher_only=False), True),
-    ])
+    key, cert = _issue_leaf(
+        ca_cert,
+        ca_key,
+        f"operator {name}",
+        days,
+        [
+            (x509.BasicConstraints(ca=False, path_length=None), True),
+            (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False),
+            (
+                x509.KeyUsage(
+                    digital_signature=True,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                True,
+            ),
+        ],
+    )
     out = Path(out_dir)
     cert_path, key_path = out / f"operator-{name}.crt", out / f"operator-{name}.key"
     _write_private(key_path, _pem_key(key), force)
@@ -237,8 +277,9 @@ def make_supernode_keys(out_dir: Path, site: str, force: bool = False) -> SiteKe
     pub = out_dir / f"{site}_auth.pub"
     _write_private(
         priv,
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                          serialization.NoEncryption()),
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        ),
         force,
     )
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
@@ -246,8 +287,9 @@ def make_supernode_keys(out_dir: Path, site: str, force: bool = False) -> SiteKe
     return SiteKeys(site, priv, pub)
 
 
-def generate(out_dir: str | os.PathLike[str], sites: list[str], hosts: list[str] | None = None,
-             force: bool = False) -> TlsBundle:
+def generate(
+    out_dir: str | os.PathLike[str], sites: list[str], hosts: list[str] | None = None, force: bool = False
+) -> TlsBundle:
     """CA + SuperLink certificate + one auth key pair per site; existing CA and site keys are reused.
 
     Re-running with new ``hosts`` re-issues only the server certificate (from the existing CA), and
@@ -279,13 +321,21 @@ def main(argv: list[str] | None = None) -> int:
         description="Generate a CA, the SuperLink TLS certificate and SuperNode auth keys (EC P-384, OpenSSH).",
     )
     parser.add_argument("--out", required=True, type=Path, help="output directory (private keys get mode 0600)")
-    parser.add_argument("--host", action="append", default=[],
-                        help="extra SAN for the SuperLink certificate (DNS name or IP); repeatable")
+    parser.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        help="extra SAN for the SuperLink certificate (DNS name or IP); repeatable",
+    )
     parser.add_argument("--site", action="append", default=[], help="site id to create an auth key pair for")
-    parser.add_argument("--operator", action="append", default=[],
-                        help="issue a Control API client certificate for this operator (signed by "
-                             "operator-ca.crt in --out, created if missing; give the proxy --operator-ca "
-                             "OUT/operator-ca.crt); repeatable. With only --operator, nothing else is made")
+    parser.add_argument(
+        "--operator",
+        action="append",
+        default=[],
+        help="issue a Control API client certificate for this operator (signed by "
+        "operator-ca.crt in --out, created if missing; give the proxy --operator-ca "
+        "OUT/operator-ca.crt); repeatable. With only --operator, nothing else is made",
+    )
     parser.add_argument("--force", action="store_true", help="replace an existing CA and site keys")
     args = parser.parse_args(argv)
     if args.operator and not (args.site or args.host):

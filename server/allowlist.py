@@ -43,10 +43,25 @@ from common.signing import (
     verify_submission,
 )
 
-__all__ = ["DEFAULT_MAX_AGE_S", "DEFAULT_MAX_SKEW_S", "NODE_KEYS_FILE", "NONCE_RE", "AllowList", "NodeKeys",
-           "NonceLedger", "ReplayError",
-           "SignatureError", "SigningError", "StaleSubmissionError", "UnknownSiteError", "authenticate_submission",
-           "check_nonce_fresh", "check_run_id", "make_nonce", "nonce_timestamp"]
+__all__ = [
+    "DEFAULT_MAX_AGE_S",
+    "DEFAULT_MAX_SKEW_S",
+    "NODE_KEYS_FILE",
+    "NONCE_RE",
+    "AllowList",
+    "NodeKeys",
+    "NonceLedger",
+    "ReplayError",
+    "SignatureError",
+    "SigningError",
+    "StaleSubmissionError",
+    "UnknownSiteError",
+    "authenticate_submission",
+    "check_nonce_fresh",
+    "check_run_id",
+    "make_nonce",
+    "nonce_timestamp",
+]
 
 NONCE_RE = re.compile(r"^(\d{1,12})\.([0-9a-f]{32})$")
 DEFAULT_MAX_AGE_S = 24 * 3600.0
@@ -164,8 +179,10 @@ class NodeKeys(_SiteKeyFile):
             raise SigningError(f"SuperNode key for site {site_id!r}: {exc}") from None
         data = self._load()
         if data.get(site_id) not in (None, line) and not replace:
-            raise SigningError(f"site {site_id!r} already has another SuperNode key recorded in {self.path}; "
-                               "pass replace=True to rotate it")
+            raise SigningError(
+                f"site {site_id!r} already has another SuperNode key recorded in {self.path}; "
+                "pass replace=True to rotate it"
+            )
         data[site_id] = line
         self._save(data)
 
@@ -175,7 +192,6 @@ class NodeKeys(_SiteKeyFile):
 
         line = self._load().get(site_id)
         return node_public_key(line) if line is not None else None
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,8 +278,9 @@ class NonceLedger:
             if (site_id, nonce) in self._seen:
                 raise ReplayError(f"nonce {nonce!r} was already used by site {site_id!r}: replayed submission")
             self.log.repair(self._offset, fh)  # a torn tail: cut it so our line starts clean
-            _, self._offset = self.log.append([canonical_json({"site": site_id, "nonce": nonce, "ts": time.time()})],
-                                              fh=fh)
+            _, self._offset = self.log.append(
+                [canonical_json({"site": site_id, "nonce": nonce, "ts": time.time()})], fh=fh
+            )
             self._seen.add((site_id, nonce))
 
 

@@ -37,9 +37,24 @@ from server.modes.evaluate import run_evaluate
 from server.reporting import write_evaluation, write_report
 from server.settings import MODES, REGISTRY_ENV, Settings
 
-__all__ = ["MODES", "IdentityRefused", "Settings", "SiteFailure", "SiteInfo", "app", "discover", "embed_sites",
-           "exchange", "main", "open_registry", "run_compose", "run_enroll", "run_evaluate", "write_evaluation",
-           "write_report"]
+__all__ = [
+    "MODES",
+    "IdentityRefused",
+    "Settings",
+    "SiteFailure",
+    "SiteInfo",
+    "app",
+    "discover",
+    "embed_sites",
+    "exchange",
+    "main",
+    "open_registry",
+    "run_compose",
+    "run_enroll",
+    "run_evaluate",
+    "write_evaluation",
+    "write_report",
+]
 
 
 def allow_list(s: Settings) -> AllowList:
@@ -56,8 +71,12 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Dispatch on ``mode``; always leave a run report, and fail the run only on coordinator errors."""
     run_id = str(grid.run.run_id)
-    report: dict[str, Any] = {"run_id": run_id, "mode": str(context.run_config.get("mode", "?")),
-                              "started_at": time.time(), "status": "running"}
+    report: dict[str, Any] = {
+        "run_id": run_id,
+        "mode": str(context.run_config.get("mode", "?")),
+        "started_at": time.time(),
+        "status": "running",
+    }
     registry_dir = str(context.run_config.get("registry-dir") or os.environ.get(REGISTRY_ENV, ""))
     try:
         s = Settings.from_run_config(context.run_config)
@@ -72,8 +91,9 @@ def main(grid: Grid, context: Context) -> None:
             with run_log(Path(s.registry_dir).expanduser() / "runs" / f"{run_id}-{s.mode}.log"):
                 timings["open_registry"] = round(time.monotonic() - t0, 3)
                 t0 = time.monotonic()
-                sites = discover(grid, s.timeout_query, report, run_id, allow_list(s), s.require_signatures,
-                                 registry.audit)
+                sites = discover(
+                    grid, s.timeout_query, report, run_id, allow_list(s), s.require_signatures, registry.audit
+                )
                 timings["discover"] = round(time.monotonic() - t0, 3)
                 if s.mode in HANDLERS:
                     t0 = time.monotonic()

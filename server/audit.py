@@ -78,7 +78,13 @@ REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
     EV_SUBMISSION_REJECTED: ("site", "reason"),
     EV_QUERY_EMBEDDING: ("site", "z_sha256"),
     EV_COMPOSITION: (
-        "target", "strategy", "retrieved", "distances", "weights", "adapter_sha256", "output_sha256",
+        "target",
+        "strategy",
+        "retrieved",
+        "distances",
+        "weights",
+        "adapter_sha256",
+        "output_sha256",
     ),
     EV_REGISTRY_ADD: ("record_id", "blob_sha256"),
     EV_REGISTRY_REMOVE: ("record_id",),
@@ -260,8 +266,14 @@ def receipt(private_key: Any, entry: dict[str, Any], **fields: Any) -> dict[str,
     """
     from common.statements import sign_statement
 
-    body = {"seq": int(entry["seq"]), "line_sha256": line_hash(entry), "record_id": entry.get("record_id"),
-            "site": entry.get("site"), "run_id": entry.get("run_id"), **fields}
+    body = {
+        "seq": int(entry["seq"]),
+        "line_sha256": line_hash(entry),
+        "record_id": entry.get("record_id"),
+        "site": entry.get("site"),
+        "run_id": entry.get("run_id"),
+        **fields,
+    }
     return sign_statement(private_key, "receipt", body)
 
 
@@ -378,14 +390,10 @@ def verify(path: str | os.PathLike[str], anchor: dict[str, Any] | None = None) -
             problems.append(AuditProblem(lineno, seq, SEQ_GAP, f"expected seq {expected}: {missing} missing"))
         elif seq < expected:
             if seq in seen:
-                problems.append(
-                    AuditProblem(lineno, seq, SEQ_DUPLICATE, f"seq {seq} already used at line {seen[seq]}")
-                )
+                problems.append(AuditProblem(lineno, seq, SEQ_DUPLICATE, f"seq {seq} already used at line {seen[seq]}"))
             else:
                 problems.append(
-                    AuditProblem(
-                        lineno, seq, SEQ_OUT_OF_ORDER, f"seq {seq} after seq {max_seq}: entries reordered"
-                    )
+                    AuditProblem(lineno, seq, SEQ_OUT_OF_ORDER, f"seq {seq} after seq {max_seq}: entries reordered")
                 )
         seen.setdefault(seq, lineno)
         max_seq = max(max_seq, seq)
@@ -408,8 +416,7 @@ def verify(path: str | os.PathLike[str], anchor: dict[str, Any] | None = None) -
 # --------------------------------------------------------------------------------------------
 # report
 
-_SUBMISSION_KEYS = ("record_id", "blob_sha256", "z_sha256", "bytes", "reason", "run_id", "privacy",
-                    "blob_encryption")
+_SUBMISSION_KEYS = ("record_id", "blob_sha256", "z_sha256", "bytes", "reason", "run_id", "privacy", "blob_encryption")
 
 
 def _blank_site() -> dict[str, Any]:
@@ -453,8 +460,18 @@ def report(path: str | os.PathLike[str]) -> dict[str, Any]:
                 }
             )
         elif ev == EV_COMPOSITION:
-            keys = ("target", "site", "strategy", "params", "retrieved", "distances", "weights",
-                    "adapter_sha256", "output_sha256", "z_sha256")
+            keys = (
+                "target",
+                "site",
+                "strategy",
+                "params",
+                "retrieved",
+                "distances",
+                "weights",
+                "adapter_sha256",
+                "output_sha256",
+                "z_sha256",
+            )
             compositions.append({"seq": e.get("seq"), "ts": e.get("ts"), **{k: e.get(k) for k in keys}})
         elif ev == EV_QUERY_EMBEDDING:
             site = str(e.get("site"))
@@ -493,8 +510,11 @@ def privacy_text(privacy: Any) -> str:
     if not parts:
         return "not private"
     total = privacy.get("epsilon_total")
-    tail = f"; total ε={total:.3g} at δ={privacy.get('delta_total')}" if isinstance(total, (int, float)) else \
-        "; part of it not private"
+    tail = (
+        f"; total ε={total:.3g} at δ={privacy.get('delta_total')}"
+        if isinstance(total, (int, float))
+        else "; part of it not private"
+    )
     return ", ".join(parts) + tail
 
 
@@ -515,15 +535,19 @@ def format_report(rep: dict[str, Any]) -> str:
         )
         for sub in s["submissions"]:
             accepted = sub["status"] == "accepted"
-            detail = f"record {sub['record_id']}; {privacy_text(sub.get('privacy'))}" if accepted else \
-                f"reason: {sub['reason']}"
+            detail = (
+                f"record {sub['record_id']}; {privacy_text(sub.get('privacy'))}"
+                if accepted
+                else f"reason: {sub['reason']}"
+            )
             if accepted and sub.get("blob_encryption"):
                 detail += f"; stored {sub['blob_encryption'].get('alg')} key {sub['blob_encryption'].get('key_id')}"
             out.append(f"  seq {sub['seq']} {sub['status']}: blob {sub['blob_sha256']} ({detail})")
     for c in rep["compositions"]:
         out.append(f"composition seq {c['seq']} for {c['target']} ({c['strategy']}) -> {c['output_sha256']}")
-        rows = zip(c["retrieved"] or [], c["distances"] or [], c["weights"] or [], c["adapter_sha256"] or [],
-                   strict=False)
+        rows = zip(
+            c["retrieved"] or [], c["distances"] or [], c["weights"] or [], c["adapter_sha256"] or [], strict=False
+        )
         for rid, dist, w, h in rows:
             out.append(f"  {rid}: weight {w:+.4f}, distance {dist:.4g}, blob {h}")
     if rep["queries"]:

@@ -54,8 +54,10 @@ def _open_or_create(s: Settings, blob_key: Any) -> Any:
     if (path / "registry.json").is_file():
         return Registry(path, chroma=chroma, blob_key=blob_key)
     if not s.base_model:
-        raise ValueError(f"{path} holds no registry yet: create it with `rpe registry init`, or set run config "
-                         "'base-model' to the base model directory so the first run creates it")
+        raise ValueError(
+            f"{path} holds no registry yet: create it with `rpe registry init`, or set run config "
+            "'base-model' to the base model directory so the first run creates it"
+        )
     if s.task == "segmentation":
         return _create_sam_registry(s, path, chroma, blob_key)
     from transformers import AutoConfig
@@ -69,8 +71,16 @@ def _open_or_create(s: Settings, blob_key: Any) -> Any:
     kwargs: dict[str, Any] = {}
     if isinstance(chroma, tuple):
         kwargs = {"chroma_host": chroma[0], "chroma_port": chroma[1]}
-    reg = Registry.init(path, base_fingerprint=fingerprint(model_dir), module_shapes=shapes, embedding_dim=hidden,
-                        base_name=str(model_dir), exist_ok=True, blob_key=blob_key, **kwargs)
+    reg = Registry.init(
+        path,
+        base_fingerprint=fingerprint(model_dir),
+        module_shapes=shapes,
+        embedding_dim=hidden,
+        base_name=str(model_dir),
+        exist_ok=True,
+        blob_key=blob_key,
+        **kwargs,
+    )
     if chroma == "off":
         reg.close()
         reg = Registry(path, chroma="off", blob_key=blob_key)
@@ -109,9 +119,17 @@ def _create_sam_registry(s: Settings, path: Path, chroma: Any, blob_key: Any) ->
     kwargs: dict[str, Any] = {}
     if isinstance(chroma, tuple):
         kwargs = {"chroma_host": chroma[0], "chroma_port": chroma[1]}
-    reg = Registry.init(path, base_fingerprint=sam.model_fingerprint(model), module_shapes=shapes,
-                        embedding_dim=dim, representation=REPRESENTATION, base_name=str(s.base_model),
-                        exist_ok=True, blob_key=blob_key, **kwargs)
+    reg = Registry.init(
+        path,
+        base_fingerprint=sam.model_fingerprint(model),
+        module_shapes=shapes,
+        embedding_dim=dim,
+        representation=REPRESENTATION,
+        base_name=str(s.base_model),
+        exist_ok=True,
+        blob_key=blob_key,
+        **kwargs,
+    )
     share_coordinator_key(Path(s.registry_dir).expanduser(), path)
     if chroma == "off":
         reg.close()

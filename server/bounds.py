@@ -52,8 +52,12 @@ class NormBound:
     n_reference: int
 
     @classmethod
-    def from_reference(cls, reference: Iterable[Mapping[str, float]], factor: float = DEFAULT_FACTOR,
-                       min_reference: int = DEFAULT_MIN_REFERENCE) -> NormBound | None:
+    def from_reference(
+        cls,
+        reference: Iterable[Mapping[str, float]],
+        factor: float = DEFAULT_FACTOR,
+        min_reference: int = DEFAULT_MIN_REFERENCE,
+    ) -> NormBound | None:
         """The bound from the stored adapters' norms, or None while fewer than ``min_reference`` exist."""
         if not factor > 1.0:
             raise ValueError(f"the norm factor must be > 1; got {factor!r}")
@@ -77,4 +81,5 @@ class NormBound:
                 raise NormBoundError(
                     f"{who}: {what} has ‖ΔW‖ = {value:.4g}, more than {self.factor:g} × the median of the "
                     f"{self.n_reference} adapters of this base and task ({limit:.4g}); an honest adapter is "
-                    "never this large — retrain with a lower learning rate, or ask the coordinator")
+                    "never this large — retrain with a lower learning rate, or ask the coordinator"
+                )

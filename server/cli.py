@@ -34,8 +34,10 @@ def _load_z(path: str) -> Any:
 MAX_Z_VALUES = 1 << 20
 
 
-_BLOB_KEY_HELP = ("AES-256-GCM key file of an encrypted registry (`rpe blob-key new FILE`; default: "
-                  "$RPE_BLOB_KEY_FILE, else $RPE_BLOB_KEY); needed to add or read adapters, not to list")
+_BLOB_KEY_HELP = (
+    "AES-256-GCM key file of an encrypted registry (`rpe blob-key new FILE`; default: "
+    "$RPE_BLOB_KEY_FILE, else $RPE_BLOB_KEY); needed to add or read adapters, not to list"
+)
 
 
 def _blob_key(args: argparse.Namespace) -> Any:
@@ -67,13 +69,21 @@ def cmd_registry_init(args: argparse.Namespace) -> None:
     else:
         dim, representation = int(model.config.hidden_size), f"hidden-mean:layer={args.layer}"
     reg = Registry.init(
-        args.registry, base_fingerprint=fingerprint(model_dir), module_shapes=linear_module_shapes(model),
-        embedding_dim=dim, representation=representation, chroma_host=args.chroma_host,
-        chroma_port=args.chroma_port, base_name=str(args.base), blob_key=_blob_key(args),
+        args.registry,
+        base_fingerprint=fingerprint(model_dir),
+        module_shapes=linear_module_shapes(model),
+        embedding_dim=dim,
+        representation=representation,
+        chroma_host=args.chroma_host,
+        chroma_port=args.chroma_port,
+        base_name=str(args.base),
+        blob_key=_blob_key(args),
     )
     enc = reg.blob_encryption
-    print(f"registry {args.registry}: base {fingerprint(model_dir)[:19]}…, z dim {dim} ({representation})"
-          + (f", blobs encrypted ({enc['alg']}, key {enc['key_id']})" if enc else ""))
+    print(
+        f"registry {args.registry}: base {fingerprint(model_dir)[:19]}…, z dim {dim} ({representation})"
+        + (f", blobs encrypted ({enc['alg']}, key {enc['key_id']})" if enc else "")
+    )
     reg.close()
 
 
@@ -81,11 +91,15 @@ def cmd_blob_key_new(args: argparse.Namespace) -> None:
     from server.registry.blobcrypt import KEY_FILE_ENV, new_key_file
 
     key = new_key_file(args.file)
-    print(f"wrote blob key {key.key_id} to {args.file} (mode 0600; keep a backup: blobs encrypted with it are "
-          "unreadable without it)")
-    print(f"use it: rpe registry init --registry DIR --blob-key-file {args.file}; then pass --blob-key-file "
-          f"{args.file} (or set {KEY_FILE_ENV}={args.file}) to every rpe command on that registry, and run config "
-          f"blob-key-file=\"{args.file}\" for the ServerApp")
+    print(
+        f"wrote blob key {key.key_id} to {args.file} (mode 0600; keep a backup: blobs encrypted with it are "
+        "unreadable without it)"
+    )
+    print(
+        f"use it: rpe registry init --registry DIR --blob-key-file {args.file}; then pass --blob-key-file "
+        f"{args.file} (or set {KEY_FILE_ENV}={args.file}) to every rpe command on that registry, and run config "
+        f'blob-key-file="{args.file}" for the ServerApp'
+    )
 
 
 def cmd_registry_add(args: argparse.Namespace) -> None:
@@ -97,8 +111,9 @@ def cmd_registry_add(args: argparse.Namespace) -> None:
         adapter = load_peft_adapter(args.adapter)
         z = _load_z(args.embedding)
         base = args.base_fingerprint or next(iter(reg.bases))
-        meta = AdapterMeta(site=args.site, task=args.task, modality=args.modality, base_fingerprint=base,
-                           sample_count=args.samples)
+        meta = AdapterMeta(
+            site=args.site, task=args.task, modality=args.modality, base_fingerprint=base, sample_count=args.samples
+        )
         rec = reg.add(adapter, z, meta)
     finally:
         reg.close()
@@ -114,9 +129,19 @@ def cmd_registry_ls(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps([r.to_dict() for r in records], indent=2))
         return
-    rows = [{"id": r.id, "site": r.meta.site, "task": r.meta.task, "modality": r.meta.modality,
-             "rank": r.meta.rank, "samples": r.meta.sample_count, "bytes": r.bytes,
-             "created": r.meta.created_at} for r in records]
+    rows = [
+        {
+            "id": r.id,
+            "site": r.meta.site,
+            "task": r.meta.task,
+            "modality": r.meta.modality,
+            "rank": r.meta.rank,
+            "samples": r.meta.sample_count,
+            "bytes": r.bytes,
+            "created": r.meta.created_at,
+        }
+        for r in records
+    ]
     print_table(rows, ["id", "site", "task", "modality", "rank", "samples", "bytes", "created"])
 
 
@@ -159,17 +184,33 @@ def cmd_compose(args: argparse.Namespace) -> None:
     reg = _open_registry(args)
     try:
         res = compose_for_target(
-            reg, z, strategy=args.strategy, k=args.k, exclude_site=args.exclude_site, task=args.task,
-            max_rank=args.max_rank, strategy_params=params or None, out_dir=args.out, target=args.target,
+            reg,
+            z,
+            strategy=args.strategy,
+            k=args.k,
+            exclude_site=args.exclude_site,
+            task=args.task,
+            max_rank=args.max_rank,
+            strategy_params=params or None,
+            out_dir=args.out,
+            target=args.target,
             force=args.force,
         )
     finally:
         reg.close()
-    rows = [{"id": i, "distance": float(d), "weight": float(w)}
-            for i, d, w in zip(res.ids, res.distances, res.weights)]
+    rows = [{"id": i, "distance": float(d), "weight": float(w)} for i, d, w in zip(res.ids, res.distances, res.weights)]
     if args.json:
-        print(json.dumps({"strategy": args.strategy, "retrieved": rows, "out": str(res.out_dir),
-                          "output_sha256": res.output_sha256}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "strategy": args.strategy,
+                    "retrieved": rows,
+                    "out": str(res.out_dir),
+                    "output_sha256": res.output_sha256,
+                },
+                indent=2,
+            )
+        )
         return
     print_table(rows, ["id", "distance", "weight"])
     print(f"composed adapter written to {res.out_dir} (sha256 {res.output_sha256[:16]}…)")
@@ -190,8 +231,12 @@ def cmd_audit_verify(args: argparse.Namespace) -> None:
     records = reg_dir / "records.jsonl"
     binding = check_binding(records, args.log) if records.is_file() else []
     if args.json:
-        print(json.dumps({"ok": not problems and not binding, "problems": problems_as_dicts(problems),
-                          "records": binding}, indent=2))
+        print(
+            json.dumps(
+                {"ok": not problems and not binding, "problems": problems_as_dicts(problems), "records": binding},
+                indent=2,
+            )
+        )
     elif not problems and not binding:
         what = f" and every record of {records} bound to it" if records.is_file() else ""
         print(f"{args.log}: OK, hash chain intact{what}" + (f", anchor seq {anchor['seq']} found" if anchor else ""))
@@ -253,27 +298,46 @@ def cmd_experiment(args: argparse.Namespace) -> None:
 
 def register(sub: Any) -> None:
     """Add the coordinator's commands to the top-level ``rpe`` subparsers."""
-    reg = sub.add_parser("registry", help="create, fill and inspect a LoRA registry",
-                         description="The coordinator's LoRA registry (records + blobs + Chroma index).")
+    reg = sub.add_parser(
+        "registry",
+        help="create, fill and inspect a LoRA registry",
+        description="The coordinator's LoRA registry (records + blobs + Chroma index).",
+    )
     rsub = reg.add_subparsers(dest="registry_command", required=True, metavar="ACTION")
-    r = rsub.add_parser("init", help="create a registry bound to one base model",
-                        description="Create a registry for adapters of BASE (its fingerprint and module "
-                                    "shapes are recorded so submissions can be validated without the model).")
+    r = rsub.add_parser(
+        "init",
+        help="create a registry bound to one base model",
+        description="Create a registry for adapters of BASE (its fingerprint and module "
+        "shapes are recorded so submissions can be validated without the model).",
+    )
     r.add_argument("--registry", required=True, help="registry directory to create")
-    r.add_argument("--base", default="smollm2-135m-instruct",
-                   help="base model: a local model directory or 'smollm2-135m-instruct' (default)")
-    r.add_argument("--representation", choices=["hidden-mean", "minilm"], default="hidden-mean",
-                   help="what z is: the base model's mean hidden state (default) or MiniLM sentence embeddings")
+    r.add_argument(
+        "--base",
+        default="smollm2-135m-instruct",
+        help="base model: a local model directory or 'smollm2-135m-instruct' (default)",
+    )
+    r.add_argument(
+        "--representation",
+        choices=["hidden-mean", "minilm"],
+        default="hidden-mean",
+        help="what z is: the base model's mean hidden state (default) or MiniLM sentence embeddings",
+    )
     r.add_argument("--layer", type=int, default=-1, help="hidden layer for hidden-mean (default -1: last)")
     r.add_argument("--chroma-host", help="use a `chroma run` server at this host instead of embedded Chroma")
     r.add_argument("--chroma-port", type=int, help="port of the Chroma server")
-    r.add_argument("--blob-key-file", help="encrypt every adapter blob at rest with this AES-256-GCM key file "
-                   "(`rpe blob-key new FILE`; default: $RPE_BLOB_KEY_FILE, else $RPE_BLOB_KEY; none: plaintext "
-                   "blobs). Fixed for the registry's life; z and metadata stay unencrypted")
+    r.add_argument(
+        "--blob-key-file",
+        help="encrypt every adapter blob at rest with this AES-256-GCM key file "
+        "(`rpe blob-key new FILE`; default: $RPE_BLOB_KEY_FILE, else $RPE_BLOB_KEY; none: plaintext "
+        "blobs). Fixed for the registry's life; z and metadata stay unencrypted",
+    )
     r.set_defaults(func=cmd_registry_init)
 
-    r = rsub.add_parser("add", help="add a PEFT adapter directory with its embedding",
-                        description="Validate and store one adapter. Rejected input changes nothing.")
+    r = rsub.add_parser(
+        "add",
+        help="add a PEFT adapter directory with its embedding",
+        description="Validate and store one adapter. Rejected input changes nothing.",
+    )
     r.add_argument("--registry", required=True)
     r.add_argument("--adapter", required=True, help="PEFT adapter directory (adapter_config.json + safetensors)")
     r.add_argument("--embedding", required=True, help=".npy file with the site's mean embedding z")
@@ -309,21 +373,30 @@ def register(sub: Any) -> None:
     r.add_argument("--blob-key-file", help=_BLOB_KEY_HELP)
     r.set_defaults(func=cmd_registry_rm)
 
-    b = sub.add_parser("blob-key", help="create the key that encrypts a registry's adapter blobs at rest",
-                       description="AES-256-GCM encryption of adapter blobs at rest (optional). Create a key "
-                                   "file, then `rpe registry init --blob-key-file FILE`; every later command "
-                                   "that stores or reads adapters needs --blob-key-file FILE or "
-                                   "$RPE_BLOB_KEY_FILE (or the key itself in $RPE_BLOB_KEY). z, metadata and "
-                                   "the audit log are not encrypted; there is no key rotation.")
+    b = sub.add_parser(
+        "blob-key",
+        help="create the key that encrypts a registry's adapter blobs at rest",
+        description="AES-256-GCM encryption of adapter blobs at rest (optional). Create a key "
+        "file, then `rpe registry init --blob-key-file FILE`; every later command "
+        "that stores or reads adapters needs --blob-key-file FILE or "
+        "$RPE_BLOB_KEY_FILE (or the key itself in $RPE_BLOB_KEY). z, metadata and "
+        "the audit log are not encrypted; there is no key rotation.",
+    )
     bsub = b.add_subparsers(dest="blob_key_command", required=True, metavar="ACTION")
-    r = bsub.add_parser("new", help="write a fresh random key (64 hex digits, mode 0600) and print its id",
-                        description="Write 32 random bytes as 64 hex digits to FILE with mode 0600. Refuses to "
-                                    "overwrite FILE. Keep a backup: an encrypted registry is unreadable without it.")
+    r = bsub.add_parser(
+        "new",
+        help="write a fresh random key (64 hex digits, mode 0600) and print its id",
+        description="Write 32 random bytes as 64 hex digits to FILE with mode 0600. Refuses to "
+        "overwrite FILE. Keep a backup: an encrypted registry is unreadable without it.",
+    )
     r.add_argument("file", metavar="FILE", help="key file to create")
     r.set_defaults(func=cmd_blob_key_new)
 
-    c = sub.add_parser("compose", help="retrieve, weigh and compose adapters for a target embedding",
-                       description="θ = θ0 + Σ w_i δθ_i over the k nearest adapters; writes a PEFT adapter dir.")
+    c = sub.add_parser(
+        "compose",
+        help="retrieve, weigh and compose adapters for a target embedding",
+        description="θ = θ0 + Σ w_i δθ_i over the k nearest adapters; writes a PEFT adapter dir.",
+    )
     c.add_argument("--registry", required=True)
     c.add_argument("--embedding", required=True, help=".npy with the target's mean embedding")
     c.add_argument("--strategy", choices=["sim", "lin", "lin-l1", "avg", "nearest"], default="sim")
@@ -332,26 +405,41 @@ def register(sub: Any) -> None:
     c.add_argument("--task", help="only retrieve adapters of this task")
     c.add_argument("--max-rank", type=int, help="re-compress to the best rank-R approximation")
     c.add_argument("--lam1", type=float, help="sim temperature (default: median squared distance)")
-    c.add_argument("--max-l1", type=float, help="lin / lin-l1: bound on ‖w‖₁, how far the weights may cancel "
-                                               "(default 3; inf = unbounded)")
+    c.add_argument(
+        "--max-l1",
+        type=float,
+        help="lin / lin-l1: bound on ‖w‖₁, how far the weights may cancel (default 3; inf = unbounded)",
+    )
     c.add_argument("--lam2", type=float, help="lin-l1 L1 strength (default: relative to the distances)")
     c.add_argument("--target", default="cli", help="name recorded in the audit log")
     c.add_argument("--out", required=True, help="output PEFT adapter directory (written whole, then swapped in)")
-    c.add_argument("--force", action="store_true", help="replace a non-empty --out that is not an earlier "
-                                                        "composition (default: refuse, so no adapter is lost)")
+    c.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a non-empty --out that is not an earlier composition (default: refuse, so no adapter is lost)",
+    )
     c.add_argument("--json", action="store_true")
     c.add_argument("--blob-key-file", help=_BLOB_KEY_HELP)
     c.set_defaults(func=cmd_compose)
 
-    a = sub.add_parser("audit", help="verify and summarise audit logs",
-                       description="Offline checks an auditor can run without trusting the coordinator.")
+    a = sub.add_parser(
+        "audit",
+        help="verify and summarise audit logs",
+        description="Offline checks an auditor can run without trusting the coordinator.",
+    )
     asub = a.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
     v = asub.add_parser("verify", help="check the hash chain; exit 1 and say where if broken")
     v.add_argument("--log", required=True, help="the coordinator's audit.jsonl")
-    v.add_argument("--registry", help="registry directory whose records.jsonl is checked against the log "
-                                      "(default: the log's directory, when it holds records.jsonl)")
-    v.add_argument("--anchor", help="a known head, SEQ:LINE_SHA256 or a JSON file (audit head, or a receipt): "
-                                    "also detects a truncated or rewritten tail")
+    v.add_argument(
+        "--registry",
+        help="registry directory whose records.jsonl is checked against the log "
+        "(default: the log's directory, when it holds records.jsonl)",
+    )
+    v.add_argument(
+        "--anchor",
+        help="a known head, SEQ:LINE_SHA256 or a JSON file (audit head, or a receipt): "
+        "also detects a truncated or rewritten tail",
+    )
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_audit_verify)
     v = asub.add_parser("report", help="what was received per site and used per composition")
@@ -362,16 +450,26 @@ def register(sub: Any) -> None:
     v.add_argument("--egress", required=True, help="the site's egress.jsonl")
     v.add_argument("--audit", required=True, help="the coordinator's audit.jsonl")
     v.add_argument("--site", required=True, help="the site id the coordinator knows it by")
-    v.add_argument("--coordinator-key", help="the coordinator's public key (PEM) the site holds, to check the "
-                                             "receipts in its egress log (default: coordinator.pub next to "
-                                             "the audit log)")
+    v.add_argument(
+        "--coordinator-key",
+        help="the coordinator's public key (PEM) the site holds, to check the "
+        "receipts in its egress log (default: coordinator.pub next to "
+        "the audit log)",
+    )
     v.set_defaults(func=cmd_audit_cross_check)
 
-    x = sub.add_parser("experiment", help="library-level leave-one-group-out experiment on real data",
-                       description="Train a LoRA per report group on SmolLM2-135M, then for each group "
-                                   "compose the others with every strategy and score ROUGE-L.")
-    x.add_argument("--profile", choices=["quick", "full"], default="quick",
-                   help="quick: 2-core CPU budget (default); full: more data and steps (GPU)")
+    x = sub.add_parser(
+        "experiment",
+        help="library-level leave-one-group-out experiment on real data",
+        description="Train a LoRA per report group on SmolLM2-135M, then for each group "
+        "compose the others with every strategy and score ROUGE-L.",
+    )
+    x.add_argument(
+        "--profile",
+        choices=["quick", "full"],
+        default="quick",
+        help="quick: 2-core CPU budget (default); full: more data and steps (GPU)",
+    )
     x.add_argument("--out", default="runs/experiment", help="output directory")
     x.add_argument("--groups", nargs="*", help="report groups (default: the four largest distinct ones)")
     x.set_defaults(func=cmd_experiment)

@@ -74,8 +74,9 @@ class CompositionNormError(CompositionError):
     """The composed adapter is far larger than the registry's own adapters: refused before delivery."""
 
 
-def _check_composed(registry: Registry, composed: Any, base: str, task: str | None, strategy: str,
-                    target: str) -> dict[str, float]:
+def _check_composed(
+    registry: Registry, composed: Any, base: str, task: str | None, strategy: str, target: str
+) -> dict[str, float]:
     """Check the composed update against the same bound as a single adapter (``server.bounds``);
     returns its norms. A composition can exceed it only through weights that cancel (``lin``) or
     a stored adapter that slipped in before the bound existed: either way it is not delivered."""
@@ -89,14 +90,27 @@ def _check_composed(registry: Registry, composed: Any, base: str, task: str | No
     return norms
 
 
-def compose_for_target(registry: Registry, z_target: Any, *, strategy: str = "sim", k: int = 4,
-                       exclude_site: str | None = None, task: str | None = None, max_rank: int | None = None,
-                       strategy_params: Mapping[str, Any] | None = None, out_dir: str | Path | None = None,
-                       target: str = "?", base: str | None = None, modality: str | None = None,
-                       lam1: float | None = None, lam2: float | None = None,
-                       base_model_name_or_path: str | None = None,
-                       audit_query: bool = True, wire_form: bool = False,
-                       force: bool = False) -> CompositionResult:
+def compose_for_target(
+    registry: Registry,
+    z_target: Any,
+    *,
+    strategy: str = "sim",
+    k: int = 4,
+    exclude_site: str | None = None,
+    task: str | None = None,
+    max_rank: int | None = None,
+    strategy_params: Mapping[str, Any] | None = None,
+    out_dir: str | Path | None = None,
+    target: str = "?",
+    base: str | None = None,
+    modality: str | None = None,
+    lam1: float | None = None,
+    lam2: float | None = None,
+    base_model_name_or_path: str | None = None,
+    audit_query: bool = True,
+    wire_form: bool = False,
+    force: bool = False,
+) -> CompositionResult:
     """Compose the adapter for one target embedding; optionally write it as a PEFT directory.
 
     ``strategy`` is a name from ``common.strategies.STRATEGIES`` (``sim``, ``lin``, ``lin-l1``,
@@ -131,10 +145,18 @@ def compose_for_target(registry: Registry, z_target: Any, *, strategy: str = "si
     z_sha = hashlib.sha256(z.astype("<f4").tobytes()).hexdigest()
     hits = registry.query(z, k, task=task, modality=modality, base=chosen_base, exclude_site=exclude_site)
     if audit_query:
-        registry.audit.append("query.embedding", site=target, target=target, z_sha256=z_sha, k=int(k),
-                              task=task,
-                              modality=modality, base=chosen_base, exclude_site=exclude_site,
-                              retrieved=[h.record.id for h in hits])
+        registry.audit.append(
+            "query.embedding",
+            site=target,
+            target=target,
+            z_sha256=z_sha,
+            k=int(k),
+            task=task,
+            modality=modality,
+            base=chosen_base,
+            exclude_site=exclude_site,
+            retrieved=[h.record.id for h in hits],
+        )
     Z = np.stack([h.record.z for h in hits])
     weights = np.asarray(compute_weights(strategy, z, Z, **params), dtype=np.float64)
     if weights.shape != (len(hits),) or not np.all(np.isfinite(weights)):
@@ -158,17 +180,40 @@ def compose_for_target(registry: Registry, z_target: Any, *, strategy: str = "si
             save_peft_adapter(composed, tmp, name)
         written = Path(out_dir).absolute()
     result = CompositionResult(
-        ids=[h.record.id for h in hits], distances=[float(h.distance) for h in hits],
-        weights=[float(w) for w in weights], adapter=composed, output_sha256=output_sha, out_dir=written,
-        strategy=strategy, params=params, adapter_sha256=[h.record.blob_sha256 for h in hits],
-        sites=[h.record.meta.site for h in hits], hits=hits, z_sha256=z_sha, base_fingerprint=base_fp,
+        ids=[h.record.id for h in hits],
+        distances=[float(h.distance) for h in hits],
+        weights=[float(w) for w in weights],
+        adapter=composed,
+        output_sha256=output_sha,
+        out_dir=written,
+        strategy=strategy,
+        params=params,
+        adapter_sha256=[h.record.blob_sha256 for h in hits],
+        sites=[h.record.meta.site for h in hits],
+        hits=hits,
+        z_sha256=z_sha,
+        base_fingerprint=base_fp,
     )
     registry.audit.append(
-        "composition", target=target, site=target, strategy=strategy, params=params, retrieved=result.ids,
-        distances=result.distances, weights=result.weights, adapter_sha256=result.adapter_sha256,
-        output_sha256=output_sha, z_sha256=z_sha, k=int(k), max_rank=max_rank, task=task,
-        exclude_site=exclude_site, base_fingerprint=base_fp, out_dir=str(written) if written else None,
+        "composition",
+        target=target,
+        site=target,
+        strategy=strategy,
+        params=params,
+        retrieved=result.ids,
+        distances=result.distances,
+        weights=result.weights,
+        adapter_sha256=result.adapter_sha256,
+        output_sha256=output_sha,
+        z_sha256=z_sha,
+        k=int(k),
+        max_rank=max_rank,
+        task=task,
+        exclude_site=exclude_site,
+        base_fingerprint=base_fp,
+        out_dir=str(written) if written else None,
         max_l1=params.get("max_l1", MAX_L1_DEFAULT) if strategy in ("lin", "lin-l1") else None,
-        weights_l1=float(np.abs(weights).sum()), update_norm=composed_norms.get("__total__"),
+        weights_l1=float(np.abs(weights).sum()),
+        update_norm=composed_norms.get("__total__"),
     )
     return result

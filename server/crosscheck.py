@@ -59,11 +59,16 @@ ALL_MESSAGE_TYPES = ("query.whoami", "train", "query.embed", "train.apply", "tra
 #: the coordinator's audit event(s) for one site reply, per message type (an event that carries its
 #: own ``message_type`` field is taken at its word)
 REPLY_EVENTS: dict[str, str] = {
-    EV_SUBMISSION_ACCEPTED: "train", EV_SUBMISSION_REJECTED: "train",
-    "identity.verified": "query.whoami", "identity.unverified": "query.whoami", "identity.refused": "query.whoami",
+    EV_SUBMISSION_ACCEPTED: "train",
+    EV_SUBMISSION_REJECTED: "train",
+    "identity.verified": "query.whoami",
+    "identity.unverified": "query.whoami",
+    "identity.refused": "query.whoami",
     "probe.answered": "query.whoami",
-    "query.embedding": "query.embed", "query.failed": "query.embed",
-    "composition.delivered": "train.apply", "composition.undelivered": "train.apply",
+    "query.embedding": "query.embed",
+    "query.failed": "query.embed",
+    "composition.delivered": "train.apply",
+    "composition.undelivered": "train.apply",
 }
 #: events that say the reply was not usable: they may match a reply without records, and when the
 #: site's log has none (offline, timeout) they are ``unverifiable``, not a mismatch
@@ -86,8 +91,13 @@ class CrossCheckReport:
 
     @property
     def ok(self) -> bool:
-        problems = (self.coordinator_only, self.site_only, self.audit_problems, self.egress_unreadable_lines,
-                    self.receipt_problems)
+        problems = (
+            self.coordinator_only,
+            self.site_only,
+            self.audit_problems,
+            self.egress_unreadable_lines,
+            self.receipt_problems,
+        )
         return not any(problems)
 
     def to_dict(self) -> dict[str, Any]:
@@ -110,14 +120,19 @@ class CrossCheckReport:
         if self.egress_unreadable_lines:
             out.append(f"  egress log lines unreadable: {self.egress_unreadable_lines}")
         for c in self.coordinator_only:
-            out.append(f"  coordinator recorded seq {c['seq']} ({c['event']}) that is not in the site's log: "
-                       f"{c['detail']}")
+            out.append(
+                f"  coordinator recorded seq {c['seq']} ({c['event']}) that is not in the site's log: {c['detail']}"
+            )
         for s in self.site_only:
-            out.append(f"  site sent egress line {s['line']} ({s['message_type']}, run {s['run_id']}) "
-                       f"that the coordinator did not record: {s['detail']}")
+            out.append(
+                f"  site sent egress line {s['line']} ({s['message_type']}, run {s['run_id']}) "
+                f"that the coordinator did not record: {s['detail']}"
+            )
         for u in self.unverifiable:
-            out.append(f"  note: coordinator seq {u['seq']} rejected nothing the site logged "
-                       f"(reason: {u['reason']}); nothing to match")
+            out.append(
+                f"  note: coordinator seq {u['seq']} rejected nothing the site logged "
+                f"(reason: {u['reason']}); nothing to match"
+            )
         return "\n".join(out)
 
 
@@ -127,8 +142,9 @@ def _receipts_in(entry: dict[str, Any]) -> list[Any]:
     return [r for r in (extra.get("receipt"), ack.get("receipt"), entry.get("receipt")) if r is not None]
 
 
-def check_egress_receipts(egress_entries: list[tuple[int, dict[str, Any]]], audit_path: str | os.PathLike[str],
-                          coordinator_key: Any) -> tuple[int, list[str]]:
+def check_egress_receipts(
+    egress_entries: list[tuple[int, dict[str, Any]]], audit_path: str | os.PathLike[str], coordinator_key: Any
+) -> tuple[int, list[str]]:
     """(receipts found, problems): each receipt's signature, then the log against all of them."""
     problems: list[str] = []
     bodies: list[dict[str, Any]] = []
@@ -137,8 +153,10 @@ def check_egress_receipts(egress_entries: list[tuple[int, dict[str, Any]]], audi
         for statement in _receipts_in(entry):
             found += 1
             if coordinator_key is None:
-                problems.append(f"egress line {line}: a receipt, but no coordinator public key to check it with "
-                                "(pass --coordinator-key)")
+                problems.append(
+                    f"egress line {line}: a receipt, but no coordinator public key to check it with "
+                    "(pass --coordinator-key)"
+                )
                 continue
             try:
                 bodies.append(verify_statement(coordinator_key, statement, "receipt"))
@@ -222,6 +240,7 @@ def _explain(k: dict[str, Any], candidates: list[tuple[int, dict[str, Any]]]) ->
         return f"no unmatched egress line for run {run!r}"
     pool = same_run or candidates
     if k["digests"]:
+
         def agree(c: tuple[int, dict[str, Any]]) -> int:
             sent = _egress_digests(c[1])
             return sum(sent.get(n) == d for n, d in k["digests"].items())
@@ -276,8 +295,11 @@ def cross_check(
     replies = [e for e in site_events if _event_type(e) in message_types]
     companions: dict[str, list[dict[str, Any]]] = {}
     for e in site_events:
-        if (e.get("event") not in submission_events and e.get("record_id") is not None
-                and isinstance(e.get("record_digests"), dict)):
+        if (
+            e.get("event") not in submission_events
+            and e.get("record_id") is not None
+            and isinstance(e.get("record_digests"), dict)
+        ):
             companions.setdefault(e["record_id"], []).append(e)
     for audit in replies:
         mtype = _event_type(audit)
@@ -295,8 +317,9 @@ def cross_check(
         }
         if hit is None:
             target = rep.unverifiable if k["rejected"] and not _claims_data(k) else rep.coordinator_only
-            target.append({**summary, "reason": audit.get("reason"),
-                           "detail": _explain(k, [pending[i] for i, _ in same_type])})
+            target.append(
+                {**summary, "reason": audit.get("reason"), "detail": _explain(k, [pending[i] for i, _ in same_type])}
+            )
             continue
         line, eg = pending.pop(hit)
         how = "record_digests" if k["digests"] else ("blob_sha256" if k["blob"] else "run_id (no data)")

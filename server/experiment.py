@@ -55,8 +55,13 @@ def _log(msg: str) -> None:
     print(f"[experiment] {msg}", file=sys.stderr, flush=True)
 
 
-def run(profile: Profile, out_dir: Path, groups: list[str] | None = None, model_spec: str = "smollm2-135m-instruct",
-        seed: int = 0) -> dict[str, Any]:
+def run(
+    profile: Profile,
+    out_dir: Path,
+    groups: list[str] | None = None,
+    model_spec: str = "smollm2-135m-instruct",
+    seed: int = 0,
+) -> dict[str, Any]:
     """Run the experiment; returns ``{"scores": {target: {arm: rouge_l}}, "weights": ..., ...}``."""
     from common.data import report_groups, split
     from common.embedding import mean_embedding
@@ -89,9 +94,14 @@ def run(profile: Profile, out_dir: Path, groups: list[str] | None = None, model_
     reg_dir = out_dir / "registry"
     if reg_dir.exists():  # a fresh registry per run: the experiment must not mix old adapters in
         shutil.rmtree(reg_dir)
-    reg = Registry.init(reg_dir, base_fingerprint=base_fp, module_shapes=linear_module_shapes(model),
-                        embedding_dim=int(model.config.hidden_size), representation="hidden-mean:layer=-1",
-                        base_name=str(model_spec))
+    reg = Registry.init(
+        reg_dir,
+        base_fingerprint=base_fp,
+        module_shapes=linear_module_shapes(model),
+        embedding_dim=int(model.config.hidden_size),
+        representation="hidden-mean:layer=-1",
+        base_name=str(model_spec),
+    )
     spec = LoraSpec(r=profile.r, alpha=profile.alpha)
     own: dict[str, Any] = {}
     z_of: dict[str, np.ndarray] = {}
@@ -101,16 +111,35 @@ def run(profile: Profile, out_dir: Path, groups: list[str] | None = None, model_
         for i, g in enumerate(names):
             train, _ = data[g]
             _log(f"site {i + 1}/{len(names)} {g}: training a rank-{spec.r} LoRA on {len(train)} reports")
-            adapter, stats = train_lora(model, tok, train, task, spec, steps=profile.steps, lr=profile.lr,
-                                        batch_size=profile.batch_size, max_length=profile.max_length,
-                                        seed=seed, base_model=str(model_spec))
+            adapter, stats = train_lora(
+                model,
+                tok,
+                train,
+                task,
+                spec,
+                steps=profile.steps,
+                lr=profile.lr,
+                batch_size=profile.batch_size,
+                max_length=profile.max_length,
+                seed=seed,
+                base_model=str(model_spec),
+            )
             emb = mean_embedding(model, tok, task.embedding_texts(train), progress=False)
             z_of[g] = emb.z
             own[g] = adapter
-            reg.add(adapter, emb.z, AdapterMeta(site=g, task=task.name, modality="text", base_fingerprint=base_fp,
-                                                sample_count=len(train), token_count=emb.n_tokens,
-                                                extra={"train": {k: v for k, v in stats.items()
-                                                                 if isinstance(v, (int, float, str))}}))
+            reg.add(
+                adapter,
+                emb.z,
+                AdapterMeta(
+                    site=g,
+                    task=task.name,
+                    modality="text",
+                    base_fingerprint=base_fp,
+                    sample_count=len(train),
+                    token_count=emb.n_tokens,
+                    extra={"train": {k: v for k, v in stats.items() if isinstance(v, (int, float, str))}},
+                ),
+            )
             _log(f"  loss {stats.get('final_loss', float('nan')):.3f}, {stats.get('tokens_per_s', 0):.0f} tok/s")
         timings["train_and_embed_s"] = time.perf_counter() - t0
 
@@ -121,8 +150,10 @@ def run(profile: Profile, out_dir: Path, groups: list[str] | None = None, model_
         k = len(names) - 1
         for g in names:
             _, held_out = data[g]
-            _log(f"target {g}: scoring base, own LoRA and {len(STRATEGY_ARMS)} compositions "
-                 f"on {len(held_out)} held-out reports")
+            _log(
+                f"target {g}: scoring base, own LoRA and {len(STRATEGY_ARMS)} compositions "
+                f"on {len(held_out)} held-out reports"
+            )
             arms: dict[str, Any] = {"base": None, "sft (own LoRA)": own[g]}
             weights[g] = {}
             for strategy in STRATEGY_ARMS:
@@ -138,9 +169,18 @@ def run(profile: Profile, out_dir: Path, groups: list[str] | None = None, model_
     finally:
         reg.close()
     timings["total_s"] = time.perf_counter() - t_start
-    result = {"profile": profile.__dict__, "groups": names, "scores": scores, "weights": weights,
-              "distances": distances, "timings": timings, "model": str(model_spec), "base_fingerprint": base_fp,
-              "n_train": {g: len(data[g][0]) for g in names}, "n_eval": {g: len(data[g][1]) for g in names}}
+    result = {
+        "profile": profile.__dict__,
+        "groups": names,
+        "scores": scores,
+        "weights": weights,
+        "distances": distances,
+        "timings": timings,
+        "model": str(model_spec),
+        "base_fingerprint": base_fp,
+        "n_train": {g: len(data[g][0]) for g in names},
+        "n_eval": {g: len(data[g][1]) for g in names},
+    }
     write_outputs(result, out_dir)
     return result
 
@@ -177,15 +217,22 @@ def write_outputs(result: dict[str, Any], out_dir: Path) -> None:
         for g, row in scores.items():
             w.writerow([g, *(f"{row[a]:.4f}" for a in arms)])
     t = result["timings"]
-    md = [markdown_table(result), "",
-          f"ROUGE-L F1 on held-out reports ({_counts(result['n_eval'])} per target); "
-          f"{_counts(result['n_train'])} training reports per site; total {t['total_s'] / 60:.1f} min "
-          f"(training + embedding {t['train_and_embed_s'] / 60:.1f} min, "
-          f"composition + evaluation {t['compose_and_eval_s'] / 60:.1f} min).", "",
-          "Weights (target ← source: weight per strategy):", ""]
+    md = [
+        markdown_table(result),
+        "",
+        f"ROUGE-L F1 on held-out reports ({_counts(result['n_eval'])} per target); "
+        f"{_counts(result['n_train'])} training reports per site; total {t['total_s'] / 60:.1f} min "
+        f"(training + embedding {t['train_and_embed_s'] / 60:.1f} min, "
+        f"composition + evaluation {t['compose_and_eval_s'] / 60:.1f} min).",
+        "",
+        "Weights (target ← source: weight per strategy):",
+        "",
+    ]
     for g, per in result["weights"].items():
-        md.append(f"- {g}: " + "; ".join(
-            f"{s}: " + ", ".join(f"{src} {w:+.2f}" for src, w in ws.items()) for s, ws in per.items()))
+        md.append(
+            f"- {g}: "
+            + "; ".join(f"{s}: " + ", ".join(f"{src} {w:+.2f}" for src, w in ws.items()) for s, ws in per.items())
+        )
     (out_dir / "results.md").write_text("\n".join(md) + "\n")
 
 

@@ -120,8 +120,9 @@ class Reply:
         return self.message.content
 
 
-def request(key: str, node_id: int, message_type: str, config: dict[str, Any],
-            adapter: Any = None, nonce: str = "") -> Request:
+def request(
+    key: str, node_id: int, message_type: str, config: dict[str, Any], adapter: Any = None, nonce: str = ""
+) -> Request:
     """A validated request with a fresh nonce (or ``nonce``, made by the caller) put into its config."""
     nonce = nonce or make_nonce()
     content = wire.build_request(message_type, {"nonce": nonce, **config}, adapter)
@@ -135,10 +136,19 @@ FIRST_POLL_S = 0.25
 POLL_GROWTH = 1.5
 
 
-def exchange(grid: Grid, requests: list[Request], timeout: float, max_in_flight: int = 2, max_resends: int = 2,
-             poll_s: float = 2.0, on_reply: Callable[[Request, Reply], None] | None = None,
-             on_wait: Callable[[], None] | None = None, probe_after: float = 45.0, audit: Any = None,
-             run_id: str = "") -> dict[str, Reply]:
+def exchange(
+    grid: Grid,
+    requests: list[Request],
+    timeout: float,
+    max_in_flight: int = 2,
+    max_resends: int = 2,
+    poll_s: float = 2.0,
+    on_reply: Callable[[Request, Reply], None] | None = None,
+    on_wait: Callable[[], None] | None = None,
+    probe_after: float = 45.0,
+    audit: Any = None,
+    run_id: str = "",
+) -> dict[str, Reply]:
     """Push the requests; collect replies until ``timeout``; ``on_reply`` sees each as it arrives and
     ``on_wait`` is called before every pause (progress lines, ``server/reporting.py``).
 
@@ -180,8 +190,15 @@ def exchange(grid: Grid, requests: list[Request], timeout: float, max_in_flight:
     probes: dict[str, tuple[Request, int, float]] = {}  # message id -> (probe, push seq, sent at)
 
     def push(indices: list[int]) -> None:
-        msgs = [Message(requests[i].content, dst_node_id=requests[i].node_id, message_type=requests[i].message_type,
-                        ttl=timeout + 60.0) for i in indices]
+        msgs = [
+            Message(
+                requests[i].content,
+                dst_node_id=requests[i].node_id,
+                message_type=requests[i].message_type,
+                ttl=timeout + 60.0,
+            )
+            for i in indices
+        ]
         for i, mid in zip(indices, grid.push_messages(msgs)):
             if mid:
                 in_flight[mid] = i
@@ -199,8 +216,11 @@ def exchange(grid: Grid, requests: list[Request], timeout: float, max_in_flight:
 
     def lost_before(node: int, seq: int) -> list[str]:
         """In-flight messages of ``node`` pushed before ``seq``: the site answered something newer."""
-        return [m for m, i in in_flight.items() if requests[i].node_id == node and push_seq[i] < seq
-                and resends.get(i, 0) < max_resends]
+        return [
+            m
+            for m, i in in_flight.items()
+            if requests[i].node_id == node and push_seq[i] < seq and resends.get(i, 0) < max_resends
+        ]
 
     def fill() -> None:
         batch = []
@@ -261,14 +281,16 @@ def exchange(grid: Grid, requests: list[Request], timeout: float, max_in_flight:
             if i is None or i in done:
                 continue
             resends[i] = resends.get(i, 0) + 1
-            log(f"message for {requests[i].key!r} was lost between the SuperLink and the site; re-sending "
-                f"({resends[i]}/{max_resends})")
+            log(
+                f"message for {requests[i].key!r} was lost between the SuperLink and the site; re-sending "
+                f"({resends[i]}/{max_resends})"
+            )
             push([i])
         fill()
         if in_flight or any(queues.values()):
             if on_wait is not None:
                 on_wait()
-            pause = min(poll_s, FIRST_POLL_S * POLL_GROWTH ** quiet)
+            pause = min(poll_s, FIRST_POLL_S * POLL_GROWTH**quiet)
             time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
     return out
 
@@ -284,8 +306,7 @@ def _audit_probe(audit: Any, ask: Request, rep: Reply, run_id: str) -> None:
     audit_reply(audit, "probe.answered", ask, rep, run_id, site, node_id=str(ask.node_id))
 
 
-def audit_reply(audit: Any, event: str, req: Request, rep: Reply, run_id: str, site: str | None,
-                **fields: Any) -> None:
+def audit_reply(audit: Any, event: str, req: Request, rep: Reply, run_id: str, site: str | None, **fields: Any) -> None:
     """One audit entry for one site reply (or its absence), with what ``rpe audit cross-check``
     matches it on: run id, nonce, message type and, when the reply carried records, their digests."""
     from common.digests import record_digests
@@ -293,8 +314,15 @@ def audit_reply(audit: Any, event: str, req: Request, rep: Reply, run_id: str, s
     digests = None
     if rep.message is not None and rep.message.has_content():
         digests = record_digests({n: rep.content[n] for n in rep.content.keys()})
-    audit.append(event, site=site, run_id=run_id, nonce=req.nonce, message_type=req.message_type,
-                 record_digests=digests, **fields)
+    audit.append(
+        event,
+        site=site,
+        run_id=run_id,
+        nonce=req.nonce,
+        message_type=req.message_type,
+        record_digests=digests,
+        **fields,
+    )
 
 
 @dataclass
@@ -313,8 +341,7 @@ class IdentityRefused(Exception):
     by another key, for another run or challenge, or for another node)."""
 
 
-def verify_identity(info: dict[str, Any], node_id: int, run_id: str, challenge: str, allow: Any,
-                    require: bool) -> bool:
+def verify_identity(info: dict[str, Any], node_id: int, run_id: str, challenge: str, allow: Any, require: bool) -> bool:
     """True if the whoami's identity statement proves the claimed site; False if it is unsigned and
     unsigned claims are allowed here; :class:`IdentityRefused` otherwise. Sets ``info["node_bound"]``
     when the proof includes the site's recorded SuperNode key (:func:`check_node_binding`)."""
@@ -326,23 +353,29 @@ def verify_identity(info: dict[str, Any], node_id: int, run_id: str, challenge: 
     site, raw = info["site"], info.get("identity", "")
     if not raw:
         if require:
-            raise IdentityRefused(f"node {node_id} claims site {site!r} without a signed identity statement, "
-                                  "and this coordinator requires signatures (give the site its key, "
-                                  "or run with require-signatures=false)")
+            raise IdentityRefused(
+                f"node {node_id} claims site {site!r} without a signed identity statement, "
+                "and this coordinator requires signatures (give the site its key, "
+                "or run with require-signatures=false)"
+            )
         return False
     if allow is None or site not in allow:
-        raise IdentityRefused(f"node {node_id} claims site {site!r}, which is not on the allow-list "
-                              "(rpe allowlist add)")
+        raise IdentityRefused(
+            f"node {node_id} claims site {site!r}, which is not on the allow-list (rpe allowlist add)"
+        )
     try:
         statement = json.loads(raw)
         node_sig = statement.pop("node_signature", None) if isinstance(statement, dict) else None
-        body = verify_statement(allow.get(site), statement, "identity",
-                                expect={"site": site, "run_id": run_id, "challenge": challenge})
+        body = verify_statement(
+            allow.get(site), statement, "identity", expect={"site": site, "run_id": run_id, "challenge": challenge}
+        )
     except (ValueError, StatementError, SigningError) as exc:
         raise IdentityRefused(f"node {node_id} claims site {site!r}: {exc}") from None
     if body.get("node_id") not in ("", str(node_id)):
-        raise IdentityRefused(f"node {node_id} claims site {site!r} with a statement made by node "
-                              f"{body.get('node_id')} (relayed or replayed)")
+        raise IdentityRefused(
+            f"node {node_id} claims site {site!r} with a statement made by node "
+            f"{body.get('node_id')} (relayed or replayed)"
+        )
     info["node_bound"] = check_node_binding(allow, site, node_id, body, node_sig)
     return True
 
@@ -364,14 +397,18 @@ def check_node_binding(allow: Any, site: str, node_id: int, body: dict[str, Any]
         return False
     key = records.get(site)
     if key is None:
-        raise IdentityRefused(f"node {node_id} claims site {site!r}, for which no SuperNode key is recorded "
-                              f"in {records.path} (register the site's SITE_auth.pub: python -m deploy.launch "
-                              "register)")
+        raise IdentityRefused(
+            f"node {node_id} claims site {site!r}, for which no SuperNode key is recorded "
+            f"in {records.path} (register the site's SITE_auth.pub: python -m deploy.launch "
+            "register)"
+        )
     if body.get("node_id") != str(node_id):
         raise IdentityRefused(f"node {node_id} claims site {site!r} with a statement that names no node")
     if body.get("supernode_key") != node_key_fingerprint(key):
-        raise IdentityRefused(f"node {node_id} claims site {site!r} but does not present the SuperNode key "
-                              f"recorded for it ({node_key_fingerprint(key)[:16]}…)")
+        raise IdentityRefused(
+            f"node {node_id} claims site {site!r} but does not present the SuperNode key "
+            f"recorded for it ({node_key_fingerprint(key)[:16]}…)"
+        )
     try:
         node_verify(key, statement_digest("identity", body), node_sig)
     except NodeKeyError as exc:
@@ -379,8 +416,15 @@ def check_node_binding(allow: Any, site: str, node_id: int, body: dict[str, Any]
     return True
 
 
-def discover(grid: Grid, timeout: float, report: dict[str, Any], run_id: str = "", allow: Any = None,
-             require_signatures: bool = False, audit: Any = None) -> dict[str, SiteInfo]:
+def discover(
+    grid: Grid,
+    timeout: float,
+    report: dict[str, Any],
+    run_id: str = "",
+    allow: Any = None,
+    require_signatures: bool = False,
+    audit: Any = None,
+) -> dict[str, SiteInfo]:
     """Ask every online node who it is and bind each proved site id to its node for this run.
 
     Each ``query.whoami`` carries a fresh challenge; the site answers with an identity statement
@@ -393,8 +437,10 @@ def discover(grid: Grid, timeout: float, report: dict[str, Any], run_id: str = "
 
     from common.digests import record_digests
 
-    requests = [request(str(node), node, wire.WHOAMI, {"challenge": secrets.token_hex(32)})
-                for node in sorted(grid.get_node_ids())]
+    requests = [
+        request(str(node), node, wire.WHOAMI, {"challenge": secrets.token_hex(32)})
+        for node in sorted(grid.get_node_ids())
+    ]
     challenges = {r.key: r.content["config"]["challenge"] for r in requests}
     replies = exchange(grid, requests, timeout, audit=audit, run_id=run_id)
     claims: dict[str, list[SiteInfo]] = {}
@@ -404,8 +450,16 @@ def discover(grid: Grid, timeout: float, report: dict[str, Any], run_id: str = "
     def refuse(where: str, node: int, site: str | None, reason: str, nonce: str) -> None:
         problems[where] = reason
         if audit is not None:
-            audit.append("identity.refused", site=site, node_id=str(node), reason=reason[:1000], run_id=run_id,
-                         nonce=nonce, message_type=wire.WHOAMI, record_digests=digests.get(node))
+            audit.append(
+                "identity.refused",
+                site=site,
+                node_id=str(node),
+                reason=reason[:1000],
+                run_id=run_id,
+                nonce=nonce,
+                message_type=wire.WHOAMI,
+                record_digests=digests.get(node),
+            )
 
     for req in requests:
         rep, where = replies[req.key], f"node {req.node_id}"
@@ -419,8 +473,7 @@ def discover(grid: Grid, timeout: float, report: dict[str, Any], run_id: str = "
             refuse(where, req.node_id, None, f"invalid whoami reply: {exc}", req.nonce)
             continue
         if info["nonce"] != req.nonce:
-            refuse(where, req.node_id, info["site"], "whoami reply answers another request (nonce mismatch)",
-                   req.nonce)
+            refuse(where, req.node_id, info["site"], "whoami reply answers another request (nonce mismatch)", req.nonce)
             continue
         try:
             verified = verify_identity(info, req.node_id, run_id, challenges[req.key], allow, require_signatures)
@@ -436,20 +489,39 @@ def discover(grid: Grid, timeout: float, report: dict[str, Any], run_id: str = "
             if c is keep:
                 continue
             other = keep.node_id if keep is not None else [x.node_id for x in cands if x is not c]
-            refuse(f"node {c.node_id}", c.node_id, site, f"node {c.node_id} claims site {site!r}, which node(s) "
-                   f"{other} also claim; the claim is refused", c.info["nonce"])
+            refuse(
+                f"node {c.node_id}",
+                c.node_id,
+                site,
+                f"node {c.node_id} claims site {site!r}, which node(s) {other} also claim; the claim is refused",
+                c.info["nonce"],
+            )
         if keep is not None:
             sites[site] = keep
             if audit is not None:
-                audit.append("identity.verified" if keep.verified else "identity.unverified", site=site,
-                             node_id=str(keep.node_id), node_bound=bool(keep.info.get("node_bound")),
-                             run_id=run_id, nonce=keep.info["nonce"],
-                             message_type=wire.WHOAMI, record_digests=digests.get(keep.node_id))
-    report["online"] = {s: {"node_id": str(i.node_id), "n_examples": i.info["n_examples"],
-                            "n_labeled": i.info["n_labeled"], "n_eval": i.info["n_eval"],
-                            "data_ok": i.info["data_ok"], "groups": i.info["groups"], "verified": i.verified,
-                            "node_bound": bool(i.info.get("node_bound"))}
-                        for s, i in sorted(sites.items())}
+                audit.append(
+                    "identity.verified" if keep.verified else "identity.unverified",
+                    site=site,
+                    node_id=str(keep.node_id),
+                    node_bound=bool(keep.info.get("node_bound")),
+                    run_id=run_id,
+                    nonce=keep.info["nonce"],
+                    message_type=wire.WHOAMI,
+                    record_digests=digests.get(keep.node_id),
+                )
+    report["online"] = {
+        s: {
+            "node_id": str(i.node_id),
+            "n_examples": i.info["n_examples"],
+            "n_labeled": i.info["n_labeled"],
+            "n_eval": i.info["n_eval"],
+            "data_ok": i.info["data_ok"],
+            "groups": i.info["groups"],
+            "verified": i.verified,
+            "node_bound": bool(i.info.get("node_bound")),
+        }
+        for s, i in sorted(sites.items())
+    }
     if problems:
         report["discovery_problems"] = problems
     log(f"online sites: {sorted(sites)}" + (f"; problems: {problems}" if problems else ""))

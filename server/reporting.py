@@ -30,8 +30,14 @@ class Progress:
     fair guess after the first one, and it says "estimating" before.
     """
 
-    def __init__(self, phase: str, total: int, heartbeat_s: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic, emit: Callable[[str], None] = log) -> None:
+    def __init__(
+        self,
+        phase: str,
+        total: int,
+        heartbeat_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+        emit: Callable[[str], None] = log,
+    ) -> None:
         self.phase, self.total, self.heartbeat_s = phase, total, heartbeat_s
         self.clock, self.emit = clock, emit
         self.done = 0
@@ -81,16 +87,23 @@ def evaluation_row(info: Mapping[str, Any], metrics: Mapping[str, float]) -> dic
     """One (target, method) row of the evaluation table; ``score`` is the family's metric
     (ROUGE-L for reports, DICE for segmentation) and ``metric`` its name."""
     metric = next((m for m in SCORE_METRICS if m in metrics), "rouge_l")
-    return {"target": info["target"], "method": info["method"], "rouge_l": metrics.get("rouge_l"),
-            "metric": metric, "score": metrics.get(metric),
-            "n": int(metrics.get("n", 0)), "sources": list(info.get("sites", [])),
-            "weights": [round(float(w), 6) for w in info.get("weights", [])],
-            "distances": [float(d) for d in info.get("distances", [])],
-            "metrics": dict(metrics)}
+    return {
+        "target": info["target"],
+        "method": info["method"],
+        "rouge_l": metrics.get("rouge_l"),
+        "metric": metric,
+        "score": metrics.get(metric),
+        "n": int(metrics.get("n", 0)),
+        "sources": list(info.get("sites", [])),
+        "weights": [round(float(w), 6) for w in info.get("weights", [])],
+        "distances": [float(d) for d in info.get("distances", [])],
+        "metrics": dict(metrics),
+    }
 
 
-def write_evaluation(out_dir: Path, rows: list[dict[str, Any]], registry: Any,
-                     zs: Mapping[str, np.ndarray]) -> dict[str, str]:
+def write_evaluation(
+    out_dir: Path, rows: list[dict[str, Any]], registry: Any, zs: Mapping[str, np.ndarray]
+) -> dict[str, str]:
     """results.csv, results.md and three plots (weights, site distances, score vs distance)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     # rows made before the score column (ROUGE-L only) read as report-family rows
@@ -101,14 +114,26 @@ def write_evaluation(out_dir: Path, rows: list[dict[str, Any]], registry: Any,
         writer = csv.writer(fh)
         writer.writerow(["target", "method", metric, "n", "sources", "weights", "min_distance"])
         for r in rows:
-            writer.writerow([r["target"], r["method"], "" if r["score"] is None else f"{r['score']:.4f}", r["n"],
-                             ";".join(r["sources"]), ";".join(f"{w:.4f}" for w in r["weights"]),
-                             f"{min(r['distances']):.6g}" if r["distances"] else ""])
+            writer.writerow(
+                [
+                    r["target"],
+                    r["method"],
+                    "" if r["score"] is None else f"{r['score']:.4f}",
+                    r["n"],
+                    ";".join(r["sources"]),
+                    ";".join(f"{w:.4f}" for w in r["weights"]),
+                    f"{min(r['distances']):.6g}" if r["distances"] else "",
+                ]
+            )
     targets = sorted({r["target"] for r in rows})
     methods = list(dict.fromkeys(r["method"] for r in rows))
     table = {(r["target"], r["method"]): r["score"] for r in rows}
-    lines = [f"# Leave-one-site-out evaluation ({SCORE_TITLES.get(metric, metric)})", "",
-             "| target | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    lines = [
+        f"# Leave-one-site-out evaluation ({SCORE_TITLES.get(metric, metric)})",
+        "",
+        "| target | " + " | ".join(methods) + " |",
+        "|---" * (len(methods) + 1) + "|",
+    ]
     for t in targets:
         cells = [f"{table[(t, m)]:.4f}" if table.get((t, m)) is not None else "-" for m in methods]
         lines.append(f"| {t} | " + " | ".join(cells) + " |")
@@ -117,8 +142,12 @@ def write_evaluation(out_dir: Path, rows: list[dict[str, Any]], registry: Any,
         vals = [table[(t, m)] for t in targets if table.get((t, m)) is not None]
         means.append(f"{np.mean(vals):.4f}" if vals else "-")
     lines.append("| **mean** | " + " | ".join(means) + " |")
-    lines += ["", "`own` is the target site's own LoRA (supervised reference, not zero-shot); `base` the base "
-              "model without adapter; all other columns compose adapters of the *other* sites only.", ""]
+    lines += [
+        "",
+        "`own` is the target site's own LoRA (supervised reference, not zero-shot); `base` the base "
+        "model without adapter; all other columns compose adapters of the *other* sites only.",
+        "",
+    ]
     lines += weights_lines(rows)
     md_path = out_dir / "results.md"
     md_path.write_text("\n".join(lines) + "\n")
@@ -159,8 +188,9 @@ def _plots(out_dir: Path, rows: list[dict[str, Any]], registry: Any, zs: Mapping
             width = 0.8 / max(1, len(sub))
             for i, r in enumerate(sub):
                 w = dict(zip(r["sources"], r["weights"], strict=False))
-                ax.bar(np.arange(len(sources)) + i * width, [w.get(src, 0.0) for src in sources], width,
-                       label=r["method"])
+                ax.bar(
+                    np.arange(len(sources)) + i * width, [w.get(src, 0.0) for src in sources], width, label=r["method"]
+                )
             ax.set_xticks(np.arange(len(sources)) + 0.4 - width / 2, sources)
             ax.set_title(f"target {t}")
             ax.axhline(0, color="k", linewidth=0.5)
@@ -193,8 +223,11 @@ def _plots(out_dir: Path, rows: list[dict[str, Any]], registry: Any, zs: Mapping
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for method in dict.fromkeys(r["method"] for r in scored):
             sub = [r for r in scored if r["method"] == method]
-            ax.scatter([float(np.dot(r["weights"], r["distances"])) if r["weights"] else min(r["distances"])
-                        for r in sub], [r["score"] for r in sub], label=method)
+            ax.scatter(
+                [float(np.dot(r["weights"], r["distances"])) if r["weights"] else min(r["distances"]) for r in sub],
+                [r["score"] for r in sub],
+                label=method,
+            )
         ax.set_xlabel("weighted squared distance of the sources to the target")
         ax.set_ylabel(SCORE_TITLES.get(scored[0]["metric"], scored[0]["metric"]))
         ax.legend(fontsize=7)

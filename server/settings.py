@@ -19,9 +19,20 @@ MODES = ("enroll", "compose", "evaluate", "whoami")
 REGISTRY_ENV = "RPE_REGISTRY"
 ALLOWLIST_ENV = "RPE_ALLOWLIST"
 #: run-config keys read by the simulated sites (``client/site.py``), not by the ServerApp
-SITE_ONLY_KEYS = frozenset({"sim-sites", "sim-data-root", "sim-model-path", "sim-site-root", "sim-threads",
-                            "sim-compute-dtype", "sim-coordinator-key", "sim-z-min-examples", "sim-z-layers",
-                            "sim-metrics-min-reports"})
+SITE_ONLY_KEYS = frozenset(
+    {
+        "sim-sites",
+        "sim-data-root",
+        "sim-model-path",
+        "sim-site-root",
+        "sim-threads",
+        "sim-compute-dtype",
+        "sim-coordinator-key",
+        "sim-z-min-examples",
+        "sim-z-layers",
+        "sim-metrics-min-reports",
+    }
+)
 
 
 class SettingsError(ValueError):

@@ -42,13 +42,16 @@ def items(n: int) -> list[tuple[object, np.ndarray, AdapterMeta]]:
     for i in range(n):
         seed = i - 1 if i % 4 == 3 else i
         g = torch.Generator().manual_seed(seed)
-        adapter = LoraAdapter({
-            name: LoraModule(torch.randn(2, inp, generator=g), torch.randn(o, 2, generator=g), 2.0)
-            for name, (o, inp) in SHAPES.items()
-        })
+        adapter = LoraAdapter(
+            {
+                name: LoraModule(torch.randn(2, inp, generator=g), torch.randn(o, 2, generator=g), 2.0)
+                for name, (o, inp) in SHAPES.items()
+            }
+        )
         payload = adapter_to_bytes(adapter) if i % 3 == 0 else adapter
-        meta = AdapterMeta(site=f"site{i % 4}", task=f"task{i % 2}", modality="text", base_fingerprint=BASE,
-                           sample_count=i + 1)
+        meta = AdapterMeta(
+            site=f"site{i % 4}", task=f"task{i % 2}", modality="text", base_fingerprint=BASE, sample_count=i + 1
+        )
         out.append((payload, rng.standard_normal(DIM).astype(np.float32), meta))
     return out
 

@@ -83,19 +83,54 @@ class Topology:
     def drop_percent(self, host: str, percent: int) -> None:
         """Drop ``percent`` % of TCP packets entering ``host`` (nftables; this kernel has no netem)."""
         nft = ["ip", "netns", "exec", self.ns[host], "nft"]
-        for rule in (["add", "table", "inet", "rpeloss"],
-                     ["add", "chain", "inet", "rpeloss", "in", "{", "type", "filter", "hook", "input",
-                      "priority", "0", ";", "}"],
-                     ["add", "rule", "inet", "rpeloss", "in", "meta", "l4proto", "tcp", "numgen", "random",
-                      "mod", "100", "<", str(int(percent)), "drop"]):
+        for rule in (
+            ["add", "table", "inet", "rpeloss"],
+            [
+                "add",
+                "chain",
+                "inet",
+                "rpeloss",
+                "in",
+                "{",
+                "type",
+                "filter",
+                "hook",
+                "input",
+                "priority",
+                "0",
+                ";",
+                "}",
+            ],
+            [
+                "add",
+                "rule",
+                "inet",
+                "rpeloss",
+                "in",
+                "meta",
+                "l4proto",
+                "tcp",
+                "numgen",
+                "random",
+                "mod",
+                "100",
+                "<",
+                str(int(percent)),
+                "drop",
+            ],
+        ):
             res = subprocess.run([*nft, *rule], capture_output=True, text=True, timeout=30)
             if res.returncode != 0:
                 raise OSError(f"nft {' '.join(rule)}: {res.stderr.strip()}")
 
     def clear_drop(self, host: str) -> None:
         """Remove the packet-loss table of :meth:`drop_percent` (absent: nothing to do)."""
-        subprocess.run(["ip", "netns", "exec", self.ns[host], "nft", "delete", "table", "inet", "rpeloss"],
-                       capture_output=True, text=True, timeout=30)
+        subprocess.run(
+            ["ip", "netns", "exec", self.ns[host], "nft", "delete", "table", "inet", "rpeloss"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
 
     def remove(self) -> None:
         """Delete every namespace of this topology (their veth ends go with them)."""

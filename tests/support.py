@@ -32,9 +32,18 @@ def make_tiny_llama(out_dir: str | os.PathLike[str], seed: int = 0, hidden: int 
         return out
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=49152, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, max_position_embeddings=512,
-        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        vocab_size=49152,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden // 4,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
     )
     model = LlamaForCausalLM(config)
     model.save_pretrained(out)
@@ -48,9 +57,12 @@ def tiny_adapter(model_dir: Path, seed: int, rank: int = 4, scale: float = 2.0) 
     g = torch.Generator().manual_seed(seed)
     cfg = json.loads((model_dir / "config.json").read_text())
     h = cfg["hidden_size"]
-    mods = {f"model.layers.{i}.self_attn.q_proj": LoraModule(torch.randn(rank, h, generator=g) * 0.01,
-                                                          torch.randn(h, rank, generator=g) * 0.01, scale)
-            for i in range(cfg["num_hidden_layers"])}
+    mods = {
+        f"model.layers.{i}.self_attn.q_proj": LoraModule(
+            torch.randn(rank, h, generator=g) * 0.01, torch.randn(h, rank, generator=g) * 0.01, scale
+        )
+        for i in range(cfg["num_hidden_layers"])
+    }
     return LoraAdapter(mods)
 
 

@@ -127,8 +127,14 @@ def test_insert_is_a_duplicate_seq(tmp_path):
     _write_log(path)
     lines = _lines(path)
     # a forger who knows the format: correct prev, correct own hash, plausible seq
-    forged = {"seq": 3, "ts": "2025-01-01T00:00:00.000000Z", "event": "registry.add", "record_id": "evil",
-              "blob_sha256": H, "prev": line_hash(json.loads(lines[1]))}
+    forged = {
+        "seq": 3,
+        "ts": "2025-01-01T00:00:00.000000Z",
+        "event": "registry.add",
+        "record_id": "evil",
+        "blob_sha256": H,
+        "prev": line_hash(json.loads(lines[1])),
+    }
     forged["hash"] = entry_hash(forged)
     lines.insert(2, json.dumps(forged, sort_keys=True, separators=(",", ":")))
     _put(path, lines)
@@ -146,8 +152,10 @@ def test_reorder_is_a_gap_then_out_of_order(tmp_path):
     _put(path, lines)
     problems = verify(path)
     assert _sig(problems) == {
-        (SEQ_GAP, 3), (BROKEN_CHAIN, 3),
-        (SEQ_OUT_OF_ORDER, 4), (BROKEN_CHAIN, 4),
+        (SEQ_GAP, 3),
+        (BROKEN_CHAIN, 3),
+        (SEQ_OUT_OF_ORDER, 4),
+        (BROKEN_CHAIN, 4),
         (BROKEN_CHAIN, 5),
     }
 
@@ -230,8 +238,16 @@ def test_append_validates_fields(tmp_path):
     with pytest.raises(ValueError, match="NaN"):
         log.append("custom.event", value=float("nan"))
     with pytest.raises(ValueError, match="equal lengths"):
-        log.append("composition", target="t", strategy="sim", retrieved=["a", "b"], distances=[1.0],
-                   weights=[0.5, 0.5], adapter_sha256=[H, H], output_sha256=H)
+        log.append(
+            "composition",
+            target="t",
+            strategy="sim",
+            retrieved=["a", "b"],
+            distances=[1.0],
+            weights=[0.5, 0.5],
+            adapter_sha256=[H, H],
+            output_sha256=H,
+        )
     log.append("custom.event", value=[1, 2])  # unknown events are accepted unchecked
     assert verify(log.path) == []
 
@@ -261,16 +277,37 @@ def test_concurrent_processes_keep_one_linear_chain(tmp_path):
 def test_report_summarises_sites_and_compositions(tmp_path):
     path = tmp_path / "audit.jsonl"
     log = AuditLog(path)
-    log.append("submission.accepted", site="s1", record_id="r1", blob_sha256="11" * 32, bytes=1000,
-               z_sha256="aa" * 32, run_id="run-1")
-    log.append("submission.accepted", site="s1", record_id="r2", blob_sha256="22" * 32, bytes=500,
-               z_sha256="bb" * 32)
-    log.append("submission.rejected", site="s2", reason="unknown site", blob_sha256="33" * 32, bytes=70,
-               record_id=None, z_sha256=None)
+    log.append(
+        "submission.accepted",
+        site="s1",
+        record_id="r1",
+        blob_sha256="11" * 32,
+        bytes=1000,
+        z_sha256="aa" * 32,
+        run_id="run-1",
+    )
+    log.append("submission.accepted", site="s1", record_id="r2", blob_sha256="22" * 32, bytes=500, z_sha256="bb" * 32)
+    log.append(
+        "submission.rejected",
+        site="s2",
+        reason="unknown site",
+        blob_sha256="33" * 32,
+        bytes=70,
+        record_id=None,
+        z_sha256=None,
+    )
     log.append("query.embedding", site="s3", z_sha256="cc" * 32, target="s3")
-    log.append("composition", target="s3", strategy="lin-l1", params={"lam2": 0.1}, retrieved=["r1", "r2"],
-               distances=[0.5, 1.5], weights=[0.8, 0.2], adapter_sha256=["11" * 32, "22" * 32],
-               output_sha256="dd" * 32)
+    log.append(
+        "composition",
+        target="s3",
+        strategy="lin-l1",
+        params={"lam2": 0.1},
+        retrieved=["r1", "r2"],
+        distances=[0.5, 1.5],
+        weights=[0.8, 0.2],
+        adapter_sha256=["11" * 32, "22" * 32],
+        output_sha256="dd" * 32,
+    )
     rep = report(path)
     assert rep["entries"] == 5 and rep["problems"] == []
     s1, s2 = rep["sites"]["s1"], rep["sites"]["s2"]

@@ -57,18 +57,21 @@ def enc(tmp_path, key_file):
     key = load_blob_key(key_file)
     reg = new_registry(root, blob_key=key)
     blobs = [adapter_to_bytes(make_adapter(i)) for i in (1, 2)]
-    recs = [reg.add(blobs[0], np.zeros(DIM), make_meta(0)),
-            reg.add(make_adapter(2), np.ones(DIM), make_meta(1, privacy=PRIVACY))]
+    recs = [
+        reg.add(blobs[0], np.zeros(DIM), make_meta(0)),
+        reg.add(make_adapter(2), np.ones(DIM), make_meta(1, privacy=PRIVACY)),
+    ]
     yield reg, root, key, blobs, recs
     reg.close()
 
 
 def _header(blob: bytes) -> bytes:
     n = int.from_bytes(blob[:8], "little")
-    return blob[8:8 + n]
+    return blob[8 : 8 + n]
 
 
 # ---- keys -----------------------------------------------------------------------------------
+
 
 def test_key_sources_formats_and_permissions(tmp_path, key_file):
     key = load_blob_key(key_file)
@@ -87,8 +90,11 @@ def test_key_sources_formats_and_permissions(tmp_path, key_file):
     assert load_blob_key(key_file, env={"RPE_BLOB_KEY": b64}).key == key.key
     # refused: wrong length / format (the key text is never echoed), group-readable file, missing file
     for bad in ("abcd", "zz" * 32, base64.b64encode(b"x" * 31).decode()):
-        with pytest.raises(blobcrypt.BlobKeyError, match=r"\$RPE_BLOB_KEY does not hold a blob key: expected 64 "
-                                                         r"hex digits .*rpe blob-key new FILE") as info:
+        with pytest.raises(
+            blobcrypt.BlobKeyError,
+            match=r"\$RPE_BLOB_KEY does not hold a blob key: expected 64 "
+            r"hex digits .*rpe blob-key new FILE",
+        ) as info:
             load_blob_key(env={"RPE_BLOB_KEY": bad})
         assert bad not in str(info.value)
     bad_file = tmp_path / "bad.key"
@@ -115,8 +121,9 @@ def test_encrypt_decrypt_binds_key_and_content_address():
     assert blobcrypt.is_encrypted(ct) and len(ct) == blobcrypt.encrypted_size(len(plain)) and plain not in ct
     assert ct != blobcrypt.encrypt(k1, plain, sha)  # fresh nonce every time
     assert blobcrypt.decrypt(k1, ct, sha) == plain
-    with pytest.raises(blobcrypt.BlobKeyError, match=f"encrypted with key {k1.key_id}, the registry was opened "
-                                                     f"with key {k2.key_id}"):
+    with pytest.raises(
+        blobcrypt.BlobKeyError, match=f"encrypted with key {k1.key_id}, the registry was opened with key {k2.key_id}"
+    ):
         blobcrypt.decrypt(k2, ct, sha)
     with pytest.raises(BlobAuthError, match="authentication"):
         blobcrypt.decrypt(k1, ct, "0" * 64)  # stored under another name
@@ -130,6 +137,7 @@ def test_encrypt_decrypt_binds_key_and_content_address():
 
 # ---- the registry ---------------------------------------------------------------------------
 
+
 def test_blobs_are_ciphertext_and_round_trip(enc):
     reg, root, key, blobs, recs = enc
     assert json.loads((root / "registry.json").read_text())["blob_encryption"] == key.describe()
@@ -138,7 +146,7 @@ def test_blobs_are_ciphertext_and_round_trip(enc):
         assert rec.blob_sha256 == hashlib.sha256(blob).hexdigest() == reg.blob_path(rec.id).name
         assert rec.bytes == len(blob) and len(on_disk) == blobcrypt.encrypted_size(len(blob))
         assert on_disk.startswith(blobcrypt.MAGIC) and _header(blob) not in on_disk
-        assert not any(blob[i:i + 32] in on_disk for i in range(len(_header(blob)) + 8, len(blob) - 32, 997))
+        assert not any(blob[i : i + 32] in on_disk for i in range(len(_header(blob)) + 8, len(blob) - 32, 997))
         assert reg.load_blob(rec.id) == blob
         assert adapter_to_bytes(reg.load_adapter(rec.id)) == blob
     assert reg.verify(full=True) == [] and reg.stats()["blob_encryption"] == key.describe()
@@ -158,8 +166,9 @@ def test_records_and_audit_carry_encryption_and_privacy(enc):
     last = audit_lines(root)[-1]
     assert last["duplicate"] is True and last["privacy"] == PRIVACY and last["blob_encryption"] == key.describe()
     # bulk: a new record sharing an existing (encrypted) blob, plus a new blob
-    out = reg.add_many([(blobs[0], np.full(DIM, 2.0), make_meta(2)), (make_adapter(3), np.full(DIM, 3.0),
-                                                                         make_meta(3))])
+    out = reg.add_many(
+        [(blobs[0], np.full(DIM, 2.0), make_meta(2)), (make_adapter(3), np.full(DIM, 3.0), make_meta(3))]
+    )
     assert [reg.load_blob(r.id) for r in out] == [blobs[0], adapter_to_bytes(make_adapter(3))]
     bulk = audit_lines(root)[-1]
     assert bulk["event"] == "registry.bulk_add" and bulk["blob_encryption"] == key.describe()
@@ -179,8 +188,7 @@ def test_reopen_with_key_from_file_and_each_env_var(enc, key_file, monkeypatch):
                 m.setenv("RPE_BLOB_KEY", hex_key)
             elif how.endswith("(base64)"):
                 m.setenv("RPE_BLOB_KEY", base64.b64encode(bytes.fromhex(hex_key)).decode())
-            with Registry(root, blob_key=load_blob_key(key_file) if how == "arg" else None,
-                          chroma="off") as r2:
+            with Registry(root, blob_key=load_blob_key(key_file) if how == "arg" else None, chroma="off") as r2:
                 assert r2.has_blob_key, how
                 assert r2.load_blob(recs[1].id) == blobs[1], how
 
@@ -194,8 +202,11 @@ def test_without_the_key_search_works_but_blobs_do_not(enc):
             assert [h.record.id for h in r2.query(np.ones(DIM), 2)] == [recs[1].id, recs[0].id]
             assert len(r2.list()) == 2 and r2.get(recs[0].id).bytes == len(blobs[0])
             assert r2.verify() == []
-            for call in (lambda: r2.load_blob(recs[0].id), lambda: r2.load_adapter(recs[0].id),
-                         lambda: r2.verify(full=True)):
+            for call in (
+                lambda: r2.load_blob(recs[0].id),
+                lambda: r2.load_adapter(recs[0].id),
+                lambda: r2.verify(full=True),
+            ):
                 with pytest.raises(BlobKeyError, match=f"key {key.key_id}.*RPE_BLOB_KEY_FILE.*--blob-key-file"):
                     call()
             if not ro:
@@ -210,15 +221,15 @@ def test_wrong_key_or_stray_key_refused_at_open(enc, tmp_path, monkeypatch):
     reg, root, key, blobs, recs = enc
     reg.close()
     wrong = BlobKey(b"\x07" * 32, "test key")
-    with pytest.raises(BlobKeyError, match=f"encrypted with key {key.key_id}, but the key from test key is key "
-                                           f"{wrong.key_id}"):
+    with pytest.raises(
+        BlobKeyError, match=f"encrypted with key {key.key_id}, but the key from test key is key {wrong.key_id}"
+    ):
         Registry(root, blob_key=wrong, chroma="off")
     with pytest.raises(BlobKeyError, match="encrypted with key"):
         new_registry(root, blob_key=wrong, exist_ok=True)
     with new_registry(tmp_path / "plain") as plain:
         assert plain.blob_encryption is None and plain.has_blob_key
-    with pytest.raises(BlobKeyError, match="unencrypted, but a blob key was given.*rpe registry init "
-                                           "--blob-key-file"):
+    with pytest.raises(BlobKeyError, match="unencrypted, but a blob key was given.*rpe registry init --blob-key-file"):
         Registry(tmp_path / "plain", blob_key=key, chroma="off")
     monkeypatch.setenv("RPE_BLOB_KEY", "short")
     with pytest.raises(BlobKeyError, match=r"\$RPE_BLOB_KEY does not hold a blob key"):
@@ -276,10 +287,20 @@ reg.add(make_adapter(11), np.full(DIM, 5.0), make_meta(3))
 def test_crash_after_encrypted_blob_then_retry(enc, key_file):
     reg, root, key, blobs, recs = enc
     reg.close()
-    env = {**os.environ, "RPE_CRASH_AT": "after_blob", "RPE_BLOB_KEY_FILE": str(key_file),
-           "ANONYMIZED_TELEMETRY": "False"}
-    out = subprocess.run([sys.executable, "-c", CRASH_CHILD, str(root), str(ROOT / "tests")], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=120)
+    env = {
+        **os.environ,
+        "RPE_CRASH_AT": "after_blob",
+        "RPE_BLOB_KEY_FILE": str(key_file),
+        "ANONYMIZED_TELEMETRY": "False",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", CRASH_CHILD, str(root), str(ROOT / "tests")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == -9, out.stderr
     blob = adapter_to_bytes(make_adapter(11))
     with Registry(root, blob_key=key, chroma="off") as r2:
@@ -294,6 +315,7 @@ def test_crash_after_encrypted_blob_then_retry(enc, key_file):
 
 # ---- the coordinator's run config and the CLI -----------------------------------------------
 
+
 def test_server_run_config_blob_key_file(enc, key_file):
     from server.app import Settings, open_registry
 
@@ -303,8 +325,9 @@ def test_server_run_config_blob_key_file(enc, key_file):
     assert s.blob_key_file == ""
     with pytest.raises(ValueError, match="blob-key-file"):
         open_registry(s)
-    s = Settings.from_run_config({"mode": "compose", "registry-dir": str(root), "chroma": "off",
-                                  "blob-key-file": str(key_file)})
+    s = Settings.from_run_config(
+        {"mode": "compose", "registry-dir": str(root), "chroma": "off", "blob-key-file": str(key_file)}
+    )
     with open_registry(s) as r2:
         assert r2.load_blob(recs[0].id) == blobs[0]
     s = Settings.from_run_config({"mode": "whoami", "registry-dir": str(root), "chroma": "off"})
@@ -330,8 +353,22 @@ def test_cli_blob_key_new_and_encrypted_init(tmp_path, tiny_model_dir, capsys):
     assert json.loads((reg / "registry.json").read_text())["blob_encryption"]["key_id"] == key.key_id
     peft = save_peft_adapter(tiny_adapter(tiny_model_dir, 0), tmp_path / "peft")
     np.save(tmp_path / "z.npy", np.ones(64, dtype=np.float32))
-    add = ["registry", "add", "--registry", str(reg), "--adapter", str(peft), "--embedding", str(tmp_path / "z.npy"),
-           "--site", "a", "--task", "t", "--samples", "3"]
+    add = [
+        "registry",
+        "add",
+        "--registry",
+        str(reg),
+        "--adapter",
+        str(peft),
+        "--embedding",
+        str(tmp_path / "z.npy"),
+        "--site",
+        "a",
+        "--task",
+        "t",
+        "--samples",
+        "3",
+    ]
     with pytest.raises(SystemExit) as exit_:
         main(add)
     assert exit_.value.code == 2 and "BlobKeyError" in capsys.readouterr().err

@@ -12,8 +12,14 @@ from server.bounds import NormBound, NormBoundError, adapter_norms, module_norm
 
 def _adapter(seed, scale=1.0, modules=("m.q", "m.v")):
     g = torch.Generator().manual_seed(seed)
-    return LoraAdapter({m: LoraModule(A=torch.randn(4, 16, generator=g) * 0.1,
-                                      B=torch.randn(16, 4, generator=g) * 0.1 * scale, scale=2.0) for m in modules})
+    return LoraAdapter(
+        {
+            m: LoraModule(
+                A=torch.randn(4, 16, generator=g) * 0.1, B=torch.randn(16, 4, generator=g) * 0.1 * scale, scale=2.0
+            )
+            for m in modules
+        }
+    )
 
 
 def test_module_norm_equals_the_dense_frobenius_norm():

@@ -16,10 +16,27 @@ from common.lora import load_peft_adapter, save_peft_adapter
 from deploy.cli import build_parser, main
 
 COMMANDS = [
-    [], ["registry"], ["registry", "init"], ["registry", "add"], ["registry", "ls"], ["registry", "show"],
-    ["registry", "rm"], ["embed"], ["compose"], ["keygen"], ["audit"], ["audit", "verify"], ["audit", "report"],
-    ["audit", "cross-check"], ["experiment"], ["blob-key"], ["blob-key", "new"], ["privacy"],
-    ["privacy", "epsilon"], ["privacy", "z-norms"], ["privacy", "spent"],
+    [],
+    ["registry"],
+    ["registry", "init"],
+    ["registry", "add"],
+    ["registry", "ls"],
+    ["registry", "show"],
+    ["registry", "rm"],
+    ["embed"],
+    ["compose"],
+    ["keygen"],
+    ["audit"],
+    ["audit", "verify"],
+    ["audit", "report"],
+    ["audit", "cross-check"],
+    ["experiment"],
+    ["blob-key"],
+    ["blob-key", "new"],
+    ["privacy"],
+    ["privacy", "epsilon"],
+    ["privacy", "z-norms"],
+    ["privacy", "spent"],
 ]
 
 
@@ -37,8 +54,10 @@ HEAVY = ("torch", "transformers", "chromadb", "flwr", "peft")
 
 @pytest.mark.integration
 def test_console_script_starts_without_heavy_imports():
-    code = ("import sys; from deploy.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-            f"print('HEAVY=' + ','.join(m for m in {HEAVY!r} if m in sys.modules))")
+    code = (
+        "import sys; from deploy.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        f"print('HEAVY=' + ','.join(m for m in {HEAVY!r} if m in sys.modules))"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and "registry" in res.stdout
     assert "HEAVY=\n" in res.stdout, f"`rpe --help` imported {res.stdout.rsplit('HEAVY=', 1)[-1].strip()}"
@@ -54,16 +73,45 @@ def test_console_script_entry_point_is_the_composition_root():
 def test_embed_with_minilm_writes_a_384_d_z(tmp_path, capsys):
     """Regression: ``--representation minilm`` crashed with UnboundLocalError (``mech`` set in one branch)."""
     data = tmp_path / "site.jsonl"
-    write_jsonl(data, [Example(prompt=f"Findings: small nodule number {i}.", target=None, group="ct-head",
-                               uid=str(i)) for i in range(3)])
-    main(["embed", "--representation", "minilm", "--data", str(data), "--out", str(tmp_path / "z.npy"),
-          "--quiet", "--json"])
+    write_jsonl(
+        data,
+        [
+            Example(prompt=f"Findings: small nodule number {i}.", target=None, group="ct-head", uid=str(i))
+            for i in range(3)
+        ],
+    )
+    main(
+        [
+            "embed",
+            "--representation",
+            "minilm",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "z.npy"),
+            "--quiet",
+            "--json",
+        ]
+    )
     emb = json.loads(capsys.readouterr().out)
     assert emb["dim"] == 384 and emb["examples"] == 3 and emb["representation"] == "minilm"
     assert np.load(tmp_path / "z.npy").shape == (384,)
     with pytest.raises(SystemExit) as exit_:  # noise on a MiniLM z is refused, as before
-        main(["embed", "--representation", "minilm", "--data", str(data), "--out", str(tmp_path / "z2.npy"),
-              "--z-clip", "1", "--z-epsilon", "4"])
+        main(
+            [
+                "embed",
+                "--representation",
+                "minilm",
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "z2.npy"),
+                "--z-clip",
+                "1",
+                "--z-epsilon",
+                "4",
+            ]
+        )
     assert exit_.value.code == 2 and "hidden-mean only" in capsys.readouterr().err
 
 
@@ -74,24 +122,72 @@ def test_registry_embed_compose_round_trip(tmp_path, tiny_model_dir, capsys):
         peft_dir = save_peft_adapter(tiny_adapter(tiny_model_dir, i), tmp_path / f"peft-{site}")
         z = np.random.default_rng(i).normal(size=64).astype(np.float32)
         np.save(tmp_path / f"z-{site}.npy", z)
-        main(["registry", "add", "--registry", str(reg), "--adapter", str(peft_dir), "--embedding",
-              str(tmp_path / f"z-{site}.npy"), "--site", site, "--task", "report-text", "--samples", "10"])
+        main(
+            [
+                "registry",
+                "add",
+                "--registry",
+                str(reg),
+                "--adapter",
+                str(peft_dir),
+                "--embedding",
+                str(tmp_path / f"z-{site}.npy"),
+                "--site",
+                site,
+                "--task",
+                "report-text",
+                "--samples",
+                "10",
+            ]
+        )
     capsys.readouterr()
     main(["registry", "ls", "--registry", str(reg), "--json"])
     listed = json.loads(capsys.readouterr().out)
     assert sorted(r["meta"]["site"] for r in listed) == ["a", "b", "c"]
 
     data = tmp_path / "site.jsonl"
-    write_jsonl(data, [Example(prompt=f"Findings: small nodule number {i}.", target=None, group="ct-head",
-                               uid=str(i)) for i in range(3)])
-    main(["embed", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "zt.npy"),
-          "--quiet", "--json"])
+    write_jsonl(
+        data,
+        [
+            Example(prompt=f"Findings: small nodule number {i}.", target=None, group="ct-head", uid=str(i))
+            for i in range(3)
+        ],
+    )
+    main(
+        [
+            "embed",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "zt.npy"),
+            "--quiet",
+            "--json",
+        ]
+    )
     emb = json.loads(capsys.readouterr().out)
     assert emb["dim"] == 64 and emb["examples"] == 3 and emb["tokens"] > 0
 
     out = tmp_path / "composed"
-    main(["compose", "--registry", str(reg), "--embedding", str(tmp_path / "zt.npy"), "--strategy", "lin-l1",
-          "--k", "2", "--exclude-site", "a", "--out", str(out), "--json"])
+    main(
+        [
+            "compose",
+            "--registry",
+            str(reg),
+            "--embedding",
+            str(tmp_path / "zt.npy"),
+            "--strategy",
+            "lin-l1",
+            "--k",
+            "2",
+            "--exclude-site",
+            "a",
+            "--out",
+            str(out),
+            "--json",
+        ]
+    )
     res = json.loads(capsys.readouterr().out)
     assert len(res["retrieved"]) == 2 and all(not r["id"].startswith("a:") for r in res["retrieved"])
     assert abs(sum(r["weight"] for r in res["retrieved"]) - 1.0) < 1e-9
@@ -112,8 +208,17 @@ def test_bad_input_exits_2_with_a_message_and_no_traceback(tmp_path, tiny_model_
     err = capsys.readouterr().err
     assert "rpe: error:" in err and "Traceback" not in err
     with pytest.raises(SystemExit) as exit_:
-        main(["compose", "--registry", str(tmp_path / "nope"), "--embedding", str(tmp_path / "z.npy"),
-              "--out", str(tmp_path / "o")])
+        main(
+            [
+                "compose",
+                "--registry",
+                str(tmp_path / "nope"),
+                "--embedding",
+                str(tmp_path / "z.npy"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
     assert exit_.value.code == 2
     assert "rpe: error:" in capsys.readouterr().err
 
@@ -126,8 +231,24 @@ def test_compose_out_never_overwrites_a_foreign_directory(tmp_path, tiny_model_d
     for i, site in enumerate(["a", "b"]):
         peft_dir = save_peft_adapter(tiny_adapter(tiny_model_dir, i), tmp_path / f"peft-{site}")
         np.save(tmp_path / f"z-{site}.npy", np.random.default_rng(i).normal(size=64).astype(np.float32))
-        main(["registry", "add", "--registry", str(reg), "--adapter", str(peft_dir), "--embedding",
-              str(tmp_path / f"z-{site}.npy"), "--site", site, "--task", "report-text", "--samples", "10"])
+        main(
+            [
+                "registry",
+                "add",
+                "--registry",
+                str(reg),
+                "--adapter",
+                str(peft_dir),
+                "--embedding",
+                str(tmp_path / f"z-{site}.npy"),
+                "--site",
+                site,
+                "--task",
+                "report-text",
+                "--samples",
+                "10",
+            ]
+        )
     z = str(tmp_path / "z-a.npy")
     source = tmp_path / "peft-a"
     before = {p.name: p.read_bytes() for p in source.iterdir()}
@@ -174,12 +295,19 @@ def test_auditor_commands_do_not_import_torch(tmp_path: Path) -> None:
 
     root = tmp_path / "reg"
     new_registry(root).close()
-    probe = ("import sys; from deploy.cli import main\n"
-             f"for argv in (['audit', 'verify', '--log', {str(root / 'audit.jsonl')!r}, '--registry', {str(root)!r}],"
-             f" ['registry', 'ls', '--registry', {str(root)!r}]):\n"
-             "    try:\n        main(argv)\n    except SystemExit as e:\n        assert not e.code, e.code\n"
-             "print('torch loaded' if 'torch' in sys.modules else 'no torch')\n")
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
-                         cwd=Path(__file__).resolve().parent.parent)
+    probe = (
+        "import sys; from deploy.cli import main\n"
+        f"for argv in (['audit', 'verify', '--log', {str(root / 'audit.jsonl')!r}, '--registry', {str(root)!r}],"
+        f" ['registry', 'ls', '--registry', {str(root)!r}]):\n"
+        "    try:\n        main(argv)\n    except SystemExit as e:\n        assert not e.code, e.code\n"
+        "print('torch loaded' if 'torch' in sys.modules else 'no torch')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith("no torch"), out.stdout

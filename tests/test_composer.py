@@ -16,8 +16,11 @@ from server.composer import CompositionError, compose_for_target
 from server.registry import AdapterMeta, NotEnoughRecordsError, Registry
 
 BASE = "sha256:" + "12" * 32
-SHAPES = {"model.layers.0.self_attn.q_proj": (12, 10), "model.layers.0.self_attn.v_proj": (6, 10),
-          "model.layers.1.mlp.up_proj": (14, 10)}
+SHAPES = {
+    "model.layers.0.self_attn.q_proj": (12, 10),
+    "model.layers.0.self_attn.v_proj": (6, 10),
+    "model.layers.1.mlp.up_proj": (14, 10),
+}
 DIM = 8
 
 
@@ -26,19 +29,41 @@ def adapter(seed: int) -> LoraAdapter:
     g = torch.Generator().manual_seed(seed)
     names = sorted(SHAPES)[: 2 + seed % 2]
     r = 1 + seed % 3
-    return LoraAdapter({n: LoraModule(torch.randn(r, SHAPES[n][1], generator=g, dtype=torch.float64).float(),
-                                      torch.randn(SHAPES[n][0], r, generator=g, dtype=torch.float64).float(),
-                                      0.5 * (1 + seed % 4)) for n in names}, base_model="tiny-base")
+    return LoraAdapter(
+        {
+            n: LoraModule(
+                torch.randn(r, SHAPES[n][1], generator=g, dtype=torch.float64).float(),
+                torch.randn(SHAPES[n][0], r, generator=g, dtype=torch.float64).float(),
+                0.5 * (1 + seed % 4),
+            )
+            for n in names
+        },
+        base_model="tiny-base",
+    )
 
 
 @pytest.fixture(scope="module")
 def reg(tmp_path_factory):
     rng = np.random.default_rng(0)
-    registry = Registry.init(tmp_path_factory.mktemp("composer") / "reg", base_fingerprint=BASE,
-                             module_shapes=SHAPES, embedding_dim=DIM, base_name="/models/tiny-base")
-    registry.add_many([(adapter(i), rng.standard_normal(DIM), AdapterMeta(
-        site=f"s{i}", task="xray" if i < 6 else "ct", modality="xray", base_fingerprint=BASE, sample_count=5))
-        for i in range(8)])
+    registry = Registry.init(
+        tmp_path_factory.mktemp("composer") / "reg",
+        base_fingerprint=BASE,
+        module_shapes=SHAPES,
+        embedding_dim=DIM,
+        base_name="/models/tiny-base",
+    )
+    registry.add_many(
+        [
+            (
+                adapter(i),
+                rng.standard_normal(DIM),
+                AdapterMeta(
+                    site=f"s{i}", task="xray" if i < 6 else "ct", modality="xray", base_fingerprint=BASE, sample_count=5
+                ),
+            )
+            for i in range(8)
+        ]
+    )
     yield registry
     registry.close()
 
@@ -53,8 +78,9 @@ def dense_sum(adapters, weights):
 
 def test_compose_matches_retrieval_weights_and_exact_sum(reg, tmp_path):
     z = reg.get(reg.ids()[2]).z + 0.3
-    res = compose_for_target(reg, z, strategy="sim", k=3, exclude_site="s2", task="xray",
-                             out_dir=tmp_path / "out", target="s2", lam1=2.0)
+    res = compose_for_target(
+        reg, z, strategy="sim", k=3, exclude_site="s2", task="xray", out_dir=tmp_path / "out", target="s2", lam1=2.0
+    )
     hits = reg.query(z, 3, task="xray", exclude_site="s2")
     assert res.ids == [h.record.id for h in hits] and "s2" not in res.sites
     np.testing.assert_allclose(res.distances, [h.distance for h in hits])
@@ -125,12 +151,16 @@ def test_a_composition_from_bf16_sources_has_one_hash_in_wire_form(tmp_path):
     from common import wire
 
     rng = np.random.default_rng(1)
-    registry = Registry.init(tmp_path / "reg", base_fingerprint=BASE, module_shapes=SHAPES, embedding_dim=DIM,
-                             base_name="/models/tiny-base")
+    registry = Registry.init(
+        tmp_path / "reg", base_fingerprint=BASE, module_shapes=SHAPES, embedding_dim=DIM, base_name="/models/tiny-base"
+    )
     try:
         for i in range(3):
-            registry.add(adapter(i).to(torch.bfloat16), rng.standard_normal(DIM),
-                         AdapterMeta(site=f"b{i}", task="xray", modality="xray", base_fingerprint=BASE, sample_count=5))
+            registry.add(
+                adapter(i).to(torch.bfloat16),
+                rng.standard_normal(DIM),
+                AdapterMeta(site=f"b{i}", task="xray", modality="xray", base_fingerprint=BASE, sample_count=5),
+            )
         z = rng.standard_normal(DIM)
         plain = compose_for_target(registry, z, strategy="sim", k=3, task="xray", target="t")
         res = compose_for_target(registry, z, strategy="sim", k=3, task="xray", target="t", wire_form=True)

@@ -41,29 +41,61 @@ from server.registry import AdapterMeta, Registry
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "runs" / "test-artifacts" / "console"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run"]
+BROWSER_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 BASE = "sha256:" + "34" * 32
 SHAPES = {"model.layers.0.self_attn.q_proj": (12, 10), "model.layers.0.self_attn.v_proj": (6, 10)}
 DIM = 8
 SITES = {"xray": ("xray-chest", 3), "ct": ("ct-head", 2), "mr": ("mr-head", 2)}
-PRIVATE = with_total({"dp_sgd": True, "epsilon": 3.0, "delta": 1e-5, "noise_multiplier": 1.1, "max_grad_norm": 1.0,
-                      "sample_rate": 0.1, "steps": 30, "z_mechanism": "gaussian", "z_clip": 1.0,
-                      "z_noise_multiplier": 4.0, "z_epsilon": 1.2, "z_delta": 1e-5}, adapter_sent=True)
+PRIVATE = with_total(
+    {
+        "dp_sgd": True,
+        "epsilon": 3.0,
+        "delta": 1e-5,
+        "noise_multiplier": 1.1,
+        "max_grad_norm": 1.0,
+        "sample_rate": 0.1,
+        "steps": 30,
+        "z_mechanism": "gaussian",
+        "z_clip": 1.0,
+        "z_noise_multiplier": 4.0,
+        "z_epsilon": 1.2,
+        "z_delta": 1e-5,
+    },
+    adapter_sent=True,
+)
 
 
 def _adapter(seed: int) -> LoraAdapter:
     g = torch.Generator().manual_seed(seed)
     r = 1 + seed % 3
-    return LoraAdapter({n: LoraModule(torch.randn(r, s[1], generator=g), torch.randn(s[0], r, generator=g), 2.0)
-                        for n, s in SHAPES.items()}, base_model="tiny-base")
+    return LoraAdapter(
+        {
+            n: LoraModule(torch.randn(r, s[1], generator=g), torch.randn(s[0], r, generator=g), 2.0)
+            for n, s in SHAPES.items()
+        },
+        base_model="tiny-base",
+    )
 
 
 def build_registry(root: Path) -> dict:
     """Three sites (one with DP), an egress log for site 'xray', two compositions and one evaluation run."""
     rng = np.random.default_rng(7)
-    reg = Registry.init(root / "reg", base_fingerprint=BASE, module_shapes=SHAPES, embedding_dim=DIM,
-                        base_name="tiny-base", chroma_host=None)
+    reg = Registry.init(
+        root / "reg",
+        base_fingerprint=BASE,
+        module_shapes=SHAPES,
+        embedding_dim=DIM,
+        base_name="tiny-base",
+        chroma_host=None,
+    )
     egress = EgressLog(root / "site-xray" / "egress.jsonl", full_records=("meta",))
     seed = 0
     centres = {s: rng.standard_normal(DIM) * 3 for s in SITES}
@@ -72,22 +104,31 @@ def build_registry(root: Path) -> dict:
             seed += 1
             adapter, z = _adapter(seed), (centres[site] + 0.2 * rng.standard_normal(DIM)).astype(np.float32)
             privacy = PRIVATE if site == "xray" else "none"
-            meta = AdapterMeta(site=site, task=task, modality="text", base_fingerprint=BASE, sample_count=10 + seed,
-                               privacy=privacy)
+            meta = AdapterMeta(
+                site=site, task=task, modality="text", base_fingerprint=BASE, sample_count=10 + seed, privacy=privacy
+            )
             audit_fields = {}
             if site == "xray":  # as the ClientApp does it: log the reply, the coordinator logs its digests
                 arrays, _ = adapter_to_arrays(adapter)
-                reply = {"adapter": arrays, "embedding": {"z": z},
-                         "meta": {"site": site, "task": task, "privacy": json.dumps(PRIVATE)}}
+                reply = {
+                    "adapter": arrays,
+                    "embedding": {"z": z},
+                    "meta": {"site": site, "task": task, "privacy": json.dumps(PRIVATE)},
+                }
                 egress.record("train", reply, run_id=f"run-{i}", extra={"outcome": "ok", "nonce": f"n{i}"})
-                audit_fields = {"run_id": f"run-{i}", "nonce": f"n{i}", "record_digests": record_digests(reply),
-                                "message_type": "train"}
+                audit_fields = {
+                    "run_id": f"run-{i}",
+                    "nonce": f"n{i}",
+                    "record_digests": record_digests(reply),
+                    "message_type": "train",
+                }
             reg.add(adapter, z, meta, audit_fields=audit_fields)
     compositions = []
     for target, strategy in (("mr", "sim"), ("ct", "lin")):
         z_t = centres[target] + 0.1
-        res = compose_for_target(reg, z_t, strategy=strategy, k=3, exclude_site=target,
-                                 out_dir=root / f"out-{target}", target=target)
+        res = compose_for_target(
+            reg, z_t, strategy=strategy, k=3, exclude_site=target, out_dir=root / f"out-{target}", target=target
+        )
         compositions.append(res)
     # one leave-one-site-out evaluation, written by the ServerApp's own writer
     from server.app import write_evaluation
@@ -95,20 +136,35 @@ def build_registry(root: Path) -> dict:
     rows = []
     for t in SITES:
         for j, method in enumerate(["base", "sim", "own"]):
-            rows.append({"target": t, "method": method, "rouge_l": round(0.05 + 0.01 * j + 0.001 * len(t), 4),
-                         "n": 12, "sources": [] if method == "base" else [s for s in SITES if s != t][:2],
-                         "weights": [] if method == "base" else [0.6, 0.4],
-                         "distances": [] if method == "base" else [1.5, 2.5], "metrics": {}})
+            rows.append(
+                {
+                    "target": t,
+                    "method": method,
+                    "rouge_l": round(0.05 + 0.01 * j + 0.001 * len(t), 4),
+                    "n": 12,
+                    "sources": [] if method == "base" else [s for s in SITES if s != t][:2],
+                    "weights": [] if method == "base" else [0.6, 0.4],
+                    "distances": [] if method == "base" else [1.5, 2.5],
+                    "metrics": {},
+                }
+            )
     write_evaluation(reg.path / "evaluations" / "run-42", rows, reg, {t: centres[t] for t in SITES})
-    info = {"records": [r.to_dict() for r in reg.list()], "compositions": compositions, "path": reg.path,
-            "egress": egress.path}
+    info = {
+        "records": [r.to_dict() for r in reg.list()],
+        "compositions": compositions,
+        "path": reg.path,
+        "egress": egress.path,
+    }
     reg.close()
     return info
 
 
 def tree_hash(path: Path) -> dict[str, str]:
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _free_port() -> int:
@@ -131,8 +187,13 @@ class Console:
         self.log = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "server.console", "--registry", str(registry), "--port", str(self.port), *extra],
-            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=_die_with_parent)
+            cwd=ROOT,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -159,8 +220,10 @@ class Console:
 @pytest.fixture(scope="module")
 def browser():
     if not Path(CHROMIUM).is_file():
-        pytest.skip(f"no chromium at {CHROMIUM}: install it with `apt-get install -y chromium` "
-                    "(scripts/setup.sh does this as root)")
+        pytest.skip(
+            f"no chromium at {CHROMIUM}: install it with `apt-get install -y chromium` "
+            "(scripts/setup.sh does this as root)"
+        )
     sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
     with sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS, headless=True)
@@ -187,8 +250,11 @@ def _go(page, selector: str) -> None:
 def _image_ok(page, selector: str) -> None:
     """Wait until the image(s) matching ``selector`` are decoded (a click only waits for the navigation to start)."""
     page.wait_for_load_state("load")
-    page.wait_for_function("sel => [...document.querySelectorAll(sel)].every(i => i.complete && i.naturalWidth > 0)",
-                           arg=selector, timeout=120_000)
+    page.wait_for_function(
+        "sel => [...document.querySelectorAll(sel)].every(i => i.complete && i.naturalWidth > 0)",
+        arg=selector,
+        timeout=120_000,
+    )
 
 
 def _num(text: str) -> float:
@@ -258,10 +324,15 @@ def test_console_pages_show_the_registry(browser, built, tmp_path):
         assert page.inner_text("#comp-output") == res.output_sha256
         ids = page.locator("#retrieved tbody tr").evaluate_all("rows => rows.map(r => r.dataset.id)")
         assert ids == list(res.ids)
-        np.testing.assert_allclose([float(t) for t in page.locator("#retrieved td.weight").all_inner_texts()],
-                                   res.weights, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose([float(t) for t in page.locator("#retrieved td.distance").all_inner_texts()],
-                                   res.distances, rtol=1e-5)
+        np.testing.assert_allclose(
+            [float(t) for t in page.locator("#retrieved td.weight").all_inner_texts()],
+            res.weights,
+            rtol=1e-5,
+            atol=1e-6,
+        )
+        np.testing.assert_allclose(
+            [float(t) for t in page.locator("#retrieved td.distance").all_inner_texts()], res.distances, rtol=1e-5
+        )
         _image_ok(page, "#weights-chart")
         _shot(page, "composition")
 
@@ -333,8 +404,10 @@ def test_console_pages_show_the_registry(browser, built, tmp_path):
         want_problems = verify(audit)
         rows = page.locator("#problems tbody tr")
         assert rows.count() == len(want_problems) >= 2
-        assert [(int(rows.nth(i).locator(".line").inner_text()), rows.nth(i).locator(".kind").inner_text())
-                for i in range(rows.count())] == [(p.line, p.kind) for p in want_problems]
+        assert [
+            (int(rows.nth(i).locator(".line").inner_text()), rows.nth(i).locator(".kind").inner_text())
+            for i in range(rows.count())
+        ] == [(p.line, p.kind) for p in want_problems]
         assert (want_problems[0].line, want_problems[0].kind) == (3, "bad_hash")
         _shot(page, "audit-tampered")
         reg.close()
@@ -367,8 +440,9 @@ def test_console_token_required_when_configured(browser, built, tmp_path):
 
 
 def test_non_loopback_needs_tls_and_token(tmp_path):
-    args = argparse.Namespace(registry=str(tmp_path / "reg"), host="0.0.0.0", port=1, certfile=None, keyfile=None,
-                              token_file=None)
+    args = argparse.Namespace(
+        registry=str(tmp_path / "reg"), host="0.0.0.0", port=1, certfile=None, keyfile=None, token_file=None
+    )
     with pytest.raises(ConsoleConfigError, match="requires TLS"):
         plan(args)
     cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
@@ -382,8 +456,9 @@ def test_non_loopback_needs_tls_and_token(tmp_path):
     os.chmod(tmp_path / "reg.console-token", 0o644)
     with pytest.raises(ConsoleConfigError, match="other users could read it"):
         load_or_create_token(tmp_path / "reg.console-token")
-    loop = argparse.Namespace(registry=str(tmp_path / "reg"), host="127.0.0.1", port=1, certfile=None, keyfile=None,
-                              token_file=None)
+    loop = argparse.Namespace(
+        registry=str(tmp_path / "reg"), host="127.0.0.1", port=1, certfile=None, keyfile=None, token_file=None
+    )
     assert plan(loop) == {"tls": False, "token": None, "token_file": None}
 
 
@@ -397,8 +472,16 @@ def test_console_over_tls_with_token(built, tmp_path):
 
     bundle = generate(tmp_path / "tls", sites=[])
     token_file = tmp_path / "tok"
-    console = Console(built["path"], tmp_path / "console.log", "--certfile", str(bundle.server_cert),
-                      "--keyfile", str(bundle.server_key), "--token-file", str(token_file))
+    console = Console(
+        built["path"],
+        tmp_path / "console.log",
+        "--certfile",
+        str(bundle.server_cert),
+        "--keyfile",
+        str(bundle.server_key),
+        "--token-file",
+        str(token_file),
+    )
     try:
         ctx = ssl.create_default_context(cafile=str(bundle.ca_cert))
         url = f"https://127.0.0.1:{console.port}/"
@@ -406,8 +489,9 @@ def test_console_over_tls_with_token(built, tmp_path):
             urllib.request.urlopen(url, context=ctx, timeout=30)
         assert err.value.code == 401
         token = token_file.read_text().strip()
-        resp = urllib.request.urlopen(urllib.request.Request(url, headers={"X-RPE-Token": token}), context=ctx,
-                                      timeout=30)
+        resp = urllib.request.urlopen(
+            urllib.request.Request(url, headers={"X-RPE-Token": token}), context=ctx, timeout=30
+        )
         assert resp.status == 200 and b"live adapters" in resp.read()
         with pytest.raises(OSError):  # plain HTTP is not served (URLError or a dropped connection)
             urllib.request.urlopen(f"http://127.0.0.1:{console.port}/", timeout=10)

@@ -45,7 +45,11 @@ def test_iu_xray_counts() -> None:
 def test_medpix_grouping_rule() -> None:
     skip = load_medpix()
     assert {k: len(v) for k, v in skip.items() if len(v) >= 50} == {
-        "ct-thorax": 120, "ct-abdomen": 117, "mr-head": 89, "ct-head": 74, "mr-spine": 73,
+        "ct-thorax": 120,
+        "ct-abdomen": 117,
+        "mr-head": 89,
+        "ct-head": 74,
+        "mr-spine": 73,
     }
     assert sum(len(v) for v in skip.values()) == 654 - 74  # mixed CT+MR cases are left out
     majority = load_medpix(mixed="majority")
@@ -103,8 +107,9 @@ def test_a_missing_set_names_the_folder_the_variable_and_the_source(tmp_path, mo
 def test_demo_without_a_data_root_stops_within_seconds_with_the_message(tmp_path) -> None:
     env = {**os.environ, DATA_DIR_ENV: str(tmp_path / "empty")}
     t0 = time.monotonic()
-    res = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "demo.sh")], env=env, capture_output=True, text=True,
-                         timeout=60)
+    res = subprocess.run(
+        ["bash", str(REPO_ROOT / "scripts" / "demo.sh")], env=env, capture_output=True, text=True, timeout=60
+    )
     assert time.monotonic() - t0 < 20
     assert res.returncode == 2
     assert f"expected {tmp_path / 'empty' / 'iu-xray'}" in res.stderr and DATA_DIR_ENV in res.stderr

@@ -85,6 +85,9 @@ def test_pyproject_declares_what_requirements_declares() -> None:
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     in_pyproject = {_norm(re.split(r"[\[<>=!~ ;]", d, maxsplit=1)[0]) for d in project["dependencies"]}
-    in_pyproject |= {_norm(re.split(r"[\[<>=!~ ;]", d, maxsplit=1)[0])
-                     for extra in project.get("optional-dependencies", {}).values() for d in extra}
+    in_pyproject |= {
+        _norm(re.split(r"[\[<>=!~ ;]", d, maxsplit=1)[0])
+        for extra in project.get("optional-dependencies", {}).values()
+        for d in extra
+    }
     assert declared_distributions() - in_pyproject == set()

@@ -66,18 +66,30 @@ def test_header_parser_accepts_canonical_adapter_bytes():
     assert "__metadata__" in header and any(k.endswith("lora_A.weight") for k in header)
 
 
-@pytest.mark.parametrize("data, kind, match", [
-    (b"\x01\x02", "short", "too short"),
-    (struct.pack("<Q", 2**62) + b"{}", "length", "oversized"),
-    (struct.pack("<Q", 4) + b"nope", "json", "unreadable"),
-    (struct.pack("<Q", 2) + b"[]", "object", "not a JSON object"),
-    (_st({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 16]}}, b"\0" * 8), "layout", "out of range"),
-    (_st({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-          "u": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12), "layout", "overlap"),
-    (_st({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 12), "layout", "trailing"),
-    (_st({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, -1]}}, b""), "layout", "out of range"),
-    (_st({"t": {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}}, b"\0" * 8), "layout", "shape"),
-])
+@pytest.mark.parametrize(
+    "data, kind, match",
+    [
+        (b"\x01\x02", "short", "too short"),
+        (struct.pack("<Q", 2**62) + b"{}", "length", "oversized"),
+        (struct.pack("<Q", 4) + b"nope", "json", "unreadable"),
+        (struct.pack("<Q", 2) + b"[]", "object", "not a JSON object"),
+        (_st({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 16]}}, b"\0" * 8), "layout", "out of range"),
+        (
+            _st(
+                {
+                    "t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                    "u": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+                },
+                b"\0" * 12,
+            ),
+            "layout",
+            "overlap",
+        ),
+        (_st({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 12), "layout", "trailing"),
+        (_st({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, -1]}}, b""), "layout", "out of range"),
+        (_st({"t": {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}}, b"\0" * 8), "layout", "shape"),
+    ],
+)
 def test_header_parser_rejects_hostile_headers_with_a_typed_error(data, kind, match):
     with pytest.raises(SafetensorsHeaderError, match=match) as info:
         parse_header(data)

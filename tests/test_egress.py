@@ -89,21 +89,30 @@ def test_egress_line_format(tmp_path):
     reply["metadata"]["description"] = long_text  # metadata is logged in full...
     reply["notes"] = {"free_text": long_text, "blob": b"\x01\x02"}  # ...other long strings are not
     entry = log.record("train", reply, run_id="run-1", extra={"blob_sha256": "ab" * 32})
-    (lineno, on_disk), = read_egress(log.path)[0]
+    ((lineno, on_disk),) = read_egress(log.path)[0]
     assert lineno == 1 and on_disk == entry
     assert entry["message_type"] == "train" and entry["run_id"] == "run-1" and entry["v"] == 1
     assert entry["extra"] == {"blob_sha256": "ab" * 32}
     recs = {r["name"]: r for r in entry["records"]}
     assert [r["name"] for r in entry["records"]] == ["adapter", "z", "metadata", "metrics", "notes"]
     assert {n: r["kind"] for n, r in recs.items()} == {
-        "adapter": "arrays", "z": "arrays", "metadata": "config", "metrics": "metrics", "notes": "config",
+        "adapter": "arrays",
+        "z": "arrays",
+        "metadata": "config",
+        "metrics": "metrics",
+        "notes": "config",
     }
     a = recs["adapter"]
     assert a["bytes"] == 2 * 4 * 16 * 4
     item = a["items"][0]
     key = sorted(reply["adapter"])[0]
-    assert item == {"key": key, "dtype": "float32", "shape": [4, 16], "bytes": 256,
-                    "sha256": array_sha256(reply["adapter"][key])}
+    assert item == {
+        "key": key,
+        "dtype": "float32",
+        "shape": [4, 16],
+        "bytes": 256,
+        "sha256": array_sha256(reply["adapter"][key]),
+    }
     for name, rec in reply.items():
         assert recs[name]["sha256"] == record_digest(rec)
     meta = {i["key"]: i for i in recs["metadata"]["items"]}
@@ -137,8 +146,15 @@ def test_egress_appends_and_reports_damaged_lines(tmp_path):
 # cross-check
 
 
-def _submit(audit: AuditLog, egress: EgressLog, site: str, reply: dict, run_id: str, accepted: bool = True,
-            log_digests: bool = True) -> None:
+def _submit(
+    audit: AuditLog,
+    egress: EgressLog,
+    site: str,
+    reply: dict,
+    run_id: str,
+    accepted: bool = True,
+    log_digests: bool = True,
+) -> None:
     """Simulate one train round trip: the site logs what it sends, the coordinator what it got."""
     blob, zh = "cd" * 32, z_sha256(reply["z"]["z"])
     egress.record("train", reply, run_id=run_id, extra={"blob_sha256": blob, "z_sha256": zh})
@@ -157,8 +173,9 @@ def test_cross_check_all_matched(tmp_path):
     _submit(audit, egress, "s1", _reply(1), "run-2", accepted=False)
     _submit(audit, egress, "s1", _reply(2), "run-3", log_digests=False)  # matched on blob/z hashes
     egress.record("query.embed", {"z": {"z": np.zeros(4, np.float32)}})  # not a submission
-    audit.append("submission.accepted", site="s2", record_id="x", blob_sha256="ee" * 32, bytes=1,
-                 z_sha256="ee" * 32)  # another site's submission is not ours to match
+    audit.append(
+        "submission.accepted", site="s2", record_id="x", blob_sha256="ee" * 32, bytes=1, z_sha256="ee" * 32
+    )  # another site's submission is not ours to match
     rep = cross_check(egress.path, audit.path, "s1", ENROLMENT)
     assert rep.ok, str(rep)
     assert [(m["seq"], m["egress_line"]) for m in rep.matched] == [(1, 1), (2, 2), (3, 3)]
@@ -173,9 +190,16 @@ def test_cross_check_coordinator_only_entry(tmp_path):
     sent = _reply(1)
     egress.record("train", sent, run_id="run-2")
     received = _reply(1, n_examples=5000)  # metadata changed between the site and the registry
-    audit.append("submission.accepted", site="s1", record_id="rec-2", blob_sha256="cd" * 32, bytes=512,
-                 z_sha256=z_sha256(received["z"]["z"]), run_id="run-2",
-                 record_digests=record_digests(received))
+    audit.append(
+        "submission.accepted",
+        site="s1",
+        record_id="rec-2",
+        blob_sha256="cd" * 32,
+        bytes=512,
+        z_sha256=z_sha256(received["z"]["z"]),
+        run_id="run-2",
+        record_digests=record_digests(received),
+    )
     rep = cross_check(egress.path, audit.path, "s1", ENROLMENT)
     assert not rep.ok
     assert [c["seq"] for c in rep.coordinator_only] == [2]
@@ -201,8 +225,16 @@ def test_cross_check_run_id_must_agree(tmp_path):
     audit, egress = AuditLog(tmp_path / "audit.jsonl"), EgressLog(tmp_path / "egress.jsonl")
     reply = _reply(0)
     egress.record("train", reply, run_id="run-1")
-    audit.append("submission.accepted", site="s1", record_id="r", blob_sha256="cd" * 32, bytes=1,
-                 z_sha256="00" * 32, run_id="run-9", record_digests=record_digests(reply))
+    audit.append(
+        "submission.accepted",
+        site="s1",
+        record_id="r",
+        blob_sha256="cd" * 32,
+        bytes=1,
+        z_sha256="00" * 32,
+        run_id="run-9",
+        record_digests=record_digests(reply),
+    )
     rep = cross_check(egress.path, audit.path, "s1", ENROLMENT)
     assert "no unmatched egress line for run 'run-9'" in rep.coordinator_only[0]["detail"]
     assert len(rep.site_only) == 1
@@ -226,14 +258,32 @@ def test_cross_check_as_the_server_app_logs_it(tmp_path):
     audit, egress = AuditLog(tmp_path / "audit.jsonl"), EgressLog(tmp_path / "egress.jsonl")
     ok, bad = _reply(0), _reply(1)
     egress.record("train", ok, run_id="7", extra={"outcome": "ok", "nonce": "n1"})
-    audit.append("submission.accepted", site="s1", record_id="s1:t:abc", blob_sha256="cd" * 32, bytes=512,
-                 z_sha256=z_sha256(ok["z"]["z"]), task="t", run_id="7", nonce="n1", message_type="train",
-                 record_digests=record_digests(ok))
+    audit.append(
+        "submission.accepted",
+        site="s1",
+        record_id="s1:t:abc",
+        blob_sha256="cd" * 32,
+        bytes=512,
+        z_sha256=z_sha256(ok["z"]["z"]),
+        task="t",
+        run_id="7",
+        nonce="n1",
+        message_type="train",
+        record_digests=record_digests(ok),
+    )
     # run 8: the registry refused the reply (its one rejection entry carries what arrived)
     egress.record("train", bad, run_id="8", extra={"outcome": "ok", "nonce": "n2"})
-    audit.append("submission.rejected", site="s1", reason="site 's1' sent 20 values, the registry holds 16",
-                 error="EmbeddingDimensionError", run_id="8", nonce="n2", record_digests=record_digests(bad),
-                 blob_sha256="ef" * 32, z_sha256=z_sha256(bad["z"]["z"]))
+    audit.append(
+        "submission.rejected",
+        site="s1",
+        reason="site 's1' sent 20 values, the registry holds 16",
+        error="EmbeddingDimensionError",
+        run_id="8",
+        nonce="n2",
+        record_digests=record_digests(bad),
+        blob_sha256="ef" * 32,
+        z_sha256=z_sha256(bad["z"]["z"]),
+    )
     # run 9: the site refused (no records); run 10: the site was offline
     egress.record("train", {}, run_id="9", extra={"outcome": "refused", "reason": "no data for task"})
     audit.append("submission.rejected", site="s1", reason="refused: no data for task", run_id="9", nonce="n3")
@@ -241,7 +291,9 @@ def test_cross_check_as_the_server_app_logs_it(tmp_path):
     rep = cross_check(egress.path, audit.path, "s1", ENROLMENT)
     assert rep.ok, str(rep)
     assert [(m["seq"], m["egress_line"], m["matched_on"]) for m in rep.matched] == [
-        (1, 1, "record_digests"), (2, 2, "record_digests"), (3, 3, "run_id (no data)"),
+        (1, 1, "record_digests"),
+        (2, 2, "record_digests"),
+        (3, 3, "run_id (no data)"),
     ]
     assert [u["seq"] for u in rep.unverifiable] == [4]
     # the entry's own nonce is checked: a different nonce on the site's side fails
@@ -259,10 +311,18 @@ def test_cross_check_with_legacy_companion_events(tmp_path):
     reply = _reply(0)
     extra = {"outcome": "ok", "nonce": "n1", "blob_sha256": "cd" * 32}
     egress.record("train", reply, run_id="7", extra=extra)
-    audit.append("submission.accepted", site="s1", record_id="s1:t:abc", blob_sha256="cd" * 32, bytes=512,
-                 z_sha256=z_sha256(reply["z"]["z"]), task="t")
-    audit.append("enroll.received", site="s1", record_id="s1:t:abc", run_id="7", nonce="n1",
-                 record_digests=record_digests(reply))
+    audit.append(
+        "submission.accepted",
+        site="s1",
+        record_id="s1:t:abc",
+        blob_sha256="cd" * 32,
+        bytes=512,
+        z_sha256=z_sha256(reply["z"]["z"]),
+        task="t",
+    )
+    audit.append(
+        "enroll.received", site="s1", record_id="s1:t:abc", run_id="7", nonce="n1", record_digests=record_digests(reply)
+    )
     # run 8: the site refused (no records); the coordinator logged the rejection with run and nonce
     egress.record("train", {}, run_id="8", extra={"outcome": "refused", "reason": "no data for task"})
     audit.append("submission.rejected", site="s1", reason="refused: no data for task", run_id="8", nonce="n2")
@@ -271,7 +331,8 @@ def test_cross_check_with_legacy_companion_events(tmp_path):
     rep = cross_check(egress.path, audit.path, "s1", ENROLMENT)
     assert rep.ok, str(rep)
     assert [(m["seq"], m["egress_line"], m["matched_on"]) for m in rep.matched] == [
-        (1, 1, "record_digests"), (3, 2, "run_id (no data)"),
+        (1, 1, "record_digests"),
+        (3, 2, "run_id (no data)"),
     ]
     assert [u["seq"] for u in rep.unverifiable] == [4] and "offline" in str(rep)
     # the companion's digests are really checked: a different nonce on the site's side fails
@@ -300,10 +361,23 @@ def test_resubmitted_identical_adapter_pairs_each_companion_in_order(tmp_path):
         reply = _reply(0)
         reply["metadata"]["nonce"] = nonce  # the signed metadata differs per submission
         egress.record("train", reply, run_id=run, extra={"nonce": nonce})
-        audit.append("submission.accepted", site="s1", record_id="s1:t:same", blob_sha256="cd" * 32,
-                     bytes=512, z_sha256=z_sha256(reply["z"]["z"]), duplicate=run == "8")
-        audit.append("enroll.received", site="s1", record_id="s1:t:same", run_id=run, nonce=nonce,
-                     record_digests=record_digests(reply))
+        audit.append(
+            "submission.accepted",
+            site="s1",
+            record_id="s1:t:same",
+            blob_sha256="cd" * 32,
+            bytes=512,
+            z_sha256=z_sha256(reply["z"]["z"]),
+            duplicate=run == "8",
+        )
+        audit.append(
+            "enroll.received",
+            site="s1",
+            record_id="s1:t:same",
+            run_id=run,
+            nonce=nonce,
+            record_digests=record_digests(reply),
+        )
     rep = cross_check(egress.path, audit.path, "s1", ENROLMENT)
     assert rep.ok, str(rep)
     assert [(m["seq"], m["egress_line"]) for m in rep.matched] == [(1, 1), (3, 2)]

@@ -147,8 +147,7 @@ def test_cached_example_sums_give_the_same_z_and_skip_the_model(tiny, tmp_path) 
         assert calls, "another model (tag) must not read this model's sums"
     finally:
         hook.remove()
-    np.testing.assert_allclose(first.z, mean_embedding(model, tok, TEXTS[:4], progress=False).z, rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(first.z, mean_embedding(model, tok, TEXTS[:4], progress=False).z, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(both.z, mean_embedding(model, tok, TEXTS, progress=False).z, rtol=1e-5, atol=1e-6)
     plain_clipped = mean_embedding(model, tok, TEXTS, progress=False, clip_norm=0.5)
     np.testing.assert_allclose(clipped.z, plain_clipped.z, rtol=1e-5, atol=1e-6)

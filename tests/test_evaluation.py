@@ -134,9 +134,11 @@ def test_generate_stops_at_eos(tiny) -> None:
 def test_evaluate_task(tiny) -> None:
     model, tok = tiny
     task = TextReportTask(max_new_tokens=4)
-    examples = [Example("Normal heart.", "No acute disease", "xray-chest", "1"),
-                Example("Ring lesion.", "Abscess", "mr-head", "2"),
-                Example("Unlabeled.", None, "mr-head", "3")]
+    examples = [
+        Example("Normal heart.", "No acute disease", "xray-chest", "1"),
+        Example("Ring lesion.", "Abscess", "mr-head", "2"),
+        Example("Unlabeled.", None, "mr-head", "3"),
+    ]
     result = evaluate_task(model, tok, task, examples)
     assert result["n"] == 2 and len(result["predictions"]) == 2 and result["uids"] == ["1", "2"]
     assert 0.0 <= result["rouge_l"] <= 1.0 and result["seconds"] > 0
@@ -167,8 +169,9 @@ def test_evaluate_task_arms_equals_one_arm_at_a_time(tiny) -> None:
 
     model, tok = tiny
     task = TextReportTask(max_new_tokens=6)
-    examples = [Example(f"Finding number {i} " * (1 + i % 3), f"Impression {i}", "xray-chest", str(i))
-                for i in range(7)]
+    examples = [
+        Example(f"Finding number {i} " * (1 + i % 3), f"Impression {i}", "xray-chest", str(i)) for i in range(7)
+    ]
     arms = [random_adapter(model, seed=5, scale=0.5), None, random_adapter(model, seed=6, names=("o_proj",), r=2)]
     before = logits(model)
     together = evaluate_task_arms(model, tok, task, examples, arms, batch_size=5)

@@ -64,9 +64,20 @@ def flwr_run(fed: dict, app: Path, config: dict, timeout: float = RUN_TIMEOUT) -
 
 
 def base_config(fed: dict, **over) -> dict:
-    cfg = {"registry-dir": str(fed["registry"]), "base-model": str(fed["model"]), "chroma": "off",
-           "steps": 3, "lora-r": 4, "lora-alpha": 8.0, "batch-size": 4, "max-length": 128,
-           "require-signatures": True, "timeout-train": 150.0, "timeout-query": 60.0, "max-eval": 2}
+    cfg = {
+        "registry-dir": str(fed["registry"]),
+        "base-model": str(fed["model"]),
+        "chroma": "off",
+        "steps": 3,
+        "lora-r": 4,
+        "lora-alpha": 8.0,
+        "batch-size": 4,
+        "max-length": 128,
+        "require-signatures": True,
+        "timeout-train": 150.0,
+        "timeout-query": 60.0,
+        "max-eval": 2,
+    }
     cfg.update(over)
     return cfg
 
@@ -81,8 +92,17 @@ def live_pids(state: dict) -> list[int]:
 def fed(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
     tmp = tmp_path_factory.mktemp("federation")
     data = make_site_data(tmp / "data")
-    specs = [launch.SiteSpec(site, str(path), str(tiny_model_dir), threads=1, release=dict(LOCAL_RELEASE),
-                             privacy=PRIVATE_POLICY if site == "b" else {}) for site, path in data.items()]
+    specs = [
+        launch.SiteSpec(
+            site,
+            str(path),
+            str(tiny_model_dir),
+            threads=1,
+            release=dict(LOCAL_RELEASE),
+            privacy=PRIVATE_POLICY if site == "b" else {},
+        )
+        for site, path in data.items()
+    ]
     corrupt = tmp / "data" / "d.jsonl"
     corrupt.write_text('{"prompt": "Findings: normal.", "target": "Normal.", "group": "ct-head"}\n{"prompt": \n')
     specs.append(launch.SiteSpec("d", str(corrupt), str(tiny_model_dir), threads=1))
@@ -93,9 +113,15 @@ def fed(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
     try:
         state = launch.up(workdir, specs, port=launch.free_port(), timeout=90.0, registry=str(registry))
         print(f"deployment up in {time.monotonic() - t0:.1f} s", file=sys.stderr)
-        yield {"tmp": tmp, "workdir": workdir, "registry": registry, "model": tiny_model_dir,
-               "flwr_home": Path(state["flwr_home"]), "state": state,
-               "site_dirs": {s.site: Path(s.site_dir) for s in specs}}
+        yield {
+            "tmp": tmp,
+            "workdir": workdir,
+            "registry": registry,
+            "model": tiny_model_dir,
+            "flwr_home": Path(state["flwr_home"]),
+            "state": state,
+            "site_dirs": {s.site: Path(s.site_dir) for s in specs},
+        }
     finally:
         launch.down(workdir, timeout=15.0)
         state = launch.load_state(workdir)
@@ -139,8 +165,12 @@ def test_enroll_stores_three_adapters_and_reports_the_failing_site(fed, enrolled
 
     assert enrolled["status"] == "finished:completed", enrolled
     results = enrolled["report"]["enroll"]
-    assert {s: r["status"] for s, r in results.items()} == {"a": "accepted", "b": "accepted", "c": "accepted",
-                                                            "d": "error"}
+    assert {s: r["status"] for s, r in results.items()} == {
+        "a": "accepted",
+        "b": "accepted",
+        "c": "accepted",
+        "d": "error",
+    }
     assert "DatasetFormatError" in results["d"]["reason"]
     assert all(results[s]["signed"] for s in SITES)
     reg = Registry(fed["registry"], read_only=True)
@@ -149,7 +179,7 @@ def test_enroll_stores_three_adapters_and_reports_the_failing_site(fed, enrolled
         assert sorted(r.meta.site for r in records) == ["a", "b", "c"]
     finally:
         reg.close()
-    assert "\"site\":\"d\"" not in (fed["registry"] / "records.jsonl").read_text()
+    assert '"site":"d"' not in (fed["registry"] / "records.jsonl").read_text()
 
 
 @pytest.mark.slow
@@ -248,8 +278,7 @@ def test_site_egress_logs_cross_check_with_the_coordinator_audit_log(fed, compos
     from server.crosscheck import cross_check
 
     for site in [*SITES, "d"]:
-        rep = cross_check(fed["site_dirs"][site] / "egress.jsonl", fed["registry"] / "audit.jsonl", site,
-                          ("train",))
+        rep = cross_check(fed["site_dirs"][site] / "egress.jsonl", fed["registry"] / "audit.jsonl", site, ("train",))
         assert rep.ok, str(rep)
         assert len(rep.matched) == 1, str(rep)
         # and every message type a site answered (whoami, train, query.embed, train.apply)
@@ -296,9 +325,10 @@ def test_sites_refuse_requests_outside_the_vocabulary(fed, composed):
     (app / "probe_server.py").write_text(PROBE_SERVER)
     pyproject = (REPO / "pyproject.toml").read_text()
     pyproject = pyproject.replace('serverapp = "server.app:app"', 'serverapp = "probe_server:app"')
-    pyproject = pyproject.replace('\n[tool.flwr.app.config]\n', '\n[tool.flwr.app.config]\nout = ""\n', 1)
-    pyproject = pyproject.replace('packages = ["common", "server", "client", "deploy"]',
-                                  'packages = ["common", "client"]')
+    pyproject = pyproject.replace("\n[tool.flwr.app.config]\n", '\n[tool.flwr.app.config]\nout = ""\n', 1)
+    pyproject = pyproject.replace(
+        'packages = ["common", "server", "client", "deploy"]', 'packages = ["common", "client"]'
+    )
     # the bundle holds only what fab-include names: the probe server instead of server/
     assert '"server/**/*.py"' in pyproject
     pyproject = pyproject.replace('"server/**/*.py"', '"probe_server.py"')
@@ -311,7 +341,7 @@ def test_sites_refuse_requests_outside_the_vocabulary(fed, composed):
     assert len(replies) == 3 * 4
     assert all(r["error"] and r["code"] == wire.ERROR_REFUSED and r["records"] == [] for r in replies), replies
     for site in SITES:
-        lines = (fed["site_dirs"][site] / "egress.jsonl").read_text().splitlines()[before[site]:]
+        lines = (fed["site_dirs"][site] / "egress.jsonl").read_text().splitlines()[before[site] :]
         assert len(lines) == 3
         for line in map(json.loads, lines):
             assert line["extra"]["outcome"] == "refused" and line["records"] == []
@@ -333,8 +363,11 @@ def test_offline_site_does_not_stop_compose_and_its_adapter_still_takes_part(fed
     while launch.is_alive(dead_a["pid"], dead_a["start_time"]) and time.monotonic() < deadline:
         time.sleep(0.2)
     link = launch.load_state(fed["workdir"])["superlink"]
-    execs = [pid for pid, _ in launch.descendants(link["pid"])
-             if any(a.endswith("flower-superexec") for a in launch._cmdline(pid))]
+    execs = [
+        pid
+        for pid, _ in launch.descendants(link["pid"])
+        if any(a.endswith("flower-superexec") for a in launch._cmdline(pid))
+    ]
     assert execs, "no SuperExec under the SuperLink"
     for pid in execs:
         os.kill(pid, signal.SIGKILL)
@@ -360,14 +393,15 @@ def test_offline_site_does_not_stop_compose_and_its_adapter_still_takes_part(fed
 @pytest.mark.integration
 def test_down_stops_every_process(fed):
     state = launch.load_state(fed["workdir"])
-    family = [pid for p in [state["superlink"], *state["sites"].values()]
-              for pid, _ in launch.descendants(p["pid"])]
+    family = [pid for p in [state["superlink"], *state["sites"].values()] for pid, _ in launch.descendants(p["pid"])]
     launch.down(fed["workdir"], timeout=15.0)
     assert live_pids(state) == []
     assert [pid for pid in family if launch.proc_start_time(pid) is not None] == []
     if sys.platform.startswith("linux"):
-        assert not any(os.path.exists(f"/proc/{p['pid']}") and launch.proc_start_time(p["pid"]) == p["start_time"]
-                       for p in [state["superlink"], *state["sites"].values()])
+        assert not any(
+            os.path.exists(f"/proc/{p['pid']}") and launch.proc_start_time(p["pid"]) == p["start_time"]
+            for p in [state["superlink"], *state["sites"].values()]
+        )
 
 
 # -- in-process: the real ServerApp main and ClientApp handlers, no network -------------------
@@ -386,9 +420,15 @@ def local(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
     registry = tmp / "registry"
     allow = AllowList(tmp / "allowlist.json")
     for i, (site, path) in enumerate(sorted(data.items()), start=101):
-        nc = {"site-id": site, "data-path": str(path), "model-path": str(tiny_model_dir),
-              "site-dir": str(tmp / "sites" / site), "threads": 1, **LOCAL_RELEASE,
-              "coordinator-key": str(registry / "coordinator.pub")}
+        nc = {
+            "site-id": site,
+            "data-path": str(path),
+            "model-path": str(tiny_model_dir),
+            "site-dir": str(tmp / "sites" / site),
+            "threads": 1,
+            **LOCAL_RELEASE,
+            "coordinator-key": str(registry / "coordinator.pub"),
+        }
         _, pub = generate_keypair(tmp / "sites" / site / "keys", site)
         allow.add(site, pub.read_text())
         # the site's SuperNode key, recorded by the coordinator as it would be at registration
@@ -401,15 +441,23 @@ def local(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
     torch.set_num_threads(threads)
 
 
-def run_local(local: dict, run_id: int, offline: tuple[int, ...] = (), tamper=None,
-              **config) -> tuple[dict, LocalGrid]:
+def run_local(local: dict, run_id: int, offline: tuple[int, ...] = (), tamper=None, **config) -> tuple[dict, LocalGrid]:
     from flwr.app import Context, RecordDict
 
     from server.app import main
 
-    rc = {"registry-dir": str(local["registry"]), "base-model": str(local["model"]), "chroma": "off",
-          "steps": 2, "lora-r": 4, "lora-alpha": 8.0, "max-length": 128, "max-eval": 2,
-          "allowlist": str(local["allowlist"]), **config}
+    rc = {
+        "registry-dir": str(local["registry"]),
+        "base-model": str(local["model"]),
+        "chroma": "off",
+        "steps": 2,
+        "lora-r": 4,
+        "lora-alpha": 8.0,
+        "max-length": 128,
+        "max-eval": 2,
+        "allowlist": str(local["allowlist"]),
+        **config,
+    }
     for ctx in local["nodes"].values():
         ctx.run_config, ctx.run_id = rc, run_id
         # every site pins the key of the coordinator (registry) this test talks to
@@ -508,8 +556,7 @@ def test_local_enroll_logs_one_audit_entry_per_submission_that_cross_checks(loca
     entries = [json.loads(x) for x in audit_path.read_text().splitlines()]
     # (each run also audits the identity each site proved at discovery: identity.verified)
     mine = [e for e in entries if e.get("run_id") == "34" and not e["event"].startswith("identity.")]
-    assert sorted((e["event"], e["site"]) for e in mine) == [("submission.accepted", "a"),
-                                                             ("submission.accepted", "b")]
+    assert sorted((e["event"], e["site"]) for e in mine) == [("submission.accepted", "a"), ("submission.accepted", "b")]
     for e in mine:
         assert e["record_id"] == report["enroll"][e["site"]]["record_id"] and e["nonce"]
         assert set(e["record_digests"]) == {"adapter", "embedding", "meta"}
@@ -596,8 +643,9 @@ def test_demo_fails_loudly_when_an_evaluation_did_not_complete() -> None:
 
     ok = {"outputs": {"markdown": "/x/results.md"}, "problems": {}, "run_status": "finished:completed"}
     assert failures({"families": {"report": ok}}) == []
-    died = _evaluation({"status": "finished:failed", "details": "No heartbeat received from the task",
-                        "report": {"status": "running"}})
+    died = _evaluation(
+        {"status": "finished:failed", "details": "No heartbeat received from the task", "report": {"status": "running"}}
+    )
     got = failures({"families": {"report": {**ok, **died, "outputs": {}}}})
     assert got == ["report: the evaluation run ended 'finished:failed' (No heartbeat received from the task)"]
     offline = {**ok, "problems": {"BMC": "offline"}}
@@ -605,11 +653,17 @@ def test_demo_fails_loudly_when_an_evaluation_did_not_complete() -> None:
     empty = {**ok, "outputs": {}}
     assert failures({"families": {"report": empty}}) == ["report: the evaluation produced no results"]
     assert failures({"families": {"report": {**ok, "rows": 0}}}) == ["report: the evaluation produced no results"]
-    enrol = {"report": {"run_status": "finished:completed", "report_status": "running",
-                        "sites": {"xray": "accepted", "ct-head": "no reply"}}}
+    enrol = {
+        "report": {
+            "run_status": "finished:completed",
+            "report_status": "running",
+            "sites": {"xray": "accepted", "ct-head": "no reply"},
+        }
+    }
     assert failures({"families": {}, "enrolments": enrol}) == [
         "report: the enrolment run ended 'finished:completed' (the ServerApp stopped before it finished)",
-        "report: site ct-head was not enrolled (no reply)"]
+        "report: site ct-head was not enrolled (no reply)",
+    ]
 
 
 def test_a_site_runs_only_the_task_families_it_declares(tmp_path):
@@ -655,8 +709,10 @@ def test_tls_material_chains_to_the_ca_and_auth_keys_are_p384_openssh(tmp_path):
 
 @pytest.mark.integration
 def test_stop_process_terminates_the_process_and_its_children(tmp_path):
-    script = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); " \
-             "time.sleep(60)"
+    script = (
+        "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+        "time.sleep(60)"
+    )
     proc = launch._spawn([sys.executable, "-c", script], tmp_path / "p.log", dict(os.environ), tmp_path)
     deadline = time.monotonic() + 10
     while not launch.descendants(proc["pid"]) and time.monotonic() < deadline:
@@ -754,8 +810,9 @@ def test_local_privacy_settings_travel_from_node_config_to_registry_audit_and_eg
     # the delivered adapter's scores on c's held-out reports are data-derived and not noised: said, not hidden
     assert [r["what"] for r in spent.releases] == ["adapter+z", "z", "metrics"]
     assert spent.epsilon == math.inf and spent.non_private[0].endswith("(metrics on held-out data)")
-    noised = spent_from_egress([x for x in lines if x.get("run_id") in ("45", "46")
-                                and x["message_type"] != wire.APPLY])
+    noised = spent_from_egress(
+        [x for x in lines if x.get("run_id") in ("45", "46") and x["message_type"] != wire.APPLY]
+    )
     assert not noised.non_private and math.isfinite(noised.epsilon) and noised.epsilon > 4.0
 
 
@@ -1002,8 +1059,11 @@ def test_local_site_evaluates_only_arms_its_coordinator_signed(local, tmp_path):
     assert "bad-delivery" in report["evaluate"]["problems"]["a"], report["evaluate"]["problems"]
     last = read_egress(local["tmp"] / "sites" / "a" / "egress.jsonl")[-1]
     assert last["message_type"] == wire.EVALUATE and last["extra"]["outcome"] == "refused" and last["records"] == []
-    undelivered = [e for _, e in read_entries(local["registry"] / "audit.jsonl")
-                   if e["event"] == "composition.undelivered" and e.get("run_id") == "76"]
+    undelivered = [
+        e
+        for _, e in read_entries(local["registry"] / "audit.jsonl")
+        if e["event"] == "composition.undelivered" and e.get("run_id") == "76"
+    ]
     assert undelivered and undelivered[-1]["message_type"] == wire.EVALUATE
 
     # a genuine signature over two arms, sent with the arms' hashes swapped: refused
@@ -1011,15 +1071,23 @@ def test_local_site_evaluates_only_arms_its_coordinator_signed(local, tmp_path):
 
     with Registry(local["registry"], chroma="off") as reg:
         recs = [r for r in reg.list() if r.meta.site in ("b", "c")][:2]
-        batch = [({"arm": f"x{i}", "blob_sha256": wire.adapter_sha256(a)}, a) for i, a in enumerate(
-            wire.wire_normalized(reg.load_adapter(r.id), base_model=r.meta.base_fingerprint) for r in recs)]
+        batch = [
+            ({"arm": f"x{i}", "blob_sha256": wire.adapter_sha256(a)}, a)
+            for i, a in enumerate(
+                wire.wire_normalized(reg.load_adapter(r.id), base_model=r.meta.base_fingerprint) for r in recs
+            )
+        ]
         key = load_or_create(reg.path)
     s = Settings.from_run_config({"registry-dir": str(local["registry"])})
     req = evaluate_request(s, "a", 101, batch, "77", key)
     arms = _json.loads(req.content["config"]["arms"])
     arms[0]["blob_sha256"], arms[1]["blob_sha256"] = arms[1]["blob_sha256"], arms[0]["blob_sha256"]
-    forged = RecordDict({**{k: req.content[k] for k in req.content.keys()},
-                         "config": ConfigRecord({**dict(req.content["config"]), "arms": wire.canonical_json(arms)})})
+    forged = RecordDict(
+        {
+            **{k: req.content[k] for k in req.content.keys()},
+            "config": ConfigRecord({**dict(req.content["config"]), "arms": wire.canonical_json(arms)}),
+        }
+    )
     for c in local["nodes"].values():
         c.run_id = 77
     grid = LocalGrid(local["nodes"], 77)
@@ -1145,8 +1213,12 @@ def test_local_site_trains_in_its_compute_dtype_but_sends_the_float32_z(local):
     try:
         for dtype in ("float32", "bfloat16"):
             nc["compute-dtype"] = dtype
-            rep = _push(local, 101, wire.ENROLL, {"task": "report-text", "steps": 1, "lora_r": 2,
-                                                  "lora_alpha": 4.0, "max_length": 64})
+            rep = _push(
+                local,
+                101,
+                wire.ENROLL,
+                {"task": "report-text", "steps": 1, "lora_r": 2, "lora_alpha": 4.0, "max_length": 64},
+            )
             assert not rep.has_error(), rep.error.reason if rep.has_error() else ""
             replies[dtype] = rep
     finally:

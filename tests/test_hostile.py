@@ -122,15 +122,27 @@ IDENTITY = "identity.refused"
 # synthetic inputs
 # --------------------------------------------------------------------------------------------
 
-def make_adapter(seed: int = 0, rank: int = 4, dtype: torch.dtype = torch.float32,
-                 modules: list[str] | None = None, shapes: dict | None = None, scale: float = 2.0) -> LoraAdapter:
+
+def make_adapter(
+    seed: int = 0,
+    rank: int = 4,
+    dtype: torch.dtype = torch.float32,
+    modules: list[str] | None = None,
+    shapes: dict | None = None,
+    scale: float = 2.0,
+) -> LoraAdapter:
     shapes = shapes or SHAPES
     g = torch.Generator().manual_seed(seed)
-    return LoraAdapter({
-        n: LoraModule(torch.randn(rank, shapes[n][1], generator=g).div(8).to(dtype),
-                      torch.randn(shapes[n][0], rank, generator=g).div(8).to(dtype), scale)
-        for n in (modules or list(shapes))
-    })
+    return LoraAdapter(
+        {
+            n: LoraModule(
+                torch.randn(rank, shapes[n][1], generator=g).div(8).to(dtype),
+                torch.randn(shapes[n][0], rank, generator=g).div(8).to(dtype),
+                scale,
+            )
+            for n in (modules or list(shapes))
+        }
+    )
 
 
 def make_z(seed: int, dim: int = DIM) -> np.ndarray:
@@ -138,8 +150,16 @@ def make_z(seed: int, dim: int = DIM) -> np.ndarray:
 
 
 def make_meta(**over: Any) -> dict[str, Any]:
-    meta: dict[str, Any] = {"site": "e", "task": TASK, "modality": "xray", "base_fingerprint": BASE,
-                            "sample_count": 12, "token_count": 300, "privacy": "none", "extra": {}}
+    meta: dict[str, Any] = {
+        "site": "e",
+        "task": TASK,
+        "modality": "xray",
+        "base_fingerprint": BASE,
+        "sample_count": 12,
+        "token_count": 300,
+        "privacy": "none",
+        "extra": {},
+    }
     meta.update(over)
     return meta
 
@@ -154,11 +174,11 @@ def unchecked_module(A: torch.Tensor, B: torch.Tensor, scale: float = 1.0) -> Lo
 def rewrite_header(blob: bytes, edit: Callable[[dict], None]) -> bytes:
     """The blob with its safetensors JSON header edited (tensor bytes untouched)."""
     n = int.from_bytes(blob[:8], "little")
-    header = json.loads(blob[8:8 + n])
+    header = json.loads(blob[8 : 8 + n])
     edit(header)
     raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     raw += b" " * (-(8 + len(raw)) % 8)
-    return len(raw).to_bytes(8, "little") + raw + blob[8 + n:]
+    return len(raw).to_bytes(8, "little") + raw + blob[8 + n :]
 
 
 def _tag_dtype(tag: str) -> Callable[[dict], None]:
@@ -166,6 +186,7 @@ def _tag_dtype(tag: str) -> Callable[[dict], None]:
         for key, info in header.items():
             if key != "__metadata__":
                 info["dtype"] = tag
+
     return edit
 
 
@@ -190,16 +211,16 @@ def _with_module(a: LoraAdapter, name: str, module: LoraModule | None = None) ->
 
 def _respaced(blob: bytes) -> bytes:
     n = int.from_bytes(blob[:8], "little")
-    raw = json.dumps(json.loads(blob[8:8 + n]), sort_keys=True, separators=(", ", ": ")).encode()
+    raw = json.dumps(json.loads(blob[8 : 8 + n]), sort_keys=True, separators=(", ", ": ")).encode()
     raw += b" " * (-(8 + len(raw)) % 8)
-    return len(raw).to_bytes(8, "little") + raw + blob[8 + n:]
+    return len(raw).to_bytes(8, "little") + raw + blob[8 + n :]
 
 
 def _reordered(blob: bytes) -> bytes:
     """The same tensors and metadata, compact sorted JSON as ours, but the data in reverse order."""
     n = int.from_bytes(blob[:8], "little")
-    header = json.loads(blob[8:8 + n])
-    data = blob[8 + n:]
+    header = json.loads(blob[8 : 8 + n])
+    data = blob[8 + n :]
     names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
     parts, off = [], 0
     for k in reversed(names):
@@ -226,6 +247,7 @@ def scaled(a: LoraAdapter, factor: float) -> LoraAdapter:
 # --------------------------------------------------------------------------------------------
 # harness
 # --------------------------------------------------------------------------------------------
+
 
 class Reported(Exception):
     """The coordinator reported a refusal in its run report instead of raising (the run goes on).
@@ -289,8 +311,12 @@ class Ctx:
 
     # -- registry -------------------------------------------------------------------------------
     def add(self, adapter: Any = None, z: Any = None, meta: Any = None, **kw: Any) -> Any:
-        return self.reg.add(make_adapter(50) if adapter is None else adapter, make_z(50) if z is None else z,
-                            make_meta() if meta is None else meta, **kw)
+        return self.reg.add(
+            make_adapter(50) if adapter is None else adapter,
+            make_z(50) if z is None else z,
+            make_meta() if meta is None else meta,
+            **kw,
+        )
 
     def compose(self, z: Any = None, **kw: Any) -> Any:
         args: dict[str, Any] = {"strategy": "sim", "k": 2, "task": TASK, "target": "e", **kw}
@@ -335,8 +361,9 @@ class Ctx:
 
         return {s: SiteInfo(s, 101 + i, {}) for i, s in enumerate(names)}
 
-    def enroll(self, build: Callable[[str], Any], site: str = "a", online: tuple[str, ...] = ("a", "b"),
-               **settings: Any) -> dict[str, Any]:
+    def enroll(
+        self, build: Callable[[str], Any], site: str = "a", online: tuple[str, ...] = ("a", "b"), **settings: Any
+    ) -> dict[str, Any]:
         """Run the coordinator's real enrolment for one site whose reply is ``build(nonce)``."""
         from server import app
 
@@ -370,28 +397,45 @@ class Ctx:
 
         self._flower_task()
         report: dict[str, Any] = {}
-        app.run_compose(FakeGrid(lambda msg: None), self.settings(targets=[target], k=2), self.reg,
-                        self.sites(*online), RUN_ID, report)
+        app.run_compose(
+            FakeGrid(lambda msg: None),
+            self.settings(targets=[target], k=2),
+            self.reg,
+            self.sites(*online),
+            RUN_ID,
+            report,
+        )
         res = report["compose"][target]
         if res["status"] == "delivered":
             return res
         raise Reported(res["status"], res["reason"], "server/app.py:run_compose")
 
     # -- wire replies -----------------------------------------------------------------------------
-    def enroll_parts(self, nonce: str, site: str = "a", adapter: LoraAdapter | None = None, z: Any = None,
-                     **meta_over: Any) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, Any]]:
+    def enroll_parts(
+        self, nonce: str, site: str = "a", adapter: LoraAdapter | None = None, z: Any = None, **meta_over: Any
+    ) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, Any]]:
         """(arrays, z, meta) of a valid enrolment reply, exactly as ``client.app._enroll`` builds it."""
         norm = wire.wire_normalized(adapter or make_adapter(70), base_model=BASE)
         arrays, lora_config = wire.adapter_to_wire(norm)
         z = make_z(70) if z is None else np.asarray(z, dtype=np.float32)
         meta: dict[str, Any] = {
-            "schema": wire.WIRE_SCHEMA, "site": site, "task": TASK, "modality": "xray", "group": "xray-chest",
-            "base_fingerprint": BASE, "sample_count": 12, "token_count": 345,
+            "schema": wire.WIRE_SCHEMA,
+            "site": site,
+            "task": TASK,
+            "modality": "xray",
+            "group": "xray-chest",
+            "base_fingerprint": BASE,
+            "sample_count": 12,
+            "token_count": 345,
             "lora_config": wire.canonical_json(lora_config),
             "blob_sha256": hashlib.sha256(adapter_to_bytes(norm)).hexdigest(),
             "embedding_spec": wire.canonical_json({"representation": "hidden-mean", "layer": -1, "dim": int(z.size)}),
-            "privacy": wire.canonical_json({"dp_sgd": False}), "train_stats": wire.canonical_json({"steps": 2}),
-            "nonce": nonce, "created_at": 1_700_000_000.5, "signer": "", "signature": "",
+            "privacy": wire.canonical_json({"dp_sgd": False}),
+            "train_stats": wire.canonical_json({"steps": 2}),
+            "nonce": nonce,
+            "created_at": 1_700_000_000.5,
+            "signer": "",
+            "signature": "",
         }
         meta.update(meta_over)
         return arrays, z, meta
@@ -404,21 +448,27 @@ class Ctx:
         return meta
 
     @staticmethod
-    def content(arrays: dict[str, np.ndarray], z: np.ndarray, meta: dict[str, Any], raw: bool = False,
-                **extra_records: Any) -> Any:
+    def content(
+        arrays: dict[str, np.ndarray], z: np.ndarray, meta: dict[str, Any], raw: bool = False, **extra_records: Any
+    ) -> Any:
         """The reply RecordDict; ``raw`` packs the arrays in their own dtype (no float32 cast)."""
         from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
         def arr(x: np.ndarray) -> Any:
             return Array.from_numpy_ndarray(np.ascontiguousarray(x))
 
-        adapter = (ArrayRecord({wire.PACKED_KEY: arr(np.concatenate([arrays[k].ravel() for k in sorted(arrays)]))})
-                   if raw else wire.adapter_record(arrays))
-        return RecordDict({"adapter": adapter, "embedding": ArrayRecord({"z": arr(z)}), "meta": ConfigRecord(meta),
-                           **extra_records})
+        adapter = (
+            ArrayRecord({wire.PACKED_KEY: arr(np.concatenate([arrays[k].ravel() for k in sorted(arrays)]))})
+            if raw
+            else wire.adapter_record(arrays)
+        )
+        return RecordDict(
+            {"adapter": adapter, "embedding": ArrayRecord({"z": arr(z)}), "meta": ConfigRecord(meta), **extra_records}
+        )
 
-    def reply(self, nonce: str, sign_as: str | None = None, after_signing: dict[str, Any] | None = None,
-              **meta_over: Any) -> Any:
+    def reply(
+        self, nonce: str, sign_as: str | None = None, after_signing: dict[str, Any] | None = None, **meta_over: Any
+    ) -> Any:
         arrays, z, meta = self.enroll_parts(nonce, **meta_over)
         if sign_as:
             self.sign(meta, z, sign_as)
@@ -430,17 +480,23 @@ class Ctx:
 
         z = make_z(80)
         meta: dict[str, Any] = {
-            "schema": wire.WIRE_SCHEMA, "site": "a", "task": "report-text", "base_fingerprint": BASE,
-            "sample_count": 5, "token_count": 100,
+            "schema": wire.WIRE_SCHEMA,
+            "site": "a",
+            "task": "report-text",
+            "base_fingerprint": BASE,
+            "sample_count": 5,
+            "token_count": 100,
             "embedding_spec": wire.canonical_json({"representation": "hidden-mean", "layer": -1, "dim": DIM}),
-            "privacy": wire.canonical_json({}), "nonce": nonce,
+            "privacy": wire.canonical_json({}),
+            "nonce": nonce,
         }
         meta.update(meta_over)
         return RecordDict({"embedding": wire.embedding_record(z), "meta": ConfigRecord(meta)})
 
     # -- files ------------------------------------------------------------------------------------
-    def peft_dir(self, config_over: dict[str, Any] | None = None, extra_tensors: dict | None = None,
-                 drop: tuple[str, ...] = ()) -> Path:
+    def peft_dir(
+        self, config_over: dict[str, Any] | None = None, extra_tensors: dict | None = None, drop: tuple[str, ...] = ()
+    ) -> Path:
         from safetensors.torch import load_file, save_file
 
         d = save_peft_adapter(make_adapter(90), self.tmp / "peft", "tiny-base")
@@ -465,10 +521,12 @@ class Ctx:
 # coordinator-side inputs (functions, so the table stays one line per case)
 # --------------------------------------------------------------------------------------------
 
+
 def _float64_arrays(c: Ctx) -> Any:
     def build(nonce: str) -> Any:
         arrays, z, meta = c.enroll_parts(nonce)
         return c.content({k: v.astype(np.float64) for k, v in arrays.items()}, z, meta, raw=True)
+
     return c.enroll(build)
 
 
@@ -477,6 +535,7 @@ def _extra_tensor(c: Ctx) -> Any:
         arrays, z, meta = c.enroll_parts(nonce)
         arrays["base_model.model.lm_head.weight"] = np.zeros((4, 4), np.float32)
         return c.content(arrays, z, meta)
+
     return c.enroll(build)
 
 
@@ -488,6 +547,7 @@ def _per_factor_arrays(c: Ctx) -> Any:
         content = c.content(arrays, z, meta)
         content["adapter"] = ArrayRecord({k: Array.from_numpy_ndarray(v) for k, v in sorted(arrays.items())})
         return content
+
     return c.enroll(build)
 
 
@@ -497,6 +557,7 @@ def _wrong_array_shape(c: Ctx) -> Any:
         key = peft_key(Q0, "B")
         arrays[key] = np.zeros((32, 3), np.float32)  # B of rank 3, the config says 4
         return c.content(arrays, z, meta)
+
     return c.enroll(build)
 
 
@@ -506,6 +567,7 @@ def _nan_array(c: Ctx) -> Any:
         arrays[peft_key(Q0, "A")] = arrays[peft_key(Q0, "A")].copy()
         arrays[peft_key(Q0, "A")][0, 0] = np.nan
         return c.content(arrays, z, meta)
+
     return c.enroll(build)
 
 
@@ -515,6 +577,7 @@ def _extra_record(c: Ctx) -> Any:
     def build(nonce: str) -> Any:
         arrays, z, meta = c.enroll_parts(nonce)
         return c.content(arrays, z, meta, raw_reports=ConfigRecord({"text": "Findings: ..."}))
+
     return c.enroll(build)
 
 
@@ -523,6 +586,7 @@ def _missing_meta_key(c: Ctx) -> Any:
         arrays, z, meta = c.enroll_parts(nonce)
         del meta["sample_count"]
         return c.content(arrays, z, meta)
+
     return c.enroll(build)
 
 
@@ -530,6 +594,7 @@ def _z_vs_spec(c: Ctx) -> Any:
     def build(nonce: str) -> Any:
         arrays, z, meta = c.enroll_parts(nonce)
         return c.content(arrays, np.concatenate([z, z[:2]]), meta)  # 18 values, the spec says 16
+
     return c.enroll(build)
 
 
@@ -540,6 +605,7 @@ def _lora_config_extra_field(c: Ctx) -> Any:
         cfg["use_dora"] = True
         meta["lora_config"] = wire.canonical_json(cfg)
         return c.content(arrays, z, meta)
+
     return c.enroll(build)
 
 
@@ -554,8 +620,7 @@ def _replayed_nonce(c: Ctx) -> Any:
     _, z, meta = c.enroll_parts(nonce)
     c.sign(meta, z, "a")
     signed = {k: v for k, v in meta.items() if k not in ("signer", "signature")}
-    args = (AllowList(c.world.allowlist), ledger, "a", meta["signature"], meta["blob_sha256"], z, signed, RUN_ID,
-            nonce)
+    args = (AllowList(c.world.allowlist), ledger, "a", meta["signature"], meta["blob_sha256"], z, signed, RUN_ID, nonce)
     allowlist.authenticate_submission(*args)  # the genuine submission
     allowlist.authenticate_submission(*args)  # the same bytes again
 
@@ -565,8 +630,17 @@ def _stale_nonce(c: Ctx) -> Any:
     _, z, meta = c.enroll_parts(nonce)
     c.sign(meta, z, "a")
     signed = {k: v for k, v in meta.items() if k not in ("signer", "signature")}
-    allowlist.authenticate_submission(AllowList(c.world.allowlist), NonceLedger(c.tmp / "ledger.jsonl"), "a",
-                                    meta["signature"], meta["blob_sha256"], z, signed, RUN_ID, nonce)
+    allowlist.authenticate_submission(
+        AllowList(c.world.allowlist),
+        NonceLedger(c.tmp / "ledger.jsonl"),
+        "a",
+        meta["signature"],
+        meta["blob_sha256"],
+        z,
+        signed,
+        RUN_ID,
+        nonce,
+    )
 
 
 def _empty_dataset_embedding(c: Ctx) -> Any:
@@ -580,12 +654,25 @@ def _empty_dataset_enroll(c: Ctx) -> Any:
     site = Site("a", c.jsonl(""), "unused-model", c.tmp / "site-a")
     return _enroll(wire.Request(wire.ENROLL, {"nonce": allowlist.make_nonce(), "task": "report-text"}), site, None)
 
+
 # -- identity, delivery and release policy (issue 10 items 2 and 3) ---------------------------
 def _whoami_reply(nonce: str, site: str = "a", identity: str = "") -> Any:
-    return wire.build_whoami_reply({
-        "schema": wire.WIRE_SCHEMA, "site": site, "tasks": '["report-text"]', "groups": '["xray-chest"]',
-        "n_examples": 12, "n_labeled": 12, "n_unlabeled": 0, "n_eval": 0, "data_ok": True, "signer": "",
-        "nonce": nonce, "identity": identity})
+    return wire.build_whoami_reply(
+        {
+            "schema": wire.WIRE_SCHEMA,
+            "site": site,
+            "tasks": '["report-text"]',
+            "groups": '["xray-chest"]',
+            "n_examples": 12,
+            "n_labeled": 12,
+            "n_unlabeled": 0,
+            "n_eval": 0,
+            "data_ok": True,
+            "signer": "",
+            "nonce": nonce,
+            "identity": identity,
+        }
+    )
 
 
 def _identity(c: Ctx, key_site: str, challenge: str, run_id: str = RUN_ID, node: int = 7, site: str = "a") -> str:
@@ -606,8 +693,9 @@ def _discover(c: Ctx, identity: Callable[[str], str]) -> Any:
 
     c._flower_task()
     c._spy(messaging, "verify_identity")
-    grid = OneNode(lambda msg: _whoami_reply(msg.content["config"]["nonce"], "a",
-                                              identity(msg.content["config"]["challenge"])))
+    grid = OneNode(
+        lambda msg: _whoami_reply(msg.content["config"]["nonce"], "a", identity(msg.content["config"]["challenge"]))
+    )
     report: dict[str, Any] = {}
     sites = messaging.discover(grid, 5.0, report, RUN_ID, AllowList(c.world.allowlist), True, c.reg.audit)
     if "a" in sites:
@@ -635,8 +723,10 @@ def _site(c: Ctx, n_train: int = 12, n_eval: int = 0, pin: bool = True) -> Any:
 
     from client.app import Site
 
-    rows = [{"prompt": f"Findings: case {i}.", "target": "Impression: normal.", "group": "xray-chest"}
-            for i in range(n_train + n_eval)]
+    rows = [
+        {"prompt": f"Findings: case {i}.", "target": "Impression: normal.", "group": "xray-chest"}
+        for i in range(n_train + n_eval)
+    ]
     data = c.tmp / "site-data"
     data.mkdir(exist_ok=True)
     (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:n_train]))
@@ -652,8 +742,15 @@ def _site(c: Ctx, n_train: int = 12, n_eval: int = 0, pin: bool = True) -> Any:
 
 
 def _apply_request(**over: Any) -> Any:
-    cfg = {"nonce": allowlist.make_nonce(), "task": "report-text", "name": "rpe-sim-k2-run7",
-           "lora_config": "{}", "blob_sha256": "0" * 64, "base_fingerprint": BASE, **over}
+    cfg = {
+        "nonce": allowlist.make_nonce(),
+        "task": "report-text",
+        "name": "rpe-sim-k2-run7",
+        "lora_config": "{}",
+        "blob_sha256": "0" * 64,
+        "base_fingerprint": BASE,
+        **over,
+    }
     return wire.Request(wire.APPLY, cfg)
 
 
@@ -675,15 +772,18 @@ def _foreign_delivery(c: Ctx) -> Any:
 
     req = _apply_request()
     cfg = req.config
-    cfg["delivery"] = delivery_statement(Ed25519PrivateKey.generate(), cfg["blob_sha256"], "a", RUN_ID,
-                                         cfg["name"], cfg["nonce"])
+    cfg["delivery"] = delivery_statement(
+        Ed25519PrivateKey.generate(), cfg["blob_sha256"], "a", RUN_ID, cfg["name"], cfg["nonce"]
+    )
     return apply(req, _site(c), SimpleNamespace(run_id=RUN_ID))
 
 
 def _evaluate_request(hashes: list[str], **over: Any) -> Any:
     cfg = {"nonce": allowlist.make_nonce(), "task": "report-text", "with_base": True, **over}
-    arms = [({"arm": f"arm{i}", "blob_sha256": h, "base_fingerprint": BASE, "lora_config": {}}, {})
-            for i, h in enumerate(hashes)]
+    arms = [
+        ({"arm": f"arm{i}", "blob_sha256": h, "base_fingerprint": BASE, "lora_config": {}}, {})
+        for i, h in enumerate(hashes)
+    ]
     return wire.Request(wire.EVALUATE, cfg, arms=arms)
 
 
@@ -709,8 +809,9 @@ def _swapped_evaluate(c: Ctx) -> Any:
     site.coordinator_key.write_text(signing.public_key_pem(key.public_key()))
     h1, h2 = "1" * 64, "2" * 64
     req = _evaluate_request([h2, h1])
-    req.config["delivery"] = delivery_statement(key, wire.arms_digest([h1, h2]), "a", RUN_ID, "evaluate",
-                                                req.config["nonce"])
+    req.config["delivery"] = delivery_statement(
+        key, wire.arms_digest([h1, h2]), "a", RUN_ID, "evaluate", req.config["nonce"]
+    )
     return evaluate_arms(req, site, SimpleNamespace(run_id=RUN_ID))
 
 
@@ -736,18 +837,22 @@ def _metrics_few_reports(c: Ctx) -> Any:
     from client.policy import ReleasePolicy
 
     c._spy(ReleasePolicy, "metrics")
-    metrics, evaluated = handlers.score(_site(c, n_eval=3), {"evaluate": True, "max_eval": 1, "task": "report-text"},
-                                        None)
+    metrics, evaluated = handlers.score(
+        _site(c, n_eval=3), {"evaluate": True, "max_eval": 1, "task": "report-text"}, None
+    )
     if metrics or evaluated:
         return metrics
     cause = c.captured[-1] if c.captured else None
     raise Reported("withheld", f"metrics withheld: {cause}", "client/handlers.py:score", cause)
 
 
-
 def _bulk_one_bad(c: Ctx) -> Any:
-    return c.reg.add_many([(make_adapter(51), make_z(51), make_meta(site="e")),
-                           (make_adapter(52), make_z(52, DIM - 1), make_meta(site="f"))])
+    return c.reg.add_many(
+        [
+            (make_adapter(51), make_z(51), make_meta(site="e")),
+            (make_adapter(52), make_z(52, DIM - 1), make_meta(site="f")),
+        ]
+    )
 
 
 def _duplicate(c: Ctx) -> Any:
@@ -764,6 +869,7 @@ def _rank_zero_object(c: Ctx) -> Any:
 # --------------------------------------------------------------------------------------------
 # the table
 # --------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Case:
@@ -787,327 +893,1000 @@ R = (REJECTED,)
 SEND = "common.lora.adapter_to_bytes(adapter)"  # the remedy every malformed-blob message names
 CASES: list[Case] = [
     # -- adapter tensors against the base ---------------------------------------------------------
-    Case("module-not-in-base", "adapter targets `model.layers.7.self_attn.q_proj` (base has 2 layers)",
-         lambda c: c.add(_with_module(make_adapter(1, modules=[Q0]), "model.layers.7.self_attn.q_proj")),
-         UnknownModuleError, "'model.layers.7.self_attn.q_proj' does not exist in base", R,
-         hint="such as 'model.layers.0.self_attn.q_proj'"),
-    Case("peft-key-as-module-name", "module named by its PEFT key (`base_model.model.…q_proj`)",
-         lambda c: c.add(_with_module(make_adapter(1, modules=[V1]), "base_model.model." + Q0)), UnknownModuleError,
-         "module names are base-model paths", R),
-    Case("shape-mismatch", "q_proj factors A[4,48] / B[32,4] (base in_features is 32)",
-         lambda c: c.add(_with_module(make_adapter(1), Q0, LoraModule(torch.randn(4, 48), torch.randn(32, 4)))),
-         ShapeMismatchError, "do not fit the base module (out=32, in=32)", R,
-         hint="was the adapter trained on another base model?"),
-    Case("other-base-bytes", "canonical blob of an adapter trained on a 64x64 base",
-         lambda c: c.add(adapter_to_bytes(make_adapter(2, shapes=dict.fromkeys(SHAPES, (64, 64))))),
-         ShapeMismatchError, "was the adapter trained on another base model", R,
-         hint="expected A [r, 32] and B [32, r]"),
-    Case("nan-factor", "NaN in lora_A (LoraAdapter object)",
-         lambda c: c.add(with_value(make_adapter(3), Q0, "A", (1, 2), float("nan"))), NonFiniteError,
-         "lora_A has 1 non-finite value(s) (NaN)", R, hint="retrain (lower lr)"),
-    Case("inf-factor-bytes", "+Inf in lora_B (canonical bytes)",
-         lambda c: c.add(adapter_to_bytes(with_value(make_adapter(3), V1, "B", (0, 0), float("inf")))),
-         NonFiniteError, "lora_B has 1 non-finite value(s) (Inf)", R, hint="retrain (lower lr)"),
-    Case("nan-scale-bytes", "scale NaN in the blob's `rpe_lora` metadata",
-         lambda c: c.add(rewrite_header(adapter_to_bytes(make_adapter(3)), _nan_scale)), AdapterFormatError,
-         f"module {Q0}: LoRA scale must be finite, got nan", R, hint=SEND),
-    Case("dtype-float64", "float64 factors (LoraAdapter object)",
-         lambda c: c.add(make_adapter(4, dtype=torch.float64)), DtypeError, "has dtype float64", R,
-         hint="accepted: float32, bfloat16, float16"),
-    Case("dtype-f64-bytes", "blob header declares F64 tensors", lambda c: c.add(
-        rewrite_header(adapter_to_bytes(make_adapter(4)), _tag_dtype("F64"))), DtypeError, "has dtype F64", R,
-         hint="accepted: float32, bfloat16, float16"),
-    Case("dtype-int-bytes", "blob header declares I32 tensors", lambda c: c.add(
-        rewrite_header(adapter_to_bytes(make_adapter(4)), _tag_dtype("I32"))), DtypeError, "has dtype I32", R,
-         hint="accepted: float32, bfloat16, float16"),
-    Case("oversize-blob", "20 kB of bytes (cap 12,000)", lambda c: c.add(b"\0" * 20_000),
-         PayloadTooLargeError, "adapter blob is 20000 bytes, the registry cap is 12000", R,
-         hint="lower the rank or the number of target modules"),
-    Case("oversize-adapter", "rank-16 adapter on every module (16 kB of factors, cap 12,000)",
-         lambda c: c.add(make_adapter(5, rank=16)), PayloadTooLargeError,
-         "adapter tensors are 16384 bytes, the registry cap is 12000", R,
-         hint="lower the rank or the number of target modules"),
-    Case("too-many-modules", "5 modules (cap 4)",
-         lambda c: c.add(_with_module(make_adapter(5, rank=1), "model.layers.2.self_attn.q_proj")),
-         PayloadTooLargeError, "adapter has 5 modules, the cap is 4", R),
-    Case("oversize-metadata", "5 kB string in `extra` (cap 4,096)",
-         lambda c: c.add(meta=make_meta(extra={"notes": "x" * 5000})), PayloadTooLargeError,
-         "the cap is 4096", R, hint="keep only small fields in 'extra'"),
-    Case("absurd-adapter-norm", "finite but absurd factors (B x 1e15: ||ΔW||_F ~ 1e15)",
-         lambda c: c.add(scaled(make_adapter(6), 1e15)), NormError,
-         "above the registry's cap 1e+04 (limits.max_delta_norm)", R, hint=f"module {Q0} has ‖scale·B·A‖_F ="),
-    Case("steering-adapter-norm", "adapter 200x an honest one (||ΔW|| ~ 400, under the absolute cap 1e4) "
-         "to take over every composition",
-         lambda c: c.add(scaled(make_adapter(8), 200.0)), UpdateNormBoundError,
-         "more than 10 × the median of the 3 adapters of this base and task", R, hint="site 'e' (task 'xray-chest')"),
-    Case("absurd-z-norm", "finite but absurd z (every value 1e30)",
-         lambda c: c.add(z=np.full(DIM, 1e30, np.float32)), NormError,
-         "sent z with norm 4e+30, above the registry's cap 1e+06 (limits.max_z_norm)", R,
-         hint="check the embedding pipeline"),
-    Case("rank-zero-bytes", "blob whose module has rank 0 (A[0,32], B[32,0])", lambda c: c.add(adapter_to_bytes(
-        LoraAdapter({Q0: unchecked_module(torch.zeros(0, 32), torch.zeros(32, 0))}))), AdapterFormatError,
-         f"module {Q0}: LoRA rank must be at least 1", R, hint=SEND),
-    Case("rank-zero-object", "LoraAdapter whose module has rank 0 (constructor bypassed)", _rank_zero_object,
-         RankError, "has rank 0; the registry accepts 1..16", R),
-    Case("rank-above-cap", "rank 17 on one module (cap 16)",
-         lambda c: c.add(make_adapter(7, rank=17, modules=[V1])), RankError, "has rank 17; the registry accepts 1..16",
-         R),
-    Case("ab-rank-mismatch", "blob with A[4,32] but B[32,3]", lambda c: c.add(adapter_to_bytes(LoraAdapter(
-        {Q0: unchecked_module(torch.randn(4, 32), torch.randn(32, 3))}))), AdapterFormatError,
-         f"module {Q0}: LoRA rank mismatch: A (4, 32) has 4 rows but B (32, 3) has 3 columns", R, hint=SEND),
-    Case("no-modules", "LoraAdapter with no modules", lambda c: c.add(LoraAdapter({})), AdapterFormatError,
-         "adapter has no modules", R),
-    Case("not-an-adapter", "a dict of tensors instead of a LoraAdapter",
-         lambda c: c.add({"A": torch.zeros(2, 2)}), AdapterFormatError,
-         "must be a common.lora.LoraAdapter or its canonical bytes", R),
+    Case(
+        "module-not-in-base",
+        "adapter targets `model.layers.7.self_attn.q_proj` (base has 2 layers)",
+        lambda c: c.add(_with_module(make_adapter(1, modules=[Q0]), "model.layers.7.self_attn.q_proj")),
+        UnknownModuleError,
+        "'model.layers.7.self_attn.q_proj' does not exist in base",
+        R,
+        hint="such as 'model.layers.0.self_attn.q_proj'",
+    ),
+    Case(
+        "peft-key-as-module-name",
+        "module named by its PEFT key (`base_model.model.…q_proj`)",
+        lambda c: c.add(_with_module(make_adapter(1, modules=[V1]), "base_model.model." + Q0)),
+        UnknownModuleError,
+        "module names are base-model paths",
+        R,
+    ),
+    Case(
+        "shape-mismatch",
+        "q_proj factors A[4,48] / B[32,4] (base in_features is 32)",
+        lambda c: c.add(_with_module(make_adapter(1), Q0, LoraModule(torch.randn(4, 48), torch.randn(32, 4)))),
+        ShapeMismatchError,
+        "do not fit the base module (out=32, in=32)",
+        R,
+        hint="was the adapter trained on another base model?",
+    ),
+    Case(
+        "other-base-bytes",
+        "canonical blob of an adapter trained on a 64x64 base",
+        lambda c: c.add(adapter_to_bytes(make_adapter(2, shapes=dict.fromkeys(SHAPES, (64, 64))))),
+        ShapeMismatchError,
+        "was the adapter trained on another base model",
+        R,
+        hint="expected A [r, 32] and B [32, r]",
+    ),
+    Case(
+        "nan-factor",
+        "NaN in lora_A (LoraAdapter object)",
+        lambda c: c.add(with_value(make_adapter(3), Q0, "A", (1, 2), float("nan"))),
+        NonFiniteError,
+        "lora_A has 1 non-finite value(s) (NaN)",
+        R,
+        hint="retrain (lower lr)",
+    ),
+    Case(
+        "inf-factor-bytes",
+        "+Inf in lora_B (canonical bytes)",
+        lambda c: c.add(adapter_to_bytes(with_value(make_adapter(3), V1, "B", (0, 0), float("inf")))),
+        NonFiniteError,
+        "lora_B has 1 non-finite value(s) (Inf)",
+        R,
+        hint="retrain (lower lr)",
+    ),
+    Case(
+        "nan-scale-bytes",
+        "scale NaN in the blob's `rpe_lora` metadata",
+        lambda c: c.add(rewrite_header(adapter_to_bytes(make_adapter(3)), _nan_scale)),
+        AdapterFormatError,
+        f"module {Q0}: LoRA scale must be finite, got nan",
+        R,
+        hint=SEND,
+    ),
+    Case(
+        "dtype-float64",
+        "float64 factors (LoraAdapter object)",
+        lambda c: c.add(make_adapter(4, dtype=torch.float64)),
+        DtypeError,
+        "has dtype float64",
+        R,
+        hint="accepted: float32, bfloat16, float16",
+    ),
+    Case(
+        "dtype-f64-bytes",
+        "blob header declares F64 tensors",
+        lambda c: c.add(rewrite_header(adapter_to_bytes(make_adapter(4)), _tag_dtype("F64"))),
+        DtypeError,
+        "has dtype F64",
+        R,
+        hint="accepted: float32, bfloat16, float16",
+    ),
+    Case(
+        "dtype-int-bytes",
+        "blob header declares I32 tensors",
+        lambda c: c.add(rewrite_header(adapter_to_bytes(make_adapter(4)), _tag_dtype("I32"))),
+        DtypeError,
+        "has dtype I32",
+        R,
+        hint="accepted: float32, bfloat16, float16",
+    ),
+    Case(
+        "oversize-blob",
+        "20 kB of bytes (cap 12,000)",
+        lambda c: c.add(b"\0" * 20_000),
+        PayloadTooLargeError,
+        "adapter blob is 20000 bytes, the registry cap is 12000",
+        R,
+        hint="lower the rank or the number of target modules",
+    ),
+    Case(
+        "oversize-adapter",
+        "rank-16 adapter on every module (16 kB of factors, cap 12,000)",
+        lambda c: c.add(make_adapter(5, rank=16)),
+        PayloadTooLargeError,
+        "adapter tensors are 16384 bytes, the registry cap is 12000",
+        R,
+        hint="lower the rank or the number of target modules",
+    ),
+    Case(
+        "too-many-modules",
+        "5 modules (cap 4)",
+        lambda c: c.add(_with_module(make_adapter(5, rank=1), "model.layers.2.self_attn.q_proj")),
+        PayloadTooLargeError,
+        "adapter has 5 modules, the cap is 4",
+        R,
+    ),
+    Case(
+        "oversize-metadata",
+        "5 kB string in `extra` (cap 4,096)",
+        lambda c: c.add(meta=make_meta(extra={"notes": "x" * 5000})),
+        PayloadTooLargeError,
+        "the cap is 4096",
+        R,
+        hint="keep only small fields in 'extra'",
+    ),
+    Case(
+        "absurd-adapter-norm",
+        "finite but absurd factors (B x 1e15: ||ΔW||_F ~ 1e15)",
+        lambda c: c.add(scaled(make_adapter(6), 1e15)),
+        NormError,
+        "above the registry's cap 1e+04 (limits.max_delta_norm)",
+        R,
+        hint=f"module {Q0} has ‖scale·B·A‖_F =",
+    ),
+    Case(
+        "steering-adapter-norm",
+        "adapter 200x an honest one (||ΔW|| ~ 400, under the absolute cap 1e4) to take over every composition",
+        lambda c: c.add(scaled(make_adapter(8), 200.0)),
+        UpdateNormBoundError,
+        "more than 10 × the median of the 3 adapters of this base and task",
+        R,
+        hint="site 'e' (task 'xray-chest')",
+    ),
+    Case(
+        "absurd-z-norm",
+        "finite but absurd z (every value 1e30)",
+        lambda c: c.add(z=np.full(DIM, 1e30, np.float32)),
+        NormError,
+        "sent z with norm 4e+30, above the registry's cap 1e+06 (limits.max_z_norm)",
+        R,
+        hint="check the embedding pipeline",
+    ),
+    Case(
+        "rank-zero-bytes",
+        "blob whose module has rank 0 (A[0,32], B[32,0])",
+        lambda c: c.add(adapter_to_bytes(LoraAdapter({Q0: unchecked_module(torch.zeros(0, 32), torch.zeros(32, 0))}))),
+        AdapterFormatError,
+        f"module {Q0}: LoRA rank must be at least 1",
+        R,
+        hint=SEND,
+    ),
+    Case(
+        "rank-zero-object",
+        "LoraAdapter whose module has rank 0 (constructor bypassed)",
+        _rank_zero_object,
+        RankError,
+        "has rank 0; the registry accepts 1..16",
+        R,
+    ),
+    Case(
+        "rank-above-cap",
+        "rank 17 on one module (cap 16)",
+        lambda c: c.add(make_adapter(7, rank=17, modules=[V1])),
+        RankError,
+        "has rank 17; the registry accepts 1..16",
+        R,
+    ),
+    Case(
+        "ab-rank-mismatch",
+        "blob with A[4,32] but B[32,3]",
+        lambda c: c.add(adapter_to_bytes(LoraAdapter({Q0: unchecked_module(torch.randn(4, 32), torch.randn(32, 3))}))),
+        AdapterFormatError,
+        f"module {Q0}: LoRA rank mismatch: A (4, 32) has 4 rows but B (32, 3) has 3 columns",
+        R,
+        hint=SEND,
+    ),
+    Case(
+        "no-modules",
+        "LoraAdapter with no modules",
+        lambda c: c.add(LoraAdapter({})),
+        AdapterFormatError,
+        "adapter has no modules",
+        R,
+    ),
+    Case(
+        "not-an-adapter",
+        "a dict of tensors instead of a LoraAdapter",
+        lambda c: c.add({"A": torch.zeros(2, 2)}),
+        AdapterFormatError,
+        "must be a common.lora.LoraAdapter or its canonical bytes",
+        R,
+    ),
     # -- the blob itself ----------------------------------------------------------------------------
-    Case("corrupt-blob", "zip bytes instead of safetensors",
-         lambda c: c.add(b"PK\x03\x04" + bytes(range(256)) * 4), AdapterFormatError,
-         "site 'e': adapter blob has a truncated or oversized safetensors header", R, hint=f"send exactly {SEND}"),
-    Case("tiny-blob", "4 bytes", lambda c: c.add(b"junk"), AdapterFormatError, "too short to be safetensors", R,
-         hint="adapter_to_bytes"),
-    Case("truncated-blob", "canonical blob minus its last 100 bytes",
-         lambda c: c.add(adapter_to_bytes(make_adapter(8))[:-100]), AdapterFormatError,
-         "site 'e': adapter blob is not valid safetensors", R, hint="resend if the blob was cut in transit"),
-    Case("trailing-garbage", "canonical blob plus 16 extra bytes",
-         lambda c: c.add(adapter_to_bytes(make_adapter(8)) + b"\0" * 16), AdapterFormatError,
-         "site 'e': adapter blob is not valid safetensors", R, hint=f"the registry accepts only {SEND}"),
-    Case("stock-safetensors", "raw `adapter_model.safetensors` (no rpe metadata)",
-         lambda c: c.add(stock_safetensors()), AdapterFormatError,
-         "adapter blob has rpe_format None, expected 'rpe-lora-v1'", R,
-         hint="a PEFT directory: load it with common.lora.load_peft_adapter first"),
-    Case("non-canonical-layout", "valid safetensors, canonical JSON, tensors stored in another order",
-         lambda c: c.add(_reordered(adapter_to_bytes(make_adapter(8)))), AdapterFormatError,
-         "not in canonical form", R),
-    Case("non-canonical-blob", "valid safetensors with a re-formatted (spaced) header", lambda c: c.add(
-        _respaced(adapter_to_bytes(make_adapter(8)))), AdapterFormatError, "not in canonical form", R,
-         hint="encode it with common.lora.adapter_to_bytes"),
-    Case("blob-hash-mismatch", "bytes whose sha256 differs from the announced one", lambda c: c.add(
-        adapter_to_bytes(make_adapter(9)), expected_sha256="ab" * 32), BlobHashMismatchError,
-         "altered or truncated in transit", R, hint="resend it"),
-    Case("blob-hash-malformed", "announced hash `xyz`",
-         lambda c: c.add(adapter_to_bytes(make_adapter(9)), expected_sha256="xyz"), BlobHashMismatchError,
-         "is not a sha256 (64 hex digits)", R),
+    Case(
+        "corrupt-blob",
+        "zip bytes instead of safetensors",
+        lambda c: c.add(b"PK\x03\x04" + bytes(range(256)) * 4),
+        AdapterFormatError,
+        "site 'e': adapter blob has a truncated or oversized safetensors header",
+        R,
+        hint=f"send exactly {SEND}",
+    ),
+    Case(
+        "tiny-blob",
+        "4 bytes",
+        lambda c: c.add(b"junk"),
+        AdapterFormatError,
+        "too short to be safetensors",
+        R,
+        hint="adapter_to_bytes",
+    ),
+    Case(
+        "truncated-blob",
+        "canonical blob minus its last 100 bytes",
+        lambda c: c.add(adapter_to_bytes(make_adapter(8))[:-100]),
+        AdapterFormatError,
+        "site 'e': adapter blob is not valid safetensors",
+        R,
+        hint="resend if the blob was cut in transit",
+    ),
+    Case(
+        "trailing-garbage",
+        "canonical blob plus 16 extra bytes",
+        lambda c: c.add(adapter_to_bytes(make_adapter(8)) + b"\0" * 16),
+        AdapterFormatError,
+        "site 'e': adapter blob is not valid safetensors",
+        R,
+        hint=f"the registry accepts only {SEND}",
+    ),
+    Case(
+        "stock-safetensors",
+        "raw `adapter_model.safetensors` (no rpe metadata)",
+        lambda c: c.add(stock_safetensors()),
+        AdapterFormatError,
+        "adapter blob has rpe_format None, expected 'rpe-lora-v1'",
+        R,
+        hint="a PEFT directory: load it with common.lora.load_peft_adapter first",
+    ),
+    Case(
+        "non-canonical-layout",
+        "valid safetensors, canonical JSON, tensors stored in another order",
+        lambda c: c.add(_reordered(adapter_to_bytes(make_adapter(8)))),
+        AdapterFormatError,
+        "not in canonical form",
+        R,
+    ),
+    Case(
+        "non-canonical-blob",
+        "valid safetensors with a re-formatted (spaced) header",
+        lambda c: c.add(_respaced(adapter_to_bytes(make_adapter(8)))),
+        AdapterFormatError,
+        "not in canonical form",
+        R,
+        hint="encode it with common.lora.adapter_to_bytes",
+    ),
+    Case(
+        "blob-hash-mismatch",
+        "bytes whose sha256 differs from the announced one",
+        lambda c: c.add(adapter_to_bytes(make_adapter(9)), expected_sha256="ab" * 32),
+        BlobHashMismatchError,
+        "altered or truncated in transit",
+        R,
+        hint="resend it",
+    ),
+    Case(
+        "blob-hash-malformed",
+        "announced hash `xyz`",
+        lambda c: c.add(adapter_to_bytes(make_adapter(9)), expected_sha256="xyz"),
+        BlobHashMismatchError,
+        "is not a sha256 (64 hex digits)",
+        R,
+    ),
     # -- z ------------------------------------------------------------------------------------------
-    Case("z-wrong-dim", "z of 15 values (registry holds 16)", lambda c: c.add(z=make_z(1, 15)),
-         EmbeddingDimensionError, "sent 15 values, the registry holds 16", R,
-         hint="compute z with the registry's representation/layer"),
-    Case("z-2d", "z of shape (1, 16)", lambda c: c.add(z=make_z(1).reshape(1, DIM)), EmbeddingDimensionError,
-         "expected a 1-D vector of 16 values", R),
-    Case("z-nan", "NaN in z", lambda c: c.add(z=np.where(np.arange(DIM) == 3, np.nan, make_z(1))), NonFiniteError,
-         "non-finite value(s)", R, hint="recompute the embedding"),
-    Case("z-float32-overflow", "z of 1e300 (finite in float64, Inf in float32)",
-         lambda c: c.add(z=np.full(DIM, 1e300)), NonFiniteError, "after the cast to float32", R),
-    Case("z-strings", "z as a list of strings", lambda c: c.add(z=["0.1"] * DIM), EmbeddingDimensionError,
-         "expected a float vector", R),
+    Case(
+        "z-wrong-dim",
+        "z of 15 values (registry holds 16)",
+        lambda c: c.add(z=make_z(1, 15)),
+        EmbeddingDimensionError,
+        "sent 15 values, the registry holds 16",
+        R,
+        hint="compute z with the registry's representation/layer",
+    ),
+    Case(
+        "z-2d",
+        "z of shape (1, 16)",
+        lambda c: c.add(z=make_z(1).reshape(1, DIM)),
+        EmbeddingDimensionError,
+        "expected a 1-D vector of 16 values",
+        R,
+    ),
+    Case(
+        "z-nan",
+        "NaN in z",
+        lambda c: c.add(z=np.where(np.arange(DIM) == 3, np.nan, make_z(1))),
+        NonFiniteError,
+        "non-finite value(s)",
+        R,
+        hint="recompute the embedding",
+    ),
+    Case(
+        "z-float32-overflow",
+        "z of 1e300 (finite in float64, Inf in float32)",
+        lambda c: c.add(z=np.full(DIM, 1e300)),
+        NonFiniteError,
+        "after the cast to float32",
+        R,
+    ),
+    Case(
+        "z-strings",
+        "z as a list of strings",
+        lambda c: c.add(z=["0.1"] * DIM),
+        EmbeddingDimensionError,
+        "expected a float vector",
+        R,
+    ),
     # -- metadata -----------------------------------------------------------------------------------
-    Case("meta-count-str", "`sample_count: \"12\"`", lambda c: c.add(meta=make_meta(sample_count="12")),
-         MetadataError, "'sample_count' must be an integer; got str", R),
-    Case("meta-count-bool", "`sample_count: true`", lambda c: c.add(meta=make_meta(sample_count=True)),
-         MetadataError, "'sample_count' must be an integer; got bool", R),
-    Case("meta-count-zero", "`sample_count: 0`", lambda c: c.add(meta=make_meta(sample_count=0)), MetadataError,
-         "'sample_count' must be >= 1", R),
-    Case("meta-site-int", "`site: 3`", lambda c: c.add(meta=make_meta(site=3)), MetadataError,
-         "'site' must be a string; got int", R),
-    Case("meta-site-spaces", "`site: \" a \"`", lambda c: c.add(meta=make_meta(site=" a ")), MetadataError,
-         "without leading/trailing spaces", R),
-    Case("meta-control-chars", "`task: \"xray\\nchest\"`", lambda c: c.add(meta=make_meta(task="xray\nchest")),
-         MetadataError, "contains control characters", R),
-    Case("meta-unknown-field", "metadata with a `colour` field", lambda c: c.add(meta=make_meta(colour="red")),
-         MetadataError, "unknown field(s) ['colour']", R, hint="put anything else in 'extra'"),
-    Case("meta-missing-field", "metadata without `task`",
-         lambda c: c.add(meta={k: v for k, v in make_meta().items() if k != "task"}), MetadataError,
-         "missing required field(s) ['task']", R),
-    Case("meta-not-a-dict", "metadata is a list", lambda c: c.add(meta=["e", TASK]), MetadataError,
-         "metadata must be an AdapterMeta or a dict; got list", R),
-    Case("meta-privacy-list", "`privacy: [\"dp\"]`", lambda c: c.add(meta=AdapterMeta(**make_meta(privacy=["dp"]))),
-         MetadataError, "'privacy' must be a string such as 'none' or a dict", R),
-    Case("meta-extra-nan", "`extra: {\"loss\": NaN}`",
-         lambda c: c.add(meta=make_meta(extra={"loss": float("nan")})), MetadataError,
-         "'extra' must hold JSON values only", R),
-    Case("unknown-base", "base fingerprint `sha256:0b0b…` (not registered)",
-         lambda c: c.add(meta=make_meta(base_fingerprint=OTHER_BASE)), UnknownBaseError,
-         f"base model fingerprint {OTHER_BASE} is not accepted", R, hint="add it with Registry.add_base"),
-    Case("duplicate-other-meta", "record 0's adapter + z again, `sample_count` changed", _duplicate,
-         DuplicateRecordError, "already holds this adapter and z with different metadata (fields ['sample_count'])",
-         R, hint="resubmit the identical metadata, or remove"),
-    Case("bulk-one-bad-item", "add_many: item 1 has a 15-value z", _bulk_one_bad, EmbeddingDimensionError,
-         "item 1: site 'f' sent 15 values", R),
-    Case("bidi-override-site", "site name `e\u202egnp.exe` (right-to-left override: reads as `eexe.png`)",
-         lambda c: c.add(meta=make_meta(site="e\u202egnp.exe")), MetadataError,
-         "holds the invisible or control character U+202E", R),
-    Case("zero-width-task", "task `xray\u200b-chest` (zero-width space: looks like `xray-chest`)",
-         lambda c: c.add(meta=make_meta(task="xray\u200b-chest")), MetadataError,
-         "holds the invisible or control character U+200B", R),
+    Case(
+        "meta-count-str",
+        '`sample_count: "12"`',
+        lambda c: c.add(meta=make_meta(sample_count="12")),
+        MetadataError,
+        "'sample_count' must be an integer; got str",
+        R,
+    ),
+    Case(
+        "meta-count-bool",
+        "`sample_count: true`",
+        lambda c: c.add(meta=make_meta(sample_count=True)),
+        MetadataError,
+        "'sample_count' must be an integer; got bool",
+        R,
+    ),
+    Case(
+        "meta-count-zero",
+        "`sample_count: 0`",
+        lambda c: c.add(meta=make_meta(sample_count=0)),
+        MetadataError,
+        "'sample_count' must be >= 1",
+        R,
+    ),
+    Case(
+        "meta-site-int",
+        "`site: 3`",
+        lambda c: c.add(meta=make_meta(site=3)),
+        MetadataError,
+        "'site' must be a string; got int",
+        R,
+    ),
+    Case(
+        "meta-site-spaces",
+        '`site: " a "`',
+        lambda c: c.add(meta=make_meta(site=" a ")),
+        MetadataError,
+        "without leading/trailing spaces",
+        R,
+    ),
+    Case(
+        "meta-control-chars",
+        '`task: "xray\\nchest"`',
+        lambda c: c.add(meta=make_meta(task="xray\nchest")),
+        MetadataError,
+        "contains control characters",
+        R,
+    ),
+    Case(
+        "meta-unknown-field",
+        "metadata with a `colour` field",
+        lambda c: c.add(meta=make_meta(colour="red")),
+        MetadataError,
+        "unknown field(s) ['colour']",
+        R,
+        hint="put anything else in 'extra'",
+    ),
+    Case(
+        "meta-missing-field",
+        "metadata without `task`",
+        lambda c: c.add(meta={k: v for k, v in make_meta().items() if k != "task"}),
+        MetadataError,
+        "missing required field(s) ['task']",
+        R,
+    ),
+    Case(
+        "meta-not-a-dict",
+        "metadata is a list",
+        lambda c: c.add(meta=["e", TASK]),
+        MetadataError,
+        "metadata must be an AdapterMeta or a dict; got list",
+        R,
+    ),
+    Case(
+        "meta-privacy-list",
+        '`privacy: ["dp"]`',
+        lambda c: c.add(meta=AdapterMeta(**make_meta(privacy=["dp"]))),
+        MetadataError,
+        "'privacy' must be a string such as 'none' or a dict",
+        R,
+    ),
+    Case(
+        "meta-extra-nan",
+        '`extra: {"loss": NaN}`',
+        lambda c: c.add(meta=make_meta(extra={"loss": float("nan")})),
+        MetadataError,
+        "'extra' must hold JSON values only",
+        R,
+    ),
+    Case(
+        "unknown-base",
+        "base fingerprint `sha256:0b0b…` (not registered)",
+        lambda c: c.add(meta=make_meta(base_fingerprint=OTHER_BASE)),
+        UnknownBaseError,
+        f"base model fingerprint {OTHER_BASE} is not accepted",
+        R,
+        hint="add it with Registry.add_base",
+    ),
+    Case(
+        "duplicate-other-meta",
+        "record 0's adapter + z again, `sample_count` changed",
+        _duplicate,
+        DuplicateRecordError,
+        "already holds this adapter and z with different metadata (fields ['sample_count'])",
+        R,
+        hint="resubmit the identical metadata, or remove",
+    ),
+    Case(
+        "bulk-one-bad-item",
+        "add_many: item 1 has a 15-value z",
+        _bulk_one_bad,
+        EmbeddingDimensionError,
+        "item 1: site 'f' sent 15 values",
+        R,
+    ),
+    Case(
+        "bidi-override-site",
+        "site name `e\u202egnp.exe` (right-to-left override: reads as `eexe.png`)",
+        lambda c: c.add(meta=make_meta(site="e\u202egnp.exe")),
+        MetadataError,
+        "holds the invisible or control character U+202E",
+        R,
+    ),
+    Case(
+        "zero-width-task",
+        "task `xray\u200b-chest` (zero-width space: looks like `xray-chest`)",
+        lambda c: c.add(meta=make_meta(task="xray\u200b-chest")),
+        MetadataError,
+        "holds the invisible or control character U+200B",
+        R,
+    ),
     # -- queries and composition --------------------------------------------------------------------
-    Case("k-above-registry", "query k=5 on a 4-record registry", lambda c: c.reg.query(make_z(2), 5),
-         NotEnoughRecordsError, "asked for k=5 nearest adapters but only 4 record(s) match",
-         hint="lower k or widen the filters"),
+    Case(
+        "k-above-registry",
+        "query k=5 on a 4-record registry",
+        lambda c: c.reg.query(make_z(2), 5),
+        NotEnoughRecordsError,
+        "asked for k=5 nearest adapters but only 4 record(s) match",
+        hint="lower k or widen the filters",
+    ),
     Case("k-zero", "query k=0", lambda c: c.reg.query(make_z(2), 0), QueryError, "k must be a positive integer; got 0"),
-    Case("k-negative", "query k=-2", lambda c: c.reg.query(make_z(2), -2), QueryError,
-         "k must be a positive integer; got -2"),
-    Case("k-float", "query k=2.5", lambda c: c.reg.query(make_z(2), 2.5), QueryError,
-         "k must be a positive integer; got 2.5"),
-    Case("k-bool", "query k=True", lambda c: c.reg.query(make_z(2), True), QueryError,
-         "k must be a positive integer; got True"),
-    Case("query-method", "query method='fast'", lambda c: c.reg.query(make_z(2), 1, method="fast"), QueryError,
-         "method must be auto, brute, index or approx"),
-    Case("query-z-dim", "query z of 17 values", lambda c: c.reg.query(make_z(2, 17), 1), EmbeddingDimensionError,
-         "the query sent 17 values, the registry holds 16"),
-    Case("query-z-inf", "query z with Inf", lambda c: c.reg.query(np.full(DIM, np.inf), 1), NonFiniteError,
-         "the query sent z with 16 non-finite value(s)"),
-    Case("task-without-adapters", "compose for task `xray-knee` (no adapters; the registry has no task list)",
-         lambda c: c.compose(task="xray-knee", k=1), NotEnoughRecordsError,
-         "no record has task='xray-knee'", hint="(tasks present: ct-head, xray-chest)"),
-    Case("compose-k-above", "compose k=4 for a task with 3 adapters", lambda c: c.compose(k=4),
-         NotEnoughRecordsError, "asked for k=4 nearest adapters but only 3 record(s) match (task='xray-chest')"),
-    Case("compose-unknown-base", "compose with base `sha256:0b0b…`", lambda c: c.compose(base=OTHER_BASE),
-         CompositionError, f"base {OTHER_BASE} is not known to registry",
-         hint=f"(known: {BASE}); pass one of them or omit base"),
-    Case("compose-target-z-dim", "target z of 8 values", lambda c: c.compose(z=make_z(3, 8)),
-         EmbeddingDimensionError, "the target 'e' sent 8 values, the registry holds 16"),
-    Case("unknown-strategy", "strategy `softmax`", lambda c: c.compose(strategy="softmax"), ValueError,
-         "unknown weighting strategy 'softmax'; valid strategies: " + ", ".join(sorted(STRATEGIES)), (QUERY,)),
-    Case("lin-max-l1-below-one", "lin with max_l1=0.5 (Σw = 1 forces ‖w‖₁ >= 1)",
-         lambda c: c.compose(strategy="lin", strategy_params={"max_l1": 0.5}), ValueError,
-         "max_l1 must be >= 1", (QUERY,)),
-    Case("lam1-nan", "sim with lam1=NaN", lambda c: c.compose(lam1=float("nan")), ValueError,
-         "lam1 must be > 0 (inf allowed); got nan", (QUERY,)),
-    Case("lam1-negative", "sim with lam1=-1", lambda c: c.compose(lam1=-1.0), ValueError,
-         "lam1 must be > 0 (inf allowed); got -1", (QUERY,)),
-    Case("lam2-inf", "lin-l1 with lam2=Inf", lambda c: c.compose(strategy="lin-l1", lam2=float("inf")),
-         ValueError, "lam2 must be >= 0 and finite; got inf", (QUERY,)),
-    Case("strategy-param-typo", "sim with `lam3=1`", lambda c: c.compose(strategy_params={"lam3": 1.0}),
-         ValueError, "strategy 'sim' does not take lam3; it takes lam1", (QUERY,)),
-    Case("max-rank-zero", "compose max_rank=0", lambda c: c.compose(max_rank=0), LoraFormatError,
-         "max_rank must be a positive integer or None, got 0", (QUERY,)),
-    Case("max-rank-negative", "compose max_rank=-3", lambda c: c.compose(max_rank=-3), LoraFormatError,
-         "max_rank must be a positive integer or None, got -3", (QUERY,)),
-    Case("max-rank-float", "compose max_rank=2.5", lambda c: c.compose(max_rank=2.5), LoraFormatError,
-         "max_rank must be a positive integer or None, got 2.5", (QUERY,)),
-    Case("max-rank-nan", "compose max_rank=NaN", lambda c: c.compose(max_rank=float("nan")), LoraFormatError,
-         "max_rank must be a positive integer or None, got nan", (QUERY,)),
-    Case("max-rank-inf", "compose max_rank=Inf", lambda c: c.compose(max_rank=float("inf")), LoraFormatError,
-         "max_rank must be a positive integer or None, got inf", (QUERY,)),
-    Case("remove-unknown-record", "remove id `e:xray-chest:0000000000000000`",
-         lambda c: c.reg.remove("e:xray-chest:0000000000000000"), RecordNotFoundError,
-         "no record 'e:xray-chest:0000000000000000'", hint="see `rpe registry ls`"),
+    Case(
+        "k-negative",
+        "query k=-2",
+        lambda c: c.reg.query(make_z(2), -2),
+        QueryError,
+        "k must be a positive integer; got -2",
+    ),
+    Case(
+        "k-float",
+        "query k=2.5",
+        lambda c: c.reg.query(make_z(2), 2.5),
+        QueryError,
+        "k must be a positive integer; got 2.5",
+    ),
+    Case(
+        "k-bool",
+        "query k=True",
+        lambda c: c.reg.query(make_z(2), True),
+        QueryError,
+        "k must be a positive integer; got True",
+    ),
+    Case(
+        "query-method",
+        "query method='fast'",
+        lambda c: c.reg.query(make_z(2), 1, method="fast"),
+        QueryError,
+        "method must be auto, brute, index or approx",
+    ),
+    Case(
+        "query-z-dim",
+        "query z of 17 values",
+        lambda c: c.reg.query(make_z(2, 17), 1),
+        EmbeddingDimensionError,
+        "the query sent 17 values, the registry holds 16",
+    ),
+    Case(
+        "query-z-inf",
+        "query z with Inf",
+        lambda c: c.reg.query(np.full(DIM, np.inf), 1),
+        NonFiniteError,
+        "the query sent z with 16 non-finite value(s)",
+    ),
+    Case(
+        "task-without-adapters",
+        "compose for task `xray-knee` (no adapters; the registry has no task list)",
+        lambda c: c.compose(task="xray-knee", k=1),
+        NotEnoughRecordsError,
+        "no record has task='xray-knee'",
+        hint="(tasks present: ct-head, xray-chest)",
+    ),
+    Case(
+        "compose-k-above",
+        "compose k=4 for a task with 3 adapters",
+        lambda c: c.compose(k=4),
+        NotEnoughRecordsError,
+        "asked for k=4 nearest adapters but only 3 record(s) match (task='xray-chest')",
+    ),
+    Case(
+        "compose-unknown-base",
+        "compose with base `sha256:0b0b…`",
+        lambda c: c.compose(base=OTHER_BASE),
+        CompositionError,
+        f"base {OTHER_BASE} is not known to registry",
+        hint=f"(known: {BASE}); pass one of them or omit base",
+    ),
+    Case(
+        "compose-target-z-dim",
+        "target z of 8 values",
+        lambda c: c.compose(z=make_z(3, 8)),
+        EmbeddingDimensionError,
+        "the target 'e' sent 8 values, the registry holds 16",
+    ),
+    Case(
+        "unknown-strategy",
+        "strategy `softmax`",
+        lambda c: c.compose(strategy="softmax"),
+        ValueError,
+        "unknown weighting strategy 'softmax'; valid strategies: " + ", ".join(sorted(STRATEGIES)),
+        (QUERY,),
+    ),
+    Case(
+        "lin-max-l1-below-one",
+        "lin with max_l1=0.5 (Σw = 1 forces ‖w‖₁ >= 1)",
+        lambda c: c.compose(strategy="lin", strategy_params={"max_l1": 0.5}),
+        ValueError,
+        "max_l1 must be >= 1",
+        (QUERY,),
+    ),
+    Case(
+        "lam1-nan",
+        "sim with lam1=NaN",
+        lambda c: c.compose(lam1=float("nan")),
+        ValueError,
+        "lam1 must be > 0 (inf allowed); got nan",
+        (QUERY,),
+    ),
+    Case(
+        "lam1-negative",
+        "sim with lam1=-1",
+        lambda c: c.compose(lam1=-1.0),
+        ValueError,
+        "lam1 must be > 0 (inf allowed); got -1",
+        (QUERY,),
+    ),
+    Case(
+        "lam2-inf",
+        "lin-l1 with lam2=Inf",
+        lambda c: c.compose(strategy="lin-l1", lam2=float("inf")),
+        ValueError,
+        "lam2 must be >= 0 and finite; got inf",
+        (QUERY,),
+    ),
+    Case(
+        "strategy-param-typo",
+        "sim with `lam3=1`",
+        lambda c: c.compose(strategy_params={"lam3": 1.0}),
+        ValueError,
+        "strategy 'sim' does not take lam3; it takes lam1",
+        (QUERY,),
+    ),
+    Case(
+        "max-rank-zero",
+        "compose max_rank=0",
+        lambda c: c.compose(max_rank=0),
+        LoraFormatError,
+        "max_rank must be a positive integer or None, got 0",
+        (QUERY,),
+    ),
+    Case(
+        "max-rank-negative",
+        "compose max_rank=-3",
+        lambda c: c.compose(max_rank=-3),
+        LoraFormatError,
+        "max_rank must be a positive integer or None, got -3",
+        (QUERY,),
+    ),
+    Case(
+        "max-rank-float",
+        "compose max_rank=2.5",
+        lambda c: c.compose(max_rank=2.5),
+        LoraFormatError,
+        "max_rank must be a positive integer or None, got 2.5",
+        (QUERY,),
+    ),
+    Case(
+        "max-rank-nan",
+        "compose max_rank=NaN",
+        lambda c: c.compose(max_rank=float("nan")),
+        LoraFormatError,
+        "max_rank must be a positive integer or None, got nan",
+        (QUERY,),
+    ),
+    Case(
+        "max-rank-inf",
+        "compose max_rank=Inf",
+        lambda c: c.compose(max_rank=float("inf")),
+        LoraFormatError,
+        "max_rank must be a positive integer or None, got inf",
+        (QUERY,),
+    ),
+    Case(
+        "remove-unknown-record",
+        "remove id `e:xray-chest:0000000000000000`",
+        lambda c: c.reg.remove("e:xray-chest:0000000000000000"),
+        RecordNotFoundError,
+        "no record 'e:xray-chest:0000000000000000'",
+        hint="see `rpe registry ls`",
+    ),
     # -- the coordinator's enrolment round (server/app.py run_enroll, real code, fake grid) -----------
-    Case("wire-extra-record", "enrol reply with an extra `raw_reports` record", _extra_record, WireError,
-         "may only carry records ['adapter', 'embedding', 'meta']; refusing ['raw_reports']", R),
-    Case("wire-extra-meta-key", "enrol meta with an extra `patient_name` key",
-         lambda c: c.enroll(lambda n: c.reply(n, patient_name="Jane Doe")), WireError,
-         "unknown key(s) ['patient_name']", R),
-    Case("wire-missing-meta-key", "enrol meta without `sample_count`", _missing_meta_key, WireError,
-         "missing key(s) ['sample_count']", R),
-    Case("wire-meta-type", "enrol meta `sample_count: \"12\"`", lambda c: c.enroll(lambda n: c.reply(
-        n, sample_count="12")), WireError, "meta['sample_count']: expected int, got str", R),
-    Case("wire-schema", "enrol meta `schema: rpe-wire/0`",
-         lambda c: c.enroll(lambda n: c.reply(n, schema="rpe-wire/0")), WireError, "schema 'rpe-wire/0' is not", R),
-    Case("wire-lora-config-field", "lora_config with an extra `use_dora` field", _lora_config_extra_field,
-         WireError, "expected an object with exactly 'peft_type' and 'modules'", R),
-    Case("wire-extra-tensor", "adapter vector with an extra `lm_head.weight` packed in", _extra_tensor, WireError,
-         "does not match the LoRA config", R),
-    Case("wire-per-factor-arrays", "adapter record with one array per factor (wire schema 1)", _per_factor_arrays,
-         WireError, "expected exactly one array 'lora_factors'", R),
-    Case("wire-tensor-shape", "adapter vector with B[32,3] packed where the LoRA config says r=4", _wrong_array_shape,
-         WireError, "does not match the LoRA config", R),
+    Case(
+        "wire-extra-record",
+        "enrol reply with an extra `raw_reports` record",
+        _extra_record,
+        WireError,
+        "may only carry records ['adapter', 'embedding', 'meta']; refusing ['raw_reports']",
+        R,
+    ),
+    Case(
+        "wire-extra-meta-key",
+        "enrol meta with an extra `patient_name` key",
+        lambda c: c.enroll(lambda n: c.reply(n, patient_name="Jane Doe")),
+        WireError,
+        "unknown key(s) ['patient_name']",
+        R,
+    ),
+    Case(
+        "wire-missing-meta-key",
+        "enrol meta without `sample_count`",
+        _missing_meta_key,
+        WireError,
+        "missing key(s) ['sample_count']",
+        R,
+    ),
+    Case(
+        "wire-meta-type",
+        'enrol meta `sample_count: "12"`',
+        lambda c: c.enroll(lambda n: c.reply(n, sample_count="12")),
+        WireError,
+        "meta['sample_count']: expected int, got str",
+        R,
+    ),
+    Case(
+        "wire-schema",
+        "enrol meta `schema: rpe-wire/0`",
+        lambda c: c.enroll(lambda n: c.reply(n, schema="rpe-wire/0")),
+        WireError,
+        "schema 'rpe-wire/0' is not",
+        R,
+    ),
+    Case(
+        "wire-lora-config-field",
+        "lora_config with an extra `use_dora` field",
+        _lora_config_extra_field,
+        WireError,
+        "expected an object with exactly 'peft_type' and 'modules'",
+        R,
+    ),
+    Case(
+        "wire-extra-tensor",
+        "adapter vector with an extra `lm_head.weight` packed in",
+        _extra_tensor,
+        WireError,
+        "does not match the LoRA config",
+        R,
+    ),
+    Case(
+        "wire-per-factor-arrays",
+        "adapter record with one array per factor (wire schema 1)",
+        _per_factor_arrays,
+        WireError,
+        "expected exactly one array 'lora_factors'",
+        R,
+    ),
+    Case(
+        "wire-tensor-shape",
+        "adapter vector with B[32,3] packed where the LoRA config says r=4",
+        _wrong_array_shape,
+        WireError,
+        "does not match the LoRA config",
+        R,
+    ),
     Case("wire-float64", "adapter vector in float64", _float64_arrays, WireError, "dtype float64 is not float32", R),
     Case("wire-nan", "NaN in an adapter array", _nan_array, WireError, "contains NaN or inf", R),
-    Case("wire-z-vs-spec", "z of 18 values, embedding_spec says dim 16", _z_vs_spec, WireError,
-         "18 values, but the embedding spec says dim=16", R),
-    Case("enroll-z-dim", "consistent reply, but z (and spec) of 20 values; registry holds 16",
-         lambda c: c.enroll(lambda n: c.reply(n, z=make_z(5, 20))), EmbeddingDimensionError,
-         "site 'a' sent 20 values, the registry holds 16", R),
-    Case("enroll-hash-mismatch", "announced `blob_sha256` is not the adapter's",
-         lambda c: c.enroll(lambda n: c.reply(n, blob_sha256="cd" * 32)), BlobHashMismatchError,
-         "but the submission announced " + "cd" * 32, R),
-    Case("enroll-unknown-base", "site trained on an unregistered base", lambda c: c.enroll(
-        lambda n: c.reply(n, base_fingerprint=OTHER_BASE)), UnknownBaseError, "is not accepted by this registry", R),
-    Case("enroll-site-claim", "reply from `a` claiming to be site `b`",
-         lambda c: c.enroll(lambda n: c.reply(n, site="b")), WireError, "reply claims site 'b' but came from 'a'", R),
-    Case("enroll-replayed-reply", "an old genuine signed reply replayed (old nonce)", _replayed_reply, WireError,
-         "reply answers another request (nonce mismatch)", R),
-    Case("enroll-bad-signature", "signed reply, `sample_count` altered after signing",
-         lambda c: c.enroll(lambda n: c.reply(n, sign_as="a", after_signing={"sample_count": 99})), SignatureError,
-         "signature does not verify", R),
-    Case("enroll-wrong-key", "site `a` reply signed with site `b`'s key",
-         lambda c: c.enroll(lambda n: c.reply(n, sign_as="b")), SignatureError, "signature does not verify", R),
-    Case("enroll-signature-garbage", "signature `not-base64!`",
-         lambda c: c.enroll(lambda n: c.reply(n, signature="not-base64!", signer="x")), SignatureError,
-         "signature is not valid base64", R),
-    Case("enroll-unknown-site", "signed reply from site `b`, which is not on the allow-list",
-         lambda c: c.enroll(lambda n: c.reply(n, site="b", sign_as="b"), site="b"), UnknownSiteError,
-         "site 'b' is not on the allow-list", R, hint="(allowed: a)"),
-    Case("enroll-unsigned", "unsigned reply while `require-signatures` is on",
-         lambda c: c.enroll(lambda n: c.reply(n), require_signatures=True), SignatureError,
-         "unsigned submission, and this coordinator requires signatures", R),
-    Case("enroll-site-not-online", "enrol site `ghost` (never answered whoami)",
-         lambda c: c.enroll(lambda n: None, site="ghost"), Reported, "did not answer query.whoami (offline or unknown)",
-         R, audit_match="offline"),
+    Case(
+        "wire-z-vs-spec",
+        "z of 18 values, embedding_spec says dim 16",
+        _z_vs_spec,
+        WireError,
+        "18 values, but the embedding spec says dim=16",
+        R,
+    ),
+    Case(
+        "enroll-z-dim",
+        "consistent reply, but z (and spec) of 20 values; registry holds 16",
+        lambda c: c.enroll(lambda n: c.reply(n, z=make_z(5, 20))),
+        EmbeddingDimensionError,
+        "site 'a' sent 20 values, the registry holds 16",
+        R,
+    ),
+    Case(
+        "enroll-hash-mismatch",
+        "announced `blob_sha256` is not the adapter's",
+        lambda c: c.enroll(lambda n: c.reply(n, blob_sha256="cd" * 32)),
+        BlobHashMismatchError,
+        "but the submission announced " + "cd" * 32,
+        R,
+    ),
+    Case(
+        "enroll-unknown-base",
+        "site trained on an unregistered base",
+        lambda c: c.enroll(lambda n: c.reply(n, base_fingerprint=OTHER_BASE)),
+        UnknownBaseError,
+        "is not accepted by this registry",
+        R,
+    ),
+    Case(
+        "enroll-site-claim",
+        "reply from `a` claiming to be site `b`",
+        lambda c: c.enroll(lambda n: c.reply(n, site="b")),
+        WireError,
+        "reply claims site 'b' but came from 'a'",
+        R,
+    ),
+    Case(
+        "enroll-replayed-reply",
+        "an old genuine signed reply replayed (old nonce)",
+        _replayed_reply,
+        WireError,
+        "reply answers another request (nonce mismatch)",
+        R,
+    ),
+    Case(
+        "enroll-bad-signature",
+        "signed reply, `sample_count` altered after signing",
+        lambda c: c.enroll(lambda n: c.reply(n, sign_as="a", after_signing={"sample_count": 99})),
+        SignatureError,
+        "signature does not verify",
+        R,
+    ),
+    Case(
+        "enroll-wrong-key",
+        "site `a` reply signed with site `b`'s key",
+        lambda c: c.enroll(lambda n: c.reply(n, sign_as="b")),
+        SignatureError,
+        "signature does not verify",
+        R,
+    ),
+    Case(
+        "enroll-signature-garbage",
+        "signature `not-base64!`",
+        lambda c: c.enroll(lambda n: c.reply(n, signature="not-base64!", signer="x")),
+        SignatureError,
+        "signature is not valid base64",
+        R,
+    ),
+    Case(
+        "enroll-unknown-site",
+        "signed reply from site `b`, which is not on the allow-list",
+        lambda c: c.enroll(lambda n: c.reply(n, site="b", sign_as="b"), site="b"),
+        UnknownSiteError,
+        "site 'b' is not on the allow-list",
+        R,
+        hint="(allowed: a)",
+    ),
+    Case(
+        "enroll-unsigned",
+        "unsigned reply while `require-signatures` is on",
+        lambda c: c.enroll(lambda n: c.reply(n), require_signatures=True),
+        SignatureError,
+        "unsigned submission, and this coordinator requires signatures",
+        R,
+    ),
+    Case(
+        "enroll-site-not-online",
+        "enrol site `ghost` (never answered whoami)",
+        lambda c: c.enroll(lambda n: None, site="ghost"),
+        Reported,
+        "did not answer query.whoami (offline or unknown)",
+        R,
+        audit_match="offline",
+    ),
     # -- the coordinator's compose round --------------------------------------------------------------
-    Case("compose-unknown-target", "compose for target `ghost` (not online / unknown)",
-         lambda c: c.run_compose("ghost"), Reported, "target site is offline"),
-    Case("embed-extra-meta-key", "query.embed reply with an extra `age` key",
-         lambda c: c.embed(lambda n: c.embed_reply(n, age=63)), WireError, "unknown key(s) ['age']",
-         ("query.failed",)),
+    Case(
+        "compose-unknown-target",
+        "compose for target `ghost` (not online / unknown)",
+        lambda c: c.run_compose("ghost"),
+        Reported,
+        "target site is offline",
+    ),
+    Case(
+        "embed-extra-meta-key",
+        "query.embed reply with an extra `age` key",
+        lambda c: c.embed(lambda n: c.embed_reply(n, age=63)),
+        WireError,
+        "unknown key(s) ['age']",
+        ("query.failed",),
+    ),
     # -- signatures and freshness (common/signing.py) ------------------------------------------------
-    Case("replayed-nonce", "a genuine signed submission authenticated twice", _replayed_nonce, ReplayError,
-         "was already used by site 'a': replayed submission"),
-    Case("stale-nonce", "a genuine signed submission with a 3-day-old nonce", _stale_nonce, StaleSubmissionError,
-         "s old; the limit is 86400 s"),
+    Case(
+        "replayed-nonce",
+        "a genuine signed submission authenticated twice",
+        _replayed_nonce,
+        ReplayError,
+        "was already used by site 'a': replayed submission",
+    ),
+    Case(
+        "stale-nonce",
+        "a genuine signed submission with a 3-day-old nonce",
+        _stale_nonce,
+        StaleSubmissionError,
+        "s old; the limit is 86400 s",
+    ),
     # -- PEFT directories (common/lora.py load_peft_adapter) ------------------------------------------
-    Case("peft-dora", "PEFT dir with `use_dora: true`", lambda c: load_peft_adapter(c.peft_dir({"use_dora": True})),
-         LoraFormatError, "use_dora is true", hint="retrain with use_dora=False"),
-    Case("peft-dora-tensor", "PEFT dir holding a `lora_magnitude_vector` tensor", lambda c: load_peft_adapter(
-        c.peft_dir(extra_tensors={f"base_model.model.{Q0}.lora_magnitude_vector": torch.ones(32)})),
-         LoraFormatError, "is a DoRA magnitude vector"),
-    Case("peft-modules-to-save", "PEFT dir with `modules_to_save: [\"lm_head\"]`",
-         lambda c: load_peft_adapter(c.peft_dir({"modules_to_save": ["lm_head"]})), LoraFormatError,
-         "modules_to_save=['lm_head'] stores full copies of modules", hint="retrain without modules_to_save"),
-    Case("peft-rank-config", "PEFT dir whose config says r=8 for rank-4 tensors",
-         lambda c: load_peft_adapter(c.peft_dir({"r": 8, "rank_pattern": {}})), LoraFormatError,
-         "gives it rank 8; fix the config"),
+    Case(
+        "peft-dora",
+        "PEFT dir with `use_dora: true`",
+        lambda c: load_peft_adapter(c.peft_dir({"use_dora": True})),
+        LoraFormatError,
+        "use_dora is true",
+        hint="retrain with use_dora=False",
+    ),
+    Case(
+        "peft-dora-tensor",
+        "PEFT dir holding a `lora_magnitude_vector` tensor",
+        lambda c: load_peft_adapter(
+            c.peft_dir(extra_tensors={f"base_model.model.{Q0}.lora_magnitude_vector": torch.ones(32)})
+        ),
+        LoraFormatError,
+        "is a DoRA magnitude vector",
+    ),
+    Case(
+        "peft-modules-to-save",
+        'PEFT dir with `modules_to_save: ["lm_head"]`',
+        lambda c: load_peft_adapter(c.peft_dir({"modules_to_save": ["lm_head"]})),
+        LoraFormatError,
+        "modules_to_save=['lm_head'] stores full copies of modules",
+        hint="retrain without modules_to_save",
+    ),
+    Case(
+        "peft-rank-config",
+        "PEFT dir whose config says r=8 for rank-4 tensors",
+        lambda c: load_peft_adapter(c.peft_dir({"r": 8, "rank_pattern": {}})),
+        LoraFormatError,
+        "gives it rank 8; fix the config",
+    ),
     # -- a site's dataset (common/data.py, common/embedding.py, client/app.py) -----------------------
-    Case("jsonl-not-json", "dataset line `Findings: normal` (not JSON)",
-         lambda c: read_jsonl(c.jsonl('{"prompt": "ok", "group": "g"}\nFindings: normal\n')), DatasetFormatError,
-         "line 2: expected one JSON object per line"),
-    Case("jsonl-no-prompt", "dataset line without `prompt`",
-         lambda c: read_jsonl(c.jsonl('{"target": "Impression: normal", "group": "g"}\n')), DatasetFormatError,
-         "line 1: expected 'prompt', a non-empty string"),
-    Case("jsonl-misspelt-key", "dataset line with `targt` instead of `target`",
-         lambda c: read_jsonl(c.jsonl('{"prompt": "p", "targt": "t", "group": "g"}\n')), DatasetFormatError,
-         "unknown keys ['targt']"),
-    Case("empty-dataset-embed", "empty dataset file -> site embedding", _empty_dataset_embedding, EmptyDatasetError,
-         "cannot compute a site embedding: the dataset has no examples", hint="check the path"),
-    Case("empty-dataset-enroll", "empty dataset file -> enrolment request at the site", _empty_dataset_enroll,
-         SiteError, "has no labeled training examples"),
+    Case(
+        "jsonl-not-json",
+        "dataset line `Findings: normal` (not JSON)",
+        lambda c: read_jsonl(c.jsonl('{"prompt": "ok", "group": "g"}\nFindings: normal\n')),
+        DatasetFormatError,
+        "line 2: expected one JSON object per line",
+    ),
+    Case(
+        "jsonl-no-prompt",
+        "dataset line without `prompt`",
+        lambda c: read_jsonl(c.jsonl('{"target": "Impression: normal", "group": "g"}\n')),
+        DatasetFormatError,
+        "line 1: expected 'prompt', a non-empty string",
+    ),
+    Case(
+        "jsonl-misspelt-key",
+        "dataset line with `targt` instead of `target`",
+        lambda c: read_jsonl(c.jsonl('{"prompt": "p", "targt": "t", "group": "g"}\n')),
+        DatasetFormatError,
+        "unknown keys ['targt']",
+    ),
+    Case(
+        "empty-dataset-embed",
+        "empty dataset file -> site embedding",
+        _empty_dataset_embedding,
+        EmptyDatasetError,
+        "cannot compute a site embedding: the dataset has no examples",
+        hint="check the path",
+    ),
+    Case(
+        "empty-dataset-enroll",
+        "empty dataset file -> enrolment request at the site",
+        _empty_dataset_enroll,
+        SiteError,
+        "has no labeled training examples",
+    ),
     # -- identity: a node must prove the site it claims (server/messaging.py discover) -----------
-    Case("impostor-node", "node 7's whoami claims site `a` with an identity statement signed by `b`'s key",
-         _impostor_node, IdentityRefused, "signed by key", (IDENTITY,), audit_match="claims site 'a'"),
-    Case("unsigned-identity", "node 7's whoami claims site `a` with no identity statement (signatures required)",
-         _unsigned_claim, IdentityRefused, "without a signed identity statement", (IDENTITY,),
-         hint="give the site its key"),
-    Case("replayed-identity", "node 7 replays site `a`'s genuine identity statement from an earlier challenge",
-         _replayed_identity, IdentityRefused, "expected", (IDENTITY,), audit_match="claims site 'a'"),
+    Case(
+        "impostor-node",
+        "node 7's whoami claims site `a` with an identity statement signed by `b`'s key",
+        _impostor_node,
+        IdentityRefused,
+        "signed by key",
+        (IDENTITY,),
+        audit_match="claims site 'a'",
+    ),
+    Case(
+        "unsigned-identity",
+        "node 7's whoami claims site `a` with no identity statement (signatures required)",
+        _unsigned_claim,
+        IdentityRefused,
+        "without a signed identity statement",
+        (IDENTITY,),
+        hint="give the site its key",
+    ),
+    Case(
+        "replayed-identity",
+        "node 7 replays site `a`'s genuine identity statement from an earlier challenge",
+        _replayed_identity,
+        IdentityRefused,
+        "expected",
+        (IDENTITY,),
+        audit_match="claims site 'a'",
+    ),
     # -- deliveries: a site installs only what its coordinator signed (client/handlers.py apply) ------
-    Case("unsigned-delivery", "`train.apply` without a coordinator `delivery` statement", _unsigned_delivery,
-         DeliveryRefused, "carries no coordinator signature"),
-    Case("foreign-delivery", "`train.apply` whose delivery statement is signed by another key", _foreign_delivery,
-         DeliveryRefused, "does not hold: the delivery statement is signed by key"),
-    Case("delivery-overwrites-own", "`train.apply` named `own-report-text` (the site's own adapter)",
-         _overwrite_own, WireError, "not starting with 'own-'"),
-    Case("unsigned-evaluate", "`train.evaluate` without a coordinator `delivery` statement", _unsigned_evaluate,
-         DeliveryRefused, "carries no coordinator signature"),
-    Case("swapped-evaluate-arms", "`train.evaluate` whose arms differ from the ones its coordinator signed",
-         _swapped_evaluate, DeliveryRefused, "does not hold"),
+    Case(
+        "unsigned-delivery",
+        "`train.apply` without a coordinator `delivery` statement",
+        _unsigned_delivery,
+        DeliveryRefused,
+        "carries no coordinator signature",
+    ),
+    Case(
+        "foreign-delivery",
+        "`train.apply` whose delivery statement is signed by another key",
+        _foreign_delivery,
+        DeliveryRefused,
+        "does not hold: the delivery statement is signed by key",
+    ),
+    Case(
+        "delivery-overwrites-own",
+        "`train.apply` named `own-report-text` (the site's own adapter)",
+        _overwrite_own,
+        WireError,
+        "not starting with 'own-'",
+    ),
+    Case(
+        "unsigned-evaluate",
+        "`train.evaluate` without a coordinator `delivery` statement",
+        _unsigned_evaluate,
+        DeliveryRefused,
+        "carries no coordinator signature",
+    ),
+    Case(
+        "swapped-evaluate-arms",
+        "`train.evaluate` whose arms differ from the ones its coordinator signed",
+        _swapped_evaluate,
+        DeliveryRefused,
+        "does not hold",
+    ),
     # -- the site's release policy (client/policy.py via client/handlers.py) ---------------------------
-    Case("subset-z", "`query.embed` with `max_examples=3` (a z over 3 of 12 reports)",
-         lambda c: _embed_request(c, max_examples=3), ReleaseRefused, "releases z only over its whole eligible"),
-    Case("layer-0-z", "`query.embed` with `embed_layer=0` (the token-embedding layer)",
-         lambda c: _embed_request(c, embed_layer=0), ReleaseRefused, "is not in this site's z-layers"),
-    Case("metrics-few-reports", "`train.apply` asking metrics over `max_eval=1` held-out report",
-         _metrics_few_reports, ReleaseRefused, "releases metrics only over at least 10"),
+    Case(
+        "subset-z",
+        "`query.embed` with `max_examples=3` (a z over 3 of 12 reports)",
+        lambda c: _embed_request(c, max_examples=3),
+        ReleaseRefused,
+        "releases z only over its whole eligible",
+    ),
+    Case(
+        "layer-0-z",
+        "`query.embed` with `embed_layer=0` (the token-embedding layer)",
+        lambda c: _embed_request(c, embed_layer=0),
+        ReleaseRefused,
+        "is not in this site's z-layers",
+    ),
+    Case(
+        "metrics-few-reports",
+        "`train.apply` asking metrics over `max_eval=1` held-out report",
+        _metrics_few_reports,
+        ReleaseRefused,
+        "releases metrics only over at least 10",
+    ),
 ]
 
 
@@ -1123,12 +1902,14 @@ def _params() -> list[Any]:
 # fixtures and checks
 # --------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("hostile")
     root = tmp / "registry"
-    reg = Registry.init(root, base_fingerprint=BASE, module_shapes=SHAPES, embedding_dim=DIM, limits=LIMITS,
-                        base_name="tiny-base")
+    reg = Registry.init(
+        root, base_fingerprint=BASE, module_shapes=SHAPES, embedding_dim=DIM, limits=LIMITS, base_name="tiny-base"
+    )
     first = (make_adapter(100), make_z(100), make_meta(site="a"))
     reg.add(*first)
     reg.add(make_adapter(101), make_z(101), make_meta(site="b"))
@@ -1164,8 +1945,11 @@ def ctx(world: World, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, request: 
 def tree_hash(path: Path) -> dict[str, str]:
     if path.is_file():
         return {path.name: hashlib.sha256(path.read_bytes()).hexdigest()}
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
 
 
 def durable_state(root: Path) -> dict[str, dict[str, str]]:
@@ -1229,8 +2013,13 @@ class Gap(AssertionError):
 @pytest.mark.parametrize("case", _params())
 def test_hostile_input_is_refused_and_changes_nothing(case: Case, ctx: Ctx):
     before, logical, audit_before = durable_state(ctx.root), logical_state(ctx.reg), audit_entries(ctx.root)
-    row: dict[str, Any] = {"id": case.id, "input": case.input, "expected": case.error.__name__, "gap": case.gap,
-                           "fix": case.fix}
+    row: dict[str, Any] = {
+        "id": case.id,
+        "input": case.input,
+        "expected": case.error.__name__,
+        "gap": case.gap,
+        "fix": case.fix,
+    }
     problems: list[str] = []
     try:
         case.call(ctx)
@@ -1259,8 +2048,8 @@ def test_hostile_input_is_refused_and_changes_nothing(case: Case, ctx: Ctx):
     assert logical_state(ctx.reg) == logical, "the registry's live ids or z changed"
     assert len(ctx.reg) == ctx.world.n_records
     after = audit_entries(ctx.root)
-    assert after[:len(audit_before)] == audit_before, "earlier audit entries changed"
-    new = after[len(audit_before):]
+    assert after[: len(audit_before)] == audit_before, "earlier audit entries changed"
+    new = after[len(audit_before) :]
     assert [e["event"] for e in new] == list(case.audit), f"{case.id}: unexpected audit entries {new}"
     for entry in new:
         if entry["event"] == REJECTED:
@@ -1278,8 +2067,7 @@ def test_hostile_input_is_refused_and_changes_nothing(case: Case, ctx: Ctx):
         raise Gap(f"{case.id}: {'; '.join(problems)}: {message!r}")
 
 
-def test_enrolment_harness_accepts_a_valid_signed_reply(world: World, monkeypatch: pytest.MonkeyPatch,
-                                                        tmp_path: Path):
+def test_enrolment_harness_accepts_a_valid_signed_reply(world: World, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     """Control: the fake-grid enrolment path stores a well-formed signed reply (so the rows above are
     refused because of their defect, not because the harness is broken)."""
     copy = tmp_path / "registry"
@@ -1319,6 +2107,7 @@ def test_doc_table_has_a_row_per_case():
 # --------------------------------------------------------------------------------------------
 # doc generation: .venv/bin/python tests/test_hostile.py
 # --------------------------------------------------------------------------------------------
+
 
 def _cell(text: str, limit: int = 230) -> str:
     text = " ".join(str(text).split())
@@ -1361,8 +2150,10 @@ def render(rows: list[dict[str, Any]], summary: str) -> str:
             err = f"**GAP** {err} (message)"
         elif case.gap:
             err = f"**GAP** (got {err}; want {case.error.__name__})"
-        out.append(f"| {i} | {_cell(case.input, 90)} | `{_cell(r.get('where', '?'), 90)}` | {err} | {audit} | "
-                   f"{_cell(r.get('message', '?'))} | `{case.id}` |")
+        out.append(
+            f"| {i} | {_cell(case.input, 90)} | `{_cell(r.get('where', '?'), 90)}` | {err} | {audit} | "
+            f"{_cell(r.get('message', '?'))} | `{case.id}` |"
+        )
     gaps = [c for c in CASES if c.gap]
     out += ["", "## Gaps (xfail rows) and the fix each needs", ""]
     for c in gaps:
@@ -1407,8 +2198,10 @@ def main() -> int:
     rows = [json.loads(line) for line in dump.read_text(encoding="utf-8").splitlines()]
     dump.unlink()
     n_gap = sum(1 for c in CASES if c.gap)
-    summary = (f"{len(CASES)} cases: {len(CASES) - n_gap} refused as specified, {n_gap} known gaps (xfail); "
-               f"run time {elapsed:.0f} s.")
+    summary = (
+        f"{len(CASES)} cases: {len(CASES) - n_gap} refused as specified, {n_gap} known gaps (xfail); "
+        f"run time {elapsed:.0f} s."
+    )
     DOC.write_text(render(rows, summary), encoding="utf-8")
     print(f"wrote {DOC} ({summary})")
     return int(rc)

@@ -43,9 +43,14 @@ def _env() -> dict[str, str]:
 def test_servers_die_with_a_sigkilled_parent(tmp_path: Path) -> None:
     proxy = shutil.which("nginx") is not None or Path("/usr/sbin/nginx").exists()
     port = free_port()
-    parent = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path), str(port), "1" if proxy else "0"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
-                              start_new_session=True)
+    parent = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(tmp_path), str(port), "1" if proxy else "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        start_new_session=True,
+    )
     try:
         line = parent.stdout.readline() if parent.stdout else ""
         assert line.strip(), f"the launcher failed: {parent.stderr.read() if parent.stderr else ''}"
@@ -89,10 +94,18 @@ def test_site_processes_run_below_the_control_plane() -> None:
 
     assert launch.SITE_NICE > 0
     base = os.nice(0)
-    child = launch.popen_tied([sys.executable, "-c", "import os, subprocess, sys; print(os.nice(0)); "
-                               "print(subprocess.run([sys.executable, '-c', 'import os; print(os.nice(0))'], "
-                               "capture_output=True, text=True).stdout.strip())"],
-                              nice=launch.SITE_NICE, stdout=subprocess.PIPE, text=True)
+    child = launch.popen_tied(
+        [
+            sys.executable,
+            "-c",
+            "import os, subprocess, sys; print(os.nice(0)); "
+            "print(subprocess.run([sys.executable, '-c', 'import os; print(os.nice(0))'], "
+            "capture_output=True, text=True).stdout.strip())",
+        ],
+        nice=launch.SITE_NICE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     out, _ = child.communicate(timeout=60)
     assert [int(x) for x in out.split()] == [base + launch.SITE_NICE] * 2
     plain = launch.popen_tied([sys.executable, "-c", "import os; print(os.nice(0))"], stdout=subprocess.PIPE, text=True)
@@ -148,10 +161,24 @@ def test_a_restarted_supernode_is_the_same_site(tmp_path: Path) -> None:
     so a restarted segmentation site does not come back as a report site."""
     from deploy.launch import SiteSpec, spec_from_node_config
 
-    spec = SiteSpec("HK", str(tmp_path), "litemedsam", str(tmp_path / "s"), 0, 1, {"z-clip": 2.0, "z-epsilon": 4.0},
-                    "ab" * 32, str(tmp_path / "coordinator.pub"), release={"z-min-examples": 5},
-                    extra={"task": "segmentation", "seg-dataset": "prostate-multisite", "seg-site": "HK",
-                           "compute-dtype": "float32"})
+    spec = SiteSpec(
+        "HK",
+        str(tmp_path),
+        "litemedsam",
+        str(tmp_path / "s"),
+        0,
+        1,
+        {"z-clip": 2.0, "z-epsilon": 4.0},
+        "ab" * 32,
+        str(tmp_path / "coordinator.pub"),
+        release={"z-min-examples": 5},
+        extra={
+            "task": "segmentation",
+            "seg-dataset": "prostate-multisite",
+            "seg-site": "HK",
+            "compute-dtype": "float32",
+        },
+    )
     nc = {**spec.node_config(), "supernode-key": str(tmp_path / "HK_auth")}
     again = spec_from_node_config("HK", nc, port=9100)
     assert {**again.node_config(), "supernode-key": str(tmp_path / "HK_auth")} == nc
@@ -185,9 +212,19 @@ import torch  # what a later handler would do: the site's thread limit still hol
 got["threads"] = torch.get_num_threads()
 print(json.dumps(got))
 """
-    out = subprocess.run([sys.executable, "-c", code, str(ROOT), str(tmp_path / "site")], capture_output=True,
-                         text=True, cwd=ROOT, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(ROOT), str(tmp_path / "site")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout.strip().splitlines()[-1])
-    assert got == {"entry": "flwr.supernode.cli.flwr_clientapp", "supernode": False, "torch": False, "answered": True,
-                   "threads": 1}
+    assert got == {
+        "entry": "flwr.supernode.cli.flwr_clientapp",
+        "supernode": False,
+        "torch": False,
+        "answered": True,
+        "threads": 1,
+    }

@@ -202,8 +202,9 @@ SCALES = [2.0, 0.5, 1.25]
 RWEIGHTS = (0.6, -1.3, 0.45)
 
 
-def _random_adapters(dtype: torch.dtype = torch.float32, seed: int = 0,
-                     shapes: dict | None = None, ranks: list | None = None) -> list[LoraAdapter]:
+def _random_adapters(
+    dtype: torch.dtype = torch.float32, seed: int = 0, shapes: dict | None = None, ranks: list | None = None
+) -> list[LoraAdapter]:
     gen = torch.Generator().manual_seed(seed)
     shapes = shapes or SHAPES
     adapters = []
@@ -260,8 +261,10 @@ def test_compose_keeps_bf16_and_scales_in_float32():
         torch.testing.assert_close(m.delta(torch.float64), want[name], rtol=1e-5, atol=1e-5)
     for name, m in composed.modules.items():  # bf16 output: B rounded once to bf16
         torch.testing.assert_close(m.delta(torch.float64), want[name], rtol=2e-2, atol=5e-2)
-    np.testing.assert_array_equal(compose(adapters, np.array(RWEIGHTS)).modules["m.v"].B.float().numpy(),
-                                  composed.modules["m.v"].B.float().numpy())
+    np.testing.assert_array_equal(
+        compose(adapters, np.array(RWEIGHTS)).modules["m.v"].B.float().numpy(),
+        composed.modules["m.v"].B.float().numpy(),
+    )
 
 
 @pytest.mark.parametrize("max_rank", [1, 2, 4, 5])
@@ -326,8 +329,7 @@ def test_compose_max_rank_without_geqrf_backend(monkeypatch):
     monkeypatch.setattr(torch, "geqrf", unsupported)
     got = compose(adapters, RWEIGHTS, max_rank=3)
     for name, m in want.modules.items():
-        torch.testing.assert_close(got.modules[name].delta(torch.float64), m.delta(torch.float64),
-                                   rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got.modules[name].delta(torch.float64), m.delta(torch.float64), rtol=1e-6, atol=1e-6)
 
 
 def test_adapter_to_casts_every_factor():
@@ -384,7 +386,7 @@ def test_bytes_mixed_dtypes_and_metadata():
     assert back.modules["y.proj"].A.dtype == torch.float16
     assert back.modules["x.proj"].scale == 0.1
     n = int.from_bytes(blob[:8], "little")
-    meta = json.loads(blob[8:8 + n])["__metadata__"]
+    meta = json.loads(blob[8 : 8 + n])["__metadata__"]
     assert meta["rpe_format"] == FORMAT_TAG and meta["format"] == "pt"
     assert json.loads(meta["rpe_lora"])["modules"]["x.proj"] == {"rank": 2, "scale": 0.1}
 
@@ -395,8 +397,14 @@ def test_bytes_identical_across_processes():
     exec(_BYTES_SNIPPET.replace("print(", "digest = ("), ns)  # the same code, in this process
     for seed in ("1", "2"):
         env = dict(os.environ, PYTHONHASHSEED=seed)
-        there = subprocess.run([sys.executable, "-c", _BYTES_SNIPPET], cwd=PROJECT_ROOT, env=env,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        there = subprocess.run(
+            [sys.executable, "-c", _BYTES_SNIPPET],
+            cwd=PROJECT_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         assert there == ns["digest"]
 
 
@@ -444,8 +452,7 @@ def _assert_same_deltas(a: LoraAdapter, b: LoraAdapter) -> None:
     assert set(a.modules) == set(b.modules)
     for name, m in a.modules.items():
         assert b.modules[name].rank == m.rank
-        torch.testing.assert_close(b.modules[name].delta(torch.float64), m.delta(torch.float64),
-                                   rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(b.modules[name].delta(torch.float64), m.delta(torch.float64), rtol=1e-6, atol=1e-7)
 
 
 def test_peft_dir_round_trip_rank_pattern_prefix_names(tmp_path):
@@ -479,10 +486,12 @@ def test_peft_dir_pattern_keys_that_would_collide_are_escaped(tmp_path):
 
     gen = torch.Generator().manual_seed(0)
     spec = {"blk.1.q": 2, "blk_1.q": 3, "a.b": 1, "c.a.b": 5, "c.a.c": 3, "x.y": 3}
-    adapter = LoraAdapter({
-        n: LoraModule(torch.randn(r, 6, generator=gen), torch.randn(4, r, generator=gen), 1.5)
-        for n, r in spec.items()
-    })
+    adapter = LoraAdapter(
+        {
+            n: LoraModule(torch.randn(r, 6, generator=gen), torch.randn(4, r, generator=gen), 1.5)
+            for n, r in spec.items()
+        }
+    )
     out = save_peft_adapter(adapter, tmp_path / "weird")
     config = json.loads((out / "adapter_config.json").read_text())
     assert "blk\\.1\\.q" in config["rank_pattern"]  # '.' is a regex wildcard in PEFT's matcher
@@ -507,9 +516,14 @@ def test_peft_dir_loads_in_stock_peft_with_12_layers(tiny12_dir, tmp_path):
     assert set(layers) == set(ranks)
     for name, layer in layers.items():
         assert layer.r["default"] == ranks[name], name
-        torch.testing.assert_close(layer.scaling["default"] * layer.lora_B["default"].weight.double()
-                                   @ layer.lora_A["default"].weight.double(),
-                                   adapter.modules[name].delta(torch.float64), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(
+            layer.scaling["default"]
+            * layer.lora_B["default"].weight.double()
+            @ layer.lora_A["default"].weight.double(),
+            adapter.modules[name].delta(torch.float64),
+            rtol=1e-6,
+            atol=1e-7,
+        )
     ids = torch.arange(3, 40).unsqueeze(0)
     merged = _fresh_base(tiny12_dir)
     with torch.no_grad():
@@ -521,6 +535,7 @@ def test_peft_dir_loads_in_stock_peft_with_12_layers(tiny12_dir, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # 4. Errors
 # ---------------------------------------------------------------------------------------------
+
 
 def test_compose_errors():
     adapters = _random_adapters()
@@ -553,14 +568,14 @@ def test_compose_errors():
 def test_decoded_module_errors_name_the_module():
     blob = adapter_to_bytes(LoraAdapter({"m.q": LoraModule(torch.randn(3, 4), torch.randn(4, 3))}))
     n = int.from_bytes(blob[:8], "little")
-    header = json.loads(blob[8:8 + n])
+    header = json.loads(blob[8 : 8 + n])
     lora = json.loads(header["__metadata__"]["rpe_lora"])
     lora["modules"]["m.q"]["scale"] = float("inf")
     header["__metadata__"]["rpe_lora"] = json.dumps(lora)
     raw = json.dumps(header).encode()
     raw += b" " * (-(8 + len(raw)) % 8)
     with pytest.raises(LoraFormatError, match=r"^adapter blob: module m\.q: LoRA scale must be finite"):
-        adapter_from_bytes(len(raw).to_bytes(8, "little") + raw + blob[8 + n:])
+        adapter_from_bytes(len(raw).to_bytes(8, "little") + raw + blob[8 + n :])
     arrays, config = adapter_to_arrays(LoraAdapter({"m.q": LoraModule(torch.randn(3, 4), torch.randn(4, 3))}))
     arrays[peft_key("m.q", "B")] = np.zeros((4, 2), np.float32)
     with pytest.raises(LoraFormatError, match=r"^adapter arrays: module m\.q: LoRA rank mismatch"):
@@ -590,15 +605,18 @@ def _edit_config(directory: Path, **changes) -> None:
     path.write_text(json.dumps(config))
 
 
-@pytest.mark.parametrize(("changes", "message"), [
-    ({"use_dora": True}, "DoRA"),
-    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
-    ({"bias": "all"}, "bias='none'"),
-    ({"fan_in_fan_out": True}, "fan_in_fan_out"),
-    ({"init_lora_weights": "pissa_niter_4"}, "path_initial_model_for_weight_conversion"),
-    ({"peft_type": "IA3"}, "not LORA"),
-    ({"r": 5}, "rank 4 in the tensors"),
-])
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"use_dora": True}, "DoRA"),
+        ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+        ({"bias": "all"}, "bias='none'"),
+        ({"fan_in_fan_out": True}, "fan_in_fan_out"),
+        ({"init_lora_weights": "pissa_niter_4"}, "path_initial_model_for_weight_conversion"),
+        ({"peft_type": "IA3"}, "not LORA"),
+        ({"r": 5}, "rank 4 in the tensors"),
+    ],
+)
 def test_non_plain_configs_are_rejected(plain_dir, changes, message):
     assert load_peft_adapter(plain_dir).modules  # valid before the edit
     _edit_config(plain_dir, **changes)
@@ -619,11 +637,15 @@ def test_bad_tensors_are_rejected(plain_dir):
         (lambda t: t.pop(f"{q11}.lora_B.weight"), "no lora_B"),
         (lambda t: t.pop(f"{q11}.lora_A.weight"), "no lora_A"),
         (lambda t: t.__setitem__(f"{q11}.lora_A.weight", torch.zeros(5, 32)), "rank 5 but lora_B"),
-        (lambda t: t.__setitem__("base_model.model.model.embed_tokens.lora_embedding_A", torch.zeros(2, 9)),
-         "embedding LoRA"),
+        (
+            lambda t: t.__setitem__("base_model.model.model.embed_tokens.lora_embedding_A", torch.zeros(2, 9)),
+            "embedding LoRA",
+        ),
         (lambda t: t.__setitem__(f"{q11}.lora_magnitude_vector", torch.zeros(32)), "DoRA"),
-        (lambda t: t.__setitem__("base_model.model.lm_head.modules_to_save.weight", torch.zeros(2, 2)),
-         "modules_to_save"),
+        (
+            lambda t: t.__setitem__("base_model.model.lm_head.modules_to_save.weight", torch.zeros(2, 2)),
+            "modules_to_save",
+        ),
         (lambda t: t.__setitem__(f"{q11}.lora_B.bias", torch.zeros(32)), "unexpected tensor"),
     ]
     original = load_file(str(plain_dir / "adapter_model.safetensors"))
@@ -665,9 +687,14 @@ def test_write_safetensors_round_trips_through_the_safetensors_reader(tmp_path) 
     from common.peft_io import write_safetensors
 
     g = torch.Generator().manual_seed(3)
-    ts = {"b.w": torch.randn(3, 5, generator=g), "a.x": torch.randn(7, generator=g).to(torch.bfloat16),
-          "empty": torch.zeros(0, 4), "h": torch.randn(2, 2, generator=g).half(),
-          "d": torch.randn(3, generator=g, dtype=torch.float64), "t": torch.randn(4, 6, generator=g).t()}
+    ts = {
+        "b.w": torch.randn(3, 5, generator=g),
+        "a.x": torch.randn(7, generator=g).to(torch.bfloat16),
+        "empty": torch.zeros(0, 4),
+        "h": torch.randn(2, 2, generator=g).half(),
+        "d": torch.randn(3, generator=g, dtype=torch.float64),
+        "t": torch.randn(4, 6, generator=g).t(),
+    }
     write_safetensors(tmp_path / "o.safetensors", ts, {"format": "pt"})
     got = load_file(str(tmp_path / "o.safetensors"))
     assert set(got) == set(ts)

@@ -87,8 +87,7 @@ def test_a_lost_last_message_is_resent_after_a_probe_not_after_the_timeout(tmp_p
     grid, reqs = _setup(["a", "b"], 0.2, lose={"b"})
     audit = AuditLog(tmp_path / "audit.jsonl")
     t0 = time.monotonic()
-    out = exchange(grid, reqs, timeout=60.0, poll_s=0.05, probe_after=0.5, audit=audit,
-                   run_id="r1")
+    out = exchange(grid, reqs, timeout=60.0, poll_s=0.05, probe_after=0.5, audit=audit, run_id="r1")
     took = time.monotonic() - t0
     assert out["a"].ok and out["b"].ok
     assert out["b"].content["config"]["answer"] == "b"

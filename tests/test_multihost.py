@@ -46,8 +46,9 @@ def _env() -> dict[str, str]:
 
 def _start(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
     fh = open(log, "ab")  # noqa: SIM115 - handed to the child, closed with it
-    return launch.popen_tied(cmd, tie=True, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                             env=_env(), cwd=str(REPO))
+    return launch.popen_tied(
+        cmd, tie=True, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=_env(), cwd=str(REPO)
+    )
 
 
 def _wait(pred, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
@@ -120,17 +121,37 @@ def hosts(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
         op_ca, op_key = tls.make_operator_ca(tmp / "operator")
         operator = tls.make_operator_cert(tmp / "operator", "alice", op_ca, op_key)
         link_log = tmp / "coord-launch.log"
-        cmd = [*topo.prefix("coord"), sys.executable, "-m", "deploy.launch", "superlink", "--attach",
-               "--workdir", str(coord), "--host", "0.0.0.0", "--port", str(PORT), "--registry", str(registry),
-               "--operator-ca", str(op_ca)]
+        cmd = [
+            *topo.prefix("coord"),
+            sys.executable,
+            "-m",
+            "deploy.launch",
+            "superlink",
+            "--attach",
+            "--workdir",
+            str(coord),
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(PORT),
+            "--registry",
+            str(registry),
+            "--operator-ca",
+            str(op_ca),
+        ]
         for host in netns.PEERS:
             cmd += ["--tls-host", topo.coord_addr[host]]
         cmd += ["--site-network", topo.nets["site-a"], "--site-network", topo.nets["site-b"]]
         launchers["coord"] = (cmd, link_log)
         t0 = time.monotonic()
         procs["coord"] = _start(cmd, link_log)
-        _wait(lambda: "SuperLink PID" in (link_log.read_text() if link_log.exists() else ""), 120,
-              "the coordinator did not come up", procs["coord"], link_log)
+        _wait(
+            lambda: "SuperLink PID" in (link_log.read_text() if link_log.exists() else ""),
+            120,
+            "the coordinator did not come up",
+            procs["coord"],
+            link_log,
+        )
         state = launch.load_state(coord)
         launch.CLI_PREFIX[:] = topo.prefix("coord")  # the operator works on the coordinator host
         pin = fab_sha256(REPO)
@@ -148,21 +169,63 @@ def hosts(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
         allow = AllowList(coord / "allowlist.json")
         # site b's link: 200 ms per chunk and direction (tests/delay_proxy.py inside site b's host)
         target = f"{topo.coord_addr['site-b']}:{PORT}"
-        procs["delay"] = _start([*topo.prefix("site-b"), sys.executable, str(REPO / "tests" / "delay_proxy.py"),
-                                 "--listen", f"127.0.0.1:{DELAY_PORT}", "--target", target, "--delay", "0.2"],
-                                tmp / "delay-proxy.log")
+        procs["delay"] = _start(
+            [
+                *topo.prefix("site-b"),
+                sys.executable,
+                str(REPO / "tests" / "delay_proxy.py"),
+                "--listen",
+                f"127.0.0.1:{DELAY_PORT}",
+                "--target",
+                target,
+                "--delay",
+                "0.2",
+            ],
+            tmp / "delay-proxy.log",
+        )
         dial = {"a": f"{topo.coord_addr['site-a']}:{PORT}", "b": f"127.0.0.1:{DELAY_PORT}"}
         for site, sdir in site_dirs.items():
             host = f"site-{site}"
             log = tmp / f"{host}-launch.log"
-            launchers[site] = ([
-                *topo.prefix(host), sys.executable, "-m", "deploy.launch", "supernode", "--attach",
-                "--workdir", str(sdir), "--superlink", dial[site],
-                "--root-certificates", str(sdir / "ca.crt"), "--auth-key", str(keys[site].private_key),
-                "--site-id", site, "--data-path", str(data[site]), "--model-path", str(tiny_model_dir),
-                "--site-dir", str(sdir / "site"), "--port", "9094", "--threads", "1", "--app-sha256", pin,
-                "--coordinator-key", str(registry / "coordinator.pub"), "--release", "z-min-examples=8",
-                "--release", "metrics-min-reports=1"], log)
+            launchers[site] = (
+                [
+                    *topo.prefix(host),
+                    sys.executable,
+                    "-m",
+                    "deploy.launch",
+                    "supernode",
+                    "--attach",
+                    "--workdir",
+                    str(sdir),
+                    "--superlink",
+                    dial[site],
+                    "--root-certificates",
+                    str(sdir / "ca.crt"),
+                    "--auth-key",
+                    str(keys[site].private_key),
+                    "--site-id",
+                    site,
+                    "--data-path",
+                    str(data[site]),
+                    "--model-path",
+                    str(tiny_model_dir),
+                    "--site-dir",
+                    str(sdir / "site"),
+                    "--port",
+                    "9094",
+                    "--threads",
+                    "1",
+                    "--app-sha256",
+                    pin,
+                    "--coordinator-key",
+                    str(registry / "coordinator.pub"),
+                    "--release",
+                    "z-min-examples=8",
+                    "--release",
+                    "metrics-min-reports=1",
+                ],
+                log,
+            )
             procs[site] = _start(*launchers[site])
         for site, sdir in site_dirs.items():
             pub = sdir / "site" / "keys" / f"{site}.pub"
@@ -170,10 +233,23 @@ def hosts(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
             allow.add(site, pub.read_text())
         launch.wait_online(coord, list(SITES), timeout=120)
         print(f"multi-host deployment up in {time.monotonic() - t0:.1f} s", file=sys.stderr)
-        yield {"topo": topo, "coord": coord, "registry": registry, "model": tiny_model_dir, "state": state,
-               "flwr_home": Path(state["flwr_home"]), "site_dirs": {s: d / "site" for s, d in site_dirs.items()},
-               "keys": keys, "tmp": tmp, "pin": pin, "procs": procs, "launchers": launchers,
-               "site_workdirs": site_dirs, "operator": operator, "operator_ca": op_ca}
+        yield {
+            "topo": topo,
+            "coord": coord,
+            "registry": registry,
+            "model": tiny_model_dir,
+            "state": state,
+            "flwr_home": Path(state["flwr_home"]),
+            "site_dirs": {s: d / "site" for s, d in site_dirs.items()},
+            "keys": keys,
+            "tmp": tmp,
+            "pin": pin,
+            "procs": procs,
+            "launchers": launchers,
+            "site_workdirs": site_dirs,
+            "operator": operator,
+            "operator_ca": op_ca,
+        }
     finally:
         launch.CLI_PREFIX[:] = saved_prefix
         for proc in reversed(list(procs.values())):
@@ -182,9 +258,20 @@ def hosts(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
 
 
 def base_config(h: dict, **over) -> dict:
-    cfg = {"registry-dir": str(h["registry"]), "base-model": str(h["model"]), "chroma": "off",
-           "steps": 2, "lora-r": 4, "lora-alpha": 8.0, "batch-size": 4, "max-length": 96,
-           "require-signatures": True, "timeout-train": 150.0, "timeout-query": 60.0, "max-eval": 2}
+    cfg = {
+        "registry-dir": str(h["registry"]),
+        "base-model": str(h["model"]),
+        "chroma": "off",
+        "steps": 2,
+        "lora-r": 4,
+        "lora-alpha": 8.0,
+        "batch-size": 4,
+        "max-length": 96,
+        "require-signatures": True,
+        "timeout-train": 150.0,
+        "timeout-query": 60.0,
+        "max-eval": 2,
+    }
     cfg.update(over)
     return cfg
 
@@ -201,11 +288,35 @@ def _curl(h: dict, host: str, path: str, cert: tuple[Path, Path] | None = None, 
     url = f"https://{h['topo'].coord_addr[host]}:{PORT}{path}"
     extra = ["--cert", str(cert[0]), "--key", str(cert[1])] if cert else []
     if protobuf:
-        extra += ["-H", "Content-Type: application/protobuf", "-H", "Accept: application/protobuf",
-                  "--data-binary", "@/dev/null"]
-    res = subprocess.run([*h["topo"].prefix(host), "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
-                          "--cacert", h["state"]["ca_cert"], *extra, "-X", "POST", "--path-as-is", url],
-                         capture_output=True, text=True, timeout=30)
+        extra += [
+            "-H",
+            "Content-Type: application/protobuf",
+            "-H",
+            "Accept: application/protobuf",
+            "--data-binary",
+            "@/dev/null",
+        ]
+    res = subprocess.run(
+        [
+            *h["topo"].prefix(host),
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--cacert",
+            h["state"]["ca_cert"],
+            *extra,
+            "-X",
+            "POST",
+            "--path-as-is",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     return int(res.stdout or 0)
 
 
@@ -235,8 +346,9 @@ def test_an_operator_client_certificate_opens_the_control_api_from_off_the_host(
     coord_certs = hosts["coord"] / "certs"
     other_ca, other_key = tls.make_ca(hosts["tmp"] / "other-ca")
     foreign = tls.make_operator_cert(hosts["tmp"] / "other-ca", "mallory", other_ca, other_key)
-    federation = tls.make_operator_cert(hosts["tmp"] / "fed-signed", "eve", coord_certs / tls.CA_CERT,
-                                        coord_certs / tls.CA_KEY)  # what a stolen coordinator CA key could sign
+    federation = tls.make_operator_cert(
+        hosts["tmp"] / "fed-signed", "eve", coord_certs / tls.CA_CERT, coord_certs / tls.CA_KEY
+    )  # what a stolen coordinator CA key could sign
     op = hosts["operator"]
     assert _curl(hosts, "outsider", "/v1/control/list-runs", protobuf=True) == 403
     assert _curl(hosts, "outsider", "/v1/control/list-runs", op, protobuf=True) == 200
@@ -248,15 +360,21 @@ def test_an_operator_client_certificate_opens_the_control_api_from_off_the_host(
 
 def test_a_site_host_reaches_the_fleet_api_but_not_the_control_api(hosts):
     home = hosts["tmp"] / "site-a-home"
-    launch.write_flwr_config(home, "rpe", f"{hosts['topo'].coord_addr['site-a']}:{PORT}",
-                             Path(hosts["state"]["ca_cert"]))
+    launch.write_flwr_config(
+        home, "rpe", f"{hosts['topo'].coord_addr['site-a']}:{PORT}", Path(hosts["state"]["ca_cert"])
+    )
     assert not _flwr(hosts["topo"], "site-a", home, ["run", str(REPO), "rpe"], timeout=120).get("success")
     key = tls.make_supernode_keys(hosts["tmp"] / "site-a-extra", "a2")
-    assert not _flwr(hosts["topo"], "site-a", home, ["supernode", "register", str(key.public_key), "rpe"]
-                     ).get("success")
+    assert not _flwr(hosts["topo"], "site-a", home, ["supernode", "register", str(key.public_key), "rpe"]).get(
+        "success"
+    )
     assert _curl(hosts, "site-a", "/v1/control/start-run") == 403
-    for sneaky in ("/v1/fleet/../control/start-run", "/v1/fleet/%2e%2e/control/start-run",
-                   "/v1/fleet//pull-messages", "/v1/fleet/pull-messages?x=1"):
+    for sneaky in (
+        "/v1/fleet/../control/start-run",
+        "/v1/fleet/%2e%2e/control/start-run",
+        "/v1/fleet//pull-messages",
+        "/v1/fleet/pull-messages?x=1",
+    ):
         assert _curl(hosts, "site-a", sneaky) in (400, 403, 404), sneaky
     # the Fleet API itself answers (an unauthenticated request is refused by the SuperLink, not nginx)
     assert _curl(hosts, "site-a", "/v1/fleet/pull-messages") not in (403, 404)
@@ -268,10 +386,20 @@ def test_site_a_cannot_pass_for_site_b_with_an_unregistered_key(hosts):
     topo, tmp = hosts["topo"], hosts["tmp"]
     key = tls.make_supernode_keys(tmp / "impostor", "b")
     log = tmp / "impostor.log"
-    cmd = [*topo.prefix("site-a"), launch._bin("flower-supernode"), "--superlink",
-           f"{topo.coord_addr['site-a']}:{PORT}", "--root-certificates", hosts["state"]["ca_cert"],
-           "--auth-supernode-private-key", str(key.private_key), "--node-config", "site-id='b'",
-           "--port", "9194"]
+    cmd = [
+        *topo.prefix("site-a"),
+        launch._bin("flower-supernode"),
+        "--superlink",
+        f"{topo.coord_addr['site-a']}:{PORT}",
+        "--root-certificates",
+        hosts["state"]["ca_cert"],
+        "--auth-supernode-private-key",
+        str(key.private_key),
+        "--node-config",
+        "site-id='b'",
+        "--port",
+        "9194",
+    ]
     proc = _start(cmd, log)
     try:
         rc = proc.wait(90)
@@ -303,14 +431,16 @@ def test_a_modified_app_is_refused_at_pinned_sites_before_any_handler(hosts):
     marker = hosts["tmp"] / "handler-ran"
     with open(app / "client" / "app.py", "a") as fh:  # what an attacker ships: any code at all
         fh.write(f"\nopen({str(marker)!r}, 'w').write('ran')\n")
-    run = launch.run_app(hosts["flwr_home"], app, base_config(hosts, mode="whoami", **{"timeout-query": 30.0}),
-                         hosts["registry"], 180)
+    run = launch.run_app(
+        hosts["flwr_home"], app, base_config(hosts, mode="whoami", **{"timeout-query": 30.0}), hosts["registry"], 180
+    )
     assert not marker.exists(), "the modified ClientApp was imported at a pinned site"
     for site in SITES:
         lines = [x for x in _egress(hosts, site) if x["run_id"] == str(run["run_id"])]
         assert lines, f"site {site}: no egress line for the refused run"
-        assert all(x["extra"]["outcome"] == "refused" and "app-not-approved" in x["extra"]["reason"]
-                   for x in lines), lines
+        assert all(x["extra"]["outcome"] == "refused" and "app-not-approved" in x["extra"]["reason"] for x in lines), (
+            lines
+        )
         assert lines[0]["extra"]["pinned"] == [hosts["pin"]]
         assert not any(x["message_type"] == "query.whoami" and x["extra"]["outcome"] != "refused" for x in lines)
 
@@ -319,8 +449,7 @@ def test_a_modified_app_is_refused_at_pinned_sites_before_any_handler(hosts):
 @pytest.fixture(scope="module")
 def enrolled(hosts):
     t0 = time.monotonic()
-    run = launch.run_app(hosts["flwr_home"], REPO, base_config(hosts, mode="enroll"), hosts["registry"],
-                         RUN_TIMEOUT)
+    run = launch.run_app(hosts["flwr_home"], REPO, base_config(hosts, mode="enroll"), hosts["registry"], RUN_TIMEOUT)
     print(f"multi-host enroll {time.monotonic() - t0:.1f} s", file=sys.stderr)
     return run
 
@@ -335,9 +464,13 @@ def test_enroll_and_compose_across_hosts(hosts, enrolled):
     # each site id bound to the SuperNode key `register` recorded for it on the coordinator host
     assert all(enrolled["report"]["online"][s]["node_bound"] for s in SITES), enrolled["report"]["online"]
     t0 = time.monotonic()
-    composed = launch.run_app(hosts["flwr_home"], REPO,
-                              base_config(hosts, mode="compose", target="a", strategy="sim", k=1, evaluate=False),
-                              hosts["registry"], RUN_TIMEOUT)
+    composed = launch.run_app(
+        hosts["flwr_home"],
+        REPO,
+        base_config(hosts, mode="compose", target="a", strategy="sim", k=1, evaluate=False),
+        hosts["registry"],
+        RUN_TIMEOUT,
+    )
     print(f"multi-host compose {time.monotonic() - t0:.1f} s", file=sys.stderr)
     assert composed["status"] == "finished:completed", composed
     res = composed["report"]["compose"]["a"]
@@ -356,16 +489,36 @@ def test_200ms_latency_on_one_link(hosts, enrolled):
     and enrolment answered."""
     topo = hosts["topo"]
     t0 = time.monotonic()
-    res = subprocess.run([*topo.prefix("site-b"), "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
-                          "--retry", "5", "--retry-connrefused", "--resolve", f"localhost:{DELAY_PORT}:127.0.0.1",
-                          "--cacert", hosts["state"]["ca_cert"], f"https://127.0.0.1:{DELAY_PORT}/health"],
-                         capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [
+            *topo.prefix("site-b"),
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--retry",
+            "5",
+            "--retry-connrefused",
+            "--resolve",
+            f"localhost:{DELAY_PORT}:127.0.0.1",
+            "--cacert",
+            hosts["state"]["ca_cert"],
+            f"https://127.0.0.1:{DELAY_PORT}/health",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.stdout == "200" and time.monotonic() - t0 >= 0.4, (res.stdout, time.monotonic() - t0)
     run = enrolled
     assert run["status"] == "finished:completed", run
     for site in SITES:
-        assert any(x["run_id"] == str(run["run_id"]) and x["message_type"] == "query.whoami"
-                   and x["extra"]["outcome"] == "ok" for x in _egress(hosts, site)), site
+        assert any(
+            x["run_id"] == str(run["run_id"]) and x["message_type"] == "query.whoami" and x["extra"]["outcome"] == "ok"
+            for x in _egress(hosts, site)
+        ), site
     assert run["report"]["enroll"]["b"]["status"] == "accepted"
 
 
@@ -390,8 +543,13 @@ def test_a_site_killed_mid_training_and_a_lossy_link(hosts, enrolled):
 
     def submit() -> None:
         try:
-            out["run"] = launch.run_app(hosts["flwr_home"], REPO, base_config(hosts, mode="enroll",
-                                        **{"timeout-train": KILLED_TRAIN_TIMEOUT}), hosts["registry"], RUN_TIMEOUT)
+            out["run"] = launch.run_app(
+                hosts["flwr_home"],
+                REPO,
+                base_config(hosts, mode="enroll", **{"timeout-train": KILLED_TRAIN_TIMEOUT}),
+                hosts["registry"],
+                RUN_TIMEOUT,
+            )
         except Exception as exc:  # noqa: BLE001 - reported by the assertion below
             out["error"] = exc
 
@@ -405,8 +563,11 @@ def test_a_site_killed_mid_training_and_a_lossy_link(hosts, enrolled):
         # The SuperLink refuses to activate a node it still counts online (HTTP 412, ApiError 2004,
         # and the new SuperNode exits): restart only once the dead node missed its heartbeats.
         node_a = launch.load_state(hosts["coord"])["registered"]["a"]
-        _wait(lambda: time.sleep(3) or launch.supernode_status(hosts["flwr_home"]).get(node_a) != "online", 180,
-              "the SuperLink still counts the killed SuperNode online")
+        _wait(
+            lambda: time.sleep(3) or launch.supernode_status(hosts["flwr_home"]).get(node_a) != "online",
+            180,
+            "the SuperLink still counts the killed SuperNode online",
+        )
         hosts["procs"]["a"] = _start(*hosts["launchers"]["a"])
         worker.join(RUN_TIMEOUT + 60)
     finally:
@@ -435,7 +596,7 @@ def test_a_site_killed_mid_training_and_a_lossy_link(hosts, enrolled):
     for rec in before:  # nothing earlier lost, unless replaced by the same site's new enrolment
         assert rec["id"] in ids or results.get(rec["meta"]["site"], {}).get("status") == "accepted", rec["id"]
     raw = _records(hosts["registry"])
-    assert raw[:len(before)] == before  # the append-only log kept every earlier line
+    assert raw[: len(before)] == before  # the append-only log kept every earlier line
 
 
 def test_the_superlink_restarted_mid_enrolment(hosts, enrolled):
@@ -457,8 +618,9 @@ def test_the_superlink_restarted_mid_enrolment(hosts, enrolled):
 
     def submit() -> None:
         try:
-            out["run"] = launch.run_app(hosts["flwr_home"], REPO, base_config(hosts, mode="enroll"),
-                                        hosts["registry"], RUN_TIMEOUT)
+            out["run"] = launch.run_app(
+                hosts["flwr_home"], REPO, base_config(hosts, mode="enroll"), hosts["registry"], RUN_TIMEOUT
+            )
         except Exception as exc:  # noqa: BLE001 - reported by the assertion below
             out["error"] = exc
 
@@ -469,8 +631,13 @@ def test_the_superlink_restarted_mid_enrolment(hosts, enrolled):
     starts = log.read_text().count("SuperLink PID")
     _stop(hosts["procs"]["coord"])  # `down`: nginx, the SuperLink and its SuperExec / ServerApp
     hosts["procs"]["coord"] = _start(cmd, log)
-    _wait(lambda: log.read_text().count("SuperLink PID") > starts, 120, "the SuperLink did not come back",
-          hosts["procs"]["coord"], log)
+    _wait(
+        lambda: log.read_text().count("SuperLink PID") > starts,
+        120,
+        "the SuperLink did not come back",
+        hosts["procs"]["coord"],
+        log,
+    )
     worker.join(RUN_TIMEOUT + 60)
     assert "error" not in out, out.get("error")
     run = out["run"]
@@ -481,10 +648,15 @@ def test_the_superlink_restarted_mid_enrolment(hosts, enrolled):
     assert _records(hosts["registry"]) == before  # nothing lost, nothing half-stored, nothing twice
     after = audit.read_bytes() if audit.exists() else b""
     assert after.startswith(audit_before)  # nothing rewritten; the only new entries are identity checks
-    new_events = {json.loads(line)["event"] for line in after[len(audit_before):].splitlines() if line.strip()}
+    new_events = {json.loads(line)["event"] for line in after[len(audit_before) :].splitlines() if line.strip()}
     assert new_events <= {"identity.verified", "identity.unverified", "identity.refused"}, new_events
-    res = subprocess.run([launch._bin("rpe"), "audit", "verify", "--log", str(audit)], capture_output=True,
-                         text=True, timeout=120, env=_env())
+    res = subprocess.run(
+        [launch._bin("rpe"), "audit", "verify", "--log", str(audit)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(),
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     launch.wait_online(hosts["coord"], list(SITES), timeout=120)
     assert launch.supernode_status(hosts["flwr_home"]) == nodes_before  # same node ids, online
@@ -499,8 +671,16 @@ def test_the_proxy_forwards_exactly_flwrs_fleet_routes_and_nginx_accepts_the_con
     flwr_routes = sorted(r.path.removeprefix(proxy.FLEET_PREFIX) for r in fleet_router.routes)
     assert sorted(proxy.FLEET_ROUTES) == flwr_routes, "flwr's Fleet API changed: review deploy/proxy.py"
     bundle = tls.generate(tmp_path / "certs", [])
-    spec = proxy.ProxySpec(tmp_path / "proxy", "0.0.0.0", 9093, 10093, bundle.server_cert, bundle.server_key,
-                           bundle.ca_cert, ["10.231.1.0/24"])
+    spec = proxy.ProxySpec(
+        tmp_path / "proxy",
+        "0.0.0.0",
+        9093,
+        10093,
+        bundle.server_cert,
+        bundle.server_key,
+        bundle.ca_cert,
+        ["10.231.1.0/24"],
+    )
     text = proxy.render_config(spec)
     assert "location /v1/runtime" not in text and "location = /v1/fleet/pull-messages" in text
     assert "10.231.1.0/24 1;" in text and "default 0;" in text
@@ -508,8 +688,22 @@ def test_the_proxy_forwards_exactly_flwrs_fleet_routes_and_nginx_accepts_the_con
         proxy.check_networks(["10.231.1.0/33"])
     if shutil.which("nginx") or Path("/usr/sbin/nginx").exists():
         conf = proxy.write_config(spec)
-        res = subprocess.run([launch.nginx_binary(), "-t", "-q", "-p", str(spec.prefix), "-c", str(conf), "-e",
-                              str(spec.prefix / "logs" / "error.log")], capture_output=True, text=True, timeout=30)
+        res = subprocess.run(
+            [
+                launch.nginx_binary(),
+                "-t",
+                "-q",
+                "-p",
+                str(spec.prefix),
+                "-c",
+                str(conf),
+                "-e",
+                str(spec.prefix / "logs" / "error.log"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert res.returncode == 0, res.stderr
 
 
@@ -529,10 +723,10 @@ def test_pin_check_refuses_other_code_and_logs_it(tmp_path):
     assert check_fab(bad, {"site-dir": str(tmp_path)}, 10)  # no pin: the site chose to run anything
     lines = [json.loads(x) for x in (tmp_path / "egress.jsonl").read_text().splitlines()]
     assert [(x["run_id"], x["message_type"], x["extra"]["outcome"]) for x in lines] == [
-        ("8", "train", "refused"), ("9", "unknown", "refused")]
+        ("8", "train", "refused"),
+        ("9", "unknown", "refused"),
+    ]
     assert lines[0]["extra"]["fab_sha256"] == hashlib.sha256(bad).hexdigest() and lines[0]["extra"]["pinned"] == [pin]
-
-
 
 
 def test_operator_certificates_are_client_certificates_of_their_own_ca(tmp_path):
@@ -553,7 +747,8 @@ def test_operator_certificates_are_client_certificates_of_their_own_ca(tmp_path)
         assert private.stat().st_mode & 0o777 == 0o600, private
     parsed = x509.load_pem_x509_certificate(cert.read_bytes())
     assert list(parsed.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [
-        ExtendedKeyUsageOID.CLIENT_AUTH]
+        ExtendedKeyUsageOID.CLIENT_AUTH
+    ]
     parsed.verify_directly_issued_by(x509.load_pem_x509_certificate(op_ca.read_bytes()))
     fed = tls.generate(tmp_path / "fed", [])
 

@@ -41,10 +41,19 @@ def peft_dirs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     root = tmp_path_factory.mktemp("peft-inputs")
     specs = [
         (dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), torch.float32),
-        (dict(r=6, lora_alpha=3, use_rslora=True, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
-         torch.bfloat16),
-        (dict(r=2, lora_alpha=4, target_modules=["q_proj", "o_proj"],
-              rank_pattern={"model.layers.1.self_attn.o_proj": 5}), torch.float32),
+        (
+            dict(r=6, lora_alpha=3, use_rslora=True, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+            torch.bfloat16,
+        ),
+        (
+            dict(
+                r=2,
+                lora_alpha=4,
+                target_modules=["q_proj", "o_proj"],
+                rank_pattern={"model.layers.1.self_attn.o_proj": 5},
+            ),
+            torch.float32,
+        ),
     ]
     dirs = []
     for i, (kw, dtype) in enumerate(specs):
@@ -59,8 +68,9 @@ def peft_dirs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 def _reference(dirs: list[Path], w, out: Path, **kw) -> Path:
     dtype, max_rank = kw.get("dtype"), kw.get("max_rank")
-    return save_peft_adapter(compose(load_peft_adapters(dirs), w, max_rank=max_rank, dtype=dtype), out,
-                             kw.get("base_model_name_or_path"))
+    return save_peft_adapter(
+        compose(load_peft_adapters(dirs), w, max_rank=max_rank, dtype=dtype), out, kw.get("base_model_name_or_path")
+    )
 
 
 def _same_files(a: Path, b: Path) -> bool:
@@ -74,15 +84,15 @@ def test_streamed_output_is_byte_identical_to_the_in_memory_path(peft_dirs, tmp_
     assert got == tmp_path / "got"
     assert _same_files(ref, got)
     # the union of modules, each of rank Σ r_i, exactly Σ w_i s_i B_i A_i
-    want = {n: sum(w * d for w, d in zip(WEIGHTS, ds, strict=True))
-            for n, ds in _stacked_deltas(peft_dirs).items()}
+    want = {n: sum(w * d for w, d in zip(WEIGHTS, ds, strict=True)) for n, ds in _stacked_deltas(peft_dirs).items()}
     back = delta_dict(load_peft_adapter(got), torch.float64)
     assert set(back) == set(want)
     tol = 1e-6 if dtype in (None, torch.float32) else 3e-2
     for n, d in want.items():
         assert torch.allclose(back[n], d, atol=tol * d.abs().max().item()), n
     assert [p.name for p in tmp_path.iterdir()] == sorted(["ref", "got"]) or set(
-        p.name for p in tmp_path.iterdir()) == {"ref", "got"}  # no temporary directory left
+        p.name for p in tmp_path.iterdir()
+    ) == {"ref", "got"}  # no temporary directory left
 
 
 def _stacked_deltas(dirs: list[Path]) -> dict[str, list[torch.Tensor]]:
@@ -265,6 +275,7 @@ def test_concurrent_compositions_share_the_writer_thread_and_buffers(peft_dirs, 
     weights = [(0.7, -0.2, 0.5), (0.1, 0.2, 0.7), (1.0, 0.0, -1.0), (0.3, 0.3, 0.4)]
     refs = [_reference(peft_dirs, w, tmp_path / f"ref{i}") for i, w in enumerate(weights)]
     with ThreadPoolExecutor(4) as ex:
-        outs = list(ex.map(lambda iw: compose_peft_dirs(peft_dirs, iw[1], tmp_path / f"got{iw[0]}"),
-                           enumerate(weights)))
+        outs = list(
+            ex.map(lambda iw: compose_peft_dirs(peft_dirs, iw[1], tmp_path / f"got{iw[0]}"), enumerate(weights))
+        )
     assert all(_same_files(r, o) for r, o in zip(refs, outs, strict=True))

@@ -40,7 +40,7 @@ def delta_by_integration(eps: float, sigma: float) -> float:
     """δ(ε) = E_{x~P}[(1 - e^{ε - L(x)})_+] with P = N(0, σ²), Q = N(1, σ²), L = log p/q (Δ = 1)."""
     x = np.linspace(-40 * sigma - 1, 40 * sigma + 1, 2_000_001)
     dx = x[1] - x[0]
-    log_p = -x**2 / (2 * sigma**2)
+    log_p = -(x**2) / (2 * sigma**2)
     loss = (-(x**2) + (x - 1) ** 2) / (2 * sigma**2)
     dens = np.exp(log_p) / (sigma * math.sqrt(2 * math.pi))
     return float(np.sum(dens * np.clip(1 - np.exp(eps - loss), 0, None)) * dx)
@@ -76,14 +76,17 @@ def test_composition_grows_with_releases():
     assert composed_epsilon([]) == 0.0
 
 
-@pytest.mark.parametrize("policy, message", [
-    ({"z-clip": 10.0}, "protects nothing"),
-    ({"z-noise-multiplier": 1.0}, "needs 'z-clip'"),
-    ({"z-clip": 1.0, "z-noise-multiplier": 1.0, "z-epsilon": 2.0}, "both"),
-    ({"z-noise-sigma": 0.1}, "no longer supported"),
-    ({"z-clip": -1.0, "z-noise-multiplier": 1.0}, "z-clip must be a positive"),
-    ({"z-clip": 1.0, "z-epsilon": 1.0, "z-delta": 2.0}, "delta must be in (0, 1)"),
-])
+@pytest.mark.parametrize(
+    "policy, message",
+    [
+        ({"z-clip": 10.0}, "protects nothing"),
+        ({"z-noise-multiplier": 1.0}, "needs 'z-clip'"),
+        ({"z-clip": 1.0, "z-noise-multiplier": 1.0, "z-epsilon": 2.0}, "both"),
+        ({"z-noise-sigma": 0.1}, "no longer supported"),
+        ({"z-clip": -1.0, "z-noise-multiplier": 1.0}, "z-clip must be a positive"),
+        ({"z-clip": 1.0, "z-epsilon": 1.0, "z-delta": 2.0}, "delta must be in (0, 1)"),
+    ],
+)
 def test_bad_policies_are_refused_with_the_fix(policy, message):
     with pytest.raises(PrivacyConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         ZMechanism.from_policy(policy)
@@ -113,7 +116,7 @@ def test_loose_clip_leaves_z_unchanged_and_tight_clip_bounds_each_report(tiny):
     assert full.n_clipped == int((norms > clip).sum()) > 0
     # add/remove one report: the clipped token sum moves by at most the clip norm (the sensitivity)
     for i in range(len(TEXTS)):
-        rest = mean_embedding(model, tok, TEXTS[:i] + TEXTS[i + 1:], progress=False, clip_norm=clip)
+        rest = mean_embedding(model, tok, TEXTS[:i] + TEXTS[i + 1 :], progress=False, clip_norm=clip)
         moved = np.linalg.norm(full.z.astype(np.float64) * full.n_tokens - rest.z.astype(np.float64) * rest.n_tokens)
         assert moved <= clip * (1 + 1e-4)
 
@@ -130,8 +133,14 @@ def test_noise_has_the_stated_scale_and_is_not_reproducible():
 
 def test_release_record_reports_each_part_and_the_total():
     mech = ZMechanism(clip=10.0, noise_multiplier=2.0)
-    dp = {"dp_epsilon": 3.0, "dp_delta": 1e-5, "dp_noise_multiplier": 1.0, "dp_max_grad_norm": 1.0,
-          "dp_sample_rate": 0.0625, "dp_steps": 40}
+    dp = {
+        "dp_epsilon": 3.0,
+        "dp_delta": 1e-5,
+        "dp_noise_multiplier": 1.0,
+        "dp_max_grad_norm": 1.0,
+        "dp_sample_rate": 0.0625,
+        "dp_steps": 40,
+    }
     both = release_record(dp, mech, adapter_sent=True)
     assert both["dp_sgd"] and both["z_mechanism"] == "gaussian"
     assert both["epsilon_total"] == pytest.approx(composed_epsilon([(1.0, 0.0625, 40), (2.0, 1.0, 1)]))
@@ -147,28 +156,43 @@ def test_release_record_reports_each_part_and_the_total():
 def _egress_line(kind: str, privacy: dict | None, records: tuple[str, ...]) -> dict:
     recs = [{"name": n, "kind": "arrays", "items": []} for n in records if n != "meta"]
     if privacy is not None:
-        recs.append({"name": "meta", "kind": "config",
-                     "items": [{"key": "privacy", "value": json.dumps(privacy)}]})
+        recs.append({"name": "meta", "kind": "config", "items": [{"key": "privacy", "value": json.dumps(privacy)}]})
     return {"ts": "2026-11-25T00:00:00Z", "message_type": kind, "records": recs}
 
 
 def test_spent_from_egress_composes_every_release():
     mech = ZMechanism(clip=10.0, noise_multiplier=2.0)
-    dp = {"dp_epsilon": 3.0, "dp_delta": 1e-5, "dp_noise_multiplier": 1.0, "dp_max_grad_norm": 1.0,
-          "dp_sample_rate": 0.0625, "dp_steps": 40}
-    lines = [_egress_line("train", release_record(dp, mech, True), ("adapter", "embedding", "meta")),
-             _egress_line("query", release_record(None, mech, False), ("embedding", "meta")),
-             _egress_line("query", release_record(None, mech, False), ("embedding", "meta")),
-             {"ts": "t", "message_type": "query", "records": [{"name": "info", "items": []}]}]
+    dp = {
+        "dp_epsilon": 3.0,
+        "dp_delta": 1e-5,
+        "dp_noise_multiplier": 1.0,
+        "dp_max_grad_norm": 1.0,
+        "dp_sample_rate": 0.0625,
+        "dp_steps": 40,
+    }
+    lines = [
+        _egress_line("train", release_record(dp, mech, True), ("adapter", "embedding", "meta")),
+        _egress_line("query", release_record(None, mech, False), ("embedding", "meta")),
+        _egress_line("query", release_record(None, mech, False), ("embedding", "meta")),
+        {"ts": "t", "message_type": "query", "records": [{"name": "info", "items": []}]},
+    ]
     spent = spent_from_egress(lines)
-    assert spent.epsilon == pytest.approx(composed_epsilon([(1.0, 0.0625, 40), (2.0, 1.0, 1), (2.0, 1.0, 1),
-                                                            (2.0, 1.0, 1)]))
+    assert spent.epsilon == pytest.approx(
+        composed_epsilon([(1.0, 0.0625, 40), (2.0, 1.0, 1), (2.0, 1.0, 1), (2.0, 1.0, 1)])
+    )
     assert len(spent.releases) == 3 and not spent.non_private and "total: ε =" in spent.summary()
-    leaky = spent_from_egress([*lines, _egress_line("train", {"dp_sgd": False}, ("adapter", "embedding", "meta")),
-                               {"ts": "t2", "message_type": "train.apply",
-                                "records": [{"name": "metrics", "items": [{"key": "rouge_l", "value": 0.2}]}]},
-                               {"ts": "t3", "message_type": "train.apply",
-                                "records": [{"name": "metrics", "items": []}]}])
+    leaky = spent_from_egress(
+        [
+            *lines,
+            _egress_line("train", {"dp_sgd": False}, ("adapter", "embedding", "meta")),
+            {
+                "ts": "t2",
+                "message_type": "train.apply",
+                "records": [{"name": "metrics", "items": [{"key": "rouge_l", "value": 0.2}]}],
+            },
+            {"ts": "t3", "message_type": "train.apply", "records": [{"name": "metrics", "items": []}]},
+        ]
+    )
     assert leaky.epsilon == math.inf and len(leaky.non_private) == 2 and "ε = ∞" in leaky.summary()
 
 
@@ -192,8 +216,23 @@ def test_cli_plans_calibrates_and_accounts(tmp_path, tiny_model_dir, capsys):
 
     plain, private = tmp_path / "z.npy", tmp_path / "z-private.npy"
     main(["embed", "--data", str(data), "--model", str(tiny_model_dir), "--out", str(plain), "--quiet"])
-    main(["embed", "--data", str(data), "--model", str(tiny_model_dir), "--out", str(private), "--quiet", "--json",
-          "--z-clip", "1e6", "--z-epsilon", "8"])
+    main(
+        [
+            "embed",
+            "--data",
+            str(data),
+            "--model",
+            str(tiny_model_dir),
+            "--out",
+            str(private),
+            "--quiet",
+            "--json",
+            "--z-clip",
+            "1e6",
+            "--z-epsilon",
+            "8",
+        ]
+    )
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["privacy"]["z_epsilon"] == pytest.approx(8.0, rel=1e-6)
     assert not np.array_equal(np.load(plain), np.load(private))  # a clip above every norm: only the noise differs
@@ -203,8 +242,9 @@ def test_cli_plans_calibrates_and_accounts(tmp_path, tiny_model_dir, capsys):
 
     mech = ZMechanism(clip=10.0, noise_multiplier=2.0)
     log = tmp_path / "egress.jsonl"
-    log.write_text(json.dumps(_egress_line("query.embed", release_record(None, mech, False), ("embedding", "meta")))
-                   + "\n")
+    log.write_text(
+        json.dumps(_egress_line("query.embed", release_record(None, mech, False), ("embedding", "meta"))) + "\n"
+    )
     main(["privacy", "spent", "--egress", str(log), "--json"])
     assert json.loads(capsys.readouterr().out)["epsilon"] == pytest.approx(composed_epsilon([(2.0, 1.0, 1)]))
     with pytest.raises(SystemExit):
@@ -217,12 +257,15 @@ def test_budget_counts_private_releases_and_refuses_what_would_exceed_it():
 
     mech = ZMechanism(clip=10.0, noise_multiplier=calibrate_gaussian(2.0))
     z_release = release_record(None, mech, adapter_sent=False)
-    past = [_egress_line("query.embed", z_release, ("embedding", "meta")),
-            _egress_line("train", {"dp_sgd": False}, ("adapter", "embedding", "meta"))]  # before the budget
+    past = [
+        _egress_line("query.embed", z_release, ("embedding", "meta")),
+        _egress_line("train", {"dp_sgd": False}, ("adapter", "embedding", "meta")),
+    ]  # before the budget
     two = check_budget(10.0, past, z_release, adapter_sent=False)
     assert two == pytest.approx(composed_epsilon([(mech.noise_multiplier, 1.0, 1)] * 2))
-    assert check_budget(2.0, past, release_record(None, mech, False, z_repeat=True), False) == pytest.approx(2.0,
-                                                                                                           rel=0.2)
+    assert check_budget(2.0, past, release_record(None, mech, False, z_repeat=True), False) == pytest.approx(
+        2.0, rel=0.2
+    )
     with pytest.raises(PrivacyBudgetError, match=r"exhausted: this release would bring the site to ε = \d"):
         check_budget(two - 0.01, past, z_release, adapter_sent=False)
     with pytest.raises(PrivacyBudgetError, match="would not be differentially private .the adapter"):

@@ -59,22 +59,39 @@ TASKS = ["xray-chest", "ct-head", "mr-head"]
 MODALITIES = ["xray", "ct", "mr"]
 
 
-def make_adapter(seed: int, rank: int = 2, dtype: torch.dtype = torch.float32, shapes: dict | None = None,
-                 modules: list[str] | None = None) -> LoraAdapter:
+def make_adapter(
+    seed: int,
+    rank: int = 2,
+    dtype: torch.dtype = torch.float32,
+    shapes: dict | None = None,
+    modules: list[str] | None = None,
+) -> LoraAdapter:
     shapes = shapes or SHAPES
     g = torch.Generator().manual_seed(seed)
     names = modules or list(shapes)
-    return LoraAdapter({
-        n: LoraModule(torch.randn(rank, shapes[n][1], generator=g).to(dtype),
-                      torch.randn(shapes[n][0], rank, generator=g).to(dtype), 0.5 + seed % 3)
-        for n in names
-    })
+    return LoraAdapter(
+        {
+            n: LoraModule(
+                torch.randn(rank, shapes[n][1], generator=g).to(dtype),
+                torch.randn(shapes[n][0], rank, generator=g).to(dtype),
+                0.5 + seed % 3,
+            )
+            for n in names
+        }
+    )
 
 
 def make_meta(i: int, **kw) -> AdapterMeta:
-    fields = dict(site=SITES[i % len(SITES)], task=TASKS[i % len(TASKS)], modality=MODALITIES[i % 3],
-                  base_fingerprint=BASE, sample_count=10 + i, token_count=100 * i, privacy="none",
-                  extra={"i": i})
+    fields = dict(
+        site=SITES[i % len(SITES)],
+        task=TASKS[i % len(TASKS)],
+        modality=MODALITIES[i % 3],
+        base_fingerprint=BASE,
+        sample_count=10 + i,
+        token_count=100 * i,
+        privacy="none",
+        extra={"i": i},
+    )
     fields.update(kw)
     return AdapterMeta(**fields)
 
@@ -94,8 +111,11 @@ def tree_hash(path: Path) -> dict[str, str]:
     """{relative path: sha256} of every file under ``path`` (or of the file itself)."""
     if path.is_file():
         return {path.name: hashlib.sha256(path.read_bytes()).hexdigest()}
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
 
 
 def state(root: Path) -> dict:
@@ -123,8 +143,7 @@ def filled(tmp_path_factory: pytest.TempPathFactory):
     reg.close()
 
 
-def _check_query(reg: Registry, Z: np.ndarray, ids: list[str], q: np.ndarray, k: int, method: str,
-                 **filters) -> None:
+def _check_query(reg: Registry, Z: np.ndarray, ids: list[str], q: np.ndarray, k: int, method: str, **filters) -> None:
     mask = np.ones(len(ids), dtype=bool)
     for i in range(len(ids)):
         m = make_meta(i)
@@ -198,12 +217,12 @@ def test_high_dim_index_path_exact(tmp_path, kind):
 
 def test_query_errors(filled):
     reg, _, Z, _ = filled
-    with pytest.raises(NotEnoughRecordsError,
-                       match=r"k=400 .* only 333 record\(s\) match \(task='ct-head'\)"):
+    with pytest.raises(NotEnoughRecordsError, match=r"k=400 .* only 333 record\(s\) match \(task='ct-head'\)"):
         reg.query(Z[0], 400, task="ct-head")
-    with pytest.raises(NotEnoughRecordsError,
-                       match="only 0 .*no record has task='no-such-task' \\(tasks present: ct-head, mr-head, "
-                             "xray-chest\\)"):
+    with pytest.raises(
+        NotEnoughRecordsError,
+        match="only 0 .*no record has task='no-such-task' \\(tasks present: ct-head, mr-head, xray-chest\\)",
+    ):
         reg.query(Z[0], 1, task="no-such-task")
     with pytest.raises(NormError, match="the query sent z with norm"):
         reg.query(np.full(DIM, 1e7), 3)
@@ -292,8 +311,7 @@ def test_idempotent_resubmission(tmp_path):
         reg.remove(first.id)
         assert reg.add(blob, z, make_meta(0)).id == first.id and len(reg) == 2
         # bulk with repeats inside the batch and against the registry
-        out = reg.add_many([(blob, z, make_meta(0)), (blob, z + 1, make_meta(2)),
-                            (blob, z + 1, make_meta(2))])
+        out = reg.add_many([(blob, z, make_meta(0)), (blob, z + 1, make_meta(2)), (blob, z + 1, make_meta(2))])
         assert out[0].id == first.id and out[1].id == out[2].id and len(reg) == 3
 
 
@@ -301,13 +319,13 @@ def _rewrite_header(tag: str | None = None, spaced: bool = False) -> bytes:
     """A blob with a hand-edited safetensors header: another dtype claimed, or valid but spaced JSON."""
     blob = adapter_to_bytes(make_adapter(1))
     n = int.from_bytes(blob[:8], "little")
-    header = json.loads(blob[8:8 + n])
+    header = json.loads(blob[8 : 8 + n])
     for k, v in header.items():
         if k != "__metadata__" and tag:
             v["dtype"] = tag
     raw = json.dumps(header, sort_keys=True, separators=(", ", ": ") if spaced else (",", ":")).encode()
     raw += b" " * (-(8 + len(raw)) % 8)
-    return len(raw).to_bytes(8, "little") + raw + blob[8 + n:]
+    return len(raw).to_bytes(8, "little") + raw + blob[8 + n :]
 
 
 def _nan_adapter(value: float) -> LoraAdapter:
@@ -327,8 +345,7 @@ def _rejections():
     good_z = np.zeros(DIM, dtype=np.float32)
     wrong_shape = make_adapter(1)
     m = wrong_shape.modules["model.layers.0.self_attn.q_proj"]
-    wrong_shape.modules["model.layers.0.self_attn.q_proj"] = LoraModule(torch.randn(2, 25),
-                                                                        torch.randn(32, 2))
+    wrong_shape.modules["model.layers.0.self_attn.q_proj"] = LoraModule(torch.randn(2, 25), torch.randn(32, 2))
     wrong_name = make_adapter(1)
     wrong_name.modules["model.layers.7.self_attn.q_proj"] = m
     blob = adapter_to_bytes(make_adapter(1))
@@ -336,47 +353,101 @@ def _rejections():
     nan_z[3] = np.inf
     return [
         ("shape", (wrong_shape, good_z, make_meta(1)), {}, ShapeMismatchError, r"A \(2, 25\).*in=24"),
-        ("module", (wrong_name, good_z, make_meta(1)), {}, UnknownModuleError,
-         "model.layers.7.self_attn.q_proj' does not exist"),
-        ("nan", (_nan_adapter(float("nan")), good_z, make_meta(1)), {}, NonFiniteError,
-         r"lora_B has 1 .*NaN"),
-        ("inf", (adapter_to_bytes(_nan_adapter(float("inf"))), good_z, make_meta(1)), {}, NonFiniteError,
-         "Inf"),
-        ("dtype-obj", (make_adapter(1, dtype=torch.float64), good_z, make_meta(1)), {}, DtypeError,
-         "float64"),
+        (
+            "module",
+            (wrong_name, good_z, make_meta(1)),
+            {},
+            UnknownModuleError,
+            "model.layers.7.self_attn.q_proj' does not exist",
+        ),
+        ("nan", (_nan_adapter(float("nan")), good_z, make_meta(1)), {}, NonFiniteError, r"lora_B has 1 .*NaN"),
+        ("inf", (adapter_to_bytes(_nan_adapter(float("inf"))), good_z, make_meta(1)), {}, NonFiniteError, "Inf"),
+        ("dtype-obj", (make_adapter(1, dtype=torch.float64), good_z, make_meta(1)), {}, DtypeError, "float64"),
         ("dtype-bytes", (_rewrite_header("I32"), good_z, make_meta(1)), {}, DtypeError, "dtype I32"),
-        ("dim", (blob, np.zeros(DIM + 3), make_meta(1, site="b")), {}, EmbeddingDimensionError,
-         f"site 'b' sent {DIM + 3} values, the registry holds {DIM}"),
+        (
+            "dim",
+            (blob, np.zeros(DIM + 3), make_meta(1, site="b")),
+            {},
+            EmbeddingDimensionError,
+            f"site 'b' sent {DIM + 3} values, the registry holds {DIM}",
+        ),
         ("z-2d", (blob, np.zeros((1, DIM)), make_meta(1)), {}, EmbeddingDimensionError, "1-D"),
         ("z-inf", (blob, nan_z, make_meta(1)), {}, NonFiniteError, r"non-finite value\(s\).*index \[3\]"),
         ("z-overflow", (blob, np.full(DIM, 1e300), make_meta(1)), {}, NonFiniteError, "float32"),
-        ("z-norm", (blob, np.full(DIM, 1e30, np.float32), make_meta(1)), {}, NormError,
-         r"z with norm 6\.93e\+30, above the registry's cap 1e\+06"),
-        ("delta-norm", (_scaled_adapter(1e6), good_z, make_meta(1)), {}, NormError,
-         r"‖scale·B·A‖_F = .*e\+0[78], above the registry's cap 1e\+04"),
-        ("base", (blob, good_z, make_meta(1, base_fingerprint="sha256:unknown")), {}, UnknownBaseError,
-         "sha256:unknown is not accepted"),
-        ("hash", (blob, good_z, make_meta(1)), {"expected_sha256": "0" * 64}, BlobHashMismatchError,
-         "announced 0000"),
-        ("hash-obj", (make_adapter(1), good_z, make_meta(1)), {"expected_sha256": "1" * 64},
-         BlobHashMismatchError, "announced 1111"),
-        ("meta-type", (blob, good_z, make_meta(1, sample_count="10")), {}, MetadataError,
-         "'sample_count' must be an integer; got str"),
+        (
+            "z-norm",
+            (blob, np.full(DIM, 1e30, np.float32), make_meta(1)),
+            {},
+            NormError,
+            r"z with norm 6\.93e\+30, above the registry's cap 1e\+06",
+        ),
+        (
+            "delta-norm",
+            (_scaled_adapter(1e6), good_z, make_meta(1)),
+            {},
+            NormError,
+            r"‖scale·B·A‖_F = .*e\+0[78], above the registry's cap 1e\+04",
+        ),
+        (
+            "base",
+            (blob, good_z, make_meta(1, base_fingerprint="sha256:unknown")),
+            {},
+            UnknownBaseError,
+            "sha256:unknown is not accepted",
+        ),
+        ("hash", (blob, good_z, make_meta(1)), {"expected_sha256": "0" * 64}, BlobHashMismatchError, "announced 0000"),
+        (
+            "hash-obj",
+            (make_adapter(1), good_z, make_meta(1)),
+            {"expected_sha256": "1" * 64},
+            BlobHashMismatchError,
+            "announced 1111",
+        ),
+        (
+            "meta-type",
+            (blob, good_z, make_meta(1, sample_count="10")),
+            {},
+            MetadataError,
+            "'sample_count' must be an integer; got str",
+        ),
         ("meta-bool", (blob, good_z, make_meta(1, sample_count=True)), {}, MetadataError, "sample_count"),
         ("meta-site", (blob, good_z, make_meta(1, site=3)), {}, MetadataError, "'site' must be a string"),
-        ("meta-unknown", (blob, good_z, {"site": "a", "task": "t", "modality": "m", "base_fingerprint": BASE,
-                                          "sample_count": 1, "colour": "red"}), {}, MetadataError, "colour"),
+        (
+            "meta-unknown",
+            (
+                blob,
+                good_z,
+                {
+                    "site": "a",
+                    "task": "t",
+                    "modality": "m",
+                    "base_fingerprint": BASE,
+                    "sample_count": 1,
+                    "colour": "red",
+                },
+            ),
+            {},
+            MetadataError,
+            "colour",
+        ),
         ("meta-extra", (blob, good_z, make_meta(1, extra={"x": object()})), {}, MetadataError, "JSON values"),
-        ("oversize", (adapter_to_bytes(make_adapter(1, rank=40)), good_z, make_meta(1)), {},
-         PayloadTooLargeError, "cap is 20000"),
-        ("oversize-obj", (make_adapter(1, rank=40), good_z, make_meta(1)), {}, PayloadTooLargeError,
-         "cap is 20000"),
-        ("rank", (make_adapter(1, rank=20, modules=["model.layers.0.self_attn.v_proj"]), good_z,
-                  make_meta(1)), {}, RankError, r"rank 20; the registry accepts 1\.\.16"),
-        ("format", (b"not a safetensors blob at all", good_z, make_meta(1)), {}, AdapterFormatError,
-         "safetensors"),
-        ("non-canonical", (_rewrite_header(spaced=True), good_z, make_meta(1)), {}, AdapterFormatError,
-         "canonical"),
+        (
+            "oversize",
+            (adapter_to_bytes(make_adapter(1, rank=40)), good_z, make_meta(1)),
+            {},
+            PayloadTooLargeError,
+            "cap is 20000",
+        ),
+        ("oversize-obj", (make_adapter(1, rank=40), good_z, make_meta(1)), {}, PayloadTooLargeError, "cap is 20000"),
+        (
+            "rank",
+            (make_adapter(1, rank=20, modules=["model.layers.0.self_attn.v_proj"]), good_z, make_meta(1)),
+            {},
+            RankError,
+            r"rank 20; the registry accepts 1\.\.16",
+        ),
+        ("format", (b"not a safetensors blob at all", good_z, make_meta(1)), {}, AdapterFormatError, "safetensors"),
+        ("non-canonical", (_rewrite_header(spaced=True), good_z, make_meta(1)), {}, AdapterFormatError, "canonical"),
     ]
 
 
@@ -458,8 +529,9 @@ def test_chroma_deleted_or_corrupted_is_rebuilt(tmp_path):
     # a stale index: vectors missing and a foreign id present
     with Registry(root) as reg:
         reg._index.collection.delete(ids=ids[:30])
-        reg._index.collection.upsert(ids=["ghost"], embeddings=[np.zeros(DIM, dtype=np.float32)],
-                        metadatas=[{"site": "x"}])
+        reg._index.collection.upsert(
+            ids=["ghost"], embeddings=[np.zeros(DIM, dtype=np.float32)], metadatas=[{"site": "x"}]
+        )
     check()
     assert any(e["event"] == "registry.reindex" for e in audit_lines(root))
 
@@ -529,11 +601,12 @@ def test_open_errors_and_locking(tmp_path):
     with pytest.raises(RegistryError, match="already holds a registry"):
         new_registry(root)
     # another process may not open it for writing while we hold it
-    code = ("import sys; from server.registry import Registry, RegistryLockedError\n"
-            "try:\n    Registry(sys.argv[1])\nexcept RegistryLockedError as e:\n    print('LOCKED', e); "
-            "sys.exit(3)\n")
-    out = subprocess.run([sys.executable, "-c", code, str(root)], cwd=ROOT, capture_output=True, text=True,
-                         timeout=60)
+    code = (
+        "import sys; from server.registry import Registry, RegistryLockedError\n"
+        "try:\n    Registry(sys.argv[1])\nexcept RegistryLockedError as e:\n    print('LOCKED', e); "
+        "sys.exit(3)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(root)], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 3 and f"pid {os.getpid()}" in out.stdout, out.stderr
     # ... but may read; a read-only view sees later writes
     ro = Registry(root, read_only=True)
@@ -563,10 +636,12 @@ def test_http_chroma_server(tmp_path):
         pytest.skip("no chroma CLI in this environment")
     port = _free_port()
     log = open(tmp_path / "chroma.log", "wb")
-    proc = subprocess.Popen([str(chroma_bin), "run", "--path", str(tmp_path / "server-data"),
-                             "--host", "127.0.0.1", "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "ANONYMIZED_TELEMETRY": "False"})
+    proc = subprocess.Popen(
+        [str(chroma_bin), "run", "--path", str(tmp_path / "server-data"), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "ANONYMIZED_TELEMETRY": "False"},
+    )
     try:
         deadline = time.time() + 60
         while True:

@@ -133,8 +133,9 @@ def test_crash_after_column_leaves_only_orphan_rows(tmp_path):
         reg.add(make_adapter(99), np.ones(DIM, dtype=np.float32), make_meta(99))
     """)
     env = {**os.environ, "RPE_CRASH_AT": "after_column", "ANONYMIZED_TELEMETRY": "False"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=Path(__file__).resolve().parent.parent,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=Path(__file__).resolve().parent.parent, timeout=300
+    )
     assert proc.returncode == -signal.SIGKILL
     with Registry(root) as reg:
         assert reg.ids() == ids  # the row is in the column, no record names it

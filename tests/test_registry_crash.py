@@ -42,10 +42,15 @@ class Worker:
     """The fork-server helper; children are killed by pid, the server itself by pid in close()."""
 
     def __init__(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "_registry_crash_worker.py")],
-                                     cwd=HERE.parent, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, bufsize=1,
-                                     env={**os.environ, "ANONYMIZED_TELEMETRY": "False"})
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "_registry_crash_worker.py")],
+            cwd=HERE.parent,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+            env={**os.environ, "ANONYMIZED_TELEMETRY": "False"},
+        )
 
     def line(self, timeout: float = 60.0) -> str:
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
@@ -54,8 +59,7 @@ class Worker:
         assert out, f"crash worker exited (rc={self.proc.poll()})"
         return out.strip()
 
-    def run(self, path: Path, crash_at: str | None = None,
-            kill_after: float | None = None) -> tuple[int, int]:
+    def run(self, path: Path, crash_at: str | None = None, kill_after: float | None = None) -> tuple[int, int]:
         """One child round; returns (exit code, number of 'added' lines it printed)."""
         self.proc.stdin.write(json.dumps({"path": str(path), "n": N, "crash_at": crash_at}) + "\n")
         self.proc.stdin.flush()
@@ -121,8 +125,11 @@ def check_consistent(root: Path, expected: list[str]) -> int:
         adds = [e["id"] for e in lines if e["op"] == "add"]
         assert len(adds) == len(set(adds)) == len(ids), "duplicate or extra record lines"
         assert reg.index_ready and reg._index.collection.count() == len(ids), "Chroma not reconciled with the records"
-        accepted = {e["record_id"] for e in map(json.loads, (root / "audit.jsonl").read_text().splitlines())
-                    if e["event"] == "submission.accepted"}
+        accepted = {
+            e["record_id"]
+            for e in map(json.loads, (root / "audit.jsonl").read_text().splitlines())
+            if e["event"] == "submission.accepted"
+        }
         assert accepted <= set(ids), "audit claims an acceptance that is not in the registry"
         if ids:
             Z = reg.embeddings(ids)
@@ -146,8 +153,14 @@ def test_sigkill_anywhere_loses_nothing(tmp_path):
         # crash points; record-level points are reached once per new item, so the count is exact
         # after_record: the 2nd line is on disk but its audit entry is not, so reopening rolls it
         # back (issue 10 item 4: a record is live iff its audit entry exists) — gain 1, not 2
-        for point, nth, gain in [("mid_record", 2, 1), ("after_record", 2, 1), ("after_index", 3, 3),
-                                 ("mid_blob", 2, None), ("after_blob_tmp", 2, None), ("after_blob", 2, None)]:
+        for point, nth, gain in [
+            ("mid_record", 2, 1),
+            ("after_record", 2, 1),
+            ("after_index", 3, 3),
+            ("mid_blob", 2, None),
+            ("after_blob_tmp", 2, None),
+            ("after_blob", 2, None),
+        ]:
             code, _ = worker.run(root, crash_at=f"{point}@{nth}")
             assert code == -signal.SIGKILL, f"{point}: child exited with {code}, expected SIGKILL"
             now = check_consistent(root, expected)

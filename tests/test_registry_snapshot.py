@@ -31,11 +31,13 @@ def _state(reg: Registry) -> dict:
     """Everything a reader can see, gathered through the public API."""
     ids = reg.ids()
     q = np.random.default_rng(5).standard_normal(DIM).astype(np.float32)
-    return {"ids": ids, "records": [reg.get(i).to_dict() if hasattr(reg.get(i), "to_dict") else repr(reg.get(i))
-                                    for i in ids],
-            "hits": [(h.record.id, round(h.distance, 6)) for h in reg.query(q, 5)],
-            "filtered": [h.record.id for h in reg.query(q, 3, task="ct-head")],
-            "stats": {k: v for k, v in reg.stats().items() if k != "index_ready"}}  # Chroma, not the columns
+    return {
+        "ids": ids,
+        "records": [reg.get(i).to_dict() if hasattr(reg.get(i), "to_dict") else repr(reg.get(i)) for i in ids],
+        "hits": [(h.record.id, round(h.distance, 6)) for h in reg.query(q, 5)],
+        "filtered": [h.record.id for h in reg.query(q, 3, task="ct-head")],
+        "stats": {k: v for k, v in reg.stats().items() if k != "index_ready"},
+    }  # Chroma, not the columns
 
 
 def _full_replay(root: Path) -> dict:
@@ -68,8 +70,8 @@ def _rewrite(path: Path, mutate) -> None:
     (what someone editing it on purpose would do)."""
     raw = path.read_bytes()
     m = len(snapshot.MAGIC)
-    hl = int.from_bytes(raw[m:m + 8], "little")
-    head, body = json.loads(raw[m + 8:m + 8 + hl]), bytearray(raw[m + 8 + hl:])
+    hl = int.from_bytes(raw[m : m + 8], "little")
+    head, body = json.loads(raw[m + 8 : m + 8 + hl]), bytearray(raw[m + 8 + hl :])
     mutate(head, body)
     head["body_sha256"] = hashlib.sha256(bytes(body)).hexdigest()
     h = json.dumps(head, sort_keys=True).encode()
@@ -97,8 +99,9 @@ def test_lines_after_the_snapshot_are_replayed(tmp_path: Path) -> None:
         reg.add_many([(make_adapter(i), Z[i], make_meta(40 + i)) for i in range(4)])
         reg.remove(ids[0])
         reg.remove(ids[3])
-        reg.add(make_adapter(3), np.random.default_rng(0).standard_normal((35, DIM)).astype(np.float32)[3],
-                make_meta(3))
+        reg.add(
+            make_adapter(3), np.random.default_rng(0).standard_normal((35, DIM)).astype(np.float32)[3], make_meta(3)
+        )
     (root / snapshot.SNAP_NAME).write_bytes(old)
     with Registry(root) as reg:
         assert 0 < reg._log.snap_end < (root / "records.jsonl").stat().st_size
@@ -156,9 +159,9 @@ def test_altered_snapshot_is_caught(tmp_path: Path) -> None:
 
     def swap_lines(head: dict, body: bytearray) -> None:  # rows 1 and 2 point at each other's line
         n, at = head["n"], head["ids_bytes"] + 9 * head["n"]
-        off = np.frombuffer(bytes(body[at:at + 8 * n]), dtype="<i8").copy()
+        off = np.frombuffer(bytes(body[at : at + 8 * n]), dtype="<i8").copy()
         off[[1, 2]] = off[[2, 1]]
-        body[at:at + 8 * n] = off.tobytes()
+        body[at : at + 8 * n] = off.tobytes()
 
     _rewrite(p, swap_lines)
     with Registry(root, read_only=True) as reg:

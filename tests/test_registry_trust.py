@@ -35,8 +35,12 @@ DIM = 8
 
 def adapter(seed: int, scale: float = 1.0) -> LoraAdapter:
     g = torch.Generator().manual_seed(seed)
-    return LoraAdapter({n: LoraModule(torch.randn(2, i, generator=g) * 0.1, torch.randn(o, 2, generator=g) * 0.1,
-                                      2.0 * scale) for n, (o, i) in SHAPES.items()})
+    return LoraAdapter(
+        {
+            n: LoraModule(torch.randn(2, i, generator=g) * 0.1, torch.randn(o, 2, generator=g) * 0.1, 2.0 * scale)
+            for n, (o, i) in SHAPES.items()
+        }
+    )
 
 
 def meta(site: str, task: str = "t") -> AdapterMeta:
@@ -58,8 +62,9 @@ def make(tmp_path: Path, n: int = 3) -> tuple[Path, list[str]]:
 def rpe_process(*args: str) -> subprocess.CompletedProcess:
     """The ``rpe`` CLI as its own process (each start costs the torch import: seconds on a busy CI box)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "deploy.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "deploy.cli", *args], capture_output=True, text=True, env=env, timeout=120
+    )
 
 
 def rpe(*args: str) -> subprocess.CompletedProcess:
@@ -83,11 +88,13 @@ def lines(root: Path) -> list[dict]:
 
 
 def write_lines(root: Path, entries: list[dict]) -> None:
-    (root / "records.jsonl").write_text("".join(json.dumps(e, separators=(",", ":"), sort_keys=True) + "\n"
-                                                for e in entries))
+    (root / "records.jsonl").write_text(
+        "".join(json.dumps(e, separators=(",", ":"), sort_keys=True) + "\n" for e in entries)
+    )
 
 
 # ---- item 4: one commit ----------------------------------------------------------------------
+
 
 def test_record_without_audit_entry_is_rolled_back_on_reopen(tmp_path):
     root, ids = make(tmp_path, 2)
@@ -120,6 +127,7 @@ def test_torn_audit_tail_is_repaired_by_reopening(tmp_path):
 
 
 # ---- item 5: records bound into the chain ----------------------------------------------------
+
 
 @pytest.mark.parametrize("tamper", ["z", "blob", "delete", "add", "meta"])
 def test_verify_names_edited_deleted_repointed_and_added_records(tmp_path, tamper):
@@ -188,9 +196,17 @@ def test_receipts_witness_a_truncated_or_rewritten_coordinator_log(tmp_path):
             pub = audit_mod_pub(reg)
             body = verify_statement(pub, r, "receipt", expect={"record_id": rec.id, "site": "s0"})
             assert body["seq"] == audit_mod.head(root / "audit.jsonl")["seq"]
-            out.append({"v": 1, "ts": "2026-01-01T00:00:00Z", "message_type": "train", "run_id": f"r{i}",
-                        "total_bytes": 0, "records": [],
-                        "extra": {"receipt": r, "blob_sha256": rec.blob_sha256, "z_sha256": rec.z_sha256}})
+            out.append(
+                {
+                    "v": 1,
+                    "ts": "2026-01-01T00:00:00Z",
+                    "message_type": "train",
+                    "run_id": f"r{i}",
+                    "total_bytes": 0,
+                    "records": [],
+                    "extra": {"receipt": r, "blob_sha256": rec.blob_sha256, "z_sha256": rec.z_sha256},
+                }
+            )
     egress.write_text("".join(json.dumps(e) + "\n" for e in out))
     keyfile = root / "coordinator.pub"
     assert stat.S_IMODE((root / "coordinator.key").stat().st_mode) == 0o600
@@ -216,6 +232,7 @@ def audit_mod_pub(reg: Registry):
 
 
 # ---- item 6: one site cannot steer ----------------------------------------------------------
+
 
 def test_oversized_update_refused_relative_to_the_registry(tmp_path):
     root, _ = make(tmp_path, 4)
@@ -250,14 +267,23 @@ def test_composed_adapter_checked_and_max_l1_audited(tmp_path):
         # with the bound off, lin on near-duplicate z cancels wildly: the composed update is refused
         base_z = z(0)
         for i in range(3):
-            reg.add(adapter(60 + i), base_z + np.float32(1e-4) * np.float32(i + 1) * np.ones(DIM, np.float32),
-                    meta(f"d{i}"))
+            reg.add(
+                adapter(60 + i), base_z + np.float32(1e-4) * np.float32(i + 1) * np.ones(DIM, np.float32), meta(f"d{i}")
+            )
         with pytest.raises(CompositionNormError, match=r"'lin' composition for target 'x2'.*median"):
-            compose_for_target(reg, base_z + 0.5, strategy="lin", k=3, strategy_params={"max_l1": float("inf")},
-                               target="x2", exclude_site="s0")
+            compose_for_target(
+                reg,
+                base_z + 0.5,
+                strategy="lin",
+                k=3,
+                strategy_params={"max_l1": float("inf")},
+                target="x2",
+                exclude_site="s0",
+            )
 
 
 # ---- item 7: names, files ------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("site", ["a\u202eb", "a\u200bb", "a\x07b"])
 def test_names_with_bidi_zero_width_or_control_refused(tmp_path, site):

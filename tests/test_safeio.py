@@ -165,8 +165,9 @@ def test_sigkill_mid_write_leaves_the_old_output_whole(tmp_path):
         (tmp / "adapter_config.json").write_text("old config")
         (tmp / "adapter_model.safetensors").write_bytes(b"old weights")
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(out)], stdout=subprocess.PIPE, env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(out)], stdout=subprocess.PIPE, env=env, start_new_session=True
+    )
     try:
         assert proc.stdout.readline().strip() == b"written"
         os.kill(proc.pid, signal.SIGKILL)

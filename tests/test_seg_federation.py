@@ -48,8 +48,17 @@ def tiny_sam_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def seg_config(registry: Path, model: Path, **over) -> dict:
-    cfg = {"registry-dir": str(registry), "base-model": str(model), "chroma": "off", "task": "segmentation",
-           "steps": 3, "lora-r": 2, "lora-alpha": 4.0, "batch-size": 2, "lr": 2e-3}
+    cfg = {
+        "registry-dir": str(registry),
+        "base-model": str(model),
+        "chroma": "off",
+        "task": "segmentation",
+        "steps": 3,
+        "lora-r": 2,
+        "lora-alpha": 4.0,
+        "batch-size": 2,
+        "lr": 2e-3,
+    }
     cfg.update(over)
     return cfg
 
@@ -79,15 +88,33 @@ def local(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_s
         return {**nc, "supernode-key": str(node_key.private_key), "coordinator-key": str(registry / "coordinator.pub")}
 
     for i, (site, path) in enumerate(sorted(data.items()), start=101):
-        nc = {"site-id": site, "data-path": str(path), "model-path": str(tiny_model_dir),
-              "site-dir": str(tmp / "sites" / site), "threads": 1, **REPORT_RELEASE}
+        nc = {
+            "site-id": site,
+            "data-path": str(path),
+            "model-path": str(tiny_model_dir),
+            "site-dir": str(tmp / "sites" / site),
+            "threads": 1,
+            **REPORT_RELEASE,
+        }
         nodes[i] = Context(run_id=1, node_id=i, node_config=enrol_keys(site, nc), state=RecordDict(), run_config={})
     for i, site in enumerate(SEG_SITES, start=201):
-        nc = {"site-id": site, "model-path": str(tiny_sam_dir), "site-dir": str(tmp / "sites" / site), "threads": 1,
-              **seg_node_config(site), **SEG_RELEASE}
+        nc = {
+            "site-id": site,
+            "model-path": str(tiny_sam_dir),
+            "site-dir": str(tmp / "sites" / site),
+            "threads": 1,
+            **seg_node_config(site),
+            **SEG_RELEASE,
+        }
         nodes[i] = Context(run_id=1, node_id=i, node_config=enrol_keys(site, nc), state=RecordDict(), run_config={})
-    yield {"tmp": tmp, "nodes": nodes, "registry": registry, "model": tiny_model_dir, "sam": tiny_sam_dir,
-           "allowlist": allow.path}
+    yield {
+        "tmp": tmp,
+        "nodes": nodes,
+        "registry": registry,
+        "model": tiny_model_dir,
+        "sam": tiny_sam_dir,
+        "allowlist": allow.path,
+    }
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
     torch.set_num_threads(threads)
 
@@ -100,8 +127,10 @@ def run_local(local: dict, run_id: int, rc: dict) -> dict:
     rc = {"allowlist": str(local["allowlist"]), **rc}
     for ctx in local["nodes"].values():
         ctx.run_config, ctx.run_id = rc, run_id
-    main(LocalGrid(local["nodes"], run_id), Context(run_id=run_id, node_id=1, node_config={}, state=RecordDict(),
-                                                    run_config=rc))
+    main(
+        LocalGrid(local["nodes"], run_id),
+        Context(run_id=run_id, node_id=1, node_config={}, state=RecordDict(), run_config=rc),
+    )
     return json.loads((Path(rc["registry-dir"]) / "runs" / f"{run_id}-{rc['mode']}.json").read_text())
 
 
@@ -110,8 +139,17 @@ def test_local_both_families_enrol_into_one_registry_dir_and_never_mix(local):
     from server.registry import Registry
 
     reg_dir = local["registry"]
-    report_rc = {"registry-dir": str(reg_dir), "base-model": str(local["model"]), "chroma": "off", "steps": 2,
-                 "lora-r": 4, "lora-alpha": 8.0, "max-length": 128, "max-eval": 2, "sites": "a,b"}
+    report_rc = {
+        "registry-dir": str(reg_dir),
+        "base-model": str(local["model"]),
+        "chroma": "off",
+        "steps": 2,
+        "lora-r": 4,
+        "lora-alpha": 8.0,
+        "max-length": 128,
+        "max-eval": 2,
+        "sites": "a,b",
+    }
     report = run_local(local, 21, {**report_rc, "mode": "enroll"})
     assert {s: r["status"] for s, r in report["enroll"].items()} == {"a": "accepted", "b": "accepted"}
     # a report site asked for segmentation refuses; a segmentation site asked for reports refuses
@@ -129,8 +167,7 @@ def test_local_both_families_enrol_into_one_registry_dir_and_never_mix(local):
         assert not {r.meta.base_fingerprint for r in reports.list()} & {r.meta.base_fingerprint for r in segs.list()}
         assert all(r.meta.extra["embedding_spec"]["representation"] == "sam-encoder-mean" for r in segs.list())
 
-    report = run_local(local, 23, seg_config(reg_dir, local["sam"], mode="evaluate", k=1,
-                                             **{"eval-strategies": "sim"}))
+    report = run_local(local, 23, seg_config(reg_dir, local["sam"], mode="evaluate", k=1, **{"eval-strategies": "sim"}))
     assert report["status"] == "completed", report.get("error")
     rows = report["evaluate"]["rows"]
     assert {r["target"] for r in rows} == set(SEG_SITES), report["evaluate"]["problems"]
@@ -186,8 +223,9 @@ def fed(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_sam
     data = make_report_data(tmp / "data")
     specs = [launch.SiteSpec(site, str(path), str(tiny_model_dir), threads=1) for site, path in data.items()]
     nc = seg_node_config("RUNMC")
-    specs.append(launch.SiteSpec("RUNMC", nc.pop("data-path"), str(tiny_sam_dir), threads=1, extra=nc,
-                                 release=dict(SEG_RELEASE)))
+    specs.append(
+        launch.SiteSpec("RUNMC", nc.pop("data-path"), str(tiny_sam_dir), threads=1, extra=nc, release=dict(SEG_RELEASE))
+    )
     for spec in specs[:2]:
         spec.release = dict(REPORT_RELEASE)
     workdir = tmp / "deploy"
@@ -195,8 +233,14 @@ def fed(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_sam
     try:
         state = launch.up(workdir, specs, port=launch.free_port(), timeout=90.0, registry=str(tmp / "registry"))
         print(f"deployment up in {time.monotonic() - t0:.1f} s", file=sys.stderr)
-        yield {"tmp": tmp, "registry": tmp / "registry", "model": tiny_model_dir, "sam": tiny_sam_dir,
-               "flwr_home": Path(state["flwr_home"]), "site_dirs": {s.site: Path(s.site_dir) for s in specs}}
+        yield {
+            "tmp": tmp,
+            "registry": tmp / "registry",
+            "model": tiny_model_dir,
+            "sam": tiny_sam_dir,
+            "flwr_home": Path(state["flwr_home"]),
+            "site_dirs": {s.site: Path(s.site_dir) for s in specs},
+        }
     finally:
         launch.down(workdir, timeout=15.0)
         state = launch.load_state(workdir)
@@ -224,8 +268,20 @@ def test_segmentation_site_enrols_and_receives_a_scored_composition_on_real_supe
     print(f"segmentation enrolment {time.monotonic() - t0:.1f} s", file=sys.stderr)
 
     t0 = time.monotonic()
-    run = flwr_run(fed, {**seg_config(fed["registry"], fed["sam"], mode="compose", target="RUNMC", k=1,
-                                      **{"include-own": True, "strategy": "sim"}), **common})
+    run = flwr_run(
+        fed,
+        {
+            **seg_config(
+                fed["registry"],
+                fed["sam"],
+                mode="compose",
+                target="RUNMC",
+                k=1,
+                **{"include-own": True, "strategy": "sim"},
+            ),
+            **common,
+        },
+    )
     print(f"segmentation compose {time.monotonic() - t0:.1f} s", file=sys.stderr)
     assert run["status"] == "finished:completed", run
     out = run["report"]["compose"]["RUNMC"]

@@ -26,13 +26,14 @@ def _toy_site(name: str, seed: int, n: int = 2, size: int = 64) -> seg_data.SegS
     for _ in range(2 * n):
         m = np.zeros((size, size), bool)
         c = rng.integers(size // 3, 2 * size // 3, 2)
-        m[c[0] - 8:c[0] + 8, c[1] - 8:c[1] + 8] = True
+        m[c[0] - 8 : c[0] + 8, c[1] - 8 : c[1] + 8] = True
         imgs.append((rng.integers(0, 60, (size, size)) + 120 * m + 10 * seed).clip(0, 255).astype(np.uint8))
         masks.append(m)
     return seg_data.SegSite(name, "toy", imgs[:n], masks[:n], imgs[n:], masks[n:])
 
 
 # -- scores ------------------------------------------------------------------------------------
+
 
 def test_dice_matches_hand_computed_masks() -> None:
     a = np.zeros((4, 4), bool)
@@ -70,6 +71,7 @@ def test_prompt_boxes() -> None:
 
 
 # -- model ---------------------------------------------------------------------------------------
+
 
 def test_tiny_model_has_litemedsam_module_names(tiny: torch.nn.Module, tmp_path) -> None:
     names = S.target_modules(tiny)
@@ -112,8 +114,17 @@ def test_trained_adapter_is_a_plain_peft_lora_that_composes(tiny: torch.nn.Modul
     spec = S.SegLoraSpec(rank=2, prompt=S.PromptSpec("jitter", jitter=0.2))
     adapters = []
     for s in sites:
-        a, stats = S.train_adapter(tiny, s.train_images, s.train_masks, spec, steps=2, lr=1e-2, site=s.name,
-                                   cache=tmp_path, out_dir=tmp_path / f"lora-{s.name}")
+        a, stats = S.train_adapter(
+            tiny,
+            s.train_images,
+            s.train_masks,
+            spec,
+            steps=2,
+            lr=1e-2,
+            site=s.name,
+            cache=tmp_path,
+            out_dir=tmp_path / f"lora-{s.name}",
+        )
         assert stats["n_modules"] == 28 and a.ranks == dict.fromkeys(S.target_modules(tiny), 2)
         assert json.loads((tmp_path / f"lora-{s.name}" / "adapter_config.json").read_text())["peft_type"] == "LORA"
         assert a.base_model == sam.model_fingerprint(tiny)
@@ -134,13 +145,15 @@ def test_trained_adapter_is_a_plain_peft_lora_that_composes(tiny: torch.nn.Modul
 
 def test_last_stage_targets_train_through_the_encoder(tiny: torch.nn.Module, tmp_path) -> None:
     s = _toy_site("a", 0, n=1)
-    a, _ = S.train_adapter(tiny, s.train_images, s.train_masks, S.SegLoraSpec(targets=("decoder", "last-stage")),
-                           steps=1, cache=tmp_path)
+    a, _ = S.train_adapter(
+        tiny, s.train_images, s.train_masks, S.SegLoraSpec(targets=("decoder", "last-stage")), steps=1, cache=tmp_path
+    )
     assert any(n.startswith("image_encoder.layers.3.") for n in a.modules)
     assert float(delta_dict(a)[next(n for n in a.modules if n.startswith("mask_decoder"))].abs().sum()) > 0
 
 
 # -- data ----------------------------------------------------------------------------------------
+
 
 def test_augmentation_keeps_mask_aligned_and_test_untouched() -> None:
     s = _toy_site("a", 0)
@@ -195,6 +208,7 @@ def test_real_prostate_sites_masks_and_i2cvb_pairs() -> None:
 
 # -- the one test on the real LiteMedSAM ---------------------------------------------------------
 
+
 def test_real_litemedsam_lora_composed_from_three_sites_loads_in_stock_peft(tmp_path) -> None:
     from peft import PeftModel
 
@@ -204,8 +218,16 @@ def test_real_litemedsam_lora_composed_from_three_sites_loads_in_stock_peft(tmp_
     sites = [seg_data.load_prostate_site(n) for n in ("RUNMC", "BIDMC", "HK")]
     adapters = []
     for s in sites:
-        a, stats = S.train_adapter(model, s.train_images[:1], s.train_masks[:1], S.SegLoraSpec(batch_size=1),
-                                   steps=2, lr=5e-3, site=s.name, cache=tmp_path)
+        a, stats = S.train_adapter(
+            model,
+            s.train_images[:1],
+            s.train_masks[:1],
+            S.SegLoraSpec(batch_size=1),
+            steps=2,
+            lr=5e-3,
+            site=s.name,
+            cache=tmp_path,
+        )
         adapters.append(a)
     composed = compose(adapters, [0.6, 0.8, -0.4])
     out = save_peft_adapter(composed, tmp_path / "composed", base_model_name_or_path=model.rpe_fingerprint)

@@ -55,8 +55,9 @@ def processes_with_env(marker: str) -> list[tuple[int, int]]:
 
 def sim_env(flwr_home: Path, ports: tuple[int, int]) -> dict[str, str]:
     """Flower's environment with this test's FLWR_HOME and its own local-SuperLink ports (no clash with others)."""
-    return launch.process_env(flwr_home, {"FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(ports[0]),
-                                          "FLWR_LOCAL_CONTROL_API_PORT": str(ports[1])})
+    return launch.process_env(
+        flwr_home, {"FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(ports[0]), "FLWR_LOCAL_CONTROL_API_PORT": str(ports[1])}
+    )
 
 
 def start_local_superlink(flwr_home: Path, ports: tuple[int, int], timeout: float = 150.0) -> subprocess.Popen:
@@ -67,17 +68,36 @@ def start_local_superlink(flwr_home: Path, ports: tuple[int, int], timeout: floa
     """
     runtime = flwr_home / "local-superlink"
     runtime.mkdir(parents=True, exist_ok=True)
-    cmd = [str(Path(sys.executable).parent / "flower-superlink"), "--insecure", "--simulation", "--isolation",
-           "subprocess", "--control-api-address", f"127.0.0.1:{ports[1]}", "--host", "127.0.0.1", "--port",
-           str(ports[0]), "--database", str(runtime / "state.db")]
+    cmd = [
+        str(Path(sys.executable).parent / "flower-superlink"),
+        "--insecure",
+        "--simulation",
+        "--isolation",
+        "subprocess",
+        "--control-api-address",
+        f"127.0.0.1:{ports[1]}",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(ports[0]),
+        "--database",
+        str(runtime / "state.db"),
+    ]
     with open(runtime / "superlink.log", "ab") as log:
-        proc = subprocess.Popen(cmd, cwd=flwr_home, env=sim_env(flwr_home, ports), stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=flwr_home,
+            env=sim_env(flwr_home, ports),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"local SuperLink exited with {proc.returncode}: "
-                                 f"{(runtime / 'superlink.log').read_text()[-2000:]}")
+            raise AssertionError(
+                f"local SuperLink exited with {proc.returncode}: {(runtime / 'superlink.log').read_text()[-2000:]}"
+            )
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/health", timeout=2):
                 return proc
@@ -90,8 +110,9 @@ def flwr_ls_local(flwr_home: Path, ports: tuple[int, int]) -> str:
     """``flwr ls local --format json``: status and details of every run, for failure messages."""
     cmd = [str(Path(sys.executable).parent / "flwr"), "ls", "local", "--format", "json"]
     try:
-        res = subprocess.run(cmd, cwd=flwr_home, env=sim_env(flwr_home, ports), capture_output=True,
-                             text=True, timeout=60)
+        res = subprocess.run(
+            cmd, cwd=flwr_home, env=sim_env(flwr_home, ports), capture_output=True, text=True, timeout=60
+        )
     except subprocess.TimeoutExpired:
         return "flwr ls: no answer within 60 s"
     return (res.stdout + res.stderr)[-3000:]
@@ -101,25 +122,38 @@ def describe_run(flwr_home: Path, ports: tuple[int, int], res: subprocess.Comple
     """What is known about a run that left no report: its status, output and the SuperLink's log."""
     log = flwr_home / "local-superlink" / "superlink.log"
     tail = log.read_text(errors="replace")[-3000:] if log.is_file() else "(no SuperLink log)"
-    return (f"flwr run exit {res.returncode}\n--- flwr ls ---\n{flwr_ls_local(flwr_home, ports)}\n"
-            f"--- flwr run stdout ---\n{res.stdout[-3000:]}\n--- flwr run stderr ---\n{res.stderr[-2000:]}\n"
-            f"--- superlink.log ---\n{tail}")
+    return (
+        f"flwr run exit {res.returncode}\n--- flwr ls ---\n{flwr_ls_local(flwr_home, ports)}\n"
+        f"--- flwr run stdout ---\n{res.stdout[-3000:]}\n--- flwr run stderr ---\n{res.stderr[-2000:]}\n"
+        f"--- superlink.log ---\n{tail}"
+    )
 
 
 def reports_of(registry: Path, mode: str) -> list[Path]:
     return sorted((registry / "runs").glob(f"*-{mode}.json"), key=lambda p: p.stat().st_mtime)
 
 
-def flwr_run_local(flwr_home: Path, ports: tuple[int, int], config: dict,
-                   num_supernodes: int) -> subprocess.CompletedProcess:
+def flwr_run_local(
+    flwr_home: Path, ports: tuple[int, int], config: dict, num_supernodes: int
+) -> subprocess.CompletedProcess:
     import tomli_w
 
     cfg_file = flwr_home / f"run-{config['mode']}.toml"
     cfg_file.write_text(tomli_w.dumps(config))
-    cmd = [str(Path(sys.executable).parent / "flwr"), "run", str(REPO), "local", "--stream",
-           "--federation-config", f"num-supernodes={num_supernodes}", "--run-config", str(cfg_file)]
-    return subprocess.run(cmd, cwd=REPO, env=sim_env(flwr_home, ports), capture_output=True, text=True,
-                          timeout=RUN_TIMEOUT)
+    cmd = [
+        str(Path(sys.executable).parent / "flwr"),
+        "run",
+        str(REPO),
+        "local",
+        "--stream",
+        "--federation-config",
+        f"num-supernodes={num_supernodes}",
+        "--run-config",
+        str(cfg_file),
+    ]
+    return subprocess.run(
+        cmd, cwd=REPO, env=sim_env(flwr_home, ports), capture_output=True, text=True, timeout=RUN_TIMEOUT
+    )
 
 
 @pytest.fixture(scope="module")
@@ -130,15 +164,30 @@ def simulation(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
     flwr_home.mkdir()
     (flwr_home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
     registry = tmp / "registry"
-    base = {"registry-dir": str(registry), "base-model": str(tiny_model_dir), "chroma": "off",
-            "steps": 2, "lora-r": 4, "lora-alpha": 8.0, "batch-size": 4, "max-length": 96, "max-eval": 2,
-            "timeout-train": 300.0, "timeout-query": 120.0, "sim-sites": ",".join(SITES),
-            "sim-data-root": str(next(iter(data.values())).parent), "sim-model-path": str(tiny_model_dir),
-            "sim-site-root": str(tmp / "sites"), "sim-threads": 1,
-            # simulated sites hold no signing keys; they pin the coordinator key of this registry and
-            # release z over their 8 training reports and metrics over their 2 held-out ones
-            "require-signatures": False, "sim-coordinator-key": str(registry / "coordinator.pub"),
-            "sim-z-min-examples": 8, "sim-metrics-min-reports": 1}
+    base = {
+        "registry-dir": str(registry),
+        "base-model": str(tiny_model_dir),
+        "chroma": "off",
+        "steps": 2,
+        "lora-r": 4,
+        "lora-alpha": 8.0,
+        "batch-size": 4,
+        "max-length": 96,
+        "max-eval": 2,
+        "timeout-train": 300.0,
+        "timeout-query": 120.0,
+        "sim-sites": ",".join(SITES),
+        "sim-data-root": str(next(iter(data.values())).parent),
+        "sim-model-path": str(tiny_model_dir),
+        "sim-site-root": str(tmp / "sites"),
+        "sim-threads": 1,
+        # simulated sites hold no signing keys; they pin the coordinator key of this registry and
+        # release z over their 8 training reports and metrics over their 2 held-out ones
+        "require-signatures": False,
+        "sim-coordinator-key": str(registry / "coordinator.pub"),
+        "sim-z-min-examples": 8,
+        "sim-metrics-min-reports": 1,
+    }
     runs = {}
     try:
         ports = (launch.free_port(), launch.free_port())

@@ -37,10 +37,18 @@ def _run(argv: list[str]) -> None:
 
 def _mixed(tiny_model_dir, out, amp: float):
     g = torch.Generator().manual_seed(3)
-    spec = {"model.layers.0.self_attn.q_proj": (64, 64, 3, 2.0), "model.layers.1.self_attn.v_proj": (32, 64, 5, 0.7),
-            "model.layers.1.mlp.up_proj": (128, 64, 12, 1.3)}
-    adapter = LoraAdapter({n: LoraModule(amp * torch.randn(r, i, generator=g), amp * torch.randn(o, r, generator=g),
-                                         s) for n, (o, i, r, s) in spec.items()}, base_model=str(tiny_model_dir))
+    spec = {
+        "model.layers.0.self_attn.q_proj": (64, 64, 3, 2.0),
+        "model.layers.1.self_attn.v_proj": (32, 64, 5, 0.7),
+        "model.layers.1.mlp.up_proj": (128, 64, 12, 1.3),
+    }
+    adapter = LoraAdapter(
+        {
+            n: LoraModule(amp * torch.randn(r, i, generator=g), amp * torch.randn(o, r, generator=g), s)
+            for n, (o, i, r, s) in spec.items()
+        },
+        base_model=str(tiny_model_dir),
+    )
     return save_peft_adapter(adapter, out, str(tiny_model_dir))
 
 
@@ -82,8 +90,10 @@ def test_vllm_export_meets_the_rules_and_keeps_delta_w(tiny_model_dir, mixed_ada
         assert (t.shape[0] if ".lora_A." in key else t.shape[1]) == 16, key
     assert check_dir(out) == []
     # the same ΔW, factor by factor and through stock PEFT on the model
-    want, got = delta_dict(load_peft_adapter(mixed_adapter_dir), torch.float64), \
-        delta_dict(load_peft_adapter(out), torch.float64)
+    want, got = (
+        delta_dict(load_peft_adapter(mixed_adapter_dir), torch.float64),
+        delta_dict(load_peft_adapter(out), torch.float64),
+    )
     assert set(want) == set(got)
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-6, atol=1e-7)
@@ -109,12 +119,35 @@ def test_export_refuses_to_overwrite_its_input(mixed_adapter_dir):
 
 def test_generate_matches_stock_peft(tiny_model_dir, tmp_path, capsys):
     adapter_dir = _mixed(tiny_model_dir, tmp_path / "strong", 1.0)  # large enough to change the greedy tokens
-    examples = [Example(prompt=f"Heart size normal. Finding number {i}.", target="No acute disease." if i else None,
-                        group="xray-chest", uid=f"r{i}") for i in range(3)]
+    examples = [
+        Example(
+            prompt=f"Heart size normal. Finding number {i}.",
+            target="No acute disease." if i else None,
+            group="xray-chest",
+            uid=f"r{i}",
+        )
+        for i in range(3)
+    ]
     data = write_jsonl(tmp_path / "new.jsonl", examples)
     out = tmp_path / "pred.jsonl"
-    _run(["generate", "--adapter", str(adapter_dir), "--data", str(data), "--out", str(out),
-          "--model", str(tiny_model_dir), "--batch-size", "2", "--max-new-tokens", "6", "--quiet"])
+    _run(
+        [
+            "generate",
+            "--adapter",
+            str(adapter_dir),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--model",
+            str(tiny_model_dir),
+            "--batch-size",
+            "2",
+            "--max-new-tokens",
+            "6",
+            "--quiet",
+        ]
+    )
     assert "wrote 3 predictions" in capsys.readouterr().out
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["uid"] for r in rows] == ["r0", "r1", "r2"] and "target" not in rows[0] and rows[1]["target"]
@@ -143,21 +176,55 @@ def test_generate_bad_input_is_a_clear_error(tmp_path):
 def test_site_status_from_the_sites_own_files(tiny_model_dir, mixed_adapter_dir, tmp_path, capsys):
     site = tmp_path / "site-a"
     log = EgressLog(site / "egress.jsonl", full_records=("meta",))
-    private = with_total({"dp_sgd": True, "epsilon": 2.0, "delta": 1e-5, "noise_multiplier": 1.2,
-                          "max_grad_norm": 1.0, "sample_rate": 0.2, "steps": 20, "z_mechanism": "gaussian",
-                          "z_clip": 1.0, "z_noise_multiplier": 5.0, "z_epsilon": 1.0, "z_delta": 1e-5}, True)
+    private = with_total(
+        {
+            "dp_sgd": True,
+            "epsilon": 2.0,
+            "delta": 1e-5,
+            "noise_multiplier": 1.2,
+            "max_grad_norm": 1.0,
+            "sample_rate": 0.2,
+            "steps": 20,
+            "z_mechanism": "gaussian",
+            "z_clip": 1.0,
+            "z_noise_multiplier": 5.0,
+            "z_epsilon": 1.0,
+            "z_delta": 1e-5,
+        },
+        True,
+    )
     arrays, _ = adapter_to_arrays(load_peft_adapter(mixed_adapter_dir))
-    log.record("train", {"adapter": arrays, "embedding": {"z": np.ones(4, np.float32)},
-                         "meta": {"site": "a", "privacy": json.dumps(private)}}, run_id="1", extra={"outcome": "ok"})
-    log.record("query.embed", {"embedding": {"z": np.ones(4, np.float32)},
-                               "meta": {"site": "a", "privacy": json.dumps({"dp_sgd": False})}}, run_id="2",
-               extra={"outcome": "ok"})
+    log.record(
+        "train",
+        {
+            "adapter": arrays,
+            "embedding": {"z": np.ones(4, np.float32)},
+            "meta": {"site": "a", "privacy": json.dumps(private)},
+        },
+        run_id="1",
+        extra={"outcome": "ok"},
+    )
+    log.record(
+        "query.embed",
+        {"embedding": {"z": np.ones(4, np.float32)}, "meta": {"site": "a", "privacy": json.dumps({"dp_sgd": False})}},
+        run_id="2",
+        extra={"outcome": "ok"},
+    )
     log.record("train", {}, run_id="3", extra={"outcome": "refused", "reason": "no data"})
     own = save_peft_adapter(load_peft_adapter(mixed_adapter_dir), site / "adapters" / "own-report-text")
     got = save_peft_adapter(load_peft_adapter(mixed_adapter_dir), site / "adapters" / "compose-7-sim")
-    (got / "rpe-provenance.json").write_text(json.dumps({"strategy": "sim", "sources": ["b:t:1", "c:t:2"],
-                                                         "weights": [0.7, 0.3], "blob_sha256": "ab" * 32,
-                                                         "task": "report-text", "received_at": 1.8e9}))
+    (got / "rpe-provenance.json").write_text(
+        json.dumps(
+            {
+                "strategy": "sim",
+                "sources": ["b:t:1", "c:t:2"],
+                "weights": [0.7, 0.3],
+                "blob_sha256": "ab" * 32,
+                "task": "report-text",
+                "received_at": 1.8e9,
+            }
+        )
+    )
     assert own.is_dir()
     s = site_status(site)
     lines = [json.loads(x) for x in (site / "egress.jsonl").read_text().splitlines()]
@@ -165,8 +232,10 @@ def test_site_status_from_the_sites_own_files(tiny_model_dir, mixed_adapter_dir,
     assert s["by_outcome"] == {"ok": 2, "refused": 1}
     assert s["bytes_sent"] == sum(x["total_bytes"] for x in lines)
     assert s["epsilon"] == spent_from_egress(lines).epsilon and math.isinf(s["epsilon"])  # the z query was not private
-    assert [(a["name"], a["kind"]) for a in s["adapters"]] == [("compose-7-sim", "received"),
-                                                                ("own-report-text", "own (trained here)")]
+    assert [(a["name"], a["kind"]) for a in s["adapters"]] == [
+        ("compose-7-sim", "received"),
+        ("own-report-text", "own (trained here)"),
+    ]
     assert s["adapters"][0]["sources"] == ["b:t:1", "c:t:2"] and s["adapters"][0]["received_at"].startswith("2027")
     _run(["site", "status", "--site-dir", str(site)])
     text = capsys.readouterr().out
@@ -192,8 +261,9 @@ def test_segment_writes_the_masks_the_sites_evaluation_scores(tmp_path, capsys):
     mods = {}
     for name in target_modules(net, ("decoder",))[:4]:
         lin = dict(net.named_modules())[name]
-        mods[name] = LoraModule(0.5 * torch.randn(2, lin.in_features, generator=g),
-                                0.5 * torch.randn(lin.out_features, 2, generator=g), 2.0)
+        mods[name] = LoraModule(
+            0.5 * torch.randn(2, lin.in_features, generator=g), 0.5 * torch.randn(lin.out_features, 2, generator=g), 2.0
+        )
     adapter = LoraAdapter(mods, base_model=str(base_dir))
     adir = save_peft_adapter(adapter, tmp_path / "adapters" / "composed", str(base_dir))
     site = load_prostate_site("RUNMC")
@@ -204,8 +274,20 @@ def test_segment_writes_the_masks_the_sites_evaluation_scores(tmp_path, capsys):
         Image.fromarray(im).save(images_dir / f"s{i}.png")
         Image.fromarray(m.astype(np.uint8) * 255).save(masks_dir / f"s{i}.png")
     out = tmp_path / "masks"
-    _run(["segment", "--adapter", str(adir), "--images", str(images_dir), "--out", str(out),
-          "--masks", str(masks_dir), "--quiet"])
+    _run(
+        [
+            "segment",
+            "--adapter",
+            str(adir),
+            "--images",
+            str(images_dir),
+            "--out",
+            str(out),
+            "--masks",
+            str(masks_dir),
+            "--quiet",
+        ]
+    )
     assert "wrote 2 masks" in capsys.readouterr().out
     rows = [json.loads(x) for x in (out / "masks.jsonl").read_text().splitlines()]
     assert [r["mask"] for r in rows] == ["s0_mask.png", "s1_mask.png"] and all("dice" in r for r in rows)

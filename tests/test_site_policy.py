@@ -45,8 +45,16 @@ def test_site_config_may_allow_other_layers():
         p.embedding_layer(31, 31)
 
 
-@pytest.mark.parametrize("cfg", [{"z-layers": "last"}, {"z-layers": ""}, {"z-min-examples": 0},
-                                 {"metrics-min-reports": "many"}, {"z-min-examples": True}])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {"z-layers": "last"},
+        {"z-layers": ""},
+        {"z-min-examples": 0},
+        {"metrics-min-reports": "many"},
+        {"z-min-examples": True},
+    ],
+)
 def test_invalid_site_config_is_an_error(cfg):
     with pytest.raises(ReleasePolicyError):
         ReleasePolicy.from_node_config(cfg)

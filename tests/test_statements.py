@@ -77,15 +77,22 @@ def test_a_supernode_key_signs_a_statement_digest_and_only_it_verifies(tmp_path)
     key_a = load_node_private_key(a.private_key)
     pub_a, pub_b = node_public_key(a.public_key.read_text()), node_public_key(b.public_key.read_text())
     assert node_key_fingerprint(pub_a) == node_key_fingerprint(key_a.public_key()) != node_key_fingerprint(pub_b)
-    body = {"site": "a", "run_id": "1", "challenge": "c" * 64, "node_id": "7",
-            "supernode_key": node_key_fingerprint(pub_a)}
+    body = {
+        "site": "a",
+        "run_id": "1",
+        "challenge": "c" * 64,
+        "node_id": "7",
+        "supernode_key": node_key_fingerprint(pub_a),
+    }
     sig = node_sign(key_a, statement_digest("identity", body))
     node_verify(pub_a, statement_digest("identity", body), sig)
-    for key, digest, s in ((pub_b, statement_digest("identity", body), sig),  # another site's key
-                           (pub_a, statement_digest("identity", {**body, "node_id": "8"}), sig),  # altered
-                           (pub_a, statement_digest("receipt", body), sig),  # another kind
-                           (pub_a, statement_digest("identity", body), None),
-                           (pub_a, statement_digest("identity", body), "not base64!")):
+    for key, digest, s in (
+        (pub_b, statement_digest("identity", body), sig),  # another site's key
+        (pub_a, statement_digest("identity", {**body, "node_id": "8"}), sig),  # altered
+        (pub_a, statement_digest("receipt", body), sig),  # another kind
+        (pub_a, statement_digest("identity", body), None),
+        (pub_a, statement_digest("identity", body), "not base64!"),
+    ):
         with pytest.raises(NodeKeyError):
             node_verify(key, digest, s)
 
@@ -99,8 +106,11 @@ def test_node_keys_must_be_p384_and_readable(tmp_path):
 
     _, ed_pub = generate_keypair(tmp_path / "ed", "a")
     p256 = ec.generate_private_key(ec.SECP256R1())
-    (tmp_path / "p256").write_bytes(p256.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                                       serialization.NoEncryption()))
+    (tmp_path / "p256").write_bytes(
+        p256.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        )
+    )
     (tmp_path / "junk").write_text("ssh-rsa AAAA nonsense")
     os.mkfifo(tmp_path / "fifo")
     for bad in (ed_pub.read_text(), "ssh-rsa AAAA nonsense", ""):

@@ -142,8 +142,7 @@ def test_spec_and_errors(tiny) -> None:
     with pytest.raises(ValueError, match="no labeled examples"):
         train_lora(model, tok, [Example("x", None, "ct-head", "u")], TASK, steps=1, progress=False)
     with pytest.raises(ValueError):
-        train_lora(model, tok, EXAMPLES, TASK, spec=LoraSpec(target_modules=("nope",)), steps=1,
-                   progress=False)
+        train_lora(model, tok, EXAMPLES, TASK, spec=LoraSpec(target_modules=("nope",)), steps=1, progress=False)
     assert not hasattr(model, "peft_config")  # unloaded even after a failure
 
 

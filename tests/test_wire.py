@@ -27,13 +27,23 @@ def make_adapter(seed: int = 0, scale: float = 2.0) -> LoraAdapter:
 
 def enroll_meta(lora_config: dict, blob: str, dim: int = 16, **over) -> dict:
     meta = {
-        "schema": wire.WIRE_SCHEMA, "site": "a", "task": "report-text", "modality": "ct", "group": "ct-head",
-        "base_fingerprint": "sha256:" + "0" * 64, "sample_count": 10, "token_count": 1234,
-        "lora_config": wire.canonical_json(lora_config), "blob_sha256": blob,
+        "schema": wire.WIRE_SCHEMA,
+        "site": "a",
+        "task": "report-text",
+        "modality": "ct",
+        "group": "ct-head",
+        "base_fingerprint": "sha256:" + "0" * 64,
+        "sample_count": 10,
+        "token_count": 1234,
+        "lora_config": wire.canonical_json(lora_config),
+        "blob_sha256": blob,
         "embedding_spec": wire.canonical_json({"representation": "hidden-mean", "layer": 2, "dim": dim}),
         "privacy": wire.canonical_json({"dp_sgd": False}),
         "train_stats": wire.canonical_json({"steps": 3, "lr": 1e-3, "loss_last": 2.5}),
-        "nonce": "n1", "created_at": 1.0, "signer": "", "signature": "",
+        "nonce": "n1",
+        "created_at": 1.0,
+        "signer": "",
+        "signature": "",
     }
     meta.update(over)
     return meta
@@ -55,8 +65,7 @@ def test_enroll_reply_round_trips_adapter_z_and_meta():
     assert set(payload.meta) == set(wire.ENROLL_META_KEYS)
     rebuilt = wire.adapter_from_wire(payload.arrays, payload.lora_config, adapter.base_model)
     assert hashlib.sha256(adapter_to_bytes(rebuilt)).hexdigest() == payload.meta["blob_sha256"]
-    assert payload.lora_config["modules"]["model.layers.1.mlp.down_proj"] == {"r": 2, "alpha": 4.0,
-                                                                              "shape": [64, 128]}
+    assert payload.lora_config["modules"]["model.layers.1.mlp.down_proj"] == {"r": 2, "alpha": 4.0, "shape": [64, 128]}
     for key, arr in payload.arrays.items():
         assert key.startswith("base_model.model.") and arr.dtype == np.float32
 
@@ -165,8 +174,9 @@ def test_embedding_is_exactly_one_vector_of_the_declared_dimension():
     content["embedding"] = ArrayRecord({"z": wire._to_array(np.zeros((2, 16), np.float32))})
     with pytest.raises(WireError, match="1-D"):
         wire.parse_enroll_reply(content)
-    content["embedding"] = ArrayRecord({"z": wire._to_array(np.zeros(16, np.float32)),
-                                        "z_per_example": wire._to_array(np.zeros(16, np.float32))})
+    content["embedding"] = ArrayRecord(
+        {"z": wire._to_array(np.zeros(16, np.float32)), "z_per_example": wire._to_array(np.zeros(16, np.float32))}
+    )
     with pytest.raises(WireError, match="exactly one array"):
         wire.parse_enroll_reply(content)
 
@@ -199,13 +209,26 @@ def test_apply_request_round_trip_and_reply():
     adapter = wire.wire_normalized(make_adapter(scale=1.0))
     arrays, cfg = wire.adapter_to_wire(adapter)
     blob = hashlib.sha256(adapter_to_bytes(adapter)).hexdigest()
-    config = {"nonce": "n", "name": "compose-1", "lora_config": wire.canonical_json(cfg), "blob_sha256": blob,
-              "base_fingerprint": adapter.base_model, "evaluate": True, "weights": json.dumps([1.0])}
+    config = {
+        "nonce": "n",
+        "name": "compose-1",
+        "lora_config": wire.canonical_json(cfg),
+        "blob_sha256": blob,
+        "base_fingerprint": adapter.base_model,
+        "evaluate": True,
+        "weights": json.dumps([1.0]),
+    }
     req = wire.parse_request(wire.APPLY, wire.build_request(wire.APPLY, config, arrays))
     rebuilt = wire.adapter_from_wire(req.adapter, req.lora_config, adapter.base_model)
     assert hashlib.sha256(adapter_to_bytes(rebuilt)).hexdigest() == blob
-    receipt = {"schema": wire.WIRE_SCHEMA, "site": "b", "name": "compose-1", "blob_sha256": blob,
-               "evaluated": True, "nonce": "n"}
+    receipt = {
+        "schema": wire.WIRE_SCHEMA,
+        "site": "b",
+        "name": "compose-1",
+        "blob_sha256": blob,
+        "evaluated": True,
+        "nonce": "n",
+    }
     metrics, got = wire.parse_apply_reply(wire.build_apply_reply({"rouge_l": 0.25, "n": 4}, receipt))
     assert metrics == {"rouge_l": 0.25, "n": 4.0} and got == receipt
     bad = RecordDict({"metrics": MetricRecord({"Predictions": 1.0}), "receipt": ConfigRecord(receipt)})
@@ -215,9 +238,20 @@ def test_apply_request_round_trip_and_reply():
 
 
 def test_whoami_reply_carries_counts_only():
-    info = {"schema": wire.WIRE_SCHEMA, "site": "a", "tasks": '["report-text"]', "groups": '["ct-head"]',
-            "n_examples": 12, "n_labeled": 10, "n_unlabeled": 2, "n_eval": 4, "data_ok": True,
-            "signer": "", "nonce": "n", "identity": ""}
+    info = {
+        "schema": wire.WIRE_SCHEMA,
+        "site": "a",
+        "tasks": '["report-text"]',
+        "groups": '["ct-head"]',
+        "n_examples": 12,
+        "n_labeled": 10,
+        "n_unlabeled": 2,
+        "n_eval": 4,
+        "data_ok": True,
+        "signer": "",
+        "nonce": "n",
+        "identity": "",
+    }
     parsed = wire.parse_whoami_reply(wire.build_whoami_reply(info))
     assert parsed["tasks"] == ["report-text"]
     with pytest.raises(WireError):

@@ -53,9 +53,13 @@ def test_library_has_single_group_sites_first_then_mixtures_and_no_far_group(fed
 def test_affine_target_is_the_midpoint_of_two_library_sites(federation):
     _, _, _, library, targets = federation
     for t in (t for t in targets if t.kind == "affine"):
-        best = min(zs.mixture_distance(t.mixture, {g: 0.5 * a.mixture.get(g, 0) + 0.5 * b.mixture.get(g, 0)
-                                                   for g in zs.GROUPS})
-                   for i, a in enumerate(library[:4]) for b in library[i + 1:4])
+        best = min(
+            zs.mixture_distance(
+                t.mixture, {g: 0.5 * a.mixture.get(g, 0) + 0.5 * b.mixture.get(g, 0) for g in zs.GROUPS}
+            )
+            for i, a in enumerate(library[:4])
+            for b in library[i + 1 : 4]
+        )
         assert best < 1e-9
 
 
@@ -81,8 +85,19 @@ def test_paired_test_detects_a_real_difference_and_not_noise():
 def test_smoke_profile_runs_end_to_end_and_reruns_from_the_cache(tiny_model_dir, tmp_path):
     out = zs.run("smoke", str(tiny_model_dir), tmp_path / "out", cache=tmp_path / "cache")
     arms = {r["arm"] for r in out["results"]}
-    assert {"base", "own", "avg-all", "nearest", "sim", "lin", "lin-l1", "sim-loso", "lin-l1-loso", "fewshot",
-            "sim[z=mid]"} <= arms
+    assert {
+        "base",
+        "own",
+        "avg-all",
+        "nearest",
+        "sim",
+        "lin",
+        "lin-l1",
+        "sim-loso",
+        "lin-l1-loso",
+        "fewshot",
+        "sim[z=mid]",
+    } <= arms
     fewshot = [r for r in out["results"] if r["arm"] == "fewshot"]
     assert fewshot and not any(r["zero_shot"] for r in fewshot)
     assert out["cache"]["lora_trained"] > 0
@@ -101,17 +116,33 @@ def test_seg_loo_table_carries_intervals_and_paired_tests() -> None:
 
     rng = np.random.default_rng(0)
     pre = list(rng.uniform(0.1, 0.3, 30))
-    per = {"pretrained": pre, "own": [x + 0.5 for x in pre], "avg": [x + 0.3 for x in pre],
-           "nearest": [x + rng.normal(0, 0.05) for x in pre], "sim": [x + 0.31 for x in pre],
-           "lin": [x + 0.3 for x in pre], "lin-l1": [x + 0.3 for x in pre]}
-    tests = {s: {"vs_pretrained": zs.paired_test(per[s], pre, 500), "vs_avg": zs.paired_test(per[s], per["avg"], 500)}
-             for s in seg_loo.STRATEGIES}
-    result = {"dataset": "toy", "model": "m", "prompt": {"mode": "center"}, "steps": 1, "wall_s": 1.0,
-              "simulated_sites": [], "dice": {"A": {c: float(np.mean(v)) for c, v in per.items()}},
-              "mean": {c: float(np.mean(v)) for c, v in per.items()},
-              "dice_ci": {"A": {c: list(zs.bootstrap_ci(v, 500)) for c, v in per.items()}},
-              "dice_per_image": {"A": per}, "tests": {"A": tests},
-              "weights": {"A": {s: {"B": 1.0} for s in seg_loo.STRATEGIES}}}
+    per = {
+        "pretrained": pre,
+        "own": [x + 0.5 for x in pre],
+        "avg": [x + 0.3 for x in pre],
+        "nearest": [x + rng.normal(0, 0.05) for x in pre],
+        "sim": [x + 0.31 for x in pre],
+        "lin": [x + 0.3 for x in pre],
+        "lin-l1": [x + 0.3 for x in pre],
+    }
+    tests = {
+        s: {"vs_pretrained": zs.paired_test(per[s], pre, 500), "vs_avg": zs.paired_test(per[s], per["avg"], 500)}
+        for s in seg_loo.STRATEGIES
+    }
+    result = {
+        "dataset": "toy",
+        "model": "m",
+        "prompt": {"mode": "center"},
+        "steps": 1,
+        "wall_s": 1.0,
+        "simulated_sites": [],
+        "dice": {"A": {c: float(np.mean(v)) for c, v in per.items()}},
+        "mean": {c: float(np.mean(v)) for c, v in per.items()},
+        "dice_ci": {"A": {c: list(zs.bootstrap_ci(v, 500)) for c, v in per.items()}},
+        "dice_per_image": {"A": per},
+        "tests": {"A": tests},
+        "weights": {"A": {s: {"B": 1.0} for s in seg_loo.STRATEGIES}},
+    }
     md = seg_loo.markdown(result)
     assert "| A (30 slices) | sim | " in md
     sim_row = next(line for line in md.splitlines() if line.startswith("| A (30 slices) | sim |"))
@@ -139,12 +170,15 @@ def test_seg_loo_pools_by_lineage_and_keeps_virtual_sites_out_of_their_source() 
     assert [seg_loo.lineage(v) for v in virt] == ["A", "B", "C", "A"] and all(v.simulated for v in virt)
     assert all(v.meta["profile"]["match_site"] != seg_loo.lineage(v) for v in virt)
     assert [v.name for v in virt] == [v.name for v in seg_loo.virtual_sites(real, 4, seed=0)]  # seeded
-    per = {t: {"pretrained": [0.2, 0.3], "own": [0.8, 0.9], **{s: [0.6, 0.7] for s in seg_loo.STRATEGIES}}
-           for t in ("A", "vA", "B")}
+    per = {
+        t: {"pretrained": [0.2, 0.3], "own": [0.8, 0.9], **{s: [0.6, 0.7] for s in seg_loo.STRATEGIES}}
+        for t in ("A", "vA", "B")
+    }
     two = seg_loo.pooled(per, {"A": "A", "vA": "A", "B": "B"}, seg_loo.COLUMNS, n_boot=200)
     assert (two["targets"], two["lineages"], two["slices"]) == (3, 2, 6)
     cell = two["columns"]["sim"]["vs_pretrained"]
     assert cell["diff"] == pytest.approx(0.4) and cell["p"] == 1.0 / 2  # 2 lineages: p >= 1/2, never a star
-    many = seg_loo.pooled({f"T{i}": per["A"] for i in range(6)}, {f"T{i}": f"T{i}" for i in range(6)},
-                          seg_loo.COLUMNS, n_boot=200)
+    many = seg_loo.pooled(
+        {f"T{i}": per["A"] for i in range(6)}, {f"T{i}": f"T{i}" for i in range(6)}, seg_loo.COLUMNS, n_boot=200
+    )
     assert many["columns"]["sim"]["vs_pretrained"]["p"] == pytest.approx(2 / 64)

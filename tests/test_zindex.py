@@ -30,19 +30,22 @@ def clustered(n: int, d: int, seed: int) -> np.ndarray:
 
 # ---- exact top-k ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", ["random", "clustered"])
 def test_search_equals_brute_force_on_random_and_clustered_data(kind: str) -> None:
     n, d = 5000, 96
-    Z = np.random.default_rng(1).standard_normal((n, d)).astype(np.float32) if kind == "random" else \
-        clustered(n, d, 2)
+    Z = np.random.default_rng(1).standard_normal((n, d)).astype(np.float32) if kind == "random" else clustered(n, d, 2)
     ix = ExactTopK(d, proj_dim=16)
     for s in range(0, n, 700):
-        ix.add(Z[s:s + 700])
+        ix.add(Z[s : s + 700])
     ix.fit_projection(Z)
     rng = np.random.default_rng(3)
     for i in range(30):
-        q = Z[rng.integers(n)] + 0.05 * rng.standard_normal(d).astype(np.float32) if i % 2 else \
-            rng.standard_normal(d).astype(np.float32)
+        q = (
+            Z[rng.integers(n)] + 0.05 * rng.standard_normal(d).astype(np.float32)
+            if i % 2
+            else rng.standard_normal(d).astype(np.float32)
+        )
         for k in (1, 8, 33):
             rows, dist = ix.search(q, k, Z)
             ref_rows, ref_d = brute(Z, q, k)
@@ -55,9 +58,14 @@ def test_adversarial_ties_are_broken_by_lower_row_like_brute_force() -> None:
     rng = np.random.default_rng(4)
     base = rng.standard_normal(d).astype(np.float32)
     # many exact duplicates, sign flips (same distance to q = 0) and permutations of one vector
-    Z = np.concatenate([np.tile(base, (300, 1)), -np.tile(base, (300, 1)),
-                        np.stack([rng.permutation(base) for _ in range(300)]),
-                        rng.standard_normal((1500, d)).astype(np.float32) * 3]).astype(np.float32)
+    Z = np.concatenate(
+        [
+            np.tile(base, (300, 1)),
+            -np.tile(base, (300, 1)),
+            np.stack([rng.permutation(base) for _ in range(300)]),
+            rng.standard_normal((1500, d)).astype(np.float32) * 3,
+        ]
+    ).astype(np.float32)
     Z = Z[rng.permutation(Z.shape[0])]
     ix = ExactTopK(d, proj_dim=8)
     ix.add(Z)
@@ -166,7 +174,7 @@ def test_projection_codes_in_column_blocks_give_the_brute_force_answer(proj_dim:
     ix2 = ExactTopK.from_state(st)
     assert np.array_equal(ix2.state()["Yq"], st["Yq"])
     qc = torch.from_numpy(np.random.default_rng(13).integers(-127, 128, (proj_dim, 1)).astype(np.int8))
-    blocked = sum(torch._int_mm(ix._Yq[j, :n], qc[64 * j:64 * (j + 1)].contiguous()) for j in range(proj_dim // 64))
+    blocked = sum(torch._int_mm(ix._Yq[j, :n], qc[64 * j : 64 * (j + 1)].contiguous()) for j in range(proj_dim // 64))
     assert torch.equal(blocked, torch._int_mm(torch.from_numpy(np.ascontiguousarray(st["Yq"])), qc))
     rng = np.random.default_rng(12)
     for _ in range(12):
@@ -178,7 +186,9 @@ def test_projection_codes_in_column_blocks_give_the_brute_force_answer(proj_dim:
             assert np.array_equal(dist, ref_d)
     assert ix.stats["pass_a"] > 0 and ix2.stats["pass_a"] > 0
 
+
 # ---- column file ---------------------------------------------------------------------------------
+
 
 def test_column_reopen_keeps_rows_and_dimension(tmp_path) -> None:
     Z = np.random.default_rng(0).standard_normal((50, 16)).astype(np.float32)
@@ -191,6 +201,7 @@ def test_column_reopen_keeps_rows_and_dimension(tmp_path) -> None:
         assert np.array_equal(col.rows([3, 40]), Z[[3, 40]])
         assert col.verify() == []
         import hashlib
+
         assert col.row_sha256(7) == hashlib.sha256(Z[7].astype("<f4").tobytes()).hexdigest()
         old = col.matrix()
         col.append(Z[:1])  # a view taken before an append stays readable

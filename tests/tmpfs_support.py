@@ -28,9 +28,20 @@ def tmpfs_unavailable() -> str | None:
         return "needs root to mount a tmpfs in a private mount namespace"
     if shutil.which("unshare") is None:
         return "util-linux `unshare` is not installed"
-    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
-                            "d=$(mktemp -d) && mount -t tmpfs -o size=64k tmpfs \"$d\" && umount \"$d\"; rmdir \"$d\""],
-                           capture_output=True, text=True, timeout=20)
+    probe = subprocess.run(
+        [
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            'd=$(mktemp -d) && mount -t tmpfs -o size=64k tmpfs "$d" && umount "$d"; rmdir "$d"',
+        ],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
     if probe.returncode != 0:
         return f"the kernel refused a private tmpfs mount: {probe.stderr.strip()[:200]}"
     return None
@@ -47,18 +58,32 @@ def run_in_tmpfs(script: str, size_kib: int, args: list[str] | None = None, time
         pytest.skip(reason)
     mnt = Path(subprocess.run(["mktemp", "-d"], capture_output=True, text=True, check=True).stdout.strip())
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c",
-           f'mount -t tmpfs -o size={int(size_kib)}k,mode=0700 tmpfs "$0" && exec "$@"', str(mnt),
-           sys.executable, "-c", script, str(mnt), *(args or [])]
+    cmd = [
+        "unshare",
+        "-m",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        f'mount -t tmpfs -o size={int(size_kib)}k,mode=0700 tmpfs "$0" && exec "$@"',
+        str(mnt),
+        sys.executable,
+        "-c",
+        script,
+        str(mnt),
+        *(args or []),
+    ]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT,
-                              start_new_session=True)
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT, start_new_session=True
+        )
     finally:
         try:
             mnt.rmdir()
         except OSError:
             pass
     if proc.returncode != 0:
-        raise AssertionError(f"tmpfs worker failed (exit {proc.returncode}):\n"
-                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(
+            f"tmpfs worker failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     return json.loads(proc.stdout.strip().splitlines()[-1])

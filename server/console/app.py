@@ -45,7 +45,7 @@ COOKIE = "rpe_console"
 MAX_REMEMBERED_UPLOADS = 64
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; "
-                               "script-src 'none'; frame-ancestors 'none'; form-action 'self'",
+    "script-src 'none'; frame-ancestors 'none'; form-action 'self'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
@@ -86,14 +86,18 @@ class TokenMiddleware(BaseHTTPMiddleware):
         auth = request.headers.get("authorization", "")
         header = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-rpe-token")
         if not (self._ok(header) or self._ok(request.cookies.get(COOKIE))):
-            return _plain(401, "this console needs its access token: open it once with ?token=<token> (printed "
-                          "by `rpe console` and stored in its token file), or send Authorization: Bearer <token>")
+            return _plain(
+                401,
+                "this console needs its access token: open it once with ?token=<token> (printed "
+                "by `rpe console` and stored in its token file), or send Authorization: Bearer <token>",
+            )
         return await call_next(request)
 
 
 def _plain(status: int, message: str) -> Response:
-    return Response(message + "\n", status_code=status, media_type="text/plain; charset=utf-8",
-                    headers=SECURITY_HEADERS)
+    return Response(
+        message + "\n", status_code=status, media_type="text/plain; charset=utf-8", headers=SECURITY_HEADERS
+    )
 
 
 class Console:
@@ -122,9 +126,11 @@ class Console:
         if length is None or not length.isdigit():
             raise ConsoleInputError("the upload has no Content-Length; send it as a normal form upload")
         if int(length) > MAX_UPLOAD_BYTES + 64 * 1024:
-            raise ConsoleInputError(f"the upload is {int(length):,} bytes; the console accepts egress logs up to "
-                                    f"{MAX_UPLOAD_BYTES:,} bytes (check offline: rpe audit cross-check / rpe "
-                                    "privacy spent)")
+            raise ConsoleInputError(
+                f"the upload is {int(length):,} bytes; the console accepts egress logs up to "
+                f"{MAX_UPLOAD_BYTES:,} bytes (check offline: rpe audit cross-check / rpe "
+                "privacy spent)"
+            )
         try:
             form = await request.form(max_files=1, max_fields=4, max_part_size=64 * 1024)
         except Exception as exc:  # noqa: BLE001 - multipart parser errors are the client's fault
@@ -140,26 +146,42 @@ class Console:
 
     # -- pages ----------------------------------------------------------------------------------
     async def overview(self, request: Request) -> Response:
-        return self.page(request, "overview.html", stats=self.registry.stats(),
-                         sites=views.sites(self.registry, self.audit_path), disk=views.disk_bytes(self.root),
-                         audit=views.audit_status(self.audit_path), bases=self.registry.bases)
+        return self.page(
+            request,
+            "overview.html",
+            stats=self.registry.stats(),
+            sites=views.sites(self.registry, self.audit_path),
+            disk=views.disk_bytes(self.root),
+            audit=views.audit_status(self.audit_path),
+            bases=self.registry.bases,
+        )
 
     async def registry_page(self, request: Request) -> Response:
         q = request.query_params
         sort, desc = q.get("sort", "created"), q.get("order") == "desc"
         try:
-            rows = views.records(self.registry, site=q.get("site"), task=q.get("task"), text=q.get("q"),
-                                 sort=sort, descending=desc)
+            rows = views.records(
+                self.registry, site=q.get("site"), task=q.get("task"), text=q.get("q"), sort=sort, descending=desc
+            )
         except ConsoleInputError as exc:
             return self.error(request, 400, str(exc), "/registry")
         colour = q.get("colour", "site")
         if colour not in ("site", "task"):
             return self.error(request, 400, f"the map can be coloured by site or task, not {colour!r}", "/registry")
         filters = {k: q.get(k, "") for k in ("site", "task", "q")}
-        return self.page(request, "registry.html", rows=rows, total=len(self.registry), sort=sort, desc=desc,
-                         colour=colour, filters=filters, sites=sorted(self.registry.distinct("site")),
-                         tasks=sorted(self.registry.distinct("task")), query=urlencode(
-                             {k: v for k, v in {**filters, "colour": colour}.items() if v}))
+        return self.page(
+            request,
+            "registry.html",
+            rows=rows,
+            total=len(self.registry),
+            sort=sort,
+            desc=desc,
+            colour=colour,
+            filters=filters,
+            sites=sorted(self.registry.distinct("site")),
+            tasks=sorted(self.registry.distinct("task")),
+            query=urlencode({k: v for k, v in {**filters, "colour": colour}.items() if v}),
+        )
 
     async def registry_map(self, request: Request) -> Response:
         q = request.query_params
@@ -169,8 +191,9 @@ class Console:
         recs = self.registry.list(site=q.get("site") or None, task=q.get("task") or None)
         if q.get("q"):
             recs = [r for r in recs if q["q"].lower() in r.id.lower()]
-        coords, explained = charts.pca_2d(self.registry.embeddings([r.id for r in recs]) if recs else
-                                          _empty(self.registry.embedding_dim))
+        coords, explained = charts.pca_2d(
+            self.registry.embeddings([r.id for r in recs]) if recs else _empty(self.registry.embedding_dim)
+        )
         labels = [r.meta.site if colour == "site" else r.meta.task for r in recs]
         svg = charts.pca_map_svg(coords, labels, explained, colour)
         return Response(svg, media_type="image/svg+xml", headers=SECURITY_HEADERS)
@@ -196,10 +219,18 @@ class Console:
         except ConsoleInputError as exc:
             return self.error(request, 404, str(exc), "/compositions")
         known = set(self.registry.ids())
-        rows = [{"id": i, "distance": d, "weight": w, "sha": h, "live": i in known}
-                for i, d, w, h in zip(c["retrieved"], c["distances"], c["weights"], c["adapter_sha256"])]
-        return self.page(request, "composition.html", c=c, rows=rows, nav="compositions",
-                         weight_sum=sum(float(w) for w in c["weights"]))
+        rows = [
+            {"id": i, "distance": d, "weight": w, "sha": h, "live": i in known}
+            for i, d, w, h in zip(c["retrieved"], c["distances"], c["weights"], c["adapter_sha256"])
+        ]
+        return self.page(
+            request,
+            "composition.html",
+            c=c,
+            rows=rows,
+            nav="compositions",
+            weight_sum=sum(float(w) for w in c["weights"]),
+        )
 
     async def composition_chart(self, request: Request) -> Response:
         try:
@@ -209,12 +240,20 @@ class Console:
         svg = charts.weights_svg(c["retrieved"], c["weights"], f"{c['strategy']} weights for {c['target']}")
         return Response(svg, media_type="image/svg+xml", headers=SECURITY_HEADERS)
 
-    async def audit_page(self, request: Request, check: dict[str, Any] | None = None, status: int = 200,
-                         upload_error: str | None = None) -> Response:
-        return self.page(request, "audit.html", status=status, audit=views.audit_status(self.audit_path),
-                         rep=views.audit_report(self.audit_path), check=check, upload_error=upload_error,
-                         sites=[s["site"] for s in views.sites(self.registry, self.audit_path)],
-                         max_upload=MAX_UPLOAD_BYTES)
+    async def audit_page(
+        self, request: Request, check: dict[str, Any] | None = None, status: int = 200, upload_error: str | None = None
+    ) -> Response:
+        return self.page(
+            request,
+            "audit.html",
+            status=status,
+            audit=views.audit_status(self.audit_path),
+            rep=views.audit_report(self.audit_path),
+            check=check,
+            upload_error=upload_error,
+            sites=[s["site"] for s in views.sites(self.registry, self.audit_path)],
+            max_upload=MAX_UPLOAD_BYTES,
+        )
 
     async def audit_get(self, request: Request) -> Response:
         return await self.audit_page(request)
@@ -232,13 +271,20 @@ class Console:
                 rep = cross_check(path, self.audit_path, site)
         except ConsoleInputError as exc:
             return await self.audit_page(request, status=400, upload_error=str(exc))
-        return await self.audit_page(request, check={"site": site, "file": name, "ok": rep.ok, "text": rep.format(),
-                                                     **rep.to_dict()})
+        return await self.audit_page(
+            request, check={"site": site, "file": name, "ok": rep.ok, "text": rep.format(), **rep.to_dict()}
+        )
 
     async def privacy_page(self, request: Request, status: int = 200, upload_error: str | None = None) -> Response:
-        return self.page(request, "privacy.html", status=status, recorded=views.recorded_privacy(
-            self.registry, self.audit_path), uploads=self.uploads, upload_error=upload_error,
-            max_upload=MAX_UPLOAD_BYTES)
+        return self.page(
+            request,
+            "privacy.html",
+            status=status,
+            recorded=views.recorded_privacy(self.registry, self.audit_path),
+            uploads=self.uploads,
+            upload_error=upload_error,
+            max_upload=MAX_UPLOAD_BYTES,
+        )
 
     async def privacy_get(self, request: Request) -> Response:
         return await self.privacy_page(request)
@@ -282,8 +328,9 @@ def _empty(dim: int) -> np.ndarray:
     return np.zeros((0, dim), dtype=np.float32)
 
 
-def create_app(registry_dir: str | os.PathLike[str], token: str | None = None, secure_cookie: bool = False,
-               blob_key: Any = None) -> Starlette:
+def create_app(
+    registry_dir: str | os.PathLike[str], token: str | None = None, secure_cookie: bool = False, blob_key: Any = None
+) -> Starlette:
     """The console for ``registry_dir``; with ``token``, every request must carry it (see the module doc)."""
     c = Console(registry_dir, blob_key=blob_key)
     routes = [

@@ -49,8 +49,9 @@ def pca_map_svg(coords: np.ndarray, labels: Sequence[str], explained: np.ndarray
     cmap = colormaps["tab10"]
     for i, g in enumerate(groups):
         idx = [j for j, lab in enumerate(labels) if lab == g]
-        ax.scatter(coords[idx, 0], coords[idx, 1], s=36, label=g, color=cmap(i % 10),
-                   edgecolors="black", linewidths=0.4)
+        ax.scatter(
+            coords[idx, 0], coords[idx, 1], s=36, label=g, color=cmap(i % 10), edgecolors="black", linewidths=0.4
+        )
     ax.set_xlabel(f"PC1 ({100 * explained[0]:.1f} % of variance)")
     ax.set_ylabel(f"PC2 ({100 * explained[1]:.1f} % of variance)")
     ax.set_title(f"z of {len(labels)} record(s), coloured by {colour_by}")

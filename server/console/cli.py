@@ -52,12 +52,16 @@ def load_or_create_token(path: str | os.PathLike[str]) -> str:
     if p.exists():
         mode = stat.S_IMODE(p.stat().st_mode)
         if mode & 0o077:
-            raise ConsoleConfigError(f"token file {p} has mode {mode:04o}; other users could read it. "
-                                     f"Run `chmod 600 {p}` (or delete it to get a new token)")
+            raise ConsoleConfigError(
+                f"token file {p} has mode {mode:04o}; other users could read it. "
+                f"Run `chmod 600 {p}` (or delete it to get a new token)"
+            )
         token = p.read_text(encoding="ascii").strip()
         if len(token) < 32:
-            raise ConsoleConfigError(f"token file {p} holds {len(token)} characters; a token needs at least 32. "
-                                     "Delete the file to get a new one")
+            raise ConsoleConfigError(
+                f"token file {p} holds {len(token)} characters; a token needs at least 32. "
+                "Delete the file to get a new one"
+            )
         return token
     p.parent.mkdir(parents=True, exist_ok=True)
     token = secrets.token_urlsafe(32)
@@ -83,7 +87,8 @@ def plan(args: argparse.Namespace) -> dict[str, object]:
         raise ConsoleConfigError(
             f"--host {args.host} is reachable from a network: the console then requires TLS (--certfile and "
             "--keyfile; `python -m deploy.tls` or any CA can make them) and an access token. Or keep the default "
-            "127.0.0.1 and use an SSH tunnel")
+            "127.0.0.1 and use an SSH tunnel"
+        )
     token_file = args.token_file or (None if loopback else default_token_file(args.registry))
     token = load_or_create_token(token_file) if token_file else None
     return {"tls": tls, "token": token, "token_file": str(token_file) if token_file else None}
@@ -105,25 +110,42 @@ def cmd_console(args: argparse.Namespace) -> None:
     else:
         print(f"rpe console: {url}  (read-only; loopback only, no token)", file=sys.stderr)
     sys.stderr.flush()
-    uvicorn.run(app, host=args.host, port=args.port, ssl_certfile=args.certfile, ssl_keyfile=args.keyfile,
-                log_level=args.log_level, server_header=False, access_log=args.log_level == "info")
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        ssl_certfile=args.certfile,
+        ssl_keyfile=args.keyfile,
+        log_level=args.log_level,
+        server_header=False,
+        access_log=args.log_level == "info",
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``console`` to the ``rpe`` sub-commands."""
     c = subparsers.add_parser(
-        "console", help="serve the read-only web console of a registry (overview, records, audit, privacy)",
+        "console",
+        help="serve the read-only web console of a registry (overview, records, audit, privacy)",
         description="A read-only web console over a registry directory: sites, records with a PCA map of z, "
-                    "compositions, audit-chain verification, egress-log cross-check, privacy spent, "
-                    "evaluations. Binds to 127.0.0.1; any other --host requires --certfile/--keyfile and an "
-                    "access token (created in a 0600 file).")
+        "compositions, audit-chain verification, egress-log cross-check, privacy spent, "
+        "evaluations. Binds to 127.0.0.1; any other --host requires --certfile/--keyfile and an "
+        "access token (created in a 0600 file).",
+    )
     c.add_argument("--registry", required=True, help="registry directory (opened read-only)")
     c.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     c.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     c.add_argument("--certfile", help="TLS certificate (PEM); required with a non-loopback --host")
     c.add_argument("--keyfile", help="TLS private key (PEM)")
-    c.add_argument("--token-file", help="access-token file, created 0600 if missing (default for a non-loopback "
-                   "host: <registry>.console-token; on 127.0.0.1 a token is required only when this is given)")
-    c.add_argument("--log-level", default="warning", choices=["warning", "info", "error"],
-                   help="uvicorn log level (info also logs each request)")
+    c.add_argument(
+        "--token-file",
+        help="access-token file, created 0600 if missing (default for a non-loopback "
+        "host: <registry>.console-token; on 127.0.0.1 a token is required only when this is given)",
+    )
+    c.add_argument(
+        "--log-level",
+        default="warning",
+        choices=["warning", "info", "error"],
+        help="uvicorn log level (info also logs each request)",
+    )
     c.set_defaults(func=cmd_console)

@@ -33,9 +33,17 @@ class ConsoleInputError(ValueError):
 
 def record_row(r: Record) -> dict[str, Any]:
     """The registry-page row of one record (the same columns as ``rpe registry ls``)."""
-    return {"id": r.id, "site": r.meta.site, "task": r.meta.task, "modality": r.meta.modality,
-            "rank": r.meta.rank, "samples": r.meta.sample_count, "bytes": r.bytes, "created": r.meta.created_at,
-            "epsilon": epsilon_of(r.meta.privacy)}
+    return {
+        "id": r.id,
+        "site": r.meta.site,
+        "task": r.meta.task,
+        "modality": r.meta.modality,
+        "rank": r.meta.rank,
+        "samples": r.meta.sample_count,
+        "bytes": r.bytes,
+        "created": r.meta.created_at,
+        "epsilon": epsilon_of(r.meta.privacy),
+    }
 
 
 def epsilon_of(privacy: Any) -> float | None:
@@ -55,8 +63,14 @@ def epsilon_of(privacy: Any) -> float | None:
     return math.inf  # no total: some part of the release was not private
 
 
-def records(reg: Registry, site: str | None = None, task: str | None = None, text: str | None = None,
-            sort: str = "created", descending: bool = False) -> list[dict[str, Any]]:
+def records(
+    reg: Registry,
+    site: str | None = None,
+    task: str | None = None,
+    text: str | None = None,
+    sort: str = "created",
+    descending: bool = False,
+) -> list[dict[str, Any]]:
     """Live records matching the filters, sorted by one column (unknown columns are refused)."""
     if sort not in SORT_KEYS:
         raise ConsoleInputError(f"cannot sort by {sort!r}; choose one of {', '.join(SORT_KEYS)}")
@@ -84,8 +98,18 @@ def sites(reg: Registry, audit_path: Path) -> list[dict[str, Any]]:
     """Per site: live adapters, tasks, bases, and the last time the coordinator heard from it."""
     out: dict[str, dict[str, Any]] = {}
     for r in reg.list():
-        s = out.setdefault(r.meta.site, {"site": r.meta.site, "adapters": 0, "tasks": set(), "bases": set(),
-                                         "last_contact": None, "accepted": 0, "rejected": 0})
+        s = out.setdefault(
+            r.meta.site,
+            {
+                "site": r.meta.site,
+                "adapters": 0,
+                "tasks": set(),
+                "bases": set(),
+                "last_contact": None,
+                "accepted": 0,
+                "rejected": 0,
+            },
+        )
         s["adapters"] += 1
         s["tasks"].add(r.meta.task)
         s["bases"].add(r.meta.base_fingerprint)
@@ -94,8 +118,18 @@ def sites(reg: Registry, audit_path: Path) -> list[dict[str, Any]]:
             site = e.get("site")
             if not isinstance(site, str):
                 continue
-            s = out.setdefault(site, {"site": site, "adapters": 0, "tasks": set(), "bases": set(),
-                                      "last_contact": None, "accepted": 0, "rejected": 0})
+            s = out.setdefault(
+                site,
+                {
+                    "site": site,
+                    "adapters": 0,
+                    "tasks": set(),
+                    "bases": set(),
+                    "last_contact": None,
+                    "accepted": 0,
+                    "rejected": 0,
+                },
+            )
             ts = e.get("ts")
             if isinstance(ts, str) and (s["last_contact"] is None or ts > s["last_contact"]):
                 s["last_contact"] = ts
@@ -114,8 +148,11 @@ def disk_bytes(root: Path) -> int:
 def audit_status(audit_path: Path) -> dict[str, Any]:
     """The verify result: ok, and every problem with its exact line, seq and kind."""
     if not audit_path.is_file():
-        return {"ok": False, "entries": 0, "problems": [{"line": 0, "seq": None, "kind": "missing",
-                                                        "message": f"{audit_path.name} does not exist"}]}
+        return {
+            "ok": False,
+            "entries": 0,
+            "problems": [{"line": 0, "seq": None, "kind": "missing", "message": f"{audit_path.name} does not exist"}],
+        }
     problems = problems_as_dicts(verify(audit_path))
     entries = sum(1 for _ in read_entries(audit_path))
     return {"ok": not problems, "entries": entries, "problems": problems}
@@ -133,12 +170,25 @@ def compositions(audit_path: Path) -> list[dict[str, Any]]:
         if e.get("event") != EV_COMPOSITION:
             continue
         ids = list(e.get("retrieved") or [])
-        out.append({"seq": e.get("seq"), "line": line, "ts": e.get("ts"), "target": e.get("target"),
-                    "site": e.get("site"), "strategy": e.get("strategy"), "params": e.get("params"),
-                    "retrieved": ids, "distances": list(e.get("distances") or []),
-                    "weights": list(e.get("weights") or []), "adapter_sha256": list(e.get("adapter_sha256") or []),
-                    "output_sha256": e.get("output_sha256"), "max_rank": e.get("max_rank"),
-                    "z_sha256": e.get("z_sha256"), "run_id": e.get("run_id")})
+        out.append(
+            {
+                "seq": e.get("seq"),
+                "line": line,
+                "ts": e.get("ts"),
+                "target": e.get("target"),
+                "site": e.get("site"),
+                "strategy": e.get("strategy"),
+                "params": e.get("params"),
+                "retrieved": ids,
+                "distances": list(e.get("distances") or []),
+                "weights": list(e.get("weights") or []),
+                "adapter_sha256": list(e.get("adapter_sha256") or []),
+                "output_sha256": e.get("output_sha256"),
+                "max_rank": e.get("max_rank"),
+                "z_sha256": e.get("z_sha256"),
+                "run_id": e.get("run_id"),
+            }
+        )
     return out
 
 
@@ -166,10 +216,15 @@ def parse_egress(data: bytes, name: str) -> list[dict[str, Any]]:
             entry = json.loads(raw)
         except ValueError as exc:
             raise ConsoleInputError(f"{name}: line {n} is not JSON ({exc.msg}); is this an rpe egress log?") from None
-        if not isinstance(entry, dict) or not isinstance(entry.get("records"), list) \
-                or not isinstance(entry.get("message_type"), str):
-            raise ConsoleInputError(f"{name}: line {n} is not an egress entry (needs 'message_type' and a "
-                                    "'records' list); upload the site's egress.jsonl, not another log")
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("records"), list)
+            or not isinstance(entry.get("message_type"), str)
+        ):
+            raise ConsoleInputError(
+                f"{name}: line {n} is not an egress entry (needs 'message_type' and a "
+                "'records' list); upload the site's egress.jsonl, not another log"
+            )
         lines.append(entry)
     return lines
 
@@ -177,8 +232,13 @@ def parse_egress(data: bytes, name: str) -> list[dict[str, Any]]:
 def spent(lines: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     """``common.privacy.spent_from_egress`` as plain values for a page."""
     s = spent_from_egress(lines)
-    return {"releases": s.releases, "epsilon": s.epsilon, "delta": s.delta, "non_private": s.non_private,
-            "summary": s.summary()}
+    return {
+        "releases": s.releases,
+        "epsilon": s.epsilon,
+        "delta": s.delta,
+        "non_private": s.non_private,
+        "summary": s.summary(),
+    }
 
 
 def recorded_privacy(reg: Registry, audit_path: Path) -> list[dict[str, Any]]:
@@ -190,8 +250,18 @@ def recorded_privacy(reg: Registry, audit_path: Path) -> list[dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
 
     def row(site: str) -> dict[str, Any]:
-        return out.setdefault(site, {"site": site, "adapters": 0, "queries": 0, "releases": [], "max_epsilon": 0.0,
-                                     "non_private": 0, "unrecorded": 0})
+        return out.setdefault(
+            site,
+            {
+                "site": site,
+                "adapters": 0,
+                "queries": 0,
+                "releases": [],
+                "max_epsilon": 0.0,
+                "non_private": 0,
+                "unrecorded": 0,
+            },
+        )
 
     for r in reg.list():
         eps = epsilon_of(r.meta.privacy)
@@ -237,10 +307,18 @@ def evaluation(root: Path, run_id: str) -> dict[str, Any]:
     for m in methods:
         vals = [table[(t, m)] for t in targets if table.get((t, m)) is not None]
         means[m] = float(np.mean(vals)) if vals else None
-    plots = sorted(p.name for p in d.iterdir() if p.is_file() and p.suffix in (".png", ".svg")
-                   and EVAL_FILE_RE.match(p.name))
-    return {"run_id": run_id, "rows": rows, "targets": targets, "methods": methods,
-            "table": {f"{t}|{m}": v for (t, m), v in table.items()}, "means": means, "plots": plots}
+    plots = sorted(
+        p.name for p in d.iterdir() if p.is_file() and p.suffix in (".png", ".svg") and EVAL_FILE_RE.match(p.name)
+    )
+    return {
+        "run_id": run_id,
+        "rows": rows,
+        "targets": targets,
+        "methods": methods,
+        "table": {f"{t}|{m}": v for (t, m), v in table.items()},
+        "means": means,
+        "plots": plots,
+    }
 
 
 def evaluation_file(root: Path, run_id: str, name: str) -> Path:

@@ -33,10 +33,19 @@ def _signed_fields(meta: Mapping[str, Any]) -> dict[str, Any]:
 
 def train_config(s: Settings) -> dict[str, Any]:
     """The ``train`` request's config (without the nonce)."""
-    config: dict[str, Any] = {"task": s.task, "steps": s.steps, "lr": s.lr, "batch_size": s.batch_size,
-                              "max_length": s.max_length, "seed": s.seed, "lora_r": s.lora_r,
-                              "lora_alpha": s.lora_alpha, "lora_targets": s.lora_targets,
-                              "lora_dropout": s.lora_dropout, "embed_layer": s.embed_layer}
+    config: dict[str, Any] = {
+        "task": s.task,
+        "steps": s.steps,
+        "lr": s.lr,
+        "batch_size": s.batch_size,
+        "max_length": s.max_length,
+        "seed": s.seed,
+        "lora_r": s.lora_r,
+        "lora_alpha": s.lora_alpha,
+        "lora_targets": s.lora_targets,
+        "lora_dropout": s.lora_dropout,
+        "embed_layer": s.embed_layer,
+    }
     if s.max_examples:
         config["max_examples"] = s.max_examples
     return config
@@ -47,34 +56,46 @@ def failed(status: str, failure: SiteFailure) -> dict[str, Any]:
     return {"status": status, "reason": str(failure), "kind": failure.kind, "code": failure.code}
 
 
-def run_enroll(grid: Grid, s: Settings, registry: Any, sites: dict[str, SiteInfo], run_id: str,
-               report: dict[str, Any]) -> None:
+def run_enroll(
+    grid: Grid, s: Settings, registry: Any, sites: dict[str, SiteInfo], run_id: str, report: dict[str, Any]
+) -> None:
     """Enrol ``sites`` (default: every online site); ``report["enroll"][site]`` says what happened."""
     chosen = list(s.sites) or sorted(sites)
     results: dict[str, dict[str, Any]] = {}
     requests: list[Request] = []
     for site in chosen:
         if site not in sites:
-            results[site] = failed("offline", SiteFailure("offline", "site did not answer query.whoami (offline or "
-                                                                     "unknown)"))
+            results[site] = failed(
+                "offline", SiteFailure("offline", "site did not answer query.whoami (offline or unknown)")
+            )
             registry.audit.append("submission.rejected", site=site, reason="offline", run_id=run_id)
             continue
         requests.append(request(site, sites[site].node_id, wire.ENROLL, train_config(s)))
     log(f"enrolling {[r.key for r in requests]} (task {s.task}, {s.steps} steps)")
     progress = Progress("enroll", len(requests), heartbeat_s=60.0)
-    replies = exchange(grid, requests, s.timeout_train, on_wait=progress.waiting, audit=registry.audit, run_id=run_id,
-                       on_reply=lambda req, rep: progress.result(req.key, "reply" if rep.ok else rep.problem))
+    replies = exchange(
+        grid,
+        requests,
+        s.timeout_train,
+        on_wait=progress.waiting,
+        audit=registry.audit,
+        run_id=run_id,
+        on_reply=lambda req, rep: progress.result(req.key, "reply" if rep.ok else rep.problem),
+    )
     allow, ledger = _security(s, registry)
     for req in requests:
         results[req.key] = accept_submission(s, registry, req, replies[req.key], run_id, allow, ledger)
     report["enroll"] = results
     for site, res in sorted(results.items()):
-        log(f"enroll {site}: {res['status']}" + (f" ({res.get('reason')})" if res.get("reason") else
-                                                 f" -> {res.get('record_id')}"))
+        log(
+            f"enroll {site}: {res['status']}"
+            + (f" ({res.get('reason')})" if res.get("reason") else f" -> {res.get('record_id')}")
+        )
 
 
-def accept_submission(s: Settings, registry: Any, req: Request, rep: Reply, run_id: str, allow: Any,
-                      ledger: Any) -> dict[str, Any]:
+def accept_submission(
+    s: Settings, registry: Any, req: Request, rep: Reply, run_id: str, allow: Any, ledger: Any
+) -> dict[str, Any]:
     """Check one enrolment reply (vocabulary, identity, nonce, signature) and store it in the registry.
 
     What arrived on the wire goes into the ONE audit entry of this submission: the registry's own
@@ -89,8 +110,7 @@ def accept_submission(s: Settings, registry: Any, req: Request, rep: Reply, run_
     site, nonce = req.key, req.nonce
     failure = rep.failure
     if failure is not None:
-        registry.audit.append("submission.rejected", site=site, reason=str(failure)[:1000], run_id=run_id,
-                              nonce=nonce)
+        registry.audit.append("submission.rejected", site=site, reason=str(failure)[:1000], run_id=run_id, nonce=nonce)
         return failed("error", failure)
     content = rep.content
     fields: dict[str, Any] = {"run_id": run_id, "nonce": nonce, "message_type": wire.ENROLL, "record_digests": None}
@@ -99,29 +119,48 @@ def accept_submission(s: Settings, registry: Any, req: Request, rep: Reply, run_
         fields["record_digests"] = record_digests({name: content[name] for name in content.keys()})
         payload = wire.parse_enroll_reply(content)
         meta = payload.meta
-        fields.update(blob_sha256=meta["blob_sha256"], z_sha256=z_sha256(payload.z),
-                      signer=meta["signer"] or None, signature=meta["signature"] or None)
+        fields.update(
+            blob_sha256=meta["blob_sha256"],
+            z_sha256=z_sha256(payload.z),
+            signer=meta["signer"] or None,
+            signature=meta["signature"] or None,
+        )
         if meta["site"] != site:
             raise WireError(f"reply claims site {meta['site']!r} but came from {site!r}", "meta", "site")
         if meta["nonce"] != nonce:
             raise WireError("reply answers another request (nonce mismatch)", "meta", "nonce")
         if meta["signature"]:
-            signing.authenticate_submission(allow, ledger, site, meta["signature"], meta["blob_sha256"],
-                                            payload.z, _signed_fields(meta), run_id, nonce)
+            signing.authenticate_submission(
+                allow,
+                ledger,
+                site,
+                meta["signature"],
+                meta["blob_sha256"],
+                payload.z,
+                _signed_fields(meta),
+                run_id,
+                nonce,
+            )
         elif s.require_signatures:
             raise signing.SignatureError("unsigned submission, and this coordinator requires signatures")
         adapter = wire.adapter_from_wire(payload.arrays, payload.lora_config, meta["base_fingerprint"])
         at_registry = True
-        record = registry.add(adapter, payload.z, registry_meta(payload), expected_sha256=meta["blob_sha256"],
-                              audit_fields=fields)
+        record = registry.add(
+            adapter, payload.z, registry_meta(payload), expected_sha256=meta["blob_sha256"], audit_fields=fields
+        )
     except (WireError, RegistryError, signing.SigningError, ValueError) as exc:
         reason = f"{type(exc).__name__}: {exc}"
         if not (at_registry and isinstance(exc, ValidationError)):  # else the registry logged it, with fields
             registry.audit.append("submission.rejected", site=site, reason=reason[:1000], **fields)
         return failed("rejected", SiteFailure("rejected", reason)) | {"error": type(exc).__name__}
-    return {"status": "accepted", "record_id": record.id, "blob_sha256": record.blob_sha256,
-            "signed": bool(meta["signature"]), "sample_count": meta["sample_count"],
-            "train_stats": payload.train_stats}
+    return {
+        "status": "accepted",
+        "record_id": record.id,
+        "blob_sha256": record.blob_sha256,
+        "signed": bool(meta["signature"]),
+        "sample_count": meta["sample_count"],
+        "train_stats": payload.train_stats,
+    }
 
 
 def registry_meta(p: wire.EnrollPayload) -> dict[str, Any]:
@@ -129,9 +168,20 @@ def registry_meta(p: wire.EnrollPayload) -> dict[str, Any]:
     m = p.meta
     privacy = {k: v for k, v in p.privacy.items() if v is not None} or "none"
     return {
-        "site": m["site"], "task": m["task"], "modality": m["modality"], "base_fingerprint": m["base_fingerprint"],
-        "sample_count": m["sample_count"], "token_count": m["token_count"], "privacy": privacy,
-        "extra": {"group": m["group"], "embedding_spec": p.embedding_spec, "lora_config": p.lora_config,
-                  "train_stats": {k: v for k, v in p.train_stats.items() if v is not None},
-                  "signer": m["signer"], "signature": m["signature"], "wire_schema": m["schema"]},
+        "site": m["site"],
+        "task": m["task"],
+        "modality": m["modality"],
+        "base_fingerprint": m["base_fingerprint"],
+        "sample_count": m["sample_count"],
+        "token_count": m["token_count"],
+        "privacy": privacy,
+        "extra": {
+            "group": m["group"],
+            "embedding_spec": p.embedding_spec,
+            "lora_config": p.lora_config,
+            "train_stats": {k: v for k, v in p.train_stats.items() if v is not None},
+            "signer": m["signer"],
+            "signature": m["signature"],
+            "wire_schema": m["schema"],
+        },
     }

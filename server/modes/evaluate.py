@@ -39,12 +39,19 @@ def own_summary(s: Settings, registry: Any, target: str, z: np.ndarray) -> dict[
         raise ValueError(f"site {target!r} has no enrolled adapter of its own")
     rec = own[-1]
     adapter = wire.wire_normalized(registry.load_adapter(rec.id), base_model=rec.meta.base_fingerprint)
-    return {"adapter": adapter, "ids": [rec.id], "sites": [target], "weights": [1.0],
-            "distances": [float(np.sum((rec.z - z) ** 2))], "output_sha256": wire.adapter_sha256(adapter)}
+    return {
+        "adapter": adapter,
+        "ids": [rec.id],
+        "sites": [target],
+        "weights": [1.0],
+        "distances": [float(np.sum((rec.z - z) ** 2))],
+        "output_sha256": wire.adapter_sha256(adapter),
+    }
 
 
-def run_evaluate(grid: Grid, s: Settings, registry: Any, sites: dict[str, SiteInfo], run_id: str,
-                 report: dict[str, Any]) -> None:
+def run_evaluate(
+    grid: Grid, s: Settings, registry: Any, sites: dict[str, SiteInfo], run_id: str, report: dict[str, Any]
+) -> None:
     """Every strategy and baseline for every enrolled site with held-out data."""
     enrolled = sorted({r.meta.site for r in registry.list(task=s.task)})
     targets = list(s.targets) or [t for t in enrolled if t in sites and sites[t].info["n_eval"] > 0]
@@ -61,8 +68,9 @@ def run_evaluate(grid: Grid, s: Settings, registry: Any, sites: dict[str, SiteIn
         batch: list[tuple[dict[str, Any], Any]] = []
         for method in [*methods, "own"]:
             try:
-                summary = (own_summary(s, registry, t, z) if method == "own"
-                           else compose_one(s, registry, t, z, method, None))
+                summary = (
+                    own_summary(s, registry, t, z) if method == "own" else compose_one(s, registry, t, z, method, None)
+                )
             except Exception as exc:  # noqa: BLE001 - report and go on with the other arms
                 problems[f"{t}|{method}"] = f"{type(exc).__name__}: {exc}"
                 continue
@@ -79,18 +87,30 @@ def run_evaluate(grid: Grid, s: Settings, registry: Any, sites: dict[str, SiteIn
         for i, info in enumerate(arms_of[req.key]):
             progress.result(f"target {req.key}, arm {info['method']}", _score(rep, i))
 
-    replies = exchange(grid, requests, s.timeout_train, on_reply=on_reply, on_wait=progress.waiting,
-                       audit=registry.audit, run_id=run_id)
+    replies = exchange(
+        grid,
+        requests,
+        s.timeout_train,
+        on_reply=on_reply,
+        on_wait=progress.waiting,
+        audit=registry.audit,
+        run_id=run_id,
+    )
     rows: list[dict[str, Any]] = []
     for req in requests:
         t, rep, infos = req.key, replies[req.key], arms_of[req.key]
         digest = wire.arms_digest([info["output_sha256"] for info in infos])
-        where = {"target": t, "name": "evaluate", "output_sha256": digest,
-                 "arms": [{"arm": i["method"], "output_sha256": i["output_sha256"]} for i in infos]}
+        where = {
+            "target": t,
+            "name": "evaluate",
+            "output_sha256": digest,
+            "arms": [{"arm": i["method"], "output_sha256": i["output_sha256"]} for i in infos],
+        }
         if not rep.ok:
             problems[t] = rep.problem
-            audit_reply(registry.audit, "composition.undelivered", req, rep, run_id, t, **where,
-                        reason=rep.problem[:1000])
+            audit_reply(
+                registry.audit, "composition.undelivered", req, rep, run_id, t, **where, reason=rep.problem[:1000]
+            )
             continue
         try:
             metrics, receipt = wire.parse_evaluate_reply(rep.content)
@@ -98,11 +118,13 @@ def run_evaluate(grid: Grid, s: Settings, registry: Any, sites: dict[str, SiteIn
                 raise WireError("receipt does not match the adapters sent", "receipt")
         except WireError as exc:
             problems[t] = f"invalid evaluate reply: {exc}"
-            audit_reply(registry.audit, "composition.undelivered", req, rep, run_id, t, **where,
-                        reason=problems[t][:1000])
+            audit_reply(
+                registry.audit, "composition.undelivered", req, rep, run_id, t, **where, reason=problems[t][:1000]
+            )
             continue
-        audit_reply(registry.audit, "composition.delivered", req, rep, run_id, t, **where, metrics=metrics,
-                    stored=False)
+        audit_reply(
+            registry.audit, "composition.delivered", req, rep, run_id, t, **where, metrics=metrics, stored=False
+        )
         if not receipt["evaluated"]:
             problems[t] = "site did not evaluate (no held-out data, or its policy withholds the metrics)"
             continue
@@ -110,8 +132,11 @@ def run_evaluate(grid: Grid, s: Settings, registry: Any, sites: dict[str, SiteIn
             rows.append(evaluation_row(info, _arm_metrics(metrics, f"a{i}_")))
         base = _arm_metrics(metrics, "base_")
         if base:
-            rows.append(evaluation_row({"target": t, "method": "base", "ids": [], "sites": [], "weights": [],
-                                        "distances": []}, base))
+            rows.append(
+                evaluation_row(
+                    {"target": t, "method": "base", "ids": [], "sites": [], "weights": [], "distances": []}, base
+                )
+            )
     order = {m: i for i, m in enumerate(["base", *methods, "own"])}
     rows.sort(key=lambda r: (r["target"], order.get(r["method"], 99)))
     out_root = registry.path / "evaluations" / run_id
@@ -120,14 +145,19 @@ def run_evaluate(grid: Grid, s: Settings, registry: Any, sites: dict[str, SiteIn
     log(f"evaluation: {len(rows)} results, {len(problems)} problems; written to {out_root}")
 
 
-def evaluate_request(s: Settings, target: str, node_id: int, batch: list[tuple[dict[str, Any], Any]],
-                     run_id: str, coord_key: Any) -> Request:
+def evaluate_request(
+    s: Settings, target: str, node_id: int, batch: list[tuple[dict[str, Any], Any]], run_id: str, coord_key: Any
+) -> Request:
     """The ``train.evaluate`` for one target: every arm, the base score, and the coordinator's
     signed ``delivery`` statement over the arms' digest (the site evaluates only what it signed)."""
     nonce = make_nonce()
     digest = wire.arms_digest([str(info["blob_sha256"]) for info, _ in batch])
-    config: dict[str, Any] = {"nonce": nonce, "task": s.task, "with_base": True,
-                              "delivery": delivery_statement(coord_key, digest, target, run_id, "evaluate", nonce)}
+    config: dict[str, Any] = {
+        "nonce": nonce,
+        "task": s.task,
+        "with_base": True,
+        "delivery": delivery_statement(coord_key, digest, target, run_id, "evaluate", nonce),
+    }
     if s.max_eval:
         config["max_eval"] = s.max_eval
     content = wire.build_evaluate_request(config, batch)
@@ -135,7 +165,7 @@ def evaluate_request(s: Settings, target: str, node_id: int, batch: list[tuple[d
 
 
 def _arm_metrics(metrics: dict[str, float], prefix: str) -> dict[str, float]:
-    return {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
 
 
 def _score(rep: Reply, i: int) -> str:

@@ -134,8 +134,10 @@ def _z_sha(line: dict[str, Any]) -> str | None:
 
 def _what_changed(audit: dict[str, Any], line: dict[str, Any]) -> str:
     if line.get("blob_sha256") != audit.get("blob_sha256"):
-        return (f"re-pointed: its blob pointer is {str(line.get('blob_sha256'))[:16]}…, the audit entry recorded "
-                f"{str(audit.get('blob_sha256'))[:16]}…")
+        return (
+            f"re-pointed: its blob pointer is {str(line.get('blob_sha256'))[:16]}…, the audit entry recorded "
+            f"{str(audit.get('blob_sha256'))[:16]}…"
+        )
     inline_z_changed = "z_b64" in line and _z_sha(line) != audit.get("z_sha256")  # z in the line (pre-column)
     if audit.get("z_sha256") is not None and (inline_z_changed or line.get("z_sha256") != audit["z_sha256"]):
         return "z changed: its embedding no longer hashes to the z_sha256 the audit entry recorded"
@@ -180,7 +182,7 @@ def check_binding(records_path: str | os.PathLike[str], audit_path: str | os.Pat
             if not isinstance(e, dict) or not _writes_records(e) or not isinstance(e.get("records_span"), list):
                 continue
             if e.get("event") == MIGRATE:
-                if sha256_hex(data[:int(e["records_span"][1])]) != e.get("records_span_sha256"):
+                if sha256_hex(data[: int(e["records_span"][1])]) != e.get("records_span_sha256"):
                     continue  # its rewritten file never replaced records.jsonl
                 covered.clear()  # every line was rewritten: the binding restarts at this entry
                 problems.clear()
@@ -208,16 +210,19 @@ def check_binding(records_path: str | os.PathLike[str], audit_path: str | os.Pat
             first = [i for i in by_id.get(e.get("first_id"), []) if i not in covered]
             ok = False
             for i in first:
-                block = lines[i:i + n]
+                block = lines[i : i + n]
                 if len(block) == n and sha256_hex(b"".join(r + b"\n" for _, r in block)) == e.get(
-                        "records_span_sha256"):
+                    "records_span_sha256"
+                ):
                     covered.update(range(i, i + n))
                     ok = True
                     break
             if not ok:
                 where = f"from line {first[0] + 1}" if first else "its first line is gone"
-                problems.append(f"bulk add of {n} records {e.get('first_id')}…{e.get('last_id')} (audit seq {seq}): "
-                                f"the lines were edited, deleted or re-pointed ({where})")
+                problems.append(
+                    f"bulk add of {n} records {e.get('first_id')}…{e.get('last_id')} (audit seq {seq}): "
+                    f"the lines were edited, deleted or re-pointed ({where})"
+                )
                 if first:
                     covered.update(range(first[0], min(first[0] + n, len(lines))))
     problems += _column_problems(records_path, parsed)
@@ -226,8 +231,10 @@ def check_binding(records_path: str | os.PathLike[str], audit_path: str | os.Pat
     for i, (off, _) in enumerate(lines):
         if off >= first_bound and i not in covered:
             rid = parsed[i].get("id", "?")
-            problems.append(f"record {rid} (records.jsonl line {i + 1}, {parsed[i].get('op', '?')}): added outside "
-                            "the registry — no audit entry recorded it")
+            problems.append(
+                f"record {rid} (records.jsonl line {i + 1}, {parsed[i].get('op', '?')}): added outside "
+                "the registry — no audit entry recorded it"
+            )
     return problems
 
 
@@ -249,12 +256,15 @@ def _column_problems(records_path: Path, parsed: list[dict[str, Any]]) -> list[s
         for i, e in named:
             row = int(e["row"])
             if row >= len(col):
-                out.append(f"record {e.get('id')} (records.jsonl line {i + 1}): its z row {row} is past the end of "
-                           f"the z column ({len(col)} rows)")
+                out.append(
+                    f"record {e.get('id')} (records.jsonl line {i + 1}): its z row {row} is past the end of "
+                    f"the z column ({len(col)} rows)"
+                )
             elif col.row_sha256(row) != e.get("z_sha256"):
-                out.append(f"record {e.get('id')} (records.jsonl line {i + 1}): z changed: its row {row} in the z "
-                           "column does not match its z_sha256 (the hash its audit entry recorded)")
+                out.append(
+                    f"record {e.get('id')} (records.jsonl line {i + 1}): z changed: its row {row} in the z "
+                    "column does not match its z_sha256 (the hash its audit entry recorded)"
+                )
     finally:
         col.close()
     return out
-

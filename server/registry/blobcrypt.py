@@ -124,8 +124,7 @@ def read_key_file(path: str | os.PathLike[str], source: str | None = None) -> Bl
     mode = stat.S_IMODE(st.st_mode)
     if mode & 0o077:
         raise BlobKeyError(
-            f"{where} has mode {mode:o}: a blob key must not be readable by group or others; run "
-            f"`chmod 600 {p}`"
+            f"{where} has mode {mode:o}: a blob key must not be readable by group or others; run `chmod 600 {p}`"
         )
     try:
         text = p.read_text(encoding="ascii")
@@ -134,8 +133,7 @@ def read_key_file(path: str | os.PathLike[str], source: str | None = None) -> Bl
     return parse_key_text(text, where)
 
 
-def load_blob_key(path: str | os.PathLike[str] | None = None,
-                  env: Mapping[str, str] | None = None) -> BlobKey | None:
+def load_blob_key(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> BlobKey | None:
     """The configured blob key, or None when none is configured.
 
     Order: ``path`` (if given and not empty), else ``$RPE_BLOB_KEY_FILE`` (a key file path), else
@@ -201,7 +199,7 @@ def blob_key_id(data: bytes) -> str | None:
     """The key id an encrypted blob names (None if ``data`` is not an encrypted blob)."""
     if not is_encrypted(data) or len(data) < HEADER_BYTES:
         return None
-    return data[len(MAGIC):HEADER_BYTES].decode("ascii", errors="replace")
+    return data[len(MAGIC) : HEADER_BYTES].decode("ascii", errors="replace")
 
 
 def decrypt(key: BlobKey, data: bytes, sha_hex: str) -> bytes:
@@ -215,8 +213,8 @@ def decrypt(key: BlobKey, data: bytes, sha_hex: str) -> bytes:
     if got != key.key_id:
         raise BlobKeyError(f"blob was encrypted with key {got}, the registry was opened with key {key.key_id}")
     header = data[:HEADER_BYTES]
-    nonce = data[HEADER_BYTES:HEADER_BYTES + NONCE_BYTES]
-    body = data[HEADER_BYTES + NONCE_BYTES:]
+    nonce = data[HEADER_BYTES : HEADER_BYTES + NONCE_BYTES]
+    body = data[HEADER_BYTES + NONCE_BYTES :]
     try:
         return AESGCM(key.key).decrypt(nonce, body, _aad(header, sha_hex))
     except InvalidTag:

@@ -52,8 +52,9 @@ def _read_blob(p: Path) -> bytes:
     except UnsafeInputError as exc:
         if not p.exists() and not p.is_symlink():
             raise FileNotFoundError(str(p)) from None
-        raise BlobCorruptError(f"{exc}; restore the blob from a backup, or remove the record and have the site "
-                               "resubmit") from None
+        raise BlobCorruptError(
+            f"{exc}; restore the blob from a backup, or remove the record and have the site resubmit"
+        ) from None
 
 
 def _parallel(fn: Callable[[Any], None], items: Sequence[Any]) -> None:
@@ -86,8 +87,11 @@ class BlobStore:
                     f"${blobcrypt.KEY_FILE_ENV} / ${blobcrypt.KEY_ENV})"
                 )
             return
-        if (not isinstance(encryption, dict) or encryption.get("alg") != blobcrypt.ALG
-                or not isinstance(encryption.get("key_id"), str)):
+        if (
+            not isinstance(encryption, dict)
+            or encryption.get("alg") != blobcrypt.ALG
+            or not isinstance(encryption.get("key_id"), str)
+        ):
             raise RegistryCorruptError(
                 f"{root / CONFIG_NAME}: blob_encryption {encryption!r} is not {{'alg': {blobcrypt.ALG!r}, "
                 "'key_id': ...}}; this version cannot read such blobs"
@@ -277,8 +281,9 @@ class BlobStore:
             if not p.exists():
                 out.append(f"record {rid}: blob {sha} is missing")
             elif p.stat().st_size != self.stored_size(nbytes):
-                out.append(f"record {rid}: blob {sha} has {p.stat().st_size} bytes, "
-                           f"expected {self.stored_size(nbytes)}")
+                out.append(
+                    f"record {rid}: blob {sha} has {p.stat().st_size} bytes, expected {self.stored_size(nbytes)}"
+                )
             elif full:
                 try:
                     ok = sha256_hex(self.plaintext(sha, _read_blob(p))) == sha

@@ -72,7 +72,9 @@ class ChromaIndex:
         """Open (or create) the collection; ``RegistryError`` if another registry owns it."""
         self.client = self._client()
         col = self.client.get_or_create_collection(
-            self.spec["collection"], embedding_function=None, configuration={"hnsw": dict(HNSW_CONFIG)},
+            self.spec["collection"],
+            embedding_function=None,
+            configuration={"hnsw": dict(HNSW_CONFIG)},
             metadata={"rpe_registry": self.registry_id, "dim": self.dim},
         )
         self._check_owner(col)
@@ -116,7 +118,7 @@ class ChromaIndex:
 
     def _upsert(self, rows: Sequence[int], view: RowsView) -> None:
         for s in range(0, len(rows), CHROMA_BATCH):
-            ids, emb, metas = view(np.asarray(rows[s:s + CHROMA_BATCH], dtype=np.int64))
+            ids, emb, metas = view(np.asarray(rows[s : s + CHROMA_BATCH], dtype=np.int64))
             self.collection.upsert(ids=ids, embeddings=emb, metadatas=metas)
 
     def delete(self, ids: Sequence[str]) -> None:
@@ -168,8 +170,9 @@ class ChromaIndex:
 
     # ---- reconcile / rebuild ----------------------------------------------------------------
 
-    def reconcile(self, live: np.ndarray, ids: Sequence[str], row_of: dict[str, int], Z: np.ndarray,
-                  view: RowsView) -> tuple[bool, str]:
+    def reconcile(
+        self, live: np.ndarray, ids: Sequence[str], row_of: dict[str, int], Z: np.ndarray, view: RowsView
+    ) -> tuple[bool, str]:
         """Make the collection hold exactly the live rows; (False, why) if it must be rebuilt."""
         live_ids = {ids[r] for r in live}
         have = self._all_ids()
@@ -178,7 +181,7 @@ class ChromaIndex:
         if len(extra) + len(missing) > max(1000, len(live_ids) // 2):
             return False, f"{len(missing)} missing / {len(extra)} extra ids"
         for s in range(0, len(extra), CHROMA_BATCH):
-            self.collection.delete(ids=extra[s:s + CHROMA_BATCH])
+            self.collection.delete(ids=extra[s : s + CHROMA_BATCH])
         if missing:
             self._upsert([row_of[i] for i in missing], view)
         count = self.count()
@@ -192,8 +195,9 @@ class ChromaIndex:
                 emb = by_id.get(ids[r])
                 if emb is None or not np.array_equal(np.asarray(emb, dtype=np.float32), Z[r]):
                     return False, f"stored vector of {ids[r]} differs from the records"
-            res = self.collection.query(query_embeddings=[Z[sample[0]]], n_results=min(4, live.size),
-                                        include=["distances"])
+            res = self.collection.query(
+                query_embeddings=[Z[sample[0]]], n_results=min(4, live.size), include=["distances"]
+            )
             if not res["ids"] or not res["ids"][0]:
                 return False, "probe query returned nothing"
         if extra or missing:

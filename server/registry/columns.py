@@ -71,7 +71,7 @@ class MemColumn:
             Z = np.zeros((max(need, 2 * self._Z.shape[0], 64), self.dim), dtype=np.float32)
             Z[: self._n] = self._Z[: self._n]
             self._Z = Z
-        self._Z[self._n:need] = arr
+        self._Z[self._n : need] = arr
         start, self._n = self._n, need
         return range(start, need)
 
@@ -138,8 +138,16 @@ class Columns:
         self.line_off = np.zeros(0, dtype=np.int64)
         self._read_line: Callable[[int], bytes] = lambda off: b""
 
-    def restore(self, ids: list[str], zrow: np.ndarray, live: np.ndarray, codes: dict[str, np.ndarray],
-                vocab: dict[str, dict[str, int]], line_off: np.ndarray, read_line: Callable[[int], bytes]) -> None:
+    def restore(
+        self,
+        ids: list[str],
+        zrow: np.ndarray,
+        live: np.ndarray,
+        codes: dict[str, np.ndarray],
+        vocab: dict[str, dict[str, int]],
+        line_off: np.ndarray,
+        read_line: Callable[[int], bytes],
+    ) -> None:
         """Take the state a replay of records.jsonl up to a snapshot's end would build (an empty
         ``Columns`` only; ``server.registry.snapshot``). Each row's metadata and blob fields are
         read from its add line (``read_line(offset)``) on first use, and the line must name the row's id."""
@@ -168,7 +176,8 @@ class Columns:
         if not ok:
             raise RegistryCorruptError(
                 f"{self.source}: the line at byte {off} is not the add line of record {self.ids[row]}, as the "
-                "columns snapshot says: delete columns.snap (a cache) and reopen the registry")
+                "columns snapshot says: delete columns.snap (a cache) and reopen the registry"
+            )
         list.__setitem__(self.meta, row, e["meta"])
         list.__setitem__(self.blob, row, (e["blob_sha256"], int(e["bytes"]), e["z_sha256"]))
 
@@ -203,23 +212,30 @@ class Columns:
         r = self.zcol.append(np.ascontiguousarray(Z, dtype=np.float32).reshape(-1, self.dim))
         return np.arange(r.start, r.stop, dtype=np.int64)
 
-    def apply_adds(self, items: Sequence[tuple[str, dict[str, Any], str, int, str]],
-                   zrows: Sequence[int] | np.ndarray, line_offs: Sequence[int] | np.ndarray | None = None
-                   ) -> list[int]:
+    def apply_adds(
+        self,
+        items: Sequence[tuple[str, dict[str, Any], str, int, str]],
+        zrows: Sequence[int] | np.ndarray,
+        line_offs: Sequence[int] | np.ndarray | None = None,
+    ) -> list[int]:
         """Put records ``(id, meta, blob sha, bytes, z sha)`` whose z are column rows ``zrows`` into
         rows (their add lines at records.jsonl offsets ``line_offs``, if known); returns the rows. A
         column row past the column's end is corruption (the column is written and fsynced before
         the record line that names it)."""
         zr_all = np.asarray(zrows, dtype=np.int64).reshape(-1)
-        offs = (np.full(zr_all.size, -1, dtype=np.int64) if line_offs is None
-                else np.asarray(line_offs, dtype=np.int64).reshape(-1))
+        offs = (
+            np.full(zr_all.size, -1, dtype=np.int64)
+            if line_offs is None
+            else np.asarray(line_offs, dtype=np.int64).reshape(-1)
+        )
         if zr_all.size and int(zr_all.max()) >= len(self.zcol):
             self.zcol.refresh()  # another writer may have appended since we mapped it
             if int(zr_all.max()) >= len(self.zcol):
                 raise RegistryCorruptError(
                     f"{self.source}: a record names z row {int(zr_all.max())} but the z column holds "
                     f"{len(self.zcol)} rows: the column file was truncated or replaced outside the registry; "
-                    "restore it (z.f32 and z.f32.crc) from the backup taken with records.jsonl")
+                    "restore it (z.f32 and z.f32.crc) from the backup taken with records.jsonl"
+                )
         if zr_all.size and int(zr_all.min()) < 0:
             raise RegistryCorruptError(f"{self.source}: a record names a negative z row")
         self.ensure_capacity(len(items))
@@ -254,8 +270,9 @@ class Columns:
                 self.on_rows(np.asarray(rows))
         return rows
 
-    def _append_new(self, items: Sequence[tuple[str, dict[str, Any], str, int, str]], zr: np.ndarray,
-                    offs: np.ndarray) -> list[int]:
+    def _append_new(
+        self, items: Sequence[tuple[str, dict[str, Any], str, int, str]], zr: np.ndarray, offs: np.ndarray
+    ) -> list[int]:
         """``apply_adds`` for ids not seen before: rows appended in bulk (opening a large registry)."""
         m, start = len(items), self.n
         if len(zr) != m:
@@ -265,9 +282,9 @@ class Columns:
         self.meta.extend(it[1] for it in items)
         self.blob.extend((it[2], it[3], it[4]) for it in items)
         self.row.update(zip(self.ids[start:], rows, strict=True))
-        self.zrow[start:start + m] = zr
-        self.line_off[start:start + m] = offs
-        self.live[start:start + m] = True
+        self.zrow[start : start + m] = zr
+        self.line_off[start : start + m] = offs
+        self.live[start : start + m] = True
         for key, mkey in KEYS.items():
             vocab = self.vocab[key]
             codes = []
@@ -277,7 +294,7 @@ class Columns:
                 if c is None:
                     c = vocab[value] = len(vocab)
                 codes.append(c)
-            self.codes[key][start:start + m] = codes
+            self.codes[key][start : start + m] = codes
         self.n += m
         self.n_live += m
         self.version += 1
@@ -300,32 +317,38 @@ class Columns:
         """z of every record row (n × dim float32): a view of the column when the rows are
         contiguous there (the usual case), else a gathered copy (after re-adds or a crash's orphan
         rows). Not verified: for the search paths, which verify what they return."""
+
         def make() -> np.ndarray:
             zr = self.zrow[: self.n]
             M = self.zcol.matrix()
             if self.n and int(zr[-1]) - int(zr[0]) == self.n - 1 and bool(np.all(np.diff(zr) == 1)):
-                return M[int(zr[0]): int(zr[0]) + self.n]
+                return M[int(zr[0]) : int(zr[0]) + self.n]
             return M[zr] if self.n else np.zeros((0, self.dim), dtype=np.float32)
+
         return self._cached("Z", make)
 
     @property
     def n2(self) -> np.ndarray:
         """Squared norms (float32 sums, as float64) of ``Z``'s rows; their error is in search's bound."""
+
         def make() -> np.ndarray:
             Z = self.Z
             out = np.empty(self.n, dtype=np.float64)
             step = max(1, (1 << 22) // self.dim)
             for s in range(0, self.n, step):
-                out[s:s + step] = np.einsum("ij,ij->i", Z[s:s + step], Z[s:s + step])
+                out[s : s + step] = np.einsum("ij,ij->i", Z[s : s + step], Z[s : s + step])
             return out
+
         return self._cached("n2", make)
 
     def z_of_zrows(self) -> np.ndarray:
         """``inv[column row] = record row`` for the rows holding a record's current z, else −1."""
+
         def make() -> np.ndarray:
             inv = np.full(len(self.zcol), -1, dtype=np.int64)
             inv[self.zrow[: self.n]] = np.arange(self.n)
             return inv
+
         return self._cached("inv", make)
 
     def zrow_monotone(self) -> bool:
@@ -341,7 +364,8 @@ class Columns:
                 raise RegistryCorruptError(
                     f"{self.source}: the z of record {self.ids[int(row)]} (z column row {int(self.zrow[row])}) no "
                     "longer matches its z_sha256: the z column was modified outside the registry; restore "
-                    "z.f32 from a backup (`Registry.verify(full=True)` lists every damaged record)")
+                    "z.f32 from a backup (`Registry.verify(full=True)` lists every damaged record)"
+                )
         return Z
 
     def apply_remove(self, rid: str) -> None:
@@ -378,8 +402,14 @@ class Columns:
         """Rows of live records, in insertion order."""
         return np.flatnonzero(self.live[: self.n])
 
-    def mask(self, task: str | None = None, modality: str | None = None, base: str | None = None,
-             site: str | None = None, exclude_site: str | None = None) -> np.ndarray:
+    def mask(
+        self,
+        task: str | None = None,
+        modality: str | None = None,
+        base: str | None = None,
+        site: str | None = None,
+        exclude_site: str | None = None,
+    ) -> np.ndarray:
         """Boolean mask over rows: live and matching every given filter."""
         n = self.n
         mask = self.live[:n].copy()
@@ -412,8 +442,12 @@ class Columns:
             present = self.distinct(key, self.mask()) if value is not None else {}
             if value is not None and value not in present:
                 absent.append(f"no record has {key}={value!r} ({key}s present: {', '.join(sorted(present)) or 'none'})")
-        return (f"asked for k={k} nearest adapters but only {n_elig} record(s) match"
-                + (f" ({filt})" if filt else "") + "; " + "; ".join(absent + ["lower k or widen the filters"]))
+        return (
+            f"asked for k={k} nearest adapters but only {n_elig} record(s) match"
+            + (f" ({filt})" if filt else "")
+            + "; "
+            + "; ".join(absent + ["lower k or widen the filters"])
+        )
 
     def rows_view(self, rows: np.ndarray) -> tuple[list[str], np.ndarray, list[dict[str, Any]]]:
         """(ids, z, index metadata) of ``rows``: what the Chroma mirror stores."""
@@ -422,6 +456,13 @@ class Columns:
     def index_metadata(self, row: int) -> dict[str, Any]:
         """The flat metadata the Chroma mirror stores next to a row's vector (for ``where`` filters)."""
         meta = self.meta[row]
-        return {"site": meta["site"], "task": meta["task"], "modality": meta["modality"],
-                "base": meta["base_fingerprint"], "sample_count": int(meta["sample_count"]),
-                "rank": int(meta["rank"]), "blob_sha256": self.blob[row][0], "created_at": meta["created_at"]}
+        return {
+            "site": meta["site"],
+            "task": meta["task"],
+            "modality": meta["modality"],
+            "base": meta["base_fingerprint"],
+            "sample_count": int(meta["sample_count"]),
+            "rank": int(meta["rank"]),
+            "blob_sha256": self.blob[row][0],
+            "created_at": meta["created_at"],
+        }

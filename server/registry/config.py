@@ -45,8 +45,20 @@ DEFAULT_LIMITS: dict[str, float] = {
     "update_norm_min_reference": 3,
 }
 
-__all__ = ["AUDIT_NAME", "BLOBS_DIR", "CHROMA_DIR", "COLLECTION", "CONFIG_NAME", "DEFAULT_LIMITS", "LOCK_NAME",
-           "RECORDS_NAME", "REGISTRY_FORMAT", "TMP_PREFIX", "ZCOLUMN_NAME", "ZINDEX_NAME"]
+__all__ = [
+    "AUDIT_NAME",
+    "BLOBS_DIR",
+    "CHROMA_DIR",
+    "COLLECTION",
+    "CONFIG_NAME",
+    "DEFAULT_LIMITS",
+    "LOCK_NAME",
+    "RECORDS_NAME",
+    "REGISTRY_FORMAT",
+    "TMP_PREFIX",
+    "ZCOLUMN_NAME",
+    "ZINDEX_NAME",
+]
 
 
 def now() -> str:
@@ -67,10 +79,19 @@ def base_entry(module_shapes: Mapping[str, Sequence[int]], name: str | None) -> 
     return {"name": name, "modules": dict(sorted(modules.items())), "added_at": now()}
 
 
-def new_config(*, base_fingerprint: str, module_shapes: Mapping[str, Sequence[int]], embedding_dim: int,
-               representation: str, chroma_host: str | None, chroma_port: int | None, base_name: str | None,
-               limits: Mapping[str, int] | None, collection: str,
-               blob_encryption: dict[str, str] | None) -> dict[str, Any]:
+def new_config(
+    *,
+    base_fingerprint: str,
+    module_shapes: Mapping[str, Sequence[int]],
+    embedding_dim: int,
+    representation: str,
+    chroma_host: str | None,
+    chroma_port: int | None,
+    base_name: str | None,
+    limits: Mapping[str, int] | None,
+    collection: str,
+    blob_encryption: dict[str, str] | None,
+) -> dict[str, Any]:
     """A fresh registry.json (every argument checked; nothing written)."""
     if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int) or embedding_dim < 1:
         raise RegistryError(f"embedding_dim must be a positive integer; got {embedding_dim!r}")
@@ -121,8 +142,10 @@ def read_config(root: Path) -> dict[str, Any]:
     for name in (RECORDS_NAME, AUDIT_NAME):
         other = root / name
         if other.exists() and not other.is_file():
-            raise RegistryCorruptError(f"{other} is not a regular file (a FIFO, device or directory was put in "
-                                       "its place); restore it from a backup")
+            raise RegistryCorruptError(
+                f"{other} is not a regular file (a FIFO, device or directory was put in "
+                "its place); restore it from a backup"
+            )
     if config.get("format") != REGISTRY_FORMAT:
         raise NotARegistryError(f"{path} has format {config.get('format')!r}, expected {REGISTRY_FORMAT!r}")
     return config
@@ -142,8 +165,9 @@ def empty_or_interrupted_init(root: Path) -> bool:
     return True
 
 
-def chroma_spec(config: Mapping[str, Any], chroma: str | tuple[str, int] | None,
-                read_only: bool) -> dict[str, Any] | None:
+def chroma_spec(
+    config: Mapping[str, Any], chroma: str | tuple[str, int] | None, read_only: bool
+) -> dict[str, Any] | None:
     """Where the Chroma mirror lives: ``{"mode": "embedded"|"http", ..., "collection"}`` or None (off)."""
     mode = chroma if chroma is not None else config.get("chroma", {}).get("mode", "embedded")
     spec: dict[str, Any] | None

@@ -58,9 +58,15 @@ class Registry:
     ``$RPE_BLOB_KEY_FILE`` / ``$RPE_BLOB_KEY``); only storing and reading adapter bytes need it.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False,
-                 chroma: str | tuple[str, int] | None = None, sync_index: bool = True,
-                 blob_key: BlobKey | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        read_only: bool = False,
+        chroma: str | tuple[str, int] | None = None,
+        sync_index: bool = True,
+        blob_key: BlobKey | None = None,
+    ) -> None:
         self.path = Path(path).expanduser().resolve()
         self.config: dict[str, Any] = cfg.read_config(self.path)
         self.read_only = read_only
@@ -84,9 +90,14 @@ class Registry:
         torn_audit = None if self.read_only else repair_torn_audit(self.path / cfg.AUDIT_NAME)
         self.audit = AuditLog(self.path / cfg.AUDIT_NAME)
         if torn_audit is not None:
-            self.audit.append("registry.repair", file=cfg.AUDIT_NAME, truncated_bytes=torn_audit[0],
-                              at_offset=torn_audit[1], sha256=torn_audit[2],
-                              reason="torn last audit line (crash or full disk mid-append)")
+            self.audit.append(
+                "registry.repair",
+                file=cfg.AUDIT_NAME,
+                truncated_bytes=torn_audit[0],
+                at_offset=torn_audit[1],
+                sha256=torn_audit[2],
+                reason="torn last audit line (crash or full disk mid-append)",
+            )
         self._index: ChromaIndex | None = None
         self._index_pending = False
         self._lazy_sync = sync_index
@@ -97,8 +108,7 @@ class Registry:
         loading.load_records(self)
         spec = cfg.chroma_spec(self.config, chroma, self.read_only)
         if spec is not None:
-            self._index = ChromaIndex(spec, self.path / cfg.CHROMA_DIR, self.config["registry_id"],
-                                      self.embedding_dim)
+            self._index = ChromaIndex(spec, self.path / cfg.CHROMA_DIR, self.config["registry_id"], self.embedding_dim)
             self._index_pending = sync_index
             if sync_index and self._cols.n_live <= EAGER_SYNC_RECORDS:
                 self.sync_index()
@@ -106,12 +116,22 @@ class Registry:
     # ---- creation ---------------------------------------------------------------------------
 
     @classmethod
-    def init(cls, path: str | os.PathLike[str], *, base_fingerprint: str,
-             module_shapes: Mapping[str, Sequence[int]], embedding_dim: int,
-             representation: str = "hidden-mean", chroma_host: str | None = None,
-             chroma_port: int | None = None, base_name: str | None = None,
-             limits: Mapping[str, int] | None = None, collection: str = cfg.COLLECTION,
-             exist_ok: bool = False, blob_key: BlobKey | None = None) -> Registry:
+    def init(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        base_fingerprint: str,
+        module_shapes: Mapping[str, Sequence[int]],
+        embedding_dim: int,
+        representation: str = "hidden-mean",
+        chroma_host: str | None = None,
+        chroma_port: int | None = None,
+        base_name: str | None = None,
+        limits: Mapping[str, int] | None = None,
+        collection: str = cfg.COLLECTION,
+        exist_ok: bool = False,
+        blob_key: BlobKey | None = None,
+    ) -> Registry:
         """Create a registry directory and open it.
 
         ``module_shapes`` is ``{module name: (out, in)}`` of the base model (``common.models.
@@ -122,12 +142,22 @@ class Registry:
         stored AES-256-GCM encrypted with that key, for the registry's whole life.
         """
         return maintenance.init_registry(
-            cls, path, base_fingerprint=base_fingerprint, module_shapes=module_shapes, embedding_dim=embedding_dim,
-            representation=representation, chroma_host=chroma_host, chroma_port=chroma_port, base_name=base_name,
-            limits=limits, collection=collection, exist_ok=exist_ok, blob_key=blob_key)
+            cls,
+            path,
+            base_fingerprint=base_fingerprint,
+            module_shapes=module_shapes,
+            embedding_dim=embedding_dim,
+            representation=representation,
+            chroma_host=chroma_host,
+            chroma_port=chroma_port,
+            base_name=base_name,
+            limits=limits,
+            collection=collection,
+            exist_ok=exist_ok,
+            blob_key=blob_key,
+        )
 
-    def add_base(self, fingerprint: str, module_shapes: Mapping[str, Sequence[int]],
-                 name: str | None = None) -> None:
+    def add_base(self, fingerprint: str, module_shapes: Mapping[str, Sequence[int]], name: str | None = None) -> None:
         """Accept adapters for another base model (same fingerprint twice with the same shapes is a no-op)."""
         self._require_writable()
         maintenance.add_base(self, fingerprint, module_shapes, name)
@@ -179,8 +209,14 @@ class Registry:
 
     # ---- writing ----------------------------------------------------------------------------
 
-    def add(self, adapter: Any, z: Any, meta: AdapterMeta | Mapping[str, Any],
-            expected_sha256: str | None = None, audit_fields: Mapping[str, Any] | None = None) -> Record:
+    def add(
+        self,
+        adapter: Any,
+        z: Any,
+        meta: AdapterMeta | Mapping[str, Any],
+        expected_sha256: str | None = None,
+        audit_fields: Mapping[str, Any] | None = None,
+    ) -> Record:
         """Validate and store one adapter (a ``LoraAdapter`` or its canonical bytes) with its z.
 
         Everything is checked before anything is written; a rejection raises a ``ValidationError``
@@ -188,8 +224,9 @@ class Registry:
         Re-submitting the same (site, task, adapter, z) returns the existing record.
         ``audit_fields`` (e.g. run_id, nonce, record_digests) are added to that audit entry.
         """
-        return self._add_batch([(adapter, z, meta, expected_sha256)], index=True, single=True,
-                               extra=dict(audit_fields or {}))[0]
+        return self._add_batch(
+            [(adapter, z, meta, expected_sha256)], index=True, single=True, extra=dict(audit_fields or {})
+        )[0]
 
     def add_many(self, items: Iterable[Sequence[Any]], *, index: bool = True) -> list[Record]:
         """Bulk insert ``(adapter, z, meta[, expected_sha256])`` items: all validated first (one bad
@@ -200,19 +237,29 @@ class Registry:
         whose mirror is already connected; otherwise, or with ``index=False``, it is reconciled when
         next needed (``index_ready``, an ``index``/``approx`` query, ``verify``, ``sync_index()``)."""
         items = list(items)
-        eager = (index and self._index is not None and self._index.ready and len(items) <= EAGER_MIRROR_BATCH
-                 and self._cols.n_live + len(items) <= EAGER_SYNC_RECORDS)
+        eager = (
+            index
+            and self._index is not None
+            and self._index.ready
+            and len(items) <= EAGER_MIRROR_BATCH
+            and self._cols.n_live + len(items) <= EAGER_SYNC_RECORDS
+        )
         out = self._add_batch(items, index=eager, single=False, extra={})
         if self._index is not None and not eager:
             self._index_pending = self._lazy_sync
         return out
 
-    def _add_batch(self, items: Iterable[Sequence[Any]], index: bool, single: bool,
-                   extra: dict[str, Any]) -> list[Record]:
+    def _add_batch(
+        self, items: Iterable[Sequence[Any]], index: bool, single: bool, extra: dict[str, Any]
+    ) -> list[Record]:
         self._require_writable()
         self._blobs.require_key("storing adapters")
-        rules = {"bases": self.bases, "limits": self.limits, "dim": self.embedding_dim,
-                 "representation": self.representation}
+        rules = {
+            "bases": self.bases,
+            "limits": self.limits,
+            "dim": self.embedding_dim,
+            "representation": self.representation,
+        }
         with self._mutex:
             self._log.refresh()
             return self._writer.add_batch(items, index, single, extra, rules)
@@ -280,8 +327,9 @@ class Registry:
 
         return adapter_from_bytes(self.load_blob(record_id))
 
-    def list(self, task: str | None = None, modality: str | None = None, base: str | None = None,
-             site: str | None = None) -> builtins.list[Record]:
+    def list(
+        self, task: str | None = None, modality: str | None = None, base: str | None = None, site: str | None = None
+    ) -> builtins.list[Record]:
         """Live records matching every given filter, in insertion order."""
         with self._mutex:
             mask = self._fresh().mask(task=task, modality=modality, base=base, site=site)
@@ -298,8 +346,14 @@ class Registry:
             rows = [self._fresh().live_row(rid, str(self.path)) for rid in ids]
             return self._cols.z_rows(np.asarray(rows, dtype=np.int64))
 
-    def distinct(self, key: str, task: str | None = None, modality: str | None = None,
-                 base: str | None = None, site: str | None = None) -> dict[str, int]:
+    def distinct(
+        self,
+        key: str,
+        task: str | None = None,
+        modality: str | None = None,
+        base: str | None = None,
+        site: str | None = None,
+    ) -> dict[str, int]:
         """``{value: live record count}`` of ``key`` (site, task, modality or base) among the records
         matching the filters — cheap (no Record objects), for the composer and dashboards."""
         if key not in KEYS:
@@ -307,9 +361,16 @@ class Registry:
         with self._mutex:
             return self._cols.distinct(key, self._fresh().mask(task=task, modality=modality, base=base, site=site))
 
-    def query(self, z: Any, k: int, task: str | None = None, modality: str | None = None,
-              base: str | None = None, exclude_site: str | None = None,
-              method: str = "auto") -> builtins.list[Hit]:
+    def query(
+        self,
+        z: Any,
+        k: int,
+        task: str | None = None,
+        modality: str | None = None,
+        base: str | None = None,
+        exclude_site: str | None = None,
+        method: str = "auto",
+    ) -> builtins.list[Hit]:
         """The exact k nearest live records to ``z`` by squared L2 (ties: earlier record first).
 
         ``method``: ``"auto"`` (``server.zindex.ExactTopK``: PCA and int8 bounds, exact float64
@@ -370,10 +431,16 @@ class Registry:
         """Counts for operators and the dashboard."""
         with self._mutex:
             by = {key: self.distinct(key) for key in KEYS}
-            return {"records": self._fresh().n_live, "removed": self._cols.n - self._cols.n_live,
-                    "embedding_dim": self.embedding_dim, "representation": self.representation,
-                    "bases": sorted(self.bases), "by": by, "index_ready": self.index_ready,
-                    "blob_encryption": self.blob_encryption}
+            return {
+                "records": self._fresh().n_live,
+                "removed": self._cols.n - self._cols.n_live,
+                "embedding_dim": self.embedding_dim,
+                "representation": self.representation,
+                "bases": sorted(self.bases),
+                "by": by,
+                "index_ready": self.index_ready,
+                "blob_encryption": self.blob_encryption,
+            }
 
     # ---- lifetime ---------------------------------------------------------------------------
 

@@ -47,11 +47,15 @@ def load_records(reg: Registry) -> None:
     elif not zpath.exists() and fmt == "column":
         raise RegistryCorruptError(
             f"{zpath} is missing but records.jsonl names rows in it: restore z.f32 and z.f32.crc from the "
-            "backup taken with records.jsonl")
+            "backup taken with records.jsonl"
+        )
     else:
         try:
-            zcol = (ZColumn(zpath, read_only=reg.read_only, dim=reg.embedding_dim) if zpath.exists()
-                    else ZColumn.create(zpath, reg.embedding_dim))
+            zcol = (
+                ZColumn(zpath, read_only=reg.read_only, dim=reg.embedding_dim)
+                if zpath.exists()
+                else ZColumn.create(zpath, reg.embedding_dim)
+            )
         except ColumnError as exc:
             raise RegistryCorruptError(f"the z column of {reg.path} cannot be opened: {exc}") from exc
         if zcol.recovered_rows and not reg.read_only:
@@ -59,19 +63,25 @@ def load_records(reg: Registry) -> None:
         state = reg.path / cfg.ZINDEX_NAME
     reg._zcol = zcol
     reg._cols = Columns(reg.embedding_dim, str(records), zcol)
-    reg._search = Searcher(reg._cols, lambda q, want, where: reg._chroma_candidates(q, want, where),
-                            state)  # read-only opens load the persisted state too (never save it)
+    reg._search = Searcher(
+        reg._cols, lambda q, want, where: reg._chroma_candidates(q, want, where), state
+    )  # read-only opens load the persisted state too (never save it)
     reg._log = RecordLog(records, reg._cols)
     reg._writer = Writer(reg._cols, reg._log, reg._blobs, reg.audit, lambda: reg._index, reg.norm_bound)
     if not reg.read_only:
         maintenance.rollback_unaudited(reg)
     if isinstance(zcol, ZColumn):  # the old format's lines carry z themselves: always replayed
         snapshot.load(reg.path / snapshot.SNAP_NAME, reg._log, reg._cols)
-    reg._log.load(reg.read_only, lambda n, at, sha: reg.audit.append(
-        "registry.recover", file=cfg.RECORDS_NAME, truncated_bytes=n, at_offset=at, sha256=sha))
+    reg._log.load(
+        reg.read_only,
+        lambda n, at, sha: reg.audit.append(
+            "registry.recover", file=cfg.RECORDS_NAME, truncated_bytes=n, at_offset=at, sha256=sha
+        ),
+    )
     if fmt == "b64" and not reg.read_only:
         migrate(reg, records, zpath)
         load_records(reg)
+
 
 def migrate(reg: Registry, records: Path, zpath: Path) -> None:
     """Move z out of records.jsonl into the z column, crash-safely: the column is built under a
@@ -88,12 +98,13 @@ def migrate(reg: Registry, records: Path, zpath: Path) -> None:
         raise RegistryCorruptError(
             f"{records} does not match its audit entries ({problems[0]}{more}), so it is not rewritten for the "
             "z column (that would bind the changes): open it with read_only=True to inspect, or restore "
-            "records.jsonl from a backup")
+            "records.jsonl from a backup"
+        )
     Z = reg._zcol.matrix()
     col = ZColumn.create(tmp, reg.embedding_dim)
     try:
         for s in range(0, Z.shape[0], 65536):
-            col.append(Z[s:s + 65536])
+            col.append(Z[s : s + 65536])
     finally:
         col.close()
     new_log = records.with_name(records.name + ".migrate")
@@ -105,10 +116,17 @@ def migrate(reg: Registry, records: Path, zpath: Path) -> None:
     fsync_dir(reg.path)
     data = new_log.read_bytes()
     ids = binding.dropped_ids(data)  # "op:id" of every line, in order
-    reg.audit.append(binding.MIGRATE, file=cfg.RECORDS_NAME, z_rows=n, to=cfg.ZCOLUMN_NAME,
-                      records_span=[0, len(data)], records_span_sha256=sha256_hex(data), count=len(ids),
-                      first_id=ids[0].split(":", 1)[1] if ids else None,
-                      last_id=ids[-1].split(":", 1)[1] if ids else None)
+    reg.audit.append(
+        binding.MIGRATE,
+        file=cfg.RECORDS_NAME,
+        z_rows=n,
+        to=cfg.ZCOLUMN_NAME,
+        records_span=[0, len(data)],
+        records_span_sha256=sha256_hex(data),
+        count=len(ids),
+        first_id=ids[0].split(":", 1)[1] if ids else None,
+        last_id=ids[-1].split(":", 1)[1] if ids else None,
+    )
     os.replace(new_log, records)  # after its audit entry: a crash in between migrates again
     fsync_dir(reg.path)
 

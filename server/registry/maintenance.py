@@ -31,11 +31,22 @@ if TYPE_CHECKING:
 NORM_REFERENCE_MAX = 1000
 
 
-def init_registry(cls: type[Registry], path: str | os.PathLike[str], *, base_fingerprint: str,
-                  module_shapes: Mapping[str, Sequence[int]], embedding_dim: int, representation: str,
-                  chroma_host: str | None, chroma_port: int | None, base_name: str | None,
-                  limits: Mapping[str, int] | None, collection: str, exist_ok: bool,
-                  blob_key: BlobKey | None) -> Registry:
+def init_registry(
+    cls: type[Registry],
+    path: str | os.PathLike[str],
+    *,
+    base_fingerprint: str,
+    module_shapes: Mapping[str, Sequence[int]],
+    embedding_dim: int,
+    representation: str,
+    chroma_host: str | None,
+    chroma_port: int | None,
+    base_name: str | None,
+    limits: Mapping[str, int] | None,
+    collection: str,
+    exist_ok: bool,
+    blob_key: BlobKey | None,
+) -> Registry:
     """``Registry.init``: create the directory (or, with ``exist_ok``, open a matching one)."""
     root = Path(path).expanduser().resolve()
     blob_key = blob_key if blob_key is not None else env_blob_key()
@@ -55,9 +66,17 @@ def init_registry(cls: type[Registry], path: str | os.PathLike[str], *, base_fin
     if root.exists() and not cfg.empty_or_interrupted_init(root):
         raise RegistryExistsError(f"{root} exists and is not empty; choose a new directory for the registry")
     config = cfg.new_config(
-        base_fingerprint=base_fingerprint, module_shapes=module_shapes, embedding_dim=embedding_dim,
-        representation=representation, chroma_host=chroma_host, chroma_port=chroma_port, base_name=base_name,
-        limits=limits, collection=collection, blob_encryption=None if blob_key is None else blob_key.describe())
+        base_fingerprint=base_fingerprint,
+        module_shapes=module_shapes,
+        embedding_dim=embedding_dim,
+        representation=representation,
+        chroma_host=chroma_host,
+        chroma_port=chroma_port,
+        base_name=base_name,
+        limits=limits,
+        collection=collection,
+        blob_encryption=None if blob_key is None else blob_key.describe(),
+    )
     cfg.create(root, config)
     return cls(root, blob_key=blob_key)
 
@@ -82,13 +101,18 @@ def rollback_unaudited(reg: Registry) -> None:
     dropped = binding.dropped_ids(data)
     reg._log.log.repair(end)
     reg._blobs.drop_unreferenced_of(data, records)
-    reg.audit.append("registry.repair", file=cfg.RECORDS_NAME, truncated_bytes=size - end, at_offset=end,
-                     sha256=sha256_hex(data), dropped=dropped,
-                     reason="record lines without their audit entry (the add never completed)")
+    reg.audit.append(
+        "registry.repair",
+        file=cfg.RECORDS_NAME,
+        truncated_bytes=size - end,
+        at_offset=end,
+        sha256=sha256_hex(data),
+        dropped=dropped,
+        reason="record lines without their audit entry (the add never completed)",
+    )
 
 
-def add_base(reg: Registry, fingerprint: str, module_shapes: Mapping[str, Sequence[int]],
-             name: str | None) -> None:
+def add_base(reg: Registry, fingerprint: str, module_shapes: Mapping[str, Sequence[int]], name: str | None) -> None:
     """``Registry.add_base``: the new config and its audit line, or neither (caller checked writability)."""
     if not isinstance(fingerprint, str) or not fingerprint:
         raise RegistryError("base fingerprint must be a non-empty string")
@@ -97,8 +121,10 @@ def add_base(reg: Registry, fingerprint: str, module_shapes: Mapping[str, Sequen
         old = reg.config["bases"].get(fingerprint)
         if old is not None:
             if old["modules"] != entry["modules"]:
-                raise RegistryError(f"base {fingerprint} is already registered with different module shapes; "
-                                    "a fingerprint names one model")
+                raise RegistryError(
+                    f"base {fingerprint} is already registered with different module shapes; "
+                    "a fingerprint names one model"
+                )
             return
         config = {**reg.config, "bases": {**reg.config["bases"], fingerprint: entry}}
         try:
@@ -106,8 +132,9 @@ def add_base(reg: Registry, fingerprint: str, module_shapes: Mapping[str, Sequen
         except OSError as exc:
             raise storage_error(exc, "registry.json", reg.path) from exc
         try:
-            reg.audit.append("registry.add_base", base_fingerprint=fingerprint, name=name,
-                             n_modules=len(entry["modules"]))
+            reg.audit.append(
+                "registry.add_base", base_fingerprint=fingerprint, name=name, n_modules=len(entry["modules"])
+            )
         except OSError as exc:
             cfg.write_config(reg.path, reg.config)  # back to the old file: no space needed to shrink
             raise storage_error(exc, "audit entry", reg.path) from exc
@@ -124,9 +151,15 @@ def remove(reg: Registry, record_id: str, reason: str | None) -> Record:
         except OSError as exc:
             raise storage_error(exc, "record line", reg.path) from exc
         try:
-            reg.audit.append("registry.remove", record_id=record_id, site=rec.meta.site,
-                             blob_sha256=rec.blob_sha256, reason=reason, **span_fields(start, end, data),
-                             line_sha256=sha256_hex(line.encode("utf-8")))
+            reg.audit.append(
+                "registry.remove",
+                record_id=record_id,
+                site=rec.meta.site,
+                blob_sha256=rec.blob_sha256,
+                reason=reason,
+                **span_fields(start, end, data),
+                line_sha256=sha256_hex(line.encode("utf-8")),
+            )
         except BaseException as exc:
             reg._log.rollback(start, 1)
             if isinstance(exc, OSError):
@@ -143,8 +176,14 @@ def receipt(reg: Registry, record_id: str, run_id: str | None) -> dict[str, Any]
     with reg._mutex:
         entry = reg._writer.last_accepted
         if entry is None or entry.get("record_id") != record_id:
-            entry = next((e for _, e in reversed(list(read_entries(reg.audit.path)))
-                          if e.get("event") == "submission.accepted" and e.get("record_id") == record_id), None)
+            entry = next(
+                (
+                    e
+                    for _, e in reversed(list(read_entries(reg.audit.path)))
+                    if e.get("event") == "submission.accepted" and e.get("record_id") == record_id
+                ),
+                None,
+            )
         if entry is None:
             raise RecordNotFoundError(f"no accepted submission of record {record_id!r} in {reg.audit.path}")
         if run_id is not None and entry.get("run_id") not in (None, run_id):
@@ -163,8 +202,9 @@ def norm_bound(reg: Registry, base: str, task: str | None) -> NormBound | None:
         rows = np.flatnonzero(reg._fresh().mask(task=task, base=base))[-NORM_REFERENCE_MAX:]
         refs = [n for n in (reg._cols.meta[int(r)].get(NORMS_KEY) for r in rows) if isinstance(n, dict)]
     lim = reg.limits
-    return NormBound.from_reference(refs, factor=float(lim["update_norm_factor"]),
-                                    min_reference=int(lim["update_norm_min_reference"]))
+    return NormBound.from_reference(
+        refs, factor=float(lim["update_norm_factor"]), min_reference=int(lim["update_norm_min_reference"])
+    )
 
 
 def verify(reg: Registry, full: bool) -> list[str]:

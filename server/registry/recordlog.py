@@ -49,8 +49,19 @@ _LOAD_CHUNK = 64 * 1024 * 1024
 def add_line(p: Prepared, encryption_fields: dict[str, Any], row: int) -> str:
     """The record line of a validated submission (``p.meta["created_at"]`` already set) whose z
     is row ``row`` of the z column."""
-    return canonical_json({"op": "add", "id": p.id, "blob_sha256": p.sha, "bytes": len(p.blob), "row": int(row),
-                           "z_sha256": p.z_sha, "meta": p.meta, "ts": p.meta["created_at"], **encryption_fields})
+    return canonical_json(
+        {
+            "op": "add",
+            "id": p.id,
+            "blob_sha256": p.sha,
+            "bytes": len(p.blob),
+            "row": int(row),
+            "z_sha256": p.z_sha,
+            "meta": p.meta,
+            "ts": p.meta["created_at"],
+            **encryption_fields,
+        }
+    )
 
 
 def add_format(path: Path) -> str | None:
@@ -131,8 +142,11 @@ class RecordLog:
             if read_only:
                 log.warning("registry %s: ignoring a torn last line (%d bytes)", path.parent, len(buf))
             else:
-                log.warning("registry %s: truncating a torn last record line (%d bytes, crash mid-append)",
-                            path.parent, len(buf))
+                log.warning(
+                    "registry %s: truncating a torn last record line (%d bytes, crash mid-append)",
+                    path.parent,
+                    len(buf),
+                )
                 self.log.repair(good)
                 on_torn(len(buf), good, sha256_hex(buf))
         self.offset = good
@@ -164,8 +178,9 @@ class RecordLog:
         if size == self.offset:
             return
         if size < self.offset:
-            raise RegistryCorruptError(f"{self.path} shrank while open ({self.offset} -> {size} bytes); "
-                                       "reopen the registry")
+            raise RegistryCorruptError(
+                f"{self.path} shrank while open ({self.offset} -> {size} bytes); reopen the registry"
+            )
         with open(self.path, "rb") as fh:
             fh.seek(self.offset)
             data = fh.read(size - self.offset)
@@ -220,7 +235,7 @@ class RecordLog:
                     if len(zb) != 4 * dim:
                         raise ValueError(f"z has {len(zb) // 4} values, registry holds {dim}")
             except (ValueError, KeyError, TypeError, AttributeError, binascii.Error) as exc:
-                if data[nl + 1:].strip(b"\x00\n\r\t ") == b"" and final:
+                if data[nl + 1 :].strip(b"\x00\n\r\t ") == b"" and final:
                     break  # the last line is damaged: treat as torn
                 lineno = self.line_count + data[:pos].count(b"\n") + 1
                 raise RegistryCorruptError(
@@ -248,7 +263,7 @@ class RecordLog:
         end = data.rfind(b"\n") + 1
         if end == 0:
             return -1
-        body = data[:end - 1]
+        body = data[: end - 1]
         try:
             entries = _loads(b"[" + body.replace(b"\n", b",") + b"]")
         except ValueError:
@@ -287,17 +302,22 @@ class RecordLog:
         if not adds:
             return
         if isinstance(adds[0][1], bytes):  # old format: z in the line, into the columns' z store
-            Z = np.frombuffer(b"".join(zb for _, zb, _ in adds if isinstance(zb, bytes)),
-                              dtype="<f4").reshape(-1, self.cols.dim)
+            Z = np.frombuffer(b"".join(zb for _, zb, _ in adds if isinstance(zb, bytes)), dtype="<f4").reshape(
+                -1, self.cols.dim
+            )
             if Z.shape[0] != len(adds):
-                raise RegistryCorruptError(f"{self.path}: lines with and without z_b64 are mixed; the log was "
-                                           "edited outside the registry")
+                raise RegistryCorruptError(
+                    f"{self.path}: lines with and without z_b64 are mixed; the log was edited outside the registry"
+                )
             zrows: Any = self.cols.append_z(Z)
         else:
             zrows = [zb for _, zb, _ in adds]
             if not all(isinstance(r, int) for r in zrows):
-                raise RegistryCorruptError(f"{self.path}: lines with and without z_b64 are mixed; the log was "
-                                           "edited outside the registry")
+                raise RegistryCorruptError(
+                    f"{self.path}: lines with and without z_b64 are mixed; the log was edited outside the registry"
+                )
         self.cols.apply_adds(
-            [(e["id"], e["meta"], e["blob_sha256"], int(e["bytes"]), e["z_sha256"]) for e, _, _ in adds], zrows,
-            [at for _, _, at in adds])
+            [(e["id"], e["meta"], e["blob_sha256"], int(e["bytes"]), e["z_sha256"]) for e, _, _ in adds],
+            zrows,
+            [at for _, _, at in adds],
+        )

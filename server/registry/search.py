@@ -45,8 +45,9 @@ METHODS = ("auto", "brute", "index", "approx")
 Candidates = Callable[[np.ndarray, int, "dict[str, Any] | None"], np.ndarray]
 
 
-def where_clause(task: str | None, modality: str | None, base: str | None,
-                 exclude_site: str | None) -> dict[str, Any] | None:
+def where_clause(
+    task: str | None, modality: str | None, base: str | None, exclude_site: str | None
+) -> dict[str, Any] | None:
     """The Chroma ``where`` filter equivalent to ``Columns.mask`` (None when unfiltered)."""
     clauses: list[dict[str, Any]] = []
     for key, value in (("task", task), ("modality", modality), ("base", base)):
@@ -130,7 +131,7 @@ class Searcher:
             M = col.matrix()
             step = 16384
             for s in range(ix.n, n, step):
-                ix.add(M[s:min(n, s + step)])
+                ix.add(M[s : min(n, s + step)])
             self.dirty = True
         return ix
 
@@ -157,8 +158,9 @@ class Searcher:
             rows, dist = rows[order], dist[order]
         return rows, dist
 
-    def search(self, q: np.ndarray, elig: np.ndarray, k: int, method: str,
-               where: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, q: np.ndarray, elig: np.ndarray, k: int, method: str, where: dict[str, Any] | None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(rows, squared distances) of the k nearest eligible rows, ties broken by row order.
 
         ``method``: ``auto`` (``ExactTopK``: bounds + exact re-rank), ``brute``, ``index``
@@ -176,9 +178,9 @@ class Searcher:
         q64 = q.astype(np.float64)
         step = max(1, (1 << 22) // self.cols.dim)
         for s in range(0, rows.shape[0], step):
-            diff = self.cols.Z[rows[s:s + step]].astype(np.float64)
+            diff = self.cols.Z[rows[s : s + step]].astype(np.float64)
             diff -= q64
-            out[s:s + step] = np.einsum("ij,ij->i", diff, diff)
+            out[s : s + step] = np.einsum("ij,ij->i", diff, diff)
         return out
 
     @staticmethod
@@ -250,8 +252,14 @@ class Searcher:
         basis = q.T[:m]
         P = np.ascontiguousarray(basis.T)  # d × m, orthonormal columns
         cap = self.cols.n
-        self.proj = {"mu": mu, "P": P, "Y": np.zeros((cap, m)), "yn": np.zeros(cap), "n": self.cols.n,
-                      "explained": explained}
+        self.proj = {
+            "mu": mu,
+            "P": P,
+            "Y": np.zeros((cap, m)),
+            "yn": np.zeros(cap),
+            "n": self.cols.n,
+            "explained": explained,
+        }
         self.project_rows(np.arange(self.cols.n))
         return self.proj
 
@@ -266,13 +274,14 @@ class Searcher:
             pr["Y"], pr["yn"] = Y, yn
         step = max(1, (1 << 22) // self.cols.dim)
         for s in range(0, rows.shape[0], step):
-            r = rows[s:s + step]
+            r = rows[s : s + step]
             y = (self.cols.Z[r].astype(np.float64) - pr["mu"]) @ pr["P"]
             pr["Y"][r] = y
             pr["yn"][r] = np.einsum("ij,ij->i", y, y)
 
-    def certified(self, q: np.ndarray, elig: np.ndarray, k: int, certify: bool,
-                  where: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray]:
+    def certified(
+        self, q: np.ndarray, elig: np.ndarray, k: int, certify: bool, where: dict[str, Any] | None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Chroma proposes 8·k candidates, numpy re-ranks them exactly; with ``certify`` every
         eligible row whose PCA lower bound is below the k-th candidate distance is checked too,
         so the result equals brute force. Falls back to brute force when the bound prunes little

@@ -89,16 +89,32 @@ def write(path: Path, cols: Columns, rlog: RecordLog) -> bool:
     off = cols.line_off[:n]
     sha = _prefix_sha(records, end)
     if (n and int(off.min()) < 0) or sha is None:
-        log.warning("%s: the columns snapshot was not written (a row's add line is unknown, or records.jsonl "
-                    "is shorter than what was applied)", path)
+        log.warning(
+            "%s: the columns snapshot was not written (a row's add line is unknown, or records.jsonl "
+            "is shorter than what was applied)",
+            path,
+        )
         return False
-    parts = [("\n".join(cols.ids)).encode("utf-8"), np.ascontiguousarray(cols.zrow[:n], dtype="<i8").tobytes(),
-             cols.live[:n].astype(np.uint8).tobytes(), off.astype("<i8").tobytes()]
+    parts = [
+        ("\n".join(cols.ids)).encode("utf-8"),
+        np.ascontiguousarray(cols.zrow[:n], dtype="<i8").tobytes(),
+        cols.live[:n].astype(np.uint8).tobytes(),
+        off.astype("<i8").tobytes(),
+    ]
     parts += [np.ascontiguousarray(cols.codes[k][:n], dtype="<i4").tobytes() for k in KEYS]
     body = b"".join(parts)
-    header = {"format": FORMAT, "dim": cols.dim, "keys": list(KEYS), "n": n, "records_end": end,
-              "records_sha256": sha, "line_count": rlog.line_count, "vocab": cols.vocab, "ids_bytes": len(parts[0]),
-              "body_sha256": hashlib.sha256(body).hexdigest()}
+    header = {
+        "format": FORMAT,
+        "dim": cols.dim,
+        "keys": list(KEYS),
+        "n": n,
+        "records_end": end,
+        "records_sha256": sha,
+        "line_count": rlog.line_count,
+        "vocab": cols.vocab,
+        "ids_bytes": len(parts[0]),
+        "body_sha256": hashlib.sha256(body).hexdigest(),
+    }
     head = json.dumps(header, sort_keys=True).encode()
     atomic_write(path, MAGIC + len(head).to_bytes(8, "little") + head + body)
     rlog.snap_end = end
@@ -109,9 +125,9 @@ def _parse(raw: bytes, dim: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """(header, arrays) of a snapshot file; ValueError naming what is wrong."""
     if not raw.startswith(MAGIC) or len(raw) < len(MAGIC) + 8:
         raise ValueError("not a columns snapshot")
-    hl = int.from_bytes(raw[len(MAGIC): len(MAGIC) + 8], "little")
+    hl = int.from_bytes(raw[len(MAGIC) : len(MAGIC) + 8], "little")
     at = len(MAGIC) + 8 + hl
-    h = json.loads(raw[len(MAGIC) + 8: at])
+    h = json.loads(raw[len(MAGIC) + 8 : at])
     if h.get("format") != FORMAT or h.get("dim") != dim or h.get("keys") != list(KEYS):
         raise ValueError("written for another format, dimension or key set")
     body = raw[at:]
@@ -129,8 +145,12 @@ def _parse(raw: bytes, dim: int) -> tuple[dict[str, Any], dict[str, Any]]:
         pos += n * width
         return a
 
-    arrays: dict[str, Any] = {"ids": ids, "zrow": take("<i8", 8), "live": take("u1", 1).astype(bool),
-                              "off": take("<i8", 8).copy()}
+    arrays: dict[str, Any] = {
+        "ids": ids,
+        "zrow": take("<i8", 8),
+        "live": take("u1", 1).astype(bool),
+        "off": take("<i8", 8).copy(),
+    }
     arrays["codes"] = {k: take("<i4", 4) for k in KEYS}
     vocab = h["vocab"]
     if len(ids) != n or len(set(ids)) != n:
@@ -139,8 +159,11 @@ def _parse(raw: bytes, dim: int) -> tuple[dict[str, Any], dict[str, Any]]:
         c = arrays["codes"][k]
         if n and (int(c.min()) < 0 or int(c.max()) >= len(vocab.get(k, {}))):
             raise ValueError(f"its {k} codes fall outside their vocabulary")
-    if n and (int(arrays["zrow"].min()) < 0 or int(arrays["off"].min()) < 0
-              or int(arrays["off"].max()) >= int(h["records_end"])):
+    if n and (
+        int(arrays["zrow"].min()) < 0
+        or int(arrays["off"].min()) < 0
+        or int(arrays["off"].max()) >= int(h["records_end"])
+    ):
         raise ValueError("it names negative z rows or add lines outside its prefix")
     return h, arrays
 
@@ -168,8 +191,15 @@ def load(path: Path, rlog: RecordLog, cols: Columns) -> bool:
         log.warning("%s not used (%s); replaying records.jsonl", path, exc)
         return False
     records = rlog.path
-    cols.restore(a["ids"], a["zrow"], a["live"], a["codes"], {k: dict(v) for k, v in h["vocab"].items()},
-                 a["off"], lambda off: read_line(records, off))
+    cols.restore(
+        a["ids"],
+        a["zrow"],
+        a["live"],
+        a["codes"],
+        {k: dict(v) for k, v in h["vocab"].items()},
+        a["off"],
+        lambda off: read_line(records, off),
+    )
     rlog.offset = rlog.snap_end = end
     rlog.line_count = int(h["line_count"])
     return True
@@ -203,8 +233,10 @@ def problems(path: Path, rlog: RecordLog) -> tuple[list[str], Columns | None]:
         for name, x, y in (("z rows", fresh.zrow[:n], snap.zrow[:n]), ("liveness", fresh.live[:n], snap.live[:n])):
             bad = np.flatnonzero(x != y)
             if bad.size:
-                out.append(f"{where} disagrees with records.jsonl on the {name} of {bad.size} record(s), "
-                           f"e.g. {fresh.ids[int(bad[0])]}")
+                out.append(
+                    f"{where} disagrees with records.jsonl on the {name} of {bad.size} record(s), "
+                    f"e.g. {fresh.ids[int(bad[0])]}"
+                )
         if fresh.vocab != snap.vocab or any(not np.array_equal(fresh.codes[k][:n], snap.codes[k][:n]) for k in KEYS):
             out.append(f"{where} disagrees with records.jsonl on the filter fields (site/task/modality/base)")
         stale = []
@@ -215,8 +247,9 @@ def problems(path: Path, rlog: RecordLog) -> tuple[list[str], Columns | None]:
             except RegistryCorruptError:
                 stale.append(i)
         if stale:
-            out.append(f"{where} points {len(stale)} record(s) at another line than their add line, "
-                       f"e.g. {fresh.ids[stale[0]]}")
+            out.append(
+                f"{where} points {len(stale)} record(s) at another line than their add line, e.g. {fresh.ids[stale[0]]}"
+            )
     if len(data) > probe.offset:
-        replay._parse_lines(data[probe.offset:], probe.offset, final=False)  # noqa: SLF001
+        replay._parse_lines(data[probe.offset :], probe.offset, final=False)  # noqa: SLF001
     return out, fresh

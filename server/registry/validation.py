@@ -64,9 +64,7 @@ _CONTROL_CHARS = re.compile("[\x00-\x1f\x7f]")  # C0 controls and DEL (one C-lev
 
 def _check_text(name: str, value: Any, site: str) -> None:
     if not isinstance(value, str):
-        raise MetadataError(
-            f"site {site!r}: metadata field {name!r} must be a string; got {type(value).__name__}"
-        )
+        raise MetadataError(f"site {site!r}: metadata field {name!r} must be a string; got {type(value).__name__}")
     if not value or len(value) > _TEXT_MAX or value != value.strip():
         raise MetadataError(
             f"site {site!r}: metadata field {name!r} must be 1–{_TEXT_MAX} characters without "
@@ -112,7 +110,6 @@ def core_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in meta.items() if k not in ("created_at", "extra")}
 
 
-
 def check_z(z: Any, who: str, dim: int, representation: str, max_z_norm: float) -> np.ndarray:
     """``z`` as a contiguous float32 vector of ``dim`` values, or a typed error naming ``who``."""
     try:
@@ -123,8 +120,7 @@ def check_z(z: Any, who: str, dim: int, representation: str, max_z_norm: float) 
         raise EmbeddingDimensionError(f"{who} sent z of dtype {arr.dtype}; expected a float vector")
     if arr.ndim != 1:
         raise EmbeddingDimensionError(
-            f"{who} sent z of shape {tuple(arr.shape)}; expected a 1-D vector of {dim} "
-            "values"
+            f"{who} sent z of shape {tuple(arr.shape)}; expected a 1-D vector of {dim} values"
         )
     if arr.shape[0] != dim:
         raise EmbeddingDimensionError(
@@ -168,14 +164,15 @@ def check_meta(meta: AdapterMeta | Mapping[str, Any], limits: Mapping[str, float
             f"got {type(m.privacy).__name__}"
         )
     if not isinstance(m.extra, dict):
-        raise MetadataError(
-            f"site {site!r}: metadata field 'extra' must be a dict; got {type(m.extra).__name__}"
-        )
+        raise MetadataError(f"site {site!r}: metadata field 'extra' must be a dict; got {type(m.extra).__name__}")
     out = {
-        **names, "base_fingerprint": m.base_fingerprint,
+        **names,
+        "base_fingerprint": m.base_fingerprint,
         "sample_count": int(m.sample_count),
         "token_count": None if m.token_count is None else int(m.token_count),
-        "rank": None, "privacy": _check_json_value("privacy", m.privacy, site), "created_at": None,
+        "rank": None,
+        "privacy": _check_json_value("privacy", m.privacy, site),
+        "created_at": None,
         "extra": _check_json_value("extra", m.extra, site),
     }
     size = len(canonical_json(out))
@@ -197,8 +194,10 @@ _HEADER_PROBLEM = {
 }
 
 
-_LAYOUT_HINT = ("the registry accepts only common.lora.adapter_to_bytes(adapter) (a PEFT directory: load it with "
-                "common.lora.load_peft_adapter first; resend if the blob was cut in transit)")
+_LAYOUT_HINT = (
+    "the registry accepts only common.lora.adapter_to_bytes(adapter) (a PEFT directory: load it with "
+    "common.lora.load_peft_adapter first; resend if the blob was cut in transit)"
+)
 
 
 def _format_error(site: str, exc: SafetensorsHeaderError) -> AdapterFormatError:
@@ -207,8 +206,9 @@ def _format_error(site: str, exc: SafetensorsHeaderError) -> AdapterFormatError:
     return AdapterFormatError(f"site {site!r}: {what} ({exc}); {hint}")
 
 
-def check_adapter(adapter: Any, site: str, base: str, shapes: Mapping[str, Any],
-                  limits: Mapping[str, float]) -> tuple[bytes, int, Any, dict[str, float]]:
+def check_adapter(
+    adapter: Any, site: str, base: str, shapes: Mapping[str, Any], limits: Mapping[str, float]
+) -> tuple[bytes, int, Any, dict[str, float]]:
     """Validate an adapter (LoraAdapter or canonical bytes) against ``base``; returns (blob, max rank,
     the parsed ``LoraAdapter``, its update norms as ``check_modules`` gives them)."""
     from common.lora import LoraAdapter, LoraFormatError, adapter_from_bytes, adapter_to_bytes, canonical_head
@@ -232,9 +232,7 @@ def check_adapter(adapter: Any, site: str, base: str, shapes: Mapping[str, Any],
                 continue
             tag = info.get("dtype") if isinstance(info, dict) else None
             if tag not in ALLOWED_DTYPES:
-                raise DtypeError(
-                    f"site {site!r}: tensor {key} has dtype {tag}; accepted: float32, bfloat16, float16"
-                )
+                raise DtypeError(f"site {site!r}: tensor {key} has dtype {tag}; accepted: float32, bfloat16, float16")
         try:
             check_sizes(header)
         except SafetensorsHeaderError as exc:
@@ -254,8 +252,10 @@ def check_adapter(adapter: Any, site: str, base: str, shapes: Mapping[str, Any],
             head = canonical_head(parsed)
         except (LoraFormatError, KeyError) as exc:
             raise AdapterFormatError(f"site {site!r}: adapter cannot be re-encoded ({exc})") from exc
-        if len(head) + sum(m.A.nbytes + m.B.nbytes for m in parsed.modules.values()) != len(blob) \
-                or blob[:len(head)] != head:
+        if (
+            len(head) + sum(m.A.nbytes + m.B.nbytes for m in parsed.modules.values()) != len(blob)
+            or blob[: len(head)] != head
+        ):
             raise AdapterFormatError(
                 f"site {site!r}: adapter blob is not in canonical form; encode it with "
                 "common.lora.adapter_to_bytes (its sha256 is the adapter's id)"
@@ -271,12 +271,9 @@ def check_adapter(adapter: Any, site: str, base: str, shapes: Mapping[str, Any],
             dt = str(t.dtype).removeprefix("torch.")
             if dt not in ALLOWED_DTYPES.values():
                 raise DtypeError(
-                    f"site {site!r}: module {name} lora_{label} has dtype {dt}; accepted: float32, "
-                    "bfloat16, "
-                    "float16"
+                    f"site {site!r}: module {name} lora_{label} has dtype {dt}; accepted: float32, bfloat16, float16"
                 )
-    est = sum(m.A.numel() * m.A.element_size() + m.B.numel() * m.B.element_size()
-              for m in adapter.modules.values())
+    est = sum(m.A.numel() * m.A.element_size() + m.B.numel() * m.B.element_size() for m in adapter.modules.values())
     if est > max_bytes:
         raise PayloadTooLargeError(
             f"site {site!r}: adapter tensors are {est} bytes, the registry cap is {max_bytes}; lower the "
@@ -293,8 +290,9 @@ def check_adapter(adapter: Any, site: str, base: str, shapes: Mapping[str, Any],
     return blob, max(m.rank for m in adapter.modules.values()), adapter, norms
 
 
-def check_modules(adapter: Any, site: str, base: str, shapes: Mapping[str, Any],
-                  limits: Mapping[str, float]) -> dict[str, float]:
+def check_modules(
+    adapter: Any, site: str, base: str, shapes: Mapping[str, Any], limits: Mapping[str, float]
+) -> dict[str, float]:
     """Every module exists in the base, fits its shape, has a sane rank, finite factors and ‖ΔW‖.
 
     Returns the per-module update norms ``‖scale·B·A‖_F`` plus ``"__total__"`` (what
@@ -328,9 +326,7 @@ def check_modules(adapter: Any, site: str, base: str, shapes: Mapping[str, Any],
                 "trained on another base model?"
             )
         if r < 1 or r > lim["max_rank"]:
-            raise RankError(
-                f"site {site!r}: module {name} has rank {r}; the registry accepts 1..{lim['max_rank']}"
-            )
+            raise RankError(f"site {site!r}: module {name} has rank {r}; the registry accepts 1..{lim['max_rank']}")
         if not math.isfinite(m.scale):
             raise NonFiniteError(f"site {site!r}: module {name} has a non-finite scale {m.scale}")
         # ‖s·B·A‖_F² = s²·trace((BᵀB)(AAᵀ)): two r×r products, never the dense out×in update. It is
@@ -366,12 +362,23 @@ def _raise_non_finite(site: str, name: str, m: Any) -> None:
                 f"site {site!r}: module {name} lora_{label} has {nbad} non-finite value(s) "
                 f"({'/'.join(kinds)}); the training diverged — retrain (lower lr) before submitting"
             )
-    raise NonFiniteError(f"site {site!r}: module {name}: ‖scale·B·A‖_F overflows float64; the factors are "
-                         "far too large — retrain before submitting")
+    raise NonFiniteError(
+        f"site {site!r}: module {name}: ‖scale·B·A‖_F overflows float64; the factors are "
+        "far too large — retrain before submitting"
+    )
 
 
-def prepare(adapter: Any, z: Any, meta: AdapterMeta | Mapping[str, Any], expected_sha256: str | None, *,
-            bases: Mapping[str, Any], limits: Mapping[str, float], dim: int, representation: str) -> Prepared:
+def prepare(
+    adapter: Any,
+    z: Any,
+    meta: AdapterMeta | Mapping[str, Any],
+    expected_sha256: str | None,
+    *,
+    bases: Mapping[str, Any],
+    limits: Mapping[str, float],
+    dim: int,
+    representation: str,
+) -> Prepared:
     """Validate everything; raise a ValidationError or return what will be written."""
     m = check_meta(meta, limits)
     site = m["site"]
@@ -384,8 +391,7 @@ def prepare(adapter: Any, z: Any, meta: AdapterMeta | Mapping[str, Any], expecte
             f"{known}); train on the registry's base model, or add it with Registry.add_base"
         )
     z32 = check_z(z, who, dim, representation, limits["max_z_norm"])
-    expected = (None if expected_sha256 is None
-                else normalize_sha(expected_sha256, f"{who}: expected_sha256"))
+    expected = None if expected_sha256 is None else normalize_sha(expected_sha256, f"{who}: expected_sha256")
     if expected is not None and isinstance(adapter, (bytes, bytearray, memoryview)):
         got = sha256_hex(bytes(adapter))
         if got != expected:
@@ -394,8 +400,9 @@ def prepare(adapter: Any, z: Any, meta: AdapterMeta | Mapping[str, Any], expecte
                 "adapter was "
                 "altered or truncated in transit — resend it"
             )
-    blob, rank, _, norms = check_adapter(adapter, site, m["base_fingerprint"], bases[m["base_fingerprint"]]["modules"],
-                               limits)
+    blob, rank, _, norms = check_adapter(
+        adapter, site, m["base_fingerprint"], bases[m["base_fingerprint"]]["modules"], limits
+    )
     sha = sha256_hex(blob)
     if expected is not None and sha != expected:
         raise BlobHashMismatchError(

@@ -54,7 +54,9 @@ def storage_error(exc: OSError, stage: str, root: Any) -> RegistryStorageError:
     why = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else f"{exc.strerror or exc}"
     return RegistryStorageError(
         f"registry {root}: writing the {stage} failed ({why}); nothing was stored and the registry is as "
-        "before — free space (or fix the filesystem) and resubmit", stage=stage)
+        "before — free space (or fix the filesystem) and resubmit",
+        stage=stage,
+    )
 
 
 def span_fields(start: int, end: int, data: bytes) -> dict[str, Any]:
@@ -65,9 +67,15 @@ def span_fields(start: int, end: int, data: bytes) -> dict[str, Any]:
 class Writer:
     """Writes batches into the registry's parts (the caller holds the registry's mutex)."""
 
-    def __init__(self, cols: Columns, log: RecordLog, blobs: BlobStore, audit: AuditLog,
-                 index: Callable[[], ChromaIndex | None],
-                 norm_bound: Callable[[str, str], NormBound | None] | None = None) -> None:
+    def __init__(
+        self,
+        cols: Columns,
+        log: RecordLog,
+        blobs: BlobStore,
+        audit: AuditLog,
+        index: Callable[[], ChromaIndex | None],
+        norm_bound: Callable[[str, str], NormBound | None] | None = None,
+    ) -> None:
         self.cols = cols
         self.log = log
         self.blobs = blobs
@@ -78,8 +86,9 @@ class Writer:
         #: the last ``submission.accepted`` entry written (what ``Registry.receipt`` signs)
         self.last_accepted: dict[str, Any] | None = None
 
-    def add_batch(self, items: Iterable[Sequence[Any]], index: bool, single: bool, extra: dict[str, Any],
-                  rules: Mapping[str, Any]) -> list[Record]:
+    def add_batch(
+        self, items: Iterable[Sequence[Any]], index: bool, single: bool, extra: dict[str, Any], rules: Mapping[str, Any]
+    ) -> list[Record]:
         """Validate and store ``(adapter, z, meta[, expected_sha256])`` items (``rules``: bases,
         limits, dim, representation); ``single``: one ``add`` with its own audit line."""
         prepared: list[Prepared] = []
@@ -104,17 +113,30 @@ class Writer:
             def audit_single(fields: dict[str, Any]) -> None:
                 p = prepared[0] if kind == "new" else None
                 rec = rec_of() if rec_of is not None else None
-                self.last_accepted = self.audit.append("submission.accepted", **{
-                    **extra, "site": p.meta["site"] if p else rec.meta.site, "record_id": p.id if p else rec.id,
-                    "blob_sha256": p.sha if p else rec.blob_sha256, "bytes": len(p.blob) if p else rec.bytes,
-                    "z_sha256": p.z_sha if p else rec.z_sha256, "task": p.meta["task"] if p else rec.meta.task,
-                    "base_fingerprint": p.meta["base_fingerprint"] if p else rec.meta.base_fingerprint,
-                    "privacy": p.meta["privacy"] if p else rec.meta.privacy,
-                    **({"duplicate": True} if kind == "old" else {}), **fields, **self.blobs.encryption_fields()})
+                self.last_accepted = self.audit.append(
+                    "submission.accepted",
+                    **{
+                        **extra,
+                        "site": p.meta["site"] if p else rec.meta.site,
+                        "record_id": p.id if p else rec.id,
+                        "blob_sha256": p.sha if p else rec.blob_sha256,
+                        "bytes": len(p.blob) if p else rec.bytes,
+                        "z_sha256": p.z_sha if p else rec.z_sha256,
+                        "task": p.meta["task"] if p else rec.meta.task,
+                        "base_fingerprint": p.meta["base_fingerprint"] if p else rec.meta.base_fingerprint,
+                        "privacy": p.meta["privacy"] if p else rec.meta.privacy,
+                        **({"duplicate": True} if kind == "old" else {}),
+                        **fields,
+                        **self.blobs.encryption_fields(),
+                    },
+                )
+
             audit = audit_single
         else:
+
             def audit_bulk(fields: dict[str, Any]) -> None:
                 self._audit_bulk(prepared, len(results), fields)
+
             audit = audit_bulk
         if prepared:
             rows = self._commit(prepared, index, audit)
@@ -126,8 +148,16 @@ class Writer:
             rows = []
         return [self.cols.record(rows[ref] if kind == "new" else ref) for kind, ref in results]
 
-    def _validate_item(self, i: int, item: tuple[Any, ...], single: bool, extra: dict[str, Any],
-                       prepared: list[Prepared], seen: dict[str, int], rules: Mapping[str, Any]) -> Prepared:
+    def _validate_item(
+        self,
+        i: int,
+        item: tuple[Any, ...],
+        single: bool,
+        extra: dict[str, Any],
+        prepared: list[Prepared],
+        seen: dict[str, int],
+        rules: Mapping[str, Any],
+    ) -> Prepared:
         """Validate item ``i``; on a rejection write the ``submission.rejected`` audit line and raise."""
         if len(item) not in (3, 4):
             raise RegistryError(f"item {i}: expected (adapter, z, meta[, expected_sha256])")
@@ -141,15 +171,23 @@ class Writer:
             self._check_bound(p)
             if p.id in seen and core_meta(prepared[seen[p.id]].meta) != core_meta(p.meta):
                 raise DuplicateRecordError(
-                    f"item {i} repeats record {p.id} of item {seen[p.id]} with different metadata")
+                    f"item {i} repeats record {p.id} of item {seen[p.id]} with different metadata"
+                )
             return p
         except ValidationError as exc:
             if not single:
                 exc.args = (f"item {i}: {exc}",) + exc.args[1:]
             site = meta.get("site") if isinstance(meta, Mapping) else getattr(meta, "site", None)
-            self.audit.append("submission.rejected", **{
-                **extra, "site": site if isinstance(site, str) else None, "reason": str(exc),
-                "error": type(exc).__name__, **({} if single else {"item": i})})
+            self.audit.append(
+                "submission.rejected",
+                **{
+                    **extra,
+                    "site": site if isinstance(site, str) else None,
+                    "reason": str(exc),
+                    "error": type(exc).__name__,
+                    **({} if single else {"item": i}),
+                },
+            )
             raise
 
     def _check_bound(self, p: Prepared) -> None:
@@ -173,10 +211,16 @@ class Writer:
         records.jsonl, pin exactly what was added."""
         triples = [[p.id, p.sha, p.z_sha] for p in prepared]
         self.audit.append(
-            "registry.bulk_add", count=len(prepared), duplicates=n_items - len(prepared),
+            "registry.bulk_add",
+            count=len(prepared),
+            duplicates=n_items - len(prepared),
             records_sha256=sha256_hex(canonical_json(triples).encode()),
-            first_id=prepared[0].id if prepared else None, last_id=prepared[-1].id if prepared else None,
-            sites=sorted({p.meta["site"] for p in prepared}), **fields, **self.blobs.encryption_fields())
+            first_id=prepared[0].id if prepared else None,
+            last_id=prepared[-1].id if prepared else None,
+            sites=sorted({p.meta["site"] for p in prepared}),
+            **fields,
+            **self.blobs.encryption_fields(),
+        )
 
     def _commit(self, prepared: list[Prepared], index: bool, audit: Callable[[dict[str, Any]], None]) -> list[int]:
         """Blobs, record lines, audit line — all or nothing — then columns and the Chroma mirror."""

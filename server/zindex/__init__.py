@@ -14,8 +14,15 @@ from server.zindex.column import ColumnCorruptError, ColumnDimensionError, Colum
 if TYPE_CHECKING:
     from server.zindex.topk import ExactTopK, TopKError, exact_sq_l2
 
-__all__ = ["ColumnCorruptError", "ColumnDimensionError", "ColumnError", "ExactTopK", "TopKError", "ZColumn",
-           "exact_sq_l2"]
+__all__ = [
+    "ColumnCorruptError",
+    "ColumnDimensionError",
+    "ColumnError",
+    "ExactTopK",
+    "TopKError",
+    "ZColumn",
+    "exact_sq_l2",
+]
 
 _TOPK = ("ExactTopK", "TopKError", "exact_sq_l2")
 

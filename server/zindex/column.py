@@ -50,6 +50,7 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
             raise OSError(errno.ENOSPC, "no space left for the z column", None)
         done += n
 
+
 MAGIC = b"RPEZCOL\x01"
 VERSION = 1
 HEADER_BYTES = 4096
@@ -77,8 +78,11 @@ class ColumnDimensionError(ColumnError, ValueError):
 def _crc_rows(block: np.ndarray) -> np.ndarray:
     """crc32 of each row's little-endian bytes."""
     b = np.ascontiguousarray(block, dtype="<f4")
-    return np.fromiter((zlib.crc32(r) for r in b), dtype="<u4", count=b.shape[0]) if b.size else \
-        np.zeros(b.shape[0], dtype="<u4")
+    return (
+        np.fromiter((zlib.crc32(r) for r in b), dtype="<u4", count=b.shape[0])
+        if b.size
+        else np.zeros(b.shape[0], dtype="<u4")
+    )
 
 
 def _pack_slot(dim: int, count: int, seq: int) -> bytes:
@@ -91,7 +95,7 @@ def _unpack_slot(raw: bytes) -> tuple[int, int, int] | None:
     n = _SLOT.size
     if len(raw) < n + 4:
         return None
-    body, (crc,) = raw[:n], struct.unpack("<I", raw[n:n + 4])
+    body, (crc,) = raw[:n], struct.unpack("<I", raw[n : n + 4])
     if zlib.crc32(body) != crc:
         return None
     magic, version, dim, count, seq = _SLOT.unpack(body)
@@ -115,8 +119,9 @@ class ZColumn:
     published count as of open or the last ``refresh()``.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False, dim: int | None = None,
-                 check: bool = True) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, read_only: bool = False, dim: int | None = None, check: bool = True
+    ) -> None:
         """``check=False`` skips the crc check of the last rows on open (an auditor reading a
         possibly damaged column row by row, ``server/registry/binding.py``)."""
         self.path = Path(path)
@@ -151,7 +156,7 @@ class ZColumn:
             raise ColumnError(f"{p} already exists; open it with ZColumn(path)")
         header = bytearray(HEADER_BYTES)
         header[0:SLOT_BYTES] = _pack_slot(dim, 0, 1)
-        header[SLOT_BYTES:2 * SLOT_BYTES] = _pack_slot(dim, 0, 0)
+        header[SLOT_BYTES : 2 * SLOT_BYTES] = _pack_slot(dim, 0, 0)
         crc_p = p.with_name(p.name + ".crc")
         with open(crc_p, "wb") as fh:
             fh.flush()
@@ -168,7 +173,7 @@ class ZColumn:
     def _load_header(self) -> None:
         self._fh.seek(0)
         raw = self._fh.read(HEADER_BYTES)
-        slots = [_unpack_slot(raw[i * SLOT_BYTES:(i + 1) * SLOT_BYTES]) for i in (0, 1)]
+        slots = [_unpack_slot(raw[i * SLOT_BYTES : (i + 1) * SLOT_BYTES]) for i in (0, 1)]
         valid = [(s, i) for i, s in enumerate(slots) if s is not None]
         if not valid:
             raise ColumnCorruptError(
@@ -218,8 +223,9 @@ class ZColumn:
             self._mm = None
         length = HEADER_BYTES + self._count * self.row_bytes
         self._mm = mmap.mmap(self._fh.fileno(), length, access=mmap.ACCESS_READ)
-        self._view = np.frombuffer(self._mm, dtype="<f4", count=self._count * self.dim,
-                                   offset=HEADER_BYTES).reshape(self._count, self.dim)
+        self._view = np.frombuffer(self._mm, dtype="<f4", count=self._count * self.dim, offset=HEADER_BYTES).reshape(
+            self._count, self.dim
+        )
 
     def refresh(self) -> int:
         """Re-read the published count (a reader following a writer); returns the new count."""
@@ -282,8 +288,10 @@ class ZColumn:
 
     def _bad_message(self, bad: np.ndarray) -> str:
         shown = ", ".join(str(int(b)) for b in bad[:10]) + (" …" if bad.size > 10 else "")
-        return (f"{self.path}: {bad.size} row(s) fail their crc32 (rows {shown}): the file was damaged "
-                "outside the registry (disk error or edit); restore it from a backup")
+        return (
+            f"{self.path}: {bad.size} row(s) fail their crc32 (rows {shown}): the file was damaged "
+            "outside the registry (disk error or edit); restore it from a backup"
+        )
 
     def verify(self, start: int = 0, stop: int | None = None, *, raise_on_error: bool = True) -> list[int]:
         """Check every row's crc32 in ``[start, stop)`` (all rows by default); the damaged rows are

@@ -47,14 +47,14 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
-U32 = 2.0 ** -24
-U64 = 2.0 ** -53
+U32 = 2.0**-24
+U64 = 2.0**-53
 _EXACT_CHUNK = 1 << 22  # elements per float64 re-rank chunk (bounds temporary memory)
-_MIN_INT_MM_ROWS = 32   # below this the int8 pass is not worth a kernel call: go exact
+_MIN_INT_MM_ROWS = 32  # below this the int8 pass is not worth a kernel call: go exact
 _MIN_PASS_B_ROWS = 1024  # below this pass B's int8 rows save little over pass C's float32 rows
-_PASS_C_CHUNK = 64       # rows per gathered float32 block of pass C
-_Y_BLOCK = 64            # pass A's codes are kept in column blocks of this width (see ``_y_blocks``)
-STATE_VERSION = 2        # 2: the projection kept as int8 codes (version 1 states are rebuilt)
+_PASS_C_CHUNK = 64  # rows per gathered float32 block of pass C
+_Y_BLOCK = 64  # pass A's codes are kept in column blocks of this width (see ``_y_blocks``)
+STATE_VERSION = 2  # 2: the projection kept as int8 codes (version 1 states are rebuilt)
 
 
 class TopKError(ValueError):
@@ -67,9 +67,9 @@ def exact_sq_l2(Z: np.ndarray, rows: np.ndarray, q: np.ndarray) -> np.ndarray:
     q64 = q.astype(np.float64)
     step = max(1, _EXACT_CHUNK // max(1, Z.shape[1]))
     for s in range(0, rows.shape[0], step):
-        diff = Z[rows[s:s + step]].astype(np.float64)
+        diff = Z[rows[s : s + step]].astype(np.float64)
         diff -= q64
-        out[s:s + step] = np.einsum("ij,ij->i", diff, diff)
+        out[s : s + step] = np.einsum("ij,ij->i", diff, diff)
     return out
 
 
@@ -114,7 +114,7 @@ class ExactTopK:
         self.seed = seed
         self.n = 0
         cap = 0
-        self._n2 = np.zeros(cap)          # ‖z‖² float64
+        self._n2 = np.zeros(cap)  # ‖z‖² float64
         self._q8 = torch.zeros((cap, dim), dtype=torch.int8)
         self._scale = np.zeros(cap)
         self._err = np.zeros(cap)
@@ -122,13 +122,13 @@ class ExactTopK:
         self._P: np.ndarray | None = None  # d × m orthonormal (float64)
         self._mu: np.ndarray | None = None
         self._Yq = torch.zeros((1, cap, 0), dtype=torch.int8)  # int8 codes of y = Pᵀ(z − μ), column blocks
-        self._ys = np.zeros(cap)          # their scale
-        self._yn = np.zeros(cap)          # ‖y‖² (float64)
-        self._t = np.zeros(cap)           # ‖z − μ‖²
-        self._aa = np.zeros(cap)          # ‖y‖² + ρ² − c_A t: pass A's per-row constant
-        self._w = np.zeros((cap, 3))      # (e_y ≥ ‖y − s_y Q_y‖, ‖s_y Q_y‖, ρ): pass A's error weights
-        self._a_off = 0                   # queries left with pass A switched off
-        self._a_ema = 0.0                 # running survivor fraction of pass A
+        self._ys = np.zeros(cap)  # their scale
+        self._yn = np.zeros(cap)  # ‖y‖² (float64)
+        self._t = np.zeros(cap)  # ‖z − μ‖²
+        self._aa = np.zeros(cap)  # ‖y‖² + ρ² − c_A t: pass A's per-row constant
+        self._w = np.zeros((cap, 3))  # (e_y ≥ ‖y − s_y Q_y‖, ‖s_y Q_y‖, ρ): pass A's error weights
+        self._a_off = 0  # queries left with pass A switched off
+        self._a_ema = 0.0  # running survivor fraction of pass A
         self.stats: dict[str, int] = {"queries": 0, "pass_a": 0, "pass_b_rows": 0, "pass_c_rows": 0, "exact_rows": 0}
 
     # ---- building ----------------------------------------------------------------------------
@@ -167,7 +167,7 @@ class ExactTopK:
     def _set_codes(self, at: int, Q: np.ndarray) -> None:
         """Store the (n, m) int8 codes of rows ``at``… into the column blocks."""
         nb, _, w = self._Yq.shape
-        self._Yq[:, at:at + Q.shape[0]] = torch.from_numpy(np.ascontiguousarray(Q)).reshape(-1, nb, w).transpose(0, 1)
+        self._Yq[:, at : at + Q.shape[0]] = torch.from_numpy(np.ascontiguousarray(Q)).reshape(-1, nb, w).transpose(0, 1)
 
     def _codes(self) -> np.ndarray:
         """The (n, m) int8 codes of every row, as one matrix (for ``state``)."""
@@ -187,9 +187,9 @@ class ExactTopK:
             b = min(n, a + step)
             x = X[a:b]
             Q, sc, er, rn = quantize_int8(x)
-            self._q8[s + a:s + b] = torch.from_numpy(Q)
-            self._scale[s + a:s + b], self._err[s + a:s + b], self._rnorm[s + a:s + b] = sc, er, rn
-            self._n2[s + a:s + b] = np.einsum("ij,ij->i", x, x, dtype=np.float64)
+            self._q8[s + a : s + b] = torch.from_numpy(Q)
+            self._scale[s + a : s + b], self._err[s + a : s + b], self._rnorm[s + a : s + b] = sc, er, rn
+            self._n2[s + a : s + b] = np.einsum("ij,ij->i", x, x, dtype=np.float64)
             if self._P is not None:
                 self._project(x.astype(np.float64), s + a)
         self.n = e
@@ -248,14 +248,30 @@ class ExactTopK:
     def state(self) -> dict[str, np.ndarray]:
         """Arrays to persist (e.g. ``np.savez``); ``from_state`` restores them without recomputing."""
         n = self.n
-        out = {"v": np.asarray(STATE_VERSION), "n": np.asarray(n), "dim": np.asarray(self.dim),
-               "proj_dim": np.asarray(self.proj_dim),
-               "n2": self._n2[:n], "q8": self._q8[:n].numpy(), "scale": self._scale[:n], "err": self._err[:n],
-               "rnorm": self._rnorm[:n]}
+        out = {
+            "v": np.asarray(STATE_VERSION),
+            "n": np.asarray(n),
+            "dim": np.asarray(self.dim),
+            "proj_dim": np.asarray(self.proj_dim),
+            "n2": self._n2[:n],
+            "q8": self._q8[:n].numpy(),
+            "scale": self._scale[:n],
+            "err": self._err[:n],
+            "rnorm": self._rnorm[:n],
+        }
         if self._P is not None:
             w = self._w[:n]
-            out.update(P=self._P, mu=self._mu, Yq=self._codes(), ys=self._ys[:n], ye=w[:, 0],
-                       yh=w[:, 1], yn=self._yn[:n], t=self._t[:n], rho=w[:, 2])
+            out.update(
+                P=self._P,
+                mu=self._mu,
+                Yq=self._codes(),
+                ys=self._ys[:n],
+                ye=w[:, 0],
+                yh=w[:, 1],
+                yn=self._yn[:n],
+                t=self._t[:n],
+                rho=w[:, 2],
+            )
         return out
 
     @classmethod
@@ -289,8 +305,9 @@ class ExactTopK:
         c = 4.1 * U32 * (1 + U32) + 1.01 * gamma_m * (1 + U32) ** 2 + 4 * math.sqrt(eps_c) + 2 * (d + 2) * U64
         return 2.0 * c  # a factor 2 of margin for the float64 evaluation of the bound itself
 
-    def search(self, q: np.ndarray, k: int, Z: np.ndarray, *, mask: np.ndarray | None = None,
-               exclude: Iterable[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, q: np.ndarray, k: int, Z: np.ndarray, *, mask: np.ndarray | None = None, exclude: Iterable[int] = ()
+    ) -> tuple[np.ndarray, np.ndarray]:
         """The exact k nearest eligible rows of ``Z`` (the column's matrix, ``len(Z) >= self.n``) to
         ``q``: (rows, float64 squared distances), nearest first, ties by lower row.
 
@@ -351,8 +368,9 @@ class ExactTopK:
         self.stats["exact_rows"] += int(rest.size + seeds.size)
         return self._final(Z, np.concatenate([seeds, rest]), q, k, seed_d)
 
-    def _final(self, Z: np.ndarray, rows: np.ndarray, q: np.ndarray, k: int,
-               known: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def _final(
+        self, Z: np.ndarray, rows: np.ndarray, q: np.ndarray, k: int, known: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Exact distances (the first ``len(known)`` rows already computed), then the (D, row) order."""
         nk = 0 if known is None else known.shape[0]
         d = exact_sq_l2(Z, rows[nk:], q)
@@ -377,7 +395,7 @@ class ExactTopK:
             dot += torch._int_mm(self._Yq[j, :n], qb[j])
         # in place, few passes over N (at 10^6 rows each float64 pass costs ~1.5 ms)
         lb = np.multiply(dot.numpy().reshape(-1), self._ys[:n], dtype=np.float64)
-        lb *= -2.0 * float(sq[0])                            # −2 ŷ_i·ŷ_q
+        lb *= -2.0 * float(sq[0])  # −2 ŷ_i·ŷ_q
         lb += self._aa[:n]
         # e_i‖y_q‖ + ‖ŷ_i‖e_q + ρ_iρ_q, times 2 (and a hair of margin for its own rounding)
         lb -= self._w[:n] @ ((2.0 * (1 + 1e-9)) * np.array([math.sqrt(yqn), float(eq[0]), rho_q]))
@@ -414,7 +432,7 @@ class ExactTopK:
         q32 = np.asarray(q, dtype=np.float32)
         dot = np.empty(rows.shape[0])
         for a in range(0, rows.shape[0], _PASS_C_CHUNK):  # gathered blocks that stay in cache
-            dot[a:a + _PASS_C_CHUNK] = Z[rows[a:a + _PASS_C_CHUNK]] @ q32
+            dot[a : a + _PASS_C_CHUNK] = Z[rows[a : a + _PASS_C_CHUNK]] @ q32
         q64 = q32.astype(np.float64)
         qn2 = float(q64 @ q64)
         n2 = self._n2[rows]
