@@ -2,7 +2,7 @@
 
 Subjects and baselines, all on the *same* adapter files and the same number of layers:
 
-* ours        ``common.lora.compose_peft_dirs``: the streamed composer (reads each module's factors
+* ours        ``common.adapters.lora.compose_peft_dirs``: the streamed composer (reads each module's factors
               with ``pread``, computes the output in cache-sized chunks while a writer thread writes
               the previous chunk and starts its writeback, fsyncs once at the end);
 * ours in memory  ``load_peft_adapters`` → ``compose`` (exact rank concatenation) → ``save_peft_adapter``
@@ -21,7 +21,7 @@ Subjects and baselines, all on the *same* adapter files and the same number of l
 * ours max_rank vs PEFT svd: ``compose(max_rank=r)`` vs ``add_weighted_adapter(svd, svd_rank=r,
               svd_full_matrices=False)`` (PEFT's faster setting; same result), with the Frobenius error of
               both against the exact dense update Σ w_i s_i B_i A_i and against the optimum
-              (Eckart–Young tail, ``common.lora.truncation_error``).
+              (Eckart–Young tail, ``common.adapters.lora.truncation_error``).
 
 Adapters: q/k/v/o of every layer, r = 16, lora_alpha = 32, written exactly as PEFT writes them
 (``LoraConfig.save_pretrained`` + ``safetensors.torch.save_file`` with PEFT key names), fp32 and
@@ -169,7 +169,7 @@ def file_bytes(dirs: list[Path]) -> int:
 
 
 def run_stream(dirs: list[Path], weights: list[float], out: Path) -> dict[str, float]:
-    from common.lora import compose_peft_dirs
+    from common.adapters import compose_peft_dirs
 
     t0 = now()
     compose_peft_dirs(dirs, weights, out, base_model_name_or_path="bench/llama-3.1-8b-shapes")
@@ -180,7 +180,7 @@ def run_ours(
     dirs: list[Path], weights: list[float], out: Path, max_rank: int | None = None, dtype: torch.dtype | None = None
 ) -> dict[str, float]:
     """The in-memory path, timed per phase."""
-    from common.lora import compose, load_peft_adapters, save_peft_adapter
+    from common.adapters import compose, load_peft_adapters, save_peft_adapter
 
     t0 = now()
     adapters = load_peft_adapters(dirs)
@@ -238,8 +238,8 @@ def _read_inputs(dirs: list[Path]) -> int:
 def run_limit(dirs: list[Path], out: Path, payload: bytes, config: bytes, overlapped: bool = False) -> dict[str, float]:
     """Read every input file; write ``payload`` (output-sized) + a config file, fsync both.
     ``overlapped``: write in ``CHUNK_BYTES`` chunks and start each chunk's writeback at once."""
-    from common.buffers import start_writeback
-    from common.peft_compose import FLUSH_BYTES
+    from common.adapters.stream_compose import FLUSH_BYTES
+    from common.files.buffers import start_writeback
 
     t0 = now()
     _read_inputs(dirs)
@@ -272,7 +272,7 @@ def _rm(p: Path) -> None:
 
 
 def _exact_deltas(dirs: list[Path], weights: list[float], names: list[str]) -> dict[str, torch.Tensor]:
-    from common.lora import load_peft_adapter
+    from common.adapters import load_peft_adapter
 
     out: dict[str, torch.Tensor] = {}
     adapters = [load_peft_adapter(d) for d in dirs]
@@ -288,7 +288,7 @@ def _exact_deltas(dirs: list[Path], weights: list[float], names: list[str]) -> d
 
 def _errors(result_dir: Path, exact: dict[str, torch.Tensor]) -> dict[str, float]:
     """Relative Frobenius error per module of the adapter in ``result_dir`` against ``exact``."""
-    from common.lora import load_peft_adapter
+    from common.adapters import load_peft_adapter
 
     got = load_peft_adapter(result_dir)
     errs = {}
@@ -302,7 +302,7 @@ def _errors(result_dir: Path, exact: dict[str, torch.Tensor]) -> dict[str, float
 def _optimal_errors(
     dirs: list[Path], weights: list[float], exact: dict[str, torch.Tensor], rank: int
 ) -> dict[str, float]:
-    from common.lora import compose, load_peft_adapter, truncation_error
+    from common.adapters import compose, load_peft_adapter, truncation_error
 
     cat = compose([load_peft_adapter(d) for d in dirs], weights).to(torch.float64)
     tail = truncation_error(cat, rank)

@@ -28,11 +28,11 @@ GROUPS = ("xray-chest", "ct-abdomen", "ct-head", "mr-head")
 def run(held: int = 48, repeat: int = 2, train_n: int = 48) -> dict[str, Any]:
     import torch
 
-    from common.data import report_groups, split
-    from common.evaluation import evaluate_task, evaluate_task_arms
+    from common.families.report.data import report_groups, split
+    from common.families.report.evaluation import evaluate_task, evaluate_task_arms
+    from common.families.report.task import TextReportTask
+    from common.families.report.training import LoraSpec, train_lora
     from common.models import cast_parameters, load_base_model
-    from common.tasks import TextReportTask
-    from common.training import LoraSpec, train_lora
 
     task = TextReportTask()
     groups = report_groups()

@@ -13,11 +13,11 @@ import json
 import time
 from pathlib import Path
 
-from common.data import report_groups, split
-from common.evaluation import evaluate_task
+from common.families.report.data import report_groups, split
+from common.families.report.evaluation import evaluate_task
+from common.families.report.task import TextReportTask
+from common.families.report.training import DPConfig, LoraSpec, train_lora
 from common.models import load_base_model
-from common.tasks import TextReportTask
-from common.training import DPConfig, LoraSpec, train_lora
 
 
 def main() -> None:

@@ -101,7 +101,7 @@ class SerdeGrid:
 
 
 def _site_data(root: Path, n_sites: int, n_train: int) -> dict[str, Path]:
-    from common.data import report_groups, write_jsonl
+    from common.families.report.data import report_groups, write_jsonl
 
     groups = report_groups()
     out = {}
@@ -115,8 +115,8 @@ def _site_data(root: Path, n_sites: int, n_train: int) -> dict[str, Path]:
 
 def _raw_sizes(reply: Any) -> dict[str, int]:
     """Raw tensor bytes in an enrol reply: adapter factors (as sent: float32) and z."""
-    from common import wire
-    from common.lora import adapter_to_bytes
+    from common.adapters import adapter_to_bytes
+    from common.protocol import wire
 
     payload = wire.parse_enroll_reply(reply.content)
     adapter_bytes = sum(a.nbytes for a in payload.arrays.values())

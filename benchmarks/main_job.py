@@ -120,7 +120,7 @@ class CpuSampler:
 
 def run_demo(tree: Path, families: str, workdir: Path) -> dict[str, Any]:
     """One ``deploy.demo`` run from ``tree``; its phases (s), CPU by process class and table means."""
-    from common.data import DATA_DIR_ENV, data_root
+    from common.families.report.data import DATA_DIR_ENV, data_root
 
     # the data root is resolved here, once: a worktree elsewhere has no ../shared/data beside it
     env = {

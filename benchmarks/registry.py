@@ -147,7 +147,7 @@ def free_port() -> int:
 def _adapters(n: int, seed: int) -> list[Any]:
     import torch
 
-    from common.lora import LoraAdapter, LoraModule
+    from common.adapters import LoraAdapter, LoraModule
 
     g = torch.Generator().manual_seed(seed)
     return [

@@ -40,7 +40,7 @@ BATCH = 5000
 
 def _old_format_copy(src: Path, dst: Path, dim: int) -> None:
     """``dst``: registry ``src`` as written before the z column (z_b64 in each add line)."""
-    from common.digests import canonical_json
+    from common.trust.digests import canonical_json
 
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("z.f32", "z.f32.crc", "zindex.npz", "chroma", ".lock"))
     M = np.memmap(src / "z.f32", dtype="<f4", mode="r", offset=4096).reshape(-1, dim)

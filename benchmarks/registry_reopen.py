@@ -27,7 +27,7 @@ from benchmarks.util import log, now  # noqa: E402
 
 def build(root: Path, n: int, d: int, old: Path | None) -> None:
     """Registry ``root`` with ``n`` records (one shared fake blob hash); ``old``: the base64 copy."""
-    from common.digests import canonical_json
+    from common.trust.digests import canonical_json
     from server.registry import Registry
     from server.zindex import ZColumn
 

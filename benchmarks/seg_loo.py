@@ -2,14 +2,14 @@
 
 For every site: train one LoRA on its training slices (plus augmented copies) and compute z from
 all its images (no labels needed). For every target site, the OTHER sites' LoRAs are composed
-exactly (``common.lora.compose``) with weights from ``common.strategies.compute_weights`` (avg,
+exactly (``common.adapters.lora.compose``) with weights from ``server.strategies.compute_weights`` (avg,
 nearest, sim, lin, lin-l1) on the z's, and scored by DICE on the target's test slices, next to the
 pretrained model without a LoRA and the target's own LoRA (a supervised reference the ensemble does
 not see). Each cell also gets a bootstrap 95 % interval over the target's test slices, and each
 strategy a paired test (difference, interval, sign-flip p) against the pretrained model and
 against ``avg`` (``benchmarks.zero_shot.bootstrap_ci`` / ``paired_test``).
 
-``--virtual V`` adds V simulated scanner sites (``common.seg_data.make_virtual_site``: a real
+``--virtual V`` adds V simulated scanner sites (``common.families.segmentation.data.make_virtual_site``: a real
 site's slices, masks unchanged, through a seeded scanner profile histogram-matched to another real
 site). They join the library only: a target never sees a site of its own lineage (the real site
 itself or any virtual site made from its slices, which would share its patients and masks). With
@@ -36,11 +36,11 @@ from typing import Any
 import numpy as np
 
 from benchmarks.zero_shot import bootstrap_ci, diff_cell, paired_test
-from common import sam
-from common.lora import compose, load_peft_adapter, save_peft_adapter
-from common.seg_data import SegSite, load_sites, make_virtual_site, random_profile
-from common.segmentation import PromptSpec, SegLoraSpec, SegmentationTask
-from common.strategies import compute_weights
+from common.adapters import compose, load_peft_adapter, save_peft_adapter
+from common.families.segmentation import sam
+from common.families.segmentation.data import SegSite, load_sites, make_virtual_site, random_profile
+from common.families.segmentation.task import PromptSpec, SegLoraSpec, SegmentationTask
+from server.strategies import compute_weights
 
 STRATEGIES = ("avg", "nearest", "sim", "lin", "lin-l1")
 N_BOOT = 2000

@@ -4,7 +4,7 @@
   vs a bare forward loop over the same texts, tokenised the same way, in input order, with a
   fixed batch size chosen so it makes the same number of forward calls, each batch padded to its
   longest text. Both run the backbone without the LM head; the baseline does not even pool.
-* Training: ``common.training.train_lora`` vs a plain ``transformers.Trainer`` on a PEFT model with
+* Training: ``common.families.report.training.train_lora`` vs a plain ``transformers.Trainer`` on a PEFT model with
   the same LoRA (r, alpha, targets, dropout), batch size, max length, steps, learning rate,
   warm-up and clipping, no evaluation, no saving, ``report_to="none"``, on the same tokenised
   examples (``TextReportTask.training_features``).
@@ -44,7 +44,7 @@ TRAIN = {
 
 def examples(n: int, seed: int = 0) -> list[Any]:
     """A deterministic mix of real reports: half IU X-ray (short), half MedPix groups (longer)."""
-    from common.data import report_groups
+    from common.families.report.data import report_groups
 
     groups = report_groups()
     rng = random.Random(seed)
@@ -133,8 +133,8 @@ def bench_embedding(model: Any, tok: Any, texts: list[str], reps: int) -> dict[s
 
 
 def run_ours_training(model: Any, tok: Any, exs: list[Any], steps: int) -> dict[str, Any]:
-    from common.tasks import TextReportTask
-    from common.training import LoraSpec, train_lora
+    from common.families.report.task import TextReportTask
+    from common.families.report.training import LoraSpec, train_lora
 
     spec = LoraSpec(r=TRAIN["r"], alpha=TRAIN["alpha"], target_modules=TRAIN["targets"], dropout=TRAIN["dropout"])
     t = now()
@@ -166,8 +166,8 @@ def run_trainer(model: Any, tok: Any, exs: list[Any], steps: int) -> dict[str, A
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments
 
-    from common.tasks import TextReportTask
-    from common.training import collate as collate_features
+    from common.families.report.task import TextReportTask
+    from common.families.report.training import collate as collate_features
 
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     batch_tokens: list[int] = []  # the dataloader may collate one batch ahead: count only trained ones
@@ -275,7 +275,7 @@ def run(quick: bool, workdir: Path) -> Section:
     sec.data = {"model_load_s": load_s, "embedding": emb, "training": tr}
 
     sec.add(
-        f"Base model load (cached fp32 safetensors): {load_s:.2f} s. Data: real reports from `common.data` "
+        f"Base model load (cached fp32 safetensors): {load_s:.2f} s. Data: real reports from `common.families.report.data` "
         "(half IU X-ray, half MedPix), deterministic selection.",
         "",
         f"**Mean embedding** over {emb['n_texts']} findings texts ({emb['n_tokens']:,} tokens, max_length "

@@ -79,9 +79,9 @@ def main() -> None:
 
     import torch
 
-    from common.data import report_groups
+    from common.families.report.data import report_groups
+    from common.families.report.task import TextReportTask
     from common.models import load_base_model
-    from common.tasks import TextReportTask
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()

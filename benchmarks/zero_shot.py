@@ -69,7 +69,7 @@ import numpy as np
 GROUPS = ("xray-chest", "ct-thorax", "ct-abdomen", "ct-head", "mr-head", "mr-spine")
 FAR_GROUP = "mr-spine"
 ZERO_SHOT_ARMS = ("avg-all", "nearest", "sim", "lin", "lin-l1")
-GEN_GROUP = 6  # arms generated in one pass (common.evaluation.generate_arms): the weights are read once per step
+GEN_GROUP = 6  # arms generated in one pass (common.families.report.evaluation.generate_arms): the weights are read once per step
 
 
 @dataclass(frozen=True)
@@ -336,8 +336,8 @@ class Lab:
     """The model, the task and the content-addressed cache of LoRAs, z vectors and generations."""
 
     def __init__(self, model_spec: str, p: Profile, cache: Path, device: str | None = None) -> None:
+        from common.families.report.task import TextReportTask
         from common.models import fingerprint, load_base_model, pick_device, resolve_model_dir
-        from common.tasks import TextReportTask
 
         self.p = p
         self.model_dir = resolve_model_dir(model_spec)
@@ -354,8 +354,8 @@ class Lab:
 
     # -- LoRA ---------------------------------------------------------------------------------
     def lora(self, examples: Sequence[Any]) -> Any:
-        from common.lora import load_peft_adapter, save_peft_adapter
-        from common.training import LoraSpec, train_lora
+        from common.adapters import load_peft_adapter, save_peft_adapter
+        from common.families.report.training import LoraSpec, train_lora
 
         p = self.p
         key = _digest(
@@ -408,8 +408,8 @@ class Lab:
         """Mean target-token loss of ``adapter`` on ``examples`` (teacher forcing; no generation)."""
         import torch
 
-        from common.evaluation import applied_delta
-        from common.training import causal_lm_target_loss, collate
+        from common.families.report.evaluation import applied_delta
+        from common.families.report.training import causal_lm_target_loss, collate
 
         feats = self.task.training_features(self.tok, list(examples), self.p.max_length)
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
@@ -420,8 +420,8 @@ class Lab:
 
     def generations(self, target: Site, arms: Sequence[tuple[Any, Any]]) -> list[list[str]]:
         """Completions of the target's held-out prompts under each (adapter, cache key) of ``arms``;
-        the arms not cached yet are generated together (``common.evaluation.generate_arms``)."""
-        from common.evaluation import generate_arms
+        the arms not cached yet are generated together (``common.families.report.evaluation.generate_arms``)."""
+        from common.families.report.evaluation import generate_arms
 
         paths = [
             self.cache
@@ -486,7 +486,7 @@ class Arm:
 
 
 def _compose(adapters: dict[str, Any], weights: dict[str, float]) -> Any:
-    from common.lora import compose
+    from common.adapters import compose
 
     names = [s for s, w in weights.items() if w != 0.0]
     if not names:
@@ -502,7 +502,7 @@ def _retrieve(z_t: np.ndarray, Z: dict[str, np.ndarray], names: Sequence[str], k
 def _weights(
     strategy: str, z_t: np.ndarray, Z: dict[str, np.ndarray], chosen: Sequence[str], **params: Any
 ) -> dict[str, float]:
-    from common.strategies import compute_weights
+    from server.strategies import compute_weights
 
     w = compute_weights(strategy, z_t, np.stack([Z[s] for s in chosen]), **params)
     return {s: float(x) for s, x in zip(chosen, w)}
@@ -572,7 +572,7 @@ def run(
     """Build the federations, train / embed (cached), evaluate every arm, write results.json + ZERO_SHOT.md.
 
     ``max_targets`` (0 = all) evaluates only the first targets: a partial report, said so in it."""
-    from common.data import report_groups
+    from common.families.report.data import report_groups
 
     p = PROFILES[profile]
     if p.bertscore:

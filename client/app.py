@@ -27,8 +27,8 @@ from client.handlers import enroll as _enroll
 from client.handlers import whoami as _whoami
 from client.policy import ReleaseRefused
 from client.site import Site, SiteData, SiteError, load_site_data, site_from_context
-from common import wire
-from common.wire import WireError
+from common.protocol import wire
+from common.protocol.wire import WireError
 
 __all__ = [
     "HANDLERS",
@@ -52,7 +52,7 @@ def _egress(site: Site | None, message: Message, reply: Message, outcome: str, r
     if site is None:
         return
     from client.egress import EgressLog
-    from common.digests import z_sha256
+    from common.trust.digests import z_sha256
 
     content = reply.content if reply.has_content() else RecordDict()
     records = {name: content[name] for name in content.keys()}

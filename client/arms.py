@@ -1,7 +1,7 @@
 """``train.evaluate``: score every arm of one leave-one-site-out target with the model loaded once.
 
 The coordinator sends a target all its composed adapters (every strategy, the baselines and the
-site's own LoRA) in one message (``common.wire.build_evaluate_request``); this handler checks each
+site's own LoRA) in one message (``common.protocol.wire.build_evaluate_request``); this handler checks each
 against this site's base and its hash, scores it on the held-out data and replies with numbers
 only: ``a<i>_<metric>`` per arm and ``base_<metric>`` for the base model. Nothing is stored.
 
@@ -22,14 +22,14 @@ from flwr.app import Context, RecordDict
 from client import seg_handlers as seg
 from client.release import say
 from client.site import Site, SiteError, load_model, load_site_data, site_task, to_compute_dtype
-from common import wire
-from common.wire import WireError
+from common.protocol import wire
+from common.protocol.wire import WireError
 
 
 def _scorer(site: Site, cfg: dict[str, Any]) -> tuple[str, Callable[[list[Any]], list[dict[str, float]]] | None]:
     """(base fingerprint, [adapter-or-None] -> [metrics]), or None as scorer when there is nothing
     the site may score (no held-out data, or fewer held-out items than its release policy allows).
-    Report arms are generated together (``common.evaluation.evaluate_task_arms``: the weights are
+    Report arms are generated together (``common.families.report.evaluation.evaluate_task_arms``: the weights are
     read once per decoding step for all of them)."""
     from client.policy import ReleaseRefused
 
@@ -37,7 +37,7 @@ def _scorer(site: Site, cfg: dict[str, Any]) -> tuple[str, Callable[[list[Any]],
         model, fp = seg._model(site)
         return fp, lambda adapters: [seg.score(site, {"max_eval": cfg.get("max_eval", 0)}, model, a) for a in adapters]
     from client.handlers import numeric
-    from common.evaluation import evaluate_task_arms
+    from common.families.report.evaluation import evaluate_task_arms
 
     data = load_site_data(site.data_path)
     held = data.eval[: cfg["max_eval"]] if cfg.get("max_eval") else data.eval

@@ -30,8 +30,8 @@ PRIVACY_DESCRIPTION = (
 def cmd_embed(args: argparse.Namespace) -> None:
     import numpy as np
 
-    from common.data import read_jsonl
-    from common.tasks import TextReportTask
+    from common.families.report.data import read_jsonl
+    from common.families.report.task import TextReportTask
 
     examples = read_jsonl(args.data)
     task = TextReportTask()
@@ -101,7 +101,7 @@ def _z_mechanism(args: argparse.Namespace) -> Any:
 
 
 def cmd_keygen(args: argparse.Namespace) -> None:
-    from common.signing import generate_keypair
+    from common.trust.signing import generate_keypair
 
     priv, pub = generate_keypair(args.out, args.site)
     print(f"private key {priv} (keep it at the site)\npublic key  {pub} (give it to the coordinator)")
@@ -133,8 +133,8 @@ def cmd_z_norms(args: argparse.Namespace) -> None:
 
     from client.app import load_site_data
     from common.embedding import mean_embedding
+    from common.families.report.task import TextReportTask
     from common.models import load_base_model
-    from common.tasks import TextReportTask
 
     data = load_site_data(args.data)
     texts = TextReportTask().embedding_texts(data.all)

@@ -6,8 +6,8 @@ values — and later prove that the coordinator's audit log describes the same m
 (``server/crosscheck.py`` matches the two). Array *contents* are never logged, only their
 hashes; the log itself is therefore safe to share with the coordinator's operators.
 
-The line format and the reader are in ``common/egress.py`` (both sides need them); this module
-is the writer, on ``common.durable.JsonlLog`` (flock, fsync, a failed append truncated back).
+The line format and the reader are in ``common/protocol/egress.py`` (both sides need them); this module
+is the writer, on ``common.files.durable.JsonlLog`` (flock, fsync, a failed append truncated back).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from common.digests import canonical_json
-from common.durable import JsonlLog
-from common.egress import DEFAULT_FULL_RECORDS, EGRESS_FORMAT_VERSION, describe_record
+from common.files.durable import JsonlLog
+from common.protocol.egress import DEFAULT_FULL_RECORDS, EGRESS_FORMAT_VERSION, describe_record
+from common.trust.digests import canonical_json
 
 __all__ = ["EgressLog"]
 

@@ -46,7 +46,7 @@ def to_uniform(adapter: Any, rank: int) -> Any:
     """The same ΔW as ``adapter`` with every module at ``rank`` and scale 1 (zero padding, scale folded into B)."""
     import torch
 
-    from common.lora import LoraAdapter, LoraModule
+    from common.adapters import LoraAdapter, LoraModule
 
     out = {}
     for name, m in adapter.modules.items():
@@ -98,7 +98,7 @@ def check_dir(path: str | os.PathLike[str]) -> list[str]:
 
 def export_vllm(adapter_dir: str | os.PathLike[str], out: str | os.PathLike[str]) -> dict[str, Any]:
     """Write the vLLM-servable form of ``adapter_dir`` to ``out``; returns what was done."""
-    from common.lora import load_peft_adapter, save_peft_adapter
+    from common.adapters import load_peft_adapter, save_peft_adapter
 
     src = Path(adapter_dir)
     if not (src / "adapter_config.json").is_file():

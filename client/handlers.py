@@ -1,4 +1,4 @@
-"""The four handlers, one per message type of the fixed vocabulary (``common/wire.py``):
+"""The four handlers, one per message type of the fixed vocabulary (``common/protocol/wire.py``):
 
 - ``query.whoami``: site id, tasks, example counts (no data), and an identity statement signed
   with the site's key over the coordinator's challenge, the run and the node;
@@ -15,7 +15,7 @@ data set of at least ``z-min-examples``, from a ``z-layers`` layer; metrics over
 
 Each handler takes a validated request and returns the reply content; ``client/app.py`` checks
 the reply against the vocabulary and logs it before it leaves. The adapter leaves in one form:
-``common.wire.encode_adapter`` makes its wire arrays and canonical bytes once and hashes them
+``common.protocol.wire.encode_adapter`` makes its wire arrays and canonical bytes once and hashes them
 once; the site keeps that same adapter.
 """
 
@@ -47,9 +47,9 @@ from client.site import (
     split_list,
     to_compute_dtype,
 )
-from common import wire
-from common.data import DatasetFormatError, Example
-from common.wire import WireError
+from common.families.report.data import DatasetFormatError, Example
+from common.protocol import wire
+from common.protocol.wire import WireError
 
 OWN_PREFIX = "own-"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -98,11 +98,11 @@ def identity_statement(site: Site, challenge: str, run_id: str, node_id: Any) ->
     With a SuperNode key in the node config (``supernode-key``), the body also names that key's
     fingerprint and the statement carries ``node_signature``: the same digest signed with the
     SuperNode key, which binds the site id to the key the SuperLink authenticates the node by
-    (``common.nodekey``)."""
+    (``common.trust.nodekey``)."""
     key = signing_key(site)
     if key is None or not challenge:
         return ""
-    from common.statements import sign_statement, statement_digest
+    from common.trust.statements import sign_statement, statement_digest
 
     body = {
         "site": site.site,
@@ -112,7 +112,7 @@ def identity_statement(site: Site, challenge: str, run_id: str, node_id: Any) ->
     }
     node_key = None
     if site.supernode_key is not None:
-        from common.nodekey import NodeKeyError, load_node_private_key, node_key_fingerprint
+        from common.trust.nodekey import NodeKeyError, load_node_private_key, node_key_fingerprint
 
         try:
             node_key = load_node_private_key(site.supernode_key)
@@ -121,7 +121,7 @@ def identity_statement(site: Site, challenge: str, run_id: str, node_id: Any) ->
         body["supernode_key"] = node_key_fingerprint(node_key.public_key())
     statement = sign_statement(key, "identity", body)
     if node_key is not None:
-        from common.nodekey import node_sign
+        from common.trust.nodekey import node_sign
 
         statement["node_signature"] = node_sign(node_key, statement_digest("identity", body))
     return wire.canonical_json(statement)
@@ -130,7 +130,7 @@ def identity_statement(site: Site, challenge: str, run_id: str, node_id: Any) ->
 # -- train (enrol) -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TrainPlan:
-    """What the request and the site's policy ask of training (``common.training``)."""
+    """What the request and the site's policy ask of training (``common.families.report.training``)."""
 
     spec: Any  # LoraSpec
     dp: Any  # DPConfig | None
@@ -190,7 +190,7 @@ def training_examples(site: Site, cfg: dict[str, Any]) -> list[Example]:
 
 def train_plan(cfg: dict[str, Any], site: Site) -> TrainPlan:
     """The LoRA spec and hyper-parameters of the request; DP-SGD when the site's policy asks for it."""
-    from common.training import DPConfig, LoraSpec
+    from common.families.report.training import DPConfig, LoraSpec
 
     spec = LoraSpec(
         r=int(cfg.get("lora_r", 8)),
@@ -235,8 +235,8 @@ def refuse_over_budget(site: Site, plan: TrainPlan, n_train: int) -> None:
 def train_adapter(
     model: Any, tok: Any, train: list[Example], task: Any, plan: TrainPlan, fp: str
 ) -> tuple[Any, dict[str, Any]]:
-    """(LoraAdapter, training statistics) of ``common.training.train_lora``."""
-    from common.training import train_lora
+    """(LoraAdapter, training statistics) of ``common.families.report.training.train_lora``."""
+    from common.families.report.training import train_lora
 
     return train_lora(
         model,
@@ -257,7 +257,7 @@ def train_adapter(
 
 def keep_own_copy(site: Site, task_name: str, encoded: wire.WireAdapter) -> None:
     """The site keeps the adapter it sends, as a PEFT directory (``adapters/own-<task>``)."""
-    from common.lora import save_peft_adapter
+    from common.adapters import save_peft_adapter
 
     save_peft_adapter(encoded.adapter, site.adapters_dir / f"own-{task_name}", str(site.model_path))
 
@@ -324,7 +324,7 @@ def sign(meta: dict[str, Any], site: Site, z: np.ndarray, run_id: str) -> None:
     key = signing_key(site)
     if key is None:
         return
-    from common import signing
+    from common.trust import signing
 
     signed = {k: v for k, v in meta.items() if k not in ("signer", "signature")}
     meta["signer"] = signing.key_fingerprint(key.public_key())
@@ -398,8 +398,8 @@ class DeliveryRefused(ReleaseRefused):
 def check_delivery(site: Site, cfg: dict[str, Any], run_id: str) -> None:
     """The coordinator's ``delivery`` statement must verify against the key this site pinned
     (node config ``coordinator-key``) and name exactly this adapter, this site, run and request."""
-    from common.signing import SigningError, load_public_key
-    from common.statements import StatementError, verify_statement
+    from common.trust.signing import SigningError, load_public_key
+    from common.trust.statements import StatementError, verify_statement
 
     if site.coordinator_key is None:
         raise DeliveryRefused(
@@ -454,7 +454,7 @@ def store_received(site: Site, cfg: dict[str, Any], adapter: Any, base_path: str
     import os
     import shutil
 
-    from common.lora import save_peft_adapter
+    from common.adapters import save_peft_adapter
 
     final = site.adapters_dir / cfg["name"]
     if final.exists() or final.is_symlink():
@@ -488,7 +488,7 @@ def score(site: Site, cfg: dict[str, Any], adapter: Any) -> tuple[dict[str, floa
     data = load_site_data(site.data_path)
     if not (cfg.get("evaluate", True) and data.eval and not site.policy.get("privacy-budget")):
         return {}, False
-    from common.evaluation import evaluate_task
+    from common.families.report.evaluation import evaluate_task
 
     task = site_task(site, cfg.get("task", "report-text"))
     held = data.eval[: cfg["max_eval"]] if cfg.get("max_eval") else data.eval

@@ -110,7 +110,7 @@ def _install_guard() -> None:
             # this raises: answer here, else the SuperNode waits for this task and stalls
             from flwr.app import Error, Message
 
-            from common.wire import ERROR_REFUSED
+            from common.protocol.wire import ERROR_REFUSED
 
             rc.push_message(
                 client, Message(Error(code=ERROR_REFUSED, reason=f"refused: {exc}"), reply_to=message), context

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from client.site import Site, SiteError
-from common import wire
+from common.protocol import wire
 
 
 def say(site: Site, msg: str) -> None:

@@ -4,7 +4,7 @@ Same vocabulary, same records, same gate (``client/app.py``), same identity stat
 signature check and release policy (``client/handlers.py``, ``client/policy.py``; for this family
 one image is one example and one held-out slice one report): a segmentation site answers
 ``query.whoami`` with image counts, ``train`` with a SAM LoRA (PEFT, mask decoder by default) +
-z (the frozen encoder's spatial mean, ``common.segmentation.REPRESENTATION``) + the metadata
+z (the frozen encoder's spatial mean, ``common.families.segmentation.task.REPRESENTATION``) + the metadata
 record, ``query.embed`` with z, and ``train.apply`` with DICE on its held-out slices.
 
 What a site holds comes from its node config: ``task = "segmentation"``, ``seg-dataset``
@@ -26,7 +26,7 @@ from flwr.app import Context, RecordDict
 
 from client.release import check_budget, say
 from client.site import Site, SiteError, split_list
-from common import wire
+from common.protocol import wire
 
 TASK = "segmentation"
 SEG_TARGETS = ("decoder", "last-stage", "neck")
@@ -44,8 +44,8 @@ def _conf(site: Site, key: str, default: str = "") -> str:
 
 
 def seg_site(site: Site) -> Any:
-    """The site's slices (``common.seg_data.SegSite``) from the node config's dataset and site name."""
-    from common.seg_data import PROSTATE, load_fundus_site, load_prostate_site
+    """The site's slices (``common.families.segmentation.data.SegSite``) from the node config's dataset and site name."""
+    from common.families.segmentation.data import PROSTATE, load_fundus_site, load_prostate_site
 
     dataset, name = _conf(site, "seg-dataset", PROSTATE), _conf(site, "seg-site")
     if not name:
@@ -61,7 +61,7 @@ def seg_site(site: Site) -> Any:
 
 
 def _model(site: Site) -> tuple[Any, str]:
-    from common import sam
+    from common.families.segmentation import sam
 
     model = sam.load_sam(site.model_path)
     return model, sam.model_fingerprint(model)
@@ -70,7 +70,7 @@ def _model(site: Site) -> tuple[Any, str]:
 def _task(site: Site, cfg: dict[str, Any]) -> Any:
     """The ``SegmentationTask`` a request asks for; LoRA targets outside the family's names (e.g. the
     report default ``q_proj,v_proj``) mean the family's default, the mask decoder."""
-    from common.segmentation import SegLoraSpec, SegmentationTask
+    from common.families.segmentation.task import SegLoraSpec, SegmentationTask
 
     targets = tuple(t for t in split_list(cfg.get("lora_targets", "")) if t in SEG_TARGETS) or ("decoder",)
     spec = SegLoraSpec(
@@ -261,7 +261,7 @@ def score(site: Site, cfg: dict[str, Any], model: Any, adapter: Any) -> dict[str
     """Mean DICE over the held-out slices (and the pretrained model's with ``with_base``); numbers
     only, and none when the site holds fewer slices than its ``metrics-min-reports``."""
     from client.policy import ReleaseRefused
-    from common.segmentation import evaluate
+    from common.families.segmentation.task import evaluate
 
     data = seg_site(site)
     n = int(cfg.get("max_eval") or 0) or len(data.test_images)

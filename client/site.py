@@ -33,8 +33,8 @@ from typing import Any
 from flwr.app import Context
 
 from client.policy import ReleasePolicy, ReleasePolicyError
-from common import wire
-from common.data import Example, read_jsonl
+from common.families.report.data import Example, read_jsonl
+from common.protocol import wire
 
 TRAIN_FILE, EVAL_FILE, UNLABELED_FILE = "train.jsonl", "eval.jsonl", "unlabeled.jsonl"
 EGRESS_FILE = "egress.jsonl"
@@ -177,9 +177,9 @@ def privacy_policy(src: Any) -> dict[str, float]:
 
 
 def site_task(site: Site, name: str) -> Any:
-    """The task object for a request's task name, if this site runs that family (``common/tasks.py``)."""
-    from common.segmentation import SegmentationTask
-    from common.tasks import TextReportTask
+    """The task object for a request's task name, if this site runs that family (``common/families/report/task.py``)."""
+    from common.families.report.task import TextReportTask
+    from common.families.segmentation.task import SegmentationTask
 
     known: dict[str, Any] = {"report-text": TextReportTask, "segmentation": SegmentationTask}
     if name not in known or name not in site.tasks:
@@ -240,10 +240,10 @@ def to_compute_dtype(site: Site, model: Any) -> str:
 
 
 def signing_key(site: Site) -> Any:
-    """The site's Ed25519 key ``<site-dir>/keys/<site>.key`` (``common.signing``), or None."""
+    """The site's Ed25519 key ``<site-dir>/keys/<site>.key`` (``common.trust.signing``), or None."""
     if not site.key_path.exists():
         return None
-    from common.signing import load_private_key
+    from common.trust.signing import load_private_key
 
     return load_private_key(site.key_path)
 
@@ -253,6 +253,6 @@ def key_id(site: Site) -> str:
     key = signing_key(site)
     if key is None:
         return ""
-    from common.signing import key_fingerprint
+    from common.trust.signing import key_fingerprint
 
     return key_fingerprint(key.public_key())

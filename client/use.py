@@ -58,18 +58,18 @@ def generate_file(
 ) -> dict[str, Any]:
     """Write one prediction per report of ``data`` (JSONL, ``prompt`` = findings) to ``out`` (JSONL).
 
-    The adapter is added into the base weights (``common.evaluation.applied_delta``: θ0 + ΔW, the
+    The adapter is added into the base weights (``common.families.report.evaluation.applied_delta``: θ0 + ΔW, the
     same function as PEFT's merged model) and the prompts are the task's own
     (``TextReportTask.build_prompt``), so predictions match what the site's evaluation scored. Output
     lines: ``{"uid", "group", "prediction"}`` (+ ``"target"`` when the input had one); written to a
     temporary file and renamed, so a half-written file never looks finished. Returns a summary
     (with ROUGE-L when every input line had a target).
     """
-    from common.data import read_jsonl
-    from common.evaluation import applied_delta, generate
-    from common.lora import load_peft_adapter
+    from common.adapters import load_peft_adapter
+    from common.families.report.data import read_jsonl
+    from common.families.report.evaluation import applied_delta, generate
+    from common.families.report.task import TextReportTask
     from common.models import load_base_model
-    from common.tasks import TextReportTask
 
     adir = Path(adapter_dir)
     if not adir.is_dir():
@@ -163,7 +163,7 @@ def segment_files(
     with the SAM base + a (received) segmentation adapter, and ``<out>/masks.jsonl`` (one line per
     image: file, mask, foreground fraction, and DICE when ``truth`` holds a mask of the same name).
 
-    The adapter is merged exactly (θ0 + ΔW, ``common.segmentation.predict``, the function the site's
+    The adapter is merged exactly (θ0 + ΔW, ``common.families.segmentation.task.predict``, the function the site's
     evaluation scored with); ``prompt`` is the box prompt (``center``: a fixed centre box covering
     half of each side, what the federation trains and scores with; ``none``). Each file is written
     under a temporary name and renamed, so a half-written mask never looks finished.
@@ -171,9 +171,9 @@ def segment_files(
     import numpy as np
     from PIL import Image
 
-    from common import sam
-    from common.lora import load_peft_adapter
-    from common.segmentation import PromptSpec, SegmentationConfigError, dice, predict
+    from common.adapters import load_peft_adapter
+    from common.families.segmentation import sam
+    from common.families.segmentation.task import PromptSpec, SegmentationConfigError, dice, predict
 
     adir = Path(adapter_dir)
     if not (adir / "adapter_config.json").is_file():

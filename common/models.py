@@ -221,7 +221,7 @@ def compute_dtype(name: str = "auto", device: torch.device | str | None = None) 
     LoRA factors and the optimizer stay float32; PEFT keeps them so). z is NOT computed in this
     dtype: it is always float32 (``client/site.py``), so registries stay comparable across hardware.
     """
-    from common.wire import COMPUTE_DTYPES
+    from common.protocol.wire import COMPUTE_DTYPES
 
     if name not in COMPUTE_DTYPES:
         raise ValueError(f"compute dtype {name!r} is not one of {', '.join(COMPUTE_DTYPES)}")

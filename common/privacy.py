@@ -1,7 +1,7 @@
 """Differential privacy for what leaves a site: the Gaussian mechanism on z, and accounting.
 
 Two things a site may release about its private reports are protected here or in
-``common.training``:
+``common.families.report.training``:
 
 * the **adapter** (DP-SGD in ``train_lora``: Poisson sampling at rate q, per-example gradient
   clipping to C, Gaussian noise of standard deviation σ·C on every step's sum);
@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from common.egress import read_egress as read_egress_lines
+from common.protocol.egress import read_egress as read_egress_lines
 
 DEFAULT_DELTA = 1e-5
 #: the node-config keys of a site's privacy policy (all optional, all off by default)
@@ -414,7 +414,7 @@ def check_budget(
 
 
 def read_egress(path: str | Path) -> list[dict[str, Any]]:
-    """The lines of a site's egress log, for budget accounting: ``common.egress.read_egress``, but
+    """The lines of a site's egress log, for budget accounting: ``common.protocol.egress.read_egress``, but
     any unreadable line is an error (spending must never be under-counted)."""
     entries, bad = read_egress_lines(path)
     if bad:

@@ -121,7 +121,7 @@ def relay_progress(runs_dir: Path, prefix: str = "[rpe] ", poll_s: float = 1.0) 
 
 def prepare_sites(root: Path, profile: DemoProfile, sites: dict[str, str], seed: int = 0) -> dict[str, Path]:
     """Write each site's private train/eval reports (what would live inside a hospital)."""
-    from common.data import report_groups, split, write_jsonl
+    from common.families.report.data import report_groups, split, write_jsonl
 
     groups = report_groups()
     out = {}
@@ -137,7 +137,7 @@ def prepare_sites(root: Path, profile: DemoProfile, sites: dict[str, str], seed:
 
 def seg_specs(profile: DemoProfile, sam_model: str, threads: int) -> list[launch.SiteSpec]:
     """One SuperNode per prostate site; its node config names the data set and site it holds."""
-    from common.seg_data import data_root
+    from common.families.segmentation.data import data_root
 
     return [
         launch.SiteSpec(

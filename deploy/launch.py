@@ -818,7 +818,7 @@ def wait_online(workdir: Path, sites: list[str], timeout: float = 60.0) -> dict[
 def signing_keys(workdir: Path, sites: list[SiteSpec]) -> Path:
     """Each site's Ed25519 submission key in ``<site-dir>/keys/`` (kept if present) and the
     coordinator's allow-list ``<workdir>/allowlist.json`` of their public keys."""
-    from common.signing import generate_keypair
+    from common.trust.signing import generate_keypair
     from server.allowlist import AllowList
 
     allow = AllowList(Path(workdir) / "allowlist.json")
@@ -1287,7 +1287,7 @@ def main(argv: list[str] | None = None) -> int:
             proc = start_supernode(args.workdir, spec, args.superlink, args.root_certificates, args.auth_key)
             keys = Path(spec.site_dir) / "keys"
             if not (keys / f"{spec.site}.key").exists():
-                from common.signing import generate_keypair
+                from common.trust.signing import generate_keypair
 
                 generate_keypair(keys, spec.site)
             print(

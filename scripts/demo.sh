@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 # the data sets come from the data root ($RPE_DATA_DIR, else ../shared/data): stop at once if one is missing
 PY=${PYTHON:-python3}; [ -x .venv/bin/python ] && PY=.venv/bin/python
 "$PY" -c 'import sys
-from common.data import REPORT_DATASETS, DatasetMissingError, dataset_dir
+from common.families.report.data import REPORT_DATASETS, DatasetMissingError, dataset_dir
 try:
     [dataset_dir(name) for name in (*REPORT_DATASETS, "prostate-multisite")]
 except DatasetMissingError as exc:

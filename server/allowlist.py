@@ -1,17 +1,17 @@
 """Who may submit, and whether a submission is fresh: the coordinator's side of site identity.
 
 - ``AllowList``: the JSON file ``{site_id: public key PEM}``, re-read on every lookup, written
-  with ``common.durable.atomic_write``.
+  with ``common.files.durable.atomic_write``.
 - Freshness, kept deliberately simple: a *nonce* is ``"<unix seconds>.<32 hex random>"``
   (``make_nonce``); ``check_nonce_fresh`` rejects nonces older than ``max_age_s`` or too far in
   the future, so the ``NonceLedger`` of seen (site, nonce) pairs only has to be consulted, never
   trusted forever. A *run id* names the round the coordinator asked for; ``check_run_id``
   rejects submissions for runs it is not running now (a stale reply from an old round).
-- ``NonceLedger``: the durable set of accepted (site, nonce) pairs (``common.durable.JsonlLog``).
+- ``NonceLedger``: the durable set of accepted (site, nonce) pairs (``common.files.durable.JsonlLog``).
 - ``authenticate_submission`` runs all checks in the safe order (signature before nonce, so an
   attacker cannot burn a site's nonces with unsigned junk).
 
-The error types and ``verify_submission`` stay in ``common/signing.py``, shared with the site.
+The error types and ``verify_submission`` stay in ``common/trust/signing.py``, shared with the site.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from typing import IO, Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from common.digests import canonical_json
-from common.durable import JsonlLog, atomic_write, complete_end
-from common.signing import (
+from common.files.durable import JsonlLog, atomic_write, complete_end
+from common.trust.digests import canonical_json
+from common.trust.signing import (
     ReplayError,
     SignatureError,
     SigningError,
@@ -170,7 +170,7 @@ class NodeKeys(_SiteKeyFile):
 
     def add(self, site_id: str, public_text: str | bytes, replace: bool = False) -> None:
         """Record ``site_id``'s SuperNode public key; a different key for a recorded site needs ``replace``."""
-        from common.nodekey import NodeKeyError, node_public_key, node_public_text
+        from common.trust.nodekey import NodeKeyError, node_public_key, node_public_text
 
         check_site_id(site_id)
         try:
@@ -188,7 +188,7 @@ class NodeKeys(_SiteKeyFile):
 
     def get(self, site_id: str) -> Any:
         """The recorded EC public key of ``site_id``, or None."""
-        from common.nodekey import node_public_key
+        from common.trust.nodekey import node_public_key
 
         line = self._load().get(site_id)
         return node_public_key(line) if line is not None else None
@@ -239,7 +239,7 @@ def check_run_id(run_id: str, allowed_run_ids: Iterable[str]) -> None:
 class NonceLedger:
     """Durable record of every (site, nonce) pair accepted, to refuse replays.
 
-    A ``common.durable.JsonlLog``: appended under an exclusive ``flock`` and fsynced before
+    A ``common.files.durable.JsonlLog``: appended under an exclusive ``flock`` and fsynced before
     ``check_and_record`` returns, so a nonce is never accepted twice, even by two coordinator
     processes or across a crash. Under the lock it first reads what other processes appended
     since its last look. A torn final line (crash mid-append) is truncated away before the next

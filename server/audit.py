@@ -16,7 +16,7 @@ Entry format (each line is the entry's canonical JSON — sorted keys, no whites
 ``seq`` starts at 1 and equals the line number in an untouched log.
 
 Event vocabulary (required fields are checked by ``append``; others are recommended; hashes are
-lowercase sha256 hex; see ``common/digests.py`` for ``z_sha256`` and ``record_digests``):
+lowercase sha256 hex; see ``common/trust/digests.py`` for ``z_sha256`` and ``record_digests``):
 
 - ``submission.accepted`` — a site's train reply that entered the registry.
   Required: ``site``, ``record_id``, ``blob_sha256`` (sha256 of the canonical adapter blob),
@@ -38,7 +38,7 @@ lowercase sha256 hex; see ``common/digests.py`` for ``z_sha256`` and ``record_di
 
 Other event names are accepted unchecked, so new events need no change here.
 
-Durability and concurrency (``common.durable.JsonlLog``): each ``append`` takes an exclusive
+Durability and concurrency (``common.files.durable.JsonlLog``): each ``append`` takes an exclusive
 ``flock`` on the file, reads the current last entry (so several processes can share one log and
 the chain stays linear), writes one line with a single ``write``, then flushes and fsyncs (a
 failed write is truncated back); creating the file also fsyncs its directory. A final line
@@ -60,8 +60,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from common.digests import canonical_json, is_sha256_hex, sha256_hex
-from common.durable import JsonlLog, TornTailError
+from common.files.durable import JsonlLog, TornTailError
+from common.trust.digests import canonical_json, is_sha256_hex, sha256_hex
 
 GENESIS = "0" * 64
 RESERVED_KEYS = frozenset({"seq", "ts", "event", "prev", "hash"})
@@ -262,9 +262,9 @@ def receipt(private_key: Any, entry: dict[str, Any], **fields: Any) -> dict[str,
     use), the ``record_id``, ``site`` and ``run_id`` it accepted, plus ``fields`` (e.g.
     ``registry_id``). The site keeps it in its egress log; ``server.crosscheck`` later shows a
     coordinator log that was truncated before, or rewritten at, that entry
-    (``common.statements.check_receipts``).
+    (``common.trust.statements.check_receipts``).
     """
-    from common.statements import sign_statement
+    from common.trust.statements import sign_statement
 
     body = {
         "seq": int(entry["seq"]),

@@ -107,9 +107,9 @@ def share_coordinator_key(root: Path, family_dir: Path) -> None:
 
 def _create_sam_registry(s: Settings, path: Path, chroma: Any, blob_key: Any) -> Any:
     """A registry for SAM adapters: the base's linear shapes, z = the encoder's channel count."""
-    from common import sam
+    from common.families.segmentation import sam
+    from common.families.segmentation.task import REPRESENTATION
     from common.models import linear_module_shapes
-    from common.segmentation import REPRESENTATION
     from server.registry import Registry
 
     model = sam.load_sam(s.base_model)

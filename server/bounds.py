@@ -29,7 +29,7 @@ class NormBoundError(ValueError):
 
 
 def module_norm(module: Any) -> float:
-    """‖scale · B @ A‖_F of a ``common.lora.LoraModule`` (float64, without forming B @ A)."""
+    """‖scale · B @ A‖_F of a ``common.adapters.lora.LoraModule`` (float64, without forming B @ A)."""
     A = np.asarray(module.A.detach().double().cpu().numpy() if hasattr(module.A, "detach") else module.A, np.float64)
     B = np.asarray(module.B.detach().double().cpu().numpy() if hasattr(module.B, "detach") else module.B, np.float64)
     value = float(module.scale) ** 2 * float(np.trace((B.T @ B) @ (A @ A.T)))
@@ -37,7 +37,7 @@ def module_norm(module: Any) -> float:
 
 
 def adapter_norms(adapter: Any) -> dict[str, float]:
-    """Per-module update norms of a ``common.lora.LoraAdapter``, plus ``"__total__"`` (root sum of squares)."""
+    """Per-module update norms of a ``common.adapters.lora.LoraAdapter``, plus ``"__total__"`` (root sum of squares)."""
     norms = {name: module_norm(m) for name, m in adapter.modules.items()}
     norms["__total__"] = float(np.sqrt(sum(v * v for v in norms.values())))
     return norms

@@ -19,7 +19,7 @@ from common.cli_base import CliError, print_table
 def _load_z(path: str) -> Any:
     """One z vector from a ``.npy`` file, its header checked before any data is read (bounded size,
     numeric dtype, a vector), so a forged header or a FIFO is a clear error, never a hang."""
-    from common.safeio import UnsafeInputError, load_npy_vector
+    from common.files.safeio import UnsafeInputError, load_npy_vector
 
     p = Path(path)
     if not p.exists():
@@ -103,7 +103,7 @@ def cmd_blob_key_new(args: argparse.Namespace) -> None:
 
 
 def cmd_registry_add(args: argparse.Namespace) -> None:
-    from common.lora import load_peft_adapter
+    from common.adapters import load_peft_adapter
     from server.registry import AdapterMeta
 
     reg = _open_registry(args)
@@ -251,7 +251,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> None:
 
 def _parse_anchor(text: str) -> dict[str, Any]:
     """``SEQ:HASH`` or a JSON file holding ``{"seq", "line_sha256"}`` (what ``head`` or a receipt gives)."""
-    from common.safeio import loads_json, read_regular_file
+    from common.files.safeio import loads_json, read_regular_file
 
     if ":" in text and not Path(text).exists():
         seq, _, digest = text.partition(":")

@@ -3,7 +3,7 @@ adapter from the registry, so every composition is computed and audited the same
 
 For a target embedding ``z_target`` the registry returns the exact k nearest adapters (squared
 L2, optionally restricted to a task and excluding the target's own site), a weighting strategy
-from ``common.strategies`` turns their embeddings into weights, and ``common.lora.compose``
+from ``server.strategies`` turns their embeddings into weights, and ``common.adapters.lora.compose``
 builds ``Σ w_i s_i B_i A_i`` (exact rank concatenation, or the best rank-``max_rank``
 approximation). Adapters whose weight is exactly zero (``nearest``, sparse ``lin-l1``) are left
 out of the sum: they change nothing but would add rank.
@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from common.strategies import MAX_L1_DEFAULT
 from server.bounds import NormBoundError, adapter_norms
 from server.registry import Hit, QueryError, Registry
+from server.strategies import MAX_L1_DEFAULT
 
 
 class CompositionError(QueryError):
@@ -40,7 +40,7 @@ class CompositionResult:
     ids: list[str]
     distances: list[float]
     weights: list[float]
-    adapter: Any  # common.lora.LoraAdapter
+    adapter: Any  # common.adapters.lora.LoraAdapter
     output_sha256: str
     out_dir: Path | None = None
     strategy: str = ""
@@ -113,7 +113,7 @@ def compose_for_target(
 ) -> CompositionResult:
     """Compose the adapter for one target embedding; optionally write it as a PEFT directory.
 
-    ``strategy`` is a name from ``common.strategies.STRATEGIES`` (``sim``, ``lin``, ``lin-l1``,
+    ``strategy`` is a name from ``server.strategies.STRATEGIES`` (``sim``, ``lin``, ``lin-l1``,
     ``avg``, ``nearest``); its parameters come from ``strategy_params`` (e.g. ``{"max_l1": 3}``,
     the ‖w‖₁ bound of ``lin`` / ``lin-l1``, default ``MAX_L1_DEFAULT``) or the ``lam1``/``lam2``
     shortcuts. The composed adapter is checked against the registry's update-norm bound for the
@@ -126,13 +126,13 @@ def compose_for_target(
     ``out_dir`` that is not an earlier composition is refused (``OutputDirError``) unless ``force``.
     ``audit_query=False`` skips the ``query.embedding`` entry when the caller already logged the
     embedding it received. ``wire_form=True`` (the ServerApp) puts the result in its wire form
-    (``common.wire.encode_adapter``: float32, the retrieved adapters' base) *before* it is hashed,
+    (``common.protocol.wire.encode_adapter``: float32, the retrieved adapters' base) *before* it is hashed,
     so the hash in the ``composition`` entry is the one the site receives and logs.
     Raises ``NotEnoughRecordsError`` when fewer than k adapters match.
     """
-    from common.lora import adapter_to_bytes, compose, save_peft_adapter
-    from common.outdir import check_replaceable, output_dir
-    from common.strategies import compute_weights
+    from common.adapters import adapter_to_bytes, compose, save_peft_adapter
+    from server.outdir import check_replaceable, output_dir
+    from server.strategies import compute_weights
 
     if out_dir is not None:
         check_replaceable(Path(out_dir).absolute(), "composition", force)  # refuse before any work or audit
@@ -167,7 +167,7 @@ def compose_for_target(
     base_fp = hits[0].record.meta.base_fingerprint
     composed_norms = _check_composed(registry, composed, base_fp, task, strategy, target)
     if wire_form:
-        from common.wire import encode_adapter
+        from common.protocol.wire import encode_adapter
 
         encoded = encode_adapter(composed, base_model=base_fp)
         composed, output_sha = encoded.adapter, encoded.sha256

@@ -1,7 +1,7 @@
 """The coordinator's own Ed25519 key: it signs what the coordinator delivers (``train.apply``).
 
 Why: a site must install only adapters its coordinator stands behind. With a key of its own the
-coordinator signs a ``delivery`` statement (``common/statements.py``) over the composed adapter's
+coordinator signs a ``delivery`` statement (``common/trust/statements.py``) over the composed adapter's
 sha256, the target and the run; each site pins ``<registry>/coordinator.pub`` in its node config
 (``coordinator-key``) and refuses a delivery that is unsigned or signed by anyone else.
 

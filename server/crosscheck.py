@@ -22,7 +22,7 @@ carries ``record_digests``:
 
 - ``run_id``: if both sides have one they must be equal; ``nonce`` likewise (egress:
   ``extra["nonce"]``);
-- with ``record_digests`` ({record name: ``common.digests.record_digest``}): every named record
+- with ``record_digests`` ({record name: ``common.trust.digests.record_digest``}): every named record
   must appear in the egress line with the same ``sha256`` (strongest, covers every byte sent);
 - else with ``blob_sha256``: it must equal the egress ``extra["blob_sha256"]``, and
   ``z_sha256`` must equal ``extra["z_sha256"]`` when both are present;
@@ -38,7 +38,7 @@ Receipts (the outside witness, issue 10 item 5): every coordinator-signed ``rece
 found in the site's egress log (``extra["receipt"]``, ``extra["ack"]["receipt"]`` or a top-level
 ``receipt``) is checked against the coordinator key (``coordinator_key``: the public key the site
 holds; default the registry's exported ``coordinator.pub`` next to the audit log) and then
-against the audit log (``common.statements.check_receipts``): a receipt past the log's end means
+against the audit log (``common.trust.statements.check_receipts``): a receipt past the log's end means
 the log was truncated, one whose entry differs means it was rewritten.
 """
 
@@ -49,12 +49,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.egress import read_egress
-from common.signing import load_public_key
-from common.statements import StatementError, check_receipts, verify_statement
+from common.protocol.egress import read_egress
+from common.trust.signing import load_public_key
+from common.trust.statements import StatementError, check_receipts, verify_statement
 from server.audit import EV_SUBMISSION_ACCEPTED, EV_SUBMISSION_REJECTED, line_hash, read_entries, verify
 
-#: every message type a site answers (``common/wire.py``); the default scope of a cross-check
+#: every message type a site answers (``common/protocol/wire.py``); the default scope of a cross-check
 ALL_MESSAGE_TYPES = ("query.whoami", "train", "query.embed", "train.apply", "train.evaluate")
 #: the coordinator's audit event(s) for one site reply, per message type (an event that carries its
 #: own ``message_type`` field is taken at its word)

@@ -63,12 +63,12 @@ def run(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Run the experiment; returns ``{"scores": {target: {arm: rouge_l}}, "weights": ..., ...}``."""
-    from common.data import report_groups, split
     from common.embedding import mean_embedding
-    from common.evaluation import evaluate_task_arms
+    from common.families.report.data import report_groups, split
+    from common.families.report.evaluation import evaluate_task_arms
+    from common.families.report.task import TextReportTask
+    from common.families.report.training import LoraSpec, train_lora
     from common.models import fingerprint, linear_module_shapes, load_base_model, resolve_model_dir
-    from common.tasks import TextReportTask
-    from common.training import LoraSpec, train_lora
     from server.composer import compose_for_target
     from server.registry import AdapterMeta, Registry
 

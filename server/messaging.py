@@ -18,8 +18,8 @@ from typing import Any, TextIO
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from common import wire
-from common.wire import WireError
+from common.protocol import wire
+from common.protocol.wire import WireError
 
 #: Flower's error code for a node that is not connected
 ERROR_NODE_UNAVAILABLE = 5
@@ -309,7 +309,7 @@ def _audit_probe(audit: Any, ask: Request, rep: Reply, run_id: str) -> None:
 def audit_reply(audit: Any, event: str, req: Request, rep: Reply, run_id: str, site: str | None, **fields: Any) -> None:
     """One audit entry for one site reply (or its absence), with what ``rpe audit cross-check``
     matches it on: run id, nonce, message type and, when the reply carried records, their digests."""
-    from common.digests import record_digests
+    from common.trust.digests import record_digests
 
     digests = None
     if rep.message is not None and rep.message.has_content():
@@ -347,8 +347,8 @@ def verify_identity(info: dict[str, Any], node_id: int, run_id: str, challenge: 
     when the proof includes the site's recorded SuperNode key (:func:`check_node_binding`)."""
     import json
 
-    from common.signing import SigningError
-    from common.statements import StatementError, verify_statement
+    from common.trust.signing import SigningError
+    from common.trust.statements import StatementError, verify_statement
 
     site, raw = info["site"], info.get("identity", "")
     if not raw:
@@ -389,8 +389,8 @@ def check_node_binding(allow: Any, site: str, node_id: int, body: dict[str, Any]
     ``node_signature`` must verify with it: only the holder of the SuperNode key the SuperLink
     authenticates the site's node by can be bound to the site.
     """
-    from common.nodekey import NodeKeyError, node_key_fingerprint, node_verify
-    from common.statements import statement_digest
+    from common.trust.nodekey import NodeKeyError, node_key_fingerprint, node_verify
+    from common.trust.statements import statement_digest
 
     records = getattr(allow, "node_keys", None)
     if records is None or not records.sites():
@@ -435,7 +435,7 @@ def discover(
     """
     import secrets
 
-    from common.digests import record_digests
+    from common.trust.digests import record_digests
 
     requests = [
         request(str(node), node, wire.WHOAMI, {"challenge": secrets.token_hex(32)})

@@ -26,7 +26,7 @@ import chromadb  # noqa: E402,F401  - imported before forking so children start 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common.lora import LoraAdapter, LoraModule, adapter_to_bytes  # noqa: E402
+from common.adapters import LoraAdapter, LoraModule, adapter_to_bytes  # noqa: E402
 from server.registry import AdapterMeta, Registry  # noqa: E402
 
 BASE = "sha256:" + "5e" * 32

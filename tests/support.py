@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from common.lora import LoraAdapter, LoraModule
+from common.adapters import LoraAdapter, LoraModule
 from common.models import SMOLLM2_TOKENIZER_DIR, TOKENIZER_FILES
 
 
@@ -68,7 +68,7 @@ def tiny_adapter(model_dir: Path, seed: int, rank: int = 4, scale: float = 2.0) 
 
 def write_site_data(root: Path, sites: dict[str, str], n: int = 14, n_eval: int = 2) -> dict[str, Path]:
     """``root/<site>/{train,eval}.jsonl`` from the first ``n`` real reports of each site's group."""
-    from common.data import report_groups, split, write_jsonl
+    from common.families.report.data import report_groups, split, write_jsonl
 
     groups = report_groups()
     out = {}

@@ -19,7 +19,7 @@ import pytest
 from support import tiny_adapter
 from test_registry import DIM, audit_lines, make_adapter, make_meta, new_registry, state
 
-from common.lora import adapter_to_bytes, save_peft_adapter
+from common.adapters import adapter_to_bytes, save_peft_adapter
 from deploy.cli import build_parser, main
 from server.audit import verify as audit_verify
 from server.registry import (

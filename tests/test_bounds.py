@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.lora import LoraAdapter, LoraModule, compose
+from common.adapters import LoraAdapter, LoraModule, compose
 from server.bounds import NormBound, NormBoundError, adapter_norms, module_norm
 
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from support import tiny_adapter
 
-from common.data import Example, write_jsonl
-from common.lora import load_peft_adapter, save_peft_adapter
+from common.adapters import load_peft_adapter, save_peft_adapter
+from common.families.report.data import Example, write_jsonl
 from deploy.cli import build_parser, main
 
 COMMANDS = [

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from common.lora import LoraAdapter, LoraModule, adapter_to_bytes, delta_dict, load_peft_adapter
-from common.strategies import compute_weights
+from common.adapters import LoraAdapter, LoraModule, adapter_to_bytes, delta_dict, load_peft_adapter
 from server.audit import verify
 from server.composer import CompositionError, compose_for_target
 from server.registry import AdapterMeta, NotEnoughRecordsError, Registry
+from server.strategies import compute_weights
 
 BASE = "sha256:" + "12" * 32
 SHAPES = {
@@ -148,7 +148,7 @@ def test_max_rank_and_errors(reg):
 def test_a_composition_from_bf16_sources_has_one_hash_in_wire_form(tmp_path):
     """The ServerApp composes in wire form: the hash in the composition entry is the hash the site
     computes from what it receives (before, bf16 sources gave two different hashes)."""
-    from common import wire
+    from common.protocol import wire
 
     rng = np.random.default_rng(1)
     registry = Registry.init(

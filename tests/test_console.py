@@ -30,9 +30,9 @@ import pytest
 import torch
 
 from client.egress import EgressLog
-from common.digests import record_digests
-from common.lora import LoraAdapter, LoraModule, adapter_to_arrays
+from common.adapters import LoraAdapter, LoraModule, adapter_to_arrays
 from common.privacy import spent_from_egress, with_total
+from common.trust.digests import record_digests
 from server.audit import verify
 from server.composer import compose_for_target
 from server.console.cli import ConsoleConfigError, load_or_create_token, plan

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from common.data import (
+from common.families.report.data import (
     DATA_DIR_ENV,
     DEFAULT_DATA_DIR,
     REPO_ROOT,
@@ -25,8 +25,8 @@ from common.data import (
     split,
     write_jsonl,
 )
+from common.families.report.task import IGNORE_INDEX, Task, TextReportTask, group_kind, rouge_l
 from common.models import load_tokenizer
-from common.tasks import IGNORE_INDEX, Task, TextReportTask, group_kind, rouge_l
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,9 @@ def test_data_dir_override(tmp_path, monkeypatch) -> None:
 
 def test_data_root_is_the_env_var_else_shared_data_beside_the_checkout(tmp_path, monkeypatch) -> None:
     monkeypatch.delenv(DATA_DIR_ENV, raising=False)
-    assert (REPO_ROOT / "common" / "data.py").is_file() and DEFAULT_DATA_DIR == REPO_ROOT.parent / "shared" / "data"
+    assert (
+        REPO_ROOT / "common" / "families" / "report" / "data.py"
+    ).is_file() and DEFAULT_DATA_DIR == REPO_ROOT.parent / "shared" / "data"
     assert data_root() == REPO_ROOT.parent / "shared" / "data"
     monkeypatch.chdir(tmp_path)  # the default does not depend on the current directory
     assert data_root() == REPO_ROOT.parent / "shared" / "data"

@@ -1,5 +1,5 @@
-"""The one durable-file toolkit (``common/durable.py``), the one safetensors header parser
-(``common/safetensors_header.py``) and the one egress reader (``common/egress.py``)."""
+"""The one durable-file toolkit (``common/files/durable.py``), the one safetensors header parser
+(``common/adapters/safetensors_header.py``) and the one egress reader (``common/protocol/egress.py``)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import struct
 import pytest
 from test_registry import make_adapter
 
-from common.durable import JsonlLog, TornTailError, atomic_write
-from common.egress import read_egress
-from common.lora import adapter_to_bytes
-from common.safetensors_header import SafetensorsHeaderError, check_sizes, parse_header
+from common.adapters import adapter_to_bytes
+from common.adapters.safetensors_header import SafetensorsHeaderError, check_sizes, parse_header
+from common.files.durable import JsonlLog, TornTailError, atomic_write
+from common.protocol.egress import read_egress
 
 
 def _st(header: dict, body: bytes) -> bytes:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from client.egress import EgressLog
-from common.digests import array_sha256, record_digest, record_digests, z_sha256
-from common.egress import MAX_LOGGED_STR, read_egress
+from common.protocol.egress import MAX_LOGGED_STR, read_egress
+from common.trust.digests import array_sha256, record_digest, record_digests, z_sha256
 from server.audit import AuditLog
 from server.crosscheck import cross_check
 

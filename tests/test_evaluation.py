@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.data import Example
-from common.evaluation import applied_delta, evaluate_task, generate
-from common.lora import LoraAdapter, LoraModule, save_peft_adapter
+from common.adapters import LoraAdapter, LoraModule, save_peft_adapter
+from common.families.report.data import Example
+from common.families.report.evaluation import applied_delta, evaluate_task, generate
+from common.families.report.task import TextReportTask
 from common.models import load_base_model
-from common.tasks import TextReportTask
 
 PROMPTS = ["Findings: normal heart.", "Findings: a large mass in the right upper lobe with effusion.", "Hi"]
 
@@ -165,7 +165,7 @@ def test_evaluate_task_arms_equals_one_arm_at_a_time(tiny) -> None:
     """Several adapters (and the base) generated in one pass with per-row updates give each arm
     the predictions it gets alone with its update merged; the weights are never touched, and the
     hooks are gone afterwards."""
-    from common.evaluation import evaluate_task_arms
+    from common.families.report.evaluation import evaluate_task_arms
 
     model, tok = tiny
     task = TextReportTask(max_new_tokens=6)
@@ -185,7 +185,7 @@ def test_evaluate_task_arms_equals_one_arm_at_a_time(tiny) -> None:
 
 
 def test_evaluate_task_arms_checks_every_adapter_first(tiny) -> None:
-    from common.evaluation import evaluate_task_arms
+    from common.families.report.evaluation import evaluate_task_arms
 
     model, tok = tiny
     bad = LoraAdapter(modules={"model.layers.0.self_attn.q_proj": LoraModule(A=torch.zeros(2, 3), B=torch.zeros(3, 2))})

@@ -25,8 +25,8 @@ from types import SimpleNamespace
 import pytest
 from support import LocalGrid
 
-from common import wire
-from common.signing import generate_keypair
+from common.protocol import wire
+from common.trust.signing import generate_keypair
 from deploy import launch, tls
 from server.allowlist import AllowList
 
@@ -42,7 +42,7 @@ LOCAL_RELEASE = {"metrics-min-reports": 1}
 
 # -- helpers ----------------------------------------------------------------------------------
 def make_site_data(root: Path, n: int = 14, n_eval: int = 2) -> dict[str, Path]:
-    from common.data import report_groups, split, write_jsonl
+    from common.families.report.data import report_groups, split, write_jsonl
 
     groups = report_groups()
     out = {}
@@ -757,7 +757,7 @@ def test_app_bundle_stays_under_flowers_limit_and_carries_no_weights():
     names = [i.filename for i in zipfile.ZipFile(io.BytesIO(fab)).infolist()]
     assert len(fab) < FAB_MAX_SIZE, f"app bundle is {len(fab):,} bytes; add fab-include to [tool.flwr.app]"
     assert not [n for n in names if n.endswith((".safetensors", ".bin", ".gguf", ".pt", ".npz"))]
-    assert {"client/app.py", "server/app.py", "common/wire.py"} <= set(names)
+    assert {"client/app.py", "server/app.py", "common/protocol/wire.py"} <= set(names)
 
 
 def privacy_of(registry: Path, record_id: str) -> tuple[dict, dict]:
@@ -997,7 +997,7 @@ def test_local_site_refuses_a_delivery_not_signed_by_its_pinned_coordinator(loca
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from common.privacy import read_egress
-    from common.signing import public_key_pem
+    from common.trust.signing import public_key_pem
 
     if not (local["registry"] / "registry.json").exists():
         run_local(local, 74, mode="enroll")
@@ -1034,7 +1034,7 @@ def test_local_site_evaluates_only_arms_its_coordinator_signed(local, tmp_path):
     from flwr.app import ConfigRecord, Message, RecordDict
 
     from common.privacy import read_egress
-    from common.signing import public_key_pem
+    from common.trust.signing import public_key_pem
     from server.audit import read_entries
     from server.coordkey import load_or_create
     from server.modes.evaluate import evaluate_request

@@ -53,10 +53,7 @@ if str(ROOT) not in sys.path:  # when run as a script (doc generation)
 from client.app import SiteError  # noqa: E402
 from client.handlers import DeliveryRefused  # noqa: E402
 from client.policy import ReleaseRefused  # noqa: E402
-from common import signing, wire  # noqa: E402
-from common.data import DatasetFormatError, read_jsonl  # noqa: E402
-from common.embedding import EmptyDatasetError, mean_embedding  # noqa: E402
-from common.lora import (  # noqa: E402
+from common.adapters import (  # noqa: E402
     LoraAdapter,
     LoraFormatError,
     LoraModule,
@@ -65,14 +62,17 @@ from common.lora import (  # noqa: E402
     peft_key,
     save_peft_adapter,
 )
-from common.signing import (  # noqa: E402
+from common.embedding import EmptyDatasetError, mean_embedding  # noqa: E402
+from common.families.report.data import DatasetFormatError, read_jsonl  # noqa: E402
+from common.protocol import wire  # noqa: E402
+from common.protocol.wire import WireError  # noqa: E402
+from common.trust import signing  # noqa: E402
+from common.trust.signing import (  # noqa: E402
     ReplayError,
     SignatureError,
     StaleSubmissionError,
     UnknownSiteError,
 )
-from common.strategies import STRATEGIES  # noqa: E402
-from common.wire import WireError  # noqa: E402
 from server import allowlist  # noqa: E402
 from server.allowlist import AllowList, NonceLedger  # noqa: E402
 from server.audit import verify as verify_audit  # noqa: E402
@@ -99,6 +99,7 @@ from server.registry import (  # noqa: E402
     UnknownModuleError,
 )
 from server.registry.errors import UpdateNormBoundError  # noqa: E402
+from server.strategies import STRATEGIES  # noqa: E402
 
 DOC = ROOT / "docs" / "HOSTILE_INPUTS.md"
 DUMP_ENV = "RPE_HOSTILE_DUMP"
@@ -676,7 +677,7 @@ def _whoami_reply(nonce: str, site: str = "a", identity: str = "") -> Any:
 
 
 def _identity(c: Ctx, key_site: str, challenge: str, run_id: str = RUN_ID, node: int = 7, site: str = "a") -> str:
-    from common.statements import sign_statement
+    from common.trust.statements import sign_statement
 
     key = signing.load_private_key(c.world.keys[key_site])
     body = {"site": site, "run_id": run_id, "challenge": challenge, "node_id": str(node)}
@@ -890,7 +891,7 @@ class Case:
 
 
 R = (REJECTED,)
-SEND = "common.lora.adapter_to_bytes(adapter)"  # the remedy every malformed-blob message names
+SEND = "common.adapters.lora.adapter_to_bytes(adapter)"  # the remedy every malformed-blob message names
 CASES: list[Case] = [
     # -- adapter tensors against the base ---------------------------------------------------------
     Case(
@@ -1091,7 +1092,7 @@ CASES: list[Case] = [
         "a dict of tensors instead of a LoraAdapter",
         lambda c: c.add({"A": torch.zeros(2, 2)}),
         AdapterFormatError,
-        "must be a common.lora.LoraAdapter or its canonical bytes",
+        "must be a common.adapters.lora.LoraAdapter or its canonical bytes",
         R,
     ),
     # -- the blob itself ----------------------------------------------------------------------------
@@ -1138,7 +1139,7 @@ CASES: list[Case] = [
         AdapterFormatError,
         "adapter blob has rpe_format None, expected 'rpe-lora-v1'",
         R,
-        hint="a PEFT directory: load it with common.lora.load_peft_adapter first",
+        hint="a PEFT directory: load it with common.adapters.lora.load_peft_adapter first",
     ),
     Case(
         "non-canonical-layout",
@@ -1155,7 +1156,7 @@ CASES: list[Case] = [
         AdapterFormatError,
         "not in canonical form",
         R,
-        hint="encode it with common.lora.adapter_to_bytes",
+        hint="encode it with common.adapters.lora.adapter_to_bytes",
     ),
     Case(
         "blob-hash-mismatch",
@@ -1716,7 +1717,7 @@ CASES: list[Case] = [
         "unknown key(s) ['age']",
         ("query.failed",),
     ),
-    # -- signatures and freshness (common/signing.py) ------------------------------------------------
+    # -- signatures and freshness (common/trust/signing.py) ------------------------------------------------
     Case(
         "replayed-nonce",
         "a genuine signed submission authenticated twice",
@@ -1731,7 +1732,7 @@ CASES: list[Case] = [
         StaleSubmissionError,
         "s old; the limit is 86400 s",
     ),
-    # -- PEFT directories (common/lora.py load_peft_adapter) ------------------------------------------
+    # -- PEFT directories (common/adapters/lora.py load_peft_adapter) ------------------------------------------
     Case(
         "peft-dora",
         "PEFT dir with `use_dora: true`",
@@ -1764,7 +1765,7 @@ CASES: list[Case] = [
         LoraFormatError,
         "gives it rank 8; fix the config",
     ),
-    # -- a site's dataset (common/data.py, common/embedding.py, client/app.py) -----------------------
+    # -- a site's dataset (common/families/report/data.py, common/embedding.py, client/app.py) -----------------------
     Case(
         "jsonl-not-json",
         "dataset line `Findings: normal` (not JSON)",

@@ -199,7 +199,7 @@ from client.pin import _clientapp_entry, _install_guard
 _install_guard()
 entry = _clientapp_entry()
 from client.app import app
-from common import wire
+from common.protocol import wire
 TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
 msg = Message(wire.build_request(wire.WHOAMI, {"nonce": "n1", "challenge": "c" * 64}), dst_node_id=1,
               message_type=wire.WHOAMI)

@@ -1,4 +1,4 @@
-"""common/lora.py: PEFT directories, canonical bytes, wire arrays and (truncated) composition."""
+"""common/adapters/lora.py: PEFT directories, canonical bytes, wire arrays and (truncated) composition."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from support import make_tiny_llama
 
-import common.lora as lora
-from common.lora import (
+import common.adapters.composition as adapter_composition
+from common.adapters import (
     FORMAT_TAG,
     LoraAdapter,
     LoraFormatError,
@@ -89,7 +89,7 @@ def trained(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """Three LoRAs trained by gradient descent through PEFT, saved with save_pretrained.
 
     Returns (dirs, deltas, probe ids): ``deltas[i][module] = scaling · B @ A`` read straight off the
-    trained PEFT layers (float64), independent of common.lora.
+    trained PEFT layers (float64), independent of common.adapters.lora.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -302,7 +302,7 @@ def test_compose_max_rank_at_least_total_rank_is_exact():
 
 
 def test_compose_max_rank_float32_path_and_output_dtype(monkeypatch):
-    monkeypatch.setattr(lora, "_FLOAT64_LIMIT", 0)  # force the float32 QR/SVD used for large modules
+    monkeypatch.setattr(adapter_composition, "_FLOAT64_LIMIT", 0)  # force the float32 QR/SVD used for large modules
     shapes = {"m.q": (192, 160), "m.v": (96, 200), "m.o": (128, 128)}
     ranks = [{"m.q": 8, "m.v": 8}, {"m.q": 8, "m.o": 4, "m.v": 16}, {"m.q": 16, "m.v": 4, "m.o": 8}]
     adapters = _random_adapters(seed=3, shapes=shapes, ranks=ranks)
@@ -346,7 +346,7 @@ def test_adapter_to_casts_every_factor():
 
 _BYTES_SNIPPET = """
 import hashlib, torch
-from common.lora import LoraAdapter, LoraModule, adapter_to_bytes
+from common.adapters import LoraAdapter, LoraModule, adapter_to_bytes
 g = torch.Generator().manual_seed(7)
 mods = {f"model.layers.{i}.self_attn.q_proj": LoraModule(torch.randn(3, 8, generator=g),
         torch.randn(8, 3, generator=g), 0.5 + i) for i in range(3)}
@@ -684,7 +684,7 @@ def test_write_safetensors_round_trips_through_the_safetensors_reader(tmp_path) 
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from common.peft_io import write_safetensors
+    from common.adapters.peft_io import write_safetensors
 
     g = torch.Generator().manual_seed(3)
     ts = {

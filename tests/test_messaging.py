@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from common import wire
+from common.protocol import wire
 from server.audit import AuditLog, read_entries
 from server.messaging import exchange, request
 

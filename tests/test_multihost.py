@@ -76,7 +76,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def make_site_data(root: Path, n: int = 10, n_eval: int = 2) -> dict[str, Path]:
-    from common.data import report_groups, split, write_jsonl
+    from common.families.report.data import report_groups, split, write_jsonl
 
     groups = report_groups()
     out = {}

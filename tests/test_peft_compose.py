@@ -1,4 +1,4 @@
-"""common/peft_compose.py: PEFT dirs -> PEFT dir, streamed, byte for byte what the in-memory path writes.
+"""common/adapters/stream_compose.py: PEFT dirs -> PEFT dir, streamed, byte for byte what the in-memory path writes.
 
 Inputs are written by stock PEFT (``get_peft_model`` + ``save_pretrained``) on the tiny Llama; the
 reference is ``save_peft_adapter(compose(load_peft_adapters(dirs), w), out)``. Faults are real: a
@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import common.peft_compose as pc
-from common.buffers import empty_bytes
-from common.lora import (
+import common.adapters.stream_compose as pc
+from common.adapters import (
     LoraFormatError,
     compose,
     compose_peft_dirs,
@@ -25,7 +24,8 @@ from common.lora import (
     load_peft_adapters,
     save_peft_adapter,
 )
-from common.peft_io import safetensors_head
+from common.adapters.peft_io import safetensors_head
+from common.files.buffers import empty_bytes
 from tests.tmpfs_support import run_in_tmpfs
 
 WEIGHTS = (0.7, -0.2, 0.5)
@@ -218,7 +218,7 @@ FULL_DISK_CHILD = r"""
 import errno, json, os, sys
 from pathlib import Path
 import torch
-from common.lora import compose_peft_dirs
+from common.adapters import compose_peft_dirs
 mnt = Path(sys.argv[1]); dirs = sys.argv[2:]
 keep = compose_peft_dirs(dirs[:1], [1.0], mnt / "out", dtype=torch.bfloat16)
 before = {p.name: p.read_bytes() for p in keep.iterdir()}

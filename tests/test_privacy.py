@@ -13,8 +13,8 @@ import math
 import numpy as np
 import pytest
 
-from common.data import report_groups
 from common.embedding import mean_embedding
+from common.families.report.data import report_groups
 from common.models import load_base_model
 from common.privacy import (
     PrivacyConfigError,
@@ -197,7 +197,7 @@ def test_spent_from_egress_composes_every_release():
 
 
 def test_cli_plans_calibrates_and_accounts(tmp_path, tiny_model_dir, capsys):
-    from common.data import report_groups, write_jsonl
+    from common.families.report.data import report_groups, write_jsonl
     from deploy.cli import main
 
     main(["privacy", "epsilon", "--epsilon", "4"])

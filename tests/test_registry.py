@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.lora import LoraAdapter, LoraModule, adapter_to_bytes
+from common.adapters import LoraAdapter, LoraModule, adapter_to_bytes
 from server.registry import (
     AdapterFormatError,
     AdapterMeta,

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.digests import canonical_json
+from common.trust.digests import canonical_json
 from server.registry import Registry
 from server.registry.errors import RegistryCorruptError
 

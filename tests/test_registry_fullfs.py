@@ -25,7 +25,7 @@ import errno, json, os, sys
 from pathlib import Path
 import numpy as np
 import torch
-from common.lora import LoraAdapter, LoraModule
+from common.adapters import LoraAdapter, LoraModule
 from server import audit as audit_mod
 from server.registry import AdapterMeta, Registry
 from server.registry.binding import check_binding

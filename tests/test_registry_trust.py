@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.lora import LoraAdapter, LoraModule
-from common.statements import verify_statement
+from common.adapters import LoraAdapter, LoraModule
+from common.trust.statements import verify_statement
 from server import audit as audit_mod
 from server.composer import CompositionNormError, compose_for_target
 from server.crosscheck import cross_check
@@ -226,7 +226,7 @@ def test_receipts_witness_a_truncated_or_rewritten_coordinator_log(tmp_path):
 
 
 def audit_mod_pub(reg: Registry):
-    from common.signing import load_public_key
+    from common.trust.signing import load_public_key
 
     return load_public_key(reg.coordinator_public_key_path)
 

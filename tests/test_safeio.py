@@ -1,4 +1,4 @@
-"""Bounded readers (common/safeio.py) and atomic output directories (common/outdir.py)."""
+"""Bounded readers (common/files/safeio.py) and atomic output directories (server/outdir.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ import threading
 import numpy as np
 import pytest
 
-from common.outdir import MARKER, OutputDirError, output_dir
-from common.safeio import (
+from common.files.safeio import (
     UnsafeInputError,
     check_name,
     check_pattern_key,
@@ -21,6 +20,7 @@ from common.safeio import (
     loads_json,
     read_regular_file,
 )
+from server.outdir import MARKER, OutputDirError, output_dir
 
 
 def test_fifo_in_place_of_a_file_is_refused_without_blocking(tmp_path):
@@ -149,7 +149,7 @@ def test_output_dir_failure_changes_nothing(tmp_path):
 WRITER = r"""
 import sys, time
 from pathlib import Path
-from common.outdir import output_dir
+from server.outdir import output_dir
 with output_dir(Path(sys.argv[1]), "composition") as tmp:
     (tmp / "adapter_config.json").write_text("new config")
     (tmp / "adapter_model.safetensors").write_bytes(b"new weights" * 1000)

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from support import LocalGrid, write_site_data
 
-from common import sam
-from common.signing import generate_keypair
+from common.families.segmentation import sam
+from common.trust.signing import generate_keypair
 from deploy import launch, tls
 from server.allowlist import AllowList
 
@@ -37,7 +37,7 @@ def make_report_data(root: Path, n: int = 14, n_eval: int = 2) -> dict[str, Path
 
 
 def seg_node_config(site: str) -> dict:
-    from common.seg_data import PROSTATE, data_root
+    from common.families.segmentation.data import PROSTATE, data_root
 
     return {"task": "segmentation", "seg-dataset": PROSTATE, "seg-site": site, "data-path": str(data_root())}
 
@@ -200,7 +200,7 @@ def test_local_a_segmentation_site_keeps_its_release_policy_and_proves_its_ident
     """The report family's trust rules hold for segmentation sites: z only over all of its slices
     and only the encoder's output, and an identity statement signed with both keys (deliveries go
     through the same signature check in ``client/handlers.apply``, used by the evaluate above)."""
-    from common import wire
+    from common.protocol import wire
 
     sub = _push(local, 201, wire.EMBED, {"task": "segmentation", "max_examples": 2})
     assert sub.has_error() and sub.error.code == wire.ERROR_REFUSED and "[subset-refused]" in sub.error.reason

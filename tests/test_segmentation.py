@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from common import sam, seg_data
-from common import segmentation as S
-from common.lora import compose, delta_dict, load_peft_adapter, save_peft_adapter
+from common.adapters import compose, delta_dict, load_peft_adapter, save_peft_adapter
+from common.families.segmentation import data as seg_data
+from common.families.segmentation import sam
+from common.families.segmentation import task as S
 from common.privacy import ZMechanism
 
 

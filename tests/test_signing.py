@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from common.signing import (
+from common.trust.signing import (
     ReplayError,
     SignatureError,
     SigningError,

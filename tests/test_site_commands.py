@@ -16,10 +16,10 @@ from client import use as use_mod
 from client.egress import EgressLog
 from client.export import VLLM_RANKS, ExportError, check_dir, export_vllm, vllm_rank
 from client.use import site_status
-from common.data import Example, write_jsonl
-from common.lora import LoraAdapter, LoraModule, adapter_to_arrays, delta_dict, load_peft_adapter, save_peft_adapter
+from common.adapters import LoraAdapter, LoraModule, adapter_to_arrays, delta_dict, load_peft_adapter, save_peft_adapter
+from common.families.report.data import Example, write_jsonl
+from common.families.report.task import TextReportTask
 from common.privacy import spent_from_egress, with_total
-from common.tasks import TextReportTask
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -155,7 +155,7 @@ def test_generate_matches_stock_peft(tiny_model_dir, tmp_path, capsys):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from common.evaluation import generate
+    from common.families.report.evaluation import generate
     from common.models import load_tokenizer
 
     tok = load_tokenizer(tiny_model_dir)
@@ -247,13 +247,13 @@ def test_site_status_from_the_sites_own_files(tiny_model_dir, mixed_adapter_dir,
 
 def test_segment_writes_the_masks_the_sites_evaluation_scores(tmp_path, capsys):
     """``rpe segment``: one 0/255 mask per real prostate slice at the slice's own size, equal to
-    ``common.segmentation.predict`` with the same adapter and prompt, an index, DICE against
+    ``common.families.segmentation.task.predict`` with the same adapter and prompt, an index, DICE against
     reference masks, and clear errors for bad input."""
     from PIL import Image
 
-    from common import sam
-    from common.seg_data import load_prostate_site
-    from common.segmentation import PromptSpec, predict, target_modules
+    from common.families.segmentation import sam
+    from common.families.segmentation.data import load_prostate_site
+    from common.families.segmentation.task import PromptSpec, predict, target_modules
 
     base_dir = sam.make_tiny_sam(tmp_path / "sam", seed=0)
     net = sam.load_sam(base_dir)

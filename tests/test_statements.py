@@ -1,4 +1,4 @@
-"""Signed statements (common/statements.py): identity challenges, audit receipts, signed deliveries."""
+"""Signed statements (common/trust/statements.py): identity challenges, audit receipts, signed deliveries."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from common.statements import StatementError, check_receipts, sign_statement, verify_statement
+from common.trust.statements import StatementError, check_receipts, sign_statement, verify_statement
 
 
 @pytest.fixture
@@ -60,9 +60,9 @@ def test_receipts_detect_truncation_and_rewrite():
     assert "rewritten" in check_receipts(receipts, rewritten, _lh)[0]
 
 
-# -- SuperNode keys (common/nodekey.py) -----------------------------------------------------------
+# -- SuperNode keys (common/trust/nodekey.py) -----------------------------------------------------------
 def test_a_supernode_key_signs_a_statement_digest_and_only_it_verifies(tmp_path):
-    from common.nodekey import (
+    from common.trust.nodekey import (
         NodeKeyError,
         load_node_private_key,
         node_key_fingerprint,
@@ -70,7 +70,7 @@ def test_a_supernode_key_signs_a_statement_digest_and_only_it_verifies(tmp_path)
         node_sign,
         node_verify,
     )
-    from common.statements import statement_digest
+    from common.trust.statements import statement_digest
     from deploy.tls import make_supernode_keys
 
     a, b = make_supernode_keys(tmp_path / "a", "a"), make_supernode_keys(tmp_path / "b", "b")
@@ -101,8 +101,8 @@ def test_node_keys_must_be_p384_and_readable(tmp_path):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from common.nodekey import NodeKeyError, load_node_private_key, node_public_key
-    from common.signing import generate_keypair
+    from common.trust.nodekey import NodeKeyError, load_node_private_key, node_public_key
+    from common.trust.signing import generate_keypair
 
     _, ed_pub = generate_keypair(tmp_path / "ed", "a")
     p256 = ec.generate_private_key(ec.SECP256R1())
@@ -122,7 +122,7 @@ def test_node_keys_must_be_p384_and_readable(tmp_path):
 
 
 def test_the_coordinator_record_of_supernode_keys_refuses_silent_rotation(tmp_path):
-    from common.signing import SigningError
+    from common.trust.signing import SigningError
     from deploy.tls import make_supernode_keys
     from server.allowlist import AllowList
 
@@ -136,7 +136,7 @@ def test_the_coordinator_record_of_supernode_keys_refuses_silent_rotation(tmp_pa
         records.add("b", "not a key")
     assert records.sites() == ["a"] and records.path.name == "supernode-keys.json"
     records.add("a", a2.public_key.read_text(), replace=True)
-    from common.nodekey import node_key_fingerprint, node_public_key
+    from common.trust.nodekey import node_key_fingerprint, node_public_key
 
     assert node_key_fingerprint(records.get("a")) == node_key_fingerprint(node_public_key(a2.public_key.read_text()))
     assert records.get("b") is None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.strategies import (
+from server.strategies import (
     STRATEGIES,
     avg,
     compute_weights,
@@ -212,7 +212,7 @@ def _near_duplicate_attack():
 
 
 def test_unbounded_lin_on_a_near_duplicate_z_explodes_and_the_default_bound_stops_it():
-    from common.strategies import MAX_L1_DEFAULT
+    from server.strategies import MAX_L1_DEFAULT
 
     z, Z = _near_duplicate_attack()
     free = lin(z, Z, max_l1=float("inf"))

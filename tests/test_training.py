@@ -7,12 +7,11 @@ import random
 import pytest
 import torch
 
-from common.data import Example
-from common.evaluation import applied_delta
-from common.lora import LoraAdapter
-from common.models import load_base_model
-from common.tasks import IGNORE_INDEX, TextReportTask
-from common.training import (
+from common.adapters import LoraAdapter
+from common.families.report.data import Example
+from common.families.report.evaluation import applied_delta
+from common.families.report.task import IGNORE_INDEX, TextReportTask
+from common.families.report.training import (
     DPConfig,
     LoraSpec,
     _batches,
@@ -20,6 +19,7 @@ from common.training import (
     collate,
     train_lora,
 )
+from common.models import load_base_model
 
 TARGETS = ["Acute stroke", "Glioblastoma", "Normal brain", "Subdural hematoma"]
 EXAMPLES = [Example(f"Finding {i}: lesion {i}.", t, "ct-head", f"u{i}") for i, t in enumerate(TARGETS)] * 2
@@ -94,14 +94,14 @@ def test_cpu_training_runs_eager_attention_and_gives_the_model_back_as_it_was(ti
         seen.append(m.config._attn_implementation)
         return real(m, *args)
 
-    monkeypatch.setattr("common.training.causal_lm_target_loss", spy)
+    monkeypatch.setattr("common.families.report.training.causal_lm_target_loss", spy)
     train_lora(model, tok, EXAMPLES, TASK, steps=2, lr=1e-2, progress=False)
     assert seen == ["eager", "eager"] and model.config._attn_implementation == "sdpa"
 
     def boom(*args):
         raise RuntimeError("step failed")
 
-    monkeypatch.setattr("common.training.causal_lm_target_loss", boom)
+    monkeypatch.setattr("common.families.report.training.causal_lm_target_loss", boom)
     with pytest.raises(RuntimeError, match="step failed"):
         train_lora(model, tok, EXAMPLES, TASK, steps=2, lr=1e-2, progress=False)
     assert model.config._attn_implementation == "sdpa"

@@ -10,9 +10,9 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from common import wire
-from common.lora import LoraAdapter, LoraModule, adapter_to_bytes
-from common.wire import WireError
+from common.adapters import LoraAdapter, LoraModule, adapter_to_bytes
+from common.protocol import wire
+from common.protocol.wire import WireError
 
 MODULES = {"model.layers.0.self_attn.q_proj": (64, 64, 4), "model.layers.1.mlp.down_proj": (64, 128, 2)}
 
@@ -283,6 +283,6 @@ def test_encode_adapter_makes_the_one_form_the_coordinator_rebuilds_and_hashes()
 
 
 def test_wire_canonical_json_is_the_digests_one():
-    from common import digests
+    from common.trust import digests
 
     assert wire.canonical_json is digests.canonical_json

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from benchmarks import zero_shot as zs
-from common.data import report_groups
+from common.families.report.data import report_groups
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +156,7 @@ def test_seg_loo_pools_by_lineage_and_keeps_virtual_sites_out_of_their_source() 
     """Virtual scanner sites carry their source as lineage (a target never sees its own lineage);
     pooled intervals and tests treat a lineage as the independent unit (exact sign-flip p)."""
     from benchmarks import seg_loo
-    from common.seg_data import SegSite
+    from common.families.segmentation.data import SegSite
 
     rng = np.random.default_rng(0)
 

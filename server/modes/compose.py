@@ -18,8 +18,8 @@ import numpy as np
 from flwr.app import RecordDict
 from flwr.serverapp import Grid
 
-from common import wire
-from common.wire import WireError
+from common.protocol import wire
+from common.protocol.wire import WireError
 from server.coordkey import load_or_create
 from server.messaging import Request, SiteInfo, audit_reply, exchange, log, request
 from server.modes.enroll import failed
@@ -37,7 +37,7 @@ def embed_sites(
     problems: dict[str, str],
 ) -> dict[str, np.ndarray]:
     """``query.embed`` every target that is online; z per site (problems reported, not raised)."""
-    from common.digests import record_digests, z_sha256
+    from common.trust.digests import record_digests, z_sha256
 
     requests = []
     for t in targets:
@@ -137,7 +137,7 @@ def compose_one(
 def delivery_statement(coord_key: Any, sha256: str, target: str, run_id: str, name: str, nonce: str) -> str:
     """The coordinator's signed ``delivery`` statement (canonical JSON) for one ``train.apply``: the
     site installs the adapter only if this verifies against the coordinator key it pinned."""
-    from common.statements import sign_statement
+    from common.trust.statements import sign_statement
 
     body = {"blob_sha256": sha256, "target": target, "run_id": run_id, "name": name, "nonce": nonce}
     return wire.canonical_json(sign_statement(coord_key, "delivery", body))

@@ -1,7 +1,7 @@
 """``mode=enroll``: ask the chosen sites to train a LoRA for ``task``; validate and store each reply.
 
 Per site: whoami said it is online -> ``train`` request (fresh nonce) -> the reply is checked
-against the vocabulary (``common/wire.py``), then the site's signature (allow-list + nonce ledger),
+against the vocabulary (``common/protocol/wire.py``), then the site's signature (allow-list + nonce ledger),
 then the registry's own checks, and stored. A site that errors, is refused or times out is
 reported and leaves the registry unchanged; every submission leaves exactly one audit entry.
 """
@@ -13,8 +13,8 @@ from typing import Any
 
 from flwr.serverapp import Grid
 
-from common import wire
-from common.wire import WireError
+from common.protocol import wire
+from common.protocol.wire import WireError
 from server.messaging import Reply, Request, SiteFailure, SiteInfo, exchange, log, request
 from server.reporting import Progress
 from server.settings import Settings
@@ -103,7 +103,7 @@ def accept_submission(
     entry when the reply never reached the registry. ``server/crosscheck.py`` matches it against
     the site's egress line by record_digests, run_id and nonce.
     """
-    from common.digests import record_digests, z_sha256
+    from common.trust.digests import record_digests, z_sha256
     from server import allowlist as signing
     from server.registry import RegistryError, ValidationError
 

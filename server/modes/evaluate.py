@@ -4,7 +4,7 @@ For each target: its z (``query.embed``), then ONE ``train.evaluate`` carrying e
 strategy in ``eval-strategies``, the baselines ``nearest`` and ``avg`` (composed from the *other*
 sites only), and the site's own LoRA (the supervised reference) - and asking for the base model's
 score too, so the site loads its model once per target (``client/arms.py``). The message is signed
-like a delivery (a ``delivery`` statement over :func:`common.wire.arms_digest` of the arms'
+like a delivery (a ``delivery`` statement over :func:`common.protocol.wire.arms_digest` of the arms'
 hashes, name ``evaluate``); the site checks it against its pinned coordinator key, and every reply
 (or its absence) is audited (``composition.delivered`` / ``composition.undelivered``).
 Results: CSV + Markdown + plots under ``<registry>/evaluations/<run id>/`` (``server/reporting.py``),
@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 from flwr.serverapp import Grid
 
-from common import wire
-from common.wire import WireError
+from common.protocol import wire
+from common.protocol.wire import WireError
 from server.coordkey import load_or_create
 from server.messaging import Reply, Request, SiteInfo, audit_reply, exchange, log, make_nonce
 from server.modes.compose import compose_one, delivery_statement, embed_sites

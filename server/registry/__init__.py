@@ -11,7 +11,7 @@ the registry keeps its own source of truth and treats Chroma as a rebuildable ac
 - ``records.jsonl`` is the log every answer derives from: one JSON line per ``add``/``remove``,
   appended, flushed and fsynced before ``add`` returns. A torn last line (crash mid-append) is
   detected and truncated on open; damage anywhere else is an error, never silently skipped.
-- ``blobs/sha256/ab/<hex>`` holds the adapter bytes (exactly ``common.lora.adapter_to_bytes``),
+- ``blobs/sha256/ab/<hex>`` holds the adapter bytes (exactly ``common.adapters.lora.adapter_to_bytes``),
   named by their sha256. A blob is written to a temp file in its final directory, fsynced,
   ``os.replace``-d into place and the directory fsynced **before** the record that names it is
   appended, so a record never points at a missing or half-written blob. A crash in between
@@ -31,7 +31,7 @@ point) is raised; after a crash in between, reopening cuts the unaudited lines a
 ``registry.repair`` entry naming them (they were never reported stored). A torn audit tail is cut
 on reopen too, with a ``registry.repair`` entry. ``verify()`` and ``rpe audit verify`` check every
 record line against its entry and name an edited, deleted, re-pointed or added record. Every
-append is all-or-nothing for readers (``common.durable.JsonlLog`` writes with ``os.write`` and
+append is all-or-nothing for readers (``common.files.durable.JsonlLog`` writes with ``os.write`` and
 ``ftruncate``-s back on failure).
 
 Receipts (``keys/coordinator.key``, Ed25519, 0600, created on the first writable open;
@@ -105,7 +105,7 @@ The parts (each has one reason to change; ``Registry`` in ``facade.py`` ties the
 
 - ``errors.py`` — every typed error; ``records.py`` — AdapterMeta, Record, Hit.
 - ``config.py`` — registry.json and the directory's file names; ``lock.py`` — one writer per path.
-- ``recordlog.py`` — records.jsonl (replay, torn tail, append) on ``common.durable.JsonlLog``.
+- ``recordlog.py`` — records.jsonl (replay, torn tail, append) on ``common.files.durable.JsonlLog``.
 - ``blobstore.py`` + ``blobcrypt.py`` — content-addressed blobs, encryption at rest.
 - ``validation.py`` — pure checks of z, metadata and adapter bytes (no I/O).
 - ``columns.py`` — the in-memory z matrix, metadata codes and filter masks.

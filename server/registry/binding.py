@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from common.digests import sha256_hex
+from common.trust.digests import sha256_hex
 
 RECORD_EVENTS = ("submission.accepted", "registry.bulk_add", "registry.remove", "registry.migrate")
 MIGRATE = "registry.migrate"

@@ -37,7 +37,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from common.durable import fsync_dir
+from common.files.durable import fsync_dir
 
 ALG = "AES-256-GCM"
 KEY_FILE_ENV = "RPE_BLOB_KEY_FILE"

@@ -21,9 +21,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from common.digests import sha256_hex
-from common.durable import TMP_PREFIX, fsync_dir, fsync_file
-from common.safeio import UnsafeInputError, read_regular_file
+from common.files.durable import TMP_PREFIX, fsync_dir, fsync_file
+from common.files.safeio import UnsafeInputError, read_regular_file
+from common.trust.digests import sha256_hex
 from server.registry import blobcrypt
 from server.registry.blobcrypt import BlobKey
 from server.registry.config import BLOBS_DIR, CONFIG_NAME
@@ -45,7 +45,7 @@ def env_blob_key() -> BlobKey | None:
 
 
 def _read_blob(p: Path) -> bytes:
-    """A blob's bytes through ``common.safeio.read_regular_file``: a FIFO or device put in a blob's
+    """A blob's bytes through ``common.files.safeio.read_regular_file``: a FIFO or device put in a blob's
     place is refused at once (``BlobCorruptError``) instead of blocking the coordinator forever."""
     try:
         return read_regular_file(p, MAX_BLOB_FILE, what="adapter blob")

@@ -15,8 +15,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from common.durable import TMP_PREFIX, atomic_write, fsync_dir
-from common.safeio import UnsafeInputError, loads_json, read_regular_file
+from common.files.durable import TMP_PREFIX, atomic_write, fsync_dir
+from common.files.safeio import UnsafeInputError, loads_json, read_regular_file
 from server.registry.errors import NotARegistryError, RegistryCorruptError, RegistryError
 from server.registry.lock import LOCK_NAME
 

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from common.signing import generate_keypair, load_private_key, load_public_key
+from common.trust.signing import generate_keypair, load_private_key, load_public_key
 
 KEY_NAME = "coordinator"
 

@@ -323,7 +323,7 @@ class Registry:
 
     def load_adapter(self, record_id: str) -> Any:
         """The record's ``LoraAdapter`` (bytes re-verified against the stored sha256 first)."""
-        from common.lora import adapter_from_bytes
+        from common.adapters import adapter_from_bytes
 
         return adapter_from_bytes(self.load_blob(record_id))
 

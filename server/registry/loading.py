@@ -18,8 +18,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from common.digests import sha256_hex
-from common.durable import fsync_dir
+from common.files.durable import fsync_dir
+from common.trust.digests import sha256_hex
 from server.registry import binding, maintenance, snapshot
 from server.registry import config as cfg
 from server.registry.columns import Columns, MemColumn

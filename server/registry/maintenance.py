@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from common.digests import sha256_hex
+from common.trust.digests import sha256_hex
 from server.audit import read_entries
 from server.audit import receipt as audit_receipt
 from server.registry import binding, coordkey, snapshot

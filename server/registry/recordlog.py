@@ -9,7 +9,7 @@ Line format (canonical JSON)::
 before the line), checked against ``z_sha256`` whenever it is used. Registries written before
 the column kept z in the line as ``"z_b64"`` (base64 of little-endian float32); such lines are
 still read (their z go into the columns' z store) and ``migrate_lines`` rewrites them. Lines are appended, flushed and
-fsynced (``common.durable.JsonlLog``) before ``add`` returns. On open the log is replayed into
+fsynced (``common.files.durable.JsonlLog``) before ``add`` returns. On open the log is replayed into
 the ``Columns``; a torn last line (crash mid-append) is truncated (read-only: ignored), while a
 bad line anywhere else is corruption and raises — never silently skipped. ``refresh`` picks up
 lines another ``Registry`` object (or the writer, seen read-only) appended since.
@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from common.digests import canonical_json, sha256_hex
-from common.durable import JsonlLog
+from common.files.durable import JsonlLog
+from common.trust.digests import canonical_json, sha256_hex
 from server.registry.columns import Columns
 from server.registry.config import now
 from server.registry.crashpoints import armed, crash_point

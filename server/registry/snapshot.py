@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from common.durable import atomic_write
-from common.safeio import UnsafeInputError, read_regular_file
+from common.files.durable import atomic_write
+from common.files.safeio import UnsafeInputError, read_regular_file
 from server.registry.columns import KEYS, Columns
 from server.registry.errors import RegistryCorruptError
 

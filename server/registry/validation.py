@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from common.digests import canonical_json, sha256_hex, z_sha256
-from common.safeio import UnsafeInputError, check_name
-from common.safetensors_header import SafetensorsHeaderError, check_sizes, parse_header
+from common.adapters.safetensors_header import SafetensorsHeaderError, check_sizes, parse_header
+from common.files.safeio import UnsafeInputError, check_name
+from common.trust.digests import canonical_json, sha256_hex, z_sha256
 from server.registry.errors import (
     AdapterFormatError,
     BlobHashMismatchError,
@@ -77,7 +77,7 @@ def _check_text(name: str, value: Any, site: str) -> None:
 
 def _check_name(name: str, value: str, site: str) -> str:
     """A name that ends up in record ids and audit reports: NFC-normalised (so "é" and "e\u0301" are one
-    site), no control, bidi-override or zero-width characters (``common.safeio.check_name``)."""
+    site), no control, bidi-override or zero-width characters (``common.files.safeio.check_name``)."""
     try:
         return check_name(value, f"metadata field {name!r}", max_length=_TEXT_MAX)
     except UnsafeInputError as exc:
@@ -195,14 +195,14 @@ _HEADER_PROBLEM = {
 
 
 _LAYOUT_HINT = (
-    "the registry accepts only common.lora.adapter_to_bytes(adapter) (a PEFT directory: load it with "
-    "common.lora.load_peft_adapter first; resend if the blob was cut in transit)"
+    "the registry accepts only common.adapters.lora.adapter_to_bytes(adapter) (a PEFT directory: load it with "
+    "common.adapters.lora.load_peft_adapter first; resend if the blob was cut in transit)"
 )
 
 
 def _format_error(site: str, exc: SafetensorsHeaderError) -> AdapterFormatError:
     what = _HEADER_PROBLEM.get(exc.kind, _HEADER_PROBLEM["layout"])
-    hint = _LAYOUT_HINT if exc.kind == "layout" else "send exactly common.lora.adapter_to_bytes(adapter)"
+    hint = _LAYOUT_HINT if exc.kind == "layout" else "send exactly common.adapters.lora.adapter_to_bytes(adapter)"
     return AdapterFormatError(f"site {site!r}: {what} ({exc}); {hint}")
 
 
@@ -211,7 +211,7 @@ def check_adapter(
 ) -> tuple[bytes, int, Any, dict[str, float]]:
     """Validate an adapter (LoraAdapter or canonical bytes) against ``base``; returns (blob, max rank,
     the parsed ``LoraAdapter``, its update norms as ``check_modules`` gives them)."""
-    from common.lora import LoraAdapter, LoraFormatError, adapter_from_bytes, adapter_to_bytes, canonical_head
+    from common.adapters import LoraAdapter, LoraFormatError, adapter_from_bytes, adapter_to_bytes, canonical_head
 
     lim = limits
     max_bytes = lim["max_blob_bytes"]
@@ -241,8 +241,8 @@ def check_adapter(
             parsed = adapter_from_bytes(blob)
         except LoraFormatError as exc:
             raise AdapterFormatError(
-                f"site {site!r}: {exc}; the registry accepts only common.lora.adapter_to_bytes(adapter) "
-                "(a PEFT directory: load it with common.lora.load_peft_adapter first; resend if the blob "
+                f"site {site!r}: {exc}; the registry accepts only common.adapters.lora.adapter_to_bytes(adapter) "
+                "(a PEFT directory: load it with common.adapters.lora.load_peft_adapter first; resend if the blob "
                 "was cut in transit)"
             ) from exc
         norms = check_modules(parsed, site, base, shapes, limits)
@@ -258,12 +258,12 @@ def check_adapter(
         ):
             raise AdapterFormatError(
                 f"site {site!r}: adapter blob is not in canonical form; encode it with "
-                "common.lora.adapter_to_bytes (its sha256 is the adapter's id)"
+                "common.adapters.lora.adapter_to_bytes (its sha256 is the adapter's id)"
             )
         return blob, max(m.rank for m in parsed.modules.values()), parsed, norms
     if not isinstance(adapter, LoraAdapter):
         raise AdapterFormatError(
-            f"site {site!r}: adapter must be a common.lora.LoraAdapter or its canonical bytes; got "
+            f"site {site!r}: adapter must be a common.adapters.lora.LoraAdapter or its canonical bytes; got "
             f"{type(adapter).__name__}"
         )
     for name, m in adapter.modules.items():
@@ -408,7 +408,7 @@ def prepare(
         raise BlobHashMismatchError(
             f"{who}: adapter blob hashes to {sha} but the submission announced {expected}; the adapter "
             "was "
-            "altered in transit, or the site hashed something other than common.lora.adapter_to_bytes"
+            "altered in transit, or the site hashed something other than common.adapters.lora.adapter_to_bytes"
         )
     m["rank"] = rank
     # per-module ‖ΔW‖, computed here (never taken from the site): what the relative bound of

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from common.digests import canonical_json, sha256_hex
+from common.trust.digests import canonical_json, sha256_hex
 from server.audit import AuditLog
 from server.bounds import NormBound, NormBoundError
 from server.registry.blobstore import BlobStore

@@ -54,13 +54,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from common.digests import (
+from common.trust.digests import (
     canonical_json,  # noqa: F401 - the one canonical JSON; callers use wire.canonical_json
     record_digest,
 )
 
 if TYPE_CHECKING:
-    from common.lora import LoraAdapter
+    from common.adapters import LoraAdapter
 
 WIRE_SCHEMA = "rpe-wire/2"  # 2: the adapter travels as one packed array (lora_factors)
 
@@ -148,7 +148,7 @@ WHOAMI_KEYS: dict[str, tuple[type, ...]] = {
     "data_ok": _BOOL,
     "signer": _STR,
     "nonce": _STR,
-    # a signed ``identity`` statement (``common/statements.py``) as canonical JSON; "" = the site has no key
+    # a signed ``identity`` statement (``common/trust/statements.py``) as canonical JSON; "" = the site has no key
     "identity": _STR,
 }
 ENROLL_META_KEYS: dict[str, tuple[type, ...]] = {
@@ -402,7 +402,7 @@ def parse_lora_config(text: str, record: str = "meta", key: str = "lora_config")
 
 def adapter_to_wire(adapter: LoraAdapter) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """(PEFT-keyed float32 arrays, wire LoRA config) of an adapter; alpha = scale * r per module."""
-    from common.lora import adapter_to_arrays
+    from common.adapters import adapter_to_arrays
 
     raw, _ = adapter_to_arrays(adapter)
     arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in raw.items()}
@@ -416,7 +416,7 @@ def adapter_from_wire(
     """The adapter a validated (arrays, LoRA config) pair describes (scale = alpha / r, float32)."""
     import torch
 
-    from common.lora import LoraAdapter, LoraModule
+    from common.adapters import LoraAdapter, LoraModule
 
     modules = {}
     for name, spec in lora_config["modules"].items():
@@ -454,7 +454,7 @@ class WireAdapter:
 
 def encode_adapter(adapter: LoraAdapter, base_model: str | None = None) -> WireAdapter:
     """Put an adapter in wire form once (float32, scale = alpha / r) and hash its canonical bytes once."""
-    from common.lora import adapter_to_bytes
+    from common.adapters import adapter_to_bytes
 
     arrays, cfg = adapter_to_wire(adapter)
     normalized = adapter_from_wire(arrays, cfg, adapter.base_model if base_model is None else base_model)
@@ -464,7 +464,7 @@ def encode_adapter(adapter: LoraAdapter, base_model: str | None = None) -> WireA
 
 def adapter_sha256(adapter: LoraAdapter) -> str:
     """sha256 of the canonical bytes of an adapter already in wire form (``wire_normalized``)."""
-    from common.lora import adapter_to_bytes
+    from common.adapters import adapter_to_bytes
 
     return hashlib.sha256(adapter_to_bytes(adapter)).hexdigest()
 
@@ -776,7 +776,7 @@ def describe(content: RecordDict) -> list[dict[str, Any]]:
     """What a message carries, for egress and audit logs: names, kinds, keys, shapes, bytes, sha256.
 
     Never the values of arrays; config values verbatim when they are scalars or strings up to 256
-    characters, else their length and sha256. ``digest`` is ``common.digests.record_digest`` of the
+    characters, else their length and sha256. ``digest`` is ``common.trust.digests.record_digest`` of the
     record, the hash the site's egress log and the coordinator's audit log both record.
     """
     out: list[dict[str, Any]] = []
@@ -813,8 +813,8 @@ def describe(content: RecordDict) -> list[dict[str, Any]]:
     return out
 
 
-# -- train.evaluate (every arm of one target in one message): common/wire_arms.py, registered here --
-from common.wire_arms import (  # noqa: E402, F401 - needs the helpers above; its names are this vocabulary's
+# -- train.evaluate (every arm of one target in one message): common/protocol/arms.py, registered here --
+from common.protocol.arms import (  # noqa: E402, F401 - needs the helpers above; its names are this vocabulary's
     ARM_KEYS,
     EVALUATE,
     MAX_ARMS,

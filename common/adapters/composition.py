@@ -1,6 +1,6 @@
 """Exact composition of LoRA adapters and its best rank-r truncation (``θ = θ0 + Σ w_i s_i B_i A_i``).
 
-Split from ``common/lora.py``: this file changes when the maths does.
+Split from ``common/adapters/lora.py``: this file changes when the maths does.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.lora import (
+from common.adapters.lora import (
     _FLOAT64_LIMIT,
     _PRECISION,
     LoraAdapter,
@@ -94,10 +94,10 @@ def _exact_factors(
     plan: Sequence[tuple[str, Sequence[tuple[LoraModule, float]], int, int, int]], dtype: torch.dtype
 ) -> dict[str, LoraModule]:
     """The exact (rank-concatenated) modules of ``plan`` (``(name, parts, out, in, total rank)``),
-    every factor a view into one buffer (``common.buffers.empty_bytes``): the output is fresh
+    every factor a view into one buffer (``common.files.buffers.empty_bytes``): the output is fresh
     memory on every composition, and one huge-page-backed block is far cheaper to fault in than
     many ordinary ones (issue 14, goal 5)."""
-    from common.buffers import empty_bytes
+    from common.files.buffers import empty_bytes
 
     size = dtype.itemsize
     spans = []
@@ -184,7 +184,7 @@ Part = tuple[int, LoraModule, float]
 @dataclass
 class CompositionPlan:
     """What :func:`compose` computes, decided from the factors' shapes and dtypes alone (they may
-    be header entries, as in ``common.peft_compose``): every output module in order with its
+    be header entries, as in ``common.adapters.stream_compose``): every output module in order with its
     parts, the output dtype and base."""
 
     modules: list[tuple[str, list[Part], int, int, int]]  # (name, parts, out, in, total rank)
@@ -254,7 +254,7 @@ def compose(
     ``B' = Q_B U_r √S_r``, ``A' = √S_r V_r^T Q_A^T``) computed in float32 (float64 when small)
     without forming the dense update. ``dtype`` is the output dtype (default: the inputs'
     common dtype). ``base_model`` is kept when all adapters that name one agree, else None.
-    ``common.peft_compose.compose_peft_dirs`` computes the same from PEFT directories to a PEFT
+    ``common.adapters.stream_compose.compose_peft_dirs`` computes the same from PEFT directories to a PEFT
     directory, streaming. The exact factors are views into one buffer (fresh memory is the cost
     that matters here, and one huge-page block is the cheapest to fault in): ``.clone()`` them
     before handing them to something that refuses shared storage (``safetensors.torch.save_file``).

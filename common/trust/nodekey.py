@@ -25,7 +25,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from common.safeio import read_regular_file
+from common.files.safeio import read_regular_file
 
 __all__ = [
     "NodeKeyError",

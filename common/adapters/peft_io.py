@@ -1,6 +1,6 @@
-"""PEFT adapter directories <-> ``common.lora.LoraAdapter`` (read and write, no base model).
+"""PEFT adapter directories <-> ``common.adapters.lora.LoraAdapter`` (read and write, no base model).
 
-Split from ``common/lora.py``: this file changes when PEFT's on-disk format does.
+Split from ``common/adapters/lora.py``: this file changes when PEFT's on-disk format does.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from common.lora import (
+from common.adapters.lora import (
     _BASE_MODIFYING_INITS,
     _SUFFIX_A,
     _SUFFIX_B,
@@ -183,7 +183,7 @@ def peft_factors(
     """``({module: (A, B, scale)}, base model)`` of a PEFT directory's checked config and its
     tensors, checked: only plain LoRA factor keys, both factors of every module, 2-D float
     factors whose ranks agree with each other and with the config. ``tensors`` may hold anything
-    with ``shape``, ``ndim`` and ``dtype`` (``common.peft_compose`` passes the header's entries)."""
+    with ``shape``, ``ndim`` and ``dtype`` (``common.adapters.stream_compose`` passes the header's entries)."""
     factors: dict[str, dict[str, Any]] = {}
     for key, tensor in tensors.items():
         if "lora_magnitude_vector" in key:

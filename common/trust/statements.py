@@ -29,8 +29,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from common.digests import canonical_json, is_sha256_hex
-from common.signing import key_fingerprint
+from common.trust.digests import canonical_json, is_sha256_hex
+from common.trust.signing import key_fingerprint
 
 DOMAIN_TAG = b"rpe-statement-v1"
 KINDS = ("identity", "receipt", "delivery")
@@ -41,7 +41,7 @@ class StatementError(ValueError):
 
 
 def statement_digest(kind: str, body: Mapping[str, Any]) -> bytes:
-    """What a statement's signature covers (also what a site's SuperNode key signs: ``common.nodekey``)."""
+    """What a statement's signature covers (also what a site's SuperNode key signs: ``common.trust.nodekey``)."""
     return _digest(kind, body)
 
 

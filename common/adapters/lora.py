@@ -39,14 +39,8 @@ __all__ = [
     "adapter_to_arrays",
     "adapter_to_bytes",
     "canonical_head",
-    "compose",
     "delta_dict",
-    "load_peft_adapter",
-    "load_peft_adapters",
     "peft_key",
-    "save_peft_adapter",
-    "singular_values",
-    "truncation_error",
 ]
 
 FORMAT_TAG = "rpe-lora-v1"
@@ -131,7 +125,7 @@ class LoraModule:
 
 def factors_dtype(modules: Iterable[Any]) -> torch.dtype:
     """The common dtype of the ``A`` and ``B`` factors of ``modules`` (float32 when they differ);
-    anything with ``A.dtype`` and ``B.dtype`` will do (``common.peft_compose`` passes header entries)."""
+    anything with ``A.dtype`` and ``B.dtype`` will do (``common.adapters.stream_compose`` passes header entries)."""
     dtypes = {t.dtype for m in modules for t in (m.A, m.B)}
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
@@ -350,18 +344,3 @@ def adapter_from_arrays(arrays: Mapping[str, np.ndarray], config: Mapping[str, s
         if key not in tensors:
             raise LoraFormatError(f"adapter arrays: array {key} is not described by the config")
     return _adapter_from_meta(config["lora"], tensors, "adapter arrays")
-
-
-# The PEFT directory reader/writer and the composition maths live in their own files; their names
-# stay importable from here (imported last: they build on the types above).
-from common.lora_compose import compose, singular_values, truncation_error  # noqa: E402
-from common.peft_io import load_peft_adapter, load_peft_adapters, save_peft_adapter  # noqa: E402
-
-
-def __getattr__(name: str) -> Any:
-    # common.peft_compose builds on this module, so its entry point is imported on first use
-    if name == "compose_peft_dirs":
-        from common.peft_compose import compose_peft_dirs
-
-        return compose_peft_dirs
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,7 +2,7 @@
 
 The base model is loaded once per process and shared by training, embedding and evaluation, so
 ``train_lora`` injects PEFT LoRA layers into it, trains only those, copies the learned A/B matrices
-out as a ``common.lora.LoraAdapter`` and then *unloads* the LoRA layers again (in a ``finally``),
+out as a ``common.adapters.lora.LoraAdapter`` and then *unloads* the LoRA layers again (in a ``finally``),
 restoring the original modules, their ``requires_grad`` flags and the train/eval mode.
 
 The loop is a plain torch loop, kept small on purpose (two CPU cores):
@@ -40,12 +40,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from common.data import Example
+from common.families.report.data import Example
+from common.families.report.task import IGNORE_INDEX, Task, TextReportTask
 from common.models import model_device
-from common.tasks import IGNORE_INDEX, Task, TextReportTask
 
 if TYPE_CHECKING:
-    from common.lora import LoraAdapter
+    from common.adapters import LoraAdapter
 
 ADAPTER_NAME = "default"
 
@@ -183,7 +183,7 @@ def train_lora(
     from peft import LoraConfig, get_peft_model
     from tqdm.auto import tqdm
 
-    from common.lora import LoraAdapter, LoraModule
+    from common.adapters import LoraAdapter, LoraModule
 
     spec = spec or LoraSpec()
     task = task or TextReportTask()

@@ -2,7 +2,7 @@
 
 - **Adapter**: a plain PEFT LoRA on the mask decoder's attention projections (q/k/v/out) by
   default; ``targets=("decoder", "last-stage")`` adds the linears of the encoder's last stage,
-  ``"neck"`` its convolutions (PEFT conv LoRA, which ``common.lora`` cannot compose yet). Trained
+  ``"neck"`` its convolutions (PEFT conv LoRA, which ``common.adapters.lora`` cannot compose yet). Trained
   with BCE + soft Dice on the site's (augmented) training slices. With decoder-only targets the
   frozen encoder's image embeddings are computed once and cached on disk per site, keyed by the
   model fingerprint and the image bytes, so training and evaluation never re-run the encoder.
@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import sam
+from common.adapters import LoraAdapter, delta_dict, load_peft_adapter
 from common.embedding import EmbeddingResult
-from common.lora import LoraAdapter, delta_dict, load_peft_adapter
+from common.families.segmentation import sam
 from common.models import cache_dir
 
 REPRESENTATION = "sam-encoder-mean"
@@ -233,7 +233,7 @@ def train_adapter(
 
     ``images``/``masks`` are the site's (augmented) training pairs. The adapter is saved with
     ``PeftModel.save_pretrained`` (to ``out_dir`` if given) and read back with
-    ``common.lora.load_peft_adapter``, so what is returned is exactly the standard PEFT file.
+    ``common.adapters.lora.load_peft_adapter``, so what is returned is exactly the standard PEFT file.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -395,7 +395,7 @@ def evaluate(
 
 @dataclass
 class SegmentationTask:
-    """The segmentation family behind a narrow API a site handler can call (cf. ``common.tasks.Task``)."""
+    """The segmentation family behind a narrow API a site handler can call (cf. ``common.families.report.task.Task``)."""
 
     name: str = "segmentation"
     representation: str = REPRESENTATION
@@ -406,8 +406,8 @@ class SegmentationTask:
     def train_adapter(
         self, model: nn.Module, site: Any, steps: int = 30, lr: float = 2e-3, seed: int = 0
     ) -> tuple[LoraAdapter, dict[str, Any]]:
-        """Train on a :class:`common.seg_data.SegSite`'s training slices plus augmented copies."""
-        from common.seg_data import augmented_train
+        """Train on a :class:`common.families.segmentation.data.SegSite`'s training slices plus augmented copies."""
+        from common.families.segmentation.data import augmented_train
 
         images, masks = augmented_train(site, self.augment_copies, seed)
         return train_adapter(model, images, masks, self.spec, steps, lr, seed, site.name, self.cache)

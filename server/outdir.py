@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from common.durable import fsync_dir
+from common.files.durable import fsync_dir
 
 MARKER = ".rpe-output.json"
 

@@ -13,7 +13,7 @@ output once (issue 14, goal 5: the in-memory path pays for faulting in fresh mem
 inputs and the output and for moving both through DRAM once more).
 
 Everything ``load_peft_adapter`` checks is checked before a byte of output is written, by the
-same code (``common.peft_io.peft_factors``, given the header's shapes and dtypes): the configs,
+same code (``common.adapters.peft_io.peft_factors``, given the header's shapes and dtypes): the configs,
 then each safetensors header against its file's size, then the factors' keys, shapes, dtypes
 and ranks. The inputs are read with ``pread``, not mapped, so a file cut short by someone else
 while it is read gives ``LoraFormatError``, never a SIGBUS. The output is written into a
@@ -36,9 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.buffers import start_writeback
-from common.lora import LoraFormatError, peft_key
-from common.lora_compose import (
+from common.adapters.composition import (
     CompositionPlan,
     Part,
     check_weights,
@@ -48,7 +46,8 @@ from common.lora_compose import (
     scale_rows_into,
     work_dtype,
 )
-from common.peft_io import (
+from common.adapters.lora import LoraFormatError, peft_key
+from common.adapters.peft_io import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     _checked_peft_dir,
@@ -60,6 +59,7 @@ from common.peft_io import (
     staged_peft_dir,
     write_all,
 )
+from common.files.buffers import start_writeback
 
 #: the output buffer (computed, then written) and the read buffer: together small enough to stay
 #: in the CPU's last-level cache, large enough that a module of a 7-8B model at k = 16 is one step
@@ -83,7 +83,7 @@ def _take_buffer(nbytes: int) -> torch.Tensor:
         fits = [i for i, buf in enumerate(_pool) if buf.numel() >= nbytes]
         if fits:
             return _pool.pop(min(fits, key=lambda i: _pool[i].numel()))
-    from common.buffers import empty_bytes
+    from common.files.buffers import empty_bytes
 
     return empty_bytes(nbytes)
 
@@ -169,7 +169,7 @@ _TORCH_DTYPES = {
 
 def _torch_dtype(name: str, tensor: str) -> torch.dtype:
     """The torch dtype of the safetensors dtype ``name`` (of tensor ``tensor``, for the message)."""
-    from common.safetensors_header import SafetensorsHeaderError
+    from common.adapters.safetensors_header import SafetensorsHeaderError
 
     dtype = _TORCH_DTYPES.get(name)
     if dtype is None:
@@ -182,7 +182,7 @@ def _torch_dtype(name: str, tensor: str) -> torch.dtype:
 def _open_input(directory: Path, config: dict, weights_path: Path) -> tuple[_Input, _Adapter]:
     """The open input and its adapter's factor shapes and dtypes, checked as ``load_peft_adapter``
     checks a directory (the same code), reading only the safetensors header."""
-    from common.safetensors_header import MAX_HEADER_BYTES, SafetensorsHeaderError, check_sizes, parse_header
+    from common.adapters.safetensors_header import MAX_HEADER_BYTES, SafetensorsHeaderError, check_sizes, parse_header
 
     fd = os.open(weights_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
@@ -479,8 +479,8 @@ def compose_peft_dirs(
 ) -> Path:
     """Compose the PEFT LoRA directories ``dirs`` with ``weights`` into the PEFT directory ``out``.
 
-    The result is :func:`common.lora.compose` of the loaded adapters saved with
-    :func:`common.lora.save_peft_adapter` (byte for byte), computed without loading them: see the
+    The result is :func:`common.adapters.lora.compose` of the loaded adapters saved with
+    :func:`common.adapters.lora.save_peft_adapter` (byte for byte), computed without loading them: see the
     module docstring. ``dtype`` is the output dtype (default: the inputs' common dtype);
     ``base_model_name_or_path`` goes into the config (default: the inputs' base when they agree).
     ``max_rank`` (best rank-r approximation) needs every factor of a module at once, so it takes

@@ -22,7 +22,7 @@ Line format (one JSON object per line, keys sorted, fsynced before ``record`` re
        {"name": "metrics", "kind": "metrics", ...,
         "items": [{"key": "loss", "type": "float", "bytes": 8, "value": 1.25}]}]}
 
-``records[*].sha256`` is ``common.digests.record_digest`` of the record exactly as sent — the
+``records[*].sha256`` is ``common.trust.digests.record_digest`` of the record exactly as sent — the
 coordinator recomputes it from what it received (``record_digests``) and logs it in its
 ``submission.*`` audit events, which is what the cross-check compares. Record order follows the
 caller's dict; items are sorted by key.
@@ -32,7 +32,7 @@ Scalar values: numbers and booleans are always logged (non-finite floats as the 
 when the record's name is in ``full_records`` (default: the ``metadata`` record, which is small
 and non-private by design), otherwise as ``{"len", "sha256"}``; bytes values always as
 ``{"len", "sha256"}``; lists in full when short (≤ ``MAX_LOGGED_LIST`` loggable elements).
-``bytes`` counts are ``array.nbytes`` for arrays and ``common.digests.scalar_nbytes`` otherwise.
+``bytes`` counts are ``array.nbytes`` for arrays and ``common.trust.digests.scalar_nbytes`` otherwise.
 
 Reading (``read_egress``): one contract for every reader — ``(entries, bad)`` where ``entries``
 is ``[(line number, line)]`` and ``bad`` the numbers of lines that are not egress lines (e.g. a
@@ -49,7 +49,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from common.digests import (
+from common.trust.digests import (
     RECORD_KINDS,
     canonical_json,
     describe_value,

@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from common.data import Example
+from common.families.report.data import Example
+from common.families.report.task import Task, rouge_l
 from common.models import model_device
-from common.tasks import Task, rouge_l
 
 if TYPE_CHECKING:
-    from common.lora import LoraAdapter
+    from common.adapters import LoraAdapter
 
 __all__ = ["applied_delta", "evaluate_task", "evaluate_task_arms", "generate", "generate_arms", "rouge_l"]
 
@@ -133,7 +133,7 @@ def _adapted_linear(
 
 
 def _delta(module: Any) -> torch.Tensor:
-    """``scale * B @ A`` of a ``common.lora.LoraModule``."""
+    """``scale * B @ A`` of a ``common.adapters.lora.LoraModule``."""
     if hasattr(module, "delta"):
         return module.delta()
     return float(module.scale) * (module.B @ module.A)

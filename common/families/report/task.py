@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from common.data import Example
+from common.families.report.data import Example
 
 IGNORE_INDEX = -100  # label value torch's cross-entropy ignores: no loss on prompt tokens
 SYSTEM_PROMPT = "You are a radiologist."

@@ -48,7 +48,7 @@ from pathlib import Path
 
 DATA_DIR_ENV = "RPE_DATA_DIR"
 #: the checkout: the parent of the directory holding ``common/``
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[3]
 #: the data root when ``$RPE_DATA_DIR`` is not set: ``shared/data`` beside the checkout
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 

@@ -1,5 +1,5 @@
 """``train.evaluate``: every arm of one leave-one-site-out target in ONE message (part of the
-vocabulary of ``common/wire.py``, which registers it in its tables; kept here for size).
+vocabulary of ``common/protocol/wire.py``, which registers it in its tables; kept here for size).
 
 Request: ``config`` (``arms``: canonical JSON list of ``ARM_KEYS`` objects, one per arm) and one
 ArrayRecord ``adapter-<i>`` per arm (the same factors ``train.apply`` carries). Reply: ``metrics``
@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-from common import wire
-from common.digests import canonical_json
+from common.protocol import wire
+from common.trust.digests import canonical_json
 
 if TYPE_CHECKING:
-    from common.lora import LoraAdapter
+    from common.adapters import LoraAdapter
 
 EVALUATE = "train.evaluate"
 MAX_ARMS = 16

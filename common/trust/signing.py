@@ -43,8 +43,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from common.digests import canonical_json, is_sha256_hex, z_bytes
-from common.durable import fsync_dir
+from common.files.durable import fsync_dir
+from common.trust.digests import canonical_json, is_sha256_hex, z_bytes
 
 DOMAIN_TAG = b"rpe-submission-v1"
 SITE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
