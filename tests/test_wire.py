@@ -147,7 +147,7 @@ def test_adapter_tensors_outside_the_config_or_missing_are_refused():
     with pytest.raises(WireError, match="does not match the LoRA config"):
         wire.parse_enroll_reply(content)
     # one array per factor (wire schema 1) is not this vocabulary
-    content["adapter"] = ArrayRecord({k: wire._to_array(v) for k, v in _factors(enroll_content()[0]).items()})
+    content["adapter"] = ArrayRecord({k: wire.to_array(v) for k, v in _factors(enroll_content()[0]).items()})
     with pytest.raises(WireError, match="exactly one array 'lora_factors'"):
         wire.parse_enroll_reply(content)
 
@@ -161,21 +161,21 @@ def test_non_finite_or_non_float32_tensors_are_refused():
     with pytest.raises(WireError, match=f"NaN or inf \\(factor {key}\\)"):
         wire.parse_enroll_reply(content)
     flat = wire.adapter_record(_factors(enroll_content()[0]))[wire.PACKED_KEY].numpy()
-    content["adapter"] = ArrayRecord({wire.PACKED_KEY: wire._to_array(flat.astype(np.float64))})
+    content["adapter"] = ArrayRecord({wire.PACKED_KEY: wire.to_array(flat.astype(np.float64))})
     with pytest.raises(WireError, match="float32"):
         wire.parse_enroll_reply(content)
 
 
 def test_embedding_is_exactly_one_vector_of_the_declared_dimension():
     content, _, _ = enroll_content()
-    content["embedding"] = ArrayRecord({"z": wire._to_array(np.zeros(8, np.float32))})
+    content["embedding"] = ArrayRecord({"z": wire.to_array(np.zeros(8, np.float32))})
     with pytest.raises(WireError, match="dim=16"):
         wire.parse_enroll_reply(content)
-    content["embedding"] = ArrayRecord({"z": wire._to_array(np.zeros((2, 16), np.float32))})
+    content["embedding"] = ArrayRecord({"z": wire.to_array(np.zeros((2, 16), np.float32))})
     with pytest.raises(WireError, match="1-D"):
         wire.parse_enroll_reply(content)
     content["embedding"] = ArrayRecord(
-        {"z": wire._to_array(np.zeros(16, np.float32)), "z_per_example": wire._to_array(np.zeros(16, np.float32))}
+        {"z": wire.to_array(np.zeros(16, np.float32)), "z_per_example": wire.to_array(np.zeros(16, np.float32))}
     )
     with pytest.raises(WireError, match="exactly one array"):
         wire.parse_enroll_reply(content)
