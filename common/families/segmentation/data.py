@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from common.families.report.data import data_root as _common_data_root
-from common.families.report.data import dataset_dir
+from common.dataroot import data_root as _common_data_root
+from common.dataroot import dataset_dir
 
 PROSTATE = "prostate-multisite"
 FUNDUS = "fundus-multidomain"
@@ -40,7 +40,7 @@ class DataRootError(FileNotFoundError):
 
 
 def data_root() -> Path:
-    """The data root (``common.families.report.data.data_root``: ``$RPE_DATA_DIR``, else ``../shared/data`` beside the checkout)."""
+    """The data root (``common.dataroot.data_root``: ``$RPE_DATA_DIR``, else ``../shared/data`` beside the checkout)."""
     root = _common_data_root()
     if not root.is_dir():
         raise DataRootError(

@@ -1,0 +1,208 @@
+"""The segmentation family behind the ``Family`` protocol: a SAM LoRA, the encoder's mean as z, DICE.
+
+A site's data is one site of a multi-site set in the data root, named by its node config:
+``seg-dataset`` (``prostate-multisite`` or ``fundus-multidomain[:disc|:cup]``), ``seg-site`` (e.g.
+``RUNMC``) and ``seg-copies`` (augmented copies of each training slice; 1 by default); the data
+root is ``data-path`` when it holds the set, else the shared one. One image is one example (and
+one privacy unit); one held-out slice is one scored item. ``model-path`` is ``litemedsam`` or a
+SAM-style checkpoint directory. DP-SGD is not implemented for this family (``supports_dp``).
+Torch and the model code are imported inside the methods only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from common.families.base import (
+    Base,
+    DataCounts,
+    DPSettings,
+    FamilyError,
+    RegistryBase,
+    RegistrySpec,
+    SiteDataset,
+    SiteInputs,
+    TrainPlan,
+    TrainResult,
+)
+
+#: what a request's ``lora_targets`` may name for this family; anything else (e.g. the report
+#: default ``q_proj,v_proj``) means the family's default, the mask decoder
+SEG_TARGETS = ("decoder", "last-stage", "neck")
+#: the z representation (``common.families.segmentation.task.REPRESENTATION``, without its torch import)
+REPRESENTATION = "sam-encoder-mean"
+EMBEDDINGS_CACHE_DIR = "seg-embeddings"
+
+
+def seg_site(site: SiteInputs) -> Any:
+    """The site's slices (``common.families.segmentation.data.SegSite``) from its node config."""
+    from common.families.segmentation.data import PROSTATE, load_fundus_site, load_prostate_site
+
+    dataset, name = site.option("seg-dataset", PROSTATE), site.option("seg-site")
+    if not name:
+        raise FamilyError(f"site {site.site!r}: node config has task=segmentation but no 'seg-site'")
+    base, _, structure = dataset.partition(":")
+    root = site.data_path if (site.data_path / base).is_dir() else None
+    try:
+        if base == PROSTATE:
+            return load_prostate_site(name, root)
+        return load_fundus_site(name, structure or "disc", root)
+    except KeyError as exc:
+        raise FamilyError(f"site {site.site!r}: {exc.args[0]}") from None
+
+
+def _split(value: Any) -> list[str]:
+    return [s.strip() for s in str(value or "").split(",") if s.strip()]
+
+
+class SegmentationFamily:
+    """Segmentation with a frozen SAM-style model (``common.families.segmentation``)."""
+
+    name = "segmentation"
+    metric = "dice"
+    metric_title = "DICE"
+    registry = RegistrySpec(subdir="segmentation", representation=REPRESENTATION)
+    node_config_keys: tuple[str, ...] = ("seg-dataset", "seg-site", "seg-copies")
+    supports_dp = False
+
+    def _task(self, site: SiteInputs, spec: Any = None) -> Any:
+        from common.families.segmentation.task import SegmentationTask
+
+        kwargs = {} if spec is None else {"spec": spec}
+        return SegmentationTask(
+            augment_copies=int(site.option("seg-copies", "1")),
+            cache=site.work_dir / EMBEDDINGS_CACHE_DIR,
+            **kwargs,
+        )
+
+    # -- data ------------------------------------------------------------------------------------
+    def counts(self, site: SiteInputs) -> DataCounts:
+        try:
+            s, ok = seg_site(site), True
+            n_train, n_test = len(s.train_images), len(s.test_images)
+            groups = [f"{s.dataset}-{s.name}"]
+        except (OSError, FamilyError, ValueError):
+            n_train = n_test = 0
+            ok, groups = False, []
+        return DataCounts(groups, n_train + n_test, n_train, 0, n_test, ok)
+
+    def load_data(self, site: SiteInputs) -> SiteDataset:
+        s = seg_site(site)
+        train = list(zip(s.train_images, s.train_masks, strict=True))
+        held = list(zip(s.test_images, s.test_masks, strict=True))
+        return SiteDataset(train, held, [], [f"{s.dataset}-{s.name}"], source=s)
+
+    def z_examples(self, data: SiteDataset, enrolment: bool) -> list[Any]:
+        return [image for image, _ in data.all]  # every image, at enrolment too; no mask is read
+
+    def data_digest(self, examples: Sequence[Any]) -> str:
+        h = hashlib.sha256(self.name.encode())
+        for image in examples:
+            h.update(hashlib.sha256(np.ascontiguousarray(image).tobytes()).digest())
+        return h.hexdigest()
+
+    def describe(self, data: SiteDataset) -> dict[str, str]:
+        s = data.source
+        return {"modality": "mr" if "prostate" in s.dataset else "fundus", "group": f"{s.dataset}-{s.name}"}
+
+    # -- model -----------------------------------------------------------------------------------
+    def z_states(self, site: SiteInputs) -> int:
+        return 1  # z is the frozen encoder's output; no other layer
+
+    def base_fingerprint(self, site: SiteInputs) -> str:
+        from common.families.segmentation import sam
+
+        return sam.fingerprint(site.model_path)
+
+    def load_base(self, site: SiteInputs) -> Base:
+        from common.families.segmentation import sam
+
+        model = sam.load_sam(site.model_path)
+        return Base(model, sam.model_fingerprint(model), str(site.model_path))
+
+    def to_compute(self, base: Base, dtype: str) -> str:
+        return "float32"  # trained and scored in float32 whatever the site's compute dtype
+
+    def registry_base(self, model: str) -> RegistryBase:
+        from common.families.segmentation import sam
+        from common.models import linear_module_shapes
+
+        sam_model = sam.load_sam(model)
+        return RegistryBase(
+            sam.model_fingerprint(sam_model),
+            linear_module_shapes(sam_model),
+            int(sam_model.rpe_config["embed_dim"]),
+            str(model),
+        )
+
+    # -- training --------------------------------------------------------------------------------
+    def train_plan(self, config: Mapping[str, Any], dp: DPSettings | None) -> TrainPlan:
+        from common.families.segmentation.task import SegLoraSpec
+
+        targets = tuple(t for t in _split(config.get("lora_targets", "")) if t in SEG_TARGETS) or ("decoder",)
+        spec = SegLoraSpec(
+            rank=int(config.get("lora_r", 4)),
+            alpha=float(config.get("lora_alpha", 8.0)),
+            targets=targets,
+            batch_size=int(config.get("batch_size", 2)),
+        )
+        return TrainPlan(
+            steps=int(config.get("steps", 30)),
+            lr=float(config.get("lr", 2e-3)),
+            batch_size=spec.batch_size,
+            seed=int(config.get("seed", 0)),
+            dp=dp,
+            options=spec,
+        )
+
+    def train(self, base: Base, site: SiteInputs, data: SiteDataset, plan: TrainPlan) -> TrainResult:
+        if plan.dp is not None:
+            raise FamilyError(
+                "DP-SGD is not implemented for the segmentation family; this site's policy asks for it, "
+                "so it does not train (remove dp-noise-multiplier or use the report family)"
+            )
+        task = self._task(site, plan.options)
+        adapter, stats = task.train_adapter(base.model, data.source, steps=plan.steps, lr=plan.lr, seed=plan.seed)
+        out = {
+            "steps": plan.steps,
+            "lr": plan.lr,
+            "batch_size": plan.batch_size,
+            "max_length": 0,
+            "seed": plan.seed,
+            "loss_first": stats.get("loss_first"),
+            "loss_last": stats.get("loss_last"),
+            "seconds": round(float(stats.get("seconds", 0.0)), 3),
+            "n_train": int(stats["n_train"]),
+        }
+        print(
+            f"[{site.site}] segmentation LoRA: {plan.steps} steps on {stats['n_train']} slices "
+            f"in {stats['seconds']:.1f} s",
+            flush=True,
+        )
+        return TrainResult(adapter, out)
+
+    # -- z ---------------------------------------------------------------------------------------
+    def embed(self, base: Base, site: SiteInputs, examples: Sequence[Any], layer: int, clip_norm: float | None) -> Any:
+        return self._task(site).site_embedding(base.model, list(examples), clip_norm, site.site)
+
+    # -- scores ----------------------------------------------------------------------------------
+    def score(
+        self, base: Base, site: SiteInputs, examples: Sequence[Any], adapters: Sequence[Any]
+    ) -> list[dict[str, float]]:
+        from common.families.segmentation.task import evaluate
+
+        task = self._task(site)
+        images, masks = [im for im, _ in examples], [m for _, m in examples]
+        name = site.option("seg-site")
+        out = []
+        for adapter in adapters:
+            res = evaluate(base.model, adapter, images, masks, task.spec.prompt, name, task.cache)
+            out.append({"dice": float(res["dice"]), "n": float(res["n"])})
+        return out
+
+
+FAMILY = SegmentationFamily()
