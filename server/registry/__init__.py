@@ -114,8 +114,10 @@ The parts (each has one reason to change; ``Registry`` in ``facade.py`` ties the
 - ``writer.py`` — the write path of a batch: validate, blobs, records + audit (one commit), columns, index.
 - ``binding.py`` — records.jsonl against the audit entries that bind it (rollback, verify).
 - ``maintenance.py`` — the writes that are not submissions: init, another base, removal, receipt,
-  the repair of unaudited record lines, gc; verify; and the update-norm bound.
-- ``loading.py`` — opening and closing: the z column, rollback, replay, migration of base64 registries.
+  gc; verify; and the update-norm bound (on ``Parts``, never on the facade).
+- ``parts.py`` — the parts of an open registry as one value (``Parts``), and closing them.
+- ``loading.py`` — opening: ``open_parts`` assembles every part for the facade (the z column,
+  rollback, replay, migration of base64 registries).
 - ``coordkey.py`` — the coordinator's Ed25519 key for receipts.
 """
 

@@ -2,8 +2,10 @@
 
 A write: validate (``validation``), new blobs (``blobstore``), z rows (``server.zindex.ZColumn``),
 record lines + one audit line as one commit (``writer``), then columns and the Chroma mirror. A
-read answers from the columns; queries are exact (``search``) whatever Chroma says. Opening
-(``loading``) maps the z column and replays the metadata; Chroma is reconciled on open only up to
+read answers from the columns; queries are exact (``search``) whatever Chroma says. Opening:
+``loading.open_parts`` assembles every part (mapping the z column, replaying the metadata) and
+returns them as one ``parts.Parts``, which the constructor keeps; the facade owns its attributes
+and nothing outside it writes them; Chroma is reconciled on open only up to
 ``EAGER_SYNC_RECORDS`` records, else on first need; an old base64 registry migrates on the first
 writable open.
 """
@@ -13,20 +15,16 @@ from __future__ import annotations
 import builtins
 import contextlib
 import os
-import threading
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from server.audit import AuditLog, repair_torn_audit
 from server.bounds import NormBound
 from server.registry import config as cfg
 from server.registry import coordkey, loading, maintenance
 from server.registry.blobcrypt import BlobKey
-from server.registry.blobstore import BlobStore
-from server.registry.chroma_index import ChromaIndex
 from server.registry.columns import KEYS, Columns
 from server.registry.errors import (
     NotEnoughRecordsError,
@@ -34,7 +32,6 @@ from server.registry.errors import (
     ReadOnlyError,
     RegistryError,
 )
-from server.registry.lock import PathLock
 from server.registry.records import AdapterMeta, Hit, Record
 from server.registry.search import METHODS, where_clause
 from server.registry.validation import check_z
@@ -67,51 +64,40 @@ class Registry:
         sync_index: bool = True,
         blob_key: BlobKey | None = None,
     ) -> None:
+        self._closed = True  # until every part is open: a failed open has nothing to close
         self.path = Path(path).expanduser().resolve()
         self.config: dict[str, Any] = cfg.read_config(self.path)
         self.read_only = read_only
-        self._lock: PathLock | None = None
+        self.embedding_dim: int = int(self.config["embedding_dim"])
+        self.representation: str = str(self.config["representation"])
+        parts = loading.open_parts(
+            self.path,
+            self.config,
+            read_only=read_only,
+            chroma=chroma,
+            blob_key=blob_key,
+            candidates=lambda q, want, where: self._chroma_candidates(q, want, where),
+        )
+        self._parts = parts
         self._closed = False
-        self._mutex: threading.RLock = threading.RLock()
-        if not read_only:
-            self._lock = PathLock.acquire(self.path)
-            self._mutex = self._lock.mutex
+        self._mutex = parts.mutex
+        self._blobs = parts.blobs
+        self.blob_encryption = parts.blobs.encryption
+        self.audit = parts.audit
+        self._cols = parts.cols
+        self._log = parts.log
+        self._search = parts.search
+        self._writer = parts.writer
+        self._index = parts.index
+        #: the Chroma mirror waits to be reconciled (large registry, ``add_many``, ``sync_index=False``)
+        self._index_pending = parts.index is not None and sync_index
+        self._lazy_sync = sync_index
         try:
-            self._open(chroma, sync_index, blob_key)
+            if self._index_pending and self._cols.n_live <= EAGER_SYNC_RECORDS:
+                self.sync_index()
         except BaseException:
             self.close()
             raise
-
-    def _open(self, chroma: str | tuple[str, int] | None, sync_index: bool, blob_key: BlobKey | None) -> None:
-        self.embedding_dim: int = int(self.config["embedding_dim"])
-        self.representation: str = str(self.config["representation"])
-        self._blobs = BlobStore(self.path, self.config.get("blob_encryption"), blob_key)
-        self.blob_encryption = self._blobs.encryption
-        torn_audit = None if self.read_only else repair_torn_audit(self.path / cfg.AUDIT_NAME)
-        self.audit = AuditLog(self.path / cfg.AUDIT_NAME)
-        if torn_audit is not None:
-            self.audit.append(
-                "registry.repair",
-                file=cfg.AUDIT_NAME,
-                truncated_bytes=torn_audit[0],
-                at_offset=torn_audit[1],
-                sha256=torn_audit[2],
-                reason="torn last audit line (crash or full disk mid-append)",
-            )
-        self._index: ChromaIndex | None = None
-        self._index_pending = False
-        self._lazy_sync = sync_index
-        if not self.read_only:
-            self._blobs.remove_stale_temps()
-            coordkey.ensure_key(self.path)
-            cfg.make_private(self.path)
-        loading.load_records(self)
-        spec = cfg.chroma_spec(self.config, chroma, self.read_only)
-        if spec is not None:
-            self._index = ChromaIndex(spec, self.path / cfg.CHROMA_DIR, self.config["registry_id"], self.embedding_dim)
-            self._index_pending = sync_index
-            if sync_index and self._cols.n_live <= EAGER_SYNC_RECORDS:
-                self.sync_index()
 
     # ---- creation ---------------------------------------------------------------------------
 
@@ -141,8 +127,7 @@ class Registry:
         ``blob_key`` (default: ``$RPE_BLOB_KEY_FILE`` / ``$RPE_BLOB_KEY``, if set) makes every blob
         stored AES-256-GCM encrypted with that key, for the registry's whole life.
         """
-        return maintenance.init_registry(
-            cls,
+        root, key, created = maintenance.create_registry(
             path,
             base_fingerprint=base_fingerprint,
             module_shapes=module_shapes,
@@ -156,11 +141,22 @@ class Registry:
             exist_ok=exist_ok,
             blob_key=blob_key,
         )
+        reg = cls(root, blob_key=key)
+        if not created:
+            try:
+                maintenance.check_existing(root, reg.config, embedding_dim, representation)
+            except BaseException:
+                reg.close()
+                raise
+            if base_fingerprint not in reg.bases:
+                reg.add_base(base_fingerprint, module_shapes, name=base_name)
+        return reg
 
     def add_base(self, fingerprint: str, module_shapes: Mapping[str, Sequence[int]], name: str | None = None) -> None:
         """Accept adapters for another base model (same fingerprint twice with the same shapes is a no-op)."""
         self._require_writable()
-        maintenance.add_base(self, fingerprint, module_shapes, name)
+        with self._mutex:
+            self.config = maintenance.add_base(self.path, self.config, self.audit, fingerprint, module_shapes, name)
 
     # ---- properties -------------------------------------------------------------------------
 
@@ -269,13 +265,13 @@ class Registry:
 
         The blob stays (audited compositions reference it); ``gc()`` deletes unreferenced blobs."""
         self._require_writable()
-        return maintenance.remove(self, record_id, reason)
+        return maintenance.remove(self._parts, record_id, reason)
 
     def norm_bound(self, base: str, task: str | None) -> NormBound | None:
         """The update-norm bound of (base, task): ``update_norm_factor`` × the median per-module and
         total ‖ΔW‖ of the live adapters stored for it (the latest ``NORM_REFERENCE_MAX``), or None
         while fewer than ``update_norm_min_reference`` exist. Used at ``add`` and for compositions."""
-        return maintenance.norm_bound(self, base, task)
+        return maintenance.norm_bound(self._parts, self.limits, base, task)
 
     def receipt(self, record_id: str, run_id: str | None = None) -> dict[str, Any]:
         """The coordinator-signed receipt of the audit head after ``record_id``'s accepted submission.
@@ -284,7 +280,7 @@ class Registry:
         reply's ack; the site keeps it in its egress log (``extra["receipt"]``), so a truncated or
         rewritten coordinator log shows in ``rpe audit cross-check``."""
         self._require_writable()
-        return maintenance.receipt(self, record_id, run_id)
+        return maintenance.receipt(self._parts, self.config["registry_id"], record_id, run_id)
 
     @property
     def coordinator_public_key_path(self) -> Path:
@@ -295,8 +291,7 @@ class Registry:
 
     def _fresh(self) -> Columns:
         """The columns, after picking up lines another writer object appended (caller holds the mutex)."""
-        self._log.refresh()
-        return self._cols
+        return self._parts.fresh()
 
     def __len__(self) -> int:
         with self._mutex:
@@ -419,13 +414,17 @@ class Registry:
         blob, decrypting it first in an encrypted registry, which needs the key), orphan blobs,
         record lines that differ from what the audit log bound (``binding.check_binding``: edited,
         deleted, re-pointed, added), and Chroma disagreement. Empty list = consistent."""
-        return maintenance.verify(self, full)
+        if full:
+            self._blobs.require_key("verify(full=True)")
+        with self._mutex:
+            self._ensure_index()
+            return maintenance.verify(self._parts, full)
 
     def gc(self, dry_run: bool = False) -> builtins.list[str]:
         """Delete blobs referenced by no *live* record (orphans and removed records' blobs);
         returns their hashes. Run it only when audited compositions no longer need re-checking."""
         self._require_writable()
-        return maintenance.gc(self, dry_run)
+        return maintenance.gc(self._parts, dry_run)
 
     def stats(self) -> dict[str, Any]:
         """Counts for operators and the dashboard."""
@@ -449,7 +448,7 @@ class Registry:
         if self._closed:
             return
         self._closed = True
-        loading.close_parts(self)
+        self._parts.close()
 
     def __enter__(self) -> Registry:
         return self

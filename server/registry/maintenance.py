@@ -1,7 +1,8 @@
 """The registry's writes that are not submissions: creation, another base model, a removal, a
-receipt, and the repair of record lines whose audit entry never came (``facade.Registry``
-delegates here; each keeps the one-commit rule of ``writer.py``: the record or config change and
-its audit line land together, or neither does).
+receipt, gc; and ``verify`` and the update-norm bound (``facade.Registry`` delegates here). Each
+write keeps the one-commit rule of ``writer.py``: the record or config change and its audit line
+land together, or neither does. The functions work on the registry's ``Parts`` (or plain values)
+and return what changed; none of them knows the facade.
 """
 
 from __future__ import annotations
@@ -9,30 +10,24 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from common.trust.digests import sha256_hex
-from server.audit import read_entries
+from server.audit import AuditLog, read_entries
 from server.audit import receipt as audit_receipt
+from server.bounds import NormBound
 from server.registry import binding, coordkey, snapshot
 from server.registry import config as cfg
 from server.registry.blobcrypt import BlobKey
 from server.registry.blobstore import env_blob_key
 from server.registry.errors import RecordNotFoundError, RegistryError, RegistryExistsError
+from server.registry.parts import Parts
 from server.registry.recordlog import remove_line
 from server.registry.records import Record
-from server.registry.writer import span_fields, storage_error
-
-if TYPE_CHECKING:
-    from server.bounds import NormBound
-    from server.registry.facade import Registry
-
-#: at most this many of the latest adapters of a (base, task) form the norm reference
-NORM_REFERENCE_MAX = 1000
+from server.registry.writer import reference_bound, span_fields, storage_error
 
 
-def init_registry(
-    cls: type[Registry],
+def create_registry(
     path: str | os.PathLike[str],
     *,
     base_fingerprint: str,
@@ -46,23 +41,17 @@ def init_registry(
     collection: str,
     exist_ok: bool,
     blob_key: BlobKey | None,
-) -> Registry:
-    """``Registry.init``: create the directory (or, with ``exist_ok``, open a matching one)."""
+) -> tuple[Path, BlobKey | None, bool]:
+    """``Registry.init``'s writes: (the directory, the blob key to open it with, whether it was created).
+
+    With ``exist_ok`` an existing registry is left as it is (``created`` False); the facade opens it
+    and checks it with :func:`check_existing`."""
     root = Path(path).expanduser().resolve()
     blob_key = blob_key if blob_key is not None else env_blob_key()
     if (root / cfg.CONFIG_NAME).is_file():
         if not exist_ok:
             raise RegistryExistsError(f"{root} already holds a registry; open it with Registry(path)")
-        reg = cls(root, blob_key=blob_key)
-        if reg.embedding_dim != embedding_dim or reg.representation != representation:
-            reg.close()
-            raise RegistryExistsError(
-                f"{root} holds a {reg.embedding_dim}-d {reg.representation!r} registry, not "
-                f"{embedding_dim}-d {representation!r}; use another directory"
-            )
-        if base_fingerprint not in reg.bases:
-            reg.add_base(base_fingerprint, module_shapes, name=base_name)
-        return reg
+        return root, blob_key, False
     if root.exists() and not cfg.empty_or_interrupted_init(root):
         raise RegistryExistsError(f"{root} exists and is not empty; choose a new directory for the registry")
     config = cfg.new_config(
@@ -78,80 +67,62 @@ def init_registry(
         blob_encryption=None if blob_key is None else blob_key.describe(),
     )
     cfg.create(root, config)
-    return cls(root, blob_key=blob_key)
+    return root, blob_key, True
 
 
-def rollback_unaudited(reg: Registry) -> None:
-    """Cut record lines whose audit entry was never written (they were never reported stored)."""
-    records = reg.path / cfg.RECORDS_NAME
-    tail = binding.unaudited_tail(records, reg.path / cfg.AUDIT_NAME)
-    if tail is None:
-        return
-    end, size = tail
-    with open(records, "rb") as fh:
-        if end > 0:
-            fh.seek(end - 1)
-            if fh.read(1) != b"\n":
-                return  # `end` is no line boundary: bytes before it changed (an edit, not an unfinished add);
-                # cutting would destroy good records; ``verify`` reports the edit (``binding.check_binding``)
-        fh.seek(end)
-        data = fh.read(size - end)
-    if b"\n" not in data:
-        return  # only a torn fragment: RecordLog.load cuts it (audit event registry.recover)
-    dropped = binding.dropped_ids(data)
-    reg._log.log.repair(end)
-    reg._blobs.drop_unreferenced_of(data, records)
-    reg.audit.append(
-        "registry.repair",
-        file=cfg.RECORDS_NAME,
-        truncated_bytes=size - end,
-        at_offset=end,
-        sha256=sha256_hex(data),
-        dropped=dropped,
-        reason="record lines without their audit entry (the add never completed)",
-    )
+def check_existing(root: Path, config: Mapping[str, Any], embedding_dim: int, representation: str) -> None:
+    """``Registry.init(exist_ok=True)`` on an existing registry: it must hold the same kind of z."""
+    dim, rep = int(config["embedding_dim"]), str(config["representation"])
+    if dim != embedding_dim or rep != representation:
+        raise RegistryExistsError(
+            f"{root} holds a {dim}-d {rep!r} registry, not {embedding_dim}-d {representation!r}; use another directory"
+        )
 
 
-def add_base(reg: Registry, fingerprint: str, module_shapes: Mapping[str, Sequence[int]], name: str | None) -> None:
-    """``Registry.add_base``: the new config and its audit line, or neither (caller checked writability)."""
+def add_base(
+    path: Path,
+    config: dict[str, Any],
+    audit: AuditLog,
+    fingerprint: str,
+    module_shapes: Mapping[str, Sequence[int]],
+    name: str | None,
+) -> dict[str, Any]:
+    """``Registry.add_base``: the new registry.json and its audit line, or neither; returns the config
+    now in force (``config`` itself when the base is already there). The caller holds the mutex."""
     if not isinstance(fingerprint, str) or not fingerprint:
         raise RegistryError("base fingerprint must be a non-empty string")
     entry = cfg.base_entry(module_shapes, name)
-    with reg._mutex:
-        old = reg.config["bases"].get(fingerprint)
-        if old is not None:
-            if old["modules"] != entry["modules"]:
-                raise RegistryError(
-                    f"base {fingerprint} is already registered with different module shapes; "
-                    "a fingerprint names one model"
-                )
-            return
-        config = {**reg.config, "bases": {**reg.config["bases"], fingerprint: entry}}
-        try:
-            cfg.write_config(reg.path, config)
-        except OSError as exc:
-            raise storage_error(exc, "registry.json", reg.path) from exc
-        try:
-            reg.audit.append(
-                "registry.add_base", base_fingerprint=fingerprint, name=name, n_modules=len(entry["modules"])
+    old = config["bases"].get(fingerprint)
+    if old is not None:
+        if old["modules"] != entry["modules"]:
+            raise RegistryError(
+                f"base {fingerprint} is already registered with different module shapes; a fingerprint names one model"
             )
-        except OSError as exc:
-            cfg.write_config(reg.path, reg.config)  # back to the old file: no space needed to shrink
-            raise storage_error(exc, "audit entry", reg.path) from exc
-        reg.config = config
+        return config
+    new = {**config, "bases": {**config["bases"], fingerprint: entry}}
+    try:
+        cfg.write_config(path, new)
+    except OSError as exc:
+        raise storage_error(exc, "registry.json", path) from exc
+    try:
+        audit.append("registry.add_base", base_fingerprint=fingerprint, name=name, n_modules=len(entry["modules"]))
+    except OSError as exc:
+        cfg.write_config(path, config)  # back to the old file: no space needed to shrink
+        raise storage_error(exc, "audit entry", path) from exc
+    return new
 
 
-def remove(reg: Registry, record_id: str, reason: str | None) -> Record:
+def remove(p: Parts, record_id: str, reason: str | None) -> Record:
     """``Registry.remove``: one tombstone line and its audit line, or neither; then columns and Chroma."""
-    with reg._mutex:
-        rec = reg._fresh().record(reg._cols.live_row(record_id, str(reg.path)))
+    with p.mutex:
+        rec = p.fresh().record(p.cols.live_row(record_id, str(p.path)))
         line = remove_line(record_id, reason)
         try:
-            start, end, data = reg._log.append([line])
+            start, end, data = p.log.append([line])
         except OSError as exc:
-            raise storage_error(exc, "record line", reg.path) from exc
+            raise storage_error(exc, "record line", p.path) from exc
         try:
-            reg.audit.append(
+            p.audit.append(
                 "registry.remove",
                 record_id=record_id,
                 site=rec.meta.site,
@@ -161,72 +132,59 @@ def remove(reg: Registry, record_id: str, reason: str | None) -> Record:
                 line_sha256=sha256_hex(line.encode("utf-8")),
             )
         except BaseException as exc:
-            reg._log.rollback(start, 1)
+            p.log.rollback(start, 1)
             if isinstance(exc, OSError):
-                raise storage_error(exc, "audit entry", reg.path) from exc
+                raise storage_error(exc, "audit entry", p.path) from exc
             raise
-        reg._cols.apply_remove(record_id)
-        if reg._index is not None:
-            reg._index.delete([record_id])
+        p.cols.apply_remove(record_id)
+        if p.index is not None:
+            p.index.delete([record_id])
         return rec
 
 
-def receipt(reg: Registry, record_id: str, run_id: str | None) -> dict[str, Any]:
+def receipt(p: Parts, registry_id: str, record_id: str, run_id: str | None) -> dict[str, Any]:
     """``Registry.receipt``: the coordinator-signed receipt of the audit head after the record's acceptance."""
-    with reg._mutex:
-        entry = reg._writer.last_accepted
+    with p.mutex:
+        entry = p.writer.last_accepted
         if entry is None or entry.get("record_id") != record_id:
             entry = next(
                 (
                     e
-                    for _, e in reversed(list(read_entries(reg.audit.path)))
+                    for _, e in reversed(list(read_entries(p.audit.path)))
                     if e.get("event") == "submission.accepted" and e.get("record_id") == record_id
                 ),
                 None,
             )
         if entry is None:
-            raise RecordNotFoundError(f"no accepted submission of record {record_id!r} in {reg.audit.path}")
+            raise RecordNotFoundError(f"no accepted submission of record {record_id!r} in {p.audit.path}")
         if run_id is not None and entry.get("run_id") not in (None, run_id):
             raise RegistryError(f"record {record_id} was accepted in run {entry.get('run_id')!r}, not {run_id!r}")
-        return audit_receipt(coordkey.load_key(reg.path), entry, registry_id=reg.config["registry_id"])
+        return audit_receipt(coordkey.load_key(p.path), entry, registry_id=registry_id)
 
 
-def norm_bound(reg: Registry, base: str, task: str | None) -> NormBound | None:
-    """``Registry.norm_bound``: from the latest ``NORM_REFERENCE_MAX`` live adapters of (base, task)."""
-    import numpy as np
-
-    from server.bounds import NormBound
-    from server.registry.validation import NORMS_KEY
-
-    with reg._mutex:
-        rows = np.flatnonzero(reg._fresh().mask(task=task, base=base))[-NORM_REFERENCE_MAX:]
-        refs = [n for n in (reg._cols.meta[int(r)].get(NORMS_KEY) for r in rows) if isinstance(n, dict)]
-    lim = reg.limits
-    return NormBound.from_reference(
-        refs, factor=float(lim["update_norm_factor"]), min_reference=int(lim["update_norm_min_reference"])
-    )
+def norm_bound(p: Parts, limits: Mapping[str, float], base: str, task: str | None) -> NormBound | None:
+    """``Registry.norm_bound``: ``writer.reference_bound`` over the records as they are on disk now."""
+    with p.mutex:
+        return reference_bound(p.fresh(), limits, base, task)
 
 
-def verify(reg: Registry, full: bool) -> list[str]:
-    """``Registry.verify``: blobs, the records binding (z column included) and the Chroma mirror."""
-    if full:
-        reg._blobs.require_key("verify(full=True)")
-    with reg._mutex:
-        reg._ensure_index()
-        c = reg._fresh()
-        snap_problems, replayed = snapshot.problems(reg.path / snapshot.SNAP_NAME, reg._log)
-        c = replayed if replayed is not None else c  # check records.jsonl itself, not the cache
-        live = [(c.ids[r], *c.blob[r][:2]) for r in c.live_rows()]
-        problems = snap_problems + reg._blobs.problems(live, {c.blob[r][0] for r in range(c.n)}, full)
-        problems += binding.check_binding(reg.path / cfg.RECORDS_NAME, reg.path / cfg.AUDIT_NAME)
-        return problems + ([] if reg._index is None else reg._index.problems(c.n_live))
+def verify(p: Parts, full: bool) -> list[str]:
+    """``Registry.verify``: blobs, the records binding (z column included) and the Chroma mirror.
+    The caller holds the mutex and has reconciled a deferred Chroma mirror."""
+    c = p.fresh()
+    snap_problems, replayed = snapshot.problems(p.path / snapshot.SNAP_NAME, p.log)
+    c = replayed if replayed is not None else c  # check records.jsonl itself, not the cache
+    live = [(c.ids[r], *c.blob[r][:2]) for r in c.live_rows()]
+    problems = snap_problems + p.blobs.problems(live, {c.blob[r][0] for r in range(c.n)}, full)
+    problems += binding.check_binding(p.path / cfg.RECORDS_NAME, p.path / cfg.AUDIT_NAME)
+    return problems + ([] if p.index is None else p.index.problems(c.n_live))
 
 
-def gc(reg: Registry, dry_run: bool) -> list[str]:
+def gc(p: Parts, dry_run: bool) -> list[str]:
     """``Registry.gc``: delete (or list) blobs no live record references, audited."""
-    with reg._mutex:
-        gone = reg._blobs.unreferenced({reg._cols.blob[r][0] for r in reg._fresh().live_rows()})
+    with p.mutex:
+        gone = p.blobs.unreferenced({p.cols.blob[r][0] for r in p.fresh().live_rows()})
         if not dry_run and gone:
-            reg._blobs.delete(gone)
-            reg.audit.append("registry.gc", blobs=[p.name for p in gone])
-        return [p.name for p in gone]
+            p.blobs.delete(gone)
+            p.audit.append("registry.gc", blobs=[q.name for q in gone])
+        return [q.name for q in gone]

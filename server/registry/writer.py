@@ -48,6 +48,9 @@ from server.registry.validation import NORMS_KEY, check_same, core_meta, prepare
 
 log = logging.getLogger(__name__)
 
+#: at most this many of the latest adapters of a (base, task) form the norm reference
+NORM_REFERENCE_MAX = 1000
+
 
 def storage_error(exc: OSError, stage: str, root: Any) -> RegistryStorageError:
     """The typed error of a failed write: what was being written, why, and that nothing was stored."""
@@ -56,6 +59,17 @@ def storage_error(exc: OSError, stage: str, root: Any) -> RegistryStorageError:
         f"registry {root}: writing the {stage} failed ({why}); nothing was stored and the registry is as "
         "before — free space (or fix the filesystem) and resubmit",
         stage=stage,
+    )
+
+
+def reference_bound(cols: Columns, limits: Mapping[str, float], base: str, task: str | None) -> NormBound | None:
+    """The update-norm bound of (base, task): ``update_norm_factor`` × the median per-module and total
+    ‖ΔW‖ of the latest ``NORM_REFERENCE_MAX`` live adapters stored for it, or None while fewer than
+    ``update_norm_min_reference`` exist (``server/bounds.py``). ``cols`` must be fresh."""
+    rows = np.flatnonzero(cols.mask(task=task, base=base))[-NORM_REFERENCE_MAX:]
+    refs = [n for n in (cols.meta[int(r)].get(NORMS_KEY) for r in rows) if isinstance(n, dict)]
+    return NormBound.from_reference(
+        refs, factor=float(limits["update_norm_factor"]), min_reference=int(limits["update_norm_min_reference"])
     )
 
 
@@ -73,16 +87,15 @@ class Writer:
         log: RecordLog,
         blobs: BlobStore,
         audit: AuditLog,
-        index: Callable[[], ChromaIndex | None],
-        norm_bound: Callable[[str, str], NormBound | None] | None = None,
+        index: ChromaIndex | None,
     ) -> None:
         self.cols = cols
         self.log = log
         self.blobs = blobs
         self.audit = audit
         self.index = index
-        self.norm_bound = norm_bound
         self._bounds: dict[tuple[str, str], NormBound | None] = {}  # per batch: (base, task) -> bound
+        self._limits: Mapping[str, float] = {}  # the batch's ``rules["limits"]``
         #: the last ``submission.accepted`` entry written (what ``Registry.receipt`` signs)
         self.last_accepted: dict[str, Any] | None = None
 
@@ -93,6 +106,7 @@ class Writer:
         limits, dim, representation); ``single``: one ``add`` with its own audit line."""
         prepared: list[Prepared] = []
         self._bounds = {}
+        self._limits = rules["limits"]
         seen: dict[str, int] = {}
         results: list[tuple[str, int]] = []  # ("new", index into prepared) | ("old", row)
         for i, item in enumerate(items):
@@ -192,11 +206,9 @@ class Writer:
 
     def _check_bound(self, p: Prepared) -> None:
         """Refuse an update far larger than the registry's adapters of the same base and task."""
-        if self.norm_bound is None:
-            return
         key = (p.meta["base_fingerprint"], p.meta["task"])
         if key not in self._bounds:
-            self._bounds[key] = self.norm_bound(*key)
+            self._bounds[key] = reference_bound(self.cols, self._limits, *key)
         bound = self._bounds[key]
         if bound is None:
             return
@@ -271,7 +283,7 @@ class Writer:
             raise
         offs = line_starts(data, start)
         rows = self.cols.apply_adds([(p.id, p.meta, p.sha, len(p.blob), p.z_sha) for p in prepared], zrows, offs)
-        chroma = self.index()
+        chroma = self.index
         if index:
             if chroma is not None:
                 chroma.upsert(rows, self.cols.rows_view)  # a failure only marks the index stale
