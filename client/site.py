@@ -15,8 +15,9 @@ generates in; auto = bfloat16 on hardware that has it; z is always float32). ``c
 the coordinator's public key (PEM file,
 ``<registry>/coordinator.pub``); without it the site installs no delivery. Also ``threads`` (torch CPU threads; on a
 shared or small machine 1 avoids oversubscription, which made generation ~50x slower on a loaded
-2-core host). ``task`` (comma-separated families, default ``report-text``; ``segmentation`` with
-``seg-dataset`` / ``seg-site`` / ``seg-copies``: ``client/seg_handlers.py``). In simulation the node
+2-core host). ``task`` (comma-separated families, default ``report-text``; each family's own keys,
+e.g. segmentation's ``seg-dataset`` / ``seg-site``, are its ``node_config_keys``:
+``common/families/``). In simulation the node
 config holds only ``partition-id``: the run config's
 ``sim-sites``, ``sim-data-root``, ``sim-model-path`` and ``sim-site-root`` map it to a site
 (and ``sim-coordinator-key``, ``sim-z-min-examples``, ``sim-z-layers``, ``sim-metrics-min-reports``
@@ -25,7 +26,6 @@ stand in for the node-config keys above).
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,16 +33,15 @@ from typing import Any
 from flwr.app import Context
 
 from client.policy import ReleasePolicy, ReleasePolicyError
-from common.families.report.data import Example, read_jsonl
+from common.families import DEFAULT_FAMILY, FAMILIES, UnknownFamilyError, get_family
+from common.families.base import Family, FamilyError, SiteDataset, SiteInputs
 from common.protocol import wire
 
-TRAIN_FILE, EVAL_FILE, UNLABELED_FILE = "train.jsonl", "eval.jsonl", "unlabeled.jsonl"
 EGRESS_FILE = "egress.jsonl"
 DEFAULT_MODEL = "smollm2-135m-instruct"
-#: the task families this ClientApp can run (the ONE place a site's task is chosen: :func:`site_task`)
-DEFAULT_TASKS = ("report-text",)
-#: node-config keys of a segmentation site (``client/seg_handlers.py``)
-SEG_KEYS = ("seg-dataset", "seg-site", "seg-copies")
+#: the task families a site runs when its node config names none (the ONE place a request's
+#: family is matched to the site's: :func:`site_family`)
+DEFAULT_TASKS = (DEFAULT_FAMILY,)
 
 
 class SiteError(RuntimeError):
@@ -69,8 +68,8 @@ class Site:
     supernode_key: Path | None = None
     #: work done only once the reply's egress line is on disk (e.g. caching a released z)
     after_logged: list[Any] = field(default_factory=list)
-    #: segmentation sites: ``seg-dataset``, ``seg-site``, ``seg-copies`` from the node config
-    seg: dict[str, str] = field(default_factory=dict)
+    #: the node-config keys its families read (each family's ``node_config_keys``)
+    options: dict[str, str] = field(default_factory=dict)
     #: the dtype the site trains and generates in (node config ``compute-dtype``: auto, float32,
     #: bfloat16; ``common.models.compute_dtype``); z is always float32
     compute_dtype: str = "auto"
@@ -88,6 +87,10 @@ class Site:
     @property
     def key_path(self) -> Path:
         return self.site_dir / "keys" / f"{self.site}.key"
+
+    def inputs(self) -> SiteInputs:
+        """What a family may know of this site (no keys, no policy)."""
+        return SiteInputs(self.site, self.data_path, self.model_path, self.site_dir, dict(self.options))
 
 
 def split_list(value: Any) -> list[str]:
@@ -132,7 +135,7 @@ def site_from_context(context: Context) -> Site:
     coord = Path(str(pinned)).expanduser() if pinned else None
     node_key = nc.get("supernode-key") if "site-id" in nc else None
     tasks = tuple(split_list(nc.get("task"))) or DEFAULT_TASKS
-    seg = {k: str(nc[k]) for k in SEG_KEYS if k in nc}
+    options = {k: str(nc[k]) for k in family_option_keys(tasks) if k in nc}
     dtype = str(nc.get("compute-dtype") or rc.get("sim-compute-dtype") or "auto")
     if dtype not in wire.COMPUTE_DTYPES:
         raise SiteError(
@@ -147,7 +150,7 @@ def site_from_context(context: Context) -> Site:
         policy,
         threads,
         tasks,
-        seg=seg,
+        options=options,
         release=release,
         coordinator_key=coord,
         supernode_key=Path(str(node_key)).expanduser() if node_key else None,
@@ -176,67 +179,52 @@ def privacy_policy(src: Any) -> dict[str, float]:
         raise SiteError(str(exc)) from None
 
 
-def site_task(site: Site, name: str) -> Any:
-    """The task object for a request's task name, if this site runs that family (``common/families/report/task.py``)."""
-    from common.families.report.task import TextReportTask
-    from common.families.segmentation.task import SegmentationTask
-
-    known: dict[str, Any] = {"report-text": TextReportTask, "segmentation": SegmentationTask}
-    if name not in known or name not in site.tasks:
-        raise SiteError(f"unknown task {name!r}; this site can train {sorted(set(site.tasks) & set(known))}")
-    return known[name]()
-
-
-@dataclass
-class SiteData:
-    """The site's examples: labeled training data, labeled held-out data, unlabeled data."""
-
-    train: list[Example]
-    eval: list[Example]
-    unlabeled: list[Example]
-
-    @property
-    def all(self) -> list[Example]:
-        return [*self.train, *self.eval, *self.unlabeled]
-
-    @property
-    def groups(self) -> list[str]:
-        return [g for g, _ in Counter(e.group for e in self.all).most_common()]
+def family_option_keys(tasks: tuple[str, ...]) -> list[str]:
+    """The node-config keys the site's (known) families read; an unknown family is refused later,
+    by the request that names it."""
+    keys: list[str] = []
+    for name in tasks:
+        if name in FAMILIES:
+            keys.extend(get_family(name).node_config_keys)
+    return keys
 
 
-def load_site_data(path: Path) -> SiteData:
-    """A JSONL file (labeled lines train, unlabeled lines are unlabeled) or a directory of them."""
-    if path.is_dir():
-        files = {name: path / name for name in (TRAIN_FILE, EVAL_FILE, UNLABELED_FILE)}
-        if not any(f.exists() for f in files.values()):
-            raise SiteError(f"{path}: expected {TRAIN_FILE}, {EVAL_FILE} and/or {UNLABELED_FILE}")
-        rows = {name: read_jsonl(f) if f.exists() else [] for name, f in files.items()}
-        train = [e for e in rows[TRAIN_FILE] if e.labeled]
-        held = [e for e in rows[EVAL_FILE] if e.labeled]
-        unlabeled = [e for rs in rows.values() for e in rs if not e.labeled]
-        return SiteData(train, held, unlabeled)
-    rows = read_jsonl(path)
-    return SiteData([e for e in rows if e.labeled], [], [e for e in rows if not e.labeled])
+def site_family(site: Site, name: str | None) -> Family:
+    """The family a request's ``task`` names (none: the default family), if this site runs it."""
+    name = name or DEFAULT_FAMILY
+    if name not in site.tasks:
+        known = sorted(t for t in site.tasks if t in FAMILIES)
+        raise SiteError(f"unknown task {name!r}; this site can train {known}")
+    try:
+        return get_family(name)
+    except UnknownFamilyError as exc:
+        raise SiteError(f"unknown task {name!r}: {exc}") from None
 
 
-def load_model(site: Site) -> tuple[Any, Any, str]:
-    """(model, tokenizer, base fingerprint) of the site's base model."""
-    from common.models import fingerprint, load_base_model
+#: the earlier name of :func:`site_family`
+site_task = site_family
 
-    model, tok = load_base_model(site.model_path)
-    return model, tok, fingerprint(site.model_path)
+#: a site's examples (``common.families.base.SiteDataset``)
+SiteData = SiteDataset
 
 
-def to_compute_dtype(site: Site, model: Any) -> str:
-    """Cast ``model`` (in place) to the dtype this site trains and generates in, and name it.
+def load_family_data(site: Site, family: Family) -> SiteDataset:
+    """The site's examples as ``family`` reads them (a family's own error becomes a ``SiteError``)."""
+    try:
+        return family.load_data(site.inputs())
+    except FamilyError as exc:
+        raise SiteError(str(exc)) from None
 
-    Call it only after every z of the request is computed: z is always taken from the float32
-    weights (``common.models.compute_dtype`` says why), and a bf16 cast cannot be undone."""
-    from common.models import cast_parameters, compute_dtype, model_device
 
-    dtype = compute_dtype(site.compute_dtype, model_device(model))
-    cast_parameters(model, dtype)
-    return str(dtype).removeprefix("torch.")
+def load_site_data(path: Path) -> SiteDataset:
+    """A report site's examples: a JSONL file (labeled lines train, unlabeled lines are unlabeled)
+    or a directory of ``train.jsonl`` / ``eval.jsonl`` / ``unlabeled.jsonl``."""
+    from common.families.report.family import load_site_examples
+
+    try:
+        return load_site_examples(path)
+    except FamilyError as exc:
+        raise SiteError(str(exc)) from None
 
 
 def signing_key(site: Site) -> Any:
