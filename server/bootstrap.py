@@ -30,21 +30,23 @@ def open_registry(s: Settings) -> Any:
     return reg
 
 
-#: task families whose z is not the report family's: each keeps its own registry (own z dim and
-#: representation, own index) under ``<registry-dir>/<family>/``, so a query can never mix them
-SEPARATE_FAMILIES = ("segmentation",)
-
-
 def family_registry_dir(s: Settings) -> Path:
-    """The registry directory of the run's task family (``registry-dir`` for reports)."""
-    root = Path(s.registry_dir).expanduser()
-    return root / s.task if s.task in SEPARATE_FAMILIES else root
+    """The registry directory of the run's task family: where the family says
+    (``common.families.family_registry_dir``; ``registry-dir`` itself for reports)."""
+    from common.families import UnknownFamilyError
+    from common.families import family_registry_dir as registry_dir_of
+
+    try:
+        return registry_dir_of(s.registry_dir, s.task)
+    except UnknownFamilyError as exc:
+        raise ValueError(f"run config task={s.task!r}: {exc}") from None
 
 
 def _open_or_create(s: Settings, blob_key: Any) -> Any:
     from server.registry import Registry
 
     path = family_registry_dir(s)
+    root = Path(s.registry_dir).expanduser()
     chroma: Any = None
     if s.chroma == "off":
         chroma = "off"
@@ -52,35 +54,45 @@ def _open_or_create(s: Settings, blob_key: Any) -> Any:
         host, port = s.chroma.rsplit(":", 1)
         chroma = (host, int(port))
     if (path / "registry.json").is_file():
+        if path != root and any(p.is_symlink() for p in (path / "coordinator.key", path / "coordinator.pub")):
+            share_coordinator_key(root, path)  # an older version linked the key: now a copy
         return Registry(path, chroma=chroma, blob_key=blob_key)
     if not s.base_model:
         raise ValueError(
             f"{path} holds no registry yet: create it with `rpe registry init`, or set run config "
             "'base-model' to the base model directory so the first run creates it"
         )
-    if s.task == "segmentation":
-        return _create_sam_registry(s, path, chroma, blob_key)
-    from transformers import AutoConfig
+    return _create_registry(s, path, root, chroma, blob_key)
 
-    from common.models import fingerprint, resolve_model_dir
 
-    model_dir = resolve_model_dir(s.base_model)
-    shapes = _linear_shapes(model_dir)
-    hidden = int(AutoConfig.from_pretrained(str(model_dir)).hidden_size)
-    log(f"creating registry {path} for base {model_dir} ({len(shapes)} linear modules, z dim {hidden})")
+def _create_registry(s: Settings, path: Path, root: Path, chroma: Any, blob_key: Any) -> Any:
+    """The run's family's registry, from the family's view of ``base-model``: module shapes, z dim,
+    fingerprint and representation. A family's own directory signs with the root's key."""
+    from common.families import get_family
+    from server.registry import Registry
+
+    family = get_family(s.task)
+    base = family.registry_base(s.base_model)
+    log(
+        f"creating {family.name} registry {path} for base {base.base_name} "
+        f"({len(base.module_shapes)} linear modules, z dim {base.embedding_dim})"
+    )
     kwargs: dict[str, Any] = {}
     if isinstance(chroma, tuple):
         kwargs = {"chroma_host": chroma[0], "chroma_port": chroma[1]}
     reg = Registry.init(
         path,
-        base_fingerprint=fingerprint(model_dir),
-        module_shapes=shapes,
-        embedding_dim=hidden,
-        base_name=str(model_dir),
+        base_fingerprint=base.fingerprint,
+        module_shapes=base.module_shapes,
+        embedding_dim=base.embedding_dim,
+        representation=family.registry.representation,
+        base_name=base.base_name,
         exist_ok=True,
         blob_key=blob_key,
         **kwargs,
     )
+    if path != root:
+        share_coordinator_key(root, path)
     if chroma == "off":
         reg.close()
         reg = Registry(path, chroma="off", blob_key=blob_key)
@@ -90,61 +102,16 @@ def _open_or_create(s: Settings, blob_key: Any) -> Any:
 def share_coordinator_key(root: Path, family_dir: Path) -> None:
     """A family's registry signs receipts and deliveries with the coordinator's ONE key (the root
     registry's ``coordinator.key``, the ``coordinator.pub`` every site pins): the key pair its init
-    made is replaced by links to the root's (before it signed anything)."""
-    import os
+    made (before it signed anything), or links an older version left, become copies of the root's.
 
+    Copies, not links: a registry holds no symlink, so a family registry copied or backed up on its
+    own still opens (a relative link to ``../coordinator.key`` dangled there and its open failed)."""
+    from common.files.durable import atomic_write
     from server.registry import coordkey
 
     coordkey.ensure_key(root)
-    for src, dst in zip(coordkey.key_paths(root), coordkey.key_paths(family_dir), strict=True):
-        if dst.is_symlink():
+    for src, dst, mode in zip(coordkey.key_paths(root), coordkey.key_paths(family_dir), (0o600, 0o644), strict=True):
+        data = src.read_bytes()
+        if not dst.is_symlink() and dst.is_file() and dst.read_bytes() == data:
             continue
-        link = dst.with_name(dst.name + ".link")
-        link.unlink(missing_ok=True)
-        os.symlink(os.path.relpath(src, family_dir), link)
-        os.replace(link, dst)
-
-
-def _create_sam_registry(s: Settings, path: Path, chroma: Any, blob_key: Any) -> Any:
-    """A registry for SAM adapters: the base's linear shapes, z = the encoder's channel count."""
-    from common.families.segmentation import sam
-    from common.families.segmentation.task import REPRESENTATION
-    from common.models import linear_module_shapes
-    from server.registry import Registry
-
-    model = sam.load_sam(s.base_model)
-    shapes = linear_module_shapes(model)
-    dim = int(model.rpe_config["embed_dim"])
-    log(f"creating registry {path} for SAM base {s.base_model} ({len(shapes)} linear modules, z dim {dim})")
-    kwargs: dict[str, Any] = {}
-    if isinstance(chroma, tuple):
-        kwargs = {"chroma_host": chroma[0], "chroma_port": chroma[1]}
-    reg = Registry.init(
-        path,
-        base_fingerprint=sam.model_fingerprint(model),
-        module_shapes=shapes,
-        embedding_dim=dim,
-        representation=REPRESENTATION,
-        base_name=str(s.base_model),
-        exist_ok=True,
-        blob_key=blob_key,
-        **kwargs,
-    )
-    share_coordinator_key(Path(s.registry_dir).expanduser(), path)
-    if chroma == "off":
-        reg.close()
-        reg = Registry(path, chroma="off", blob_key=blob_key)
-    return reg
-
-
-def _linear_shapes(model_dir: Path) -> dict[str, tuple[int, int]]:
-    """Module shapes of the base model without loading its weights (meta device)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from common.models import linear_module_shapes
-
-    config = AutoConfig.from_pretrained(str(model_dir))
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return linear_module_shapes(model)
+        atomic_write(dst, data, mode=mode)  # the rename replaces a link itself, never its target

@@ -45,6 +45,7 @@ the log was truncated, one whose entry differs means it was rewritten.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ from common.protocol.egress import read_egress
 from common.trust.signing import load_public_key
 from common.trust.statements import StatementError, check_receipts, verify_statement
 from server.audit import EV_SUBMISSION_ACCEPTED, EV_SUBMISSION_REJECTED, line_hash, read_entries, verify
+from server.coordroot import registry_id
 
 #: every message type a site answers (``common/protocol/wire.py``); the default scope of a cross-check
 ALL_MESSAGE_TYPES = ("query.whoami", "train", "query.embed", "train.apply", "train.evaluate")
@@ -121,7 +123,7 @@ class CrossCheckReport:
             out.append(f"  egress log lines unreadable: {self.egress_unreadable_lines}")
         for c in self.coordinator_only:
             out.append(
-                f"  coordinator recorded seq {c['seq']} ({c['event']}) that is not in the site's log: {c['detail']}"
+                f"  coordinator recorded {_where(c)} ({c['event']}) that is not in the site's log: {c['detail']}"
             )
         for s in self.site_only:
             out.append(
@@ -130,10 +132,15 @@ class CrossCheckReport:
             )
         for u in self.unverifiable:
             out.append(
-                f"  note: coordinator seq {u['seq']} rejected nothing the site logged "
+                f"  note: coordinator {_where(u)} rejected nothing the site logged "
                 f"(reason: {u['reason']}); nothing to match"
             )
         return "\n".join(out)
+
+
+def _where(event: dict[str, Any]) -> str:
+    """``seq N``, or ``<family> seq N`` when the check covered several audit logs."""
+    return f"{event['log']} seq {event['seq']}" if event.get("log") else f"seq {event['seq']}"
 
 
 def _receipts_in(entry: dict[str, Any]) -> list[Any]:
@@ -271,9 +278,62 @@ def _event_type(event: dict[str, Any]) -> str | None:
     return mtype if isinstance(mtype, str) else REPLY_EVENTS[event["event"]]
 
 
+#: what ``cross_check`` takes as the coordinator's side: one audit log, several, or ``{label: log}``
+#: (labels name each log's family in the report; ``server.coordroot.audit_sources`` gives them for a root)
+AuditLogs = str | os.PathLike | Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike]
+
+
+def _labelled(audit: AuditLogs) -> list[tuple[str, Path]]:
+    if isinstance(audit, (str, os.PathLike)):
+        return [(str(audit), Path(audit))]
+    if isinstance(audit, Mapping):
+        return [(str(label), Path(p)) for label, p in audit.items()]
+    return [(str(p), Path(p)) for p in audit]
+
+
+def _receipt_groups(
+    egress_entries: list[tuple[int, dict[str, Any]]], logs: list[tuple[str, Path]], coordinator_key: Any
+) -> tuple[int, list[str]]:
+    """Receipts checked like ``check_egress_receipts``, each against the log of the registry it names.
+
+    A receipt's body names its ``registry_id``; each family's registry has its own chain, so a
+    receipt of one family checked against another family's log would read as "rewritten". With one
+    log and no way to tell (a loose log, a receipt without registry id) every receipt is checked
+    against it, as before."""
+    if len(logs) == 1 and registry_id(logs[0][1].parent) is None:
+        return check_egress_receipts(egress_entries, logs[0][1], coordinator_key)
+    ids = {registry_id(p.parent): (label, p) for label, p in logs}
+    by_log: dict[Path, list[tuple[int, dict[str, Any]]]] = {}
+    problems: list[str] = []
+    found = 0
+    for line, entry in egress_entries:
+        for statement in _receipts_in(entry):
+            body = statement.get("body") if isinstance(statement, dict) else None
+            rid = body.get("registry_id") if isinstance(body, dict) else None
+            if rid in ids:
+                target = ids[rid][1]
+            elif rid is None and len(logs) == 1:
+                target = logs[0][1]
+            else:
+                found += 1
+                known = ", ".join(f"{label} ({i})" for i, (label, _) in ids.items())
+                problems.append(
+                    f"egress line {line}: a receipt of registry {rid}, which is none of the audit logs checked "
+                    f"({known}): check it against that registry's log too (`--registry ROOT` covers every family)"
+                )
+                continue
+            by_log.setdefault(target, []).append((line, {"extra": {"receipt": statement}}))
+    for label, p in logs:
+        n, found_problems = check_egress_receipts(by_log.get(p, []), p, coordinator_key)
+        found += n
+        prefix = f"{label}: " if len(logs) > 1 else ""
+        problems += [prefix + q for q in found_problems]
+    return found, problems
+
+
 def cross_check(
     egress_path: str | os.PathLike[str],
-    audit_path: str | os.PathLike[str],
+    audit_path: AuditLogs,
     site_id: str,
     message_types: tuple[str, ...] = ALL_MESSAGE_TYPES,
     coordinator_key: Any = None,
@@ -281,15 +341,55 @@ def cross_check(
     """Match the site's egress log with the coordinator's reply events for ``site_id``: every
     message type a site answers by default (identity at whoami, enrolment, z, deliveries); pass
     ``message_types=("train",)`` for enrolment only. Every receipt the site kept is checked against
-    the log too (``coordinator_key``: an ``Ed25519PublicKey`` or a PEM path)."""
+    the log too (``coordinator_key``: an ``Ed25519PublicKey`` or a PEM path).
+
+    ``audit_path`` may name several logs (a list, or ``{family: log}``): a site that answered runs of
+    several task families has replies in each family's log, and one cross-check must account for
+    all of them (each event keeps its log's label, so a problem names the family and line)."""
+    logs = _labelled(audit_path)
+    if not logs:
+        raise ValueError("cross_check needs at least one coordinator audit log")
+    many = len(logs) > 1
     rep = CrossCheckReport(site_id=site_id)
-    rep.audit_problems = [str(p) for p in verify(audit_path)]
+    present = [(label, p) for label, p in logs if p.is_file()]
+    for label, p in logs:
+        found = verify(p) if p.is_file() else [f"{p} does not exist: that audit chain is gone"]
+        rep.audit_problems += [f"{label}: {q}" if many else str(q) for q in found]
     egress_entries, rep.egress_unreadable_lines = read_egress(egress_path)
     if isinstance(coordinator_key, (str, os.PathLike)):
         coordinator_key = load_public_key(coordinator_key)
-    key = coordinator_key if coordinator_key is not None else _default_key(audit_path)
-    rep.receipts_checked, rep.receipt_problems = check_egress_receipts(egress_entries, audit_path, key)
+    key = coordinator_key if coordinator_key is not None else _default_key(logs[0][1])
+    if present:
+        rep.receipts_checked, rep.receipt_problems = _receipt_groups(egress_entries, present, key)
     pending = [(n, e) for n, e in egress_entries if e.get("message_type") in message_types]
+    for label, p in present:
+        _match_log(rep, pending, p, site_id, message_types, label if many else None)
+    for line, eg in pending:
+        rep.site_only.append(
+            {
+                "line": line,
+                "ts": eg.get("ts"),
+                "message_type": eg.get("message_type"),
+                "run_id": eg.get("run_id"),
+                "outcome": (eg.get("extra") or {}).get("outcome"),
+                "records": _egress_digests(eg),
+                "detail": "no coordinator audit event for this site matches this reply"
+                + (f" (in any of {len(logs)} audit logs)" if many else ""),
+            }
+        )
+    return rep
+
+
+def _match_log(
+    rep: CrossCheckReport,
+    pending: list[tuple[int, dict[str, Any]]],
+    audit_path: Path,
+    site_id: str,
+    message_types: tuple[str, ...],
+    label: str | None,
+) -> None:
+    """Match the reply events of one audit log against the still unmatched egress lines (``pending``
+    loses each line it matches; ``rep`` gains matched / coordinator-only / unverifiable events)."""
     site_events = [e for _, e in read_entries(audit_path) if e.get("site") == site_id]
     submission_events = (EV_SUBMISSION_ACCEPTED, EV_SUBMISSION_REJECTED)
     replies = [e for e in site_events if _event_type(e) in message_types]
@@ -308,6 +408,7 @@ def cross_check(
         same_type = [(i, eg) for i, (_, eg) in enumerate(pending) if eg.get("message_type") == mtype]
         hit = next((i for i, eg in same_type if _compatible(k, eg)), None)
         summary = {
+            "log": label,
             "seq": audit.get("seq"),
             "event": audit.get("event"),
             "message_type": mtype,
@@ -324,16 +425,3 @@ def cross_check(
         line, eg = pending.pop(hit)
         how = "record_digests" if k["digests"] else ("blob_sha256" if k["blob"] else "run_id (no data)")
         rep.matched.append({**summary, "egress_line": line, "egress_ts": eg.get("ts"), "matched_on": how})
-    for line, eg in pending:
-        rep.site_only.append(
-            {
-                "line": line,
-                "ts": eg.get("ts"),
-                "message_type": eg.get("message_type"),
-                "run_id": eg.get("run_id"),
-                "outcome": (eg.get("extra") or {}).get("outcome"),
-                "records": _egress_digests(eg),
-                "detail": "no coordinator audit event for this site matches this reply",
-            }
-        )
-    return rep

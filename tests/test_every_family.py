@@ -1,0 +1,313 @@
+"""Every auditor's tool sees every family: ``rpe audit verify / report / cross-check`` pointed at the
+coordinator's registry root cover the root's registry and each family registry under it.
+
+A yes/no tool is tested on the clean case (must say yes) and on each kind of damage (must say no and
+name it); here the damage is in the segmentation family's registry, and ``verify`` is run on the root.
+Also: a family registry holds no symlink (the coordinator key is a copy), so one copied on its own opens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from two_family import SEG_DIR, accepted_line, build, lines, put, tamper_line
+
+from common.trust.signing import load_public_key
+from common.trust.statements import verify_statement
+from deploy.cli import main
+from server import audit as audit_mod
+from server.coordroot import audit_sources, family_registries
+from server.crosscheck import cross_check
+from server.registry import Registry
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("two-family"))
+
+
+@pytest.fixture
+def built(pristine, tmp_path):
+    """A private copy of the two-family tree for a test that damages it."""
+    src = pristine["root"].parent
+    dst = tmp_path / "tree"
+    shutil.copytree(src, dst, symlinks=True, ignore=shutil.ignore_patterns(".lock"))
+    root = dst / pristine["root"].name
+    return {
+        "root": root,
+        "seg": root / SEG_DIR,
+        "egress": dst / pristine["egress"].relative_to(src),
+        "records": pristine["records"],
+    }
+
+
+def rpe(capsys, *argv: str) -> tuple[int, str]:
+    """``rpe ARGV`` in this process: (exit code, stdout)."""
+    capsys.readouterr()
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    return code, capsys.readouterr().out
+
+
+def seg_name(root: Path) -> str:
+    (name,) = [f for f, d in family_registries(root).items() if d.resolve() == (root / SEG_DIR).resolve()]
+    return name
+
+
+def test_the_root_lists_both_families_root_first(built):
+    fams = family_registries(built["root"])
+    assert len(fams) == 2 and list(fams.values())[0] == built["root"]
+    assert [s.log for s in audit_sources(registry=built["root"])] == [d / "audit.jsonl" for d in fams.values()]
+    # naming the root's own log stands for the whole root
+    assert [s.family for s in audit_sources([built["root"] / "audit.jsonl"])] == list(fams)
+
+
+# --------------------------------------------------------------------------------------------------
+# verify: yes on the clean tree, no (and named) on each kind of damage in the segmentation family
+
+
+@pytest.mark.parametrize("how", ["--registry", "--log"])
+def test_verify_on_the_root_says_yes_for_every_family(built, capsys, how):
+    target = built["root"] if how == "--registry" else built["root"] / "audit.jsonl"
+    code, out = rpe(capsys, "audit", "verify", how, str(target))
+    assert code == 0, out
+    for family, d in family_registries(built["root"]).items():
+        assert f"family {family}: {d / 'audit.jsonl'}: OK, hash chain intact and every record" in out
+    assert "every family OK (2 audit logs)" in out
+    code, out = rpe(capsys, "audit", "verify", "--registry", str(built["root"]), "--json")
+    data = json.loads(out)
+    assert code == 0 and data["ok"] and len(data["families"]) == 2 and all(f["ok"] for f in data["families"])
+
+
+def _edit_entry(seg: Path) -> tuple[str, str]:
+    i = accepted_line(seg / "audit.jsonl", "RUNMC")
+    tamper_line(seg / "audit.jsonl", i, '"bytes":', '"bytes":1')
+    return f"line {i + 1}", "bad_hash"
+
+
+def _delete_entry(seg: Path) -> tuple[str, str]:
+    text = lines(seg / "audit.jsonl")
+    del text[1]
+    put(seg / "audit.jsonl", text)
+    return "line 2", "seq_gap"
+
+
+def _torn_tail(seg: Path) -> tuple[str, str]:
+    with open(seg / "audit.jsonl", "ab") as fh:
+        fh.write(b'{"seq": 99, "event": "compos')
+    return f"line {len(lines(seg / 'audit.jsonl'))}", "torn_line"
+
+
+def _log_removed(seg: Path) -> tuple[str, str]:
+    (seg / "audit.jsonl").unlink()
+    return "audit.jsonl does not exist", "missing"
+
+
+def _config_removed(seg: Path) -> tuple[str, str]:
+    (seg / "registry.json").unlink()
+    return "registry.json does not exist", "missing"
+
+
+def _record_edited(seg: Path) -> tuple[str, str]:
+    rec = json.loads(lines(seg / "records.jsonl")[1])
+    tamper_line(seg / "records.jsonl", 1, f'"sample_count":{rec["meta"]["sample_count"]}', '"sample_count":5000')
+    return f"record {rec['id']}", "edited"
+
+
+def _record_deleted(seg: Path) -> tuple[str, str]:
+    text = lines(seg / "records.jsonl")
+    rid = json.loads(text[1])["id"]
+    del text[1]
+    put(seg / "records.jsonl", text)
+    return f"record {rid}", "deleted"
+
+
+DAMAGE = {
+    "edited audit entry": _edit_entry,
+    "deleted audit entry": _delete_entry,
+    "torn audit tail": _torn_tail,
+    "audit log removed": _log_removed,
+    "registry.json removed": _config_removed,
+    "record line edited": _record_edited,
+    "record line deleted": _record_deleted,
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_verify_on_the_root_names_damage_in_the_segmentation_family(built, capsys, damage):
+    where, kind = DAMAGE[damage](built["seg"])
+    seg = seg_name(built["root"]) if (built["seg"] / "registry.json").exists() else SEG_DIR
+    code, out = rpe(capsys, "audit", "verify", "--registry", str(built["root"]))
+    assert code == 1, out
+    bad = [line for line in out.splitlines() if line.startswith(f"family {seg}: ") and "OK" not in line]
+    assert bad and any(where in line and kind in line for line in bad), out
+    assert f"PROBLEMS in 1 of 2 families: {seg}" in out
+    root_family = next(iter(family_registries(built["root"])))
+    assert f"family {root_family}: {built['root'] / 'audit.jsonl'}: OK" in out  # the intact family says so
+    code, js = rpe(capsys, "audit", "verify", "--registry", str(built["root"]), "--json")
+    data = json.loads(js)
+    assert code == 1 and not data["ok"]
+    assert [f["family"] for f in data["families"] if not f["ok"]] == [seg]
+
+
+def test_verify_anchor_from_a_segmentation_receipt_detects_its_truncation(built, capsys, tmp_path):
+    egress = [json.loads(x) for x in lines(built["egress"])]
+    seg_id = json.loads((built["seg"] / "registry.json").read_text())["registry_id"]
+    (receipt,) = [e["extra"]["receipt"] for e in egress if e["extra"]["receipt"]["body"]["registry_id"] == seg_id]
+    anchor = tmp_path / "receipt.json"
+    anchor.write_text(json.dumps(receipt))
+    code, out = rpe(capsys, "audit", "verify", "--registry", str(built["root"]), "--anchor", str(anchor))
+    assert code == 0 and "anchor seq" in out, out
+    log = built["seg"] / "audit.jsonl"
+    put(log, lines(log)[: receipt["body"]["seq"] - 1])  # cut the receipted entry and everything after
+    text = lines(built["seg"] / "records.jsonl")
+    put(built["seg"] / "records.jsonl", text[:0])  # (and the records they bound)
+    code, out = rpe(capsys, "audit", "verify", "--registry", str(built["root"]), "--anchor", str(anchor))
+    assert code == 1 and "anchor_mismatch" in out and f"family {seg_name(built['root'])}" in out, out
+
+
+# --------------------------------------------------------------------------------------------------
+# report
+
+
+def test_report_on_the_root_covers_every_family(built, capsys):
+    code, out = rpe(capsys, "audit", "report", "--registry", str(built["root"]))
+    assert code == 0
+    fams = family_registries(built["root"])
+    for family in fams:
+        assert f"== family {family} ==" in out
+    assert "site RUNMC: 1 accepted" in out and "site b: 1 accepted" in out
+    assert out.count("integrity: OK") == 2
+    code, js = rpe(capsys, "audit", "report", "--log", str(built["root"] / "audit.jsonl"), "--json")
+    data = json.loads(js)
+    assert list(data["families"]) == list(fams)
+    assert set(data["families"][seg_name(built["root"])]["sites"]) == {"a", "RUNMC", "BMC", "HK"}
+    assert set(data["families"][next(iter(fams))]["sites"]) == {"a", "b", "c"}
+
+
+def test_report_of_one_family_log_keeps_its_shape(built, capsys):
+    code, js = rpe(capsys, "audit", "report", "--log", str(built["seg"] / "audit.jsonl"), "--json")
+    assert code == 0 and set(json.loads(js)["sites"]) == {"a", "RUNMC", "BMC", "HK"}
+
+
+# --------------------------------------------------------------------------------------------------
+# cross-check: one check over all of a site's replies, in both families
+
+
+@pytest.mark.parametrize(
+    "scope",
+    [
+        ["--registry", "{root}"],
+        ["--audit", "{root}/audit.jsonl"],
+        ["--audit", "{root}/audit.jsonl", "--audit", "{seg}"],
+    ],
+    ids=["registry", "root-log", "two-logs"],
+)
+def test_cross_check_of_a_site_in_both_families_is_ok_when_untampered(built, capsys, scope):
+    argv = [a.format(root=built["root"], seg=built["seg"] / "audit.jsonl") for a in scope]
+    code, out = rpe(capsys, "audit", "cross-check", "--egress", str(built["egress"]), "--site", "a", *argv)
+    assert code == 0, out
+    assert "cross-check for site a: OK (2 matched, 0 coordinator-only, 0 site-only)" in out
+    assert "receipts: 2 checked" in out
+
+
+def test_cross_check_against_one_family_only_says_why_it_mismatches(built):
+    """The root's log alone (copied out of its registry, so it stands for nothing else): the
+    segmentation reply is unaccounted for and its receipt names a registry that was not checked."""
+    lone = built["root"].parent / "lone-audit.jsonl"
+    shutil.copy(built["root"] / "audit.jsonl", lone)
+    rep = cross_check(built["egress"], lone, "a", coordinator_key=built["root"] / "coordinator.pub")
+    assert not rep.ok and len(rep.matched) == 1 and len(rep.site_only) == 1
+
+
+def test_cross_check_names_the_tampered_line_in_the_segmentation_log(built, capsys):
+    log = built["seg"] / "audit.jsonl"
+    i = accepted_line(log, "a")
+    entry = json.loads(lines(log)[i])
+    digest = entry["record_digests"]["adapter"]
+    tamper_line(log, i, digest, digest[:-4] + "0000")
+    code, out = rpe(
+        capsys,
+        "audit",
+        "cross-check",
+        "--egress",
+        str(built["egress"]),
+        "--site",
+        "a",
+        "--registry",
+        str(built["root"]),
+    )
+    seg = seg_name(built["root"])
+    assert code == 1 and "MISMATCH" in out, out
+    assert f"audit log problem: {seg}: line {i + 1} (seq {entry['seq']}): bad_hash" in out
+    assert f"coordinator recorded {seg} seq {entry['seq']} (submission.accepted)" in out
+    rep = cross_check(built["egress"], {s.family: s.log for s in audit_sources(registry=built["root"])}, "a")
+    assert [c["log"] for c in rep.coordinator_only] == [seg]
+
+
+def test_cross_check_with_a_family_log_missing_is_a_mismatch(built, capsys):
+    (built["seg"] / "audit.jsonl").unlink()
+    code, out = rpe(
+        capsys,
+        "audit",
+        "cross-check",
+        "--egress",
+        str(built["egress"]),
+        "--site",
+        "a",
+        "--registry",
+        str(built["root"]),
+    )
+    assert code == 1 and "does not exist" in out, out
+
+
+# --------------------------------------------------------------------------------------------------
+# no symlink in a registry; a family registry copied on its own opens
+
+
+def test_family_registry_holds_no_symlink_and_a_copy_of_it_opens_alone(built, tmp_path, capsys):
+    root, seg = built["root"], built["seg"]
+    assert not [p for p in root.rglob("*") if p.is_symlink()]
+    for name in ("coordinator.key", "coordinator.pub"):
+        assert (seg / name).read_bytes() == (root / name).read_bytes()
+    assert oct((seg / "coordinator.key").stat().st_mode & 0o777) == "0o600"
+    alone = tmp_path / "copied" / "segmentation"
+    shutil.copytree(seg, alone, symlinks=True, ignore=shutil.ignore_patterns(".lock"))
+    with Registry(alone, chroma="off") as reg:
+        rec = reg.list(site="HK")[0]
+        receipt = reg.receipt(rec.id)
+    # the copy still signs as the coordinator: the key every site pinned verifies it
+    assert verify_statement(load_public_key(root / "coordinator.pub"), receipt, "receipt")["record_id"] == rec.id
+    code, out = rpe(capsys, "registry", "ls", "--registry", str(alone))
+    assert code == 0 and rec.id in out
+    code, out = rpe(capsys, "audit", "verify", "--registry", str(alone))
+    assert code == 0, out
+
+
+def test_an_older_linked_key_becomes_a_copy_when_the_run_opens_the_family(built):
+    """Registries made before this change link the key; the ServerApp's open replaces the links."""
+    from server.bootstrap import open_registry
+    from server.settings import Settings
+
+    root, seg = built["root"], built["seg"]
+    for name in ("coordinator.key", "coordinator.pub"):
+        (seg / name).unlink()
+        os.symlink(os.path.join("..", name), seg / name)
+    s = Settings.from_run_config(
+        {"registry-dir": str(root), "task": "segmentation", "mode": "enroll", "chroma": "off"}, env={}
+    )
+    reg = open_registry(s)
+    try:
+        assert reg.path == seg.resolve()
+    finally:
+        reg.close()
+    for name in ("coordinator.key", "coordinator.pub"):
+        assert not (seg / name).is_symlink() and (seg / name).read_bytes() == (root / name).read_bytes()
+    assert audit_mod.verify(seg / "audit.jsonl") == []
