@@ -91,3 +91,33 @@ def test_pyproject_declares_what_requirements_declares() -> None:
         for d in extra
     }
     assert declared_distributions() - in_pyproject == set()
+
+
+def test_every_venv_tool_the_checks_run_is_declared() -> None:
+    """A tool CI or pre-commit calls as ``.venv/bin/<tool>`` (ruff, lint-imports, mypy, pre-commit) is
+    installed by a distribution that requirements.txt names, so setup.sh puts it on the next machine."""
+    callers = [
+        *sorted((ROOT / "scripts").glob("*.sh")),
+        ROOT / ".pre-commit-config.yaml",
+        *sorted((ROOT / ".ci").glob("*")),
+    ]
+    tools: dict[str, str] = {}
+    for path in callers:
+        for tool in re.findall(r"\.venv/bin/([A-Za-z0-9_.-]+)", path.read_text()):
+            if tool not in ("python", "python3", "pip", "pip3"):  # the venv itself provides these
+                tools.setdefault(tool, str(path.relative_to(ROOT)))
+    assert tools, "no .venv/bin tool found in scripts/, .pre-commit-config.yaml or .ci/"
+    installers: dict[str, set[str]] = {}
+    for dist in importlib.metadata.distributions():
+        for f in dist.files or ():
+            if f.parent.name == "bin" and f.name in tools:
+                installers.setdefault(f.name, set()).add(_norm(dist.metadata["Name"]))
+    declared = declared_distributions()
+    problems = []
+    for tool, where in sorted(tools.items()):
+        owners = installers.get(tool, set())
+        if not owners:
+            problems.append(f"{tool} (called in {where}) is installed by no distribution in .venv")
+        elif not owners & declared:
+            problems.append(f"{tool} (called in {where}) comes from {sorted(owners)}, not in requirements.txt")
+    assert not problems, "; ".join(problems)
