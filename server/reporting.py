@@ -78,19 +78,25 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-#: the score of each task family, in the order a reply's metrics are searched for it
-SCORE_METRICS = ("rouge_l", "dice")
-SCORE_TITLES = {"rouge_l": "ROUGE-L F1", "dice": "DICE"}
+def metric_title(metric: str) -> str:
+    """How a table heads ``metric``: the title of the family that scores by it (``Family.metric_title``),
+    else the metric's own name."""
+    from common.families import family_names, get_family
+
+    for name in family_names():
+        family = get_family(name)
+        if family.metric == metric:
+            return family.metric_title
+    return metric
 
 
-def evaluation_row(info: Mapping[str, Any], metrics: Mapping[str, float]) -> dict[str, Any]:
-    """One (target, method) row of the evaluation table; ``score`` is the family's metric
-    (ROUGE-L for reports, DICE for segmentation) and ``metric`` its name."""
-    metric = next((m for m in SCORE_METRICS if m in metrics), "rouge_l")
+def evaluation_row(info: Mapping[str, Any], metrics: Mapping[str, float], metric: str) -> dict[str, Any]:
+    """One (target, method) row of the evaluation table; ``score`` is the family's ``metric``
+    (``Family.metric``), also kept under its own name."""
     return {
         "target": info["target"],
         "method": info["method"],
-        "rouge_l": metrics.get("rouge_l"),
+        metric: metrics.get(metric),
         "metric": metric,
         "score": metrics.get(metric),
         "n": int(metrics.get("n", 0)),
@@ -106,10 +112,13 @@ def write_evaluation(
 ) -> dict[str, str]:
     """results.csv, results.md and three plots (weights, site distances, score vs distance)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    # rows made before the score column (ROUGE-L only) read as report-family rows
-    rows = [{**r, "metric": r.get("metric") or "rouge_l", "score": r.get("score", r.get("rouge_l"))} for r in rows]
+    # rows made before the score column (the first family's metric only) read as that family's rows
+    from common.families import DEFAULT_FAMILY, get_family
+
+    legacy = get_family(DEFAULT_FAMILY).metric
+    rows = [{**r, "metric": r.get("metric") or legacy, "score": r.get("score", r.get(legacy))} for r in rows]
     csv_path = out_dir / "results.csv"
-    metric = next((r["metric"] for r in rows if r.get("metric")), "rouge_l")
+    metric = next((r["metric"] for r in rows if r.get("metric")), legacy)
     with open(csv_path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["target", "method", metric, "n", "sources", "weights", "min_distance"])
@@ -129,7 +138,7 @@ def write_evaluation(
     methods = list(dict.fromkeys(r["method"] for r in rows))
     table = {(r["target"], r["method"]): r["score"] for r in rows}
     lines = [
-        f"# Leave-one-site-out evaluation ({SCORE_TITLES.get(metric, metric)})",
+        f"# Leave-one-site-out evaluation ({metric_title(metric)})",
         "",
         "| target | " + " | ".join(methods) + " |",
         "|---" * (len(methods) + 1) + "|",
@@ -229,7 +238,7 @@ def _plots(out_dir: Path, rows: list[dict[str, Any]], registry: Any, zs: Mapping
                 label=method,
             )
         ax.set_xlabel("weighted squared distance of the sources to the target")
-        ax.set_ylabel(SCORE_TITLES.get(scored[0]["metric"], scored[0]["metric"]))
+        ax.set_ylabel(metric_title(scored[0]["metric"]))
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out_dir / "score_vs_distance.png", dpi=120)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from common.families import DEFAULT_FAMILY, family_names
+
 MODES = ("enroll", "compose", "evaluate", "whoami")
 REGISTRY_ENV = "RPE_REGISTRY"
 ALLOWLIST_ENV = "RPE_ALLOWLIST"
@@ -63,7 +65,8 @@ class Settings:
     base_model: str = _key("base-model", str, "")
     chroma: str = _key("chroma", str, "embedded")
     sites: tuple[str, ...] = _key("sites", _csv, ())
-    task: str = _key("task", str, "report-text")
+    #: the task family (``common.families``); its default is the first family this system had
+    task: str = _key("task", str, DEFAULT_FAMILY)
     steps: int = _key("steps", int, 40)
     lr: float = _key("lr", float, 1e-3)
     batch_size: int = _key("batch-size", int, 4)
@@ -117,6 +120,8 @@ class Settings:
         s = cls(**values)
         if s.mode not in MODES:
             raise SettingsError(f"run config mode={s.mode!r}; expected one of {MODES}")
+        if s.task not in family_names():
+            raise SettingsError(f"run config task={s.task!r}; known task families: {', '.join(family_names())}")
         registry_dir = s.registry_dir or env.get(REGISTRY_ENV, "")
         if not registry_dir:
             raise SettingsError(f"no registry: set run config 'registry-dir' or ${REGISTRY_ENV} on the SuperLink")

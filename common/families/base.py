@@ -92,12 +92,11 @@ class SiteDataset:
 
 @dataclass
 class Base:
-    """A loaded base model: the module, its fingerprint, what a PEFT config names as its base, and
-    whatever else the family needs with it (a tokenizer)."""
+    """A loaded base model: the module, its fingerprint and whatever else the family needs with it
+    (a tokenizer)."""
 
     model: Any
     fingerprint: str
-    peft_base: str
     extra: Any = None
 
 
@@ -179,6 +178,10 @@ class Family(Protocol):
 
     def base_fingerprint(self, site: SiteInputs) -> str:
         """The fingerprint of the site's base model (cached on disk; cheaper than loading it)."""
+        ...
+
+    def peft_base(self, site: SiteInputs) -> str:
+        """What a PEFT directory the site writes names as its base model (``base_model_name_or_path``)."""
         ...
 
     def load_base(self, site: SiteInputs) -> Base:

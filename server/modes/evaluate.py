@@ -23,7 +23,7 @@ from common.protocol.wire import WireError
 from server.coordkey import load_or_create
 from server.messaging import Reply, Request, SiteInfo, audit_reply, exchange, log, make_nonce
 from server.modes.compose import compose_one, delivery_statement, embed_sites
-from server.reporting import SCORE_METRICS, SCORE_TITLES, Progress, evaluation_row, write_evaluation
+from server.reporting import Progress, evaluation_row, metric_title, write_evaluation
 from server.settings import Settings
 
 
@@ -52,7 +52,10 @@ def own_summary(s: Settings, registry: Any, target: str, z: np.ndarray) -> dict[
 def run_evaluate(
     grid: Grid, s: Settings, registry: Any, sites: dict[str, SiteInfo], run_id: str, report: dict[str, Any]
 ) -> None:
-    """Every strategy and baseline for every enrolled site with held-out data."""
+    """Every strategy and baseline for every enrolled site with held-out data, scored by the family's metric."""
+    from common.families import get_family
+
+    metric = get_family(s.task).metric
     enrolled = sorted({r.meta.site for r in registry.list(task=s.task)})
     targets = list(s.targets) or [t for t in enrolled if t in sites and sites[t].info["n_eval"] > 0]
     problems: dict[str, str] = {}
@@ -85,7 +88,7 @@ def run_evaluate(
 
     def on_reply(req: Request, rep: Reply) -> None:
         for i, info in enumerate(arms_of[req.key]):
-            progress.result(f"target {req.key}, arm {info['method']}", _score(rep, i))
+            progress.result(f"target {req.key}, arm {info['method']}", _score(rep, i, metric))
 
     replies = exchange(
         grid,
@@ -129,12 +132,14 @@ def run_evaluate(
             problems[t] = "site did not evaluate (no held-out data, or its policy withholds the metrics)"
             continue
         for i, info in enumerate(infos):
-            rows.append(evaluation_row(info, _arm_metrics(metrics, f"a{i}_")))
+            rows.append(evaluation_row(info, _arm_metrics(metrics, f"a{i}_"), metric))
         base = _arm_metrics(metrics, "base_")
         if base:
             rows.append(
                 evaluation_row(
-                    {"target": t, "method": "base", "ids": [], "sites": [], "weights": [], "distances": []}, base
+                    {"target": t, "method": "base", "ids": [], "sites": [], "weights": [], "distances": []},
+                    base,
+                    metric,
                 )
             )
     order = {m: i for i, m in enumerate(["base", *methods, "own"])}
@@ -168,7 +173,7 @@ def _arm_metrics(metrics: dict[str, float], prefix: str) -> dict[str, float]:
     return {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
 
 
-def _score(rep: Reply, i: int) -> str:
+def _score(rep: Reply, i: int, metric: str) -> str:
     """What a progress line says about arm ``i`` of one reply (the score, or why there is none)."""
     if not rep.ok:
         return rep.problem
@@ -179,10 +184,9 @@ def _score(rep: Reply, i: int) -> str:
     if not receipt["evaluated"]:
         return "not evaluated (no held-out data, or the site withholds the metrics)"
     arm = _arm_metrics(metrics, f"a{i}_")
-    metric = next((m for m in SCORE_METRICS if m in arm), None)
-    if metric is None:
+    if metric not in arm:
         return "no score"
-    text = f"{SCORE_TITLES[metric]} {arm[metric]:.4f}"
+    text = f"{metric_title(metric)} {arm[metric]:.4f}"
     if f"base_{metric}" in metrics:
         text += f" (base model {metrics[f'base_{metric}']:.4f})"
     return text

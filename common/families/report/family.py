@@ -117,11 +117,16 @@ class ReportFamily:
 
         return fingerprint(site.model_path)
 
+    def peft_base(self, site: SiteInputs) -> str:
+        from common.models import resolve_model_dir
+
+        return str(resolve_model_dir(site.model_path))
+
     def load_base(self, site: SiteInputs) -> Base:
-        from common.models import fingerprint, load_base_model, resolve_model_dir
+        from common.models import fingerprint, load_base_model
 
         model, tok = load_base_model(site.model_path)
-        return Base(model, fingerprint(site.model_path), str(resolve_model_dir(site.model_path)), tok)
+        return Base(model, fingerprint(site.model_path), tok)
 
     def to_compute(self, base: Base, dtype: str) -> str:
         from common.models import cast_parameters, compute_dtype, model_device

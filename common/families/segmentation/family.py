@@ -118,11 +118,14 @@ class SegmentationFamily:
 
         return sam.fingerprint(site.model_path)
 
+    def peft_base(self, site: SiteInputs) -> str:
+        return str(site.model_path)
+
     def load_base(self, site: SiteInputs) -> Base:
         from common.families.segmentation import sam
 
         model = sam.load_sam(site.model_path)
-        return Base(model, sam.model_fingerprint(model), str(site.model_path))
+        return Base(model, sam.model_fingerprint(model))
 
     def to_compute(self, base: Base, dtype: str) -> str:
         return "float32"  # trained and scored in float32 whatever the site's compute dtype

@@ -1,0 +1,144 @@
+"""A task family plugs in with one folder and one table line, and nothing in ``server/``,
+``client/`` or ``deploy/`` learns its name.
+
+The toy family (``tests/support_families/toy/``: its own data, a tiny two-layer model, its own
+metric ``accuracy``) is registered by ONE line (``register_family``), then runs enrol -> compose ->
+evaluate through the real ServerApp ``main`` and the real ClientApp handlers in this process
+(``LocalGrid``), into its own registry under the coordinator's registry root.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from support import LocalGrid
+
+from common.families import FAMILIES, family_registry_dirs, get_family, register_family
+from common.families.base import Family
+from common.trust.signing import generate_keypair
+from deploy import tls
+from server.allowlist import AllowList
+
+REPO = Path(__file__).resolve().parents[1]
+SITES = ("h1", "h2", "h3")
+RELEASE = {"z-min-examples": 5, "metrics-min-reports": 2}
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory):
+    from flwr.app import Context, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+    from support_families.toy import make_toy_base, write_toy_site
+
+    register_family("toy", "support_families.toy:FAMILY")  # the one table line
+    tmp = tmp_path_factory.mktemp("toy-family")
+    model = make_toy_base(tmp / "toy-model")
+    registry = tmp / "registry"
+    allow = AllowList(tmp / "allowlist.json")
+    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    nodes = {}
+    for i, site in enumerate(SITES, start=301):
+        _, pub = generate_keypair(tmp / "sites" / site / "keys", site)
+        allow.add(site, pub.read_text())
+        node_key = tls.make_supernode_keys(tmp / "supernode-keys" / site, site)
+        allow.node_keys.add(site, node_key.public_key.read_text())
+        nc = {
+            "site-id": site,
+            "task": "toy",
+            "data-path": str(write_toy_site(tmp / "data" / site, seed=i)),
+            "model-path": str(model),
+            "site-dir": str(tmp / "sites" / site),
+            "threads": 1,
+            "supernode-key": str(node_key.private_key),
+            "coordinator-key": str(registry / "coordinator.pub"),
+            **RELEASE,
+        }
+        nodes[i] = Context(run_id=1, node_id=i, node_config=nc, state=RecordDict(), run_config={})
+    yield {"tmp": tmp, "nodes": nodes, "registry": registry, "model": model, "allowlist": allow.path}
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
+    FAMILIES.pop("toy", None)
+
+
+def run(toy: dict, run_id: int, **rc) -> dict:
+    from flwr.app import Context, RecordDict
+
+    from server.app import main
+
+    rc = {
+        "registry-dir": str(toy["registry"]),
+        "base-model": str(toy["model"]),
+        "allowlist": str(toy["allowlist"]),
+        "chroma": "off",
+        "task": "toy",
+        "steps": 15,
+        "lora-r": 2,
+        "lora-alpha": 4.0,
+        "lr": 0.5,
+        **rc,
+    }
+    for ctx in toy["nodes"].values():
+        ctx.run_config, ctx.run_id = rc, run_id
+    main(
+        LocalGrid(toy["nodes"], run_id),
+        Context(run_id=run_id, node_id=1, node_config={}, state=RecordDict(), run_config=rc),
+    )
+    return json.loads((toy["registry"] / "runs" / f"{run_id}-{rc['mode']}.json").read_text())
+
+
+def test_the_toy_family_implements_the_protocol():
+    register_family("toy", "support_families.toy:FAMILY")
+    family = get_family("toy")
+    assert isinstance(family, Family) and family.metric == "accuracy"
+
+
+def test_a_family_in_one_folder_enrols_composes_and_evaluates_through_the_real_apps(toy):
+    from server.registry import Registry
+
+    enrolled = run(toy, 41, mode="enroll", sites=",".join(SITES))
+    assert {s: r["status"] for s, r in enrolled["enroll"].items()} == dict.fromkeys(SITES, "accepted"), enrolled
+    assert family_registry_dirs(toy["registry"])["toy"] == toy["registry"] / "toy"
+    with Registry(toy["registry"] / "toy", chroma="off") as reg:
+        assert sorted(r.meta.site for r in reg.list()) == list(SITES)
+        assert reg.representation == "toy-proj-mean" and reg.embedding_dim == 8
+        assert {r.meta.task for r in reg.list()} == {"toy"}
+
+    composed = run(toy, 42, mode="compose", target="h1", k=2, strategy="sim")
+    out = composed["compose"]["h1"]
+    assert out["status"] == "delivered" and out["evaluated"], out
+    assert 0.0 <= out["metrics"]["accuracy"] <= 1.0 and "h1" not in out["sites"]
+    delivered = toy["tmp"] / "sites" / "h1" / "adapters" / out["adapter_name"]
+    assert json.loads((delivered / "rpe-provenance.json").read_text())["task"] == "toy"
+
+    evaluated = run(toy, 43, mode="evaluate", k=2, **{"eval-strategies": "sim,lin"})
+    assert evaluated["status"] == "completed", evaluated.get("error")
+    rows = evaluated["evaluate"]["rows"]
+    assert {r["target"] for r in rows} == set(SITES), evaluated["evaluate"]["problems"]
+    assert {r["method"] for r in rows} == {"base", "sim", "lin", "nearest", "avg", "own"}
+    assert all(r["metric"] == "accuracy" and 0.0 <= r["score"] <= 1.0 for r in rows)
+    with open(evaluated["evaluate"]["outputs"]["csv"], newline="") as fh:
+        assert next(csv.reader(fh))[2] == "accuracy"  # the results column is the family's metric
+    assert "(Accuracy)" in Path(evaluated["evaluate"]["outputs"]["markdown"]).read_text()
+
+
+def test_adding_the_toy_family_changed_nothing_in_server_client_or_deploy():
+    """No file of the apps names the toy family: it is one folder under tests/ plus one line."""
+    out = subprocess.run(
+        ["git", "grep", "-n", "-i", "-e", "toy", "--", "server", "client", "deploy"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    hits = [line for line in out.stdout.splitlines() if "support_families" in line or "ToyFamily" in line]
+    assert not hits, hits
+
+
+def test_reading_the_family_table_imports_no_torch():
+    code = "import sys, common.families as f; f.family_names(); f.get_family('segmentation'); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
