@@ -12,9 +12,12 @@ fi
 stamp=.venv/.rpe-installed
 if [ ! -f "$stamp" ] || [ requirements.txt -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements-nodeps.txt -nt "$stamp" ]; then
   echo "[setup] installing dependencies (first run: a few minutes)"
-  .venv/bin/pip install --quiet --disable-pip-version-check -r requirements.txt 2>&1 | grep -v "is ignored: it is neither" || true
-  .venv/bin/pip install --quiet --disable-pip-version-check --no-deps -r requirements-nodeps.txt
-  .venv/bin/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 | grep -v "is ignored: it is neither" || true
+  # a failed install stops here (pipefail; only grep's "nothing left" status is forgiven), so the
+  # stamp is not written and the next run tries again
+  quiet() { grep -v "is ignored: it is neither" || true; }
+  .venv/bin/pip install --quiet --disable-pip-version-check -r requirements.txt 2>&1 | quiet
+  .venv/bin/pip install --quiet --disable-pip-version-check --no-deps -r requirements-nodeps.txt 2>&1 | quiet
+  .venv/bin/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 | quiet
   .venv/bin/python -c "import torch, transformers, peft, chromadb, flwr" || { echo "[setup] dependency install failed" >&2; exit 1; }
   touch "$stamp"
 fi
