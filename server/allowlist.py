@@ -159,7 +159,7 @@ NODE_KEYS_FILE = "supernode-keys.json"
 class NodeKeys(_SiteKeyFile):
     """The coordinator's JSON file ``{site_id: SuperNode public key (OpenSSH line)}``.
 
-    Written when a site's SuperNode key is registered with the SuperLink (``deploy/launch.py``
+    Written when a site's SuperNode key is registered with the SuperLink (``deploy/launch/``
     ``up`` / ``register``), re-read on every lookup. Once it names any site, discovery binds every
     site id to its recorded key: a whoami not signed with the SuperNode key recorded for the
     claimed site is refused (``server.messaging.verify_identity``).

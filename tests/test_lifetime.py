@@ -7,6 +7,7 @@ can run); PR_SET_PDEATHSIG must take the SuperLink, nginx and everything they sp
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -130,7 +131,7 @@ def test_superlink_waits_longer_for_sqlite_locks(tmp_path: Path) -> None:
         conn.close()
     finally:
         sql_mixin.SQLITE_PRAGMAS = saved
-    assert "deploy.superlink_main" in Path(launch.__file__).read_text()
+    assert "deploy.superlink_main" in Path(inspect.getsourcefile(launch.start_superlink)).read_text()
 
 
 def test_idle_supernode_asks_for_work_every_second_not_every_three(monkeypatch) -> None:
@@ -151,7 +152,7 @@ def test_idle_supernode_asks_for_work_every_second_not_every_three(monkeypatch) 
     finally:
         sci.time = saved
     assert slept == [1.0, 0.5]
-    assert "deploy.supernode_main" in Path(launch.__file__).read_text()
+    assert "deploy.supernode_main" in Path(inspect.getsourcefile(launch.start_supernode)).read_text()
     assert launch.process_env(Path("/tmp/x"))["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == str(launch.SUPEREXEC_POLL_S)
 
 

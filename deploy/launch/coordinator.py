@@ -1,0 +1,291 @@
+"""The coordinator's processes: the SuperLink (certificates, TLS, SuperNode auth), the SuperExec
+it starts for ServerApps (restarted if it died), nginx in front of it, and the registration of
+the sites' SuperNode keys and submission-signing keys.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from common.trust.signing import generate_keypair
+from deploy import proxy, tls
+from deploy.launch.errors import LaunchError
+from deploy.launch.flower_cli import register_site, supernode_status, write_flwr_config
+from deploy.launch.processes import (
+    cmdline,
+    descendants,
+    is_alive,
+    proc_start_time,
+    process_env,
+    spawn,
+    stop_process,
+    wait_port,
+)
+from deploy.launch.state import DEFAULT_SUPERLINK_PORT, FEDERATION, SiteSpec, load_state, save_state
+from server.allowlist import AllowList
+
+
+def start_superlink(
+    workdir: Path,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_SUPERLINK_PORT,
+    tls_hosts: list[str] | None = None,
+    sites: list[str] | None = None,
+    registry: str | None = None,
+    federation: str = FEDERATION,
+    timeout: float = 60.0,
+    allowlist: Path | None = None,
+    proxy: bool = False,
+    site_networks: list[str] | None = None,
+    inner_port: int | None = None,
+    operator_ca: Path | None = None,
+) -> dict[str, Any]:
+    """Certificates (reused if present), the SuperLink with TLS + SuperNode auth, and config.toml.
+
+    With ``proxy`` the SuperLink listens on 127.0.0.1:``inner_port`` (default ``port`` + 1000) only
+    and nginx (:func:`start_proxy`) is the public ``host:port``: sites (``site_networks``) reach the
+    Fleet API, only loopback or an operator-CA client certificate reaches the Control API.
+    """
+    workdir = Path(workdir).resolve()
+    state = load_state(workdir)
+    if state.get("superlink") and is_alive(state["superlink"]["pid"], state["superlink"]["start_time"]):
+        raise LaunchError(f"a SuperLink from this workdir already runs (PID {state['superlink']['pid']})")
+    certs = workdir / "certs"
+    bundle = tls.generate(certs, list(sites or []), [h for h in [*(tls_hosts or []), host] if h != "0.0.0.0"])
+    flwr_home = workdir / "flwr-home"
+    extra = {"RPE_REGISTRY": str(Path(registry).resolve())} if registry else {}
+    if allowlist is not None:
+        extra["RPE_ALLOWLIST"] = str(Path(allowlist).resolve())
+    cmd = [
+        sys.executable,
+        "-m",
+        "deploy.superlink_main",  # flower-superlink, waiting longer for sqlite's lock
+        "--ssl-ca-certfile",
+        str(bundle.ca_cert),
+        "--ssl-certfile",
+        str(bundle.server_cert),
+        "--ssl-keyfile",
+        str(bundle.server_key),
+        "--enable-supernode-auth",
+        "--disable-runtime-dependency-installation",
+        "--database",
+        str(workdir / "superlink.db"),
+    ]
+    link_host, link_port = host, port
+    if proxy:
+        link_host, link_port = "127.0.0.1", inner_port or port + 1000
+    cmd += ["--host", link_host, "--port", str(link_port)]
+    proc = spawn(cmd, workdir / "logs" / "superlink.log", process_env(flwr_home, extra), workdir)
+    connect_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    proc.update(address=f"{connect_host}:{port}", host=link_host, port=link_port)
+    state.update(
+        superlink=proc,
+        flwr_home=str(flwr_home),
+        certs=str(certs),
+        federation=federation,
+        ca_cert=str(bundle.ca_cert),
+        proxy=None,
+    )
+    save_state(workdir, state)
+    try:
+        wait_port("127.0.0.1" if link_host in ("0.0.0.0", "::") else link_host, link_port, timeout, proc)
+        if proxy:
+            state["proxy"] = start_proxy(workdir, host, port, link_port, bundle, site_networks, operator_ca)
+            save_state(workdir, state)
+        write_flwr_config(flwr_home, federation, proc["address"], bundle.ca_cert)
+        deadline = time.monotonic() + timeout
+        while True:  # the port opens before the Control API answers
+            try:
+                supernode_status(flwr_home, federation)
+                break
+            except LaunchError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        state["superexec_argv"] = _superexec_argv(proc["pid"], timeout=15.0)
+        save_state(workdir, state)
+    except BaseException:
+        if state.get("proxy"):
+            stop_process(state["proxy"]["pid"], state["proxy"]["start_time"])
+        stop_process(proc["pid"], proc["start_time"])
+        raise
+    return state
+
+
+def live_superexec(superlink_pid: int) -> bool:
+    """A live ``flower-superexec`` serving this SuperLink: its child, or one ``ensure_superexec``
+    restarted (not a child, but watching the same ``--parent-pid``)."""
+    if any(any(a.endswith("flower-superexec") for a in cmdline(pid)) for pid, _ in descendants(superlink_pid)):
+        return True
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and proc_start_time(int(entry.name)) is not None:
+            argv = cmdline(int(entry.name))
+            if (
+                any(a.endswith("flower-superexec") for a in argv)
+                and "--parent-pid" in argv
+                and argv[argv.index("--parent-pid") + 1 :][:1] == [str(superlink_pid)]
+            ):
+                return True
+    return False
+
+
+def _superexec_argv(superlink_pid: int, timeout: float) -> list[str]:
+    """The command line of the SuperExec the SuperLink started for its ServerApps ([] if none showed)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for pid, _ in descendants(superlink_pid):
+            argv = cmdline(pid)
+            if any(a.endswith("flower-superexec") for a in argv):
+                return argv
+        time.sleep(0.2)
+    return []
+
+
+def ensure_superexec(workdir: Path) -> bool:
+    """Restart the SuperLink's SuperExec if it died; True if it was restarted.
+
+    Why: in flwr 1.41 the SuperExec that launches ServerApps has no error handling around its
+    ``AcquireTask`` poll; one HTTP 500 from the SuperLink (sqlite "database is locked" under load,
+    seen in the main job with 10 SuperNodes on 2 cores) kills it, the SuperLink never starts it
+    again, and every later run stays ``pending`` forever. The restarted one has the same command
+    line (its ``--parent-pid`` is the SuperLink's, so it still dies with it)."""
+    state = load_state(workdir)
+    link, argv = state.get("superlink"), state.get("superexec_argv")
+    if not link or not argv or not is_alive(link["pid"], link["start_time"]) or live_superexec(link["pid"]):
+        return False
+    log_path = Path(workdir) / "logs" / "superexec-restarted.log"
+    try:  # the SuperLink's own environment (e.g. $RPE_ALLOWLIST, $RPE_REGISTRY): what the first one inherited
+        raw = Path(f"/proc/{link['pid']}/environ").read_bytes()
+        env = dict(item.decode().split("=", 1) for item in raw.split(b"\0") if b"=" in item)
+    except OSError:
+        env = process_env(Path(state["flwr_home"]))
+    with open(log_path, "ab") as log:
+        subprocess.Popen(
+            argv,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=workdir,
+        )
+    print(
+        f"[launch] the SuperLink's SuperExec had exited (flwr 1.41 dies on one HTTP 500 from the SuperLink); "
+        f"restarted it (log: {log_path})",
+        file=sys.stderr,
+        flush=True,
+    )
+    return True
+
+
+def nginx_binary() -> str:
+    """Debian's nginx (``apt-get install nginx``); its default site config is never used."""
+    found = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    if not found:
+        raise LaunchError("the reverse proxy needs nginx: apt-get install nginx (or pass --no-proxy on one machine)")
+    return found
+
+
+def start_proxy(
+    workdir: Path,
+    listen_host: str,
+    listen_port: int,
+    upstream_port: int,
+    bundle: tls.TlsBundle,
+    site_networks: list[str] | None = None,
+    operator_ca: Path | None = None,
+    timeout: float = 30.0,
+) -> dict[str, Any]:
+    """nginx in front of the SuperLink (see deploy/proxy.py for what it forwards from where),
+    with its own prefix directory ``<workdir>/proxy`` and config, started and stopped by PID."""
+    spec = proxy.ProxySpec(
+        Path(workdir) / "proxy",
+        listen_host,
+        listen_port,
+        upstream_port,
+        bundle.server_cert,
+        bundle.server_key,
+        bundle.ca_cert,
+        list(site_networks or []),
+        operator_ca,
+    )
+    conf = proxy.write_config(spec)
+    prefix = str(spec.prefix.resolve())
+    check = subprocess.run(
+        [nginx_binary(), "-t", "-q", "-p", prefix, "-c", str(conf), "-e", f"{prefix}/logs/error.log"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    if check.returncode != 0:
+        raise LaunchError(f"nginx rejected {conf}: {check.stderr.strip()}")
+    cmd = [nginx_binary(), "-p", prefix, "-c", str(conf), "-e", f"{prefix}/logs/error.log"]
+    proc = spawn(cmd, Path(workdir) / "logs" / "proxy.log", dict(os.environ), Path(workdir))
+    connect_host = "127.0.0.1" if listen_host in ("0.0.0.0", "::") else listen_host
+    proc.update(
+        host=listen_host,
+        port=listen_port,
+        upstream_port=upstream_port,
+        config=str(conf),
+        site_networks=spec.site_networks,
+        operator_ca=str(operator_ca) if operator_ca else None,
+    )
+    try:
+        wait_port(connect_host, listen_port, timeout, proc)
+    except BaseException:
+        stop_process(proc["pid"], proc["start_time"])
+        raise
+    return proc
+
+
+def register_sites(workdir: Path, public_keys: dict[str, Path], record: Path | None = None) -> dict[str, int | None]:
+    """Register each site's public key with the SuperLink of this workdir (in parallel: each
+    ``flwr`` call is a CLI process of its own). With ``record`` (the coordinator's allow-list
+    file), the keys are also written to the coordinator's own record of site -> SuperNode key
+    beside it (``server.allowlist.NodeKeys``), which discovery binds every site id to."""
+    if record is not None:
+        node_keys = AllowList(record).node_keys
+        for site, key in public_keys.items():
+            node_keys.add(tls.check_site_id(site), Path(key).read_text(), replace=True)
+    state = load_state(workdir)
+    flwr_home = Path(state["flwr_home"])
+    federation = state.get("federation", FEDERATION)
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(public_keys)))) as pool:
+        futures = {
+            site: pool.submit(register_site, flwr_home, key, site, federation) for site, key in public_keys.items()
+        }
+        node_ids = {site: f.result() for site, f in futures.items()}
+    known = state.setdefault("registered", {})
+    for site, node_id in node_ids.items():
+        if node_id is not None:
+            known[site] = node_id
+    save_state(workdir, state)
+    return {site: known.get(site) for site in public_keys}
+
+
+def signing_keys(workdir: Path, sites: list[SiteSpec]) -> Path:
+    """Each site's Ed25519 submission key in ``<site-dir>/keys/`` (kept if present) and the
+    coordinator's allow-list ``<workdir>/allowlist.json`` of their public keys."""
+    allow = AllowList(Path(workdir) / "allowlist.json")
+    for spec in sites:
+        keys = Path(spec.site_dir) / "keys"
+        if not (keys / f"{spec.site}.key").exists():
+            generate_keypair(keys, spec.site)
+        allow.add(spec.site, (keys / f"{spec.site}.pub").read_text())
+    return allow.path
+
+
+def coordinator_public_key(registry: str | os.PathLike[str]) -> Path:
+    """The public key file the sites pin as ``coordinator-key``: ``<registry>/coordinator.pub``.
+    The ServerApp makes the key on its first delivery (``server/coordkey.py``), after the registry
+    exists; a site reads the file when a delivery arrives. On another machine, copy it to the site."""
+    from server.coordkey import public_key_path  # lazy: server.coordkey imports the registry (and torch)
+
+    return public_key_path(Path(registry).resolve())

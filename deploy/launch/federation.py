@@ -1,0 +1,112 @@
+"""The whole federation on one machine: ``up`` (SuperLink, keys, one SuperNode per site, all
+online), ``down`` (every recorded process, by PID) and ``status``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from deploy import tls
+from deploy.launch.coordinator import coordinator_public_key, register_sites, signing_keys, start_superlink
+from deploy.launch.errors import LaunchError
+from deploy.launch.flower_cli import supernode_status
+from deploy.launch.processes import is_alive, stop_process
+from deploy.launch.sites import start_supernode, wait_online
+from deploy.launch.state import DEFAULT_SUPERLINK_PORT, FEDERATION, SiteSpec, load_state
+
+
+def up(
+    workdir: Path,
+    sites: list[SiteSpec],
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_SUPERLINK_PORT,
+    registry: str | None = None,
+    tls_hosts: list[str] | None = None,
+    timeout: float = 90.0,
+    sign: bool = True,
+    proxy: bool | None = None,
+    site_networks: list[str] | None = None,
+) -> dict[str, Any]:
+    """Everything on one machine: SuperLink, key registration, one SuperNode per site, all online.
+
+    ``proxy`` (default: on unless ``host`` is loopback) puts nginx in front of the SuperLink.
+
+    With ``sign`` (default) every site also gets an Ed25519 key for signing its submissions, and
+    the SuperLink's ServerApp finds their allow-list through ``$RPE_ALLOWLIST``.
+    """
+    workdir = Path(workdir).resolve()
+    pinned = str(coordinator_public_key(registry)) if registry else ""
+    for spec in sites:
+        spec.site_dir = str(Path(spec.site_dir or workdir / "sites" / spec.site).resolve())
+        spec.coordinator_key = spec.coordinator_key or pinned
+    allowlist = signing_keys(workdir, sites) if sign else None
+    if proxy is None:
+        proxy = host not in ("127.0.0.1", "localhost", "::1")
+    state = start_superlink(
+        workdir,
+        host,
+        port,
+        tls_hosts,
+        [s.site for s in sites],
+        registry,
+        timeout=timeout,
+        allowlist=allowlist,
+        proxy=proxy,
+        site_networks=site_networks,
+    )
+    try:
+        certs = Path(state["certs"])
+        register_sites(workdir, {s.site: certs / f"{s.site}_auth.pub" for s in sites}, record=allowlist)
+        for spec in sites:
+            start_supernode(
+                workdir, spec, state["superlink"]["address"], certs / tls.CA_CERT, certs / f"{spec.site}_auth"
+            )
+        wait_online(workdir, [s.site for s in sites], timeout)
+    except BaseException:
+        down(workdir)
+        raise
+    return load_state(workdir)
+
+
+def down(workdir: Path, timeout: float = 15.0) -> dict[str, str]:
+    """Stop every SuperNode, then the SuperLink, recorded in the workdir's state file."""
+    state = load_state(workdir)
+    result: dict[str, str] = {}
+    for site, proc in state.get("sites", {}).items():
+        result[f"supernode-{site}"] = stop_process(proc["pid"], proc["start_time"], timeout)
+    if state.get("proxy"):
+        result["proxy"] = stop_process(state["proxy"]["pid"], state["proxy"]["start_time"], timeout)
+    if state.get("superlink"):
+        result["superlink"] = stop_process(state["superlink"]["pid"], state["superlink"]["start_time"], timeout)
+    return result
+
+
+def status(workdir: Path) -> dict[str, Any]:
+    """Which recorded processes run, and what the SuperLink says about each registered node."""
+    state = load_state(workdir)
+    out: dict[str, Any] = {"workdir": state.get("workdir"), "processes": {}, "nodes": {}}
+    link = state.get("superlink")
+    if link:
+        out["processes"]["superlink"] = {
+            "pid": link["pid"],
+            "address": link.get("address"),
+            "running": is_alive(link["pid"], link["start_time"]),
+        }
+    for site, proc in state.get("sites", {}).items():
+        out["processes"][f"supernode-{site}"] = {
+            "pid": proc["pid"],
+            "port": proc["port"],
+            "running": is_alive(proc["pid"], proc["start_time"]),
+        }
+    if link and out["processes"]["superlink"]["running"]:
+        try:
+            nodes = supernode_status(Path(state["flwr_home"]), state.get("federation", FEDERATION))
+        except LaunchError as exc:
+            nodes = {}
+            out["error"] = str(exc)
+        names = {nid: s for s, nid in state.get("registered", {}).items()}
+        out["nodes"] = {str(nid): {"site": names.get(nid), "status": st} for nid, st in nodes.items()}
+    if state.get("flwr_home"):
+        out["flwr_home"] = state["flwr_home"]
+    return out

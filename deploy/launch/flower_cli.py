@@ -1,0 +1,83 @@
+"""The ``flwr`` command line as functions: the operator's config.toml, ``flwr <cmd> --format json``,
+registering a SuperNode key and listing the SuperNodes. (``runs.py`` submits and follows runs.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+from deploy.launch.errors import LaunchError
+from deploy.launch.processes import flower_bin, process_env
+from deploy.launch.state import FEDERATION
+
+
+def write_flwr_config(
+    flwr_home: Path, name: str, address: str, root_certificates: Path | None, make_default: bool = True
+) -> Path:
+    """Add/replace ``[superlink.<name>]`` in ``$FLWR_HOME/config.toml``, keeping other entries."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    path = flwr_home / "config.toml"
+    data: dict[str, Any] = tomllib.loads(path.read_text()) if path.exists() else {}
+    superlink = data.setdefault("superlink", {})
+    entry: dict[str, Any] = {"address": address}
+    if root_certificates is None:
+        entry["insecure"] = True
+    else:
+        entry["root-certificates"] = str(Path(root_certificates).resolve())
+    superlink[name] = entry
+    if make_default or "default" not in superlink:
+        superlink["default"] = name
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(tomli_w.dumps(data))
+    os.replace(tmp, path)
+    return path
+
+
+#: Prepended to every ``flwr`` CLI command, e.g. ``["ip", "netns", "exec", "coord"]`` to act as an
+#: operator inside another network namespace (the multi-host tests).
+CLI_PREFIX: list[str] = []
+
+
+def flwr_cli(args: list[str], flwr_home: Path, timeout: float = 60.0) -> dict[str, Any]:
+    """Run ``flwr <args> --format json``; return the parsed JSON (``flwr`` exits 0 even on failure)."""
+    cmd = [*CLI_PREFIX, flower_bin("flwr"), *args, "--format", "json"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=process_env(flwr_home), timeout=timeout)
+    text = res.stdout.strip()
+    start = text.find("{")
+    try:
+        out = json.loads(text[start:]) if start >= 0 else {}
+    except json.JSONDecodeError:
+        out = {}
+    if not out:
+        raise LaunchError(f"{' '.join(cmd)} printed no JSON (rc={res.returncode}): {res.stdout}{res.stderr}")
+    return out
+
+
+def register_site(flwr_home: Path, public_key: Path, site: str, federation: str = FEDERATION) -> int | None:
+    """``flwr supernode register``; returns the node id, or None if the key was registered before."""
+    out = flwr_cli(["supernode", "register", str(public_key), federation, "--name", f"site-{site}"], flwr_home)
+    if out.get("success"):
+        return int(out["node-id"])
+    message = str(out.get("error-message", ""))
+    if "already in use" in message:
+        return None
+    raise LaunchError(f"registering site {site!r} failed: {message}")
+
+
+def supernode_status(flwr_home: Path, federation: str = FEDERATION) -> dict[int, str]:
+    """{node id: status} from ``flwr supernode ls``."""
+    out = flwr_cli(["supernode", "ls", federation], flwr_home)
+    if not out.get("success"):
+        raise LaunchError(f"flwr supernode ls failed: {out.get('error-message')}")
+    return {int(n["node-id"]): str(n["status"]) for n in out.get("nodes", [])}
