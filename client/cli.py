@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from common.cli_base import CliError
+from common.families import DEFAULT_FAMILY
 
 PRIVACY_DESCRIPTION = (
     "``rpe privacy``: plan, calibrate and account a site's differential privacy (``common.privacy``).\n"
@@ -28,39 +29,23 @@ PRIVACY_DESCRIPTION = (
 
 
 def cmd_embed(args: argparse.Namespace) -> None:
+    """z of any family from a site's data (``Family.examples_from`` + ``Family.embed``), with the
+    site's Gaussian mechanism when asked: the z a site would release for an embedding query."""
     import numpy as np
 
-    from common.families.report.data import read_jsonl
-    from common.families.report.task import TextReportTask
-
-    examples = read_jsonl(args.data)
-    task = TextReportTask()
-    texts = task.embedding_texts(examples)
-    mech = _z_mechanism(args)  # before the branch: None for minilm (it refuses noise options there)
+    mech = _z_mechanism(args)  # first: it refuses noise options for minilm
+    source = Path(args.images or args.data)
     if args.representation == "minilm":
-        from common.embedding import sentence_embedding
-
-        res = sentence_embedding(texts, progress=not args.quiet)
+        res = _minilm_embedding(args, source)
     else:
-        from common.embedding import mean_embedding
-        from common.models import load_base_model
-
-        model, tok = load_base_model(args.model)
-        res = mean_embedding(
-            model,
-            tok,
-            texts,
-            layer=args.layer,
-            max_length=args.max_length,
-            progress=not args.quiet,
-            clip_norm=mech.clip if mech else None,
-        )
+        res = _family_embedding(args, source, mech.clip if mech else None)
     z = res.z if mech is None else mech.apply(res.z, res.n_tokens)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, z.astype(np.float32))
     summary = {
         "out": str(out),
+        "family": args.family,
         "dim": int(res.z.shape[0]),
         "examples": res.n_examples,
         "tokens": res.n_tokens,
@@ -74,6 +59,44 @@ def cmd_embed(args: argparse.Namespace) -> None:
         if args.json
         else f"wrote {out}: z of dim {summary['dim']} over {res.n_examples} examples / {res.n_tokens} tokens"
     )
+
+
+def _family_embedding(args: argparse.Namespace, source: Path, clip_norm: float | None) -> Any:
+    """z before noise from the family's own reader and encoder (its frozen base model)."""
+    import tempfile
+
+    from common.families import UnknownFamilyError, get_family
+    from common.families.base import FamilyError, SiteInputs
+
+    try:
+        family = get_family(args.family)
+    except UnknownFamilyError as exc:
+        raise CliError(f"--family: {exc}") from None
+    model = args.model or family.default_model
+    if not model:
+        raise CliError(f"--model: the {family.name} family has no default base model; name one")
+    try:
+        examples = family.examples_from(source)
+    except (FamilyError, OSError, ValueError) as exc:
+        raise CliError(f"{source}: {exc}") from None
+    if not examples:
+        raise CliError(f"{source} holds no {family.name} examples to embed")
+    if family.z_states(SiteInputs("cli", source, model, source)) <= 1 and args.layer != -1:
+        raise CliError(f"--layer: a {family.name} z is its base model's output; use -1")
+    with tempfile.TemporaryDirectory(prefix="rpe-embed-") as work:
+        inputs = SiteInputs("cli", source, model, Path(work))
+        return family.embed(family.load_base(inputs), inputs, examples, args.layer, clip_norm)
+
+
+def _minilm_embedding(args: argparse.Namespace, source: Path) -> Any:
+    """The MiniLM sentence embedding of a report file (the report family's alternative z)."""
+    from common.embedding import sentence_embedding
+    from common.families.report.data import read_jsonl
+    from common.families.report.task import TextReportTask
+
+    if args.family != DEFAULT_FAMILY:
+        raise CliError(f"--representation minilm embeds report text; it is not a z of the {args.family} family")
+    return sentence_embedding(TextReportTask().embedding_texts(read_jsonl(source)), progress=not args.quiet)
 
 
 def _z_mechanism(args: argparse.Namespace) -> Any:
@@ -176,22 +199,27 @@ def register(sub: Any) -> None:
     """Add the site's commands to the top-level ``rpe`` subparsers."""
     e = sub.add_parser(
         "embed",
-        help="compute a dataset's mean embedding z (site side)",
-        description="Mean of a hidden layer of the frozen base model over all non-padding "
-        "tokens of a dataset (JSONL with 'prompt' fields; labels are not needed).",
+        help="compute a site's embedding z for any task family (site side)",
+        description="z of a site's data as the family computes it for an embedding query: for "
+        "reports (--family report-text, the default) the mean of a hidden layer of the frozen base "
+        "model over all non-padding tokens (JSONL with 'prompt' fields); for segmentation "
+        "(--family segmentation --images DIR) the mean of the frozen encoder's output over the images. "
+        "Labels are never read.",
     )
-    e.add_argument("--data", required=True, help="JSONL dataset file")
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="the site's data: a JSONL file or data directory (reports)")
+    src.add_argument("--images", help="a folder of images (or one image) for an image family")
+    e.add_argument("--family", default=DEFAULT_FAMILY, help=f"task family (default {DEFAULT_FAMILY})")
     e.add_argument("--out", required=True, help="where to write z (.npy)")
-    e.add_argument("--model", default="smollm2-135m-instruct", help="base model directory or name")
+    e.add_argument("--model", default=None, help="base model directory or name (default: the family's)")
     e.add_argument("--representation", choices=["hidden-mean", "minilm"], default="hidden-mean")
     e.add_argument("--layer", type=int, default=-1)
-    e.add_argument("--max-length", type=int, default=256, help="tokens per example (longer are truncated)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.add_argument("--json", action="store_true")
     e.add_argument(
         "--z-clip",
         type=float,
-        help="Gaussian mechanism: L2 bound on each report's token sum "
+        help="Gaussian mechanism: L2 bound on each example's vector (a report's token sum) "
         "(`rpe privacy z-norms` helps choose it); needs --z-epsilon or --z-noise-multiplier",
     )
     e.add_argument("--z-epsilon", type=float, help="target ε of this z (σ is calibrated)")

@@ -142,3 +142,42 @@ def test_reading_the_family_table_imports_no_torch():
     code = "import sys, common.families as f; f.family_names(); f.get_family('segmentation'); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_rpe_embed_computes_the_z_of_any_family_from_a_sites_data(tmp_path, capsys):
+    """``rpe embed --family segmentation --images DIR``: the z a segmentation site would release for
+    an embedding query (its frozen encoder over the images), and the same command for the toy family."""
+    import numpy as np
+    from support_families.toy import make_toy_base, write_toy_site
+
+    from common.dataroot import data_root
+    from common.families.base import SiteInputs
+    from common.families.segmentation import sam
+    from common.families.segmentation.data import read_images
+    from deploy.cli import main
+
+    images = data_root() / "prostate-multisite" / "RUNMC" / "train" / "image"
+    model = Path(sam.make_tiny_sam(tmp_path / "tiny-sam", seed=0))
+    main(
+        ["embed", "--family", "segmentation", "--images", str(images), "--model", str(model)]
+        + ["--out", str(tmp_path / "z.npy"), "--json"]
+    )
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["family"] == "segmentation" and summary["representation"] == "sam-encoder-mean"
+    family = get_family("segmentation")
+    inputs = SiteInputs("x", images, str(model), tmp_path / "work")
+    expect = family.embed(family.load_base(inputs), inputs, read_images(images), -1, None).z
+    assert summary["examples"] == len(read_images(images)) and np.allclose(np.load(tmp_path / "z.npy"), expect)
+
+    register_family("toy", "support_families.toy:FAMILY")
+    site = write_toy_site(tmp_path / "toy-site", seed=1)
+    main(
+        ["embed", "--family", "toy", "--data", str(site), "--model", str(make_toy_base(tmp_path / "toy-model"))]
+        + ["--out", str(tmp_path / "zt.npy"), "--json"]
+    )
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["dim"] == 8
+    with pytest.raises(SystemExit):  # a layer a segmentation z does not have is refused
+        main(
+            ["embed", "--family", "segmentation", "--images", str(images), "--model", str(model)]
+            + ["--layer", "0", "--out", str(tmp_path / "z0.npy")]
+        )

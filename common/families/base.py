@@ -154,6 +154,8 @@ class Family(Protocol):
     node_config_keys: tuple[str, ...]
     #: whether the family trains with DP-SGD when a site's policy asks for it (else it refuses)
     supports_dp: bool
+    #: the base model a site or command uses when none is named ("" = always name one)
+    default_model: str
 
     def counts(self, site: SiteInputs) -> DataCounts:
         """The whoami counts (no torch, no model; a site whose data cannot be read says ``ok=False``)."""
@@ -161,6 +163,11 @@ class Family(Protocol):
 
     def load_data(self, site: SiteInputs) -> SiteDataset:
         """The site's examples."""
+        ...
+
+    def examples_from(self, path: Path) -> list[Any]:
+        """The unlabeled examples in a file or folder a person names (``rpe embed``): what z is
+        pooled over, as for an embedding query; no label is read."""
         ...
 
     def z_examples(self, data: SiteDataset, enrolment: bool) -> list[Any]:

@@ -69,6 +69,7 @@ class ReportFamily:
     registry = RegistrySpec(subdir="", representation="hidden-mean")
     node_config_keys: tuple[str, ...] = ()
     supports_dp = True
+    default_model = "smollm2-135m-instruct"
 
     def task(self) -> Any:
         """The ``TextReportTask`` (prompts, training features, embedding texts, ROUGE-L)."""
@@ -84,6 +85,10 @@ class ReportFamily:
 
     def load_data(self, site: SiteInputs) -> SiteDataset:
         return load_site_examples(site.data_path)
+
+    def examples_from(self, path: Path) -> list[Any]:
+        """A JSONL file or a site's data directory; every report as unlabeled findings."""
+        return self.z_examples(load_site_examples(path), enrolment=False)
 
     def z_examples(self, data: SiteDataset, enrolment: bool) -> list[Any]:
         # at enrolment z is pooled over the reports the adapter is trained on; a query's z over every

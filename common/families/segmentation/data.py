@@ -85,6 +85,34 @@ def _pairs(image_dir: Path, mask_dir: Path) -> list[tuple[Path, Path]]:
     return [(image_dir / n, mask_dir / n) for n in names]
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def read_images(path: Path) -> list[np.ndarray]:
+    """The images in folder ``path`` (sorted by name; or the one image file ``path``), grey (H, W)
+    or RGB (H, W, 3) uint8 as a site's slices are. ``ValueError`` names what is wrong."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    elif path.is_file():
+        files = [path]
+    else:
+        raise ValueError(f"{path} does not exist; name a folder of images or one image file")
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {path}")
+    out = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                arr = np.array(im if im.mode in ("L", "RGB") else im.convert("RGB" if "A" in im.mode else "L"))
+        except (OSError, UnidentifiedImageError) as exc:
+            raise ValueError(f"{f}: not a readable image ({exc})") from None
+        out.append(arr[..., :3] if arr.ndim == 3 else arr)
+    return out
+
+
 def load_prostate_site(site: str, root: Path | None = None) -> SegSite:
     """A prostate site; masks are inverted on disk (0 = prostate), pairs matched by name."""
     if site not in PROSTATE_SITES:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -68,6 +69,7 @@ class SegmentationFamily:
     registry = RegistrySpec(subdir="segmentation", representation=REPRESENTATION)
     node_config_keys: tuple[str, ...] = ("seg-dataset", "seg-site", "seg-copies")
     supports_dp = False
+    default_model = "litemedsam"
 
     def _task(self, site: SiteInputs, spec: Any = None) -> Any:
         from common.families.segmentation.task import SegmentationTask
@@ -95,6 +97,15 @@ class SegmentationFamily:
         train = list(zip(s.train_images, s.train_masks, strict=True))
         held = list(zip(s.test_images, s.test_masks, strict=True))
         return SiteDataset(train, held, [], [f"{s.dataset}-{s.name}"], source=s)
+
+    def examples_from(self, path: Path) -> list[Any]:
+        """Every image in a folder (or one image file): grey or RGB, as a site's slices."""
+        from common.families.segmentation.data import read_images
+
+        try:
+            return read_images(path)
+        except ValueError as exc:
+            raise FamilyError(str(exc)) from None
 
     def z_examples(self, data: SiteDataset, enrolment: bool) -> list[Any]:
         return [image for image, _ in data.all]  # every image, at enrolment too; no mask is read

@@ -109,6 +109,7 @@ class ToyFamily:
     registry = RegistrySpec(subdir="toy", representation=REPRESENTATION)
     node_config_keys: tuple[str, ...] = ()
     supports_dp = False
+    default_model = ""
 
     def counts(self, site: SiteInputs) -> DataCounts:
         try:
@@ -122,6 +123,9 @@ class ToyFamily:
         if not train and not held:
             raise FamilyError(f"{site.data_path}: no train.jsonl or eval.jsonl")
         return SiteDataset(train, held, [], [f"toy-{site.site}"])
+
+    def examples_from(self, path: Path) -> list[Any]:
+        return [x for name in ("train.jsonl", "eval.jsonl") for x, _ in _read(path / name)]
 
     def z_examples(self, data: SiteDataset, enrolment: bool) -> list[Any]:
         return [x for x, _ in data.all]
