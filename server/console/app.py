@@ -1,10 +1,15 @@
-"""The console's web application (Starlette + Jinja2): read-only pages over one registry directory.
+"""The console's web application (Starlette + Jinja2): read-only pages over a coordinator's registries.
+
+Every family: pointed at the coordinator's registry root, the console opens each task family's
+registry under it (``server.coordroot.family_registries``) and every page says which family each
+adapter, composition, audit problem and evaluation belongs to; a family is picked with the
+``family`` query parameter where a name alone is ambiguous (a composition's seq, a run id).
 
 Why Starlette and server-side SVG: the console must run on a coordinator with no internet and be
 auditable by reading it; Starlette (already installed with Flower) routes and parses uploads,
 Jinja2 escapes every value, and matplotlib draws charts as SVG, so no JavaScript is shipped.
 
-Read-only by construction: the registry is opened with ``Registry(path, read_only=True)`` (no
+Read-only by construction: each registry is opened with ``Registry(path, read_only=True)`` (no
 lock, no Chroma, no writes); uploaded egress logs are parsed in memory (the cross-check reads a
 private temporary copy outside the registry) and what they show lives only in this process.
 Access: ``create_app(..., token=...)`` requires the token on every request — header
@@ -35,9 +40,10 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from server.console import charts, views
-from server.console.views import ConsoleInputError
+from server.console.views import ConsoleInputError, FamilyView
+from server.coordroot import family_registries
 from server.crosscheck import cross_check
-from server.registry import AUDIT_NAME, Registry
+from server.registry import Registry
 
 HERE = Path(__file__).resolve().parent
 MAX_UPLOAD_BYTES = 8 * 1024 * 1024  # an egress log line is ~1-3 kB: 8 MiB is thousands of replies
@@ -101,20 +107,32 @@ def _plain(status: int, message: str) -> Response:
 
 
 class Console:
-    """The state of one console: the read-only registry, its audit log path, and uploaded summaries."""
+    """The state of one console: every family's read-only registry, and uploaded summaries."""
 
     def __init__(self, registry_dir: str | os.PathLike[str], blob_key: Any = None) -> None:
-        self.registry = Registry(registry_dir, read_only=True, blob_key=blob_key)
-        self.root = self.registry.path
-        self.audit_path = self.root / AUDIT_NAME
+        root = Path(registry_dir).expanduser().resolve()
+        found = family_registries(root)
+        if not found:
+            Registry(root, read_only=True, blob_key=blob_key)  # raises the registry's own clear error
+            found = {root.name: root}
+        self.root = root
+        self.families: list[FamilyView] = views.open_families(found, blob_key=blob_key)
         self.uploads: dict[str, dict[str, Any]] = {}  # site -> spent summary of its uploaded egress log
         self.templates = Jinja2Templates(directory=HERE / "templates")
         self.templates.env.filters["fmt"] = _fmt
+
+    def family(self, request: Request) -> FamilyView:
+        """The family the request names (``?family=``), the root's when it names none."""
+        return views.family(self.families, request.query_params.get("family"))
 
     # -- helpers --------------------------------------------------------------------------------
     def page(self, request: Request, name: str, status: int = 200, **context: Any) -> Response:
         context.setdefault("nav", name.split(".")[0])
         context["registry_path"] = str(self.root)
+        context["families"] = [
+            {"name": f.name, "path": _rel(f.path, self.root), "records": f.stats()["records"], "error": f.error}
+            for f in self.families
+        ]
         return self.templates.TemplateResponse(request, name, context, status_code=status, headers=SECURITY_HEADERS)
 
     def error(self, request: Request, status: int, message: str, back: str = "/") -> Response:
@@ -146,41 +164,54 @@ class Console:
 
     # -- pages ----------------------------------------------------------------------------------
     async def overview(self, request: Request) -> Response:
+        stats = [{"family": f.name, "path": _rel(f.path, self.root), **f.stats()} for f in self.families]
         return self.page(
             request,
             "overview.html",
-            stats=self.registry.stats(),
-            sites=views.sites(self.registry, self.audit_path),
+            stats=stats,
+            total={k: sum(s[k] for s in stats) for k in ("records", "removed")},
+            sites=views.sites(self.families),
             disk=views.disk_bytes(self.root),
-            audit=views.audit_status(self.audit_path),
-            bases=self.registry.bases,
+            audit=views.audit_statuses(self.families),
+            bases=views.bases(self.families),
+            encryption={f.name: f.registry.blob_encryption for f in self.families if f.registry is not None},
         )
 
     async def registry_page(self, request: Request) -> Response:
         q = request.query_params
         sort, desc = q.get("sort", "created"), q.get("order") == "desc"
         try:
+            chosen = [self.family(request)] if q.get("family") else self.families
             rows = views.records(
-                self.registry, site=q.get("site"), task=q.get("task"), text=q.get("q"), sort=sort, descending=desc
+                self.families,
+                site=q.get("site"),
+                task=q.get("task"),
+                text=q.get("q"),
+                sort=sort,
+                descending=desc,
+                family_name=q.get("family"),
             )
         except ConsoleInputError as exc:
             return self.error(request, 400, str(exc), "/registry")
         colour = q.get("colour", "site")
         if colour not in ("site", "task"):
             return self.error(request, 400, f"the map can be coloured by site or task, not {colour!r}", "/registry")
-        filters = {k: q.get(k, "") for k in ("site", "task", "q")}
+        filters = {k: q.get(k, "") for k in ("family", "site", "task", "q")}
+        opened = [f for f in self.families if f.registry is not None]
         return self.page(
             request,
             "registry.html",
             rows=rows,
-            total=len(self.registry),
+            total=sum(len(f.registry) for f in opened),  # type: ignore[arg-type]
             sort=sort,
             desc=desc,
             colour=colour,
             filters=filters,
-            sites=sorted(self.registry.distinct("site")),
-            tasks=sorted(self.registry.distinct("task")),
+            maps=[f.name for f in chosen if f.registry is not None],
+            sites=sorted({s for f in opened for s in f.registry.distinct("site")}),  # type: ignore[union-attr]
+            tasks=sorted({t for f in opened for t in f.registry.distinct("task")}),  # type: ignore[union-attr]
             query=urlencode({k: v for k, v in {**filters, "colour": colour}.items() if v}),
+            map_query=urlencode({k: v for k, v in {**filters, "colour": colour}.items() if v and k != "family"}),
         )
 
     async def registry_map(self, request: Request) -> Response:
@@ -188,37 +219,44 @@ class Console:
         colour = q.get("colour", "site")
         if colour not in ("site", "task"):
             return _plain(400, f"colour must be site or task, not {colour!r}")
-        recs = self.registry.list(site=q.get("site") or None, task=q.get("task") or None)
+        try:
+            fam = self.family(request)
+        except ConsoleInputError as exc:
+            return _plain(400, str(exc))
+        reg = fam.registry
+        if reg is None:
+            return _plain(404, f"the {fam.name} registry cannot be opened: {fam.error}")
+        recs = reg.list(site=q.get("site") or None, task=q.get("task") or None)
         if q.get("q"):
             recs = [r for r in recs if q["q"].lower() in r.id.lower()]
-        coords, explained = charts.pca_2d(
-            self.registry.embeddings([r.id for r in recs]) if recs else _empty(self.registry.embedding_dim)
-        )
+        coords, explained = charts.pca_2d(reg.embeddings([r.id for r in recs]) if recs else _empty(reg.embedding_dim))
         labels = [r.meta.site if colour == "site" else r.meta.task for r in recs]
-        svg = charts.pca_map_svg(coords, labels, explained, colour)
+        svg = charts.pca_map_svg(coords, labels, explained, colour, title=fam.name)
         return Response(svg, media_type="image/svg+xml", headers=SECURITY_HEADERS)
 
     async def record_page(self, request: Request) -> Response:
         rid = request.path_params["record_id"]
         try:
-            detail = views.record_detail(self.registry, rid)
+            detail = views.record_detail(self.families, rid, request.query_params.get("family"))
         except ConsoleInputError as exc:
             return self.error(request, 404, str(exc), "/registry")
-        used = [c for c in views.compositions(self.audit_path) if rid in c["retrieved"]]
+        fam = views.family(self.families, detail["family"])
+        used = [c for c in views.compositions([fam]) if rid in c["retrieved"]]
         return self.page(request, "record.html", rec=detail, used=used, nav="registry")
 
     async def compositions_page(self, request: Request) -> Response:
-        return self.page(request, "compositions.html", comps=views.compositions(self.audit_path))
+        return self.page(request, "compositions.html", comps=views.compositions(self.families))
 
     def _composition(self, request: Request) -> dict[str, Any]:
-        return views.composition(self.audit_path, int(request.path_params["seq"]))
+        return views.composition(self.families, int(request.path_params["seq"]), request.query_params.get("family"))
 
     async def composition_page(self, request: Request) -> Response:
         try:
             c = self._composition(request)
         except ConsoleInputError as exc:
             return self.error(request, 404, str(exc), "/compositions")
-        known = set(self.registry.ids())
+        reg = views.family(self.families, c["family"]).registry
+        known = set(reg.ids()) if reg is not None else set()
         rows = [
             {"id": i, "distance": d, "weight": w, "sha": h, "live": i in known}
             for i, d, w, h in zip(c["retrieved"], c["distances"], c["weights"], c["adapter_sha256"])
@@ -237,7 +275,9 @@ class Console:
             c = self._composition(request)
         except ConsoleInputError as exc:
             return _plain(404, str(exc))
-        svg = charts.weights_svg(c["retrieved"], c["weights"], f"{c['strategy']} weights for {c['target']}")
+        svg = charts.weights_svg(
+            c["retrieved"], c["weights"], f"{c['family']}: {c['strategy']} weights for {c['target']}"
+        )
         return Response(svg, media_type="image/svg+xml", headers=SECURITY_HEADERS)
 
     async def audit_page(
@@ -247,11 +287,11 @@ class Console:
             request,
             "audit.html",
             status=status,
-            audit=views.audit_status(self.audit_path),
-            rep=views.audit_report(self.audit_path),
+            audit=views.audit_statuses(self.families),
+            reports=views.audit_reports(self.families),
             check=check,
             upload_error=upload_error,
-            sites=[s["site"] for s in views.sites(self.registry, self.audit_path)],
+            sites=[s["site"] for s in views.sites(self.families)],
             max_upload=MAX_UPLOAD_BYTES,
         )
 
@@ -268,7 +308,8 @@ class Console:
             with tempfile.TemporaryDirectory(prefix="rpe-console-") as tmp:
                 path = Path(tmp) / "egress.jsonl"
                 path.write_bytes(data)
-                rep = cross_check(path, self.audit_path, site)
+                logs = {f.name: f.audit_path for f in self.families}  # one check over every family's log
+                rep = cross_check(path, logs, site)
         except ConsoleInputError as exc:
             return await self.audit_page(request, status=400, upload_error=str(exc))
         return await self.audit_page(
@@ -280,7 +321,7 @@ class Console:
             request,
             "privacy.html",
             status=status,
-            recorded=views.recorded_privacy(self.registry, self.audit_path),
+            recorded=views.recorded_privacy(self.families),
             uploads=self.uploads,
             upload_error=upload_error,
             max_upload=MAX_UPLOAD_BYTES,
@@ -304,24 +345,37 @@ class Console:
         return await self.privacy_page(request)
 
     async def evaluations_page(self, request: Request) -> Response:
-        return self.page(request, "evaluations.html", runs=views.evaluation_runs(self.root))
+        return self.page(request, "evaluations.html", runs=views.evaluation_runs(self.families))
 
     async def evaluation_page(self, request: Request) -> Response:
         try:
-            ev = views.evaluation(self.root, request.path_params["run_id"])
+            ev = views.evaluation(self.families, request.path_params["run_id"], request.query_params.get("family"))
         except ConsoleInputError as exc:
             return self.error(request, 404, str(exc), "/evaluations")
         return self.page(request, "evaluation.html", ev=ev, nav="evaluations")
 
     async def evaluation_file(self, request: Request) -> Response:
         try:
-            path = views.evaluation_file(self.root, request.path_params["run_id"], request.path_params["name"])
+            path = views.evaluation_file(
+                self.families,
+                request.path_params["run_id"],
+                request.path_params["name"],
+                request.query_params.get("family"),
+            )
         except ConsoleInputError as exc:
             return _plain(404, str(exc))
         return FileResponse(path, headers=SECURITY_HEADERS)
 
     async def not_found(self, request: Request, exc: Exception) -> Response:
         return self.error(request, 404, f"no page {request.url.path!r}; use the links above")
+
+
+def _rel(path: Path, root: Path) -> str:
+    """A family registry's directory as the pages show it: relative to the root (``.`` for the root)."""
+    try:
+        return str(path.resolve().relative_to(root)) or "."
+    except ValueError:
+        return str(path)
 
 
 def _empty(dim: int) -> np.ndarray:
@@ -331,7 +385,8 @@ def _empty(dim: int) -> np.ndarray:
 def create_app(
     registry_dir: str | os.PathLike[str], token: str | None = None, secure_cookie: bool = False, blob_key: Any = None
 ) -> Starlette:
-    """The console for ``registry_dir``; with ``token``, every request must carry it (see the module doc)."""
+    """The console for the coordinator's registry root ``registry_dir`` (every family under it); with
+    ``token``, every request must carry it (see the module doc)."""
     c = Console(registry_dir, blob_key=blob_key)
     routes = [
         Route("/", c.overview),

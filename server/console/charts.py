@@ -41,8 +41,11 @@ def _svg(fig: Figure) -> str:
     return buf.getvalue()
 
 
-def pca_map_svg(coords: np.ndarray, labels: Sequence[str], explained: np.ndarray, colour_by: str) -> str:
-    """A scatter of the 2-D PCA map, one colour per label (site or task), with a legend."""
+def pca_map_svg(
+    coords: np.ndarray, labels: Sequence[str], explained: np.ndarray, colour_by: str, title: str | None = None
+) -> str:
+    """A scatter of the 2-D PCA map, one colour per label (site or task), with a legend; ``title``
+    names the family (one map per family: their z live in different spaces)."""
     fig = Figure(figsize=(6.4, 4.4))
     ax = fig.add_subplot()
     groups = sorted(set(labels))
@@ -54,7 +57,7 @@ def pca_map_svg(coords: np.ndarray, labels: Sequence[str], explained: np.ndarray
         )
     ax.set_xlabel(f"PC1 ({100 * explained[0]:.1f} % of variance)")
     ax.set_ylabel(f"PC2 ({100 * explained[1]:.1f} % of variance)")
-    ax.set_title(f"z of {len(labels)} record(s), coloured by {colour_by}")
+    ax.set_title((f"{title}: " if title else "") + f"z of {len(labels)} record(s), coloured by {colour_by}")
     if groups:
         ax.legend(fontsize=8, title=colour_by, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     ax.grid(alpha=0.3)
