@@ -123,6 +123,21 @@ def test_pre_commit_runs_the_checks_ci_runs() -> None:
     assert not missing, f"CI runs {missing} but no hook in .pre-commit-config.yaml does (hooks: {entries})"
 
 
+def test_commit_subject_hook_allows_72_characters_not_73() -> None:
+    """The commit-msg hook keeps subjects to 72 characters (the body carries the detail)."""
+    from pre_commit.clientlib import load_config
+
+    config = load_config(str(ROOT / ".pre-commit-config.yaml"))
+    (hook,) = [h for repo in config["repos"] for h in repo["hooks"] if h["id"] == "commit-subject-length"]
+    assert hook["language"] == "pygrep" and hook["stages"] == ["commit-msg"]
+    assert "commit-msg" in config["default_install_hook_types"]
+    flags = re.MULTILINE | re.DOTALL if "--multiline" in hook["args"] else 0  # as pygrep compiles it
+    too_long = re.compile(hook["entry"], flags)  # pygrep fails the commit when the pattern matches
+    assert not too_long.search("x" * 72 + "\n\n" + "a body line may be longer " * 10 + "\n")
+    assert too_long.search("x" * 73 + "\n\nbody\n")
+    assert not too_long.search("short subject\n\n" + "y" * 200 + "\n")
+
+
 # -- integration: build, install outside the checkout, import ------------------------------------------
 
 PROBE = textwrap.dedent(
