@@ -14,11 +14,11 @@ What it does, end to end (``python -m deploy.demo``, or ``scripts/demo.sh`` whic
    sites' adapters with every strategy, sends the composed adapter to the site, and the site
    scores it (ROUGE-L) on its held-out reports and replies with metrics only; the base model and
    the site's own LoRA are the references.
-5. The same federation also holds the six real prostate MRI sites (RUNMC, BMC, I2CVB, UCL, BIDMC,
-   HK; ``prostate-multisite`` from the data root) as segmentation sites on LiteMedSAM: they enrol
-   (LoRA on the mask decoder + z = encoder spatial mean + metadata) into the registry's
-   segmentation family and run the same leave-one-site-out evaluation, scored by DICE.
-   ``--families report`` or ``--families segmentation`` runs only one family.
+5. The same federation holds the sites of every other task family that brings a demo recipe
+   (``Family.demo``; e.g. the six real prostate MRI sites on LiteMedSAM of the segmentation
+   family, ``common/families/segmentation/demo.py``): each family enrols into its own registry
+   under the registry root and runs the same leave-one-site-out evaluation, scored by its own
+   metric. ``--families report`` (a family's name or a unique start of it) runs only that family.
 6. Prints the results tables (with the weights each target received), where the files and plots
    are, the wall time per phase, and stops every process by PID.
 
@@ -37,42 +37,50 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from deploy import launch
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_SITES = {"xray": "xray-chest", "ct-abdomen": "ct-abdomen", "ct-head": "ct-head", "mr-head": "mr-head"}
-SEG_DATASET = "prostate-multisite"
-SEG_SITES = ("RUNMC", "BMC", "I2CVB", "UCL", "BIDMC", "HK")
-FAMILIES = ("report", "segmentation")
-#: each prostate site holds only 5-6 slices (3 train + 2-3 test), fewer than the release policy's
-#: safe defaults (z over >= 10 examples, metrics over >= 10 held-out items): each site's node config
-#: loosens them for itself, explicitly, as a hospital would have to (``client/policy.py``)
-SEG_RELEASE = {"z-min-examples": 5, "metrics-min-reports": 2}
+#: demo profiles: ``quick`` (default; fits two CPU cores) and ``full`` (more data and steps; a GPU);
+#: each family's recipe says what they mean for it
+PROFILES = ("quick", "full")
 
 
-@dataclass(frozen=True)
-class DemoProfile:
-    n_train: int
-    n_eval: int
-    steps: int
-    batch_size: int
-    max_length: int
-    threads: int  # 0: chosen from the cores available (:func:`auto_threads`)
-    seg_steps: int = 12
-    seg_copies: int = 1
-    seg_k: int = 5
+def demo_families() -> list[str]:
+    """The task families that bring a demo recipe (``Family.demo``), in table order."""
+    from common.families import family_names, get_family
+
+    return [name for name in family_names() if get_family(name).demo]
 
 
-PROFILES = {
-    "quick": DemoProfile(n_train=48, n_eval=12, steps=30, batch_size=4, max_length=160, threads=0),
-    "full": DemoProfile(
-        n_train=400, n_eval=50, steps=300, batch_size=8, max_length=256, threads=0, seg_steps=60, seg_copies=3
-    ),
-}
+def pick_families(spec: str) -> tuple[str, ...]:
+    """``--families``: comma-separated family names, each a name or a unique start of one
+    (``report`` for ``report-text``). ``ValueError`` names what is unknown and what exists."""
+    known = demo_families()
+    out = []
+    for raw in (x.strip() for x in spec.split(",")):
+        if not raw:
+            continue
+        hits = [raw] if raw in known else [k for k in known if k.startswith(raw)]
+        if len(hits) != 1:
+            raise ValueError(f"unknown or ambiguous family {raw!r}; choose from {', '.join(known)}")
+        out.append(hits[0])
+    if not out:
+        raise ValueError(f"no family named; choose from {', '.join(known)}")
+    return tuple(dict.fromkeys(out))
+
+
+def _plan(name: str, workdir: Path, profile: str, model: str | None) -> Any:
+    """The family's demo plan (its recipe, imported on first use)."""
+    import importlib
+
+    from common.families import get_family
+
+    family = get_family(name)
+    module, _, attr = family.demo.partition(":")
+    return getattr(importlib.import_module(module), attr)(workdir, profile, model or family.default_model)
 
 
 def auto_threads(concurrent: int) -> int:
@@ -119,44 +127,6 @@ def relay_progress(runs_dir: Path, prefix: str = "[rpe] ", poll_s: float = 1.0) 
         thread.join(timeout=5)
 
 
-def prepare_sites(root: Path, profile: DemoProfile, sites: dict[str, str], seed: int = 0) -> dict[str, Path]:
-    """Write each site's private train/eval reports (what would live inside a hospital)."""
-    from common.families.report.data import report_groups, split, write_jsonl
-
-    groups = report_groups()
-    out = {}
-    for site, group in sites.items():
-        if group not in groups:
-            raise ValueError(f"report group {group!r} does not exist; available: {sorted(groups)}")
-        train, held = split(groups[group], profile.n_eval, seed=seed)
-        write_jsonl(root / site / "train.jsonl", train[: profile.n_train])
-        write_jsonl(root / site / "eval.jsonl", held)
-        out[site] = root / site
-    return out
-
-
-def seg_specs(profile: DemoProfile, sam_model: str, threads: int) -> list[launch.SiteSpec]:
-    """One SuperNode per prostate site; its node config names the data set and site it holds."""
-    from common.families.segmentation.data import data_root
-
-    return [
-        launch.SiteSpec(
-            site,
-            str(data_root()),
-            sam_model,
-            threads=threads,
-            release=dict(SEG_RELEASE),
-            extra={
-                "task": "segmentation",
-                "seg-dataset": SEG_DATASET,
-                "seg-site": site,
-                "seg-copies": profile.seg_copies,
-            },
-        )
-        for site in SEG_SITES
-    ]
-
-
 def _evaluation(run: dict[str, Any]) -> dict[str, Any]:
     """The evaluation a run reported, with the run's own end state (``run_status``/``run_details``)."""
     out = dict(run["report"].get("evaluate", {})) if run else {}
@@ -192,33 +162,41 @@ def failures(result: dict[str, Any]) -> list[str]:
 
 def run_demo(
     workdir: Path,
-    profile: DemoProfile,
-    model: str = "smollm2-135m-instruct",
-    sites: dict[str, str] | None = None,
-    families: tuple[str, ...] = FAMILIES,
-    sam_model: str = "litemedsam",
+    profile: str = "quick",
+    models: dict[str, str] | None = None,
+    families: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
-    """Run enrol + evaluate for each family on a fresh local deployment; returns timings and outputs."""
-    from common.models import resolve_model_dir
+    """Run enrol + evaluate for each family on a fresh local deployment; returns timings and outputs.
+    ``models``: a base model per family (default: the family's own)."""
+    from common.families import family_registry_dir
 
-    sites = sites or DEFAULT_SITES if "report" in families else {}
+    families = tuple(families or demo_families())
+    models = models or {}
     workdir = workdir.resolve()
     if workdir.exists():
         launch.down(workdir)  # a previous demo that was interrupted
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
-    model_dir = str(resolve_model_dir(model))
-    data = prepare_sites(workdir / "data", profile, sites)
+    plans = {f: _plan(f, workdir / "data" / f, profile, models.get(f)) for f in families}
     registry = workdir / "registry"
-    widest = max(len(sites), len(SEG_SITES) if "segmentation" in families else 0)
-    threads = profile.threads or auto_threads(widest)
+    widest = max(len(p.sites) for p in plans.values())
+    threads = auto_threads(widest)
     _log(
         f"torch threads per site: {threads} ({len(os.sched_getaffinity(0))} cores available, up to {widest} "
         "sites computing at once)"
     )
-    specs = [launch.SiteSpec(site, str(path), model_dir, threads=threads) for site, path in data.items()]
-    if "segmentation" in families:
-        specs += seg_specs(profile, sam_model, threads)
+    specs = [
+        launch.SiteSpec(
+            d.site,
+            d.data_path,
+            plan.model,
+            threads=threads,
+            release=dict(d.release),
+            extra={"task": family, **d.node_config},
+        )
+        for family, plan in plans.items()
+        for d in plan.sites
+    ]
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
     _log(f"starting a SuperLink and {len(specs)} SuperNodes on 127.0.0.1 (TLS + node auth)")
@@ -233,31 +211,13 @@ def run_demo(
         "eval-strategies": "sim,lin,lin-l1",
     }
     configs = {
-        "report": {
-            **common,
-            "base-model": model_dir,
-            "steps": profile.steps,
-            "batch-size": profile.batch_size,
-            "max-length": profile.max_length,
-            "sites": ",".join(sites),
-        },
-        "segmentation": {
-            **common,
-            "base-model": sam_model,
-            "task": "segmentation",
-            "steps": profile.seg_steps,
-            "batch-size": 2,
-            "lora-r": 4,
-            "lora-alpha": 8.0,
-            "lr": 2e-3,
-            "k": profile.seg_k,
-            "sites": ",".join(SEG_SITES),
-        },
+        f: {**common, **plan.run_config, "task": f, "sites": ",".join(d.site for d in plan.sites)}
+        for f, plan in plans.items()
     }
     evaluations: dict[str, dict[str, Any]] = {}
     enrolments: dict[str, dict[str, Any]] = {}
     try:
-        for family in families:  # enrol every family first: the report registry must exist before the others
+        for family in families:  # enrol every family first: the root registry must exist before the others
             t0 = time.perf_counter()
             _log(
                 f"enroll [{family}]: each site trains a LoRA ({configs[family]['steps']} steps) and sends adapter "
@@ -293,7 +253,7 @@ def run_demo(
     timings["total_s"] = time.perf_counter() - t_all
     for phase in ("enroll", "evaluate"):
         timings[f"{phase}_s"] = sum(v for k, v in timings.items() if k.startswith(f"{phase}_") and k != f"{phase}_s")
-    first = evaluations.get("report") or next(iter(evaluations.values()), {})
+    first = next(iter(evaluations.values()), {})
     return {
         "timings": timings,
         "outputs": first.get("outputs", {}),
@@ -310,10 +270,22 @@ def run_demo(
         },
         "enrolments": enrolments,
         "registry": str(registry),
+        "registries": {f: str(family_registry_dir(registry, f)) for f in families},
         "threads": threads,
-        "sites": {s: str(p) for s, p in data.items()},
+        "sites": {d.site: d.data_path for plan in plans.values() for d in plan.sites},
         "egress": {s.site: str(Path(s.site_dir) / "egress.jsonl") for s in specs},
     }
+
+
+def parse_models(values: list[str], families: tuple[str, ...]) -> dict[str, str]:
+    """``--model``: ``FAMILY=MODEL`` per family; a bare ``MODEL`` is the first family's."""
+    out = {}
+    for value in values:
+        name, sep, model = value.partition("=")
+        if not sep:
+            name, model = families[0], value
+        out[pick_families(name)[0] if sep else name] = model
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -329,20 +301,27 @@ def main(argv: list[str] | None = None) -> int:
         default=REPO / "runs" / "demo",
         help="everything the run writes (default runs/demo; replaced on each run)",
     )
-    parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="base model directory or name")
-    parser.add_argument("--sam-model", default="litemedsam", help="SAM-style base model of the segmentation sites")
+    parser.add_argument("--profile", choices=PROFILES, default="quick")
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="[FAMILY=]MODEL",
+        help="base model of a family's sites (repeatable; a bare MODEL is the first family's; default: "
+        "each family's own)",
+    )
     parser.add_argument(
         "--families",
-        default=",".join(FAMILIES),
-        help="task families in the federation, comma-separated (default: report,segmentation)",
+        default=",".join(demo_families()),
+        help=f"task families in the federation, comma-separated (default: {','.join(demo_families())})",
     )
     args = parser.parse_args(argv)
-    families = tuple(f.strip() for f in args.families.split(",") if f.strip())
-    unknown = set(families) - set(FAMILIES)
-    if unknown or not families:
-        parser.error(f"--families: unknown {sorted(unknown)}; choose from {', '.join(FAMILIES)}")
-    result = run_demo(args.workdir, PROFILES[args.profile], args.model, families=families, sam_model=args.sam_model)
+    try:
+        families = pick_families(args.families)
+        models = parse_models(args.model, families)
+    except ValueError as exc:
+        parser.error(f"--families/--model: {exc}")
+    result = run_demo(args.workdir, args.profile, models, families)
     for family, res in result["families"].items():
         md = res["outputs"].get("markdown")
         print(f"\n## {family} sites\n")
@@ -361,7 +340,11 @@ def main(argv: list[str] | None = None) -> int:
         f"\nwall time {t['total_s'] / 60:.1f} min (deployment {t['deploy_up_s']:.0f} s, {phases}; "
         f"{result['threads']} torch thread(s) per site)"
     )
-    print(f"registry + audit log: {result['registry']} (segmentation family: {result['registry']}/segmentation)")
+    print(
+        f"registry + audit log: {result['registry']} ("
+        + ", ".join(f"{f}: {path}" for f, path in result["registries"].items())
+        + ")"
+    )
     print("egress logs: " + ", ".join(result["egress"].values()))
     failed = failures(result)
     if failed:

@@ -181,3 +181,25 @@ def test_rpe_embed_computes_the_z_of_any_family_from_a_sites_data(tmp_path, caps
             ["embed", "--family", "segmentation", "--images", str(images), "--model", str(model)]
             + ["--layer", "0", "--out", str(tmp_path / "z0.npy")]
         )
+
+
+def test_the_demo_asks_each_family_for_its_sites_and_settings(tmp_path, tiny_model_dir):
+    """``deploy/demo.py`` names no family: each brings its demo recipe (``Family.demo``); a family
+    without one (the toy) is simply not in the demo."""
+    from deploy.demo import _plan, demo_families, parse_models, pick_families
+
+    register_family("toy", "support_families.toy:FAMILY")
+    assert demo_families() == ["report-text", "segmentation"]
+    assert pick_families("report") == ("report-text",)
+    assert pick_families("report,segmentation") == ("report-text", "segmentation")
+    with pytest.raises(ValueError, match="choose from report-text, segmentation"):
+        pick_families("toy")
+    assert parse_models(["m1", "segmentation=s1"], ("report-text",)) == {"report-text": "m1", "segmentation": "s1"}
+
+    reports = _plan("report-text", tmp_path / "data", "quick", str(tiny_model_dir))
+    assert [s.site for s in reports.sites] == ["xray", "ct-abdomen", "ct-head", "mr-head"]
+    assert all((Path(s.data_path) / "train.jsonl").is_file() for s in reports.sites)
+    assert reports.run_config["base-model"] == reports.model
+    segs = _plan("segmentation", tmp_path / "seg", "quick", None)
+    assert len(segs.sites) == 6 and segs.model == "litemedsam"
+    assert {s.node_config["seg-site"] for s in segs.sites} == {"RUNMC", "BMC", "I2CVB", "UCL", "BIDMC", "HK"}

@@ -141,6 +141,27 @@ class RegistryBase:
     base_name: str
 
 
+@dataclass(frozen=True)
+class DemoSite:
+    """One site of a family's demo federation: its id, its data (a path the site reads), the
+    family's node-config keys and how the site loosens its release policy (small demo sets)."""
+
+    site: str
+    data_path: str
+    node_config: dict[str, Any] = field(default_factory=dict)
+    release: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """A family's part of the demo federation (``deploy/demo.py``): its sites, their base model and
+    the run-config settings of its runs (``mode``, ``task`` and the registry are the demo's)."""
+
+    sites: list[DemoSite]
+    model: str
+    run_config: dict[str, Any]
+
+
 @runtime_checkable
 class Family(Protocol):
     """One task family. ``name`` is the request's ``task``; ``metric`` the score's name in results
@@ -156,6 +177,9 @@ class Family(Protocol):
     supports_dp: bool
     #: the base model a site or command uses when none is named ("" = always name one)
     default_model: str
+    #: ``"module:function"`` of the family's demo recipe, ``(workdir, profile, model) -> DemoPlan``
+    #: (``deploy/demo.py`` runs every family that has one); "" for none
+    demo: str
 
     def counts(self, site: SiteInputs) -> DataCounts:
         """The whoami counts (no torch, no model; a site whose data cannot be read says ``ok=False``)."""

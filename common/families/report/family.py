@@ -70,6 +70,7 @@ class ReportFamily:
     node_config_keys: tuple[str, ...] = ()
     supports_dp = True
     default_model = "smollm2-135m-instruct"
+    demo = "common.families.report.demo:demo_plan"
 
     def task(self) -> Any:
         """The ``TextReportTask`` (prompts, training features, embedding texts, ROUGE-L)."""

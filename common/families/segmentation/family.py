@@ -70,6 +70,7 @@ class SegmentationFamily:
     node_config_keys: tuple[str, ...] = ("seg-dataset", "seg-site", "seg-copies")
     supports_dp = False
     default_model = "litemedsam"
+    demo = "common.families.segmentation.demo:demo_plan"
 
     def _task(self, site: SiteInputs, spec: Any = None) -> Any:
         from common.families.segmentation.task import SegmentationTask

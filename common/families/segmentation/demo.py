@@ -1,0 +1,36 @@
+"""The segmentation family's part of the demo federation (``deploy/demo.py``): the six real
+prostate MRI sites (RUNMC, BMC, I2CVB, UCL, BIDMC, HK; ``prostate-multisite`` from the data root)
+on LiteMedSAM: LoRA on the mask decoder, z = the encoder's spatial mean, scored by DICE."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from common.families.base import DemoPlan, DemoSite
+
+SEG_DATASET = "prostate-multisite"
+SEG_SITES = ("RUNMC", "BMC", "I2CVB", "UCL", "BIDMC", "HK")
+#: each prostate site holds only 5-6 slices (3 train + 2-3 test), fewer than the release policy's
+#: safe defaults (z over >= 10 examples, metrics over >= 10 held-out items): each site's node config
+#: loosens them for itself, explicitly, as a hospital would have to (``client/policy.py``)
+SEG_RELEASE = {"z-min-examples": 5, "metrics-min-reports": 2}
+#: (steps, augmented copies per training slice, k) per demo profile
+PROFILES = {"quick": (12, 1, 5), "full": (60, 3, 5)}
+
+
+def demo_plan(workdir: Path, profile: str, model: str) -> DemoPlan:
+    """One site per prostate site; its node config names the data set and the site it holds."""
+    from common.families.segmentation.data import data_root
+
+    steps, copies, k = PROFILES[profile]
+    sites = [
+        DemoSite(
+            site,
+            str(data_root()),
+            {"seg-dataset": SEG_DATASET, "seg-site": site, "seg-copies": copies},
+            dict(SEG_RELEASE),
+        )
+        for site in SEG_SITES
+    ]
+    config = {"base-model": model, "steps": steps, "batch-size": 2, "lora-r": 4, "lora-alpha": 8.0, "lr": 2e-3, "k": k}
+    return DemoPlan(sites, model, config)
