@@ -497,3 +497,158 @@ def test_console_over_tls_with_token(built, tmp_path):
             urllib.request.urlopen(f"http://127.0.0.1:{console.port}/", timeout=10)
     finally:
         console.stop()
+
+
+# --------------------------------------------------------------------------------------------------
+# every family: the console pointed at a coordinator root with the report and segmentation families
+
+
+@pytest.fixture(scope="module")
+def two_families(tmp_path_factory):
+    from two_family import build
+
+    return build(tmp_path_factory.mktemp("console-two-families"))
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_console_shows_every_family_with_its_metric(browser, two_families, tmp_path):
+    """The root holds the report family's registry and ``segmentation/``: the overview counts both
+    families' adapters, every page names the families, the evaluation pages show the DICE table and
+    the ROUGE-L table with the numbers of each family's results.csv, and damage in the segmentation
+    family's audit log is named on the audit page."""
+    from two_family import FAMILIES, METHODS, accepted_line, score, tamper_line
+
+    from server.coordroot import family_registries
+
+    root: Path = two_families["root"]
+    fams = family_registries(root)
+    name = {key: next(f for f, d in fams.items() if d == two_families["dirs"][key]) for key in FAMILIES}
+    regs = {key: Registry(two_families["dirs"][key], read_only=True) for key in FAMILIES}
+    before = tree_hash(root)
+    console = Console(root, tmp_path / "console.log")
+    try:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.set_default_timeout(120_000)
+
+        def families_named() -> None:  # the family strip on every page
+            shown = page.locator("#families .family").evaluate_all("xs => xs.map(x => x.dataset.family)")
+            assert shown == list(fams)
+
+        # overview: every family's adapters, per family and per site
+        page.goto(console.url + "/")
+        families_named()
+        assert int(page.inner_text("#n-records")) == sum(len(r) for r in regs.values()) == 7
+        for key, reg in regs.items():
+            assert int(page.inner_text(f"#family-table tr[data-family='{name[key]}'] .adapters")) == len(reg)
+            for site in FAMILIES[key]["sites"]:
+                n = int(page.inner_text(f"#sites tr[data-site='{site}'] .families [data-family='{name[key]}'] .n"))
+                assert n == len(reg.list(site=site)) == 1
+        assert int(page.inner_text("#sites tr[data-site='a'] .adapters")) == 2  # a answered both families
+        assert int(page.inner_text("#sites tr[data-site='RUNMC'] .adapters")) == 1  # a prostate site, not 0
+        assert int(page.inner_text("#n-sites")) == 6 + 2  # and each composition's target (its z query)
+        assert "chain intact" in page.inner_text("#audit-status")
+        _shot(page, "families-overview")
+
+        # registry: both families' records, one map each; filtered to segmentation
+        _go(page, "#nav-registry")
+        families_named()
+        assert int(page.inner_text("#n-shown")) == 7
+        assert page.locator("img.pca-map").count() == 2
+        _image_ok(page, "img.pca-map")
+        page.select_option("#filter-family", name["seg"])
+        _go(page, "#filter-apply")
+        shown = page.locator("#records tbody tr").evaluate_all(
+            "rows => rows.map(r => [r.dataset.family, r.dataset.id])"
+        )
+        assert sorted(shown) == sorted([name["seg"], r.id] for r in regs["seg"].list())
+        assert page.locator("img.pca-map").count() == 1
+        _image_ok(page, "img.pca-map")
+        rec = regs["seg"].list(site="RUNMC")[0]
+        _go(page, f"#records tr[data-id='{rec.id}'] a.record-link")
+        families_named()
+        assert page.inner_text("#rec-family") == name["seg"] and page.inner_text("#rec-blob") == rec.blob_sha256
+        assert int(page.inner_text("#rec-dim")) == 256
+
+        # compositions: one per family, each opened from its own family's log
+        _go(page, "#nav-compositions")
+        families_named()
+        assert int(page.inner_text("#n-compositions")) == 2
+        for key in FAMILIES:
+            _go(page, "#nav-compositions")
+            res = two_families["compositions"][key]
+            _go(page, f"#compositions tr[data-family='{name[key]}'] a.composition-link")
+            assert page.inner_text("#comp-family") == name[key]
+            assert page.inner_text("#comp-output") == res.output_sha256
+            assert page.locator("#retrieved tbody tr").evaluate_all("rs => rs.map(r => r.dataset.id)") == list(res.ids)
+            _image_ok(page, "#weights-chart")
+
+        # audit: both chains intact; a's egress log cross-checks OK over both families' logs
+        _go(page, "#nav-audit")
+        families_named()
+        assert "OK: hash chain intact" in page.inner_text("#verify-result")
+        assert page.locator("#family-audit tbody tr").count() == 2
+        assert int(page.inner_text(f"#report-sites tr[data-site='RUNMC'][data-family='{name['seg']}'] .accepted")) == 1
+        page.fill("#crosscheck-site", "a")
+        page.set_input_files("#crosscheck-file", str(two_families["egress"]))
+        _go(page, "#crosscheck-submit")
+        assert page.inner_text("#crosscheck-status") == "OK", page.inner_text("#crosscheck-result")
+        assert int(page.inner_text("#crosscheck-matched")) == 2
+        _shot(page, "families-audit")
+
+        # privacy: a's releases in both families
+        _go(page, "#nav-privacy")
+        families_named()
+        assert int(page.inner_text("#recorded tr[data-site='a'] .adapters")) == 2
+        assert page.inner_text("#recorded tr[data-site='RUNMC'] .families") == name["seg"]
+
+        # evaluations: the DICE table and the ROUGE-L table show results.csv's numbers
+        titles = {"report": "ROUGE-L", "seg": "DICE"}
+        for key, spec in FAMILIES.items():
+            _go(page, "#nav-evaluations")
+            families_named()
+            assert page.locator("a.run-link").count() == 2
+            _go(page, f"a.run-link[data-family='{name[key]}']")
+            families_named()
+            assert page.inner_text("#eval-family") == name[key]
+            assert titles[key] in page.inner_text("#eval-metric")
+            assert page.inner_text("#eval-metric").count("ROUGE") == (key == "report")
+            heads = page.locator("#eval-rows th.metric").all_inner_texts()
+            assert len(heads) == 1 and titles[key] in heads[0]
+            for t in spec["sites"]:
+                for m in METHODS:
+                    cell = page.inner_text(f"#eval-table tr[data-target='{t}'] td[data-method='{m}']")
+                    assert float(cell) == pytest.approx(score(key, t, m), abs=5e-5), (key, t, m, cell)
+            mean = float(page.inner_text("#eval-table td.mean[data-method='sim']"))
+            assert mean == pytest.approx(np.mean([score(key, t, "sim") for t in spec["sites"]]), rel=1e-3)
+            raw = page.locator(f"#eval-rows td[data-metric='{spec['metric']}']").all_inner_texts()
+            assert raw == [f"{score(key, t, m):.4f}" for t in spec["sites"] for m in METHODS]
+            _shot(page, f"families-evaluation-{key}")
+
+        assert tree_hash(root) == before  # the console changed nothing in any family's registry
+
+        # damage in the segmentation family's audit log: named with its family, line and kind
+        log = two_families["dirs"]["seg"] / "audit.jsonl"
+        i = accepted_line(log, "HK")
+        tamper_line(log, i, '"bytes":', '"bytes":1')
+        _go(page, "#nav-audit")
+        assert "BROKEN" in page.inner_text("#verify-result") and name["seg"] in page.inner_text("#verify-result")
+        want = verify(log)
+        rows = page.locator("#problems tbody tr")
+        got = [
+            (
+                rows.nth(k).get_attribute("data-family"),
+                int(rows.nth(k).locator(".line").inner_text()),
+                rows.nth(k).locator(".kind").inner_text(),
+            )
+            for k in range(rows.count())
+        ]
+        assert got == [(name["seg"], p.line, p.kind) for p in want] and got[0][1:] == (i + 1, "bad_hash")
+        assert "OK" in page.inner_text(f"#family-audit tr[data-family='{name['report']}'] .status")
+        page.goto(console.url + "/")
+        assert "problem" in page.inner_text("#audit-status")
+        _shot(page, "families-audit-tampered")
+    finally:
+        console.stop()
+        for reg in regs.values():
+            reg.close()

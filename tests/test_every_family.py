@@ -311,3 +311,56 @@ def test_an_older_linked_key_becomes_a_copy_when_the_run_opens_the_family(built)
     for name in ("coordinator.key", "coordinator.pub"):
         assert not (seg / name).is_symlink() and (seg / name).read_bytes() == (root / name).read_bytes()
     assert audit_mod.verify(seg / "audit.jsonl") == []
+
+
+# --------------------------------------------------------------------------------------------------
+# the console's evaluation view reads the score by the family's metric name
+
+
+def test_evaluation_reads_each_familys_metric_column_by_name(pristine):
+    from two_family import FAMILIES, score
+
+    from server.console import views
+
+    fams = views.open_families(family_registries(pristine["root"]))
+    try:
+        runs = views.evaluation_runs(fams)
+        assert sorted(r["family"] for r in runs) == sorted(f.name for f in fams)
+        for key, spec in FAMILIES.items():
+            f = next(f for f in fams if f.path == pristine["dirs"][key])
+            ev = views.evaluation(fams, f"run-{key}")
+            assert ev["family"] == f.name and ev["metric"] == spec["metric"]
+            t = spec["sites"][1]
+            assert ev["table"][f"{t}|sim"] == pytest.approx(score(key, t, "sim"))
+        assert views.evaluation(fams, "run-seg")["metric_title"] == "DICE"
+        assert "ROUGE-L" in views.evaluation(fams, "run-report")["metric_title"]
+        with pytest.raises(views.ConsoleInputError, match="no evaluation run"):
+            views.evaluation(fams, "run-seg", family_name=fams[0].name)  # it is not the root family's run
+    finally:
+        for f in fams:
+            f.registry.close()
+
+
+def test_a_family_the_table_does_not_know_shows_its_own_metric(tmp_path):
+    """A registry of a family without an entry in the table (a toy family's ``accuracy``): found
+    under the root by its files, its results.csv score shown under its own column name."""
+    from server.console import views
+
+    root = tmp_path / "root"
+    toy = root / "toy-family"
+    Registry.init(toy, base_fingerprint="sha256:" + "12" * 32, module_shapes={"m": (4, 4)}, embedding_dim=3).close()
+    run = toy / "evaluations" / "run-1"
+    run.mkdir(parents=True)
+    (run / "results.csv").write_text(
+        "target,method,accuracy,n,sources,weights,min_distance\nx,sim,0.8125,4,y,1.0000,0.5\nx,own,0.9,4,,,\n"
+    )
+    found = family_registries(root)
+    assert found == {"toy-family": toy}
+    fams = views.open_families(found)
+    try:
+        ev = views.evaluation(fams, "run-1")
+        assert ev["metric"] == "accuracy" and ev["metric_title"] == "accuracy"
+        assert ev["table"] == {"x|sim": 0.8125, "x|own": 0.9}
+        assert [m["name"] for m in ev["metrics"]] == ["accuracy"]
+    finally:
+        fams[0].registry.close()

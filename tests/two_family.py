@@ -35,6 +35,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "base": "sha256:" + "5e" * 32,
         "shapes": {"model.layers.0.self_attn.q_proj": (12, 10), "model.layers.0.self_attn.v_proj": (6, 10)},
         "dim": 8,
+        "representation": "hidden-mean",
         "task": "report-text",
         "sites": ["a", "b", "c"],
         "metric": "rouge_l",
@@ -44,6 +45,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "base": "sha256:" + "7f" * 32,
         "shapes": {"image_encoder.blocks.0.attn.qkv": (24, 16), "mask_decoder.transformer.0.mlp": (16, 16)},
         "dim": 256,
+        "representation": "sam-encoder-mean",
         "task": "segmentation",
         "sites": ["a", "RUNMC", "BMC", "HK"],
         "metric": "dice",
@@ -101,7 +103,11 @@ def build(tmp: Path) -> dict[str, Any]:
     for family, spec in FAMILIES.items():
         path = root / spec["subdir"] if spec["subdir"] else root
         Registry.init(
-            path, base_fingerprint=spec["base"], module_shapes=spec["shapes"], embedding_dim=spec["dim"]
+            path,
+            base_fingerprint=spec["base"],
+            module_shapes=spec["shapes"],
+            embedding_dim=spec["dim"],
+            representation=spec["representation"],
         ).close()
         if spec["subdir"]:
             share_coordinator_key(root, path)

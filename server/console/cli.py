@@ -1,4 +1,4 @@
-"""``rpe console``: serve the read-only web console of a registry directory.
+"""``rpe console``: serve the read-only web console of a coordinator's registry root (every family).
 
 Access model (why): the console shows what every site released and how much privacy budget it
 spent, so it is never open to a network by accident. By default it binds to 127.0.0.1 (reach it
@@ -132,7 +132,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "evaluations. Binds to 127.0.0.1; any other --host requires --certfile/--keyfile and an "
         "access token (created in a 0600 file).",
     )
-    c.add_argument("--registry", required=True, help="registry directory (opened read-only)")
+    c.add_argument(
+        "--registry",
+        required=True,
+        help="the coordinator's registry root: every task family's registry under it is shown (opened read-only)",
+    )
     c.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     c.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     c.add_argument("--certfile", help="TLS certificate (PEM); required with a non-loopback --host")
