@@ -6,9 +6,11 @@ or operator points ``rpe audit verify / report / cross-check`` and ``rpe console
 must get *every* family, never only the one whose files happen to sit at the top. The tools ask
 this module which registries exist; none of them names a family.
 
-Where the families come from: ``common.families.family_registry_dirs(root)`` (the family table)
-when it exists; otherwise every registry found at the root or one directory below it, named after
-its directory. No torch, no registry is opened: this reads directory entries only.
+Where the families come from: ``common.families.family_registry_dirs(root)`` (the family table
+names each family's directory), plus every other directory at the root or one level below it that
+holds a registry's file, named after its directory: a family the table does not know, or one whose
+``registry.json`` is gone, is still checked (and its damage named), never skipped. No registry is
+opened here: this reads directory entries only.
 """
 
 from __future__ import annotations
@@ -58,7 +60,10 @@ def _from_family_table(root: Path) -> dict[str, Path] | None:
     finder = getattr(families, "family_registry_dirs", None)
     if finder is None:
         return None
-    return {str(name): Path(path) for name, path in finder(root).items()}
+    try:
+        return {str(name): Path(path) for name, path in finder(root).items()}
+    except Exception:  # noqa: BLE001 - a family that fails to load must not blind the auditor: scan instead
+        return None
 
 
 #: the files that make a directory a registry: one of them left is enough to be checked (and a
@@ -73,7 +78,7 @@ def _is_registry(d: Path) -> bool:
 def _scan(root: Path) -> dict[str, Path]:
     """Every directory at or one level below ``root`` that holds a registry's file."""
     out: dict[str, Path] = {}
-    if (root / CONFIG_NAME).is_file():
+    if _is_registry(root):
         out[ROOT_LABEL] = root
     if root.is_dir():
         for sub in sorted(root.iterdir()):
@@ -111,15 +116,16 @@ def audit_sources(
     each log named explicitly.
 
     The root is ``registry`` if given, else the directory of the first log when it is a registry:
-    naming the root's ``audit.jsonl`` covers every family, as naming the root does. A named log outside the root's
-    registries is checked as it is (labelled by its path). Raises ``FileNotFoundError`` naming what
-    is missing when a named log does not exist or the scope holds no audit log at all."""
+    naming the root's ``audit.jsonl`` covers every family, as naming the root does. A named log
+    outside the root's registries is checked as it is (labelled by its path). Raises
+    ``FileNotFoundError`` naming what is missing when a named log does not exist or the scope holds
+    no audit log at all."""
     logs = [Path(p).expanduser() for p in logs]
     for p in logs:
         if not p.is_file():
             raise FileNotFoundError(f"audit log {p} does not exist (a registry's audit log is <registry>/{AUDIT_NAME})")
     root = Path(registry).expanduser() if registry is not None else None
-    if root is None and logs and (logs[0].parent / CONFIG_NAME).is_file():
+    if root is None and logs and any((logs[0].parent / n).is_file() for n in (CONFIG_NAME, RECORDS_NAME)):
         root = logs[0].parent  # a loose log (no registry beside it) is only itself
     out: list[AuditSource] = []
     seen: set[Path] = set()

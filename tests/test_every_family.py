@@ -157,6 +157,14 @@ def test_verify_on_the_root_names_damage_in_the_segmentation_family(built, capsy
     assert [f["family"] for f in data["families"] if not f["ok"]] == [seg]
 
 
+def test_verify_on_the_root_names_a_root_registry_that_lost_its_registry_json(built, capsys):
+    (built["root"] / "registry.json").unlink()
+    for how, target in (("--registry", built["root"]), ("--log", built["root"] / "audit.jsonl")):
+        code, out = rpe(capsys, "audit", "verify", how, str(target))
+        assert code == 1 and f"{built['root'] / 'registry.json'} does not exist" in out, out
+        assert f"family {seg_name(built['root'])}: {built['seg'] / 'audit.jsonl'}: OK" in out  # still checked
+
+
 def test_verify_anchor_from_a_segmentation_receipt_detects_its_truncation(built, capsys, tmp_path):
     egress = [json.loads(x) for x in lines(built["egress"])]
     seg_id = json.loads((built["seg"] / "registry.json").read_text())["registry_id"]
