@@ -9,7 +9,7 @@ not see). Each cell also gets a bootstrap 95 % interval over the target's test s
 strategy a paired test (difference, interval, sign-flip p) against the pretrained model and
 against ``avg`` (``benchmarks.zero_shot.bootstrap_ci`` / ``paired_test``).
 
-``--virtual V`` adds V simulated scanner sites (``common.families.segmentation.data.make_virtual_site``: a real
+``--virtual V`` adds V simulated scanner sites (``benchmarks.virtual_scanners.make_virtual_site``: a real
 site's slices, masks unchanged, through a seeded scanner profile histogram-matched to another real
 site). They join the library only: a target never sees a site of its own lineage (the real site
 itself or any virtual site made from its slices, which would share its patients and masks). With
@@ -35,10 +35,11 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.virtual_scanners import make_virtual_site, random_profile
 from benchmarks.zero_shot import bootstrap_ci, diff_cell, paired_test
 from common.adapters import compose, load_peft_adapter, save_peft_adapter
 from common.families.segmentation import sam
-from common.families.segmentation.data import SegSite, load_sites, make_virtual_site, random_profile
+from common.families.segmentation.data import SegSite, load_sites
 from common.families.segmentation.task import PromptSpec, SegLoraSpec, SegmentationTask
 from server.strategies import compute_weights
 

@@ -121,3 +121,34 @@ class LocalGrid:
 
     def pull_messages(self, ids: Any) -> list:
         return [self.replies.pop(i) for i in list(ids) if i in self.replies]
+
+
+#: A SAM-shaped model with LiteMedSAM's module names and small dims: builds and runs in well under a second.
+TINY_SAM_CONFIG: dict[str, Any] = {
+    "family": "sam-tinyvit",
+    # the last width must stay 320: TinyViT's last PatchMerging keeps stride 1 only for 320/448/576
+    "encoder": {
+        "embed_dims": [8, 16, 24, 320],
+        "depths": [1, 1, 1, 1],
+        "num_heads": [1, 2, 2, 4],
+        "window_sizes": [7, 7, 7, 7],
+        "mlp_ratio": 1.0,
+    },
+    "embed_dim": 32,
+    "decoder": {"depth": 2, "mlp_dim": 64, "num_heads": 2, "iou_head_hidden_dim": 32},
+    "mask_in_chans": 4,
+}
+
+
+def make_tiny_sam(out_dir: str | os.PathLike[str] | None = None, seed: int = 0) -> Any:
+    """A tiny random SAM-shaped model (``TINY_SAM_CONFIG``) for fast tests: with ``out_dir`` it is
+    saved there once (``sam.save_sam``, a directory ``sam.load_sam`` reads) and the directory
+    returned, else the model itself."""
+    from common.families.segmentation import sam
+
+    if out_dir is not None and (Path(out_dir) / sam.WEIGHTS_NAME).exists():
+        return Path(out_dir)
+    torch.manual_seed(seed)
+    model = sam.build_sam(TINY_SAM_CONFIG)
+    model.eval().requires_grad_(False)
+    return sam.save_sam(model, out_dir) if out_dir is not None else model

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import LocalGrid
+from support import LocalGrid, make_tiny_sam
 
 from common.families import FAMILIES, family_registry_dirs, get_family, register_family
 from common.families.base import Family
@@ -152,12 +152,11 @@ def test_rpe_embed_computes_the_z_of_any_family_from_a_sites_data(tmp_path, caps
 
     from common.dataroot import data_root
     from common.families.base import SiteInputs
-    from common.families.segmentation import sam
     from common.families.segmentation.data import read_images
     from deploy.cli import main
 
     images = data_root() / "prostate-multisite" / "RUNMC" / "train" / "image"
-    model = Path(sam.make_tiny_sam(tmp_path / "tiny-sam", seed=0))
+    model = Path(make_tiny_sam(tmp_path / "tiny-sam", seed=0))
     main(
         ["embed", "--family", "segmentation", "--images", str(images), "--model", str(model)]
         + ["--out", str(tmp_path / "z.npy"), "--json"]

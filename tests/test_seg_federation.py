@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import LocalGrid, write_site_data
+from support import LocalGrid, make_tiny_sam, write_site_data
 
 from common.families.segmentation import sam
 from common.trust.signing import generate_keypair
@@ -44,7 +44,7 @@ def seg_node_config(site: str) -> dict:
 
 @pytest.fixture(scope="module")
 def tiny_sam_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return Path(sam.make_tiny_sam(tmp_path_factory.mktemp("tiny-sam") / "sam", seed=0))
+    return Path(make_tiny_sam(tmp_path_factory.mktemp("tiny-sam") / "sam", seed=0))
 
 
 def seg_config(registry: Path, model: Path, **over) -> dict:

@@ -8,7 +8,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from support import make_tiny_sam
 
+from benchmarks import virtual_scanners
 from common.adapters import compose, delta_dict, load_peft_adapter, save_peft_adapter
 from common.families.segmentation import data as seg_data
 from common.families.segmentation import sam
@@ -18,7 +20,7 @@ from common.privacy import ZMechanism
 
 @pytest.fixture(scope="module")
 def tiny() -> torch.nn.Module:
-    return sam.make_tiny_sam(seed=0)
+    return make_tiny_sam(seed=0)
 
 
 def _toy_site(name: str, seed: int, n: int = 2, size: int = 64) -> seg_data.SegSite:
@@ -135,7 +137,7 @@ def test_trained_adapter_is_a_plain_peft_lora_that_composes(tiny: torch.nn.Modul
     assert load_peft_adapter(out).ranks == dict.fromkeys(S.target_modules(tiny), 6)
     emb = S.embeddings(tiny, sites[0].test_images, "a", tmp_path)
     boxes = S.make_boxes(sites[0].test_masks, S.PromptSpec("center"))
-    peft_model = PeftModel.from_pretrained(sam.make_tiny_sam(seed=0), str(out)).eval()
+    peft_model = PeftModel.from_pretrained(make_tiny_sam(seed=0), str(out)).eval()
     with torch.no_grad():
         got = sam.decode(peft_model.base_model.model, emb, boxes)
         want = sam.decode(S.with_adapter(tiny, composed), emb, boxes)
@@ -169,14 +171,14 @@ def test_augmentation_keeps_mask_aligned_and_test_untouched() -> None:
 
 def test_scanner_profile_is_seeded_and_marked_simulated(tmp_path) -> None:
     s, ref = _toy_site("a", 0), _toy_site("b", 3)
-    prof = seg_data.random_profile(7, ("b",))
-    assert prof == seg_data.random_profile(7, ("b",)) and prof.simulated
-    v1 = seg_data.make_virtual_site(s, prof, "a-sim", ref)
-    v2 = seg_data.make_virtual_site(s, prof, "a-sim", ref)
+    prof = virtual_scanners.random_profile(7, ("b",))
+    assert prof == virtual_scanners.random_profile(7, ("b",)) and prof.simulated
+    v1 = virtual_scanners.make_virtual_site(s, prof, "a-sim", ref)
+    v2 = virtual_scanners.make_virtual_site(s, prof, "a-sim", ref)
     assert v1.simulated and v1.meta["profile"]["seed"] == 7
     assert all(np.array_equal(x, y) for x, y in zip(v1.train_images, v2.train_images, strict=True))
     assert not np.array_equal(v1.train_images[0], s.train_images[0])
-    saved = json.loads(seg_data.save_profile(prof, tmp_path / "p.json").read_text())
+    saved = json.loads(virtual_scanners.save_profile(prof, tmp_path / "p.json").read_text())
     assert saved["simulated"] is True and saved["match_site"] == "b"
 
 

