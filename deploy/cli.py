@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"rpe: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         sys.exit(2)
     except Exception as exc:
-        from server.registry import RegistryError
+        from server.registry import RegistryError  # lazy: a site's commands never import the coordinator's code
 
         if isinstance(exc, RegistryError):
             print(f"rpe: error: {type(exc).__name__}: {exc}", file=sys.stderr)

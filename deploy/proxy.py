@@ -23,6 +23,8 @@ one public port. It forwards:
 from __future__ import annotations
 
 import ipaddress
+import os
+import pwd
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -160,14 +162,10 @@ http {{
 
 def write_config(spec: ProxySpec) -> Path:
     """Create the prefix directory (logs/, tmp/) and write ``nginx.conf`` there (mode 0600)."""
-    import os
-
     pre = Path(spec.prefix).resolve()
     for sub in ("logs", "tmp"):
         (pre / sub).mkdir(parents=True, exist_ok=True)
     if os.geteuid() == 0:  # nginx's workers drop to nobody: they need only their temp directory
-        import pwd
-
         nobody = pwd.getpwnam("nobody")
         os.chown(pre / "tmp", nobody.pw_uid, nobody.pw_gid)
     path = pre / "nginx.conf"

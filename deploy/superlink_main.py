@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import sys
 
+from flwr.supercore import sql_mixin
+
 #: how long a SuperLink request waits for sqlite's write lock before failing (flwr's default: 5 s)
 BUSY_TIMEOUT_MS = 60_000
 
 
 def patch_busy_timeout(ms: int = BUSY_TIMEOUT_MS) -> None:
     """Make every sqlite connection flwr opens from now on wait ``ms`` for a lock."""
-    from flwr.supercore import sql_mixin
-
     pragmas = tuple(sql_mixin.SQLITE_PRAGMAS)
     if not any(key == "busy_timeout" for key, _ in pragmas):
         raise RuntimeError("flwr's sqlite pragmas no longer set busy_timeout; update deploy/superlink_main.py")
@@ -31,7 +31,7 @@ def patch_busy_timeout(ms: int = BUSY_TIMEOUT_MS) -> None:
 
 def main() -> int:
     patch_busy_timeout()
-    from flwr.superlink.cli import flower_superlink
+    from flwr.superlink.cli import flower_superlink  # lazy: imported after the patch it must see
 
     sys.argv[0] = "flower-superlink"
     return int(flower_superlink() or 0)

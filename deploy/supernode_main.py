@@ -16,6 +16,8 @@ import sys
 import time
 from typing import Any
 
+from flwr.supernode import start_client_internal as sci
+
 #: seconds an idle SuperNode waits before asking the SuperLink again (flwr's default: 3)
 IDLE_POLL_S = 1.0
 _FLWR_IDLE_SLEEP_S = 3
@@ -36,8 +38,6 @@ class _PollClock:
 
 def patch_idle_poll(seconds: float = IDLE_POLL_S) -> None:
     """Make the SuperNode's idle pull loop sleep ``seconds`` instead of 3 s."""
-    from flwr.supernode import start_client_internal as sci
-
     if f"time.sleep({_FLWR_IDLE_SLEEP_S})" not in inspect.getsource(sci):
         raise RuntimeError(
             "flwr's SuperNode loop no longer sleeps a fixed 3 s when idle; update deploy/supernode_main.py"
@@ -47,7 +47,7 @@ def patch_idle_poll(seconds: float = IDLE_POLL_S) -> None:
 
 def main() -> int:
     patch_idle_poll()
-    from flwr.supernode.cli import flower_supernode
+    from flwr.supernode.cli import flower_supernode  # lazy: imported after the patch it must see
 
     sys.argv[0] = "flower-supernode"
     return int(flower_supernode() or 0)

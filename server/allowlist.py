@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from common.files.durable import JsonlLog, atomic_write, complete_end
 from common.trust.digests import canonical_json
+from common.trust.nodekey import NodeKeyError, node_public_key, node_public_text
 from common.trust.signing import (
     ReplayError,
     SignatureError,
@@ -170,8 +171,6 @@ class NodeKeys(_SiteKeyFile):
 
     def add(self, site_id: str, public_text: str | bytes, replace: bool = False) -> None:
         """Record ``site_id``'s SuperNode public key; a different key for a recorded site needs ``replace``."""
-        from common.trust.nodekey import NodeKeyError, node_public_key, node_public_text
-
         check_site_id(site_id)
         try:
             line = node_public_text(node_public_key(public_text))
@@ -188,8 +187,6 @@ class NodeKeys(_SiteKeyFile):
 
     def get(self, site_id: str) -> Any:
         """The recorded EC public key of ``site_id``, or None."""
-        from common.trust.nodekey import node_public_key
-
         line = self._load().get(site_id)
         return node_public_key(line) if line is not None else None
 

@@ -24,9 +24,11 @@ from typing import Any
 
 import numpy as np
 
+from common.protocol.wire import encode_adapter
 from server.bounds import NormBoundError, adapter_norms
+from server.outdir import check_replaceable, output_dir
 from server.registry import Hit, QueryError, Registry
-from server.strategies import MAX_L1_DEFAULT
+from server.strategies import MAX_L1_DEFAULT, compute_weights
 
 
 class CompositionError(QueryError):
@@ -130,9 +132,7 @@ def compose_for_target(
     so the hash in the ``composition`` entry is the one the site receives and logs.
     Raises ``NotEnoughRecordsError`` when fewer than k adapters match.
     """
-    from common.adapters import adapter_to_bytes, compose, save_peft_adapter
-    from server.outdir import check_replaceable, output_dir
-    from server.strategies import compute_weights
+    from common.adapters import adapter_to_bytes, compose, save_peft_adapter  # lazy: torch
 
     if out_dir is not None:
         check_replaceable(Path(out_dir).absolute(), "composition", force)  # refuse before any work or audit
@@ -167,8 +167,6 @@ def compose_for_target(
     base_fp = hits[0].record.meta.base_fingerprint
     composed_norms = _check_composed(registry, composed, base_fp, task, strategy, target)
     if wire_form:
-        from common.protocol.wire import encode_adapter
-
         encoded = encode_adapter(composed, base_model=base_fp)
         composed, output_sha = encoded.adapter, encoded.sha256
     else:

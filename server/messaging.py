@@ -9,6 +9,8 @@ matches strings.
 from __future__ import annotations
 
 import contextlib
+import json
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -20,6 +22,11 @@ from flwr.serverapp import Grid
 
 from common.protocol import wire
 from common.protocol.wire import WireError
+from common.trust.digests import record_digests
+from common.trust.nodekey import NodeKeyError, node_key_fingerprint, node_verify
+from common.trust.signing import SigningError
+from common.trust.statements import StatementError, statement_digest, verify_statement
+from server.allowlist import make_nonce as allowlist_make_nonce
 
 #: Flower's error code for a node that is not connected
 ERROR_NODE_UNAVAILABLE = 5
@@ -51,9 +58,8 @@ def run_log(path: Path) -> Iterator[None]:
 
 
 def make_nonce() -> str:
-    from server.allowlist import make_nonce as _make
-
-    return _make()
+    """A fresh submission nonce (``server.allowlist.make_nonce``: its time is checked at acceptance)."""
+    return allowlist_make_nonce()
 
 
 @dataclass(frozen=True)
@@ -206,8 +212,6 @@ def exchange(
                 sent_at[i] = time.monotonic()
 
     def probe(node: int) -> None:
-        import secrets
-
         ask = request(f"probe:{node}", node, wire.WHOAMI, {"challenge": secrets.token_hex(32)})
         msg = Message(ask.content, dst_node_id=node, message_type=ask.message_type, ttl=timeout + 60.0)
         for mid in grid.push_messages([msg]):
@@ -309,7 +313,6 @@ def _audit_probe(audit: Any, ask: Request, rep: Reply, run_id: str) -> None:
 def audit_reply(audit: Any, event: str, req: Request, rep: Reply, run_id: str, site: str | None, **fields: Any) -> None:
     """One audit entry for one site reply (or its absence), with what ``rpe audit cross-check``
     matches it on: run id, nonce, message type and, when the reply carried records, their digests."""
-    from common.trust.digests import record_digests
 
     digests = None
     if rep.message is not None and rep.message.has_content():
@@ -345,10 +348,6 @@ def verify_identity(info: dict[str, Any], node_id: int, run_id: str, challenge: 
     """True if the whoami's identity statement proves the claimed site; False if it is unsigned and
     unsigned claims are allowed here; :class:`IdentityRefused` otherwise. Sets ``info["node_bound"]``
     when the proof includes the site's recorded SuperNode key (:func:`check_node_binding`)."""
-    import json
-
-    from common.trust.signing import SigningError
-    from common.trust.statements import StatementError, verify_statement
 
     site, raw = info["site"], info.get("identity", "")
     if not raw:
@@ -389,8 +388,6 @@ def check_node_binding(allow: Any, site: str, node_id: int, body: dict[str, Any]
     ``node_signature`` must verify with it: only the holder of the SuperNode key the SuperLink
     authenticates the site's node by can be bound to the site.
     """
-    from common.trust.nodekey import NodeKeyError, node_key_fingerprint, node_verify
-    from common.trust.statements import statement_digest
 
     records = getattr(allow, "node_keys", None)
     if records is None or not records.sites():
@@ -433,10 +430,6 @@ def discover(
     as ``identity.refused``; nothing for that site goes to it. Two nodes that both prove the same
     site (a copied key) are both refused: there is no telling which is the site.
     """
-    import secrets
-
-    from common.trust.digests import record_digests
-
     requests = [
         request(str(node), node, wire.WHOAMI, {"challenge": secrets.token_hex(32)})
         for node in sorted(grid.get_node_ids())

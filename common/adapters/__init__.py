@@ -6,25 +6,72 @@
 - ``stream_compose``: PEFT dirs -> PEFT dir, streamed (the same bytes as compose + save)
 - ``safetensors_header``: the hardened header parser
 
-The names below are the package's public API; import them from here.
+The names below are the package's public API; import them from here. They load on first use
+(``_WHERE``), so the torch-free parts stay importable without torch.
 """
 
-from common.adapters.composition import compose, singular_values, truncation_error
-from common.adapters.lora import (
-    FORMAT_TAG,
-    LoraAdapter,
-    LoraFormatError,
-    LoraModule,
-    adapter_from_arrays,
-    adapter_from_bytes,
-    adapter_to_arrays,
-    adapter_to_bytes,
-    canonical_head,
-    delta_dict,
-    peft_key,
-)
-from common.adapters.peft_io import load_peft_adapter, load_peft_adapters, save_peft_adapter
-from common.adapters.stream_compose import compose_peft_dirs
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from common.adapters.composition import compose, singular_values, truncation_error
+    from common.adapters.lora import (
+        FORMAT_TAG,
+        LoraAdapter,
+        LoraFormatError,
+        LoraModule,
+        adapter_from_arrays,
+        adapter_from_bytes,
+        adapter_to_arrays,
+        adapter_to_bytes,
+        canonical_head,
+        delta_dict,
+        peft_key,
+    )
+    from common.adapters.peft_io import load_peft_adapter, load_peft_adapters, save_peft_adapter
+    from common.adapters.stream_compose import compose_peft_dirs
+
+#: public name -> the module that defines it. Loaded on first use (PEP 562), so importing a
+#: torch-free part (``common.adapters.safetensors_header``, which the registry's validation uses)
+#: does not import torch (seconds) through this package: ``rpe registry ls`` never needs it.
+_WHERE = {
+    **dict.fromkeys(("compose", "singular_values", "truncation_error"), "composition"),
+    **dict.fromkeys(
+        (
+            "FORMAT_TAG",
+            "LoraAdapter",
+            "LoraFormatError",
+            "LoraModule",
+            "adapter_from_arrays",
+            "adapter_from_bytes",
+            "adapter_to_arrays",
+            "adapter_to_bytes",
+            "canonical_head",
+            "delta_dict",
+            "peft_key",
+        ),
+        "lora",
+    ),
+    **dict.fromkeys(("load_peft_adapter", "load_peft_adapters", "save_peft_adapter"), "peft_io"),
+    "compose_peft_dirs": "stream_compose",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """A public name from its module, imported on first use (and cached in this module)."""
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{where}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_WHERE})
+
 
 __all__ = [
     "FORMAT_TAG",

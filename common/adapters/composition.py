@@ -20,6 +20,7 @@ from common.adapters.lora import (
     LoraModule,
     factors_dtype,
 )
+from common.files.buffers import empty_bytes
 
 # --------------------------------------------------------------------------------------------
 # Composition
@@ -97,8 +98,6 @@ def _exact_factors(
     every factor a view into one buffer (``common.files.buffers.empty_bytes``): the output is fresh
     memory on every composition, and one huge-page-backed block is far cheaper to fault in than
     many ordinary ones (issue 14, goal 5)."""
-    from common.files.buffers import empty_bytes
-
     size = dtype.itemsize
     spans = []
     nbytes = 0

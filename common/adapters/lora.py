@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load
 
 __all__ = [
     "FORMAT_TAG",
@@ -292,8 +293,6 @@ def _read_safetensors_metadata(data: bytes) -> dict:
 
 def adapter_from_bytes(data: bytes) -> LoraAdapter:
     """Inverse of :func:`adapter_to_bytes` (tensors keep their stored dtype)."""
-    from safetensors.torch import load
-
     meta = _read_safetensors_metadata(data)
     if meta.get("rpe_format") != FORMAT_TAG or "rpe_lora" not in meta:
         raise LoraFormatError(f"adapter blob has rpe_format {meta.get('rpe_format')!r}, expected {FORMAT_TAG!r}")

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from common.adapters.lora import (
     _BASE_MODIFYING_INITS,
@@ -133,9 +135,6 @@ def load_peft_adapters(paths: Sequence[str | os.PathLike[str]]) -> list[LoraAdap
     :class:`LoraFormatError` naming it. (Reading them into one shared buffer instead was measured
     slower: fresh memory for all k inputs at once costs more than safetensors' per-tensor copies.)
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     checked = [_checked_peft_dir(Path(p)) for p in paths]
     adapters = []
     for directory, config, weights_path in checked:

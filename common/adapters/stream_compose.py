@@ -59,7 +59,8 @@ from common.adapters.peft_io import (
     staged_peft_dir,
     write_all,
 )
-from common.files.buffers import start_writeback
+from common.adapters.safetensors_header import MAX_HEADER_BYTES, SafetensorsHeaderError, check_sizes, parse_header
+from common.files.buffers import empty_bytes, start_writeback
 
 #: the output buffer (computed, then written) and the read buffer: together small enough to stay
 #: in the CPU's last-level cache, large enough that a module of a 7-8B model at k = 16 is one step
@@ -83,8 +84,6 @@ def _take_buffer(nbytes: int) -> torch.Tensor:
         fits = [i for i, buf in enumerate(_pool) if buf.numel() >= nbytes]
         if fits:
             return _pool.pop(min(fits, key=lambda i: _pool[i].numel()))
-    from common.files.buffers import empty_bytes
-
     return empty_bytes(nbytes)
 
 
@@ -169,8 +168,6 @@ _TORCH_DTYPES = {
 
 def _torch_dtype(name: str, tensor: str) -> torch.dtype:
     """The torch dtype of the safetensors dtype ``name`` (of tensor ``tensor``, for the message)."""
-    from common.adapters.safetensors_header import SafetensorsHeaderError
-
     dtype = _TORCH_DTYPES.get(name)
     if dtype is None:
         raise SafetensorsHeaderError(
@@ -182,8 +179,6 @@ def _torch_dtype(name: str, tensor: str) -> torch.dtype:
 def _open_input(directory: Path, config: dict, weights_path: Path) -> tuple[_Input, _Adapter]:
     """The open input and its adapter's factor shapes and dtypes, checked as ``load_peft_adapter``
     checks a directory (the same code), reading only the safetensors header."""
-    from common.adapters.safetensors_header import MAX_HEADER_BYTES, SafetensorsHeaderError, check_sizes, parse_header
-
     fd = os.open(weights_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
         st = os.fstat(fd)

@@ -16,6 +16,7 @@ the mapping alive).
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import sys
 from typing import Any
@@ -62,8 +63,6 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
         _sync_file_range = False
         if sys.platform.startswith("linux"):
             try:
-                import ctypes
-
                 fn = ctypes.CDLL(None, use_errno=True).sync_file_range
                 fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
                 fn.restype = ctypes.c_int

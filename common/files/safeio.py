@@ -11,6 +11,7 @@ was expected.
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 import re
@@ -124,8 +125,6 @@ def load_npy_vector(path: str | os.PathLike[str], max_values: int, what: str = "
     would need pickle), a shape that is not a vector, a data length that does not match the header.
     """
     raw = read_regular_file(path, max_bytes=max_values * 16 + 4096, what=what)
-    import io
-
     buf = io.BytesIO(raw)
     try:
         version = np.lib.format.read_magic(buf)

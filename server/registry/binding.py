@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from common.trust.digests import sha256_hex
+from server.zindex import ColumnError, ZColumn
 
 RECORD_EVENTS = ("submission.accepted", "registry.bulk_add", "registry.remove", "registry.migrate")
 MIGRATE = "registry.migrate"
@@ -244,8 +245,6 @@ def _column_problems(records_path: Path, parsed: list[dict[str, Any]]) -> list[s
     named = [(i, e) for i, e in enumerate(parsed) if e.get("op") == "add" and isinstance(e.get("row"), int)]
     if not named:
         return []
-    from server.zindex import ColumnError, ZColumn
-
     zpath = records_path.with_name("z.f32")
     try:
         col = ZColumn(zpath, read_only=True, check=False)

@@ -52,8 +52,8 @@ class ChromaIndex:
         return self.collection is not None and self.fresh
 
     def _client(self) -> Any:
-        import chromadb
-        from chromadb.config import Settings
+        import chromadb  # lazy: seconds to import; read-only opens and chroma="off" never connect
+        from chromadb.config import Settings  # lazy: as chromadb
 
         settings = Settings(anonymized_telemetry=False)
         if self.spec["mode"] == "http":
@@ -95,7 +95,7 @@ class ChromaIndex:
         reuse its broken state. Chroma has no public per-path release (``clear_system_cache``
         drops every registry's System), so this one step uses its class tables, by identifier.
         """
-        from chromadb.api.shared_system_client import SharedSystemClient
+        from chromadb.api.shared_system_client import SharedSystemClient  # lazy: as chromadb
 
         key = str(self.chroma_dir)
         system = SharedSystemClient._identifier_to_system.pop(key, None)

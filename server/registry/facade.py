@@ -318,7 +318,7 @@ class Registry:
 
     def load_adapter(self, record_id: str) -> Any:
         """The record's ``LoraAdapter`` (bytes re-verified against the stored sha256 first)."""
-        from common.adapters import adapter_from_bytes
+        from common.adapters import adapter_from_bytes  # lazy: torch; most readers never load an adapter
 
         return adapter_from_bytes(self.load_blob(record_id))
 

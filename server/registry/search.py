@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from server import zindex
 from server.registry.columns import Columns
 
 if TYPE_CHECKING:
@@ -96,9 +97,7 @@ class Searcher:
                     log.warning("%s does not match the z column; rebuilding the search index", p)
                     return None
                 st = {k: f[k] for k in f.files if k not in ("col_n", "col_digest")}
-            from server.zindex import ExactTopK
-
-            return ExactTopK.from_state(st)
+            return zindex.ExactTopK.from_state(st)  # zindex loads ExactTopK (torch) on first use
         except (OSError, ValueError, KeyError) as exc:
             log.warning("%s is unreadable (%s); rebuilding the search index", p, exc)
             return None
@@ -118,15 +117,13 @@ class Searcher:
 
     def ensure_topk(self) -> ExactTopK:
         """ExactTopK holding every column row (loaded, or built, then caught up with appends)."""
-        from server.zindex import ExactTopK
-
         col = self.cols.zcol
         if self.topk is None:
-            self.topk = self._load_state() or ExactTopK(self.cols.dim)
+            self.topk = self._load_state() or zindex.ExactTopK(self.cols.dim)
             self.dirty = self.topk.n == 0
         ix, n = self.topk, len(col)
         if ix.n > n:  # cannot happen with an append-only column: rebuild rather than trust it
-            self.topk = ix = ExactTopK(self.cols.dim)
+            self.topk = ix = zindex.ExactTopK(self.cols.dim)
         if ix.n < n:
             M = col.matrix()
             step = 16384

@@ -27,7 +27,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -35,9 +35,7 @@ from common.files.durable import atomic_write
 from common.files.safeio import UnsafeInputError, read_regular_file
 from server.registry.columns import KEYS, Columns
 from server.registry.errors import RegistryCorruptError
-
-if TYPE_CHECKING:
-    from server.registry.recordlog import RecordLog
+from server.registry.recordlog import RecordLog
 
 log = logging.getLogger(__name__)
 
@@ -209,8 +207,6 @@ def problems(path: Path, rlog: RecordLog) -> tuple[list[str], Columns | None]:
     """Disagreements between the snapshot and a full replay of the records.jsonl prefix it covers,
     and the columns of a full replay up to ``rlog.offset`` (for the rest of ``verify`` to check
     records.jsonl itself, not the cache). ``([], None)`` when there is no usable snapshot."""
-    from server.registry.recordlog import RecordLog
-
     cols = rlog.cols
     snap = Columns(cols.dim, str(rlog.path), cols.zcol)
     probe = RecordLog(rlog.path, snap)

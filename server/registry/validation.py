@@ -211,7 +211,13 @@ def check_adapter(
 ) -> tuple[bytes, int, Any, dict[str, float]]:
     """Validate an adapter (LoraAdapter or canonical bytes) against ``base``; returns (blob, max rank,
     the parsed ``LoraAdapter``, its update norms as ``check_modules`` gives them)."""
-    from common.adapters import LoraAdapter, LoraFormatError, adapter_from_bytes, adapter_to_bytes, canonical_head
+    from common.adapters import (  # lazy: torch; listing or verifying a registry never validates an adapter
+        LoraAdapter,
+        LoraFormatError,
+        adapter_from_bytes,
+        adapter_to_bytes,
+        canonical_head,
+    )
 
     lim = limits
     max_bytes = lim["max_blob_bytes"]
@@ -297,7 +303,7 @@ def check_modules(
 
     Returns the per-module update norms ``‖scale·B·A‖_F`` plus ``"__total__"`` (what
     ``server.bounds.adapter_norms`` computes; computed once here for the insert path)."""
-    import torch
+    import torch  # lazy: only an add needs it; opening a registry stays torch-free
 
     lim = limits
     norms: dict[str, float] = {}
@@ -351,7 +357,7 @@ def check_modules(
 
 
 def _raise_non_finite(site: str, name: str, m: Any) -> None:
-    import torch
+    import torch  # lazy: only an add needs it; opening a registry stays torch-free
 
     for label, t in (("A", m.A), ("B", m.B)):
         finite = torch.isfinite(t)

@@ -27,6 +27,7 @@ which ``row_sha256`` recomputes from the column on demand.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import mmap
 import os
@@ -41,8 +42,6 @@ import numpy as np
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     """All of ``data`` at ``offset``, or ``OSError``: a short write (a full disk gives one before it
     gives ENOSPC) is retried for the rest and becomes ENOSPC when nothing more goes in."""
-    import errno
-
     done = 0
     while done < len(data):
         n = os.pwrite(fd, data[done:], offset + done)
