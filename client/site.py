@@ -102,7 +102,7 @@ def site_from_context(context: Context) -> Site:
     nc, rc = context.node_config, context.run_config
     if "site-id" in nc:
         site = str(nc["site-id"])
-        data = nc.get("data-path")
+        data: Any = nc.get("data-path")
         if not data:
             raise SiteError(f"site {site!r}: node config has no 'data-path' (a JSONL file or directory)")
         model = str(nc.get("model-path") or DEFAULT_MODEL)

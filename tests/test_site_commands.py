@@ -18,8 +18,10 @@ from client.egress import EgressLog
 from client.export import VLLM_RANKS, ExportError, check_dir, export_vllm, vllm_rank
 from client.use import site_status
 from common.adapters import LoraAdapter, LoraModule, adapter_to_arrays, delta_dict, load_peft_adapter, save_peft_adapter
+from common.families.report import commands as report_commands
 from common.families.report.data import Example, write_jsonl
 from common.families.report.task import TextReportTask
+from common.families.segmentation import commands as seg_commands
 from common.privacy import spent_from_egress, with_total
 
 
@@ -171,7 +173,7 @@ def test_generate_matches_stock_peft(tiny_model_dir, tmp_path, capsys):
 
 def test_generate_bad_input_is_a_clear_error(tmp_path):
     with pytest.raises(use_mod.SiteCommandError, match="does not exist"):
-        use_mod.generate_file(tmp_path / "missing", tmp_path / "x.jsonl", tmp_path / "o.jsonl")
+        report_commands.generate_file(tmp_path / "missing", tmp_path / "x.jsonl", tmp_path / "o.jsonl")
 
 
 def test_site_status_from_the_sites_own_files(tiny_model_dir, mixed_adapter_dir, tmp_path, capsys):
@@ -301,9 +303,9 @@ def test_segment_writes_the_masks_the_sites_evaluation_scores(tmp_path, capsys):
         changed |= bool((got != predict(net, None, [im], None, PromptSpec())[0]).any())
     assert changed  # the adapter was applied
     with pytest.raises(use_mod.SiteCommandError, match="not a PEFT adapter directory"):
-        use_mod.segment_files(tmp_path / "nowhere", [str(images_dir)], tmp_path / "o")
+        seg_commands.segment_files(tmp_path / "nowhere", [str(images_dir)], tmp_path / "o")
     with pytest.raises(use_mod.SiteCommandError, match="does not exist"):
-        use_mod.segment_files(adir, [str(tmp_path / "no-such.png")], tmp_path / "o")
+        seg_commands.segment_files(adir, [str(tmp_path / "no-such.png")], tmp_path / "o")
     (tmp_path / "bad.png").write_bytes(b"not an image")
     with pytest.raises(use_mod.SiteCommandError, match="not a readable image"):
-        use_mod.segment_files(adir, [str(tmp_path / "bad.png")], tmp_path / "o")
+        seg_commands.segment_files(adir, [str(tmp_path / "bad.png")], tmp_path / "o")

@@ -30,6 +30,10 @@ class FamilyError(ValueError):
     """A family cannot do what was asked: unknown name, bad option, data it cannot read."""
 
 
+class CommandError(FamilyError):
+    """A family's site command cannot run as asked (missing directory, unreadable adapter or data)."""
+
+
 @dataclass(frozen=True)
 class RegistrySpec:
     """Where a family's registry lives under the coordinator's registry root and what its z is.
@@ -177,6 +181,8 @@ class Family(Protocol):
     supports_dp: bool
     #: the base model a site or command uses when none is named ("" = always name one)
     default_model: str
+    #: ``"module:register"`` adding the family's site commands to ``rpe`` (``client/use.py``); "" for none
+    commands: str
     #: ``"module:function"`` of the family's demo recipe, ``(workdir, profile, model) -> DemoPlan``
     #: (``deploy/demo.py`` runs every family that has one); "" for none
     demo: str

@@ -70,6 +70,7 @@ class ReportFamily:
     node_config_keys: tuple[str, ...] = ()
     supports_dp = True
     default_model = "smollm2-135m-instruct"
+    commands = "common.families.report.commands:register"
     demo = "common.families.report.demo:demo_plan"
 
     def task(self) -> Any:

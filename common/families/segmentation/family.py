@@ -70,6 +70,7 @@ class SegmentationFamily:
     node_config_keys: tuple[str, ...] = ("seg-dataset", "seg-site", "seg-copies")
     supports_dp = False
     default_model = "litemedsam"
+    commands = "common.families.segmentation.commands:register"
     demo = "common.families.segmentation.demo:demo_plan"
 
     def _task(self, site: SiteInputs, spec: Any = None) -> Any:
@@ -150,7 +151,7 @@ class SegmentationFamily:
         return RegistryBase(
             sam.model_fingerprint(sam_model),
             linear_module_shapes(sam_model),
-            int(sam_model.rpe_config["embed_dim"]),
+            int(sam_model.rpe_config["embed_dim"]),  # type: ignore[index]  # set by sam.build_sam
             str(model),
         )
 

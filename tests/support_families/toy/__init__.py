@@ -110,6 +110,7 @@ class ToyFamily:
     node_config_keys: tuple[str, ...] = ()
     supports_dp = False
     default_model = ""
+    commands = ""
     demo = ""
 
     def counts(self, site: SiteInputs) -> DataCounts:
