@@ -47,10 +47,12 @@ def _blob_key(args: argparse.Namespace) -> Any:
     return load_blob_key(getattr(args, "blob_key_file", None) or None)
 
 
-def _open_registry(args: argparse.Namespace) -> Any:
+def _open_registry(args: argparse.Namespace, read_only: bool = False) -> Any:
+    """The registry ``--registry`` names; ``read_only`` for commands that only look (no lock, so they
+    work while the ServerApp holds it, and nothing on disk is touched)."""
     from server.registry import Registry
 
-    return Registry(args.registry, blob_key=_blob_key(args))
+    return Registry(args.registry, blob_key=_blob_key(args), read_only=read_only)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,7 +123,7 @@ def cmd_registry_add(args: argparse.Namespace) -> None:
 
 
 def cmd_registry_ls(args: argparse.Namespace) -> None:
-    reg = _open_registry(args)
+    reg = _open_registry(args, read_only=True)
     try:
         records = reg.list(task=args.task, modality=args.modality, site=args.site)
     finally:
@@ -146,7 +148,7 @@ def cmd_registry_ls(args: argparse.Namespace) -> None:
 
 
 def cmd_registry_show(args: argparse.Namespace) -> None:
-    reg = _open_registry(args)
+    reg = _open_registry(args, read_only=True)
     try:
         rec = reg.get(args.id)
     finally:
@@ -513,9 +515,7 @@ def register(sub: Any) -> None:
     v.add_argument("--registry", help="the coordinator's registry root (default: the directory of --log)")
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_audit_report)
-    v = asub.add_parser(
-        "cross-check", help="match a site's egress log against every family's coordinator audit log"
-    )
+    v = asub.add_parser("cross-check", help="match a site's egress log against every family's coordinator audit log")
     v.add_argument("--egress", required=True, help="the site's egress.jsonl")
     v.add_argument(
         "--audit",

@@ -61,9 +61,26 @@ def _from_family_table(root: Path) -> dict[str, Path] | None:
     if finder is None:
         return None
     try:
-        return {str(name): Path(path) for name, path in finder(root).items()}
+        found = {str(name): Path(path) for name, path in finder(root).items()}
+        own = _family_of_subdir(root.name)
     except Exception:  # noqa: BLE001 - a family that fails to load must not blind the auditor: scan instead
         return None
+    if own is not None and own not in found:
+        # ``root`` is a family's own directory (e.g. ``segmentation/`` copied on its own): the table,
+        # which reads its argument as a coordinator root, took it for the root family's registry
+        found = {own if _resolved(p) == _resolved(root) else name: p for name, p in found.items()}
+    return found
+
+
+def _family_of_subdir(dirname: str) -> str | None:
+    """The family whose registry lives in ``<root>/<dirname>/`` (None for the root's family or none)."""
+    from common.families import family_names, get_family
+
+    for name in family_names():
+        subdir = getattr(getattr(get_family(name), "registry", None), "subdir", "")
+        if subdir and subdir == dirname:
+            return name
+    return None
 
 
 #: the files that make a directory a registry: one of them left is enough to be checked (and a

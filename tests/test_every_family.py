@@ -297,6 +297,49 @@ def test_family_registry_holds_no_symlink_and_a_copy_of_it_opens_alone(built, tm
     assert code == 0 and rec.id in out
     code, out = rpe(capsys, "audit", "verify", "--registry", str(alone))
     assert code == 0, out
+    # on its own it is still the segmentation family (not taken for the root's family)
+    assert family_registries(alone) == {seg_name(root): alone}
+
+
+def test_a_copy_made_before_the_links_were_replaced_can_still_be_read(built, tmp_path, capsys):
+    """A family registry copied with the older layout's links (now dangling): the read-only tools
+    (listing, verify, the console) open it; only a writing open needs the key back."""
+    from server.console import views
+
+    seg = built["seg"]
+    for name in ("coordinator.key", "coordinator.pub"):
+        (seg / name).unlink()
+        os.symlink(os.path.join("..", name), seg / name)
+    alone = tmp_path / "copied" / "segmentation"
+    shutil.copytree(seg, alone, symlinks=True, ignore=shutil.ignore_patterns(".lock"))
+    assert (alone / "coordinator.key").is_symlink() and not (alone / "coordinator.key").exists()
+    code, out = rpe(capsys, "registry", "ls", "--registry", str(alone))
+    assert code == 0 and "RUNMC" in out, out
+    code, out = rpe(capsys, "audit", "verify", "--registry", str(alone))
+    assert code == 0, out
+    fams = views.open_families(family_registries(alone))
+    try:
+        assert [f.error for f in fams] == [None] and len(fams[0].registry) == 4
+    finally:
+        fams[0].registry.close()
+
+
+def test_the_console_shows_a_family_it_cannot_open_with_the_reason(built):
+    from server.console import views
+
+    (built["seg"] / "registry.json").unlink()
+    fams = views.open_families(family_registries(built["root"]))
+    try:
+        broken = [f for f in fams if f.registry is None]
+        assert [f.path for f in broken] == [built["seg"]] and "registry.json" in broken[0].error
+        st = views.audit_statuses(fams)
+        assert not st["ok"] and {p["kind"] for p in st["problems"]} == {"missing", "unreadable"}
+        assert [p["family"] for p in st["problems"]] == [broken[0].name] * 2
+        assert len(views.records(fams)) == 3  # the other family's records are still listed
+    finally:
+        for f in fams:
+            if f.registry is not None:
+                f.registry.close()
 
 
 def test_an_older_linked_key_becomes_a_copy_when_the_run_opens_the_family(built):
