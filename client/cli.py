@@ -152,23 +152,23 @@ def cmd_epsilon(args: argparse.Namespace) -> None:
 
 
 def cmd_z_norms(args: argparse.Namespace) -> None:
+    """The distribution of the per-example vector norms (each example's contribution to z before
+    clipping: ``Family.embed``'s ``example_sums``), to choose the node config's ``z-clip``."""
     import numpy as np
 
-    from client.app import load_site_data
-    from common.embedding import mean_embedding
-    from common.families.report.task import TextReportTask
-    from common.models import load_base_model
+    from common.families import get_family
 
-    data = load_site_data(args.data)
-    texts = TextReportTask().embedding_texts(data.all)
-    model, tok = load_base_model(args.model)
-    emb = mean_embedding(model, tok, texts, layer=args.layer, return_sums=True)
-    norms = emb.example_norms if emb.example_norms is not None else np.zeros(0)
+    res = _family_embedding(args, Path(args.images or args.data), None)
+    unit = get_family(args.family).unit
+    norms = res.example_norms if res.example_norms is not None else np.zeros(0)
+    if not len(norms):
+        raise CliError(f"the {args.family} family gave no per-{unit} vectors to measure")
     qs = {q: float(np.percentile(norms, q)) for q in (10, 50, 90, 99, 100)}
-    print(f"{len(norms)} reports, {emb.n_tokens} tokens; L2 norm of each report's token sum at layer {emb.layer}:")
+    where = f" at layer {res.layer}" if res.layer is not None else ""
+    print(f"{len(norms)} {unit}s, {res.n_tokens} tokens; L2 norm of each {unit}'s vector (before clipping){where}:")
     print("  " + "  ".join(f"p{q}={v:,.1f}" for q, v in qs.items()))
     print(
-        f"z-clip at the median ({qs[50]:,.1f}) scales half the reports down and keeps noise small; at p90 "
+        f"z-clip at the median ({qs[50]:,.1f}) scales half the {unit}s down and keeps noise small; at p90 "
         f"({qs[90]:,.1f}) z is nearly the non-private z but the noise is {qs[90] / max(qs[50], 1e-12):.1f}x "
         "larger. The noise on z has std z-noise-multiplier x z-clip / total tokens per dimension."
     )
@@ -252,9 +252,14 @@ def register(sub: Any) -> None:
     e.add_argument("--steps", type=int, default=1, help="DP-SGD: training steps")
     e.set_defaults(func=cmd_epsilon)
 
-    z = psub.add_parser("z-norms", help="distribution of per-report token-sum norms, to choose node config z-clip")
-    z.add_argument("--data", required=True, type=_path, help="the site's JSONL file or data directory")
-    z.add_argument("--model", default="smollm2-135m-instruct", help="base model directory or name")
+    z = psub.add_parser(
+        "z-norms", help="distribution of per-example vector norms (a report's token sum), to choose z-clip"
+    )
+    zsrc = z.add_mutually_exclusive_group(required=True)
+    zsrc.add_argument("--data", type=_path, help="the site's data: a JSONL file or data directory (reports)")
+    zsrc.add_argument("--images", type=_path, help="a folder of images for an image family")
+    z.add_argument("--family", default=DEFAULT_FAMILY, help=f"task family (default {DEFAULT_FAMILY})")
+    z.add_argument("--model", default=None, help="base model directory or name (default: the family's)")
     z.add_argument("--layer", type=int, default=-1, help="hidden-state layer of z (default -1, as enrolment)")
     z.set_defaults(func=cmd_z_norms)
 

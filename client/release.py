@@ -110,7 +110,7 @@ def release_z(
         return ZRelease(emb.z, info, None, False)
     say(
         site,
-        f"z: Gaussian mechanism, clip {mech.clip:g} ({emb.n_clipped}/{emb.n_examples} examples clipped), "
+        f"z: Gaussian mechanism, clip {mech.clip:g} ({emb.n_clipped}/{emb.n_examples} {family.unit}s clipped), "
         f"noise multiplier {mech.noise_multiplier:.3f}, epsilon {mech.epsilon:.3f} at delta {mech.delta:g}",
     )
     z = mech.apply(emb.z, emb.n_tokens)

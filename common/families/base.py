@@ -175,6 +175,8 @@ class Family(Protocol):
     metric: str
     metric_title: str
     registry: RegistrySpec
+    #: what one example (one privacy unit) is called in messages: "report", "image"
+    unit: str
     #: node-config keys a site of this family reads (passed on in ``SiteInputs.options``)
     node_config_keys: tuple[str, ...]
     #: whether the family trains with DP-SGD when a site's policy asks for it (else it refuses)
@@ -242,7 +244,8 @@ class Family(Protocol):
     def embed(self, base: Base, site: SiteInputs, examples: Sequence[Any], layer: int, clip_norm: float | None) -> Any:
         """z before noise over ``examples`` (``common.embedding.EmbeddingResult``): the mean of the
         per-example vectors, each clipped to ``clip_norm`` when given; ``n_tokens`` is what the
-        Gaussian mechanism divides its noise by."""
+        Gaussian mechanism divides its noise by; ``example_sums`` each example's vector before
+        clipping (it stays at the site: ``rpe privacy z-norms`` reads it to choose ``z-clip``)."""
         ...
 
     def score(

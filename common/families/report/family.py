@@ -67,6 +67,7 @@ class ReportFamily:
     metric = "rouge_l"
     metric_title = "ROUGE-L F1"
     registry = RegistrySpec(subdir="", representation="hidden-mean")
+    unit = "report"
     node_config_keys: tuple[str, ...] = ()
     supports_dp = True
     default_model = "smollm2-135m-instruct"
@@ -216,7 +217,14 @@ class ReportFamily:
         cache = ExampleSumsCache(site.work_dir / EMBEDDING_CACHE_DIR / f"{name}.npz")
         texts = _task().embedding_texts(examples)
         emb = mean_embedding(
-            base.model, base.extra, texts, layer=layer, clip_norm=clip_norm, cache=cache, cache_tag=base.fingerprint
+            base.model,
+            base.extra,
+            texts,
+            layer=layer,
+            clip_norm=clip_norm,
+            cache=cache,
+            cache_tag=base.fingerprint,
+            return_sums=True,
         )
         try:
             cache.save()

@@ -67,6 +67,7 @@ class SegmentationFamily:
     metric = "dice"
     metric_title = "DICE"
     registry = RegistrySpec(subdir="segmentation", representation=REPRESENTATION)
+    unit = "image"
     node_config_keys: tuple[str, ...] = ("seg-dataset", "seg-site", "seg-copies")
     supports_dp = False
     default_model = "litemedsam"

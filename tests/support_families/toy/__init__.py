@@ -107,6 +107,7 @@ class ToyFamily:
     metric = "accuracy"
     metric_title = "Accuracy"
     registry = RegistrySpec(subdir="toy", representation=REPRESENTATION)
+    unit = "example"
     node_config_keys: tuple[str, ...] = ()
     supports_dp = False
     default_model = ""
@@ -206,7 +207,7 @@ class ToyFamily:
 
         with torch.no_grad():
             vecs = base.model.proj(torch.tensor([list(x) for x in examples], dtype=torch.float32)).double().numpy()
-        n_clipped = 0
+        raw, n_clipped = vecs.copy(), 0
         if clip_norm is not None:
             norms = np.linalg.norm(vecs, axis=1)
             factor = np.minimum(1.0, clip_norm / np.maximum(norms, 1e-12))
@@ -220,6 +221,7 @@ class ToyFamily:
             representation=REPRESENTATION,
             clip_norm=clip_norm,
             n_clipped=n_clipped,
+            example_sums=raw,
         )
 
     def score(
