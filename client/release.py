@@ -93,6 +93,8 @@ def release_z(
     mech = ZMechanism.from_policy(site.policy)
     cache = z_cache_path(site, family.name, family.data_digest(examples), layer, mech) if mech is not None else None
     cached = cached_z(site, cache) if cache is not None else None
+    if cached is None and mech is not None:  # a z released before the cache was keyed by family
+        cached = cached_z(site, legacy_z_cache_path(site, family.data_digest(examples), layer, mech))
     if cached is not None:
         say(site, "z: re-sending the noisy z already released for this data (no new privacy cost)")
         return ZRelease(cached[0], cached[1], mech, True)
@@ -126,6 +128,22 @@ def z_cache_path(site: Site, family: str, data_digest: str, layer: int, mech: An
         {
             "family": family,
             "data": data_digest,
+            "model": str(site.model_path),
+            "layer": layer,
+            "clip": mech.clip,
+            "sigma": mech.noise_multiplier,
+            "delta": mech.delta,
+        }
+    )
+    return site.site_dir / "privacy" / f"z-{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+
+
+def legacy_z_cache_path(site: Site, data_digest: str, layer: int, mech: Any) -> Path:
+    """Where a site kept a released noisy z before the cache was keyed by family (the digest was
+    then named "texts"): still read, so an upgraded site re-sends what it released, at no new cost."""
+    key = wire.canonical_json(
+        {
+            "texts": data_digest,
             "model": str(site.model_path),
             "layer": layer,
             "clip": mech.clip,

@@ -272,3 +272,32 @@ def test_budget_counts_private_releases_and_refuses_what_would_exceed_it():
         check_budget(100.0, [], release_record(None, mech, adapter_sent=True), adapter_sent=True)
     with pytest.raises(PrivacyBudgetError, match="z is sent without the Gaussian mechanism"):
         check_budget(100.0, [], release_record(None, None, adapter_sent=False), adapter_sent=False)
+
+
+def test_a_noisy_z_released_before_the_family_keyed_cache_is_re_sent_not_redrawn(tmp_path):
+    """A site upgraded from the cache keyed by "texts" still finds the noisy z it released (same data,
+    model, layer, mechanism) and re-sends it at no new privacy cost: it never draws fresh noise."""
+    import hashlib
+
+    from client.release import legacy_z_cache_path, release_z, store_z
+    from client.site import Site
+    from common.families import get_family
+    from common.families.report.data import Example
+    from common.privacy import ZMechanism
+
+    site = Site("a", tmp_path / "data", "unused-model", tmp_path / "site", policy={"z-clip": 5.0, "z-epsilon": 4.0})
+    examples = [Example(f"Findings: case {i}.", None, "ct-head", str(i)) for i in range(3)]
+    old = hashlib.sha256()  # what the earlier release.z_cache_path hashed: each text's sha256
+    for ex in examples:
+        old.update(hashlib.sha256(ex.prompt.encode()).digest())
+    family = get_family("report-text")
+    assert family.data_digest(examples) == old.hexdigest()
+    mech = ZMechanism.from_policy(site.policy)
+    released = np.arange(4, dtype=np.float32)
+    store_z(legacy_z_cache_path(site, old.hexdigest(), -1, mech), released, {"sample_count": 3})
+
+    def no_model():
+        raise AssertionError("a re-sent z must not load the model")
+
+    rel = release_z(site, family, examples, -1, no_model)
+    assert rel.repeat and np.array_equal(rel.z, released)

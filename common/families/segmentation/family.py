@@ -114,9 +114,11 @@ class SegmentationFamily:
         return [image for image, _ in data.all]  # every image, at enrolment too; no mask is read
 
     def data_digest(self, examples: Sequence[Any]) -> str:
-        h = hashlib.sha256(self.name.encode())
-        for image in examples:
-            h.update(hashlib.sha256(np.ascontiguousarray(image).tobytes()).digest())
+        # the family's name, then each image's sha256 (hex), each hashed in turn: the same digest a
+        # site's released-z cache was keyed by before families had folders, so a site keeps finding it
+        h = hashlib.sha256()
+        for part in (self.name, *(hashlib.sha256(np.ascontiguousarray(im).tobytes()).hexdigest() for im in examples)):
+            h.update(hashlib.sha256(part.encode()).digest())
         return h.hexdigest()
 
     def describe(self, data: SiteDataset) -> dict[str, str]:
