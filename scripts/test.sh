@@ -7,6 +7,8 @@ bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1 ANONYMIZED_TELEMETRY=False
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+# types of the core packages ([tool.mypy] in pyproject.toml: check_untyped_defs, no implicit Optional)
+.venv/bin/mypy common/adapters common/protocol server/registry
 # layer rules ([tool.importlinter] in pyproject.toml): a forbidden import, even a lazy one, fails CI
 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" .venv/bin/lint-imports --no-cache
 export PATH="$PWD/.venv/bin:$PATH"

@@ -26,7 +26,9 @@ from common.trust.digests import record_digests
 from common.trust.nodekey import NodeKeyError, node_key_fingerprint, node_verify
 from common.trust.signing import SigningError
 from common.trust.statements import StatementError, statement_digest, verify_statement
+from server.allowlist import AllowList
 from server.allowlist import make_nonce as allowlist_make_nonce
+from server.audit import AuditLog
 
 #: Flower's error code for a node that is not connected
 ERROR_NODE_UNAVAILABLE = 5
@@ -152,7 +154,7 @@ def exchange(
     on_reply: Callable[[Request, Reply], None] | None = None,
     on_wait: Callable[[], None] | None = None,
     probe_after: float = 45.0,
-    audit: Any = None,
+    audit: AuditLog | None = None,
     run_id: str = "",
 ) -> dict[str, Reply]:
     """Push the requests; collect replies until ``timeout``; ``on_reply`` sees each as it arrives and
@@ -299,7 +301,7 @@ def exchange(
     return out
 
 
-def _audit_probe(audit: Any, ask: Request, rep: Reply, run_id: str) -> None:
+def _audit_probe(audit: AuditLog, ask: Request, rep: Reply, run_id: str) -> None:
     """``probe.answered`` for a liveness probe's reply, under the site the reply names (if any)."""
     site = None
     if rep.ok:
@@ -310,7 +312,9 @@ def _audit_probe(audit: Any, ask: Request, rep: Reply, run_id: str) -> None:
     audit_reply(audit, "probe.answered", ask, rep, run_id, site, node_id=str(ask.node_id))
 
 
-def audit_reply(audit: Any, event: str, req: Request, rep: Reply, run_id: str, site: str | None, **fields: Any) -> None:
+def audit_reply(
+    audit: AuditLog, event: str, req: Request, rep: Reply, run_id: str, site: str | None, **fields: Any
+) -> None:
     """One audit entry for one site reply (or its absence), with what ``rpe audit cross-check``
     matches it on: run id, nonce, message type and, when the reply carried records, their digests."""
 
@@ -344,7 +348,9 @@ class IdentityRefused(Exception):
     by another key, for another run or challenge, or for another node)."""
 
 
-def verify_identity(info: dict[str, Any], node_id: int, run_id: str, challenge: str, allow: Any, require: bool) -> bool:
+def verify_identity(
+    info: dict[str, Any], node_id: int, run_id: str, challenge: str, allow: AllowList | None, require: bool
+) -> bool:
     """True if the whoami's identity statement proves the claimed site; False if it is unsigned and
     unsigned claims are allowed here; :class:`IdentityRefused` otherwise. Sets ``info["node_bound"]``
     when the proof includes the site's recorded SuperNode key (:func:`check_node_binding`)."""
@@ -379,7 +385,7 @@ def verify_identity(info: dict[str, Any], node_id: int, run_id: str, challenge: 
     return True
 
 
-def check_node_binding(allow: Any, site: str, node_id: int, body: dict[str, Any], node_sig: Any) -> bool:
+def check_node_binding(allow: AllowList, site: str, node_id: int, body: dict[str, Any], node_sig: Any) -> bool:
     """True when ``site``'s identity is bound to its recorded SuperNode key (``server.allowlist.NodeKeys``);
     False when the coordinator records no SuperNode keys at all; :class:`IdentityRefused` otherwise.
 
@@ -389,8 +395,8 @@ def check_node_binding(allow: Any, site: str, node_id: int, body: dict[str, Any]
     authenticates the site's node by can be bound to the site.
     """
 
-    records = getattr(allow, "node_keys", None)
-    if records is None or not records.sites():
+    records = allow.node_keys
+    if not records.sites():
         return False
     key = records.get(site)
     if key is None:
@@ -418,9 +424,9 @@ def discover(
     timeout: float,
     report: dict[str, Any],
     run_id: str = "",
-    allow: Any = None,
+    allow: AllowList | None = None,
     require_signatures: bool = False,
-    audit: Any = None,
+    audit: AuditLog | None = None,
 ) -> dict[str, SiteInfo]:
     """Ask every online node who it is and bind each proved site id to its node for this run.
 

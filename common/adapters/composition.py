@@ -164,16 +164,16 @@ def _check_max_rank(max_rank: object) -> int:
     Checked before any ``int()`` call, so NaN, Inf, bools and strings raise LoraFormatError (not a
     bare ValueError / OverflowError / TypeError).
     """
-    ok = False
+    rank: int | None = None
     if isinstance(max_rank, (bool, np.bool_)):
         pass
     elif isinstance(max_rank, (int, np.integer)):
-        ok = max_rank >= 1
-    elif isinstance(max_rank, (float, np.floating)):
-        ok = math.isfinite(max_rank) and float(max_rank).is_integer() and max_rank >= 1
-    if not ok:
+        rank = int(max_rank)
+    elif isinstance(max_rank, (float, np.floating)) and math.isfinite(max_rank) and float(max_rank).is_integer():
+        rank = int(max_rank)
+    if rank is None or rank < 1:
         raise LoraFormatError(f"max_rank must be a positive integer or None, got {max_rank!r}")
-    return int(max_rank)
+    return rank
 
 
 #: one retrieved adapter's module in a composition: (adapter index, module, coefficient w_i s_i)

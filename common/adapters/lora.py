@@ -250,7 +250,7 @@ def canonical_head(adapter: LoraAdapter) -> bytes:
     return _canonical_layout(adapter)[0]
 
 
-def _canonical_layout(adapter: LoraAdapter) -> tuple[bytes, list[np.ndarray]]:
+def _canonical_layout(adapter: LoraAdapter) -> tuple[bytes, list[memoryview]]:
     if sys.byteorder != "little":  # pragma: no cover
         raise RuntimeError("adapter_to_bytes assumes a little-endian host")
     entries: list[tuple[str, torch.Tensor]] = []
@@ -260,7 +260,7 @@ def _canonical_layout(adapter: LoraAdapter) -> tuple[bytes, list[np.ndarray]]:
     # Larger items first, then by name (as safetensors does): every tensor starts aligned.
     entries.sort(key=lambda kv: (-kv[1].element_size(), kv[0]))
     header: dict[str, dict] = {}
-    buffers: list[np.ndarray] = []
+    buffers: list[memoryview] = []
     offset = 0
     for key, t in entries:
         flat = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
@@ -269,7 +269,7 @@ def _canonical_layout(adapter: LoraAdapter) -> tuple[bytes, list[np.ndarray]]:
             "shape": list(t.shape),
             "data_offsets": [offset, offset + flat.size],
         }
-        buffers.append(flat)
+        buffers.append(flat.data)
         offset += flat.size
     header["__metadata__"] = {"format": "pt", "rpe_format": FORMAT_TAG, "rpe_lora": _lora_meta(adapter)}
     raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()

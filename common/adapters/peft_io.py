@@ -357,7 +357,7 @@ def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata:
     names = sorted(tensors)
     flat = [tensors[n].detach().cpu().contiguous() for n in names]
     head = safetensors_head([(n, t.dtype, t.shape) for n, t in zip(names, flat, strict=True)], metadata)
-    bufs = [memoryview(t.reshape(-1).view(torch.uint8).numpy()) for t in flat if t.numel()]
+    bufs = [t.reshape(-1).view(torch.uint8).numpy().data for t in flat if t.numel()]
     _write_fsynced(path, [head, *bufs])
 
 

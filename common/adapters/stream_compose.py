@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -46,7 +47,7 @@ from common.adapters.composition import (
     scale_rows_into,
     work_dtype,
 )
-from common.adapters.lora import LoraFormatError, peft_key
+from common.adapters.lora import LoraAdapter, LoraFormatError, peft_key
 from common.adapters.peft_io import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -140,7 +141,7 @@ class _Input:
 
     def read_into(self, buf: torch.Tensor, offset: int) -> None:
         """Fill the ``uint8`` tensor ``buf`` with the file's bytes from ``offset``."""
-        view = memoryview(buf.numpy()).cast("B")
+        view = buf.numpy().data.cast("B")
         done = 0
         while done < len(view):
             n = os.preadv(self.fd, [view[done:]], offset + done)
@@ -223,7 +224,7 @@ def _writer_thread() -> ThreadPoolExecutor:
 
 
 def _write_chunk(fd: int, buf: torch.Tensor, nbytes: int, offset: int) -> None:
-    write_all(fd, [memoryview(buf.numpy())[:nbytes]])
+    write_all(fd, [buf.numpy().data[:nbytes]])
     start_writeback(fd, offset, nbytes)  # the device works while the next chunk is computed
 
 
@@ -494,7 +495,7 @@ def compose_peft_dirs(
             src, meta = _open_input(*checked)
             inputs.append(src)
             metas.append(meta)
-        plan = plan_composition(metas, w, dtype)
+        plan = plan_composition(cast("list[LoraAdapter]", metas), w, dtype)  # duck-typed: shapes, ranks, dtypes
         want = {name: (total, total) for name, _, _, _, total in plan.modules}  # scale 1: alpha = r
         base = base_model_name_or_path if base_model_name_or_path is not None else plan.base_model
         config = peft_config_bytes(want, base)

@@ -10,12 +10,15 @@ was expected.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 import io
 import json
 import os
 import re
 import stat
+import sys
 import unicodedata
 from pathlib import Path
 from typing import Any
@@ -210,3 +213,12 @@ def _checked_name(value: str, what: str, max_length: int) -> str:
                 f"({unicodedata.name(ch, 'unnamed')}); use printable characters only"
             )
     return name
+
+
+def b64decode_strict(data: bytes) -> bytes:
+    """Standard base64 with nothing tolerated (characters outside the alphabet, bad or misplaced
+    padding, data after it): ``binascii.Error`` otherwise. Python 3.11's ``strict_mode``; on 3.10,
+    ``b64decode(validate=True)``, which refuses the same inputs through its alphabet-and-padding check."""
+    if sys.version_info >= (3, 11):
+        return binascii.a2b_base64(data, strict_mode=True)
+    return base64.b64decode(data, validate=True)

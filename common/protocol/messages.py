@@ -233,7 +233,7 @@ def describe(content: RecordDict) -> list[dict[str, Any]]:
                 tensors.append({"key": key, "dtype": arr.dtype, "shape": list(arr.shape), "bytes": n})
             entry.update(kind="array", tensors=tensors, bytes=total)
         elif isinstance(rec, ConfigRecord):
-            keys = {}
+            keys: dict[str, Any] = {}
             for key in sorted(rec.keys()):
                 value = rec[key]
                 if isinstance(value, (bool, int, float)):

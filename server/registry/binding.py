@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from common.files.safeio import b64decode_strict
 from common.trust.digests import sha256_hex
 from server.zindex import ColumnError, ZColumn
 
@@ -128,7 +129,7 @@ def dropped_ids(data: bytes) -> list[str]:
 
 def _z_sha(line: dict[str, Any]) -> str | None:
     try:
-        return sha256_hex(binascii.a2b_base64(str(line["z_b64"]).encode("ascii"), strict_mode=True))
+        return sha256_hex(b64decode_strict(str(line["z_b64"]).encode("ascii")))
     except (KeyError, binascii.Error, ValueError):
         return None
 
@@ -160,7 +161,7 @@ def check_binding(records_path: str | os.PathLike[str], audit_path: str | os.Pat
         lines.append((pos, data[pos:nl]))
         pos = nl + 1
     by_hash: dict[str, list[int]] = {}
-    by_id: dict[str, list[int]] = {}
+    by_id: dict[Any, list[int]] = {}  # ids as the (untrusted) lines spell them
     parsed: list[dict[str, Any]] = []
     for i, (_, raw) in enumerate(lines):
         by_hash.setdefault(sha256_hex(raw), []).append(i)

@@ -14,18 +14,20 @@ record's ``z_sha256`` first, so a column edited outside the registry is caught w
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
 
 from server.registry.errors import RecordNotFoundError, RegistryCorruptError
+from server.registry.records import AdapterMeta, Record
 
+_loads: Callable[[bytes | str], Any]
 try:  # chromadb depends on orjson (as in recordlog.py); json reads the same lines
     from orjson import loads as _loads
 except ImportError:  # pragma: no cover
-    from json import loads as _loads
-from server.registry.records import AdapterMeta, Record
+    _loads = json.loads
 
 #: filterable key -> metadata field
 KEYS = {"site": "site", "task": "task", "modality": "modality", "base": "base_fingerprint"}
@@ -86,7 +88,7 @@ class MemColumn:
 _LAZY: Any = object()  # a row restored from the columns snapshot whose line is not parsed yet
 
 
-class LazyRows(list):  # type: ignore[type-arg]
+class LazyRows(list):
     """``Columns.meta`` / ``.blob``: a list whose snapshot-restored entries are read from their
     records.jsonl line on first use (``fill(row)`` sets both lists' entries)."""
 

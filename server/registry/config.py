@@ -104,6 +104,8 @@ def new_config(
         lim[k] = float(v) if isinstance(DEFAULT_LIMITS[k], float) else int(v)
     chroma_cfg: dict[str, Any] = {"mode": "embedded", "collection": collection}
     if chroma_host is not None:
+        if chroma_port is None:
+            raise RegistryError(f"chroma host {chroma_host!r} given without a port; pass chroma_port too")
         chroma_cfg = {"mode": "http", "host": chroma_host, "port": int(chroma_port), "collection": collection}
     config = {
         "format": REGISTRY_FORMAT,

@@ -125,12 +125,11 @@ def load_records(
             rollback_unaudited(path, rlog, blobs, audit)
         if isinstance(zcol, ZColumn):  # the old format's lines carry z themselves: always replayed
             snapshot.load(path / snapshot.SNAP_NAME, rlog, cols)
-        rlog.load(
-            read_only,
-            lambda n, at, sha: audit.append(
-                "registry.recover", file=cfg.RECORDS_NAME, truncated_bytes=n, at_offset=at, sha256=sha
-            ),
-        )
+
+        def on_torn(n: int, at: int, sha: str) -> None:
+            audit.append("registry.recover", file=cfg.RECORDS_NAME, truncated_bytes=n, at_offset=at, sha256=sha)
+
+        rlog.load(read_only, on_torn)
         if fmt == "b64" and not read_only:
             migrate(path, dim, zcol, audit)
             zcol.close()

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from common.files.durable import JsonlLog
+from common.files.safeio import b64decode_strict
 from common.trust.digests import canonical_json, sha256_hex
 from server.registry.columns import Columns
 from server.registry.config import now
@@ -36,6 +37,7 @@ from server.registry.crashpoints import armed, crash_point
 from server.registry.errors import RegistryCorruptError
 from server.registry.records import Prepared
 
+_loads: Callable[[bytes | str], Any]
 try:  # chromadb depends on orjson; 3x faster than json when opening a large records.jsonl
     from orjson import loads as _loads
 except ImportError:  # pragma: no cover
@@ -231,7 +233,7 @@ class RecordLog:
                     if isinstance(zb, bool) or not isinstance(zb, int) or zb < 0:
                         raise ValueError(f"row must be a non-negative integer; got {zb!r}")
                 elif entry["op"] == "add":
-                    zb = binascii.a2b_base64(entry["z_b64"].encode("ascii"), strict_mode=True)
+                    zb = b64decode_strict(entry["z_b64"].encode("ascii"))
                     if len(zb) != 4 * dim:
                         raise ValueError(f"z has {len(zb) // 4} values, registry holds {dim}")
             except (ValueError, KeyError, TypeError, AttributeError, binascii.Error) as exc:

@@ -109,7 +109,8 @@ class Searcher:
             return
         tmp = p.with_name(p.name + ".tmp")
         with open(tmp, "wb") as fh:
-            np.savez(fh, col_n=np.asarray(ix.n), col_digest=np.asarray(self._column_digest(ix.n)), **ix.state())
+            state: dict[str, Any] = ix.state()
+            np.savez(fh, col_n=np.asarray(ix.n), col_digest=np.asarray(self._column_digest(ix.n)), **state)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, p)

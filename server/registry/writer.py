@@ -121,28 +121,36 @@ class Writer:
                 results.append(("new", len(prepared)))
                 prepared.append(p)
         if single:
-            kind = results[0][0]
-            rec_of = (lambda: self.cols.record(results[0][1])) if kind == "old" else None
+            kind, at = results[0]
 
             def audit_single(fields: dict[str, Any]) -> None:
-                p = prepared[0] if kind == "new" else None
-                rec = rec_of() if rec_of is not None else None
+                if kind == "new":
+                    p = prepared[at]
+                    what = {
+                        "site": p.meta["site"],
+                        "record_id": p.id,
+                        "blob_sha256": p.sha,
+                        "bytes": len(p.blob),
+                        "z_sha256": p.z_sha,
+                        "task": p.meta["task"],
+                        "base_fingerprint": p.meta["base_fingerprint"],
+                        "privacy": p.meta["privacy"],
+                    }
+                else:  # a re-submission of a live record: the stored one's fields, marked duplicate
+                    rec = self.cols.record(at)
+                    what = {
+                        "site": rec.meta.site,
+                        "record_id": rec.id,
+                        "blob_sha256": rec.blob_sha256,
+                        "bytes": rec.bytes,
+                        "z_sha256": rec.z_sha256,
+                        "task": rec.meta.task,
+                        "base_fingerprint": rec.meta.base_fingerprint,
+                        "privacy": rec.meta.privacy,
+                        "duplicate": True,
+                    }
                 self.last_accepted = self.audit.append(
-                    "submission.accepted",
-                    **{
-                        **extra,
-                        "site": p.meta["site"] if p else rec.meta.site,
-                        "record_id": p.id if p else rec.id,
-                        "blob_sha256": p.sha if p else rec.blob_sha256,
-                        "bytes": len(p.blob) if p else rec.bytes,
-                        "z_sha256": p.z_sha if p else rec.z_sha256,
-                        "task": p.meta["task"] if p else rec.meta.task,
-                        "base_fingerprint": p.meta["base_fingerprint"] if p else rec.meta.base_fingerprint,
-                        "privacy": p.meta["privacy"] if p else rec.meta.privacy,
-                        **({"duplicate": True} if kind == "old" else {}),
-                        **fields,
-                        **self.blobs.encryption_fields(),
-                    },
+                    "submission.accepted", **{**extra, **what, **fields, **self.blobs.encryption_fields()}
                 )
 
             audit = audit_single
