@@ -227,6 +227,14 @@ def missing(source: AuditSource) -> list[AuditProblem]:
     out = []
     if not source.log.is_file():
         out.append(AuditProblem(0, None, MISSING, f"{source.log} does not exist: the family's audit chain is gone"))
+    elif source.log.stat().st_size == 0 and source.registry is not None:
+        records = source.registry / RECORDS_NAME
+        if records.is_file() and records.stat().st_size > 0:
+            out.append(
+                AuditProblem(
+                    0, None, MISSING, f"{source.log} is empty while {records} holds records: the audit chain is gone"
+                )
+            )
     if source.registry is not None and not (source.registry / CONFIG_NAME).is_file():
         out.append(
             AuditProblem(0, None, MISSING, f"{source.registry / CONFIG_NAME} does not exist: not a complete registry")

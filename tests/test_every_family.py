@@ -110,6 +110,11 @@ def _log_removed(seg: Path) -> tuple[str, str]:
     return "audit.jsonl does not exist", "missing"
 
 
+def _log_emptied(seg: Path) -> tuple[str, str]:
+    (seg / "audit.jsonl").write_bytes(b"")
+    return "audit.jsonl is empty while", "missing"
+
+
 def _config_removed(seg: Path) -> tuple[str, str]:
     (seg / "registry.json").unlink()
     return "registry.json does not exist", "missing"
@@ -134,6 +139,7 @@ DAMAGE = {
     "deleted audit entry": _delete_entry,
     "torn audit tail": _torn_tail,
     "audit log removed": _log_removed,
+    "audit log emptied": _log_emptied,
     "registry.json removed": _config_removed,
     "record line edited": _record_edited,
     "record line deleted": _record_deleted,
@@ -415,3 +421,56 @@ def test_a_family_the_table_does_not_know_shows_its_own_metric(tmp_path):
         assert [m["name"] for m in ev["metrics"]] == ["accuracy"]
     finally:
         fams[0].registry.close()
+
+
+@pytest.mark.parametrize("damage", ["none", "segmentation registry.json removed", "root audit log removed"])
+def test_every_console_page_answers_for_every_family(built, damage):
+    """Every page and chart of the console over the two-family root answers 200 and names both
+    families, also when one family's registry is damaged (its problem is shown, not a 500)."""
+    from starlette.testclient import TestClient
+
+    from server.console import views
+    from server.console.app import create_app
+
+    if damage.startswith("segmentation"):
+        (built["seg"] / "registry.json").unlink()
+    elif damage.startswith("root"):
+        (built["root"] / "audit.jsonl").unlink()
+    before = {str(p): p.read_bytes() for p in sorted(built["root"].rglob("*")) if p.is_file() and p.name != ".lock"}
+    app = create_app(built["root"])
+    fams = app.state.console.families
+    try:
+        with TestClient(app) as client:
+            pages = ["/", "/registry", "/compositions", "/audit", "/privacy", "/evaluations"]
+            for f in fams:
+                q = f"?family={f.name}"
+                run = "seg" if f.path != built["root"] else "report"
+                pages += [f"/registry{q}", f"/registry/map.svg{q}", f"/evaluations/run-{run}{q}"]
+                if f.registry is not None:
+                    pages.append(f"/registry/record/{f.registry.list()[0].id}{q}")
+            for c in views.compositions(fams):
+                q = f"?family={c['family']}"
+                pages += [f"/compositions/{c['seq']}{q}", f"/compositions/{c['seq']}/weights.svg{q}"]
+            for url in pages:
+                r = client.get(url)
+                broken = next((f for f in fams if f.registry is None and f"family={f.name}" in url), None)
+                if broken is not None and ("map.svg" in url or "/registry/record/" in url):
+                    assert r.status_code == 404, url
+                    continue
+                assert r.status_code == 200, (url, r.status_code, r.text[-500:])
+                if url.endswith(".svg") or ".svg?" in url:
+                    assert r.text.lstrip().startswith("<?xml") or "<svg" in r.text[:500]
+                else:
+                    for f in fams:
+                        assert f'data-family="{f.name}"' in r.text, (url, f.name)
+            audit = client.get("/audit").text
+            if damage != "none":
+                assert "BROKEN" in audit and "missing" in audit
+            else:
+                assert "OK: hash chain intact" in audit
+        after = {str(p): p.read_bytes() for p in sorted(built["root"].rglob("*")) if p.is_file() and p.name != ".lock"}
+        assert after == before  # the console wrote nothing, not even into a damaged family
+    finally:
+        for f in fams:
+            if f.registry is not None:
+                f.registry.close()

@@ -71,6 +71,10 @@ def open_families(found: Mapping[str, Path], blob_key: Any = None) -> list[Famil
     """Each family's registry opened read-only (no lock, no Chroma, no write)."""
     out = []
     for name, path in found.items():
+        log = Path(path) / AUDIT_NAME
+        if not log.is_file():  # opening would start a new, empty chain there: the console writes nothing
+            out.append(FamilyView(name, Path(path), None, f"{log} does not exist; the registry is not opened"))
+            continue
         try:
             out.append(FamilyView(name, Path(path), Registry(path, read_only=True, blob_key=blob_key)))
         except Exception as exc:  # noqa: BLE001 - a damaged family is shown with its error, not hidden
@@ -283,7 +287,7 @@ def audit_statuses(fams: Sequence[FamilyView]) -> dict[str, Any]:
         gone = problems_as_dicts(missing(AuditSource(f.name, f.audit_path, f.path)))
         if f.audit_path.is_file():
             st["problems"] = gone + st["problems"]
-        if f.error:
+        if f.error and f.audit_path.is_file():
             st["problems"].append({"line": 0, "seq": None, "kind": "unreadable", "message": f.error})
         st["ok"] = not st["problems"]
         per.append({"family": f.name, "log": str(f.audit_path), **st})
