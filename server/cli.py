@@ -309,7 +309,7 @@ def cmd_audit_report(args: argparse.Namespace) -> None:
     if not args.log and not args.registry:
         raise CliError("name the coordinator's registry root (--registry ROOT) or an audit log (--log FILE)")
     sources = audit_sources([args.log] if args.log else [], args.registry)
-    reports = {s.family: report(s.log) for s in sources}
+    reports = {s.family: _report_or_missing(report, s.log) for s in sources}
     if len(reports) == 1:
         (rep,) = reports.values()
         print(json.dumps(rep, indent=2) if args.json else format_report(rep))
@@ -317,6 +317,25 @@ def cmd_audit_report(args: argparse.Namespace) -> None:
         print(json.dumps({"families": reports}, indent=2))
     else:
         print("\n\n".join(f"== family {family} ==\n{format_report(rep)}" for family, rep in reports.items()))
+
+
+def _report_or_missing(report: Any, log: Path) -> dict[str, Any]:
+    """``report(log)``, or an empty report whose problem says the log is gone (a family's damage is
+    reported with the others, not a crash of the whole command)."""
+    if log.is_file():
+        return report(log)
+    gone = f"line 0: missing: {log} does not exist: the family's audit chain is gone"
+    return {
+        "path": str(log),
+        "entries": 0,
+        "head": None,
+        "problems": [gone],
+        "sites": {},
+        "compositions": [],
+        "registry": {"added": 0, "removed": 0},
+        "queries": {},
+        "query_privacy": {},
+    }
 
 
 def cmd_audit_cross_check(args: argparse.Namespace) -> None:

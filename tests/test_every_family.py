@@ -206,6 +206,12 @@ def test_report_on_the_root_covers_every_family(built, capsys):
     assert set(data["families"][next(iter(fams))]["sites"]) == {"a", "b", "c"}
 
 
+def test_report_on_the_root_names_a_missing_family_log(built, capsys):
+    (built["seg"] / "audit.jsonl").unlink()
+    code, out = rpe(capsys, "audit", "report", "--registry", str(built["root"]))
+    assert code == 0 and "INTEGRITY PROBLEMS (1)" in out and "does not exist" in out and "site b:" in out, out
+
+
 def test_report_of_one_family_log_keeps_its_shape(built, capsys):
     code, js = rpe(capsys, "audit", "report", "--log", str(built["seg"] / "audit.jsonl"), "--json")
     assert code == 0 and set(json.loads(js)["sites"]) == {"a", "RUNMC", "BMC", "HK"}
