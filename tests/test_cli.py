@@ -288,8 +288,9 @@ def test_forged_npy_header_and_fifo_embedding_are_clear_errors_in_bounded_time(t
 
 @pytest.mark.integration
 def test_auditor_commands_do_not_import_torch(tmp_path: Path) -> None:
-    """`rpe audit verify`, and `rpe registry ls` open a registry without torch (seconds of
-    import on a small machine for tools that never touch a tensor)."""
+    """`rpe audit verify / report` (which ask the family table for every family under the root) and
+    `rpe registry ls` open a registry without torch (seconds of import on a small machine for tools
+    that never touch a tensor)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from test_registry import new_registry
 
@@ -298,6 +299,7 @@ def test_auditor_commands_do_not_import_torch(tmp_path: Path) -> None:
     probe = (
         "import sys; from deploy.cli import main\n"
         f"for argv in (['audit', 'verify', '--log', {str(root / 'audit.jsonl')!r}, '--registry', {str(root)!r}],"
+        f" ['audit', 'verify', '--registry', {str(root)!r}], ['audit', 'report', '--registry', {str(root)!r}],"
         f" ['registry', 'ls', '--registry', {str(root)!r}]):\n"
         "    try:\n        main(argv)\n    except SystemExit as e:\n        assert not e.code, e.code\n"
         "print('torch loaded' if 'torch' in sys.modules else 'no torch')\n"
