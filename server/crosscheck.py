@@ -34,6 +34,13 @@ carries ``record_digests``:
 Because matching is by equality of keys, taking the first compatible line is optimal. The audit
 log is verified too: a cross-check against a tampered audit log is never "OK".
 
+Every family: a site may answer runs of several task families, whose replies the coordinator audits
+in each family's own log (``<root>/audit.jsonl``, ``<root>/segmentation/audit.jsonl``, …). One
+cross-check takes all of them (``audit_path`` a list or ``{family: log}``; ``rpe audit cross-check
+--registry ROOT``): the site's egress lines are matched against the events of every log, each
+coordinator-side finding names its family, and each receipt is checked against the log of the
+registry it names (``registry_id``).
+
 Receipts (the outside witness, issue 10 item 5): every coordinator-signed ``receipt`` statement
 found in the site's egress log (``extra["receipt"]``, ``extra["ack"]["receipt"]`` or a top-level
 ``receipt``) is checked against the coordinator key (``coordinator_key``: the public key the site
