@@ -197,19 +197,19 @@ class Console:
         if colour not in ("site", "task"):
             return self.error(request, 400, f"the map can be coloured by site or task, not {colour!r}", "/registry")
         filters = {k: q.get(k, "") for k in ("family", "site", "task", "q")}
-        opened = [f for f in self.families if f.registry is not None]
+        opened = [f.registry for f in self.families if f.registry is not None]
         return self.page(
             request,
             "registry.html",
             rows=rows,
-            total=sum(len(f.registry) for f in opened),  # type: ignore[arg-type]
+            total=sum(len(reg) for reg in opened),
             sort=sort,
             desc=desc,
             colour=colour,
             filters=filters,
             maps=[f.name for f in chosen if f.registry is not None],
-            sites=sorted({s for f in opened for s in f.registry.distinct("site")}),  # type: ignore[union-attr]
-            tasks=sorted({t for f in opened for t in f.registry.distinct("task")}),  # type: ignore[union-attr]
+            sites=sorted({s for reg in opened for s in reg.distinct("site")}),
+            tasks=sorted({t for reg in opened for t in reg.distinct("task")}),
             query=urlencode({k: v for k, v in {**filters, "colour": colour}.items() if v}),
             map_query=urlencode({k: v for k, v in {**filters, "colour": colour}.items() if v and k != "family"}),
         )
