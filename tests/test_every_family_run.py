@@ -1,6 +1,7 @@
 """A real run of both task families into one registry root (the ServerApp and each site's ClientApp,
 in-process): the auditor's tools pointed at the root say yes for every site's untampered replies,
-and no, naming family and line, once one family's log is edited.
+and no, naming family and line, once one family's log is edited. And the tests' toy family (its own
+metric) shows up in the console and the audit tools like the real ones.
 
 Every run asks every site ``query.whoami`` first, so a segmentation site answers the report run too
 (and a report site the segmentation run): its replies sit in both families' audit logs, and a
@@ -13,6 +14,9 @@ import json
 from pathlib import Path
 
 import pytest
+from test_family_plugin import SITES as TOY_SITES
+from test_family_plugin import run as run_toy
+from test_family_plugin import toy  # noqa: F401 - fixture
 from test_seg_federation import local, run_local, seg_config, tiny_sam_dir  # noqa: F401 - fixtures
 
 from deploy.cli import main
@@ -80,3 +84,50 @@ def test_a_real_two_family_run_verifies_and_cross_checks_on_the_root(local, caps
         capsys, "audit", "cross-check", "--egress", str(egress), "--site", "RUNMC", "--registry", str(reg_dir)
     )
     assert code == 1 and "MISMATCH" in out and f"{seg_name}: line {i + 1} (seq {entry['seq']}): bad_hash" in out, out
+
+
+@pytest.mark.slow
+def test_a_toy_family_appears_in_the_tools_with_its_own_metric(toy, capsys):  # noqa: F811
+    """The tests' toy family (one folder, one table line; metric ``accuracy``) after a real enrol and
+    evaluate: the console's evaluation page heads its table with the family's own metric title and
+    shows results.csv's numbers, and the audit tools cover its registry under the root."""
+    import csv
+
+    from starlette.testclient import TestClient
+
+    from common.families import get_family
+    from server.console.app import create_app
+
+    sites = ",".join(TOY_SITES)
+    assert run_toy(toy, 51, mode="enroll", sites=sites)["status"] == "completed"
+    evaluated = run_toy(toy, 52, mode="evaluate", k=2, **{"eval-strategies": "sim"})
+    assert evaluated["status"] == "completed", evaluated.get("error")
+    root: Path = toy["registry"]
+    assert list(family_registries(root)) == ["toy"]
+
+    code, out = _rpe(capsys, "audit", "verify", "--registry", str(root))
+    assert code == 0 and f"{root / 'toy' / 'audit.jsonl'}: OK" in out, out
+    egress = toy["tmp"] / "sites" / "h1" / "egress.jsonl"
+    code, out = _rpe(capsys, "audit", "cross-check", "--egress", str(egress), "--site", "h1", "--registry", str(root))
+    assert code == 0 and "cross-check for site h1: OK" in out, out
+
+    with open(evaluated["evaluate"]["outputs"]["csv"], newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    run_id = Path(evaluated["evaluate"]["outputs"]["csv"]).parent.name
+    app = create_app(root)
+    try:
+        with TestClient(app) as client:
+            assert 'data-family="toy"' in client.get("/").text
+            runs = client.get("/evaluations").text
+            assert f'href="/evaluations/{run_id}?family=toy"' in runs
+            page = client.get(f"/evaluations/{run_id}?family=toy").text
+    finally:
+        for f in app.state.console.families:
+            f.registry.close()
+    title = get_family("toy").metric_title
+    assert f'<span id="eval-metric" data-metric="accuracy">{title}</span>' in page
+    assert f'<th class="metric" data-metric="accuracy">{title}</th>' in page
+    for r in rows:
+        assert f'<td class="num" data-metric="accuracy">{r["accuracy"]}</td>' in page
+    sim = [float(r["accuracy"]) for r in rows if r["method"] == "sim" and r["accuracy"]]
+    assert f"<b>{float(sum(sim) / len(sim)):.4g}</b>" in page  # the sim column's mean, as the page formats it
