@@ -126,10 +126,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``console`` to the ``rpe`` sub-commands."""
     c = subparsers.add_parser(
         "console",
-        help="serve the read-only web console of a registry (overview, records, audit, privacy)",
-        description="A read-only web console over a registry directory: sites, records with a PCA map of z, "
-        "compositions, audit-chain verification, egress-log cross-check, privacy spent, "
-        "evaluations. Binds to 127.0.0.1; any other --host requires --certfile/--keyfile and an "
+        help="serve the read-only web console of a registry root, every family (overview, records, audit, privacy)",
+        description="A read-only web console over the coordinator's registry root, every task family's "
+        "registry under it: sites, records with a PCA map of z per family, compositions, audit-chain "
+        "verification, egress-log cross-check over every family's log, privacy spent, evaluations with "
+        "each family's metric. Binds to 127.0.0.1; any other --host requires --certfile/--keyfile and an "
         "access token (created in a 0600 file).",
     )
     c.add_argument(
