@@ -1,10 +1,11 @@
-"""The task interface: everything that depends on *what* a site's data is lives behind it.
+"""The report family's text task: prompts, training features, embedding texts and ROUGE-L.
 
-Registry, strategies, composition and federation only see adapters, vectors and metadata. What an
-example looks like as model input, which tokens carry the loss, which text the site embedding z is
-pooled over and how a prediction is scored are the task's business. ``TextReportTask`` is the
-radiology-report task (findings -> impression / diagnosis); a future segmentation task would
-implement the same ``Task`` protocol with image inputs and a Dice score.
+Everything outside the report family sees it through ``common.families.base.Family``
+(``common/families/report/family.py``); this ``Task`` protocol is the report family's own seam
+between its training/evaluation code and the text format. What an example looks like as model
+input, which tokens carry the loss, which text the site embedding z is pooled over and how a
+prediction is scored are the task's business. ``TextReportTask`` is the radiology-report task
+(findings -> impression / diagnosis).
 """
 
 from __future__ import annotations
