@@ -202,3 +202,16 @@ def test_the_demo_asks_each_family_for_its_sites_and_settings(tmp_path, tiny_mod
     segs = _plan("segmentation", tmp_path / "seg", "quick", None)
     assert len(segs.sites) == 6 and segs.model == "litemedsam"
     assert {s.node_config["seg-site"] for s in segs.sites} == {"RUNMC", "BMC", "I2CVB", "UCL", "BIDMC", "HK"}
+
+
+def test_an_unknown_or_half_written_family_is_refused_with_what_is_missing():
+    from common.families import UnknownFamilyError
+
+    with pytest.raises(UnknownFamilyError, match="unknown task family 'nope'; known families: report-text"):
+        get_family("nope")
+    register_family("half", "support_families:__doc__")  # a string: no member of the protocol
+    try:
+        with pytest.raises(TypeError, match="does not implement Family: it lacks name, metric"):
+            get_family("half")
+    finally:
+        FAMILIES.pop("half")

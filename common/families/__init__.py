@@ -59,10 +59,21 @@ def get_family(name: str) -> Family:
         raise UnknownFamilyError(f"unknown task family {name!r}; known families: {', '.join(FAMILIES)}")
     module, _, attr = dotted.partition(":")
     family = getattr(importlib.import_module(module), attr)
+    missing = [m for m in protocol_members() if not hasattr(family, m)]
+    if missing:
+        raise TypeError(f"family {name!r} ({dotted}) does not implement Family: it lacks {', '.join(missing)}")
     if family.name != name:
         raise ValueError(f"family table entry {name!r} -> {dotted} names itself {family.name!r}")
     _LOADED[name] = family
     return family
+
+
+def protocol_members() -> list[str]:
+    """The attributes and methods every family has (``common.families.base.Family``)."""
+    from common.families.base import Family
+
+    methods = [k for k, v in vars(Family).items() if callable(v) and not k.startswith("_")]
+    return [*Family.__annotations__, *methods]
 
 
 def family_registry_dir(root: str | Path, name: str) -> Path:
