@@ -37,6 +37,8 @@ LAM2_DEFAULT_FACTOR = 0.1
 MAX_L1_DEFAULT = 3.0
 _NULL_RTOL = 1e-10  # eigenvalues below this fraction of the largest count as exact zeros
 _KKT_RTOL = 1e-11  # optimality tolerance of the active-set solver (dimensionless, see lin_l1)
+#: references closer than this (squared, relative to the distance scale) are one reference to lin / lin-l1
+_DUP_RTOL = 1e-8
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,6 +164,43 @@ def _null_basis_of_ones(k: int) -> np.ndarray:
     return Q[:, 1:]
 
 
+def _near_duplicate_groups(z: np.ndarray, R: np.ndarray) -> list[list[int]]:
+    """Indices of references that coincide up to ``_DUP_RTOL`` × the distance scale, in first-seen order.
+
+    Why: two sites whose z differ by round-off make the affine problem ill-posed (its Gram matrix
+    is singular to working precision), and the solvers then follow directions that exist only in
+    the round-off (a site once crashed ``lin`` with "flat descent direction"). At the problem's
+    precision such references are one point, so they are solved as one and share its weight
+    equally — the same answer the minimum-norm solution gives for exact duplicates.
+    """
+    D = R - z
+    scale = distance_scale(np.einsum("ij,ij->i", D, D))
+    groups: list[list[int]] = []
+    for i in range(R.shape[0]):
+        for g in groups:
+            diff = R[i] - R[g[0]]
+            if float(diff @ diff) <= _DUP_RTOL * scale:
+                g.append(i)
+                break
+        else:
+            groups.append([i])
+    return groups
+
+
+def _on_distinct_references(
+    solve: Callable[[np.ndarray, np.ndarray], np.ndarray], z: np.ndarray, R: np.ndarray
+) -> np.ndarray:
+    """``solve(z, R)`` on one representative per near-duplicate group; each group's weight is split equally."""
+    groups = _near_duplicate_groups(z, R)
+    if len(groups) == R.shape[0]:
+        return solve(z, R)
+    w_groups = solve(z, R[[g[0] for g in groups]])
+    w = np.empty(R.shape[0])
+    for g, wg in zip(groups, w_groups):
+        w[g] = wg / len(g)
+    return w
+
+
 def lin(z_target: Any, Z: Any, max_l1: float = MAX_L1_DEFAULT) -> np.ndarray:
     """Affine reconstruction weights  w = argmin_{Σ_i w_i = 1, ‖w‖₁ ≤ B} ‖z_t − Σ_i w_i z_i‖²  (w_i may be < 0).
 
@@ -183,10 +222,12 @@ def lin(z_target: Any, Z: Any, max_l1: float = MAX_L1_DEFAULT) -> np.ndarray:
     """
     z, R = _validate(z_target, Z)
     bound = _check_max_l1(max_l1)
-    w = _lin_unbounded(z, R)
-    if np.abs(w).sum() <= bound:
-        return w
-    return _bounded(z, R, 0.0, bound)
+
+    def solve(z: np.ndarray, R: np.ndarray) -> np.ndarray:
+        w = _lin_unbounded(z, R)
+        return w if np.abs(w).sum() <= bound else _bounded(z, R, 0.0, bound)
+
+    return _on_distinct_references(solve, z, R)
 
 
 def _lin_unbounded(z: np.ndarray, R: np.ndarray) -> np.ndarray:
@@ -225,6 +266,13 @@ def _bounded(z: np.ndarray, R: np.ndarray, lam_lo: float, bound: float) -> np.nd
     def solve(lam: float) -> np.ndarray:
         return _lin_l1_active_set(G, lam / s, start) if lam > 0 else _lin_unbounded(z, R)
 
+    try:
+        return _bisect_bound(solve, lam_lo, s, bound)
+    except RuntimeError:  # round-off defeated the active set: solve the bounded problem as one QP
+        return _lin_l1_qp(G, lam_lo / s, start, bound)
+
+
+def _bisect_bound(solve: Callable[[float], np.ndarray], lam_lo: float, s: float, bound: float) -> np.ndarray:
     lo, hi = lam_lo, max(lam_lo, s) * 2.0
     w_hi = solve(hi)
     for _ in range(80):
@@ -282,16 +330,74 @@ def lin_l1(z_target: Any, Z: Any, lam2: float | None = None, max_l1: float = MAX
         return lin(z, R, max_l1=bound)
     if k == 1:
         return np.ones(1)
-    s = distance_scale(d2)
-    G = (D @ D.T) / s  # work in units of the distance scale: O(1) numbers whatever the embedding
-    w = _lin_l1_active_set(G, lam / s, start=int(np.argmin(d2)))
-    if np.abs(w).sum() <= bound:
-        return w
-    return _bounded(z, R, lam, bound)
+
+    def solve(z: np.ndarray, R: np.ndarray) -> np.ndarray:
+        if R.shape[0] == 1:
+            return np.ones(1)
+        D = R - z
+        d2 = np.einsum("ij,ij->i", D, D)
+        s = distance_scale(d2)
+        G = (D @ D.T) / s  # work in units of the distance scale: O(1) numbers whatever the embedding
+        w = _lin_l1_solve(G, lam / s, start=int(np.argmin(d2)))
+        return w if np.abs(w).sum() <= bound else _bounded(z, R, lam, bound)
+
+    return _on_distinct_references(solve, z, R)
 
 
 def _objective(G: np.ndarray, lam: float, w: np.ndarray) -> float:
     return float(w @ G @ w + lam * np.abs(w).sum())
+
+
+def _lin_l1_solve(G: np.ndarray, lam: float, start: int) -> np.ndarray:
+    """The exact active set; where round-off defeats it, a generic QP solver on the same problem.
+
+    Nearly affinely dependent references (three sites on a line up to 1e-4 relative) leave G with
+    eigenvalues that are neither clearly zero nor clearly positive, and the active set can then
+    cycle or find a flat direction on one support that is curved on the next. The problem is
+    still convex and well defined, so it is solved as the QP in (p, n) = (max(w, 0), max(−w, 0)):
+    min (p−n)ᵀG(p−n) + λ1ᵀ(p+n) subject to 1ᵀ(p−n) = 1, p, n ≥ 0 (scipy's SLSQP), not refused.
+    """
+    try:
+        return _lin_l1_active_set(G, lam, start)
+    except RuntimeError:
+        return _lin_l1_qp(G, lam, start)
+
+
+def _lin_l1_qp(G: np.ndarray, lam: float, start: int, bound: float = float("inf")) -> np.ndarray:
+    from scipy.optimize import minimize  # lazy: scipy.optimize costs ~0.3 s and is only needed here
+
+    k = G.shape[0]
+
+    def f(x: np.ndarray) -> float:
+        w = x[:k] - x[k:]
+        return float(w @ G @ w + lam * x.sum())
+
+    def grad(x: np.ndarray) -> np.ndarray:
+        g = 2.0 * (G @ (x[:k] - x[k:]))
+        return np.concatenate([g + lam, -g + lam])
+
+    x0 = np.zeros(2 * k)
+    x0[start] = 1.0
+    ones = np.concatenate([np.ones(k), -np.ones(k)])
+    constraints: list[dict[str, Any]] = [{"type": "eq", "fun": lambda x: float(ones @ x) - 1.0, "jac": lambda x: ones}]
+    if np.isfinite(bound):  # ‖w‖₁ = 1ᵀ(p + n) ≤ bound
+        constraints.append({"type": "ineq", "fun": lambda x: bound - float(x.sum()), "jac": lambda x: -np.ones(2 * k)})
+    res = minimize(
+        f,
+        x0,
+        jac=grad,
+        method="SLSQP",
+        bounds=[(0.0, None)] * (2 * k),
+        constraints=constraints,
+        options={"maxiter": 500, "ftol": 1e-13},
+    )
+    w = res.x[:k] - res.x[k:]
+    if not np.all(np.isfinite(w)) or abs(float(w.sum()) - 1.0) > 1e-6:
+        raise RuntimeError(
+            f"lin_l1: the references are numerically degenerate and the QP fallback failed ({res.message})"
+        )
+    w[np.abs(w) <= 1e-12] = 0.0
+    return w / w.sum()
 
 
 def _lin_l1_active_set(G: np.ndarray, lam: float, start: int) -> np.ndarray:
