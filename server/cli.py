@@ -254,6 +254,10 @@ def cmd_audit_verify(args: argparse.Namespace) -> None:
                 print(f"{head}{v.log}: {p}")
             for b in v.binding:
                 print(f"{head}{v.records}: {b}")
+            for r in v.registry:
+                print(f"{head}{v.log.parent}: {r}")
+            for c in v.compositions:
+                print(f"{head}{v.log}: {c}")
         if many:
             bad = [v.family for v in verdicts if not v.ok]
             print(

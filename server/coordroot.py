@@ -176,10 +176,25 @@ class FamilyVerdict:
     problems: list[AuditProblem] = field(default_factory=list)
     binding: list[str] = field(default_factory=list)
     anchored: bool = False
+    #: what the registry's own check finds beyond the binding (the columns.snap cache, blobs)
+    registry: list[str] = field(default_factory=list)
+    #: composition entries the records do not bear out, as "line N (seq S): composition: ..."
+    compositions: list[str] = field(default_factory=list)
+    #: ``server.auditcheck.line_flags``: which audit lines a page must flag, and why
+    flags: dict[int, list[str]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        return not self.problems and not self.binding
+        return not self.problems and not self.binding and not self.registry and not self.compositions
+
+    def all_problems(self) -> list[str]:
+        """Every finding as one line of text (what the pages, cross-check and the report list)."""
+        return (
+            [str(p) for p in self.problems]
+            + [f"{self.records}: {b}" for b in self.binding]
+            + [f"registry: {r}" for r in self.registry]
+            + list(self.compositions)
+        )
 
     def to_dict(self) -> dict[str, Any]:
         from server.audit import problems_as_dicts
@@ -191,6 +206,8 @@ class FamilyVerdict:
             "ok": self.ok,
             "problems": problems_as_dicts(self.problems),
             "binding": self.binding,
+            "registry": self.registry,
+            "compositions": self.compositions,
             "anchored": self.anchored,
         }
 
@@ -198,22 +215,34 @@ class FamilyVerdict:
 def verify_sources(
     sources: Iterable[AuditSource], anchors: Mapping[Path, dict[str, Any]] | None = None
 ) -> list[FamilyVerdict]:
-    """The hash chain of every log and, where its registry holds ``records.jsonl``, the binding of
-    every record to it (``server.registry.binding.check_binding``). ``anchors`` maps a log path to
-    a known head of that log (``verify(anchor=...)``)."""
+    """THE check of every auditor's tool (``rpe audit verify``, ``rpe audit cross-check``, the console,
+    the signed report): the hash chain of every log; where its registry holds ``records.jsonl``, the
+    binding of every record to it (``server.registry.binding.check_binding``); the registry's own
+    check of its open-time cache and blobs; and every composition against the records it names
+    (``server.auditcheck``). ``anchors`` maps a log path to a known head of that log
+    (``verify(anchor=...)``)."""
+    from server.auditcheck import composition_problems, line_flags, registry_problems
     from server.registry.binding import check_binding
 
     out = []
     for s in sources:
         anchor = (anchors or {}).get(s.log)
+        if anchor is None and anchors:
+            anchor = next((a for p, a in anchors.items() if _resolved(Path(p)) == _resolved(s.log)), None)
         records = s.registry / RECORDS_NAME if s.registry is not None else None
         if records is not None and not records.is_file():
             records = None
         v = FamilyVerdict(s.family, s.log, records, anchored=anchor is not None)
         v.problems = missing(s)
+        comps: list[tuple[int, str]] = []
         if s.log.is_file():
             v.problems += verify(s.log, anchor=anchor)
             v.binding = check_binding(records, s.log) if records is not None else []
+            if s.registry is not None and (s.registry / CONFIG_NAME).is_file():
+                v.registry = [p for p in registry_problems(s.registry) if p not in v.binding]
+            comps = composition_problems(s.log, records)
+            v.compositions = [m for _, m in comps]
+        v.flags = line_flags(v.problems, comps)
         out.append(v)
     return out
 

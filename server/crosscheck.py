@@ -60,8 +60,9 @@ from typing import Any
 from common.protocol.egress import read_egress
 from common.trust.signing import load_public_key
 from common.trust.statements import StatementError, check_receipts, verify_statement
-from server.audit import EV_SUBMISSION_ACCEPTED, EV_SUBMISSION_REJECTED, line_hash, read_entries, verify
-from server.coordroot import registry_id
+from server.audit import EV_SUBMISSION_ACCEPTED, EV_SUBMISSION_REJECTED, line_hash, read_entries
+from server.coordroot import AuditSource, registry_id, verify_sources
+from server.registry.config import CONFIG_NAME
 
 #: every message type a site answers (``common/protocol/wire.py``); the default scope of a cross-check
 ALL_MESSAGE_TYPES = ("query.whoami", "train", "query.embed", "train.apply", "train.evaluate")
@@ -97,6 +98,17 @@ class CrossCheckReport:
     egress_unreadable_lines: list[int] = field(default_factory=list)
     receipts_checked: int = 0
     receipt_problems: list[str] = field(default_factory=list)
+    #: lines that are accounted for although they match nothing one-to-one: a liveness probe the
+    #: coordinator sent (audited ``probe.sent``) and stopped waiting for once the site's main reply
+    #: came; a claim to be this site that was refused and matches none of its replies (an impostor)
+    expected: list[dict[str, Any]] = field(default_factory=list)
+    #: the audit log ends before replies the site sent: named as truncation, never as a mere mismatch
+    truncation: list[str] = field(default_factory=list)
+
+    @property
+    def unexplained(self) -> int:
+        """Lines on either side that nothing accounts for (each one makes the check fail)."""
+        return len(self.coordinator_only) + len(self.site_only)
 
     @property
     def ok(self) -> bool:
@@ -106,11 +118,12 @@ class CrossCheckReport:
             self.audit_problems,
             self.egress_unreadable_lines,
             self.receipt_problems,
+            self.truncation,
         )
         return not any(problems)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "ok": self.ok}
+        return {**asdict(self), "ok": self.ok, "unexplained": self.unexplained}
 
     def format(self) -> str:
         """Human-readable text (what ``rpe audit cross-check`` prints)."""
@@ -120,8 +133,9 @@ class CrossCheckReport:
         out = [
             f"cross-check for site {self.site_id}: {'OK' if self.ok else 'MISMATCH'} "
             f"({len(self.matched)} matched, {len(self.coordinator_only)} coordinator-only, "
-            f"{len(self.site_only)} site-only)"
+            f"{len(self.site_only)} site-only); {self.unexplained} unexplained, {len(self.expected)} expected"
         ]
+        out += [f"  TRUNCATED: {t}" for t in self.truncation]
         out += [f"  audit log problem: {p}" for p in self.audit_problems]
         if self.receipts_checked or self.receipt_problems:
             out.append(f"  receipts: {self.receipts_checked} checked")
@@ -137,6 +151,8 @@ class CrossCheckReport:
                 f"  site sent egress line {s['line']} ({s['message_type']}, run {s['run_id']}) "
                 f"that the coordinator did not record: {s['detail']}"
             )
+        for x in self.expected:
+            out.append(f"  expected: {x['detail']}")
         for u in self.unverifiable:
             out.append(
                 f"  note: coordinator {_where(u)} rejected nothing the site logged "
@@ -298,6 +314,12 @@ def _labelled(audit: AuditLogs) -> list[tuple[str, Path]]:
     return [(str(p), Path(p)) for p in audit]
 
 
+def _source(label: str, log: Path) -> AuditSource:
+    """The audit source of one log: its registry is the directory beside it when that is one."""
+    reg = log.parent if (log.parent / CONFIG_NAME).is_file() else None
+    return AuditSource(label, log, reg)
+
+
 def _receipt_groups(
     egress_entries: list[tuple[int, dict[str, Any]]], logs: list[tuple[str, Path]], coordinator_key: Any
 ) -> tuple[int, list[str]]:
@@ -359,9 +381,9 @@ def cross_check(
     many = len(logs) > 1
     rep = CrossCheckReport(site_id=site_id)
     present = [(label, p) for label, p in logs if p.is_file()]
-    for label, p in logs:
-        found = verify(p) if p.is_file() else [f"{p} does not exist: that audit chain is gone"]
-        rep.audit_problems += [f"{label}: {q}" if many else str(q) for q in found]
+    for label, p in logs:  # the very check `rpe audit verify` runs: chain, records, cache, compositions
+        for v in verify_sources([_source(label, p)]):
+            rep.audit_problems += [f"{label}: {q}" if many else q for q in v.all_problems()]
     egress_entries, rep.egress_unreadable_lines = read_egress(egress_path)
     if isinstance(coordinator_key, (str, os.PathLike)):
         coordinator_key = load_public_key(coordinator_key)
@@ -371,6 +393,8 @@ def cross_check(
     pending = [(n, e) for n, e in egress_entries if e.get("message_type") in message_types]
     for label, p in present:
         _match_log(rep, pending, p, site_id, message_types, label if many else None)
+    pending = _expected_probes(rep, pending, present, many)
+    _name_truncation(rep, pending, present, many)
     for line, eg in pending:
         rep.site_only.append(
             {
@@ -387,6 +411,79 @@ def cross_check(
     return rep
 
 
+#: the coordinator's audit event for a liveness probe it pushed (``server.messaging.exchange``)
+EV_PROBE_SENT = "probe.sent"
+
+
+def _whoami_nonce(egress: dict[str, Any]) -> str | None:
+    """The nonce a whoami reply answered (its ``whoami`` record is logged in full), else ``extra``'s."""
+    for rec in egress.get("records") or []:
+        if isinstance(rec, dict) and rec.get("name") == "whoami":
+            for item in rec.get("items") or []:
+                if isinstance(item, dict) and item.get("key") == "nonce" and isinstance(item.get("value"), str):
+                    return str(item["value"])
+    nonce = (egress.get("extra") or {}).get("nonce")
+    return nonce if isinstance(nonce, str) else None
+
+
+def _expected_probes(
+    rep: CrossCheckReport, pending: list[tuple[int, dict[str, Any]]], logs: list[tuple[str, Path]], many: bool
+) -> list[tuple[int, dict[str, Any]]]:
+    """Move the site's whoami replies to probes the coordinator audited as sent (``probe.sent``, same
+    nonce) but stopped waiting for (the site's main reply came first) from ``pending`` to ``expected``."""
+    sent: dict[str, tuple[str | None, Any]] = {}
+    for label, p in logs:
+        for _, e in read_entries(p):
+            if e.get("event") == EV_PROBE_SENT and isinstance(e.get("nonce"), str):
+                sent[e["nonce"]] = (label if many else None, e.get("seq"))
+    left = []
+    for line, eg in pending:
+        nonce = _whoami_nonce(eg) if eg.get("message_type") == "query.whoami" else None
+        if nonce is not None and nonce in sent:
+            log_label, seq = sent.pop(nonce)
+            where = f"{log_label} seq {seq}" if log_label else f"seq {seq}"
+            rep.expected.append(
+                {
+                    "line": line,
+                    "message_type": "query.whoami",
+                    "run_id": eg.get("run_id"),
+                    "seq": seq,
+                    "log": log_label,
+                    "detail": f"egress line {line} answers the liveness probe the coordinator sent at {where}; "
+                    "the coordinator stopped waiting for it once the site's main reply came",
+                }
+            )
+        else:
+            left.append((line, eg))
+    return left
+
+
+def _name_truncation(
+    rep: CrossCheckReport, pending: list[tuple[int, dict[str, Any]]], logs: list[tuple[str, Path]], many: bool
+) -> None:
+    """Name a truncated coordinator log as such: replies the site sent after the last entry of every
+    log, and receipts for entries past a log's end."""
+    for q in list(rep.receipt_problems):
+        if "truncated" in q:
+            rep.receipt_problems.remove(q)
+            rep.truncation.append(q)
+    last: tuple[str, Any, str] | None = None
+    for label, p in logs:
+        for _, e in read_entries(p):
+            ts = e.get("ts")
+            if isinstance(ts, str) and (last is None or ts > last[0]):
+                last = (ts, e.get("seq"), label)
+    if last is None:
+        return
+    later = [line for line, eg in pending if isinstance(eg.get("ts"), str) and eg["ts"] > last[0]]
+    if later:
+        where = f"{last[2]} seq {last[1]}" if many else f"seq {last[1]}"
+        rep.truncation.append(
+            f"the coordinator's audit log ends ({where} at {last[0]}) before the site sent egress line(s) "
+            f"{later}: the log was truncated, or the coordinator stopped recording"
+        )
+
+
 def _match_log(
     rep: CrossCheckReport,
     pending: list[tuple[int, dict[str, Any]]],
@@ -397,7 +494,11 @@ def _match_log(
 ) -> None:
     """Match the reply events of one audit log against the still unmatched egress lines (``pending``
     loses each line it matches; ``rep`` gains matched / coordinator-only / unverifiable events)."""
-    site_events = [e for _, e in read_entries(audit_path) if e.get("site") == site_id]
+    site_events = [
+        e
+        for _, e in read_entries(audit_path)
+        if e.get("site") == site_id or (e.get("event") == "identity.refused" and e.get("claimed_site") == site_id)
+    ]
     submission_events = (EV_SUBMISSION_ACCEPTED, EV_SUBMISSION_REJECTED)
     replies = [e for e in site_events if _event_type(e) in message_types]
     companions: dict[str, list[dict[str, Any]]] = {}
@@ -423,6 +524,18 @@ def _match_log(
             "record_id": audit.get("record_id"),
             "blob_sha256": k["blob"],
         }
+        if hit is None and audit.get("event") == "identity.refused":
+            # a refused claim to be this site that none of its replies matches: another node used the
+            # site's name (an impostor, refused: nothing went to it); never a mismatch of the site's own
+            rep.expected.append(
+                {
+                    **summary,
+                    "reason": audit.get("reason"),
+                    "detail": f"{_where(summary)}: node {audit.get('node_id')} claimed to be {site_id} and was "
+                    f"refused ({str(audit.get('reason'))[:200]}); none of the site's replies matches it",
+                }
+            )
+            continue
         if hit is None:
             target = rep.unverifiable if k["rejected"] and not _claims_data(k) else rep.coordinator_only
             target.append(

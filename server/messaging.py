@@ -219,6 +219,15 @@ def exchange(
         for mid in grid.push_messages([msg]):
             if mid:
                 probes[mid] = (ask, next(counter), time.monotonic())
+                if audit is not None:  # its reply may come after the main one, unawaited: cross-check expects it
+                    audit.append(
+                        "probe.sent",
+                        site=None,
+                        node_id=str(node),
+                        run_id=run_id,
+                        nonce=ask.nonce,
+                        message_type=wire.WHOAMI,
+                    )
 
     def lost_before(node: int, seq: int) -> list[str]:
         """In-flight messages of ``node`` pushed before ``seq``: the site answered something newer."""
@@ -449,9 +458,10 @@ def discover(
     def refuse(where: str, node: int, site: str | None, reason: str, nonce: str) -> None:
         problems[where] = reason
         if audit is not None:
-            audit.append(
+            audit.append(  # never under the claimed site's name: an impostor's claim is not that site's reply
                 "identity.refused",
-                site=site,
+                site=None,
+                claimed_site=site,
                 node_id=str(node),
                 reason=reason[:1000],
                 run_id=run_id,
