@@ -1,4 +1,4 @@
-"""The site's Flower ClientApp: the only code that touches a hospital's reports.
+"""The site's Flower ClientApp: the only code that touches a hospital's data (of any task family).
 
 Every message passes one gate (:func:`serve`): the request is checked against the vocabulary
 first (``wire.parse_request``), its handler runs (``client/handlers.py``), and the reply is

@@ -135,6 +135,12 @@ def site_from_context(context: Context) -> Site:
     coord = Path(str(pinned)).expanduser() if pinned else None
     node_key = nc.get("supernode-key") if "site-id" in nc else None
     tasks = tuple(split_list(nc.get("task"))) or DEFAULT_TASKS
+    unknown = [t for t in tasks if t not in FAMILIES]
+    if unknown:
+        raise SiteError(
+            f"site {site!r}: node config task names {', '.join(map(repr, unknown))}, not a task family "
+            f"this ClientApp has; known: {', '.join(FAMILIES)}"
+        )
     options = {k: str(nc[k]) for k in family_option_keys(tasks) if k in nc}
     dtype = str(nc.get("compute-dtype") or rc.get("sim-compute-dtype") or "auto")
     if dtype not in wire.COMPUTE_DTYPES:
@@ -180,13 +186,8 @@ def privacy_policy(src: Any) -> dict[str, float]:
 
 
 def family_option_keys(tasks: tuple[str, ...]) -> list[str]:
-    """The node-config keys the site's (known) families read; an unknown family is refused later,
-    by the request that names it."""
-    keys: list[str] = []
-    for name in tasks:
-        if name in FAMILIES:
-            keys.extend(get_family(name).node_config_keys)
-    return keys
+    """The node-config keys the site's families read (``Family.node_config_keys``)."""
+    return [key for name in tasks for key in get_family(name).node_config_keys]
 
 
 def site_family(site: Site, name: str | None) -> Family:

@@ -215,3 +215,13 @@ def test_an_unknown_or_half_written_family_is_refused_with_what_is_missing():
             get_family("half")
     finally:
         FAMILIES.pop("half")
+
+
+def test_a_site_whose_node_config_names_an_unknown_family_refuses_everything_loudly(tmp_path):
+    from flwr.app import Context, RecordDict
+
+    from client.site import SiteError, site_from_context
+
+    nc = {"site-id": "a", "data-path": str(tmp_path), "task": "report-text,segmentaton"}
+    with pytest.raises(SiteError, match="'segmentaton', not a task family this ClientApp has; known: report-text"):
+        site_from_context(Context(run_id=1, node_id=1, node_config=nc, state=RecordDict(), run_config={}))
