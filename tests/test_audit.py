@@ -23,12 +23,11 @@ from server.audit import (
     AuditLog,
     AuditLogCorruptError,
     entry_hash,
-    format_report,
     head,
     line_hash,
-    report,
     verify,
 )
+from server.auditreport import format_report, report
 
 H = "ab" * 32
 

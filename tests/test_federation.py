@@ -800,7 +800,7 @@ def test_local_privacy_settings_travel_from_node_config_to_registry_audit_and_eg
     query = [e for e in entries if e["event"] == "query.embedding" and e.get("run_id") == "46"]
     assert query and query[0]["privacy"]["z_mechanism"] == "gaussian"
     assert query[0]["privacy"]["epsilon_total"] == pytest.approx(4.0, rel=1e-6)
-    from server.audit import format_report, report
+    from server.auditreport import format_report, report
 
     text = format_report(report(local["registry"] / "audit.jsonl"))
     assert f"record {rid}; DP-SGD ε=" in text and "z Gaussian ε=4; total ε=" in text

@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from common.privacy import spent_from_egress
-from server.audit import EV_COMPOSITION, problems_as_dicts, read_entries, report, verify
+from server.audit import EV_COMPOSITION, problems_as_dicts, read_entries, verify
+from server.auditreport import report
 from server.coordroot import AuditSource, missing
 from server.registry import AUDIT_NAME, Record, Registry
 
@@ -300,7 +301,7 @@ def audit_statuses(fams: Sequence[FamilyView]) -> dict[str, Any]:
 
 
 def audit_report(audit_path: Path) -> dict[str, Any]:
-    """``server.audit.report`` (the per-site report of ``rpe audit report``)."""
+    """``server.auditreport.report`` (the per-site report of ``rpe audit report``)."""
     return report(audit_path)
 
 
