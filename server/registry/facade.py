@@ -89,7 +89,8 @@ class Registry:
         self._search = parts.search
         self._writer = parts.writer
         self._index = parts.index
-        #: the Chroma mirror waits to be reconciled (large registry, ``add_many``, ``sync_index=False``)
+        #: the Chroma mirror is reconciled when next needed (a large registry on open, after ``add_many``);
+        #: never on its own with ``sync_index=False`` (``sync_index()`` then does it)
         self._index_pending = parts.index is not None and sync_index
         self._lazy_sync = sync_index
         try:
