@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import binascii
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ import pytest
 
 from common.files.safeio import (
     UnsafeInputError,
+    b64decode_strict,
     check_name,
     check_pattern_key,
     load_npy_vector,
@@ -194,3 +196,15 @@ def test_check_name_remembers_accepted_names_only() -> None:
     assert check_name("abcd", "task") == "abcd"
     with pytest.raises(UnsafeInputError, match="^task "):
         check_name("a\u200bb", "task")
+
+
+@pytest.mark.parametrize("text", [b"AAAA AAAA", b"AAAA\nAAAA", b"AA==AA==", b"AAA", b"AA=A", b"****"])
+def test_strict_base64_refuses_what_a_lenient_decoder_would_accept(text: bytes) -> None:
+    """Old registries' z travel as base64: anything but the exact standard form is refused, on
+    every supported Python (3.10 has no ``strict_mode``)."""
+    with pytest.raises(binascii.Error):
+        b64decode_strict(text)
+
+
+def test_strict_base64_decodes_the_standard_form() -> None:
+    assert b64decode_strict(b"AAECAw==") == bytes([0, 1, 2, 3])
