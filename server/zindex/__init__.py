@@ -31,7 +31,7 @@ def __getattr__(name: str) -> Any:
     """``ExactTopK`` & co. on first use: they need torch (its int8 GEMV), which takes seconds to
     import, and opening a registry to list or verify it never searches."""
     if name in _TOPK:
-        from server.zindex import topk
+        from server.zindex import topk  # lazy: torch (seconds); opening a registry never searches
 
         return getattr(topk, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
