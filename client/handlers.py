@@ -48,6 +48,7 @@ from client.site import Site, SiteError, key_id, load_family_data, signing_key, 
 from common.families import get_family
 from common.families.base import DPSettings, Family, SiteDataset, TrainPlan
 from common.protocol import wire
+from common.protocol.wire import WireError
 
 __all__ = [
     "HANDLERS",
@@ -149,7 +150,7 @@ def enroll(req: wire.Request, site: Site, context: Context) -> RecordDict:
     z_examples = family.z_examples(data, enrolment=True)
     # z only over the whole set the adapter comes from (a smaller ``max_examples`` is refused)
     site.release.embedding_examples(len(z_examples), int(cfg.get("max_examples", 0)))
-    plan = family.train_plan(cfg, dp_settings(site, family))
+    plan = family.train_plan({**cfg, "options": family_options(family, cfg)}, dp_settings(site, family))
     layer = allowed_layer(site, family, cfg.get("embed_layer", -1))
     refuse_over_budget(site, plan, len(data.train))
     base = family.load_base(site.inputs())
@@ -164,6 +165,32 @@ def enroll(req: wire.Request, site: Site, context: Context) -> RecordDict:
     meta = enroll_meta(site, family, data, rel, encoded, release_privacy(trained.dp, rel), stats, cfg["nonce"])
     sign(meta, site, rel.z, str(context.run_id))
     return wire.build_enroll_reply(encoded.arrays, rel.z, meta, check=False)  # the gate checks it once
+
+
+def family_options(family: Family, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The request's ``options`` (a flat JSON object; its shape is the wire's check), each a setting
+    this family takes (``Family.option_keys``) with a value of the type it takes."""
+    raw = cfg.get("options")
+    if not raw:
+        return {}
+    try:
+        options = json.loads(raw)
+    except ValueError as exc:
+        raise WireError(f"not JSON ({exc})", "config", "options") from None
+    if not isinstance(options, dict):
+        raise WireError("expected a JSON object", "config", "options")
+    for key, value in options.items():
+        accepted = family.option_keys.get(key)
+        if accepted is None:
+            takes = ", ".join(sorted(family.option_keys)) or "none"
+            raise WireError(
+                f"the {family.name} family takes no option {key!r} (it takes: {takes})", "config", "options"
+            )
+        if isinstance(value, bool) and bool not in accepted or not isinstance(value, accepted):
+            raise WireError(
+                f"option {key!r} of the {family.name} family: {value!r} is not {accepted}", "config", "options"
+            )
+    return options
 
 
 def dp_settings(site: Site, family: Family) -> DPSettings | None:

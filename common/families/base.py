@@ -179,6 +179,10 @@ class Family(Protocol):
     unit: str
     #: node-config keys a site of this family reads (passed on in ``SiteInputs.options``)
     node_config_keys: tuple[str, ...]
+    #: the request settings of this family alone, ``{name: accepted types}``: they travel in ONE
+    #: checked request key, ``options`` (a flat JSON object), so a new family never widens the
+    #: wire vocabulary; ``train_plan`` finds them, checked, in ``config["options"]``
+    option_keys: Mapping[str, tuple[type, ...]]
     #: whether the family trains with DP-SGD when a site's policy asks for it (else it refuses)
     supports_dp: bool
     #: the base model a site or command uses when none is named ("" = always name one)
@@ -234,7 +238,8 @@ class Family(Protocol):
         ...
 
     def train_plan(self, config: Mapping[str, Any], dp: DPSettings | None) -> TrainPlan:
-        """The request's training settings in this family's terms (its defaults where unset)."""
+        """The request's training settings in this family's terms (its defaults where unset);
+        ``config["options"]`` holds the family's own settings (``option_keys``), already checked."""
         ...
 
     def train(self, base: Base, site: SiteInputs, data: SiteDataset, plan: TrainPlan) -> TrainResult:

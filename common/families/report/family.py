@@ -71,6 +71,7 @@ class ReportFamily:
     node_config_keys: tuple[str, ...] = ()
     supports_dp = True
     default_model = "smollm2-135m-instruct"
+    option_keys: dict[str, tuple[type, ...]] = {}
     commands = "common.families.report.commands:register"
     demo = "common.families.report.demo:demo_plan"
 

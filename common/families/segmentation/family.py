@@ -71,6 +71,8 @@ class SegmentationFamily:
     node_config_keys: tuple[str, ...] = ("seg-dataset", "seg-site", "seg-copies")
     supports_dp = False
     default_model = "litemedsam"
+    #: ``targets``: comma-separated ``SEG_TARGETS`` (else ``lora_targets`` names them, else the decoder)
+    option_keys: dict[str, tuple[type, ...]] = {"targets": (str,)}
     commands = "common.families.segmentation.commands:register"
     demo = "common.families.segmentation.demo:demo_plan"
 
@@ -162,7 +164,14 @@ class SegmentationFamily:
     def train_plan(self, config: Mapping[str, Any], dp: DPSettings | None) -> TrainPlan:
         from common.families.segmentation.task import SegLoraSpec
 
-        targets = tuple(t for t in _split(config.get("lora_targets", "")) if t in SEG_TARGETS) or ("decoder",)
+        chosen = (config.get("options") or {}).get("targets")
+        if chosen is not None:
+            targets = tuple(_split(chosen))
+            bad = [t for t in targets if t not in SEG_TARGETS]
+            if bad or not targets:
+                raise FamilyError(f"option targets={chosen!r}: name one or more of {', '.join(SEG_TARGETS)}")
+        else:
+            targets = tuple(t for t in _split(config.get("lora_targets", "")) if t in SEG_TARGETS) or ("decoder",)
         spec = SegLoraSpec(
             rank=int(config.get("lora_r", 4)),
             alpha=float(config.get("lora_alpha", 8.0)),

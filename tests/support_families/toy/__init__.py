@@ -111,6 +111,8 @@ class ToyFamily:
     node_config_keys: tuple[str, ...] = ()
     supports_dp = False
     default_model = ""
+    #: ``init_scale``: the std of the LoRA A factor at the start (a toy family's own request setting)
+    option_keys: dict[str, tuple[type, ...]] = {"init_scale": (int, float)}
     commands = ""
     demo = ""
 
@@ -159,7 +161,11 @@ class ToyFamily:
         return RegistryBase(fp, {"proj": (DIM, DIM), "head": (2, DIM)}, DIM, str(model))
 
     def train_plan(self, config: Mapping[str, Any], dp: DPSettings | None) -> TrainPlan:
-        options = {"r": int(config.get("lora_r", 2)), "alpha": float(config.get("lora_alpha", 4.0))}
+        options = {
+            "r": int(config.get("lora_r", 2)),
+            "alpha": float(config.get("lora_alpha", 4.0)),
+            "init_scale": float((config.get("options") or {}).get("init_scale", 0.1)),
+        }
         return TrainPlan(
             int(config.get("steps", 20)), float(config.get("lr", 0.1)), 0, int(config.get("seed", 0)), dp, options
         )
@@ -174,7 +180,7 @@ class ToyFamily:
         t0 = time.monotonic()
         g = torch.Generator().manual_seed(plan.seed)
         r, scale = plan.options["r"], plan.options["alpha"] / plan.options["r"]
-        a = (0.1 * torch.randn(r, DIM, generator=g)).requires_grad_()
+        a = (plan.options["init_scale"] * torch.randn(r, DIM, generator=g)).requires_grad_()
         b = torch.zeros(DIM, r, requires_grad=True)
         x = torch.tensor([xi for xi, _ in data.train], dtype=torch.float32)
         y = torch.tensor([yi for _, yi in data.train])
