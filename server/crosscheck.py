@@ -467,20 +467,30 @@ def _name_truncation(
         if "truncated" in q:
             rep.receipt_problems.remove(q)
             rep.truncation.append(q)
-    last: tuple[str, Any, str] | None = None
+    ends: dict[str, tuple[str, Any]] = {}  # log label -> (ts, seq) of its last entry
+    runs: dict[str, set[str]] = {}  # log label -> the run ids it holds
     for label, p in logs:
         for _, e in read_entries(p):
             ts = e.get("ts")
-            if isinstance(ts, str) and (last is None or ts > last[0]):
-                last = (ts, e.get("seq"), label)
-    if last is None:
-        return
-    later = [line for line, eg in pending if isinstance(eg.get("ts"), str) and eg["ts"] > last[0]]
-    if later:
-        where = f"{last[2]} seq {last[1]}" if many else f"seq {last[1]}"
+            if isinstance(ts, str) and (label not in ends or ts > ends[label][0]):
+                ends[label] = (ts, e.get("seq"))
+            if e.get("run_id") is not None:
+                runs.setdefault(label, set()).add(str(e["run_id"]))
+    later: dict[str, list[int]] = {}
+    for line, eg in pending:
+        ts, run = eg.get("ts"), str(eg.get("run_id"))
+        if not isinstance(ts, str):
+            continue
+        owners = [label for label in ends if run in runs.get(label, set())] or list(ends)
+        for label in owners:  # the log of the reply's run (any log when no log knows the run)
+            if ts > ends[label][0]:
+                later.setdefault(label, []).append(line)
+    for label, lines in later.items():
+        ts, seq = ends[label]
+        where = f"{label} seq {seq}" if many else f"seq {seq}"
         rep.truncation.append(
-            f"the coordinator's audit log ends ({where} at {last[0]}) before the site sent egress line(s) "
-            f"{later}: the log was truncated, or the coordinator stopped recording"
+            f"the coordinator's audit log ends ({where} at {ts}) before the site sent egress line(s) "
+            f"{lines}: the log was truncated, or the coordinator stopped recording"
         )
 
 
