@@ -191,6 +191,35 @@ class NodeKeys(_SiteKeyFile):
         return node_public_key(line) if line is not None else None
 
 
+def unsigned_claim_refusal(allow: AllowList | None, site: str, node_id: object) -> str | None:
+    """Why an *unsigned* claim to be ``site`` is refused whatever ``require-signatures`` says, or None.
+
+    Issue 26 class 7: with ``require-signatures=false`` an unsigned whoami was accepted for a site
+    whose SuperNode key is recorded, so an impostor received that site's ``query.embed`` and
+    ``train.apply``. The switch only lets sites that hold *no* key take part; a site that has a
+    signing key on the allow-list, or any site once SuperNode keys are recorded (node binding), can
+    only be claimed with a statement signed by its keys: an unsigned claim cannot prove it holds them.
+    """
+    if allow is None:
+        return None
+    nodes = allow.node_keys
+    if nodes.sites():
+        return (
+            f"node {node_id} claims site {site!r} without a signed identity statement, but this coordinator "
+            f"binds every site to its SuperNode key ({nodes.path}): an unsigned claim cannot prove it holds that "
+            "key, and node binding does not depend on require-signatures. If this node is the site, give the "
+            "site its key (its signing key on the allow-list and its SuperNode key) so that it signs its whoami"
+        )
+    if site in allow:
+        return (
+            f"node {node_id} claims site {site!r} without a signed identity statement, but site {site!r} has a "
+            f"signing key on the allow-list {allow.path}: its claims must be signed with it, whatever "
+            "require-signatures says. If this node is the site, give the site its key (the private key matching "
+            "the allow-list entry) so that it signs its whoami"
+        )
+    return None
+
+
 # --------------------------------------------------------------------------------------------
 # freshness
 

@@ -26,7 +26,7 @@ from common.trust.digests import record_digests
 from common.trust.nodekey import NodeKeyError, node_key_fingerprint, node_verify
 from common.trust.signing import SigningError
 from common.trust.statements import StatementError, statement_digest, verify_statement
-from server.allowlist import AllowList
+from server.allowlist import AllowList, unsigned_claim_refusal
 from server.allowlist import make_nonce as allowlist_make_nonce
 from server.audit import AuditLog
 
@@ -366,11 +366,14 @@ def verify_identity(
 
     site, raw = info["site"], info.get("identity", "")
     if not raw:
+        bound = unsigned_claim_refusal(allow, site, node_id)  # issue 26 class 7: never behind the switch
+        if bound is not None:
+            raise IdentityRefused(bound)
         if require:
             raise IdentityRefused(
                 f"node {node_id} claims site {site!r} without a signed identity statement, "
-                "and this coordinator requires signatures (give the site its key, "
-                "or run with require-signatures=false)"
+                "and this coordinator requires signatures: give the site its key "
+                "(rpe keygen on the site, then rpe allowlist add on the coordinator)"
             )
         return False
     if allow is None or site not in allow:
