@@ -8,6 +8,11 @@ and in total), and a composed adapter is checked against the same reference befo
 Until ``min_reference`` adapters exist there is nothing to compare with, and the absolute cap of the
 validation step applies alone.
 
+Issue 26 class 6 (one lying site controlled the bound): the registry passes one reference per site
+(its latest live adapter, ``server.registry.writer.reference_bound``), so repeated enrolments of one
+site count once, and every limit is at least ``floor`` (``update_norm_floor``), so near-zero
+adapters cannot make honest ones refused.
+
 ‖ΔW‖_F of a LoRA module is computed from the factors without forming ΔW:
 ‖s·B·A‖_F² = s² · trace((BᵀB)(AAᵀ)), two r × r products.
 """
@@ -57,10 +62,15 @@ class NormBound:
         reference: Iterable[Mapping[str, float]],
         factor: float = DEFAULT_FACTOR,
         min_reference: int = DEFAULT_MIN_REFERENCE,
+        floor: float = 0.0,
     ) -> NormBound | None:
-        """The bound from the stored adapters' norms, or None while fewer than ``min_reference`` exist."""
+        """The bound from the stored adapters' norms (the registry passes one per site), or None while
+        fewer than ``min_reference`` exist. No limit is below ``floor``: reference adapters near zero
+        cannot drag the bound under what an honest adapter needs."""
         if not factor > 1.0:
             raise ValueError(f"the norm factor must be > 1; got {factor!r}")
+        if not (floor >= 0.0 and np.isfinite(floor)):
+            raise ValueError(f"the norm floor must be a finite number >= 0; got {floor!r}")
         refs = [dict(r) for r in reference]
         if len(refs) < min_reference:
             return None
@@ -69,7 +79,7 @@ class NormBound:
         for key in keys:
             values = [r[key] for r in refs if key in r]
             if len(values) >= min_reference:
-                limits[key] = factor * float(np.median(values))
+                limits[key] = max(factor * float(np.median(values)), floor)
         return cls(limits=limits, factor=factor, n_reference=len(refs))
 
     def check(self, norms: Mapping[str, float], who: str) -> None:
@@ -80,6 +90,6 @@ class NormBound:
                 what = "the whole update" if key == "__total__" else f"module {key}"
                 raise NormBoundError(
                     f"{who}: {what} has ‖ΔW‖ = {value:.4g}, more than {self.factor:g} × the median of the "
-                    f"{self.n_reference} adapters of this base and task ({limit:.4g}); an honest adapter is "
+                    f"{self.n_reference} adapters of this base and task (each site's latest; bound {limit:.4g}); an honest adapter is "
                     "never this large — retrain with a lower learning rate, or ask the coordinator"
                 )

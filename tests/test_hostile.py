@@ -374,6 +374,7 @@ class Ctx:
         self._spy(self.reg, "add")
         grid = FakeGrid(lambda msg: build(msg.content["config"]["nonce"]))
         report: dict[str, Any] = {}
+        settings.setdefault("task", TASK)  # the request's task; a reply for another task is refused (issue 26)
         app.run_enroll(grid, self.settings(sites=[site], **settings), self.reg, self.sites(*online), RUN_ID, report)
         res = report["enroll"][site]
         if res["status"] == "accepted":
@@ -1641,6 +1642,14 @@ CASES: list[Case] = [
         lambda c: c.enroll(lambda n: c.reply(n, site="b")),
         WireError,
         "reply claims site 'b' but came from 'a'",
+        R,
+    ),
+    Case(
+        "enroll-other-task",
+        "reply naming another task than the request (`report-text-v2`), 1000x norm: stored unbounded before",
+        lambda c: c.enroll(lambda n: c.reply(n, adapter=scaled(make_adapter(71), 1000.0), task="report-text-v2")),
+        WireError,
+        "reply is for task 'report-text-v2' but the request asked for 'xray-chest'",
         R,
     ),
     Case(

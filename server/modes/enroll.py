@@ -129,6 +129,8 @@ def accept_submission(
             raise WireError(f"reply claims site {meta['site']!r} but came from {site!r}", "meta", "site")
         if meta["nonce"] != nonce:
             raise WireError("reply answers another request (nonce mismatch)", "meta", "nonce")
+        if meta["task"] != s.task:  # issue 26 class 6: stored under a task nobody asked for, unbounded
+            raise WireError(f"reply is for task {meta['task']!r} but the request asked for {s.task!r}", "meta", "task")
         if meta["signature"]:
             signing.authenticate_submission(
                 allow,

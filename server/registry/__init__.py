@@ -41,8 +41,9 @@ and ``rpe audit cross-check`` detects a truncated or rewritten coordinator log f
 
 Update-norm bound (item 6, ``server/bounds.py``): every record's per-module ‖ΔW‖ is computed at add
 and stored in its line's ``meta.update_norms`` (not part of ``AdapterMeta``); an adapter above
-``update_norm_factor`` (10) × the median of the live adapters of the same base and task (once
-``update_norm_min_reference`` = 3 exist) is refused with ``UpdateNormBoundError`` naming the site
+``update_norm_factor`` (10) × the median of the live adapters of the same base and task, one per
+site (its latest: repeated enrolments of a site count once) and never below ``update_norm_floor``
+(once ``update_norm_min_reference`` = 3 sites exist) is refused with ``UpdateNormBoundError`` naming the site
 and the bound; ``Registry.norm_bound(base, task)`` is what the composer checks the composed
 adapter against. Files are private: directories 0700, files 0600, blobs 0400.
 

@@ -43,6 +43,10 @@ DEFAULT_LIMITS: dict[str, float] = {
     # update_norm_min_reference of them; the composed adapter is checked against the same bound
     "update_norm_factor": 10.0,
     "update_norm_min_reference": 3,
+    # issue 26 class 6: each site counts once (its latest adapter), and no limit is ever below this
+    # floor, so near-zero adapters cannot drag the bound under what an honest adapter needs
+    # (trained LoRA adapters here have a total ‖ΔW‖ of about 0.05)
+    "update_norm_floor": 0.05,
 }
 
 __all__ = [

@@ -270,8 +270,9 @@ class Registry:
 
     def norm_bound(self, base: str, task: str | None) -> NormBound | None:
         """The update-norm bound of (base, task): ``update_norm_factor`` × the median per-module and
-        total ‖ΔW‖ of the live adapters stored for it (the latest ``NORM_REFERENCE_MAX``), or None
-        while fewer than ``update_norm_min_reference`` exist. Used at ``add`` and for compositions."""
+        total ‖ΔW‖ over the sites holding a live adapter for it, each by its latest adapter, never
+        below ``update_norm_floor``; None while fewer than ``update_norm_min_reference`` sites exist.
+        Used at ``add`` and for compositions (``writer.reference_bound``)."""
         return maintenance.norm_bound(self._parts, self.limits, base, task)
 
     def receipt(self, record_id: str, run_id: str | None = None) -> dict[str, Any]:

@@ -48,7 +48,7 @@ from server.registry.validation import NORMS_KEY, check_same, core_meta, prepare
 
 log = logging.getLogger(__name__)
 
-#: at most this many of the latest adapters of a (base, task) form the norm reference
+#: at most this many sites (each by its latest adapter) of a (base, task) form the norm reference
 NORM_REFERENCE_MAX = 1000
 
 
@@ -64,12 +64,24 @@ def storage_error(exc: OSError, stage: str, root: Any) -> RegistryStorageError:
 
 def reference_bound(cols: Columns, limits: Mapping[str, float], base: str, task: str | None) -> NormBound | None:
     """The update-norm bound of (base, task): ``update_norm_factor`` × the median per-module and total
-    ‖ΔW‖ of the latest ``NORM_REFERENCE_MAX`` live adapters stored for it, or None while fewer than
-    ``update_norm_min_reference`` exist (``server/bounds.py``). ``cols`` must be fresh."""
-    rows = np.flatnonzero(cols.mask(task=task, base=base))[-NORM_REFERENCE_MAX:]
+    ‖ΔW‖ over the sites that hold a live adapter for it, each site by its **latest** adapter (the
+    latest ``NORM_REFERENCE_MAX`` sites), never below ``update_norm_floor``; None while fewer than
+    ``update_norm_min_reference`` sites exist (``server/bounds.py``). ``cols`` must be fresh.
+
+    Why one per site (issue 26 class 6): when every enrolment counted, one lying site enrolling
+    four near-zero adapters made every honest enrolment of the task refused, and one enrolling just
+    under the moving limit 40 times ratcheted it from 0.38 to 258. Counted once, a site moves the
+    median of the sites no further than to the next honest site's value."""
+    rows = np.flatnonzero(cols.mask(task=task, base=base))
+    sites = cols.codes["site"][rows]
+    _, last = np.unique(sites[::-1], return_index=True)  # each site's latest row
+    rows = np.sort(rows[::-1][last])[-NORM_REFERENCE_MAX:]
     refs = [n for n in (cols.meta[int(r)].get(NORMS_KEY) for r in rows) if isinstance(n, dict)]
     return NormBound.from_reference(
-        refs, factor=float(limits["update_norm_factor"]), min_reference=int(limits["update_norm_min_reference"])
+        refs,
+        factor=float(limits["update_norm_factor"]),
+        min_reference=int(limits["update_norm_min_reference"]),
+        floor=float(limits.get("update_norm_floor", 0.0)),
     )
 
 
