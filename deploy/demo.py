@@ -2,23 +2,22 @@
 
 What it does, end to end (``python -m deploy.demo``, or ``scripts/demo.sh`` which also sets up):
 
-1. Builds one site per report group from the real data in ``data/`` (IU X-ray chest; MedPix CT
-   abdomen, CT head, MR head), each with its own training reports and held-out reports, in
-   ``<workdir>/data/<site>/{train,eval}.jsonl``.
+1. Asks every task family with a demo recipe (``Family.demo``) for its sites: the report family
+   writes one site per report group of the real data (IU X-ray chest; MedPix CT abdomen, CT head,
+   MR head) to ``<workdir>/data/report-text/<site>/{train,eval}.jsonl``; the segmentation family
+   names the six real prostate MRI sites (``prostate-multisite`` from the data root) on LiteMedSAM.
 2. Starts a real Flower SuperLink and one SuperNode per site on 127.0.0.1 with TLS, SuperNode
    authentication and Ed25519-signed submissions (``deploy.launch.up``).
-3. ``enroll``: every site fine-tunes a LoRA on SmolLM2-135M-Instruct and sends only the adapter,
-   its mean embedding z and a metadata record; the coordinator validates and stores them in its
-   registry (embedded Chroma + blob store + audit log).
-4. ``evaluate``: leave-one-site-out. For each site the coordinator asks for z, composes the other
-   sites' adapters with every strategy, sends the composed adapter to the site, and the site
-   scores it (ROUGE-L) on its held-out reports and replies with metrics only; the base model and
-   the site's own LoRA are the references.
-5. The same federation holds the sites of every other task family that brings a demo recipe
-   (``Family.demo``; e.g. the six real prostate MRI sites on LiteMedSAM of the segmentation
-   family, ``common/families/segmentation/demo.py``): each family enrols into its own registry
-   under the registry root and runs the same leave-one-site-out evaluation, scored by its own
-   metric. ``--families report`` (a family's name or a unique start of it) runs only that family.
+3. ``enroll``, family by family: every site fine-tunes a LoRA on its family's base model and sends
+   only the adapter, its mean embedding z and a metadata record; the coordinator validates and
+   stores them in the family's registry under the registry root (embedded Chroma + blob store +
+   audit log).
+4. ``evaluate``, family by family: leave-one-site-out. For each site the coordinator asks for z,
+   composes the other sites' adapters with every strategy, sends them to the site, and the site
+   scores them on its held-out data by the family's metric (ROUGE-L, DICE) and replies with
+   metrics only; the base model and the site's own LoRA are the references.
+5. ``--families report`` (a family's name or a unique start of it) runs only that family;
+   ``--model [FAMILY=]MODEL`` names another base model.
 6. Prints the results tables (with the weights each target received), where the files and plots
    are, the wall time per phase, and stops every process by PID.
 
