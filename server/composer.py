@@ -72,6 +72,24 @@ def _pick_base(registry: Registry, base: str | None, task: str | None) -> str | 
     return None
 
 
+#: the most adapters one composition may combine (issue 26 class 9: ``--k 5000`` on 100,000 records
+#: grew past 9.8 GB). Every retrieved adapter is loaded into memory and the composed adapter has rank
+#: k·r, so memory grows with k; compositions here use k <= 16, and 256 leaves ample room.
+MAX_COMPOSE_K = 256
+
+
+def check_k(k: Any) -> None:
+    """Refuse a k above :data:`MAX_COMPOSE_K` before any query, audit entry or load, naming the limit
+    and why (a non-integer or k < 1 is left to ``Registry.query``, which names it)."""
+    if isinstance(k, (int, np.integer)) and not isinstance(k, bool) and k > MAX_COMPOSE_K:
+        raise CompositionError(
+            f"k={int(k)} is above the composition limit {MAX_COMPOSE_K}: a composition loads every retrieved "
+            f"adapter into memory and the composed adapter has rank k × r (k={int(k)} at rank 8 is rank "
+            f"{int(k) * 8}), which would exhaust the coordinator's memory; choose k <= {MAX_COMPOSE_K} "
+            "(compositions here use 2-16)"
+        )
+
+
 class CompositionNormError(CompositionError):
     """The composed adapter is far larger than the registry's own adapters: refused before delivery."""
 
@@ -134,6 +152,7 @@ def compose_for_target(
     """
     from common.adapters import adapter_to_bytes, compose, save_peft_adapter  # lazy: torch
 
+    check_k(k)
     if out_dir is not None:
         check_replaceable(Path(out_dir).absolute(), "composition", force)  # refuse before any work or audit
     params: dict[str, Any] = dict(strategy_params or {})

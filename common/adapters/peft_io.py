@@ -34,6 +34,7 @@ from common.adapters.lora import (
     LoraModule,
     peft_key,
 )
+from common.files.safeio import UnsafeInputError, check_pattern_key, loads_json, read_regular_file
 
 # --------------------------------------------------------------------------------------------
 # PEFT directories
@@ -52,12 +53,74 @@ def _peft_pattern_key(pattern_keys: Iterable[str], name: str) -> str:
 
 
 def _peft_rank_alpha(config: Mapping, name: str) -> tuple[int, float]:
-    """The (r, lora_alpha) PEFT assigns to module ``name`` under ``config``."""
+    """The (r, lora_alpha) PEFT assigns to module ``name`` under ``config`` (checked by
+    :func:`check_peft_numbers` first: ints >= 1, finite numbers, module-name pattern keys)."""
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
     r = rank_pattern.get(_peft_pattern_key(rank_pattern, name), config.get("r", 8))
     alpha = alpha_pattern.get(_peft_pattern_key(alpha_pattern, name), config.get("lora_alpha", 8))
     return int(r), alpha
+
+
+#: the largest LoRA rank an adapter_config.json may name (far above any real adapter's)
+MAX_CONFIG_RANK = 1 << 16
+#: the most rank_pattern / alpha_pattern entries (one per module at most; a 4096-module cap elsewhere)
+MAX_PATTERN_KEYS = 4096
+#: the largest adapter_config.json read (real ones are a few KiB)
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _rank_value(value: Any, field: str, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise LoraFormatError(f"{where}: {field} is {value!r}; expected a whole number >= 1 (the LoRA rank)")
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        raise LoraFormatError(f"{where}: {field} is {value!r}; expected a whole number >= 1 (the LoRA rank)")
+    if not 1 <= value <= MAX_CONFIG_RANK:
+        raise LoraFormatError(f"{where}: {field} is {value!r}; expected a rank from 1 to {MAX_CONFIG_RANK}")
+    return int(value)
+
+
+def _alpha_value(value: Any, field: str, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise LoraFormatError(f"{where}: {field} is {value!r}; expected a finite number (lora_alpha)")
+    if abs(value) > 1e12:
+        raise LoraFormatError(f"{where}: {field} is {value!r}; expected |lora_alpha| <= 1e12")
+    return value
+
+
+def check_peft_numbers(config: Mapping, where: str) -> None:
+    """Issue 26 class 9: ``r``, ``lora_alpha`` and the ``rank_pattern`` / ``alpha_pattern`` entries
+    of an adapter config are checked before any arithmetic, so ``lora_alpha: "8"``, ``r: 1e400`` or
+    ``r: 0`` is a :class:`LoraFormatError` naming the field, never a TypeError / OverflowError /
+    ZeroDivisionError, and a pattern key is a module name (``common.files.safeio.check_pattern_key``),
+    never a regular expression that backtracks for hours (``(.|.)*Z``)."""
+    _rank_value(config.get("r", 8), "r", where)
+    _alpha_value(config.get("lora_alpha", 8), "lora_alpha", where)
+    for field, check in (("rank_pattern", _rank_value), ("alpha_pattern", _alpha_value)):
+        pattern = config.get(field) or {}
+        if not isinstance(pattern, dict):
+            raise LoraFormatError(f"{where}: {field} is {type(pattern).__name__}; expected an object {{module: value}}")
+        if len(pattern) > MAX_PATTERN_KEYS:
+            raise LoraFormatError(f"{where}: {field} has {len(pattern)} entries; the limit is {MAX_PATTERN_KEYS}")
+        for key, value in pattern.items():
+            try:
+                check_pattern_key(key, f"{where}: {field}")
+            except UnsafeInputError as exc:
+                raise LoraFormatError(str(exc)) from None
+            check(value, f"{field}[{key!r}]", where)
+
+
+def read_peft_config(config_path: Path) -> dict:
+    """A PEFT ``adapter_config.json`` read with the hardened reader (``common.files.safeio``): a
+    regular file of at most ``MAX_CONFIG_BYTES``, JSON nested at most 64 deep (a 200,000-deep file is
+    a clear :class:`LoraFormatError`, not a ``RecursionError``), an object."""
+    try:
+        config = loads_json(read_regular_file(config_path, MAX_CONFIG_BYTES, what=CONFIG_NAME), str(config_path))
+    except UnsafeInputError as exc:
+        raise LoraFormatError(f"{exc}; expected the {CONFIG_NAME} PEFT save_pretrained writes") from None
+    if not isinstance(config, dict):
+        raise LoraFormatError(f"{config_path}: expected a JSON object")
+    return config
 
 
 def _check_plain_lora_config(config: Mapping, where: str) -> None:
@@ -151,13 +214,9 @@ def _checked_peft_dir(directory: Path) -> tuple[Path, dict, Path]:
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
         raise LoraFormatError(f"{directory}: no {CONFIG_NAME}; expected a directory written by PEFT save_pretrained")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise LoraFormatError(f"{config_path}: not valid JSON ({exc})") from exc
-    if not isinstance(config, dict):
-        raise LoraFormatError(f"{config_path}: expected a JSON object")
+    config = read_peft_config(config_path)
     _check_plain_lora_config(config, str(directory))
+    check_peft_numbers(config, str(config_path))
 
     weights_path = directory / WEIGHTS_NAME
     if not weights_path.is_file():

@@ -161,7 +161,9 @@ def load_npy_vector(path: str | os.PathLike[str], max_values: int, what: str = "
     return arr.astype(np.float32).reshape(-1)
 
 
-_PATTERN_KEY = re.compile(r"[A-Za-z0-9_.\-]+")
+#: module-name characters; '.' and '-' may be escaped (``re.escape`` of a module name, as
+#: ``common.adapters.peft_io`` writes keys it must anchor): literals and '.' match in linear time
+_PATTERN_KEY = re.compile(r"(?:[A-Za-z0-9_]|\\?[.\-])+")
 
 
 def check_pattern_key(key: Any, what: str) -> str:
