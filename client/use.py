@@ -56,7 +56,12 @@ def site_status(site_dir: str | os.PathLike[str]) -> dict[str, Any]:
                 prov = json.loads((d / PROVENANCE_FILE).read_text())
             except ValueError:
                 prov = {"error": f"{PROVENANCE_FILE} is not JSON"}
-        cfg = json.loads((d / "adapter_config.json").read_text())
+        from common.adapters.peft_io import read_peft_config  # lazy (torch); bounded reader, issue 26 class 9
+
+        try:  # a hostile config is named, never a traceback
+            cfg: dict[str, Any] = read_peft_config(d / "adapter_config.json")
+        except ValueError as exc:
+            cfg = {"r": f"unreadable adapter_config.json: {exc}"}
         received = prov.get("received_at")
         adapters.append(
             {

@@ -154,3 +154,20 @@ def test_a_high_rank_norm_stays_in_bounded_memory() -> None:
     tracemalloc.stop()
     assert got == pytest.approx(want, rel=1e-9)
     assert peak < 64 << 20, f"the norm held {peak / 2**20:.0f} MiB at once"
+
+
+def test_rpe_generate_and_site_status_name_a_deep_config(tmp_path: Path) -> None:
+    from client.use import format_status, site_status
+    from common.families.base import CommandError
+    from common.families.report.commands import base_model_of
+
+    site = tmp_path / "site"
+    d = site / "adapters" / "evil"
+    d.mkdir(parents=True)
+    (d / "adapter_config.json").write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(CommandError, match="nested deeper than 64"):
+        base_model_of(d, None)
+    status = site_status(site)
+    (row,) = status["adapters"]
+    assert "nested deeper than 64" in str(row["rank"])
+    format_status(status)

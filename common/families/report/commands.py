@@ -25,7 +25,9 @@ def base_model_of(adapter_dir: Path, model: str | None) -> str:
     if model:
         return model
     try:
-        cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+        from common.adapters.peft_io import read_peft_config  # bounded: a deep file is no RecursionError
+
+        cfg = read_peft_config(adapter_dir / "adapter_config.json")
     except (OSError, ValueError) as exc:
         raise SiteCommandError(
             f"{adapter_dir}: no readable adapter_config.json ({exc}); pass a PEFT adapter "
