@@ -104,10 +104,29 @@ def cmd_blob_key_new(args: argparse.Namespace) -> None:
     )
 
 
+def _check_ids(args: argparse.Namespace) -> None:
+    """The site id as the allow-list checks it (it names files: no ``../../x``), and the task and
+    modality as the registry's metadata check does (``common.files.safeio.check_name``, the check
+    ``server/registry/validation.py`` runs), before anything is opened or read."""
+    from common.files.safeio import UnsafeInputError, check_name
+    from common.trust.signing import check_site_id
+
+    try:
+        check_site_id(args.site)
+    except ValueError as exc:
+        raise CliError(f"--site: {exc}") from None
+    for flag in ("task", "modality"):
+        try:
+            check_name(getattr(args, flag), f"--{flag}")
+        except UnsafeInputError as exc:
+            raise CliError(str(exc)) from None
+
+
 def cmd_registry_add(args: argparse.Namespace) -> None:
     from common.adapters import load_peft_adapter
     from server.registry import AdapterMeta
 
+    _check_ids(args)
     reg = _open_registry(args)
     try:
         adapter = load_peft_adapter(args.adapter)

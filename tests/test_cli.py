@@ -30,6 +30,8 @@ COMMANDS = [
     ["audit", "verify"],
     ["audit", "report"],
     ["audit", "cross-check"],
+    ["audit", "export"],
+    ["audit", "check-report"],
     ["experiment"],
     ["blob-key"],
     ["blob-key", "new"],
@@ -313,3 +315,22 @@ def test_auditor_commands_do_not_import_torch(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith("no torch"), out.stdout
+
+
+@pytest.mark.parametrize("site", ["../../x", "a/b", "..", "_a", "a b", ""])
+def test_registry_add_refuses_a_site_id_that_is_no_site_id(site, tmp_path, tiny_model_dir, capsys):
+    """Issue 26 class 9: ``../../x`` passed the registry CLI. The id is checked as the allow-list checks
+    it (it becomes a file name elsewhere), before the registry is opened: exit 2, a clear message,
+    nothing written."""
+    reg = tmp_path / "reg"
+    main(["registry", "init", "--registry", str(reg), "--base", str(tiny_model_dir)])
+    before = sorted((p.name, p.stat().st_size) for p in reg.rglob("*") if p.is_file())
+    peft = save_peft_adapter(tiny_adapter(tiny_model_dir, 0), tmp_path / "peft")
+    np.save(tmp_path / "z.npy", np.ones(64, dtype=np.float32))
+    capsys.readouterr()
+    argv = ["registry", "add", "--registry", str(reg), "--adapter", str(peft), "--embedding", str(tmp_path / "z.npy")]
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--site", site, "--task", "t", "--samples", "3"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--site" in err and "is invalid" in err and "Traceback" not in err, err
+    assert sorted((p.name, p.stat().st_size) for p in reg.rglob("*") if p.is_file()) == before

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hmac
 import math
 import os
+import secrets
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from urllib.parse import urlencode
 
 import numpy as np
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 from starlette.requests import Request
@@ -39,7 +41,10 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
+from server import auditsign
 from server.console import charts, views
+from server.console.integrity import Integrity, IntegrityCache, parse_anchor
+from server.console.security import CSRF_FIELD, SESSION_COOKIE, Csrf, HostGuard, same_origin_path
 from server.console.views import ConsoleInputError, FamilyView
 from server.coordroot import family_registries
 from server.crosscheck import cross_check
@@ -53,7 +58,7 @@ SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; "
     "script-src 'none'; frame-ancestors 'none'; form-action 'self'",
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",  # nothing to other sites; the console's own forms keep their Origin
     "Cache-Control": "no-store",
 }
 
@@ -86,7 +91,7 @@ class TokenMiddleware(BaseHTTPMiddleware):
             if not self._ok(given):
                 return _plain(401, "wrong access token; ask the coordinator operator for the console's token")
             rest = [(k, v) for k, v in request.query_params.multi_items() if k != "token"]
-            resp = RedirectResponse(request.url.path + (f"?{urlencode(rest)}" if rest else ""), status_code=303)
+            resp = RedirectResponse(same_origin_path(request.url.path, urlencode(rest)), status_code=303)
             resp.set_cookie(COOKIE, self.token, httponly=True, samesite="strict", secure=self.secure_cookie)
             return resp
         auth = request.headers.get("authorization", "")
@@ -118,6 +123,11 @@ class Console:
         self.root = root
         self.families: list[FamilyView] = views.open_families(found, blob_key=blob_key)
         self.uploads: dict[str, dict[str, Any]] = {}  # site -> spent summary of its uploaded egress log
+        self.checks: dict[str, dict[str, Any]] = {}  # site -> its last cross-check here (for the report)
+        self.anchors: dict[str, dict[str, Any]] = {}  # family -> the known head the auditor entered
+        self.integrity_cache = IntegrityCache()
+        self.csrf = Csrf()
+        self.secure_cookie = False
         self.templates = Jinja2Templates(directory=HERE / "templates")
         self.templates.env.filters["fmt"] = _fmt
 
@@ -126,20 +136,39 @@ class Console:
         return views.family(self.families, request.query_params.get("family"))
 
     # -- helpers --------------------------------------------------------------------------------
+    def integrity(self) -> Integrity:
+        """The shared check's verdict (``server.console.integrity``), cached per state of the files."""
+        return self.integrity_cache.get(self.families, self.anchors)
+
     def page(self, request: Request, name: str, status: int = 200, **context: Any) -> Response:
+        """A page, with the integrity banner and the CSRF token of the browser's session (created here)."""
         context.setdefault("nav", name.split(".")[0])
         context["registry_path"] = str(self.root)
         context["families"] = [
             {"name": f.name, "path": _rel(f.path, self.root), "records": f.stats()["records"], "error": f.error}
             for f in self.families
         ]
-        return self.templates.TemplateResponse(request, name, context, status_code=status, headers=SECURITY_HEADERS)
+        context.setdefault("integrity", self.integrity())
+        context["banner"] = context["integrity"].banner()
+        session = Csrf.session(request)
+        fresh = session is None
+        if session is None:
+            session = secrets.token_urlsafe(24)
+        context["csrf"] = self.csrf.token(session)
+        resp = self.templates.TemplateResponse(request, name, context, status_code=status, headers=SECURITY_HEADERS)
+        if fresh:
+            resp.set_cookie(SESSION_COOKIE, session, httponly=True, samesite="strict", secure=self.secure_cookie)
+        return resp
 
     def error(self, request: Request, status: int, message: str, back: str = "/") -> Response:
         return self.page(request, "error.html", status=status, message=message, back=back, nav="")
 
     async def upload(self, request: Request) -> tuple[bytes, str, dict[str, str]]:
-        """The one uploaded file (capped) and the other form fields; ConsoleInputError on anything else."""
+        """The one uploaded file (capped) and the other form fields; ConsoleInputError on anything else
+        (a cross-site or token-less form included: nothing is read or kept then)."""
+        why = self.csrf.origin_problem(request)
+        if why:
+            raise ConsoleInputError(why)
         length = request.headers.get("content-length")
         if length is None or not length.isdigit():
             raise ConsoleInputError("the upload has no Content-Length; send it as a normal form upload")
@@ -160,10 +189,13 @@ class Console:
         if len(data) > MAX_UPLOAD_BYTES:
             raise ConsoleInputError(f"{file.filename}: larger than {MAX_UPLOAD_BYTES:,} bytes; not accepted")
         fields = {k: v for k, v in form.items() if isinstance(v, str)}
+        why = self.csrf.check(request, fields.get(CSRF_FIELD))
+        if why:
+            raise ConsoleInputError(why)
         return data, file.filename or "upload", fields
 
     # -- pages ----------------------------------------------------------------------------------
-    async def overview(self, request: Request) -> Response:
+    def overview(self, request: Request) -> Response:
         stats = [{"family": f.name, "path": _rel(f.path, self.root), **f.stats()} for f in self.families]
         return self.page(
             request,
@@ -172,12 +204,12 @@ class Console:
             total={k: sum(s[k] for s in stats) for k in ("records", "removed")},
             sites=views.sites(self.families),
             disk=views.disk_bytes(self.root),
-            audit=views.audit_statuses(self.families),
+            audit=views.audit_statuses(self.families, self.integrity().verdicts),
             bases=views.bases(self.families),
             encryption={f.name: f.registry.blob_encryption for f in self.families if f.registry is not None},
         )
 
-    async def registry_page(self, request: Request) -> Response:
+    def registry_page(self, request: Request) -> Response:
         q = request.query_params
         sort, desc = q.get("sort", "created"), q.get("order") == "desc"
         try:
@@ -193,6 +225,9 @@ class Console:
             )
         except ConsoleInputError as exc:
             return self.error(request, 400, str(exc), "/registry")
+        integ = self.integrity()
+        for r in rows:
+            r["flags"] = integ.record_flags(r["family"], r["id"])
         colour = q.get("colour", "site")
         if colour not in ("site", "task"):
             return self.error(request, 400, f"the map can be coloured by site or task, not {colour!r}", "/registry")
@@ -214,7 +249,7 @@ class Console:
             map_query=urlencode({k: v for k, v in {**filters, "colour": colour}.items() if v and k != "family"}),
         )
 
-    async def registry_map(self, request: Request) -> Response:
+    def registry_map(self, request: Request) -> Response:
         q = request.query_params
         colour = q.get("colour", "site")
         if colour not in ("site", "task"):
@@ -234,7 +269,7 @@ class Console:
         svg = charts.pca_map_svg(coords, labels, explained, colour, title=fam.name)
         return Response(svg, media_type="image/svg+xml", headers=SECURITY_HEADERS)
 
-    async def record_page(self, request: Request) -> Response:
+    def record_page(self, request: Request) -> Response:
         rid = request.path_params["record_id"]
         try:
             detail = views.record_detail(self.families, rid, request.query_params.get("family"))
@@ -242,15 +277,19 @@ class Console:
             return self.error(request, 404, str(exc), "/registry")
         fam = views.family(self.families, detail["family"])
         used = [c for c in views.compositions([fam]) if rid in c["retrieved"]]
-        return self.page(request, "record.html", rec=detail, used=used, nav="registry")
+        flags = self.integrity().record_flags(detail["family"], rid)
+        return self.page(request, "record.html", rec=detail, used=used, nav="registry", flags=flags)
 
-    async def compositions_page(self, request: Request) -> Response:
-        return self.page(request, "compositions.html", comps=views.compositions(self.families))
+    def compositions_page(self, request: Request) -> Response:
+        integ = self.integrity()
+        comps = [{**c, "flags": integ.line_flags(c["family"], c["line"])} for c in views.compositions(self.families)]
+        heads = views.audit_reports(self.families)
+        return self.page(request, "compositions.html", comps=comps, heads=heads, anchors=self.anchors)
 
     def _composition(self, request: Request) -> dict[str, Any]:
         return views.composition(self.families, int(request.path_params["seq"]), request.query_params.get("family"))
 
-    async def composition_page(self, request: Request) -> Response:
+    def composition_page(self, request: Request) -> Response:
         try:
             c = self._composition(request)
         except ConsoleInputError as exc:
@@ -261,6 +300,7 @@ class Console:
             {"id": i, "distance": d, "weight": w, "sha": h, "live": i in known}
             for i, d, w, h in zip(c["retrieved"], c["distances"], c["weights"], c["adapter_sha256"])
         ]
+        c["flags"] = self.integrity().line_flags(c["family"], c["line"])
         return self.page(
             request,
             "composition.html",
@@ -270,7 +310,7 @@ class Console:
             weight_sum=sum(float(w) for w in c["weights"]),
         )
 
-    async def composition_chart(self, request: Request) -> Response:
+    def composition_chart(self, request: Request) -> Response:
         try:
             c = self._composition(request)
         except ConsoleInputError as exc:
@@ -280,23 +320,43 @@ class Console:
         )
         return Response(svg, media_type="image/svg+xml", headers=SECURITY_HEADERS)
 
-    async def audit_page(
-        self, request: Request, check: dict[str, Any] | None = None, status: int = 200, upload_error: str | None = None
+    def audit_page(
+        self,
+        request: Request,
+        check: dict[str, Any] | None = None,
+        status: int = 200,
+        upload_error: str | None = None,
+        anchor_error: str | None = None,
     ) -> Response:
+        integ = self.integrity()
         return self.page(
             request,
             "audit.html",
             status=status,
-            audit=views.audit_statuses(self.families),
+            integrity=integ,
+            audit=views.audit_statuses(self.families, integ.verdicts),
             reports=views.audit_reports(self.families),
             check=check,
             upload_error=upload_error,
+            anchor_error=anchor_error,
+            anchors=self.anchors,
             sites=[s["site"] for s in views.sites(self.families)],
             max_upload=MAX_UPLOAD_BYTES,
         )
 
-    async def audit_get(self, request: Request) -> Response:
-        return await self.audit_page(request)
+    def audit_get(self, request: Request) -> Response:
+        return self.audit_page(request)
+
+    def _cross_check(self, data: bytes, name: str, site: str) -> dict[str, Any]:
+        """Parse and cross-check an uploaded egress log (a worker thread: megabytes of JSON and every
+        family's log must not stop the other requests)."""
+        views.parse_egress(data, name)
+        with tempfile.TemporaryDirectory(prefix="rpe-console-") as tmp:
+            path = Path(tmp) / "egress.jsonl"
+            path.write_bytes(data)
+            logs = {f.name: f.audit_path for f in self.families}  # one check over every family's log
+            rep = cross_check(path, logs, site)
+        return {"site": site, "file": name, "ok": rep.ok, "text": rep.format(), **rep.to_dict()}
 
     async def cross_check_post(self, request: Request) -> Response:
         try:
@@ -304,19 +364,63 @@ class Console:
             site = fields.get("site", "").strip()
             if not site:
                 raise ConsoleInputError("say which site the egress log belongs to")
-            views.parse_egress(data, name)
-            with tempfile.TemporaryDirectory(prefix="rpe-console-") as tmp:
-                path = Path(tmp) / "egress.jsonl"
-                path.write_bytes(data)
-                logs = {f.name: f.audit_path for f in self.families}  # one check over every family's log
-                rep = cross_check(path, logs, site)
+            check = await run_in_threadpool(self._cross_check, data, name, site)
         except ConsoleInputError as exc:
-            return await self.audit_page(request, status=400, upload_error=str(exc))
-        return await self.audit_page(
-            request, check={"site": site, "file": name, "ok": rep.ok, "text": rep.format(), **rep.to_dict()}
-        )
+            return await run_in_threadpool(self.audit_page, request, None, 400, str(exc))
+        if site not in self.checks and len(self.checks) >= MAX_REMEMBERED_UPLOADS:
+            self.checks.pop(next(iter(self.checks)))
+        self.checks[site] = check
+        return await run_in_threadpool(self.audit_page, request, check)
 
-    async def privacy_page(self, request: Request, status: int = 200, upload_error: str | None = None) -> Response:
+    async def anchor_post(self, request: Request) -> Response:
+        """The auditor enters a known head of a family's log (or clears it): every page then checks
+        the log against it, so a truncated or rewritten tail is named."""
+        try:
+            why = self.csrf.origin_problem(request)
+            if why:
+                raise ConsoleInputError(why)
+            try:
+                form = await request.form(max_files=0, max_fields=4, max_part_size=4096)
+            except Exception as exc:  # noqa: BLE001 - a malformed form is the client's fault
+                raise ConsoleInputError(f"the anchor form is not a valid form ({type(exc).__name__})") from None
+            fields = {k: v for k, v in form.items() if isinstance(v, str)}
+            why = self.csrf.check(request, fields.get(CSRF_FIELD))
+            if why:
+                raise ConsoleInputError(why)
+            fam = views.family(self.families, fields.get("family", ""))
+            text = fields.get("anchor", "").strip()
+            if text:
+                try:
+                    self.anchors[fam.name] = parse_anchor(text)
+                except ValueError as exc:
+                    raise ConsoleInputError(str(exc)) from None
+            else:
+                self.anchors.pop(fam.name, None)
+        except ConsoleInputError as exc:
+            return await run_in_threadpool(self.audit_page, request, None, 400, None, str(exc))
+        return RedirectResponse("/audit", status_code=303)
+
+    def audit_report_file(self, request: Request) -> Response:
+        """The signed audit report (``server.auditsign``) of what this console found: verify of every
+        family (with the anchors entered), the per-site reports and the cross-checks run here."""
+        from server.registry.coordkey import key_paths, load_key
+
+        fmt = request.path_params["fmt"]
+        if fmt not in ("json", "html"):
+            return _plain(404, "the report is offered as report.json or report.html")
+        key_file = key_paths(self.root)[0]
+        if not key_file.is_file():
+            return _plain(404, f"{key_file} does not exist: the report is signed with the registry's coordinator key")
+        integ = self.integrity()
+        reports = {f.name: views.audit_report(f.audit_path) for f in self.families if f.audit_path.is_file()}
+        body = auditsign.build_body(integ.verdicts, reports, self.checks, str(self.root), self.anchors)
+        doc = auditsign.sign(load_key(self.root), body)
+        if fmt == "html":
+            return Response(auditsign.to_html(doc), media_type="text/html; charset=utf-8", headers=SECURITY_HEADERS)
+        headers = {**SECURITY_HEADERS, "Content-Disposition": 'attachment; filename="rpe-audit-report.json"'}
+        return Response(auditsign.to_json(doc), media_type="application/json", headers=headers)
+
+    def privacy_page(self, request: Request, status: int = 200, upload_error: str | None = None) -> Response:
         return self.page(
             request,
             "privacy.html",
@@ -327,8 +431,8 @@ class Console:
             max_upload=MAX_UPLOAD_BYTES,
         )
 
-    async def privacy_get(self, request: Request) -> Response:
-        return await self.privacy_page(request)
+    def privacy_get(self, request: Request) -> Response:
+        return self.privacy_page(request)
 
     async def privacy_post(self, request: Request) -> Response:
         try:
@@ -336,25 +440,25 @@ class Console:
             site = fields.get("site", "").strip()
             if not site:
                 raise ConsoleInputError("say which site the egress log belongs to")
-            summary = views.spent(views.parse_egress(data, name))
+            summary = await run_in_threadpool(lambda: views.spent(views.parse_egress(data, name)))
         except ConsoleInputError as exc:
-            return await self.privacy_page(request, status=400, upload_error=str(exc))
+            return await run_in_threadpool(self.privacy_page, request, 400, str(exc))
         if site not in self.uploads and len(self.uploads) >= MAX_REMEMBERED_UPLOADS:
             self.uploads.pop(next(iter(self.uploads)))
         self.uploads[site] = {**summary, "file": name}
-        return await self.privacy_page(request)
+        return await run_in_threadpool(self.privacy_page, request)
 
-    async def evaluations_page(self, request: Request) -> Response:
+    def evaluations_page(self, request: Request) -> Response:
         return self.page(request, "evaluations.html", runs=views.evaluation_runs(self.families))
 
-    async def evaluation_page(self, request: Request) -> Response:
+    def evaluation_page(self, request: Request) -> Response:
         try:
             ev = views.evaluation(self.families, request.path_params["run_id"], request.query_params.get("family"))
         except ConsoleInputError as exc:
             return self.error(request, 404, str(exc), "/evaluations")
         return self.page(request, "evaluation.html", ev=ev, nav="evaluations")
 
-    async def evaluation_file(self, request: Request) -> Response:
+    def evaluation_file(self, request: Request) -> Response:
         try:
             path = views.evaluation_file(
                 self.families,
@@ -366,7 +470,7 @@ class Console:
             return _plain(404, str(exc))
         return FileResponse(path, headers=SECURITY_HEADERS)
 
-    async def not_found(self, request: Request, exc: Exception) -> Response:
+    def not_found(self, request: Request, exc: Exception) -> Response:
         return self.error(request, 404, f"no page {request.url.path!r}; use the links above")
 
 
@@ -383,11 +487,17 @@ def _empty(dim: int) -> np.ndarray:
 
 
 def create_app(
-    registry_dir: str | os.PathLike[str], token: str | None = None, secure_cookie: bool = False, blob_key: Any = None
+    registry_dir: str | os.PathLike[str],
+    token: str | None = None,
+    secure_cookie: bool = False,
+    blob_key: Any = None,
+    hosts: Any = None,
 ) -> Starlette:
     """The console for the coordinator's registry root ``registry_dir`` (every family under it); with
-    ``token``, every request must carry it (see the module doc)."""
+    ``token``, every request must carry it; with ``hosts`` (``security.allowed_hosts``: what
+    ``rpe console`` passes), a request for any other Host is refused (see the module doc)."""
     c = Console(registry_dir, blob_key=blob_key)
+    c.secure_cookie = secure_cookie
     routes = [
         Route("/", c.overview),
         Route("/registry", c.registry_page),
@@ -398,6 +508,8 @@ def create_app(
         Route("/compositions/{seq:int}/weights.svg", c.composition_chart),
         Route("/audit", c.audit_get),
         Route("/audit/cross-check", c.cross_check_post, methods=["POST"]),
+        Route("/audit/anchor", c.anchor_post, methods=["POST"]),
+        Route("/audit/report.{fmt}", c.audit_report_file),
         Route("/privacy", c.privacy_get),
         Route("/privacy/egress", c.privacy_post, methods=["POST"]),
         Route("/evaluations", c.evaluations_page),
@@ -405,7 +517,8 @@ def create_app(
         Route("/evaluations/{run_id}/files/{name}", c.evaluation_file),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
-    middleware = [Middleware(TokenMiddleware, token=token, secure_cookie=secure_cookie)] if token else []
+    middleware = [Middleware(HostGuard, hosts=hosts)] if hosts is not None else []  # first: before the token
+    middleware += [Middleware(TokenMiddleware, token=token, secure_cookie=secure_cookie)] if token else []
     app = Starlette(routes=routes, middleware=middleware, exception_handlers={404: c.not_found})
     app.state.console = c
     return app

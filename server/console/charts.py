@@ -35,6 +35,14 @@ def pca_2d(Z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return coords, explained
 
 
+def literal(text: str) -> str:
+    """``text`` as matplotlib must be given it to draw it literally: ``$`` escaped (else a name like
+    ``$x^{$`` from a lying site is parsed as mathtext and the chart fails), and a leading ``_``
+    guarded by a zero-width space (else the legend silently drops an entry named ``_x``)."""
+    out = str(text).replace("$", r"\$")  # no unescaped $ left: never mathtext, and \$ is drawn as $
+    return "\u200b" + out if out.startswith("_") else out
+
+
 def _svg(fig: Figure) -> str:
     buf = io.StringIO()
     fig.savefig(buf, format="svg", bbox_inches="tight")
@@ -53,11 +61,17 @@ def pca_map_svg(
     for i, g in enumerate(groups):
         idx = [j for j, lab in enumerate(labels) if lab == g]
         ax.scatter(
-            coords[idx, 0], coords[idx, 1], s=36, label=g, color=cmap(i % 10), edgecolors="black", linewidths=0.4
+            coords[idx, 0],
+            coords[idx, 1],
+            s=36,
+            label=literal(g),
+            color=cmap(i % 10),
+            edgecolors="black",
+            linewidths=0.4,
         )
     ax.set_xlabel(f"PC1 ({100 * explained[0]:.1f} % of variance)")
     ax.set_ylabel(f"PC2 ({100 * explained[1]:.1f} % of variance)")
-    ax.set_title((f"{title}: " if title else "") + f"z of {len(labels)} record(s), coloured by {colour_by}")
+    ax.set_title(literal((f"{title}: " if title else "") + f"z of {len(labels)} record(s), coloured by {colour_by}"))
     if groups:
         ax.legend(fontsize=8, title=colour_by, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     ax.grid(alpha=0.3)
@@ -71,10 +85,10 @@ def weights_svg(ids: Sequence[str], weights: Sequence[float], title: str) -> str
     w = np.asarray(weights, dtype=np.float64)
     y = np.arange(len(ids))
     ax.barh(y, w, color=["#2b6cb0" if v >= 0 else "#c05621" for v in w])
-    ax.set_yticks(y, labels=list(ids), fontsize=8)
+    ax.set_yticks(y, labels=[literal(i) for i in ids], fontsize=8)
     ax.invert_yaxis()
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_xlabel("weight w_i")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(literal(title), fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     return _svg(fig)

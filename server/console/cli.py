@@ -99,9 +99,11 @@ def cmd_console(args: argparse.Namespace) -> None:
     import uvicorn
 
     from server.console.app import create_app
+    from server.console.security import allowed_hosts
 
     p = plan(args)
-    app = create_app(args.registry, token=p["token"], secure_cookie=bool(p["tls"]))  # type: ignore[arg-type]
+    hosts = allowed_hosts(args.host, args.port)  # any other Host (DNS rebinding) is refused
+    app = create_app(args.registry, token=p["token"], secure_cookie=bool(p["tls"]), hosts=hosts)  # type: ignore[arg-type]
     scheme = "https" if p["tls"] else "http"
     host = f"[{args.host}]" if ":" in args.host else args.host
     url = f"{scheme}://{host}:{args.port}/"

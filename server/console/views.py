@@ -24,14 +24,17 @@ from typing import Any
 
 import numpy as np
 
+from common.files.safeio import UnsafeInputError, loads_json
 from common.privacy import spent_from_egress
 from server.audit import EV_COMPOSITION, problems_as_dicts, read_entries, verify
 from server.auditreport import report
-from server.coordroot import AuditSource, missing
+from server.coordroot import AuditSource
 from server.registry import AUDIT_NAME, Record, Registry
 
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 EVAL_FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\.(png|svg|csv|md|json)$")
+#: the longest egress line the console parses (a reply's line is a few kB; full records stay small)
+MAX_EGRESS_LINE = 4 << 20
 SORT_KEYS = ("id", "site", "task", "modality", "rank", "samples", "bytes", "created")
 
 
@@ -279,23 +282,42 @@ def audit_status(audit_path: Path) -> dict[str, Any]:
     return {"ok": not problems, "entries": entries, "problems": problems}
 
 
-def audit_statuses(fams: Sequence[FamilyView]) -> dict[str, Any]:
-    """``audit_status`` of every family's log (``families``), and over all of them: ok, entries and
-    every problem with its family (what ``rpe audit verify --registry ROOT`` reports)."""
+def audit_statuses(fams: Sequence[FamilyView], verdicts: Sequence[Any] | None = None) -> dict[str, Any]:
+    """Every family's verdict (``families``), and over all of them: ok, entries, every chain problem
+    with its family (``problems``: the table of lines and kinds) and every other finding — records
+    not bound, the columns.snap cache, compositions the records do not bear out (``findings``).
+    ``verdicts``: ``server.coordroot.verify_sources`` of the families (run here when not given) — the
+    same check as ``rpe audit verify --registry ROOT``, so the two never disagree."""
+    if verdicts is None:
+        from server.coordroot import verify_sources
+
+        verdicts = verify_sources([AuditSource(f.name, f.audit_path, f.path) for f in fams])
     per = []
-    for f in fams:
-        st = audit_status(f.audit_path)
-        gone = problems_as_dicts(missing(AuditSource(f.name, f.audit_path, f.path)))
-        if f.audit_path.is_file():
-            st["problems"] = gone + st["problems"]
+    for f, v in zip(fams, verdicts, strict=True):
+        entries = sum(1 for _ in read_entries(f.audit_path)) if f.audit_path.is_file() else 0
+        problems = problems_as_dicts(v.problems)
+        if not f.audit_path.is_file():
+            problems = problems[:1]  # the log is gone: that is the news, not the registry.json beside it
         if f.error and f.audit_path.is_file():
-            st["problems"].append({"line": 0, "seq": None, "kind": "unreadable", "message": f.error})
-        st["ok"] = not st["problems"]
-        per.append({"family": f.name, "log": str(f.audit_path), **st})
+            problems.append({"line": 0, "seq": None, "kind": "unreadable", "message": f.error})
+        findings = [t for t in v.all_problems() if t not in {str(q) for q in v.problems}]
+        ok = not problems and not findings
+        per.append(
+            {
+                "family": f.name,
+                "log": str(f.audit_path),
+                "entries": entries,
+                "problems": problems,
+                "findings": findings,
+                "ok": ok,
+                "anchored": v.anchored,
+            }
+        )
     return {
         "ok": all(p["ok"] for p in per),
         "entries": sum(p["entries"] for p in per),
         "problems": [{**q, "family": p["family"]} for p in per for q in p["problems"]],
+        "findings": [{"family": p["family"], "text": t} for p in per for t in p["findings"]],
         "families": per,
     }
 
@@ -367,10 +389,12 @@ def parse_egress(data: bytes, name: str) -> list[dict[str, Any]]:
     for n, raw in enumerate(text.splitlines(), 1):
         if not raw.strip():
             continue
-        try:
-            entry = json.loads(raw)
-        except ValueError as exc:
-            raise ConsoleInputError(f"{name}: line {n} is not JSON ({exc.msg}); is this an rpe egress log?") from None
+        try:  # bounded: a deep or huge line is a clear 400, never a RecursionError (issue 26 class 8)
+            entry = loads_json(raw, "the line", max_bytes=MAX_EGRESS_LINE)
+        except UnsafeInputError as exc:
+            raise ConsoleInputError(
+                f"{name}: line {n} is not JSON an egress log holds ({exc}); is this an rpe egress log?"
+            ) from None
         if (
             not isinstance(entry, dict)
             or not isinstance(entry.get("records"), list)
