@@ -5,6 +5,7 @@ the sites' SuperNode keys and submission-signing keys.
 
 from __future__ import annotations
 
+import grp
 import os
 import shutil
 import subprocess
@@ -16,8 +17,17 @@ from typing import Any
 
 from common.trust.signing import generate_keypair
 from deploy import proxy, tls
+from deploy.launch.account import (
+    Account,
+    check_reachable,
+    control_dir,
+    give_registry,
+    private_dir,
+    readable_by,
+    resolve_account,
+)
 from deploy.launch.errors import LaunchError
-from deploy.launch.flower_cli import register_site, supernode_status, write_flwr_config
+from deploy.launch.flower_cli import register_site, supernode_status, write_flwr_config, write_socket_file
 from deploy.launch.processes import (
     cmdline,
     descendants,
@@ -29,6 +39,7 @@ from deploy.launch.processes import (
     wait_port,
 )
 from deploy.launch.state import DEFAULT_SUPERLINK_PORT, FEDERATION, SiteSpec, load_state, save_state
+from deploy.operator_socket import MAX_SOCKET_PATH, SOCKET_ENV, write_wrappers
 from server.allowlist import AllowList
 
 
@@ -46,8 +57,16 @@ def start_superlink(
     site_networks: list[str] | None = None,
     inner_port: int | None = None,
     operator_ca: Path | None = None,
+    run_as: str | None = None,
+    operator_group: str | None = None,
 ) -> dict[str, Any]:
     """Certificates (reused if present), the SuperLink with TLS + SuperNode auth, and config.toml.
+
+    Its Control and Runtime APIs answer only on the Unix socket ``<workdir>/control/superlink.sock``
+    (``deploy/operator_socket.py``); its TCP port serves the Fleet API alone. ``run_as``: the
+    SuperLink, its SuperExec and every ServerApp run as that unprivileged user (created as a system
+    user by root if missing); the registry becomes its alone. ``operator_group``: members may use
+    the socket (``python -m deploy.flwr_main``); otherwise only that user and root.
 
     With ``proxy`` the SuperLink listens on 127.0.0.1:``inner_port`` (default ``port`` + 1000) only
     and nginx (:func:`start_proxy`) is the public ``host:port``: sites (``site_networks``) reach the
@@ -60,9 +79,28 @@ def start_superlink(
     certs = workdir / "certs"
     bundle = tls.generate(certs, list(sites or []), [h for h in [*(tls_hosts or []), host] if h != "0.0.0.0"])
     flwr_home = workdir / "flwr-home"
-    extra = {"RPE_REGISTRY": str(Path(registry).resolve())} if registry else {}
+    account = resolve_account(run_as, operator_group)
+    sock = control_dir(workdir, account) / "superlink.sock"
+    if len(os.fsencode(sock)) > MAX_SOCKET_PATH:
+        raise LaunchError(f"the operator socket {sock} would be longer than {MAX_SOCKET_PATH} bytes: shorter --workdir")
+    bin_dir = write_wrappers(workdir / "bin")
+    link_home, database, link_cwd = flwr_home, workdir / "superlink.db", workdir
+    if account.switches:  # the account writes only its own directory, reads the rest
+        service = private_dir(workdir / "superlink", account)
+        link_home, database, link_cwd = private_dir(service / "flwr-home", account), service / "superlink.db", service
+        readable_by(bundle.server_key, account)
+    extra = {SOCKET_ENV: str(sock)}
+    if registry:
+        extra["RPE_REGISTRY"] = str(give_registry(Path(registry).resolve(), account))
     if allowlist is not None:
         extra["RPE_ALLOWLIST"] = str(Path(allowlist).resolve())
+    if account.switches:
+        extra["HOME"] = str(link_cwd)
+        check_reachable(
+            account,
+            [bundle.ca_cert, bundle.server_cert, bundle.server_key, bin_dir / "flwr-serverapp"],
+            [Path(p) for k, p in extra.items() if k in ("RPE_REGISTRY", "RPE_ALLOWLIST")],
+        )
     cmd = [
         sys.executable,
         "-m",
@@ -76,15 +114,17 @@ def start_superlink(
         "--enable-supernode-auth",
         "--disable-runtime-dependency-installation",
         "--database",
-        str(workdir / "superlink.db"),
+        str(database),
     ]
     link_host, link_port = host, port
     if proxy:
         link_host, link_port = "127.0.0.1", inner_port or port + 1000
     cmd += ["--host", link_host, "--port", str(link_port)]
-    proc = spawn(cmd, workdir / "logs" / "superlink.log", process_env(flwr_home, extra), workdir)
+    env = process_env(link_home, extra)
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"  # flower-superexec, flwr-serverapp: on the socket
+    proc = spawn(cmd, workdir / "logs" / "superlink.log", env, link_cwd, account=(account.uid, account.gid))
     connect_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    proc.update(address=f"{connect_host}:{port}", host=link_host, port=link_port)
+    proc.update(address=f"{connect_host}:{port}", host=link_host, port=link_port, socket=str(sock))
     state.update(
         superlink=proc,
         flwr_home=str(flwr_home),
@@ -92,14 +132,21 @@ def start_superlink(
         federation=federation,
         ca_cert=str(bundle.ca_cert),
         proxy=None,
+        run_as=account.name if account.switches else None,
+        account=[account.uid, account.gid],
+        socket=str(sock),
     )
     save_state(workdir, state)
     try:
         wait_port("127.0.0.1" if link_host in ("0.0.0.0", "::") else link_host, link_port, timeout, proc)
+        _wait_socket(sock, timeout, proc)
         if proxy:
-            state["proxy"] = start_proxy(workdir, host, port, link_port, bundle, site_networks, operator_ca)
+            state["proxy"] = start_proxy(
+                workdir, host, port, link_port, bundle, site_networks, operator_ca, sock=sock, account=account
+            )
             save_state(workdir, state)
         write_flwr_config(flwr_home, federation, proc["address"], bundle.ca_cert)
+        write_socket_file(flwr_home, sock)
         deadline = time.monotonic() + timeout
         while True:  # the port opens before the Control API answers
             try:
@@ -117,6 +164,16 @@ def start_superlink(
         stop_process(proc["pid"], proc["start_time"])
         raise
     return state
+
+
+def _wait_socket(sock: Path, timeout: float, proc: dict[str, Any]) -> None:
+    deadline = time.monotonic() + timeout
+    while not sock.exists():
+        if not is_alive(proc["pid"], proc["start_time"]):
+            raise LaunchError(f"the SuperLink exited during start-up; see {proc['log']}")
+        if time.monotonic() > deadline:
+            raise LaunchError(f"the SuperLink made no operator socket {sock} in {timeout:.0f} s; see {proc['log']}")
+        time.sleep(0.1)
 
 
 def live_superexec(superlink_pid: int) -> bool:
@@ -166,6 +223,10 @@ def ensure_superexec(workdir: Path) -> bool:
         env = dict(item.decode().split("=", 1) for item in raw.split(b"\0") if b"=" in item)
     except OSError:
         env = process_env(Path(state["flwr_home"]))
+    uid, gid = state.get("account") or (os.geteuid(), os.getegid())
+    creds: dict[str, Any] = {}
+    if (uid, gid) != (os.geteuid(), os.getegid()):  # as the SuperLink's own account, like the first one
+        creds = {"user": uid, "group": gid, "extra_groups": []}
     with open(log_path, "ab") as log:
         subprocess.Popen(
             argv,
@@ -174,7 +235,8 @@ def ensure_superexec(workdir: Path) -> bool:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
-            cwd=workdir,
+            cwd=link.get("cwd") or workdir,
+            **creds,
         )
     print(
         f"[launch] the SuperLink's SuperExec had exited (flwr 1.41 dies on one HTTP 500 from the SuperLink); "
@@ -202,9 +264,21 @@ def start_proxy(
     site_networks: list[str] | None = None,
     operator_ca: Path | None = None,
     timeout: float = 30.0,
+    sock: Path | None = None,
+    account: Account | None = None,
 ) -> dict[str, Any]:
     """nginx in front of the SuperLink (see deploy/proxy.py for what it forwards from where),
-    with its own prefix directory ``<workdir>/proxy`` and config, started and stopped by PID."""
+    with its own prefix directory ``<workdir>/proxy`` and config, started and stopped by PID.
+    The Control API (operator certificate only) goes to the SuperLink's socket ``sock``: nginx's
+    workers then run as the SuperLink's account (never as nobody, which any local user can be)."""
+    worker = None
+    if os.geteuid() == 0 and sock is not None and account is not None:
+        if account.uid == 0:  # a root SuperLink: the workers get a system user of their own
+            worker = resolve_account(PROXY_USER, None)
+            worker = Account(worker.name, worker.uid, account.operator_gid or worker.gid)
+            _let_group_in(sock.parent, worker.gid)
+        else:
+            worker = Account(account.name, account.uid, account.operator_gid or account.gid)
     spec = proxy.ProxySpec(
         Path(workdir) / "proxy",
         listen_host,
@@ -215,6 +289,9 @@ def start_proxy(
         bundle.ca_cert,
         list(site_networks or []),
         operator_ca,
+        control_socket=sock,
+        worker_user=worker.name if worker else None,
+        worker_group=grp.getgrgid(worker.gid).gr_name if worker else None,
     )
     conf = proxy.write_config(spec)
     prefix = str(spec.prefix.resolve())
@@ -243,6 +320,19 @@ def start_proxy(
         stop_process(proc["pid"], proc["start_time"])
         raise
     return proc
+
+
+#: nginx's workers, when the SuperLink itself runs as root (no --run-as): never ``nobody``
+PROXY_USER = "rpe-proxy"
+
+
+def _let_group_in(directory: Path, gid: int) -> None:
+    """A root SuperLink's socket directory: group ``gid`` (nginx's workers) may enter, nobody else."""
+    os.chown(directory, 0, gid)
+    directory.chmod(0o2750)
+    sock = directory / "superlink.sock"
+    if sock.exists():
+        os.chown(sock, 0, gid)
 
 
 def register_sites(workdir: Path, public_keys: dict[str, Path], record: Path | None = None) -> dict[str, int | None]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,9 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 from deploy.launch.errors import LaunchError
-from deploy.launch.processes import flower_bin, process_env
+from deploy.launch.processes import process_env
 from deploy.launch.state import FEDERATION
+from deploy.operator_socket import SOCKET_FILE
 
 
 def write_flwr_config(
@@ -44,6 +46,22 @@ def write_flwr_config(
     return path
 
 
+def write_socket_file(flwr_home: Path, sock: Path) -> Path:
+    """``$FLWR_HOME/superlink-socket``: the operator socket :func:`operator_flwr` (``python -m
+    deploy.flwr_main``) connects through; ``config.toml``'s address stays the TLS name."""
+    path = Path(flwr_home) / SOCKET_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(f"{Path(sock).resolve()}\n")
+    os.replace(tmp, path)
+    return path
+
+
+def operator_flwr() -> list[str]:
+    """The operator's ``flwr``: Flower's CLI through the coordinator's Unix socket (stock ``flwr``
+    reaches only the Fleet API of a SuperLink started by ``deploy.launch``)."""
+    return [sys.executable, "-P", "-m", "deploy.flwr_main"]  # -P: not the working directory first
+
+
 #: Prepended to every ``flwr`` CLI command, e.g. ``["ip", "netns", "exec", "coord"]`` to act as an
 #: operator inside another network namespace (the multi-host tests).
 CLI_PREFIX: list[str] = []
@@ -51,7 +69,7 @@ CLI_PREFIX: list[str] = []
 
 def flwr_cli(args: list[str], flwr_home: Path, timeout: float = 60.0) -> dict[str, Any]:
     """Run ``flwr <args> --format json``; return the parsed JSON (``flwr`` exits 0 even on failure)."""
-    cmd = [*CLI_PREFIX, flower_bin("flwr"), *args, "--format", "json"]
+    cmd = [*CLI_PREFIX, *operator_flwr(), *args, "--format", "json"]
     res = subprocess.run(cmd, capture_output=True, text=True, env=process_env(flwr_home), timeout=timeout)
     text = res.stdout.strip()
     start = text.find("{")

@@ -194,14 +194,26 @@ def popen_tied(cmd: list[str], tie: bool | None = None, nice: int = 0, **kwargs:
     return subprocess.Popen(cmd, **kwargs)
 
 
-def spawn(cmd: list[str], log: Path, env: dict[str, str], cwd: Path, nice: int = 0) -> dict[str, Any]:
+def spawn(
+    cmd: list[str],
+    log: Path,
+    env: dict[str, str],
+    cwd: Path,
+    nice: int = 0,
+    account: tuple[int, int] | None = None,
+) -> dict[str, Any]:
     """Start ``cmd`` (output appended to ``log``) with :func:`popen_tied`; the state-file record of it:
-    pid, process group, kernel start time, command, log, cwd and whether it is tied to us."""
+    pid, process group, kernel start time, command, log, cwd and whether it is tied to us.
+    ``account`` (uid, gid): the process runs as that user with no supplementary groups (the kernel
+    switches before the parent-death signal is set, which a credential change would clear)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     cwd.mkdir(parents=True, exist_ok=True)
+    creds: dict[str, Any] = {}
+    if account is not None and account != (os.geteuid(), os.getegid()):
+        creds = {"user": account[0], "group": account[1], "extra_groups": []}
     with open(log, "ab") as fh:
         proc = popen_tied(
-            cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=cwd, nice=nice
+            cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=cwd, nice=nice, **creds
         )
     start = None
     for _ in range(50):

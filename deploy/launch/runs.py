@@ -14,8 +14,8 @@ import tomli_w
 
 from deploy.launch.coordinator import ensure_superexec
 from deploy.launch.errors import LaunchError
-from deploy.launch.flower_cli import CLI_PREFIX, flwr_cli
-from deploy.launch.processes import flower_bin, process_env
+from deploy.launch.flower_cli import CLI_PREFIX, flwr_cli, operator_flwr
+from deploy.launch.processes import process_env
 from deploy.launch.sites import ensure_supernodes
 from deploy.launch.state import FEDERATION, STATE_FILE
 
@@ -45,7 +45,7 @@ def run_app(
     res = subprocess.run(
         [
             *CLI_PREFIX,
-            flower_bin("flwr"),
+            *operator_flwr(),
             "run",
             str(app),
             federation,
