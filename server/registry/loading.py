@@ -15,13 +15,14 @@ open migrates again).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from common.files.durable import fsync_dir
+from common.files.durable import JsonlLog, atomic_write, fsync_dir
 from common.trust.digests import sha256_hex
 from server.audit import AuditLog, repair_torn_audit
 from server.registry import binding, coordkey, snapshot
@@ -30,7 +31,7 @@ from server.registry.blobcrypt import BlobKey
 from server.registry.blobstore import BlobStore
 from server.registry.chroma_index import ChromaIndex
 from server.registry.columns import Columns, MemColumn, ZSource
-from server.registry.errors import RegistryCorruptError
+from server.registry.errors import ReadOnlyError, RegistryCorruptError
 from server.registry.lock import PathLock
 from server.registry.parts import Parts
 from server.registry.recordlog import RecordLog, add_format, migrate_lines
@@ -63,6 +64,8 @@ def open_parts(
             undo.callback(lock.release)
             mutex = lock.mutex
         blobs = BlobStore(path, config.get("blob_encryption"), blob_key)
+        if not read_only:
+            refuse_destructive_repair(path)  # before anything is cut (issue 26 class 5)
         audit = open_audit(path, read_only)
         if not read_only:
             blobs.remove_stale_temps()
@@ -77,9 +80,27 @@ def open_parts(
     return Parts(path, read_only, lock, mutex, blobs, audit, zcol, cols, rlog, search, writer, index)
 
 
+class ReadOnlyAudit(AuditLog):
+    """The audit log as a read-only open sees it: never created, never locked for writing, never
+    appended to (issue 26 class 5: a read command writes nothing, so it cannot repair either); its
+    tail is not checked here (``Registry.verify`` / ``rpe audit verify`` name a damaged one)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:  # noqa: D107 - see the class
+        self.path = Path(path)
+        self.log = JsonlLog(self.path, create=False)
+
+    def append(self, event: str, **fields: Any) -> dict[str, Any]:
+        """Refused: the registry was opened read-only."""
+        raise ReadOnlyError(f"{self.path}: the registry was opened read-only; nothing is appended ({event})")
+
+
 def open_audit(path: Path, read_only: bool) -> AuditLog:
     """The registry's audit log; a writable open first cuts a torn last line and audits the cut."""
-    torn = None if read_only else repair_torn_audit(path / cfg.AUDIT_NAME)
+    if read_only:
+        return ReadOnlyAudit(path / cfg.AUDIT_NAME)
+    frag = torn_audit_tail(path / cfg.AUDIT_NAME)
+    kept = None if frag is None else keep_aside(path / cfg.AUDIT_NAME, frag[0], frag[1])
+    torn = repair_torn_audit(path / cfg.AUDIT_NAME)
     audit = AuditLog(path / cfg.AUDIT_NAME)
     if torn is not None:
         audit.append(
@@ -88,9 +109,94 @@ def open_audit(path: Path, read_only: bool) -> AuditLog:
             truncated_bytes=torn[0],
             at_offset=torn[1],
             sha256=torn[2],
+            kept_in=kept,
             reason="torn last audit line (crash or full disk mid-append)",
         )
     return audit
+
+
+#: the largest torn tail looked at (``server.audit.repair_torn_audit`` refuses a longer one)
+TORN_PEEK = 1 << 20
+
+
+def torn_audit_tail(audit_path: Path) -> tuple[int, bytes] | None:
+    """(offset, bytes) of the audit log's torn last line (no newline), read without writing; None
+    when it ends cleanly, is empty or missing."""
+    if not audit_path.exists():
+        return None
+    with open(audit_path, "rb") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        if size == 0:
+            return None
+        start = max(0, size - TORN_PEEK)
+        fh.seek(start)
+        tail = fh.read()
+    if tail.endswith(b"\n"):
+        return None
+    cut = len(tail) - (tail.rfind(b"\n") + 1)
+    return size - cut, tail[-cut:]
+
+
+def keep_aside(of: Path, offset: int, data: bytes) -> str:
+    """Save bytes a repair is about to cut as ``<file>.cut-<offset>`` beside it (0600, fsynced) and
+    return its name: a repair never destroys bytes that might have been acknowledged."""
+    aside = of.with_name(f"{of.name}.cut-{offset}")
+    atomic_write(aside, data)
+    return aside.name
+
+
+def refuse_destructive_repair(path: Path) -> None:
+    """Refuse a writable open whose automatic repair could cut acknowledged records (issue 26 class 5).
+
+    The one commit of ``writer.py`` appends record lines, then their audit entry (one ``os.write``
+    of a whole line, cut back on failure), then acknowledges. So record lines past the last audited
+    span are provably unacknowledged only when (a) the audit log ends in a complete line (a torn
+    audit line *with* unaudited record lines is what cutting the log's end leaves: the fragment may
+    be their acknowledged entry) and (b) they are the lines of ONE commit (one op; one ``ts``; a
+    removal is one line): a crash interrupts one commit, while deleting whole audit lines orphans
+    several. Otherwise nothing is cut and the open raises ``RegistryCorruptError`` naming the damage.
+    """
+    records, audit_path = path / cfg.RECORDS_NAME, path / cfg.AUDIT_NAME
+    tail = binding.unaudited_tail(records, audit_path)
+    if tail is None:
+        return
+    end, size = tail
+    with open(records, "rb") as fh:
+        fh.seek(end)
+        data = fh.read(size - end)
+    complete = data[: data.rfind(b"\n") + 1]
+    if not complete:
+        return  # only a torn record fragment: never acknowledged (RecordLog.load cuts it, audited)
+    ids = binding.dropped_ids(complete)
+    names = ", ".join(i.split(":", 1)[1] for i in ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+    lines = []
+    for raw in complete.splitlines():
+        try:
+            lines.append(json.loads(raw))
+        except ValueError:
+            lines.append(None)
+    shapes = {(ln.get("op"), ln.get("ts")) if isinstance(ln, dict) else None for ln in lines}
+    one_commit = len(shapes) == 1 and None not in shapes and (next(iter(shapes))[0] == "add" or len(lines) == 1)
+    torn = torn_audit_tail(audit_path)
+    why = None
+    if torn is not None:
+        why = (
+            f"{cfg.AUDIT_NAME} ends in a torn line ({len(torn[1])} bytes at byte {torn[0]}) and {cfg.RECORDS_NAME} "
+            f"holds {len(lines)} record line(s) after the last audited span ({names}): that is what cutting the "
+            "end of the audit log leaves (the cut line may be their acknowledged entry), not an interrupted append"
+        )
+    elif not one_commit:
+        why = (
+            f"{cfg.RECORDS_NAME} holds {len(lines)} record line(s) after the last audited span ({names}) that are "
+            "not the lines of one interrupted commit (several operations or times): whole entries were cut from "
+            f"the end of {cfg.AUDIT_NAME}, or records were appended outside the registry"
+        )
+    if why is not None:
+        raise RegistryCorruptError(
+            f"registry {path}: {why}. Nothing was cut or repaired. Restore {cfg.AUDIT_NAME} from a backup (or "
+            "compare it with the sites' receipts: `rpe audit cross-check`); `rpe audit verify` and read-only "
+            "commands still work meanwhile"
+        )
 
 
 def load_records(
@@ -159,6 +265,7 @@ def rollback_unaudited(path: Path, rlog: RecordLog, blobs: BlobStore, audit: Aud
     if b"\n" not in data:
         return  # only a torn fragment: RecordLog.load cuts it (audit event registry.recover)
     dropped = binding.dropped_ids(data)
+    kept = keep_aside(records, end, data)  # provably unacknowledged (refuse_destructive_repair), still kept
     rlog.log.repair(end)
     blobs.drop_unreferenced_of(data, records)
     audit.append(
@@ -168,6 +275,7 @@ def rollback_unaudited(path: Path, rlog: RecordLog, blobs: BlobStore, audit: Aud
         at_offset=end,
         sha256=sha256_hex(data),
         dropped=dropped,
+        kept_in=kept,
         reason="record lines without their audit entry (the add never completed)",
     )
 
