@@ -175,8 +175,9 @@ def refuse_destructive_repair(path: Path) -> None:
             lines.append(json.loads(raw))
         except ValueError:
             lines.append(None)
-    shapes = {(ln.get("op"), ln.get("ts")) if isinstance(ln, dict) else None for ln in lines}
-    one_commit = len(shapes) == 1 and None not in shapes and (next(iter(shapes))[0] == "add" or len(lines) == 1)
+    shapes = {(ln.get("op"), ln.get("ts")) if isinstance(ln, dict) else ("?", None) for ln in lines}
+    ops = {op for op, _ in shapes}
+    one_commit = len(shapes) == 1 and ops <= {"add", "remove"} and (ops == {"add"} or len(lines) == 1)
     torn = torn_audit_tail(audit_path)
     why = None
     if torn is not None:
