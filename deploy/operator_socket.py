@@ -62,6 +62,8 @@ def check_socket_dir(directory: Path) -> None:
             f"{directory} has mode {stat.S_IMODE(st.st_mode):o}: other users could reach the SuperLink's "
             "Control API through it; make it 0700 (or 2750 with the operator group)"
         )
+    if st.st_uid not in (os.geteuid(), 0):
+        raise SocketError(f"{directory} belongs to uid {st.st_uid}, not to this account: it could swap the socket")
     if st.st_mode & 0o020:
         raise SocketError(f"{directory} is group-writable (mode {stat.S_IMODE(st.st_mode):o}); make it 2750")
 

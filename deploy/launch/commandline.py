@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -225,6 +226,22 @@ def main(argv: list[str] | None = None) -> int:
     workdir_arg(p_start)
     p_start.add_argument("site")
 
+    for p in (p_up, p_link):
+        p.add_argument(
+            "--run-as",
+            default=None,
+            metavar="USER",
+            help="run the SuperLink, its SuperExec and every ServerApp as this unprivileged user (root "
+            "creates it as a system user if missing); the registry becomes its alone (mode 0700). "
+            "Default: the invoking user (root gets a warning)",
+        )
+        p.add_argument(
+            "--operator-group",
+            default=None,
+            metavar="GROUP",
+            help="members may use the operator socket <workdir>/control/superlink.sock "
+            "(python -m deploy.flwr_main); default: only the --run-as user and root",
+        )
     for p in (p_up, p_link, p_node):
         p.add_argument(
             "--attach",
@@ -234,6 +251,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     args = parser.parse_args(argv)
     processes.TIE_TO_PARENT = bool(getattr(args, "attach", False))
+    if args.command in ("up", "superlink") and not args.run_as and os.geteuid() == 0:
+        print(
+            "warning: the SuperLink and every ServerApp it starts will run as root; "
+            "pass --run-as rpe-coord to give the coordinator an unprivileged account of its own",
+            file=sys.stderr,
+        )
     try:
         if args.command == "up":
             specs = [_parse_site(s, args.model_path) for s in args.site]
@@ -252,9 +275,14 @@ def main(argv: list[str] | None = None) -> int:
                 sign=not args.no_sign,
                 proxy=args.proxy,
                 site_networks=args.site_network,
+                run_as=args.run_as,
+                operator_group=args.operator_group,
             )
             print(json.dumps(status(args.workdir), indent=2))
-            print(f"\nexport FLWR_HOME={state['flwr_home']}\nflwr run . {state['federation']} --stream")
+            print(
+                f"\nexport FLWR_HOME={state['flwr_home']}\n"
+                f"python -m deploy.flwr_main run . {state['federation']} --stream   # flwr, through the operator socket"
+            )
         elif args.command == "superlink":
             state = start_superlink(
                 args.workdir,
@@ -268,10 +296,13 @@ def main(argv: list[str] | None = None) -> int:
                 site_networks=args.site_network,
                 inner_port=args.inner_port,
                 operator_ca=args.operator_ca,
+                run_as=args.run_as,
+                operator_group=args.operator_group,
             )
             print(
                 f"SuperLink PID {state['superlink']['pid']} on {args.host}:{args.port}; "
-                f"CA for the sites: {state['ca_cert']}\nexport FLWR_HOME={state['flwr_home']}"
+                f"CA for the sites: {state['ca_cert']}\nexport FLWR_HOME={state['flwr_home']}\n"
+                f"operator socket: {state['socket']} (python -m deploy.flwr_main = flwr through it)"
             )
             if args.registry:
                 print(f"coordinator key for the sites (--coordinator-key): {coordinator_public_key(args.registry)}")

@@ -27,8 +27,13 @@ def up(
     sign: bool = True,
     proxy: bool | None = None,
     site_networks: list[str] | None = None,
+    run_as: str | None = None,
+    operator_group: str | None = None,
 ) -> dict[str, Any]:
     """Everything on one machine: SuperLink, key registration, one SuperNode per site, all online.
+
+    ``run_as`` / ``operator_group``: see :func:`deploy.launch.start_superlink` (default: the
+    invoking user runs everything, and only it can use the operator socket).
 
     ``proxy`` (default: on unless ``host`` is loopback) puts nginx in front of the SuperLink.
 
@@ -54,6 +59,8 @@ def up(
         allowlist=allowlist,
         proxy=proxy,
         site_networks=site_networks,
+        run_as=run_as,
+        operator_group=operator_group,
     )
     try:
         certs = Path(state["certs"])
