@@ -139,8 +139,8 @@ def test_a_cross_site_form_post_changes_nothing(console):
 
 def test_an_8_mib_upload_does_not_block_other_requests(console):
     cookie, token = _session(console, "/audit")
-    data = _egress_lines(2600, pad=3000)
-    assert 7.5e6 < len(data) <= 8 * 1024 * 1024
+    data = _egress_lines(50000)  # many lines: seconds of parsing and matching
+    assert 7e6 < len(data) <= 8 * 1024 * 1024
     body, ctype = _multipart({"site": "ok", "csrf": token}, data)
     done: dict[str, float] = {}
 
