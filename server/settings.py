@@ -2,7 +2,7 @@
 
 Every run-config key lives in ``pyproject.toml``'s ``[tool.flwr.app.config]`` (Flower refuses a
 ``--run-config`` key that is not there, and fills in the defaults from there). The field defaults
-below mirror that table one to one; ``tests/test_federation.py`` asserts that they match, so a
+below mirror that table one to one; ``tests/unit/test_federation.py`` asserts that they match, so a
 default is changed in the pyproject and here, nowhere else. Keys the ServerApp does not read
 (``sim-*``: they configure the simulated sites) are listed in :data:`SITE_ONLY_KEYS`.
 """

@@ -100,7 +100,7 @@ compositions in the audit log name adapter hashes, and an auditor must be able t
 ``gc()`` deletes blobs that no live record references (including orphans left by a crash).
 
 Test hook: ``RPE_CRASH_AT`` SIGKILLs the process at a named point of a write
-(``server/registry/crashpoints.py``); ``tests/test_registry_crash.py`` uses it.
+(``server/registry/crashpoints.py``); ``tests/integration/test_registry_crash.py`` uses it.
 
 The parts (each has one reason to change; ``Registry`` in ``facade.py`` ties them together):
 

