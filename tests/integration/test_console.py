@@ -9,7 +9,6 @@ Screenshots go to ``runs/test-artifacts/console/``.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -29,7 +28,6 @@ from common.privacy import spent_from_egress, with_total
 from common.trust.digests import record_digests
 from server.audit import verify
 from server.composer import compose_for_target
-from server.console.cli import ConsoleConfigError, load_or_create_token, plan
 from server.registry import AdapterMeta, Registry
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -336,29 +334,6 @@ def test_console_token_required_when_configured(browser, built, tmp_path):
         assert page.title().startswith("Audit") and page.locator("#verify-result").count() == 1
     finally:
         console.stop()
-
-
-def test_non_loopback_needs_tls_and_token(tmp_path):
-    args = argparse.Namespace(
-        registry=str(tmp_path / "reg"), host="0.0.0.0", port=1, certfile=None, keyfile=None, token_file=None
-    )
-    with pytest.raises(ConsoleConfigError, match="requires TLS"):
-        plan(args)
-    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
-    cert.write_text("x")
-    key.write_text("x")
-    args.certfile, args.keyfile = str(cert), str(key)
-    p = plan(args)
-    assert p["tls"] and p["token"] and p["token_file"] == str(tmp_path / "reg.console-token")
-    assert (tmp_path / "reg.console-token").stat().st_mode & 0o777 == 0o600
-    assert plan(args)["token"] == p["token"]  # reused
-    os.chmod(tmp_path / "reg.console-token", 0o644)
-    with pytest.raises(ConsoleConfigError, match="other users could read it"):
-        load_or_create_token(tmp_path / "reg.console-token")
-    loop = argparse.Namespace(
-        registry=str(tmp_path / "reg"), host="127.0.0.1", port=1, certfile=None, keyfile=None, token_file=None
-    )
-    assert plan(loop) == {"tls": False, "token": None, "token_file": None}
 
 
 @pytest.mark.integration

@@ -17,102 +17,18 @@ is invisible outside the test). Everything runs on loopback, is bounded in time 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil
-import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from deploy import operator_socket, proxy
-
 REPO = Path(__file__).resolve().parents[2]
 SCENARIO = REPO / "tests" / "support" / "local_user_scenario.py"
 ACCOUNT = "rpe-coord"
-
-
-# -- the parts, without root -------------------------------------------------------------------
-def _asgi(path: str, server: tuple | None) -> int:
-    """Status the middleware gives a request for ``path`` that arrived on ``server``."""
-    seen: list[int] = []
-
-    async def app(scope, receive, send):
-        seen.append(200)
-
-    async def send(message):
-        if message["type"] == "http.response.start":
-            seen.append(message["status"])
-
-    async def receive():
-        return {"type": "http.request", "body": b""}
-
-    scope = {"type": "http", "path": path, "server": server, "method": "POST"}
-    asyncio.run(operator_socket.FleetOnlyOverTcp(app)(scope, receive, send))
-    return seen[0]
-
-
-def test_the_tcp_port_answers_only_the_fleet_api():
-    tcp, unix = ("127.0.0.1", 9093), ("/w/control/superlink.sock", None)
-    for path in ("/v1/control/start-run", "/v1/control/create-node-cli", "/v1/runtime/pull-app-inputs", "/docs"):
-        assert _asgi(path, tcp) == 403, path
-        assert _asgi(path, unix) == 200, path
-    for route in proxy.FLEET_ROUTES:
-        assert _asgi(proxy.FLEET_PREFIX + route, tcp) == 200
-    assert _asgi("/health", tcp) == 200
-    # anything that is not clearly the Unix socket counts as TCP
-    assert _asgi("/v1/control/start-run", None) == 403
-    assert _asgi("/v1/control/start-run", ("::1", 0)) == 403
-
-
-def test_the_socket_directory_is_the_credential(tmp_path):
-    open_dir = tmp_path / "open"
-    open_dir.mkdir(mode=0o755)
-    open_dir.chmod(0o755)
-    with pytest.raises(operator_socket.SocketError, match="other users"):
-        operator_socket.bind_unix(open_dir / "s.sock")
-    shut = tmp_path / "shut"
-    shut.mkdir()
-    shut.chmod(0o700)
-    sock = operator_socket.bind_unix(shut / "s.sock")
-    try:
-        assert stat.S_IMODE(os.stat(shut / "s.sock").st_mode) == 0o660
-    finally:
-        sock.close()
-    (shut / "file").write_text("x")
-    with pytest.raises(operator_socket.SocketError, match="not a socket"):
-        operator_socket.bind_unix(shut / "file")
-    with pytest.raises(operator_socket.SocketError, match="longer than"):
-        operator_socket.bind_unix(shut / ("x" * 120))
-
-
-def test_nginx_forwards_the_control_api_only_for_an_operator_certificate(tmp_path):
-    """No loopback exception any more; verified operators go to the socket, and the workers run as
-    the account named (never nobody, the uid any local user can get)."""
-    spec = proxy.ProxySpec(
-        tmp_path / "p",
-        "0.0.0.0",
-        9093,
-        10093,
-        tmp_path / "s.pem",
-        tmp_path / "s.key",
-        tmp_path / "ca.crt",
-        ["10.0.1.0/24"],
-        tmp_path / "op-ca.crt",
-        control_socket=tmp_path / "control" / "superlink.sock",
-        worker_user="rpe-coord",
-        worker_group="rpe-op",
-    )
-    conf = proxy.render_config(spec)
-    assert conf.startswith("# generated") and "\nuser rpe-coord rpe-op;\n" in conf
-    assert "127.0.0.1/32 1" not in conf.split("geo $rpe_site_net")[1].split("server {")[0].split("map")[1]
-    assert "map $ssl_client_verify $rpe_control_ok" in conf and '"~^1:"' not in conf
-    control = conf.split("location /v1/control/ {")[1].split("}")[1]
-    assert f"proxy_pass https://unix:{(tmp_path / 'control' / 'superlink.sock').resolve()}:;" in control
-    assert "10093" not in control
 
 
 # -- end to end, as root -----------------------------------------------------------------------
