@@ -3,6 +3,8 @@ handlers in this process, no SuperLink, no network.
 
 * ``LocalGrid``: a Flower ``Grid`` that delivers each message straight to a site's ClientApp.
 * ``QueueGrid``: a Grid whose sites answer in order and can lose messages (the resend protocol).
+* ``FakeGrid``: a Grid whose sites answer every request at once with ``respond(request)`` (hostile
+  replies, in ``test_hostile.py``).
 * ``flower_task_identity()`` / the ``task_identity`` fixture: the run id Flower stamps on messages
   (a ServerApp process has one; a test in this process sets it).
 * ``enrol_keys``: a site's signing key on the allow-list and its SuperNode key on record, as
@@ -17,7 +19,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -137,6 +139,29 @@ class QueueGrid:
         now = time.monotonic()
         ready = [i for i in ids if i in self.done and self.done[i][0] <= now]
         return [self.done.pop(i)[1] for i in ready]
+
+
+class FakeGrid:
+    """A Flower Grid whose sites answer every request at once with ``respond(request)``."""
+
+    def __init__(self, respond: Callable[[Any], Any]) -> None:
+        self.respond = respond
+        self.replies: dict[str, Any] = {}
+
+    def get_node_ids(self) -> list[int]:
+        return []
+
+    def push_messages(self, messages: Any) -> list[str]:
+        ids = []
+        for msg in messages:
+            mid = uuid.uuid4().hex
+            msg.metadata.__dict__["_message_id"] = mid
+            self.replies[mid] = Message(self.respond(msg), reply_to=msg)
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, ids: Any) -> list[Any]:
+        return [self.replies.pop(i) for i in list(ids) if i in self.replies]
 
 
 def enrol_keys(tmp: Path, allow: Any, registry: Path, site: str, nc: dict) -> dict:

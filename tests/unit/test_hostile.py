@@ -36,7 +36,6 @@ import shutil
 import sys
 import time
 import traceback
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +48,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # when run as a script (doc generation)
     sys.path.insert(0, str(ROOT))
+if str(ROOT / "tests") not in sys.path:  # ... and tests/, for `support` (pytest puts it there itself)
+    sys.path.insert(0, str(ROOT / "tests"))
+
+from support.grid import FakeGrid  # noqa: E402
 
 from client.app import SiteError  # noqa: E402
 from client.handlers import DeliveryRefused  # noqa: E402
@@ -259,31 +262,6 @@ class Reported(Exception):
     def __init__(self, status: str, reason: str, reporter: str, cause: BaseException | None = None) -> None:
         super().__init__(reason)
         self.status, self.reason, self.reporter, self.cause = status, reason, reporter, cause
-
-
-class FakeGrid:
-    """A Flower Grid whose sites answer every request at once with ``respond(request)``."""
-
-    def __init__(self, respond: Callable[[Any], Any]) -> None:
-        self.respond = respond
-        self.replies: dict[str, Any] = {}
-
-    def get_node_ids(self) -> list[int]:
-        return []
-
-    def push_messages(self, messages: Any) -> list[str]:
-        from flwr.app import Message
-
-        ids = []
-        for msg in messages:
-            mid = uuid.uuid4().hex
-            msg.metadata.__dict__["_message_id"] = mid
-            self.replies[mid] = Message(self.respond(msg), reply_to=msg)
-            ids.append(mid)
-        return ids
-
-    def pull_messages(self, ids: Any) -> list[Any]:
-        return [self.replies.pop(i) for i in list(ids) if i in self.replies]
 
 
 @dataclass
