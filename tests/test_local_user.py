@@ -108,7 +108,7 @@ def test_nginx_forwards_the_control_api_only_for_an_operator_certificate(tmp_pat
     )
     conf = proxy.render_config(spec)
     assert conf.startswith("# generated") and "\nuser rpe-coord rpe-op;\n" in conf
-    assert "127.0.0.1/32 1" not in conf.split("geo $rpe_site_net")[1].split("server {")[0].split("map")[1]
+    assert "$rpe_loopback" not in conf  # loopback opened the Control API before issue 26
     assert "map $ssl_client_verify $rpe_control_ok" in conf and '"~^1:"' not in conf
     control = conf.split("location /v1/control/ {")[1].split("}")[1]
     assert f"proxy_pass https://unix:{(tmp_path / 'control' / 'superlink.sock').resolve()}:;" in control

@@ -23,6 +23,7 @@ from deploy.launch.account import (
     control_dir,
     give_registry,
     private_dir,
+    reachable,
     readable_by,
     resolve_account,
 )
@@ -279,6 +280,11 @@ def start_proxy(
             _let_group_in(sock.parent, worker.gid)
         else:
             worker = Account(account.name, account.uid, account.operator_gid or account.gid)
+    if worker is not None and sock is not None and not reachable(sock, worker.uid, {worker.gid}, 6):
+        raise LaunchError(
+            f"nginx's workers ({worker.name}) cannot reach the operator socket {sock}: every directory "
+            "above the --workdir needs o+x (e.g. not under a mode-0700 home or pytest's temporary root)"
+        )
     spec = proxy.ProxySpec(
         Path(workdir) / "proxy",
         listen_host,
