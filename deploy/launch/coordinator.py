@@ -97,11 +97,11 @@ def start_superlink(
         extra["RPE_ALLOWLIST"] = str(Path(allowlist).resolve())
     if account.switches:
         extra["HOME"] = str(link_cwd)
-        check_reachable(
-            account,
-            [bundle.ca_cert, bundle.server_cert, bundle.server_key, bin_dir / "flwr-serverapp"],
-            [Path(p) for k, p in extra.items() if k in ("RPE_REGISTRY", "RPE_ALLOWLIST")],
-        )
+        readable = [bundle.ca_cert, bundle.server_cert, bundle.server_key, bin_dir / "flwr-serverapp"]
+        if "RPE_ALLOWLIST" in extra:  # read only: the operator edits it
+            readable.append(Path(extra["RPE_ALLOWLIST"]))
+        writable = [Path(extra["RPE_REGISTRY"])] if "RPE_REGISTRY" in extra else []
+        check_reachable(account, readable, writable)
     cmd = [
         sys.executable,
         "-m",
