@@ -272,8 +272,11 @@ def problems(path: Path, rlog: RecordLog) -> tuple[list[str], Columns | None]:
     probe = RecordLog(rlog.path, snap)
     if not load(path, probe, snap, bound=False):  # compared even when unbound: name what it would change
         return [], None
-    raw = read_regular_file(path, MAX_BYTES, "columns snapshot")
-    unbound = binding_problem(_parse(raw, cols.dim)[0], rlog.path.with_name(AUDIT_NAME))
+    try:
+        raw = read_regular_file(path, MAX_BYTES, "columns snapshot")
+        unbound = binding_problem(_parse(raw, cols.dim)[0], rlog.path.with_name(AUDIT_NAME))
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, OSError) as exc:  # replaced meanwhile
+        unbound = f"it could not be read again ({exc})"
     fresh = Columns(cols.dim, str(rlog.path), cols.zcol)
     replay = RecordLog(rlog.path, fresh)
     with open(rlog.path, "rb") as fh:
