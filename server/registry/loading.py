@@ -128,6 +128,9 @@ def torn_audit_tail(audit_path: Path) -> tuple[int, bytes] | None:
         size = fh.seek(0, os.SEEK_END)
         if size == 0:
             return None
+        fh.seek(size - 1)
+        if fh.read(1) == b"\n":
+            return None  # the common case: one byte read
         start = max(0, size - TORN_PEEK)
         fh.seek(start)
         tail = fh.read()
