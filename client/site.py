@@ -26,6 +26,7 @@ stand in for the node-config keys above).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from client.policy import ReleasePolicy, ReleasePolicyError
 from common.families import DEFAULT_FAMILY, FAMILIES, UnknownFamilyError, get_family
 from common.families.base import Family, FamilyError, SiteDataset, SiteInputs
 from common.protocol import wire
+from common.protocol.wire import WireError
 
 EGRESS_FILE = "egress.jsonl"
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -200,6 +202,32 @@ def site_family(site: Site, name: str | None) -> Family:
         return get_family(name)
     except UnknownFamilyError as exc:
         raise SiteError(f"unknown task {name!r}: {exc}") from None
+
+
+def family_options(family: Family, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The request's ``options`` (a flat JSON object; its shape is the wire's check), each a setting
+    this family takes (``Family.option_keys``) with a value of the type it takes."""
+    raw = cfg.get("options")
+    if not raw:
+        return {}
+    try:
+        options = json.loads(raw)
+    except ValueError as exc:
+        raise WireError(f"not JSON ({exc})", "config", "options") from None
+    if not isinstance(options, dict):
+        raise WireError("expected a JSON object", "config", "options")
+    for key, value in options.items():
+        accepted = family.option_keys.get(key)
+        if accepted is None:
+            takes = ", ".join(sorted(family.option_keys)) or "none"
+            raise WireError(
+                f"the {family.name} family takes no option {key!r} (it takes: {takes})", "config", "options"
+            )
+        if isinstance(value, bool) and bool not in accepted or not isinstance(value, accepted):
+            raise WireError(
+                f"option {key!r} of the {family.name} family: {value!r} is not {accepted}", "config", "options"
+            )
+    return options
 
 
 #: the earlier name of :func:`site_family`

@@ -225,3 +225,44 @@ def test_a_site_whose_node_config_names_an_unknown_family_refuses_everything_lou
     nc = {"site-id": "a", "data-path": str(tmp_path), "task": "report-text,segmentaton"}
     with pytest.raises(SiteError, match="'segmentaton', not a task family this ClientApp has; known: report-text"):
         site_from_context(Context(run_id=1, node_id=1, node_config=nc, state=RecordDict(), run_config={}))
+
+
+def test_a_familys_own_settings_travel_in_one_checked_request_key(toy):
+    """``options``: the wire checks its shape (a flat JSON object of plain names and scalars), the
+    site checks each name and type against the family's ``option_keys``; nothing else is widened."""
+    from common.protocol import wire
+    from common.protocol.wire import WireError
+
+    base = {"nonce": "n" * 32, "task": "toy", "steps": 2}
+    wire.build_request(wire.ENROLL, {**base, "options": '{"init_scale": 0.5}'})
+    for bad, why in (
+        ('{"init_scale": {"nested": 1}}', "must be a finite number"),
+        ('["init_scale"]', "expected a JSON object"),
+        ('{"Init Scale": 1}', "not a plain lowercase name"),
+        ('{"x": NaN}', "must be a finite number"),
+    ):
+        with pytest.raises(WireError, match=why):
+            wire.build_request(wire.ENROLL, {**base, "options": bad})
+
+    site = 301
+    good = _push(toy, site, wire.ENROLL, {**base, "options": '{"init_scale": 0.5}'})
+    assert not good.has_error(), good.error.reason
+    assert wire.parse_enroll_reply(good.content).meta["task"] == "toy"
+    unknown = _push(toy, site, wire.ENROLL, {**base, "options": '{"depth": 3}'})
+    assert unknown.has_error() and "takes no option 'depth' (it takes: init_scale)" in unknown.error.reason
+    typed = _push(toy, site, wire.ENROLL, {**base, "options": '{"init_scale": "big"}'})
+    assert typed.has_error() and "option 'init_scale'" in typed.error.reason
+
+
+def _push(toy: dict, node: int, mtype: str, config: dict, run_id: int = 90):
+    """One request straight to one site's real ClientApp; its reply."""
+    from flwr.app import Message
+
+    from server.messaging import request
+
+    for ctx in toy["nodes"].values():
+        ctx.run_id, ctx.run_config = run_id, {}
+    grid = LocalGrid(toy["nodes"], run_id)
+    req = request("x", node, mtype, config)
+    mid = grid.push_messages([Message(req.content, dst_node_id=node, message_type=mtype)])[0]
+    return grid.pull_messages([mid])[0]
