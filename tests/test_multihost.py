@@ -159,7 +159,11 @@ def hosts(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
         )
         state = launch.load_state(coord)
         launch.CLI_PREFIX[:] = topo.prefix("coord")  # the operator works on the coordinator host
-        pin = fab_sha256(REPO)
+        # the app the sites approve and the operator runs: a snapshot of this checkout, so that edits
+        # to the working tree during the module (a developer's, or a parallel session's) do not
+        # change the bundle after it was pinned
+        app = _snapshot_app(tmp / "app")
+        pin = fab_sha256(app)
         data = make_site_data(tmp / "data")
         site_dirs: dict[str, Path] = {}
         keys = {}
@@ -249,6 +253,7 @@ def hosts(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
             "keys": keys,
             "tmp": tmp,
             "pin": pin,
+            "app": app,
             "procs": procs,
             "launchers": launchers,
             "site_workdirs": site_dirs,
@@ -471,14 +476,19 @@ def _egress(h: dict, site: str) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def test_a_modified_app_is_refused_at_pinned_sites_before_any_handler(hosts):
-    app = hosts["tmp"] / "modified-app"
+def _snapshot_app(app: Path, source: Path = REPO) -> Path:
+    """What ``fab-include`` takes from ``source`` (the *.py of common/client/server, pyproject.toml)."""
     for pattern in ("common/**/*.py", "client/**/*.py", "server/**/*.py"):
-        for src in REPO.glob(pattern):
-            dst = app / src.relative_to(REPO)
+        for src in source.glob(pattern):
+            dst = app / src.relative_to(source)
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, dst)
-    shutil.copy(REPO / "pyproject.toml", app / "pyproject.toml")
+    shutil.copy(source / "pyproject.toml", app / "pyproject.toml")
+    return app
+
+
+def test_a_modified_app_is_refused_at_pinned_sites_before_any_handler(hosts):
+    app = _snapshot_app(hosts["tmp"] / "modified-app", hosts["app"])
     marker = hosts["tmp"] / "handler-ran"
     with open(app / "client" / "app.py", "a") as fh:  # what an attacker ships: any code at all
         fh.write(f"\nopen({str(marker)!r}, 'w').write('ran')\n")
@@ -500,7 +510,9 @@ def test_a_modified_app_is_refused_at_pinned_sites_before_any_handler(hosts):
 @pytest.fixture(scope="module")
 def enrolled(hosts):
     t0 = time.monotonic()
-    run = launch.run_app(hosts["flwr_home"], REPO, base_config(hosts, mode="enroll"), hosts["registry"], RUN_TIMEOUT)
+    run = launch.run_app(
+        hosts["flwr_home"], hosts["app"], base_config(hosts, mode="enroll"), hosts["registry"], RUN_TIMEOUT
+    )
     print(f"multi-host enroll {time.monotonic() - t0:.1f} s", file=sys.stderr)
     return run
 
@@ -517,7 +529,7 @@ def test_enroll_and_compose_across_hosts(hosts, enrolled):
     t0 = time.monotonic()
     composed = launch.run_app(
         hosts["flwr_home"],
-        REPO,
+        hosts["app"],
         base_config(hosts, mode="compose", target="a", strategy="sim", k=1, evaluate=False),
         hosts["registry"],
         RUN_TIMEOUT,
@@ -596,7 +608,7 @@ def test_a_site_killed_mid_training_and_a_lossy_link(hosts, enrolled):
         try:
             out["run"] = launch.run_app(
                 hosts["flwr_home"],
-                REPO,
+                hosts["app"],
                 base_config(hosts, mode="enroll", **{"timeout-train": KILLED_TRAIN_TIMEOUT}),
                 hosts["registry"],
                 RUN_TIMEOUT,
@@ -670,7 +682,7 @@ def test_the_superlink_restarted_mid_enrolment(hosts, enrolled):
     def submit() -> None:
         try:
             out["run"] = launch.run_app(
-                hosts["flwr_home"], REPO, base_config(hosts, mode="enroll"), hosts["registry"], RUN_TIMEOUT
+                hosts["flwr_home"], hosts["app"], base_config(hosts, mode="enroll"), hosts["registry"], RUN_TIMEOUT
             )
         except Exception as exc:  # noqa: BLE001 - reported by the assertion below
             out["error"] = exc
