@@ -266,3 +266,26 @@ def _push(toy: dict, node: int, mtype: str, config: dict, run_id: int = 90):
     req = request("x", node, mtype, config)
     mid = grid.push_messages([Message(req.content, dst_node_id=node, message_type=mtype)])[0]
     return grid.pull_messages([mid])[0]
+
+
+def test_run_config_family_options_reach_the_site_and_unknown_keys_are_refused(toy, tmp_path):
+    """``family-options`` (run config) becomes the ``options`` of the requests the coordinator builds;
+    the site takes it; an unknown key is refused at the coordinator, naming it and the known keys."""
+    from common.protocol import wire
+    from server.modes.enroll import train_config
+    from server.settings import Settings, SettingsError
+
+    rc = {"registry-dir": str(tmp_path), "task": "toy", "steps": 2}
+    for text in ("init_scale=0.5", '{"init_scale": 0.5}'):
+        s = Settings.from_run_config({**rc, "family-options": text})
+        config = train_config(s)
+        assert json.loads(config["options"]) == {"init_scale": 0.5}
+        reply = _push(toy, 301, wire.ENROLL, {"nonce": "m" * 32, **config})
+        assert not reply.has_error(), reply.error.reason
+    assert "options" not in train_config(Settings.from_run_config(rc))
+    with pytest.raises(SettingsError, match=r"takes no option 'depth' \(it takes: init_scale\)"):
+        Settings.from_run_config({**rc, "family-options": "depth=3"})
+    with pytest.raises(SettingsError, match="option 'init_scale'"):
+        Settings.from_run_config({**rc, "family-options": "init_scale=big"})
+    with pytest.raises(SettingsError, match="family-options"):
+        Settings.from_run_config({**rc, "family-options": "oops"})
