@@ -23,7 +23,7 @@ from flwr.app import Context, RecordDict
 from client.delivery import check_delivery, rebuild_adapter
 from client.policy import ReleaseRefused
 from client.release import say
-from client.site import Site, load_family_data, site_family
+from client.site import Site, family_options, load_family_data, site_family
 from common.protocol import wire
 
 
@@ -43,6 +43,7 @@ def evaluate_arms(req: wire.Request, site: Site, context: Context) -> RecordDict
     digest = wire.arms_digest([str(arm["blob_sha256"]) for arm, _ in req.arms])
     check_delivery(site, {**cfg, "blob_sha256": digest, "name": "evaluate"}, str(context.run_id))
     family = site_family(site, cfg.get("task"))
+    family_options(family, cfg)
     fp = family.base_fingerprint(site.inputs())
     adapters = [
         rebuild_adapter(

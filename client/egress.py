@@ -84,5 +84,53 @@ class EgressLog:
             raise ValueError(f"egress extra must be JSON-serialisable without NaN/inf: {exc}") from exc
         if not self.path.exists():
             JsonlLog(self.path)  # create it durably (the file and its directory entry)
-        self._log.append([text.encode("ascii")])
+        with self._log.locked() as fh:
+            self._repair_tail(fh)
+            self._log.append([text.encode("ascii")], fh=fh)
         return json.loads(text)
+
+    def _repair_tail(self, fh: Any) -> None:
+        """Under the append lock: a log that ends mid-line (a crash during an append, so that reply
+        never left) would get the next line glued onto the fragment, and every later budget check
+        and ``rpe privacy spent`` would fail on it. The fragment is moved aside, durably, to
+        ``egress.jsonl.torn-<offset>``, the log cut back to its last whole line, and the repair
+        recorded in ``egress.repairs.jsonl`` next to it (and the SuperNode's log)."""
+        size = fh.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        fh.seek(size - 1)
+        if fh.read(1) == b"\n":
+            return
+        pos = size
+        while pos > 0:  # the start of the torn line: just after the last newline
+            step = min(8192, pos)
+            fh.seek(pos - step)
+            chunk = fh.read(step)
+            cut = chunk.rfind(b"\n")
+            if cut >= 0:
+                pos = pos - step + cut + 1
+                break
+            pos -= step
+        fh.seek(pos)
+        fragment = fh.read(size - pos)
+        aside = self.path.with_name(f"{self.path.name}.torn-{pos}")
+        fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, fragment)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._log.repair(pos, fh)
+        note = {
+            "ts": _now(),
+            "event": "egress.torn-tail-repaired",
+            "offset": pos,
+            "bytes": len(fragment),
+            "kept_at": aside.name,
+        }
+        JsonlLog(self.path.with_name(f"{self.path.stem}.repairs.jsonl")).append([canonical_json(note)])
+        print(
+            f"egress log {self.path}: a torn last line ({len(fragment)} bytes at offset {pos}, an append "
+            f"interrupted before its reply left) was moved to {aside.name}; the log continues",
+            flush=True,
+        )

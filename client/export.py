@@ -91,9 +91,21 @@ def check_dir(path: str | os.PathLike[str]) -> list[str]:
     from safetensors.torch import load_file
 
     p = Path(path)
-    return vllm_problems(
-        json.loads((p / "adapter_config.json").read_text()), load_file(str(p / "adapter_model.safetensors"))
-    )
+    return vllm_problems(_read_config(p / "adapter_config.json"), load_file(str(p / "adapter_model.safetensors")))
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """An ``adapter_config.json`` through the bounded reader (``common.files.safeio``): a FIFO, a huge
+    or deeply nested file is an ``ExportError`` naming it, never a hang or a RecursionError."""
+    from common.files.safeio import UnsafeInputError, loads_json, read_regular_file
+
+    try:
+        cfg = loads_json(read_regular_file(path, 1 << 20, "adapter config"), f"adapter config {path}")
+    except UnsafeInputError as exc:
+        raise ExportError(str(exc)) from None
+    if not isinstance(cfg, dict):
+        raise ExportError(f"adapter config {path}: expected a JSON object")
+    return cfg
 
 
 def export_vllm(adapter_dir: str | os.PathLike[str], out: str | os.PathLike[str]) -> dict[str, Any]:
@@ -105,13 +117,13 @@ def export_vllm(adapter_dir: str | os.PathLike[str], out: str | os.PathLike[str]
         raise ExportError(f"{src} is not a PEFT adapter directory (no adapter_config.json)")
     if Path(out).resolve() == src.resolve():
         raise ExportError("--out must differ from --adapter (the received adapter is kept as it is)")
+    src_cfg = _read_config(src / "adapter_config.json")
     adapter = load_peft_adapter(src)
-    src_cfg = json.loads((src / "adapter_config.json").read_text())
     ranks = adapter.ranks
     rank = vllm_rank(max(ranks.values()))
     target = save_peft_adapter(to_uniform(adapter, rank), out, src_cfg.get("base_model_name_or_path"))
     cfg_path = target / "adapter_config.json"
-    cfg = json.loads(cfg_path.read_text())
+    cfg = _read_config(cfg_path)
     for key in ("rank_pattern", "alpha_pattern"):
         cfg.pop(key, None)
     tmp = cfg_path.with_name(".adapter_config.json.tmp")

@@ -44,11 +44,10 @@ from client.delivery import (
 )
 from client.policy import ReleaseRefused
 from client.release import ZRelease, allowed_layer, check_budget, release_z, say
-from client.site import Site, SiteError, key_id, load_family_data, signing_key, site_family
+from client.site import Site, SiteError, family_options, key_id, load_family_data, signing_key, site_family
 from common.families import get_family
 from common.families.base import DPSettings, Family, SiteDataset, TrainPlan
 from common.protocol import wire
-from common.protocol.wire import WireError
 
 __all__ = [
     "HANDLERS",
@@ -167,32 +166,6 @@ def enroll(req: wire.Request, site: Site, context: Context) -> RecordDict:
     return wire.build_enroll_reply(encoded.arrays, rel.z, meta, check=False)  # the gate checks it once
 
 
-def family_options(family: Family, cfg: dict[str, Any]) -> dict[str, Any]:
-    """The request's ``options`` (a flat JSON object; its shape is the wire's check), each a setting
-    this family takes (``Family.option_keys``) with a value of the type it takes."""
-    raw = cfg.get("options")
-    if not raw:
-        return {}
-    try:
-        options = json.loads(raw)
-    except ValueError as exc:
-        raise WireError(f"not JSON ({exc})", "config", "options") from None
-    if not isinstance(options, dict):
-        raise WireError("expected a JSON object", "config", "options")
-    for key, value in options.items():
-        accepted = family.option_keys.get(key)
-        if accepted is None:
-            takes = ", ".join(sorted(family.option_keys)) or "none"
-            raise WireError(
-                f"the {family.name} family takes no option {key!r} (it takes: {takes})", "config", "options"
-            )
-        if isinstance(value, bool) and bool not in accepted or not isinstance(value, accepted):
-            raise WireError(
-                f"option {key!r} of the {family.name} family: {value!r} is not {accepted}", "config", "options"
-            )
-    return options
-
-
 def dp_settings(site: Site, family: Family) -> DPSettings | None:
     """DP-SGD when the site's policy asks for it; a family without DP-SGD then refuses to train
     rather than release a non-private adapter."""
@@ -297,6 +270,7 @@ def embed(req: wire.Request, site: Site, context: Context) -> RecordDict:
 
     cfg = req.config
     family = site_family(site, cfg.get("task"))
+    family_options(family, cfg)  # none shapes z today; an unknown one is still refused
     examples = family.z_examples(load_family_data(site, family), enrolment=False)
     site.release.embedding_examples(len(examples), int(cfg.get("max_examples", 0)))
     layer = allowed_layer(site, family, cfg.get("embed_layer", -1))
@@ -323,6 +297,7 @@ def apply(req: wire.Request, site: Site, context: Context) -> RecordDict:
     check_name(cfg["name"])
     check_delivery(site, cfg, str(context.run_id))
     family = site_family(site, cfg.get("task"))
+    family_options(family, cfg)
     adapter, sha = received_adapter(req, family.base_fingerprint(site.inputs()))
     if cfg.get("store", True):
         store_received(site, cfg, adapter, family.peft_base(site.inputs()))

@@ -16,6 +16,17 @@ and id, the pins) to the site's egress log ``<site-dir>/egress.jsonl`` and raise
 :class:`AppNotApproved`; Flower turns that into an error reply, no handler runs. A site without a
 pin runs any app (the previous behaviour; ``deploy.launch supernode --app-sha256`` sets it).
 
+The pin covers exactly the code that runs: the bundle. This wrapper is imported from the site's
+own checkout (it must run before any bundle code), so once the bundle is checked it forgets every
+module of the app's packages it imported and the checkout's place on ``sys.path``
+(:func:`forget_site_code`), and after flwr loads the ClientApp it checks that every loaded
+``client``/``common``/``server``/``deploy`` module is a file of the installed bundle
+(:func:`check_loaded_from`; else ``AppNotApproved``). The other choice, hashing the checkout's
+``client/`` into the pin too, was not taken: it would pin a mix no one built or reviewed as one
+bundle, and a site that updates its checkout would silently change what its pin approves. A
+deployed site's own settings (threads, compute dtype, paths, release policy) come from its node
+config alone; the run config's ``sim-*`` keys are ignored there and logged (``client/site.py``).
+
 ``deploy.launch`` installs this as ``<site-dir>/bin/flwr-clientapp`` and puts that directory first
 on the SuperNode's PATH. The hash to pin is that of the bundle ``flwr run``/``flwr build`` makes
 (deterministic: fixed zip timestamps)::
@@ -27,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import os
 import stat
 import sys
@@ -89,6 +101,43 @@ def _log_refusal(
     )
 
 
+#: the app's top-level packages: at a pinned site every one of them must come from the bundle
+APP_PACKAGES = ("client", "common", "server", "deploy")
+
+
+def forget_site_code(root: str | None = None) -> list[str]:
+    """Before the app bundle is loaded: drop every module of ``APP_PACKAGES`` this wrapper imported
+    from the site's checkout (``client.pin`` itself, and what it pulled in), and the checkout from
+    ``sys.path``, so ``client.app`` and all it imports come from the hash-checked bundle that flwr
+    puts first on ``sys.path`` (issue 26 class 10: the ``client`` package stayed imported from the
+    checkout, so a pinned site ran its own ``client/`` beside the bundle's ``common/``). Returns the
+    module names dropped."""
+    dropped = [n for n in list(sys.modules) if n.split(".", 1)[0] in APP_PACKAGES]
+    for name in dropped:
+        del sys.modules[name]
+    root = root or str(Path(__file__).resolve().parents[1])
+    sys.path[:] = [p for p in sys.path if not p or Path(p).resolve() != Path(root).resolve()]
+    importlib.invalidate_caches()
+    return dropped
+
+
+def check_loaded_from(app_dir: str | os.PathLike[str]) -> None:
+    """After the app bundle is loaded: every loaded module of ``APP_PACKAGES`` must be a file of
+    ``app_dir`` (the installed bundle); one from anywhere else is refused, named."""
+    where = Path(app_dir).resolve()
+    for name, module in list(sys.modules.items()):
+        if name.split(".", 1)[0] not in APP_PACKAGES:
+            continue
+        file = getattr(module, "__file__", None)
+        if file is None and (paths := list(getattr(module, "__path__", []) or [])):
+            file = paths[0]
+        if file is None or not Path(file).resolve().is_relative_to(where):
+            raise AppNotApproved(
+                f"module {name} was loaded from {file}, not from the pinned app bundle at {where}: "
+                "the code that runs must be the code the pin covers"
+            )
+
+
 def _install_guard() -> None:
     """Wrap flwr's ``pull_task_input`` so the check runs before the FAB is installed or imported."""
     from flwr.supernode.runtime import run_clientapp as rc
@@ -116,9 +165,24 @@ def _install_guard() -> None:
                 client, Message(Error(code=ERROR_REFUSED, reason=f"refused: {exc}"), reply_to=message), context
             )
             raise
+        forget_site_code()  # from here on, client/ and common/ come from the bundle just checked
         return message, context, run, fab
 
+    def guarded_loader(*args: Any, **kwargs: Any) -> Any:
+        load = original_loader(*args, **kwargs)
+
+        def load_and_check(fab_id: str, fab_version: str, fab_hash: str) -> Any:
+            from flwr.common.config import get_project_dir
+
+            app = load(fab_id, fab_version, fab_hash)
+            check_loaded_from(get_project_dir(fab_id, fab_version, fab_hash))
+            return app
+
+        return load_and_check
+
+    original_loader = rc.get_load_client_app_fn
     rc.pull_task_input = guarded
+    rc.get_load_client_app_fn = guarded_loader
 
 
 def _clientapp_entry() -> Any:

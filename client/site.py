@@ -26,6 +26,7 @@ stand in for the node-config keys above).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from client.policy import ReleasePolicy, ReleasePolicyError
 from common.families import DEFAULT_FAMILY, FAMILIES, UnknownFamilyError, get_family
 from common.families.base import Family, FamilyError, SiteDataset, SiteInputs
 from common.protocol import wire
+from common.protocol.wire import WireError
 
 EGRESS_FILE = "egress.jsonl"
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -127,7 +129,12 @@ def site_from_context(context: Context) -> Site:
     if not wire._SITE_RE.match(site):
         raise SiteError(f"site id {site!r} is not a plain identifier")
     policy = privacy_policy(policy_src)
-    threads = int(nc.get("threads", 0) or rc.get("sim-threads", 0) or 0)
+    deployed = "site-id" in nc
+    if deployed:
+        ignore_run_config_overrides(site, rc)
+    # a deployed site's own settings come from its node config alone (issue 26 class 10): the run
+    # config is the coordinator's, and the sim-* keys exist only for the one-process simulation
+    threads = int(nc.get("threads", 0) or (0 if deployed else rc.get("sim-threads", 0)) or 0)
     try:
         release = ReleasePolicy.from_node_config(nc if "site-id" in nc else sim_release_config(rc))
     except ReleasePolicyError as exc:
@@ -142,7 +149,7 @@ def site_from_context(context: Context) -> Site:
             f"this ClientApp has; known: {', '.join(FAMILIES)}"
         )
     options = {k: str(nc[k]) for k in family_option_keys(tasks) if k in nc}
-    dtype = str(nc.get("compute-dtype") or rc.get("sim-compute-dtype") or "auto")
+    dtype = str(nc.get("compute-dtype") or (None if deployed else rc.get("sim-compute-dtype")) or "auto")
     if dtype not in wire.COMPUTE_DTYPES:
         raise SiteError(
             f"site {site!r}: compute-dtype {dtype!r} is not one of {', '.join(wire.COMPUTE_DTYPES)} "
@@ -162,6 +169,37 @@ def site_from_context(context: Context) -> Site:
         supernode_key=Path(str(node_key)).expanduser() if node_key else None,
         compute_dtype=dtype,
     )
+
+
+#: run-config keys that would set a SITE's own settings (threads, compute dtype, data and model
+#: paths, site directory, release policy, coordinator key): read only by a simulated site
+SITE_RUN_CONFIG_KEYS = (
+    "sim-sites",
+    "sim-data-root",
+    "sim-model-path",
+    "sim-site-root",
+    "sim-threads",
+    "sim-compute-dtype",
+    "sim-coordinator-key",
+    "sim-z-min-examples",
+    "sim-z-layers",
+    "sim-metrics-min-reports",
+)
+_DEFAULT_OFF = (None, "", 0, 0.0, "0", "auto")
+
+
+def ignore_run_config_overrides(site: str, rc: Any) -> list[str]:
+    """At a deployed site, the run config's site keys (``SITE_RUN_CONFIG_KEYS``) are ignored: the node
+    config wins. Each one the coordinator set is named in the SuperNode's log, so the site's operator
+    sees the attempt; the list is returned (for tests)."""
+    tried = sorted(k for k in SITE_RUN_CONFIG_KEYS if rc.get(k) not in _DEFAULT_OFF)
+    if tried:
+        print(
+            f"[{site}] ignoring run-config {', '.join(f'{k}={rc.get(k)!r}' for k in tried)}: a deployed site's "
+            "threads, compute dtype, paths and release policy come from its node config only",
+            flush=True,
+        )
+    return tried
 
 
 def sim_release_config(rc: Any) -> dict[str, Any]:
@@ -200,6 +238,32 @@ def site_family(site: Site, name: str | None) -> Family:
         return get_family(name)
     except UnknownFamilyError as exc:
         raise SiteError(f"unknown task {name!r}: {exc}") from None
+
+
+def family_options(family: Family, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The request's ``options`` (a flat JSON object; its shape is the wire's check), each a setting
+    this family takes (``Family.option_keys``) with a value of the type it takes."""
+    raw = cfg.get("options")
+    if not raw:
+        return {}
+    try:
+        options = json.loads(raw)
+    except ValueError as exc:
+        raise WireError(f"not JSON ({exc})", "config", "options") from None
+    if not isinstance(options, dict):
+        raise WireError("expected a JSON object", "config", "options")
+    for key, value in options.items():
+        accepted = family.option_keys.get(key)
+        if accepted is None:
+            takes = ", ".join(sorted(family.option_keys)) or "none"
+            raise WireError(
+                f"the {family.name} family takes no option {key!r} (it takes: {takes})", "config", "options"
+            )
+        if isinstance(value, bool) and bool not in accepted or not isinstance(value, accepted):
+            raise WireError(
+                f"option {key!r} of the {family.name} family: {value!r} is not {accepted}", "config", "options"
+            )
+    return options
 
 
 #: the earlier name of :func:`site_family`

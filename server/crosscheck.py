@@ -463,10 +463,7 @@ def _name_truncation(
 ) -> None:
     """Name a truncated coordinator log as such: replies the site sent after the last entry of every
     log, and receipts for entries past a log's end."""
-    for q in list(rep.receipt_problems):
-        if "truncated" in q:
-            rep.receipt_problems.remove(q)
-            rep.truncation.append(q)
+    rep.truncation += [q for q in rep.receipt_problems if "truncated" in q]  # also a receipt problem
     ends: dict[str, tuple[str, Any]] = {}  # log label -> (ts, seq) of its last entry
     runs: dict[str, set[str]] = {}  # log label -> the run ids it holds
     for label, p in logs:

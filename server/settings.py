@@ -41,6 +41,33 @@ class SettingsError(ValueError):
     """The run config cannot describe a run (unknown mode, no registry, a value of the wrong type)."""
 
 
+def _check_family_options(task: str, text: str) -> None:
+    """Refuse, before any site is asked, a ``family-options`` setting the family does not take
+    (the site checks the same again: ``client.site.family_options``)."""
+    import json
+
+    from common.families import get_family
+    from common.protocol.checks import parse_options
+    from common.protocol.wire import WireError
+
+    try:
+        parse_options(text, "run config", "family-options")
+    except WireError as exc:
+        raise SettingsError(str(exc)) from None
+    family = get_family(task)
+    takes = ", ".join(sorted(family.option_keys)) or "none"
+    for name, value in json.loads(text).items():
+        accepted = family.option_keys.get(name)
+        if accepted is None:
+            raise SettingsError(
+                f"run config family-options: the {task} family takes no option {name!r} (it takes: {takes})"
+            )
+        if isinstance(value, bool) and bool not in accepted or not isinstance(value, accepted):
+            raise SettingsError(
+                f"run config family-options: option {name!r} of the {task} family: {value!r} is not {accepted}"
+            )
+
+
 def _csv(value: Any) -> tuple[str, ...]:
     return tuple(s.strip() for s in str(value or "").split(",") if s.strip())
 
@@ -49,6 +76,33 @@ def _bool(value: Any) -> bool:
     if isinstance(value, str):
         return value.strip().lower() in ("1", "true", "yes", "on")
     return bool(value)
+
+
+def _options(value: Any) -> str:
+    """``family-options``: a JSON object, or a ``key=value,key=value`` list (values as JSON when they
+    parse, else text); returned as the canonical JSON text the wire's ``options`` key carries."""
+    import json
+
+    text = str(value or "").strip()
+    if not text:
+        return ""
+    if text.startswith("{"):
+        obj = json.loads(text)
+        if not isinstance(obj, dict):
+            raise ValueError("expected a JSON object")
+    else:
+        obj = {}
+        for item in (part.strip() for part in text.split(",")):
+            if not item:
+                continue
+            name, sep, raw = item.partition("=")
+            if not sep or not name.strip():
+                raise ValueError(f"{item!r} is not key=value")
+            try:
+                obj[name.strip()] = json.loads(raw.strip())
+            except ValueError:
+                obj[name.strip()] = raw.strip()
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
 
 def _key(name: str, parse: Callable[[Any], Any], default: Any) -> Any:
@@ -67,6 +121,8 @@ class Settings:
     sites: tuple[str, ...] = _key("sites", _csv, ())
     #: the task family (``common.families``); its default is the first family this system had
     task: str = _key("task", str, DEFAULT_FAMILY)
+    #: the family's own request settings (``Family.option_keys``), as the wire's ``options`` JSON text
+    family_options: str = _key("family-options", _options, "")
     steps: int = _key("steps", int, 40)
     lr: float = _key("lr", float, 1e-3)
     batch_size: int = _key("batch-size", int, 4)
@@ -122,11 +178,17 @@ class Settings:
             raise SettingsError(f"run config mode={s.mode!r}; expected one of {MODES}")
         if s.task not in family_names():
             raise SettingsError(f"run config task={s.task!r}; known task families: {', '.join(family_names())}")
+        if s.family_options:
+            _check_family_options(s.task, s.family_options)
         registry_dir = s.registry_dir or env.get(REGISTRY_ENV, "")
         if not registry_dir:
             raise SettingsError(f"no registry: set run config 'registry-dir' or ${REGISTRY_ENV} on the SuperLink")
         allowlist = s.allowlist or env.get(ALLOWLIST_ENV, "") or str(Path(registry_dir) / "allowlist.json")
         return replace(s, registry_dir=registry_dir, allowlist=allowlist)
+
+    def options_config(self) -> dict[str, str]:
+        """``{"options": ...}`` for a request that names the task, or nothing when none are set."""
+        return {"options": self.family_options} if self.family_options else {}
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:

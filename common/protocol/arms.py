@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING, Any
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from common.protocol.adapter_record import adapter_record, adapter_to_wire, parse_adapter, parse_lora_config
-from common.protocol.checks import check_config, check_records, get_record, load_json, parse_metrics_and_receipt
+from common.protocol.checks import (
+    check_config,
+    check_records,
+    get_record,
+    load_json,
+    parse_metrics_and_receipt,
+    parse_options,
+)
 from common.protocol.vocabulary import (
     ALLOWED_REPLY_KEYS,
     ARM_KEYS,
@@ -83,6 +90,8 @@ def _evaluate_config(values: dict[str, Any]) -> dict[str, Any]:
     if len(arms) > MAX_ARMS * MAX_LORA_CONFIG_STR:
         limit = MAX_ARMS * MAX_LORA_CONFIG_STR
         raise WireError(f"string of {len(arms)} characters exceeds the limit of {limit}", "config", "arms")
+    if "options" in config:
+        parse_options(config["options"])
     return {**config, "arms": arms}
 
 

@@ -16,6 +16,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from common.protocol.vocabulary import (
     MAX_LORA_CONFIG_STR,
+    MAX_OPTIONS,
     MAX_STR,
     METRIC_NAME_RE,
     RECEIPT_KEYS,
@@ -131,6 +132,25 @@ def parse_json_object(text: str, allowed: frozenset[str], record: str, key: str,
         if isinstance(value, str) and len(value) <= 64:
             continue
         raise WireError(f"field {name!r} must be a number, bool, null or a short string", record, key)
+    return obj
+
+
+def parse_options(text: str, record: str = "config", key: str = "options") -> dict[str, Any]:
+    """A request's ``options``: a flat JSON object of at most ``MAX_OPTIONS`` settings, each named
+    like a metric and valued by a number, bool or short string (never nested, never null)."""
+    obj = load_json(text, record, key)
+    if not isinstance(obj, dict):
+        raise WireError("expected a JSON object", record, key)
+    if len(obj) > MAX_OPTIONS:
+        raise WireError(f"{len(obj)} settings exceed the limit of {MAX_OPTIONS}", record, key)
+    for name, value in obj.items():
+        if not METRIC_NAME_RE.match(name):
+            raise WireError(f"setting name {name!r} is not a plain lowercase name", record, key)
+        if isinstance(value, (bool, int, float)) and not (isinstance(value, float) and not math.isfinite(value)):
+            continue
+        if isinstance(value, str) and len(value) <= 256:
+            continue
+        raise WireError(f"setting {name!r} must be a finite number, bool or a string of <= 256 characters", record, key)
     return obj
 
 

@@ -42,7 +42,6 @@ ignored; a missing file is a ``FileNotFoundError`` that says where a site writes
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping
@@ -61,6 +60,10 @@ from common.trust.digests import (
 )
 
 EGRESS_FORMAT_VERSION = 1
+#: the largest egress log ``read_egress`` reads, and the largest line it parses (bounded readers:
+#: ``common.files.safeio``; a log past this is refused with a clear error, never read into memory)
+MAX_EGRESS_BYTES = 1 << 30
+MAX_EGRESS_LINE_BYTES = 16 << 20
 MAX_LOGGED_STR = 200
 MAX_LOGGED_LIST = 64
 DEFAULT_FULL_RECORDS = frozenset({"metadata"})
@@ -133,21 +136,23 @@ def describe_record(
 
 def read_egress(path: str | os.PathLike[str]) -> tuple[list[tuple[int, dict[str, Any]]], list[int]]:
     """Parse an egress log: ([(line number, entry)], [line numbers that could not be parsed])."""
-    if not Path(path).is_file():
+    from common.files.safeio import UnsafeInputError, loads_json, read_regular_file
+
+    if not Path(path).exists():
         raise FileNotFoundError(f"egress log {path} does not exist; a site writes it at <site-dir>/egress.jsonl")
+    data = read_regular_file(path, MAX_EGRESS_BYTES, "egress log")  # a FIFO or a huge file: a clear error
     entries: list[tuple[int, dict[str, Any]]] = []
     bad: list[int] = []
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            try:
-                entry = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                bad.append(lineno)
-                continue
-            if isinstance(entry, dict) and isinstance(entry.get("records"), list):
-                entries.append((lineno, entry))
-            else:
-                bad.append(lineno)
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            entry = loads_json(raw, f"egress log {path} line {lineno}", max_bytes=MAX_EGRESS_LINE_BYTES)
+        except UnsafeInputError:
+            bad.append(lineno)
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("records"), list):
+            entries.append((lineno, entry))
+        else:
+            bad.append(lineno)
     return entries, bad

@@ -29,6 +29,7 @@ from common.protocol.checks import (
     load_json,
     parse_json_object,
     parse_metrics_and_receipt,
+    parse_options,
 )
 from common.protocol.vocabulary import (
     ALLOWED_REPLY_KEYS,
@@ -92,6 +93,8 @@ def parse_request(message_type: str, content: RecordDict) -> Request:
         REQUEST_REQUIRED[message_type],
         exact=False,
     )
+    if "options" in config:
+        parse_options(config["options"])
     req = Request(message_type, config)
     if message_type == APPLY:
         if not SHA256_RE.match(config["blob_sha256"]):

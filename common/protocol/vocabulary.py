@@ -105,8 +105,9 @@ REQUEST_CONFIG_KEYS: dict[str, dict[str, tuple[type, ...]]] = {
         "lora_dropout": _NUM,
         "embed_layer": _INT,
         "max_examples": _INT,
+        "options": _STR,
     },
-    EMBED: {"nonce": _STR, "task": _STR, "embed_layer": _INT, "max_examples": _INT},
+    EMBED: {"nonce": _STR, "task": _STR, "embed_layer": _INT, "max_examples": _INT, "options": _STR},
     APPLY: {
         "nonce": _STR,
         "task": _STR,
@@ -122,6 +123,7 @@ REQUEST_CONFIG_KEYS: dict[str, dict[str, tuple[type, ...]]] = {
         "store": _BOOL,
         "with_base": _BOOL,
         "delivery": _STR,
+        "options": _STR,
     },
     EVALUATE: {
         "nonce": _STR,
@@ -130,8 +132,13 @@ REQUEST_CONFIG_KEYS: dict[str, dict[str, tuple[type, ...]]] = {
         "max_eval": _INT,
         "with_base": _BOOL,
         "delivery": _STR,
+        "options": _STR,
     },
 }
+#: ``options`` (every request that names a task): the task family's own settings in ONE key, a flat
+#: JSON object (``checks.parse_options``), so that a new family never widens this vocabulary; which
+#: names and types it takes is the family's check (``common.families.base.Family.option_keys``)
+MAX_OPTIONS = 16
 REQUEST_REQUIRED: dict[str, frozenset[str]] = {
     WHOAMI: frozenset({"nonce"}),
     ENROLL: frozenset({"nonce", "task"}),

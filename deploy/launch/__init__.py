@@ -8,6 +8,8 @@
 - ``flower_cli.py`` — the ``flwr`` CLI as functions (config.toml, register, supernode ls)
 - ``runs.py`` — ``flwr run`` and following a run to its end
 - ``coordinator.py`` — SuperLink, its SuperExec, nginx, key registration
+- ``account.py`` — ``--run-as``: the coordinator's own account, its private directories, the
+  operator socket's directory (the socket itself: ``deploy/operator_socket.py``)
 - ``sites.py`` — SuperNodes: start, wait online, stop, restart
 - ``federation.py`` — everything on one machine: ``up``, ``down``, ``status``
 - ``commandline.py`` — argparse and ``main``
@@ -29,7 +31,14 @@ from deploy.launch.coordinator import (
 )
 from deploy.launch.errors import LaunchError
 from deploy.launch.federation import down, status, up
-from deploy.launch.flower_cli import CLI_PREFIX, flwr_cli, register_site, supernode_status, write_flwr_config
+from deploy.launch.flower_cli import (
+    CLI_PREFIX,
+    flwr_cli,
+    operator_flwr,
+    register_site,
+    supernode_status,
+    write_flwr_config,
+)
 from deploy.launch.processes import (
     SITE_NICE,
     SUPEREXEC_POLL_S,
@@ -91,6 +100,7 @@ __all__ = [
     "load_state",
     "main",
     "nginx_binary",
+    "operator_flwr",
     "popen_tied",
     "privacy_args",
     "proc_start_time",

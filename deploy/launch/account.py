@@ -137,41 +137,48 @@ def readable_by(path: Path, account: Account) -> None:
     path.chmod(0o600)
 
 
+def _allowed(path: Path, uid: int, gids: set[int], bits: int) -> bool:
+    """Would ``uid`` with groups ``gids`` get ``bits`` (4 r, 2 w, 1 x) on ``path`` (mode bits only)?"""
+    st = os.stat(path)
+    if uid == 0:
+        return True
+    if st.st_uid == uid:
+        mode = (st.st_mode >> 6) & 7
+    elif st.st_gid in gids:
+        mode = (st.st_mode >> 3) & 7
+    else:
+        mode = st.st_mode & 7
+    return mode & bits == bits
+
+
+def reachable(path: Path, uid: int, gids: set[int], bits: int) -> bool:
+    """``path`` itself with ``bits``, every directory above it (as written and after symlinks)
+    enterable, for ``uid``/``gids``. A missing path counts by its directory (it is made later)."""
+    path = Path(os.path.abspath(path))
+    if not path.exists():
+        path, bits = path.parent, 1
+    for candidate in dict.fromkeys([path, Path(os.path.realpath(path))]):
+        if not all(_allowed(parent, uid, gids, 1) for parent in candidate.parents):
+            return False
+        if not _allowed(candidate, uid, gids, bits):
+            return False
+    return True
+
+
 def check_reachable(account: Account, readable: list[Path], directories: list[Path]) -> None:
-    """Before starting anything as ``account``: can it read each file of ``readable`` and enter
-    and write each directory of ``directories``? A clear error names what it cannot reach (a
-    working directory under a mode-0700 home, say) instead of a SuperLink that dies at start-up."""
+    """Before starting anything as ``account``: can it execute this interpreter, read each file of
+    ``readable``, and enter and write each directory of ``directories``? (Mode bits, from root's
+    side: the interpreter itself may be one the account cannot start.) A clear error names what it
+    cannot reach (a working directory under a mode-0700 home, a virtual environment under /root)
+    instead of a SuperLink that dies at start-up."""
     if not account.switches:
         return
-    probe = (
-        "import os, sys\n"
-        "bad = [p for p in sys.argv[1:] if p.startswith('r:') and not os.access(p[2:], os.R_OK)]\n"
-        "bad += [p for p in sys.argv[1:] if p.startswith('d:') and not os.access(p[2:], os.R_OK | os.W_OK | os.X_OK)]\n"
-        "bad += [p for p in sys.argv[1:] if p.startswith('x:') and not os.access(p[2:], os.X_OK)]\n"
-        "print('\\n'.join(p[2:] for p in bad))\n"
-    )
-    paths = [*readable, *(p for p in directories if not Path(p).is_dir())]
-    args = [f"r:{p}" if Path(p).exists() else f"x:{Path(p).parent}" for p in paths]  # made later: its directory
-    args += [f"d:{p}" for p in directories if Path(p).is_dir()]
-    try:
-        res = subprocess.run(
-            [sys.executable, "-c", probe, *args],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            user=account.uid,
-            group=account.gid,
-            extra_groups=[],
-            cwd="/",
-        )
-    except PermissionError:
+    gids = {account.gid}
+    wanted = [(Path(sys.executable), 5), *((Path(p), 4) for p in readable), *((Path(d), 7) for d in directories)]
+    missing = [str(p) for p, bits in wanted if not reachable(p, account.uid, gids, bits)]
+    if missing:
         raise LaunchError(
-            f"the account {account.name!r} (uid {account.uid}) cannot execute {sys.executable} (or a directory "
-            "above it is closed to it): install the project's virtual environment where that account can read it"
-        ) from None
-    missing = [line for line in res.stdout.splitlines() if line]
-    if res.returncode != 0 or missing:
-        raise LaunchError(
-            f"the account {account.name!r} (uid {account.uid}) cannot reach {', '.join(missing) or res.stderr.strip()}: "
-            "give it access to these paths (every parent directory needs o+x), or use a --workdir/--registry elsewhere"
+            f"the account {account.name!r} (uid {account.uid}) cannot reach {', '.join(missing)}: give it "
+            "access (every directory above needs o+x), or install the virtual environment / use a --workdir "
+            "and --registry where it can read them"
         )

@@ -4,7 +4,7 @@ One machine (the default, for demos and tests)::
 
     python -m deploy.launch up --workdir runs/fed --model-path /models/smollm2 \\
         --site a=/data/a.jsonl --site b=/data/b.jsonl --site c=/data/c.jsonl
-    FLWR_HOME=runs/fed/flwr-home flwr run . rpe --stream --run-config "mode='enroll'"
+    FLWR_HOME=runs/fed/flwr-home python -m deploy.flwr_main run . rpe --stream --run-config "mode='enroll'"
     python -m deploy.launch status --workdir runs/fed
     python -m deploy.launch down --workdir runs/fed
 

@@ -23,6 +23,7 @@ from deploy.launch.account import (
     control_dir,
     give_registry,
     private_dir,
+    reachable,
     readable_by,
     resolve_account,
 )
@@ -96,11 +97,11 @@ def start_superlink(
         extra["RPE_ALLOWLIST"] = str(Path(allowlist).resolve())
     if account.switches:
         extra["HOME"] = str(link_cwd)
-        check_reachable(
-            account,
-            [bundle.ca_cert, bundle.server_cert, bundle.server_key, bin_dir / "flwr-serverapp"],
-            [Path(p) for k, p in extra.items() if k in ("RPE_REGISTRY", "RPE_ALLOWLIST")],
-        )
+        readable = [bundle.ca_cert, bundle.server_cert, bundle.server_key, bin_dir / "flwr-serverapp"]
+        if "RPE_ALLOWLIST" in extra:  # read only: the operator edits it
+            readable.append(Path(extra["RPE_ALLOWLIST"]))
+        writable = [Path(extra["RPE_REGISTRY"])] if "RPE_REGISTRY" in extra else []
+        check_reachable(account, readable, writable)
     cmd = [
         sys.executable,
         "-m",
@@ -279,6 +280,11 @@ def start_proxy(
             _let_group_in(sock.parent, worker.gid)
         else:
             worker = Account(account.name, account.uid, account.operator_gid or account.gid)
+    if worker is not None and sock is not None and not reachable(sock, worker.uid, {worker.gid}, 6):
+        raise LaunchError(
+            f"nginx's workers ({worker.name}) cannot reach the operator socket {sock}: every directory "
+            "above the --workdir needs o+x (e.g. not under a mode-0700 home or pytest's temporary root)"
+        )
     spec = proxy.ProxySpec(
         Path(workdir) / "proxy",
         listen_host,

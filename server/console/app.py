@@ -15,8 +15,16 @@ private temporary copy outside the registry) and what they show lives only in th
 Access: ``create_app(..., token=...)`` requires the token on every request — header
 ``Authorization: Bearer <token>`` or ``X-RPE-Token``, or the ``rpe_console`` cookie, which a
 visit to any page with ``?token=<token>`` sets (HttpOnly, SameSite=Strict, Secure under TLS)
-before redirecting to the same page without it. ``server/console/cli.py`` decides when a token
-and TLS are required.
+before redirecting to the same page without it (a path on this origin only). ``server/console/cli.py``
+decides when a token and TLS are required.
+
+Truth and safety (issue 26): every page carries the verdict of ``server.coordroot.verify_sources``
+(``server/console/integrity.py``: the check ``rpe audit verify`` runs) and flags each record and
+composition a finding names; the auditor can enter a known head per family and download a signed
+audit report. ``server/console/security.py`` refuses any Host but the one the console was started for
+(DNS rebinding) and every POST without the session's CSRF token or from another origin; page
+handlers are synchronous endpoints (Starlette runs them in its thread pool) and uploads are parsed
+and checked in a worker thread, so no request waits for another's work.
 """
 
 from __future__ import annotations

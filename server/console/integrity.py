@@ -97,7 +97,12 @@ class IntegrityCache:
         with self._lock:
             key = _signature(fams, anchors)
             if self._value is None or key != self._key:
-                self._value, self._key = compute(fams, anchors), key
+                try:
+                    value = compute(fams, anchors)
+                except Exception as exc:  # noqa: BLE001 - a check that fails is itself a finding, never a 500
+                    why = f"the integrity check itself failed ({type(exc).__name__}: {exc}); run rpe audit verify"
+                    value = Integrity([FamilyVerdict(f.name, f.audit_path, None, registry=[why]) for f in fams])
+                self._value, self._key = value, key
             return self._value
 
 

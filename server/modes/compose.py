@@ -44,7 +44,11 @@ def embed_sites(
         if t not in sites:
             problems[t] = "target site is offline: it cannot send its embedding or receive an adapter"
             continue
-        requests.append(request(t, sites[t].node_id, wire.EMBED, {"task": s.task, "embed_layer": s.embed_layer}))
+        requests.append(
+            request(
+                t, sites[t].node_id, wire.EMBED, {"task": s.task, "embed_layer": s.embed_layer, **s.options_config()}
+            )
+        )
     progress = Progress("embed", len(requests))
     replies = exchange(
         grid,
@@ -177,6 +181,7 @@ def apply_request(
         "evaluate": evaluate,
         "store": store,
         "with_base": with_base,
+        **s.options_config(),
     }
     if s.max_eval:
         config["max_eval"] = s.max_eval

@@ -45,6 +45,7 @@ def train_config(s: Settings) -> dict[str, Any]:
         "lora_targets": s.lora_targets,
         "lora_dropout": s.lora_dropout,
         "embed_layer": s.embed_layer,
+        **s.options_config(),
     }
     if s.max_examples:
         config["max_examples"] = s.max_examples

@@ -162,6 +162,7 @@ def evaluate_request(
         "task": s.task,
         "with_base": True,
         "delivery": delivery_statement(coord_key, digest, target, run_id, "evaluate", nonce),
+        **s.options_config(),
     }
     if s.max_eval:
         config["max_eval"] = s.max_eval

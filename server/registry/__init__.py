@@ -29,7 +29,14 @@ audit entry exists. The entry carries ``records_span`` ([start, end) of the appe
 lines are cut back and the new blobs deleted before ``RegistryStorageError`` (naming the write
 point) is raised; after a crash in between, reopening cuts the unaudited lines and writes a
 ``registry.repair`` entry naming them (they were never reported stored). A torn audit tail is cut
-on reopen too, with a ``registry.repair`` entry. ``verify()`` and ``rpe audit verify`` check every
+on reopen too, with a ``registry.repair`` entry. Repairs never destroy (issue 26 class 5,
+``loading.refuse_destructive_repair``): unaudited lines are cut only when the audit log ends cleanly
+and they are one commit's lines; a torn audit tail *with* unaudited lines (what cutting the end of
+the audit log leaves) or several commits' lines make a writable open refuse, naming the damage;
+whatever is cut is first kept as ``<file>.cut-<offset>`` (``kept_in`` in the repair entry). A
+read-only open writes nothing at all (``loading.ReadOnlyAudit``: the audit log is not even created).
+The open-time cache ``columns.snap`` is used only when its ``registry.snapshot`` audit entry binds it
+(``snapshot.py``, issue 26 class 4); ``Registry.verify`` compares it with a full replay. ``verify()`` and ``rpe audit verify`` check every
 record line against its entry and name an edited, deleted, re-pointed or added record. Every
 append is all-or-nothing for readers (``common.files.durable.JsonlLog`` writes with ``os.write`` and
 ``ftruncate``-s back on failure).

@@ -415,7 +415,10 @@ class Registry:
         """Problems found: missing or wrong-size blobs of live records (``full``: re-hash every
         blob, decrypting it first in an encrypted registry, which needs the key), orphan blobs,
         record lines that differ from what the audit log bound (``binding.check_binding``: edited,
-        deleted, re-pointed, added), and Chroma disagreement. Empty list = consistent."""
+        deleted, re-pointed, added), the columns snapshot against a full replay of records.jsonl
+        and its ``registry.snapshot`` audit binding (``snapshot.problems``: liveness, filter codes,
+        rows, lines), and Chroma disagreement. Empty list = consistent. This is the one registry
+        check ``rpe audit verify``, the console and the audit report run (``server.auditcheck``)."""
         if full:
             self._blobs.require_key("verify(full=True)")
         with self._mutex:

@@ -128,6 +128,9 @@ def torn_audit_tail(audit_path: Path) -> tuple[int, bytes] | None:
         size = fh.seek(0, os.SEEK_END)
         if size == 0:
             return None
+        fh.seek(size - 1)
+        if fh.read(1) == b"\n":
+            return None  # the common case: one byte read
         start = max(0, size - TORN_PEEK)
         fh.seek(start)
         tail = fh.read()
@@ -162,6 +165,10 @@ def refuse_destructive_repair(path: Path) -> None:
         return
     end, size = tail
     with open(records, "rb") as fh:
+        if end > 0:
+            fh.seek(end - 1)
+            if fh.read(1) != b"\n":
+                return  # no line boundary: an edit before it (rollback_unaudited cuts nothing; verify names it)
         fh.seek(end)
         data = fh.read(size - end)
     complete = data[: data.rfind(b"\n") + 1]
@@ -231,7 +238,9 @@ def load_records(
         if not read_only:
             rollback_unaudited(path, rlog, blobs, audit)
         if isinstance(zcol, ZColumn):  # the old format's lines carry z themselves: always replayed
-            snapshot.load(path / snapshot.SNAP_NAME, rlog, cols)
+            refused = snapshot.try_load(path / snapshot.SNAP_NAME, rlog, cols, path / cfg.AUDIT_NAME)
+            if refused is not None and not read_only:
+                refuse_cache(path, audit, refused)
 
         def on_torn(n: int, at: int, sha: str) -> None:
             audit.append("registry.recover", file=cfg.RECORDS_NAME, truncated_bytes=n, at_offset=at, sha256=sha)
@@ -246,6 +255,26 @@ def load_records(
             zcol.close()
         raise
     return zcol, cols, rlog, search
+
+
+def refuse_cache(path: Path, audit: AuditLog, reason: str) -> None:
+    """A writable open that did not use ``columns.snap`` (edited, unbound, damaged or stale) moves it
+    aside as evidence (the close writes a fresh one) and audits why (issue 26 class 4)."""
+    snap = path / snapshot.SNAP_NAME
+    try:
+        digest = sha256_hex(snap.read_bytes()) if snap.is_file() else None
+        aside = snap.with_name(f"{snapshot.SNAP_NAME}.refused-{(digest or 'special')[:16]}")
+        os.replace(snap, aside)
+    except OSError as exc:  # evidence kept where it is; the close still overwrites it
+        digest, aside = None, None
+        reason += f" (could not be moved aside: {exc.strerror or exc})"
+    audit.append(
+        "registry.cache_refused",
+        file=snapshot.SNAP_NAME,
+        sha256=digest,
+        kept_in=None if aside is None else aside.name,
+        reason=reason[:1000],
+    )
 
 
 def rollback_unaudited(path: Path, rlog: RecordLog, blobs: BlobStore, audit: AuditLog) -> None:

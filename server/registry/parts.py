@@ -61,7 +61,7 @@ class Parts:
                 log.warning("could not persist the search index of %s (%s)", self.path, exc)
             if isinstance(self.zcol, ZColumn):
                 try:
-                    snapshot.write(self.path / snapshot.SNAP_NAME, self.cols, self.log)
+                    snapshot.write(self.path / snapshot.SNAP_NAME, self.cols, self.log, self.audit)
                 except OSError as exc:  # a cache: losing it costs a full replay on the next open, not data
                     log.warning("could not write the columns snapshot of %s (%s)", self.path, exc)
         with contextlib.suppress(Exception):

@@ -18,6 +18,18 @@ It is a cache, never a source of truth:
   disagreement, so a snapshot altered on disk cannot silently change what the registry serves;
 - it is written atomically (temporary file, fsync, rename) when a writable registry closes, and can
   be deleted at any time: the next open replays the whole log.
+
+Bound into the audit chain (issue 26 class 4: ``columns.snap`` carried only a plain sha256 that
+whoever edits it recomputes, so a consent-withdrawn record was made live again, a live one hidden
+and a record given another site's filter code, and every open served that): writing a snapshot
+first appends a ``registry.snapshot`` audit entry naming its body hash, the records prefix it covers
+and that prefix's hash; the header names the entry's byte offset and seq. An open uses a snapshot
+only when the entry at that offset is that entry, intact; otherwise it replays records.jsonl (and a
+writable open moves the refused file aside as ``columns.snap.refused-<hash>`` and audits
+``registry.cache_refused``). An edited cache therefore needs an edited audit log as well: inside the
+chain that is a broken chain, appended at its end it is still caught by ``Registry.verify`` (and so
+``rpe audit verify`` and the console), which compares the snapshot with a full replay and names
+each disagreement (liveness, filter codes, rows, lines) and a snapshot not bound to the log.
 """
 
 from __future__ import annotations
@@ -33,7 +45,9 @@ import numpy as np
 
 from common.files.durable import atomic_write
 from common.files.safeio import UnsafeInputError, read_regular_file
+from server.audit import AuditLog, entry_hash
 from server.registry.columns import KEYS, Columns
+from server.registry.config import AUDIT_NAME
 from server.registry.errors import RegistryCorruptError
 from server.registry.recordlog import RecordLog
 
@@ -78,9 +92,11 @@ def read_line(records: Path, off: int) -> bytes:
         os.close(fd)
 
 
-def write(path: Path, cols: Columns, rlog: RecordLog) -> bool:
-    """Write the snapshot of ``cols`` (= the replay of ``rlog`` up to its offset) atomically.
-    Returns False (and writes nothing) when there is nothing new or the state cannot be captured."""
+def write(path: Path, cols: Columns, rlog: RecordLog, audit: AuditLog) -> bool:
+    """Write the snapshot of ``cols`` (= the replay of ``rlog`` up to its offset) atomically, after
+    the ``registry.snapshot`` entry in ``audit`` that binds it (a crash in between leaves an entry
+    naming a file that never appeared: harmless). Returns False (and writes nothing) when there is
+    nothing new or the state cannot be captured."""
     end, records, n = rlog.offset, rlog.path, cols.n
     if n < MIN_RECORDS or end == rlog.snap_end or any("\n" in i for i in cols.ids):
         return False
@@ -113,6 +129,9 @@ def write(path: Path, cols: Columns, rlog: RecordLog) -> bool:
         "ids_bytes": len(parts[0]),
         "body_sha256": hashlib.sha256(body).hexdigest(),
     }
+    header["audit_offset"] = audit.path.stat().st_size if audit.path.exists() else 0
+    entry = audit.append(EV_SNAPSHOT, **{k: header[k] for k in BOUND_FIELDS}, live=int(np.count_nonzero(cols.live[:n])))
+    header["audit_seq"] = entry["seq"]
     head = json.dumps(header, sort_keys=True).encode()
     atomic_write(path, MAGIC + len(head).to_bytes(8, "little") + head + body)
     rlog.snap_end = end
@@ -166,18 +185,59 @@ def _parse(raw: bytes, dim: int) -> tuple[dict[str, Any], dict[str, Any]]:
     return h, arrays
 
 
-def load(path: Path, rlog: RecordLog, cols: Columns) -> bool:
-    """Restore ``cols`` (empty) from the snapshot at ``path`` if it matches records.jsonl; then
-    ``rlog`` replays only the lines after it. False (with the reason logged) to replay everything."""
+#: the audit event that binds a snapshot, and the header fields it repeats
+EV_SNAPSHOT = "registry.snapshot"
+BOUND_FIELDS = ("body_sha256", "records_end", "records_sha256", "n")
+
+
+def binding_problem(h: dict[str, Any], audit_path: Path) -> str | None:
+    """Why the snapshot with header ``h`` is not bound by its ``registry.snapshot`` audit entry
+    (None when the entry at ``audit_offset`` is that entry and its own hash holds)."""
+    at, seq = h.get("audit_offset"), h.get("audit_seq")
+    if not isinstance(at, int) or isinstance(at, bool) or at < 0 or not isinstance(seq, int):
+        return "it names no registry.snapshot audit entry (written before the binding, or edited)"
+    if not audit_path.is_file():
+        return f"{audit_path.name} is missing"
+    try:
+        entry = json.loads(read_line(audit_path, at))
+    except (ValueError, UnicodeDecodeError, OSError) as exc:
+        return f"there is no audit entry at byte {at} of {audit_path.name} ({exc})"
+    if not isinstance(entry, dict) or entry.get("event") != EV_SNAPSHOT or entry.get("seq") != seq:
+        return f"the audit entry at byte {at} of {audit_path.name} is not its registry.snapshot entry (seq {seq})"
+    if entry.get("hash") != entry_hash(entry):
+        return f"its registry.snapshot audit entry (seq {seq}) does not match its own hash"
+    differ = [k for k in BOUND_FIELDS if entry.get(k) != h.get(k)]
+    if differ:
+        return f"it differs from its registry.snapshot audit entry (seq {seq}) in {', '.join(differ)}"
+    return None
+
+
+def load(path: Path, rlog: RecordLog, cols: Columns, audit_path: Path | None = None, *, bound: bool = True) -> bool:
+    """Restore ``cols`` (empty) from the snapshot at ``path`` if it matches records.jsonl and (with
+    ``bound``) its ``registry.snapshot`` audit entry in ``audit_path`` (default: audit.jsonl beside
+    records.jsonl); then ``rlog`` replays only the lines after it. False (with the reason logged) to
+    replay everything."""
+    return try_load(path, rlog, cols, audit_path, bound=bound) is None and rlog.snap_end > 0
+
+
+def try_load(
+    path: Path, rlog: RecordLog, cols: Columns, audit_path: Path | None = None, *, bound: bool = True
+) -> str | None:
+    """:func:`load`, returning why an existing snapshot was not used (None: used, or there is none)."""
     if not os.path.lexists(path):
-        return False
+        return None
     try:  # never blocks on a FIFO put in its place
         raw = read_regular_file(path, MAX_BYTES, "columns snapshot")
     except UnsafeInputError as exc:
         log.warning("%s; replaying records.jsonl", exc)
-        return False
+        return str(exc)
+    audit_path = audit_path if audit_path is not None else rlog.path.with_name(AUDIT_NAME)
     try:
         h, a = _parse(raw, cols.dim)
+        if bound:
+            unbound = binding_problem(h, audit_path)
+            if unbound is not None:
+                raise ValueError(f"not bound to the audit log: {unbound}")
         end = int(h["records_end"])
         if _prefix_sha(rlog.path, end) != h["records_sha256"]:
             raise ValueError("records.jsonl no longer starts with the lines it was made from")
@@ -187,7 +247,7 @@ def load(path: Path, rlog: RecordLog, cols: Columns) -> bool:
                 raise ValueError("it names z rows past the end of the z column")
     except (ValueError, KeyError, TypeError, UnicodeDecodeError, OSError) as exc:
         log.warning("%s not used (%s); replaying records.jsonl", path, exc)
-        return False
+        return str(exc)
     records = rlog.path
     cols.restore(
         a["ids"],
@@ -200,7 +260,7 @@ def load(path: Path, rlog: RecordLog, cols: Columns) -> bool:
     )
     rlog.offset = rlog.snap_end = end
     rlog.line_count = int(h["line_count"])
-    return True
+    return None
 
 
 def problems(path: Path, rlog: RecordLog) -> tuple[list[str], Columns | None]:
@@ -210,8 +270,13 @@ def problems(path: Path, rlog: RecordLog) -> tuple[list[str], Columns | None]:
     cols = rlog.cols
     snap = Columns(cols.dim, str(rlog.path), cols.zcol)
     probe = RecordLog(rlog.path, snap)
-    if not load(path, probe, snap):
+    if not load(path, probe, snap, bound=False):  # compared even when unbound: name what it would change
         return [], None
+    try:
+        raw = read_regular_file(path, MAX_BYTES, "columns snapshot")
+        unbound = binding_problem(_parse(raw, cols.dim)[0], rlog.path.with_name(AUDIT_NAME))
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, OSError) as exc:  # replaced meanwhile
+        unbound = f"it could not be read again ({exc})"
     fresh = Columns(cols.dim, str(rlog.path), cols.zcol)
     replay = RecordLog(rlog.path, fresh)
     with open(rlog.path, "rb") as fh:
@@ -221,7 +286,7 @@ def problems(path: Path, rlog: RecordLog) -> tuple[list[str], Columns | None]:
     except Exception as exc:  # noqa: BLE001 - reported, not raised: verify lists problems
         return [f"{path.name}: records.jsonl up to byte {probe.offset} does not replay ({exc})"], None
     where = f"{path.name} (a cache: delete it and reopen the registry)"
-    out = []
+    out = [] if unbound is None else [f"{where} is not bound to the audit log: {unbound}; no open uses it"]
     n = fresh.n
     if fresh.n != snap.n or fresh.ids != snap.ids:
         out.append(f"{where} lists other records than records.jsonl")

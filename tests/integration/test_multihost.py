@@ -2,7 +2,7 @@
 
 Hosts (tests/support/netns.py): ``coord`` runs ``python -m deploy.launch superlink`` (SuperLink on
 127.0.0.1 behind nginx on 0.0.0.0:9093, TLS, SuperNode auth, Fleet API only for the two site
-networks, Control API only from the coordinator's loopback); ``site-a`` / ``site-b`` run
+networks, Control API only through the operator socket or for an operator certificate); ``site-a`` / ``site-b`` run
 ``python -m deploy.launch supernode`` with the app bundle pinned (``--app-sha256``); ``outsider``
 has only the public ``ca.crt``. Every process is started tied to this test process
 (PR_SET_PDEATHSIG, own process group), stopped by PID, and the namespaces are removed afterwards.
@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -115,8 +116,12 @@ def hosts(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
     procs: dict[str, subprocess.Popen] = {}
     launchers: dict[str, tuple[list[str], Path]] = {}
     saved_prefix = list(launch.CLI_PREFIX)
+    # nginx's workers (not root, never nobody) must reach the operator socket in the coordinator's
+    # workdir: pytest's temporary root is mode 0700, so the workdir lives in a directory they can enter
+    open_base = Path(tempfile.mkdtemp(prefix="rpe-mh-", dir="/tmp"))
+    open_base.chmod(0o755)
     try:
-        coord, registry = tmp / "coord", tmp / "registry"
+        coord, registry = open_base / "coord", tmp / "registry"
         coord.mkdir()
         op_ca, op_key = tls.make_operator_ca(tmp / "operator")
         operator = tls.make_operator_cert(tmp / "operator", "alice", op_ca, op_key)
@@ -154,7 +159,11 @@ def hosts(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
         )
         state = launch.load_state(coord)
         launch.CLI_PREFIX[:] = topo.prefix("coord")  # the operator works on the coordinator host
-        pin = fab_sha256(REPO)
+        # the app the sites approve and the operator runs: a snapshot of this checkout, so that edits
+        # to the working tree during the module (a developer's, or a parallel session's) do not
+        # change the bundle after it was pinned
+        app = _snapshot_app(tmp / "app")
+        pin = fab_sha256(app)
         data = make_site_data(tmp / "data")
         site_dirs: dict[str, Path] = {}
         keys = {}
@@ -244,6 +253,7 @@ def hosts(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
             "keys": keys,
             "tmp": tmp,
             "pin": pin,
+            "app": app,
             "procs": procs,
             "launchers": launchers,
             "site_workdirs": site_dirs,
@@ -255,6 +265,7 @@ def hosts(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
         for proc in reversed(list(procs.values())):
             _stop(proc)
         topo.remove()
+        shutil.rmtree(open_base, ignore_errors=True)
 
 
 def base_config(h: dict, **over) -> dict:
@@ -358,6 +369,51 @@ def test_an_operator_client_certificate_opens_the_control_api_from_off_the_host(
     assert _curl(hosts, "outsider", "/v1/runtime/pull-app-inputs", op) == 404
 
 
+def test_loopback_of_the_coordinator_is_not_an_operator_credential(hosts):
+    """Issue 26, class 3, in this deployment: on the coordinator host itself, without the operator
+    certificate, the Control and Runtime APIs answer 403/404 through nginx and 403 on the
+    SuperLink's own loopback port, and stock ``flwr`` fails; the operator, through the socket
+    (``deploy.flwr_main``), lists the nodes."""
+    inner = hosts["state"]["superlink"]["port"]
+    assert inner != PORT
+    codes = {}
+    for port in (PORT, inner):
+        for path in ("/v1/control/list-runs", "/v1/control/start-run", "/v1/runtime/pull-app-inputs"):
+            res = subprocess.run(
+                [
+                    *hosts["topo"].prefix("coord"),
+                    "curl",
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "--cacert",
+                    hosts["state"]["ca_cert"],
+                    "-H",
+                    "Content-Type: application/protobuf",
+                    "--data-binary",
+                    "@/dev/null",
+                    "-X",
+                    "POST",
+                    f"https://127.0.0.1:{port}{path}",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            codes[(port, path)] = int(res.stdout or 0)
+    assert all(code in (403, 404) for code in codes.values()), codes
+    home = hosts["tmp"] / "coord-loopback-home"
+    launch.write_flwr_config(home, "rpe", f"127.0.0.1:{PORT}", Path(hosts["state"]["ca_cert"]))
+    key = tls.make_supernode_keys(hosts["tmp"] / "coord-loopback-keys", "local")
+    before = launch.supernode_status(hosts["flwr_home"])
+    assert before  # the operator's own commands work, through the socket
+    assert not _flwr(hosts["topo"], "coord", home, ["supernode", "register", str(key.public_key), "rpe"]).get("success")
+    assert not _flwr(hosts["topo"], "coord", home, ["ls", "rpe"]).get("success")
+    assert launch.supernode_status(hosts["flwr_home"]) == before
+
+
 def test_a_site_host_reaches_the_fleet_api_but_not_the_control_api(hosts):
     home = hosts["tmp"] / "site-a-home"
     launch.write_flwr_config(
@@ -420,14 +476,19 @@ def _egress(h: dict, site: str) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def test_a_modified_app_is_refused_at_pinned_sites_before_any_handler(hosts):
-    app = hosts["tmp"] / "modified-app"
+def _snapshot_app(app: Path, source: Path = REPO) -> Path:
+    """What ``fab-include`` takes from ``source`` (the *.py of common/client/server, pyproject.toml)."""
     for pattern in ("common/**/*.py", "client/**/*.py", "server/**/*.py"):
-        for src in REPO.glob(pattern):
-            dst = app / src.relative_to(REPO)
+        for src in source.glob(pattern):
+            dst = app / src.relative_to(source)
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, dst)
-    shutil.copy(REPO / "pyproject.toml", app / "pyproject.toml")
+    shutil.copy(source / "pyproject.toml", app / "pyproject.toml")
+    return app
+
+
+def test_a_modified_app_is_refused_at_pinned_sites_before_any_handler(hosts):
+    app = _snapshot_app(hosts["tmp"] / "modified-app", hosts["app"])
     marker = hosts["tmp"] / "handler-ran"
     with open(app / "client" / "app.py", "a") as fh:  # what an attacker ships: any code at all
         fh.write(f"\nopen({str(marker)!r}, 'w').write('ran')\n")
@@ -449,7 +510,9 @@ def test_a_modified_app_is_refused_at_pinned_sites_before_any_handler(hosts):
 @pytest.fixture(scope="module")
 def enrolled(hosts):
     t0 = time.monotonic()
-    run = launch.run_app(hosts["flwr_home"], REPO, base_config(hosts, mode="enroll"), hosts["registry"], RUN_TIMEOUT)
+    run = launch.run_app(
+        hosts["flwr_home"], hosts["app"], base_config(hosts, mode="enroll"), hosts["registry"], RUN_TIMEOUT
+    )
     print(f"multi-host enroll {time.monotonic() - t0:.1f} s", file=sys.stderr)
     return run
 
@@ -466,7 +529,7 @@ def test_enroll_and_compose_across_hosts(hosts, enrolled):
     t0 = time.monotonic()
     composed = launch.run_app(
         hosts["flwr_home"],
-        REPO,
+        hosts["app"],
         base_config(hosts, mode="compose", target="a", strategy="sim", k=1, evaluate=False),
         hosts["registry"],
         RUN_TIMEOUT,
@@ -545,7 +608,7 @@ def test_a_site_killed_mid_training_and_a_lossy_link(hosts, enrolled):
         try:
             out["run"] = launch.run_app(
                 hosts["flwr_home"],
-                REPO,
+                hosts["app"],
                 base_config(hosts, mode="enroll", **{"timeout-train": KILLED_TRAIN_TIMEOUT}),
                 hosts["registry"],
                 RUN_TIMEOUT,
@@ -619,7 +682,7 @@ def test_the_superlink_restarted_mid_enrolment(hosts, enrolled):
     def submit() -> None:
         try:
             out["run"] = launch.run_app(
-                hosts["flwr_home"], REPO, base_config(hosts, mode="enroll"), hosts["registry"], RUN_TIMEOUT
+                hosts["flwr_home"], hosts["app"], base_config(hosts, mode="enroll"), hosts["registry"], RUN_TIMEOUT
             )
         except Exception as exc:  # noqa: BLE001 - reported by the assertion below
             out["error"] = exc

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from common.adapters import LoraAdapter, LoraModule
-from server.registry import AdapterMeta, Registry
+from server.registry import AdapterMeta, Registry, snapshot
 
 BASE = "sha256:" + "ab" * 32
 BASE2 = "sha256:" + "cd" * 32
@@ -96,3 +96,16 @@ def state(root: Path) -> dict:
 
 def audit_lines(root: Path) -> list[dict]:
     return [json.loads(line) for line in (root / "audit.jsonl").read_text().splitlines()]
+
+
+def rewrite_snapshot(path: Path, mutate) -> None:
+    """Rewrite the snapshot with ``mutate(header, body: bytearray)`` applied and its checksum redone
+    (what someone editing it on purpose would do)."""
+    raw = path.read_bytes()
+    m = len(snapshot.MAGIC)
+    hl = int.from_bytes(raw[m : m + 8], "little")
+    head, body = json.loads(raw[m + 8 : m + 8 + hl]), bytearray(raw[m + 8 + hl :])
+    mutate(head, body)
+    head["body_sha256"] = hashlib.sha256(bytes(body)).hexdigest()
+    h = json.dumps(head, sort_keys=True).encode()
+    path.write_bytes(snapshot.MAGIC + len(h).to_bytes(8, "little") + h + bytes(body))

@@ -152,3 +152,38 @@ def test_an_impostors_refused_claim_does_not_fail_the_genuine_sites_cross_check(
     rep = cross_check(egress.path, tmp_path / "audit.jsonl", "a")
     assert rep.ok, rep.format()
     assert len(rep.expected) == 1 and "node 99 claimed to be a and was refused" in rep.format()
+
+
+@pytest.mark.parametrize("fmt", ["json", "html"])
+def test_check_report_refuses_an_altered_or_foreign_report(fmt, tmp_path, capsys):
+    """A signed report whose verdict was turned from PROBLEMS to OK, or one signed by another key, is
+    NOT GENUINE (exit 1); the untouched one is accepted offline with the public key alone."""
+    from common.trust.signing import generate_keypair, load_private_key
+    from server import auditsign
+
+    key_file, pub = generate_keypair(tmp_path / "k", "coordinator")
+    _, other_pub = generate_keypair(tmp_path / "other", "coordinator")
+    body = {
+        "created": "2026-12-07T00:00:00Z",
+        "root": "/r",
+        "ok": False,
+        "verify": [],
+        "report": {},
+        "cross_checks": {},
+    }
+    doc = auditsign.sign(load_private_key(key_file), body)
+    out = auditsign.write(doc, tmp_path / f"report.{fmt}")
+    code, text = _rpe(capsys, "audit", "check-report", str(out), "--key", str(pub))
+    assert code == 0 and "signature OK" in text and "PROBLEMS FOUND" in text, text
+    code, text = _rpe(capsys, "audit", "check-report", str(out), "--key", str(other_pub))
+    assert code == 1 and "NOT GENUINE" in text and "not the given key" in text, text
+    raw = out.read_text()
+    forged = (
+        raw.replace('"ok": false', '"ok": true')
+        if fmt == "json"
+        else raw.replace("&quot;ok&quot;: false", "&quot;ok&quot;: true")
+    )
+    assert forged != raw
+    out.write_text(forged)
+    code, text = _rpe(capsys, "audit", "check-report", str(out), "--key", str(pub))
+    assert code == 1 and "NOT GENUINE" in text and "altered" in text, text

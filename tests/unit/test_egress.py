@@ -142,6 +142,49 @@ def test_egress_appends_and_reports_damaged_lines(tmp_path):
         log.record("", {})
 
 
+def test_a_torn_last_line_is_set_aside_before_the_next_append_and_the_budget_still_reads(tmp_path):
+    """Issue 26 class 5: a crash mid-append leaves a fragment; the next reply's line used to be glued
+    onto it, and every later budget check and ``rpe privacy spent`` failed until a hand edit."""
+    from common.privacy import read_egress as budget_lines
+    from common.privacy import spent_from_egress
+
+    log = EgressLog(tmp_path / "egress.jsonl")
+    log.record("query.whoami", {"info": {"site": "s1"}})
+    log.record("train", _reply(), run_id="r1")
+    good_end = log.path.stat().st_size
+    with open(log.path, "ab") as fh:
+        fh.write(b'{"v":1,"ts":"2026-')  # the crash
+    log.record("train", _reply(1), run_id="r2")
+    entries, bad = read_egress(log.path)
+    assert bad == [] and [e["run_id"] for _, e in entries] == [None, "r1", "r2"]
+    spent_from_egress(budget_lines(log.path))  # no "is not an egress line"
+    aside = tmp_path / f"egress.jsonl.torn-{good_end}"
+    assert aside.read_bytes() == b'{"v":1,"ts":"2026-'
+    (note,) = [json.loads(x) for x in (tmp_path / "egress.repairs.jsonl").read_text().splitlines()]
+    assert note["event"] == "egress.torn-tail-repaired" and note["offset"] == good_end and note["kept_at"] == aside.name
+    log.record("query.whoami", {"info": {"site": "s1"}})  # a whole log: nothing more is repaired
+    assert len((tmp_path / "egress.repairs.jsonl").read_text().splitlines()) == 1
+
+
+def test_read_egress_uses_the_bounded_reader(tmp_path):
+    """A 200,000-deep line is a bad line (never a RecursionError); a FIFO is a clear error, not a hang."""
+    import os
+
+    from common.files.safeio import UnsafeInputError
+
+    log = EgressLog(tmp_path / "egress.jsonl")
+    log.record("query.whoami", {"info": {"site": "s1"}})
+    with open(log.path, "ab") as fh:
+        fh.write(b"[" * 200_000 + b"]" * 200_000 + b"\n")
+        fh.write(b'{"records": [], "x": NaN}\n')
+    entries, bad = read_egress(log.path)
+    assert len(entries) == 1 and bad == [2, 3]
+    fifo = tmp_path / "fifo.jsonl"
+    os.mkfifo(fifo)
+    with pytest.raises(UnsafeInputError, match="FIFO"):
+        read_egress(fifo)
+
+
 # --------------------------------------------------------------------------------------------
 # cross-check
 

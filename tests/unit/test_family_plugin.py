@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from support import make_tiny_sam
+from support.grid import LocalGrid
 from support.toy import SITES, run
 
 from common.families import FAMILIES, family_registry_dirs, get_family, register_family
@@ -159,3 +160,67 @@ def test_a_site_whose_node_config_names_an_unknown_family_refuses_everything_lou
     nc = {"site-id": "a", "data-path": str(tmp_path), "task": "report-text,segmentaton"}
     with pytest.raises(SiteError, match="'segmentaton', not a task family this ClientApp has; known: report-text"):
         site_from_context(Context(run_id=1, node_id=1, node_config=nc, state=RecordDict(), run_config={}))
+
+
+def test_a_familys_own_settings_travel_in_one_checked_request_key(toy):
+    """``options``: the wire checks its shape (a flat JSON object of plain names and scalars), the
+    site checks each name and type against the family's ``option_keys``; nothing else is widened."""
+    from common.protocol import wire
+    from common.protocol.wire import WireError
+
+    base = {"nonce": "n" * 32, "task": "toy", "steps": 2}
+    wire.build_request(wire.ENROLL, {**base, "options": '{"init_scale": 0.5}'})
+    for bad, why in (
+        ('{"init_scale": {"nested": 1}}', "must be a finite number"),
+        ('["init_scale"]', "expected a JSON object"),
+        ('{"Init Scale": 1}', "not a plain lowercase name"),
+        ('{"x": NaN}', "must be a finite number"),
+    ):
+        with pytest.raises(WireError, match=why):
+            wire.build_request(wire.ENROLL, {**base, "options": bad})
+
+    site = 301
+    good = _push(toy, site, wire.ENROLL, {**base, "options": '{"init_scale": 0.5}'})
+    assert not good.has_error(), good.error.reason
+    assert wire.parse_enroll_reply(good.content).meta["task"] == "toy"
+    unknown = _push(toy, site, wire.ENROLL, {**base, "options": '{"depth": 3}'})
+    assert unknown.has_error() and "takes no option 'depth' (it takes: init_scale)" in unknown.error.reason
+    typed = _push(toy, site, wire.ENROLL, {**base, "options": '{"init_scale": "big"}'})
+    assert typed.has_error() and "option 'init_scale'" in typed.error.reason
+
+
+def _push(toy: dict, node: int, mtype: str, config: dict, run_id: int = 90):
+    """One request straight to one site's real ClientApp; its reply."""
+    from flwr.app import Message
+
+    from server.messaging import request
+
+    for ctx in toy["nodes"].values():
+        ctx.run_id, ctx.run_config = run_id, {}
+    grid = LocalGrid(toy["nodes"], run_id)
+    req = request("x", node, mtype, config)
+    mid = grid.push_messages([Message(req.content, dst_node_id=node, message_type=mtype)])[0]
+    return grid.pull_messages([mid])[0]
+
+
+def test_run_config_family_options_reach_the_site_and_unknown_keys_are_refused(toy, tmp_path):
+    """``family-options`` (run config) becomes the ``options`` of the requests the coordinator builds;
+    the site takes it; an unknown key is refused at the coordinator, naming it and the known keys."""
+    from common.protocol import wire
+    from server.modes.enroll import train_config
+    from server.settings import Settings, SettingsError
+
+    rc = {"registry-dir": str(tmp_path), "task": "toy", "steps": 2}
+    for text in ("init_scale=0.5", '{"init_scale": 0.5}'):
+        s = Settings.from_run_config({**rc, "family-options": text})
+        config = train_config(s)
+        assert json.loads(config["options"]) == {"init_scale": 0.5}
+        reply = _push(toy, 301, wire.ENROLL, {"nonce": "m" * 32, **config})
+        assert not reply.has_error(), reply.error.reason
+    assert "options" not in train_config(Settings.from_run_config(rc))
+    with pytest.raises(SettingsError, match=r"takes no option 'depth' \(it takes: init_scale\)"):
+        Settings.from_run_config({**rc, "family-options": "depth=3"})
+    with pytest.raises(SettingsError, match="option 'init_scale'"):
+        Settings.from_run_config({**rc, "family-options": "init_scale=big"})
+    with pytest.raises(SettingsError, match="family-options"):
+        Settings.from_run_config({**rc, "family-options": "oops"})

@@ -663,7 +663,7 @@ def _identity(c: Ctx, key_site: str, challenge: str, run_id: str = RUN_ID, node:
     return wire.canonical_json(sign_statement(key, "identity", body))
 
 
-def _discover(c: Ctx, identity: Callable[[str], str]) -> Any:
+def _discover(c: Ctx, identity: Callable[[str], str], require: bool = True) -> Any:
     """Run the coordinator's real discovery against one node (7) whose whoami claims site a."""
     from server import messaging
 
@@ -677,7 +677,7 @@ def _discover(c: Ctx, identity: Callable[[str], str]) -> Any:
         lambda msg: _whoami_reply(msg.content["config"]["nonce"], "a", identity(msg.content["config"]["challenge"]))
     )
     report: dict[str, Any] = {}
-    sites = messaging.discover(grid, 5.0, report, RUN_ID, AllowList(c.world.allowlist), True, c.reg.audit)
+    sites = messaging.discover(grid, 5.0, report, RUN_ID, AllowList(c.world.allowlist), require, c.reg.audit)
     if "a" in sites:
         return sites["a"]
     reason = report["discovery_problems"]["node 7"]
@@ -690,6 +690,10 @@ def _impostor_node(c: Ctx) -> Any:
 
 def _unsigned_claim(c: Ctx) -> Any:
     return _discover(c, lambda ch: "")
+
+
+def _unsigned_claim_signatures_off(c: Ctx) -> Any:
+    return _discover(c, lambda ch: "", require=False)  # issue 26 class 7: accepted before
 
 
 def _replayed_identity(c: Ctx) -> Any:
@@ -1807,6 +1811,15 @@ CASES: list[Case] = [
         "without a signed identity statement",
         (IDENTITY,),
         hint="give the site its key",
+    ),
+    Case(
+        "unsigned-identity-signatures-off",
+        "node 7's unsigned whoami claims site `a` (which has a key) with `require-signatures=false`",
+        _unsigned_claim_signatures_off,
+        IdentityRefused,
+        "has a signing key on the allow-list",
+        (IDENTITY,),
+        hint="whatever require-signatures says",
     ),
     Case(
         "replayed-identity",

@@ -1,13 +1,17 @@
 """Issue 26, class 3, the parts without root: the Fleet-only middleware on the TCP port, the
 operator socket's directory as the credential, nginx forwarding the Control API only for an
-operator certificate. (End to end, as root: tests/integration/test_local_user.py.)
+operator certificate, the launcher's reach check for --run-as. (End to end, as root:
+tests/integration/test_local_user.py.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import stat
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -87,8 +91,44 @@ def test_nginx_forwards_the_control_api_only_for_an_operator_certificate(tmp_pat
     )
     conf = proxy.render_config(spec)
     assert conf.startswith("# generated") and "\nuser rpe-coord rpe-op;\n" in conf
-    assert "127.0.0.1/32 1" not in conf.split("geo $rpe_site_net")[1].split("server {")[0].split("map")[1]
+    assert "$rpe_loopback" not in conf  # loopback opened the Control API before issue 26
     assert "map $ssl_client_verify $rpe_control_ok" in conf and '"~^1:"' not in conf
     control = conf.split("location /v1/control/ {")[1].split("}")[1]
     assert f"proxy_pass https://unix:{(tmp_path / 'control' / 'superlink.sock').resolve()}:;" in control
     assert "10093" not in control
+
+
+@pytest.fixture
+def open_tmp():
+    """A temporary directory every account can enter (pytest's own temporary root is mode 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="rpe-open-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_the_launcher_names_what_the_coordinator_account_cannot_reach(open_tmp):
+    """``--run-as``: checked from mode bits before anything starts, so a closed directory is an
+    error naming it, not a SuperLink that dies (the allow-list needs reading only)."""
+    from deploy.launch.account import Account, check_reachable, reachable
+    from deploy.launch.errors import LaunchError
+
+    tmp_path = open_tmp
+
+    other = Account("someone", 54321, 54321)
+    closed = tmp_path / "closed"
+    closed.mkdir()
+    closed.chmod(0o700)
+    (closed / "allowlist.json").write_text("{}")
+    assert not reachable(closed / "allowlist.json", other.uid, {other.gid}, 4)
+    with pytest.raises(LaunchError, match="closed/allowlist.json"):
+        check_reachable(other, [closed / "allowlist.json"], [])
+    opened = tmp_path / "opened"
+    opened.mkdir()
+    opened.chmod(0o755)
+    (opened / "allowlist.json").write_text("{}")
+    (opened / "allowlist.json").chmod(0o644)
+    assert reachable(opened / "allowlist.json", other.uid, {other.gid}, 4)
+    assert not reachable(opened / "allowlist.json", other.uid, {other.gid}, 2)
+    assert reachable(opened / "not-yet", other.uid, {other.gid}, 7)  # made later: its directory counts
+    assert not reachable(opened, other.uid, {other.gid}, 7)  # a registry there: it must be its own

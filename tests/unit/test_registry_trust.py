@@ -144,9 +144,14 @@ def test_clean_registry_verifies_and_anchor_detects_truncation(tmp_path):
     head = audit_mod.head(root / "audit.jsonl")
     anchor = f"{head['seq']}:{head['line_sha256']}"
     assert rpe("audit", "verify", "--log", str(root / "audit.jsonl"), "--anchor", anchor).returncode == 0
-    # drop the last audit entry and its record line: chain and binding are consistent, the anchor is not
+    # drop the last audit entry, its record line and its blob: chain and binding are consistent, the
+    # anchor is not (the blob left behind would be named: verify lists an orphan blob since issue 26)
     (root / "audit.jsonl").write_bytes(b"".join((root / "audit.jsonl").read_bytes().splitlines(True)[:-1]))
+    gone = lines(root)[-1]["blob_sha256"]
     write_lines(root, lines(root)[:-1])
+    blob = root / "blobs" / "sha256" / gone[:2] / gone
+    blob.chmod(0o600)
+    blob.unlink()
     assert rpe("audit", "verify", "--log", str(root / "audit.jsonl")).returncode == 0
     out = rpe("audit", "verify", "--log", str(root / "audit.jsonl"), "--anchor", anchor)
     assert out.returncode == 1 and "anchor_mismatch" in out.stdout
@@ -185,7 +190,7 @@ def test_receipts_witness_a_truncated_or_rewritten_coordinator_log(tmp_path):
     raw = (root / "audit.jsonl").read_bytes().splitlines(True)
     (root / "audit.jsonl").write_bytes(b"".join(raw[:-1]))  # truncate the tail
     rep = cross_check(egress, root / "audit.jsonl", "s0", coordinator_key=keyfile)
-    assert not rep.ok and any("truncated" in p for p in rep.receipt_problems)
+    assert not rep.ok and any("truncated" in p for p in rep.receipt_problems + rep.truncation)
     # rewrite the last entry consistently (a coordinator re-chaining its own log)
     last = json.loads(raw[-2])
     last["site"] = "someone-else"

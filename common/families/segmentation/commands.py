@@ -39,17 +39,29 @@ def _image_files(paths: list[str]) -> list[Path]:
 
 
 def _read_image(path: Path) -> Any:
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
+    from common.families.segmentation.data import ImageError, open_image
 
-    try:
-        with Image.open(path) as im:
-            arr = np.array(im.convert("L") if im.mode not in ("L", "RGB") else im)
-    except (OSError, UnidentifiedImageError) as exc:
-        raise SiteCommandError(f"{path}: not a readable image ({exc})") from None
+    try:  # bounded: a decompression bomb or a FIFO is a clear error, never a traceback or a hang
+        arr = open_image(path, "image", convert=True)
+    except ImageError as exc:
+        raise SiteCommandError(str(exc)) from None
     if arr.ndim not in (2, 3):
         raise SiteCommandError(f"{path}: expected a grey or RGB image, got shape {arr.shape}")
     return arr
+
+
+def _adapter_base(adir: Path) -> Any:
+    """``base_model_name_or_path`` of a received adapter, read through the bounded JSON reader."""
+    from common.files.safeio import UnsafeInputError, loads_json, read_regular_file
+
+    path = adir / "adapter_config.json"
+    try:
+        cfg = loads_json(read_regular_file(path, 1 << 20, "adapter config"), f"adapter config {path}")
+    except UnsafeInputError as exc:
+        raise SiteCommandError(str(exc)) from None
+    if not isinstance(cfg, dict):
+        raise SiteCommandError(f"adapter config {path}: expected a JSON object")
+    return cfg.get("base_model_name_or_path")
 
 
 def segment_files(
@@ -88,9 +100,7 @@ def segment_files(
     except SegmentationConfigError as exc:
         raise SiteCommandError(f"--prompt: {exc}") from None
     files = _image_files(images)
-    base = (
-        model or json.loads((adir / "adapter_config.json").read_text()).get("base_model_name_or_path") or sam.LITEMEDSAM
-    )
+    base = model or _adapter_base(adir) or sam.LITEMEDSAM
     try:
         net = sam.load_sam(base)
     except (OSError, ValueError, sam.SamCheckpointError) as exc:

@@ -66,11 +66,72 @@ class SegSite:
         return [*self.train_images, *self.test_images]
 
 
-def _read_png(path: Path) -> np.ndarray:
-    from PIL import Image
+#: the largest image a site or ``rpe segment`` decodes (width x height) and the largest file it reads:
+#: a PNG "decompression bomb" (a few KB that claim 10^5 x 10^5 pixels) is refused before decoding
+MAX_IMAGE_PIXELS = 64 << 20
+MAX_IMAGE_FILE_BYTES = 256 << 20
 
-    with Image.open(path) as im:
-        return np.array(im)
+
+class ImageError(ValueError):
+    """An image or mask file that cannot be used (unreadable, too large, of the wrong size)."""
+
+
+def open_image(path: Path, what: str = "image", convert: bool = False) -> np.ndarray:
+    """The pixels of image file ``path`` as a uint8 array, in bounded memory and time: a regular file
+    of at most ``MAX_IMAGE_FILE_BYTES`` (``common.files.safeio``), whose header claims at most
+    ``MAX_IMAGE_PIXELS`` pixels (checked before anything is decoded; Pillow's own bomb guard is
+    turned into the same error). ``convert``: anything not grey or RGB becomes grey or RGB.
+    ``ImageError`` (a ``ValueError``) names the file, what is wrong and the limit."""
+    import io
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    from common.files.safeio import UnsafeInputError, read_regular_file
+
+    try:
+        data = read_regular_file(path, MAX_IMAGE_FILE_BYTES, what)
+    except UnsafeInputError as exc:
+        raise ImageError(str(exc)) from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+                if w * h > MAX_IMAGE_PIXELS:
+                    raise ImageError(
+                        f"{what} {path}: {w}x{h} pixels, more than the limit of {MAX_IMAGE_PIXELS} "
+                        "(a decompression bomb or not an image of this task); nothing was decoded"
+                    )
+                if convert and im.mode not in ("L", "RGB"):
+                    return np.array(im.convert("RGB" if "A" in im.mode else "L"))
+                return np.array(im)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"{what} {path}: refused as a decompression bomb ({exc})") from None
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+        raise ImageError(f"{what} {path}: not a readable image ({exc})") from None
+
+
+def _read_png(path: Path, what: str = "image") -> np.ndarray:
+    return open_image(path, what)
+
+
+def _read_pairs(pairs: list[tuple[Path, Path]]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Images and masks of name-matched pairs; a mask whose size differs from its image's is refused
+    (it would be trained and scored against the wrong pixels), naming both files and sizes."""
+    imgs, masks = [], []
+    for ipath, mpath in pairs:
+        img, mask = _read_png(ipath, "image"), _read_png(mpath, "mask")
+        if img.shape[:2] != mask.shape[:2]:
+            raise ImageError(
+                f"mask {mpath} is {mask.shape[1]}x{mask.shape[0]} but its image {ipath} is "
+                f"{img.shape[1]}x{img.shape[0]}; a mask must have its image's size (fix or remove the pair)"
+            )
+        imgs.append(img)
+        masks.append(mask)
+    return imgs, masks
 
 
 def _pairs(image_dir: Path, mask_dir: Path) -> list[tuple[Path, Path]]:
@@ -88,8 +149,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 def read_images(path: Path) -> list[np.ndarray]:
     """The images in folder ``path`` (sorted by name; or the one image file ``path``), grey (H, W)
     or RGB (H, W, 3) uint8 as a site's slices are. ``ValueError`` names what is wrong."""
-    from PIL import Image, UnidentifiedImageError
-
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
@@ -101,11 +160,7 @@ def read_images(path: Path) -> list[np.ndarray]:
         raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {path}")
     out = []
     for f in files:
-        try:
-            with Image.open(f) as im:
-                arr = np.array(im if im.mode in ("L", "RGB") else im.convert("RGB" if "A" in im.mode else "L"))
-        except (OSError, UnidentifiedImageError) as exc:
-            raise ValueError(f"{f}: not a readable image ({exc})") from None
+        arr = open_image(f, "image", convert=True)
         out.append(arr[..., :3] if arr.ndim == 3 else arr)
     return out
 
@@ -117,9 +172,8 @@ def load_prostate_site(site: str, root: Path | None = None) -> SegSite:
     base = (root / PROSTATE if root else dataset_dir(PROSTATE)) / site
     splits = {}
     for split in ("train", "test"):
-        pairs = _pairs(base / split / "image", base / split / "mask")
-        imgs = [_read_png(i) for i, _ in pairs]
-        masks = [_read_png(m) < 128 for _, m in pairs]
+        imgs, raw_masks = _read_pairs(_pairs(base / split / "image", base / split / "mask"))
+        masks = [m < 128 for m in raw_masks]
         splits[split] = (
             [i if i.ndim == 2 else i[..., 0] for i in imgs],
             [m if m.ndim == 2 else m[..., 0] for m in masks],
@@ -136,9 +190,8 @@ def load_fundus_site(domain: str, structure: str = "disc", root: Path | None = N
     base = (root / FUNDUS if root else dataset_dir(FUNDUS)) / domain
     splits = {}
     for split in ("train", "test"):
-        pairs = _pairs(base / split / "ROIs" / "image", base / split / "ROIs" / "mask")
-        imgs = [_read_png(i)[..., :3] for i, _ in pairs]
-        masks = [_read_png(m) for _, m in pairs]
+        imgs, masks = _read_pairs(_pairs(base / split / "ROIs" / "image", base / split / "ROIs" / "mask"))
+        imgs = [i[..., :3] for i in imgs]
         masks = [(m if m.ndim == 2 else m[..., 0]) < FUNDUS_THRESHOLDS[structure] for m in masks]
         splits[split] = (imgs, masks)
     return SegSite(domain, f"{FUNDUS}:{structure}", *splits["train"], *splits["test"])

@@ -41,7 +41,7 @@ EMBEDDINGS_CACHE_DIR = "seg-embeddings"
 
 def seg_site(site: SiteInputs) -> Any:
     """The site's slices (``common.families.segmentation.data.SegSite``) from its node config."""
-    from common.families.segmentation.data import PROSTATE, load_fundus_site, load_prostate_site
+    from common.families.segmentation.data import PROSTATE, ImageError, load_fundus_site, load_prostate_site
 
     dataset, name = site.option("seg-dataset", PROSTATE), site.option("seg-site")
     if not name:
@@ -54,6 +54,8 @@ def seg_site(site: SiteInputs) -> Any:
         return load_fundus_site(name, structure or "disc", root)
     except KeyError as exc:
         raise FamilyError(f"site {site.site!r}: {exc.args[0]}") from None
+    except ImageError as exc:  # a bomb, a FIFO, a mask of another size than its image: named, no traceback
+        raise FamilyError(f"site {site.site!r}: {exc}") from None
 
 
 def _split(value: Any) -> list[str]:

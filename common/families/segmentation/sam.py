@@ -188,6 +188,14 @@ def build_sam(config: Mapping[str, Any]) -> nn.Module:
     return model
 
 
+def _read_json(path: Path, what: str) -> Any:
+    """A small JSON file through the bounded reader (``common.files.safeio``): a FIFO, a huge or
+    200,000-deep file is an ``UnsafeInputError`` (a ``ValueError``) naming it, never a hang or traceback."""
+    from common.files.safeio import loads_json, read_regular_file
+
+    return loads_json(read_regular_file(path, 1 << 20, what), f"{what} {path}")
+
+
 def _sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -224,7 +232,7 @@ def resolve_sam(spec: str | os.PathLike[str]) -> tuple[dict[str, Any], Path]:
     path = Path(spec).expanduser()
     if path.is_dir():
         config = (
-            json.loads((path / CONFIG_NAME).read_text())
+            _read_json(path / CONFIG_NAME, "SAM config")
             if (path / CONFIG_NAME).is_file()
             else copy.deepcopy(LITEMEDSAM_CONFIG)
         )
@@ -292,10 +300,10 @@ def fingerprint(spec: str | os.PathLike[str]) -> str:
     stamp = [weights.stat().st_size, weights.stat().st_mtime_ns]
     cache = weights.with_name(weights.name + _FINGERPRINT_SUFFIX)
     try:
-        cached = json.loads(cache.read_text())
+        cached = _read_json(cache, "fingerprint cache")
         if cached.get("stamp") == stamp and cached.get("config") == config:
             return str(cached["fingerprint"])
-    except (OSError, json.JSONDecodeError, AttributeError):
+    except (OSError, ValueError, AttributeError):  # UnsafeInputError is a ValueError: recomputed
         pass
     model = build_sam(config)
     model.load_state_dict(_read_state(weights), strict=True)
