@@ -14,6 +14,7 @@ The coordinator keeps one registry per family under its registry root
 from __future__ import annotations
 
 import importlib
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,27 @@ FAMILIES: dict[str, str] = {
     "report-text": "common.families.report.family:FAMILY",
     "segmentation": "common.families.segmentation.family:FAMILY",
 }
+#: families a deployment adds without editing this file: ``RPE_FAMILIES="name=module:ATTRIBUTE,..."`` in
+#: the environment of every process that must know them (the SuperNodes' ClientApps, the ServerApp,
+#: ``rpe console``), the way a package brings a family with one ``register_family`` call
+FAMILIES_ENV = "RPE_FAMILIES"
+
+
+def _families_from(value: str) -> dict[str, str]:
+    """``{name: "module:ATTRIBUTE"}`` from ``$RPE_FAMILIES``; a malformed entry is an error naming it."""
+    out: dict[str, str] = {}
+    for item in filter(None, (s.strip() for s in value.split(","))):
+        name, sep, dotted = item.partition("=")
+        if not sep or not name.strip() or ":" not in dotted:
+            raise ValueError(
+                f"${FAMILIES_ENV}: {item!r} is not NAME=module:ATTRIBUTE (e.g. toy=mypkg.toy:FAMILY); "
+                "separate several families with commas"
+            )
+        out[name.strip()] = dotted.strip()
+    return out
+
+
+FAMILIES.update(_families_from(os.environ.get(FAMILIES_ENV, "")))
 #: the family a request without ``task`` means (the first family this system had)
 DEFAULT_FAMILY = "report-text"
 _LOADED: dict[str, Family] = {}
