@@ -61,10 +61,10 @@ def _die_with_parent() -> None:
 class Console:
     """``python -m server.console`` in its own process group, stopped by PID."""
 
-    def __init__(self, registry: Path, log: Path, *extra: str) -> None:
+    def __init__(self, registry: Path, log: Path, *extra: str, env: dict[str, str] | None = None) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
         self.log = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "server.console", "--registry", str(registry), "--port", str(self.port), *extra],
