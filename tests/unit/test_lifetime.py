@@ -14,8 +14,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+import pytest
 
 from deploy.launch import descendants, free_port, is_alive, proc_start_time
 
@@ -39,7 +42,18 @@ def _env() -> dict[str, str]:
     return env
 
 
-def test_servers_die_with_a_sigkilled_parent(tmp_path: Path) -> None:
+@pytest.fixture
+def open_workdir():
+    """A workdir nginx's workers can reach: as root they run as their own account, and the launcher
+    refuses a --workdir below a directory other users cannot enter (pytest's temporary root is 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="rpe-lifetime-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_servers_die_with_a_sigkilled_parent(open_workdir: Path) -> None:
+    tmp_path = open_workdir
     proxy = shutil.which("nginx") is not None or Path("/usr/sbin/nginx").exists()
     port = free_port()
     parent = subprocess.Popen(
