@@ -22,7 +22,7 @@ from flwr.app import Context, RecordDict
 
 from client.delivery import check_delivery, rebuild_adapter
 from client.policy import ReleaseRefused
-from client.release import say
+from client.release import guard_metrics, round_metric_counts, say
 from client.site import Site, family_options, load_family_data, site_family
 from common.protocol import wire
 
@@ -67,6 +67,7 @@ def evaluate_arms(req: wire.Request, site: Site, context: Context) -> RecordDict
         for i, result in enumerate(scored):
             prefix = f"a{i}" if i < len(adapters) else "base"
             metrics.update({f"{prefix}_{k}": v for k, v in numeric(result).items()})
+        metrics = round_metric_counts(metrics, site.release.min_metric_reports)
     receipt = {
         "schema": wire.WIRE_SCHEMA,
         "site": site.site,
@@ -91,5 +92,7 @@ def scorable(site: Site, family: Any, cfg: dict[str, Any]) -> list[Any]:
         site.release.metrics(len(held))
     except ReleaseRefused as exc:
         say(site, f"metrics withheld: {exc.reason}")
+        return []
+    if not guard_metrics(site, family, held):  # differencing over time (client/history.py)
         return []
     return held

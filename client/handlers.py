@@ -42,8 +42,17 @@ from client.delivery import (
     received_adapter,
     store_received,
 )
+from client.history import round_count
 from client.policy import ReleaseRefused
-from client.release import ZRelease, allowed_layer, check_budget, release_z, say
+from client.release import (
+    ZRelease,
+    allowed_layer,
+    check_budget,
+    guard_metrics,
+    release_z,
+    round_metric_counts,
+    say,
+)
 from client.site import Site, SiteError, family_options, key_id, load_family_data, signing_key, site_family
 from common.families import get_family
 from common.families.base import DPSettings, Family, SiteDataset, TrainPlan
@@ -235,7 +244,8 @@ def enroll_meta(
         "modality": described["modality"],
         "group": described["group"],
         "base_fingerprint": rel.info["base_fingerprint"],
-        "sample_count": len(data.train),
+        # rounded down to a multiple of z-min-examples, as every count that leaves (client/history.py)
+        "sample_count": round_count(len(data.train), site.release.min_examples),
         "token_count": int(rel.info["token_count"]),
         "lora_config": wire.canonical_json(encoded.lora_config),
         "blob_sha256": encoded.sha256,
@@ -330,12 +340,15 @@ def score(site: Site, cfg: dict[str, Any], adapter: Any) -> tuple[dict[str, floa
     except ReleaseRefused as exc:  # the adapter is still installed; only the scores stay here
         say(site, f"metrics withheld: {exc.reason}")
         return {}, False
+    if not guard_metrics(site, family, held):  # differencing over time (client/history.py)
+        return {}, False
     base = family.load_base(site.inputs())
     family.to_compute(base, site.compute_dtype)
     metrics = numeric(family.score(base, site.inputs(), held, [adapter])[0])
     if cfg.get("with_base"):
         plain = family.score(base, site.inputs(), held, [None])[0]
         metrics.update({f"base_{k}": v for k, v in numeric(plain).items()})
+    metrics = round_metric_counts(metrics, site.release.min_metric_reports)
     return metrics, bool(metrics)
 
 

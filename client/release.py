@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from client.history import round_count
 from client.policy import ReleaseRefused
 from client.site import Site, SiteError
 from common.families.base import Base, Family, FamilyError
@@ -91,6 +92,9 @@ def release_z(
     from common.privacy import ZMechanism, release_record
 
     mech = ZMechanism.from_policy(site.policy)
+    earlier = differencing_guard(site, family, examples, layer)
+    if earlier is not None:
+        return earlier
     cache = z_cache_path(site, family.name, family.data_digest(examples), layer, mech) if mech is not None else None
     cached = cached_z(site, cache) if cache is not None else None
     if cached is None and mech is not None:  # a z released before the cache was keyed by family
@@ -104,11 +108,13 @@ def release_z(
     emb = family.embed(base, site.inputs(), examples, layer, mech.clip if mech else None)
     info = {
         "base_fingerprint": base.fingerprint,
-        "sample_count": emb.n_examples,
-        "token_count": int(emb.n_tokens),
+        # counts leave rounded (client/history.py): the coordinator only stores and shows them
+        "sample_count": round_count(emb.n_examples, site.release.min_examples),
+        "token_count": 0,
         "embedding_spec": emb.spec(),
     }
     if mech is None:
+        keep_answer(site, family, examples, layer, emb.z, info)
         return ZRelease(emb.z, info, None, False)
     say(
         site,
@@ -118,7 +124,86 @@ def release_z(
     z = mech.apply(emb.z, emb.n_tokens)
     if cache is not None:
         site.after_logged.append(lambda: store_z(cache, z, info))
+    keep_answer(site, family, examples, layer, z, info)
     return ZRelease(z, info, mech, False)
+
+
+def _z_scope(site: Site, family: Family, layer: int) -> tuple[Any, str]:
+    from client.history import ReleaseHistory
+
+    scope = wire.canonical_json({"family": family.name, "model": str(site.model_path), "layer": layer})
+    return ReleaseHistory(site.site_dir), scope
+
+
+def _z_items(family: Family, examples: Sequence[Any]) -> list[str]:
+    """One digest per item z is pooled over, by exactly what z reads of it (``Family.data_digest``
+    of the item alone): the same report is the same item at enrolment (labelled) and in a query."""
+    return [family.data_digest([x]) for x in examples]
+
+
+def differencing_guard(site: Site, family: Family, examples: Sequence[Any], layer: int) -> ZRelease | None:
+    """Issue 26 class 2 (``client/history.py``): a z over a set that differs from an earlier z's
+    set by fewer than ``z-min-examples`` items is answered with that earlier z and its counts (no
+    new information, no new privacy cost); with nothing kept to answer from, it is refused.
+    None: the release may go ahead (and is now recorded)."""
+    from client.history import HistoryError
+
+    history, scope = _z_scope(site, family, layer)
+    try:
+        close = history.check("z", scope, _z_items(family, examples), site.release.min_examples)
+    except HistoryError as exc:
+        raise SiteError(str(exc)) from None
+    if close is None:
+        return None
+    minimum = site.release.min_examples
+    answer = close.get("answer")
+    if not answer:
+        raise ReleaseRefused(
+            "difference-too-small",
+            f"this z would differ from one released earlier by fewer than {minimum} examples "
+            "(z-min-examples); the difference would isolate them. Add or remove at least that many",
+        )
+    say(site, f"z: the data differs from an earlier release by fewer than {minimum} examples; re-sending that z")
+    from common.privacy import ZMechanism
+
+    return ZRelease(
+        np.asarray(answer["z"], dtype=np.float32), answer["info"], ZMechanism.from_policy(site.policy), True
+    )
+
+
+def keep_answer(
+    site: Site, family: Family, examples: Sequence[Any], layer: int, z: np.ndarray, info: dict[str, Any]
+) -> None:
+    """Keep the z this release sends with its history entry (it leaves anyway), for later answers."""
+    history, scope = _z_scope(site, family, layer)
+    history.remember("z", scope, _z_items(family, examples), {"z": [float(x) for x in z], "info": info})
+
+
+def guard_metrics(site: Site, family: Family, held: Sequence[Any]) -> bool:
+    """Whether held-out metrics over ``held`` may leave: not when the set differs from an earlier
+    metrics release's by fewer than ``metrics-min-reports`` items (``n₂m₂ − n₁m₁`` would be those
+    items' scores); the metrics are then withheld. An allowed release is recorded before it leaves."""
+    from client.history import HistoryError, ReleaseHistory, item_digest
+
+    scope = wire.canonical_json({"family": family.name, "model": str(site.model_path)})
+    minimum = site.release.min_metric_reports
+    try:
+        close = ReleaseHistory(site.site_dir).check("metrics", scope, [item_digest(x) for x in held], minimum)
+    except HistoryError as exc:
+        raise SiteError(str(exc)) from None
+    if close is not None:
+        say(
+            site,
+            f"metrics withheld: the held-out set differs from an earlier release's by fewer than {minimum} "
+            "items (metrics-min-reports); the difference would isolate their scores",
+        )
+        return False
+    return True
+
+
+def round_metric_counts(metrics: dict[str, float], minimum: int) -> dict[str, float]:
+    """Counts among the metrics (``n``, ``<arm>_n``) rounded down to a multiple of the minimum."""
+    return {k: (float(round_count(int(v), minimum)) if k == "n" or k.endswith("_n") else v) for k, v in metrics.items()}
 
 
 def z_cache_path(site: Site, family: str, data_digest: str, layer: int, mech: Any) -> Path:

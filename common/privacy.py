@@ -23,9 +23,13 @@ through Rényi DP (Opacus' RDP accountant, add/remove-one adjacency, the one DP-
 what ``epsilon_total`` reports, what ``spent_from_egress`` adds up over a site's whole egress log
 and what ``privacy-budget`` caps.
 
-Not covered, and said so in the README: the example and token counts sent with z
-(``sample_count``, ``token_count``) are exact; the noise comes from numpy's PCG64 seeded from OS
-entropy (``secrets``), not a floating-point-safe discrete sampler (Mironov, CCS 2012).
+Counts: ``sample_count`` leaves rounded down to a multiple of the site's minimum set size and
+``token_count`` as 0 (``client/history.py``, which also refuses a release whose difference from an
+earlier one covers fewer items than the minimum set: differencing over time). A z re-sent from an
+earlier release is a repeat (no new cost); every new release counts.
+
+Not covered, and said so in the README: the noise comes from numpy's PCG64 seeded from OS entropy
+(``secrets``), not a floating-point-safe discrete sampler (Mironov, CCS 2012).
 """
 
 from __future__ import annotations
