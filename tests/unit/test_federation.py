@@ -370,7 +370,7 @@ def test_local_privacy_settings_travel_from_node_config_to_registry_audit_and_eg
     assert query and query[0]["privacy"]["z_mechanism"] == "gaussian"
     # the query's set (every report) differs from the enrolment's (training reports) by the 2
     # held-out ones, fewer than z-min-examples: the enrolment's noisy z is re-sent, at no new cost
-    # (issue 26 class 2: a fresh z would isolate the held-out set; tests/test_differencing.py)
+    # (issue 26 class 2: a fresh z would isolate the held-out set; tests/unit/test_differencing.py)
     assert query[0]["privacy"].get("z_repeat") is True
     from server.auditreport import format_report, report
 
