@@ -248,39 +248,33 @@ def run_compose(
         run_id=run_id,
         on_reply=lambda req, rep: progress.result(req.key, "receipt" if rep.ok else rep.problem),
     )
+
+    def audit_undelivered(req: Any, rep: Any, res: dict[str, Any]) -> None:
+        t = req.key
+        audit_reply(
+            registry.audit,
+            "composition.undelivered",
+            req,
+            rep,
+            run_id,
+            t,
+            target=t,
+            name=res["adapter_name"],
+            output_sha256=res["blob_sha256"],
+            reason=res["reason"][:1000],
+        )
+
     for req in requests:
         t, rep, res = req.key, replies[req.key], results[req.key]
         if rep.failure is not None:
             res.update(failed("undelivered", rep.failure))
-            audit_reply(
-                registry.audit,
-                "composition.undelivered",
-                req,
-                rep,
-                run_id,
-                t,
-                target=t,
-                name=res["adapter_name"],
-                output_sha256=res["blob_sha256"],
-                reason=res["reason"][:1000],
-            )
+            audit_undelivered(req, rep, res)
             continue
         try:
             metrics, receipt = parse_receipt(rep.content, req, res["blob_sha256"])
         except WireError as exc:
             res.update(status="undelivered", reason=f"invalid apply reply: {exc}", kind="invalid")
-            audit_reply(
-                registry.audit,
-                "composition.undelivered",
-                req,
-                rep,
-                run_id,
-                t,
-                target=t,
-                name=res["adapter_name"],
-                output_sha256=res["blob_sha256"],
-                reason=res["reason"][:1000],
-            )
+            audit_undelivered(req, rep, res)
             continue
         res.update(status="delivered", metrics=metrics, evaluated=receipt["evaluated"])
         audit_reply(
