@@ -19,7 +19,7 @@ from common.trust.digests import canonical_json
 from deploy.cli import main
 from server.audit import entry_hash, head, line_hash
 from server.coordroot import audit_sources
-from support.seg import run_local, seg_config
+from support.seg import report_config, run_local, seg_config
 
 SITES = ("a", "b", "RUNMC", "BMC")
 
@@ -38,17 +38,7 @@ def _rpe(capsys, *argv: str) -> tuple[int, str]:
 def clean(local):
     """The real two-family run, once for the module: enrol both, compose for a, evaluate segmentation."""
     reg_dir: Path = local["registry"]
-    report_rc = {
-        "registry-dir": str(reg_dir),
-        "base-model": str(local["model"]),
-        "chroma": "off",
-        "steps": 2,
-        "lora-r": 4,
-        "lora-alpha": 8.0,
-        "max-length": 128,
-        "max-eval": 2,
-        "sites": "a,b",
-    }
+    report_rc = report_config(local)
     assert run_local(local, 61, {**report_rc, "mode": "enroll"})["status"] == "completed"
     seg = run_local(local, 62, seg_config(reg_dir, local["sam"], mode="enroll", sites="RUNMC,BMC"))
     assert {s: r["status"] for s, r in seg["enroll"].items()} == {"RUNMC": "accepted", "BMC": "accepted"}

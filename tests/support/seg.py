@@ -101,6 +101,21 @@ def local(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_s
     torch.set_num_threads(threads)
 
 
+def report_config(local: dict) -> dict:
+    """The small report run config of the two-family federation (sites a and b, two training steps)."""
+    return {
+        "registry-dir": str(local["registry"]),
+        "base-model": str(local["model"]),
+        "chroma": "off",
+        "steps": 2,
+        "lora-r": 4,
+        "lora-alpha": 8.0,
+        "max-length": 128,
+        "max-eval": 2,
+        "sites": "a,b",
+    }
+
+
 def run_local(local: dict, run_id: int, rc: dict) -> dict:
     """One run of the real ServerApp over the sites of ``local`` (``rc`` names registry-dir and mode)."""
     report, _ = run_server_app(local["nodes"], run_id, {"allowlist": str(local["allowlist"]), **rc})

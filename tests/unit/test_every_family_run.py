@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 import pytest
-from support.seg import run_local, seg_config
+from support.seg import report_config, run_local, seg_config
 from support.toy import SITES as TOY_SITES
 from support.toy import run as run_toy
 
@@ -36,17 +36,7 @@ def _rpe(capsys, *argv: str) -> tuple[int, str]:
 @pytest.mark.slow
 def test_a_real_two_family_run_verifies_and_cross_checks_on_the_root(local, capsys):
     reg_dir: Path = local["registry"]
-    report_rc = {
-        "registry-dir": str(reg_dir),
-        "base-model": str(local["model"]),
-        "chroma": "off",
-        "steps": 2,
-        "lora-r": 4,
-        "lora-alpha": 8.0,
-        "max-length": 128,
-        "max-eval": 2,
-        "sites": "a,b",
-    }
+    report_rc = report_config(local)
     assert run_local(local, 31, {**report_rc, "mode": "enroll"})["status"] == "completed"
     seg = run_local(local, 32, seg_config(reg_dir, local["sam"], mode="enroll", sites="RUNMC,BMC"))
     assert {s: r["status"] for s, r in seg["enroll"].items()} == {"RUNMC": "accepted", "BMC": "accepted"}
