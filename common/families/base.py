@@ -76,6 +76,28 @@ class DataCounts:
 
 
 @dataclass
+class DataCheck:
+    """What ``rpe data check`` says about one site folder for one family (no model, no torch).
+
+    ``used``: how many examples each split would use (``train``, ``eval``, ``unlabeled``);
+    ``lines``: what would be used, for a person (files, columns, slices, label convention);
+    ``problems``: each names the file (and row or slice), what was expected and what to do; any
+    problem makes ``ok`` false; ``warnings``: usable but suspicious (a mask that is mostly
+    foreground, a column never filled)."""
+
+    family: str
+    path: str
+    used: dict[str, int] = field(default_factory=dict)
+    lines: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+@dataclass
 class SiteDataset:
     """A site's examples as the family reads them (items are the family's own type).
 
@@ -192,6 +214,9 @@ class Family(Protocol):
     #: ``"module:function"`` of the family's demo recipe, ``(workdir, profile, model) -> DemoPlan``
     #: (``deploy/demo.py`` runs every family that has one); "" for none
     demo: str
+
+    # Optional (looked up with getattr, so older families still load):
+    # ``check_data(site: SiteInputs) -> DataCheck`` for ``rpe data check``.
 
     def counts(self, site: SiteInputs) -> DataCounts:
         """The whoami counts (no torch, no model; a site whose data cannot be read says ``ok=False``)."""
