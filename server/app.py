@@ -30,7 +30,16 @@ from flwr.serverapp import Grid, ServerApp
 
 from server.allowlist import AllowList
 from server.bootstrap import open_registry
-from server.messaging import IdentityRefused, SiteFailure, SiteInfo, discover, exchange, log, run_log
+from server.messaging import (
+    IdentityRefused,
+    SiteFailure,
+    SiteInfo,
+    discover,
+    exchange,
+    log,
+    message_counts,
+    run_log,
+)
 from server.modes.compose import embed_sites, run_compose
 from server.modes.enroll import run_enroll
 from server.modes.evaluate import run_evaluate
@@ -110,6 +119,7 @@ def main(grid: Grid, context: Context) -> None:
         raise
     finally:
         report["finished_at"] = time.time()
+        report["messages"] = message_counts()  # sent / resent / probes / unanswered (server/messaging.py)
         path = write_report(registry_dir, report)
         if path is not None:
             log(f"report: {path}")

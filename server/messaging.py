@@ -143,6 +143,17 @@ def request(
 FIRST_POLL_S = 0.25
 POLL_GROWTH = 1.5
 
+#: what this process's exchanges did (one ServerApp process = one run; the run report's ``messages``):
+#: ``sent`` requests pushed once, ``resent`` re-pushed after a loss, ``probes`` liveness probes,
+#: ``replies`` answers matched to a request, ``error_replies`` those that carry an error, ``unanswered``
+#: requests without any answer when their exchange ended, ``push_refused`` pushes the SuperLink refused
+_COUNTS = dict.fromkeys(("sent", "resent", "probes", "replies", "error_replies", "unanswered", "push_refused"), 0)
+
+
+def message_counts() -> dict[str, int]:
+    """The counts of every :func:`exchange` in this process so far (see :data:`_COUNTS`)."""
+    return dict(_COUNTS)
+
 
 def exchange(
     grid: Grid,
@@ -196,6 +207,7 @@ def exchange(
     counter = iter(range(1 << 62))
     deadline = time.monotonic() + timeout
     probes: dict[str, tuple[Request, int, float]] = {}  # message id -> (probe, push seq, sent at)
+    newest_done: dict[int, int] = {}  # node -> push seq of its newest answered request
 
     def push(indices: list[int]) -> None:
         msgs = [
@@ -209,15 +221,19 @@ def exchange(
         ]
         for i, mid in zip(indices, grid.push_messages(msgs)):
             if mid:
+                _COUNTS["resent" if i in push_seq else "sent"] += 1
                 in_flight[mid] = i
                 push_seq[i] = next(counter)
                 sent_at[i] = time.monotonic()
+            else:
+                _COUNTS["push_refused"] += 1
 
     def probe(node: int) -> None:
         ask = request(f"probe:{node}", node, wire.WHOAMI, {"challenge": secrets.token_hex(32)})
         msg = Message(ask.content, dst_node_id=node, message_type=ask.message_type, ttl=timeout + 60.0)
         for mid in grid.push_messages([msg]):
             if mid:
+                _COUNTS["probes"] += 1
                 probes[mid] = (ask, next(counter), time.monotonic())
                 if audit is not None:  # its reply may come after the main one, unawaited: cross-check expects it
                     audit.append(
@@ -239,8 +255,11 @@ def exchange(
 
     def fill() -> None:
         batch = []
+        active_of: dict[int, int] = {}
+        for i in in_flight.values():
+            active_of[requests[i].node_id] = active_of.get(requests[i].node_id, 0) + 1
         for node, queue in queues.items():
-            active = sum(1 for i in in_flight.values() if requests[i].node_id == node)
+            active = active_of.get(node, 0)
             while queue and active < max_in_flight:
                 batch.append(queue.pop(0))
                 active += 1
@@ -268,7 +287,10 @@ def exchange(
             done.add(i)
             reply = out[requests[i].key]
             reply.message = message
+            _COUNTS["replies"] += 1
+            _COUNTS["error_replies"] += int(message.has_error())
             node, now = requests[i].node_id, time.monotonic()
+            newest_done[node] = max(newest_done.get(node, -1), push_seq[i])
             took.setdefault(node, []).append(now - max(sent_at[i], last_reply.get(node, 0.0)))
             last_reply[node] = now
             if on_reply is not None:
@@ -277,8 +299,7 @@ def exchange(
             del in_flight[mid]
         now = time.monotonic()
         for mid, i in in_flight.items():
-            node = requests[i].node_id
-            overtaken = any(requests[j].node_id == node and push_seq[j] > push_seq[i] for j in done)
+            overtaken = newest_done.get(requests[i].node_id, -1) > push_seq[i]
             if overtaken and resends.get(i, 0) < max_resends and mid not in lost:
                 lost.append(mid)
         waiting: dict[int, float] = {}
@@ -307,6 +328,7 @@ def exchange(
                 on_wait()
             pause = min(poll_s, FIRST_POLL_S * POLL_GROWTH**quiet)
             time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+    _COUNTS["unanswered"] += sum(1 for r in out.values() if r.message is None)
     return out
 
 

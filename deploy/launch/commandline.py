@@ -60,6 +60,18 @@ def _wait_for_signal(workdir: Path) -> None:
     down(workdir)
 
 
+def _poll_interval(spec: SiteSpec, value: str | None) -> None:
+    """``--poll-interval`` into the site's node config (deploy/supernode_main.py reads it there, also
+    after a restart), checked before anything starts."""
+    from deploy.supernode_main import POLL_KEY, PollIntervalError, check_poll_interval
+
+    if value is not None:
+        try:
+            spec.extra[POLL_KEY] = check_poll_interval(value, "--poll-interval")
+        except PollIntervalError as exc:
+            raise LaunchError(str(exc)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m deploy.launch``: parse the command line and run one command; 1 on a launch error."""
     parser = argparse.ArgumentParser(
@@ -183,6 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     p_node.add_argument("--site-dir", default="", help="adapters, egress log (default WORKDIR/sites/ID)")
     p_node.add_argument("--port", type=int, default=DEFAULT_SUPERNODE_PORT, help="local ClientApp port")
     p_node.add_argument("--threads", type=int, default=0, help="torch threads per ClientApp")
+    for p in (p_up, p_node):
+        p.add_argument(
+            "--poll-interval",
+            default=None,
+            metavar="SECONDS",
+            help="seconds an idle SuperNode waits between two asks for work (node config 'poll-interval'; "
+            "default 1): longer = less SuperLink load per idle site, each message waits half of it longer",
+        )
     p_node.add_argument(
         "--app-sha256",
         default="",
@@ -265,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                 spec.threads = args.threads
                 spec.privacy = privacy_args(args.privacy, spec.site)
                 spec.app_sha256 = args.app_sha256
+                _poll_interval(spec, args.poll_interval)
             state = up(
                 args.workdir,
                 specs,
@@ -336,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
                 str(Path(args.coordinator_key).resolve()) if args.coordinator_key else "",
                 dict(item.split("=", 1) for item in args.release),
             )
+            _poll_interval(spec, args.poll_interval)
             proc = start_supernode(args.workdir, spec, args.superlink, args.root_certificates, args.auth_key)
             keys = Path(spec.site_dir) / "keys"
             if not (keys / f"{spec.site}.key").exists():

@@ -51,7 +51,7 @@ def start_supernode(
     cmd = [
         sys.executable,
         "-m",
-        "deploy.supernode_main",  # flower-supernode, polling every 1 s when idle, not 3 s
+        "deploy.supernode_main",  # flower-supernode; idle poll: node config 'poll-interval' (default 1 s, not 3)
         "--superlink",
         superlink,
         "--root-certificates",

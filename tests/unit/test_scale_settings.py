@@ -1,0 +1,136 @@
+"""Issue 29: the settings and counters the federation-scale benchmark measures by.
+
+* The SuperNode's idle poll interval is a site setting (``deploy/supernode_main.py``): default 1 s,
+  ``poll-interval`` in the node config or ``--poll-interval`` (flag wins), out-of-range or non-numeric
+  values refused with a message naming where they came from, before flwr starts; ``deploy.launch
+  supernode --poll-interval`` writes it into the node config (kept on restart) and refuses a bad one
+  with nothing started.
+* ``server.messaging.exchange`` counts what it sent, re-sent, probed and never got an answer to
+  (the run report's ``messages``), with the bookkeeping per node instead of scans over every
+  answered message.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from support.grid import QueueGrid
+
+from common.protocol import wire
+from deploy import supernode_main as snm
+from deploy.launch import commandline
+from deploy.launch.state import STATE_FILE, SiteSpec, spec_from_node_config
+from server import messaging
+from server.messaging import exchange, message_counts, request
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _node_config(tmp_path: Path, text: str) -> list[str]:
+    path = tmp_path / "node-config.toml"
+    path.write_text(f'site-id = "a"\n{text}')
+    return ["--superlink", "127.0.0.1:9093", "--node-config", str(path)]
+
+
+def test_the_poll_interval_defaults_to_one_second_and_comes_from_the_node_config(tmp_path: Path) -> None:
+    argv = _node_config(tmp_path, "")
+    assert snm.poll_interval(argv) == (snm.IDLE_POLL_S, argv) and snm.IDLE_POLL_S == 1.0
+    argv = _node_config(tmp_path, "poll-interval = 5\n")
+    assert snm.poll_interval(argv) == (5.0, argv)
+    # the flag wins and is taken out of what flwr sees
+    seconds, rest = snm.poll_interval(["--poll-interval", "2.5", *argv])
+    assert seconds == 2.5 and rest == argv
+    assert snm.poll_interval(["--poll-interval=0.5", *argv])[0] == 0.5
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "61", "nan", "inf", "soon", "true"])
+def test_a_bad_poll_interval_is_refused_naming_where_it_came_from(tmp_path: Path, bad: str) -> None:
+    with pytest.raises(snm.PollIntervalError, match="--poll-interval"):
+        snm.poll_interval(["--poll-interval", bad])
+    value = bad if bad in ("true", "nan", "inf") else f'"{bad}"' if bad == "soon" else bad
+    argv = _node_config(tmp_path, f"poll-interval = {value}\n")
+    with pytest.raises(snm.PollIntervalError, match="node-config.toml: poll-interval"):
+        snm.poll_interval(argv)
+
+
+def test_supernode_main_refuses_a_bad_interval_before_flwr_starts(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "deploy.supernode_main", "--poll-interval", "0", *_node_config(tmp_path, "")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "0 s is outside 0.1..60 s" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_patched_loop_sleeps_the_interval_only_when_idle() -> None:
+    clock = snm._PollClock(0.05)
+    t0 = time.monotonic()
+    clock.sleep(snm._FLWR_IDLE_SLEEP_S)  # flwr's idle sleep
+    assert time.monotonic() - t0 < 1.0
+    t0 = time.monotonic()
+    clock.sleep(0.2)  # any other sleep is flwr's own
+    assert time.monotonic() - t0 >= 0.2
+    assert clock.monotonic is time.monotonic
+
+
+def test_launch_supernode_puts_the_interval_in_the_node_config_and_keeps_it_on_restart() -> None:
+    spec = SiteSpec("a", "/data/a")
+    commandline._poll_interval(spec, "3")
+    nc = spec.node_config()
+    assert nc["poll-interval"] == 3.0
+    assert spec_from_node_config("a", nc).node_config()["poll-interval"] == 3.0  # restart_site's spec
+    commandline._poll_interval(spec, None)
+    assert spec.node_config()["poll-interval"] == 3.0
+
+
+def test_launch_supernode_refuses_a_bad_interval_and_starts_nothing(tmp_path: Path, capsys) -> None:
+    rc = commandline.main(
+        [
+            "supernode",
+            "--workdir",
+            str(tmp_path / "site"),
+            "--superlink",
+            "127.0.0.1:9093",
+            "--root-certificates",
+            str(tmp_path / "ca.crt"),
+            "--auth-key",
+            str(tmp_path / "a_auth"),
+            "--site-id",
+            "a",
+            "--data-path",
+            str(tmp_path),
+            "--poll-interval",
+            "1000",
+        ]
+    )
+    assert rc == 1
+    assert "--poll-interval: 1000 s is outside" in capsys.readouterr().err
+    assert not (tmp_path / "site" / STATE_FILE).exists()
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_exchange_counts_sent_resent_probes_and_unanswered(monkeypatch) -> None:
+    monkeypatch.setattr(messaging, "_COUNTS", dict.fromkeys(messaging._COUNTS, 0))
+    reqs = [request(k, 7, wire.EMBED, {"task": "reports", "embed_layer": -1}) for k in ("a", "b")]
+    grid = QueueGrid({wire.EMBED: 0.1}, {"a"}, {r.nonce: r.key for r in reqs})
+    out = exchange(grid, reqs, timeout=30.0, poll_s=0.05, probe_after=0.3)
+    assert out["a"].ok and out["b"].ok
+    counts = message_counts()
+    assert counts["sent"] == 2 and counts["resent"] == 1 and counts["replies"] == 2
+    assert counts["unanswered"] == 0 and counts["error_replies"] == 0
+    # a site that never answers: counted once as unanswered, however often it was re-sent
+    reqs = [request("c", 8, wire.EMBED, {"task": "reports", "embed_layer": -1})]
+    grid = QueueGrid({wire.EMBED: 0.1}, set(), {})
+    grid.queue[8] = []
+    grid._work = lambda: None  # type: ignore[method-assign]  # node 8 takes nothing
+    out = exchange(grid, reqs, timeout=1.0, poll_s=0.05, probe_after=0.3)
+    assert not out["c"].ok
+    counts = message_counts()
+    assert counts["sent"] == 3 and counts["unanswered"] == 1 and counts["probes"] >= 1
