@@ -26,6 +26,7 @@ REGISTRARS = (
     "client.cli",
     "client.use",
     "client.export",
+    "deploy.fed",
 )
 
 

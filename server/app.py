@@ -43,7 +43,10 @@ from server.messaging import (
 from server.modes.compose import embed_sites, run_compose
 from server.modes.enroll import run_enroll
 from server.modes.evaluate import run_evaluate
+from server.registry.errors import RegistryLockedError
+from server.registry.lock import set_holder
 from server.reporting import write_evaluation, write_report
+from server.run_summary import summary_line
 from server.settings import MODES, REGISTRY_ENV, Settings
 
 __all__ = [
@@ -94,6 +97,7 @@ def main(grid: Grid, context: Context) -> None:
         timings: dict[str, float] = {}
         report["timings"] = timings
         t0 = time.monotonic()
+        set_holder(f"run {run_id} ({s.mode})", run_id)  # a second writer is told which run holds the registry
         registry = open_registry(s)
         # from here on every line is also in <registry>/runs/<run id>-<mode>.log (deploy/demo.py follows it)
         try:
@@ -111,6 +115,12 @@ def main(grid: Grid, context: Context) -> None:
         finally:
             registry.close()
         report["status"] = "completed"
+    except RegistryLockedError as exc:  # an operator's situation, not a coordinator bug: one line
+        report["status"] = "failed"
+        report["error"] = str(exc)
+        report["operator_error"] = True  # `rpe fed run` shows this line, not Flower's traceback after it
+        log(f"run failed: {exc}")
+        raise
     except Exception as exc:
         report["status"] = "failed"
         report["error"] = f"{type(exc).__name__}: {exc}"
@@ -123,3 +133,4 @@ def main(grid: Grid, context: Context) -> None:
         path = write_report(registry_dir, report)
         if path is not None:
             log(f"report: {path}")
+        log(summary_line(report))  # the last line: what `rpe fed run` exits by (deploy/fed.py)
