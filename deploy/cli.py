@@ -25,6 +25,7 @@ REGISTRARS = (
     "server.console.cli",
     "client.cli",
     "client.use",
+    "deploy.onboard.cli",
     "client.export",
     "deploy.fed",
 )
