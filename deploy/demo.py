@@ -16,10 +16,20 @@ What it does, end to end (``python -m deploy.demo``, or ``scripts/demo.sh`` whic
    composes the other sites' adapters with every strategy, sends them to the site, and the site
    scores them on its held-out data by the family's metric (ROUGE-L, DICE) and replies with
    metrics only; the base model and the site's own LoRA are the references.
-5. ``--families report`` (a family's name or a unique start of it) runs only that family;
-   ``--model [FAMILY=]MODEL`` names another base model.
-6. Prints the results tables (with the weights each target received), where the files and plots
+5. ``deliver``, family by family: one ``compose`` run delivers a composition to the family's
+   target site (the report family: a new site with unlabelled CT thorax findings; the
+   segmentation family: HK, from the other five sites), which installs it as
+   ``<site-dir>/adapters/<name>/``; the demo prints the ``rpe generate`` / ``rpe segment`` command
+   that tries it there (also written to ``<workdir>/try-delivery.sh``).
+6. ``--families report`` (a family's name or a unique start of it) runs only that family;
+   ``--model [FAMILY=]MODEL`` names another base model; ``--no-evaluate`` enrols and delivers only.
+7. Prints the results tables (with the weights each target received), where the files and plots
    are, the wall time per phase, and stops every process by PID.
+
+The workdir (default ``runs/demo``): a second demo on the same workdir while one runs is refused
+(a lock beside it, ``.<name>.lock``, names the holder's pid); the previous run's folder is kept as
+``<workdir>.1`` (ONE generation: the one before it is deleted) unless ``--fresh`` (deleted). A
+folder that is not a demo's is never deleted or moved.
 
 Profiles: ``quick`` (default; fits two CPU cores) and ``full`` (more data and steps; for a GPU).
 Torch threads per site: the cores this process may use (``os.sched_getaffinity``) divided by the
@@ -30,7 +40,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import os
+import shlex
 import shutil
 import sys
 import threading
@@ -134,9 +146,9 @@ def _evaluation(run: dict[str, Any]) -> dict[str, Any]:
 
 
 def failures(result: dict[str, Any]) -> list[str]:
-    """Why a demo result is not a complete main job (empty when it is): an enrolment or evaluation
-    run that did not complete, a site that was not enrolled, an evaluation without results, and
-    every problem a family reported."""
+    """Why a demo result is not a complete main job (empty when it is): an enrolment, evaluation or
+    delivery run that did not complete, a site that was not enrolled, an evaluation without results,
+    every problem a family reported, and a target that received nothing."""
     out = []
     for family, enr in result.get("enrolments", {}).items():
         if enr.get("run_status") != "finished:completed" or enr.get("report_status") != "completed":
@@ -156,6 +168,134 @@ def failures(result: dict[str, Any]) -> list[str]:
         elif not res["outputs"].get("markdown") or not res.get("rows", 1):
             out.append(f"{family}: the evaluation produced no results")
         out += [f"{family}: {key}: {problem}" for key, problem in sorted(res["problems"].items())]
+    for family, dlv in result.get("deliveries", {}).items():
+        if dlv.get("run_status") != "finished:completed":
+            out.append(
+                f"{family}: the delivery run ended {dlv.get('run_status')!r} ({dlv.get('run_details') or 'no details'})"
+            )
+        elif dlv.get("status") != "delivered":
+            reason = f": {dlv['reason']}" if dlv.get("reason") else ""
+            out.append(f"{family}: nothing was delivered to {dlv.get('target')} ({dlv.get('status')}{reason})")
+    return out
+
+
+class DemoWorkdirError(RuntimeError):
+    """The workdir cannot be used: another demo holds it, or it is not a demo's folder."""
+
+
+#: a file the demo writes into its workdir: only a folder holding it (or the layout of a demo from
+#: before it existed) is ever moved aside or deleted
+MARKER = ".rpe-demo"
+_LEGACY_LAYOUT = ("data", "deploy", "registry")
+
+
+def lock_path(workdir: Path) -> Path:
+    """The demo's lock: BESIDE the workdir (``runs/.demo.lock``), so it outlives the folder's rotation."""
+    workdir = Path(workdir).resolve()
+    return workdir.with_name(f".{workdir.name}.lock")
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: Path) -> Iterator[Path]:
+    """Hold the workdir's lock (``flock``: released by the kernel when this process ends, however it
+    ends); ``DemoWorkdirError`` names the pid of the demo that holds it."""
+    path = lock_path(workdir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            raise DemoWorkdirError(
+                f"another demo (pid {holder}) is running in {Path(workdir).resolve()} (it holds {path}); "
+                f"wait for it to end, stop it (kill {holder}), or give this one another --workdir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)
+
+
+def is_demo_workdir(path: Path) -> bool:
+    """Whether ``path`` is a demo's folder (its marker, or an older demo's data/deploy/registry)."""
+    return (path / MARKER).is_file() or all((path / name).is_dir() for name in _LEGACY_LAYOUT)
+
+
+def set_aside(workdir: Path, fresh: bool = False) -> Path | None:
+    """Make room for a new run in ``workdir`` (call it holding :func:`workdir_lock`): stop an
+    interrupted run's processes, then keep the previous run as ``<workdir>.1`` (replacing the one
+    kept before) or, with ``fresh``, delete it. Returns where the previous run went (None: nothing
+    kept). A non-empty folder that is not a demo's is refused, untouched."""
+    workdir = Path(workdir).resolve()
+    if not workdir.exists():
+        return None
+    if not workdir.is_dir():
+        raise DemoWorkdirError(f"--workdir {workdir} is a file, not a folder; name a folder for the demo's run")
+    if not any(workdir.iterdir()):
+        workdir.rmdir()
+        return None
+    if not is_demo_workdir(workdir):
+        raise DemoWorkdirError(
+            f"--workdir {workdir} is not empty and is not a demo's folder (no {MARKER}); the demo moves or "
+            "deletes its workdir's previous run, so it refuses this one: name a new or empty folder"
+        )
+    launch.down(workdir / "deploy")  # a previous demo that was interrupted (its processes, by PID)
+    if fresh:
+        shutil.rmtree(workdir)
+        return None
+    previous = workdir.with_name(workdir.name + ".1")
+    if previous.exists():
+        if not is_demo_workdir(previous):
+            raise DemoWorkdirError(
+                f"{previous} (where the demo keeps the previous run) is not a demo's folder; move it away, "
+                "or run with --fresh to delete the previous run instead"
+            )
+        shutil.rmtree(previous)
+    workdir.rename(previous)
+    return previous
+
+
+def shown(path: str | Path) -> str:
+    """A path as a person would type it here: relative to the current folder when under it."""
+    path = Path(path)
+    with contextlib.suppress(ValueError):
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    return str(path)
+
+
+def rpe_command() -> str:
+    """How to call ``rpe``: the one beside this Python (the demo's .venv), else the one on PATH."""
+    beside = Path(sys.executable).with_name("rpe")
+    return shown(beside) if beside.exists() else "rpe"
+
+
+def try_command(argv: tuple[str, ...], adapter: Path, out: Path) -> str:
+    """The shell command (one line) that tries a delivered adapter: ``rpe`` + the plan's ``try_argv``."""
+    words = [a.format(adapter=shown(adapter), out=shown(out)) for a in argv]
+    return shlex.join([rpe_command(), *words])
+
+
+def _delivery(plan: Any, family: str, run: dict[str, Any], site_dirs: dict[str, str], workdir: Path) -> dict[str, Any]:
+    """What the delivery run did for the family's target, and the command to try it."""
+    target = plan.target.site
+    got = run.get("report", {}).get("compose", {}).get(target, {}) if run else {}
+    out: dict[str, Any] = {
+        "target": target,
+        "run_status": run.get("status", "?") if run else "?",
+        "run_details": run.get("details", "") if run else "",
+        "status": got.get("status", "no result"),
+        "reason": got.get("reason", ""),
+        "sites": got.get("sites", []),
+        "weights": got.get("weights", []),
+        "metrics": got.get("metrics", {}),
+    }
+    if got.get("status") == "delivered":
+        adapter = Path(site_dirs[target]) / "adapters" / got["adapter_name"]
+        out["adapter"] = str(adapter)
+        if plan.try_argv:
+            out["try"] = try_command(plan.try_argv, adapter, workdir / "try" / family)
     return out
 
 
@@ -164,18 +304,29 @@ def run_demo(
     profile: str = "quick",
     models: dict[str, str] | None = None,
     families: tuple[str, ...] | None = None,
+    evaluate: bool = True,
+    fresh: bool = False,
 ) -> dict[str, Any]:
-    """Run enrol + evaluate for each family on a fresh local deployment; returns timings and outputs.
-    ``models``: a base model per family (default: the family's own)."""
-    from common.families import family_registry_dir
+    """Run enrol + evaluate + deliver for each family on a fresh local deployment; returns timings
+    and outputs. ``models``: a base model per family (default: the family's own). Holds the workdir's
+    lock throughout; the previous run is kept as ``<workdir>.1`` unless ``fresh``
+    (:func:`set_aside`); ``DemoWorkdirError`` when the workdir cannot be used (nothing changed)."""
+    workdir = Path(workdir).resolve()
+    with workdir_lock(workdir):
+        previous = set_aside(workdir, fresh)
+        if previous:
+            _log(f"the previous run is kept in {shown(previous)} (one generation; --fresh deletes it instead)")
+        workdir.mkdir(parents=True)
+        (workdir / MARKER).write_text(f"a folder of python -m deploy.demo (pid {os.getpid()})\n")
+        return _run(workdir, profile, models or {}, tuple(families or demo_families()), evaluate)
 
-    families = tuple(families or demo_families())
-    models = models or {}
-    workdir = workdir.resolve()
-    if workdir.exists():
-        launch.down(workdir)  # a previous demo that was interrupted
-        shutil.rmtree(workdir)
-    workdir.mkdir(parents=True)
+
+def _run(
+    workdir: Path, profile: str, models: dict[str, str], families: tuple[str, ...], evaluate: bool
+) -> dict[str, Any]:
+    from common.families import family_registry_dir
+    from common.models import cpu_has_native_bf16
+
     plans = {f: _plan(f, workdir / "data" / f, profile, models.get(f)) for f in families}
     registry = workdir / "registry"
     widest = max(len(p.sites) for p in plans.values())
@@ -184,6 +335,11 @@ def run_demo(
         f"torch threads per site: {threads} ({len(os.sched_getaffinity(0))} cores available, up to {widest} "
         "sites computing at once)"
     )
+    if not cpu_has_native_bf16():
+        _log(
+            "this CPU has no bf16 instructions (AVX512-BF16/AMX): the report sites train and generate in "
+            "float32, and the report phases take about twice as long as on one that has them"
+        )
     specs = [
         launch.SiteSpec(
             d.site,
@@ -195,6 +351,19 @@ def run_demo(
         )
         for family, plan in plans.items()
         for d in plan.sites
+    ]
+    enrolled = {spec.site for spec in specs}
+    specs += [  # a target that is a new site: a SuperNode of its own that enrols nothing
+        launch.SiteSpec(
+            plan.target.site,
+            plan.target.data_path,
+            plan.model,
+            threads=threads,
+            release=dict(plan.target.release),
+            extra={"task": family, **plan.target.node_config},
+        )
+        for family, plan in plans.items()
+        if plan.target is not None and plan.target.site not in enrolled
     ]
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
@@ -215,6 +384,7 @@ def run_demo(
     }
     evaluations: dict[str, dict[str, Any]] = {}
     enrolments: dict[str, dict[str, Any]] = {}
+    deliveries: dict[str, dict[str, Any]] = {}
     try:
         for family in families:  # enrol every family first: the root registry must exist before the others
             t0 = time.perf_counter()
@@ -238,7 +408,7 @@ def run_demo(
                     if site
                 },
             }
-        for family in families:
+        for family in families if evaluate else ():
             t0 = time.perf_counter()
             _log(f"evaluate [{family}]: leave-one-site-out, every strategy + base + own LoRA, scored at the sites")
             config = {k: v for k, v in configs[family].items() if k != "sites"}
@@ -247,10 +417,24 @@ def run_demo(
                     launch.run_app(flwr_home, REPO, {**config, "mode": "evaluate"}, registry, timeout=3600)
                 )
             timings[f"evaluate_{family}_s"] = time.perf_counter() - t0
+        site_dirs = {spec.site: spec.site_dir for spec in specs}
+        for family in families:
+            plan = plans[family]
+            if plan.target is None:
+                continue
+            t0 = time.perf_counter()
+            _log(f"deliver [{family}]: a composition of the enrolled sites' adapters for {plan.target.site}")
+            config = {k: v for k, v in configs[family].items() if k != "sites"}
+            with relay_progress(registry / "runs"):
+                run = launch.run_app(
+                    flwr_home, REPO, {**config, "mode": "compose", "target": plan.target.site}, registry, timeout=3600
+                )
+            deliveries[family] = _delivery(plan, family, run, site_dirs, workdir)
+            timings[f"deliver_{family}_s"] = time.perf_counter() - t0
     finally:
         launch.down(workdir / "deploy")
     timings["total_s"] = time.perf_counter() - t_all
-    for phase in ("enroll", "evaluate"):
+    for phase in ("enroll", "evaluate", "deliver"):
         timings[f"{phase}_s"] = sum(v for k, v in timings.items() if k.startswith(f"{phase}_") and k != f"{phase}_s")
     first = next(iter(evaluations.values()), {})
     return {
@@ -268,6 +452,8 @@ def run_demo(
             for f, e in evaluations.items()
         },
         "enrolments": enrolments,
+        "deliveries": deliveries,
+        "workdir": str(workdir),
         "registry": str(registry),
         "registries": {f: str(family_registry_dir(registry, f)) for f in families},
         "threads": threads,
@@ -287,6 +473,33 @@ def parse_models(values: list[str], families: tuple[str, ...]) -> dict[str, str]
     return out
 
 
+def print_deliveries(result: dict[str, Any]) -> None:
+    """What each target received and the command that tries it there (also ``<workdir>/try-delivery.sh``)."""
+    tries = []
+    for family, dlv in result.get("deliveries", {}).items():
+        if dlv.get("status") != "delivered":
+            continue
+        parts = ", ".join(f"{site} {w:.2f}" for site, w in zip(dlv["sites"], dlv["weights"], strict=False))
+        scored = ", ".join(f"{k} {v:.4f}" for k, v in sorted(dlv.get("metrics", {}).items()))
+        print(
+            f"\ndelivered [{family}]: {dlv['target']} received a composition of {parts or 'the enrolled sites'}"
+            + (f" (scored at the site on its held-out data: {scored})" if scored else "")
+            + f"\n  installed in {shown(dlv['adapter'])}"
+        )
+        if dlv.get("try"):
+            tries.append(dlv["try"])
+    if not tries:
+        return
+    script = Path(result["workdir"]) / "try-delivery.sh"
+    script.write_text(
+        "#!/usr/bin/env bash\n# the delivered adapters, tried at their target sites\nset -e\n"
+        f"cd {shlex.quote(str(Path.cwd()))}\n" + "".join(f"{c}\n" for c in tries)
+    )
+    print("\nTry the delivered adapters at their target sites (or: bash " + shown(script) + "):")
+    for cmd in tries:
+        print(f"  {cmd}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m deploy.demo",
@@ -298,7 +511,17 @@ def main(argv: list[str] | None = None) -> int:
         "--workdir",
         type=Path,
         default=REPO / "runs" / "demo",
-        help="everything the run writes (default runs/demo; replaced on each run)",
+        help="everything the run writes (default runs/demo); the previous run there is kept as <workdir>.1 "
+        "(one generation) unless --fresh",
+    )
+    parser.add_argument(
+        "--fresh", action="store_true", help="delete the previous run in --workdir instead of keeping it as <workdir>.1"
+    )
+    parser.add_argument(
+        "--no-evaluate",
+        dest="evaluate",
+        action="store_false",
+        help="enrol and deliver only: skip the leave-one-site-out evaluation (no results tables)",
     )
     parser.add_argument("--profile", choices=PROFILES, default="quick")
     parser.add_argument(
@@ -320,7 +543,11 @@ def main(argv: list[str] | None = None) -> int:
         models = parse_models(args.model, families)
     except ValueError as exc:
         parser.error(f"--families/--model: {exc}")
-    result = run_demo(args.workdir, args.profile, models, families)
+    try:
+        result = run_demo(args.workdir, args.profile, models, families, evaluate=args.evaluate, fresh=args.fresh)
+    except DemoWorkdirError as exc:
+        print(f"[demo] {exc}", file=sys.stderr)
+        return 2
     for family, res in result["families"].items():
         md = res["outputs"].get("markdown")
         print(f"\n## {family} sites\n")
@@ -333,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     phases = ", ".join(
         f"{k[:-2].replace('_', ' ')} {v / 60:.1f} min"
         for k, v in t.items()
-        if k.startswith(("enroll_", "evaluate_")) and k not in ("enroll_s", "evaluate_s")
+        if k.startswith(("enroll_", "evaluate_", "deliver_")) and k not in ("enroll_s", "evaluate_s", "deliver_s")
     )
     print(
         f"\nwall time {t['total_s'] / 60:.1f} min (deployment {t['deploy_up_s']:.0f} s, {phases}; "
@@ -345,6 +572,7 @@ def main(argv: list[str] | None = None) -> int:
         + ")"
     )
     print("egress logs: " + ", ".join(result["egress"].values()))
+    print_deliveries(result)
     failed = failures(result)
     if failed:
         print(

@@ -22,14 +22,15 @@ if [ ! -f "$stamp" ] || [ requirements.txt -nt "$stamp" ] || [ pyproject.toml -n
   touch "$stamp"
 fi
 # Debian programs the integration tests drive: chromium (console browser tests), nginx (the proxy in
-# front of the SuperLink), nftables (packet loss in the multi-host tests); each test skips with the
-# reason where its program cannot be installed
+# front of the SuperLink), nftables (packet loss in the multi-host tests). Installed with apt-get ONLY
+# when this runs as root (the README says so); as any other user nothing is installed from Debian and
+# each test that needs one skips with the reason
 need=""
 [ -x /usr/bin/chromium ] || need="$need chromium"
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need="$need nginx"
 command -v nft >/dev/null || [ -x /usr/sbin/nft ] || need="$need nftables"
 if [ -n "$need" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  echo "[setup] installing$need (integration tests)"
+  echo "[setup] running as root: apt-get install$need (Debian packages the integration tests use)"
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $need; } >/dev/null 2>&1 \
     || echo "[setup] installing$need failed; the tests that need them will skip" >&2
 fi

@@ -186,6 +186,12 @@ class DemoPlan:
     sites: list[DemoSite]
     model: str
     run_config: dict[str, Any]
+    #: the site that receives one composition at the end of the demo (a delivery): a new site
+    #: (enrols nothing) or, where its id is in ``sites``, an enrolled one (its own adapter left out)
+    target: DemoSite | None = None
+    #: the ``rpe`` command (argv after ``rpe``) to try the delivered adapter at the target with;
+    #: ``{adapter}`` and ``{out}`` are filled in (the delivered directory, a fresh output path)
+    try_argv: tuple[str, ...] = ()
 
 
 @runtime_checkable

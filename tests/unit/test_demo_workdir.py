@@ -1,0 +1,182 @@
+"""The demo's workdir (``deploy/demo.py``): a second demo on the same folder is refused with the
+holder's pid and changes nothing; the previous run is kept as ``<workdir>.1`` (one generation)
+unless ``--fresh``; a folder that is not a demo's is never moved or deleted; a run whose delivery
+failed is not a complete main job; the command that tries a delivery is one shell line. Both
+families' demo recipes name a target and a command to try the delivery with. (The whole demo with
+its delivery and the printed commands run: tests/integration/test_demo_delivery.py.)
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from deploy import demo
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _demo_folder(path: Path, tag: str) -> Path:
+    (path / "registry").mkdir(parents=True)
+    (path / demo.MARKER).write_text("demo\n")
+    (path / "registry" / "audit.jsonl").write_text(f"{tag}\n")
+    return path
+
+
+def _tree(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): p.read_text() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_a_second_demo_on_the_same_workdir_is_refused_naming_the_holder_and_changes_nothing(tmp_path, capsys):
+    work = _demo_folder(tmp_path / "demo", "live run")
+    before = _tree(work)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from deploy.demo import workdir_lock\n"
+            f"with workdir_lock({str(work)!r}):\n    print('held', flush=True); time.sleep(60)",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        rc = demo.main(["--workdir", str(work), "--families", "report"])
+        err = capsys.readouterr().err
+        assert rc == 2
+        assert f"another demo (pid {holder.pid}) is running in {work}" in err and f"kill {holder.pid}" in err
+        assert "Traceback" not in err
+        assert _tree(work) == before and not (tmp_path / "demo.1").exists()
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+    # the kernel released the lock with its holder: the workdir can be taken again
+    with demo.workdir_lock(work) as lock:
+        assert lock == tmp_path / ".demo.lock"
+
+
+def test_the_previous_run_is_kept_as_dot_1_and_only_one_generation(tmp_path):
+    work = tmp_path / "demo"
+    assert demo.set_aside(work) is None  # nothing there yet
+    _demo_folder(work, "run 1")
+    assert demo.set_aside(work) == tmp_path / "demo.1"
+    assert not work.exists() and (tmp_path / "demo.1" / "registry" / "audit.jsonl").read_text() == "run 1\n"
+    _demo_folder(work, "run 2")
+    demo.set_aside(work)
+    assert (tmp_path / "demo.1" / "registry" / "audit.jsonl").read_text() == "run 2\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.1"]
+
+
+def test_fresh_deletes_the_previous_run_and_keeps_the_one_before(tmp_path):
+    _demo_folder(tmp_path / "demo.1", "run 1")
+    work = _demo_folder(tmp_path / "demo", "run 2")
+    assert demo.set_aside(work, fresh=True) is None
+    assert not work.exists() and (tmp_path / "demo.1" / "registry" / "audit.jsonl").read_text() == "run 1\n"
+
+
+def test_an_older_demos_folder_without_the_marker_is_still_kept(tmp_path):
+    work = tmp_path / "demo"
+    for name in ("data", "deploy", "registry"):
+        (work / name).mkdir(parents=True)
+    assert demo.set_aside(work) == tmp_path / "demo.1" and (tmp_path / "demo.1" / "registry").is_dir()
+
+
+@pytest.mark.parametrize("kind", ["not a demo", "a file", "dot-1 not a demo"])
+def test_a_folder_that_is_not_a_demos_is_refused_untouched(tmp_path, capsys, kind):
+    work = tmp_path / "work"
+    if kind == "a file":
+        work.write_text("precious\n")
+    elif kind == "not a demo":
+        work.mkdir()
+        (work / "thesis.tex").write_text("precious\n")
+    else:
+        _demo_folder(work, "run")
+        (tmp_path / "work.1").mkdir()
+        (tmp_path / "work.1" / "thesis.tex").write_text("precious\n")
+    before = {str(p.relative_to(tmp_path)): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    rc = demo.main(["--workdir", str(work), "--families", "report"])
+    err = capsys.readouterr().err
+    assert rc == 2 and str(work) in err and "Traceback" not in err
+    assert ("--fresh" in err) if kind == "dot-1 not a demo" else ("name a" in err)
+    after = {str(p.relative_to(tmp_path)): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert {k: v for k, v in after.items() if not k.endswith(".lock")} == before
+
+
+def test_an_empty_folder_is_used_as_it_is(tmp_path):
+    (tmp_path / "demo").mkdir()
+    assert demo.set_aside(tmp_path / "demo") is None and not (tmp_path / "demo.1").exists()
+
+
+def test_a_target_that_received_nothing_fails_the_main_job():
+    ok = {"run_status": "finished:completed", "status": "delivered", "target": "HK"}
+    result = {"families": {}, "deliveries": {"segmentation": ok}}
+    assert demo.failures(result) == []
+    refused = {**ok, "status": "undelivered", "reason": "no-coordinator-key"}
+    assert demo.failures({**result, "deliveries": {"segmentation": refused}}) == [
+        "segmentation: nothing was delivered to HK (undelivered: no-coordinator-key)"
+    ]
+    crashed = {**ok, "run_status": "finished:failed", "run_details": "ServerApp exception"}
+    assert demo.failures({**result, "deliveries": {"report-text": crashed}}) == [
+        "report-text: the delivery run ended 'finished:failed' (ServerApp exception)"
+    ]
+
+
+def test_the_try_command_is_one_quoted_shell_line_relative_to_here(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    adapter = tmp_path / "runs" / "demo" / "deploy" / "sites" / "new site" / "adapters" / "compose-7-sim"
+    argv = ("generate", "--adapter", "{adapter}", "--data", "/data/u.jsonl", "--out", "{out}.jsonl")
+    cmd = demo.try_command(argv, adapter, tmp_path / "runs" / "demo" / "try" / "report-text")
+    words = shlex.split(cmd)
+    assert words[0].endswith("rpe") and words[1:] == [
+        "generate",
+        "--adapter",
+        "runs/demo/deploy/sites/new site/adapters/compose-7-sim",
+        "--data",
+        "/data/u.jsonl",
+        "--out",
+        "runs/demo/try/report-text.jsonl",
+    ]
+
+
+def test_the_deliveries_are_printed_and_written_to_a_script(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    dlv = {
+        "status": "delivered",
+        "target": "HK",
+        "sites": ["UCL", "BMC"],
+        "weights": [0.6, 0.4],
+        "metrics": {"dice": 0.5},
+        "adapter": str(tmp_path / "a"),
+        "try": "rpe segment --adapter a --images i --out o",
+    }
+    demo.print_deliveries({"workdir": str(tmp_path), "deliveries": {"segmentation": dlv}})
+    out = capsys.readouterr().out
+    assert "HK received a composition of UCL 0.60, BMC 0.40" in out and "dice 0.5000" in out
+    assert "  rpe segment --adapter a --images i --out o" in out
+    assert (tmp_path / "try-delivery.sh").read_text().endswith("rpe segment --adapter a --images i --out o\n")
+
+
+def test_each_family_recipe_names_a_target_and_a_command_to_try_its_delivery(tmp_path):
+    from common.families.report import demo as report_demo
+    from common.families.report.family import load_site_examples
+    from common.families.segmentation import demo as seg_demo
+
+    # the report target: a new site whose findings carry no impression (nothing to train on)
+    path = report_demo.prepare_target(tmp_path / report_demo.TARGET_SITE, 12)
+    rows = path.read_text().splitlines()
+    assert len(rows) == 12 and all('"target"' not in r for r in rows)
+    data = load_site_examples(path.parent)
+    assert (len(data.train), len(data.eval), len(data.unlabeled)) == (0, 0, 12)
+    assert report_demo.TARGET_SITE not in report_demo.DEFAULT_SITES
+
+    plan = seg_demo.demo_plan(tmp_path, "quick", "litemedsam")
+    assert plan.target is not None and plan.target.site in [s.site for s in plan.sites]
+    assert plan.try_argv[0] == "segment" and "{adapter}" in plan.try_argv and "{out}" in plan.try_argv
+    images = Path(plan.try_argv[plan.try_argv.index("--images") + 1])
+    assert images.is_dir() and any(images.glob("*.png"))
