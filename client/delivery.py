@@ -120,6 +120,7 @@ def store_received(site: Site, cfg: dict[str, Any], adapter: Any, base_path: str
     shutil.rmtree(tmp, ignore_errors=True)
     out = save_peft_adapter(adapter, tmp, base_path)
     provenance = {k: cfg.get(k) for k in ("strategy", "sources", "weights", "blob_sha256", "task")}
+    provenance["nearness"] = cfg.get("nearness")  # the coordinator's "nothing close enough" check, as sent
     provenance["received_at"] = time.time()
     (out / "rpe-provenance.json").write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
     os.rename(out, final)

@@ -26,6 +26,8 @@ import numpy as np
 
 from common.protocol.wire import encode_adapter
 from server.bounds import NormBoundError, adapter_norms
+from server.nearness import DEFAULT_FAR_RATIO
+from server.nearness import check as nearness_check
 from server.outdir import check_replaceable, output_dir
 from server.registry import Hit, QueryError, Registry
 from server.strategies import MAX_L1_DEFAULT, compute_weights
@@ -52,6 +54,8 @@ class CompositionResult:
     hits: list[Hit] = field(default_factory=list)
     z_sha256: str = ""
     base_fingerprint: str = ""
+    #: the "nothing close enough" check (``server/nearness.py``): ratio, threshold, warning
+    nearness: dict[str, Any] = field(default_factory=dict)
 
 
 def _pick_base(registry: Registry, base: str | None, task: str | None) -> str | None:
@@ -130,6 +134,7 @@ def compose_for_target(
     audit_query: bool = True,
     wire_form: bool = False,
     force: bool = False,
+    far_ratio: float = DEFAULT_FAR_RATIO,
 ) -> CompositionResult:
     """Compose the adapter for one target embedding; optionally write it as a PEFT directory.
 
@@ -140,6 +145,8 @@ def compose_for_target(
     base and task before it is written or returned (``CompositionNormError`` names the strategy,
     target and bound); the composition audit entry records ``max_l1``, ‖w‖₁ and the update norm.
     ``exclude_site`` keeps a site's own adapter out (leave-one-site-out).
+    ``far_ratio``: the "nothing close enough" threshold (``server/nearness.py``; 0 = off); the
+    check is in ``result.nearness`` and in the ``composition`` audit entry.
     ``out_dir`` receives ``adapter_config.json`` + ``adapter_model.safetensors`` whose
     ``base_model_name_or_path`` is ``base_model_name_or_path``, else the base's registered name;
     it is written whole into a temporary directory and swapped into place, and a non-empty
@@ -210,6 +217,14 @@ def compose_for_target(
         hits=hits,
         z_sha256=z_sha,
         base_fingerprint=base_fp,
+        nearness=nearness_check(
+            registry,
+            [float(h.distance) for h in hits],
+            far_ratio,
+            task=task,
+            base=chosen_base,
+            exclude_site=exclude_site,
+        ),
     )
     registry.audit.append(
         "composition",
@@ -232,5 +247,6 @@ def compose_for_target(
         max_l1=params.get("max_l1", MAX_L1_DEFAULT) if strategy in ("lin", "lin-l1") else None,
         weights_l1=float(np.abs(weights).sum()),
         update_norm=composed_norms.get("__total__"),
+        nearness=result.nearness,
     )
     return result

@@ -124,6 +124,8 @@ REQUEST_CONFIG_KEYS: dict[str, dict[str, tuple[type, ...]]] = {
         "with_base": _BOOL,
         "delivery": _STR,
         "options": _STR,
+        #: the "nothing close enough" check of this composition (JSON text; server/nearness.py)
+        "nearness": _STR,
     },
     EVALUATE: {
         "nonce": _STR,

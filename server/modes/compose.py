@@ -126,6 +126,7 @@ def compose_one(
         target=target,
         audit_query=False,
         wire_form=True,
+        far_ratio=s.far_ratio,
     )
     return {
         "adapter": result.adapter,
@@ -135,6 +136,7 @@ def compose_one(
         "distances": [float(d) for d in result.distances],
         "out_dir": str(result.out_dir or ""),
         "output_sha256": result.output_sha256,
+        "nearness": result.nearness,
     }
 
 
@@ -185,6 +187,8 @@ def apply_request(
     }
     if s.max_eval:
         config["max_eval"] = s.max_eval
+    if summary.get("nearness"):
+        config["nearness"] = wire.canonical_json(summary["nearness"])
     if coord_key is not None:
         config["delivery"] = delivery_statement(coord_key, sha256, target or key, run_id, name, nonce)
     return request(key, node_id, wire.APPLY, config, arrays, nonce=nonce)
@@ -292,4 +296,6 @@ def run_compose(
     report["compose"] = results
     for t, res in sorted(results.items()):
         extra = res.get("reason") or f"sources {res.get('sites')} weights {np.round(res.get('weights', []), 3)}"
+        if (res.get("nearness") or {}).get("warning"):  # server/nearness.py: delivered, but say so
+            extra += f"; WARNING {res['nearness']['warning']}: {res['nearness']['reason']}"
         log(f"compose {t}: {res['status']} ({extra})")
