@@ -119,8 +119,22 @@ def store_received(site: Site, cfg: dict[str, Any], adapter: Any, base_path: str
     tmp = site.adapters_dir / f".incoming-{cfg['name']}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     out = save_peft_adapter(adapter, tmp, base_path)
-    provenance = {k: cfg.get(k) for k in ("strategy", "sources", "weights", "blob_sha256", "task")}
+    provenance = {k: cfg.get(k) for k in ("strategy", "blob_sha256", "task")}
+    # the delivery carries its lists as JSON text (a config record holds scalars): stored as lists
+    provenance["sources"] = _json_list(cfg.get("sources"))
+    provenance["weights"] = _json_list(cfg.get("weights"))
     provenance["nearness"] = cfg.get("nearness")  # the coordinator's "nothing close enough" check, as sent
     provenance["received_at"] = time.time()
     (out / "rpe-provenance.json").write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
     os.rename(out, final)
+
+
+def _json_list(value: Any) -> list[Any]:
+    """A list the delivery carries as JSON text (``server/modes/compose.py``), as a list."""
+    if isinstance(value, list):
+        return value
+    try:
+        got = json.loads(value) if isinstance(value, str) and value else []
+    except ValueError:
+        return [v.strip() for v in str(value).split(",") if v.strip()]
+    return got if isinstance(got, list) else [got]

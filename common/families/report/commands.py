@@ -47,19 +47,25 @@ def generate_file(
     batch_size: int = 8,
     max_new_tokens: int | None = None,
     progress: bool = True,
+    force: bool = False,
+    columns: str | None = None,
 ) -> dict[str, Any]:
-    """Write one prediction per report of ``data`` (JSONL, ``prompt`` = findings) to ``out`` (JSONL).
+    """Write one prediction per report of ``data`` (JSONL, ``prompt`` = findings; or a CSV export,
+    ``columns`` its mapping as in the node-config key ``report-columns``) to ``out`` (JSONL).
 
     The adapter is added into the base weights (``common.families.report.evaluation.applied_delta``: θ0 + ΔW, the
     same function as PEFT's merged model) and the prompts are the task's own
     (``TextReportTask.build_prompt``), so predictions match what the site's evaluation scored. Output
     lines: ``{"uid", "group", "prediction"}`` (+ ``"target"`` when the input had one); written to a
-    temporary file and renamed, so a half-written file never looks finished. Returns a summary
-    (with ROUGE-L when every input line had a target).
+    temporary file and renamed, so a half-written file never looks finished. An existing ``out`` is
+    refused without ``force``, and an adapter of another family is refused naming its command, both
+    before anything is loaded. Returns a summary (with ROUGE-L when every input line had a target).
     """
     from common.adapters import load_peft_adapter
-    from common.families.report.data import read_jsonl
+    from common.families.adapterkind import check_adapter_family, check_out
+    from common.families.report.data import DatasetFormatError
     from common.families.report.evaluation import applied_delta, generate
+    from common.families.report.sitedata import parse_columns, read_reports
     from common.families.report.task import TextReportTask
     from common.models import load_base_model
 
@@ -71,9 +77,16 @@ def generate_file(
         )
     if batch_size < 1:
         raise SiteCommandError(f"--batch-size must be at least 1; got {batch_size}")
-    examples = read_jsonl(data, default_group="unknown")
+    target = check_out(out, force)
+    check_adapter_family(adir, "report-text", "generate")
+    try:
+        examples = read_reports(data, parse_columns(columns), default_group="unknown")
+    except DatasetFormatError as exc:
+        raise SiteCommandError(f"{exc} (`rpe data check --data-path {data}` lists every problem)") from None
     if not examples:
-        raise SiteCommandError(f"{data} holds no reports; one JSON object per line with a 'prompt' (the findings)")
+        raise SiteCommandError(
+            f"{data} holds no reports; one JSON object per line (or CSV row) with a 'prompt' (the findings)"
+        )
     adapter = load_peft_adapter(adir)
     base = base_model_of(adir, model)
     net, tok = load_base_model(base)
@@ -85,7 +98,6 @@ def generate_file(
             net, tok, prompts, max_new_tokens or task.max_new_tokens, batch_size=batch_size, progress=progress
         )
     seconds = time.perf_counter() - start
-    target = Path(out)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as fh:
@@ -118,6 +130,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
         progress=not args.quiet,
+        force=args.force,
+        columns=args.columns,
     )
     if args.json:
         print(json.dumps(s))
@@ -135,8 +149,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "coordinator delivered to <site-dir>/adapters/<name>), using the task's own prompt.",
     )
     g.add_argument("--adapter", required=True, help="PEFT adapter directory")
-    g.add_argument("--data", required=True, help="JSONL reports ('prompt' = findings; 'target' optional: scored)")
-    g.add_argument("--out", required=True, help="predictions JSONL to write")
+    g.add_argument(
+        "--data",
+        required=True,
+        help="reports: JSONL ('prompt' = findings; 'target' optional: scored) or CSV (docs/DATA.md)",
+    )
+    g.add_argument(
+        "--columns",
+        help="a CSV file's columns as FIELD=COLUMN pairs, e.g. prompt=Findings,target=Impression "
+        "(default: common names such as findings, impression)",
+    )
+    g.add_argument("--out", required=True, help="predictions JSONL to write (an existing file needs --force)")
+    g.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     g.add_argument(
         "--model",
         help="base model directory or 'smollm2-135m-instruct' (default: the adapter's base "

@@ -30,9 +30,10 @@ MedPix grouping rule (documented here because every experiment depends on it):
   under 10; with ``mixed="majority"``: mr-head 127, ct-thorax 120, ct-abdomen 117, mr-spine 83,
   ct-head 79, ct-gu 49, ct-spine 38.
 
-A site's dataset is a JSONL file, one example per line (``write_jsonl`` / ``read_jsonl``). A line
-without ``target`` is an *unlabeled* example: a new site that only has findings can still compute
-its embedding z, which is all zero-shot composition needs.
+A site's dataset is a JSONL file, one example per line (``write_jsonl`` / ``read_jsonl``), or a CSV
+export with a column mapping (``common.families.report.csvdata``). A line without ``target`` is an
+*unlabeled* example: a new site that only has findings can still compute its embedding z, which is
+all zero-shot composition needs. The schema for a person is ``docs/DATA.md``.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import json
 import os
 import random
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -207,37 +208,59 @@ def read_jsonl(path: str | os.PathLike[str], default_group: str | None = None) -
     ``target`` (optional: absent or null means unlabeled), ``group`` (required unless
     ``default_group`` is given) and ``uid`` (defaults to ``<file stem>-<line>``) are strings. Unknown
     keys are rejected so that a misspelt ``target`` does not silently turn data into unlabeled data.
-    Errors name the file, the line and what was expected.
+    Errors name the file, the line and what was expected (the first one is raised; ``iter_jsonl``
+    gives every line's outcome, for ``rpe data check``).
     """
+    out: list[Example] = []
+    for _, got in iter_jsonl(path, default_group):
+        if isinstance(got, DatasetFormatError):
+            raise got
+        out.append(got)
+    return out
+
+
+def iter_jsonl(
+    path: str | os.PathLike[str], default_group: str | None = None
+) -> Iterator[tuple[int, Example | DatasetFormatError]]:
+    """``(line number, Example or the error of that line)`` for every non-blank line of ``path``."""
     src = Path(path)
     if not src.exists():
         raise FileNotFoundError(f"{src}: dataset file not found")
-    out: list[Example] = []
-    with open(src, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with open(src, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # an editor's BOM
+            except UnicodeDecodeError as exc:
+                yield lineno, DatasetFormatError(f"{src}: line {lineno}: not UTF-8 text ({exc.reason}); save as UTF-8")
+                continue
             if not line.strip():
                 continue
-            where = f"{src}: line {lineno}"
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DatasetFormatError(f"{where}: expected one JSON object per line ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise DatasetFormatError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            unknown = sorted(set(row) - set(_JSONL_KEYS))
-            if unknown:
-                raise DatasetFormatError(f"{where}: unknown keys {unknown}; allowed: {list(_JSONL_KEYS)}")
-            prompt = row.get("prompt")
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise DatasetFormatError(f"{where}: expected 'prompt', a non-empty string (the findings)")
-            target = row.get("target")
-            if target is not None and not isinstance(target, str):
-                raise DatasetFormatError(f"{where}: expected 'target', a string or absent; got {target!r}")
-            group = row.get("group", default_group)
-            if not isinstance(group, str) or not group:
-                raise DatasetFormatError(f"{where}: expected 'group', a non-empty string (e.g. 'ct-head')")
-            uid = row.get("uid", f"{src.stem}-{lineno}")
-            if not isinstance(uid, str) or not uid:
-                raise DatasetFormatError(f"{where}: expected 'uid' to be a non-empty string")
-            out.append(Example(prompt=prompt, target=target, group=group, uid=uid))
-    return out
+                yield lineno, _jsonl_example(line, f"{src}: line {lineno}", default_group, f"{src.stem}-{lineno}")
+            except DatasetFormatError as exc:
+                yield lineno, exc
+
+
+def _jsonl_example(line: str, where: str, default_group: str | None, default_uid: str) -> Example:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DatasetFormatError(f"{where}: expected one JSON object per line ({exc.msg})") from None
+    if not isinstance(row, dict):
+        raise DatasetFormatError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    unknown = sorted(set(row) - set(_JSONL_KEYS))
+    if unknown:
+        raise DatasetFormatError(f"{where}: unknown keys {unknown}; allowed: {list(_JSONL_KEYS)}")
+    prompt = row.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise DatasetFormatError(f"{where}: expected 'prompt', a non-empty string (the findings)")
+    target = row.get("target")
+    if target is not None and not isinstance(target, str):
+        raise DatasetFormatError(f"{where}: expected 'target', a string or absent; got {target!r}")
+    group = row.get("group", default_group)
+    if not isinstance(group, str) or not group:
+        raise DatasetFormatError(f"{where}: expected 'group', a non-empty string (e.g. 'ct-head')")
+    uid = row.get("uid", default_uid)
+    if not isinstance(uid, str) or not uid:
+        raise DatasetFormatError(f"{where}: expected 'uid' to be a non-empty string")
+    return Example(prompt=prompt, target=target, group=group, uid=uid)
