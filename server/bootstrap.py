@@ -56,6 +56,8 @@ def _open_or_create(s: Settings, blob_key: Any) -> Any:
     if (path / "registry.json").is_file():
         if path != root and any(p.is_symlink() for p in (path / "coordinator.key", path / "coordinator.pub")):
             share_coordinator_key(root, path)  # an older version linked the key: now a copy
+        if s.base_model:
+            check_base_model(s, path)
         return Registry(path, chroma=chroma, blob_key=blob_key)
     if not s.base_model:
         raise ValueError(
@@ -63,6 +65,25 @@ def _open_or_create(s: Settings, blob_key: Any) -> Any:
             "'base-model' to the base model directory so the first run creates it"
         )
     return _create_registry(s, path, root, chroma, blob_key)
+
+
+def check_base_model(s: Settings, path: Path) -> None:
+    """``base-model`` given for an existing registry must be a base it holds: a contradiction fails
+    the run before the registry is opened (nothing written), naming both bases (issue 27 item 4)."""
+    from common.families import get_family
+    from common.families.base import SiteInputs
+    from server.registry import config as cfg
+
+    bases = cfg.read_config(path)["bases"]
+    fp = get_family(s.task).base_fingerprint(SiteInputs("coordinator", path, s.base_model, path))  # cached on disk
+    if fp in bases:
+        return
+    held = "; ".join(f"{b.get('name') or '?'} ({f})" for f, b in sorted(bases.items()))
+    raise ValueError(
+        f"run config base-model={s.base_model!r} is base {fp}, but registry {path} holds adapters of base {held}: "
+        "adapters of two bases never mix. Leave base-model empty to use the registry's base, or set registry-dir "
+        "to a new directory for this base"
+    )
 
 
 def _create_registry(s: Settings, path: Path, root: Path, chroma: Any, blob_key: Any) -> Any:

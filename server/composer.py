@@ -2,9 +2,9 @@
 adapter from the registry, so every composition is computed and audited the same way.
 
 For a target embedding ``z_target`` the registry returns the exact k nearest adapters (squared
-L2, optionally restricted to a task and excluding the target's own site), a weighting strategy
-from ``server.strategies`` turns their embeddings into weights, and ``common.adapters.lora.compose``
-builds ``Σ w_i s_i B_i A_i`` (exact rank concatenation, or the best rank-``max_rank``
+L2, optionally restricted to a task and excluding the target's own site; one adapter per site
+unless asked otherwise), a weighting strategy from ``server.strategies`` turns their embeddings
+into weights, and ``common.adapters.lora.compose`` builds ``Σ w_i s_i B_i A_i`` (exact rank concatenation, or the best rank-``max_rank``
 approximation). Adapters whose weight is exactly zero (``nearest``, sparse ``lin-l1``) are left
 out of the sum: they change nothing but would add rank.
 
@@ -134,6 +134,7 @@ def compose_for_target(
     audit_query: bool = True,
     wire_form: bool = False,
     force: bool = False,
+    one_per_site: bool = True,
     far_ratio: float = DEFAULT_FAR_RATIO,
 ) -> CompositionResult:
     """Compose the adapter for one target embedding; optionally write it as a PEFT directory.
@@ -144,7 +145,9 @@ def compose_for_target(
     shortcuts. The composed adapter is checked against the registry's update-norm bound for the
     base and task before it is written or returned (``CompositionNormError`` names the strategy,
     target and bound); the composition audit entry records ``max_l1``, ‖w‖₁ and the update norm.
-    ``exclude_site`` keeps a site's own adapter out (leave-one-site-out).
+    ``exclude_site`` keeps a site's own adapter out (leave-one-site-out). ``one_per_site`` (default):
+    the k nearest *sites*, each by its nearest adapter, so a site that kept several adapters
+    (``keep-previous``) never fills two places; ``False`` retrieves adapters, whoever holds them.
     ``far_ratio``: the "nothing close enough" threshold (``server/nearness.py``; 0 = off); the
     check is in ``result.nearness`` and in the ``composition`` audit entry.
     ``out_dir`` receives ``adapter_config.json`` + ``adapter_model.safetensors`` whose
@@ -169,7 +172,9 @@ def compose_for_target(
     chosen_base = _pick_base(registry, base, task)
     z = registry.check_z(z_target, f"the target {target!r}")
     z_sha = hashlib.sha256(z.astype("<f4").tobytes()).hexdigest()
-    hits = registry.query(z, k, task=task, modality=modality, base=chosen_base, exclude_site=exclude_site)
+    hits = registry.query(
+        z, k, task=task, modality=modality, base=chosen_base, exclude_site=exclude_site, one_per_site=one_per_site
+    )
     if audit_query:
         registry.audit.append(
             "query.embedding",
@@ -181,6 +186,7 @@ def compose_for_target(
             modality=modality,
             base=chosen_base,
             exclude_site=exclude_site,
+            one_per_site=one_per_site,
             retrieved=[h.record.id for h in hits],
         )
     Z = np.stack([h.record.z for h in hits])
@@ -242,6 +248,7 @@ def compose_for_target(
         max_rank=max_rank,
         task=task,
         exclude_site=exclude_site,
+        one_per_site=one_per_site,
         base_fingerprint=base_fp,
         out_dir=str(written) if written else None,
         max_l1=params.get("max_l1", MAX_L1_DEFAULT) if strategy in ("lin", "lin-l1") else None,

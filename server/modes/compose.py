@@ -110,7 +110,8 @@ def compose_one(
     from server.composer import compose_for_target
 
     exclude = target if exclude_own else None
-    n_eligible = len([r for r in registry.list(task=s.task) if r.meta.site != exclude])
+    held = registry.distinct("site", task=s.task)  # {site: live adapters}: k counts sites unless one-per-site=false
+    n_eligible = sum(n if not s.one_per_site else 1 for site, n in held.items() if site != exclude)
     if n_eligible == 0:
         raise ValueError(f"no stored adapter for task {s.task!r} to compose for {target!r}")
     result = compose_for_target(
@@ -126,6 +127,7 @@ def compose_one(
         target=target,
         audit_query=False,
         wire_form=True,
+        one_per_site=s.one_per_site,
         far_ratio=s.far_ratio,
     )
     return {

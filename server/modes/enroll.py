@@ -4,6 +4,12 @@ Per site: whoami said it is online -> ``train`` request (fresh nonce) -> the rep
 against the vocabulary (``common/protocol/wire.py``), then the site's signature (allow-list + nonce ledger),
 then the registry's own checks, and stored. A site that errors, is refused or times out is
 reported and leaves the registry unchanged; every submission leaves exactly one audit entry.
+
+Without ``sites=`` only the online sites whose whoami says they hold labelled data for ``task``
+are asked; the others are reported ``skipped`` with the reason (not failures). A site's accepted
+adapter supersedes its earlier ones of the same task and base (``Registry.supersede``: kept in the
+record log, audit log and blob store, no longer retrievable; one ``record.superseded`` entry)
+unless ``keep-previous=true``, which every ``submission.accepted`` entry records.
 """
 
 from __future__ import annotations
@@ -52,6 +58,22 @@ def train_config(s: Settings) -> dict[str, Any]:
     return config
 
 
+def unlabelled(task: str, info: Mapping[str, Any]) -> str | None:
+    """Why a site's whoami says it has nothing to enrol for ``task`` (None: ask it). Its counts are
+    those of its first task; a site that does not hold ``task`` at all is left out too."""
+    tasks = list(info.get("tasks") or [])
+    if task not in tasks:
+        return f"the site does not hold task {task!r} (it holds {', '.join(tasks) or 'none'})"
+    if tasks[0] == task and int(info.get("n_labeled") or 0) == 0:
+        if not info.get("data_ok", True):
+            return "the site's data could not be read (its whoami says data_ok false): nothing to train on"
+        return (
+            f"no labelled data ({int(info.get('n_unlabeled') or 0)} unlabelled examples): a target for "
+            "composition, not an enrolment; name it in sites= to ask it anyway"
+        )
+    return None
+
+
 def failed(status: str, failure: SiteFailure) -> dict[str, Any]:
     """A result entry for a site whose answer could not be used (``kind``/``code`` for tests and tools)."""
     return {"status": status, "reason": str(failure), "kind": failure.kind, "code": failure.code}
@@ -60,9 +82,17 @@ def failed(status: str, failure: SiteFailure) -> dict[str, Any]:
 def run_enroll(
     grid: Grid, s: Settings, registry: Any, sites: dict[str, SiteInfo], run_id: str, report: dict[str, Any]
 ) -> None:
-    """Enrol ``sites`` (default: every online site); ``report["enroll"][site]`` says what happened."""
-    chosen = list(s.sites) or sorted(sites)
+    """Enrol ``sites`` (default: every online site with labelled data for the task);
+    ``report["enroll"][site]`` says what happened."""
     results: dict[str, dict[str, Any]] = {}
+    chosen = list(s.sites)
+    if not chosen:
+        for site in sorted(sites):
+            why = unlabelled(s.task, sites[site].info)
+            if why is None:
+                chosen.append(site)
+            else:
+                results[site] = {"status": "skipped", "reason": why}
     requests: list[Request] = []
     for site in chosen:
         if site not in sites:
@@ -114,7 +144,13 @@ def accept_submission(
         registry.audit.append("submission.rejected", site=site, reason=str(failure)[:1000], run_id=run_id, nonce=nonce)
         return failed("error", failure)
     content = rep.content
-    fields: dict[str, Any] = {"run_id": run_id, "nonce": nonce, "message_type": wire.ENROLL, "record_digests": None}
+    fields: dict[str, Any] = {
+        "run_id": run_id,
+        "nonce": nonce,
+        "message_type": wire.ENROLL,
+        "record_digests": None,
+        "keep_previous": s.keep_previous,
+    }
     at_registry = False
     try:
         fields["record_digests"] = record_digests({name: content[name] for name in content.keys()})
@@ -156,7 +192,7 @@ def accept_submission(
         if not (at_registry and isinstance(exc, ValidationError)):  # else the registry logged it, with fields
             registry.audit.append("submission.rejected", site=site, reason=reason[:1000], **fields)
         return failed("rejected", SiteFailure("rejected", reason)) | {"error": type(exc).__name__}
-    return {
+    out = {
         "status": "accepted",
         "record_id": record.id,
         "blob_sha256": record.blob_sha256,
@@ -164,6 +200,13 @@ def accept_submission(
         "sample_count": meta["sample_count"],
         "train_stats": payload.train_stats,
     }
+    if not s.keep_previous:
+        try:
+            out["superseded"] = [r.id for r in registry.supersede(record.id, run_id=run_id)]
+        except RegistryError as exc:  # the new record is stored; retrieval still takes one per site
+            out["supersede_error"] = f"{type(exc).__name__}: {exc}"
+            log(f"enroll {site}: accepted, but its earlier adapters could not be superseded: {exc}")
+    return out
 
 
 def registry_meta(p: wire.EnrollPayload) -> dict[str, Any]:

@@ -268,6 +268,14 @@ class Registry:
         self._require_writable()
         return maintenance.remove(self._parts, record_id, reason)
 
+    def supersede(self, record_id: str, **audit_fields: Any) -> builtins.list[Record]:
+        """Make ``record_id`` its site's only live adapter for its (task, base): every other one is
+        tombstoned (``registry.remove`` with ``superseded_by``; add line, blob and audit entries kept)
+        and one ``record.superseded`` entry names them and the new id, with ``audit_fields`` (e.g.
+        run_id). Returns the superseded records (none: nothing is written)."""
+        self._require_writable()
+        return maintenance.supersede(self._parts, record_id, audit_fields)
+
     def norm_bound(self, base: str, task: str | None) -> NormBound | None:
         """The update-norm bound of (base, task): ``update_norm_factor`` × the median per-module and
         total ‖ΔW‖ over the sites holding a live adapter for it, each by its latest adapter, never
@@ -367,8 +375,13 @@ class Registry:
         base: str | None = None,
         exclude_site: str | None = None,
         method: str = "auto",
+        one_per_site: bool = False,
     ) -> builtins.list[Hit]:
         """The exact k nearest live records to ``z`` by squared L2 (ties: earlier record first).
+
+        ``one_per_site``: the k nearest *sites*, each by its nearest matching record (a site that
+        kept several adapters is never retrieved twice); ``NotEnoughRecordsError`` when fewer than
+        k sites match.
 
         ``method``: ``"auto"`` (``server.zindex.ExactTopK``: PCA and int8 bounds, exact float64
         re-rank; no Chroma), ``"brute"``, ``"index"`` (Chroma candidates + exact certification;
@@ -385,11 +398,39 @@ class Registry:
                 self._ensure_index()
             elig = self._fresh().mask(task=task, modality=modality, base=base, exclude_site=exclude_site)
             n_elig = int(elig.sum())
+            filters = {"task": task, "modality": modality, "base": base, "exclude_site": exclude_site}
             if k > n_elig:
-                filters = {"task": task, "modality": modality, "base": base, "exclude_site": exclude_site}
                 raise NotEnoughRecordsError(self._cols.shortfall(int(k), n_elig, filters))
-            rows, dist = self._search.search(q, elig, int(k), method, where_clause(task, modality, base, exclude_site))
-            return [Hit(self._cols.record(int(r)), float(d)) for r, d in zip(rows, dist, strict=True)]
+            where = where_clause(task, modality, base, exclude_site)
+            if not one_per_site:
+                rows, dist = self._search.search(q, elig, int(k), method, where)
+                return [Hit(self._cols.record(int(r)), float(d)) for r, d in zip(rows, dist, strict=True)]
+            n_sites = len(self._cols.distinct("site", elig))
+            if k > n_sites:
+                raise NotEnoughRecordsError(
+                    self._cols.shortfall(int(k), n_elig, filters).replace(
+                        f"only {n_elig} record(s) match",
+                        f"only {n_sites} site(s) hold a matching record (one per site)",
+                    )
+                )
+            return self._nearest_per_site(q, elig, int(k), n_elig, method, where)
+
+    def _nearest_per_site(
+        self, q: np.ndarray, elig: np.ndarray, k: int, n_elig: int, method: str, where: Any
+    ) -> builtins.list[Hit]:
+        """The k nearest sites, each by its nearest eligible record: exact top-``want`` searches with
+        ``want`` doubled until k distinct sites appear (at most log2(records) searches)."""
+        want = k
+        while True:
+            rows, dist = self._search.search(q, elig, want, method, where)
+            hits: dict[int, Hit] = {}
+            for r, d in zip(rows, dist, strict=True):
+                site = int(self._cols.codes["site"][int(r)])
+                if site not in hits:
+                    hits[site] = Hit(self._cols.record(int(r)), float(d))
+            if len(hits) >= k or want >= n_elig:
+                return list(hits.values())[:k]
+            want = min(n_elig, 2 * want)
 
     # ---- the Chroma index -------------------------------------------------------------------
 

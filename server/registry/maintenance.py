@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from common.trust.digests import sha256_hex
 from server.audit import AuditLog, read_entries
 from server.audit import receipt as audit_receipt
@@ -112,7 +114,7 @@ def add_base(
     return new
 
 
-def remove(p: Parts, record_id: str, reason: str | None) -> Record:
+def remove(p: Parts, record_id: str, reason: str | None, **fields: Any) -> Record:
     """``Registry.remove``: one tombstone line and its audit line, or neither; then columns and Chroma."""
     with p.mutex:
         rec = p.fresh().record(p.cols.live_row(record_id, str(p.path)))
@@ -128,6 +130,7 @@ def remove(p: Parts, record_id: str, reason: str | None) -> Record:
                 site=rec.meta.site,
                 blob_sha256=rec.blob_sha256,
                 reason=reason,
+                **fields,
                 **span_fields(start, end, data),
                 line_sha256=sha256_hex(line.encode("utf-8")),
             )
@@ -140,6 +143,33 @@ def remove(p: Parts, record_id: str, reason: str | None) -> Record:
         if p.index is not None:
             p.index.delete([record_id])
         return rec
+
+
+def supersede(p: Parts, new_id: str, audit_fields: Mapping[str, Any]) -> list[Record]:
+    """``Registry.supersede``: every other live record of ``new_id``'s (site, task, base) leaves
+    retrieval. Each is tombstoned like a removal (one ``registry.remove`` line binding its
+    tombstone, ``superseded_by`` naming the new record; its blob, add line and audit entries stay),
+    then ONE ``record.superseded`` entry names the old ids and the new one. Returns the old records."""
+    with p.mutex:
+        cols = p.fresh()
+        new = cols.record(cols.live_row(new_id, str(p.path)))
+        meta = new.meta
+        mask = cols.mask(task=meta.task, base=meta.base_fingerprint, site=meta.site)
+        old = [cols.record(int(r)) for r in np.flatnonzero(mask) if cols.ids[int(r)] != new_id]
+        for rec in old:
+            remove(p, rec.id, f"superseded by {new_id}", superseded_by=new_id)
+        if old:
+            p.audit.append(
+                "record.superseded",
+                site=meta.site,
+                task=meta.task,
+                base_fingerprint=meta.base_fingerprint,
+                record_id=new_id,
+                superseded=[r.id for r in old],
+                superseded_blobs=[r.blob_sha256 for r in old],
+                **dict(audit_fields),
+            )
+        return old
 
 
 def receipt(p: Parts, registry_id: str, record_id: str, run_id: str | None) -> dict[str, Any]:

@@ -160,8 +160,9 @@ def test_local_enroll_logs_one_audit_entry_per_submission_that_cross_checks(loca
     assert {s: r["status"] for s, r in report["enroll"].items()} == {"a": "accepted", "b": "accepted"}
     audit_path = local["registry"] / "audit.jsonl"
     entries = [json.loads(x) for x in audit_path.read_text().splitlines()]
-    # (each run also audits the identity each site proved at discovery: identity.verified)
-    mine = [e for e in entries if e.get("run_id") == "34" and not e["event"].startswith("identity.")]
+    # (each run also audits the identity each site proved at discovery: identity.verified, and the
+    # adapters a new one supersedes: record.superseded)
+    mine = [e for e in entries if e.get("run_id") == "34" and e["event"].startswith("submission.")]
     assert sorted((e["event"], e["site"]) for e in mine) == [("submission.accepted", "a"), ("submission.accepted", "b")]
     for e in mine:
         assert e["record_id"] == report["enroll"][e["site"]]["record_id"] and e["nonce"]
