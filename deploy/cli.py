@@ -25,6 +25,7 @@ REGISTRARS = (
     "server.console.cli",
     "client.cli",
     "client.use",
+    "client.datacheck",
     "deploy.onboard.cli",
     "client.export",
     "deploy.fed",

@@ -1,8 +1,8 @@
 """The report family behind the ``Family`` protocol: a causal LM, findings in, impression out, ROUGE-L.
 
-A site's data is a JSONL file (labeled lines train, unlabeled lines are unlabeled) or a directory
-with ``train.jsonl`` / ``eval.jsonl`` / ``unlabeled.jsonl``; z is the mean-pooled hidden state of
-one layer over the findings text (``common.embedding.mean_embedding``), each report's token sum
+A site's data is a JSONL or CSV file (labeled lines train, unlabeled lines are unlabeled) or a
+directory with ``train`` / ``eval`` / ``unlabeled`` files (``common.families.report.sitedata``); z
+is the mean-pooled hidden state of one layer over the findings text (``common.embedding.mean_embedding``), each report's token sum
 kept in ``<site-dir>/embedding-cache/`` so an evaluation's embedding query does not recompute the
 reports the site enrolled with. Torch and transformers are imported inside the methods only.
 """
@@ -18,6 +18,7 @@ from typing import Any
 
 from common.families.base import (
     Base,
+    DataCheck,
     DataCounts,
     DPSettings,
     FamilyError,
@@ -28,7 +29,7 @@ from common.families.base import (
     TrainPlan,
     TrainResult,
 )
-from common.families.report.data import DatasetFormatError, Example, read_jsonl
+from common.families.report.data import DatasetFormatError, Example
 
 TRAIN_FILE, EVAL_FILE, UNLABELED_FILE = "train.jsonl", "eval.jsonl", "unlabeled.jsonl"
 #: where a site keeps each report's token sum under its base model (``mean_embedding``'s cache):
@@ -36,22 +37,12 @@ TRAIN_FILE, EVAL_FILE, UNLABELED_FILE = "train.jsonl", "eval.jsonl", "unlabeled.
 EMBEDDING_CACHE_DIR = "embedding-cache"
 
 
-def load_site_examples(path: Path) -> SiteDataset:
-    """A JSONL file (labeled lines train, unlabeled lines are unlabeled) or a directory of them."""
-    if path.is_dir():
-        files = {name: path / name for name in (TRAIN_FILE, EVAL_FILE, UNLABELED_FILE)}
-        if not any(f.exists() for f in files.values()):
-            raise FamilyError(f"{path}: expected {TRAIN_FILE}, {EVAL_FILE} and/or {UNLABELED_FILE}")
-        rows = {name: read_jsonl(f) if f.exists() else [] for name, f in files.items()}
-        train = [e for e in rows[TRAIN_FILE] if e.labeled]
-        held = [e for e in rows[EVAL_FILE] if e.labeled]
-        unlabeled = [e for rs in rows.values() for e in rs if not e.labeled]
-        data = SiteDataset(train, held, unlabeled)
-    else:
-        rows_ = read_jsonl(path)
-        data = SiteDataset([e for e in rows_ if e.labeled], [], [e for e in rows_ if not e.labeled])
-    data.groups = [g for g, _ in Counter(e.group for e in data.all).most_common()]
-    return data
+def load_site_examples(path: Path, columns: Any = None, default_group: str | None = None) -> SiteDataset:
+    """A JSONL or CSV file (labeled rows train, unlabeled rows are unlabeled) or a folder of split
+    files (``common.families.report.sitedata``; ``columns``: the CSV column mapping)."""
+    from common.families.report.sitedata import load_site_examples as load
+
+    return load(path, columns, default_group)
 
 
 def _task() -> Any:
@@ -68,7 +59,8 @@ class ReportFamily:
     metric_title = "ROUGE-L F1"
     registry = RegistrySpec(subdir="", representation="hidden-mean")
     unit = "report"
-    node_config_keys: tuple[str, ...] = ()
+    #: a CSV export's column mapping and the group of a file without a group column (``sitedata``)
+    node_config_keys: tuple[str, ...] = ("report-columns", "report-group")
     supports_dp = True
     default_model = "smollm2-135m-instruct"
     option_keys: dict[str, tuple[type, ...]] = {}
@@ -88,7 +80,13 @@ class ReportFamily:
         return DataCounts(data.groups[:8], len(data.all), len(data.train), len(data.unlabeled), len(data.eval), ok)
 
     def load_data(self, site: SiteInputs) -> SiteDataset:
-        return load_site_examples(site.data_path)
+        return load_site_examples(site.data_path, site.option("report-columns"), site.option("report-group") or None)
+
+    def check_data(self, site: SiteInputs) -> DataCheck:
+        """What ``rpe data check`` says about the site's reports (``common.families.report.check``)."""
+        from common.families.report.check import check_reports
+
+        return check_reports(site)
 
     def examples_from(self, path: Path) -> list[Any]:
         """A JSONL file or a site's data directory; every report as unlabeled findings."""
