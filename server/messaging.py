@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -150,6 +151,28 @@ POLL_GROWTH = 1.5
 _COUNTS = dict.fromkeys(("sent", "resent", "probes", "replies", "error_replies", "unanswered", "push_refused"), 0)
 
 
+#: the coordinator's setting (environment of the SuperLink, inherited by every ServerApp): at most this
+#: many sites hold a message of one exchange at a time (0 or unset: no limit). Why: each message a site
+#: takes makes its SuperNode start a ClientApp process and, for training, send its adapter back at
+#: about the same time as every other site; a bound keeps the SuperLink's burst of replies (and, with
+#: many SuperNodes on one machine, the ClientApps' memory) bounded, at the price of a longer round.
+MAX_SITES_ENV = "RPE_MAX_SITES_IN_FLIGHT"
+
+
+def max_sites_in_flight() -> int:
+    """:data:`MAX_SITES_ENV` as a number (0: no limit); a value that is not a whole number >= 0 is an error."""
+    raw = os.environ.get(MAX_SITES_ENV, "").strip()
+    if not raw:
+        return 0
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"${MAX_SITES_ENV}={raw!r}: expected a whole number of sites >= 0 (0 = no limit)")
+    return value
+
+
 def message_counts() -> dict[str, int]:
     """The counts of every :func:`exchange` in this process so far (see :data:`_COUNTS`)."""
     return dict(_COUNTS)
@@ -179,7 +202,8 @@ def exchange(
     Why not push everything at once: a SuperNode handles one message at a time anyway, and under
     load Flower 1.41's SuperLink can answer a SuperNode's pull with "database is locked" after it
     has already handed the message out, and that message is then lost (seen with 28 adapters in
-    flight on two cores). So at most ``max_in_flight`` messages per site are outstanding, and a
+    flight on two cores). So at most ``max_in_flight`` messages per site are outstanding (and, with
+    ``$RPE_MAX_SITES_IN_FLIGHT``, at most that many sites hold one at a time), and a
     message is re-sent (at most ``max_resends`` times) when it is provably lost: the site answered
     a message sent *after* it. A SuperNode takes its messages one at a time, oldest first, so a
     site that has been quiet for ``probe_after`` seconds (or twice its longest answer so far, if
@@ -208,6 +232,7 @@ def exchange(
     deadline = time.monotonic() + timeout
     probes: dict[str, tuple[Request, int, float]] = {}  # message id -> (probe, push seq, sent at)
     newest_done: dict[int, int] = {}  # node -> push seq of its newest answered request
+    site_cap = max_sites_in_flight()
 
     def push(indices: list[int]) -> None:
         msgs = [
@@ -258,8 +283,12 @@ def exchange(
         active_of: dict[int, int] = {}
         for i in in_flight.values():
             active_of[requests[i].node_id] = active_of.get(requests[i].node_id, 0) + 1
+        busy = sum(1 for a in active_of.values() if a)
         for node, queue in queues.items():
             active = active_of.get(node, 0)
+            if queue and not active and site_cap and busy >= site_cap:
+                continue  # this site waits until another one has answered everything it held
+            busy += int(bool(queue) and not active)
             while queue and active < max_in_flight:
                 batch.append(queue.pop(0))
                 active += 1

@@ -134,3 +134,31 @@ def test_exchange_counts_sent_resent_probes_and_unanswered(monkeypatch) -> None:
     assert not out["c"].ok
     counts = message_counts()
     assert counts["sent"] == 3 and counts["unanswered"] == 1 and counts["probes"] >= 1
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_max_sites_in_flight_lets_a_site_start_only_when_another_has_answered(monkeypatch) -> None:
+    monkeypatch.setenv(messaging.MAX_SITES_ENV, "2")
+    reqs = [request(f"s{n}", n, wire.EMBED, {"task": "reports", "embed_layer": -1}) for n in range(1, 6)]
+    grid = QueueGrid({wire.EMBED: 0.2}, set(), {r.nonce: r.key for r in reqs})
+    starts: list[int] = []  # the size of every push: at most 2 sites at a time, the rest as others finish
+    push = grid.push_messages
+
+    def record(messages):
+        messages = list(messages)
+        starts.append(len(messages))
+        return push(messages)
+
+    monkeypatch.setattr(grid, "push_messages", record)
+    out = exchange(grid, reqs, timeout=30.0, poll_s=0.05, probe_after=10.0)
+    assert all(r.ok for r in out.values())
+    assert starts[0] == 2 and sum(starts) == 5 and max(starts) <= 2
+
+
+@pytest.mark.parametrize("bad", ["-1", "many", "1.5"])
+def test_a_bad_max_sites_in_flight_is_refused(monkeypatch, bad: str) -> None:
+    monkeypatch.setenv(messaging.MAX_SITES_ENV, bad)
+    with pytest.raises(ValueError, match="RPE_MAX_SITES_IN_FLIGHT"):
+        messaging.max_sites_in_flight()
+    monkeypatch.setenv(messaging.MAX_SITES_ENV, "")
+    assert messaging.max_sites_in_flight() == 0
