@@ -104,13 +104,19 @@ def evaluation_row(info: Mapping[str, Any], metrics: Mapping[str, float], metric
         "weights": [round(float(w), 6) for w in info.get("weights", [])],
         "distances": [float(d) for d in info.get("distances", [])],
         "metrics": dict(metrics),
+        "nearness": info.get("nearness") or None,
     }
 
 
 def write_evaluation(
-    out_dir: Path, rows: list[dict[str, Any]], registry: Any, zs: Mapping[str, np.ndarray]
+    out_dir: Path,
+    rows: list[dict[str, Any]],
+    registry: Any,
+    zs: Mapping[str, np.ndarray],
+    identical: Mapping[str, Mapping[str, float]] | None = None,
 ) -> dict[str, str]:
-    """results.csv, results.md and three plots (weights, site distances, score vs distance)."""
+    """results.csv, results.md and three plots (weights, site distances, score vs distance);
+    ``identical`` (``{target: {"a|b": share}}``) adds the identical-output table to results.md."""
     out_dir.mkdir(parents=True, exist_ok=True)
     # rows made before the score column (the first family's metric only) read as that family's rows
     from common.families import DEFAULT_FAMILY, get_family
@@ -158,6 +164,8 @@ def write_evaluation(
         "",
     ]
     lines += weights_lines(rows)
+    lines += nearness_lines(rows)
+    lines += identical_lines(identical or {})
     md_path = out_dir / "results.md"
     md_path.write_text("\n".join(lines) + "\n")
     out = {"csv": str(csv_path), "markdown": str(md_path)}
@@ -177,6 +185,52 @@ def weights_lines(rows: list[dict[str, Any]]) -> list[str]:
     for r in composed:
         pairs = ", ".join(f"{s}: {w:+.3f}" for s, w in zip(r["sources"], r["weights"], strict=False))
         out.append(f"| {r['target']} | {r['method']} | {pairs} |")
+    return [*out, ""]
+
+
+def nearness_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Per target, the "nothing close enough" check of its composed arms (``server/nearness.py``):
+    one line per target, since every arm retrieves from the same library."""
+    seen: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if r.get("nearness") and r["method"] not in ("own", "base"):
+            seen.setdefault(r["target"], r["nearness"])
+    if not seen:
+        return []
+    out = [
+        "## How close the library was",
+        "",
+        "ratio = squared z distance to the nearest library adapter / the library's median "
+        'nearest-neighbour spacing; above `far-ratio` the coordinator warns "nothing close enough".',
+        "",
+        "| target | ratio | far-ratio | warning |",
+        "|---|---|---|---|",
+    ]
+    for t, c in sorted(seen.items()):
+        ratio = "–" if c.get("ratio") is None else f"{c['ratio']:.2f}"
+        out.append(f"| {t} | {ratio} | {c.get('threshold', 0):g} | {c.get('warning') or c.get('reason') or '–'} |")
+    return [*out, ""]
+
+
+def identical_lines(identical: Mapping[str, Mapping[str, float]]) -> list[str]:
+    """The share of held-out items on which two arms produced identical output, per target (the
+    pairs with a share above zero; the site counts it, the outputs never leave it)."""
+    if not any(identical.values()):
+        return []
+    out = [
+        "## Identical outputs",
+        "",
+        "Share of the held-out items on which two arms produced exactly the same output (text, or "
+        "mask); equal scores with a share of 1.00 are one output, not a coincidence. Pairs not listed: 0.",
+        "",
+        "| target | arms | identical |",
+        "|---|---|---|",
+    ]
+    for t in sorted(identical):
+        for pair, share in sorted(identical[t].items(), key=lambda kv: (-kv[1], kv[0])):
+            if share > 0:
+                a, _, b = pair.partition("|")
+                out.append(f"| {t} | `{a}` = `{b}` | {share:.2f} |")
     return [*out, ""]
 
 

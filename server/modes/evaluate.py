@@ -8,7 +8,10 @@ like a delivery (a ``delivery`` statement over :func:`common.protocol.wire.arms_
 hashes, name ``evaluate``); the site checks it against its pinned coordinator key, and every reply
 (or its absence) is audited (``composition.delivered`` / ``composition.undelivered``).
 Results: CSV + Markdown + plots under ``<registry>/evaluations/<run id>/`` (``server/reporting.py``),
-and one progress line per (target, arm) as each score arrives, with the time left.
+and one progress line per (target, arm) as each score arrives, with the time left. The Markdown also
+says, per target, on what share of the held-out items two arms produced identical output (the site
+counts it and keeps the outputs themselves: ``client/arms.py``), and how far the library was from the
+target (the "nothing close enough" check, ``server/nearness.py``).
 """
 
 from __future__ import annotations
@@ -100,6 +103,7 @@ def run_evaluate(
         run_id=run_id,
     )
     rows: list[dict[str, Any]] = []
+    identical: dict[str, dict[str, float]] = {}  # target -> {"sim|avg": share of identical outputs}
     for req in requests:
         t, rep, infos = req.key, replies[req.key], arms_of[req.key]
         digest = wire.arms_digest([info["output_sha256"] for info in infos])
@@ -133,6 +137,7 @@ def run_evaluate(
             continue
         for i, info in enumerate(infos):
             rows.append(evaluation_row(info, _arm_metrics(metrics, f"a{i}_"), metric))
+        identical[t] = same_pairs(metrics, [info["method"] for info in infos])
         base = _arm_metrics(metrics, "base_")
         if base:
             rows.append(
@@ -145,8 +150,8 @@ def run_evaluate(
     order = {m: i for i, m in enumerate(["base", *methods, "own"])}
     rows.sort(key=lambda r: (r["target"], order.get(r["method"], 99)))
     out_root = registry.path / "evaluations" / run_id
-    out = write_evaluation(out_root, rows, registry, zs)
-    report["evaluate"] = {"rows": rows, "problems": problems, "outputs": out}
+    out = write_evaluation(out_root, rows, registry, zs, identical)
+    report["evaluate"] = {"rows": rows, "problems": problems, "outputs": out, "identical": identical}
     log(f"evaluation: {len(rows)} results, {len(problems)} problems; written to {out_root}")
 
 
@@ -168,6 +173,25 @@ def evaluate_request(
         config["max_eval"] = s.max_eval
     content = wire.build_evaluate_request(config, batch)
     return Request(target, node_id, wire.EVALUATE, content, nonce)
+
+
+def same_pairs(metrics: dict[str, float], methods: list[str]) -> dict[str, float]:
+    """``{"<arm>|<arm>": share}`` from a reply's ``a<i>_same_a<j>`` / ``a<i>_same_base`` metrics: the
+    share of held-out items on which the two arms produced identical output (``client/arms.py``)."""
+    import re
+
+    def name(label: str) -> str | None:
+        if label == "base":
+            return "base"
+        i = int(label[1:])
+        return methods[i] if i < len(methods) else None
+
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        m = re.match(r"^(a\d+|base)_same_(a\d+|base)$", key)
+        if m and (a := name(m.group(1))) and (b := name(m.group(2))):
+            out[f"{a}|{b}"] = float(value)
+    return out
 
 
 def _arm_metrics(metrics: dict[str, float], prefix: str) -> dict[str, float]:

@@ -231,7 +231,7 @@ class SegmentationFamily:
         out = []
         for adapter in adapters:
             res = evaluate(base.model, adapter, images, masks, task.spec.prompt, name, task.cache)
-            out.append({"dice": float(res["dice"]), "n": float(res["n"])})
+            out.append({"dice": float(res["dice"]), "n": float(res["n"]), "outputs": res["outputs"]})
         return out
 
 

@@ -372,6 +372,12 @@ def predict(
     return out
 
 
+def mask_digest(mask: np.ndarray) -> str:
+    """sha256 of a binary mask's shape and packed bits: equal digests, identical masks."""
+    m = np.ascontiguousarray(np.asarray(mask, dtype=bool))
+    return hashlib.sha256(repr(m.shape).encode() + np.packbits(m).tobytes()).hexdigest()
+
+
 def evaluate(
     model: nn.Module,
     adapter: LoraAdapter | None,
@@ -388,6 +394,8 @@ def evaluate(
     preds = predict(model, adapter, images, masks, prompt, site, cache, seed)
     per = [dice(p, t) for p, t in zip(preds, masks, strict=True)]
     result: dict[str, Any] = {"dice": float(np.mean(per)), "dice_per_image": per, "n": len(per)}
+    # what each slice's predicted mask is, as a digest (client/arms.py: identical outputs between arms)
+    result["outputs"] = [mask_digest(p) for p in preds]
     if with_hd95:
         result["hd95"] = float(np.mean([hd95(p, t) for p, t in zip(preds, masks, strict=True)]))
     return result
