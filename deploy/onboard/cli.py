@@ -17,6 +17,14 @@ from common.cli_base import CliError
 NEXT_SITE = "send {request} to the coordinator; import its answer with `rpe site join --dir {dir} BUNDLE.json`"
 
 
+def _detach() -> None:
+    """The servers a start command launches outlive it (until ``stop``), as with
+    ``python -m deploy.launch superlink|supernode`` without ``--attach``."""
+    from deploy.launch import processes
+
+    processes.TIE_TO_PARENT = False
+
+
 def _run(fn: Any) -> Any:
     """Call ``fn``; the onboarding, launch and key errors become one CliError line."""
     from deploy.launch.errors import LaunchError
@@ -71,6 +79,7 @@ def cmd_coordinator_admit(args: argparse.Namespace) -> None:
 def cmd_coordinator_start(args: argparse.Namespace) -> None:
     from deploy.onboard.coordinator import start
 
+    _detach()
     state = _run(lambda: start(args.dir, timeout=args.timeout))
     proxy = state.get("proxy") or {}
     print(f"SuperLink PID {state['superlink']['pid']}" + (f", proxy PID {proxy['pid']}" if proxy else ""))
@@ -188,6 +197,7 @@ def cmd_site_start(args: argparse.Namespace) -> None:
         if not sep:
             raise CliError(f"--release {item!r}: expected KEY=VALUE")
         release[key] = value
+    _detach()
     out = _run(
         lambda: start(
             args.dir,
