@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -208,3 +209,97 @@ def test_bad_node_configs_exit_2(tmp_path, capsys):
         nc.write_text(text)
         code, _, err = _rpe(["data", "check", "--node-config", str(nc)], capsys)
         assert code == 2 and match in err, err
+
+
+# -- docs/DATA.md: its sample files and commands, read from the guide --------------------------------
+GUIDE = Path(__file__).resolve().parents[2] / "docs" / "DATA.md"
+#: the guide's placeholder root, rewritten to the test's temporary folder (the only mapping)
+SRV = "/srv/rpe"
+_FENCE = re.compile(r"^```(\w*)\s*$")
+_TARGET = re.compile(r"`(/srv/rpe/[^`]+)`:?\s*$")
+
+
+def guide_files(path: Path) -> dict[str, str]:
+    """``{path: content}`` of every sample file the guide shows right under a line naming its path."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    files: dict[str, str] = {}
+    i = 0
+    while i < len(lines):
+        fence = _FENCE.match(lines[i])
+        if fence and fence.group(1):
+            body, j = [], i + 1
+            while not lines[j].startswith("```"):
+                body.append(lines[j])
+                j += 1
+            prev = next((ln for ln in reversed(lines[:i]) if ln.strip()), "")
+            named = _TARGET.search(prev)
+            if named and fence.group(1) in ("csv", "jsonl", "toml"):
+                files[named.group(1)] = "\n".join(body) + "\n"
+            i = j
+        i += 1
+    return files
+
+
+def _from_guide(tmp_path: Path) -> list[str]:
+    from support.doc_commands import section_commands
+
+    for name, text in guide_files(GUIDE).items():
+        dest = Path(name.replace(SRV, str(tmp_path)))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text(text.replace(SRV, str(tmp_path)), encoding="utf-8")
+    # the volumes the guide's image example names: the shared TotalSegmentator CT and its label map
+    vols = tmp_path / "volumes"
+    (vols / "images").mkdir(parents=True)
+    (vols / "labels").mkdir()
+    src = data_root() / "totalsegmentator-test"
+    (vols / "images" / "case1.nii.gz").write_bytes((src / "example_ct_sm.nii.gz").read_bytes())
+    (vols / "labels" / "case1.nii.gz").write_bytes((src / "example_seg.nii.gz").read_bytes())
+    return [c.replace(SRV, str(tmp_path)) for c in section_commands(GUIDE, "Check before you start")]
+
+
+def test_the_guides_commands_do_what_it_says(tmp_path, capsys):
+    files = guide_files(GUIDE)
+    assert {"/srv/rpe/data/train.csv", "/srv/rpe/data/eval.jsonl", "/srv/rpe/site/node-config.toml"} <= set(files)
+    commands = _from_guide(tmp_path)
+    assert len(commands) == 4 and all(c.startswith("rpe data check ") for c in commands)
+    outs = []
+    for cmd in commands:
+        code, out, err = _rpe(shlex.split(cmd)[1:], capsys)
+        assert code == 0, f"{cmd}\n{out}{err}"
+        outs.append(out)
+    text_check, nc_check, json_check, image_check = outs
+    for out in (text_check, nc_check):  # what the guide says they print
+        assert "would use: 3 train, 1 eval, 0 unlabeled" in out
+        assert "prompt='Befund', target='Beurteilung', uid='Accession', group='xray-chest' (report-group)" in out
+        warnings = [ln for ln in out.splitlines() if "warning:" in ln]
+        assert len(warnings) == 2 and "z-min-examples" in warnings[0] and "metrics-min-reports" in warnings[1]
+    assert json.loads(json_check)["checks"][0]["used"] == {"train": 3, "eval": 1, "unlabeled": 0}
+    assert "segmentation:" in image_check and "images/case1.nii.gz (NIfTI" in image_check
+    # "A typo exits 2 naming the key meant; an empty findings cell exits 1 naming the file and its line"
+    typo = shlex.split(commands[0].replace("report-columns=", "report-colums="))[1:]
+    code, _, err = _rpe(typo, capsys)
+    assert code == 2 and "did you mean 'report-columns'" in err
+    with open(tmp_path / "data" / "train.csv", "a", encoding="utf-8") as fh:
+        fh.write("A1004;;Normal.;Dr C\n")
+    code, out, _ = _rpe(shlex.split(commands[1])[1:], capsys)
+    assert code == 1 and "train.csv: row at line 5: the findings cell ('Befund') is empty" in out
+
+
+def test_the_guides_sample_lines_are_read_as_it_says():
+    """The schema's sample JSONL line and CSV file (no path above them) read as the guide describes."""
+    text = GUIDE.read_text(encoding="utf-8")
+    jsonl = re.search(r"A sample line:\n\n```jsonl\n(.*?)\n```", text, re.S)
+    csv_sample = re.search(r"second report not written yet:\n\n```csv\n(.*?)\n```", text, re.S)
+    assert jsonl and csv_sample
+    import tempfile
+
+    from common.families.report.sitedata import read_reports
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "s.jsonl").write_text(jsonl.group(1) + "\n")
+        (Path(tmp) / "s.csv").write_text(csv_sample.group(1) + "\n")
+        (ex,) = read_reports(Path(tmp) / "s.jsonl")
+        assert ex.labeled and ex.group == "xray-chest" and ex.uid == "A1001"
+        cols = {"uid": "Accession", "prompt": "Befund", "target": "Beurteilung"}
+        a, b = read_reports(Path(tmp) / "s.csv", cols, "xray-chest")
+        assert a.labeled and not b.labeled and b.prompt == "Small left pleural effusion; no pneumothorax."

@@ -78,6 +78,8 @@ def check_reports(site: SiteInputs) -> DataCheck:
         groups.update(e.group for e in rows)
         uids.update(e.uid for e in rows)
     out.used = {k: used.get(k, 0) for k in ("train", "eval", "unlabeled")}
+    if columns and not any(is_csv(f) for f in files.values()):
+        out.warnings.append(f"{COLUMNS_KEY} is set, but no file is CSV: JSONL files are read by their keys")
     if groups:
         out.lines.append("groups: " + ", ".join(f"{g} {n}" for g, n in groups.most_common(10)))
     dup = [u for u, n in uids.items() if n > 1]
@@ -106,10 +108,6 @@ def _check_file(
                     "rows whose group cell is empty"
                 )
         else:
-            if columns:
-                out.warnings.append(
-                    f"{f}: {COLUMNS_KEY} applies to CSV files only; this JSONL file is read by its keys"
-                )
             rows_iter, desc = iter_jsonl(f, group), "JSONL (keys prompt, target, uid, group)"
         good: list[Example] = []
         bad: list[str] = []
