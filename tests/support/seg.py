@@ -120,3 +120,49 @@ def run_local(local: dict, run_id: int, rc: dict) -> dict:
     """One run of the real ServerApp over the sites of ``local`` (``rc`` names registry-dir and mode)."""
     report, _ = run_server_app(local["nodes"], run_id, {"allowlist": str(local["allowlist"]), **rc})
     return report
+
+
+def write_dicom_series(volume_path: Path, out_dir: Path, modality: str = "CT", seed: int = 0) -> list[Path]:
+    """A single-frame DICOM series of a NIfTI volume, written with pydicom: one instance per slice
+    of the file's third axis, with the volume's geometry (LPS), int16 values stored with a rescale
+    intercept of -1024, under shuffled file names (a reader must order instances by position)."""
+    import nibabel as nib
+    import numpy as np
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    img = nib.load(str(volume_path))
+    data = np.asarray(img.dataobj)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ img.affine
+    col_step, row_step = lps[:3, 0], lps[:3, 1]
+    row_cos, col_cos = col_step / np.linalg.norm(col_step), row_step / np.linalg.norm(row_step)
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    sop_class = CTImageStorage if modality == "CT" else MRImageStorage
+    out_dir.mkdir(parents=True, exist_ok=True)
+    order = np.random.default_rng(seed).permutation(data.shape[2])
+    paths = []
+    for k in range(data.shape[2]):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = sop_class
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        path = out_dir / f"im{int(order[k]):04d}.dcm"
+        ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Test^Volume", "rpe-test", "", "O"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20260101", "120000", "1", ""
+        ds.ReferringPhysicianName, ds.SeriesNumber, ds.InstanceNumber = "", 3, k + 1
+        ds.Modality, ds.Manufacturer, ds.PositionReferenceIndicator = modality, "rpe-tests", ""
+        ds.ImageOrientationPatient = [float(v) for v in (*row_cos, *col_cos)]
+        ds.ImagePositionPatient = [float(v) for v in (lps @ np.array([0.0, 0.0, k, 1.0]))[:3]]
+        ds.PixelSpacing = [float(np.linalg.norm(row_step)), float(np.linalg.norm(col_step))]
+        ds.SliceThickness = float(np.linalg.norm(lps[:3, 2]))
+        ds.Rows, ds.Columns = data.shape[1], data.shape[0]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
+        ds.PixelData = (data[:, :, k].T.astype(np.int32) + 1024).astype(np.int16).tobytes()
+        ds.save_as(str(path), enforce_file_format=True)
+        paths.append(path)
+    return paths

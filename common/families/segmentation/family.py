@@ -20,6 +20,7 @@ import numpy as np
 
 from common.families.base import (
     Base,
+    DataCheck,
     DataCounts,
     DPSettings,
     FamilyError,
@@ -30,6 +31,7 @@ from common.families.base import (
     TrainPlan,
     TrainResult,
 )
+from common.families.segmentation.volsite import VOLUME_KEYS
 
 #: what a request's ``lora_targets`` may name for this family; anything else (e.g. the report
 #: default ``q_proj,v_proj``) means the family's default, the mask decoder
@@ -37,6 +39,30 @@ SEG_TARGETS = ("decoder", "last-stage", "neck")
 #: the z representation (``common.families.segmentation.task.REPRESENTATION``, without its torch import)
 REPRESENTATION = "sam-encoder-mean"
 EMBEDDINGS_CACHE_DIR = "seg-embeddings"
+#: ``seg-dataset`` of a site's own NIfTI / DICOM volumes (``volsite``; no import of nibabel here)
+VOLUMES = "volumes"
+
+
+def _volume_site(site: SiteInputs) -> Any:
+    """A site's own volumes (``seg-dataset = "volumes"``, ``common.families.segmentation.volsite``)."""
+    from common.families.segmentation.data import SegSite
+    from common.families.segmentation.volsite import VolumeSettings, scan
+    from common.families.segmentation.volumes import VolumeError
+
+    try:
+        found = scan(site.data_path, VolumeSettings.from_options(site.option))
+    except VolumeError as exc:
+        raise FamilyError(f"site {site.site!r}: {exc}") from None
+    if found.check.problems:
+        more = len(found.check.problems) - 1
+        raise FamilyError(
+            f"site {site.site!r}: {found.check.problems[0]}"
+            + (f" (and {more} more problem{'s' if more > 1 else ''}; `rpe data check` lists them)" if more else "")
+        )
+    meta = {"unlabeled": found.unlabeled, "modality": found.modality.lower(), "check": found.check}
+    return SegSite(
+        site.site, VOLUMES, found.train_images, found.train_masks, found.test_images, found.test_masks, meta=meta
+    )
 
 
 def seg_site(site: SiteInputs) -> Any:
@@ -44,6 +70,8 @@ def seg_site(site: SiteInputs) -> Any:
     from common.families.segmentation.data import PROSTATE, ImageError, load_fundus_site, load_prostate_site
 
     dataset, name = site.option("seg-dataset", PROSTATE), site.option("seg-site")
+    if dataset == VOLUMES:
+        return _volume_site(site)
     if not name:
         raise FamilyError(f"site {site.site!r}: node config has task=segmentation but no 'seg-site'")
     base, _, structure = dataset.partition(":")
@@ -70,7 +98,7 @@ class SegmentationFamily:
     metric_title = "DICE"
     registry = RegistrySpec(subdir="segmentation", representation=REPRESENTATION)
     unit = "image"
-    node_config_keys: tuple[str, ...] = ("seg-dataset", "seg-site", "seg-copies")
+    node_config_keys: tuple[str, ...] = ("seg-dataset", "seg-site", "seg-copies", *VOLUME_KEYS)
     supports_dp = False
     default_model = "litemedsam"
     #: ``targets``: comma-separated ``SEG_TARGETS`` (else ``lora_targets`` names them, else the decoder)
@@ -93,29 +121,72 @@ class SegmentationFamily:
         try:
             s, ok = seg_site(site), True
             n_train, n_test = len(s.train_images), len(s.test_images)
+            n_unlab = len(s.meta.get("unlabeled", []))
             groups = [f"{s.dataset}-{s.name}"]
         except (OSError, FamilyError, ValueError):
-            n_train = n_test = 0
+            n_train = n_test = n_unlab = 0
             ok, groups = False, []
-        return DataCounts(groups, n_train + n_test, n_train, 0, n_test, ok)
+        return DataCounts(groups, n_train + n_test + n_unlab, n_train, n_unlab, n_test, ok)
 
     def load_data(self, site: SiteInputs) -> SiteDataset:
         s = seg_site(site)
         train = list(zip(s.train_images, s.train_masks, strict=True))
         held = list(zip(s.test_images, s.test_masks, strict=True))
-        return SiteDataset(train, held, [], [f"{s.dataset}-{s.name}"], source=s)
+        return SiteDataset(train, held, list(s.meta.get("unlabeled", [])), [f"{s.dataset}-{s.name}"], source=s)
 
     def examples_from(self, path: Path) -> list[Any]:
-        """Every image in a folder (or one image file): grey or RGB, as a site's slices."""
+        """Every image in a folder (or one image file): grey or RGB, as a site's slices; a volume (or
+        a folder of volumes: NIfTI files, DICOM series) gives all its axial slices, window ``auto``."""
         from common.families.segmentation.data import read_images
+        from common.families.segmentation.volumes import Foreground, is_volume, read_volume, volume_slices
 
+        p = Path(path)
         try:
+            vols = [p] if is_volume(p) else sorted(q for q in p.iterdir() if is_volume(q)) if p.is_dir() else []
+            if vols:
+                return [im for v in vols for im in volume_slices(read_volume(v), None, Foreground()).images]
             return read_images(path)
         except ValueError as exc:
             raise FamilyError(str(exc)) from None
 
+    def check_data(self, site: SiteInputs) -> DataCheck:
+        """What ``rpe data check`` prints for a segmentation site: the files and slices each split
+        would use, the label convention, problems (unreadable files, geometry that does not fit,
+        no object) and warnings (a mask that is mostly object). No model, no torch."""
+        from common.families.segmentation.data import FUNDUS_THRESHOLDS, PROSTATE
+        from common.families.segmentation.volsite import VolumeSettings, scan
+        from common.families.segmentation.volumes import MOSTLY_FOREGROUND, VolumeError
+
+        dataset = site.option("seg-dataset", PROSTATE)
+        if dataset == VOLUMES:
+            try:
+                return scan(site.data_path, VolumeSettings.from_options(site.option)).check
+            except VolumeError as exc:
+                return DataCheck(self.name, str(site.data_path), problems=[str(exc)])
+        check = DataCheck(self.name, str(site.data_path))
+        try:
+            s = seg_site(site)
+        except (FamilyError, OSError, ValueError) as exc:
+            check.problems.append(str(exc))
+            return check
+        base, _, structure = dataset.partition(":")
+        if base == PROSTATE:
+            check.lines.append(f"{PROSTATE} site {s.name}: masks on disk are 0 = prostate, 255 = background (read so)")
+        else:
+            limit = FUNDUS_THRESHOLDS[structure or "disc"]
+            check.lines.append(f"{s.dataset} site {s.name}: object = mask value < {limit} ({structure or 'disc'})")
+        check.lines.append(f"{len(s.train_images)} train slices, {len(s.test_images)} eval slices")
+        for split, masks in (("train", s.train_masks), ("test", s.test_masks)):
+            for i, m in enumerate(masks):
+                frac = float(np.mean(m))
+                if frac > MOSTLY_FOREGROUND:
+                    check.warnings.append(f"{split} mask {i}: {100 * frac:.1f} % object; is the convention inverted?")
+        check.used = {"train": len(s.train_images), "eval": len(s.test_images), "unlabeled": 0}
+        return check
+
     def z_examples(self, data: SiteDataset, enrolment: bool) -> list[Any]:
-        return [image for image, _ in data.all]  # every image, at enrolment too; no mask is read
+        # every image, at enrolment too; no mask is read (labelled items are (image, mask), unlabelled ones images)
+        return [x[0] if isinstance(x, tuple) else x for x in data.all]
 
     def data_digest(self, examples: Sequence[Any]) -> str:
         # the family's name, then each image's sha256 (hex), each hashed in turn: the same digest a
@@ -127,6 +198,8 @@ class SegmentationFamily:
 
     def describe(self, data: SiteDataset) -> dict[str, str]:
         s = data.source
+        if s.dataset == VOLUMES:
+            return {"modality": s.meta.get("modality") or "image", "group": f"{s.dataset}-{s.name}"}
         return {"modality": "mr" if "prostate" in s.dataset else "fundus", "group": f"{s.dataset}-{s.name}"}
 
     # -- model -----------------------------------------------------------------------------------
@@ -227,7 +300,7 @@ class SegmentationFamily:
 
         task = self._task(site)
         images, masks = [im for im, _ in examples], [m for _, m in examples]
-        name = site.option("seg-site")
+        name = site.option("seg-site") or site.site
         out = []
         for adapter in adapters:
             res = evaluate(base.model, adapter, images, masks, task.spec.prompt, name, task.cache)
