@@ -39,7 +39,8 @@ from typing import Any
 from benchmarks.util import ROOT, load_average, log, machine_info, table, write_json
 
 #: the demo's progress lines that start a phase (the same in earlier commits)
-PHASE_RE = re.compile(r"^\[demo\] (enroll|evaluate) \[(\w+)\]")
+# family names have hyphens ("report-text"); the demo ends with a delivery phase per family
+PHASE_RE = re.compile(r"^\[demo\] (enroll|evaluate|deliver) \[([\w-]+)\]")
 START_RE = re.compile(r"^\[demo\] starting a SuperLink")
 END_RE = re.compile(r"^wall time ")
 MEAN_RE = re.compile(r"^\| \*\*mean\*\* \|(.*)\|\s*$")

@@ -180,3 +180,18 @@ def test_each_family_recipe_names_a_target_and_a_command_to_try_its_delivery(tmp
     assert plan.try_argv[0] == "segment" and "{adapter}" in plan.try_argv and "{out}" in plan.try_argv
     images = Path(plan.try_argv[plan.try_argv.index("--images") + 1])
     assert images.is_dir() and any(images.glob("*.png"))
+
+
+def test_the_main_job_benchmark_reads_every_phase_line_the_demo_prints():
+    """benchmarks/main_job.py times the demo by its ``[demo] <phase> [<family>]`` lines; family
+    names have hyphens (``report-text``), which its pattern once missed, and the delivery is a phase."""
+    import inspect
+
+    from benchmarks.main_job import PHASE_RE
+
+    source = inspect.getsource(demo)
+    for phase in ("enroll", "evaluate", "deliver"):
+        assert f'f"{phase} [{{family}}]: ' in source, phase  # the demo prints this line per family
+        for family in demo.demo_families():
+            m = PHASE_RE.match(f"[demo] {phase} [{family}]: ...")
+            assert m and m.groups() == (phase, family)
