@@ -270,3 +270,24 @@ def _bad_csv(tmp_path):
     p = tmp_path / "bad.csv"
     p.write_text("findings,impression,group\n,x,g\n")
     return p
+
+
+def test_status_on_a_site_after_a_real_delivery(toy, capsys):
+    """Through the real ServerApp and ClientApp: enrol, compose for h1, then ``rpe site status`` at h1
+    (it raised TypeError there: the provenance held the delivery's lists as text)."""
+    from support.toy import SITES, run
+
+    enrolled = run(toy, 61, mode="enroll", sites=",".join(SITES))
+    assert {r["status"] for r in enrolled["enroll"].values()} == {"accepted"}, enrolled
+    out = run(toy, 62, mode="compose", target="h1", k=2, strategy="sim")["compose"]["h1"]
+    assert out["status"] == "delivered", out
+    site_dir = toy["tmp"] / "sites" / "h1"
+    capsys.readouterr()  # the run's own output
+    code, text, err = _rpe(["site", "status", "--site-dir", str(site_dir)], capsys)
+    assert code == 0, err
+    assert f"adapter {out['adapter_name']}: received sim (toy)" in text and " from " in text
+    code, text, err = _rpe(["site", "status", "--site-dir", str(site_dir), "--json"], capsys)
+    assert code == 0, err
+    got = {a["name"]: a for a in json.loads(text)["adapters"]}[out["adapter_name"]]
+    assert got["kind"] == "received" and got["task"] == "toy" and len(got["sources"]) == 2
+    assert all(isinstance(w, float) for w in got["weights"]) and abs(sum(got["weights"]) - 1.0) < 1e-6
