@@ -1,5 +1,7 @@
-"""``scripts/demo.sh`` without a data root stops within seconds with the message that says where the
-data goes. (The data sets in this process: tests/unit/test_data.py.)
+"""The README's first command, ``bash scripts/demo.sh`` (read from the README itself), without a data
+root stops within seconds with the message that says where the data goes.
+(The data sets in this process: tests/unit/test_data.py; the demo with a data root, its delivery
+and the README's role sections: tests/integration/test_demo_delivery.py.)
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import subprocess
 import time
 
 import pytest
+from support.doc_commands import blocks
 
 from common.families.report.data import (
     DATA_DIR_ENV,
@@ -18,11 +21,11 @@ from common.families.report.data import (
 
 @pytest.mark.integration
 def test_demo_without_a_data_root_stops_within_seconds_with_the_message(tmp_path) -> None:
+    command = blocks(REPO_ROOT / "README.md")[0].commands[0]
+    assert command.startswith("bash scripts/demo.sh")
     env = {**os.environ, DATA_DIR_ENV: str(tmp_path / "empty")}
     t0 = time.monotonic()
-    res = subprocess.run(
-        ["bash", str(REPO_ROOT / "scripts" / "demo.sh")], env=env, capture_output=True, text=True, timeout=60
-    )
+    res = subprocess.run(["bash", "-c", command], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert time.monotonic() - t0 < 20
     assert res.returncode == 2
     assert f"expected {tmp_path / 'empty' / 'iu-xray'}" in res.stderr and DATA_DIR_ENV in res.stderr
