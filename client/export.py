@@ -157,8 +157,12 @@ def export_vllm(
     src = Path(adapter_dir)
     if not (src / "adapter_config.json").is_file():
         raise ExportError(f"{src} is not a PEFT adapter directory (no adapter_config.json)")
-    if Path(out).resolve() == src.resolve():
-        raise ExportError("--out must differ from --adapter (the received adapter is kept as it is)")
+    here, there = src.resolve(), Path(out).resolve()
+    if there == here or there in here.parents or here in there.parents:
+        raise ExportError(
+            f"--out {out} must differ from --adapter, and neither hold it nor lie inside it: write the export "
+            "to a directory of its own (the received adapter is kept as it is)"
+        )
     try:
         check_adapter_family(src, "report-text", "export --for vllm")
     except CommandError as exc:

@@ -85,10 +85,10 @@ def _site_dir_under(root: Path) -> Path:
 def load_toml(text: str) -> dict[str, Any]:
     """A TOML document (``tomllib``; ``tomli`` on Python 3.10); a syntax error is a ``ValueError``."""
     try:
-        import tomllib
+        import tomllib  # type: ignore[import-not-found, unused-ignore]
     except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
-    return tomllib.loads(text)
+        import tomli as tomllib  # type: ignore[no-redef, unused-ignore]
+    return dict(tomllib.loads(text))
 
 
 def _as_list(value: Any) -> list[Any] | None:

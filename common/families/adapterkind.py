@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 from pathlib import Path
 
 from common.families.base import CommandError
@@ -83,7 +84,7 @@ def check_adapter_family(adapter_dir: str | Path, expected: str, command: str) -
     raise CommandError(f"{adapter_dir} is a {got} adapter; `rpe {command}` takes a {expected} adapter: {hint}")
 
 
-def check_out(out: str | Path, force: bool, what: str = "file") -> Path:
+def check_out(out: str | os.PathLike[str], force: bool, what: str = "file") -> Path:
     """``out`` as a path this command may write: an existing file or non-empty directory is refused
     unless ``force`` (nothing is written, nothing is loaded before this check)."""
     path = Path(out)

@@ -291,3 +291,20 @@ def test_status_on_a_site_after_a_real_delivery(toy, capsys):
     got = {a["name"]: a for a in json.loads(text)["adapters"]}[out["adapter_name"]]
     assert got["kind"] == "received" and got["task"] == "toy" and len(got["sources"]) == 2
     assert all(isinstance(w, float) for w in got["weights"]) and abs(sum(got["weights"]) - 1.0) < 1e-6
+
+
+def test_force_never_replaces_the_input(model_dir, tmp_path, capsys):
+    """``--force`` replaces an earlier output, never what the command reads: the reports file of
+    ``generate``, or a folder holding the adapter (``export --out adapters/ --force`` would delete them)."""
+    adapters = tmp_path / "adapters"
+    adir = save_peft_adapter(tiny_adapter(model_dir, 3), adapters / "compose-1", str(model_dir))
+    data = _reports(tmp_path)
+    before = data.read_bytes()
+    code, _, err = _rpe(
+        ["generate", "--adapter", str(adir), "--data", str(data), "--out", str(data), "--force"], capsys
+    )
+    assert code == 2 and "is the --data file" in err and data.read_bytes() == before
+    for out in (adapters, tmp_path, adir / "inside"):
+        code, _, err = _rpe(["export", "--for", "vllm", "--adapter", str(adir), "--out", str(out), "--force"], capsys)
+        assert code == 2 and "must differ from --adapter" in err
+    assert (adir / "adapter_config.json").is_file() and (adir / "adapter_model.safetensors").is_file()

@@ -78,6 +78,8 @@ def generate_file(
     if batch_size < 1:
         raise SiteCommandError(f"--batch-size must be at least 1; got {batch_size}")
     target = check_out(out, force)
+    if target.resolve() == Path(data).resolve():
+        raise SiteCommandError(f"--out {out} is the --data file; the predictions go to a file of their own")
     check_adapter_family(adir, "report-text", "generate")
     try:
         examples = read_reports(data, parse_columns(columns), default_group="unknown")
