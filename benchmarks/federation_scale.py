@@ -421,13 +421,19 @@ def outcome(name: str, report: dict[str, Any]) -> dict[str, Any]:
     return got
 
 
-def count_in_logs(paths: list[Path], needle: str) -> int:
-    n = 0
+def count_in_logs(paths: list[Path], pattern: str, keep: list[str] | None = None) -> int:
+    """Lines of ``paths`` matching the regex ``pattern``; the first few go to ``keep`` (file: line)."""
+    rx, n = re.compile(pattern), 0
     for p in paths:
         try:
-            n += p.read_text(errors="replace").count(needle)
+            lines = p.read_text(errors="replace").splitlines()
         except OSError:
-            pass
+            continue
+        for line in lines:
+            if rx.search(line):
+                n += 1
+                if keep is not None and len(keep) < 5:
+                    keep.append(f"{p.name}: {line.strip()[:300]}")
     return n
 
 
@@ -531,8 +537,13 @@ def measure_n(
         )
         result["superexec_restarted"] = (workdir / "logs" / "superexec-restarted.log").exists()
         logs = sorted((workdir / "logs").glob("*.log"))
-        result["database_locked_in_logs"] = count_in_logs(logs, "database is locked")
-        result["http_500_in_supernode_logs"] = count_in_logs([p for p in logs if "supernode" in p.name], "500")
+        result["log_lines"] = []
+        result["database_locked_in_logs"] = count_in_logs(logs, "database is locked", result["log_lines"])
+        result["http_500_in_supernode_logs"] = count_in_logs(
+            [p for p in logs if "supernode" in p.name],
+            r"(HTTP|status|code).{0,12}\b5\d\d\b|Internal Server Error",
+            result["log_lines"],
+        )
         result["processes_peak_rss_gib"] = round(sampler.rss_peak_total / 2**30, 2)
         result["min_available_gib"] = round(sampler.min_available, 2)
         result["superlink_db_mib"] = (
@@ -663,9 +674,10 @@ def table_rows(results: list[dict[str, Any]]) -> list[str]:
     """One Markdown row per (N, run): the figures of the issue, the cost per site and its ratio to the first N."""
     lines = [
         "| N | run | outcome | wall s | ServerApp s | discover s | SuperLink CPU s | ServerApp CPU s | nginx CPU s "
-        "| sites' CPU s | coord. CPU / site | ratio to N=" + str(results[0]["n"]) + " | sent / resent / probes / "
+        "| sites' CPU s | coord. CPU / site | ratio to N=" + str(results[0]["n"]) + " | SuperLink+nginx CPU above "
+        "idle polling / site | sent / resent / probes / "
         "unanswered | HTTP requests | 5xx | exited |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|",
     ]
     base = results[0]
     for r in results:
@@ -683,10 +695,12 @@ def table_rows(results: list[dict[str, Any]]) -> list[str]:
                 "; " + ", ".join(f"{k} {v}" for k, v in sorted(statuses.items())) if statuses else ""
             )
             exited = ", ".join(run.get("supernodes_restarted") or []) or "none"
+            idle_rate = ((r.get("idle") or {}).get("superlink_cpu_s_per_site_min") or 0.0) / 60.0  # s per site-second
+            above = (cpu["superlink"] + cpu["proxy"] - idle_rate * r["n"] * run["wall_s"]) / r["n"]
             lines.append(
                 f"| {r['n']} | {name} | {outcome} | {_fmt(run['wall_s'])} | {_fmt(run.get('serverapp_wall_s'))} "
                 f"| {_fmt(run['timings'].get('discover'))} | {_fmt(cpu['superlink'])} | {_fmt(cpu['serverapp'])} "
-                f"| {_fmt(cpu['proxy'])} | {_fmt(sites)} | {coord:.3f} | {ratio} "
+                f"| {_fmt(cpu['proxy'])} | {_fmt(sites)} | {coord:.3f} | {ratio} | {above:.3f} "
                 f"| {msg.get('sent', '–')} / {msg.get('resent', '–')} / {msg.get('probes', '–')} / "
                 f"{msg.get('unanswered', '–')} | {run['http']['requests']} | {run['http']['5xx']} | {exited} |"
             )
@@ -728,6 +742,51 @@ def profile_summary(path: Path, top: int = 12) -> dict[str, Any]:
     }
 
 
+def render(doc: dict[str, Any]) -> list[str]:
+    """The generated part of FEDERATION_SCALE.md: every table, from the JSON."""
+    runs = [r for r in doc.get("runs", []) if r.get("runs")]
+    lines = ["### Per N and run", ""]
+    lines += table_rows(runs) if runs else ["(no N completed a run)"]
+    lines += ["", "### Deployment, idle cost, memory, failures per N", ""]
+    lines += [
+        "| N | up s | idle SuperLink+nginx CPU s / site / min | idle requests/s | PSS per idle site MiB "
+        "| SuperLink peak RSS MiB | SQLite state MiB | peak RSS all processes GiB | min. available GiB "
+        "| DB locked / 500 in logs | SuperLink, nginx alive | broke |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
+    ]
+    for r in doc.get("runs", []):
+        idle = r.get("idle") or {}
+        pss = (idle.get("pss_mib_per_site") or {}).get("site")
+        lines.append(
+            f"| {r['n']} | {_fmt(r.get('up_s'))} | {_fmt(idle.get('superlink_cpu_s_per_site_min'), 3)} "
+            f"| {_fmt(idle.get('requests_per_s'))} | {_fmt(pss)} | {_fmt(r.get('superlink_peak_rss_mib'))} "
+            f"| {_fmt(r.get('superlink_db_mib'))} | {_fmt(r.get('processes_peak_rss_gib'), 2)} "
+            f"| {_fmt(r.get('min_available_gib'), 2)} | {r.get('database_locked_in_logs', '–')} / "
+            f"{r.get('http_500_in_supernode_logs', '–')} | {r.get('superlink_alive', '–')}, "
+            f"{r.get('proxy_alive', '–')} | {r.get('broke', '') or 'no'} |"
+        )
+    sweep = doc.get("idle_sweep") or []
+    if sweep:
+        lines += ["", f"### Idle cost vs the SuperNode poll interval (N = {sweep[0]['n']})", ""]
+        lines += [
+            "| poll interval s | SuperLink+nginx CPU s / idle site / min | SuperLink alone | requests/s "
+            "| whoami run: discovery s | whoami run: wall s |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in sweep:
+            lines.append(
+                f"| {row['poll_interval_s']:g} | {row['superlink_cpu_s_per_site_min']:.3f} "
+                f"| {row['superlink_only_cpu_s_per_site_min']:.3f} | {row['requests_per_s']:.2f} "
+                f"| {', '.join(_fmt(x) for x in row['discover_s'])} | {', '.join(_fmt(x) for x in row['whoami_wall_s'])} |"
+            )
+    for kind, summary in (doc.get("profile") or {}).items():
+        lines += ["", f"### Profile: {kind} ({summary['samples']} samples)", ""]
+        lines += ["| inclusive | % | exclusive (innermost) | % |", "|---|---:|---|---:|"]
+        for (fi, _, pi), (fe, _, pe) in zip(summary["inclusive"], summary["exclusive"]):
+            lines.append(f"| `{fi}` | {pi} | `{fe}` | {pe} |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -761,7 +820,20 @@ def main(argv: list[str] | None = None) -> int:
         default=REPO / "benchmarks" / "FEDERATION_SCALE.json",
         help="JSON results (merged by N into an existing file)",
     )
+    p.add_argument("--render", action="store_true", help="only print the tables of --out (Markdown)")
     args = p.parse_args(argv)
+    if args.render:
+        doc = json.loads(args.out.read_text())
+        prof = args.out.with_suffix(".profile")
+        if prof.is_dir() and not doc.get("profile"):
+            summaries: dict[str, Any] = {}
+            for f in sorted(prof.glob("*.txt")):
+                for kind, summary in profile_summary(f).items():
+                    summaries[f"{f.stem} {kind}"] = summary
+            doc["profile"] = summaries
+            args.out.write_text(json.dumps(doc, indent=1, default=str))
+        print("\n".join(render(doc)))
+        return 0
 
     os.environ["RPE_FAMILIES"] = TOY
     os.environ["RPE_MAX_SITES_IN_FLIGHT"] = str(args.max_sites_in_flight)  # the SuperLink passes it on
