@@ -3,6 +3,8 @@
 ``python -m deploy.launch {up,superlink,register,supernode,down,status,stop-site,start-site}``
 (``commandline.py``; deploy/README.md shows each). The parts, one reason to change each:
 
+- ``checks.py`` — what a start checks first (CA, keys, paths, free ports, who holds a port) and the
+  log's own error line of a process that died
 - ``processes.py`` — spawn in a session, PID + start time, stop by PID (SIGTERM, SIGKILL), wait
 - ``state.py`` — ``<workdir>/launch-state.json``, ``SiteSpec`` and node configs
 - ``flower_cli.py`` — the ``flwr`` CLI as functions (config.toml, register, supernode ls)
@@ -56,7 +58,15 @@ from deploy.launch.processes import (
     wait_port,
 )
 from deploy.launch.runs import run_app
-from deploy.launch.sites import ensure_supernodes, restart_site, start_supernode, stop_site, wait_online
+from deploy.launch.sites import (
+    check_site_inputs,
+    ensure_supernodes,
+    restart_site,
+    start_supernode,
+    stop_site,
+    wait_connected,
+    wait_online,
+)
 from deploy.launch.state import (
     DEFAULT_SUPERLINK_PORT,
     DEFAULT_SUPERNODE_PORT,
@@ -86,6 +96,7 @@ __all__ = [
     "SUPEREXEC_POLL_S",
     "LaunchError",
     "SiteSpec",
+    "check_site_inputs",
     "cmdline",
     "coordinator_public_key",
     "descendants",
@@ -122,6 +133,7 @@ __all__ = [
     "supernode_status",
     "tie_to_parent",
     "up",
+    "wait_connected",
     "wait_online",
     "wait_port",
     "write_flwr_config",

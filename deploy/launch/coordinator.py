@@ -17,6 +17,7 @@ from typing import Any
 
 from common.trust.signing import generate_keypair
 from deploy import proxy, tls
+from deploy.launch import checks
 from deploy.launch.account import (
     Account,
     check_reachable,
@@ -77,6 +78,13 @@ def start_superlink(
     state = load_state(workdir)
     if state.get("superlink") and is_alive(state["superlink"]["pid"], state["superlink"]["start_time"]):
         raise LaunchError(f"a SuperLink from this workdir already runs (PID {state['superlink']['pid']})")
+    # the ports first, before anything is written: a taken port is named at once, with its holder,
+    # instead of a SuperLink that dies on bind while a probe talks to whoever holds the port
+    if proxy:
+        checks.check_port_free(host, port, "--port (the proxy's public port)")
+        checks.check_port_free("127.0.0.1", inner_port or port + 1000, "--inner-port (the SuperLink behind the proxy)")
+    else:
+        checks.check_port_free(host, port)
     certs = workdir / "certs"
     bundle = tls.generate(certs, list(sites or []), [h for h in [*(tls_hosts or []), host] if h != "0.0.0.0"])
     flwr_home = workdir / "flwr-home"
@@ -123,7 +131,10 @@ def start_superlink(
     cmd += ["--host", link_host, "--port", str(link_port)]
     env = process_env(link_home, extra)
     env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"  # flower-superexec, flwr-serverapp: on the socket
-    proc = spawn(cmd, workdir / "logs" / "superlink.log", env, link_cwd, account=(account.uid, account.gid))
+    log = workdir / "logs" / "superlink.log"
+    offset = checks.log_size(log)
+    proc = spawn(cmd, log, env, link_cwd, account=(account.uid, account.gid))
+    proc["log_offset"] = offset
     connect_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     proc.update(address=f"{connect_host}:{port}", host=link_host, port=link_port, socket=str(sock))
     state.update(
@@ -139,7 +150,7 @@ def start_superlink(
     )
     save_state(workdir, state)
     try:
-        wait_port("127.0.0.1" if link_host in ("0.0.0.0", "::") else link_host, link_port, timeout, proc)
+        wait_port("127.0.0.1" if link_host in ("0.0.0.0", "::") else link_host, link_port, timeout, proc, offset)
         _wait_socket(sock, timeout, proc)
         if proxy:
             state["proxy"] = start_proxy(
@@ -171,7 +182,8 @@ def _wait_socket(sock: Path, timeout: float, proc: dict[str, Any]) -> None:
     deadline = time.monotonic() + timeout
     while not sock.exists():
         if not is_alive(proc["pid"], proc["start_time"]):
-            raise LaunchError(f"the SuperLink exited during start-up; see {proc['log']}")
+            why = checks.error_line(checks.log_lines(proc["log"], proc.get("log_offset", 0)))
+            raise LaunchError(f"the SuperLink exited during start-up: {why} (log: {proc['log']})")
         if time.monotonic() > deadline:
             raise LaunchError(f"the SuperLink made no operator socket {sock} in {timeout:.0f} s; see {proc['log']}")
         time.sleep(0.1)
@@ -299,6 +311,7 @@ def start_proxy(
         worker_user=worker.name if worker else None,
         worker_group=grp.getgrgid(worker.gid).gr_name if worker else None,
     )
+    checks.check_port_free(listen_host, listen_port, "--port (the proxy's public port)")
     conf = proxy.write_config(spec)
     prefix = str(spec.prefix.resolve())
     check = subprocess.run(
@@ -310,7 +323,10 @@ def start_proxy(
     if check.returncode != 0:
         raise LaunchError(f"nginx rejected {conf}: {check.stderr.strip()}")
     cmd = [nginx_binary(), "-p", prefix, "-c", str(conf), "-e", f"{prefix}/logs/error.log"]
+    error_log = spec.prefix / "logs" / "error.log"
+    offset = checks.log_size(error_log)
     proc = spawn(cmd, Path(workdir) / "logs" / "proxy.log", dict(os.environ), Path(workdir))
+    proc["log_offset"] = offset
     connect_host = "127.0.0.1" if listen_host in ("0.0.0.0", "::") else listen_host
     proc.update(
         host=listen_host,
@@ -322,6 +338,10 @@ def start_proxy(
     )
     try:
         wait_port(connect_host, listen_port, timeout, proc)
+    except LaunchError as exc:
+        stop_process(proc["pid"], proc["start_time"])
+        why = checks.error_line(checks.log_lines(error_log, offset))  # nginx writes its errors there
+        raise LaunchError(f"{exc}; nginx's error log says: {why}") from None
     except BaseException:
         stop_process(proc["pid"], proc["start_time"])
         raise

@@ -8,7 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from deploy import tls
-from deploy.launch.coordinator import coordinator_public_key, register_sites, signing_keys, start_superlink
+from deploy.launch.coordinator import (
+    coordinator_public_key,
+    live_superexec,
+    register_sites,
+    signing_keys,
+    start_superlink,
+)
 from deploy.launch.errors import LaunchError
 from deploy.launch.flower_cli import supernode_status
 from deploy.launch.processes import is_alive, stop_process
@@ -66,8 +72,14 @@ def up(
         certs = Path(state["certs"])
         register_sites(workdir, {s.site: certs / f"{s.site}_auth.pub" for s in sites}, record=allowlist)
         for spec in sites:
-            start_supernode(
-                workdir, spec, state["superlink"]["address"], certs / tls.CA_CERT, certs / f"{spec.site}_auth"
+            start_supernode(  # all started, then all waited for (wait_online): not one after the other
+                workdir,
+                spec,
+                state["superlink"]["address"],
+                certs / tls.CA_CERT,
+                certs / f"{spec.site}_auth",
+                wait=0,
+                require_coordinator_key=False,  # <registry>/coordinator.pub: made with the registry
             )
         wait_online(workdir, [s.site for s in sites], timeout)
     except BaseException:
@@ -89,23 +101,38 @@ def down(workdir: Path, timeout: float = 15.0) -> dict[str, str]:
     return result
 
 
+def _entry(proc: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    alive = is_alive(proc["pid"], proc["start_time"])
+    return {
+        "pid": proc["pid"],
+        **extra,
+        "running": alive,
+        "state": "alive" if alive else "dead",
+        "log": proc.get("log"),
+    }
+
+
 def status(workdir: Path) -> dict[str, Any]:
-    """Which recorded processes run, and what the SuperLink says about each registered node."""
+    """Every recorded process (SuperLink, its SuperExec, the nginx proxy, each SuperNode) alive or
+    dead, and what the SuperLink says about each registered node."""
     state = load_state(workdir)
     out: dict[str, Any] = {"workdir": state.get("workdir"), "processes": {}, "nodes": {}}
     link = state.get("superlink")
     if link:
-        out["processes"]["superlink"] = {
-            "pid": link["pid"],
-            "address": link.get("address"),
-            "running": is_alive(link["pid"], link["start_time"]),
+        out["processes"]["superlink"] = _entry(link, address=link.get("address"), port=link.get("port"))
+        alive = out["processes"]["superlink"]["running"]
+        out["processes"]["superexec"] = {
+            "parent_pid": link["pid"],
+            "running": alive and live_superexec(link["pid"]),
+            "state": "alive" if alive and live_superexec(link["pid"]) else "dead",
         }
+    if state.get("proxy"):
+        proxy = state["proxy"]
+        out["processes"]["proxy"] = _entry(proxy, address=f"{proxy.get('host')}:{proxy.get('port')}", kind="nginx")
     for site, proc in state.get("sites", {}).items():
-        out["processes"][f"supernode-{site}"] = {
-            "pid": proc["pid"],
-            "port": proc["port"],
-            "running": is_alive(proc["pid"], proc["start_time"]),
-        }
+        out["processes"][f"supernode-{site}"] = _entry(proc, port=proc.get("port"))
+        if proc.get("stopped"):
+            out["processes"][f"supernode-{site}"]["stopped_on_purpose"] = True
     if link and out["processes"]["superlink"]["running"]:
         try:
             nodes = supernode_status(Path(state["flwr_home"]), state.get("federation", FEDERATION))

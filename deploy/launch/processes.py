@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from deploy.launch.checks import error_line, log_lines, port_holders
 from deploy.launch.errors import LaunchError
 
 
@@ -232,18 +233,81 @@ def spawn(
     }
 
 
-def wait_port(host: str, port: int, timeout: float, proc: dict[str, Any] | None = None) -> None:
-    """Wait until something accepts TCP connections on host:port (or the process died)."""
+def group_members(pgid: int) -> list[tuple[int, int]]:
+    """(pid, start time) of every live process in process group ``pgid`` (e.g. the helpers a
+    server we started left behind when it died: they are no longer its descendants)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if fields[0] not in ("Z", "X") and int(fields[2]) == pgid:
+            out.append((int(entry.name), int(fields[19])))
+    return out
+
+
+def stop_group_leftovers(proc: dict[str, Any], timeout: float = 5.0) -> None:
+    """SIGTERM (then SIGKILL) what is left of the session we started for ``proc`` after it died."""
+    pgid = int(proc.get("pgid") or proc["pid"])
+    members = group_members(pgid)
+    if not members:
+        return
+    _signal_group(pgid, signal.SIGTERM, members)
+    for child, _ in _wait_gone(members, timeout):
+        _signal(child, signal.SIGKILL)
+
+
+def _ours(proc: dict[str, Any], holders: set[int]) -> bool:
+    mine = {proc["pid"], *(pid for pid, _ in descendants(proc["pid"]))}
+    return bool(holders & mine)
+
+
+def wait_port(
+    host: str, port: int, timeout: float, proc: dict[str, Any] | None = None, log_offset: int | None = None
+) -> None:
+    """Wait until ``proc`` (or, without it, something) accepts TCP connections on host:port.
+
+    With ``proc``: a LaunchError with its log's own error line (from ``log_offset``) when it died,
+    and the listener must be ``proc`` or one of its children, never another server that holds the
+    port (when this account can see who listens)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and not is_alive(proc["pid"], proc["start_time"]):
-            raise LaunchError(f"process {proc['pid']} exited during start-up; see {proc['log']}")
+            stop_group_leftovers(proc)
+            why = error_line(log_lines(proc["log"], log_offset or 0))
+            raise LaunchError(f"{proc_name(proc)} exited during start-up: {why} (log: {proc['log']})")
         try:
             with socket.create_connection((host, port), timeout=0.5):
-                return
+                pass
         except OSError:
             time.sleep(0.2)
-    raise LaunchError(f"nothing listens on {host}:{port} after {timeout:.0f} s")
+            continue
+        if proc is None:
+            return
+        holders = set(port_holders(port))
+        if not holders or _ours(proc, holders):  # nobody visible: another account's; trust the connect
+            return
+        time.sleep(0.2)
+    where = f" (log: {proc['log']})" if proc else ""
+    raise LaunchError(f"nothing of ours listens on {host}:{port} after {timeout:.0f} s{where}")
+
+
+def proc_name(proc: dict[str, Any]) -> str:
+    """``the SuperLink (PID 123)``, ``site a's SuperNode (PID 124)``, ``nginx (PID 125)``."""
+    program = " ".join(proc.get("cmd", [])[:3])  # python -m MODULE, or nginx -p ...
+    if "supernode" in program:
+        what = f"site {proc['site']!r}'s SuperNode" if proc.get("site") else "the SuperNode"
+    elif "superlink" in program:
+        what = "the SuperLink"
+    elif "nginx" in program:
+        what = "nginx (the proxy)"
+    else:
+        what = "the process"
+    return f"{what} (PID {proc['pid']})"
 
 
 def free_port(host: str = "127.0.0.1") -> int:

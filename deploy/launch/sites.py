@@ -13,23 +13,66 @@ from typing import Any
 
 import tomli_w
 
-from client.pin import install_wrapper, parse_pins
+from client.pin import AppNotApproved, install_wrapper, parse_pins
 from deploy import tls
+from deploy.launch import checks
 from deploy.launch.errors import LaunchError
 from deploy.launch.flower_cli import supernode_status
-from deploy.launch.processes import SITE_NICE, free_port, is_alive, process_env, spawn, stop_process
+from deploy.launch.processes import (
+    SITE_NICE,
+    free_port,
+    is_alive,
+    proc_name,
+    process_env,
+    spawn,
+    stop_group_leftovers,
+    stop_process,
+)
 from deploy.launch.state import FEDERATION, SiteSpec, load_state, save_state, spec_from_node_config
 
 #: the repository root: the site's ``flwr-clientapp`` wrapper runs the app from here
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def start_supernode(
-    workdir: Path, spec: SiteSpec, superlink: str, root_cert: Path, private_key: Path, flwr_home: Path | None = None
-) -> dict[str, Any]:
-    """One SuperNode for ``spec``: own port, node config as a TOML file, cwd = the site directory."""
-    workdir = Path(workdir).resolve()
+def check_site_inputs(spec: SiteSpec, root_cert: Path, private_key: Path, require_coordinator_key: bool = True) -> None:
+    """Everything a SuperNode of ``spec`` reads, checked before anything is written or started: a
+    LaunchError naming the input, what was expected (``deploy/launch/checks.py``)."""
     tls.check_site_id(spec.site)
+    checks.check_ca_cert(root_cert)
+    checks.check_private_key(private_key)
+    checks.check_exists(spec.data_path, "--data-path", "the site's data (a JSONL file or a directory)")
+    if spec.model_path:
+        checks.check_model(spec.model_path)
+    if spec.coordinator_key and (require_coordinator_key or Path(spec.coordinator_key).exists()):
+        checks.check_public_key(spec.coordinator_key)
+    try:
+        parse_pins(spec.app_sha256)
+    except (ValueError, AppNotApproved) as exc:
+        raise LaunchError(f"site {spec.site!r}: {exc}") from None
+    if spec.port:
+        checks.check_port_free("127.0.0.1", spec.port, "--port (the SuperNode's local ClientApp port)")
+
+
+def start_supernode(
+    workdir: Path,
+    spec: SiteSpec,
+    superlink: str,
+    root_cert: Path,
+    private_key: Path,
+    flwr_home: Path | None = None,
+    wait: float = 60.0,
+    require_coordinator_key: bool = True,
+) -> dict[str, Any]:
+    """One SuperNode for ``spec``: own port, node config as a TOML file, cwd = the site directory.
+
+    Its inputs are checked first (:func:`check_site_inputs`; nothing is written when one is wrong).
+    With ``wait`` > 0 it returns only once the SuperNode has connected to the SuperLink (its log says
+    ``SuperNode ID``); a SuperNode that died (wrong CA, key refused: exit code 305) or did not connect
+    in ``wait`` seconds is stopped and a LaunchError carries its log's own error line.
+    ``require_coordinator_key=False``: a ``coordinator-key`` file that does not exist yet is
+    accepted (``up``: the coordinator on the same machine makes it with its registry)."""
+    workdir = Path(workdir).resolve()
+    check_site_inputs(spec, root_cert, private_key, require_coordinator_key)
     site_dir = Path(spec.site_dir or workdir / "sites" / spec.site).resolve()
     spec.site_dir = str(site_dir)
     site_dir.mkdir(parents=True, exist_ok=True)
@@ -40,10 +83,6 @@ def start_supernode(
     port = spec.port or free_port()
     spec.port = port
     home = flwr_home or site_dir / "flwr-home"
-    try:
-        parse_pins(spec.app_sha256)
-    except ValueError as exc:
-        raise LaunchError(f"site {spec.site!r}: {exc}") from None
     # the site's own flwr-clientapp (checks the app bundle against app-sha256) comes first on PATH
     wrapper_dir = install_wrapper(site_dir / "bin", sys.executable, str(REPO_ROOT)).parent
     env = process_env(home)
@@ -66,12 +105,44 @@ def start_supernode(
     # Site compute runs below the control plane: on a small machine shared by the SuperLink and many
     # SuperNodes, training at equal priority starved the SuperLink until its sqlite state timed out
     # ("database is locked" after 5 s), and flwr 1.41's SuperNodes and SuperExec exit on that HTTP 500.
-    proc = spawn(cmd, workdir / "logs" / f"supernode-{spec.site}.log", env, site_dir, nice=SITE_NICE)
-    proc.update(site=spec.site, port=port, node_config=node_config, private_key=str(private_key))
+    log = workdir / "logs" / f"supernode-{spec.site}.log"
+    offset = checks.log_size(log)
+    proc = spawn(cmd, log, env, site_dir, nice=SITE_NICE)
+    proc.update(site=spec.site, port=port, node_config=node_config, private_key=str(private_key), log_offset=offset)
     state = load_state(workdir)
     state.setdefault("sites", {})[spec.site] = proc
     save_state(workdir, state)
+    if wait > 0:
+        wait_connected(proc, superlink, wait)
     return proc
+
+
+#: what flwr 1.41's SuperNode logs once the SuperLink accepted it (registered, authenticated)
+CONNECTED_LINE = "SuperNode ID:"
+
+
+def wait_connected(proc: dict[str, Any], superlink: str, timeout: float) -> None:
+    """Until ``proc``'s log (from its start) says the SuperNode is connected; a LaunchError with the
+    log's own error line if it died, or with its last line if it did not connect in ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = checks.log_lines(proc["log"], proc.get("log_offset", 0))
+        if any(CONNECTED_LINE in line for line in lines):
+            return
+        if not is_alive(proc["pid"], proc["start_time"]):
+            stop_group_leftovers(proc)
+            raise LaunchError(
+                f"{proc_name(proc)} exited before it connected to {superlink}: {checks.error_line(lines)} "
+                f"(log: {proc['log']})"
+            )
+        if time.monotonic() > deadline:
+            stop_process(proc["pid"], proc["start_time"])
+            stop_group_leftovers(proc)
+            raise LaunchError(
+                f"{proc_name(proc)} did not connect to {superlink} in {timeout:.0f} s (stopped it): "
+                f"{checks.error_line(lines)}; is the SuperLink running and reachable from here? (log: {proc['log']})"
+            )
+        time.sleep(0.2)
 
 
 def wait_online(workdir: Path, sites: list[str], timeout: float = 60.0) -> dict[str, int]:
@@ -90,7 +161,8 @@ def wait_online(workdir: Path, sites: list[str], timeout: float = 60.0) -> dict[
         for s in pending:
             proc = state["sites"].get(s)
             if proc and not is_alive(proc["pid"], proc["start_time"]):
-                raise LaunchError(f"SuperNode of site {s!r} exited; see {proc['log']}")
+                why = checks.error_line(checks.log_lines(proc["log"], proc.get("log_offset", 0)))
+                raise LaunchError(f"{proc_name(proc)} exited: {why} (log: {proc['log']})")
         if not pending:
             return {s: int(nid) for s, nid in wanted.items() if nid is not None}
         if time.monotonic() > deadline:
@@ -124,7 +196,7 @@ def ensure_supernodes(workdir: Path) -> list[str]:
     for site, proc in state.get("sites", {}).items():
         if proc.get("stopped") or is_alive(proc["pid"], proc["start_time"]):
             continue
-        restart_site(workdir, site)
+        restart_site(workdir, site, wait=0)  # inside a run's loop: wait_online-free, as before
         restarted.append(site)
     if restarted:
         print(
@@ -136,8 +208,9 @@ def ensure_supernodes(workdir: Path) -> list[str]:
     return restarted
 
 
-def restart_site(workdir: Path, site: str) -> dict[str, Any]:
-    """Start a stopped site's SuperNode again with the same node config and key."""
+def restart_site(workdir: Path, site: str, wait: float = 60.0) -> dict[str, Any]:
+    """Start a stopped site's SuperNode again with the same node config and key (``wait``: see
+    :func:`start_supernode`)."""
     state = load_state(workdir)
     proc = state["sites"][site]
     if is_alive(proc["pid"], proc["start_time"]):
@@ -148,4 +221,6 @@ def restart_site(workdir: Path, site: str) -> dict[str, Any]:
         state["superlink"]["address"],
         Path(state["ca_cert"]),
         Path(proc["private_key"]),
+        wait=wait,
+        require_coordinator_key=False,
     )
