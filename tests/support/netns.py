@@ -54,18 +54,23 @@ class Topology:
     addr: dict[str, str] = field(default_factory=dict)
     coord_addr: dict[str, str] = field(default_factory=dict)
     nets: dict[str, str] = field(default_factory=dict)
+    #: the peer hosts (each a link of its own to the coordinator); test_join_journey uses three sites
+    peers: tuple[str, ...] = PEERS
+    #: each peer's end of its link (the device a route to the coordinator's public address uses)
+    links: dict[str, str] = field(default_factory=dict)
 
     def create(self) -> Topology:
         coord = f"rpe-{self.tag}-coord"
         self.ns["coord"] = coord
         _ip("netns", "add", coord)
         _ip("-n", coord, "link", "set", "lo", "up")
-        for n, host in enumerate(PEERS, start=1):
+        for n, host in enumerate(self.peers, start=1):
             name = f"rpe-{self.tag}-{host}"
             self.ns[host] = name
             _ip("netns", "add", name)
             _ip("-n", name, "link", "set", "lo", "up")
             here, there = f"v{self.tag}c{n}", f"v{self.tag}p{n}"
+            self.links[host] = there
             _ip("link", "add", here, "netns", coord, "type", "veth", "peer", "name", there, "netns", name)
             self.coord_addr[host], self.addr[host] = f"10.231.{n}.1", f"10.231.{n}.2"
             self.nets[host] = SUBNET.format(n=n)
@@ -74,6 +79,15 @@ class Topology:
             _ip("-n", coord, "link", "set", here, "up")
             _ip("-n", name, "link", "set", there, "up")
         return self
+
+    def public_address(self, address: str = "10.231.0.1") -> str:
+        """One address of the coordinator that every peer reaches over its own link, like a real
+        coordinator's one public name: a /32 on the coordinator's loopback and a host route at each
+        peer (sources stay the peers' link addresses, so ``--site-network`` still tells them apart)."""
+        _ip("-n", self.ns["coord"], "addr", "add", f"{address}/32", "dev", "lo")
+        for host in self.peers:
+            _ip("-n", self.ns[host], "route", "add", f"{address}/32", "dev", self.links[host])
+        return address
 
     def prefix(self, host: str) -> list[str]:
         """Command prefix that runs a program on ``host`` (``ip netns exec`` keeps the PID: it
