@@ -42,6 +42,16 @@ def _run(fn: Any) -> Any:
 # -- coordinator ---------------------------------------------------------------------------------
 
 
+def _family_bases(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        family, sep, model = item.partition("=")
+        if not sep or not family or not model:
+            raise CliError(f"--family-base {item!r}: expected FAMILY=MODEL, e.g. segmentation=/models/sam")
+        out[family] = model
+    return out
+
+
 def cmd_coordinator_init(args: argparse.Namespace) -> None:
     from deploy.onboard.coordinator import REPO_ROOT, CoordinatorSettings, init
 
@@ -52,6 +62,7 @@ def cmd_coordinator_init(args: argparse.Namespace) -> None:
         site_networks=list(args.site_network),
         registry=str(Path(args.registry).resolve()) if args.registry else "",
         base_model=args.base_model,
+        family_bases=_family_bases(args.family_base),
         app=str(args.app or REPO_ROOT),
         proxy=not args.no_proxy,
         inner_port=args.inner_port or 0,
@@ -130,6 +141,13 @@ def _add_coordinator(sub: Any) -> None:
         "--base-model",
         default="smollm2-135m-instruct",
         help="base model directory (or the packaged name) the registry is bound to",
+    )
+    q.add_argument(
+        "--family-base",
+        action="append",
+        default=[],
+        metavar="FAMILY=MODEL",
+        help="another task family's base model, e.g. segmentation=/models/sam (its registry is made too)",
     )
     q.add_argument("--app", type=Path, default=None, help="the app `flwr run` is started from (default: this checkout)")
     q.add_argument("--no-proxy", action="store_true", help="no nginx in front of the SuperLink (one machine only)")

@@ -55,6 +55,9 @@ class CoordinatorSettings:
     site_networks: list[str] = field(default_factory=list)
     registry: str = ""
     base_model: str = "smollm2-135m-instruct"
+    #: other task families' base models (``--family-base segmentation=/models/sam``): their
+    #: registries are made at init too, signing with the same coordinator key
+    family_bases: dict[str, str] = field(default_factory=dict)
     app: str = str(REPO_ROOT)
     proxy: bool = True
     inner_port: int = 0
@@ -105,6 +108,14 @@ def _check_settings(s: CoordinatorSettings) -> None:
         raise OnboardError(f"--tls-host: {exc}") from None
     if not (Path(s.app) / "pyproject.toml").is_file():
         raise OnboardError(f"--app {s.app}: no pyproject.toml there; give the directory `flwr run` is started from")
+    from common.families import FAMILIES
+
+    for family in s.family_bases:
+        if family not in FAMILIES or family == "report-text":
+            others = [f for f in FAMILIES if f != "report-text"]
+            raise OnboardError(
+                f"--family-base {family}=...: expected one of {others} (the report family's base is --base-model)"
+            )
     if s.operator_ca and not Path(s.operator_ca).is_file():
         raise OnboardError(f"--operator-ca {s.operator_ca} does not exist")
 
@@ -131,7 +142,11 @@ def init(directory: Path, settings: CoordinatorSettings, force: bool = False) ->
     settings.created = settings.created or now_iso()
     d.mkdir(parents=True, exist_ok=True)
     bundle = tls.generate(d / "certs", [], settings.tls_hosts)
-    _ensure_registry(registry, settings.base_model)
+    _ensure_registry(registry, registry, "report-text", settings.base_model)
+    for family, model in settings.family_bases.items():
+        from common.families import family_registry_dir
+
+        _ensure_registry(registry, family_registry_dir(registry, family), family, model)
     from server.registry.coordkey import key_paths
 
     shutil.copyfile(key_paths(registry)[1], d / PUBLIC_KEY_FILE)
@@ -149,29 +164,33 @@ def init(directory: Path, settings: CoordinatorSettings, force: bool = False) ->
     }
 
 
-def _ensure_registry(registry: Path, base_model: str) -> None:
-    """An empty report registry bound to ``base_model`` (kept if it already exists); opening it
-    writable creates the coordinator's signing key."""
+def _ensure_registry(root: Path, path: Path, family_name: str, base_model: str) -> None:
+    """An empty registry of ``family_name`` at ``path`` bound to ``base_model`` (kept if it already
+    exists). Opening the root registry writable creates the coordinator's signing key; a family's
+    own directory under it gets a copy of that key (``server.bootstrap.share_coordinator_key``), so
+    a delivery of any family verifies against the one ``coordinator.pub`` the sites pin."""
     from common.families import get_family
+    from server.bootstrap import share_coordinator_key
     from server.registry import Registry
 
-    if (registry / "registry.json").is_file():
-        Registry(registry, chroma="off", sync_index=False).close()  # creates a missing key
-        return
-    family = get_family("report-text")
-    try:
-        base = family.registry_base(base_model)
-    except (OSError, ValueError) as exc:
-        raise OnboardError(f"--base-model {base_model!r}: cannot read the model ({exc})") from None
-    reg = Registry.init(
-        registry,
-        base_fingerprint=base.fingerprint,
-        module_shapes=base.module_shapes,
-        embedding_dim=base.embedding_dim,
-        representation=family.registry.representation,
-        base_name=base.base_name,
-    )
-    reg.close()
+    if not (path / "registry.json").is_file():
+        family = get_family(family_name)
+        try:
+            base = family.registry_base(base_model)
+        except (OSError, ValueError) as exc:
+            raise OnboardError(f"base model {base_model!r} of {family_name}: cannot read it ({exc})") from None
+        Registry.init(
+            path,
+            base_fingerprint=base.fingerprint,
+            module_shapes=base.module_shapes,
+            embedding_dim=base.embedding_dim,
+            representation=family.registry.representation,
+            base_name=base.base_name,
+        ).close()
+    if path != root:
+        share_coordinator_key(root, path)
+    else:
+        Registry(path, chroma="off", sync_index=False).close()  # creates a missing key
 
 
 # -- admit ---------------------------------------------------------------------------------------

@@ -260,3 +260,30 @@ def test_site_commands_on_a_directory_that_is_not_a_site_say_so(tmp_path: Path, 
     ):
         assert rpe("site", *argv) == 2
         assert "not a site directory" in capsys.readouterr().err
+
+
+def test_coordinator_init_makes_every_familys_registry_with_the_one_coordinator_key(
+    tmp_path: Path, tiny_model_dir: Path, tiny_sam_dir: Path
+) -> None:
+    """Both task families: a segmentation delivery is signed with the key the sites pin from the bundle."""
+    from common.families import family_registry_dir
+    from common.trust.signing import load_private_key, public_key_pem
+    from server.registry.coordkey import key_paths
+
+    d = tmp_path / "coord"
+    argv = ["--address", "coord.example.org:9093", "--base-model", tiny_model_dir]
+    assert rpe("coordinator", "init", "--dir", d, *argv, "--family-base", f"segmentation={tiny_sam_dir}") == 0
+    pinned = (d / "coordinator.pub").read_text()
+    for family in ("report-text", "segmentation"):
+        path = family_registry_dir(d / "registry", family)
+        assert (path / "registry.json").is_file(), family
+        signer = load_private_key(key_paths(path)[0])
+        assert public_key_pem(signer.public_key()) == pinned, family
+    assert "segmentation" in (d / "coordinator.toml").read_text()
+
+
+def test_coordinator_init_refuses_an_unknown_family(tmp_path: Path, capsys) -> None:
+    argv = ["--address", "c:9093", "--family-base", "radiology=/m"]
+    assert rpe("coordinator", "init", "--dir", tmp_path / "c", *argv) == 2
+    assert "segmentation" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
