@@ -82,6 +82,11 @@ def _send(site: Site | None, message: Message, reply: Message, outcome: str, rea
 
     Why so strict: a reply whose line is missing is a release the site's privacy budget never
     counts (a site with budget 1.2 once released ε ≈ 1.47 that way)."""
+    if reply.has_error():  # no local path leaves the site, whoever built the error (client/release.py)
+        from client.release import scrub_paths
+
+        reason = scrub_paths(reason, site)
+        reply = _error_reply(message, reply.error.code, scrub_paths(reply.error.reason, site))
     try:
         _egress(site, message, reply, outcome, reason)
     except Exception as exc:  # noqa: BLE001 - whatever broke the write, the content must not leave

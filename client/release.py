@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,39 @@ from client.policy import ReleaseRefused
 from client.site import Site, SiteError
 from common.families.base import Base, Family, FamilyError
 from common.protocol import wire
+
+#: a path as it appears in an error message: absolute (``/srv/x``), home-relative (``~/x``) or a
+#: Windows drive path; not a slash inside a word (``q_proj/v_proj``, ``1/3``) nor a URL's ``//``
+_PATH_RE = re.compile(r"(?<![\w.:/-])(?:~|[A-Za-z]:)?(?:[\\/][^\s'\"`,;:()\[\]{}<>|]+)+/?")
+#: a quoted path (``'/srv/a b/x.jsonl'``, as an OSError shows it): spaces included, up to the quote
+_QUOTED_PATH_RE = re.compile(r"""(['"])(?:~|[A-Za-z]:)?[\\/][^'"\n]*\1""")
+#: what a local path is replaced by in the text of a reply
+LOCAL_PATH = "<local path>"
+
+
+def scrub_paths(text: str, site: Site | None = None) -> str:
+    """``text`` with every local filesystem path replaced by ``<local path>``: the site's own
+    paths (data, model, site directory, keys, the families' node-config paths) as configured,
+    relative ones included, then anything shaped like an absolute path. Applied by the ClientApp's
+    gate to the text of every error reply (``client/app.py``: ``_send``), whatever handler, family
+    or exception built it: an error's text leaves the site; where the site keeps its files does
+    not (issue 27 item 4). The SuperNode's own log keeps the full message and traceback."""
+    known: set[str] = set()
+    if site is not None:
+        values: list[Any] = [site.data_path, site.model_path, site.site_dir, site.coordinator_key, site.supernode_key]
+        values += [v for v in site.options.values() if isinstance(v, str) and ("/" in v or os.sep in v)]
+        for v in values:
+            if v is None or not str(v).strip() or str(v) in (".", "/"):
+                continue
+            known.add(str(v))
+            try:
+                known.add(str(Path(str(v)).expanduser().resolve()))
+            except (OSError, RuntimeError):
+                pass
+    for path in sorted(known, key=len, reverse=True):  # longest first: a data path inside the site dir
+        text = text.replace(path, LOCAL_PATH)
+    text = _QUOTED_PATH_RE.sub(lambda m: f"{m.group(1)}{LOCAL_PATH}{m.group(1)}", text)
+    return _PATH_RE.sub(LOCAL_PATH, text)
 
 
 def say(site: Site, msg: str) -> None:
