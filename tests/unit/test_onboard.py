@@ -287,3 +287,18 @@ def test_coordinator_init_refuses_an_unknown_family(tmp_path: Path, capsys) -> N
     assert rpe("coordinator", "init", "--dir", tmp_path / "c", *argv) == 2
     assert "segmentation" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+def test_an_admission_entry_keeps_the_audit_log_verifiable(coord: Path, site_dir: Path) -> None:
+    from deploy.onboard.coordinator import _audit
+
+    request = files.read_request(site_dir / "join-request.json")
+    entry = _audit(
+        coord / "registry",
+        "site.admitted",
+        site="a",
+        request_sha256=files.file_digest(request),
+        bundle_sha256=files.file_digest(make_bundle(coord)),
+    )
+    assert entry["event"] == "site.admitted" and entry["seq"] >= 1
+    assert rpe("audit", "verify", "--registry", coord / "registry") == 0
