@@ -318,7 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     """CLI: ``python -m deploy.tls --out DIR [--host H]... [--site S]...``."""
     parser = argparse.ArgumentParser(
         prog="python -m deploy.tls",
-        description="Generate a CA, the SuperLink TLS certificate and SuperNode auth keys (EC P-384, OpenSSH).",
+        description="Generate a CA, the SuperLink TLS certificate and SuperNode auth keys (EC P-384, OpenSSH). "
+        "This is the coordinator's tool (it always makes a CA in --out): at a hospital site use "
+        "`rpe site init`, which makes the site's keys only; the CA comes from the coordinator's join bundle.",
     )
     parser.add_argument("--out", required=True, type=Path, help="output directory (private keys get mode 0600)")
     parser.add_argument(
