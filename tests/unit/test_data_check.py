@@ -274,7 +274,7 @@ def test_the_guides_commands_do_what_it_says(tmp_path, capsys):
         warnings = [ln for ln in out.splitlines() if "warning:" in ln]
         assert len(warnings) == 2 and "z-min-examples" in warnings[0] and "metrics-min-reports" in warnings[1]
     assert json.loads(json_check)["checks"][0]["used"] == {"train": 3, "eval": 1, "unlabeled": 0}
-    assert "segmentation:" in image_check and "images/case1.nii.gz (NIfTI" in image_check
+    assert "segmentation:" in image_check and "case1.nii.gz" in image_check and "voxel" in image_check
     # "A typo exits 2 naming the key meant; an empty findings cell exits 1 naming the file and its line"
     typo = shlex.split(commands[0].replace("report-columns=", "report-colums="))[1:]
     code, _, err = _rpe(typo, capsys)
