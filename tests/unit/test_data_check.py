@@ -139,6 +139,10 @@ def test_warnings_do_not_fail_the_check(tmp_path, capsys):
     code, out, _ = _rpe(["data", "check", "--data-path", str(only_findings)], capsys)
     assert code == 0 and "would use: 0 train, 0 eval, 12 unlabeled" in out
     assert "every report is unlabeled" in out
+    labeled_file = tmp_path / "l.jsonl"
+    write_jsonl(labeled_file, [Example(f"F{i}.", "I.", "g", f"l{i}") for i in range(12)])
+    code, out, _ = _rpe(["data", "check", "--data-path", str(labeled_file)], capsys)
+    assert code == 0 and "one file holds no held-out split" in out
 
 
 def test_a_node_config_of_both_families(tmp_path, capsys):

@@ -87,9 +87,11 @@ def check_reports(site: SiteInputs) -> DataCheck:
         out.warnings.append(f"{len(dup)} uid(s) appear more than once (e.g. {dup[0]!r}); a uid names one report")
     if out.used["train"] + out.used["eval"] + out.used["unlabeled"] == 0 and not out.problems:
         out.problems.append(f"{path}: holds no reports; one per line (JSONL) or per row (CSV) with the findings")
-    if path.is_dir() and "eval" not in files and out.used["train"]:
+    if "eval" not in files and out.used["train"]:
+        where = "no eval file" if path.is_dir() else "one file holds no held-out split"
         out.warnings.append(
-            f"{path}: no eval file: the site can enrol, but has no held-out reports to score adapters on"
+            f"{path}: {where}: the site can enrol, but has no held-out reports to score adapters on "
+            "(a folder with train and eval files has)"
         )
     return out
 
