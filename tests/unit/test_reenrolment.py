@@ -128,3 +128,74 @@ def test_base_model_that_contradicts_the_registry_fails_the_run_and_writes_nothi
     # the registry's own base (or none) is fine
     ok = run_local(local, run + 2, {**rc, "mode": "enroll", "sites": x})
     assert ok["enroll"][x]["status"] == "accepted"
+
+
+# -- the registry itself (fast: random adapters, no sites) ------------------------------------------
+def _nearest_sites(Z, sites, q, k):
+    """Brute force: each site's nearest row (ties: earlier row), the k nearest sites."""
+    import numpy as np
+
+    d = ((Z.astype(np.float64) - q.astype(np.float32).astype(np.float64)) ** 2).sum(1)
+    best: dict[str, int] = {}
+    for row in np.lexsort((np.arange(len(d)), d)):
+        best.setdefault(sites[row], int(row))
+    return sorted(best.values(), key=lambda r: (d[r], r))[:k]
+
+
+@pytest.mark.parametrize("method", ["auto", "brute", "index"])
+def test_one_per_site_query_is_the_nearest_site_by_its_nearest_record(tmp_path, method):
+    import numpy as np
+    from support.registry import DIM, make_adapter, make_meta, new_registry
+
+    from common.adapters import adapter_to_bytes
+    from server.registry import NotEnoughRecordsError
+
+    rng = np.random.default_rng(3)
+    Z = rng.standard_normal((300, DIM)).astype(np.float32)
+    blobs = [adapter_to_bytes(make_adapter(i)) for i in range(20)]
+    with new_registry(tmp_path / "reg") as reg:
+        recs = reg.add_many([(blobs[i % 20], Z[i], make_meta(i, task="ct-head")) for i in range(300)])
+        sites = [r.meta.site for r in recs]
+        for trial in range(8):
+            q = Z[trial * 31] + 0.01 * rng.standard_normal(DIM).astype(np.float32) if trial % 2 else Z[trial]
+            for k in (1, 3, 5):
+                hits = reg.query(q, k, method=method, one_per_site=True)
+                assert [h.record.id for h in hits] == [recs[r].id for r in _nearest_sites(Z, sites, q, k)]
+                assert len({h.record.meta.site for h in hits}) == k
+            # without it, the nearest records, several of one site
+            assert len({h.record.meta.site for h in reg.query(q, 25, method=method)}) < 25
+        with pytest.raises(NotEnoughRecordsError, match=r"only 4 site\(s\) hold a matching record"):
+            reg.query(Z[0], 5, exclude_site="a", one_per_site=True)
+
+
+def test_supersede_is_bound_audited_and_survives_reopen(tmp_path):
+    import numpy as np
+    from support.registry import DIM, audit_lines, make_adapter, make_meta, new_registry
+
+    from server.audit import verify as verify_audit
+    from server.registry import Registry
+
+    root = tmp_path / "reg"
+    rng = np.random.default_rng(5)
+    z = rng.standard_normal((4, DIM)).astype(np.float32)
+    with new_registry(root) as reg:
+        a1 = reg.add(make_adapter(1), z[0], make_meta(0, site="a", task="ct-head"))
+        b1 = reg.add(make_adapter(2), z[1], make_meta(1, site="b", task="ct-head"))
+        other_task = reg.add(make_adapter(3), z[2], make_meta(2, site="a", task="mr-head"))
+        a2 = reg.add(make_adapter(4), z[3], make_meta(3, site="a", task="ct-head"))
+        assert [r.id for r in reg.supersede(a2.id, run_id="9")] == [a1.id]  # same site, task and base only
+        n_audit = len(audit_lines(root))
+        assert reg.supersede(a2.id, run_id="9") == [] and len(audit_lines(root)) == n_audit  # nothing to do
+        assert sorted(r.id for r in reg.list()) == sorted([b1.id, other_task.id, a2.id])
+        hits = reg.query(z[0], 2, task="ct-head")
+        assert [h.record.id for h in hits] == [a2.id, b1.id] or [h.record.id for h in hits] == [b1.id, a2.id]
+        assert reg.verify(full=True) == []
+    entry = [e for e in audit_lines(root) if e["event"] == "record.superseded"]
+    assert len(entry) == 1 and entry[0]["record_id"] == a2.id and entry[0]["superseded"] == [a1.id]
+    assert verify_audit(root / "audit.jsonl") == []
+    for read_only in (False, True):  # reopened (from the snapshot, then read-only): the same registry
+        with Registry(root, read_only=read_only, chroma="off") as reg:
+            assert a1.id not in reg and a2.id in reg and len(reg) == 3
+            assert reg.verify() == []
+    with Registry(root) as reg:
+        assert reg.stats()["removed"] == 1 and reg.index_ready
