@@ -36,7 +36,7 @@ def adapter_family(adapter_dir: str | Path) -> str | None:
     known = family_names()
     try:
         task = json.loads((adir / PROVENANCE_FILE).read_text(encoding="utf-8")).get("task")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):  # a malformed file: nothing says
         task = None
     if isinstance(task, str) and task in known:
         return task
@@ -45,7 +45,7 @@ def adapter_family(adapter_dir: str | Path) -> str | None:
     try:
         cfg = json.loads((adir / "adapter_config.json").read_text(encoding="utf-8")[: 1 << 20])
         base = cfg.get("base_model_name_or_path")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):  # a malformed file: nothing says
         return None
     if not isinstance(base, str) or not base:
         return None
