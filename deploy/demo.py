@@ -44,6 +44,7 @@ import fcntl
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -189,17 +190,12 @@ MARKER = ".rpe-demo"
 _LEGACY_LAYOUT = ("data", "deploy", "registry")
 
 
-def lock_path(workdir: Path) -> Path:
-    """The demo's lock: BESIDE the workdir (``runs/.demo.lock``), so it outlives the folder's rotation."""
-    workdir = Path(workdir).resolve()
-    return workdir.with_name(f".{workdir.name}.lock")
-
-
 @contextlib.contextmanager
 def workdir_lock(workdir: Path) -> Iterator[Path]:
-    """Hold the workdir's lock (``flock``: released by the kernel when this process ends, however it
-    ends); ``DemoWorkdirError`` names the pid of the demo that holds it."""
-    path = lock_path(workdir)
+    """Hold the workdir's lock, BESIDE it (``runs/.demo.lock``: it outlives the folder's rotation);
+    ``flock``, so the kernel releases it when this process ends, however it ends;
+    ``DemoWorkdirError`` names the pid of the demo that holds it."""
+    path = Path(workdir).resolve().with_name(f".{Path(workdir).resolve().name}.lock")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -231,12 +227,10 @@ def set_aside(workdir: Path, fresh: bool = False) -> Path | None:
     workdir = Path(workdir).resolve()
     if not workdir.exists():
         return None
-    if not workdir.is_dir():
-        raise DemoWorkdirError(f"--workdir {workdir} is a file, not a folder; name a folder for the demo's run")
-    if not any(workdir.iterdir()):
+    if workdir.is_dir() and not any(workdir.iterdir()):
         workdir.rmdir()
         return None
-    if not is_demo_workdir(workdir):
+    if not workdir.is_dir() or not is_demo_workdir(workdir):
         raise DemoWorkdirError(
             f"--workdir {workdir} is not empty and is not a demo's folder (no {MARKER}); the demo moves or "
             "deletes its workdir's previous run, so it refuses this one: name a new or empty folder"
@@ -368,7 +362,11 @@ def _run(
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
     _log(f"starting a SuperLink and {len(specs)} SuperNodes on 127.0.0.1 (TLS + node auth)")
-    state = launch.up(workdir / "deploy", specs, port=launch.free_port(), registry=str(registry))
+    try:
+        state = launch.up(workdir / "deploy", specs, port=launch.free_port(), registry=str(registry))
+    except BaseException:
+        launch.down(workdir / "deploy")  # whatever of it started
+        raise
     flwr_home = Path(state["flwr_home"])
     timings["deploy_up_s"] = time.perf_counter() - t_all
     common = {
@@ -548,6 +546,14 @@ def main(argv: list[str] | None = None) -> int:
     except DemoWorkdirError as exc:
         print(f"[demo] {exc}", file=sys.stderr)
         return 2
+    except (RuntimeError, subprocess.SubprocessError, OSError) as exc:  # launch.LaunchError, a flwr call's timeout
+        work = args.workdir.resolve()
+        print(
+            f"[demo] the main job stopped: {exc}\nEvery process it started was stopped. Logs: {work}/deploy/logs/ "
+            f"and {work}/registry/runs/; run it again (this run is then kept as {work.name}.1).",
+            file=sys.stderr,
+        )
+        return 1
     for family, res in result["families"].items():
         md = res["outputs"].get("markdown")
         print(f"\n## {family} sites\n")

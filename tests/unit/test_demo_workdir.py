@@ -195,3 +195,24 @@ def test_the_main_job_benchmark_reads_every_phase_line_the_demo_prints():
         for family in demo.demo_families():
             m = PHASE_RE.match(f"[demo] {phase} [{family}]: ...")
             assert m and m.groups() == (phase, family)
+
+
+def test_a_deployment_that_fails_stops_the_demo_with_one_message_and_every_process(tmp_path, monkeypatch, capsys):
+    """A SuperLink that does not come up, or a flwr call that times out on an overloaded machine
+    (seen: ``flwr supernode ls`` > 60 s at a load average of 26), is one message naming the logs and
+    exit 1, not a traceback; whatever started is stopped. (The fault is injected: it cannot be
+    produced on demand.)"""
+    stopped = []
+
+    def fail_up(*args, **kwargs):
+        raise subprocess.TimeoutExpired(["flwr", "supernode", "ls"], 60.0)
+
+    monkeypatch.setattr(demo.launch, "up", fail_up)
+    monkeypatch.setattr(demo.launch, "down", lambda workdir, *a, **k: stopped.append(Path(workdir)) or {})
+    work = tmp_path / "demo"
+    rc = demo.main(["--workdir", str(work), "--families", "segmentation"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err
+    assert "[demo] the main job stopped: Command '['flwr', 'supernode', 'ls']' timed out after 60.0 seconds" in err
+    assert f"Logs: {work}/deploy/logs/" in err and "demo.1" in err
+    assert stopped == [work / "deploy"]

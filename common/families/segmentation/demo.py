@@ -2,7 +2,7 @@
 prostate MRI sites (RUNMC, BMC, I2CVB, UCL, BIDMC, HK; ``prostate-multisite`` from the data root)
 on LiteMedSAM: LoRA on the mask decoder, z = the encoder's spatial mean, scored by DICE. At the end
 one of them (``HK``) receives a composition of the other five sites' adapters (its own left out),
-to try with ``rpe segment`` on its held-out slices.
+to try with ``rpe segment`` on its held-out slices (DICE against their masks, stored inverted).
 
 Why an enrolled site and not a new one, as the report family's target: a segmentation site is a
 site of a multi-site set named by its node config, and this family has no images-only site folder
@@ -41,11 +41,24 @@ def demo_plan(workdir: Path, profile: str, model: str) -> DemoPlan:
         for site in SEG_SITES
     ]
     config = {"base-model": model, "steps": steps, "batch-size": 2, "lora-r": 4, "lora-alpha": 8.0, "lr": 2e-3, "k": k}
-    images = data_root() / SEG_DATASET / TARGET_SITE / "test" / "image"
+    held_out = data_root() / SEG_DATASET / TARGET_SITE / "test"
     return DemoPlan(
         sites,
         model,
         config,
-        target=next(s for s in sites if s.site == TARGET_SITE),
-        try_argv=("segment", "--adapter", "{adapter}", "--images", str(images), "--out", "{out}"),
+        target=next(d for d in sites if d.site == TARGET_SITE),
+        # DICE against the site's reference masks, which this set stores inverted (0 = prostate)
+        try_argv=(
+            "segment",
+            "--adapter",
+            "{adapter}",
+            "--images",
+            str(held_out / "image"),
+            "--masks",
+            str(held_out / "mask"),
+            "--mask-foreground",
+            "0",
+            "--out",
+            "{out}",
+        ),
     )
