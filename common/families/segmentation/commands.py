@@ -172,7 +172,7 @@ def segment_files(
     from PIL import Image
 
     from common.families.segmentation import sam
-    from common.families.segmentation.task import PromptSpec, SegmentationConfigError, dice, predict
+    from common.families.segmentation.task import PromptSpec, SegmentationConfigError, dice, predict, with_adapter
     from common.families.segmentation.volumes import (
         Foreground,
         VolumeError,
@@ -197,6 +197,8 @@ def segment_files(
         check_axis(axis)
     except VolumeError as exc:
         raise SiteCommandError(str(exc)) from None
+    if truth is not None and not Path(truth).is_dir():
+        raise SiteCommandError(f"--masks {truth} is not a folder; name the folder of reference masks")
     inputs = _inputs(images)
     names: dict[str, Path] = {}
     for kind, path in inputs:
@@ -231,14 +233,18 @@ def segment_files(
         )
     target.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    merged = with_adapter(net, adapter)  # θ0 + ΔW once, not per image
     rows, warnings = [], []
     for i, (kind, f) in enumerate(inputs, start=1):
         name = _out_name(kind, f)
         ref = _reference(truth, kind, f)
         row: dict[str, Any] = {"image": str(f), "mask": name}
+        if truth is not None and ref is None:
+            expected = f.name if kind == "image" else f"{_out_name(kind, f).rsplit('_', 1)[0]}.nii.gz"
+            warnings.append(f"no reference mask {expected} in {truth}: {f.name} is not scored")
         if kind == "image":
             image = _read_image(f)
-            mask = predict(net, adapter, [image], None, spec)[0]
+            mask = predict(net, adapter, [image], None, spec, merged=merged)[0]
             tmp = target / f".{name}.tmp-{os.getpid()}"
             Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format="PNG")
             os.replace(tmp, target / name)
@@ -253,7 +259,9 @@ def segment_files(
                     row["warning"] = warn
                     warnings.append(warn)
         else:
-            row.update(_segment_volume(net, adapter, spec, kind, f, target, name, window, axis, fg, ref, warnings))
+            row.update(
+                _segment_volume(net, adapter, merged, spec, kind, f, target, name, window, axis, fg, ref, warnings)
+            )
         rows.append(row)
         if progress:
             print(
@@ -289,6 +297,7 @@ def segment_files(
 def _segment_volume(
     net: Any,
     adapter: Any,
+    merged: Any,
     spec: Any,
     kind: str,
     path: Path,
@@ -302,12 +311,12 @@ def _segment_volume(
 ) -> dict[str, Any]:
     """Segment every slice of a NIfTI volume or DICOM series and write the mask in its geometry."""
     from common.families.segmentation.dicomio import write_dicom_seg
+    from common.families.segmentation.readers import read_volume
     from common.families.segmentation.task import dice, predict
     from common.families.segmentation.volumes import (
         VolumeError,
         masks_to_volume,
         mostly_foreground,
-        read_volume,
         same_grid,
         volume_slices,
         write_nifti_mask,
@@ -320,7 +329,7 @@ def _segment_volume(
         raise SiteCommandError(str(exc)) from None
     preds = []
     for s in range(0, len(vs.images), VOLUME_BATCH):
-        preds += predict(net, adapter, vs.images[s : s + VOLUME_BATCH], None, spec)
+        preds += predict(net, adapter, vs.images[s : s + VOLUME_BATCH], None, spec, merged=merged)
     mask = masks_to_volume(vol, axis, vs.indices, preds)
     suffix = ".nii.gz" if kind == "nifti" else ".dcm"
     tmp = target / f".{name}.tmp-{os.getpid()}{suffix}"

@@ -138,7 +138,8 @@ class SegmentationFamily:
         """Every image in a folder (or one image file): grey or RGB, as a site's slices; a volume (or
         a folder of volumes: NIfTI files, DICOM series) gives all its axial slices, window ``auto``."""
         from common.families.segmentation.data import read_images
-        from common.families.segmentation.volumes import Foreground, is_volume, read_volume, volume_slices
+        from common.families.segmentation.readers import is_volume, read_volume
+        from common.families.segmentation.volumes import Foreground, volume_slices
 
         p = Path(path)
         try:

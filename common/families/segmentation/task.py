@@ -355,9 +355,11 @@ def predict(
     site: str = "_",
     cache: Path | None = None,
     seed: int = 0,
+    merged: nn.Module | None = None,
 ) -> list[np.ndarray]:
-    """Binary masks at each image's own resolution (logits > 0, bilinear upsampling)."""
-    merged = with_adapter(model, adapter)
+    """Binary masks at each image's own resolution (logits > 0, bilinear upsampling). ``merged``:
+    ``with_adapter(model, adapter)`` made once by a caller that predicts image by image."""
+    merged = merged if merged is not None else with_adapter(model, adapter)
     if adapter is not None and _needs_encoder(list(adapter.modules)):
         emb = sam.encode(merged, torch.stack([sam.preprocess(im) for im in images]))
     else:

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from common.families.base import DataCheck
+from common.families.segmentation.readers import read_volume
 from common.families.segmentation.volumes import (
     AXES,
     Foreground,
@@ -38,7 +39,6 @@ from common.families.segmentation.volumes import (
     is_nifti,
     mostly_foreground,
     parse_window,
-    read_volume,
     volume_slices,
     volume_stem,
 )

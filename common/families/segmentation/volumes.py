@@ -90,27 +90,6 @@ def volume_stem(path: Path) -> str:
     return name
 
 
-def is_volume(path: Path) -> bool:
-    """A NIfTI file or a folder holding a DICOM series."""
-    from common.families.segmentation.dicomio import is_dicom_dir
-
-    return (path.is_file() and is_nifti(path)) or (path.is_dir() and is_dicom_dir(path))
-
-
-def read_volume(path: Path, what: str = "volume") -> Volume:
-    """The NIfTI file or DICOM series folder ``path``; ``VolumeError`` names what is wrong."""
-    from common.families.segmentation.dicomio import is_dicom_dir, read_dicom_series
-
-    path = Path(path)
-    if path.is_dir():
-        if not is_dicom_dir(path):
-            raise VolumeError(f"{what} {path}: a folder without DICOM files; expected one DICOM series per folder")
-        return read_dicom_series(path, what)
-    if not is_nifti(path):
-        raise VolumeError(f"{what} {path}: not a volume; expected a .nii or .nii.gz file or a DICOM series folder")
-    return read_nifti(path, what)
-
-
 def read_nifti(path: Path, what: str = "volume") -> Volume:
     """A NIfTI-1/2 file (gzipped or not) read in bounded memory: the file size, the decompressed size
     and the voxel count the header claims are checked before any voxel is decoded."""
@@ -284,7 +263,12 @@ class Foreground:
         m = np.asarray(mask)
         if not self.values:
             return m != 0
-        return np.isin(m, np.asarray(self.values, dtype=m.dtype if m.dtype.kind in "iuf" else None))
+        values = list(self.values)
+        if m.dtype.kind in "iu":  # only values the mask's integer type can hold (300 in a uint8 mask: none)
+            info = np.iinfo(m.dtype)
+            values = [v for v in values if float(v).is_integer() and info.min <= v <= info.max]
+            return np.isin(m, np.asarray(values, dtype=m.dtype))
+        return np.isin(m, np.asarray(values, dtype=np.float64))
 
     def describe(self) -> str:
         if not self.values:
