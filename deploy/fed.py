@@ -43,6 +43,9 @@ APP_DIR = Path(__file__).resolve().parents[1]
 #: the run's modes (server/settings.py MODES; not imported: that pulls the coordinator's code)
 MODES = ("enroll", "compose", "evaluate", "whoami")
 
+#: flwr 1.41: a stopped run's ServerApp learns it at its next heartbeat (HEARTBEAT_DEFAULT_INTERVAL)
+HEARTBEAT_S = 30
+
 EXIT_OK, EXIT_SITES, EXIT_USAGE, EXIT_RUN, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
@@ -209,11 +212,14 @@ def stop_run(home: Path, fed: str, run_id: str) -> tuple[bool, str]:
     )
     out = _json_out(res.stdout)
     if out.get("success"):
-        return True, f"run {run_id} stopped"
+        return True, (
+            f"run {run_id} stopped (its ServerApp ends at its next heartbeat, within {HEARTBEAT_S} s; until then "
+            "it still holds the registry)"
+        )
     return False, f"run {run_id} not stopped: {out.get('error-message') or res.stderr.strip()[-300:] or res.stdout}"
 
 
-def exit_code(summary: dict[str, Any] | None, status: str, details: str = "") -> tuple[int, str]:
+def exit_code(summary: dict[str, Any] | None, status: str, details: str = "", run_id: str = "?") -> tuple[int, str]:
     """The exit code and its one-line reason, from the run's own verdict (else ``flwr ls``'s status)."""
     if summary is not None:
         outcome = summary.get("outcome")
@@ -226,10 +232,12 @@ def exit_code(summary: dict[str, Any] | None, status: str, details: str = "") ->
         if outcome == "nothing-done":
             return EXIT_SITES, f"run {rid} ({mode}) did nothing: {summary.get('error', '')}"
         return EXIT_RUN, f"run {rid} ({mode}) failed: {summary.get('error', '?')}"
+    why = f": {details}" if details else ""
+    if status == "finished:stopped":
+        return EXIT_RUN, f"run {run_id} was stopped before it finished (rpe fed stop / flwr stop){why}"
     if status.startswith("finished:"):
-        what = status.split(":", 1)[1]
-        return EXIT_RUN, f"the run ended {what} without a verdict line{': ' + details if details else ''}"
-    return EXIT_RUN, f"lost the run (status {status}{': ' + details if details else ''}); is the SuperLink running?"
+        return EXIT_RUN, f"run {run_id} ended {status.split(':', 1)[1]} without a verdict line{why}"
+    return EXIT_RUN, f"lost run {run_id} (status {status}{why}); is the SuperLink running?"
 
 
 def follow(home: Path, fed: str, run_id: str, echo: Any = print) -> dict[str, Any] | None:
@@ -281,6 +289,9 @@ def cmd_run(args: argparse.Namespace) -> None:
     except RunError as exc:
         print(f"rpe: error: {exc}", file=sys.stderr)
         sys.exit(EXIT_RUN)
+    except KeyboardInterrupt:
+        print("rpe: interrupted while submitting; see `rpe fed ls` for a run that started anyway", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     print(f"[rpe fed] run {run_id} submitted ({args.mode}); Ctrl-C stops it (or: rpe fed stop {run_id})", flush=True)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
@@ -295,7 +306,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         sys.exit(EXIT_INTERRUPTED)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    code, message = exit_code(summary, status, details)
+    code, message = exit_code(summary, status, details, run_id)
     print(("[rpe fed] " if code == 0 else "rpe: error: ") + message, file=sys.stdout if code == 0 else sys.stderr)
     sys.exit(code)
 

@@ -79,7 +79,6 @@ def up(
                 certs / tls.CA_CERT,
                 certs / f"{spec.site}_auth",
                 wait=0,
-                require_coordinator_key=False,  # <registry>/coordinator.pub: made with the registry
             )
         wait_online(workdir, [s.site for s in sites], timeout)
     except BaseException:

@@ -34,7 +34,9 @@ from deploy.launch.state import FEDERATION, SiteSpec, load_state, save_state, sp
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def check_site_inputs(spec: SiteSpec, root_cert: Path, private_key: Path, require_coordinator_key: bool = True) -> None:
+def check_site_inputs(
+    spec: SiteSpec, root_cert: Path, private_key: Path, require_coordinator_key: bool = False
+) -> None:
     """Everything a SuperNode of ``spec`` reads, checked before anything is written or started: a
     LaunchError naming the input, what was expected (``deploy/launch/checks.py``)."""
     tls.check_site_id(spec.site)
@@ -45,6 +47,13 @@ def check_site_inputs(spec: SiteSpec, root_cert: Path, private_key: Path, requir
         checks.check_model(spec.model_path)
     if spec.coordinator_key and (require_coordinator_key or Path(spec.coordinator_key).exists()):
         checks.check_public_key(spec.coordinator_key)
+    elif spec.coordinator_key:
+        print(
+            f"warning: site {spec.site!r}: --coordinator-key {spec.coordinator_key} does not exist (yet): the site "
+            "refuses every delivery until it does (`rpe coordinator init` makes coordinator.pub up front)",
+            file=sys.stderr,
+            flush=True,
+        )
     try:
         parse_pins(spec.app_sha256)
     except (ValueError, AppNotApproved) as exc:
@@ -61,7 +70,7 @@ def start_supernode(
     private_key: Path,
     flwr_home: Path | None = None,
     wait: float = 60.0,
-    require_coordinator_key: bool = True,
+    require_coordinator_key: bool = False,
 ) -> dict[str, Any]:
     """One SuperNode for ``spec``: own port, node config as a TOML file, cwd = the site directory.
 
@@ -69,8 +78,9 @@ def start_supernode(
     With ``wait`` > 0 it returns only once the SuperNode has connected to the SuperLink (its log says
     ``SuperNode ID``); a SuperNode that died (wrong CA, key refused: exit code 305) or did not connect
     in ``wait`` seconds is stopped and a LaunchError carries its log's own error line.
-    ``require_coordinator_key=False``: a ``coordinator-key`` file that does not exist yet is
-    accepted (``up``: the coordinator on the same machine makes it with its registry)."""
+    A ``coordinator-key`` that does not exist yet is a warning (the site refuses deliveries until it
+    does; ``rpe site start`` refuses it itself), an error with ``require_coordinator_key``; one that
+    exists must be a public key."""
     workdir = Path(workdir).resolve()
     check_site_inputs(spec, root_cert, private_key, require_coordinator_key)
     site_dir = Path(spec.site_dir or workdir / "sites" / spec.site).resolve()

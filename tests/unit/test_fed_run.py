@@ -144,12 +144,14 @@ def test_exit_code_from_the_runs_own_verdict(name, report, code):
 
 
 def test_without_a_verdict_the_run_failed_or_was_lost():
-    assert fed.exit_code(None, "finished:failed", "ServerApp failed with exception: boom") == (
+    assert fed.exit_code(None, "finished:failed", "ServerApp failed with exception: boom", "9") == (
         3,
-        "the run ended failed without a verdict line: ServerApp failed with exception: boom",
+        "run 9 ended failed without a verdict line: ServerApp failed with exception: boom",
     )
-    code, message = fed.exit_code(None, "?", "connection refused")
-    assert code == 3 and "lost the run" in message and "SuperLink" in message
+    code, message = fed.exit_code(None, "finished:stopped", "", "9")
+    assert code == 3 and message.startswith("run 9 was stopped before it finished")
+    code, message = fed.exit_code(None, "?", "connection refused", "9")
+    assert code == 3 and "lost run 9" in message and "SuperLink" in message
     assert parse_summary("[rpe] RPE-RUN-SUMMARY {not json") is None
     assert parse_summary("[rpe] report: /x/runs/7-enroll.json") is None
 

@@ -148,7 +148,7 @@ def test_start_supernode_checks_before_writing_or_starting(pki, tmp_path, what, 
     workdir = tmp_path / "wd"
     try:
         with pytest.raises(LaunchError) as err:
-            launch.start_supernode(workdir, spec, "127.0.0.1:1", ca, key, wait=5)
+            launch.start_supernode(workdir, spec, "127.0.0.1:1", ca, key, wait=5, require_coordinator_key=True)
     finally:
         if holder is not None:
             holder.close()
@@ -275,3 +275,15 @@ def test_status_lists_every_process_alive_or_dead(tmp_path):
     finally:
         alive.kill()
         alive.wait()
+
+
+def test_a_coordinator_key_not_made_yet_is_a_warning_unless_required(pki, tmp_path, capsys):
+    spec = _spec(tmp_path, coordinator_key=str(tmp_path / "registry" / "coordinator.pub"))
+    launch.check_site_inputs(spec, pki["ca"], pki["key"])
+    assert "refuses every delivery until it does" in capsys.readouterr().err
+    with pytest.raises(LaunchError, match="--coordinator-key"):
+        launch.check_site_inputs(spec, pki["ca"], pki["key"], require_coordinator_key=True)
+    (tmp_path / "registry").mkdir()
+    (tmp_path / "registry" / "coordinator.pub").write_bytes(pki["ca"].read_bytes())  # exists, but no key
+    with pytest.raises(LaunchError, match="not a PEM public key"):
+        launch.check_site_inputs(spec, pki["ca"], pki["key"])
