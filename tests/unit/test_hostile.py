@@ -2075,7 +2075,8 @@ def test_enrolment_harness_accepts_a_valid_signed_reply(world: World, monkeypatc
     shutil.copytree(world.root, copy, ignore=shutil.ignore_patterns(".lock"))
     with Registry(copy, chroma="off") as reg:
         c = Ctx(world, reg, copy, tmp_path, monkeypatch)
-        res = c.enroll(lambda n: c.reply(n, sign_as="a"), require_signatures=True)
+        # keep-previous: site a's adapter in the world stays live beside the new one (no supersede entries)
+        res = c.enroll(lambda n: c.reply(n, sign_as="a"), require_signatures=True, keep_previous=True)
         assert res["status"] == "accepted" and res["signed"] and len(reg) == world.n_records + 1
         z = c.embed(lambda n: c.embed_reply(n))
         assert z.shape == (DIM,)
