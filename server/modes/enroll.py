@@ -60,13 +60,13 @@ def train_config(s: Settings) -> dict[str, Any]:
 
 def unlabelled(task: str, info: Mapping[str, Any]) -> str | None:
     """Why a site's whoami says it has nothing to enrol for ``task`` (None: ask it). Its counts are
-    those of its first task; a site that does not hold ``task`` at all is left out too."""
+    those of its first task; a site that does not hold ``task`` at all is left out too. A site whose
+    data could not be read (``data_ok`` false) is asked all the same: its failure, with its cause, is
+    what the operator must see (a broken export is not an unlabelled site)."""
     tasks = list(info.get("tasks") or [])
     if task not in tasks:
         return f"the site does not hold task {task!r} (it holds {', '.join(tasks) or 'none'})"
-    if tasks[0] == task and int(info.get("n_labeled") or 0) == 0:
-        if not info.get("data_ok", True):
-            return "the site's data could not be read (its whoami says data_ok false): nothing to train on"
+    if tasks[0] == task and info.get("data_ok", True) and int(info.get("n_labeled") or 0) == 0:
         return (
             f"no labelled data ({int(info.get('n_unlabeled') or 0)} unlabelled examples): a target for "
             "composition, not an enrolment; name it in sites= to ask it anyway"

@@ -142,12 +142,15 @@ def test_enrol_all_skips_sites_without_labelled_data_and_no_reply_names_a_path(t
     assert "no labelled data" in report["enroll"][unlabelled]["reason"]
     for site in other:  # the other family's sites hold another task
         assert status.pop(site) == "skipped" and f"does not hold task {family!r}" in report["enroll"][site]["reason"]
-    # the site whose data folder is missing (same family) is skipped too: its whoami said data_ok false
-    assert set(status.values()) <= {"skipped"}, status
+    # the sites whose data folder is missing (same family) are asked, and fail with their cause, path-free
+    missing = {"m": MISSING_REPORT, "r": RELATIVE_REPORT} if family == "report-text" else {"n": MISSING_SEG}
+    assert status == dict.fromkeys(missing, "error"), status
+    for site in missing:
+        assert "<local path>" in report["enroll"][site]["reason"], report["enroll"][site]
     trained = {m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == "train"}
-    assert target_node not in trained and len(trained) == len(labelled)
-    summary = summarize(report)
-    assert summary["outcome"] == "ok", summary  # skipped is not a failure
+    assert target_node not in trained and trained == {*labelled_nodes(labelled), *missing.values()}
+    summary = summarize(report)  # what `rpe fed run` exits by: skipped sites are no failure, broken ones are
+    assert summary["outcome"] == "site-failures" and set(summary["problems"]) == set(missing), summary
     assert any(m.metadata.message_type == "train" and not m.has_error() for m in replies)
 
     # the unlabelled site is what compositions are for: its z and the delivery carry no path either
@@ -155,6 +158,11 @@ def test_enrol_all_skips_sites_without_labelled_data_and_no_reply_names_a_path(t
     assert report["compose"][unlabelled]["status"] == "delivered", report["compose"][unlabelled]
     assert sorted(report["compose"][unlabelled]["sites"]) == labelled
     assert {m.metadata.message_type for m in replies} >= {"query.whoami", "query.embed", "train.apply"}
+
+
+def labelled_nodes(sites: list[str]) -> set[int]:
+    """The node ids of the ``local`` fixture's labelled sites."""
+    return {{"a": 101, "b": 102, SEG_SITES[0]: 201, SEG_SITES[1]: 202}[s] for s in sites}
 
 
 def _push(t: dict, node: int, req: Any) -> Message:
