@@ -38,7 +38,7 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
             sites[site] = str(res.get("status"))
             if sites[site] not in OK_STATUSES:
                 problems[site] = f"{sites[site]}: {res.get('reason', '')}".strip(": ")
-        done = bool(sites)
+        done = any(status != "skipped" for status in sites.values())  # every site skipped: nothing was done
     elif mode == "evaluate":
         ev = report.get("evaluate") or {}
         problems = {str(k): str(v) for k, v in (ev.get("problems") or {}).items()}

@@ -265,3 +265,15 @@ def test_scrub_paths_keeps_the_message_and_drops_every_path():
     }
     for text, want in cases.items():
         assert scrub_paths(text) == want
+
+
+def test_a_run_whose_every_site_was_skipped_did_nothing():
+    """Skipped is no failure, but an enrolment that skipped every site did nothing: `rpe fed run`
+    exits 1 (``nothing-done``), not 0."""
+    from server.run_summary import summarize
+
+    skipped = {"status": "skipped", "reason": "no labelled data"}
+    report = {"run_id": "1", "mode": "enroll", "status": "completed", "enroll": {"u": skipped, "v": skipped}}
+    assert summarize(report)["outcome"] == "nothing-done"
+    report["enroll"]["a"] = {"status": "accepted", "record_id": "a:t:0"}
+    assert summarize(report)["outcome"] == "ok"
