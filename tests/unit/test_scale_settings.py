@@ -162,3 +162,30 @@ def test_a_bad_max_sites_in_flight_is_refused(monkeypatch, bad: str) -> None:
         messaging.max_sites_in_flight()
     monkeypatch.setenv(messaging.MAX_SITES_ENV, "")
     assert messaging.max_sites_in_flight() == 0
+
+
+def test_wait_online_outlasts_a_slow_supernode_ls(tmp_path: Path, monkeypatch) -> None:
+    """50 SuperNodes starting on 2 loaded cores: one `flwr supernode ls` took over its 60 s and the whole
+    deployment was torn down. A CLI that is slow once is waited out; the deadline decides."""
+    from deploy.launch import sites
+    from deploy.launch.errors import LaunchError
+    from deploy.launch.state import save_state
+
+    save_state(tmp_path, {"flwr_home": str(tmp_path), "registered": {"a": 7}, "sites": {}})
+    answers = iter([subprocess.TimeoutExpired(["flwr"], 60.0), {7: "online"}])
+
+    def status(*_: object) -> dict[int, str]:
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(sites, "supernode_status", status)
+    assert sites.wait_online(tmp_path, ["a"], timeout=30.0) == {"a": 7}
+
+    def always_slow(*_: object) -> dict[int, str]:
+        raise subprocess.TimeoutExpired(["flwr"], 0.01)
+
+    monkeypatch.setattr(sites, "supernode_status", always_slow)
+    with pytest.raises(LaunchError, match="did not answer in time"):
+        sites.wait_online(tmp_path, ["a"], timeout=0.2)
