@@ -216,6 +216,7 @@ def cmd_compose(args: argparse.Namespace) -> None:
             out_dir=args.out,
             target=args.target,
             force=args.force,
+            one_per_site=not args.several_per_site,
         )
     finally:
         reg.close()
@@ -352,7 +353,12 @@ def register(sub: Any) -> None:
     c.add_argument("--registry", required=True)
     c.add_argument("--embedding", required=True, help=".npy with the target's mean embedding")
     c.add_argument("--strategy", choices=["sim", "lin", "lin-l1", "avg", "nearest"], default="sim")
-    c.add_argument("--k", type=int, default=4, help="number of adapters to retrieve (default 4)")
+    c.add_argument("--k", type=int, default=4, help="number of adapters to retrieve, one per site (default 4)")
+    c.add_argument(
+        "--several-per-site",
+        action="store_true",
+        help="let a site that holds several adapters fill several of the k places (default: its nearest one only)",
+    )
     c.add_argument("--exclude-site", help="leave this site's own adapters out (leave-one-out)")
     c.add_argument("--task", help="only retrieve adapters of this task")
     c.add_argument("--max-rank", type=int, help="re-compress to the best rank-R approximation")

@@ -199,3 +199,25 @@ def test_supersede_is_bound_audited_and_survives_reopen(tmp_path):
             assert reg.verify() == []
     with Registry(root) as reg:
         assert reg.stats()["removed"] == 1 and reg.index_ready
+
+
+def test_rpe_compose_takes_one_adapter_per_site_unless_asked(tmp_path, capsys):
+    import numpy as np
+    from support.registry import DIM, make_adapter, make_meta, new_registry
+
+    from deploy.cli import main
+
+    rng = np.random.default_rng(9)
+    za = rng.standard_normal(DIM).astype(np.float32)
+    with new_registry(tmp_path / "reg") as reg:  # site a kept two adapters (same z), b one further away
+        a1 = reg.add(make_adapter(1), za, make_meta(0, site="a", task="ct-head"))
+        a2 = reg.add(make_adapter(2), za, make_meta(1, site="a", task="ct-head"))
+        b1 = reg.add(make_adapter(3), za + 1.0, make_meta(2, site="b", task="ct-head"))
+    np.save(tmp_path / "z.npy", za)
+    base = ["compose", "--registry", str(tmp_path / "reg"), "--embedding", str(tmp_path / "z.npy"), "--k", "2"]
+    main([*base, "--out", str(tmp_path / "one"), "--json"])
+    retrieved = [r["id"] for r in json.loads(capsys.readouterr().out)["retrieved"]]
+    assert retrieved == [a1.id, b1.id]
+    main([*base, "--out", str(tmp_path / "several"), "--json", "--several-per-site"])
+    retrieved = [r["id"] for r in json.loads(capsys.readouterr().out)["retrieved"]]
+    assert retrieved == [a1.id, a2.id]
