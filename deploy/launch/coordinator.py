@@ -78,6 +78,8 @@ def start_superlink(
     state = load_state(workdir)
     if state.get("superlink") and is_alive(state["superlink"]["pid"], state["superlink"]["start_time"]):
         raise LaunchError(f"a SuperLink from this workdir already runs (PID {state['superlink']['pid']})")
+    if operator_ca is not None:
+        checks.check_ca_cert(operator_ca, "--operator-ca")
     # the ports first, before anything is written: a taken port is named at once, with its holder,
     # instead of a SuperLink that dies on bind while a probe talks to whoever holds the port
     if proxy:

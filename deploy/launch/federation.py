@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from deploy import tls
+from deploy.launch import checks
 from deploy.launch.coordinator import (
     coordinator_public_key,
     live_superexec,
@@ -47,6 +48,20 @@ def up(
     the SuperLink's ServerApp finds their allow-list through ``$RPE_ALLOWLIST``.
     """
     workdir = Path(workdir).resolve()
+    # what can be checked before anything is written (the CA and site keys are made below)
+    seen_ports: set[int] = set()
+    for spec in sites:
+        tls.check_site_id(spec.site)
+        checks.check_exists(
+            spec.data_path, f"site {spec.site!r}: data path", "the site's data (a JSONL file or a directory)"
+        )
+        if spec.model_path:
+            checks.check_model(spec.model_path)
+        if spec.port:
+            if spec.port in seen_ports or spec.port == port:
+                raise LaunchError(f"site {spec.site!r}: port {spec.port} is given twice (--port, --supernode-port)")
+            seen_ports.add(spec.port)
+            checks.check_port_free("127.0.0.1", spec.port, f"site {spec.site!r}: --supernode-port")
     pinned = str(coordinator_public_key(registry)) if registry else ""
     for spec in sites:
         spec.site_dir = str(Path(spec.site_dir or workdir / "sites" / spec.site).resolve())

@@ -287,3 +287,27 @@ def test_a_coordinator_key_not_made_yet_is_a_warning_unless_required(pki, tmp_pa
     (tmp_path / "registry" / "coordinator.pub").write_bytes(pki["ca"].read_bytes())  # exists, but no key
     with pytest.raises(LaunchError, match="not a PEM public key"):
         launch.check_site_inputs(spec, pki["ca"], pki["key"])
+
+
+def test_up_checks_every_site_before_writing_anything(tmp_path):
+    tiny_model_dir = "smollm2-135m-instruct"  # a packaged name: accepted without a directory
+    data = tmp_path / "a.jsonl"
+    data.write_text("")
+    good = SiteSpec("a", str(data), str(tiny_model_dir))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        for bad, words in (
+            (
+                SiteSpec("b", str(tmp_path / "missing.jsonl"), str(tiny_model_dir)),
+                ["site 'b': data path", "does not exist"],
+            ),
+            (SiteSpec("b", str(data), str(tmp_path / "no-model")), ["--model-path", "does not exist"]),
+            (SiteSpec("b", str(data), str(tiny_model_dir), port=s.getsockname()[1]), ["already in use by pid"]),
+            (SiteSpec("b/x", str(data), str(tiny_model_dir)), ["b/x"]),
+        ):
+            with pytest.raises((LaunchError, tls.TlsError)) as err:
+                launch.up(tmp_path / "wd", [good, bad], port=launch.free_port(), timeout=5)
+            for word in words:
+                assert word in str(err.value), str(err.value)
+            assert not (tmp_path / "wd").exists()
