@@ -134,7 +134,19 @@ def test_rpe_segment_writes_a_nifti_in_the_volume_geometry_equal_to_the_png_path
     png_dir.mkdir()
     src = vol_dir / "mr1.nii.gz"
     src.write_bytes(MR.read_bytes())  # LPS-ordered: the mask must come back in the file's order
-    _run(["segment", "--adapter", str(adapter_dir), "--images", str(vol_dir), "--out", str(tmp_path / "o1"), "--quiet"])
+    _run(
+        [
+            "segment",
+            "--adapter",
+            str(adapter_dir),
+            "--images",
+            str(vol_dir),
+            "--out",
+            str(tmp_path / "o1"),
+            "--quiet",
+            "--png",
+        ]
+    )
     assert "wrote 1 masks" in capsys.readouterr().out
     out = nib.load(str(tmp_path / "o1" / "mr1_mask.nii.gz"))
     ref = nib.load(str(src))
@@ -155,6 +167,10 @@ def test_rpe_segment_writes_a_nifti_in_the_volume_geometry_equal_to_the_png_path
     for k in range(ras.shape[2]):
         png_mask = np.array(Image.open(tmp_path / "o2" / f"s{k:02d}_mask.png")) > 0
         assert (V.slice_view(got_ras, "axial", k).astype(bool) == png_mask).all(), k
+        # --png: the volume's own slice masks, as the model saw them, are the same pixels
+        slice_png = np.array(Image.open(tmp_path / "o1" / "mr1_slices" / f"axial-{k:04d}.png")) > 0
+        assert (slice_png == png_mask).all(), k
+    assert row["png"] == "mr1_slices"
 
 
 def test_volume_dice_against_a_label_map_with_the_label_value(crops, tmp_path, adapter_dir):

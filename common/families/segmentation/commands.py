@@ -70,6 +70,11 @@ def _out_name(kind: str, path: Path) -> str:
     return f"{path.stem}_mask.png"
 
 
+def _slice_dir(kind: str, path: Path) -> str:
+    """``--png``: the folder of a volume's per-slice PNG masks."""
+    return _out_name(kind, path).split("_mask.nii.gz")[0].split("_seg.dcm")[0] + "_slices"
+
+
 def _image_files(paths: list[str]) -> list[Path]:
     """Every 2-D image named, a directory standing for the images directly in it (sorted)."""
     return [p for k, p in _inputs(paths) if k == "image"]
@@ -148,6 +153,7 @@ def segment_files(
     window: str = "auto",
     axis: str = "axial",
     force: bool = False,
+    png: bool = False,
 ) -> dict[str, Any]:
     """Write one mask per input in the input's own geometry, and ``<out>/masks.jsonl`` (one line per
     input: file, mask, format, foreground fraction, and DICE when ``truth`` holds a reference of the
@@ -209,7 +215,8 @@ def segment_files(
     target = Path(out)
     if target.exists() and not target.is_dir():
         raise SiteCommandError(f"--out {target} exists and is not a directory")
-    existing = [n for n in [*names, "masks.jsonl"] if (target / n).exists()]
+    slice_dirs = [_slice_dir(k, p) for k, p in inputs if k != "image"] if png else []
+    existing = [n for n in [*names, *slice_dirs, "masks.jsonl"] if (target / n).exists()]
     if existing and not force:
         raise SiteCommandError(
             f"--out {target} already holds {existing[0]}"
@@ -260,7 +267,7 @@ def segment_files(
                     warnings.append(warn)
         else:
             row.update(
-                _segment_volume(net, adapter, merged, spec, kind, f, target, name, window, axis, fg, ref, warnings)
+                _segment_volume(net, adapter, merged, spec, kind, f, target, name, window, axis, fg, ref, warnings, png)
             )
         rows.append(row)
         if progress:
@@ -308,6 +315,7 @@ def _segment_volume(
     fg: Any,
     ref: Path | None,
     warnings: list[str],
+    png: bool = False,
 ) -> dict[str, Any]:
     """Segment every slice of a NIfTI volume or DICOM series and write the mask in its geometry."""
     from common.families.segmentation.dicomio import write_dicom_seg
@@ -331,6 +339,13 @@ def _segment_volume(
     for s in range(0, len(vs.images), VOLUME_BATCH):
         preds += predict(net, adapter, vs.images[s : s + VOLUME_BATCH], None, spec, merged=merged)
     mask = masks_to_volume(vol, axis, vs.indices, preds)
+    if png:  # the slice masks as the model saw them (radiological view), <k>.png by slice index
+        from PIL import Image
+
+        sdir = target / _slice_dir(kind, path)
+        sdir.mkdir(exist_ok=True)
+        for k, m in zip(vs.indices, preds, strict=True):
+            Image.fromarray(m.astype("uint8") * 255).save(sdir / f"{axis}-{k:04d}.png", format="PNG")
     suffix = ".nii.gz" if kind == "nifti" else ".dcm"
     tmp = target / f".{name}.tmp-{os.getpid()}{suffix}"
     if kind == "nifti":
@@ -345,6 +360,8 @@ def _segment_volume(
         "window": window,
         "foreground": round(float(mask.mean()), 6),
     }
+    if png:
+        row["png"] = _slice_dir(kind, path)
     if ref is not None:
         try:
             label = read_volume(ref, "reference label map")
@@ -378,6 +395,7 @@ def cmd_segment(args: argparse.Namespace) -> None:
         window=args.window,
         axis=args.axis,
         force=args.force,
+        png=args.png,
     )
     if args.json:
         print(json.dumps(s))
@@ -441,6 +459,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="axial",
         choices=["axial", "coronal", "sagittal"],
         help="volumes: the slices segmented (default axial; use the site's seg-axis)",
+    )
+    sg.add_argument(
+        "--png",
+        action="store_true",
+        help="volumes: also write each slice's mask as a PNG, <out>/<stem>_slices/<axis>-<k>.png (as the model saw it)",
     )
     sg.add_argument("--force", action="store_true", help="overwrite this run's outputs where they exist in --out")
     sg.add_argument("--quiet", action="store_true", help="no progress lines")

@@ -3,7 +3,10 @@
 A site's data is one site of a multi-site set in the data root, named by its node config:
 ``seg-dataset`` (``prostate-multisite`` or ``fundus-multidomain[:disc|:cup]``), ``seg-site`` (e.g.
 ``RUNMC``) and ``seg-copies`` (augmented copies of each training slice; 1 by default); the data
-root is ``data-path`` when it holds the set, else the shared one. One image is one example (and
+root is ``data-path`` when it holds the set, else the shared one. ``seg-dataset = "volumes"`` is
+a site's own NIfTI volumes or DICOM series with label maps under ``data-path`` (``volsite``; keys
+``seg-mask-foreground``, ``seg-window``, ``seg-axis``, ``seg-slices``, ``seg-max-slices``,
+``seg-test-fraction``; docs/DATA_IMAGES.md). One image is one example (and
 one privacy unit); one held-out slice is one scored item. ``model-path`` is ``litemedsam`` or a
 SAM-style checkpoint directory. DP-SGD is not implemented for this family (``supports_dp``).
 Torch and the model code are imported inside the methods only.
