@@ -82,7 +82,7 @@ def run_app(
             last_ls = time.monotonic()
             try:
                 ls = flwr_cli(["ls", federation, "--run-id", run_id], Path(flwr_home))
-            except LaunchError:  # the SuperLink is restarting: ask again at the next poll
+            except (LaunchError, subprocess.TimeoutExpired):  # SuperLink restarting, or machine overloaded: ask again
                 ls = {}
             status = ls["runs"][0]["status"] if ls.get("runs") else "?"
             details = str(ls["runs"][0].get("status-details", "")) if ls.get("runs") else ""

@@ -216,3 +216,28 @@ def test_a_deployment_that_fails_stops_the_demo_with_one_message_and_every_proce
     assert "[demo] the main job stopped: Command '['flwr', 'supernode', 'ls']' timed out after 60.0 seconds" in err
     assert f"Logs: {work}/deploy/logs/" in err and "demo.1" in err
     assert stopped == [work / "deploy"]
+
+
+def test_a_status_poll_that_times_out_does_not_end_a_run_that_goes_on(tmp_path, monkeypatch):
+    """``launch.run_app`` polls ``flwr ls`` while the demo's runs go on; on an overloaded machine
+    (load average 26-43 here) one poll took over 60 s and its TimeoutExpired ended the whole demo
+    mid-enrolment. A poll that times out is asked again, as one that fails. (The slow CLI is
+    injected: it cannot be produced on demand.)"""
+    from deploy.launch import runs
+
+    polls = []
+
+    def flwr_cli(args, flwr_home, *a, **k):
+        polls.append(args)
+        if len(polls) == 1:
+            raise subprocess.TimeoutExpired(["flwr", *args], 60.0)
+        return {"runs": [{"status": "finished:completed", "status-details": ""}]}
+
+    submitted = subprocess.CompletedProcess([], 0, stdout='{"success": true, "run-id": "7"}', stderr="")
+    monkeypatch.setattr(runs.subprocess, "run", lambda *a, **k: submitted)
+    monkeypatch.setattr(runs, "flwr_cli", flwr_cli)
+    (tmp_path / "registry" / "runs").mkdir(parents=True)
+    (tmp_path / "registry" / "runs" / "7-enroll.json").write_text('{"status": "completed"}')
+    (tmp_path / "flwr-home").mkdir()
+    out = runs.run_app(tmp_path / "flwr-home", REPO, {"mode": "enroll"}, tmp_path / "registry", 60.0, poll_s=0.0)
+    assert out["status"] == "finished:completed" and out["report"] == {"status": "completed"} and len(polls) == 2
