@@ -121,3 +121,27 @@ def test_the_shared_prostate_site_checks_clean_with_its_inverted_convention_stat
     assert "0 = prostate, 255 = background" in check.lines[0]
     bad = FAMILY.check_data(SiteInputs("X", data_root(), "litemedsam", tmp_path, {"seg-site": "NOPE"}))
     assert not bad.ok and "unknown prostate site 'NOPE'" in bad.problems[0]
+
+
+def test_whoami_counts_are_kept_until_a_file_changes(tmp_path, monkeypatch):
+    """``query.whoami`` asks for counts in every run: a site with many CTs must not re-read them each time."""
+    from common.families.segmentation import volsite
+
+    root = _flat(tmp_path / "s")
+    site = _site(root)
+    first = FAMILY.counts(site)
+    assert first.ok and (first.n_labeled, first.n_eval) == (6, 2)
+    assert (site.work_dir / volsite.COUNTS_CACHE).is_file()
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("read again")
+
+    monkeypatch.setattr(volsite, "read_volume", no_reading)
+    assert FAMILY.counts(site) == first
+    (root / "images" / "more.nii.gz").write_bytes(MR.read_bytes())  # a change: counted again
+    with pytest.raises(AssertionError, match="read again"):
+        FAMILY.counts(site)
+    monkeypatch.undo()
+    again = FAMILY.counts(site)
+    assert again.ok and again.n_unlabeled == 8 and again.n_labeled == 6
+    assert FAMILY.counts(_site(root, **{"seg-max-slices": "4"})).n_labeled == 3  # other settings: other key

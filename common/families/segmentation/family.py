@@ -121,6 +121,17 @@ class SegmentationFamily:
 
     # -- data ------------------------------------------------------------------------------------
     def counts(self, site: SiteInputs) -> DataCounts:
+        if site.option("seg-dataset") == VOLUMES:  # kept per folder state: whoami must stay cheap
+            from common.families.segmentation.volsite import VolumeSettings, cached_counts
+
+            try:
+                used = cached_counts(site.data_path, VolumeSettings.from_options(site.option), site.work_dir)
+            except ValueError:
+                used = None
+            if used is None:
+                return DataCounts([], 0, 0, 0, 0, False)
+            n_train, n_test, n_unlab = used["train"], used["eval"], used["unlabeled"]
+            return DataCounts([f"{VOLUMES}-{site.site}"], n_train + n_test + n_unlab, n_train, n_unlab, n_test, True)
         try:
             s, ok = seg_site(site), True
             n_train, n_test = len(s.train_images), len(s.test_images)

@@ -232,3 +232,53 @@ def _scan_one(entry: Path, label_path: Path | None, split: str, settings: Volume
         f"{rel} ({_describe(image)}) + {label_path.name if label_path else ''}: slices {vs.indices[0]}..{vs.indices[-1]} "
         f"({n} used, object {100 * vs.fraction:.1f} % of their pixels): {split_text}"
     )
+
+
+COUNTS_CACHE = "seg-volume-counts.json"
+
+
+def _fingerprint(root: Path, settings: VolumeSettings) -> str:
+    """What the counts depend on: the settings and every file's path, size and mtime under ``root``."""
+    import hashlib
+
+    h = hashlib.sha256(repr(settings).encode())
+    parts = [root / d for d in ("images", "labels", "train", "test")]  # the layout only, not a work dir in it
+    files = sorted(p for d in parts if d.is_dir() for p in [d, *d.rglob("*")])
+    for p in files:
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        h.update(f"{p.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}|{p.is_dir()}\n".encode())
+    return h.hexdigest()
+
+
+def cached_counts(root: Path, settings: VolumeSettings, work_dir: Path) -> dict[str, int] | None:
+    """The slices per split of a clean site (``scan``'s ``used``), or None when it has a problem.
+
+    ``query.whoami`` asks every site for its counts in every run: reading and windowing every volume
+    each time would take minutes at a site with many CTs, so the answer is kept in
+    ``<work_dir>/seg-volume-counts.json`` keyed by the settings and every file's size and mtime
+    (any change under ``root`` reads the folder again)."""
+    import json
+    import os
+
+    key = _fingerprint(root, settings)
+    path = work_dir / COUNTS_CACHE
+    try:
+        kept = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(kept, dict) and kept.get("key") == key:
+            used = kept.get("used")
+            return dict(used) if isinstance(used, dict) else None
+    except (OSError, ValueError):
+        pass
+    check = scan(root, settings).check
+    used = None if check.problems else dict(check.used)
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{COUNTS_CACHE}.{os.getpid()}")
+        tmp.write_text(json.dumps({"key": key, "used": used}), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only work dir: counted again next time
+    return used
