@@ -207,7 +207,7 @@ def cmd_site_join(args: argparse.Namespace) -> None:
 
 
 def cmd_site_start(args: argparse.Namespace) -> None:
-    from deploy.onboard.site import start
+    from deploy.onboard import site
 
     release = {}
     for item in args.release:
@@ -215,19 +215,42 @@ def cmd_site_start(args: argparse.Namespace) -> None:
         if not sep:
             raise CliError(f"--release {item!r}: expected KEY=VALUE")
         release[key] = value
+    settings: dict[str, Any] = {
+        "threads": args.threads,
+        "no_deliveries": args.no_deliveries,
+        "port": args.port,
+        "release": release,
+        "tasks": args.task,
+        "options": args.option,
+    }
+    if args.check:
+        _site_check(args, settings)
+        return
     _detach()
-    out = _run(
-        lambda: start(
-            args.dir,
-            args.data_path,
-            args.model_path,
-            threads=args.threads,
-            no_deliveries=args.no_deliveries,
-            port=args.port,
-            release=release,
-        )
+    out = _run(lambda: site.start(args.dir, args.data_path, args.model_path or "", **settings))
+    print(
+        f"SuperNode of site {out['site']!r} ({out['task']}): PID {out['pid']}, dialling {out['superlink']}, log {out['log']}"
     )
-    print(f"SuperNode of site {out['site']!r}: PID {out['pid']}, dialling {out['superlink']}, log {out['log']}")
+    print(f"node config {out['node_config']}  (check its data: rpe data check --node-config {out['node_config']})")
+
+
+def _site_check(args: argparse.Namespace, settings: dict[str, Any]) -> None:
+    """``rpe site start --check``: the node config start would write, and its data check; exit 1 on a
+    problem (as ``rpe data check``), nothing written or started."""
+    import sys
+
+    import tomli_w
+
+    from client.datacheck import format_checks
+    from deploy.onboard import site
+
+    nc, checks = _run(lambda: site.check(args.dir, args.data_path, args.model_path or "", **settings))
+    where = Path(args.dir).resolve() / site.NODE_CONFIG_FILE
+    print(f"node config `rpe site start` would write to {where} (nothing written, nothing started):")
+    print("".join(f"  {line}\n" for line in tomli_w.dumps(nc).splitlines()), end="")
+    print(format_checks(checks))
+    if not all(c.ok for c in checks):
+        sys.exit(1)
 
 
 def cmd_site_stop(args: argparse.Namespace) -> None:
@@ -283,11 +306,37 @@ def _add_site(sub: Any) -> None:
         "start",
         help="start the site's SuperNode from DIR's keys and bundle",
         description="Start the SuperNode with DIR's CA, SuperNode key, coordinator key and pinned app "
-        "hash. Refuses without a coordinator key unless --no-deliveries.",
+        "hash, and the node config DIR/node-config.toml: data path, model, --task and the families' keys "
+        "(--option, checked: an unknown key is named with its closest match). Refuses without a "
+        "coordinator key unless --no-deliveries. --check first: what would be used of the data.",
     )
     dir_arg(q)
     q.add_argument("--data-path", required=True, help="the site's data (see docs/DATA.md)")
-    q.add_argument("--model-path", default="smollm2-135m-instruct", help="base model directory")
+    q.add_argument(
+        "--model-path",
+        help="base model directory (default: the task family's packaged model, smollm2-135m-instruct or litemedsam)",
+    )
+    q.add_argument(
+        "--task",
+        action="append",
+        default=[],
+        metavar="FAMILY",
+        help="task family the site runs: report-text (default) or segmentation (repeatable or comma-separated)",
+    )
+    q.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a node-config key of the site's task families, e.g. report-columns=uid=Accession,prompt=Befund "
+        "or seg-dataset=volumes (repeatable; docs/DATA.md lists them)",
+    )
+    q.add_argument(
+        "--check",
+        action="store_true",
+        help="print the node config start would write and check the site's data with it (as `rpe data check`); "
+        "start nothing, write nothing; exit 1 on a data problem",
+    )
     q.add_argument("--threads", type=int, default=0, help="torch threads per ClientApp")
     q.add_argument("--port", type=int, default=0, help="the SuperNode's local ClientApp port (default 9094)")
     q.add_argument(

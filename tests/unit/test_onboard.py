@@ -302,3 +302,126 @@ def test_an_admission_entry_keeps_the_audit_log_verifiable(coord: Path, site_dir
     )
     assert entry["event"] == "site.admitted" and entry["seq"] >= 1
     assert rpe("audit", "verify", "--registry", coord / "registry") == 0
+
+
+# -- site start: the task family and its node-config keys (--task, --option, --check) -----------------
+
+
+def joined_site(coord: Path, site_dir: Path, tmp_path: Path) -> Path:
+    (tmp_path / "b.json").write_text(json.dumps(make_bundle(coord)))
+    assert rpe("site", "join", "--dir", site_dir, tmp_path / "b.json") == 0
+    return site_dir
+
+
+def volumes(root: Path) -> Path:
+    """A site's own NIfTI volume with its label map (the shared TotalSegmentator CT)."""
+    from common.dataroot import data_root
+
+    src = data_root() / "totalsegmentator-test"
+    for sub, name in (("images", "example_ct_sm.nii.gz"), ("labels", "example_seg.nii.gz")):
+        (root / sub).mkdir(parents=True)
+        (root / sub / "case1.nii.gz").write_bytes((src / name).read_bytes())
+    return root
+
+
+def csv_reports(root: Path, empty_findings: bool = False) -> Path:
+    from common.families.report.data import Example, write_jsonl
+
+    root.mkdir(parents=True)
+    rows = "".join(f"A{i};Lungs clear, finding {i}.;Normal {i}.\n" for i in range(12))
+    if empty_findings:
+        rows += "A99;;Normal.\n"
+    (root / "train.csv").write_text("Accession;Befund;Beurteilung\n" + rows, encoding="utf-8")
+    write_jsonl(root / "eval.jsonl", [Example(f"Effusion {i}.", "Effusion.", "xray-chest", f"e{i}") for i in range(10)])
+    return root
+
+
+REPORT_OPTIONS = (
+    "--option",
+    "report-columns=uid=Accession,prompt=Befund,target=Beurteilung",
+    "--option",
+    "report-group=xray-chest",
+)
+SEG_OPTIONS = ("--task", "segmentation", "--option", "seg-dataset=volumes", "--option", "seg-mask-foreground=nonzero")
+
+
+def test_a_segmentation_sites_start_writes_the_familys_keys(
+    coord: Path, site_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """The node config `start` runs the SuperNode with (site_spec) and the one `--check` prints and
+    checks: task = segmentation, its keys, the family's model; nothing written or started by --check."""
+    from deploy.onboard.site import site_spec
+
+    joined_site(coord, site_dir, tmp_path)
+    data = volumes(tmp_path / "volumes")
+    nc = site_spec(site_dir, str(data), tasks=["segmentation"], options=list(SEG_OPTIONS[3::2])).node_config()
+    assert nc["task"] == "segmentation" and nc["seg-dataset"] == "volumes"
+    assert nc["seg-mask-foreground"] == "nonzero" and nc["model-path"] == "litemedsam"
+    assert nc["coordinator-key"] == str(site_dir / "coordinator.pub") and nc["app-sha256"] == "ab" * 32
+    before = snapshot(site_dir)
+    assert rpe("site", "start", "--dir", site_dir, "--data-path", data, *SEG_OPTIONS, "--check") == 0
+    out = capsys.readouterr().out
+    for line in ('task = "segmentation"', 'seg-dataset = "volumes"', 'model-path = "litemedsam"'):
+        assert f"  {line}\n" in out, out
+    assert f"segmentation: {data}: ok" in out and "would use: 22 train, 8 eval" in out
+    assert snapshot(site_dir) == before and not (site_dir / "node-config.toml").exists()
+    # the data check of --check is the family's: a label map naming no object is a problem, exit 1
+    bad = ("--task", "segmentation", "--option", "seg-dataset=volumes", "--option", "seg-mask-foreground=250")
+    assert rpe("site", "start", "--dir", site_dir, "--data-path", data, *bad, "--check") == 1
+    assert "no axial slice holds the object" in capsys.readouterr().out and snapshot(site_dir) == before
+
+
+def test_a_report_site_with_report_columns(coord: Path, site_dir: Path, tmp_path: Path, capsys) -> None:
+    from deploy.onboard.site import site_spec
+
+    joined_site(coord, site_dir, tmp_path)
+    data = csv_reports(tmp_path / "reports")
+    nc = site_spec(site_dir, str(data), options=list(REPORT_OPTIONS[1::2])).node_config()
+    assert nc["task"] == "report-text" and nc["model-path"] == "smollm2-135m-instruct"
+    assert nc["report-columns"] == "uid=Accession,prompt=Befund,target=Beurteilung"
+    assert nc["report-group"] == "xray-chest"
+    args = ("site", "start", "--dir", site_dir, "--data-path", data, *REPORT_OPTIONS)
+    assert rpe(*args, "--check") == 0
+    out = capsys.readouterr().out
+    assert 'report-columns = "uid=Accession,prompt=Befund,target=Beurteilung"' in out
+    assert "report-text: " in out and "would use: 12 train, 10 eval, 0 unlabeled" in out
+    # without the mapping the CSV cannot be read: the check says so (exit 1), as `rpe data check`
+    assert rpe("site", "start", "--dir", site_dir, "--data-path", data, "--check") == 1
+    assert "problem:" in capsys.readouterr().out
+    bad = csv_reports(tmp_path / "bad", empty_findings=True)
+    assert rpe("site", "start", "--dir", site_dir, "--data-path", bad, *REPORT_OPTIONS, "--check") == 1
+    assert "train.csv: row at line 14: the findings cell ('Befund') is empty" in capsys.readouterr().out
+    assert not (site_dir / "node-config.toml").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (("--task", "segmentation", "--option", "seg-mask-forground=1"), "did you mean 'seg-mask-foreground'"),
+        (("--option", "report-colums=prompt=Befund"), "did you mean 'report-columns'"),
+        (("--option", "seg-dataset=volumes"), "a key of the segmentation family: add --task segmentation"),
+        (("--task", "segmentaton"), "did you mean 'segmentation'"),
+        (("--option", "report-group"), "is not KEY=VALUE"),
+        (("--option", "report-group=a", "--option", "report-group=b"), "given twice"),
+    ],
+)
+@pytest.mark.parametrize("check", [False, True])
+def test_an_unknown_family_or_key_is_refused_and_nothing_is_started(
+    coord: Path, site_dir: Path, tmp_path: Path, capsys, argv, message, check
+) -> None:
+    joined_site(coord, site_dir, tmp_path)
+    before = snapshot(site_dir)
+    extra = ("--check",) if check else ()
+    assert rpe("site", "start", "--dir", site_dir, "--data-path", tmp_path, *argv, *extra) == 2
+    assert message in capsys.readouterr().err
+    assert snapshot(site_dir) == before and not (site_dir / "launch-state.json").exists()
+
+
+def test_site_start_check_runs_before_the_site_joined(site_dir: Path, tmp_path: Path, capsys) -> None:
+    """A site can check its data right after `rpe site init` (no bundle yet: no app pin, no key)."""
+    data = csv_reports(tmp_path / "reports")
+    assert rpe("site", "start", "--dir", site_dir, "--data-path", data, *REPORT_OPTIONS, "--check") == 0
+    out = capsys.readouterr().out
+    assert "would use: 12 train" in out and "app-sha256" not in out and "coordinator-key" not in out
+    assert rpe("site", "start", "--dir", site_dir, "--data-path", data, *REPORT_OPTIONS) == 2
+    assert "has not joined" in capsys.readouterr().err
