@@ -123,6 +123,7 @@ def _run(t: dict, run_id: int, rc: dict) -> tuple[dict, list[Message], LocalGrid
     return report, replies, grid
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["report-text", "segmentation"])
 def test_enrol_all_skips_sites_without_labelled_data_and_no_reply_names_a_path(targets, family):
     from server.run_summary import summarize

@@ -34,6 +34,7 @@ def _audit(reg_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (reg_dir / "audit.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_reenrolment_supersedes_and_compose_retrieves_one_adapter_per_site(local, family):
     from server.registry import Registry
