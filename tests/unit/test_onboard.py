@@ -425,3 +425,40 @@ def test_site_start_check_runs_before_the_site_joined(site_dir: Path, tmp_path: 
     assert "would use: 12 train" in out and "app-sha256" not in out and "coordinator-key" not in out
     assert rpe("site", "start", "--dir", site_dir, "--data-path", data, *REPORT_OPTIONS) == 2
     assert "has not joined" in capsys.readouterr().err
+
+
+def test_the_data_guides_site_start_commands_do_what_it_says(tmp_path: Path, capsys) -> None:
+    """docs/DATA.md "Starting the site with these keys": its commands, run from the guide (/srv/rpe
+    -> the test's folder) on the guide's own sample files and a NIfTI volume with its label map."""
+    import re
+    import shlex
+
+    from support.doc_commands import section_commands
+
+    guide = Path(__file__).resolve().parents[2] / "docs" / "DATA.md"
+    text = guide.read_text(encoding="utf-8")
+    for name in ("data/train.csv", "data/eval.jsonl"):
+        m = re.search(rf"`/srv/rpe/{re.escape(name)}`:\n\n```\w+\n(.*?)\n```", text, re.S)
+        assert m, name
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(m.group(1) + "\n", encoding="utf-8")
+    volumes(tmp_path / "volumes")
+    assert rpe("site", "init", "--dir", tmp_path / "site", "--site-id", "hospital-a") == 0
+    capsys.readouterr()
+    section = "Starting the site with these keys"
+    commands = [c.replace("/srv/rpe", str(tmp_path)) for c in section_commands(guide, section)]
+    assert len(commands) == 2 and all(c.startswith("rpe site start ") for c in commands)
+    outs = []
+    for cmd in commands:
+        code = rpe(*shlex.split(cmd)[1:])
+        got = capsys.readouterr()
+        assert code == 0, f"{cmd}\n{got.out}{got.err}"
+        outs.append(got.out)
+    report, image = outs
+    assert 'report-columns = "uid=Accession,prompt=Befund,target=Beurteilung"' in report
+    assert "would use: 3 train, 1 eval, 0 unlabeled" in report
+    assert 'task = "segmentation"' in image and 'model-path = "litemedsam"' in image and "case1.nii.gz" in image
+    assert not (tmp_path / "site" / "node-config.toml").exists()
+    # "a typo exits 2 naming the key meant"
+    assert rpe(*shlex.split(commands[0].replace("report-group=", "report-grup="))[1:]) == 2
+    assert "did you mean 'report-group'" in capsys.readouterr().err
