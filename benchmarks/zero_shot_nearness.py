@@ -32,11 +32,12 @@ import numpy as np
 from server.nearness import library_spacing
 
 HERE = Path(__file__).resolve().parent
-THRESHOLDS = (1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
+THRESHOLDS = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 
-def report_rows(results_path: Path, model: str, cache: Path | None) -> list[dict[str, Any]]:
-    """One row per (target, N) of the reduced zero-shot profile: ratio, and what ``sim`` did."""
+def report_rows(results_path: Path, model: str, cache: Path | None, max_n: int, emit: Any) -> list[dict[str, Any]]:
+    """One row per (target, N) of the reduced zero-shot profile: ratio, and what ``sim`` did; the
+    targets' z first, then the library's in order, ``emit(rows)`` after each N (z is cached)."""
     import os
 
     from benchmarks.zero_shot import PROFILES, Lab, build_library, build_targets, split_pools
@@ -54,11 +55,11 @@ def report_rows(results_path: Path, model: str, cache: Path | None) -> list[dict
     ref_pool, tgt_pool = split_pools(groups, p.target_fraction, seed, min_target=max(4, min(20, p.n_eval + p.n_query)))
     library = build_library(ref_pool, p, max(p.library_sizes), seed)
     targets = build_targets(tgt_pool, library, p, seed)
-    Z = {s.name: lab.z(s.train, "last") for s in library}
-    Z.update({t.name: lab.z(t.query, "last") for t in targets})
-    rows = []
-    for t in targets:
-        for n in p.library_sizes:
+    Z = {t.name: lab.z(t.query, "last") for t in targets}
+    rows: list[dict[str, Any]] = []
+    for n in [n for n in p.library_sizes if n <= max_n]:
+        Z.update({s.name: lab.z(s.train, "last") for s in library[:n] if s.name not in Z})
+        for t in targets:
             names = [s.name for s in library[:n]]
             L = np.stack([Z[s] for s in names]).astype(np.float64)
             d = np.sum((L - Z[t.name].astype(np.float64)) ** 2, axis=1)
@@ -83,6 +84,45 @@ def report_rows(results_path: Path, model: str, cache: Path | None) -> list[dict
                     "helped": bool(vs["lo"] > 0),
                 }
             )
+        emit(rows)
+    return rows
+
+
+def registry_rows(
+    registry_dir: Path, results_csv: Path, family: str, study: str, margin: float
+) -> list[dict[str, Any]]:
+    """One row per target of a leave-one-site-out evaluation that a registry holds: the ratio from the
+    registry's stored z (the library: every other site, one adapter each) and the evaluation's
+    nearest distance; "helped" = ``sim`` beat the base model by more than ``margin``."""
+    import csv
+
+    from server.registry import Registry
+
+    with open(results_csv, newline="") as fh:
+        table = list(csv.DictReader(fh))
+    metric = next(k for k in table[0] if k not in ("target", "method", "n", "sources", "weights", "min_distance"))
+    score = {(r["target"], r["method"]): float(r[metric]) for r in table if r[metric]}
+    dist = {r["target"]: float(r["min_distance"]) for r in table if r["method"] == "sim" and r["min_distance"]}
+    with Registry(registry_dir, read_only=True) as reg:
+        z = {r.meta.site: np.asarray(r.z, dtype=np.float64) for r in reg.list()}
+    rows = []
+    for t in sorted(dist):
+        spacing = library_spacing(np.stack([v for s, v in z.items() if s != t]))
+        gain = score[(t, "sim")] - score[(t, "base")]
+        rows.append(
+            {
+                "family": family,
+                "study": study,
+                "target": t,
+                "n": len(z) - 1,
+                "nearest_distance": dist[t],
+                "library_spacing": spacing,
+                "ratio": dist[t] / spacing if spacing else None,
+                "gain": gain,
+                "gain_ci": None,
+                "helped": bool(gain > margin),
+            }
+        )
     return rows
 
 
@@ -170,25 +210,42 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--results", type=Path, default=HERE / "zero_shot" / "reduced" / "results.json")
     ap.add_argument("--cache", type=Path, default=None)
-    ap.add_argument("--no-segmentation", action="store_true")
+    ap.add_argument("--registry", type=Path, default=None, help="a registry with evaluations (reports + segmentation/)")
+    ap.add_argument("--seg-loo", action="store_true", help="also the SEG_LOO studies (z from LiteMedSAM)")
+    ap.add_argument("--max-n", type=int, default=32, help="reduced profile: library sizes up to this (0 = none)")
     ap.add_argument("--out", type=Path, default=HERE / "zero_shot")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    rows = report_rows(args.results, args.model, args.cache)
-    print(f"reports: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-    if not args.no_segmentation:
-        rows += seg_rows(HERE / "SEG_LOO_prostate_multisite.json", "prostate-multisite")
-        rows += seg_rows(HERE / "SEG_LOO_fundus_multidomain_disc.json", "fundus-multidomain:disc")
-        print(f"segmentation: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-    table = precision_table(rows)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "nearness.json").write_text(
-        json.dumps({"command": "python -m benchmarks.zero_shot_nearness", "rows": rows, "thresholds": table}, indent=1)
-        + "\n"
-    )
-    md = markdown(rows, table)
-    (args.out / "nearness.md").write_text(md)
-    print(md)
+    fixed: list[dict[str, Any]] = []
+    if args.registry is not None:  # a registry with leave-one-site-out evaluations (e.g. runs/demo/registry)
+        for reg_dir, family, margin in (
+            (args.registry, "report-text", 0.01),
+            (args.registry / "segmentation", "segmentation", 0.05),
+        ):
+            evals = sorted(reg_dir.glob("evaluations/*/results.csv"), key=lambda p: p.stat().st_mtime)
+            if evals:
+                fixed += registry_rows(reg_dir, evals[-1], family, f"{reg_dir} {evals[-1].parent.name}", margin)
+    if args.seg_loo:
+        fixed += seg_rows(HERE / "SEG_LOO_prostate_multisite.json", "prostate-multisite")
+        fixed += seg_rows(HERE / "SEG_LOO_fundus_multidomain_disc.json", "fundus-multidomain:disc")
+
+    def emit(report: list[dict[str, Any]]) -> None:
+        rows = [*fixed, *report]
+        table = precision_table(rows)
+        command = "python -m benchmarks.zero_shot_nearness " + " ".join(argv if argv is not None else sys.argv[1:])
+        (args.out / "nearness.json").write_text(
+            json.dumps({"command": command.strip(), "rows": rows, "thresholds": table}, indent=1) + "\n"
+        )
+        md = markdown(rows, table)
+        (args.out / "nearness.md").write_text(
+            f"Command: `{command.strip()}`; {time.perf_counter() - t0:.0f} s.\n\n" + md
+        )
+        print(md, flush=True)
+
+    emit([])
+    if args.max_n > 0:
+        report_rows(args.results, args.model, args.cache, args.max_n, emit)
     return 0
 
 

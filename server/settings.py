@@ -147,7 +147,7 @@ class Settings:
     lam1: float = _key("lam1", float, 0.0)
     lam2: float = _key("lam2", float, 0.0)
     max_l1: float = _key("max-l1", float, 0.0)
-    far_ratio: float = _key("far-ratio", float, 1.5)
+    far_ratio: float = _key("far-ratio", float, 1.25)
     evaluate: bool = _key("evaluate", _bool, True)
     max_eval: int = _key("max-eval", int, 0)
     eval_strategies: tuple[str, ...] = _key("eval-strategies", _csv, ("sim", "lin", "lin-l1"))
