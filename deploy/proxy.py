@@ -93,10 +93,10 @@ def render_config(spec: ProxySpec) -> str:
     """The whole nginx.conf (all paths absolute, inside ``spec.prefix``)."""
     pre = Path(spec.prefix).resolve()
     nets = check_networks(spec.site_networks)
-    # an upstream group, so that nginx keeps its TLS connections to the SuperLink open: without it every
-    # Fleet request (an idle SuperNode's poll, once a second) was a new TCP + TLS handshake in the
-    # SuperLink's Python (benchmarks/FEDERATION_SCALE.md); closed after 4 s idle, before uvicorn's 5 s
-    up = "https://rpe_superlink"
+    # one upstream connection per request, on purpose: an upstream keepalive pool (tried for issue 29)
+    # saved no measurable SuperLink CPU and, at 50 sites on 2 loaded cores, nginx reused connections
+    # the SuperLink was closing: HTTP 502 on pull-messages (benchmarks/FEDERATION_SCALE.md)
+    up = f"https://127.0.0.1:{spec.upstream_port}"
     geo = ["    default 0;" if nets else "    default 1;"]
     geo += [f"    {a}/{32 if ':' not in a else 128} 1;" for a in LOOPBACK]
     geo += [f"    {n} 1;" for n in nets]
@@ -137,11 +137,6 @@ http {{
     scgi_temp_path {tmp}/scgi;
     client_max_body_size 1g;
     server_tokens off;
-    upstream rpe_superlink {{
-        server 127.0.0.1:{spec.upstream_port};
-        keepalive 64;
-        keepalive_timeout 4s;
-    }}
     geo $rpe_site_net {{
 {chr(10).join(geo)}
     }}
@@ -160,7 +155,6 @@ http {{
         proxy_ssl_name {spec.upstream_name};
         proxy_ssl_server_name on;
         proxy_set_header Host $host;
-        proxy_set_header Connection "";
         if ($request_uri ~ "[%?]|\\.\\.|//") {{ return 400; }}
 {fleet}        location {CONTROL_PREFIX} {{
             if ($rpe_control_ok = 0) {{ return 403; }}
