@@ -58,6 +58,9 @@ REPO = Path(__file__).resolve().parents[1]
 TOY = "toy=support.families.toy:FAMILY"
 RELEASE = {"z-min-examples": 5, "metrics-min-reports": 2}
 N_TARGETS = 10
+#: how long one run may take before the benchmark stops waiting for it (at 50 sites on the loaded
+#: 2-core machine, discovery alone took 10 min and enrolment was estimated at 90 min more)
+RUN_TIMEOUT_S = 3 * 3600.0
 TICK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 ROLES = ("superlink", "serverapp", "link-superexec", "proxy", "supernode", "site-superexec", "clientapp")
@@ -523,7 +526,7 @@ def measure_n(
         for name, config in plan:
             if name not in runs:
                 continue
-            result["runs"][name] = run_one(fed, name, config, timeout=max(600.0, 12.0 * n))
+            result["runs"][name] = run_one(fed, name, config, timeout=RUN_TIMEOUT_S)
             save(result)
             if sampler.low_memory:
                 result["broke"] = f"during {name}: {sampler.low_memory}"
