@@ -634,39 +634,56 @@ def _fmt(x: Any, d: int = 1) -> str:
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
+    """Cost per site vs N, as a ratio to the smallest N: the SuperLink's (+ nginx's) CPU per site per
+    minute idle and during the enrolment run (measured also when the run did not finish), and the
+    share of Fleet requests the SuperNodes gave up on (499) or got a 5xx for."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in results if r.get("runs")]
+    ok = [r for r in results if r.get("idle")]
     if not ok:
         return
     base = ok[0]
+
+    def idle_rate(r: dict[str, Any]) -> float:
+        return float(r["idle"]["superlink_cpu_s_per_site_min"])
+
+    def enrol_rate(r: dict[str, Any]) -> float | None:
+        run = (r.get("runs") or {}).get("enroll")
+        if not run or not run.get("wall_s"):
+            return None
+        return (run["cpu_s"]["superlink"] + run["cpu_s"]["proxy"]) / r["n"] / (run["wall_s"] / 60.0)
+
+    def failed_share(r: dict[str, Any], which: str) -> float | None:
+        http = (
+            (r.get("idle") or {}).get("http")
+            if which == "idle"
+            else ((r.get("runs") or {}).get(which) or {}).get("http")
+        )
+        if not http or not http.get("requests"):
+            return None
+        bad = sum(v for k, v in http["status"].items() if k == "499" or k.startswith("5"))
+        return 100.0 * bad / http["requests"]
+
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name in ("whoami", "enroll", "compose", "evaluate"):
-        xs, wall, link = [], [], []
-        for r in ok:
-            run = r["runs"].get(name)
-            b = base["runs"].get(name)
-            if not run or not b or not run.get("wall_s"):
-                continue
-            xs.append(r["n"])
-            wall.append((run["wall_s"] / r["n"]) / (b["wall_s"] / base["n"]))
-            link.append(
-                ((run["cpu_s"]["superlink"] + run["cpu_s"]["serverapp"]) / r["n"])
-                / max(1e-9, (b["cpu_s"]["superlink"] + b["cpu_s"]["serverapp"]) / base["n"])
-            )
-        axes[0].plot(xs, wall, marker="o", label=name)
-        axes[1].plot(xs, link, marker="o", label=name)
-    for ax, title in zip(axes, ("wall time per site", "coordinator CPU (SuperLink + ServerApp) per site")):
-        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ns = [r["n"] for r in ok]
+    axes[0].plot(ns, [idle_rate(r) / idle_rate(base) for r in ok], marker="o", label="idle")
+    e = [(r["n"], enrol_rate(r)) for r in ok if enrol_rate(r) is not None]
+    if e and enrol_rate(base):
+        axes[0].plot([n for n, _ in e], [v / enrol_rate(base) for _, v in e], marker="s", label="during enrolment")
+    axes[0].axhline(1.0, color="grey", lw=0.8, ls="--")
+    axes[0].set_ylabel(f"ratio to N = {base['n']}")
+    axes[0].set_title("SuperLink + nginx CPU per site per minute")
+    for which, marker in (("idle", "o"), ("enroll", "s")):
+        pts = [(r["n"], failed_share(r, which)) for r in ok if failed_share(r, which) is not None]
+        axes[1].plot([n for n, _ in pts], [v for _, v in pts], marker=marker, label=which)
+    axes[1].set_ylabel("% of Fleet requests")
+    axes[1].set_title("requests abandoned by the SuperNode (499) or 5xx")
+    for ax in axes:
         ax.set_xlabel("sites N")
-        ax.set_ylabel(f"ratio to N = {base['n']}")
-        ax.set_title(title)
-        ax.set_xscale("log")
-        ax.set_xticks([r["n"] for r in ok])
-        ax.set_xticklabels([str(r["n"]) for r in ok])
+        ax.set_xticks(ns)
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
