@@ -300,9 +300,14 @@ def cmd_run(args: argparse.Namespace) -> None:
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the stop must not be interrupted in its turn
         stopped, message = stop_run(home, fed, run_id)
-        print(
-            f"rpe: interrupted: {message}" + ("" if stopped else f"; stop it: rpe fed stop {run_id}"), file=sys.stderr
-        )
+        if not stopped:
+            status, _ = run_status(home, fed, run_id)
+            message = (
+                f"run {run_id} had already finished ({status})"
+                if status.startswith("finished")
+                else f"{message}; stop it: rpe fed stop {run_id}"
+            )
+        print(f"rpe: interrupted: {message}", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -322,6 +327,10 @@ def cmd_ls(args: argparse.Namespace) -> None:
     home = flwr_home(args.dir)
     prefix, env = _flwr(home)
     extra = ["--run-id", str(args.run_id)] if args.run_id else []
+    if args.json:
+        extra += ["--format", "json"]
+    if not sys.stdout.isatty():
+        env.setdefault("COLUMNS", "200")  # rich cuts a table to 80 columns when piped: status would be cut
     res = subprocess.run([*prefix, "ls", federation(home), *extra], env=env, timeout=120)
     sys.exit(0 if res.returncode == 0 else 1)
 
@@ -364,6 +373,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     dir_arg(s)
     s.set_defaults(func=cmd_stop)
     ls = sub.add_parser("ls", help="list runs and their status (flwr ls)")
-    ls.add_argument("--run-id", default=None)
+    ls.add_argument("--run-id", default=None, help="only this run")
+    ls.add_argument("--json", action="store_true", help="flwr's JSON (run-id, status, ...) instead of a table")
     dir_arg(ls)
     ls.set_defaults(func=cmd_ls)

@@ -7,7 +7,9 @@ SuperNode auth, real SuperNodes, this repository's ServerApp and ClientApp, a ti
 - a second SuperLink on the deployment's port fails at once, naming the process that holds it;
 - ``rpe fed run`` exits 1 when a site fails its enrolment, 3 with one line when the registry is
   held by another run, 0 when every site did its part; Ctrl-C (SIGINT to ``rpe fed run``) stops
-  the run (``flwr ls`` says so) and exits 130.
+  the run (``flwr ls`` says so) and exits 130, and the stopped run lets go of the registry;
+- the commands of deploy/README.md "Runs: ..." as the document gives them (the doc test runs
+  before the Ctrl-C test: a stopped run leaves its site busy with the message it was working on).
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ import time
 from pathlib import Path
 
 import pytest
+from support.doc_commands import section_commands
 from support.federation import LOCAL_RELEASE, make_site_data
 
 from deploy import launch, tls
+from server.registry.errors import RegistryLockedError
 from server.registry.lock import PathLock, set_holder
 
 pytestmark = pytest.mark.integration
@@ -170,7 +174,86 @@ def test_a_locked_registry_is_one_line_naming_the_run(dep):
     assert "Traceback" not in res.stdout + res.stderr and "Registry(" not in res.stdout + res.stderr
 
 
+# -- the guide's own commands ---------------------------------------------------------------------
+def test_the_runs_section_of_the_guide(dep):
+    """Every command of deploy/README.md "Runs: ..." as written there; the only rewrites: the
+    coordinator directory, `rpe` as this interpreter's module, steps=20 -> steps=2 (a tiny model on
+    two shared cores), and RUN_ID -> the id of a run this test started and that is in flight."""
+    cmds = section_commands(REPO / "deploy" / "README.md", "Runs: ")
+    assert [c.split()[:3] for c in cmds] == [
+        ["rpe", "fed", "run"],
+        ["rpe", "fed", "run"],
+        ["rpe", "fed", "ls"],
+        ["rpe", "fed", "run"],
+        ["rpe", "fed", "stop"],
+    ], cmds
+    if not dep["registry"].is_dir() or not any(dep["registry"].iterdir()):
+        assert rpe_fed(dep, *run_args(dep, "whoami")).returncode == 0  # the registry, from base-model
+
+    def run(cmd: str, **kw) -> subprocess.CompletedProcess:
+        cmd = cmd.replace("/srv/rpe/coord", str(dep["workdir"])).replace("steps=20", "steps=2")
+        argv = cmd.split()
+        assert argv[0] == "rpe"
+        return subprocess.run(
+            [sys.executable, "-m", "deploy.cli", *argv[1:]],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            timeout=400,
+            **kw,
+        )
+
+    whoami, enroll, ls, typo, stop = cmds
+    assert run(whoami).returncode == 0
+    res = run(enroll)
+    assert res.returncode == 0 and "[rpe] enroll a: accepted" in res.stdout, res
+    res = run(ls)
+    assert res.returncode == 0 and "finished:completed" in res.stdout, res
+    res = run(typo)
+    documented = (
+        "rpe: error: unknown run-config key 'stpes'; did you mean 'steps'? (the keys: [tool.flwr.app.config] of "
+    )
+    assert res.returncode == 2 and res.stderr.startswith(documented), res.stderr
+    # `rpe fed stop RUN_ID` on a run in flight, started by another `rpe fed run`: that one exits 3
+    other = subprocess.Popen(
+        [sys.executable, "-m", "deploy.cli", "fed", *run_args(dep, "enroll", "sites=a", "steps=5000"),
+         "--dir", str(dep["workdir"])],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    try:
+        run_id = None
+        for line in other.stdout:
+            if "submitted" in line and run_id is None:
+                run_id = line.split("run ", 1)[1].split()[0]
+            if "enrolling" in line:
+                break
+        assert run_id is not None
+        res = run(stop.replace("RUN_ID", run_id))
+        assert res.returncode == 0 and f"run {run_id} stopped" in res.stdout, res
+        out, err = other.communicate(timeout=150)
+    finally:
+        if other.poll() is None:
+            other.kill()
+            other.wait()
+    assert other.returncode == 3 and f"run {run_id} was stopped before it finished" in err, (out, err)
+
+
+def _wait_registry_free(dep: dict, timeout: float = 90) -> None:
+    """Until no run holds the registry (a stopped run's ServerApp lets go at its next heartbeat)."""
+    deadline = time.monotonic() + timeout
+    while dep["registry"].is_dir():
+        try:
+            PathLock.acquire(dep["registry"]).release()
+            return
+        except RegistryLockedError:
+            assert time.monotonic() < deadline, "a stopped run still holds the registry"
+            time.sleep(2)
+
+
 def test_ctrl_c_stops_the_run(dep):
+    _wait_registry_free(dep)
     proc = subprocess.Popen(
         [sys.executable, "-m", "deploy.cli", "fed", *run_args(dep, "enroll", "sites=a", "steps=5000"),
          "--dir", str(dep["workdir"])],
@@ -183,10 +266,10 @@ def test_ctrl_c_stops_the_run(dep):
         for line in proc.stdout:
             if "submitted" in line and run_id is None:
                 run_id = line.split("run ", 1)[1].split()[0]
-            if "enrolling" in line:  # the ServerApp is at work, the site training
                 break
             assert time.monotonic() < deadline, "the run did not start"
         assert run_id is not None
+        time.sleep(5)  # the ServerApp starts and discovers the sites (it cannot be done in 5 s: 5000 steps)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=120)
     finally:
@@ -201,3 +284,9 @@ def test_ctrl_c_stops_the_run(dep):
     assert listed.returncode == 0 and run_id in listed.stdout
     again = rpe_fed(dep, "stop", run_id)
     assert again.returncode == 1 and again.stderr.startswith("rpe: error: run ")
+    # the stopped run's ServerApp lets go of the registry (at its next heartbeat), and a rerun works
+    _wait_registry_free(dep)
+    # a rerun is not refused (a site still busy with the stopped run's message may not answer in time:
+    # Flower stops the run, not the ClientApp already at work, so 1 with a timeout is possible)
+    rerun = rpe_fed(dep, *run_args(dep, "whoami"))
+    assert rerun.returncode in (0, 1) and "is in use by" not in rerun.stderr, rerun
