@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-eval", type=int, default=10, help="held-out reports per target (the run's max-eval)")
     ap.add_argument("--targets", default="", help="comma-separated targets (default: every target)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--no-generate", action="store_true", help="only the updates' sizes and distances (seconds)")
     args = ap.parse_args(argv)
 
     import torch
@@ -104,8 +105,11 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 used = [(adapters[s], w) for s, w in zip(arm["sources"], arm["weights"], strict=True) if w != 0.0]
                 arm_adapters.append(compose([a for a, _ in used], [w for _, w in used]))
-        one_pass = generate_arms(model, tok, prompts, arm_adapters, task.max_new_tokens)
-        by_arm = [evaluate_task(model, tok, task, held, a)["predictions"] for a in arm_adapters]
+        if args.no_generate:
+            one_pass = by_arm = [[""] * len(held) for _ in arm_adapters]
+        else:
+            one_pass = generate_arms(model, tok, prompts, arm_adapters, task.max_new_tokens)
+            by_arm = [evaluate_task(model, tok, task, held, a)["predictions"] for a in arm_adapters]
         outputs = dict(zip(names, one_pass, strict=True))
         norms: dict[str, float] = {}
         deltas: dict[str, Any] = {}
@@ -115,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         w_norm = float(
             torch.sqrt(
                 sum(
-                    (dict(model.named_modules())[m].weight.double() ** 2).sum()
+                    (dict(model.named_modules())[m].weight.detach().double() ** 2).sum()
                     for m in next(iter(deltas.values())).keys()
                 )
             )
@@ -150,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": time.perf_counter() - t0,
         }
         print(f"{t}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-    out = args.out or csv_path.parent / "arm_agreement.json"
-    out.write_text(json.dumps(report, indent=1, default=float) + "\n")
+        out = args.out or csv_path.parent / "arm_agreement.json"
+        out.write_text(json.dumps(report, indent=1, default=float) + "\n")  # after each target
     for t, r in report["targets"].items():
         print(f"\n## {t} (n = {r['n']})")
         print("scores in run:", {k: round(v, 4) for k, v in r["scores_in_run"].items()})

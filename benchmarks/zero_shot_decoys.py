@@ -75,7 +75,8 @@ def decoy_examples(task: str, site_examples: Sequence[Any], index: int) -> list[
         import pydoc_data.topics as topics
 
         names = sorted(topics.topics)
-        for j, name in enumerate(names[index * 24 : index * 24 + 24] or names[:24]):
+        picked = [names[(index * 7 + j) % len(names)] for j in range(24)]  # a different window per decoy
+        for j, name in enumerate(picked):
             w = _words(topics.topics[name])
             if len(w) < 30:
                 continue
@@ -101,6 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--out", type=Path, default=HERE / "zero_shot" / "decoys")
+    ap.add_argument(
+        "--retrieval-only",
+        action="store_true",
+        help="only z and retrieval precision vs M (no LoRA is trained, nothing generated): cheap",
+    )
+    ap.add_argument("--decoy-texts", type=int, default=0, help="cap each decoy's examples (0 = all)")
     args = ap.parse_args(argv)
     from common.families.report.data import report_groups
 
@@ -117,12 +124,17 @@ def main(argv: list[str] | None = None) -> int:
     library = full_library[: args.library]
     for t in targets:
         t.eval = t.eval[: args.eval]
-    # decoys: round-robin over tasks, each made from one of the library's sites (in order)
+    # decoys: round-robin over tasks, each made from one site's text (the library's sites first)
     decoys: list[tuple[str, str, list[Any]]] = []
     for i in range(max(ms)):
         task = DECOY_TASKS[i % len(DECOY_TASKS)]
-        src = library[(i // len(DECOY_TASKS)) % len(library)]
-        decoys.append((f"decoy-{i:02d}-{task}-from-{src.name}", task, decoy_examples(task, src.train, i)))
+        src = full_library[(i // len(DECOY_TASKS)) % len(full_library)]  # the library's sites first, then others
+        exs = decoy_examples(task, src.train, i)
+        decoys.append(
+            (f"decoy-{i:02d}-{task}-from-{src.name}", task, exs[: args.decoy_texts] if args.decoy_texts else exs)
+        )
+    if args.retrieval_only:
+        return retrieval_only(args, lab, library, decoys, targets, ms, t_start)
 
     adapters: dict[str, Any] = {}
     Z: dict[str, np.ndarray] = {}
@@ -228,6 +240,57 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "results.json").write_text(json.dumps(out, indent=1) + "\n")
     (args.out / "DECOYS.md").write_text(markdown(out, ms))
     print(markdown(out, ms))
+    return 0
+
+
+def retrieval_only(
+    args: Any,
+    lab: Lab,
+    library: Sequence[Any],
+    decoys: Sequence[Any],
+    targets: Sequence[Any],
+    ms: Sequence[int],
+    t0: float,
+) -> int:
+    """Does z separate tasks? precision@k of impression adapters among the k nearest, vs M."""
+    Z = {s.name: lab.z(s.train, "last") for s in library}
+    kind = {s.name: "impression" for s in library}
+    for name, task, exs in decoys:
+        Z[name], kind[name] = lab.z(exs, "last"), task
+    lines = [
+        f"Command: `python -m benchmarks.zero_shot_decoys --retrieval-only --decoys {','.join(map(str, ms))} "
+        f"--library {args.library} --decoy-texts {args.decoy_texts}`; {time.perf_counter() - t0:.0f} s.",
+        "",
+        "| target | M | precision@3 (impression adapters) | retrieved decoys | nearest decoy d² / nearest impression d² |",
+        "|---|---|---|---|---|",
+    ]
+    rows = []
+    for t in targets:
+        z_t = lab.z(t.query, "last")
+        for m in ms:
+            names = [s.name for s in library] + [d[0] for d in decoys[:m]]
+            chosen = _retrieve(z_t, Z, names, K)
+            d = {n: float(np.sum((Z[n] - z_t) ** 2)) for n in names}
+            imp = min(v for n, v in d.items() if kind[n] == "impression")
+            dec = min((v for n, v in d.items() if kind[n] != "impression"), default=float("nan"))
+            prec = sum(kind[c] == "impression" for c in chosen) / K
+            got = [kind[c] for c in chosen if kind[c] != "impression"]
+            rows.append({"target": t.name, "m": m, "precision": prec, "retrieved_decoys": got, "ratio": dec / imp})
+            lines.append(f"| {t.name} | {m} | {prec:.2f} | {', '.join(got) or '–'} | {dec / imp:.2f} |")
+        per_task = {
+            task: float(np.median([np.sum((Z[n] - z_t) ** 2) for n, k, _ in decoys if k == task]))
+            for task in DECOY_TASKS
+            if any(k == task for _, k, _ in decoys)
+        }
+        lines.append(
+            f"| {t.name} | median d² by decoy task | | "
+            + ", ".join(f"{k} {v:.1f}" for k, v in per_task.items())
+            + f"; impression sites {np.median([np.sum((Z[s.name] - z_t) ** 2) for s in library]):.1f} | |"
+        )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "retrieval.json").write_text(json.dumps({"rows": rows, "decoys": [d[:2] for d in decoys]}, indent=1))
+    (args.out / "RETRIEVAL.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
     return 0
 
 
