@@ -82,9 +82,26 @@ def flwr_cli(args: list[str], flwr_home: Path, timeout: float = 60.0) -> dict[st
     return out
 
 
+#: tries of one ``flwr supernode register`` that timed out
+REGISTER_ATTEMPTS = 3
+
+
 def register_site(flwr_home: Path, public_key: Path, site: str, federation: str = FEDERATION) -> int | None:
-    """``flwr supernode register``; returns the node id, or None if the key was registered before."""
-    out = flwr_cli(["supernode", "register", str(public_key), federation, "--name", f"site-{site}"], flwr_home)
+    """``flwr supernode register``; returns the node id, or None if the key was registered before.
+
+    A CLI call that outlives its timeout (a whole process: 100 registrations on 2 loaded cores, issue 29)
+    is tried again; if the first one did register the key, the retry answers "already in use" (None)."""
+    args = ["supernode", "register", str(public_key), federation, "--name", f"site-{site}"]
+    for attempt in range(REGISTER_ATTEMPTS):
+        try:
+            out = flwr_cli(args, flwr_home)
+            break
+        except subprocess.TimeoutExpired:
+            if attempt == REGISTER_ATTEMPTS - 1:
+                raise LaunchError(
+                    f"registering site {site!r}: `flwr supernode register` did not answer in "
+                    f"{REGISTER_ATTEMPTS} tries (machine overloaded?); run `register` again"
+                ) from None
     if out.get("success"):
         return int(out["node-id"])
     message = str(out.get("error-message", ""))

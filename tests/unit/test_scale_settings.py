@@ -189,3 +189,28 @@ def test_wait_online_outlasts_a_slow_supernode_ls(tmp_path: Path, monkeypatch) -
     monkeypatch.setattr(sites, "supernode_status", always_slow)
     with pytest.raises(LaunchError, match="did not answer in time"):
         sites.wait_online(tmp_path, ["a"], timeout=0.2)
+
+
+def test_a_registration_that_times_out_is_tried_again(tmp_path: Path, monkeypatch) -> None:
+    """100 `flwr supernode register` processes on 2 loaded cores: one outlived its 60 s and the whole
+    deployment was torn down. The retry of a registration that did go through answers "already in use"."""
+    from deploy.launch import flower_cli
+    from deploy.launch.errors import LaunchError
+
+    answers = iter([subprocess.TimeoutExpired(["flwr"], 60.0), {"success": False, "error-message": "already in use"}])
+
+    def cli(*_: object, **__: object) -> dict:
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(flower_cli, "flwr_cli", cli)
+    assert flower_cli.register_site(tmp_path, tmp_path / "a_auth.pub", "a") is None
+
+    def slow(*_: object, **__: object) -> dict:
+        raise subprocess.TimeoutExpired(["flwr"], 60.0)
+
+    monkeypatch.setattr(flower_cli, "flwr_cli", slow)
+    with pytest.raises(LaunchError, match="did not answer in 3 tries"):
+        flower_cli.register_site(tmp_path, tmp_path / "a_auth.pub", "a")
