@@ -311,3 +311,20 @@ def test_up_checks_every_site_before_writing_anything(tmp_path):
             for word in words:
                 assert word in str(err.value), str(err.value)
             assert not (tmp_path / "wd").exists()
+
+
+def test_both_families_site_inputs_pass(pki, tmp_path):
+    """A report site (a JSONL file, the packaged SmolLM2) and a segmentation site (a folder, the
+    packaged LiteMedSAM or a checkpoint file) pass the same checks."""
+    reports = tmp_path / "reports.jsonl"
+    reports.write_text("")
+    seg = tmp_path / "seg-site"
+    (seg / "images").mkdir(parents=True)
+    ckpt = tmp_path / "lite_medsam.pth"
+    ckpt.write_bytes(b"\0")
+    for spec in (
+        SiteSpec("a", str(reports), "smollm2-135m-instruct"),
+        SiteSpec("s", str(seg), "litemedsam", extra={"task": "segmentation"}),
+        SiteSpec("t", str(seg), str(ckpt), extra={"task": "segmentation"}),
+    ):
+        launch.check_site_inputs(spec, pki["ca"], pki["key"])
