@@ -248,7 +248,8 @@ def compose(
     Exact by default: a module's ``A`` is the ``w_i s_i A_i`` of every adapter that has it stacked
     row-wise and its ``B`` the ``B_i`` side by side (rank ``Σ r_i``; the coefficients sit on A, as
     in PEFT's ``add_weighted_adapter(cat)``). Adapters may differ
-    in rank, scale and target modules; weights may be negative. With ``max_rank=r`` a module
+    in rank, scale and target modules; weights may be negative. A module whose total rank would
+    exceed ``min(out, in)`` gets exactly that rank (same ΔW; a LoRA may not be wider). With ``max_rank=r`` a module
     whose total rank exceeds r is replaced by its best rank-r approximation (Eckart–Young, split
     ``B' = Q_B U_r √S_r``, ``A' = √S_r V_r^T Q_A^T``) computed in float32 (float64 when small)
     without forming the dense update. ``dtype`` is the output dtype (default: the inputs'
@@ -268,11 +269,15 @@ def compose(
     exact: list[tuple[str, list[tuple[LoraModule, float]], int, int, int]] = []
     for name, parts3, out, inp, total in plan.modules:
         parts = [(m, c) for _, m, c in parts3]
-        if max_rank is None or total <= max_rank:
+        # rank(ΔW) <= min(out, in): a concatenation wider than that is rewritten at that rank,
+        # which is still exact (the "best approximation" of full rank is ΔW itself), so the result
+        # is a valid LoRA (PEFT and the wire refuse r > min(out, in))
+        limit = min(out, inp) if max_rank is None else min(int(max_rank), out, inp)
+        if total <= limit:
             exact.append((name, parts, out, inp, total))
             continue
         cd = _compute_dtype(out, inp, total, dtype)
-        B_new, A_new = _truncate(_joined_columns(parts, cd), _scaled_rows(parts, cd), int(max_rank))
+        B_new, A_new = _truncate(_joined_columns(parts, cd), _scaled_rows(parts, cd), limit)
         truncated[name] = LoraModule(A_new.to(dtype).contiguous(), B_new.to(dtype), 1.0)
     built = {**truncated, **(_exact_factors(exact, dtype) if exact else {})}
     return LoraAdapter({name: built[name] for name, *_ in plan.modules}, plan.base_model)

@@ -496,6 +496,17 @@ def compose_peft_dirs(
             inputs.append(src)
             metas.append(meta)
         plan = plan_composition(cast("list[LoraAdapter]", metas), w, dtype)  # duck-typed: shapes, ranks, dtypes
+    except BaseException:
+        for src in inputs:
+            os.close(src.fd)
+        raise
+    if any(total > min(o, i) for _, _, o, i, total in plan.modules):
+        # wider than a LoRA may be: compose() rewrites such a module at full rank (exact, same bytes)
+        for src in inputs:
+            os.close(src.fd)
+        adapter = compose(load_peft_adapters(paths), w, dtype=dtype)
+        return save_peft_adapter(adapter, out, base_model_name_or_path)
+    try:
         want = {name: (total, total) for name, _, _, _, total in plan.modules}  # scale 1: alpha = r
         base = base_model_name_or_path if base_model_name_or_path is not None else plan.base_model
         config = peft_config_bytes(want, base)

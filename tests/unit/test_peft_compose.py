@@ -279,3 +279,24 @@ def test_concurrent_compositions_share_the_writer_thread_and_buffers(peft_dirs, 
             ex.map(lambda iw: compose_peft_dirs(peft_dirs, iw[1], tmp_path / f"got{iw[0]}"), enumerate(weights))
         )
     assert all(_same_files(r, o) for r, o in zip(refs, outs, strict=True))
+
+
+def test_a_composition_wider_than_its_module_keeps_the_exact_update_at_full_rank(tmp_path):
+    """Five rank-4 adapters of a 16x12 module concatenate to rank 20 > min(16, 12): a LoRA may not be
+    that wide (PEFT and the wire refuse it), so both paths rewrite the module at rank 12, exactly."""
+    from common.adapters import LoraAdapter, LoraModule
+
+    gen = torch.Generator().manual_seed(7)
+    dirs, adapters = [], []
+    for i in range(5):
+        m = LoraModule(torch.randn(4, 12, generator=gen), torch.randn(16, 4, generator=gen), 0.5)
+        adapters.append(LoraAdapter({"model.layers.0.self_attn.q_proj": m}, "tiny"))
+        dirs.append(save_peft_adapter(adapters[-1], tmp_path / f"in{i}"))
+    w = (0.3, -0.1, 0.2, 0.4, 0.2)
+    want = sum(wi * a.modules["model.layers.0.self_attn.q_proj"].delta(torch.float64) for wi, a in zip(w, adapters))
+    composed = compose(adapters, w).modules["model.layers.0.self_attn.q_proj"]
+    assert composed.rank == 12
+    torch.testing.assert_close(composed.delta(torch.float64), want, rtol=1e-5, atol=1e-5)
+    got = compose_peft_dirs(dirs, w, tmp_path / "got")
+    assert _same_files(_reference(dirs, w, tmp_path / "ref"), got)
+    assert json.loads((got / "adapter_config.json").read_text())["r"] == 12
