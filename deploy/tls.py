@@ -346,6 +346,21 @@ def main(argv: list[str] | None = None) -> int:
             cert, key = make_operator_cert(args.out, name, ca_cert, ca_key, force=args.force)
             print(f"operator {name:<8} {cert} (key {key}); proxy: --operator-ca {ca_cert}")
         return 0
+    if args.site and not args.host and not args.force and not (args.out / CA_CERT).exists():
+        # only site keys asked for where there is no CA: that is a site, and a site must never get
+        # a second CA (a second ca.crt beside the coordinator's is one wrong pick from a silent failure)
+        for site in args.site:
+            check_site_id(site)
+        for site in args.site:
+            priv, pub = args.out / f"{site}_auth", args.out / f"{site}_auth.pub"
+            keys = SiteKeys(site, priv, pub) if priv.exists() and pub.exists() else make_supernode_keys(args.out, site)
+            print(f"site {keys.site:<12} {keys.private_key}  (give the coordinator {keys.public_key})")
+        print(
+            f"No CA was made: {args.out} has none and no --host was given, so this is a site. The "
+            "federation CA comes from the coordinator (`rpe site join`); `rpe site init` makes a site's keys "
+            "and its join request in one step."
+        )
+        return 0
     bundle = generate(args.out, args.site, args.host, force=args.force)
     if args.operator:
         ca_cert, ca_key = make_operator_ca(args.out)
