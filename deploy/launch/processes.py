@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,9 +68,9 @@ def is_alive(pid: int, start_time: int | None) -> bool:
     return now is not None and (start_time is None or now == start_time)
 
 
-def descendants(pid: int) -> list[tuple[int, int]]:
-    """(pid, start time) of every live descendant of ``pid`` (via /proc parent links)."""
-    children: dict[int, list[int]] = {}
+def _proc_stats() -> Iterator[tuple[int, list[str]]]:
+    """(pid, the /proc/PID/stat fields after the command name) of every process now; fields[0] is
+    the state, [1] the parent, [2] the process group, [19] the start time."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -77,8 +78,14 @@ def descendants(pid: int) -> list[tuple[int, int]]:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
+        yield int(entry.name), stat[stat.rindex(")") + 2 :].split()
+
+
+def descendants(pid: int) -> list[tuple[int, int]]:
+    """(pid, start time) of every live descendant of ``pid`` (via /proc parent links)."""
+    children: dict[int, list[int]] = {}
+    for child, fields in _proc_stats():
+        children.setdefault(int(fields[1]), []).append(child)
     out: list[tuple[int, int]] = []
     todo = list(children.get(pid, []))
     while todo:
@@ -236,18 +243,7 @@ def spawn(
 def group_members(pgid: int) -> list[tuple[int, int]]:
     """(pid, start time) of every live process in process group ``pgid`` (e.g. the helpers a
     server we started left behind when it died: they are no longer its descendants)."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if fields[0] not in ("Z", "X") and int(fields[2]) == pgid:
-            out.append((int(entry.name), int(fields[19])))
-    return out
+    return [(pid, int(f[19])) for pid, f in _proc_stats() if f[0] not in ("Z", "X") and int(f[2]) == pgid]
 
 
 def stop_group_leftovers(proc: dict[str, Any], timeout: float = 5.0) -> None:
