@@ -331,7 +331,8 @@ def cmd_ls(args: argparse.Namespace) -> None:
         extra += ["--format", "json"]
     if not sys.stdout.isatty():
         # rich cuts a table to $COLUMNS (80 when piped or inherited narrow): status would be cut
-        env["COLUMNS"] = str(max(200, int(env.get("COLUMNS", "0")) if env.get("COLUMNS", "").isdigit() else 200))
+        cols = env.get("COLUMNS", "")
+        env["COLUMNS"] = str(max(200, int(cols) if cols.isdigit() else 0))
     res = subprocess.run([*prefix, "ls", federation(home), *extra], env=env, timeout=120)
     sys.exit(0 if res.returncode == 0 else 1)
 
