@@ -82,12 +82,12 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` (indented, sorted keys) to ``path`` via a temporary file and a rename."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(p)
+    """Write ``data`` (indented, sorted keys) to ``path`` crash-safely (``common.files.durable``:
+    fsynced temporary file, rename, directory fsync); readable by others, as these files are public
+    keys, certificates and settings that are exchanged or read by other accounts."""
+    from common.files.durable import atomic_write
+
+    atomic_write(path, json.dumps(data, indent=2, sort_keys=True) + "\n", mode=0o644)
 
 
 def _fields(data: dict[str, Any], names: tuple[str, ...], fmt: str, where: str) -> None:
