@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -306,9 +307,32 @@ def proc_name(proc: dict[str, Any]) -> str:
     return f"{what} (PID {proc['pid']})"
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A currently free TCP port on ``host`` (for tests; a race is possible but unlikely)."""
-    with socket.socket() as s:
+    """A currently free TCP port on ``host``, below the kernel's ephemeral range.
+
+    A port the kernel hands out for ``bind(0)`` lies in the range it also uses for outgoing
+    connections: with a dozen SuperNodes dialling the SuperLink at once, one of them could take
+    the port before the server meant for it bound it ("address already in use", seen in the demo).
+    Below the range only another server's explicit bind can race, which is rare."""
+    low = _ephemeral_range()[0]
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # everything below the range is taken: fall back to the kernel's pick
         s.bind((host, 0))
         return int(s.getsockname()[1])
 
