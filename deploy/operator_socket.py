@@ -38,6 +38,13 @@ SOCKET_ENV = "RPE_SUPERLINK_SOCKET"
 SOCKET_FILE = "superlink-socket"
 #: longest path a Unix socket address can hold on Linux (sun_path is 108 bytes with the NUL)
 MAX_SOCKET_PATH = 107
+#: how long a client keeps an idle connection for reuse (httpx's default is 5 s) ...
+CLIENT_KEEPALIVE_S = 2.0
+#: ... and how long the SuperLink keeps it open (uvicorn's default is also 5 s). The server must
+#: wait clearly longer than any client: with equal timeouts a client reuses a connection in the very
+#: instant the server closes it, the request fails with "[SSL: UNEXPECTED_EOF_WHILE_READING]", and
+#: flwr gives up at once on any error naming SSL (its ServerApp then fails the run; seen in CI).
+SERVER_KEEPALIVE_S = 65
 #: what the TCP port still answers (exact paths, as the SuperLink's router matches them)
 TCP_PATHS = frozenset({"/health", *(FLEET_PREFIX + r for r in FLEET_ROUTES)})
 #: the console scripts the SuperLink side starts by name, and their entry points
@@ -135,6 +142,7 @@ def serve_tcp_and_socket(socket_path: str) -> Any:
     def run(app: Any, **kwargs: Any) -> None:
         import uvicorn  # lazy: only the SuperLink process needs it
 
+        kwargs["timeout_keep_alive"] = max(int(kwargs.get("timeout_keep_alive") or 0), SERVER_KEEPALIVE_S)
         config = uvicorn.Config(FleetOnlyOverTcp(app), **kwargs)
         server = uvicorn.Server(config)
         unix = bind_unix(socket_path)
@@ -179,7 +187,9 @@ def route_to_socket(path: str) -> None:
         self._client.close()
         verify = kwargs.get("verify", True)
         self._client = httpx.Client(
-            transport=httpx.HTTPTransport(uds=path, verify=verify),
+            transport=httpx.HTTPTransport(
+                uds=path, verify=verify, limits=httpx.Limits(keepalive_expiry=CLIENT_KEEPALIVE_S)
+            ),
             timeout=kwargs.get("timeout", 30.0),
             follow_redirects=True,
         )
