@@ -179,16 +179,18 @@ def cmd_spent(args: argparse.Namespace) -> None:
     from common.privacy import read_egress, spent_from_egress
 
     spent = spent_from_egress(read_egress(args.egress), args.delta)
-    if args.json:
+    if args.json:  # strict JSON, as `rpe site status --json`: ε = ∞ is the string "inf", never null/Infinity
+        eps: float | str = "inf" if math.isinf(spent.epsilon) else spent.epsilon
         print(
             json.dumps(
                 {
-                    "epsilon": None if math.isinf(spent.epsilon) else spent.epsilon,
+                    "epsilon": eps,
                     "delta": spent.delta,
                     "releases": spent.releases,
                     "non_private": spent.non_private,
                 },
                 indent=1,
+                allow_nan=False,
             )
         )
     else:
@@ -263,10 +265,22 @@ def register(sub: Any) -> None:
     z.add_argument("--layer", type=int, default=-1, help="hidden-state layer of z (default -1, as enrolment)")
     z.set_defaults(func=cmd_z_norms)
 
-    s = psub.add_parser("spent", help="ε spent over every release in a site's egress log (RDP composition)")
+    s = psub.add_parser(
+        "spent",
+        help="ε spent over every release in a site's egress log (RDP composition)",
+        description="ε spent over every data-derived release in a site's egress log (RDP composition). "
+        "One release without differential privacy (e.g. metrics on held-out data) makes the total "
+        'unbounded: ε = ∞, which --json prints as the string "inf" (as `rpe site status --json`), '
+        "with every such release listed under non_private.",
+    )
     s.add_argument("--egress", required=True, help="the site's egress.jsonl")
     s.add_argument("--delta", type=float, default=1e-5, help="δ of the total (default 1e-5)")
-    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument(
+        "--json",
+        action="store_true",
+        help='strict JSON: {epsilon, delta, releases, non_private}; ε = ∞ is "inf" (a release\'s own '
+        "epsilon is null when it was not private)",
+    )
     s.set_defaults(func=cmd_spent)
 
 
