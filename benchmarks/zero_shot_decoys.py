@@ -47,9 +47,9 @@ from benchmarks.zero_shot import (
     PROFILES,
     Lab,
     _compose,
+    _digest,
     _retrieve,
     _weights,
-    bootstrap_ci,
     build_library,
     build_targets,
     paired_test,
@@ -94,12 +94,137 @@ def decoy_examples(task: str, site_examples: Sequence[Any], index: int) -> list[
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# Pure parts: arms, retrieval precision, eval samples, intervals over seeds x reports
+# ---------------------------------------------------------------------------------------------
+
+
+def library_arms(
+    z_t: np.ndarray, Z: dict[str, np.ndarray], names: Sequence[str], k: int = K
+) -> tuple[list[str], list[tuple[str, dict[str, float]]]]:
+    """(the k retrieved names, the composed arms over the library ``names`` for one target).
+
+    ``avg-all`` weighs every adapter 1/len(names) (one-shot FedAvg of the deltas); ``soup`` the k
+    retrieved 1/k each (AdapterSoup); ``nearest`` the closest alone; ``sim``/``lin``/``lin-l1`` are the
+    coordinator's strategies (``server.strategies``) over the k retrieved."""
+    chosen = _retrieve(z_t, Z, names, k)
+    arms: list[tuple[str, dict[str, float]]] = [
+        ("avg-all", {s: 1.0 / len(names) for s in names}),
+        ("soup", {s: 1.0 / len(chosen) for s in chosen}),
+        ("nearest", {chosen[0]: 1.0}),
+    ]
+    arms += [(st, _weights(st, z_t, Z, chosen)) for st in ("sim", "lin", "lin-l1")]
+    return chosen, arms
+
+
+def precision_same_task(chosen: Sequence[str], kind: dict[str, str], task: str = "impression") -> float:
+    """Share of the retrieved adapters that were trained on the target's task."""
+    return sum(kind[c] == task for c in chosen) / len(chosen) if chosen else float("nan")
+
+
+def decoy_weight(weights: dict[str, float] | None, kind: dict[str, str]) -> float:
+    """Total |weight| a composition puts on adapters of another task than the target's."""
+    return float(sum(abs(x) for s, x in (weights or {}).items() if kind.get(s) not in ("impression", "own")))
+
+
+def eval_sample(n_pool: int, n: int, seed: int) -> list[int]:
+    """Indices of the held-out reports a seed scores: seed 0 the first ``n`` (the single-seed runs'
+    reports), another seed ``n`` drawn without repeats from the target's held-out pool."""
+    n = min(n, n_pool)
+    if seed == 0:
+        return list(range(n))
+    return sorted(int(i) for i in np.random.default_rng(1000 + seed).choice(n_pool, size=n, replace=False))
+
+
+def seeds_interval(
+    per_seed: Sequence[Sequence[float]], n_boot: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float]:
+    """(mean, lo, hi): two-stage percentile bootstrap over seeds x reports.
+
+    Each replicate draws the seeds with replacement, then, within each drawn seed, its reports with
+    replacement, and takes the mean of everything drawn; so the interval holds both the variance
+    between seeds (training seed + eval sample) and between reports. With one seed it is the plain
+    bootstrap over reports."""
+    groups = [np.asarray(g, dtype=np.float64) for g in per_seed if len(g)]
+    if not groups:
+        return (float("nan"), float("nan"), float("nan"))
+    mean = float(np.mean(np.concatenate(groups)))
+    rng = np.random.default_rng(seed)
+    reps = np.empty(n_boot)
+    for b in range(n_boot):
+        picked = rng.integers(0, len(groups), size=len(groups))
+        reps[b] = np.mean(
+            np.concatenate([g[rng.integers(0, g.size, size=g.size)] for g in (groups[i] for i in picked)])
+        )
+    lo, hi = np.quantile(reps, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return mean, float(lo), float(hi)
+
+
+def seed_spread(per_seed: Sequence[Sequence[float]]) -> dict[str, Any]:
+    """Per-seed means, their mean and sample standard deviation (0 with one seed)."""
+    means = [float(np.mean(g)) for g in per_seed if len(g)]
+    return {
+        "means": means,
+        "mean": float(np.mean(means)) if means else float("nan"),
+        "sd": float(np.std(means, ddof=1)) if len(means) > 1 else 0.0,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Compute
+# ---------------------------------------------------------------------------------------------
+
+
+class SeededLab(Lab):
+    """``Lab`` whose LoRAs take a training seed; seed 0 is the zero-shot cache's own entry (shared)."""
+
+    def lora_seeded(self, examples: Sequence[Any], seed: int) -> Any:
+        if seed == 0:
+            return self.lora(examples)
+        from common.adapters import load_peft_adapter, save_peft_adapter
+        from common.families.report.training import LoraSpec, train_lora
+
+        p = self.p
+        key = _digest(
+            self.base_fp, sorted(e.uid for e in examples), p.steps, p.lr, p.batch_size, p.max_length, p.r, p.alpha, seed
+        )
+        path = self.cache / "lora" / key
+        if (path / "adapter_model.safetensors").exists():
+            self.counts["lora_cached"] += 1
+            return load_peft_adapter(path)
+        adapter, _ = train_lora(
+            self.model,
+            self.tok,
+            list(examples),
+            self.task,
+            LoraSpec(r=p.r, alpha=p.alpha),
+            steps=p.steps,
+            lr=p.lr,
+            batch_size=p.batch_size,
+            max_length=p.max_length,
+            seed=seed,
+            progress=False,
+            base_model=str(self.model_dir),
+        )
+        tmp = path.with_name(path.name + ".tmp")
+        save_peft_adapter(adapter, tmp, str(self.model_dir))
+        os.replace(tmp, path)
+        self.counts["lora_trained"] += 1
+        return adapter
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--decoys", default="0,8", help="library decoy counts M, comma-separated (default 0,8)")
     ap.add_argument("--library", type=int, default=8, help="impression sites (the reduced library's first)")
-    ap.add_argument("--eval", type=int, default=20, help="held-out reports per target")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval", type=int, default=20, help="held-out reports per target and seed")
+    ap.add_argument(
+        "--seeds",
+        default="0",
+        help="comma-separated seeds; each trains every LoRA with that seed and scores its own sample of "
+        "held-out reports (seed 0: the first --eval); the tables pool them (default 0)",
+    )
+    ap.add_argument("--data-seed", type=int, default=0, help="the library / target split (fixed across --seeds)")
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--out", type=Path, default=HERE / "zero_shot" / "decoys")
     ap.add_argument(
@@ -113,17 +238,18 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.perf_counter()
     ms = sorted({int(x) for x in args.decoys.split(",") if x.strip()})
+    seeds = sorted({int(x) for x in args.seeds.split(",") if x.strip()})
+    if not ms or not seeds or min(ms) < 0 or args.eval < 1:
+        ap.error("--decoys and --seeds need at least one non-negative integer, --eval at least 1")
     p = replace(PROFILES["reduced"], bertscore=False)
     cache = Path(os.environ.get("RPE_CACHE_DIR", Path.home() / ".cache" / "rpe")) / "zero_shot"
-    lab = Lab(args.model, p, cache)
+    lab = SeededLab(args.model, p, cache)
     all_groups = report_groups(min_size=1)
     groups = {g: all_groups[g] for g in GROUPS if g in all_groups}
-    ref_pool, tgt_pool = split_pools(groups, p.target_fraction, args.seed, min_target=20)
-    full_library = build_library(ref_pool, p, max(p.library_sizes), args.seed)
-    targets = [t for t in build_targets(tgt_pool, full_library, p, args.seed) if t.kind != "far"]
+    ref_pool, tgt_pool = split_pools(groups, p.target_fraction, args.data_seed, min_target=20)
+    full_library = build_library(ref_pool, p, max(p.library_sizes), args.data_seed)
+    targets = [t for t in build_targets(tgt_pool, full_library, p, args.data_seed) if t.kind != "far"]
     library = full_library[: args.library]
-    for t in targets:
-        t.eval = t.eval[: args.eval]
     # decoys: round-robin over tasks, each made from one site's text (the library's sites first)
     decoys: list[tuple[str, str, list[Any]]] = []
     for i in range(max(ms)):
@@ -134,113 +260,154 @@ def main(argv: list[str] | None = None) -> int:
             (f"decoy-{i:02d}-{task}-from-{src.name}", task, exs[: args.decoy_texts] if args.decoy_texts else exs)
         )
     if args.retrieval_only:
+        for t in targets:
+            t.eval = t.eval[: args.eval]
         return retrieval_only(args, lab, library, decoys, targets, ms, t_start)
 
-    adapters: dict[str, Any] = {}
     Z: dict[str, np.ndarray] = {}
     kind: dict[str, str] = {}
     jobs = [(s.name, "impression", s.train) for s in library] + decoys + [(t.name, "own", t.train) for t in targets]
-    t0 = time.perf_counter()
-    for i, (name, task, exs) in enumerate(jobs):
-        adapters[name] = lab.lora(exs)
+    for name, task, exs in jobs:
         Z[name] = lab.z(exs if task != "own" else next(t for t in targets if t.name == name).query, "last")
         kind[name] = task
-        print(
-            f"[decoys] LoRA + z {i + 1}/{len(jobs)} {name} ({len(exs)} examples) {time.perf_counter() - t0:.0f} s",
-            flush=True,
-        )
-    t_train = time.perf_counter() - t0
-
-    rows: list[dict[str, Any]] = []
     retrieval: list[dict[str, Any]] = []
-    t0 = time.perf_counter()
+    plans: dict[str, list[tuple[str, int | None, dict[str, float] | None]]] = {}
     for t in targets:
-        refs = [e.target for e in t.eval]
-        z_t = Z[t.name]
-        arms: list[tuple[str, int | None, dict[str, float] | None]] = [
-            ("base", None, None),
-            ("own", None, {t.name: 1.0}),
-        ]
+        plans[t.name] = [("base", None, None), ("own", None, {t.name: 1.0})]
         for m in ms:
             names = [s.name for s in library] + [d[0] for d in decoys[:m]]
-            chosen = _retrieve(z_t, Z, names, K)
+            chosen, arms = library_arms(Z[t.name], Z, names, K)
             retrieval.append(
                 {
                     "target": t.name,
                     "m": m,
                     "retrieved": chosen,
-                    "precision_same_task": sum(kind[c] == "impression" for c in chosen) / K,
+                    "precision_same_task": precision_same_task(chosen, kind),
                     "decoy_kinds_retrieved": [kind[c] for c in chosen if kind[c] != "impression"],
                 }
             )
-            arms.append(("avg-all", m, {s: 1.0 / len(names) for s in names}))
-            arms.append(("soup", m, {s: 1.0 / K for s in chosen}))
-            arms.append(("nearest", m, {chosen[0]: 1.0}))
-            for st in ("sim", "lin", "lin-l1"):
-                arms.append((st, m, _weights(st, z_t, Z, chosen)))
-        scores: dict[tuple[str, int | None], list[float]] = {}
-        for a0 in range(0, len(arms), 6):
-            group = arms[a0 : a0 + 6]
-            made = lab.generations(
-                t,
-                [
-                    (_compose(adapters, w) if w else None, sorted((s, round(x, 8)) for s, x in (w or {}).items()))
-                    for _, _, w in group
-                ],
+            plans[t.name] += [(a, m, w) for a, w in arms]
+
+    # scores[target][(arm, m)][seed] = per-report ROUGE-L
+    scores: dict[str, dict[tuple[str, int | None], dict[int, list[float]]]] = {t.name: {} for t in targets}
+    timings: dict[str, float] = {}
+    state = {"seeds_done": []}  # type: dict[str, Any]
+    for seed in seeds:
+        t0 = time.perf_counter()
+        adapters: dict[str, Any] = {}
+        for i, (name, _task, exs) in enumerate(jobs):
+            adapters[name] = lab.lora_seeded(exs, seed)
+            print(
+                f"[decoys] seed {seed} LoRA {i + 1}/{len(jobs)} {name} ({len(exs)} examples) "
+                f"{time.perf_counter() - t0:.0f} s",
+                flush=True,
             )
-            for (name, m, _), preds in zip(group, made, strict=True):
-                scores[(name, m)] = per_report_rouge(preds, refs)
-                print(
-                    f"[decoys] {t.name} {name} M={m}: ROUGE-L {np.mean(scores[(name, m)]):.3f} "
-                    f"({time.perf_counter() - t0:.0f} s)",
-                    flush=True,
-                )
-        base = scores[("base", None)]
-        for name, m, w in arms:
-            r = scores[(name, m)]
-            avg = scores.get(("avg-all", m)) if m is not None else None
+        for t in targets:
+            ts = replace(t, eval=[t.eval[i] for i in eval_sample(len(t.eval), args.eval, seed)])
+            refs = [e.target for e in ts.eval]
+            arms = plans[t.name]
+            for a0 in range(0, len(arms), 6):
+                group = arms[a0 : a0 + 6]
+                keyed = [
+                    (
+                        _compose(adapters, w) if w else None,
+                        _gen_key(w, seed),
+                    )
+                    for _, _, w in group
+                ]
+                made = lab.generations(ts, keyed)
+                for (name, m, _), preds in zip(group, made, strict=True):
+                    r = per_report_rouge(preds, refs)
+                    scores[t.name].setdefault((name, m), {})[seed] = r
+                    print(
+                        f"[decoys] seed {seed} {t.name} {name} M={m}: ROUGE-L {np.mean(r):.3f} "
+                        f"({time.perf_counter() - t0:.0f} s)",
+                        flush=True,
+                    )
+        timings[f"seed_{seed}_s"] = time.perf_counter() - t0
+        state["seeds_done"].append(seed)
+        write_outputs(args, lab, library, decoys, targets, ms, plans, kind, scores, retrieval, timings, t_start, state)
+    return 0
+
+
+def _gen_key(w: dict[str, float] | None, seed: int) -> Any:
+    key = sorted((s, round(x, 8)) for s, x in (w or {}).items())
+    return key if seed == 0 or not w else [f"seed={seed}", key]  # seed 0: the zero-shot cache's key
+
+
+def write_outputs(
+    args: Any,
+    lab: Lab,
+    library: Sequence[Any],
+    decoys: Sequence[Any],
+    targets: Sequence[Any],
+    ms: Sequence[int],
+    plans: dict[str, list[tuple[str, int | None, dict[str, float] | None]]],
+    kind: dict[str, str],
+    scores: dict[str, dict[tuple[str, int | None], dict[int, list[float]]]],
+    retrieval: list[dict[str, Any]],
+    timings: dict[str, float],
+    t_start: float,
+    state: dict[str, Any],
+) -> None:
+    """results.json (every per-report score, per seed) and DECOYS.md, over the seeds done so far."""
+    p = lab.p
+    seeds = list(state["seeds_done"])
+    rows: list[dict[str, Any]] = []
+    for t in targets:
+        sc = scores[t.name]
+        base = [sc[("base", None)][s] for s in seeds]
+        for name, m, w in plans[t.name]:
+            per = [sc[(name, m)][s] for s in seeds]
+            avg = [sc[("avg-all", m)][s] for s in seeds] if m is not None and name != "avg-all" else None
+            mean, lo, hi = seeds_interval(per, p.bootstrap)
             rows.append(
                 {
                     "target": t.name,
                     "arm": name,
                     "m": m,
                     "weights": w if name != "own" else None,
-                    "decoy_weight": (
-                        float(sum(abs(x) for s, x in w.items() if kind.get(s) not in ("impression", "own")))
-                        if w and name != "own"
-                        else 0.0
-                    ),
-                    "rouge_l": float(np.mean(r)),
-                    "rouge_l_ci": bootstrap_ci(r, p.bootstrap),
-                    "vs_base": paired_test(r, base, p.bootstrap),
-                    "vs_avg_all": paired_test(r, avg, p.bootstrap) if avg is not None and name != "avg-all" else None,
-                    "n_eval": len(r),
+                    "decoy_weight": decoy_weight(w, kind) if name != "own" else 0.0,
+                    "rouge_l": mean,
+                    "rouge_l_ci": [lo, hi],
+                    "per_seed": seed_spread(per),
+                    "vs_base": _paired(per, base, p.bootstrap),
+                    "vs_avg_all": _paired(per, avg, p.bootstrap) if avg is not None else None,
+                    "n_eval": [len(x) for x in per],
+                    "scores": {str(s): x for s, x in zip(seeds, per)},
                 }
             )
     out = {
         "command": "python -m benchmarks.zero_shot_decoys --decoys "
         + ",".join(map(str, ms))
-        + f" --library {args.library} --eval {args.eval}",
+        + f" --library {args.library} --eval {args.eval} --seeds {','.join(map(str, seeds))}",
         "model": str(lab.model_dir),
-        "profile": "reduced (steps, lr, rank, lengths), bertscore off",
+        "profile": f"reduced (steps {p.steps}, lr {p.lr}, rank {p.r}, max length {p.max_length}, "
+        f"{p.max_new_tokens} new tokens), bertscore off",
+        "seeds": seeds,
+        "interval": "two-stage percentile bootstrap (seeds with replacement, then reports within each seed)",
         "library": [s.name for s in library],
         "decoys": [{"name": n, "task": k, "n_train": len(e)} for n, k, e in decoys],
         "targets": [t.describe() for t in targets],
         "k": K,
         "results": rows,
         "retrieval": retrieval,
-        "timings": {
-            "train_and_embed_s": t_train,
-            "evaluate_s": time.perf_counter() - t0,
-            "total_s": time.perf_counter() - t_start,
-        },
+        "timings": {**timings, "total_s": time.perf_counter() - t_start},
         "cache": lab.counts,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(out, indent=1) + "\n")
     (args.out / "DECOYS.md").write_text(markdown(out, ms))
-    print(markdown(out, ms))
-    return 0
+    print(markdown(out, ms), flush=True)
+
+
+def _paired(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]], n_boot: int) -> dict[str, float]:
+    """a − b paired per report within each seed: mean, two-stage interval, sign-flip p over all pairs."""
+    diffs = [np.asarray(x, dtype=np.float64) - np.asarray(y, dtype=np.float64) for x, y in zip(a, b, strict=True)]
+    mean, lo, hi = seeds_interval(diffs, n_boot)
+    flat = np.concatenate(diffs) if diffs else np.zeros(0)
+    p = paired_test(flat, np.zeros_like(flat), n_boot)["p"]
+    return {"diff": mean, "lo": lo, "hi": hi, "p": p}
 
 
 def retrieval_only(
@@ -307,26 +474,46 @@ def _diff(d: dict[str, float] | None) -> str:
 
 
 def markdown(out: dict[str, Any], ms: Sequence[int]) -> str:
+    seeds = out.get("seeds", [0])
+    n_eval = sorted(
+        {n for r in out["results"] for n in (r["n_eval"] if isinstance(r["n_eval"], list) else [r["n_eval"]])}
+    )
     lines = [
-        f"Command: `{out['command']}`; {len(out['library'])} impression sites, decoys "
-        f"{', '.join(d['name'] for d in out['decoys'])}; k = {out['k']}; "
+        f"Command: `{out['command']}`; {len(out['library'])} impression sites, {len(out['decoys'])} decoys "
+        f"({', '.join(sorted({d['task'] for d in out['decoys']}))}); k = {out['k']}; seeds {seeds}; "
+        f"{'/'.join(map(str, n_eval))} held-out reports per target and seed; "
         f"{out['timings']['total_s'] / 60:.1f} min; cache {out['cache']}.",
         "",
-        "ROUGE-L per held-out report, mean [bootstrap 95 %]; differences paired over the same reports, "
-        "* = sign-flip p < 0.05. `soup` = uniform average of the k retrieved adapters (AdapterSoup); "
-        "`avg-all` = uniform average of the whole library (one-shot FedAvg).",
+        "ROUGE-L per held-out report, mean [95 % interval: "
+        + (out.get("interval") or "bootstrap over reports")
+        + "]; differences paired over the same reports, * = sign-flip p < 0.05. `soup` = uniform average of the "
+        "k retrieved adapters (AdapterSoup); `avg-all` = uniform average of the whole library (one-shot FedAvg).",
         "",
-        "| target | arm | " + " | ".join(f"M={m}" for m in ms) + " | vs base at M=" + str(max(ms)) + " |",
-        "|---|---|" + "---|" * len(ms) + "---|",
+        "| target | arm | "
+        + " | ".join(f"M={m}" for m in ms)
+        + f" | vs base at M={max(ms)} | vs avg-all at M={max(ms)} | decoy weight at M={max(ms)} |",
+        "|---|---|" + "---|" * len(ms) + "---|---|---|",
     ]
     by = {(r["target"], r["arm"], r["m"]): r for r in out["results"]}
     for t in dict.fromkeys(r["target"] for r in out["results"]):
         for arm in ("base", "own"):
             r = by[(t, arm, None)]
-            lines.append(f"| {t} | {arm} | " + " | ".join([_cell(r)] * len(ms)) + f" | {_diff(r['vs_base'])} |")
+            lines.append(f"| {t} | {arm} | " + " | ".join([_cell(r)] * len(ms)) + f" | {_diff(r['vs_base'])} | – | – |")
         for arm in ("sim", "lin", "lin-l1", "soup", "nearest", "avg-all"):
             cells = [_cell(by[(t, arm, m)]) for m in ms]
-            lines.append(f"| {t} | {arm} | " + " | ".join(cells) + f" | {_diff(by[(t, arm, max(ms))]['vs_base'])} |")
+            last = by[(t, arm, max(ms))]
+            lines.append(
+                f"| {t} | {arm} | "
+                + " | ".join(cells)
+                + f" | {_diff(last['vs_base'])} | {_diff(last.get('vs_avg_all'))} | {last.get('decoy_weight', 0):.2f} |"
+            )
+    if len(seeds) > 1:
+        lines += ["", "Per-seed means (seed " + ", ".join(map(str, seeds)) + "), their mean ± sd:", ""]
+        lines += ["| target | arm | " + " | ".join(f"M={m}" for m in ms) + " |", "|---|---|" + "---|" * len(ms)]
+        for t in dict.fromkeys(r["target"] for r in out["results"]):
+            for arm in ("base", "own", "sim", "lin", "lin-l1", "soup", "nearest", "avg-all"):
+                rs = [by[(t, arm, None)]] * len(ms) if arm in ("base", "own") else [by[(t, arm, m)] for m in ms]
+                lines.append(f"| {t} | {arm} | " + " | ".join(_spread(r) for r in rs) + " |")
     lines += ["", "Retrieval: share of the k retrieved adapters that are impression adapters (same task).", ""]
     lines += ["| target | M | precision (same task) | retrieved decoys |", "|---|---|---|---|"]
     for r in out["retrieval"]:
@@ -334,6 +521,13 @@ def markdown(out: dict[str, Any], ms: Sequence[int]) -> str:
             f"| {r['target']} | {r['m']} | {r['precision_same_task']:.2f} | {', '.join(r['decoy_kinds_retrieved']) or '–'} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _spread(row: dict[str, Any]) -> str:
+    s = row.get("per_seed") or {}
+    if not s:
+        return "–"
+    return " / ".join(f"{m:.3f}" for m in s["means"]) + f" ({s['mean']:.3f} ± {s['sd']:.3f})"
 
 
 if __name__ == "__main__":
