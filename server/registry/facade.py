@@ -468,7 +468,9 @@ class Registry:
 
     def gc(self, dry_run: bool = False) -> builtins.list[str]:
         """Delete blobs referenced by no *live* record (orphans and removed records' blobs);
-        returns their hashes. Run it only when audited compositions no longer need re-checking."""
+        returns their hashes. A superseded record's blob is kept (issue 27: "kept in the audit log
+        and blob store, not retrievable"). Run it only when audited compositions no longer need
+        re-checking."""
         self._require_writable()
         return maintenance.gc(self._parts, dry_run)
 

@@ -7,6 +7,7 @@ and return what changed; none of them knows the facade.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -210,10 +211,42 @@ def verify(p: Parts, full: bool) -> list[str]:
     return problems + ([] if p.index is None else p.index.problems(c.n_live))
 
 
+def superseded_blobs(p: Parts) -> set[str]:
+    """Blobs of records a later adapter of their site superseded (``supersede``): out of retrieval,
+    but kept in the blob store for the audit trail (issue 27), so ``gc`` never deletes them. Every
+    witnesses count, so a damaged line in one of them cannot lose a blob: each ``registry.remove``
+    audit entry with ``superseded_by`` (its ``blob_sha256``), each ``record.superseded`` entry
+    (``superseded_blobs``) and each tombstone of records.jsonl whose
+    reason is ``superseded by ...`` (the blob its row holds)."""
+    out: set[str] = set()
+    for _, e in read_entries(p.audit.path):
+        if e.get("event") == "registry.remove" and e.get("superseded_by") and e.get("blob_sha256"):
+            out.add(str(e["blob_sha256"]))
+        elif e.get("event") == "record.superseded" and isinstance(e.get("superseded_blobs"), list):
+            out.update(str(b) for b in e["superseded_blobs"])
+    cols = p.cols
+    with open(p.path / cfg.RECORDS_NAME, "rb") as fh:
+        for raw in fh:
+            if b'"remove"' not in raw or b"superseded by " not in raw:
+                continue
+            try:
+                line = json.loads(raw)
+            except ValueError:
+                continue
+            if not isinstance(line, dict) or line.get("op") != "remove":
+                continue
+            row = cols.row.get(str(line.get("id")))
+            if row is not None and str(line.get("reason") or "").startswith("superseded by "):
+                out.add(cols.blob[row][0])
+    return out
+
+
 def gc(p: Parts, dry_run: bool) -> list[str]:
-    """``Registry.gc``: delete (or list) blobs no live record references, audited."""
+    """``Registry.gc``: delete (or list) blobs no live record references, audited. Blobs of superseded
+    records stay (:func:`superseded_blobs`); an explicitly removed record's blob and an orphan go."""
     with p.mutex:
-        gone = p.blobs.unreferenced({p.cols.blob[r][0] for r in p.fresh().live_rows()})
+        keep = {p.cols.blob[r][0] for r in p.fresh().live_rows()} | superseded_blobs(p)
+        gone = p.blobs.unreferenced(keep)
         if not dry_run and gone:
             p.blobs.delete(gone)
             p.audit.append("registry.gc", blobs=[q.name for q in gone])
