@@ -14,6 +14,7 @@ from typing import Any
 
 from common.cli_base import CliError, print_table
 from server.auditcli import register as register_audit
+from server.nearness import DEFAULT_FAR_RATIO
 
 
 def _load_z(path: str) -> Any:
@@ -191,6 +192,10 @@ def cmd_registry_rm(args: argparse.Namespace) -> None:
 
 def cmd_compose(args: argparse.Namespace) -> None:
     from server.composer import compose_for_target
+    from server.nearness import summary as nearness_summary
+
+    if not args.far_ratio >= 0:  # also NaN
+        raise CliError(f"--far-ratio must be a number >= 0 (0 turns the check off), not {args.far_ratio}")
 
     z = _load_z(args.embedding)
     params: dict[str, float] = {}
@@ -217,6 +222,7 @@ def cmd_compose(args: argparse.Namespace) -> None:
             target=args.target,
             force=args.force,
             one_per_site=not args.several_per_site,
+            far_ratio=args.far_ratio,
         )
     finally:
         reg.close()
@@ -229,6 +235,7 @@ def cmd_compose(args: argparse.Namespace) -> None:
                     "retrieved": rows,
                     "out": str(res.out_dir),
                     "output_sha256": res.output_sha256,
+                    "nearness": res.nearness,  # server/nearness.py: the "nothing close enough" check
                 },
                 indent=2,
             )
@@ -236,6 +243,7 @@ def cmd_compose(args: argparse.Namespace) -> None:
         return
     print_table(rows, ["id", "distance", "weight"])
     print(f"composed adapter written to {res.out_dir} (sha256 {res.output_sha256[:16]}…)")
+    print(nearness_summary(res.nearness))  # warned or not, the adapter is written: the operator decides
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,6 +377,14 @@ def register(sub: Any) -> None:
         help="lin / lin-l1: bound on ‖w‖₁, how far the weights may cancel (default 3; inf = unbounded)",
     )
     c.add_argument("--lam2", type=float, help="lin-l1 L1 strength (default: relative to the distances)")
+    c.add_argument(
+        "--far-ratio",
+        type=float,
+        default=DEFAULT_FAR_RATIO,
+        help="warn 'nothing close enough' when the nearest retrieved adapter is more than this many times "
+        "the library's usual spacing away (squared L2; benchmarks/ZERO_SHOT.md calibrates it); the adapter "
+        f"is still written. 0 turns the check off (default {DEFAULT_FAR_RATIO:g}, as the run-config key far-ratio)",
+    )
     c.add_argument("--target", default="cli", help="name recorded in the audit log")
     c.add_argument("--out", required=True, help="output PEFT adapter directory (written whole, then swapped in)")
     c.add_argument(

@@ -27,10 +27,12 @@ cases of both families, every target that composition helped was at 1.04 or belo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 #: ``far-ratio`` when the run config does not set it (benchmarks/ZERO_SHOT.md says how it was calibrated)
 DEFAULT_FAR_RATIO = 1.25
@@ -42,6 +44,8 @@ WARNING = "nothing close enough"
 def library_spacing(Z: np.ndarray) -> float | None:
     """The median over rows of each row's squared L2 distance to its nearest other row; None with
     fewer than two rows. Exact in float64; rows beyond :data:`MAX_SPACING_SAMPLE` are subsampled evenly."""
+    import numpy as np  # lazy: `rpe --help` imports this module for its default
+
     Z = np.asarray(Z, dtype=np.float64)
     if Z.ndim != 2 or Z.shape[0] < 2:
         return None
@@ -76,7 +80,7 @@ def assess(distances: Sequence[float], spacing: float | None, threshold: float) 
         ratio = float("inf") if nearest > 0.0 else 0.0
     else:
         ratio = nearest / spacing
-    out["ratio"] = ratio if np.isfinite(ratio) else None
+    out["ratio"] = ratio if math.isfinite(ratio) else None
     if ratio > threshold:
         out["warning"] = WARNING
         out["reason"] = (
@@ -89,6 +93,8 @@ def assess(distances: Sequence[float], spacing: float | None, threshold: float) 
 def check(registry: Any, distances: Sequence[float], threshold: float, **filters: Any) -> dict[str, Any]:
     """:func:`assess` against the spacing of the registry's live adapters matching ``filters``
     (``task``, ``base``; ``exclude_site`` leaves the target's own adapter out, as retrieval does)."""
+    import numpy as np
+
     if threshold <= 0:
         return assess(distances, None, threshold)
     exclude = filters.pop("exclude_site", None)
@@ -100,3 +106,19 @@ def check(registry: Any, distances: Sequence[float], threshold: float, **filters
         records = [records[i] for i in np.linspace(0, len(records) - 1, MAX_SPACING_SAMPLE).round().astype(int)]
     Z = np.stack([np.asarray(r.z, dtype=np.float64) for r in records])
     return assess(distances, library_spacing(Z), threshold)
+
+
+def summary(result: dict[str, Any] | None) -> str:
+    """One line for a person (``rpe compose``, the console): the Flower compose reply's
+    ``WARNING nothing close enough: <reason>`` when warned, else how near the target is, or why the
+    check has no ratio; ``""`` for a composition recorded before the check existed."""
+    if not result:
+        return ""
+    if result.get("warning"):
+        return f"WARNING {result['warning']}: {result.get('reason', '')}".rstrip(": ")
+    if result.get("ratio") is None:
+        return f"nearness: no ratio ({result.get('reason') or 'not computed'})"
+    return (
+        f"nearness: the nearest adapter is {result['ratio']:.3g}x the library's usual spacing away "
+        f"(far-ratio {result['threshold']:g}): no warning"
+    )

@@ -56,6 +56,7 @@ from server.console.security import CSRF_FIELD, SESSION_COOKIE, Csrf, HostGuard,
 from server.console.views import ConsoleInputError, FamilyView
 from server.coordroot import family_registries
 from server.crosscheck import cross_check
+from server.nearness import summary as nearness_summary
 from server.registry import Registry
 
 HERE = Path(__file__).resolve().parent
@@ -316,6 +317,7 @@ class Console:
             rows=rows,
             nav="compositions",
             weight_sum=sum(float(w) for w in c["weights"]),
+            nearness_text=nearness_summary(c["nearness"]),
         )
 
     def composition_chart(self, request: Request) -> Response:

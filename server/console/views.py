@@ -361,6 +361,8 @@ def compositions(fams: Sequence[FamilyView]) -> list[dict[str, Any]]:
                     "max_rank": e.get("max_rank"),
                     "z_sha256": e.get("z_sha256"),
                     "run_id": e.get("run_id"),
+                    # the "nothing close enough" check (server/nearness.py); None in entries older than it
+                    "nearness": e.get("nearness") if isinstance(e.get("nearness"), dict) else None,
                 }
             )
     return out
