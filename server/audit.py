@@ -225,6 +225,31 @@ class AuditLog:
             self.log.append([canonical_json(entry).encode("ascii")], fh=fh)
         return entry
 
+    def append_many(self, events: list[tuple[str, dict[str, Any]]], midway: Any = None) -> list[dict[str, Any]]:
+        """Append several events, chained in order, with ONE write and ONE fsync (a registry batch
+        commit, ``server/registry/batch.py``); every entry is checked before anything is written.
+        ``midway``: the crash tests' hook (``JsonlLog.append``). Returns the entries as written."""
+        for event, fields in events:
+            _check_fields(event, fields)
+        entries: list[dict[str, Any]] = []
+        with self.log.locked() as fh:
+            seq, prev = self._last(fh)
+            lines = []
+            for event, fields in events:
+                seq += 1
+                entry: dict[str, Any] = {**fields, "seq": seq, "ts": _now(), "event": event, "prev": prev}
+                try:
+                    entry = json.loads(canonical_json(entry))
+                except (ValueError, TypeError) as exc:
+                    raise ValueError(f"audit fields must be JSON without NaN/inf: {exc}") from exc
+                entry["hash"] = entry_hash(entry)
+                lines.append(canonical_json(entry).encode("ascii"))
+                prev = sha256_hex(lines[-1])
+                entries.append(entry)
+            if lines:
+                self.log.append(lines, fh=fh, midway=midway)
+        return entries
+
 
 def repair_torn_audit(path: str | os.PathLike[str]) -> tuple[int, int, str] | None:
     """Cut a torn last line (no newline: a crash or full disk mid-append) of the audit log at ``path``.

@@ -129,6 +129,7 @@ The parts (each has one reason to change; ``Registry`` in ``facade.py`` ties the
 - ``coordkey.py`` — the coordinator's Ed25519 key for receipts.
 """
 
+from server.registry.batch import Outcome, Submission
 from server.registry.blobcrypt import BlobKey
 from server.registry.chroma_index import CHROMA_BATCH, HNSW_CONFIG
 from server.registry.config import (
@@ -208,6 +209,7 @@ __all__ = [
     "NormError",
     "NotARegistryError",
     "NotEnoughRecordsError",
+    "Outcome",
     "PayloadTooLargeError",
     "QueryError",
     "RankError",
@@ -221,6 +223,7 @@ __all__ = [
     "RegistryLockedError",
     "RegistryStorageError",
     "ShapeMismatchError",
+    "Submission",
     "UnknownBaseError",
     "UnknownModuleError",
     "UpdateNormBoundError",

@@ -6,7 +6,8 @@ several comma-separated), the process kills itself there; it is inert otherwise.
 ``after_blob`` (blob in place, z not yet in the column), ``after_column`` (z rows
 published in the column, record not yet written), ``mid_record`` (half a record line
 written), ``after_record`` (record durable, Chroma not updated), ``after_index`` (Chroma
-updated, audit line not written). ``tests/integration/test_registry_crash.py`` uses them.
+updated, audit line not written); batch commits, ``batch.py``: ``mid_audit`` (half the batch's audit
+entries written), ``after_audit`` (every entry durable, columns and Chroma not yet updated). ``tests/integration/test_registry_crash.py`` uses them.
 """
 
 from __future__ import annotations

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 
 from server.bounds import NormBound
+from server.registry import batch, coordkey, loading, maintenance
 from server.registry import config as cfg
-from server.registry import coordkey, loading, maintenance
 from server.registry.blobcrypt import BlobKey
 from server.registry.columns import KEYS, Columns
 from server.registry.errors import (
@@ -260,6 +260,27 @@ class Registry:
         with self._mutex:
             self._log.refresh()
             return self._writer.add_batch(items, index, single, extra, rules)
+
+    def add_submissions(
+        self, submissions: Sequence[batch.Submission], *, supersede: bool = True
+    ) -> builtins.list[batch.Outcome]:
+        """Store an enrolment round's submissions as ONE commit (``batch.py``): each checked on its
+        own (a rejected one changes nothing but its ``submission.rejected`` entry), the accepted
+        ones' record lines in one fsynced append and their audit entries (one ``submission.accepted``
+        each, with its ``audit_fields``) in another. ``supersede``: each accepted submission
+        becomes its site's only live adapter of its (task, base), as ``supersede`` does. Returns
+        one ``Outcome`` per submission, in order; ``RegistryStorageError`` stores nothing."""
+        self._require_writable()
+        self._blobs.require_key("storing adapters")
+        rules = {
+            "bases": self.bases,
+            "limits": self.limits,
+            "dim": self.embedding_dim,
+            "representation": self.representation,
+        }
+        with self._mutex:
+            self._log.refresh()
+            return batch.write_batch(self._parts, list(submissions), rules, supersede)
 
     def remove(self, record_id: str, reason: str | None = None) -> Record:
         """Tombstone a record (it disappears from list/query/get) and delete it from Chroma.

@@ -157,7 +157,8 @@ def refuse_destructive_repair(path: Path) -> None:
     audit line *with* unaudited record lines is what cutting the log's end leaves: the fragment may
     be their acknowledged entry) and (b) they are the lines of ONE commit (one op; one ``ts``; a
     removal is one line): a crash interrupts one commit, while deleting whole audit lines orphans
-    several. Otherwise nothing is cut and the open raises ``RegistryCorruptError`` naming the damage.
+    several. The lines of one batch commit (``batch.py``: adds and their tombstones, one batch id)
+    are one commit too. Otherwise nothing is cut and the open raises ``RegistryCorruptError`` naming the damage.
     """
     records, audit_path = path / cfg.RECORDS_NAME, path / cfg.AUDIT_NAME
     tail = binding.unaudited_tail(records, audit_path)
@@ -185,6 +186,8 @@ def refuse_destructive_repair(path: Path) -> None:
     shapes = {(ln.get("op"), ln.get("ts")) if isinstance(ln, dict) else ("?", None) for ln in lines}
     ops = {op for op, _ in shapes}
     one_commit = len(shapes) == 1 and ops <= {"add", "remove"} and (ops == {"add"} or len(lines) == 1)
+    batches = {ln.get("batch") if isinstance(ln, dict) else None for ln in lines}
+    one_commit = one_commit or (len(batches) == 1 and None not in batches and ops <= {"add", "remove"})  # batch.py
     torn = torn_audit_tail(audit_path)
     why = None
     if torn is not None:
