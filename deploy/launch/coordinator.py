@@ -102,6 +102,7 @@ def start_superlink(
         readable_by(bundle.server_key, account)
     extra = {SOCKET_ENV: str(sock)}
     if registry:
+        make_coordinator_key(registry)  # before give_registry: with --run-as the key becomes the account's too
         extra["RPE_REGISTRY"] = str(give_registry(Path(registry).resolve(), account))
     if allowlist is not None:
         extra["RPE_ALLOWLIST"] = str(Path(allowlist).resolve())
@@ -401,9 +402,32 @@ def signing_keys(workdir: Path, sites: list[SiteSpec]) -> Path:
 
 
 def coordinator_public_key(registry: str | os.PathLike[str]) -> Path:
-    """The public key file the sites pin as ``coordinator-key``: ``<registry>/coordinator.pub``.
-    The ServerApp makes the key on its first delivery (``server/coordkey.py``), after the registry
-    exists; a site reads the file when a delivery arrives. On another machine, copy it to the site."""
+    """The public key file the sites pin as ``coordinator-key``: ``<registry>/coordinator.pub``
+    (made up front by :func:`make_coordinator_key` when the SuperLink starts with a registry; a site
+    reads the file when a delivery arrives). On another machine, copy it to the site."""
     from server.coordkey import public_key_path  # lazy: server.coordkey imports the registry (and torch)
 
     return public_key_path(Path(registry).resolve())
+
+
+def make_coordinator_key(registry: str | os.PathLike[str]) -> Path:
+    """The coordinator's signing key pair in ``registry`` (``coordinator.key`` 0600 and
+    ``coordinator.pub``), made now if missing, as ``rpe coordinator init`` makes it: the same
+    ``server.registry.coordkey.ensure_key`` the registry's own open runs, so the ServerApp later
+    creates the registry around it and signs with it. An existing key is never replaced (sites pin
+    it). Returns the public key file the sites pin."""
+    from server.registry import coordkey  # lazy: the registry package imports torch
+
+    root = Path(registry).resolve()
+    priv, pub = coordkey.key_paths(root)
+    if priv.exists() != pub.exists():
+        have, lost = (priv, pub) if priv.exists() else (pub, priv)
+        raise LaunchError(
+            f"registry {root} holds {have.name} but not {lost.name}: restore {lost.name} from a backup; a new "
+            "key pair is not made over one half of the old (every site pins coordinator.pub)"
+        )
+    try:
+        coordkey.ensure_key(root)
+    except OSError as exc:
+        raise LaunchError(f"--registry {root}: cannot make the coordinator key there ({exc})") from None
+    return pub

@@ -159,9 +159,11 @@ def read_config(root: Path) -> dict[str, Any]:
 
 def empty_or_interrupted_init(root: Path) -> bool:
     """True for an empty directory or the leftovers of an ``init`` that crashed before writing
-    registry.json (which is written last): an empty records.jsonl and an empty blob tree."""
+    registry.json (which is written last): an empty records.jsonl and an empty blob tree. The
+    coordinator's key pair may be there already (``deploy.launch`` makes it up front, before the
+    first run creates the registry around it; the registry then signs with it)."""
     for p in root.iterdir():
-        if p.name in (LOCK_NAME,) or p.name.startswith(TMP_PREFIX):
+        if p.name in (LOCK_NAME, "coordinator.key", "coordinator.pub") or p.name.startswith(TMP_PREFIX):
             continue
         if p.name == RECORDS_NAME and p.is_file() and p.stat().st_size == 0:
             continue
