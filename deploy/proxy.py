@@ -53,6 +53,33 @@ RUNTIME_PREFIX = "/v1/runtime/"
 LOOPBACK = ("127.0.0.1", "::1")
 
 
+#: sites one proxy is sized for by default (issue 29: one coordinator measured up to 50 on 2 cores)
+DEFAULT_MAX_SITES = 250
+#: connections nginx holds per site at most: the SuperNode's keep-alive connection and its heartbeat
+#: connection, each with an upstream connection to the SuperLink while a request is in flight
+#: (one upstream connection per request: no upstream keepalive, see ``render_config``)
+CONNECTIONS_PER_SITE = 4
+#: connections kept for operators, health checks and connections still closing
+SPARE_CONNECTIONS = 128
+
+
+def worker_connections(max_sites: int) -> int:
+    """nginx's ``worker_connections`` (one worker) for ``max_sites`` sites: never below nginx's
+    own default of 512. nginx refuses new connections beyond it ("worker_connections are not
+    enough"), which a SuperNode sees as a failed request."""
+    return max(512, CONNECTIONS_PER_SITE * max_sites + SPARE_CONNECTIONS)
+
+
+def open_files_limit(connections: int) -> int:
+    """``worker_rlimit_nofile``: two descriptors per connection (a proxied request holds the
+    client's and the upstream's) plus logs, within the hard limit this process may raise to."""
+    import resource
+
+    want = 2 * connections + 64
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return want if hard == resource.RLIM_INFINITY else min(want, int(hard))
+
+
 class ProxyConfigError(ValueError):
     """An invalid proxy setting (e.g. a site network that is not a CIDR)."""
 
@@ -76,6 +103,8 @@ class ProxySpec:
     #: nginx ``user`` directive (only when nginx starts as root): who its workers run as
     worker_user: str | None = None
     worker_group: str | None = None
+    #: how many sites nginx's connection limits are sized for (``worker_connections``)
+    max_sites: int = DEFAULT_MAX_SITES
 
 
 def check_networks(networks: list[str]) -> list[str]:
@@ -93,6 +122,9 @@ def render_config(spec: ProxySpec) -> str:
     """The whole nginx.conf (all paths absolute, inside ``spec.prefix``)."""
     pre = Path(spec.prefix).resolve()
     nets = check_networks(spec.site_networks)
+    if isinstance(spec.max_sites, bool) or not isinstance(spec.max_sites, int) or spec.max_sites < 1:
+        raise ProxyConfigError(f"max_sites must be a positive number of sites; got {spec.max_sites!r}")
+    conns = worker_connections(spec.max_sites)
     # one upstream connection per request, on purpose: an upstream keepalive pool (tried for issue 29)
     # saved no measurable SuperLink CPU and, at 50 sites on 2 loaded cores, nginx reused connections
     # the SuperLink was closing: HTTP 502 on pull-messages (benchmarks/FEDERATION_SCALE.md)
@@ -125,9 +157,10 @@ def render_config(spec: ProxySpec) -> str:
 {user}daemon off;
 master_process on;
 worker_processes 1;
+worker_rlimit_nofile {open_files_limit(conns)};
 pid {pre}/nginx.pid;
 error_log {pre}/logs/error.log warn;
-events {{ worker_connections 512; }}
+events {{ worker_connections {conns}; }}
 http {{
     access_log {pre}/logs/access.log;
     client_body_temp_path {tmp}/body;

@@ -214,3 +214,62 @@ def test_a_registration_that_times_out_is_tried_again(tmp_path: Path, monkeypatc
     monkeypatch.setattr(flower_cli, "flwr_cli", slow)
     with pytest.raises(LaunchError, match="did not answer in 3 tries"):
         flower_cli.register_site(tmp_path, tmp_path / "a_auth.pub", "a")
+
+
+# -- nginx sized for the federation (issue 29) ---------------------------------------------------
+
+
+def _proxy_spec(tmp_path: Path, bundle, max_sites: int):
+    from deploy import proxy
+
+    return proxy.ProxySpec(
+        tmp_path / f"p{max_sites}",
+        "127.0.0.1",
+        9093,
+        10093,
+        bundle.server_cert,
+        bundle.server_key,
+        bundle.ca_cert,
+        max_sites=max_sites,
+    )
+
+
+def test_nginx_connections_are_sized_for_the_sites_and_nginx_accepts_the_config(tmp_path: Path) -> None:
+    """Each site holds up to ``CONNECTIONS_PER_SITE`` connections at nginx (its keep-alive and
+    heartbeat connections, each with an upstream one in flight); the fixed 512 of before ran out at
+    ~128 sites. The generated config must give every site its share plus spare, with open files
+    for two descriptors per connection, and real nginx must accept it."""
+    import re
+    import shutil
+
+    from deploy import proxy, tls
+
+    bundle = tls.generate(tmp_path / "tls", [])
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    for n in (10, 100, proxy.DEFAULT_MAX_SITES, 1000):
+        spec = _proxy_spec(tmp_path, bundle, n)
+        conf = proxy.render_config(spec)
+        conns = int(re.search(r"worker_connections (\d+);", conf).group(1))
+        nofile = int(re.search(r"worker_rlimit_nofile (\d+);", conf).group(1))
+        assert conns >= proxy.CONNECTIONS_PER_SITE * n + 64 and conns >= 512, (n, conns)
+        assert nofile >= 2 * conns, (n, conns, nofile)
+        if n == proxy.DEFAULT_MAX_SITES and Path(nginx).exists():
+            path = proxy.write_config(spec)
+            pre = str(spec.prefix.resolve())
+            res = subprocess.run(
+                [nginx, "-t", "-q", "-p", pre, "-c", str(path), "-e", f"{pre}/logs/error.log"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            assert res.returncode == 0, res.stderr
+    assert "worker_connections 1128;" in proxy.render_config(_proxy_spec(tmp_path, bundle, 250))
+
+
+@pytest.mark.parametrize("bad", [0, -5, True, 2.5])
+def test_a_bad_max_sites_is_refused(tmp_path: Path, bad) -> None:
+    from deploy import proxy, tls
+
+    bundle = tls.generate(tmp_path / "tls", [])
+    with pytest.raises(proxy.ProxyConfigError, match="max_sites"):
+        proxy.render_config(_proxy_spec(tmp_path, bundle, bad))
