@@ -41,6 +41,27 @@ MAX_SPACING_SAMPLE = 2000
 WARNING = "nothing close enough"
 
 
+class FarRatioError(ValueError):
+    """A ``far-ratio`` that is not a finite number >= 0."""
+
+
+def check_far_ratio(value: Any) -> float:
+    """``value`` (a number or its text, as a run config or a command line gives it) as the threshold,
+    or :class:`FarRatioError` saying what is expected. A negative, NaN or infinite threshold is refused
+    before anything is composed: NaN or infinity would never warn and cannot be written to the audit
+    log, and a negative one would silently turn the check off (``0`` does that, on purpose)."""
+    try:
+        ratio = float(value)
+    except (TypeError, ValueError):
+        ratio = float("nan")
+    if isinstance(value, bool) or not math.isfinite(ratio) or ratio < 0:
+        raise FarRatioError(
+            f"far-ratio must be a finite number >= 0 (0 turns the check off; default {DEFAULT_FAR_RATIO:g}), "
+            f"not {value!r}"
+        )
+    return ratio
+
+
 def library_spacing(Z: np.ndarray) -> float | None:
     """The median over rows of each row's squared L2 distance to its nearest other row; None with
     fewer than two rows. Exact in float64; rows beyond :data:`MAX_SPACING_SAMPLE` are subsampled evenly."""

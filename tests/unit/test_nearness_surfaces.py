@@ -19,7 +19,7 @@ import pytest
 from support.two_family import FAMILIES, SEG_DIR, build
 
 from deploy.cli import main
-from server.nearness import DEFAULT_FAR_RATIO, WARNING, summary
+from server.nearness import DEFAULT_FAR_RATIO, WARNING, FarRatioError, check_far_ratio, summary
 from server.registry import Registry
 
 #: per family: the near target's z is a library site's z plus this; the far one the library's mean
@@ -37,6 +37,13 @@ def rpe(capsys, *argv: str) -> tuple[int, str, str]:
         code = int(exc.code or 0)
     got = capsys.readouterr()
     return code, got.out, got.err
+
+
+def test_the_threshold_is_a_finite_number_not_below_zero():
+    assert check_far_ratio("1.5") == 1.5 and check_far_ratio(0) == 0.0 and check_far_ratio(2) == 2.0
+    for bad in (-1, "-0.5", "nan", float("inf"), "inf", "many", "", None, True):
+        with pytest.raises(FarRatioError, match=r"far-ratio must be a finite number >= 0 \(0 turns the check off"):
+            check_far_ratio(bad)
 
 
 def family_dir(root: Path, key: str) -> Path:
