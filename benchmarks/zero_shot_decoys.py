@@ -225,6 +225,13 @@ def main(argv: list[str] | None = None) -> int:
         "held-out reports (seed 0: the first --eval); the tables pool them (default 0)",
     )
     ap.add_argument("--data-seed", type=int, default=0, help="the library / target split (fixed across --seeds)")
+    ap.add_argument(
+        "--max-length",
+        type=int,
+        default=96,
+        help="training tokens per example (the reduced profile's 160 shortened: long findings are cut, "
+        "the answer is kept; default 96)",
+    )
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--out", type=Path, default=HERE / "zero_shot" / "decoys")
     ap.add_argument(
@@ -241,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = sorted({int(x) for x in args.seeds.split(",") if x.strip()})
     if not ms or not seeds or min(ms) < 0 or args.eval < 1:
         ap.error("--decoys and --seeds need at least one non-negative integer, --eval at least 1")
-    p = replace(PROFILES["reduced"], bertscore=False)
+    p = replace(PROFILES["reduced"], bertscore=False, max_length=args.max_length)
     cache = Path(os.environ.get("RPE_CACHE_DIR", Path.home() / ".cache" / "rpe")) / "zero_shot"
     lab = SeededLab(args.model, p, cache)
     all_groups = report_groups(min_size=1)
@@ -380,7 +387,8 @@ def write_outputs(
     out = {
         "command": "python -m benchmarks.zero_shot_decoys --decoys "
         + ",".join(map(str, ms))
-        + f" --library {args.library} --eval {args.eval} --seeds {','.join(map(str, seeds))}",
+        + f" --library {args.library} --eval {args.eval} --max-length {args.max_length}"
+        + f" --seeds {','.join(map(str, seeds))}",
         "model": str(lab.model_dir),
         "profile": f"reduced (steps {p.steps}, lr {p.lr}, rank {p.r}, max length {p.max_length}, "
         f"{p.max_new_tokens} new tokens), bertscore off",
@@ -392,7 +400,7 @@ def write_outputs(
         "k": K,
         "results": rows,
         "retrieval": retrieval,
-        "timings": {**timings, "total_s": time.perf_counter() - t_start},
+        "timings": {**timings, "total_s": time.perf_counter() - t_start, "cpu_s": time.process_time()},
         "cache": lab.counts,
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -482,7 +490,8 @@ def markdown(out: dict[str, Any], ms: Sequence[int]) -> str:
         f"Command: `{out['command']}`; {len(out['library'])} impression sites, {len(out['decoys'])} decoys "
         f"({', '.join(sorted({d['task'] for d in out['decoys']}))}); k = {out['k']}; seeds {seeds}; "
         f"{'/'.join(map(str, n_eval))} held-out reports per target and seed; "
-        f"{out['timings']['total_s'] / 60:.1f} min; cache {out['cache']}.",
+        f"{out['timings']['total_s'] / 60:.1f} min wall, "
+        f"{out['timings'].get('cpu_s', float('nan')) / 60:.1f} min CPU of this process; cache {out['cache']}.",
         "",
         "ROUGE-L per held-out report, mean [95 % interval: "
         + (out.get("interval") or "bootstrap over reports")
