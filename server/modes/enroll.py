@@ -15,6 +15,7 @@ unless ``keep-previous=true``, which every ``submission.accepted`` entry records
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from flwr.serverapp import Grid
@@ -114,8 +115,9 @@ def run_enroll(
         on_reply=lambda req, rep: progress.result(req.key, "reply" if rep.ok else rep.problem),
     )
     allow, ledger = _security(s, registry)
-    for req in requests:
-        results[req.key] = accept_submission(s, registry, req, replies[req.key], run_id, allow, ledger)
+    checked = {req.key: check_submission(s, registry, req, replies[req.key], run_id, allow, ledger) for req in requests}
+    results.update({site: res for site, res in checked.items() if isinstance(res, dict)})
+    results.update(store_submissions(s, registry, {k: v for k, v in checked.items() if isinstance(v, Pending)}, run_id))
     report["enroll"] = results
     for site, res in sorted(results.items()):
         log(
@@ -124,10 +126,32 @@ def run_enroll(
         )
 
 
+@dataclass
+class Pending:
+    """A reply that passed the wire, identity, nonce and signature checks: the registry's turn."""
+
+    submission: Any  # server.registry.Submission
+    signed: bool
+    sample_count: Any
+    train_stats: Any
+
+
 def accept_submission(
     s: Settings, registry: Any, req: Request, rep: Reply, run_id: str, allow: Any, ledger: Any
 ) -> dict[str, Any]:
-    """Check one enrolment reply (vocabulary, identity, nonce, signature) and store it in the registry.
+    """Check one enrolment reply and store it (a batch of one: ``check_submission`` then
+    ``store_submissions``)."""
+    res = check_submission(s, registry, req, rep, run_id, allow, ledger)
+    if isinstance(res, dict):
+        return res
+    return store_submissions(s, registry, {req.key: res}, run_id)[req.key]
+
+
+def check_submission(
+    s: Settings, registry: Any, req: Request, rep: Reply, run_id: str, allow: Any, ledger: Any
+) -> dict[str, Any] | Pending:
+    """Check one enrolment reply (vocabulary, identity, nonce, signature): a ``Pending`` submission
+    for the registry, or the result entry of a reply refused here (audited: one entry).
 
     What arrived on the wire goes into the ONE audit entry of this submission: the registry's own
     submission.accepted / submission.rejected entry (``audit_fields``), or this function's rejection
@@ -136,7 +160,7 @@ def accept_submission(
     """
     from common.trust.digests import record_digests, z_sha256
     from server import allowlist as signing
-    from server.registry import RegistryError, ValidationError
+    from server.registry import Submission
 
     site, nonce = req.key, req.nonce
     failure = rep.failure
@@ -151,7 +175,6 @@ def accept_submission(
         "record_digests": None,
         "keep_previous": s.keep_previous,
     }
-    at_registry = False
     try:
         fields["record_digests"] = record_digests({name: content[name] for name in content.keys()})
         payload = wire.parse_enroll_reply(content)
@@ -183,29 +206,54 @@ def accept_submission(
         elif s.require_signatures:
             raise signing.SignatureError("unsigned submission, and this coordinator requires signatures")
         adapter = wire.adapter_from_wire(payload.arrays, payload.lora_config, meta["base_fingerprint"])
-        at_registry = True
-        record = registry.add(
-            adapter, payload.z, registry_meta(payload), expected_sha256=meta["blob_sha256"], audit_fields=fields
-        )
-    except (WireError, RegistryError, signing.SigningError, ValueError) as exc:
-        reason = f"{type(exc).__name__}: {exc}"
-        if not (at_registry and isinstance(exc, ValidationError)):  # else the registry logged it, with fields
-            registry.audit.append("submission.rejected", site=site, reason=reason[:1000], **fields)
-        return failed("rejected", SiteFailure("rejected", reason)) | {"error": type(exc).__name__}
-    out = {
-        "status": "accepted",
-        "record_id": record.id,
-        "blob_sha256": record.blob_sha256,
-        "signed": bool(meta["signature"]),
-        "sample_count": meta["sample_count"],
-        "train_stats": payload.train_stats,
-    }
-    if not s.keep_previous:
-        try:
-            out["superseded"] = [r.id for r in registry.supersede(record.id, run_id=run_id)]
-        except RegistryError as exc:  # the new record is stored; retrieval still takes one per site
-            out["supersede_error"] = f"{type(exc).__name__}: {exc}"
-            log(f"enroll {site}: accepted, but its earlier adapters could not be superseded: {exc}")
+    except (WireError, signing.SigningError, ValueError) as exc:
+        return _refused(registry, site, exc, fields)
+    sub = Submission(adapter, payload.z, registry_meta(payload), meta["blob_sha256"], fields)
+    return Pending(sub, bool(meta["signature"]), meta["sample_count"], payload.train_stats)
+
+
+def _refused(registry: Any, site: str, exc: Exception, fields: dict[str, Any] | None) -> dict[str, Any]:
+    """The result of a refused reply; ``fields``: write its rejection entry (None: the registry did)."""
+    reason = f"{type(exc).__name__}: {exc}"
+    if fields is not None:
+        registry.audit.append("submission.rejected", site=site, reason=reason[:1000], **fields)
+    return failed("rejected", SiteFailure("rejected", reason)) | {"error": type(exc).__name__}
+
+
+def store_submissions(
+    s: Settings, registry: Any, pending: dict[str, Pending], run_id: str
+) -> dict[str, dict[str, Any]]:
+    """Store the round's checked submissions as ONE registry commit (``Registry.add_submissions``:
+    one fsynced append of the record lines, one of the audit entries, issue 29); each accepted
+    one supersedes its site's earlier adapters unless ``keep-previous``. A storage failure
+    refuses every submission of the batch, each with its own rejection entry."""
+    from server.registry import RegistryError
+
+    if not pending:
+        return {}
+    sites = list(pending)
+    try:
+        outcomes = registry.add_submissions([pending[k].submission for k in sites], supersede=not s.keep_previous)
+    except RegistryError as exc:
+        log(f"enroll: the batch of {len(sites)} submission(s) could not be stored: {exc}")
+        return {k: _refused(registry, k, exc, dict(pending[k].submission.audit_fields)) for k in sites}
+    out: dict[str, dict[str, Any]] = {}
+    for site, oc in zip(sites, outcomes, strict=True):
+        if oc.error is not None:  # rejected by the registry, which wrote its entry with the fields
+            out[site] = _refused(registry, site, oc.error, None)
+            continue
+        p = pending[site]
+        res: dict[str, Any] = {
+            "status": "accepted",
+            "record_id": oc.record.id,
+            "blob_sha256": oc.record.blob_sha256,
+            "signed": p.signed,
+            "sample_count": p.sample_count,
+            "train_stats": p.train_stats,
+        }
+        if not s.keep_previous:
+            res["superseded"] = [r.id for r in oc.superseded]
+        out[site] = res
     return out
 
 
