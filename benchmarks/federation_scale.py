@@ -625,6 +625,72 @@ def idle_sweep(n: int, root: Path, polls: list[float], idle_s: float, min_free_g
 # -- the document ------------------------------------------------------------------------------
 
 
+def registry_batch(sizes: list[int], root: Path) -> list[dict[str, Any]]:
+    """The registry's writes of one re-enrolment round of N sites (each site's new adapter supersedes
+    its first), as the enrolment stored it before (``add`` + ``supersede`` per site) and as one
+    commit (``Registry.add_submissions``): fsyncs per file kind (``os.fsync`` wrapped in-process)
+    and wall seconds. Registry-only (tiny adapters, Chroma off): the disk's share, not Flower's."""
+    import numpy as np
+    from support.registry import BASE, DIM, SHAPES, make_adapter
+
+    from common.adapters import adapter_to_bytes
+    from server.registry import AdapterMeta, Registry, Submission
+
+    counts: Counter[str] = Counter()
+    real = os.fsync
+
+    def counting(fd: int) -> None:
+        try:
+            name = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            name = "?"
+        kind = Path(name).name if Path(name).name in ("records.jsonl", "audit.jsonl", "z.f32") else "other"
+        counts["blobs" if "/blobs/" in name else kind] += 1
+        real(fd)
+
+    def subs(n: int, seed: int) -> list[Any]:
+        rng = np.random.default_rng(seed)
+        return [
+            Submission(
+                adapter_to_bytes(make_adapter(seed * 1000 + i)),
+                rng.standard_normal(DIM).astype(np.float32),
+                AdapterMeta(site=f"s{i:03d}", task="t", modality="text", base_fingerprint=BASE, sample_count=10),
+                None,
+                {"run_id": f"r{seed}", "nonce": f"n{seed}-{i}"},
+            )
+            for i in range(n)
+        ]
+
+    out = []
+    for n in sizes:
+        row: dict[str, Any] = {"n": n}
+        for how in ("per_site", "batch"):
+            path = root / f"{how}-{n}"
+            shutil.rmtree(path, ignore_errors=True)
+            Registry.init(path, base_fingerprint=BASE, module_shapes=SHAPES, embedding_dim=DIM).close()
+            with Registry(path, chroma="off") as reg:
+                reg.add_submissions(subs(n, 1))  # the first round
+                round2 = subs(n, 2)
+                counts.clear()
+                os.fsync = counting
+                t0 = time.perf_counter()
+                try:
+                    if how == "batch":
+                        reg.add_submissions(round2, supersede=True)
+                    else:  # what run_enroll did before: add, then supersede, per site
+                        for sub in round2:
+                            rec = reg.add(sub.adapter, sub.z, sub.meta, audit_fields=dict(sub.audit_fields))
+                            reg.supersede(rec.id, run_id="r2")
+                finally:
+                    os.fsync = real
+                row[how] = {"wall_s": round(time.perf_counter() - t0, 3), "fsyncs": dict(counts)}
+                assert reg.verify() == [] and len(reg) == n
+            shutil.rmtree(path, ignore_errors=True)
+        out.append(row)
+        log(f"registry batch N={n}: {row}")
+    return out
+
+
 def _fmt(x: Any, d: int = 1) -> str:
     if x is None:
         return "–"
@@ -785,6 +851,20 @@ def render(doc: dict[str, Any]) -> list[str]:
             f"{r.get('http_500_in_supernode_logs', '–')} | {r.get('superlink_alive', '–')}, "
             f"{r.get('proxy_alive', '–')} | {r.get('broke', '') or 'no'} |"
         )
+    batch = doc.get("registry_batch") or []
+    if batch:
+        lines += ["", "### The registry's writes of one re-enrolment round (fsyncs; wall s on the loaded machine)", ""]
+        lines += [
+            "| N | stored | records.jsonl | audit.jsonl | z column | blob files + dirs | other | wall s |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for b in batch:
+            for how, label in (("per_site", "add + supersede per site (before)"), ("batch", "one commit (now)")):
+                f = b[how]["fsyncs"]
+                lines.append(
+                    f"| {b['n']} | {label} | {f.get('records.jsonl', 0)} | {f.get('audit.jsonl', 0)} "
+                    f"| {f.get('z.f32', 0)} | {f.get('blobs', 0)} | {f.get('other', 0)} | {_fmt(b[how]['wall_s'], 3)} |"
+                )
     sweep = doc.get("idle_sweep") or []
     if sweep:
         lines += ["", f"### Idle cost vs the SuperNode poll interval (N = {sweep[0]['n']})", ""]
@@ -841,6 +921,13 @@ def main(argv: list[str] | None = None) -> int:
         help="JSON results (merged by N into an existing file)",
     )
     p.add_argument("--render", action="store_true", help="only print the tables of --out (Markdown)")
+    p.add_argument(
+        "--registry-batch",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="only measure the registry's writes of a re-enrolment round of N sites, per site vs one commit",
+    )
     args = p.parse_args(argv)
     if args.render:
         doc = json.loads(args.out.read_text())
@@ -855,6 +942,12 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(render(doc)))
         return 0
 
+    if args.registry_batch:
+        sys.path[:0] = [str(REPO), str(REPO / "tests")]
+        doc = json.loads(args.out.read_text()) if args.out.exists() else {}
+        doc["registry_batch"] = registry_batch(args.registry_batch, args.workdir / "registry-batch")
+        args.out.write_text(json.dumps(doc, indent=1, default=str))
+        return 0
     os.environ["RPE_FAMILIES"] = TOY
     os.environ["RPE_MAX_SITES_IN_FLIGHT"] = str(args.max_sites_in_flight)  # the SuperLink passes it on
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])
