@@ -33,7 +33,10 @@ on reopen too, with a ``registry.repair`` entry. Repairs never destroy (issue 26
 ``loading.refuse_destructive_repair``): unaudited lines are cut only when the audit log ends cleanly
 and they are one commit's lines; a torn audit tail *with* unaudited lines (what cutting the end of
 the audit log leaves) or several commits' lines make a writable open refuse, naming the damage;
-whatever is cut is first kept as ``<file>.cut-<offset>`` (``kept_in`` in the repair entry). A
+whatever is cut is first kept as ``<file>.cut-<offset>`` (``kept_in`` in the repair entry). An enrolment
+round is ONE commit (``batch.py``, ``Registry.add_submissions``): its record lines (adds and the
+tombstones they supersede, one batch id) in one fsynced append, its audit entries (one per
+submission) in another; reopening after a crash before the audit append cuts the whole batch. A
 read-only open writes nothing at all (``loading.ReadOnlyAudit``: the audit log is not even created).
 The open-time cache ``columns.snap`` is used only when its ``registry.snapshot`` audit entry binds it
 (``snapshot.py``, issue 26 class 4); ``Registry.verify`` compares it with a full replay. ``verify()`` and ``rpe audit verify`` check every
