@@ -198,6 +198,22 @@ def route_to_socket(path: str) -> None:
     pc.ProtobufClient._rpe_socket = path  # type: ignore[attr-defined]
 
 
+def _refused(path: str) -> str | None:
+    """Why this account may not use the operator socket ``path`` (None: it may, or the socket is
+    not there, which flwr reports itself): the kernel refuses ``connect()`` without search on its
+    directory and write on the socket."""
+    d = os.path.dirname(path) or "."
+    if os.path.exists(d) and os.access(d, os.X_OK) and (not os.path.exists(path) or os.access(path, os.W_OK)):
+        return None
+    if not os.path.exists(d) and os.access(os.path.dirname(d) or ".", os.X_OK):
+        return None
+    return (
+        f"error: permission denied on the operator socket {path}: only the SuperLink's account, root and "
+        "members of its --operator-group may use it (as root: `usermod -aG GROUP USER`; the user then "
+        "logs in again, or runs `newgrp GROUP`, for the group to count)"
+    )
+
+
 def run_entry(name: str) -> int:
     """Run Flower's console script ``name`` with its clients routed through the socket (if one is
     configured for this process)."""
@@ -205,6 +221,10 @@ def run_entry(name: str) -> int:
 
     path = socket_path()
     if path:
+        refused = _refused(path) if name == "flwr" else None
+        if refused:  # flwr itself would only say "connection unavailable: check your network"
+            print(refused, file=sys.stderr)
+            return 1
         route_to_socket(path)
     module, func = ENTRY_POINTS[name]
     sys.argv[0] = name

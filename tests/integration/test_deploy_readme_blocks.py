@@ -18,6 +18,8 @@ are stopped by PID (``deploy.launch down``).
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import pytest
 from support import netns
-from support.doc_commands import section_commands
+from support.doc_commands import section_blocks, section_commands
 
 pytestmark = pytest.mark.integration
 
@@ -114,3 +116,104 @@ def test_the_hardened_setup_block_runs_as_written(srv, coord_ns):
                 capture_output=True,
                 timeout=60,
             )
+
+
+# -- "Running the coordinator under its own account" ---------------------------------------------
+def _closed_ancestor(path: Path) -> tuple[Path, Path] | None:
+    """The highest directory above ``path`` others cannot enter, and its child on the way (the
+    interpreter under /root, mode 0700, here)."""
+    for parent in reversed(path.parents):
+        if parent != Path("/") and not os.stat(parent).st_mode & 0o001:
+            return parent, next(p for p in [path, *path.parents] if p.parent == parent)
+    return None
+
+
+def _reachable_python(hold: Path) -> list[str]:
+    """Command prefix: a private mount namespace where other accounts can run this interpreter
+    (its closed ancestor replaced by a tmpfs holding only the interpreter's tree; invisible
+    outside), then ``bash -c`` of the argument after it."""
+    script = ["set -e"]
+    closed = _closed_ancestor(Path(os.path.realpath(sys.executable)))
+    if closed:
+        top, child = closed
+        script += [
+            f"mkdir -p {hold}",
+            f"mount --bind {child} {hold}",
+            f"mount -t tmpfs -o mode=0755,size=1m tmpfs {top}",
+            f"mkdir -p {child}",
+            f"mount --bind {hold} {child}",
+        ]
+    script.append('exec "$@"')
+    return ["unshare", "-m", "--propagation", "private", "sh", "-c", "\n".join(script), "sh"]
+
+
+def _unavailable_accounts() -> str | None:
+    if os.geteuid() != 0:
+        return "--run-as and usermod need root"
+    for tool in ("setpriv", "unshare", "useradd", "usermod", "userdel"):
+        if shutil.which(tool) is None:
+            return f"`{tool}` is not installed"
+    return None
+
+
+def test_the_run_as_block_runs_as_written_and_the_operator_group_opens_the_socket(srv, coord_ns):
+    reason = _unavailable_accounts()
+    if reason:
+        pytest.skip(reason)
+    blocks = [b for b in section_blocks(GUIDE, "The operator credential") if any("--run-as" in c for c in b.commands)]
+    assert len(blocks) == 1, blocks
+    cmds = list(blocks[0].commands)
+    assert cmds[0].startswith("python -m deploy.launch superlink") and cmds[1].startswith("usermod -aG"), cmds
+    operator = cmds[1].split()[3]  # the guide's operator (alice): made here when this machine has none
+    made = subprocess.run(["id", operator], capture_output=True).returncode != 0
+    if made:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", operator], check=True
+        )
+    env, workdir = _env(), srv / "coord"
+    hold = Path("/tmp") / f"rpe-hold-{os.getpid()}"
+    try:
+        _shell(cmds[0], srv, [*coord_ns.prefix("coord"), *_reachable_python(hold)], env)
+        _shell(cmds[1], srv, [], env)
+        registry = srv / "registry"
+        account = subprocess.run(["id", "-u", "rpe-coord"], capture_output=True, text=True, check=True).stdout.strip()
+        assert str(registry.stat().st_uid) == account and oct(registry.stat().st_mode & 0o777) == "0o700"
+        assert (registry / "coordinator.pub").is_file()  # the key the sites pin, made up front
+        # what the guide says usermod gives: the operator's flwr through the socket answers ...
+        ls = f"{sys.executable} -m deploy.flwr_main ls rpe --format json"
+        flwr_env = {**env, "FLWR_HOME": str(workdir / "flwr-home"), "HOME": str(srv)}
+        as_operator = ["setpriv", f"--reuid={operator}", f"--regid={operator}", "--init-groups", "--"]
+        res = subprocess.run(
+            [*_reachable_python(hold), *as_operator, "bash", "-c", ls],
+            env=flwr_env,
+            cwd="/",
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+        assert res.returncode == 0 and '"success": true' in res.stdout, f"{res.stdout[-2000:]}\n{res.stderr[-2000:]}"
+        # ... and an account outside the group, given the socket itself, gets no further than its directory
+        sock = json.loads((workdir / "launch-state.json").read_text())["socket"]
+        nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+        res = subprocess.run(
+            [*_reachable_python(hold), *nobody, "bash", "-c", ls],
+            env={**flwr_env, "RPE_SUPERLINK_SOCKET": sock},
+            cwd="/",
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+        assert res.returncode == 1 and '"success": true' not in res.stdout, res
+        assert "permission denied on the operator socket" in res.stderr and "usermod -aG" in res.stderr, res.stderr
+    finally:
+        if (workdir / "launch-state.json").exists():
+            subprocess.run(
+                [sys.executable, "-m", "deploy.launch", "down", "--workdir", str(workdir)],
+                env=env,
+                capture_output=True,
+                timeout=60,
+            )
+        if made:
+            subprocess.run(["userdel", operator], capture_output=True)
+        with contextlib.suppress(OSError):
+            hold.rmdir()
