@@ -124,6 +124,7 @@ def store_received(site: Site, cfg: dict[str, Any], adapter: Any, base_path: str
     provenance["sources"] = _json_list(cfg.get("sources"))
     provenance["weights"] = _json_list(cfg.get("weights"))
     provenance["nearness"] = cfg.get("nearness")  # the coordinator's "nothing close enough" check, as sent
+    provenance["normalisation"] = cfg.get("normalisation")  # update-norm: mode and scales c_i, as sent
     provenance["received_at"] = time.time()
     (out / "rpe-provenance.json").write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
     os.rename(out, final)

@@ -36,6 +36,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 import tomli_w
 
+from common.adapters.normalise import UpdateNormError, check_update_norm
 from common.cli_base import CliError
 
 #: the repository root: its pyproject.toml is the Flower app ``rpe fed run`` submits by default
@@ -106,6 +107,11 @@ def run_config(mode: str, items: list[str], app: Path) -> dict[str, Any]:
         if key == "mode":
             raise CliError(f"{item!r}: the mode is the first argument (rpe fed run {mode} ...), not a key")
         config[key] = _convert(key, value, known[key])
+        if key == "update-norm":  # a value the ServerApp would refuse is refused here, before any run starts
+            try:
+                config[key] = check_update_norm(config[key])
+            except UpdateNormError as exc:
+                raise CliError(str(exc)) from None
     return config
 
 

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from common.adapters.normalise import DEFAULT_UPDATE_NORM, UPDATE_NORM_HELP, UPDATE_NORMS
 from common.cli_base import CliError, print_table
 from server.auditcli import register as register_audit
 from server.nearness import DEFAULT_FAR_RATIO
@@ -223,6 +224,7 @@ def cmd_compose(args: argparse.Namespace) -> None:
             force=args.force,
             one_per_site=not args.several_per_site,
             far_ratio=args.far_ratio,
+            update_norm=args.update_norm,
         )
     finally:
         reg.close()
@@ -236,6 +238,7 @@ def cmd_compose(args: argparse.Namespace) -> None:
                     "out": str(res.out_dir),
                     "output_sha256": res.output_sha256,
                     "nearness": res.nearness,  # server/nearness.py: the "nothing close enough" check
+                    "normalisation": res.normalisation,  # common/adapters/normalise.py: update-norm, scales c_i
                 },
                 indent=2,
             )
@@ -243,6 +246,10 @@ def cmd_compose(args: argparse.Namespace) -> None:
         return
     print_table(rows, ["id", "distance", "weight"])
     print(f"composed adapter written to {res.out_dir} (sha256 {res.output_sha256[:16]}…)")
+    if res.normalisation.get("scales"):  # common/adapters/normalise.py: the composition is Σ w_i c_i δ_i
+        norm = res.normalisation
+        scales = ", ".join(f"{c:.4g}" for c in norm["scales"])
+        print(f"update-norm {norm['mode']}: scales c_i {scales} (reference norm {norm['reference']:.4g})")
     print(nearness_summary(res.nearness))  # warned or not, the adapter is written: the operator decides
 
 
@@ -384,6 +391,14 @@ def register(sub: Any) -> None:
         help="warn 'nothing close enough' when the nearest retrieved adapter is more than this many times "
         "the library's usual spacing away (squared L2; benchmarks/ZERO_SHOT.md calibrates it); the adapter "
         f"is still written. 0 turns the check off (default {DEFAULT_FAR_RATIO:g}, as the run-config key far-ratio)",
+    )
+    c.add_argument(
+        "--update-norm",
+        choices=UPDATE_NORMS,
+        default=DEFAULT_UPDATE_NORM,
+        help=f"rescale the retrieved adapters' updates before weighting: {UPDATE_NORM_HELP}; the composition is "
+        "then Σ w_i c_i δ_i with c_i = median norm / own norm, recorded in the audit entry (as the run-config key "
+        "update-norm)",
     )
     c.add_argument("--target", default="cli", help="name recorded in the audit log")
     c.add_argument("--out", required=True, help="output PEFT adapter directory (written whole, then swapped in)")

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from common.adapters.normalise import DEFAULT_UPDATE_NORM, UpdateNormError, check_update_norm, norm_scaling
 from common.protocol.wire import encode_adapter
 from server.bounds import NormBoundError, adapter_norms
 from server.nearness import DEFAULT_FAR_RATIO
@@ -56,6 +57,9 @@ class CompositionResult:
     base_fingerprint: str = ""
     #: the "nothing close enough" check (``server/nearness.py``): ratio, threshold, warning
     nearness: dict[str, Any] = field(default_factory=dict)
+    #: the update-norm normalisation (``common/adapters/normalise.py``): mode, and for frobenius the
+    #: reference norm, each retrieved adapter's norm and scale c_i (the composition is Σ w_i c_i δ_i)
+    normalisation: dict[str, Any] = field(default_factory=lambda: {"mode": DEFAULT_UPDATE_NORM})
 
 
 def _pick_base(registry: Registry, base: str | None, task: str | None) -> str | None:
@@ -136,6 +140,7 @@ def compose_for_target(
     force: bool = False,
     one_per_site: bool = True,
     far_ratio: float = DEFAULT_FAR_RATIO,
+    update_norm: str = DEFAULT_UPDATE_NORM,
 ) -> CompositionResult:
     """Compose the adapter for one target embedding; optionally write it as a PEFT directory.
 
@@ -150,6 +155,10 @@ def compose_for_target(
     (``keep-previous``) never fills two places; ``False`` retrieves adapters, whoever holds them.
     ``far_ratio``: the "nothing close enough" threshold (``server/nearness.py``; 0 = off); the
     check is in ``result.nearness`` and in the ``composition`` audit entry.
+    ``update_norm``: ``none`` (default) or ``frobenius`` (``common/adapters/normalise.py``: every
+    retrieved adapter's update rescaled to the median norm of the k retrieved before weighting, so the
+    composition is ``Σ w_i c_i δ_i``); recorded as ``normalisation`` in the result and the audit entry,
+    ``weights`` stay the strategy's ``w_i``.
     ``out_dir`` receives ``adapter_config.json`` + ``adapter_model.safetensors`` whose
     ``base_model_name_or_path`` is ``base_model_name_or_path``, else the base's registered name;
     it is written whole into a temporary directory and swapped into place, and a non-empty
@@ -163,6 +172,10 @@ def compose_for_target(
     from common.adapters import adapter_to_bytes, compose, save_peft_adapter  # lazy: torch
 
     check_k(k)
+    try:
+        norm_mode = check_update_norm(update_norm)
+    except UpdateNormError as exc:
+        raise CompositionError(str(exc)) from None
     if out_dir is not None:
         check_replaceable(Path(out_dir).absolute(), "composition", force)  # refuse before any work or audit
     params: dict[str, Any] = dict(strategy_params or {})
@@ -193,9 +206,16 @@ def compose_for_target(
     weights = np.asarray(compute_weights(strategy, z, Z, **params), dtype=np.float64)
     if weights.shape != (len(hits),) or not np.all(np.isfinite(weights)):
         raise CompositionError(f"strategy {strategy!r} returned weights {weights!r} for {len(hits)} adapters")
-    used = [i for i, w in enumerate(weights) if w != 0.0]
-    adapters = [registry.load_adapter(hits[i].record.id) for i in used]
-    composed = compose(adapters, [float(weights[i]) for i in used], max_rank=max_rank)
+    if norm_mode == "none":  # today's composition: only the adapters with a weight are loaded
+        scaling = norm_scaling([None] * len(hits), norm_mode)
+        loaded: dict[int, Any] = {}
+    else:  # the scales need every retrieved adapter's norm, those weighted 0 included
+        loaded = {i: registry.load_adapter(h.record.id) for i, h in enumerate(hits)}
+        scaling = norm_scaling([loaded[i] for i in range(len(hits))], norm_mode)
+    coefs = scaling.apply([float(w) for w in weights])
+    used = [i for i, c in enumerate(coefs) if c != 0.0]
+    adapters = [loaded[i] if i in loaded else registry.load_adapter(hits[i].record.id) for i in used]
+    composed = compose(adapters, [coefs[i] for i in used], max_rank=max_rank)
     base_fp = hits[0].record.meta.base_fingerprint
     composed_norms = _check_composed(registry, composed, base_fp, task, strategy, target)
     if wire_form:
@@ -231,6 +251,7 @@ def compose_for_target(
             base=chosen_base,
             exclude_site=exclude_site,
         ),
+        normalisation=scaling.record(),
     )
     registry.audit.append(
         "composition",
@@ -255,5 +276,6 @@ def compose_for_target(
         weights_l1=float(np.abs(weights).sum()),
         update_norm=composed_norms.get("__total__"),
         nearness=result.nearness,
+        normalisation=result.normalisation,
     )
     return result

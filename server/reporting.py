@@ -105,6 +105,7 @@ def evaluation_row(info: Mapping[str, Any], metrics: Mapping[str, float], metric
         "distances": [float(d) for d in info.get("distances", [])],
         "metrics": dict(metrics),
         "nearness": info.get("nearness") or None,
+        "normalisation": info.get("normalisation") or None,
     }
 
 
@@ -184,6 +185,9 @@ def weights_lines(rows: list[dict[str, Any]]) -> list[str]:
     out = ["## Weights per target", "", "| target | arm | weights (source: w) |", "|---|---|---|"]
     for r in composed:
         pairs = ", ".join(f"{s}: {w:+.3f}" for s, w in zip(r["sources"], r["weights"], strict=False))
+        norm = r.get("normalisation") or {}
+        if norm.get("scales"):  # update-norm (common/adapters/normalise.py): the composition is Σ w_i c_i δ_i
+            pairs += f"; update-norm {norm['mode']}, scales c: " + ", ".join(f"{c:.3g}" for c in norm["scales"])
         out.append(f"| {r['target']} | {r['method']} | {pairs} |")
     return [*out, ""]
 

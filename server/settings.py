@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from common.adapters.normalise import DEFAULT_UPDATE_NORM, check_update_norm
 from common.families import DEFAULT_FAMILY, family_names
 
 MODES = ("enroll", "compose", "evaluate", "whoami")
@@ -148,6 +149,8 @@ class Settings:
     lam2: float = _key("lam2", float, 0.0)
     max_l1: float = _key("max-l1", float, 0.0)
     far_ratio: float = _key("far-ratio", float, 1.25)
+    #: compose / evaluate: rescale each retrieved adapter's update before weighting (common/adapters/normalise.py)
+    update_norm: str = _key("update-norm", lambda v: check_update_norm(v, ""), DEFAULT_UPDATE_NORM)
     evaluate: bool = _key("evaluate", _bool, True)
     max_eval: int = _key("max-eval", int, 0)
     eval_strategies: tuple[str, ...] = _key("eval-strategies", _csv, ("sim", "lin", "lin-l1"))

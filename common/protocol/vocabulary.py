@@ -126,6 +126,8 @@ REQUEST_CONFIG_KEYS: dict[str, dict[str, tuple[type, ...]]] = {
         "options": _STR,
         #: the "nothing close enough" check of this composition (JSON text; server/nearness.py)
         "nearness": _STR,
+        #: the update-norm normalisation of this composition (JSON text; common/adapters/normalise.py)
+        "normalisation": _STR,
     },
     EVALUATE: {
         "nonce": _STR,

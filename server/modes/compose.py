@@ -129,6 +129,7 @@ def compose_one(
         wire_form=True,
         one_per_site=s.one_per_site,
         far_ratio=s.far_ratio,
+        update_norm=s.update_norm,
     )
     return {
         "adapter": result.adapter,
@@ -139,6 +140,7 @@ def compose_one(
         "out_dir": str(result.out_dir or ""),
         "output_sha256": result.output_sha256,
         "nearness": result.nearness,
+        "normalisation": result.normalisation,
     }
 
 
@@ -191,6 +193,8 @@ def apply_request(
         config["max_eval"] = s.max_eval
     if summary.get("nearness"):
         config["nearness"] = wire.canonical_json(summary["nearness"])
+    if summary.get("normalisation"):  # common/adapters/normalise.py: the update-norm scales c_i, as applied
+        config["normalisation"] = wire.canonical_json(summary["normalisation"])
     if coord_key is not None:
         config["delivery"] = delivery_statement(coord_key, sha256, target or key, run_id, name, nonce)
     return request(key, node_id, wire.APPLY, config, arrays, nonce=nonce)
@@ -300,4 +304,7 @@ def run_compose(
         extra = res.get("reason") or f"sources {res.get('sites')} weights {np.round(res.get('weights', []), 3)}"
         if (res.get("nearness") or {}).get("warning"):  # server/nearness.py: delivered, but say so
             extra += f"; WARNING {res['nearness']['warning']}: {res['nearness']['reason']}"
+        norm = res.get("normalisation") or {}
+        if norm.get("scales"):  # common/adapters/normalise.py: the composition is Σ w_i c_i δ_i
+            extra += f"; update-norm {norm['mode']} scales {np.round(norm['scales'], 3)}"
         log(f"compose {t}: {res['status']} ({extra})")
