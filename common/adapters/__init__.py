@@ -3,6 +3,8 @@
 - ``lora``: ``LoraAdapter`` / ``LoraModule`` and the canonical byte codec (what is hashed, sent, stored)
 - ``peft_io``: PEFT adapter directories <-> ``LoraAdapter``
 - ``composition``: exact composition θ = θ0 + Σ w_i s_i B_i A_i and its best rank-r truncation
+- ``normalise``: the ``update-norm`` option, each retrieved update rescaled to the set's median norm
+  (``from common.adapters.normalise import norm_scaling``; torch-free until a norm is computed)
 - ``stream_compose``: PEFT dirs -> PEFT dir, streamed (the same bytes as compose + save)
 - ``safetensors_header``: the hardened header parser
 
