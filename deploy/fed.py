@@ -38,6 +38,7 @@ import tomli_w
 
 from common.adapters.normalise import UpdateNormError, check_update_norm
 from common.cli_base import CliError
+from server.nearness import FarRatioError, check_far_ratio
 
 #: the repository root: its pyproject.toml is the Flower app ``rpe fed run`` submits by default
 APP_DIR = Path(__file__).resolve().parents[1]
@@ -111,6 +112,11 @@ def run_config(mode: str, items: list[str], app: Path) -> dict[str, Any]:
             try:
                 config[key] = check_update_norm(config[key])
             except UpdateNormError as exc:
+                raise CliError(str(exc)) from None
+        if key == "far-ratio":  # likewise: NaN, inf or a negative threshold (server/nearness.py)
+            try:
+                config[key] = check_far_ratio(config[key])
+            except FarRatioError as exc:
                 raise CliError(str(exc)) from None
     return config
 

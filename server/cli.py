@@ -193,10 +193,13 @@ def cmd_registry_rm(args: argparse.Namespace) -> None:
 
 def cmd_compose(args: argparse.Namespace) -> None:
     from server.composer import compose_for_target
+    from server.nearness import FarRatioError, check_far_ratio
     from server.nearness import summary as nearness_summary
 
-    if not args.far_ratio >= 0:  # also NaN
-        raise CliError(f"--far-ratio must be a number >= 0 (0 turns the check off), not {args.far_ratio}")
+    try:  # before any work: NaN or inf never warns and cannot be audited; below 0 would switch it off
+        check_far_ratio(args.far_ratio)
+    except FarRatioError as exc:
+        raise CliError(f"--far-ratio: {exc}") from None
 
     z = _load_z(args.embedding)
     params: dict[str, float] = {}

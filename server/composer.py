@@ -27,7 +27,7 @@ import numpy as np
 from common.adapters.normalise import DEFAULT_UPDATE_NORM, UpdateNormError, check_update_norm, norm_scaling
 from common.protocol.wire import encode_adapter
 from server.bounds import NormBoundError, adapter_norms
-from server.nearness import DEFAULT_FAR_RATIO
+from server.nearness import DEFAULT_FAR_RATIO, FarRatioError, check_far_ratio
 from server.nearness import check as nearness_check
 from server.outdir import check_replaceable, output_dir
 from server.registry import Hit, QueryError, Registry
@@ -174,7 +174,8 @@ def compose_for_target(
     check_k(k)
     try:
         norm_mode = check_update_norm(update_norm)
-    except UpdateNormError as exc:
+        far_ratio = check_far_ratio(far_ratio)  # before any work: inf/NaN cannot be audited afterwards
+    except (UpdateNormError, FarRatioError) as exc:
         raise CompositionError(str(exc)) from None
     if out_dir is not None:
         check_replaceable(Path(out_dir).absolute(), "composition", force)  # refuse before any work or audit

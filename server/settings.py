@@ -17,6 +17,7 @@ from typing import Any
 
 from common.adapters.normalise import DEFAULT_UPDATE_NORM, check_update_norm
 from common.families import DEFAULT_FAMILY, family_names
+from server.nearness import DEFAULT_FAR_RATIO, check_far_ratio
 
 MODES = ("enroll", "compose", "evaluate", "whoami")
 REGISTRY_ENV = "RPE_REGISTRY"
@@ -148,7 +149,7 @@ class Settings:
     lam1: float = _key("lam1", float, 0.0)
     lam2: float = _key("lam2", float, 0.0)
     max_l1: float = _key("max-l1", float, 0.0)
-    far_ratio: float = _key("far-ratio", float, 1.25)
+    far_ratio: float = _key("far-ratio", check_far_ratio, DEFAULT_FAR_RATIO)  # server/nearness.py
     #: compose / evaluate: rescale each retrieved adapter's update before weighting (common/adapters/normalise.py)
     update_norm: str = _key("update-norm", lambda v: check_update_norm(v, ""), DEFAULT_UPDATE_NORM)
     evaluate: bool = _key("evaluate", _bool, True)

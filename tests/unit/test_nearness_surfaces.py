@@ -129,14 +129,48 @@ def test_local_compose_json_carries_the_check_as_the_audit_entry_does(capsys, tr
     assert code == 0 and "WARNING" not in out and "far-ratio 1e+09): no warning" in out
 
 
-@pytest.mark.parametrize("bad", ["-1", "nan", "many"])
+@pytest.mark.parametrize("bad", ["-1", "nan", "inf", "many"])
 def test_a_bad_far_ratio_is_refused_and_changes_nothing(capsys, tree, bad):
+    """Before any work: no adapter written, no audit entry (``inf`` once composed, wrote the adapter
+    and then failed on the audit append, which cannot hold an infinity)."""
     reg_dir = family_dir(tree["root"], "report")
     before = (reg_dir / "audit.jsonl").read_bytes()
-    code, out, err = compose(capsys, tree, "report", "far", f"--far-ratio={bad}")
-    assert code == 2 and "--far-ratio" in err and "Traceback" not in err
-    assert (reg_dir / "audit.jsonl").read_bytes() == before
-    assert not (tree["tmp"] / "out-report-far-1").exists() or out == ""
+    out_dir = tree["tmp"] / f"refused-{bad}"
+    code, out, err = rpe(
+        capsys,
+        *("compose", "--registry", str(reg_dir), "--embedding", str(tree["z"]["report"]["far"])),
+        *("--k", "2", "--out", str(out_dir), f"--far-ratio={bad}"),
+    )
+    assert code == 2 and "far-ratio" in err and "Traceback" not in err and out == ""
+    assert (reg_dir / "audit.jsonl").read_bytes() == before and not out_dir.exists()
+
+
+def test_the_composer_refuses_a_bad_far_ratio_before_any_work(tree):
+    from server.composer import CompositionError, compose_for_target
+
+    reg_dir = family_dir(tree["root"], "seg")
+    before = (reg_dir / "audit.jsonl").read_bytes()
+    out_dir = tree["tmp"] / "composer-refused"
+    with Registry(reg_dir, chroma="off") as reg:
+        for bad in (float("inf"), float("nan"), -1.0):
+            with pytest.raises(CompositionError, match="far-ratio must be a finite number >= 0"):
+                compose_for_target(reg, np.load(tree["z"]["seg"]["far"]), k=2, out_dir=out_dir, far_ratio=bad)
+    assert (reg_dir / "audit.jsonl").read_bytes() == before and not out_dir.exists()
+
+
+@pytest.mark.parametrize("bad", ["-1", "nan", "inf"])
+def test_a_bad_far_ratio_in_a_run_config_is_refused_before_the_run(bad):
+    """``rpe fed run compose far-ratio=...`` refuses it before submitting (exit 2, CliError), and the
+    ServerApp's settings refuse it too (a run submitted with flwr directly)."""
+    from common.cli_base import CliError
+    from deploy import fed
+    from server.settings import Settings, SettingsError
+
+    with pytest.raises(CliError, match="far-ratio must be a finite number >= 0"):
+        fed.run_config("compose", ["target=a", f"far-ratio={bad}"], fed.APP_DIR)
+    with pytest.raises(SettingsError, match="far-ratio must be a finite number >= 0"):
+        Settings.from_run_config({"far-ratio": bad, "registry-dir": "/x"})
+    assert fed.run_config("compose", ["target=a", "far-ratio=0"], fed.APP_DIR)["far-ratio"] == 0.0
 
 
 def test_the_console_shows_each_compositions_check_for_both_families(capsys, tree, tmp_path):
