@@ -7,13 +7,16 @@ command (read with ``tests/support/doc_commands.py``, never copied):
 - "The operator credential ...": ``--run-as`` / ``--operator-group`` and ``usermod``, after which
   the named operator reaches the Control API through the socket (``python -m deploy.flwr_main``)
   and an account outside the group cannot;
-- "Simulation": ``flwr run . local`` with the local simulation federation enrols every site.
+- "Simulation": ``flwr run . local`` with the local simulation federation enrols every site, and
+  ``rpe registry ls`` lists one record per site (the guide's own way round flwr's 15 s start-up
+  limit for the local SuperLink, an inline command, is read from the guide and used first).
 
-Rewrites, each an explicit ``str.replace`` in ``REWRITES`` / the test: ``/srv/rpe`` (and the
-simulation's ``/tmp``, ``/models``, ``/data``) to the test's folders, ``python`` / ``flwr`` to this
-interpreter's, and the host name ``coord`` resolved to loopback for curl. Servers run in a network
-namespace of their own (``support.netns``), so ``0.0.0.0:9093`` as written binds there only; they
-are stopped by PID (``deploy.launch down``).
+Rewrites, each an explicit string replacement in the test: ``/srv/rpe`` (and the simulation's
+``/tmp``, ``/models``, ``/data`` paths, its app ``.``, its ports, ``steps``) to the test's own,
+``python`` / ``rpe`` to this interpreter, and the host name ``coord`` resolved to loopback for
+curl. The coordinator's servers run in a network namespace of their own (``support.netns``), so
+``0.0.0.0:9093`` as written binds there only; every server is stopped by PID (``deploy.launch
+down``; the simulation's, found by their ``FLWR_HOME``).
 """
 
 from __future__ import annotations
@@ -21,15 +24,21 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
-from support import netns
+from support import netns, write_site_data
 from support.doc_commands import section_blocks, section_commands
+
+from deploy import launch
+from server.registry import Registry
 
 pytestmark = pytest.mark.integration
 
@@ -217,3 +226,92 @@ def test_the_run_as_block_runs_as_written_and_the_operator_group_opens_the_socke
             subprocess.run(["userdel", operator], capture_output=True)
         with contextlib.suppress(OSError):
             hold.rmdir()
+
+
+# -- "Simulation" ------------------------------------------------------------------------------------
+SIM_SITES = {"a": "ct-head", "b": "mr-head", "c": "ct-head"}
+
+
+def _processes_with_env(marker: str) -> list[tuple[int, int]]:
+    """(pid, start time) of every live process whose environment holds ``marker`` (not this one)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            env = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        start = launch.proc_start_time(int(entry.name))
+        if marker.encode() in env.split(b"\0") and start is not None:
+            found.append((int(entry.name), start))
+    return found
+
+
+@pytest.mark.slow  # Ray and the local SuperLink start: 336 s at load average 37 on two cores
+def test_the_simulation_block_enrols_every_site(tmp_path, tiny_model_dir):
+    """As written before, the block "succeeded" (flwr exit 0) and enrolled nothing: the local
+    SuperLink's per-run ``uv sync`` failed (exit 608), and without ``require-signatures=false``
+    every simulated site (no signing key) was refused."""
+    cmds = section_commands(GUIDE, "Simulation")
+    assert [c.split()[0] for c in cmds] == ["mkdir", "FLWR_HOME=$PWD/sim-home", "rpe"], cmds
+    write_site_data(tmp_path / "data" / "sites", SIM_SITES, n=14, n_eval=2)  # 12 reports: z-min-examples 10
+    http, control = launch.free_port(), launch.free_port()
+    while control == http:
+        control = launch.free_port()
+    # the rewrites: the guide's placeholder paths, the app (`.`: this repository), python, free ports
+    # for the local SuperLink (other tests run beside this one), and a short training (steps)
+    paths = {
+        "/tmp/reg": str(tmp_path / "reg"),
+        "/tmp/sites": str(tmp_path / "sim-site-root"),
+        "/models/m": str(tiny_model_dir),
+        "/data/sites": str(tmp_path / "data" / "sites"),
+        "flwr run . ": f"flwr run {REPO} ",
+        "mode='enroll' ": "mode='enroll' steps=2 max-length=96 chroma='off' ",
+        "rpe ": f"{sys.executable} -m deploy.cli ",
+        "127.0.0.1:39093": f"127.0.0.1:{control}",
+        "--port 39091": f"--port {http}",
+    }
+    pattern = re.compile("|".join(re.escape(k) for k in paths))
+
+    def rewrite(cmd: str) -> str:
+        return pattern.sub(lambda m: paths[m.group(0)], cmd)
+
+    env = {
+        **_env(),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(control),
+    }
+    home = tmp_path / "sim-home"
+    try:
+        _shell(cmds[0], tmp_path, [], env)
+        # flwr gives its local SuperLink 15 s, too short on a busy two-core machine: the guide's own
+        # way round it (its inline command, read from the guide), so the run does not depend on load
+        section = GUIDE.read_text().split("## Simulation", 1)[1].split("\n## ", 1)[0]
+        (start,) = re.findall(r"`(mkdir -p sim-home/local-superlink && flower-superlink [^`]+)`", section)
+        started = {**env, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+        link = launch.popen_tied(
+            ["bash", "-c", rewrite(" ".join(start.split())).replace("&& flower-superlink", "&& exec flower-superlink")],
+            cwd=tmp_path,
+            env=started,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline and link.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http}/health", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise AssertionError(f"the local SuperLink did not answer /health (exit {link.poll()})")
+        out = _shell(rewrite(cmds[1]), tmp_path, [], env, timeout=400)
+        listing = _shell(rewrite(cmds[2]), tmp_path, [], env)
+        with Registry(tmp_path / "reg", read_only=True, chroma="off") as reg:
+            records = reg.list()
+        assert sorted(r.meta.site for r in records) == sorted(SIM_SITES), f"{out[-3000:]}\n{listing}"
+        assert all(r.id in listing for r in records), listing  # what the guide's check prints
+    finally:
+        for pid, start_time in _processes_with_env(f"FLWR_HOME={home}"):
+            launch.stop_process(pid, start_time, 15)
