@@ -60,6 +60,7 @@ from benchmarks.zero_shot import (
 HERE = Path(__file__).resolve().parent
 DECOY_TASKS = ("continuation", "imp2find", "modality", "nonmed")
 K = 3
+ARMS = ("sim", "lin", "lin-l1", "soup", "nearest", "avg-all")  # composed arms, per M
 
 
 def _words(text: str) -> list[str]:
@@ -224,6 +225,12 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated seeds; each trains every LoRA with that seed and scores its own sample of "
         "held-out reports (seed 0: the first --eval); the tables pool them (default 0)",
     )
+    ap.add_argument(
+        "--eval-seeds-only",
+        action="store_true",
+        help="every seed uses the seed-0 LoRAs and only draws its own held-out reports (no training "
+        "seed variance; costs generation only)",
+    )
     ap.add_argument("--data-seed", type=int, default=0, help="the library / target split (fixed across --seeds)")
     ap.add_argument(
         "--max-length",
@@ -301,9 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     state = {"seeds_done": []}  # type: dict[str, Any]
     for seed in seeds:
         t0 = time.perf_counter()
+        train_seed = 0 if args.eval_seeds_only else seed
         adapters: dict[str, Any] = {}
         for i, (name, _task, exs) in enumerate(jobs):
-            adapters[name] = lab.lora_seeded(exs, seed)
+            adapters[name] = lab.lora_seeded(exs, train_seed)
             print(
                 f"[decoys] seed {seed} LoRA {i + 1}/{len(jobs)} {name} ({len(exs)} examples) "
                 f"{time.perf_counter() - t0:.0f} s",
@@ -318,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
                 keyed = [
                     (
                         _compose(adapters, w) if w else None,
-                        _gen_key(w, seed),
+                        _gen_key(w, train_seed),
                     )
                     for _, _, w in group
                 ]
@@ -388,11 +396,13 @@ def write_outputs(
         "command": "python -m benchmarks.zero_shot_decoys --decoys "
         + ",".join(map(str, ms))
         + f" --library {args.library} --eval {args.eval} --max-length {args.max_length}"
-        + f" --seeds {','.join(map(str, seeds))}",
+        + f" --seeds {','.join(map(str, seeds))}"
+        + (" --eval-seeds-only" if args.eval_seeds_only else ""),
         "model": str(lab.model_dir),
         "profile": f"reduced (steps {p.steps}, lr {p.lr}, rank {p.r}, max length {p.max_length}, "
         f"{p.max_new_tokens} new tokens), bertscore off",
         "seeds": seeds,
+        "training_seeds": [0] if args.eval_seeds_only else seeds,
         "interval": "two-stage percentile bootstrap (seeds with replacement, then reports within each seed)",
         "library": [s.name for s in library],
         "decoys": [{"name": n, "task": k, "n_train": len(e)} for n, k, e in decoys],
@@ -488,7 +498,7 @@ def markdown(out: dict[str, Any], ms: Sequence[int]) -> str:
     )
     lines = [
         f"Command: `{out['command']}`; {len(out['library'])} impression sites, {len(out['decoys'])} decoys "
-        f"({', '.join(sorted({d['task'] for d in out['decoys']}))}); k = {out['k']}; seeds {seeds}; "
+        f"({', '.join(sorted({d['task'] for d in out['decoys']}))}); k = {out['k']}; seeds {seeds} (LoRA training seeds {out.get('training_seeds', seeds)}); "
         f"{'/'.join(map(str, n_eval))} held-out reports per target and seed; "
         f"{out['timings']['total_s'] / 60:.1f} min wall, "
         f"{out['timings'].get('cpu_s', float('nan')) / 60:.1f} min CPU of this process; cache {out['cache']}.",
@@ -508,7 +518,7 @@ def markdown(out: dict[str, Any], ms: Sequence[int]) -> str:
         for arm in ("base", "own"):
             r = by[(t, arm, None)]
             lines.append(f"| {t} | {arm} | " + " | ".join([_cell(r)] * len(ms)) + f" | {_diff(r['vs_base'])} | – | – |")
-        for arm in ("sim", "lin", "lin-l1", "soup", "nearest", "avg-all"):
+        for arm in ARMS:
             cells = [_cell(by[(t, arm, m)]) for m in ms]
             last = by[(t, arm, max(ms))]
             lines.append(
@@ -520,7 +530,7 @@ def markdown(out: dict[str, Any], ms: Sequence[int]) -> str:
         lines += ["", "Per-seed means (seed " + ", ".join(map(str, seeds)) + "), their mean ± sd:", ""]
         lines += ["| target | arm | " + " | ".join(f"M={m}" for m in ms) + " |", "|---|---|" + "---|" * len(ms)]
         for t in dict.fromkeys(r["target"] for r in out["results"]):
-            for arm in ("base", "own", "sim", "lin", "lin-l1", "soup", "nearest", "avg-all"):
+            for arm in ("base", "own", *ARMS):
                 rs = [by[(t, arm, None)]] * len(ms) if arm in ("base", "own") else [by[(t, arm, m)] for m in ms]
                 lines.append(f"| {t} | {arm} | " + " | ".join(_spread(r) for r in rs) + " |")
     lines += ["", "Retrieval: share of the k retrieved adapters that are impression adapters (same task).", ""]

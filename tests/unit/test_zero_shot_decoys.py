@@ -107,3 +107,50 @@ def test_decoy_examples_per_task():
     nonmed = zd.decoy_examples("nonmed", site, 0)
     assert nonmed and all(e.group == "nonmed" for e in nonmed)
     assert {e.uid for e in nonmed} != {e.uid for e in zd.decoy_examples("nonmed", site, 1)}
+
+
+def test_outputs_pool_seeds_into_one_table(tmp_path):
+    import json
+    from argparse import Namespace
+    from types import SimpleNamespace
+
+    from benchmarks.zero_shot import PROFILES, Site
+
+    p = PROFILES["smoke"]
+    lab = SimpleNamespace(p=p, model_dir="m", counts={})
+    targets = [Site("t-a", "affine", {}), Site("t-b", "single", {})]
+    kind = {"s1": "impression", "s2": "impression", "d1": "modality", "t-a": "own", "t-b": "own"}
+    ms = [0, 2]
+    plans, scores, rng = {}, {}, np.random.default_rng(0)
+    for t in targets:
+        plans[t.name] = [("base", None, None), ("own", None, {t.name: 1.0})]
+        for m in ms:
+            names = ["s1", "s2", "d1"][: 2 + (m > 0)]
+            plans[t.name] += [(a, m, {n: 1 / len(names) for n in names}) for a in zd.ARMS]
+        scores[t.name] = {(a, m): {s: list(rng.uniform(0, 1, 4 + s)) for s in (0, 1)} for a, m, _ in plans[t.name]}
+    retrieval = [
+        {"target": t.name, "m": m, "precision_same_task": 1.0, "decoy_kinds_retrieved": []} for t in targets for m in ms
+    ]
+    args = Namespace(library=2, eval=4, max_length=96, eval_seeds_only=False, out=tmp_path)
+    zd.write_outputs(
+        args,
+        lab,
+        [Site("s1", "single", {})],
+        [("d1", "modality", [])],
+        targets,
+        ms,
+        plans,
+        kind,
+        scores,
+        retrieval,
+        {},
+        0.0,
+        {"seeds_done": [0, 1]},
+    )
+    out = json.loads((tmp_path / "results.json").read_text())
+    row = next(r for r in out["results"] if r["target"] == "t-a" and r["arm"] == "avg-all" and r["m"] == 2)
+    assert row["n_eval"] == [4, 5] and set(row["scores"]) == {"0", "1"}
+    assert row["decoy_weight"] == pytest.approx(1 / 3) and row["vs_avg_all"] is None
+    assert len(row["per_seed"]["means"]) == 2
+    md = (tmp_path / "DECOYS.md").read_text()
+    assert "Per-seed means" in md and "| t-b | lin-l1 |" in md and "--seeds 0,1" in md
