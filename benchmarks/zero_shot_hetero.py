@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import time
 import zlib
@@ -48,7 +49,7 @@ import numpy as np
 
 STRATEGIES = ("avg", "nearest", "sim", "lin", "lin-l1")
 MODES = ("none", "frobenius")
-HETERO_STEPS = (4, 12, 36)
+HETERO_STEPS = (4, 12, 24)
 HETERO_LR = (5e-4, 2e-3, 8e-3)
 HETERO_RANK = (2, 4, 8)
 N_BOOT = 4000
@@ -114,10 +115,8 @@ class Bench:
         self.by_name = {s.name: s for s in self.sites}
         self.root = workdir / dataset.replace(":", "_") / self.fingerprint.split(":")[-1][:16]
         self.root.mkdir(parents=True, exist_ok=True)
-        self.evals_path = self.root / "evals.json"
-        self.evals: dict[str, list[float]] = (
-            json.loads(self.evals_path.read_text()) if self.evals_path.is_file() else {}
-        )
+        self.evals_dir = self.root / "evals"  # one file per evaluation: processes in parallel never clobber
+        self.evals_dir.mkdir(exist_ok=True)
         self.adapters: dict[str, Any] = {}
         self.stats: dict[str, dict[str, Any]] = {}
         self.train_s = 0.0
@@ -171,24 +170,48 @@ class Bench:
 
         used = [(k, float(c)) for k, c in parts if c != 0.0]
         key = hashlib.sha256(json.dumps([target, sorted((k, round(c, 12)) for k, c in used)]).encode()).hexdigest()
-        if key not in self.evals:
-            t = time.perf_counter()
-            adapter = compose([self.adapters[k] for k, _ in used], [c for _, c in used]) if used else None
-            self.evals[key] = self.task(4).evaluate(self.model, adapter, self.by_name[target])["dice_per_image"]
-            self.eval_s += time.perf_counter() - t
-            self.n_evals += 1
-            tmp = self.evals_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.evals))
-            tmp.replace(self.evals_path)
-        return self.evals[key]
+        path = self.evals_dir / f"{key}.json"
+        if path.is_file():
+            return list(json.loads(path.read_text()))
+        t = time.perf_counter()
+        adapter = compose([self.adapters[k] for k, _ in used], [c for _, c in used]) if used else None
+        got = self.task(4).evaluate(self.model, adapter, self.by_name[target])["dice_per_image"]
+        self.eval_s += time.perf_counter() - t
+        self.n_evals += 1
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(got))
+        tmp.replace(path)
+        return list(got)
 
 
-def run_draw(b: Bench, draw: int, steps: int, lr: float, rank: int) -> dict[str, Any]:
-    """Every cell of one draw: ``dice[setting][target][column]`` per slice, weights, scales, norms."""
+def setting_modes(setting: str, uniform_frobenius: bool) -> tuple[str, ...]:
+    """The update-norm modes composed in ``setting`` (uniform: ``none`` unless asked for both)."""
+    return MODES if setting == "hetero" or uniform_frobenius else ("none",)
+
+
+def run_draw(
+    b: Bench,
+    draw: int,
+    steps: int,
+    lr: float,
+    rank: int,
+    *,
+    only_site: str | None = None,
+    only_target: str | None = None,
+    uniform_frobenius: bool = False,
+    own: bool = False,
+) -> dict[str, Any]:
+    """Every cell of one draw: ``dice[setting][target][column]`` per slice, weights, scales, norms.
+    ``only_site``: train that site's adapters (both settings) and stop; ``only_target``: evaluate that
+    target only (the caches let separate processes share the work)."""
     from common.adapters.normalise import norm_scaling, update_norm
     from server.strategies import compute_weights
 
     names = [s.name for s in b.sites]
+    if only_site is not None:
+        for setting in ("uniform", "hetero"):
+            b.adapter(only_site, site_config(setting, draw, only_site, steps, lr, rank))
+        return {}
     zs = {n: b.z(n) for n in names}
     out: dict[str, Any] = {"configs": {}, "norms": {}, "dice": {}, "weights": {}, "scales": {}}
     for setting in ("uniform", "hetero"):
@@ -199,12 +222,14 @@ def run_draw(b: Bench, draw: int, steps: int, lr: float, rank: int) -> dict[str,
         dice: dict[str, dict[str, list[float]]] = {}
         weights: dict[str, dict[str, list[float]]] = {}
         scales: dict[str, dict[str, list[float]]] = {}
-        for target in names:
+        for target in [only_target] if only_target else names:
             lib = [n for n in names if n != target]
             Z = np.stack([zs[n] for n in lib])
-            cells = {"pretrained": b.dice(target, []), "own": b.dice(target, [(keys[target], 1.0)])}
+            cells = {"pretrained": b.dice(target, [])}
+            if own:
+                cells["own"] = b.dice(target, [(keys[target], 1.0)])
             weights[target], scales[target] = {}, {}
-            for mode in MODES:
+            for mode in setting_modes(setting, uniform_frobenius):
                 scaling = norm_scaling([b.adapters[keys[n]] for n in lib], mode)
                 scales[target][mode] = scaling.scales
                 for strategy in STRATEGIES:
@@ -239,15 +264,17 @@ def summarise(draws: dict[int, dict[str, Any]]) -> dict[str, Any]:
             for t, per in res["dice"][setting].items()
         }
 
+    def present(setting: str, column: str) -> bool:
+        return all(column in per for res in draws.values() for per in res["dice"][setting].values())
+
     pooled: dict[str, Any] = {}
     for setting in ("uniform", "hetero"):
-        pooled[setting] = {"pretrained": two_level_ci(cells(setting, "pretrained"))}
-        pooled[setting]["own"] = two_level_ci(cells(setting, "own"))
-        for s in STRATEGIES:
-            for m in MODES:
-                pooled[setting][f"{s}/{m}"] = two_level_ci(cells(setting, f"{s}/{m}"))
+        columns = ["pretrained", "own", *(f"{s}/{m}" for s in STRATEGIES for m in MODES)]
+        pooled[setting] = {c: two_level_ci(cells(setting, c)) for c in columns if present(setting, c)}
     diffs: dict[str, Any] = {}
     for name, (sa, ma), (sb, mb) in COMPARISONS:
+        if not (present(sa, f"avg/{ma}") and present(sb, f"avg/{mb}")):
+            continue
         diffs[name] = {}
         for s in STRATEGIES:
             a, b_ = cells(sa, f"{s}/{ma}"), cells(sb, f"{s}/{mb}")
@@ -261,7 +288,9 @@ def summarise(draws: dict[int, dict[str, Any]]) -> dict[str, Any]:
     return {"pooled": pooled, "diffs": diffs, "norm_spread": spread}
 
 
-def _ci(c: dict[str, float], signed: bool = False) -> str:
+def _ci(c: dict[str, float] | None, signed: bool = False) -> str:
+    if c is None:
+        return "not run"
     f = "+.3f" if signed else ".3f"
     star = "*" if signed and (c["lo"] > 0 or c["hi"] < 0) else ""
     return f"{c['mean']:{f}} [{c['lo']:{f}}, {c['hi']:{f}}]{star}"
@@ -300,22 +329,25 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for s in STRATEGIES:
         lines.append(
-            f"| {s} | " + " | ".join(_ci(pooled[st][f"{s}/{m}"]) for st in ("uniform", "hetero") for m in MODES) + " |"
+            f"| {s} | "
+            + " | ".join(_ci(pooled[st].get(f"{s}/{m}")) for st in ("uniform", "hetero") for m in MODES)
+            + " |"
         )
-    lines.append(
-        f"| pretrained / own | {_ci(pooled['uniform']['pretrained'])} / {_ci(pooled['uniform']['own'])} | – | "
-        f"{_ci(pooled['hetero']['pretrained'])} / {_ci(pooled['hetero']['own'])} | – |"
-    )
+    lines.append(f"| pretrained (no LoRA) | {_ci(pooled['uniform']['pretrained'])} | – | – | – |")
+    if "own" in pooled["uniform"]:
+        lines.append(
+            f"| own LoRA (supervised) | {_ci(pooled['uniform']['own'])} | – | {_ci(pooled['hetero']['own'])} | – |"
+        )
     lines += [
         "",
         "Paired differences (same draw, target and slice) [95 % interval, draws and targets resampled]; "
         "* = the interval excludes 0:",
         "",
-        "| strategy | " + " | ".join(name for name, *_ in COMPARISONS) + " |",
-        "|---" * (len(COMPARISONS) + 1) + "|",
+        "| strategy | " + " | ".join(diffs) + " |",
+        "|---" * (len(diffs) + 1) + "|",
     ]
     for s in STRATEGIES:
-        lines.append(f"| {s} | " + " | ".join(_ci(diffs[name][s], signed=True) for name, *_ in COMPARISONS) + " |")
+        lines.append(f"| {s} | " + " | ".join(_ci(diffs[name][s], signed=True) for name in diffs) + " |")
     lines += ["", "Per-site training configurations (hetero) and update norms ‖δ‖_F:", ""]
     lines += ["| draw | site | steps | lr | rank | ‖δ‖ hetero | ‖δ‖ uniform |", "|---|---|---|---|---|---|---|"]
     for draw, res in result["draws"].items():
@@ -344,6 +376,10 @@ def main(argv: list[str] | None = None) -> int:
         metavar="JSON",
         help="compute nothing: combine the draws of these hetero.json files (runs made in parallel) into --out",
     )
+    p.add_argument("--only-site", help="train this site's adapters (both settings, every draw) and stop")
+    p.add_argument("--only-target", help="evaluate this target only and stop (the cache keeps the cells)")
+    p.add_argument("--uniform-frobenius", action="store_true", help="also compose the uniform setting with frobenius")
+    p.add_argument("--own", action="store_true", help="also score each target's own LoRA (supervised reference)")
     a = p.parse_args(argv)
     if a.merge:
         return merge(a.merge, a.out)
@@ -361,7 +397,20 @@ def main(argv: list[str] | None = None) -> int:
     draws: dict[int, dict[str, Any]] = {}
     a.out.mkdir(parents=True, exist_ok=True)
     for draw in draw_list:
-        draws[draw] = run_draw(b, draw, a.steps, a.lr, a.rank)
+        draws[draw] = run_draw(
+            b,
+            draw,
+            a.steps,
+            a.lr,
+            a.rank,
+            only_site=a.only_site,
+            only_target=a.only_target,
+            uniform_frobenius=a.uniform_frobenius,
+            own=a.own,
+        )
+        if a.only_site or a.only_target:
+            _log(f"draw {draw}: {a.only_site or a.only_target} done", t0)
+            continue
         part = {
             "command": command,
             "draws": list(draws),
@@ -384,7 +433,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         write(result, a.out)
         _log(f"draw {draw} done; {a.out / 'HETERO.md'} written", t0)
-    sys.stdout.write((a.out / "HETERO.md").read_text())
+    if not (a.only_site or a.only_target):
+        sys.stdout.write((a.out / "HETERO.md").read_text())
     return 0
 
 

@@ -97,5 +97,16 @@ def test_summary_and_merge(tmp_path, capsys):
     md = (tmp_path / "m" / "HETERO.md").read_text()
     assert md == markdown(merged) and "`x --draws 0`" in md and "`x --draws 1`" in md
     assert "| sim | -0.200 [" in md
+    # a run without `--uniform-frobenius` / `--own`: those cells are absent, the table says "not run"
+    lean = {0: _draw(0.0)}
+    for per in lean[0]["dice"]["uniform"].values():
+        for s in STRATEGIES:
+            del per[f"{s}/frobenius"]
+        del per["own"]
+    summ = summarise(lean)
+    assert "frobenius when uniform" not in summ["diffs"] and "recovered by frobenius" in summ["diffs"]
+    assert "sim/frobenius" not in summ["pooled"]["uniform"] and "own" not in summ["pooled"]["uniform"]
+    lean_md = markdown({**result(0), "summary": summ, "draws": {"0": lean[0]}})
+    assert "not run" in lean_md and "own LoRA" not in lean_md
     with pytest.raises(SystemExit, match="draw 0 appears twice"):
         main(["--merge", str(tmp_path / "0.json"), str(tmp_path / "0.json"), "--out", str(tmp_path / "m2")])
