@@ -241,12 +241,50 @@ def install_wrapper(bin_dir: Path, python: str | None = None, pythonpath: str | 
     return path
 
 
+def app_files(app: Path) -> dict[str, Path]:
+    """The files ``flwr build`` / ``flwr run`` collect from ``app`` (``flwr.cli.utils.collect_files``)
+    less those under a directory the app's ``.gitignore`` excludes, which flwr drops anyway: its walk
+    enters them first, and a ``.venv`` inside a checkout is ~65,000 files, ~5 s of CPU per bundle.
+    With a negated pattern (``!x``) in ``.gitignore`` nothing is skipped (a file under an ignored
+    directory could be re-included). The bundle built from these is byte-identical."""
+    from flwr.cli.utils import build_pathspec, load_gitignore_patterns
+
+    root = Path(app).expanduser().resolve()
+    ignore = root / ".gitignore"
+    patterns = load_gitignore_patterns(ignore.read_bytes() if ignore.is_file() else b"")
+    spec = None if any(p.lstrip().startswith("!") for p in patterns) else build_pathspec(patterns)
+    files: dict[str, Path] = {}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        rel = Path(dirpath).relative_to(root)
+        if spec is not None:
+            dirnames[:] = [d for d in dirnames if not spec.match_file(f"{(rel / d).as_posix()}/")]
+        for name in filenames:
+            path = Path(dirpath) / name
+            if path.is_symlink() or not path.resolve().is_relative_to(root):
+                continue
+            files[path.relative_to(root).as_posix()] = path
+    return files
+
+
+def bundle_paths(app: Path) -> list[str]:
+    """The relative paths of ``app`` that end up in its bundle (pyproject.toml and .gitignore too,
+    when present): a directory holding just these builds the same bundle."""
+    import tomllib
+    from flwr.cli.build import get_filtered_fab_paths
+    from flwr.cli.utils import filter_paths_for_publish
+
+    files = filter_paths_for_publish(app_files(app))
+    config = tomllib.loads((Path(app) / "pyproject.toml").read_text(encoding="utf-8"))
+    keep = [*get_filtered_fab_paths(files, config), "pyproject.toml", ".gitignore"]
+    return sorted({p for p in keep if (Path(app) / p).is_file()})
+
+
 def fab_sha256(path: Path) -> str:
     """SHA-256 of a built ``.fab`` file, or of the bundle ``flwr run`` builds from an app directory."""
     if path.is_dir():
-        from flwr.cli.build import build_fab_from_disk
+        from flwr.cli.build import build_fab_from_files
 
-        return hashlib.sha256(build_fab_from_disk(path.resolve())).hexdigest()
+        return hashlib.sha256(build_fab_from_files(app_files(path))[0]).hexdigest()
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 

@@ -176,13 +176,16 @@ def submit(home: Path, fed: str, app: Path, config: dict[str, Any]) -> str:
     with tempfile.NamedTemporaryFile("w", suffix=".toml", dir=home, prefix="run-config-", delete=False) as fh:
         fh.write(tomli_w.dumps(config))
     try:
-        res = subprocess.run(
-            [*prefix, "run", str(app), fed, "--format", "json", "--run-config", fh.name],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=300,
-        )
+        from deploy.launch.appdir import staged_app  # only the bundle's files: flwr walks the whole directory
+
+        with staged_app(app) as src:
+            res = subprocess.run(
+                [*prefix, "run", str(src), fed, "--format", "json", "--run-config", fh.name],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=300,
+            )
     finally:
         Path(fh.name).unlink(missing_ok=True)
     out = _json_out(res.stdout)

@@ -12,6 +12,7 @@ from typing import Any
 
 import tomli_w
 
+from deploy.launch.appdir import staged_app
 from deploy.launch.coordinator import ensure_superexec
 from deploy.launch.errors import LaunchError
 from deploy.launch.flower_cli import CLI_PREFIX, flwr_cli, operator_flwr
@@ -42,23 +43,24 @@ def run_app(
     """
     cfg_file = Path(flwr_home) / f"run-{time.monotonic_ns()}.toml"
     cfg_file.write_text(tomli_w.dumps(config))
-    res = subprocess.run(
-        [
-            *CLI_PREFIX,
-            *operator_flwr(),
-            "run",
-            str(app),
-            federation,
-            "--format",
-            "json",
-            "--run-config",
-            str(cfg_file),
-        ],
-        capture_output=True,
-        text=True,
-        env=process_env(Path(flwr_home)),
-        timeout=120,
-    )
+    with staged_app(app) as src:  # only the bundle's files: flwr walks the whole directory
+        res = subprocess.run(
+            [
+                *CLI_PREFIX,
+                *operator_flwr(),
+                "run",
+                str(src),
+                federation,
+                "--format",
+                "json",
+                "--run-config",
+                str(cfg_file),
+            ],
+            capture_output=True,
+            text=True,
+            env=process_env(Path(flwr_home)),
+            timeout=120,
+        )
     start = res.stdout.find("{")
     try:
         out = json.loads(res.stdout[start:]) if start >= 0 else {}
