@@ -1,4 +1,5 @@
-"""Segmentation family: tiny random SAM-shaped model for the fast tests, one test on real LiteMedSAM."""
+"""Segmentation family: tiny random SAM-shaped model for the fast tests (the one test on the real
+LiteMedSAM is ``tests/integration/test_litemedsam_peft.py``: ~30 s of CPU, out of the fast loop)."""
 
 from __future__ import annotations
 
@@ -207,44 +208,6 @@ def test_real_prostate_sites_masks_and_i2cvb_pairs() -> None:
     cup = seg_data.load_fundus_site("Domain1", "cup")
     assert fundus.train_images[0].shape[2] == 3
     assert (cup.train_masks[0] <= fundus.train_masks[0]).all() and cup.train_masks[0].sum() > 0
-
-
-# -- the one test on the real LiteMedSAM ---------------------------------------------------------
-
-
-def test_real_litemedsam_lora_composed_from_three_sites_loads_in_stock_peft(tmp_path) -> None:
-    from peft import PeftModel
-
-    _real_data_or_skip()
-    model = sam.load_sam(sam.LITEMEDSAM)
-    assert model.rpe_fingerprint == sam.fingerprint(sam.LITEMEDSAM)
-    sites = [seg_data.load_prostate_site(n) for n in ("RUNMC", "BIDMC", "HK")]
-    adapters = []
-    for s in sites:
-        a, stats = S.train_adapter(
-            model,
-            s.train_images[:1],
-            s.train_masks[:1],
-            S.SegLoraSpec(batch_size=1),
-            steps=2,
-            lr=5e-3,
-            site=s.name,
-            cache=tmp_path,
-        )
-        adapters.append(a)
-    composed = compose(adapters, [0.6, 0.8, -0.4])
-    out = save_peft_adapter(composed, tmp_path / "composed", base_model_name_or_path=model.rpe_fingerprint)
-    target = sites[0]
-    emb = S.embeddings(model, target.test_images[:1], target.name, tmp_path)
-    assert emb.shape == (1, 256, 64, 64)
-    boxes = S.make_boxes(target.test_masks[:1], S.PromptSpec("center"))
-    peft_model = PeftModel.from_pretrained(sam.load_sam(sam.LITEMEDSAM), str(out)).eval()
-    with torch.no_grad():
-        base = sam.decode(model, emb, boxes)
-        got = sam.decode(peft_model.base_model.model, emb, boxes)
-        want = sam.decode(S.with_adapter(model, composed), emb, boxes)
-    assert (got - base).abs().max() > 1e-4  # the composed LoRA changes the logits
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_inference_encoder_folds_batchnorm_and_leaves_the_model_and_its_output_alone(tiny: torch.nn.Module) -> None:

@@ -1,8 +1,8 @@
-"""The zero-shot evidence recipe (benchmarks/zero_shot.py): federations without leakage, honest statistics."""
+"""The zero-shot evidence recipe (benchmarks/zero_shot.py): federations without leakage, honest statistics.
+
+The smoke profile run end to end (trains and generates) is ``tests/integration/test_zero_shot_smoke.py``."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
@@ -80,33 +80,6 @@ def test_paired_test_detects_a_real_difference_and_not_noise():
     t = zs.paired_test(better, base, 2000)
     assert t["p"] < 0.01 and t["lo"] > 0 and abs(t["diff"] - 0.05) < 0.01
     assert zs.paired_test(same, base, 2000)["p"] > 0.01
-
-
-def test_smoke_profile_runs_end_to_end_and_reruns_from_the_cache(tiny_model_dir, tmp_path):
-    out = zs.run("smoke", str(tiny_model_dir), tmp_path / "out", cache=tmp_path / "cache")
-    arms = {r["arm"] for r in out["results"]}
-    assert {
-        "base",
-        "own",
-        "avg-all",
-        "nearest",
-        "sim",
-        "lin",
-        "lin-l1",
-        "sim-loso",
-        "lin-l1-loso",
-        "fewshot",
-        "sim[z=mid]",
-    } <= arms
-    fewshot = [r for r in out["results"] if r["arm"] == "fewshot"]
-    assert fewshot and not any(r["zero_shot"] for r in fewshot)
-    assert out["cache"]["lora_trained"] > 0
-    report = (tmp_path / "out" / "ZERO_SHOT.md").read_text()
-    assert "score_vs_n.png" in report and (tmp_path / "out" / "weights.png").exists()
-    again = zs.run("smoke", str(tiny_model_dir), tmp_path / "out2", cache=tmp_path / "cache")
-    assert again["cache"]["lora_trained"] == 0 and again["cache"]["gen_computed"] == 0
-    same = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
-    assert [r["rouge_l"] for r in same] == [r["rouge_l"] for r in again["results"]]
 
 
 def test_seg_loo_table_carries_intervals_and_paired_tests() -> None:
