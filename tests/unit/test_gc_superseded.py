@@ -61,6 +61,29 @@ def test_gc_keeps_superseded_blobs_and_deletes_orphans_and_removed(tmp_path):
         assert reg.gc(dry_run=True) == []
 
 
+def test_gc_keeps_blobs_superseded_by_a_batch_commit(tmp_path):
+    """An enrolment round stored as one commit (``add_submissions``) supersedes through its own
+    lines and entries; gc keeps those blobs too."""
+    from server.registry.batch import Submission
+
+    root = tmp_path / "reg"
+    rng = np.random.default_rng(2)
+    z = rng.standard_normal((3, DIM)).astype(np.float32)
+    with new_registry(root) as reg:
+        a1 = reg.add(make_adapter(1), z[0], make_meta(0, site="a", task="ct-head"))
+        outcomes = reg.add_submissions(
+            [
+                Submission(make_adapter(5), z[1], make_meta(1, site="a", task="ct-head")),
+                Submission(make_adapter(6), z[2], make_meta(2, site="b", task="ct-head")),
+            ]
+        )
+        assert [r.id for r in outcomes[0].superseded] == [a1.id] and a1.id not in reg
+        orphan = _orphan(root, "c1")
+        assert reg.gc() == [orphan]
+        assert _blob_file(root, a1.blob_sha256).is_file()
+        assert reg.verify(full=True) == []
+
+
 def _reenrol(reg: Registry, family: str, site: str, egress: EgressLog | None, seed: int) -> tuple[str, str]:
     """``site`` sends a new adapter for the same task and base, as an enrolment run does (site a
     logs its reply and the coordinator's receipt in its egress log); it supersedes the old one.
