@@ -231,3 +231,19 @@ def test_a_crash_mid_batch_leaves_all_of_it_or_none(seeded, tmp_path, point):
         assert [p for p in reg.verify() if not p.startswith("orphan blob")] == []
     accepted = [e for e in audit_lines(root) if e["event"] == "submission.accepted" and e.get("run_id") == "r1"]
     assert sorted(json.dumps(e["site"]) for e in accepted).count('"x"') in (1, 2)
+
+
+def test_the_chroma_mirror_follows_a_batch_with_supersedes(seeded, tmp_path):
+    """With the embedded Chroma mirror on: the batch's records are upserted and the superseded one
+    deleted, so ``verify()`` (which compares Chroma with the live records) is clean and an index
+    query answers like the exact one."""
+    root = _copy(seeded, tmp_path)
+    with Registry(root) as reg:
+        old_p = reg.list(site="p")[0].id
+        out = reg.add_submissions([_sub(50, "p"), _sub(51, "m"), _sub(52, "n")])
+        assert [r.id for r in out[0].superseded] == [old_p]
+        assert reg.index_ready and reg.verify() == []
+        q = _sub(51, "m").z
+        assert [h.record.id for h in reg.query(q, 3, method="index")] == [
+            h.record.id for h in reg.query(q, 3, method="brute")
+        ]
