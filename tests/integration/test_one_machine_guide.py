@@ -14,6 +14,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -49,7 +50,9 @@ def test_the_one_machine_block_runs_as_written(tmp_path: Path, tiny_model_dir: P
                 argv = [sys.executable, "-m", "deploy.cli", *argv[1:]]
             elif argv[0] == "python":
                 argv = [sys.executable, *argv[1:]]
+            t0 = time.monotonic()
             res = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+            print(f"{time.monotonic() - t0:6.1f} s  {cmd}")  # where the time goes (pytest -s)
             assert res.returncode == 0, f"{cmd}\n-> exit {res.returncode}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
             outputs.append(res.stdout + res.stderr)
     finally:
