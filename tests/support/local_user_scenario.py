@@ -141,6 +141,13 @@ def main() -> None:
         flwr_home = Path(state["flwr_home"])
         nodes_before = launch.supernode_status(flwr_home)
 
+        # the app both the attacker and the operator submit: a two-file probe (building a bundle of
+        # this checkout would walk its .venv, ~5 s of CPU per `flwr run`, six times per scenario)
+        app = base / "probe-app"
+        app.mkdir()
+        (app / "probe.py").write_text(PROBE_APP)
+        (app / "pyproject.toml").write_text(PYPROJECT)
+
         # -- the attacker: uid 65534, only the public CA certificate -------------------------
         evil = base / "evil"
         evil.mkdir()
@@ -168,14 +175,14 @@ def main() -> None:
         for name in ("rpe", "inner"):
             res = as_nobody([flwr, "supernode", "register", str(key.public_key), name, "--format", "json"], env)
             attempts[f"register-{name}"] = json_tail(res.stdout) or {"rc": res.returncode, "err": res.stderr[-300:]}
-            res = as_nobody([flwr, "run", str(REPO), name, "--format", "json"], env, timeout=180)
+            res = as_nobody([flwr, "run", str(app), name, "--format", "json"], env, timeout=180)
             attempts[f"run-{name}"] = json_tail(res.stdout) or {"rc": res.returncode, "err": res.stderr[-300:]}
         sock_env = {**env, "RPE_SUPERLINK_SOCKET": str(sock)}
         res = as_nobody(
             [*operator_flwr(), "supernode", "register", str(key.public_key), "rpe", "--format", "json"], sock_env
         )
         attempts["register-socket"] = json_tail(res.stdout) or {"rc": res.returncode, "err": res.stderr[-300:]}
-        res = as_nobody([*operator_flwr(), "run", str(REPO), "rpe", "--format", "json"], sock_env, timeout=180)
+        res = as_nobody([*operator_flwr(), "run", str(app), "rpe", "--format", "json"], sock_env, timeout=180)
         attempts["run-socket"] = json_tail(res.stdout) or {"rc": res.returncode, "err": res.stderr[-300:]}
         result["attacker_flwr"] = attempts
         targets = [
@@ -200,10 +207,6 @@ def main() -> None:
         result["operator_register"] = launch.register_sites(work, {"a": good.public_key})
         runs = launch.flwr_cli(["ls", "rpe"], flwr_home)
         result["runs_before_operator"] = len(runs.get("runs", [])) if runs.get("success") else runs
-        app = base / "probe-app"
-        app.mkdir()
-        (app / "probe.py").write_text(PROBE_APP)
-        (app / "pyproject.toml").write_text(PYPROJECT)
         outdir = base / "out"
         outdir.mkdir()
         uid, gid = state["account"]
