@@ -85,9 +85,16 @@ def is_site_template(block: dict) -> bool:
 # -- the hosts -----------------------------------------------------------------------------------
 
 
+#: the coordinator's run-config defaults in the test's copy of the app (its pyproject.toml
+#: [tool.flwr.app.config], where an operator sets them): the document's `rpe fed run enroll` then trains
+#: the tiny model 4 steps, not the default 40 (the commands themselves stay as the document writes them)
+APP_DEFAULTS = {"steps = 40\n": "steps = 4\n"}
+
+
 def snapshot_app(dst: Path) -> Path:
     """The project as the hosts run it (every rpe command and the app `flwr run` ships), copied so
-    that edits to the working tree during the test change neither the pinned hash nor the code."""
+    that edits to the working tree during the test change neither the pinned hash nor the code;
+    its run-config defaults are ``APP_DEFAULTS``."""
     files = subprocess.run(
         ["git", "ls-files", "-co", "--exclude-standard", "--", "common", "client", "server", "deploy"],
         cwd=REPO,
@@ -100,6 +107,11 @@ def snapshot_app(dst: Path) -> Path:
         if src.is_file():
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, dst / rel)
+    pyproject = (dst / "pyproject.toml").read_text(encoding="utf-8")
+    for old, new in APP_DEFAULTS.items():
+        assert pyproject.count(old) == 1, f"pyproject.toml: [tool.flwr.app.config] has no single {old.strip()!r}"
+        pyproject = pyproject.replace(old, new)
+    (dst / "pyproject.toml").write_text(pyproject, encoding="utf-8")
     return dst
 
 
