@@ -287,6 +287,7 @@ def test_ctrl_c_stops_the_run(dep):
     # the stopped run's ServerApp lets go of the registry (at its next heartbeat), and a rerun works
     _wait_registry_free(dep)
     # a rerun is not refused (a site still busy with the stopped run's message may not answer in time:
-    # Flower stops the run, not the ClientApp already at work, so 1 with a timeout is possible)
-    rerun = rpe_fed(dep, *run_args(dep, "whoami"))
+    # Flower stops the run, not the ClientApp already at work, so 1 with a timeout is possible; the
+    # short timeout-query bounds that wait: site a is still training 5000 steps, it cannot answer)
+    rerun = rpe_fed(dep, *run_args(dep, "whoami", "timeout-query=15"))
     assert rerun.returncode in (0, 1) and "is in use by" not in rerun.stderr, rerun
