@@ -52,25 +52,35 @@ MODES = ("none", "frobenius")
 HETERO_STEPS = (4, 12, 24)
 HETERO_LR = (5e-4, 2e-3, 8e-3)
 HETERO_RANK = (2, 4, 8)
+KINDS = ("train", "scaled")
 N_BOOT = 4000
 OUT_DIR = Path(__file__).resolve().parent / "zero_shot" / "hetero"
 
 
-def site_config(setting: str, draw: int, site: str, steps: int, lr: float, rank: int) -> dict[str, Any]:
-    """The (steps, lr, rank, seed) site ``site`` trains with in ``setting`` at draw ``draw``."""
+def site_config(
+    setting: str, draw: int, site: str, steps: int, lr: float, rank: int, kind: str = "train"
+) -> dict[str, Any]:
+    """The (steps, lr, rank, seed) site ``site`` trains with in ``setting`` at draw ``draw``. With
+    ``kind="scaled"`` the hetero site is its uniform adapter with the update times ``factor`` = (drawn lr
+    / lr) x (drawn steps / steps), the same draw as ``train``'s: the first-order size of that training."""
     if setting == "uniform":
         return {"steps": steps, "lr": lr, "rank": rank, "seed": draw}
     rng = np.random.default_rng([draw, zlib.crc32(site.encode())])
-    return {
+    drawn = {
         "steps": int(rng.choice(HETERO_STEPS)),
         "lr": float(rng.choice(HETERO_LR)),
         "rank": int(rng.choice(HETERO_RANK)),
         "seed": draw,
     }
+    if kind == "scaled":
+        factor = drawn["lr"] / lr * drawn["steps"] / steps
+        return {"steps": steps, "lr": lr, "rank": rank, "seed": draw, "factor": factor, "as_if": drawn}
+    return drawn
 
 
 def config_key(c: dict[str, Any]) -> str:
-    return f"s{c['steps']}-lr{c['lr']:g}-r{c['rank']}-seed{c['seed']}"
+    key = f"s{c['steps']}-lr{c['lr']:g}-r{c['rank']}-seed{c['seed']}"
+    return key + (f"-x{c['factor']:g}" if "factor" in c else "")
 
 
 def two_level_ci(cells: dict[tuple[int, str], np.ndarray], n_boot: int = N_BOOT, seed: int = 0) -> dict[str, float]:
@@ -144,6 +154,16 @@ class Bench:
         key = f"{site}/{config_key(c)}"
         if key in self.adapters:
             return key, self.adapters[key]
+        if "factor" in c:  # the uniform adapter, its update times factor (B scaled): nothing to train
+            from common.adapters import LoraAdapter, LoraModule
+
+            src_key, src = self.adapter(site, {k: v for k, v in c.items() if k != "factor"})
+            f = float(c["factor"])
+            self.adapters[key] = LoraAdapter(
+                {n: LoraModule(m.A, m.B * f, m.scale) for n, m in src.modules.items()}, src.base_model
+            )
+            self.stats[key] = {"from": src_key, "factor": f}
+            return key, self.adapters[key]
         done = self.root / "adapters" / key
         if (done / "stats.json").is_file():
             adapter = load_peft_adapter(done / "adapter")
@@ -200,6 +220,7 @@ def run_draw(
     only_target: str | None = None,
     uniform_frobenius: bool = False,
     own: bool = False,
+    kind: str = "train",
 ) -> dict[str, Any]:
     """Every cell of one draw: ``dice[setting][target][column]`` per slice, weights, scales, norms.
     ``only_site``: train that site's adapters (both settings) and stop; ``only_target``: evaluate that
@@ -210,12 +231,12 @@ def run_draw(
     names = [s.name for s in b.sites]
     if only_site is not None:
         for setting in ("uniform", "hetero"):
-            b.adapter(only_site, site_config(setting, draw, only_site, steps, lr, rank))
+            b.adapter(only_site, site_config(setting, draw, only_site, steps, lr, rank, kind))
         return {}
     zs = {n: b.z(n) for n in names}
     out: dict[str, Any] = {"configs": {}, "norms": {}, "dice": {}, "weights": {}, "scales": {}}
     for setting in ("uniform", "hetero"):
-        configs = {n: site_config(setting, draw, n, steps, lr, rank) for n in names}
+        configs = {n: site_config(setting, draw, n, steps, lr, rank, kind) for n in names}
         keys = {n: b.adapter(n, configs[n])[0] for n in names}
         out["configs"][setting] = configs
         out["norms"][setting] = {n: update_norm(b.adapters[keys[n]]) for n in names}
@@ -314,8 +335,17 @@ def markdown(result: dict[str, Any]) -> str:
     lines += [
         "",
         f"uniform: every site {result['uniform']['steps']} steps, lr {result['uniform']['lr']:g}, rank "
-        f"{result['uniform']['rank']}; hetero: each site draws steps from {list(HETERO_STEPS)}, lr from "
-        f"{list(HETERO_LR)}, rank from {list(HETERO_RANK)} (alpha 8). Largest / smallest update norm "
+        f"{result['uniform']['rank']}; "
+        + (
+            "hetero (`--hetero-kind scaled`): each site's uniform adapter with its update multiplied by "
+            "(drawn lr / lr) x (drawn steps / steps), steps drawn from "
+            f"{list(HETERO_STEPS)} and lr from {list(HETERO_LR)}: what that training would do to the size of the "
+            "update to first order, not to its direction (no training). "
+            if result.get("hetero_kind") == "scaled"
+            else f"hetero: each site draws steps from {list(HETERO_STEPS)}, lr from {list(HETERO_LR)}, rank from "
+            f"{list(HETERO_RANK)} (alpha 8). "
+        )
+        + "Largest / smallest update norm "
         "among the six sites, per draw: uniform "
         + ", ".join(f"{x:.1f}x" for x in summ["norm_spread"]["uniform"])
         + "; hetero "
@@ -348,12 +378,16 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for s in STRATEGIES:
         lines.append(f"| {s} | " + " | ".join(_ci(diffs[name][s], signed=True) for name in diffs) + " |")
-    lines += ["", "Per-site training configurations (hetero) and update norms ‖δ‖_F:", ""]
-    lines += ["| draw | site | steps | lr | rank | ‖δ‖ hetero | ‖δ‖ uniform |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "Per-site configurations (hetero) and update norms ‖δ‖_F:", ""]
+    lines += [
+        "| draw | site | steps | lr | rank | factor | ‖δ‖ hetero | ‖δ‖ uniform |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for draw, res in result["draws"].items():
         for site, c in res["configs"]["hetero"].items():
             lines.append(
-                f"| {draw} | {site} | {c['steps']} | {c['lr']:g} | {c['rank']} | "
+                f"| {draw} | {site} | {c.get('as_if', c)['steps']} | {c.get('as_if', c)['lr']:g} | "
+                f"{c.get('as_if', c)['rank'] if 'as_if' not in c else c['rank']} | {c.get('factor', '–')} | "
                 f"{res['norms']['hetero'][site]:.3f} | {res['norms']['uniform'][site]:.3f} |"
             )
     return "\n".join(lines) + "\n"
@@ -380,6 +414,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only-target", help="evaluate this target only and stop (the cache keeps the cells)")
     p.add_argument("--uniform-frobenius", action="store_true", help="also compose the uniform setting with frobenius")
     p.add_argument("--own", action="store_true", help="also score each target's own LoRA (supervised reference)")
+    p.add_argument(
+        "--hetero-kind",
+        choices=KINDS,
+        default="train",
+        help="train: hetero sites trained with drawn steps / lr / rank (default); scaled: the uniform adapters, "
+        "each update multiplied by a drawn factor (no training: the size of the heterogeneity only)",
+    )
     a = p.parse_args(argv)
     if a.merge:
         return merge(a.merge, a.out)
@@ -407,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
             only_target=a.only_target,
             uniform_frobenius=a.uniform_frobenius,
             own=a.own,
+            kind=a.hetero_kind,
         )
         if a.only_site or a.only_target:
             _log(f"draw {draw}: {a.only_site or a.only_target} done", t0)
@@ -424,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": "litemedsam",
             "fingerprint": b.fingerprint,
             "uniform": {"steps": a.steps, "lr": a.lr, "rank": a.rank},
+            "hetero_kind": a.hetero_kind,
             "copies": a.copies,
             "draws_run": list(draws),
             "draws": {str(k): v for k, v in draws.items()},
@@ -458,7 +501,8 @@ def merge(paths: Sequence[Path], out: Path) -> int:
     first = results[0]
     draws: dict[int, dict[str, Any]] = {}
     for r in results:
-        if (r["dataset"], r["uniform"], r["copies"]) != (first["dataset"], first["uniform"], first["copies"]):
+        same = ("dataset", "uniform", "copies", "hetero_kind")
+        if any(r.get(k) != first.get(k) for k in same):
             raise SystemExit(f"--merge: {paths[results.index(r)]} is another setting than {paths[0]}")
         for k, v in r["draws"].items():
             if int(k) in draws:

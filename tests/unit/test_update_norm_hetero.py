@@ -35,6 +35,17 @@ def test_site_configs_are_seeded_and_heterogeneous_only_in_the_hetero_setting():
     assert het != [site_config("hetero", 4, s, 12, 2e-3, 4) for s in SITES]  # another draw, other sites' configs
 
 
+def test_the_scaled_kind_keeps_the_uniform_training_and_scales_by_the_drawn_lr_and_steps():
+    from benchmarks.zero_shot_hetero import config_key
+
+    for s in SITES:
+        scaled, trained = site_config("hetero", 0, s, 12, 2e-3, 4, "scaled"), site_config("hetero", 0, s, 12, 2e-3, 4)
+        assert {k: scaled[k] for k in ("steps", "lr", "rank", "seed")} == site_config("uniform", 0, s, 12, 2e-3, 4)
+        assert scaled["as_if"] == trained
+        assert scaled["factor"] == pytest.approx(trained["lr"] / 2e-3 * trained["steps"] / 12)
+        assert config_key(scaled) == config_key(site_config("uniform", 0, s, 12, 2e-3, 4)) + f"-x{scaled['factor']:g}"
+
+
 def test_the_interval_resamples_draws_and_targets():
     flat = {(d, t): np.full(3, 0.5) for d in range(3) for t in SITES}
     c = two_level_ci(flat)
