@@ -109,6 +109,10 @@ def _log(msg: str, t0: float) -> None:
     print(f"[hetero {time.perf_counter() - t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
+class NotCached(LookupError):
+    """``--cached-only``: a cell that no earlier process has computed."""
+
+
 class Bench:
     """The model, the sites and the caches of one run."""
 
@@ -127,6 +131,7 @@ class Bench:
         self.root.mkdir(parents=True, exist_ok=True)
         self.evals_dir = self.root / "evals"  # one file per evaluation: processes in parallel never clobber
         self.evals_dir.mkdir(exist_ok=True)
+        self.cached_only = False
         self.adapters: dict[str, Any] = {}
         self.stats: dict[str, dict[str, Any]] = {}
         self.train_s = 0.0
@@ -193,6 +198,8 @@ class Bench:
         path = self.evals_dir / f"{key}.json"
         if path.is_file():
             return list(json.loads(path.read_text()))
+        if self.cached_only:
+            raise NotCached(target)
         t = time.perf_counter()
         adapter = compose([self.adapters[k] for k, _ in used], [c for _, c in used]) if used else None
         got = self.task(4).evaluate(self.model, adapter, self.by_name[target])["dice_per_image"]
@@ -225,8 +232,7 @@ def run_draw(
     """Every cell of one draw: ``dice[setting][target][column]`` per slice, weights, scales, norms.
     ``only_site``: train that site's adapters (both settings) and stop; ``only_target``: evaluate that
     target only (the caches let separate processes share the work)."""
-    from common.adapters.normalise import norm_scaling, update_norm
-    from server.strategies import compute_weights
+    from common.adapters.normalise import update_norm
 
     names = [s.name for s in b.sites]
     if only_site is not None:
@@ -244,27 +250,56 @@ def run_draw(
         weights: dict[str, dict[str, list[float]]] = {}
         scales: dict[str, dict[str, list[float]]] = {}
         for target in [only_target] if only_target else names:
-            lib = [n for n in names if n != target]
-            Z = np.stack([zs[n] for n in lib])
-            cells = {"pretrained": b.dice(target, [])}
-            if own:
-                cells["own"] = b.dice(target, [(keys[target], 1.0)])
-            weights[target], scales[target] = {}, {}
-            for mode in setting_modes(setting, uniform_frobenius):
-                scaling = norm_scaling([b.adapters[keys[n]] for n in lib], mode)
-                scales[target][mode] = scaling.scales
-                for strategy in STRATEGIES:
-                    w = [float(x) for x in compute_weights(strategy, zs[target], Z)]
-                    weights[target][strategy] = w
-                    coef = scaling.apply(w)
-                    cells[f"{strategy}/{mode}"] = b.dice(target, [(keys[n], c) for n, c in zip(lib, coef, strict=True)])
-            dice[target] = cells
+            try:
+                dice[target], weights[target], scales[target] = _target_cells(
+                    b, target, names, keys, zs, setting, own, uniform_frobenius
+                )
+            except NotCached:
+                _log(f"draw {draw} {setting} {target}: not every cell is cached; target left out", b.t0)
+                continue
             _log(
-                f"draw {draw} {setting} {target}: " + ", ".join(f"{c} {np.mean(v):.3f}" for c, v in cells.items()),
+                f"draw {draw} {setting} {target}: "
+                + ", ".join(f"{c} {np.mean(v):.3f}" for c, v in dice[target].items()),
                 b.t0,
             )
         out["dice"][setting], out["weights"][setting], out["scales"][setting] = dice, weights, scales
+    # a target is kept only where both settings have it (the comparisons are paired)
+    both = set(out["dice"]["uniform"]) & set(out["dice"]["hetero"])
+    for setting in ("uniform", "hetero"):
+        out["dice"][setting] = {t: v for t, v in out["dice"][setting].items() if t in both}
     return out
+
+
+def _target_cells(
+    b: Bench,
+    target: str,
+    names: list[str],
+    keys: dict[str, str],
+    zs: dict[str, np.ndarray],
+    setting: str,
+    own: bool,
+    uniform_frobenius: bool,
+) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, list[float]]]:
+    """(per-slice DICE per column, weights per strategy, scales per mode) of one target in one setting."""
+    from common.adapters.normalise import norm_scaling
+    from server.strategies import compute_weights
+
+    lib = [n for n in names if n != target]
+    Z = np.stack([zs[n] for n in lib])
+    cells = {"pretrained": b.dice(target, [])}
+    if own:
+        cells["own"] = b.dice(target, [(keys[target], 1.0)])
+    weights: dict[str, list[float]] = {}
+    scales: dict[str, list[float]] = {}
+    for mode in setting_modes(setting, uniform_frobenius):
+        scaling = norm_scaling([b.adapters[keys[n]] for n in lib], mode)
+        scales[mode] = scaling.scales
+        for strategy in STRATEGIES:
+            w = [float(x) for x in compute_weights(strategy, zs[target], Z)]
+            weights[strategy] = w
+            coef = scaling.apply(w)
+            cells[f"{strategy}/{mode}"] = b.dice(target, [(keys[n], c) for n, c in zip(lib, coef, strict=True)])
+    return cells, weights, scales
 
 
 COMPARISONS = (
@@ -352,7 +387,8 @@ def markdown(result: dict[str, Any]) -> str:
         + ", ".join(f"{x:.1f}x" for x in summ["norm_spread"]["hetero"])
         + ".",
         "",
-        "Pooled DICE (6 targets × 3 test slices per draw) [95 % interval, draws and targets resampled]:",
+        f"Pooled DICE ({len(next(iter(result['draws'].values()))['dice']['uniform'])} targets × 3 test slices per "
+        "draw) [95 % interval, draws and targets resampled]:",
         "",
         "| strategy | uniform, none | uniform, frobenius | hetero, none | hetero, frobenius |",
         "|---|---|---|---|---|",
@@ -413,6 +449,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only-site", help="train this site's adapters (both settings, every draw) and stop")
     p.add_argument("--only-target", help="evaluate this target only and stop (the cache keeps the cells)")
     p.add_argument("--uniform-frobenius", action="store_true", help="also compose the uniform setting with frobenius")
+    p.add_argument(
+        "--cached-only",
+        action="store_true",
+        help="compute no evaluation: targets with a cell no earlier run computed are left out (and said so)",
+    )
     p.add_argument("--own", action="store_true", help="also score each target's own LoRA (supervised reference)")
     p.add_argument(
         "--hetero-kind",
@@ -434,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     b = Bench(a.dataset, a.workdir or cache_dir() / "zero_shot_hetero", a.copies, t0)
+    b.cached_only = a.cached_only
     command = "python -m benchmarks.zero_shot_hetero " + " ".join(argv if argv is not None else sys.argv[1:])
     draws: dict[int, dict[str, Any]] = {}
     a.out.mkdir(parents=True, exist_ok=True)
