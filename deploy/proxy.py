@@ -63,6 +63,27 @@ CONNECTIONS_PER_SITE = 4
 SPARE_CONNECTIONS = 128
 
 
+#: environment variable an operator sets to size the proxy for more (or fewer) sites
+MAX_SITES_ENV = "RPE_PROXY_MAX_SITES"
+
+
+def max_sites_from_env() -> int:
+    """``$RPE_PROXY_MAX_SITES`` (a positive whole number of sites), else :data:`DEFAULT_MAX_SITES`."""
+    raw = os.environ.get(MAX_SITES_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_SITES
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ProxyConfigError(
+            f"${MAX_SITES_ENV}={raw!r} is not a positive whole number of sites; set it to how many sites the "
+            f"proxy must hold (e.g. 400), or unset it for {DEFAULT_MAX_SITES}"
+        )
+    return value
+
+
 def worker_connections(max_sites: int) -> int:
     """nginx's ``worker_connections`` (one worker) for ``max_sites`` sites: never below nginx's
     own default of 512. nginx refuses new connections beyond it ("worker_connections are not
@@ -103,8 +124,9 @@ class ProxySpec:
     #: nginx ``user`` directive (only when nginx starts as root): who its workers run as
     worker_user: str | None = None
     worker_group: str | None = None
-    #: how many sites nginx's connection limits are sized for (``worker_connections``)
-    max_sites: int = DEFAULT_MAX_SITES
+    #: how many sites nginx's connection limits are sized for (``worker_connections``);
+    #: default ``$RPE_PROXY_MAX_SITES``, else :data:`DEFAULT_MAX_SITES`
+    max_sites: int = field(default_factory=max_sites_from_env)
 
 
 def check_networks(networks: list[str]) -> list[str]:

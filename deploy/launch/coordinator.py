@@ -41,6 +41,7 @@ from deploy.launch.processes import (
 )
 from deploy.launch.state import DEFAULT_SUPERLINK_PORT, FEDERATION, SiteSpec, load_state, save_state
 from deploy.operator_socket import MAX_SOCKET_PATH, SOCKET_ENV, write_wrappers
+from deploy.proxy import ProxyConfigError, max_sites_from_env
 from server.allowlist import AllowList
 
 
@@ -84,6 +85,10 @@ def start_superlink(
     if proxy:
         checks.check_port_free(host, port, "--port (the proxy's public port)")
         checks.check_port_free("127.0.0.1", inner_port or port + 1000, "--inner-port (the SuperLink behind the proxy)")
+        try:  # a bad $RPE_PROXY_MAX_SITES is refused before anything is written or started
+            max_sites_from_env()
+        except ProxyConfigError as exc:
+            raise LaunchError(str(exc)) from None
     else:
         checks.check_port_free(host, port)
     certs = workdir / "certs"

@@ -273,3 +273,24 @@ def test_a_bad_max_sites_is_refused(tmp_path: Path, bad) -> None:
     bundle = tls.generate(tmp_path / "tls", [])
     with pytest.raises(proxy.ProxyConfigError, match="max_sites"):
         proxy.render_config(_proxy_spec(tmp_path, bundle, bad))
+
+
+def test_the_operator_sizes_the_proxy_with_an_environment_variable(tmp_path: Path, monkeypatch) -> None:
+    """``$RPE_PROXY_MAX_SITES`` sizes nginx for more sites than the default; a bad value is refused by
+    ``start_superlink`` naming the variable, before any certificate is written or process started."""
+    from deploy import launch, proxy, tls
+    from deploy.launch.errors import LaunchError
+    from deploy.launch.processes import free_port
+
+    bundle = tls.generate(tmp_path / "tls", [])
+    monkeypatch.setenv(proxy.MAX_SITES_ENV, "400")
+    spec = proxy.ProxySpec(
+        tmp_path / "p", "127.0.0.1", 9093, 10093, bundle.server_cert, bundle.server_key, bundle.ca_cert
+    )
+    assert spec.max_sites == 400 and "worker_connections 1728;" in proxy.render_config(spec)
+    for bad in ("many", "0", "-3", "2.5"):
+        monkeypatch.setenv(proxy.MAX_SITES_ENV, bad)
+        work = tmp_path / f"w{bad}"
+        with pytest.raises(LaunchError, match="RPE_PROXY_MAX_SITES"):
+            launch.start_superlink(work, port=free_port(), proxy=True)
+        assert not work.exists() or not any(work.rglob("*")), sorted(work.rglob("*"))
