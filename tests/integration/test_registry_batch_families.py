@@ -17,6 +17,10 @@ from pathlib import Path
 import pytest
 from support.seg import SEG_SITES, report_config, run_local, seg_config
 
+#: in-process (no real processes), but the two-family federation fixture and four training rounds take
+#: 30-85 s on two shared cores: kept out of the fast loop (tests/README.md), run by the full suite
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
 FAMILIES = ("report-text", "segmentation")
 
 
@@ -26,7 +30,6 @@ def _setup(local: dict, family: str) -> tuple[dict, Path, list[str]]:
     return seg_config(local["registry"], local["sam"]), local["registry"] / "segmentation", list(SEG_SITES[:2])
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_an_enrolment_round_is_one_commit_on_both_families(local, family, monkeypatch):
     from server.registry import Registry
