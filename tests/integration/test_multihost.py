@@ -338,7 +338,7 @@ def test_outsider_can_neither_register_nor_run(hosts):
     before = launch.supernode_status(hosts["flwr_home"])
     reg = _flwr(hosts["topo"], "outsider", home, ["supernode", "register", str(key.public_key), "rpe"])
     assert not reg.get("success"), reg
-    run = _flwr(hosts["topo"], "outsider", home, ["run", str(REPO), "rpe"], timeout=120)
+    run = _flwr(hosts["topo"], "outsider", home, ["run", str(hosts["app"]), "rpe"], timeout=120)
     assert not run.get("success"), run
     assert not _flwr(hosts["topo"], "outsider", home, ["ls", "rpe"]).get("success")
     assert launch.supernode_status(hosts["flwr_home"]) == before  # nothing registered
@@ -419,7 +419,7 @@ def test_a_site_host_reaches_the_fleet_api_but_not_the_control_api(hosts):
     launch.write_flwr_config(
         home, "rpe", f"{hosts['topo'].coord_addr['site-a']}:{PORT}", Path(hosts["state"]["ca_cert"])
     )
-    assert not _flwr(hosts["topo"], "site-a", home, ["run", str(REPO), "rpe"], timeout=120).get("success")
+    assert not _flwr(hosts["topo"], "site-a", home, ["run", str(hosts["app"]), "rpe"], timeout=120).get("success")
     key = tls.make_supernode_keys(hosts["tmp"] / "site-a-extra", "a2")
     assert not _flwr(hosts["topo"], "site-a", home, ["supernode", "register", str(key.public_key), "rpe"]).get(
         "success"
