@@ -58,23 +58,31 @@ OUT_DIR = Path(__file__).resolve().parent / "zero_shot" / "hetero"
 
 
 def site_config(
-    setting: str, draw: int, site: str, steps: int, lr: float, rank: int, kind: str = "train"
+    setting: str,
+    draw: int,
+    site: str,
+    steps: int,
+    lr: float,
+    rank: int,
+    kind: str = "train",
+    train_seed: int | None = None,
 ) -> dict[str, Any]:
     """The (steps, lr, rank, seed) site ``site`` trains with in ``setting`` at draw ``draw``. With
     ``kind="scaled"`` the hetero site is its uniform adapter with the update times ``factor`` = (drawn lr
     / lr) x (drawn steps / steps), the same draw as ``train``'s: the first-order size of that training."""
+    seed = draw if train_seed is None else train_seed  # --train-seed: the same LoRAs, only the draw varies
     if setting == "uniform":
-        return {"steps": steps, "lr": lr, "rank": rank, "seed": draw}
+        return {"steps": steps, "lr": lr, "rank": rank, "seed": seed}
     rng = np.random.default_rng([draw, zlib.crc32(site.encode())])
     drawn = {
         "steps": int(rng.choice(HETERO_STEPS)),
         "lr": float(rng.choice(HETERO_LR)),
         "rank": int(rng.choice(HETERO_RANK)),
-        "seed": draw,
+        "seed": seed,
     }
     if kind == "scaled":
         factor = drawn["lr"] / lr * drawn["steps"] / steps
-        return {"steps": steps, "lr": lr, "rank": rank, "seed": draw, "factor": factor, "as_if": drawn}
+        return {"steps": steps, "lr": lr, "rank": rank, "seed": seed, "factor": factor, "as_if": drawn}
     return drawn
 
 
@@ -228,6 +236,7 @@ def run_draw(
     uniform_frobenius: bool = False,
     own: bool = False,
     kind: str = "train",
+    train_seed: int | None = None,
 ) -> dict[str, Any]:
     """Every cell of one draw: ``dice[setting][target][column]`` per slice, weights, scales, norms.
     ``only_site``: train that site's adapters (both settings) and stop; ``only_target``: evaluate that
@@ -237,12 +246,12 @@ def run_draw(
     names = [s.name for s in b.sites]
     if only_site is not None:
         for setting in ("uniform", "hetero"):
-            b.adapter(only_site, site_config(setting, draw, only_site, steps, lr, rank, kind))
+            b.adapter(only_site, site_config(setting, draw, only_site, steps, lr, rank, kind, train_seed))
         return {}
     zs = {n: b.z(n) for n in names}
     out: dict[str, Any] = {"configs": {}, "norms": {}, "dice": {}, "weights": {}, "scales": {}}
     for setting in ("uniform", "hetero"):
-        configs = {n: site_config(setting, draw, n, steps, lr, rank, kind) for n in names}
+        configs = {n: site_config(setting, draw, n, steps, lr, rank, kind, train_seed) for n in names}
         keys = {n: b.adapter(n, configs[n])[0] for n in names}
         out["configs"][setting] = configs
         out["norms"][setting] = {n: update_norm(b.adapters[keys[n]]) for n in names}
@@ -450,6 +459,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only-target", help="evaluate this target only and stop (the cache keeps the cells)")
     p.add_argument("--uniform-frobenius", action="store_true", help="also compose the uniform setting with frobenius")
     p.add_argument(
+        "--train-seed",
+        type=int,
+        default=None,
+        help="every LoRA's training seed (default: the draw); with --hetero-kind scaled, draws then vary the "
+        "heterogeneity only and reuse one set of LoRAs",
+    )
+    p.add_argument(
         "--cached-only",
         action="store_true",
         help="compute no evaluation: targets with a cell no earlier run computed are left out (and said so)",
@@ -491,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
             uniform_frobenius=a.uniform_frobenius,
             own=a.own,
             kind=a.hetero_kind,
+            train_seed=a.train_seed,
         )
         if a.only_site or a.only_target:
             _log(f"draw {draw}: {a.only_site or a.only_target} done", t0)
@@ -509,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
             "fingerprint": b.fingerprint,
             "uniform": {"steps": a.steps, "lr": a.lr, "rank": a.rank},
             "hetero_kind": a.hetero_kind,
+            "train_seed": a.train_seed,
             "copies": a.copies,
             "draws_run": list(draws),
             "draws": {str(k): v for k, v in draws.items()},
@@ -543,7 +561,7 @@ def merge(paths: Sequence[Path], out: Path) -> int:
     first = results[0]
     draws: dict[int, dict[str, Any]] = {}
     for r in results:
-        same = ("dataset", "uniform", "copies", "hetero_kind")
+        same = ("dataset", "uniform", "copies", "hetero_kind", "train_seed")
         if any(r.get(k) != first.get(k) for k in same):
             raise SystemExit(f"--merge: {paths[results.index(r)]} is another setting than {paths[0]}")
         for k, v in r["draws"].items():
