@@ -353,6 +353,10 @@ def summarise(draws: dict[int, dict[str, Any]]) -> dict[str, Any]:
     return {"pooled": pooled, "diffs": diffs, "norm_spread": spread}
 
 
+def _factor(c: dict[str, Any]) -> str:
+    return f"{c['factor']:.3g}" if "factor" in c else "–"
+
+
 def _ci(c: dict[str, float] | None, signed: bool = False) -> str:
     if c is None:
         return "not run"
@@ -432,7 +436,7 @@ def markdown(result: dict[str, Any]) -> str:
         for site, c in res["configs"]["hetero"].items():
             lines.append(
                 f"| {draw} | {site} | {c.get('as_if', c)['steps']} | {c.get('as_if', c)['lr']:g} | "
-                f"{c.get('as_if', c)['rank'] if 'as_if' not in c else c['rank']} | {c.get('factor', '–')} | "
+                f"{c.get('as_if', c)['rank'] if 'as_if' not in c else c['rank']} | {_factor(c)} | "
                 f"{res['norms']['hetero'][site]:.3f} | {res['norms']['uniform'][site]:.3f} |"
             )
     return "\n".join(lines) + "\n"
