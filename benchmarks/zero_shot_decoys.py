@@ -25,7 +25,8 @@ against ``base`` (bootstrap interval, sign-flip p). Retrieval precision is the s
 retrieved adapters that are impression adapters. LoRAs, z and generations are cached in the zero-shot
 cache (``$RPE_CACHE_DIR/zero_shot``), so a larger M only trains the new decoys.
 
-    python -m benchmarks.zero_shot_decoys --decoys 0,8 --eval 20      # writes benchmarks/zero_shot/decoys/
+    python -m benchmarks.zero_shot_decoys --decoys 0,8 --library 4 --eval 12 --seeds 0,1,2
+    # as in benchmarks/ZERO_SHOT.md; --out defaults to benchmarks/zero_shot/decoys/
 """
 
 from __future__ import annotations
