@@ -47,7 +47,7 @@ from server.registry.parts import Parts
 from server.registry.recordlog import add_line, line_starts
 from server.registry.records import AdapterMeta, Prepared, Record
 from server.registry.validation import NORMS_KEY, check_same, core_meta, prepare
-from server.registry.writer import NORM_REFERENCE_MAX, storage_error
+from server.registry.writer import NORM_REFERENCE_MAX, accepted_fields, storage_error, stored_fields
 
 #: the key of the batch id in every record line of a batch commit
 BATCH_KEY = "batch"
@@ -109,19 +109,6 @@ def _rejection(sub: Submission, exc: Exception) -> tuple[str, dict[str, Any]]:
         "submission.rejected",
         {**dict(sub.audit_fields), "site": _site_of(sub.meta), "reason": str(exc), "error": type(exc).__name__},
     )
-
-
-def _what(p: Prepared) -> dict[str, Any]:
-    return {
-        "site": p.meta["site"],
-        "record_id": p.id,
-        "blob_sha256": p.sha,
-        "bytes": len(p.blob),
-        "z_sha256": p.z_sha,
-        "task": p.meta["task"],
-        "base_fingerprint": p.meta["base_fingerprint"],
-        "privacy": p.meta["privacy"],
-    }
 
 
 def _validate(
@@ -263,22 +250,11 @@ def write_batch(p: Parts, subs: Sequence[Submission], rules: Mapping[str, Any], 
     for i, (prep, row) in good.items():
         fields = dict(subs[i].audit_fields)
         if row is None:
-            what = {**_what(prep), **span[lines[new_at[prep.id]]]}
+            what = {**accepted_fields(prep), **span[lines[new_at[prep.id]]]}
             if new[new_at[prep.id]] is not prep:  # a second submission of a record of this batch
-                what = {**_what(new[new_at[prep.id]]), "duplicate": True}
+                what = {**accepted_fields(new[new_at[prep.id]]), "duplicate": True}
         else:
-            rec = cols.record(row)
-            what = {
-                "site": rec.meta.site,
-                "record_id": rec.id,
-                "blob_sha256": rec.blob_sha256,
-                "bytes": rec.bytes,
-                "z_sha256": rec.z_sha256,
-                "task": rec.meta.task,
-                "base_fingerprint": rec.meta.base_fingerprint,
-                "privacy": rec.meta.privacy,
-                "duplicate": True,
-            }
+            what = {**stored_fields(cols.record(row)), "duplicate": True}
         accepted_at.append(len(events))
         events.append(("submission.accepted", {**fields, **what, **enc}))
     run_fields = _common_fields(subs, good)

@@ -246,17 +246,21 @@ class Registry:
             self._index_pending = self._lazy_sync
         return out
 
-    def _add_batch(
-        self, items: Iterable[Sequence[Any]], index: bool, single: bool, extra: dict[str, Any]
-    ) -> list[Record]:
-        self._require_writable()
-        self._blobs.require_key("storing adapters")
-        rules = {
+    def _rules(self) -> dict[str, Any]:
+        """What every stored submission is checked against (``validation.prepare``)."""
+        return {
             "bases": self.bases,
             "limits": self.limits,
             "dim": self.embedding_dim,
             "representation": self.representation,
         }
+
+    def _add_batch(
+        self, items: Iterable[Sequence[Any]], index: bool, single: bool, extra: dict[str, Any]
+    ) -> list[Record]:
+        self._require_writable()
+        self._blobs.require_key("storing adapters")
+        rules = self._rules()
         with self._mutex:
             self._log.refresh()
             return self._writer.add_batch(items, index, single, extra, rules)
@@ -272,12 +276,7 @@ class Registry:
         one ``Outcome`` per submission, in order; ``RegistryStorageError`` stores nothing."""
         self._require_writable()
         self._blobs.require_key("storing adapters")
-        rules = {
-            "bases": self.bases,
-            "limits": self.limits,
-            "dim": self.embedding_dim,
-            "representation": self.representation,
-        }
+        rules = self._rules()
         with self._mutex:
             self._log.refresh()
             return batch.write_batch(self._parts, list(submissions), rules, supersede)

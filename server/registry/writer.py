@@ -85,6 +85,34 @@ def reference_bound(cols: Columns, limits: Mapping[str, float], base: str, task:
     )
 
 
+def accepted_fields(p: Prepared) -> dict[str, Any]:
+    """What a ``submission.accepted`` audit entry says of a newly stored submission."""
+    return {
+        "site": p.meta["site"],
+        "record_id": p.id,
+        "blob_sha256": p.sha,
+        "bytes": len(p.blob),
+        "z_sha256": p.z_sha,
+        "task": p.meta["task"],
+        "base_fingerprint": p.meta["base_fingerprint"],
+        "privacy": p.meta["privacy"],
+    }
+
+
+def stored_fields(rec: Record) -> dict[str, Any]:
+    """The same fields, of a record already stored (a re-submission of a live record)."""
+    return {
+        "site": rec.meta.site,
+        "record_id": rec.id,
+        "blob_sha256": rec.blob_sha256,
+        "bytes": rec.bytes,
+        "z_sha256": rec.z_sha256,
+        "task": rec.meta.task,
+        "base_fingerprint": rec.meta.base_fingerprint,
+        "privacy": rec.meta.privacy,
+    }
+
+
 def span_fields(start: int, end: int, data: bytes) -> dict[str, Any]:
     """The audit fields that bind appended record bytes ``data`` at [start, end) into the chain."""
     return {"records_span": [start, end], "records_span_sha256": sha256_hex(data)}
@@ -137,30 +165,9 @@ class Writer:
 
             def audit_single(fields: dict[str, Any]) -> None:
                 if kind == "new":
-                    p = prepared[at]
-                    what = {
-                        "site": p.meta["site"],
-                        "record_id": p.id,
-                        "blob_sha256": p.sha,
-                        "bytes": len(p.blob),
-                        "z_sha256": p.z_sha,
-                        "task": p.meta["task"],
-                        "base_fingerprint": p.meta["base_fingerprint"],
-                        "privacy": p.meta["privacy"],
-                    }
+                    what = accepted_fields(prepared[at])
                 else:  # a re-submission of a live record: the stored one's fields, marked duplicate
-                    rec = self.cols.record(at)
-                    what = {
-                        "site": rec.meta.site,
-                        "record_id": rec.id,
-                        "blob_sha256": rec.blob_sha256,
-                        "bytes": rec.bytes,
-                        "z_sha256": rec.z_sha256,
-                        "task": rec.meta.task,
-                        "base_fingerprint": rec.meta.base_fingerprint,
-                        "privacy": rec.meta.privacy,
-                        "duplicate": True,
-                    }
+                    what = {**stored_fields(self.cols.record(at)), "duplicate": True}
                 self.last_accepted = self.audit.append(
                     "submission.accepted", **{**extra, **what, **fields, **self.blobs.encryption_fields()}
                 )
