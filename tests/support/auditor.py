@@ -16,22 +16,12 @@ from pathlib import Path
 import pytest
 
 from common.trust.digests import canonical_json
-from deploy.cli import main
 from server.audit import entry_hash, head, line_hash
 from server.coordroot import audit_sources
+from support.cli import rpe as _rpe
 from support.seg import report_config, run_local, seg_config
 
 SITES = ("a", "b", "RUNMC", "BMC")
-
-
-def _rpe(capsys, *argv: str) -> tuple[int, str]:
-    capsys.readouterr()
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    return code, capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")

@@ -14,23 +14,13 @@ import json
 from pathlib import Path
 
 import pytest
+from support.cli import rpe as _rpe
 from support.seg import report_config, run_local, seg_config
 from support.toy import SITES as TOY_SITES
 from support.toy import run as run_toy
 
-from deploy.cli import main
 from server.coordroot import audit_sources, family_registries
 from server.crosscheck import cross_check
-
-
-def _rpe(capsys, *argv: str) -> tuple[int, str]:
-    capsys.readouterr()
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    return code, capsys.readouterr().out
 
 
 @pytest.mark.slow

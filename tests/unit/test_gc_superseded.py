@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support.cli import rpe as _rpe
 from support.registry import DIM, make_adapter, make_meta, new_registry
 from support.two_family import FAMILIES, _adapter, build
 
 from client.egress import EgressLog
 from common.adapters import adapter_to_arrays
 from common.trust.digests import record_digests
-from deploy.cli import main
 from server.registry import AdapterMeta, Registry
 
 
@@ -111,16 +111,6 @@ def _reenrol(reg: Registry, family: str, site: str, egress: EgressLog | None, se
         extra = {"outcome": "ok", "nonce": f"{run_id}-n", "receipt": reg.receipt(new.id, run_id=run_id)}
         egress.record("train", reply, run_id=run_id, extra=extra)
     return old.blob_sha256, new.id
-
-
-def _rpe(capsys, *argv: str) -> tuple[int, str]:
-    capsys.readouterr()
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    return code, capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")

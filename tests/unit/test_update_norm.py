@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from support.cli import rpe_run as _rpe
 from support.two_family import SEG_DIR, build
 
 from common.adapters import LoraAdapter, LoraModule, adapter_to_bytes, compose, load_peft_adapter, save_peft_adapter
 from common.adapters.normalise import UPDATE_NORMS, UpdateNormError, check_update_norm, norm_scaling, update_norm
-from deploy.cli import main
 
 
 def _dense(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
@@ -156,17 +156,6 @@ def test_unknown_values_are_refused_with_the_allowed_list(tmp_path, capsys):
 
     table = tomllib.loads((APP_DIR / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     assert table["update-norm"] == "none"
-
-
-def _rpe(capsys, *argv: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    got = capsys.readouterr()
-    return code, got.out, got.err
 
 
 @pytest.fixture(scope="module")
