@@ -353,14 +353,14 @@ class Lab:
         self.counts = {"lora_trained": 0, "lora_cached": 0, "gen_computed": 0, "gen_cached": 0}
 
     # -- LoRA ---------------------------------------------------------------------------------
-    def lora(self, examples: Sequence[Any]) -> Any:
+    def lora(self, examples: Sequence[Any], seed: int = 0) -> Any:
+        """The LoRA of ``examples`` trained with ``seed`` (cached; seed 0's key is the original one)."""
         from common.adapters import load_peft_adapter, save_peft_adapter
         from common.families.report.training import LoraSpec, train_lora
 
         p = self.p
-        key = _digest(
-            self.base_fp, sorted(e.uid for e in examples), p.steps, p.lr, p.batch_size, p.max_length, p.r, p.alpha
-        )
+        parts = [self.base_fp, sorted(e.uid for e in examples), p.steps, p.lr, p.batch_size, p.max_length, p.r, p.alpha]
+        key = _digest(*parts, *([seed] if seed else []))
         path = self.cache / "lora" / key
         if (path / "adapter_model.safetensors").exists():
             self.counts["lora_cached"] += 1
@@ -375,7 +375,7 @@ class Lab:
             lr=p.lr,
             batch_size=p.batch_size,
             max_length=p.max_length,
-            seed=0,
+            seed=seed,
             progress=False,
             base_model=str(self.model_dir),
         )

@@ -48,7 +48,6 @@ from benchmarks.zero_shot import (
     PROFILES,
     Lab,
     _compose,
-    _digest,
     _retrieve,
     _weights,
     build_library,
@@ -177,44 +176,6 @@ def seed_spread(per_seed: Sequence[Sequence[float]]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-class SeededLab(Lab):
-    """``Lab`` whose LoRAs take a training seed; seed 0 is the zero-shot cache's own entry (shared)."""
-
-    def lora_seeded(self, examples: Sequence[Any], seed: int) -> Any:
-        if seed == 0:
-            return self.lora(examples)
-        from common.adapters import load_peft_adapter, save_peft_adapter
-        from common.families.report.training import LoraSpec, train_lora
-
-        p = self.p
-        key = _digest(
-            self.base_fp, sorted(e.uid for e in examples), p.steps, p.lr, p.batch_size, p.max_length, p.r, p.alpha, seed
-        )
-        path = self.cache / "lora" / key
-        if (path / "adapter_model.safetensors").exists():
-            self.counts["lora_cached"] += 1
-            return load_peft_adapter(path)
-        adapter, _ = train_lora(
-            self.model,
-            self.tok,
-            list(examples),
-            self.task,
-            LoraSpec(r=p.r, alpha=p.alpha),
-            steps=p.steps,
-            lr=p.lr,
-            batch_size=p.batch_size,
-            max_length=p.max_length,
-            seed=seed,
-            progress=False,
-            base_model=str(self.model_dir),
-        )
-        tmp = path.with_name(path.name + ".tmp")
-        save_peft_adapter(adapter, tmp, str(self.model_dir))
-        os.replace(tmp, path)
-        self.counts["lora_trained"] += 1
-        return adapter
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--decoys", default="0,8", help="library decoy counts M, comma-separated (default 0,8)")
@@ -258,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--decoys and --seeds need at least one non-negative integer, --eval at least 1")
     p = replace(PROFILES["reduced"], bertscore=False, max_length=args.max_length)
     cache = Path(os.environ.get("RPE_CACHE_DIR", Path.home() / ".cache" / "rpe")) / "zero_shot"
-    lab = SeededLab(args.model, p, cache)
+    lab = Lab(args.model, p, cache)
     all_groups = report_groups(min_size=1)
     groups = {g: all_groups[g] for g in GROUPS if g in all_groups}
     ref_pool, tgt_pool = split_pools(groups, p.target_fraction, args.data_seed, min_target=20)
@@ -312,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         train_seed = 0 if args.eval_seeds_only else seed
         adapters: dict[str, Any] = {}
         for i, (name, _task, exs) in enumerate(jobs):
-            adapters[name] = lab.lora_seeded(exs, train_seed)
+            adapters[name] = lab.lora(exs, train_seed)
             print(
                 f"[decoys] seed {seed} LoRA {i + 1}/{len(jobs)} {name} ({len(exs)} examples) "
                 f"{time.perf_counter() - t0:.0f} s",
