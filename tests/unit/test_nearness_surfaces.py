@@ -16,27 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support.cli import rpe_run as rpe
 from support.two_family import FAMILIES, SEG_DIR, build
 
-from deploy.cli import main
 from server.nearness import DEFAULT_FAR_RATIO, WARNING, FarRatioError, check_far_ratio, summary
 from server.registry import Registry
 
 #: per family: the near target's z is a library site's z plus this; the far one the library's mean
 #: plus FAR along one axis (the library's own sites are ~3·sqrt(2·dim) apart)
 NEAR, FAR = 0.05, 400.0
-
-
-def rpe(capsys, *argv: str) -> tuple[int, str, str]:
-    """``rpe ARGV`` in this process: (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    got = capsys.readouterr()
-    return code, got.out, got.err
 
 
 def test_the_threshold_is_a_finite_number_not_below_zero():
