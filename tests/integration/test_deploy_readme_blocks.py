@@ -36,6 +36,7 @@ from pathlib import Path
 import pytest
 from support import netns, write_site_data
 from support.doc_commands import section_blocks, section_commands
+from support.procs import processes_with_env
 
 from deploy import launch
 from server.registry import Registry
@@ -232,22 +233,6 @@ def test_the_run_as_block_runs_as_written_and_the_operator_group_opens_the_socke
 SIM_SITES = {"a": "ct-head", "b": "mr-head", "c": "ct-head"}
 
 
-def _processes_with_env(marker: str) -> list[tuple[int, int]]:
-    """(pid, start time) of every live process whose environment holds ``marker`` (not this one)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            env = (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        start = launch.proc_start_time(int(entry.name))
-        if marker.encode() in env.split(b"\0") and start is not None:
-            found.append((int(entry.name), start))
-    return found
-
-
 @pytest.mark.slow  # Ray and the local SuperLink start: 336 s at load average 37 on two cores
 def test_the_simulation_block_enrols_every_site(tmp_path, tiny_model_dir):
     """As written before, the block "succeeded" (flwr exit 0) and enrolled nothing: the local
@@ -321,11 +306,11 @@ def test_the_simulation_block_enrols_every_site(tmp_path, tiny_model_dir):
         # the guide: "flwr run ... local leaves a SuperLink and a SuperExec running afterwards: stop
         # them by PID (`python -c ...`)": its command, for each
         (stop,) = re.findall(r'`(python -c "from deploy\.launch import stop_process; [^`]+)`', section)
-        left = _processes_with_env(f"FLWR_HOME={home}")
+        left = processes_with_env(f"FLWR_HOME={home}")
         assert left, "the guide says the local SuperLink keeps running"
         for pid, _ in left:
             _shell(stop.replace("PID", str(pid)), tmp_path, [], env)
-        assert not _processes_with_env(f"FLWR_HOME={home}")
+        assert not processes_with_env(f"FLWR_HOME={home}")
     finally:
-        for pid, start_time in _processes_with_env(f"FLWR_HOME={home}"):
+        for pid, start_time in processes_with_env(f"FLWR_HOME={home}"):
             launch.stop_process(pid, start_time, 15)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import pytest
 from support import write_site_data
+from support.procs import processes_with_env
 
 from deploy import launch
 from deploy.launch.appdir import staged_app
@@ -36,23 +36,6 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 SITES = {"a": "ct-head", "b": "mr-head"}
 RUN_TIMEOUT = 420.0
-
-
-def processes_with_env(marker: str) -> list[tuple[int, int]]:
-    """(pid, start time) of every live process whose environment holds ``marker`` (not this one)."""
-    found = []
-    needle = marker.encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            env = (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        start = launch.proc_start_time(int(entry.name))
-        if needle in env.split(b"\0") and start is not None:
-            found.append((int(entry.name), start))
-    return found
 
 
 def sim_env(flwr_home: Path, ports: tuple[int, int]) -> dict[str, str]:
