@@ -209,7 +209,23 @@ def main(argv: list[str] | None = None) -> int:
         help="only z and retrieval precision vs M (no LoRA is trained, nothing generated): cheap",
     )
     ap.add_argument("--decoy-texts", type=int, default=0, help="cap each decoy's examples (0 = all)")
+    ap.add_argument(
+        "--train-shard",
+        default="",
+        metavar="K/N",
+        help="only train (into the cache) every N-th LoRA starting at K, then exit: run N of these in "
+        "parallel, then the plain command scores from the cache (default: train and score everything)",
+    )
     args = ap.parse_args(argv)
+    shard: tuple[int, int] | None = None
+    if args.train_shard:
+        try:
+            k_s, n_s = (int(x) for x in args.train_shard.split("/"))
+        except ValueError:
+            ap.error(f"--train-shard {args.train_shard!r}: expected K/N with 0 <= K < N, e.g. 0/2")
+        if not 0 <= k_s < n_s:
+            ap.error(f"--train-shard {args.train_shard!r}: expected K/N with 0 <= K < N, e.g. 0/2")
+        shard = (k_s, n_s)
     from common.families.report.data import report_groups
 
     t_start = time.perf_counter()
@@ -273,12 +289,16 @@ def main(argv: list[str] | None = None) -> int:
         train_seed = 0 if args.eval_seeds_only else seed
         adapters: dict[str, Any] = {}
         for i, (name, _task, exs) in enumerate(jobs):
+            if shard and i % shard[1] != shard[0]:
+                continue
             adapters[name] = lab.lora(exs, train_seed)
             print(
                 f"[decoys] seed {seed} LoRA {i + 1}/{len(jobs)} {name} ({len(exs)} examples) "
                 f"{time.perf_counter() - t0:.0f} s",
                 flush=True,
             )
+        if shard:
+            continue
         for t in targets:
             ts = replace(t, eval=[t.eval[i] for i in eval_sample(len(t.eval), args.eval, seed)])
             refs = [e.target for e in ts.eval]

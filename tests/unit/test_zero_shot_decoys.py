@@ -154,3 +154,11 @@ def test_outputs_pool_seeds_into_one_table(tmp_path):
     assert len(row["per_seed"]["means"]) == 2
     md = (tmp_path / "DECOYS.md").read_text()
     assert "Per-seed means" in md and "| t-b | lin-l1 |" in md and "--seeds 0,1" in md
+
+
+@pytest.mark.parametrize("bad", ["x", "2/2", "1", "-1/2", "0/0"])
+def test_a_bad_train_shard_is_refused_before_any_work(bad, capsys):
+    with pytest.raises(SystemExit) as e:
+        zd.main([f"--train-shard={bad}"])
+    assert e.value.code == 2
+    assert "expected K/N with 0 <= K < N" in capsys.readouterr().err
