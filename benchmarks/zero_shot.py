@@ -736,6 +736,7 @@ def run(
                 "vs_base": paired_test(arm.rouge, base.rouge, p.bootstrap),
                 "vs_avg": paired_test(arm.rouge, avg.rouge, p.bootstrap) if avg is not None else None,
                 "n_eval": len(arm.rouge),
+                "rouge_l_per_report": [round(float(x), 5) for x in arm.rouge],  # for pooling seeds
                 **arm.info,
             }
             if arm.bert:
