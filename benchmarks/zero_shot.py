@@ -761,7 +761,9 @@ def run(
         "cache": lab.counts,
         "device": str(lab.device),
         "timings": {"train_and_embed_s": t_train, "evaluate_s": t_eval, "total_s": time.perf_counter() - t_start},
+        "seed": seed,
         "command": f"python -m benchmarks.zero_shot --profile {profile}"
+        + (f" --seed {seed}" if seed else "")
         + (f" --max-targets {max_targets}" if max_targets else ""),
         "targets_evaluated": f"{len(targets)} of {all_targets}",
     }
