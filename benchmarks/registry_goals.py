@@ -278,7 +278,11 @@ def main() -> None:
     ap.add_argument("--chroma-n", type=int, default=5000)
     ap.add_argument("--no-baseline-reopen", action="store_true")
     ap.add_argument("--workdir", default="/tmp/rpe-bench")
-    ap.add_argument("--out", required=True)
+    ap.add_argument(
+        "--out",
+        default=str(Path(__file__).resolve().parent / "REGISTRY_GOALS.json"),
+        help="JSON result (default benchmarks/REGISTRY_GOALS.json)",
+    )
     a = ap.parse_args()
     apply_threads()
     res = worker(a.n, a.dim, a.queries, a.chroma_n, Path(a.workdir), not a.no_baseline_reopen)
