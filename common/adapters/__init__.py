@@ -5,7 +5,8 @@
 - ``composition``: exact composition θ = θ0 + Σ w_i s_i B_i A_i and its best rank-r truncation
 - ``normalise``: the ``update-norm`` option, each retrieved update rescaled to the set's median norm
   (``from common.adapters.normalise import norm_scaling``; torch-free until a norm is computed)
-- ``stream_compose``: PEFT dirs -> PEFT dir, streamed (the same bytes as compose + save)
+- ``stream_compose``: PEFT dirs -> PEFT dir, streamed (the same bytes as compose + save), with the
+  ``update-norm`` scaling measured from the files (``peft_dirs_scaling``); ``stream_inputs`` its inputs
 - ``safetensors_header``: the hardened header parser
 
 The names below are the package's public API; import them from here. They load on first use
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
         peft_key,
     )
     from common.adapters.peft_io import load_peft_adapter, load_peft_adapters, save_peft_adapter
-    from common.adapters.stream_compose import compose_peft_dirs
+    from common.adapters.stream_compose import compose_peft_dirs, peft_dirs_scaling
 
 #: public name -> the module that defines it. Loaded on first use (PEP 562), so importing a
 #: torch-free part (``common.adapters.safetensors_header``, which the registry's validation uses)
@@ -57,7 +58,7 @@ _WHERE = {
         "lora",
     ),
     **dict.fromkeys(("load_peft_adapter", "load_peft_adapters", "save_peft_adapter"), "peft_io"),
-    "compose_peft_dirs": "stream_compose",
+    **dict.fromkeys(("compose_peft_dirs", "peft_dirs_scaling"), "stream_compose"),
 }
 
 
@@ -90,6 +91,7 @@ __all__ = [
     "delta_dict",
     "load_peft_adapter",
     "load_peft_adapters",
+    "peft_dirs_scaling",
     "peft_key",
     "save_peft_adapter",
     "singular_values",

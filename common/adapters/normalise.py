@@ -57,17 +57,31 @@ def check_update_norm(value: object, where: str = "update-norm") -> str:
     return text
 
 
+def module_norm_sq(A: Any, B: Any, scale: float) -> float:
+    """``‖s B A‖_F² = s² trace((BᵀB)(AAᵀ))`` of one module's factors (torch tensors), in float64,
+    without forming ``B A`` (two r × r products). The one formula both :func:`update_norm` and the
+    streamed composition (``common.adapters.stream_compose``) use, so their norms agree bit for bit."""
+    import torch
+
+    # fresh float64 copies: the same kernels on the same (aligned, contiguous) memory whatever the
+    # factors were read into, so a norm never depends on where the bytes came from
+    A = A.detach().to(torch.float64, copy=True)
+    B = B.detach().to(torch.float64, copy=True)
+    return float(scale) ** 2 * float(((B.mT @ B) * (A @ A.mT)).sum())
+
+
+def total_norm(squares: Sequence[float]) -> float:
+    """``sqrt(Σ squares)`` summed in the order given (the modules' order), never NaN for a -0 sum."""
+    total = 0.0
+    for sq in squares:
+        total += sq
+    return math.sqrt(max(total, 0.0))
+
+
 def update_norm(adapter: Any) -> float:
     """``‖δ‖_F = sqrt(Σ_modules s² trace((BᵀB)(AAᵀ)))`` of a ``LoraAdapter``, in float64, without
     forming any ``B A`` (two r × r products per module)."""
-    import torch
-
-    total = 0.0
-    for m in adapter.modules.values():
-        A = m.A.detach().to(torch.float64)
-        B = m.B.detach().to(torch.float64)
-        total += float(m.scale) ** 2 * float(((B.mT @ B) * (A @ A.mT)).sum())
-    return math.sqrt(max(total, 0.0))
+    return total_norm([module_norm_sq(m.A, m.B, m.scale) for m in adapter.modules.values()])
 
 
 @dataclass
@@ -98,10 +112,20 @@ def norm_scaling(adapters: Sequence[Any], mode: str = DEFAULT_UPDATE_NORM) -> No
     mode = check_update_norm(mode)
     if mode == "none":
         return NormScaling("none", [1.0] * len(adapters))
-    norms = [update_norm(a) for a in adapters]
+    return scaling_from_norms([update_norm(a) for a in adapters], mode)
+
+
+def scaling_from_norms(norms: Sequence[float], mode: str = "frobenius") -> NormScaling:
+    """The :class:`NormScaling` of retrieved updates whose total norms are ``norms`` (``mode``
+    checked; ``none`` ignores them): what :func:`norm_scaling` computes once the norms are known
+    (the streamed composition measures them from the files)."""
+    mode = check_update_norm(mode)
+    if mode == "none":
+        return NormScaling("none", [1.0] * len(norms))
+    norms = [float(n) for n in norms]
     live = sorted(n for n in norms if n > 0.0)
     if not live:
-        return NormScaling(mode, [1.0] * len(adapters), norms, 0.0)
+        return NormScaling(mode, [1.0] * len(norms), norms, 0.0)
     mid = len(live) // 2
     reference = live[mid] if len(live) % 2 else 0.5 * (live[mid - 1] + live[mid])
     scales = [reference / n if n > 0.0 else 1.0 for n in norms]

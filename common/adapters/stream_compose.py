@@ -25,14 +25,12 @@ from __future__ import annotations
 
 import math
 import os
-import stat
 import threading
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -47,20 +45,28 @@ from common.adapters.composition import (
     scale_rows_into,
     work_dtype,
 )
-from common.adapters.lora import LoraAdapter, LoraFormatError, peft_key
+from common.adapters.lora import LoraAdapter, peft_key
+from common.adapters.normalise import (
+    DEFAULT_UPDATE_NORM,
+    NormScaling,
+    check_update_norm,
+    module_norm_sq,
+    norm_scaling,
+    scaling_from_norms,
+    total_norm,
+)
 from common.adapters.peft_io import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     _checked_peft_dir,
     load_peft_adapters,
     peft_config_bytes,
-    peft_factors,
     safetensors_head,
     save_peft_adapter,
     staged_peft_dir,
     write_all,
 )
-from common.adapters.safetensors_header import MAX_HEADER_BYTES, SafetensorsHeaderError, check_sizes, parse_header
+from common.adapters.stream_inputs import _Adapter, _Input, _open_input, _torch_dtype  # noqa: F401 (_torch_dtype: tests)
 from common.files.buffers import empty_bytes, start_writeback
 
 #: the output buffer (computed, then written) and the read buffer: together small enough to stay
@@ -92,122 +98,6 @@ def _give_buffer(buf: torch.Tensor) -> None:
     with _pool_lock:
         if len(_pool) < _POOL_MAX:
             _pool.append(buf)
-
-
-@dataclass(frozen=True)
-class _Factor:
-    """A factor as the safetensors header describes it (what the checks and the plan need)."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-
-@dataclass
-class _Module:
-    """A module's factors, duck-typed as ``LoraModule`` for ``plan_composition``."""
-
-    A: _Factor
-    B: _Factor
-    scale: float
-
-    @property
-    def rank(self) -> int:
-        return self.A.shape[0]
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.B.shape[0], self.A.shape[1]
-
-
-@dataclass
-class _Adapter:
-    """An adapter's modules, duck-typed as ``LoraAdapter`` for ``plan_composition``."""
-
-    modules: dict[str, _Module]
-    base_model: str | None
-
-
-@dataclass
-class _Input:
-    """One input weights file, open for ``pread``: where each tensor's bytes start."""
-
-    path: Path
-    fd: int
-    offsets: dict[str, int]  # tensor name -> absolute byte offset of its data
-
-    def read_into(self, buf: torch.Tensor, offset: int) -> None:
-        """Fill the ``uint8`` tensor ``buf`` with the file's bytes from ``offset``."""
-        view = buf.numpy().data.cast("B")
-        done = 0
-        while done < len(view):
-            n = os.preadv(self.fd, [view[done:]], offset + done)
-            if n <= 0:
-                raise LoraFormatError(
-                    f"{self.path} became shorter while it was read (another process "
-                    "rewrote it?); compose again once it is complete"
-                )
-            done += n
-
-
-_TORCH_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-def _torch_dtype(name: str, tensor: str) -> torch.dtype:
-    """The torch dtype of the safetensors dtype ``name`` (of tensor ``tensor``, for the message)."""
-    dtype = _TORCH_DTYPES.get(name)
-    if dtype is None:
-        raise SafetensorsHeaderError(
-            f"tensor {tensor!r}: dtype {name} is not supported here (supported: {', '.join(_TORCH_DTYPES)})"
-        )
-    return dtype
-
-
-def _open_input(directory: Path, config: dict, weights_path: Path) -> tuple[_Input, _Adapter]:
-    """The open input and its adapter's factor shapes and dtypes, checked as ``load_peft_adapter``
-    checks a directory (the same code), reading only the safetensors header."""
-    fd = os.open(weights_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise LoraFormatError(f"{weights_path} is not a regular file")
-        try:
-            first = os.pread(fd, min(st.st_size, 1 << 16), 0)  # the header, in one read when it is small
-            n = int.from_bytes(first[:8], "little") if len(first) >= 8 else 0
-            if len(first) >= 8 and len(first) < 8 + n <= min(MAX_HEADER_BYTES + 8, st.st_size):
-                first += os.pread(fd, 8 + n - len(first), len(first))
-            header = parse_header(first, st.st_size)  # refuses a bad length before reading by it
-            if len(first) < 8 + n:
-                raise SafetensorsHeaderError(f"header of {n} bytes could not be read whole")
-            check_sizes(header)
-            specs = {
-                name: _Factor(tuple(info["shape"]), _torch_dtype(info["dtype"], name))
-                for name, info in header.items()
-                if name != "__metadata__"
-            }
-        except SafetensorsHeaderError as exc:
-            raise LoraFormatError(f"{weights_path}: not a valid safetensors file ({exc}); re-save the adapter") from exc
-        offsets = {name: 8 + n + info["data_offsets"][0] for name, info in header.items() if name != "__metadata__"}
-        modules, base = peft_factors(directory, config, specs)
-        adapter = _Adapter({name: _Module(A, B, scale) for name, (A, B, scale) in modules.items()}, base)
-        return _Input(weights_path, fd, offsets), adapter
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 _writer: tuple[int, ThreadPoolExecutor] | None = None
@@ -464,6 +354,72 @@ def _write_weights(path: Path, plan: CompositionPlan, inputs: Sequence[_Input], 
         os.close(fd)
 
 
+def _input_norms(inputs: Sequence[_Input], metas: Sequence[_Adapter]) -> list[float]:
+    """Each input's total update norm ``‖δ_i‖_F`` (``common.adapters.normalise.update_norm`` of the
+    loaded adapter, the same float64 arithmetic in the same module order), reading one module's
+    factors at a time through a reused buffer: memory is one module, not one adapter."""
+    scratch = _Scratch(2 * CHUNK_BYTES)
+    try:
+        norms = []
+        for i, meta in enumerate(metas):
+            squares = []
+            for name, m in meta.modules.items():  # sorted, as ``load_peft_adapter`` orders them
+                reader = _ModuleReader(inputs, scratch)  # fresh: its cache is by module name only
+                ((A, B),) = reader.read(name, [(i, cast("Any", m), 1.0)])
+                squares.append(module_norm_sq(A, B, m.scale))
+            norms.append(total_norm(squares))
+        return norms
+    finally:
+        _give_buffer(scratch.buf)
+
+
+def _open_inputs(paths: Sequence[Path]) -> tuple[list[_Input], list[_Adapter]]:
+    """Every directory checked (every config before any weights) and its weights file opened."""
+    inputs: list[_Input] = []
+    metas: list[_Adapter] = []
+    try:
+        for checked in [_checked_peft_dir(p) for p in paths]:
+            src, meta = _open_input(*checked)
+            inputs.append(src)
+            metas.append(meta)
+    except BaseException:
+        for src in inputs:
+            os.close(src.fd)
+        raise
+    return inputs, metas
+
+
+def peft_dirs_scaling(dirs: Sequence[str | os.PathLike[str]], mode: str = "frobenius") -> NormScaling:
+    """The ``update-norm`` scaling (``common.adapters.normalise``) of the PEFT directories ``dirs``,
+    measured from the files module by module (never a whole adapter in memory): the same
+    :class:`NormScaling` (norms, reference, scales, ``record()``) as ``norm_scaling`` of the loaded
+    adapters. Pass it to :func:`compose_peft_dirs` as ``update_norm`` to compose with it and keep it
+    for the record. ``mode`` is checked first (``UpdateNormError``), then the directories as
+    :func:`compose_peft_dirs` checks them."""
+    mode = check_update_norm(mode)
+    paths = [Path(p) for p in dirs]
+    if mode == "none":
+        return NormScaling("none", [1.0] * len(paths))
+    inputs, metas = _open_inputs(paths)
+    try:
+        return scaling_from_norms(_input_norms(inputs, metas), mode)
+    finally:
+        for src in inputs:
+            os.close(src.fd)
+
+
+def _checked_scaling(update_norm: str | NormScaling, n: int) -> tuple[str, NormScaling | None]:
+    """(mode, the given scaling or None) of ``compose_peft_dirs``'s ``update_norm``, refused before any work."""
+    if isinstance(update_norm, NormScaling):
+        if len(update_norm.scales) != n:
+            raise ValueError(
+                f"update_norm: a scaling of {len(update_norm.scales)} adapters given for {n} directories; "
+                "measure it with peft_dirs_scaling(dirs, mode) on the same directories"
+            )
+        return check_update_norm(update_norm.mode), update_norm
+    return check_update_norm(update_norm), None
+
+
 def compose_peft_dirs(
     dirs: Sequence[str | os.PathLike[str]],
     weights: Sequence[float] | np.ndarray | torch.Tensor,
@@ -472,6 +428,7 @@ def compose_peft_dirs(
     dtype: torch.dtype | None = None,
     max_rank: int | None = None,
     base_model_name_or_path: str | None = None,
+    update_norm: str | NormScaling = DEFAULT_UPDATE_NORM,
 ) -> Path:
     """Compose the PEFT LoRA directories ``dirs`` with ``weights`` into the PEFT directory ``out``.
 
@@ -480,21 +437,29 @@ def compose_peft_dirs(
     module docstring. ``dtype`` is the output dtype (default: the inputs' common dtype);
     ``base_model_name_or_path`` goes into the config (default: the inputs' base when they agree).
     ``max_rank`` (best rank-r approximation) needs every factor of a module at once, so it takes
-    the in-memory path. Bad input raises ``LoraFormatError`` naming the directory and the problem,
-    before anything is written; ``out`` is replaced only by a complete, fsynced directory.
+    the in-memory path. ``update_norm`` (``common/adapters/normalise.py``): ``none`` (default) or
+    ``frobenius``, every input's whole update ``s·B·A`` rescaled to the median total Frobenius norm of
+    the inputs before weighting, so the output is exactly ``Σ w_i c_i δ_i`` (the norms are measured
+    from the files first, one module at a time); or a :class:`NormScaling` from
+    :func:`peft_dirs_scaling`, used as given (how a caller keeps the scales for its record). An
+    unknown value raises ``UpdateNormError`` before anything is read. Bad input raises
+    ``LoraFormatError`` naming the directory and the problem, before anything is written; ``out``
+    is replaced only by a complete, fsynced directory.
     """
     paths = [Path(p) for p in dirs]
     w = check_weights(len(paths), weights)
+    mode, scaling = _checked_scaling(update_norm, len(paths))
     if max_rank is not None:
-        adapter = compose(load_peft_adapters(paths), w, max_rank=max_rank, dtype=dtype)
+        loaded = load_peft_adapters(paths)
+        coefs = (scaling or norm_scaling(loaded, mode)).apply(w)
+        adapter = compose(loaded, coefs, max_rank=max_rank, dtype=dtype)
         return save_peft_adapter(adapter, out, base_model_name_or_path)
-    inputs: list[_Input] = []
+    inputs, metas = _open_inputs(paths)
     try:
-        metas: list[_Adapter] = []
-        for checked in [_checked_peft_dir(p) for p in paths]:  # every config before any weights
-            src, meta = _open_input(*checked)
-            inputs.append(src)
-            metas.append(meta)
+        if scaling is None and mode != "none":
+            scaling = scaling_from_norms(_input_norms(inputs, metas), mode)
+        if scaling is not None:
+            w = scaling.apply(w)  # the coefficients w_i c_i: from here on the composition is as ever
         plan = plan_composition(cast("list[LoraAdapter]", metas), w, dtype)  # duck-typed: shapes, ranks, dtypes
     except BaseException:
         for src in inputs:
