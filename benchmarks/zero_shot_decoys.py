@@ -123,9 +123,9 @@ def precision_same_task(chosen: Sequence[str], kind: dict[str, str], task: str =
     return sum(kind[c] == task for c in chosen) / len(chosen) if chosen else float("nan")
 
 
-def decoy_weight(weights: dict[str, float] | None, kind: dict[str, str]) -> float:
-    """Total |weight| a composition puts on adapters of another task than the target's."""
-    return float(sum(abs(x) for s, x in (weights or {}).items() if kind.get(s) not in ("impression", "own")))
+def decoy_weight(weights: dict[str, float] | None, kind: dict[str, str], task: str = "impression") -> float:
+    """Total |weight| a composition puts on adapters of another task than the target's (``task``)."""
+    return float(sum(abs(x) for s, x in (weights or {}).items() if kind.get(s) not in (task, "own")))
 
 
 def eval_sample(n_pool: int, n: int, seed: int) -> list[int]:
