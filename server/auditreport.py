@@ -8,7 +8,8 @@ its problems listed first). Counts that an auditor compares with the sites' own 
 - compositions by what happened to them: ``delivered`` (a ``composition.delivered`` to a site names
   its output hash), ``evaluation`` (an arm of a leave-one-site-out evaluation, never stored by the
   site), ``undelivered`` (the delivery failed) and ``local`` (composed by ``rpe compose``, sent to
-  nobody).
+  nobody); each with its ``update-norm`` record (``normalisation``: the mode and, for ``frobenius``,
+  the reference norm and each retrieved adapter's norm and scale c_i; text and ``--json``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import os
 from typing import Any
 
+from common.adapters.normalise import describe_record
 from server.audit import (
     EV_COMPOSITION,
     EV_QUERY_EMBEDDING,
@@ -105,6 +107,7 @@ def report(path: str | os.PathLike[str]) -> dict[str, Any]:
                 "adapter_sha256",
                 "output_sha256",
                 "z_sha256",
+                "normalisation",  # update-norm: mode, reference, each adapter's norm and scale c_i
             )
             compositions.append({"seq": e.get("seq"), "ts": e.get("ts"), **{k: e.get(k) for k in keys}})
         elif ev == EV_QUERY_EMBEDDING:
@@ -209,11 +212,19 @@ def format_report(rep: dict[str, Any]) -> str:
         out.append(f"{title}: {len(group)}")
         for c in group:
             out.append(f"composition seq {c['seq']} for {c['target']} ({c['strategy']}) -> {c['output_sha256']}")
+            ids = list(c["retrieved"] or [])
+            norm = describe_record(c.get("normalisation"), len(ids))
+            out.append(f"  {norm['text']}")
             rows = zip(
-                c["retrieved"] or [], c["distances"] or [], c["weights"] or [], c["adapter_sha256"] or [], strict=False
+                ids, c["distances"] or [], c["weights"] or [], c["adapter_sha256"] or [], norm["rows"], strict=False
             )
-            for rid, dist, w, h in rows:
-                out.append(f"  {rid}: weight {_num(w, '+.4f')}, distance {_num(dist, '.4g')}, blob {h}")
+            for rid, dist, w, h, scaled in rows:
+                shown = (
+                    ""
+                    if scaled["scale"] is None
+                    else f", norm {_num(scaled['norm'], '.4g')}, scale {_num(scaled['scale'], '.4g')}"
+                )
+                out.append(f"  {rid}: weight {_num(w, '+.4f')}, distance {_num(dist, '.4g')}{shown}, blob {h}")
     if rep["queries"]:
         out.append("embedding queries: " + ", ".join(f"{k}: {v}" for k, v in sorted(rep["queries"].items())))
         for site, items in sorted(rep.get("query_privacy", {}).items()):

@@ -130,3 +130,55 @@ def scaling_from_norms(norms: Sequence[float], mode: str = "frobenius") -> NormS
     reference = live[mid] if len(live) % 2 else 0.5 * (live[mid - 1] + live[mid])
     scales = [reference / n if n > 0.0 else 1.0 for n in norms]
     return NormScaling(mode, scales, norms, reference)
+
+
+def _finite(value: Any) -> float | None:
+    return (
+        float(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        else None
+    )
+
+
+def describe_record(record: Any, n: int) -> dict[str, Any]:
+    """What a ``composition`` audit entry's ``normalisation`` (:meth:`NormScaling.record`) says, ready
+    for a page or a report over its ``n`` retrieved adapters: ``{"mode", "reference", "rows": [{"norm",
+    "scale"}] (n of them, None where not recorded), "text"}``. An entry older than the option (no
+    record) says so; a record that is not what the coordinator writes (hand-edited, forged) is shown
+    as it is, never as a clean ``none``."""
+    rows: list[dict[str, float | None]] = [{"norm": None, "scale": None} for _ in range(n)]
+    if record is None:
+        return {
+            "mode": None,
+            "reference": None,
+            "rows": rows,
+            "text": "update-norm not recorded (an entry older than the option)",
+        }
+    mode = record.get("mode") if isinstance(record, dict) else None
+    if record == {"mode": "none"}:
+        return {
+            "mode": "none",
+            "reference": None,
+            "rows": rows,
+            "text": "update-norm none (the strategy's weights as they are)",
+        }
+    norms, scales = (record.get(k) if isinstance(record, dict) else None for k in ("norms", "scales"))
+    if (
+        mode == "none"
+        or mode not in UPDATE_NORMS
+        or not isinstance(norms, list)
+        or not isinstance(scales, list)
+        or not (len(norms) == len(scales) == n)
+    ):
+        return {"mode": mode, "reference": None, "rows": rows, "text": f"update-norm record not understood: {record!r}"}
+    reference = _finite(record.get("reference"))
+    for row, norm, scale in zip(rows, norms, scales, strict=True):
+        row["norm"], row["scale"] = _finite(norm), _finite(scale)
+    ref = f"{reference:.4g}" if reference is not None else repr(record.get("reference"))
+    return {
+        "mode": mode,
+        "reference": reference,
+        "rows": rows,
+        "text": f"update-norm {mode}: each retrieved update s·B·A rescaled by c_i to the median total norm "
+        f"‖δ‖_F = {ref} before weighting (the composition is Σ w_i c_i δ_i)",
+    }

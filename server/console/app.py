@@ -306,8 +306,10 @@ class Console:
         reg = views.family(self.families, c["family"]).registry
         known = set(reg.ids()) if reg is not None else set()
         rows = [
-            {"id": i, "distance": d, "weight": w, "sha": h, "live": i in known}
-            for i, d, w, h in zip(c["retrieved"], c["distances"], c["weights"], c["adapter_sha256"])
+            {"id": i, "distance": d, "weight": w, "sha": h, "live": i in known, **scaled}
+            for i, d, w, h, scaled in zip(
+                c["retrieved"], c["distances"], c["weights"], c["adapter_sha256"], c["update_norm"]["rows"]
+            )
         ]
         c["flags"] = self.integrity().line_flags(c["family"], c["line"])
         return self.page(

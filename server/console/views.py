@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from common.adapters.normalise import describe_record
 from common.files.safeio import UnsafeInputError, loads_json
 from common.privacy import spent_from_egress
 from server.audit import EV_COMPOSITION, problems_as_dicts, read_entries, verify
@@ -363,6 +364,8 @@ def compositions(fams: Sequence[FamilyView]) -> list[dict[str, Any]]:
                     "run_id": e.get("run_id"),
                     # the "nothing close enough" check (server/nearness.py); None in entries older than it
                     "nearness": e.get("nearness") if isinstance(e.get("nearness"), dict) else None,
+                    # update-norm (common/adapters/normalise.py): mode, each adapter's norm and scale c_i
+                    "update_norm": describe_record(e.get("normalisation"), len(ids)),
                 }
             )
     return out
