@@ -41,11 +41,12 @@ def report_rows(results_path: Path, model: str, cache: Path | None, max_n: int, 
     import os
 
     from benchmarks.zero_shot import PROFILES, Lab, build_library, build_targets, split_pools
+    from benchmarks.zero_shot_seeds import seed_of
     from common.families.report.data import report_groups
 
     res = json.loads(results_path.read_text())
     p = PROFILES[res["profile"]]
-    seed = 0
+    seed = int(res.get("seed", seed_of(res, results_path.parent)))
     cache = cache or Path(os.environ.get("RPE_CACHE_DIR", Path.home() / ".cache" / "rpe")) / "zero_shot"
     lab = Lab(model, p, cache)
     from benchmarks.zero_shot import GROUPS
@@ -73,7 +74,7 @@ def report_rows(results_path: Path, model: str, cache: Path | None, max_n: int, 
             rows.append(
                 {
                     "family": "report-text",
-                    "study": "zero_shot reduced",
+                    "study": "zero_shot reduced" + (f" seed {seed}" if seed else ""),
                     "target": t.name,
                     "n": n,
                     "nearest_distance": float(d.min()),
@@ -208,13 +209,22 @@ def markdown(rows: list[dict[str, Any]], table: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--results", type=Path, default=HERE / "zero_shot" / "reduced" / "results.json")
+    ap.add_argument(
+        "--results",
+        type=Path,
+        nargs="+",
+        default=[HERE / "zero_shot" / "reduced" / "results.json"],
+        help="results.json of reduced zero-shot runs, one per seed (default: the seed-0 run)",
+    )
     ap.add_argument("--cache", type=Path, default=None)
     ap.add_argument("--registry", type=Path, default=None, help="a registry with evaluations (reports + segmentation/)")
     ap.add_argument("--seg-loo", action="store_true", help="also the SEG_LOO studies (z from LiteMedSAM)")
     ap.add_argument("--max-n", type=int, default=32, help="reduced profile: library sizes up to this (0 = none)")
     ap.add_argument("--out", type=Path, default=HERE / "zero_shot")
     args = ap.parse_args(argv)
+    missing = [str(r) for r in args.results if not r.is_file()]
+    if missing and args.max_n > 0:
+        ap.error(f"--results {' '.join(missing)}: no such file (a zero_shot run's results.json)")
     t0 = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     fixed: list[dict[str, Any]] = []
@@ -244,8 +254,12 @@ def main(argv: list[str] | None = None) -> int:
         print(md, flush=True)
 
     emit([])
-    if args.max_n > 0:
-        report_rows(args.results, args.model, args.cache, args.max_n, emit)
+    done: list[dict[str, Any]] = []
+    for results in args.results if args.max_n > 0 else []:
+        done = [
+            *done,
+            *report_rows(results, args.model, args.cache, args.max_n, lambda rows, prior=done: emit([*prior, *rows])),
+        ]
     return 0
 
 

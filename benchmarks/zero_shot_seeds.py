@@ -189,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(profiles) != 1:
         ap.error(f"the runs are of different profiles {sorted(map(str, profiles))}: pool one profile at a time")
     for run, path in zip(runs, args.runs, strict=True):
-        run.setdefault("seed", _seed_of(run, path))
+        run.setdefault("seed", seed_of(run, path))
     rows = pool(runs, args.bootstrap)
     args.out.mkdir(parents=True, exist_ok=True)
     sources = [str(p) for p in args.runs]
@@ -199,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _seed_of(run: dict[str, Any], path: Path) -> int | str:
+def seed_of(run: dict[str, Any], path: Path) -> int | str:
     """The run's seed: recorded (since 2026-12-08), else from its command, else from a ``seedN`` folder name."""
     cmd = str(run.get("command", ""))
     if "--seed" in cmd:
