@@ -1,4 +1,6 @@
-"""``mode=evaluate``: leave-one-site-out over every enrolled site with held-out data.
+"""``mode=evaluate``: leave-one-site-out over every enrolled site with held-out data (or the sites
+``target=`` names). Only targets that could not be evaluated are problems; an enrolled site that is no
+target (not named, or without held-out data) is listed under ``skipped`` (:func:`choose_targets`).
 
 For each target: its z (``query.embed``), then ONE ``train.evaluate`` carrying every arm - every
 strategy in ``eval-strategies``, the baselines ``nearest`` and ``avg`` (composed from the *other*
@@ -60,11 +62,9 @@ def run_evaluate(
 
     metric = get_family(s.task).metric
     enrolled = sorted({r.meta.site for r in registry.list(task=s.task)})
-    targets = list(s.targets) or [t for t in enrolled if t in sites and sites[t].info["n_eval"] > 0]
-    problems: dict[str, str] = {}
-    for t in enrolled:
-        if t not in targets and t not in s.targets:
-            problems[t] = "offline" if t not in sites else "no held-out evaluation data"
+    targets, problems, skipped = choose_targets(list(s.targets), enrolled, sites)
+    if skipped:
+        log(f"evaluate: {len(skipped)} enrolled site(s) not evaluated on purpose: {_skipped_text(skipped)}")
     zs = embed_sites(grid, s, registry, sites, targets, run_id, problems)
     methods = arms(s)
     coord_key = load_or_create(registry.path)
@@ -151,8 +151,62 @@ def run_evaluate(
     rows.sort(key=lambda r: (r["target"], order.get(r["method"], 99)))
     out_root = registry.path / "evaluations" / run_id
     out = write_evaluation(out_root, rows, registry, zs, identical)
-    report["evaluate"] = {"rows": rows, "problems": problems, "outputs": out, "identical": identical}
+    report["evaluate"] = {
+        "rows": rows,
+        "problems": problems,
+        "skipped": skipped,
+        "outputs": out,
+        "identical": identical,
+    }
     log(f"evaluation: {len(rows)} results, {len(problems)} problems; written to {out_root}")
+
+
+#: why an enrolled site that is no target of the run is not evaluated (not a problem)
+NOT_A_TARGET = "not a target of this run (target= names others)"
+NO_HELD_OUT = "holds no held-out evaluation data, so it is no target (it can still be a source)"
+
+
+def choose_targets(
+    asked: list[str], enrolled: list[str], sites: dict[str, SiteInfo]
+) -> tuple[list[str], dict[str, str], dict[str, str]]:
+    """``(targets, problems, skipped)`` of an evaluation run before anything is sent.
+
+    ``asked`` (the run config's ``target=``) names the targets; without it every enrolled site is
+    one. A problem is a target that was asked and cannot be evaluated: an explicitly named site that
+    is online but says it holds no held-out data (whoami's ``n_eval``; an offline or failing target
+    is named later, by the embedding step and the replies), or, with no ``target=``, an enrolled site
+    that is offline (nobody can tell whether it holds data). Every other enrolled site is
+    ``skipped``, with the reason: not named, or online without held-out data. They are not problems:
+    the run did what it was asked (an evaluation of 10 targets among 50 sites has no 40 problems)."""
+    problems: dict[str, str] = {}
+    skipped: dict[str, str] = {}
+    if asked:
+        targets = []
+        for t in dict.fromkeys(asked):
+            if t in sites and int(sites[t].info.get("n_eval") or 0) <= 0:
+                problems[t] = (
+                    "asked to evaluate (target=) but the site holds no held-out evaluation data (whoami n_eval = 0); "
+                    "give it an eval split (`rpe data check` shows what it uses) or leave it out of target="
+                )
+            else:
+                targets.append(t)
+        skipped = {t: NOT_A_TARGET for t in enrolled if t not in problems and t not in targets}
+        return targets, problems, skipped
+    targets = [t for t in enrolled if t in sites and int(sites[t].info.get("n_eval") or 0) > 0]
+    for t in enrolled:
+        if t not in sites:
+            problems[t] = "offline: an enrolled site that could not be asked to evaluate"
+        elif t not in targets:
+            skipped[t] = NO_HELD_OUT
+    return targets, problems, skipped
+
+
+def _skipped_text(skipped: dict[str, str], most: int = 8) -> str:
+    """``site (reason), ...``: the first ``most`` of them, then how many more."""
+    shown = [f"{t} ({why})" for t, why in list(skipped.items())[:most]]
+    if len(skipped) > most:
+        shown.append(f"and {len(skipped) - most} more")
+    return ", ".join(shown)
 
 
 def evaluate_request(
