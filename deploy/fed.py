@@ -118,7 +118,63 @@ def run_config(mode: str, items: list[str], app: Path) -> dict[str, Any]:
                 config[key] = check_far_ratio(config[key])
             except FarRatioError as exc:
                 raise CliError(str(exc)) from None
+        if key in _ENUMERATED:  # a value outside its list would fail the run (or every site) later
+            config[key] = _ENUMERATED[key](key, config[key])
     return config
+
+
+def _one_of(key: str, value: str, allowed: list[str], what: str) -> str:
+    """``value`` if it is one of ``allowed``, else a CliError naming the key, the value, its closest
+    match and the allowed values (as an unknown key is named)."""
+    if value in allowed:
+        return value
+    close = difflib.get_close_matches(value, allowed, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise CliError(f"{key}={value!r} is not a known {what}{hint} (expected one of: {', '.join(allowed)})")
+
+
+def _strategy_names() -> list[str]:
+    from server.strategies import STRATEGIES  # lazy: numpy, only when a strategy is named
+
+    return list(STRATEGIES)
+
+
+def _check_strategy(key: str, value: Any) -> str:
+    """``strategy``: one weighting strategy (``lin_l1`` is accepted as ``lin-l1``, as the ServerApp does)."""
+    return _one_of(key, str(value).strip().replace("_", "-"), _strategy_names(), "weighting strategy")
+
+
+def _check_strategies(key: str, value: Any) -> str:
+    """``eval-strategies``: a comma-separated list of weighting strategies, each checked."""
+    names = [part.strip() for part in str(value).split(",") if part.strip()]
+    return ",".join(_check_strategy(key, name) for name in names)
+
+
+def _check_chroma(key: str, value: Any) -> str:
+    """``chroma``: ``embedded``, ``off`` or the ``HOST:PORT`` of a ``chroma run`` server (anything else
+    was taken as ``embedded`` by the ServerApp: a typo such as ``of`` went unnoticed)."""
+    text = str(value).strip()
+    if text in ("embedded", "off"):
+        return text
+    host, sep, port = text.rpartition(":")
+    if sep and host and port.isdigit() and 0 < int(port) < 65536:
+        return text
+    close = difflib.get_close_matches(text, ["embedded", "off"], n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise CliError(
+        f"{key}={text!r} is not a Chroma setting{hint} (expected one of: embedded, off, or HOST:PORT of a "
+        "`chroma run` server, e.g. 127.0.0.1:8000)"
+    )
+
+
+#: run-config keys whose value is one of a known list: checked before any run is submitted. Not
+#: ``task``: a family added with $RPE_FAMILIES need only be known where the ServerApp runs, which
+#: refuses an unknown one at once (exit 3, naming the known families)
+_ENUMERATED = {
+    "strategy": _check_strategy,
+    "eval-strategies": _check_strategies,
+    "chroma": _check_chroma,
+}
 
 
 def flwr_home(directory: Path | None) -> Path:

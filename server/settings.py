@@ -70,6 +70,17 @@ def _check_family_options(task: str, text: str) -> None:
             )
 
 
+def _check_strategies(s: Settings) -> None:
+    """Refuse, before any site is asked, a ``strategy`` / ``eval-strategies`` name no strategy has
+    (``rpe fed run`` refuses it earlier still, with the closest match: ``deploy/fed.py``)."""
+    from server.strategies import STRATEGIES
+
+    for key, names in (("strategy", (s.strategy,)), ("eval-strategies", s.eval_strategies)):
+        for name in names:
+            if name.replace("_", "-") not in STRATEGIES:
+                raise SettingsError(f"run config {key}={name!r}; expected one of: {', '.join(STRATEGIES)}")
+
+
 def _csv(value: Any) -> tuple[str, ...]:
     return tuple(s.strip() for s in str(value or "").split(",") if s.strip())
 
@@ -187,6 +198,7 @@ class Settings:
             raise SettingsError(f"run config task={s.task!r}; known task families: {', '.join(family_names())}")
         if s.family_options:
             _check_family_options(s.task, s.family_options)
+        _check_strategies(s)
         registry_dir = s.registry_dir or env.get(REGISTRY_ENV, "")
         if not registry_dir:
             raise SettingsError(f"no registry: set run config 'registry-dir' or ${REGISTRY_ENV} on the SuperLink")
