@@ -9,7 +9,9 @@ its problems listed first). Counts that an auditor compares with the sites' own 
   its output hash), ``evaluation`` (an arm of a leave-one-site-out evaluation, never stored by the
   site), ``undelivered`` (the delivery failed) and ``local`` (composed by ``rpe compose``, sent to
   nobody); each with its ``update-norm`` record (``normalisation``: the mode and, for ``frobenius``,
-  the reference norm and each retrieved adapter's norm and scale c_i; text and ``--json``).
+  the reference norm and each retrieved adapter's norm and scale c_i; text and ``--json``) and
+  its ``nearness`` check (the "nothing close enough" warning when the target was far from the
+  library; text: the line ``rpe compose`` printed).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from server.audit import (
     read_entries,
     verify,
 )
+from server.nearness import summary as nearness_summary
 
 _SUBMISSION_KEYS = ("record_id", "blob_sha256", "z_sha256", "bytes", "reason", "run_id", "privacy", "blob_encryption")
 
@@ -108,6 +111,7 @@ def report(path: str | os.PathLike[str]) -> dict[str, Any]:
                 "output_sha256",
                 "z_sha256",
                 "normalisation",  # update-norm: mode, reference, each adapter's norm and scale c_i
+                "nearness",  # the "nothing close enough" check: ratio, threshold, warning, reason
             )
             compositions.append({"seq": e.get("seq"), "ts": e.get("ts"), **{k: e.get(k) for k in keys}})
         elif ev == EV_QUERY_EMBEDDING:
@@ -215,6 +219,8 @@ def format_report(rep: dict[str, Any]) -> str:
             ids = list(c["retrieved"] or [])
             norm = describe_record(c.get("normalisation"), len(ids))
             out.append(f"  {norm['text']}")
+            if near := nearness_summary(c.get("nearness")):
+                out.append(f"  {near}")
             rows = zip(
                 ids, c["distances"] or [], c["weights"] or [], c["adapter_sha256"] or [], norm["rows"], strict=False
             )
