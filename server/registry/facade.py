@@ -473,8 +473,9 @@ class Registry:
     # ---- maintenance ------------------------------------------------------------------------
 
     def verify(self, full: bool = False) -> builtins.list[str]:
-        """Problems found: missing or wrong-size blobs of live records (``full``: re-hash every
-        blob, decrypting it first in an encrypted registry, which needs the key), orphan blobs,
+        """Problems found: missing or wrong-size blobs of live records and of superseded ones
+        (``gc`` keeps those for the audit trail, so one gone was deleted by hand; ``full``: re-hash
+        every blob, decrypting it first in an encrypted registry, which needs the key), orphan blobs,
         record lines that differ from what the audit log bound (``binding.check_binding``: edited,
         deleted, re-pointed, added), the columns snapshot against a full replay of records.jsonl
         and its ``registry.snapshot`` audit binding (``snapshot.problems``: liveness, filter codes,

@@ -207,8 +207,69 @@ def verify(p: Parts, full: bool) -> list[str]:
     c = replayed if replayed is not None else c  # check records.jsonl itself, not the cache
     live = [(c.ids[r], *c.blob[r][:2]) for r in c.live_rows()]
     problems = snap_problems + p.blobs.problems(live, {c.blob[r][0] for r in range(c.n)}, full)
+    problems += _superseded_blob_problems(p, c, {sha for _, sha, _ in live}, full)
     problems += binding.check_binding(p.path / cfg.RECORDS_NAME, p.path / cfg.AUDIT_NAME)
     return problems + ([] if p.index is None else p.index.problems(c.n_live))
+
+
+def _superseded_blob_problems(p: Parts, c: Any, live_shas: set[str], full: bool) -> list[str]:
+    """The blobs of superseded records, checked as live records' are (present, right size; ``full``:
+    re-hashed). ``gc`` keeps them for the audit trail, so a missing one was deleted by hand: damage,
+    named with the record and the blob. A blob an audited ``registry.gc`` deleted
+    (a version of gc that did not keep them yet) is no damage; one a live record shares is checked
+    with that record."""
+    gone_by_gc: set[str] = set()
+    checks: list[tuple[str, str, int]] = []
+    for rid in superseded_records(p, gone_by_gc):
+        row = c.row.get(rid)
+        if row is None or c.live[row]:
+            continue  # a record the binding check names, or one live again
+        sha, nbytes = c.blob[row][:2]
+        if sha in live_shas or sha in gone_by_gc:
+            continue
+        checks.append((rid, sha, nbytes))
+    if not checks:
+        return []
+    stored = {q.name for q in p.blobs.all()}  # no orphan is reported twice
+    out = []
+    for msg in p.blobs.problems(checks, stored, full):
+        rid = msg.removeprefix("record ").split(": ", 1)[0]
+        out.append(  # not naming its successor: the console flags every record a finding names
+            f"superseded record {rid} (out of retrieval; its blob is kept for the audit trail and gc never "
+            f"deletes it): {msg.split(': ', 1)[1]}; restore the blob from a backup"
+        )
+    return out
+
+
+def superseded_records(p: Parts, gc_blobs: set[str] | None = None) -> dict[str, str]:
+    """``{record id: the id that superseded it}`` of every record a later adapter of its site
+    superseded, from every witness (so one damaged line cannot hide one): the ``registry.remove``
+    audit entries with ``superseded_by``, the ``record.superseded`` entries and the records.jsonl
+    tombstones whose reason is ``superseded by ...``. ``gc_blobs`` (when given) receives every blob
+    an audited ``registry.gc`` deleted, from the same pass over the audit log."""
+    out: dict[str, str] = {}
+    for _, e in read_entries(p.audit.path):
+        if gc_blobs is not None and e.get("event") == "registry.gc" and isinstance(e.get("blobs"), list):
+            gc_blobs.update(str(b) for b in e["blobs"])
+        elif e.get("event") == "registry.remove" and e.get("superseded_by") and e.get("record_id"):
+            out.setdefault(str(e["record_id"]), str(e["superseded_by"]))
+        elif e.get("event") == "record.superseded" and isinstance(e.get("superseded"), list):
+            for rid in e["superseded"]:
+                out.setdefault(str(rid), str(e.get("record_id")))
+    with open(p.path / cfg.RECORDS_NAME, "rb") as fh:
+        for raw in fh:
+            if b'"remove"' not in raw or b"superseded by " not in raw:
+                continue
+            try:
+                line = json.loads(raw)
+            except ValueError:
+                continue
+            if not isinstance(line, dict) or line.get("op") != "remove":
+                continue
+            reason = str(line.get("reason") or "")
+            if reason.startswith("superseded by "):
+                out.setdefault(str(line.get("id")), reason.removeprefix("superseded by ").strip())
+    return out
 
 
 def superseded_blobs(p: Parts) -> set[str]:
