@@ -130,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     patch_idle_poll(seconds)
+    from deploy.warm_clientapp import start_server
+
+    start_server()  # a warm starter for this site's ClientApps (deploy/warm_clientapp.py)
     from flwr.supernode.cli import flower_supernode  # lazy: imported after the patch it must see
 
     sys.argv[:] = ["flower-supernode", *rest]

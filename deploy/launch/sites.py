@@ -14,7 +14,7 @@ from typing import Any
 
 import tomli_w
 
-from client.pin import AppNotApproved, install_wrapper, parse_pins
+from client.pin import AppNotApproved, parse_pins
 from deploy import tls
 from deploy.launch import checks
 from deploy.launch.errors import LaunchError
@@ -30,6 +30,7 @@ from deploy.launch.processes import (
     stop_process,
 )
 from deploy.launch.state import FEDERATION, SiteSpec, load_state, save_state, spec_from_node_config
+from deploy.warm_clientapp import install_wrapper
 
 #: the repository root: the site's ``flwr-clientapp`` wrapper runs the app from here
 REPO_ROOT = Path(__file__).resolve().parents[2]
