@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -120,7 +122,13 @@ def test_markdown_renders_every_table():
         "lora": {"steps": 12, "lr": 2e-3, "rank": 4},
         "targets": per,
     }
+    result["decoy_dice"] = {
+        d["name"]: {"pretrained": [0.1, 0.2, 0.3], "own": [0.5, 0.6, 0.7]} for d in sd.decoy_plan(4)
+    }
+    result["adapters"] = {d["name"]: f"{d['name']}/s12" for d in sd.decoy_plan(4)}
+    result["train_stats"] = {f"{d['name']}/s12": {"loss_first": 2.0, "loss_last": 0.5} for d in sd.decoy_plan(4)}
     md = sd.markdown(result)
+    assert "| ct-liver | ct | 0.200 | 0.600 | 2.00 → 0.50 |" in md  # each decoy on its own task
     assert "| sim | " in md and "M = 4" in md
     assert "0.80 (ct-liver)" in md  # precision with the decoy retrieved
     assert "| RUNMC | 1 | nan | 9 | nan | nan | 2.00 |" in md  # z by kind, decoy / prostate ratio
@@ -149,3 +157,18 @@ def test_bad_options_exit_2_with_a_reason(argv, message, capsys):
 def test_defaults():
     a = sd.parse_args([])
     assert a.ms == [0, 4, 8, 16] and a.k == 5 and (a.steps, a.lr, a.rank) == (12, 2e-3, 4)
+
+
+def test_earlier_runs_kept_only_for_the_same_study(tmp_path):
+    path = tmp_path / "results.json"
+    this = {"fingerprint": "f", "k": 5, "lora": {"steps": 12}, "decoys_m": [0, 4]}
+    assert sd.earlier_runs(path, this) == []  # no earlier file
+    path.write_text("not json")
+    assert sd.earlier_runs(path, this) == []
+    first = {"command": "python -m x", "wall_s": 1134.0, "train_s": 848.0}
+    path.write_text(json.dumps({**this, "command": "python -m x", "timing": {"wall_s": 1134.0, "train_s": 848.0}}))
+    assert sd.earlier_runs(path, this) == [first]  # the training run's cost survives a rerun from the cache
+    path.write_text(json.dumps({**this, "runs": [first, first]}))
+    assert sd.earlier_runs(path, this) == [first, first]
+    assert sd.earlier_runs(path, {**this, "k": 3}) == []  # another study: its runs are not this one's
+    assert sd.earlier_runs(path, {**this, "decoys_m": [0, 8]}) == []
