@@ -267,16 +267,23 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [
             "",
             "The decoys on their own task (mean DICE on their 3 test slices, 95 % interval over slices not given: "
-            "3 slices), without and with their LoRA, and the training loss (first step → mean of the last 5):",
+            "3 slices), without and with their LoRA, the training loss (first step → mean of the last 5) and "
+            "the update's norm ‖δ‖_F (all modules)"
+            + (
+                f"; the prostate LoRAs' norms: {min(pn):.2f}–{max(pn):.2f}:"
+                if (pn := [v for n, v in result.get("update_norms", {}).items() if n not in result["decoy_dice"]])
+                else ":"
+            ),
             "",
-            "| decoy | kind | pretrained | own LoRA | loss |",
-            "|---|---|---|---|---|",
+            "| decoy | kind | pretrained | own LoRA | loss | ‖δ‖_F |",
+            "|---|---|---|---|---|---|",
         ]
         for d in result["decoys"]:
             q, st = result["decoy_dice"][d["name"]], result["train_stats"].get(result["adapters"][d["name"]]) or {}
             loss = f"{st['loss_first']:.2f} → {st['loss_last']:.2f}" if st.get("loss_first") is not None else "–"
             lines.append(
-                f"| {d['name']} | {d['kind']} | {np.mean(q['pretrained']):.3f} | {np.mean(q['own']):.3f} | {loss} |"
+                f"| {d['name']} | {d['kind']} | {np.mean(q['pretrained']):.3f} | {np.mean(q['own']):.3f} | {loss} | "
+                f"{result.get('update_norms', {}).get(d['name'], float('nan')):.2f} |"
             )
     lines += ["", f"Per-target mean DICE at M = {ms[0]} → M = {ms[-1]}:", ""]
     lines += ["| target | pretrained | own | " + " | ".join(ARMS) + " |", "|---" * (len(ARMS) + 3) + "|"]
@@ -357,7 +364,10 @@ def run(b: Bench, decoys: list[dict[str, Any]], ms: Sequence[int], k: int, lora:
         d["name"]: {"pretrained": b.dice(d["name"], []), "own": b.dice(d["name"], [(keys[d["name"]], 1.0)])}
         for d in decoys
     }
+    from common.adapters.normalise import update_norm
+
     return {
+        "norms": {n: update_norm(b.adapters[keys[n]]) for n in kind},
         "targets": targets,
         "keys": keys,
         "stats": {keys[n]: b.stats.get(keys[n]) for n in kind},
@@ -470,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         "interval": "95 % percentile bootstrap over the 6 targets (4000 replicates), slices pooled",
         "targets": got["targets"],
         "decoy_dice": got["decoy_dice"],
+        "update_norms": got["norms"],
         "adapters": got["keys"],
         "train_stats": got["stats"],
         "summary": summarise(got["targets"], a.ms),

@@ -127,8 +127,10 @@ def test_markdown_renders_every_table():
     }
     result["adapters"] = {d["name"]: f"{d['name']}/s12" for d in sd.decoy_plan(4)}
     result["train_stats"] = {f"{d['name']}/s12": {"loss_first": 2.0, "loss_last": 0.5} for d in sd.decoy_plan(4)}
+    result["update_norms"] = {**{d["name"]: 2.5 for d in sd.decoy_plan(4)}, "RUNMC": 2.0, "BMC": 2.25}
     md = sd.markdown(result)
-    assert "| ct-liver | ct | 0.200 | 0.600 | 2.00 → 0.50 |" in md  # each decoy on its own task
+    assert "| ct-liver | ct | 0.200 | 0.600 | 2.00 → 0.50 | 2.50 |" in md  # each decoy on its own task
+    assert "the prostate LoRAs' norms: 2.00–2.25:" in md
     assert "| sim | " in md and "M = 4" in md
     assert "0.80 (ct-liver)" in md  # precision with the decoy retrieved
     assert "| RUNMC | 1 | nan | 9 | nan | nan | 2.00 |" in md  # z by kind, decoy / prostate ratio
