@@ -77,7 +77,7 @@ def report(path: str | os.PathLike[str]) -> dict[str, Any]:
     queries: dict[str, int] = {}
     query_privacy: dict[str, list[Any]] = {}
     registry = {"added": 0, "removed": 0}
-    outcomes: dict[str, str] = {}  # output hash -> delivered / evaluation / undelivered
+    by_output: dict[str, list[dict[str, Any]]] = {}  # output hash -> the compositions made so far
     n = 0
     for _, e in read_entries(path):
         n += 1
@@ -114,12 +114,20 @@ def report(path: str | os.PathLike[str]) -> dict[str, Any]:
                 "nearness",  # the "nothing close enough" check: ratio, threshold, warning, reason
             )
             compositions.append({"seq": e.get("seq"), "ts": e.get("ts"), **{k: e.get(k) for k in keys}})
+            by_output.setdefault(str(e.get("output_sha256")), []).append(compositions[-1])
         elif ev == EV_QUERY_EMBEDDING:
             site = str(e.get("site"))
             queries[site] = queries.get(site, 0) + 1
             query_privacy.setdefault(site, []).append(e.get("privacy"))
         elif ev in ("composition.delivered", "composition.undelivered"):
-            _note_delivery(e, outcomes)
+            fate: dict[str, str] = {}  # output hash -> delivered / evaluation / undelivered
+            _note_delivery(e, fate)
+            for h, kind in fate.items():  # compositions made before the event, none already named by
+                made = by_output.get(h, [])  # one: an identical adapter composed later stays local
+                open_ = [c for c in made if "kind" not in c] or made[-1:]
+                for c in open_ if kind == "evaluation" else open_[-1:]:  # a delivery: the run's own
+                    if _KIND_RANK[kind] > _KIND_RANK.get(c.get("kind", ""), 0):
+                        c["kind"] = kind
         if ev == EV_SUBMISSION_ACCEPTED and not e.get("duplicate"):
             registry["added"] += 1  # a resubmitted identical adapter stores nothing new
         elif ev in ("registry.bulk_add", "registry.migrate") and isinstance(e.get("count"), int):
@@ -129,7 +137,7 @@ def report(path: str | os.PathLike[str]) -> dict[str, Any]:
         elif ev == EV_REGISTRY_REMOVE:
             registry["removed"] += 1
     for c in compositions:
-        c["kind"] = outcomes.get(str(c.get("output_sha256")), "local")
+        c.setdefault("kind", "local")
     try:
         current_head: dict[str, Any] | None = head(path)
     except (AuditLogCorruptError, json.JSONDecodeError, KeyError, TypeError, ValueError):
