@@ -66,3 +66,8 @@ def test_the_one_machine_block_runs_as_written(tmp_path: Path, tiny_model_dir: P
     assert list((registry / "evaluations").glob("*/results.md")), "the evaluation wrote no table"
     delivered = list((workdir / "sites" / "c" / "adapters").glob("rpe-lin-l1-k2-run*"))
     assert len(delivered) == 1 and (delivered[0] / "adapter_config.json").is_file(), "no composition reached site c"
+    # every site's ClientApps ran in forks of its warm starter (deploy/warm_clientapp.py), none
+    # declined to a cold start
+    for site in "abc":
+        log = (workdir / "logs" / f"supernode-{site}.log").read_text()
+        assert "warm ClientApp starter ready" in log and "cold start (" not in log, log[-3000:]
