@@ -35,10 +35,15 @@ def cmd_embed(args: argparse.Namespace) -> None:
 
     mech = _z_mechanism(args)  # first: it refuses noise options for minilm
     source = Path(args.images or args.data)
-    if args.representation == "minilm":
-        res = _minilm_embedding(args, source)
-    else:
-        res = _family_embedding(args, source, mech.clip if mech else None)
+    from contextlib import nullcontext
+
+    from common.embedding import quiet
+
+    with quiet() if args.quiet else nullcontext():  # --quiet: no bar, also where the family draws one
+        if args.representation == "minilm":
+            res = _minilm_embedding(args, source)
+        else:
+            res = _family_embedding(args, source, mech.clip if mech else None)
     z = res.z if mech is None else mech.apply(res.z, res.n_tokens)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

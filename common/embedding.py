@@ -19,6 +19,7 @@ replaces the last entry with ``last_hidden_state``) - the representation the LM 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sys
@@ -120,10 +121,33 @@ def _token_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]
     return batches
 
 
+#: False turns this module's progress bars off whatever a caller asked (``rpe embed --quiet``, whose
+#: family ``embed`` takes no progress argument); see :func:`quiet`
+PROGRESS = True
+
+
 def _progress(total: int, desc: str, enabled: bool, unit: str = "tok") -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=not enabled, file=sys.stderr, leave=False)
+    on = enabled and PROGRESS
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=not on, file=sys.stderr, leave=False)
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """No progress bar inside: this module's and transformers' (model loading), restored after."""
+    global PROGRESS
+    from transformers.utils import logging as hf_logging
+
+    was, hf_was = PROGRESS, hf_logging.is_progress_bar_enabled()
+    PROGRESS = False
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        PROGRESS = was
+        if hf_was:
+            hf_logging.enable_progress_bar()
 
 
 class _StopForward(Exception):
