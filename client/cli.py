@@ -83,7 +83,9 @@ def _family_embedding(args: argparse.Namespace, source: Path, clip_norm: float |
     try:
         examples = family.examples_from(source)
     except (FamilyError, OSError, ValueError) as exc:
-        raise CliError(f"{source}: {exc}") from None
+        said = str(exc)  # the reader's message names the file already: say it once
+        named = said.startswith(f"{source}:") or said.endswith(f" {source}")
+        raise CliError(said if named else f"{source}: {said}") from None
     if not examples:
         raise CliError(f"{source} holds no {family.name} examples to embed")
     if family.z_states(SiteInputs("cli", source, model, source)) <= 1 and args.layer != -1:
