@@ -212,6 +212,14 @@ def cmd_compose(args: argparse.Namespace) -> None:
             raise ValueError(f"--max-l1 bounds the weights of lin and lin-l1, not {args.strategy!r}")
         params["max_l1"] = args.max_l1
     reg = _open_registry(args)
+    dims = getattr(z, "shape", ())
+    if len(dims) == 1 and dims[0] != reg.embedding_dim:  # a z of another family or model: say which
+        reg.close()
+        raise CliError(
+            f"--embedding {args.embedding}: a z of {dims[0]} values, but {args.registry} holds z of "
+            f"{reg.embedding_dim} ({reg.representation!r}); compute the target's z with `rpe embed` for this "
+            "registry's family and base model (a segmentation registry: --family segmentation --images DIR)"
+        )
     try:
         res = compose_for_target(
             reg,
