@@ -19,7 +19,8 @@ tasks, trained the same way on their own task's data, round-robin over four kind
 
 A volume decoy uses 6 axial slices that show its organ, evenly spaced, alternately train and test (3 +
 3, as a prostate site). Every decoy's z is the LiteMedSAM encoder's mean embedding of its images, as a
-prostate site's. M = 4 holds one decoy of each kind, M = 8 two, M = 16 all.
+prostate site's. M = 4 holds one decoy of each kind, M = 8 two, M = 16 four; M = 32 adds 8 more CT and 8
+more MR labels of the same volumes (``EXTRA_LABELS``).
 
 Arms per target and M (``zero_shot_decoys.library_arms``: the coordinator's ``server.strategies``
 weights, composed by ``common.adapters.compose``): ``sim``, ``lin``, ``lin-l1`` over the k nearest by z
@@ -35,7 +36,7 @@ retrieved that are prostate adapters; decoy weight the total |weight| an arm put
 Everything is cached in the heterogeneity study's cache (``$RPE_CACHE_DIR/zero_shot_hetero``: LoRAs,
 z, one file per evaluation), so the prostate LoRAs are reused and a rerun takes seconds.
 
-    python -m benchmarks.zero_shot_seg_decoys --decoys 0,4,8,16     # writes benchmarks/zero_shot/seg_decoys/
+    python -m benchmarks.zero_shot_seg_decoys --decoys 0,4,8,16,32     # writes benchmarks/zero_shot/seg_decoys/
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ from benchmarks.zero_shot_hetero import Bench, NotCached, config_key, site_confi
 TASK = "prostate"
 DECOY_KINDS = ("fundus-disc", "ct", "fundus-cup", "mr")
 ORGANS = (("liver", 5), ("spleen", 1), ("kidney-right", 2), ("kidney-left", 3))
+#: after the 16 round-robin decoys: more labels of the same two volumes (4 gallbladder and 6 stomach in both
+#: TotalSegmentator class maps; the others named by number), each shown on at least 10 axial slices
+EXTRA_LABELS = {"ct": (4, 6, 7, 20, 86, 87, 117, 31), "mr": (4, 6, 7, 15, 19, 46, 47, 14)}
+N_DECOYS = 4 * 4 + 8 + 8
 FUNDUS_DOMAINS = ("Domain1", "Domain2", "Domain3", "Domain4")
 VOLUMES = {
     "ct": ("example_ct_sm.nii.gz", "example_seg.nii.gz", "ct-abdomen"),
@@ -73,12 +78,21 @@ OUT_DIR = Path(__file__).resolve().parent / "zero_shot" / "seg_decoys"
 
 
 def decoy_plan(m: int) -> list[dict[str, Any]]:
-    """The first ``m`` decoys, round-robin over ``DECOY_KINDS`` (so every M mixes the kinds)."""
-    n_max = len(DECOY_KINDS) * 4
-    if not 0 <= m <= n_max:
-        raise ValueError(f"M = {m}: this study has {n_max} decoys (4 of each kind {', '.join(DECOY_KINDS)})")
+    """The first ``m`` decoys: 16 round-robin over ``DECOY_KINDS`` (so every M <= 16 mixes the kinds), then
+    further TotalSegmentator labels (``EXTRA_LABELS``), CT and MR alternately."""
+    if not 0 <= m <= N_DECOYS:
+        raise ValueError(
+            f"M = {m}: this study has {N_DECOYS} decoys (8 fundus, {N_DECOYS // 2 - 4} CT and as many MR); "
+            f"use 0 to {N_DECOYS}"
+        )
     out = []
+    n_rr = len(DECOY_KINDS) * len(ORGANS)
     for i in range(m):
+        if i >= n_rr:
+            kind = ("ct", "mr")[(i - n_rr) % 2]
+            label = EXTRA_LABELS[kind][(i - n_rr) // 2]
+            out.append({"name": f"{kind}-label{label}", "kind": kind, "organ": f"label{label}", "label": label})
+            continue
         kind, j = DECOY_KINDS[i % len(DECOY_KINDS)], i // len(DECOY_KINDS)
         if kind.startswith("fundus"):
             structure = kind.split("-")[1]
@@ -376,14 +390,16 @@ def run(b: Bench, decoys: list[dict[str, Any]], ms: Sequence[int], k: int, lora:
 
 
 def earlier_runs(path: Path, result: dict[str, Any]) -> list[dict[str, Any]]:
-    """The runs recorded in an earlier ``results.json`` of the same study (same model, k, LoRAs, M's):
-    so the files keep what the first, training run cost when a rerun only reads the cache."""
+    """The runs recorded in an earlier ``results.json`` of the same study (same model, k and LoRAs, its M's
+    among this run's): so the files keep what the training runs cost when a rerun only reads the cache."""
     try:
         prev = json.loads(path.read_text())
     except (OSError, ValueError):
         return []
-    same = ("fingerprint", "k", "lora", "decoys_m")
+    same = ("fingerprint", "k", "lora")
     if not isinstance(prev, dict) or any(prev.get(key) != result.get(key) for key in same):
+        return []
+    if not set(prev.get("decoys_m") or [-1]) <= set(result.get("decoys_m") or []):
         return []
     if prev.get("runs"):
         return list(prev["runs"])
@@ -396,7 +412,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--decoys", default="0,4,8,16", help="decoy counts M, comma-separated, 0 to 16 (default 0,4,8,16)")
+    p.add_argument(
+        "--decoys",
+        default="0,4,8,16,32",
+        help=f"decoy counts M, comma-separated, 0 to {N_DECOYS} (default 0,4,8,16,32)",
+    )
     p.add_argument(
         "--k", type=int, default=K_DEFAULT, help="adapters retrieved for sim/lin/lin-l1/soup, 1 to 5 (default 5)"
     )
@@ -419,10 +439,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--decoys must be comma-separated integers such as 0,4,8,16; got {a.decoys!r}")
     if not a.ms:
         p.error("--decoys names no M")
-    n_max = len(DECOY_KINDS) * 4
-    bad = [m for m in a.ms if not 0 <= m <= n_max]
+    bad = [m for m in a.ms if not 0 <= m <= N_DECOYS]
     if bad:
-        p.error(f"--decoys {bad}: M must be between 0 and {n_max} (the decoys this study has)")
+        p.error(f"--decoys {bad}: M must be between 0 and {N_DECOYS} (the decoys this study has)")
     if not 1 <= a.k <= 5:
         p.error(f"--k {a.k}: k must be between 1 and 5 (the prostate library of a target has 5 sites)")
     if a.steps < 1 or a.rank < 1 or not a.lr > 0:

@@ -13,15 +13,17 @@ PROSTATE = ["RUNMC", "BMC", "I2CVB", "UCL", "BIDMC"]
 
 
 def test_decoy_plan_mixes_the_kinds_and_nests():
-    full = sd.decoy_plan(16)
-    assert len({d["name"] for d in full}) == 16
+    full = sd.decoy_plan(32)
+    assert len({d["name"] for d in full}) == 32 == sd.N_DECOYS
     assert [d["kind"] for d in sd.decoy_plan(4)] == list(sd.DECOY_KINDS)  # M = 4: one of each kind
     assert sd.decoy_plan(8) == full[:8]  # a larger M only adds decoys
     assert {d["name"] for d in full if d["kind"] == "fundus-cup"} == {f"fundus-cup-Domain{i}" for i in range(1, 5)}
-    assert [d["label"] for d in full if d["kind"] == "ct"] == [5, 1, 2, 3]  # liver, spleen, kidneys
+    assert [d["label"] for d in full[:16] if d["kind"] == "ct"] == [5, 1, 2, 3]  # liver, spleen, kidneys
+    assert [d["kind"] for d in full[16:]] == ["ct", "mr"] * 8  # then more labels of the two volumes
+    assert full[16]["name"] == "ct-label4" and full[17]["name"] == "mr-label4"
     assert sd.decoy_plan(0) == []
-    for bad in (-1, 17):
-        with pytest.raises(ValueError, match="16 decoys"):
+    for bad in (-1, 33):
+        with pytest.raises(ValueError, match="32 decoys"):
             sd.decoy_plan(bad)
 
 
@@ -141,7 +143,7 @@ def test_markdown_renders_every_table():
     ("argv", "message"),
     [
         (["--decoys", "0,x"], "comma-separated integers"),
-        (["--decoys", "0,17"], "between 0 and 16"),
+        (["--decoys", "0,33"], "between 0 and 32"),
         (["--decoys", ","], "names no M"),
         (["--k", "0"], "between 1 and 5"),
         (["--k", "6"], "between 1 and 5"),
@@ -158,7 +160,7 @@ def test_bad_options_exit_2_with_a_reason(argv, message, capsys):
 
 def test_defaults():
     a = sd.parse_args([])
-    assert a.ms == [0, 4, 8, 16] and a.k == 5 and (a.steps, a.lr, a.rank) == (12, 2e-3, 4)
+    assert a.ms == [0, 4, 8, 16, 32] and a.k == 5 and (a.steps, a.lr, a.rank) == (12, 2e-3, 4)
 
 
 def test_earlier_runs_kept_only_for_the_same_study(tmp_path):
@@ -173,4 +175,5 @@ def test_earlier_runs_kept_only_for_the_same_study(tmp_path):
     path.write_text(json.dumps({**this, "runs": [first, first]}))
     assert sd.earlier_runs(path, this) == [first, first]
     assert sd.earlier_runs(path, {**this, "k": 3}) == []  # another study: its runs are not this one's
-    assert sd.earlier_runs(path, {**this, "decoys_m": [0, 8]}) == []
+    assert sd.earlier_runs(path, {**this, "decoys_m": [0, 8]}) == []  # M = 4 is not in this study
+    assert sd.earlier_runs(path, {**this, "decoys_m": [0, 4, 8]}) == [first, first]  # a larger study: kept
