@@ -34,7 +34,9 @@ targets (``zero_shot_hetero.two_level_ci`` with one draw). Retrieval precision i
 retrieved that are prostate adapters; decoy weight the total |weight| an arm puts on decoys.
 
 Everything is cached in the heterogeneity study's cache (``$RPE_CACHE_DIR/zero_shot_hetero``: LoRAs,
-z, one file per evaluation), so the prostate LoRAs are reused and a rerun takes seconds.
+z, one file per evaluation), so the prostate LoRAs are reused and a rerun takes seconds. From an empty
+decoy cache the 32 decoy LoRAs took 26 min of training (20-105 s each) and the whole study 41 min of wall
+time on a loaded 2-core CPU (nice 10, one thread); results and timings in ``benchmarks/ZERO_SHOT.md``.
 
     python -m benchmarks.zero_shot_seg_decoys --decoys 0,4,8,16,32     # writes benchmarks/zero_shot/seg_decoys/
 """
