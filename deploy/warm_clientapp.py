@@ -62,6 +62,10 @@ PRELOAD = (
 #: (so the wrapper, started by the SuperNode's SuperExec, has them and the starter may not); the
 #: fork gets the wrapper's values all the same
 FLWR_SETS = frozenset({"BROWSER_USE_SETUP_LOGGING"})
+#: what the wrapper logs (to the SuperNode's log) when no starter answers, and what the starter
+#: logs for each ClientApp it forks
+COLD_LINE = "[rpe] no warm ClientApp starter answered: cold start"
+FORK_LINE = "[rpe] warm ClientApp starter: forked"
 _HEADER = struct.Struct("!I")
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -85,8 +89,9 @@ def handoff() -> None:
         socket.send_fds(sock, [_HEADER.pack(len(payload)) + payload], [0, 1, 2])
         reader = sock.makefile("rb")
         first = reader.readline()
-    except OSError:
+    except OSError as exc:
         sock.close()
+        print(f"{COLD_LINE} ({exc.strerror or exc})", file=sys.stderr, flush=True)
         return
     answer = json.loads(first) if first.strip() else {"cold": "the server closed the connection"}
     if "pid" not in answer:
@@ -266,6 +271,7 @@ def _carry(conn: socket.socket, request: dict[str, Any], fds: list[int], added: 
     for fd in fds:
         os.close(fd)
     _send(conn, {"pid": pid})
+    print(f"{FORK_LINE} PID {pid} for {request['argv'][0]}", file=sys.stderr, flush=True)
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from deploy import launch
-from deploy.warm_clientapp import ENV, install_wrapper
+from deploy.warm_clientapp import COLD_LINE, ENV, FORK_LINE, install_wrapper
 
 pytestmark = pytest.mark.integration
 
@@ -95,6 +95,7 @@ def test_a_warm_start_looks_like_a_cold_one_to_the_caller(site: dict) -> None:
         assert res.stderr.strip().endswith("to stderr"), res.stderr
     w, c = json.loads(warm.stdout), json.loads(cold.stdout)
     assert w.pop("warm") is True and c.pop("warm") is False
+    assert f"{FORK_LINE} PID {w['pid']} for {site['wrapper']}" in site["log"].read_text()
     # the variable the preloaded import set is there, as if the fork had imported it itself
     assert w.pop("set") == "1" and c.pop("set") is None
     assert w.pop("pid") != c.pop("pid")
@@ -113,9 +114,13 @@ def test_a_wrapper_whose_environment_differs_runs_cold_and_the_starter_says_why(
     assert "cold start (its environment differs in MARKER)" in site["log"].read_text()
 
 
-def test_no_starter_means_a_cold_start(site: dict) -> None:
+def test_no_starter_means_a_cold_start_and_the_wrapper_says_so(site: dict) -> None:
     res = run(site, env={**site["env"], ENV: "rpe-test-nobody-listens"})
     assert res.returncode == 0 and json.loads(res.stdout)["warm"] is False, res.stderr
+    assert res.stderr.startswith(COLD_LINE), res.stderr
+    # turned off: no starter asked, nothing said
+    off = run(site, env={**site["env"], ENV: "off"})
+    assert off.returncode == 0 and COLD_LINE not in off.stderr, off.stderr
 
 
 def test_sigterm_reaches_the_clientapp_and_the_wrapper_dies_of_it(site: dict) -> None:
