@@ -8,9 +8,10 @@ them, the demo ~80; on a two-core machine that import work was most of their wal
 
 How: ``deploy.supernode_main`` starts :func:`serve` as its own child (it dies with the SuperNode,
 is stopped with it, and inherits its user, environment, working directory and niceness) and names
-it in ``RPE_WARM_CLIENTAPP`` for the SuperNode's processes. The server imports those third-party
-libraries once (:data:`PRELOAD`; never a module of the app's own packages) and then listens on an
-abstract Unix socket that only this user may use (``SO_PEERCRED``). The site's ``flwr-clientapp``
+it in ``RPE_WARM_CLIENTAPP`` for the SuperNode's processes. When the first ClientApp asks (that one
+runs cold) the server imports those third-party libraries once (:data:`PRELOAD`; never a module of
+the app's own packages) and then listens on an abstract Unix socket that only this user may use
+(``SO_PEERCRED``). The site's ``flwr-clientapp``
 wrapper (:func:`install_wrapper`) hands its arguments, environment, working directory and standard
 streams to the server (:func:`handoff`); the server forks, and the fork runs exactly what the cold
 wrapper runs - ``client.pin.clientapp_main`` imported from the site's checkout, which checks the
@@ -62,9 +63,11 @@ PRELOAD = (
 #: (so the wrapper, started by the SuperNode's SuperExec, has them and the starter may not); the
 #: fork gets the wrapper's values all the same
 FLWR_SETS = frozenset({"BROWSER_USE_SETUP_LOGGING"})
-#: what the wrapper logs (to the SuperNode's log) when no starter answers, and what the starter
-#: logs for each ClientApp it forks
-COLD_LINE = "[rpe] no warm ClientApp starter answered: cold start"
+#: what the wrapper logs (to the SuperNode's log) when it starts cold although a starter is named
+#: (none answered, or it declined: the reason follows), and what the starter logs for each fork
+COLD_LINE = "[rpe] warm ClientApp starter not used: cold start"
+#: the starter's answer to the first ClientApp, which runs cold while the starter imports
+WARMING = "the first ClientApp of this SuperNode; the starter imports its libraries now"
 FORK_LINE = "[rpe] warm ClientApp starter: forked"
 _HEADER = struct.Struct("!I")
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -93,9 +96,10 @@ def handoff() -> None:
         sock.close()
         print(f"{COLD_LINE} ({exc.strerror or exc})", file=sys.stderr, flush=True)
         return
-    answer = json.loads(first) if first.strip() else {"cold": "the server closed the connection"}
+    answer = json.loads(first) if first.strip() else {"cold": "the starter closed the connection"}
     if "pid" not in answer:
         sock.close()
+        print(f"{COLD_LINE} ({answer.get('cold')})", file=sys.stderr, flush=True)
         return
     pid = int(answer["pid"])
 
@@ -167,10 +171,27 @@ def start_server() -> str | None:
 
 
 def serve(name: str, preload: tuple[str, ...] = PRELOAD) -> None:
-    """Import ``preload``, then fork one ClientApp per request on the abstract socket ``name``."""
+    """Import ``preload`` once the first ClientApp asked (it runs cold: a SuperNode that never gets
+    a message, e.g. one refused at start-up, costs no imports; the first message of every run is a
+    ``query.whoami``, which imports no torch), then fork one ClientApp per request on the abstract
+    socket ``name``. While it imports, nothing listens: a ClientApp then starts cold at once."""
     import importlib
 
     before = dict(os.environ)  # what the SuperNode's processes see; some imports add to it
+    first = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    first.bind(_address(name))
+    first.listen(64)
+    conn, _ = first.accept()
+    first.close()
+    try:
+        _, fds = _receive(conn)
+        for fd in fds:
+            os.close(fd)
+    except (OSError, ValueError):
+        pass
+    _send(conn, {"cold": WARMING})
+    conn.close()
+    print(f"[rpe] warm ClientApp starter: importing {', '.join(preload)}", file=sys.stderr, flush=True)
     for module in preload:
         try:
             importlib.import_module(module)

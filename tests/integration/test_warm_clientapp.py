@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from deploy import launch
-from deploy.warm_clientapp import COLD_LINE, ENV, FORK_LINE, install_wrapper
+from deploy.warm_clientapp import COLD_LINE, ENV, FORK_LINE, WARMING, install_wrapper
 
 pytestmark = pytest.mark.integration
 
@@ -64,11 +64,22 @@ def site(tmp_path: Path):
     code = f"from deploy.warm_clientapp import serve; serve({name!r}, preload=('wave', 'envsetter'))"
     server = launch.popen_tied([sys.executable, "-c", code], env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 30
+    first = None
     while b"ready" not in (tmp_path / "starter.log").read_bytes():
+        if b"importing" not in (tmp_path / "starter.log").read_bytes():  # until the starter listens
+            res = subprocess.run([str(wrapper)], env=env, capture_output=True, text=True, timeout=60)
+            first = res if WARMING in res.stderr else first  # the one that made the starter import
         assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "starter.log").read_text()
         time.sleep(0.05)
     try:
-        yield {"wrapper": wrapper, "env": env, "root": root, "log": tmp_path / "starter.log", "tmp": tmp_path}
+        yield {
+            "wrapper": wrapper,
+            "env": env,
+            "root": root,
+            "log": tmp_path / "starter.log",
+            "tmp": tmp_path,
+            "first": first,
+        }
     finally:
         launch.stop_process(server.pid, launch.proc_start_time(server.pid), timeout=5)
         log.close()
@@ -104,6 +115,12 @@ def test_a_warm_start_looks_like_a_cold_one_to_the_caller(site: dict) -> None:
         == c
         == {"argv": ["--token", "t1", "--exit", "3"], "cwd": str(cwd), "marker": "m1", "path0": str(site["root"])}
     )
+
+
+def test_the_first_clientapp_runs_cold_while_the_starter_imports(site: dict) -> None:
+    first = site["first"]
+    assert first.returncode == 0 and json.loads(first.stdout)["warm"] is False, first.stderr
+    assert first.stderr.startswith(f"{COLD_LINE} ({WARMING})"), first.stderr
 
 
 def test_a_wrapper_whose_environment_differs_runs_cold_and_the_starter_says_why(site: dict) -> None:
