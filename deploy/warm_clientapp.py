@@ -41,6 +41,26 @@ from typing import Any
 #: names the server's abstract socket for the SuperNode's processes; ``off``: no server
 ENV = "RPE_WARM_CLIENTAPP"
 OFF = "off"
+#: a launcher that runs more sites than this on one machine starts them cold: each warm starter
+#: holds ~310 MB once it has imported (16 sites: ~5 GB; the 50-site scale run would need 15 GB)
+MAX_SITES_ENV = "RPE_WARM_MAX_SITES"
+DEFAULT_MAX_SITES = 16
+
+
+def max_warm_sites() -> int:
+    """How many sites one launcher may run warm on this machine (``$RPE_WARM_MAX_SITES``, default 16)."""
+    raw = os.environ.get(MAX_SITES_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_SITES
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"${MAX_SITES_ENV}={raw!r}: expected a whole number of sites >= 0 (0: every site starts cold)")
+    return value
+
+
 #: third-party modules the server imports once (each one that fails to import is skipped); the
 #: app's own packages (client, common, server, deploy) are never imported by the server
 PRELOAD = (

@@ -4,6 +4,7 @@ online), ``down`` (every recorded process, by PID) and ``status``.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from deploy.launch.flower_cli import supernode_status
 from deploy.launch.processes import is_alive, stop_process
 from deploy.launch.sites import start_supernode, wait_online
 from deploy.launch.state import DEFAULT_SUPERLINK_PORT, FEDERATION, SiteSpec, load_state
+from deploy.warm_clientapp import MAX_SITES_ENV, max_warm_sites
 
 
 def up(
@@ -49,6 +51,10 @@ def up(
     """
     workdir = Path(workdir).resolve()
     # what can be checked before anything is written (the CA and site keys are made below)
+    try:
+        warm_limit = max_warm_sites()
+    except ValueError as exc:
+        raise LaunchError(str(exc)) from None
     seen_ports: set[int] = set()
     for spec in sites:
         tls.check_site_id(spec.site)
@@ -86,6 +92,13 @@ def up(
     try:
         certs = Path(state["certs"])
         register_sites(workdir, {s.site: certs / f"{s.site}_auth.pub" for s in sites}, record=allowlist)
+        warm = len(sites) <= warm_limit
+        if not warm:
+            print(
+                f"{len(sites)} sites on this machine: their ClientApps start cold (a warm starter holds "
+                f"~310 MB per site; ${MAX_SITES_ENV}={warm_limit} is the limit)",
+                file=sys.stderr,
+            )
         for spec in sites:
             start_supernode(  # all started, then all waited for (wait_online): not one after the other
                 workdir,
@@ -94,6 +107,7 @@ def up(
                 certs / tls.CA_CERT,
                 certs / f"{spec.site}_auth",
                 wait=0,
+                warm=warm,
             )
         wait_online(workdir, [s.site for s in sites], timeout)
     except BaseException:

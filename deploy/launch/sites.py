@@ -30,6 +30,8 @@ from deploy.launch.processes import (
     stop_process,
 )
 from deploy.launch.state import FEDERATION, SiteSpec, load_state, save_state, spec_from_node_config
+from deploy.warm_clientapp import ENV as WARM_ENV
+from deploy.warm_clientapp import OFF as WARM_OFF
 from deploy.warm_clientapp import install_wrapper
 
 #: the repository root: the site's ``flwr-clientapp`` wrapper runs the app from here
@@ -73,8 +75,11 @@ def start_supernode(
     flwr_home: Path | None = None,
     wait: float = 60.0,
     require_coordinator_key: bool = False,
+    warm: bool = True,
 ) -> dict[str, Any]:
     """One SuperNode for ``spec``: own port, node config as a TOML file, cwd = the site directory.
+
+    ``warm=False`` starts its ClientApps cold (no warm starter, ``deploy/warm_clientapp.py``).
 
     Its inputs are checked first (:func:`check_site_inputs`; nothing is written when one is wrong).
     With ``wait`` > 0 it returns only once the SuperNode has connected to the SuperLink (its log says
@@ -99,6 +104,8 @@ def start_supernode(
     wrapper_dir = install_wrapper(site_dir / "bin", sys.executable, str(REPO_ROOT)).parent
     env = process_env(home)
     env["PATH"] = f"{wrapper_dir}{os.pathsep}{env['PATH']}"
+    if not warm:
+        env[WARM_ENV] = WARM_OFF
     cmd = [
         sys.executable,
         "-m",

@@ -1,6 +1,8 @@
 """``deploy.launch up`` with a registry that does not exist yet (the demo's first run) makes the
 coordinator key before any site starts: no site warns "--coordinator-key ... does not exist (yet)",
 every site's node config pins ``<registry>/coordinator.pub`` and finds it there when it starts.
+The same deployment runs more sites than ``$RPE_WARM_MAX_SITES`` allows warm: every SuperNode starts
+its ClientApps cold (no ~310 MB warm starter per site) and ``up`` says so.
 (Real SuperLink and SuperNodes on loopback, stopped by PID; the first run then creating the
 registry around that key, for both families: ``tests/unit/test_coordinator_key_up_front.py``.)
 """
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from deploy import launch
+from deploy import launch, warm_clientapp
 from deploy.launch import federation
 
 pytestmark = pytest.mark.integration
@@ -35,13 +37,18 @@ def test_up_makes_the_coordinator_key_before_the_sites_start(tmp_path, tiny_mode
         data.write_text('{"prompt": "Findings: normal.", "target": "Normal.", "group": "ct-head"}\n')
         specs.append(launch.SiteSpec(site, str(data), str(tiny_model_dir), threads=1))
     workdir = tmp_path / "deploy"
+    monkeypatch.setenv(warm_clientapp.MAX_SITES_ENV, "1")
     capfd.readouterr()
     try:
-        launch.up(workdir, specs, port=launch.free_port(), timeout=60.0, registry=str(registry))
+        state = launch.up(workdir, specs, port=launch.free_port(), timeout=60.0, registry=str(registry))
+        for site, proc in state["sites"].items():
+            env = Path(f"/proc/{proc['pid']}/environ").read_bytes().split(b"\0")
+            assert f"{warm_clientapp.ENV}={warm_clientapp.OFF}".encode() in env, site
     finally:
         launch.down(workdir, timeout=15.0)
     err = capfd.readouterr().err
     assert "does not exist (yet)" not in err, err
+    assert "2 sites on this machine: their ClientApps start cold" in err, err
     pub = registry / "coordinator.pub"
     assert at_start == {"a": pub.read_bytes(), "b": pub.read_bytes()}
     for spec in specs:
