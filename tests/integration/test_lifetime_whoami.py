@@ -1,5 +1,5 @@
 """A site's ClientApp process answers a whoami without loading the SuperNode or torch. (Process
-lifetimes: tests/unit/test_lifetime.py.)
+lifetimes: tests/integration/test_lifetime.py.)
 """
 
 from __future__ import annotations

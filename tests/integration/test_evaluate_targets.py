@@ -23,6 +23,8 @@ from server.messaging import SiteInfo
 from server.modes.evaluate import NO_HELD_OUT, NOT_A_TARGET, choose_targets
 from server.run_summary import summarize
 
+pytestmark = pytest.mark.integration  # a minute of in-process federation runs: out of the fast loop
+
 #: node ids of the extra sites (``local`` holds a, b = 101, 102 and RUNMC, BMC = 201, 202)
 NO_EVAL_REPORT, NO_EVAL_SEG = 107, 207
 

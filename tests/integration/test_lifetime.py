@@ -22,12 +22,15 @@ import pytest
 
 from deploy.launch import descendants, free_port, is_alive, proc_start_time
 
+pytestmark = pytest.mark.integration  # real SuperLink, nginx, SIGKILLed parents
+
 ROOT = Path(__file__).resolve().parents[2]
 
 CHILD = """
 import json, sys, time
 from pathlib import Path
 from deploy import launch
+
 state = launch.start_superlink(Path(sys.argv[1]), port=int(sys.argv[2]), proxy=sys.argv[3] == "1",
                                timeout=120)
 print(json.dumps({"ok": True}), flush=True)
