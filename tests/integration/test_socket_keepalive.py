@@ -20,6 +20,8 @@ import uvicorn
 from deploy import operator_socket as ops
 from deploy.launch import free_port
 
+pytestmark = pytest.mark.integration  # a real uvicorn server held idle for 6 s
+
 
 async def hello(scope, receive, send):  # a minimal ASGI app
     if scope["type"] != "http":
