@@ -254,6 +254,12 @@ def _wait_registry_free(dep: dict, timeout: float = 90) -> None:
 
 def test_ctrl_c_stops_the_run(dep):
     _wait_registry_free(dep)
+    # Flower 1.41 does not stop the ClientApp of a stopped run: the guide's stopped 5000-step run (the
+    # test above) can still be training at site a, which then answers no whoami. Restart a's
+    # SuperNode (by PID, with its ClientApps) so this run finds it idle.
+    launch.stop_site(dep["workdir"], "a")
+    launch.restart_site(dep["workdir"], "a")
+    launch.wait_online(dep["workdir"], ["a"], timeout=60)
     proc = subprocess.Popen(
         [sys.executable, "-m", "deploy.cli", "fed", *run_args(dep, "enroll", "sites=a", "steps=5000"),
          "--dir", str(dep["workdir"])],
