@@ -26,7 +26,7 @@ import pytest
 from support.doc_commands import section_commands
 from support.federation import LOCAL_RELEASE, make_site_data
 
-from deploy import launch, tls
+from deploy import launch, tls, warm_clientapp
 from server.registry.errors import RegistryLockedError
 from server.registry.lock import PathLock, set_holder
 
@@ -47,6 +47,11 @@ def dep(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
     ]
     workdir = tmp / "coord"
     registry = tmp / "registry"
+    # Cold ClientApps here: with warm ones (deploy/warm_clientapp.py) a run stopped mid-training left
+    # site a busy (a later run: "a: offline") and once kept `rpe fed run` from exiting within 120 s of
+    # Ctrl-C in the full suite (passes alone). A known defect of the warm starter, not yet fixed.
+    env = pytest.MonkeyPatch()
+    env.setenv(warm_clientapp.ENV, warm_clientapp.OFF)
     try:
         state = launch.up(workdir, specs, port=launch.free_port(), timeout=120.0, registry=str(registry))
         yield {
@@ -59,6 +64,7 @@ def dep(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
         }
     finally:
         launch.down(workdir, timeout=15.0)
+        env.undo()
 
 
 def rpe_fed(dep: dict, *args: str, timeout: float = 400) -> subprocess.CompletedProcess:
